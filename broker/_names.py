@@ -1,0 +1,135 @@
+"""Names and places: namespaces, segment names, shared-memory paths, runtime dirs.
+
+Everything here is resolved at call time; nothing is read at import.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidNameError
+
+SHM_DIR = "/dev/shm"
+PREFIX = "shmcast"
+NAMESPACE_ENV = "SHMCAST_NAMESPACE"
+DEFAULT_NAMESPACE = "default"
+
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_-]{1,48}")
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+
+
+def resolve_namespace(namespace: str | None) -> str:
+    """Return ``namespace``, else ``$SHMCAST_NAMESPACE``, else ``"default"``, validated."""
+    if namespace is None:
+        namespace = os.environ.get(NAMESPACE_ENV) or DEFAULT_NAMESPACE
+    return validate_namespace(namespace)
+
+
+def validate_namespace(namespace: object) -> str:
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
+        raise InvalidNameError(
+            "namespace", namespace, "use 1-48 letters, digits, '_' or '-' (no dots)"
+        )
+    return namespace
+
+
+def validate_segment_name(name: object) -> str:
+    if not isinstance(name, str) or not _SEGMENT_RE.fullmatch(name):
+        raise InvalidNameError(
+            "segment",
+            name,
+            "use 1-128 letters, digits, '_', '-' or '.', not starting with '.'",
+        )
+    return name
+
+
+def object_name(namespace: str, segment: str) -> str:
+    """The file name of a segment's object in ``/dev/shm``."""
+    return f"{PREFIX}.{namespace}.{segment}"
+
+
+def shm_path(namespace: str, segment: str) -> str:
+    return os.path.join(SHM_DIR, object_name(namespace, segment))
+
+
+def list_segment_names(namespace: str) -> list[str]:
+    """Names of the objects of ``namespace`` in ``/dev/shm`` (valid or not)."""
+    prefix = f"{PREFIX}.{namespace}."
+    try:
+        entries = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    return sorted(e[len(prefix) :] for e in entries if e.startswith(prefix) and len(e) > len(prefix))
+
+
+def list_namespaces() -> list[str]:
+    """Namespaces that have at least one object in ``/dev/shm``."""
+    found: set[str] = set()
+    try:
+        entries = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        parts = entry.split(".", 2)
+        if len(parts) == 3 and parts[0] == PREFIX and _NAMESPACE_RE.fullmatch(parts[1]):
+            found.add(parts[1])
+    return sorted(found)
+
+
+def runtime_root() -> Path:
+    """The per-user directory that holds each namespace's sockets and lock."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK):
+        return Path(xdg) / PREFIX
+    return Path("/tmp") / f"{PREFIX}-{os.getuid()}"
+
+
+def runtime_dir(namespace: str, *, create: bool = False) -> Path:
+    """``<runtime root>/<namespace>``; created owner-only (0700) when asked."""
+    path = runtime_root() / namespace
+    if create:
+        for p in (path.parent, path):
+            try:
+                p.mkdir(mode=0o700)
+            except FileExistsError:
+                st = p.lstat()
+                if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                    raise PermissionError(
+                        f"{p} exists but is not a directory owned by uid {os.getuid()}; "
+                        f"remove it or set XDG_RUNTIME_DIR"
+                    ) from None
+    return path
+
+
+@dataclass(frozen=True)
+class ProcessId:
+    """A process named so that pid reuse cannot fool us: pid plus start time."""
+
+    pid: int
+    start_time: int
+
+    @classmethod
+    def current(cls) -> ProcessId:
+        pid = os.getpid()
+        return cls(pid, process_start_time(pid))
+
+    def alive(self) -> bool:
+        if self.pid <= 0:
+            return False
+        try:
+            return process_start_time(self.pid) == self.start_time
+        except OSError:
+            return False
+
+
+def process_start_time(pid: int) -> int:
+    """Start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    rest = data[data.rindex(b")") + 2 :].split()
+    return int(rest[19])

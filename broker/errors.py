@@ -1,0 +1,247 @@
+"""The one exception tree of shmcast.
+
+Every error raised by ``broker``, ``publisher`` and ``subscriber`` derives from
+:class:`ShmcastError`. Errors take structured arguments and build their own
+message, which names the segment, endpoint or size involved and the fix::
+
+    ShmcastError
+    ├── InvalidNameError            a segment or namespace name we refuse
+    ├── LayoutError                 dtype / shape / slots we cannot store
+    │   └── ArrayMismatchError      an array that does not fit the segment
+    ├── SegmentError                something about one segment
+    │   ├── SegmentNotFoundError
+    │   ├── SegmentExistsError
+    │   ├── NotASegmentError        not a shmcast segment, or a corrupt header
+    │   ├── LayoutVersionError      written by another layout version
+    │   ├── LayoutConflictError     exists with another dtype / shape / slots
+    │   ├── NoVersionError          nothing published yet
+    │   ├── VersionUnavailableError the version has left the ring
+    │   ├── TornReadError           the writer overwrote the slot under a read
+    │   ├── WriterBusyError         a second writer was refused
+    │   └── ReadOnlyError           writing through a read-only handle
+    ├── ShmSpaceError               /dev/shm is too small for the segment
+    ├── ClosedError                 you closed it (vs. it broke under you)
+    ├── BrokerError                 the control plane
+    │   ├── BrokerUnavailableError  no broker answered at the endpoint
+    │   ├── BrokerRunningError      a broker already serves the namespace
+    │   └── RemoteError             the broker answered with an error
+    └── ConfigError                 a bad configuration value (names the field)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArrayMismatchError",
+    "BrokerError",
+    "BrokerRunningError",
+    "BrokerUnavailableError",
+    "ClosedError",
+    "ConfigError",
+    "InvalidNameError",
+    "LayoutConflictError",
+    "LayoutError",
+    "LayoutVersionError",
+    "NoVersionError",
+    "NotASegmentError",
+    "ReadOnlyError",
+    "RemoteError",
+    "SegmentError",
+    "SegmentExistsError",
+    "SegmentNotFoundError",
+    "ShmSpaceError",
+    "ShmcastError",
+    "TornReadError",
+    "VersionUnavailableError",
+    "WriterBusyError",
+]
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+class ShmcastError(Exception):
+    """Base of every shmcast error."""
+
+
+class InvalidNameError(ShmcastError, ValueError):
+    def __init__(self, kind: str, name: object, rule: str) -> None:
+        self.kind = kind
+        self.name = name
+        super().__init__(f"invalid {kind} name {name!r}: {rule}")
+
+
+class LayoutError(ShmcastError, ValueError):
+    """A dtype, shape or slot count that a segment cannot hold."""
+
+
+class ArrayMismatchError(LayoutError):
+    def __init__(self, segment: str, what: str, expected: object, got: object) -> None:
+        self.segment = segment
+        self.what = what
+        self.expected = expected
+        self.got = got
+        super().__init__(
+            f"segment {segment!r} holds {what} {expected}, got {got}; nothing was published "
+            f"(convert with arr.astype(...) / arr.reshape(...), or create a segment with that {what})"
+        )
+
+
+class SegmentError(ShmcastError):
+    def __init__(self, segment: str, message: str) -> None:
+        self.segment = segment
+        super().__init__(message)
+
+
+class SegmentNotFoundError(SegmentError, FileNotFoundError):
+    def __init__(self, segment: str, namespace: str) -> None:
+        self.namespace = namespace
+        super().__init__(
+            segment,
+            f"no segment {segment!r} in namespace {namespace!r} "
+            f"(list them with `shmcast ls --namespace {namespace}`; create it with "
+            f"Segment.create or a Publisher)",
+        )
+
+
+class SegmentExistsError(SegmentError, FileExistsError):
+    def __init__(self, segment: str, namespace: str) -> None:
+        self.namespace = namespace
+        super().__init__(
+            segment,
+            f"segment {segment!r} already exists in namespace {namespace!r} "
+            f"(attach to it with Segment.attach(..., writable=True), or unlink it first)",
+        )
+
+
+class NotASegmentError(SegmentError):
+    def __init__(self, segment: str, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            segment,
+            f"{path} is not a usable shmcast segment: {reason} "
+            f"(remove it with `shmcast doctor --fix` or by deleting {path})",
+        )
+
+
+class LayoutVersionError(SegmentError):
+    def __init__(self, segment: str, found: int, supported: int) -> None:
+        self.found = found
+        self.supported = supported
+        super().__init__(
+            segment,
+            f"segment {segment!r} has layout version {found}, this shmcast reads version "
+            f"{supported}; run the same shmcast version on both sides",
+        )
+
+
+class LayoutConflictError(SegmentError):
+    def __init__(self, segment: str, existing: str, requested: str) -> None:
+        self.existing = existing
+        self.requested = requested
+        super().__init__(
+            segment,
+            f"segment {segment!r} exists as {existing}, requested {requested}; "
+            f"use another name or delete the segment first",
+        )
+
+
+class NoVersionError(SegmentError):
+    def __init__(self, segment: str) -> None:
+        super().__init__(segment, f"segment {segment!r} has no version yet; wait for a publish")
+
+
+class VersionUnavailableError(SegmentError):
+    def __init__(self, segment: str, version: int, latest: int, slots: int) -> None:
+        self.version = version
+        self.latest = latest
+        super().__init__(
+            segment,
+            f"version {version} of segment {segment!r} is not in the ring (latest is {latest}, "
+            f"the ring keeps the last {slots - 1} committed versions safely); read the latest, "
+            f"or create the segment with more slots",
+        )
+
+
+class TornReadError(SegmentError):
+    def __init__(self, segment: str, version: int) -> None:
+        self.version = version
+        super().__init__(
+            segment,
+            f"version {version} of segment {segment!r} was overwritten by the writer during the "
+            f"read; discard what was computed and read again (copy out faster, or add slots)",
+        )
+
+
+class WriterBusyError(SegmentError):
+    def __init__(self, segment: str, pid: int | None) -> None:
+        self.pid = pid
+        who = f"process {pid}" if pid else "another handle"
+        super().__init__(
+            segment,
+            f"segment {segment!r} already has a writer ({who}); one writer per segment: "
+            f"stop that writer first (its lease is freed when it exits or dies)",
+        )
+
+
+class ReadOnlyError(SegmentError):
+    def __init__(self, segment: str) -> None:
+        super().__init__(
+            segment,
+            f"segment {segment!r} is attached read-only; attach with writable=True "
+            f"(or use a Publisher) to write",
+        )
+
+
+class ShmSpaceError(ShmcastError, OSError):
+    def __init__(self, segment: str, needed: int, free: int, shm_dir: str = "/dev/shm") -> None:
+        self.segment = segment
+        self.needed = needed
+        self.free = free
+        super().__init__(
+            f"segment {segment!r} needs {_mib(needed)} ({needed} bytes) of shared memory but "
+            f"{shm_dir} has {_mib(free)} free; give the container more (docker run --shm-size, "
+            f"compose shm_size) or delete unused segments"
+        )
+
+
+class ClosedError(ShmcastError):
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} is closed")
+
+
+class BrokerError(ShmcastError):
+    """The control plane."""
+
+
+class BrokerUnavailableError(BrokerError):
+    def __init__(self, endpoint: str, waited: float) -> None:
+        self.endpoint = endpoint
+        super().__init__(
+            f"no broker answered at {endpoint} within {waited:g}s; start one with "
+            f"`shmcast broker` (same --namespace), or pass broker=<its control endpoint>"
+        )
+
+
+class BrokerRunningError(BrokerError):
+    def __init__(self, namespace: str, pid: int | None) -> None:
+        self.namespace = namespace
+        super().__init__(
+            f"a broker (pid {pid}) already serves namespace {namespace!r}; "
+            f"stop it or use another --namespace"
+        )
+
+
+class RemoteError(BrokerError):
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(message)
+
+
+class ConfigError(ShmcastError, ValueError):
+    def __init__(self, field: str, message: str, source: str | None = None) -> None:
+        self.field = field
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(f"bad value for {field!r}{where}: {message}")
