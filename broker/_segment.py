@@ -42,8 +42,7 @@ loads are not reordered with other loads, so program order is all the seqlock
 needs there. Weakly ordered CPUs (ARM64, POWER) would need a release fence
 before the even ``seq`` store and the ``latest`` store, and an acquire fence
 after the first ``seq`` load and before the second; pure Python cannot emit
-them, which is why :data:`SUPPORTED_MACHINES` is checked at import of nothing
-but reported by ``shmcast doctor``.
+them, which is why :func:`machine_supported` exists for ``shmcast doctor`` to report.
 """
 
 from __future__ import annotations
@@ -59,7 +58,6 @@ import mmap
 import os
 import platform
 import secrets
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -201,7 +199,8 @@ def _parse_descr(text: bytes) -> np.dtype[Any]:
 
 def dtype_str(dt: np.dtype[Any]) -> str:
     """A string that ``parse_dtype`` turns back into exactly ``dt`` (for the wire and CLI)."""
-    return _describe(dt).decode("ascii")
+    descr = npformat.dtype_to_descr(dt)
+    return descr if isinstance(descr, str) else repr(descr)
 
 
 def parse_dtype(text: str) -> np.dtype[Any]:
@@ -925,4 +924,56 @@ def _lease_held(path: str) -> bool:
 
 def machine_supported() -> bool:
     """True on CPUs whose memory model makes the pure-Python seqlock sound (TSO)."""
-    return platform.machine() in SUPPORTED_MACHINES or sys.platform != "linux"
+    return platform.machine() in SUPPORTED_MACHINES
+
+
+class _FutexWaitv(ctypes.Structure):
+    _fields_ = [  # noqa: RUF012
+        ("val", ctypes.c_uint64),
+        ("uaddr", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+    ]
+
+
+_SYS_FUTEX_WAITV = 449 if platform.machine() in ("x86_64", "aarch64") else None
+_FUTEX2_SIZE_U32 = 0x02
+_CLOCK_MONOTONIC = 1
+_waitv_ok: bool | None = None
+
+
+def wait_any(segments: list[Segment], afters: list[int], timeout: float | None = None) -> bool:
+    """Block until one of ``segments`` has a version newer than its ``afters`` entry.
+
+    One futex per segment, waited on together with ``futex_waitv`` (Linux 5.16+);
+    older kernels fall back to short sleeps. Returns False on timeout.
+    """
+    global _waitv_ok, _syscall
+    if len(segments) == 1:
+        return segments[0].wait(afters[0], timeout) > afters[0]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    waiters = (_FutexWaitv * len(segments))()
+    while True:
+        for k, seg in enumerate(segments):
+            waiters[k].val = seg._q32[NOTIFY_OFF // 4]
+            waiters[k].uaddr = seg._notify_addr
+            waiters[k].flags = _FUTEX2_SIZE_U32
+        if any(seg.version > a for seg, a in zip(segments, afters)):
+            return True
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return False
+        if _SYS_FUTEX_WAITV is None or _waitv_ok is False:
+            time.sleep(0.0005 if left is None else min(left, 0.0005))
+            continue
+        if _syscall is None:
+            _syscall = _futex_syscall()
+        ts = None
+        if deadline is not None:
+            sec = int(deadline)
+            ts = ctypes.byref(_Timespec(sec, int((deadline - sec) * 1e9)))
+        rc = _syscall(
+            _SYS_FUTEX_WAITV, waiters, ctypes.c_uint(len(segments)), 0, ts, _CLOCK_MONOTONIC
+        )
+        if rc < 0 and ctypes.get_errno() == errno.ENOSYS:
+            _waitv_ok = False

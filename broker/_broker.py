@@ -1,0 +1,600 @@
+"""The broker: owns a namespace's segments, serves the control API, announces versions.
+
+A service object: :class:`Broker` collects its configuration, then :meth:`run`
+creates the sockets and segments, serves until :meth:`stop` (or SIGTERM/SIGINT
+in the CLI), and in ``finally`` closes the sockets and unlinks the segments.
+Tests run it in a thread; production runs it as a process (``shmcast broker``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import math
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from ._config import BrokerConfig, SegmentSpec
+from ._names import list_segment_names, runtime_dir, validate_segment_name
+from ._protocol import (
+    BROKER_TOPIC,
+    MAX_REQUEST,
+    Endpoints,
+    error_reply,
+    ipc_path,
+    pack,
+    pid_of_lock,
+    topic,
+    unpack,
+)
+from ._segment import (
+    Segment,
+    SegmentInfo,
+    _shm_free,
+    dtype_str,
+    normalize_layout,
+    parse_dtype,
+    segment_size,
+)
+from .errors import (
+    BrokerRunningError,
+    LayoutConflictError,
+    LayoutError,
+    LayoutVersionError,
+    NotASegmentError,
+    SegmentNotFoundError,
+    ShmcastError,
+    ShmSpaceError,
+    WriterBusyError,
+)
+
+__all__ = ["Broker", "BrokerStats"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Entry:
+    seg: Segment
+    announced: int = 0
+    published: int = 0
+    source: str = "local"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BrokerStats:
+    """A snapshot of the broker's counters (turned into metrics at scrape time)."""
+
+    namespace: str
+    epoch: int
+    seq: int
+    segments: tuple[SegmentInfo, ...]
+    published: dict[str, int]
+    sources: dict[str, str]
+    requests: int
+    errors: dict[str, int]
+    clients: int
+    shm_used: int
+    shm_free: int
+    shm_total: int
+    started: float
+
+
+def _layout_text(dtype: str, shape: tuple[int, ...], slots: int) -> str:
+    return f"dtype={dtype} shape={list(shape)} slots={slots}"
+
+
+class Broker:
+    """The data server of one namespace.
+
+    Args:
+        config: a :class:`BrokerConfig` (see ``broker._config.resolve_config``).
+    """
+
+    def __init__(self, config: BrokerConfig | None = None) -> None:
+        self._closed = False
+        self.config = config or BrokerConfig()
+        self.namespace = self.config.namespace
+        self.epoch = secrets.randbits(63)
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._segments: dict[str, _Entry] = {}
+        self._seq = 0
+        self._tseq: dict[bytes, int] = {}
+        self._requests = 0
+        self._errors: dict[str, int] = {}
+        self._clients: dict[bytes, float] = {}
+        self._started = time.time()
+        self.endpoints: Endpoints | None = None
+        self.metrics_url: str | None = None
+        self._hooks: list[Callable[[Broker], None]] = []
+
+    # ------------------------------------------------------------------ public
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return (thread- and signal-safe)."""
+        self._stop.set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def add_tick_hook(self, hook: Callable[[Broker], None]) -> None:
+        """Call ``hook(broker)`` on every loop tick (used by the relay and the data stream)."""
+        self._hooks.append(hook)
+
+    def stats(self) -> BrokerStats:
+        with self._lock:
+            infos = []
+            for entry in self._segments.values():
+                with contextlib.suppress(ShmcastError, ValueError):
+                    infos.append(entry.seg.info())
+            published = {n: e.published for n, e in self._segments.items()}
+            sources = {n: e.source for n, e in self._segments.items()}
+            now = time.monotonic()
+            clients = sum(1 for t in self._clients.values() if now - t < 30)
+            errors = dict(self._errors)
+        st = shutil.disk_usage("/dev/shm") if os.path.isdir("/dev/shm") else None
+        return BrokerStats(
+            namespace=self.namespace,
+            epoch=self.epoch,
+            seq=self._seq,
+            segments=tuple(infos),
+            published=published,
+            sources=sources,
+            requests=self._requests,
+            errors=errors,
+            clients=clients,
+            shm_used=sum(i.size for i in infos),
+            shm_free=st.free if st else 0,
+            shm_total=st.total if st else 0,
+            started=self._started,
+        )
+
+    def run(self, on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Serve until :meth:`stop`. ``on_ready`` gets the endpoints once serving.
+
+        Raises:
+            BrokerRunningError: another live broker serves this namespace.
+            zmq.ZMQError: an endpoint cannot be bound (the message names it).
+        """
+        cfg = self.config
+        rdir = runtime_dir(self.namespace, create=True)
+        lock_fd = self._take_namespace_lock(rdir)
+        ctx = zmq.Context.instance()
+        control = ctx.socket(zmq.ROUTER)
+        events = ctx.socket(zmq.PUB)
+        metrics_server: Any = None
+        bound_paths: list[str] = []
+        try:
+            defaults = Endpoints.default(self.namespace)
+            control_ep = cfg.control or defaults.control
+            events_ep = cfg.events or defaults.events
+            for sock in (control, events):
+                sock.setsockopt(zmq.LINGER, 0)
+            control.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST)
+            control.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            events.setsockopt(zmq.SNDHWM, 100_000)
+            self._configure_curve(control, events)
+            control_ep = self._bind(control, control_ep, bound_paths)
+            events_ep = self._bind(events, events_ep, bound_paths)
+            self.endpoints = Endpoints(control=control_ep, events=events_ep)
+            self._events = events
+            self._adopt_existing()
+            for spec in cfg.segments:
+                self._create(spec.name, spec.dtype, spec.shape, spec.slots)
+            if cfg.metrics_port is not None:
+                metrics_server = self._start_metrics(cfg.metrics_port, cfg.metrics_host)
+            ready = {
+                "namespace": self.namespace,
+                "pid": os.getpid(),
+                "epoch": self.epoch,
+                "control": control_ep,
+                "events": events_ep,
+                "metrics": self.metrics_url,
+                "segments": sorted(self._segments),
+            }
+            self._ready.set()
+            if on_ready is not None:
+                on_ready(ready)
+            self._serve(control)
+        finally:
+            self._ready.set()
+            self._shutdown()
+            control.close(0)
+            events.close(0)
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
+            for path in bound_paths:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            with contextlib.suppress(OSError):
+                os.unlink(rdir / "broker.lock")
+            os.close(lock_fd)
+            with contextlib.suppress(OSError):
+                rdir.rmdir()
+            self._closed = True
+
+    # ------------------------------------------------------------------ set-up
+
+    def _take_namespace_lock(self, rdir: Path) -> int:
+        path = rdir / "broker.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BrokerRunningError(self.namespace, pid_of_lock(str(path))) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def _configure_curve(self, *socks: zmq.Socket[Any]) -> None:
+        cfg = self.config
+        if not cfg.curve_secret_key:
+            return
+        for sock in socks:
+            sock.curve_server = True
+            sock.curve_secretkey = cfg.curve_secret_key.encode()
+            if cfg.curve_public_key:
+                sock.curve_publickey = cfg.curve_public_key.encode()
+
+    def _bind(self, sock: zmq.Socket[Any], endpoint: str, bound: list[str]) -> str:
+        path = ipc_path(endpoint)
+        if path is not None and os.path.exists(path):
+            # We hold the namespace lock, so a socket file left here is stale.
+            os.unlink(path)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            raise zmq.ZMQError(exc.errno, f"cannot bind {endpoint}: {exc.strerror}") from exc
+        actual: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if path is not None:
+            os.chmod(path, 0o600 if self.config.group is None else 0o660)
+            bound.append(path)
+        return actual
+
+    def _adopt_existing(self) -> None:
+        """Adopt the valid segments a previous broker left; reclaim the invalid ones."""
+        for name in list_segment_names(self.namespace):
+            try:
+                validate_segment_name(name)
+                seg = Segment.attach(name, namespace=self.namespace, wait=0.2, prefault=False)
+            except (NotASegmentError, LayoutVersionError, ShmcastError) as exc:
+                log.warning("reclaiming %s: %s", name, exc)
+                with contextlib.suppress(ShmcastError, OSError):
+                    Segment.remove(name, namespace=self.namespace)
+                continue
+            v = seg.version
+            self._segments[name] = _Entry(seg=seg, announced=v)
+            log.info("adopted segment %s at version %d", name, v)
+
+    def _start_metrics(self, port: int, host: str) -> Any:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from ._metrics import BrokerCollector
+
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(BrokerCollector(self))
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+        self.metrics_url = f"http://{host}:{server.server_port}/metrics"
+        return server
+
+    # ------------------------------------------------------------------ serving
+
+    def _serve(self, control: zmq.Socket[Any]) -> None:
+        poller = zmq.Poller()
+        poller.register(control, zmq.POLLIN)
+        interval = self.config.heartbeat_interval
+        next_beat = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                self._tick()
+                next_beat = now + interval
+            timeout = max(0.0, min(next_beat - time.monotonic(), 0.1))
+            for sock, _ in poller.poll(int(timeout * 1000)):
+                # Drain what is queued, bounded so heartbeats stay on time.
+                for _ in range(1000):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(sock, frames)
+
+    def _tick(self) -> None:
+        for hook in self._hooks:
+            try:
+                hook(self)
+            except Exception:
+                log.exception("tick hook failed")
+        # Announce versions committed without a commit message (a publisher writing
+        # while we were down, or straight through Segment): nothing goes unannounced.
+        for name, entry in list(self._segments.items()):
+            try:
+                v = entry.seg.version
+            except ShmcastError:
+                continue
+            if v > entry.announced:
+                self._announce_version(name, entry, v, entry.seg.info().timestamp_ns)
+        self._emit(BROKER_TOPIC, "heartbeat", "", 0, time.time_ns())
+
+    def _emit(self, tpc: bytes, kind: str, segment: str, version: int, ts: int) -> None:
+        self._seq += 1
+        tseq = self._tseq.get(tpc, 0) + 1
+        self._tseq[tpc] = tseq
+        body = {
+            "kind": kind,
+            "segment": segment,
+            "version": version,
+            "ts": ts,
+            "epoch": self.epoch,
+            "seq": self._seq,
+            "tseq": tseq,
+        }
+        try:
+            self._events.send_multipart([tpc, pack(body)], zmq.NOBLOCK)
+        except zmq.Again:
+            self._count_error("events_dropped")
+
+    def _announce_version(self, name: str, entry: _Entry, version: int, ts: int) -> None:
+        entry.published += max(0, version - entry.announced)
+        entry.announced = version
+        self._emit(topic(name), "version", name, version, ts)
+
+    def _count_error(self, kind: str) -> None:
+        with self._lock:
+            self._errors[kind] = self._errors.get(kind, 0) + 1
+
+    def _handle(self, sock: zmq.Socket[Any], frames: list[bytes]) -> None:
+        self._requests += 1
+        ident = frames[0]
+        self._clients[ident] = time.monotonic()
+        if len(self._clients) > 10_000:
+            cutoff = time.monotonic() - 30
+            self._clients = {k: t for k, t in self._clients.items() if t >= cutoff}
+        body = frames[-1]
+        envelope = frames[:-1]
+        rid: Any = None
+        try:
+            req = unpack(body)
+            rid = req.get("id")
+            op = req.get("op")
+            if not isinstance(op, str):
+                raise ValueError("request has no 'op' string")
+            handler = self._OPS.get(op)
+            if handler is None:
+                raise ValueError(f"unknown op {op!r}; known: {', '.join(sorted(self._OPS))}")
+            reply = handler(self, req)
+            if reply is None:
+                return
+            reply["ok"] = True
+        except ShmcastError as exc:
+            self._count_error(type(exc).__name__)
+            reply = error_reply(exc)
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
+            self._count_error("BadRequest")
+            reply = {"ok": False, "error": "BadRequest", "message": f"bad request: {exc}"}
+        except Exception as exc:  # the broker keeps serving whatever a request does
+            log.exception("request failed")
+            self._count_error("InternalError")
+            reply = {"ok": False, "error": "InternalError", "message": str(exc)}
+        reply["id"] = rid if isinstance(rid, int) else None
+        try:
+            sock.send_multipart([*envelope, pack(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self._count_error("reply_dropped")
+
+    # ------------------------------------------------------------------ requests
+
+    @staticmethod
+    def _name(req: dict[str, Any]) -> str:
+        return validate_segment_name(req.get("name"))
+
+    def _entry(self, name: str) -> _Entry:
+        entry = self._segments.get(name)
+        if entry is None:
+            raise SegmentNotFoundError(name, self.namespace)
+        return entry
+
+    def _describe(self, name: str) -> dict[str, Any]:
+        entry = self._entry(name)
+        info = entry.seg.info()
+        return {
+            "name": info.name,
+            "dtype": info.dtype,
+            "shape": list(info.shape),
+            "slots": info.slots,
+            "nbytes": info.nbytes,
+            "size": info.size,
+            "version": info.version,
+            "ts": info.timestamp_ns,
+            "created": info.created_ns,
+            "writer_pid": info.writer_pid,
+            "writer_alive": info.writer_alive,
+            "heartbeat": info.heartbeat_ns,
+            "published": entry.published,
+            "source": entry.source,
+            **entry.extra,
+        }
+
+    def _create(self, name: str, dtype: Any, shape: Any, slots: Any) -> dict[str, Any]:
+        validate_segment_name(name)
+        if not isinstance(dtype, str):
+            raise LayoutError(f"dtype must be a string, got {type(dtype).__name__}")
+        if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in shape
+        ):
+            raise LayoutError(f"shape must be a list of integers, got {shape!r}")
+        if not isinstance(slots, int) or isinstance(slots, bool):
+            raise LayoutError(f"slots must be an integer, got {slots!r}")
+        dt, shp = normalize_layout(parse_dtype(dtype), tuple(shape))
+        wanted = _layout_text(dtype_str(dt), shp, slots)
+        entry = self._segments.get(name)
+        if entry is not None:
+            seg = entry.seg
+            have = _layout_text(dtype_str(seg.dtype), seg.shape, seg.slots)
+            if have != wanted:
+                raise LayoutConflictError(name, have, wanted)
+            return self._describe(name)
+        limit = self.config.max_segment_bytes
+        size = segment_size(int(dt.itemsize) * math.prod(shp), slots)
+        if limit is not None and size > limit:
+            raise LayoutError(
+                f"segment {name!r} would take {size} bytes, over this broker's "
+                f"max_segment_bytes={limit}"
+            )
+        if size > _shm_free():
+            raise ShmSpaceError(name, size, _shm_free())
+        writer = Segment.create(
+            name,
+            dt,
+            shp,
+            slots=slots,
+            namespace=self.namespace,
+            mode=self.config.mode,
+            epoch=self.epoch,
+            prefault=False,
+        )
+        try:
+            if self.config.group is not None:
+                import grp
+
+                os.chown(writer.path, -1, grp.getgrnam(self.config.group).gr_gid)
+            reader = Segment.attach(name, namespace=self.namespace, prefault=False)
+        except BaseException:
+            writer.unlink()
+            writer.close()
+            raise
+        writer.close()  # the broker owns the segment; publishers take the lease
+        with self._lock:
+            self._segments[name] = _Entry(seg=reader)
+        self._emit(topic(name), "created", name, 0, time.time_ns())
+        return self._describe(name)
+
+    def _op_hello(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.endpoints is not None
+        return {
+            "namespace": self.namespace,
+            "epoch": self.epoch,
+            "pid": os.getpid(),
+            "control": self.endpoints.control,
+            "events": self.endpoints.events,
+            "data": self.config.data,
+            "heartbeat_interval": self.config.heartbeat_interval,
+        }
+
+    def _op_create(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self._create(self._name(req), req.get("dtype"), req.get("shape"), req.get("slots", 2))
+
+    def _op_describe(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self._describe(self._name(req))
+
+    def _op_list(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "seq": self._seq,
+            "segments": [self._describe(n) for n in sorted(self._segments)],
+        }
+
+    def _op_delete(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = self._name(req)
+        entry = self._entry(name)
+        with self._lock:
+            del self._segments[name]
+        entry.seg.unlink()
+        entry.seg.close()
+        self._emit(topic(name), "deleted", name, entry.announced, time.time_ns())
+        return {"name": name}
+
+    def _op_lease(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = self._name(req)
+        entry = self._entry(name)
+        info = entry.seg.info()
+        pid = req.get("pid")
+        if info.writer_alive and info.writer_pid not in (0, pid):
+            raise WriterBusyError(name, info.writer_pid)
+        return {"name": name, "version": info.version}
+
+    def _op_commit(self, req: dict[str, Any]) -> dict[str, Any] | None:
+        name = self._name(req)
+        entry = self._entry(name)
+        version = req.get("version")
+        ts = req.get("ts")
+        if not isinstance(version, int) or not isinstance(ts, int):
+            raise ValueError("commit needs integer 'version' and 'ts'")
+        if version > entry.announced:
+            self._announce_version(name, entry, version, ts)
+        return {"version": version} if req.get("ack") else None
+
+    def _op_stats(self, req: dict[str, Any]) -> dict[str, Any]:
+        st = self.stats()
+        return {
+            "namespace": st.namespace,
+            "epoch": st.epoch,
+            "seq": st.seq,
+            "segments": len(st.segments),
+            "published": st.published,
+            "requests": st.requests,
+            "errors": st.errors,
+            "clients": st.clients,
+            "shm_used": st.shm_used,
+            "shm_free": st.shm_free,
+            "shm_total": st.shm_total,
+            "uptime": time.time() - st.started,
+        }
+
+    _OPS: dict[str, Callable[[Broker, dict[str, Any]], dict[str, Any] | None]] = {  # noqa: RUF012
+        "hello": _op_hello,
+        "create": _op_create,
+        "describe": _op_describe,
+        "list": _op_list,
+        "delete": _op_delete,
+        "lease": _op_lease,
+        "commit": _op_commit,
+        "stats": _op_stats,
+    }
+
+    # ------------------------------------------------------------------ shutdown
+
+    def _shutdown(self) -> None:
+        """Unlink the namespace's segments (clean exit: SIGTERM, SIGINT, stop())."""
+        with self._lock:
+            entries = list(self._segments.items())
+            self._segments.clear()
+        for name, entry in entries:
+            entry.seg.unlink()
+            entry.seg.close()
+            log.info("unlinked segment %s", name)
+
+    def register_segment(self, spec: SegmentSpec, source: str) -> Segment:
+        """Create-or-get a segment on behalf of an in-process component (the relay)."""
+        self._create(spec.name, spec.dtype, spec.shape, spec.slots)
+        entry = self._segments[spec.name]
+        entry.source = source
+        return entry.seg
+
+    def close(self) -> None:
+        self.stop()
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,216 @@
+"""Broker configuration: frozen dataclasses, resolved once at start.
+
+Precedence: CLI flag, then ``SHMCAST_*`` environment, then the TOML file, then
+the default. Nothing here runs at import.
+"""
+
+from __future__ import annotations
+
+import grp
+import math
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from ._names import resolve_namespace, validate_segment_name
+from ._segment import MAX_SLOTS, dtype_str, normalize_layout
+from .errors import ConfigError, ShmcastError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """A segment declared up front in the broker's configuration."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    slots: int = 2
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(_dtype_from(self.dtype)).itemsize
+
+
+def _dtype_from(value: Any) -> Any:
+    """A dtype from TOML: a numpy name, or a list of [name, type(, shape)] fields."""
+    if isinstance(value, str):
+        from ._segment import parse_dtype
+
+        return parse_dtype(value)
+    if isinstance(value, list):
+        return np.dtype([tuple(tuple(x) if isinstance(x, list) else x for x in f) for f in value])
+    raise TypeError(f"expected a string or a list of fields, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Everything a broker needs, validated.
+
+    ``control``/``events`` of ``None`` mean ipc endpoints in the namespace's
+    runtime directory. TCP endpoints should name an address; ``tcp://*`` binds
+    every interface and is only used when written explicitly.
+    """
+
+    namespace: str = "default"
+    control: str | None = None
+    events: str | None = None
+    data: str | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    mode: int = 0o600
+    group: str | None = None
+    heartbeat_interval: float = 0.5
+    max_segment_bytes: int | None = None
+    curve_secret_key: str | None = None
+    curve_public_key: str | None = None
+    curve_clients: tuple[str, ...] = ()
+    segments: tuple[SegmentSpec, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        resolve_namespace(self.namespace)
+        for name in ("control", "events", "data"):
+            ep = getattr(self, name)
+            if ep is not None and not (
+                isinstance(ep, str) and ep.startswith(("ipc://", "tcp://", "inproc://"))
+            ):
+                raise ConfigError(name, f"{ep!r} is not an ipc://, tcp:// or inproc:// endpoint")
+        if self.metrics_port is not None and not (
+            isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535
+        ):
+            raise ConfigError("metrics_port", f"{self.metrics_port!r} is not a port (0-65535)")
+        if not isinstance(self.mode, int) or self.mode & ~0o666 or not self.mode & 0o600:
+            raise ConfigError("mode", f"{self.mode!r}: use read/write bits only, e.g. 0o600")
+        if self.group is not None:
+            try:
+                grp.getgrnam(self.group)
+            except KeyError:
+                raise ConfigError("group", f"no group named {self.group!r}") from None
+        if not (
+            isinstance(self.heartbeat_interval, (int, float)) and 0.01 <= self.heartbeat_interval <= 60
+        ):
+            raise ConfigError("heartbeat_interval", "use seconds between 0.01 and 60")
+        names = [s.name for s in self.segments]
+        if len(set(names)) != len(names):
+            raise ConfigError("segments", "a segment name is declared twice")
+
+
+def _segment_spec(raw: Any, index: int, source: str | None) -> SegmentSpec:
+    where = f"segments[{index}]"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(where, "expected a table with name, dtype, shape, slots", source)
+    unknown = set(raw) - {"name", "dtype", "shape", "slots"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key", source)
+    try:
+        name = validate_segment_name(raw.get("name"))
+    except ShmcastError as exc:
+        raise ConfigError(f"{where}.name", str(exc), source) from None
+    shape = raw.get("shape")
+    if isinstance(shape, int):
+        shape = [shape]
+    if not isinstance(shape, list) or not all(isinstance(n, int) for n in shape):
+        raise ConfigError(f"{where}.shape", f"expected a list of integers, got {shape!r}", source)
+    slots = raw.get("slots", 2)
+    if not isinstance(slots, int) or not 2 <= slots <= MAX_SLOTS:
+        raise ConfigError(f"{where}.slots", f"expected 2..{MAX_SLOTS}, got {slots!r}", source)
+    try:
+        dt, shp = normalize_layout(_dtype_from(raw.get("dtype")), tuple(shape))
+    except (ShmcastError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}.dtype", str(exc), source) from None
+    return SegmentSpec(name=name, dtype=dtype_str(dt), shape=shp, slots=slots)
+
+
+_ENV = {
+    "namespace": "SHMCAST_NAMESPACE",
+    "control": "SHMCAST_CONTROL",
+    "events": "SHMCAST_EVENTS",
+    "data": "SHMCAST_DATA",
+    "metrics_port": "SHMCAST_METRICS_PORT",
+    "metrics_host": "SHMCAST_METRICS_HOST",
+}
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"no such file: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"not valid TOML: {exc}", path) from None
+
+
+def _coerce(name: str, value: Any, source: str | None) -> Any:
+    if name in ("metrics_port", "max_segment_bytes") and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(name, f"{value!r} is not an integer", source) from None
+    if name == "mode" and isinstance(value, str):
+        try:
+            return int(value, 8)
+        except ValueError:
+            raise ConfigError(name, f"{value!r} is not an octal mode like '0600'", source) from None
+    if name == "heartbeat_interval" and isinstance(value, (int, str)):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(name, f"{value!r} is not a number", source) from None
+    if name == "curve_clients":
+        if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(name, "expected a list of z85 public keys", source)
+        return tuple(value)
+    return value
+
+
+def resolve_config(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> BrokerConfig:
+    """Build the broker's config: flags, then environment, then file, then defaults.
+
+    Raises:
+        ConfigError: naming the field (and the file) that is wrong.
+    """
+    flags = dict(flags or {})
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = load_toml(config_file) if config_file else {}
+    known = {f.name for f in fields(BrokerConfig)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(key, "unknown key", config_file)
+    values: dict[str, Any] = {}
+    for name in known - {"segments"}:
+        if flags.get(name) is not None:
+            values[name] = _coerce(name, flags[name], None)
+        elif name in _ENV and env.get(_ENV[name]):
+            values[name] = _coerce(name, env[_ENV[name]], f"${_ENV[name]}")
+        elif name in data:
+            values[name] = _coerce(name, data[name], config_file)
+    raw_segments = data.get("segments", [])
+    if not isinstance(raw_segments, list):
+        raise ConfigError("segments", "expected [[segments]] tables", config_file)
+    values["segments"] = tuple(
+        _segment_spec(raw, i, config_file) for i, raw in enumerate(raw_segments)
+    )
+    try:
+        return BrokerConfig(**values)
+    except ConfigError as exc:
+        if exc.source is None and config_file:
+            raise ConfigError(exc.field, str(exc).split(": ", 1)[-1], config_file) from None
+        raise
+    except ShmcastError as exc:
+        raise ConfigError("namespace", str(exc), config_file) from None
+    except TypeError as exc:
+        raise ConfigError("config", str(exc), config_file) from None

@@ -1,0 +1,112 @@
+"""The broker's Prometheus metrics: a custom collector over :meth:`Broker.stats`.
+
+Counters stay plain integers on the hot path; the metric families are built
+only when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from ._broker import Broker
+
+
+class BrokerCollector(Collector):
+    """Exports ``shmcast_broker_*`` and per-segment metrics of one broker."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._broker.stats()
+        ns = st.namespace
+        up = GaugeMetricFamily("shmcast_broker_up", "1 while the broker serves", labels=["namespace"])
+        up.add_metric([ns], 1.0)
+        yield up
+        segs = GaugeMetricFamily(
+            "shmcast_broker_segments", "Segments the broker owns", labels=["namespace"]
+        )
+        segs.add_metric([ns], len(st.segments))
+        yield segs
+        used = GaugeMetricFamily(
+            "shmcast_shm_used_bytes",
+            "Shared memory taken by the broker's segments",
+            labels=["namespace"],
+        )
+        used.add_metric([ns], st.shm_used)
+        yield used
+        free = GaugeMetricFamily(
+            "shmcast_shm_free_bytes", "Free bytes in /dev/shm", labels=["namespace"]
+        )
+        free.add_metric([ns], st.shm_free)
+        yield free
+        total = GaugeMetricFamily(
+            "shmcast_shm_size_bytes", "Size of /dev/shm", labels=["namespace"]
+        )
+        total.add_metric([ns], st.shm_total)
+        yield total
+        clients = GaugeMetricFamily(
+            "shmcast_broker_clients",
+            "Control clients heard from in the last 30 s",
+            labels=["namespace"],
+        )
+        clients.add_metric([ns], st.clients)
+        yield clients
+        reqs = CounterMetricFamily(
+            "shmcast_broker_requests", "Control requests received", labels=["namespace"]
+        )
+        reqs.add_metric([ns], st.requests)
+        yield reqs
+        errors = CounterMetricFamily(
+            "shmcast_broker_errors",
+            "Requests answered with an error, and dropped messages, by kind",
+            labels=["namespace", "kind"],
+        )
+        for kind, n in sorted(st.errors.items()):
+            errors.add_metric([ns, kind], n)
+        yield errors
+        published = CounterMetricFamily(
+            "shmcast_versions_published",
+            "Versions committed to a segment (announced by the broker)",
+            labels=["namespace", "segment"],
+        )
+        version = GaugeMetricFamily(
+            "shmcast_segment_version", "Latest committed version", labels=["namespace", "segment"]
+        )
+        age = GaugeMetricFamily(
+            "shmcast_segment_age_seconds",
+            "Age of the latest version (staleness at the source)",
+            labels=["namespace", "segment"],
+        )
+        size = GaugeMetricFamily(
+            "shmcast_segment_size_bytes",
+            "Shared memory of one segment (all slots and header)",
+            labels=["namespace", "segment"],
+        )
+        writer = GaugeMetricFamily(
+            "shmcast_segment_writer_up",
+            "1 while a process holds the segment's writer lease",
+            labels=["namespace", "segment"],
+        )
+        now = time.time_ns()
+        for info in st.segments:
+            labels = [ns, info.name]
+            published.add_metric(labels, st.published.get(info.name, 0))
+            version.add_metric(labels, info.version)
+            ref = info.timestamp_ns or info.created_ns
+            age.add_metric(labels, max(0.0, (now - ref) / 1e9))
+            size.add_metric(labels, info.size)
+            writer.add_metric(labels, 1.0 if info.writer_alive else 0.0)
+        yield published
+        yield version
+        yield age
+        yield size
+        yield writer

@@ -1,0 +1,166 @@
+"""The writing side: a Publisher creates-or-gets a segment through the broker,
+takes its writer lease, writes versions in place and announces each bump."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from broker._names import resolve_namespace, validate_segment_name
+from broker._protocol import ControlClient, Endpoints
+from broker._segment import Segment, dtype_str, normalize_layout
+from broker.errors import ClosedError
+
+__all__ = ["Publisher"]
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    """The one writer of a segment, announced through the namespace's broker.
+
+    Args:
+        segment: segment name.
+        dtype: numpy dtype of each version; with ``shape``, ``None`` means
+            "the segment must already exist" (get, never create).
+        shape: array shape of each version.
+        slots: ring size for a segment created now (an existing segment must match).
+        namespace: ``None`` means ``$SHMCAST_NAMESPACE`` or ``"default"``.
+        broker: the broker's control endpoint; ``None`` means the namespace's
+            default ipc endpoint.
+        timeout: seconds to wait for each broker reply.
+
+    Raises:
+        BrokerUnavailableError: no broker answered.
+        LayoutConflictError: the segment exists with another layout.
+        WriterBusyError: another process writes this segment.
+        ShmSpaceError: ``/dev/shm`` cannot hold the segment.
+    """
+
+    def __init__(
+        self,
+        segment: str,
+        *,
+        dtype: npt.DTypeLike | None = None,
+        shape: int | tuple[int, ...] | None = None,
+        slots: int = 2,
+        namespace: str | None = None,
+        broker: str | None = None,
+        timeout: float = 5.0,
+        curve: tuple[bytes, bytes, bytes] | None = None,
+    ) -> None:
+        self._closed = True
+        self._seg: Segment | None = None
+        self._client: ControlClient | None = None
+        self.namespace = resolve_namespace(namespace)
+        self.name = validate_segment_name(segment)
+        endpoint = broker or Endpoints.default(self.namespace).control
+        client = ControlClient(endpoint, timeout=timeout, curve=curve)
+        try:
+            if dtype is None or shape is None:
+                if dtype is not None or shape is not None:
+                    raise TypeError("give both dtype and shape, or neither to get an existing one")
+                client.request("describe", name=self.name)
+            else:
+                dt, shp = normalize_layout(dtype, shape)
+                client.request(
+                    "create", name=self.name, dtype=dtype_str(dt), shape=list(shp), slots=slots
+                )
+            client.request("lease", name=self.name, pid=os.getpid())
+            self._seg = Segment.attach(self.name, namespace=self.namespace, writable=True)
+        except BaseException:
+            client.close()
+            raise
+        self._client = client
+        self.announcements_dropped = 0
+        self._closed = False
+
+    @property
+    def segment(self) -> Segment:
+        """The underlying writer :class:`~broker.Segment`."""
+        if self._seg is None or self._closed:
+            raise ClosedError(f"publisher of {self.name!r}")
+        return self._seg
+
+    @property
+    def version(self) -> int:
+        return self.segment.version
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self.segment.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.segment.shape
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def publish(self, array: npt.NDArray[Any]) -> int:
+        """Copy ``array`` in as the next version, announce it, return its number.
+
+        Raises:
+            ArrayMismatchError: wrong dtype or shape (nothing is published).
+        """
+        v = self.segment.write(array)
+        self._announce(v)
+        return v
+
+    @contextlib.contextmanager
+    def loan(self) -> Iterator[npt.NDArray[Any]]:
+        """Yield the next slot as a writable array; commit and announce on exit.
+
+        If the block raises, nothing is published.
+        """
+        seg = self.segment
+        with seg.loan() as arr:
+            yield arr
+        self._announce(seg.version)
+
+    def _announce(self, version: int) -> None:
+        client = self._client
+        assert client is not None
+        # One-way and non-blocking: a slow or absent broker never stalls the writer.
+        # Readers still find the version in the header; the broker's next tick
+        # announces versions whose commit message was dropped.
+        if not client.send("commit", name=self.name, version=version, ts=time.time_ns()):
+            self.announcements_dropped += 1
+
+    def close(self) -> None:
+        """Release the lease and disconnect; the segment stays (the broker owns it)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._seg is not None:
+            self._seg.close()
+        if self._client is not None:
+            self._client.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        warnings.warn(
+            f"publisher of {self.name!r} was not closed", ResourceWarning, source=self, stacklevel=2
+        )
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"version={self.version}"
+        return f"<Publisher {self.namespace}/{self.name} {state}>"

@@ -1,0 +1,17 @@
+"""shmcast's reading side: :class:`Subscriber`, the analytics worker and its metrics."""
+
+from ._metrics import SubscriberCollector as SubscriberCollector
+from ._metrics import serve_metrics as serve_metrics
+from ._subscriber import LATENCY_BUCKETS as LATENCY_BUCKETS
+from ._subscriber import SegmentStats as SegmentStats
+from ._subscriber import Subscriber as Subscriber
+from ._subscriber import Update as Update
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "SegmentStats",
+    "Subscriber",
+    "SubscriberCollector",
+    "Update",
+    "serve_metrics",
+]

@@ -1,0 +1,124 @@
+"""A subscriber's Prometheus metrics, built from its counters at scrape time."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from broker.errors import ShmcastError
+
+from ._subscriber import LATENCY_BUCKETS
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from ._subscriber import Subscriber
+
+__all__ = ["SubscriberCollector", "serve_metrics"]
+
+
+class SubscriberCollector(Collector):
+    """Exports one subscriber's ``shmcast_*`` metrics, labelled by segment."""
+
+    def __init__(self, subscriber: Subscriber, *, name: str = "subscriber") -> None:
+        self._sub = subscriber
+        self._name = name
+
+    def collect(self) -> Iterator[Metric]:
+        sub = self._sub
+        ns = sub.namespace
+        labels = ["namespace", "subscriber", "segment"]
+        updates = CounterMetricFamily(
+            "shmcast_updates_received", "Versions this subscriber learnt of", labels=labels
+        )
+        missed = CounterMetricFamily(
+            "shmcast_versions_missed", "Versions skipped between two updates", labels=labels
+        )
+        torn = CounterMetricFamily(
+            "shmcast_torn_reads", "Reads invalidated because the writer lapped them", labels=labels
+        )
+        stale = GaugeMetricFamily(
+            "shmcast_staleness_seconds", "Age of the latest version seen", labels=labels
+        )
+        version = GaugeMetricFamily(
+            "shmcast_subscriber_version", "Latest version this subscriber saw", labels=labels
+        )
+        latency = HistogramMetricFamily(
+            "shmcast_publish_to_read_latency_seconds",
+            "From the commit to the subscriber having the version",
+            labels=labels,
+        )
+        now = time.time_ns()
+        for seg, st in list(sub.stats.items()):
+            lv = [ns, self._name, seg]
+            updates.add_metric(lv, st.updates)
+            missed.add_metric(lv, st.missed)
+            torn.add_metric(lv, sub.torn_reads(seg))
+            version.add_metric(lv, st.last_version)
+            ts = st.last_ts
+            with contextlib.suppress(ShmcastError, KeyError, ValueError):
+                ts = max(ts, sub.segment(seg).info().timestamp_ns)
+            if ts:
+                stale.add_metric(lv, max(0.0, (now - ts) / 1e9))
+            cum = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), st.buckets):
+                cum += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cum))
+            latency.add_metric(lv, buckets, st.latency_sum)
+        yield updates
+        yield missed
+        yield torn
+        yield stale
+        yield version
+        yield latency
+        if sub.mode == "events":
+            up = GaugeMetricFamily(
+                "shmcast_broker_up",
+                "1 while the broker's heartbeats arrive (as this subscriber sees it)",
+                labels=["namespace", "subscriber"],
+            )
+            up.add_metric([ns, self._name], 1.0 if sub.broker_up else 0.0)
+            yield up
+            gaps = CounterMetricFamily(
+                "shmcast_events_missed",
+                "Announcements lost (gaps in the per-topic sequence numbers)",
+                labels=["namespace", "subscriber"],
+            )
+            gaps.add_metric([ns, self._name], sub.events_missed)
+            yield gaps
+            bad = CounterMetricFamily(
+                "shmcast_bad_messages",
+                "Malformed announcements dropped",
+                labels=["namespace", "subscriber"],
+            )
+            bad.add_metric([ns, self._name], sub.bad_messages)
+            yield bad
+
+
+def serve_metrics(
+    subscriber: Subscriber,
+    port: int = 0,
+    *,
+    host: str = "127.0.0.1",
+    name: str = "subscriber",
+    registry: CollectorRegistry | None = None,
+) -> tuple[str, Any]:
+    """Serve a subscriber's metrics over HTTP; returns ``(url, server)``.
+
+    ``port=0`` picks a free port. Call ``server.shutdown()`` to stop.
+    """
+    registry = registry or CollectorRegistry(auto_describe=True)
+    registry.register(SubscriberCollector(subscriber, name=name))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return f"http://{host}:{server.server_port}/metrics", server

@@ -1,0 +1,455 @@
+"""The reading side: attach to segments zero-copy and learn of each new version.
+
+Three ways to learn of a version (``wait=``):
+
+- ``"events"``: the broker's announcements over ZeroMQ (default). Late joiners
+  subscribe first, then take the catalog snapshot, then apply newer updates
+  (the ZeroMQ guide's Clone pattern). When the broker's heartbeats stop, the
+  subscriber polls the mapped headers instead, and picks the broker up again
+  (a new epoch means a new snapshot) without being restarted.
+- ``"futex"``: block on the segments' header futexes; no broker hop, no busy core.
+- ``"spin"``: busy-poll the headers; the lowest latency, one core burnt.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import zmq
+
+from broker._names import resolve_namespace, validate_segment_name
+from broker._protocol import BROKER_TOPIC, ControlClient, Endpoints, topic, unpack
+from broker._segment import W_LATEST, Segment, Snapshot, wait_any
+from broker.errors import (
+    BrokerUnavailableError,
+    ClosedError,
+    NotASegmentError,
+    SegmentNotFoundError,
+    ShmcastError,
+)
+
+__all__ = ["LATENCY_BUCKETS", "SegmentStats", "Subscriber", "Update", "WaitMode"]
+
+log = logging.getLogger(__name__)
+
+WaitMode = Literal["events", "futex", "spin"]
+
+#: Publish-to-read latency buckets, 1 µs .. 100 ms (seconds).
+LATENCY_BUCKETS: tuple[float, ...] = (
+    1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4,
+    1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Update:
+    """A new version of a segment, as learnt."""
+
+    segment: str
+    version: int
+    timestamp_ns: int
+    received_ns: int
+    missed: int
+
+    @property
+    def latency_s(self) -> float:
+        """Commit to receipt, seconds (wall clock of one host)."""
+        return (self.received_ns - self.timestamp_ns) / 1e9
+
+
+@dataclass
+class SegmentStats:
+    """Counters of one segment, kept as plain numbers on the hot path."""
+
+    updates: int = 0
+    missed: int = 0
+    last_version: int = 0
+    last_ts: int = 0
+    latency_sum: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+
+    def observe(self, latency: float) -> None:
+        self.latency_sum += latency
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
+        self.recent.append(latency)
+
+    def percentile(self, q: float) -> float | None:
+        if not self.recent:
+            return None
+        return float(np.percentile(np.fromiter(self.recent, float), q))
+
+
+class Subscriber:
+    """Read one or more segments of a namespace as they are published.
+
+    Args:
+        segments: a segment name or names; they need not exist yet (``events``).
+        namespace: ``None`` means ``$SHMCAST_NAMESPACE`` or ``"default"``.
+        broker: the broker's control endpoint (``events`` mode); ``None`` means
+            the namespace's default ipc endpoint.
+        wait: ``"events"``, ``"futex"`` or ``"spin"`` (see the module docstring).
+        timeout: seconds to wait for the broker's replies, or (``futex``/``spin``)
+            for the segments to exist.
+        heartbeat_timeout: seconds without a heartbeat before the broker is
+            considered down (default: 3 heartbeat intervals).
+
+    Raises:
+        BrokerUnavailableError: ``events`` mode and no broker answered.
+        SegmentNotFoundError: ``futex``/``spin`` mode and a segment never appeared.
+    """
+
+    def __init__(
+        self,
+        segments: str | Sequence[str],
+        *,
+        namespace: str | None = None,
+        broker: str | None = None,
+        wait: WaitMode = "events",
+        timeout: float = 5.0,
+        heartbeat_timeout: float | None = None,
+        curve: tuple[bytes, bytes, bytes] | None = None,
+    ) -> None:
+        self._closed = True
+        self._client: ControlClient | None = None
+        self._sub: zmq.Socket[Any] | None = None
+        names = [segments] if isinstance(segments, str) else list(segments)
+        if not names:
+            raise ValueError("subscribe to at least one segment")
+        if wait not in ("events", "futex", "spin"):
+            raise ValueError(f"wait must be 'events', 'futex' or 'spin', not {wait!r}")
+        self.names = [validate_segment_name(n) for n in dict.fromkeys(names)]
+        self.namespace = resolve_namespace(namespace)
+        self.mode: WaitMode = wait
+        self._segs: dict[str, Segment] = {}
+        self._created: dict[str, int] = {}
+        self.stats: dict[str, SegmentStats] = {n: SegmentStats() for n in self.names}
+        self.events_missed = 0
+        self.bad_messages = 0
+        self.epoch_changes = 0
+        self.broker_up: bool | None = None
+        self.epoch: int | None = None
+        self._tseq: dict[bytes, int] = {}
+        self._pending: deque[Update] = deque()
+        self._curve = curve
+        try:
+            if wait == "events":
+                self._connect(broker, timeout, heartbeat_timeout)
+            else:
+                self._attach_all(timeout)
+        except BaseException:
+            self._teardown()
+            raise
+        self._closed = False
+
+    # ------------------------------------------------------------------ set-up
+
+    def _connect(self, broker: str | None, timeout: float, hb_timeout: float | None) -> None:
+        endpoint = broker or Endpoints.default(self.namespace).control
+        self._client = ControlClient(endpoint, timeout=timeout, curve=self._curve)
+        hello = self._client.request("hello")
+        interval = float(hello.get("heartbeat_interval", 0.5))
+        self.heartbeat_timeout = hb_timeout if hb_timeout is not None else 3 * interval + 0.2
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 100_000)
+        if self._curve is not None:
+            sub.curve_serverkey, sub.curve_publickey, sub.curve_secretkey = self._curve
+        for name in self.names:
+            sub.setsockopt(zmq.SUBSCRIBE, topic(name))
+        sub.setsockopt(zmq.SUBSCRIBE, BROKER_TOPIC)
+        sub.connect(str(hello["events"]))
+        self._sub = sub
+        # Clone pattern: we are subscribed; now the snapshot, then newer updates.
+        self._snapshot(first=True)
+        self.broker_up = True
+        self._last_heartbeat = time.monotonic()
+
+    def _snapshot(self, *, first: bool = False) -> None:
+        assert self._client is not None
+        reply = self._client.request("list")
+        self.epoch = int(reply["epoch"])
+        catalog = {str(s["name"]): s for s in reply["segments"]}
+        for name in self.names:
+            entry = catalog.get(name)
+            if entry is None:
+                self._detach(name)
+                continue
+            self._attach(name, created=int(entry.get("created", 0)))
+            if first:
+                self.stats[name].last_version = int(entry.get("version", 0))
+        self._tseq.clear()
+
+    def _attach(self, name: str, created: int | None = None) -> Segment | None:
+        seg = self._segs.get(name)
+        if seg is not None and (created is None or self._created.get(name) == created):
+            return seg
+        self._detach(name)
+        try:
+            seg = Segment.attach(name, namespace=self.namespace)
+        except (SegmentNotFoundError, NotASegmentError):
+            return None
+        self._segs[name] = seg
+        self._created[name] = seg.info().created_ns
+        return seg
+
+    def _detach(self, name: str) -> None:
+        seg = self._segs.pop(name, None)
+        if seg is not None:
+            seg.close()
+
+    def _attach_all(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for name in self.names:
+            while self._attach(name) is None:
+                if time.monotonic() >= deadline:
+                    raise SegmentNotFoundError(name, self.namespace)
+                time.sleep(0.01)
+            self.stats[name].last_version = self._segs[name].version
+
+    # ------------------------------------------------------------------ reading
+
+    def segment(self, name: str) -> Segment:
+        """The attached read-only :class:`~broker.Segment` (attaches if needed)."""
+        self._check_open()
+        seg = self._segs.get(name) or self._attach(name)
+        if seg is None:
+            raise SegmentNotFoundError(name, self.namespace)
+        return seg
+
+    @contextlib.contextmanager
+    def read(self, segment: str, version: int | None = None) -> Iterator[Snapshot]:
+        """The engine's zero-copy validated read (raises TornReadError on leaving
+        the block if the writer overwrote the slot)."""
+        with self.segment(segment).read(version) as snap:
+            yield snap
+
+    def latest(self, segment: str) -> Snapshot:
+        """A validated private copy of the latest version."""
+        return self.segment(segment).latest()
+
+    def torn_reads(self, segment: str) -> int:
+        seg = self._segs.get(segment)
+        return seg.torn_reads if seg is not None else 0
+
+    # ------------------------------------------------------------------ updates
+
+    def updates(self, timeout: float | None = None) -> Iterator[Update]:
+        """Yield an :class:`Update` per new version learnt; with a ``timeout``,
+        end after that many seconds without one."""
+        self._check_open()
+        if self.mode == "events":
+            yield from self._updates_events(timeout)
+        elif self.mode == "futex":
+            yield from self._updates_futex(timeout)
+        else:
+            yield from self._updates_spin(timeout)
+
+    def _update(self, name: str, version: int, ts: int) -> Update | None:
+        st = self.stats[name]
+        if version <= st.last_version:
+            return None
+        now = time.time_ns()
+        missed = version - st.last_version - 1 if st.last_version or st.updates else 0
+        st.missed += missed
+        st.updates += 1
+        st.last_version = version
+        st.last_ts = ts
+        st.observe(max(0.0, (now - ts) / 1e9))
+        return Update(name, version, ts, now, missed)
+
+    def _from_header(self, name: str) -> Update | None:
+        seg = self._segs.get(name)
+        if seg is None:
+            return None
+        try:
+            v = seg.version
+            if v <= self.stats[name].last_version:
+                return None
+            _, _, _, ts = seg.acquire(v)
+        except ShmcastError:
+            return None
+        return self._update(name, v, ts)
+
+    def _updates_spin(self, timeout: float | None) -> Iterator[Update]:
+        segs = [(name, self._segs[name]._q) for name in self.names]
+        stats = [self.stats[name] for name in self.names]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for (name, q), st in zip(segs, stats):
+                assert q is not None
+                if q[W_LATEST] > st.last_version:
+                    up = self._from_header(name)
+                    if up is not None:
+                        yield up
+                        if deadline is not None:
+                            deadline = time.monotonic() + timeout  # type: ignore[operator]
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            if self._closed:
+                return
+
+    def _updates_futex(self, timeout: float | None) -> Iterator[Update]:
+        segs = [self._segs[name] for name in self.names]
+        while True:
+            afters = [self.stats[name].last_version for name in self.names]
+            if not wait_any(segs, afters, timeout):
+                return
+            for name in self.names:
+                up = self._from_header(name)
+                if up is not None:
+                    yield up
+            if self._closed:
+                return
+
+    def _updates_events(self, timeout: float | None) -> Iterator[Update]:
+        sub = self._sub
+        assert sub is not None
+        idle_deadline = None if timeout is None else time.monotonic() + timeout
+        next_check = time.monotonic() + 0.25
+        while not self._closed:
+            while self._pending:
+                yield self._pending.popleft()
+                if timeout is not None:
+                    idle_deadline = time.monotonic() + timeout
+            now = time.monotonic()
+            if idle_deadline is not None and now >= idle_deadline:
+                return
+            # While the broker is down we poll the headers every millisecond.
+            wait = 0.001 if not self.broker_up else 0.05
+            if idle_deadline is not None:
+                wait = min(wait, max(0.0, idle_deadline - now))
+            if sub.poll(int(wait * 1000) + (0 if wait == 0 else 1), zmq.POLLIN):
+                for _ in range(1000):
+                    try:
+                        frames = sub.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_event(frames)
+            now = time.monotonic()
+            if self.broker_up and now - self._last_heartbeat > self.heartbeat_timeout:
+                log.warning("broker of namespace %r is silent; polling headers", self.namespace)
+                self.broker_up = False
+            if not self.broker_up or now >= next_check:
+                # Cross-check the headers: a notification lost at the high-water mark
+                # or while the broker was down still becomes an update.
+                next_check = now + 0.25
+                for name in self.names:
+                    if name not in self._segs and self.broker_up is False:
+                        self._attach(name)
+                    up = self._from_header(name)
+                    if up is not None:
+                        self._pending.append(up)
+
+    def _on_event(self, frames: list[bytes]) -> None:
+        try:
+            if len(frames) != 2:
+                raise ValueError(f"{len(frames)} frames")
+            tpc, body = frames
+            msg = unpack(body)
+            kind = msg["kind"]
+            epoch = int(msg["epoch"])
+            tseq = int(msg["tseq"])
+            if not isinstance(kind, str):
+                raise ValueError("kind is not a string")
+        except (ValueError, KeyError, TypeError) as exc:
+            self.bad_messages += 1
+            log.debug("dropped a malformed event: %s", exc)
+            return
+        if epoch != self.epoch:
+            self._new_epoch(epoch)
+        last = self._tseq.get(tpc)
+        if last is not None and tseq > last + 1:
+            self.events_missed += tseq - last - 1
+        self._tseq[tpc] = tseq
+        if kind == "heartbeat":
+            self._last_heartbeat = time.monotonic()
+            if not self.broker_up:
+                log.info("broker of namespace %r is back", self.namespace)
+                self.broker_up = True
+            return
+        name = msg.get("segment")
+        if not isinstance(name, str) or name not in self.stats:
+            self.bad_messages += 1
+            return
+        if kind == "created":
+            self._attach(name)
+        elif kind == "deleted":
+            self._detach(name)
+        elif kind == "version":
+            version, ts = msg.get("version"), msg.get("ts")
+            if not isinstance(version, int) or not isinstance(ts, int):
+                self.bad_messages += 1
+                return
+            if name not in self._segs:
+                self._attach(name)
+            up = self._update(name, version, ts)
+            if up is not None:
+                self._pending.append(up)
+
+    def _new_epoch(self, epoch: int) -> None:
+        """A broker restarted: take a fresh snapshot (segments were adopted or remade)."""
+        log.info("broker epoch changed (%s -> %s): resynchronising", self.epoch, epoch)
+        self.epoch_changes += 1
+        self._last_heartbeat = time.monotonic()
+        self.broker_up = True
+        try:
+            self._snapshot()
+        except (BrokerUnavailableError, ShmcastError) as exc:
+            log.warning("snapshot after restart failed: %s", exc)
+            self.epoch = epoch
+        self._tseq.clear()
+
+    # ------------------------------------------------------------------ closing
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("subscriber")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _teardown(self) -> None:
+        for name in list(self._segs):
+            self._detach(name)
+        if self._sub is not None:
+            self._sub.close(0)
+            self._sub = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def close(self) -> None:
+        """Detach every segment and close the sockets. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._teardown()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        warnings.warn("subscriber was not closed", ResourceWarning, source=self, stacklevel=2)
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<Subscriber {self.namespace}/{','.join(self.names)} wait={self.mode}>"
+
