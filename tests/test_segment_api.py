@@ -1,0 +1,560 @@
+"""The public surface of the segment engine (issue 2, part 1), in one process."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import time
+import types
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+import broker
+from broker import (
+    ArrayMismatchError,
+    ClosedError,
+    InvalidNameError,
+    LayoutError,
+    NoVersionError,
+    ReadOnlyError,
+    Segment,
+    SegmentExistsError,
+    SegmentNotFoundError,
+    ShmcastError,
+    Snapshot,
+    TornReadError,
+    VersionUnavailableError,
+)
+from broker._names import shm_path
+
+
+@pytest.fixture
+def made(namespace: str) -> Iterator[list[Segment]]:
+    """Segments a test creates or attaches; all closed and unlinked afterwards."""
+    segs: list[Segment] = []
+    try:
+        yield segs
+    finally:
+        for seg in segs:
+            seg.close()
+        for seg in segs:
+            seg.unlink()
+
+
+def _create(made: list[Segment], name: str = "s", dtype: str = "<f8", shape=(8,), **kw) -> Segment:
+    seg = Segment.create(name, dtype, shape, **kw)
+    made.append(seg)
+    return seg
+
+
+def _attach(made: list[Segment], name: str = "s", **kw) -> Segment:
+    seg = Segment.attach(name, **kw)
+    made.append(seg)
+    return seg
+
+
+def _filled(value: float, shape=(8,), dtype: str = "<f8") -> np.ndarray:
+    return np.full(shape, value, dtype=dtype)
+
+
+# ------------------------------------------------------------------- create and attach
+
+
+def test_create_fails_if_the_name_exists_and_leaves_it_alone(made, namespace):
+    seg = _create(made)
+    seg.write(_filled(7))
+    with pytest.raises(SegmentExistsError) as info:
+        Segment.create("s", "<i4", (3,), namespace=namespace)
+    assert "'s'" in str(info.value)
+    assert namespace in str(info.value)
+    reader = _attach(made)
+    assert reader.dtype == np.dtype("<f8")
+    assert reader.shape == (8,)
+    assert reader.latest().array.tolist() == [7.0] * 8
+
+
+def test_attach_missing_segment(namespace):
+    with pytest.raises(SegmentNotFoundError) as info:
+        Segment.attach("nothing-here")
+    assert "nothing-here" in str(info.value)
+    assert namespace in str(info.value)
+
+
+def test_attach_is_read_only_by_default(made):
+    _create(made)
+    reader = _attach(made)
+    assert not reader.writable
+    with pytest.raises(ReadOnlyError):
+        reader.write(_filled(1))
+    with pytest.raises(ReadOnlyError), reader.loan():
+        pass
+    assert reader.version == 0
+
+
+def test_write_returns_consecutive_versions_starting_at_one(made):
+    seg = _create(made)
+    reader = _attach(made)
+    assert seg.version == 0
+    assert reader.version == 0
+    for expected in range(1, 6):
+        assert seg.write(_filled(expected)) == expected
+        assert seg.version == expected
+        assert reader.version == expected
+
+
+def test_read_yields_a_zero_copy_read_only_snapshot(made):
+    seg = _create(made)
+    reader = _attach(made)
+    before = time.time_ns()
+    seg.write(_filled(1))
+    after = time.time_ns()
+    with reader.read() as snap:
+        assert isinstance(snap, Snapshot)
+        assert snap.version == 1
+        assert before <= snap.timestamp_ns <= after
+        assert snap.array.dtype == np.dtype("<f8")
+        assert snap.array.shape == (8,)
+        assert snap.array.tolist() == [1.0] * 8
+        assert not snap.array.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            snap.array[0] = 99.0
+        with pytest.raises(ValueError, match="WRITEABLE"):
+            snap.array.flags.writeable = True
+        held = snap.array
+    # Zero-copy: the array is the shared slot itself, so once the writer comes
+    # round to that slot again (version 3 with two slots) the held view shows it.
+    seg.write(_filled(2))
+    seg.write(_filled(3))
+    assert held.tolist() == [3.0] * 8
+
+
+def _read_while_writing(reader: Segment, seg: Segment, versions: list[int]) -> Snapshot:
+    with reader.read() as snap:
+        for v in versions:
+            seg.write(_filled(v))
+    return snap
+
+
+def test_read_detects_the_writer_overwriting_the_slot(made):
+    seg = _create(made)
+    reader = _attach(made)
+    seg.write(_filled(1))
+    # Version 2 goes to the other slot; version 3 to the slot being read: torn.
+    with pytest.raises(TornReadError) as info:
+        _read_while_writing(reader, seg, [2, 3])
+    assert info.value.version == 1
+    assert reader.torn_reads == 1
+    assert _read_while_writing(reader, seg, [4]).version == 3  # one slot away: whole
+    assert reader.torn_reads == 1
+
+
+def test_writer_reads_its_own_segment_read_only(made):
+    seg = _create(made)
+    seg.write(_filled(5))
+    with seg.read() as snap:
+        assert snap.array.tolist() == [5.0] * 8
+        assert not snap.array.flags.writeable
+
+
+# ------------------------------------------------------------------------ mismatches
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros(8, dtype="<f4"),
+        np.zeros(8, dtype=">f8"),
+        np.zeros(8, dtype="<i8"),
+        np.zeros(9, dtype="<f8"),
+        np.zeros((2, 4), dtype="<f8"),
+        np.zeros((), dtype="<f8"),
+        [0.0] * 8,
+    ],
+    ids=["f4", "big-endian", "i8", "len9", "2x4", "0d", "list"],
+)
+def test_mismatched_array_publishes_nothing(made, bad):
+    seg = _create(made)
+    reader = _attach(made)
+    seg.write(_filled(1))
+    seg.write(_filled(2))
+    with pytest.raises(ArrayMismatchError) as info:
+        seg.write(bad)
+    assert "nothing was published" in str(info.value)
+    assert seg.version == 2
+    assert reader.version == 2
+    for v in (1, 2):  # neither slot was touched
+        with reader.read(v) as snap:
+            assert snap.array.tolist() == [float(v)] * 8
+    assert seg.write(_filled(3)) == 3
+
+
+def test_non_contiguous_and_structured_arrays_round_trip(made):
+    seg = _create(made, shape=(4, 3))
+    src = np.arange(24, dtype="<f8").reshape(4, 6)[:, ::2]
+    assert not src.flags.c_contiguous
+    seg.write(src)
+    assert np.array_equal(_attach(made).latest().array, src)
+
+    tick = np.dtype([("t", "<i8"), ("px", "<f8", (2,)), ("sym", "S4")])
+    rec = _create(made, "ticks", tick, (3,))
+    data = np.zeros(3, tick)
+    data["t"] = [1, 2, 3]
+    data["px"] = [[1.5, 2.5], [3.5, 4.5], [5.5, 6.5]]
+    data["sym"] = [b"AAPL", b"MSFT", b"X"]
+    rec.write(data)
+    got = _attach(made, "ticks").latest().array
+    assert got.dtype == tick
+    assert got.tobytes() == data.tobytes()
+
+
+# ---------------------------------------------------------------------------- loans
+
+
+def test_loan_commits_on_normal_exit(made):
+    seg = _create(made)
+    reader = _attach(made)
+    with seg.loan() as arr:
+        assert arr.shape == (8,)
+        assert arr.dtype == np.dtype("<f8")
+        arr[:] = np.arange(8)
+        assert seg.version == 0  # nothing visible before the block ends
+        with pytest.raises(NoVersionError):
+            reader.latest()
+    assert seg.version == 1
+    assert reader.latest().array.tolist() == list(map(float, range(8)))
+
+
+def _broken_loan(seg: Segment) -> None:
+    with seg.loan() as arr:
+        arr[:4] = 3.0  # half of the next version lands in the slot of version 1
+        raise RuntimeError("feed broke")
+
+
+def test_loan_that_raises_publishes_nothing(made):
+    seg = _create(made)
+    reader = _attach(made)
+    seg.write(_filled(1))
+    seg.write(_filled(2))
+    with pytest.raises(RuntimeError, match="feed broke"):
+        _broken_loan(seg)
+    assert seg.version == 2
+    assert reader.version == 2
+    snap = reader.latest()
+    assert (snap.version, snap.array.tolist()) == (2, [2.0] * 8)
+    # The slot's old bytes are half overwritten: version 1 must not be served.
+    with pytest.raises(VersionUnavailableError), reader.read(1):
+        pass
+    assert seg.write(_filled(3)) == 3
+    with reader.read(3) as s3:
+        assert s3.array.tolist() == [3.0] * 8
+
+
+def test_loans_do_not_nest_and_write_is_refused_inside_one(made):
+    seg = _create(made)
+    with seg.loan() as arr:
+        arr[:] = 1.0
+        with pytest.raises(LayoutError), seg.loan():
+            pass
+        with pytest.raises(LayoutError):
+            seg.write(_filled(9))
+    assert seg.version == 1
+    assert seg.latest().array.tolist() == [1.0] * 8
+
+
+# ------------------------------------------------------------------ versions in the ring
+
+
+def test_older_versions_are_readable_while_in_the_ring(made):
+    seg = _create(made, slots=3)
+    reader = _attach(made)
+    for v in (1, 2, 3):
+        seg.write(_filled(v))
+    for v in (1, 2, 3):
+        with reader.read(v) as snap:
+            assert snap.version == v
+            assert snap.array.tolist() == [float(v)] * 8
+    seg.write(_filled(4))  # takes the slot of version 1
+    with pytest.raises(VersionUnavailableError) as info, reader.read(1):
+        pass
+    assert (info.value.version, info.value.latest) == (1, 4)
+    for v in (2, 3, 4):
+        with reader.read(v) as snap:
+            assert snap.array.tolist() == [float(v)] * 8
+
+
+@pytest.mark.parametrize("version", [0, -1, 3, 100])
+def test_versions_never_published_are_unavailable(made, version):
+    seg = _create(made)
+    seg.write(_filled(1))
+    seg.write(_filled(2))
+    with pytest.raises(VersionUnavailableError), _attach(made).read(version):
+        pass
+
+
+def test_no_version_yet(made):
+    seg = _create(made)
+    reader = _attach(made)
+    for handle in (seg, reader):
+        with pytest.raises(NoVersionError), handle.read():
+            pass
+        with pytest.raises(NoVersionError), handle.read(1):
+            pass
+        with pytest.raises(NoVersionError):
+            handle.latest()
+
+
+def test_latest_is_a_validated_private_copy(made):
+    seg = _create(made)
+    reader = _attach(made)
+    seg.write(_filled(1))
+    seg.write(_filled(2))
+    snap = reader.latest()
+    assert snap.version == 2
+    assert snap.array.tolist() == [2.0] * 8
+    assert snap.array.flags.owndata
+    assert snap.timestamp_ns == reader.info().timestamp_ns
+    for v in (3, 4, 5):  # the writer laps every slot: the copy does not change
+        seg.write(_filled(v))
+    assert snap.array.tolist() == [2.0] * 8
+    assert reader.latest().version == 5
+
+
+# ------------------------------------------------------------------------ properties
+
+
+def test_properties_and_info(made, namespace):
+    dt = np.dtype([("a", "<u2"), ("b", ">f4")])
+    seg = _create(made, "props", dt, (3, 5), slots=4)
+    reader = _attach(made, "props")
+    seg.write(np.zeros((3, 5), dt))
+    for handle in (seg, reader):
+        assert handle.name == "props"
+        assert handle.namespace == namespace
+        assert handle.path == shm_path(namespace, "props")
+        assert handle.dtype == dt
+        assert handle.shape == (3, 5)
+        assert handle.slots == 4
+        assert handle.nbytes == 15 * dt.itemsize == 90
+        assert handle.version == 1
+    assert seg.writable
+    assert not reader.writable
+    info = reader.info()
+    assert (info.name, info.namespace, info.shape, info.slots) == ("props", namespace, (3, 5), 4)
+    assert info.version == 1
+    assert info.writer_pid == os.getpid()
+    assert info.writer_alive
+    assert info.epoch == seg.epoch
+    assert info.size == os.stat(seg.path).st_size
+    assert info.size >= 4 * 90
+
+
+def test_scalar_shape_and_subarray_dtype_are_normalised(made):
+    seg = _create(made, "one", "<i4", 5)
+    assert seg.shape == (5,)
+    sub = _create(made, "sub", np.dtype(("<f4", (2, 3))), (4,))
+    assert (sub.dtype, sub.shape) == (np.dtype("<f4"), (4, 2, 3))
+    assert sub.nbytes == math.prod((4, 2, 3)) * 4
+
+
+# --------------------------------------------------------------------------- closing
+
+
+def test_close_is_idempotent_and_reported(made):
+    seg = _create(made)
+    reader = _attach(made)
+    seg.write(_filled(1))
+    for handle in (reader, seg):
+        assert not handle.closed
+        handle.close()
+        assert handle.closed
+        handle.close()
+        assert handle.closed
+        with pytest.raises(ClosedError):
+            _ = handle.version
+        with pytest.raises(ClosedError), handle.read():
+            pass
+        with pytest.raises(ClosedError):
+            handle.latest()
+    with pytest.raises(ClosedError):
+        seg.write(_filled(2))
+    assert "closed" in repr(seg)
+
+
+def test_context_manager_closes(namespace):
+    try:
+        with Segment.create("cm", "<f8", (8,)) as seg:
+            seg.write(_filled(1))
+            with Segment.attach("cm") as reader:
+                assert reader.latest().version == 1
+            assert reader.closed
+            assert not seg.closed
+        assert seg.closed
+        # The lease went with the handle: a new writer may take over.
+        with Segment.attach("cm", writable=True) as again:
+            assert again.write(_filled(2)) == 2
+    finally:
+        Segment.remove("cm", namespace=namespace)
+
+
+def test_unlink_removes_the_name_but_not_the_mappings(made, namespace):
+    seg = _create(made)
+    reader = _attach(made)
+    seg.write(_filled(1))
+    assert os.path.exists(shm_path(namespace, "s"))
+    seg.unlink()
+    assert not os.path.exists(shm_path(namespace, "s"))
+    assert Segment.list(namespace) == []
+    with pytest.raises(SegmentNotFoundError):
+        Segment.attach("s")
+    seg.write(_filled(2))  # handles keep working on the unlinked object
+    assert reader.latest().array.tolist() == [2.0] * 8
+    seg.unlink()  # unlinking twice is harmless
+    assert not Segment.remove("s", namespace=namespace)
+
+
+def test_list_names_the_segments_of_one_namespace(made, namespace, monkeypatch):
+    assert Segment.list(namespace) == []
+    for name in ("zeta", "alpha", "mid.dle"):
+        _create(made, name)
+    assert Segment.list(namespace) == ["alpha", "mid.dle", "zeta"]
+    assert Segment.list() == ["alpha", "mid.dle", "zeta"]  # from SHMCAST_NAMESPACE
+    other = namespace + "x"
+    assert Segment.list(other) == []
+    _create(made, "elsewhere", namespace=other)
+    assert Segment.list(other) == ["elsewhere"]
+    assert "elsewhere" not in Segment.list(namespace)
+
+
+# ------------------------------------------------------------------------ namespaces
+
+
+def test_namespace_none_uses_the_environment(made, namespace):
+    seg = _create(made, "envns")
+    assert seg.namespace == namespace
+    assert seg.path == shm_path(namespace, "envns")
+    assert os.path.exists(shm_path(namespace, "envns"))
+    assert _attach(made, "envns").namespace == namespace
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_namespace_defaults_to_default(monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv("SHMCAST_NAMESPACE", raising=False)
+    else:
+        monkeypatch.setenv("SHMCAST_NAMESPACE", value)
+    name = f"t{os.getpid()}-{time.monotonic_ns()}"
+    seg = Segment.create(name, "<f8", (8,))
+    try:
+        assert seg.namespace == "default"
+        assert seg.path == shm_path("default", name)
+        assert name in Segment.list("default")
+        assert name in Segment.list()
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+BAD_SEGMENT_NAMES = ["", ".hidden", "a/b", "a b", "x" * 129, "é", "a\0b", "../x", 5, None]
+BAD_NAMESPACES = ["", "a.b", "a/b", "x" * 49, "sp ace", "..", 3]
+
+
+@pytest.mark.parametrize("name", BAD_SEGMENT_NAMES)
+def test_bad_segment_names_are_refused(namespace, name):
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(InvalidNameError) as info:
+        Segment.create(name, "<f8", (8,))
+    assert repr(name) in str(info.value)
+    with pytest.raises(InvalidNameError):
+        Segment.attach(name)
+    with pytest.raises(InvalidNameError):
+        Segment.remove(name)
+    assert set(os.listdir("/dev/shm")) == before
+
+
+@pytest.mark.parametrize("ns", BAD_NAMESPACES)
+def test_bad_namespaces_are_refused(ns, monkeypatch):
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(InvalidNameError) as info:
+        Segment.create("ok", "<f8", (8,), namespace=ns)
+    assert repr(ns) in str(info.value)
+    with pytest.raises(InvalidNameError):
+        Segment.attach("ok", namespace=ns)
+    with pytest.raises(InvalidNameError):
+        Segment.list(ns)
+    if isinstance(ns, str) and ns:
+        monkeypatch.setenv("SHMCAST_NAMESPACE", ns)
+        with pytest.raises(InvalidNameError):
+            Segment.create("ok", "<f8", (8,))
+    assert set(os.listdir("/dev/shm")) == before
+
+
+def test_longest_valid_names_work(made):
+    name = "a" * 128
+    seg = Segment.create(name, "<f8", (8,), namespace="n" * 48)
+    made.append(seg)
+    assert Segment.list("n" * 48) == [name]
+
+
+@pytest.mark.parametrize("slots", [0, 1, 65, 2.5, "2"])
+def test_bad_slot_counts_are_refused(namespace, slots):
+    with pytest.raises(LayoutError, match="slots"):
+        Segment.create("s", "<f8", (8,), slots=slots)
+    assert Segment.list(namespace) == []
+
+
+# ------------------------------------------------------------------ the error tree
+
+
+def _error_classes() -> list[type[BaseException]]:
+    classes = {
+        obj
+        for mod in (broker, broker.errors)
+        for obj in vars(mod).values()
+        if isinstance(obj, type) and issubclass(obj, BaseException)
+    }
+    return sorted(classes, key=lambda c: c.__name__)
+
+
+@pytest.mark.parametrize("cls", _error_classes(), ids=lambda c: c.__name__)
+def test_every_error_derives_from_shmcasterror(cls):
+    assert issubclass(cls, ShmcastError)
+
+
+def test_every_error_is_exported_from_broker():
+    assert set(broker.errors.__all__) <= set(broker.__all__)
+    for name in broker.errors.__all__:
+        assert getattr(broker, name) is getattr(broker.errors, name)
+
+
+# ------------------------------------------------------------------------- __all__
+
+
+def _ruff_key(name: str) -> tuple[int, str]:
+    """Ruff's RUF022 ("isort-style") order: CONSTANTS, then Classes, then functions."""
+    if name.isupper():
+        return (0, name)
+    if name[:1].isupper():
+        return (1, name)
+    return (2, name)
+
+
+@pytest.mark.parametrize("package", ["broker", "publisher", "subscriber"])
+def test_dunder_all_is_sorted_and_matches_the_public_names(package):
+    try:
+        mod = importlib.import_module(package)
+    except ImportError as exc:
+        pytest.skip(f"{package} does not import yet: {exc}")
+    if getattr(mod, "__file__", None) is None:
+        pytest.skip(f"{package} has no __init__.py yet")
+    exported = list(mod.__all__)
+    assert exported == sorted(exported, key=_ruff_key), "__all__ is not in ruff's order"
+    assert len(set(exported)) == len(exported), "__all__ repeats a name"
+    public = {
+        name
+        for name, value in vars(mod).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert set(exported) == public
