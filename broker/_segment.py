@@ -888,6 +888,14 @@ def _read_layout(
     except (ValueError, SyntaxError, TypeError, UnicodeDecodeError, MemoryError) as exc:
         raise NotASegmentError(name, path, f"unreadable dtype ({exc})") from exc
     shape = tuple(w[W_SHAPE : W_SHAPE + ndim])
+    # The layout must be one that create() accepts as is: no Python objects, no
+    # empty arrays, no sub-array dtype left unfolded (views are built from it).
+    try:
+        canonical = normalize_layout(dt, shape)
+    except LayoutError as exc:
+        raise NotASegmentError(name, path, f"impossible layout ({exc})") from exc
+    if canonical != (dt, shape):
+        raise NotASegmentError(name, path, f"layout {dt} {shape} is not in canonical form")
     if math.prod(shape) * dt.itemsize != nbytes:
         raise NotASegmentError(name, path, "dtype and shape do not add up to the slot size")
     return dt, shape, size

@@ -1,0 +1,520 @@
+"""The rules of DESIGN.md that a segment must keep (issue 2, part 2).
+
+Each test breaks if its rule is broken: pages reserved up front, read-only
+readers, no resource tracker, clean refusal of foreign objects, views that
+outlive close(), a writer lease the kernel releases, owner-only modes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from broker import (
+    LayoutVersionError,
+    NotASegmentError,
+    Segment,
+    WriterBusyError,
+    segment_size,
+)
+from broker._names import shm_path
+
+from ._seg_util import (
+    ROOT,
+    kill,
+    mappings_of,
+    poll_until,
+    process_state,
+    read_line,
+    run_python,
+    worker,
+    write_file,
+)
+
+
+@pytest.fixture
+def removed(namespace: str) -> Iterator[list[str]]:
+    """Segment names to remove from the test's namespace afterwards, whatever happened."""
+    names: list[str] = []
+    try:
+        yield names
+    finally:
+        for name in names:
+            Segment.remove(name, namespace=namespace)
+
+
+def _publish(name: str, values: np.ndarray, *, slots: int = 2) -> None:
+    """Create ``name``, publish ``values`` as version 1 and let go of the writer lease."""
+    with Segment.create(name, values.dtype, values.shape, slots=slots) as seg:
+        seg.write(values)
+
+
+# ------------------------------------------------------------- (a) posix_fallocate
+
+
+def _unshare_problem() -> str | None:
+    if shutil.which("unshare") is None:
+        return "the unshare command is not installed"
+    probe = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if probe.returncode != 0:
+        return f"cannot mount a private tmpfs on /dev/shm here: {probe.stderr.strip()}"
+    return None
+
+
+_SMALL_TMPFS_CHILD = """
+import json, os
+import numpy as np
+from broker import Segment, ShmSpaceError
+from broker._names import shm_path
+
+def free():
+    st = os.statvfs("/dev/shm")
+    return st.f_bavail * st.f_frsize
+
+ns = os.environ["SHMCAST_NAMESPACE"]
+out = {"total": os.statvfs("/dev/shm").f_blocks * os.statvfs("/dev/shm").f_frsize}
+small = Segment.create("small", "<f8", (1 << 20,))
+data = np.arange(1 << 20, dtype="<f8")
+small.write(data)
+out["free_before"] = free()
+try:
+    big = Segment.create("big", "u1", (50_000_000,))
+except ShmSpaceError as exc:
+    out.update(error=str(exc), needed=exc.needed, free=exc.free)
+else:
+    out["error"] = None
+    big.close()
+    big.unlink()
+out["free_after"] = free()
+out["listed"] = Segment.list(ns)
+out["big_exists"] = os.path.exists(shm_path(ns, "big"))
+with Segment.attach("small") as reader:
+    out["small_intact"] = bool(np.array_equal(reader.latest().array, data))
+    small.write(data[::-1].copy())  # the small segment's pages still work
+    out["small_writes"] = bool(np.array_equal(reader.latest().array, data[::-1]))
+small.close()
+small.unlink()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.root
+def test_segment_that_does_not_fit_is_a_clear_error(namespace):
+    problem = _unshare_problem()
+    if problem:
+        pytest.skip(problem)
+    proc = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            'mount -t tmpfs -o size=64m tmpfs /dev/shm && exec "$0" -c "$1"',
+            sys.executable,
+            _SMALL_TMPFS_CHILD,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    # ftruncate alone would "succeed" and the first write would die of SIGBUS (-7).
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["total"] == 64 << 20
+    needed = segment_size(50_000_000, 2)
+    assert needed > 100_000_000
+    assert out["error"] is not None, "creating ~100 MB on a 64 MB /dev/shm did not fail"
+    message = out["error"]
+    assert out["needed"] == needed
+    assert str(needed) in message
+    assert f"{needed / 2**20:.1f} MiB" in message
+    assert abs(out["free"] - out["free_before"]) <= 1 << 20
+    assert f"{out['free'] / 2**20:.1f} MiB" in message
+    assert "--shm-size" in message
+    assert "'big'" in message
+    # Nothing left behind: no object, and the pages the attempt took are back.
+    assert not out["big_exists"]
+    assert out["listed"] == ["small"]
+    assert out["free_after"] == out["free_before"]
+    assert out["small_intact"]
+    assert out["small_writes"]
+
+
+# ------------------------------------------------------------ (b) read-only readers
+
+
+_READER_CHILD = """
+import sys
+from broker import Segment
+seg = Segment.attach("ro")
+with seg.read() as snap:
+    arr = snap.array
+    for attempt in ("arr[0] = -1.0", "arr.fill(-1.0)", "arr.flags.writeable = True"):
+        try:
+            exec(attempt)
+        except ValueError:
+            pass
+        else:
+            sys.exit(f"{attempt} did not raise")
+    copy = seg.latest().array
+    copy[:] = -1.0  # a private copy is the reader's own to change
+print("READY", flush=True)
+sys.stdin.read()
+seg.close()
+"""
+
+
+def test_readers_map_the_object_read_only(namespace, removed):
+    removed.append("ro")
+    data = np.arange(64, dtype="<f8")
+    _publish("ro", data)
+    path = shm_path(namespace, "ro")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _READER_CHILD],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert read_line(proc, 30) == "READY"
+        perms = mappings_of(proc.pid, path)
+        assert perms, f"the reader has no mapping of {path}"
+        assert all(p == "r--s" for p in perms), perms
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        kill(proc)
+    with Segment.attach("ro") as reader:
+        snap = reader.latest()
+        assert snap.version == 1
+        assert np.array_equal(snap.array, data)
+
+
+def test_a_readers_array_cannot_be_written_in_process(namespace, removed):
+    removed.append("ro")
+    data = np.arange(64, dtype="<f8")
+    _publish("ro", data)
+    with Segment.attach("ro") as reader, reader.read() as snap:
+        with pytest.raises(ValueError, match="read-only"):
+            snap.array[:] = 0
+        with pytest.raises(ValueError, match="read-only"):
+            np.copyto(snap.array, 0.0)
+        with pytest.raises(ValueError, match="WRITEABLE"):
+            snap.array.setflags(write=True)
+        with pytest.raises(TypeError, match="read-only"):
+            memoryview(snap.array)[0] = 0.0
+        assert np.array_equal(snap.array, data)
+
+
+# ------------------------------------------------------- (c) no resource tracker
+
+
+_ATTACH_AND_EXIT = """
+import multiprocessing.resource_tracker as rt
+import numpy as np
+from broker import Segment
+rt.ensure_running()  # a tracker that would unlink whatever got registered with it
+seg = Segment.attach("kept")
+print(float(seg.latest().array.sum()))
+{close}
+"""
+
+
+@pytest.mark.parametrize("close", ["seg.close()", "pass"], ids=["closes", "just-exits"])
+def test_reader_process_exiting_leaves_the_segment_alive(namespace, removed, close):
+    removed.append("kept")
+    data = np.arange(1000, dtype="<f8")
+    _publish("kept", data)
+    path = shm_path(namespace, "kept")
+    inode = os.stat(path).st_ino
+    for _ in range(2):
+        proc = run_python(_ATTACH_AND_EXIT.format(close=close), timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert float(proc.stdout.strip()) == float(data.sum())
+        assert "resource_tracker" not in proc.stderr
+        assert "leaked" not in proc.stderr
+        assert proc.stderr == ""
+        assert os.stat(path).st_ino == inode
+    with Segment.attach("kept") as reader:
+        assert np.array_equal(reader.latest().array, data)
+
+
+# ------------------------------------------------------------- (d) foreign objects
+
+# Byte offsets of the header fields, from the layout spec in broker/_segment.py.
+OFF_MAGIC, OFF_LAYOUT, OFF_HSIZE, OFF_SLOTS, OFF_STRIDE, OFF_NBYTES = 0, 8, 16, 24, 32, 40
+OFF_DESCR_LEN, OFF_NDIM, OFF_SHAPE, OFF_DESCR = 104, 112, 120, 256
+
+
+def _template(namespace: str) -> bytes:
+    """The bytes of a real segment ('<f8', shape (4,), two slots) with one version."""
+    with Segment.create("template", "<f8", (4,)) as seg:
+        seg.write(np.arange(4, dtype="<f8"))
+        with open(seg.path, "rb") as f:
+            raw = f.read()
+        seg.unlink()
+    return raw
+
+
+def _u64(raw: bytes, off: int, value: int) -> bytes:
+    return raw[:off] + value.to_bytes(8, "little") + raw[off + 8 :]
+
+
+def _descr(raw: bytes, text: bytes) -> bytes:
+    raw = raw[:OFF_DESCR] + text + raw[OFF_DESCR + len(text) :]
+    return _u64(raw, OFF_DESCR_LEN, len(text))
+
+
+BROKEN = {
+    "random-bytes": lambda raw: b"\x5a" + os.urandom(len(raw) - 1),
+    "wrong-magic": lambda raw: b"SHMCAST\x01" + raw[8:],
+    "zero-page-then-garbage": lambda raw: bytes(8) + os.urandom(len(raw) - 8),
+    "empty": lambda raw: b"",
+    "tiny": lambda raw: raw[:100],
+    "header-only": lambda raw: raw[:4096],
+    "truncated-slot": lambda raw: raw[:-1],
+    "grown": lambda raw: raw + bytes(4096),
+    "slots-0": lambda raw: _u64(raw, OFF_SLOTS, 0),
+    "slots-1": lambda raw: _u64(raw, OFF_SLOTS, 1),
+    "slots-huge": lambda raw: _u64(raw, OFF_SLOTS, 2**63),
+    "slots-3": lambda raw: _u64(raw, OFF_SLOTS, 3),
+    "header-size": lambda raw: _u64(raw, OFF_HSIZE, 8192),
+    "stride": lambda raw: _u64(raw, OFF_STRIDE, 2**40),
+    "nbytes-huge": lambda raw: _u64(raw, OFF_NBYTES, 2**62),
+    "nbytes-mismatch": lambda raw: _u64(raw, OFF_NBYTES, 48),
+    "ndim-17": lambda raw: _u64(raw, OFF_NDIM, 17),
+    "ndim-huge": lambda raw: _u64(raw, OFF_NDIM, 2**64 - 1),
+    "shape-wrong": lambda raw: _u64(raw, OFF_SHAPE, 5),
+    "shape-zero": lambda raw: _u64(_u64(raw, OFF_SHAPE, 0), OFF_NBYTES, 0),
+    "shape-overflow": lambda raw: _u64(_u64(raw, OFF_NDIM, 2), OFF_SHAPE + 8, 2**63),
+    "descr-len-0": lambda raw: _u64(raw, OFF_DESCR_LEN, 0),
+    "descr-len-huge": lambda raw: _u64(raw, OFF_DESCR_LEN, 2**40),
+    "descr-not-ascii": lambda raw: _descr(raw, b"'\xff\xfe'"),
+    "descr-not-literal": lambda raw: _descr(raw, b"__import__('os')"),
+    "descr-not-dtype": lambda raw: _descr(raw, b"{'a': 1}"),
+    "descr-int": lambda raw: _descr(raw, b"7"),
+    "descr-nested": lambda raw: _descr(raw, b"[" * 1000),
+    "descr-other-size": lambda raw: _descr(raw, b"'<f4'"),
+    "descr-object": lambda raw: _descr(raw, b"'|O'"),
+    "descr-object-field": lambda raw: _descr(raw, b"[('a', '|O')]"),
+    "descr-void-0": lambda raw: _u64(_descr(raw, b"'|V0'"), OFF_NBYTES, 0),
+    "descr-subarray": lambda raw: _u64(_descr(raw, b"('<f8', (4,))"), OFF_SHAPE, 1),
+}
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("how", list(BROKEN), ids=list(BROKEN))
+@pytest.mark.parametrize("writable", [False, True], ids=["reader", "writer"])
+def test_objects_that_are_not_segments_are_refused_cleanly(namespace, how, writable):
+    raw = BROKEN[how](_template(namespace))
+    path = shm_path(namespace, "bogus")
+    write_file(path, raw)
+    try:
+        fds = _open_fds()
+        with pytest.raises(NotASegmentError) as info:
+            Segment.attach("bogus", writable=writable, wait=0.05).close()
+        assert path in str(info.value)
+        assert info.value.segment == "bogus"
+        assert _open_fds() == fds, "a refused attach leaked a file descriptor"
+        with open(path, "rb") as f:
+            assert f.read() == raw, "a refused attach changed the object"
+    finally:
+        os.unlink(path)
+
+
+@pytest.mark.parametrize("layout", [0, 2, 2**64 - 1])
+def test_other_layout_versions_are_refused(namespace, layout):
+    raw = _u64(_template(namespace), OFF_LAYOUT, layout)
+    path = shm_path(namespace, "future")
+    write_file(path, raw)
+    try:
+        fds = _open_fds()
+        with pytest.raises(LayoutVersionError) as info:
+            Segment.attach("future").close()
+        assert (info.value.found, info.value.supported) == (layout, 1)
+        assert str(layout) in str(info.value)
+        assert _open_fds() == fds
+    finally:
+        os.unlink(path)
+
+
+def test_the_template_itself_attaches(namespace):
+    """The crafted objects above are broken by what each changes, not by the template."""
+    path = shm_path(namespace, "fine")
+    write_file(path, _template(namespace))
+    try:
+        with Segment.attach("fine") as seg:
+            snap = seg.latest()
+            assert (seg.dtype, seg.shape, snap.version) == (np.dtype("<f8"), (4,), 1)
+            assert snap.array.tolist() == [0.0, 1.0, 2.0, 3.0]
+    finally:
+        os.unlink(path)
+
+
+# --------------------------------------------------------- (e) close with live views
+
+
+_CLOSE_WITH_VIEWS = """
+import gc, json, os
+import numpy as np
+from broker import Segment
+
+def mapped(path):
+    with open("/proc/self/maps") as f:
+        return sum(path in line for line in f)
+
+w = Segment.create("views", "<f8", (1000,), slots=3)
+path = w.path
+w.write(np.arange(1000, dtype="<f8"))
+w.write(np.full(1000, 2.0))
+r = Segment.attach("views")
+with r.read(1) as s:
+    a1 = s.array
+with r.read() as s:
+    a2 = s.array
+with w.read() as s:
+    mine = s.array
+with w.loan() as loaned:
+    loaned[:] = 3.0
+every_tenth = a1[::10]
+r.close()
+w.close()
+w.unlink()
+gc.collect()
+out = {"closed": [r.closed, w.closed], "mapped_while_views_live": mapped(path)}
+loaned[:] = 4.0  # writing through a loan kept past close() must not crash either
+out["sums"] = [float(x.sum()) for x in (a1, a2, mine, loaned, every_tenth)]
+del a1, a2, mine, loaned, every_tenth, s
+gc.collect()
+out["mapped_after_views_died"] = mapped(path)
+print(json.dumps(out))
+"""
+
+
+def test_closing_with_live_views_never_crashes(namespace, removed):
+    removed.append("views")
+    proc = run_python(_CLOSE_WITH_VIEWS, timeout=60)
+    # A view over an unmapped segment dies of SIGSEGV: returncode -11.
+    assert proc.returncode == 0, f"child died with {proc.returncode}:\n{proc.stderr}"
+    assert proc.stderr == ""
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["closed"] == [True, True]
+    assert out["sums"] == [499500.0, 2000.0, 2000.0, 4000.0, float(sum(range(0, 1000, 10)))]
+    assert out["mapped_while_views_live"] >= 1
+    assert out["mapped_after_views_died"] == 0, "the mapping outlived every view"
+
+
+# ---------------------------------------------------------- (f) the writer lease
+
+
+def test_header_names_the_writer_and_the_kernel_frees_its_lease(namespace, removed):
+    removed.append("lease")
+    _publish("lease", np.full(16, 1.0))
+    holder = worker("hold", "lease")
+    try:
+        line = read_line(holder, 30)
+        assert line == f"READY {holder.pid}"
+        with Segment.attach("lease") as reader:
+            info = reader.info()
+            assert info.writer_pid == holder.pid
+            assert info.writer_alive
+            assert reader.writer_alive()
+            with pytest.raises(WriterBusyError) as busy:
+                Segment.attach("lease", writable=True)
+            assert busy.value.pid == holder.pid
+            assert str(holder.pid) in str(busy.value)
+
+            holder.send_signal(signal.SIGKILL)
+            # Not reaped yet: the pid still exists (a zombie with the same start
+            # time), so only the kernel's release of the flock can say it is dead.
+            poll_until(lambda: not reader.writer_alive(), 10, "the lease to be released")
+            assert process_state(holder.pid) == "Z"
+            assert reader.info().writer_pid == holder.pid
+            assert not reader.info().writer_alive
+
+            with Segment.attach("lease", writable=True) as heir:
+                assert heir.info().writer_pid == os.getpid()
+                assert reader.writer_alive()
+                assert heir.write(np.full(16, 2.0)) == 2
+            assert reader.latest().array.tolist() == [2.0] * 16
+            assert not reader.writer_alive()
+    finally:
+        kill(holder)
+
+
+def test_a_second_writer_in_another_process_is_refused(namespace, removed):
+    removed.append("lease")
+    with Segment.create("lease", "<f8", (16,)) as seg:
+        seg.write(np.full(16, 1.0))
+        code = textwrap.dedent(
+            """
+            from broker import Segment, WriterBusyError
+            try:
+                Segment.attach("lease", writable=True)
+            except WriterBusyError as exc:
+                print(exc.pid)
+            """
+        )
+        proc = run_python(code, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == str(os.getpid())
+        assert seg.version == 1
+    # The lease went with close(): now the same child becomes the writer.
+    proc = run_python(
+        'from broker import Segment\nSegment.attach("lease", writable=True).close()', timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------------ (g) modes
+
+
+def _mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o077, 0o777])
+def test_objects_are_owner_only_by_default(namespace, removed, umask):
+    removed.append("m")
+    old = os.umask(umask)
+    try:
+        with Segment.create("m", "<f8", (8,)) as seg:
+            assert _mode(seg.path) == 0o600
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o644, 0o660, 0o400])
+@pytest.mark.parametrize("umask", [0o000, 0o077, 0o777])
+def test_mode_is_honoured_regardless_of_umask(namespace, removed, mode, umask):
+    removed.append("m")
+    old = os.umask(umask)
+    try:
+        with Segment.create("m", "<f8", (8,), mode=mode) as seg:
+            assert _mode(seg.path) == mode
+            assert seg.write(np.ones(8)) == 1
+    finally:
+        os.umask(old)
