@@ -1,0 +1,90 @@
+"""``shmcast``: the command line, a thin layer over the libraries.
+
+Each subcommand lives in its own module exposing ``HELP`` (one line),
+``EXAMPLES`` (shown by ``--help``), ``configure(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from .errors import ShmcastError
+
+#: (command, module) in the order ``shmcast --help`` lists them.
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("broker", "broker._cmd_broker"),
+    ("publish", "publisher._cli"),
+    ("subscribe", "subscriber._cli"),
+    ("ls", "broker._cmd_ls"),
+    ("demo", "broker._demo"),
+)
+
+EPILOG = """\
+examples:
+  shmcast demo --duration 20           everything on one machine, no configuration
+  shmcast broker &                     the data server of namespace 'default'
+  shmcast publish frames --source frames --rate 100
+  shmcast subscribe frames --stats --metrics-port 9101
+  shmcast ls
+
+Every command takes --namespace (default: $SHMCAST_NAMESPACE, else 'default').
+"""
+
+
+def _modules() -> list[tuple[str, ModuleType]]:
+    return [(name, importlib.import_module(mod)) for name, mod in COMMANDS]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shmcast",
+        description="Real-time pub/sub of numpy arrays through shared memory.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in _modules():
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=module.HELP,
+            epilog=module.EXAMPLES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "--namespace",
+            "-n",
+            default=None,
+            help="namespace of segments and broker (default: $SHMCAST_NAMESPACE, else 'default')",
+        )
+        p.add_argument(
+            "--log-level",
+            default="WARNING",
+            choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+            help="logging verbosity on stderr (default: WARNING)",
+        )
+        module.configure(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``shmcast`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    try:
+        return int(args._run(args))
+    except ShmcastError as exc:
+        print(f"shmcast {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,76 @@
+"""``shmcast broker``: run the data server of a namespace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from typing import Any
+
+import zmq
+
+from ._broker import Broker
+from ._config import resolve_config
+from .errors import ConfigError
+
+HELP = "run the broker: owns the namespace's segments, serves the control API, announces versions"
+EXAMPLES = """\
+examples:
+  shmcast broker                                  ipc endpoints in the runtime dir, no config
+  shmcast broker --metrics-port 9100              Prometheus metrics on 127.0.0.1:9100
+  shmcast broker --config configs/broker.toml     endpoints, permissions, declared segments
+  shmcast broker --events tcp://127.0.0.1:5556    announcements over TCP (loopback)
+
+It prints one line 'shmcast broker ready: {json}' with its endpoints when serving.
+SIGTERM/SIGINT: shut down and unlink the namespace's segments.
+A restarted broker adopts the valid segments a crashed one left behind.
+"""
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (see configs/broker.toml)")
+    p.add_argument("--control", metavar="ENDPOINT", help="control endpoint (ROUTER)")
+    p.add_argument("--events", metavar="ENDPOINT", help="announcement endpoint (PUB)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
+    p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (default 127.0.0.1)")
+    p.add_argument("--heartbeat", type=float, metavar="S", help="heartbeat interval (0.5)")
+    p.add_argument("--mode", metavar="OCTAL", help="permissions of segments (default 0600)")
+    p.add_argument("--group", metavar="NAME", help="group owning segments and sockets")
+
+
+def run(args: argparse.Namespace) -> int:
+    flags: dict[str, Any] = {
+        "namespace": args.namespace,
+        "control": args.control,
+        "events": args.events,
+        "metrics_port": args.metrics_port,
+        "metrics_host": args.metrics_host,
+        "heartbeat_interval": args.heartbeat,
+        "mode": args.mode,
+        "group": args.group,
+    }
+    try:
+        config = resolve_config(flags, config_file=args.config)
+    except ConfigError as exc:
+        print(f"shmcast broker: error: {exc}", file=sys.stderr)
+        return 2
+    broker = Broker(config)
+
+    def on_signal(signum: int, frame: object) -> None:
+        broker.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def on_ready(info: dict[str, Any]) -> None:
+        print(f"shmcast broker ready: {json.dumps(info)}", flush=True)
+
+    try:
+        broker.run(on_ready=on_ready)
+    except zmq.ZMQError as exc:
+        print(f"shmcast broker: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

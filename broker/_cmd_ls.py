@@ -1,0 +1,108 @@
+"""``shmcast ls``: the catalog of a namespace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from ._names import resolve_namespace
+from ._protocol import ControlClient, Endpoints
+from ._segment import Segment
+from .errors import BrokerUnavailableError, ShmcastError
+
+HELP = "list a namespace's segments: dtype, shape, slots, version, rate, age"
+EXAMPLES = """\
+examples:
+  shmcast ls                         the catalog of namespace 'default' (from its broker)
+  shmcast ls --json                  the same as JSON
+  shmcast ls -n beamline --interval 1
+
+Without a live broker it reads the segments' headers in /dev/shm directly.
+"""
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--broker", metavar="ENDPOINT", help="broker control endpoint")
+    p.add_argument(
+        "--interval", type=float, default=0.5, help="seconds to sample for the rate (0: skip)"
+    )
+
+
+def catalog(namespace: str, broker: str | None, timeout: float = 1.0) -> tuple[str, list[Any]]:
+    """``(source, segments)`` from the broker, or from /dev/shm if none answers."""
+    endpoint = broker or Endpoints.default(namespace).control
+    try:
+        with ControlClient(endpoint, timeout=timeout) as client:
+            return "broker", list(client.request("list")["segments"])
+    except BrokerUnavailableError:
+        pass
+    rows = []
+    for name in Segment.list(namespace):
+        try:
+            with Segment.attach(name, namespace=namespace, prefault=False, wait=0) as seg:
+                info = seg.info()
+        except ShmcastError as exc:
+            rows.append({"name": name, "error": str(exc)})
+            continue
+        rows.append(
+            {
+                "name": info.name,
+                "dtype": info.dtype,
+                "shape": list(info.shape),
+                "slots": info.slots,
+                "nbytes": info.nbytes,
+                "size": info.size,
+                "version": info.version,
+                "ts": info.timestamp_ns,
+                "writer_pid": info.writer_pid,
+                "writer_alive": info.writer_alive,
+                "source": "local",
+            }
+        )
+    return "shm", rows
+
+
+def run(args: argparse.Namespace) -> int:
+    ns = resolve_namespace(args.namespace)
+    source, rows = catalog(ns, args.broker)
+    if args.interval > 0 and rows:
+        time.sleep(args.interval)
+        _, later = catalog(ns, args.broker)
+        after = {r["name"]: r.get("version", 0) for r in later}
+        for r in rows:
+            r["rate"] = round((after.get(r["name"], 0) - r.get("version", 0)) / args.interval, 1)
+    now = time.time_ns()
+    for r in rows:
+        ts = r.get("ts") or 0
+        r["age"] = round((now - ts) / 1e9, 3) if ts else None
+    if args.json:
+        print(json.dumps({"namespace": ns, "from": source, "segments": rows}))
+        return 0
+    if not rows:
+        print(f"namespace {ns!r}: no segments ({'broker' if source == 'broker' else 'no broker'})")
+        return 0
+    header = ("SEGMENT", "DTYPE", "SHAPE", "SLOTS", "VERSION", "RATE/s", "AGE s", "SOURCE")
+    table = [header]
+    for r in rows:
+        dtype = str(r.get("dtype", "?"))
+        table.append(
+            (
+                r["name"],
+                dtype if len(dtype) <= 24 else dtype[:21] + "...",
+                "x".join(str(n) for n in r.get("shape", [])),
+                str(r.get("slots", "?")),
+                str(r.get("version", "?")),
+                "" if r.get("rate") is None else str(r["rate"]),
+                "" if r.get("age") is None else f"{r['age']:.3f}",
+                str(r.get("source", r.get("error", ""))),
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    if source != "broker":
+        print(f"(no broker answered for namespace {ns!r}: read from /dev/shm)")
+    return 0

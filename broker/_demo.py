@@ -1,0 +1,185 @@
+"""``shmcast demo``: the whole system on one machine, with no configuration.
+
+A broker, the ``ticks`` and ``frames`` feeds, and three analytics subscribers
+(each with its own Prometheus endpoint), as real processes; a live table; and
+a clean exit (nothing left in /dev/shm) on Ctrl-C or when the time is up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+import urllib.request
+from typing import Any
+
+from ._names import resolve_namespace
+from ._process import BROKER_READY, PUBLISH_READY, SUBSCRIBE_READY, ShmcastProcess, start
+from ._protocol import ControlClient
+from ._segment import Segment
+from .errors import ShmcastError
+
+HELP = "run a broker, two feeds and three analytics subscribers, with a live table"
+EXAMPLES = """\
+examples:
+  shmcast demo                      30 seconds, then a clean exit
+  shmcast demo --duration 0         until Ctrl-C
+  shmcast demo -n mydemo --tick-rate 5000 --frame-rate 200
+
+Prints the Prometheus URLs of the broker and of each subscriber at start.
+"""
+
+SUBSCRIBERS = (
+    ("strategy", ["ticks"], "events"),
+    ("viewer", ["frames"], "futex"),
+    ("recorder", ["ticks", "frames"], "events"),
+)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=float, default=30.0, help="seconds to run (0: until Ctrl-C)")
+    p.add_argument("--tick-rate", type=float, default=1000.0, help="ticks versions per second")
+    p.add_argument("--frame-rate", type=float, default=100.0, help="frames per second")
+    p.add_argument("--metrics-port", type=int, default=0, help="broker metrics port (0: any)")
+    p.add_argument("--refresh", type=float, default=1.0, help="seconds between table refreshes")
+
+
+def _scrape(url: str) -> dict[str, Any]:
+    """Counters and latency quantiles of one subscriber, from its /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=2).read().decode()
+    out: dict[str, Any] = {"updates": 0.0, "missed": 0.0, "torn": 0.0, "buckets": {}}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "shmcast_updates_received_total":
+                out["updates"] += s.value
+            elif s.name == "shmcast_versions_missed_total":
+                out["missed"] += s.value
+            elif s.name == "shmcast_torn_reads_total":
+                out["torn"] += s.value
+            elif s.name == "shmcast_publish_to_read_latency_seconds_bucket":
+                le = float(s.labels["le"])
+                out["buckets"][le] = out["buckets"].get(le, 0.0) + s.value
+    return out
+
+
+def _quantile(buckets: dict[float, float], q: float) -> float | None:
+    """Upper bound of the histogram bucket holding quantile ``q`` (as Prometheus does)."""
+    if not buckets:
+        return None
+    total = buckets.get(float("inf"), max(buckets.values()))
+    if total <= 0:
+        return None
+    for le in sorted(buckets):
+        if buckets[le] >= q * total:
+            return le
+    return None
+
+
+def _fmt_s(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x == float("inf"):
+        return ">100ms"
+    return f"{x * 1e6:.0f}us" if x < 1e-3 else f"{x * 1e3:.1f}ms"
+
+
+def _render(
+    ns: str, rows: list[dict[str, Any]], subs: list[tuple[str, dict[str, Any]]], t: float
+) -> str:
+    lines = [f"shmcast demo  namespace={ns}  t={t:5.1f}s  (Ctrl-C to stop)", ""]
+    lines.append(f"{'SEGMENT':10} {'DTYPE':14} {'SHAPE':9} {'VERSION':>8} {'RATE/s':>8} {'AGE':>8}")
+    for r in rows:
+        dtype = "ticks record" if str(r["dtype"]).startswith("[") else str(r["dtype"])
+        shape = "x".join(str(n) for n in r["shape"])
+        lines.append(
+            f"{r['name']:10} {dtype:14} {shape:9} {r['version']:>8} "
+            f"{r.get('rate', 0):>8.0f} {_fmt_s(r.get('age')):>8}"
+        )
+    lines.append("")
+    lines.append(
+        f"{'SUBSCRIBER':10} {'UPDATES':>8} {'MISSED':>7} {'TORN':>5} {'P50':>7} {'P99':>7}"
+    )
+    for name, m in subs:
+        if "error" in m:
+            lines.append(f"{name:10} (metrics unavailable: {m['error']})")
+            continue
+        lines.append(
+            f"{name:10} {m['updates']:>8.0f} {m['missed']:>7.0f} {m['torn']:>5.0f} "
+            f"{_fmt_s(_quantile(m['buckets'], 0.5)):>7} {_fmt_s(_quantile(m['buckets'], 0.99)):>7}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    ns = resolve_namespace(args.namespace)
+    procs: list[ShmcastProcess] = []
+    tty = sys.stdout.isatty()
+    try:
+        broker = start(
+            ["broker", "-n", ns, "--metrics-port", str(args.metrics_port)], ready=BROKER_READY
+        )
+        procs.append(broker)
+        for seg, rate in (("ticks", args.tick_rate), ("frames", args.frame_rate)):
+            procs.append(
+                start(
+                    ["publish", seg, "-n", ns, "--source", seg, "--rate", str(rate)],
+                    ready=PUBLISH_READY,
+                )
+            )
+        subs: list[tuple[str, ShmcastProcess]] = []
+        for name, segs, wait in SUBSCRIBERS:
+            sp = start(
+                ["subscribe", *segs, "-n", ns, "--stats", "--quiet", "--wait", wait]
+                + ["--metrics-port", "0", "--name", name],
+                ready=SUBSCRIBE_READY,
+            )
+            procs.append(sp)
+            subs.append((name, sp))
+        print(f"broker metrics:     {broker.ready['metrics']}")
+        for name, sp in subs:
+            print(f"{name + ' metrics:':19} {sp.ready['metrics']}")
+        print(flush=True)
+        client = ControlClient(broker.ready["control"], timeout=2)
+        start_t = time.monotonic()
+        last: dict[str, int] = {}
+        last_t = start_t
+        try:
+            while args.duration <= 0 or time.monotonic() - start_t < args.duration:
+                time.sleep(args.refresh)
+                now = time.monotonic()
+                rows = client.request("list")["segments"]
+                for r in rows:
+                    prev = last.get(r["name"], r["version"])
+                    r["rate"] = (r["version"] - prev) / max(now - last_t, 1e-9)
+                    r["age"] = (time.time_ns() - r["ts"]) / 1e9 if r["ts"] else None
+                    last[r["name"]] = r["version"]
+                last_t = now
+                metrics = []
+                for name, sp in subs:
+                    try:
+                        metrics.append((name, _scrape(sp.ready["metrics"])))
+                    except OSError as exc:
+                        metrics.append((name, {"error": str(exc)}))
+                table = _render(ns, rows, metrics, now - start_t)
+                print(("\x1b[H\x1b[2J" if tty else "") + table + ("" if tty else "\n"), flush=True)
+        finally:
+            client.close()
+    except KeyboardInterrupt:
+        print("\ninterrupted", flush=True)
+    except (ShmcastError, RuntimeError, TimeoutError) as exc:
+        print(f"shmcast demo: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        # Readers first, then writers, then the broker (which unlinks the segments).
+        for sp in reversed(procs):
+            with contextlib.suppress(Exception):
+                sp.stop(timeout=10)
+    left = Segment.list(ns)
+    if left:
+        print(f"warning: left in /dev/shm: {left}", file=sys.stderr)
+        return 1
+    print(f"clean exit: nothing of namespace {ns!r} left in /dev/shm")
+    return 0

@@ -1,0 +1,185 @@
+"""shmcast commands as real processes (used by the demo and by tests).
+
+:func:`start` runs ``python -m broker <args>``, waits for its single
+``shmcast <command> ready: {json}`` line, and raises with the captured stderr if
+the process dies first; :meth:`ShmcastProcess.stop` tears down with
+terminate -> wait -> kill. Output is drained by threads, so a chatty child
+never blocks on a full pipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import IO, Any
+
+__all__ = ["ShmcastProcess", "running", "start", "unique_namespace", "wait_for"]
+
+
+def unique_namespace(prefix: str = "t") -> str:
+    """A namespace no other test or run uses."""
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.01, what: str = "") -> Any:
+    """Poll ``predicate()`` until it returns something truthy, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+class ShmcastProcess:
+    """A running ``shmcast`` command with its output collected line by line."""
+
+    def __init__(self, args: Sequence[str], proc: subprocess.Popen[str]) -> None:
+        self.args = list(args)
+        self.proc = proc
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.ready: dict[str, Any] = {}
+        self._lines: queue.Queue[tuple[str, str]] = queue.Queue()
+        self._threads = [
+            threading.Thread(target=self._drain, args=(proc.stdout, "stdout"), daemon=True),
+            threading.Thread(target=self._drain, args=(proc.stderr, "stderr"), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _drain(self, stream: IO[str] | None, name: str) -> None:
+        if stream is None:
+            return
+        for line in stream:
+            line = line.rstrip("\n")
+            getattr(self, name).append(line)
+            self._lines.put((name, line))
+        stream.close()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_line(self, prefix: str, timeout: float) -> str:
+        """The first output line (either stream) starting with ``prefix``."""
+        seen = [ln for ln in self.stdout + self.stderr if ln.startswith(prefix)]
+        if seen:
+            return seen[0]
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.args}: no line {prefix!r} in {timeout}s; {self._tail()}")
+            try:
+                _, line = self._lines.get(timeout=min(left, 0.1))
+            except queue.Empty:
+                if self.proc.poll() is not None and self._lines.empty():
+                    for t in self._threads:
+                        t.join(1)
+                    seen = [ln for ln in self.stdout + self.stderr if ln.startswith(prefix)]
+                    if seen:
+                        return seen[0]
+                    raise RuntimeError(
+                        f"{self.args} exited with {self.proc.returncode} before {prefix!r}; "
+                        f"{self._tail()}"
+                    ) from None
+                continue
+            if line.startswith(prefix):
+                return line
+
+    def _tail(self) -> str:
+        return "stderr:\n" + "\n".join(self.stderr[-30:])
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout)
+        for t in self._threads:
+            t.join(timeout)
+        return rc
+
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
+        """terminate -> wait -> kill; returns the exit code."""
+        if self.proc.poll() is None:
+            self.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        for t in self._threads:
+            t.join(timeout)
+        return self.proc.returncode
+
+
+def start(
+    args: Sequence[str],
+    *,
+    ready: str | None = None,
+    timeout: float = 20.0,
+    env: Mapping[str, str] | None = None,
+) -> ShmcastProcess:
+    """Start ``shmcast <args>`` and (with ``ready``) wait for its ready line.
+
+    Args:
+        args: the command line after ``shmcast``.
+        ready: the ready-line prefix, e.g. ``"shmcast broker ready: "``; the JSON
+            after it becomes ``.ready``. ``None`` does not wait.
+        timeout: seconds to wait for the ready line.
+        env: extra environment variables.
+    """
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+    )
+    sp = ShmcastProcess(args, proc)
+    if ready is not None:
+        try:
+            line = sp.wait_line(ready, timeout)
+        except BaseException:
+            sp.stop(timeout=5, sig=signal.SIGKILL)
+            raise
+        sp.ready = json.loads(line[len(ready) :])
+    return sp
+
+
+@contextmanager
+def running(
+    args: Sequence[str],
+    *,
+    ready: str | None = None,
+    timeout: float = 20.0,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[ShmcastProcess]:
+    """:func:`start` as a context manager that always stops the process."""
+    sp = start(args, ready=ready, timeout=timeout, env=env)
+    try:
+        yield sp
+    finally:
+        sp.stop()
+
+
+BROKER_READY = "shmcast broker ready: "
+PUBLISH_READY = "shmcast publish ready: "
+SUBSCRIBE_READY = "shmcast subscribe ready: "

@@ -1,0 +1,106 @@
+"""The analytics worker: statistics over each version, computed in place."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TextIO
+
+import numpy as np
+import numpy.typing as npt
+
+from broker.errors import ShmcastError, TornReadError
+
+from ._subscriber import Subscriber, Update
+
+
+def numeric_view(array: npt.NDArray[Any]) -> tuple[str | None, npt.NDArray[Any]]:
+    """The numbers to summarise: the array, or for records the ``last`` (else first
+    numeric) field. A view, never a copy."""
+    names = array.dtype.names
+    if not names:
+        return None, array
+    pick = "last" if "last" in names else None
+    if pick is None:
+        for n in names:
+            if array.dtype.fields[n][0].kind in "iufb":  # type: ignore[index]
+                pick = n
+                break
+    if pick is None:
+        raise ValueError("records with no numeric field")
+    return pick, array[pick]
+
+
+def analyse(array: npt.NDArray[Any]) -> dict[str, Any]:
+    """Mean, standard deviation and maximum over a version, zero-copy."""
+    fieldname, values = numeric_view(array)
+    out: dict[str, Any] = {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values)),
+        "max": float(np.max(values)),
+    }
+    if fieldname:
+        out["field"] = fieldname
+    return out
+
+
+def process(sub: Subscriber, update: Update, *, stats: bool) -> dict[str, Any]:
+    """One update as a record; with ``stats``, the statistics of the version read.
+
+    A torn read is reported (``"torn": true``) and its numbers discarded.
+    """
+    rec: dict[str, Any] = {
+        "segment": update.segment,
+        "version": update.version,
+        "latency_us": round(update.latency_s * 1e6, 1),
+        "missed": update.missed,
+    }
+    if stats:
+        try:
+            with sub.read(update.segment) as snap:
+                result = analyse(snap.array)
+                read_version = snap.version
+        except TornReadError:
+            rec["torn"] = True
+            return rec
+        except ShmcastError as exc:
+            rec["error"] = str(exc)
+            return rec
+        rec["read_version"] = read_version
+        rec.update(result)
+    return rec
+
+
+def run_worker(
+    sub: Subscriber,
+    out: TextIO,
+    *,
+    stats: bool = False,
+    as_json: bool = False,
+    quiet: bool = False,
+    count: int = 0,
+    timeout: float | None = None,
+) -> int:
+    """Consume updates; print one line each. Returns how many were handled."""
+    n = 0
+    for update in sub.updates(timeout=timeout):
+        rec = process(sub, update, stats=stats)
+        if quiet:
+            pass
+        elif as_json:
+            out.write(json.dumps(rec) + "\n")
+        else:
+            extra = ""
+            if "mean" in rec:
+                extra = f" mean={rec['mean']:.4g} std={rec['std']:.4g} max={rec['max']:.4g}"
+            if rec.get("torn"):
+                extra = " TORN (discarded)"
+            out.write(
+                f"{rec['segment']} v{rec['version']} latency={rec['latency_us']}us "
+                f"missed={rec['missed']}{extra}\n"
+            )
+        if not quiet:
+            out.flush()
+        n += 1
+        if count and n >= count:
+            break
+    return n
