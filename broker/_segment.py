@@ -190,7 +190,8 @@ def normalize_layout(
 
 
 def _describe(dt: np.dtype[Any]) -> bytes:
-    return repr(npformat.dtype_to_descr(dt)).encode("ascii")
+    # ascii(), not repr(): field names and titles may hold any unicode character.
+    return ascii(npformat.dtype_to_descr(dt)).encode("ascii")
 
 
 def _parse_descr(text: bytes) -> np.dtype[Any]:
