@@ -62,6 +62,9 @@ __all__ = ["Broker", "BrokerStats"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds a subscriber's report stays in the ``subscribers`` table.
+REPORT_TTL = 5.0
+
 
 @dataclass
 class _Entry:
@@ -116,6 +119,7 @@ class Broker:
         self._requests = 0
         self._errors: dict[str, int] = {}
         self._clients: dict[bytes, float] = {}
+        self._reports: dict[tuple[str, int], tuple[float, dict[str, Any]]] = {}
         self._started = time.time()
         self.endpoints: Endpoints | None = None
         self.metrics_url: str | None = None
@@ -495,13 +499,15 @@ class Broker:
             "epoch": self.epoch,
             "pid": os.getpid(),
             "control": self.endpoints.control,
-            "events": self.endpoints.events,
+            "events": self.config.advertise_events or self.endpoints.events,
             "data": self.config.data,
             "heartbeat_interval": self.config.heartbeat_interval,
         }
 
     def _op_create(self, req: dict[str, Any]) -> dict[str, Any]:
-        return self._create(self._name(req), req.get("dtype"), req.get("shape"), req.get("slots", 2))
+        return self._create(
+            self._name(req), req.get("dtype"), req.get("shape"), req.get("slots", 2)
+        )
 
     def _op_describe(self, req: dict[str, Any]) -> dict[str, Any]:
         return self._describe(self._name(req))
@@ -560,6 +566,25 @@ class Broker:
             "uptime": time.time() - st.started,
         }
 
+    def _op_report(self, req: dict[str, Any]) -> None:
+        """One-way: a subscriber's counters (name, pid, per-segment lag and latency)."""
+        name, pid, segs = req.get("name"), req.get("pid"), req.get("segments")
+        if not isinstance(name, str) or not isinstance(pid, int) or not isinstance(segs, dict):
+            raise ValueError("report needs 'name' (str), 'pid' (int) and 'segments' (map)")
+        now = time.monotonic()
+        self._reports[(name[:64], pid)] = (now, {"name": name[:64], "pid": pid, "segments": segs})
+        if len(self._reports) > 1024:
+            self._expire_reports(now)
+
+    def _expire_reports(self, now: float) -> None:
+        self._reports = {k: v for k, v in self._reports.items() if now - v[0] < REPORT_TTL}
+
+    def _op_subscribers(self, req: dict[str, Any]) -> dict[str, Any]:
+        now = time.monotonic()
+        self._expire_reports(now)
+        subs = [{**body, "age": now - t} for t, body in self._reports.values()]
+        return {"subscribers": sorted(subs, key=lambda r: (r["name"], r["pid"]))}
+
     _OPS: dict[str, Callable[[Broker, dict[str, Any]], dict[str, Any] | None]] = {  # noqa: RUF012
         "hello": _op_hello,
         "create": _op_create,
@@ -569,6 +594,8 @@ class Broker:
         "lease": _op_lease,
         "commit": _op_commit,
         "stats": _op_stats,
+        "report": _op_report,
+        "subscribers": _op_subscribers,
     }
 
     # ------------------------------------------------------------------ shutdown

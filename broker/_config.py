@@ -57,12 +57,15 @@ class BrokerConfig:
 
     ``control``/``events`` of ``None`` mean ipc endpoints in the namespace's
     runtime directory. TCP endpoints should name an address; ``tcp://*`` binds
-    every interface and is only used when written explicitly.
+    every interface and is only used when written explicitly. ``advertise_events``
+    is the events endpoint told to clients (``hello``) when the bound one is not
+    reachable as written, e.g. ``tcp://0.0.0.0:5556`` in a container.
     """
 
     namespace: str = "default"
     control: str | None = None
     events: str | None = None
+    advertise_events: str | None = None
     data: str | None = None
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -77,7 +80,7 @@ class BrokerConfig:
 
     def __post_init__(self) -> None:
         resolve_namespace(self.namespace)
-        for name in ("control", "events", "data"):
+        for name in ("control", "events", "advertise_events", "data"):
             ep = getattr(self, name)
             if ep is not None and not (
                 isinstance(ep, str) and ep.startswith(("ipc://", "tcp://", "inproc://"))
@@ -95,7 +98,8 @@ class BrokerConfig:
             except KeyError:
                 raise ConfigError("group", f"no group named {self.group!r}") from None
         if not (
-            isinstance(self.heartbeat_interval, (int, float)) and 0.01 <= self.heartbeat_interval <= 60
+            isinstance(self.heartbeat_interval, (int, float))
+            and 0.01 <= self.heartbeat_interval <= 60
         ):
             raise ConfigError("heartbeat_interval", "use seconds between 0.01 and 60")
         names = [s.name for s in self.segments]
@@ -133,6 +137,7 @@ _ENV = {
     "namespace": "SHMCAST_NAMESPACE",
     "control": "SHMCAST_CONTROL",
     "events": "SHMCAST_EVENTS",
+    "advertise_events": "SHMCAST_ADVERTISE_EVENTS",
     "data": "SHMCAST_DATA",
     "metrics_port": "SHMCAST_METRICS_PORT",
     "metrics_host": "SHMCAST_METRICS_HOST",

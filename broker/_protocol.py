@@ -3,7 +3,9 @@
 Control (client DEALER -> broker ROUTER): one frame, a msgpack map
 ``{"op": str, "id": int, ...}``; the reply is one frame
 ``{"id": int, "ok": True, ...}`` or ``{"id": int, "ok": False, "error": kind,
-"message": str}``. ``commit`` is one-way unless it carries ``"ack": True``.
+"message": str}``. ``commit`` is one-way unless it carries ``"ack": True``;
+``report`` (a subscriber's counters, about once a second) is always one-way, and
+``subscribers`` returns the reports heard in the last few seconds.
 
 Events (broker PUB -> SUB): two frames, ``[topic, body]``. The topic is the
 segment name followed by a NUL byte (``b"ticks\\0"``), so a subscription to
@@ -44,7 +46,18 @@ from .errors import (
 MAX_REQUEST = 64 * 1024
 BROKER_TOPIC = b"@broker\0"
 
-OPS = ("hello", "create", "describe", "list", "delete", "lease", "commit", "stats")
+OPS = (
+    "hello",
+    "create",
+    "describe",
+    "list",
+    "delete",
+    "lease",
+    "commit",
+    "stats",
+    "report",
+    "subscribers",
+)
 KINDS = ("created", "version", "deleted", "heartbeat")
 
 

@@ -42,7 +42,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spin", action="store_true", help="same as --wait spin")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
     p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR")
-    p.add_argument("--name", default="subscriber", help="'subscriber' label of the metrics")
+    p.add_argument(
+        "--name",
+        default="subscriber",
+        help="'subscriber' label of the metrics, and the name `shmcast top` shows",
+    )
     p.add_argument("--broker", metavar="ENDPOINT", help="broker control endpoint")
 
 
@@ -50,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     wait = "spin" if args.spin else args.wait
     stop = threading.Event()
     with Subscriber(
-        args.segments, namespace=args.namespace, broker=args.broker, wait=wait
+        args.segments, namespace=args.namespace, broker=args.broker, wait=wait, name=args.name
     ) as sub:
         url = server = None
         if args.metrics_port is not None:

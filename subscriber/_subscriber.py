@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import os
 import time
 import warnings
 from collections import deque
@@ -49,6 +50,10 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4,
     1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1,
 )  # fmt: skip
+
+
+#: Seconds between the reports an ``events`` subscriber sends its broker.
+REPORT_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,8 @@ class Subscriber:
             for the segments to exist.
         heartbeat_timeout: seconds without a heartbeat before the broker is
             considered down (default: 3 heartbeat intervals).
+        name: how this subscriber names itself in the reports it sends the broker
+            about once a second (``events`` mode; ``shmcast top`` shows them).
 
     Raises:
         BrokerUnavailableError: ``events`` mode and no broker answered.
@@ -119,6 +126,7 @@ class Subscriber:
         timeout: float = 5.0,
         heartbeat_timeout: float | None = None,
         curve: tuple[bytes, bytes, bytes] | None = None,
+        name: str = "subscriber",
     ) -> None:
         self._closed = True
         self._client: ControlClient | None = None
@@ -131,6 +139,7 @@ class Subscriber:
         self.names = [validate_segment_name(n) for n in dict.fromkeys(names)]
         self.namespace = resolve_namespace(namespace)
         self.mode: WaitMode = wait
+        self.name = name
         self._segs: dict[str, Segment] = {}
         self._created: dict[str, int] = {}
         self.stats: dict[str, SegmentStats] = {n: SegmentStats() for n in self.names}
@@ -317,6 +326,7 @@ class Subscriber:
         assert sub is not None
         idle_deadline = None if timeout is None else time.monotonic() + timeout
         next_check = time.monotonic() + 0.25
+        next_report = time.monotonic()
         while not self._closed:
             while self._pending:
                 yield self._pending.popleft()
@@ -340,6 +350,9 @@ class Subscriber:
             if self.broker_up and now - self._last_heartbeat > self.heartbeat_timeout:
                 log.warning("broker of namespace %r is silent; polling headers", self.namespace)
                 self.broker_up = False
+            if now >= next_report:
+                next_report = now + REPORT_INTERVAL
+                self._report()
             if not self.broker_up or now >= next_check:
                 # Cross-check the headers: a notification lost at the high-water mark
                 # or while the broker was down still becomes an update.
@@ -350,6 +363,23 @@ class Subscriber:
                     up = self._from_header(name)
                     if up is not None:
                         self._pending.append(up)
+
+    def _report(self) -> None:
+        """Tell the broker our counters (one-way, never blocks; for ``shmcast top``)."""
+        if self._client is None or not self.broker_up:
+            return
+        segs = {
+            name: {
+                "last_version": st.last_version,
+                "updates": st.updates,
+                "missed": st.missed,
+                "torn": self.torn_reads(name),
+                "p50": st.percentile(50),
+                "p99": st.percentile(99),
+            }
+            for name, st in self.stats.items()
+        }
+        self._client.send("report", name=self.name, pid=os.getpid(), segments=segs)
 
     def _on_event(self, frames: list[bytes]) -> None:
         try:
@@ -452,4 +482,3 @@ class Subscriber:
 
     def __repr__(self) -> str:
         return f"<Subscriber {self.namespace}/{','.join(self.names)} wait={self.mode}>"
-
