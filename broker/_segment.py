@@ -184,7 +184,11 @@ def normalize_layout(
         raise LayoutError(f"shape {shp} of {dt} holds no bytes; a segment needs at least one")
     if nbytes > 2**46:
         raise LayoutError(f"shape {shp} of {dt} is {nbytes} bytes, more than shmcast allows (64 TiB)")
-    if len(_describe(dt)) > MAX_DESCR:
+    try:
+        descr = _describe(dt)
+    except ValueError as exc:  # numpy cannot describe overlapping or out-of-order fields
+        raise LayoutError(f"dtype {dt} cannot be recorded ({exc}); order fields by offset") from exc
+    if len(descr) > MAX_DESCR:
         raise LayoutError(f"dtype {dt} is too complex to record (more than {MAX_DESCR} bytes)")
     return dt, shp
 
