@@ -402,9 +402,11 @@ with w.loan() as loaned:
 every_tenth = a1[::10]
 r.close()
 w.close()
+with Segment.attach("views", writable=True) as heir:  # the lease left with close()
+    out = {"heir_version": heir.version}
 w.unlink()
 gc.collect()
-out = {"closed": [r.closed, w.closed], "mapped_while_views_live": mapped(path)}
+out.update(closed=[r.closed, w.closed], mapped_while_views_live=mapped(path))
 loaned[:] = 4.0  # writing through a loan kept past close() must not crash either
 out["sums"] = [float(x.sum()) for x in (a1, a2, mine, loaned, every_tenth)]
 del a1, a2, mine, loaned, every_tenth, s
@@ -422,6 +424,7 @@ def test_closing_with_live_views_never_crashes(namespace, removed):
     assert proc.stderr == ""
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["closed"] == [True, True]
+    assert out["heir_version"] == 3
     assert out["sums"] == [499500.0, 2000.0, 2000.0, 4000.0, float(sum(range(0, 1000, 10)))]
     assert out["mapped_while_views_live"] >= 1
     assert out["mapped_after_views_died"] == 0, "the mapping outlived every view"
