@@ -269,7 +269,7 @@ class Subscriber:
         if version <= st.last_version:
             return None
         now = time.time_ns()
-        missed = version - st.last_version - 1 if st.last_version or st.updates else 0
+        missed = version - st.last_version - 1
         st.missed += missed
         st.updates += 1
         st.last_version = version
