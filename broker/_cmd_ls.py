@@ -39,7 +39,7 @@ def catalog(namespace: str, broker: str | None, timeout: float = 1.0) -> tuple[s
             return "broker", list(client.request("list")["segments"])
     except BrokerUnavailableError:
         pass
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in Segment.list(namespace):
         try:
             with Segment.attach(name, namespace=namespace, prefault=False, wait=0) as seg:
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
     if source != "broker":
         print(f"(no broker answered for namespace {ns!r}: read from /dev/shm)")
     return 0

@@ -37,7 +37,7 @@ class SegmentSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(_dtype_from(self.dtype)).itemsize
+        return int(math.prod(self.shape) * np.dtype(_dtype_from(self.dtype)).itemsize)
 
 
 def _dtype_from(value: Any) -> Any:
@@ -147,7 +147,8 @@ _ENV = {
 def load_toml(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            data: dict[str, Any] = tomllib.load(f)
+            return data
     except FileNotFoundError:
         raise ConfigError("--config", f"no such file: {path}") from None
     except tomllib.TOMLDecodeError as exc:

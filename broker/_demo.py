@@ -132,8 +132,20 @@ def run(args: argparse.Namespace) -> int:
         subs: list[tuple[str, ShmcastProcess]] = []
         for name, segs, wait in SUBSCRIBERS:
             sp = start(
-                ["subscribe", *segs, "-n", ns, "--stats", "--quiet", "--wait", wait]
-                + ["--metrics-port", "0", "--name", name],
+                [
+                    "subscribe",
+                    *segs,
+                    "-n",
+                    ns,
+                    "--stats",
+                    "--quiet",
+                    "--wait",
+                    wait,
+                    "--metrics-port",
+                    "0",
+                    "--name",
+                    name,
+                ],
                 ready=SUBSCRIBE_READY,
             )
             procs.append(sp)

@@ -28,7 +28,9 @@ class BrokerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         st = self._broker.stats()
         ns = st.namespace
-        up = GaugeMetricFamily("shmcast_broker_up", "1 while the broker serves", labels=["namespace"])
+        up = GaugeMetricFamily(
+            "shmcast_broker_up", "1 while the broker serves", labels=["namespace"]
+        )
         up.add_metric([ns], 1.0)
         yield up
         segs = GaugeMetricFamily(

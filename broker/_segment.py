@@ -183,7 +183,9 @@ def normalize_layout(
     if nbytes == 0:
         raise LayoutError(f"shape {shp} of {dt} holds no bytes; a segment needs at least one")
     if nbytes > 2**46:
-        raise LayoutError(f"shape {shp} of {dt} is {nbytes} bytes, more than shmcast allows (64 TiB)")
+        raise LayoutError(
+            f"shape {shp} of {dt} is {nbytes} bytes, more than shmcast allows (64 TiB)"
+        )
     try:
         descr = _describe(dt)
     except ValueError as exc:  # numpy cannot describe overlapping or out-of-order fields
@@ -255,7 +257,7 @@ def _futex(addr: int, op: int, val: int, timeout: float | None = None) -> int:
 
 
 class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]  # noqa: RUF012
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
 @dataclass(frozen=True)
@@ -488,8 +490,10 @@ class Segment:
                 views.append(arr)
         self._views: list[npt.NDArray[Any]] = views
         self._loan_views: list[npt.NDArray[Any]] = (
-            [np.frombuffer(mm, dtype=dtype, count=count, offset=hs + i * stride).reshape(shape)
-             for i in range(self._slots)]
+            [
+                np.frombuffer(mm, dtype=dtype, count=count, offset=hs + i * stride).reshape(shape)
+                for i in range(self._slots)
+            ]
             if writable
             else []
         )
@@ -789,12 +793,10 @@ class Segment:
         self._q = None
         mm, self._mm = self._mm, None
         if mm is not None:
-            try:
+            # With views still alive, close() raises BufferError: the mapping then
+            # stays until the last view dies (the mmap object is unmapped with it).
+            with contextlib.suppress(BufferError):
                 mm.close()
-            except BufferError:
-                # Views handed out are alive: the mapping stays until they die
-                # (the mmap object is unmapped when the last view releases it).
-                pass
         if self._fd >= 0:
             if self._writable:
                 # mmap keeps a dup of the fd; unlock the open file description
@@ -941,7 +943,7 @@ def machine_supported() -> bool:
 
 
 class _FutexWaitv(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012
+    _fields_ = [
         ("val", ctypes.c_uint64),
         ("uaddr", ctypes.c_uint64),
         ("flags", ctypes.c_uint32),
@@ -971,7 +973,7 @@ def wait_any(segments: list[Segment], afters: list[int], timeout: float | None =
             waiters[k].val = seg._q32[NOTIFY_OFF // 4]
             waiters[k].uaddr = seg._notify_addr
             waiters[k].flags = _FUTEX2_SIZE_U32
-        if any(seg.version > a for seg, a in zip(segments, afters)):
+        if any(seg.version > a for seg, a in zip(segments, afters, strict=False)):
             return True
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:

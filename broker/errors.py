@@ -83,7 +83,8 @@ class ArrayMismatchError(LayoutError):
         self.got = got
         super().__init__(
             f"segment {segment!r} holds {what} {expected}, got {got}; nothing was published "
-            f"(convert with arr.astype(...) / arr.reshape(...), or create a segment with that {what})"
+            f"(convert with arr.astype(...) / arr.reshape(...), "
+            f"or create a segment with that {what})"
         )
 
 

@@ -44,7 +44,7 @@ class TickFeed:
 
     def __init__(self, symbols: int = TICK_SYMBOLS, seed: int = 1) -> None:
         self.dtype = TICK_DTYPE
-        self.shape = (symbols,)
+        self.shape: tuple[int, ...] = (symbols,)
         self._rng = np.random.default_rng(seed)
         self._mid = 100.0 + self._rng.random(symbols) * 50
         self._steps = np.empty(symbols)
@@ -69,7 +69,7 @@ class FrameFeed:
 
     def __init__(self, shape: tuple[int, int] = FRAME_SHAPE, spot: int = 16) -> None:
         self.dtype = np.dtype(np.uint16)
-        self.shape = shape
+        self.shape: tuple[int, ...] = shape
         h, w = shape
         yy, xx = np.mgrid[-spot:spot, -spot:spot]
         self._spot = (4000 * np.exp(-(xx**2 + yy**2) / (spot**2 / 2))).astype(np.uint16)
@@ -116,7 +116,7 @@ def make_feed(source: str, dtype: Any = None, shape: tuple[int, ...] | None = No
     if source == "frames":
         if shape is not None and len(shape) != 2:
             raise ValueError(f"frames are 2-D; got shape {shape}")
-        return FrameFeed(shape if shape else FRAME_SHAPE)  # type: ignore[arg-type]
+        return FrameFeed((shape[0], shape[1]) if shape else FRAME_SHAPE)
     if source == "random":
         if dtype is None or shape is None:
             raise ValueError("--source random needs --dtype and --shape")

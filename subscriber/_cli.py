@@ -9,7 +9,7 @@ import sys
 import threading
 
 from ._metrics import serve_metrics
-from ._subscriber import Subscriber
+from ._subscriber import Subscriber, WaitMode
 from ._worker import run_worker
 
 HELP = "subscribe to segments: print updates, compute stats in place, export metrics"
@@ -51,7 +51,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    wait = "spin" if args.spin else args.wait
+    wait: WaitMode = "spin" if args.spin else args.wait
     stop = threading.Event()
     with Subscriber(
         args.segments, namespace=args.namespace, broker=args.broker, wait=wait, name=args.name

@@ -72,7 +72,7 @@ class SubscriberCollector(Collector):
                 stale.add_metric(lv, max(0.0, (now - ts) / 1e9))
             cum = 0
             buckets: list[tuple[str, float]] = []
-            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), st.buckets):
+            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), st.buckets, strict=False):
                 cum += n
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cum))
             latency.add_metric(lv, buckets, st.latency_sum)

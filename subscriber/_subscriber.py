@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import numpy.typing as npt
 import zmq
 
 from broker._names import resolve_namespace, validate_segment_name
@@ -169,7 +168,7 @@ class Subscriber:
         hello = self._client.request("hello")
         interval = float(hello.get("heartbeat_interval", 0.5))
         self.heartbeat_timeout = hb_timeout if hb_timeout is not None else 3 * interval + 0.2
-        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 100_000)
         if self._curve is not None:
@@ -295,7 +294,7 @@ class Subscriber:
         stats = [self.stats[name] for name in self.names]
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            for (name, q), st in zip(segs, stats):
+            for (name, q), st in zip(segs, stats, strict=False):
                 assert q is not None
                 if q[W_LATEST] > st.last_version:
                     up = self._from_header(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -36,10 +37,8 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     leaked = sorted(_shm_objects() - shm_before)
     rt_leaked = sorted(_runtime_entries() - rt_before)
     for entry in leaked:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(SHM_DIR, entry))
-        except FileNotFoundError:
-            pass
     for entry in rt_leaked:
         shutil.rmtree(runtime_root() / entry, ignore_errors=True)
     if leaked or rt_leaked:

@@ -81,8 +81,18 @@ def test_end_to_end_publish_announce_read(namespace: str, broker: ShmcastProcess
 def test_publish_process_to_subscriber_with_content(namespace: str, broker: ShmcastProcess) -> None:
     with Subscriber("ticks", namespace=namespace) as sub:
         pub = start(
-            ["publish", "ticks", "-n", namespace, "--source", "ticks", "--count", "50"]
-            + ["--rate", "500"],
+            [
+                "publish",
+                "ticks",
+                "-n",
+                namespace,
+                "--source",
+                "ticks",
+                "--count",
+                "50",
+                "--rate",
+                "500",
+            ],
             ready=PUBLISH_READY,
         )
         try:
@@ -210,7 +220,8 @@ def test_broker_sigkill_restart_adopts_and_subscribers_resume(namespace: str) ->
             _pump_until(sub, lambda: sub.epoch != old_epoch, timeout=5)
             assert sub.broker_up is True
             with sub.read("k") as snap:
-                assert snap.version == 8 and (snap.array == 8).all()
+                assert snap.version == 8
+                assert (snap.array == 8).all()
             with ControlClient(second.ready["control"]) as c:
                 assert c.request("describe", name="k")["version"] == 8
     finally:
@@ -277,7 +288,8 @@ def test_metrics_show_what_happened(namespace: str, broker: ShmcastProcess) -> N
             missed = _sample(text, "shmcast_versions_missed_total", segment="m")
             assert received + missed == 7
             assert _sample(text, "shmcast_broker_up") == 1.0
-            assert 'le="1e-06"' in text and 'le="0.1"' in text
+            assert 'le="1e-06"' in text
+            assert 'le="0.1"' in text
         finally:
             server.shutdown()
             server.server_close()
@@ -310,7 +322,8 @@ def test_direct_wait_modes_need_no_broker(namespace: str, mode: str) -> None:
             seg.write(np.full(4, 1.0))
             seg.write(np.full(4, 2.0))
             ups = list(sub.updates(timeout=0.3))
-            assert ups and ups[-1].version == 2
+            assert ups
+            assert ups[-1].version == 2
             assert sum(u.missed for u in ups) + len(ups) == 2
     finally:
         seg.unlink()
