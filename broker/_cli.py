@@ -21,6 +21,8 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("publish", "publisher._cli"),
     ("subscribe", "subscriber._cli"),
     ("ls", "broker._cmd_ls"),
+    ("top", "broker._top"),
+    ("health", "broker._cmd_health"),
     ("demo", "broker._demo"),
 )
 
@@ -31,6 +33,7 @@ examples:
   shmcast publish frames --source frames --rate 100
   shmcast subscribe frames --stats --metrics-port 9101
   shmcast ls
+  shmcast top                          live view: rates, subscribers' lag and latency
 
 Every command takes --namespace (default: $SHMCAST_NAMESPACE, else 'default').
 """

@@ -1,0 +1,49 @@
+"""``shmcast health``: exit 0 if the broker answers, 1 if not (container health checks)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ._names import NAMESPACE_ENV, resolve_namespace
+from ._protocol import ControlClient, Endpoints
+from .errors import ShmcastError
+
+HELP = "check that a broker answers (exit 0) or not (exit 1): for HEALTHCHECK and probes"
+EXAMPLES = """\
+examples:
+  shmcast health                                  the namespace's broker, default endpoint
+  shmcast health --broker tcp://broker:5555       a broker over TCP (Docker, Kubernetes)
+
+--broker defaults to $SHMCAST_BROKER, else the namespace's ipc endpoint. With
+--namespace (or $SHMCAST_NAMESPACE) set, a broker of another namespace is unhealthy.
+"""
+
+BROKER_ENV = "SHMCAST_BROKER"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", metavar="ENDPOINT", help="broker control endpoint")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the reply")
+
+
+def run(args: argparse.Namespace) -> int:
+    ns = resolve_namespace(args.namespace)
+    endpoint = args.broker or os.environ.get(BROKER_ENV) or Endpoints.default(ns).control
+    try:
+        with ControlClient(endpoint, timeout=args.timeout) as client:
+            hello = client.request("hello")
+            segments = len(client.request("list")["segments"])
+    except ShmcastError as exc:
+        print(f"shmcast health: unhealthy: {exc}", file=sys.stderr)
+        return 1
+    if (args.namespace or os.environ.get(NAMESPACE_ENV)) and hello.get("namespace") != ns:
+        print(
+            f"shmcast health: unhealthy: {endpoint} serves namespace "
+            f"{hello.get('namespace')!r}, not {ns!r}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"ok: broker {endpoint} namespace={hello.get('namespace')} segments={segments}")
+    return 0

@@ -1,0 +1,221 @@
+"""``shmcast top``: a live terminal view of a namespace.
+
+Segments (version, rate, age, bytes, writer), the subscribers that report to the
+broker (their lag behind each segment and their latency percentiles) and the use
+of ``/dev/shm``, refreshed in place with ANSI escapes. ``q`` or Ctrl-C quits and
+restores the terminal. Without a terminal (a pipe) or with ``--once`` it prints
+plain frames instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import select
+import shutil
+import signal
+import sys
+import termios
+import time
+import tty
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from ._names import resolve_namespace
+from ._protocol import ControlClient, Endpoints
+from .errors import ShmcastError
+
+HELP = "live view: segments, rates, subscribers' lag and latency, /dev/shm use (q quits)"
+EXAMPLES = """\
+examples:
+  shmcast top                               the namespace's broker, refreshed every second
+  shmcast top --broker tcp://broker:5555    a broker over TCP (e.g. in another container)
+  shmcast top --once                        one plain frame (scripts, logs)
+
+Subscribers appear when they run in events mode (they report to the broker
+about once a second); LAG is how many versions a subscriber is behind.
+"""
+
+# Alternate screen, hidden cursor; and their undo.
+_ENTER = "\x1b[?1049h\x1b[?25l"
+_LEAVE = "\x1b[?25h\x1b[?1049l"
+_HOME = "\x1b[H"
+_EOL = "\x1b[K"
+_EOS = "\x1b[J"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", metavar="ENDPOINT", help="broker control endpoint")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+
+
+@dataclass
+class Sample:
+    """What one refresh learnt from the broker."""
+
+    t: float
+    segments: list[dict[str, Any]] = field(default_factory=list)
+    subscribers: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def sample(client: ControlClient) -> Sample:
+    """Ask the broker for the catalog, the subscribers' reports and its stats."""
+    now = time.monotonic()
+    try:
+        return Sample(
+            t=now,
+            segments=list(client.request("list")["segments"]),
+            subscribers=list(client.request("subscribers")["subscribers"]),
+            stats=client.request("stats"),
+        )
+    except ShmcastError as exc:
+        return Sample(t=now, error=str(exc))
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def _secs(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x < 1e-3:
+        return f"{x * 1e6:.0f}us"
+    if x < 1:
+        return f"{x * 1e3:.1f}ms"
+    return f"{x:.1f}s"
+
+
+def render(ns: str, endpoint: str, cur: Sample, prev: Sample | None) -> list[str]:
+    """The screen's lines for one refresh (pure: tested without a terminal)."""
+    head = f"shmcast top  namespace={ns}  broker={endpoint}  {time.strftime('%H:%M:%S')}"
+    lines = [head + "  (q: quit)"]
+    if cur.error is not None:
+        return [*lines, "", f"broker not answering: {cur.error}", "retrying..."]
+    st = cur.stats
+    total, free, used = st.get("shm_total", 0), st.get("shm_free", 0), st.get("shm_used", 0)
+    pct = 100.0 * (total - free) / total if total else 0.0
+    lines.append(
+        f"/dev/shm: {_bytes(total - free)} of {_bytes(total)} in use ({pct:.0f}%), "
+        f"{_bytes(free)} free; this namespace's segments: {_bytes(used)}"
+    )
+    lines.append("")
+    before = {s["name"]: s["version"] for s in prev.segments} if prev else {}
+    dt = cur.t - prev.t if prev else 0.0
+    versions: dict[str, int] = {}
+    now_ns = time.time_ns()
+    lines.append(
+        f"{'SEGMENT':16} {'VERSION':>10} {'RATE/s':>9} {'AGE':>8} {'SIZE':>10} {'SLOTS':>5} WRITER"
+    )
+    for s in cur.segments:
+        name = str(s["name"])
+        versions[name] = int(s["version"])
+        rate = "-"
+        if name in before and dt > 0:
+            rate = f"{(s['version'] - before[name]) / dt:.1f}"
+        age = (now_ns - s["ts"]) / 1e9 if s.get("ts") else None
+        lines.append(
+            f"{name:16} {s['version']:>10} {rate:>9} {_secs(age):>8} "
+            f"{_bytes(s.get('size', 0)):>10} {s.get('slots', '?'):>5} "
+            f"{'up' if s.get('writer_alive') else '-'}"
+        )
+    if not cur.segments:
+        lines.append("(no segments)")
+    lines.append("")
+    lines.append(
+        f"{'SUBSCRIBER':16} {'PID':>7} {'SEGMENT':16} {'VERSION':>10} {'LAG':>6} "
+        f"{'UPDATES':>9} {'MISSED':>7} {'TORN':>5} {'P50':>8} {'P99':>8}"
+    )
+    for sub in cur.subscribers:
+        for seg, c in sorted(sub.get("segments", {}).items()):
+            last = int(c.get("last_version", 0))
+            lag = versions[seg] - last if seg in versions else None
+            lines.append(
+                f"{str(sub['name'])[:16]:16} {sub['pid']:>7} {seg:16} {last:>10} "
+                f"{'-' if lag is None else max(lag, 0):>6} {c.get('updates', 0):>9} "
+                f"{c.get('missed', 0):>7} {c.get('torn', 0):>5} "
+                f"{_secs(c.get('p50')):>8} {_secs(c.get('p99')):>8}"
+            )
+    if not cur.subscribers:
+        lines.append("(no subscriber has reported in the last 5 s)")
+    return lines
+
+
+@contextlib.contextmanager
+def _terminal(out: TextIO) -> Iterator[int | None]:
+    """Cbreak mode and the alternate screen; yields stdin's fd (None: no terminal)."""
+    fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
+    saved = termios.tcgetattr(fd) if fd is not None else None
+    try:
+        if fd is not None:
+            tty.setcbreak(fd)
+        out.write(_ENTER)
+        out.flush()
+        yield fd
+    finally:
+        out.write(_LEAVE)
+        out.flush()
+        if fd is not None and saved is not None:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _wait_key(fd: int | None, timeout: float) -> str:
+    """A key pressed within ``timeout`` seconds ('' if none)."""
+    if fd is None:
+        time.sleep(timeout)
+        return ""
+    ready, _, _ = select.select([fd], [], [], max(0.0, timeout))
+    if not ready:
+        return ""
+    data = os.read(fd, 32)
+    return data.decode(errors="replace") if data else "q"  # EOF: quit
+
+
+def run(args: argparse.Namespace) -> int:
+    ns = resolve_namespace(args.namespace)
+    endpoint = args.broker or Endpoints.default(ns).control
+    interval = max(0.1, args.interval)
+    out = sys.stdout
+    with ControlClient(endpoint, timeout=min(2.0, interval * 2)) as client:
+        if args.once or not out.isatty():
+            first = sample(client)
+            while True:
+                time.sleep(interval)
+                cur = sample(client)
+                out.write("\n".join(render(ns, endpoint, cur, first)) + "\n\n")
+                out.flush()
+                if args.once:
+                    return 0 if cur.error is None else 1
+                first = cur
+
+        # SIGTERM ends the view as cleanly as 'q' (the terminal is restored).
+        def on_term(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+
+        if hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, on_term)
+        try:
+            with _terminal(out) as fd:
+                prev: Sample | None = None
+                while True:
+                    cur = sample(client)
+                    width = shutil.get_terminal_size().columns
+                    lines = render(ns, endpoint, cur, prev)
+                    out.write(_HOME + "".join(ln[:width] + _EOL + "\r\n" for ln in lines) + _EOS)
+                    out.flush()
+                    prev = cur
+                    deadline = time.monotonic() + interval
+                    while (left := deadline - time.monotonic()) > 0:
+                        if "q" in _wait_key(fd, left).lower():
+                            return 0
+        except KeyboardInterrupt:
+            return 0
