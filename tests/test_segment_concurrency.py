@@ -4,6 +4,7 @@ and a writer killed in the middle of a loan loses nothing that was committed."""
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -103,3 +104,26 @@ def test_writer_killed_in_a_loan_loses_nothing_committed(namespace, procs):
                     assert snap.array.tolist() == [float(v)] * 4096
     finally:
         Segment.remove("crash", namespace=namespace)
+
+
+def test_wait_wakes_on_a_commit_from_another_process(namespace, procs):
+    try:
+        with Segment.create("wake", "<f8", (8,)):
+            pass
+        with Segment.attach("wake") as reader:
+            started = time.monotonic()
+            assert reader.wait(0, timeout=0.05) == 0  # nothing published: times out
+            assert time.monotonic() - started >= 0.05
+            writer = worker("writer", "wake")
+            procs.append(writer)
+            assert read_line(writer, 30) == "READY"
+            first = reader.wait(0, timeout=10)
+            assert first >= 1
+            assert reader.wait(first, timeout=10) > first
+            writer.terminate()
+            wrote, _ = finish(writer, 30)
+            assert reader.version == wrote["last"]
+            snap = reader.latest()
+            assert snap.array.tolist() == [float(snap.version)] * 8
+    finally:
+        Segment.remove("wake", namespace=namespace)
