@@ -1,5 +1,8 @@
 """shmcast's data server: the segment format and engine, the broker, the wire protocol."""
 
+from ._broker import Broker as Broker
+from ._config import BrokerConfig as BrokerConfig
+from ._config import SegmentSpec as SegmentSpec
 from ._names import DEFAULT_NAMESPACE as DEFAULT_NAMESPACE
 from ._names import resolve_namespace as resolve_namespace
 from ._segment import LAYOUT_VERSION as LAYOUT_VERSION
@@ -34,6 +37,8 @@ __all__ = [
     "DEFAULT_NAMESPACE",
     "LAYOUT_VERSION",
     "ArrayMismatchError",
+    "Broker",
+    "BrokerConfig",
     "BrokerError",
     "BrokerRunningError",
     "BrokerUnavailableError",
@@ -52,6 +57,7 @@ __all__ = [
     "SegmentExistsError",
     "SegmentInfo",
     "SegmentNotFoundError",
+    "SegmentSpec",
     "ShmSpaceError",
     "ShmcastError",
     "Snapshot",
