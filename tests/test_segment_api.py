@@ -415,7 +415,7 @@ def test_unlink_removes_the_name_but_not_the_mappings(made, namespace):
     assert not Segment.remove("s", namespace=namespace)
 
 
-def test_list_names_the_segments_of_one_namespace(made, namespace, monkeypatch):
+def test_list_names_the_segments_of_one_namespace(made, namespace):
     assert Segment.list(namespace) == []
     for name in ("zeta", "alpha", "mid.dle"):
         _create(made, name)

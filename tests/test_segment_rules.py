@@ -37,6 +37,7 @@ from ._seg_util import (
     process_state,
     read_line,
     run_python,
+    spawn,
     worker,
     write_file,
 )
@@ -187,14 +188,7 @@ def test_readers_map_the_object_read_only(namespace, removed):
     data = np.arange(64, dtype="<f8")
     _publish("ro", data)
     path = shm_path(namespace, "ro")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _READER_CHILD],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn("-c", _READER_CHILD)
     try:
         assert read_line(proc, 30) == "READY"
         perms = mappings_of(proc.pid, path)
