@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import grp
 import logging
 import math
 import os
@@ -24,8 +25,9 @@ from typing import Any
 
 import zmq
 
+from ._auth import start_authenticator
 from ._config import BrokerConfig, SegmentSpec
-from ._names import list_segment_names, runtime_dir, validate_segment_name
+from ._names import list_segment_names, runtime_dir, share_runtime_dir, validate_segment_name
 from ._protocol import (
     BROKER_TOPIC,
     MAX_REQUEST,
@@ -180,7 +182,12 @@ class Broker:
         cfg = self.config
         rdir = runtime_dir(self.namespace, create=True)
         lock_fd = self._take_namespace_lock(rdir)
-        ctx = zmq.Context.instance()
+        if cfg.group is not None:
+            share_runtime_dir(rdir, grp.getgrnam(cfg.group).gr_gid)
+        # CURVE: a private context, because its ZAP handler (the allow-list of
+        # client keys) is per context and must run before the first connection.
+        ctx = zmq.Context() if cfg.curve_secret_key else zmq.Context.instance()
+        auth = start_authenticator(ctx, cfg.curve_clients) if cfg.curve_secret_key else None
         control = ctx.socket(zmq.ROUTER)
         events = ctx.socket(zmq.PUB)
         metrics_server: Any = None
@@ -222,6 +229,9 @@ class Broker:
             self._shutdown()
             control.close(0)
             events.close(0)
+            if auth is not None:
+                auth.stop()
+                ctx.term()
             if metrics_server is not None:
                 metrics_server.shutdown()
                 metrics_server.server_close()
@@ -256,8 +266,11 @@ class Broker:
         for sock in socks:
             sock.curve_server = True
             sock.curve_secretkey = cfg.curve_secret_key.encode()
-            if cfg.curve_public_key:
-                sock.curve_publickey = cfg.curve_public_key.encode()
+            sock.curve_publickey = (
+                cfg.curve_public_key.encode()
+                if cfg.curve_public_key
+                else zmq.curve_public(cfg.curve_secret_key.encode())
+            )
 
     def _bind(self, sock: zmq.Socket[Any], endpoint: str, bound: list[str]) -> str:
         path = ipc_path(endpoint)
@@ -270,8 +283,11 @@ class Broker:
             raise zmq.ZMQError(exc.errno, f"cannot bind {endpoint}: {exc.strerror}") from exc
         actual: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if path is not None:
-            os.chmod(path, 0o600 if self.config.group is None else 0o660)
             bound.append(path)
+            os.chmod(path, 0o600 if self.config.group is None else 0o660)
+            if self.config.group is not None:
+                # Connecting to an ipc socket needs write access to its file.
+                os.chown(path, -1, grp.getgrnam(self.config.group).gr_gid)
         return actual
 
     def _adopt_existing(self) -> None:
@@ -617,8 +633,39 @@ class Broker:
         entry.source = source
         return entry.seg
 
+    def start(self, timeout: float = 10.0) -> Broker:
+        """Serve in a background thread (for embedding and tests); returns self once
+        ready. :meth:`close` stops it and waits until the segments are unlinked.
+
+        Raises:
+            whatever :meth:`run` raised while starting (e.g. BrokerRunningError).
+        """
+        self._error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                self.run()
+            except BaseException as exc:
+                self._error = exc
+
+        self._thread = threading.Thread(
+            target=target, name=f"shmcast-broker-{self.namespace}", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self.close()
+            raise TimeoutError(f"broker of namespace {self.namespace!r} not ready in {timeout}s")
+        if self._error is not None:
+            self._thread.join(timeout)
+            raise self._error
+        return self
+
     def close(self) -> None:
+        """Stop serving; when started with :meth:`start`, wait for the clean shutdown."""
         self.stop()
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(30)
 
     def __enter__(self) -> Broker:
         return self

@@ -63,7 +63,9 @@ def list_segment_names(namespace: str) -> list[str]:
         entries = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return []
-    return sorted(e[len(prefix) :] for e in entries if e.startswith(prefix) and len(e) > len(prefix))
+    return sorted(
+        e[len(prefix) :] for e in entries if e.startswith(prefix) and len(e) > len(prefix)
+    )
 
 
 def list_namespaces() -> list[str]:
@@ -103,6 +105,19 @@ def runtime_dir(namespace: str, *, create: bool = False) -> Path:
                         f"remove it or set XDG_RUNTIME_DIR"
                     ) from None
     return path
+
+
+def share_runtime_dir(path: Path, gid: int) -> None:
+    """Open a namespace's runtime dir to one group (a broker configured with ``group``).
+
+    The per-user root becomes traverse-only for others (0711: no listing, and each
+    namespace dir keeps its own mode); the namespace dir becomes group-owned 0750,
+    so the group can reach the sockets (themselves group-owned 0660) and nobody else can.
+    """
+    root = path.parent
+    os.chmod(root, stat.S_IMODE(root.stat().st_mode) | 0o011)
+    os.chown(path, -1, gid)
+    os.chmod(path, 0o750)
 
 
 @dataclass(frozen=True)

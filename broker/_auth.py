@@ -1,0 +1,58 @@
+"""CURVE authentication of the broker's TCP endpoints (ZeroMQ's ZAP).
+
+With ``curve_secret_key`` set, the broker's sockets are CURVE servers: traffic is
+encrypted and a client must know the server's public key. ``curve_clients``
+narrows that to an allow-list of client public keys, checked by a ZAP handler
+(:class:`zmq.auth.thread.ThreadAuthenticator`) running in the broker. A client
+that is refused gets nothing at all: no reply, no events (ZeroMQ drops the
+handshake), so its requests time out.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import zmq
+from zmq.auth import CURVE_ALLOW_ANY
+from zmq.auth.thread import ThreadAuthenticator
+
+__all__ = ["AllowList", "curve_keypair", "start_authenticator"]
+
+log = logging.getLogger(__name__)
+
+
+def curve_keypair() -> tuple[str, str]:
+    """A new ``(public, secret)`` CURVE key pair, z85 text (40 characters each)."""
+    public, secret = zmq.curve_keypair()
+    return public.decode("ascii"), secret.decode("ascii")
+
+
+class AllowList:
+    """The ZAP credentials provider: a client key is allowed iff it is listed."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.keys = frozenset(k.encode("ascii") for k in keys)
+        self.denied = 0
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key in self.keys:
+            return True
+        self.denied += 1
+        log.warning("refused a CURVE client with unknown public key %s", key.decode("ascii"))
+        return False
+
+
+def start_authenticator(ctx: zmq.Context[Any], clients: tuple[str, ...]) -> ThreadAuthenticator:
+    """Start the ZAP handler of ``ctx``: only ``clients`` (public keys) may connect.
+
+    An empty ``clients`` allows any client that knows the server's public key.
+    Stop it with ``.stop()``; one handler per context.
+    """
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger(__name__ + ".zap"))
+    auth.start()
+    if clients:
+        auth.configure_curve_callback(domain="*", credentials_provider=AllowList(clients))
+    else:
+        auth.configure_curve(domain="*", location=CURVE_ALLOW_ANY)
+    return auth

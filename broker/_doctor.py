@@ -1,0 +1,338 @@
+"""``shmcast doctor``: check what users trip over, and say what to do for each.
+
+Checks: ``/dev/shm`` size and free space against the configured segments,
+objects of namespaces with no live broker (orphans; ``--fix`` unlinks them),
+objects that are not valid segments, permissions of segments and runtime
+directories, the open-files limit, and the CPU's memory model. Exit code 0 when
+nothing is wrong, 1 when a problem was found (warnings alone do not fail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import resource
+import shutil
+import stat
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ._config import resolve_config
+from ._names import (
+    NAMESPACE_ENV,
+    SHM_DIR,
+    list_namespaces,
+    list_segment_names,
+    object_name,
+    runtime_root,
+)
+from ._segment import Segment, machine_supported, segment_size
+from .errors import ConfigError, ShmcastError
+
+HELP = "check /dev/shm, orphaned segments, permissions and limits; say how to fix each"
+EXAMPLES = """\
+examples:
+  shmcast doctor                                  every namespace of this user
+  shmcast doctor --config configs/broker.toml     does /dev/shm hold the declared segments?
+  shmcast doctor --namespace lab --fix            unlink the objects a dead broker left
+  shmcast doctor --json --subscribers 500         machine-readable; size the fd limit for 500
+
+Exit code 0: all OK (warnings allowed); 1: problems found (each with what to do).
+"""
+
+OK, WARN, PROBLEM = "ok", "warn", "problem"
+#: File descriptors a broker uses per connected subscriber (control + events).
+FDS_PER_SUBSCRIBER = 2
+
+
+@dataclass
+class Check:
+    """One finding: what was checked, its status, what it means, what to do."""
+
+    check: str
+    status: str
+    message: str
+    fix: str = ""
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="broker TOML config: check its segments fit")
+    p.add_argument("--fix", action="store_true", help="unlink orphaned and invalid objects")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.add_argument(
+        "--subscribers",
+        type=int,
+        default=256,
+        metavar="N",
+        help="subscribers the broker should hold (sizes the open-files check; default 256)",
+    )
+
+
+def broker_alive(namespace: str) -> bool:
+    """Whether a live broker holds ``namespace``'s lock (asked of the kernel, not guessed)."""
+    path = runtime_root() / namespace / "broker.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        return True  # not ours to judge: leave it alone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the probe lock
+    return False
+
+
+def _check_shm(config_file: str | None, namespace: str | None) -> list[Check]:
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError as exc:
+        return [
+            Check(
+                "shm",
+                PROBLEM,
+                f"{SHM_DIR} is not usable: {exc}",
+                "mount a tmpfs on /dev/shm (docker: --shm-size 1g, compose: shm_size)",
+            )
+        ]
+    total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    out = [Check("shm", OK, f"{SHM_DIR}: {total / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free")]
+    if not config_file:
+        return out
+    try:
+        cfg = resolve_config({"namespace": namespace}, config_file=config_file, environ={})
+    except ConfigError as exc:
+        return [*out, Check("config", PROBLEM, str(exc), "correct the named field")]
+    present = set(list_segment_names(cfg.namespace))
+    needed = sum(segment_size(s.nbytes, s.slots) for s in cfg.segments if s.name not in present)
+    declared = sum(segment_size(s.nbytes, s.slots) for s in cfg.segments)
+    if needed > free:
+        out.append(
+            Check(
+                "shm-config",
+                PROBLEM,
+                f"the {len(cfg.segments)} segments of {config_file} need {needed / 2**20:.1f} "
+                f"MiB more but {SHM_DIR} has {free / 2**20:.1f} MiB free",
+                f"give /dev/shm at least {declared / 2**20 * 1.25:.0f} MiB (docker run "
+                f"--shm-size, compose shm_size, or mount -o remount,size=... /dev/shm)",
+            )
+        )
+    else:
+        out.append(
+            Check(
+                "shm-config",
+                OK,
+                f"the segments of {config_file} take {declared / 2**20:.1f} MiB; they fit",
+            )
+        )
+    return out
+
+
+def _check_objects(namespaces: list[str], fix: bool) -> list[Check]:
+    out: list[Check] = []
+    uid = os.getuid()
+    for ns in namespaces:
+        alive = broker_alive(ns)
+        orphans: list[str] = []
+        invalid: list[str] = []
+        for name in list_segment_names(ns):
+            path = os.path.join(SHM_DIR, object_name(ns, name))
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if st.st_uid != uid:
+                continue  # another user's: not ours to judge or fix
+            mode = stat.S_IMODE(st.st_mode)
+            if mode & 0o006:
+                out.append(
+                    Check(
+                        "permissions",
+                        PROBLEM,
+                        f"{path} is readable or writable by every user (mode {mode:04o})",
+                        'run the broker with mode = "0600" (or "0640" with a group); '
+                        f"chmod o-rw {path}",
+                    )
+                )
+            elif mode & 0o060:
+                out.append(
+                    Check(
+                        "permissions",
+                        WARN,
+                        f"{path} is group-accessible (mode {mode:04o}, gid {st.st_gid})",
+                        "intended only when the broker is configured with a group",
+                    )
+                )
+            try:
+                seg = Segment.attach(name, namespace=ns, wait=0.2, prefault=False)
+            except PermissionError:
+                continue
+            except ShmcastError as exc:
+                invalid.append(name)
+                if not (fix and not alive):
+                    out.append(
+                        Check(
+                            "invalid",
+                            PROBLEM,
+                            f"{path} is not a valid shmcast segment: {exc}",
+                            "shmcast doctor --fix unlinks it when no broker serves the "
+                            "namespace (a restarted broker reclaims it too)",
+                        )
+                    )
+                continue
+            try:
+                writer = seg.writer_alive()
+            finally:
+                seg.close()
+            if not alive and not writer:
+                orphans.append(name)
+        if orphans and not fix:
+            out.append(
+                Check(
+                    "orphans",
+                    PROBLEM,
+                    f"namespace {ns!r} has no live broker and {len(orphans)} segment(s) "
+                    f"with no writer: {', '.join(orphans[:10])}"
+                    + (" ..." if len(orphans) > 10 else ""),
+                    f"start `shmcast broker --namespace {ns}` to adopt them, or "
+                    f"`shmcast doctor --namespace {ns} --fix` to unlink them",
+                )
+            )
+        stale = not alive and (runtime_root() / ns).is_dir()
+        if fix and not alive:
+            for name in orphans + invalid:
+                if Segment.remove(name, namespace=ns):
+                    out.append(Check("fixed", OK, f"unlinked {SHM_DIR}/{object_name(ns, name)}"))
+            if stale:
+                shutil.rmtree(runtime_root() / ns, ignore_errors=True)
+                out.append(Check("fixed", OK, f"removed stale runtime dir {runtime_root() / ns}"))
+        elif stale:
+            out.append(
+                Check(
+                    "runtime",
+                    WARN,
+                    f"{runtime_root() / ns} is left from a broker that is not running",
+                    "harmless (the next broker reuses it); --fix removes it",
+                )
+            )
+    if not out:
+        out.append(Check("objects", OK, f"{len(namespaces)} namespace(s): no orphans, all valid"))
+    return out
+
+
+def _check_runtime_dirs(namespaces: list[str]) -> list[Check]:
+    out: list[Check] = []
+    root = runtime_root()
+    for path in [root, *(root / ns for ns in namespaces)]:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid != os.getuid():
+            out.append(
+                Check(
+                    "runtime-dir",
+                    PROBLEM,
+                    f"{path} is owned by uid {st.st_uid}, not you",
+                    "remove it, or set XDG_RUNTIME_DIR to a directory of your own",
+                )
+            )
+        elif mode & 0o022 or (path != root and mode & 0o007):
+            out.append(
+                Check(
+                    "runtime-dir",
+                    PROBLEM,
+                    f"{path} has mode {mode:04o}: others can reach or replace the sockets",
+                    f"chmod 0700 {path} (0750 with a configured group)",
+                )
+            )
+    if not out:
+        out.append(Check("runtime-dir", OK, f"{root}: owner-only"))
+    return out
+
+
+def _check_limits(subscribers: int) -> list[Check]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = FDS_PER_SUBSCRIBER * subscribers + 256
+    out = []
+    if soft != resource.RLIM_INFINITY and soft < need:
+        out.append(
+            Check(
+                "nofile",
+                PROBLEM,
+                f"open-files limit {soft} is below the ~{need} a broker needs for "
+                f"{subscribers} subscribers ({FDS_PER_SUBSCRIBER} per subscriber + segments)",
+                f"ulimit -n {max(need, 4096)} (hard limit {hard}); systemd: LimitNOFILE=, "
+                f"docker: --ulimit nofile={max(need, 4096)}",
+            )
+        )
+    else:
+        out.append(Check("nofile", OK, f"open-files limit {soft} holds {subscribers} subscribers"))
+    out.append(
+        Check("memlock", OK, "RLIMIT_MEMLOCK does not matter: segments are not locked in RAM")
+    )
+    return out
+
+
+def _check_machine() -> list[Check]:
+    import platform
+
+    if machine_supported():
+        return [Check("cpu", OK, f"{platform.machine()}: TSO memory model, the seqlock is sound")]
+    return [
+        Check(
+            "cpu",
+            PROBLEM,
+            f"{platform.machine()} is weakly ordered: the pure-Python seqlock has no fences, "
+            f"a reader may see a version before its bytes",
+            "run on x86-64, or copy out with Segment.latest() and compare two reads",
+        )
+    ]
+
+
+def diagnose(
+    *,
+    namespace: str | None = None,
+    config_file: str | None = None,
+    fix: bool = False,
+    subscribers: int = 256,
+) -> list[Check]:
+    """Run every check; ``namespace=None`` looks at every namespace in ``/dev/shm``."""
+    namespaces = [namespace] if namespace else list_namespaces()
+    if namespace is None and runtime_root().is_dir():
+        namespaces = sorted(set(namespaces) | {p.name for p in runtime_root().iterdir()})
+    return [
+        *_check_shm(config_file, namespace),
+        *_check_objects(namespaces, fix),
+        *_check_runtime_dirs(namespaces),
+        *_check_limits(subscribers),
+        *_check_machine(),
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    namespace = args.namespace or os.environ.get(NAMESPACE_ENV) or None
+    checks = diagnose(
+        namespace=namespace,
+        config_file=args.config,
+        fix=args.fix,
+        subscribers=args.subscribers,
+    )
+    failed = any(c.status == PROBLEM for c in checks)
+    if args.json:
+        report: dict[str, Any] = {"ok": not failed, "checks": [asdict(c) for c in checks]}
+        print(json.dumps(report, indent=2))
+    else:
+        for c in checks:
+            print(f"{c.status.upper():8} {c.check:12} {c.message}")
+            if c.fix and c.status != OK:
+                print(f"{'':8} {'':12} -> {c.fix}")
+        print("doctor: problems found" if failed else "doctor: all OK", file=sys.stderr)
+    return 1 if failed else 0
