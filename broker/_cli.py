@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from .errors import ShmcastError
+from .errors import ConfigError, InvalidNameError, ShmcastError
 
 #: (command, module) in the order ``shmcast --help`` lists them.
 COMMANDS: tuple[tuple[str, str], ...] = (
@@ -24,6 +24,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("top", "broker._top"),
     ("health", "broker._cmd_health"),
     ("demo", "broker._demo"),
+    ("doctor", "broker._doctor"),
 )
 
 EPILOG = """\
@@ -86,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args._run(args))
+    except (ConfigError, InvalidNameError) as exc:
+        # A bad argument or config value, like argparse's own errors: exit code 2.
+        print(f"shmcast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except ShmcastError as exc:
         print(f"shmcast {args.command}: error: {exc}", file=sys.stderr)
         return 1
