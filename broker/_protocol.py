@@ -154,17 +154,8 @@ class ControlClient:
         self._closed = True
         self.endpoint = endpoint
         self.timeout = timeout
-        ctx = context or zmq.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        if curve is not None:
-            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
-        try:
-            sock.connect(endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(0)
-            raise BrokerUnavailableError(endpoint, 0) from exc
+        self._curve = curve
+        sock = self._new_socket(context or zmq.Context.instance())
         self._sock = sock
         self._ids = itertools.count(1)
         self.dropped = 0
@@ -214,24 +205,23 @@ class ControlClient:
             return False
         return True
 
-    def _reconnect(self) -> None:
-        ctx = self._sock.context
-        opts = {}
-        with contextlib.suppress(zmq.ZMQError):
-            if self._sock.curve_serverkey:
-                opts = {
-                    "curve_serverkey": self._sock.curve_serverkey,
-                    "curve_publickey": self._sock.curve_publickey,
-                    "curve_secretkey": self._sock.curve_secretkey,
-                }
-        self._sock.close(0)
-        sock = ctx.socket(zmq.DEALER)
+    def _new_socket(self, ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
+        sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
-        for k, v in opts.items():
-            setattr(sock, k, v)
-        sock.connect(self.endpoint)
-        self._sock = sock
+        if self._curve is not None:
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self._curve
+        try:
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise BrokerUnavailableError(self.endpoint, 0) from exc
+        return sock
+
+    def _reconnect(self) -> None:
+        ctx = self._sock.context
+        self._sock.close(0)
+        self._sock = self._new_socket(ctx)
 
     def close(self) -> None:
         if self._closed:
