@@ -25,9 +25,19 @@ from typing import IO, Any
 __all__ = ["ShmcastProcess", "running", "start", "unique_namespace", "wait_for"]
 
 
+_ISSUED: set[str] = set()
+
+
 def unique_namespace(prefix: str = "t") -> str:
-    """A namespace no other test or run uses."""
-    return f"{prefix}{uuid.uuid4().hex[:12]}"
+    """A namespace no other test or run uses (remembered: see :func:`issued_namespaces`)."""
+    ns = f"{prefix}{uuid.uuid4().hex[:12]}"
+    _ISSUED.add(ns)
+    return ns
+
+
+def issued_namespaces() -> frozenset[str]:
+    """The namespaces :func:`unique_namespace` handed out in this process."""
+    return frozenset(_ISSUED)
 
 
 def wait_for(predicate: Any, timeout: float, interval: float = 0.01, what: str = "") -> Any:

@@ -84,6 +84,7 @@ from .errors import (
     NotASegmentError,
     NoVersionError,
     ReadOnlyError,
+    SegmentError,
     SegmentExistsError,
     SegmentNotFoundError,
     ShmSpaceError,
@@ -197,7 +198,11 @@ def normalize_layout(
 
 def _describe(dt: np.dtype[Any]) -> bytes:
     # ascii(), not repr(): field names and titles may hold any unicode character.
-    return ascii(npformat.dtype_to_descr(dt)).encode("ascii")
+    # Dtype metadata is not part of the layout (numpy warns that it is dropped).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        descr = npformat.dtype_to_descr(dt)
+    return ascii(descr).encode("ascii")
 
 
 def _parse_descr(text: bytes) -> np.dtype[Any]:
@@ -206,7 +211,9 @@ def _parse_descr(text: bytes) -> np.dtype[Any]:
 
 def dtype_str(dt: np.dtype[Any]) -> str:
     """A string that ``parse_dtype`` turns back into exactly ``dt`` (for the wire and CLI)."""
-    descr = npformat.dtype_to_descr(dt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        descr = npformat.dtype_to_descr(dt)
     return descr if isinstance(descr, str) else repr(descr)
 
 
@@ -601,11 +608,19 @@ class Segment:
         if array.shape != self._shape:
             raise ArrayMismatchError(self._name, "shape", self._shape, array.shape)
 
-    def _begin(self) -> tuple[int, int, int]:
+    def _begin(self, version: int | None = None) -> tuple[int, int, int]:
         q = self._header()
         if not self._writable:
             raise ReadOnlyError(self._name)
-        v = int(q[W_LATEST]) + 1
+        latest = int(q[W_LATEST])
+        v = latest + 1 if version is None else int(version)
+        if v <= latest:
+            # Readers and announcements rely on versions only going forward.
+            raise SegmentError(
+                self._name,
+                f"version {v} of segment {self._name!r} is not newer than the latest "
+                f"({latest}); versions only go forward",
+            )
         i = v % self._slots
         si = self._seq_idx[i]
         s = int(q[si])
@@ -635,17 +650,23 @@ class Segment:
         q[si + 1] = 0  # the old version's bytes are gone: no version lives here now
         q[si] = s + 2
 
-    def write(self, array: npt.NDArray[Any]) -> int:
+    def write(self, array: npt.NDArray[Any], *, version: int | None = None) -> int:
         """Copy ``array`` in as the next version and return its number (the first is 1).
+
+        Args:
+            array: the data, of the segment's dtype and shape.
+            version: commit exactly this version instead of latest + 1 (a relay
+                keeps its upstream's numbers); it must be newer than the latest.
 
         Raises:
             ArrayMismatchError: wrong dtype or shape (nothing is published).
             ReadOnlyError: this handle is not the writer.
+            SegmentError: ``version`` is not newer than the latest.
         """
         self._check_array(array)
         if self._loaning:
             raise LayoutError(f"segment {self._name!r}: write() inside an open loan()")
-        v, i, s = self._begin()
+        v, i, s = self._begin(version)
         try:
             if array.flags.c_contiguous:
                 # Raw bytes: np.copyto on a record dtype is ~20x slower than memcpy.
@@ -659,15 +680,16 @@ class Segment:
         return v
 
     @contextlib.contextmanager
-    def loan(self) -> Iterator[npt.NDArray[Any]]:
+    def loan(self, *, version: int | None = None) -> Iterator[npt.NDArray[Any]]:
         """Yield a writable array over the next slot; commit it when the block ends.
 
         If the block raises, nothing is published (the slot is marked empty).
-        The array must not be used after the block.
+        The array must not be used after the block. ``version`` commits exactly
+        that version (it must be newer than the latest), as in :meth:`write`.
         """
         if self._loaning:
             raise LayoutError(f"segment {self._name!r}: loans do not nest")
-        v, i, s = self._begin()
+        v, i, s = self._begin(version)
         self._loaning = True
         try:
             yield self._loan_views[i]
@@ -740,7 +762,8 @@ class Segment:
 
     def latest(self, *, retries: int = 1000) -> Snapshot:
         """A validated private copy of the latest version (torn reads are retried)."""
-        for _ in range(retries):
+        v = 0
+        for _ in range(max(1, retries)):
             v, i, s, ts = self.acquire()
             data = self._views[i].copy()
             if self.validate(i, s):

@@ -5,25 +5,31 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from broker._names import SHM_DIR, runtime_root
+from broker._process import issued_namespaces, unique_namespace
+
+
+def _ours(namespace: str) -> bool:
+    # Only the namespaces this test process handed out (and 'default'), so that test
+    # runs and benchmarks running side by side on one machine never blame each other.
+    return namespace == "default" or namespace in issued_namespaces()
 
 
 def _shm_objects() -> set[str]:
     try:
-        return {e for e in os.listdir(SHM_DIR) if e.startswith("shmcast.")}
+        entries = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return set()
+    return {e for e in entries if e.startswith("shmcast.") and _ours(e.split(".")[1])}
 
 
 def _runtime_entries() -> set[str]:
-    root = runtime_root()
     try:
-        return set(os.listdir(root))
+        return {e for e in os.listdir(runtime_root()) if _ours(e)}
     except FileNotFoundError:
         return set()
 
@@ -48,6 +54,6 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture
 def namespace(monkeypatch: pytest.MonkeyPatch) -> str:
     """A namespace no other test uses; also set as SHMCAST_NAMESPACE for child processes."""
-    ns = "t" + uuid.uuid4().hex[:12]
+    ns = unique_namespace("t")
     monkeypatch.setenv("SHMCAST_NAMESPACE", ns)
     return ns
