@@ -27,6 +27,7 @@ import zmq
 
 from ._auth import start_authenticator
 from ._config import BrokerConfig, SegmentSpec
+from ._datastream import DataStream
 from ._names import list_segment_names, runtime_dir, share_runtime_dir, validate_segment_name
 from ._protocol import (
     BROKER_TOPIC,
@@ -126,6 +127,7 @@ class Broker:
         self.endpoints: Endpoints | None = None
         self.metrics_url: str | None = None
         self._hooks: list[Callable[[Broker], None]] = []
+        self._data: DataStream | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -209,6 +211,10 @@ class Broker:
             self._adopt_existing()
             for spec in cfg.segments:
                 self._create(spec.name, spec.dtype, spec.shape, spec.slots)
+            if cfg.data:
+                self._data = DataStream(self, cfg.data)
+                self._data.start()
+                self.add_tick_hook(self._data.sync)
             if cfg.metrics_port is not None:
                 metrics_server = self._start_metrics(cfg.metrics_port, cfg.metrics_host)
             ready = {
@@ -218,6 +224,7 @@ class Broker:
                 "control": control_ep,
                 "events": events_ep,
                 "metrics": self.metrics_url,
+                "data": self._data.endpoint if self._data else None,
                 "segments": sorted(self._segments),
             }
             self._ready.set()
@@ -227,6 +234,8 @@ class Broker:
         finally:
             self._ready.set()
             self._shutdown()
+            if self._data is not None:
+                self._data.close()
             control.close(0)
             events.close(0)
             if auth is not None:
@@ -377,6 +386,8 @@ class Broker:
         entry.published += max(0, version - entry.announced)
         entry.announced = version
         self._emit(topic(name), "version", name, version, ts)
+        if self._data is not None:
+            self._data.notify(name)
 
     def _count_error(self, kind: str) -> None:
         with self._lock:
@@ -516,14 +527,20 @@ class Broker:
             "pid": os.getpid(),
             "control": self.endpoints.control,
             "events": self.config.advertise_events or self.endpoints.events,
-            "data": self.config.data,
+            "data": self._data.endpoint if self._data else None,
             "heartbeat_interval": self.config.heartbeat_interval,
         }
 
     def _op_create(self, req: dict[str, Any]) -> dict[str, Any]:
-        return self._create(
-            self._name(req), req.get("dtype"), req.get("shape"), req.get("slots", 2)
-        )
+        name = self._name(req)
+        reply = self._create(name, req.get("dtype"), req.get("shape"), req.get("slots", 2))
+        source, up = req.get("source"), req.get("upstream_up")
+        if isinstance(source, str) and source:  # a relay says where the data comes from
+            self._segments[name].source = source[:256]
+            if isinstance(up, bool):
+                self._segments[name].extra["upstream_up"] = up
+            reply = self._describe(name)
+        return reply
 
     def _op_describe(self, req: dict[str, Any]) -> dict[str, Any]:
         return self._describe(self._name(req))

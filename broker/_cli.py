@@ -25,6 +25,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("health", "broker._cmd_health"),
     ("demo", "broker._demo"),
     ("doctor", "broker._doctor"),
+    ("relay", "broker._relay"),
 )
 
 EPILOG = """\

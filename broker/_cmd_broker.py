@@ -22,6 +22,7 @@ examples:
   shmcast broker --metrics-port 9100              Prometheus metrics on 127.0.0.1:9100
   shmcast broker --config configs/broker.toml     endpoints, permissions, declared segments
   shmcast broker --events tcp://127.0.0.1:5556    announcements over TCP (loopback)
+  shmcast broker --data tcp://10.0.0.1:5557       data stream for relays on other hosts
 
 It prints one line 'shmcast broker ready: {json}' with its endpoints when serving.
 SIGTERM/SIGINT: shut down and unlink the namespace's segments.
@@ -33,6 +34,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML configuration (see configs/broker.toml)")
     p.add_argument("--control", metavar="ENDPOINT", help="control endpoint (ROUTER)")
     p.add_argument("--events", metavar="ENDPOINT", help="announcement endpoint (PUB)")
+    p.add_argument(
+        "--data", metavar="ENDPOINT", help="data stream for relays, tcp://ADDR:PORT (default: none)"
+    )
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
     p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (default 127.0.0.1)")
     p.add_argument("--heartbeat", type=float, metavar="S", help="heartbeat interval (0.5)")
@@ -45,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         "namespace": args.namespace,
         "control": args.control,
         "events": args.events,
+        "data": args.data,
         "metrics_port": args.metrics_port,
         "metrics_host": args.metrics_host,
         "heartbeat_interval": args.heartbeat,

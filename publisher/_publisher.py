@@ -37,6 +37,8 @@ class Publisher:
         broker: the broker's control endpoint; ``None`` means the namespace's
             default ipc endpoint.
         timeout: seconds to wait for each broker reply.
+        source: what the catalog's ``source`` field says about this segment
+            (``"local"`` unless set, e.g. ``"relay:tcp://host:5557"``).
 
     Raises:
         BrokerUnavailableError: no broker answered.
@@ -56,6 +58,7 @@ class Publisher:
         broker: str | None = None,
         timeout: float = 5.0,
         curve: tuple[bytes, bytes, bytes] | None = None,
+        source: str | None = None,
     ) -> None:
         self._closed = True
         self._seg: Segment | None = None
@@ -71,8 +74,14 @@ class Publisher:
                 client.request("describe", name=self.name)
             else:
                 dt, shp = normalize_layout(dtype, shape)
+                extra: dict[str, Any] = {} if source is None else {"source": source}
                 client.request(
-                    "create", name=self.name, dtype=dtype_str(dt), shape=list(shp), slots=slots
+                    "create",
+                    name=self.name,
+                    dtype=dtype_str(dt),
+                    shape=list(shp),
+                    slots=slots,
+                    **extra,
                 )
             client.request("lease", name=self.name, pid=os.getpid())
             self._seg = Segment.attach(self.name, namespace=self.namespace, writable=True)
@@ -106,24 +115,26 @@ class Publisher:
     def closed(self) -> bool:
         return self._closed
 
-    def publish(self, array: npt.NDArray[Any]) -> int:
+    def publish(self, array: npt.NDArray[Any], *, version: int | None = None) -> int:
         """Copy ``array`` in as the next version, announce it, return its number.
+
+        ``version`` commits exactly that number (newer than the latest), as a relay does.
 
         Raises:
             ArrayMismatchError: wrong dtype or shape (nothing is published).
         """
-        v = self.segment.write(array)
+        v = self.segment.write(array, version=version)
         self._announce(v)
         return v
 
     @contextlib.contextmanager
-    def loan(self) -> Iterator[npt.NDArray[Any]]:
+    def loan(self, *, version: int | None = None) -> Iterator[npt.NDArray[Any]]:
         """Yield the next slot as a writable array; commit and announce on exit.
 
-        If the block raises, nothing is published.
+        If the block raises, nothing is published. ``version`` as in :meth:`publish`.
         """
         seg = self.segment
-        with seg.loan() as arr:
+        with seg.loan(version=version) as arr:
             yield arr
         self._announce(seg.version)
 

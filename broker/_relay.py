@@ -1,0 +1,675 @@
+"""``shmcast relay``: mirror an upstream broker's segments into this host's broker.
+
+The relay connects a DEALER to an upstream broker's data stream (see
+:mod:`broker._datastream` for the messages and why they are sound), and for each
+segment matching its patterns it acts as the local segment's publisher: it
+creates-or-gets the segment in the local broker (same name, dtype, shape and
+slots; catalog ``source`` = ``"relay:<upstream>"``), takes the writer lease, and
+commits every version it receives under the upstream's version number
+(``Segment.loan(version=v)``), then announces it like any publisher. Local
+subscribers read it zero-copy and cannot tell it from a local segment except by
+``source`` (and ``upstream_up``) in the catalog.
+
+- A received version is committed only after the upstream's ``ok`` verdict, so a
+  send torn by the upstream writer never reaches a local reader.
+- Latest value: versions the relay never commits (skipped upstream because the
+  relay or the link was slower, or torn) are counted per segment
+  (``shmcast_relay_versions_skipped_total``); nothing queues without bound (the
+  upstream keeps at most ``window`` messages in flight).
+- Silence: with no message for ``heartbeat_timeout`` (default 3 upstream
+  heartbeats + 0.2 s) the upstream is reported down (metric
+  ``shmcast_relay_upstream_up``, catalog ``upstream_up: false``); the local
+  segments keep their last data. ZeroMQ reconnects by itself; the relay says
+  ``hello`` again (with the versions it has) and catches up to the latest.
+- An upstream segment that was recreated (new layout, or its versions started
+  over) is recreated locally, since versions only go forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import zmq
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from ._config import load_toml
+from ._names import resolve_namespace, validate_segment_name
+from ._protocol import ControlClient, Endpoints, pack, unpack
+from ._segment import dtype_str, normalize_layout, parse_dtype
+from .errors import ConfigError, ShmcastError
+
+__all__ = ["READY", "Relay", "RelayConfig", "RelayStats", "resolve_relay_config"]
+
+log = logging.getLogger(__name__)
+
+READY = "shmcast relay ready: "
+MAX_HEADER = 64 * 1024
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """What a relay needs, validated.
+
+    Args:
+        upstream: the upstream broker's data endpoint, ``tcp://HOST:PORT``.
+        segments: fnmatch patterns of the segments to mirror.
+        namespace: the local namespace the mirrors live in.
+        broker: the local broker's control endpoint (default: the namespace's ipc one).
+        window: data messages the upstream may have in flight to us.
+        heartbeat_timeout: seconds of silence before the upstream is called down
+            (``None``: 3 upstream heartbeat intervals + 0.2 s).
+        curve_server_key: the upstream's CURVE public key (z85); enables CURVE.
+        curve_public_key, curve_secret_key: this relay's key pair (generated per
+            run when unset, which only works with an upstream allowing any key).
+    """
+
+    upstream: str = ""
+    segments: tuple[str, ...] = ("*",)
+    namespace: str = "default"
+    broker: str | None = None
+    window: int = 8
+    heartbeat_timeout: float | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    curve_server_key: str | None = None
+    curve_public_key: str | None = None
+    curve_secret_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.upstream, str) or not self.upstream.startswith(
+            ("tcp://", "ipc://", "inproc://")
+        ):
+            raise ConfigError(
+                "upstream", f"{self.upstream!r}: give the data endpoint, tcp://HOST:PORT"
+            )
+        resolve_namespace(self.namespace)
+        if not self.segments or not all(isinstance(p, str) and p for p in self.segments):
+            raise ConfigError("segments", "give one or more fnmatch patterns, e.g. 'frames*'")
+        if not isinstance(self.window, int) or not 1 <= self.window <= 64:
+            raise ConfigError("window", f"{self.window!r}: use 1..64")
+        if self.heartbeat_timeout is not None and not (
+            isinstance(self.heartbeat_timeout, (int, float)) and self.heartbeat_timeout > 0
+        ):
+            raise ConfigError("heartbeat_timeout", "use a positive number of seconds")
+        if self.metrics_port is not None and not (
+            isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535
+        ):
+            raise ConfigError("metrics_port", f"{self.metrics_port!r} is not a port (0-65535)")
+        for name in ("curve_server_key", "curve_public_key", "curve_secret_key"):
+            key = getattr(self, name)
+            if key is not None and (not isinstance(key, str) or len(key) != 40):
+                raise ConfigError(name, "expected a 40-character z85 CURVE key")
+        if (self.curve_public_key is None) != (self.curve_secret_key is None):
+            raise ConfigError("curve_secret_key", "give both curve_public_key and curve_secret_key")
+
+    @property
+    def source(self) -> str:
+        return f"relay:{self.upstream}"
+
+
+_ENV = {"namespace": "SHMCAST_NAMESPACE", "upstream": "SHMCAST_RELAY_UPSTREAM"}
+
+
+def resolve_relay_config(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RelayConfig:
+    """Flags, then ``SHMCAST_*`` environment, then the TOML file, then defaults.
+
+    Raises:
+        ConfigError: naming the field (and the file) that is wrong.
+    """
+    flags = dict(flags or {})
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = load_toml(config_file) if config_file else {}
+    known = {f.name for f in fields(RelayConfig)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(key, "unknown key", config_file)
+    values: dict[str, Any] = {}
+    for name in known:
+        if flags.get(name) is not None:
+            values[name] = flags[name]
+        elif name in _ENV and env.get(_ENV[name]):
+            values[name] = env[_ENV[name]]
+        elif name in data:
+            values[name] = data[name]
+    if isinstance(values.get("segments"), (list, str)):
+        seg = values["segments"]
+        values["segments"] = (seg,) if isinstance(seg, str) else tuple(seg)
+    try:
+        return RelayConfig(**values)
+    except ConfigError as exc:
+        if exc.source is None and config_file:
+            raise ConfigError(exc.field, str(exc).split(": ", 1)[-1], config_file) from None
+        raise
+    except ShmcastError as exc:
+        raise ConfigError("namespace", str(exc), config_file) from None
+    except TypeError as exc:
+        raise ConfigError("config", str(exc), config_file) from None
+
+
+@dataclass
+class _Mirror:
+    name: str
+    layout: tuple[str, tuple[int, ...], int]
+    created: int
+    pub: Any  # publisher.Publisher (imported lazily: broker must not import publisher early)
+
+
+@dataclass
+class _Counts:
+    received: int = 0
+    skipped: int = 0
+    torn: int = 0
+    stale: int = 0
+    bytes: int = 0
+    last_version: int = 0
+    upstream_latest: int = 0
+
+
+@dataclass(frozen=True)
+class RelayStats:
+    """A snapshot of a relay's counters (metrics are built from it at scrape time)."""
+
+    upstream: str
+    namespace: str
+    upstream_up: bool
+    reconnects: int
+    silence_s: float
+    segments: dict[str, _Counts] = field(default_factory=dict)
+    bad_messages: int = 0
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+class Relay:
+    """The relay service: :meth:`run` serves until :meth:`stop`.
+
+    Args:
+        config: a :class:`RelayConfig`.
+    """
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.namespace = resolve_namespace(config.namespace)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._mirrors: dict[str, _Mirror] = {}
+        self._counts: dict[str, _Counts] = {}
+        self._pending: dict[str, tuple[dict[str, Any], zmq.Frame]] = {}
+        self._acks: list[int] = []
+        self._refused: dict[str, str] = {}
+        self.upstream_up = False
+        self.reconnects = 0
+        self.bad_messages = 0
+        self.interval = 0.5
+        self._welcomed = False
+        self._last_heard = 0.0
+        self._local: ControlClient | None = None
+        self._sock: zmq.Socket[Any] | None = None
+        self.metrics_url: str | None = None
+
+    # ------------------------------------------------------------------ public
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return (thread- and signal-safe)."""
+        self._stop.set()
+
+    @property
+    def heartbeat_timeout(self) -> float:
+        t = self.config.heartbeat_timeout
+        return t if t is not None else 3 * self.interval + 0.2
+
+    def stats(self) -> RelayStats:
+        with self._lock:
+            counts = {n: _Counts(**vars(c)) for n, c in self._counts.items()}
+            refused = dict(self._refused)
+        silence = time.monotonic() - self._last_heard if self._last_heard else -1.0
+        return RelayStats(
+            upstream=self.config.upstream,
+            namespace=self.namespace,
+            upstream_up=self.upstream_up,
+            reconnects=self.reconnects,
+            silence_s=silence,
+            segments=counts,
+            bad_messages=self.bad_messages,
+            refused=refused,
+        )
+
+    def run(self, on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Serve until :meth:`stop`; ``on_ready`` gets the ready information.
+
+        Raises:
+            BrokerUnavailableError: the local broker does not answer.
+        """
+        cfg = self.config
+        local_ep = cfg.broker or Endpoints.default(self.namespace).control
+        ctx: zmq.Context[Any] = zmq.Context()
+        metrics_server: Any = None
+        try:
+            self._local = ControlClient(local_ep, timeout=5.0, context=ctx)
+            self._local.request("hello")
+            self._sock = self._connect(ctx)
+            if cfg.metrics_port is not None:
+                metrics_server = self._start_metrics(cfg.metrics_port, cfg.metrics_host)
+            self._send_hello()
+            if on_ready is not None:
+                on_ready(
+                    {
+                        "namespace": self.namespace,
+                        "pid": os.getpid(),
+                        "upstream": cfg.upstream,
+                        "segments": list(cfg.segments),
+                        "broker": local_ep,
+                        "metrics": self.metrics_url,
+                        "curve": cfg.curve_server_key is not None,
+                    }
+                )
+            self._serve()
+        finally:
+            for m in self._mirrors.values():
+                with contextlib.suppress(Exception):
+                    m.pub.close()
+            self._mirrors.clear()
+            self._pending.clear()
+            if self._local is not None:
+                self._local.close()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
+            ctx.destroy(0)
+
+    # ------------------------------------------------------------------ set-up
+
+    def _connect(self, ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
+        cfg = self.config
+        sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 64)
+        sock.setsockopt(zmq.RCVHWM, 4 * 64 + 64)
+        # No queueing towards a connection that is not up: hellos are re-sent anyway.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        # ZMTP heartbeats: a cut link kills the connection, so ZeroMQ rebuilds it on repair.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 500)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 1500)
+        if cfg.curve_server_key:
+            if cfg.curve_public_key and cfg.curve_secret_key:
+                public, secret = cfg.curve_public_key.encode(), cfg.curve_secret_key.encode()
+            else:
+                public, secret = zmq.curve_keypair()
+            sock.curve_serverkey = cfg.curve_server_key.encode()
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+        try:
+            sock.connect(cfg.upstream)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise ConfigError("upstream", f"cannot connect {cfg.upstream}: {exc}") from exc
+        return sock
+
+    def _start_metrics(self, port: int, host: str) -> Any:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(RelayCollector(self))
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+        self.metrics_url = f"http://{host}:{server.server_port}/metrics"
+        return server
+
+    # ------------------------------------------------------------------ serving
+
+    def _serve(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        next_ping = time.monotonic() + self.interval
+        while not self._stop.is_set():
+            if sock.poll(100, zmq.POLLIN):
+                for _ in range(1000):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._heard()
+                    try:
+                        self._on_message(frames)
+                    except (ValueError, TypeError, KeyError, ShmcastError) as exc:
+                        self.bad_messages += 1
+                        log.warning("bad message from upstream: %s", exc)
+                    if self._acks and len(self._acks) >= 16:
+                        self._flush_acks()
+            self._flush_acks()
+            now = time.monotonic()
+            if self.upstream_up and now - self._last_heard > self.heartbeat_timeout:
+                log.warning("upstream %s silent for %.1fs: down", self.config.upstream,
+                            now - self._last_heard)  # fmt: skip
+                self.upstream_up = False
+                self._pending.clear()  # their verdicts may never come
+                self._annotate()
+                next_ping = now
+            if now >= next_ping:
+                next_ping = now + self.interval
+                if self.upstream_up and self._welcomed:
+                    self._send(b"ping", {})
+                else:
+                    self._send_hello()
+
+    def _heard(self) -> None:
+        self._last_heard = time.monotonic()
+        if not self.upstream_up:
+            self.upstream_up = True
+            if self._welcomed:
+                self.reconnects += 1
+            log.info("upstream %s is up", self.config.upstream)
+            self._annotate()
+
+    def _send(self, kind: bytes, body: dict[str, Any]) -> None:
+        assert self._sock is not None
+        with contextlib.suppress(zmq.Again):
+            self._sock.send_multipart([kind, pack(body)], zmq.NOBLOCK)
+
+    def _send_hello(self) -> None:
+        have = {}
+        for name, m in self._mirrors.items():
+            with contextlib.suppress(ShmcastError, ValueError):
+                have[name] = int(m.pub.version)
+        self._send(
+            b"hello",
+            {"patterns": list(self.config.segments), "window": self.config.window, "have": have},
+        )
+
+    def _flush_acks(self) -> None:
+        if self._acks:
+            self._send(b"ack", {"mids": self._acks})
+            self._acks = []
+
+    def _wants(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.config.segments)
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        kind = frames[0].bytes
+        body = unpack(frames[1].bytes, MAX_HEADER) if len(frames) > 1 else {}
+        if kind == b"data":
+            if len(frames) != 3:
+                raise ValueError("data message without payload")
+            self._on_data(body, frames[2])
+        elif kind == b"verdict":
+            self._on_verdict(body)
+        elif kind == b"hb":
+            latest = body.get("latest", {})
+            if isinstance(latest, dict):
+                with self._lock:
+                    for name, v in latest.items():
+                        if isinstance(name, str) and isinstance(v, int) and self._wants(name):
+                            self._counts.setdefault(name, _Counts()).upstream_latest = v
+        elif kind == b"welcome":
+            interval = body.get("heartbeat_interval")
+            if isinstance(interval, (int, float)) and interval > 0:
+                self.interval = float(interval)
+            self._welcomed = True
+        elif kind == b"who":
+            self._send_hello()
+
+    def _on_data(self, hdr: dict[str, Any], payload: zmq.Frame) -> None:
+        name = validate_segment_name(hdr.get("segment"))
+        mid = hdr.get("mid")
+        if not isinstance(mid, int):
+            raise ValueError("data without an integer mid")
+        if not self._wants(name):
+            self._acks.append(mid)
+            return
+        prev = self._pending.pop(name, None)
+        if prev is not None:  # its verdict was lost (dropped at a high-water mark)
+            self._acks.append(int(prev[0]["mid"]))
+        self._pending[name] = (hdr, payload)
+
+    def _on_verdict(self, body: dict[str, Any]) -> None:
+        name = validate_segment_name(body.get("segment"))
+        mid = body.get("mid")
+        if isinstance(mid, int):
+            self._acks.append(mid)
+        pending = self._pending.get(name)
+        if pending is None or pending[0].get("mid") != mid:
+            return
+        del self._pending[name]
+        hdr, payload = pending
+        if not body.get("ok"):
+            with self._lock:
+                self._counts.setdefault(name, _Counts()).torn += 1
+            return
+        self._commit(name, hdr, payload)
+
+    def _commit(self, name: str, hdr: dict[str, Any], payload: zmq.Frame) -> None:
+        version = hdr.get("version")
+        ts = hdr.get("ts")
+        if not isinstance(version, int) or version <= 0 or not isinstance(ts, int):
+            raise ValueError("data header needs positive integer version and ts")
+        m = self._mirror(name, hdr)
+        if m is None:
+            return
+        seg = m.pub.segment
+        buf = payload.buffer
+        if buf.nbytes != seg.nbytes:
+            raise ValueError(f"segment {name!r}: {buf.nbytes} bytes for a {seg.nbytes}-byte layout")
+        with self._lock:
+            c = self._counts.setdefault(name, _Counts())
+        if version <= seg.version:
+            c.stale += 1
+            return
+        with m.pub.loan(version=version) as arr:
+            # The one copy on this host: from ZeroMQ's receive buffer into the slot.
+            np.copyto(arr.reshape(-1).view(np.uint8), np.frombuffer(buf, np.uint8))
+        if c.last_version and version > c.last_version + 1:
+            c.skipped += version - c.last_version - 1
+        c.last_version = version
+        c.received += 1
+        c.bytes += seg.nbytes
+        c.upstream_latest = max(c.upstream_latest, version)
+
+    def _mirror(self, name: str, hdr: dict[str, Any]) -> _Mirror | None:
+        shape = hdr.get("shape")
+        slots = hdr.get("slots")
+        created = hdr.get("created", 0)
+        if not isinstance(shape, list) or not isinstance(slots, int):
+            raise ValueError("data header needs shape and slots")
+        dt, shp = normalize_layout(parse_dtype(str(hdr.get("dtype"))), tuple(shape))
+        layout = (dtype_str(dt), shp, slots)
+        m = self._mirrors.get(name)
+        if m is not None:
+            went_back = int(hdr["version"]) <= m.pub.version and created != m.created
+            if m.layout == layout and not went_back:
+                return m
+            # The upstream segment was recreated: so is the mirror (versions only go forward).
+            log.warning("upstream segment %s was recreated; recreating the mirror", name)
+            with self._lock:
+                del self._mirrors[name]
+            m.pub.close()
+            assert self._local is not None
+            with contextlib.suppress(ShmcastError):
+                self._local.request("delete", name=name)
+        if self._refused.get(name) == repr(layout):
+            return None
+        from publisher import Publisher
+
+        try:
+            pub = Publisher(
+                name,
+                dtype=dt,
+                shape=shp,
+                slots=slots,
+                namespace=self.namespace,
+                broker=self.config.broker,
+                source=self.config.source,
+            )
+        except ShmcastError as exc:
+            log.error("cannot mirror %s: %s", name, exc)
+            with self._lock:
+                self._refused[name] = repr(layout)
+            return None
+        m = _Mirror(name=name, layout=layout, created=int(created), pub=pub)
+        with self._lock:
+            self._mirrors[name] = m
+            self._refused.pop(name, None)
+        self._annotate([m])
+        return m
+
+    def _annotate(self, mirrors: list[_Mirror] | None = None) -> None:
+        """Tell the local catalog whether the upstream is up (``upstream_up`` field)."""
+        if self._local is None:
+            return
+        for m in list(self._mirrors.values()) if mirrors is None else mirrors:
+            dtype, shape, slots = m.layout
+            try:
+                self._local.request(
+                    "create",
+                    timeout=1.0,
+                    name=m.name,
+                    dtype=dtype,
+                    shape=list(shape),
+                    slots=slots,
+                    source=self.config.source,
+                    upstream_up=self.upstream_up,
+                )
+            except ShmcastError as exc:
+                log.warning("cannot update the catalog entry of %s: %s", m.name, exc)
+
+
+class RelayCollector(Collector):
+    """Exports ``shmcast_relay_*`` metrics of one relay."""
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._relay.stats()
+        base = ["namespace", "upstream"]
+        lbl = [st.namespace, st.upstream]
+        up = GaugeMetricFamily(
+            "shmcast_relay_upstream_up", "1 while the upstream is heard", labels=base
+        )
+        up.add_metric(lbl, 1.0 if st.upstream_up else 0.0)
+        yield up
+        silence = GaugeMetricFamily(
+            "shmcast_relay_upstream_silence_seconds",
+            "Seconds since the upstream was last heard (-1: never)",
+            labels=base,
+        )
+        silence.add_metric(lbl, st.silence_s)
+        yield silence
+        rec = CounterMetricFamily(
+            "shmcast_relay_reconnects", "Times the upstream came back after silence", labels=base
+        )
+        rec.add_metric(lbl, st.reconnects)
+        yield rec
+        bad = CounterMetricFamily(
+            "shmcast_relay_bad_messages", "Malformed messages from the upstream", labels=base
+        )
+        bad.add_metric(lbl, st.bad_messages)
+        yield bad
+        seg_labels = [*base, "segment"]
+        families = {
+            "received": CounterMetricFamily(
+                "shmcast_relay_versions_received", "Versions committed locally", labels=seg_labels
+            ),
+            "skipped": CounterMetricFamily(
+                "shmcast_relay_versions_skipped",
+                "Upstream versions never committed here (latest-value skips and torn sends)",
+                labels=seg_labels,
+            ),
+            "torn": CounterMetricFamily(
+                "shmcast_relay_torn_sends",
+                "Versions discarded because the upstream writer overwrote them in flight",
+                labels=seg_labels,
+            ),
+            "bytes": CounterMetricFamily(
+                "shmcast_relay_received_bytes", "Bytes committed locally", labels=seg_labels
+            ),
+        }
+        lag = GaugeMetricFamily(
+            "shmcast_relay_lag_versions",
+            "Upstream's latest version minus the local one",
+            labels=seg_labels,
+        )
+        for name, c in sorted(st.segments.items()):
+            labels = [*lbl, name]
+            for key, fam in families.items():
+                fam.add_metric(labels, getattr(c, key))
+            lag.add_metric(labels, max(0, c.upstream_latest - c.last_version))
+        yield from families.values()
+        yield lag
+
+
+# ---------------------------------------------------------------------- the command
+
+HELP = "mirror an upstream broker's segments (over TCP) into this host's broker"
+EXAMPLES = """\
+examples:
+  shmcast relay --upstream tcp://10.0.0.1:5557                    every segment
+  shmcast relay --upstream tcp://10.0.0.1:5557 --segments 'frames*' ticks
+  shmcast relay --config configs/relay.toml                       CURVE keys, metrics
+
+Needs a broker of the local namespace (shmcast broker) and an upstream broker
+started with --data. Prints 'shmcast relay ready: {json}' when running.
+Catalog: relayed segments have source 'relay:<upstream>' and upstream_up.
+"""
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (see configs/relay.toml)")
+    p.add_argument("--upstream", metavar="ENDPOINT", help="upstream data stream, tcp://HOST:PORT")
+    p.add_argument("--segments", nargs="+", metavar="PATTERN", help="fnmatch patterns (all)")
+    p.add_argument("--broker", metavar="ENDPOINT", help="local broker's control endpoint")
+    p.add_argument("--window", type=int, metavar="N", help="messages in flight (8)")
+    p.add_argument("--heartbeat-timeout", type=float, metavar="S", help="silence = down")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
+    p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (127.0.0.1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    flags = {
+        "namespace": args.namespace,
+        "upstream": args.upstream,
+        "segments": args.segments,
+        "broker": args.broker,
+        "window": args.window,
+        "heartbeat_timeout": args.heartbeat_timeout,
+        "metrics_port": args.metrics_port,
+        "metrics_host": args.metrics_host,
+    }
+    try:
+        config = resolve_relay_config(flags, config_file=args.config)
+    except ConfigError as exc:
+        print(f"shmcast relay: error: {exc}", file=sys.stderr)
+        return 2
+    relay = Relay(config)
+
+    def on_signal(signum: int, frame: object) -> None:
+        relay.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def on_ready(info: dict[str, Any]) -> None:
+        print(f"{READY}{json.dumps(info)}", flush=True)
+
+    relay.run(on_ready=on_ready)
+    return 0
