@@ -1,0 +1,250 @@
+"""write and read: the cost of Segment.write against a plain numpy copy of the same bytes,
+and the cost of a validated zero-copy view against the array size.
+
+Both run in this one process. Contenders alternate batch by batch (the order rotates
+every batch), each batch timed with ``perf_counter_ns`` around ``n`` calls, so a slow
+spell of the machine lands on every contender alike.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from broker import Segment
+
+from ._common import KiB, MiB, Run, fmt_ratio, fmt_size, fmt_time, print_table, ratio, spread, stats
+
+WRITE_TARGET = 1.2  # Segment.write / numpy copy at 1 MiB and above
+FLAT_TARGET = 1.25  # largest / smallest view cost
+
+
+def _sizes(run: Run) -> list[int]:
+    return run.q([KiB, MiB, 16 * MiB, 100_000_000], [KiB, MiB, 8_000_000])
+
+
+def _batch_len(fn: Callable[[], Any], budget_ns: float) -> int:
+    t = time.perf_counter_ns()
+    fn()
+    one = max(time.perf_counter_ns() - t, 50)
+    return int(min(max(budget_ns // one, 1), 5000))
+
+
+def _alternate(
+    contenders: dict[str, Callable[[], Any]], batches: int, budget_ns: float
+) -> dict[str, list[float]]:
+    """Time every contender ``batches`` times, rotating the order; ns per call."""
+    for fn in contenders.values():  # warm caches, code paths and pages
+        for _ in range(3):
+            fn()
+    lens = {k: _batch_len(fn, budget_ns) for k, fn in contenders.items()}
+    out: dict[str, list[float]] = {k: [] for k in contenders}
+    names = list(contenders)
+    pc = time.perf_counter_ns
+    for b in range(batches):
+        for k in names[b % len(names) :] + names[: b % len(names)]:
+            fn, n = contenders[k], lens[k]
+            t0 = pc()
+            for _ in range(n):
+                fn()
+            out[k].append((pc() - t0) / n)
+    return out
+
+
+def _time_write(run: Run, size: int, batches: int) -> dict[str, list[float]]:
+    src = np.random.default_rng(1).random(size // 8)
+    name = f"w{size}"
+    seg = Segment.create(name, np.float64, src.shape, namespace=run.namespace)
+    # The baselines write into memory that is already touched, rotating over two
+    # buffers like the segment's two slots: the same footprint and cache behaviour.
+    heap = [np.ones_like(src), np.ones_like(src)]
+    maps = [mmap.mmap(-1, size) for _ in range(2)]  # MAP_SHARED|MAP_ANONYMOUS: shmem
+    shm = [np.frombuffer(m, dtype=np.float64) for m in maps]
+    for j in range(2):
+        shm[j][:] = 1.0
+    k = [0, 0]
+
+    def copy_heap() -> None:
+        k[0] ^= 1
+        np.copyto(heap[k[0]], src)
+
+    def copy_shm() -> None:
+        k[1] ^= 1
+        np.copyto(shm[k[1]], src)
+
+    def loan_empty() -> None:
+        with seg.loan():
+            pass
+
+    try:
+        t = _alternate(
+            {
+                "segment.write": lambda: seg.write(src),
+                "numpy copy (heap)": copy_heap,
+                "numpy copy (shmem)": copy_shm,
+                "loan, empty block": loan_empty,
+            },
+            batches,
+            budget_ns=run.q(3e6, 1e6),
+        )
+    finally:
+        shm.clear()
+        seg.close()
+        seg.unlink()
+        for m in maps:
+            m.close()
+    return t
+
+
+def bench_write(run: Run) -> dict[str, Any]:
+    results: list[dict[str, Any]] = []
+    batches = run.q(25, 8)
+    for size in _sizes(run):
+        t = _time_write(run, size, batches)
+        s = {k2: stats(v) for k2, v in t.items()}
+        w, c = s["segment.write"]["median"], s["numpy copy (heap)"]["median"]
+        results.append(
+            {
+                "size": size,
+                "ns": s,
+                "ratio_write_vs_copy": ratio(w, c),
+                "ratio_write_vs_shmem_copy": ratio(w, s["numpy copy (shmem)"]["median"]),
+                "overhead_ns": w - c,
+                "copy_gbps": size / c if c else None,
+                "target_applies": size >= MiB,
+                "met": (ratio(w, c) or 1e9) <= WRITE_TARGET if size >= MiB else None,
+            }
+        )
+    rows = []
+    for r in results:
+        s = r["ns"]
+        rows.append(
+            [
+                fmt_size(r["size"]),
+                fmt_time(s["segment.write"]["median"]),
+                spread(s["segment.write"]),
+                fmt_time(s["numpy copy (heap)"]["median"]),
+                spread(s["numpy copy (heap)"]),
+                fmt_time(s["numpy copy (shmem)"]["median"]),
+                fmt_time(s["loan, empty block"]["median"]),
+                fmt_ratio(r["ratio_write_vs_copy"]),
+                fmt_ratio(r["ratio_write_vs_shmem_copy"]),
+                {True: "MET", False: "MISSED", None: "(n/a <1 MiB)"}[r["met"]],
+            ]
+        )
+    print_table(
+        f"write: Segment.write vs numpy copy into touched memory (median, p10-p90; "
+        f"target write/copy <= {WRITE_TARGET}x at >= 1 MiB)",
+        [
+            "size",
+            "write",
+            "write p10-p90",
+            "copy heap",
+            "copy p10-p90",
+            "copy shmem",
+            "loan (empty)",
+            "write/heap",
+            "write/shmem",
+            "target",
+        ],
+        rows,
+    )
+    targets = [
+        {
+            "target": f"write {fmt_size(r['size'])}: write/numpy copy <= {WRITE_TARGET}x",
+            "value": r["ratio_write_vs_copy"],
+            "met": r["met"],
+        }
+        for r in results
+        if r["target_applies"]
+    ]
+    return {"baseline": "numpy copy (heap)", "sizes": results, "targets": targets}
+
+
+def _time_read(run: Run, size: int, batches: int) -> dict[str, list[float]]:
+    name = f"r{size}"
+    seg = Segment.create(name, np.float64, (size // 8,), namespace=run.namespace)
+    reader = None
+    try:
+        seg.write(np.ones(size // 8))
+        reader = Segment.attach(name, namespace=run.namespace)
+        r = reader
+
+        def acquire_view_validate() -> None:
+            _v, i, s, _ts = r.acquire()
+            r.view(i)
+            if not r.validate(i, s):
+                raise RuntimeError("torn")
+
+        def ctx_read() -> None:
+            with r.read() as snap:
+                snap.array  # noqa: B018
+
+        t = _alternate(
+            {
+                "acquire+view+validate": acquire_view_validate,
+                "with seg.read()": ctx_read,
+                "seg.version": lambda: r.version,
+            },
+            batches,
+            budget_ns=run.q(2e6, 5e5),
+        )
+    finally:
+        if reader is not None:
+            reader.close()
+        seg.close()
+        seg.unlink()
+    return t
+
+
+def bench_read(run: Run) -> dict[str, Any]:
+    results: list[dict[str, Any]] = []
+    batches = run.q(15, 5)
+    for size in _sizes(run):
+        t = _time_read(run, size, batches)
+        results.append({"size": size, "ns": {k: stats(v) for k, v in t.items()}})
+    flat = {}
+    for k in ("acquire+view+validate", "with seg.read()"):
+        meds = [r["ns"][k]["median"] for r in results]
+        flat[k] = {"max_over_min": max(meds) / min(meds)}
+    met = all(f["max_over_min"] <= FLAT_TARGET for f in flat.values())
+    rows = [
+        [
+            fmt_size(r["size"]),
+            fmt_time(r["ns"]["acquire+view+validate"]["median"]),
+            spread(r["ns"]["acquire+view+validate"]),
+            fmt_time(r["ns"]["with seg.read()"]["median"]),
+            spread(r["ns"]["with seg.read()"]),
+            fmt_time(r["ns"]["seg.version"]["median"]),
+        ]
+        for r in results
+    ]
+    rows.append(
+        [
+            "largest/smallest",
+            fmt_ratio(flat["acquire+view+validate"]["max_over_min"]),
+            "",
+            fmt_ratio(flat["with seg.read()"]["max_over_min"]),
+            "",
+            "",
+        ]
+    )
+    print_table(
+        f"read: validated zero-copy view vs size (median, p10-p90; target flat: "
+        f"largest/smallest <= {FLAT_TARGET}x) — {'MET' if met else 'MISSED'}",
+        ["size", "acquire+view+validate", "p10-p90", "with read()", "p10-p90", "seg.version"],
+        rows,
+    )
+    targets = [
+        {
+            "target": f"read {k}: largest/smallest size <= {FLAT_TARGET}x (flat)",
+            "value": f["max_over_min"],
+            "met": f["max_over_min"] <= FLAT_TARGET,
+        }
+        for k, f in flat.items()
+    ]
+    return {"sizes": results, "flat": flat, "targets": targets}

@@ -1,0 +1,57 @@
+"""The benchmark suite runs end to end in quick mode and writes well-formed JSON.
+
+Timings are never asserted: only that every benchmark ran and reported numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPECTED = {"write", "read", "handoff", "latency", "stream", "fanout"}
+
+
+def _numbers(x: object) -> list[float]:
+    if isinstance(x, bool):
+        return []
+    if isinstance(x, (int, float)):
+        return [float(x)]
+    if isinstance(x, dict):
+        return [n for v in x.values() for n in _numbers(v)]
+    if isinstance(x, list):
+        return [n for v in x for n in _numbers(v)]
+    return []
+
+
+@pytest.mark.timeout(150)
+def test_quick_suite_runs_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["quick"] is True
+    assert set(data["benchmarks"]) == EXPECTED
+    for name, res in data["benchmarks"].items():
+        assert "error" not in res, name
+        nums = _numbers({k: v for k, v in res.items() if k != "skipped"})
+        assert nums, f"{name} reported no numbers"
+        assert all(math.isfinite(n) for n in nums), name
+        for t in res["targets"]:
+            assert isinstance(t["target"], str)
+            assert t["met"] in (True, False, None)
+    assert set(data["benchmarks"]["write"]["sizes"][0]["ns"]) >= {"segment.write"}
+    assert data["benchmarks"]["handoff"]["ns"]["shmcast write (copy)"]["median"] > 0
+    lat = data["benchmarks"]["latency"]["rates"]
+    assert set(lat) == {"1000", "10000"}
+    assert lat["1000"]["shmcast futex (Segment.wait)"]["ns"]["p50"] > 0
