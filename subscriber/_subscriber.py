@@ -420,8 +420,12 @@ class Subscriber:
             if not isinstance(version, int) or not isinstance(ts, int):
                 self.bad_messages += 1
                 return
-            if name not in self._segs:
-                self._attach(name)
+            seg = self._segs.get(name) or self._attach(name)
+            # Versions are announced after they are committed to the header: one
+            # beyond it is forged or corrupt, and would wedge last_version forever.
+            if seg is None or version > seg.version:
+                self.bad_messages += 1
+                return
             up = self._update(name, version, ts)
             if up is not None:
                 self._pending.append(up)

@@ -1,0 +1,415 @@
+"""Bad input on every interface: the control endpoint (hypothesis), event messages
+reaching a subscriber, corrupted segment headers, bad CLI arguments and config files."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker import Broker, BrokerConfig, Segment
+from broker._cli import main
+from broker._names import SHM_DIR, object_name
+from broker._protocol import BROKER_TOPIC, MAX_REQUEST, ControlClient, pack, topic
+from broker.errors import NotASegmentError
+from publisher import Publisher
+from subscriber import Subscriber
+
+
+@pytest.fixture
+def broker(namespace: str) -> Iterator[Broker]:
+    b = Broker(BrokerConfig(namespace=namespace, max_segment_bytes=2**20))
+    t = threading.Thread(target=b.run, daemon=True)
+    t.start()
+    try:
+        assert b.wait_ready(10)
+        yield b
+    finally:
+        b.stop()
+        t.join(30)
+        assert not t.is_alive()
+
+
+class _Raw:
+    """A DEALER sending raw frames to the control endpoint and waiting for one reply."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def ask(self, payload: bytes, timeout: float = 5.0) -> dict[str, Any] | None:
+        self.sock.send(payload)
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        reply = msgpack.unpackb(self.sock.recv(), raw=False)
+        assert isinstance(reply, dict)
+        return reply
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+def _check_no_half_made(b: Broker) -> None:
+    """Every object of the namespace in /dev/shm is a whole segment the broker serves."""
+    on_disk = set(Segment.list(b.namespace))
+    assert on_disk == set(b._segments), (on_disk, set(b._segments))
+    for name in on_disk:
+        with Segment.attach(name, namespace=b.namespace):
+            pass
+
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.binary(max_size=20),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+dtypes = st.one_of(
+    st.sampled_from(
+        ["O", "object", "<f8", "f8", "u1", "V0", "S0", "U0", "q", "nope", "f8,O", "(3,)O",
+         "<U1000000000000", "S9999999999999", "V1099511627776", "[('a', 'O')]",
+         "[('a', '<f8', (1000000000000,))]", "[('a', '<f8')", "M8[ns]", "", "\x00", "f" * 3000]
+    ),
+    st.text(max_size=30),
+)  # fmt: skip
+shapes = st.one_of(
+    st.lists(st.integers(min_value=-(10**13), max_value=10**13), max_size=20),
+    st.sampled_from([[10**12], [-1], [0], [2**40, 2**40], [1] * 40, [2**63 - 1]]),
+    values,
+)
+create_requests = st.fixed_dictionaries(
+    {"op": st.just("create"), "name": st.sampled_from(["ok", "a" * 200, "../x", "", 3])},
+    optional={"dtype": dtypes, "shape": shapes, "slots": st.one_of(st.integers(-5, 100), values)},
+)
+other_requests = st.fixed_dictionaries(
+    {
+        "op": st.one_of(
+            st.sampled_from(["hello", "describe", "list", "delete", "lease", "commit", "stats"]),
+            st.text(max_size=10),
+            values,
+        )
+    },
+    optional={
+        "id": values,
+        "name": st.one_of(st.just("ok"), values),
+        "version": values,
+        "ts": values,
+        "pid": values,
+        "ack": st.booleans(),
+    },
+)
+
+
+def _encode(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+payloads = st.one_of(
+    st.binary(max_size=300),  # random bytes
+    create_requests.map(_encode),
+    other_requests.map(_encode),
+    values.map(_encode),  # wrong types: lists, ints, strings as the whole request
+    create_requests.map(_encode).flatmap(  # truncated msgpack
+        lambda b: st.integers(0, max(0, len(b) - 1)).map(lambda n: b[:n])
+    ),
+    st.just(msgpack.packb({"op": "hello", "pad": "x" * (MAX_REQUEST - 100)})),  # near the limit
+)
+
+
+def test_control_endpoint_fuzz(broker: Broker) -> None:
+    """Every request gets an error reply (or a valid one); the broker never dies."""
+    assert broker.endpoints is not None
+    raw = _Raw(broker.endpoints.control)
+    t0 = time.monotonic()
+    try:
+
+        @settings(
+            max_examples=400,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+            derandomize=True,
+        )
+        @given(payloads)
+        def one(payload: bytes) -> None:
+            reply = raw.ask(payload)
+            assert reply is not None, f"no reply to {payload[:80]!r}"
+            assert isinstance(reply.get("ok"), bool)
+            if not reply["ok"]:
+                assert isinstance(reply["error"], str)
+                assert reply["error"] != "InternalError", reply
+                assert isinstance(reply["message"], str)
+                assert reply["message"]
+
+        one()
+        _check_no_half_made(broker)
+        with ControlClient(broker.endpoints.control) as ctl:
+            assert ctl.request("hello")["namespace"] == broker.namespace
+    finally:
+        raw.close()
+    assert time.monotonic() - t0 < 30
+    assert broker.stats().errors.get("InternalError", 0) == 0
+
+
+def test_oversized_frames_are_dropped(broker: Broker) -> None:
+    """Frames over MAXMSGSIZE (64 KiB) cost the sender its connection; others carry on."""
+    assert broker.endpoints is not None
+    for size in (MAX_REQUEST + 1, 10 * MAX_REQUEST):
+        big = _Raw(broker.endpoints.control)
+        try:
+            assert big.ask(_encode({"op": "hello", "pad": "x" * size}), timeout=0.5) is None
+        finally:
+            big.close()
+    with ControlClient(broker.endpoints.control) as ctl:
+        assert ctl.request("hello")["ok"] is True
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape"),
+    [("<f8", [10**12]), ("u1", [2**40, 2**40]), ("<U1000000", [10**7]), ("S1", [-1])],
+)
+def test_huge_and_negative_layouts_refused_without_a_limit(
+    namespace: str, dtype: str, shape: list[int]
+) -> None:
+    """Even with no max_segment_bytes, terabytes and negative sizes are an error reply."""
+    b = Broker(BrokerConfig(namespace=namespace))
+    t = threading.Thread(target=b.run, daemon=True)
+    t.start()
+    try:
+        assert b.wait_ready(10)
+        assert b.endpoints is not None
+        raw = _Raw(b.endpoints.control)
+        try:
+            reply = raw.ask(
+                _encode({"op": "create", "name": "huge", "dtype": dtype, "shape": shape})
+            )
+        finally:
+            raw.close()
+        assert reply is not None
+        assert reply["ok"] is False
+        assert reply["error"] in ("ShmSpaceError", "LayoutError"), reply
+        assert Segment.list(namespace) == []
+    finally:
+        b.stop()
+        t.join(30)
+
+
+# ---------------------------------------------------------------------- events
+
+
+garbage_frames = st.lists(st.binary(max_size=64), max_size=4) | st.tuples(
+    st.sampled_from([BROKER_TOPIC, topic("e"), b"", b"e"]),
+    st.one_of(
+        st.binary(max_size=64),
+        values.map(_encode),
+        st.fixed_dictionaries(
+            {"kind": values, "epoch": values, "tseq": values},
+            optional={"segment": values, "version": values, "ts": values},
+        ).map(_encode),
+    ),
+).map(list)
+
+
+def test_subscriber_survives_garbage_events(broker: Broker) -> None:
+    """Malformed events are counted in bad_messages, never raised, never an update."""
+    assert broker.endpoints is not None
+    with Publisher("e", dtype="i4", shape=(4,)) as pub, Subscriber("e", timeout=5) as sub:
+        pub.publish(np.arange(4, dtype="i4"))
+        before = sub.stats["e"].last_version
+
+        @settings(max_examples=300, deadline=None, derandomize=True)
+        @given(garbage_frames)
+        def one(frames: list[bytes]) -> None:
+            sub._on_event(frames)
+
+        one()
+        assert sub.bad_messages > 0
+        # Garbage that parsed as a version event of "e" may not move versions backwards.
+        assert sub.stats["e"].last_version >= before
+        # Over a real socket too: a PUB the subscriber is also connected to.
+        rogue = zmq.Context.instance().socket(zmq.PUB)
+        rogue.setsockopt(zmq.LINGER, 0)
+        try:
+            port = rogue.bind_to_random_port("tcp://127.0.0.1")
+            assert sub._sub is not None
+            sub._sub.connect(f"tcp://127.0.0.1:{port}")
+            bad0 = sub.bad_messages
+            deadline = time.monotonic() + 10
+            while sub.bad_messages == bad0:
+                assert time.monotonic() < deadline, "garbage never arrived"
+                rogue.send_multipart([topic("e"), b"\xc1\xff garbage"])
+                rogue.send_multipart([BROKER_TOPIC, b"\x93\x01\x02"])
+                rogue.send_multipart([topic("e")])
+                list(sub.updates(timeout=0.05))
+        finally:
+            rogue.close(0)
+        # ... and the real announcements still arrive.
+        v = pub.publish(np.arange(4, dtype="i4") + 1)
+        got = [u.version for u in sub.updates(timeout=1.0)]
+        assert v in got or sub.stats["e"].last_version == v
+
+
+def test_forged_version_event_does_not_wedge(broker: Broker) -> None:
+    """A version beyond the header is refused: it would hide every real version after it."""
+    with Publisher("e", dtype="i4", shape=(4,)) as pub, Subscriber("e", timeout=5) as sub:
+        pub.publish(np.zeros(4, dtype="i4"))
+        body = {"kind": "version", "segment": "e", "version": 10**18, "ts": 1, "seq": 1}
+        sub._on_event([topic("e"), pack({**body, "epoch": sub.epoch, "tseq": 1})])
+        sub._on_event([topic("e"), pack({**body, "epoch": "x", "tseq": 1})])
+        assert sub.bad_messages == 2
+        v = pub.publish(np.ones(4, dtype="i4"))
+        got = [u.version for u in sub.updates(timeout=0.5)]
+        assert got[-1] == v == sub.stats["e"].last_version
+
+
+# ---------------------------------------------------------------------- headers
+
+
+def _corrupt(path: str, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("offset", "data", "reason"),
+    [
+        (0, b"NOTSHMC\0", "wrong magic"),
+        (24, (1000).to_bytes(8, "little"), "slot count"),
+        (40, (2**60).to_bytes(8, "little"), "sizes"),
+        (112, (99).to_bytes(8, "little"), "ndim"),
+        (104, (0).to_bytes(8, "little"), "dtype"),
+        (256, b"{'garbage': ", "dtype"),
+    ],
+)
+def test_corrupted_header_attach_fails_and_broker_reclaims(
+    namespace: str, offset: int, data: bytes, reason: str
+) -> None:
+    seg = Segment.create("c", "<f8", (100,), namespace=namespace)
+    seg.close()
+    ok = Segment.create("fine", "<f8", (100,), namespace=namespace)
+    ok.write(np.ones(100))
+    ok.close()
+    path = os.path.join(SHM_DIR, object_name(namespace, "c"))
+    _corrupt(path, offset, data)
+    with pytest.raises(NotASegmentError, match="not a usable shmcast segment"):
+        Segment.attach("c", namespace=namespace, wait=0.1)
+    b = Broker(BrokerConfig(namespace=namespace))
+    t = threading.Thread(target=b.run, daemon=True)
+    t.start()
+    try:
+        assert b.wait_ready(10)
+        assert not os.path.exists(path)  # reclaimed
+        assert sorted(b._segments) == ["fine"]  # the valid one adopted, version kept
+        assert b._segments["fine"].seg.version == 1
+    finally:
+        b.stop()
+        t.join(30)
+
+
+def test_truncated_object_is_not_a_segment(namespace: str) -> None:
+    path = os.path.join(SHM_DIR, object_name(namespace, "short"))
+    with open(path, "wb") as f:
+        f.write(b"SHMCAST\0" + b"\1" * 100)
+    try:
+        with pytest.raises(NotASegmentError, match="smaller than any header"):
+            Segment.attach("short", namespace=namespace, wait=0.1)
+    finally:
+        os.unlink(path)
+
+
+# ---------------------------------------------------------------------- CLI and config
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["broker", "--mode", "999"], "mode"),
+        (["broker", "--mode", "0777"], "mode"),
+        (["broker", "--control", "http://x"], "control"),
+        (["broker", "--heartbeat", "0"], "heartbeat_interval"),
+        (["broker", "--group", "no-such-group-xyz"], "group"),
+        (["broker", "--metrics-port", "70000"], "metrics_port"),
+        (["broker", "--namespace", "bad.name"], "namespace"),
+        (["publish", "bad/name", "--source", "ticks", "--count", "1"], "segment"),
+        (["subscribe", "bad name"], "segment"),
+    ],
+)
+def test_bad_cli_values_exit_2(
+    argv: list[str], field: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert field in err, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["broker", "--metrics-port", "abc"],
+        ["broker", "--no-such-flag"],
+        ["publish", "x", "--shape", "-1"],
+        ["publish", "x", "--rate", "fast"],
+        ["subscribe"],
+        ["nonsense"],
+    ],
+)
+def test_bad_cli_syntax_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("nosuchkey = 1\n", "nosuchkey"),
+        ("mode = 'rw'\n", "mode"),
+        ("heartbeat_interval = 'soon'\n", "heartbeat_interval"),
+        ("metrics_port = -1\n", "metrics_port"),
+        ("control = 5\n", "control"),
+        ("curve_clients = 'abc'\n", "curve_clients"),
+        ("this is = not toml [\n", "--config"),
+        ("[[segments]]\nname = 'a'\ndtype = 'O'\nshape = [1]\n", "segments[0].dtype"),
+        ("[[segments]]\nname = 'a'\ndtype = 'f8'\nshape = [-1]\n", "segments[0].dtype"),
+        ("[[segments]]\nname = 'a'\ndtype = 'f8'\nshape = 'big'\n", "segments[0].shape"),
+        ("[[segments]]\nname = 'a/b'\ndtype = 'f8'\nshape = [1]\n", "segments[0].name"),
+        ("[[segments]]\nname = 'a'\ndtype = 'f8'\nshape = [1]\nslots = 1\n", "segments[0].slots"),
+        ("[[segments]]\nname = 'a'\ndtype = 'f8'\nshape = [1]\ncolor = 1\n", "segments[0].color"),
+        ("segments = 3\n", "segments"),
+    ],
+)
+def test_bad_config_files_exit_2(
+    tmp_path: Any, text: str, field: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text(text)
+    assert main(["broker", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert field in err, err
+    assert "error" in err
+
+
+def test_missing_config_file_exit_2(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["broker", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "no such file" in capsys.readouterr().err
