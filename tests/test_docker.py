@@ -8,6 +8,7 @@ names, fresh ports, a fresh namespace).
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -84,7 +85,7 @@ def _volume_map(svc: dict[str, Any]) -> dict[str, Path]:
 def _docker_bytes(text: str | int) -> int:
     m = re.fullmatch(r"(\d+)\s*([bkmg]?)b?", str(text).strip().lower())
     assert m, f"not a Docker size: {text!r}"
-    return int(m.group(1)) * 1024 ** "bkmg".index(m.group(2) or "b")
+    return int(m.group(1)) * int(1024 ** "bkmg".index(m.group(2) or "b"))
 
 
 def _broker_config_path() -> Path:
@@ -105,7 +106,8 @@ def test_dockerfile_is_small_non_root_with_entrypoint_and_real_healthcheck() -> 
     assert ins[0] == ("FROM", "python:3.11-slim")
     assert words.count("FROM") == 1
     user = [a for w, a in ins if w == "USER"]
-    assert user and user[-1] not in ("root", "0"), "the image must not run as root"
+    assert user, "no USER: the image would run as root"
+    assert user[-1] not in ("root", "0"), "the image must not run as root"
     entry = [_exec_form(a) for w, a in ins if w == "ENTRYPOINT"]
     assert entry == [["shmcast"]]
     pyproject = (ROOT / "pyproject.toml").read_text()
@@ -251,7 +253,8 @@ def test_the_containers_command_lines_run_and_data_flows(namespace: str, tmp_pat
     local_toml.write_text(text)
     local = resolve_config({}, config_file=str(local_toml), environ={})
     for value in (local.control, local.events, local.advertise_events, local.metrics_host):
-        assert value is not None and "127.0.0.1" in value, value
+        assert value is not None
+        assert "127.0.0.1" in value, value
     paths = {c: str(local_toml) for c in _volume_map(broker_svc)}
     health_cmd = next(
         _exec_form(a.split("CMD", 1)[1]) for w, a in _instructions() if w == "HEALTHCHECK"
@@ -284,7 +287,8 @@ def test_the_containers_command_lines_run_and_data_flows(namespace: str, tmp_pat
         clients = [n for n, s in services.items() if _is_shmcast(s) and n != "broker"]
         feeds = [n for n in clients if services[n]["command"][0] == "publish"]
         subs = [n for n in clients if services[n]["command"][0] == "subscribe"]
-        assert feeds and subs
+        assert feeds
+        assert subs
         for name in feeds:
             svc = services[name]
             procs.append(
@@ -351,6 +355,4 @@ def test_the_containers_command_lines_run_and_data_flows(namespace: str, tmp_pat
 
 
 def _base_env() -> dict[str, str]:
-    import os
-
     return dict(os.environ)
