@@ -10,7 +10,6 @@ import re
 import threading
 import time
 import urllib.request
-import uuid
 
 import numpy as np
 import pytest
@@ -19,12 +18,8 @@ from broker._protocol import ControlClient
 from broker._relay import READY as RELAY_READY
 from broker._segment import Segment
 from broker.errors import SegmentError
-from broker.testing import BROKER_READY, running, wait_for
+from broker.testing import BROKER_READY, running, unique_namespace, wait_for
 from publisher import Publisher
-
-
-def _ns() -> str:
-    return "t" + uuid.uuid4().hex[:12]
 
 
 def test_write_and_loan_take_an_explicit_version_only_forward(namespace: str) -> None:
@@ -71,7 +66,7 @@ def _metric(url: str, name: str) -> float:
 
 
 def test_relay_over_loopback_mirrors_versions_intact() -> None:
-    up_ns, down_ns = _ns(), _ns()
+    up_ns, down_ns = unique_namespace(), unique_namespace()
     up_env = {"SHMCAST_NAMESPACE": up_ns}
     down_env = {"SHMCAST_NAMESPACE": down_ns}
     with (
@@ -134,7 +129,7 @@ def test_relay_over_loopback_mirrors_versions_intact() -> None:
 def test_relay_never_commits_a_torn_send() -> None:
     """A writer lapping a 2-slot ring of 1 MiB frames tears zero-copy sends; the relay
     must drop those, and every version a local reader sees must be whole."""
-    up_ns, down_ns = _ns(), _ns()
+    up_ns, down_ns = unique_namespace(), unique_namespace()
     with (
         running(
             ["broker", "--data", "tcp://127.0.0.1:0"],
