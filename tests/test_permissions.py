@@ -1,0 +1,235 @@
+"""Permissions and exposure: owner-only objects, another user shut out unless a group
+is configured, read-only subscribers, loopback TCP, CURVE authentication."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from broker import Broker, BrokerConfig
+from broker._auth import curve_keypair
+from broker._names import runtime_dir
+from broker._protocol import ControlClient, ipc_path
+from broker.errors import BrokerUnavailableError
+from publisher import Publisher
+from subscriber import Subscriber
+
+ROOT = Path(__file__).resolve().parent.parent
+NOBODY = 65534
+
+
+def _mode(path: str | Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _serve(cfg: BrokerConfig) -> tuple[Broker, threading.Thread]:
+    b = Broker(cfg)
+    t = threading.Thread(target=b.run, daemon=True)
+    t.start()
+    assert b.wait_ready(10)
+    return b, t
+
+
+@pytest.fixture
+def served(namespace: str, request: pytest.FixtureRequest) -> Iterator[Broker]:
+    kwargs = getattr(request, "param", {})
+    b, t = _serve(BrokerConfig(namespace=namespace, **kwargs))
+    try:
+        yield b
+    finally:
+        b.stop()
+        t.join(30)
+
+
+def test_owner_only_by_default(served: Broker, namespace: str) -> None:
+    assert served.endpoints is not None
+    with Publisher("p", dtype="f8", shape=(8,)) as pub:
+        assert _mode(pub.segment.path) == 0o600
+    for ep in (served.endpoints.control, served.endpoints.events):
+        path = ipc_path(ep)
+        assert path is not None
+        assert _mode(path) == 0o600
+    assert _mode(runtime_dir(namespace)) == 0o700
+    assert _mode(runtime_dir(namespace).parent) & 0o066 == 0  # nobody else lists or writes
+
+
+NOBODY_CHILD = """
+    import json, sys
+    from broker import Segment
+    from broker._protocol import ControlClient
+    ns, control = sys.argv[1], sys.argv[2]
+    out = {}
+    try:
+        with Segment.attach("p", namespace=ns) as seg:
+            out["read"] = float(seg.latest().array.sum())
+    except Exception as exc:
+        out["read"] = type(exc).__name__
+    try:
+        Segment.attach("p", namespace=ns, writable=True).close()
+        out["write"] = "ok"
+    except Exception as exc:
+        out["write"] = type(exc).__name__
+    try:
+        with ControlClient(control, timeout=1.0) as c:
+            out["hello"] = c.request("hello")["namespace"]
+    except Exception as exc:
+        out["hello"] = type(exc).__name__
+    print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def _as_nobody(namespace: str, control: str) -> dict[str, object]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a child as another user")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv(1) is not installed")
+    proc = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            textwrap.dedent(NOBODY_CHILD),
+            namespace,
+            control,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd="/",
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, proc.stderr
+    return dict(json.loads(lines[0][len("RESULT ") :]))
+
+
+@pytest.mark.root
+def test_other_user_is_shut_out(served: Broker, namespace: str) -> None:
+    assert served.endpoints is not None
+    with Publisher("p", dtype="f8", shape=(8,)) as pub:
+        pub.publish(np.ones(8))
+        out = _as_nobody(namespace, served.endpoints.control)
+    assert out == {
+        "read": "PermissionError",
+        "write": "PermissionError",
+        "hello": "BrokerUnavailableError",
+    }
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("served", [{"group": "nogroup", "mode": 0o640}], indirect=True)
+def test_configured_group_can_read_not_write(served: Broker, namespace: str) -> None:
+    assert served.endpoints is not None
+    with Publisher("p", dtype="f8", shape=(8,)) as pub:
+        pub.publish(np.ones(8))
+        assert _mode(pub.segment.path) == 0o640
+        out = _as_nobody(namespace, served.endpoints.control)
+    assert out == {"read": 8.0, "write": "PermissionError", "hello": namespace}
+    assert _mode(runtime_dir(namespace)) == 0o750
+
+
+def test_subscribers_cannot_write(served: Broker) -> None:
+    with Publisher("p", dtype="f8", shape=(8,)) as pub, Subscriber("p") as sub:
+        pub.publish(np.arange(8.0))
+        with sub.read("p") as snap:
+            with pytest.raises(ValueError, match="read-only"):
+                snap.array[0] = 42.0
+            with pytest.raises(ValueError, match="WRITEABLE"):
+                snap.array.flags.writeable = True
+        assert (sub.latest("p").array == np.arange(8.0)).all()
+        seg = sub.segment("p")
+        assert not seg.writable
+
+
+def test_tcp_binds_loopback_when_asked(namespace: str) -> None:
+    """No TCP unless configured; the documented TCP endpoints are loopback."""
+    cfg = BrokerConfig(namespace=namespace)
+    assert cfg.control is None
+    assert cfg.events is None
+    assert cfg.metrics_host == "127.0.0.1"
+    b, t = _serve(
+        BrokerConfig(namespace=namespace, control="tcp://127.0.0.1:0", events="tcp://127.0.0.1:0")
+    )
+    try:
+        assert b.endpoints is not None
+        assert b.endpoints.control.startswith("tcp://127.0.0.1:")
+        assert b.endpoints.events.startswith("tcp://127.0.0.1:")
+    finally:
+        b.stop()
+        t.join(30)
+    text = (ROOT / "configs" / "broker.toml").read_text()
+    for line in text.splitlines():
+        if "tcp://" in line and "=" in line and "*" not in line:
+            assert "127.0.0.1" in line, line
+
+
+def test_curve_refuses_unknown_clients(namespace: str) -> None:
+    server_pub, server_sec = curve_keypair()
+    client_pub, client_sec = curve_keypair()
+    stranger_pub, stranger_sec = curve_keypair()
+    b, t = _serve(
+        BrokerConfig(
+            namespace=namespace,
+            control="tcp://127.0.0.1:0",
+            events="tcp://127.0.0.1:0",
+            curve_secret_key=server_sec,
+            curve_clients=(client_pub,),
+            heartbeat_interval=0.05,
+        )
+    )
+    keys = (server_pub.encode(), client_pub.encode(), client_sec.encode())
+    stranger = (server_pub.encode(), stranger_pub.encode(), stranger_sec.encode())
+    try:
+        assert b.endpoints is not None
+        control, events = b.endpoints.control, b.endpoints.events
+        for curve in (None, stranger):
+            with (
+                ControlClient(control, timeout=0.5, curve=curve) as c,
+                pytest.raises(BrokerUnavailableError),
+            ):
+                c.request("hello")
+        # A SUB without keys (or with unknown ones) receives nothing, heartbeats included.
+        spies = []
+        for curve in (None, stranger):
+            spy = zmq.Context.instance().socket(zmq.SUB)
+            spy.setsockopt(zmq.LINGER, 0)
+            if curve is not None:
+                spy.curve_serverkey, spy.curve_publickey, spy.curve_secretkey = curve
+            spy.setsockopt(zmq.SUBSCRIBE, b"")
+            spy.connect(events)
+            spies.append(spy)
+        try:
+            pub = Publisher("c", dtype="i8", shape=(2,), broker=control, curve=keys)
+            sub = Subscriber("c", broker=control, curve=keys, timeout=5)
+            with pub, sub:
+                deadline = time.monotonic() + 5
+                got: list[int] = []
+                while not got:
+                    assert time.monotonic() < deadline, "the authenticated subscriber got nothing"
+                    pub.publish(np.array([1, 2]))
+                    got = [u.version for u in sub.updates(timeout=0.1)]
+                assert sub._sub is not None
+            for spy in spies:
+                assert not spy.poll(300), "an unauthenticated SUB received events"
+        finally:
+            for spy in spies:
+                spy.close(0)
+    finally:
+        b.stop()
+        t.join(30)
