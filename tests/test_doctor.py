@@ -1,0 +1,138 @@
+"""``shmcast doctor``: what it finds, what it says to do, and what --fix repairs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from broker import Broker, BrokerConfig, Segment
+from broker._cli import main
+from broker._names import SHM_DIR, object_name, runtime_dir
+from broker.testing import BROKER_READY, start
+from publisher import Publisher
+
+
+def _doctor(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
+    rc = main(["doctor", "--json", *args])
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is (rc == 0)
+    return rc, report
+
+
+def _checks(report: dict[str, Any], status: str) -> dict[str, str]:
+    return {
+        c["check"]: c["message"] + " " + c["fix"] for c in report["checks"] if c["status"] == status
+    }
+
+
+def test_all_ok_with_a_live_broker(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
+    b = Broker(BrokerConfig(namespace=namespace))
+    t = threading.Thread(target=b.run, daemon=True)
+    t.start()
+    try:
+        assert b.wait_ready(10)
+        with Publisher("ok", dtype="f8", shape=(4,)) as pub:
+            pub.publish(np.ones(4))
+        rc, report = _doctor(capsys, "--namespace", namespace)
+        assert rc == 0, report
+        assert {"shm", "objects", "runtime-dir", "nofile", "cpu"} <= set(_checks(report, "ok"))
+    finally:
+        b.stop()
+        t.join(30)
+
+
+def test_orphans_of_a_killed_broker_and_fix(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broker = start(["broker"], ready=BROKER_READY)
+    try:
+        with Publisher("left", dtype="f8", shape=(4,)) as pub:
+            pub.publish(np.ones(4))
+        broker.send_signal(signal.SIGKILL)
+        broker.wait(10)
+    finally:
+        broker.stop()
+    assert Segment.list(namespace) == ["left"]
+    rc, report = _doctor(capsys, "--namespace", namespace)
+    assert rc == 1
+    problems = _checks(report, "problem")
+    assert "orphans" in problems
+    assert "left" in problems["orphans"]
+    assert "--fix" in problems["orphans"]
+    assert "shmcast broker --namespace" in problems["orphans"]
+    rc, report = _doctor(capsys, "--namespace", namespace, "--fix")
+    assert rc == 0, report
+    assert Segment.list(namespace) == []
+    assert not runtime_dir(namespace).exists()
+
+
+def test_live_writer_is_not_an_orphan(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with Segment.create("mine", "f8", (4,), namespace=namespace) as seg:
+        rc, _ = _doctor(capsys, "--namespace", namespace, "--fix")
+        assert rc == 0
+        assert Segment.list(namespace) == ["mine"]
+        seg.unlink()
+
+
+def test_invalid_object_and_fix(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = os.path.join(SHM_DIR, object_name(namespace, "junk"))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b"\xff" * 8192)
+    os.close(fd)
+    try:
+        rc, report = _doctor(capsys, "--namespace", namespace)
+        assert rc == 1
+        assert "not a valid shmcast segment" in _checks(report, "problem")["invalid"]
+        rc, report = _doctor(capsys, "--namespace", namespace, "--fix")
+        assert rc == 0, report
+        assert not os.path.exists(path)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def test_world_readable_segment(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with Segment.create("open", "f8", (4,), namespace=namespace, mode=0o644) as seg:
+        try:
+            rc, report = _doctor(capsys, "--namespace", namespace)
+            assert rc == 1
+            assert "every user" in _checks(report, "problem")["permissions"]
+        finally:
+            seg.unlink()
+
+
+def test_config_that_does_not_fit(
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "broker.toml"
+    cfg.write_text("[[segments]]\nname = 'huge'\ndtype = 'u1'\nshape = [1099511627776]\n")
+    rc, report = _doctor(capsys, "--namespace", namespace, "--config", str(cfg))
+    assert rc == 1
+    msg = _checks(report, "problem")["shm-config"]
+    assert "--shm-size" in msg
+    assert "free" in msg
+    small = tmp_path / "small.toml"
+    small.write_text("[[segments]]\nname = 'a'\ndtype = 'f8'\nshape = [16]\n")
+    rc, report = _doctor(capsys, "--namespace", namespace, "--config", str(small))
+    assert rc == 0, report
+
+
+def test_open_files_limit(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, report = _doctor(capsys, "--namespace", namespace, "--subscribers", "10000000")
+    assert rc == 1
+    assert "ulimit -n" in _checks(report, "problem")["nofile"]
+
+
+def test_text_output(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--namespace", namespace]) == 0
+    out, err = capsys.readouterr()
+    assert "OK" in out
+    assert "cpu" in out
+    assert "all OK" in err
