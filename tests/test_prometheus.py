@@ -1,0 +1,254 @@
+"""A real Prometheus server scrapes a broker and two subscribers (issue 6).
+
+Prometheus (Debian's ``prometheus`` package; ``make system-deps`` installs it)
+runs on loopback with the project's own ``configs/prometheus.yml``, its targets
+rewritten to this test's processes, its job names and alert rules kept, and a
+0.5 s scrape interval. The test asks Prometheus's HTTP API for the series and
+checks their values against what happened: 200 versions published.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.testing import (
+    BROKER_READY,
+    PUBLISH_READY,
+    SUBSCRIBE_READY,
+    ShmcastProcess,
+    start,
+    wait_for,
+)
+from subscriber import LATENCY_BUCKETS
+
+from ._obs_util import ROOT, free_port
+
+yaml = pytest.importorskip("yaml")
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+COUNT = 200
+
+pytestmark = pytest.mark.skipif(
+    not Path(PROMETHEUS).is_file(),
+    reason="prometheus is not installed (Debian package 'prometheus'; `make system-deps`)",
+)
+
+
+def _hostport(url: str) -> str:
+    return urllib.parse.urlsplit(url).netloc
+
+
+def _prom_config(broker: str, subscribers: list[str]) -> dict[str, Any]:
+    """configs/prometheus.yml with this test's targets and a fast scrape interval."""
+    config: dict[str, Any] = yaml.safe_load((ROOT / "configs" / "prometheus.yml").read_text())
+    config["global"].update(
+        scrape_interval="500ms", scrape_timeout="400ms", evaluation_interval="500ms"
+    )
+    config["rule_files"] = [str(ROOT / "configs" / name) for name in config["rule_files"]]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"shmcast-broker", "shmcast-subscribers"}
+    jobs["shmcast-broker"]["static_configs"][0]["targets"] = [broker]
+    jobs["shmcast-subscribers"]["static_configs"][0]["targets"] = subscribers
+    return config
+
+
+class PromAPI:
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def get(self, path: str, **params: str) -> Any:
+        url = f"{self.base}{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            body = json.loads(resp.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        data = self.get("/api/v1/query", query=expr)
+        assert data["resultType"] == "vector"
+        return list(data["result"])
+
+    def values(self, expr: str, by: str) -> dict[str, float]:
+        """``{label value: sample value}`` of an instant vector."""
+        return {r["metric"].get(by, ""): float(r["value"][1]) for r in self.query(expr)}
+
+
+def _ready(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/-/ready", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def test_prometheus_scrapes_broker_and_subscribers(namespace: str) -> None:
+    procs: list[ShmcastProcess] = []
+    prom: subprocess.Popen[bytes] | None = None
+    workdir = Path(tempfile.mkdtemp(prefix="shmcast-prom-"))
+    try:
+        broker = start(
+            ["broker", "-n", namespace, "--metrics-port", "0", "--heartbeat", "0.2"],
+            ready=BROKER_READY,
+        )
+        procs.append(broker)
+        subs = {}
+        for name in ("strategy", "recorder"):
+            sp = start(
+                [
+                    *("subscribe", "ticks", "-n", namespace, "--quiet", "--stats"),
+                    *("--metrics-port", "0", "--name", name),
+                ],
+                ready=SUBSCRIBE_READY,
+            )
+            procs.append(sp)
+            subs[name] = sp
+
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        config = _prom_config(
+            _hostport(broker.ready["metrics"]),
+            [_hostport(sp.ready["metrics"]) for sp in subs.values()],
+        )
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        check = subprocess.run(
+            [
+                str(Path(PROMETHEUS).with_name("promtool")),
+                *("check", "config", str(workdir / "prometheus.yml")),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115 (closed in finally)
+        prom = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+        def alive_and_ready() -> bool:
+            assert prom is not None
+            if prom.poll() is not None:
+                raise RuntimeError(
+                    f"prometheus exited {prom.returncode}: "
+                    + (workdir / "prometheus.log").read_text()[-2000:]
+                )
+            return _ready(base)
+
+        wait_for(alive_and_ready, 30, 0.1, "prometheus ready")
+        api = PromAPI(base)
+
+        # Publish a known number of versions, then let Prometheus catch up.
+        pub = start(
+            [
+                *("publish", "ticks", "-n", namespace, "--source", "ticks"),
+                *("--rate", "400", "--count", str(COUNT)),
+            ],
+            ready=PUBLISH_READY,
+        )
+        procs.append(pub)
+        assert pub.wait(30) == 0
+        sel = f'namespace="{namespace}"'
+
+        def settled() -> bool:
+            published = api.values(f"shmcast_versions_published_total{{{sel}}}", "segment")
+            seen = api.values(f"shmcast_subscriber_version{{{sel}}}", "subscriber")
+            return published == {"ticks": COUNT} and seen == {
+                "strategy": COUNT,
+                "recorder": COUNT,
+            }
+
+        wait_for(settled, 30, 0.25, "Prometheus to hold the final counts")
+
+        up = api.values('up{job=~"shmcast-.*"}', "job")
+        assert up == {"shmcast-broker": 1.0, "shmcast-subscribers": 1.0}
+        assert len(api.query('up{job="shmcast-subscribers"} == 1')) == 2
+        assert api.values(f"shmcast_segment_version{{{sel}}}", "segment") == {"ticks": COUNT}
+        broker_up = api.query(f"shmcast_broker_up{{{sel}}}")
+        assert {r["metric"]["job"] for r in broker_up} == {"shmcast-broker", "shmcast-subscribers"}
+        assert all(float(r["value"][1]) == 1.0 for r in broker_up)
+
+        # Every version reached each subscriber: as an update, or counted as missed.
+        updates = api.values(f"shmcast_updates_received_total{{{sel}}}", "subscriber")
+        missed = api.values(f"shmcast_versions_missed_total{{{sel}}}", "subscriber")
+        for name in subs:
+            assert updates[name] + missed[name] == COUNT, (name, updates, missed)
+            assert updates[name] >= 0.9 * COUNT, (name, updates, missed)
+
+        # The latency histogram: buckets from 1 us to 100 ms and +Inf, cumulative,
+        # +Inf equal to the updates received.
+        for name in subs:
+            rows = api.query(
+                f'shmcast_publish_to_read_latency_seconds_bucket{{{sel},subscriber="{name}"}}'
+            )
+            buckets = {float(r["metric"]["le"]): float(r["value"][1]) for r in rows}
+            assert set(buckets) == {*LATENCY_BUCKETS, math.inf}
+            assert min(buckets) == 1e-6
+            assert max(b for b in buckets if b != math.inf) == 0.1
+            ordered = [buckets[b] for b in sorted(buckets)]
+            assert ordered == sorted(ordered)
+            assert buckets[math.inf] == updates[name]
+            count = api.values(
+                f'shmcast_publish_to_read_latency_seconds_count{{{sel},subscriber="{name}"}}',
+                "subscriber",
+            )
+            assert count == {name: updates[name]}
+        p99 = api.query(
+            "histogram_quantile(0.99, sum by (le, subscriber) "
+            f"(shmcast_publish_to_read_latency_seconds_bucket{{{sel}}}))"
+        )
+        assert len(p99) == 2
+        assert all(float(r["value"][1]) > 0 for r in p99)
+
+        # Staleness: the feed stopped, so the latest version is old, and ageing.
+        stale = api.values(f"shmcast_staleness_seconds{{{sel}}}", "subscriber")
+        assert set(stale) == set(subs)
+        assert all(v >= 0 for v in stale.values())
+        age = api.values(f"shmcast_segment_age_seconds{{{sel}}}", "segment")
+        assert set(age) == {"ticks"}
+        assert api.values(f"shmcast_shm_size_bytes{{{sel}}}", "namespace")[namespace] > 0
+
+        print(  # shown with -s: what Prometheus holds
+            f"published={COUNT} updates={updates} missed={missed} staleness={stale} "
+            f"p99={[(r['metric']['subscriber'], r['value'][1]) for r in p99]}"
+        )
+
+        # The project's alert rules are loaded, and none fires on this healthy run.
+        groups = api.get("/api/v1/rules")["groups"]
+        names = {r["name"] for g in groups for r in g["rules"]}
+        assert {"ShmcastSegmentStale", "ShmcastBrokerDown", "ShmcastTornReadsRising"} <= names
+        firing = [a for a in api.get("/api/v1/alerts")["alerts"] if a["state"] == "firing"]
+        assert firing == []
+    finally:
+        if prom is not None:
+            prom.terminate()
+            try:
+                prom.wait(10)
+            except subprocess.TimeoutExpired:
+                prom.kill()
+                prom.wait(10)
+        for sp in reversed(procs):
+            sp.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
