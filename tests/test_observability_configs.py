@@ -1,0 +1,224 @@
+"""configs/: scrape config and alert rules pass promtool, alerts fire in promtool's
+unit tests, and the dashboard and rules use only metric names the code exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from broker import Broker, BrokerConfig
+from broker._metrics import BrokerCollector
+from broker.testing import unique_namespace
+from subscriber._metrics import SubscriberCollector
+from subscriber._subscriber import SegmentStats
+
+from ._obs_util import ROOT
+
+yaml = pytest.importorskip("yaml")
+
+CONFIGS = ROOT / "configs"
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+needs_promtool = pytest.mark.skipif(
+    not Path(PROMTOOL).is_file(),
+    reason="promtool is not installed (Debian package 'prometheus'; `make system-deps`)",
+)
+
+#: Series Prometheus makes itself for every target.
+PROMETHEUS_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
+_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+
+
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PROMTOOL, *args], capture_output=True, text=True, timeout=60, cwd=CONFIGS
+    )
+
+
+@needs_promtool
+def test_promtool_checks_rules_and_config() -> None:
+    rules = _promtool("check", "rules", "alerts.yml")
+    assert rules.returncode == 0, rules.stdout + rules.stderr
+    config = _promtool("check", "config", "prometheus.yml")
+    assert config.returncode == 0, config.stdout + config.stderr
+
+
+@needs_promtool
+def test_alerts_fire_in_promtool_unit_tests() -> None:
+    result = _promtool("test", "rules", "alerts_test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_unit_tests_fail_when_an_alert_is_broken(tmp_path: Path) -> None:
+    # The unit tests have teeth: an alert that can never fire fails them.
+    broken = (CONFIGS / "alerts.yml").read_text().replace("> 30", "> 1e9", 1)
+    (tmp_path / "alerts.yml").write_text(broken)
+    shutil.copy(CONFIGS / "alerts_test.yml", tmp_path / "alerts_test.yml")
+    result = subprocess.run(
+        [PROMTOOL, "test", "rules", "alerts_test.yml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "ShmcastSegmentStale" in result.stdout + result.stderr
+
+
+def _alert_rules() -> list[dict[str, Any]]:
+    data = yaml.safe_load((CONFIGS / "alerts.yml").read_text())
+    return [r for g in data["groups"] for r in g["rules"] if "alert" in r]
+
+
+def test_every_alert_the_issue_asks_for_exists_and_has_a_unit_test() -> None:
+    names = {r["alert"] for r in _alert_rules()}
+    wanted = {
+        "ShmcastSegmentStale",
+        "ShmcastBrokerDown",
+        "ShmcastTornReadsRising",
+        "ShmcastVersionsMissedRising",
+        "ShmcastShmNearlyFull",
+    }
+    assert wanted <= names
+    tests = yaml.safe_load((CONFIGS / "alerts_test.yml").read_text())["tests"]
+    fired = {
+        t["alertname"]
+        for case in tests
+        for t in case.get("alert_rule_test", [])
+        if t.get("exp_alerts")
+    }
+    silent = {
+        t["alertname"]
+        for case in tests
+        for t in case.get("alert_rule_test", [])
+        if not t.get("exp_alerts")
+    }
+    assert fired == names, "every alert fires in some unit test"
+    # ... and each is shown silent on healthy series (an empty exp_alerts, or a
+    # healthy series next to the failing one that is not in exp_alerts).
+    assert {"ShmcastBrokerDown", "ShmcastShmNearlyFull", "ShmcastSegmentStale"} <= silent
+    for rule in _alert_rules():
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["annotations"]["summary"]
+
+
+def _exported_metric_names() -> set[str]:
+    """The sample names the collectors export, collected by running them."""
+    names: set[str] = set()
+    broker = Broker(BrokerConfig(namespace=unique_namespace()))
+    stats = SegmentStats(updates=1, last_version=1, last_ts=1)
+    stats.observe(1e-5)
+    fake_sub = SimpleNamespace(
+        namespace="x",
+        mode="events",
+        stats={"seg": stats},
+        broker_up=True,
+        events_missed=0,
+        bad_messages=0,
+        torn_reads=lambda seg: 0,
+        segment=lambda seg: (_ for _ in ()).throw(KeyError(seg)),
+    )
+    collectors = [BrokerCollector(broker), SubscriberCollector(fake_sub, name="s")]  # type: ignore[arg-type]
+    for collector in collectors:
+        for family in collector.collect():
+            names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
+    return names
+
+
+def test_collectors_export_the_names_the_docs_promise() -> None:
+    names = _exported_metric_names()
+    for name in (
+        "shmcast_versions_published_total",
+        "shmcast_updates_received_total",
+        "shmcast_versions_missed_total",
+        "shmcast_torn_reads_total",
+        "shmcast_staleness_seconds",
+        "shmcast_publish_to_read_latency_seconds_bucket",
+        "shmcast_broker_up",
+        "shmcast_shm_free_bytes",
+        "shmcast_shm_size_bytes",
+    ):
+        assert name in names
+
+
+_METRIC = re.compile(r"\bshmcast_[a-z0-9_]+\b")
+# identifiers that are PromQL functions, keywords or label names, not metric names
+_NOT_METRICS = re.compile(
+    r"\b(?:by|without|on|ignoring|group_left|group_right|and|or|unless|bool|offset)\b"
+)
+
+
+def _expressions_of_dashboard() -> list[str]:
+    dash = json.loads((CONFIGS / "grafana-dashboard.json").read_text())
+    exprs: list[str] = []
+
+    def walk(panels: list[dict[str, Any]]) -> None:
+        for p in panels:
+            exprs.extend(t["expr"] for t in p.get("targets", []))
+            walk(p.get("panels", []))
+
+    walk(dash["panels"])
+    for var in dash["templating"]["list"]:
+        if var.get("type") == "query":
+            # label_values(metric, label): the metric is the expression
+            exprs.append(re.sub(r"label_values\((.+),\s*\w+\)", r"\1", var["definition"]))
+    return exprs
+
+
+def _bare_metric_names(expr: str) -> set[str]:
+    """Every name in a PromQL expression used as a metric (not a label, function)."""
+    text = re.sub(r"\{[^}]*\}", "{}", expr)  # label matchers
+    text = re.sub(  # label lists: by (...), on (...), group_right (...)
+        r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text
+    )
+    text = _NOT_METRICS.sub(" ", text)
+    names = set()
+    for m in re.finditer(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()", text):
+        word = m.group(1)
+        if not re.fullmatch(r"\d.*|e\d+|[0-9.]+", word):
+            names.add(word)
+    return names
+
+
+def test_dashboard_is_grafana_json_using_only_exported_metrics() -> None:
+    dash = json.loads((CONFIGS / "grafana-dashboard.json").read_text())
+    assert dash["title"]
+    assert dash["uid"]
+    assert dash["panels"]
+    exported = _exported_metric_names()
+    exprs = _expressions_of_dashboard()
+    assert len(exprs) >= 10
+    used = set()
+    for expr in exprs:
+        names = set(_METRIC.findall(expr))
+        assert names, f"no shmcast metric in {expr!r}"
+        assert names <= exported, f"{expr!r} uses {sorted(names - exported)}"
+        assert _bare_metric_names(expr) <= exported | {"le"}, expr
+        used |= names
+    # The dashboard shows what the issue names.
+    for name in (
+        "shmcast_versions_published_total",
+        "shmcast_updates_received_total",
+        "shmcast_publish_to_read_latency_seconds_bucket",
+        "shmcast_staleness_seconds",
+        "shmcast_torn_reads_total",
+        "shmcast_versions_missed_total",
+        "shmcast_shm_free_bytes",
+    ):
+        assert name in used, name
+
+
+def test_alert_rules_use_only_exported_metrics() -> None:
+    exported = _exported_metric_names()
+    for rule in _alert_rules():
+        names = set(_METRIC.findall(rule["expr"]))
+        assert names <= exported, f"{rule['alert']} uses {sorted(names - exported)}"
+        assert _bare_metric_names(rule["expr"]) <= exported | PROMETHEUS_SERIES, rule["expr"]
