@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -143,7 +144,9 @@ def broker_proc(namespace: str) -> Iterator[ShmcastProcess]:
         sp.stop()
 
 
-def _soak(broker: ShmcastProcess, namespace: str, rounds: int, per_round: int, subs: int) -> dict:
+def _soak(
+    broker: ShmcastProcess, namespace: str, rounds: int, per_round: int, subs: int
+) -> dict[str, Any]:
     with ControlClient(Endpoints.default(namespace).control, timeout=10) as ctl:
         _round(ctl, [f"warm{i}" for i in range(per_round)], subs)  # allocator warm-up
         fds0, rss0 = _fds(broker.pid), _rss(broker.pid)

@@ -44,7 +44,7 @@ class _Raw:
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
 
@@ -244,7 +244,7 @@ def test_subscriber_survives_garbage_events(broker: Broker) -> None:
         # Garbage that parsed as a version event of "e" may not move versions backwards.
         assert sub.stats["e"].last_version >= before
         # Over a real socket too: a PUB the subscriber is also connected to.
-        rogue = zmq.Context.instance().socket(zmq.PUB)
+        rogue: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.PUB)
         rogue.setsockopt(zmq.LINGER, 0)
         try:
             port = rogue.bind_to_random_port("tcp://127.0.0.1")

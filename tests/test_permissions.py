@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -208,7 +209,7 @@ def test_curve_refuses_unknown_clients(namespace: str) -> None:
         # A SUB without keys (or with unknown ones) receives nothing, heartbeats included.
         spies = []
         for curve in (None, stranger):
-            spy = zmq.Context.instance().socket(zmq.SUB)
+            spy: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.SUB)
             spy.setsockopt(zmq.LINGER, 0)
             if curve is not None:
                 spy.curve_serverkey, spy.curve_publickey, spy.curve_secretkey = curve
