@@ -42,7 +42,9 @@ pytest: $(STAMP) system-deps
 
 test: lint pytest
 
+# The full suite also measures iceoryx2 (optional extra): installed here, not for tests.
 bench: $(STAMP) system-deps
+	$(BIN)/python -m pip install -q -e '.[iceoryx]' || echo "warning: iceoryx2 not installed; its rows will be skipped"
 	$(BIN)/python -m bench
 
 bench-quick: $(STAMP)

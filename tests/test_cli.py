@@ -114,8 +114,10 @@ def test_subscribe_json_count(namespace: str, capsys: pytest.CaptureFixture[str]
         t = threading.Timer(0.3, lambda: seg.write(np.arange(10.0) * 2))
         t.start()
         code = main(
-            ["subscribe", "js", "-n", namespace, "--wait", "futex"]
-            + ["--json", "--stats", "--count", "1", "--timeout", "10"]
+            [
+                *("subscribe", "js", "-n", namespace, "--wait", "futex"),
+                *("--json", "--stats", "--count", "1", "--timeout", "10"),
+            ]
         )
         t.join()
         assert code == 0
