@@ -1,0 +1,220 @@
+"""``shmcast top`` driven in a pseudo terminal against a real broker, feed and subscriber."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from broker._protocol import ControlClient
+from broker._top import Sample, render
+from broker.testing import (
+    BROKER_READY,
+    PUBLISH_READY,
+    SUBSCRIBE_READY,
+    ShmcastProcess,
+    start,
+    wait_for,
+)
+
+SETSID = shutil.which("setsid")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class Pty:
+    """``shmcast top`` on a pseudo terminal that is its controlling terminal."""
+
+    def __init__(self, args: list[str], rows: int = 40, cols: int = 160) -> None:
+        self.master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        # setsid -c: a new session whose controlling terminal is the pty, so that
+        # Ctrl-C typed into it becomes SIGINT as on a real terminal.
+        self.proc = subprocess.Popen(
+            [SETSID or "setsid", "-c", sys.executable, "-m", "broker", *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env={**os.environ, "TERM": "xterm", "PYTHONUNBUFFERED": "1"},
+        )
+        os.close(slave)
+        self.raw = b""
+
+    def read_until(self, predicate: object, timeout: float) -> str:
+        """Read output until ``predicate(screen)`` holds; return the screen text."""
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen()
+            if predicate(screen):  # type: ignore[operator]
+                return screen
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"screen never matched; last screen:\n{screen}")
+            self._pump(min(left, 0.2))
+
+    def _pump(self, timeout: float) -> bool:
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if not ready:
+            return False
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            return False
+        self.raw += data
+        return bool(data)
+
+    def screen(self) -> str:
+        """The last full frame drawn (frames start with cursor-home)."""
+        text = self.raw.decode(errors="replace")
+        frame = text.rsplit("\x1b[H", 1)[-1]
+        return _ANSI.sub("", frame).replace("\r", "")
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self._pump(0.05)
+        while self._pump(0):
+            pass
+        return self.proc.wait(max(0.0, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        os.close(self.master)
+
+
+@pytest.fixture
+def system(namespace: str) -> Iterator[dict[str, ShmcastProcess]]:
+    procs: dict[str, ShmcastProcess] = {}
+    try:
+        procs["broker"] = start(
+            ["broker", "-n", namespace, "--heartbeat", "0.2"], ready=BROKER_READY
+        )
+        procs["feed"] = start(
+            ["publish", "ticks", "-n", namespace, "--source", "ticks", "--rate", "200"],
+            ready=PUBLISH_READY,
+        )
+        procs["sub"] = start(
+            ["subscribe", "ticks", "-n", namespace, "--quiet", "--name", "topwatcher"],
+            ready=SUBSCRIBE_READY,
+        )
+        with ControlClient(procs["broker"].ready["control"], timeout=5) as client:
+            wait_for(
+                lambda: client.request("subscribers")["subscribers"],
+                10,
+                0.05,
+                "the subscriber's first report",
+            )
+        yield procs
+    finally:
+        for sp in reversed(list(procs.values())):
+            sp.stop()
+
+
+def _has_rows(screen: str) -> bool:
+    seg = re.search(r"^ticks\s+\d+\s+[\d.]+\s", screen, re.M)
+    sub = re.search(r"^topwatcher\s+\d+\s+ticks\s+\d+\s+\d+\s+[1-9]\d*\s", screen, re.M)
+    return bool(seg and sub and "/dev/shm:" in screen)
+
+
+@pytest.mark.skipif(SETSID is None, reason="setsid (util-linux) is not installed")
+@pytest.mark.parametrize(("key", "how"), [(b"q", "q"), (b"\x03", "Ctrl-C")])
+def test_top_in_a_terminal_shows_segments_and_subscribers_and_quits(
+    namespace: str, system: dict[str, ShmcastProcess], key: bytes, how: str
+) -> None:
+    term = Pty(["top", "-n", namespace, "--interval", "0.3"])
+    try:
+        screen = term.read_until(_has_rows, 20)
+        assert f"namespace={namespace}" in screen
+        assert "SEGMENT" in screen
+        assert "SUBSCRIBER" in screen
+        # Refreshed in place: several frames, each starting at the top left.
+        term.read_until(lambda s: term.raw.count(b"\x1b[H") >= 3, 10)
+        term.type(key)
+        assert term.wait(10) == 0, f"exit after {how}"
+        # The terminal is given back: main screen, cursor shown.
+        assert term.raw.rstrip().endswith(b"\x1b[?25h\x1b[?1049l")
+    finally:
+        term.close()
+    # The system is untouched by top coming and going.
+    assert all(sp.proc.poll() is None for sp in system.values())
+
+
+def test_top_once_without_a_terminal(namespace: str, system: dict[str, ShmcastProcess]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "broker", "top", "-n", namespace, "--once", "--interval", "0.3"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout
+    rate = re.search(r"^ticks\s+\d+\s+([\d.]+)\s", out.stdout, re.M)
+    assert rate, out.stdout
+    assert 50 < float(rate.group(1)) < 400  # published at 200/s
+    assert re.search(r"^topwatcher\s+\d+\s+ticks\s", out.stdout, re.M), out.stdout
+
+
+def test_top_without_a_broker_says_so(namespace: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "broker", "top", "-n", namespace, "--once", "--interval", "0.2"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 1
+    assert "broker not answering" in out.stdout
+
+
+def test_render_shows_lag_and_percentiles() -> None:
+    prev = Sample(t=0.0, segments=[{"name": "a", "version": 100, "ts": 0}])
+    cur = Sample(
+        t=2.0,
+        segments=[{"name": "a", "version": 300, "ts": time.time_ns(), "size": 8192, "slots": 2}],
+        subscribers=[
+            {
+                "name": "w",
+                "pid": 7,
+                "segments": {
+                    "a": {"last_version": 290, "updates": 280, "missed": 3, "torn": 1}
+                    | {"p50": 25e-6, "p99": 0.0021}
+                },
+            }
+        ],
+        stats={"shm_total": 64 * 2**20, "shm_free": 48 * 2**20, "shm_used": 8192},
+    )
+    lines = render("ns", "ipc://x", cur, prev)
+    text = "\n".join(lines)
+    assert re.search(r"^a\s+300\s+100\.0\s", text, re.M)  # 200 versions in 2 s
+    row = next(ln for ln in lines if ln.startswith("w "))
+    assert row.split()[:8] == ["w", "7", "a", "290", "10", "280", "3", "1"]
+    assert "25us" in row
+    assert "2.1ms" in row
+    assert "16.0 MiB of 64.0 MiB in use (25%)" in text
+
+
+def test_sigterm_restores_the_terminal(namespace: str, system: dict[str, ShmcastProcess]) -> None:
+    if SETSID is None:
+        pytest.skip("setsid (util-linux) is not installed")
+    term = Pty(["top", "-n", namespace, "--interval", "0.3"])
+    try:
+        term.read_until(_has_rows, 20)
+        term.proc.send_signal(signal.SIGTERM)
+        assert term.wait(10) == 0
+        assert term.raw.rstrip().endswith(b"\x1b[?25h\x1b[?1049l")
+    finally:
+        term.close()
