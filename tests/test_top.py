@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from broker import Broker, BrokerConfig, ShmcastError
 from broker._protocol import ControlClient
 from broker._top import Sample, render
 from broker.testing import (
@@ -218,3 +219,44 @@ def test_sigterm_restores_the_terminal(namespace: str, system: dict[str, Shmcast
         assert term.raw.rstrip().endswith(b"\x1b[?25h\x1b[?1049l")
     finally:
         term.close()
+
+
+def test_report_table_keeps_recent_reports_and_refuses_bad_ones(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import broker._broker
+
+    monkeypatch.setattr(broker._broker, "REPORT_TTL", 0.5)
+    brk = Broker(BrokerConfig(namespace=namespace)).start()
+    try:
+        assert brk.endpoints is not None
+        with ControlClient(brk.endpoints.control, timeout=5) as client:
+            seg = {"a": {"last_version": 3, "updates": 3, "missed": 0, "torn": 0}}
+            assert client.send("report", name="w1", pid=11, segments=seg)
+            assert client.send("report", name="w2", pid=12, segments=seg)
+            rows = wait_for(
+                lambda: (
+                    len(client.request("subscribers")["subscribers"]) == 2
+                    and client.request("subscribers")["subscribers"]
+                ),
+                5,
+                0.02,
+                "two reports",
+            )
+            assert [(r["name"], r["pid"], r["segments"]) for r in rows] == [
+                ("w1", 11, seg),
+                ("w2", 12, seg),
+            ]
+            # A report that is not one: an error, counted; the broker keeps serving.
+            with pytest.raises(ShmcastError, match="report needs"):
+                client.request("report", name="w3", pid="x", segments=seg)
+            assert client.request("stats")["errors"].get("BadRequest") == 1
+            # Reports expire: a subscriber that stopped reporting leaves the table.
+            wait_for(
+                lambda: client.request("subscribers")["subscribers"] == [],
+                5,
+                0.05,
+                "reports to expire",
+            )
+    finally:
+        brk.close()
