@@ -167,6 +167,7 @@ class Subscriber:
         self._client = ControlClient(endpoint, timeout=timeout, curve=self._curve)
         hello = self._client.request("hello")
         interval = float(hello.get("heartbeat_interval", 0.5))
+        self._heartbeat_interval = interval
         self.heartbeat_timeout = hb_timeout if hb_timeout is not None else 3 * interval + 0.2
         sub: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
@@ -334,10 +335,14 @@ class Subscriber:
             now = time.monotonic()
             if idle_deadline is not None and now >= idle_deadline:
                 return
-            # While the broker is down we poll the headers every millisecond.
-            wait = 0.001 if not self.broker_up else 0.05
+            # While the broker is down, or a heartbeat is late, poll the headers
+            # every millisecond: a crashed broker costs no latency before it is
+            # declared down.
+            late = now - self._last_heartbeat > 1.5 * self._heartbeat_interval
+            wait = 0.001 if late or not self.broker_up else 0.05
             if idle_deadline is not None:
                 wait = min(wait, max(0.0, idle_deadline - now))
+            drained = True
             if sub.poll(int(wait * 1000) + (0 if wait == 0 else 1), zmq.POLLIN):
                 for _ in range(1000):
                     try:
@@ -345,6 +350,8 @@ class Subscriber:
                     except zmq.Again:
                         break
                     self._on_event(frames)
+                else:
+                    drained = False
             now = time.monotonic()
             if self.broker_up and now - self._last_heartbeat > self.heartbeat_timeout:
                 log.warning("broker of namespace %r is silent; polling headers", self.namespace)
@@ -352,9 +359,11 @@ class Subscriber:
             if now >= next_report:
                 next_report = now + REPORT_INTERVAL
                 self._report()
-            if not self.broker_up or now >= next_check:
+            if drained and (late or not self.broker_up or now >= next_check):
                 # Cross-check the headers: a notification lost at the high-water mark
-                # or while the broker was down still becomes an update.
+                # or while the broker was down still becomes an update. Only once the
+                # queue is drained: a subscriber that is merely behind gets every
+                # announced version instead of jumping ahead and counting them missed.
                 next_check = now + 0.25
                 for name in self.names:
                     if name not in self._segs and self.broker_up is False:
