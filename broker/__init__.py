@@ -1,5 +1,6 @@
 """shmcast's data server: the segment format and engine, the broker, the wire protocol."""
 
+from ._auth import curve_keypair as curve_keypair
 from ._broker import Broker as Broker
 from ._config import BrokerConfig as BrokerConfig
 from ._config import SegmentSpec as SegmentSpec
@@ -64,6 +65,7 @@ __all__ = [
     "TornReadError",
     "VersionUnavailableError",
     "WriterBusyError",
+    "curve_keypair",
     "resolve_namespace",
     "segment_size",
 ]
