@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from ._cmd_health import BROKER_ENV
 from ._names import resolve_namespace
 from ._protocol import ControlClient, Endpoints
 from .errors import ShmcastError
@@ -33,6 +34,9 @@ examples:
   shmcast top                               the namespace's broker, refreshed every second
   shmcast top --broker tcp://broker:5555    a broker over TCP (e.g. in another container)
   shmcast top --once                        one plain frame (scripts, logs)
+
+--broker defaults to $SHMCAST_BROKER (set in the containers of docker/compose.yaml),
+else the namespace's ipc endpoint.
 
 Subscribers appear when they run in events mode (they report to the broker
 about once a second); LAG is how many versions a subscriber is behind.
@@ -182,7 +186,7 @@ def _wait_key(fd: int | None, timeout: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     ns = resolve_namespace(args.namespace)
-    endpoint = args.broker or Endpoints.default(ns).control
+    endpoint = args.broker or os.environ.get(BROKER_ENV) or Endpoints.default(ns).control
     interval = max(0.1, args.interval)
     out = sys.stdout
     with ControlClient(endpoint, timeout=min(2.0, interval * 2)) as client:
