@@ -27,7 +27,7 @@ import zmq
 
 from ._auth import start_authenticator
 from ._config import BrokerConfig, SegmentSpec
-from ._datastream import DataStream
+from ._datastream import DataStream, DataStreamStats
 from ._names import list_segment_names, runtime_dir, share_runtime_dir, validate_segment_name
 from ._protocol import (
     BROKER_TOPIC,
@@ -145,6 +145,11 @@ class Broker:
     def add_tick_hook(self, hook: Callable[[Broker], None]) -> None:
         """Call ``hook(broker)`` on every loop tick (used by the relay and the data stream)."""
         self._hooks.append(hook)
+
+    def data_stats(self) -> DataStreamStats | None:
+        """Counters of the relay data stream, or None when it is off."""
+        data = self._data
+        return None if data is None or data.closed else data.stats()
 
     def stats(self) -> BrokerStats:
         with self._lock:

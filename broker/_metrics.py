@@ -109,6 +109,29 @@ class BrokerCollector(Collector):
             writer.add_metric(labels, 1.0 if info.writer_alive else 0.0)
         yield published
         yield version
+        yield from _data_stream(self._broker, ns)
         yield age
         yield size
         yield writer
+
+
+def _data_stream(broker: Broker, ns: str) -> Iterator[Metric]:
+    """The relay data stream's counters (when the broker offers one)."""
+    data = broker.data_stats()
+    if data is None:
+        return
+    peers = GaugeMetricFamily(
+        "shmcast_data_relays", "Relays connected to the data stream", labels=["namespace"]
+    )
+    peers.add_metric([ns], data.peers)
+    yield peers
+    for name, value, help_text in (
+        ("shmcast_data_sent_versions", data.sent, "Versions sent to relays"),
+        ("shmcast_data_sent_bytes", data.sent_bytes, "Payload bytes sent to relays"),
+        ("shmcast_data_torn_sends", data.torn, "Zero-copy sends overwritten in flight (voided)"),
+        ("shmcast_data_copied_sends", data.copied, "Versions sent from a checked private copy"),
+        ("shmcast_data_dropped", data.dropped, "Versions not sent: a relay's window was full"),
+    ):
+        fam = CounterMetricFamily(name, help_text, labels=["namespace"])
+        fam.add_metric([ns], value)
+        yield fam

@@ -71,7 +71,7 @@ def test_relay_over_loopback_mirrors_versions_intact() -> None:
     down_env = {"SHMCAST_NAMESPACE": down_ns}
     with (
         running(
-            ["broker", "--data", "tcp://127.0.0.1:0", "--heartbeat", "0.1"],
+            ["broker", "--data", "tcp://127.0.0.1:0", "--heartbeat", "0.1", "--metrics-port", "0"],
             ready=BROKER_READY,
             env=up_env,
         ) as upstream,
@@ -121,6 +121,13 @@ def test_relay_over_loopback_mirrors_versions_intact() -> None:
                 skipped = _metric(url, "shmcast_relay_versions_skipped_total")
                 assert received >= 1
                 assert received + skipped == 201  # 5..205: each one committed or counted
+                # The upstream broker's side of the same traffic, in its metrics.
+                up_url = upstream.ready["metrics"]
+                assert _metric(up_url, "shmcast_data_relays") == 1.0
+                sent = _metric(up_url, "shmcast_data_sent_versions_total")
+                torn = _metric(up_url, "shmcast_data_torn_sends_total")
+                assert sent >= received
+                assert sent - torn <= 201
         finally:
             ticks.close()
             other.close()
