@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any
 
 from .errors import ConfigError, InvalidNameError, ShmcastError
 
@@ -97,3 +101,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def serve_in_foreground(
+    run: Callable[[Callable[[dict[str, Any]], None]], None],
+    stop: Callable[[], None],
+    ready_prefix: str,
+) -> None:
+    """Run a service until SIGTERM/SIGINT (which call ``stop``), printing its ready
+    information as the one line ``<ready_prefix>{json}``."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stop())
+
+    def on_ready(info: dict[str, Any]) -> None:
+        print(f"{ready_prefix}{json.dumps(info)}", flush=True)
+
+    run(on_ready)

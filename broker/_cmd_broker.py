@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
-import signal
 import sys
-import threading
 from typing import Any
 
 import zmq
 
 from ._broker import Broker
+from ._cli import serve_in_foreground
 from ._config import resolve_config
 from .errors import ConfigError
 
+READY = "shmcast broker ready: "
 HELP = "run the broker: owns the namespace's segments, serves the control API, announces versions"
 EXAMPLES = """\
 examples:
@@ -62,19 +61,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"shmcast broker: error: {exc}", file=sys.stderr)
         return 2
     broker = Broker(config)
-
-    def on_signal(signum: int, frame: object) -> None:
-        broker.stop()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-
-    def on_ready(info: dict[str, Any]) -> None:
-        print(f"shmcast broker ready: {json.dumps(info)}", flush=True)
-
     try:
-        broker.run(on_ready=on_ready)
+        serve_in_foreground(lambda ready: broker.run(on_ready=ready), broker.stop, READY)
     except zmq.ZMQError as exc:
         print(f"shmcast broker: error: {exc}", file=sys.stderr)
         return 1

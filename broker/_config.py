@@ -10,15 +10,17 @@ import grp
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ._names import resolve_namespace, validate_segment_name
 from ._segment import MAX_SLOTS, dtype_str, normalize_layout
 from .errors import ConfigError, ShmcastError
+
+T = TypeVar("T")
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -189,29 +191,55 @@ def resolve_config(
     Raises:
         ConfigError: naming the field (and the file) that is wrong.
     """
-    flags = dict(flags or {})
-    env = os.environ if environ is None else environ
     data: dict[str, Any] = load_toml(config_file) if config_file else {}
     known = {f.name for f in fields(BrokerConfig)}
-    for key in data:
-        if key not in known:
-            raise ConfigError(key, "unknown key", config_file)
-    values: dict[str, Any] = {}
-    for name in known - {"segments"}:
-        if flags.get(name) is not None:
-            values[name] = _coerce(name, flags[name], None)
-        elif name in _ENV and env.get(_ENV[name]):
-            values[name] = _coerce(name, env[_ENV[name]], f"${_ENV[name]}")
-        elif name in data:
-            values[name] = _coerce(name, data[name], config_file)
+    values = layer_values(
+        known - {"segments"}, flags, _ENV, environ, data, config_file, coerce=_coerce
+    )
     raw_segments = data.get("segments", [])
     if not isinstance(raw_segments, list):
         raise ConfigError("segments", "expected [[segments]] tables", config_file)
     values["segments"] = tuple(
         _segment_spec(raw, i, config_file) for i, raw in enumerate(raw_segments)
     )
+    return build_config(BrokerConfig, values, config_file)
+
+
+def layer_values(
+    names: set[str],
+    flags: Mapping[str, Any] | None,
+    env_names: Mapping[str, str],
+    environ: Mapping[str, str] | None,
+    data: Mapping[str, Any],
+    config_file: str | None,
+    *,
+    coerce: Callable[[str, Any, str | None], Any] = lambda name, value, source: value,
+) -> dict[str, Any]:
+    """Each of ``names`` from the first layer that has it: flag, environment, file.
+
+    Raises:
+        ConfigError: a key of the file that is not one of the known fields.
+    """
+    flags = flags or {}
+    env = os.environ if environ is None else environ
+    for key in data:
+        if key not in names and key != "segments":
+            raise ConfigError(key, "unknown key", config_file)
+    values: dict[str, Any] = {}
+    for name in names:
+        if flags.get(name) is not None:
+            values[name] = coerce(name, flags[name], None)
+        elif name in env_names and env.get(env_names[name]):
+            values[name] = coerce(name, env[env_names[name]], f"${env_names[name]}")
+        elif name in data:
+            values[name] = coerce(name, data[name], config_file)
+    return values
+
+
+def build_config(cls: Callable[..., T], values: dict[str, Any], config_file: str | None) -> T:
+    """``cls(**values)``, with every failure a ConfigError naming the field and the file."""
     try:
-        return BrokerConfig(**values)
+        return cls(**values)
     except ConfigError as exc:
         if exc.source is None and config_file:
             raise ConfigError(exc.field, str(exc).split(": ", 1)[-1], config_file) from None

@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
-import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -47,7 +45,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from ._config import load_toml
+from ._cli import serve_in_foreground
+from ._config import build_config, layer_values, load_toml
 from ._names import resolve_namespace, validate_segment_name
 from ._protocol import ControlClient, Endpoints, pack, unpack
 from ._segment import dtype_str, normalize_layout, parse_dtype
@@ -136,34 +135,13 @@ def resolve_relay_config(
     Raises:
         ConfigError: naming the field (and the file) that is wrong.
     """
-    flags = dict(flags or {})
-    env = os.environ if environ is None else environ
     data: dict[str, Any] = load_toml(config_file) if config_file else {}
     known = {f.name for f in fields(RelayConfig)}
-    for key in data:
-        if key not in known:
-            raise ConfigError(key, "unknown key", config_file)
-    values: dict[str, Any] = {}
-    for name in known:
-        if flags.get(name) is not None:
-            values[name] = flags[name]
-        elif name in _ENV and env.get(_ENV[name]):
-            values[name] = env[_ENV[name]]
-        elif name in data:
-            values[name] = data[name]
+    values = layer_values(known, flags, _ENV, environ, data, config_file)
     if isinstance(values.get("segments"), (list, str)):
         seg = values["segments"]
         values["segments"] = (seg,) if isinstance(seg, str) else tuple(seg)
-    try:
-        return RelayConfig(**values)
-    except ConfigError as exc:
-        if exc.source is None and config_file:
-            raise ConfigError(exc.field, str(exc).split(": ", 1)[-1], config_file) from None
-        raise
-    except ShmcastError as exc:
-        raise ConfigError("namespace", str(exc), config_file) from None
-    except TypeError as exc:
-        raise ConfigError("config", str(exc), config_file) from None
+    return build_config(RelayConfig, values, config_file)
 
 
 @dataclass
@@ -660,16 +638,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"shmcast relay: error: {exc}", file=sys.stderr)
         return 2
     relay = Relay(config)
-
-    def on_signal(signum: int, frame: object) -> None:
-        relay.stop()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-
-    def on_ready(info: dict[str, Any]) -> None:
-        print(f"{READY}{json.dumps(info)}", flush=True)
-
-    relay.run(on_ready=on_ready)
+    serve_in_foreground(lambda ready: relay.run(on_ready=ready), relay.stop, READY)
     return 0
