@@ -290,7 +290,31 @@ class Subscriber:
             return None
         return self._update(name, v, ts)
 
+    def _updates_one(self, timeout: float | None, *, spin: bool) -> Iterator[Update]:
+        """One segment, ``futex`` or ``spin``: the engine's wait_acquire fast path
+        (one call per update, no second look at the header)."""
+        name = self.names[0]
+        seg = self._segs[name]
+        st = self.stats[name]
+        # Waits are cut into slices so that close() from another thread is seen.
+        step = 0.1 if timeout is None else min(timeout, 0.1)
+        idle_deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._closed:
+            got = seg.wait_acquire(st.last_version, step, spin=spin)
+            if got is None:
+                if idle_deadline is not None and time.monotonic() >= idle_deadline:
+                    return
+                continue
+            up = self._update(name, got[0], got[3])
+            if up is not None:
+                yield up
+                if timeout is not None:
+                    idle_deadline = time.monotonic() + timeout
+
     def _updates_spin(self, timeout: float | None) -> Iterator[Update]:
+        if len(self.names) == 1:
+            yield from self._updates_one(timeout, spin=True)
+            return
         segs = [(name, self._segs[name]._q) for name in self.names]
         stats = [self.stats[name] for name in self.names]
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -309,6 +333,9 @@ class Subscriber:
                 return
 
     def _updates_futex(self, timeout: float | None) -> Iterator[Update]:
+        if len(self.names) == 1:
+            yield from self._updates_one(timeout, spin=False)
+            return
         segs = [self._segs[name] for name in self.names]
         while True:
             afters = [self.stats[name].last_version for name in self.names]
