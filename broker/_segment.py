@@ -782,19 +782,17 @@ class Segment:
             self.torn_reads += 1
         return bool(ok)
 
-    @contextlib.contextmanager
-    def read(self, version: int | None = None) -> Iterator[Snapshot]:
+    def read(self, version: int | None = None) -> contextlib.AbstractContextManager[Snapshot]:
         """Yield a zero-copy, read-only :class:`Snapshot` of the latest (or a given) version.
+
+        Use as ``with seg.read() as snap:``; the version is acquired on entering.
 
         Raises:
             TornReadError: on leaving the block, if the writer overwrote the slot
                 meanwhile: whatever was computed from the view must be discarded.
             NoVersionError, VersionUnavailableError.
         """
-        v, i, s, ts = self.acquire(version)
-        yield Snapshot(self._name, v, ts, self._views[i])
-        if not self.validate(i, s):
-            raise TornReadError(self._name, v)
+        return _Reading(self, version)
 
     def latest(self, *, retries: int = 1000) -> Snapshot:
         """A validated private copy of the latest version (torn reads are retried)."""
@@ -968,6 +966,28 @@ class Segment:
 
 
 _PRIVATE = object()
+
+
+class _Reading:
+    """The context manager of :meth:`Segment.read`: a class, not a generator, since it
+    is on every reader's path (about 1 µs less per read)."""
+
+    __slots__ = ("_seg", "_seq", "_slot", "_version")
+
+    def __init__(self, seg: Segment, version: int | None) -> None:
+        self._seg = seg
+        self._version = version
+
+    def __enter__(self) -> Snapshot:
+        seg = self._seg
+        v, i, s, ts = seg.acquire(self._version)
+        self._version, self._slot, self._seq = v, i, s
+        return Snapshot(seg._name, v, ts, seg._views[i])
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # A block that raised keeps its own exception (the read is not counted).
+        if exc_type is None and not self._seg.validate(self._slot, self._seq):
+            raise TornReadError(self._seg._name, self._version or 0)
 
 
 def _read_layout(
