@@ -236,12 +236,12 @@ class Subscriber:
             raise SegmentNotFoundError(name, self.namespace)
         return seg
 
-    @contextlib.contextmanager
-    def read(self, segment: str, version: int | None = None) -> Iterator[Snapshot]:
-        """The engine's zero-copy validated read (raises TornReadError on leaving
-        the block if the writer overwrote the slot)."""
-        with self.segment(segment).read(version) as snap:
-            yield snap
+    def read(
+        self, segment: str, version: int | None = None
+    ) -> contextlib.AbstractContextManager[Snapshot]:
+        """The engine's zero-copy validated read, ``with sub.read(name) as snap:``
+        (raises TornReadError on leaving the block if the writer overwrote the slot)."""
+        return self.segment(segment).read(version)
 
     def latest(self, segment: str) -> Snapshot:
         """A validated private copy of the latest version."""
