@@ -79,11 +79,21 @@ BLOCKING_VS_ZMQ = 0.6
 Recv = Callable[[], "tuple[int, int, int, int] | None"]
 
 
-def _serve(conn: Any, arm: Callable[[], Recv], idle_timeout: float = 30.0) -> None:
-    """The child side of the chunk protocol, shared by every contender."""
+def _serve(
+    conn: Any,
+    arm: Callable[[], Recv],
+    idle_timeout: float = 30.0,
+    idle: Callable[[], None] | None = None,
+) -> None:
+    """The child side of the chunk protocol, shared by every contender. ``idle`` runs
+    between chunks while no message is waiting (an events subscriber keeps taking the
+    broker's heartbeats, as a real one does, instead of finding them stale)."""
     tight_timers()
     conn.send(("ready", os.getpid()))
     while True:
+        if idle is not None:
+            while not conn.poll(0):
+                idle()
         kind, _ = conn.recv()
         if kind == "quit":
             return
@@ -203,12 +213,13 @@ def _child_subscriber(conn: Any, namespace: str, mode: str) -> None:
     from broker.errors import TornReadError
     from subscriber import Subscriber
 
-    sub = Subscriber(SVC_SEGMENT, namespace=namespace, wait=mode)  # type: ignore[arg-type]
+    name = f"{SVC_SEGMENT}-{mode}"
+    sub = Subscriber(name, namespace=namespace, wait=mode)  # type: ignore[arg-type]
     state = [0]
     it = [sub.updates(timeout=0.5)]
 
     def arm() -> Recv:
-        state[0] = sub.segment(SVC_SEGMENT).version
+        state[0] = sub.segment(name).version
 
         def recv() -> tuple[int, int, int, int] | None:
             up = next(it[0], None)
@@ -219,7 +230,7 @@ def _child_subscriber(conn: Any, namespace: str, mode: str) -> None:
             if up.version <= last:  # announced before we armed, or already read
                 return None
             try:
-                with sub.read(SVC_SEGMENT) as snap:  # the latest version
+                with sub.read(name) as snap:  # the latest version
                     v = snap.version
                     t_send, flag = int(snap.array[0]), int(snap.array[1])
             except TornReadError:
@@ -230,8 +241,12 @@ def _child_subscriber(conn: Any, namespace: str, mode: str) -> None:
 
         return recv
 
+    def idle() -> None:
+        for _ in sub.updates(timeout=0.02):
+            pass
+
     try:
-        _serve(conn, arm)
+        _serve(conn, arm, idle=idle)
     finally:
         sub.close()
 
@@ -353,25 +368,33 @@ def _service_missing() -> str | None:
     return None
 
 
-def _start_service(run: Run, stack: contextlib.ExitStack) -> Callable[[int, int], None]:
-    """A broker process in a namespace of its own and a Publisher of the service segment;
-    both are stopped by ``stack`` (the broker unlinks its segments when it stops)."""
+def _start_service(
+    run: Run, stack: contextlib.ExitStack
+) -> Callable[[str], Callable[[int, int], None]]:
+    """A broker process in a namespace of its own; returns a factory of Publishers, one
+    segment per service row (so one row's announcements never wake another row's
+    subscriber). The broker and the publishers are stopped by ``stack`` (the broker
+    unlinks its segments when it stops)."""
     from broker.testing import BROKER_READY, start
     from publisher import Publisher
 
     ns = run.namespace + "svc"
     broker = start(["broker", "-n", ns], ready=BROKER_READY)
     stack.callback(broker.stop)
-    publisher = Publisher(SVC_SEGMENT, dtype=np.uint64, shape=(PAYLOAD // 8,), namespace=ns)
-    stack.callback(publisher.close)
-    buf = np.zeros(PAYLOAD // 8, dtype=np.uint64)
 
-    def pub_svc(t: int, flag: int) -> None:
-        buf[0] = t
-        buf[1] = flag
-        publisher.publish(buf)
+    def make(segment: str) -> Callable[[int, int], None]:
+        publisher = Publisher(segment, dtype=np.uint64, shape=(PAYLOAD // 8,), namespace=ns)
+        stack.callback(publisher.close)
+        buf = np.zeros(PAYLOAD // 8, dtype=np.uint64)
 
-    return pub_svc
+        def pub_svc(t: int, flag: int) -> None:
+            buf[0] = t
+            buf[1] = flag
+            publisher.publish(buf)
+
+        return pub_svc
+
+    return make
 
 
 def bench_latency(run: Run) -> dict[str, Any]:
@@ -416,18 +439,20 @@ def bench_latency(run: Run) -> dict[str, Any]:
             "pyzmq PUB/SUB ipc://": pub_zmq,
         }
         reason = _service_missing()
+        service = ((SVC_EVENTS, "events"), (SVC_FUTEX, "futex"), (SVC_SPIN, "spin"))
         if reason is None:
             try:
-                pub_svc = _start_service(run, stack)
+                make_pub = _start_service(run, stack)
+                for label, mode in service:
+                    pubs[label] = make_pub(f"{SVC_SEGMENT}-{mode}")
+                    specs[label] = (_child_subscriber, run.namespace + "svc", mode)
             except Exception as exc:
                 reason = f"broker or publisher did not start: {exc}"[:200]
         if reason:
-            for label in (SVC_EVENTS, SVC_FUTEX, SVC_SPIN):
+            for label, _ in service:
                 skipped[label] = reason
-        else:
-            for label, mode in ((SVC_EVENTS, "events"), (SVC_FUTEX, "futex"), (SVC_SPIN, "spin")):
-                specs[label] = (_child_subscriber, run.namespace + "svc", mode)
-                pubs[label] = pub_svc
+                specs.pop(label, None)
+                pubs.pop(label, None)
 
         reason = redis_missing()
         if reason:
