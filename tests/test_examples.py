@@ -28,3 +28,4 @@ def test_readme_example_runs(index: int, namespace: str) -> None:
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip(), "every example prints what it read"
