@@ -29,3 +29,44 @@ def test_readme_example_runs(index: int, namespace: str) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip(), "every example prints what it read"
+
+
+def _sample_names(collector: object) -> set[str]:
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    names: set[str] = set()
+    for family in collector.collect():  # type: ignore[attr-defined]
+        names.add(family.name)
+        names.update(family.name + s for s in suffixes.get(family.type, ("",)))
+    return names
+
+
+def test_every_metric_the_readme_names_is_exported(namespace: str) -> None:
+    import numpy as np
+
+    from broker import Broker, BrokerConfig
+    from broker._metrics import BrokerCollector
+    from broker._relay import Relay, RelayCollector, resolve_relay_config
+    from publisher import Publisher
+    from subscriber import Subscriber, SubscriberCollector
+
+    broker = Broker(BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0")).start()
+    try:
+        with (
+            Publisher("m", dtype="f8", shape=1, namespace=namespace) as pub,
+            Subscriber("m", namespace=namespace) as sub,
+        ):
+            pub.publish(np.zeros(1))
+            for _ in sub.updates(timeout=2):
+                break
+            relay = Relay(resolve_relay_config({"upstream": "tcp://127.0.0.1:1"}, environ={}))
+            exported = (
+                _sample_names(BrokerCollector(broker))
+                | _sample_names(SubscriberCollector(sub))
+                | _sample_names(RelayCollector(relay))
+            )
+    finally:
+        broker.close()
+    documented = set(re.findall(r"\bshmcast_[a-z0-9_]+\b", (ROOT / "README.md").read_text()))
+    documented = {n for n in documented if not n.endswith("_")}
+    assert len(documented) > 20
+    assert documented <= exported, sorted(documented - exported)
