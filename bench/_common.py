@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -224,11 +223,10 @@ def children(
     stop them all on exit. The ``ready`` payloads are stored on ``child.info``."""
     kids: list[Child] = []
     try:
-        with _names_kept():
-            for k, (fn, *args) in enumerate(specs):
-                kids.append(Child(fn, *args, name=f"{getattr(fn, '__name__', 'child')}-{k}"))
-            for kid in kids:
-                kid.info = kid.expect("ready", ready_timeout)  # type: ignore[attr-defined]
+        for k, (fn, *args) in enumerate(specs):
+            kids.append(Child(fn, *args, name=f"{getattr(fn, '__name__', 'child')}-{k}"))
+        for kid in kids:
+            kid.info = kid.expect("ready", ready_timeout)  # type: ignore[attr-defined]
         yield kids
     finally:
         for kid in kids:
@@ -248,58 +246,22 @@ def child_quit_requested(conn: Any) -> bool:
 
 # ---------------------------------------------------------------------- resources
 
-# Segment path -> a second hard link to the same object. A test session running beside
-# the suite (its leak check unlinks every new shmcast.* object) can remove a segment's
-# name while children still have to attach by name; the link lets us put it back.
-_KEEP: dict[str, str] = {}
-_KEEP_PREFIX = ".bench-keep."
-
 
 def make_segment(run: Run, name: str, dtype: Any, shape: Any, **kw: Any) -> Segment:
-    """Segment.create in the run's namespace, with its name guarded (see ``_KEEP``)."""
-    seg = Segment.create(name, dtype, shape, namespace=run.namespace, **kw)
-    backup = os.path.join(SHM_DIR, f"{_KEEP_PREFIX}{run.namespace}.{name}")
-    with contextlib.suppress(OSError):
-        os.link(seg.path, backup)
-        _KEEP[seg.path] = backup
-    return seg
+    """Segment.create in the run's namespace."""
+    return Segment.create(name, dtype, shape, namespace=run.namespace, **kw)
 
 
 def drop_segment(seg: Segment) -> None:
     """Close and unlink a segment made by ``make_segment``."""
-    backup = _KEEP.pop(seg.path, None)
-    if backup:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(backup)
     seg.close()
     seg.unlink()
-
-
-@contextlib.contextmanager
-def _names_kept() -> Iterator[None]:
-    """While children attach: put back any guarded segment name that disappears."""
-    stop = threading.Event()
-
-    def guard() -> None:
-        while not stop.wait(0.002):
-            for path, backup in list(_KEEP.items()):
-                if not os.path.exists(path):
-                    with contextlib.suppress(OSError):
-                        os.link(backup, path)
-
-    t = threading.Thread(target=guard, name="bench-name-guard", daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        t.join()
 
 
 def unlink_namespace(namespace: str) -> list[str]:
     """Remove every ``/dev/shm/shmcast.<namespace>.*`` object; return what was removed."""
     gone = []
-    prefixes = (f"shmcast.{namespace}.", f"{_KEEP_PREFIX}{namespace}.")
+    prefixes = (f"shmcast.{namespace}.",)
     with contextlib.suppress(FileNotFoundError):
         for entry in os.listdir(SHM_DIR):
             if entry.startswith(prefixes):

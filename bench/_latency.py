@@ -72,6 +72,7 @@ FAST_SPIN = "shmcast busy-poll (wait_acquire spin)"
 SVC_EVENTS = "shmcast Subscriber(wait='events') + broker"
 SVC_FUTEX = "shmcast Subscriber(wait='futex')"
 SVC_SPIN = "shmcast Subscriber(wait='spin')"
+SVC_FUTEX_QUIET = "shmcast Subscriber(wait='futex'), Publisher(announce=False)"
 DISCARD = 5  # first messages of a chunk: cold caches, first wake-ups
 BLOCKING_VS_ZMQ = 0.6
 
@@ -209,11 +210,10 @@ def _child_shm_fast(conn: Any, namespace: str, spin: bool) -> None:
         seg.close()
 
 
-def _child_subscriber(conn: Any, namespace: str, mode: str) -> None:
+def _child_subscriber(conn: Any, namespace: str, mode: str, name: str) -> None:
     from broker.errors import TornReadError
     from subscriber import Subscriber
 
-    name = f"{SVC_SEGMENT}-{mode}"
     sub = Subscriber(name, namespace=namespace, wait=mode)  # type: ignore[arg-type]
     state = [0]
     it = [sub.updates(timeout=0.5)]
@@ -382,8 +382,10 @@ def _start_service(
     broker = start(["broker", "-n", ns], ready=BROKER_READY)
     stack.callback(broker.stop)
 
-    def make(segment: str) -> Callable[[int, int], None]:
-        publisher = Publisher(segment, dtype=np.uint64, shape=(PAYLOAD // 8,), namespace=ns)
+    def make(segment: str, announce: bool = True) -> Callable[[int, int], None]:
+        publisher = Publisher(
+            segment, dtype=np.uint64, shape=(PAYLOAD // 8,), namespace=ns, announce=announce
+        )
         stack.callback(publisher.close)
         buf = np.zeros(PAYLOAD // 8, dtype=np.uint64)
 
@@ -439,17 +441,23 @@ def bench_latency(run: Run) -> dict[str, Any]:
             "pyzmq PUB/SUB ipc://": pub_zmq,
         }
         reason = _service_missing()
-        service = ((SVC_EVENTS, "events"), (SVC_FUTEX, "futex"), (SVC_SPIN, "spin"))
+        service = (
+            (SVC_EVENTS, "events", True),
+            (SVC_FUTEX, "futex", True),
+            (SVC_SPIN, "spin", True),
+            (SVC_FUTEX_QUIET, "futex", False),
+        )
         if reason is None:
             try:
                 make_pub = _start_service(run, stack)
-                for label, mode in service:
-                    pubs[label] = make_pub(f"{SVC_SEGMENT}-{mode}")
-                    specs[label] = (_child_subscriber, run.namespace + "svc", mode)
+                for label, mode, announce in service:
+                    name = f"{SVC_SEGMENT}-{mode}{'' if announce else '-quiet'}"
+                    pubs[label] = make_pub(name, announce)
+                    specs[label] = (_child_subscriber, run.namespace + "svc", mode, name)
             except Exception as exc:
                 reason = f"broker or publisher did not start: {exc}"[:200]
         if reason:
-            for label, _ in service:
+            for label, *_ in service:
                 skipped[label] = reason
                 specs.pop(label, None)
                 pubs.pop(label, None)
@@ -598,7 +606,7 @@ def _report(results: dict[str, dict[str, Any]], skipped: dict[str, str]) -> dict
             p50.get("iceoryx2 blocking listener"),
             p50.get("iceoryx2 busy-poll"),
         )
-        for label in (FUTEX, FAST_FUTEX, SVC_FUTEX):
+        for label in (FUTEX, FAST_FUTEX, SVC_FUTEX, SVC_FUTEX_QUIET):
             if label not in p50:
                 continue
             r_zmq = ratio(p50[label], zmq_ref)

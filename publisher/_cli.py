@@ -45,6 +45,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=10.0, help="versions per second (0: flat out)")
     p.add_argument("--count", type=int, default=0, help="stop after N versions (0: never)")
     p.add_argument("--broker", metavar="ENDPOINT", help="broker control endpoint")
+    p.add_argument(
+        "--no-announce",
+        action="store_true",
+        help="no commit message per version (the broker announces at its ticks): "
+        "for futex/spin readers, lowest latency",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         slots=args.slots,
         namespace=args.namespace,
         broker=args.broker,
+        announce=not args.no_announce,
     ) as pub:
         info = {"segment": pub.name, "namespace": pub.namespace, "version": pub.version}
         print(f"shmcast publish ready: {json.dumps(info)}", flush=True)

@@ -39,6 +39,11 @@ class Publisher:
         timeout: seconds to wait for each broker reply.
         source: what the catalog's ``source`` field says about this segment
             (``"local"`` unless set, e.g. ``"relay:tcp://host:5557"``).
+        announce: send the broker a commit message per version (default). With
+            ``False`` the broker still announces the latest version at each of
+            its ticks (heartbeat interval), so ``events`` subscribers learn of it
+            late and count skipped versions, while ``futex``/``spin`` readers
+            gain: no ZeroMQ or broker thread wakes up beside them on every commit.
 
     Raises:
         BrokerUnavailableError: no broker answered.
@@ -59,6 +64,7 @@ class Publisher:
         timeout: float = 5.0,
         curve: tuple[bytes, bytes, bytes] | None = None,
         source: str | None = None,
+        announce: bool = True,
     ) -> None:
         self._closed = True
         self._seg: Segment | None = None
@@ -90,6 +96,7 @@ class Publisher:
             raise
         self._client = client
         self.announcements_dropped = 0
+        self.announce = announce
         self._closed = False
 
     @property
@@ -139,6 +146,8 @@ class Publisher:
         self._announce(seg.version)
 
     def _announce(self, version: int) -> None:
+        if not self.announce:
+            return
         client = self._client
         assert client is not None
         # One-way and non-blocking: a slow or absent broker never stalls the writer.

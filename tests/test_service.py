@@ -328,3 +328,24 @@ def test_direct_wait_modes_need_no_broker(namespace: str, mode: str) -> None:
     finally:
         seg.unlink()
         seg.close()
+
+
+def test_publisher_without_announcements_is_announced_by_the_broker_tick(
+    namespace: str, broker: ShmcastProcess
+) -> None:
+    with (
+        Publisher("q", dtype="f8", shape=(2,), namespace=namespace, announce=False) as pub,
+        Subscriber("q", namespace=namespace) as sub,
+        ControlClient(broker.ready["control"]) as control,
+    ):
+        requests_before = control.request("stats")["requests"]
+        for i in range(1, 6):
+            pub.publish(np.full(2, i, "f8"))
+        assert _collect(sub, 5, "q", timeout=5)[-1] == 5
+        st = sub.stats["q"]
+        assert st.updates + st.missed == 5
+        # No commit message per version: what reached the broker meanwhile is our
+        # stats request and the subscriber's once-a-second reports, fewer than the
+        # five commits an announcing publisher would have sent.
+        requests_after = control.request("stats")["requests"]
+        assert requests_after - requests_before < 5
