@@ -66,15 +66,23 @@ def _scrape(url: str) -> dict[str, Any]:
 
 
 def _quantile(buckets: dict[float, float], q: float) -> float | None:
-    """Upper bound of the histogram bucket holding quantile ``q`` (as Prometheus does)."""
+    """Quantile ``q`` of a cumulative histogram, interpolated linearly inside the
+    bucket that holds it (as Prometheus's ``histogram_quantile`` does)."""
     if not buckets:
         return None
     total = buckets.get(float("inf"), max(buckets.values()))
     if total <= 0:
         return None
+    rank = q * total
+    lower, below = 0.0, 0.0
     for le in sorted(buckets):
-        if buckets[le] >= q * total:
-            return le
+        count = buckets[le]
+        if count >= rank:
+            if le == float("inf"):
+                return lower  # beyond the largest finite bound: report that bound
+            inside = count - below
+            return lower + (le - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = le, count
     return None
 
 
@@ -100,7 +108,7 @@ def _render(
         )
     lines.append("")
     lines.append(
-        f"{'SUBSCRIBER':10} {'UPDATES':>8} {'MISSED':>7} {'TORN':>5} {'P50':>7} {'P99':>7}"
+        f"{'SUBSCRIBER':10} {'UPDATES':>8} {'MISSED':>7} {'TORN':>5} {'~P50':>7} {'~P99':>7}"
     )
     for name, m in subs:
         if "error" in m:
@@ -156,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         print(flush=True)
         client = ControlClient(broker.ready["control"], timeout=2)
         start_t = time.monotonic()
-        last: dict[str, int] = {}
+        last = {r["name"]: r["version"] for r in client.request("list")["segments"]}
         last_t = start_t
         try:
             while args.duration <= 0 or time.monotonic() - start_t < args.duration:

@@ -175,3 +175,13 @@ def test_every_config_file_loads() -> None:
             assert yaml.safe_load(f.read_text()) is not None, f
         elif f.suffix == ".json":
             json.loads(f.read_text())
+
+
+def test_demo_latency_quantile_interpolates_inside_the_bucket() -> None:
+    from broker._demo import _quantile
+
+    cumulative = {1e-4: 10.0, 2e-4: 60.0, 5e-4: 100.0, float("inf"): 100.0}
+    assert _quantile(cumulative, 0.5) == pytest.approx(1.8e-4)  # 40 of the 50 in (100, 200] us
+    assert _quantile(cumulative, 0.99) == pytest.approx(4.925e-4)
+    assert _quantile({1e-4: 0.0, float("inf"): 5.0}, 0.5) == 1e-4  # beyond the last bound
+    assert _quantile({}, 0.5) is None
