@@ -60,6 +60,11 @@ READY = "shmcast relay ready: "
 MAX_HEADER = 64 * 1024
 
 
+#: Seconds between checks that the local broker is the one the mirrors were
+#: registered with.
+LOCAL_CHECK = 1.0
+
+
 @dataclass(frozen=True)
 class RelayConfig:
     """What a relay needs, validated.
@@ -201,6 +206,7 @@ class Relay:
         self._welcomed = False
         self._last_heard = 0.0
         self._local: ControlClient | None = None
+        self._local_epoch: object = None
         self._sock: zmq.Socket[Any] | None = None
         self.metrics_url: str | None = None
 
@@ -243,7 +249,7 @@ class Relay:
         metrics_server: Any = None
         try:
             self._local = ControlClient(local_ep, timeout=5.0, context=ctx)
-            self._local.request("hello")
+            self._local_epoch = self._local.request("hello")["epoch"]
             self._sock = self._connect(ctx)
             if cfg.metrics_port is not None:
                 metrics_server = self._start_metrics(cfg.metrics_port, cfg.metrics_host)
@@ -319,6 +325,7 @@ class Relay:
         sock = self._sock
         assert sock is not None
         next_ping = time.monotonic() + self.interval
+        next_local = time.monotonic() + LOCAL_CHECK
         while not self._stop.is_set():
             if sock.poll(100, zmq.POLLIN):
                 for _ in range(1000):
@@ -343,12 +350,30 @@ class Relay:
                 self._pending.clear()  # their verdicts may never come
                 self._annotate()
                 next_ping = now
+            if now >= next_local:
+                next_local = now + LOCAL_CHECK
+                self._check_local()
             if now >= next_ping:
                 next_ping = now + self.interval
                 if self.upstream_up and self._welcomed:
                     self._send(b"ping", {})
                 else:
                     self._send_hello()
+
+    def _check_local(self) -> None:
+        """A restarted local broker adopts the mirrors as plain segments: tell it again
+        that they are relayed (``source``, ``upstream_up``)."""
+        assert self._local is not None
+        try:
+            epoch = self._local.request("hello", timeout=0.5)["epoch"]
+        except ShmcastError as exc:
+            log.debug("local broker not answering: %s", exc)
+            return
+        if epoch != self._local_epoch:
+            log.info("local broker restarted (epoch %s -> %s): re-registering mirrors",
+                     self._local_epoch, epoch)  # fmt: skip
+            self._local_epoch = epoch
+            self._annotate()
 
     def _heard(self) -> None:
         self._last_heard = time.monotonic()

@@ -186,3 +186,53 @@ def test_relay_never_commits_a_torn_send() -> None:
         # Torn sends happen (and are discarded) when the writer laps libzmq; the
         # fallback to validated copies keeps versions flowing either way.
         assert torn >= 0
+
+
+def test_relay_re_registers_its_mirrors_with_a_restarted_local_broker() -> None:
+    import signal
+
+    from broker.testing import start
+
+    up_ns, down_ns = unique_namespace(), unique_namespace()
+    up_env = {"SHMCAST_NAMESPACE": up_ns}
+    down_env = {"SHMCAST_NAMESPACE": down_ns}
+    local_args = ["broker", "--heartbeat", "0.1"]
+    with running(
+        ["broker", "--data", "tcp://127.0.0.1:0", "--heartbeat", "0.1"],
+        ready=BROKER_READY,
+        env=up_env,
+    ) as upstream:
+        local = start(local_args, ready=BROKER_READY, env=down_env)
+        again = None
+        pub = Publisher("feed", dtype=np.int32, shape=(4,), namespace=up_ns)
+        try:
+            pub.publish(np.full(4, 1, np.int32))
+            with running(
+                ["relay", "--upstream", upstream.ready["data"]], ready=RELAY_READY, env=down_env
+            ):
+                source = f"relay:{upstream.ready['data']}"
+
+                def entry(control: str) -> dict[str, object]:
+                    return _catalog(control, "feed") or {}
+
+                wait_for(lambda: entry(local.ready["control"]).get("version") == 1, 10)
+                assert entry(local.ready["control"])["source"] == source
+                local.send_signal(signal.SIGKILL)
+                local.wait(10)
+                again = start(local_args, ready=BROKER_READY, env=down_env)
+                assert again.ready["segments"] == ["feed"]  # adopted ...
+                # ... and the relay tells the new broker again that it is relayed.
+                wait_for(
+                    lambda: entry(again.ready["control"]).get("source") == source,
+                    10,
+                    what="the relay to re-register its mirror",
+                )
+                pub.publish(np.full(4, 2, np.int32))
+                with Segment.attach("feed", namespace=down_ns) as mirror:
+                    wait_for(lambda: mirror.version == 2, 10, what="version 2 relayed")
+                    assert (mirror.latest().array == 2).all()
+        finally:
+            pub.close()
+            if again is not None:
+                again.stop()
+            local.stop()
