@@ -165,47 +165,56 @@ def bench_write(run: Run) -> dict[str, Any]:
     return {"baseline": "numpy copy (heap)", "sizes": results, "targets": targets}
 
 
-def _time_read(run: Run, size: int, batches: int) -> dict[str, list[float]]:
-    name = f"r{size}"
-    seg = Segment.create(name, np.float64, (size // 8,), namespace=run.namespace)
-    reader = None
+def _readers(r: Segment) -> dict[str, Callable[[], object]]:
+    def acquire_view_validate() -> None:
+        _v, i, s, _ts = r.acquire()
+        r.view(i)
+        if not r.validate(i, s):
+            raise RuntimeError("torn")
+
+    def ctx_read() -> None:
+        with r.read() as snap:
+            snap.array  # noqa: B018
+
+    return {
+        "acquire+view+validate": acquire_view_validate,
+        "with seg.read()": ctx_read,
+        "seg.version": lambda: r.version,
+    }
+
+
+def _time_reads(run: Run, sizes: list[int], batches: int) -> dict[int, dict[str, list[float]]]:
+    """Every (size, read method) pair alternating in the same rounds, so a slow
+    spell of the machine lands on all sizes alike and "flat" compares like with like."""
+    segs: list[Segment] = []
     try:
-        seg.write(np.ones(size // 8))
-        reader = Segment.attach(name, namespace=run.namespace)
-        r = reader
-
-        def acquire_view_validate() -> None:
-            _v, i, s, _ts = r.acquire()
-            r.view(i)
-            if not r.validate(i, s):
-                raise RuntimeError("torn")
-
-        def ctx_read() -> None:
-            with r.read() as snap:
-                snap.array  # noqa: B018
-
-        t = _alternate(
-            {
-                "acquire+view+validate": acquire_view_validate,
-                "with seg.read()": ctx_read,
-                "seg.version": lambda: r.version,
-            },
-            batches,
-            budget_ns=run.q(2e6, 5e5),
-        )
+        contenders: dict[str, Callable[[], object]] = {}
+        for size in sizes:
+            seg = Segment.create(f"r{size}", np.float64, (size // 8,), namespace=run.namespace)
+            segs.append(seg)
+            seg.write(np.ones(size // 8))
+            reader = Segment.attach(f"r{size}", namespace=run.namespace)
+            segs.append(reader)
+            for kind, fn in _readers(reader).items():
+                contenders[f"{kind}@{size}"] = fn
+        t = _alternate(contenders, batches, budget_ns=run.q(2e6, 5e5))
     finally:
-        if reader is not None:
-            reader.close()
-        seg.close()
-        seg.unlink()
-    return t
+        for seg in segs:
+            if seg.writable:
+                seg.unlink()
+            seg.close()
+    out: dict[int, dict[str, list[float]]] = {size: {} for size in sizes}
+    for key, values in t.items():
+        kind, size = key.rsplit("@", 1)
+        out[int(size)][kind] = values
+    return out
 
 
 def bench_read(run: Run) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     batches = run.q(15, 5)
-    for size in _sizes(run):
-        t = _time_read(run, size, batches)
+    sizes = list(_sizes(run))
+    for size, t in _time_reads(run, sizes, batches).items():
         results.append({"size": size, "ns": {k: stats(v) for k, v in t.items()}})
     flat = {}
     for k in ("acquire+view+validate", "with seg.read()"):
