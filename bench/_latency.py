@@ -120,6 +120,19 @@ def _serve(
 # ----------------------------------------------------------------- shmcast children
 
 
+def _read_stamp(seg: Segment, last: int, state: list[int]) -> tuple[int, int, int, int] | None:
+    """Read the latest version's send stamp through a validated view:
+    ``(received_ns, sent_ns, flag, versions skipped)``, or None if torn."""
+    v, i, s, _ts = seg.acquire()
+    a = seg.view(i)
+    t_send, flag = int(a[0]), int(a[1])
+    if not seg.validate(i, s):
+        return None
+    t = now_ns()
+    state[0] = v
+    return t, t_send, flag, v - last - 1
+
+
 def _child_shm_futex(conn: Any, namespace: str) -> None:
     seg = Segment.attach(SEGMENT, namespace=namespace)
     state = [0]
@@ -132,14 +145,7 @@ def _child_shm_futex(conn: Any, namespace: str) -> None:
             v = seg.wait(last, timeout=0.5)
             if v == last:
                 return None
-            v, i, s, _ts = seg.acquire()
-            a = seg.view(i)
-            t_send, flag = int(a[0]), int(a[1])
-            if not seg.validate(i, s):
-                return None
-            t = now_ns()
-            state[0] = v
-            return t, t_send, flag, v - last - 1
+            return _read_stamp(seg, last, state)
 
         return recv
 
@@ -164,14 +170,7 @@ def _child_shm_spin(conn: Any, namespace: str) -> None:
                 n += 1
                 if n & 0xFFFF == 0 and time.monotonic() > end:
                     return None
-            v, i, s, _ts = seg.acquire()
-            a = seg.view(i)
-            t_send, flag = int(a[0]), int(a[1])
-            if not seg.validate(i, s):
-                return None
-            t = now_ns()
-            state[0] = v
-            return t, t_send, flag, v - last - 1
+            return _read_stamp(seg, last, state)
 
         return recv
 

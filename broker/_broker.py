@@ -451,20 +451,8 @@ class Broker:
 
     def _describe(self, name: str) -> dict[str, Any]:
         entry = self._entry(name)
-        info = entry.seg.info()
         return {
-            "name": info.name,
-            "dtype": info.dtype,
-            "shape": list(info.shape),
-            "slots": info.slots,
-            "nbytes": info.nbytes,
-            "size": info.size,
-            "version": info.version,
-            "ts": info.timestamp_ns,
-            "created": info.created_ns,
-            "writer_pid": info.writer_pid,
-            "writer_alive": info.writer_alive,
-            "heartbeat": info.heartbeat_ns,
+            **entry.seg.info().catalog_entry(),
             "published": entry.published,
             "source": entry.source,
             **entry.extra,

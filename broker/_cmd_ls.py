@@ -47,21 +47,7 @@ def catalog(namespace: str, broker: str | None, timeout: float = 1.0) -> tuple[s
         except ShmcastError as exc:
             rows.append({"name": name, "error": str(exc)})
             continue
-        rows.append(
-            {
-                "name": info.name,
-                "dtype": info.dtype,
-                "shape": list(info.shape),
-                "slots": info.slots,
-                "nbytes": info.nbytes,
-                "size": info.size,
-                "version": info.version,
-                "ts": info.timestamp_ns,
-                "writer_pid": info.writer_pid,
-                "writer_alive": info.writer_alive,
-                "source": "local",
-            }
-        )
+        rows.append({**info.catalog_entry(), "source": "local"})
     return "shm", rows
 
 

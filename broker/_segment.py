@@ -297,6 +297,23 @@ class SegmentInfo:
     writer_alive: bool
     heartbeat_ns: int
 
+    def catalog_entry(self) -> dict[str, Any]:
+        """The catalog's view of this header (``list``/``describe`` replies, ``shmcast ls``)."""
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "slots": self.slots,
+            "nbytes": self.nbytes,
+            "size": self.size,
+            "version": self.version,
+            "ts": self.timestamp_ns,
+            "created": self.created_ns,
+            "writer_pid": self.writer_pid,
+            "writer_alive": self.writer_alive,
+            "heartbeat": self.heartbeat_ns,
+        }
+
 
 class Segment:
     """A handle on one shared-memory segment: the writer's, or a reader's.
