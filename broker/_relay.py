@@ -423,6 +423,7 @@ class Relay:
                     for name, v in latest.items():
                         if isinstance(name, str) and isinstance(v, int) and self._wants(name):
                             self._counts.setdefault(name, _Counts()).upstream_latest = v
+                self._forget_deleted(set(latest))
         elif kind == b"welcome":
             interval = body.get("heartbeat_interval")
             if isinstance(interval, (int, float)) and interval > 0:
@@ -430,6 +431,22 @@ class Relay:
             self._welcomed = True
         elif kind == b"who":
             self._send_hello()
+
+    def _forget_deleted(self, upstream: set[str]) -> None:
+        """A heartbeat lists every segment upstream serves us: a mirror missing from
+        it was deleted there, so it is deleted here too. (A cut link sends no
+        heartbeat: then the mirrors keep serving the last data.)"""
+        with self._lock:
+            gone = [m for name, m in self._mirrors.items() if name not in upstream]
+            for m in gone:
+                del self._mirrors[m.name]
+                self._counts.pop(m.name, None)
+        for m in gone:
+            log.info("upstream deleted segment %s: deleting the mirror", m.name)
+            m.pub.close()
+            assert self._local is not None
+            with contextlib.suppress(ShmcastError):
+                self._local.request("delete", name=m.name)
 
     def _on_data(self, hdr: dict[str, Any], payload: zmq.Frame) -> None:
         name = validate_segment_name(hdr.get("segment"))

@@ -236,3 +236,37 @@ def test_relay_re_registers_its_mirrors_with_a_restarted_local_broker() -> None:
             if again is not None:
                 again.stop()
             local.stop()
+
+
+def test_a_segment_deleted_upstream_is_deleted_on_the_relay_side() -> None:
+    up_ns, down_ns = unique_namespace(), unique_namespace()
+    with (
+        running(
+            ["broker", "--data", "tcp://127.0.0.1:0", "--heartbeat", "0.1"],
+            ready=BROKER_READY,
+            env={"SHMCAST_NAMESPACE": up_ns},
+        ) as upstream,
+        running(["broker"], ready=BROKER_READY, env={"SHMCAST_NAMESPACE": down_ns}) as local,
+    ):
+        with (
+            Publisher("stays", dtype=np.int8, shape=(4,), namespace=up_ns) as stays,
+            Publisher("goes", dtype=np.int8, shape=(4,), namespace=up_ns) as goes,
+        ):
+            stays.publish(np.ones(4, np.int8))
+            goes.publish(np.ones(4, np.int8))
+        with running(
+            ["relay", "--upstream", upstream.ready["data"]],
+            ready=RELAY_READY,
+            env={"SHMCAST_NAMESPACE": down_ns},
+        ):
+            control = local.ready["control"]
+            wait_for(
+                lambda: Segment.list(down_ns) == ["goes", "stays"],
+                10,
+                what="both segments mirrored",
+            )
+            with ControlClient(upstream.ready["control"]) as up:
+                up.request("delete", name="goes")
+            wait_for(lambda: Segment.list(down_ns) == ["stays"], 10, what="the mirror deleted")
+            assert _catalog(control, "goes") is None
+            assert (_catalog(control, "stays") or {}).get("version") == 1
