@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "latency": ("bench._latency", "bench_latency"),
     "stream": ("bench._stream", "bench_stream"),
     "fanout": ("bench._fanout", "bench_fanout"),
+    "relay": ("bench._relay", "bench_relay"),
 }
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "out" / "results.json"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-EXPECTED = {"write", "read", "handoff", "latency", "stream", "fanout"}
+EXPECTED = {"write", "read", "handoff", "latency", "stream", "fanout", "relay"}
 
 
 def _numbers(x: object) -> list[float]:
@@ -55,3 +55,10 @@ def test_quick_suite_runs_and_writes_json(tmp_path: Path) -> None:
     lat = data["benchmarks"]["latency"]["rates"]
     assert set(lat) == {"1000", "10000"}
     assert lat["1000"]["shmcast futex (Segment.wait)"]["ns"]["p50"] > 0
+    relay = data["benchmarks"]["relay"]
+    if "rows" in relay:  # needs network namespaces (root); else skipped with the reason
+        assert {(r["path"], r["size"]) for r in relay["rows"]} == {
+            (p, s) for p in ("relay", "zmq") for s in ("1KiB", "1MiB")
+        }
+    else:
+        assert relay["skipped"]

@@ -1,5 +1,5 @@
 """Relays across two hosts on this machine: network namespaces joined by a veth pair,
-each with its own /dev/shm and runtime directory (see ``tests/_netns.py``).
+each with its own /dev/shm and runtime directory (see ``bench/_netns.py``).
 
 Host A: upstream broker (data stream on 10.231.X.1) and a publisher writing arrays
 whose every element equals the version. Host B: a broker, a relay and a checker
@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import zmq
 
+from bench._netns import Host, Link, two_hosts, why_no_netns
 from broker._protocol import ControlClient
 from broker._relay import READY as RELAY_READY
 from broker.testing import BROKER_READY, unique_namespace, wait_for
-from tests._netns import Host, Link, two_hosts, why_no_netns
 
 pytestmark = pytest.mark.root
 

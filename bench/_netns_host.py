@@ -1,7 +1,7 @@
 """A "host" for the network-namespace tests: run inside one netns + mount namespace.
 
 Started as ``ip netns exec NS unshare --mount sh -c 'mount -t tmpfs ... /dev/shm &&
-exec python -m tests._netns_host'``, so every process it starts shares that host's
+exec python -m bench._netns_host'``, so every process it starts shares that host's
 own ``/dev/shm``. Commands on stdin, one JSON object a line:
 
     {"op": "start", "tag": "broker", "argv": [...], "env": {...}}

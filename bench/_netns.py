@@ -3,7 +3,7 @@ its own ``/dev/shm`` (a tmpfs in a private mount namespace) and runtime director
 
 Addresses are 10.231.X.1/30 and 10.231.X.2/30, assigned only inside the two
 namespaces; nothing is configured in the machine's own network namespace.
-Used by ``tests/test_relay_netns.py`` and ``bench/_relay.py``.
+Used by ``bench/_relay.py`` and ``tests/test_relay_netns.py``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _ip(*args: str) -> None:
 
 
 class Host:
-    """One host: a ``tests._netns_host`` agent running in its namespaces."""
+    """One host: a ``bench._netns_host`` agent running in its namespaces."""
 
     def __init__(self, name: str, netns: str, addr: str, rundir: Path) -> None:
         self.name = name
@@ -59,7 +59,7 @@ class Host:
         self.rundir = rundir
         self.lines: list[str] = []
         self._q: queue.Queue[str] = queue.Queue()
-        script = 'mount -t tmpfs -o size=256m tmpfs /dev/shm && exec "$0" -m tests._netns_host'
+        script = 'mount -t tmpfs -o size=256m tmpfs /dev/shm && exec "$0" -m bench._netns_host'
         env = dict(os.environ)
         env["XDG_RUNTIME_DIR"] = str(rundir)
         env.pop("SHMCAST_NAMESPACE", None)
