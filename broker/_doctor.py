@@ -141,6 +141,7 @@ def _check_objects(namespaces: list[str], fix: bool) -> list[Check]:
         alive = broker_alive(ns)
         orphans: list[str] = []
         invalid: list[str] = []
+        perms: dict[str, Check] = {}  # reported unless --fix removes the object
         for name in list_segment_names(ns):
             path = os.path.join(SHM_DIR, object_name(ns, name))
             try:
@@ -151,23 +152,19 @@ def _check_objects(namespaces: list[str], fix: bool) -> list[Check]:
                 continue  # another user's: not ours to judge or fix
             mode = stat.S_IMODE(st.st_mode)
             if mode & 0o006:
-                out.append(
-                    Check(
-                        "permissions",
-                        PROBLEM,
-                        f"{path} is readable or writable by every user (mode {mode:04o})",
-                        'run the broker with mode = "0600" (or "0640" with a group); '
-                        f"chmod o-rw {path}",
-                    )
+                perms[name] = Check(
+                    "permissions",
+                    PROBLEM,
+                    f"{path} is readable or writable by every user (mode {mode:04o})",
+                    'run the broker with mode = "0600" (or "0640" with a group); '
+                    f"chmod o-rw {path}",
                 )
             elif mode & 0o060:
-                out.append(
-                    Check(
-                        "permissions",
-                        WARN,
-                        f"{path} is group-accessible (mode {mode:04o}, gid {st.st_gid})",
-                        "intended only when the broker is configured with a group",
-                    )
+                perms[name] = Check(
+                    "permissions",
+                    WARN,
+                    f"{path} is group-accessible (mode {mode:04o}, gid {st.st_gid})",
+                    "intended only when the broker is configured with a group",
                 )
             try:
                 seg = Segment.attach(name, namespace=ns, wait=0.2, prefault=False)
@@ -204,6 +201,8 @@ def _check_objects(namespaces: list[str], fix: bool) -> list[Check]:
                     f"`shmcast doctor --namespace {ns} --fix` to unlink them",
                 )
             )
+        removed = set(orphans + invalid) if fix and not alive else set()
+        out.extend(c for name, c in perms.items() if name not in removed)
         stale = not alive and (runtime_root() / ns).is_dir()
         if fix and not alive:
             for name in orphans + invalid:

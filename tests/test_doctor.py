@@ -136,3 +136,21 @@ def test_text_output(namespace: str, capsys: pytest.CaptureFixture[str]) -> None
     assert "OK" in out
     assert "cpu" in out
     assert "all OK" in err
+
+
+def test_fix_does_not_report_permissions_of_what_it_removed(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seg = Segment.create("lax", "f8", (4,), namespace=namespace, mode=0o644)
+    seg.close()  # an orphan: no broker, no writer
+    try:
+        rc, report = _doctor(capsys, "--namespace", namespace)
+        assert rc == 1
+        assert "every user" in _checks(report, "problem")["permissions"]
+        rc, report = _doctor(capsys, "--namespace", namespace, "--fix")
+        assert rc == 0, report
+        assert "permissions" not in _checks(report, "problem")
+        assert "unlinked" in _checks(report, "ok")["fixed"]
+        assert Segment.list(namespace) == []
+    finally:
+        Segment.remove("lax", namespace=namespace)
