@@ -149,10 +149,6 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
             print(line)
 
 
-def note(text: str) -> None:
-    print(f"  note: {text}")
-
-
 # ------------------------------------------------------------------ child processes
 
 
@@ -234,14 +230,6 @@ def children(
                 kid.send("quit")
         for kid in kids:
             kid.stop()
-
-
-def child_quit_requested(conn: Any) -> bool:
-    """In a child: True if the parent sent ``quit`` (non-blocking)."""
-    if conn.poll():
-        kind, _ = conn.recv()
-        return bool(kind == "quit")
-    return False
 
 
 # ---------------------------------------------------------------------- resources

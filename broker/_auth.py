@@ -17,7 +17,7 @@ import zmq
 from zmq.auth import CURVE_ALLOW_ANY
 from zmq.auth.thread import ThreadAuthenticator
 
-__all__ = ["AllowList", "curve_keypair", "start_authenticator"]
+__all__ = ["AllowList", "curve_keypair", "make_curve_server", "start_authenticator"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,15 @@ class AllowList:
         self.denied += 1
         log.warning("refused a CURVE client with unknown public key %s", key.decode("ascii"))
         return False
+
+
+def make_curve_server(sock: zmq.Socket[Any], secret_key: str, public_key: str | None) -> None:
+    """Make ``sock`` a CURVE server with this key pair (the public key is derived from
+    the secret one when not given)."""
+    secret = secret_key.encode()
+    sock.curve_server = True
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public_key.encode() if public_key else zmq.curve_public(secret)
 
 
 def start_authenticator(ctx: zmq.Context[Any], clients: tuple[str, ...]) -> ThreadAuthenticator:

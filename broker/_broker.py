@@ -25,10 +25,16 @@ from typing import Any
 
 import zmq
 
-from ._auth import start_authenticator
-from ._config import BrokerConfig, SegmentSpec
+from ._auth import make_curve_server, start_authenticator
+from ._config import BrokerConfig
 from ._datastream import DataStream, DataStreamStats
-from ._names import list_segment_names, runtime_dir, share_runtime_dir, validate_segment_name
+from ._names import (
+    SHM_DIR,
+    list_segment_names,
+    runtime_dir,
+    share_runtime_dir,
+    validate_segment_name,
+)
 from ._protocol import (
     BROKER_TOPIC,
     MAX_REQUEST,
@@ -43,7 +49,6 @@ from ._protocol import (
 from ._segment import (
     Segment,
     SegmentInfo,
-    _shm_free,
     dtype_str,
     normalize_layout,
     parse_dtype,
@@ -57,7 +62,6 @@ from .errors import (
     NotASegmentError,
     SegmentNotFoundError,
     ShmcastError,
-    ShmSpaceError,
     WriterBusyError,
 )
 
@@ -162,7 +166,7 @@ class Broker:
             now = time.monotonic()
             clients = sum(1 for t in self._clients.values() if now - t < 30)
             errors = dict(self._errors)
-        st = shutil.disk_usage("/dev/shm") if os.path.isdir("/dev/shm") else None
+        st = shutil.disk_usage(SHM_DIR) if os.path.isdir(SHM_DIR) else None
         return BrokerStats(
             namespace=self.namespace,
             epoch=self.epoch,
@@ -278,13 +282,7 @@ class Broker:
         if not cfg.curve_secret_key:
             return
         for sock in socks:
-            sock.curve_server = True
-            sock.curve_secretkey = cfg.curve_secret_key.encode()
-            sock.curve_publickey = (
-                cfg.curve_public_key.encode()
-                if cfg.curve_public_key
-                else zmq.curve_public(cfg.curve_secret_key.encode())
-            )
+            make_curve_server(sock, cfg.curve_secret_key, cfg.curve_public_key)
 
     def _bind(self, sock: zmq.Socket[Any], endpoint: str, bound: list[str]) -> str:
         path = ipc_path(endpoint)
@@ -366,7 +364,11 @@ class Broker:
             except ShmcastError:
                 continue
             if v > entry.announced:
-                self._announce_version(name, entry, v, entry.seg.info().timestamp_ns)
+                try:
+                    ts = entry.seg.acquire(v)[3]  # the slot's commit time
+                except ShmcastError:
+                    ts = time.time_ns()  # lapped since: the version is gone, not its news
+                self._announce_version(name, entry, v, ts)
         self._emit(BROKER_TOPIC, "heartbeat", "", 0, time.time_ns())
 
     def _emit(self, tpc: bytes, kind: str, segment: str, version: int, ts: int) -> None:
@@ -484,8 +486,6 @@ class Broker:
                 f"segment {name!r} would take {size} bytes, over this broker's "
                 f"max_segment_bytes={limit}"
             )
-        if size > _shm_free():
-            raise ShmSpaceError(name, size, _shm_free())
         writer = Segment.create(
             name,
             dt,
@@ -635,13 +635,6 @@ class Broker:
             entry.seg.unlink()
             entry.seg.close()
             log.info("unlinked segment %s", name)
-
-    def register_segment(self, spec: SegmentSpec, source: str) -> Segment:
-        """Create-or-get a segment on behalf of an in-process component (the relay)."""
-        self._create(spec.name, spec.dtype, spec.shape, spec.slots)
-        entry = self._segments[spec.name]
-        entry.source = source
-        return entry.seg
 
     def start(self, timeout: float = 10.0) -> Broker:
         """Serve in a background thread (for embedding and tests); returns self once

@@ -72,6 +72,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from ._auth import make_curve_server, start_authenticator
 from ._protocol import pack, unpack
 from ._segment import Segment, dtype_str
 from .errors import ShmcastError
@@ -128,7 +129,6 @@ class _Pending:
     mid: int
     tracker: zmq.MessageTracker
     src: _Source | None  # None: sent from a validated copy, whole by construction
-    sent_at: float
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ class DataStream:
         self._ctx = ctx
         try:
             if cfg.curve_secret_key:
-                self._auth = _start_auth(ctx, cfg.curve_clients)
+                self._auth = start_authenticator(ctx, cfg.curve_clients)
             router = ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -199,14 +199,7 @@ class DataStream:
             router.setsockopt(zmq.HEARTBEAT_IVL, ivl)
             router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
             if cfg.curve_secret_key:
-                secret = cfg.curve_secret_key.encode()
-                router.curve_server = True
-                router.curve_secretkey = secret
-                router.curve_publickey = (
-                    cfg.curve_public_key.encode()
-                    if cfg.curve_public_key
-                    else zmq.curve_public(secret)
-                )
+                make_curve_server(router, cfg.curve_secret_key, cfg.curve_public_key)
             try:
                 router.bind(self.configured)
             except zmq.ZMQError as exc:
@@ -523,7 +516,7 @@ class DataStream:
         self.sent += 1
         self.sent_bytes += seg.nbytes
         self._pending.append(
-            _Pending(peer, name, v, slot, seq, mid, tracker, src if zero_copy else None, now)
+            _Pending(peer, name, v, slot, seq, mid, tracker, src if zero_copy else None)
         )
 
     def _verdicts(self, router: zmq.Socket[Any]) -> None:
@@ -553,25 +546,3 @@ class DataStream:
                 {"mid": p.mid, "segment": p.name, "version": p.version, "ok": ok},
             )
         self._pending = still
-
-
-def _start_auth(ctx: zmq.Context[Any], clients: tuple[str, ...]) -> Any:
-    from zmq.auth.thread import ThreadAuthenticator
-
-    auth = ThreadAuthenticator(ctx, log=logging.getLogger(__name__ + ".zap"))
-    auth.start()
-    if clients:
-        auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
-        allowed = frozenset(k.encode("ascii") for k in clients)
-
-        class _Allow:
-            def callback(self, domain: str, key: bytes) -> bool:
-                if key in allowed:
-                    return True
-                log.warning("data stream refused CURVE key %s", key.decode("ascii", "replace"))
-                return False
-
-        auth.configure_curve_callback(domain="*", credentials_provider=_Allow())
-    else:
-        auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
-    return auth

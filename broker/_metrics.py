@@ -28,45 +28,22 @@ class BrokerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         st = self._broker.stats()
         ns = st.namespace
-        up = GaugeMetricFamily(
-            "shmcast_broker_up", "1 while the broker serves", labels=["namespace"]
-        )
-        up.add_metric([ns], 1.0)
-        yield up
-        segs = GaugeMetricFamily(
-            "shmcast_broker_segments", "Segments the broker owns", labels=["namespace"]
-        )
-        segs.add_metric([ns], len(st.segments))
-        yield segs
-        used = GaugeMetricFamily(
-            "shmcast_shm_used_bytes",
-            "Shared memory taken by the broker's segments",
-            labels=["namespace"],
-        )
-        used.add_metric([ns], st.shm_used)
-        yield used
-        free = GaugeMetricFamily(
-            "shmcast_shm_free_bytes", "Free bytes in /dev/shm", labels=["namespace"]
-        )
-        free.add_metric([ns], st.shm_free)
-        yield free
-        total = GaugeMetricFamily(
-            "shmcast_shm_size_bytes", "Size of /dev/shm", labels=["namespace"]
-        )
-        total.add_metric([ns], st.shm_total)
-        yield total
-        clients = GaugeMetricFamily(
-            "shmcast_broker_clients",
-            "Control clients heard from in the last 30 s",
-            labels=["namespace"],
-        )
-        clients.add_metric([ns], st.clients)
-        yield clients
-        reqs = CounterMetricFamily(
-            "shmcast_broker_requests", "Control requests received", labels=["namespace"]
-        )
-        reqs.add_metric([ns], st.requests)
-        yield reqs
+        for family, name, help_text, value in (
+            (GaugeMetricFamily, "shmcast_broker_up", "1 while the broker serves", 1.0),
+            (GaugeMetricFamily, "shmcast_broker_segments", "Segments the broker owns",
+             len(st.segments)),
+            (GaugeMetricFamily, "shmcast_shm_used_bytes",
+             "Shared memory taken by the broker's segments", st.shm_used),
+            (GaugeMetricFamily, "shmcast_shm_free_bytes", "Free bytes in /dev/shm", st.shm_free),
+            (GaugeMetricFamily, "shmcast_shm_size_bytes", "Size of /dev/shm", st.shm_total),
+            (GaugeMetricFamily, "shmcast_broker_clients",
+             "Control clients heard from in the last 30 s", st.clients),
+            (CounterMetricFamily, "shmcast_broker_requests", "Control requests received",
+             st.requests),
+        ):  # fmt: skip
+            fam = family(name, help_text, labels=["namespace"])
+            fam.add_metric([ns], value)
+            yield fam
         errors = CounterMetricFamily(
             "shmcast_broker_errors",
             "Requests answered with an error, and dropped messages, by kind",

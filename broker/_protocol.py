@@ -18,9 +18,7 @@ gaps in what it subscribed to.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -45,20 +43,6 @@ from .errors import (
 
 MAX_REQUEST = 64 * 1024
 BROKER_TOPIC = b"@broker\0"
-
-OPS = (
-    "hello",
-    "create",
-    "describe",
-    "list",
-    "delete",
-    "lease",
-    "commit",
-    "stats",
-    "report",
-    "subscribers",
-)
-KINDS = ("created", "version", "deleted", "heartbeat")
 
 
 def topic(segment: str) -> bytes:
@@ -249,8 +233,3 @@ def pid_of_lock(path: str) -> int | None:
             return int(f.read().strip() or 0) or None
     except (OSError, ValueError):
         return None
-
-
-def remove_stale(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

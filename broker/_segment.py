@@ -229,11 +229,12 @@ def parse_dtype(text: str) -> np.dtype[Any]:
             raise LayoutError(f"not a numpy dtype: {text!r}") from exc
 
 
-def _shm_free() -> int:
+def _shm_free() -> int | None:
+    """Free bytes in /dev/shm, or None when it cannot be told."""
     try:
         st = os.statvfs(SHM_DIR)
     except OSError:
-        return 0
+        return None
     return st.f_bavail * st.f_frsize
 
 
@@ -371,18 +372,20 @@ class Segment:
         nbytes = math.prod(shp) * dt.itemsize
         size = segment_size(nbytes, slots)
         path = shm_path(ns, name)
+        free = _shm_free()
+        if free is not None and size > free:  # refuse before making anything
+            raise ShmSpaceError(name, size, free, SHM_DIR)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         except FileExistsError:
             raise SegmentExistsError(name, ns) from None
         try:
             os.fchmod(fd, mode)  # the umask must not widen or narrow what was asked
-            free = _shm_free()
             try:
                 os.posix_fallocate(fd, 0, size)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
-                    raise ShmSpaceError(name, size, free, SHM_DIR) from exc
+                    raise ShmSpaceError(name, size, _shm_free() or 0, SHM_DIR) from exc
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
                 log.warning("posix_fallocate unsupported on %s; pages are not reserved", path)

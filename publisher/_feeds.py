@@ -74,7 +74,6 @@ class FrameFeed:
         yy, xx = np.mgrid[-spot:spot, -spot:spot]
         self._spot = (4000 * np.exp(-(xx**2 + yy**2) / (spot**2 / 2))).astype(np.uint16)
         self._r = max(1, min(h, w) // 2 - 2 * spot)
-        self._prev: tuple[int, int] | None = None
 
     def position(self, i: int) -> tuple[int, int]:
         """Top-left corner of the spot in frame ``i``."""
