@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from broker import Segment
-from broker._names import SHM_DIR
+from shmcast.broker import Segment
+from shmcast.broker.client import SHM_DIR
 
 CTX = mp.get_context("spawn")
 now_ns = time.monotonic_ns

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from broker import Segment
+from shmcast.broker import Segment
 
 from ._common import (
     MiB,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from broker import Segment
+from shmcast.broker import Segment
 
 from ._common import (
     CTX,

@@ -19,7 +19,6 @@ iterating ``updates()`` and reading the latest version with ``read()``: what use
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import struct
 import time
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from broker import Segment
+from shmcast.broker import Segment
 
 from ._common import (
     Child,
@@ -210,8 +209,8 @@ def _child_shm_fast(conn: Any, namespace: str, spin: bool) -> None:
 
 
 def _child_subscriber(conn: Any, namespace: str, mode: str, name: str) -> None:
-    from broker.errors import TornReadError
-    from subscriber import Subscriber
+    from shmcast.broker.errors import TornReadError
+    from shmcast.subscriber import Subscriber
 
     sub = Subscriber(name, namespace=namespace, wait=mode)  # type: ignore[arg-type]
     state = [0]
@@ -357,16 +356,6 @@ def _child_iox(conn: Any, service: str, listen: bool) -> None:
 # ---------------------------------------------------------------------------- parent
 
 
-def _service_missing() -> str | None:
-    for mod in ("publisher._publisher", "subscriber._subscriber", "broker._broker"):
-        try:
-            if importlib.util.find_spec(mod) is None:
-                return f"{mod} does not exist yet (the service packages are being built)"
-        except ImportError as exc:
-            return f"{mod}: {exc}"
-    return None
-
-
 def _start_service(
     run: Run, stack: contextlib.ExitStack
 ) -> Callable[[str], Callable[[int, int], None]]:
@@ -374,8 +363,8 @@ def _start_service(
     segment per service row (so one row's announcements never wake another row's
     subscriber). The broker and the publishers are stopped by ``stack`` (the broker
     unlinks its segments when it stops)."""
-    from broker.testing import BROKER_READY, start
-    from publisher import Publisher
+    from shmcast.cli.testing import BROKER_READY, start
+    from shmcast.publisher import Publisher
 
     ns = run.namespace + "svc"
     broker = start(["broker", "-n", ns], ready=BROKER_READY)
@@ -439,22 +428,21 @@ def bench_latency(run: Run) -> dict[str, Any]:
             FAST_SPIN: pub_shm,
             "pyzmq PUB/SUB ipc://": pub_zmq,
         }
-        reason = _service_missing()
+        reason: str | None = None
         service = (
             (SVC_EVENTS, "events", True),
             (SVC_FUTEX, "futex", True),
             (SVC_SPIN, "spin", True),
             (SVC_FUTEX_QUIET, "futex", False),
         )
-        if reason is None:
-            try:
-                make_pub = _start_service(run, stack)
-                for label, mode, announce in service:
-                    name = f"{SVC_SEGMENT}-{mode}{'' if announce else '-quiet'}"
-                    pubs[label] = make_pub(name, announce)
-                    specs[label] = (_child_subscriber, run.namespace + "svc", mode, name)
-            except Exception as exc:
-                reason = f"broker or publisher did not start: {exc}"[:200]
+        try:
+            make_pub = _start_service(run, stack)
+            for label, mode, announce in service:
+                name = f"{SVC_SEGMENT}-{mode}{'' if announce else '-quiet'}"
+                pubs[label] = make_pub(name, announce)
+                specs[label] = (_child_subscriber, run.namespace + "svc", mode, name)
+        except Exception as exc:
+            reason = f"broker or publisher did not start: {exc}"[:200]
         if reason:
             for label, *_ in service:
                 skipped[label] = reason

@@ -117,7 +117,7 @@ class Host:
         self, tag: str, args: Sequence[str], ns: str, ready: str, env: dict[str, str] | None = None
     ) -> dict[str, Any]:
         return self.start(
-            tag, ["-m", "broker", *args], {"SHMCAST_NAMESPACE": ns, **(env or {})}, ready
+            tag, ["-m", "shmcast.cli", *args], {"SHMCAST_NAMESPACE": ns, **(env or {})}, ready
         )
 
     def stop(self, tag: str) -> None:

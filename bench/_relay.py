@@ -46,7 +46,7 @@ def _say(prefix: str, obj: Any) -> None:
 
 
 def _peer_shm_pub(segment: str, size: int, rate: float, seconds: float) -> None:
-    from publisher import Publisher
+    from shmcast.publisher import Publisher
 
     with Publisher(segment, dtype=np.uint8, shape=(size,)) as pub:
         _say(READY, {})
@@ -70,8 +70,8 @@ def _peer_shm_pub(segment: str, size: int, rate: float, seconds: float) -> None:
 
 
 def _peer_shm_read(segment: str, seconds: float) -> None:
-    from broker._segment import Segment
-    from broker.errors import ShmcastError
+    from shmcast.broker import Segment
+    from shmcast.broker.errors import ShmcastError
 
     _say(READY, {})
     deadline = time.monotonic() + seconds
@@ -199,7 +199,7 @@ def _case(a: Any, b: Any, path: str, label: str, mode: str, seconds: float, ns: 
 
 def run_all(quick: bool) -> list[dict[str, Any]]:
     from bench._netns import two_hosts, why_no_netns
-    from broker.testing import unique_namespace
+    from shmcast.cli.testing import unique_namespace
 
     why = why_no_netns()
     if why is not None:
@@ -210,10 +210,10 @@ def run_all(quick: bool) -> list[dict[str, Any]]:
         ns = {"a": {"SHMCAST_NAMESPACE": unique_namespace("ba")},
               "b": {"SHMCAST_NAMESPACE": unique_namespace("bb")}}  # fmt: skip
         data = f"tcp://{a.addr}:{PORT_DATA}"
-        a.start("broker", ["-m", "broker", "broker", "--data", data], ns["a"],
+        a.start("broker", ["-m", "shmcast.cli", "broker", "--data", data], ns["a"],
                 "shmcast broker ready: ")  # fmt: skip
-        b.start("broker", ["-m", "broker", "broker"], ns["b"], "shmcast broker ready: ")
-        b.start("relay", ["-m", "broker", "relay", "--upstream", data], ns["b"],
+        b.start("broker", ["-m", "shmcast.cli", "broker"], ns["b"], "shmcast broker ready: ")
+        b.start("relay", ["-m", "shmcast.cli", "relay", "--upstream", data], ns["b"],
                 "shmcast relay ready: ")  # fmt: skip
         for label in SIZES:
             for mode in ("latency", "throughput"):

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from broker import Segment
+from shmcast.broker import Segment
 
 from ._common import (
     MiB,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from broker import Segment
+from shmcast.broker import Segment
 
 from ._common import KiB, MiB, Run, fmt_ratio, fmt_size, fmt_time, print_table, ratio, spread, stats
 

@@ -1,22 +1,48 @@
-"""shmcast's data server: the segment format and engine, the broker, the wire protocol."""
+"""shmcast's data server: the segment format and engine, the broker service, the wire protocol.
 
+Its public names are the only door into it: :mod:`shmcast.publisher`,
+:mod:`shmcast.subscriber` and the command line use these, :mod:`.client` (the
+control client, endpoints and namespaces) and :mod:`.errors`, never a private module.
+"""
+
+from ._auth import CurveKeys as CurveKeys
 from ._auth import curve_keypair as curve_keypair
 from ._broker import Broker as Broker
+from ._catalog import Catalog as Catalog
+from ._catalog import CatalogEntry as CatalogEntry
 from ._config import BrokerConfig as BrokerConfig
 from ._config import SegmentSpec as SegmentSpec
+from ._config import resolve_config as resolve_config
+from ._config import resolve_layers as resolve_layers
+from ._doctor import OK as OK
+from ._doctor import PROBLEM as PROBLEM
+from ._doctor import WARN as WARN
+from ._doctor import Check as Check
+from ._doctor import diagnose as diagnose
+from ._layout import LAYOUT_VERSION as LAYOUT_VERSION
+from ._layout import dtype_str as dtype_str
+from ._layout import normalize_layout as normalize_layout
+from ._layout import parse_dtype as parse_dtype
+from ._layout import segment_size as segment_size
+from ._metrics import BrokerStats as BrokerStats
+from ._metrics import MetricsServer as MetricsServer
+from ._metrics import start_metrics_server as start_metrics_server
 from ._names import DEFAULT_NAMESPACE as DEFAULT_NAMESPACE
 from ._names import resolve_namespace as resolve_namespace
-from ._segment import LAYOUT_VERSION as LAYOUT_VERSION
 from ._segment import Segment as Segment
 from ._segment import SegmentInfo as SegmentInfo
 from ._segment import Snapshot as Snapshot
-from ._segment import segment_size as segment_size
+from ._segment import machine_supported as machine_supported
+from ._segment import wait_any as wait_any
+from ._service import Service as Service
+from .errors import AccessError as AccessError
 from .errors import ArrayMismatchError as ArrayMismatchError
 from .errors import BrokerError as BrokerError
 from .errors import BrokerRunningError as BrokerRunningError
 from .errors import BrokerUnavailableError as BrokerUnavailableError
 from .errors import ClosedError as ClosedError
 from .errors import ConfigError as ConfigError
+from .errors import EndpointError as EndpointError
 from .errors import InvalidNameError as InvalidNameError
 from .errors import LayoutConflictError as LayoutConflictError
 from .errors import LayoutError as LayoutError
@@ -37,18 +63,29 @@ from .errors import WriterBusyError as WriterBusyError
 __all__ = [
     "DEFAULT_NAMESPACE",
     "LAYOUT_VERSION",
+    "OK",
+    "PROBLEM",
+    "WARN",
+    "AccessError",
     "ArrayMismatchError",
     "Broker",
     "BrokerConfig",
     "BrokerError",
     "BrokerRunningError",
+    "BrokerStats",
     "BrokerUnavailableError",
+    "Catalog",
+    "CatalogEntry",
+    "Check",
     "ClosedError",
     "ConfigError",
+    "CurveKeys",
+    "EndpointError",
     "InvalidNameError",
     "LayoutConflictError",
     "LayoutError",
     "LayoutVersionError",
+    "MetricsServer",
     "NoVersionError",
     "NotASegmentError",
     "ReadOnlyError",
@@ -59,6 +96,7 @@ __all__ = [
     "SegmentInfo",
     "SegmentNotFoundError",
     "SegmentSpec",
+    "Service",
     "ShmSpaceError",
     "ShmcastError",
     "Snapshot",
@@ -66,6 +104,15 @@ __all__ = [
     "VersionUnavailableError",
     "WriterBusyError",
     "curve_keypair",
+    "diagnose",
+    "dtype_str",
+    "machine_supported",
+    "normalize_layout",
+    "parse_dtype",
+    "resolve_config",
+    "resolve_layers",
     "resolve_namespace",
     "segment_size",
+    "start_metrics_server",
+    "wait_any",
 ]

@@ -11,13 +11,14 @@ handshake), so its requests time out.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 from zmq.auth import CURVE_ALLOW_ANY
 from zmq.auth.thread import ThreadAuthenticator
 
-__all__ = ["AllowList", "curve_keypair", "make_curve_server", "start_authenticator"]
+__all__ = ["AllowList", "CurveKeys", "curve_keypair", "make_curve_server", "start_authenticator"]
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,27 @@ class AllowList:
         return False
 
 
-def make_curve_server(sock: zmq.Socket[Any], secret_key: str, public_key: str | None) -> None:
-    """Make ``sock`` a CURVE server with this key pair (the public key is derived from
-    the secret one when not given)."""
-    secret = secret_key.encode()
+@dataclass(frozen=True)
+class CurveKeys:
+    """A CURVE server's key pair and its allow-list; the secret key never shows in a repr.
+
+    Args:
+        secret: the server's secret key (z85).
+        public: its public key (z85); derived from the secret one when None.
+        clients: public keys of the clients allowed in (any client when empty).
+    """
+
+    secret: str = field(repr=False)
+    public: str | None = None
+    clients: tuple[str, ...] = ()
+
+
+def make_curve_server(sock: zmq.Socket[Any], keys: CurveKeys) -> None:
+    """Make ``sock`` a CURVE server with ``keys``."""
+    secret = keys.secret.encode()
     sock.curve_server = True
     sock.curve_secretkey = secret
-    sock.curve_publickey = public_key.encode() if public_key else zmq.curve_public(secret)
+    sock.curve_publickey = keys.public.encode() if keys.public else zmq.curve_public(secret)
 
 
 def start_authenticator(ctx: zmq.Context[Any], clients: tuple[str, ...]) -> ThreadAuthenticator:

@@ -19,18 +19,21 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from ._auth import make_curve_server, start_authenticator
+from ._auth import CurveKeys, make_curve_server, start_authenticator
+from ._catalog import Catalog, CatalogEntry
 from ._config import BrokerConfig
 from ._datastream import DataStream, DataStreamStats
+from ._layout import dtype_str, normalize_layout, parse_dtype, segment_size
+from ._metrics import BrokerCollector, BrokerStats, MetricsServer, start_metrics_server
 from ._names import (
     SHM_DIR,
     list_segment_names,
+    resolve_namespace,
     runtime_dir,
     share_runtime_dir,
     validate_segment_name,
@@ -38,7 +41,6 @@ from ._names import (
 from ._protocol import (
     BROKER_TOPIC,
     MAX_REQUEST,
-    Endpoints,
     error_reply,
     ipc_path,
     pack,
@@ -46,26 +48,21 @@ from ._protocol import (
     topic,
     unpack,
 )
-from ._segment import (
-    Segment,
-    SegmentInfo,
-    dtype_str,
-    normalize_layout,
-    parse_dtype,
-    segment_size,
-)
+from ._segment import Segment
+from ._service import Service
+from .client import Endpoints
 from .errors import (
     BrokerRunningError,
+    EndpointError,
     LayoutConflictError,
     LayoutError,
     LayoutVersionError,
     NotASegmentError,
-    SegmentNotFoundError,
     ShmcastError,
     WriterBusyError,
 )
 
-__all__ = ["Broker", "BrokerStats"]
+__all__ = ["Broker"]
 
 log = logging.getLogger(__name__)
 
@@ -73,54 +70,30 @@ log = logging.getLogger(__name__)
 REPORT_TTL = 5.0
 
 
-@dataclass
-class _Entry:
-    seg: Segment
-    announced: int = 0
-    published: int = 0
-    source: str = "local"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class BrokerStats:
-    """A snapshot of the broker's counters (turned into metrics at scrape time)."""
-
-    namespace: str
-    epoch: int
-    seq: int
-    segments: tuple[SegmentInfo, ...]
-    published: dict[str, int]
-    sources: dict[str, str]
-    requests: int
-    errors: dict[str, int]
-    clients: int
-    shm_used: int
-    shm_free: int
-    shm_total: int
-    started: float
-
-
 def _layout_text(dtype: str, shape: tuple[int, ...], slots: int) -> str:
     return f"dtype={dtype} shape={list(shape)} slots={slots}"
 
 
-class Broker:
+class Broker(Service):
     """The data server of one namespace.
 
+    A service object: the constructor only records the configuration; :meth:`run`
+    serves in the calling thread until :meth:`stop`, :meth:`start` serves in a
+    background thread. Either way the sockets, the namespace lock and the
+    segments are released when serving ends, whatever ends it.
+
     Args:
-        config: a :class:`BrokerConfig` (see ``broker._config.resolve_config``).
+        config: a :class:`BrokerConfig` (``None``: the defaults). Its namespace of
+            ``None`` means ``$SHMCAST_NAMESPACE`` or ``"default"``, read now.
     """
 
     def __init__(self, config: BrokerConfig | None = None) -> None:
-        self._closed = False
         self.config = config or BrokerConfig()
-        self.namespace = self.config.namespace
+        self.namespace = resolve_namespace(self.config.namespace)
+        super().__init__(f"broker of namespace {self.namespace!r}")
         self.epoch = secrets.randbits(63)
-        self._stop = threading.Event()
-        self._ready = threading.Event()
         self._lock = threading.Lock()
-        self._segments: dict[str, _Entry] = {}
+        self._catalog = Catalog(self.namespace)
         self._seq = 0
         self._tseq: dict[bytes, int] = {}
         self._requests = 0
@@ -130,25 +103,14 @@ class Broker:
         self._started = time.time()
         self.endpoints: Endpoints | None = None
         self.metrics_url: str | None = None
-        self._hooks: list[Callable[[Broker], None]] = []
         self._data: DataStream | None = None
 
     # ------------------------------------------------------------------ public
 
-    def stop(self) -> None:
-        """Ask :meth:`run` to return (thread- and signal-safe)."""
-        self._stop.set()
-
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        return self._ready.wait(timeout)
-
     @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def add_tick_hook(self, hook: Callable[[Broker], None]) -> None:
-        """Call ``hook(broker)`` on every loop tick (used by the relay and the data stream)."""
-        self._hooks.append(hook)
+    def catalog(self) -> Catalog:
+        """The segments this broker owns."""
+        return self._catalog
 
     def data_stats(self) -> DataStreamStats | None:
         """Counters of the relay data stream, or None when it is off."""
@@ -156,13 +118,15 @@ class Broker:
         return None if data is None or data.closed else data.stats()
 
     def stats(self) -> BrokerStats:
+        infos = []
+        published: dict[str, int] = {}
+        sources: dict[str, str] = {}
+        for name, entry in self._catalog.items():
+            with contextlib.suppress(ShmcastError, ValueError):
+                infos.append(entry.seg.info())
+            published[name] = entry.published
+            sources[name] = entry.source
         with self._lock:
-            infos = []
-            for entry in self._segments.values():
-                with contextlib.suppress(ShmcastError, ValueError):
-                    infos.append(entry.seg.info())
-            published = {n: e.published for n, e in self._segments.items()}
-            sources = {n: e.source for n, e in self._segments.items()}
             now = time.monotonic()
             clients = sum(1 for t in self._clients.values() if now - t < 30)
             errors = dict(self._errors)
@@ -188,44 +152,61 @@ class Broker:
 
         Raises:
             BrokerRunningError: another live broker serves this namespace.
-            zmq.ZMQError: an endpoint cannot be bound (the message names it).
+            EndpointError: an endpoint cannot be bound (the message names it).
+            ClosedError: the broker was closed, or has served already.
         """
+        super().run(on_ready)
+
+    def _serve_all(self, on_ready: Callable[[dict[str, Any]], None] | None) -> None:
         cfg = self.config
-        rdir = runtime_dir(self.namespace, create=True)
-        lock_fd = self._take_namespace_lock(rdir)
-        if cfg.group is not None:
-            share_runtime_dir(rdir, grp.getgrnam(cfg.group).gr_gid)
-        # CURVE: a private context, because its ZAP handler (the allow-list of
-        # client keys) is per context and must run before the first connection.
-        ctx = zmq.Context() if cfg.curve_secret_key else zmq.Context.instance()
-        auth = start_authenticator(ctx, cfg.curve_clients) if cfg.curve_secret_key else None
-        control = ctx.socket(zmq.ROUTER)
-        events = ctx.socket(zmq.PUB)
-        metrics_server: Any = None
+        lock_fd = -1
+        rdir: Path | None = None
+        ctx: zmq.Context[Any] | None = None
+        auth: Any = None
+        socks: list[zmq.Socket[Any]] = []
+        metrics: MetricsServer | None = None
         bound_paths: list[str] = []
         try:
+            rdir = runtime_dir(self.namespace, create=True)
+            lock_fd = self._take_namespace_lock(rdir)
+            if cfg.group is not None:
+                share_runtime_dir(rdir, grp.getgrnam(cfg.group).gr_gid)
+            curve = self._curve_keys()
+            # CURVE: a private context, because its ZAP handler (the allow-list of
+            # client keys) is per context and must run before the first connection.
+            ctx = zmq.Context() if curve is not None else zmq.Context.instance()
+            auth = start_authenticator(ctx, curve.clients) if curve is not None else None
+            control = ctx.socket(zmq.ROUTER)
+            events = ctx.socket(zmq.PUB)
+            socks = [control, events]
             defaults = Endpoints.default(self.namespace)
-            control_ep = cfg.control or defaults.control
-            events_ep = cfg.events or defaults.events
-            for sock in (control, events):
+            for sock in socks:
                 sock.setsockopt(zmq.LINGER, 0)
+                if curve is not None:
+                    make_curve_server(sock, curve)
             control.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST)
             control.setsockopt(zmq.ROUTER_MANDATORY, 0)
             events.setsockopt(zmq.SNDHWM, 100_000)
-            self._configure_curve(control, events)
-            control_ep = self._bind(control, control_ep, bound_paths)
-            events_ep = self._bind(events, events_ep, bound_paths)
+            control_ep = self._bind(
+                control, "control", cfg.control or defaults.control, bound_paths
+            )
+            events_ep = self._bind(events, "events", cfg.events or defaults.events, bound_paths)
             self.endpoints = Endpoints(control=control_ep, events=events_ep)
             self._events = events
             self._adopt_existing()
             for spec in cfg.segments:
                 self._create(spec.name, spec.dtype, spec.shape, spec.slots)
             if cfg.data:
-                self._data = DataStream(self, cfg.data)
+                self._data = DataStream(
+                    self._catalog,
+                    cfg.data,
+                    epoch=self.epoch,
+                    interval=cfg.heartbeat_interval,
+                    curve=curve,
+                )
                 self._data.start()
-                self.add_tick_hook(self._data.sync)
             if cfg.metrics_port is not None:
-                metrics_server = self._start_metrics(cfg.metrics_port, cfg.metrics_host)
+                metrics = self._start_metrics(cfg.metrics_port, cfg.metrics_host)
             ready = {
                 "namespace": self.namespace,
                 "pid": os.getpid(),
@@ -234,57 +215,56 @@ class Broker:
                 "events": events_ep,
                 "metrics": self.metrics_url,
                 "data": self._data.endpoint if self._data else None,
-                "segments": sorted(self._segments),
+                "segments": self._catalog.names(),
             }
-            self._ready.set()
-            if on_ready is not None:
-                on_ready(ready)
+            self._set_ready(on_ready, ready)
             self._serve(control)
         finally:
-            self._ready.set()
-            self._shutdown()
+            if lock_fd >= 0:  # the segments are ours only while we hold the lock
+                self._shutdown()
             if self._data is not None:
                 self._data.close()
-            control.close(0)
-            events.close(0)
-            if auth is not None:
+            for sock in socks:
+                sock.close(0)
+            if auth is not None and ctx is not None:  # the private context of CURVE
                 auth.stop()
                 ctx.term()
-            if metrics_server is not None:
-                metrics_server.shutdown()
-                metrics_server.server_close()
+            if metrics is not None:
+                metrics.close()
             for path in bound_paths:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-            with contextlib.suppress(OSError):
-                os.unlink(rdir / "broker.lock")
-            os.close(lock_fd)
-            with contextlib.suppress(OSError):
-                rdir.rmdir()
-            self._closed = True
+            if lock_fd >= 0 and rdir is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(rdir / "broker.lock")
+                os.close(lock_fd)
+                with contextlib.suppress(OSError):
+                    rdir.rmdir()
 
     # ------------------------------------------------------------------ set-up
+
+    def _curve_keys(self) -> CurveKeys | None:
+        cfg = self.config
+        if not cfg.curve_secret_key:
+            return None
+        return CurveKeys(cfg.curve_secret_key, cfg.curve_public_key, cfg.curve_clients)
 
     def _take_namespace_lock(self, rdir: Path) -> int:
         path = rdir / "broker.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         except BlockingIOError:
             os.close(fd)
             raise BrokerRunningError(self.namespace, pid_of_lock(str(path))) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
-    def _configure_curve(self, *socks: zmq.Socket[Any]) -> None:
-        cfg = self.config
-        if not cfg.curve_secret_key:
-            return
-        for sock in socks:
-            make_curve_server(sock, cfg.curve_secret_key, cfg.curve_public_key)
-
-    def _bind(self, sock: zmq.Socket[Any], endpoint: str, bound: list[str]) -> str:
+    def _bind(self, sock: zmq.Socket[Any], role: str, endpoint: str, bound: list[str]) -> str:
         path = ipc_path(endpoint)
         if path is not None and os.path.exists(path):
             # We hold the namespace lock, so a socket file left here is stale.
@@ -292,7 +272,7 @@ class Broker:
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
-            raise zmq.ZMQError(exc.errno, f"cannot bind {endpoint}: {exc.strerror}") from exc
+            raise EndpointError(role, endpoint, exc.strerror) from exc
         actual: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if path is not None:
             bound.append(path)
@@ -314,18 +294,16 @@ class Broker:
                     Segment.remove(name, namespace=self.namespace)
                 continue
             v = seg.version
-            self._segments[name] = _Entry(seg=seg, announced=v)
+            self._catalog.add(name, CatalogEntry(seg=seg, announced=v))
             log.info("adopted segment %s at version %d", name, v)
 
-    def _start_metrics(self, port: int, host: str) -> Any:
-        from prometheus_client import CollectorRegistry, start_http_server
-
-        from ._metrics import BrokerCollector
+    def _start_metrics(self, port: int, host: str) -> MetricsServer:
+        from prometheus_client import CollectorRegistry
 
         registry = CollectorRegistry(auto_describe=True)
-        registry.register(BrokerCollector(self))
-        server, _thread = start_http_server(port, addr=host, registry=registry)
-        self.metrics_url = f"http://{host}:{server.server_port}/metrics"
+        registry.register(BrokerCollector(self.stats, self.data_stats))
+        server = start_metrics_server(registry, port, host=host)
+        self.metrics_url = server.url
         return server
 
     # ------------------------------------------------------------------ serving
@@ -351,14 +329,11 @@ class Broker:
                     self._handle(sock, frames)
 
     def _tick(self) -> None:
-        for hook in self._hooks:
-            try:
-                hook(self)
-            except Exception:
-                log.exception("tick hook failed")
+        if self._data is not None:
+            self._data.sync()
         # Announce versions committed without a commit message (a publisher writing
         # while we were down, or straight through Segment): nothing goes unannounced.
-        for name, entry in list(self._segments.items()):
+        for name, entry in self._catalog.items():
             try:
                 v = entry.seg.version
             except ShmcastError:
@@ -389,7 +364,7 @@ class Broker:
         except zmq.Again:
             self._count_error("events_dropped")
 
-    def _announce_version(self, name: str, entry: _Entry, version: int, ts: int) -> None:
+    def _announce_version(self, name: str, entry: CatalogEntry, version: int, ts: int) -> None:
         entry.published += max(0, version - entry.announced)
         entry.announced = version
         self._emit(topic(name), "version", name, version, ts)
@@ -445,11 +420,8 @@ class Broker:
     def _name(req: dict[str, Any]) -> str:
         return validate_segment_name(req.get("name"))
 
-    def _entry(self, name: str) -> _Entry:
-        entry = self._segments.get(name)
-        if entry is None:
-            raise SegmentNotFoundError(name, self.namespace)
-        return entry
+    def _entry(self, name: str) -> CatalogEntry:
+        return self._catalog.entry(name)
 
     def _describe(self, name: str) -> dict[str, Any]:
         entry = self._entry(name)
@@ -472,7 +444,7 @@ class Broker:
             raise LayoutError(f"slots must be an integer, got {slots!r}")
         dt, shp = normalize_layout(parse_dtype(dtype), tuple(shape))
         wanted = _layout_text(dtype_str(dt), shp, slots)
-        entry = self._segments.get(name)
+        entry = self._catalog.get(name)
         if entry is not None:
             seg = entry.seg
             have = _layout_text(dtype_str(seg.dtype), seg.shape, seg.slots)
@@ -498,8 +470,6 @@ class Broker:
         )
         try:
             if self.config.group is not None:
-                import grp
-
                 os.chown(writer.path, -1, grp.getgrnam(self.config.group).gr_gid)
             reader = Segment.attach(name, namespace=self.namespace, prefault=False)
         except BaseException:
@@ -507,8 +477,7 @@ class Broker:
             writer.close()
             raise
         writer.close()  # the broker owns the segment; publishers take the lease
-        with self._lock:
-            self._segments[name] = _Entry(seg=reader)
+        self._catalog.add(name, CatalogEntry(seg=reader))
         self._emit(topic(name), "created", name, 0, time.time_ns())
         return self._describe(name)
 
@@ -529,9 +498,10 @@ class Broker:
         reply = self._create(name, req.get("dtype"), req.get("shape"), req.get("slots", 2))
         source, up = req.get("source"), req.get("upstream_up")
         if isinstance(source, str) and source:  # a relay says where the data comes from
-            self._segments[name].source = source[:256]
+            entry = self._entry(name)
+            entry.source = source[:256]
             if isinstance(up, bool):
-                self._segments[name].extra["upstream_up"] = up
+                entry.extra["upstream_up"] = up
             reply = self._describe(name)
         return reply
 
@@ -542,14 +512,13 @@ class Broker:
         return {
             "epoch": self.epoch,
             "seq": self._seq,
-            "segments": [self._describe(n) for n in sorted(self._segments)],
+            "segments": [self._describe(n) for n in self._catalog.names()],
         }
 
     def _op_delete(self, req: dict[str, Any]) -> dict[str, Any]:
         name = self._name(req)
         entry = self._entry(name)
-        with self._lock:
-            del self._segments[name]
+        self._catalog.pop(name)
         entry.seg.unlink()
         entry.seg.close()
         self._emit(topic(name), "deleted", name, entry.announced, time.time_ns())
@@ -628,50 +597,7 @@ class Broker:
 
     def _shutdown(self) -> None:
         """Unlink the namespace's segments (clean exit: SIGTERM, SIGINT, stop())."""
-        with self._lock:
-            entries = list(self._segments.items())
-            self._segments.clear()
-        for name, entry in entries:
+        for name, entry in self._catalog.clear():
             entry.seg.unlink()
             entry.seg.close()
             log.info("unlinked segment %s", name)
-
-    def start(self, timeout: float = 10.0) -> Broker:
-        """Serve in a background thread (for embedding and tests); returns self once
-        ready. :meth:`close` stops it and waits until the segments are unlinked.
-
-        Raises:
-            whatever :meth:`run` raised while starting (e.g. BrokerRunningError).
-        """
-        self._error: BaseException | None = None
-
-        def target() -> None:
-            try:
-                self.run()
-            except BaseException as exc:
-                self._error = exc
-
-        self._thread = threading.Thread(
-            target=target, name=f"shmcast-broker-{self.namespace}", daemon=True
-        )
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            self.close()
-            raise TimeoutError(f"broker of namespace {self.namespace!r} not ready in {timeout}s")
-        if self._error is not None:
-            self._thread.join(timeout)
-            raise self._error
-        return self
-
-    def close(self) -> None:
-        """Stop serving; when started with :meth:`start`, wait for the clean shutdown."""
-        self.stop()
-        thread = getattr(self, "_thread", None)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(30)
-
-    def __enter__(self) -> Broker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

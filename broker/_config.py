@@ -16,9 +16,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ._names import resolve_namespace, validate_segment_name
-from ._segment import MAX_SLOTS, dtype_str, normalize_layout
+from ._layout import MAX_SLOTS, dtype_str, normalize_layout, parse_dtype
+from ._names import NAMESPACE_ENV, validate_namespace, validate_segment_name
 from .errors import ConfigError, ShmcastError
+
+__all__ = ["BrokerConfig", "SegmentSpec", "load_toml", "resolve_config", "resolve_layers"]
 
 T = TypeVar("T")
 
@@ -45,8 +47,6 @@ class SegmentSpec:
 def _dtype_from(value: Any) -> Any:
     """A dtype from TOML: a numpy name, or a list of [name, type(, shape)] fields."""
     if isinstance(value, str):
-        from ._segment import parse_dtype
-
         return parse_dtype(value)
     if isinstance(value, list):
         return np.dtype([tuple(tuple(x) if isinstance(x, list) else x for x in f) for f in value])
@@ -57,14 +57,17 @@ def _dtype_from(value: Any) -> Any:
 class BrokerConfig:
     """Everything a broker needs, validated.
 
-    ``control``/``events`` of ``None`` mean ipc endpoints in the namespace's
-    runtime directory. TCP endpoints should name an address; ``tcp://*`` binds
-    every interface and is only used when written explicitly. ``advertise_events``
-    is the events endpoint told to clients (``hello``) when the bound one is not
-    reachable as written, e.g. ``tcp://0.0.0.0:5556`` in a container.
+    ``namespace`` of ``None`` means ``$SHMCAST_NAMESPACE`` or ``"default"``, read
+    when the broker is made. ``control``/``events`` of ``None`` mean ipc
+    endpoints in the namespace's runtime directory. TCP endpoints should name an
+    address; ``tcp://*`` binds every interface and is only used when written
+    explicitly. ``advertise_events`` is the events endpoint told to clients
+    (``hello``) when the bound one is not reachable as written, e.g.
+    ``tcp://0.0.0.0:5556`` in a container. ``curve_secret_key`` never shows in
+    a repr.
     """
 
-    namespace: str = "default"
+    namespace: str | None = None
     control: str | None = None
     events: str | None = None
     advertise_events: str | None = None
@@ -75,13 +78,14 @@ class BrokerConfig:
     group: str | None = None
     heartbeat_interval: float = 0.5
     max_segment_bytes: int | None = None
-    curve_secret_key: str | None = None
+    curve_secret_key: str | None = field(default=None, repr=False)
     curve_public_key: str | None = None
     curve_clients: tuple[str, ...] = ()
     segments: tuple[SegmentSpec, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        resolve_namespace(self.namespace)
+        if self.namespace is not None:
+            validate_namespace(self.namespace)
         for name in ("control", "events", "advertise_events", "data"):
             ep = getattr(self, name)
             if ep is not None and not (
@@ -136,7 +140,7 @@ def _segment_spec(raw: Any, index: int, source: str | None) -> SegmentSpec:
 
 
 _ENV = {
-    "namespace": "SHMCAST_NAMESPACE",
+    "namespace": NAMESPACE_ENV,
     "control": "SHMCAST_CONTROL",
     "events": "SHMCAST_EVENTS",
     "advertise_events": "SHMCAST_ADVERTISE_EVENTS",
@@ -191,18 +195,66 @@ def resolve_config(
     Raises:
         ConfigError: naming the field (and the file) that is wrong.
     """
+
+    def segments(data: Mapping[str, Any]) -> dict[str, Any]:
+        raw_segments = data.get("segments", [])
+        if not isinstance(raw_segments, list):
+            raise ConfigError("segments", "expected [[segments]] tables", config_file)
+        specs = tuple(_segment_spec(raw, i, config_file) for i, raw in enumerate(raw_segments))
+        return {"segments": specs}
+
+    return resolve_layers(
+        BrokerConfig,
+        flags,
+        env_names=_ENV,
+        config_file=config_file,
+        environ=environ,
+        coerce=_coerce,
+        tables=segments,
+    )
+
+
+def resolve_layers(
+    cls: Callable[..., T],
+    flags: Mapping[str, Any] | None = None,
+    *,
+    env_names: Mapping[str, str],
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    coerce: Callable[[str, Any, str | None], Any] = lambda name, value, source: value,
+    tables: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
+) -> T:
+    """A frozen config dataclass from its layers: flag, then environment, then file.
+
+    The one layering of every service's configuration (broker, relay, bridge).
+
+    Args:
+        cls: the config dataclass; its fields are the known keys.
+        flags: command-line values (``None`` means not given).
+        env_names: field -> ``SHMCAST_*`` variable.
+        config_file: a TOML file, or None.
+        environ: the environment (``os.environ`` when None).
+        coerce: turns a raw value (text from the environment or file) into the field's type.
+        tables: builds the fields that come from TOML tables (``[[segments]]``).
+
+    Raises:
+        ConfigError: naming the field (and the file) that is wrong.
+    """
     data: dict[str, Any] = load_toml(config_file) if config_file else {}
-    known = {f.name for f in fields(BrokerConfig)}
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    table_values = tables(data) if tables is not None else {}
     values = layer_values(
-        known - {"segments"}, flags, _ENV, environ, data, config_file, coerce=_coerce
+        known - set(table_values),
+        flags,
+        env_names,
+        environ,
+        data,
+        config_file,
+        coerce=coerce,
+        extra_keys=set(table_values),
     )
-    raw_segments = data.get("segments", [])
-    if not isinstance(raw_segments, list):
-        raise ConfigError("segments", "expected [[segments]] tables", config_file)
-    values["segments"] = tuple(
-        _segment_spec(raw, i, config_file) for i, raw in enumerate(raw_segments)
-    )
-    return build_config(BrokerConfig, values, config_file)
+    values.update(table_values)
+    return build_config(cls, values, config_file)
 
 
 def layer_values(
@@ -214,6 +266,7 @@ def layer_values(
     config_file: str | None,
     *,
     coerce: Callable[[str, Any, str | None], Any] = lambda name, value, source: value,
+    extra_keys: set[str] | None = None,
 ) -> dict[str, Any]:
     """Each of ``names`` from the first layer that has it: flag, environment, file.
 
@@ -223,7 +276,7 @@ def layer_values(
     flags = flags or {}
     env = os.environ if environ is None else environ
     for key in data:
-        if key not in names and key != "segments":
+        if key not in names and key not in (extra_keys or set()):
             raise ConfigError(key, "unknown key", config_file)
     values: dict[str, Any] = {}
     for name in names:

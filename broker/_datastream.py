@@ -54,7 +54,8 @@ runs in the stream's own ZeroMQ context.
 
 The stream runs in its own thread with its own context and read-only segment
 handles; the broker only wakes it (:meth:`DataStream.notify`) when it announces
-a version, and tells it the catalog on each tick (:meth:`DataStream.sync`).
+a version, and on each tick has it compare its handles with the broker's
+:class:`~._catalog.Catalog` (:meth:`DataStream.sync`).
 """
 
 from __future__ import annotations
@@ -66,19 +67,18 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 import numpy as np
 import zmq
 
-from ._auth import make_curve_server, start_authenticator
+from ._auth import CurveKeys, make_curve_server, start_authenticator
+from ._catalog import Catalog
+from ._layout import dtype_str
 from ._protocol import pack, unpack
-from ._segment import Segment, dtype_str
-from .errors import ShmcastError
-
-if TYPE_CHECKING:
-    from ._broker import Broker
+from ._segment import Segment
+from .errors import EndpointError, ShmcastError
 
 __all__ = ["DataStream", "DataStreamStats"]
 
@@ -148,17 +148,30 @@ class DataStream:
     """The data endpoint of one broker: call :meth:`start`, then :meth:`close`.
 
     Args:
-        broker: the broker whose segments are streamed.
+        catalog: the broker's catalog; its segments are streamed.
         endpoint: where to bind (``BrokerConfig.data``), e.g. ``tcp://127.0.0.1:5557``.
+        epoch: the broker's epoch (sent to relays in ``welcome`` and ``hb``).
+        interval: seconds between heartbeats to the relays.
+        curve: the broker's CURVE keys, or None for a plain endpoint.
     """
 
-    def __init__(self, broker: Broker, endpoint: str) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        endpoint: str,
+        *,
+        epoch: int,
+        interval: float,
+        curve: CurveKeys | None = None,
+    ) -> None:
         self._closed = True
-        self._broker = broker
-        self.namespace = broker.namespace
+        self._catalog = catalog
+        self.namespace = catalog.namespace
+        self.epoch = epoch
+        self._curve = curve
         self.configured = endpoint
         self.endpoint = endpoint
-        self.interval = broker.config.heartbeat_interval
+        self.interval = interval
         self.peer_timeout = max(5.0, 10 * self.interval)
         self.ack_timeout = max(2.0, 4 * self.interval)
         self._sources: dict[str, _Source] = {}
@@ -181,14 +194,14 @@ class DataStream:
         """Bind the endpoint (errors surface here) and start the thread; return the endpoint.
 
         Raises:
-            zmq.ZMQError: the endpoint cannot be bound (the message names it).
+            EndpointError: the endpoint cannot be bound (the message names it).
         """
-        cfg = self._broker.config
+        curve = self._curve
         ctx: zmq.Context[Any] = zmq.Context()
         self._ctx = ctx
         try:
-            if cfg.curve_secret_key:
-                self._auth = start_authenticator(ctx, cfg.curve_clients)
+            if curve is not None:
+                self._auth = start_authenticator(ctx, curve.clients)
             router = ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -198,15 +211,13 @@ class DataStream:
             ivl = max(100, int(self.interval * 1000))
             router.setsockopt(zmq.HEARTBEAT_IVL, ivl)
             router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
-            if cfg.curve_secret_key:
-                make_curve_server(router, cfg.curve_secret_key, cfg.curve_public_key)
+            if curve is not None:
+                make_curve_server(router, curve)
             try:
                 router.bind(self.configured)
             except zmq.ZMQError as exc:
                 router.close(0)
-                raise zmq.ZMQError(
-                    exc.errno, f"cannot bind data endpoint {self.configured}: {exc.strerror}"
-                ) from exc
+                raise EndpointError("data", self.configured, exc.strerror) from exc
             self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
             wake_rx = ctx.socket(zmq.PAIR)
             wake_rx.bind("inproc://wake")
@@ -218,7 +229,7 @@ class DataStream:
             raise
         self._wake = wake_tx
         self._closed = False
-        self._sync(sorted(self._broker._segments))  # before the thread: no shared access
+        self._sync(self._catalog.names())  # before the thread: no shared access
         self._thread = threading.Thread(
             target=self._run, args=(router, wake_rx), name="shmcast-datastream", daemon=True
         )
@@ -233,11 +244,11 @@ class DataStream:
         with contextlib.suppress(zmq.Again):
             self._wake.send_multipart([b"v", name.encode()], zmq.NOBLOCK)
 
-    def sync(self, broker: Broker) -> None:
-        """Tick hook: tell the stream the broker's current segment names."""
+    def sync(self) -> None:
+        """Tell the stream the catalog's current segment names (the broker's tick)."""
         if self._closed:
             return
-        names = sorted(broker._segments)
+        names = self._catalog.names()
         with contextlib.suppress(zmq.Again):
             self._wake.send_multipart([b"sync", msgpack.packb(names)], zmq.NOBLOCK)
 
@@ -400,7 +411,7 @@ class DataStream:
                 ident,
                 b"welcome",
                 {
-                    "epoch": self._broker.epoch,
+                    "epoch": self.epoch,
                     "namespace": self.namespace,
                     "heartbeat_interval": self.interval,
                 },
@@ -445,7 +456,7 @@ class DataStream:
                 router,
                 ident,
                 b"hb",
-                {"epoch": self._broker.epoch, "ts": time.time_ns(), "latest": latest},
+                {"epoch": self.epoch, "ts": time.time_ns(), "latest": latest},
             )
 
     def _schedule(self, router: zmq.Socket[Any]) -> None:

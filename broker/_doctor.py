@@ -1,4 +1,4 @@
-"""``shmcast doctor``: check what users trip over, and say what to do for each.
+"""The checks of ``shmcast doctor``: what users trip over, and what to do for each.
 
 Checks: ``/dev/shm`` size and free space against the configured segments,
 objects of namespaces with no live broker (orphans; ``--fix`` unlinks them),
@@ -9,39 +9,28 @@ nothing is wrong, 1 when a problem was found (warnings alone do not fail).
 
 from __future__ import annotations
 
-import argparse
 import fcntl
-import json
 import os
+import platform
 import resource
 import shutil
 import stat
-import sys
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from ._config import resolve_config
+from ._layout import segment_size
 from ._names import (
-    NAMESPACE_ENV,
     SHM_DIR,
     list_namespaces,
     list_segment_names,
     object_name,
+    resolve_namespace,
     runtime_root,
 )
-from ._segment import Segment, machine_supported, segment_size
+from ._segment import Segment, machine_supported
 from .errors import ConfigError, ShmcastError
 
-HELP = "check /dev/shm, orphaned segments, permissions and limits; say how to fix each"
-EXAMPLES = """\
-examples:
-  shmcast doctor                                  every namespace of this user
-  shmcast doctor --config configs/broker.toml     does /dev/shm hold the declared segments?
-  shmcast doctor --namespace lab --fix            unlink the objects a dead broker left
-  shmcast doctor --json --subscribers 500         machine-readable; size the fd limit for 500
-
-Exit code 0: all OK (warnings allowed); 1: problems found (each with what to do).
-"""
+__all__ = ["OK", "PROBLEM", "WARN", "Check", "broker_alive", "diagnose"]
 
 OK, WARN, PROBLEM = "ok", "warn", "problem"
 #: File descriptors a broker uses per connected subscriber (control + events).
@@ -56,19 +45,6 @@ class Check:
     status: str
     message: str
     fix: str = ""
-
-
-def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="broker TOML config: check its segments fit")
-    p.add_argument("--fix", action="store_true", help="unlink orphaned and invalid objects")
-    p.add_argument("--json", action="store_true", help="print the findings as JSON")
-    p.add_argument(
-        "--subscribers",
-        type=int,
-        default=256,
-        metavar="N",
-        help="subscribers the broker should hold (sizes the open-files check; default 256)",
-    )
 
 
 def broker_alive(namespace: str) -> bool:
@@ -109,7 +85,7 @@ def _check_shm(config_file: str | None, namespace: str | None) -> list[Check]:
         cfg = resolve_config({"namespace": namespace}, config_file=config_file, environ={})
     except ConfigError as exc:
         return [*out, Check("config", PROBLEM, str(exc), "correct the named field")]
-    present = set(list_segment_names(cfg.namespace))
+    present = set(list_segment_names(resolve_namespace(cfg.namespace)))
     needed = sum(segment_size(s.nbytes, s.slots) for s in cfg.segments if s.name not in present)
     declared = sum(segment_size(s.nbytes, s.slots) for s in cfg.segments)
     if needed > free:
@@ -281,8 +257,6 @@ def _check_limits(subscribers: int) -> list[Check]:
 
 
 def _check_machine() -> list[Check]:
-    import platform
-
     if machine_supported():
         return [Check("cpu", OK, f"{platform.machine()}: TSO memory model, the seqlock is sound")]
     return [
@@ -314,24 +288,3 @@ def diagnose(
         *_check_limits(subscribers),
         *_check_machine(),
     ]
-
-
-def run(args: argparse.Namespace) -> int:
-    namespace = args.namespace or os.environ.get(NAMESPACE_ENV) or None
-    checks = diagnose(
-        namespace=namespace,
-        config_file=args.config,
-        fix=args.fix,
-        subscribers=args.subscribers,
-    )
-    failed = any(c.status == PROBLEM for c in checks)
-    if args.json:
-        report: dict[str, Any] = {"ok": not failed, "checks": [asdict(c) for c in checks]}
-        print(json.dumps(report, indent=2))
-    else:
-        for c in checks:
-            print(f"{c.status.upper():8} {c.check:12} {c.message}")
-            if c.fix and c.status != OK:
-                print(f"{'':8} {'':12} -> {c.fix}")
-        print("doctor: problems found" if failed else "doctor: all OK", file=sys.stderr)
-    return 1 if failed else 0

@@ -1,32 +1,73 @@
-"""The broker's Prometheus metrics: a custom collector over :meth:`Broker.stats`.
+"""Prometheus metrics: the broker's collector, and the one HTTP server every service uses.
 
 Counters stay plain integers on the hot path; the metric families are built
-only when Prometheus scrapes.
+only when Prometheus scrapes (a custom collector over a ``stats()`` snapshot).
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import Collector
+
+from ._segment import SegmentInfo
+from .errors import EndpointError
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from ._broker import Broker
+    from ._datastream import DataStreamStats
+
+__all__ = ["BrokerCollector", "BrokerStats", "MetricsServer", "start_metrics_server"]
+
+
+@dataclass(frozen=True)
+class BrokerStats:
+    """A snapshot of the broker's counters (turned into metrics at scrape time)."""
+
+    namespace: str
+    epoch: int
+    seq: int
+    segments: tuple[SegmentInfo, ...]
+    published: dict[str, int]
+    sources: dict[str, str]
+    requests: int
+    errors: dict[str, int]
+    clients: int
+    shm_used: int
+    shm_free: int
+    shm_total: int
+    started: float
 
 
 class BrokerCollector(Collector):
-    """Exports ``shmcast_broker_*`` and per-segment metrics of one broker."""
+    """Exports ``shmcast_broker_*`` and per-segment metrics of one broker.
 
-    def __init__(self, broker: Broker) -> None:
-        self._broker = broker
+    Args:
+        stats: returns the broker's counters (called at each scrape).
+        data_stats: returns the data stream's counters, or None when it is off.
+    """
+
+    def __init__(
+        self,
+        stats: Callable[[], BrokerStats],
+        data_stats: Callable[[], DataStreamStats | None],
+    ) -> None:
+        self._stats = stats
+        self._data_stats = data_stats
 
     def collect(self) -> Iterator[Metric]:
-        st = self._broker.stats()
+        st = self._stats()
         ns = st.namespace
         for family, name, help_text, value in (
             (GaugeMetricFamily, "shmcast_broker_up", "1 while the broker serves", 1.0),
@@ -86,15 +127,14 @@ class BrokerCollector(Collector):
             writer.add_metric(labels, 1.0 if info.writer_alive else 0.0)
         yield published
         yield version
-        yield from _data_stream(self._broker, ns)
+        yield from _data_stream(self._data_stats(), ns)
         yield age
         yield size
         yield writer
 
 
-def _data_stream(broker: Broker, ns: str) -> Iterator[Metric]:
+def _data_stream(data: DataStreamStats | None, ns: str) -> Iterator[Metric]:
     """The relay data stream's counters (when the broker offers one)."""
-    data = broker.data_stats()
     if data is None:
         return
     peers = GaugeMetricFamily(
@@ -112,3 +152,84 @@ def _data_stream(broker: Broker, ns: str) -> Iterator[Metric]:
         fam = CounterMetricFamily(name, help_text, labels=["namespace"])
         fam.add_metric([ns], value)
         yield fam
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged."""
+
+
+class MetricsServer:
+    """A ``/metrics`` endpoint served from a daemon thread; :meth:`close` stops it.
+
+    Make one with :func:`start_metrics_server`.
+    """
+
+    def __init__(self, server: WSGIServer, host: str) -> None:
+        self._server = server
+        self.host = host
+        self.port: int = server.server_address[1]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self.port}/metrics"
+        self._closed = False
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="shmcast-metrics", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop serving and free the port. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<MetricsServer {self.url}{' closed' if self._closed else ''}>"
+
+
+def start_metrics_server(
+    registry: CollectorRegistry, port: int = 0, *, host: str = "127.0.0.1"
+) -> MetricsServer:
+    """Serve ``registry`` over HTTP at ``http://host:port/metrics`` from a thread.
+
+    The same on every prometheus-client release we support (``start_http_server``
+    returns nothing before 0.20).
+
+    Args:
+        registry: what to serve (each service has its own, never the global one).
+        port: TCP port; 0 picks a free one (see ``MetricsServer.port``).
+        host: address to bind; loopback unless told otherwise.
+
+    Raises:
+        EndpointError: the address cannot be bound (in use, no permission, bad host).
+    """
+    server_class = _Server6 if ":" in host else _Server
+    try:
+        server = make_server(
+            host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
+        )
+    except OSError as exc:
+        raise EndpointError("metrics", f"{host}:{port}", exc.strerror or str(exc)) from exc
+    return MetricsServer(server, host)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidNameError
@@ -23,10 +22,19 @@ _SEGMENT_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 
 
 def resolve_namespace(namespace: str | None) -> str:
-    """Return ``namespace``, else ``$SHMCAST_NAMESPACE``, else ``"default"``, validated."""
+    """Return ``namespace``, else ``$SHMCAST_NAMESPACE``, else ``"default"``, validated.
+
+    The one place the namespace's environment default is read, at call time.
+    """
     if namespace is None:
-        namespace = os.environ.get(NAMESPACE_ENV) or DEFAULT_NAMESPACE
+        namespace = namespace_from_env() or DEFAULT_NAMESPACE
     return validate_namespace(namespace)
+
+
+def namespace_from_env() -> str | None:
+    """``$SHMCAST_NAMESPACE`` when it is set and not empty (validated), else None."""
+    value = os.environ.get(NAMESPACE_ENV)
+    return validate_namespace(value) if value else None
 
 
 def validate_namespace(namespace: object) -> str:
@@ -118,33 +126,3 @@ def share_runtime_dir(path: Path, gid: int) -> None:
     os.chmod(root, stat.S_IMODE(root.stat().st_mode) | 0o011)
     os.chown(path, -1, gid)
     os.chmod(path, 0o750)
-
-
-@dataclass(frozen=True)
-class ProcessId:
-    """A process named so that pid reuse cannot fool us: pid plus start time."""
-
-    pid: int
-    start_time: int
-
-    @classmethod
-    def current(cls) -> ProcessId:
-        pid = os.getpid()
-        return cls(pid, process_start_time(pid))
-
-    def alive(self) -> bool:
-        if self.pid <= 0:
-            return False
-        try:
-            return process_start_time(self.pid) == self.start_time
-        except OSError:
-            return False
-
-
-def process_start_time(pid: int) -> int:
-    """Start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    rest = data[data.rindex(b")") + 2 :].split()
-    return int(rest[19])

@@ -1,31 +1,7 @@
-"""The segment engine: one named POSIX shared-memory object holding a ring of numpy arrays.
+"""The segment engine: a handle on one shared-memory object holding a ring of numpy arrays.
 
-Layout (layout version 1, all integers little-endian, one object per segment at
-``/dev/shm/shmcast.<namespace>.<segment>``)::
-
-    header block, HEADER_SIZE(K) = round_up(SLOT_CTL + 64*K, 4096) bytes
-      byte   0  u64  magic  b"SHMCAST\\0"      written last at create: a half-made
-                                              object never looks valid
-      byte   8  u64  layout version (1)
-      byte  16  u64  header size
-      byte  24  u64  K, the number of slots (2..64)
-      byte  32  u64  slot stride (bytes, a multiple of 4096)
-      byte  40  u64  nbytes, the array's size
-      byte  48  u64  epoch (random id of the broker or process that created it)
-      byte  56  u64  created, ns since the Unix epoch
-      byte  64  u64  latest committed version (0: none yet)     <- seqlock publish word
-      byte  72  u64  writer pid (0: no writer)
-      byte  80  u64  writer start time (clock ticks since boot, /proc/PID/stat 22)
-      byte  88  u64  writer heartbeat, ns (updated at every commit)
-      byte  96  u32  notify word (futex; +1 at every commit)
-      byte 104  u64  dtype description length (bytes)
-      byte 112  u64  ndim
-      byte 120  u64  shape[0..ndim), at most 16 dims (ends at byte 248)
-      byte 256  ...  dtype description: repr() of numpy.lib.format.dtype_to_descr, ASCII,
-                     at most 1792 bytes (ends at byte 2048)
-      byte 2048 K x 64-byte slot control lines, one cache line each:
-                     u64 seq (odd while being written), u64 version, u64 commit ns
-    slot i data at HEADER_SIZE + i * stride, page aligned, nbytes long
+The byte layout is :mod:`._layout`'s; the writer's lease is :mod:`._lease`'s;
+the futex is :mod:`._futex`'s.
 
 Writing version v (one writer, holding the lease = an exclusive flock on the
 object, which the kernel drops when the writer dies): slot = v mod K; seq := odd;
@@ -43,13 +19,12 @@ needs there. Weakly ordered CPUs (ARM64, POWER) would need a release fence
 before the even ``seq`` store and the ``latest`` store, and an acquire fence
 after the first ``seq`` load and before the second; pure Python cannot emit
 them, which is why :func:`machine_supported` exists for ``shmcast doctor`` to report.
+
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
@@ -65,23 +40,49 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import numpy.lib.format as npformat
 import numpy.typing as npt
 
-from ._names import (
-    SHM_DIR,
-    ProcessId,
-    list_segment_names,
-    resolve_namespace,
-    shm_path,
-    validate_segment_name,
+from ._futex import WAITV_MAX, Futex, wait_many
+from ._layout import (
+    DESCR_OFF,
+    LAYOUT_VERSION,
+    MAGIC,
+    MAX_SLOTS,
+    NOTIFY_IDX,
+    NOTIFY_OFF,
+    SLOT_CTL,
+    SLOT_CTL_SIZE,
+    W_CREATED,
+    W_DESCR_LEN,
+    W_EPOCH,
+    W_HEADER_SIZE,
+    W_HEARTBEAT,
+    W_LATEST,
+    W_LAYOUT,
+    W_MAGIC,
+    W_NBYTES,
+    W_NDIM,
+    W_SHAPE,
+    W_SLOTS,
+    W_STRIDE,
+    W_WRITER_PID,
+    W_WRITER_START,
+    bytes_castable,
+    describe_dtype,
+    dtype_str,
+    header_size,
+    normalize_layout,
+    read_header,
+    segment_size,
+    shm_free,
+    slot_stride,
 )
+from ._lease import ProcessId, lease_held, take_lease
+from ._names import SHM_DIR, list_segment_names, resolve_namespace, shm_path, validate_segment_name
 from .errors import (
     ArrayMismatchError,
     ClosedError,
     LayoutError,
-    LayoutVersionError,
-    NotASegmentError,
     NoVersionError,
     ReadOnlyError,
     SegmentError,
@@ -90,183 +91,14 @@ from .errors import (
     ShmSpaceError,
     TornReadError,
     VersionUnavailableError,
-    WriterBusyError,
 )
 
-__all__ = ["LAYOUT_VERSION", "Segment", "SegmentInfo", "Snapshot"]
+__all__ = ["Segment", "SegmentInfo", "Snapshot", "machine_supported", "wait_any"]
 
 log = logging.getLogger(__name__)
 
-MAGIC = int.from_bytes(b"SHMCAST\0", "little")
-LAYOUT_VERSION = 1
-PAGE = 4096
-MAX_SLOTS = 64
-MAX_NDIM = 16
-MAX_DESCR = 1792
-DESCR_OFF = 256
-SLOT_CTL = 2048
-SLOT_CTL_SIZE = 64
+#: CPUs whose memory model (TSO) makes the plain loads and stores of this seqlock sound.
 SUPPORTED_MACHINES = ("x86_64", "AMD64")
-
-# Header word indices (byte offset / 8).
-W_MAGIC = 0
-W_LAYOUT = 1
-W_HEADER_SIZE = 2
-W_SLOTS = 3
-W_STRIDE = 4
-W_NBYTES = 5
-W_EPOCH = 6
-W_CREATED = 7
-W_LATEST = 8
-W_WRITER_PID = 9
-W_WRITER_START = 10
-W_HEARTBEAT = 11
-NOTIFY_OFF = 96  # u32 futex word
-NOTIFY_IDX = NOTIFY_OFF // 4  # its index in the u32 view
-W_DESCR_LEN = 13
-W_NDIM = 14
-W_SHAPE = 15
-
-_FUTEX_WAIT = 0
-_FUTEX_WAKE = 1
-_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
-_INT_MAX = 2**31 - 1
-
-
-def _round_up(n: int, to: int) -> int:
-    return (n + to - 1) // to * to
-
-
-def header_size(slots: int) -> int:
-    return _round_up(SLOT_CTL + SLOT_CTL_SIZE * slots, PAGE)
-
-
-def slot_stride(nbytes: int) -> int:
-    return max(PAGE, _round_up(nbytes, PAGE))
-
-
-def segment_size(nbytes: int, slots: int) -> int:
-    """Bytes of shared memory a segment of ``nbytes`` per version and ``slots`` slots takes."""
-    return header_size(slots) + slots * slot_stride(nbytes)
-
-
-def normalize_layout(
-    dtype: npt.DTypeLike, shape: int | tuple[int, ...] | list[int]
-) -> tuple[np.dtype[Any], tuple[int, ...]]:
-    """Validate a dtype and shape and fold a sub-array dtype into the shape.
-
-    Raises:
-        LayoutError: the dtype holds Python objects, the shape is negative or too
-            large, or the description does not fit the header.
-    """
-    try:
-        dt = np.dtype(dtype)
-    except (TypeError, ValueError) as exc:
-        raise LayoutError(f"not a numpy dtype: {dtype!r} ({exc})") from exc
-    if isinstance(shape, (int, np.integer)):
-        shape = (int(shape),)
-    try:
-        shp = tuple(int(n) for n in shape)
-    except (TypeError, ValueError) as exc:
-        raise LayoutError(f"shape must be a tuple of integers, got {shape!r}") from exc
-    if dt.subdtype is not None:
-        base, sub = dt.subdtype
-        dt, shp = base, shp + tuple(sub)
-    if dt.hasobject:
-        raise LayoutError(
-            f"dtype {dt} holds Python objects, which cannot live in shared memory; "
-            f"use fixed-size fields (e.g. 'S16' or 'U8' instead of object)"
-        )
-    if dt.itemsize == 0:
-        raise LayoutError(f"dtype {dt} has no size; give strings and voids a length")
-    if any(n < 0 for n in shp) or len(shp) > MAX_NDIM:
-        raise LayoutError(f"shape {shp} must have at most {MAX_NDIM} non-negative dimensions")
-    nbytes = math.prod(shp) * dt.itemsize
-    if nbytes == 0:
-        raise LayoutError(f"shape {shp} of {dt} holds no bytes; a segment needs at least one")
-    if nbytes > 2**46:
-        raise LayoutError(
-            f"shape {shp} of {dt} is {nbytes} bytes, more than shmcast allows (64 TiB)"
-        )
-    try:
-        descr = _describe(dt)
-    except ValueError as exc:  # numpy cannot describe overlapping or out-of-order fields
-        raise LayoutError(f"dtype {dt} cannot be recorded ({exc}); order fields by offset") from exc
-    if len(descr) > MAX_DESCR:
-        raise LayoutError(f"dtype {dt} is too complex to record (more than {MAX_DESCR} bytes)")
-    return dt, shp
-
-
-def _describe(dt: np.dtype[Any]) -> bytes:
-    # ascii(), not repr(): field names and titles may hold any unicode character.
-    # Dtype metadata is not part of the layout (numpy warns that it is dropped).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        descr = npformat.dtype_to_descr(dt)
-    return ascii(descr).encode("ascii")
-
-
-def _parse_descr(text: bytes) -> np.dtype[Any]:
-    return np.dtype(npformat.descr_to_dtype(ast.literal_eval(text.decode("ascii"))))
-
-
-def dtype_str(dt: np.dtype[Any]) -> str:
-    """A string that ``parse_dtype`` turns back into exactly ``dt`` (for the wire and CLI)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        descr = npformat.dtype_to_descr(dt)
-    return descr if isinstance(descr, str) else repr(descr)
-
-
-def parse_dtype(text: str) -> np.dtype[Any]:
-    """Inverse of :func:`dtype_str`; also takes plain numpy names such as ``float64``."""
-    try:
-        return _parse_descr(text.encode("ascii"))
-    except (ValueError, SyntaxError, TypeError, UnicodeEncodeError, MemoryError, RecursionError):
-        try:
-            return np.dtype(text)
-        except (TypeError, ValueError, SyntaxError) as exc:
-            raise LayoutError(f"not a numpy dtype: {text!r}") from exc
-
-
-def _shm_free() -> int | None:
-    """Free bytes in /dev/shm, or None when it cannot be told."""
-    try:
-        st = os.statvfs(SHM_DIR)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-def _futex_syscall() -> Any:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = libc.syscall
-    fn.restype = ctypes.c_long
-    return fn
-
-
-_syscall: Any = None
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-def _syscall_fn() -> Any:
-    global _syscall
-    if _syscall is None:
-        _syscall = _futex_syscall()
-    return _syscall
-
-
-def _bytes_castable(dtype: np.dtype[Any]) -> bool:
-    """Whether ``memoryview(array).cast("B")`` works for arrays of ``dtype`` (plain
-    native scalars; record, datetime and byte-swapped dtypes take numpy's copy)."""
-    try:
-        np.zeros(1, dtype).data.cast("B")
-    except (TypeError, ValueError, NotImplementedError):
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -372,7 +204,7 @@ class Segment:
         nbytes = math.prod(shp) * dt.itemsize
         size = segment_size(nbytes, slots)
         path = shm_path(ns, name)
-        free = _shm_free()
+        free = shm_free()
         if free is not None and size > free:  # refuse before making anything
             raise ShmSpaceError(name, size, free, SHM_DIR)
         try:
@@ -385,7 +217,7 @@ class Segment:
                 os.posix_fallocate(fd, 0, size)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
-                    raise ShmSpaceError(name, size, _shm_free() or 0, SHM_DIR) from exc
+                    raise ShmSpaceError(name, size, shm_free() or 0, SHM_DIR) from exc
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
                 log.warning("posix_fallocate unsupported on %s; pages are not reserved", path)
@@ -394,7 +226,7 @@ class Segment:
             flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if prefault else 0)
             mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             q = memoryview(mm).cast("Q")
-            descr = _describe(dt)
+            descr = describe_dtype(dt)
             q[W_LAYOUT] = LAYOUT_VERSION
             q[W_HEADER_SIZE] = header_size(slots)
             q[W_SLOTS] = slots
@@ -455,9 +287,10 @@ class Segment:
         except FileNotFoundError:
             raise SegmentNotFoundError(name, ns) from None
         try:
-            dt, shp, size = _read_layout(name, path, fd, wait)
+            dt, shp, size = read_header(name, path, fd, wait)
             if writable:
-                _take_lease(name, fd)
+                head = os.pread(fd, 8 * (W_WRITER_PID + 1), 0)
+                take_lease(name, fd, int.from_bytes(head[8 * W_WRITER_PID :], "little"))
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if prefault else 0)
             mm = mmap.mmap(fd, size, flags=flags, prot=prot)
@@ -536,23 +369,13 @@ class Segment:
                 memoryview(mm)[hs + i * stride : hs + i * stride + self._nbytes]
                 for i in range(self._slots)
             ]
-            if writable and _bytes_castable(dtype)
+            if writable and bytes_castable(dtype)
             else []
         )
         self._seq_idx = [(SLOT_CTL + SLOT_CTL_SIZE * i) // 8 for i in range(self._slots)]
         self._notify = np.frombuffer(mm, dtype=np.uint32, count=1, offset=NOTIFY_OFF)
-        self._notify_addr = int(self._notify.ctypes.data)
+        self._futex = Futex(int(self._notify.ctypes.data))
         self._q32 = memoryview(mm).cast("I")
-        # The futex syscalls' ctypes arguments, built once: building c_void_p and
-        # c_int objects per call cost ~0.6 µs of every commit.
-        self._fsys: Any = None
-        self._wake_args: tuple[Any, ...] = ()
-        self._wait_addr: Any = None
-        if _SYS_FUTEX is not None:
-            self._fsys = _syscall_fn()
-            self._wait_addr = ctypes.c_void_p(self._notify_addr)
-            # FUTEX_WAKE reads no further arguments: four instead of seven saves ~0.1 µs.
-            self._wake_args = (_SYS_FUTEX, self._wait_addr, _FUTEX_WAKE, _INT_MAX)
         self.reads = 0
         self.torn_reads = 0
         self._loaning = False
@@ -637,7 +460,7 @@ class Segment:
         """Whether some process holds the writer lease (asked of the kernel, not guessed)."""
         if self._writable and not self._closed:
             return True
-        return _lease_held(self._path)
+        return lease_held(self._path)
 
     def _header(self) -> memoryview:
         q = self._q
@@ -688,8 +511,7 @@ class Segment:
         q[W_HEARTBEAT] = now
         q32 = self._q32
         q32[NOTIFY_IDX] = (q32[NOTIFY_IDX] + 1) & 0xFFFFFFFF
-        if self._fsys is not None:
-            self._fsys(*self._wake_args)
+        self._futex.wake()
 
     def _abort(self, i: int, s: int) -> None:
         q = self._q
@@ -839,7 +661,7 @@ class Segment:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return v
-            self._futex_wait(word, left)
+            self._futex.wait(word, left)
 
     def wait_acquire(
         self, after: int, timeout: float | None = None, *, spin: bool = False
@@ -885,19 +707,7 @@ class Segment:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
-            self._futex_wait(word, left)
-
-    def _futex_wait(self, word: int, left: float | None) -> None:
-        if self._fsys is None:
-            time.sleep(0.0005 if left is None else min(left, 0.0005))
-            return
-        ts = None
-        if left is not None:
-            sec = int(left)
-            ts = ctypes.byref(_Timespec(sec, int((left - sec) * 1e9)))
-        # Sleeps only if the word is still `word`: a commit between our load and
-        # the syscall changes it, so no wake-up can be lost.
-        self._fsys(_SYS_FUTEX, self._wait_addr, _FUTEX_WAIT, word, ts, None, 0)
+            self._futex.wait(word, left)
 
     # ------------------------------------------------------------------ closing
 
@@ -1009,106 +819,9 @@ class _Reading:
             raise TornReadError(self._seg._name, self._version or 0)
 
 
-def _read_layout(
-    name: str, path: str, fd: int, wait: float
-) -> tuple[np.dtype[Any], tuple[int, ...], int]:
-    """Read and check the header through a private read-only mapping."""
-    deadline = time.monotonic() + wait
-    while True:
-        size = os.fstat(fd).st_size
-        if size >= PAGE:
-            with mmap.mmap(fd, PAGE, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as mm:
-                head = bytes(mm[:PAGE])
-            magic = int.from_bytes(head[0:8], "little")
-            if magic == MAGIC:
-                break
-            if magic != 0:
-                raise NotASegmentError(name, path, "wrong magic number")
-        elif size != 0:
-            raise NotASegmentError(name, path, f"{size} bytes is smaller than any header")
-        if time.monotonic() >= deadline:
-            raise NotASegmentError(name, path, "header never completed (creator died?)")
-        time.sleep(0.005)
-    w = [int.from_bytes(head[8 * k : 8 * k + 8], "little") for k in range(W_SHAPE + MAX_NDIM)]
-    layout = w[W_LAYOUT]
-    if layout != LAYOUT_VERSION:
-        raise LayoutVersionError(name, layout, LAYOUT_VERSION)
-    slots, nbytes, stride, hsize = w[W_SLOTS], w[W_NBYTES], w[W_STRIDE], w[W_HEADER_SIZE]
-    ndim, dlen = w[W_NDIM], w[W_DESCR_LEN]
-    if not 2 <= slots <= MAX_SLOTS:
-        raise NotASegmentError(name, path, f"impossible slot count {slots}")
-    if hsize != header_size(slots) or stride != slot_stride(nbytes):
-        raise NotASegmentError(name, path, "header and slot sizes do not match the layout")
-    if ndim > MAX_NDIM or not 0 < dlen <= MAX_DESCR:
-        raise NotASegmentError(name, path, "impossible dtype description or ndim")
-    expected = hsize + slots * stride
-    if size != expected:
-        raise NotASegmentError(name, path, f"object is {size} bytes, header says {expected}")
-    try:
-        dt = _parse_descr(head[DESCR_OFF : DESCR_OFF + dlen])
-    except (ValueError, SyntaxError, TypeError, UnicodeDecodeError, MemoryError) as exc:
-        raise NotASegmentError(name, path, f"unreadable dtype ({exc})") from exc
-    shape = tuple(w[W_SHAPE : W_SHAPE + ndim])
-    # The layout must be one that create() accepts as is: no Python objects, no
-    # empty arrays, no sub-array dtype left unfolded (views are built from it).
-    try:
-        canonical = normalize_layout(dt, shape)
-    except LayoutError as exc:
-        raise NotASegmentError(name, path, f"impossible layout ({exc})") from exc
-    if canonical != (dt, shape):
-        raise NotASegmentError(name, path, f"layout {dt} {shape} is not in canonical form")
-    if math.prod(shape) * dt.itemsize != nbytes:
-        raise NotASegmentError(name, path, "dtype and shape do not add up to the slot size")
-    return dt, shape, size
-
-
-def _take_lease(name: str, fd: int) -> None:
-    # Retried briefly: a reader probing the lock (writer_alive) holds it for microseconds.
-    deadline = time.monotonic() + 0.2
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                head = os.pread(fd, 8 * (W_WRITER_PID + 1), 0)
-                pid = int.from_bytes(head[8 * W_WRITER_PID :], "little")
-                raise WriterBusyError(name, pid or None) from None
-            time.sleep(0.002)
-
-
-def _lease_held(path: str) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also drops our shared probe lock
-    return False
-
-
 def machine_supported() -> bool:
     """True on CPUs whose memory model makes the pure-Python seqlock sound (TSO)."""
     return platform.machine() in SUPPORTED_MACHINES
-
-
-class _FutexWaitv(ctypes.Structure):
-    _fields_ = [
-        ("val", ctypes.c_uint64),
-        ("uaddr", ctypes.c_uint64),
-        ("flags", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
-    ]
-
-
-_SYS_FUTEX_WAITV = 449 if platform.machine() in ("x86_64", "aarch64") else None
-_FUTEX2_SIZE_U32 = 0x02
-_CLOCK_MONOTONIC = 1
-_waitv_ok: bool | None = None
 
 
 def wait_any(segments: list[Segment], afters: list[int], timeout: float | None = None) -> bool:
@@ -1117,32 +830,14 @@ def wait_any(segments: list[Segment], afters: list[int], timeout: float | None =
     One futex per segment, waited on together with ``futex_waitv`` (Linux 5.16+);
     older kernels fall back to short sleeps. Returns False on timeout.
     """
-    global _waitv_ok, _syscall
     if len(segments) == 1:
         return segments[0].wait(afters[0], timeout) > afters[0]
     deadline = None if timeout is None else time.monotonic() + timeout
-    waiters = (_FutexWaitv * len(segments))()
+    addrs = [seg._futex.addr for seg in segments]
     while True:
-        for k, seg in enumerate(segments):
-            waiters[k].val = seg._q32[NOTIFY_IDX]
-            waiters[k].uaddr = seg._notify_addr
-            waiters[k].flags = _FUTEX2_SIZE_U32
-        if any(seg.version > a for seg, a in zip(segments, afters, strict=False)):
+        words = [seg._q32[NOTIFY_IDX] for seg in segments]
+        if any(seg.version > a for seg, a in zip(segments, afters, strict=True)):
             return True
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
+        if deadline is not None and time.monotonic() >= deadline:
             return False
-        if _SYS_FUTEX_WAITV is None or _waitv_ok is False:
-            time.sleep(0.0005 if left is None else min(left, 0.0005))
-            continue
-        if _syscall is None:
-            _syscall = _futex_syscall()
-        ts = None
-        if deadline is not None:
-            sec = int(deadline)
-            ts = ctypes.byref(_Timespec(sec, int((deadline - sec) * 1e9)))
-        rc = _syscall(
-            _SYS_FUTEX_WAITV, waiters, ctypes.c_uint(len(segments)), 0, ts, _CLOCK_MONOTONIC
-        )
-        if rc < 0 and ctypes.get_errno() == errno.ENOSYS:
-            _waitv_ok = False
+        wait_many(addrs[:WAITV_MAX], words[:WAITV_MAX], deadline)

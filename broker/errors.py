@@ -20,23 +20,32 @@ message, which names the segment, endpoint or size involved and the fix::
     │   ├── WriterBusyError         a second writer was refused
     │   └── ReadOnlyError           writing through a read-only handle
     ├── ShmSpaceError               /dev/shm is too small for the segment
+    ├── AccessError                 the OS refused us a segment or directory
     ├── ClosedError                 you closed it (vs. it broke under you)
+    ├── EndpointError               an address we cannot bind or connect to
     ├── BrokerError                 the control plane
     │   ├── BrokerUnavailableError  no broker answered at the endpoint
     │   ├── BrokerRunningError      a broker already serves the namespace
     │   └── RemoteError             the broker answered with an error
     └── ConfigError                 a bad configuration value (names the field)
+
+Where an OS or ZeroMQ error enters our code it is wrapped (``raise ... from
+exc``), and classes that stand for an OS condition also derive from the builtin
+one (``ShmSpaceError`` is an ``OSError``, ``AccessError`` a ``PermissionError``,
+``SegmentNotFoundError`` a ``FileNotFoundError``), so either can be caught.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AccessError",
     "ArrayMismatchError",
     "BrokerError",
     "BrokerRunningError",
     "BrokerUnavailableError",
     "ClosedError",
     "ConfigError",
+    "EndpointError",
     "InvalidNameError",
     "LayoutConflictError",
     "LayoutError",
@@ -207,9 +216,37 @@ class ShmSpaceError(ShmcastError, OSError):
         )
 
 
+class AccessError(ShmcastError, PermissionError):
+    def __init__(self, path: str, action: str, reason: str) -> None:
+        self.path = path
+        self.action = action
+        super().__init__(
+            f"cannot {action} {path}: {reason} (run as the namespace's owner, or ask it to "
+            f"share the namespace with a group: `group` and `mode` in the broker config)"
+        )
+
+
 class ClosedError(ShmcastError):
+    """Used after :meth:`close` (by this process), as opposed to broken under us."""
+
     def __init__(self, what: str) -> None:
         super().__init__(f"{what} is closed")
+
+
+class EndpointError(ShmcastError):
+    def __init__(self, role: str, endpoint: str, reason: str, *, connect: bool = False) -> None:
+        self.role = role
+        self.endpoint = endpoint
+        self.reason = reason
+        if connect:
+            fix = "check the address (tcp://HOST:PORT or ipc://PATH)"
+            verb = "connect to"
+        else:
+            fix = "pick another address or port, or stop the process that holds it"
+            if role == "metrics":
+                fix = "pick another --metrics-port (0 picks a free one) or stop what holds it"
+            verb = "bind"
+        super().__init__(f"cannot {verb} the {role} endpoint {endpoint}: {reason}; {fix}")
 
 
 class BrokerError(ShmcastError):

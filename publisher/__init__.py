@@ -1,5 +1,23 @@
-"""shmcast's writing side: :class:`Publisher` and the synthetic feeds of the CLI."""
+"""shmcast's writing side: :class:`Publisher`, the synthetic feeds and the relay."""
 
+from ._feeds import TICK_DTYPE as TICK_DTYPE
+from ._feeds import Feed as Feed
+from ._feeds import make_feed as make_feed
 from ._publisher import Publisher as Publisher
+from ._relay import Relay as Relay
+from ._relay import RelayCollector as RelayCollector
+from ._relay import RelayConfig as RelayConfig
+from ._relay import RelayStats as RelayStats
+from ._relay import resolve_relay_config as resolve_relay_config
 
-__all__ = ["Publisher"]
+__all__ = [
+    "TICK_DTYPE",
+    "Feed",
+    "Publisher",
+    "Relay",
+    "RelayCollector",
+    "RelayConfig",
+    "RelayStats",
+    "make_feed",
+    "resolve_relay_config",
+]

@@ -14,10 +14,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from broker._names import resolve_namespace, validate_segment_name
-from broker._protocol import ControlClient, Endpoints
-from broker._segment import Segment, dtype_str, normalize_layout
-from broker.errors import ClosedError
+from shmcast.broker import Segment, dtype_str, normalize_layout
+from shmcast.broker.client import (
+    ControlClient,
+    resolve_endpoint,
+    resolve_namespace,
+    validate_segment_name,
+)
+from shmcast.broker.errors import ClosedError
 
 __all__ = ["Publisher"]
 
@@ -71,7 +75,7 @@ class Publisher:
         self._client: ControlClient | None = None
         self.namespace = resolve_namespace(namespace)
         self.name = validate_segment_name(segment)
-        endpoint = broker or Endpoints.default(self.namespace).control
+        endpoint = resolve_endpoint(broker, self.namespace)
         client = ControlClient(endpoint, timeout=timeout, curve=curve)
         try:
             if dtype is None or shape is None:
@@ -101,7 +105,7 @@ class Publisher:
 
     @property
     def segment(self) -> Segment:
-        """The underlying writer :class:`~broker.Segment`."""
+        """The underlying writer :class:`~shmcast.broker.Segment`."""
         if self._seg is None or self._closed:
             raise ClosedError(f"publisher of {self.name!r}")
         return self._seg

@@ -6,6 +6,9 @@ from ._subscriber import LATENCY_BUCKETS as LATENCY_BUCKETS
 from ._subscriber import SegmentStats as SegmentStats
 from ._subscriber import Subscriber as Subscriber
 from ._subscriber import Update as Update
+from ._subscriber import WaitMode as WaitMode
+from ._worker import analyse as analyse
+from ._worker import run_worker as run_worker
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -13,5 +16,8 @@ __all__ = [
     "Subscriber",
     "SubscriberCollector",
     "Update",
+    "WaitMode",
+    "analyse",
+    "run_worker",
     "serve_metrics",
 ]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -15,7 +15,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from broker.errors import ShmcastError
+from shmcast.broker import MetricsServer, start_metrics_server
+from shmcast.broker.errors import ShmcastError
 
 from ._subscriber import LATENCY_BUCKETS
 
@@ -113,12 +114,19 @@ def serve_metrics(
     host: str = "127.0.0.1",
     name: str = "subscriber",
     registry: CollectorRegistry | None = None,
-) -> tuple[str, Any]:
-    """Serve a subscriber's metrics over HTTP; returns ``(url, server)``.
+) -> MetricsServer:
+    """Serve a subscriber's metrics over HTTP (``.url``; ``.close()`` stops it).
 
-    ``port=0`` picks a free port. Call ``server.shutdown()`` to stop.
+    Args:
+        subscriber: whose counters to export.
+        port: 0 picks a free port.
+        host: address to bind (loopback by default).
+        name: the ``subscriber`` label.
+        registry: where to register the collector (a new registry by default).
+
+    Raises:
+        EndpointError: the port cannot be bound.
     """
     registry = registry or CollectorRegistry(auto_describe=True)
     registry.register(SubscriberCollector(subscriber, name=name))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return f"http://{host}:{server.server_port}/metrics", server
+    return start_metrics_server(registry, port, host=host)

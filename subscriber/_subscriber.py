@@ -17,6 +17,7 @@ import bisect
 import contextlib
 import logging
 import os
+import threading
 import time
 import warnings
 from collections import deque
@@ -27,10 +28,17 @@ from typing import Any, Literal
 import numpy as np
 import zmq
 
-from broker._names import resolve_namespace, validate_segment_name
-from broker._protocol import BROKER_TOPIC, ControlClient, Endpoints, topic, unpack
-from broker._segment import W_LATEST, Segment, Snapshot, wait_any
-from broker.errors import (
+from shmcast.broker import Segment, Snapshot, wait_any
+from shmcast.broker.client import (
+    BROKER_TOPIC,
+    ControlClient,
+    resolve_endpoint,
+    resolve_namespace,
+    topic,
+    unpack,
+    validate_segment_name,
+)
+from shmcast.broker.errors import (
     BrokerUnavailableError,
     ClosedError,
     NotASegmentError,
@@ -53,6 +61,10 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 
 #: Seconds between the reports an ``events`` subscriber sends its broker.
 REPORT_INTERVAL = 1.0
+#: Longest single wait of a reading loop: how soon it sees close() from another thread.
+WAIT_SLICE = 0.1
+#: Seconds close() waits for a reading thread to leave its wait.
+CLOSE_WAIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -149,6 +161,8 @@ class Subscriber:
         self.epoch: int | None = None
         self._tseq: dict[bytes, int] = {}
         self._pending: deque[Update] = deque()
+        self._io = threading.RLock()
+        self._next_report = 0.0
         self._curve = curve
         try:
             if wait == "events":
@@ -163,7 +177,7 @@ class Subscriber:
     # ------------------------------------------------------------------ set-up
 
     def _connect(self, broker: str | None, timeout: float, hb_timeout: float | None) -> None:
-        endpoint = broker or Endpoints.default(self.namespace).control
+        endpoint = resolve_endpoint(broker, self.namespace)
         self._client = ControlClient(endpoint, timeout=timeout, curve=self._curve)
         hello = self._client.request("hello")
         interval = float(hello.get("heartbeat_interval", 0.5))
@@ -229,7 +243,7 @@ class Subscriber:
     # ------------------------------------------------------------------ reading
 
     def segment(self, name: str) -> Segment:
-        """The attached read-only :class:`~broker.Segment` (attaches if needed)."""
+        """The attached read-only :class:`~shmcast.broker.Segment` (attaches if needed)."""
         self._check_open()
         seg = self._segs.get(name) or self._attach(name)
         if seg is None:
@@ -255,14 +269,37 @@ class Subscriber:
 
     def updates(self, timeout: float | None = None) -> Iterator[Update]:
         """Yield an :class:`Update` per new version learnt; with a ``timeout``,
-        end after that many seconds without one."""
+        end after that many seconds without one.
+
+        Raises:
+            ClosedError: the subscriber was closed, also from another thread while
+                this one waits (it notices within :data:`WAIT_SLICE` seconds).
+        """
         self._check_open()
         if self.mode == "events":
-            yield from self._updates_events(timeout)
+            inner = self._updates_events(timeout)
         elif self.mode == "futex":
-            yield from self._updates_futex(timeout)
+            inner = self._updates_futex(timeout)
         else:
-            yield from self._updates_spin(timeout)
+            inner = self._updates_spin(timeout)
+        # The waiting and reading happen inside next(), under the I/O lock that
+        # close() takes before it tears the sockets and mappings down; the caller's
+        # own code between two updates runs without it.
+        while True:
+            with self._io:
+                if self._closed:
+                    raise ClosedError("subscriber")
+                try:
+                    update = next(inner)
+                except StopIteration:
+                    if self._closed:
+                        raise ClosedError("subscriber") from None
+                    return
+                except (zmq.ZMQError, ValueError, ShmcastError) as exc:
+                    if self._closed:
+                        raise ClosedError("subscriber") from exc
+                    raise
+            yield update
 
     def _update(self, name: str, version: int, ts: int) -> Update | None:
         st = self.stats[name]
@@ -297,7 +334,7 @@ class Subscriber:
         seg = self._segs[name]
         st = self.stats[name]
         # Waits are cut into slices so that close() from another thread is seen.
-        step = 0.1 if timeout is None else min(timeout, 0.1)
+        step = WAIT_SLICE if timeout is None else min(timeout, WAIT_SLICE)
         idle_deadline = None if timeout is None else time.monotonic() + timeout
         while not self._closed:
             got = seg.wait_acquire(st.last_version, step, spin=spin)
@@ -315,13 +352,12 @@ class Subscriber:
         if len(self.names) == 1:
             yield from self._updates_one(timeout, spin=True)
             return
-        segs = [(name, self._segs[name]._q) for name in self.names]
+        segs = [(name, self._segs[name]) for name in self.names]
         stats = [self.stats[name] for name in self.names]
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            for (name, q), st in zip(segs, stats, strict=False):
-                assert q is not None
-                if q[W_LATEST] > st.last_version:
+            for (name, seg), st in zip(segs, stats, strict=True):
+                if seg.version > st.last_version:
                     up = self._from_header(name)
                     if up is not None:
                         yield up
@@ -337,10 +373,18 @@ class Subscriber:
             yield from self._updates_one(timeout, spin=False)
             return
         segs = [self._segs[name] for name in self.names]
-        while True:
+        idle_deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._closed:
             afters = [self.stats[name].last_version for name in self.names]
-            if not wait_any(segs, afters, timeout):
-                return
+            step = WAIT_SLICE
+            if idle_deadline is not None:
+                step = min(step, max(0.0, idle_deadline - time.monotonic()))
+            if not wait_any(segs, afters, step):
+                if idle_deadline is not None and time.monotonic() >= idle_deadline:
+                    return
+                continue
+            if timeout is not None:
+                idle_deadline = time.monotonic() + timeout
             for name in self.names:
                 up = self._from_header(name)
                 if up is not None:
@@ -353,7 +397,6 @@ class Subscriber:
         assert sub is not None
         idle_deadline = None if timeout is None else time.monotonic() + timeout
         next_check = time.monotonic() + 0.25
-        next_report = time.monotonic()
         while not self._closed:
             while self._pending:
                 yield self._pending.popleft()
@@ -383,8 +426,8 @@ class Subscriber:
             if self.broker_up and now - self._last_heartbeat > self.heartbeat_timeout:
                 log.warning("broker of namespace %r is silent; polling headers", self.namespace)
                 self.broker_up = False
-            if now >= next_report:
-                next_report = now + REPORT_INTERVAL
+            if now >= self._next_report:
+                self._next_report = now + REPORT_INTERVAL
                 self._report()
             if drained and (late or not self.broker_up or now >= next_check):
                 # Cross-check the headers: a notification lost at the high-water mark
@@ -500,11 +543,21 @@ class Subscriber:
             self._client = None
 
     def close(self) -> None:
-        """Detach every segment and close the sockets. Idempotent."""
+        """Detach every segment and close the sockets. Idempotent.
+
+        Safe from another thread: a thread waiting in :meth:`updates` ends with
+        :class:`ClosedError` instead of finding its sockets gone.
+        """
         if self._closed:
             return
         self._closed = True
-        self._teardown()
+        # Wait (bounded) for a reading thread to leave its wait slice first.
+        locked = self._io.acquire(timeout=CLOSE_WAIT)
+        try:
+            self._teardown()
+        finally:
+            if locked:
+                self._io.release()
 
     def __enter__(self) -> Subscriber:
         return self

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from typing import Any, TextIO
 
 import numpy as np
 import numpy.typing as npt
 
-from broker.errors import ShmcastError, TornReadError
+from shmcast.broker.errors import ShmcastError, TornReadError
 
 from ._subscriber import Subscriber, Update
 
@@ -70,6 +72,10 @@ def process(sub: Subscriber, update: Update, *, stats: bool) -> dict[str, Any]:
     return rec
 
 
+#: Seconds between two looks at the stop event while no update arrives.
+STOP_CHECK = 0.2
+
+
 def run_worker(
     sub: Subscriber,
     out: TextIO,
@@ -79,28 +85,37 @@ def run_worker(
     quiet: bool = False,
     count: int = 0,
     timeout: float | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
-    """Consume updates; print one line each. Returns how many were handled."""
+    """Consume updates and print one line each, until ``count`` updates, ``timeout``
+    seconds without one, or ``stop`` is set. Returns how many were handled."""
     n = 0
-    for update in sub.updates(timeout=timeout):
-        rec = process(sub, update, stats=stats)
-        if quiet:
-            pass
-        elif as_json:
-            out.write(json.dumps(rec) + "\n")
-        else:
-            extra = ""
-            if "mean" in rec:
-                extra = f" mean={rec['mean']:.4g} std={rec['std']:.4g} max={rec['max']:.4g}"
-            if rec.get("torn"):
-                extra = " TORN (discarded)"
-            out.write(
-                f"{rec['segment']} v{rec['version']} latency={rec['latency_us']}us "
-                f"missed={rec['missed']}{extra}\n"
-            )
-        if not quiet:
-            out.flush()
-        n += 1
-        if count and n >= count:
+    last = time.monotonic()
+    while stop is None or not stop.is_set():
+        for update in sub.updates(timeout=STOP_CHECK):
+            last = time.monotonic()
+            _emit(process(sub, update, stats=stats), out, as_json=as_json, quiet=quiet)
+            n += 1
+            if (count and n >= count) or (stop is not None and stop.is_set()):
+                return n
+        if timeout is not None and time.monotonic() - last >= timeout:
             break
     return n
+
+
+def _emit(rec: dict[str, Any], out: TextIO, *, as_json: bool, quiet: bool) -> None:
+    if quiet:
+        return
+    if as_json:
+        out.write(json.dumps(rec) + "\n")
+    else:
+        extra = ""
+        if "mean" in rec:
+            extra = f" mean={rec['mean']:.4g} std={rec['std']:.4g} max={rec['max']:.4g}"
+        if rec.get("torn"):
+            extra = " TORN (discarded)"
+        out.write(
+            f"{rec['segment']} v{rec['version']} latency={rec['latency_us']}us "
+            f"missed={rec['missed']}{extra}\n"
+        )
+    out.flush()

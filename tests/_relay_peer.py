@@ -31,7 +31,7 @@ def _curve() -> tuple[bytes, bytes, bytes] | None:
 
 
 def publish(segment: str, n: int, rate: float, stop: threading.Event) -> None:
-    from publisher import Publisher
+    from shmcast.publisher import Publisher
 
     with Publisher(segment, dtype=np.float64, shape=(n,), curve=_curve()) as pub:
         print("peer publish ready: {}", flush=True)
@@ -45,8 +45,8 @@ def publish(segment: str, n: int, rate: float, stop: threading.Event) -> None:
 
 
 def check(segment: str, stop: threading.Event) -> None:
-    from broker._segment import Segment
-    from broker.errors import ShmcastError
+    from shmcast.broker import Segment
+    from shmcast.broker.errors import ShmcastError
 
     seg = None
     checked = bad = last = 0

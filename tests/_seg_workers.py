@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from broker import Segment, TornReadError
+from shmcast.broker import Segment, TornReadError
 
 
 def _say(line: str) -> None:

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker._names import SHM_DIR, runtime_root
-from broker._process import issued_namespaces, unique_namespace
+from shmcast.broker.client import SHM_DIR, runtime_root
+from shmcast.cli.testing import issued_namespaces, unique_namespace
 
 
 def _ours(namespace: str) -> bool:

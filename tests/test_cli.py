@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker import Broker, BrokerConfig, Segment
-from broker._cli import COMMANDS, main
-from broker.testing import start
-from publisher import Publisher
+from shmcast.broker import Broker, BrokerConfig, Segment
+from shmcast.cli._main import COMMANDS, main
+from shmcast.cli.testing import start
+from shmcast.publisher import Publisher
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,13 +158,13 @@ def test_demo_ctrl_c_exits_clean(namespace: str) -> None:
 
 
 def test_every_config_file_loads() -> None:
-    from broker._config import resolve_config
+    from shmcast.broker import resolve_config
 
     files = sorted((ROOT / "configs").iterdir())
     assert any(f.suffix == ".toml" for f in files)
     for f in files:
         if f.name == "relay.toml":
-            from broker._relay import resolve_relay_config
+            from shmcast.publisher import resolve_relay_config
 
             resolve_relay_config({}, config_file=str(f), environ={})
         elif f.suffix == ".toml":
@@ -178,7 +178,7 @@ def test_every_config_file_loads() -> None:
 
 
 def test_demo_latency_quantile_interpolates_inside_the_bucket() -> None:
-    from broker._demo import _quantile
+    from shmcast.cli._cmd_demo import _quantile
 
     cumulative = {1e-4: 10.0, 2e-4: 60.0, 5e-4: 100.0, float("inf"): 100.0}
     assert _quantile(cumulative, 0.5) == pytest.approx(1.8e-4)  # 40 of the 50 in (100, 200] us

@@ -18,11 +18,10 @@ from typing import Any
 
 import pytest
 
-from broker._cli import build_parser
-from broker._config import resolve_config
-from broker._protocol import ControlClient
-from broker._segment import segment_size
-from broker.testing import (
+from shmcast.broker import resolve_config, segment_size
+from shmcast.broker.client import ControlClient
+from shmcast.cli._main import build_parser
+from shmcast.cli.testing import (
     BROKER_READY,
     PUBLISH_READY,
     SUBSCRIBE_READY,
@@ -111,7 +110,7 @@ def test_dockerfile_is_small_non_root_with_entrypoint_and_real_healthcheck() -> 
     entry = [_exec_form(a) for w, a in ins if w == "ENTRYPOINT"]
     assert entry == [["shmcast"]]
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert re.search(r'^shmcast = "broker\._cli:main"$', pyproject, re.M)
+    assert re.search(r'^shmcast = "shmcast\.cli:main"$', pyproject, re.M)
     parser = build_parser()
     # The default command and the health check are valid shmcast command lines.
     cmd = next(_exec_form(a) for w, a in ins if w == "CMD")
@@ -276,7 +275,7 @@ def test_the_containers_command_lines_run_and_data_flows(namespace: str, tmp_pat
         # The image's HEALTHCHECK, as the broker container runs it.
         health_env = {**_env(broker_svc, namespace, ports)}
         ok = subprocess.run(
-            [sys.executable, "-m", "broker", *health_cmd[1:]],
+            [sys.executable, "-m", "shmcast.cli", *health_cmd[1:]],
             env={**_base_env(), **health_env},
             capture_output=True,
             text=True,
@@ -344,7 +343,7 @@ def test_the_containers_command_lines_run_and_data_flows(namespace: str, tmp_pat
         assert sp.proc.returncode == 0, (sp.args, sp.stderr[-10:])
     # Broker gone: the health check says so.
     bad = subprocess.run(
-        [sys.executable, "-m", "broker", "health", "--timeout", "0.5"],
+        [sys.executable, "-m", "shmcast.cli", "health", "--timeout", "0.5"],
         env={**_base_env(), **_env(broker_svc, namespace, ports)},
         capture_output=True,
         text=True,

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from broker import Broker, BrokerConfig, Segment
-from broker._cli import main
-from broker._names import SHM_DIR, object_name, runtime_dir
-from broker.testing import BROKER_READY, start
-from publisher import Publisher
+from shmcast.broker import Broker, BrokerConfig, Segment
+from shmcast.broker.client import SHM_DIR, object_name, runtime_dir
+from shmcast.cli._main import main
+from shmcast.cli.testing import BROKER_READY, start
+from shmcast.publisher import Publisher
 
 
 def _doctor(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:

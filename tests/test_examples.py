@@ -43,11 +43,10 @@ def _sample_names(collector: object) -> set[str]:
 def test_every_metric_the_readme_names_is_exported(namespace: str) -> None:
     import numpy as np
 
-    from broker import Broker, BrokerConfig
-    from broker._metrics import BrokerCollector
-    from broker._relay import Relay, RelayCollector, resolve_relay_config
-    from publisher import Publisher
-    from subscriber import Subscriber, SubscriberCollector
+    from shmcast.broker import Broker, BrokerConfig
+    from shmcast.broker._metrics import BrokerCollector
+    from shmcast.publisher import Publisher, Relay, RelayCollector, resolve_relay_config
+    from shmcast.subscriber import Subscriber, SubscriberCollector
 
     broker = Broker(BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0")).start()
     try:
@@ -60,7 +59,7 @@ def test_every_metric_the_readme_names_is_exported(namespace: str) -> None:
                 break
             relay = Relay(resolve_relay_config({"upstream": "tcp://127.0.0.1:1"}, environ={}))
             exported = (
-                _sample_names(BrokerCollector(broker))
+                _sample_names(BrokerCollector(broker.stats, broker.data_stats))
                 | _sample_names(SubscriberCollector(sub))
                 | _sample_names(RelayCollector(relay))
             )

@@ -15,18 +15,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from broker._protocol import ControlClient, Endpoints
-from broker.testing import BROKER_READY, ShmcastProcess, start, wait_for
-from publisher import Publisher
-from subscriber import Subscriber
+from shmcast.broker.client import ControlClient, Endpoints
+from shmcast.cli.testing import BROKER_READY, ShmcastProcess, start, wait_for
+from shmcast.publisher import Publisher
+from shmcast.subscriber import Subscriber
 
 SMALL_SHM_CHILD = """
     import json, sys, threading
     import numpy as np
-    from broker import Broker, BrokerConfig
-    from broker.errors import ShmSpaceError
-    from publisher import Publisher
-    from subscriber import Subscriber
+    from shmcast.broker import Broker, BrokerConfig
+    from shmcast.broker.errors import ShmSpaceError
+    from shmcast.publisher import Publisher
+    from shmcast.subscriber import Subscriber
 
     ns = sys.argv[1]
     broker = Broker(BrokerConfig(namespace=ns))

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from broker import Segment
-from broker._protocol import ControlClient, Endpoints
-from broker.testing import (
+from shmcast.broker import Segment
+from shmcast.broker.client import ControlClient, Endpoints
+from shmcast.cli.testing import (
     BROKER_READY,
     PUBLISH_READY,
     SUBSCRIBE_READY,
@@ -32,8 +32,8 @@ from broker.testing import (
     start,
     wait_for,
 )
-from publisher import Publisher
-from subscriber import Subscriber
+from shmcast.publisher import Publisher
+from shmcast.subscriber import Subscriber
 
 
 def _figures(name: str, **values: Any) -> None:
@@ -83,7 +83,7 @@ def test_publisher_sigkill_mid_write(namespace: str) -> None:
         procs.append(start(["broker"], ready=BROKER_READY))
         child = """
             import time, numpy as np
-            from publisher import Publisher
+            from shmcast.publisher import Publisher
             pub = Publisher("w", dtype="f8", shape=(4096,))
             for i in range(1, 6):
                 pub.publish(np.full(4096, float(i)))
@@ -233,7 +233,7 @@ def test_subscriber_sigkill_holding_a_view(namespace: str) -> None:
             pub.publish(np.arange(1000))
             child = """
                 import time
-                from subscriber import Subscriber
+                from shmcast.subscriber import Subscriber
                 sub = Subscriber("v", wait="futex")
                 with sub.read("v") as snap:
                     print("HOLDING", snap.version, int(snap.array.sum()), flush=True)

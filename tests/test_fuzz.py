@@ -16,13 +16,20 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import Broker, BrokerConfig, Segment
-from broker._cli import main
-from broker._names import SHM_DIR, object_name
-from broker._protocol import BROKER_TOPIC, MAX_REQUEST, ControlClient, pack, topic
-from broker.errors import NotASegmentError
-from publisher import Publisher
-from subscriber import Subscriber
+from shmcast.broker import Broker, BrokerConfig, Segment
+from shmcast.broker.client import (
+    BROKER_TOPIC,
+    MAX_REQUEST,
+    SHM_DIR,
+    ControlClient,
+    object_name,
+    pack,
+    topic,
+)
+from shmcast.broker.errors import NotASegmentError
+from shmcast.cli._main import main
+from shmcast.publisher import Publisher
+from shmcast.subscriber import Subscriber
 
 
 @pytest.fixture
@@ -63,7 +70,7 @@ class _Raw:
 def _check_no_half_made(b: Broker) -> None:
     """Every object of the namespace in /dev/shm is a whole segment the broker serves."""
     on_disk = set(Segment.list(b.namespace))
-    assert on_disk == set(b._segments), (on_disk, set(b._segments))
+    assert on_disk == set(b.catalog.names()), (on_disk, b.catalog.names())
     for name in on_disk:
         with Segment.attach(name, namespace=b.namespace):
             pass
@@ -319,8 +326,8 @@ def test_corrupted_header_attach_fails_and_broker_reclaims(
     try:
         assert b.wait_ready(10)
         assert not os.path.exists(path)  # reclaimed
-        assert sorted(b._segments) == ["fine"]  # the valid one adopted, version kept
-        assert b._segments["fine"].seg.version == 1
+        assert b.catalog.names() == ["fine"]  # the valid one adopted, version kept
+        assert b.catalog.entry("fine").seg.version == 1
     finally:
         b.stop()
         t.join(30)

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from broker import Broker, BrokerConfig
-from broker._metrics import BrokerCollector
-from broker.testing import unique_namespace
-from subscriber._metrics import SubscriberCollector
-from subscriber._subscriber import SegmentStats
+from shmcast.broker import Broker, BrokerConfig
+from shmcast.broker._metrics import BrokerCollector
+from shmcast.cli.testing import unique_namespace
+from shmcast.subscriber._metrics import SubscriberCollector
+from shmcast.subscriber._subscriber import SegmentStats
 
 from ._obs_util import ROOT
 
@@ -126,7 +126,10 @@ def _exported_metric_names() -> set[str]:
         torn_reads=lambda seg: 0,
         segment=lambda seg: (_ for _ in ()).throw(KeyError(seg)),
     )
-    collectors = [BrokerCollector(broker), SubscriberCollector(fake_sub, name="s")]  # type: ignore[arg-type]
+    collectors = [
+        BrokerCollector(broker.stats, broker.data_stats),
+        SubscriberCollector(fake_sub, name="s"),
+    ]  # type: ignore[arg-type]
     for collector in collectors:
         for family in collector.collect():
             names.update(family.name + suffix for suffix in _SUFFIXES[family.type])

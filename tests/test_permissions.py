@@ -20,13 +20,12 @@ import numpy as np
 import pytest
 import zmq
 
-from broker import Broker, BrokerConfig
-from broker._auth import curve_keypair
-from broker._names import runtime_dir
-from broker._protocol import ControlClient, ipc_path
-from broker.errors import BrokerUnavailableError
-from publisher import Publisher
-from subscriber import Subscriber
+from shmcast.broker import Broker, BrokerConfig, curve_keypair
+from shmcast.broker._protocol import ipc_path
+from shmcast.broker.client import ControlClient, runtime_dir
+from shmcast.broker.errors import BrokerUnavailableError
+from shmcast.publisher import Publisher
+from shmcast.subscriber import Subscriber
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -69,8 +68,8 @@ def test_owner_only_by_default(served: Broker, namespace: str) -> None:
 
 NOBODY_CHILD = """
     import json, sys
-    from broker import Segment
-    from broker._protocol import ControlClient
+    from shmcast.broker import Segment
+    from shmcast.broker.client import ControlClient
     ns, control = sys.argv[1], sys.argv[2]
     out = {}
     try:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from broker.testing import (
+from shmcast.cli.testing import (
     BROKER_READY,
     PUBLISH_READY,
     SUBSCRIBE_READY,
@@ -30,7 +30,7 @@ from broker.testing import (
     start,
     wait_for,
 )
-from subscriber import LATENCY_BUCKETS
+from shmcast.subscriber import LATENCY_BUCKETS
 
 from ._obs_util import ROOT, free_port
 

@@ -14,12 +14,12 @@ import urllib.request
 import numpy as np
 import pytest
 
-from broker._protocol import ControlClient
-from broker._relay import READY as RELAY_READY
-from broker._segment import Segment
-from broker.errors import SegmentError
-from broker.testing import BROKER_READY, running, unique_namespace, wait_for
-from publisher import Publisher
+from shmcast.broker import Segment
+from shmcast.broker.client import ControlClient
+from shmcast.broker.errors import SegmentError
+from shmcast.cli._cmd_relay import READY as RELAY_READY
+from shmcast.cli.testing import BROKER_READY, running, unique_namespace, wait_for
+from shmcast.publisher import Publisher
 
 
 def test_write_and_loan_take_an_explicit_version_only_forward(namespace: str) -> None:
@@ -191,7 +191,7 @@ def test_relay_never_commits_a_torn_send() -> None:
 def test_relay_re_registers_its_mirrors_with_a_restarted_local_broker() -> None:
     import signal
 
-    from broker.testing import start
+    from shmcast.cli.testing import start
 
     up_ns, down_ns = unique_namespace(), unique_namespace()
     up_env = {"SHMCAST_NAMESPACE": up_ns}

@@ -16,9 +16,9 @@ import pytest
 import zmq
 
 from bench._netns import Host, Link, two_hosts, why_no_netns
-from broker._protocol import ControlClient
-from broker._relay import READY as RELAY_READY
-from broker.testing import BROKER_READY, unique_namespace, wait_for
+from shmcast.broker.client import ControlClient
+from shmcast.cli._cmd_relay import READY as RELAY_READY
+from shmcast.cli.testing import BROKER_READY, unique_namespace, wait_for
 
 pytestmark = pytest.mark.root
 

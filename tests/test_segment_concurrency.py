@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from broker import Segment, VersionUnavailableError
+from shmcast.broker import Segment, VersionUnavailableError
 
 from ._seg_util import finish, kill, poll_until, read_line, worker
 

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from broker import LayoutError, Segment
-from broker._segment import MAX_DESCR, _describe
+from shmcast.broker import LayoutError, Segment
+from shmcast.broker._layout import MAX_DESCR, describe_dtype
 
 _names = itertools.count()
 
@@ -50,7 +50,7 @@ def _name() -> str:
 def test_any_layout_round_trips(namespace, dt, shape, seed):
     data = _random(dt, shape, seed)
     name = _name()
-    if len(_describe(dt)) > MAX_DESCR:
+    if len(describe_dtype(dt)) > MAX_DESCR:
         # The one refusal allowed for such a dtype: its description does not fit.
         with pytest.raises(LayoutError, match="too complex"):
             Segment.create(name, dt, shape)

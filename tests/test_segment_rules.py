@@ -20,14 +20,14 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from broker import (
+from shmcast.broker import (
     LayoutVersionError,
     NotASegmentError,
     Segment,
     WriterBusyError,
     segment_size,
 )
-from broker._names import shm_path
+from shmcast.broker.client import shm_path
 
 from ._seg_util import (
     ROOT,
@@ -81,8 +81,8 @@ def _unshare_problem() -> str | None:
 _SMALL_TMPFS_CHILD = """
 import json, os
 import numpy as np
-from broker import Segment, ShmSpaceError
-from broker._names import shm_path
+from shmcast.broker import Segment, ShmSpaceError
+from shmcast.broker.client import shm_path
 
 def free():
     st = os.statvfs("/dev/shm")
@@ -164,7 +164,7 @@ def test_segment_that_does_not_fit_is_a_clear_error(namespace):
 
 _READER_CHILD = """
 import sys
-from broker import Segment
+from shmcast.broker import Segment
 seg = Segment.attach("ro")
 with seg.read() as snap:
     arr = snap.array
@@ -226,7 +226,7 @@ def test_a_readers_array_cannot_be_written_in_process(namespace, removed):
 _ATTACH_AND_EXIT = """
 import multiprocessing.resource_tracker as rt
 import numpy as np
-from broker import Segment
+from shmcast.broker import Segment
 rt.ensure_running()  # a tracker that would unlink whatever got registered with it
 seg = Segment.attach("kept")
 print(float(seg.latest().array.sum()))
@@ -374,7 +374,7 @@ def test_the_template_itself_attaches(namespace):
 _CLOSE_WITH_VIEWS = """
 import gc, json, os
 import numpy as np
-from broker import Segment
+from shmcast.broker import Segment
 
 def mapped(path):
     with open("/proc/self/maps") as f:
@@ -468,7 +468,7 @@ def test_a_second_writer_in_another_process_is_refused(namespace, removed):
         seg.write(np.full(16, 1.0))
         code = textwrap.dedent(
             """
-            from broker import Segment, WriterBusyError
+            from shmcast.broker import Segment, WriterBusyError
             try:
                 Segment.attach("lease", writable=True)
             except WriterBusyError as exc:
@@ -481,7 +481,8 @@ def test_a_second_writer_in_another_process_is_refused(namespace, removed):
         assert seg.version == 1
     # The lease went with close(): now the same child becomes the writer.
     proc = run_python(
-        'from broker import Segment\nSegment.attach("lease", writable=True).close()', timeout=60
+        'from shmcast.broker import Segment\nSegment.attach("lease", writable=True).close()',
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
 

@@ -11,22 +11,21 @@ import numpy as np
 import pytest
 import zmq
 
-from broker import (
+from shmcast.broker import (
     LayoutConflictError,
     Segment,
     WriterBusyError,
 )
-from broker._names import runtime_dir
-from broker._protocol import ControlClient, pack, unpack
-from broker.testing import (
+from shmcast.broker.client import ControlClient, pack, runtime_dir, unpack
+from shmcast.cli.testing import (
     BROKER_READY,
     PUBLISH_READY,
     ShmcastProcess,
     start,
     wait_for,
 )
-from publisher import Publisher
-from subscriber import Subscriber
+from shmcast.publisher import Publisher
+from shmcast.subscriber import Subscriber
 
 
 @pytest.fixture
@@ -272,13 +271,14 @@ def msgpack_list() -> bytes:
 
 
 def test_metrics_show_what_happened(namespace: str, broker: ShmcastProcess) -> None:
-    from subscriber import serve_metrics
+    from shmcast.subscriber import serve_metrics
 
     with (
         Publisher("m", dtype="f8", shape=(4,), namespace=namespace) as pub,
         Subscriber("m", namespace=namespace) as sub,
     ):
-        url, server = serve_metrics(sub, 0, name="probe")
+        server = serve_metrics(sub, 0, name="probe")
+        url = server.url
         try:
             for _ in range(7):
                 pub.publish(np.ones(4))
@@ -291,8 +291,7 @@ def test_metrics_show_what_happened(namespace: str, broker: ShmcastProcess) -> N
             assert 'le="1e-06"' in text
             assert 'le="0.1"' in text
         finally:
-            server.shutdown()
-            server.server_close()
+            server.close()
 
         def broker_published() -> float:
             page = urllib.request.urlopen(broker.ready["metrics"], timeout=5).read().decode()

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker import Broker, BrokerConfig, ShmcastError
-from broker._protocol import ControlClient
-from broker._top import Sample, render
-from broker.testing import (
+from shmcast.broker import Broker, BrokerConfig, ShmcastError
+from shmcast.broker.client import ControlClient
+from shmcast.cli._cmd_top import Sample, render
+from shmcast.cli.testing import (
     BROKER_READY,
     PUBLISH_READY,
     SUBSCRIBE_READY,
@@ -28,6 +28,8 @@ from broker.testing import (
     start,
     wait_for,
 )
+
+SHMCAST = [sys.executable, "-m", "shmcast.cli"]
 
 SETSID = shutil.which("setsid")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -42,7 +44,7 @@ class Pty:
         # setsid -c: a new session whose controlling terminal is the pty, so that
         # Ctrl-C typed into it becomes SIGINT as on a real terminal.
         self.proc = subprocess.Popen(
-            [SETSID or "setsid", "-c", sys.executable, "-m", "broker", *args],
+            [SETSID or "setsid", "-c", sys.executable, "-m", "shmcast.cli", *args],
             stdin=slave,
             stdout=slave,
             stderr=slave,
@@ -157,7 +159,7 @@ def test_top_in_a_terminal_shows_segments_and_subscribers_and_quits(
 
 def test_top_once_without_a_terminal(namespace: str, system: dict[str, ShmcastProcess]) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "broker", "top", "-n", namespace, "--once", "--interval", "0.3"],
+        [*SHMCAST, "top", "-n", namespace, "--once", "--interval", "0.3"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -172,7 +174,7 @@ def test_top_once_without_a_terminal(namespace: str, system: dict[str, ShmcastPr
 
 def test_top_without_a_broker_says_so(namespace: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "broker", "top", "-n", namespace, "--once", "--interval", "0.2"],
+        [*SHMCAST, "top", "-n", namespace, "--once", "--interval", "0.2"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -224,9 +226,9 @@ def test_sigterm_restores_the_terminal(namespace: str, system: dict[str, Shmcast
 def test_report_table_keeps_recent_reports_and_refuses_bad_ones(
     namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import broker._broker
+    import shmcast.broker._broker as broker_module
 
-    monkeypatch.setattr(broker._broker, "REPORT_TTL", 0.5)
+    monkeypatch.setattr(broker_module, "REPORT_TTL", 0.5)
     brk = Broker(BrokerConfig(namespace=namespace)).start()
     try:
         assert brk.endpoints is not None

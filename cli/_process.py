@@ -1,6 +1,6 @@
 """shmcast commands as real processes (used by the demo and by tests).
 
-:func:`start` runs ``python -m broker <args>``, waits for its single
+:func:`start` runs ``python -m shmcast.cli <args>``, waits for its single
 ``shmcast <command> ready: {json}`` line, and raises with the captured stderr if
 the process dies first; :meth:`ShmcastProcess.stop` tears down with
 terminate -> wait -> kill. Output is drained by threads, so a chatty child
@@ -21,9 +21,6 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import IO, Any
-
-__all__ = ["ShmcastProcess", "running", "start", "unique_namespace", "wait_for"]
-
 
 _ISSUED: set[str] = set()
 
@@ -156,7 +153,7 @@ def start(
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker", *args],
+        [sys.executable, "-m", "shmcast.cli", *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -188,8 +185,3 @@ def running(
         yield sp
     finally:
         sp.stop()
-
-
-BROKER_READY = "shmcast broker ready: "
-PUBLISH_READY = "shmcast publish ready: "
-SUBSCRIBE_READY = "shmcast subscribe ready: "

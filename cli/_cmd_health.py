@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from ._names import NAMESPACE_ENV, resolve_namespace
-from ._protocol import ControlClient, Endpoints
-from .errors import ShmcastError
+from shmcast.broker.client import ControlClient, namespace_from_env, resolve_namespace
+from shmcast.broker.errors import ShmcastError
+
+from ._options import add_broker_option, broker_endpoint
 
 HELP = "check that a broker answers (exit 0) or not (exit 1): for HEALTHCHECK and probes"
 EXAMPLES = """\
@@ -20,17 +20,15 @@ examples:
 --namespace (or $SHMCAST_NAMESPACE) set, a broker of another namespace is unhealthy.
 """
 
-BROKER_ENV = "SHMCAST_BROKER"
-
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", metavar="ENDPOINT", help="broker control endpoint")
+    add_broker_option(p)
     p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the reply")
 
 
 def run(args: argparse.Namespace) -> int:
     ns = resolve_namespace(args.namespace)
-    endpoint = args.broker or os.environ.get(BROKER_ENV) or Endpoints.default(ns).control
+    endpoint = broker_endpoint(args)
     try:
         with ControlClient(endpoint, timeout=args.timeout) as client:
             hello = client.request("hello")
@@ -38,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     except ShmcastError as exc:
         print(f"shmcast health: unhealthy: {exc}", file=sys.stderr)
         return 1
-    if (args.namespace or os.environ.get(NAMESPACE_ENV)) and hello.get("namespace") != ns:
+    if (args.namespace or namespace_from_env()) and hello.get("namespace") != ns:
         print(
             f"shmcast health: unhealthy: {endpoint} serves namespace "
             f"{hello.get('namespace')!r}, not {ns!r}",

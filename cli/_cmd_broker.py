@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-import zmq
+from shmcast.broker import Broker, resolve_config
 
-from ._broker import Broker
-from ._cli import serve_in_foreground
-from ._config import resolve_config
-from .errors import ConfigError
+from ._runner import serve
 
 READY = "shmcast broker ready: "
 HELP = "run the broker: owns the namespace's segments, serves the control API, announces versions"
@@ -24,7 +20,8 @@ examples:
   shmcast broker --data tcp://10.0.0.1:5557       data stream for relays on other hosts
 
 It prints one line 'shmcast broker ready: {json}' with its endpoints when serving.
-SIGTERM/SIGINT: shut down and unlink the namespace's segments.
+SIGTERM, SIGINT (Ctrl-C) or SIGHUP (terminal closed): shut down and unlink
+the namespace's segments.
 A restarted broker adopts the valid segments a crashed one left behind.
 """
 
@@ -55,15 +52,6 @@ def run(args: argparse.Namespace) -> int:
         "mode": args.mode,
         "group": args.group,
     }
-    try:
-        config = resolve_config(flags, config_file=args.config)
-    except ConfigError as exc:
-        print(f"shmcast broker: error: {exc}", file=sys.stderr)
-        return 2
-    broker = Broker(config)
-    try:
-        serve_in_foreground(lambda ready: broker.run(on_ready=ready), broker.stop, READY)
-    except zmq.ZMQError as exc:
-        print(f"shmcast broker: error: {exc}", file=sys.stderr)
-        return 1
+    config = resolve_config(flags, config_file=args.config)  # ConfigError: exit 2
+    serve(Broker(config), READY)
     return 0

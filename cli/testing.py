@@ -1,9 +1,10 @@
 """Test helpers: run shmcast commands as real processes, unique namespaces, polling waits."""
 
-from ._process import BROKER_READY as BROKER_READY
-from ._process import PUBLISH_READY as PUBLISH_READY
-from ._process import SUBSCRIBE_READY as SUBSCRIBE_READY
+from ._cmd_broker import READY as BROKER_READY
+from ._cmd_publish import READY as PUBLISH_READY
+from ._cmd_subscribe import READY as SUBSCRIBE_READY
 from ._process import ShmcastProcess as ShmcastProcess
+from ._process import issued_namespaces as issued_namespaces
 from ._process import running as running
 from ._process import start as start
 from ._process import unique_namespace as unique_namespace
@@ -14,6 +15,7 @@ __all__ = [
     "PUBLISH_READY",
     "SUBSCRIBE_READY",
     "ShmcastProcess",
+    "issued_namespaces",
     "running",
     "start",
     "unique_namespace",

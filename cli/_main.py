@@ -1,35 +1,42 @@
 """``shmcast``: the command line, a thin layer over the libraries.
 
-Each subcommand lives in its own module exposing ``HELP`` (one line),
+Each command lives in its own module exposing ``HELP`` (one line),
 ``EXAMPLES`` (shown by ``--help``), ``configure(parser)`` and ``run(args) -> int``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import logging
-import signal
 import sys
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Any
 
-from .errors import ConfigError, InvalidNameError, ShmcastError
+from shmcast.broker.errors import ConfigError, InvalidNameError, ShmcastError
+
+from . import (
+    _cmd_broker,
+    _cmd_demo,
+    _cmd_doctor,
+    _cmd_health,
+    _cmd_ls,
+    _cmd_publish,
+    _cmd_relay,
+    _cmd_subscribe,
+    _cmd_top,
+)
 
 #: (command, module) in the order ``shmcast --help`` lists them.
-COMMANDS: tuple[tuple[str, str], ...] = (
-    ("broker", "broker._cmd_broker"),
-    ("publish", "publisher._cli"),
-    ("subscribe", "subscriber._cli"),
-    ("ls", "broker._cmd_ls"),
-    ("top", "broker._top"),
-    ("health", "broker._cmd_health"),
-    ("demo", "broker._demo"),
-    ("doctor", "broker._doctor"),
-    ("relay", "broker._relay"),
+COMMANDS: tuple[tuple[str, ModuleType], ...] = (
+    ("broker", _cmd_broker),
+    ("publish", _cmd_publish),
+    ("subscribe", _cmd_subscribe),
+    ("ls", _cmd_ls),
+    ("top", _cmd_top),
+    ("health", _cmd_health),
+    ("demo", _cmd_demo),
+    ("doctor", _cmd_doctor),
+    ("relay", _cmd_relay),
 )
 
 EPILOG = """\
@@ -45,10 +52,6 @@ Every command takes --namespace (default: $SHMCAST_NAMESPACE, else 'default').
 """
 
 
-def _modules() -> list[tuple[str, ModuleType]]:
-    return [(name, importlib.import_module(mod)) for name, mod in COMMANDS]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmcast",
@@ -57,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module in _modules():
+    for name, module in COMMANDS:
         p = sub.add_parser(
             name,
             help=module.HELP,
@@ -101,20 +104,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-def serve_in_foreground(
-    run: Callable[[Callable[[dict[str, Any]], None]], None],
-    stop: Callable[[], None],
-    ready_prefix: str,
-) -> None:
-    """Run a service until SIGTERM/SIGINT (which call ``stop``), printing its ready
-    information as the one line ``<ready_prefix>{json}``."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: stop())
-
-    def on_ready(info: dict[str, Any]) -> None:
-        print(f"{ready_prefix}{json.dumps(info)}", flush=True)
-
-    run(on_ready)

@@ -23,10 +23,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from ._cmd_health import BROKER_ENV
-from ._names import resolve_namespace
-from ._protocol import ControlClient, Endpoints
-from .errors import ShmcastError
+from shmcast.broker.client import ControlClient, resolve_namespace
+from shmcast.broker.errors import ShmcastError
+
+from ._options import add_broker_option, broker_endpoint
 
 HELP = "live view: segments, rates, subscribers' lag and latency, /dev/shm use (q quits)"
 EXAMPLES = """\
@@ -51,7 +51,7 @@ _EOS = "\x1b[J"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", metavar="ENDPOINT", help="broker control endpoint")
+    add_broker_option(p)
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
 
@@ -186,7 +186,7 @@ def _wait_key(fd: int | None, timeout: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     ns = resolve_namespace(args.namespace)
-    endpoint = args.broker or os.environ.get(BROKER_ENV) or Endpoints.default(ns).control
+    endpoint = broker_endpoint(args)
     interval = max(0.1, args.interval)
     out = sys.stdout
     with ControlClient(endpoint, timeout=min(2.0, interval * 2)) as client:

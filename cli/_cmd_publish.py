@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
-import signal
 import sys
 import threading
 import time
 
-from broker._segment import parse_dtype
+from shmcast.broker import parse_dtype
+from shmcast.broker.errors import LayoutError
+from shmcast.publisher import Publisher, make_feed
 
-from ._feeds import make_feed
-from ._publisher import Publisher
+from ._options import add_broker_option, broker_endpoint
+from ._runner import print_ready, stop_on_signals
+
+READY = "shmcast publish ready: "
+DONE = "shmcast publish done: "
 
 HELP = "publish a synthetic feed (ticks, frames or random) into a segment"
 EXAMPLES = """\
@@ -44,7 +47,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slots", type=int, default=2, help="ring size when the segment is created")
     p.add_argument("--rate", type=float, default=10.0, help="versions per second (0: flat out)")
     p.add_argument("--count", type=int, default=0, help="stop after N versions (0: never)")
-    p.add_argument("--broker", metavar="ENDPOINT", help="broker control endpoint")
+    add_broker_option(p)
     p.add_argument(
         "--no-announce",
         action="store_true",
@@ -60,24 +63,25 @@ def run(args: argparse.Namespace) -> int:
     try:
         dtype = parse_dtype(args.dtype) if args.dtype else None
         feed = make_feed(args.source, dtype, args.shape)
-    except ValueError as exc:
+    except (LayoutError, ValueError) as exc:
         print(f"shmcast publish: error: {exc}", file=sys.stderr)
         return 2
     stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-    with Publisher(
-        args.segment,
-        dtype=feed.dtype,
-        shape=feed.shape,
-        slots=args.slots,
-        namespace=args.namespace,
-        broker=args.broker,
-        announce=not args.no_announce,
-    ) as pub:
-        info = {"segment": pub.name, "namespace": pub.namespace, "version": pub.version}
-        print(f"shmcast publish ready: {json.dumps(info)}", flush=True)
+    with (
+        stop_on_signals(stop.set),
+        Publisher(
+            args.segment,
+            dtype=feed.dtype,
+            shape=feed.shape,
+            slots=args.slots,
+            namespace=args.namespace,
+            broker=broker_endpoint(args),
+            announce=not args.no_announce,
+        ) as pub,
+    ):
+        print_ready(
+            READY, {"segment": pub.name, "namespace": pub.namespace, "version": pub.version}
+        )
         period = 1.0 / args.rate if args.rate > 0 else 0.0
         start = time.monotonic()
         n = 0
@@ -102,5 +106,5 @@ def run(args: argparse.Namespace) -> int:
             "rate": round(n / elapsed, 1) if elapsed > 0 else None,
             "announcements_dropped": pub.announcements_dropped,
         }
-        print(f"shmcast publish done: {json.dumps(summary)}", flush=True)
+        print_ready(DONE, summary)
     return 0

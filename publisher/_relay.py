@@ -1,7 +1,8 @@
-"""``shmcast relay``: mirror an upstream broker's segments into this host's broker.
+"""The relay: mirror an upstream broker's segments into this host's broker.
 
-The relay connects a DEALER to an upstream broker's data stream (see
-:mod:`broker._datastream` for the messages and why they are sound), and for each
+A client of two brokers: the relay connects a DEALER to an upstream broker's
+data stream (the messages, and why they are sound, are described with the
+data stream in ``shmcast.broker``), and for each
 segment matching its patterns it acts as the local segment's publisher: it
 creates-or-gets the segment in the local broker (same name, dtype, shape and
 slots; catalog ``source`` = ``"relay:<upstream>"``), takes the writer lease, and
@@ -27,36 +28,50 @@ subscribers read it zero-copy and cannot tell it from a local segment except by
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fnmatch
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zmq
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from ._cli import serve_in_foreground
-from ._config import build_config, layer_values, load_toml
-from ._names import resolve_namespace, validate_segment_name
-from ._protocol import ControlClient, Endpoints, pack, unpack
-from ._segment import dtype_str, normalize_layout, parse_dtype
-from .errors import ConfigError, ShmcastError
+from shmcast.broker import (
+    MetricsServer,
+    Service,
+    dtype_str,
+    normalize_layout,
+    parse_dtype,
+    resolve_layers,
+    start_metrics_server,
+)
+from shmcast.broker.client import (
+    NAMESPACE_ENV,
+    ControlClient,
+    pack,
+    resolve_endpoint,
+    resolve_namespace,
+    unpack,
+    validate_namespace,
+    validate_segment_name,
+)
+from shmcast.broker.errors import ConfigError, EndpointError, ShmcastError
 
-__all__ = ["READY", "Relay", "RelayConfig", "RelayStats", "resolve_relay_config"]
+from ._publisher import Publisher
+
+__all__ = ["Relay", "RelayCollector", "RelayConfig", "RelayStats", "resolve_relay_config"]
 
 log = logging.getLogger(__name__)
 
-READY = "shmcast relay ready: "
 MAX_HEADER = 64 * 1024
 
 
@@ -72,7 +87,8 @@ class RelayConfig:
     Args:
         upstream: the upstream broker's data endpoint, ``tcp://HOST:PORT``.
         segments: fnmatch patterns of the segments to mirror.
-        namespace: the local namespace the mirrors live in.
+        namespace: the local namespace the mirrors live in (``None``:
+            ``$SHMCAST_NAMESPACE`` or ``"default"``, read when the relay is made).
         broker: the local broker's control endpoint (default: the namespace's ipc one).
         window: data messages the upstream may have in flight to us.
         heartbeat_timeout: seconds of silence before the upstream is called down
@@ -84,7 +100,7 @@ class RelayConfig:
 
     upstream: str = ""
     segments: tuple[str, ...] = ("*",)
-    namespace: str = "default"
+    namespace: str | None = None
     broker: str | None = None
     window: int = 8
     heartbeat_timeout: float | None = None
@@ -92,7 +108,7 @@ class RelayConfig:
     metrics_host: str = "127.0.0.1"
     curve_server_key: str | None = None
     curve_public_key: str | None = None
-    curve_secret_key: str | None = None
+    curve_secret_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.upstream, str) or not self.upstream.startswith(
@@ -101,7 +117,8 @@ class RelayConfig:
             raise ConfigError(
                 "upstream", f"{self.upstream!r}: give the data endpoint, tcp://HOST:PORT"
             )
-        resolve_namespace(self.namespace)
+        if self.namespace is not None:
+            validate_namespace(self.namespace)
         if not self.segments or not all(isinstance(p, str) and p for p in self.segments):
             raise ConfigError("segments", "give one or more fnmatch patterns, e.g. 'frames*'")
         if not isinstance(self.window, int) or not 1 <= self.window <= 64:
@@ -126,7 +143,7 @@ class RelayConfig:
         return f"relay:{self.upstream}"
 
 
-_ENV = {"namespace": "SHMCAST_NAMESPACE", "upstream": "SHMCAST_RELAY_UPSTREAM"}
+_ENV = {"namespace": NAMESPACE_ENV, "upstream": "SHMCAST_RELAY_UPSTREAM"}
 
 
 def resolve_relay_config(
@@ -140,13 +157,20 @@ def resolve_relay_config(
     Raises:
         ConfigError: naming the field (and the file) that is wrong.
     """
-    data: dict[str, Any] = load_toml(config_file) if config_file else {}
-    known = {f.name for f in fields(RelayConfig)}
-    values = layer_values(known, flags, _ENV, environ, data, config_file)
-    if isinstance(values.get("segments"), (list, str)):
-        seg = values["segments"]
-        values["segments"] = (seg,) if isinstance(seg, str) else tuple(seg)
-    return build_config(RelayConfig, values, config_file)
+
+    def coerce(name: str, value: Any, source: str | None) -> Any:
+        if name == "segments" and isinstance(value, (list, str)):
+            return (value,) if isinstance(value, str) else tuple(value)
+        return value
+
+    return resolve_layers(
+        RelayConfig,
+        flags,
+        env_names=_ENV,
+        config_file=config_file,
+        environ=environ,
+        coerce=coerce,
+    )
 
 
 @dataclass
@@ -154,7 +178,7 @@ class _Mirror:
     name: str
     layout: tuple[str, tuple[int, ...], int]
     created: int
-    pub: Any  # publisher.Publisher (imported lazily: broker must not import publisher early)
+    pub: Publisher
 
 
 @dataclass
@@ -182,8 +206,9 @@ class RelayStats:
     refused: dict[str, str] = field(default_factory=dict)
 
 
-class Relay:
-    """The relay service: :meth:`run` serves until :meth:`stop`.
+class Relay(Service):
+    """The relay service: :meth:`run` serves until :meth:`stop` (or :meth:`start` in a
+    thread, :meth:`close` to end it), as every shmcast service.
 
     Args:
         config: a :class:`RelayConfig`.
@@ -192,7 +217,7 @@ class Relay:
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
         self.namespace = resolve_namespace(config.namespace)
-        self._stop = threading.Event()
+        super().__init__(f"relay of {config.upstream} into namespace {self.namespace!r}")
         self._lock = threading.Lock()
         self._mirrors: dict[str, _Mirror] = {}
         self._counts: dict[str, _Counts] = {}
@@ -211,10 +236,6 @@ class Relay:
         self.metrics_url: str | None = None
 
     # ------------------------------------------------------------------ public
-
-    def stop(self) -> None:
-        """Ask :meth:`run` to return (thread- and signal-safe)."""
-        self._stop.set()
 
     @property
     def heartbeat_timeout(self) -> float:
@@ -242,11 +263,16 @@ class Relay:
 
         Raises:
             BrokerUnavailableError: the local broker does not answer.
+            EndpointError: the upstream endpoint is not a valid address.
+            ClosedError: the relay was closed, or has served already.
         """
+        super().run(on_ready)
+
+    def _serve_all(self, on_ready: Callable[[dict[str, Any]], None] | None) -> None:
         cfg = self.config
-        local_ep = cfg.broker or Endpoints.default(self.namespace).control
+        local_ep = resolve_endpoint(cfg.broker, self.namespace)
         ctx: zmq.Context[Any] = zmq.Context()
-        metrics_server: Any = None
+        metrics_server: MetricsServer | None = None
         try:
             self._local = ControlClient(local_ep, timeout=5.0, context=ctx)
             self._local_epoch = self._local.request("hello")["epoch"]
@@ -254,18 +280,18 @@ class Relay:
             if cfg.metrics_port is not None:
                 metrics_server = self._start_metrics(cfg.metrics_port, cfg.metrics_host)
             self._send_hello()
-            if on_ready is not None:
-                on_ready(
-                    {
-                        "namespace": self.namespace,
-                        "pid": os.getpid(),
-                        "upstream": cfg.upstream,
-                        "segments": list(cfg.segments),
-                        "broker": local_ep,
-                        "metrics": self.metrics_url,
-                        "curve": cfg.curve_server_key is not None,
-                    }
-                )
+            self._set_ready(
+                on_ready,
+                {
+                    "namespace": self.namespace,
+                    "pid": os.getpid(),
+                    "upstream": cfg.upstream,
+                    "segments": list(cfg.segments),
+                    "broker": local_ep,
+                    "metrics": self.metrics_url,
+                    "curve": cfg.curve_server_key is not None,
+                },
+            )
             self._serve()
         finally:
             for m in self._mirrors.values():
@@ -276,8 +302,7 @@ class Relay:
             if self._local is not None:
                 self._local.close()
             if metrics_server is not None:
-                metrics_server.shutdown()
-                metrics_server.server_close()
+                metrics_server.close()
             ctx.destroy(0)
 
     # ------------------------------------------------------------------ set-up
@@ -307,16 +332,14 @@ class Relay:
             sock.connect(cfg.upstream)
         except zmq.ZMQError as exc:
             sock.close(0)
-            raise ConfigError("upstream", f"cannot connect {cfg.upstream}: {exc}") from exc
+            raise EndpointError("upstream", cfg.upstream, exc.strerror, connect=True) from exc
         return sock
 
-    def _start_metrics(self, port: int, host: str) -> Any:
-        from prometheus_client import CollectorRegistry, start_http_server
-
+    def _start_metrics(self, port: int, host: str) -> MetricsServer:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(RelayCollector(self))
-        server, _thread = start_http_server(port, addr=host, registry=registry)
-        self.metrics_url = f"http://{host}:{server.server_port}/metrics"
+        server = start_metrics_server(registry, port, host=host)
+        self.metrics_url = server.url
         return server
 
     # ------------------------------------------------------------------ serving
@@ -527,8 +550,6 @@ class Relay:
                 self._local.request("delete", name=name)
         if self._refused.get(name) == repr(layout):
             return None
-        from publisher import Publisher
-
         try:
             pub = Publisher(
                 name,
@@ -635,50 +656,3 @@ class RelayCollector(Collector):
             lag.add_metric(labels, max(0, c.upstream_latest - c.last_version))
         yield from families.values()
         yield lag
-
-
-# ---------------------------------------------------------------------- the command
-
-HELP = "mirror an upstream broker's segments (over TCP) into this host's broker"
-EXAMPLES = """\
-examples:
-  shmcast relay --upstream tcp://10.0.0.1:5557                    every segment
-  shmcast relay --upstream tcp://10.0.0.1:5557 --segments 'frames*' ticks
-  shmcast relay --config configs/relay.toml                       CURVE keys, metrics
-
-Needs a broker of the local namespace (shmcast broker) and an upstream broker
-started with --data. Prints 'shmcast relay ready: {json}' when running.
-Catalog: relayed segments have source 'relay:<upstream>' and upstream_up.
-"""
-
-
-def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="TOML configuration (see configs/relay.toml)")
-    p.add_argument("--upstream", metavar="ENDPOINT", help="upstream data stream, tcp://HOST:PORT")
-    p.add_argument("--segments", nargs="+", metavar="PATTERN", help="fnmatch patterns (all)")
-    p.add_argument("--broker", metavar="ENDPOINT", help="local broker's control endpoint")
-    p.add_argument("--window", type=int, metavar="N", help="messages in flight (8)")
-    p.add_argument("--heartbeat-timeout", type=float, metavar="S", help="silence = down")
-    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
-    p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (127.0.0.1)")
-
-
-def run(args: argparse.Namespace) -> int:
-    flags = {
-        "namespace": args.namespace,
-        "upstream": args.upstream,
-        "segments": args.segments,
-        "broker": args.broker,
-        "window": args.window,
-        "heartbeat_timeout": args.heartbeat_timeout,
-        "metrics_port": args.metrics_port,
-        "metrics_host": args.metrics_host,
-    }
-    try:
-        config = resolve_relay_config(flags, config_file=args.config)
-    except ConfigError as exc:
-        print(f"shmcast relay: error: {exc}", file=sys.stderr)
-        return 2
-    relay = Relay(config)
-    serve_in_foreground(lambda ready: relay.run(on_ready=ready), relay.stop, READY)
-    return 0

@@ -7,10 +7,11 @@ import json
 import time
 from typing import Any
 
-from ._names import resolve_namespace
-from ._protocol import ControlClient, Endpoints
-from ._segment import Segment
-from .errors import BrokerUnavailableError, ShmcastError
+from shmcast.broker import Segment
+from shmcast.broker.client import ControlClient, resolve_namespace
+from shmcast.broker.errors import BrokerUnavailableError, ShmcastError
+
+from ._options import add_broker_option, broker_endpoint
 
 HELP = "list a namespace's segments: dtype, shape, slots, version, rate, age"
 EXAMPLES = """\
@@ -25,15 +26,14 @@ Without a live broker it reads the segments' headers in /dev/shm directly.
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--broker", metavar="ENDPOINT", help="broker control endpoint")
+    add_broker_option(p)
     p.add_argument(
         "--interval", type=float, default=0.5, help="seconds to sample for the rate (0: skip)"
     )
 
 
-def catalog(namespace: str, broker: str | None, timeout: float = 1.0) -> tuple[str, list[Any]]:
-    """``(source, segments)`` from the broker, or from /dev/shm if none answers."""
-    endpoint = broker or Endpoints.default(namespace).control
+def catalog(namespace: str, endpoint: str, timeout: float = 1.0) -> tuple[str, list[Any]]:
+    """``(source, segments)`` from the broker at ``endpoint``, or from /dev/shm if none answers."""
     try:
         with ControlClient(endpoint, timeout=timeout) as client:
             return "broker", list(client.request("list")["segments"])
@@ -53,10 +53,11 @@ def catalog(namespace: str, broker: str | None, timeout: float = 1.0) -> tuple[s
 
 def run(args: argparse.Namespace) -> int:
     ns = resolve_namespace(args.namespace)
-    source, rows = catalog(ns, args.broker)
+    endpoint = broker_endpoint(args)
+    source, rows = catalog(ns, endpoint)
     if args.interval > 0 and rows:
         time.sleep(args.interval)
-        _, later = catalog(ns, args.broker)
+        _, later = catalog(ns, endpoint)
         after = {r["name"]: r.get("version", 0) for r in later}
         for r in rows:
             r["rate"] = round((after.get(r["name"], 0) - r.get("version", 0)) / args.interval, 1)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
-import signal
 import sys
 import threading
 
-from ._metrics import serve_metrics
-from ._subscriber import Subscriber, WaitMode
-from ._worker import run_worker
+from shmcast.subscriber import Subscriber, WaitMode, run_worker, serve_metrics
+
+from ._options import add_broker_option, broker_endpoint
+from ._runner import print_ready, stop_on_signals
+
+READY = "shmcast subscribe ready: "
+DONE = "shmcast subscribe done: "
 
 HELP = "subscribe to segments: print updates, compute stats in place, export metrics"
 EXAMPLES = """\
@@ -47,30 +49,30 @@ def configure(p: argparse.ArgumentParser) -> None:
         default="subscriber",
         help="'subscriber' label of the metrics, and the name `shmcast top` shows",
     )
-    p.add_argument("--broker", metavar="ENDPOINT", help="broker control endpoint")
+    add_broker_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
     wait: WaitMode = "spin" if args.spin else args.wait
     stop = threading.Event()
-    with Subscriber(
-        args.segments, namespace=args.namespace, broker=args.broker, wait=wait, name=args.name
-    ) as sub:
-        url = server = None
+    broker = broker_endpoint(args) if wait == "events" else None
+    with (
+        stop_on_signals(stop.set),
+        Subscriber(
+            args.segments, namespace=args.namespace, broker=broker, wait=wait, name=args.name
+        ) as sub,
+    ):
+        server = None
         if args.metrics_port is not None:
-            url, server = serve_metrics(
-                sub, args.metrics_port, host=args.metrics_host, name=args.name
-            )
-        if threading.current_thread() is threading.main_thread():
-
-            def on_signal(signum: int, frame: object) -> None:
-                stop.set()
-                raise KeyboardInterrupt
-
-            signal.signal(signal.SIGTERM, on_signal)
-        ready = {"segments": sub.names, "namespace": sub.namespace, "wait": wait, "metrics": url}
-        print(f"shmcast subscribe ready: {json.dumps(ready)}", file=sys.stderr, flush=True)
+            server = serve_metrics(sub, args.metrics_port, host=args.metrics_host, name=args.name)
         try:
+            ready = {
+                "segments": sub.names,
+                "namespace": sub.namespace,
+                "wait": wait,
+                "metrics": server.url if server is not None else None,
+            }
+            print_ready(READY, ready, stream=sys.stderr)
             run_worker(
                 sub,
                 sys.stdout,
@@ -79,13 +81,11 @@ def run(args: argparse.Namespace) -> int:
                 quiet=args.quiet,
                 count=args.count,
                 timeout=args.timeout,
+                stop=stop,
             )
-        except KeyboardInterrupt:
-            pass
         finally:
             if server is not None:
-                server.shutdown()
-                server.server_close()
+                server.close()
         done = {
             name: {
                 "updates": st.updates,
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             }
             for name, st in sub.stats.items()
         }
-        print(f"shmcast subscribe done: {json.dumps(done)}", file=sys.stderr, flush=True)
+        print_ready(DONE, done, stream=sys.stderr)
     return 0
 
 

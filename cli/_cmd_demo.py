@@ -10,15 +10,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import threading
 import time
 import urllib.request
 from typing import Any
 
-from ._names import resolve_namespace
-from ._process import BROKER_READY, PUBLISH_READY, SUBSCRIBE_READY, ShmcastProcess, start
-from ._protocol import ControlClient
-from ._segment import Segment
-from .errors import ShmcastError
+from shmcast.broker import Segment
+from shmcast.broker.client import ControlClient, resolve_namespace
+from shmcast.broker.errors import ShmcastError
+
+from ._cmd_broker import READY as BROKER_READY
+from ._cmd_publish import READY as PUBLISH_READY
+from ._cmd_subscribe import READY as SUBSCRIBE_READY
+from ._process import ShmcastProcess, start
+from ._runner import stop_on_signals
 
 HELP = "run a broker, two feeds and three analytics subscribers, with a live table"
 EXAMPLES = """\
@@ -28,6 +33,8 @@ examples:
   shmcast demo -n mydemo --tick-rate 5000 --frame-rate 200
 
 Prints the Prometheus URLs of the broker and of each subscriber at start.
+SIGTERM, SIGINT (Ctrl-C) or SIGHUP (terminal closed) stop every process and
+leave nothing in /dev/shm.
 """
 
 SUBSCRIBERS = (
@@ -123,6 +130,12 @@ def _render(
 
 def run(args: argparse.Namespace) -> int:
     ns = resolve_namespace(args.namespace)
+    stop = threading.Event()
+    with stop_on_signals(stop.set):
+        return _run(args, ns, stop)
+
+
+def _run(args: argparse.Namespace, ns: str, stop: threading.Event) -> int:
     procs: list[ShmcastProcess] = []
     tty = sys.stdout.isatty()
     try:
@@ -168,7 +181,9 @@ def run(args: argparse.Namespace) -> int:
         last_t = start_t
         try:
             while args.duration <= 0 or time.monotonic() - start_t < args.duration:
-                time.sleep(args.refresh)
+                if stop.wait(args.refresh):
+                    print("\nstopping", flush=True)
+                    break
                 now = time.monotonic()
                 rows = client.request("list")["segments"]
                 for r in rows:

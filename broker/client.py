@@ -1,0 +1,181 @@
+"""The client side of a broker: what publishers, subscribers, relays and tools use.
+
+- :class:`ControlClient`: requests to a broker's control endpoint, with timeouts.
+- :class:`Endpoints` and :func:`resolve_endpoint`: where a namespace's broker listens.
+- :func:`resolve_namespace`: ``None`` means ``$SHMCAST_NAMESPACE``, else ``"default"``
+  (the one place the environment is read, at call time).
+- Names and places: :func:`shm_path` of a segment's object in :data:`SHM_DIR`,
+  :func:`runtime_dir` of a namespace (its sockets and lock).
+- The announcement wire format: :func:`topic`, :data:`BROKER_TOPIC`, :func:`unpack`.
+
+Every name here is public; nothing outside ``shmcast.broker`` imports its
+private modules.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from ._names import (
+    DEFAULT_NAMESPACE,
+    NAMESPACE_ENV,
+    SHM_DIR,
+    namespace_from_env,
+    object_name,
+    resolve_namespace,
+    runtime_dir,
+    runtime_root,
+    shm_path,
+    validate_namespace,
+    validate_segment_name,
+)
+from ._protocol import BROKER_TOPIC, MAX_REQUEST, pack, raise_remote, topic, unpack
+from .errors import BrokerUnavailableError, ClosedError
+
+__all__ = [
+    "BROKER_TOPIC",
+    "DEFAULT_NAMESPACE",
+    "MAX_REQUEST",
+    "NAMESPACE_ENV",
+    "SHM_DIR",
+    "ControlClient",
+    "Endpoints",
+    "namespace_from_env",
+    "object_name",
+    "pack",
+    "resolve_endpoint",
+    "resolve_namespace",
+    "runtime_dir",
+    "runtime_root",
+    "shm_path",
+    "topic",
+    "unpack",
+    "validate_namespace",
+    "validate_segment_name",
+]
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where a namespace's broker listens."""
+
+    control: str
+    events: str
+
+    @classmethod
+    def default(cls, namespace: str) -> Endpoints:
+        d = runtime_dir(namespace)
+        return cls(control=f"ipc://{d}/control.sock", events=f"ipc://{d}/events.sock")
+
+
+def resolve_endpoint(broker: str | None, namespace: str) -> str:
+    """The control endpoint to use: ``broker`` when given, else the namespace's ipc one."""
+    return broker or Endpoints.default(namespace).control
+
+
+class ControlClient:
+    """A DEALER connection to a broker's control endpoint (requests with timeouts).
+
+    Args:
+        endpoint: the broker's control endpoint.
+        timeout: seconds to wait for each reply.
+        context: the ZeroMQ context (the process-wide one by default).
+        curve: optional ``(server_public, client_public, client_secret)`` keys (z85).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        timeout: float = 5.0,
+        context: zmq.Context[Any] | None = None,
+        curve: tuple[bytes, bytes, bytes] | None = None,
+    ) -> None:
+        self._closed = True
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._curve = curve
+        sock = self._new_socket(context or zmq.Context.instance())
+        self._sock = sock
+        self._ids = itertools.count(1)
+        self.dropped = 0
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def request(self, op: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        """Send a request and return the reply map.
+
+        Raises:
+            BrokerUnavailableError: no reply within the timeout.
+            ShmcastError: the broker's error, rebuilt (see :func:`raise_remote`).
+        """
+        if self._closed:
+            raise ClosedError(f"control connection to {self.endpoint}")
+        rid = next(self._ids)
+        wait = self.timeout if timeout is None else timeout
+        self._sock.send(pack({"op": op, "id": rid, **fields}))
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                if time.monotonic() >= deadline:
+                    # The request may still sit in our queue: drop the socket's backlog
+                    # by reconnecting so a late broker does not see stale requests.
+                    self._reconnect()
+                    raise BrokerUnavailableError(self.endpoint, wait)
+                continue
+            reply = unpack(self._sock.recv(), limit=64 * 2**20)
+            if reply.get("id") != rid:
+                continue  # a late reply to an earlier, timed-out request
+            if not reply.get("ok"):
+                raise_remote(reply)
+            return reply
+
+    def send(self, op: str, **fields: Any) -> bool:
+        """Fire and forget (``commit``); never blocks. Returns False when dropped."""
+        if self._closed:
+            raise ClosedError(f"control connection to {self.endpoint}")
+        try:
+            self._sock.send(pack({"op": op, **fields}), zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        return True
+
+    def _new_socket(self, ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
+        sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        if self._curve is not None:
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self._curve
+        try:
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise BrokerUnavailableError(self.endpoint, 0) from exc
+        return sock
+
+    def _reconnect(self) -> None:
+        ctx = self._sock.context
+        self._sock.close(0)
+        self._sock = self._new_socket(ctx)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._sock.close(0)
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,57 @@
+"""``shmcast doctor``: run the checks of :func:`shmcast.broker.diagnose` and print them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from shmcast.broker import OK, PROBLEM, diagnose
+from shmcast.broker.client import namespace_from_env
+
+HELP = "check /dev/shm, orphaned segments, permissions and limits; say how to fix each"
+EXAMPLES = """\
+examples:
+  shmcast doctor                                  every namespace of this user
+  shmcast doctor --config configs/broker.toml     does /dev/shm hold the declared segments?
+  shmcast doctor --namespace lab --fix            unlink the objects a dead broker left
+  shmcast doctor --json --subscribers 500         machine-readable; size the fd limit for 500
+
+Exit code 0: all OK (warnings allowed); 1: problems found (each with what to do).
+"""
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="broker TOML config: check its segments fit")
+    p.add_argument("--fix", action="store_true", help="unlink orphaned and invalid objects")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.add_argument(
+        "--subscribers",
+        type=int,
+        default=256,
+        metavar="N",
+        help="subscribers the broker should hold (sizes the open-files check; default 256)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    namespace = args.namespace or namespace_from_env()
+    checks = diagnose(
+        namespace=namespace,
+        config_file=args.config,
+        fix=args.fix,
+        subscribers=args.subscribers,
+    )
+    failed = any(c.status == PROBLEM for c in checks)
+    if args.json:
+        report: dict[str, Any] = {"ok": not failed, "checks": [asdict(c) for c in checks]}
+        print(json.dumps(report, indent=2))
+    else:
+        for c in checks:
+            print(f"{c.status.upper():8} {c.check:12} {c.message}")
+            if c.fix and c.status != OK:
+                print(f"{'':8} {'':12} -> {c.fix}")
+        print("doctor: problems found" if failed else "doctor: all OK", file=sys.stderr)
+    return 1 if failed else 0

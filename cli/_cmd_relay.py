@@ -1,0 +1,49 @@
+"""``shmcast relay``: mirror an upstream broker's segments into this host's broker."""
+
+from __future__ import annotations
+
+import argparse
+
+from shmcast.publisher import Relay, resolve_relay_config
+
+from ._runner import serve
+
+READY = "shmcast relay ready: "
+HELP = "mirror an upstream broker's segments (over TCP) into this host's broker"
+EXAMPLES = """\
+examples:
+  shmcast relay --upstream tcp://10.0.0.1:5557                    every segment
+  shmcast relay --upstream tcp://10.0.0.1:5557 --segments 'frames*' ticks
+  shmcast relay --config configs/relay.toml                       CURVE keys, metrics
+
+Needs a broker of the local namespace (shmcast broker) and an upstream broker
+started with --data. Prints 'shmcast relay ready: {json}' when running.
+Catalog: relayed segments have source 'relay:<upstream>' and upstream_up.
+"""
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (see configs/relay.toml)")
+    p.add_argument("--upstream", metavar="ENDPOINT", help="upstream data stream, tcp://HOST:PORT")
+    p.add_argument("--segments", nargs="+", metavar="PATTERN", help="fnmatch patterns (all)")
+    p.add_argument("--broker", metavar="ENDPOINT", help="local broker's control endpoint")
+    p.add_argument("--window", type=int, metavar="N", help="messages in flight (8)")
+    p.add_argument("--heartbeat-timeout", type=float, metavar="S", help="silence = down")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
+    p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (127.0.0.1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    flags = {
+        "namespace": args.namespace,
+        "upstream": args.upstream,
+        "segments": args.segments,
+        "broker": args.broker,
+        "window": args.window,
+        "heartbeat_timeout": args.heartbeat_timeout,
+        "metrics_port": args.metrics_port,
+        "metrics_host": args.metrics_host,
+    }
+    config = resolve_relay_config(flags, config_file=args.config)  # ConfigError: exit 2
+    serve(Relay(config), READY)
+    return 0

@@ -1,0 +1,31 @@
+"""Options several commands share, and how the command line resolves them.
+
+The libraries read one environment variable (``SHMCAST_NAMESPACE``, when a
+namespace is not given); the command line adds ``SHMCAST_BROKER``, the broker's
+control endpoint, as the default of every ``--broker``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from shmcast.broker.client import resolve_endpoint, resolve_namespace
+
+__all__ = ["BROKER_ENV", "add_broker_option", "broker_endpoint"]
+
+BROKER_ENV = "SHMCAST_BROKER"
+
+
+def add_broker_option(p: argparse.ArgumentParser, what: str = "the broker's") -> None:
+    p.add_argument(
+        "--broker",
+        metavar="ENDPOINT",
+        help=f"{what} control endpoint (default: ${BROKER_ENV}, else the namespace's ipc endpoint)",
+    )
+
+
+def broker_endpoint(args: argparse.Namespace) -> str:
+    """``--broker``, else ``$SHMCAST_BROKER``, else the namespace's ipc endpoint."""
+    explicit = args.broker or os.environ.get(BROKER_ENV) or None
+    return resolve_endpoint(explicit, resolve_namespace(args.namespace))

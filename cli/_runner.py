@@ -1,0 +1,56 @@
+"""The foreground runner: how every long-running command meets the signals.
+
+``shmcast broker``, ``relay``, ``publish``, ``subscribe`` and ``demo`` run until
+SIGTERM (a service manager, ``docker stop``), SIGINT (Ctrl-C) or SIGHUP (the
+terminal closed): all three ask the command to stop, and it then shuts down
+cleanly through its ``finally`` blocks, the same way each time. A second signal
+does not cut the shutdown short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+__all__ = ["STOP_SIGNALS", "ServiceLike", "print_ready", "serve", "stop_on_signals"]
+
+#: The signals that stop a foreground command.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class ServiceLike(Protocol):
+    def run(self, on_ready: Callable[[dict[str, Any]], None] | None = None) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
+    """Inside the block, SIGTERM, SIGINT and SIGHUP call ``stop()``; the previous
+    handlers come back after it. Outside the main thread (tests calling ``main``
+    from a thread) signals cannot be handled there, and nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop()) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def print_ready(prefix: str, info: dict[str, Any], *, stream: Any = None) -> None:
+    """The one ready line a command prints once it serves: ``<prefix>{json}``."""
+    print(f"{prefix}{json.dumps(info)}", file=stream or sys.stdout, flush=True)
+
+
+def serve(service: ServiceLike, ready_prefix: str) -> None:
+    """Run ``service`` in this thread until a stop signal, printing its ready line."""
+    with stop_on_signals(service.stop):
+        service.run(on_ready=lambda info: print_ready(ready_prefix, info))
