@@ -56,6 +56,7 @@ from .errors import SegmentExistsError as SegmentExistsError
 from .errors import SegmentNotFoundError as SegmentNotFoundError
 from .errors import ShmcastError as ShmcastError
 from .errors import ShmSpaceError as ShmSpaceError
+from .errors import SlotStuckError as SlotStuckError
 from .errors import TornReadError as TornReadError
 from .errors import VersionUnavailableError as VersionUnavailableError
 from .errors import WriterBusyError as WriterBusyError
@@ -99,6 +100,7 @@ __all__ = [
     "Service",
     "ShmSpaceError",
     "ShmcastError",
+    "SlotStuckError",
     "Snapshot",
     "TornReadError",
     "VersionUnavailableError",

@@ -1,31 +1,43 @@
 """The segment format: the header spec byte by byte, its sizes, and the dtype codec.
 
-Layout (layout version 1, all integers little-endian, one object per segment at
+Layout (layout version 2, all integers little-endian, one object per segment at
 ``/dev/shm/shmcast.<namespace>.<segment>``)::
 
     header block, HEADER_SIZE(K) = round_up(SLOT_CTL + 64*K, 4096) bytes
-      byte   0  u64  magic  b"SHMCAST\\0"      written last at create: a half-made
+      byte   0  u64  magic  b"SHMCAST\\0"     written last at create: a half-made
                                               object never looks valid
-      byte   8  u64  layout version (1)
+      byte   8  u64  layout version (2)
       byte  16  u64  header size
       byte  24  u64  K, the number of slots (2..64)
       byte  32  u64  slot stride (bytes, a multiple of 4096)
       byte  40  u64  nbytes, the array's size
       byte  48  u64  epoch (random id of the broker or process that created it)
-      byte  56  u64  created, ns since the Unix epoch
+      byte  56  u64  created, ns since the Unix epoch (CLOCK_REALTIME)
       byte  64  u64  latest committed version (0: none yet)     <- seqlock publish word
       byte  72  u64  writer pid (0: no writer)
       byte  80  u64  writer start time (clock ticks since boot, /proc/PID/stat 22)
-      byte  88  u64  writer heartbeat, ns (updated at every commit)
+      byte  88  u64  writer heartbeat, CLOCK_MONOTONIC ns (every commit, or heartbeat())
       byte  96  u32  notify word (futex; +1 at every commit)
+      byte 100  u32  waiters: processes that may sleep on the notify word
       byte 104  u64  dtype description length (bytes)
       byte 112  u64  ndim
       byte 120  u64  shape[0..ndim), at most 16 dims (ends at byte 248)
-      byte 256  ...  dtype description: repr() of numpy.lib.format.dtype_to_descr, ASCII,
-                     at most 1792 bytes (ends at byte 2048)
+      byte 248  u64  incarnation: a random non-zero id drawn at each creation, so that
+                     a segment deleted and created again under its name is told apart
+      byte 256  u64  latest slot: the slot that holds the latest version (K-1 before
+                     the first, so that the first write goes to slot 0)
+      byte 264  ...  reserved (zero) up to byte 512
+      byte 512  ...  dtype description: ascii() of numpy.lib.format.dtype_to_descr,
+                     at most 1536 bytes (ends at byte 2048)
       byte 2048 K x 64-byte slot control lines, one cache line each:
-                     u64 seq (odd while being written), u64 version, u64 commit ns
+                     +0  u64 seq (odd while being written)
+                     +8  u64 version held (0: none)
+                     +16 u64 commit time, CLOCK_REALTIME ns (across hosts, records)
+                     +24 u64 commit time, CLOCK_MONOTONIC ns (durations on this host)
     slot i data at HEADER_SIZE + i * stride, page aligned, nbytes long
+
+Versions are at most :data:`MAX_VERSION` (2**63 - 1): they travel as signed
+64-bit integers in msgpack, and a header claiming more is corrupt.
 
 Every word is naturally aligned; each slot's control line is a cache line of its
 own, so a reader polling one slot does not share a line with the writer's next.
@@ -63,14 +75,15 @@ __all__ = [
 ]
 
 MAGIC = int.from_bytes(b"SHMCAST\0", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 PAGE = 4096
 MAX_SLOTS = 64
 MAX_NDIM = 16
-MAX_DESCR = 1792
-DESCR_OFF = 256
+MAX_DESCR = 1536
+DESCR_OFF = 512
 SLOT_CTL = 2048
 SLOT_CTL_SIZE = 64
+MAX_VERSION = 2**63 - 1
 
 # Header word indices (byte offset / 8).
 W_MAGIC = 0
@@ -87,9 +100,24 @@ W_WRITER_START = 10
 W_HEARTBEAT = 11
 NOTIFY_OFF = 96  # u32 futex word
 NOTIFY_IDX = NOTIFY_OFF // 4  # its index in the u32 view
+WAITERS_OFF = 100  # u32 count of possible sleepers
+WAITERS_IDX = WAITERS_OFF // 4
 W_DESCR_LEN = 13
 W_NDIM = 14
 W_SHAPE = 15
+W_INCARNATION = 31
+W_LATEST_SLOT = 32
+
+# Slot control line word offsets (from the line's first word).
+S_SEQ = 0
+S_VERSION = 1
+S_WALL = 2
+S_MONO = 3
+
+
+def slot_ctl_index(slot: int) -> int:
+    """The index of ``slot``'s control line (its seq word) in the header's u64 view."""
+    return (SLOT_CTL + SLOT_CTL_SIZE * slot) // 8
 
 
 def _round_up(n: int, to: int) -> int:
@@ -235,7 +263,7 @@ def read_header(
         if time.monotonic() >= deadline:
             raise NotASegmentError(name, path, "header never completed (creator died?)")
         time.sleep(0.005)
-    w = [int.from_bytes(head[8 * k : 8 * k + 8], "little") for k in range(W_SHAPE + MAX_NDIM)]
+    w = [int.from_bytes(head[8 * k : 8 * k + 8], "little") for k in range(W_LATEST_SLOT + 1)]
     layout = w[W_LAYOUT]
     if layout != LAYOUT_VERSION:
         raise LayoutVersionError(name, layout, LAYOUT_VERSION)
@@ -247,6 +275,10 @@ def read_header(
         raise NotASegmentError(name, path, "header and slot sizes do not match the layout")
     if ndim > MAX_NDIM or not 0 < dlen <= MAX_DESCR:
         raise NotASegmentError(name, path, "impossible dtype description or ndim")
+    if w[W_INCARNATION] == 0 or w[W_LATEST_SLOT] >= slots:
+        raise NotASegmentError(name, path, "no incarnation id or an impossible latest slot")
+    if w[W_LATEST] > MAX_VERSION:
+        raise NotASegmentError(name, path, f"impossible latest version {w[W_LATEST]}")
     expected = hsize + slots * stride
     if size != expected:
         raise NotASegmentError(name, path, f"object is {size} bytes, header says {expected}")

@@ -116,13 +116,16 @@ class BrokerCollector(Collector):
             "1 while a process holds the segment's writer lease",
             labels=["namespace", "segment"],
         )
-        now = time.time_ns()
+        now = time.monotonic_ns()
+        created_now = time.time_ns()
         for info in st.segments:
             labels = [ns, info.name]
             published.add_metric(labels, st.published.get(info.name, 0))
             version.add_metric(labels, info.version)
-            ref = info.timestamp_ns or info.created_ns
-            age.add_metric(labels, max(0.0, (now - ref) / 1e9))
+            seconds = info.age_s(now)  # monotonic: a clock step neither fires nor hides it
+            if seconds is None:  # nothing published yet: the age of the segment itself
+                seconds = max(0.0, (created_now - info.created_ns) / 1e9)
+            age.add_metric(labels, seconds)
             size.add_metric(labels, info.size)
             writer.add_metric(labels, 1.0 if info.writer_alive else 0.0)
         yield published

@@ -4,12 +4,21 @@ The byte layout is :mod:`._layout`'s; the writer's lease is :mod:`._lease`'s;
 the futex is :mod:`._futex`'s.
 
 Writing version v (one writer, holding the lease = an exclusive flock on the
-object, which the kernel drops when the writer dies): slot = v mod K; seq := odd;
-copy the bytes; version, time; seq := even; latest := v; notify += 1; futex wake.
+object, which the kernel drops when the writer dies): the slot is the one after
+the latest version's, i = (latest slot + 1) mod K, never the latest's own, whatever
+v is (a relay skips versions; a loan may be aborted); seq := odd; copy the bytes;
+version, commit times; seq := even; latest slot := i; latest := v; notify += 1;
+futex wake.
 
-Reading: v := latest; slot = v mod K; s := seq (must be even) and the slot's
-version must be v; hand out a read-only view; on release seq must still be s,
-otherwise the read was torn and is reported as such, never as data.
+Reading the latest: v := latest; i := latest slot; s := seq of slot i (must be
+even) and the slot's version must be v, else the writer moved on between the
+loads and the reader looks again; hand out a read-only view; on release seq must
+still be s, otherwise the read was torn and is reported as such, never as data.
+Reading an exact version v: the slot whose version is v (a scan of the K control
+lines), validated the same way; gone from the ring is VersionUnavailableError.
+No reader loops without bound: after MAX_RETRIES inconsistent looks it reports
+SlotStuckError (a writer died in the middle of a slot that the header still
+names, or something writes outside the protocol).
 
 Memory ordering: every shared word is an aligned 8-byte (or 4-byte) value, read
 and written through ``memoryview.cast`` indexing, which CPython compiles to one
@@ -33,6 +42,7 @@ import mmap
 import os
 import platform
 import secrets
+import stat
 import time
 import warnings
 from collections.abc import Iterator
@@ -48,16 +58,20 @@ from ._layout import (
     LAYOUT_VERSION,
     MAGIC,
     MAX_SLOTS,
+    MAX_VERSION,
     NOTIFY_IDX,
     NOTIFY_OFF,
-    SLOT_CTL,
-    SLOT_CTL_SIZE,
+    S_MONO,
+    S_VERSION,
+    S_WALL,
     W_CREATED,
     W_DESCR_LEN,
     W_EPOCH,
     W_HEADER_SIZE,
     W_HEARTBEAT,
+    W_INCARNATION,
     W_LATEST,
+    W_LATEST_SLOT,
     W_LAYOUT,
     W_MAGIC,
     W_NBYTES,
@@ -75,6 +89,7 @@ from ._layout import (
     read_header,
     segment_size,
     shm_free,
+    slot_ctl_index,
     slot_stride,
 )
 from ._lease import ProcessId, lease_held, take_lease
@@ -83,12 +98,15 @@ from .errors import (
     ArrayMismatchError,
     ClosedError,
     LayoutError,
+    NotASegmentError,
     NoVersionError,
     ReadOnlyError,
     SegmentError,
     SegmentExistsError,
     SegmentNotFoundError,
+    ShmcastError,
     ShmSpaceError,
+    SlotStuckError,
     TornReadError,
     VersionUnavailableError,
 )
@@ -99,16 +117,27 @@ log = logging.getLogger(__name__)
 
 #: CPUs whose memory model (TSO) makes the plain loads and stores of this seqlock sound.
 SUPPORTED_MACHINES = ("x86_64", "AMD64")
+#: Inconsistent looks at the header a reader takes before it reports SlotStuckError
+#: (a writer between two loads costs one; a thousand in a row is not a writer at work).
+MAX_RETRIES = 1000
+#: Open flags: never follow a symlink planted under a segment's name.
+_OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One version of a segment as read: zero-copy and read-only inside ``read()``."""
+    """One version of a segment as read: zero-copy and read-only inside ``read()``.
+
+    ``timestamp_ns`` is the commit time on the wall clock (comparable across
+    hosts); ``monotonic_ns`` the same instant on this host's monotonic clock,
+    for durations (latency, staleness) that a clock step must not bend.
+    """
 
     segment: str
     version: int
     timestamp_ns: int
     array: npt.NDArray[Any]
+    monotonic_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,9 +158,22 @@ class SegmentInfo:
     writer_pid: int
     writer_alive: bool
     heartbeat_ns: int
+    incarnation: int = 0
+    monotonic_ns: int = 0
+
+    def age_s(self, now_monotonic_ns: int | None = None) -> float | None:
+        """Seconds since the latest commit, on this host's monotonic clock (None: none yet)."""
+        if not self.version or not self.monotonic_ns:
+            return None
+        now = time.monotonic_ns() if now_monotonic_ns is None else now_monotonic_ns
+        return max(0.0, (now - self.monotonic_ns) / 1e9)
 
     def catalog_entry(self) -> dict[str, Any]:
-        """The catalog's view of this header (``list``/``describe`` replies, ``shmcast ls``)."""
+        """The catalog's view of this header (``list``/``describe`` replies, ``shmcast ls``).
+
+        ``ts`` is the latest commit on the wall clock; ``age`` the seconds since it,
+        measured on the monotonic clock of the host that answers.
+        """
         return {
             "name": self.name,
             "dtype": self.dtype,
@@ -144,7 +186,8 @@ class SegmentInfo:
             "created": self.created_ns,
             "writer_pid": self.writer_pid,
             "writer_alive": self.writer_alive,
-            "heartbeat": self.heartbeat_ns,
+            "incarnation": self.incarnation,
+            "age": self.age_s(),
         }
 
 
@@ -208,7 +251,7 @@ class Segment:
         if free is not None and size > free:  # refuse before making anything
             raise ShmSpaceError(name, size, free, SHM_DIR)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, mode)
         except FileExistsError:
             raise SegmentExistsError(name, ns) from None
         try:
@@ -234,6 +277,8 @@ class Segment:
             q[W_NBYTES] = nbytes
             q[W_EPOCH] = secrets.randbits(63) if epoch is None else epoch
             q[W_CREATED] = time.time_ns()
+            q[W_INCARNATION] = secrets.randbits(63) | 1  # never 0: 0 means "no header yet"
+            q[W_LATEST_SLOT] = slots - 1  # the first write goes to slot 0
             q[W_DESCR_LEN] = len(descr)
             q[W_NDIM] = len(shp)
             for i, n in enumerate(shp):
@@ -242,7 +287,7 @@ class Segment:
             me = ProcessId.current()
             q[W_WRITER_PID] = me.pid
             q[W_WRITER_START] = me.start_time
-            q[W_HEARTBEAT] = time.time_ns()
+            q[W_HEARTBEAT] = time.monotonic_ns()
             q[W_MAGIC] = MAGIC  # last: until now the object is "being created"
             q.release()
         except BaseException:
@@ -281,12 +326,18 @@ class Segment:
         ns = resolve_namespace(namespace)
         validate_segment_name(name)
         path = shm_path(ns, name)
-        oflags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        oflags = (os.O_RDWR if writable else os.O_RDONLY) | _OPEN_FLAGS
         try:
             fd = os.open(path, oflags)
         except FileNotFoundError:
             raise SegmentNotFoundError(name, ns) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+                raise NotASegmentError(name, path, "a symbolic link, not a segment") from None
+            raise
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NotASegmentError(name, path, "not a regular file")
             dt, shp, size = read_header(name, path, fd, wait)
             if writable:
                 head = os.pread(fd, 8 * (W_WRITER_PID + 1), 0)
@@ -305,7 +356,7 @@ class Segment:
             me = ProcessId.current()
             q[W_WRITER_PID] = me.pid
             q[W_WRITER_START] = me.start_time
-            q[W_HEARTBEAT] = time.time_ns()
+            q[W_HEARTBEAT] = time.monotonic_ns()
         return seg
 
     def _setup(
@@ -372,7 +423,7 @@ class Segment:
             if writable and bytes_castable(dtype)
             else []
         )
-        self._seq_idx = [(SLOT_CTL + SLOT_CTL_SIZE * i) // 8 for i in range(self._slots)]
+        self._seq_idx = [slot_ctl_index(i) for i in range(self._slots)]
         self._notify = np.frombuffer(mm, dtype=np.uint32, count=1, offset=NOTIFY_OFF)
         self._futex = Futex(int(self._notify.ctypes.data))
         self._q32 = memoryview(mm).cast("I")
@@ -432,12 +483,20 @@ class Segment:
     def epoch(self) -> int:
         return int(self._header()[W_EPOCH])
 
+    @property
+    def incarnation(self) -> int:
+        """The id of this creation of the segment: a segment deleted and created again
+        under the same name has another one."""
+        return int(self._header()[W_INCARNATION])
+
     def info(self) -> SegmentInfo:
         q = self._header()
         v = int(q[W_LATEST])
-        ts = 0
+        ts = mono = 0
         if v:
-            ts = int(q[self._seq_idx[v % self._slots] + 2])
+            with contextlib.suppress(ShmcastError):
+                i = self._find_latest(q)[1]
+                ts, mono = int(q[self._seq_idx[i] + S_WALL]), int(q[self._seq_idx[i] + S_MONO])
         writer = ProcessId(int(q[W_WRITER_PID]), int(q[W_WRITER_START]))
         return SegmentInfo(
             name=self._name,
@@ -454,6 +513,8 @@ class Segment:
             writer_pid=writer.pid,
             writer_alive=self.writer_alive(),
             heartbeat_ns=int(q[W_HEARTBEAT]),
+            incarnation=int(q[W_INCARNATION]),
+            monotonic_ns=mono,
         )
 
     def writer_alive(self) -> bool:
@@ -491,7 +552,15 @@ class Segment:
                 f"version {v} of segment {self._name!r} is not newer than the latest "
                 f"({latest}); versions only go forward",
             )
-        i = v % self._slots
+        if v > MAX_VERSION:
+            raise SegmentError(
+                self._name,
+                f"version {v} of segment {self._name!r} is beyond the largest version "
+                f"{MAX_VERSION}; delete the segment and create it again",
+            )
+        # The slot after the latest version's, never the latest's own: readers of the
+        # latest version are never torn by a write, whatever number it commits.
+        i = (int(q[W_LATEST_SLOT]) + 1) % self._slots
         si = self._seq_idx[i]
         s = int(q[si])
         if s & 1:  # a writer died in the middle of this slot: step past its odd value
@@ -503,12 +572,16 @@ class Segment:
         q = self._q
         assert q is not None
         si = self._seq_idx[i]
-        now = time.time_ns()
-        q[si + 1] = v
-        q[si + 2] = now
+        mono = time.monotonic_ns()
+        q[si + S_VERSION] = v
+        q[si + S_WALL] = time.time_ns()
+        q[si + S_MONO] = mono
         q[si] = s + 2  # even again: the slot is whole
+        # Latest slot before latest: a reader that sees v and then a slot that does
+        # not hold v knows the writer moved on, and looks again.
+        q[W_LATEST_SLOT] = i
         q[W_LATEST] = v  # after seq: whoever sees v finds its slot complete
-        q[W_HEARTBEAT] = now
+        q[W_HEARTBEAT] = mono
         q32 = self._q32
         q32[NOTIFY_IDX] = (q32[NOTIFY_IDX] + 1) & 0xFFFFFFFF
         self._futex.wake()
@@ -517,7 +590,7 @@ class Segment:
         q = self._q
         assert q is not None
         si = self._seq_idx[i]
-        q[si + 1] = 0  # the old version's bytes are gone: no version lives here now
+        q[si + S_VERSION] = 0  # the old version's bytes are gone: no version lives here now
         q[si] = s + 2
 
     def write(self, array: npt.NDArray[Any], *, version: int | None = None) -> int:
@@ -581,35 +654,58 @@ class Segment:
         """Refresh the writer heartbeat without publishing (for idle writers)."""
         if not self._writable:
             raise ReadOnlyError(self._name)
-        self._header()[W_HEARTBEAT] = time.time_ns()
+        self._header()[W_HEARTBEAT] = time.monotonic_ns()
 
     # ------------------------------------------------------------------ reading
 
     def acquire(self, version: int | None = None) -> tuple[int, int, int, int]:
         """Low-level read start: ``(version, slot, seq, timestamp_ns)``.
 
-        Pair with :meth:`view` and :meth:`validate`; :meth:`read` wraps all three.
+        The latest version, or exactly ``version``. Pair with :meth:`view` and
+        :meth:`validate`; :meth:`read` wraps all three.
+
+        Raises:
+            NoVersionError: nothing was published yet.
+            VersionUnavailableError: ``version`` is not in the ring (lapped, or not
+                published).
+            SlotStuckError: the header names a slot that never comes whole.
         """
         q = self._header()
         if version is None:
-            while True:
-                v = int(q[W_LATEST])
-                if v == 0:
-                    raise NoVersionError(self._name)
-                si = self._seq_idx[v % self._slots]
-                s = int(q[si])
-                if not s & 1 and q[si + 1] == v:
-                    return v, v % self._slots, s, int(q[si + 2])
-                # the writer lapped us between the two loads: take the newer latest
+            return self._find_latest(q)
         v = int(version)
-        si = self._seq_idx[v % self._slots]
-        s = int(q[si])
-        if v <= 0 or s & 1 or q[si + 1] != v:
-            latest = int(q[W_LATEST])
-            if latest == 0:
+        for i, si in enumerate(self._seq_idx):
+            s = int(q[si])
+            if q[si + S_VERSION] == v and not s & 1 and v > 0:
+                return v, i, s, int(q[si + S_WALL])
+        latest = int(q[W_LATEST])
+        if latest == 0:
+            raise NoVersionError(self._name)
+        raise VersionUnavailableError(self._name, v, latest, self._slots)
+
+    def _find_latest(self, q: memoryview) -> tuple[int, int, int, int]:
+        seq_idx = self._seq_idx
+        slots = self._slots
+        v = 0
+        for _ in range(MAX_RETRIES):
+            v = int(q[W_LATEST])
+            if v == 0:
                 raise NoVersionError(self._name)
-            raise VersionUnavailableError(self._name, v, latest, self._slots)
-        return v, v % self._slots, s, int(q[si + 2])
+            i = int(q[W_LATEST_SLOT])
+            if i < slots:
+                si = seq_idx[i]
+                s = int(q[si])
+                if not s & 1 and q[si + S_VERSION] == v:
+                    return v, i, s, int(q[si + S_WALL])
+            # the writer moved on between the loads: look at the newer latest
+        raise self._stuck(v)
+
+    def _stuck(self, version: int) -> SlotStuckError:
+        return SlotStuckError(self._name, version, MAX_RETRIES, self.writer_alive())
+
+    def monotonic_ns(self, slot: int) -> int:
+        """The monotonic commit time of the version ``slot`` holds (this host's clock)."""
+        return int(self._header()[self._seq_idx[slot] + S_MONO])
 
     def view(self, slot: int) -> npt.NDArray[Any]:
         """The read-only array over ``slot`` (valid only between acquire and validate)."""
@@ -641,8 +737,9 @@ class Segment:
         for _ in range(max(1, retries)):
             v, i, s, ts = self.acquire()
             data = self._views[i].copy()
+            mono = self.monotonic_ns(i)
             if self.validate(i, s):
-                return Snapshot(self._name, v, ts, data)
+                return Snapshot(self._name, v, ts, data, mono)
         raise TornReadError(self._name, v)
 
     def wait(self, after: int, timeout: float | None = None) -> int:
@@ -688,15 +785,21 @@ class Segment:
         seq_idx = self._seq_idx
         deadline = None if timeout is None else time.monotonic() + timeout
         n = 0
+        bad = 0
         while True:
             word = q32[NOTIFY_IDX]
             v: int = q[W_LATEST]
             if v > after:
-                si = seq_idx[v % slots]
-                s: int = q[si]
-                if not s & 1 and q[si + 1] == v:
-                    return v, v % slots, s, q[si + 2]
-                continue  # lapped between the two loads: take the newer latest
+                i: int = q[W_LATEST_SLOT]
+                if i < slots:
+                    si = seq_idx[i]
+                    s: int = q[si]
+                    if not s & 1 and q[si + S_VERSION] == v:
+                        return v, i, s, q[si + S_WALL]
+                bad += 1  # the writer moved on between the loads: take the newer latest
+                if bad >= MAX_RETRIES:
+                    raise self._stuck(v)
+                continue
             if spin:
                 n += 1
                 if n & 0x3FF or deadline is None or time.monotonic() < deadline:
@@ -811,7 +914,7 @@ class _Reading:
         seg = self._seg
         v, i, s, ts = seg.acquire(self._version)
         self._version, self._slot, self._seq = v, i, s
-        return Snapshot(seg._name, v, ts, seg._views[i])
+        return Snapshot(seg._name, v, ts, seg._views[i], seg.monotonic_ns(i))
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         # A block that raised keeps its own exception (the read is not counted).

@@ -17,6 +17,7 @@ message, which names the segment, endpoint or size involved and the fix::
     │   ├── NoVersionError          nothing published yet
     │   ├── VersionUnavailableError the version has left the ring
     │   ├── TornReadError           the writer overwrote the slot under a read
+    │   ├── SlotStuckError          the header names a slot that never comes whole
     │   ├── WriterBusyError         a second writer was refused
     │   └── ReadOnlyError           writing through a read-only handle
     ├── ShmSpaceError               /dev/shm is too small for the segment
@@ -59,6 +60,7 @@ __all__ = [
     "SegmentNotFoundError",
     "ShmSpaceError",
     "ShmcastError",
+    "SlotStuckError",
     "TornReadError",
     "VersionUnavailableError",
     "WriterBusyError",
@@ -181,6 +183,27 @@ class TornReadError(SegmentError):
             segment,
             f"version {version} of segment {segment!r} was overwritten by the writer during the "
             f"read; discard what was computed and read again (copy out faster, or add slots)",
+        )
+
+
+class SlotStuckError(SegmentError):
+    def __init__(self, segment: str, version: int, looks: int, writer_alive: bool) -> None:
+        self.version = version
+        self.writer_alive = writer_alive
+        if writer_alive:
+            why = (
+                "its writer is alive, so something writes this segment outside shmcast's "
+                "protocol; stop it, then delete the segment and create it again"
+            )
+        else:
+            why = (
+                "no writer holds the lease: a writer died in the middle of that slot; "
+                "the next publish repairs it (or delete the segment and create it again)"
+            )
+        super().__init__(
+            segment,
+            f"segment {segment!r} names version {version} as its latest, but its slot "
+            f"did not come whole in {looks} looks; {why}",
         )
 
 

@@ -189,7 +189,6 @@ def _run(args: argparse.Namespace, ns: str, stop: threading.Event) -> int:
                 for r in rows:
                     prev = last.get(r["name"], r["version"])
                     r["rate"] = (r["version"] - prev) / max(now - last_t, 1e-9)
-                    r["age"] = (time.time_ns() - r["ts"]) / 1e9 if r["ts"] else None
                     last[r["name"]] = r["version"]
                 last_t = now
                 metrics = []

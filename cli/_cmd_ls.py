@@ -56,15 +56,19 @@ def run(args: argparse.Namespace) -> int:
     endpoint = broker_endpoint(args)
     source, rows = catalog(ns, endpoint)
     if args.interval > 0 and rows:
+        # Two samples: the rate is their difference; VERSION and AGE are the later's.
+        before = {r["name"]: r.get("version", 0) for r in rows}
+        t0 = time.monotonic()
         time.sleep(args.interval)
-        _, later = catalog(ns, endpoint)
-        after = {r["name"]: r.get("version", 0) for r in later}
+        source, rows = catalog(ns, endpoint)
+        elapsed = time.monotonic() - t0
         for r in rows:
-            r["rate"] = round((after.get(r["name"], 0) - r.get("version", 0)) / args.interval, 1)
-    now = time.time_ns()
+            if r["name"] in before and "version" in r:
+                r["rate"] = round((r["version"] - before[r["name"]]) / elapsed, 1)
     for r in rows:
-        ts = r.get("ts") or 0
-        r["age"] = round((now - ts) / 1e9, 3) if ts else None
+        # The age the answering host measured on its monotonic clock.
+        if r.get("age") is not None:
+            r["age"] = round(float(r["age"]), 3)
     if args.json:
         print(json.dumps({"namespace": ns, "from": source, "segments": rows}))
         return 0

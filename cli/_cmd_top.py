@@ -116,7 +116,6 @@ def render(ns: str, endpoint: str, cur: Sample, prev: Sample | None) -> list[str
     before = {s["name"]: s["version"] for s in prev.segments} if prev else {}
     dt = cur.t - prev.t if prev else 0.0
     versions: dict[str, int] = {}
-    now_ns = time.time_ns()
     lines.append(
         f"{'SEGMENT':16} {'VERSION':>10} {'RATE/s':>9} {'AGE':>8} {'SIZE':>10} {'SLOTS':>5} WRITER"
     )
@@ -126,7 +125,7 @@ def render(ns: str, endpoint: str, cur: Sample, prev: Sample | None) -> list[str
         rate = "-"
         if name in before and dt > 0:
             rate = f"{(s['version'] - before[name]) / dt:.1f}"
-        age = (now_ns - s["ts"]) / 1e9 if s.get("ts") else None
+        age = s.get("age")  # measured by the broker on its monotonic clock
         lines.append(
             f"{name:16} {s['version']:>10} {rate:>9} {_secs(age):>8} "
             f"{_bytes(s.get('size', 0)):>10} {s.get('slots', '?'):>5} "

@@ -59,18 +59,19 @@ class SubscriberCollector(Collector):
             "From the commit to the subscriber having the version",
             labels=labels,
         )
-        now = time.time_ns()
+        now = time.monotonic_ns()
         for seg, st in list(sub.stats.items()):
             lv = [ns, self._name, seg]
             updates.add_metric(lv, st.updates)
             missed.add_metric(lv, st.missed)
             torn.add_metric(lv, sub.torn_reads(seg))
             version.add_metric(lv, st.last_version)
-            ts = st.last_ts
+            # Staleness on the monotonic clock: a clock step neither fires nor hides it.
+            mono = st.last_mono
             with contextlib.suppress(ShmcastError, KeyError, ValueError):
-                ts = max(ts, sub.segment(seg).info().timestamp_ns)
-            if ts:
-                stale.add_metric(lv, max(0.0, (now - ts) / 1e9))
+                mono = max(mono, sub.segment(seg).info().monotonic_ns)
+            if mono:
+                stale.add_metric(lv, max(0.0, (now - mono) / 1e9))
             cum = 0
             buckets: list[tuple[str, float]] = []
             for bound, n in zip((*LATENCY_BUCKETS, float("inf")), st.buckets, strict=False):

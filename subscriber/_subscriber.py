@@ -69,18 +69,19 @@ CLOSE_WAIT = 2.0
 
 @dataclass(frozen=True)
 class Update:
-    """A new version of a segment, as learnt."""
+    """A new version of a segment, as learnt.
+
+    ``timestamp_ns`` is the commit time and ``received_ns`` the time it was learnt,
+    both on the wall clock (comparable across hosts, not for durations);
+    ``latency_s`` is commit to receipt measured on this host's monotonic clock.
+    """
 
     segment: str
     version: int
     timestamp_ns: int
     received_ns: int
     missed: int
-
-    @property
-    def latency_s(self) -> float:
-        """Commit to receipt, seconds (wall clock of one host)."""
-        return (self.received_ns - self.timestamp_ns) / 1e9
+    latency_s: float = 0.0
 
 
 @dataclass
@@ -91,6 +92,7 @@ class SegmentStats:
     missed: int = 0
     last_version: int = 0
     last_ts: int = 0
+    last_mono: int = 0
     latency_sum: float = 0.0
     buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
@@ -301,18 +303,33 @@ class Subscriber:
                     raise
             yield update
 
-    def _update(self, name: str, version: int, ts: int) -> Update | None:
+    def _update(self, name: str, version: int, ts: int, mono: int = 0) -> Update | None:
         st = self.stats[name]
         if version <= st.last_version:
             return None
+        if not mono:  # learnt from an announcement: the header has the monotonic time
+            mono = self._commit_monotonic(name, version)
+        now_mono = time.monotonic_ns()
         now = time.time_ns()
+        # Monotonic on one host; the wall clock only when the version is gone already.
+        latency = (now_mono - mono) / 1e9 if mono else (now - ts) / 1e9
         missed = version - st.last_version - 1
         st.missed += missed
         st.updates += 1
         st.last_version = version
         st.last_ts = ts
-        st.observe(max(0.0, (now - ts) / 1e9))
-        return Update(name, version, ts, now, missed)
+        st.last_mono = mono or now_mono
+        st.observe(max(0.0, latency))
+        return Update(name, version, ts, now, missed, max(0.0, latency))
+
+    def _commit_monotonic(self, name: str, version: int) -> int:
+        seg = self._segs.get(name)
+        if seg is None:
+            return 0
+        try:
+            return seg.monotonic_ns(seg.acquire(version)[1])
+        except ShmcastError:
+            return 0
 
     def _from_header(self, name: str) -> Update | None:
         seg = self._segs.get(name)
@@ -322,10 +339,11 @@ class Subscriber:
             v = seg.version
             if v <= self.stats[name].last_version:
                 return None
-            _, _, _, ts = seg.acquire(v)
+            _, slot, _, ts = seg.acquire(v)
+            mono = seg.monotonic_ns(slot)
         except ShmcastError:
             return None
-        return self._update(name, v, ts)
+        return self._update(name, v, ts, mono)
 
     def _updates_one(self, timeout: float | None, *, spin: bool) -> Iterator[Update]:
         """One segment, ``futex`` or ``spin``: the engine's wait_acquire fast path
@@ -342,7 +360,7 @@ class Subscriber:
                 if idle_deadline is not None and time.monotonic() >= idle_deadline:
                     return
                 continue
-            up = self._update(name, got[0], got[3])
+            up = self._update(name, got[0], got[3], seg.monotonic_ns(got[1]))
             if up is not None:
                 yield up
                 if timeout is not None:

@@ -45,6 +45,19 @@ def half_loan(name: str) -> None:
     seg.close()
 
 
+def half_loan_skipping(name: str) -> None:
+    """Open a loan for version latest + K (what a relay does when it skips), fill half
+    of it, then wait to be killed: with slot = version mod K that was the latest's slot."""
+    seg = Segment.attach(name, writable=True)
+    version = seg.version + seg.slots
+    with seg.loan(version=version) as arr:
+        flat = arr.reshape(-1)
+        flat[: flat.size // 2] = version
+        _say(f"HALF {version}")
+        _block_until_stdin_closes()
+    seg.close()
+
+
 def writer(name: str) -> None:
     """Publish arrays filled with their version number as fast as possible until SIGTERM.
 
@@ -128,7 +141,13 @@ def reader(name: str, target: str, seconds: str) -> None:
     )
 
 
-ROLES = {"hold": hold, "half-loan": half_loan, "writer": writer, "reader": reader}
+ROLES = {
+    "hold": hold,
+    "half-loan": half_loan,
+    "half-loan-skipping": half_loan_skipping,
+    "writer": writer,
+    "reader": reader,
+}
 
 if __name__ == "__main__":
     ROLES[sys.argv[1]](*sys.argv[2:])

@@ -27,6 +27,7 @@ from shmcast.broker import (
     WriterBusyError,
     segment_size,
 )
+from shmcast.broker._layout import DESCR_OFF, LAYOUT_VERSION
 from shmcast.broker.client import shm_path
 
 from ._seg_util import (
@@ -257,7 +258,7 @@ def test_reader_process_exiting_leaves_the_segment_alive(namespace, removed, clo
 
 # Byte offsets of the header fields, from the layout spec in broker/_segment.py.
 OFF_MAGIC, OFF_LAYOUT, OFF_HSIZE, OFF_SLOTS, OFF_STRIDE, OFF_NBYTES = 0, 8, 16, 24, 32, 40
-OFF_DESCR_LEN, OFF_NDIM, OFF_SHAPE, OFF_DESCR = 104, 112, 120, 256
+OFF_DESCR_LEN, OFF_NDIM, OFF_SHAPE, OFF_DESCR = 104, 112, 120, DESCR_OFF
 
 
 def _template(namespace: str) -> bytes:
@@ -339,7 +340,7 @@ def test_objects_that_are_not_segments_are_refused_cleanly(namespace, how, writa
         os.unlink(path)
 
 
-@pytest.mark.parametrize("layout", [0, 2, 2**64 - 1])
+@pytest.mark.parametrize("layout", [0, LAYOUT_VERSION - 1, LAYOUT_VERSION + 1, 2**64 - 1])
 def test_other_layout_versions_are_refused(namespace, layout):
     raw = _u64(_template(namespace), OFF_LAYOUT, layout)
     path = shm_path(namespace, "future")
@@ -348,7 +349,7 @@ def test_other_layout_versions_are_refused(namespace, layout):
         fds = _open_fds()
         with pytest.raises(LayoutVersionError) as info:
             Segment.attach("future").close()
-        assert (info.value.found, info.value.supported) == (layout, 1)
+        assert (info.value.found, info.value.supported) == (layout, LAYOUT_VERSION)
         assert str(layout) in str(info.value)
         assert _open_fds() == fds
     finally:
