@@ -568,13 +568,13 @@ class Segment:
         q[si] = s + 1  # odd: readers of the version this slot held now fail validation
         return v, i, s
 
-    def _commit(self, v: int, i: int, s: int) -> None:
+    def _commit(self, v: int, i: int, s: int, wall_ns: int | None = None) -> None:
         q = self._q
         assert q is not None
         si = self._seq_idx[i]
         mono = time.monotonic_ns()
         q[si + S_VERSION] = v
-        q[si + S_WALL] = time.time_ns()
+        q[si + S_WALL] = time.time_ns() if wall_ns is None else wall_ns
         q[si + S_MONO] = mono
         q[si] = s + 2  # even again: the slot is whole
         # Latest slot before latest: a reader that sees v and then a slot that does
@@ -593,13 +593,22 @@ class Segment:
         q[si + S_VERSION] = 0  # the old version's bytes are gone: no version lives here now
         q[si] = s + 2
 
-    def write(self, array: npt.NDArray[Any], *, version: int | None = None) -> int:
+    def write(
+        self,
+        array: npt.NDArray[Any],
+        *,
+        version: int | None = None,
+        timestamp_ns: int | None = None,
+    ) -> int:
         """Copy ``array`` in as the next version and return its number (the first is 1).
 
         Args:
             array: the data, of the segment's dtype and shape.
             version: commit exactly this version instead of latest + 1 (a relay
                 keeps its upstream's numbers); it must be newer than the latest.
+            timestamp_ns: the commit time to record (wall clock, ns) instead of now:
+                a bridge keeps its upstream's. Durations on this host still use the
+                local monotonic clock.
 
         Raises:
             ArrayMismatchError: wrong dtype or shape (nothing is published).
@@ -626,11 +635,13 @@ class Segment:
         except BaseException:
             self._abort(i, s)
             raise
-        self._commit(v, i, s)
+        self._commit(v, i, s, timestamp_ns)
         return v
 
     @contextlib.contextmanager
-    def loan(self, *, version: int | None = None) -> Iterator[npt.NDArray[Any]]:
+    def loan(
+        self, *, version: int | None = None, timestamp_ns: int | None = None
+    ) -> Iterator[npt.NDArray[Any]]:
         """Yield a writable array over the next slot; commit it when the block ends.
 
         If the block raises, nothing is published (the slot is marked empty).
@@ -648,7 +659,7 @@ class Segment:
             raise
         finally:
             self._loaning = False
-        self._commit(v, i, s)
+        self._commit(v, i, s, timestamp_ns)
 
     def heartbeat(self) -> None:
         """Refresh the writer heartbeat without publishing (for idle writers)."""
