@@ -109,6 +109,13 @@ class BridgeConfig:
         slots: slots of the segments created for imports.
         catalog_interval: seconds between looks at the local catalog (new,
             deleted or recreated segments to export).
+        connect_timeout: seconds to reach a ``connect`` endpoint at start (an
+            unreachable or refusing router is an error then; once connected, a
+            lost link is retried for ever).
+        congestion: what exports do when a link is congested: ``drop`` (default:
+            that link misses versions, counted by its importers, and nobody else
+            slows down) or ``block`` (every importer waits for the slowest; for a
+            single lossless consumer).
     """
 
     connect: tuple[str, ...] = ()
@@ -121,6 +128,8 @@ class BridgeConfig:
     mode: str | None = None
     slots: int = 4
     catalog_interval: float = 0.5
+    connect_timeout: float = 10.0
+    congestion: str = "drop"
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
 
@@ -134,6 +143,8 @@ class BridgeConfig:
         for expr in self.imports:
             if not isinstance(expr, str) or not expr.startswith(f"{KEY_ROOT}/"):
                 raise ConfigError("import", f"{expr!r}: import key expressions under {KEY_ROOT}/")
+        if self.congestion not in ("drop", "block"):
+            raise ConfigError("congestion", f"{self.congestion!r}: use drop or block")
         if self.mode is not None and self.mode not in MODES:
             raise ConfigError("mode", f"{self.mode!r}: use one of {', '.join(MODES)}")
         if not isinstance(self.slots, int) or not 2 <= self.slots <= 64:
@@ -299,17 +310,30 @@ class ZenohBridge(Service):
                 self._session = zenoh.open(self._zenoh_config(zenoh))
             except zenoh.ZError as exc:
                 where = ", ".join(cfg.connect or cfg.listen) or "the configured endpoints"
-                raise EndpointError("zenoh", where, str(exc), connect=bool(cfg.connect)) from exc
+                raise EndpointError(
+                    "zenoh",
+                    where,
+                    str(exc),
+                    connect=bool(cfg.connect),
+                    fix="check that the router runs there and accepts this bridge "
+                    "(TLS certificates and keys go in --config)",
+                ) from exc
+            # Callbacks run on Zenoh's own thread (indirect=False): no hand-off to
+            # a Python thread per sample, and nothing left to join at exit. They
+            # are short: a copy into the slot, or a non-blocking get.
+            handler = zenoh.handlers.Callback
             for expr in cfg.imports:
-                declared.append(self._session.declare_subscriber(expr, self._on_sample))
+                declared.append(
+                    self._session.declare_subscriber(expr, handler(self._on_sample, indirect=False))
+                )
                 declared.append(
                     self._session.liveliness().declare_subscriber(
-                        expr, self._on_liveliness, history=True
+                        expr, handler(self._on_liveliness, indirect=False), history=True
                     )
                 )
             if cfg.metrics_port is not None:
                 registry = CollectorRegistry(auto_describe=True)
-                registry.register(BridgeCollector(self))
+                registry.register(BridgeCollector(self.stats))
                 metrics = start_metrics_server(registry, cfg.metrics_port, host=cfg.metrics_host)
                 self.metrics_url = metrics.url
             self._sync_exports(client)
@@ -367,8 +391,9 @@ class ZenohBridge(Service):
         conf.insert_json5("mode", json.dumps(cfg.session_mode))
         if cfg.connect:
             conf.insert_json5("connect/endpoints", json.dumps(list(cfg.connect)))
-            # Keep trying while the router is away, and come back quickly.
-            conf.insert_json5("connect/timeout_ms", "-1")
+            # A router that cannot be reached (or refuses us) at start is an error;
+            # a link lost later is retried quickly and for ever.
+            conf.insert_json5("connect/timeout_ms", str(int(cfg.connect_timeout * 1000)))
             conf.insert_json5(
                 "connect/retry",
                 json.dumps(
@@ -443,9 +468,15 @@ class ZenohBridge(Service):
             pub = session.declare_publisher(
                 key,
                 encoding=zenoh.Encoding.APPLICATION_OCTET_STREAM,
-                congestion_control=zenoh.CongestionControl.BLOCK,
+                congestion_control=(
+                    zenoh.CongestionControl.BLOCK
+                    if self.config.congestion == "block"
+                    else zenoh.CongestionControl.DROP
+                ),
             )
-            queryable = session.declare_queryable(key, self._on_query, complete=True)
+            queryable = session.declare_queryable(
+                key, zenoh.handlers.Callback(self._on_query, indirect=False), complete=True
+            )
             token = session.liveliness().declare_token(key)
         except Exception:
             seg.close()
@@ -527,7 +558,9 @@ class ZenohBridge(Service):
         if alive and not self._stop.is_set():
             # Never block in a Zenoh callback: the reply comes to _on_reply.
             with contextlib.suppress(Exception):
-                self._session.get(key, self._on_reply, timeout=5.0)
+                self._session.get(
+                    key, self._zenoh.handlers.Callback(self._on_reply, indirect=False), timeout=5.0
+                )
 
     def _on_reply(self, reply: Any) -> None:
         sample = getattr(reply, "ok", None)
@@ -633,13 +666,17 @@ class ZenohBridge(Service):
 
 
 class BridgeCollector(Collector):
-    """Exports ``shmcast_bridge_*`` metrics of one bridge."""
+    """Exports ``shmcast_bridge_*`` metrics of one bridge.
 
-    def __init__(self, bridge: ZenohBridge) -> None:
-        self._bridge = bridge
+    Args:
+        stats: returns the bridge's counters (called at each scrape).
+    """
+
+    def __init__(self, stats: Callable[[], BridgeStats]) -> None:
+        self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        st = self._bridge.stats()
+        st = self._stats()
         labels = ["namespace", "segment"]
         out = {
             "sent": CounterMetricFamily(

@@ -259,11 +259,21 @@ class ClosedError(ShmcastError):
 
 
 class EndpointError(ShmcastError):
-    def __init__(self, role: str, endpoint: str, reason: str, *, connect: bool = False) -> None:
+    def __init__(
+        self,
+        role: str,
+        endpoint: str,
+        reason: str,
+        *,
+        connect: bool = False,
+        fix: str | None = None,
+    ) -> None:
         self.role = role
         self.endpoint = endpoint
         self.reason = reason
-        if connect:
+        if fix is not None:
+            verb = "connect to" if connect else "bind"
+        elif connect:
             fix = "check the address (tcp://HOST:PORT or ipc://PATH)"
             verb = "connect to"
         else:

@@ -42,11 +42,23 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--config", metavar="ZENOH_JSON5", help="a Zenoh configuration file")
     p.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="S",
+        help="seconds to reach --connect at start (10); later losses are retried for ever",
+    )
+    p.add_argument(
         "--mode",
         choices=["client", "peer", "router"],
         help="Zenoh session mode (default: client with --connect only, peer with --listen)",
     )
     p.add_argument("--slots", type=int, help="slots of the segments made for imports (4)")
+    p.add_argument(
+        "--congestion",
+        choices=["drop", "block"],
+        help="exports on a congested link: drop (default: only that link misses versions) "
+        "or block (everyone waits for the slowest)",
+    )
     add_broker_option(p, "the local broker's")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
     p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (127.0.0.1)")
@@ -62,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         "zenoh_config": args.config,
         "mode": args.mode,
         "slots": args.slots,
+        "congestion": args.congestion,
+        "connect_timeout": args.connect_timeout,
         "broker": args.broker,
         "metrics_port": args.metrics_port,
         "metrics_host": args.metrics_host,
