@@ -685,10 +685,9 @@ class Segment:
         if version is None:
             return self._find_latest(q)
         v = int(version)
-        for i, si in enumerate(self._seq_idx):
-            s = int(q[si])
-            if q[si + S_VERSION] == v and not s & 1 and v > 0:
-                return v, i, s, int(q[si + S_WALL])
+        found = self._scan(q, v) if v > 0 else None
+        if found is not None:
+            return found
         latest = int(q[W_LATEST])
         if latest == 0:
             raise NoVersionError(self._name)
@@ -708,8 +707,26 @@ class Segment:
                 s = int(q[si])
                 if not s & 1 and q[si + S_VERSION] == v:
                     return v, i, s, int(q[si + S_WALL])
-            # the writer moved on between the loads: look at the newer latest
+            found = self._scan(q, v)
+            if found is not None:
+                return found
+            # v's slot is being rewritten already: look at the newer latest
         raise self._stuck(v)
+
+    def _scan(self, q: memoryview, v: int) -> tuple[int, int, int, int] | None:
+        """Version ``v`` in whichever slot holds it whole, else None.
+
+        The writer commits the latest-slot hint before ``latest``, so a reader
+        that loads ``latest`` and then the hint can find the hint one commit
+        ahead; ``v`` is then still whole in its own slot (the writer is filling
+        another). Without this look, a fast writer and a reader in lock-step
+        missed each other for a thousand looks in a row.
+        """
+        for k, si in enumerate(self._seq_idx):
+            s = int(q[si])
+            if not s & 1 and q[si + S_VERSION] == v:
+                return v, k, s, int(q[si + S_WALL])
+        return None
 
     def _stuck(self, version: int) -> SlotStuckError:
         return SlotStuckError(self._name, version, MAX_RETRIES, self.writer_alive())
@@ -807,7 +824,10 @@ class Segment:
                     s: int = q[si]
                     if not s & 1 and q[si + S_VERSION] == v:
                         return v, i, s, q[si + S_WALL]
-                bad += 1  # the writer moved on between the loads: take the newer latest
+                found = self._scan(q, v)
+                if found is not None:
+                    return found
+                bad += 1  # v's slot is being rewritten already: take the newer latest
                 if bad >= MAX_RETRIES:
                     raise self._stuck(v)
                 continue
