@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
-PKG_DIRS := broker publisher subscriber cli
+PKG_DIRS := broker publisher subscriber bridge cli
 # A strict editable install links the package tree under build/, which mypy and
 # import-linter can read (the directories map to shmcast.*). A new module needs
 # a re-install: hence the package directories as prerequisites.
@@ -25,7 +25,7 @@ $(RUNTIME): pyproject.toml $(PKG_DIRS) | $(BIN)/python
 	touch $@
 
 $(TESTDEPS): $(RUNTIME)
-	$(BIN)/python -m pip install -q -e '.[test,bench]' $(EDITABLE)
+	$(BIN)/python -m pip install -q -e '.[test,bench,zenoh]' $(EDITABLE)
 	touch $@
 
 # Debian packages some tests and benchmarks use as real peers (Prometheus,

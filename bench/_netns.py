@@ -1,9 +1,11 @@
-"""Two "hosts" on this machine: network namespaces joined by a veth pair, each with
-its own ``/dev/shm`` (a tmpfs in a private mount namespace) and runtime directory.
+"""Small networks of "hosts" on this machine: network namespaces joined by veth
+pairs, each host with its own ``/dev/shm`` (a tmpfs in a private mount namespace)
+and runtime directory.
 
-Addresses are 10.231.X.1/30 and 10.231.X.2/30, assigned only inside the two
-namespaces; nothing is configured in the machine's own network namespace.
-Used by ``bench/_relay.py`` and ``tests/test_relay_netns.py``.
+Each link is a /30 of 10.231.0.0/16 (two hosts) or 10.232.0.0/16 (a network),
+assigned only inside the namespaces; nothing is configured in the machine's own
+network namespace. Used by ``bench/_relay.py``, ``tests/test_relay_netns.py`` and
+the Zenoh bridge's tests and benchmark.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class Host:
         self.name = name
         self.netns = netns
         self.addr = addr
+        #: This host's address on the link to each neighbour (``network()``).
+        self.addrs: dict[str, str] = {}
         self.rundir = rundir
         self.lines: list[str] = []
         self._q: queue.Queue[str] = queue.Queue()
@@ -222,4 +226,57 @@ def two_hosts() -> Iterator[tuple[Host, Host, Link]]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         # A veth pair left in the root namespace (failure before the move) goes too.
         subprocess.run(["ip", "link", "del", da], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def network(
+    names: Sequence[str], links: Sequence[tuple[str, str]]
+) -> Iterator[tuple[dict[str, Host], dict[tuple[str, str], Link]]]:
+    """Hosts ``names`` joined by ``links`` (pairs of names), torn down in ``finally``.
+
+    ``host.addrs[peer]`` is the host's address on its link to ``peer``; each link
+    is a /30 of its own, so hosts reach only their direct neighbours.
+    """
+    tag = secrets.token_hex(3)
+    base = secrets.randbelow(200) + 1
+    netns = {n: f"shm{n}{tag}"[:15] for n in names}
+    tmp = Path(tempfile.mkdtemp(prefix="shmn"))
+    hosts: dict[str, Host] = {}
+    made: list[str] = []
+    devs: list[str] = []
+    out: dict[tuple[str, str], Link] = {}
+    addrs: dict[str, dict[str, str]] = {n: {} for n in names}
+    try:
+        for n in names:
+            _ip("netns", "add", netns[n])
+            made.append(netns[n])
+            _ip("-n", netns[n], "link", "set", "lo", "up")
+        for k, (a, b) in enumerate(links):
+            da, db = f"v{k}a{tag}", f"v{k}b{tag}"
+            _ip("link", "add", da, "type", "veth", "peer", "name", db)
+            devs.append(da)
+            _ip("link", "set", da, "netns", netns[a])
+            _ip("link", "set", db, "netns", netns[b])
+            a_ip, b_ip = f"10.232.{base + k}.1", f"10.232.{base + k}.2"
+            for name, dev, ip in ((a, da, a_ip), (b, db, b_ip)):
+                _ip("-n", netns[name], "addr", "add", f"{ip}/30", "dev", dev)
+                _ip("-n", netns[name], "link", "set", dev, "up")
+            addrs[a][b], addrs[b][a] = a_ip, b_ip
+            out[(a, b)] = Link(netns[a], netns[b], da, db)
+        for n in names:
+            rd = tmp / n
+            rd.mkdir(mode=0o700)
+            first = next(iter(addrs[n].values()), "127.0.0.1")
+            host = Host(n, netns[n], first, rd)
+            host.addrs = addrs[n]
+            hosts[n] = host
+        yield hosts, out
+    finally:
+        for h in hosts.values():
+            h.close()
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        for dev in devs:  # a pair left in the root namespace (failure before the move)
+            subprocess.run(["ip", "link", "del", dev], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -47,6 +47,7 @@ from .errors import InvalidNameError as InvalidNameError
 from .errors import LayoutConflictError as LayoutConflictError
 from .errors import LayoutError as LayoutError
 from .errors import LayoutVersionError as LayoutVersionError
+from .errors import MissingExtraError as MissingExtraError
 from .errors import NotASegmentError as NotASegmentError
 from .errors import NoVersionError as NoVersionError
 from .errors import ReadOnlyError as ReadOnlyError
@@ -87,6 +88,7 @@ __all__ = [
     "LayoutError",
     "LayoutVersionError",
     "MetricsServer",
+    "MissingExtraError",
     "NoVersionError",
     "NotASegmentError",
     "ReadOnlyError",

@@ -568,13 +568,13 @@ class Segment:
         q[si] = s + 1  # odd: readers of the version this slot held now fail validation
         return v, i, s
 
-    def _commit(self, v: int, i: int, s: int) -> None:
+    def _commit(self, v: int, i: int, s: int, wall_ns: int | None = None) -> None:
         q = self._q
         assert q is not None
         si = self._seq_idx[i]
         mono = time.monotonic_ns()
         q[si + S_VERSION] = v
-        q[si + S_WALL] = time.time_ns()
+        q[si + S_WALL] = time.time_ns() if wall_ns is None else wall_ns
         q[si + S_MONO] = mono
         q[si] = s + 2  # even again: the slot is whole
         # Latest slot before latest: a reader that sees v and then a slot that does
@@ -593,13 +593,22 @@ class Segment:
         q[si + S_VERSION] = 0  # the old version's bytes are gone: no version lives here now
         q[si] = s + 2
 
-    def write(self, array: npt.NDArray[Any], *, version: int | None = None) -> int:
+    def write(
+        self,
+        array: npt.NDArray[Any],
+        *,
+        version: int | None = None,
+        timestamp_ns: int | None = None,
+    ) -> int:
         """Copy ``array`` in as the next version and return its number (the first is 1).
 
         Args:
             array: the data, of the segment's dtype and shape.
             version: commit exactly this version instead of latest + 1 (a relay
                 keeps its upstream's numbers); it must be newer than the latest.
+            timestamp_ns: the commit time to record (wall clock, ns) instead of now:
+                a bridge keeps its upstream's. Durations on this host still use the
+                local monotonic clock.
 
         Raises:
             ArrayMismatchError: wrong dtype or shape (nothing is published).
@@ -626,11 +635,13 @@ class Segment:
         except BaseException:
             self._abort(i, s)
             raise
-        self._commit(v, i, s)
+        self._commit(v, i, s, timestamp_ns)
         return v
 
     @contextlib.contextmanager
-    def loan(self, *, version: int | None = None) -> Iterator[npt.NDArray[Any]]:
+    def loan(
+        self, *, version: int | None = None, timestamp_ns: int | None = None
+    ) -> Iterator[npt.NDArray[Any]]:
         """Yield a writable array over the next slot; commit it when the block ends.
 
         If the block raises, nothing is published (the slot is marked empty).
@@ -648,7 +659,7 @@ class Segment:
             raise
         finally:
             self._loaning = False
-        self._commit(v, i, s)
+        self._commit(v, i, s, timestamp_ns)
 
     def heartbeat(self) -> None:
         """Refresh the writer heartbeat without publishing (for idle writers)."""
@@ -674,10 +685,9 @@ class Segment:
         if version is None:
             return self._find_latest(q)
         v = int(version)
-        for i, si in enumerate(self._seq_idx):
-            s = int(q[si])
-            if q[si + S_VERSION] == v and not s & 1 and v > 0:
-                return v, i, s, int(q[si + S_WALL])
+        found = self._scan(q, v) if v > 0 else None
+        if found is not None:
+            return found
         latest = int(q[W_LATEST])
         if latest == 0:
             raise NoVersionError(self._name)
@@ -697,8 +707,26 @@ class Segment:
                 s = int(q[si])
                 if not s & 1 and q[si + S_VERSION] == v:
                     return v, i, s, int(q[si + S_WALL])
-            # the writer moved on between the loads: look at the newer latest
+            found = self._scan(q, v)
+            if found is not None:
+                return found
+            # v's slot is being rewritten already: look at the newer latest
         raise self._stuck(v)
+
+    def _scan(self, q: memoryview, v: int) -> tuple[int, int, int, int] | None:
+        """Version ``v`` in whichever slot holds it whole, else None.
+
+        The writer commits the latest-slot hint before ``latest``, so a reader
+        that loads ``latest`` and then the hint can find the hint one commit
+        ahead; ``v`` is then still whole in its own slot (the writer is filling
+        another). Without this look, a fast writer and a reader in lock-step
+        missed each other for a thousand looks in a row.
+        """
+        for k, si in enumerate(self._seq_idx):
+            s = int(q[si])
+            if not s & 1 and q[si + S_VERSION] == v:
+                return v, k, s, int(q[si + S_WALL])
+        return None
 
     def _stuck(self, version: int) -> SlotStuckError:
         return SlotStuckError(self._name, version, MAX_RETRIES, self.writer_alive())
@@ -796,7 +824,10 @@ class Segment:
                     s: int = q[si]
                     if not s & 1 and q[si + S_VERSION] == v:
                         return v, i, s, q[si + S_WALL]
-                bad += 1  # the writer moved on between the loads: take the newer latest
+                found = self._scan(q, v)
+                if found is not None:
+                    return found
+                bad += 1  # v's slot is being rewritten already: take the newer latest
                 if bad >= MAX_RETRIES:
                     raise self._stuck(v)
                 continue

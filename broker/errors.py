@@ -28,7 +28,8 @@ message, which names the segment, endpoint or size involved and the fix::
     │   ├── BrokerUnavailableError  no broker answered at the endpoint
     │   ├── BrokerRunningError      a broker already serves the namespace
     │   └── RemoteError             the broker answered with an error
-    └── ConfigError                 a bad configuration value (names the field)
+    ├── ConfigError                 a bad configuration value (names the field)
+    └── MissingExtraError           a feature needs an optional extra that is not installed
 
 Where an OS or ZeroMQ error enters our code it is wrapped (``raise ... from
 exc``), and classes that stand for an OS condition also derive from the builtin
@@ -51,6 +52,7 @@ __all__ = [
     "LayoutConflictError",
     "LayoutError",
     "LayoutVersionError",
+    "MissingExtraError",
     "NoVersionError",
     "NotASegmentError",
     "ReadOnlyError",
@@ -257,11 +259,21 @@ class ClosedError(ShmcastError):
 
 
 class EndpointError(ShmcastError):
-    def __init__(self, role: str, endpoint: str, reason: str, *, connect: bool = False) -> None:
+    def __init__(
+        self,
+        role: str,
+        endpoint: str,
+        reason: str,
+        *,
+        connect: bool = False,
+        fix: str | None = None,
+    ) -> None:
         self.role = role
         self.endpoint = endpoint
         self.reason = reason
-        if connect:
+        if fix is not None:
+            verb = "connect to" if connect else "bind"
+        elif connect:
             fix = "check the address (tcp://HOST:PORT or ipc://PATH)"
             verb = "connect to"
         else:
@@ -306,3 +318,12 @@ class ConfigError(ShmcastError, ValueError):
         self.source = source
         where = f" in {source}" if source else ""
         super().__init__(f"bad value for {field!r}{where}: {message}")
+
+
+class MissingExtraError(ShmcastError, ImportError):
+    def __init__(self, extra: str, feature: str, package: str) -> None:
+        self.extra = extra
+        self.feature = feature
+        super().__init__(
+            f"{feature} needs {package}, which is not installed: pip install 'shmcast[{extra}]'"
+        )

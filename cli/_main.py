@@ -15,6 +15,7 @@ from types import ModuleType
 from shmcast.broker.errors import ConfigError, InvalidNameError, ShmcastError
 
 from . import (
+    _cmd_bridge,
     _cmd_broker,
     _cmd_demo,
     _cmd_doctor,
@@ -37,6 +38,7 @@ COMMANDS: tuple[tuple[str, ModuleType], ...] = (
     ("demo", _cmd_demo),
     ("doctor", _cmd_doctor),
     ("relay", _cmd_relay),
+    ("bridge", _cmd_bridge),
 )
 
 EPILOG = """\

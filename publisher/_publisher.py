@@ -126,30 +126,40 @@ class Publisher:
     def closed(self) -> bool:
         return self._closed
 
-    def publish(self, array: npt.NDArray[Any], *, version: int | None = None) -> int:
+    def publish(
+        self,
+        array: npt.NDArray[Any],
+        *,
+        version: int | None = None,
+        timestamp_ns: int | None = None,
+    ) -> int:
         """Copy ``array`` in as the next version, announce it, return its number.
 
-        ``version`` commits exactly that number (newer than the latest), as a relay does.
+        ``version`` commits exactly that number (newer than the latest), as a relay
+        does; ``timestamp_ns`` records that commit time (wall clock) instead of now,
+        as a bridge does for its upstream's versions.
 
         Raises:
             ArrayMismatchError: wrong dtype or shape (nothing is published).
         """
-        v = self.segment.write(array, version=version)
-        self._announce(v)
+        v = self.segment.write(array, version=version, timestamp_ns=timestamp_ns)
+        self._announce(v, timestamp_ns)
         return v
 
     @contextlib.contextmanager
-    def loan(self, *, version: int | None = None) -> Iterator[npt.NDArray[Any]]:
+    def loan(
+        self, *, version: int | None = None, timestamp_ns: int | None = None
+    ) -> Iterator[npt.NDArray[Any]]:
         """Yield the next slot as a writable array; commit and announce on exit.
 
         If the block raises, nothing is published. ``version`` as in :meth:`publish`.
         """
         seg = self.segment
-        with seg.loan(version=version) as arr:
+        with seg.loan(version=version, timestamp_ns=timestamp_ns) as arr:
             yield arr
-        self._announce(seg.version)
+        self._announce(seg.version, timestamp_ns)
 
-    def _announce(self, version: int) -> None:
+    def _announce(self, version: int, timestamp_ns: int | None = None) -> None:
         if not self.announce:
             return
         client = self._client
@@ -157,7 +167,8 @@ class Publisher:
         # One-way and non-blocking: a slow or absent broker never stalls the writer.
         # Readers still find the version in the header; the broker's next tick
         # announces versions whose commit message was dropped.
-        if not client.send("commit", name=self.name, version=version, ts=time.time_ns()):
+        ts = time.time_ns() if timestamp_ns is None else timestamp_ns
+        if not client.send("commit", name=self.name, version=version, ts=ts):
             self.announcements_dropped += 1
 
     def close(self) -> None:

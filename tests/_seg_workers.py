@@ -141,7 +141,24 @@ def reader(name: str, target: str, seconds: str) -> None:
     )
 
 
+def tiny_writer(name: str) -> None:
+    """Loan-and-commit tiny versions flat out until stdin closes (the fastest writer)."""
+    import threading
+
+    seg = Segment.attach(name, writable=True)
+    done = threading.Event()
+    threading.Thread(target=lambda: (_block_until_stdin_closes(), done.set()), daemon=True).start()
+    _say("READY")
+    n = 0
+    while not done.is_set():
+        with seg.loan() as arr:
+            arr.fill(n)
+        n += 1
+    seg.close()
+
+
 ROLES = {
+    "tiny-writer": tiny_writer,
     "hold": hold,
     "half-loan": half_loan,
     "half-loan-skipping": half_loan_skipping,

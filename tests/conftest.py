@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -57,3 +58,12 @@ def namespace(monkeypatch: pytest.MonkeyPatch) -> str:
     ns = unique_namespace("t")
     monkeypatch.setenv("SHMCAST_NAMESPACE", ns)
     return ns
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the item (``item.rep_call``), for fixtures that
+    add what they know to a failure."""
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-EXPECTED = {"write", "read", "handoff", "latency", "stream", "fanout", "relay"}
+EXPECTED = {"write", "read", "handoff", "latency", "stream", "fanout", "relay", "bridge"}
 
 
 def _numbers(x: object) -> list[float]:

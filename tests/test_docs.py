@@ -9,9 +9,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_DIRS = ("broker", "publisher", "subscriber", "cli")
-DOCS = ["README.md", "docs/ARCHITECTURE.md", "docs/RELIABILITY.md", "docker/README.md",
-        "bench/README.md"]  # fmt: skip
+PACKAGE_DIRS = ("broker", "publisher", "subscriber", "bridge", "cli")
+DOCS = [
+    "README.md",
+    "docs/ARCHITECTURE.md",
+    "docs/RELIABILITY.md",
+    "docs/ZENOH.md",
+    "docker/README.md",
+    "bench/README.md",
+]
 
 
 @pytest.mark.parametrize("doc", DOCS)

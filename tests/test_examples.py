@@ -43,6 +43,7 @@ def _sample_names(collector: object) -> set[str]:
 def test_every_metric_the_readme_names_is_exported(namespace: str) -> None:
     import numpy as np
 
+    from shmcast.bridge import BridgeCollector, BridgeStats
     from shmcast.broker import Broker, BrokerConfig
     from shmcast.broker._metrics import BrokerCollector
     from shmcast.publisher import Publisher, Relay, RelayCollector, resolve_relay_config
@@ -58,10 +59,13 @@ def test_every_metric_the_readme_names_is_exported(namespace: str) -> None:
             for _ in sub.updates(timeout=2):
                 break
             relay = Relay(resolve_relay_config({"upstream": "tcp://127.0.0.1:1"}, environ={}))
+            counts = {"sent": 1, "skipped": 0, "torn": 0, "received": 1, "upstream_up": True}
+            bridge = BridgeStats(namespace, exported={"m": counts}, imported={"n": counts})
             exported = (
                 _sample_names(BrokerCollector(broker.stats, broker.data_stats))
                 | _sample_names(SubscriberCollector(sub))
                 | _sample_names(RelayCollector(relay))
+                | _sample_names(BridgeCollector(lambda: bridge))
             )
     finally:
         broker.close()

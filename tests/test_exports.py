@@ -21,11 +21,17 @@ import shmcast.broker.errors
 from shmcast.broker import ShmcastError
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ["shmcast.broker", "shmcast.publisher", "shmcast.subscriber", "shmcast.cli"]
+PACKAGES = [
+    "shmcast.broker",
+    "shmcast.publisher",
+    "shmcast.subscriber",
+    "shmcast.bridge",
+    "shmcast.cli",
+]
 #: Modules whose __all__ is checked against what they define or re-export.
 MODULES = ["shmcast.broker.client", "shmcast.broker.errors", "shmcast.cli.testing"]
 #: Directories of code that must use shmcast.broker's public names only.
-CLIENT_DIRS = ["publisher", "subscriber", "cli", "bench"]
+CLIENT_DIRS = ["publisher", "subscriber", "bridge", "cli", "bench"]
 
 
 def _ruff_key(name: str) -> tuple[int, str]:

@@ -45,7 +45,13 @@ def test_the_wheel_holds_only_shmcast(wheel: Path) -> None:
     top = {n.split("/")[0] for n in names}
     assert top == {"shmcast", next(t for t in top if t.endswith(".dist-info"))}
     packages = {n.rsplit("/", 1)[0] for n in names if n.startswith("shmcast/")}
-    assert packages == {"shmcast/broker", "shmcast/publisher", "shmcast/subscriber", "shmcast/cli"}
+    assert packages == {
+        "shmcast/broker",
+        "shmcast/publisher",
+        "shmcast/subscriber",
+        "shmcast/bridge",
+        "shmcast/cli",
+    }
     for pkg in packages:
         assert f"{pkg}/py.typed" in names, f"{pkg} ships no py.typed"
     assert not [n for n in names if "bench" in n or "/tests/" in n or n.startswith("tests/")]

@@ -125,6 +125,30 @@ def test_readers_go_on_when_a_writer_dies_mid_skip(seg: Segment) -> None:
         w.close()
 
 
+def test_a_fast_writer_never_makes_a_reader_report_a_stuck_slot(namespace: str) -> None:
+    """A writer committing tiny versions flat out and a reader looking at the latest
+    fell into lock-step: the latest-slot hint was always one commit ahead, and the
+    reader reported SlotStuckError against a healthy writer (13 in 3 s)."""
+    w = Segment.create("fast", np.float64, (8,), slots=2)
+    w.write(np.zeros(8))
+    w.close()
+    child = worker("tiny-writer", "fast")
+    try:
+        assert read_line(child, 20) == "READY"
+        with Segment.attach("fast") as r:
+            start = r.version
+            reads = 0
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                r.acquire()  # raised SlotStuckError before the fix
+                reads += 1
+            assert r.version > start + 1000  # the writer really raced us
+            assert reads > 1000
+    finally:
+        kill(child)
+        Segment.remove("fast")
+
+
 def _poke(namespace: str, name: str, word: int, value: int) -> None:
     """Write one u64 header word of an object, as a buggy or hostile writer would."""
     fd = os.open(shm_path(namespace, name), os.O_RDWR)

@@ -1,0 +1,726 @@
+"""The Zenoh bridge: a namespace's segments onto Eclipse Zenoh, and Zenoh's back into it.
+
+**Export.** Every segment of the local namespace whose name matches an
+``--export`` pattern is read as it is published (a futex wait on its header, as
+any local reader) and its latest version is ``put`` on ``shmcast/<ns>/<segment>``
+in the format of :mod:`._wire`, with a liveliness token and a queryable for late
+joiners. A bridge that falls behind skips to the latest version and counts what
+it skipped; nothing queues without bound. A segment recreated locally (a new
+incarnation) is exported afresh.
+
+**Import.** Every key matching an ``--import`` key expression is mirrored into
+the local segment of the same name: created with the announced dtype and shape
+through the local broker, written under the upstream's version numbers and
+commit times, so local readers read it zero-copy and cannot tell it from a local
+segment except by the catalog's ``source`` (``zenoh:<key>``) and
+``upstream_up``. Gaps in the versions are counted; a new incarnation upstream
+recreates the mirror (versions start over). A late joiner asks the queryable
+for the latest version as soon as the exporter's token appears.
+
+A bridge never imports what it exports itself, nor exports what it imported.
+Zenoh's own shared-memory transport is turned off unless a ``--config`` file
+says otherwise: shmcast already is the shared-memory path on each host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from shmcast.broker import (
+    MetricsServer,
+    Segment,
+    Service,
+    resolve_layers,
+    start_metrics_server,
+    wait_any,
+)
+from shmcast.broker.client import (
+    NAMESPACE_ENV,
+    ControlClient,
+    resolve_endpoint,
+    resolve_namespace,
+    validate_namespace,
+)
+from shmcast.broker.errors import (
+    ConfigError,
+    EndpointError,
+    MissingExtraError,
+    ShmcastError,
+    TornReadError,
+)
+from shmcast.publisher import Publisher
+
+from ._wire import KEY_ROOT, Frame, decode_attachment, encode_attachment, key_of, parse_key
+
+__all__ = [
+    "BridgeCollector",
+    "BridgeConfig",
+    "BridgeStats",
+    "ZenohBridge",
+    "resolve_bridge_config",
+]
+
+log = logging.getLogger(__name__)
+
+MODES = ("client", "peer", "router")
+#: Where a mirror says its data comes from (catalog ``source``).
+SOURCE_PREFIX = "zenoh:"
+
+
+def _load_zenoh() -> Any:
+    try:
+        import zenoh
+    except ImportError as exc:
+        raise MissingExtraError("zenoh", "shmcast bridge zenoh", "eclipse-zenoh") from exc
+    return zenoh
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    """What a Zenoh bridge needs, validated.
+
+    Args:
+        connect: Zenoh endpoints to connect to (``tcp/10.0.0.1:7447``, ``tls/...``).
+        listen: Zenoh endpoints to listen on (makes the bridge a peer unless ``mode``).
+        exports: fnmatch patterns of local segment names to export.
+        imports: Zenoh key expressions under ``shmcast/`` to import
+            (``shmcast/lab/*``, ``shmcast/*/frames``).
+        namespace: the local namespace (``None``: ``$SHMCAST_NAMESPACE`` or ``"default"``).
+        broker: the local broker's control endpoint (default: the namespace's ipc one).
+        zenoh_config: a Zenoh JSON5 configuration file (TLS, access control, ...);
+            the endpoints above are added to it.
+        mode: the Zenoh session mode; default ``client`` with only ``connect``,
+            ``peer`` with ``listen``.
+        slots: slots of the segments created for imports.
+        catalog_interval: seconds between looks at the local catalog (new,
+            deleted or recreated segments to export).
+        connect_timeout: seconds to reach a ``connect`` endpoint at start (an
+            unreachable or refusing router is an error then; once connected, a
+            lost link is retried for ever).
+        congestion: what exports do when a link is congested: ``drop`` (default:
+            that link misses versions, counted by its importers, and nobody else
+            slows down) or ``block`` (every importer waits for the slowest; for a
+            single lossless consumer).
+    """
+
+    connect: tuple[str, ...] = ()
+    listen: tuple[str, ...] = ()
+    exports: tuple[str, ...] = ()
+    imports: tuple[str, ...] = ()
+    namespace: str | None = None
+    broker: str | None = None
+    zenoh_config: str | None = None
+    mode: str | None = None
+    slots: int = 4
+    catalog_interval: float = 0.5
+    connect_timeout: float = 10.0
+    congestion: str = "drop"
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if self.namespace is not None:
+            validate_namespace(self.namespace)
+        if not self.connect and not self.listen and self.zenoh_config is None:
+            raise ConfigError("connect", "give --connect or --listen endpoints (or --config)")
+        if not self.exports and not self.imports:
+            raise ConfigError("export", "give --export patterns, --import key expressions, or both")
+        for expr in self.imports:
+            if not isinstance(expr, str) or not expr.startswith(f"{KEY_ROOT}/"):
+                raise ConfigError("import", f"{expr!r}: import key expressions under {KEY_ROOT}/")
+        if self.congestion not in ("drop", "block"):
+            raise ConfigError("congestion", f"{self.congestion!r}: use drop or block")
+        if self.mode is not None and self.mode not in MODES:
+            raise ConfigError("mode", f"{self.mode!r}: use one of {', '.join(MODES)}")
+        if not isinstance(self.slots, int) or not 2 <= self.slots <= 64:
+            raise ConfigError("slots", f"{self.slots!r}: use 2..64")
+        if self.metrics_port is not None and not (
+            isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535
+        ):
+            raise ConfigError("metrics_port", f"{self.metrics_port!r} is not a port (0-65535)")
+        if self.zenoh_config is not None and not os.path.isfile(self.zenoh_config):
+            raise ConfigError("config", f"no such Zenoh configuration file: {self.zenoh_config}")
+
+    @property
+    def session_mode(self) -> str:
+        return self.mode or ("peer" if self.listen else "client")
+
+
+_ENV = {"namespace": NAMESPACE_ENV, "broker": "SHMCAST_BROKER"}
+
+
+def resolve_bridge_config(
+    flags: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None
+) -> BridgeConfig:
+    """Flags, then ``SHMCAST_*`` environment, then defaults.
+
+    Raises:
+        ConfigError: naming the field that is wrong.
+    """
+
+    def coerce(name: str, value: Any, source: str | None) -> Any:
+        if name in ("connect", "listen", "exports", "imports") and isinstance(value, list):
+            return tuple(value)
+        return value
+
+    return resolve_layers(BridgeConfig, flags, env_names=_ENV, environ=environ, coerce=coerce)
+
+
+@dataclass
+class _Export:
+    name: str
+    key: str
+    seg: Segment
+    incarnation: int
+    pub: Any
+    token: Any
+    queryable: Any
+    last: int = 0
+    sent: int = 0
+    skipped: int = 0
+    torn: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class _Mirror:
+    name: str
+    key: str
+    incarnation: int
+    layout: tuple[str, tuple[int, ...]]
+    pub: Publisher
+    last: int = 0
+    received: int = 0
+    skipped: int = 0
+    stale: int = 0
+    bytes: int = 0
+    upstream_up: bool = True
+
+
+@dataclass(frozen=True)
+class BridgeStats:
+    """A snapshot of a bridge's counters (metrics are built from it at scrape time)."""
+
+    namespace: str
+    exported: dict[str, dict[str, int]] = field(default_factory=dict)
+    imported: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bad_samples: int = 0
+    conflicts: int = 0
+
+
+class ZenohBridge(Service):
+    """The bridge service: :meth:`run` serves until :meth:`stop` (or :meth:`start`
+    in a thread and :meth:`close`), as every shmcast service.
+
+    Args:
+        config: a :class:`BridgeConfig`.
+    """
+
+    def __init__(self, config: BridgeConfig) -> None:
+        self.config = config
+        self.namespace = resolve_namespace(config.namespace)
+        super().__init__(f"zenoh bridge of namespace {self.namespace!r}")
+        self._lock = threading.Lock()
+        self._exports: dict[str, _Export] = {}
+        self._mirrors: dict[str, _Mirror] = {}
+        self._import_lock = threading.Lock()
+        self._import_client: ControlClient | None = None
+        self._session: Any = None
+        self._zenoh: Any = None
+        self.bad_samples = 0
+        self.conflicts = 0
+        self.metrics_url: str | None = None
+
+    # ------------------------------------------------------------------ public
+
+    def stats(self) -> BridgeStats:
+        with self._lock:
+            exported = {
+                n: {
+                    "sent": e.sent,
+                    "skipped": e.skipped,
+                    "torn": e.torn,
+                    "bytes": e.bytes,
+                    "version": e.last,
+                }
+                for n, e in self._exports.items()
+            }
+        with self._import_lock:
+            imported = {
+                n: {
+                    "received": m.received,
+                    "skipped": m.skipped,
+                    "stale": m.stale,
+                    "bytes": m.bytes,
+                    "version": m.last,
+                    "upstream_up": m.upstream_up,
+                    "key": m.key,
+                }
+                for n, m in self._mirrors.items()
+            }
+        return BridgeStats(
+            namespace=self.namespace,
+            exported=exported,
+            imported=imported,
+            bad_samples=self.bad_samples,
+            conflicts=self.conflicts,
+        )
+
+    def run(self, on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Serve until :meth:`stop`; ``on_ready`` gets the ready information.
+
+        Raises:
+            MissingExtraError: eclipse-zenoh is not installed (``shmcast[zenoh]``).
+            BrokerUnavailableError: the local broker does not answer.
+            EndpointError: Zenoh could not open a session on the endpoints.
+            ClosedError: the bridge was closed, or has served already.
+        """
+        super().run(on_ready)
+
+    # ------------------------------------------------------------------ serving
+
+    def _serve_all(self, on_ready: Callable[[dict[str, Any]], None] | None) -> None:
+        cfg = self.config
+        zenoh = _load_zenoh()
+        self._zenoh = zenoh
+        endpoint = resolve_endpoint(cfg.broker, self.namespace)
+        client: ControlClient | None = None
+        declared: list[Any] = []
+        metrics: MetricsServer | None = None
+        try:
+            client = ControlClient(endpoint, timeout=5.0)
+            client.request("hello")
+            self._import_client = ControlClient(endpoint, timeout=5.0)
+            try:
+                self._session = zenoh.open(self._zenoh_config(zenoh))
+            except zenoh.ZError as exc:
+                where = ", ".join(cfg.connect or cfg.listen) or "the configured endpoints"
+                raise EndpointError(
+                    "zenoh",
+                    where,
+                    str(exc),
+                    connect=bool(cfg.connect),
+                    fix="check that the router runs there and accepts this bridge "
+                    "(TLS certificates and keys go in --config)",
+                ) from exc
+            # Callbacks run on Zenoh's own thread (indirect=False): no hand-off to
+            # a Python thread per sample, and nothing left to join at exit. They
+            # are short: a copy into the slot, or a non-blocking get.
+            handler = zenoh.handlers.Callback
+            for expr in cfg.imports:
+                declared.append(
+                    self._session.declare_subscriber(expr, handler(self._on_sample, indirect=False))
+                )
+                declared.append(
+                    self._session.liveliness().declare_subscriber(
+                        expr, handler(self._on_liveliness, indirect=False), history=True
+                    )
+                )
+            if cfg.metrics_port is not None:
+                registry = CollectorRegistry(auto_describe=True)
+                registry.register(BridgeCollector(self.stats))
+                metrics = start_metrics_server(registry, cfg.metrics_port, host=cfg.metrics_host)
+                self.metrics_url = metrics.url
+            self._sync_exports(client)
+            self._set_ready(
+                on_ready,
+                {
+                    "namespace": self.namespace,
+                    "pid": os.getpid(),
+                    "zid": str(self._session.zid()),
+                    "mode": cfg.session_mode,
+                    "connect": list(cfg.connect),
+                    "listen": list(cfg.listen),
+                    "exports": list(cfg.exports),
+                    "imports": list(cfg.imports),
+                    "broker": endpoint,
+                    "metrics": self.metrics_url,
+                },
+            )
+            self._export_loop(client)
+        finally:
+            for entity in declared:
+                with contextlib.suppress(Exception):
+                    entity.undeclare()
+            with self._lock:
+                exports = list(self._exports.values())
+                self._exports.clear()
+            for e in exports:
+                self._drop_export(e)
+            with self._import_lock:
+                mirrors = list(self._mirrors.values())
+                self._mirrors.clear()
+                for m in mirrors:
+                    with contextlib.suppress(Exception):
+                        m.pub.close()
+                if self._import_client is not None:
+                    self._import_client.close()
+            if self._session is not None:
+                with contextlib.suppress(Exception):
+                    self._session.close()
+            if client is not None:
+                client.close()
+            if metrics is not None:
+                metrics.close()
+
+    def _zenoh_config(self, zenoh: Any) -> Any:
+        cfg = self.config
+        if cfg.zenoh_config is not None:
+            conf = zenoh.Config.from_file(cfg.zenoh_config)
+        else:
+            conf = zenoh.Config()
+            # Explicit endpoints only, and no Zenoh shared memory: shmcast is that.
+            conf.insert_json5("scouting/multicast/enabled", "false")
+            conf.insert_json5("scouting/gossip/enabled", "false")
+            conf.insert_json5("transport/shared_memory/enabled", "false")
+        conf.insert_json5("mode", json.dumps(cfg.session_mode))
+        if cfg.connect:
+            conf.insert_json5("connect/endpoints", json.dumps(list(cfg.connect)))
+            # A router that cannot be reached (or refuses us) at start is an error;
+            # a link lost later is retried quickly and for ever.
+            conf.insert_json5("connect/timeout_ms", str(int(cfg.connect_timeout * 1000)))
+            conf.insert_json5(
+                "connect/retry",
+                json.dumps(
+                    {"period_init_ms": 250, "period_max_ms": 1000, "period_increase_factor": 2}
+                ),
+            )
+        if cfg.listen:
+            conf.insert_json5("listen/endpoints", json.dumps(list(cfg.listen)))
+        return conf
+
+    # ------------------------------------------------------------------ export
+
+    def _wants_export(self, entry: Mapping[str, Any]) -> bool:
+        name = str(entry.get("name", ""))
+        if str(entry.get("source", "")).startswith(SOURCE_PREFIX):
+            return False  # a mirror of our own imports: never sent back
+        return any(fnmatch.fnmatchcase(name, p) for p in self.config.exports)
+
+    def _export_loop(self, client: ControlClient) -> None:
+        interval = self.config.catalog_interval
+        next_sync = time.monotonic() + interval
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_sync:
+                self._sync_exports(client)
+                next_sync = now + interval
+            with self._lock:
+                exports = list(self._exports.values())
+            left = max(0.0, min(0.1, next_sync - time.monotonic()))
+            if not exports:
+                self._stop.wait(left)
+                continue
+            try:
+                wait_any([e.seg for e in exports], [e.last for e in exports], left)
+            except ShmcastError:  # a segment closed under us by a re-sync
+                continue
+            for e in exports:
+                self._export_latest(e)
+
+    def _sync_exports(self, client: ControlClient) -> None:
+        """Start, stop or restart exports as the local catalog says."""
+        if not self.config.exports:
+            return
+        try:
+            entries = client.request("list", timeout=2.0)["segments"]
+        except ShmcastError as exc:
+            log.debug("catalog not available: %s", exc)
+            return
+        wanted = {str(e["name"]): e for e in entries if self._wants_export(e)}
+        with self._lock:
+            current = dict(self._exports)
+        for name, e in current.items():
+            inc = wanted.get(name, {}).get("incarnation")
+            if name not in wanted or (inc and inc != e.incarnation):
+                with self._lock:
+                    self._exports.pop(name, None)
+                self._drop_export(e)  # its token goes: importers see the loss
+        for name in wanted:
+            if name not in self._exports:
+                self._add_export(name)
+
+    def _add_export(self, name: str) -> None:
+        try:
+            seg = Segment.attach(name, namespace=self.namespace, prefault=False, wait=0.2)
+        except ShmcastError as exc:
+            log.warning("cannot export %s: %s", name, exc)
+            return
+        key = key_of(self.namespace, name)
+        session = self._session
+        zenoh = self._zenoh
+        try:
+            pub = session.declare_publisher(
+                key,
+                encoding=zenoh.Encoding.APPLICATION_OCTET_STREAM,
+                congestion_control=(
+                    zenoh.CongestionControl.BLOCK
+                    if self.config.congestion == "block"
+                    else zenoh.CongestionControl.DROP
+                ),
+            )
+            queryable = session.declare_queryable(
+                key, zenoh.handlers.Callback(self._on_query, indirect=False), complete=True
+            )
+            token = session.liveliness().declare_token(key)
+        except Exception:
+            seg.close()
+            raise
+        e = _Export(name, key, seg, seg.incarnation, pub, token, queryable)
+        # A late start exports from the current version on; earlier ones are history.
+        e.last = max(0, seg.version - 1)
+        with self._lock:
+            self._exports[name] = e
+        log.info("exporting %s as %s", name, key)
+
+    def _drop_export(self, e: _Export) -> None:
+        for entity in (e.token, e.queryable, e.pub):
+            with contextlib.suppress(Exception):
+                entity.undeclare()
+        e.seg.close()
+
+    def _export_latest(self, e: _Export) -> None:
+        """Put the latest version (latest value: versions committed meanwhile are
+        skipped and counted)."""
+        try:
+            latest = e.seg.version
+            if latest <= e.last:
+                return
+            payload, att, version = self._read_latest(e)
+        except TornReadError:
+            e.torn += 1
+            return
+        except ShmcastError:
+            return
+        e.pub.put(payload, attachment=att)
+        with self._lock:
+            if e.last and version > e.last + 1:
+                e.skipped += version - e.last - 1
+            e.last = version
+            e.sent += 1
+            e.bytes += len(payload)
+
+    def _read_latest(self, e: _Export) -> tuple[bytes, bytes, int]:
+        seg = e.seg
+        with seg.read() as snap:
+            payload = snap.array.tobytes()  # the one copy: C order, into Zenoh's hands
+            version, ts = snap.version, snap.timestamp_ns
+        # Only now, validated: the bytes are the version's.
+        att = encode_attachment(version, ts, seg.dtype, seg.shape, e.incarnation)
+        return payload, att, version
+
+    def _on_query(self, query: Any) -> None:
+        """A late joiner asks for the latest version (Zenoh's thread)."""
+        with query:
+            try:
+                namespace, name = parse_key(str(query.key_expr))
+            except (ValueError, ShmcastError):
+                return
+            with self._lock:
+                e = self._exports.get(name)
+            if e is None or namespace != self.namespace:
+                return
+            try:
+                payload, att, _ = self._read_latest(e)
+            except ShmcastError:
+                return  # nothing yet, torn or closed: the live stream will do
+            query.reply(e.key, payload, attachment=att)
+
+    # ------------------------------------------------------------------ import
+
+    def _on_liveliness(self, sample: Any) -> None:
+        key = str(sample.key_expr)
+        alive = sample.kind == self._zenoh.SampleKind.PUT
+        try:
+            _, name = parse_key(key)
+        except (ValueError, ShmcastError):
+            return
+        with self._import_lock:
+            m = self._mirrors.get(name)
+            if m is not None and m.key == key and m.upstream_up != alive:
+                m.upstream_up = alive
+                self._annotate(m)
+        if alive and not self._stop.is_set():
+            # Never block in a Zenoh callback: the reply comes to _on_reply.
+            with contextlib.suppress(Exception):
+                self._session.get(
+                    key, self._zenoh.handlers.Callback(self._on_reply, indirect=False), timeout=5.0
+                )
+
+    def _on_reply(self, reply: Any) -> None:
+        sample = getattr(reply, "ok", None)
+        if sample is not None:
+            self._apply(sample, live=False)
+
+    def _on_sample(self, sample: Any) -> None:
+        if sample.kind == self._zenoh.SampleKind.PUT:
+            self._apply(sample, live=True)
+
+    def _apply(self, sample: Any, *, live: bool) -> None:
+        if self._stop.is_set():
+            return
+        key = str(sample.key_expr)
+        try:
+            namespace, name = parse_key(key)
+            if sample.attachment is None:
+                raise ValueError("no attachment")
+            frame = decode_attachment(sample.attachment.to_bytes())
+            payload = sample.payload.to_bytes()
+            if len(payload) != frame.nbytes:
+                raise ValueError(f"{len(payload)} payload bytes for a {frame.nbytes}-byte array")
+        except (ValueError, ShmcastError) as exc:
+            self.bad_samples += 1
+            log.debug("bad sample on %s: %s", key, exc)
+            return
+        if namespace == self.namespace and name in self._exports:
+            return  # our own export coming back
+        with self._import_lock:
+            m = self._mirror(key, name, frame, live=live)
+            if m is None:
+                return
+            if frame.version <= m.last:
+                m.stale += 1
+                return
+            array = np.frombuffer(payload, dtype=frame.dtype).reshape(frame.shape)
+            m.pub.publish(array, version=frame.version, timestamp_ns=frame.timestamp_ns)
+            if m.last and frame.version > m.last + 1:
+                m.skipped += frame.version - m.last - 1
+            m.last = frame.version
+            m.received += 1
+            m.bytes += len(payload)
+
+    def _mirror(self, key: str, name: str, frame: Frame, *, live: bool) -> _Mirror | None:
+        """The local segment of ``key``, created or recreated as ``frame`` says.
+        Called with the import lock held."""
+        layout = (
+            frame.dtype.str if frame.dtype.fields is None else str(frame.dtype.descr),
+            frame.shape,
+        )
+        m = self._mirrors.get(name)
+        if m is not None:
+            if m.key != key:
+                self.conflicts += 1  # two upstreams for one local name: the first wins
+                return None
+            if m.incarnation == frame.incarnation and m.layout == layout:
+                return m
+            if not live:
+                return None  # a reply from before the new incarnation: ignore it
+            log.info("%s: new incarnation upstream; recreating the mirror", key)
+            del self._mirrors[name]
+            m.pub.close()
+            if self._import_client is not None:
+                with contextlib.suppress(ShmcastError):
+                    self._import_client.request("delete", name=name)
+        try:
+            pub = Publisher(
+                name,
+                dtype=frame.dtype,
+                shape=frame.shape,
+                slots=self.config.slots,
+                namespace=self.namespace,
+                broker=self.config.broker,
+                source=f"{SOURCE_PREFIX}{key}",
+            )
+        except ShmcastError as exc:
+            log.error("cannot mirror %s into %s: %s", key, name, exc)
+            self.conflicts += 1
+            return None
+        m = _Mirror(name, key, frame.incarnation, layout, pub)
+        self._mirrors[name] = m
+        return m
+
+    def _annotate(self, m: _Mirror) -> None:
+        """Tell the local catalog whether the upstream is up (``upstream_up``)."""
+        client = self._import_client
+        if client is None:
+            return
+        seg = m.pub.segment
+        try:
+            client.request(
+                "create",
+                timeout=1.0,
+                name=m.name,
+                dtype=seg.info().dtype,
+                shape=list(seg.shape),
+                slots=seg.slots,
+                source=f"{SOURCE_PREFIX}{m.key}",
+                upstream_up=m.upstream_up,
+            )
+        except ShmcastError as exc:
+            log.warning("cannot update the catalog entry of %s: %s", m.name, exc)
+
+
+class BridgeCollector(Collector):
+    """Exports ``shmcast_bridge_*`` metrics of one bridge.
+
+    Args:
+        stats: returns the bridge's counters (called at each scrape).
+    """
+
+    def __init__(self, stats: Callable[[], BridgeStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._stats()
+        labels = ["namespace", "segment"]
+        out = {
+            "sent": CounterMetricFamily(
+                "shmcast_bridge_exported_versions", "Versions put on Zenoh", labels=labels
+            ),
+            "out_skipped": CounterMetricFamily(
+                "shmcast_bridge_export_skipped_versions",
+                "Local versions never put (the bridge read the latest instead)",
+                labels=labels,
+            ),
+            "torn": CounterMetricFamily(
+                "shmcast_bridge_export_torn_reads",
+                "Exports abandoned because the writer overwrote the slot during the copy",
+                labels=labels,
+            ),
+            "received": CounterMetricFamily(
+                "shmcast_bridge_imported_versions", "Versions written into mirrors", labels=labels
+            ),
+            "in_skipped": CounterMetricFamily(
+                "shmcast_bridge_import_skipped_versions",
+                "Upstream versions that never arrived (gaps in the version numbers)",
+                labels=labels,
+            ),
+        }
+        up = GaugeMetricFamily(
+            "shmcast_bridge_upstream_up",
+            "1 while the exporter of an imported segment is alive (its liveliness token)",
+            labels=labels,
+        )
+        ns = st.namespace
+        for name, c in sorted(st.exported.items()):
+            out["sent"].add_metric([ns, name], c["sent"])
+            out["out_skipped"].add_metric([ns, name], c["skipped"])
+            out["torn"].add_metric([ns, name], c["torn"])
+        for name, c in sorted(st.imported.items()):
+            out["received"].add_metric([ns, name], c["received"])
+            out["in_skipped"].add_metric([ns, name], c["skipped"])
+            up.add_metric([ns, name], 1.0 if c["upstream_up"] else 0.0)
+        yield from out.values()
+        yield up
+        bad = CounterMetricFamily(
+            "shmcast_bridge_bad_samples",
+            "Samples that were not shmcast frames",
+            labels=["namespace"],
+        )
+        bad.add_metric([ns], st.bad_samples)
+        yield bad

@@ -1,0 +1,85 @@
+"""``shmcast bridge zenoh``: export local segments onto Eclipse Zenoh, import them back."""
+
+from __future__ import annotations
+
+import argparse
+
+from shmcast.bridge import ZenohBridge, resolve_bridge_config
+
+from ._options import add_broker_option
+from ._runner import serve
+
+READY = "shmcast bridge ready: "
+HELP = "bridge segments onto Eclipse Zenoh (many hosts, routers, any Zenoh client) and back"
+EXAMPLES = """\
+examples:
+  shmcast bridge zenoh --connect tcp/10.0.0.9:7447 --export 'frames*'
+        host A: put every version of frames* on shmcast/<namespace>/<segment>
+  shmcast bridge zenoh --connect tcp/10.0.0.9:7447 --import 'shmcast/lab/*' -n lab
+        host B: mirror every segment of namespace lab into local segments
+  shmcast bridge zenoh --listen tcp/0.0.0.0:7447 --export ticks --import 'shmcast/*/frames'
+        a peer that both exports and imports
+  shmcast bridge zenoh --config zenoh.json5 --import 'shmcast/lab/*'
+        TLS, access control, routers: a Zenoh JSON5 configuration
+
+Needs the zenoh extra: pip install 'shmcast[zenoh]'. The wire format (key,
+payload, attachment) is in docs/ZENOH.md. Prints 'shmcast bridge ready: {json}'.
+SIGTERM, SIGINT or SIGHUP stop it; its imported segments stay with the broker.
+"""
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("transport", choices=["zenoh"], help="the routing engine")
+    p.add_argument("--connect", nargs="+", metavar="ENDPOINT", help="Zenoh endpoints to join")
+    p.add_argument("--listen", nargs="+", metavar="ENDPOINT", help="Zenoh endpoints to listen on")
+    p.add_argument("--export", nargs="+", metavar="PATTERN", help="local segments to export")
+    p.add_argument(
+        "--import",
+        dest="imports",
+        nargs="+",
+        metavar="KEYEXPR",
+        help="Zenoh key expressions to import, e.g. 'shmcast/lab/*'",
+    )
+    p.add_argument("--config", metavar="ZENOH_JSON5", help="a Zenoh configuration file")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="S",
+        help="seconds to reach --connect at start (10); later losses are retried for ever",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["client", "peer", "router"],
+        help="Zenoh session mode (default: client with --connect only, peer with --listen)",
+    )
+    p.add_argument("--slots", type=int, help="slots of the segments made for imports (4)")
+    p.add_argument(
+        "--congestion",
+        choices=["drop", "block"],
+        help="exports on a congested link: drop (default: only that link misses versions) "
+        "or block (everyone waits for the slowest)",
+    )
+    add_broker_option(p, "the local broker's")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
+    p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (127.0.0.1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    flags = {
+        "namespace": args.namespace,
+        "connect": args.connect,
+        "listen": args.listen,
+        "exports": args.export,
+        "imports": args.imports,
+        "zenoh_config": args.config,
+        "mode": args.mode,
+        "slots": args.slots,
+        "congestion": args.congestion,
+        "connect_timeout": args.connect_timeout,
+        "broker": args.broker,
+        "metrics_port": args.metrics_port,
+        "metrics_host": args.metrics_host,
+    }
+    config = resolve_bridge_config(flags)  # ConfigError: exit 2
+    serve(ZenohBridge(config), READY)
+    return 0

@@ -1,0 +1,381 @@
+"""The Zenoh bridge on one host: wire format, late joiners, incarnations, loops,
+upstream loss, TLS client authentication, and the missing extra.
+
+Two namespaces on this host stand for two hosts, joined through a Zenoh router
+on 127.0.0.1 (the multi-host test is tests/test_bridge_netns.py).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shmcast.bridge import (
+    BridgeConfig,
+    ZenohBridge,
+    decode_attachment,
+    encode_attachment,
+    key_of,
+    parse_key,
+)
+from shmcast.broker import Broker, BrokerConfig, ConfigError, Segment, ShmcastError
+from shmcast.broker.client import ControlClient
+from shmcast.cli._main import main
+from shmcast.cli.testing import unique_namespace, wait_for
+from shmcast.publisher import Publisher
+
+zenoh = pytest.importorskip("zenoh", reason="eclipse-zenoh (the zenoh extra) is not installed")
+
+PEER = ["-m", "tests._bridge_peer"]
+TICK = np.dtype([("ts", "<i8"), ("bid", "<f8"), ("sym", "S8")])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def router() -> Iterator[str]:
+    """A Zenoh router on loopback; yields its endpoint."""
+    endpoint = f"tcp/127.0.0.1:{_free_port()}"
+    conf = {
+        "mode": "router",
+        "listen": {"endpoints": [endpoint]},
+        "scouting": {"multicast": {"enabled": False}, "gossip": {"enabled": False}},
+        "transport": {"shared_memory": {"enabled": False}},
+    }
+    session = zenoh.open(zenoh.Config.from_json5(json.dumps(conf)))
+    try:
+        yield endpoint
+    finally:
+        session.close()
+
+
+@pytest.fixture
+def two_sides() -> Iterator[tuple[str, str]]:
+    """Two namespaces with a broker each: the exporting side and the importing side."""
+    a, b = unique_namespace("za"), unique_namespace("zb")
+    with Broker(BrokerConfig(namespace=a)).start(), Broker(BrokerConfig(namespace=b)).start():
+        yield a, b
+
+
+def _bridge(router: str, namespace: str, **kw: Any) -> ZenohBridge:
+    return ZenohBridge(BridgeConfig(connect=(router,), namespace=namespace, **kw)).start(30)
+
+
+def _entry(namespace: str, name: str) -> dict[str, Any]:
+    with ControlClient(f"ipc://{_runtime(namespace)}/control.sock") as c:
+        return dict(c.request("describe", name=name))
+
+
+def _publish_until(pub: Publisher, array: Any, done: Any, what: str, timeout: float = 20) -> None:
+    """Publish ``array`` every 20 ms until ``done()`` (the far side needs traffic)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pub.publish(array)
+        if done():
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _runtime(namespace: str) -> Path:
+    from shmcast.broker.client import runtime_dir
+
+    return runtime_dir(namespace)
+
+
+# ---------------------------------------------------------------------------- wire
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape"), [(np.dtype("<u2"), (4, 8)), (TICK, (16,)), (np.dtype(">f4"), (3,))]
+)
+def test_the_attachment_round_trips(dtype: np.dtype[Any], shape: tuple[int, ...]) -> None:
+    frame = decode_attachment(encode_attachment(7, 123, dtype, shape, 99))
+    assert (frame.version, frame.timestamp_ns, frame.incarnation) == (7, 123, 99)
+    assert frame.dtype == dtype
+    assert frame.shape == shape
+    assert frame.nbytes == dtype.itemsize * int(np.prod(shape))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\xc1",
+        b"\x93\x01\x02\x03",
+        encode_attachment(1, 1, np.dtype("u1"), (1,), 1).replace(b"version", b"versiom"),
+        __import__("msgpack").packb(
+            {"version": -1, "timestamp_ns": 0, "incarnation": 1, "dtype": "u1", "shape": [1]}
+        ),
+        __import__("msgpack").packb(
+            {"version": 1, "timestamp_ns": 0, "incarnation": 1, "dtype": "O", "shape": [1]}
+        ),
+        __import__("msgpack").packb(
+            {"version": 1, "timestamp_ns": 0, "incarnation": 1, "dtype": "u1", "shape": [-1]}
+        ),
+        b"\x00" * 70_000,
+    ],
+)
+def test_bad_attachments_are_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - the message varies with the fault
+        decode_attachment(raw)
+
+
+def test_keys_are_checked() -> None:
+    assert parse_key(key_of("lab", "frames.v1-raw_0")) == ("lab", "frames.v1-raw_0")
+    for bad in ("shmcast/lab", "other/lab/frames", "shmcast/lab/frames/x", "shmcast/l b/f"):
+        with pytest.raises(ValueError):  # noqa: PT011
+            parse_key(bad)
+
+
+# ---------------------------------------------------------------------------- flows
+
+
+def test_versions_timestamps_and_records_cross(router: str, two_sides: tuple[str, str]) -> None:
+    a, b = two_sides
+    with Publisher("ticks", dtype=TICK, shape=(16,), namespace=a) as pub:
+        exp = _bridge(router, a, exports=("ticks",))
+        imp = _bridge(router, b, imports=(f"shmcast/{a}/*",))
+        try:
+            arr = np.zeros(16, TICK)
+            _publish_until(pub, arr, lambda: bool(imp.stats().imported), "a mirror")
+            for _ in range(20):
+                arr["bid"] += 1.5
+                pub.publish(arr)
+            wait_for(lambda: Segment.list(b) == ["ticks"], 10, what="the mirror")
+            with Segment.attach("ticks", namespace=b) as mirror:
+                wait_for(lambda: mirror.version == pub.version, 10, what="the last version")
+                snap = mirror.latest()
+                with Segment.attach("ticks", namespace=a) as source:
+                    src = source.latest()
+                assert snap.array.tobytes() == src.array.tobytes()  # bit-identical records
+                assert snap.timestamp_ns == src.timestamp_ns  # the upstream's commit time
+            entry = _entry(b, "ticks")
+            assert entry["source"] == f"zenoh:shmcast/{a}/ticks"
+        finally:
+            imp.close()
+            exp.close()
+
+
+def test_a_late_joiner_starts_from_the_latest_at_once(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    a, b = two_sides
+    with Publisher("frames", dtype="u2", shape=(64, 64), namespace=a) as pub:
+        exp = _bridge(router, a, exports=("frames",))
+        try:
+            for v in range(1, 6):
+                pub.publish(np.full((64, 64), v, np.uint16))
+            # The publisher is idle from here on: only the queryable can serve version 5.
+            imp = _bridge(router, b, imports=(f"shmcast/{a}/frames",))
+            try:
+                wait_for(lambda: Segment.list(b) == ["frames"], 10, what="the mirror")
+                with Segment.attach("frames", namespace=b) as mirror:
+                    wait_for(lambda: mirror.version == 5, 10, what="version 5 by query")
+                    assert (mirror.latest().array == 5).all()
+            finally:
+                imp.close()
+        finally:
+            exp.close()
+
+
+def test_a_recreated_segment_is_followed(router: str, two_sides: tuple[str, str]) -> None:
+    a, b = two_sides
+    exp = _bridge(router, a, exports=("s",), catalog_interval=0.1)
+    imp = _bridge(router, b, imports=(f"shmcast/{a}/*",))
+    try:
+        with Publisher("s", dtype="u1", shape=(8,), namespace=a) as pub:
+            for _ in range(30):
+                pub.publish(np.full(8, 3, np.uint8))
+            wait_for(lambda: imp.stats().imported.get("s", {}).get("version") == 30, 20, what="v30")
+        with ControlClient(f"ipc://{_runtime(a)}/control.sock") as c:
+            c.request("delete", name="s")
+        # Created again with another layout: versions start over at 1.
+        with Publisher("s", dtype="f8", shape=(2, 2), namespace=a) as pub:
+            _publish_until(
+                pub,
+                np.full((2, 2), 0.5),
+                lambda: _mirror_layout(b) == ("<f8", (2, 2)),
+                "the mirror recreated with the new layout",
+            )
+            with Segment.attach("s", namespace=b) as mirror:
+                assert mirror.version < 30  # started over
+                assert (mirror.latest().array == 0.5).all()
+    finally:
+        imp.close()
+        exp.close()
+
+
+def _mirror_layout(namespace: str) -> tuple[str, tuple[int, ...]] | None:
+    try:
+        with Segment.attach("s", namespace=namespace) as seg:
+            return seg.dtype.str, seg.shape
+    except ShmcastError:
+        return None  # between the delete and the new creation
+
+
+def test_a_bridge_never_imports_its_own_exports(router: str, two_sides: tuple[str, str]) -> None:
+    a, _ = two_sides
+    with Publisher("loop", dtype="u1", shape=(8,), namespace=a) as pub:
+        both = _bridge(router, a, exports=("*",), imports=(f"shmcast/{a}/*",))
+        try:
+            for _ in range(20):
+                pub.publish(np.zeros(8, np.uint8))
+            wait_for(lambda: both.stats().exported.get("loop", {}).get("sent", 0) >= 1, 10)
+            time.sleep(0.5)  # let any echo arrive: there must be none to count
+            st = both.stats()
+            assert st.imported == {}
+            assert _entry(a, "loop")["source"] == "local"
+        finally:
+            both.close()
+
+
+def test_the_loss_of_an_exporter_shows_in_the_catalog(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    a, b = two_sides
+    with Publisher("f", dtype="u1", shape=(8,), namespace=a) as pub:
+        exp = _bridge(router, a, exports=("f",))
+        imp = _bridge(router, b, imports=(f"shmcast/{a}/f",))
+        try:
+            pub.publish(np.zeros(8, np.uint8))
+            wait_for(lambda: Segment.list(b) == ["f"], 10, what="the mirror")
+            exp.close()
+            wait_for(lambda: _entry(b, "f").get("upstream_up") is False, 10, what="upstream down")
+            assert Segment.list(b) == ["f"]  # the mirror keeps the last data
+        finally:
+            imp.close()
+            exp.close()
+
+
+# ---------------------------------------------------------------------------- TLS
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Path:
+    """A CA, a router certificate for 127.0.0.1 and a client certificate, made here."""
+    d = tmp_path
+    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-out", "ca.key", cwd=d)  # fmt: skip
+    _openssl("req", "-x509", "-new", "-key", "ca.key", "-days", "2", "-subj", "/CN=test-ca",
+             "-out", "ca.pem", cwd=d)  # fmt: skip
+    for who, ext in (
+        ("router", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                 "-out", f"{who}.key", cwd=d)  # fmt: skip
+        _openssl("req", "-new", "-key", f"{who}.key", "-subj", f"/CN={who}",
+                 "-out", f"{who}.csr", cwd=d)  # fmt: skip
+        (d / f"{who}.ext").write_text(ext + "\n")
+        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-days", "2", "-extfile", f"{who}.ext",
+                 "-out", f"{who}.pem", cwd=d)  # fmt: skip
+    return d
+
+
+def _client_config(certs: Path, *, with_certificate: bool) -> Path:
+    tls: dict[str, Any] = {"root_ca_certificate": str(certs / "ca.pem")}
+    if with_certificate:
+        tls |= {
+            "connect_certificate": str(certs / "client.pem"),
+            "connect_private_key": str(certs / "client.key"),
+            "enable_mtls": True,
+        }
+    conf = {
+        "scouting": {"multicast": {"enabled": False}, "gossip": {"enabled": False}},
+        "transport": {"shared_memory": {"enabled": False}, "link": {"tls": tls}},
+    }
+    path = certs / f"client-{'cert' if with_certificate else 'nocert'}.json5"
+    path.write_text(json.dumps(conf))
+    return path
+
+
+def test_a_tls_router_refuses_a_bridge_without_a_certificate(
+    certs: Path, two_sides: tuple[str, str]
+) -> None:
+    a, _ = two_sides
+    endpoint = f"tls/127.0.0.1:{_free_port()}"
+    with subprocess.Popen(
+        [sys.executable, *PEER, "router", endpoint, str(certs)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as proc:
+        try:
+            _refused_without_a_certificate(proc, certs, endpoint, a)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _refused_without_a_certificate(
+    proc: subprocess.Popen[str], certs: Path, endpoint: str, a: str
+) -> None:
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("READY "), proc.stderr
+    good = ZenohBridge(
+        BridgeConfig(
+            connect=(endpoint,),
+            zenoh_config=str(_client_config(certs, with_certificate=True)),
+            namespace=a,
+            exports=("x",),
+        )
+    ).start(30)
+    good.close()
+    t0 = time.monotonic()
+    rc = main(
+        ["bridge", "zenoh", "-n", a, "--connect", endpoint, "--export", "x",
+         "--connect-timeout", "2",
+         "--config", str(_client_config(certs, with_certificate=False))]
+    )  # fmt: skip
+    assert rc == 1  # refused: an error naming the endpoint, not a hang
+    assert time.monotonic() - t0 < 20
+
+
+# ---------------------------------------------------------------------------- set-up
+
+
+def test_without_the_extra_the_bridge_names_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], namespace: str
+) -> None:
+    monkeypatch.setitem(sys.modules, "zenoh", None)  # import zenoh -> ImportError
+    with Broker(BrokerConfig(namespace=namespace)).start():
+        rc = main(["bridge", "zenoh", "--connect", "tcp/127.0.0.1:1", "--export", "x"])
+    assert rc == 1
+    assert "pip install 'shmcast[zenoh]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--export", "x"], "connect"),
+        (["--connect", "tcp/127.0.0.1:1"], "export"),
+        (["--connect", "tcp/127.0.0.1:1", "--import", "lab/*"], "import"),
+        (["--connect", "tcp/127.0.0.1:1", "--export", "x", "--slots", "1"], "slots"),
+    ],
+)
+def test_bad_bridge_arguments_exit_2(
+    argv: list[str], field: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bridge", "zenoh", *argv]) == 2
+    assert field in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        BridgeConfig(connect=(), exports=("x",))
