@@ -47,9 +47,14 @@ from .errors import InvalidNameError as InvalidNameError
 from .errors import LayoutConflictError as LayoutConflictError
 from .errors import LayoutError as LayoutError
 from .errors import LayoutVersionError as LayoutVersionError
+from .errors import MissingExtraError as MissingExtraError
+from .errors import NotARecordingError as NotARecordingError
 from .errors import NotASegmentError as NotASegmentError
 from .errors import NoVersionError as NoVersionError
 from .errors import ReadOnlyError as ReadOnlyError
+from .errors import RecordingError as RecordingError
+from .errors import RecordingExistsError as RecordingExistsError
+from .errors import RecordingSpaceError as RecordingSpaceError
 from .errors import RemoteError as RemoteError
 from .errors import SegmentError as SegmentError
 from .errors import SegmentExistsError as SegmentExistsError
@@ -86,9 +91,14 @@ __all__ = [
     "LayoutError",
     "LayoutVersionError",
     "MetricsServer",
+    "MissingExtraError",
     "NoVersionError",
+    "NotARecordingError",
     "NotASegmentError",
     "ReadOnlyError",
+    "RecordingError",
+    "RecordingExistsError",
+    "RecordingSpaceError",
     "RemoteError",
     "Segment",
     "SegmentError",
