@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 BUFFER_BYTES = 64 * 2**20
 #: Most items the writing thread appends in one call.
 BATCH = 256
+#: Seconds between the writing thread's turns (each writes everything queued).
+WRITE_INTERVAL = 0.05
 
 
 @dataclass
@@ -115,9 +117,6 @@ class _Pool:
         self.made += 1
         arr = np.empty(self.shape, dtype=self.dtype)
         return arr, arr.reshape(-1).view(np.uint8)
-
-
-_STOP = object()
 
 
 class Recorder:
@@ -224,6 +223,7 @@ class Recorder:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._failure: BaseException | None = None
         self._failed = threading.Event()
+        self._wake = threading.Event()  # set: write what is queued, then stop
         self._thread = threading.Thread(
             target=self._write_loop, name="shmcast-recorder", daemon=True
         )
@@ -320,15 +320,20 @@ class Recorder:
         return deadline is not None and time.monotonic() >= deadline
 
     def _take(self, name: str, upto: int) -> Iterator[Recorded]:
-        """Copy out every version of ``name`` after the last one handled, up to ``upto``."""
+        """Copy out every version of ``name`` after the last one handled, up to ``upto``
+        or the latest committed, whichever is newer."""
         last = self._last[name]
         if upto <= last:
             return
         seg = self._segment(name)
         st = self._stats[name]
         pool = self._pools[name]
+        latest = seg.version
+        # Up to the header's latest, not just the version announced: a recorder that
+        # learns late reads what is in the ring now rather than after its own news.
+        upto = max(upto, latest)
         # Versions older than the ring's oldest are gone for sure: no need to try them.
-        first = max(last + 1, seg.version - seg.slots + 1)
+        first = max(last + 1, latest - seg.slots + 1)
         st.lapped += first - last - 1
         missed = first - last - 1
         put = self._queue.put
@@ -388,24 +393,20 @@ class Recorder:
         stopping = False
         try:
             while not stopping:
+                # Wake at intervals and take everything queued: few, large appends keep
+                # this thread's turns at the GIL short and rare, so the reading thread
+                # gets it back at once when a version arrives.
+                stopping = self._wake.wait(WRITE_INTERVAL)
                 batch: list[tuple[str, int, int, Any]] = []
-                try:
-                    item = q.get(timeout=max(0.0, next_flush - time.monotonic()))
-                except queue.Empty:
-                    item = None
-                while item is not None:
-                    if item is _STOP:
-                        stopping = True
-                        break
-                    batch.append(item)
-                    if len(batch) >= BATCH:
-                        break
+                while True:
                     try:
-                        item = q.get_nowait()
+                        batch.append(q.get_nowait())
                     except queue.Empty:
-                        item = None
-                if batch:
-                    self._append(writer, batch)
+                        break
+                    if len(batch) >= BATCH:
+                        self._append(writer, batch)
+                        batch = []
+                self._append(writer, batch)
                 if stopping or time.monotonic() >= next_flush:
                     for name, st in self._stats.items():
                         writer.set_missed(name, st.missed)
@@ -422,6 +423,8 @@ class Recorder:
                 self._fail(exc)
 
     def _append(self, writer: RecordingWriter, batch: list[tuple[str, int, int, Any]]) -> None:
+        if not batch:
+            return
         by_seg: dict[str, list[tuple[str, int, int, Any]]] = {}
         for item in batch:
             by_seg.setdefault(item[0], []).append(item)
@@ -457,8 +460,7 @@ class Recorder:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not _STOP:
-                self._stats[item[0]].unwritten += 1
+            self._stats[item[0]].unwritten += 1
 
     # ------------------------------------------------------------------ state
 
@@ -501,7 +503,7 @@ class Recorder:
         self._closed = True
         thread = self._thread
         if thread is not None:
-            self._queue.put(_STOP)
+            self._wake.set()
             thread.join()
             self._thread = None
         writer = self._writer
