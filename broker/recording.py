@@ -937,13 +937,14 @@ class _Hdf5Segment(RecordedSegment):
 
 def _open_hdf5(path: str) -> Recording:
     h5py = require("h5py", "reading an HDF5 recording")
+    # h5py raises OSError or RuntimeError for a file it cannot read.
     try:
         # swmr=True: also opens a file whose writer is still running, or was killed.
         f = h5py.File(path, "r", swmr=True)
-    except OSError:
+    except (OSError, RuntimeError):
         try:
             f = h5py.File(path, "r")
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             raise NotARecordingError(path, f"HDF5 cannot open it ({exc})") from exc
     try:
         mark = f.attrs.get(MARK_ATTR)

@@ -50,9 +50,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument(
         "--wait",
-        choices=["events", "futex", "spin"],
-        default="events",
-        help="how to learn of versions (default: the broker's announcements)",
+        choices=["futex", "events", "spin"],
+        default="futex",
+        help="how to learn of versions: the segments' futex (default, no broker needed), "
+        "the broker's announcements, or busy-polling",
     )
     p.add_argument(
         "--flush-interval",
@@ -79,9 +80,17 @@ def run(args: argparse.Namespace) -> int:
         print("shmcast record: error: --flush-interval must be in (0, 1]", file=sys.stderr)
         return 2
     stop = threading.Event()
-    # A process that only records: let the reading thread take the GIL back from
-    # the writing thread within 0.5 ms (default 5 ms) when a version arrives.
-    sys.setswitchinterval(0.0005)
+    # Let the reading thread take the GIL back from the writing thread within 0.5 ms
+    # (default 5 ms) when a version arrives; restored at the end (tests call main()).
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch, 0.0005))
+    try:
+        return _record(args, stop)
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def _record(args: argparse.Namespace, stop: threading.Event) -> int:
     with stop_on_signals(stop.set):
         rec = Recorder(
             args.segments,

@@ -41,6 +41,9 @@ __all__ = ["ReplayStats", "Replayed", "Replayer", "replay"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds behind the recorded pace after which the pace starts again from now.
+BEHIND = 0.05
+
 
 @dataclass
 class ReplayStats:
@@ -137,6 +140,9 @@ class Replayer:
             self._teardown()
             raise
         self.segments = list(self._sources)
+        for src in self._sources.values():
+            if len(src):
+                src.read(0)  # warm the file's read path up before the clock starts
         self._stats = {name: ReplayStats() for name in self.segments}
         self._order = self._schedule()
         self._closed = False
@@ -245,6 +251,10 @@ class Replayer:
                                 return
                         else:
                             time.sleep(delay)
+                    elif delay < -BEHIND:
+                        # Far behind (a stalled machine): keep the recorded intervals from
+                        # here on rather than publish the backlog in a burst.
+                        start -= int(delay * 1e9)
                 src, pub, st = sources[k], pubs[k], stats[k]
                 recorded = int(src.versions[i])
                 v = recorded + offsets[k]

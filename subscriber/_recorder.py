@@ -130,8 +130,11 @@ class Recorder:
         namespace: ``None`` means ``$SHMCAST_NAMESPACE`` or ``"default"``.
         broker: the broker's control endpoint (``events`` mode).
         wait: how the recorder learns of versions, as :class:`Subscriber`'s
-            ``wait``; ``events`` (default) queues every announced version, so
-            a recorder that falls briefly behind still reads them from the ring.
+            ``wait``. ``futex`` (default) wakes on every commit, needs no broker
+            and sees every version from the moment it is ready; ``events`` goes
+            through the broker's announcements (and reports to ``shmcast top``),
+            but a ZeroMQ subscription takes a moment to start delivering.
+            Whatever wakes it, the recorder reads every version still in the ring.
         compression: HDF5 ``"gzip"`` or ``"lzf"``; Parquet ``"gzip"``,
             ``"snappy"`` (its default) or ``"zstd"``; ``None``/``"none"``: none.
         overwrite: replace an existing output file (otherwise refused, untouched).
@@ -158,7 +161,7 @@ class Recorder:
         format: Format = "hdf5",
         namespace: str | None = None,
         broker: str | None = None,
-        wait: WaitMode = "events",
+        wait: WaitMode = "futex",
         compression: str | None = None,
         overwrite: bool = False,
         flush_interval: float = 0.5,
@@ -202,6 +205,15 @@ class Recorder:
                 name=name,
             )
             self._segs = self._attach(segment_timeout)
+        except SegmentNotFoundError as exc:  # futex/spin: the Subscriber waited for it
+            self._teardown()
+            raise SegmentNotFoundError(
+                exc.segment, self.namespace, existing=Segment.list(self.namespace)
+            ) from None
+        except BaseException:
+            self._teardown()
+            raise
+        try:
             layouts = [
                 SegmentLayout(n, s.dtype, s.shape, self.namespace, s.slots)
                 for n, s in self._segs.items()

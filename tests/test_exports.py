@@ -23,7 +23,12 @@ from shmcast.broker import ShmcastError
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ["shmcast.broker", "shmcast.publisher", "shmcast.subscriber", "shmcast.cli"]
 #: Modules whose __all__ is checked against what they define or re-export.
-MODULES = ["shmcast.broker.client", "shmcast.broker.errors", "shmcast.cli.testing"]
+MODULES = [
+    "shmcast.broker.client",
+    "shmcast.broker.errors",
+    "shmcast.broker.recording",
+    "shmcast.cli.testing",
+]
 #: Directories of code that must use shmcast.broker's public names only.
 CLIENT_DIRS = ["publisher", "subscriber", "cli", "bench"]
 
