@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "stream": ("bench._stream", "bench_stream"),
     "fanout": ("bench._fanout", "bench_fanout"),
     "relay": ("bench._relay", "bench_relay"),
+    "record": ("bench._record", "bench_record"),
 }
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "out" / "results.json"

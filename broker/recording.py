@@ -57,6 +57,7 @@ import json
 import logging
 import math
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -422,14 +423,18 @@ _HDF5_COMPRESSION = {None: None, "none": None, "gzip": "gzip", "lzf": "lzf"}
 
 
 class _Hdf5Group:
-    __slots__ = ("count", "data", "group", "opaque", "timestamp", "version")
+    __slots__ = ("count", "data", "direct", "group", "opaque", "timestamp", "version", "zeros")
 
-    def __init__(self, group: Any, opaque: np.dtype[Any] | None) -> None:
+    def __init__(self, group: Any, opaque: np.dtype[Any] | None, direct: bool) -> None:
         self.group = group
         self.data = group["data"]
         self.version = group["version"]
         self.timestamp = group["timestamp_ns"]
         self.opaque = opaque
+        # A chunk per version and no filter: a version's bytes are its chunk, written
+        # as is (H5Dwrite_chunk), without HDF5's selection and conversion machinery.
+        self.direct = direct
+        self.zeros = (0,) * (len(self.data.shape) - 1)
         self.count = 0
 
 
@@ -482,7 +487,10 @@ class _Hdf5Writer(RecordingWriter):
                 g.attrs["slots"] = lay.slots
                 g.attrs["storage"] = storage
                 g.attrs["missed"] = np.uint64(0)
-                self._groups[lay.name] = _Hdf5Group(g, h5dtype if storage == "opaque" else None)
+                direct = comp is None and g["data"].chunks == (1, *lay.shape)
+                self._groups[lay.name] = _Hdf5Group(
+                    g, h5dtype if storage == "opaque" else None, direct
+                )
             # Every object exists before SWMR starts: SWMR writers cannot add any.
             f.swmr_mode = True
             f.flush()
@@ -509,18 +517,20 @@ class _Hdf5Writer(RecordingWriter):
         nbytes = self.layouts[segment].nbytes
         assert self._reserve is not None
         self._reserve.ensure(k * (nbytes + 16) + 4096)
-        if g.opaque is not None:
-            arrays = [a.view(g.opaque) for a in arrays]
         n0 = g.count
         n1 = n0 + k
         g.data.resize(n1, axis=0)
-        if k == 1:
-            g.data[n0] = arrays[0]
-        elif nbytes < SMALL_CHUNK:
-            g.data[n0:n1] = np.stack(arrays)
-        else:
+        if g.direct:
+            write_chunk = g.data.id.write_direct_chunk
             for j, a in enumerate(arrays):
-                g.data[n0 + j] = a
+                write_chunk((n0 + j, *g.zeros), np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+                # h5py keeps the GIL while it writes: hand it over between chunks, so a
+                # thread waiting for it (the recorder's reader) waits one chunk at most.
+                time.sleep(0)
+        else:
+            if g.opaque is not None:
+                arrays = [a.view(g.opaque) for a in arrays]
+            self._write(g, arrays, n0, n1, nbytes)
         # Version and time after the data: a row with a version has its data.
         g.timestamp.resize(n1, axis=0)
         g.timestamp[n0:n1] = np.asarray(timestamps, dtype=np.uint64)
@@ -528,6 +538,18 @@ class _Hdf5Writer(RecordingWriter):
         g.version[n0:n1] = np.asarray(versions, dtype=np.uint64)
         g.count = n1
         self.counts[segment] = n1
+
+    @staticmethod
+    def _write(
+        g: _Hdf5Group, arrays: Sequence[npt.NDArray[Any]], n0: int, n1: int, nbytes: int
+    ) -> None:
+        if n1 - n0 == 1:
+            g.data[n0] = arrays[0]
+        elif nbytes < SMALL_CHUNK:
+            g.data[n0:n1] = np.stack(arrays)
+        else:
+            for j, a in enumerate(arrays):
+                g.data[n0 + j] = a
 
     def flush(self) -> None:
         for name, g in self._groups.items():
@@ -912,7 +934,58 @@ class _Hdf5Segment(RecordedSegment):
                 f"group {layout.name!r}: data {self._data.dtype} {self._data.shape[1:]} does "
                 f"not match its attributes ({layout.describe()})",
             )
+        self._fd = -1
+        self._offsets: npt.NDArray[np.int64] | None = None
+        # A chunk per version, no filter: read a version's bytes straight from the
+        # file into the destination (one pread) when HDF5 agrees on entry 0.
+        self._direct = (
+            self._data.chunks == (1, *layout.shape)
+            and self._data.id.get_create_plist().get_nfilters() == 0
+        )
         self._load()
+        if self._direct:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self._index()
+            if len(self.versions) and not self._agrees():
+                self._direct = False
+                self._offsets = None
+
+    def _index(self) -> None:
+        n = len(self.versions)
+        offsets = np.full(n, -1, dtype=np.int64)
+        nbytes = self.layout.nbytes
+        dsid = self._data.id
+
+        def visit(info: Any) -> None:
+            i = info.chunk_offset[0]
+            if i < n and info.size == nbytes and info.filter_mask == 0:
+                offsets[i] = info.byte_offset
+
+        try:
+            dsid.chunk_iter(visit)
+        except (AttributeError, NotImplementedError):  # older h5py/HDF5: one call per chunk
+            zeros = (0,) * len(self.layout.shape)
+            for i in range(n):
+                visit(dsid.get_chunk_info_by_coord((i, *zeros)))
+        self._offsets = offsets
+
+    def _agrees(self) -> bool:
+        a = np.empty(self.layout.shape, self.layout.dtype)
+        b = np.empty(self.layout.shape, self.layout.dtype)
+        self._data.read_direct(a.view(self._view), source_sel=np.s_[0])
+        return self._pread(0, b) and a.tobytes() == b.tobytes()
+
+    def _pread(self, i: int, out: npt.NDArray[Any]) -> bool:
+        offsets = self._offsets
+        if offsets is None or i >= len(offsets) or offsets[i] < 0:
+            return False
+        buf = out.reshape(-1).view(np.uint8).data
+        return os.preadv(self._fd, [buf], int(offsets[i])) == len(buf)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _load(self) -> None:
         versions = np.asarray(self._version[()], dtype=np.uint64)
@@ -928,15 +1001,20 @@ class _Hdf5Segment(RecordedSegment):
         for ds in (self._data, self._version, self._timestamp):
             ds.refresh()
         self._load()
+        if self._direct:
+            self._index()
 
     def read_into(self, i: int, out: npt.NDArray[Any]) -> None:
         if not 0 <= i < len(self.versions):
             raise IndexError(f"entry {i} of {len(self.versions)} of segment {self.name!r}")
+        if self._direct and out.flags.c_contiguous and self._pread(i, out):
+            return
         self._data.read_direct(out.view(self._view), source_sel=np.s_[i])
 
 
 def _open_hdf5(path: str) -> Recording:
     h5py = require("h5py", "reading an HDF5 recording")
+    segments: dict[str, _Hdf5Segment] = {}
     # h5py raises OSError or RuntimeError for a file it cannot read.
     try:
         # swmr=True: also opens a file whose writer is still running, or was killed.
@@ -961,7 +1039,6 @@ def _open_hdf5(path: str) -> Recording:
                 f"format version {version}, written by a newer shmcast; this one reads "
                 f"version {FORMAT_VERSION}",
             )
-        segments: dict[str, RecordedSegment] = {}
         for name, group in f.items():
             where = f"group {name!r}"
             if not isinstance(group, h5py.Group) or not all(k in group for k in ("data", *COLUMNS)):
@@ -975,10 +1052,13 @@ def _open_hdf5(path: str) -> Recording:
         if not segments:
             raise NotARecordingError(path, "it holds no segment")
     except BaseException:
+        for seg in segments.values():
+            seg.close()
         f.close()
         raise
-    rec = Recording(path, "hdf5", segments)
+    rec = Recording(path, "hdf5", dict(segments))
     rec._closers.append(f.close)
+    rec._closers.extend(seg.close for seg in segments.values())
     return rec
 
 

@@ -705,3 +705,36 @@ def test_parquet_refuses_what_is_not_a_one_dimensional_record(tmp_path: Path) ->
         with pytest.raises(LayoutError, match="--format hdf5"):
             open_writer(str(tmp_path / "x.parquet"), [lay], format="parquet")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ signals
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=str)
+def test_record_and_replay_stop_cleanly_on_each_signal(
+    namespace: str, tmp_path: Path, sig: signal.Signals
+) -> None:
+    path = tmp_path / "sig.h5"
+    with running(["broker", "-n", namespace], ready=BROKER_READY):
+        with Publisher("cam", dtype="<u2", shape=(16,), slots=64, namespace=namespace) as pub:
+            rec = start(["record", "cam", "-n", namespace, "-o", str(path)], ready=RECORD_READY)
+            try:
+                _publish(pub, range(1, 11))
+                _wait_recorded(path, "cam", 10)
+                rec.send_signal(sig)
+                assert rec.wait(20) == 0, rec.stderr
+            finally:
+                rec.stop()
+        assert _done(rec, RECORD_DONE)["segments"]["cam"]["recorded"] == 10
+        reader = Segment.attach("cam", namespace=namespace)
+        rep = start(["replay", str(path), "-n", namespace, "--loop"], ready=REPLAY_READY)
+        try:
+            wait_for(lambda: reader.version > 30, 20, what="a replay past its first pass")
+            rep.send_signal(sig)
+            assert rep.wait(20) == 0, rep.stderr
+            done = _done(rep, REPLAY_DONE)["segments"]["cam"]
+            assert done["passes"] >= 2
+            assert done["last_version"] == reader.version
+        finally:
+            rep.stop()
+            reader.close()
