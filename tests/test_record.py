@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +54,7 @@ from shmcast.cli.testing import (
 )
 from shmcast.publisher import TICK_DTYPE, Publisher, Replayer, replay
 from shmcast.subscriber import Recorder
+from tests.test_exhaustion import _can_unshare
 
 RECORD_DTYPE = np.dtype(
     [("ts", "<i8"), ("sym", "S6"), ("px", "<f8", (2,)), ("qty", ">u4"), ("flag", "u1")],
@@ -457,24 +456,11 @@ with open_recording(sys.argv[1]) as rec:
 """
 
 
-def _can_mount() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to mount a small tmpfs in a private mount namespace"
-    if shutil.which("unshare") is None:
-        return "unshare(1) is not installed"
-    probe = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
-        capture_output=True,
-        timeout=10,
-    )
-    return None if probe.returncode == 0 else "unshare --mount is not permitted here"
-
-
 @pytest.mark.root
 def test_a_full_disk_stops_the_recorder_cleanly_keeping_what_it_wrote(
     namespace: str, tmp_path: Path
 ) -> None:
-    reason = _can_mount()
+    reason = _can_unshare()
     if reason:
         pytest.skip(reason)
     mnt = tmp_path / "small"
