@@ -40,7 +40,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("segments", nargs="+", metavar="SEGMENT", help="segment names")
     p.add_argument("--output", "-o", required=True, metavar="FILE", help="the recording file")
     p.add_argument("--format", choices=["hdf5", "parquet"], default="hdf5", help="default: hdf5")
-    p.add_argument("--count", type=int, default=0, help="stop after N versions (0: never)")
+    p.add_argument(
+        "--count",
+        type=int,
+        default=0,
+        help="stop after N versions, all segments together (0: never)",
+    )
     p.add_argument("--duration", type=float, help="stop after S seconds")
     p.add_argument(
         "--compression",
