@@ -1,7 +1,8 @@
 # The two commands of the README: `make demo` and `make test`. Both create the
 # virtual environment and install what they need by themselves: the demo the
-# runtime dependencies only; the tests add the test and bench extras (the suite
-# runs the benchmarks once in quick mode, with their Redis peer).
+# runtime dependencies and the record extra (its recorder writes HDF5); the
+# tests add the test and bench extras (the suite runs the benchmarks once in
+# quick mode, with their Redis peer).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -21,11 +22,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(RUNTIME): pyproject.toml $(PKG_DIRS) | $(BIN)/python
-	$(BIN)/python -m pip install -q -e . $(EDITABLE)
+	$(BIN)/python -m pip install -q -e '.[record]' $(EDITABLE)
 	touch $@
 
 $(TESTDEPS): $(RUNTIME)
-	$(BIN)/python -m pip install -q -e '.[test,bench,zenoh]' $(EDITABLE)
+	$(BIN)/python -m pip install -q -e '.[test,bench,record,zenoh]' $(EDITABLE)
 	touch $@
 
 # Debian packages some tests and benchmarks use as real peers (Prometheus,

@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "fanout": ("bench._fanout", "bench_fanout"),
     "relay": ("bench._relay", "bench_relay"),
     "bridge": ("bench._bridge", "bench_bridge"),
+    "record": ("bench._record", "bench_record"),
 }
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "out" / "results.json"

@@ -86,7 +86,7 @@ def _load_zenoh() -> Any:
     try:
         import zenoh
     except ImportError as exc:
-        raise MissingExtraError("zenoh", "shmcast bridge zenoh", "eclipse-zenoh") from exc
+        raise MissingExtraError("zenoh", "zenoh", "shmcast bridge zenoh") from exc
     return zenoh
 
 

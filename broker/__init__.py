@@ -48,9 +48,13 @@ from .errors import LayoutConflictError as LayoutConflictError
 from .errors import LayoutError as LayoutError
 from .errors import LayoutVersionError as LayoutVersionError
 from .errors import MissingExtraError as MissingExtraError
+from .errors import NotARecordingError as NotARecordingError
 from .errors import NotASegmentError as NotASegmentError
 from .errors import NoVersionError as NoVersionError
 from .errors import ReadOnlyError as ReadOnlyError
+from .errors import RecordingError as RecordingError
+from .errors import RecordingExistsError as RecordingExistsError
+from .errors import RecordingSpaceError as RecordingSpaceError
 from .errors import RemoteError as RemoteError
 from .errors import SegmentError as SegmentError
 from .errors import SegmentExistsError as SegmentExistsError
@@ -90,8 +94,12 @@ __all__ = [
     "MetricsServer",
     "MissingExtraError",
     "NoVersionError",
+    "NotARecordingError",
     "NotASegmentError",
     "ReadOnlyError",
+    "RecordingError",
+    "RecordingExistsError",
+    "RecordingSpaceError",
     "RemoteError",
     "Segment",
     "SegmentError",

@@ -24,20 +24,27 @@ message, which names the segment, endpoint or size involved and the fix::
     ├── AccessError                 the OS refused us a segment or directory
     ├── ClosedError                 you closed it (vs. it broke under you)
     ├── EndpointError               an address we cannot bind or connect to
+    ├── RecordingError              a recording file (``shmcast record`` / ``replay``)
+    │   ├── NotARecordingError      not a shmcast recording, or a damaged one
+    │   ├── RecordingExistsError    the output file exists (pass overwrite)
+    │   └── RecordingSpaceError     the disk of the recording is full
+    ├── MissingExtraError           an optional dependency is not installed
     ├── BrokerError                 the control plane
     │   ├── BrokerUnavailableError  no broker answered at the endpoint
     │   ├── BrokerRunningError      a broker already serves the namespace
     │   └── RemoteError             the broker answered with an error
-    ├── ConfigError                 a bad configuration value (names the field)
-    └── MissingExtraError           a feature needs an optional extra that is not installed
+    └── ConfigError                 a bad configuration value (names the field)
 
 Where an OS or ZeroMQ error enters our code it is wrapped (``raise ... from
 exc``), and classes that stand for an OS condition also derive from the builtin
 one (``ShmSpaceError`` is an ``OSError``, ``AccessError`` a ``PermissionError``,
-``SegmentNotFoundError`` a ``FileNotFoundError``), so either can be caught.
+``SegmentNotFoundError`` a ``FileNotFoundError``, ``MissingExtraError`` an
+``ImportError``), so either can be caught.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 __all__ = [
     "AccessError",
@@ -54,8 +61,12 @@ __all__ = [
     "LayoutVersionError",
     "MissingExtraError",
     "NoVersionError",
+    "NotARecordingError",
     "NotASegmentError",
     "ReadOnlyError",
+    "RecordingError",
+    "RecordingExistsError",
+    "RecordingSpaceError",
     "RemoteError",
     "SegmentError",
     "SegmentExistsError",
@@ -108,11 +119,17 @@ class SegmentError(ShmcastError):
 
 
 class SegmentNotFoundError(SegmentError, FileNotFoundError):
-    def __init__(self, segment: str, namespace: str) -> None:
+    def __init__(
+        self, segment: str, namespace: str, *, existing: Sequence[str] | None = None
+    ) -> None:
         self.namespace = namespace
+        self.existing = None if existing is None else list(existing)
+        there = ""
+        if existing is not None:
+            there = f"; it has {', '.join(map(repr, existing))}" if existing else "; it has none"
         super().__init__(
             segment,
-            f"no segment {segment!r} in namespace {namespace!r} "
+            f"no segment {segment!r} in namespace {namespace!r}{there} "
             f"(list them with `shmcast ls --namespace {namespace}`; create it with "
             f"Segment.create or a Publisher)",
         )
@@ -284,6 +301,55 @@ class EndpointError(ShmcastError):
         super().__init__(f"cannot {verb} the {role} endpoint {endpoint}: {reason}; {fix}")
 
 
+class RecordingError(ShmcastError):
+    """A recording file: what ``shmcast record`` writes and ``shmcast replay`` reads."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class NotARecordingError(RecordingError):
+    def __init__(self, path: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(
+            path,
+            f"{path} is not a shmcast recording: {reason} (record one with `shmcast record "
+            f"SEGMENT --output FILE`; HDF5 and Parquet files written by shmcast are accepted)",
+        )
+
+
+class RecordingExistsError(RecordingError, FileExistsError):
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            path,
+            f"{path} exists; nothing was written to it (pick another --output, or pass "
+            f"--overwrite / overwrite=True to replace it)",
+        )
+
+
+class RecordingSpaceError(RecordingError, OSError):
+    def __init__(self, path: str, needed: int, free: int) -> None:
+        self.needed = needed
+        self.free = free
+        super().__init__(
+            path,
+            f"the disk of {path} is full: {_mib(needed)} more needed, {_mib(free)} free; "
+            f"recording stopped and the file keeps every version written before (free "
+            f"some space, or record to another disk)",
+        )
+
+
+class MissingExtraError(ShmcastError, ImportError):
+    def __init__(self, extra: str, module: str, what: str) -> None:
+        self.extra = extra
+        self.module = module
+        super().__init__(
+            f"{what} needs the Python package {module!r}, which is not installed; install "
+            f"the extra: pip install 'shmcast[{extra}]'"
+        )
+
+
 class BrokerError(ShmcastError):
     """The control plane."""
 
@@ -318,12 +384,3 @@ class ConfigError(ShmcastError, ValueError):
         self.source = source
         where = f" in {source}" if source else ""
         super().__init__(f"bad value for {field!r}{where}: {message}")
-
-
-class MissingExtraError(ShmcastError, ImportError):
-    def __init__(self, extra: str, feature: str, package: str) -> None:
-        self.extra = extra
-        self.feature = feature
-        super().__init__(
-            f"{feature} needs {package}, which is not installed: pip install 'shmcast[{extra}]'"
-        )

@@ -1,15 +1,22 @@
 """``shmcast demo``: the whole system on one machine, with no configuration.
 
-A broker, the ``ticks`` and ``frames`` feeds, and three analytics subscribers
-(each with its own Prometheus endpoint), as real processes; a live table; and
-a clean exit (nothing left in /dev/shm) on Ctrl-C or when the time is up.
+A broker, the ``ticks`` and ``frames`` feeds, two analytics subscribers (each
+with its own Prometheus endpoint) and a recorder writing both feeds to a
+temporary HDF5 file, as real processes; a live table; and a clean exit (nothing
+left in /dev/shm, the recording reported and removed unless kept) on Ctrl-C or
+when the time is up.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import json
+import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -21,27 +28,32 @@ from shmcast.broker.errors import ShmcastError
 
 from ._cmd_broker import READY as BROKER_READY
 from ._cmd_publish import READY as PUBLISH_READY
+from ._cmd_record import DONE as RECORD_DONE
+from ._cmd_record import READY as RECORD_READY
 from ._cmd_subscribe import READY as SUBSCRIBE_READY
 from ._process import ShmcastProcess, start
 from ._runner import stop_on_signals
 
-HELP = "run a broker, two feeds and three analytics subscribers, with a live table"
+HELP = "run a broker, two feeds, two analytics subscribers and a recorder, with a live table"
 EXAMPLES = """\
 examples:
   shmcast demo                      30 seconds, then a clean exit
   shmcast demo --duration 0         until Ctrl-C
   shmcast demo -n mydemo --tick-rate 5000 --frame-rate 200
+  shmcast demo --keep-recording     keep the recorder's HDF5 file (path printed at the end)
 
 Prints the Prometheus URLs of the broker and of each subscriber at start.
 SIGTERM, SIGINT (Ctrl-C) or SIGHUP (terminal closed) stop every process and
-leave nothing in /dev/shm.
+leave nothing in /dev/shm. The recorder (`shmcast record`, lzf-compressed HDF5
+in a temporary directory) needs the extra: pip install 'shmcast[record]'.
 """
 
 SUBSCRIBERS = (
     ("strategy", ["ticks"], "events"),
     ("viewer", ["frames"], "futex"),
-    ("recorder", ["ticks", "frames"], "events"),
 )
+RECORDED = ["ticks", "frames"]
+DEMO_SLOTS = 8
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -50,6 +62,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frame-rate", type=float, default=100.0, help="frames per second")
     p.add_argument("--metrics-port", type=int, default=0, help="broker metrics port (0: any)")
     p.add_argument("--refresh", type=float, default=1.0, help="seconds between table refreshes")
+    p.add_argument(
+        "--keep-recording",
+        action="store_true",
+        help="keep the recorder's file (default: reported, then removed)",
+    )
 
 
 def _scrape(url: str) -> dict[str, Any]:
@@ -102,7 +119,11 @@ def _fmt_s(x: float | None) -> str:
 
 
 def _render(
-    ns: str, rows: list[dict[str, Any]], subs: list[tuple[str, dict[str, Any]]], t: float
+    ns: str,
+    rows: list[dict[str, Any]],
+    subs: list[tuple[str, dict[str, Any]]],
+    t: float,
+    recording: str | None = None,
 ) -> str:
     lines = [f"shmcast demo  namespace={ns}  t={t:5.1f}s  (Ctrl-C to stop)", ""]
     lines.append(f"{'SEGMENT':10} {'DTYPE':14} {'SHAPE':9} {'VERSION':>8} {'RATE/s':>8} {'AGE':>8}")
@@ -125,7 +146,48 @@ def _render(
             f"{name:10} {m['updates']:>8.0f} {m['missed']:>7.0f} {m['torn']:>5.0f} "
             f"{_fmt_s(_quantile(m['buckets'], 0.5)):>7} {_fmt_s(_quantile(m['buckets'], 0.99)):>7}"
         )
+    if recording is not None:
+        lines.append("")
+        lines.append(f"recorder   {', '.join(RECORDED)} -> {recording} ({_size(recording)})")
     return "\n".join(lines)
+
+
+def _size(path: str) -> str:
+    try:
+        return f"{os.path.getsize(path) / 2**20:.1f} MiB"
+    except OSError:
+        return "-"
+
+
+def _start_recorder(ns: str, tmpdir: str) -> tuple[ShmcastProcess | None, str | None]:
+    """The recorder as a process, or (None, None) with a warning without the extra."""
+    if importlib.util.find_spec("h5py") is None:
+        print(
+            "warning: no recorder: it needs h5py, install the extra: pip install 'shmcast[record]'",
+            file=sys.stderr,
+        )
+        return None, None
+    path = os.path.join(tmpdir, "demo.h5")
+    sp = start(
+        ["record", *RECORDED, "-n", ns, "--output", path, "--compression", "lzf"],
+        ready=RECORD_READY,
+    )
+    return sp, path
+
+
+def _report_recording(sp: ShmcastProcess, path: str, keep: bool) -> None:
+    done = [ln for ln in sp.stdout if ln.startswith(RECORD_DONE)]
+    summary = ""
+    if done:
+        segs = json.loads(done[-1][len(RECORD_DONE) :])["segments"]
+        summary = ", ".join(
+            f"{name} {st['recorded']} versions ({st['missed']} missed)" for name, st in segs.items()
+        )
+    print(f"recording: {path}, {_size(path)}{': ' + summary if summary else ''}")
+    if keep:
+        print("  kept (read it with h5py, or `shmcast replay` it)")
+    else:
+        print("  removed (--keep-recording keeps it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,15 +200,23 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, ns: str, stop: threading.Event) -> int:
     procs: list[ShmcastProcess] = []
     tty = sys.stdout.isatty()
+    tmpdir = tempfile.mkdtemp(prefix="shmcast-demo-")
+    recorder: ShmcastProcess | None = None
+    recording: str | None = None
     try:
         broker = start(
             ["broker", "-n", ns, "--metrics-port", str(args.metrics_port)], ready=BROKER_READY
         )
         procs.append(broker)
+        # Eight slots: a version stays in the ring for seven publish intervals (7 ms of
+        # ticks), time enough for the recorder to copy every one of them out.
         for seg, rate in (("ticks", args.tick_rate), ("frames", args.frame_rate)):
             procs.append(
                 start(
-                    ["publish", seg, "-n", ns, "--source", seg, "--rate", str(rate)],
+                    [
+                        *("publish", seg, "-n", ns, "--source", seg, "--rate", str(rate)),
+                        *("--slots", str(DEMO_SLOTS)),
+                    ],
                     ready=PUBLISH_READY,
                 )
             )
@@ -171,6 +241,9 @@ def _run(args: argparse.Namespace, ns: str, stop: threading.Event) -> int:
             )
             procs.append(sp)
             subs.append((name, sp))
+        recorder, recording = _start_recorder(ns, tmpdir)
+        if recorder is not None:
+            procs.append(recorder)
         print(f"broker metrics:     {broker.ready['metrics']}")
         for name, sp in subs:
             print(f"{name + ' metrics:':19} {sp.ready['metrics']}")
@@ -197,7 +270,7 @@ def _run(args: argparse.Namespace, ns: str, stop: threading.Event) -> int:
                         metrics.append((name, _scrape(sp.ready["metrics"])))
                     except OSError as exc:
                         metrics.append((name, {"error": str(exc)}))
-                table = _render(ns, rows, metrics, now - start_t)
+                table = _render(ns, rows, metrics, now - start_t, recording)
                 print(("\x1b[H\x1b[2J" if tty else "") + table + ("" if tty else "\n"), flush=True)
         finally:
             client.close()
@@ -211,6 +284,10 @@ def _run(args: argparse.Namespace, ns: str, stop: threading.Event) -> int:
         for sp in reversed(procs):
             with contextlib.suppress(Exception):
                 sp.stop(timeout=10)
+        if recorder is not None and recording is not None:
+            _report_recording(recorder, recording, args.keep_recording)
+        if not (args.keep_recording and recording is not None):
+            shutil.rmtree(tmpdir, ignore_errors=True)
     left = Segment.list(ns)
     if left:
         print(f"warning: left in /dev/shm: {left}", file=sys.stderr)

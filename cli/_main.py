@@ -22,7 +22,9 @@ from . import (
     _cmd_health,
     _cmd_ls,
     _cmd_publish,
+    _cmd_record,
     _cmd_relay,
+    _cmd_replay,
     _cmd_subscribe,
     _cmd_top,
 )
@@ -38,6 +40,8 @@ COMMANDS: tuple[tuple[str, ModuleType], ...] = (
     ("demo", _cmd_demo),
     ("doctor", _cmd_doctor),
     ("relay", _cmd_relay),
+    ("record", _cmd_record),
+    ("replay", _cmd_replay),
     ("bridge", _cmd_bridge),
 )
 
@@ -49,6 +53,8 @@ examples:
   shmcast subscribe frames --stats --metrics-port 9101
   shmcast ls
   shmcast top                          live view: rates, subscribers' lag and latency
+  shmcast record frames -o run1.h5     every version to HDF5 (pip install 'shmcast[record]')
+  shmcast replay run1.h5 --speed 2     publish it again, twice as fast
 
 Every command takes --namespace (default: $SHMCAST_NAMESPACE, else 'default').
 """

@@ -2,6 +2,10 @@
 
 from ._cmd_broker import READY as BROKER_READY
 from ._cmd_publish import READY as PUBLISH_READY
+from ._cmd_record import DONE as RECORD_DONE
+from ._cmd_record import READY as RECORD_READY
+from ._cmd_replay import DONE as REPLAY_DONE
+from ._cmd_replay import READY as REPLAY_READY
 from ._cmd_subscribe import READY as SUBSCRIBE_READY
 from ._process import ShmcastProcess as ShmcastProcess
 from ._process import issued_namespaces as issued_namespaces
@@ -13,6 +17,10 @@ from ._process import wait_for as wait_for
 __all__ = [
     "BROKER_READY",
     "PUBLISH_READY",
+    "RECORD_DONE",
+    "RECORD_READY",
+    "REPLAY_DONE",
+    "REPLAY_READY",
     "SUBSCRIBE_READY",
     "ShmcastProcess",
     "issued_namespaces",

@@ -1,4 +1,4 @@
-"""shmcast's writing side: :class:`Publisher`, the synthetic feeds and the relay."""
+"""shmcast's writing side: :class:`Publisher`, the synthetic feeds, the relay and replay."""
 
 from ._feeds import TICK_DTYPE as TICK_DTYPE
 from ._feeds import Feed as Feed
@@ -9,6 +9,10 @@ from ._relay import RelayCollector as RelayCollector
 from ._relay import RelayConfig as RelayConfig
 from ._relay import RelayStats as RelayStats
 from ._relay import resolve_relay_config as resolve_relay_config
+from ._replay import Replayed as Replayed
+from ._replay import Replayer as Replayer
+from ._replay import ReplayStats as ReplayStats
+from ._replay import replay as replay
 
 __all__ = [
     "TICK_DTYPE",
@@ -18,6 +22,10 @@ __all__ = [
     "RelayCollector",
     "RelayConfig",
     "RelayStats",
+    "ReplayStats",
+    "Replayed",
+    "Replayer",
     "make_feed",
+    "replay",
     "resolve_relay_config",
 ]

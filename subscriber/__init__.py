@@ -1,7 +1,10 @@
-"""shmcast's reading side: :class:`Subscriber`, the analytics worker and its metrics."""
+"""shmcast's reading side: :class:`Subscriber`, the analytics worker, the recorder, metrics."""
 
 from ._metrics import SubscriberCollector as SubscriberCollector
 from ._metrics import serve_metrics as serve_metrics
+from ._recorder import Recorded as Recorded
+from ._recorder import Recorder as Recorder
+from ._recorder import RecorderStats as RecorderStats
 from ._subscriber import LATENCY_BUCKETS as LATENCY_BUCKETS
 from ._subscriber import SegmentStats as SegmentStats
 from ._subscriber import Subscriber as Subscriber
@@ -12,6 +15,9 @@ from ._worker import run_worker as run_worker
 
 __all__ = [
     "LATENCY_BUCKETS",
+    "Recorded",
+    "Recorder",
+    "RecorderStats",
     "SegmentStats",
     "Subscriber",
     "SubscriberCollector",

@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 
-EXPECTED = {"write", "read", "handoff", "latency", "stream", "fanout", "relay", "bridge"}
+EXPECTED = {
+    "write",
+    "read",
+    "handoff",
+    "latency",
+    "stream",
+    "fanout",
+    "relay",
+    "record",
+    "bridge",
+}
 
 
 def _numbers(x: object) -> list[float]:
@@ -55,6 +65,10 @@ def test_quick_suite_runs_and_writes_json(tmp_path: Path) -> None:
     lat = data["benchmarks"]["latency"]["rates"]
     assert set(lat) == {"1000", "10000"}
     assert lat["1000"]["shmcast futex (Segment.wait)"]["ns"]["p50"] > 0
+    record = data["benchmarks"]["record"]
+    assert record["keep_up"]["published"] > 0
+    assert record["write_fps"]["bare h5py loop"]["median"] > 0
+    assert record["replay_vps"]["replay --max"]["median"] > 0
     relay = data["benchmarks"]["relay"]
     if "rows" in relay:  # needs network namespaces (root); else skipped with the reason
         assert {(r["path"], r["size"]) for r in relay["rows"]} == {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -139,10 +140,38 @@ def test_demo_runs_and_leaves_nothing(namespace: str) -> None:
         demo.stop(sig=signal.SIGINT)
     out = "\n".join(demo.stdout)
     assert re.search(r"broker metrics:\s+http://127\.0\.0\.1:\d+/metrics", out)
-    for name in ("strategy", "viewer", "recorder"):
+    for name in ("strategy", "viewer"):
         assert re.search(rf"^{name}\s+\d+", out, re.M), out[-2000:]
+    # The recorder records both feeds to a temporary file, reports it, removes it.
+    assert re.search(r"^recorder\s+ticks, frames -> \S+\.h5 \(\d", out, re.M), out[-2000:]
+    report = re.search(r"^recording: (\S+\.h5), [\d.]+ MiB: ticks (\d+) versions", out, re.M)
+    assert report, out[-2000:]
+    assert int(report.group(2)) > 0
+    assert "removed (--keep-recording keeps it)" in out
+    assert not Path(report.group(1)).exists()
     assert "clean exit" in out
     assert Segment.list(namespace) == []
+
+
+def test_demo_keeps_its_recording_when_asked(namespace: str) -> None:
+    from shmcast.broker.recording import open_recording
+
+    demo = start(["demo", "-n", namespace, "--duration", "2", "--keep-recording"])
+    try:
+        assert demo.wait(90) == 0, "\n".join(demo.stderr[-20:])
+    finally:
+        demo.stop(sig=signal.SIGINT)
+    out = "\n".join(demo.stdout)
+    report = re.search(r"^recording: (\S+\.h5), ", out, re.M)
+    assert report, out[-2000:]
+    path = Path(report.group(1))
+    try:
+        with open_recording(path) as rec:
+            assert set(rec.segments) == {"ticks", "frames"}
+            assert len(rec.segments["frames"]) > 0
+            assert rec.segments["frames"].layout.shape == (512, 512)
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def test_demo_ctrl_c_exits_clean(namespace: str) -> None:

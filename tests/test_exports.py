@@ -29,7 +29,12 @@ PACKAGES = [
     "shmcast.cli",
 ]
 #: Modules whose __all__ is checked against what they define or re-export.
-MODULES = ["shmcast.broker.client", "shmcast.broker.errors", "shmcast.cli.testing"]
+MODULES = [
+    "shmcast.broker.client",
+    "shmcast.broker.errors",
+    "shmcast.broker.recording",
+    "shmcast.cli.testing",
+]
 #: Directories of code that must use shmcast.broker's public names only.
 CLIENT_DIRS = ["publisher", "subscriber", "bridge", "cli", "bench"]
 

@@ -1,0 +1,1152 @@
+"""The recording format: what ``shmcast record`` writes and ``shmcast replay`` reads.
+
+One place for both sides: the writers (:func:`open_writer`), the reader
+(:func:`open_recording`) and the check that a file is a shmcast recording at
+all. h5py and pyarrow are imported when a file is opened, never at import
+time, so the base install works without the ``record`` extra.
+
+HDF5 (the default; written in SWMR mode, so other processes can read while it
+grows; open it with ``h5py.File(path, "r", swmr=True)``, which also opens the
+file of a recorder that was killed)::
+
+    /                        attrs shmcast_format = "shmcast-recording", format_version = 1
+    /<segment>               one group per segment, attrs:
+        dtype                  dtype_str() of the segment's dtype; parse_dtype() reads it back
+        shape                  int64 array: the shape of one version
+        namespace, slots       where it was recorded, the ring size
+        storage                "native": the numpy dtype as HDF5 type (records become compound
+                               types); "opaque": V<itemsize> bytes, for dtypes HDF5 has no type
+                               for (unicode, datetime), viewed back as ``dtype``
+        missed                 uint64: versions of the recorded span never recorded
+                               (rewritten at each flush)
+    /<segment>/data          (N, *shape); a chunk per version (versions under 64 KiB share
+                             chunks of up to 64 KiB); optional gzip or lzf
+    /<segment>/version       (N,) uint64, increasing
+    /<segment>/timestamp_ns  (N,) uint64: the commit time of each version
+
+Rows are appended data first, then version and timestamp. A reader takes the
+shortest of the three lengths and drops trailing rows whose version is 0 (space
+allocated but never written), so a file cut short anywhere reads as the versions
+written whole.
+
+Parquet (pyarrow), for one-dimensional record dtypes: one file per segment, one
+row per record; the record's fields as columns (numbers, booleans and datetimes
+as themselves, unicode as strings, fixed-size sub-arrays as fixed-size lists,
+anything else, bytes included, as fixed-size binary of the field's raw bytes)
+and ``version``, ``timestamp_ns`` (uint64). The schema's metadata ``shmcast``
+holds JSON (format, format_version, segment, dtype, shape, namespace, slots);
+the file's metadata ``shmcast.missed`` is written when the file is closed, as
+is Parquet's footer: a Parquet recording is readable once its recorder stopped.
+Fields come back bit-identical; padding bytes between fields come back as zeros.
+
+A full disk is never met inside HDF5 or Parquet (HDF5 2.0 can crash on the way
+out after ENOSPC): each writer keeps file space reserved ahead of what it hands
+the library (``fallocate`` with ``FALLOC_FL_KEEP_SIZE``; a ``statvfs`` check
+where that is unsupported) and raises :class:`RecordingSpaceError` before a
+write it cannot cover; closing then fits in the reserve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import importlib
+import json
+import logging
+import math
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from ._layout import dtype_str, normalize_layout, parse_dtype
+from .errors import (
+    LayoutError,
+    MissingExtraError,
+    NotARecordingError,
+    RecordingError,
+    RecordingExistsError,
+    RecordingSpaceError,
+    ShmcastError,
+)
+
+__all__ = [
+    "EXTRA",
+    "FORMAT",
+    "FORMATS",
+    "FORMAT_VERSION",
+    "Format",
+    "RecordedSegment",
+    "Recording",
+    "RecordingWriter",
+    "SegmentLayout",
+    "detect_format",
+    "open_recording",
+    "open_writer",
+    "output_paths",
+    "require",
+]
+
+log = logging.getLogger(__name__)
+
+Format = Literal["hdf5", "parquet"]
+
+#: The mark of a shmcast recording (HDF5 root attribute ``shmcast_format``).
+FORMAT = "shmcast-recording"
+#: Bumped when a reader of the previous version could misread a new file.
+FORMAT_VERSION = 1
+FORMATS: tuple[Format, ...] = ("hdf5", "parquet")
+#: The optional dependencies: ``pip install 'shmcast[record]'``.
+EXTRA = "record"
+
+MARK_ATTR = "shmcast_format"
+VERSION_ATTR = "format_version"
+META_KEY = b"shmcast"
+MISSED_KEY = b"shmcast.missed"
+COLUMNS = ("version", "timestamp_ns")
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+PARQUET_SIGNATURE = b"PAR1"
+
+#: Versions smaller than this share HDF5 chunks (up to this size).
+SMALL_CHUNK = 64 * 1024
+#: HDF5 chunks must stay under 4 GiB.
+MAX_CHUNK = 2**31
+#: Chunk length of the version and timestamp datasets.
+INDEX_CHUNK = 1024
+#: Rows of a Parquet row group (it is written once this many rows are pending).
+ROW_GROUP_ROWS = 128 * 1024
+#: Bytes of a Parquet row group (whichever comes first).
+ROW_GROUP_BYTES = 64 * 2**20
+#: File space kept reserved beyond what was handed to HDF5 or Parquet: their
+#: metadata, a chunk index that grows, the Parquet footer.
+MARGIN = 8 * 2**20
+
+
+def require(module: str, what: str) -> ModuleType:
+    """Import an optional dependency of the ``record`` extra.
+
+    Raises:
+        MissingExtraError: it is not installed (names the extra to install).
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(EXTRA, module.split(".")[0], what) from exc
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    """What a recording keeps of a segment to recreate it."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    namespace: str = ""
+    slots: int = 2
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one version."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def describe(self) -> str:
+        return f"dtype={dtype_str(self.dtype)} shape={list(self.shape)}"
+
+
+def output_paths(output: str, segments: Sequence[str], fmt: Format) -> dict[str, str]:
+    """Segment -> file: one HDF5 file for all; for Parquet one file per segment, the
+    output name itself for one segment, else ``<stem>.<segment><suffix>``."""
+    if fmt == "hdf5" or len(segments) == 1:
+        return dict.fromkeys(segments, output)
+    stem, suffix = os.path.splitext(output)
+    return {s: f"{stem}.{s}{suffix or '.parquet'}" for s in segments}
+
+
+def detect_format(path: str) -> Format:
+    """``"hdf5"`` or ``"parquet"``, from the file's signature.
+
+    Raises:
+        NotARecordingError: no such file, or neither signature.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            tail = b""
+            if size >= 12:
+                f.seek(-4, os.SEEK_END)
+                tail = f.read(4)
+    except FileNotFoundError:
+        raise NotARecordingError(path, "there is no such file") from None
+    except IsADirectoryError:
+        raise NotARecordingError(path, "it is a directory") from None
+    except OSError as exc:
+        raise RecordingError(path, f"cannot read {path}: {exc.strerror or exc}") from exc
+    if head == HDF5_SIGNATURE:
+        return "hdf5"
+    if head[:4] == PARQUET_SIGNATURE:
+        if tail != PARQUET_SIGNATURE:
+            raise NotARecordingError(
+                path, "a Parquet file without its footer (its recorder did not stop cleanly)"
+            )
+        return "parquet"
+    what = "an empty file" if size == 0 else "neither an HDF5 nor a Parquet file"
+    raise NotARecordingError(path, what)
+
+
+# ------------------------------------------------------------------ disk space
+
+
+@functools.lru_cache(maxsize=1)
+def _fallocate() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_KEEP_SIZE = 1  # FALLOC_FL_KEEP_SIZE: reserve blocks past the end, the size stays
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class _Reserve:
+    """File space kept allocated ahead of what a writer hands its library.
+
+    ``ensure(n)`` before handing over ``n`` bytes: the blocks from the file's end
+    to past everything pending are allocated (reserved past EOF, which the
+    library's writes then fill), or :class:`RecordingSpaceError` is raised and
+    nothing was handed over. ``flushed()`` after a flush: pending bytes are in
+    the file now. ``release()`` frees what is left past the end.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        self._end = 0
+        self._pending = 0
+        self._fallocate = _fallocate()
+
+    def ensure(self, nbytes: int) -> None:
+        size = os.fstat(self._fd).st_size
+        want = size + self._pending + nbytes + MARGIN
+        if want > self._end:
+            target = want + max(MARGIN, 4 * nbytes)  # fewer calls: reserve ahead
+            self._allocate(size, want, target)
+        self._pending += nbytes
+
+    def _allocate(self, size: int, want: int, target: int) -> None:
+        fn = self._fallocate
+        if fn is not None:
+            if fn(self._fd, _KEEP_SIZE, size, target - size) == 0:
+                self._end = target
+                return
+            err = ctypes.get_errno()
+            if err in _NO_SPACE:
+                # Settle for the bare need before giving up.
+                if fn(self._fd, _KEEP_SIZE, size, want - size) == 0:
+                    self._end = want
+                    return
+                raise RecordingSpaceError(self.path, want - size, self._free())
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise RecordingError(
+                    self.path, f"cannot reserve space for {self.path}: {os.strerror(err)}"
+                )
+            self._fallocate = None  # this filesystem cannot: check free space instead
+        free = self._free()
+        if free < want - size:
+            raise RecordingSpaceError(self.path, want - size, free)
+
+    def _free(self) -> int:
+        st = os.fstatvfs(self._fd)
+        return st.f_bavail * st.f_frsize
+
+    def flushed(self) -> None:
+        self._pending = 0
+
+    def release(self) -> None:
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            # Truncating to the same size frees the blocks reserved past the end.
+            os.ftruncate(self._fd, os.fstat(self._fd).st_size)
+        os.close(self._fd)
+        self._fd = -1
+
+
+# ------------------------------------------------------------------ writers
+
+
+class RecordingWriter(ABC):
+    """Appends versions of segments to a recording; one thread at a time.
+
+    ``append`` keeps no reference to the arrays it is given.
+    """
+
+    def __init__(self, layouts: Sequence[SegmentLayout]) -> None:
+        self.layouts = {lay.name: lay for lay in layouts}
+        self.counts = dict.fromkeys(self.layouts, 0)
+        self._missed = dict.fromkeys(self.layouts, 0)
+        self._closed = False
+
+    #: Segment -> the file its versions go to.
+    paths: dict[str, str]
+
+    @abstractmethod
+    def append(
+        self,
+        segment: str,
+        arrays: Sequence[npt.NDArray[Any]],
+        versions: Sequence[int],
+        timestamps: Sequence[int],
+    ) -> None:
+        """Append versions of ``segment``, in order.
+
+        Raises:
+            RecordingSpaceError: the disk cannot take them (nothing was appended).
+        """
+
+    def set_missed(self, segment: str, missed: int) -> None:
+        """The count of versions of ``segment`` never recorded (stored at the next flush)."""
+        self._missed[segment] = int(missed)
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make what was appended readable by other processes (HDF5) or durable."""
+
+    @abstractmethod
+    def _close(self) -> None: ...
+
+    def close(self) -> None:
+        """Flush and close every file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def size(self) -> int:
+        """Bytes of the files on disk."""
+        total = 0
+        for path in set(self.paths.values()):
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(path)
+        return total
+
+    def __enter__(self) -> RecordingWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_writer(
+    output: str,
+    layouts: Sequence[SegmentLayout],
+    *,
+    format: Format = "hdf5",
+    compression: str | None = None,
+    overwrite: bool = False,
+) -> RecordingWriter:
+    """Create a recording of ``layouts`` (nothing recorded yet).
+
+    Args:
+        output: the file; for Parquet and several segments, see :func:`output_paths`.
+        layouts: the segments to record.
+        format: ``"hdf5"`` or ``"parquet"``.
+        compression: HDF5: ``None``, ``"gzip"`` or ``"lzf"``; Parquet: ``None``
+            (snappy), ``"none"``, ``"gzip"``, ``"snappy"`` or ``"zstd"``.
+        overwrite: replace existing files (refused otherwise, and left untouched).
+
+    Raises:
+        RecordingExistsError, MissingExtraError, LayoutError (a dtype Parquet
+        cannot take), RecordingError (the file cannot be created).
+    """
+    if format not in FORMATS:
+        raise LayoutError(f"recording format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if not layouts:
+        raise LayoutError("a recording needs at least one segment")
+    paths = output_paths(output, [lay.name for lay in layouts], format)
+    if not overwrite:
+        for path in paths.values():
+            if os.path.lexists(path):
+                raise RecordingExistsError(path)
+    if format == "hdf5":
+        return _Hdf5Writer(output, layouts, compression=compression, overwrite=overwrite)
+    return _ParquetWriter(paths, layouts, compression=compression, overwrite=overwrite)
+
+
+def _os_error(path: str, exc: OSError) -> RecordingError:
+    if isinstance(exc, FileExistsError):
+        return RecordingExistsError(path)
+    return RecordingError(path, f"cannot create {path}: {exc.strerror or exc}")
+
+
+def _h5_storage(h5py: Any, dt: np.dtype[Any]) -> tuple[str, np.dtype[Any]]:
+    """How HDF5 holds ``dt``: as itself, or as opaque bytes of its size."""
+    try:
+        h5py.h5t.py_create(dt, logical=True)
+    except (TypeError, ValueError):
+        return "opaque", np.dtype(f"V{dt.itemsize}")
+    return "native", dt
+
+
+def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    nbytes = math.prod(shape) * itemsize
+    if nbytes < SMALL_CHUNK:
+        return (max(1, SMALL_CHUNK // nbytes), *shape)
+    dims = list(shape)
+    # A version of 2 GiB or more: HDF5 chunks must be smaller, split the largest axis.
+    while math.prod(dims) * itemsize >= MAX_CHUNK and max(dims, default=1) > 1:
+        i = dims.index(max(dims))
+        dims[i] = (dims[i] + 1) // 2
+    return (1, *dims)
+
+
+_HDF5_COMPRESSION = {None: None, "none": None, "gzip": "gzip", "lzf": "lzf"}
+
+
+class _Hdf5Group:
+    __slots__ = ("count", "data", "direct", "group", "opaque", "timestamp", "version", "zeros")
+
+    def __init__(self, group: Any, opaque: np.dtype[Any] | None, direct: bool) -> None:
+        self.group = group
+        self.data = group["data"]
+        self.version = group["version"]
+        self.timestamp = group["timestamp_ns"]
+        self.opaque = opaque
+        # A chunk per version and no filter: a version's bytes are its chunk, written
+        # as is (H5Dwrite_chunk), without HDF5's selection and conversion machinery.
+        self.direct = direct
+        self.zeros = (0,) * (len(self.data.shape) - 1)
+        self.count = 0
+
+
+class _Hdf5Writer(RecordingWriter):
+    def __init__(
+        self,
+        path: str,
+        layouts: Sequence[SegmentLayout],
+        *,
+        compression: str | None,
+        overwrite: bool,
+    ) -> None:
+        super().__init__(layouts)
+        h5py = require("h5py", "recording to HDF5")
+        if compression not in _HDF5_COMPRESSION:
+            raise LayoutError(f"HDF5 compression is gzip, lzf or none, not {compression!r}")
+        comp = _HDF5_COMPRESSION[compression]
+        self.path = path
+        self.paths = dict.fromkeys(self.layouts, path)
+        self._reserve: _Reserve | None = None
+        try:
+            # 'w-' is O_EXCL: an existing file is refused before it is touched.
+            self._file = h5py.File(path, "w" if overwrite else "w-", libver=("v110", "latest"))
+        except OSError as exc:
+            raise _os_error(path, exc) from exc
+        try:
+            f = self._file
+            f.attrs[MARK_ATTR] = FORMAT
+            f.attrs[VERSION_ATTR] = FORMAT_VERSION
+            self._groups: dict[str, _Hdf5Group] = {}
+            for lay in layouts:
+                storage, h5dtype = _h5_storage(h5py, lay.dtype)
+                g = f.create_group(lay.name)
+                g.create_dataset(
+                    "data",
+                    shape=(0, *lay.shape),
+                    maxshape=(None, *lay.shape),
+                    dtype=h5dtype,
+                    chunks=_chunks(lay.shape, lay.dtype.itemsize),
+                    compression=comp,
+                    compression_opts=4 if comp == "gzip" else None,
+                )
+                for name in COLUMNS:
+                    g.create_dataset(
+                        name, shape=(0,), maxshape=(None,), dtype="<u8", chunks=(INDEX_CHUNK,)
+                    )
+                g.attrs["dtype"] = dtype_str(lay.dtype)
+                g.attrs["shape"] = np.asarray(lay.shape, dtype=np.int64)
+                g.attrs["namespace"] = lay.namespace
+                g.attrs["slots"] = lay.slots
+                g.attrs["storage"] = storage
+                g.attrs["missed"] = np.uint64(0)
+                direct = comp is None and g["data"].chunks == (1, *lay.shape)
+                self._groups[lay.name] = _Hdf5Group(
+                    g, h5dtype if storage == "opaque" else None, direct
+                )
+            # Every object exists before SWMR starts: SWMR writers cannot add any.
+            f.swmr_mode = True
+            f.flush()
+            self._reserve = _Reserve(path)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._file.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        self._written_missed = dict.fromkeys(self.layouts, 0)
+
+    def append(
+        self,
+        segment: str,
+        arrays: Sequence[npt.NDArray[Any]],
+        versions: Sequence[int],
+        timestamps: Sequence[int],
+    ) -> None:
+        k = len(arrays)
+        if not k:
+            return
+        g = self._groups[segment]
+        nbytes = self.layouts[segment].nbytes
+        assert self._reserve is not None
+        self._reserve.ensure(k * (nbytes + 16) + 4096)
+        n0 = g.count
+        n1 = n0 + k
+        g.data.resize(n1, axis=0)
+        if g.direct:
+            write_chunk = g.data.id.write_direct_chunk
+            for j, a in enumerate(arrays):
+                write_chunk((n0 + j, *g.zeros), np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+                # h5py keeps the GIL while it writes: hand it over between chunks, so a
+                # thread waiting for it (the recorder's reader) waits one chunk at most.
+                time.sleep(0)
+        else:
+            if g.opaque is not None:
+                arrays = [a.view(g.opaque) for a in arrays]
+            self._write(g, arrays, n0, n1, nbytes)
+        # Version and time after the data: a row with a version has its data.
+        g.timestamp.resize(n1, axis=0)
+        g.timestamp[n0:n1] = np.asarray(timestamps, dtype=np.uint64)
+        g.version.resize(n1, axis=0)
+        g.version[n0:n1] = np.asarray(versions, dtype=np.uint64)
+        g.count = n1
+        self.counts[segment] = n1
+
+    @staticmethod
+    def _write(
+        g: _Hdf5Group, arrays: Sequence[npt.NDArray[Any]], n0: int, n1: int, nbytes: int
+    ) -> None:
+        if n1 - n0 == 1:
+            g.data[n0] = arrays[0]
+        elif nbytes < SMALL_CHUNK:
+            g.data[n0:n1] = np.stack(arrays)
+        else:
+            for j, a in enumerate(arrays):
+                g.data[n0 + j] = a
+
+    def flush(self) -> None:
+        for name, g in self._groups.items():
+            if self._missed[name] != self._written_missed[name]:
+                g.group.attrs["missed"] = np.uint64(self._missed[name])
+                self._written_missed[name] = self._missed[name]
+        self._file.flush()
+        if self._reserve is not None:
+            self._reserve.flushed()
+
+    def _close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            try:
+                self._file.close()
+            finally:
+                if self._reserve is not None:
+                    self._reserve.release()
+
+
+_PARQUET_COMPRESSION = {
+    None: "snappy",
+    "none": "none",
+    "gzip": "gzip",
+    "snappy": "snappy",
+    "zstd": "zstd",
+}
+
+
+def _parquet_check(lay: SegmentLayout) -> None:
+    if lay.dtype.names is None or len(lay.shape) != 1:
+        raise LayoutError(
+            f"segment {lay.name!r} holds {lay.describe()}: Parquet takes one-dimensional "
+            f"record (structured) dtypes, a row per record; record it with --format hdf5"
+        )
+
+
+def _arrow_kind(field: np.dtype[Any]) -> str:
+    """How a field becomes a column: 'num', 'str', 'list' or 'raw' bytes."""
+    if field.subdtype is not None:
+        base = field.subdtype[0]
+        return "list" if _arrow_kind(base) == "num" else "raw"
+    if field.kind in "biuf":
+        return "num"
+    if field.kind in "mM" and np.datetime_data(field)[0] in ("s", "ms", "us", "ns"):
+        return "num"
+    if field.kind == "U":
+        return "str"
+    return "raw"
+
+
+def _arrow_columns(pa: Any, arr: npt.NDArray[Any]) -> dict[str, Any]:
+    dt = arr.dtype
+    assert dt.names is not None
+    assert dt.fields is not None
+    n = len(arr)
+    cols: dict[str, Any] = {}
+    raw = arr.view(np.uint8).reshape(n, dt.itemsize) if n else None
+    for name in dt.names:
+        field, offset = dt.fields[name][:2]
+        kind = _arrow_kind(field)
+        if kind == "num":
+            col = arr[name]
+            if not col.dtype.isnative:
+                col = col.astype(col.dtype.newbyteorder("="))
+            cols[name] = pa.array(col)
+        elif kind == "list":
+            assert field.subdtype is not None
+            sub = field.subdtype[1]
+            flat = np.ascontiguousarray(arr[name]).reshape(-1)
+            if not flat.dtype.isnative:
+                flat = flat.astype(flat.dtype.newbyteorder("="))
+            cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat), math.prod(sub))
+        elif kind == "str":
+            # Through Python strings: numpy-to-arrow conversion cuts at the first NUL.
+            cols[name] = pa.array(arr[name].tolist(), type=pa.string())
+        else:
+            size = field.itemsize
+            data = b"" if raw is None else np.ascontiguousarray(raw[:, offset : offset + size])
+            cols[name] = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(size), n, [None, pa.py_buffer(data)]
+            )
+    return cols
+
+
+def _from_arrow(table: Any, dt: np.dtype[Any]) -> npt.NDArray[Any]:
+    """Rows of a Parquet recording back into records, field by field, as raw bytes."""
+    assert dt.names is not None
+    assert dt.fields is not None
+    n = table.num_rows
+    out = np.zeros(n, dtype=dt)
+    raw = out.view(np.uint8).reshape(n, dt.itemsize)
+    for name in dt.names:
+        field, offset = dt.fields[name][:2]
+        col = table.column(name).combine_chunks()
+        kind = _arrow_kind(field)
+        if kind == "num":
+            values = col.to_numpy(zero_copy_only=False).astype(field, copy=False)
+        elif kind == "list":
+            assert field.subdtype is not None
+            base, sub = field.subdtype
+            values = col.flatten().to_numpy(zero_copy_only=False).astype(base).reshape(n, *sub)
+        elif kind == "str":
+            values = np.asarray(col.to_pylist(), dtype=field)
+        else:
+            size = field.itemsize
+            buf = np.frombuffer(col.buffers()[1], dtype=np.uint8)
+            values = buf[col.offset * size : (col.offset + n) * size]
+            raw[:, offset : offset + size] = values.reshape(n, size)
+            continue
+        raw[:, offset : offset + field.itemsize] = (
+            np.ascontiguousarray(values).view(np.uint8).reshape(n, field.itemsize)
+        )
+    return out
+
+
+class _ParquetSegment:
+    __slots__ = ("file", "pending", "pending_bytes", "reserve", "schema", "writer")
+
+    def __init__(self, file: Any, writer: Any, schema: Any, reserve: _Reserve) -> None:
+        self.file = file
+        self.writer = writer
+        self.schema = schema
+        self.reserve = reserve
+        self.pending: list[tuple[npt.NDArray[Any], npt.NDArray[np.uint64], Any]] = []
+        self.pending_bytes = 0
+
+
+class _ParquetWriter(RecordingWriter):
+    def __init__(
+        self,
+        paths: dict[str, str],
+        layouts: Sequence[SegmentLayout],
+        *,
+        compression: str | None,
+        overwrite: bool,
+    ) -> None:
+        super().__init__(layouts)
+        for lay in layouts:
+            _parquet_check(lay)
+        if compression not in _PARQUET_COMPRESSION:
+            raise LayoutError(
+                f"Parquet compression is none, gzip, snappy or zstd, not {compression!r}"
+            )
+        self._pa = require("pyarrow", "recording to Parquet")
+        self._pq = require("pyarrow.parquet", "recording to Parquet")
+        self.paths = paths
+        self._segs: dict[str, _ParquetSegment] = {}
+        try:
+            for lay in layouts:
+                self._segs[lay.name] = self._open(lay, compression, overwrite)
+        except BaseException:
+            for name, seg in self._segs.items():
+                with contextlib.suppress(Exception):
+                    seg.writer.close()
+                seg.file.close()
+                seg.reserve.release()
+                with contextlib.suppress(OSError):
+                    os.unlink(self.paths[name])
+            raise
+
+    def _open(
+        self, lay: SegmentLayout, compression: str | None, overwrite: bool
+    ) -> _ParquetSegment:
+        pa = self._pa
+        path = self.paths[lay.name]
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "segment": lay.name,
+            "dtype": dtype_str(lay.dtype),
+            "shape": list(lay.shape),
+            "namespace": lay.namespace,
+            "slots": lay.slots,
+        }
+        sample = _arrow_columns(pa, np.zeros(1, lay.dtype))
+        sample["version"] = pa.array(np.zeros(1, np.uint64))
+        sample["timestamp_ns"] = pa.array(np.zeros(1, np.uint64))
+        schema = pa.table(sample).schema.with_metadata({META_KEY: json.dumps(meta).encode()})
+        try:
+            file = open(path, "wb" if overwrite else "xb")  # noqa: SIM115 (closed in _close)
+        except OSError as exc:
+            raise _os_error(path, exc) from exc
+        try:
+            reserve = _Reserve(path)
+            reserve.ensure(0)
+            writer = self._pq.ParquetWriter(
+                file, schema, compression=_PARQUET_COMPRESSION[compression]
+            )
+        except BaseException:
+            file.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return _ParquetSegment(file, writer, schema, reserve)
+
+    def append(
+        self,
+        segment: str,
+        arrays: Sequence[npt.NDArray[Any]],
+        versions: Sequence[int],
+        timestamps: Sequence[int],
+    ) -> None:
+        if not arrays:
+            return
+        seg = self._segs[segment]
+        rows = len(arrays[0])
+        data = np.concatenate(arrays)  # a copy: the caller may reuse its arrays
+        seg.pending.append(
+            (
+                data,
+                np.repeat(np.asarray(versions, dtype=np.uint64), rows),
+                np.repeat(np.asarray(timestamps, dtype=np.uint64), rows),
+            )
+        )
+        seg.pending_bytes += data.nbytes
+        self.counts[segment] += len(arrays)
+        if seg.pending_bytes >= ROW_GROUP_BYTES or sum(len(p[0]) for p in seg.pending) >= (
+            ROW_GROUP_ROWS
+        ):
+            self._write(seg)
+
+    def _write(self, seg: _ParquetSegment) -> None:
+        if not seg.pending:
+            return
+        pa = self._pa
+        data = np.concatenate([p[0] for p in seg.pending])
+        cols = _arrow_columns(pa, data)
+        cols["version"] = pa.array(np.concatenate([p[1] for p in seg.pending]))
+        cols["timestamp_ns"] = pa.array(np.concatenate([p[2] for p in seg.pending]))
+        table = pa.table(cols, schema=seg.schema)
+        seg.reserve.ensure(int(data.nbytes * 1.1) + 16 * len(data) + 65536)
+        seg.pending = []
+        seg.pending_bytes = 0
+        seg.writer.write_table(table, row_group_size=max(1, table.num_rows))
+
+    def flush(self) -> None:
+        for seg in self._segs.values():
+            if seg.pending_bytes >= ROW_GROUP_BYTES // 4:
+                self._write(seg)
+            seg.file.flush()
+            seg.reserve.flushed()
+
+    def _close(self) -> None:
+        errors: list[BaseException] = []
+        for name, seg in self._segs.items():
+            try:
+                try:
+                    self._write(seg)
+                finally:
+                    seg.writer.add_key_value_metadata({MISSED_KEY: str(self._missed[name])})
+                    seg.writer.close()
+            except (ShmcastError, OSError) as exc:
+                errors.append(exc)
+            finally:
+                seg.file.close()
+                seg.reserve.release()
+        if errors:
+            raise errors[0]
+
+
+# ------------------------------------------------------------------ reading
+
+
+class RecordedSegment(ABC):
+    """The versions of one segment in a recording.
+
+    ``versions`` and ``timestamps_ns`` are uint64 arrays (one entry per recorded
+    version); :meth:`read` and :meth:`read_into` give the data of entry ``i``.
+    """
+
+    layout: SegmentLayout
+    versions: npt.NDArray[np.uint64]
+    timestamps_ns: npt.NDArray[np.uint64]
+    missed: int
+    path: str
+
+    def __len__(self) -> int:
+        return len(self.versions)
+
+    @property
+    def name(self) -> str:
+        return self.layout.name
+
+    def read(self, i: int) -> npt.NDArray[Any]:
+        """A private copy of the data of entry ``i``."""
+        out = np.empty(self.layout.shape, dtype=self.layout.dtype)
+        self.read_into(i, out)
+        return out
+
+    @abstractmethod
+    def read_into(self, i: int, out: npt.NDArray[Any]) -> None:
+        """Fill ``out`` (the segment's dtype and shape, C-contiguous, writable)."""
+
+    def refresh(self) -> None:  # noqa: B027 (only a growing HDF5 file has anything to do)
+        """See versions appended since the file was opened (HDF5, SWMR)."""
+
+    def __iter__(self) -> Iterator[tuple[int, int, npt.NDArray[Any]]]:
+        """``(version, timestamp_ns, array)`` of every entry, in order."""
+        for i in range(len(self)):
+            yield int(self.versions[i]), int(self.timestamps_ns[i]), self.read(i)
+
+    def __repr__(self) -> str:
+        return f"<RecordedSegment {self.name} {self.layout.describe()} versions={len(self)}>"
+
+
+class Recording:
+    """An open recording file: ``segments`` maps each segment's name to its
+    :class:`RecordedSegment`. Close it (or use ``with``)."""
+
+    def __init__(self, path: str, fmt: Format, segments: dict[str, RecordedSegment]) -> None:
+        self.path = path
+        self.format: Format = fmt
+        self.segments = segments
+        self._closers: list[Any] = []
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close the file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for fn in reversed(self._closers):
+            with contextlib.suppress(Exception):
+                fn()
+
+    def __enter__(self) -> Recording:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Recording {self.path} {self.format} segments={list(self.segments)}>"
+
+
+def open_recording(path: str | os.PathLike[str]) -> Recording:
+    """Open a recording written by :func:`open_writer` (HDF5 or Parquet) for reading.
+
+    Raises:
+        NotARecordingError: not a file shmcast wrote, or too damaged to read.
+        MissingExtraError: h5py / pyarrow is not installed.
+    """
+    path = os.fspath(path)
+    fmt = detect_format(path)
+    if fmt == "hdf5":
+        return _open_hdf5(path)
+    return _open_parquet(path)
+
+
+def _layout_from(path: str, where: str, name: str, meta: dict[str, Any]) -> SegmentLayout:
+    try:
+        dt, shape = normalize_layout(parse_dtype(str(meta["dtype"])), tuple(meta["shape"]))
+        return SegmentLayout(
+            name=name,
+            dtype=dt,
+            shape=shape,
+            namespace=str(meta.get("namespace", "")),
+            slots=int(meta.get("slots", 2)),
+        )
+    except (KeyError, TypeError, ValueError, ShmcastError) as exc:
+        raise NotARecordingError(path, f"{where}: no usable dtype and shape ({exc})") from exc
+
+
+class _Hdf5Segment(RecordedSegment):
+    def __init__(self, path: str, group: Any, layout: SegmentLayout) -> None:
+        self.path = path
+        self.layout = layout
+        self._group = group
+        self._data = group["data"]
+        self._version = group["version"]
+        self._timestamp = group["timestamp_ns"]
+        self._view = self._data.dtype
+        if self._data.shape[1:] != layout.shape or self._view.itemsize != layout.dtype.itemsize:
+            raise NotARecordingError(
+                path,
+                f"group {layout.name!r}: data {self._data.dtype} {self._data.shape[1:]} does "
+                f"not match its attributes ({layout.describe()})",
+            )
+        self._fd = -1
+        self._offsets: npt.NDArray[np.int64] | None = None
+        # A chunk per version, no filter: read a version's bytes straight from the
+        # file into the destination (one pread) when HDF5 agrees on entry 0.
+        self._direct = (
+            self._data.chunks == (1, *layout.shape)
+            and self._data.id.get_create_plist().get_nfilters() == 0
+        )
+        self._load()
+        if self._direct:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self._index()
+            if len(self.versions) and not self._agrees():
+                self._direct = False
+                self._offsets = None
+
+    def _index(self) -> None:
+        n = len(self.versions)
+        offsets = np.full(n, -1, dtype=np.int64)
+        nbytes = self.layout.nbytes
+        dsid = self._data.id
+
+        def visit(info: Any) -> None:
+            i = info.chunk_offset[0]
+            if i < n and info.size == nbytes and info.filter_mask == 0:
+                offsets[i] = info.byte_offset
+
+        try:
+            dsid.chunk_iter(visit)
+        except (AttributeError, NotImplementedError):  # older h5py/HDF5: one call per chunk
+            zeros = (0,) * len(self.layout.shape)
+            for i in range(n):
+                visit(dsid.get_chunk_info_by_coord((i, *zeros)))
+        self._offsets = offsets
+
+    def _agrees(self) -> bool:
+        a = np.empty(self.layout.shape, self.layout.dtype)
+        b = np.empty(self.layout.shape, self.layout.dtype)
+        self._data.read_direct(a.view(self._view), source_sel=np.s_[0])
+        return self._pread(0, b) and a.tobytes() == b.tobytes()
+
+    def _pread(self, i: int, out: npt.NDArray[Any]) -> bool:
+        offsets = self._offsets
+        if offsets is None or i >= len(offsets) or offsets[i] < 0:
+            return False
+        buf = out.reshape(-1).view(np.uint8).data
+        return os.preadv(self._fd, [buf], int(offsets[i])) == len(buf)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _load(self) -> None:
+        versions = np.asarray(self._version[()], dtype=np.uint64)
+        times = np.asarray(self._timestamp[()], dtype=np.uint64)
+        n = min(len(versions), len(times), self._data.shape[0])
+        while n and versions[n - 1] == 0:  # space allocated, never written
+            n -= 1
+        self.versions = versions[:n]
+        self.timestamps_ns = times[:n]
+        self.missed = int(self._group.attrs.get("missed", 0))
+
+    def refresh(self) -> None:
+        for ds in (self._data, self._version, self._timestamp):
+            ds.refresh()
+        self._load()
+        if self._direct:
+            self._index()
+
+    def read_into(self, i: int, out: npt.NDArray[Any]) -> None:
+        if not 0 <= i < len(self.versions):
+            raise IndexError(f"entry {i} of {len(self.versions)} of segment {self.name!r}")
+        if self._direct and out.flags.c_contiguous and self._pread(i, out):
+            return
+        self._data.read_direct(out.view(self._view), source_sel=np.s_[i])
+
+
+def _open_hdf5(path: str) -> Recording:
+    h5py = require("h5py", "reading an HDF5 recording")
+    segments: dict[str, _Hdf5Segment] = {}
+    # h5py raises OSError or RuntimeError for a file it cannot read.
+    try:
+        # swmr=True: also opens a file whose writer is still running, or was killed.
+        f = h5py.File(path, "r", swmr=True)
+    except (OSError, RuntimeError):
+        try:
+            f = h5py.File(path, "r")
+        except (OSError, RuntimeError) as exc:
+            raise NotARecordingError(path, f"HDF5 cannot open it ({exc})") from exc
+    try:
+        mark = f.attrs.get(MARK_ATTR)
+        if isinstance(mark, bytes):
+            mark = mark.decode(errors="replace")
+        if mark != FORMAT:
+            raise NotARecordingError(
+                path, f"an HDF5 file without the mark of one (root attribute {MARK_ATTR!r})"
+            )
+        version = int(f.attrs.get(VERSION_ATTR, 0))
+        if version > FORMAT_VERSION:
+            raise NotARecordingError(
+                path,
+                f"format version {version}, written by a newer shmcast; this one reads "
+                f"version {FORMAT_VERSION}",
+            )
+        for name, group in f.items():
+            where = f"group {name!r}"
+            if not isinstance(group, h5py.Group) or not all(k in group for k in ("data", *COLUMNS)):
+                raise NotARecordingError(path, f"{where} lacks data, version or timestamp_ns")
+            attrs = {k: group.attrs[k] for k in group.attrs}
+            if isinstance(attrs.get("dtype"), bytes):
+                attrs["dtype"] = attrs["dtype"].decode()
+            if "shape" in attrs:
+                attrs["shape"] = [int(n) for n in np.atleast_1d(attrs["shape"])]
+            segments[name] = _Hdf5Segment(path, group, _layout_from(path, where, name, attrs))
+        if not segments:
+            raise NotARecordingError(path, "it holds no segment")
+    except BaseException:
+        for seg in segments.values():
+            seg.close()
+        f.close()
+        raise
+    rec = Recording(path, "hdf5", dict(segments))
+    rec._closers.append(f.close)
+    rec._closers.extend(seg.close for seg in segments.values())
+    return rec
+
+
+class _ParquetRecorded(RecordedSegment):
+    def __init__(self, path: str, pf: Any, layout: SegmentLayout, missed: int) -> None:
+        self.path = path
+        self.layout = layout
+        self.missed = missed
+        self._pf = pf
+        self._rows = layout.shape[0]
+        cols = pf.read(columns=list(COLUMNS))
+        versions = cols.column("version").to_numpy()
+        times = cols.column("timestamp_ns").to_numpy()
+        if len(versions) % self._rows:
+            raise NotARecordingError(
+                path, f"{len(versions)} rows is not a whole number of {self._rows}-row versions"
+            )
+        self.versions = np.ascontiguousarray(versions[:: self._rows], dtype=np.uint64)
+        self.timestamps_ns = np.ascontiguousarray(times[:: self._rows], dtype=np.uint64)
+        md = pf.metadata
+        starts = [0]
+        for g in range(md.num_row_groups):
+            starts.append(starts[-1] + md.row_group(g).num_rows)
+        self._starts = starts
+        self._cached: tuple[int, npt.NDArray[Any]] | None = None
+
+    def _group(self, g: int) -> npt.NDArray[Any]:
+        if self._cached is None or self._cached[0] != g:
+            table = self._pf.read_row_group(g, columns=list(self.layout.dtype.names or ()))
+            self._cached = (g, _from_arrow(table, self.layout.dtype))
+        return self._cached[1]
+
+    def read_into(self, i: int, out: npt.NDArray[Any]) -> None:
+        if not 0 <= i < len(self.versions):
+            raise IndexError(f"entry {i} of {len(self.versions)} of segment {self.name!r}")
+        start, stop = i * self._rows, (i + 1) * self._rows
+        parts = []
+        row = start
+        while row < stop:
+            g = int(np.searchsorted(self._starts, row, side="right")) - 1
+            rows = self._group(g)
+            end = min(stop, self._starts[g + 1])
+            parts.append(rows[row - self._starts[g] : end - self._starts[g]])
+            row = end
+        src = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        out.view(np.uint8)[...] = src.view(np.uint8).reshape(out.view(np.uint8).shape)
+
+
+def _open_parquet(path: str) -> Recording:
+    pq = require("pyarrow.parquet", "reading a Parquet recording")
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises its own ArrowInvalid, an OSError or ValueError
+        raise NotARecordingError(path, f"pyarrow cannot read it ({exc})") from exc
+    try:
+        meta_all = pf.metadata.metadata or {}
+        raw = meta_all.get(META_KEY)
+        try:
+            meta = json.loads(raw) if raw else None
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise NotARecordingError(path, "a Parquet file without shmcast's metadata")
+        version = int(meta.get("format_version", 0))
+        if version > FORMAT_VERSION:
+            raise NotARecordingError(
+                path,
+                f"format version {version}, written by a newer shmcast; this one reads "
+                f"version {FORMAT_VERSION}",
+            )
+        name = str(meta.get("segment", ""))
+        layout = _layout_from(path, "metadata", name, meta)
+        _parquet_check(layout)
+        names = set(pf.schema_arrow.names)
+        wanted = {*(layout.dtype.names or ()), *COLUMNS}
+        if not wanted <= names:
+            raise NotARecordingError(path, f"columns {sorted(wanted - names)} are missing")
+        try:
+            missed = int(meta_all.get(MISSED_KEY, b"0"))
+        except ValueError:
+            missed = 0
+        seg = _ParquetRecorded(path, pf, layout, missed)
+    except LayoutError as exc:
+        pf.close()
+        raise NotARecordingError(path, str(exc)) from exc
+    except BaseException:
+        pf.close()
+        raise
+    rec = Recording(path, "parquet", {name: seg})
+    rec._closers.append(pf.close)
+    return rec

@@ -1,0 +1,153 @@
+"""``shmcast record``: write every version of segments to an HDF5 or Parquet file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+
+from shmcast.subscriber import Recorder
+
+from ._options import add_broker_option, broker_endpoint
+from ._runner import print_ready, stop_on_signals
+
+READY = "shmcast record ready: "
+DONE = "shmcast record done: "
+
+HELP = "record segments to an HDF5 (or Parquet) file: every version, gaps counted"
+EXAMPLES = """\
+examples:
+  shmcast record frames --output run1.h5                    until Ctrl-C
+  shmcast record frames ticks -o run2.h5 --duration 60 --compression lzf
+  shmcast record ticks -o ticks.parquet --format parquet    a row per record
+  shmcast record frames -o run1.h5 --overwrite              replace an existing file
+
+HDF5: a group per segment with datasets data (N, *shape), version and
+timestamp_ns, and the attribute 'missed'; written in SWMR mode and flushed at
+least once a second, so `h5py.File(path, "r", swmr=True)` reads it while it
+grows, or after the recorder was killed. Parquet: one-dimensional record dtypes,
+one file per segment (<stem>.<segment>.parquet when several are recorded).
+Needs the extra: pip install 'shmcast[record]'.
+
+Lines on stdout: 'shmcast record ready: {json}' once recording, and
+'shmcast record done: {json}' (per segment: recorded, missed and why; bytes).
+Exit code 1 when writing failed (a full disk): the file keeps what was written.
+"""
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("segments", nargs="+", metavar="SEGMENT", help="segment names")
+    p.add_argument("--output", "-o", required=True, metavar="FILE", help="the recording file")
+    p.add_argument("--format", choices=["hdf5", "parquet"], default="hdf5", help="default: hdf5")
+    p.add_argument(
+        "--count",
+        type=int,
+        default=0,
+        help="stop after N versions, all segments together (0: never)",
+    )
+    p.add_argument("--duration", type=float, help="stop after S seconds")
+    p.add_argument(
+        "--compression",
+        choices=["none", "gzip", "lzf", "snappy", "zstd"],
+        help="HDF5: gzip or lzf (default none); Parquet: gzip, snappy (default) or zstd",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument(
+        "--wait",
+        choices=["futex", "events", "spin"],
+        default="futex",
+        help="how to learn of versions: the segments' futex (default, no broker needed), "
+        "the broker's announcements, or busy-polling",
+    )
+    p.add_argument(
+        "--flush-interval",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="seconds between flushes, at most 1 (default 0.5)",
+    )
+    p.add_argument(
+        "--segment-timeout",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="seconds to wait for the segments to exist (default 2)",
+    )
+    add_broker_option(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.count < 0 or (args.duration is not None and args.duration <= 0):
+        print("shmcast record: error: --count and --duration must be positive", file=sys.stderr)
+        return 2
+    if not 0 < args.flush_interval <= 1:
+        print("shmcast record: error: --flush-interval must be in (0, 1]", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    # Let the reading thread take the GIL back from the writing thread within 0.5 ms
+    # (default 5 ms) when a version arrives; restored at the end (tests call main()).
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch, 0.0005))
+    try:
+        return _record(args, stop)
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def _record(args: argparse.Namespace, stop: threading.Event) -> int:
+    with stop_on_signals(stop.set):
+        rec = Recorder(
+            args.segments,
+            args.output,
+            format=args.format,
+            namespace=args.namespace,
+            broker=broker_endpoint(args) if args.wait == "events" else None,
+            wait=args.wait,
+            compression=args.compression,
+            overwrite=args.overwrite,
+            flush_interval=args.flush_interval,
+            segment_timeout=args.segment_timeout,
+        )
+        with rec:
+            print_ready(
+                READY,
+                {
+                    "segments": rec.names,
+                    "namespace": rec.namespace,
+                    "format": rec.format,
+                    "paths": rec.paths,
+                },
+            )
+            start = time.monotonic()
+            error: BaseException | None = None
+            try:
+                rec.run(count=args.count, duration=args.duration, stop=stop)
+            except Exception as exc:  # reported below, with what the file kept
+                error = exc
+            error = error or rec.failure
+        stats = rec.stats()
+        done = {
+            "seconds": round(time.monotonic() - start, 3),
+            "paths": rec.paths,
+            "bytes": rec.size(),
+            "segments": {
+                name: {
+                    "recorded": st.recorded,
+                    "missed": st.missed,
+                    "lapped": st.lapped,
+                    "torn": st.torn,
+                    "dropped": st.dropped,
+                    "unwritten": st.unwritten,
+                    "first_version": st.first_version,
+                    "last_version": st.last_version,
+                }
+                for name, st in stats.items()
+            },
+            "error": None if error is None else str(error),
+        }
+        print_ready(DONE, done)
+    if error is not None:
+        print(f"shmcast record: error: {error}", file=sys.stderr)
+        return 1
+    return 0

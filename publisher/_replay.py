@@ -1,0 +1,365 @@
+"""Replay: publish the versions of a recording again, in order, bit-identical.
+
+Each recorded segment is recreated through the broker with its dtype and shape
+(or an existing one of the same layout is used), then the versions of every
+segment are published in the order of their recorded commit times, at the
+recorded pace scaled by ``speed`` or flat out. Each version is read from the
+file straight into the segment's next slot (a loan): one copy.
+
+Version numbers are kept: into a fresh segment, version v of the recording is
+published as v, gaps included (subscribers count them as missed, as they were).
+Into a segment already further on, and on each pass of a loop, every number is
+shifted by the same amount so that versions only go forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import numpy.typing as npt
+
+from shmcast.broker.client import ControlClient, resolve_endpoint, resolve_namespace
+from shmcast.broker.errors import (
+    ClosedError,
+    LayoutConflictError,
+    RecordingError,
+    SegmentNotFoundError,
+)
+from shmcast.broker.recording import RecordedSegment, Recording, SegmentLayout, open_recording
+
+from ._publisher import Publisher
+
+__all__ = ["ReplayStats", "Replayed", "Replayer", "replay"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds behind the recorded pace after which the pace starts again from now.
+BEHIND = 0.05
+
+
+@dataclass
+class ReplayStats:
+    """What a replay published of one segment."""
+
+    published: int = 0
+    first_version: int = 0
+    last_version: int = 0
+    passes: int = 0
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """One version published again."""
+
+    segment: str
+    version: int
+    """The version number published."""
+    recorded_version: int
+    recorded_timestamp_ns: int
+
+
+class Replayer:
+    """Publish the versions of recordings into a namespace's segments.
+
+    Iterate over it to publish version after version (each step yields a
+    :class:`Replayed`), or call :meth:`run`.
+
+    Args:
+        paths: a recording file, or several (a Parquet recording of several
+            segments is one file per segment); their segments are merged by time.
+        segments: replay only these (default: every recorded segment).
+        namespace: ``None`` means ``$SHMCAST_NAMESPACE`` or ``"default"``.
+        broker: the broker's control endpoint.
+        speed: the recorded pace times this; ``None`` publishes flat out.
+        loop: start again from the first version after the last, until stopped.
+        timeout: seconds to wait for each broker reply.
+
+    Raises:
+        NotARecordingError: a file is not a shmcast recording.
+        RecordingError: a segment asked for is not in the recordings, or two
+            recordings hold the same segment.
+        LayoutConflictError: a segment of that name exists with another dtype or
+            shape (checked for every segment before any is touched).
+        MissingExtraError: h5py / pyarrow is not installed (``shmcast[record]``).
+        BrokerUnavailableError: no broker answered.
+    """
+
+    def __init__(
+        self,
+        paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        *,
+        segments: Sequence[str] | None = None,
+        namespace: str | None = None,
+        broker: str | None = None,
+        speed: float | None = 1.0,
+        loop: bool = False,
+        timeout: float = 5.0,
+        curve: tuple[bytes, bytes, bytes] | None = None,
+    ) -> None:
+        self._closed = True
+        self._recordings: list[Recording] = []
+        self._pubs: dict[str, Publisher] = {}
+        if speed is not None and not speed > 0:
+            raise ValueError(f"speed must be positive (or None: flat out), not {speed!r}")
+        files = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        if not files:
+            raise ValueError("replay at least one recording")
+        self.namespace = resolve_namespace(namespace)
+        self.speed = speed
+        self.loop = loop
+        try:
+            self._sources = self._open(files, segments)
+            self._check_layouts(resolve_endpoint(broker, self.namespace), timeout, curve)
+            for name, src in self._sources.items():
+                lay = src.layout
+                if name in self._existing:  # get it, never create: its slots are its own
+                    pub = Publisher(
+                        name, namespace=self.namespace, broker=broker, timeout=timeout, curve=curve
+                    )
+                else:
+                    pub = Publisher(
+                        name,
+                        dtype=lay.dtype,
+                        shape=lay.shape,
+                        slots=lay.slots,
+                        namespace=self.namespace,
+                        broker=broker,
+                        timeout=timeout,
+                        curve=curve,
+                    )
+                self._pubs[name] = pub
+        except BaseException:
+            self._teardown()
+            raise
+        self.segments = list(self._sources)
+        for src in self._sources.values():
+            if len(src):
+                src.read(0)  # warm the file's read path up before the clock starts
+        self._stats = {name: ReplayStats() for name in self.segments}
+        self._order = self._schedule()
+        self._closed = False
+
+    def _open(
+        self, files: list[str | os.PathLike[str]], wanted: Sequence[str] | None
+    ) -> dict[str, RecordedSegment]:
+        sources: dict[str, RecordedSegment] = {}
+        for path in files:
+            rec = open_recording(path)
+            self._recordings.append(rec)
+            for name, seg in rec.segments.items():
+                if name in sources:
+                    raise RecordingError(
+                        rec.path,
+                        f"segment {name!r} is in both {sources[name].path} and {rec.path}; "
+                        f"replay one of them (--segments, or one file)",
+                    )
+                sources[name] = seg
+        if wanted:
+            unknown = [n for n in wanted if n not in sources]
+            if unknown:
+                there = ", ".join(map(repr, sources))
+                raise RecordingError(
+                    self._recordings[0].path,
+                    f"segment(s) {', '.join(map(repr, unknown))} not recorded; the "
+                    f"recording holds {there}",
+                )
+            sources = {n: sources[n] for n in dict.fromkeys(wanted)}
+        return sources
+
+    def _check_layouts(
+        self, endpoint: str, timeout: float, curve: tuple[bytes, bytes, bytes] | None
+    ) -> None:
+        """Every segment either does not exist or has the recorded dtype and shape."""
+        self._existing: set[str] = set()
+        client = ControlClient(endpoint, timeout=timeout, curve=curve)
+        try:
+            for name, src in self._sources.items():
+                try:
+                    info = client.request("describe", name=name)
+                except SegmentNotFoundError:
+                    continue
+                lay = src.layout
+                have = f"dtype={info['dtype']} shape={list(info['shape'])}"
+                if have != lay.describe():
+                    raise LayoutConflictError(
+                        name, have, f"{lay.describe()} (recorded in {src.path})"
+                    )
+                self._existing.add(name)
+        finally:
+            client.close()
+
+    def _schedule(self) -> npt.NDArray[np.int64]:
+        """(segment index, entry) pairs of one pass, in recorded commit-time order."""
+        times, segs, idx = [], [], []
+        for k, src in enumerate(self._sources.values()):
+            n = len(src)
+            times.append(src.timestamps_ns.astype(np.int64))
+            segs.append(np.full(n, k, dtype=np.int64))
+            idx.append(np.arange(n, dtype=np.int64))
+        t = np.concatenate(times)
+        order = np.lexsort((np.concatenate(segs), t))  # by time, then by segment
+        return np.stack([np.concatenate(segs)[order], np.concatenate(idx)[order], t[order]], 1)
+
+    # ------------------------------------------------------------------ publishing
+
+    def __iter__(self) -> Iterator[Replayed]:
+        return self.replayed()
+
+    def replayed(self, stop: threading.Event | None = None) -> Iterator[Replayed]:
+        """Publish, yielding each version once it is published; ends after the last
+        (or never, with ``loop``), or when ``stop`` is set.
+
+        Raises:
+            ClosedError: the replayer was closed.
+        """
+        self._check_open()
+        names = list(self._sources)
+        sources = [self._sources[n] for n in names]
+        pubs = [self._pubs[n] for n in names]
+        stats = [self._stats[n] for n in names]
+        order = self._order.tolist()  # Python ints: cheaper to loop over than numpy scalars
+        if not order:
+            return
+        offsets = []
+        for src, pub in zip(sources, pubs, strict=True):
+            first = int(src.versions[0]) if len(src) else 1
+            offsets.append(0 if pub.version < first else pub.version - first + 1)
+        t_first = order[0][2]
+        span = order[-1][2] - t_first
+        gap = span // max(1, len(order) - 1)  # between the last version and the next pass
+        start = time.monotonic_ns()
+        speed = self.speed
+        while True:
+            for k, i, t in order:
+                if stop is not None and stop.is_set():
+                    return
+                if self._closed:
+                    raise ClosedError("replayer")
+                if speed is not None:
+                    delay = (start + (t - t_first) / speed - time.monotonic_ns()) / 1e9
+                    if delay > 0:
+                        if stop is not None:
+                            if stop.wait(delay):
+                                return
+                        else:
+                            time.sleep(delay)
+                    elif delay < -BEHIND:
+                        # Far behind (a stalled machine): keep the recorded intervals from
+                        # here on rather than publish the backlog in a burst.
+                        start -= int(delay * 1e9)
+                src, pub, st = sources[k], pubs[k], stats[k]
+                recorded = int(src.versions[i])
+                v = recorded + offsets[k]
+                with pub.loan(version=v) as out:
+                    src.read_into(i, out)
+                st.published += 1
+                if not st.first_version:
+                    st.first_version = v
+                st.last_version = v
+                yield Replayed(names[k], v, recorded, int(src.timestamps_ns[i]))
+            for st in stats:
+                st.passes += 1
+            if not self.loop:
+                return
+            for k, src in enumerate(sources):
+                if len(src):
+                    offsets[k] += int(src.versions[-1]) - int(src.versions[0]) + 1
+            if speed is not None:
+                start += int((span + gap) / speed)
+
+    def run(self, stop: threading.Event | None = None) -> dict[str, ReplayStats]:
+        """Publish every version (again and again with ``loop``) until done or ``stop``;
+        return what was published of each segment. The segments stay (the broker
+        owns them); the replayer is closed."""
+        try:
+            for _ in self.replayed(stop):
+                pass
+        finally:
+            self.close()
+        return self.stats()
+
+    def stats(self) -> dict[str, ReplayStats]:
+        return {n: replace(st) for n, st in self._stats.items()}
+
+    def layouts(self) -> dict[str, SegmentLayout]:
+        """The recorded layout of each segment replayed."""
+        return {n: src.layout for n, src in self._sources.items()}
+
+    def __len__(self) -> int:
+        """Versions of one pass."""
+        return len(self._order)
+
+    # ------------------------------------------------------------------ closing
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("replayer")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _teardown(self) -> None:
+        for pub in self._pubs.values():
+            pub.close()
+        self._pubs = {}
+        for rec in self._recordings:
+            rec.close()
+        self._recordings = []
+
+    def close(self) -> None:
+        """Release the writer leases and close the files. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._teardown()
+
+    def __enter__(self) -> Replayer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        warnings.warn("replayer was not closed", ResourceWarning, source=self, stacklevel=2)
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __repr__(self) -> str:
+        pace = "max" if self.speed is None else f"speed={self.speed:g}"
+        return f"<Replayer {self.namespace}/{','.join(self._sources)} {pace}>"
+
+
+def replay(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    segments: Sequence[str] | None = None,
+    namespace: str | None = None,
+    broker: str | None = None,
+    speed: float | None = 1.0,
+    loop: bool = False,
+    stop: threading.Event | None = None,
+    timeout: float = 5.0,
+) -> dict[str, ReplayStats]:
+    """Replay recordings into a namespace and return what was published of each
+    segment; see :class:`Replayer` for the arguments and errors."""
+    with Replayer(
+        paths,
+        segments=segments,
+        namespace=namespace,
+        broker=broker,
+        speed=speed,
+        loop=loop,
+        timeout=timeout,
+    ) as rep:
+        return rep.run(stop)

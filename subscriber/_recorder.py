@@ -1,0 +1,544 @@
+"""The recorder: a subscriber that writes every version it reads to a file.
+
+Two threads. The reading thread (the caller's, in :meth:`Recorder.records` or
+:meth:`Recorder.run`) learns of each version, reads exactly that version with
+the engine's validated zero-copy read and copies it into a buffer of a bounded
+pool inside the read; a copy counts once the read validated. The writing thread
+appends the buffers to the file (:mod:`shmcast.broker.recording`), flushes at
+least once a second, and gives the buffers back. A slow disk therefore never
+stalls the reading: when the pool is empty the version is dropped and counted.
+
+Nothing is lost silently. Per segment, every version from the first one after
+the recorder started to the last one it handled is either recorded or counted
+in ``missed``: lapped (it left the ring before it was copied), torn (the writer
+overwrote it during the copy), dropped (no free buffer: the disk was slower
+than the stream) or unwritten (in a buffer when writing failed). ``missed`` is
+stored in the file with the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from shmcast.broker import Segment
+from shmcast.broker.client import resolve_namespace, validate_segment_name
+from shmcast.broker.errors import (
+    ClosedError,
+    NotASegmentError,
+    RecordingError,
+    RecordingExistsError,
+    SegmentNotFoundError,
+    ShmcastError,
+    TornReadError,
+    VersionUnavailableError,
+)
+from shmcast.broker.recording import (
+    FORMATS,
+    Format,
+    RecordingWriter,
+    SegmentLayout,
+    open_writer,
+    output_paths,
+    require,
+)
+
+from ._subscriber import WAIT_SLICE, Subscriber, WaitMode
+
+__all__ = ["Recorded", "Recorder", "RecorderStats"]
+
+log = logging.getLogger(__name__)
+
+#: Bytes of copies a recorder may hold while the disk catches up (per segment).
+BUFFER_BYTES = 64 * 2**20
+#: Most items the writing thread appends in one call.
+BATCH = 256
+#: Seconds between the writing thread's turns (each writes everything queued).
+WRITE_INTERVAL = 0.05
+
+
+@dataclass
+class RecorderStats:
+    """What a recorder did with the versions of one segment."""
+
+    recorded: int = 0
+    lapped: int = 0
+    torn: int = 0
+    dropped: int = 0
+    unwritten: int = 0
+    first_version: int = 0
+    last_version: int = 0
+
+    @property
+    def missed(self) -> int:
+        """Versions of the recorded span that are not in the file."""
+        return self.lapped + self.torn + self.dropped + self.unwritten
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One version copied out and handed to the writing thread."""
+
+    segment: str
+    version: int
+    timestamp_ns: int
+    missed: int
+    """Versions of this segment missed since the previous one recorded."""
+
+
+class _Pool:
+    """Buffers of one segment: allocated on demand up to a cap, then reused."""
+
+    def __init__(self, dtype: np.dtype[Any], shape: tuple[int, ...], cap: int) -> None:
+        self.dtype = dtype
+        self.shape = shape
+        self.cap = cap
+        self.made = 0
+        self.free: deque[tuple[npt.NDArray[Any], npt.NDArray[np.uint8]]] = deque()
+
+    def take(self) -> tuple[npt.NDArray[Any], npt.NDArray[np.uint8]] | None:
+        try:
+            return self.free.pop()  # deque pops and appends are atomic: no lock
+        except IndexError:
+            if self.made >= self.cap:
+                return None
+        self.made += 1
+        arr = np.empty(self.shape, dtype=self.dtype)
+        return arr, arr.reshape(-1).view(np.uint8)
+
+
+class Recorder:
+    """Record segments of a namespace to an HDF5 or Parquet file.
+
+    Args:
+        segments: a segment name or names; each must exist within ``segment_timeout``.
+        output: the file (Parquet and several segments: one file per segment,
+            ``<stem>.<segment>.parquet``).
+        format: ``"hdf5"`` (default) or ``"parquet"`` (one-dimensional record dtypes).
+        namespace: ``None`` means ``$SHMCAST_NAMESPACE`` or ``"default"``.
+        broker: the broker's control endpoint (``events`` mode).
+        wait: how the recorder learns of versions, as :class:`Subscriber`'s
+            ``wait``. ``futex`` (default) wakes on every commit, needs no broker
+            and sees every version from the moment it is ready; ``events`` goes
+            through the broker's announcements (and reports to ``shmcast top``),
+            but a ZeroMQ subscription takes a moment to start delivering.
+            Whatever wakes it, the recorder reads every version still in the ring.
+        compression: HDF5 ``"gzip"`` or ``"lzf"``; Parquet ``"gzip"``,
+            ``"snappy"`` (its default) or ``"zstd"``; ``None``/``"none"``: none.
+        overwrite: replace an existing output file (otherwise refused, untouched).
+        flush_interval: seconds between flushes, at most 1: what a reader of the
+            growing file sees, and what a killed recorder leaves.
+        segment_timeout: seconds to wait for the segments to exist.
+        timeout: seconds to wait for the broker's replies.
+        buffer_bytes: bytes of copies held per segment while the disk catches up.
+        name: how the recorder names itself to the broker (``shmcast top``).
+
+    Raises:
+        SegmentNotFoundError: a segment did not appear (the message names those
+            that exist).
+        RecordingExistsError: the output exists and ``overwrite`` is false.
+        MissingExtraError: h5py / pyarrow is not installed (``shmcast[record]``).
+        BrokerUnavailableError: ``events`` mode and no broker answered.
+    """
+
+    def __init__(
+        self,
+        segments: str | Sequence[str],
+        output: str | os.PathLike[str],
+        *,
+        format: Format = "hdf5",
+        namespace: str | None = None,
+        broker: str | None = None,
+        wait: WaitMode = "futex",
+        compression: str | None = None,
+        overwrite: bool = False,
+        flush_interval: float = 0.5,
+        segment_timeout: float = 2.0,
+        timeout: float = 5.0,
+        buffer_bytes: int = BUFFER_BYTES,
+        curve: tuple[bytes, bytes, bytes] | None = None,
+        name: str = "recorder",
+    ) -> None:
+        self._closed = True
+        self._final_size = 0
+        self._sub: Subscriber | None = None
+        self._writer: RecordingWriter | None = None
+        self._thread: threading.Thread | None = None
+        names = [segments] if isinstance(segments, str) else list(segments)
+        if not names:
+            raise ValueError("record at least one segment")
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+        if not 0 < flush_interval <= 1.0:
+            raise ValueError(f"flush_interval must be in (0, 1] seconds, not {flush_interval!r}")
+        self.names = [validate_segment_name(n) for n in dict.fromkeys(names)]
+        self.namespace = resolve_namespace(namespace)
+        self.output = os.fspath(output)
+        self.format: Format = format
+        self.flush_interval = flush_interval
+        # A missing extra fails first, before any broker or file is touched.
+        require("h5py" if format == "hdf5" else "pyarrow.parquet", f"recording to {format}")
+        if not overwrite:  # fail before connecting; open_writer checks again, atomically
+            for path in output_paths(self.output, self.names, format).values():
+                if os.path.lexists(path):
+                    raise RecordingExistsError(path)
+        try:
+            self._sub = Subscriber(
+                self.names,
+                namespace=self.namespace,
+                broker=broker,
+                wait=wait,
+                timeout=timeout if wait == "events" else segment_timeout,
+                curve=curve,
+                name=name,
+            )
+            self._segs = self._attach(segment_timeout)
+        except SegmentNotFoundError as exc:  # futex/spin: the Subscriber waited for it
+            self._teardown()
+            raise SegmentNotFoundError(
+                exc.segment, self.namespace, existing=Segment.list(self.namespace)
+            ) from None
+        except BaseException:
+            self._teardown()
+            raise
+        try:
+            layouts = [
+                SegmentLayout(n, s.dtype, s.shape, self.namespace, s.slots)
+                for n, s in self._segs.items()
+            ]
+            self._writer = open_writer(
+                self.output, layouts, format=format, compression=compression, overwrite=overwrite
+            )
+        except BaseException:
+            self._teardown()
+            raise
+        self.paths: dict[str, str] = dict(self._writer.paths)
+        self._stats = {n: RecorderStats() for n in self.names}
+        # Where recording starts: versions committed before now are not ours to count.
+        self._last = {n: s.version for n, s in self._segs.items()}
+        self._pools = {
+            n: _Pool(s.dtype, s.shape, max(2, min(1 << 16, buffer_bytes // max(1, s.nbytes))))
+            for n, s in self._segs.items()
+        }
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._failure: BaseException | None = None
+        self._failed = threading.Event()
+        self._wake = threading.Event()  # set: write what is queued, then stop
+        self._thread = threading.Thread(
+            target=self._write_loop, name="shmcast-recorder", daemon=True
+        )
+        self._closed = False
+        self._thread.start()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _attach(self, timeout: float) -> dict[str, Segment]:
+        sub = self._sub
+        assert sub is not None
+        deadline = time.monotonic() + timeout
+        segs: dict[str, Segment] = {}
+        for name in self.names:
+            while name not in segs:
+                try:
+                    segs[name] = sub.segment(name)
+                except (SegmentNotFoundError, NotASegmentError):
+                    if time.monotonic() >= deadline:
+                        raise SegmentNotFoundError(
+                            name, self.namespace, existing=Segment.list(self.namespace)
+                        ) from None
+                    time.sleep(0.02)
+        return segs
+
+    # ------------------------------------------------------------------ reading
+
+    def records(
+        self,
+        *,
+        count: int = 0,
+        duration: float | None = None,
+        stop: threading.Event | None = None,
+    ) -> Iterator[Recorded]:
+        """Record, yielding each version as it is copied out, until ``count``
+        versions (all segments together; 0: no limit), ``duration`` seconds,
+        ``stop`` is set, or the recorder is closed.
+
+        Raises:
+            RecordingSpaceError: the disk filled up; the file keeps what was written.
+            RecordingError: writing failed otherwise.
+        """
+        self._check_open()
+        sub = self._sub
+        assert sub is not None
+        deadline = None if duration is None else time.monotonic() + duration
+        n = 0
+        while not self._should_stop(stop, deadline):
+            step = WAIT_SLICE
+            if deadline is not None:
+                step = max(0.0, min(step, deadline - time.monotonic()))
+            updates = sub.updates(timeout=step)
+            try:
+                for up in updates:
+                    for rec in self._take(up.segment, up.version):
+                        yield rec
+                        n += 1
+                        if count and n >= count:
+                            return
+                    if self._should_stop(stop, deadline):
+                        break
+            except ClosedError:
+                if self._closed:
+                    return
+                raise
+            finally:
+                close = getattr(updates, "close", None)  # a generator: end its wait now
+                if close is not None:
+                    close()
+        if self._failure is not None:
+            raise self._failure
+
+    def run(
+        self,
+        *,
+        count: int = 0,
+        duration: float | None = None,
+        stop: threading.Event | None = None,
+    ) -> dict[str, RecorderStats]:
+        """Record until ``count``, ``duration`` or ``stop`` (see :meth:`records`),
+        close the file, and return what happened to each segment's versions."""
+        try:
+            for _ in self.records(count=count, duration=duration, stop=stop):
+                pass
+        finally:
+            self.close()
+        return self.stats()
+
+    def _should_stop(self, stop: threading.Event | None, deadline: float | None) -> bool:
+        if self._closed or self._failed.is_set():
+            return True
+        if stop is not None and stop.is_set():
+            return True
+        return deadline is not None and time.monotonic() >= deadline
+
+    def _take(self, name: str, upto: int) -> Iterator[Recorded]:
+        """Copy out every version of ``name`` after the last one handled, up to ``upto``
+        or the latest committed, whichever is newer."""
+        last = self._last[name]
+        if upto <= last:
+            return
+        seg = self._segment(name)
+        st = self._stats[name]
+        pool = self._pools[name]
+        latest = seg.version
+        # Up to the header's latest, not just the version announced: a recorder that
+        # learns late reads what is in the ring now rather than after its own news.
+        upto = max(upto, latest)
+        # Versions older than the ring's oldest are gone for sure: no need to try them.
+        first = max(last + 1, latest - seg.slots + 1)
+        st.lapped += first - last - 1
+        missed = first - last - 1
+        put = self._queue.put
+        for v in range(first, upto + 1):
+            buf = pool.take()
+            if buf is None:
+                st.dropped += 1
+                missed += 1
+                continue
+            try:
+                with seg.read(v) as snap:
+                    # Raw bytes: numpy's copy of record dtypes is ~20x slower than memcpy.
+                    np.copyto(buf[1], snap.array.reshape(-1).view(np.uint8))
+                    ts = snap.timestamp_ns
+            except VersionUnavailableError:
+                pool.free.append(buf)
+                st.lapped += 1
+                missed += 1
+                continue
+            except TornReadError:
+                pool.free.append(buf)
+                st.torn += 1
+                missed += 1
+                continue
+            self._last[name] = v
+            if not st.first_version:
+                st.first_version = v
+            st.last_version = v
+            put((name, v, ts, buf))
+            yield Recorded(name, v, ts, missed)
+            missed = 0
+        self._last[name] = upto
+
+    def _segment(self, name: str) -> Segment:
+        sub = self._sub
+        assert sub is not None
+        seg = sub.segment(name)
+        old = self._segs[name]
+        if seg is not old:  # re-attached: a new incarnation of the segment
+            if seg.dtype != old.dtype or seg.shape != old.shape:
+                raise RecordingError(
+                    self.output,
+                    f"segment {name!r} was recreated with another layout (dtype={seg.dtype} "
+                    f"shape={seg.shape}, recording dtype={old.dtype} shape={old.shape}); "
+                    f"the recording stops here",
+                )
+            self._segs[name] = seg
+        return seg
+
+    # ------------------------------------------------------------------ writing
+
+    def _write_loop(self) -> None:
+        writer = self._writer
+        assert writer is not None
+        q = self._queue
+        next_flush = time.monotonic() + self.flush_interval
+        stopping = False
+        try:
+            while not stopping:
+                # Wake at intervals and take everything queued: few, large appends keep
+                # this thread's turns at the GIL short and rare, so the reading thread
+                # gets it back at once when a version arrives.
+                stopping = self._wake.wait(WRITE_INTERVAL)
+                batch: list[tuple[str, int, int, Any]] = []
+                while True:
+                    try:
+                        batch.append(q.get_nowait())
+                    except queue.Empty:
+                        break
+                    if len(batch) >= BATCH:
+                        self._append(writer, batch)
+                        batch = []
+                self._append(writer, batch)
+                if stopping or time.monotonic() >= next_flush:
+                    for name, st in self._stats.items():
+                        writer.set_missed(name, st.missed)
+                    writer.flush()
+                    next_flush = time.monotonic() + self.flush_interval
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            try:
+                for name, st in self._stats.items():
+                    writer.set_missed(name, st.missed)
+                writer.close()
+            except BaseException as exc:
+                self._fail(exc)
+
+    def _append(self, writer: RecordingWriter, batch: list[tuple[str, int, int, Any]]) -> None:
+        if not batch:
+            return
+        by_seg: dict[str, list[tuple[str, int, int, Any]]] = {}
+        for item in batch:
+            by_seg.setdefault(item[0], []).append(item)
+        for name, items in by_seg.items():
+            try:
+                writer.append(
+                    name,
+                    [it[3][0] for it in items],
+                    [it[1] for it in items],
+                    [it[2] for it in items],
+                )
+            except BaseException:
+                self._stats[name].unwritten += len(items)
+                raise
+            finally:
+                free = self._pools[name].free
+                for it in items:
+                    free.append(it[3])
+            self._stats[name].recorded += len(items)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            log.error("recording to %s failed: %s", self.output, exc)
+            if not isinstance(exc, ShmcastError):
+                wrapped = RecordingError(self.output, f"writing {self.output} failed: {exc}")
+                wrapped.__cause__ = exc
+                exc = wrapped
+            self._failure = exc
+        self._failed.set()
+        # What is still queued will never be written: count it.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._stats[item[0]].unwritten += 1
+
+    # ------------------------------------------------------------------ state
+
+    def stats(self) -> dict[str, RecorderStats]:
+        """A snapshot of each segment's counters."""
+        return {n: replace(st) for n, st in self._stats.items()}
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why writing stopped early (a full disk, say), or None."""
+        return self._failure
+
+    def size(self) -> int:
+        """Bytes of the recording's files on disk."""
+        return self._writer.size() if self._writer is not None else self._final_size
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"recorder of {self.output}")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _teardown(self) -> None:
+        if self._sub is not None:
+            self._sub.close()
+            self._sub = None
+        if self._thread is None and self._writer is not None:
+            self._writer.close()
+        self._writer = None
+
+    def close(self) -> None:
+        """Stop reading, write what was copied, flush and close the file. Idempotent.
+
+        A failure of the last writes is kept in :attr:`failure`, not raised.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        thread = self._thread
+        if thread is not None:
+            self._wake.set()
+            thread.join()
+            self._thread = None
+        writer = self._writer
+        self._writer = None
+        if self._sub is not None:
+            self._sub.close()
+            self._sub = None
+        if writer is not None:
+            self._final_size = writer.size()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        warnings.warn("recorder was not closed", ResourceWarning, source=self, stacklevel=2)
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "recording"
+        return f"<Recorder {self.namespace}/{','.join(self.names)} -> {self.output} {state}>"

@@ -1,0 +1,726 @@
+"""Record and replay: round trips, SWMR, a killed or stopped recorder, and bad input.
+
+The recorder and replay run as real processes (``shmcast record`` / ``replay``)
+wherever the file format or a signal matters; publishers and readers run in
+the test process so that what was published can be compared byte for byte.
+Every wait polls with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shmcast.broker import (
+    Broker,
+    BrokerConfig,
+    LayoutConflictError,
+    MissingExtraError,
+    NotARecordingError,
+    RecordingExistsError,
+    Segment,
+)
+from shmcast.broker.recording import (
+    SegmentLayout,
+    open_recording,
+    open_writer,
+    output_paths,
+)
+from shmcast.cli._main import main
+from shmcast.cli.testing import (
+    BROKER_READY,
+    RECORD_DONE,
+    RECORD_READY,
+    REPLAY_DONE,
+    REPLAY_READY,
+    ShmcastProcess,
+    running,
+    start,
+    unique_namespace,
+    wait_for,
+)
+from shmcast.publisher import TICK_DTYPE, Publisher, Replayer, replay
+from shmcast.subscriber import Recorder
+from tests.test_exhaustion import _can_unshare
+
+RECORD_DTYPE = np.dtype(
+    [("ts", "<i8"), ("sym", "S6"), ("px", "<f8", (2,)), ("qty", ">u4"), ("flag", "u1")],
+    align=True,  # padding between fields
+)
+
+
+def frame(v: int, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+    """The data of version ``v``: random bytes drawn from ``v`` (NaNs and all)."""
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.random.default_rng(v).integers(0, 256, n, dtype=np.uint8)
+    arr = raw.view(dtype).reshape(shape).copy()
+    if dtype.names:  # padding bytes stay zero, as in a record array made by numpy
+        clean = np.zeros(shape, dtype)
+        for name in dtype.names:
+            clean[name] = arr[name]
+        arr = clean
+    return arr
+
+
+@pytest.fixture
+def broker(namespace: str) -> Iterator[Broker]:
+    b = Broker(BrokerConfig(namespace=namespace)).start()
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@contextlib.contextmanager
+def _published(namespace: str, segment: str, **layout: Any) -> Iterator[Publisher]:
+    """A broker process serving ``namespace`` and a publisher of ``segment`` in this one."""
+    with (
+        running(["broker", "-n", namespace], ready=BROKER_READY),
+        Publisher(segment, namespace=namespace, **layout) as pub,
+    ):
+        yield pub
+
+
+def _versions(path: Path, segment: str) -> np.ndarray:
+    try:
+        with open_recording(path) as rec:
+            return rec.segments[segment].versions.copy()
+    except (NotARecordingError, OSError, KeyError):
+        return np.zeros(0, np.uint64)
+
+
+def _wait_recorded(path: Path, segment: str, version: int, timeout: float = 20) -> None:
+    """Poll the growing file (SWMR) until ``version`` of ``segment`` is in it."""
+
+    def there() -> bool:
+        v = _versions(path, segment)
+        return bool(v.size) and int(v[-1]) >= version
+
+    wait_for(there, timeout, what=f"version {version} of {segment} in {path}")
+
+
+def _publish(pub: Publisher, versions: range, rate: float = 200.0) -> None:
+    """Publish ``frame(v)`` for each version at about ``rate`` Hz (a paced feed).
+
+    The tests' segments have 64 slots: a version stays readable for 63 publish
+    intervals, so a recorder on a loaded machine has time enough to copy it.
+    """
+    period = 1.0 / rate
+    t = time.monotonic()
+    for v in versions:
+        assert pub.publish(frame(v, pub.dtype, pub.shape)) == v
+        t += period
+        left = t - time.monotonic()
+        if left > 0:
+            time.sleep(left)  # pacing the feed, not synchronising with anyone
+
+
+def _done(sp: ShmcastProcess, prefix: str) -> dict[str, Any]:
+    line = sp.wait_line(prefix, 10)
+    return json.loads(line[len(prefix) :])
+
+
+# ------------------------------------------------------------------ round trips
+
+CASES = {
+    "plain": ("hdf5", np.dtype("<f4"), (48, 64)),
+    "structured": ("hdf5", RECORD_DTYPE, (5, 3)),
+    "unicode": ("hdf5", np.dtype("<U5"), (7,)),  # no HDF5 type: stored opaque
+    "parquet": ("parquet", TICK_DTYPE, (32,)),
+    "parquet-structured": ("parquet", RECORD_DTYPE, (9,)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_record_then_replay_is_bit_identical(case: str, tmp_path: Path) -> None:
+    """Published -> recorded (process) -> replayed (process) -> recorded again:
+    every array and every version number the same, in both files."""
+    fmt, dtype, shape = CASES[case]
+    suffix = ".h5" if fmt == "hdf5" else ".parquet"
+    first, second = tmp_path / f"first{suffix}", tmp_path / f"second{suffix}"
+    ns1, ns2 = unique_namespace("rec"), unique_namespace("rep")
+    n = 60
+    # --count: each recorder stops by itself once it has all n versions.
+    record = ["record", "cam", "--format", fmt, "--count", str(n)]
+    with (
+        running(["broker", "-n", ns1], ready=BROKER_READY),
+        Publisher("cam", dtype=dtype, shape=shape, slots=64, namespace=ns1) as pub,
+        running([*record, "-n", ns1, "-o", str(first)], ready=RECORD_READY) as rec,
+    ):
+        _publish(pub, range(1, n + 1))
+        assert rec.wait(30) == 0, rec.stderr
+        done = _done(rec, RECORD_DONE)
+    assert done["segments"]["cam"]["missed"] == 0, done
+    with open_recording(first) as recording:
+        seg = recording.segments["cam"]
+        assert seg.layout.dtype == dtype
+        assert seg.layout.shape == shape
+        assert seg.missed == 0
+        assert seg.versions.tolist() == list(range(1, n + 1))
+        for i, v in enumerate(seg.versions):
+            assert seg.read(i).tobytes() == frame(int(v), dtype, shape).tobytes(), v
+
+    with running(["broker", "-n", ns2], ready=BROKER_READY):
+        # The segment exists already (same layout, its own slots): replay uses it.
+        with Publisher("cam", dtype=dtype, shape=shape, slots=64, namespace=ns2):
+            pass
+        with running([*record, "-n", ns2, "-o", str(second)], ready=RECORD_READY) as rec2:
+            rep = start(["replay", str(first), "-n", ns2, "--speed", "2"], ready=REPLAY_READY)
+            try:
+                assert rep.wait(60) == 0, rep.stderr
+            finally:
+                rep.stop()
+            replayed = _done(rep, REPLAY_DONE)["segments"]["cam"]
+            assert (replayed["published"], replayed["last_version"]) == (n, n)
+            assert rec2.wait(30) == 0, rec2.stderr
+    with open_recording(first) as a, open_recording(second) as b:
+        sa, sb = a.segments["cam"], b.segments["cam"]
+        assert sb.versions.tolist() == sa.versions.tolist()
+        for i in range(len(sa)):
+            assert sb.read(i).tobytes() == sa.read(i).tobytes()
+        # Paced at twice the recorded pace: the replay kept the intervals, halved.
+        rec_span = int(sa.timestamps_ns[-1] - sa.timestamps_ns[0])
+        rep_span = int(sb.timestamps_ns[-1] - sb.timestamps_ns[0])
+        assert rec_span / 4 < rep_span < rec_span
+
+
+def test_the_python_api_records_and_replays(broker: Broker, namespace: str, tmp_path: Path) -> None:
+    path = tmp_path / "api.h5"
+    with (
+        Publisher("a", dtype="<i8", shape=(3,), slots=64, namespace=namespace) as pa_,
+        Publisher("b", dtype=TICK_DTYPE, shape=(4,), slots=64, namespace=namespace) as pb,
+    ):
+        with Recorder(["a", "b"], path, namespace=namespace, wait="futex") as rec:
+            got = []
+            feeder = threading.Thread(
+                target=lambda: [_publish(p, range(1, 21)) for p in (pa_, pb)], daemon=True
+            )
+            feeder.start()
+            for item in rec.records(count=40, duration=20):
+                got.append((item.segment, item.version, item.missed))
+            feeder.join(10)
+        assert rec.closed
+        assert sorted(got) == sorted([(s, v, 0) for s in "ab" for v in range(1, 21)])
+        stats = rec.stats()
+        assert (stats["a"].recorded, stats["a"].missed, stats["b"].recorded) == (20, 0, 20)
+        assert rec.size() > 0
+    ns2 = unique_namespace("api")
+    with Broker(BrokerConfig(namespace=ns2)).start():
+        with Replayer(path, namespace=ns2, speed=None, loop=True) as rep:
+            assert set(rep.layouts()) == {"a", "b"}
+            seen: dict[str, list[int]] = {"a": [], "b": []}
+            reader = Segment.attach("a", namespace=ns2)
+            try:
+                for item in rep:
+                    seen[item.segment].append(item.version)
+                    if item.segment == "a":
+                        with reader.read(item.version) as snap:
+                            assert (
+                                snap.array.tobytes()
+                                == frame(item.recorded_version, reader.dtype, (3,)).tobytes()
+                            )
+                    if len(seen["a"]) == 45:
+                        break
+            finally:
+                reader.close()
+        # The loop goes on past the last version: numbers keep going forward.
+        assert seen["a"] == list(range(1, 46))
+        stats = replay(path, namespace=ns2, segments=["b"], speed=None)
+        assert stats["b"].published == 20
+        assert stats["b"].first_version == 41  # b was at 40: shifted, never backwards
+
+
+def test_parquet_writes_one_file_per_segment(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "ticks.parquet"
+    assert output_paths(str(out), ["t1", "t2"], "parquet") == {
+        "t1": str(tmp_path / "ticks.t1.parquet"),
+        "t2": str(tmp_path / "ticks.t2.parquet"),
+    }
+    with (
+        Publisher("t1", dtype=TICK_DTYPE, shape=(8,), slots=64, namespace=namespace) as p1,
+        Publisher("t2", dtype=TICK_DTYPE, shape=(2,), slots=64, namespace=namespace) as p2,
+    ):
+        rec = Recorder(["t1", "t2"], out, format="parquet", namespace=namespace, wait="futex")
+        feeder = threading.Thread(
+            target=lambda: [_publish(p, range(1, 11)) for p in (p1, p2)], daemon=True
+        )
+        feeder.start()
+        stats = rec.run(count=20, duration=20)
+        feeder.join(10)
+    assert not out.exists()
+    import pyarrow.parquet as pq
+
+    for name, rows in (("t1", 8), ("t2", 2)):
+        assert stats[name].recorded == 10
+        table = pq.read_table(tmp_path / f"ticks.{name}.parquet")
+        assert table.num_rows == 10 * rows
+        assert table.column_names == [*TICK_DTYPE.names, "version", "timestamp_ns"]
+        assert table.column("version").to_pylist() == [v for v in range(1, 11) for _ in range(rows)]
+
+
+# ------------------------------------------------------------------ SWMR, kill, gaps
+
+
+READER = """
+import sys, time, h5py
+path, want = sys.argv[1], [int(x) for x in sys.argv[2:]]
+deadline = time.monotonic() + 30
+f = h5py.File(path, "r", swmr=True)
+ds = f["cam/version"]
+for n in want:
+    while True:
+        ds.refresh()
+        if ds.shape[0] >= n:
+            print("SAW", n, int(ds[n - 1]), flush=True)
+            break
+        if time.monotonic() > deadline:
+            sys.exit("timed out")
+        time.sleep(0.02)
+f.close()
+"""
+
+
+def test_another_process_reads_the_file_while_recording_goes_on(
+    namespace: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "live.h5"
+    with (
+        _published(namespace, "cam", dtype="<u2", shape=(64, 64), slots=64) as pub,
+        running(["record", "cam", "-n", namespace, "-o", str(path)], ready=RECORD_READY) as rec,
+    ):
+        stop = threading.Event()
+
+        def feed() -> None:
+            v = 0
+            while not stop.is_set() and v < 5000:
+                v += 1
+                pub.publish(frame(v, pub.dtype, pub.shape))
+                stop.wait(0.005)
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        try:
+            reader = subprocess.run(
+                [sys.executable, "-c", READER, str(path), "10", "60"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert rec.proc.poll() is None  # still recording
+        finally:
+            stop.set()
+            feeder.join(10)
+    assert reader.returncode == 0, reader.stderr
+    assert reader.stdout.split() == ["SAW", "10", "10", "SAW", "60", "60"]
+
+
+def test_a_killed_recorder_leaves_the_file_readable_up_to_its_last_flush(
+    namespace: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "killed.h5"
+    shape = (256, 512)  # 256 KiB frames
+    with _published(namespace, "cam", dtype="<u2", shape=shape, slots=64) as pub:
+        rec = start(
+            ["record", "cam", "-n", namespace, "-o", str(path), "--flush-interval", "0.2"],
+            ready=RECORD_READY,
+        )
+        try:
+            _publish(pub, range(1, 41), rate=200)
+            _wait_recorded(path, "cam", 40)
+            rec.send_signal(signal.SIGKILL)
+            assert rec.wait(10) == -signal.SIGKILL
+        finally:
+            rec.stop()
+    with open_recording(path) as recording:
+        seg = recording.segments["cam"]
+        assert seg.versions.tolist() == list(range(1, 41))
+        for i in (0, 17, 39):
+            assert np.array_equal(seg.read(i), frame(i + 1, np.dtype("<u2"), shape))
+    import h5py
+
+    with h5py.File(path, "r", swmr=True) as f:  # plain h5py opens it too
+        assert f["cam/data"].shape == (40, *shape)
+        assert f["cam"].attrs["missed"] == 0
+
+
+def test_versions_missed_while_the_recorder_is_stopped_are_counted(
+    namespace: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "gaps.h5"
+    with (
+        _published(namespace, "cam", dtype="<f8", shape=(1024,), slots=4) as pub,
+        running(["record", "cam", "-n", namespace, "-o", str(path)], ready=RECORD_READY) as rec,
+    ):
+        _publish(pub, range(1, 21), rate=200)
+        _wait_recorded(path, "cam", 20)
+        rec.send_signal(signal.SIGSTOP)
+        try:
+            _publish(pub, range(21, 221), rate=1000)  # laps the 4-slot ring many times
+        finally:
+            rec.send_signal(signal.SIGCONT)
+        _publish(pub, range(221, 251), rate=200)
+        _wait_recorded(path, "cam", 250)
+        assert rec.stop() == 0, rec.stderr
+        done = _done(rec, RECORD_DONE)["segments"]["cam"]
+    with open_recording(path) as recording:
+        seg = recording.segments["cam"]
+        versions = seg.versions.tolist()
+    assert 20 in versions
+    assert versions[-1] == 250
+    assert versions == sorted(set(versions))
+    assert done["missed"] >= 150, done  # nearly all of the 200 published while stopped
+    assert done["missed"] == seg.missed == 250 - len(versions)
+    assert done["recorded"] == len(versions)
+    assert done["missed"] == done["lapped"] + done["torn"] + done["dropped"]
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_a_segment_that_does_not_exist_is_an_error_naming_those_that_do(
+    broker: Broker, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "nothing.h5"
+    with Publisher("present", dtype="u1", shape=4, namespace=namespace):
+        t = time.monotonic()
+        rc = main(
+            ["record", "absent", "-n", namespace, "-o", str(path), "--segment-timeout", "0.5"]
+        )
+        waited = time.monotonic() - t
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "'absent'" in err
+    assert "'present'" in err
+    assert 0.5 <= waited < 10
+    assert not path.exists()
+
+
+def _digest(path: Path) -> tuple[str, int]:
+    return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
+def test_an_existing_output_is_refused_and_left_untouched(
+    broker: Broker,
+    namespace: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    fmt: str,
+) -> None:
+    out = tmp_path / "taken.out"
+    with (
+        Publisher("t", dtype=TICK_DTYPE, shape=(4,), namespace=namespace),
+        Publisher("u", dtype=TICK_DTYPE, shape=(4,), namespace=namespace),
+    ):
+        existing = (
+            out if fmt == "hdf5" else Path(output_paths(str(out), ["t", "u"], "parquet")["u"])
+        )
+        existing.write_bytes(b"precious data " * 1000)
+        before = _digest(existing)
+        args = ["record", "t", "u", "-n", namespace, "-o", str(out), "--format", fmt]
+        assert main([*args, "--duration", "0.2"]) == 1
+        assert "--overwrite" in capsys.readouterr().err
+        assert _digest(existing) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == [existing.name]  # nothing else made
+        with pytest.raises(RecordingExistsError):
+            Recorder(["t", "u"], out, format=fmt, namespace=namespace)
+        assert main([*args, "--duration", "0.2", "--overwrite"]) == 0
+    with open_recording(existing) as rec:
+        assert "u" in rec.segments
+
+
+FULL_DISK_READER = """
+import json, sys
+import numpy as np
+from shmcast.broker.recording import open_recording
+with open_recording(sys.argv[1]) as rec:
+    seg = rec.segments["cam"]
+    ok = all(int(seg.read(i)[0, 0]) == int(v) % 65536 for i, v in enumerate(seg.versions))
+    print("RESULT " + json.dumps({"versions": seg.versions.tolist(), "missed": seg.missed,
+                                  "ok": ok}), flush=True)
+"""
+
+
+@pytest.mark.root
+def test_a_full_disk_stops_the_recorder_cleanly_keeping_what_it_wrote(
+    namespace: str, tmp_path: Path
+) -> None:
+    reason = _can_unshare()
+    if reason:
+        pytest.skip(reason)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    reader = tmp_path / "reader.py"
+    reader.write_text(textwrap.dedent(FULL_DISK_READER))
+    out = mnt / "full.h5"
+    script = (
+        f"mount -t tmpfs -o size=24m tmpfs {mnt} && "
+        f"{sys.executable} -m shmcast.cli record cam -n {namespace} -o {out} "
+        f"--flush-interval 0.2; echo RECORD_EXIT $?; {sys.executable} {reader} {out}"
+    )
+    shape = (512, 1024)  # 1 MiB: the 24 MiB disk holds about a dozen after the reserve
+    with _published(namespace, "cam", dtype="<u2", shape=shape, slots=8) as pub:
+        proc = subprocess.Popen(
+            ["unshare", "--mount", "sh", "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        sp = ShmcastProcess(["unshare"], proc)
+        try:
+            sp.wait_line(RECORD_READY, 30)
+            v = 0
+            while proc.poll() is None and not any(ln.startswith("RECORD_EXIT") for ln in sp.stdout):
+                v += 1
+                assert v < 2000, "the recorder never stopped"
+                pub.publish(np.full(shape, v % 65536, np.uint16))
+                time.sleep(0.01)  # pacing: 100 frames a second
+            line = sp.wait_line("RESULT ", 60)
+            assert sp.wait(30) == 0, sp.stderr
+        finally:
+            sp.stop(timeout=5)
+    exit_line = next(ln for ln in sp.stdout if ln.startswith("RECORD_EXIT"))
+    assert exit_line == "RECORD_EXIT 1", sp.stderr
+    assert any("disk" in ln and "full" in ln for ln in sp.stderr), sp.stderr
+    done = json.loads(
+        next(ln for ln in sp.stdout if ln.startswith(RECORD_DONE))[len(RECORD_DONE) :]
+    )
+    result = json.loads(line[len("RESULT ") :])
+    assert result["ok"] is True
+    assert len(result["versions"]) >= 5
+    assert len(result["versions"]) == done["segments"]["cam"]["recorded"]
+    assert result["versions"] == sorted(set(result["versions"]))
+    assert not any("Segmentation" in ln or "Traceback" in ln for ln in sp.stderr), sp.stderr
+
+
+def test_replay_into_a_segment_of_another_layout_is_refused_and_leaves_it_alone(
+    broker: Broker, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "two.h5"
+    with open_writer(
+        str(path),
+        [
+            SegmentLayout("fresh", np.dtype("<f8"), (4,)),
+            SegmentLayout("cam", np.dtype("<u2"), (8, 8)),
+        ],
+    ) as w:
+        w.append("fresh", [np.ones(4)], [1], [10])
+        w.append("cam", [np.ones((8, 8), "<u2")], [1], [10])
+    with Publisher("cam", dtype="<u2", shape=(4, 4)) as pub:
+        pub.publish(np.arange(16, dtype="<u2").reshape(4, 4))
+        assert main(["replay", str(path), "-n", namespace, "--max"]) == 1
+        err = capsys.readouterr().err
+        assert "'cam'" in err
+        assert "exists as dtype=<u2 shape=[4, 4]" in err, err
+        assert "shape=[8, 8]" in err
+        assert str(path) in err
+        with pytest.raises(LayoutConflictError):
+            Replayer(path, namespace=namespace)
+        snap = pub.segment.latest()
+        assert (snap.version, pub.shape) == (1, (4, 4))
+        assert np.array_equal(snap.array, np.arange(16, dtype="<u2").reshape(4, 4))
+    assert Segment.list(namespace) == ["cam"]  # 'fresh' was not created either
+
+
+def _not_recordings(tmp_path: Path) -> dict[str, Path]:
+    import h5py
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = {}
+    (p := tmp_path / "notes.txt").write_text("hello\n")
+    files["text"] = p
+    (p := tmp_path / "empty.h5").write_bytes(b"")
+    files["empty"] = p
+    with h5py.File(p := tmp_path / "other.h5", "w") as f:
+        f["x"] = np.arange(3)
+    files["plain hdf5"] = p
+    pq.write_table(pa.table({"a": [1, 2]}), p := tmp_path / "other.parquet")
+    files["plain parquet"] = p
+    (p := tmp_path / "cut.parquet").write_bytes(b"PAR1" + b"\0" * 100)
+    files["parquet without footer"] = p
+    (p := tmp_path / "cut.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    files["truncated hdf5"] = p
+    (p := tmp_path / "adir.h5").mkdir()
+    files["directory"] = p
+    files["missing"] = tmp_path / "missing.h5"
+    return files
+
+
+def test_a_file_that_is_not_a_recording_is_refused(
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for what, path in _not_recordings(tmp_path).items():
+        with pytest.raises(NotARecordingError) as exc:
+            open_recording(path)
+        assert str(path) in str(exc.value), what
+        assert main(["replay", str(path), "-n", namespace]) == 1, what
+        assert "is not a shmcast recording" in capsys.readouterr().err, what
+
+
+@pytest.mark.parametrize(("fmt", "module"), [("hdf5", "h5py"), ("parquet", "pyarrow")])
+def test_without_the_extra_record_and_replay_name_it(
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fmt: str,
+    module: str,
+) -> None:
+    path = tmp_path / f"x.{fmt}"
+    with open_writer(str(path), [SegmentLayout("t", TICK_DTYPE, (2,))], format=fmt) as w:
+        w.append("t", [np.zeros(2, TICK_DTYPE)], [1], [1])
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    if module == "pyarrow":
+        monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    out = tmp_path / f"y.{fmt}"
+    assert main(["record", "t", "-n", namespace, "-o", str(out), "--format", fmt]) == 1
+    err = capsys.readouterr().err
+    assert f"'{module}'" in err
+    assert "pip install 'shmcast[record]'" in err, err
+    assert not out.exists()
+    assert main(["replay", str(path), "-n", namespace]) == 1
+    err = capsys.readouterr().err
+    assert "shmcast[record]" in err, err
+    with pytest.raises(MissingExtraError) as exc:
+        open_recording(path)
+    assert isinstance(exc.value, ImportError)
+
+
+# ------------------------------------------------------------------ the format
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape"),
+    [
+        ("<f8", ()),
+        ("|b1", (3, 3)),
+        (">i4", (5,)),
+        ("<c16", (2,)),
+        ("<f2", (4,)),
+        ("<M8[ns]", (3,)),
+        ("|S3", (2,)),
+        ("<U2", (2,)),
+        (RECORD_DTYPE, (3,)),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("compression", [None, "gzip", "lzf"])
+def test_hdf5_keeps_any_dtype_bit_identical(
+    tmp_path: Path, dtype: Any, shape: tuple[int, ...], compression: str | None
+) -> None:
+    dt = np.dtype(dtype)
+    arrays = [frame(v, dt, shape) for v in (3, 4, 9)]
+    if dt.kind == "b":
+        arrays = [a.view(np.uint8) % 2 == 1 for a in arrays]
+    path = tmp_path / "any.h5"
+    with open_writer(
+        str(path), [SegmentLayout("s", dt, shape, "ns", 3)], compression=compression
+    ) as w:
+        w.append("s", arrays[:1], [3], [30])
+        w.append("s", arrays[1:], [4, 9], [40, 90])
+        w.set_missed("s", 4)
+    with open_recording(path) as rec:
+        seg = rec.segments["s"]
+        assert (seg.layout.dtype, seg.layout.shape, seg.layout.namespace) == (dt, shape, "ns")
+        assert seg.layout.slots == 3
+        assert (seg.versions.tolist(), seg.timestamps_ns.tolist(), seg.missed) == (
+            [3, 4, 9],
+            [30, 40, 90],
+            4,
+        )
+        for i, a in enumerate(arrays):
+            assert seg.read(i).tobytes() == a.tobytes()
+
+
+def test_the_hdf5_layout_is_the_documented_one(tmp_path: Path) -> None:
+    import h5py
+
+    path = tmp_path / "layout.h5"
+    lays = [
+        SegmentLayout("frames", np.dtype("<u2"), (256, 256), "lab", 4),
+        SegmentLayout("ticks", TICK_DTYPE, (16,), "lab", 2),
+    ]
+    with open_writer(str(path), lays) as w:
+        w.append("frames", [np.zeros((256, 256), "<u2")] * 2, [1, 2], [5, 6])
+    with h5py.File(path, "r", swmr=True) as f:
+        assert f.attrs["shmcast_format"] == "shmcast-recording"
+        assert f.attrs["format_version"] == 1
+        g = f["frames"]
+        assert g["data"].shape == (2, 256, 256)
+        assert g["data"].chunks == (1, 256, 256)  # a chunk per version
+        assert g["version"].dtype == np.uint64
+        assert g["timestamp_ns"].dtype == np.uint64
+        assert g["version"][:].tolist() == [1, 2]
+        assert (g.attrs["dtype"], g.attrs["shape"].tolist()) == ("<u2", [256, 256])
+        assert (g.attrs["namespace"], int(g.attrs["slots"]), int(g.attrs["missed"])) == (
+            "lab",
+            4,
+            0,
+        )
+        t = f["ticks"]
+        assert t["data"].dtype == TICK_DTYPE  # an HDF5 compound type
+        assert t["data"].shape == (0, 16)
+        assert t.attrs["storage"] == "native"
+
+
+def test_parquet_refuses_what_is_not_a_one_dimensional_record(tmp_path: Path) -> None:
+    from shmcast.broker import LayoutError
+
+    for lay in (
+        SegmentLayout("f", np.dtype("<f4"), (8,)),
+        SegmentLayout("g", TICK_DTYPE, (2, 2)),
+    ):
+        with pytest.raises(LayoutError, match="--format hdf5"):
+            open_writer(str(tmp_path / "x.parquet"), [lay], format="parquet")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ signals
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=str)
+def test_record_and_replay_stop_cleanly_on_each_signal(
+    namespace: str, tmp_path: Path, sig: signal.Signals
+) -> None:
+    path = tmp_path / "sig.h5"
+    with running(["broker", "-n", namespace], ready=BROKER_READY):
+        with Publisher("cam", dtype="<u2", shape=(16,), slots=64, namespace=namespace) as pub:
+            rec = start(["record", "cam", "-n", namespace, "-o", str(path)], ready=RECORD_READY)
+            try:
+                _publish(pub, range(1, 11))
+                _wait_recorded(path, "cam", 10)
+                rec.send_signal(sig)
+                assert rec.wait(20) == 0, rec.stderr
+            finally:
+                rec.stop()
+        assert _done(rec, RECORD_DONE)["segments"]["cam"]["recorded"] == 10
+        reader = Segment.attach("cam", namespace=namespace)
+        rep = start(["replay", str(path), "-n", namespace, "--loop"], ready=REPLAY_READY)
+        try:
+            wait_for(lambda: reader.version > 30, 20, what="a replay past its first pass")
+            rep.send_signal(sig)
+            assert rep.wait(20) == 0, rep.stderr
+            done = _done(rep, REPLAY_DONE)["segments"]["cam"]
+            assert done["passes"] >= 2
+            assert done["last_version"] == reader.version
+        finally:
+            rep.stop()
+            reader.close()
