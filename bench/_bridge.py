@@ -293,7 +293,8 @@ def bench_bridge(run: Run) -> dict[str, Any]:
     try:
         import zenoh  # noqa: F401
     except ImportError:
-        return {"skipped": "eclipse-zenoh is not installed (pip install 'shmcast[zenoh]')"}
+        why = "eclipse-zenoh is not installed (pip install 'shmcast[zenoh]')"
+        return {"skipped": {"bridge": why}, "targets": []}
     endpoint = f"tcp/127.0.0.1:{_free_port()}"
     ns = (run.namespace + "za", run.namespace + "zb")
     rounds = run.q(3, 1)
@@ -328,6 +329,20 @@ def _report(results: list[dict[str, Any]]) -> dict[str, Any]:
         r = ratio(b.get("median"), z.get("median"))
         out[f"{mode}_{key}"] = {"zenoh": z, "bridge": b, "ratio": r}
         rows.append((what, _fmt(z, mode), _fmt(b, mode), fmt_ratio(r)))
+    lat = out["latency_p50_ns"]["ratio"]
+    tput = out["throughput_per_s"]["ratio"]
+    out["targets"] = [
+        {
+            "target": "bridge: 64 B latency p50 <= 1.3x bare zenoh-python's",
+            "value": lat,
+            "met": None if lat is None else lat <= 1.3,
+        },
+        {
+            "target": "bridge: 1 MiB throughput >= 0.8x bare zenoh-python put/subscribe",
+            "value": tput,
+            "met": None if tput is None else tput >= 0.8,
+        },
+    ]
     print_table(
         "bridge: shmcast through two Zenoh bridges vs bare zenoh-python, one router on loopback",
         ("measure", "bare zenoh", "bridge", "bridge/zenoh"),

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -175,6 +176,17 @@ def _start_recorder(ns: str, tmpdir: str) -> tuple[ShmcastProcess | None, str | 
     return sp, path
 
 
+def _stop_together(procs: list[ShmcastProcess], timeout: float) -> None:
+    """SIGTERM every process of ``procs``, wait for all, kill what is left."""
+    for sp in procs:
+        with contextlib.suppress(Exception):
+            sp.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for sp in procs:
+        with contextlib.suppress(Exception):
+            sp.stop(timeout=max(0.1, deadline - time.monotonic()))
+
+
 def _report_recording(sp: ShmcastProcess, path: str, keep: bool) -> None:
     done = [ln for ln in sp.stdout if ln.startswith(RECORD_DONE)]
     summary = ""
@@ -280,10 +292,12 @@ def _run(args: argparse.Namespace, ns: str, stop: threading.Event) -> int:
         print(f"shmcast demo: error: {exc}", file=sys.stderr)
         return 1
     finally:
-        # Readers first, then writers, then the broker (which unlinks the segments).
-        for sp in reversed(procs):
-            with contextlib.suppress(Exception):
-                sp.stop(timeout=10)
+        # Readers first, then writers, then the broker (which unlinks the segments);
+        # each stage signalled at once, so the wait is the slowest's, not the sum.
+        writers = {id(sp) for sp in procs[1:3]}
+        readers = [sp for sp in procs[1:] if id(sp) not in writers]
+        for stage in (readers, [sp for sp in procs if id(sp) in writers], procs[:1]):
+            _stop_together(stage, timeout=15)
         if recorder is not None and recording is not None:
             _report_recording(recorder, recording, args.keep_recording)
         if not (args.keep_recording and recording is not None):
