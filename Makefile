@@ -20,7 +20,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(RUNTIME): pyproject.toml $(PKG_DIRS) | $(BIN)/python
+# The compiled core is built by the install: editing it needs a re-install too.
+$(RUNTIME): pyproject.toml $(PKG_DIRS) broker/_core.c | $(BIN)/python
 	$(BIN)/python -m pip install -q -e . $(EDITABLE)
 	touch $@
 
