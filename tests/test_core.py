@@ -6,7 +6,6 @@ report of the core in use."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import platform
@@ -597,37 +596,46 @@ def test_wait_read_returns_both_commit_times(namespace: str, segs: list[Segment]
 # ------------------------------------------------------------------ copies without the GIL
 
 
-def _max_gap_during(fn: Any) -> tuple[float, float]:
-    """(seconds fn took, the longest a busy second thread went without running)."""
+def _runs_mid_copy(fn: Any, rounds: int) -> tuple[float, int]:
+    """(the fastest ``fn`` of ``rounds``, in how many of them a busy second Python
+    thread ran in the middle 40 % of the call). The call is one copy of tens of ms:
+    with the GIL held through it, that thread cannot run a line of Python there, on
+    any machine; with the GIL released it runs whenever the OS gives it a CPU."""
     stamps: list[float] = []
     stop = threading.Event()
 
-    def ticker() -> None:
+    def spin() -> None:
         while not stop.is_set():
             stamps.append(time.perf_counter())
 
-    t = threading.Thread(target=ticker)
+    t = threading.Thread(target=spin)
     t.start()
     try:
-        poll_until(lambda: len(stamps) > 1000, 10, "the ticker to run")
-        t0 = time.perf_counter()
-        fn()
-        t1 = time.perf_counter()
+        poll_until(lambda: len(stamps) > 100, 10, "the second thread to run")
+        fastest, ran = 1e9, 0
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            t1 = time.perf_counter()
+            fastest = min(fastest, t1 - t0)
+            lo, hi = t0 + 0.3 * (t1 - t0), t1 - 0.3 * (t1 - t0)
+            ran += any(lo <= x <= hi for x in stamps[-20000:])
+            del stamps[:-100]
     finally:
         stop.set()
         t.join(10)
-    inside = [s for s in stamps if t0 <= s <= t1]
-    edges = [t0, *inside, t1]
-    return t1 - t0, max(b - a for a, b in itertools.pairwise(edges))
+    return fastest, ran
 
 
 @pytest.mark.usefixtures("each_core")
-def test_big_copies_let_other_threads_run(namespace: str, segs: list[Segment]) -> None:
+def test_big_copies_let_other_threads_run(
+    namespace: str, segs: list[Segment], capsys: pytest.CaptureFixture[str]
+) -> None:
     """A second Python thread keeps running while a 64 MiB version is written and
-    copied out: the longest it stalls is a fraction of the copy (with the GIL held
-    through the copy it would stall for all of it)."""
+    copied out (the compiled core drops the GIL for the memcpy, the fallback's
+    ctypes.memmove too); held through the copy, it would stop that thread."""
     old = sys.getswitchinterval()
-    sys.setswitchinterval(0.0005)  # hand the GIL over quickly, so the stalls we see are ours
+    sys.setswitchinterval(0.0005)  # hand the GIL over quickly: what we see is the copy
     try:
         n = 64 * 2**20 // 8
         w = Segment.create("big", "f8", (n,))
@@ -635,17 +643,23 @@ def test_big_copies_let_other_threads_run(namespace: str, segs: list[Segment]) -
         segs += [w, r]
         data = np.random.default_rng(0).random(n)
         w.write(data)  # touch the pages once
-        best_write = best_read = 1.0
-        for _ in range(5):
-            took, gap = _max_gap_during(lambda: w.write(data))
-            best_write = min(best_write, gap / took)
-            took, gap = _max_gap_during(r.latest)
-            best_read = min(best_read, gap / took)
+        got = {
+            "write": _runs_mid_copy(lambda: w.write(data), 10),
+            "latest": _runs_mid_copy(r.latest, 10),
+        }
         assert np.array_equal(r.latest().array, data)
     finally:
         sys.setswitchinterval(old)
-    assert best_write < 0.5, f"the other thread stalled {best_write:.0%} of a write"
-    assert best_read < 0.5, f"the other thread stalled {best_read:.0%} of a read-copy"
+    with capsys.disabled():
+        print(
+            "\n[gil] "
+            + ", ".join(
+                f"{k}: {v[0] * 1e3:.1f} ms, the other thread ran mid-copy in {v[1]} of 10"
+                for k, v in got.items()
+            )
+        )
+    for name, (_, ran) in got.items():
+        assert ran >= 1, f"{name}: the other thread never ran in the middle of a copy"
 
 
 # ------------------------------------------------------------------ more than 128 segments
