@@ -70,4 +70,4 @@ soak: $(TESTDEPS) system-deps
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .import_linter_cache broker/*.so
