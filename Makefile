@@ -21,7 +21,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(RUNTIME): pyproject.toml $(PKG_DIRS) | $(BIN)/python
+# The compiled core is built by the install: editing it needs a re-install too.
+$(RUNTIME): pyproject.toml $(PKG_DIRS) broker/_core.c | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[record]' $(EDITABLE)
 	touch $@
 
@@ -70,4 +71,4 @@ soak: $(TESTDEPS) system-deps
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .import_linter_cache broker/*.so

@@ -32,6 +32,7 @@ from ._names import resolve_namespace as resolve_namespace
 from ._segment import Segment as Segment
 from ._segment import SegmentInfo as SegmentInfo
 from ._segment import Snapshot as Snapshot
+from ._segment import engine_core as engine_core
 from ._segment import machine_supported as machine_supported
 from ._segment import wait_any as wait_any
 from ._service import Service as Service
@@ -118,6 +119,7 @@ __all__ = [
     "curve_keypair",
     "diagnose",
     "dtype_str",
+    "engine_core",
     "machine_supported",
     "normalize_layout",
     "parse_dtype",

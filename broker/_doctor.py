@@ -3,7 +3,8 @@
 Checks: ``/dev/shm`` size and free space against the configured segments,
 objects of namespaces with no live broker (orphans; ``--fix`` unlinks them),
 objects that are not valid segments, permissions of segments and runtime
-directories, the open-files limit, and the CPU's memory model. Exit code 0 when
+directories, the open-files limit, and which core runs the seqlock (the compiled
+core is sound on any CPU; the pure-Python fallback on x86-64 only). Exit code 0 when
 nothing is wrong, 1 when a problem was found (warnings alone do not fail).
 """
 
@@ -17,6 +18,7 @@ import shutil
 import stat
 from dataclasses import dataclass
 
+from ._backend import ENV, compiled, core_status
 from ._config import resolve_config
 from ._layout import segment_size
 from ._names import (
@@ -27,7 +29,7 @@ from ._names import (
     resolve_namespace,
     runtime_root,
 )
-from ._segment import Segment, machine_supported
+from ._segment import Segment
 from .errors import ConfigError, ShmcastError
 
 __all__ = ["OK", "PROBLEM", "WARN", "Check", "broker_alive", "diagnose"]
@@ -257,17 +259,26 @@ def _check_limits(subscribers: int) -> list[Check]:
 
 
 def _check_machine() -> list[Check]:
-    if machine_supported():
-        return [Check("cpu", OK, f"{platform.machine()}: TSO memory model, the seqlock is sound")]
-    return [
-        Check(
-            "cpu",
-            PROBLEM,
-            f"{platform.machine()} is weakly ordered: the pure-Python seqlock has no fences, "
-            f"a reader may see a version before its bytes",
-            "run on x86-64, or copy out with Segment.latest() and compare two reads",
-        )
-    ]
+    machine = platform.machine()
+    name, why = core_status()
+    if name == "c":
+        return [Check("cpu", OK, f"{machine}: {why}; the seqlock is sound on any CPU")]
+    if name == "python":
+        chosen = os.environ.get(ENV, "").strip().lower() == "python"
+        if compiled() is None and not chosen:  # the fallback because the extension is missing
+            return [
+                Check(
+                    "cpu",
+                    WARN,
+                    f"{machine}: the compiled core is not installed; the pure-Python "
+                    f"fallback runs, sound on this CPU (TSO) but every commit makes a "
+                    f"wake syscall",
+                    "install a C compiler (Debian: apt-get install gcc python3-dev) and "
+                    f"reinstall shmcast, or set {ENV}=python to choose the fallback knowingly",
+                )
+            ]
+        return [Check("cpu", OK, f"{machine}: {why}, chosen by {ENV}=python; sound here")]
+    return [Check("cpu", PROBLEM, f"{machine}: no usable core", why)]
 
 
 def diagnose(

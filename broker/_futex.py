@@ -7,8 +7,12 @@ word still holds that value, so a wake-up between the waiter's load and its
 syscall is never lost. :func:`wait_many` sleeps on several words at once with
 ``futex_waitv`` (Linux 5.16+, at most :data:`WAITV_MAX` words).
 
-The syscalls go through ctypes, whose arguments are built once per word: a
-``c_void_p`` per call costs about 0.6 µs of every commit.
+With the compiled core selected (:mod:`._backend`) the syscalls are its own,
+made without the GIL; otherwise they go through ctypes, whose arguments are
+built once per word (a ``c_void_p`` per call costs about 0.6 µs of every
+commit). :func:`futex_or` is the pure-Python fallback's atomic OR on a shared
+word (``FUTEX_WAKE_OP``, which the kernel performs atomically), used to
+announce a sleeper in a segment's waiters word.
 """
 
 from __future__ import annotations
@@ -18,12 +22,18 @@ import errno
 import platform
 import time
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
-__all__ = ["WAITV_MAX", "Futex", "futex_supported", "wait_many"]
+from ._backend import compiled, core_status
+
+__all__ = ["WAITV_MAX", "Futex", "futex_or", "futex_supported", "wait_many"]
 
 _FUTEX_WAIT = 0
 _FUTEX_WAKE = 1
+_FUTEX_WAKE_OP = 5
+_FUTEX_OP_OR = 2
+_FUTEX_OP_CMP_EQ = 0
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
 _SYS_FUTEX_WAITV = 449 if platform.machine() in ("x86_64", "aarch64") else None
 _FUTEX2_SIZE_U32 = 0x02
@@ -59,22 +69,29 @@ def _syscall_fn() -> Any:
     return _syscall
 
 
+def _compiled_futex() -> ModuleType | None:
+    """The compiled module when it is the selected core, else None (ctypes)."""
+    name, _ = core_status()
+    return compiled() if name == "c" else None
+
+
 def futex_supported() -> bool:
     """Whether this CPU's futex syscall number is known (else waits poll in short sleeps)."""
-    return _SYS_FUTEX is not None
+    return _SYS_FUTEX is not None or _compiled_futex() is not None
 
 
 class Futex:
     """One 32-bit futex word at ``addr`` (the caller keeps its mapping alive)."""
 
-    __slots__ = ("_addr", "_fsys", "_wait_addr", "_wake_args", "addr")
+    __slots__ = ("_core", "_fsys", "_wait_addr", "_wake_args", "addr")
 
     def __init__(self, addr: int) -> None:
         self.addr = addr
+        self._core = _compiled_futex()
         self._fsys: Any = None
         self._wait_addr: Any = None
         self._wake_args: tuple[Any, ...] = ()
-        if _SYS_FUTEX is not None:
+        if self._core is None and _SYS_FUTEX is not None:
             self._fsys = _syscall_fn()
             self._wait_addr = ctypes.c_void_p(addr)
             # FUTEX_WAKE reads no further arguments: four instead of seven saves ~0.1 µs.
@@ -86,19 +103,41 @@ class Futex:
         Returns on a wake-up, a timeout, a signal or a changed word alike: the
         caller looks at the shared state again.
         """
+        if self._core is not None:
+            self._core.futex_wait(self.addr, expected, timeout)
+            return
         if self._fsys is None:
             time.sleep(0.0005 if timeout is None else min(timeout, 0.0005))
             return
         ts = None
         if timeout is not None:
+            timeout = max(0.0, timeout)
             sec = int(timeout)
             ts = ctypes.byref(_Timespec(sec, int((timeout - sec) * 1e9)))
         self._fsys(_SYS_FUTEX, self._wait_addr, _FUTEX_WAIT, expected, ts, None, 0)
 
     def wake(self) -> None:
         """Wake every process sleeping on the word."""
-        if self._fsys is not None:
+        if self._core is not None:
+            self._core.futex_wake(self.addr)
+        elif self._fsys is not None:
             self._fsys(*self._wake_args)
+
+
+def futex_or(addr: int, bits: int) -> None:
+    """Atomically OR ``bits`` into the 32-bit word at ``addr`` (writable mapping).
+
+    ``FUTEX_WAKE_OP`` with nothing to wake: the kernel applies the operation
+    with an atomic instruction, a full barrier, which pure Python cannot emit.
+    """
+    if _SYS_FUTEX is None:
+        raise OSError(errno.ENOSYS, f"no futex syscall number known for {platform.machine()}")
+    op = (_FUTEX_OP_OR << 28) | (_FUTEX_OP_CMP_EQ << 24) | ((bits & 0xFFF) << 12)
+    word = ctypes.c_void_p(addr)
+    rc = _syscall_fn()(_SYS_FUTEX, word, _FUTEX_WAKE_OP, 0, None, word, op)
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"FUTEX_WAKE_OP on {addr:#x}: {errno.errorcode.get(err, err)}")
 
 
 def wait_many(addrs: Sequence[int], expected: Sequence[int], deadline: float | None) -> None:
@@ -111,7 +150,12 @@ def wait_many(addrs: Sequence[int], expected: Sequence[int], deadline: float | N
     global _waitv_ok
     if len(addrs) > WAITV_MAX:
         raise ValueError(f"futex_waitv takes at most {WAITV_MAX} words, got {len(addrs)}")
-    if _SYS_FUTEX_WAITV is None or _waitv_ok is False:
+    core = _compiled_futex()
+    if core is not None and addrs:
+        if core.futex_waitv(addrs, expected, deadline):
+            return
+        _waitv_ok = False
+    if not addrs or _SYS_FUTEX_WAITV is None or _waitv_ok is False:
         left = None if deadline is None else deadline - time.monotonic()
         time.sleep(0.0005 if left is None else max(0.0, min(left, 0.0005)))
         return
@@ -122,6 +166,7 @@ def wait_many(addrs: Sequence[int], expected: Sequence[int], deadline: float | N
         waiters[k].flags = _FUTEX2_SIZE_U32
     ts = None
     if deadline is not None:
+        deadline = max(0.0, deadline)
         sec = int(deadline)
         ts = ctypes.byref(_Timespec(sec, int((deadline - sec) * 1e9)))
     rc = _syscall_fn()(

@@ -18,7 +18,8 @@ Layout (layout version 2, all integers little-endian, one object per segment at
       byte  80  u64  writer start time (clock ticks since boot, /proc/PID/stat 22)
       byte  88  u64  writer heartbeat, CLOCK_MONOTONIC ns (every commit, or heartbeat())
       byte  96  u32  notify word (futex; +1 at every commit)
-      byte 100  u32  waiters: processes that may sleep on the notify word
+      byte 100  u32  waiters: non-zero when a waiter may sleep on the notify word
+                     since the last commit (set by waiters, cleared by commits)
       byte 104  u64  dtype description length (bytes)
       byte 112  u64  ndim
       byte 120  u64  shape[0..ndim), at most 16 dims (ends at byte 248)
@@ -41,8 +42,33 @@ Versions are at most :data:`MAX_VERSION` (2**63 - 1): they travel as signed
 
 Every word is naturally aligned; each slot's control line is a cache line of its
 own, so a reader polling one slot does not share a line with the writer's next.
-How the words are used (the seqlock, its memory ordering and the lease) is the
-engine's: see :mod:`._segment`.
+
+Memory ordering (the compiled core, ``broker/_core.c``, whose header comment
+gives the full argument; the pure-Python fallback, x86-64 only, gets the same
+orderings from TSO). Each store and what it pairs with:
+
+=====================  ==============================  =================================
+word                   writer                          reader
+=====================  ==============================  =================================
+slot seq, begin        relaxed store (odd), then a     acquire fence, then the second
+                       release fence: before the       load of seq (validate): every
+                       slot's bytes                    load of the view comes before it
+slot version, times    relaxed stores, inside the      loaded after the acquire of seq,
+                       odd/even window                 validated with the bytes
+slot seq, commit       release store (even): after     acquire load (first look): the
+                       the bytes and control words     bytes are loaded after it
+latest slot, latest    release stores, latest slot     acquire loads, latest first: a
+                       first                           reader of latest v finds v whole
+waiters                exchange with 0 (seq_cst),      OR 1 (seq_cst) before loading
+                       after latest                    notify; acquire load again after
+notify                 release store (+1), after the   acquire load: the value
+                       exchange; FUTEX_WAKE only if    FUTEX_WAIT compares
+                       the exchange found a waiter
+magic                  store after a full fence, last  the page is read again after an
+                       of the header at creation       acquire fence once it is seen
+=====================  ==============================  =================================
+
+The lease, the slot choice and the waits are the engine's: see :mod:`._segment`.
 """
 
 from __future__ import annotations
@@ -53,6 +79,7 @@ import mmap
 import os
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -235,13 +262,19 @@ def bytes_castable(dtype: np.dtype[Any]) -> bool:
     return True
 
 
+def _no_fence() -> None:
+    pass
+
+
 def read_header(
-    name: str, path: str, fd: int, wait: float
+    name: str, path: str, fd: int, wait: float, *, fence: Callable[[], None] = _no_fence
 ) -> tuple[np.dtype[Any], tuple[int, ...], int]:
     """Read and check the header of ``fd`` through a private read-only mapping.
 
     Waits up to ``wait`` seconds for a header still being written (magic 0).
-    Returns ``(dtype, shape, object size)``.
+    Once the magic is seen, ``fence`` (the core's full fence) runs and the page is
+    read again: the creator stored the magic last, after a fence, so the second
+    copy holds every field. Returns ``(dtype, shape, object size)``.
 
     Raises:
         NotASegmentError: not a shmcast object, or a header no writer could make.
@@ -253,7 +286,10 @@ def read_header(
         if size >= PAGE:
             with mmap.mmap(fd, PAGE, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as mm:
                 head = bytes(mm[:PAGE])
-            magic = int.from_bytes(head[0:8], "little")
+                magic = int.from_bytes(head[0:8], "little")
+                if magic == MAGIC:
+                    fence()
+                    head = bytes(mm[:PAGE])
             if magic == MAGIC:
                 break
             if magic != 0:

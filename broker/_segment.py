@@ -1,33 +1,38 @@
 """The segment engine: a handle on one shared-memory object holding a ring of numpy arrays.
 
-The byte layout is :mod:`._layout`'s; the writer's lease is :mod:`._lease`'s;
-the futex is :mod:`._futex`'s.
+The byte layout is :mod:`._layout`'s; the writer's lease is :mod:`._lease`'s.
+The seqlock and the wake run in a core (:mod:`._backend` picks it): the
+compiled ``_core`` (``broker/_core.c``), or the pure-Python fallback
+(:mod:`._pycore`, x86-64 only). This module keeps the API, the checks and the
+errors; the core does the loads, stores, fences, futex calls and bulk copies.
 
 Writing version v (one writer, holding the lease = an exclusive flock on the
 object, which the kernel drops when the writer dies): the slot is the one after
 the latest version's, i = (latest slot + 1) mod K, never the latest's own, whatever
-v is (a relay skips versions; a loan may be aborted); seq := odd; copy the bytes;
-version, commit times; seq := even; latest slot := i; latest := v; notify += 1;
-futex wake.
+v is (a relay skips versions; a loan may be aborted); seq := odd, then a release
+fence; copy the bytes; version, commit times; seq := even (release); latest
+slot := i, latest := v (release); waiters := 0 (an exchange); notify += 1
+(release); a futex wake only if the exchange found a sleeper announced.
 
-Reading the latest: v := latest; i := latest slot; s := seq of slot i (must be
-even) and the slot's version must be v, else the writer moved on between the
-loads and the reader looks again; hand out a read-only view; on release seq must
-still be s, otherwise the read was torn and is reported as such, never as data.
+Reading the latest: v := latest, i := latest slot, s := seq of slot i (acquire
+loads; s must be even and the slot's version v; else the slot holding v is
+looked for among the K, and if the writer lapped the reader, the newer latest);
+hand out a read-only view; on release an acquire fence, then seq must still be
+s, otherwise the read was torn and is reported as such, never as data.
 Reading an exact version v: the slot whose version is v (a scan of the K control
 lines), validated the same way; gone from the ring is VersionUnavailableError.
-No reader loops without bound: after MAX_RETRIES inconsistent looks it reports
-SlotStuckError (a writer died in the middle of a slot that the header still
-names, or something writes outside the protocol).
+No reader loops without bound: after MAX_RETRIES inconsistent looks over at least
+20 ms it reports SlotStuckError (a writer died in the middle of a slot that the
+header still names, or something writes outside the protocol).
 
-Memory ordering: every shared word is an aligned 8-byte (or 4-byte) value, read
-and written through ``memoryview.cast`` indexing, which CPython compiles to one
-plain load or store. x86-64 is TSO: stores become visible in program order and
-loads are not reordered with other loads, so program order is all the seqlock
-needs there. Weakly ordered CPUs (ARM64, POWER) would need a release fence
-before the even ``seq`` store and the ``latest`` store, and an acquire fence
-after the first ``seq`` load and before the second; pure Python cannot emit
-them, which is why :func:`machine_supported` exists for ``shmcast doctor`` to report.
+Waiting: a waiter announces itself in the header's waiters word (byte 100)
+before it sleeps on the notify word, so a commit nobody waits for makes no
+syscall; the ``_core.c`` header comment proves that no wake-up is lost. Readers
+map the object read-only; a reader that sleeps maps the first page a second
+time, writable, inside the core, for that one word. A reader that cannot (the
+object is not writable to it, or ``/dev/shm`` is mounted read-only) sleeps in
+slices of :data:`UNANNOUNCED_POLL` seconds, unless the object is readable by
+others than its owner: then every writer wakes at every commit.
 
 """
 
@@ -40,37 +45,31 @@ import logging
 import math
 import mmap
 import os
-import platform
 import secrets
 import stat
 import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from ._futex import WAITV_MAX, Futex, wait_many
+from . import _pycore
+from ._backend import ENV, TSO_MACHINES, Core, RingLike, c_core, compiled, core_status
 from ._layout import (
     DESCR_OFF,
     LAYOUT_VERSION,
     MAGIC,
     MAX_SLOTS,
     MAX_VERSION,
-    NOTIFY_IDX,
-    NOTIFY_OFF,
-    S_MONO,
-    S_VERSION,
-    S_WALL,
     W_CREATED,
     W_DESCR_LEN,
     W_EPOCH,
     W_HEADER_SIZE,
     W_HEARTBEAT,
     W_INCARNATION,
-    W_LATEST,
     W_LATEST_SLOT,
     W_LAYOUT,
     W_MAGIC,
@@ -89,7 +88,6 @@ from ._layout import (
     read_header,
     segment_size,
     shm_free,
-    slot_ctl_index,
     slot_stride,
 )
 from ._lease import ProcessId, lease_held, take_lease
@@ -97,6 +95,7 @@ from ._names import SHM_DIR, list_segment_names, resolve_namespace, shm_path, va
 from .errors import (
     ArrayMismatchError,
     ClosedError,
+    ConfigError,
     LayoutError,
     NotASegmentError,
     NoVersionError,
@@ -104,24 +103,61 @@ from .errors import (
     SegmentError,
     SegmentExistsError,
     SegmentNotFoundError,
-    ShmcastError,
     ShmSpaceError,
     SlotStuckError,
     TornReadError,
     VersionUnavailableError,
 )
 
-__all__ = ["Segment", "SegmentInfo", "Snapshot", "machine_supported", "wait_any"]
+__all__ = [
+    "Segment",
+    "SegmentInfo",
+    "Snapshot",
+    "engine_core",
+    "machine_supported",
+    "select_core",
+    "wait_any",
+]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T", bound=tuple[int, ...])
 
-#: CPUs whose memory model (TSO) makes the plain loads and stores of this seqlock sound.
-SUPPORTED_MACHINES = ("x86_64", "AMD64")
+#: CPUs whose memory model (TSO) makes the pure-Python fallback's seqlock sound.
+SUPPORTED_MACHINES = TSO_MACHINES
 #: Inconsistent looks at the header a reader takes before it reports SlotStuckError
-#: (a writer between two loads costs one; a thousand in a row is not a writer at work).
+#: (over at least 20 ms: a writer preempted between two stores is not stuck).
 MAX_RETRIES = 1000
+#: Copies of at least this many bytes run in the core without the GIL (another
+#: thread runs meanwhile); smaller ones are one memmove under it, cheaper to start.
+#: Measured: the core's call costs ~2 µs more (the array's address), the GIL hand-over
+#: tens of µs when another thread wants it; a 1 MiB copy takes ~40-100 µs.
+COPY_UNLOCKED = 1 << 20
+#: A reader that cannot announce itself in the waiters word sleeps at most this long
+#: per slice (a writer that skips unwatched wakes would not wake it).
+UNANNOUNCED_POLL = 0.002
 #: Open flags: never follow a symlink planted under a segment's name.
 _OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
+
+_fallback_warned: list[bool] = []
+
+
+def select_core() -> Core:
+    """The core for a segment being opened now (rules: :mod:`._backend`).
+
+    Raises:
+        ConfigError: ``SHMCAST_CORE`` asks for a core that cannot run here, or no
+            core can (no compiled core on a CPU other than x86-64).
+    """
+    name, why = core_status()
+    if name is None:
+        raise ConfigError(ENV, why, "the environment")
+    if name == "c":
+        return c_core()
+    chosen = os.environ.get(ENV, "").strip().lower() == "python"
+    if compiled() is None and not chosen and not _fallback_warned:
+        _fallback_warned.append(True)  # once per process: the extension is missing
+        warnings.warn(why, RuntimeWarning, stacklevel=3)
+    return _pycore.CORE
 
 
 @dataclass(frozen=True)
@@ -205,6 +241,7 @@ class Segment:
         self._fd = -1
         self._mm: mmap.mmap | None = None
         self._q: memoryview | None = None
+        self._ring: RingLike | None = None
 
     # ------------------------------------------------------------------ opening
 
@@ -241,6 +278,7 @@ class Segment:
         """
         ns = resolve_namespace(namespace)
         validate_segment_name(name)
+        core = select_core()  # before anything is made: a core that cannot run refuses here
         dt, shp = normalize_layout(dtype, shape)
         if not isinstance(slots, int) or not 2 <= slots <= MAX_SLOTS:
             raise LayoutError(f"slots must be an integer from 2 to {MAX_SLOTS}, got {slots!r}")
@@ -288,7 +326,10 @@ class Segment:
             q[W_WRITER_PID] = me.pid
             q[W_WRITER_START] = me.start_time
             q[W_HEARTBEAT] = time.monotonic_ns()
-            q[W_MAGIC] = MAGIC  # last: until now the object is "being created"
+            # Last, after a full fence: a reader that sees the magic (and fences, see
+            # read_header) sees every field above.
+            core.fence()
+            q[W_MAGIC] = MAGIC  # until now the object is "being created"
             q.release()
         except BaseException:
             with contextlib.suppress(OSError):
@@ -296,7 +337,7 @@ class Segment:
             os.close(fd)
             raise
         seg = cls(_PRIVATE)
-        seg._setup(name, ns, path, fd, mm, writable=True, dtype=dt, shape=shp)
+        seg._setup(core, name, ns, path, fd, mm, writable=True, dtype=dt, shape=shp)
         return seg
 
     @classmethod
@@ -325,6 +366,7 @@ class Segment:
         """
         ns = resolve_namespace(namespace)
         validate_segment_name(name)
+        core = select_core()
         path = shm_path(ns, name)
         oflags = (os.O_RDWR if writable else os.O_RDONLY) | _OPEN_FLAGS
         try:
@@ -338,7 +380,7 @@ class Segment:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise NotASegmentError(name, path, "not a regular file")
-            dt, shp, size = read_header(name, path, fd, wait)
+            dt, shp, size = read_header(name, path, fd, wait, fence=core.fence)
             if writable:
                 head = os.pread(fd, 8 * (W_WRITER_PID + 1), 0)
                 take_lease(name, fd, int.from_bytes(head[8 * W_WRITER_PID :], "little"))
@@ -349,7 +391,7 @@ class Segment:
             os.close(fd)
             raise
         seg = cls(_PRIVATE)
-        seg._setup(name, ns, path, fd, mm, writable=writable, dtype=dt, shape=shp)
+        seg._setup(core, name, ns, path, fd, mm, writable=writable, dtype=dt, shape=shp)
         if writable:
             q = seg._q
             assert q is not None
@@ -361,6 +403,7 @@ class Segment:
 
     def _setup(
         self,
+        core: Core,
         name: str,
         namespace: str,
         path: str,
@@ -423,10 +466,12 @@ class Segment:
             if writable and bytes_castable(dtype)
             else []
         )
-        self._seq_idx = [slot_ctl_index(i) for i in range(self._slots)]
-        self._notify = np.frombuffer(mm, dtype=np.uint32, count=1, offset=NOTIFY_OFF)
-        self._futex = Futex(int(self._notify.ctypes.data))
-        self._q32 = memoryview(mm).cast("I")
+        self._core = core
+        # A writer wakes at every commit when others than the owner may read the
+        # object: such a reader may be unable to announce itself (no write access).
+        always_wake = bool(os.fstat(fd).st_mode & 0o077)
+        self._ring = core.ring(mm, self._slots, hs, stride, self._nbytes, writable, always_wake)
+        self._waiters_tried = writable
         self.reads = 0
         self.torn_reads = 0
         self._loaning = False
@@ -474,10 +519,15 @@ class Segment:
     @property
     def version(self) -> int:
         """The latest committed version (0 before the first)."""
-        q = self._q  # inlined _header(): this is the busy-poll of many readers
-        if q is None:
+        ring = self._ring  # inlined _core_ring(): this is the busy-poll of many readers
+        if ring is None:
             raise ClosedError(f"segment {getattr(self, '_name', '?')!r}")
-        return int(q[W_LATEST])
+        return ring.latest()
+
+    @property
+    def core(self) -> str:
+        """Which core runs this handle's seqlock: ``"c"`` (compiled) or ``"python"``."""
+        return self._core.name
 
     @property
     def epoch(self) -> int:
@@ -491,12 +541,9 @@ class Segment:
 
     def info(self) -> SegmentInfo:
         q = self._header()
-        v = int(q[W_LATEST])
-        ts = mono = 0
-        if v:
-            with contextlib.suppress(ShmcastError):
-                i = self._find_latest(q)[1]
-                ts, mono = int(q[self._seq_idx[i] + S_WALL]), int(q[self._seq_idx[i] + S_MONO])
+        ring = self._core_ring()
+        got = ring.acquire_latest(True)
+        v, ts, mono = (got[0], got[3], got[4]) if isinstance(got, tuple) else (ring.latest(), 0, 0)
         writer = ProcessId(int(q[W_WRITER_PID]), int(q[W_WRITER_START]))
         return SegmentInfo(
             name=self._name,
@@ -529,6 +576,50 @@ class Segment:
             raise ClosedError(f"segment {getattr(self, '_name', '?')!r}")
         return q
 
+    def _core_ring(self) -> RingLike:
+        ring = self._ring
+        if ring is None:  # close() sets it to None
+            raise ClosedError(f"segment {getattr(self, '_name', '?')!r}")
+        return ring
+
+    def _waiting_ring(self) -> RingLike:
+        """The ring, with this reader announced-capable: on the first wait a reader maps
+        the object's first page writable for the waiters word (inside the core)."""
+        ring = self._core_ring()
+        if not self._waiters_tried:
+            self._waiters_tried = True
+            self._map_waiters(ring)
+        return ring
+
+    def _map_waiters(self, ring: RingLike) -> None:
+        try:
+            fd = os.open(self._path, os.O_RDWR | _OPEN_FLAGS)
+        except OSError as exc:
+            self._cannot_announce(ring, exc.strerror or str(exc))
+            return
+        try:
+            mine, other = os.fstat(self._fd), os.fstat(fd)
+            if (mine.st_dev, mine.st_ino) != (other.st_dev, other.st_ino):
+                # The name now leads to another object: never write into that one.
+                self._cannot_announce(ring, "the name was replaced since it was attached")
+                return
+            ring.map_waiters(fd)
+        except OSError as exc:
+            self._cannot_announce(ring, exc.strerror or str(exc))
+        finally:
+            os.close(fd)
+
+    def _cannot_announce(self, ring: RingLike, why: str) -> None:
+        if os.fstat(self._fd).st_mode & 0o077:
+            return  # readable by others: its writers wake at every commit
+        ring.set_poll(UNANNOUNCED_POLL)
+        log.info(
+            "segment %r: cannot announce a sleeping reader (%s); waiting in %g s slices",
+            self._name,
+            why,
+            UNANNOUNCED_POLL,
+        )
+
     # ------------------------------------------------------------------ writing
 
     def _check_array(self, array: npt.NDArray[Any]) -> None:
@@ -539,59 +630,35 @@ class Segment:
         if array.shape != self._shape:
             raise ArrayMismatchError(self._name, "shape", self._shape, array.shape)
 
-    def _begin(self, version: int | None = None) -> tuple[int, int, int]:
-        q = self._header()
+    def _begin(self, version: int | None = None) -> tuple[RingLike, int, int, int]:
+        ring = self._core_ring()
         if not self._writable:
             raise ReadOnlyError(self._name)
-        latest = int(q[W_LATEST])
+        if version is None:
+            got = ring.begin(0)
+        else:
+            v = int(version)
+            got = ring.begin(v) if 0 < v <= MAX_VERSION else None
+        if got is None:
+            raise self._bad_version(ring.latest(), version)
+        # The slot after the latest version's, never the latest's own: readers of the
+        # latest version are never torn by a write, whatever number it commits.
+        return ring, got[0], got[1], got[2]
+
+    def _bad_version(self, latest: int, version: int | None) -> SegmentError:
         v = latest + 1 if version is None else int(version)
         if v <= latest:
             # Readers and announcements rely on versions only going forward.
-            raise SegmentError(
+            return SegmentError(
                 self._name,
                 f"version {v} of segment {self._name!r} is not newer than the latest "
                 f"({latest}); versions only go forward",
             )
-        if v > MAX_VERSION:
-            raise SegmentError(
-                self._name,
-                f"version {v} of segment {self._name!r} is beyond the largest version "
-                f"{MAX_VERSION}; delete the segment and create it again",
-            )
-        # The slot after the latest version's, never the latest's own: readers of the
-        # latest version are never torn by a write, whatever number it commits.
-        i = (int(q[W_LATEST_SLOT]) + 1) % self._slots
-        si = self._seq_idx[i]
-        s = int(q[si])
-        if s & 1:  # a writer died in the middle of this slot: step past its odd value
-            s += 1
-        q[si] = s + 1  # odd: readers of the version this slot held now fail validation
-        return v, i, s
-
-    def _commit(self, v: int, i: int, s: int, wall_ns: int | None = None) -> None:
-        q = self._q
-        assert q is not None
-        si = self._seq_idx[i]
-        mono = time.monotonic_ns()
-        q[si + S_VERSION] = v
-        q[si + S_WALL] = time.time_ns() if wall_ns is None else wall_ns
-        q[si + S_MONO] = mono
-        q[si] = s + 2  # even again: the slot is whole
-        # Latest slot before latest: a reader that sees v and then a slot that does
-        # not hold v knows the writer moved on, and looks again.
-        q[W_LATEST_SLOT] = i
-        q[W_LATEST] = v  # after seq: whoever sees v finds its slot complete
-        q[W_HEARTBEAT] = mono
-        q32 = self._q32
-        q32[NOTIFY_IDX] = (q32[NOTIFY_IDX] + 1) & 0xFFFFFFFF
-        self._futex.wake()
-
-    def _abort(self, i: int, s: int) -> None:
-        q = self._q
-        assert q is not None
-        si = self._seq_idx[i]
-        q[si + S_VERSION] = 0  # the old version's bytes are gone: no version lives here now
-        q[si] = s + 2
+        return SegmentError(
+            self._name,
+            f"version {v} of segment {self._name!r} is beyond the largest version "
+            f"{MAX_VERSION}; delete the segment and create it again",
+        )
 
     def write(
         self,
@@ -601,6 +668,9 @@ class Segment:
         timestamp_ns: int | None = None,
     ) -> int:
         """Copy ``array`` in as the next version and return its number (the first is 1).
+
+        Arrays of :data:`COPY_UNLOCKED` bytes and more are copied without the GIL:
+        other threads of the process run meanwhile.
 
         Args:
             array: the data, of the segment's dtype and shape.
@@ -618,9 +688,13 @@ class Segment:
         self._check_array(array)
         if self._loaning:
             raise LayoutError(f"segment {self._name!r}: write() inside an open loan()")
-        v, i, s = self._begin(version)
+        ring, v, i, s = self._begin(version)
         try:
-            if self._raw_mv:
+            n = self._nbytes
+            if n >= COPY_UNLOCKED and array.flags.c_contiguous:
+                # Raw bytes, whatever the dtype (np.copyto on records is ~20x slower).
+                ring.copy_in(i, array.__array_interface__["data"][0], array, n, COPY_UNLOCKED)
+            elif self._raw_mv:
                 try:
                     src = array.data.cast("B")
                 except (TypeError, ValueError, BufferError):  # not C-contiguous: numpy copies it
@@ -628,14 +702,13 @@ class Segment:
                 else:
                     self._raw_mv[i][:] = src  # one memcpy, no numpy call overhead
             elif array.flags.c_contiguous:
-                # Raw bytes: np.copyto on a record dtype is ~20x slower than memcpy.
                 np.copyto(self._raw[i], array.reshape(-1).view(np.uint8))
             else:
                 np.copyto(self._loan_views[i], array)
         except BaseException:
-            self._abort(i, s)
+            ring.abort(i, s)
             raise
-        self._commit(v, i, s, timestamp_ns)
+        ring.commit(v, i, s, timestamp_ns or 0)
         return v
 
     @contextlib.contextmanager
@@ -645,27 +718,27 @@ class Segment:
         """Yield a writable array over the next slot; commit it when the block ends.
 
         If the block raises, nothing is published (the slot is marked empty).
-        The array must not be used after the block. ``version`` commits exactly
-        that version (it must be newer than the latest), as in :meth:`write`.
+        The array must not be used after the block. ``version`` and
+        ``timestamp_ns`` are as in :meth:`write`.
         """
         if self._loaning:
             raise LayoutError(f"segment {self._name!r}: loans do not nest")
-        v, i, s = self._begin(version)
+        ring, v, i, s = self._begin(version)
         self._loaning = True
         try:
             yield self._loan_views[i]
         except BaseException:
-            self._abort(i, s)
+            ring.abort(i, s)
             raise
         finally:
             self._loaning = False
-        self._commit(v, i, s, timestamp_ns)
+        ring.commit(v, i, s, timestamp_ns or 0)
 
     def heartbeat(self) -> None:
         """Refresh the writer heartbeat without publishing (for idle writers)."""
         if not self._writable:
             raise ReadOnlyError(self._name)
-        self._header()[W_HEARTBEAT] = time.monotonic_ns()
+        self._core_ring().heartbeat()
 
     # ------------------------------------------------------------------ reading
 
@@ -681,59 +754,33 @@ class Segment:
                 published).
             SlotStuckError: the header names a slot that never comes whole.
         """
-        q = self._header()
+        got = self._look(version, False)
+        return got[0], got[1], got[2], got[3]
+
+    def _look(self, version: int | None, with_mono: bool) -> tuple[int, ...]:
+        ring = self._core_ring()
         if version is None:
-            return self._find_latest(q)
+            got = ring.acquire_latest(with_mono)
+            if isinstance(got, tuple):
+                return got
+            if got == 0:
+                raise NoVersionError(self._name)
+            raise self._stuck(-got - 1)
         v = int(version)
-        found = self._scan(q, v) if v > 0 else None
+        found = ring.acquire(v, with_mono) if 0 < v <= MAX_VERSION else None
         if found is not None:
             return found
-        latest = int(q[W_LATEST])
+        latest = ring.latest()
         if latest == 0:
             raise NoVersionError(self._name)
         raise VersionUnavailableError(self._name, v, latest, self._slots)
-
-    def _find_latest(self, q: memoryview) -> tuple[int, int, int, int]:
-        seq_idx = self._seq_idx
-        slots = self._slots
-        v = 0
-        for _ in range(MAX_RETRIES):
-            v = int(q[W_LATEST])
-            if v == 0:
-                raise NoVersionError(self._name)
-            i = int(q[W_LATEST_SLOT])
-            if i < slots:
-                si = seq_idx[i]
-                s = int(q[si])
-                if not s & 1 and q[si + S_VERSION] == v:
-                    return v, i, s, int(q[si + S_WALL])
-            found = self._scan(q, v)
-            if found is not None:
-                return found
-            # v's slot is being rewritten already: look at the newer latest
-        raise self._stuck(v)
-
-    def _scan(self, q: memoryview, v: int) -> tuple[int, int, int, int] | None:
-        """Version ``v`` in whichever slot holds it whole, else None.
-
-        The writer commits the latest-slot hint before ``latest``, so a reader
-        that loads ``latest`` and then the hint can find the hint one commit
-        ahead; ``v`` is then still whole in its own slot (the writer is filling
-        another). Without this look, a fast writer and a reader in lock-step
-        missed each other for a thousand looks in a row.
-        """
-        for k, si in enumerate(self._seq_idx):
-            s = int(q[si])
-            if not s & 1 and q[si + S_VERSION] == v:
-                return v, k, s, int(q[si + S_WALL])
-        return None
 
     def _stuck(self, version: int) -> SlotStuckError:
         return SlotStuckError(self._name, version, MAX_RETRIES, self.writer_alive())
 
     def monotonic_ns(self, slot: int) -> int:
         """The monotonic commit time of the version ``slot`` holds (this host's clock)."""
-        return int(self._header()[self._seq_idx[slot] + S_MONO])
+        return self._core_ring().monotonic_ns(slot)
 
     def view(self, slot: int) -> npt.NDArray[Any]:
         """The read-only array over ``slot`` (valid only between acquire and validate)."""
@@ -741,11 +788,11 @@ class Segment:
 
     def validate(self, slot: int, seq: int) -> bool:
         """True when ``slot`` was not touched by the writer since :meth:`acquire`."""
-        ok = self._header()[self._seq_idx[slot]] == seq
+        ok = self._core_ring().validate(slot, seq)
         self.reads += 1
         if not ok:
             self.torn_reads += 1
-        return bool(ok)
+        return ok
 
     def read(self, version: int | None = None) -> contextlib.AbstractContextManager[Snapshot]:
         """Yield a zero-copy, read-only :class:`Snapshot` of the latest (or a given) version.
@@ -760,12 +807,21 @@ class Segment:
         return _Reading(self, version)
 
     def latest(self, *, retries: int = 1000) -> Snapshot:
-        """A validated private copy of the latest version (torn reads are retried)."""
+        """A validated private copy of the latest version (torn reads are retried).
+
+        Versions of :data:`COPY_UNLOCKED` bytes and more are copied without the GIL.
+        """
+        ring = self._core_ring()
+        big = self._nbytes >= COPY_UNLOCKED
         v = 0
         for _ in range(max(1, retries)):
-            v, i, s, ts = self.acquire()
-            data = self._views[i].copy()
-            mono = self.monotonic_ns(i)
+            v, i, s, ts, mono = self._look(None, True)
+            if big:
+                data = np.empty(self._shape, self._dtype)
+                addr = data.__array_interface__["data"][0]
+                ring.copy_out(i, addr, data, self._nbytes, COPY_UNLOCKED)
+            else:
+                data = self._views[i].copy()
             if self.validate(i, s):
                 return Snapshot(self._name, v, ts, data, mono)
         raise TornReadError(self._name, v)
@@ -773,20 +829,10 @@ class Segment:
     def wait(self, after: int, timeout: float | None = None) -> int:
         """Block (no busy core: a futex on the header) until a version newer than
         ``after`` is committed or ``timeout`` passes; return the latest version."""
-        q = self._header()
-        q32 = self._q32
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            word = q32[NOTIFY_IDX]
-            v: int = q[W_LATEST]
-            if v > after:
-                return v
-            left = None
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return v
-            self._futex.wait(word, left)
+        ring = self._waiting_ring()
+        if after < 0:
+            return ring.latest()
+        return ring.wait(after, timeout, False)
 
     def wait_acquire(
         self, after: int, timeout: float | None = None, *, spin: bool = False
@@ -795,7 +841,8 @@ class Segment:
 
         The fast path of latency-sensitive loops: :meth:`wait` (or a busy-poll)
         followed by :meth:`acquire` without a second look at the header. Pair the
-        result with :meth:`view` and :meth:`validate`.
+        result with :meth:`view` and :meth:`validate`. The wait runs in the core
+        without the GIL, the busy-poll too.
 
         Args:
             after: the last version the caller has.
@@ -806,42 +853,33 @@ class Segment:
         Returns:
             ``(version, slot, seq, timestamp_ns)`` as :meth:`acquire` returns, or
             ``None`` when ``timeout`` passed first.
+
+        Raises:
+            SlotStuckError: the header names a slot that never comes whole.
         """
-        q = self._header()
-        q32 = self._q32
-        slots = self._slots
-        seq_idx = self._seq_idx
-        deadline = None if timeout is None else time.monotonic() + timeout
-        n = 0
-        bad = 0
-        while True:
-            word = q32[NOTIFY_IDX]
-            v: int = q[W_LATEST]
-            if v > after:
-                i: int = q[W_LATEST_SLOT]
-                if i < slots:
-                    si = seq_idx[i]
-                    s: int = q[si]
-                    if not s & 1 and q[si + S_VERSION] == v:
-                        return v, i, s, q[si + S_WALL]
-                found = self._scan(q, v)
-                if found is not None:
-                    return found
-                bad += 1  # v's slot is being rewritten already: take the newer latest
-                if bad >= MAX_RETRIES:
-                    raise self._stuck(v)
-                continue
-            if spin:
-                n += 1
-                if n & 0x3FF or deadline is None or time.monotonic() < deadline:
-                    continue
-                return None
-            left = None
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-            self._futex.wait(word, left)
+        return self._waited(self._waiting_ring().wait_acquire(max(0, after), timeout, spin))
+
+    def wait_read(
+        self, after: int, timeout: float | None = None, *, spin: bool = False
+    ) -> tuple[int, int, int, int, int] | None:
+        """:meth:`wait_acquire` that also returns the monotonic commit time, in one call.
+
+        Returns:
+            ``(version, slot, seq, timestamp_ns, monotonic_ns)``: the commit on the
+            wall clock and on this host's monotonic clock (for latency), or ``None``
+            when ``timeout`` passed first. Pair with :meth:`view` and :meth:`validate`.
+
+        Raises:
+            SlotStuckError: the header names a slot that never comes whole.
+        """
+        return self._waited(self._waiting_ring().wait_read(max(0, after), timeout, spin))
+
+    def _waited(self, got: _T | int | None) -> _T | None:
+        """A wait's result: the look, None on timeout; an int is a stuck verdict."""
+        if got is None or isinstance(got, tuple):
+            return got
+        assert isinstance(got, int)
+        raise self._stuck(-got - 1)
 
     # ------------------------------------------------------------------ closing
 
@@ -862,8 +900,14 @@ class Segment:
         for mv in self._raw_mv:  # exports of the mmap: released, or it cannot be closed
             mv.release()
         self._raw_mv = []
-        self._notify = np.empty(0, np.uint32)
-        self._q32.release()
+        # The compiled core's ring holds an export of the mapping until the last call
+        # on it returns (one may be sleeping in another thread); the fallback's ring
+        # releases its views now, and such a call then fails with ValueError.
+        ring, self._ring = self._ring, None
+        close_ring = getattr(ring, "close", None)
+        if close_ring is not None:
+            close_ring()
+        del ring
         if q is not None:
             q.release()
         self._q = None
@@ -943,9 +987,9 @@ class _Reading:
 
     def __enter__(self) -> Snapshot:
         seg = self._seg
-        v, i, s, ts = seg.acquire(self._version)
+        v, i, s, ts, mono = seg._look(self._version, True)
         self._version, self._slot, self._seq = v, i, s
-        return Snapshot(seg._name, v, ts, seg._views[i], seg.monotonic_ns(i))
+        return Snapshot(seg._name, v, ts, seg._views[i], mono)
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         # A block that raised keeps its own exception (the read is not counted).
@@ -953,25 +997,53 @@ class _Reading:
             raise TornReadError(self._seg._name, self._version or 0)
 
 
+def engine_core() -> str:
+    """The core segments opened now would use: ``"c"`` (compiled) or ``"python"``.
+
+    ``SHMCAST_CORE`` selects (``auto``, ``c`` or ``python``); see ``shmcast doctor``.
+
+    Raises:
+        ConfigError: no core can run here, or ``SHMCAST_CORE`` asks for one that cannot.
+    """
+    return select_core().name
+
+
 def machine_supported() -> bool:
-    """True on CPUs whose memory model makes the pure-Python seqlock sound (TSO)."""
-    return platform.machine() in SUPPORTED_MACHINES
+    """True when the engine is sound on this machine: the compiled core is available
+    (C11 atomics: any CPU), or the CPU is x86-64 (TSO) for the pure-Python fallback."""
+    return core_status()[0] is not None
 
 
 def wait_any(segments: list[Segment], afters: list[int], timeout: float | None = None) -> bool:
     """Block until one of ``segments`` has a version newer than its ``afters`` entry.
 
-    One futex per segment, waited on together with ``futex_waitv`` (Linux 5.16+);
-    older kernels fall back to short sleeps. Returns False on timeout.
+    One futex per segment, waited on together with ``futex_waitv`` (Linux 5.16+;
+    older kernels fall back to short sleeps), without the GIL. Any number of
+    segments: beyond the 128 words one ``futex_waitv`` takes, helper threads sleep
+    on the further groups for the length of the call, so idle costs no CPU and a
+    commit to any segment wakes the caller at once. Returns False on timeout.
     """
     if len(segments) == 1:
         return segments[0].wait(afters[0], timeout) > afters[0]
+    if not segments:
+        raise ValueError("wait_any needs at least one segment")
+    rings = tuple(seg._waiting_ring() for seg in segments)
+    after = tuple(max(0, int(a)) for a in afters)
+    if len(rings) != len(after):
+        raise ValueError(f"{len(segments)} segments but {len(afters)} versions")
+    core = segments[0]._core
+    if all(seg._core is core for seg in segments):
+        return core.wait_any(rings, after, timeout)
+    # Handles opened under different SHMCAST_CORE settings: each core in turn, briefly.
     deadline = None if timeout is None else time.monotonic() + timeout
-    addrs = [seg._futex.addr for seg in segments]
     while True:
-        words = [seg._q32[NOTIFY_IDX] for seg in segments]
-        if any(seg.version > a for seg, a in zip(segments, afters, strict=True)):
+        if any(r.latest() > a for r, a in zip(rings, after, strict=True)):
             return True
         if deadline is not None and time.monotonic() >= deadline:
             return False
-        wait_many(addrs[:WAITV_MAX], words[:WAITV_MAX], deadline)
+        for c in {seg._core.name: seg._core for seg in segments}.values():
+            mine = [
+                (r, a) for seg, r, a in zip(segments, rings, after, strict=True) if seg._core is c
+            ]
+            if c.wait_any(tuple(r for r, _ in mine), tuple(a for _, a in mine), 0.005):
+                return True

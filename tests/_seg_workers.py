@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from shmcast.broker import Segment, TornReadError
+from shmcast.broker import Segment, TornReadError, VersionUnavailableError
 
 
 def _say(line: str) -> None:
@@ -157,6 +157,114 @@ def tiny_writer(name: str) -> None:
     seg.close()
 
 
+#: A wait that returns this long after the first version it waited for was committed
+#: slept through that commit: a lost wake-up (found later by the waiter's timeout).
+#: Measured from the commit, not from the call: a writer that is descheduled for a
+#: while makes a wait long, not late.
+LOST_S = 0.5
+
+
+def _lateness(seg: Segment, after: int, newest: int) -> float:
+    """Seconds from the commit of the first version after ``after`` still in the ring
+    (a lower bound when the earlier ones are gone) to now."""
+    now = time.monotonic_ns()
+    for v in range(after + 1, newest + 1):
+        try:
+            _, slot, _, _ = seg.acquire(v)
+        except VersionUnavailableError:
+            continue
+        return (now - seg.monotonic_ns(slot)) / 1e9
+    return 0.0
+
+
+def _stall(seg: Segment) -> None:
+    stall = int(os.environ.get("STALL_NS", "0"))
+    if stall and seg.core == "c":  # widen the race windows of the compiled core
+        seg._ring.set_stall(stall)
+
+
+def stream(name: str, count: str) -> None:
+    """Commit ``count`` versions with random pauses of 0-60 µs between them, so that
+    followers sometimes sleep and often race a commit. Prints a JSON summary."""
+    seg = Segment.attach(name, writable=True)
+    _stall(seg)
+    rng = np.random.default_rng(os.getpid())
+    pauses = rng.integers(0, 60_000, int(count))
+    buf = np.zeros(seg.shape, seg.dtype)
+    _say("READY")
+    sys.stdin.readline()
+    started = time.perf_counter_ns()
+    for pause in pauses:
+        seg.write(buf)
+        until = time.perf_counter_ns() + int(pause)
+        while time.perf_counter_ns() < until:
+            pass
+    seconds = (time.perf_counter_ns() - started) / 1e9
+    info = {"last": seg.version, "seconds": seconds, "core": seg.core}
+    seg.close()
+    _say(json.dumps(info))
+
+
+def follow(name: str, count: str) -> None:
+    """Wait for every next version (``wait(last)``) until version ``count``; a wait
+    that outlasts LOST_S slept through a commit. Prints a JSON summary."""
+    seg = Segment.attach(name)
+    _stall(seg)
+    last = seg.version
+    lost = waits = 0
+    slowest = 0.0
+    _say("READY")
+    while last < int(count):
+        v = seg.wait(last, timeout=2.0)
+        if v > last:
+            late = _lateness(seg, last, v)
+            lost += late >= LOST_S
+            slowest = max(slowest, late)
+        waits += 1
+        last = max(last, v)
+    info = {"lost": lost, "waits": waits, "slowest": slowest, "core": seg.core}
+    seg.close()
+    _say(json.dumps(info))
+
+
+def ping(name_out: str, name_in: str, rounds: str, first: str) -> None:
+    """Ping-pong with another ``ping``: version k goes out on ``name_out`` and comes
+    back on ``name_in``; every wait sleeps on a futex and is woken by the other side.
+
+    A wait that outlasts LOST_S is a lost wake-up (the other side committed long
+    ago): counted, and the wait goes on, so the test still ends. ``first`` is
+    ``1`` for the side that writes first. Prints a JSON summary.
+    """
+    wait_s = 2.0
+    out = Segment.attach(name_out, writable=True)
+    src = Segment.attach(name_in)
+    _stall(out)
+    _stall(src)
+    buf = np.empty(out.shape, out.dtype)
+    lost = 0
+    slowest = 0.0
+    _say("READY")
+    sys.stdin.readline()  # GO: both sides attached
+    started = time.monotonic()
+    for k in range(1, int(rounds) + 1):
+        if first == "1":
+            buf.fill(k)
+            out.write(buf)
+        while src.wait(k - 1, timeout=wait_s) < k:
+            pass
+        late = _lateness(src, k - 1, k)
+        lost += late >= LOST_S
+        slowest = max(slowest, late)
+        if first != "1":
+            buf.fill(k)
+            out.write(buf)
+    seconds = time.monotonic() - started
+    info = {"lost": lost, "slowest": slowest, "seconds": seconds, "core": out.core}
+    out.close()
+    src.close()
+    _say(json.dumps(info))
+
+
 ROLES = {
     "tiny-writer": tiny_writer,
     "hold": hold,
@@ -164,6 +272,9 @@ ROLES = {
     "half-loan-skipping": half_loan_skipping,
     "writer": writer,
     "reader": reader,
+    "ping": ping,
+    "stream": stream,
+    "follow": follow,
 }
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
-"""Fixtures shared by every test: unique namespaces and a leak check on /dev/shm."""
+"""Fixtures shared by every test: unique namespaces, a leak check on /dev/shm, and
+``each_core``, which runs an engine test on both cores of the seqlock."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import shutil
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from shmcast.broker._backend import ENV, TSO_MACHINES, compiled
 from shmcast.broker.client import SHM_DIR, runtime_root
 from shmcast.cli.testing import issued_namespaces, unique_namespace
 
@@ -67,3 +70,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
+
+
+@pytest.fixture(params=[pytest.param("c", id="c-core"), pytest.param("python", id="py-core")])
+def each_core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once on the compiled core and once on the pure-Python fallback
+    (msgpack's model). Set through ``SHMCAST_CORE``, so child processes inherit it.
+    Engine test modules use it for every test: ``pytestmark = pytest.mark.usefixtures
+    ("each_core")``. ``tests/test_core.py`` fails when the compiled core is missing
+    although a compiler is there, so that a skip here never hides a broken build."""
+    core: str = request.param
+    if core == "c" and compiled() is None:
+        pytest.skip("the compiled core is not installed (no C compiler at install time?)")
+    if core == "python" and platform.machine() not in TSO_MACHINES:
+        pytest.skip(f"the pure-Python fallback refuses {platform.machine()} (x86-64 only)")
+    monkeypatch.setenv(ENV, core)
+    return core

@@ -77,6 +77,7 @@ def _done(sp: ShmcastProcess, prefix: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------- publisher
 
 
+@pytest.mark.usefixtures("each_core")  # an engine test: both cores
 def test_publisher_sigkill_mid_write(namespace: str) -> None:
     """Readers keep the last committed version; the lease passes on; versions go on."""
     with _procs() as procs:
@@ -225,6 +226,7 @@ def test_broker_sigkill_under_load_and_restart(namespace: str) -> None:
 # ---------------------------------------------------------------------- subscribers
 
 
+@pytest.mark.usefixtures("each_core")  # an engine test: both cores
 def test_subscriber_sigkill_holding_a_view(namespace: str) -> None:
     """A reader killed inside a zero-copy read changes nothing for anyone else."""
     with _procs() as procs:

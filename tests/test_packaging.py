@@ -58,6 +58,16 @@ def test_the_wheel_holds_only_shmcast(wheel: Path) -> None:
     assert any(n.endswith("licenses/LICENSE") for n in names)
 
 
+def test_the_wheel_carries_the_compiled_core_for_every_cpython_from_310(wheel: Path) -> None:
+    """One abi3 build of ``broker/_core.c`` (the limited API of 3.10), not its source."""
+    names = zipfile.ZipFile(wheel).namelist()
+    if "shmcast/broker/_core.abi3.so" not in names:
+        pytest.skip("no compiled core in the wheel: built without a C compiler")
+    assert "-cp310-abi3-" in wheel.name
+    assert "shmcast/broker/_core.pyi" in names
+    assert not [n for n in names if n.endswith(".c")]
+
+
 def test_the_wheel_declares_an_spdx_license_and_the_command(wheel: Path) -> None:
     z = zipfile.ZipFile(wheel)
     meta = z.read(next(n for n in z.namelist() if n.endswith("METADATA"))).decode()
@@ -86,6 +96,7 @@ def test_it_installs_next_to_pypis_broker_package(wheel: Path, tmp_path: Path) -
         "print(broker.__file__)\n"
         "print(shmcast.broker.__file__)\n"
         "print(hasattr(broker, 'Segment'), hasattr(shmcast.broker, 'Segment'))\n"
+        "print(shmcast.broker.engine_core())\n"
     )
     out = subprocess.run(
         [str(py), "-c", code], capture_output=True, text=True, timeout=60, check=True, cwd=tmp_path
@@ -96,6 +107,8 @@ def test_it_installs_next_to_pypis_broker_package(wheel: Path, tmp_path: Path) -
     assert out[1].startswith(site)
     assert out[1].endswith("shmcast/broker/__init__.py")
     assert out[2] == "False True"  # PyPI's broker is PyPI's; ours is ours
+    if "_core.abi3.so" in "".join(zipfile.ZipFile(wheel).namelist()):
+        assert out[3] == "c"  # the installed wheel runs the compiled core
     help_text = subprocess.run(
         [str(venv / "bin" / "shmcast"), "--help"], capture_output=True, text=True, timeout=60
     ).stdout

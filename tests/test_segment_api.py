@@ -26,6 +26,9 @@ from shmcast.broker import (
 )
 from shmcast.broker.client import shm_path
 
+# The engine's tests run on both cores of the seqlock (conftest.each_core).
+pytestmark = pytest.mark.usefixtures("each_core")
+
 
 @pytest.fixture
 def made(namespace: str) -> Iterator[list[Segment]]:

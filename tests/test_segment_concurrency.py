@@ -14,6 +14,9 @@ from shmcast.broker import Segment, VersionUnavailableError
 
 from ._seg_util import finish, kill, poll_until, read_line, worker
 
+# The engine's tests run on both cores of the seqlock (conftest.each_core).
+pytestmark = pytest.mark.usefixtures("each_core")
+
 READS_PER_READER = 100_000
 READER_SECONDS = 15.0
 

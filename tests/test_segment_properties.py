@@ -15,6 +15,9 @@ from hypothesis.extra import numpy as hnp
 from shmcast.broker import LayoutError, Segment
 from shmcast.broker._layout import MAX_DESCR, describe_dtype
 
+# The engine's tests run on both cores of the seqlock (conftest.each_core).
+pytestmark = pytest.mark.usefixtures("each_core")
+
 _names = itertools.count()
 
 SETTINGS = settings(

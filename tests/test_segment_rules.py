@@ -43,6 +43,9 @@ from ._seg_util import (
     write_file,
 )
 
+# The engine's tests run on both cores of the seqlock (conftest.each_core).
+pytestmark = pytest.mark.usefixtures("each_core")
+
 
 @pytest.fixture
 def removed(namespace: str) -> Iterator[list[str]]:

@@ -31,6 +31,9 @@ from shmcast.broker._layout import MAX_VERSION, W_LATEST, slot_ctl_index
 from shmcast.broker.client import shm_path
 from tests._seg_util import kill, read_line, run_python, worker
 
+# The engine's tests run on both cores of the seqlock (conftest.each_core).
+pytestmark = pytest.mark.usefixtures("each_core")
+
 K = 2
 
 
