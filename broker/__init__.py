@@ -43,12 +43,14 @@ from .errors import BrokerUnavailableError as BrokerUnavailableError
 from .errors import ClosedError as ClosedError
 from .errors import ConfigError as ConfigError
 from .errors import EndpointError as EndpointError
+from .errors import ForbiddenError as ForbiddenError
 from .errors import InvalidNameError as InvalidNameError
 from .errors import LayoutConflictError as LayoutConflictError
 from .errors import LayoutError as LayoutError
 from .errors import LayoutVersionError as LayoutVersionError
 from .errors import NotASegmentError as NotASegmentError
 from .errors import NoVersionError as NoVersionError
+from .errors import OwnershipError as OwnershipError
 from .errors import ReadOnlyError as ReadOnlyError
 from .errors import RemoteError as RemoteError
 from .errors import SegmentError as SegmentError
@@ -81,6 +83,7 @@ __all__ = [
     "ConfigError",
     "CurveKeys",
     "EndpointError",
+    "ForbiddenError",
     "InvalidNameError",
     "LayoutConflictError",
     "LayoutError",
@@ -88,6 +91,7 @@ __all__ = [
     "MetricsServer",
     "NoVersionError",
     "NotASegmentError",
+    "OwnershipError",
     "ReadOnlyError",
     "RemoteError",
     "Segment",

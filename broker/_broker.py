@@ -16,6 +16,7 @@ import math
 import os
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -33,9 +34,11 @@ from ._metrics import BrokerCollector, BrokerStats, MetricsServer, start_metrics
 from ._names import (
     SHM_DIR,
     list_segment_names,
+    owned_problem,
     resolve_namespace,
     runtime_dir,
     share_runtime_dir,
+    shm_path,
     validate_segment_name,
 )
 from ._protocol import (
@@ -58,6 +61,7 @@ from .errors import (
     LayoutError,
     LayoutVersionError,
     NotASegmentError,
+    SegmentExistsError,
     ShmcastError,
     WriterBusyError,
 )
@@ -171,6 +175,8 @@ class Broker(Service):
             lock_fd = self._take_namespace_lock(rdir)
             if cfg.group is not None:
                 share_runtime_dir(rdir, grp.getgrnam(cfg.group).gr_gid)
+            else:
+                os.chmod(rdir, 0o700)  # a group's access from an earlier run ends here
             curve = self._curve_keys()
             # CURVE: a private context, because its ZAP handler (the allow-list of
             # client keys) is per context and must run before the first connection.
@@ -251,7 +257,7 @@ class Broker(Service):
 
     def _take_namespace_lock(self, rdir: Path) -> int:
         path = rdir / "broker.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, 0)
@@ -282,11 +288,54 @@ class Broker(Service):
                 os.chown(path, -1, grp.getgrnam(self.config.group).gr_gid)
         return actual
 
+    def _trusted(self, name: str) -> bool:
+        """Whether the object of ``name`` is ours to adopt; our own bad ones are reclaimed.
+
+        Opened with ``O_NOFOLLOW`` and checked on that descriptor: a regular file of
+        ours (or root's) that nobody else may write. ``/dev/shm`` is sticky, so
+        nobody else can swap the file we checked for another before we attach it.
+        """
+        path = shm_path(self.namespace, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError:  # ELOOP: a symbolic link; EACCES: another user's
+            fd = -1
+        try:
+            st = os.fstat(fd) if fd >= 0 else os.lstat(path)
+        except FileNotFoundError:
+            return False
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        problem = owned_problem(path, st, os.getuid())
+        if problem is None:
+            return True
+        self._count_error("OwnershipError")
+        if st.st_uid == os.getuid() and not stat.S_ISREG(st.st_mode):
+            log.warning("reclaiming %s: %s", name, problem)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        else:
+            log.error("not adopting %s: %s", name, problem)
+        return False
+
     def _adopt_existing(self) -> None:
-        """Adopt the valid segments a previous broker left; reclaim the invalid ones."""
+        """Adopt the valid segments a previous broker left; reclaim the invalid ones.
+
+        Only objects that pass :meth:`_trusted` are attached; another user's objects
+        are left alone (and refused), whatever they hold.
+        """
         for name in list_segment_names(self.namespace):
             try:
                 validate_segment_name(name)
+            except ShmcastError as exc:
+                log.warning("ignoring %s: %s", name, exc)
+                continue
+            if not self._trusted(name):
+                continue
+            try:
                 seg = Segment.attach(name, namespace=self.namespace, wait=0.2, prefault=False)
             except (NotASegmentError, LayoutVersionError, ShmcastError) as exc:
                 log.warning("reclaiming %s: %s", name, exc)
@@ -458,16 +507,25 @@ class Broker(Service):
                 f"segment {name!r} would take {size} bytes, over this broker's "
                 f"max_segment_bytes={limit}"
             )
-        writer = Segment.create(
-            name,
-            dt,
-            shp,
-            slots=slots,
-            namespace=self.namespace,
-            mode=self.config.mode,
-            epoch=self.epoch,
-            prefault=False,
-        )
+        try:
+            writer = Segment.create(
+                name,
+                dt,
+                shp,
+                slots=slots,
+                namespace=self.namespace,
+                mode=self.config.mode,
+                epoch=self.epoch,
+                prefault=False,
+            )
+        except SegmentExistsError:
+            # Not in the catalog yet taken: someone else's object squats the name.
+            path = shm_path(self.namespace, name)
+            with contextlib.suppress(FileNotFoundError):
+                problem = owned_problem(path, os.lstat(path), os.getuid())
+                if problem is not None:
+                    raise problem from None
+            raise
         try:
             if self.config.group is not None:
                 os.chown(writer.path, -1, grp.getgrnam(self.config.group).gr_gid)

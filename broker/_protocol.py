@@ -23,9 +23,11 @@ from typing import Any
 import msgpack
 
 from .errors import (
+    ForbiddenError,
     InvalidNameError,
     LayoutConflictError,
     LayoutError,
+    OwnershipError,
     RemoteError,
     SegmentExistsError,
     SegmentNotFoundError,
@@ -74,7 +76,10 @@ def unpack(data: bytes, limit: int = MAX_REQUEST) -> dict[str, Any]:
 
 def error_reply(exc: BaseException) -> dict[str, Any]:
     reply: dict[str, Any] = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
-    for attr in ("segment", "existing", "requested", "pid", "needed", "free"):
+    for attr in (
+        *("segment", "existing", "requested", "pid", "needed", "free"),
+        *("path", "reason", "uid", "mode", "kind", "expected", "op", "role", "endpoint"),
+    ):
         val = getattr(exc, attr, None)
         if isinstance(val, (int, str)):
             reply[attr] = val
@@ -102,6 +107,18 @@ def raise_remote(reply: dict[str, Any]) -> None:
         exc.args = (msg,)
     elif kind in ("LayoutError", "ArrayMismatchError"):
         exc = LayoutError(msg)
+    elif kind == "OwnershipError":
+        exc = OwnershipError(
+            str(reply.get("path")),
+            str(reply.get("reason")),
+            uid=int(reply.get("uid", -1)),
+            mode=int(reply.get("mode", 0)),
+            kind=str(reply.get("kind")),
+            expected=str(reply.get("expected")),
+        )
+    elif kind == "ForbiddenError":
+        exc = ForbiddenError(str(reply.get("op")), str(reply.get("role")))
+        exc.args = (msg,)
     elif kind == "InvalidNameError":
         exc = InvalidNameError("segment", seg, msg)
         exc.args = (msg,)
