@@ -153,6 +153,10 @@ class DataStream:
         epoch: the broker's epoch (sent to relays in ``welcome`` and ``hb``).
         interval: seconds between heartbeats to the relays.
         curve: the broker's CURVE keys, or None for a plain endpoint.
+        max_message: largest message taken from a relay (bytes); a longer one
+            ends its connection.
+        max_relays: relays served at once; the hello of one more is refused.
+        max_patterns: segment patterns one relay may ask for.
     """
 
     def __init__(
@@ -163,8 +167,14 @@ class DataStream:
         epoch: int,
         interval: float,
         curve: CurveKeys | None = None,
+        max_message: int = MAX_RELAY_MESSAGE,
+        max_relays: int = 64,
+        max_patterns: int = 64,
     ) -> None:
         self._closed = True
+        self.max_message = max_message
+        self.max_relays = max_relays
+        self.max_patterns = max_patterns
         self._catalog = catalog
         self.namespace = catalog.namespace
         self.epoch = epoch
@@ -187,6 +197,7 @@ class DataStream:
         self.torn = 0
         self.copied = 0
         self.dropped = 0
+        self.refused = 0
 
     # ------------------------------------------------------------------ control
 
@@ -207,7 +218,7 @@ class DataStream:
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             router.setsockopt(zmq.SNDHWM, 4 * MAX_WINDOW + 64)
             router.setsockopt(zmq.RCVHWM, 1000)
-            router.setsockopt(zmq.MAXMSGSIZE, MAX_RELAY_MESSAGE)
+            router.setsockopt(zmq.MAXMSGSIZE, self.max_message)
             ivl = max(100, int(self.interval * 1000))
             router.setsockopt(zmq.HEARTBEAT_IVL, ivl)
             router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
@@ -383,7 +394,7 @@ class DataStream:
                 continue
             ident, kind = frames[0], frames[1]
             try:
-                body = unpack(frames[2], MAX_RELAY_MESSAGE) if len(frames) > 2 else {}
+                body = unpack(frames[2], self.max_message) if len(frames) > 2 else {}
                 self._on_message(router, ident, kind, body, now)
             except (ValueError, TypeError, KeyError) as exc:
                 log.warning("bad message from a relay: %s", exc)
@@ -396,6 +407,13 @@ class DataStream:
             patterns = body.get("patterns") or ["*"]
             if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
                 raise ValueError("patterns must be a list of strings")
+            if len(patterns) > self.max_patterns:
+                raise ValueError(
+                    f"{len(patterns)} patterns, over max_relay_patterns={self.max_patterns}"
+                )
+            if peer is None and len(self._peers) >= self.max_relays:
+                self.refused += 1
+                raise ValueError(f"already {len(self._peers)} relays (max_relays); refused")
             window = body.get("window", 8)
             if not isinstance(window, int) or window < 1:
                 raise ValueError("window must be a positive integer")

@@ -48,6 +48,7 @@ class BrokerStats:
     shm_free: int
     shm_total: int
     started: float
+    subscriptions: int = 0
 
 
 class BrokerCollector(Collector):
@@ -79,6 +80,8 @@ class BrokerCollector(Collector):
             (GaugeMetricFamily, "shmcast_shm_size_bytes", "Size of /dev/shm", st.shm_total),
             (GaugeMetricFamily, "shmcast_broker_clients",
              "Control clients heard from in the last 30 s", st.clients),
+            (GaugeMetricFamily, "shmcast_broker_subscriptions",
+             "Distinct topics subscribed on the events endpoint", st.subscriptions),
             (CounterMetricFamily, "shmcast_broker_requests", "Control requests received",
              st.requests),
         ):  # fmt: skip
@@ -87,7 +90,7 @@ class BrokerCollector(Collector):
             yield fam
         errors = CounterMetricFamily(
             "shmcast_broker_errors",
-            "Requests answered with an error, and dropped messages, by kind",
+            "Requests answered with an error, refused objects and endpoint resets, by kind",
             labels=["namespace", "kind"],
         )
         for kind, n in sorted(st.errors.items()):

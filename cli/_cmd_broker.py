@@ -28,8 +28,11 @@ A restarted broker adopts the valid segments a crashed one left behind.
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML configuration (see configs/broker.toml)")
-    p.add_argument("--control", metavar="ENDPOINT", help="control endpoint (ROUTER)")
-    p.add_argument("--events", metavar="ENDPOINT", help="announcement endpoint (PUB)")
+    p.add_argument("--control", metavar="ENDPOINT", help="control endpoint of writers (the owner)")
+    p.add_argument(
+        "--control-ro", metavar="ENDPOINT", help="control endpoint of readers (read-only)"
+    )
+    p.add_argument("--events", metavar="ENDPOINT", help="announcement endpoint")
     p.add_argument(
         "--data", metavar="ENDPOINT", help="data stream for relays, tcp://ADDR:PORT (default: none)"
     )
@@ -44,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     flags: dict[str, Any] = {
         "namespace": args.namespace,
         "control": args.control,
+        "control_ro": args.control_ro,
         "events": args.events,
         "data": args.data,
         "metrics_port": args.metrics_port,

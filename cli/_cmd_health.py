@@ -28,7 +28,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     ns = resolve_namespace(args.namespace)
-    endpoint = broker_endpoint(args)
+    endpoint = broker_endpoint(args, reader=True)
     try:
         with ControlClient(endpoint, timeout=args.timeout) as client:
             hello = client.request("hello")

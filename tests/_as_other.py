@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 
 from shmcast.broker import Segment
-from shmcast.broker.client import ControlClient, pack, unpack
+from shmcast.broker.client import ControlClient, pack, reader_endpoint, unpack
 from shmcast.publisher import Publisher
 from shmcast.subscriber import Subscriber
 
@@ -47,18 +47,31 @@ def probe(ns: str, control: str) -> dict[str, Any]:
         Segment.attach("p", namespace=ns, writable=True).close()
         return "ok"
 
-    def hello() -> str:
-        with ControlClient(control, timeout=1.0) as c:
+    def hello(endpoint: str) -> str:
+        with ControlClient(endpoint, timeout=1.0) as c:
             return str(c.request("hello")["namespace"])
 
-    return {"read": _outcome(read), "write": _outcome(write), "hello": _outcome(hello)}
+    return {
+        "read": _outcome(read),
+        "write": _outcome(write),
+        "hello": _outcome(lambda: hello(control)),
+        "hello_as_reader": _outcome(lambda: hello(reader_endpoint(control))),
+    }
 
 
-def control(endpoint: str, ops: str) -> dict[str, Any]:
+def _curve(keys: str) -> tuple[bytes, bytes, bytes] | None:
+    """``server_public,client_public,client_secret`` (z85), or ``-`` for none."""
+    if keys == "-":
+        return None
+    server, public, secret = keys.split(",")
+    return server.encode(), public.encode(), secret.encode()
+
+
+def control(endpoint: str, ops: str, keys: str = "-") -> dict[str, Any]:
     """Each ``[op, fields]`` of the JSON list ``ops`` as a request: the reply's keys, or
-    the error's class name. ``[op, fields, "send"]`` sends one-way."""
+    the error's class name. ``[op, fields, "send"]`` sends one-way. ``keys``: CURVE."""
     out = []
-    with ControlClient(endpoint, timeout=2.0) as c:
+    with ControlClient(endpoint, timeout=2.0, curve=_curve(keys)) as c:
         for item in json.loads(ops):
             op, fields, oneway = item[0], item[1], len(item) > 2
 
@@ -144,6 +157,43 @@ def fake_broker(directory: str) -> None:
         sock.send_multipart([*frames[:-1], pack(reply)])
 
 
+def relay_hellos(endpoint: str, connections: str, patterns: str) -> dict[str, Any]:
+    """Open ``connections`` relay connections to a data stream, each asking for
+    ``patterns`` patterns: which of them were welcomed."""
+    socks = []
+    for i in range(int(connections)):
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        hello = {"patterns": [f"p{i}-{j}*" for j in range(int(patterns))], "window": 4}
+        sock.send_multipart([b"hello", pack(hello)])
+        socks.append(sock)
+    welcomed = []
+    for sock in socks:
+        got = False
+        deadline = time.monotonic() + 2.0
+        while not got and time.monotonic() < deadline:
+            if sock.poll(100):
+                got = sock.recv_multipart()[0] == b"welcome"
+        welcomed.append(got)
+    for sock in socks:
+        sock.close(0)
+    return {"welcomed": welcomed}
+
+
+def cli(*argv: str) -> dict[str, Any]:
+    """``shmcast ARGV`` in this process: its exit code and what it printed on stderr."""
+    import contextlib
+    import io
+
+    from shmcast.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(list(argv))
+    return {"rc": rc, "stderr": err.getvalue()}
+
+
 def flood(events: str, count: str, length: str, big: str) -> None:
     """Subscribe ``count`` distinct topics of ``length`` bytes (after one of ``big``
     bytes) at the broker's events endpoint, then hold the connection."""
@@ -175,6 +225,8 @@ COMMANDS = {
     "mkdir": mkdir,
     "fake-broker": fake_broker,
     "flood": flood,
+    "relay-hellos": relay_hellos,
+    "cli": cli,
 }
 
 

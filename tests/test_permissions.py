@@ -56,7 +56,7 @@ def test_owner_only_by_default(served: Broker, namespace: str) -> None:
     assert served.endpoints is not None
     with Publisher("p", dtype="f8", shape=(8,)) as pub:
         assert _mode(pub.segment.path) == 0o600
-    for ep in (served.endpoints.control, served.endpoints.events):
+    for ep in (served.endpoints.control, served.endpoints.control_ro, served.endpoints.events):
         path = ipc_path(ep)
         assert path is not None
         assert _mode(path) == 0o600
@@ -74,6 +74,7 @@ def test_other_user_is_shut_out(served: Broker, namespace: str, other_user: Othe
         "read": "PermissionError",
         "write": "PermissionError",
         "hello": "BrokerUnavailableError",
+        "hello_as_reader": "BrokerUnavailableError",
     }
 
 
@@ -87,7 +88,13 @@ def test_configured_group_can_read_not_write(
         pub.publish(np.ones(8))
         assert _mode(pub.segment.path) == 0o640
         out = other_user.run("probe", namespace, served.endpoints.control)
-    assert out == {"read": 8.0, "write": "PermissionError", "hello": namespace}
+    # The owner's control socket stays owner-only; the group gets the read-only one.
+    assert out == {
+        "read": 8.0,
+        "write": "PermissionError",
+        "hello": "BrokerUnavailableError",
+        "hello_as_reader": namespace,
+    }
     assert _mode(runtime_dir(namespace)) == 0o750
 
 
