@@ -77,6 +77,9 @@ REPORT_SEGMENTS = 64
 #: The requests a reader may make: nothing that changes the namespace.
 READER_OPS = frozenset({"hello", "list", "describe", "stats", "report", "subscribers"})
 WRITER, READER = "writer", "reader"
+#: Seconds the leases of the segments unlinked at a clean stop are held (a
+#: writer's attach retries its lease for 0.2 s).
+UNLINK_HOLD = 0.3
 
 
 def _layout_text(dtype: str, shape: tuple[int, ...], slots: int) -> str:
@@ -709,8 +712,43 @@ class Broker(Service):
     # ------------------------------------------------------------------ shutdown
 
     def _shutdown(self) -> None:
-        """Unlink the namespace's segments (clean exit: SIGTERM, SIGINT, stop())."""
+        """A clean stop (SIGTERM, SIGINT, SIGHUP, :meth:`stop`, :meth:`close`).
+
+        A segment whose writer lease is held stays in ``/dev/shm``: its publisher
+        goes on writing where readers are, and the next broker adopts it (versions
+        continue). Orphans (no writer) are unlinked, and so is everything with
+        ``unlink_on_exit``. The broker takes an orphan's lease before unlinking it
+        and holds it a while, so a publisher attaching at that very moment is
+        refused (``WriterBusyError``) instead of writing into an unlinked object.
+        """
+        held: list[Segment] = []
+        kept: list[str] = []
         for name, entry in self._catalog.clear():
-            entry.seg.unlink()
-            entry.seg.close()
-            log.info("unlinked segment %s", name)
+            seg = entry.seg
+            unlink_all = self.config.unlink_on_exit
+            try:
+                if seg.writer_alive() and not unlink_all:
+                    kept.append(name)
+                    continue
+                try:
+                    held.append(Segment.attach(name, namespace=self.namespace, writable=True))
+                except WriterBusyError:
+                    if not unlink_all:
+                        kept.append(name)  # a writer took the lease meanwhile
+                        continue
+                seg.unlink()
+                log.info("unlinked segment %s", name)
+            except ShmcastError as exc:
+                log.warning("segment %s at shutdown: %s", name, exc)
+            finally:
+                seg.close()
+        if kept:
+            log.info(
+                "left %d segment(s) with a live writer for the next broker: %s",
+                len(kept),
+                ", ".join(kept[:20]),
+            )
+        if held:
+            time.sleep(UNLINK_HOLD)  # outlast a racing writer's attach retries
+            for seg in held:
+                seg.close()

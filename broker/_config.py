@@ -75,6 +75,10 @@ class BrokerConfig:
     Without CURVE a TCP peer cannot be told apart from another, so a ``control``
     endpoint beyond loopback needs ``tcp_open = true``, written out.
 
+    A clean stop leaves the segments whose writer still runs for the next broker
+    and unlinks the others; ``unlink_on_exit`` unlinks them all (stop the
+    publishers first: one still running would write where no reader looks).
+
     Limits on what the broker takes in: ``max_message_bytes`` per control (and
     data-stream) message, ``max_subscriptions`` distinct topics on the events
     endpoint, ``max_relays`` connected relays, ``max_relay_patterns`` patterns
@@ -102,6 +106,7 @@ class BrokerConfig:
     max_subscriptions: int = 4096
     max_relays: int = 64
     max_relay_patterns: int = 64
+    unlink_on_exit: bool = False
     segments: tuple[SegmentSpec, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -134,8 +139,9 @@ class BrokerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise ConfigError(name, f"{value!r}: use an integer from {low} to {high}")
-        if not isinstance(self.tcp_open, bool):
-            raise ConfigError("tcp_open", f"{self.tcp_open!r}: use true or false")
+        for name in ("tcp_open", "unlink_on_exit"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"{getattr(self, name)!r}: use true or false")
         if (
             self.control is not None
             and not is_loopback(self.control)

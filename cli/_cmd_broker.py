@@ -20,9 +20,11 @@ examples:
   shmcast broker --data tcp://10.0.0.1:5557       data stream for relays on other hosts
 
 It prints one line 'shmcast broker ready: {json}' with its endpoints when serving.
-SIGTERM, SIGINT (Ctrl-C) or SIGHUP (terminal closed): shut down and unlink
-the namespace's segments.
-A restarted broker adopts the valid segments a crashed one left behind.
+SIGTERM, SIGINT (Ctrl-C) or SIGHUP (terminal closed): stop serving. Segments whose
+publisher is still running stay in /dev/shm: the publisher goes on, subscribers
+go on reading, and the next broker adopts them (a restart is seamless). Segments
+with no running publisher are unlinked; --unlink-on-exit unlinks all of them.
+A restarted broker adopts the valid segments a stopped or crashed one left behind.
 """
 
 
@@ -41,6 +43,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat", type=float, metavar="S", help="heartbeat interval (0.5)")
     p.add_argument("--mode", metavar="OCTAL", help="permissions of segments (default 0600)")
     p.add_argument("--group", metavar="NAME", help="group owning segments and sockets")
+    p.add_argument(
+        "--unlink-on-exit",
+        action="store_true",
+        default=None,
+        help="on a clean stop unlink every segment, even those a publisher still writes",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         "heartbeat_interval": args.heartbeat,
         "mode": args.mode,
         "group": args.group,
+        "unlink_on_exit": args.unlink_on_exit,
     }
     config = resolve_config(flags, config_file=args.config)  # ConfigError: exit 2
     serve(Broker(config), READY)
