@@ -44,6 +44,7 @@ from ._names import (
 )
 from ._protocol import (
     BROKER_TOPIC,
+    MAX_VERSION,
     error_reply,
     ipc_path,
     pack,
@@ -373,6 +374,11 @@ class Broker(Service):
                     Segment.remove(name, namespace=self.namespace)
                 continue
             v = seg.version
+            if v > MAX_VERSION:
+                log.warning("reclaiming %s: its latest version word is corrupt (%d)", name, v)
+                seg.unlink()
+                seg.close()
+                continue
             self._catalog.add(name, CatalogEntry(seg=seg, announced=v))
             log.info("adopted segment %s at version %d", name, v)
 
@@ -429,6 +435,9 @@ class Broker(Service):
                 v = entry.seg.version
             except ShmcastError:
                 continue
+            if v > MAX_VERSION:
+                self._reclaim(name, entry, f"its latest version word is corrupt ({v})")
+                continue
             if v > entry.announced:
                 try:
                     ts = entry.seg.acquire(v)[3]  # the slot's commit time
@@ -436,6 +445,18 @@ class Broker(Service):
                     ts = time.time_ns()  # lapped since: the version is gone, not its news
                 self._announce_version(name, entry, v, ts)
         self._emit(BROKER_TOPIC, "heartbeat", "", 0, time.time_ns())
+
+    def _reclaim(self, name: str, entry: CatalogEntry, why: str) -> None:
+        """Drop a segment whose header went bad under us (a corrupt ``latest``): it is
+        unlinked and announced deleted, as an invalid object found at start would be."""
+        log.error("reclaiming segment %s: %s", name, why)
+        self._count_error("NotASegmentError")
+        self._catalog.pop(name)
+        with contextlib.suppress(OSError):
+            if os.stat(entry.seg.path).st_ino == os.fstat(entry.seg._fd).st_ino:
+                entry.seg.unlink()  # by name: only while the name is still this object
+        entry.seg.close()
+        self._emit(topic(name), "deleted", name, entry.announced, time.time_ns())
 
     def _emit(self, tpc: bytes, kind: str, segment: str, version: int, ts: int) -> None:
         self._seq += 1
@@ -593,6 +614,20 @@ class Broker(Service):
             "events": self.config.advertise_events or self.endpoints.events,
             "data": self._data.endpoint if self._data else None,
             "heartbeat_interval": self.config.heartbeat_interval,
+            "data_stream": self._data_health(),
+        }
+
+    def _data_health(self) -> dict[str, Any] | None:
+        """The data stream's state for ``hello`` and ``stats`` (``shmcast health``)."""
+        st = self.data_stats()
+        if st is None:
+            return None
+        return {
+            "up": st.up,
+            "problem": st.problem(),
+            "restarts": st.restarts,
+            "failures": st.failures,
+            "missing": list(st.missing),
         }
 
     def _op_create(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -646,6 +681,9 @@ class Broker(Service):
             # Announced only what the header shows: a version beyond it was never
             # written (a bug, or a forged message), and would hide the real ones.
             latest = entry.seg.version
+            if latest > MAX_VERSION:
+                self._reclaim(name, entry, f"its latest version word is corrupt ({latest})")
+                raise NotASegmentError(name, entry.seg.path, "its latest version is corrupt")
             if version > latest:
                 raise ValueError(
                     f"commit of version {version} of {name!r}, beyond its header's latest "
@@ -674,6 +712,7 @@ class Broker(Service):
             "shm_total": st.shm_total,
             "subscriptions": st.subscriptions,
             "uptime": time.time() - st.started,
+            "data_stream": self._data_health(),
         }
 
     def _op_report(self, req: dict[str, Any]) -> None:

@@ -145,7 +145,28 @@ def _data_stream(data: DataStreamStats | None, ns: str) -> Iterator[Metric]:
     )
     peers.add_metric([ns], data.peers)
     yield peers
+    up = GaugeMetricFamily(
+        "shmcast_data_stream_up",
+        "1 while the data stream serves (0: restarting after a failure)",
+        labels=["namespace"],
+    )
+    up.add_metric([ns], 1.0 if data.up else 0.0)
+    yield up
+    missing = GaugeMetricFamily(
+        "shmcast_data_stream_missing_segments",
+        "Segments the data stream cannot open (retried; e.g. out of file descriptors)",
+        labels=["namespace"],
+    )
+    missing.add_metric([ns], len(data.missing))
+    yield missing
     for name, value, help_text in (
+        ("shmcast_data_stream_restarts", data.restarts, "Restarts of the data stream"),
+        (
+            "shmcast_data_stream_failures",
+            data.failures,
+            "Failures of the data stream (its thread, or opening a segment)",
+        ),
+        ("shmcast_data_refused_relays", data.refused, "Relays refused (max_relays)"),
         ("shmcast_data_sent_versions", data.sent, "Versions sent to relays"),
         ("shmcast_data_sent_bytes", data.sent_bytes, "Payload bytes sent to relays"),
         ("shmcast_data_torn_sends", data.torn, "Zero-copy sends overwritten in flight (voided)"),

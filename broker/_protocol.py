@@ -39,6 +39,7 @@ from .errors import (
 __all__ = [
     "BROKER_TOPIC",
     "MAX_REQUEST",
+    "MAX_VERSION",
     "error_reply",
     "ipc_path",
     "pack",
@@ -50,6 +51,9 @@ __all__ = [
 
 #: Largest control request (and event body) anyone accepts, bytes.
 MAX_REQUEST = 64 * 1024
+#: The largest version number a sound segment can hold: a header's ``latest``
+#: beyond it is corrupt (nobody commits 2**63 versions), and the segment invalid.
+MAX_VERSION = 2**63 - 1
 BROKER_TOPIC = b"@broker\0"
 
 

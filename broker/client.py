@@ -39,7 +39,16 @@ from ._names import (
     validate_namespace,
     validate_segment_name,
 )
-from ._protocol import BROKER_TOPIC, MAX_REQUEST, ipc_path, pack, raise_remote, topic, unpack
+from ._protocol import (
+    BROKER_TOPIC,
+    MAX_REQUEST,
+    MAX_VERSION,
+    ipc_path,
+    pack,
+    raise_remote,
+    topic,
+    unpack,
+)
 from .errors import BrokerUnavailableError, ClosedError
 
 __all__ = [
@@ -49,6 +58,7 @@ __all__ = [
     "DEFAULT_NAMESPACE",
     "EVENTS_SOCK",
     "MAX_REQUEST",
+    "MAX_VERSION",
     "NAMESPACE_ENV",
     "SHM_DIR",
     "ControlClient",
