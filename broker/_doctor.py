@@ -145,6 +145,12 @@ def _is_ours(namespace: str, explicit: bool) -> bool:
     return False
 
 
+def _not_ours_to_fix(check: str, problem: OwnershipError, otherwise: str) -> Check:
+    """Another user's file or directory, which only its owner or root may remove."""
+    fix = f"only uid {problem.uid} or root can remove it: ask them, or {otherwise}"
+    return Check(check, PROBLEM, str(problem), fix)
+
+
 def _fix_object(path: str, st: os.stat_result, problem: OwnershipError, ours: bool) -> Check:
     """Repair one untrusted object of a namespace of ours, if that can be done safely."""
     uid = os.getuid()
@@ -156,12 +162,7 @@ def _fix_object(path: str, st: os.stat_result, problem: OwnershipError, ours: bo
         # name of our namespace: unlinking it touches nothing it points to.
         os.unlink(path)
         return Check("fixed", OK, f"unlinked {path} (a {problem.kind} of uid {st.st_uid})")
-    return Check(
-        "ownership",
-        PROBLEM,
-        str(problem),
-        f"only uid {st.st_uid} or root can remove it: ask them, or use another namespace",
-    )
+    return _not_ours_to_fix("ownership", problem, "use another namespace")
 
 
 def _check_objects(namespaces: list[str], fix: bool, explicit: bool) -> list[Check]:
@@ -276,12 +277,8 @@ def _fix_runtime_dir(path: Path, st: os.stat_result, problem: OwnershipError, ro
         # squatting our name: the next broker makes it anew. rmtree does not follow links.
         shutil.rmtree(path)
         return Check("fixed", OK, f"removed {path} (uid {st.st_uid}, mode {problem.mode:04o})")
-    return Check(
-        "runtime-dir",
-        PROBLEM,
-        str(problem),
-        f"only uid {st.st_uid} or root can remove it: ask them, or set XDG_RUNTIME_DIR "
-        f"to a directory of your own",
+    return _not_ours_to_fix(
+        "runtime-dir", problem, "set XDG_RUNTIME_DIR to a directory of your own"
     )
 
 

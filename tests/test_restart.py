@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -25,18 +23,10 @@ from shmcast.cli.testing import (
     wait_for,
 )
 from shmcast.publisher import Publisher
+from tests._procs import done as _done
+from tests._procs import procs as _procs
 
 RATE = 200
-
-
-@contextmanager
-def _procs() -> Iterator[list[ShmcastProcess]]:
-    procs: list[ShmcastProcess] = []
-    try:
-        yield procs
-    finally:
-        for p in reversed(procs):
-            p.stop(timeout=10)
 
 
 def _received(sub: ShmcastProcess) -> list[int]:
@@ -46,11 +36,6 @@ def _received(sub: ShmcastProcess) -> list[int]:
         if line.startswith("{"):
             out.append(int(json.loads(line)["version"]))
     return out
-
-
-def _done(sp: ShmcastProcess, prefix: str) -> dict[str, object]:
-    line = sp.wait_line(prefix, 10)
-    return dict(json.loads(line[len(prefix) :]))
 
 
 def test_publisher_and_subscriber_run_across_a_broker_restart(namespace: str) -> None:
