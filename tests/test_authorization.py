@@ -13,6 +13,8 @@ Every attack runs as another user (``nobody``, see ``tests/_other_user.py``).
 from __future__ import annotations
 
 import json
+import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -247,3 +249,24 @@ def test_data_stream_bounds_relays_and_patterns(broker: Broker, other_user: Othe
     assert too_many_patterns == {"welcomed": [False]}
     three = other_user.run("relay-hellos", data.endpoint, "3", "8")
     assert sorted(three["welcomed"]) == [False, True, True]
+
+
+@pytest.mark.parametrize(
+    "broker", [{"max_subscriptions": 16, "group": "nogroup", "mode": 0o640}], indirect=True
+)
+def test_the_events_endpoint_resets_on_ipc_and_serves_on(
+    broker: Broker, namespace: str, other_user: OtherUser
+) -> None:
+    """A member of the group floods the ipc events socket past its bound: the
+    endpoint resets in place (same file, same mode) and subscribers are served after."""
+    assert broker.endpoints is not None
+    events = broker.endpoints.events
+    path = events[len("ipc://") :]
+    with other_user.running("flood", events, "100", "20", "0") as flood:
+        assert flood.ready["sent"] == 100
+        wait_for(lambda: broker.stats().errors.get("events_reset", 0) >= 1, 10, what="reset")
+    assert os.path.exists(path), "the reset lost the socket file"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    with Publisher("p", dtype="f8", shape=(2,)) as pub, Subscriber("p", timeout=5) as sub:
+        pub.publish(np.ones(2))
+        assert [u.version for u in sub.updates(timeout=2)] == [1]
