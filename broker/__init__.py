@@ -44,6 +44,7 @@ from .errors import BrokerUnavailableError as BrokerUnavailableError
 from .errors import ClosedError as ClosedError
 from .errors import ConfigError as ConfigError
 from .errors import EndpointError as EndpointError
+from .errors import ForbiddenError as ForbiddenError
 from .errors import InvalidNameError as InvalidNameError
 from .errors import LayoutConflictError as LayoutConflictError
 from .errors import LayoutError as LayoutError
@@ -52,6 +53,7 @@ from .errors import MissingExtraError as MissingExtraError
 from .errors import NotARecordingError as NotARecordingError
 from .errors import NotASegmentError as NotASegmentError
 from .errors import NoVersionError as NoVersionError
+from .errors import OwnershipError as OwnershipError
 from .errors import ReadOnlyError as ReadOnlyError
 from .errors import RecordingError as RecordingError
 from .errors import RecordingExistsError as RecordingExistsError
@@ -88,6 +90,7 @@ __all__ = [
     "ConfigError",
     "CurveKeys",
     "EndpointError",
+    "ForbiddenError",
     "InvalidNameError",
     "LayoutConflictError",
     "LayoutError",
@@ -97,6 +100,7 @@ __all__ = [
     "NoVersionError",
     "NotARecordingError",
     "NotASegmentError",
+    "OwnershipError",
     "ReadOnlyError",
     "RecordingError",
     "RecordingExistsError",

@@ -16,6 +16,7 @@ import math
 import os
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -28,19 +29,22 @@ from ._auth import CurveKeys, make_curve_server, start_authenticator
 from ._catalog import Catalog, CatalogEntry
 from ._config import BrokerConfig
 from ._datastream import DataStream, DataStreamStats
+from ._events import Events, bind_endpoint
 from ._layout import dtype_str, normalize_layout, parse_dtype, segment_size
 from ._metrics import BrokerCollector, BrokerStats, MetricsServer, start_metrics_server
 from ._names import (
     SHM_DIR,
     list_segment_names,
+    owned_problem,
     resolve_namespace,
     runtime_dir,
     share_runtime_dir,
+    shm_path,
     validate_segment_name,
 )
 from ._protocol import (
     BROKER_TOPIC,
-    MAX_REQUEST,
+    MAX_VERSION,
     error_reply,
     ipc_path,
     pack,
@@ -53,11 +57,12 @@ from ._service import Service
 from .client import Endpoints
 from .errors import (
     BrokerRunningError,
-    EndpointError,
+    ForbiddenError,
     LayoutConflictError,
     LayoutError,
     LayoutVersionError,
     NotASegmentError,
+    SegmentExistsError,
     ShmcastError,
     WriterBusyError,
 )
@@ -68,6 +73,14 @@ log = logging.getLogger(__name__)
 
 #: Seconds a subscriber's report stays in the ``subscribers`` table.
 REPORT_TTL = 5.0
+#: Segments one report may carry (the rest are dropped).
+REPORT_SEGMENTS = 64
+#: The requests a reader may make: nothing that changes the namespace.
+READER_OPS = frozenset({"hello", "list", "describe", "stats", "report", "subscribers"})
+WRITER, READER = "writer", "reader"
+#: Seconds the leases of the segments unlinked at a clean stop are held (a
+#: writer's attach retries its lease for 0.2 s).
+UNLINK_HOLD = 0.3
 
 
 def _layout_text(dtype: str, shape: tuple[int, ...], slots: int) -> str:
@@ -104,6 +117,7 @@ class Broker(Service):
         self.endpoints: Endpoints | None = None
         self.metrics_url: str | None = None
         self._data: DataStream | None = None
+        self._events: Events | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -145,6 +159,7 @@ class Broker(Service):
             shm_free=st.free if st else 0,
             shm_total=st.total if st else 0,
             started=self._started,
+            subscriptions=self._events.topics if self._events is not None else 0,
         )
 
     def run(self, on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -164,6 +179,7 @@ class Broker(Service):
         ctx: zmq.Context[Any] | None = None
         auth: Any = None
         socks: list[zmq.Socket[Any]] = []
+        events: Events | None = None
         metrics: MetricsServer | None = None
         bound_paths: list[str] = []
         try:
@@ -171,28 +187,40 @@ class Broker(Service):
             lock_fd = self._take_namespace_lock(rdir)
             if cfg.group is not None:
                 share_runtime_dir(rdir, grp.getgrnam(cfg.group).gr_gid)
+            else:
+                os.chmod(rdir, 0o700)  # a group's access from an earlier run ends here
             curve = self._curve_keys()
             # CURVE: a private context, because its ZAP handler (the allow-list of
             # client keys) is per context and must run before the first connection.
             ctx = zmq.Context() if curve is not None else zmq.Context.instance()
             auth = start_authenticator(ctx, curve.clients) if curve is not None else None
             control = ctx.socket(zmq.ROUTER)
-            events = ctx.socket(zmq.PUB)
-            socks = [control, events]
+            control_ro = ctx.socket(zmq.ROUTER)
+            socks = [control, control_ro]
             defaults = Endpoints.default(self.namespace)
             for sock in socks:
                 sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
+                sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
                 if curve is not None:
                     make_curve_server(sock, curve)
-            control.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST)
-            control.setsockopt(zmq.ROUTER_MANDATORY, 0)
-            events.setsockopt(zmq.SNDHWM, 100_000)
-            control_ep = self._bind(
-                control, "control", cfg.control or defaults.control, bound_paths
+            control_ep = self._bind(control, "control", cfg.control or defaults.control, False)
+            control_ro_ep = self._bind(
+                control_ro, "control_ro", cfg.control_ro or defaults.control_ro or "", True
             )
-            events_ep = self._bind(events, "events", cfg.events or defaults.events, bound_paths)
-            self.endpoints = Endpoints(control=control_ep, events=events_ep)
+            events = Events(
+                ctx,
+                cfg.events or defaults.events,
+                group=cfg.group,
+                curve=curve,
+                max_subscriptions=cfg.max_subscriptions,
+            )
             self._events = events
+            events_ep = events.bind()
+            bound_paths.extend(p for p in (ipc_path(control_ep), ipc_path(control_ro_ep)) if p)
+            self.endpoints = Endpoints(
+                control=control_ep, events=events_ep, control_ro=control_ro_ep
+            )
             self._adopt_existing()
             for spec in cfg.segments:
                 self._create(spec.name, spec.dtype, spec.shape, spec.slots)
@@ -203,6 +231,9 @@ class Broker(Service):
                     epoch=self.epoch,
                     interval=cfg.heartbeat_interval,
                     curve=curve,
+                    max_message=cfg.max_message_bytes,
+                    max_relays=cfg.max_relays,
+                    max_patterns=cfg.max_relay_patterns,
                 )
                 self._data.start()
             if cfg.metrics_port is not None:
@@ -212,13 +243,14 @@ class Broker(Service):
                 "pid": os.getpid(),
                 "epoch": self.epoch,
                 "control": control_ep,
+                "control_ro": control_ro_ep,
                 "events": events_ep,
                 "metrics": self.metrics_url,
                 "data": self._data.endpoint if self._data else None,
                 "segments": self._catalog.names(),
             }
             self._set_ready(on_ready, ready)
-            self._serve(control)
+            self._serve({control: WRITER, control_ro: READER})
         finally:
             if lock_fd >= 0:  # the segments are ours only while we hold the lock
                 self._shutdown()
@@ -226,6 +258,8 @@ class Broker(Service):
                 self._data.close()
             for sock in socks:
                 sock.close(0)
+            if events is not None:
+                events.close()
             if auth is not None and ctx is not None:  # the private context of CURVE
                 auth.stop()
                 ctx.term()
@@ -244,14 +278,32 @@ class Broker(Service):
     # ------------------------------------------------------------------ set-up
 
     def _curve_keys(self) -> CurveKeys | None:
+        """The server's keys; the allow-list holds writers' and readers' keys alike
+        (the role is decided per request, from the key the ZAP handler reports)."""
         cfg = self.config
         if not cfg.curve_secret_key:
             return None
-        return CurveKeys(cfg.curve_secret_key, cfg.curve_public_key, cfg.curve_clients)
+        allowed = tuple(dict.fromkeys(cfg.curve_clients + cfg.curve_readers))
+        return CurveKeys(cfg.curve_secret_key, cfg.curve_public_key, allowed)
+
+    def _role(self, endpoint_role: str, frame: zmq.Frame) -> str:
+        """The role of one request: the endpoint's, narrowed by the CURVE key."""
+        cfg = self.config
+        if endpoint_role == READER or not cfg.curve_secret_key:
+            return endpoint_role
+        try:
+            key = frame.get("User-Id")
+        except zmq.ZMQError:
+            return READER
+        if key in cfg.curve_readers:
+            return READER
+        if key in cfg.curve_clients or not (cfg.curve_clients or cfg.curve_readers):
+            return WRITER
+        return READER
 
     def _take_namespace_lock(self, rdir: Path) -> int:
         path = rdir / "broker.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, 0)
@@ -264,29 +316,57 @@ class Broker(Service):
             raise
         return fd
 
-    def _bind(self, sock: zmq.Socket[Any], role: str, endpoint: str, bound: list[str]) -> str:
-        path = ipc_path(endpoint)
-        if path is not None and os.path.exists(path):
-            # We hold the namespace lock, so a socket file left here is stale.
-            os.unlink(path)
+    def _bind(self, sock: zmq.Socket[Any], role: str, endpoint: str, shared: bool) -> str:
+        return bind_endpoint(sock, role, endpoint, group=self.config.group, shared=shared)[0]
+
+    def _trusted(self, name: str) -> bool:
+        """Whether the object of ``name`` is ours to adopt; our own bad ones are reclaimed.
+
+        Opened with ``O_NOFOLLOW`` and checked on that descriptor: a regular file of
+        ours (or root's) that nobody else may write. ``/dev/shm`` is sticky, so
+        nobody else can swap the file we checked for another before we attach it.
+        """
+        path = shm_path(self.namespace, name)
         try:
-            sock.bind(endpoint)
-        except zmq.ZMQError as exc:
-            raise EndpointError(role, endpoint, exc.strerror) from exc
-        actual: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        if path is not None:
-            bound.append(path)
-            os.chmod(path, 0o600 if self.config.group is None else 0o660)
-            if self.config.group is not None:
-                # Connecting to an ipc socket needs write access to its file.
-                os.chown(path, -1, grp.getgrnam(self.config.group).gr_gid)
-        return actual
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError:  # ELOOP: a symbolic link; EACCES: another user's
+            fd = -1
+        try:
+            st = os.fstat(fd) if fd >= 0 else os.lstat(path)
+        except FileNotFoundError:
+            return False
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        problem = owned_problem(path, st, os.getuid())
+        if problem is None:
+            return True
+        self._count_error("OwnershipError")
+        if st.st_uid == os.getuid() and not stat.S_ISREG(st.st_mode):
+            log.warning("reclaiming %s: %s", name, problem)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        else:
+            log.error("not adopting %s: %s", name, problem)
+        return False
 
     def _adopt_existing(self) -> None:
-        """Adopt the valid segments a previous broker left; reclaim the invalid ones."""
+        """Adopt the valid segments a previous broker left; reclaim the invalid ones.
+
+        Only objects that pass :meth:`_trusted` are attached; another user's objects
+        are left alone (and refused), whatever they hold.
+        """
         for name in list_segment_names(self.namespace):
             try:
                 validate_segment_name(name)
+            except ShmcastError as exc:
+                log.warning("ignoring %s: %s", name, exc)
+                continue
+            if not self._trusted(name):
+                continue
+            try:
                 seg = Segment.attach(name, namespace=self.namespace, wait=0.2, prefault=False)
             except (NotASegmentError, LayoutVersionError, ShmcastError) as exc:
                 log.warning("reclaiming %s: %s", name, exc)
@@ -294,6 +374,11 @@ class Broker(Service):
                     Segment.remove(name, namespace=self.namespace)
                 continue
             v = seg.version
+            if v > MAX_VERSION:
+                log.warning("reclaiming %s: its latest version word is corrupt (%d)", name, v)
+                seg.unlink()
+                seg.close()
+                continue
             self._catalog.add(name, CatalogEntry(seg=seg, announced=v))
             log.info("adopted segment %s at version %d", name, v)
 
@@ -308,9 +393,13 @@ class Broker(Service):
 
     # ------------------------------------------------------------------ serving
 
-    def _serve(self, control: zmq.Socket[Any]) -> None:
+    def _serve(self, controls: dict[zmq.Socket[Any], str]) -> None:
+        events = self._events
+        assert events is not None
         poller = zmq.Poller()
-        poller.register(control, zmq.POLLIN)
+        for sock in controls:
+            poller.register(sock, zmq.POLLIN)
+        poller.register(events.sock, zmq.POLLIN)
         interval = self.config.heartbeat_interval
         next_beat = time.monotonic()
         while not self._stop.is_set():
@@ -320,13 +409,21 @@ class Broker(Service):
                 next_beat = now + interval
             timeout = max(0.0, min(next_beat - time.monotonic(), 0.1))
             for sock, _ in poller.poll(int(timeout * 1000)):
+                if sock not in controls:
+                    old = events.sock
+                    if events.drain():
+                        self._count_error("events_reset")
+                        poller.unregister(old)
+                        poller.register(events.sock, zmq.POLLIN)
+                    continue
+                role = controls[sock]
                 # Drain what is queued, bounded so heartbeats stay on time.
                 for _ in range(1000):
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._handle(sock, frames)
+                    self._handle(sock, frames, self._role(role, frames[-1]))
 
     def _tick(self) -> None:
         if self._data is not None:
@@ -338,6 +435,9 @@ class Broker(Service):
                 v = entry.seg.version
             except ShmcastError:
                 continue
+            if v > MAX_VERSION:
+                self._reclaim(name, entry, f"its latest version word is corrupt ({v})")
+                continue
             if v > entry.announced:
                 try:
                     ts = entry.seg.acquire(v)[3]  # the slot's commit time
@@ -345,6 +445,18 @@ class Broker(Service):
                     ts = time.time_ns()  # lapped since: the version is gone, not its news
                 self._announce_version(name, entry, v, ts)
         self._emit(BROKER_TOPIC, "heartbeat", "", 0, time.time_ns())
+
+    def _reclaim(self, name: str, entry: CatalogEntry, why: str) -> None:
+        """Drop a segment whose header went bad under us (a corrupt ``latest``): it is
+        unlinked and announced deleted, as an invalid object found at start would be."""
+        log.error("reclaiming segment %s: %s", name, why)
+        self._count_error("NotASegmentError")
+        self._catalog.pop(name)
+        with contextlib.suppress(OSError):
+            if os.stat(entry.seg.path).st_ino == os.fstat(entry.seg._fd).st_ino:
+                entry.seg.unlink()  # by name: only while the name is still this object
+        entry.seg.close()
+        self._emit(topic(name), "deleted", name, entry.announced, time.time_ns())
 
     def _emit(self, tpc: bytes, kind: str, segment: str, version: int, ts: int) -> None:
         self._seq += 1
@@ -359,10 +471,8 @@ class Broker(Service):
             "seq": self._seq,
             "tseq": tseq,
         }
-        try:
-            self._events.send_multipart([tpc, pack(body)], zmq.NOBLOCK)
-        except zmq.Again:
-            self._count_error("events_dropped")
+        if self._events is not None:
+            self._events.send(tpc, pack(body))
 
     def _announce_version(self, name: str, entry: CatalogEntry, version: int, ts: int) -> None:
         entry.published += max(0, version - entry.announced)
@@ -375,18 +485,18 @@ class Broker(Service):
         with self._lock:
             self._errors[kind] = self._errors.get(kind, 0) + 1
 
-    def _handle(self, sock: zmq.Socket[Any], frames: list[bytes]) -> None:
+    def _handle(self, sock: zmq.Socket[Any], frames: list[zmq.Frame], role: str) -> None:
         self._requests += 1
-        ident = frames[0]
+        ident = frames[0].bytes
         self._clients[ident] = time.monotonic()
         if len(self._clients) > 10_000:
             cutoff = time.monotonic() - 30
             self._clients = {k: t for k, t in self._clients.items() if t >= cutoff}
-        body = frames[-1]
+        body = frames[-1].bytes
         envelope = frames[:-1]
         rid: Any = None
         try:
-            req = unpack(body)
+            req = unpack(body, self.config.max_message_bytes)
             rid = req.get("id")
             op = req.get("op")
             if not isinstance(op, str):
@@ -394,6 +504,8 @@ class Broker(Service):
             handler = self._OPS.get(op)
             if handler is None:
                 raise ValueError(f"unknown op {op!r}; known: {', '.join(sorted(self._OPS))}")
+            if role != WRITER and op not in READER_OPS:
+                raise ForbiddenError(op, role)
             reply = handler(self, req)
             if reply is None:
                 return
@@ -458,16 +570,25 @@ class Broker(Service):
                 f"segment {name!r} would take {size} bytes, over this broker's "
                 f"max_segment_bytes={limit}"
             )
-        writer = Segment.create(
-            name,
-            dt,
-            shp,
-            slots=slots,
-            namespace=self.namespace,
-            mode=self.config.mode,
-            epoch=self.epoch,
-            prefault=False,
-        )
+        try:
+            writer = Segment.create(
+                name,
+                dt,
+                shp,
+                slots=slots,
+                namespace=self.namespace,
+                mode=self.config.mode,
+                epoch=self.epoch,
+                prefault=False,
+            )
+        except SegmentExistsError:
+            # Not in the catalog yet taken: someone else's object squats the name.
+            path = shm_path(self.namespace, name)
+            with contextlib.suppress(FileNotFoundError):
+                problem = owned_problem(path, os.lstat(path), os.getuid())
+                if problem is not None:
+                    raise problem from None
+            raise
         try:
             if self.config.group is not None:
                 os.chown(writer.path, -1, grp.getgrnam(self.config.group).gr_gid)
@@ -487,10 +608,26 @@ class Broker(Service):
             "namespace": self.namespace,
             "epoch": self.epoch,
             "pid": os.getpid(),
+            "uid": os.getuid(),
             "control": self.endpoints.control,
+            "control_ro": self.endpoints.control_ro,
             "events": self.config.advertise_events or self.endpoints.events,
             "data": self._data.endpoint if self._data else None,
             "heartbeat_interval": self.config.heartbeat_interval,
+            "data_stream": self._data_health(),
+        }
+
+    def _data_health(self) -> dict[str, Any] | None:
+        """The data stream's state for ``hello`` and ``stats`` (``shmcast health``)."""
+        st = self.data_stats()
+        if st is None:
+            return None
+        return {
+            "up": st.up,
+            "problem": st.problem(),
+            "restarts": st.restarts,
+            "failures": st.failures,
+            "missing": list(st.missing),
         }
 
     def _op_create(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -541,6 +678,21 @@ class Broker(Service):
         if not isinstance(version, int) or not isinstance(ts, int):
             raise ValueError("commit needs integer 'version' and 'ts'")
         if version > entry.announced:
+            # Announced only what the header shows: a version beyond it was never
+            # written (a bug, or a forged message), and would hide the real ones.
+            latest = entry.seg.version
+            if latest > MAX_VERSION:
+                self._reclaim(name, entry, f"its latest version word is corrupt ({latest})")
+                raise NotASegmentError(name, entry.seg.path, "its latest version is corrupt")
+            if version > latest:
+                raise ValueError(
+                    f"commit of version {version} of {name!r}, beyond its header's latest "
+                    f"({latest}): refused; commit a version after writing it"
+                )
+            try:
+                ts = entry.seg.acquire(version)[3]  # the slot's own commit time
+            except ShmcastError:
+                ts = time.time_ns()  # lapped since: the version is gone, not its news
             self._announce_version(name, entry, version, ts)
         return {"version": version} if req.get("ack") else None
 
@@ -558,7 +710,9 @@ class Broker(Service):
             "shm_used": st.shm_used,
             "shm_free": st.shm_free,
             "shm_total": st.shm_total,
+            "subscriptions": st.subscriptions,
             "uptime": time.time() - st.started,
+            "data_stream": self._data_health(),
         }
 
     def _op_report(self, req: dict[str, Any]) -> None:
@@ -566,6 +720,7 @@ class Broker(Service):
         name, pid, segs = req.get("name"), req.get("pid"), req.get("segments")
         if not isinstance(name, str) or not isinstance(pid, int) or not isinstance(segs, dict):
             raise ValueError("report needs 'name' (str), 'pid' (int) and 'segments' (map)")
+        segs = dict(list(segs.items())[:REPORT_SEGMENTS])
         now = time.monotonic()
         self._reports[(name[:64], pid)] = (now, {"name": name[:64], "pid": pid, "segments": segs})
         if len(self._reports) > 1024:
@@ -596,8 +751,43 @@ class Broker(Service):
     # ------------------------------------------------------------------ shutdown
 
     def _shutdown(self) -> None:
-        """Unlink the namespace's segments (clean exit: SIGTERM, SIGINT, stop())."""
+        """A clean stop (SIGTERM, SIGINT, SIGHUP, :meth:`stop`, :meth:`close`).
+
+        A segment whose writer lease is held stays in ``/dev/shm``: its publisher
+        goes on writing where readers are, and the next broker adopts it (versions
+        continue). Orphans (no writer) are unlinked, and so is everything with
+        ``unlink_on_exit``. The broker takes an orphan's lease before unlinking it
+        and holds it a while, so a publisher attaching at that very moment is
+        refused (``WriterBusyError``) instead of writing into an unlinked object.
+        """
+        held: list[Segment] = []
+        kept: list[str] = []
         for name, entry in self._catalog.clear():
-            entry.seg.unlink()
-            entry.seg.close()
-            log.info("unlinked segment %s", name)
+            seg = entry.seg
+            unlink_all = self.config.unlink_on_exit
+            try:
+                if seg.writer_alive() and not unlink_all:
+                    kept.append(name)
+                    continue
+                try:
+                    held.append(Segment.attach(name, namespace=self.namespace, writable=True))
+                except WriterBusyError:
+                    if not unlink_all:
+                        kept.append(name)  # a writer took the lease meanwhile
+                        continue
+                seg.unlink()
+                log.info("unlinked segment %s", name)
+            except ShmcastError as exc:
+                log.warning("segment %s at shutdown: %s", name, exc)
+            finally:
+                seg.close()
+        if kept:
+            log.info(
+                "left %d segment(s) with a live writer for the next broker: %s",
+                len(kept),
+                ", ".join(kept[:20]),
+            )
+        if held:
+            time.sleep(UNLINK_HOLD)  # outlast a racing writer's attach retries
+            for seg in held:
+                seg.close()

@@ -7,6 +7,7 @@ the default. Nothing here runs at import.
 from __future__ import annotations
 
 import grp
+import ipaddress
 import math
 import os
 import sys
@@ -18,6 +19,7 @@ import numpy as np
 
 from ._layout import MAX_SLOTS, dtype_str, normalize_layout, parse_dtype
 from ._names import NAMESPACE_ENV, validate_namespace, validate_segment_name
+from ._protocol import MAX_REQUEST
 from .errors import ConfigError, ShmcastError
 
 __all__ = ["BrokerConfig", "SegmentSpec", "load_toml", "resolve_config", "resolve_layers"]
@@ -58,17 +60,34 @@ class BrokerConfig:
     """Everything a broker needs, validated.
 
     ``namespace`` of ``None`` means ``$SHMCAST_NAMESPACE`` or ``"default"``, read
-    when the broker is made. ``control``/``events`` of ``None`` mean ipc
-    endpoints in the namespace's runtime directory. TCP endpoints should name an
-    address; ``tcp://*`` binds every interface and is only used when written
-    explicitly. ``advertise_events`` is the events endpoint told to clients
-    (``hello``) when the bound one is not reachable as written, e.g.
+    when the broker is made. ``control``/``control_ro``/``events`` of ``None``
+    mean ipc endpoints in the namespace's runtime directory. TCP endpoints should
+    name an address; ``tcp://*`` binds every interface and is only used when
+    written explicitly. ``advertise_events`` is the events endpoint told to
+    clients (``hello``) when the bound one is not reachable as written, e.g.
     ``tcp://0.0.0.0:5556`` in a container. ``curve_secret_key`` never shows in
     a repr.
+
+    Roles: ``control`` serves every request to writers, ``control_ro`` only
+    those of readers (hello, list, describe, stats, report, subscribers). With
+    CURVE, a key in ``curve_readers`` is a reader on either endpoint and a key
+    in ``curve_clients`` a writer (with both lists empty, any key is a writer).
+    Without CURVE a TCP peer cannot be told apart from another, so a ``control``
+    endpoint beyond loopback needs ``tcp_open = true``, written out.
+
+    A clean stop leaves the segments whose writer still runs for the next broker
+    and unlinks the others; ``unlink_on_exit`` unlinks them all (stop the
+    publishers first: one still running would write where no reader looks).
+
+    Limits on what the broker takes in: ``max_message_bytes`` per control (and
+    data-stream) message, ``max_subscriptions`` distinct topics on the events
+    endpoint, ``max_relays`` connected relays, ``max_relay_patterns`` patterns
+    per relay.
     """
 
     namespace: str | None = None
     control: str | None = None
+    control_ro: str | None = None
     events: str | None = None
     advertise_events: str | None = None
     data: str | None = None
@@ -81,12 +100,19 @@ class BrokerConfig:
     curve_secret_key: str | None = field(default=None, repr=False)
     curve_public_key: str | None = None
     curve_clients: tuple[str, ...] = ()
+    curve_readers: tuple[str, ...] = ()
+    tcp_open: bool = False
+    max_message_bytes: int = MAX_REQUEST
+    max_subscriptions: int = 4096
+    max_relays: int = 64
+    max_relay_patterns: int = 64
+    unlink_on_exit: bool = False
     segments: tuple[SegmentSpec, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if self.namespace is not None:
             validate_namespace(self.namespace)
-        for name in ("control", "events", "advertise_events", "data"):
+        for name in ("control", "control_ro", "events", "advertise_events", "data"):
             ep = getattr(self, name)
             if ep is not None and not (
                 isinstance(ep, str) and ep.startswith(("ipc://", "tcp://", "inproc://"))
@@ -98,6 +124,38 @@ class BrokerConfig:
             raise ConfigError("metrics_port", f"{self.metrics_port!r} is not a port (0-65535)")
         if not isinstance(self.mode, int) or self.mode & ~0o666 or not self.mode & 0o600:
             raise ConfigError("mode", f"{self.mode!r}: use read/write bits only, e.g. 0o600")
+        if self.mode & 0o022:
+            raise ConfigError(
+                "mode",
+                f"{self.mode:04o} lets others write the segments (and truncate them under "
+                f"every reader): use 0600, or 0640 with a group",
+            )
+        for name, low, high in (
+            ("max_message_bytes", 1024, 2**30),
+            ("max_subscriptions", 16, 2**24),
+            ("max_relays", 1, 65536),
+            ("max_relay_patterns", 1, 65536),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ConfigError(name, f"{value!r}: use an integer from {low} to {high}")
+        for name in ("tcp_open", "unlink_on_exit"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"{getattr(self, name)!r}: use true or false")
+        if (
+            self.control is not None
+            and not is_loopback(self.control)
+            and self.control.startswith("tcp://")
+            and not self.curve_secret_key
+            and not self.tcp_open
+        ):
+            raise ConfigError(
+                "control",
+                f"{self.control} binds beyond loopback without CURVE, so anyone who reaches "
+                f"it could create, delete and commit: set curve_secret_key (and "
+                f"curve_clients / curve_readers), bind 127.0.0.1, or set tcp_open = true "
+                f"to accept that",
+            )
         if self.group is not None:
             try:
                 grp.getgrnam(self.group)
@@ -111,6 +169,19 @@ class BrokerConfig:
         names = [s.name for s in self.segments]
         if len(set(names)) != len(names):
             raise ConfigError("segments", "a segment name is declared twice")
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether a ``tcp://HOST:PORT`` endpoint binds a loopback address only."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    if host in ("localhost", "lo", "::1"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _segment_spec(raw: Any, index: int, source: str | None) -> SegmentSpec:
@@ -142,6 +213,7 @@ def _segment_spec(raw: Any, index: int, source: str | None) -> SegmentSpec:
 _ENV = {
     "namespace": NAMESPACE_ENV,
     "control": "SHMCAST_CONTROL",
+    "control_ro": "SHMCAST_CONTROL_RO",
     "events": "SHMCAST_EVENTS",
     "advertise_events": "SHMCAST_ADVERTISE_EVENTS",
     "data": "SHMCAST_DATA",
@@ -162,7 +234,14 @@ def load_toml(path: str) -> dict[str, Any]:
 
 
 def _coerce(name: str, value: Any, source: str | None) -> Any:
-    if name in ("metrics_port", "max_segment_bytes") and isinstance(value, str):
+    if name in (
+        "metrics_port",
+        "max_segment_bytes",
+        "max_message_bytes",
+        "max_subscriptions",
+        "max_relays",
+        "max_relay_patterns",
+    ) and isinstance(value, str):
         try:
             return int(value)
         except ValueError:
@@ -177,7 +256,7 @@ def _coerce(name: str, value: Any, source: str | None) -> Any:
             return float(value)
         except ValueError:
             raise ConfigError(name, f"{value!r} is not a number", source) from None
-    if name == "curve_clients":
+    if name in ("curve_clients", "curve_readers"):
         if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
             raise ConfigError(name, "expected a list of z85 public keys", source)
         return tuple(value)

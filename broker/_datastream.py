@@ -76,9 +76,9 @@ import zmq
 from ._auth import CurveKeys, make_curve_server, start_authenticator
 from ._catalog import Catalog
 from ._layout import dtype_str
-from ._protocol import pack, unpack
+from ._protocol import MAX_VERSION, pack, unpack
 from ._segment import Segment
-from .errors import EndpointError, ShmcastError
+from .errors import EndpointError, NotASegmentError, ShmcastError
 
 __all__ = ["DataStream", "DataStreamStats"]
 
@@ -90,6 +90,10 @@ MAX_WINDOW = 64
 MAX_RELAY_MESSAGE = 64 * 1024
 #: After a torn send, a segment is sent from validated copies for this long (s).
 COPY_AFTER_TORN = 1.0
+#: Seconds between retries of a segment the stream could not open (EMFILE, ...).
+ATTACH_RETRY = 0.5
+#: Longest wait before the thread binds its endpoint again after a failure (s).
+MAX_BACKOFF = 5.0
 
 
 @dataclass
@@ -133,7 +137,12 @@ class _Pending:
 
 @dataclass(frozen=True)
 class DataStreamStats:
-    """Counters of the data stream (the broker's metrics and ``stats`` show them)."""
+    """Counters of the data stream (the broker's metrics and ``stats`` show them).
+
+    ``up`` is False while the stream's thread is restarting after a failure;
+    ``missing`` names the segments of the catalog it could not open (retried);
+    ``failures`` counts both, ``last_error`` says the latest.
+    """
 
     endpoint: str
     peers: int
@@ -142,6 +151,27 @@ class DataStreamStats:
     torn: int
     copied: int
     dropped: int
+    up: bool = True
+    restarts: int = 0
+    failures: int = 0
+    last_error: str = ""
+    missing: tuple[str, ...] = ()
+    refused: int = 0
+
+    @property
+    def healthy(self) -> bool:
+        return self.up and not self.missing
+
+    def problem(self) -> str:
+        """What is wrong, in a sentence (empty when healthy)."""
+        if not self.up:
+            return f"the data stream on {self.endpoint} is down, restarting: {self.last_error}"
+        if self.missing:
+            return (
+                f"the data stream on {self.endpoint} cannot open {', '.join(self.missing)} "
+                f"(retrying): {self.last_error}"
+            )
+        return ""
 
 
 class DataStream:
@@ -153,6 +183,10 @@ class DataStream:
         epoch: the broker's epoch (sent to relays in ``welcome`` and ``hb``).
         interval: seconds between heartbeats to the relays.
         curve: the broker's CURVE keys, or None for a plain endpoint.
+        max_message: largest message taken from a relay (bytes); a longer one
+            ends its connection.
+        max_relays: relays served at once; the hello of one more is refused.
+        max_patterns: segment patterns one relay may ask for.
     """
 
     def __init__(
@@ -163,8 +197,14 @@ class DataStream:
         epoch: int,
         interval: float,
         curve: CurveKeys | None = None,
+        max_message: int = MAX_RELAY_MESSAGE,
+        max_relays: int = 64,
+        max_patterns: int = 64,
     ) -> None:
         self._closed = True
+        self.max_message = max_message
+        self.max_relays = max_relays
+        self.max_patterns = max_patterns
         self._catalog = catalog
         self.namespace = catalog.namespace
         self.epoch = epoch
@@ -187,6 +227,12 @@ class DataStream:
         self.torn = 0
         self.copied = 0
         self.dropped = 0
+        self.refused = 0
+        self.up = True
+        self.restarts = 0
+        self.failures = 0
+        self.last_error = ""
+        self._missing: dict[str, float] = {}  # segment -> when to try opening it again
 
     # ------------------------------------------------------------------ control
 
@@ -202,22 +248,7 @@ class DataStream:
         try:
             if curve is not None:
                 self._auth = start_authenticator(ctx, curve.clients)
-            router = ctx.socket(zmq.ROUTER)
-            router.setsockopt(zmq.LINGER, 0)
-            router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            router.setsockopt(zmq.SNDHWM, 4 * MAX_WINDOW + 64)
-            router.setsockopt(zmq.RCVHWM, 1000)
-            router.setsockopt(zmq.MAXMSGSIZE, MAX_RELAY_MESSAGE)
-            ivl = max(100, int(self.interval * 1000))
-            router.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-            router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
-            if curve is not None:
-                make_curve_server(router, curve)
-            try:
-                router.bind(self.configured)
-            except zmq.ZMQError as exc:
-                router.close(0)
-                raise EndpointError("data", self.configured, exc.strerror) from exc
+            router = self._bind_router(self.configured)
             self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
             wake_rx = ctx.socket(zmq.PAIR)
             wake_rx.bind("inproc://wake")
@@ -236,6 +267,31 @@ class DataStream:
         self._thread.start()
         log.info("data stream on %s", self.endpoint)
         return self.endpoint
+
+    def _bind_router(self, endpoint: str) -> zmq.Socket[Any]:
+        """A new ROUTER bound at ``endpoint``, with the limits and the peer heartbeats.
+
+        Raises:
+            EndpointError: it cannot be bound.
+        """
+        assert self._ctx is not None
+        router: zmq.Socket[Any] = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.SNDHWM, 4 * MAX_WINDOW + 64)
+        router.setsockopt(zmq.RCVHWM, 1000)
+        router.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+        ivl = max(100, int(self.interval * 1000))
+        router.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
+        if self._curve is not None:
+            make_curve_server(router, self._curve)
+        try:
+            router.bind(endpoint)
+        except zmq.ZMQError as exc:
+            router.close(0)
+            raise EndpointError("data", endpoint, exc.strerror) from exc
+        return router
 
     def notify(self, name: str) -> None:
         """A version of ``name`` was announced (broker thread; never blocks)."""
@@ -261,6 +317,12 @@ class DataStream:
             torn=self.torn,
             copied=self.copied,
             dropped=self.dropped,
+            up=self.up and self._thread is not None and self._thread.is_alive(),
+            restarts=self.restarts,
+            failures=self.failures,
+            last_error=self.last_error,
+            missing=tuple(sorted(self._missing)),
+            refused=self.refused,
         )
 
     @property
@@ -291,39 +353,88 @@ class DataStream:
     # ------------------------------------------------------------------ the thread
 
     def _run(self, router: zmq.Socket[Any], wake: zmq.Socket[Any]) -> None:
+        """The thread: serve; after any failure, say so, start over on a new socket.
+
+        Nothing a relay sends, nor a failing system call (EMFILE...), may end it
+        silently: each failure is logged, counted (``failures``, ``up``: the
+        broker's metrics and ``shmcast health`` show them) and followed by a
+        fresh endpoint after a backoff. The peers say hello again by themselves.
+        """
+        backoff = 0.1
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    self._serve(router, wake)
+                    return
+                except Exception as exc:
+                    self._failed(exc)
+                    log.exception("data stream on %s failed; restarting it", self.endpoint)
+                if time.monotonic() - started > MAX_BACKOFF:
+                    backoff = 0.1  # it had served a while: a new failure, not the same one
+                router.close(0)
+                self._reset_state()
+                while not self._stop.wait(backoff):
+                    backoff = min(backoff * 2, MAX_BACKOFF)
+                    try:
+                        router = self._bind_router(self.endpoint)
+                    except (EndpointError, zmq.ZMQError, OSError) as exc:
+                        self._failed(exc)
+                        log.error("data stream cannot bind %s again: %s", self.endpoint, exc)
+                        continue
+                    self.restarts += 1
+                    self.up = True
+                    self._sync(self._catalog.names())
+                    log.warning("data stream on %s restarted", self.endpoint)
+                    break
+                else:
+                    return
+        finally:
+            router.close(0)
+            wake.close(0)
+            self._reset_state()
+
+    def _failed(self, exc: BaseException) -> None:
+        self.up = False
+        self.failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def _reset_state(self) -> None:
+        for src in self._sources.values():
+            src.raw = []
+            src.seg.close()
+        self._sources.clear()
+        self._peers.clear()
+        self._pending.clear()
+        self._dirty.clear()
+
+    def _serve(self, router: zmq.Socket[Any], wake: zmq.Socket[Any]) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
         next_beat = time.monotonic()
-        try:
-            while not self._stop.is_set():
-                now = time.monotonic()
-                if now >= next_beat:
-                    self._heartbeat(router, now)
-                    next_beat = now + self.interval
-                timeout = min(next_beat - now, 0.1)
-                if self._pending:
-                    # A tracker finishes when libzmq lets go of the buffer: wait on the
-                    # oldest briefly (no busy loop), then look at the sockets again.
-                    with contextlib.suppress(zmq.NotDone):
-                        self._pending[0].tracker.wait(0.0005)
-                    timeout = 0 if self._pending[0].tracker.done else 0.001
-                for sock, _ in poller.poll(max(0, int(timeout * 1000))):
-                    if sock is wake:
-                        self._drain_wake(wake)
-                    else:
-                        self._drain_router(router)
-                self._verdicts(router)
-                self._schedule(router)
-        except Exception:
-            log.exception("data stream failed")
-        finally:
-            router.close(0)
-            wake.close(0)
-            for src in self._sources.values():
-                src.raw = []
-                src.seg.close()
-            self._sources.clear()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                self._heartbeat(router, now)
+                next_beat = now + self.interval
+            if self._missing and now >= min(self._missing.values()):
+                for name in [n for n, t in self._missing.items() if now >= t]:
+                    self._attach(name)
+            timeout = min(next_beat - now, 0.1)
+            if self._pending:
+                # A tracker finishes when libzmq lets go of the buffer: wait on the
+                # oldest briefly (no busy loop), then look at the sockets again.
+                with contextlib.suppress(zmq.NotDone):
+                    self._pending[0].tracker.wait(0.0005)
+                timeout = 0 if self._pending[0].tracker.done else 0.001
+            for sock, _ in poller.poll(max(0, int(timeout * 1000))):
+                if sock is wake:
+                    self._drain_wake(wake)
+                else:
+                    self._drain_router(router)
+            self._verdicts(router)
+            self._schedule(router)
 
     def _drain_wake(self, wake: zmq.Socket[Any]) -> None:
         for _ in range(10_000):
@@ -340,6 +451,9 @@ class DataStream:
 
     def _sync(self, names: list[str]) -> None:
         wanted = set(names)
+        for name in list(self._missing):
+            if name not in wanted:
+                del self._missing[name]
         for name in list(self._sources):
             src = self._sources[name]
             try:
@@ -355,16 +469,36 @@ class DataStream:
         try:
             seg = Segment.attach(name, namespace=self.namespace, prefault=False, wait=0.2)
         except ShmcastError as exc:
+            self._missing.pop(name, None)  # gone or not a segment: the broker decides
             log.debug("data stream cannot attach %s: %s", name, exc)
             return
-        views = [seg.view(i) for i in range(seg.slots)]
-        raw = [v.reshape(-1).view(np.uint8) for v in views]
-        self._sources[name] = _Source(
-            seg=seg, ino=os.fstat(seg._fd).st_ino, created=seg.info().created_ns, raw=raw
-        )
+        except OSError as exc:
+            # EMFILE, ENOMEM...: the broker serves the segment, we cannot: say so, retry.
+            if name not in self._missing:
+                log.error("data stream cannot open segment %s: %s (retrying)", name, exc)
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._missing[name] = time.monotonic() + ATTACH_RETRY
+            return
+        try:
+            if seg.version > MAX_VERSION:
+                raise NotASegmentError(name, seg.path, "its latest version word is corrupt")
+            views = [seg.view(i) for i in range(seg.slots)]
+            raw = [v.reshape(-1).view(np.uint8) for v in views]
+            src = _Source(
+                seg=seg, ino=os.stat(seg.path).st_ino, created=seg.info().created_ns, raw=raw
+            )
+        except (ShmcastError, OSError) as exc:
+            seg.close()
+            log.debug("data stream cannot use %s: %s", name, exc)
+            return
+        if self._missing.pop(name, None) is not None:
+            log.warning("data stream streams segment %s again", name)
+        self._sources[name] = src
         self._dirty.add(name)
 
     def _detach(self, name: str) -> None:
+        self._missing.pop(name, None)
         src = self._sources.pop(name, None)
         if src is not None:
             src.raw = []
@@ -383,7 +517,7 @@ class DataStream:
                 continue
             ident, kind = frames[0], frames[1]
             try:
-                body = unpack(frames[2], MAX_RELAY_MESSAGE) if len(frames) > 2 else {}
+                body = unpack(frames[2], self.max_message) if len(frames) > 2 else {}
                 self._on_message(router, ident, kind, body, now)
             except (ValueError, TypeError, KeyError) as exc:
                 log.warning("bad message from a relay: %s", exc)
@@ -396,6 +530,13 @@ class DataStream:
             patterns = body.get("patterns") or ["*"]
             if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
                 raise ValueError("patterns must be a list of strings")
+            if len(patterns) > self.max_patterns:
+                raise ValueError(
+                    f"{len(patterns)} patterns, over max_relay_patterns={self.max_patterns}"
+                )
+            if peer is None and len(self._peers) >= self.max_relays:
+                self.refused += 1
+                raise ValueError(f"already {len(self._peers)} relays (max_relays); refused")
             window = body.get("window", 8)
             if not isinstance(window, int) or window < 1:
                 raise ValueError("window must be a positive integer")
@@ -451,7 +592,9 @@ class DataStream:
             for name, src in self._sources.items():
                 if peer.wants(name):
                     with contextlib.suppress(ShmcastError, ValueError):
-                        latest[name] = src.seg.version
+                        v = src.seg.version
+                        if v <= MAX_VERSION:
+                            latest[name] = v
             self._send(
                 router,
                 ident,
@@ -467,7 +610,7 @@ class DataStream:
                 latest = src.seg.version
             except (ShmcastError, ValueError):
                 continue
-            if latest == 0:
+            if latest == 0 or latest > MAX_VERSION:  # nothing yet, or a corrupt header
                 continue
             for peer in list(self._peers.values()):
                 if (

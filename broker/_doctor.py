@@ -2,14 +2,18 @@
 
 Checks: ``/dev/shm`` size and free space against the configured segments,
 objects of namespaces with no live broker (orphans; ``--fix`` unlinks them),
-objects that are not valid segments, permissions of segments and runtime
-directories, the open-files limit, and which core runs the seqlock (the compiled
-core is sound on any CPU; the pure-Python fallback on x86-64 only). Exit code 0 when
+objects that are not valid segments, permissions of segments, what shmcast
+refuses to trust (runtime directories and objects of another user, links, or
+writable by others; ``--fix`` repairs what it safely can: the mode of ours,
+links, and as root another user's squatters), the open-files limit, and which
+core runs the seqlock (the compiled core is sound on any CPU; the pure-Python
+fallback on x86-64 only). Exit code 0 when
 nothing is wrong, 1 when a problem was found (warnings alone do not fail).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import platform
@@ -17,20 +21,26 @@ import resource
 import shutil
 import stat
 from dataclasses import dataclass
+from pathlib import Path
 
 from ._backend import ENV, compiled, core_status
 from ._config import resolve_config
 from ._layout import segment_size
 from ._names import (
+    NAMESPACE_MODES,
+    NAMESPACE_RE,
+    ROOT_MODES,
     SHM_DIR,
     list_namespaces,
     list_segment_names,
-    object_name,
+    owned_problem,
     resolve_namespace,
+    runtime_dir_problem,
     runtime_root,
+    shm_path,
 )
 from ._segment import Segment
-from .errors import ConfigError, ShmcastError
+from .errors import ConfigError, OwnershipError, ShmcastError
 
 __all__ = ["OK", "PROBLEM", "WARN", "Check", "broker_alive", "diagnose"]
 
@@ -50,13 +60,22 @@ class Check:
 
 
 def broker_alive(namespace: str) -> bool:
-    """Whether a live broker holds ``namespace``'s lock (asked of the kernel, not guessed)."""
-    path = runtime_root() / namespace / "broker.lock"
+    """Whether a live broker of ours holds ``namespace``'s lock (asked of the kernel).
+
+    A runtime directory we do not trust holds no broker of ours.
+    """
+    rdir = runtime_root() / namespace
+    for path, root in ((rdir.parent, True), (rdir, False)):
+        try:
+            if runtime_dir_problem(path, path.lstat(), root=root) is not None:
+                return False
+        except FileNotFoundError:
+            return False
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(rdir / "broker.lock", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:
         return True  # not ours to judge: leave it alone
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -112,36 +131,88 @@ def _check_shm(config_file: str | None, namespace: str | None) -> list[Check]:
     return out
 
 
-def _check_objects(namespaces: list[str], fix: bool) -> list[Check]:
+def _is_ours(namespace: str, explicit: bool) -> bool:
+    """Whether a namespace is this user's: named on the command line, served (or
+    once served) by a broker of ours, or holding an object of ours."""
+    if explicit or broker_alive(namespace):
+        return True
+    with contextlib.suppress(OSError):
+        st = (runtime_root() / namespace).lstat()
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            return True
+    for name in list_segment_names(namespace):
+        with contextlib.suppress(OSError):
+            if os.lstat(shm_path(namespace, name)).st_uid == os.getuid():
+                return True
+    return False
+
+
+def _not_ours_to_fix(check: str, problem: OwnershipError, otherwise: str) -> Check:
+    """Another user's file or directory, which only its owner or root may remove."""
+    fix = f"only uid {problem.uid} or root can remove it: ask them, or {otherwise}"
+    return Check(check, PROBLEM, str(problem), fix)
+
+
+def _fix_object(path: str, st: os.stat_result, problem: OwnershipError, ours: bool) -> Check:
+    """Repair one untrusted object of a namespace of ours, if that can be done safely."""
+    uid = os.getuid()
+    if st.st_uid == uid and stat.S_ISREG(st.st_mode):
+        os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o022, follow_symlinks=False)
+        return Check("fixed", OK, f"{path}: write access of group and others removed")
+    if st.st_uid == uid or (uid == 0 and ours):
+        # A link, a special file, or (root only) another user's object squatting a
+        # name of our namespace: unlinking it touches nothing it points to.
+        os.unlink(path)
+        return Check("fixed", OK, f"unlinked {path} (a {problem.kind} of uid {st.st_uid})")
+    return _not_ours_to_fix("ownership", problem, "use another namespace")
+
+
+def _check_objects(namespaces: list[str], fix: bool, explicit: bool) -> list[Check]:
     out: list[Check] = []
     uid = os.getuid()
     for ns in namespaces:
         alive = broker_alive(ns)
+        ours = _is_ours(ns, explicit)
         orphans: list[str] = []
         invalid: list[str] = []
         perms: dict[str, Check] = {}  # reported unless --fix removes the object
         for name in list_segment_names(ns):
-            path = os.path.join(SHM_DIR, object_name(ns, name))
+            path = shm_path(ns, name)
             try:
-                st = os.stat(path)
+                st = os.lstat(path)
             except FileNotFoundError:
                 continue
+            problem = owned_problem(path, st, uid)
+            if problem is not None:
+                if not ours:
+                    continue  # another user's namespace: not ours to judge or fix
+                if not fix:
+                    out.append(Check("ownership", PROBLEM, str(problem), "shmcast doctor --fix"))
+                    continue
+                try:
+                    found = _fix_object(path, st, problem, ours)
+                except OSError as exc:
+                    found = Check("ownership", PROBLEM, f"{problem}; fixing failed: {exc}")
+                out.append(found)
+                if found.status != OK or not os.path.exists(path):
+                    continue
+                st = os.lstat(path)
             if st.st_uid != uid:
-                continue  # another user's: not ours to judge or fix
+                continue  # root's: trusted, not ours to judge
             mode = stat.S_IMODE(st.st_mode)
-            if mode & 0o006:
+            if mode & 0o004:
                 perms[name] = Check(
                     "permissions",
                     PROBLEM,
-                    f"{path} is readable or writable by every user (mode {mode:04o})",
+                    f"{path} is readable by every user (mode {mode:04o})",
                     'run the broker with mode = "0600" (or "0640" with a group); '
                     f"chmod o-rw {path}",
                 )
-            elif mode & 0o060:
+            elif mode & 0o040:
                 perms[name] = Check(
                     "permissions",
                     WARN,
-                    f"{path} is group-accessible (mode {mode:04o}, gid {st.st_gid})",
+                    f"{path} is group-readable (mode {mode:04o}, gid {st.st_gid})",
                     "intended only when the broker is configured with a group",
                 )
             try:
@@ -181,53 +252,74 @@ def _check_objects(namespaces: list[str], fix: bool) -> list[Check]:
             )
         removed = set(orphans + invalid) if fix and not alive else set()
         out.extend(c for name, c in perms.items() if name not in removed)
-        stale = not alive and (runtime_root() / ns).is_dir()
         if fix and not alive:
             for name in orphans + invalid:
                 if Segment.remove(name, namespace=ns):
-                    out.append(Check("fixed", OK, f"unlinked {SHM_DIR}/{object_name(ns, name)}"))
-            if stale:
-                shutil.rmtree(runtime_root() / ns, ignore_errors=True)
-                out.append(Check("fixed", OK, f"removed stale runtime dir {runtime_root() / ns}"))
-        elif stale:
-            out.append(
-                Check(
-                    "runtime",
-                    WARN,
-                    f"{runtime_root() / ns} is left from a broker that is not running",
-                    "harmless (the next broker reuses it); --fix removes it",
-                )
-            )
+                    out.append(Check("fixed", OK, f"unlinked {shm_path(ns, name)}"))
     if not out:
         out.append(Check("objects", OK, f"{len(namespaces)} namespace(s): no orphans, all valid"))
     return out
 
 
-def _check_runtime_dirs(namespaces: list[str]) -> list[Check]:
+def _fix_runtime_dir(path: Path, st: os.stat_result, problem: OwnershipError, root: bool) -> Check:
+    """Repair one untrusted runtime directory, if that can be done safely."""
+    mine = st.st_uid == os.getuid() and stat.S_ISDIR(st.st_mode)
+    if mine and (root or broker_alive(path.name)):
+        # Ours, with a mode too open: close it. What others put inside meanwhile
+        # is refused on its own (a namespace's directory, a stale socket).
+        allowed = ROOT_MODES if root else NAMESPACE_MODES
+        os.chmod(path, stat.S_IMODE(st.st_mode) & allowed)
+        fix = "" if root else "; restart the broker: its sockets may have been replaced"
+        return Check("fixed", OK, f"{path}: mode {stat.S_IMODE(st.st_mode) & allowed:04o}{fix}")
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)  # a link or a file: removing it touches nothing it points to
+        return Check("fixed", OK, f"removed {path} (a {problem.kind} of uid {st.st_uid})")
+    if mine or os.getuid() == 0:
+        # Ours with no broker (its contents cannot be trusted), or another user's
+        # squatting our name: the next broker makes it anew. rmtree does not follow links.
+        shutil.rmtree(path)
+        return Check("fixed", OK, f"removed {path} (uid {st.st_uid}, mode {problem.mode:04o})")
+    return _not_ours_to_fix(
+        "runtime-dir", problem, "set XDG_RUNTIME_DIR to a directory of your own"
+    )
+
+
+def _check_runtime_dirs(namespaces: list[str], fix: bool) -> list[Check]:
     out: list[Check] = []
     root = runtime_root()
     for path in [root, *(root / ns for ns in namespaces)]:
         try:
-            st = path.stat()
+            st = path.lstat()
         except FileNotFoundError:
             continue
-        mode = stat.S_IMODE(st.st_mode)
-        if st.st_uid != os.getuid():
+        problem = runtime_dir_problem(path, st, root=path == root)
+        if problem is None:
+            continue
+        if not fix:
+            out.append(Check("runtime-dir", PROBLEM, str(problem), "shmcast doctor --fix"))
+        else:
+            try:
+                out.append(_fix_runtime_dir(path, st, problem, path == root))
+            except OSError as exc:
+                out.append(Check("runtime-dir", PROBLEM, f"{problem}; fixing failed: {exc}"))
+        if path == root and not (fix and out[-1].status == OK):
+            break  # nothing below an untrusted root is ours
+    for ns in namespaces:
+        rdir = root / ns
+        if not rdir.is_dir() or rdir.is_symlink() or broker_alive(ns):
+            continue
+        if runtime_dir_problem(rdir, rdir.lstat(), root=False) is not None:
+            continue
+        if fix:
+            shutil.rmtree(rdir, ignore_errors=True)
+            out.append(Check("fixed", OK, f"removed stale runtime dir {rdir}"))
+        else:
             out.append(
                 Check(
-                    "runtime-dir",
-                    PROBLEM,
-                    f"{path} is owned by uid {st.st_uid}, not you",
-                    "remove it, or set XDG_RUNTIME_DIR to a directory of your own",
-                )
-            )
-        elif mode & 0o022 or (path != root and mode & 0o007):
-            out.append(
-                Check(
-                    "runtime-dir",
-                    PROBLEM,
-                    f"{path} has mode {mode:04o}: others can reach or replace the sockets",
-                    f"chmod 0700 {path} (0750 with a configured group)",
+                    "runtime",
+                    WARN,
+                    f"{rdir} is left from a broker that is not running",
+                    "harmless (the next broker reuses it); --fix removes it",
                 )
             )
     if not out:
@@ -290,12 +382,17 @@ def diagnose(
 ) -> list[Check]:
     """Run every check; ``namespace=None`` looks at every namespace in ``/dev/shm``."""
     namespaces = [namespace] if namespace else list_namespaces()
-    if namespace is None and runtime_root().is_dir():
-        namespaces = sorted(set(namespaces) | {p.name for p in runtime_root().iterdir()})
+    root = runtime_root()
+    with contextlib.suppress(OSError):
+        if namespace is None and runtime_dir_problem(root, root.lstat(), root=True) is None:
+            found = {p.name for p in root.iterdir() if NAMESPACE_RE.fullmatch(p.name)}
+            namespaces = sorted(set(namespaces) | found)
+    # Directories first: with --fix, what they repair decides which brokers are ours.
+    dirs = _check_runtime_dirs(namespaces, fix)
     return [
         *_check_shm(config_file, namespace),
-        *_check_objects(namespaces, fix),
-        *_check_runtime_dirs(namespaces),
+        *_check_objects(namespaces, fix, explicit=namespace is not None),
+        *dirs,
         *_check_limits(subscribers),
         *_check_machine(),
     ]

@@ -48,6 +48,7 @@ class BrokerStats:
     shm_free: int
     shm_total: int
     started: float
+    subscriptions: int = 0
 
 
 class BrokerCollector(Collector):
@@ -79,6 +80,8 @@ class BrokerCollector(Collector):
             (GaugeMetricFamily, "shmcast_shm_size_bytes", "Size of /dev/shm", st.shm_total),
             (GaugeMetricFamily, "shmcast_broker_clients",
              "Control clients heard from in the last 30 s", st.clients),
+            (GaugeMetricFamily, "shmcast_broker_subscriptions",
+             "Distinct topics subscribed on the events endpoint", st.subscriptions),
             (CounterMetricFamily, "shmcast_broker_requests", "Control requests received",
              st.requests),
         ):  # fmt: skip
@@ -87,7 +90,7 @@ class BrokerCollector(Collector):
             yield fam
         errors = CounterMetricFamily(
             "shmcast_broker_errors",
-            "Requests answered with an error, and dropped messages, by kind",
+            "Requests answered with an error, refused objects and endpoint resets, by kind",
             labels=["namespace", "kind"],
         )
         for kind, n in sorted(st.errors.items()):
@@ -145,7 +148,28 @@ def _data_stream(data: DataStreamStats | None, ns: str) -> Iterator[Metric]:
     )
     peers.add_metric([ns], data.peers)
     yield peers
+    up = GaugeMetricFamily(
+        "shmcast_data_stream_up",
+        "1 while the data stream serves (0: restarting after a failure)",
+        labels=["namespace"],
+    )
+    up.add_metric([ns], 1.0 if data.up else 0.0)
+    yield up
+    missing = GaugeMetricFamily(
+        "shmcast_data_stream_missing_segments",
+        "Segments the data stream cannot open (retried; e.g. out of file descriptors)",
+        labels=["namespace"],
+    )
+    missing.add_metric([ns], len(data.missing))
+    yield missing
     for name, value, help_text in (
+        ("shmcast_data_stream_restarts", data.restarts, "Restarts of the data stream"),
+        (
+            "shmcast_data_stream_failures",
+            data.failures,
+            "Failures of the data stream (its thread, or opening a segment)",
+        ),
+        ("shmcast_data_refused_relays", data.refused, "Relays refused (max_relays)"),
         ("shmcast_data_sent_versions", data.sent, "Versions sent to relays"),
         ("shmcast_data_sent_bytes", data.sent_bytes, "Payload bytes sent to relays"),
         ("shmcast_data_torn_sends", data.torn, "Zero-copy sends overwritten in flight (voided)"),

@@ -5,19 +5,20 @@ Everything here is resolved at call time; nothing is read at import.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
 from pathlib import Path
 
-from .errors import InvalidNameError
+from .errors import InvalidNameError, OwnershipError
 
 SHM_DIR = "/dev/shm"
 PREFIX = "shmcast"
 NAMESPACE_ENV = "SHMCAST_NAMESPACE"
 DEFAULT_NAMESPACE = "default"
 
-_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_-]{1,48}")
+NAMESPACE_RE = re.compile(r"[A-Za-z0-9_-]{1,48}")
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 
 
@@ -38,7 +39,7 @@ def namespace_from_env() -> str | None:
 
 
 def validate_namespace(namespace: object) -> str:
-    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
+    if not isinstance(namespace, str) or not NAMESPACE_RE.fullmatch(namespace):
         raise InvalidNameError(
             "namespace", namespace, "use 1-48 letters, digits, '_' or '-' (no dots)"
         )
@@ -85,7 +86,7 @@ def list_namespaces() -> list[str]:
         return []
     for entry in entries:
         parts = entry.split(".", 2)
-        if len(parts) == 3 and parts[0] == PREFIX and _NAMESPACE_RE.fullmatch(parts[1]):
+        if len(parts) == 3 and parts[0] == PREFIX and NAMESPACE_RE.fullmatch(parts[1]):
             found.add(parts[1])
     return sorted(found)
 
@@ -98,20 +99,142 @@ def runtime_root() -> Path:
     return Path("/tmp") / f"{PREFIX}-{os.getuid()}"
 
 
+#: Permission bits a runtime directory may have: the root (0711 when shared with a
+#: group: others may only traverse it) and a namespace's directory (0750 when shared).
+ROOT_MODES = 0o711
+NAMESPACE_MODES = 0o750
+
+
+def _kind(st: os.stat_result) -> str:
+    if stat.S_ISLNK(st.st_mode):
+        return "symbolic link"
+    if stat.S_ISDIR(st.st_mode):
+        return "directory"
+    if stat.S_ISREG(st.st_mode):
+        return "regular file"
+    return "special file"
+
+
+def owned_problem(path: str, st: os.stat_result, owner_uid: int) -> OwnershipError | None:
+    """What is wrong with a ``/dev/shm`` object, by its ``lstat``/``fstat``, or None.
+
+    Trusted: a regular file (never a link) owned by ``owner_uid`` (the namespace's
+    owner) or root, that nobody else may write (group or others).
+    """
+    whose = f"uid {owner_uid} or root" if owner_uid else "root"
+    expected = f"regular files of {whose} that nobody else may write"
+    reason = ""
+    if not stat.S_ISREG(st.st_mode):
+        reason = f"a {_kind(st)}, not a segment"
+    elif st.st_uid not in (owner_uid, 0):
+        reason = "owned by another user"
+    elif st.st_mode & 0o022:
+        reason = "writable by group or others"
+    if not reason:
+        return None
+    return OwnershipError(
+        path,
+        reason,
+        uid=st.st_uid,
+        mode=stat.S_IMODE(st.st_mode),
+        kind=_kind(st),
+        expected=expected,
+    )
+
+
+def check_owned(path: str, st: os.stat_result, owner_uid: int) -> None:
+    """Refuse a ``/dev/shm`` object shmcast must not adopt, attach or write.
+
+    Args:
+        path: the object's path (for the message).
+        st: its ``os.lstat`` (or ``os.fstat`` of an ``O_NOFOLLOW`` descriptor).
+        owner_uid: the uid of the namespace's owner (the broker's).
+
+    Raises:
+        OwnershipError: not a regular file, owned by someone else than the owner
+            or root, or writable by group or others (the message names the path,
+            owner and mode and says ``shmcast doctor --fix``).
+    """
+    problem = owned_problem(path, st, owner_uid)
+    if problem is not None:
+        raise problem
+
+
+def runtime_dir_problem(path: Path, st: os.stat_result, *, root: bool) -> OwnershipError | None:
+    """What is wrong with a runtime directory, by its ``lstat``, or None.
+
+    Trusted: a directory (never a link) of this user, mode 0700 (the root may be
+    0711 and a namespace's directory 0750 when shared with a group).
+    """
+    allowed = ROOT_MODES if root else NAMESPACE_MODES
+    mode = stat.S_IMODE(st.st_mode)
+    reason = ""
+    if not stat.S_ISDIR(st.st_mode):
+        reason = f"a {_kind(st)}, not a directory"
+    elif st.st_uid != os.getuid():
+        reason = "owned by another user"
+    elif mode & ~allowed:
+        reason = "others may reach or replace what is inside"
+    if not reason:
+        return None
+    shared = "0711" if root else "0750"
+    return OwnershipError(
+        str(path),
+        reason,
+        uid=st.st_uid,
+        mode=mode,
+        kind=_kind(st),
+        expected=f"a directory of uid {os.getuid()}, mode 0700 ({shared} when shared with a group)",
+    )
+
+
+def _check_dir(path: Path, *, root: bool, create: bool) -> bool:
+    """Make (owner-only) and check one runtime directory; False if it does not exist."""
+    if create:
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    problem = runtime_dir_problem(path, st, root=root)
+    if problem is not None:
+        raise problem
+    return True
+
+
 def runtime_dir(namespace: str, *, create: bool = False) -> Path:
-    """``<runtime root>/<namespace>``; created owner-only (0700) when asked."""
+    """``<runtime root>/<namespace>``: where a namespace's broker keeps its sockets and lock.
+
+    Without ``create`` only the path. With ``create`` (the broker) both levels
+    are made owner-only and checked.
+
+    Raises:
+        OwnershipError: with ``create``, a level that is not this user's own
+            directory, or that others may write (see :func:`trusted_runtime_dir`).
+    """
     path = runtime_root() / namespace
     if create:
-        for p in (path.parent, path):
-            try:
-                p.mkdir(mode=0o700)
-            except FileExistsError:
-                st = p.lstat()
-                if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-                    raise PermissionError(
-                        f"{p} exists but is not a directory owned by uid {os.getuid()}; "
-                        f"remove it or set XDG_RUNTIME_DIR"
-                    ) from None
+        _check_dir(path.parent, root=True, create=True)
+        _check_dir(path, root=False, create=True)
+    return path
+
+
+def trusted_runtime_dir(namespace: str) -> Path:
+    """The namespace's runtime directory, checked before a client connects inside it.
+
+    The root is made (owner-only) when missing, so that nobody else can make it
+    first and plant a fake broker's sockets; a namespace directory that exists
+    must be ours as well. Every process that uses the default ipc endpoints
+    (publishers, subscribers, tools) goes through this.
+
+    Raises:
+        OwnershipError: the root or the namespace's directory is not this user's
+            own directory (another user's, a symbolic link), or others may write it.
+    """
+    path = runtime_root() / namespace
+    _check_dir(path.parent, root=True, create=True)
+    _check_dir(path, root=False, create=False)
     return path
 
 

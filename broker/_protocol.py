@@ -23,9 +23,11 @@ from typing import Any
 import msgpack
 
 from .errors import (
+    ForbiddenError,
     InvalidNameError,
     LayoutConflictError,
     LayoutError,
+    OwnershipError,
     RemoteError,
     SegmentExistsError,
     SegmentNotFoundError,
@@ -37,6 +39,7 @@ from .errors import (
 __all__ = [
     "BROKER_TOPIC",
     "MAX_REQUEST",
+    "MAX_VERSION",
     "error_reply",
     "ipc_path",
     "pack",
@@ -48,6 +51,9 @@ __all__ = [
 
 #: Largest control request (and event body) anyone accepts, bytes.
 MAX_REQUEST = 64 * 1024
+#: The largest version number a sound segment can hold: a header's ``latest``
+#: beyond it is corrupt (nobody commits 2**63 versions), and the segment invalid.
+MAX_VERSION = 2**63 - 1
 BROKER_TOPIC = b"@broker\0"
 
 
@@ -74,7 +80,10 @@ def unpack(data: bytes, limit: int = MAX_REQUEST) -> dict[str, Any]:
 
 def error_reply(exc: BaseException) -> dict[str, Any]:
     reply: dict[str, Any] = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
-    for attr in ("segment", "existing", "requested", "pid", "needed", "free"):
+    for attr in (
+        *("segment", "existing", "requested", "pid", "needed", "free"),
+        *("path", "reason", "uid", "mode", "kind", "expected", "op", "role", "endpoint"),
+    ):
         val = getattr(exc, attr, None)
         if isinstance(val, (int, str)):
             reply[attr] = val
@@ -102,6 +111,18 @@ def raise_remote(reply: dict[str, Any]) -> None:
         exc.args = (msg,)
     elif kind in ("LayoutError", "ArrayMismatchError"):
         exc = LayoutError(msg)
+    elif kind == "OwnershipError":
+        exc = OwnershipError(
+            str(reply.get("path")),
+            str(reply.get("reason")),
+            uid=int(reply.get("uid", -1)),
+            mode=int(reply.get("mode", 0)),
+            kind=str(reply.get("kind")),
+            expected=str(reply.get("expected")),
+        )
+    elif kind == "ForbiddenError":
+        exc = ForbiddenError(str(reply.get("op")), str(reply.get("role")))
+        exc.args = (msg,)
     elif kind == "InvalidNameError":
         exc = InvalidNameError("segment", seg, msg)
         exc.args = (msg,)

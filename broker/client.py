@@ -1,7 +1,10 @@
 """The client side of a broker: what publishers, subscribers, relays and tools use.
 
 - :class:`ControlClient`: requests to a broker's control endpoint, with timeouts.
-- :class:`Endpoints` and :func:`resolve_endpoint`: where a namespace's broker listens.
+- :class:`Endpoints` and :func:`resolve_endpoint`: where a namespace's broker listens
+  (its runtime directory checked first: :func:`trusted_runtime_dir`);
+  :func:`reader_endpoint`: the read-only control socket for a reader who may not
+  open the owner's.
 - :func:`resolve_namespace`: ``None`` means ``$SHMCAST_NAMESPACE``, else ``"default"``
   (the one place the environment is read, at call time).
 - Names and places: :func:`shm_path` of a segment's object in :data:`SHM_DIR`,
@@ -15,6 +18,7 @@ private modules.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,16 +35,30 @@ from ._names import (
     runtime_dir,
     runtime_root,
     shm_path,
+    trusted_runtime_dir,
     validate_namespace,
     validate_segment_name,
 )
-from ._protocol import BROKER_TOPIC, MAX_REQUEST, pack, raise_remote, topic, unpack
+from ._protocol import (
+    BROKER_TOPIC,
+    MAX_REQUEST,
+    MAX_VERSION,
+    ipc_path,
+    pack,
+    raise_remote,
+    topic,
+    unpack,
+)
 from .errors import BrokerUnavailableError, ClosedError
 
 __all__ = [
     "BROKER_TOPIC",
+    "CONTROL_RO_SOCK",
+    "CONTROL_SOCK",
     "DEFAULT_NAMESPACE",
+    "EVENTS_SOCK",
     "MAX_REQUEST",
+    "MAX_VERSION",
     "NAMESPACE_ENV",
     "SHM_DIR",
     "ControlClient",
@@ -48,34 +66,68 @@ __all__ = [
     "namespace_from_env",
     "object_name",
     "pack",
+    "reader_endpoint",
     "resolve_endpoint",
     "resolve_namespace",
     "runtime_dir",
     "runtime_root",
     "shm_path",
     "topic",
+    "trusted_runtime_dir",
     "unpack",
     "validate_namespace",
     "validate_segment_name",
 ]
 
 
+#: File names of the default ipc endpoints in a namespace's runtime directory.
+CONTROL_SOCK, CONTROL_RO_SOCK, EVENTS_SOCK = "control.sock", "control-ro.sock", "events.sock"
+
+
 @dataclass(frozen=True)
 class Endpoints:
-    """Where a namespace's broker listens."""
+    """Where a namespace's broker listens: ``control`` serves every request to the
+    namespace's owner (writers), ``control_ro`` only the requests of readers."""
 
     control: str
     events: str
+    control_ro: str | None = None
 
     @classmethod
     def default(cls, namespace: str) -> Endpoints:
         d = runtime_dir(namespace)
-        return cls(control=f"ipc://{d}/control.sock", events=f"ipc://{d}/events.sock")
+        return cls(
+            control=f"ipc://{d}/{CONTROL_SOCK}",
+            events=f"ipc://{d}/{EVENTS_SOCK}",
+            control_ro=f"ipc://{d}/{CONTROL_RO_SOCK}",
+        )
 
 
 def resolve_endpoint(broker: str | None, namespace: str) -> str:
-    """The control endpoint to use: ``broker`` when given, else the namespace's ipc one."""
-    return broker or Endpoints.default(namespace).control
+    """The control endpoint to use: ``broker`` when given, else the namespace's ipc one.
+
+    The default lives in this user's runtime directory, which is checked first
+    (made owner-only when missing), so a directory someone else made cannot lead
+    us to their broker.
+
+    Raises:
+        OwnershipError: the runtime directory is not this user's own, owner-only.
+    """
+    if broker:
+        return broker
+    trusted_runtime_dir(namespace)
+    return Endpoints.default(namespace).control
+
+
+def reader_endpoint(endpoint: str) -> str:
+    """The control endpoint a reader can open: ``endpoint``, or for an ipc owner
+    socket this process may not open (a reader of a group the broker shares its
+    namespace with), the read-only socket beside it."""
+    path = ipc_path(endpoint)
+    if path is None or os.path.basename(path) != CONTROL_SOCK or os.access(path, os.W_OK):
+        return endpoint
+    ro = os.path.join(os.path.dirname(path), CONTROL_RO_SOCK)
+    return f"ipc://{ro}" if os.access(ro, os.W_OK) else endpoint
 
 
 class ControlClient:

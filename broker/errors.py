@@ -22,6 +22,7 @@ message, which names the segment, endpoint or size involved and the fix::
     │   └── ReadOnlyError           writing through a read-only handle
     ├── ShmSpaceError               /dev/shm is too small for the segment
     ├── AccessError                 the OS refused us a segment or directory
+    │   └── OwnershipError          a file or directory we refuse to trust (owner, mode, kind)
     ├── ClosedError                 you closed it (vs. it broke under you)
     ├── EndpointError               an address we cannot bind or connect to
     ├── RecordingError              a recording file (``shmcast record`` / ``replay``)
@@ -32,6 +33,7 @@ message, which names the segment, endpoint or size involved and the fix::
     ├── BrokerError                 the control plane
     │   ├── BrokerUnavailableError  no broker answered at the endpoint
     │   ├── BrokerRunningError      a broker already serves the namespace
+    │   ├── ForbiddenError          the broker refused an operation to this client's role
     │   └── RemoteError             the broker answered with an error
     └── ConfigError                 a bad configuration value (names the field)
 
@@ -44,6 +46,7 @@ one (``ShmSpaceError`` is an ``OSError``, ``AccessError`` a ``PermissionError``,
 
 from __future__ import annotations
 
+import pwd
 from collections.abc import Sequence
 
 __all__ = [
@@ -55,6 +58,7 @@ __all__ = [
     "ClosedError",
     "ConfigError",
     "EndpointError",
+    "ForbiddenError",
     "InvalidNameError",
     "LayoutConflictError",
     "LayoutError",
@@ -63,6 +67,7 @@ __all__ = [
     "NoVersionError",
     "NotARecordingError",
     "NotASegmentError",
+    "OwnershipError",
     "ReadOnlyError",
     "RecordingError",
     "RecordingExistsError",
@@ -268,6 +273,44 @@ class AccessError(ShmcastError, PermissionError):
         )
 
 
+def _owner(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+class OwnershipError(AccessError):
+    """A file or directory that shmcast refuses to use: not what it made, or not only ours.
+
+    Args:
+        path: what was refused.
+        reason: why, in a few words ("owned by another user", "a symbolic link", ...).
+        uid: its owner.
+        mode: its permission bits.
+        kind: "directory", "regular file", "symbolic link", ...
+        expected: what shmcast accepts there.
+    """
+
+    def __init__(
+        self, path: str, reason: str, *, uid: int, mode: int, kind: str, expected: str
+    ) -> None:
+        self.path = path
+        self.action = "use"
+        self.reason = reason
+        self.uid = uid
+        self.mode = mode
+        self.kind = kind
+        self.expected = expected
+        ShmcastError.__init__(
+            self,
+            f"refusing {path}: {reason} ({kind}, owner {_owner(uid)}, mode {mode:04o}; "
+            f"shmcast accepts {expected}); run `shmcast doctor --fix` to repair it "
+            f"(as root for another user's file), or set XDG_RUNTIME_DIR / --namespace "
+            f"to somewhere of your own",
+        )
+
+
 class ClosedError(ShmcastError):
     """Used after :meth:`close` (by this process), as opposed to broken under us."""
 
@@ -369,6 +412,20 @@ class BrokerRunningError(BrokerError):
         super().__init__(
             f"a broker (pid {pid}) already serves namespace {namespace!r}; "
             f"stop it or use another --namespace"
+        )
+
+
+class ForbiddenError(BrokerError, PermissionError):
+    def __init__(self, op: str, role: str, endpoint: str = "") -> None:
+        self.op = op
+        self.role = role
+        self.endpoint = endpoint
+        at = f" at {endpoint}" if endpoint else ""
+        super().__init__(
+            f"the broker refused {op!r} to this connection{at}: its role is {role!r}, and "
+            f"{role}s may only hello, list, describe, stats, report and subscribe; connect "
+            f"to the owner's control endpoint as the namespace's owner, or list your CURVE "
+            f"key in curve_clients"
         )
 
 

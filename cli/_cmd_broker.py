@@ -20,16 +20,21 @@ examples:
   shmcast broker --data tcp://10.0.0.1:5557       data stream for relays on other hosts
 
 It prints one line 'shmcast broker ready: {json}' with its endpoints when serving.
-SIGTERM, SIGINT (Ctrl-C) or SIGHUP (terminal closed): shut down and unlink
-the namespace's segments.
-A restarted broker adopts the valid segments a crashed one left behind.
+SIGTERM, SIGINT (Ctrl-C) or SIGHUP (terminal closed): stop serving. Segments whose
+publisher is still running stay in /dev/shm: the publisher goes on, subscribers
+go on reading, and the next broker adopts them (a restart is seamless). Segments
+with no running publisher are unlinked; --unlink-on-exit unlinks all of them.
+A restarted broker adopts the valid segments a stopped or crashed one left behind.
 """
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML configuration (see configs/broker.toml)")
-    p.add_argument("--control", metavar="ENDPOINT", help="control endpoint (ROUTER)")
-    p.add_argument("--events", metavar="ENDPOINT", help="announcement endpoint (PUB)")
+    p.add_argument("--control", metavar="ENDPOINT", help="control endpoint of writers (the owner)")
+    p.add_argument(
+        "--control-ro", metavar="ENDPOINT", help="control endpoint of readers (read-only)"
+    )
+    p.add_argument("--events", metavar="ENDPOINT", help="announcement endpoint")
     p.add_argument(
         "--data", metavar="ENDPOINT", help="data stream for relays, tcp://ADDR:PORT (default: none)"
     )
@@ -38,12 +43,19 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat", type=float, metavar="S", help="heartbeat interval (0.5)")
     p.add_argument("--mode", metavar="OCTAL", help="permissions of segments (default 0600)")
     p.add_argument("--group", metavar="NAME", help="group owning segments and sockets")
+    p.add_argument(
+        "--unlink-on-exit",
+        action="store_true",
+        default=None,
+        help="on a clean stop unlink every segment, even those a publisher still writes",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     flags: dict[str, Any] = {
         "namespace": args.namespace,
         "control": args.control,
+        "control_ro": args.control_ro,
         "events": args.events,
         "data": args.data,
         "metrics_port": args.metrics_port,
@@ -51,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         "heartbeat_interval": args.heartbeat,
         "mode": args.mode,
         "group": args.group,
+        "unlink_on_exit": args.unlink_on_exit,
     }
     config = resolve_config(flags, config_file=args.config)  # ConfigError: exit 2
     serve(Broker(config), READY)

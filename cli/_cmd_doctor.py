@@ -11,12 +11,13 @@ from typing import Any
 from shmcast.broker import OK, PROBLEM, diagnose
 from shmcast.broker.client import namespace_from_env
 
-HELP = "check /dev/shm, orphaned segments, permissions and limits; say how to fix each"
+HELP = "check /dev/shm, orphans, permissions, ownership and limits; say how to fix each"
 EXAMPLES = """\
 examples:
   shmcast doctor                                  every namespace of this user
   shmcast doctor --config configs/broker.toml     does /dev/shm hold the declared segments?
   shmcast doctor --namespace lab --fix            unlink the objects a dead broker left
+                                                  and repair what shmcast refuses to trust
   shmcast doctor --json --subscribers 500         machine-readable; size the fd limit for 500
 
 Exit code 0: all OK (warnings allowed); 1: problems found (each with what to do).
@@ -25,7 +26,11 @@ Exit code 0: all OK (warnings allowed); 1: problems found (each with what to do)
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="broker TOML config: check its segments fit")
-    p.add_argument("--fix", action="store_true", help="unlink orphaned and invalid objects")
+    p.add_argument(
+        "--fix",
+        action="store_true",
+        help="unlink orphaned and invalid objects; repair untrusted runtime dirs and objects",
+    )
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     p.add_argument(
         "--subscribers",

@@ -18,6 +18,9 @@ examples:
 
 --broker defaults to $SHMCAST_BROKER, else the namespace's ipc endpoint. With
 --namespace (or $SHMCAST_NAMESPACE) set, a broker of another namespace is unhealthy.
+A broker with a data stream for relays is unhealthy while that stream is down
+(restarting after a failure) or cannot open a segment (e.g. out of file
+descriptors); the message says which.
 """
 
 
@@ -28,7 +31,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     ns = resolve_namespace(args.namespace)
-    endpoint = broker_endpoint(args)
+    endpoint = broker_endpoint(args, reader=True)
     try:
         with ControlClient(endpoint, timeout=args.timeout) as client:
             hello = client.request("hello")
@@ -42,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
             f"{hello.get('namespace')!r}, not {ns!r}",
             file=sys.stderr,
         )
+        return 1
+    data = hello.get("data_stream")
+    if isinstance(data, dict) and data.get("problem"):
+        print(f"shmcast health: unhealthy: {data['problem']}", file=sys.stderr)
         return 1
     print(f"ok: broker {endpoint} namespace={hello.get('namespace')} segments={segments}")
     return 0

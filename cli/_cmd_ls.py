@@ -53,7 +53,7 @@ def catalog(namespace: str, endpoint: str, timeout: float = 1.0) -> tuple[str, l
 
 def run(args: argparse.Namespace) -> int:
     ns = resolve_namespace(args.namespace)
-    endpoint = broker_endpoint(args)
+    endpoint = broker_endpoint(args, reader=True)
     source, rows = catalog(ns, endpoint)
     if args.interval > 0 and rows:
         # Two samples: the rate is their difference; VERSION and AGE are the later's.

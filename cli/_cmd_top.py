@@ -185,7 +185,7 @@ def _wait_key(fd: int | None, timeout: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     ns = resolve_namespace(args.namespace)
-    endpoint = broker_endpoint(args)
+    endpoint = broker_endpoint(args, reader=True)
     interval = max(0.1, args.interval)
     out = sys.stdout
     with ControlClient(endpoint, timeout=min(2.0, interval * 2)) as client:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from shmcast.broker.client import resolve_endpoint, resolve_namespace
+from shmcast.broker.client import reader_endpoint, resolve_endpoint, resolve_namespace
 
 __all__ = ["BROKER_ENV", "add_broker_option", "broker_endpoint"]
 
@@ -25,7 +25,12 @@ def add_broker_option(p: argparse.ArgumentParser, what: str = "the broker's") ->
     )
 
 
-def broker_endpoint(args: argparse.Namespace) -> str:
-    """``--broker``, else ``$SHMCAST_BROKER``, else the namespace's ipc endpoint."""
+def broker_endpoint(args: argparse.Namespace, *, reader: bool = False) -> str:
+    """``--broker``, else ``$SHMCAST_BROKER``, else the namespace's ipc endpoint.
+
+    With ``reader`` (commands that only look), an owner's ipc socket this user may
+    not open gives way to the read-only one beside it.
+    """
     explicit = args.broker or os.environ.get(BROKER_ENV) or None
-    return resolve_endpoint(explicit, resolve_namespace(args.namespace))
+    endpoint = resolve_endpoint(explicit, resolve_namespace(args.namespace))
+    return reader_endpoint(endpoint) if reader else endpoint

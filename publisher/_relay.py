@@ -23,7 +23,13 @@ subscribers read it zero-copy and cannot tell it from a local segment except by
   segments keep their last data. ZeroMQ reconnects by itself; the relay says
   ``hello`` again (with the versions it has) and catches up to the latest.
 - An upstream segment that was recreated (new layout, or its versions started
-  over) is recreated locally, since versions only go forward.
+  over) is recreated locally, since versions only go forward; so is a mirror
+  whose local header went corrupt (a ``latest`` beyond any real version).
+- Requests to the local broker (creating a mirror, the catalog's
+  ``upstream_up``, deletions, the restart check) run in a thread of their own
+  (``_relay_local``): a stalled local broker never stalls the data loop. A
+  mirror the local broker refused (or did not answer for) is tried again,
+  after 1 s, then twice as long each time up to 30 s.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from shmcast.broker import (
     start_metrics_server,
 )
 from shmcast.broker.client import (
+    MAX_VERSION,
     NAMESPACE_ENV,
     ControlClient,
     pack,
@@ -67,17 +74,23 @@ from shmcast.broker.client import (
 from shmcast.broker.errors import ConfigError, EndpointError, ShmcastError
 
 from ._publisher import Publisher
+from ._relay_local import Created, LocalBroker, MirrorSpec
 
 __all__ = ["Relay", "RelayCollector", "RelayConfig", "RelayStats", "resolve_relay_config"]
 
 log = logging.getLogger(__name__)
 
 MAX_HEADER = 64 * 1024
+Layout = tuple[str, tuple[int, ...], int]
 
 
 #: Seconds between checks that the local broker is the one the mirrors were
 #: registered with.
 LOCAL_CHECK = 1.0
+#: Seconds each request to the local broker waits for its reply.
+LOCAL_TIMEOUT = 5.0
+#: Seconds before a refused mirror is tried again: the first wait, and the longest.
+RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 
 
 @dataclass(frozen=True)
@@ -176,7 +189,7 @@ def resolve_relay_config(
 @dataclass
 class _Mirror:
     name: str
-    layout: tuple[str, tuple[int, ...], int]
+    layout: Layout
     created: int
     pub: Publisher
 
@@ -224,14 +237,16 @@ class Relay(Service):
         self._pending: dict[str, tuple[dict[str, Any], zmq.Frame]] = {}
         self._acks: list[int] = []
         self._refused: dict[str, str] = {}
+        self._retry: dict[str, tuple[float, float]] = {}  # name -> (when, next wait)
+        self._creating: set[str] = set()
+        self._waiting: dict[str, tuple[dict[str, Any], zmq.Frame]] = {}
+        self._localbroker: LocalBroker | None = None
         self.upstream_up = False
         self.reconnects = 0
         self.bad_messages = 0
         self.interval = 0.5
         self._welcomed = False
         self._last_heard = 0.0
-        self._local: ControlClient | None = None
-        self._local_epoch: object = None
         self._sock: zmq.Socket[Any] | None = None
         self.metrics_url: str | None = None
 
@@ -273,9 +288,19 @@ class Relay(Service):
         local_ep = resolve_endpoint(cfg.broker, self.namespace)
         ctx: zmq.Context[Any] = zmq.Context()
         metrics_server: MetricsServer | None = None
+        client: ControlClient | None = None
         try:
-            self._local = ControlClient(local_ep, timeout=5.0, context=ctx)
-            self._local_epoch = self._local.request("hello")["epoch"]
+            client = ControlClient(local_ep, timeout=LOCAL_TIMEOUT, context=ctx)
+            epoch = client.request("hello")["epoch"]
+            self._localbroker = LocalBroker(
+                client,
+                epoch=epoch,
+                namespace=self.namespace,
+                broker=cfg.broker,
+                source=cfg.source,
+                timeout=LOCAL_TIMEOUT,
+            )
+            client = None  # the local thread owns it now
             self._sock = self._connect(ctx)
             if cfg.metrics_port is not None:
                 metrics_server = self._start_metrics(cfg.metrics_port, cfg.metrics_host)
@@ -299,8 +324,11 @@ class Relay(Service):
                     m.pub.close()
             self._mirrors.clear()
             self._pending.clear()
-            if self._local is not None:
-                self._local.close()
+            self._waiting.clear()
+            if self._localbroker is not None:
+                self._localbroker.close()
+            if client is not None:
+                client.close()
             if metrics_server is not None:
                 metrics_server.close()
             ctx.destroy(0)
@@ -365,6 +393,8 @@ class Relay(Service):
                     if self._acks and len(self._acks) >= 16:
                         self._flush_acks()
             self._flush_acks()
+            self._collect()
+            self._retry_due()
             now = time.monotonic()
             if self.upstream_up and now - self._last_heard > self.heartbeat_timeout:
                 log.warning("upstream %s silent for %.1fs: down", self.config.upstream,
@@ -384,19 +414,50 @@ class Relay(Service):
                     self._send_hello()
 
     def _check_local(self) -> None:
-        """A restarted local broker adopts the mirrors as plain segments: tell it again
-        that they are relayed (``source``, ``upstream_up``)."""
-        assert self._local is not None
-        try:
-            epoch = self._local.request("hello", timeout=0.5)["epoch"]
-        except ShmcastError as exc:
-            log.debug("local broker not answering: %s", exc)
+        """Has the local broker restarted? (asked by the local thread, never waited for)"""
+        if self._localbroker is not None:
+            self._localbroker.check(self._layouts(), self.upstream_up)
+
+    def _layouts(self, mirrors: list[_Mirror] | None = None) -> list[tuple[str, Layout]]:
+        ms = list(self._mirrors.values()) if mirrors is None else mirrors
+        return [(m.name, m.layout) for m in ms]
+
+    def _retry_due(self) -> None:
+        """Try again the mirrors refused a while ago, with the last version received
+        (an idle upstream segment sends nothing new to retry on)."""
+        now = time.monotonic()
+        for name, (when, _) in list(self._retry.items()):
+            if now >= when and name in self._waiting and name not in self._creating:
+                with contextlib.suppress(ValueError, TypeError, KeyError, ShmcastError):
+                    self._commit(name, *self._waiting.pop(name))
+
+    def _collect(self) -> None:
+        """Take in the mirrors the local thread made, or could not make (retried later)."""
+        if self._localbroker is None:
             return
-        if epoch != self._local_epoch:
-            log.info("local broker restarted (epoch %s -> %s): re-registering mirrors",
-                     self._local_epoch, epoch)  # fmt: skip
-            self._local_epoch = epoch
-            self._annotate()
+        for done in self._localbroker.results():
+            spec = done.spec
+            self._creating.discard(spec.name)
+            if isinstance(done, Created):
+                m = _Mirror(name=spec.name, layout=spec.layout, created=spec.created, pub=done.pub)
+                with self._lock:
+                    self._mirrors[spec.name] = m
+                    self._refused.pop(spec.name, None)
+                self._retry.pop(spec.name, None)
+                self._annotate([m])
+                waiting = self._waiting.pop(spec.name, None)
+                if waiting is not None:
+                    try:
+                        self._commit(spec.name, *waiting)
+                    except (ValueError, TypeError, KeyError, ShmcastError) as exc:
+                        self.bad_messages += 1
+                        log.warning("bad message from upstream: %s", exc)
+                continue
+            wait = self._retry.get(spec.name, (0.0, RETRY_FIRST))[1]
+            self._retry[spec.name] = (time.monotonic() + wait, min(2 * wait, RETRY_MAX))
+            log.error("cannot mirror %s (trying again in %.0f s): %s", spec.name, wait, done.reason)
+            with self._lock:
+                self._refused[spec.name] = done.reason
 
     def _heard(self) -> None:
         self._last_heard = time.monotonic()
@@ -467,9 +528,8 @@ class Relay(Service):
         for m in gone:
             log.info("upstream deleted segment %s: deleting the mirror", m.name)
             m.pub.close()
-            assert self._local is not None
-            with contextlib.suppress(ShmcastError):
-                self._local.request("delete", name=m.name)
+            if self._localbroker is not None:
+                self._localbroker.delete(m.name)
 
     def _on_data(self, hdr: dict[str, Any], payload: zmq.Frame) -> None:
         name = validate_segment_name(hdr.get("segment"))
@@ -503,10 +563,14 @@ class Relay(Service):
     def _commit(self, name: str, hdr: dict[str, Any], payload: zmq.Frame) -> None:
         version = hdr.get("version")
         ts = hdr.get("ts")
-        if not isinstance(version, int) or version <= 0 or not isinstance(ts, int):
-            raise ValueError("data header needs positive integer version and ts")
+        if not isinstance(version, int) or not 0 < version <= MAX_VERSION:
+            raise ValueError(f"data header needs a version from 1 to 2**63-1, got {version!r}")
+        if not isinstance(ts, int):
+            raise ValueError("data header needs an integer ts")
         m = self._mirror(name, hdr)
         if m is None:
+            if name in self._creating:  # committed once the mirror exists
+                self._waiting[name] = (hdr, payload)
             return
         seg = m.pub.segment
         buf = payload.buffer
@@ -528,6 +592,8 @@ class Relay(Service):
         c.upstream_latest = max(c.upstream_latest, version)
 
     def _mirror(self, name: str, hdr: dict[str, Any]) -> _Mirror | None:
+        """The mirror of ``name``, or None while the local thread makes it (that
+        version is then not committed here; the next one is)."""
         shape = hdr.get("shape")
         slots = hdr.get("slots")
         created = hdr.get("created", 0)
@@ -537,60 +603,36 @@ class Relay(Service):
         layout = (dtype_str(dt), shp, slots)
         m = self._mirrors.get(name)
         if m is not None:
-            went_back = int(hdr["version"]) <= m.pub.version and created != m.created
-            if m.layout == layout and not went_back:
+            local = m.pub.version
+            went_back = int(hdr["version"]) <= local and created != m.created
+            if m.layout == layout and not went_back and local <= MAX_VERSION:
                 return m
-            # The upstream segment was recreated: so is the mirror (versions only go forward).
-            log.warning("upstream segment %s was recreated; recreating the mirror", name)
+            # The upstream segment was recreated, or ours went corrupt: so is the mirror
+            # recreated (versions only go forward).
+            why = "its local header is corrupt" if local > MAX_VERSION else "it was recreated"
+            log.warning("mirror %s: %s upstream or here; recreating it", name, why)
             with self._lock:
                 del self._mirrors[name]
             m.pub.close()
-            assert self._local is not None
-            with contextlib.suppress(ShmcastError):
-                self._local.request("delete", name=name)
-        if self._refused.get(name) == repr(layout):
+            if self._localbroker is not None:
+                self._localbroker.delete(name)
+        if name in self._creating or self._localbroker is None:
             return None
-        try:
-            pub = Publisher(
-                name,
-                dtype=dt,
-                shape=shp,
-                slots=slots,
-                namespace=self.namespace,
-                broker=self.config.broker,
-                source=self.config.source,
+        retry = self._retry.get(name)
+        if retry is not None and time.monotonic() < retry[0]:
+            return None
+        self._creating.add(name)
+        self._localbroker.create(
+            MirrorSpec(
+                name, dt, shp, slots, layout, int(created) if isinstance(created, int) else 0
             )
-        except ShmcastError as exc:
-            log.error("cannot mirror %s: %s", name, exc)
-            with self._lock:
-                self._refused[name] = repr(layout)
-            return None
-        m = _Mirror(name=name, layout=layout, created=int(created), pub=pub)
-        with self._lock:
-            self._mirrors[name] = m
-            self._refused.pop(name, None)
-        self._annotate([m])
-        return m
+        )
+        return None
 
     def _annotate(self, mirrors: list[_Mirror] | None = None) -> None:
         """Tell the local catalog whether the upstream is up (``upstream_up`` field)."""
-        if self._local is None:
-            return
-        for m in list(self._mirrors.values()) if mirrors is None else mirrors:
-            dtype, shape, slots = m.layout
-            try:
-                self._local.request(
-                    "create",
-                    timeout=1.0,
-                    name=m.name,
-                    dtype=dtype,
-                    shape=list(shape),
-                    slots=slots,
-                    source=self.config.source,
-                    upstream_up=self.upstream_up,
-                )
-            except ShmcastError as exc:
-                log.warning("cannot update the catalog entry of %s: %s", m.name, exc)
+        if self._localbroker is not None:
+            self._localbroker.annotate(self._layouts(mirrors), self.upstream_up)
 
 
 class RelayCollector(Collector):
@@ -615,6 +657,13 @@ class RelayCollector(Collector):
         )
         silence.add_metric(lbl, st.silence_s)
         yield silence
+        refused = GaugeMetricFamily(
+            "shmcast_relay_refused_mirrors",
+            "Segments the local broker refused (or did not answer) to mirror; retried",
+            labels=base,
+        )
+        refused.add_metric(lbl, len(st.refused))
+        yield refused
         rec = CounterMetricFamily(
             "shmcast_relay_reconnects", "Times the upstream came back after silence", labels=base
         )

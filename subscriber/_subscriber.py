@@ -32,6 +32,7 @@ from shmcast.broker import Segment, Snapshot, wait_any
 from shmcast.broker.client import (
     BROKER_TOPIC,
     ControlClient,
+    reader_endpoint,
     resolve_endpoint,
     resolve_namespace,
     topic,
@@ -179,7 +180,9 @@ class Subscriber:
     # ------------------------------------------------------------------ set-up
 
     def _connect(self, broker: str | None, timeout: float, hb_timeout: float | None) -> None:
-        endpoint = resolve_endpoint(broker, self.namespace)
+        # A reader of a group the namespace is shared with cannot open the owner's
+        # control socket; the read-only one beside it serves all a subscriber asks.
+        endpoint = reader_endpoint(resolve_endpoint(broker, self.namespace))
         self._client = ControlClient(endpoint, timeout=timeout, curve=self._curve)
         hello = self._client.request("hello")
         interval = float(hello.get("heartbeat_interval", 0.5))

@@ -1,5 +1,14 @@
-"""Fixtures shared by every test: unique namespaces, a leak check on /dev/shm, and
-``each_core``, which runs an engine test on both cores of the seqlock."""
+"""Fixtures shared by every test: a runtime directory and a namespace of the session's
+own, unique namespaces per test, a leak check on /dev/shm, another user, and
+``each_core``, which runs an engine test on both cores of the seqlock.
+
+The suite never touches what it did not create. The session runs with its own
+``XDG_RUNTIME_DIR`` (so the user's real runtime directory, and a broker serving
+there, are out of reach) and its own ``SHMCAST_NAMESPACE`` (so code that falls
+back to the environment never lands in ``default``). The leak check looks only
+at namespaces this process handed out (:func:`unique_namespace`), and cleans up
+only those.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,9 @@ import contextlib
 import os
 import platform
 import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,12 +26,43 @@ import pytest
 from shmcast.broker._backend import ENV, TSO_MACHINES, compiled
 from shmcast.broker.client import SHM_DIR, runtime_root
 from shmcast.cli.testing import issued_namespaces, unique_namespace
+from tests._other_user import OtherUser, prepare, skip_unless_root
+
+_SESSION: dict[str, str | None] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test (and any child process) runs: the session's own runtime dir
+    (traversable by others, like /run/user/<uid>, so a group test can reach a
+    shared namespace) and a namespace fallback that is not ``default``."""
+    if "XDG_RUNTIME_DIR" in _SESSION:
+        return
+    run = tempfile.mkdtemp(prefix="shmcast-test-run-")
+    os.chmod(run, 0o711)
+    for key, value in (("XDG_RUNTIME_DIR", run), ("SHMCAST_NAMESPACE", unique_namespace("s"))):
+        _SESSION[key] = os.environ.get(key)
+        os.environ[key] = value
+    _SESSION["_run"] = run
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    run = _SESSION.pop("_run", None)
+    for key in ("XDG_RUNTIME_DIR", "SHMCAST_NAMESPACE"):
+        if key not in _SESSION:
+            continue
+        old = _SESSION.pop(key)
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+    if run:
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def _ours(namespace: str) -> bool:
-    # Only the namespaces this test process handed out (and 'default'), so that test
-    # runs and benchmarks running side by side on one machine never blame each other.
-    return namespace == "default" or namespace in issued_namespaces()
+    # Only the namespaces this test process handed out, so that test runs and
+    # benchmarks running side by side on one machine never blame each other.
+    return namespace in issued_namespaces()
 
 
 def _shm_objects() -> set[str]:
@@ -86,3 +128,21 @@ def each_core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         pytest.skip(f"the pure-Python fallback refuses {platform.machine()} (x86-64 only)")
     monkeypatch.setenv(ENV, core)
     return core
+
+
+@pytest.fixture(scope="session")
+def _other_user_copy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OtherUser]:
+    skip_unless_root()
+    top = Path(tempfile.mkdtemp(prefix="shmcast-other-"))
+    try:
+        os.chmod(top, 0o755)
+        yield prepare(top)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture
+def other_user(_other_user_copy: OtherUser) -> OtherUser:
+    """User ``nobody`` (uid 65534, group nogroup), able to run ``tests/_as_other.py``
+    from a world-readable copy of shmcast; skips unless root (see ``_other_user``)."""
+    return _other_user_copy

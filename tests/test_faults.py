@@ -34,6 +34,8 @@ from shmcast.cli.testing import (
 )
 from shmcast.publisher import Publisher
 from shmcast.subscriber import Subscriber
+from tests._procs import done as _done
+from tests._procs import procs as _procs
 
 
 def _figures(name: str, **values: Any) -> None:
@@ -56,22 +58,6 @@ def _python(code: str, ready: str, timeout: float = 20.0) -> Iterator[ShmcastPro
         yield sp
     finally:
         sp.stop(timeout=5, sig=signal.SIGKILL)
-
-
-@contextmanager
-def _procs() -> Iterator[list[ShmcastProcess]]:
-    """Every process appended here is SIGKILLed (if still alive) on the way out."""
-    procs: list[ShmcastProcess] = []
-    try:
-        yield procs
-    finally:
-        for p in reversed(procs):
-            p.stop(timeout=10)
-
-
-def _done(sp: ShmcastProcess, prefix: str) -> dict[str, Any]:
-    line = sp.wait_line(prefix, 10)
-    return dict(json.loads(line[len(prefix) :]))
 
 
 # ---------------------------------------------------------------------- publisher

@@ -3,13 +3,11 @@ is configured, read-only subscribers, loopback TCP, CURVE authentication."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shutil
 import stat
-import subprocess
-import sys
-import textwrap
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,9 +24,9 @@ from shmcast.broker.client import ControlClient, runtime_dir
 from shmcast.broker.errors import BrokerUnavailableError
 from shmcast.publisher import Publisher
 from shmcast.subscriber import Subscriber
+from tests._other_user import OtherUser
 
 ROOT = Path(__file__).resolve().parent.parent
-NOBODY = 65534
 
 
 def _mode(path: str | Path) -> int:
@@ -58,7 +56,7 @@ def test_owner_only_by_default(served: Broker, namespace: str) -> None:
     assert served.endpoints is not None
     with Publisher("p", dtype="f8", shape=(8,)) as pub:
         assert _mode(pub.segment.path) == 0o600
-    for ep in (served.endpoints.control, served.endpoints.events):
+    for ep in (served.endpoints.control, served.endpoints.control_ro, served.endpoints.events):
         path = ipc_path(ep)
         assert path is not None
         assert _mode(path) == 0o600
@@ -66,82 +64,52 @@ def test_owner_only_by_default(served: Broker, namespace: str) -> None:
     assert _mode(runtime_dir(namespace).parent) & 0o066 == 0  # nobody else lists or writes
 
 
-NOBODY_CHILD = """
-    import json, sys
-    from shmcast.broker import Segment
-    from shmcast.broker.client import ControlClient
-    ns, control = sys.argv[1], sys.argv[2]
-    out = {}
-    try:
-        with Segment.attach("p", namespace=ns) as seg:
-            out["read"] = float(seg.latest().array.sum())
-    except Exception as exc:
-        out["read"] = type(exc).__name__
-    try:
-        Segment.attach("p", namespace=ns, writable=True).close()
-        out["write"] = "ok"
-    except Exception as exc:
-        out["write"] = type(exc).__name__
-    try:
-        with ControlClient(control, timeout=1.0) as c:
-            out["hello"] = c.request("hello")["namespace"]
-    except Exception as exc:
-        out["hello"] = type(exc).__name__
-    print("RESULT " + json.dumps(out), flush=True)
-"""
-
-
-def _as_nobody(namespace: str, control: str) -> dict[str, object]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run a child as another user")
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv(1) is not installed")
-    proc = subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={NOBODY}",
-            f"--regid={NOBODY}",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            textwrap.dedent(NOBODY_CHILD),
-            namespace,
-            control,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        cwd="/",
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, proc.stderr
-    return dict(json.loads(lines[0][len("RESULT ") :]))
-
-
 @pytest.mark.root
-def test_other_user_is_shut_out(served: Broker, namespace: str) -> None:
+def test_other_user_is_shut_out(served: Broker, namespace: str, other_user: OtherUser) -> None:
     assert served.endpoints is not None
     with Publisher("p", dtype="f8", shape=(8,)) as pub:
         pub.publish(np.ones(8))
-        out = _as_nobody(namespace, served.endpoints.control)
+        out = other_user.run("probe", namespace, served.endpoints.control)
     assert out == {
         "read": "PermissionError",
         "write": "PermissionError",
         "hello": "BrokerUnavailableError",
+        "hello_as_reader": "BrokerUnavailableError",
     }
 
 
 @pytest.mark.root
 @pytest.mark.parametrize("served", [{"group": "nogroup", "mode": 0o640}], indirect=True)
-def test_configured_group_can_read_not_write(served: Broker, namespace: str) -> None:
+def test_configured_group_can_read_not_write(
+    served: Broker, namespace: str, other_user: OtherUser
+) -> None:
     assert served.endpoints is not None
     with Publisher("p", dtype="f8", shape=(8,)) as pub:
         pub.publish(np.ones(8))
         assert _mode(pub.segment.path) == 0o640
-        out = _as_nobody(namespace, served.endpoints.control)
-    assert out == {"read": 8.0, "write": "PermissionError", "hello": namespace}
+        out = other_user.run("probe", namespace, served.endpoints.control)
+    # The owner's control socket stays owner-only; the group gets the read-only one.
+    assert out == {
+        "read": 8.0,
+        "write": "PermissionError",
+        "hello": "BrokerUnavailableError",
+        "hello_as_reader": namespace,
+    }
     assert _mode(runtime_dir(namespace)) == 0o750
+
+
+@pytest.mark.root
+def test_a_helper_that_cannot_start_fails_the_test(other_user: OtherUser) -> None:
+    """Issue 16: a child that dies on an import is never taken for a refusal."""
+    broken = Path(tempfile.mkdtemp(prefix="shmcast-broken-"))
+    try:
+        os.chmod(broken, 0o755)
+        shutil.copy2(other_user.top / "_as_other.py", broken / "_as_other.py")  # no site/
+        user = dataclasses.replace(other_user, top=broken)
+        with pytest.raises(pytest.fail.Exception, match="ModuleNotFoundError"):
+            user.run("probe", "x", "ipc:///nonexistent")
+    finally:
+        shutil.rmtree(broken)
 
 
 def test_subscribers_cannot_write(served: Broker) -> None:

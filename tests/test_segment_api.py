@@ -24,7 +24,7 @@ from shmcast.broker import (
     TornReadError,
     VersionUnavailableError,
 )
-from shmcast.broker.client import shm_path
+from shmcast.broker.client import resolve_namespace, shm_path
 
 # The engine's tests run on both cores of the seqlock (conftest.each_core).
 pytestmark = pytest.mark.usefixtures("each_core")
@@ -440,20 +440,18 @@ def test_namespace_none_uses_the_environment(made, namespace):
 
 @pytest.mark.parametrize("value", [None, ""])
 def test_namespace_defaults_to_default(monkeypatch, value):
+    """Without a namespace or $SHMCAST_NAMESPACE, "default" is used. Looked up, never
+    created: the default namespace may be a real broker's (tests touch only their own)."""
     if value is None:
         monkeypatch.delenv("SHMCAST_NAMESPACE", raising=False)
     else:
         monkeypatch.setenv("SHMCAST_NAMESPACE", value)
+    assert resolve_namespace(None) == "default"
     name = f"t{os.getpid()}-{time.monotonic_ns()}"
-    seg = Segment.create(name, "<f8", (8,))
-    try:
-        assert seg.namespace == "default"
-        assert seg.path == shm_path("default", name)
-        assert name in Segment.list("default")
-        assert name in Segment.list()
-    finally:
-        seg.close()
-        seg.unlink()
+    with pytest.raises(SegmentNotFoundError) as info:
+        Segment.attach(name)
+    assert info.value.namespace == "default"
+    assert shm_path("default", name) == f"/dev/shm/shmcast.default.{name}"
 
 
 BAD_SEGMENT_NAMES = ["", ".hidden", "a/b", "a b", "x" * 129, "é", "a\0b", "../x", 5, None]

@@ -1,0 +1,216 @@
+"""The broker's announcements endpoint, with its subscriptions bounded.
+
+A PUB socket keeps every topic its subscribers send in a trie of its own, with
+no limit: one 10 MB subscription costs the broker about 500 MB, and 200 000
+short ones about 2 GB, none of it returned. So the endpoint is an XPUB
+(``XPUB_VERBOSER``: every subscription message reaches us) with:
+
+- ``MAXMSGSIZE`` just above the longest topic there is (a segment name of 128
+  characters and its NUL): a longer subscription ends its connection before
+  anything is stored;
+- a bound on the distinct topics held (``max_subscriptions``), read from
+  libzmq itself (``ZMQ_TOPICS_COUNT``, so unsubscribe messages cannot fool the
+  count) every :data:`CHECK_EVERY` subscriptions: past it, the socket is closed
+  and bound again, which frees the trie;
+- a receive high-water mark of a few messages: libzmq adds subscriptions to the
+  trie while it hands them to us, reading its pipe until it is empty while the
+  I/O thread refills it, so with the default (1000) one call took in tens of
+  thousands of topics before we could count them; a short pipe makes the
+  connection wait for us instead (backpressure, nothing is dropped).
+  Subscribers reconnect and subscribe again by themselves (ZeroMQ does it); the
+  announcements sent meanwhile show as gaps in their sequence numbers and the
+  versions are found in the headers, so nothing is lost silently.
+
+libzmq cannot tell which connection sent a subscription, so the bound is on
+the socket, not per connection: an abusive peer makes the endpoint reset
+(counted, and logged with its address) rather than grow. Connections
+themselves are bounded by the open-files limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import zmq
+
+from ._auth import CurveKeys, make_curve_server
+from ._protocol import ipc_path
+from .errors import EndpointError
+
+__all__ = ["MAX_TOPIC", "Events", "bind_endpoint"]
+
+log = logging.getLogger(__name__)
+
+#: The longest topic: a segment name (128 characters) and its NUL.
+MAX_TOPIC = 129
+#: Inbound messages on the events socket are subscriptions: a flag byte and a topic.
+MAX_SUBSCRIPTION_MESSAGE = 1 + MAX_TOPIC
+#: Seconds to retry binding a TCP port the closed socket still holds.
+REBIND_TIMEOUT = 5.0
+#: Subscription messages queued per connection before its peer must wait.
+SUBSCRIPTION_HWM = 16
+#: Subscriptions taken in between two looks at the number of topics held.
+CHECK_EVERY = 64
+
+
+def bind_endpoint(
+    sock: zmq.Socket[Any], role: str, endpoint: str, *, group: str | None, shared: bool
+) -> tuple[str, str | None]:
+    """Bind ``sock``; returns the bound endpoint and, for ipc, its socket file.
+
+    An ipc socket file is owner-only, or group-owned 0660 when ``shared`` with
+    the configured ``group`` (connecting needs write access to the file). A
+    file left at the path is removed first: the caller holds the namespace's
+    lock, so it is stale.
+
+    Raises:
+        EndpointError: the endpoint cannot be bound.
+    """
+    path = ipc_path(endpoint)
+    if path is not None and os.path.lexists(path):
+        os.unlink(path)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise EndpointError(role, endpoint, exc.strerror) from exc
+    actual: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    if path is not None:
+        share = shared and group is not None
+        os.chmod(path, 0o660 if share else 0o600)
+        if share and group is not None:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    return actual, path
+
+
+class Events:
+    """The XPUB the broker announces on; see the module docstring.
+
+    Args:
+        ctx: the broker's ZeroMQ context.
+        endpoint: where to bind.
+        group: the group the namespace is shared with (ipc socket mode), or None.
+        curve: the broker's CURVE keys, or None.
+        max_subscriptions: distinct topics held before the endpoint resets.
+    """
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        endpoint: str,
+        *,
+        group: str | None,
+        curve: CurveKeys | None,
+        max_subscriptions: int,
+    ) -> None:
+        self._ctx = ctx
+        self.configured = endpoint
+        self.endpoint = endpoint
+        self.path: str | None = None
+        self._group = group
+        self._curve = curve
+        self.max_subscriptions = max_subscriptions
+        self.resets = 0
+        self.topics = 0
+        self._received = 0  # subscriptions since the last reset (when TOPICS_COUNT fails)
+        self._peers: Counter[str] = Counter()
+        self.sock = self._socket()
+
+    def _socket(self) -> zmq.Socket[Any]:
+        sock: zmq.Socket[Any] = self._ctx.socket(zmq.XPUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.XPUB_VERBOSER, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_MESSAGE)
+        sock.setsockopt(zmq.RCVHWM, SUBSCRIPTION_HWM)
+        if self._curve is not None:
+            make_curve_server(sock, self._curve)
+        return sock
+
+    def bind(self) -> str:
+        """Bind the configured endpoint; returns the bound one.
+
+        Raises:
+            EndpointError: it cannot be bound.
+        """
+        self.endpoint, self.path = bind_endpoint(
+            self.sock, "events", self.configured, group=self._group, shared=True
+        )
+        return self.endpoint
+
+    def send(self, tpc: bytes, body: bytes) -> None:
+        """Announce; a subscriber whose queue is full misses it (and sees the gap)."""
+        with contextlib.suppress(zmq.Again):
+            self.sock.send_multipart([tpc, body], zmq.NOBLOCK)
+
+    def drain(self) -> bool:
+        """Take in the subscriptions that arrived; reset past the bound.
+
+        Returns:
+            True when the socket was replaced (poll the new ``sock``).
+        """
+        for i in range(10_000):
+            try:
+                msg = self.sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            if msg.bytes[:1] == b"\x01":
+                self._received += 1
+                with contextlib.suppress(zmq.ZMQError, KeyError):
+                    self._peers[str(msg.get("Peer-Address"))] += 1
+            if i % CHECK_EVERY == CHECK_EVERY - 1 and self._count() > self.max_subscriptions:
+                break
+        if self._count() <= self.max_subscriptions:
+            if len(self._peers) > 1024:
+                self._peers.clear()
+            return False
+        self.reset()
+        return True
+
+    def _count(self) -> int:
+        try:
+            self.topics = int(self.sock.getsockopt(zmq.TOPICS_COUNT))
+        except zmq.ZMQError:  # a libzmq without it: count what was received instead
+            self.topics = self._received
+        return self.topics
+
+    def reset(self) -> None:
+        """Close the socket (freeing its subscriptions) and bind a new one in its place."""
+        worst = self._peers.most_common(1)
+        log.warning(
+            "events endpoint %s holds %d topics (max_subscriptions=%d); resetting it "
+            "(most subscriptions from %s)",
+            self.endpoint,
+            self.topics,
+            self.max_subscriptions,
+            worst[0] if worst else "?",
+        )
+        self.resets += 1
+        self.sock.close(0)
+        self.sock = self._socket()
+        self._received = 0
+        self._peers.clear()
+        self.topics = 0
+        target = self.endpoint  # the port picked for tcp://...:0 stays the same
+        deadline = time.monotonic() + REBIND_TIMEOUT
+        while True:
+            try:
+                self.endpoint, self.path = bind_endpoint(
+                    self.sock, "events", target, group=self._group, shared=True
+                )
+                return
+            except EndpointError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)  # the closed socket's listener lets go asynchronously
+
+    def close(self) -> None:
+        self.sock.close(0)
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)

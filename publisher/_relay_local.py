@@ -1,0 +1,196 @@
+"""The relay's requests to its local broker, in a thread of their own.
+
+Creating a mirror (a :class:`Publisher`: create and lease requests), telling the
+catalog that the upstream is up or down, deleting a mirror, and checking that
+the local broker is the one the mirrors were registered with all wait for a
+reply. In the relay's data loop a stalled local broker stopped the mirroring
+of every segment for as long as each request's timeout; here they queue, one
+after the other, and the data loop only picks up what came of them
+(:meth:`LocalBroker.results`). Mirrors already made need no request: their
+versions are written into shared memory and announced without waiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shmcast.broker.client import ControlClient
+from shmcast.broker.errors import ShmcastError
+
+from ._publisher import Publisher
+
+__all__ = ["Created", "LocalBroker", "MirrorSpec", "Refused"]
+
+log = logging.getLogger(__name__)
+
+Layout = tuple[str, tuple[int, ...], int]
+
+
+@dataclass(frozen=True)
+class MirrorSpec:
+    """A local segment to make for an upstream one."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    slots: int
+    layout: Layout
+    created: int
+
+
+@dataclass
+class Created:
+    spec: MirrorSpec
+    pub: Publisher
+
+
+@dataclass
+class Refused:
+    spec: MirrorSpec
+    reason: str
+
+
+class LocalBroker:
+    """The relay's requests to its local broker, served by one thread.
+
+    Args:
+        client: a control connection to the local broker (this object owns it
+            from now on).
+        epoch: the local broker's epoch when the relay started.
+        namespace, broker, source: what each mirror's :class:`Publisher` gets.
+        timeout: seconds each request waits for its reply.
+    """
+
+    def __init__(
+        self,
+        client: ControlClient,
+        *,
+        epoch: object,
+        namespace: str,
+        broker: str | None,
+        source: str,
+        timeout: float,
+    ) -> None:
+        self._client = client
+        self._epoch = epoch
+        self._namespace = namespace
+        self._broker = broker
+        self._source = source
+        self._timeout = timeout
+        self._jobs: queue.Queue[tuple[str, Any] | None] = queue.Queue()
+        self._results: queue.Queue[Created | Refused] = queue.Queue()
+        self._checking = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shmcast-relay-local", daemon=True)
+        self._thread.start()
+
+    def create(self, spec: MirrorSpec) -> None:
+        """Make the mirror of ``spec``; a :class:`Created` or :class:`Refused` follows."""
+        self._jobs.put(("create", spec))
+
+    def annotate(self, mirrors: list[tuple[str, Layout]], up: bool) -> None:
+        """Tell the catalog that these mirrors are relayed, and whether the upstream is up."""
+        if mirrors:
+            self._jobs.put(("annotate", (mirrors, up)))
+
+    def delete(self, name: str) -> None:
+        self._jobs.put(("delete", name))
+
+    def check(self, mirrors: list[tuple[str, Layout]], up: bool) -> None:
+        """Has the local broker restarted? Then annotate the mirrors again. One check
+        waits at a time: a stalled broker does not pile them up."""
+        if not self._checking.is_set():
+            self._checking.set()
+            self._jobs.put(("check", (mirrors, up)))
+
+    def results(self) -> list[Created | Refused]:
+        """What came of the :meth:`create` requests since the last call."""
+        out: list[Created | Refused] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                out.append(self._results.get_nowait())
+        return out
+
+    def close(self) -> None:
+        """Stop after the request in hand (bounded by its timeout); close what is left."""
+        self._jobs.put(None)
+        self._thread.join(self._timeout + 5)
+        for done in self.results():
+            if isinstance(done, Created):
+                done.pub.close()
+        self._client.close()
+
+    # ------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            kind, arg = job
+            try:
+                if kind == "create":
+                    self._create(arg)
+                elif kind == "annotate":
+                    self._annotate(*arg)
+                elif kind == "delete":
+                    with contextlib.suppress(ShmcastError):
+                        self._client.request("delete", timeout=self._timeout, name=arg)
+                elif kind == "check":
+                    self._checking.clear()
+                    self._check(*arg)
+            except Exception:  # the relay's local requests go on whatever one does
+                log.exception("relay request %s to the local broker failed", kind)
+
+    def _create(self, spec: MirrorSpec) -> None:
+        try:
+            pub = Publisher(
+                spec.name,
+                dtype=spec.dtype,
+                shape=spec.shape,
+                slots=spec.slots,
+                namespace=self._namespace,
+                broker=self._broker,
+                source=self._source,
+                timeout=self._timeout,
+            )
+        except ShmcastError as exc:
+            self._results.put(Refused(spec, str(exc)))
+            return
+        self._results.put(Created(spec, pub))
+
+    def _annotate(self, mirrors: list[tuple[str, Layout]], up: bool) -> None:
+        for name, (dtype, shape, slots) in mirrors:
+            try:
+                self._client.request(
+                    "create",
+                    timeout=self._timeout,
+                    name=name,
+                    dtype=dtype,
+                    shape=list(shape),
+                    slots=slots,
+                    source=self._source,
+                    upstream_up=up,
+                )
+            except ShmcastError as exc:
+                log.warning("cannot update the catalog entry of %s: %s", name, exc)
+
+    def _check(self, mirrors: list[tuple[str, Layout]], up: bool) -> None:
+        """A restarted local broker adopts the mirrors as plain segments: tell it again
+        that they are relayed (``source``, ``upstream_up``)."""
+        try:
+            epoch = self._client.request("hello", timeout=min(self._timeout, 0.5))["epoch"]
+        except ShmcastError as exc:
+            log.debug("local broker not answering: %s", exc)
+            return
+        if epoch != self._epoch:
+            log.info("local broker restarted (epoch %s -> %s): re-registering mirrors",
+                     self._epoch, epoch)  # fmt: skip
+            self._epoch = epoch
+            self._annotate(mirrors, up)

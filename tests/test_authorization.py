@@ -1,0 +1,272 @@
+"""Trust (issue 11, class 5): the broker does not trust its clients.
+
+- A commit is checked against the segment's own header.
+- The control plane authorizes by role: a reader (the configured group, through
+  the read-only socket; a CURVE key in ``curve_readers``) may hello, list,
+  describe, stats, report and subscribe, nothing that changes state.
+- What a client can make the broker hold is bounded: subscriptions on the
+  events endpoint, message size and relays on every socket.
+
+Every attack runs as another user (``nobody``, see ``tests/_other_user.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from shmcast.broker import Broker, BrokerConfig, curve_keypair
+from shmcast.broker.client import ControlClient, topic, unpack
+from shmcast.cli.testing import BROKER_READY, running, wait_for
+from shmcast.publisher import Publisher
+from shmcast.subscriber import Subscriber
+from tests._other_user import OtherUser
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def broker(namespace: str, request: pytest.FixtureRequest) -> Iterator[Broker]:
+    kwargs = getattr(request, "param", {})
+    with Broker(BrokerConfig(namespace=namespace, heartbeat_interval=0.05, **kwargs)).start() as b:
+        yield b
+
+
+def _ops(*items: Any) -> str:
+    return json.dumps(list(items))
+
+
+@pytest.mark.parametrize("broker", [{"control": "tcp://127.0.0.1:0"}], indirect=True)
+def test_a_commit_beyond_the_header_is_refused(broker: Broker, other_user: OtherUser) -> None:
+    """A plain loopback TCP control endpoint gives any local user the writer role
+    (documented); even so, a commit the header does not show is not announced."""
+    assert broker.endpoints is not None
+    control = broker.endpoints.control
+    spy: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.SUB)
+    spy.setsockopt(zmq.LINGER, 0)
+    spy.setsockopt(zmq.SUBSCRIBE, topic("p"))
+    spy.connect(broker.endpoints.events)
+    try:
+        with Publisher("p", dtype="f8", shape=(4,), broker=control) as pub:
+            for _ in range(3):
+                pub.publish(np.ones(4))
+            wait_for(lambda: broker.catalog.entry("p").announced == 3, 5, what="v3 announced")
+            forged = 2**63 - 1
+            out = other_user.run(
+                "control",
+                control,
+                _ops(
+                    ["commit", {"name": "p", "version": forged, "ts": 1}, "send"],
+                    ["commit", {"name": "p", "version": forged, "ts": 1, "ack": True}],
+                    ["commit", {"name": "p", "version": 4, "ts": 1, "ack": True}],
+                ),
+            )
+            assert out["results"] == [True, "RemoteError", "RemoteError"]
+            entry = broker.catalog.entry("p")
+            assert entry.announced == 3
+            assert broker.stats().published["p"] == 3  # not 2**63
+            # The real versions after it are announced, with the header's commit time.
+            pub.publish(np.ones(4))
+            seen: list[int] = []
+            deadline = time.monotonic() + 5
+            while 4 not in seen:
+                assert time.monotonic() < deadline, f"version 4 never announced: {seen}"
+                if spy.poll(100):
+                    seen.append(int(unpack(spy.recv_multipart()[1])["version"]))
+            assert max(seen) == 4
+            assert broker.stats().published["p"] == 4
+    finally:
+        spy.close(0)
+
+
+@pytest.mark.parametrize("broker", [{"group": "nogroup", "mode": 0o640}], indirect=True)
+def test_readers_may_look_but_not_change(broker: Broker, other_user: OtherUser) -> None:
+    assert broker.endpoints is not None
+    assert broker.endpoints.control_ro is not None
+    with Publisher("p", dtype="f8", shape=(4,)) as pub:
+        pub.publish(np.full(4, 2.0))
+        before = broker.stats().errors.get("ForbiddenError", 0)
+        out = other_user.run(
+            "control",
+            broker.endpoints.control_ro,
+            _ops(
+                ["hello", {}],
+                ["list", {}],
+                ["describe", {"name": "p"}],
+                ["stats", {}],
+                ["subscribers", {}],
+                ["report", {"name": "r", "pid": 1, "segments": {}}, "send"],
+                ["create", {"name": "q", "dtype": "f8", "shape": [4]}],
+                ["delete", {"name": "p"}],
+                ["lease", {"name": "p", "pid": 1}],
+                ["commit", {"name": "p", "version": 1, "ts": 1, "ack": True}],
+                ["commit", {"name": "p", "version": 1, "ts": 1}, "send"],
+                ["hello", {}],
+            ),
+        )
+        results = out["results"]
+        assert all(isinstance(r, list) for r in results[:5]), results
+        assert "control_ro" in results[0]
+        assert results[5] is True
+        assert results[6:10] == ["ForbiddenError"] * 4
+        assert results[10] is True
+        assert isinstance(results[11], list)
+        assert broker.catalog.names() == ["p"]
+        assert broker.catalog.entry("p").seg.version == 1
+        wait_for(
+            lambda: broker.stats().errors.get("ForbiddenError", 0) >= before + 5,
+            5,
+            what="the one-way commit counted as forbidden",
+        )
+        # The group's subscriber, given the owner's socket (which it cannot open), finds
+        # the read-only one beside it and receives the versions.
+        stop = threading.Event()
+
+        def publish() -> None:
+            while not stop.wait(0.05):
+                pub.publish(np.full(4, 5.0))
+
+        feeder = threading.Thread(target=publish)
+        feeder.start()
+        try:
+            got = other_user.run("subscribe", broker.namespace, broker.endpoints.control, "p", "3")
+        finally:
+            stop.set()
+            feeder.join(10)
+        assert len(got["got"]) == 3, got
+        assert all(total == 20.0 for _, total in got["got"][1:])
+
+
+CURVE_OPS = _ops(["hello", {}], ["create", {"name": "c", "dtype": "f8", "shape": [2]}])
+
+
+def test_curve_keys_carry_roles(namespace: str, other_user: OtherUser) -> None:
+    server_pub, server_sec = curve_keypair()
+    writer_pub, writer_sec = curve_keypair()
+    reader_pub, reader_sec = curve_keypair()
+    stranger_pub, stranger_sec = curve_keypair()
+    cfg = BrokerConfig(
+        namespace=namespace,
+        control="tcp://127.0.0.1:0",
+        events="tcp://127.0.0.1:0",
+        curve_secret_key=server_sec,
+        curve_clients=(writer_pub,),
+        curve_readers=(reader_pub,),
+    )
+    with Broker(cfg).start() as b:
+        assert b.endpoints is not None
+        control = b.endpoints.control
+
+        def run(public: str, secret: str) -> list[Any]:
+            keys = f"{server_pub},{public},{secret}"
+            return list(other_user.run("control", control, CURVE_OPS, keys)["results"])
+
+        reader = run(reader_pub, reader_sec)
+        assert isinstance(reader[0], list)
+        assert reader[1] == "ForbiddenError"
+        assert run(stranger_pub, stranger_sec) == ["BrokerUnavailableError"] * 2
+        writer = run(writer_pub, writer_sec)
+        assert all(isinstance(r, list) for r in writer), writer
+        assert b.catalog.names() == ["c"]
+
+
+def test_plain_tcp_control_beyond_loopback_must_be_written_out(
+    namespace: str, other_user: OtherUser
+) -> None:
+    out = other_user.run("cli", "broker", "--namespace", namespace, "--control", "tcp://0.0.0.0:0")
+    assert out["rc"] == 2
+    assert "tcp_open" in out["stderr"]
+    assert "curve_secret_key" in out["stderr"]
+
+
+def _rss_mib(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process, MiB."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def _settled_hwm(pid: int, timeout: float = 30.0) -> float:
+    """The peak RSS of ``pid`` once it stopped growing (four equal readings 0.25 s apart)."""
+    last, same = -1.0, 0
+    deadline = time.monotonic() + timeout
+    while same < 4 and time.monotonic() < deadline:
+        hwm = _rss_mib(pid)[1]
+        same = same + 1 if hwm == last else 0
+        last = hwm
+        time.sleep(0.25)  # sampling interval of a measurement, not a synchronisation
+    return last
+
+
+def test_subscription_flood_keeps_the_broker_bounded(namespace: str, other_user: OtherUser) -> None:
+    """One 2 MB subscription and 20 000 distinct 100-byte ones: before, the broker
+    (a PUB socket) kept them all, about 10 KB each; now its peak RSS stays within
+    a few MB, and a subscriber is served afterwards."""
+    args = ["broker", "--events", "tcp://127.0.0.1:0", "--heartbeat", "0.1"]
+    with running(args, ready=BROKER_READY) as broker:
+        pid, events = broker.pid, broker.ready["events"]
+        with Subscriber("warm", timeout=5) as warm:  # the broker's own buffers, warmed
+            list(warm.updates(timeout=0.2))
+        base = _settled_hwm(pid)
+        with other_user.running("flood", events, "20000", "100", str(2 * 2**20)) as flood:
+            assert flood.ready["sent"] == 20001
+            peak = _settled_hwm(pid)
+        growth = peak - base
+        print(f"FIGURES flood: peak RSS {base:.1f} -> {peak:.1f} MiB (+{growth:.1f})")
+        with ControlClient(broker.ready["control"], timeout=5) as ctl:
+            stats = ctl.request("stats")
+        assert growth < 48, f"the broker grew by {growth:.1f} MiB under the flood"
+        assert stats["errors"].get("events_reset", 0) >= 1
+        with Publisher("after", dtype="f8", shape=(2,)) as pub, Subscriber("after") as sub:
+            pub.publish(np.ones(2))
+            got = [u.version for u in sub.updates(timeout=2)]
+            assert got, "no update after the flood"
+            assert got[-1] >= 1
+
+
+@pytest.mark.parametrize(
+    "broker",
+    [{"data": "tcp://127.0.0.1:0", "max_relays": 2, "max_relay_patterns": 8}],
+    indirect=True,
+)
+def test_data_stream_bounds_relays_and_patterns(broker: Broker, other_user: OtherUser) -> None:
+    data = broker.data_stats()
+    assert data is not None
+    too_many_patterns = other_user.run("relay-hellos", data.endpoint, "1", "9")
+    assert too_many_patterns == {"welcomed": [False]}
+    three = other_user.run("relay-hellos", data.endpoint, "3", "8")
+    assert sorted(three["welcomed"]) == [False, True, True]
+
+
+@pytest.mark.parametrize(
+    "broker", [{"max_subscriptions": 16, "group": "nogroup", "mode": 0o640}], indirect=True
+)
+def test_the_events_endpoint_resets_on_ipc_and_serves_on(
+    broker: Broker, namespace: str, other_user: OtherUser
+) -> None:
+    """A member of the group floods the ipc events socket past its bound: the
+    endpoint resets in place (same file, same mode) and subscribers are served after."""
+    assert broker.endpoints is not None
+    events = broker.endpoints.events
+    path = events[len("ipc://") :]
+    with other_user.running("flood", events, "100", "20", "0") as flood:
+        assert flood.ready["sent"] == 100
+        wait_for(lambda: broker.stats().errors.get("events_reset", 0) >= 1, 10, what="reset")
+    assert os.path.exists(path), "the reset lost the socket file"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    with Publisher("p", dtype="f8", shape=(2,)) as pub, Subscriber("p", timeout=5) as sub:
+        pub.publish(np.ones(2))
+        assert [u.version for u in sub.updates(timeout=2)] == [1]

@@ -1,0 +1,140 @@
+"""Restarts (issue 11, class 4): a clean stop of the broker, as a service manager
+does it (SIGTERM, then a new broker), never strands a running publisher or
+subscriber. Segments with a live writer stay for the next broker; orphans go;
+``--unlink-on-exit`` unlinks everything, as asked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from shmcast.broker import Broker, BrokerConfig, Segment
+from shmcast.broker.client import ControlClient, shm_path
+from shmcast.cli.testing import (
+    BROKER_READY,
+    PUBLISH_READY,
+    SUBSCRIBE_READY,
+    ShmcastProcess,
+    start,
+    wait_for,
+)
+from shmcast.publisher import Publisher
+from tests._procs import done as _done
+from tests._procs import procs as _procs
+
+RATE = 200
+
+
+def _received(sub: ShmcastProcess) -> list[int]:
+    """Versions a ``shmcast subscribe --json`` process printed so far."""
+    out = []
+    for line in list(sub.stdout):
+        if line.startswith("{"):
+            out.append(int(json.loads(line)["version"]))
+    return out
+
+
+def test_publisher_and_subscriber_run_across_a_broker_restart(namespace: str) -> None:
+    publish = ["publish", "s", "--source", "random", "--dtype", "f4", "--shape", "64"]
+    with _procs() as procs:
+        broker = start(["broker", "--heartbeat", "0.1"], ready=BROKER_READY)
+        procs.append(broker)
+        pub = start([*publish, "--rate", str(RATE)], ready=PUBLISH_READY)
+        procs.append(pub)
+        sub = start(["subscribe", "s", "--json"], ready=SUBSCRIBE_READY)
+        procs.append(sub)
+        wait_for(lambda: len(_received(sub)) >= 20, 10, what="the first updates")
+        path = shm_path(namespace, "s")
+        inode = os.stat(path).st_ino
+
+        assert broker.stop(timeout=10, sig=signal.SIGTERM) == 0
+        # The publisher still writes where readers are: the object stays, versions go on.
+        with Segment.attach("s") as seg:
+            v_stop = seg.version
+            wait_for(lambda: seg.version >= v_stop + RATE // 4, 10, what="publishing on")
+        assert os.stat(path).st_ino == inode
+
+        broker2 = start(["broker", "--heartbeat", "0.1"], ready=BROKER_READY)
+        procs.append(broker2)
+        assert broker2.ready["segments"] == ["s"], "the next broker did not adopt it"
+        with Segment.attach("s") as seg:
+            v_restart = seg.version
+        wait_for(
+            lambda: max(_received(sub), default=0) >= v_restart + RATE // 2,
+            10,
+            what="the subscriber to receive after the restart",
+        )
+        pub.send_signal(signal.SIGTERM)
+        final = int(str(_done(pub, "shmcast publish done: ")["last_version"]))
+        wait_for(lambda: max(_received(sub)) == final, 10, what="the final version")
+        with ControlClient(broker2.ready["control"]) as ctl:
+            wait_for(
+                lambda: ctl.request("describe", name="s")["version"] == final,
+                5,
+                what="the restarted broker to announce the final version",
+            )
+        # Every version the publisher wrote went into the object readers attach.
+        with Segment.attach("s") as seg:
+            assert seg.version == final
+            assert os.stat(path).st_ino == inode
+        sub.send_signal(signal.SIGTERM)
+        summary = _done(sub, "shmcast subscribe done: ")["s"]
+        versions = _received(sub)
+        assert versions == sorted(set(versions)), "versions went backwards or repeated"
+        print(
+            "FIGURES broker_sigterm_restart "
+            + json.dumps(
+                {
+                    "version_at_stop": v_stop,
+                    "version_at_restart": v_restart,
+                    "final_version": final,
+                    "subscriber": summary,
+                }
+            )
+        )
+    # The second broker stopped last, with no publisher left: the orphan is unlinked.
+    assert not os.path.exists(path)
+
+
+def test_a_clean_stop_unlinks_orphans_and_keeps_live_segments(namespace: str) -> None:
+    b = Broker(BrokerConfig(namespace=namespace)).start()
+    live = Publisher("live", dtype="f8", shape=(2,))
+    try:
+        with Publisher("done", dtype="f8", shape=(2,)) as pub:
+            pub.publish(np.ones(2))
+        live.publish(np.ones(2))
+        b.close()
+        assert Segment.list(namespace) == ["live"]
+        assert live.publish(np.ones(2)) == 2
+        with Broker(BrokerConfig(namespace=namespace)).start() as b2:
+            assert b2.catalog.names() == ["live"]
+            assert b2.catalog.entry("live").seg.version == 2
+    finally:
+        live.close()
+        b.close()
+        Segment.remove("live", namespace=namespace)
+
+
+@pytest.mark.parametrize("how", ["config", "flag"])
+def test_unlink_on_exit_unlinks_everything(namespace: str, how: str) -> None:
+    if how == "config":
+        b = Broker(BrokerConfig(namespace=namespace, unlink_on_exit=True)).start()
+        try:
+            with Publisher("live", dtype="f8", shape=(2,)) as pub:
+                pub.publish(np.ones(2))
+                b.close()
+                assert Segment.list(namespace) == []
+        finally:
+            b.close()
+        return
+    with _procs() as procs:
+        broker = start(["broker", "--unlink-on-exit"], ready=BROKER_READY)
+        procs.append(broker)
+        with Publisher("live", dtype="f8", shape=(2,)) as pub:
+            pub.publish(np.ones(2))
+            assert broker.stop(timeout=10, sig=signal.SIGTERM) == 0
+            assert Segment.list(namespace) == []
