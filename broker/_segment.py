@@ -91,7 +91,14 @@ from ._layout import (
     slot_stride,
 )
 from ._lease import ProcessId, lease_held, take_lease
-from ._names import SHM_DIR, list_segment_names, resolve_namespace, shm_path, validate_segment_name
+from ._names import (
+    SHM_DIR,
+    check_owned,
+    list_segment_names,
+    resolve_namespace,
+    shm_path,
+    validate_segment_name,
+)
 from .errors import (
     ArrayMismatchError,
     ClosedError,
@@ -291,6 +298,9 @@ class Segment:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, mode)
         except FileExistsError:
+            # Ours (a segment that exists), or a squatter: say which.
+            with contextlib.suppress(FileNotFoundError):
+                check_owned(path, os.lstat(path), os.getuid())
             raise SegmentExistsError(name, ns) from None
         try:
             os.fchmod(fd, mode)  # the umask must not widen or narrow what was asked
@@ -349,6 +359,7 @@ class Segment:
         writable: bool = False,
         prefault: bool = True,
         wait: float = 1.0,
+        owner: int | None = None,
     ) -> Segment:
         """Open an existing segment.
 
@@ -360,9 +371,13 @@ class Segment:
             prefault: populate the mapping now (``MAP_POPULATE``) rather than on
                 the first read of each page.
             wait: seconds to wait for a segment that is still being created.
+            owner: the uid of the namespace's owner (its broker's: ``hello`` says
+                it); ``None`` is this process's. Only a regular file of that user
+                or of root that nobody else may write is attached.
 
         Raises:
             SegmentNotFoundError, NotASegmentError, LayoutVersionError, WriterBusyError.
+            OwnershipError: the object is another user's, or others may write it.
         """
         ns = resolve_namespace(namespace)
         validate_segment_name(name)
@@ -378,8 +393,11 @@ class Segment:
                 raise NotASegmentError(name, path, "a symbolic link, not a segment") from None
             raise
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise NotASegmentError(name, path, "not a regular file")
+            # Before a byte of it is read: a squatter's object is never trusted.
+            check_owned(path, st, os.getuid() if owner is None else owner)
             dt, shp, size = read_header(name, path, fd, wait, fence=core.fence)
             if writable:
                 head = os.pread(fd, 8 * (W_WRITER_PID + 1), 0)

@@ -22,6 +22,7 @@ import pytest
 
 from shmcast.broker import (
     NotASegmentError,
+    OwnershipError,
     Segment,
     SegmentError,
     SlotStuckError,
@@ -244,8 +245,8 @@ def test_a_symlink_under_a_segment_name_is_refused(seg: Segment, namespace: str)
     try:
         with pytest.raises(NotASegmentError, match="symbolic link"):
             Segment.attach("alias")
-        with pytest.raises(SegmentError):
-            Segment.create("alias", np.int64, (1024,))
+        with pytest.raises(OwnershipError, match="symbolic link"):
+            Segment.create("alias", np.int64, (1024,))  # named for what it is
         assert os.path.islink(link)  # the engine refuses; it removes nothing
     finally:
         os.unlink(link)
@@ -259,3 +260,40 @@ def test_a_directory_under_a_segment_name_is_refused(namespace: str) -> None:
             Segment.attach("dir")
     finally:
         os.rmdir(path)
+
+
+def test_the_engine_refuses_objects_others_may_write(namespace: str) -> None:
+    """A segment-shaped object that group or others may write is never attached: they
+    could forge versions under its readers (trust class 2, the engine's side)."""
+    w = Segment.create("open", np.uint8, (8,), mode=0o600)
+    try:
+        w.write(np.ones(8, np.uint8))
+        os.chmod(w.path, 0o666)
+        with pytest.raises(OwnershipError, match="shmcast doctor --fix"):
+            Segment.attach("open")
+        os.chmod(w.path, 0o640)  # group may read: fine
+        with Segment.attach("open") as r:
+            assert r.latest().version == 1
+    finally:
+        w.unlink()
+        w.close()
+
+
+def test_the_engine_attaches_another_owners_object_only_when_told(namespace: str) -> None:
+    """Readers of a group attach the broker's objects by naming its uid (``owner=``);
+    without it, an object of another user is a squatter's."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make an object owned by another user")
+    w = Segment.create("theirs", np.uint8, (8,), mode=0o644)
+    try:
+        w.write(np.ones(8, np.uint8))
+        os.chown(w.path, 65534, 65534)
+        with pytest.raises(OwnershipError, match="owned by another user"):
+            Segment.attach("theirs")
+        with pytest.raises(OwnershipError, match="owned by another user"):
+            Segment.create("theirs", np.uint8, (8,))  # a squatter is named, not "exists"
+        with Segment.attach("theirs", owner=65534) as r:
+            assert r.latest().version == 1
+    finally:
+        w.unlink()
+        w.close()
