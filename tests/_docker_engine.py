@@ -220,6 +220,12 @@ class Engine:
                 continue
             self.storage_driver = driver
             chosen.write_text(driver)
+            # Containers of a run that was killed: the daemon restarts those with a
+            # restart policy, on the ports of that run. Every container here is ours.
+            stale = self.docker("ps", "-aq").stdout.split()
+            if stale:
+                self.log(f"removing {len(stale)} container(s) of an earlier run")
+                self.docker("rm", "-f", *stale, timeout=120)
             return
         raise EngineError("dockerd did not start: " + "; ".join(errors))
 
