@@ -194,11 +194,13 @@ class Engine:
         """
         for d in (self.root, self.logs, self.root / "client"):
             d.mkdir(parents=True, exist_ok=True)
-        self._lock = (self.root / "lock").open("w")
+        lock = (self.root / "lock").open("w")
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            lock.close()
             raise EngineError(f"another make test-docker is using {self.root}") from None
+        self._lock = lock  # from here on, everything of this root is ours to stop
         leftovers = self._cleanup()  # a run that was killed may have left its daemon
         if leftovers:
             self.log(f"cleaned up after an earlier run: {leftovers}")
@@ -292,6 +294,8 @@ class Engine:
             One line per thing that is not as it was before :meth:`start`; empty
             when the machine is back as it was (the data root, the cache, stays).
         """
+        if self._lock is None:  # never started, or another run holds the root
+            return []
         problems = []
         if self.sock.exists() and self.docker("version", check=False, timeout=10).returncode == 0:
             ids = self.docker("ps", "-aq", check=False, timeout=30).stdout.split()
@@ -305,9 +309,8 @@ class Engine:
                     d.rmdir()
         if self._before:
             problems += state_changes(self._before, host_state())
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        self._lock.close()
+        self._lock = None
         return problems
 
     def _stop_daemon(self) -> None:
@@ -377,8 +380,7 @@ class Engine:
         mark = f"{self.root}/"
         with open("/proc/self/mounts") as f:
             points = [line.split()[1] for line in f]
-        # The data root can also be bind-mounted onto itself by the storage driver.
-        return [p for p in points if p.startswith(mark) or p == str(self.data)]
+        return [p for p in points if p.startswith(mark)]  # the data root's own bind mount too
 
 
 # ---------------------------------------------------------------------- helpers

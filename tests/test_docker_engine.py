@@ -83,6 +83,9 @@ def say(message: str) -> None:
         return
     capture = _CONFIG.pluginmanager.get_plugin("capturemanager")
     reporter = _CONFIG.pluginmanager.get_plugin("terminalreporter")
+    if capture is None or reporter is None:
+        print(line, file=sys.stderr)
+        return
     with capture.global_and_fixture_disabled():  # past pytest's capture of fd 1
         reporter.write_line(line)
 
@@ -119,7 +122,6 @@ def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
 class Images:
     base: str
     prometheus: str
-    standins: list[str]
     size: int = 0  # shmcast:latest, bytes
     base_size: int = 0
 
@@ -171,7 +173,7 @@ def images(engine: Engine) -> Images:
     )
     log.write_text(build.stdout + build.stderr)
     assert build.returncode == 0, f"docker build failed ({log}):\n{build.stderr[-4000:]}"
-    found = Images(base=base, prometheus=prometheus, standins=[t for _, t in need])
+    found = Images(base=base, prometheus=prometheus)
     found.size = int(engine.docker("image", "inspect", "-f", "{{.Size}}", IMAGE).stdout)
     found.base_size = int(engine.docker("image", "inspect", "-f", "{{.Size}}", base).stdout)
     say(f"{IMAGE}: {found.size / 1e6:.0f} MB = base {found.base_size / 1e6:.0f} MB + "

@@ -3,12 +3,13 @@ bookkeeping, the stand-in images' host settings, and reading compose files."""
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
 import pytest
 
 from ._compose import docker_bytes, interpolate, network_offenders, service_view
-from ._docker_engine import Engine, cgroup_parent, root_from_env, state_changes
+from ._docker_engine import Engine, EngineError, cgroup_parent, root_from_env, state_changes
 from ._docker_standin import (
     STANDINS,
     apt_settings,
@@ -102,6 +103,18 @@ def test_stopping_an_engine_that_never_started_touches_nothing(tmp_path: Path) -
     assert engine.stop() == []
     assert said == []
     assert not (tmp_path / "root").exists()
+
+
+def test_an_engine_whose_root_another_run_holds_neither_starts_nor_stops(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    with (root / "lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        engine = Engine(root, print)
+        with pytest.raises(EngineError, match="another make test-docker is using"):
+            engine.start()
+        assert engine.stop() == []  # nothing of the other run's is touched
+    assert sorted(p.name for p in root.iterdir()) == ["client", "lock", "logs"]
 
 
 def test_network_offenders_are_what_makes_compose_create_a_bridge() -> None:
