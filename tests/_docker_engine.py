@@ -186,7 +186,7 @@ class Engine:
 
     # -- start
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 90.0) -> None:
         """Start the daemon (overlay2, else vfs) and wait until it answers.
 
         Raises:
@@ -201,9 +201,12 @@ class Engine:
             lock.close()
             raise EngineError(f"another make test-docker is using {self.root}") from None
         self._lock = lock  # from here on, everything of this root is ours to stop
-        leftovers = self._cleanup()  # a run that was killed may have left its daemon
+        stale = self._engine_pids()  # a run that was killed may have left its daemon
+        if stale:
+            self.log(f"stopping what a killed run left: processes {stale}")
+        leftovers = self._cleanup()
         if leftovers:
-            self.log(f"cleaned up after an earlier run: {leftovers}")
+            raise EngineError(f"cannot clean up after an earlier run: {leftovers}")
         self._before = host_state()
         self._outside_before = {d for d in OUTSIDE_DIRS if d.exists()}
         self._cgroups_before = set(self._cgroup_dirs())
@@ -260,7 +263,11 @@ class Engine:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise EngineError(f"exited with {self._proc.returncode}: {self._log_tail()}")
-            if self.docker("version", check=False, timeout=10).returncode == 0:
+            try:  # a busy daemon (restoring containers, a loaded machine) answers late
+                answers = self.docker("version", check=False, timeout=10).returncode == 0
+            except EngineError:
+                answers = False
+            if answers:
                 actual = self.docker("info", "--format", "{{.Driver}}").stdout.strip()
                 if actual != driver:
                     raise EngineError(f"asked for {driver}, runs {actual}")
@@ -297,10 +304,13 @@ class Engine:
         if self._lock is None:  # never started, or another run holds the root
             return []
         problems = []
-        if self.sock.exists() and self.docker("version", check=False, timeout=10).returncode == 0:
-            ids = self.docker("ps", "-aq", check=False, timeout=30).stdout.split()
+        try:  # the fast way; a daemon that hangs is stopped below all the same
+            answers = self.sock.exists() and not self.docker("version", check=False).returncode
+            ids = self.docker("ps", "-aq", check=False).stdout.split() if answers else []
             if ids:
                 self.docker("rm", "-f", *ids, check=False, timeout=120)
+        except EngineError as exc:
+            self.log(f"could not remove the containers through the daemon: {exc}")
         self._stop_daemon()
         problems += self._cleanup()
         for d in OUTSIDE_DIRS:  # deepest first; only those this run created, if empty
@@ -339,8 +349,8 @@ class Engine:
                 with contextlib.suppress(OSError):
                     d.rmdir()
         for mount in sorted(self._mounts(), reverse=True):
-            if subprocess.run(["umount", mount], capture_output=True).returncode != 0:
-                subprocess.run(["umount", "-l", mount], capture_output=True)
+            if subprocess.run(["umount", mount], capture_output=True, timeout=30).returncode:
+                subprocess.run(["umount", "-l", mount], capture_output=True, timeout=30)
         if self._mounts():
             left.append(f"mounts left: {self._mounts()}")
         stray = [d for d in self._cgroup_dirs() if d not in self._cgroups_before]

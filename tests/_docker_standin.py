@@ -305,7 +305,7 @@ def _unmount_below(path: Path) -> None:
     with open("/proc/self/mounts") as f:
         points = [line.split()[1] for line in f if line.split()[1].startswith(f"{path}/")]
     for point in sorted(points, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True)
+        subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import urllib.request
@@ -44,6 +45,7 @@ from ._docker_engine import (
     DOCKER,
     DOCKERD,
     Engine,
+    EngineError,
     apt_install,
     root_from_env,
     run,
@@ -106,13 +108,27 @@ def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
     missing = sorted({pkg for cmd, pkg in PACKAGES.items() if not Path(cmd).exists()})
     apt_install(missing, say, root / "logs" / "apt.log")
     eng = Engine(root, say)
+    # SIGTERM or SIGHUP (a CI time-out, a closed terminal) end the run like Ctrl-C:
+    # pytest then tears the fixtures down, and the engine is stopped. (After a
+    # SIGKILL, the next run finds and stops what this one left: Engine.start.)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         eng.start()
         yield eng
     finally:
-        problems = eng.stop()
+        for sig in previous:  # a second signal must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            problems = eng.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         say("dockerd stopped" + (f"; LEFT BEHIND: {problems}" if problems else ", nothing left"))
         assert not problems, "the engine left things behind:\n" + "\n".join(problems)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # ---------------------------------------------------------------------- the images
@@ -133,7 +149,11 @@ def _from_images() -> set[str]:
 def _present_or_pulled(engine: Engine, image: str) -> bool:
     if engine.docker("image", "inspect", image, check=False).returncode == 0:
         return True
-    pulled = engine.docker("pull", "-q", image, check=False, timeout=300)
+    try:  # a registry that does not answer must not eat the time budget
+        pulled = engine.docker("pull", "-q", image, check=False, timeout=120)
+    except EngineError as exc:
+        say(f"{image} cannot be pulled ({exc})")
+        return False
     if pulled.returncode != 0:
         say(f"{image} cannot be pulled ({pulled.stderr.strip()[:120]})")
     return pulled.returncode == 0
