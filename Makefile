@@ -14,8 +14,9 @@ PKG_DIRS := broker publisher subscriber bridge cli
 EDITABLE := --config-settings editable_mode=strict
 RUNTIME  := $(VENV)/.runtime-stamp
 TESTDEPS := $(VENV)/.test-stamp
+DOCKERDEPS := $(VENV)/.docker-stamp
 
-.PHONY: demo test lint pytest bench bench-quick soak system-deps clean
+.PHONY: demo test test-docker lint pytest bench bench-quick soak system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,10 @@ $(RUNTIME): pyproject.toml $(PKG_DIRS) broker/_core.c | $(BIN)/python
 
 $(TESTDEPS): $(RUNTIME)
 	$(BIN)/python -m pip install -q -e '.[test,bench,record,zenoh]' $(EDITABLE)
+	touch $@
+
+$(DOCKERDEPS): $(TESTDEPS)
+	$(BIN)/python -m pip install -q -e '.[test,bench,docker]' $(EDITABLE)
 	touch $@
 
 # Debian packages some tests and benchmarks use as real peers (Prometheus,
@@ -58,6 +63,14 @@ pytest: $(TESTDEPS) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint pytest
+
+# The deployment on a real Docker engine (tests/test_docker_engine.py): as root it
+# installs Debian's docker.io and docker-compose, starts a private dockerd (no
+# bridge, no iptables; data in $$SHMCAST_DOCKER_ROOT, default
+# /var/tmp/shmcast-test-docker, kept as a cache), builds the image and runs the
+# compose deployment; elsewhere its tests skip and say why. Not part of `make test`.
+test-docker: $(DOCKERDEPS)
+	$(BIN)/python -m pytest -m docker -v -o faulthandler_timeout=900 tests/test_docker_engine.py $(PYTEST_ARGS)
 
 # The full suite also measures iceoryx2 (optional extra): installed here, not for tests.
 bench: $(TESTDEPS) system-deps
