@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import json
 import os
+import pkgutil
 import shutil
 import subprocess
 import sys
@@ -32,12 +33,15 @@ from typing import Any
 
 import pytest
 
+import shmcast
+
 NOBODY = 65534
 HERE = Path(__file__).resolve().parent
 HELPER = "_as_other.py"
 #: Packages the helper imports (with the ``*.libs`` directories of their wheels).
 PACKAGES = ("numpy", "zmq", "msgpack", "prometheus_client")
-SHMCAST = ("broker", "publisher", "subscriber", "cli")
+#: shmcast's subpackages, as installed (shmcast itself is a namespace package).
+SHMCAST = tuple(sorted(m.name for m in pkgutil.iter_modules(shmcast.__path__) if m.ispkg))
 _STDLIB_SKIP = {"test", "site-packages", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3"}
 
 

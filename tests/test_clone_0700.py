@@ -18,9 +18,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("broker", "publisher", "subscriber", "cli")
+#: The directories pyproject.toml maps to shmcast.* (``shmcast.<name>`` = ``<name>/``).
+PACKAGES = tuple(
+    tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"
+    ].values()
+)
 
 
 @pytest.mark.root

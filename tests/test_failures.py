@@ -179,6 +179,9 @@ def test_relay_keeps_mirroring_while_its_local_broker_stalls(upstream: Broker) -
             a.publish(np.ones(4))
             wait_for(lambda: "a" in Segment.list(down), 10, what="the mirror of a")
             with Segment.attach("a", namespace=down) as mirror:
+                # Mirrored, not merely created: until its first commit the relay may
+                # still be waiting for the broker's lease reply, which the stall eats.
+                wait_for(lambda: mirror.version >= 1, 10, what="the first version of a's mirror")
                 local.send_signal(signal.SIGSTOP)
                 try:
                     # A new segment upstream: its mirror needs the stalled local broker.
