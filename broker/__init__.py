@@ -29,6 +29,8 @@ from ._metrics import MetricsServer as MetricsServer
 from ._metrics import start_metrics_server as start_metrics_server
 from ._names import DEFAULT_NAMESPACE as DEFAULT_NAMESPACE
 from ._names import resolve_namespace as resolve_namespace
+from ._nsword import NamespaceWord as NamespaceWord
+from ._nsword import wait_segments as wait_segments
 from ._segment import Segment as Segment
 from ._segment import SegmentInfo as SegmentInfo
 from ._segment import Snapshot as Snapshot
@@ -54,6 +56,7 @@ from .errors import RemoteError as RemoteError
 from .errors import SegmentError as SegmentError
 from .errors import SegmentExistsError as SegmentExistsError
 from .errors import SegmentNotFoundError as SegmentNotFoundError
+from .errors import SegmentUnreachableError as SegmentUnreachableError
 from .errors import ShmcastError as ShmcastError
 from .errors import ShmSpaceError as ShmSpaceError
 from .errors import SlotStuckError as SlotStuckError
@@ -87,6 +90,7 @@ __all__ = [
     "LayoutError",
     "LayoutVersionError",
     "MetricsServer",
+    "NamespaceWord",
     "NoVersionError",
     "NotASegmentError",
     "ReadOnlyError",
@@ -97,6 +101,7 @@ __all__ = [
     "SegmentInfo",
     "SegmentNotFoundError",
     "SegmentSpec",
+    "SegmentUnreachableError",
     "Service",
     "ShmSpaceError",
     "ShmcastError",
@@ -117,4 +122,5 @@ __all__ = [
     "segment_size",
     "start_metrics_server",
     "wait_any",
+    "wait_segments",
 ]

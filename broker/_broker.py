@@ -38,6 +38,7 @@ from ._names import (
     share_runtime_dir,
     validate_segment_name,
 )
+from ._nsword import NamespaceWord
 from ._protocol import (
     BROKER_TOPIC,
     MAX_REQUEST,
@@ -104,6 +105,7 @@ class Broker(Service):
         self.endpoints: Endpoints | None = None
         self.metrics_url: str | None = None
         self._data: DataStream | None = None
+        self._word: NamespaceWord | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -193,6 +195,7 @@ class Broker(Service):
             events_ep = self._bind(events, "events", cfg.events or defaults.events, bound_paths)
             self.endpoints = Endpoints(control=control_ep, events=events_ep)
             self._events = events
+            self._word = self._open_word()
             self._adopt_existing()
             for spec in cfg.segments:
                 self._create(spec.name, spec.dtype, spec.shape, spec.slots)
@@ -222,6 +225,7 @@ class Broker(Service):
         finally:
             if lock_fd >= 0:  # the segments are ours only while we hold the lock
                 self._shutdown()
+            self._close_word()
             if self._data is not None:
                 self._data.close()
             for sock in socks:
@@ -297,6 +301,30 @@ class Broker(Service):
             self._catalog.add(name, CatalogEntry(seg=seg, announced=v))
             log.info("adopted segment %s at version %d", name, v)
 
+    def _open_word(self) -> NamespaceWord:
+        """The namespace word: readers wait on it for catalog changes and heartbeats."""
+        cfg = self.config
+        gid = grp.getgrnam(cfg.group).gr_gid if cfg.group is not None else None
+        return NamespaceWord.serve(
+            self.namespace,
+            epoch=self.epoch,
+            interval=cfg.heartbeat_interval,
+            mode=cfg.mode & 0o644,
+            gid=gid,
+        )
+
+    def _catalog_changed(self) -> None:
+        if self._word is not None:
+            self._word.catalog_changed()
+
+    def _close_word(self) -> None:
+        word, self._word = self._word, None
+        if word is not None:
+            word.catalog_changed()  # readers look again at what was unlinked
+            word.stopped()
+            word.unlink_if_alone()
+            word.close()
+
     def _start_metrics(self, port: int, host: str) -> MetricsServer:
         from prometheus_client import CollectorRegistry
 
@@ -345,6 +373,8 @@ class Broker(Service):
                     ts = time.time_ns()  # lapped since: the version is gone, not its news
                 self._announce_version(name, entry, v, ts)
         self._emit(BROKER_TOPIC, "heartbeat", "", 0, time.time_ns())
+        if self._word is not None:
+            self._word.heartbeat()
 
     def _emit(self, tpc: bytes, kind: str, segment: str, version: int, ts: int) -> None:
         self._seq += 1
@@ -449,7 +479,7 @@ class Broker(Service):
             seg = entry.seg
             have = _layout_text(dtype_str(seg.dtype), seg.shape, seg.slots)
             if have != wanted:
-                raise LayoutConflictError(name, have, wanted)
+                raise LayoutConflictError(name, have, wanted, self.namespace)
             return self._describe(name)
         limit = self.config.max_segment_bytes
         size = segment_size(int(dt.itemsize) * math.prod(shp), slots)
@@ -478,6 +508,7 @@ class Broker(Service):
             raise
         writer.close()  # the broker owns the segment; publishers take the lease
         self._catalog.add(name, CatalogEntry(seg=reader))
+        self._catalog_changed()
         self._emit(topic(name), "created", name, 0, time.time_ns())
         return self._describe(name)
 
@@ -521,6 +552,7 @@ class Broker(Service):
         self._catalog.pop(name)
         entry.seg.unlink()
         entry.seg.close()
+        self._catalog_changed()
         self._emit(topic(name), "deleted", name, entry.announced, time.time_ns())
         return {"name": name}
 

@@ -21,6 +21,7 @@ from ._config import resolve_config
 from ._layout import segment_size
 from ._names import (
     SHM_DIR,
+    catalog_path,
     list_namespaces,
     list_segment_names,
     object_name,
@@ -196,9 +197,29 @@ def _check_objects(namespaces: list[str], fix: bool) -> list[Check]:
                     "harmless (the next broker reuses it); --fix removes it",
                 )
             )
+        out.extend(_check_word(ns, alive, fix))
     if not out:
         out.append(Check("objects", OK, f"{len(namespaces)} namespace(s): no orphans, all valid"))
     return out
+
+
+def _check_word(ns: str, alive: bool, fix: bool) -> list[Check]:
+    """The namespace word (``@catalog``) a killed broker left: harmless, the next
+    broker takes it over; ``--fix`` unlinks it once no segment is left."""
+    word = catalog_path(ns)
+    if alive or not os.path.lexists(word):
+        return []
+    if fix and not list_segment_names(ns):
+        os.unlink(word)
+        return [Check("fixed", OK, f"unlinked {word}")]
+    return [
+        Check(
+            "runtime",
+            WARN,
+            f"{word} is left from a broker that is not running",
+            "harmless (the next broker takes it over); --fix removes it with the segments",
+        )
+    ]
 
 
 def _check_runtime_dirs(namespaces: list[str]) -> list[Check]:
