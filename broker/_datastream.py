@@ -6,12 +6,14 @@ segment's read-only slot (``copy=False``: libzmq reads the shared memory itself)
 
 Messages (each a multipart message; relay -> broker bodies are msgpack maps)::
 
-    relay  -> broker  [b"hello", {patterns, window, have: {segment: version}}]
+    relay  -> broker  [b"hello", {patterns, window, have: {segment: version},
+                                  incarnations: {segment: id}}]
                       [b"ack",   {mids: [int, ...]}]       credit back
                       [b"ping",  {}]                       keeps the peer alive
     broker -> relay   [b"welcome", {epoch, namespace, heartbeat_interval}]
                       [b"data", header, payload]           header: {segment, version,
-                            ts, dtype, shape, slots, seq, mid, created}; payload: the bytes
+                            ts, dtype, shape, slots, seq, mid, created,
+                            incarnation}; payload: the bytes
                       [b"verdict", {mid, segment, version, ok}]
                       [b"hb", {epoch, ts, latest: {segment: version}}]
                       [b"who", {}]                         "say hello again"
@@ -100,6 +102,7 @@ class _Source:
     ino: int
     created: int
     raw: list[np.ndarray[Any, Any]]
+    incarnation: int = 0
     copy_until: float = 0.0
     torn: int = 0
 
@@ -110,6 +113,7 @@ class _Peer:
     patterns: tuple[str, ...]
     window: int
     sent: dict[str, int] = field(default_factory=dict)
+    incarnations: dict[str, int] = field(default_factory=dict)
     inflight: dict[int, float] = field(default_factory=dict)
     busy: set[str] = field(default_factory=set)
     last_seen: float = 0.0
@@ -360,9 +364,23 @@ class DataStream:
         views = [seg.view(i) for i in range(seg.slots)]
         raw = [v.reshape(-1).view(np.uint8) for v in views]
         self._sources[name] = _Source(
-            seg=seg, ino=os.fstat(seg._fd).st_ino, created=seg.info().created_ns, raw=raw
+            seg=seg,
+            ino=os.fstat(seg._fd).st_ino,
+            created=seg.info().created_ns,
+            raw=raw,
+            incarnation=seg.incarnation,
         )
         self._dirty.add(name)
+        for peer in self._peers.values():
+            self._forget_other_incarnation(peer, name, seg.incarnation)
+
+    @staticmethod
+    def _forget_other_incarnation(peer: _Peer, name: str, incarnation: int) -> None:
+        """What a relay has of another creation of ``name`` says nothing about this
+        one (whose versions started over): send it everything again."""
+        if peer.incarnations.get(name, incarnation) != incarnation:
+            peer.sent.pop(name, None)
+            peer.incarnations.pop(name, None)
 
     def _detach(self, name: str) -> None:
         src = self._sources.pop(name, None)
@@ -404,6 +422,11 @@ class DataStream:
                 raise ValueError("have must be a map")
             peer = _Peer(ident=ident, patterns=tuple(patterns), window=min(window, MAX_WINDOW))
             peer.sent = {str(k): int(v) for k, v in have.items() if isinstance(v, int)}
+            incs = body.get("incarnations") or {}
+            if isinstance(incs, dict):
+                peer.incarnations = {str(k): v for k, v in incs.items() if isinstance(v, int)}
+            for name, src in self._sources.items():
+                self._forget_other_incarnation(peer, name, src.incarnation)
             self._peers[ident] = peer
             log.info("relay %s joined for %s", ident.hex(), ", ".join(patterns))
             self._send(
@@ -506,6 +529,7 @@ class DataStream:
             "seq": seq,
             "mid": mid,
             "created": src.created,
+            "incarnation": src.incarnation,
         }
         try:
             tracker = router.send_multipart(

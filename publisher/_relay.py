@@ -22,8 +22,9 @@ subscribers read it zero-copy and cannot tell it from a local segment except by
   ``shmcast_relay_upstream_up``, catalog ``upstream_up: false``); the local
   segments keep their last data. ZeroMQ reconnects by itself; the relay says
   ``hello`` again (with the versions it has) and catches up to the latest.
-- An upstream segment that was recreated (new layout, or its versions started
-  over) is recreated locally, since versions only go forward.
+- An upstream segment that was recreated (a new incarnation id in the data
+  header, or a new layout) is recreated locally: local readers then see a new
+  incarnation too and follow it, whatever the new version numbers.
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ class _Mirror:
     layout: tuple[str, tuple[int, ...], int]
     created: int
     pub: Publisher
+    incarnation: int = 0
 
 
 @dataclass
@@ -414,12 +416,19 @@ class Relay(Service):
 
     def _send_hello(self) -> None:
         have = {}
+        incarnations = {}
         for name, m in self._mirrors.items():
             with contextlib.suppress(ShmcastError, ValueError):
                 have[name] = int(m.pub.version)
+                incarnations[name] = m.incarnation
         self._send(
             b"hello",
-            {"patterns": list(self.config.segments), "window": self.config.window, "have": have},
+            {
+                "patterns": list(self.config.segments),
+                "window": self.config.window,
+                "have": have,
+                "incarnations": incarnations,
+            },
         )
 
     def _flush_acks(self) -> None:
@@ -531,14 +540,22 @@ class Relay(Service):
         shape = hdr.get("shape")
         slots = hdr.get("slots")
         created = hdr.get("created", 0)
+        incarnation = hdr.get("incarnation", 0)
+        if not isinstance(incarnation, int):
+            raise ValueError("data header incarnation must be an integer")
         if not isinstance(shape, list) or not isinstance(slots, int):
             raise ValueError("data header needs shape and slots")
         dt, shp = normalize_layout(parse_dtype(str(hdr.get("dtype"))), tuple(shape))
         layout = (dtype_str(dt), shp, slots)
         m = self._mirrors.get(name)
         if m is not None:
-            went_back = int(hdr["version"]) <= m.pub.version and created != m.created
-            if m.layout == layout and not went_back:
+            if incarnation and m.incarnation:
+                # Each creation upstream has its own id: a new one is a new mirror, so
+                # local readers see a new incarnation too, whatever its version numbers.
+                recreated = incarnation != m.incarnation
+            else:  # an upstream older than incarnation ids
+                recreated = int(hdr["version"]) <= m.pub.version and created != m.created
+            if m.layout == layout and not recreated:
                 return m
             # The upstream segment was recreated: so is the mirror (versions only go forward).
             log.warning("upstream segment %s was recreated; recreating the mirror", name)
@@ -565,7 +582,9 @@ class Relay(Service):
             with self._lock:
                 self._refused[name] = repr(layout)
             return None
-        m = _Mirror(name=name, layout=layout, created=int(created), pub=pub)
+        m = _Mirror(
+            name=name, layout=layout, created=int(created), pub=pub, incarnation=incarnation
+        )
         with self._lock:
             self._mirrors[name] = m
             self._refused.pop(name, None)
