@@ -30,7 +30,9 @@ from ._metrics import start_metrics_server as start_metrics_server
 from ._names import DEFAULT_NAMESPACE as DEFAULT_NAMESPACE
 from ._names import resolve_namespace as resolve_namespace
 from ._nsword import NamespaceWord as NamespaceWord
+from ._nsword import notify_words as notify_words
 from ._nsword import wait_segments as wait_segments
+from ._nsword import wait_words as wait_words
 from ._segment import Segment as Segment
 from ._segment import SegmentInfo as SegmentInfo
 from ._segment import Snapshot as Snapshot
@@ -115,6 +117,7 @@ __all__ = [
     "dtype_str",
     "machine_supported",
     "normalize_layout",
+    "notify_words",
     "parse_dtype",
     "resolve_config",
     "resolve_layers",
@@ -123,4 +126,5 @@ __all__ = [
     "start_metrics_server",
     "wait_any",
     "wait_segments",
+    "wait_words",
 ]

@@ -49,7 +49,7 @@ from ._names import SHM_DIR, catalog_path, resolve_namespace
 from ._segment import Segment
 from .errors import AccessError, ClosedError, NotASegmentError
 
-__all__ = ["CATALOG_OBJECT_SIZE", "NamespaceWord", "wait_segments"]
+__all__ = ["CATALOG_OBJECT_SIZE", "NamespaceWord", "notify_words", "wait_segments", "wait_words"]
 
 MAGIC = int.from_bytes(b"SHMCNSW\0", "little")
 LAYOUT = 1
@@ -400,3 +400,38 @@ def wait_segments(
         vals = vals[:keep] + ([vals[-1]] if word is not None else [])
     wait_many(addrs, vals, deadline)
     return deadline is None or time.monotonic() < deadline
+
+
+def notify_words(
+    segments: Sequence[Segment], word: NamespaceWord | None = None
+) -> tuple[list[int], list[int]]:
+    """The futex addresses and current values of the segments' notify words and the
+    namespace word's: what :func:`wait_words` sleeps on. (A watcher that must not
+    touch version numbers, e.g. a helper thread waking an event loop, waits for
+    these words to move instead.)"""
+    addrs: list[int] = []
+    vals: list[int] = []
+    if word is not None:  # first: above WAITV_MAX words the last ones are polled
+        vals.append(word.notify)
+        addrs.append(word.futex_addr)
+    for seg in segments:
+        q32: Any = seg._q32
+        vals.append(q32[NOTIFY_IDX])
+        addrs.append(seg._futex.addr)
+    return addrs, vals
+
+
+def wait_words(addrs: Sequence[int], vals: Sequence[int], timeout: float | None) -> None:
+    """Sleep until one of the words at ``addrs`` no longer holds its ``vals`` entry,
+    or ``timeout`` passes (a spurious return is possible: look again). Above
+    :data:`WAITV_MAX` words the sleep is cut to a millisecond."""
+    if not addrs:
+        if timeout:
+            time.sleep(min(timeout, 0.1))
+        return
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if len(addrs) > WAITV_MAX:
+        short = time.monotonic() + 0.001
+        deadline = short if deadline is None else min(deadline, short)
+        addrs, vals = addrs[:WAITV_MAX], vals[:WAITV_MAX]
+    wait_many(addrs, vals, deadline)

@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import queue
 import threading
 import time
 import warnings
@@ -41,7 +40,14 @@ from typing import Any, Literal
 
 import zmq
 
-from shmcast.broker import NamespaceWord, Segment, Snapshot, wait_segments
+from shmcast.broker import (
+    NamespaceWord,
+    Segment,
+    Snapshot,
+    notify_words,
+    wait_segments,
+    wait_words,
+)
 from shmcast.broker.client import (
     BROKER_TOPIC,
     ControlClient,
@@ -181,6 +187,7 @@ class Subscriber:
         self._next_check = 0.0
         self._last_heartbeat = 0.0
         self._last_cross = 0.0
+        self._gaps_crossed = 0
         self._extra: dict[str, Segment] = {}
         self._word_seen = 0
         self._word_state = (0, 0, 0)
@@ -518,34 +525,34 @@ class Subscriber:
     async def aupdates(self, timeout: float | None = None) -> AsyncIterator[Update]:
         """``async for update in sub.aupdates(timeout=...)``: the same updates and
         counters as :meth:`updates`, on the running asyncio loop, which keeps
-        serving other tasks. ``spin`` polls on the loop between other tasks;
-        the other modes sleep in one helper thread per iterator (whatever the
-        number of segments), blocked in the same wait with the GIL released.
+        serving other tasks while it waits. ``events`` has the loop watch the SUB
+        socket; ``shm`` and ``futex`` have one helper thread per iterator (whatever
+        the number of segments) sleep on the notify words, GIL released, and wake
+        the loop when one moves; ``spin`` polls on the loop between other tasks.
+        Do not iterate :meth:`updates` and :meth:`aupdates` at the same time.
 
         Raises:
             ClosedError, SegmentUnreachableError: as :meth:`updates`.
         """
         self._check_open()
         loop = asyncio.get_running_loop()
-        waiter: _Waiter | None = None
+        waker = _Waker(self, loop)
         pending = self._pending
         idle_deadline = None if timeout is None else time.monotonic() + timeout
-        with self._io:
-            self._settle()
+        self._settle()
         try:
             while True:
                 if self._closed:
                     raise ClosedError("subscriber")
                 if pending:
-                    with self._io:
-                        up = pending.popleft()
-                        self._unsettled = up
+                    up = pending.popleft()
+                    self._unsettled = up
                     yield up
-                    with self._io:
-                        self._settle()
+                    self._settle()
                     if timeout is not None:
                         idle_deadline = time.monotonic() + timeout
                     continue
+                waker.clear()  # before looking: a change after the look wakes the wait
                 with self._io:
                     if self._closed:
                         raise ClosedError("subscriber")
@@ -563,15 +570,11 @@ class Subscriber:
                 step = self._step(now)
                 if idle_deadline is not None:
                     step = min(step, max(0.0, idle_deadline - now))
-                if waiter is None:
-                    waiter = _Waiter(self, loop)
-                await waiter.wait(step)
+                await waker.wait(step)
         finally:
-            if waiter is not None:
-                waiter.close()
+            waker.close()
             if not self._closed:
-                with self._io:
-                    self._settle()
+                self._settle()
 
     # ------------------------------------------------------------- the wait loop
 
@@ -768,20 +771,25 @@ class Subscriber:
         else:
             return  # more queued: no header cross-check while behind
         now = time.monotonic()
-        if now >= self._cross_check_at():
+        if now >= self._cross_check_at(now):
             # Cross-check the headers: a notification lost at the high-water mark or
             # while the broker was down still becomes an update. Only once the queue
-            # is drained: a subscriber that is merely behind gets every announced
-            # version instead of jumping ahead and counting them missed.
+            # is drained, and only when announcements were lost or are late: a
+            # subscriber that is merely behind, or a broker a little late, gets every
+            # announced version instead of jumping ahead and counting them missed.
             self._last_cross = now
+            self._gaps_crossed = self.events_missed
             for tr in self._track_list:
                 if tr.seg is None and self._broker_up is False:
                     self._attach(tr)
                 self._from_header(tr)
 
-    def _cross_check_at(self) -> float:
-        late = time.monotonic() - self._last_heartbeat > 1.5 * self._heartbeat_interval
-        return self._last_cross + (0.001 if late or not self._broker_up else 0.25)
+    def _cross_check_at(self, now: float) -> float:
+        if not self._broker_up or now - self._last_heartbeat > 1.5 * self._heartbeat_interval:
+            return self._last_cross + 0.001  # the broker is silent: poll the headers
+        if self.events_missed != self._gaps_crossed:
+            return self._last_cross + 0.25  # announcements were lost
+        return float("inf")  # the broker announces every version: wait for its news
 
     def _events_housekeeping(self, now: float) -> None:
         if self._broker_up and now - self._last_heartbeat > (self.heartbeat_timeout or 1.7):
@@ -1037,44 +1045,88 @@ class _ExactRead:
             raise TornReadError(up.segment, up.version)
 
 
-class _Waiter:
-    """The helper thread of one :meth:`Subscriber.aupdates` iterator: it runs the
-    subscriber's blocking wait (futex or socket poll, GIL released) and wakes the
-    loop when it returns, so the loop itself never blocks."""
+class _Waker:
+    """What an :meth:`Subscriber.aupdates` iterator sleeps on, without blocking the loop.
+
+    ``events``: the loop watches the SUB socket's file descriptor. ``shm`` and
+    ``futex``: one helper thread sleeps on the notify words (segments' and the
+    namespace word's; never on version numbers, which the loop is consuming) and
+    calls the loop whenever one moves. It loads the words before it calls, and
+    the loop clears its flag before it looks at the segments, so a commit between
+    the two is never lost: either the loop's look sees it, or the words differ
+    from what the thread sleeps on. ``spin`` needs neither.
+    """
 
     def __init__(self, sub: Subscriber, loop: asyncio.AbstractEventLoop) -> None:
         self._sub = sub
         self._loop = loop
-        self._requests: queue.SimpleQueue[tuple[asyncio.Future[None], float] | None] = (
-            queue.SimpleQueue()
-        )
-        self._thread = threading.Thread(target=self._run, name="shmcast-aupdates", daemon=True)
-        self._thread.start()
+        self._woken = False
+        self._fut: asyncio.Future[None] | None = None
+        self._stop = False
+        self._fd: int | None = None
+        self._thread: threading.Thread | None = None
+        if sub._sub is not None:
+            fd = sub._sub.getsockopt(zmq.FD)
+            assert isinstance(fd, int)
+            self._fd = fd
+            loop.add_reader(fd, self._wake)
+        elif sub.mode != "spin":
+            self._thread = threading.Thread(
+                target=self._watch, name="shmcast-aupdates", daemon=True
+            )
+            self._thread.start()
+
+    def clear(self) -> None:
+        self._woken = False
+
+    def _wake(self) -> None:
+        fut = self._fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        else:
+            self._woken = True
 
     async def wait(self, step: float) -> None:
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._requests.put((fut, step))
-        await fut
+        sock = self._sub._sub
+        if sock is not None and int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            return  # the socket's fd signals edges: what is queued already would not wake us
+        if self._woken:
+            return
+        fut = self._loop.create_future()
+        self._fut = fut
+        timer = self._loop.call_later(step, _resolve, fut, None)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._fut = None
 
-    def _run(self) -> None:
+    def _watch(self) -> None:
         sub = self._sub
-        while True:
-            item = self._requests.get()
-            if item is None:
-                return
-            fut, step = item
-            error: BaseException | None = None
+        loop = self._loop
+        before: list[int] | None = None
+        while not self._stop and not sub._closed:
             try:
-                with sub._io:
-                    if not sub._closed:
-                        sub._block(step)
-            except BaseException as exc:  # handed to the awaiting coroutine
-                error = exc
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                self._loop.call_soon_threadsafe(_resolve, fut, error)
+                addrs, vals = notify_words(sub._wait_segs, sub._word)
+            except (ValueError, TypeError, ShmcastError):  # closed under us: look again
+                addrs, vals = [], []
+            if vals != before:
+                try:
+                    loop.call_soon_threadsafe(self._wake)
+                except RuntimeError:  # the loop is closed
+                    return
+            before = vals
+            try:
+                wait_words(addrs, vals, WAIT_SLICE)
+            except (ValueError, OSError):
+                time.sleep(0.001)
 
     def close(self) -> None:
-        self._requests.put(None)
+        self._stop = True
+        if self._fd is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._fd)
+            self._fd = None
 
 
 def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:

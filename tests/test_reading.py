@@ -210,9 +210,10 @@ def test_aupdates_adds_up_and_never_blocks_the_loop(
                 most = max(most, threading.active_count())
                 try:
                     with sub.read(up) as snap:
-                        assert (snap.array == up.version).all()
+                        good = bool((snap.array == up.version).all())
                 except (VersionUnavailableError, TornReadError):
                     continue
+                assert good  # only once the read validated: inside, bytes may be torn
                 delivered.append(up.version)
             if proc.poll() is not None and n == 0 and sub.stats["aio"].last_version >= count:
                 break
