@@ -51,6 +51,7 @@ from ._protocol import (
 )
 from ._segment import Segment
 from ._service import Service
+from ._watch import CommitWatcher, commit_count
 from .client import Endpoints
 from .errors import (
     BrokerRunningError,
@@ -106,6 +107,8 @@ class Broker(Service):
         self.metrics_url: str | None = None
         self._data: DataStream | None = None
         self._word: NamespaceWord | None = None
+        self._watch: zmq.Socket[Any] | None = None
+        self._commits: dict[str, int] = {}  # segment -> its notify word when last announced
 
     # ------------------------------------------------------------------ public
 
@@ -167,6 +170,7 @@ class Broker(Service):
         auth: Any = None
         socks: list[zmq.Socket[Any]] = []
         metrics: MetricsServer | None = None
+        watcher: CommitWatcher | None = None
         bound_paths: list[str] = []
         try:
             rdir = runtime_dir(self.namespace, create=True)
@@ -220,9 +224,13 @@ class Broker(Service):
                 "data": self._data.endpoint if self._data else None,
                 "segments": self._catalog.names(),
             }
+            watcher = self._start_watcher(ctx)
+            socks.append(self._watch)  # type: ignore[arg-type]
             self._set_ready(on_ready, ready)
             self._serve(control)
         finally:
+            if watcher is not None:
+                watcher.close()
             if lock_fd >= 0:  # the segments are ours only while we hold the lock
                 self._shutdown()
             self._close_word()
@@ -313,6 +321,15 @@ class Broker(Service):
             gid=gid,
         )
 
+    def _start_watcher(self, ctx: zmq.Context[Any]) -> CommitWatcher:
+        """The commit watcher (see ``_watch``) and the PAIR socket it wakes us on."""
+        endpoint = f"inproc://shmcast-watch-{id(self):x}-{self.epoch:x}"
+        sock = ctx.socket(zmq.PAIR)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(endpoint)
+        self._watch = sock
+        return CommitWatcher(self._catalog, ctx, endpoint).start()
+
     def _catalog_changed(self) -> None:
         if self._word is not None:
             self._word.catalog_changed()
@@ -339,6 +356,9 @@ class Broker(Service):
     def _serve(self, control: zmq.Socket[Any]) -> None:
         poller = zmq.Poller()
         poller.register(control, zmq.POLLIN)
+        watch = self._watch
+        if watch is not None:
+            poller.register(watch, zmq.POLLIN)
         interval = self.config.heartbeat_interval
         next_beat = time.monotonic()
         while not self._stop.is_set():
@@ -348,6 +368,12 @@ class Broker(Service):
                 next_beat = now + interval
             timeout = max(0.0, min(next_beat - time.monotonic(), 0.1))
             for sock, _ in poller.poll(int(timeout * 1000)):
+                if sock is watch:  # the commit watcher: versions were committed
+                    with contextlib.suppress(zmq.Again):
+                        while True:
+                            watch.recv(zmq.NOBLOCK)
+                    self._announce_committed()
+                    continue
                 # Drain what is queued, bounded so heartbeats stay on time.
                 for _ in range(1000):
                     try:
@@ -359,22 +385,44 @@ class Broker(Service):
     def _tick(self) -> None:
         if self._data is not None:
             self._data.sync()
-        # Announce versions committed without a commit message (a publisher writing
-        # while we were down, or straight through Segment): nothing goes unannounced.
-        for name, entry in self._catalog.items():
-            try:
-                v = entry.seg.version
-            except ShmcastError:
-                continue
-            if v > entry.announced:
-                try:
-                    ts = entry.seg.acquire(v)[3]  # the slot's commit time
-                except ShmcastError:
-                    ts = time.time_ns()  # lapped since: the version is gone, not its news
-                self._announce_version(name, entry, v, ts)
+        # Versions the watcher has not reported yet (a publisher writing while we were
+        # down, a watcher behind): nothing goes unannounced.
+        self._announce_committed()
         self._emit(BROKER_TOPIC, "heartbeat", "", 0, time.time_ns())
         if self._word is not None:
             self._word.heartbeat()
+
+    def _announce_committed(self) -> None:
+        """Announce what the headers say was committed since the last announcement of
+        each segment, one event per version, oldest first, with its commit time.
+
+        The notify word counts commits: when as many commits as version numbers
+        went by, every number was published and each is announced, also those the
+        writer lapped before we looked (their news, as a commit message would have
+        carried it). Otherwise (a relay skips numbers) the versions still in the
+        ring are; subscribers count the others missed."""
+        for name, entry in self._catalog.items():
+            seg = entry.seg
+            try:
+                v = seg.version
+                notify = commit_count(seg)
+            except (ShmcastError, ValueError):
+                continue
+            seen = self._commits.get(name)
+            self._commits[name] = notify
+            if v <= entry.announced:
+                continue
+            commits = None if seen is None else (notify - seen) & 0xFFFFFFFF
+            every = commits is not None and commits >= v - entry.announced
+            ring: dict[int, int] = {}  # version -> commit time, of those still in the ring
+            for u in range(max(entry.announced + 1, v - seg.slots + 1), v + 1):
+                with contextlib.suppress(ShmcastError):
+                    ring[u] = seg.acquire(u)[3]
+            # A lapped version's time is not known any more: the oldest one in the ring's.
+            lapped_ts = min(ring.values(), default=time.time_ns())
+            for u in range(entry.announced + 1 if every else min(ring, default=v), v + 1):
+                if u in ring or every or u == v:
+                    self._announce_version(name, entry, u, ring.get(u, lapped_ts))
 
     def _emit(self, tpc: bytes, kind: str, segment: str, version: int, ts: int) -> None:
         self._seq += 1

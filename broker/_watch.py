@@ -1,0 +1,100 @@
+"""The broker's commit watcher: it learns of every commit through shared memory.
+
+A thread sleeps (``futex_waitv``, GIL released) on the notify words of the
+segments in the catalog. When one moves it waits :data:`DEFER` seconds, so that
+the readers woken by the same commit have the CPU to themselves, then wakes
+the broker's serving thread through an inproc socket; that thread announces
+every version committed since (``Broker._announce_committed``). Publishers
+therefore send nothing per version: no ZeroMQ or broker thread wakes up beside
+the readers at the moment a version is committed, and the broker still
+announces every version for ``events`` subscribers, relays and tools.
+
+The watcher only loads words; it never writes, and it reloads the catalog's
+segments at every wake and at least every :data:`SLICE` seconds (a segment
+deleted under it costs at most one slice of sleep).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from ._catalog import Catalog
+from ._nsword import notify_words, wait_words
+from ._segment import Segment
+from .errors import ShmcastError
+
+__all__ = ["DEFER", "CommitWatcher", "commit_count"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds between a commit and the broker's announcement of it: the readers
+#: woken by the commit run first (about the time a woken reader needs to read).
+DEFER = 0.0001
+#: Longest sleep: how soon the watcher sees a new segment or its stop.
+SLICE = 0.1
+
+
+class CommitWatcher:
+    """The watcher thread of one broker (see the module docstring).
+
+    Args:
+        catalog: the broker's catalog, whose segments are watched.
+        context: the ZeroMQ context of the broker's serving thread (inproc).
+        endpoint: the inproc endpoint the serving thread's PAIR socket binds.
+    """
+
+    def __init__(self, catalog: Catalog, context: zmq.Context[Any], endpoint: str) -> None:
+        self._catalog = catalog
+        self._ctx = context
+        self._endpoint = endpoint
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shmcast-watch", daemon=True)
+
+    def start(self) -> CommitWatcher:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        sock: zmq.Socket[Any] = self._ctx.socket(zmq.PAIR)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 1)  # one pending wake-up says it all
+        sock.connect(self._endpoint)
+        before: list[int] | None = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    addrs, vals = notify_words([e.seg for _, e in self._catalog.items()])
+                except (ValueError, TypeError, ShmcastError):  # a segment closed under us
+                    time.sleep(0.001)
+                    continue
+                if before is not None and vals != before:
+                    with contextlib.suppress(zmq.Again):
+                        sock.send(b"", zmq.NOBLOCK)
+                before = vals
+                try:
+                    wait_words(addrs, vals, SLICE)
+                except (ValueError, OSError):
+                    time.sleep(0.001)
+                    continue
+                time.sleep(DEFER)
+        except Exception:  # the broker's ticks still announce what the headers say
+            log.exception("commit watcher stopped")
+        finally:
+            sock.close(0)
+
+    def close(self) -> None:
+        """Stop the thread (within a slice) and wait for it."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(2 * SLICE + 1.0)
+
+
+def commit_count(seg: Segment) -> int:
+    """The segment's notify word: +1 at every commit (32 bits, wrapping)."""
+    return notify_words([seg])[1][0]
