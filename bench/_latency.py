@@ -27,6 +27,7 @@ import os
 import struct
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -92,10 +93,12 @@ def _serve(
     arm: Callable[[], Recv],
     idle_timeout: float = 30.0,
     idle: Callable[[], None] | None = None,
+    chunk: Callable[[Recv], tuple[list[int], int]] | None = None,
 ) -> None:
     """The child side of the chunk protocol, shared by every contender. ``idle`` runs
     between chunks while no message is waiting (an events subscriber keeps taking the
-    broker's heartbeats, as a real one does, instead of finding them stale)."""
+    broker's heartbeats, as a real one does, instead of finding them stale). ``chunk``
+    replaces the receive loop (the asyncio contender runs its own, on a loop)."""
     tight_timers()
     conn.send(("ready", os.getpid()))
     while True:
@@ -107,21 +110,26 @@ def _serve(
             return
         recv = arm()
         conn.send(("armed", None))
-        lats: list[int] = []
-        lost = 0
-        deadline = time.monotonic() + idle_timeout
-        while True:
-            got = recv()
-            if got is None:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("no stop message")
-                continue
-            t_recv, t_send, flag, gap = got
-            if flag:
-                break
-            lats.append(t_recv - t_send)
-            lost += gap
+        lats, lost = (chunk or partial(_receive, idle_timeout=idle_timeout))(recv)
         conn.send(("lat", (np.asarray(lats[DISCARD:], dtype=np.int64), lost)))
+
+
+def _receive(recv: Recv, idle_timeout: float) -> tuple[list[int], int]:
+    """Latencies and losses until the stop message."""
+    lats: list[int] = []
+    lost = 0
+    deadline = time.monotonic() + idle_timeout
+    while True:
+        got = recv()
+        if got is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError("no stop message")
+            continue
+        t_recv, t_send, flag, gap = got
+        if flag:
+            return lats, lost
+        lats.append(t_recv - t_send)
+        lost += gap
 
 
 # ----------------------------------------------------------------- shmcast children
@@ -267,8 +275,15 @@ def _child_subscriber_async(conn: Any, namespace: str, name: str) -> None:
     from shmcast.subscriber import Subscriber
 
     sub = Subscriber(name, namespace=namespace)
+    state = [0]
 
-    async def chunk(last: int) -> tuple[list[int], int]:
+    def arm() -> Recv:
+        for _ in sub.updates(timeout=0):
+            pass
+        state[0] = sub.segment(name).version
+        return lambda: None  # unused: the chunk runs on its own loop
+
+    async def run(last: int) -> tuple[list[int], int]:
         lats: list[int] = []
         lost = 0
         deadline = time.monotonic() + 30
@@ -291,19 +306,8 @@ def _child_subscriber_async(conn: Any, namespace: str, name: str) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError("no stop message")
 
-    tight_timers()
-    conn.send(("ready", os.getpid()))
     try:
-        while True:
-            kind, _ = conn.recv()
-            if kind == "quit":
-                return
-            for _ in sub.updates(timeout=0):
-                pass
-            last = sub.segment(name).version
-            conn.send(("armed", None))
-            lats, lost = asyncio.run(chunk(last))
-            conn.send(("lat", (np.asarray(lats[DISCARD:], dtype=np.int64), lost)))
+        _serve(conn, arm, chunk=lambda _recv: asyncio.run(run(state[0])))
     finally:
         sub.close()
 

@@ -371,34 +371,20 @@ def wait_segments(
                 time.sleep(timeout)
             return False
     deadline = None if timeout is None else time.monotonic() + timeout
-    addrs: list[int] = []
-    vals: list[int] = []
-    for seg in segments:
-        q32: Any = seg._q32
-        addrs.append(seg._futex.addr)
-        vals.append(q32[NOTIFY_IDX])
+    addrs, vals = notify_words(segments, word)  # before the versions are looked at
+    if word is not None:
+        if vals[0] != seen:
+            return True
+        if not segments:
+            word.wait(seen, timeout)
+            return word.notify != seen
     for seg, after in zip(segments, afters, strict=True):
         q = seg._q
         if q is None:
             raise ClosedError(f"segment {seg.name!r}")
         if q[W_LATEST] > after:
             return True
-    if word is not None:
-        if word.notify != seen:
-            return True
-        addrs.append(word.futex_addr)
-        vals.append(seen)
-    if len(addrs) == 1 and word is not None:
-        word.wait(seen, timeout)
-        return word.notify != seen
-    if len(addrs) > WAITV_MAX:
-        # The kernel's limit: wait on the first words for a millisecond at most.
-        short = time.monotonic() + 0.001
-        deadline = short if deadline is None else min(deadline, short)
-        keep = WAITV_MAX - (1 if word is not None else 0)
-        addrs = addrs[:keep] + ([addrs[-1]] if word is not None else [])
-        vals = vals[:keep] + ([vals[-1]] if word is not None else [])
-    wait_many(addrs, vals, deadline)
+    wait_words(addrs, vals, timeout)
     return deadline is None or time.monotonic() < deadline
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from shmcast.broker import Broker, BrokerConfig
 from shmcast.broker.client import SHM_DIR, runtime_root
 from shmcast.cli.testing import issued_namespaces, unique_namespace
 
@@ -57,3 +58,13 @@ def namespace(monkeypatch: pytest.MonkeyPatch) -> str:
     ns = unique_namespace("t")
     monkeypatch.setenv("SHMCAST_NAMESPACE", ns)
     return ns
+
+
+@pytest.fixture
+def thread_broker(namespace: str) -> Iterator[Broker]:
+    """A broker of ``namespace`` serving in a thread (heartbeat every 0.1 s)."""
+    b = Broker(BrokerConfig(namespace=namespace, heartbeat_interval=0.1)).start()
+    try:
+        yield b
+    finally:
+        b.close()

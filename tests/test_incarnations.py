@@ -4,12 +4,10 @@ re-attach, and deliver or count its versions; a relay's mirror must follow."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
-from shmcast.broker import Broker, BrokerConfig, Segment
+from shmcast.broker import Broker, Segment
 from shmcast.broker.client import ControlClient
 from shmcast.cli._cmd_relay import READY as RELAY_READY
 from shmcast.cli.testing import BROKER_READY, running, unique_namespace, wait_for
@@ -17,15 +15,6 @@ from shmcast.publisher import Publisher
 from shmcast.subscriber import Subscriber, Update
 
 MODES = ["shm", "events", "futex", "spin"]
-
-
-@pytest.fixture
-def broker(namespace: str) -> Iterator[Broker]:
-    b = Broker(BrokerConfig(namespace=namespace, heartbeat_interval=0.1)).start()
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 def _take(sub: Subscriber, name: str, until: object, timeout: float = 10) -> list[Update]:
@@ -43,9 +32,9 @@ def _take(sub: Subscriber, name: str, until: object, timeout: float = 10) -> lis
 
 @pytest.mark.parametrize("mode", MODES)
 def test_every_reader_follows_a_recreated_segment(
-    namespace: str, broker: Broker, mode: str
+    namespace: str, thread_broker: Broker, mode: str
 ) -> None:
-    assert broker.endpoints is not None
+    assert thread_broker.endpoints is not None
     first = Publisher("r", dtype="i8", shape=4, namespace=namespace)
     with first, Subscriber("r", namespace=namespace, wait=mode) as sub:  # type: ignore[arg-type]
         old = first.segment.incarnation
@@ -53,7 +42,7 @@ def test_every_reader_follows_a_recreated_segment(
             first.publish(np.full(4, i, "i8"))
         _take(sub, "r", lambda st: st.last_version == 3)
         first.close()
-        with ControlClient(broker.endpoints.control) as c:
+        with ControlClient(thread_broker.endpoints.control) as c:
             c.request("delete", name="r")
         with Publisher("r", dtype="i8", shape=4, namespace=namespace) as second:
             new = second.segment.incarnation

@@ -7,14 +7,13 @@ import asyncio
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from shmcast.broker import (
     Broker,
-    BrokerConfig,
     TornReadError,
     VersionUnavailableError,
 )
@@ -24,15 +23,6 @@ from shmcast.subscriber import Subscriber, Update
 from ._seg_util import finish, kill, read_line, spawn
 
 MODES = ["shm", "events", "futex", "spin"]
-
-
-@pytest.fixture
-def broker(namespace: str) -> Iterator[Broker]:
-    b = Broker(BrokerConfig(namespace=namespace, heartbeat_interval=0.1)).start()
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 def _publisher(name: str, count: int, rate: float, slots: int = 2) -> subprocess.Popen[str]:
@@ -77,7 +67,7 @@ def _consume_until_done(
 @pytest.mark.parametrize("consumer", ["fast", "slow", "never"])
 @pytest.mark.parametrize("mode", MODES)
 def test_every_version_is_delivered_missed_overrun_or_torn(
-    namespace: str, broker: Broker, mode: str, consumer: str
+    namespace: str, thread_broker: Broker, mode: str, consumer: str
 ) -> None:
     """For a subscriber present from the first version:
     distinct versions delivered + missed + overrun + torn == versions published."""
@@ -115,7 +105,7 @@ def test_every_version_is_delivered_missed_overrun_or_torn(
         assert st.torn + st.overrun > 0, st  # the slow reader was lapped, and it shows
 
 
-def test_read_update_is_exact_and_settles_its_count(namespace: str, broker: Broker) -> None:
+def test_read_update_is_exact_and_settles_its_count(namespace: str, thread_broker: Broker) -> None:
     with (
         Subscriber("e", namespace=namespace) as sub,
         Publisher("e", dtype="i8", shape=4, slots=3, namespace=namespace) as pub,
@@ -159,7 +149,9 @@ def test_read_update_is_exact_and_settles_its_count(namespace: str, broker: Brok
         assert st.updates + st.missed + st.overrun + st.torn == pub.version == 11
 
 
-def test_a_read_of_an_update_read_before_changes_no_count(namespace: str, broker: Broker) -> None:
+def test_a_read_of_an_update_read_before_changes_no_count(
+    namespace: str, thread_broker: Broker
+) -> None:
     with (
         Publisher("twice", dtype="i8", shape=1, slots=2, namespace=namespace) as pub,
         Subscriber("twice", namespace=namespace, wait="futex") as sub,
@@ -183,7 +175,7 @@ def test_a_read_of_an_update_read_before_changes_no_count(namespace: str, broker
 
 @pytest.mark.parametrize("mode", MODES)
 def test_aupdates_adds_up_and_never_blocks_the_loop(
-    namespace: str, broker: Broker, mode: str
+    namespace: str, thread_broker: Broker, mode: str
 ) -> None:
     count = 300
     proc = _publisher("aio", count, 1000)
@@ -239,7 +231,7 @@ def test_aupdates_adds_up_and_never_blocks_the_loop(
     assert extra_threads <= 1  # one helper thread per iterator at most, none per segment
 
 
-def test_aupdates_over_many_segments_uses_one_thread(namespace: str, broker: Broker) -> None:
+def test_aupdates_over_many_segments_uses_one_thread(namespace: str, thread_broker: Broker) -> None:
     names = [f"s{i}" for i in range(6)]
     pubs = [Publisher(n, dtype="i8", shape=1, namespace=namespace) for n in names]
     try:
