@@ -498,7 +498,8 @@ def bench_latency(run: Run) -> dict[str, Any]:
             (SVC_EVENTS, "events", False),
             (SVC_FUTEX, "futex", False),
             (SVC_SPIN, "spin", False),
-            (SVC_SHM_ANNOUNCE, "shm", True),
+            # The old default's cost, for comparison: full runs only.
+            *run.q(((SVC_SHM_ANNOUNCE, "shm", True),), ()),
         )
         try:
             make_pub = _start_service(run, stack)
