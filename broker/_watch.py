@@ -2,9 +2,10 @@
 
 A thread sleeps (``futex_waitv``, GIL released) on the notify words of the
 segments in the catalog. When one moves it waits :data:`DEFER` seconds, so that
-the readers woken by the same commit have the CPU to themselves, then wakes
-the broker's serving thread through an inproc socket; that thread announces
-every version committed since (``Broker._announce_committed``). Publishers
+the readers woken by the same commit have the CPU to themselves (it also runs
+at a lower priority, :data:`NICE`), then wakes the broker's serving thread
+through an inproc socket; that thread announces every version committed since
+(``Broker._announce_committed``). Publishers
 therefore send nothing per version: no ZeroMQ or broker thread wakes up beside
 the readers at the moment a version is committed, and the broker still
 announces every version for ``events`` subscribers, relays and tools.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 DEFER = 0.0001
 #: Longest sleep: how soon the watcher sees a new segment or its stop.
 SLICE = 0.1
+#: The watcher thread's niceness: woken by the same commit as the readers, it yields
+#: the CPU to them on a busy host (its work is deferred anyway).
+NICE = 5
 
 
 class CommitWatcher:
@@ -61,6 +66,8 @@ class CommitWatcher:
         return self
 
     def _run(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # Linux: niceness per thread
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
         sock: zmq.Socket[Any] = self._ctx.socket(zmq.PAIR)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 1)  # one pending wake-up says it all
