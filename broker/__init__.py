@@ -29,6 +29,10 @@ from ._metrics import MetricsServer as MetricsServer
 from ._metrics import start_metrics_server as start_metrics_server
 from ._names import DEFAULT_NAMESPACE as DEFAULT_NAMESPACE
 from ._names import resolve_namespace as resolve_namespace
+from ._nsword import NamespaceWord as NamespaceWord
+from ._nsword import notify_words as notify_words
+from ._nsword import wait_segments as wait_segments
+from ._nsword import wait_words as wait_words
 from ._segment import Segment as Segment
 from ._segment import SegmentInfo as SegmentInfo
 from ._segment import Snapshot as Snapshot
@@ -62,6 +66,7 @@ from .errors import RemoteError as RemoteError
 from .errors import SegmentError as SegmentError
 from .errors import SegmentExistsError as SegmentExistsError
 from .errors import SegmentNotFoundError as SegmentNotFoundError
+from .errors import SegmentUnreachableError as SegmentUnreachableError
 from .errors import ShmcastError as ShmcastError
 from .errors import ShmSpaceError as ShmSpaceError
 from .errors import SlotStuckError as SlotStuckError
@@ -97,6 +102,7 @@ __all__ = [
     "LayoutVersionError",
     "MetricsServer",
     "MissingExtraError",
+    "NamespaceWord",
     "NoVersionError",
     "NotARecordingError",
     "NotASegmentError",
@@ -112,6 +118,7 @@ __all__ = [
     "SegmentInfo",
     "SegmentNotFoundError",
     "SegmentSpec",
+    "SegmentUnreachableError",
     "Service",
     "ShmSpaceError",
     "ShmcastError",
@@ -126,6 +133,7 @@ __all__ = [
     "engine_core",
     "machine_supported",
     "normalize_layout",
+    "notify_words",
     "parse_dtype",
     "resolve_config",
     "resolve_layers",
@@ -133,4 +141,6 @@ __all__ = [
     "segment_size",
     "start_metrics_server",
     "wait_any",
+    "wait_segments",
+    "wait_words",
 ]

@@ -29,7 +29,7 @@ import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Protocol
 
 __all__ = [
     "ENV",
@@ -100,7 +100,8 @@ class Core:
     name: str
     description: str
     ring: Callable[[mmap.mmap, int, int, int, int, bool, bool], RingLike]
-    wait_any: Callable[[tuple[Any, ...], tuple[int, ...], float | None], bool]
+    #: ``wait_any(rings, afters, timeout[, word_addr, word_val])``
+    wait_any: Callable[..., bool]
     fence: Callable[[], None]
     futex: ModuleType | None  # the compiled module for raw futex calls, if it is the one
 

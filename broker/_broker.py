@@ -42,6 +42,7 @@ from ._names import (
     shm_path,
     validate_segment_name,
 )
+from ._nsword import NamespaceWord
 from ._protocol import (
     BROKER_TOPIC,
     MAX_VERSION,
@@ -54,6 +55,7 @@ from ._protocol import (
 )
 from ._segment import Segment
 from ._service import Service
+from ._watch import CommitWatcher, commit_count
 from .client import Endpoints
 from .errors import (
     BrokerRunningError,
@@ -118,6 +120,9 @@ class Broker(Service):
         self.metrics_url: str | None = None
         self._data: DataStream | None = None
         self._events: Events | None = None
+        self._word: NamespaceWord | None = None
+        self._watch: zmq.Socket[Any] | None = None
+        self._commits: dict[str, int] = {}  # segment -> its notify word when last announced
 
     # ------------------------------------------------------------------ public
 
@@ -181,6 +186,7 @@ class Broker(Service):
         socks: list[zmq.Socket[Any]] = []
         events: Events | None = None
         metrics: MetricsServer | None = None
+        watcher: CommitWatcher | None = None
         bound_paths: list[str] = []
         try:
             rdir = runtime_dir(self.namespace, create=True)
@@ -221,6 +227,7 @@ class Broker(Service):
             self.endpoints = Endpoints(
                 control=control_ep, events=events_ep, control_ro=control_ro_ep
             )
+            self._word = self._open_word()
             self._adopt_existing()
             for spec in cfg.segments:
                 self._create(spec.name, spec.dtype, spec.shape, spec.slots)
@@ -249,11 +256,16 @@ class Broker(Service):
                 "data": self._data.endpoint if self._data else None,
                 "segments": self._catalog.names(),
             }
+            watcher = self._start_watcher(ctx)
+            socks.append(self._watch)  # type: ignore[arg-type]
             self._set_ready(on_ready, ready)
             self._serve({control: WRITER, control_ro: READER})
         finally:
+            if watcher is not None:
+                watcher.close()
             if lock_fd >= 0:  # the segments are ours only while we hold the lock
                 self._shutdown()
+            self._close_word()
             if self._data is not None:
                 self._data.close()
             for sock in socks:
@@ -382,6 +394,48 @@ class Broker(Service):
             self._catalog.add(name, CatalogEntry(seg=seg, announced=v))
             log.info("adopted segment %s at version %d", name, v)
 
+    def _open_word(self) -> NamespaceWord:
+        """The namespace word: readers wait on it for catalog changes and heartbeats."""
+        cfg = self.config
+        gid = grp.getgrnam(cfg.group).gr_gid if cfg.group is not None else None
+        return NamespaceWord.serve(
+            self.namespace,
+            epoch=self.epoch,
+            interval=cfg.heartbeat_interval,
+            mode=cfg.mode & 0o644,
+            gid=gid,
+        )
+
+    def _start_watcher(self, ctx: zmq.Context[Any]) -> CommitWatcher:
+        """The commit watcher (see ``_watch``) and the PAIR socket it wakes us on."""
+        endpoint = f"inproc://shmcast-watch-{id(self):x}-{self.epoch:x}"
+        sock = ctx.socket(zmq.PAIR)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(endpoint)
+        self._watch = sock
+        return CommitWatcher(self._catalog, ctx, endpoint, self._wants_every_version).start()
+
+    def _wants_every_version(self, name: str) -> bool:
+        """Whether someone wants each version of ``name`` announced as it is committed
+        (an ``events`` subscriber of its topic, or a relay): the commit watcher's set.
+        (Called from the watcher's thread: both lookups only read.)"""
+        events, data = self._events, self._data
+        if events is not None and events.subscribed(topic(name)):
+            return True
+        return data is not None and not data.closed and data.wanted(name)
+
+    def _catalog_changed(self) -> None:
+        if self._word is not None:
+            self._word.catalog_changed()
+
+    def _close_word(self) -> None:
+        word, self._word = self._word, None
+        if word is not None:
+            word.catalog_changed()  # readers look again at what was unlinked
+            word.stopped()
+            word.unlink_if_alone()
+            word.close()
+
     def _start_metrics(self, port: int, host: str) -> MetricsServer:
         from prometheus_client import CollectorRegistry
 
@@ -400,6 +454,9 @@ class Broker(Service):
         for sock in controls:
             poller.register(sock, zmq.POLLIN)
         poller.register(events.sock, zmq.POLLIN)
+        watch = self._watch
+        if watch is not None:
+            poller.register(watch, zmq.POLLIN)
         interval = self.config.heartbeat_interval
         next_beat = time.monotonic()
         while not self._stop.is_set():
@@ -409,6 +466,12 @@ class Broker(Service):
                 next_beat = now + interval
             timeout = max(0.0, min(next_beat - time.monotonic(), 0.1))
             for sock, _ in poller.poll(int(timeout * 1000)):
+                if sock is watch:  # the commit watcher: versions were committed
+                    with contextlib.suppress(zmq.Again):
+                        while True:
+                            watch.recv(zmq.NOBLOCK)
+                    self._announce_committed()
+                    continue
                 if sock not in controls:
                     old = events.sock
                     if events.drain():
@@ -428,23 +491,48 @@ class Broker(Service):
     def _tick(self) -> None:
         if self._data is not None:
             self._data.sync()
-        # Announce versions committed without a commit message (a publisher writing
-        # while we were down, or straight through Segment): nothing goes unannounced.
         for name, entry in self._catalog.items():
-            try:
-                v = entry.seg.version
-            except ShmcastError:
-                continue
-            if v > MAX_VERSION:
-                self._reclaim(name, entry, f"its latest version word is corrupt ({v})")
-                continue
-            if v > entry.announced:
-                try:
-                    ts = entry.seg.acquire(v)[3]  # the slot's commit time
-                except ShmcastError:
-                    ts = time.time_ns()  # lapped since: the version is gone, not its news
-                self._announce_version(name, entry, v, ts)
+            with contextlib.suppress(ShmcastError):
+                if entry.seg.version > MAX_VERSION:
+                    self._reclaim(name, entry, "its latest version word is corrupt")
+        # Versions the watcher has not reported yet (a publisher writing while we were
+        # down, a watcher behind): nothing goes unannounced.
+        self._announce_committed()
         self._emit(BROKER_TOPIC, "heartbeat", "", 0, time.time_ns())
+        if self._word is not None:
+            self._word.heartbeat()
+
+    def _announce_committed(self) -> None:
+        """Announce what the headers say was committed since the last announcement of
+        each segment, one event per version, oldest first, with its commit time.
+
+        The notify word counts commits: when as many commits as version numbers
+        went by, every number was published and each is announced, also those the
+        writer lapped before we looked (their news, as a commit message would have
+        carried it). Otherwise (a relay skips numbers) the versions still in the
+        ring are; subscribers count the others missed."""
+        for name, entry in self._catalog.items():
+            seg = entry.seg
+            try:
+                v = seg.version
+                notify = commit_count(seg)
+            except (ShmcastError, ValueError):
+                continue
+            seen = self._commits.get(name)
+            self._commits[name] = notify
+            if v <= entry.announced or v > MAX_VERSION:  # corrupt: the tick reclaims it
+                continue
+            commits = None if seen is None else (notify - seen) & 0xFFFFFFFF
+            every = commits is not None and commits >= v - entry.announced
+            ring: dict[int, int] = {}  # version -> commit time, of those still in the ring
+            for u in range(max(entry.announced + 1, v - seg.slots + 1), v + 1):
+                with contextlib.suppress(ShmcastError):
+                    ring[u] = seg.acquire(u)[3]
+            # A lapped version's time is not known any more: the oldest one in the ring's.
+            lapped_ts = min(ring.values(), default=time.time_ns())
+            for u in range(entry.announced + 1 if every else min(ring, default=v), v + 1):
+                if u in ring or every or u == v:
+                    self._announce_version(name, entry, u, ring.get(u, lapped_ts))
 
     def _reclaim(self, name: str, entry: CatalogEntry, why: str) -> None:
         """Drop a segment whose header went bad under us (a corrupt ``latest``): it is
@@ -561,7 +649,7 @@ class Broker(Service):
             seg = entry.seg
             have = _layout_text(dtype_str(seg.dtype), seg.shape, seg.slots)
             if have != wanted:
-                raise LayoutConflictError(name, have, wanted)
+                raise LayoutConflictError(name, have, wanted, self.namespace)
             return self._describe(name)
         limit = self.config.max_segment_bytes
         size = segment_size(int(dt.itemsize) * math.prod(shp), slots)
@@ -599,6 +687,7 @@ class Broker(Service):
             raise
         writer.close()  # the broker owns the segment; publishers take the lease
         self._catalog.add(name, CatalogEntry(seg=reader))
+        self._catalog_changed()
         self._emit(topic(name), "created", name, 0, time.time_ns())
         return self._describe(name)
 
@@ -658,6 +747,7 @@ class Broker(Service):
         self._catalog.pop(name)
         entry.seg.unlink()
         entry.seg.close()
+        self._catalog_changed()
         self._emit(topic(name), "deleted", name, entry.announced, time.time_ns())
         return {"name": name}
 

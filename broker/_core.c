@@ -961,10 +961,24 @@ static int sleep_many(struct shm_waitv *words, unsigned n, int64_t deadline_ns) 
     return 0;
 }
 
-/* wait_any(rings, afters, timeout) -> True when one ring's latest is newer than its
- * after, False on timeout. Any number of rings. */
+static int arg_addr(PyObject *o, void **addr);
+
+/* wait_any(rings, afters, timeout[, word_addr, word_val]) -> True when one ring's
+ * latest is newer than its after, or the extra 32-bit futex word at word_addr (the
+ * namespace word of the subscribers) no longer holds word_val; False on timeout.
+ * Any number of rings. Each ring's sleeper is announced in its waiters word; the
+ * extra word is only slept on (whoever moves it wakes it unconditionally). */
 static PyObject *core_wait_any(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     (void)mod;
+    au32 *xw = NULL;
+    uint64_t xval = 0;
+    if (nargs == 5) {
+        void *xaddr;
+        if (arg_addr(args[3], &xaddr) < 0 || arg_u64(args[4], &xval) < 0)
+            return NULL;
+        xw = (au32 *)xaddr;
+        nargs = 3;
+    }
     if (!nargs_ok(nargs, 3, "wait_any"))
         return NULL;
     PyObject *rings = args[0], *afters_o = args[1];
@@ -981,7 +995,7 @@ static PyObject *core_wait_any(PyObject *mod, PyObject *const *args, Py_ssize_t 
         Py_RETURN_FALSE;
     Ring **r = PyMem_Malloc(sizeof(*r) * n);
     uint64_t *after = PyMem_Malloc(sizeof(*after) * n);
-    struct shm_waitv *v = PyMem_Malloc(sizeof(*v) * n);
+    struct shm_waitv *v = PyMem_Malloc(sizeof(*v) * (n + 1));
     PyObject *result = NULL;
     if (r == NULL || after == NULL || v == NULL) {
         PyErr_NoMemory();
@@ -1006,6 +1020,10 @@ static PyObject *core_wait_any(PyObject *mod, PyObject *const *args, Py_ssize_t 
                 result = Py_True;
                 goto out;
             }
+        if (xw != NULL && atomic_load_explicit(xw, ACQ) != (uint32_t)xval) {
+            result = Py_True;
+            goto out;
+        }
         if (deadline >= 0 && mono_ns() >= deadline) {
             result = Py_False;
             goto out;
@@ -1017,6 +1035,14 @@ static PyObject *core_wait_any(PyObject *mod, PyObject *const *args, Py_ssize_t 
             v[k].uaddr = (uint64_t)(uintptr_t)r[k]->notify;
             v[k].flags = SHM_FUTEX2_SIZE_U32;
             v[k].reserved = 0;
+        }
+        Py_ssize_t words = n;
+        if (xw != NULL) { /* asleep on the expected value: a move since returns at once */
+            v[n].val = (uint32_t)xval;
+            v[n].uaddr = (uint64_t)(uintptr_t)xw;
+            v[n].flags = SHM_FUTEX2_SIZE_U32;
+            v[n].reserved = 0;
+            words = n + 1;
         }
         int again = 0;
         for (Py_ssize_t k = 0; k < n; k++) {
@@ -1037,7 +1063,7 @@ static PyObject *core_wait_any(PyObject *mod, PyObject *const *args, Py_ssize_t 
         }
         int err;
         Py_BEGIN_ALLOW_THREADS
-        err = sleep_many(v, (unsigned)n, until);
+        err = sleep_many(v, (unsigned)words, until);
         if (err == ENOSYS) { /* kernel before 5.16: the first word, in short sleeps */
             int64_t cap = mono_ns() + 500000;
             futex_wait_abs(r[0]->notify, (uint32_t)v[0].val, until < 0 || cap < until ? cap : until);

@@ -6,12 +6,14 @@ segment's read-only slot (``copy=False``: libzmq reads the shared memory itself)
 
 Messages (each a multipart message; relay -> broker bodies are msgpack maps)::
 
-    relay  -> broker  [b"hello", {patterns, window, have: {segment: version}}]
+    relay  -> broker  [b"hello", {patterns, window, have: {segment: version},
+                                  incarnations: {segment: id}}]
                       [b"ack",   {mids: [int, ...]}]       credit back
                       [b"ping",  {}]                       keeps the peer alive
     broker -> relay   [b"welcome", {epoch, namespace, heartbeat_interval}]
                       [b"data", header, payload]           header: {segment, version,
-                            ts, dtype, shape, slots, seq, mid, created}; payload: the bytes
+                            ts, dtype, shape, slots, seq, mid, created,
+                            incarnation}; payload: the bytes
                       [b"verdict", {mid, segment, version, ok}]
                       [b"hb", {epoch, ts, latest: {segment: version}}]
                       [b"who", {}]                         "say hello again"
@@ -104,6 +106,7 @@ class _Source:
     ino: int
     created: int
     raw: list[np.ndarray[Any, Any]]
+    incarnation: int = 0
     copy_until: float = 0.0
     torn: int = 0
 
@@ -114,6 +117,7 @@ class _Peer:
     patterns: tuple[str, ...]
     window: int
     sent: dict[str, int] = field(default_factory=dict)
+    incarnations: dict[str, int] = field(default_factory=dict)
     inflight: dict[int, float] = field(default_factory=dict)
     busy: set[str] = field(default_factory=set)
     last_seen: float = 0.0
@@ -292,6 +296,10 @@ class DataStream:
             router.close(0)
             raise EndpointError("data", endpoint, exc.strerror) from exc
         return router
+
+    def wanted(self, name: str) -> bool:
+        """Whether a relay takes ``name`` (called from the broker's commit watcher)."""
+        return any(peer.wants(name) for peer in list(self._peers.values()))
 
     def notify(self, name: str) -> None:
         """A version of ``name`` was announced (broker thread; never blocks)."""
@@ -486,7 +494,11 @@ class DataStream:
             views = [seg.view(i) for i in range(seg.slots)]
             raw = [v.reshape(-1).view(np.uint8) for v in views]
             src = _Source(
-                seg=seg, ino=os.stat(seg.path).st_ino, created=seg.info().created_ns, raw=raw
+                seg=seg,
+                ino=os.stat(seg.path).st_ino,
+                created=seg.info().created_ns,
+                raw=raw,
+                incarnation=seg.incarnation,
             )
         except (ShmcastError, OSError) as exc:
             seg.close()
@@ -496,6 +508,16 @@ class DataStream:
             log.warning("data stream streams segment %s again", name)
         self._sources[name] = src
         self._dirty.add(name)
+        for peer in self._peers.values():
+            self._forget_other_incarnation(peer, name, seg.incarnation)
+
+    @staticmethod
+    def _forget_other_incarnation(peer: _Peer, name: str, incarnation: int) -> None:
+        """What a relay has of another creation of ``name`` says nothing about this
+        one (whose versions started over): send it everything again."""
+        if peer.incarnations.get(name, incarnation) != incarnation:
+            peer.sent.pop(name, None)
+            peer.incarnations.pop(name, None)
 
     def _detach(self, name: str) -> None:
         self._missing.pop(name, None)
@@ -545,6 +567,11 @@ class DataStream:
                 raise ValueError("have must be a map")
             peer = _Peer(ident=ident, patterns=tuple(patterns), window=min(window, MAX_WINDOW))
             peer.sent = {str(k): int(v) for k, v in have.items() if isinstance(v, int)}
+            incs = body.get("incarnations") or {}
+            if isinstance(incs, dict):
+                peer.incarnations = {str(k): v for k, v in incs.items() if isinstance(v, int)}
+            for name, src in self._sources.items():
+                self._forget_other_incarnation(peer, name, src.incarnation)
             self._peers[ident] = peer
             log.info("relay %s joined for %s", ident.hex(), ", ".join(patterns))
             self._send(
@@ -649,6 +676,7 @@ class DataStream:
             "seq": seq,
             "mid": mid,
             "created": src.created,
+            "incarnation": src.incarnation,
         }
         try:
             tracker = router.send_multipart(

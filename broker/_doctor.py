@@ -31,6 +31,7 @@ from ._names import (
     NAMESPACE_RE,
     ROOT_MODES,
     SHM_DIR,
+    catalog_path,
     list_namespaces,
     list_segment_names,
     owned_problem,
@@ -256,6 +257,7 @@ def _check_objects(namespaces: list[str], fix: bool, explicit: bool) -> list[Che
             for name in orphans + invalid:
                 if Segment.remove(name, namespace=ns):
                     out.append(Check("fixed", OK, f"unlinked {shm_path(ns, name)}"))
+        out.extend(_check_word(ns, alive, fix))
     if not out:
         out.append(Check("objects", OK, f"{len(namespaces)} namespace(s): no orphans, all valid"))
     return out
@@ -282,6 +284,25 @@ def _fix_runtime_dir(path: Path, st: os.stat_result, problem: OwnershipError, ro
     return _not_ours_to_fix(
         "runtime-dir", problem, "set XDG_RUNTIME_DIR to a directory of your own"
     )
+
+
+def _check_word(ns: str, alive: bool, fix: bool) -> list[Check]:
+    """The namespace word (``@catalog``) a killed broker left: harmless, the next
+    broker takes it over; ``--fix`` unlinks it once no segment is left."""
+    word = catalog_path(ns)
+    if alive or not os.path.lexists(word):
+        return []
+    if fix and not list_segment_names(ns):
+        os.unlink(word)
+        return [Check("fixed", OK, f"unlinked {word}")]
+    return [
+        Check(
+            "runtime",
+            WARN,
+            f"{word} is left from a broker that is not running",
+            "harmless (the next broker takes it over); --fix removes it with the segments",
+        )
+    ]
 
 
 def _check_runtime_dirs(namespaces: list[str], fix: bool) -> list[Check]:

@@ -119,6 +119,7 @@ class Events:
         self.topics = 0
         self._received = 0  # subscriptions since the last reset (when TOPICS_COUNT fails)
         self._peers: Counter[str] = Counter()
+        self._subscribed: Counter[bytes] = Counter()  # topic -> subscriptions held
         self.sock = self._socket()
 
     def _socket(self) -> zmq.Socket[Any]:
@@ -159,10 +160,16 @@ class Events:
                 msg = self.sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            if msg.bytes[:1] == b"\x01":
+            data = msg.bytes
+            if data[:1] == b"\x01":
                 self._received += 1
+                self._subscribed[data[1:]] += 1
                 with contextlib.suppress(zmq.ZMQError, KeyError):
                     self._peers[str(msg.get("Peer-Address"))] += 1
+            elif data[:1] == b"\x00" and self._subscribed[data[1:]] > 0:
+                self._subscribed[data[1:]] -= 1  # XPUB_VERBOSER passes unsubscriptions too
+                if not self._subscribed[data[1:]]:
+                    del self._subscribed[data[1:]]
             if i % CHECK_EVERY == CHECK_EVERY - 1 and self._count() > self.max_subscriptions:
                 break
         if self._count() <= self.max_subscriptions:
@@ -171,6 +178,11 @@ class Events:
             return False
         self.reset()
         return True
+
+    def subscribed(self, tpc: bytes) -> bool:
+        """Whether some subscriber holds ``tpc`` (a segment's topic): the broker then
+        announces each of its versions as it is committed, not only at its ticks."""
+        return self._subscribed.get(tpc, 0) > 0
 
     def _count(self) -> int:
         try:
@@ -195,6 +207,7 @@ class Events:
         self.sock = self._socket()
         self._received = 0
         self._peers.clear()
+        self._subscribed.clear()  # its subscribers subscribe again to the new socket
         self.topics = 0
         target = self.endpoint  # the port picked for tcp://...:0 stays the same
         deadline = time.monotonic() + REBIND_TIMEOUT

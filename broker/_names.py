@@ -17,6 +17,8 @@ SHM_DIR = "/dev/shm"
 PREFIX = "shmcast"
 NAMESPACE_ENV = "SHMCAST_NAMESPACE"
 DEFAULT_NAMESPACE = "default"
+#: The namespace word's name in place of a segment's (``@`` starts no segment name).
+CATALOG_OBJECT = "@catalog"
 
 NAMESPACE_RE = re.compile(r"[A-Za-z0-9_-]{1,48}")
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
@@ -65,15 +67,23 @@ def shm_path(namespace: str, segment: str) -> str:
     return os.path.join(SHM_DIR, object_name(namespace, segment))
 
 
+def catalog_path(namespace: str) -> str:
+    """The path of a namespace's word (see ``_nsword``), beside its segments."""
+    return shm_path(namespace, CATALOG_OBJECT)
+
+
 def list_segment_names(namespace: str) -> list[str]:
-    """Names of the objects of ``namespace`` in ``/dev/shm`` (valid or not)."""
+    """Names of the segment objects of ``namespace`` in ``/dev/shm`` (valid or not);
+    the namespace word (``@catalog``) is not a segment."""
     prefix = f"{PREFIX}.{namespace}."
     try:
         entries = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return []
     return sorted(
-        e[len(prefix) :] for e in entries if e.startswith(prefix) and len(e) > len(prefix)
+        e[len(prefix) :]
+        for e in entries
+        if e.startswith(prefix) and len(e) > len(prefix) and e[len(prefix)] != "@"
     )
 
 

@@ -81,7 +81,7 @@ def unpack(data: bytes, limit: int = MAX_REQUEST) -> dict[str, Any]:
 def error_reply(exc: BaseException) -> dict[str, Any]:
     reply: dict[str, Any] = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
     for attr in (
-        *("segment", "existing", "requested", "pid", "needed", "free"),
+        *("segment", "existing", "requested", "pid", "needed", "free", "namespace"),
         *("path", "reason", "uid", "mode", "kind", "expected", "op", "role", "endpoint"),
     ):
         val = getattr(exc, attr, None)
@@ -97,7 +97,13 @@ def raise_remote(reply: dict[str, Any]) -> None:
     seg = str(reply.get("segment", "?"))
     exc: ShmcastError
     if kind == "LayoutConflictError":
-        exc = LayoutConflictError(seg, str(reply.get("existing")), str(reply.get("requested")))
+        ns = reply.get("namespace")
+        exc = LayoutConflictError(
+            seg,
+            str(reply.get("existing")),
+            str(reply.get("requested")),
+            ns if isinstance(ns, str) else None,
+        )
     elif kind == "WriterBusyError":
         pid = reply.get("pid")
         exc = WriterBusyError(seg, pid if isinstance(pid, int) else None)

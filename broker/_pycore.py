@@ -319,16 +319,27 @@ class Ring:
             self._flag_mm = None
 
 
-def wait_any(rings: tuple[Any, ...], afters: tuple[int, ...], timeout: float | None) -> bool:
-    """Sleep until one ring's latest is newer than its ``afters`` entry; False on timeout.
+def wait_any(
+    rings: tuple[Any, ...],
+    afters: tuple[int, ...],
+    timeout: float | None,
+    word_addr: int = 0,
+    word_val: int = 0,
+) -> bool:
+    """Sleep until one ring's latest is newer than its ``afters`` entry, or the extra
+    32-bit futex word at ``word_addr`` (when not 0) no longer holds ``word_val``;
+    False on timeout.
 
     More rings than one ``futex_waitv`` takes are split into groups of
     :data:`GROUP`: helper threads sleep on the later groups, each also on a
     private word that whoever returns first bumps and wakes.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
+    extra = ctypes.c_uint32.from_address(word_addr) if word_addr else None
     while True:
         if any(r.latest() > a for r, a in zip(rings, afters, strict=True)):
+            return True
+        if extra is not None and extra.value != word_val:  # one aligned 4-byte load
             return True
         if deadline is not None and time.monotonic() >= deadline:
             return False
@@ -345,7 +356,10 @@ def wait_any(rings: tuple[Any, ...], afters: tuple[int, ...], timeout: float | N
             cap = time.monotonic() + min(caps)
             until = cap if until is None else min(until, cap)
         addrs = [r.notify_addr for r in rings]
-        if len(rings) <= WAITV_MAX:
+        if word_addr:  # slept on at its expected value: a move since returns at once
+            addrs.append(word_addr)
+            words.append(word_val)
+        if len(addrs) <= WAITV_MAX:
             wait_many(addrs, words, until)
         else:
             _sleep_groups(addrs, words, until)

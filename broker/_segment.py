@@ -64,6 +64,7 @@ from ._layout import (
     MAGIC,
     MAX_SLOTS,
     MAX_VERSION,
+    NOTIFY_OFF,
     W_CREATED,
     W_DESCR_LEN,
     W_EPOCH,
@@ -442,6 +443,10 @@ class Segment:
         self._shape = shape
         q = memoryview(mm).cast("Q")
         self._q = q
+        # The notify word, for waits that sleep on it beside other words (a
+        # subscriber's namespace word): its address and value. A buffer export
+        # of the mapping, released at close.
+        self._notify = np.frombuffer(mm, dtype=np.uint32, count=1, offset=NOTIFY_OFF)
         self._slots = int(q[W_SLOTS])
         self._nbytes = int(q[W_NBYTES])
         hs = int(q[W_HEADER_SIZE])
@@ -793,6 +798,11 @@ class Segment:
             raise NoVersionError(self._name)
         raise VersionUnavailableError(self._name, v, latest, self._slots)
 
+    def _notify_word(self) -> tuple[int, int]:
+        """``(address, value)`` of the header's notify word (+1 at every commit)."""
+        self._header()
+        return int(self._notify.ctypes.data), int(self._notify[0])
+
     def _stuck(self, version: int) -> SlotStuckError:
         return SlotStuckError(self._name, version, MAX_RETRIES, self.writer_alive())
 
@@ -914,6 +924,7 @@ class Segment:
                     q[W_WRITER_PID] = 0
         self._views = []
         self._loan_views = []
+        self._notify = np.empty(0, np.uint32)
         self._raw = []
         for mv in self._raw_mv:  # exports of the mmap: released, or it cannot be closed
             mv.release()
@@ -1032,8 +1043,16 @@ def machine_supported() -> bool:
     return core_status()[0] is not None
 
 
-def wait_any(segments: list[Segment], afters: list[int], timeout: float | None = None) -> bool:
-    """Block until one of ``segments`` has a version newer than its ``afters`` entry.
+def wait_any(
+    segments: list[Segment],
+    afters: list[int],
+    timeout: float | None = None,
+    *,
+    word: tuple[int, int] | None = None,
+) -> bool:
+    """Block until one of ``segments`` has a version newer than its ``afters`` entry
+    (or, with ``word = (address, value)``, the 32-bit futex word there no longer
+    holds ``value``: the subscribers' namespace word).
 
     One futex per segment, waited on together with ``futex_waitv`` (Linux 5.16+;
     older kernels fall back to short sleeps), without the GIL. Any number of
@@ -1041,17 +1060,18 @@ def wait_any(segments: list[Segment], afters: list[int], timeout: float | None =
     on the further groups for the length of the call, so idle costs no CPU and a
     commit to any segment wakes the caller at once. Returns False on timeout.
     """
-    if len(segments) == 1:
+    if len(segments) == 1 and word is None:
         return segments[0].wait(afters[0], timeout) > afters[0]
     if not segments:
         raise ValueError("wait_any needs at least one segment")
+    extra = () if word is None else (int(word[0]), int(word[1]) & 0xFFFFFFFF)
     rings = tuple(seg._waiting_ring() for seg in segments)
     after = tuple(max(0, int(a)) for a in afters)
     if len(rings) != len(after):
         raise ValueError(f"{len(segments)} segments but {len(afters)} versions")
     core = segments[0]._core
     if all(seg._core is core for seg in segments):
-        return core.wait_any(rings, after, timeout)
+        return core.wait_any(rings, after, timeout, *extra)
     # Handles opened under different SHMCAST_CORE settings: each core in turn, briefly.
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
@@ -1063,5 +1083,5 @@ def wait_any(segments: list[Segment], afters: list[int], timeout: float | None =
             mine = [
                 (r, a) for seg, r, a in zip(segments, rings, after, strict=True) if seg._core is c
             ]
-            if c.wait_any(tuple(r for r, _ in mine), tuple(a for _, a in mine), 0.005):
+            if c.wait_any(tuple(r for r, _ in mine), tuple(a for _, a in mine), 0.005, *extra):
                 return True

@@ -10,6 +10,7 @@ message, which names the segment, endpoint or size involved and the fix::
     │   └── ArrayMismatchError      an array that does not fit the segment
     ├── SegmentError                something about one segment
     │   ├── SegmentNotFoundError
+    │   │   └── SegmentUnreachableError  the broker has it; this process's /dev/shm not
     │   ├── SegmentExistsError
     │   ├── NotASegmentError        not a shmcast segment, or a corrupt header
     │   ├── LayoutVersionError      written by another layout version
@@ -76,6 +77,7 @@ __all__ = [
     "SegmentError",
     "SegmentExistsError",
     "SegmentNotFoundError",
+    "SegmentUnreachableError",
     "ShmSpaceError",
     "ShmcastError",
     "SlotStuckError",
@@ -140,13 +142,36 @@ class SegmentNotFoundError(SegmentError, FileNotFoundError):
         )
 
 
+class SegmentUnreachableError(SegmentNotFoundError):
+    """The broker serves the segment, but this process cannot see it: its ``/dev/shm``
+    is not the broker's (a container that did not join the broker's IPC namespace)."""
+
+    def __init__(self, segment: str, namespace: str, path: str, endpoint: str) -> None:
+        self.path = path
+        self.endpoint = endpoint
+        super().__init__(segment, namespace)
+        what = "namespace" if segment.startswith("@") else f"segment {segment!r} of namespace"
+        self.args = (
+            f"the broker at {endpoint} serves {what} {namespace!r}, but {path} does not "
+            f"exist here: this process does not share the broker's /dev/shm (Docker: "
+            f'--ipc container:<broker>, compose ipc: "service:broker"; Kubernetes: the '
+            f"same pod, /dev/shm an emptyDir of medium Memory)",
+        )
+
+
+def _rm_hint(segment: str, namespace: str | None) -> str:
+    ns = f" -n {namespace}" if namespace else ""
+    return f"`shmcast rm {segment}{ns}`"
+
+
 class SegmentExistsError(SegmentError, FileExistsError):
     def __init__(self, segment: str, namespace: str) -> None:
         self.namespace = namespace
         super().__init__(
             segment,
             f"segment {segment!r} already exists in namespace {namespace!r} "
-            f"(attach to it with Segment.attach(..., writable=True), or unlink it first)",
+            f"(attach to it with Segment.attach(..., writable=True), or delete it first: "
+            f"{_rm_hint(segment, namespace if namespace != '?' else None)})",
         )
 
 
@@ -173,13 +198,17 @@ class LayoutVersionError(SegmentError):
 
 
 class LayoutConflictError(SegmentError):
-    def __init__(self, segment: str, existing: str, requested: str) -> None:
+    def __init__(
+        self, segment: str, existing: str, requested: str, namespace: str | None = None
+    ) -> None:
         self.existing = existing
         self.requested = requested
+        self.namespace = namespace
         super().__init__(
             segment,
             f"segment {segment!r} exists as {existing}, requested {requested}; "
-            f"use another name or delete the segment first",
+            f"use another name, or delete {segment!r} first: {_rm_hint(segment, namespace)} "
+            f"(refused while a writer holds it)",
         )
 
 

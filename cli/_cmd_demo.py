@@ -50,11 +50,17 @@ in a temporary directory) needs the extra: pip install 'shmcast[record]'.
 """
 
 SUBSCRIBERS = (
-    ("strategy", ["ticks"], "events"),
+    ("strategy", ["ticks"], "shm"),
     ("viewer", ["frames"], "futex"),
 )
 RECORDED = ["ticks", "frames"]
 DEMO_SLOTS = 8
+
+#: The one-line legend under the subscribers' table: what each counter counts (per
+#: segment the four add up to the versions published while the subscriber ran).
+LEGEND = (
+    "UPDATES delivered | MISSED never seen | OVERRUN lapped before read | TORN overwritten, dropped"
+)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -75,13 +81,21 @@ def _scrape(url: str) -> dict[str, Any]:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(url, timeout=2).read().decode()
-    out: dict[str, Any] = {"updates": 0.0, "missed": 0.0, "torn": 0.0, "buckets": {}}
+    out: dict[str, Any] = {
+        "updates": 0.0,
+        "missed": 0.0,
+        "overrun": 0.0,
+        "torn": 0.0,
+        "buckets": {},
+    }
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name == "shmcast_updates_received_total":
                 out["updates"] += s.value
             elif s.name == "shmcast_versions_missed_total":
                 out["missed"] += s.value
+            elif s.name == "shmcast_versions_overrun_total":
+                out["overrun"] += s.value
             elif s.name == "shmcast_torn_reads_total":
                 out["torn"] += s.value
             elif s.name == "shmcast_publish_to_read_latency_seconds_bucket":
@@ -137,16 +151,19 @@ def _render(
         )
     lines.append("")
     lines.append(
-        f"{'SUBSCRIBER':10} {'UPDATES':>8} {'MISSED':>7} {'TORN':>5} {'~P50':>7} {'~P99':>7}"
+        f"{'SUBSCRIBER':10} {'UPDATES':>8} {'MISSED':>7} {'OVERRUN':>8} {'TORN':>5} "
+        f"{'~P50':>7} {'~P99':>7}"
     )
     for name, m in subs:
         if "error" in m:
             lines.append(f"{name:10} (metrics unavailable: {m['error']})")
             continue
         lines.append(
-            f"{name:10} {m['updates']:>8.0f} {m['missed']:>7.0f} {m['torn']:>5.0f} "
-            f"{_fmt_s(_quantile(m['buckets'], 0.5)):>7} {_fmt_s(_quantile(m['buckets'], 0.99)):>7}"
+            f"{name:10} {m['updates']:>8.0f} {m['missed']:>7.0f} {m['overrun']:>8.0f} "
+            f"{m['torn']:>5.0f} {_fmt_s(_quantile(m['buckets'], 0.5)):>7} "
+            f"{_fmt_s(_quantile(m['buckets'], 0.99)):>7}"
         )
+    lines.append(LEGEND)
     if recording is not None:
         lines.append("")
         lines.append(f"recorder   {', '.join(RECORDED)} -> {recording} ({_size(recording)})")

@@ -6,6 +6,9 @@ import argparse
 import sys
 import threading
 
+from shmcast.broker import Segment
+from shmcast.broker.client import ControlClient, resolve_namespace
+from shmcast.broker.errors import SegmentNotFoundError, SegmentUnreachableError, ShmcastError
 from shmcast.subscriber import Subscriber, WaitMode, run_worker, serve_metrics
 
 from ._options import add_broker_option, broker_endpoint
@@ -19,13 +22,22 @@ EXAMPLES = """\
 examples:
   shmcast subscribe ticks --stats                     mean/std/max of each version, in place
   shmcast subscribe ticks frames --json --count 100   one JSON object per update
-  shmcast subscribe frames --wait futex               block on the segment, no broker hop
+  shmcast subscribe frames --wait events              the broker's announcements (ZeroMQ)
+  shmcast subscribe frames --wait futex               no broker at all: the segment must exist
   shmcast subscribe ticks --spin                      busy-poll: lowest latency, one core
   shmcast subscribe ticks --metrics-port 9101         Prometheus metrics (0 picks a port)
+  shmcast subscribe ticks --timeout 5                 exit 1 if nothing arrives within 5 s
 
-Lines on stderr: 'shmcast subscribe ready: {json}' (with the metrics URL) at start,
-'shmcast subscribe done: {json}' (counts, latency percentiles) at the end.
+Each version is read exactly (the one announced, not the latest). A segment that does
+not exist yet is waited for; after a second the subscriber says so and names the
+segments that do exist. Lines on stderr: 'shmcast subscribe ready: {json}' (with the
+metrics URL) at start, 'shmcast subscribe done: {json}' (the four counters per segment:
+updates, missed, overrun, torn; latency percentiles) at the end.
+Exit code 0, or 1 when --timeout passed with nothing received (or on an error).
 """
+
+#: Seconds before a subscriber waiting for a segment that does not exist says so.
+MISSING_AFTER = 1.0
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -34,12 +46,17 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per update on stdout")
     p.add_argument("--quiet", "-q", action="store_true", help="no line per update (metrics only)")
     p.add_argument("--count", type=int, default=0, help="stop after N updates (0: never)")
-    p.add_argument("--timeout", type=float, help="stop after S seconds without an update")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        help="stop after S seconds without an update (exit 1 if none came at all)",
+    )
     p.add_argument(
         "--wait",
-        choices=["events", "futex", "spin"],
-        default="events",
-        help="how to learn of versions: broker announcements (default), futex, busy-poll",
+        choices=["shm", "events", "futex", "spin"],
+        default="shm",
+        help="how to learn of versions: shared memory (futex on the segments and the "
+        "namespace word), the broker's announcements, futex without a broker, busy-poll",
     )
     p.add_argument("--spin", action="store_true", help="same as --wait spin")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
@@ -55,13 +72,35 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     wait: WaitMode = "spin" if args.spin else args.wait
     stop = threading.Event()
-    broker = broker_endpoint(args) if wait == "events" else None
-    with (
-        stop_on_signals(stop.set),
-        Subscriber(
-            args.segments, namespace=args.namespace, broker=broker, wait=wait, name=args.name
-        ) as sub,
-    ):
+    endpoint = broker_endpoint(args)
+    broker = endpoint if wait in ("shm", "events") else None
+    try:
+        sub = Subscriber(
+            args.segments,
+            namespace=args.namespace,
+            broker=broker,
+            wait=wait,
+            name=args.name,
+            timeout=2.0 if wait in ("futex", "spin") else 5.0,
+        )
+    except SegmentUnreachableError:
+        raise  # main() prints it: not a missing segment, a /dev/shm that is not shared
+    except SegmentNotFoundError as exc:  # futex/spin: the segment must exist already
+        ns = resolve_namespace(args.namespace)
+        print(f"shmcast subscribe: error: {_missing(exc.segment, ns, endpoint)}", file=sys.stderr)
+        return 1
+    told = False
+
+    def idle(elapsed: float) -> None:
+        nonlocal told
+        absent = sub.absent()
+        if told or not absent or elapsed < MISSING_AFTER:
+            return
+        told = True
+        for name in absent:
+            print(f"shmcast subscribe: {_missing(name, sub.namespace, endpoint)}", file=sys.stderr)
+
+    with stop_on_signals(stop.set), sub:
         server = None
         if args.metrics_port is not None:
             server = serve_metrics(sub, args.metrics_port, host=args.metrics_host, name=args.name)
@@ -73,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                 "metrics": server.url if server is not None else None,
             }
             print_ready(READY, ready, stream=sys.stderr)
-            run_worker(
+            handled = run_worker(
                 sub,
                 sys.stdout,
                 stats=args.stats,
@@ -82,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
                 count=args.count,
                 timeout=args.timeout,
                 stop=stop,
+                idle=idle,
             )
         finally:
             if server is not None:
@@ -90,14 +130,35 @@ def run(args: argparse.Namespace) -> int:
             name: {
                 "updates": st.updates,
                 "missed": st.missed,
-                "torn": sub.torn_reads(name),
+                "overrun": st.overrun,
+                "torn": st.torn,
                 "p50_us": _us(st.percentile(50)),
                 "p99_us": _us(st.percentile(99)),
             }
             for name, st in sub.stats.items()
         }
         print_ready(DONE, done, stream=sys.stderr)
+    if handled == 0 and args.timeout is not None and not stop.is_set():
+        print(
+            f"shmcast subscribe: nothing received from {', '.join(args.segments)} "
+            f"in {args.timeout:g} s",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _missing(name: str, namespace: str, endpoint: str) -> str:
+    """ "no segment 'frame' in namespace 'lab' yet; existing: frames, ticks"."""
+    try:
+        with ControlClient(endpoint, timeout=1.0) as client:
+            names = [str(s["name"]) for s in client.request("list")["segments"]]
+    except ShmcastError:
+        names = Segment.list(namespace)
+    return (
+        f"no segment {name!r} in namespace {namespace!r} yet; "
+        f"existing: {', '.join(names) if names else 'none'}"
+    )
 
 
 def _us(seconds: float | None) -> float | None:

@@ -38,8 +38,10 @@ examples:
 --broker defaults to $SHMCAST_BROKER (set in the containers of docker/compose.yaml),
 else the namespace's ipc endpoint.
 
-Subscribers appear when they run in events mode (they report to the broker
-about once a second); LAG is how many versions a subscriber is behind.
+Subscribers appear when they run in shm (the default) or events mode (they report
+to the broker about once a second); LAG is how many versions a subscriber is
+behind; per segment UPDATES + MISSED + OVERRUN + TORN add up to the versions
+published while it ran.
 """
 
 # Alternate screen, hidden cursor; and their undo.
@@ -136,7 +138,7 @@ def render(ns: str, endpoint: str, cur: Sample, prev: Sample | None) -> list[str
     lines.append("")
     lines.append(
         f"{'SUBSCRIBER':16} {'PID':>7} {'SEGMENT':16} {'VERSION':>10} {'LAG':>6} "
-        f"{'UPDATES':>9} {'MISSED':>7} {'TORN':>5} {'P50':>8} {'P99':>8}"
+        f"{'UPDATES':>9} {'MISSED':>7} {'OVERRUN':>7} {'TORN':>5} {'P50':>8} {'P99':>8}"
     )
     for sub in cur.subscribers:
         for seg, c in sorted(sub.get("segments", {}).items()):
@@ -145,7 +147,7 @@ def render(ns: str, endpoint: str, cur: Sample, prev: Sample | None) -> list[str
             lines.append(
                 f"{str(sub['name'])[:16]:16} {sub['pid']:>7} {seg:16} {last:>10} "
                 f"{'-' if lag is None else max(lag, 0):>6} {c.get('updates', 0):>9} "
-                f"{c.get('missed', 0):>7} {c.get('torn', 0):>5} "
+                f"{c.get('missed', 0):>7} {c.get('overrun', 0):>7} {c.get('torn', 0):>5} "
                 f"{_secs(c.get('p50')):>8} {_secs(c.get('p99')):>8}"
             )
     if not cur.subscribers:

@@ -25,6 +25,7 @@ from . import (
     _cmd_record,
     _cmd_relay,
     _cmd_replay,
+    _cmd_rm,
     _cmd_subscribe,
     _cmd_top,
 )
@@ -35,6 +36,7 @@ COMMANDS: tuple[tuple[str, ModuleType], ...] = (
     ("publish", _cmd_publish),
     ("subscribe", _cmd_subscribe),
     ("ls", _cmd_ls),
+    ("rm", _cmd_rm),
     ("top", _cmd_top),
     ("health", _cmd_health),
     ("demo", _cmd_demo),
@@ -60,12 +62,27 @@ Every command takes --namespace (default: $SHMCAST_NAMESPACE, else 'default').
 """
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples as written, and each option's default after its help
+    (unless the help already names it, or there is none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "default" in text
+            or not action.option_strings
+            or action.default in (None, False, argparse.SUPPRESS)
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmcast",
         description="Real-time pub/sub of numpy arrays through shared memory.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in COMMANDS:
@@ -74,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=module.HELP,
             description=module.HELP,
             epilog=module.EXAMPLES,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         p.add_argument(
             "--namespace",
@@ -86,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--log-level",
             default="WARNING",
             choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-            help="logging verbosity on stderr (default: WARNING)",
+            help="logging verbosity on stderr",
         )
         module.configure(p)
         p.set_defaults(_run=module.run)

@@ -22,14 +22,15 @@ subscribers read it zero-copy and cannot tell it from a local segment except by
   ``shmcast_relay_upstream_up``, catalog ``upstream_up: false``); the local
   segments keep their last data. ZeroMQ reconnects by itself; the relay says
   ``hello`` again (with the versions it has) and catches up to the latest.
-- An upstream segment that was recreated (new layout, or its versions started
-  over) is recreated locally, since versions only go forward; so is a mirror
-  whose local header went corrupt (a ``latest`` beyond any real version).
+- An upstream segment that was recreated (a new incarnation id in the data
+  header, or a new layout) is recreated locally: local readers then see a new
+  incarnation too and follow it, whatever the new version numbers.
 - Requests to the local broker (creating a mirror, the catalog's
   ``upstream_up``, deletions, the restart check) run in a thread of their own
   (``_relay_local``): a stalled local broker never stalls the data loop. A
   mirror the local broker refused (or did not answer for) is tried again,
-  after 1 s, then twice as long each time up to 30 s.
+  after 1 s, then twice as long each time up to 30 s. A mirror whose local
+  header went corrupt (a ``latest`` beyond any real version) is recreated too.
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ class _Mirror:
     layout: Layout
     created: int
     pub: Publisher
+    incarnation: int = 0
 
 
 @dataclass
@@ -439,7 +441,13 @@ class Relay(Service):
             spec = done.spec
             self._creating.discard(spec.name)
             if isinstance(done, Created):
-                m = _Mirror(name=spec.name, layout=spec.layout, created=spec.created, pub=done.pub)
+                m = _Mirror(
+                    name=spec.name,
+                    layout=spec.layout,
+                    created=spec.created,
+                    pub=done.pub,
+                    incarnation=spec.incarnation,
+                )
                 with self._lock:
                     self._mirrors[spec.name] = m
                     self._refused.pop(spec.name, None)
@@ -475,12 +483,19 @@ class Relay(Service):
 
     def _send_hello(self) -> None:
         have = {}
+        incarnations = {}
         for name, m in self._mirrors.items():
             with contextlib.suppress(ShmcastError, ValueError):
                 have[name] = int(m.pub.version)
+                incarnations[name] = m.incarnation
         self._send(
             b"hello",
-            {"patterns": list(self.config.segments), "window": self.config.window, "have": have},
+            {
+                "patterns": list(self.config.segments),
+                "window": self.config.window,
+                "have": have,
+                "incarnations": incarnations,
+            },
         )
 
     def _flush_acks(self) -> None:
@@ -597,6 +612,9 @@ class Relay(Service):
         shape = hdr.get("shape")
         slots = hdr.get("slots")
         created = hdr.get("created", 0)
+        incarnation = hdr.get("incarnation", 0)
+        if not isinstance(incarnation, int):
+            raise ValueError("data header incarnation must be an integer")
         if not isinstance(shape, list) or not isinstance(slots, int):
             raise ValueError("data header needs shape and slots")
         dt, shp = normalize_layout(parse_dtype(str(hdr.get("dtype"))), tuple(shape))
@@ -604,8 +622,13 @@ class Relay(Service):
         m = self._mirrors.get(name)
         if m is not None:
             local = m.pub.version
-            went_back = int(hdr["version"]) <= local and created != m.created
-            if m.layout == layout and not went_back and local <= MAX_VERSION:
+            if incarnation and m.incarnation:
+                # Each creation upstream has its own id: a new one is a new mirror, so
+                # local readers see a new incarnation too, whatever its version numbers.
+                recreated = incarnation != m.incarnation
+            else:  # an upstream older than incarnation ids
+                recreated = int(hdr["version"]) <= local and created != m.created
+            if m.layout == layout and not recreated and local <= MAX_VERSION:
                 return m
             # The upstream segment was recreated, or ours went corrupt: so is the mirror
             # recreated (versions only go forward).
@@ -624,7 +647,13 @@ class Relay(Service):
         self._creating.add(name)
         self._localbroker.create(
             MirrorSpec(
-                name, dt, shp, slots, layout, int(created) if isinstance(created, int) else 0
+                name,
+                dt,
+                shp,
+                slots,
+                layout,
+                int(created) if isinstance(created, int) else 0,
+                incarnation,
             )
         )
         return None

@@ -43,6 +43,7 @@ class MirrorSpec:
     slots: int
     layout: Layout
     created: int
+    incarnation: int = 0  # the upstream creation it mirrors (0: an older upstream)
 
 
 @dataclass

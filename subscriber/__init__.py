@@ -5,10 +5,10 @@ from ._metrics import serve_metrics as serve_metrics
 from ._recorder import Recorded as Recorded
 from ._recorder import Recorder as Recorder
 from ._recorder import RecorderStats as RecorderStats
-from ._subscriber import LATENCY_BUCKETS as LATENCY_BUCKETS
-from ._subscriber import SegmentStats as SegmentStats
+from ._stats import LATENCY_BUCKETS as LATENCY_BUCKETS
+from ._stats import SegmentStats as SegmentStats
+from ._stats import Update as Update
 from ._subscriber import Subscriber as Subscriber
-from ._subscriber import Update as Update
 from ._subscriber import WaitMode as WaitMode
 from ._worker import analyse as analyse
 from ._worker import run_worker as run_worker

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -16,9 +15,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from shmcast.broker import MetricsServer, start_metrics_server
-from shmcast.broker.errors import ShmcastError
 
-from ._subscriber import LATENCY_BUCKETS
+from ._stats import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -39,14 +37,26 @@ class SubscriberCollector(Collector):
         sub = self._sub
         ns = sub.namespace
         labels = ["namespace", "subscriber", "segment"]
+        # The four version counters: per segment they add up to the versions published.
         updates = CounterMetricFamily(
-            "shmcast_updates_received", "Versions this subscriber learnt of", labels=labels
+            "shmcast_updates_received",
+            "Versions delivered (updates handed out; a read one only if its read completed)",
+            labels=labels,
         )
         missed = CounterMetricFamily(
-            "shmcast_versions_missed", "Versions skipped between two updates", labels=labels
+            "shmcast_versions_missed",
+            "Versions never learnt of (gaps in the announcements or the headers)",
+            labels=labels,
+        )
+        overrun = CounterMetricFamily(
+            "shmcast_versions_overrun",
+            "Versions learnt of but lapped by the writer before their read could start",
+            labels=labels,
         )
         torn = CounterMetricFamily(
-            "shmcast_torn_reads", "Reads invalidated because the writer lapped them", labels=labels
+            "shmcast_torn_reads",
+            "Versions whose read started but failed validation (overwritten meanwhile)",
+            labels=labels,
         )
         stale = GaugeMetricFamily(
             "shmcast_staleness_seconds", "Age of the latest version seen", labels=labels
@@ -64,14 +74,13 @@ class SubscriberCollector(Collector):
             lv = [ns, self._name, seg]
             updates.add_metric(lv, st.updates)
             missed.add_metric(lv, st.missed)
-            torn.add_metric(lv, sub.torn_reads(seg))
+            overrun.add_metric(lv, st.overrun)
+            torn.add_metric(lv, st.torn)
             version.add_metric(lv, st.last_version)
             # Staleness on the monotonic clock: a clock step neither fires nor hides it.
-            mono = st.last_mono
-            with contextlib.suppress(ShmcastError, KeyError, ValueError):
-                mono = max(mono, sub.segment(seg).info().monotonic_ns)
-            if mono:
-                stale.add_metric(lv, max(0.0, (now - mono) / 1e9))
+            age = sub.staleness(seg, now)
+            if age is not None:
+                stale.add_metric(lv, age)
             cum = 0
             buckets: list[tuple[str, float]] = []
             for bound, n in zip((*LATENCY_BUCKETS, float("inf")), st.buckets, strict=False):
@@ -80,18 +89,21 @@ class SubscriberCollector(Collector):
             latency.add_metric(lv, buckets, st.latency_sum)
         yield updates
         yield missed
+        yield overrun
         yield torn
         yield stale
         yield version
         yield latency
-        if sub.mode == "events":
+        broker_up = sub.broker_up
+        if broker_up is not None:
             up = GaugeMetricFamily(
                 "shmcast_broker_up",
                 "1 while the broker's heartbeats arrive (as this subscriber sees it)",
                 labels=["namespace", "subscriber"],
             )
-            up.add_metric([ns, self._name], 1.0 if sub.broker_up else 0.0)
+            up.add_metric([ns, self._name], 1.0 if broker_up else 0.0)
             yield up
+        if sub.mode == "events":
             gaps = CounterMetricFamily(
                 "shmcast_events_missed",
                 "Announcements lost (gaps in the per-topic sequence numbers)",

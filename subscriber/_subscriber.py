@@ -1,19 +1,33 @@
 """The reading side: attach to segments zero-copy and learn of each new version.
 
-Three ways to learn of a version (``wait=``):
+Four ways to learn of a version (``wait=``):
 
-- ``"events"``: the broker's announcements over ZeroMQ (default). Late joiners
-  subscribe first, then take the catalog snapshot, then apply newer updates
-  (the ZeroMQ guide's Clone pattern). When the broker's heartbeats stop, the
-  subscriber polls the mapped headers instead, and picks the broker up again
-  (a new epoch means a new snapshot) without being restarted.
-- ``"futex"``: block on the segments' header futexes; no broker hop, no busy core.
+- ``"shm"`` (default): through shared memory, without a broker hop per version.
+  The subscriber sleeps in one ``futex_waitv`` on the notify words of the
+  segments it has attached plus the namespace word, which the broker bumps on
+  every create and delete and at every heartbeat. The broker is asked once, at
+  start, for the catalog (after the namespace word's value was taken: the ZeroMQ
+  guide's Clone pattern over shared memory), and hears a report about once a
+  second; while it is down the mapped segments stay readable, and ``broker_up``
+  says so from the heartbeats.
+- ``"events"``: the broker's announcements over ZeroMQ (the Clone pattern:
+  subscribe, then the catalog snapshot, then newer updates). When the broker's
+  heartbeats stop, the subscriber polls the mapped headers instead, and picks
+  the broker up again (a new epoch means a new snapshot).
+- ``"futex"``: like ``shm`` without asking a broker anything: the segments must
+  exist; the namespace word is used when there is one.
 - ``"spin"``: busy-poll the headers; the lowest latency, one core burnt.
+
+In every mode the subscriber walks the ring: versions committed while it was busy
+are delivered from their slots while they are there, not skipped. Each version
+ends in one of four counters (:mod:`._stats`). A segment deleted and created again
+(a new incarnation: versions start over at 1) is noticed by every mode, re-attached,
+and its versions are delivered or counted.
 """
 
 from __future__ import annotations
 
-import bisect
+import asyncio
 import contextlib
 import logging
 import os
@@ -21,20 +35,25 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
 
-import numpy as np
 import zmq
 
-from shmcast.broker import Segment, Snapshot, wait_any
+from shmcast.broker import (
+    NamespaceWord,
+    Segment,
+    Snapshot,
+    notify_words,
+    wait_segments,
+)
 from shmcast.broker.client import (
     BROKER_TOPIC,
     ControlClient,
     reader_endpoint,
     resolve_endpoint,
     resolve_namespace,
+    shm_path,
     topic,
     unpack,
     validate_segment_name,
@@ -43,90 +62,79 @@ from shmcast.broker.errors import (
     BrokerUnavailableError,
     ClosedError,
     NotASegmentError,
+    NoVersionError,
     SegmentNotFoundError,
+    SegmentUnreachableError,
     ShmcastError,
+    TornReadError,
+    VersionUnavailableError,
 )
+
+from ._stats import LATENCY_BUCKETS, SegmentStats, Update
 
 __all__ = ["LATENCY_BUCKETS", "SegmentStats", "Subscriber", "Update", "WaitMode"]
 
 log = logging.getLogger(__name__)
 
-WaitMode = Literal["events", "futex", "spin"]
+WaitMode = Literal["shm", "events", "futex", "spin"]
+#: ``Update`` made without its named-tuple ``__new__`` (a Python function, ~0.7 µs):
+#: it is made for every version.
+_new_update = tuple.__new__
+WAIT_MODES: tuple[str, ...] = ("shm", "events", "futex", "spin")
 
-#: Publish-to-read latency buckets, 1 µs .. 100 ms (seconds).
-LATENCY_BUCKETS: tuple[float, ...] = (
-    1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4,
-    1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1,
-)  # fmt: skip
-
-
-#: Seconds between the reports an ``events`` subscriber sends its broker.
+#: Seconds between the reports a subscriber sends its broker (``shm``, ``events``).
 REPORT_INTERVAL = 1.0
 #: Longest single wait of a reading loop: how soon it sees close() from another thread.
 WAIT_SLICE = 0.1
 #: Seconds close() waits for a reading thread to leave its wait.
 CLOSE_WAIT = 2.0
+#: Seconds between two looks at the segments' paths (a safety net: a recreated
+#: segment is normally noticed at once, through the namespace word or the events).
+PATH_CHECK = 0.5
+#: Seconds a segment the broker serves may stay invisible here before that is an error.
+UNREACHABLE_AFTER = 2.0
 
 
-@dataclass(frozen=True)
-class Update:
-    """A new version of a segment, as learnt.
+class _Track:
+    """One subscribed segment: its current handle and its counters."""
 
-    ``timestamp_ns`` is the commit time and ``received_ns`` the time it was learnt,
-    both on the wall clock (comparable across hosts, not for durations);
-    ``latency_s`` is commit to receipt measured on this host's monotonic clock.
-    """
+    __slots__ = ("ino", "missing_since", "name", "seg", "st")
 
-    segment: str
-    version: int
-    timestamp_ns: int
-    received_ns: int
-    missed: int
-    latency_s: float = 0.0
-
-
-@dataclass
-class SegmentStats:
-    """Counters of one segment, kept as plain numbers on the hot path."""
-
-    updates: int = 0
-    missed: int = 0
-    last_version: int = 0
-    last_ts: int = 0
-    last_mono: int = 0
-    latency_sum: float = 0.0
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
-    recent: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
-
-    def observe(self, latency: float) -> None:
-        self.latency_sum += latency
-        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
-        self.recent.append(latency)
-
-    def percentile(self, q: float) -> float | None:
-        if not self.recent:
-            return None
-        return float(np.percentile(np.fromiter(self.recent, float), q))
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seg: Segment | None = None
+        self.ino = 0
+        self.st = SegmentStats()
+        self.missing_since = 0.0
 
 
 class Subscriber:
     """Read one or more segments of a namespace as they are published.
 
+    Iterate :meth:`updates` (or ``async for`` over :meth:`aupdates`) and read each
+    version exactly with ``with sub.read(update) as snap:`` (``snap.array`` is a
+    read-only zero-copy view, validated when the block ends), or keep a validated
+    private copy with :meth:`copy`. ``sub.read(name)`` reads the latest version.
+
     Args:
-        segments: a segment name or names; they need not exist yet (``events``).
+        segments: a segment name or names; they need not exist yet (``shm``,
+            ``events``).
         namespace: ``None`` means ``$SHMCAST_NAMESPACE`` or ``"default"``.
-        broker: the broker's control endpoint (``events`` mode); ``None`` means
-            the namespace's default ipc endpoint.
-        wait: ``"events"``, ``"futex"`` or ``"spin"`` (see the module docstring).
+        broker: the broker's control endpoint (``shm``, ``events``); ``None``
+            means the namespace's default ipc endpoint.
+        wait: ``"shm"`` (default), ``"events"``, ``"futex"`` or ``"spin"`` (see
+            the module docstring).
         timeout: seconds to wait for the broker's replies, or (``futex``/``spin``)
             for the segments to exist.
         heartbeat_timeout: seconds without a heartbeat before the broker is
-            considered down (default: 3 heartbeat intervals).
+            considered down (default: 3 heartbeat intervals + 0.2 s).
         name: how this subscriber names itself in the reports it sends the broker
-            about once a second (``events`` mode; ``shmcast top`` shows them).
+            about once a second (``shm``, ``events``; ``shmcast top`` shows them).
 
     Raises:
-        BrokerUnavailableError: ``events`` mode and no broker answered.
+        BrokerUnavailableError: ``shm``/``events`` mode and no broker answered.
+        SegmentUnreachableError: the broker serves the namespace but this process
+            does not see its ``/dev/shm`` (a container outside its IPC namespace).
         SegmentNotFoundError: ``futex``/``spin`` mode and a segment never appeared.
     """
 
@@ -136,7 +144,7 @@ class Subscriber:
         *,
         namespace: str | None = None,
         broker: str | None = None,
-        wait: WaitMode = "events",
+        wait: WaitMode = "shm",
         timeout: float = 5.0,
         heartbeat_timeout: float | None = None,
         curve: tuple[bytes, bytes, bytes] | None = None,
@@ -144,32 +152,57 @@ class Subscriber:
     ) -> None:
         self._closed = True
         self._client: ControlClient | None = None
+        self._owner: int | None = None
         self._sub: zmq.Socket[Any] | None = None
+        self._word: NamespaceWord | None = None
+        self._tracks: dict[str, _Track] = {}
+        self._retired: list[Segment] = []
         names = [segments] if isinstance(segments, str) else list(segments)
         if not names:
             raise ValueError("subscribe to at least one segment")
-        if wait not in ("events", "futex", "spin"):
-            raise ValueError(f"wait must be 'events', 'futex' or 'spin', not {wait!r}")
+        if wait not in WAIT_MODES:
+            modes = ", ".join(map(repr, WAIT_MODES))
+            raise ValueError(f"wait must be one of {modes}, not {wait!r}")
         self.names = [validate_segment_name(n) for n in dict.fromkeys(names)]
         self.namespace = resolve_namespace(namespace)
         self.mode: WaitMode = wait
         self.name = name
-        self._segs: dict[str, Segment] = {}
-        self._created: dict[str, int] = {}
-        self.stats: dict[str, SegmentStats] = {n: SegmentStats() for n in self.names}
+        self._tracks = {n: _Track(n) for n in self.names}
+        self._track_list = list(self._tracks.values())
+        self.stats: dict[str, SegmentStats] = {n: t.st for n, t in self._tracks.items()}
+        # (name, incarnation) -> handle: an Update is read through the handle of its
+        # own incarnation, kept until the updates queued from it are consumed.
+        self._handles: dict[tuple[str, int], Segment] = {}
         self.events_missed = 0
         self.bad_messages = 0
         self.epoch_changes = 0
-        self.broker_up: bool | None = None
+        self._broker_up: bool | None = None
+        self._was_up: bool | None = None
         self.epoch: int | None = None
+        self.heartbeat_timeout = heartbeat_timeout
+        self._heartbeat_interval = 0.5
+        self._endpoint = ""
         self._tseq: dict[bytes, int] = {}
         self._pending: deque[Update] = deque()
+        self._unsettled: Update | None = None
         self._io = threading.RLock()
         self._next_report = 0.0
+        self._next_paths = 0.0
+        self._next_check = 0.0
+        self._last_heartbeat = 0.0
+        self._last_cross = 0.0
+        self._gaps_crossed = 0
+        self._extra: dict[str, Segment] = {}
+        self._word_seen = 0
+        self._word_state = (0, 0, 0)
+        self._wait_segs: list[Segment] = []
+        self._wait_stats: list[SegmentStats] = []
         self._curve = curve
         try:
             if wait == "events":
                 self._connect(broker, timeout, heartbeat_timeout)
+            elif wait == "shm":
+                self._connect_shm(broker, timeout, heartbeat_timeout)
             else:
                 self._attach_all(timeout)
         except BaseException:
@@ -179,15 +212,22 @@ class Subscriber:
 
     # ------------------------------------------------------------------ set-up
 
-    def _connect(self, broker: str | None, timeout: float, hb_timeout: float | None) -> None:
+    def _control(self, broker: str | None, timeout: float, hb_timeout: float | None) -> Any:
         # A reader of a group the namespace is shared with cannot open the owner's
         # control socket; the read-only one beside it serves all a subscriber asks.
-        endpoint = reader_endpoint(resolve_endpoint(broker, self.namespace))
-        self._client = ControlClient(endpoint, timeout=timeout, curve=self._curve)
+        self._endpoint = reader_endpoint(resolve_endpoint(broker, self.namespace))
+        self._client = ControlClient(self._endpoint, timeout=timeout, curve=self._curve)
         hello = self._client.request("hello")
+        # The namespace's owner: only its objects (or root's) are attached.
+        uid = hello.get("uid")
+        self._owner = uid if isinstance(uid, int) and uid >= 0 else None
         interval = float(hello.get("heartbeat_interval", 0.5))
         self._heartbeat_interval = interval
         self.heartbeat_timeout = hb_timeout if hb_timeout is not None else 3 * interval + 0.2
+        return hello
+
+    def _connect(self, broker: str | None, timeout: float, hb_timeout: float | None) -> None:
+        hello = self._control(broker, timeout, hb_timeout)
         sub: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 100_000)
@@ -200,285 +240,579 @@ class Subscriber:
         self._sub = sub
         # Clone pattern: we are subscribed; now the snapshot, then newer updates.
         self._snapshot(first=True)
-        self.broker_up = True
+        self._broker_up = True
         self._last_heartbeat = time.monotonic()
 
+    def _connect_shm(self, broker: str | None, timeout: float, hb_timeout: float | None) -> None:
+        self._control(broker, timeout, hb_timeout)
+        word = NamespaceWord.attach(self.namespace)
+        if word is None:
+            raise SegmentUnreachableError(
+                "@catalog", self.namespace, shm_path(self.namespace, "@catalog"), self._endpoint
+            )
+        self._word = word
+        # Clone pattern over shared memory: the word's value first, then the catalog;
+        # a change after the value was taken wakes the first wait.
+        self._word_seen = word.notify
+        self._word_state = (word.generation, word.epoch, word.pid)
+        self.epoch = word.epoch
+        self._snapshot(first=True)
+
     def _snapshot(self, *, first: bool = False) -> None:
+        """The broker's catalog: attach what it lists (checking each incarnation)."""
         assert self._client is not None
         reply = self._client.request("list")
-        self.epoch = int(reply["epoch"])
+        if self.mode == "events":
+            self.epoch = int(reply["epoch"])
         catalog = {str(s["name"]): s for s in reply["segments"]}
-        for name in self.names:
-            entry = catalog.get(name)
+        for tr in self._track_list:
+            entry = catalog.get(tr.name)
             if entry is None:
-                self._detach(name)
+                if tr.seg is not None:
+                    self._retire(tr)
                 continue
-            self._attach(name, created=int(entry.get("created", 0)))
-            if first:
-                self.stats[name].last_version = int(entry.get("version", 0))
+            inc = int(entry.get("incarnation", 0) or 0)
+            if tr.seg is None or (inc and tr.st.incarnation != inc):
+                if tr.seg is not None:
+                    self._from_header(tr)  # what the old incarnation still has
+                    self._retire(tr)
+                self._attach(tr, start_at_latest=first)
+                if tr.seg is None and first and self._reachable_check(tr.name):
+                    raise SegmentUnreachableError(
+                        tr.name, self.namespace, shm_path(self.namespace, tr.name), self._endpoint
+                    )
         self._tseq.clear()
 
-    def _attach(self, name: str, created: int | None = None) -> Segment | None:
-        seg = self._segs.get(name)
-        if seg is not None and (created is None or self._created.get(name) == created):
-            return seg
-        self._detach(name)
+    def _reachable_check(self, name: str) -> bool:
+        """True when the broker still lists ``name`` but this process cannot see it."""
+        if os.path.exists(shm_path(self.namespace, name)) or self._client is None:
+            return False
         try:
-            seg = Segment.attach(name, namespace=self.namespace)
-        except (SegmentNotFoundError, NotASegmentError):
+            self._client.request("describe", name=name)
+        except ShmcastError:
+            return False  # deleted meanwhile: simply absent
+        return not os.path.exists(shm_path(self.namespace, name))
+
+    def _attach(self, tr: _Track, *, start_at_latest: bool = False) -> Segment | None:
+        """Attach ``tr``'s segment; a new incarnation starts counting from version 0,
+        and (``start_at_latest``) a late joiner from the current version."""
+        path = shm_path(self.namespace, tr.name)
+        for _ in range(3):
+            try:
+                ino = os.stat(path, follow_symlinks=False).st_ino
+                seg = Segment.attach(tr.name, namespace=self.namespace, wait=0.5, owner=self._owner)
+            except (SegmentNotFoundError, NotASegmentError, FileNotFoundError):
+                return None
+            try:
+                same = os.stat(path, follow_symlinks=False).st_ino == ino
+            except FileNotFoundError:
+                same = False
+            if same:  # the object we mapped is the one the path names (we hold it open)
+                break
+            seg.close()
+        else:
             return None
-        self._segs[name] = seg
-        self._created[name] = seg.info().created_ns
+        st = tr.st
+        inc = seg.incarnation
+        if inc != st.incarnation:
+            if st.incarnation:
+                log.info("segment %r was created again: following the new incarnation", tr.name)
+            st.incarnations += 1
+            st.incarnation = inc
+            st.last_version = seg.version if start_at_latest else 0
+        tr.seg = seg
+        tr.ino = ino
+        tr.missing_since = 0.0
+        self._handles[(tr.name, inc)] = seg
+        self._tracks_changed()
         return seg
 
-    def _detach(self, name: str) -> None:
-        seg = self._segs.pop(name, None)
+    def _retire(self, tr: _Track) -> None:
+        """Stop following ``tr``'s handle; it stays mapped while updates queued from
+        it wait to be read."""
+        seg = tr.seg
+        tr.seg = None
+        tr.ino = 0
         if seg is not None:
+            self._retired.append(seg)
+        self._tracks_changed()
+
+    def _tracks_changed(self) -> None:
+        self._wait_segs = [t.seg for t in self._track_list if t.seg is not None]
+        self._wait_stats = [t.st for t in self._track_list if t.seg is not None]
+
+    def _release_retired(self) -> None:
+        """Close retired handles once no queued or unsettled update can need them."""
+        if not self._retired or self._pending or self._unsettled is not None:
+            return
+        for seg in self._retired:
+            for key in [k for k, v in self._handles.items() if v is seg]:
+                del self._handles[key]
             seg.close()
+        self._retired.clear()
 
     def _attach_all(self, timeout: float) -> None:
+        with contextlib.suppress(ShmcastError, OSError):
+            self._word = NamespaceWord.attach(self.namespace)
+        if self._word is not None:
+            self._word_seen = self._word.notify
+            self._word_state = (self._word.generation, self._word.epoch, self._word.pid)
+            self.epoch = self._word.epoch or None
         deadline = time.monotonic() + timeout
-        for name in self.names:
-            while self._attach(name) is None:
+        for tr in self._track_list:
+            while self._attach(tr, start_at_latest=True) is None:
                 if time.monotonic() >= deadline:
-                    raise SegmentNotFoundError(name, self.namespace)
+                    raise SegmentNotFoundError(tr.name, self.namespace)
                 time.sleep(0.01)
-            self.stats[name].last_version = self._segs[name].version
 
     # ------------------------------------------------------------------ reading
 
     def segment(self, name: str) -> Segment:
         """The attached read-only :class:`~shmcast.broker.Segment` (attaches if needed)."""
         self._check_open()
-        seg = self._segs.get(name) or self._attach(name)
+        tr = self._tracks.get(name)
+        if tr is None:  # not one we follow: attached for reads of the latest only
+            extra = self._extra.get(name)
+            if extra is None:
+                extra = Segment.attach(
+                    validate_segment_name(name), namespace=self.namespace, owner=self._owner
+                )
+                self._extra[name] = extra
+            return extra
+        seg = tr.seg or self._attach(tr)
         if seg is None:
             raise SegmentNotFoundError(name, self.namespace)
         return seg
 
+    def absent(self) -> list[str]:
+        """The subscribed segments that are not attached (they do not exist yet)."""
+        return [t.name for t in self._track_list if t.seg is None]
+
     def read(
-        self, segment: str, version: int | None = None
+        self, what: Update | str, version: int | None = None
     ) -> contextlib.AbstractContextManager[Snapshot]:
-        """The engine's zero-copy validated read, ``with sub.read(name) as snap:``
-        (raises TornReadError on leaving the block if the writer overwrote the slot)."""
-        return self.segment(segment).read(version)
+        """A zero-copy, read-only, validated read: ``with sub.read(update) as snap:``.
+
+        ``sub.read(update)`` reads exactly ``update.version`` and settles its count
+        (delivered, overrun or torn); ``sub.read(name)`` reads the latest version
+        of that segment (``version=`` reads that one), outside the accounting.
+
+        Work done inside the block sees the bytes as they are while it runs: if the
+        writer laps the slot meanwhile, the block's results must be discarded, and
+        leaving the block says so with TornReadError. A view stays valid while the
+        writer has not come round to its slot (K-1 publish intervals with K slots).
+
+        Raises:
+            VersionUnavailableError: on entering, the version has left the ring.
+            TornReadError: on leaving the block, the writer overwrote the slot meanwhile.
+        """
+        if isinstance(what, Update):
+            return _ExactRead(self, what)
+        return self.segment(what).read(version)
+
+    def copy(self, update: Update) -> Snapshot:
+        """A validated private copy of exactly ``update.version``, returned only once
+        validation has passed (for data kept past the block, or acted upon).
+
+        Raises:
+            VersionUnavailableError: the version has left the ring (counted overrun).
+            TornReadError: it was overwritten while being copied (counted torn).
+        """
+        reading = _ExactRead(self, update)
+        snap = reading.__enter__()
+        data = snap.array.copy()
+        reading.__exit__(None, None, None)
+        return Snapshot(snap.segment, snap.version, snap.timestamp_ns, data, snap.monotonic_ns)
 
     def latest(self, segment: str) -> Snapshot:
         """A validated private copy of the latest version."""
         return self.segment(segment).latest()
 
+    def staleness(self, segment: str, now_ns: int | None = None) -> float | None:
+        """Seconds since the latest commit of ``segment`` (what its header says, else the
+        last version learnt), on this host's monotonic clock; None before any.
+        Safe from another thread (a metrics scrape)."""
+        tr = self._tracks.get(segment)
+        if tr is None:
+            return None
+        mono = tr.st.last_mono
+        seg = tr.seg
+        if seg is not None:
+            with contextlib.suppress(ShmcastError, ValueError, TypeError):
+                mono = max(mono, seg.info().monotonic_ns)
+        if not mono:
+            return None
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        return max(0.0, (now - mono) / 1e9)
+
     def torn_reads(self, segment: str) -> int:
-        seg = self._segs.get(segment)
-        return seg.torn_reads if seg is not None else 0
+        """Versions whose exact read was torn (``stats[segment].torn``)."""
+        st = self.stats.get(segment)
+        return st.torn if st is not None else 0
+
+    def _settle(self) -> None:
+        """The consumer asked for the next update: the last one, unread, was delivered."""
+        up = self._unsettled
+        if up is not None:
+            self._unsettled = None
+            self._tracks[up.segment].st.updates += 1
 
     # ------------------------------------------------------------------ updates
 
     def updates(self, timeout: float | None = None) -> Iterator[Update]:
-        """Yield an :class:`Update` per new version learnt; with a ``timeout``,
-        end after that many seconds without one.
+        """Yield an :class:`Update` per new version learnt, oldest first; with a
+        ``timeout``, end after that many seconds without one.
 
         Raises:
             ClosedError: the subscriber was closed, also from another thread while
                 this one waits (it notices within :data:`WAIT_SLICE` seconds).
+            SegmentUnreachableError: the broker serves a segment this process
+                cannot see.
         """
         self._check_open()
-        if self.mode == "events":
-            inner = self._updates_events(timeout)
-        elif self.mode == "futex":
-            inner = self._updates_futex(timeout)
-        else:
-            inner = self._updates_spin(timeout)
+        inner = self._updates(timeout)
         # The waiting and reading happen inside next(), under the I/O lock that
         # close() takes before it tears the sockets and mappings down; the caller's
-        # own code between two updates runs without it.
+        # own code between two updates runs without it. Asking for the next update
+        # settles the last one (delivered, unless a read of it decided otherwise).
+        try:
+            while True:
+                with self._io:
+                    self._settle()
+                    if self._closed:
+                        raise ClosedError("subscriber")
+                    try:
+                        update = next(inner)
+                    except StopIteration:
+                        if self._closed:
+                            raise ClosedError("subscriber") from None
+                        return
+                    except (zmq.ZMQError, ValueError, ShmcastError) as exc:
+                        if self._closed:
+                            raise ClosedError("subscriber") from exc
+                        raise
+                    self._unsettled = update
+                yield update
+        finally:
+            if not self._closed:
+                with self._io:
+                    self._settle()
+
+    def _updates(self, timeout: float | None) -> Iterator[Update]:
+        pending = self._pending
+        idle_deadline = None if timeout is None else time.monotonic() + timeout
+        spin = self.mode == "spin"
+        n = 0
         while True:
-            with self._io:
+            if pending:
+                yield pending.popleft()
+                if timeout is not None:
+                    idle_deadline = time.monotonic() + timeout
+                continue
+            if self._closed:
+                return
+            self._collect()
+            if pending:
+                continue
+            if spin:
+                n += 1
+                if n & 0x3FF:
+                    continue
+            now = time.monotonic()
+            if now >= self._next_check:
+                self._housekeeping(now)
+                if pending:
+                    continue
+            if idle_deadline is not None and now >= idle_deadline:
+                return
+            if not spin:
+                step = self._step(now)
+                if idle_deadline is not None:
+                    step = min(step, max(0.0, idle_deadline - now))
+                self._block(step)
+
+    async def aupdates(self, timeout: float | None = None) -> AsyncIterator[Update]:
+        """``async for update in sub.aupdates(timeout=...)``: the same updates and
+        counters as :meth:`updates`, on the running asyncio loop, which keeps
+        serving other tasks while it waits. ``events`` has the loop watch the SUB
+        socket; ``shm`` and ``futex`` have one helper thread per iterator (whatever
+        the number of segments) sleep on the notify words, GIL released, and wake
+        the loop when one moves; ``spin`` polls on the loop between other tasks.
+        Do not iterate :meth:`updates` and :meth:`aupdates` at the same time.
+
+        Raises:
+            ClosedError, SegmentUnreachableError: as :meth:`updates`.
+        """
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        waker = _Waker(self, loop)
+        pending = self._pending
+        idle_deadline = None if timeout is None else time.monotonic() + timeout
+        self._settle()
+        try:
+            while True:
                 if self._closed:
                     raise ClosedError("subscriber")
-                try:
-                    update = next(inner)
-                except StopIteration:
+                if pending:
+                    up = pending.popleft()
+                    self._unsettled = up
+                    yield up
+                    self._settle()
+                    if timeout is not None:
+                        idle_deadline = time.monotonic() + timeout
+                    continue
+                waker.clear()  # before looking: a change after the look wakes the wait
+                with self._io:
                     if self._closed:
-                        raise ClosedError("subscriber") from None
+                        raise ClosedError("subscriber")
+                    self._collect()
+                    now = time.monotonic()
+                    if not pending and now >= self._next_check:
+                        self._housekeeping(now)
+                if pending:
+                    continue
+                if idle_deadline is not None and now >= idle_deadline:
                     return
-                except (zmq.ZMQError, ValueError, ShmcastError) as exc:
-                    if self._closed:
-                        raise ClosedError("subscriber") from exc
-                    raise
-            yield update
+                if self.mode == "spin":
+                    await asyncio.sleep(0)
+                    continue
+                step = self._step(now)
+                if idle_deadline is not None:
+                    step = min(step, max(0.0, idle_deadline - now))
+                await waker.wait(step)
+        finally:
+            waker.close()
+            if not self._closed:
+                self._settle()
 
-    def _update(self, name: str, version: int, ts: int, mono: int = 0) -> Update | None:
-        st = self.stats[name]
-        if version <= st.last_version:
-            return None
-        if not mono:  # learnt from an announcement: the header has the monotonic time
-            mono = self._commit_monotonic(name, version)
+    # ------------------------------------------------------------- the wait loop
+
+    def _collect(self) -> None:
+        """Queue what is new, without blocking."""
+        if self._sub is not None:
+            self._drain_events()
+            return
+        word = self._word
+        if word is not None and word.notify != self._word_seen:
+            self._on_word()
+        for tr in self._track_list:
+            seg = tr.seg
+            if seg is not None and seg.version > tr.st.last_version:
+                self._from_header(tr)
+
+    def _step(self, now: float) -> float:
+        """How long the next wait may be."""
+        step = min(WAIT_SLICE, max(0.0, self._next_check - now))
+        if self._sub is not None:
+            late = now - self._last_heartbeat > 1.5 * self._heartbeat_interval
+            step = min(step, 0.001 if late or not self._broker_up else 0.05)
+        return step
+
+    def _block(self, step: float) -> None:
+        """Sleep until something may be new, at most ``step`` seconds."""
+        if self._sub is not None:
+            self._sub.poll(int(step * 1000) + (0 if step == 0 else 1), zmq.POLLIN)
+            return
+        segs = self._wait_segs
+        if not segs and self._word is None:
+            time.sleep(step)
+            return
+        wait_segments(
+            segs,
+            [st.last_version for st in self._wait_stats],
+            step,
+            word=self._word,
+            seen=self._word_seen,
+        )
+
+    def _housekeeping(self, now: float) -> None:
+        """What is due at most a few times a second: reports, the broker's health,
+        the paths of the segments, and handles no longer needed."""
+        self._next_check = now + min(WAIT_SLICE, PATH_CHECK)
+        self._release_retired()
+        if self._sub is not None:
+            self._events_housekeeping(now)
+        else:
+            self._word_housekeeping()
+        if now >= self._next_paths:
+            self._next_paths = now + PATH_CHECK
+            self._check_paths()
+        if now >= self._next_report:
+            self._next_report = now + REPORT_INTERVAL
+            self._report()
+
+    def _word_housekeeping(self) -> None:
+        word = self._word
+        if word is None or (not word.broker_up(self.heartbeat_timeout) and word.replaced()):
+            # A broker made a new word (ours is gone with the old one), or none yet.
+            try:
+                new = NamespaceWord.attach(self.namespace)
+            except (ShmcastError, OSError):
+                new = None
+            if new is not None and (word is None or new.ino != word.ino):
+                if word is not None:
+                    word.close()
+                self._word = word = new
+                self._word_seen = new.notify - 1  # look at it now
+            elif new is not None:
+                new.close()
+        up = self.broker_up
+        if up is not None and up != self._was_up:
+            if self._was_up is not None:
+                if up:
+                    log.info("broker of namespace %r is back", self.namespace)
+                else:
+                    log.warning(
+                        "broker of namespace %r is silent; the mapped segments stay readable",
+                        self.namespace,
+                    )
+            self._was_up = up
+
+    def _on_word(self) -> None:
+        """The namespace word moved: a catalog change, a heartbeat or a new broker."""
+        word = self._word
+        assert word is not None
+        self._word_seen = word.notify
+        state = (word.generation, word.epoch, word.pid)
+        if state == self._word_state:
+            return  # a heartbeat
+        old_epoch = self._word_state[1]
+        self._word_state = state
+        if state[1] != old_epoch and state[1]:
+            if old_epoch:
+                log.info("broker epoch changed (%s -> %s)", old_epoch, state[1])
+                self.epoch_changes += 1
+            self.epoch = state[1]
+        self._check_paths()
+
+    def _check_paths(self) -> None:
+        """Follow each segment's path: gone is retired (after its last versions were
+        queued), a new object there is a new incarnation, attached and counted."""
+        for tr in self._track_list:
+            path = shm_path(self.namespace, tr.name)
+            try:
+                ino = os.stat(path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                ino = 0
+            if tr.seg is not None and ino == tr.ino:
+                continue
+            if tr.seg is None and not ino:
+                continue
+            if tr.seg is not None:
+                self._from_header(tr)  # the old incarnation's last versions
+                self._retire(tr)
+            if ino:
+                self._attach(tr)
+                if tr.seg is not None and tr.seg.version > tr.st.last_version:
+                    self._from_header(tr)
+
+    # ------------------------------------------------------ learning of versions
+
+    def _from_header(self, tr: _Track) -> None:
+        """Queue the versions of ``tr`` newer than the last one learnt, oldest first,
+        from the ring: the latest, and the ones before it still in their slots."""
+        seg = tr.seg
+        st = tr.st
+        last = st.last_version
+        if seg is None:
+            return
+        try:
+            v, i, _s, ts = seg.acquire()
+        except (NoVersionError, ClosedError):
+            return
+        except ShmcastError as exc:
+            # The header names a slot that never comes whole (something writes outside
+            # the protocol): reported once and passed over, never spun on.
+            v = seg.version
+            log.warning("%s; counting versions up to %d as missed", exc, v)
+            st.missed += max(0, v - last)
+            st.last_version = max(last, v)
+            return
+        if v <= last:
+            return
+        mono = seg.monotonic_ns(i)
+        if v == last + 1:
+            self._learn(tr, v, ts, mono, 0)
+            return
+        self._walk(tr, last, v)
+        self._learn(tr, v, ts, mono, v - st.last_version - 1)
+
+    def _walk(self, tr: _Track, last: int, v: int) -> None:
+        """Queue versions between ``last`` and ``v`` (exclusive) still in the ring; the
+        ring holds at most K-1 versions before the latest, so only those are looked up."""
+        seg = tr.seg
+        assert seg is not None
+        st = tr.st
+        for u in range(max(last + 1, v - seg.slots + 1), v):
+            try:
+                _u, i, _s, ts = seg.acquire(u)
+            except ShmcastError:
+                continue  # lapped already, or never published (a relay skips numbers)
+            self._learn(tr, u, ts, seg.monotonic_ns(i), u - st.last_version - 1)
+
+    def _learn(self, tr: _Track, version: int, ts: int, mono: int, missed: int) -> None:
+        st = tr.st
         now_mono = time.monotonic_ns()
-        now = time.time_ns()
         # Monotonic on one host; the wall clock only when the version is gone already.
-        latency = (now_mono - mono) / 1e9 if mono else (now - ts) / 1e9
-        missed = version - st.last_version - 1
+        latency = (now_mono - mono) / 1e9 if mono else (time.time_ns() - ts) / 1e9
+        if latency < 0.0:
+            latency = 0.0
         st.missed += missed
-        st.updates += 1
         st.last_version = version
         st.last_ts = ts
         st.last_mono = mono or now_mono
-        st.observe(max(0.0, latency))
-        return Update(name, version, ts, now, missed, max(0.0, latency))
+        st.observe(latency)
+        self._pending.append(
+            _new_update(
+                Update, (tr.name, version, ts, time.time_ns(), missed, latency, st.incarnation)
+            )
+        )
 
-    def _commit_monotonic(self, name: str, version: int) -> int:
-        seg = self._segs.get(name)
-        if seg is None:
-            return 0
-        try:
-            return seg.monotonic_ns(seg.acquire(version)[1])
-        except ShmcastError:
-            return 0
+    # ------------------------------------------------------------- events mode
 
-    def _from_header(self, name: str) -> Update | None:
-        seg = self._segs.get(name)
-        if seg is None:
-            return None
-        try:
-            v = seg.version
-            if v <= self.stats[name].last_version:
-                return None
-            _, slot, _, ts = seg.acquire(v)
-            mono = seg.monotonic_ns(slot)
-        except ShmcastError:
-            return None
-        return self._update(name, v, ts, mono)
-
-    def _updates_one(self, timeout: float | None, *, spin: bool) -> Iterator[Update]:
-        """One segment, ``futex`` or ``spin``: the engine's wait_acquire fast path
-        (one call per update, no second look at the header)."""
-        name = self.names[0]
-        seg = self._segs[name]
-        st = self.stats[name]
-        # Waits are cut into slices so that close() from another thread is seen.
-        step = WAIT_SLICE if timeout is None else min(timeout, WAIT_SLICE)
-        idle_deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._closed:
-            got = seg.wait_acquire(st.last_version, step, spin=spin)
-            if got is None:
-                if idle_deadline is not None and time.monotonic() >= idle_deadline:
-                    return
-                continue
-            up = self._update(name, got[0], got[3], seg.monotonic_ns(got[1]))
-            if up is not None:
-                yield up
-                if timeout is not None:
-                    idle_deadline = time.monotonic() + timeout
-
-    def _updates_spin(self, timeout: float | None) -> Iterator[Update]:
-        if len(self.names) == 1:
-            yield from self._updates_one(timeout, spin=True)
-            return
-        segs = [(name, self._segs[name]) for name in self.names]
-        stats = [self.stats[name] for name in self.names]
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            for (name, seg), st in zip(segs, stats, strict=True):
-                if seg.version > st.last_version:
-                    up = self._from_header(name)
-                    if up is not None:
-                        yield up
-                        if deadline is not None:
-                            deadline = time.monotonic() + timeout  # type: ignore[operator]
-            if deadline is not None and time.monotonic() >= deadline:
-                return
-            if self._closed:
-                return
-
-    def _updates_futex(self, timeout: float | None) -> Iterator[Update]:
-        if len(self.names) == 1:
-            yield from self._updates_one(timeout, spin=False)
-            return
-        segs = [self._segs[name] for name in self.names]
-        idle_deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._closed:
-            afters = [self.stats[name].last_version for name in self.names]
-            step = WAIT_SLICE
-            if idle_deadline is not None:
-                step = min(step, max(0.0, idle_deadline - time.monotonic()))
-            if not wait_any(segs, afters, step):
-                if idle_deadline is not None and time.monotonic() >= idle_deadline:
-                    return
-                continue
-            if timeout is not None:
-                idle_deadline = time.monotonic() + timeout
-            for name in self.names:
-                up = self._from_header(name)
-                if up is not None:
-                    yield up
-            if self._closed:
-                return
-
-    def _updates_events(self, timeout: float | None) -> Iterator[Update]:
+    def _drain_events(self) -> None:
         sub = self._sub
         assert sub is not None
-        idle_deadline = None if timeout is None else time.monotonic() + timeout
-        next_check = time.monotonic() + 0.25
-        while not self._closed:
-            while self._pending:
-                yield self._pending.popleft()
-                if timeout is not None:
-                    idle_deadline = time.monotonic() + timeout
-            now = time.monotonic()
-            if idle_deadline is not None and now >= idle_deadline:
-                return
-            # While the broker is down, or a heartbeat is late, poll the headers
-            # every millisecond: a crashed broker costs no latency before it is
-            # declared down.
-            late = now - self._last_heartbeat > 1.5 * self._heartbeat_interval
-            wait = 0.001 if late or not self.broker_up else 0.05
-            if idle_deadline is not None:
-                wait = min(wait, max(0.0, idle_deadline - now))
-            drained = True
-            if sub.poll(int(wait * 1000) + (0 if wait == 0 else 1), zmq.POLLIN):
-                for _ in range(1000):
-                    try:
-                        frames = sub.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._on_event(frames)
-                else:
-                    drained = False
-            now = time.monotonic()
-            if self.broker_up and now - self._last_heartbeat > self.heartbeat_timeout:
-                log.warning("broker of namespace %r is silent; polling headers", self.namespace)
-                self.broker_up = False
-            if now >= self._next_report:
-                self._next_report = now + REPORT_INTERVAL
-                self._report()
-            if drained and (late or not self.broker_up or now >= next_check):
-                # Cross-check the headers: a notification lost at the high-water mark
-                # or while the broker was down still becomes an update. Only once the
-                # queue is drained: a subscriber that is merely behind gets every
-                # announced version instead of jumping ahead and counting them missed.
-                next_check = now + 0.25
-                for name in self.names:
-                    if name not in self._segs and self.broker_up is False:
-                        self._attach(name)
-                    up = self._from_header(name)
-                    if up is not None:
-                        self._pending.append(up)
+        for _ in range(1000):
+            try:
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._on_event(frames)
+        else:
+            return  # more queued: no header cross-check while behind
+        now = time.monotonic()
+        if now >= self._cross_check_at(now):
+            # Cross-check the headers: a notification lost at the high-water mark or
+            # while the broker was down still becomes an update. Only once the queue
+            # is drained, and only when announcements were lost or are late: a
+            # subscriber that is merely behind, or a broker a little late, gets every
+            # announced version instead of jumping ahead and counting them missed.
+            self._last_cross = now
+            self._gaps_crossed = self.events_missed
+            for tr in self._track_list:
+                if tr.seg is None and self._broker_up is False:
+                    self._attach(tr)
+                self._from_header(tr)
 
-    def _report(self) -> None:
-        """Tell the broker our counters (one-way, never blocks; for ``shmcast top``)."""
-        if self._client is None or not self.broker_up:
-            return
-        segs = {
-            name: {
-                "last_version": st.last_version,
-                "updates": st.updates,
-                "missed": st.missed,
-                "torn": self.torn_reads(name),
-                "p50": st.percentile(50),
-                "p99": st.percentile(99),
-            }
-            for name, st in self.stats.items()
-        }
-        self._client.send("report", name=self.name, pid=os.getpid(), segments=segs)
+    def _cross_check_at(self, now: float) -> float:
+        if not self._broker_up or now - self._last_heartbeat > 1.5 * self._heartbeat_interval:
+            return self._last_cross + 0.001  # the broker is silent: poll the headers
+        if self.events_missed != self._gaps_crossed:
+            return self._last_cross + 0.25  # announcements were lost
+        return float("inf")  # the broker announces every version: wait for its news
+
+    def _events_housekeeping(self, now: float) -> None:
+        if self._broker_up and now - self._last_heartbeat > (self.heartbeat_timeout or 1.7):
+            log.warning("broker of namespace %r is silent; polling headers", self.namespace)
+            self._broker_up = False
+        for tr in self._track_list:
+            if tr.missing_since and now - tr.missing_since > UNREACHABLE_AFTER:
+                tr.missing_since = 0.0
+                if self._reachable_check(tr.name):
+                    raise SegmentUnreachableError(
+                        tr.name, self.namespace, shm_path(self.namespace, tr.name), self._endpoint
+                    )
 
     def _on_event(self, frames: list[bytes]) -> None:
         try:
@@ -503,45 +837,104 @@ class Subscriber:
         self._tseq[tpc] = tseq
         if kind == "heartbeat":
             self._last_heartbeat = time.monotonic()
-            if not self.broker_up:
+            if not self._broker_up:
                 log.info("broker of namespace %r is back", self.namespace)
-                self.broker_up = True
+                self._broker_up = True
             return
         name = msg.get("segment")
-        if not isinstance(name, str) or name not in self.stats:
+        tr = self._tracks.get(name) if isinstance(name, str) else None
+        if tr is None:
             self.bad_messages += 1
             return
-        if kind == "created":
-            self._attach(name)
-        elif kind == "deleted":
-            self._detach(name)
+        if kind in ("created", "deleted"):
+            self._check_paths()
         elif kind == "version":
             version, ts = msg.get("version"), msg.get("ts")
             if not isinstance(version, int) or not isinstance(ts, int):
                 self.bad_messages += 1
                 return
-            seg = self._segs.get(name) or self._attach(name)
-            # Versions are announced after they are committed to the header: one
-            # beyond it is forged or corrupt, and would wedge last_version forever.
+            self._announced(tr, version, ts)
+
+    def _announced(self, tr: _Track, version: int, ts: int) -> None:
+        seg = tr.seg
+        if seg is None:
+            self._check_paths()
+            seg = tr.seg
+            if seg is None:
+                if not tr.missing_since:
+                    tr.missing_since = time.monotonic()
+                return
+        # Versions are announced after they are committed to the header: one beyond
+        # it is forged or corrupt, and would wedge last_version forever (unless the
+        # segment was created again and we missed that news: look at the path first).
+        if version > seg.version:
+            self._check_paths()
+            seg = tr.seg
             if seg is None or version > seg.version:
                 self.bad_messages += 1
                 return
-            up = self._update(name, version, ts)
-            if up is not None:
-                self._pending.append(up)
+        st = tr.st
+        last = st.last_version
+        if version <= last:
+            if version < last:
+                self._next_paths = 0.0  # an older number: perhaps a new incarnation
+            return
+        mono = 0
+        try:
+            _v, i, _s, _ts = seg.acquire(version)
+            mono = seg.monotonic_ns(i)
+        except ShmcastError:
+            pass  # lapped already: still news; its read will say overrun
+        if version > last + 1:
+            self._walk(tr, last, version)
+        self._learn(tr, version, ts, mono, version - st.last_version - 1)
 
     def _new_epoch(self, epoch: int) -> None:
         """A broker restarted: take a fresh snapshot (segments were adopted or remade)."""
         log.info("broker epoch changed (%s -> %s): resynchronising", self.epoch, epoch)
         self.epoch_changes += 1
         self._last_heartbeat = time.monotonic()
-        self.broker_up = True
+        self._broker_up = True
         try:
             self._snapshot()
         except (BrokerUnavailableError, ShmcastError) as exc:
             log.warning("snapshot after restart failed: %s", exc)
             self.epoch = epoch
         self._tseq.clear()
+
+    # ---------------------------------------------------------------- reporting
+
+    @property
+    def broker_up(self) -> bool | None:
+        """Whether the broker's heartbeats arrive (None: not known in this mode).
+
+        ``events`` hears them on the events socket; ``shm`` (and ``futex``/``spin``
+        where the namespace has a word) reads them from the namespace word.
+        """
+        if self.mode == "events":
+            return self._broker_up
+        word = self._word
+        if word is None or word.closed:
+            return False if self.mode == "shm" else None
+        return word.broker_up(self.heartbeat_timeout)
+
+    def _report(self) -> None:
+        """Tell the broker our counters (one-way, never blocks; for ``shmcast top``)."""
+        if self._client is None or not self.broker_up:
+            return
+        segs = {
+            name: {
+                "last_version": st.last_version,
+                "updates": st.updates,
+                "missed": st.missed,
+                "overrun": st.overrun,
+                "torn": st.torn,
+                "p50": st.percentile(50),
+                "p99": st.percentile(99),
+            }
+            for name, st in self.stats.items()
+        }
+        self._client.send("report", name=self.name, pid=os.getpid(), segments=segs)
 
     # ------------------------------------------------------------------ closing
 
@@ -554,8 +947,17 @@ class Subscriber:
         return self._closed
 
     def _teardown(self) -> None:
-        for name in list(self._segs):
-            self._detach(name)
+        for tr in self._track_list:
+            tr.seg = None
+        for seg in [*self._handles.values(), *self._retired, *self._extra.values()]:
+            seg.close()
+        self._extra.clear()
+        self._handles.clear()
+        self._retired.clear()
+        self._wait_segs = []
+        if self._word is not None:
+            self._word.close()
+            self._word = None
         if self._sub is not None:
             self._sub.close(0)
             self._sub = None
@@ -575,6 +977,7 @@ class Subscriber:
         # Wait (bounded) for a reading thread to leave its wait slice first.
         locked = self._io.acquire(timeout=CLOSE_WAIT)
         try:
+            self._settle()
             self._teardown()
         finally:
             if locked:
@@ -595,3 +998,160 @@ class Subscriber:
 
     def __repr__(self) -> str:
         return f"<Subscriber {self.namespace}/{','.join(self.names)} wait={self.mode}>"
+
+
+class _ExactRead:
+    """The context manager of ``sub.read(update)``: the version exactly, and its count
+    settled by how the read ends. A class, not a generator: it is on every read."""
+
+    __slots__ = ("_counted", "_seg", "_seq", "_slot", "_sub", "_up")
+
+    def __init__(self, sub: Subscriber, update: Update) -> None:
+        self._sub = sub
+        self._up = update
+        self._seg: Segment | None = None
+        self._counted = False
+        self._slot = 0
+        self._seq = 0
+
+    def __enter__(self) -> Snapshot:
+        sub = self._sub
+        up = self._up
+        if sub._closed:
+            raise ClosedError("subscriber")
+        self._counted = sub._unsettled is up
+        seg = sub._handles.get((up.segment, up.incarnation))
+        try:
+            if seg is None:
+                raise VersionUnavailableError(up.segment, up.version, 0, 2)
+            v, i, s, ts = seg.acquire(up.version)
+        except (VersionUnavailableError, NoVersionError):
+            if self._counted and sub._unsettled is up:
+                sub._unsettled = None
+                sub._tracks[up.segment].st.overrun += 1
+            if seg is None:
+                raise
+            raise VersionUnavailableError(up.segment, up.version, seg.version, seg.slots) from None
+        self._seg, self._slot, self._seq = seg, i, s
+        return Snapshot(up.segment, v, ts, seg.view(i), seg.monotonic_ns(i))
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        seg = self._seg
+        if seg is None:
+            return
+        sub = self._sub
+        up = self._up
+        try:
+            ok = seg.validate(self._slot, self._seq)
+        except ClosedError:
+            ok = False
+        if self._counted and sub._unsettled is up:
+            sub._unsettled = None
+            st = sub._tracks[up.segment].st
+            if ok:
+                st.updates += 1
+            else:
+                st.torn += 1
+        if not ok and exc_type is None:
+            raise TornReadError(up.segment, up.version)
+
+
+class _Waker:
+    """What an :meth:`Subscriber.aupdates` iterator sleeps on, without blocking the loop.
+
+    ``events``: the loop watches the SUB socket's file descriptor. ``shm`` and
+    ``futex``: one helper thread sleeps on the notify words (segments' and the
+    namespace word's; never on version numbers, which the loop is consuming) and
+    calls the loop whenever one moves. It loads the words before it calls, and
+    the loop clears its flag before it looks at the segments, so a commit between
+    the two is never lost: either the loop's look sees it, or the words differ
+    from what the thread sleeps on. ``spin`` needs neither.
+    """
+
+    def __init__(self, sub: Subscriber, loop: asyncio.AbstractEventLoop) -> None:
+        self._sub = sub
+        self._loop = loop
+        self._woken = False
+        self._fut: asyncio.Future[None] | None = None
+        self._stop = False
+        self._fd: int | None = None
+        self._thread: threading.Thread | None = None
+        if sub._sub is not None:
+            fd = sub._sub.getsockopt(zmq.FD)
+            assert isinstance(fd, int)
+            self._fd = fd
+            loop.add_reader(fd, self._wake)
+        elif sub.mode != "spin":
+            self._thread = threading.Thread(
+                target=self._watch, name="shmcast-aupdates", daemon=True
+            )
+            self._thread.start()
+
+    def clear(self) -> None:
+        self._woken = False
+
+    def _wake(self) -> None:
+        fut = self._fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        else:
+            self._woken = True
+
+    async def wait(self, step: float) -> None:
+        sock = self._sub._sub
+        if sock is not None and int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            return  # the socket's fd signals edges: what is queued already would not wake us
+        if self._woken:
+            return
+        fut = self._loop.create_future()
+        self._fut = fut
+        timer = self._loop.call_later(step, _resolve, fut, None)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._fut = None
+
+    def _watch(self) -> None:
+        sub = self._sub
+        loop = self._loop
+        before: list[int] | None = None
+        while not self._stop and not sub._closed:
+            try:
+                # Versions first, then the notify words: a commit after the first
+                # look ends the sleep below, one before it moved a word.
+                segs = list(sub._wait_segs)
+                afters = [seg.version for seg in segs]
+                _, vals = notify_words(segs, sub._word)
+            except (ValueError, TypeError, ShmcastError):  # closed under us: look again
+                segs, afters, vals = [], [], []
+            if vals != before:
+                try:
+                    loop.call_soon_threadsafe(self._wake)
+                except RuntimeError:  # the loop is closed
+                    return
+            before = vals
+            try:
+                # Announced in each segment's waiters word (the segments' writers
+                # wake it), and on the namespace word: as the synchronous wait.
+                word = sub._word
+                seen = vals[0] if word is not None and vals else 0
+                wait_segments(segs, afters, WAIT_SLICE, word=word, seen=seen)
+            except (ValueError, OSError, ShmcastError):
+                time.sleep(0.001)
+
+    def close(self) -> None:
+        self._stop = True
+        if self._fd is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._fd)
+            self._fd = None
+
+
+def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import numpy as np
 import numpy.typing as npt
 
-from shmcast.broker.errors import ShmcastError, TornReadError
+from shmcast.broker.errors import ShmcastError, TornReadError, VersionUnavailableError
 
 from ._subscriber import Subscriber, Update
 
@@ -58,11 +59,14 @@ def process(sub: Subscriber, update: Update, *, stats: bool) -> dict[str, Any]:
     }
     if stats:
         try:
-            with sub.read(update.segment) as snap:
+            with sub.read(update) as snap:  # exactly this version, in place
                 result = analyse(snap.array)
                 read_version = snap.version
         except TornReadError:
             rec["torn"] = True
+            return rec
+        except VersionUnavailableError:
+            rec["overrun"] = True
             return rec
         except ShmcastError as exc:
             rec["error"] = str(exc)
@@ -86,11 +90,14 @@ def run_worker(
     count: int = 0,
     timeout: float | None = None,
     stop: threading.Event | None = None,
+    idle: Callable[[float], None] | None = None,
 ) -> int:
     """Consume updates and print one line each, until ``count`` updates, ``timeout``
-    seconds without one, or ``stop`` is set. Returns how many were handled."""
+    seconds without one, or ``stop`` is set. ``idle`` is called with the seconds
+    since the start whenever no update came for a little while. Returns how many
+    were handled."""
     n = 0
-    last = time.monotonic()
+    start = last = time.monotonic()
     while stop is None or not stop.is_set():
         for update in sub.updates(timeout=STOP_CHECK):
             last = time.monotonic()
@@ -98,6 +105,8 @@ def run_worker(
             n += 1
             if (count and n >= count) or (stop is not None and stop.is_set()):
                 return n
+        if idle is not None:
+            idle(time.monotonic() - start)
         if timeout is not None and time.monotonic() - last >= timeout:
             break
     return n
@@ -114,6 +123,8 @@ def _emit(rec: dict[str, Any], out: TextIO, *, as_json: bool, quiet: bool) -> No
             extra = f" mean={rec['mean']:.4g} std={rec['std']:.4g} max={rec['max']:.4g}"
         if rec.get("torn"):
             extra = " TORN (discarded)"
+        if rec.get("overrun"):
+            extra = " OVERRUN (lapped before the read)"
         out.write(
             f"{rec['segment']} v{rec['version']} latency={rec['latency_us']}us "
             f"missed={rec['missed']}{extra}\n"

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from shmcast.broker._backend import ENV, TSO_MACHINES, compiled
+from shmcast.broker import Broker, BrokerConfig
 from shmcast.broker.client import SHM_DIR, runtime_root
 from shmcast.cli.testing import issued_namespaces, unique_namespace
 from tests._other_user import OtherUser, prepare, skip_unless_root
@@ -146,3 +147,13 @@ def other_user(_other_user_copy: OtherUser) -> OtherUser:
     """User ``nobody`` (uid 65534, group nogroup), able to run ``tests/_as_other.py``
     from a world-readable copy of shmcast; skips unless root (see ``_other_user``)."""
     return _other_user_copy
+
+
+@pytest.fixture
+def thread_broker(namespace: str) -> Iterator[Broker]:
+    """A broker of ``namespace`` serving in a thread (heartbeat every 0.1 s)."""
+    b = Broker(BrokerConfig(namespace=namespace, heartbeat_interval=0.1)).start()
+    try:
+        yield b
+    finally:
+        b.close()

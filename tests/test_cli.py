@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +216,165 @@ def test_demo_latency_quantile_interpolates_inside_the_bucket() -> None:
     assert _quantile(cumulative, 0.99) == pytest.approx(4.925e-4)
     assert _quantile({1e-4: 0.0, float("inf"): 5.0}, 0.5) == 1e-4  # beyond the last bound
     assert _quantile({}, 0.5) is None
+
+
+# ------------------------------------------------------------ issue 12: rough edges
+
+
+@pytest.fixture
+def lab(namespace: str) -> Iterator[Broker]:
+    """A broker in a thread serving ``frames`` and ``ticks`` (no writer on either)."""
+    b = Broker(BrokerConfig(namespace=namespace, heartbeat_interval=0.1)).start()
+    try:
+        for name in ("frames", "ticks"):
+            Publisher(name, dtype="u2", shape=(4,), namespace=namespace).close()
+        yield b
+    finally:
+        b.close()
+
+
+def test_rm_deletes_through_the_broker_and_refuses_a_live_writer(
+    namespace: str, lab: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["rm", "-n", namespace, "ticks"]) == 0
+    assert "deleted ticks" in capsys.readouterr().out
+    assert Segment.list(namespace) == ["frames"]
+    with Publisher("frames", namespace=namespace) as pub:  # a live writer holds the lease
+        assert main(["rm", "-n", namespace, "frames", "nope"]) == 1
+        err = capsys.readouterr().err
+        assert f"segment 'frames' of namespace '{namespace}' has a live writer (pid " in err
+        assert "--force" in err
+        assert f"no segment 'nope' in namespace '{namespace}'" in err
+        assert Segment.list(namespace) == ["frames"]
+        assert main(["rm", "-n", namespace, "frames", "--force"]) == 0
+        assert pub.version == 0
+    assert Segment.list(namespace) == []
+
+
+def test_a_layout_conflict_names_the_segment_and_how_to_delete_it(
+    namespace: str, lab: Broker
+) -> None:
+    from shmcast.broker import LayoutConflictError
+
+    with pytest.raises(LayoutConflictError) as exc:
+        Publisher("frames", dtype="f8", shape=(4,), namespace=namespace)
+    assert f"delete 'frames' first: `shmcast rm frames -n {namespace}`" in str(exc.value)
+
+
+def test_subscribe_names_a_missing_segment_and_a_timeout_with_nothing_fails(
+    namespace: str, lab: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["subscribe", "frame", "-n", namespace, "--timeout", "1.5"]) == 1
+    err = capsys.readouterr().err
+    assert f"no segment 'frame' in namespace '{namespace}' yet; existing: frames, ticks" in err
+    assert "nothing received from frame in 1.5 s" in err
+    # futex mode needs the segment at start: it says the same at once, and fails.
+    assert main(["subscribe", "frame", "-n", namespace, "--wait", "futex"]) == 1
+    assert "existing: frames, ticks" in capsys.readouterr().err
+
+
+def test_subscribe_with_a_timeout_and_updates_exits_0(
+    namespace: str, lab: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import threading
+
+    with Publisher("ticks", namespace=namespace) as pub:
+        t = threading.Timer(0.3, lambda: pub.publish(np.ones(4, "u2")))
+        t.start()
+        code = main(["subscribe", "ticks", "-n", namespace, "--timeout", "1", "--stats"])
+        t.join()
+    assert code == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"^ticks v1 .* mean=1 ", out, re.M), out
+    done = json.loads(err.split("shmcast subscribe done: ")[1].splitlines()[0])
+    assert done["ticks"]["updates"] == 1
+    assert {"missed", "overrun", "torn"} <= set(done["ticks"])
+
+
+def test_ls_honours_shmcast_broker(
+    namespace: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    b = Broker(BrokerConfig(namespace=namespace, control="tcp://127.0.0.1:0")).start()
+    try:
+        assert b.endpoints is not None
+        Publisher("e", dtype="i1", shape=1, namespace=namespace, broker=b.endpoints.control).close()
+        monkeypatch.setenv("SHMCAST_BROKER", b.endpoints.control)
+        assert main(["ls", "-n", namespace, "--json", "--interval", "0"]) == 0
+        listing = json.loads(capsys.readouterr().out)
+        assert listing["from"] == "broker"  # not the /dev/shm fallback
+        assert [r["name"] for r in listing["segments"]] == ["e"]
+    finally:
+        b.close()
+
+
+def test_ls_shows_the_version_and_age_of_its_second_sample(
+    namespace: str, lab: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import threading
+    import time
+
+    with Publisher("ticks", namespace=namespace) as pub:
+        pub.publish(np.ones(4, "u2"))
+        stamp: list[float] = []
+
+        def later() -> None:
+            pub.publish(np.ones(4, "u2"))
+            stamp.append(time.monotonic())
+
+        t = threading.Timer(0.4, later)
+        t.start()
+        assert main(["ls", "-n", namespace, "--json", "--interval", "0.6"]) == 0
+        done = time.monotonic()
+        t.join()
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["segments"]}
+    assert rows["ticks"]["version"] == 2  # the later sample's, not the first's
+    # The age of version 2 when the second sample was taken, not the interval.
+    assert rows["ticks"]["age"] <= done - stamp[0] + 0.05 < 0.6
+
+
+@pytest.mark.parametrize(
+    ("command", "needle"),
+    [
+        ("publish", "--rate RATE      versions per second (0: flat out) (default: 10.0)"),
+        ("subscribe", "(default: shm)"),
+        ("ls", "(default: 0.5)"),
+        ("demo", "(default: 30.0)"),
+    ],
+)
+def test_help_shows_the_defaults(
+    command: str, needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert " ".join(needle.split()) in out
+    assert "(default: None)" not in out
+    assert "(default: False)" not in out
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"),
+    reason="needs root and unshare(1) to give a process a /dev/shm of its own",
+)
+@pytest.mark.parametrize("mode", ["shm", "events"])
+def test_a_subscriber_that_cannot_see_the_brokers_dev_shm_fails_clearly(
+    namespace: str, lab: Broker, mode: str
+) -> None:
+    """A container that did not join the broker's IPC namespace: the broker answers
+    and lists the segment, but /dev/shm here is empty."""
+    import subprocess
+    import sys
+
+    script = (
+        "mount -t tmpfs tmpfs /dev/shm && exec "
+        f"{sys.executable} -m shmcast.cli subscribe frames -n {namespace} --wait {mode}"
+    )
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "does not share the broker's /dev/shm" in proc.stderr
+    assert "--ipc container:" in proc.stderr

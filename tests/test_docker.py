@@ -502,11 +502,13 @@ def test_the_containers_command_lines_run_and_data_flows(namespace: str, tmp_pat
                     for (n, labels), v in samples.items()
                     if n == "shmcast_updates_received_total" and v > 0
                 }
-                # Torn reads are detected and discarded, never data; a handful under a
-                # loaded test machine is fine, a steady share is not.
+                # Torn reads are detected and discarded, never data. The subscribers read
+                # every version exactly, and one that falls behind reads versions whose
+                # slot is the writer's next: a few percent on a loaded test machine is
+                # fine, a steady large share is not.
                 torn = sample_sum(samples, "shmcast_torn_reads_total")
                 updates = sample_sum(samples, "shmcast_updates_received_total")
-                return got >= set(segs) and torn <= 0.01 * updates
+                return got >= set(segs) and torn <= 0.05 * updates
 
             wait_for(flowing, 20, 0.1, f"{name} receiving {segs}")
         with ControlClient(control, timeout=5) as client:

@@ -54,6 +54,7 @@ def test_every_metric_the_readme_names_is_exported(namespace: str) -> None:
         with (
             Publisher("m", dtype="f8", shape=1, namespace=namespace) as pub,
             Subscriber("m", namespace=namespace) as sub,
+            Subscriber("m", namespace=namespace, wait="events") as events,
         ):
             pub.publish(np.zeros(1))
             for _ in sub.updates(timeout=2):
@@ -64,6 +65,7 @@ def test_every_metric_the_readme_names_is_exported(namespace: str) -> None:
             exported = (
                 _sample_names(BrokerCollector(broker.stats, broker.data_stats))
                 | _sample_names(SubscriberCollector(sub))
+                | _sample_names(SubscriberCollector(events))
                 | _sample_names(RelayCollector(relay))
                 | _sample_names(BridgeCollector(lambda: bridge))
             )

@@ -237,7 +237,10 @@ garbage_frames = st.lists(st.binary(max_size=64), max_size=4) | st.tuples(
 def test_subscriber_survives_garbage_events(broker: Broker) -> None:
     """Malformed events are counted in bad_messages, never raised, never an update."""
     assert broker.endpoints is not None
-    with Publisher("e", dtype="i4", shape=(4,)) as pub, Subscriber("e", timeout=5) as sub:
+    with (
+        Publisher("e", dtype="i4", shape=(4,)) as pub,
+        Subscriber("e", timeout=5, wait="events") as sub,
+    ):
         pub.publish(np.arange(4, dtype="i4"))
         before = sub.stats["e"].last_version
 
@@ -275,7 +278,10 @@ def test_subscriber_survives_garbage_events(broker: Broker) -> None:
 
 def test_forged_version_event_does_not_wedge(broker: Broker) -> None:
     """A version beyond the header is refused: it would hide every real version after it."""
-    with Publisher("e", dtype="i4", shape=(4,)) as pub, Subscriber("e", timeout=5) as sub:
+    with (
+        Publisher("e", dtype="i4", shape=(4,)) as pub,
+        Subscriber("e", timeout=5, wait="events") as sub,
+    ):
         pub.publish(np.zeros(4, dtype="i4"))
         body = {"kind": "version", "segment": "e", "version": 10**18, "ts": 1, "seq": 1}
         sub._on_event([topic("e"), pack({**body, "epoch": sub.epoch, "tseq": 1})])

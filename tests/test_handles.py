@@ -188,7 +188,7 @@ def test_relay_without_a_local_broker_fails_to_start(namespace: str) -> None:
     assert relay.closed
 
 
-@pytest.mark.parametrize("wait", ["events", "futex", "spin"])
+@pytest.mark.parametrize("wait", ["shm", "events", "futex", "spin"])
 def test_closing_a_subscriber_from_another_thread_ends_the_reader(
     namespace: str, wait: str
 ) -> None:

@@ -123,8 +123,7 @@ def _exported_metric_names() -> set[str]:
         broker_up=True,
         events_missed=0,
         bad_messages=0,
-        torn_reads=lambda seg: 0,
-        segment=lambda seg: (_ for _ in ()).throw(KeyError(seg)),
+        staleness=lambda seg, now=None: 1.0,
     )
     collectors = [
         BrokerCollector(broker.stats, broker.data_stats),
@@ -142,6 +141,7 @@ def test_collectors_export_the_names_the_docs_promise() -> None:
         "shmcast_versions_published_total",
         "shmcast_updates_received_total",
         "shmcast_versions_missed_total",
+        "shmcast_versions_overrun_total",
         "shmcast_torn_reads_total",
         "shmcast_staleness_seconds",
         "shmcast_publish_to_read_latency_seconds_bucket",
@@ -214,6 +214,7 @@ def test_dashboard_is_grafana_json_using_only_exported_metrics() -> None:
         "shmcast_staleness_seconds",
         "shmcast_torn_reads_total",
         "shmcast_versions_missed_total",
+        "shmcast_versions_overrun_total",
         "shmcast_shm_free_bytes",
     ):
         assert name in used, name

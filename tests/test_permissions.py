@@ -185,7 +185,7 @@ def test_curve_refuses_unknown_clients(namespace: str) -> None:
             spies.append(spy)
         try:
             pub = Publisher("c", dtype="i8", shape=(2,), broker=control, curve=keys)
-            sub = Subscriber("c", broker=control, curve=keys, timeout=5)
+            sub = Subscriber("c", broker=control, curve=keys, timeout=5, wait="events")
             with pub, sub:
                 deadline = time.monotonic() + 5
                 got: list[int] = []

@@ -348,3 +348,36 @@ def test_publisher_without_announcements_is_announced_by_the_broker_tick(
         # five commits an announcing publisher would have sent.
         requests_after = control.request("stats")["requests"]
         assert requests_after - requests_before < 5
+
+
+def test_the_broker_announces_every_version_without_commit_messages(namespace: str) -> None:
+    """The broker's commit watcher learns of each commit from the segment's notify
+    word: no commit message, no heartbeat tick (30 s here) needed, and a burst that
+    laps the 2-slot ring before the broker looks is still announced version by version."""
+    from shmcast.broker import Broker, BrokerConfig
+
+    b = Broker(BrokerConfig(namespace=namespace, heartbeat_interval=30)).start()
+    try:
+        assert b.endpoints is not None
+        with (
+            Publisher("w", dtype="i8", shape=(2,), namespace=namespace) as pub,
+            Subscriber("w", namespace=namespace, wait="events") as sub,
+            ControlClient(b.endpoints.control) as control,
+        ):
+            requests = control.request("stats")["requests"]
+            pub.publish(np.full(2, 1, "i8"))
+            first = next(sub.updates(timeout=5))  # well before any tick
+            assert first.version == 1
+            for i in range(2, 21):  # a burst: the ring holds 2 of them
+                pub.publish(np.full(2, i, "i8"))
+            got = [first.version] + [u.version for u in sub.updates(timeout=1)]
+            assert got == list(range(1, 21))  # every one announced, none missed
+            st = sub.stats["w"]
+            assert st.missed == 0
+            assert st.updates == 20  # delivered as news (not read)
+            # No request per version reached the broker (ours, and the subscriber's
+            # once-a-second report, at most).
+            assert control.request("stats")["requests"] - requests <= 3
+            assert control.request("describe", name="w")["published"] == 20
+    finally:
+        b.close()

@@ -193,7 +193,8 @@ def test_render_shows_lag_and_percentiles() -> None:
                 "name": "w",
                 "pid": 7,
                 "segments": {
-                    "a": {"last_version": 290, "updates": 280, "missed": 3, "torn": 1}
+                    "a": {"last_version": 290, "updates": 280, "missed": 3, "overrun": 2}
+                    | {"torn": 1}
                     | {"p50": 25e-6, "p99": 0.0021}
                 },
             }
@@ -204,7 +205,7 @@ def test_render_shows_lag_and_percentiles() -> None:
     text = "\n".join(lines)
     assert re.search(r"^a\s+300\s+100\.0\s", text, re.M)  # 200 versions in 2 s
     row = next(ln for ln in lines if ln.startswith("w "))
-    assert row.split()[:8] == ["w", "7", "a", "290", "10", "280", "3", "1"]
+    assert row.split()[:9] == ["w", "7", "a", "290", "10", "280", "3", "2", "1"]
     assert "25us" in row
     assert "2.1ms" in row
     assert "16.0 MiB of 64.0 MiB in use (25%)" in text

@@ -1,0 +1,58 @@
+"""``shmcast rm``: delete segments through the broker."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shmcast.broker.client import ControlClient, resolve_namespace
+from shmcast.broker.errors import SegmentNotFoundError
+
+from ._options import add_broker_option, broker_endpoint
+
+HELP = "delete segments through the broker (refused while a writer holds one)"
+EXAMPLES = """\
+examples:
+  shmcast rm frames                  delete segment 'frames' of namespace 'default'
+  shmcast rm -n lab ticks frames     several at once
+  shmcast rm frames --force          even while a publisher writes it
+
+The broker unlinks the segment and announces it deleted; subscribers follow a
+segment created again under the name (a new incarnation, versions from 1).
+With --force a live writer goes on writing into the unlinked object, which no
+new reader can find: stop it first when you can.
+Exit code 0 when every segment was deleted, 1 otherwise.
+"""
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("segments", nargs="+", metavar="SEGMENT", help="segment names")
+    p.add_argument(
+        "--force", action="store_true", help="delete even while a writer holds the lease"
+    )
+    add_broker_option(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    ns = resolve_namespace(args.namespace)
+    rc = 0
+    with ControlClient(broker_endpoint(args), timeout=5.0) as client:
+        for name in args.segments:
+            try:
+                info = client.request("describe", name=name)
+            except SegmentNotFoundError:
+                print(f"shmcast rm: no segment {name!r} in namespace {ns!r}", file=sys.stderr)
+                rc = 1
+                continue
+            pid = info.get("writer_pid")
+            if info.get("writer_alive") and not args.force:
+                print(
+                    f"shmcast rm: segment {name!r} of namespace {ns!r} has a live writer "
+                    f"(pid {pid}); stop it first, or delete anyway with --force",
+                    file=sys.stderr,
+                )
+                rc = 1
+                continue
+            client.request("delete", name=name)
+            print(f"deleted {name}")
+    return rc

@@ -1,0 +1,135 @@
+"""A segment deleted and created again under its name (issue 11, class 3): its
+versions start over at 1, and every reader must notice the new incarnation,
+re-attach, and deliver or count its versions; a relay's mirror must follow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shmcast.broker import Broker, Segment
+from shmcast.broker.client import ControlClient
+from shmcast.cli._cmd_relay import READY as RELAY_READY
+from shmcast.cli.testing import BROKER_READY, running, unique_namespace, wait_for
+from shmcast.publisher import Publisher
+from shmcast.subscriber import Subscriber, Update
+
+MODES = ["shm", "events", "futex", "spin"]
+
+
+def _take(sub: Subscriber, name: str, until: object, timeout: float = 10) -> list[Update]:
+    """Updates (each read exactly when still there) until ``until(stats)`` holds."""
+    got: list[Update] = []
+
+    def pumped() -> bool:
+        for up in sub.updates(timeout=0.05):
+            got.append(up)
+        return bool(until(sub.stats[name]))  # type: ignore[operator]
+
+    wait_for(pumped, timeout=timeout, interval=0, what=f"{name}: {sub.stats[name]}")
+    return got
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_reader_follows_a_recreated_segment(
+    namespace: str, thread_broker: Broker, mode: str
+) -> None:
+    assert thread_broker.endpoints is not None
+    first = Publisher("r", dtype="i8", shape=4, namespace=namespace)
+    with first, Subscriber("r", namespace=namespace, wait=mode) as sub:  # type: ignore[arg-type]
+        old = first.segment.incarnation
+        for i in (1, 2, 3):
+            first.publish(np.full(4, i, "i8"))
+        _take(sub, "r", lambda st: st.last_version == 3)
+        first.close()
+        with ControlClient(thread_broker.endpoints.control) as c:
+            c.request("delete", name="r")
+        with Publisher("r", dtype="i8", shape=4, namespace=namespace) as second:
+            new = second.segment.incarnation
+            assert new != old
+            got: list[Update] = []
+            for i in (1, 2, 3, 4, 5):  # versions start over: 1..5 again
+                second.publish(np.full(4, 100 + i, "i8"))
+                got += _take(
+                    sub, "r", lambda st, v=i: st.incarnation == new and st.last_version == v
+                )
+            st = sub.stats["r"]
+            assert st.incarnations == 2
+            # Not left on the unlinked object: the handle is the new incarnation's.
+            assert sub.segment("r").incarnation == new
+            fresh = [u for u in got if u.incarnation == new]
+            assert [u.version for u in fresh] == sorted({u.version for u in fresh})
+            assert fresh
+            assert fresh[-1].version == 5
+            with sub.read(fresh[-1]) as snap:
+                assert (snap.array == 105).all()
+            # Three versions of the first incarnation and five of the second.
+            assert st.updates + st.missed + st.overrun + st.torn == 3 + 5
+
+
+@pytest.mark.parametrize("mode", ["futex", "spin"])
+def test_brokerless_readers_follow_a_recreated_segment(namespace: str, mode: str) -> None:
+    w = Segment.create("d", "i8", (2,), namespace=namespace)
+    try:
+        with Subscriber("d", namespace=namespace, wait=mode) as sub:  # type: ignore[arg-type]
+            w.write(np.full(2, 1, "i8"))
+            _take(sub, "d", lambda st: st.last_version == 1)
+            w.unlink()
+            w.close()
+            w = Segment.create("d", "i8", (2,), namespace=namespace)
+            w.write(np.full(2, 7, "i8"))
+            got = _take(sub, "d", lambda st: st.incarnations == 2 and st.last_version == 1)
+            assert got[-1].incarnation == w.incarnation
+            with sub.read(got[-1]) as snap:
+                assert (snap.array == 7).all()
+    finally:
+        w.unlink()
+        w.close()
+
+
+def test_a_relay_mirror_follows_a_recreated_upstream_segment() -> None:
+    """The new upstream incarnation starts above the mirror's version: comparing
+    version numbers (or creation times) cannot tell; incarnation ids can."""
+    up_ns, down_ns = unique_namespace(), unique_namespace()
+    with (
+        running(
+            ["broker", "--data", "tcp://127.0.0.1:0", "--heartbeat", "0.1"],
+            ready=BROKER_READY,
+            env={"SHMCAST_NAMESPACE": up_ns},
+        ) as upstream,
+        running(
+            ["broker", "--heartbeat", "0.1"], ready=BROKER_READY, env={"SHMCAST_NAMESPACE": down_ns}
+        ) as local,
+    ):
+        with Publisher("m", dtype=np.int64, shape=(8,), namespace=up_ns) as pub:
+            pub.publish(np.full(8, 1, np.int64))
+            pub.publish(np.full(8, 2, np.int64))
+        with (
+            running(
+                ["relay", "--upstream", upstream.ready["data"]],
+                ready=RELAY_READY,
+                env={"SHMCAST_NAMESPACE": down_ns},
+            ),
+        ):
+
+            def mirror_at(version: int) -> int:
+                try:
+                    with Segment.attach("m", namespace=down_ns) as seg:
+                        return seg.incarnation if seg.version == version else 0
+                except Exception:
+                    return 0
+
+            before = wait_for(lambda: mirror_at(2), 10, what="the mirror at version 2")
+            with Subscriber("m", namespace=down_ns, broker=local.ready["control"]) as sub:
+                with ControlClient(upstream.ready["control"]) as c:
+                    c.request("delete", name="m")
+                with Publisher("m", dtype=np.int64, shape=(8,), namespace=up_ns) as again:
+                    again.publish(np.full(8, 10, np.int64), version=10)
+                    after = wait_for(lambda: mirror_at(10), 10, what="the mirror at version 10")
+                    assert after != before  # a new local incarnation, not version 10 of the old
+                    got = _take(
+                        sub, "m", lambda st: st.incarnation == after and st.last_version == 10
+                    )
+                    with sub.read(got[-1]) as snap:
+                        assert (snap.array == 10).all()
+                    assert sub.stats["m"].incarnations == 2

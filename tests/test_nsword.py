@@ -1,0 +1,170 @@
+"""The namespace word (``/dev/shm/shmcast.<ns>.@catalog``): the broker bumps it on
+catalog changes and heartbeats, readers wait on it beside the segments' words,
+and nothing that lists, adopts, reclaims or sweeps segments mistakes it for one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from shmcast.broker import (
+    Broker,
+    BrokerConfig,
+    NamespaceWord,
+    NotASegmentError,
+    Segment,
+    wait_segments,
+)
+from shmcast.broker.client import ControlClient, shm_path
+from shmcast.broker.errors import AccessError
+from shmcast.cli import main
+from shmcast.cli.testing import BROKER_READY, start, wait_for
+from shmcast.publisher import Publisher
+
+
+def _word_path(namespace: str) -> str:
+    return shm_path(namespace, "@catalog")
+
+
+def test_broker_makes_bumps_and_removes_the_word(namespace: str) -> None:
+    b = Broker(BrokerConfig(namespace=namespace, heartbeat_interval=0.05)).start()
+    try:
+        word = NamespaceWord.attach(namespace)
+        assert word is not None
+        with word:
+            assert word.epoch == b.epoch
+            assert word.pid == os.getpid()
+            assert word.broker_up()
+            assert word.interval == pytest.approx(0.05)
+            # Heartbeats move the notify word, not the generation.
+            n, gen = word.notify, word.generation
+            wait_for(lambda: word.notify != n, timeout=5, what="a heartbeat")
+            assert word.generation == gen
+            with Publisher("a", dtype="f8", shape=2, namespace=namespace):
+                assert word.generation == gen + 1
+                assert Segment.list(namespace) == ["a"]  # the word is not a segment
+            with ControlClient(b.endpoints.control) as c:  # type: ignore[union-attr]
+                c.request("delete", name="a")
+            assert word.generation == gen + 2
+            # Read-only mapping: a reader cannot move the broker's words.
+            assert os.stat(word.path).st_mode & 0o777 == 0o600
+        b.close()
+        # A clean stop: readers learn it at once; nothing is left in /dev/shm.
+        assert not os.path.exists(_word_path(namespace))
+    finally:
+        b.close()
+
+
+def test_a_stopping_broker_tells_its_readers_at_once(namespace: str) -> None:
+    b = Broker(BrokerConfig(namespace=namespace, heartbeat_interval=10)).start()
+    word = NamespaceWord.attach(namespace)
+    assert word is not None
+    try:
+        assert word.broker_up()
+        b.close()
+        assert not word.broker_up()  # no need to wait for three missed heartbeats
+        assert word.pid == 0
+    finally:
+        word.close()
+        b.close()
+
+
+def test_a_killed_brokers_word_is_taken_over_by_the_next_and_fixed_by_doctor(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["broker", "-n", namespace, "--heartbeat", "0.05"]
+    first = start(args, ready=BROKER_READY)
+    second = None
+    try:
+        word = NamespaceWord.attach(namespace)
+        assert word is not None
+        with word:
+            first.send_signal(signal.SIGKILL)
+            first.wait(10)
+            wait_for(lambda: not word.broker_up(), timeout=5, what="heartbeats to stop")
+            assert os.path.exists(word.path)  # left behind by the kill
+            assert main(["doctor", "-n", namespace]) == 0
+            assert "@catalog is left from a broker" in capsys.readouterr().out
+            second = start(args, ready=BROKER_READY)
+            # Taken over, not made anew: readers already on it go on waiting on it.
+            assert not word.replaced()
+            wait_for(word.broker_up, timeout=5, what="the new broker's heartbeats")
+            assert word.epoch == second.ready["epoch"] != first.ready.get("epoch", 0)
+            second.send_signal(signal.SIGKILL)
+            second.wait(10)
+        assert main(["doctor", "-n", namespace, "--fix"]) in (0, 1)
+        assert f"unlinked {_word_path(namespace)}" in capsys.readouterr().out
+        assert not os.path.exists(_word_path(namespace))
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_foreign_or_planted_words_are_refused_and_replaced(
+    namespace: str, tmp_path: object
+) -> None:
+    path = _word_path(namespace)
+    os.symlink("/etc/passwd", path)
+    try:
+        with pytest.raises(NotASegmentError, match="symbolic link"):
+            NamespaceWord.attach(namespace)
+    finally:
+        os.unlink(path)
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o666)
+    os.fchmod(fd, 0o666)
+    os.ftruncate(fd, 4096)
+    os.close(fd)
+    try:
+        with pytest.raises(AccessError, match="lets others write it"):
+            NamespaceWord.attach(namespace)
+        planted = os.stat(path).st_ino
+        b = Broker(BrokerConfig(namespace=namespace)).start()
+        try:  # the broker never serves a word others can write: it makes its own
+            st = os.stat(path)
+            assert st.st_ino != planted
+            assert st.st_mode & 0o777 == 0o600
+        finally:
+            b.close()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def test_wait_segments_wakes_on_a_version_or_on_the_word(namespace: str) -> None:
+    b = Broker(BrokerConfig(namespace=namespace, heartbeat_interval=60)).start()
+    try:
+        with (
+            Publisher("w", dtype="i8", shape=1, namespace=namespace) as pub,
+            Segment.attach("w", namespace=namespace) as seg,
+        ):
+            word = NamespaceWord.attach(namespace)
+            assert word is not None
+            with word:
+                seen = word.notify
+                t0 = time.monotonic()
+                assert not wait_segments([seg], [0], 0.05, word=word, seen=seen)
+                assert time.monotonic() - t0 >= 0.04  # slept: nothing happened
+                threading.Timer(0.05, pub.publish, (np.ones(1, "i8"),)).start()
+                assert wait_for(
+                    lambda: wait_segments([seg], [0], 2.0, word=word, seen=seen) and seg.version,
+                    timeout=5,
+                )
+                # A catalog change wakes a reader whose segments are quiet.
+                threading.Timer(
+                    0.05, Publisher("x", dtype="i8", shape=1, namespace=namespace).close
+                ).start()
+                assert wait_for(
+                    lambda: (
+                        wait_segments([seg], [1], 2.0, word=word, seen=seen) and word.notify != seen
+                    ),
+                    timeout=5,
+                )
+    finally:
+        b.close()

@@ -1,0 +1,259 @@
+"""The reading side (issue 12): exact reads, four counters that add up to the
+versions published in every wait mode, validated copies, asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from shmcast.broker import (
+    Broker,
+    TornReadError,
+    VersionUnavailableError,
+)
+from shmcast.publisher import Publisher
+from shmcast.subscriber import Subscriber, Update
+
+from ._seg_util import finish, kill, read_line, spawn
+
+MODES = ["shm", "events", "futex", "spin"]
+
+
+def _publisher(name: str, count: int, rate: float, slots: int = 2) -> subprocess.Popen[str]:
+    """A publisher process, leased and ready; it publishes when :func:`_go` says so."""
+    proc = spawn("-m", "tests._reading_workers", "publish", name, str(count), str(rate), str(slots))
+    try:
+        assert read_line(proc, 30) == "READY"
+    except BaseException:
+        kill(proc)
+        raise
+    return proc
+
+
+def _go(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+
+
+def _consume_until_done(
+    sub: Subscriber,
+    name: str,
+    proc: subprocess.Popen[str],
+    count: int,
+    each: Callable[[Update], None],
+) -> dict[str, int]:
+    """Run ``each`` on every update until the publisher has exited and the subscriber
+    has learnt its last version and drained (bounded)."""
+    deadline = time.monotonic() + 60
+    while True:
+        n = 0
+        for up in sub.updates(timeout=0.3):
+            each(up)
+            n += 1
+        if proc.poll() is not None and n == 0 and sub.stats[name].last_version >= count:
+            break
+        assert time.monotonic() < deadline, f"stuck at {sub.stats[name]}"
+    summary, _ = finish(proc, 30)
+    return summary
+
+
+@pytest.mark.parametrize("consumer", ["fast", "slow", "never"])
+@pytest.mark.parametrize("mode", MODES)
+def test_every_version_is_delivered_missed_overrun_or_torn(
+    namespace: str, thread_broker: Broker, mode: str, consumer: str
+) -> None:
+    """For a subscriber present from the first version:
+    distinct versions delivered + missed + overrun + torn == versions published."""
+    count = 400
+    proc = _publisher("acc", count, 2000)
+    delivered: list[int] = []
+
+    def read(up: Update) -> None:
+        if consumer == "never":  # delivered as news: the update was handed out
+            delivered.append(up.version)
+            return
+        try:
+            with sub.read(up) as snap:
+                if consumer == "slow":
+                    time.sleep(0.002)  # slow work: the writer laps the 2-slot ring meanwhile
+                good = bool((snap.array == up.version).all())
+        except (VersionUnavailableError, TornReadError):
+            return
+        assert good, f"version {up.version} read as other bytes"  # exact, never torn
+        delivered.append(up.version)
+
+    try:
+        with Subscriber("acc", namespace=namespace, wait=mode) as sub:  # type: ignore[arg-type]
+            _go(proc)
+            summary = _consume_until_done(sub, "acc", proc, count, read)
+            st = sub.stats["acc"]
+    finally:
+        kill(proc)
+    assert summary["published"] == count
+    assert len(delivered) == len(set(delivered)) == st.updates
+    assert st.updates + st.missed + st.overrun + st.torn == count, st
+    assert st.accounted == count
+    assert st.updates > 0
+    if consumer == "slow":
+        assert st.torn + st.overrun > 0, st  # the slow reader was lapped, and it shows
+
+
+def test_read_update_is_exact_and_settles_its_count(namespace: str, thread_broker: Broker) -> None:
+    with (
+        Subscriber("e", namespace=namespace) as sub,
+        Publisher("e", dtype="i8", shape=4, slots=3, namespace=namespace) as pub,
+    ):
+        pub.publish(np.full(4, 1, "i8"))
+        pub.publish(np.full(4, 2, "i8"))
+        it = sub.updates(timeout=2)
+        u1 = next(it)
+        assert (u1.version, u1.missed) == (1, 0)
+        with sub.read(u1) as snap:  # exactly version 1, although 2 is the latest
+            assert snap.version == 1
+            assert (snap.array == 1).all()
+            assert not snap.array.flags.writeable
+        with sub.read("e") as snap:  # the name: the latest
+            assert snap.version == 2
+        u2 = next(it)
+        assert u2.version == 2
+        for i in (3, 4, 5):  # three more versions: the 3-slot ring no longer holds 2
+            pub.publish(np.full(4, i, "i8"))
+        with pytest.raises(VersionUnavailableError), sub.read(u2):
+            pass
+        st = sub.stats["e"]
+        assert (st.updates, st.overrun, st.torn) == (1, 1, 0)
+        u3 = next(it)  # walked from the ring, oldest first: 3, 4 and 5 are all there
+        assert (u3.version, u3.missed) == (3, 0)
+        with pytest.raises(TornReadError), sub.read(u3) as snap:
+            pub.publish(np.full(4, 6, "i8"))  # the writer laps version 3's slot meanwhile
+        assert st.torn == 1
+        u4 = next(it)
+        assert u4.version == 4
+        u5 = next(it)  # u4 was not read: asking for the next one delivered it as news
+        assert st.updates == 2
+        kept = sub.copy(u5)  # private, validated: survives the writer going round
+        for i in range(7, 12):
+            pub.publish(np.full(4, i, "i8"))
+        assert kept.version == 5
+        assert (kept.array == 5).all()
+        assert st.updates == 3
+        for _ in it:  # 6 is gone (missed or overrun), then 9, 10, 11 from the ring
+            pass
+        assert st.updates + st.missed + st.overrun + st.torn == pub.version == 11
+
+
+def test_a_read_of_an_update_read_before_changes_no_count(
+    namespace: str, thread_broker: Broker
+) -> None:
+    with (
+        Publisher("twice", dtype="i8", shape=1, slots=2, namespace=namespace) as pub,
+        Subscriber("twice", namespace=namespace, wait="futex") as sub,
+    ):
+        pub.publish(np.ones(1, "i8"))
+        up = next(sub.updates(timeout=2))
+        with sub.read(up):
+            pass
+        with sub.read(up):  # a second read of the same version: no second count
+            pass
+        for _ in range(3):
+            pub.publish(np.ones(1, "i8"))
+        with pytest.raises(VersionUnavailableError), sub.read(up):
+            pass  # gone now, but it was delivered already
+        st = sub.stats["twice"]
+        assert (st.updates, st.overrun, st.torn) == (1, 0, 0)
+
+
+# ------------------------------------------------------------------------ asyncio
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_aupdates_adds_up_and_never_blocks_the_loop(
+    namespace: str, thread_broker: Broker, mode: str
+) -> None:
+    count = 300
+    proc = _publisher("aio", count, 1000)
+
+    async def run(sub: Subscriber) -> tuple[list[int], int, int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        threads = threading.active_count()
+        most = threads
+        delivered: list[int] = []
+        _go(proc)
+        deadline = time.monotonic() + 60
+        while True:
+            n = 0
+            async for up in sub.aupdates(timeout=0.3):
+                n += 1
+                most = max(most, threading.active_count())
+                try:
+                    with sub.read(up) as snap:
+                        good = bool((snap.array == up.version).all())
+                except (VersionUnavailableError, TornReadError):
+                    continue
+                assert good  # only once the read validated: inside, bytes may be torn
+                delivered.append(up.version)
+            if proc.poll() is not None and n == 0 and sub.stats["aio"].last_version >= count:
+                break
+            assert time.monotonic() < deadline
+        # Idle: nothing is published while aupdates waits; the other task keeps running.
+        before = ticks
+        async for _ in sub.aupdates(timeout=0.5):
+            pass
+        idle_ticks = ticks - before
+        task.cancel()
+        return delivered, idle_ticks, most - threads
+
+    try:
+        with Subscriber("aio", namespace=namespace, wait=mode) as sub:  # type: ignore[arg-type]
+            delivered, idle_ticks, extra_threads = asyncio.run(run(sub))
+            st = sub.stats["aio"]
+        finish(proc, 30)
+    finally:
+        kill(proc)
+    assert len(delivered) == len(set(delivered)) == st.updates
+    assert st.updates + st.missed + st.overrun + st.torn == count, st
+    assert idle_ticks >= 50, f"the loop ran {idle_ticks} 1-ms ticks in 0.5 s of waiting"
+    assert extra_threads <= 1  # one helper thread per iterator at most, none per segment
+
+
+def test_aupdates_over_many_segments_uses_one_thread(namespace: str, thread_broker: Broker) -> None:
+    names = [f"s{i}" for i in range(6)]
+    pubs = [Publisher(n, dtype="i8", shape=1, namespace=namespace) for n in names]
+    try:
+        with Subscriber(names, namespace=namespace) as sub:
+
+            async def run() -> tuple[set[str], int]:
+                loop = asyncio.get_running_loop()
+                base = threading.active_count()
+                most = base
+                for k, p in enumerate(pubs):
+                    loop.call_later(0.02 * (k + 1), p.publish, np.ones(1, "i8"))
+                seen: set[str] = set()
+                async for up in sub.aupdates(timeout=1.0):
+                    most = max(most, threading.active_count())
+                    seen.add(up.segment)
+                    if len(seen) == len(names):
+                        break
+                return seen, most - base
+
+            seen, extra = asyncio.run(run())
+        assert seen == set(names)
+        assert extra <= 1
+    finally:
+        for p in pubs:
+            p.close()
