@@ -38,7 +38,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -208,8 +208,15 @@ class NamespaceWord:
 
     @property
     def notify(self) -> int:
-        """The notify word: it moves at every catalog change and heartbeat."""
-        return int(self._q32[_NOTIFY32])
+        """The notify word: it moves at every catalog change and heartbeat.
+
+        Raises:
+            ClosedError: the word was closed (perhaps by another thread).
+        """
+        try:
+            return int(self._q32[_NOTIFY32])
+        except ValueError:  # the view was released by close()
+            raise ClosedError(f"namespace word of {self.namespace!r}") from None
 
     @property
     def generation(self) -> int:
@@ -262,7 +269,29 @@ class NamespaceWord:
 
     def wait(self, seen: int, timeout: float | None) -> None:
         """Sleep while the notify word is ``seen``, at most ``timeout`` seconds."""
-        self._futex.wait(seen, timeout)
+        with self.pinned():
+            self._futex.wait(seen, timeout)
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Keep the mapping for the length of the block, even through a :meth:`close`
+        from another thread: a sleep on the notify word's address (without the GIL)
+        must not outlive the mapping. The mapping then goes with the block's end.
+
+        Raises:
+            ClosedError: the word was closed before.
+        """
+        mm = self._mm
+        try:
+            pin = memoryview(mm) if mm is not None else None
+        except ValueError:  # closed between the two lines
+            pin = None
+        if pin is None:
+            raise ClosedError(f"namespace word of {self.namespace!r}")
+        try:
+            yield
+        finally:
+            pin.release()
 
     @property
     def futex_addr(self) -> int:
@@ -325,6 +354,7 @@ class NamespaceWord:
         if self._q is not None:
             self._q.release()
             self._q = None
+        # A sleeper holds the mapping (pinned()): it is unmapped when that ends.
         with contextlib.suppress(BufferError):
             mm.close()
         os.close(self._fd)
@@ -365,12 +395,13 @@ def wait_segments(
                 time.sleep(timeout)
             return False
         return wait_any(list(segments), list(afters), timeout)
-    if word.notify != seen:
-        return True
-    if not segments:
-        word.wait(seen, timeout)
-        return word.notify != seen
-    return wait_any(list(segments), list(afters), timeout, word=(word.futex_addr, seen))
+    with word.pinned():
+        if word.notify != seen:
+            return True
+        if not segments:
+            word.wait(seen, timeout)
+            return word.notify != seen
+        return wait_any(list(segments), list(afters), timeout, word=(word.futex_addr, seen))
 
 
 def notify_words(

@@ -168,3 +168,55 @@ def test_wait_segments_wakes_on_a_version_or_on_the_word(namespace: str) -> None
                 )
     finally:
         b.close()
+
+
+_CLOSE_WHILE_WAITING = """
+import sys, threading, time
+import numpy as np
+from shmcast.broker import Broker, BrokerConfig, NamespaceWord, Segment, wait_segments
+from shmcast.publisher import Publisher
+
+ns = sys.argv[1]
+b = Broker(BrokerConfig(namespace=ns, heartbeat_interval=0.02)).start()
+pub = Publisher("w", dtype="i8", shape=1, namespace=ns)
+seg = Segment.attach("w", namespace=ns)
+word = NamespaceWord.attach(ns)
+stop = threading.Event()
+errors = []
+
+def waiter():
+    while not stop.is_set():
+        try:
+            wait_segments([seg], [seg.version], 0.05, word=word, seen=word.notify)
+        except Exception as exc:  # closed under it: what a subscriber's helper sees
+            errors.append(type(exc).__name__)
+            time.sleep(0.001)
+
+t = threading.Thread(target=waiter)
+t.start()
+time.sleep(0.2)
+word.close()            # from this thread, while the other sleeps on the word
+time.sleep(0.3)         # heartbeats keep bumping the word: the sleeper wakes and looks again
+stop.set()
+t.join(5)
+seg.close(); pub.close(); b.close()
+print("ok", sorted(set(errors)))
+"""
+
+
+def test_closing_the_word_under_a_sleeping_thread_is_safe(namespace: str, each_core: str) -> None:
+    """A subscriber's helper thread (``aupdates``) sleeps on the word's address without
+    the GIL while another thread closes the subscriber: the mapping must outlive the
+    sleep (it segfaulted before the word was pinned for the wait)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _CLOSE_WHILE_WAITING, namespace],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.startswith("ok"), out.stdout
+    assert "ClosedError" in out.stdout  # the waits after the close say so
