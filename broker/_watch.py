@@ -101,7 +101,10 @@ class CommitWatcher:
                 except (ValueError, TypeError, ShmcastError):  # a segment closed under us
                     time.sleep(0.001)
                     continue
-                if any(before.get(n, c) != c for n, c in counts.items()):
+                # A count that moved, or a segment newly wanted (its subscriber's
+                # subscription reached the broker after a commit): the serving
+                # thread announces what was committed since it last looked.
+                if any(before.get(n) != c for n, c in counts.items()):
                     with contextlib.suppress(zmq.Again):
                         sock.send(b"", zmq.NOBLOCK)
                 before = counts
