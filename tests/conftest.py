@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from shmcast.broker._backend import ENV, TSO_MACHINES, compiled
 from shmcast.broker import Broker, BrokerConfig
+from shmcast.broker._backend import ENV, TSO_MACHINES, compiled
 from shmcast.broker.client import SHM_DIR, runtime_root
 from shmcast.cli.testing import issued_namespaces, unique_namespace
 from tests._other_user import OtherUser, prepare, skip_unless_root
