@@ -29,6 +29,7 @@ from . import (
     _cmd_subscribe,
     _cmd_top,
 )
+from ._process import follow_lifeline
 
 #: (command, module) in the order ``shmcast --help`` lists them.
 COMMANDS: tuple[tuple[str, ModuleType], ...] = (
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``shmcast`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    follow_lifeline()  # started by shmcast.cli.testing / the demo: end with the parent
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

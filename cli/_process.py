@@ -5,6 +5,12 @@
 the process dies first; :meth:`ShmcastProcess.stop` tears down with
 terminate -> wait -> kill. Output is drained by threads, so a chatty child
 never blocks on a full pipe.
+
+Each child also gets a lifeline: the read end of a pipe whose write end only this
+process holds (its number in ``SHMCAST_LIFELINE_FD``). When this process ends,
+however it ends (SIGKILL included), the pipe reads end-of-file and the child stops
+itself with SIGTERM, cleaning up as on any stop (:func:`follow_lifeline`). A
+killed demo or test run therefore leaves no publisher or broker running on.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from contextlib import contextmanager
 from typing import IO, Any
 
 _ISSUED: set[str] = set()
+
+#: The environment variable naming a child's end of its lifeline pipe.
+LIFELINE_ENV = "SHMCAST_LIFELINE_FD"
 
 
 def unique_namespace(prefix: str = "t") -> str:
@@ -52,9 +61,12 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.01, what: str =
 class ShmcastProcess:
     """A running ``shmcast`` command with its output collected line by line."""
 
-    def __init__(self, args: Sequence[str], proc: subprocess.Popen[str]) -> None:
+    def __init__(
+        self, args: Sequence[str], proc: subprocess.Popen[str], lifeline: int = -1
+    ) -> None:
         self.args = list(args)
         self.proc = proc
+        self._lifeline = lifeline  # our end: closing it (or dying) stops the child
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self.ready: dict[str, Any] = {}
@@ -130,7 +142,16 @@ class ShmcastProcess:
                 self.proc.wait(timeout)
         for t in self._threads:
             t.join(timeout)
+        self._cut_lifeline()
         return self.proc.returncode
+
+    def _cut_lifeline(self) -> None:
+        fd, self._lifeline = self._lifeline, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self._cut_lifeline()
 
 
 def start(
@@ -152,15 +173,24 @@ def start(
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shmcast.cli", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=full_env,
-    )
-    sp = ShmcastProcess(args, proc)
+    theirs, ours = os.pipe()  # both close-on-exec: only `theirs` is passed on
+    full_env[LIFELINE_ENV] = str(theirs)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shmcast.cli", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=full_env,
+            pass_fds=(theirs,),
+        )
+    except BaseException:
+        os.close(ours)
+        raise
+    finally:
+        os.close(theirs)
+    sp = ShmcastProcess(args, proc, ours)
     if ready is not None:
         try:
             line = sp.wait_line(ready, timeout)
@@ -185,3 +215,27 @@ def running(
         yield sp
     finally:
         sp.stop()
+
+
+def follow_lifeline() -> None:
+    """In a child :func:`start` made: stop (SIGTERM to ourselves) when the parent is
+    gone, seen as end-of-file on the lifeline pipe. A daemon thread blocks on the
+    read; no polling. Does nothing without ``SHMCAST_LIFELINE_FD``."""
+    raw = os.environ.pop(LIFELINE_ENV, None)
+    if raw is None:
+        return
+    try:
+        fd = int(raw)
+        os.set_inheritable(fd, False)  # our own children get their own lifelines
+    except (ValueError, OSError):
+        return  # not ours (a stale variable): nothing to follow
+
+    def watch() -> None:
+        try:
+            while os.read(fd, 64):
+                pass
+        except OSError:
+            return
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="shmcast-lifeline", daemon=True).start()

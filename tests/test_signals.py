@@ -6,8 +6,13 @@ kill them outright, leaving segments in /dev/shm and the runtime directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import signal
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +24,7 @@ from shmcast.cli.testing import (
     SUBSCRIBE_READY,
     running,
     start,
+    wait_for,
 )
 
 SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
@@ -80,4 +86,47 @@ def test_demo_stops_cleanly_on_sighup(namespace: str) -> None:
     finally:
         demo.stop(timeout=30)
     assert Segment.list(namespace) == []
+    assert not runtime_dir(namespace).exists()
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            out.update(int(c) for c in (task / "children").read_text().split())
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_a_killed_demo_takes_its_processes_with_it(namespace: str) -> None:
+    """SIGKILL gives the demo no chance to stop what it started: each of its processes
+    follows a lifeline pipe from it and stops itself, cleanly, when the pipe closes.
+    (Before, a demo killed by a test's timeout left its broker, publishers and
+    recorder running for good.)"""
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.glob("shmcast-demo-*"))
+    demo = start(["demo", "-n", namespace, "--duration", "0", "--refresh", "0.2"])
+    kids: set[int] = set()
+    try:
+        demo.wait_line("shmcast demo  namespace=", 60)  # the first table: all running
+        kids = _children(demo.pid)
+        assert len(kids) >= 4, kids  # broker, publishers, subscribers, recorder
+        demo.send_signal(signal.SIGKILL)
+        demo.wait(10)
+        wait_for(lambda: not any(_alive(k) for k in kids), timeout=60, what="the demo's children")
+    finally:
+        for k in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(k, signal.SIGKILL)
+        demo.stop(timeout=10)
+        for left in set(tmp.glob("shmcast-demo-*")) - before:  # its recording: ours to remove
+            shutil.rmtree(left, ignore_errors=True)
+    wait_for(lambda: Segment.list(namespace) == [], timeout=20, what="the segments unlinked")
     assert not runtime_dir(namespace).exists()
