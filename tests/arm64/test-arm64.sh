@@ -432,6 +432,8 @@ found=no
 rc=${R[pytest_rc]:-1}
 notes=$cold
 [[ -z ${R[venv_built]:-} ]] || notes="${notes:+$notes, }venv built in $(elapsed "${R[venv_built]}")"
+when="warm: root and venv from $CACHE"
+[[ -z $notes ]] || when="cold: $notes"
 verdict=PASSED
 { [[ $rc == 0 && $found == yes ]]; } || verdict=FAILED
 echo
@@ -442,5 +444,5 @@ echo "core: ${R[so]:-?} (${R[format]:-?}), built by ${R[compiler]:-?}: ${acqrel}
   "${R[stlxr]:-0} stlxr, ${R[dmb]:-0} dmb; atomics helpers: ${R[lse_helpers]:-none}"
 echo "make test-arm64: $verdict: $counts under $QEMU (Debian $QEMU_DEB), binfmt $BINFMT," \
   "platform.machine() ${R[machine]:-?}, ldar/stlr found: $found ($acqrel), $(elapsed $((SECONDS - STARTED)))" \
-  "(${notes:+cold: $notes}${notes:-warm: root and venv from $CACHE})"
+  "($when)"
 [[ $verdict == PASSED ]]
