@@ -22,8 +22,8 @@ READER_SECONDS = 15.0
 # Validated reads the two readers must make together: on a real CPU they reach
 # 200,000 in well under 15 s. Under qemu-user (make test-arm64) each read costs
 # about ten times as much and the readers stop at their deadline: 30 s there,
-# for at least 20,000 reads (about 55,000 were measured), and at least one torn
-# read caught, so the writer is known to have been in the middle of some reads.
+# for at least 20,000 reads (76,000-130,000 were measured on this 2-core machine),
+# and at least one torn read caught, so the writer was in the middle of some reads.
 MIN_VALIDATED = 100_000
 MIN_VALIDATED_EMULATED = 20_000
 
