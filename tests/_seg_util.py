@@ -16,6 +16,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def emulator() -> str:
+    """The emulator these tests run under, as ``make test-arm64`` names it in
+    ``SHMCAST_TEST_EMULATOR`` (``"qemu-aarch64 7.2.22"``), or ``""`` on a real CPU.
+    Under qemu-user Python runs several times slower, and the host's memory
+    ordering applies: tests size their work by it, never what they assert."""
+    return os.environ.get("SHMCAST_TEST_EMULATOR", "")
+
+
 def spawn(*args: str, stdin: int | None = subprocess.PIPE) -> subprocess.Popen[str]:
     """Start ``python <args>`` in the repository with pipes on stdin, stdout and stderr."""
     return subprocess.Popen(

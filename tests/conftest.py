@@ -106,6 +106,15 @@ def namespace(monkeypatch: pytest.MonkeyPatch) -> str:
     return ns
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the engine's tests ``engine``: those that run on each core, and
+    tests/test_core.py. ``pytest -m engine`` runs them alone (``make test-arm64``
+    does, on aarch64)."""
+    for item in items:
+        if "each_core" in getattr(item, "fixturenames", ()) or item.path.name == "test_core.py":
+            item.add_marker(pytest.mark.engine)
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """Keep each phase's report on the item (``item.rep_call``), for fixtures that

@@ -176,6 +176,52 @@ def test_the_compiled_core_runs_anywhere(namespace: str, segs: list[Segment], mo
     assert segs[0].core == "c"
 
 
+_CHOOSE_EACH_CORE = """
+import os
+import platform
+from shmcast.broker import ConfigError, Segment
+from shmcast.broker._doctor import _check_machine
+print(platform.machine())
+for core in ("python", "auto"):
+    os.environ["SHMCAST_CORE"] = core
+    try:
+        seg = Segment.create("choose", "f8", (4,))
+    except ConfigError as exc:
+        print("refused", exc)
+    else:
+        print("ran", seg.core)
+        seg.unlink()
+        seg.close()
+print("doctor", [c.status for c in _check_machine() if c.check == "cpu"][0])
+"""
+
+
+def test_on_this_cpu_the_fallback_runs_on_x86_64_only(namespace: str) -> None:
+    """The selection on the real CPU, nothing patched (a child process): on x86-64
+    the fallback runs when chosen; on any other CPU (aarch64 under make test-arm64)
+    it refuses, and the compiled core runs with the doctor content."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHOOSE_EACH_CORE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    machine, chosen, auto, doctor = proc.stdout.splitlines()
+    assert machine == platform.machine()
+    if _backend.compiled() is not None:
+        assert auto == "ran c"
+        assert doctor == f"doctor {_doctor.OK}"
+    if machine in _backend.TSO_MACHINES:
+        assert chosen == "ran python"
+    else:
+        assert chosen.startswith("refused "), chosen
+        assert "relies on x86-64's memory ordering" in chosen
+        assert f"this CPU is {machine}" in chosen
+
+
 def test_an_unknown_core_is_a_config_error(namespace: str, monkeypatch) -> None:
     monkeypatch.setenv("SHMCAST_CORE", "rust")
     with pytest.raises(ConfigError, match="'rust' is not one of auto, c, python"):

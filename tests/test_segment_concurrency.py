@@ -12,13 +12,20 @@ import pytest
 
 from shmcast.broker import Segment, VersionUnavailableError
 
-from ._seg_util import finish, kill, poll_until, read_line, worker
+from ._seg_util import emulator, finish, kill, poll_until, read_line, worker
 
 # The engine's tests run on both cores of the seqlock (conftest.each_core).
 pytestmark = pytest.mark.usefixtures("each_core")
 
 READS_PER_READER = 100_000
 READER_SECONDS = 15.0
+# Validated reads the two readers must make together: on a real CPU they reach
+# 200,000 in well under 15 s. Under qemu-user (make test-arm64) each read costs
+# about ten times as much and the readers stop at their deadline: 30 s there,
+# for at least 20,000 reads (76,000-130,000 were measured on this 2-core machine),
+# and at least one torn read caught, so the writer was in the middle of some reads.
+MIN_VALIDATED = 100_000
+MIN_VALIDATED_EMULATED = 20_000
 
 
 @pytest.fixture
@@ -33,17 +40,17 @@ def procs() -> Iterator[list[subprocess.Popen[str]]]:
 
 
 def test_concurrent_readers_never_accept_a_torn_read(namespace, procs, capsys):
+    emulated = emulator()
+    seconds = READER_SECONDS * 2 if emulated else READER_SECONDS
     with Segment.create("race", "<f8", (1024,), slots=2):
         pass  # the writer child takes the lease
     try:
         writer = worker("writer", "race")
         procs.append(writer)
         assert read_line(writer, 30) == "READY"
-        readers = [
-            worker("reader", "race", str(READS_PER_READER), str(READER_SECONDS)) for _ in range(2)
-        ]
+        readers = [worker("reader", "race", str(READS_PER_READER), str(seconds)) for _ in range(2)]
         procs.extend(readers)
-        results = [finish(r, READER_SECONDS + 30)[0] for r in readers]
+        results = [finish(r, seconds + 30)[0] for r in readers]
         writer.terminate()
         wrote, _ = finish(writer, 30)
     finally:
@@ -60,9 +67,13 @@ def test_concurrent_readers_never_accept_a_torn_read(namespace, procs, capsys):
         f"versions ({rate:,.0f}/s)"
     )
     with capsys.disabled():
-        print(f"\n[seqlock] {summary}")
+        print(f"\n[seqlock] {summary}" + (f" under {emulated}" if emulated else ""))
     assert violations == 0, f"{summary}; examples: {[r['examples'] for r in results]}"
-    assert ok >= 100_000, summary
+    if emulated:
+        assert ok >= MIN_VALIDATED_EMULATED, summary
+        assert torn >= 1, summary
+    else:
+        assert ok >= MIN_VALIDATED, summary
     # The writer really raced the readers: it lapped the ring many times over.
     assert wrote["last"] >= 10_000, summary
     for r in results:
