@@ -780,6 +780,16 @@ class Segment:
         got = self._look(version, False)
         return got[0], got[1], got[2], got[3]
 
+    def acquire_timed(self, version: int | None = None) -> tuple[int, int, int, int, int]:
+        """:meth:`acquire` and :meth:`monotonic_ns` in one look:
+        ``(version, slot, seq, timestamp_ns, monotonic_ns)`` (a subscriber's hot path).
+
+        Raises:
+            The same as :meth:`acquire`.
+        """
+        got = self._look(version, True)
+        return got[0], got[1], got[2], got[3], got[4]
+
     def _look(self, version: int | None, with_mono: bool) -> tuple[int, ...]:
         ring = self._core_ring()
         if version is None:

@@ -717,7 +717,7 @@ class Subscriber:
         if seg is None:
             return
         try:
-            v, i, _s, ts = seg.acquire()
+            v, _i, _s, ts, mono = seg.acquire_timed()
         except (NoVersionError, ClosedError):
             return
         except ShmcastError as exc:
@@ -730,7 +730,6 @@ class Subscriber:
             return
         if v <= last:
             return
-        mono = seg.monotonic_ns(i)
         if v == last + 1:
             self._learn(tr, v, ts, mono, 0)
             return
@@ -745,10 +744,10 @@ class Subscriber:
         st = tr.st
         for u in range(max(last + 1, v - seg.slots + 1), v):
             try:
-                _u, i, _s, ts = seg.acquire(u)
+                _u, _i, _s, ts, mono = seg.acquire_timed(u)
             except ShmcastError:
                 continue  # lapped already, or never published (a relay skips numbers)
-            self._learn(tr, u, ts, seg.monotonic_ns(i), u - st.last_version - 1)
+            self._learn(tr, u, ts, mono, u - st.last_version - 1)
 
     def _learn(self, tr: _Track, version: int, ts: int, mono: int, missed: int) -> None:
         st = tr.st
@@ -1024,7 +1023,7 @@ class _ExactRead:
         try:
             if seg is None:
                 raise VersionUnavailableError(up.segment, up.version, 0, 2)
-            v, i, s, ts = seg.acquire(up.version)
+            v, i, s, ts, mono = seg.acquire_timed(up.version)
         except (VersionUnavailableError, NoVersionError):
             if self._counted and sub._unsettled is up:
                 sub._unsettled = None
@@ -1033,7 +1032,7 @@ class _ExactRead:
                 raise
             raise VersionUnavailableError(up.segment, up.version, seg.version, seg.slots) from None
         self._seg, self._slot, self._seq = seg, i, s
-        return Snapshot(up.segment, v, ts, seg.view(i), seg.monotonic_ns(i))
+        return Snapshot(up.segment, v, ts, seg.view(i), mono)
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         seg = self._seg

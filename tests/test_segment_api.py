@@ -284,6 +284,26 @@ def test_older_versions_are_readable_while_in_the_ring(made):
             assert snap.array.tolist() == [float(v)] * 8
 
 
+def test_acquire_timed_is_acquire_and_the_commit_time_in_one_look(made):
+    seg = _create(made, slots=3)
+    reader = _attach(made)
+    with pytest.raises(NoVersionError):
+        reader.acquire_timed()
+    before = time.monotonic_ns()
+    for v in (1, 2, 3, 4):
+        seg.write(_filled(v))
+    after = time.monotonic_ns()
+    for version in (None, 3, 4):
+        v, i, s, ts, mono = reader.acquire_timed(version)
+        assert (v, i, s, ts) == reader.acquire(version)
+        assert mono == reader.monotonic_ns(i)
+        assert before <= mono <= after
+        assert reader.view(i)[0] == float(v)
+        assert reader.validate(i, s)
+    with pytest.raises(VersionUnavailableError):
+        reader.acquire_timed(1)  # lapped
+
+
 @pytest.mark.parametrize("version", [0, -1, 3, 100])
 def test_versions_never_published_are_unavailable(made, version):
     seg = _create(made)
