@@ -63,7 +63,9 @@ def test_quick_suite_runs_and_writes_json(tmp_path: Path) -> None:
     assert set(data["benchmarks"]["write"]["sizes"][0]["ns"]) >= {"segment.write"}
     assert data["benchmarks"]["handoff"]["ns"]["shmcast write (copy)"]["median"] > 0
     lat = data["benchmarks"]["latency"]["rates"]
-    assert set(lat) == {"1000", "10000"}
+    assert set(lat) == {"1000", "10000", "100000"}
+    assert "shmcast Subscriber(wait='spin')" in lat["100000"]
+    assert "shmcast futex (Segment.wait)" not in lat["100000"]  # busy-poll rows only
     assert lat["1000"]["shmcast futex (Segment.wait)"]["ns"]["p50"] > 0
     record = data["benchmarks"]["record"]
     assert record["keep_up"]["published"] > 0
