@@ -65,7 +65,8 @@ log = logging.getLogger(__name__)
 BUFFER_BYTES = 64 * 2**20
 #: Most items the writing thread appends in one call.
 BATCH = 256
-#: Seconds between the writing thread's turns (each writes everything queued).
+#: Seconds between the writing thread's turns (each writes everything queued),
+#: unless the reading thread calls it sooner (half of a pool's buffers queued).
 WRITE_INTERVAL = 0.05
 
 
@@ -235,7 +236,8 @@ class Recorder:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._failure: BaseException | None = None
         self._failed = threading.Event()
-        self._wake = threading.Event()  # set: write what is queued, then stop
+        self._stop = threading.Event()  # set: write what is queued, then stop
+        self._kick = threading.Event()  # set: a turn now (a pool is half queued, or stop)
         self._thread = threading.Thread(
             target=self._write_loop, name="shmcast-recorder", daemon=True
         )
@@ -349,6 +351,8 @@ class Recorder:
         st.lapped += first - last - 1
         missed = first - last - 1
         put = self._queue.put
+        kick = self._kick
+        busy = max(1, pool.cap // 2)
         for v in range(first, upto + 1):
             buf = pool.take()
             if buf is None:
@@ -375,6 +379,11 @@ class Recorder:
                 st.first_version = v
             st.last_version = v
             put((name, v, ts, buf))
+            # Half the pool waits for the disk: call the writing thread now rather
+            # than at its next interval, or a stream faster than the pool refills
+            # between turns is dropped while the disk idles.
+            if pool.made - len(pool.free) >= busy and not kick.is_set():
+                kick.set()
             yield Recorded(name, v, ts, missed)
             missed = 0
         self._last[name] = upto
@@ -407,8 +416,11 @@ class Recorder:
             while not stopping:
                 # Wake at intervals and take everything queued: few, large appends keep
                 # this thread's turns at the GIL short and rare, so the reading thread
-                # gets it back at once when a version arrives.
-                stopping = self._wake.wait(WRITE_INTERVAL)
+                # gets it back at once when a version arrives. Sooner when called: a
+                # kick during this turn makes the next one start at once.
+                self._kick.wait(WRITE_INTERVAL)
+                self._kick.clear()
+                stopping = self._stop.is_set()  # set before its kick: seen by this turn
                 batch: list[tuple[str, int, int, Any]] = []
                 while True:
                     try:
@@ -515,7 +527,8 @@ class Recorder:
         self._closed = True
         thread = self._thread
         if thread is not None:
-            self._wake.set()
+            self._stop.set()
+            self._kick.set()
             thread.join()
             self._thread = None
         writer = self._writer

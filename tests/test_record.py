@@ -389,6 +389,23 @@ def test_versions_missed_while_the_recorder_is_stopped_are_counted(
     assert done["missed"] == done["lapped"] + done["torn"] + done["dropped"]
 
 
+def test_a_half_used_pool_calls_the_writer_before_its_interval(
+    broker: Broker, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A writing thread that woke only at its interval (here 30 s) would leave the pool
+    # of 4 buffers full after 4 versions and drop the rest while the disk sat idle.
+    monkeypatch.setattr("shmcast.subscriber._recorder.WRITE_INTERVAL", 30.0)
+    path = tmp_path / "kick.h5"
+    with Publisher("cam", dtype="<f8", shape=(1024,), slots=64, namespace=namespace) as pub:
+        rec = Recorder("cam", path, namespace=namespace, wait="futex", buffer_bytes=4 * 8192)
+        feeder = threading.Thread(target=_publish, args=(pub, range(1, 41), 25.0), daemon=True)
+        feeder.start()
+        stats = rec.run(count=40, duration=10)["cam"]
+        feeder.join(10)
+    assert (stats.recorded, stats.dropped, stats.missed) == (40, 0, 0)
+    assert _versions(path, "cam").tolist() == list(range(1, 41))
+
+
 # ------------------------------------------------------------------ bad input
 
 
