@@ -81,7 +81,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only", nargs="+", choices=list(BENCHMARKS), metavar="NAME", help="run only these"
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write JSON")
+    parser.add_argument(
+        "--spread",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: print every target's measured value in each of these earlier "
+        "runs' JSON files, side by side, with how many runs met it",
+    )
     args = parser.parse_args(argv)
+    if args.spread:
+        return spread(args.spread)
 
     names = args.only or list(BENCHMARKS)
     run = Run(quick=args.quick)
@@ -145,4 +155,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def spread(paths: Sequence[Path]) -> int:
+    """The targets of several runs side by side: each run's value, and in how many
+    of the runs that measured it the target was met."""
+    runs = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                runs.append(json.load(f)["benchmarks"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"{path}: not a results file of this suite ({exc})", file=sys.stderr)
+            return 2
+    order: dict[str, None] = {}
+    values: list[dict[str, tuple[Any, Any]]] = []
+    for benchmarks in runs:
+        got: dict[str, tuple[Any, Any]] = {}
+        for res in benchmarks.values():
+            for t in res.get("targets", []):
+                order.setdefault(t["target"], None)
+                got[t["target"]] = (t.get("value"), t.get("met"))
+        values.append(got)
+    rows = []
+    for target in order:
+        cells = []
+        met = judged = 0
+        for got in values:
+            v, ok = got.get(target, (None, None))
+            cells.append("-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v)))
+            if ok is not None:
+                judged += 1
+                met += bool(ok)
+        rows.append([target, *cells, f"{met}/{judged}" if judged else "n/a"])
+    print_table(
+        f"targets over {len(runs)} runs (value per run; runs that met it)",
+        ["target", *(f"run {i + 1}" for i in range(len(runs))), "met"],
+        rows,
+    )
     return 0

@@ -78,3 +78,28 @@ def test_quick_suite_runs_and_writes_json(tmp_path: Path) -> None:
         }
     else:
         assert relay["skipped"]
+
+
+def test_spread_lines_up_the_targets_of_several_runs(tmp_path, capsys):
+    from bench._main import main
+
+    def results(path: Path, targets: list[dict[str, object]]) -> Path:
+        path.write_text(json.dumps({"benchmarks": {"x": {"targets": targets}}}))
+        return path
+
+    a = results(tmp_path / "a.json", [{"target": "t1 <= 1", "value": 0.5, "met": True}])
+    b = results(
+        tmp_path / "b.json",
+        [
+            {"target": "t1 <= 1", "value": 1.5, "met": False},
+            {"target": "t2 (no target)", "value": 3.0, "met": None},
+        ],
+    )
+    assert main(["--spread", str(a), str(b)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    t1 = next(line for line in lines if line.startswith("t1"))
+    assert t1.split()[-3:] == ["0.5", "1.5", "1/2"]
+    t2 = next(line for line in lines if line.startswith("t2"))
+    assert t2.split()[-3:] == ["-", "3", "n/a"]
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["--spread", str(tmp_path / "bad.json")]) == 2
