@@ -65,7 +65,7 @@ from shmcast.broker.errors import (
 )
 from shmcast.publisher import Publisher
 
-from ._wire import KEY_ROOT, Frame, decode_attachment, encode_attachment, key_of, parse_key
+from ._wire import KEY_ROOT, Frame, attachment_encoder, decode_attachment, key_of, parse_key
 
 __all__ = [
     "BridgeCollector",
@@ -195,6 +195,7 @@ class _Export:
     #: and faults in again each time (800 us a frame instead of 50).
     staging: bytearray
     stage: np.ndarray[Any, Any]
+    encode: Callable[[int, int], bytes]
     last: int = 0
     sent: int = 0
     skipped: int = 0
@@ -488,7 +489,8 @@ class ZenohBridge(Service):
             raise
         staging = bytearray(seg.nbytes)
         stage = np.frombuffer(staging, dtype=seg.dtype).reshape(seg.shape)
-        e = _Export(name, key, seg, seg.incarnation, pub, token, queryable, staging, stage)
+        encode = attachment_encoder(seg.dtype, seg.shape, seg.incarnation)
+        e = _Export(name, key, seg, seg.incarnation, pub, token, queryable, staging, stage, encode)
         # A late start exports from the current version on; earlier ones are history.
         e.last = max(0, seg.version - 1)
         with self._lock:
@@ -528,17 +530,14 @@ class ZenohBridge(Service):
             payload = snap.array.tobytes()
             version, ts = snap.version, snap.timestamp_ns
         # Only now, validated: the bytes are the version's.
-        return payload, self._attachment(e, version, ts), version
+        return payload, e.encode(version, ts), version
 
     def _stage_latest(self, e: _Export) -> tuple[bytes, int]:
         """The latest version copied into ``e.stage``; its attachment and version."""
         with e.seg.read() as snap:
             np.copyto(e.stage, snap.array)
             version, ts = snap.version, snap.timestamp_ns
-        return self._attachment(e, version, ts), version
-
-    def _attachment(self, e: _Export, version: int, timestamp_ns: int) -> bytes:
-        return encode_attachment(version, timestamp_ns, e.seg.dtype, e.seg.shape, e.incarnation)
+        return e.encode(version, ts), version
 
     def _on_query(self, query: Any) -> None:
         """A late joiner asks for the latest version (Zenoh's thread)."""

@@ -111,6 +111,20 @@ def test_the_attachment_round_trips(dtype: np.dtype[Any], shape: tuple[int, ...]
     assert frame.nbytes == dtype.itemsize * int(np.prod(shape))
 
 
+def test_decoding_follows_the_layout_of_each_attachment() -> None:
+    """Layouts are parsed once and remembered; the next sample's is still its own."""
+    for _ in range(2):
+        for dtype in (np.dtype("<u2"), TICK, np.dtype(">f4")):
+            frame = decode_attachment(encode_attachment(1, 2, dtype, (3, 4), 5))
+            assert (frame.dtype, frame.shape) == (dtype, (3, 4))
+    bad = __import__("msgpack").packb(
+        {"version": 1, "timestamp_ns": 0, "incarnation": 1, "dtype": "u1", "shape": [[1]]}
+    )
+    for _ in range(2):  # an unhashable shape is refused every time, not cached
+        with pytest.raises(ValueError, match="no storable array"):
+            decode_attachment(bad)
+
+
 @pytest.mark.parametrize(
     "raw",
     [
