@@ -36,7 +36,9 @@ through ``ast.literal_eval`` first.)
 from __future__ import annotations
 
 import ast
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,16 +91,29 @@ def parse_key(key: str) -> tuple[str, str]:
 def encode_attachment(
     version: int, timestamp_ns: int, dtype: np.dtype[Any], shape: tuple[int, ...], incarnation: int
 ) -> bytes:
-    return msgpack.packb(  # type: ignore[no-any-return]
-        {
-            "version": version,
-            "timestamp_ns": timestamp_ns,
-            "dtype": dtype_str(dtype),
-            "shape": list(shape),
-            "incarnation": incarnation,
-        },
-        use_bin_type=True,
-    )
+    return attachment_encoder(dtype, shape, incarnation)(version, timestamp_ns)
+
+
+def attachment_encoder(
+    dtype: np.dtype[Any], shape: tuple[int, ...], incarnation: int
+) -> Callable[[int, int], bytes]:
+    """``encode(version, timestamp_ns)`` for one segment's layout and incarnation: the
+    dtype described once (``dtype_str`` costs more than the rest of an encoding)."""
+    text, dims = dtype_str(dtype), list(shape)
+
+    def encode(version: int, timestamp_ns: int) -> bytes:
+        return msgpack.packb(  # type: ignore[no-any-return]
+            {
+                "version": version,
+                "timestamp_ns": timestamp_ns,
+                "dtype": text,
+                "shape": dims,
+                "incarnation": incarnation,
+            },
+            use_bin_type=True,
+        )
+
+    return encode
 
 
 def _parse_dtype(text: str) -> np.dtype[Any]:
@@ -106,6 +121,13 @@ def _parse_dtype(text: str) -> np.dtype[Any]:
         dt: np.dtype[Any] = np.dtype(ast.literal_eval(text))
         return dt
     return np.dtype(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(dtype: str, shape: tuple[Any, ...]) -> tuple[np.dtype[Any], tuple[int, ...]]:
+    # A stream repeats one layout: parsing and checking it each sample cost more than
+    # the rest of a decoding. Only valid layouts are kept (errors are not cached).
+    return normalize_layout(_parse_dtype(dtype), shape)
 
 
 def decode_attachment(data: bytes) -> Frame:
@@ -132,7 +154,7 @@ def decode_attachment(data: bytes) -> Frame:
     if not isinstance(dtype, str) or not isinstance(shape, list):
         raise ValueError("attachment needs 'dtype' (a string) and 'shape' (a list)")
     try:
-        dt, shp = normalize_layout(_parse_dtype(dtype), tuple(shape))
+        dt, shp = _layout(dtype, tuple(shape))  # TypeError: an unhashable shape
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as exc:
         raise ValueError(f"attachment describes no storable array: {exc}") from exc
     return Frame(numbers["version"], numbers["timestamp_ns"], dt, shp, numbers["incarnation"])

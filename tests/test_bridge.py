@@ -111,6 +111,20 @@ def test_the_attachment_round_trips(dtype: np.dtype[Any], shape: tuple[int, ...]
     assert frame.nbytes == dtype.itemsize * int(np.prod(shape))
 
 
+def test_decoding_follows_the_layout_of_each_attachment() -> None:
+    """Layouts are parsed once and remembered; the next sample's is still its own."""
+    for _ in range(2):
+        for dtype in (np.dtype("<u2"), TICK, np.dtype(">f4")):
+            frame = decode_attachment(encode_attachment(1, 2, dtype, (3, 4), 5))
+            assert (frame.dtype, frame.shape) == (dtype, (3, 4))
+    bad = __import__("msgpack").packb(
+        {"version": 1, "timestamp_ns": 0, "incarnation": 1, "dtype": "u1", "shape": [[1]]}
+    )
+    for _ in range(2):  # an unhashable shape is refused every time, not cached
+        with pytest.raises(ValueError, match="no storable array"):
+            decode_attachment(bad)
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -217,6 +231,52 @@ def test_a_recreated_segment_is_followed(router: str, two_sides: tuple[str, str]
     finally:
         imp.close()
         exp.close()
+
+
+class _PutSpy:
+    """Stands in for an export's Zenoh publisher and keeps what each put was handed."""
+
+    def __init__(self, pub: Any) -> None:
+        self.pub = pub
+        self.handed: list[tuple[Any, bytes]] = []  # the object, and its bytes at the call
+
+    def put(self, payload: Any, **kw: Any) -> None:
+        self.handed.append((payload, bytes(payload)))
+        self.pub.put(payload, **kw)
+
+    def undeclare(self) -> None:
+        self.pub.undeclare()
+
+
+def test_an_export_puts_every_version_from_one_reused_buffer(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """A new 1 MiB bytes per version cost an allocation glibc trims and faults in
+    again each time; the buffer reused must still carry each version whole."""
+    a, b = two_sides
+    shape = (256, 1024)  # 1 MiB of uint32
+    with Publisher("big", dtype="u4", shape=shape, slots=4, namespace=a) as pub:
+        exp = _bridge(router, a, exports=("big",))
+        imp = _bridge(router, b, imports=(f"shmcast/{a}/big",))
+        try:
+            zeros = np.zeros(shape, np.uint32)
+            _publish_until(pub, zeros, lambda: bool(imp.stats().imported), "a mirror")
+            spy = _PutSpy(exp._exports["big"].pub)
+            exp._exports["big"].pub = spy
+            with Segment.attach("big", namespace=b) as mirror:
+                for value in range(1, 6):
+                    pub.publish(np.full(shape, value, np.uint32))
+                    n = pub.version
+                    wait_for(lambda n=n: mirror.version >= n, 10, what=f"version {n} mirrored")
+                    assert (mirror.latest().array == value).all()
+            first = spy.handed[0][0]
+            assert all(obj is first for obj, _ in spy.handed)  # no allocation per version
+            frames = [np.frombuffer(data, np.uint32) for _, data in spy.handed]
+            assert all((f == f[0]).all() for f in frames)  # each put carried one version whole
+            assert [int(f[0]) for f in frames if f[0]] == [1, 2, 3, 4, 5]  # zeros: the warm-up
+        finally:
+            imp.close()
+            exp.close()
 
 
 def _mirror_layout(namespace: str) -> tuple[str, tuple[int, ...]] | None:
