@@ -262,9 +262,12 @@ def unlink_namespace(namespace: str) -> list[str]:
 @contextlib.contextmanager
 def run_resources(run: Run) -> Iterator[Run]:
     """A private temp dir (ipc:// sockets) and the namespace, both removed at the end."""
+    from ._peers import iox_objects
+
     run.tmpdir = tempfile.mkdtemp(prefix="shmcast-bench-")
     try:
-        yield run
+        with iox_objects(run.namespace, run.tmpdir):
+            yield run
     finally:
         unlink_namespace(run.namespace)
         shutil.rmtree(run.tmpdir, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import shutil
 import socket
 import subprocess
@@ -26,15 +27,48 @@ def iox_missing() -> str | None:
     return None
 
 
+#: ``<prefix>:<root directory>`` of the run's iceoryx2 objects, set by the run for
+#: itself and its children: iceoryx2 keeps a global management object in /dev/shm
+#: and a directory under /tmp after its nodes are gone, so the suite gives its own
+#: nodes a prefix and a root of their own and removes both when the run ends.
+IOX_ENV = "SHMCAST_BENCH_IOX"
+
+
 def iox_node() -> Any:
     import iceoryx2 as iox2
 
     iox2.set_log_level(iox2.LogLevel.Error)
-    return (
-        iox2.NodeBuilder.new()
-        .signal_handling_mode(iox2.SignalHandlingMode.Disabled)
-        .create(iox2.ServiceType.Ipc)
+    builder = iox2.NodeBuilder.new()
+    prefix, _, root = os.environ.get(IOX_ENV, "").partition(":")
+    if prefix and root:
+        config = iox2.config.default()
+        config.global_cfg.prefix = iox2.FileName.new(prefix)
+        config.global_cfg.root_path = iox2.Path.new(root.rstrip("/") + "/")
+        builder = builder.config(config)
+    return builder.signal_handling_mode(iox2.SignalHandlingMode.Disabled).create(
+        iox2.ServiceType.Ipc
     )
+
+
+@contextlib.contextmanager
+def iox_objects(run_id: str, tmpdir: str) -> Iterator[None]:
+    """Give the run's iceoryx2 nodes (this process's and its children's) a prefix
+    and a root directory of their own, and remove what they leave in /dev/shm."""
+    prefix = f"iox2{run_id}_"
+    old = os.environ.get(IOX_ENV)
+    os.environ[IOX_ENV] = f"{prefix}:{os.path.join(tmpdir, 'iceoryx2')}"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(IOX_ENV, None)
+        else:
+            os.environ[IOX_ENV] = old
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.listdir("/dev/shm"):
+                if entry.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join("/dev/shm", entry))
 
 
 def iox_pubsub(node: Any, name: str, *, buffer: int = 2, subscribers: int = 8) -> Any:
