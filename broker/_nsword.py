@@ -17,8 +17,9 @@ name), one page, all integers little-endian::
 The broker is its only writer: it makes the object (or takes over the one a
 killed broker left) when it starts, bumps the generation on every create and
 delete, stamps a heartbeat every heartbeat interval, and on a clean stop marks
-itself gone. Each change stores its words first and the notify word last, then
-wakes the futex: a reader that loads the notify word, then the other words, and
+itself gone. Each change stores its words first and, after the core's full fence,
+the notify word last, then wakes the futex: a reader that loads the notify word,
+then (after a fence: :meth:`NamespaceWord.state`) the other words, and
 then sleeps on the value it loaded misses nothing (the kernel refuses the sleep
 if the word moved since).
 
@@ -44,7 +45,7 @@ import numpy as np
 
 from ._futex import WAITV_MAX, Futex, wait_many
 from ._names import SHM_DIR, catalog_path, resolve_namespace
-from ._segment import Segment, wait_any
+from ._segment import Segment, select_core, wait_any
 from .errors import AccessError, ClosedError, NotASegmentError
 
 __all__ = ["CATALOG_OBJECT_SIZE", "NamespaceWord", "notify_words", "wait_segments", "wait_words"]
@@ -81,6 +82,9 @@ class NamespaceWord:
         self._q32 = memoryview(mm).cast("I")
         self._word = np.frombuffer(mm, dtype=np.uint32, count=1, offset=NOTIFY_OFF)
         self._futex = Futex(int(self._word.ctypes.data))
+        # The core's full fence orders the plain stores and loads of the words
+        # around the notify word (and the magic) on CPUs weaker than x86-64's TSO.
+        self._fence = select_core().fence
         self.ino = os.fstat(fd).st_ino
 
     # ------------------------------------------------------------------ opening
@@ -136,6 +140,7 @@ class NamespaceWord:
             q = memoryview(mm).cast("Q")
             q[W_LAYOUT] = LAYOUT
             q[W_INCARNATION] = secrets.randbits(63) | 1
+            select_core().fence()  # a reader that sees the magic sees the words above
             q[W_MAGIC] = MAGIC  # last: until now the object is "being created"
             q.release()
         except BaseException:
@@ -190,7 +195,9 @@ class NamespaceWord:
         mm = mmap.mmap(fd, CATALOG_OBJECT_SIZE, mmap.MAP_SHARED, prot)
         head = memoryview(mm).cast("Q")
         try:
-            ok = head[W_MAGIC] == MAGIC and head[W_LAYOUT] == LAYOUT
+            ok = head[W_MAGIC] == MAGIC
+            select_core().fence()  # the creator stored the magic last, after a fence
+            ok = ok and head[W_LAYOUT] == LAYOUT
         finally:
             head.release()
         if not ok:
@@ -217,6 +224,13 @@ class NamespaceWord:
             return int(self._q32[_NOTIFY32])
         except ValueError:  # the view was released by close()
             raise ClosedError(f"namespace word of {self.namespace!r}") from None
+
+    def state(self) -> tuple[int, int, int]:
+        """``(generation, epoch, pid)``, loaded after a fence: read after
+        :attr:`notify`, they are at least as new as the change that moved it."""
+        self._fence()
+        q = self._header()
+        return int(q[W_GENERATION]), int(q[W_EPOCH]), int(q[W_PID])
 
     @property
     def generation(self) -> int:
@@ -301,7 +315,8 @@ class NamespaceWord:
 
     def _bump(self) -> None:
         q32 = self._q32
-        q32[_NOTIFY32] = (q32[_NOTIFY32] + 1) & 0xFFFFFFFF  # last: the other words are in
+        self._fence()  # the other words are in before the notify word moves
+        q32[_NOTIFY32] = (q32[_NOTIFY32] + 1) & 0xFFFFFFFF
         self._futex.wake()
 
     def catalog_changed(self) -> None:

@@ -254,8 +254,8 @@ class Subscriber:
         # Clone pattern over shared memory: the word's value first, then the catalog;
         # a change after the value was taken wakes the first wait.
         self._word_seen = word.notify
-        self._word_state = (word.generation, word.epoch, word.pid)
-        self.epoch = word.epoch
+        self._word_state = word.state()
+        self.epoch = self._word_state[1]
         self._snapshot(first=True)
 
     def _snapshot(self, *, first: bool = False) -> None:
@@ -356,8 +356,8 @@ class Subscriber:
             self._word = NamespaceWord.attach(self.namespace)
         if self._word is not None:
             self._word_seen = self._word.notify
-            self._word_state = (self._word.generation, self._word.epoch, self._word.pid)
-            self.epoch = self._word.epoch or None
+            self._word_state = self._word.state()
+            self.epoch = self._word_state[1] or None
         deadline = time.monotonic() + timeout
         for tr in self._track_list:
             while self._attach(tr, start_at_latest=True) is None:
@@ -673,7 +673,7 @@ class Subscriber:
         word = self._word
         assert word is not None
         self._word_seen = word.notify
-        state = (word.generation, word.epoch, word.pid)
+        state = word.state()
         if state == self._word_state:
             return  # a heartbeat
         old_epoch = self._word_state[1]
