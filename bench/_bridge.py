@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import Run, fmt_ratio, fmt_time, print_table, ratio, stats
+from ._common import Run, attach_within, fmt_ratio, fmt_time, print_table, ratio, stats
 
 READY = "bench ready: "
 RESULT = "bench result: "
@@ -156,16 +156,9 @@ def _peer_shm_pub(segment: str, size: int, rate: float, seconds: float) -> None:
 
 
 def _peer_shm_read(segment: str, seconds: float) -> None:
-    from shmcast.broker import Segment, ShmcastError
-
     _say(READY, {})
     deadline = time.monotonic() + seconds
-    seg = None
-    while seg is None and time.monotonic() < deadline:
-        try:
-            seg = Segment.attach(segment)
-        except ShmcastError:
-            time.sleep(0.01)
+    seg = attach_within(segment, deadline)
     lat: list[int] = []
     marks: list[float] = []
     if seg is not None:

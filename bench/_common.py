@@ -273,6 +273,19 @@ def run_resources(run: Run) -> Iterator[Run]:
         shutil.rmtree(run.tmpdir, ignore_errors=True)
 
 
+def attach_within(segment: str, deadline: float) -> Segment | None:
+    """The segment (of ``$SHMCAST_NAMESPACE``) once it exists, retried until the
+    monotonic ``deadline``; None if it never appeared (a peer's reader)."""
+    from shmcast.broker import ShmcastError
+
+    while time.monotonic() < deadline:
+        try:
+            return Segment.attach(segment)
+        except ShmcastError:
+            time.sleep(0.01)
+    return None
+
+
 def sleep_until(t_ns: int) -> None:
     """Sleep (no busy core) until the monotonic clock reaches ``t_ns``."""
     left = t_ns - now_ns()

@@ -77,17 +77,13 @@ def _peer_shm_pub(segment: str, size: int, rate: float, seconds: float) -> None:
 
 
 def _peer_shm_read(segment: str, seconds: float) -> None:
-    from shmcast.broker import Segment
     from shmcast.broker.errors import ShmcastError
+
+    from ._common import attach_within
 
     _say(READY, {})
     deadline = time.monotonic() + seconds
-    seg = None
-    while seg is None and time.monotonic() < deadline:
-        try:
-            seg = Segment.attach(segment)
-        except ShmcastError:
-            time.sleep(0.01)
+    seg = attach_within(segment, deadline)
     lat: list[int] = []
     first = last_t = 0.0
     got = nbytes = 0
