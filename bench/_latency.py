@@ -270,17 +270,13 @@ def _child_subscriber(conn: Any, namespace: str, mode: str, name: str) -> None:
         return recv
 
     def idle() -> None:
-        # Between chunks: take what came (an events subscriber its heartbeats), without
-        # spinning (a spin subscriber idling in updates() would burn a core through
-        # every other contender's chunks) and waking rarely: a dozen idle children
-        # waking every few ms preempt the busy-poll rows at 100 kHz.
-        if mode == "spin":
-            for _ in sub.updates(timeout=0):
-                pass
-            time.sleep(0.1)
-            return
-        for _ in sub.updates(timeout=0.1):
+        # Between chunks: take what came (an events subscriber its heartbeats), then
+        # sleep: never spin (a spin subscriber idling in updates() would burn a core
+        # through every other contender's chunks), and wake rarely (a dozen idle
+        # children waking every few ms preempt the busy-poll rows at 100 kHz).
+        for _ in sub.updates(timeout=0):
             pass
+        time.sleep(0.1)
 
     try:
         _serve(conn, arm, idle=idle)

@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from shmcast.broker.client import SHM_DIR
+
 # ------------------------------------------------------------------------ iceoryx2
 
 
@@ -65,10 +67,10 @@ def iox_objects(run_id: str, tmpdir: str) -> Iterator[None]:
         else:
             os.environ[IOX_ENV] = old
         with contextlib.suppress(FileNotFoundError):
-            for entry in os.listdir("/dev/shm"):
+            for entry in os.listdir(SHM_DIR):
                 if entry.startswith(prefix):
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join("/dev/shm", entry))
+                        os.unlink(os.path.join(SHM_DIR, entry))
 
 
 def iox_pubsub(node: Any, name: str, *, buffer: int = 2, subscribers: int = 8) -> Any:
