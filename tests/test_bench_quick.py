@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+from shmcast.broker.client import SHM_DIR
 
 EXPECTED = {
     "write",
@@ -24,6 +28,15 @@ EXPECTED = {
     "record",
     "bridge",
 }
+
+
+def _iceoryx2_leftovers() -> set[str]:
+    """iceoryx2's objects in /dev/shm and its default root under the temp dir (looked
+    at, never touched: they may be another program's)."""
+    found = {e for e in os.listdir(SHM_DIR) if e.startswith("iox2")}
+    if os.path.exists(os.path.join(tempfile.gettempdir(), "iceoryx2")):
+        found.add("tmp/iceoryx2")
+    return found
 
 
 def _numbers(x: object) -> list[float]:
@@ -41,6 +54,7 @@ def _numbers(x: object) -> list[float]:
 @pytest.mark.timeout(150)
 def test_quick_suite_runs_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
+    iox_before = _iceoryx2_leftovers()
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
         capture_output=True,
@@ -49,6 +63,9 @@ def test_quick_suite_runs_and_writes_json(tmp_path: Path) -> None:
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # iceoryx2 leaves a management object in /dev/shm and a directory in /tmp after
+    # its nodes end; the suite removes what its own nodes made.
+    assert _iceoryx2_leftovers() <= iox_before
     data = json.loads(out.read_text())
     assert data["meta"]["quick"] is True
     assert set(data["benchmarks"]) == EXPECTED
