@@ -146,7 +146,7 @@ def _peer_shm_pub(segment: str, size: int, rate: float, seconds: float) -> None:
         start = next_t = time.monotonic()
         while time.monotonic() - start < seconds:
             with pub.loan() as arr:
-                arr[:] = frame  # the whole frame, as the zenoh writer's bytes(buf)
+                arr[:] = frame  # the whole frame, once, as the zenoh writer's put(buf)
                 arr[:8].view(np.int64)[0] = time.monotonic_ns()
             n += 1
             if period:
