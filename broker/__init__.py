@@ -33,6 +33,7 @@ from ._nsword import NamespaceWord as NamespaceWord
 from ._nsword import notify_words as notify_words
 from ._nsword import wait_segments as wait_segments
 from ._nsword import wait_words as wait_words
+from ._segment import BytesLike as BytesLike
 from ._segment import Segment as Segment
 from ._segment import SegmentInfo as SegmentInfo
 from ._segment import Snapshot as Snapshot
@@ -88,6 +89,7 @@ __all__ = [
     "BrokerRunningError",
     "BrokerStats",
     "BrokerUnavailableError",
+    "BytesLike",
     "Catalog",
     "CatalogEntry",
     "Check",

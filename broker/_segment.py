@@ -148,6 +148,10 @@ _OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
 
 _fallback_warned: list[bool] = []
 
+#: What :meth:`Segment.write_bytes` and :meth:`Segment.read_into` take: any object
+#: with the buffer protocol (``collections.abc.Buffer`` from Python 3.12).
+BytesLike = bytes | bytearray | memoryview | np.ndarray[Any, Any]
+
 
 def select_core() -> Core:
     """The core for a segment being opened now (rules: :mod:`._backend`).
@@ -481,14 +485,12 @@ class Segment:
         # fast as np.copyto from 64 B to 100 MB, measured alternating) instead of
         # np.copyto (~1.2 µs of overhead). Dtypes whose buffer cannot be cast to bytes
         # (datetime, for one) keep numpy's copy.
-        self._raw_mv: list[memoryview] = (
-            [
-                memoryview(mm)[hs + i * stride : hs + i * stride + self._nbytes]
-                for i in range(self._slots)
-            ]
-            if writable and bytes_castable(dtype)
-            else []
-        )
+        # (Every handle's: read_into() copies out through them too.)
+        self._slot_mv: list[memoryview] = [
+            memoryview(mm)[hs + i * stride : hs + i * stride + self._nbytes]
+            for i in range(self._slots)
+        ]
+        self._cast_ok = writable and bytes_castable(dtype)
         self._core = core
         # A writer wakes at every commit when others than the owner may read the
         # object: such a reader may be unable to announce itself (no write access).
@@ -717,13 +719,13 @@ class Segment:
             if n >= COPY_UNLOCKED and array.flags.c_contiguous:
                 # Raw bytes, whatever the dtype (np.copyto on records is ~20x slower).
                 ring.copy_in(i, array.__array_interface__["data"][0], array, n, COPY_UNLOCKED)
-            elif self._raw_mv:
+            elif self._cast_ok:
                 try:
                     src = array.data.cast("B")
                 except (TypeError, ValueError, BufferError):  # not C-contiguous: numpy copies it
                     np.copyto(self._loan_views[i], array)
                 else:
-                    self._raw_mv[i][:] = src  # one memcpy, no numpy call overhead
+                    self._slot_mv[i][:] = src  # one memcpy, no numpy call overhead
             elif array.flags.c_contiguous:
                 np.copyto(self._raw[i], array.reshape(-1).view(np.uint8))
             else:
@@ -733,6 +735,80 @@ class Segment:
             raise
         ring.commit(v, i, s, timestamp_ns or 0)
         return v
+
+    def write_bytes(
+        self, data: BytesLike, *, version: int | None = None, timestamp_ns: int | None = None
+    ) -> int:
+        """Copy ``data``, one version's raw bytes in C order, in as the next version;
+        return its number.
+
+        The writing side of a bridge or relay that receives versions as bytes off a
+        wire: no array is built around them, whatever the dtype. ``data`` is any
+        C-contiguous bytes-like object of exactly :attr:`nbytes` bytes. Copies of
+        :data:`COPY_UNLOCKED` bytes and more run without the GIL. ``version`` and
+        ``timestamp_ns`` are as in :meth:`write`.
+
+        Raises:
+            ArrayMismatchError: not a C-contiguous buffer of :attr:`nbytes` bytes
+                (nothing is published).
+            ReadOnlyError: this handle is not the writer.
+            SegmentError: ``version`` is not newer than the latest.
+        """
+        src: bytes | memoryview
+        if type(data) is bytes and len(data) == self._nbytes:
+            src = data  # bytes of the right size, as a wire hands them over: no checks
+        else:
+            src = self._byte_buffer(data, writable=False)
+        if self._loaning:
+            raise LayoutError(f"segment {self._name!r}: write_bytes() inside an open loan()")
+        ring, v, i, s = self._begin(version)
+        try:
+            n = self._nbytes
+            if n >= COPY_UNLOCKED:
+                owner = np.frombuffer(src, dtype=np.uint8)
+                ring.copy_in(i, owner.__array_interface__["data"][0], owner, n, COPY_UNLOCKED)
+            else:
+                self._slot_mv[i][:] = src
+        except BaseException:
+            ring.abort(i, s)
+            raise
+        ring.commit(v, i, s, timestamp_ns or 0)
+        return v
+
+    def _byte_buffer(self, data: object, *, writable: bool) -> memoryview:
+        """``data`` as a flat byte view of exactly :attr:`nbytes` bytes.
+
+        Raises:
+            ArrayMismatchError: saying what does not fit, and what would.
+        """
+        n = self._nbytes
+        if writable:
+            fix = f"nothing was copied (pass a writable C-contiguous buffer of {n} bytes: "
+            fix += "bytearray(seg.nbytes), or an array of the segment's dtype and shape)"
+        else:
+            fix = f"nothing was published (pass the version's {n} raw bytes in C order)"
+        try:
+            mv = memoryview(data)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise ArrayMismatchError(
+                self._name, "the buffer", "bytes-like", type(data).__name__, fix=fix
+            ) from exc
+        if writable and mv.readonly:
+            raise ArrayMismatchError(self._name, "the buffer", "writable", "read-only", fix=fix)
+        if not mv.c_contiguous:
+            raise ArrayMismatchError(self._name, "the buffer", "C-contiguous", "strided", fix=fix)
+        if mv.nbytes != n:
+            raise ArrayMismatchError(
+                self._name, "the buffer's size", f"{n} bytes", f"{mv.nbytes}", fix=fix
+            )
+        if mv.ndim == 1 and mv.format == "B":
+            return mv
+        try:
+            return mv.cast("B")
+        except (TypeError, ValueError) as exc:
+            raise ArrayMismatchError(
+                self._name, "the buffer's format", "castable to bytes", repr(mv.format), fix=fix
+            ) from exc
 
     @contextlib.contextmanager
     def loan(
@@ -844,6 +920,46 @@ class Segment:
         """
         return _Reading(self, version)
 
+    def read_into(self, out: BytesLike, version: int | None = None) -> tuple[int, int]:
+        """Copy the latest version (or exactly ``version``) into ``out`` and validate
+        it: ``(version, timestamp_ns)``.
+
+        The reading side of a bridge or recorder that forwards every version from one
+        buffer of its own: no array and no allocation per version. ``out`` is any
+        writable C-contiguous bytes-like object of exactly :attr:`nbytes` bytes
+        (``bytearray(seg.nbytes)``, or an array of the segment's layout); it gets the
+        raw bytes in C order. Copies of :data:`COPY_UNLOCKED` bytes and more run
+        without the GIL.
+
+        Raises:
+            TornReadError: the writer overwrote the slot during the copy; ``out``
+                holds no version then (read again).
+            ArrayMismatchError: ``out`` is not a writable C-contiguous buffer of
+                :attr:`nbytes` bytes (nothing is copied).
+            NoVersionError, VersionUnavailableError, SlotStuckError: as :meth:`acquire`.
+        """
+        dst: bytearray | memoryview
+        if type(out) is bytearray and len(out) == self._nbytes:
+            dst = out  # the usual staging buffer: no checks
+        else:
+            dst = self._byte_buffer(out, writable=True)
+        v, i, s, ts = self._look(version, False)
+        ring = self._core_ring()
+        n = self._nbytes
+        try:
+            if n >= COPY_UNLOCKED:
+                owner = np.frombuffer(dst, dtype=np.uint8)
+                ring.copy_out(i, owner.__array_interface__["data"][0], owner, n, COPY_UNLOCKED)
+            else:
+                dst[:] = self._slot_mv[i]
+        except (ValueError, IndexError) as exc:  # closed by another thread meanwhile
+            if self._closed:
+                raise ClosedError(f"segment {self._name!r}") from exc
+            raise
+        if not self.validate(i, s):
+            raise TornReadError(self._name, v)
+        return v, ts
+
     def latest(self, *, retries: int = 1000) -> Snapshot:
         """A validated private copy of the latest version (torn reads are retried).
 
@@ -936,9 +1052,9 @@ class Segment:
         self._loan_views = []
         self._notify = np.empty(0, np.uint32)
         self._raw = []
-        for mv in self._raw_mv:  # exports of the mmap: released, or it cannot be closed
+        for mv in self._slot_mv:  # exports of the mmap: released, or it cannot be closed
             mv.release()
-        self._raw_mv = []
+        self._slot_mv = []
         # The compiled core's ring holds an export of the mapping until the last call
         # on it returns (one may be sleeping in another thread); the fallback's ring
         # releases its views now, and such a call then fails with ValueError.

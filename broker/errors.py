@@ -107,11 +107,18 @@ class LayoutError(ShmcastError, ValueError):
 
 
 class ArrayMismatchError(LayoutError):
-    def __init__(self, segment: str, what: str, expected: object, got: object) -> None:
+    """An array, or a raw buffer (with its own ``fix``), that does not fit the segment."""
+
+    def __init__(
+        self, segment: str, what: str, expected: object, got: object, *, fix: str | None = None
+    ) -> None:
         self.segment = segment
         self.what = what
         self.expected = expected
         self.got = got
+        if fix is not None:  # a raw buffer (write_bytes, read_into)
+            super().__init__(f"segment {segment!r}: {what} must be {expected}, got {got}; {fix}")
+            return
         super().__init__(
             f"segment {segment!r} holds {what} {expected}, got {got}; nothing was published "
             f"(convert with arr.astype(...) / arr.reshape(...), "

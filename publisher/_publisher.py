@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from shmcast.broker import Segment, dtype_str, normalize_layout
+from shmcast.broker import BytesLike, Segment, dtype_str, normalize_layout
 from shmcast.broker.client import (
     ControlClient,
     resolve_endpoint,
@@ -146,6 +146,20 @@ class Publisher:
             ArrayMismatchError: wrong dtype or shape (nothing is published).
         """
         v = self.segment.write(array, version=version, timestamp_ns=timestamp_ns)
+        self._announce(v, timestamp_ns)
+        return v
+
+    def publish_bytes(
+        self, data: BytesLike, *, version: int | None = None, timestamp_ns: int | None = None
+    ) -> int:
+        """:meth:`publish` for a version that arrives as raw bytes (C order, exactly
+        the segment's ``nbytes``), as a bridge receives it: no array is built.
+
+        Raises:
+            ArrayMismatchError: not a C-contiguous buffer of ``nbytes`` bytes
+                (nothing is published).
+        """
+        v = self.segment.write_bytes(data, version=version, timestamp_ns=timestamp_ns)
         self._announce(v, timestamp_ns)
         return v
 

@@ -678,8 +678,9 @@ def test_big_copies_let_other_threads_run(
     namespace: str, segs: list[Segment], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A second Python thread keeps running while a 64 MiB version is written and
-    copied out (the compiled core drops the GIL for the memcpy, the fallback's
-    ctypes.memmove too); held through the copy, it would stop that thread."""
+    copied out, as an array or as raw bytes (the compiled core drops the GIL for the
+    memcpy, the fallback's ctypes.memmove too); held through the copy, it would
+    stop that thread."""
     old = sys.getswitchinterval()
     sys.setswitchinterval(0.0005)  # hand the GIL over quickly: what we see is the copy
     try:
@@ -689,9 +690,12 @@ def test_big_copies_let_other_threads_run(
         segs += [w, r]
         data = np.random.default_rng(0).random(n)
         w.write(data)  # touch the pages once
+        raw, out = data.tobytes(), bytearray(w.nbytes)
         got = {
             "write": _runs_mid_copy(lambda: w.write(data), 10),
             "latest": _runs_mid_copy(r.latest, 10),
+            "write_bytes": _runs_mid_copy(lambda: w.write_bytes(raw), 10),
+            "read_into": _runs_mid_copy(lambda: r.read_into(out), 10),
         }
         assert np.array_equal(r.latest().array, data)
     finally:

@@ -341,6 +341,85 @@ def test_latest_is_a_validated_private_copy(made):
     assert reader.latest().version == 5
 
 
+# ------------------------------------------------------------------ raw bytes in and out
+
+TICK = np.dtype([("t", "<i8"), ("px", "<f8", (2,)), ("sym", "S4")])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape"),
+    [("<f8", (8,)), (TICK, (3,)), ("<u2", (1024, 512))],  # the last: 1 MiB, copied without the GIL
+    ids=["f8", "records", "1MiB"],
+)
+def test_raw_bytes_go_in_and_come_out_whole(made, dtype, shape):
+    seg = _create(made, dtype=dtype, shape=shape)
+    reader = _attach(made)
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 256, seg.nbytes, dtype=np.uint8).tobytes()
+    assert seg.write_bytes(data, timestamp_ns=42) == 1
+    more = bytearray(rng.integers(0, 256, seg.nbytes, dtype=np.uint8).tobytes())
+    assert seg.write_bytes(memoryview(more), version=7, timestamp_ns=43) == 7
+    out = bytearray(seg.nbytes)
+    assert reader.read_into(out) == (7, 43)
+    assert out == more
+    into = np.zeros(shape, dtype)  # an array of the layout takes the bytes as well
+    assert reader.read_into(into, 1) == (1, 42)
+    assert into.tobytes() == data
+    assert reader.latest().array.tobytes() == bytes(more)  # what write_bytes wrote is the version
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [bytes(63), bytes(65), memoryview(bytearray(128))[::2], np.zeros(16, "<f8")[::2], 64, "x" * 64],
+    ids=["short", "long", "strided", "strided-array", "int", "str"],
+)
+def test_bad_raw_buffers_publish_and_copy_nothing(made, bad):
+    seg = _create(made)  # 8 float64: 64 bytes
+    reader = _attach(made)
+    seg.write(_filled(1))
+    with pytest.raises(ArrayMismatchError, match="nothing was published"):
+        seg.write_bytes(bad)
+    assert seg.version == 1
+    with reader.read(1) as snap:
+        assert snap.array.tolist() == [1.0] * 8
+    out = bytearray(b"\xaa" * 64)
+    for wrong in (bad, bytes(64), bytearray(65)):  # the bad one, read-only, too long
+        with pytest.raises(ArrayMismatchError, match="nothing was copied"):
+            reader.read_into(wrong)
+    assert out == b"\xaa" * 64
+    assert reader.read_into(out) == (1, reader.info().timestamp_ns)
+
+
+def test_read_into_refuses_a_copy_the_writer_overwrote(made, monkeypatch):
+    """The copy is validated after it is made: a writer that laps the slot between
+    the look and the copy gets a TornReadError, never its bytes as the version's."""
+    seg = _create(made)  # two slots
+    reader = _attach(made)
+    seg.write(_filled(1))
+    look = reader._look
+
+    def look_then_lap(version, with_mono):
+        got = look(version, with_mono)
+        seg.write(_filled(2))
+        seg.write(_filled(3))  # into version 1's slot
+        return got
+
+    monkeypatch.setattr(reader, "_look", look_then_lap)
+    with pytest.raises(TornReadError) as info:
+        reader.read_into(bytearray(64))
+    assert info.value.version == 1
+    assert reader.torn_reads == 1
+
+
+def test_read_into_a_closed_segment_is_a_closed_error(made):
+    seg = _create(made)
+    seg.write(_filled(1))
+    reader = _attach(made)
+    reader.close()
+    with pytest.raises(ClosedError):
+        reader.read_into(bytearray(64))
+
+
 # ------------------------------------------------------------------------ properties
 
 
