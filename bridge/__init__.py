@@ -5,6 +5,7 @@ this package does not.
 """
 
 from ._wire import KEY_ROOT as KEY_ROOT
+from ._wire import AttachmentTemplate as AttachmentTemplate
 from ._wire import Frame as Frame
 from ._wire import decode_attachment as decode_attachment
 from ._wire import encode_attachment as encode_attachment
@@ -18,6 +19,7 @@ from ._zenoh import resolve_bridge_config as resolve_bridge_config
 
 __all__ = [
     "KEY_ROOT",
+    "AttachmentTemplate",
     "BridgeCollector",
     "BridgeConfig",
     "BridgeStats",

@@ -10,6 +10,9 @@ carrying three things:
       {"version": uint, "timestamp_ns": uint, "dtype": str, "shape": [uint, ...],
        "incarnation": uint}
 
+  shmcast's exporters write ``version`` and ``timestamp_ns`` as msgpack uint 64
+  (``0xcf`` and 8 bytes) after the other three; decoders accept any integer
+  encoding and any order of the keys.
   ``version`` counts the segment's versions (they only go forward within an
   incarnation; a reader sees gaps in it). ``timestamp_ns`` is the commit time on
   the exporting host's wall clock (ns since the Unix epoch). ``dtype`` is a numpy
@@ -38,6 +41,7 @@ from __future__ import annotations
 import ast
 import functools
 import math
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +52,15 @@ import numpy as np
 from shmcast.broker import dtype_str, normalize_layout
 from shmcast.broker.client import validate_namespace, validate_segment_name
 
-__all__ = ["KEY_ROOT", "Frame", "decode_attachment", "encode_attachment", "key_of", "parse_key"]
+__all__ = [
+    "KEY_ROOT",
+    "AttachmentTemplate",
+    "Frame",
+    "decode_attachment",
+    "encode_attachment",
+    "key_of",
+    "parse_key",
+]
 
 #: The first chunk of every shmcast key.
 KEY_ROOT = "shmcast"
@@ -76,8 +88,10 @@ def key_of(namespace: str, segment: str) -> str:
     return f"{KEY_ROOT}/{validate_namespace(namespace)}/{validate_segment_name(segment)}"
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_key(key: str) -> tuple[str, str]:
-    """``(namespace, segment)`` of a shmcast key.
+    """``(namespace, segment)`` of a shmcast key (a stream repeats its key: the
+    names are checked once per key, and only valid keys are kept).
 
     Raises:
         ValueError: not a key of this format (the message says why).
@@ -91,29 +105,58 @@ def parse_key(key: str) -> tuple[str, str]:
 def encode_attachment(
     version: int, timestamp_ns: int, dtype: np.dtype[Any], shape: tuple[int, ...], incarnation: int
 ) -> bytes:
-    return attachment_encoder(dtype, shape, incarnation)(version, timestamp_ns)
+    return AttachmentTemplate(dtype, shape, incarnation).encode(version, timestamp_ns)
 
 
 def attachment_encoder(
     dtype: np.dtype[Any], shape: tuple[int, ...], incarnation: int
 ) -> Callable[[int, int], bytes]:
-    """``encode(version, timestamp_ns)`` for one segment's layout and incarnation: the
-    dtype described once (``dtype_str`` costs more than the rest of an encoding)."""
-    text, dims = dtype_str(dtype), list(shape)
+    """``encode(version, timestamp_ns)`` for one segment's layout and incarnation."""
+    return AttachmentTemplate(dtype, shape, incarnation).encode
 
-    def encode(version: int, timestamp_ns: int) -> bytes:
-        return msgpack.packb(  # type: ignore[no-any-return]
-            {
-                "version": version,
-                "timestamp_ns": timestamp_ns,
-                "dtype": text,
-                "shape": dims,
-                "incarnation": incarnation,
-            },
-            use_bin_type=True,
-        )
 
-    return encode
+#: msgpack's marker of a uint 64 (an integer in the next 8 bytes, big-endian).
+_UINT64 = 0xCF
+
+
+class AttachmentTemplate:
+    """The attachments of one segment's stream: everything but the version and the
+    commit time is fixed, so it is encoded once.
+
+    The map holds ``dtype``, ``shape`` and ``incarnation`` first, then ``version``
+    and ``timestamp_ns``, both as msgpack uint 64 (valid msgpack that any decoder
+    reads: the format allows a wider encoding than the smallest). Encoding a
+    version is then one struct pack, and :meth:`match` recognises an attachment
+    made by the same template with one struct unpack. Both run on a bridge's
+    latency path, where an idle host runs cold code at a tenth of its hot speed or
+    less (a msgpack map built per version cost 33 us there, a decoded one 54 us).
+    """
+
+    def __init__(self, dtype: np.dtype[Any], shape: tuple[int, ...], incarnation: int) -> None:
+        def pack(obj: object) -> bytes:
+            return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+        fixed = (("dtype", dtype_str(dtype)), ("shape", list(shape)), ("incarnation", incarnation))
+        self._head = bytes([0x85]) + b"".join(pack(k) + pack(v) for k, v in fixed)
+        self._head += pack("version")
+        self._mid = pack("timestamp_ns")
+        self._struct = struct.Struct(f">{len(self._head)}sBQ{len(self._mid)}sBQ")
+        #: Bytes of every attachment of this template.
+        self.size = self._struct.size
+
+    def encode(self, version: int, timestamp_ns: int) -> bytes:
+        """The attachment of one version (both numbers below 2**64)."""
+        return self._struct.pack(self._head, _UINT64, version, self._mid, _UINT64, timestamp_ns)
+
+    def match(self, data: bytes) -> tuple[int, int] | None:
+        """``(version, timestamp_ns)`` of an attachment this template would have
+        written, ``None`` for any other (decode that with :func:`decode_attachment`)."""
+        if len(data) != self.size:
+            return None
+        head, m1, version, mid, m2, timestamp_ns = self._struct.unpack(data)
+        if head != self._head or mid != self._mid or m1 != _UINT64 or m2 != _UINT64:
+            return None
+        return int(version), int(timestamp_ns)
 
 
 def _parse_dtype(text: str) -> np.dtype[Any]:
