@@ -162,19 +162,24 @@ def _peer_shm_read(segment: str, seconds: float) -> None:
     lat: list[int] = []
     marks: list[float] = []
     if seg is not None:
+        # Each slot's stamp as an int64 view, made once, as a reader holds its views:
+        # made per version (a slice and a view), numpy's calls ran cold after every
+        # wake and were counted as the bridge's latency.
+        stamps = [seg.view(i)[:8].view(np.int64) for i in range(seg.slots)]
         last = seg.version
         while time.monotonic() < deadline:
             got = seg.wait_acquire(last, 0.1)
             if got is None:
                 continue
             v, slot, seq, _ = got
-            stamp = int(seg.view(slot)[:8].view(np.int64)[0])
+            stamp = int(stamps[slot][0])
             now = time.monotonic_ns()
             ok = seg.validate(slot, seq)
             last = v
             if ok and stamp:
                 lat.append(now - stamp)
                 marks.append(time.monotonic())
+        stamps.clear()  # the views go before the mapping
         seg.close()
     _say(RESULT, _summary(lat, marks))
 
