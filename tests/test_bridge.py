@@ -8,6 +8,7 @@ on 127.0.0.1 (the multi-host test is tests/test_bridge_netns.py).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from shmcast.bridge import (
     parse_key,
 )
 from shmcast.broker import Broker, BrokerConfig, ConfigError, Segment, ShmcastError
-from shmcast.broker.client import ControlClient
+from shmcast.broker.client import SHM_DIR, ControlClient
 from shmcast.cli._main import main
 from shmcast.cli.testing import unique_namespace, wait_for
 from shmcast.publisher import Publisher
@@ -44,6 +45,21 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _zenoh_shm() -> set[str]:
+    return {e for e in os.listdir(SHM_DIR) if e.endswith(".zenoh")}
+
+
+@pytest.fixture(autouse=True)
+def _no_zenoh_shm_objects() -> Iterator[None]:
+    """Zenoh's own shared memory, once on in a session, leaves ``<n>.zenoh`` objects
+    in /dev/shm at exit: every session here turns it off. (Reported, not removed:
+    such an object may belong to someone else's Zenoh on this machine.)"""
+    before = _zenoh_shm()
+    yield
+    new = sorted(_zenoh_shm() - before)
+    assert not new, f"Zenoh shared-memory objects appeared in {SHM_DIR}: {new}"
 
 
 @pytest.fixture
@@ -322,6 +338,8 @@ def _plain_session(router: str) -> Any:
         "mode": "client",
         "connect": {"endpoints": [router]},
         "scouting": {"multicast": {"enabled": False}, "gossip": {"enabled": False}},
+        # Zenoh's own shared memory leaves <n>.zenoh objects in /dev/shm behind.
+        "transport": {"shared_memory": {"enabled": False}},
     }
     return zenoh.open(zenoh.Config.from_json5(json.dumps(conf)))
 
