@@ -18,8 +18,11 @@ recreates the mirror (versions start over). A late joiner asks the queryable
 for the latest version as soon as the exporter's token appears.
 
 A bridge never imports what it exports itself, nor exports what it imported.
-Zenoh's own shared-memory transport is turned off unless a ``--config`` file
-says otherwise: shmcast already is the shared-memory path on each host.
+Without a ``--config`` file Zenoh's own shared-memory transport is turned off:
+shmcast already is the shared-memory path on each host. A ``--config`` file is
+used as it is, and Zenoh's default turns that transport on (it then leaves
+``<n>.zenoh`` objects in /dev/shm at exit): such a file should say
+``transport: { shared_memory: { enabled: false } }``.
 """
 
 from __future__ import annotations

@@ -40,7 +40,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         metavar="KEYEXPR",
         help="Zenoh key expressions to import, e.g. 'shmcast/lab/*'",
     )
-    p.add_argument("--config", metavar="ZENOH_JSON5", help="a Zenoh configuration file")
+    p.add_argument(
+        "--config",
+        metavar="ZENOH_JSON5",
+        help="a Zenoh configuration file, used as it is (set transport.shared_memory.enabled "
+        "to false there: Zenoh's default leaves <n>.zenoh objects in /dev/shm)",
+    )
     p.add_argument(
         "--connect-timeout",
         type=float,
