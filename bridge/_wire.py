@@ -42,7 +42,6 @@ import ast
 import functools
 import math
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,13 +107,6 @@ def encode_attachment(
     return AttachmentTemplate(dtype, shape, incarnation).encode(version, timestamp_ns)
 
 
-def attachment_encoder(
-    dtype: np.dtype[Any], shape: tuple[int, ...], incarnation: int
-) -> Callable[[int, int], bytes]:
-    """``encode(version, timestamp_ns)`` for one segment's layout and incarnation."""
-    return AttachmentTemplate(dtype, shape, incarnation).encode
-
-
 #: msgpack's marker of a uint 64 (an integer in the next 8 bytes, big-endian).
 _UINT64 = 0xCF
 
@@ -156,7 +148,7 @@ class AttachmentTemplate:
         head, m1, version, mid, m2, timestamp_ns = self._struct.unpack(data)
         if head != self._head or mid != self._mid or m1 != _UINT64 or m2 != _UINT64:
             return None
-        return int(version), int(timestamp_ns)
+        return version, timestamp_ns
 
 
 def _parse_dtype(text: str) -> np.dtype[Any]:

@@ -72,7 +72,6 @@ from ._wire import (
     KEY_ROOT,
     AttachmentTemplate,
     Frame,
-    attachment_encoder,
     decode_attachment,
     key_of,
     parse_key,
@@ -502,7 +501,7 @@ class ZenohBridge(Service):
             seg.close()
             raise
         staging = bytearray(seg.nbytes)
-        encode = attachment_encoder(seg.dtype, seg.shape, seg.incarnation)
+        encode = AttachmentTemplate(seg.dtype, seg.shape, seg.incarnation).encode
         e = _Export(name, key, seg, seg.incarnation, pub, token, queryable, staging, encode)
         # A late start exports from the current version on; earlier ones are history.
         e.last = max(0, seg.version - 1)
@@ -544,12 +543,12 @@ class ZenohBridge(Service):
             e.sent += 1
             e.bytes += len(e.staging)
 
-    def _read_latest(self, e: _Export) -> tuple[bytearray, bytes, int]:
-        """A private copy of the latest version (C order), its attachment and version."""
+    def _read_latest(self, e: _Export) -> tuple[bytearray, bytes]:
+        """A private copy of the latest version (C order) and its attachment."""
         payload = bytearray(e.seg.nbytes)
         version, ts = e.seg.read_into(payload)
         # Only now, validated: the bytes are the version's.
-        return payload, e.encode(version, ts), version
+        return payload, e.encode(version, ts)
 
     def _on_query(self, query: Any) -> None:
         """A late joiner asks for the latest version (Zenoh's thread)."""
@@ -564,7 +563,7 @@ class ZenohBridge(Service):
                 return
             try:
                 # Its own copy: the export loop may be filling the staging buffer.
-                payload, att, _ = self._read_latest(e)
+                payload, att = self._read_latest(e)
             except (ShmcastError, ValueError):
                 return  # nothing yet, torn, or closed under us: the live stream will do
             query.reply(e.key, payload, attachment=att)
