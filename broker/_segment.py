@@ -44,6 +44,7 @@ import fcntl
 import logging
 import math
 import mmap
+import operator
 import os
 import secrets
 import stat
@@ -170,6 +171,29 @@ def select_core() -> Core:
         _fallback_warned.append(True)  # once per process: the extension is missing
         warnings.warn(why, RuntimeWarning, stacklevel=3)
     return _pycore.CORE
+
+
+#: One past the largest commit time the header's 64-bit word holds.
+_U64 = 1 << 64
+
+
+def _wall_ns(name: str, timestamp_ns: object) -> int:
+    """``timestamp_ns`` as the core records it (0: now), checked before a slot is
+    touched: a commit time the header cannot hold must not cost a version."""
+    if timestamp_ns is None:
+        return 0
+    try:
+        ts = operator.index(timestamp_ns)  # type: ignore[arg-type]
+    except TypeError:
+        ts = -1
+    if not 0 <= ts < _U64:
+        raise SegmentError(
+            name,
+            f"timestamp_ns={timestamp_ns!r} for segment {name!r} is not a commit time: "
+            "pass nanoseconds since the epoch as an int from 0 to 2**64-1 "
+            "(time.time_ns()), or None for now; nothing was published",
+        )
+    return ts
 
 
 @dataclass(frozen=True)
@@ -708,11 +732,13 @@ class Segment:
         Raises:
             ArrayMismatchError: wrong dtype or shape (nothing is published).
             ReadOnlyError: this handle is not the writer.
-            SegmentError: ``version`` is not newer than the latest.
+            SegmentError: ``version`` is not newer than the latest, or ``timestamp_ns``
+                is not an int from 0 to 2**64-1 (nothing is published).
         """
         self._check_array(array)
         if self._loaning:
             raise LayoutError(f"segment {self._name!r}: write() inside an open loan()")
+        wall = _wall_ns(self._name, timestamp_ns)
         ring, v, i, s = self._begin(version)
         try:
             n = self._nbytes
@@ -733,7 +759,7 @@ class Segment:
         except BaseException:
             ring.abort(i, s)
             raise
-        ring.commit(v, i, s, timestamp_ns or 0)
+        ring.commit(v, i, s, wall)
         return v
 
     def write_bytes(
@@ -752,8 +778,10 @@ class Segment:
             ArrayMismatchError: not a C-contiguous buffer of :attr:`nbytes` bytes
                 (nothing is published).
             ReadOnlyError: this handle is not the writer.
-            SegmentError: ``version`` is not newer than the latest.
+            SegmentError: ``version`` is not newer than the latest, or ``timestamp_ns``
+                is not an int from 0 to 2**64-1 (nothing is published).
         """
+        wall = _wall_ns(self._name, timestamp_ns)
         src: bytes | memoryview
         if type(data) is bytes and len(data) == self._nbytes:
             src = data  # bytes of the right size, as a wire hands them over: no checks
@@ -772,7 +800,7 @@ class Segment:
         except BaseException:
             ring.abort(i, s)
             raise
-        ring.commit(v, i, s, timestamp_ns or 0)
+        ring.commit(v, i, s, wall)
         return v
 
     def _byte_buffer(self, data: object, *, writable: bool) -> memoryview:
@@ -822,6 +850,7 @@ class Segment:
         """
         if self._loaning:
             raise LayoutError(f"segment {self._name!r}: loans do not nest")
+        wall = _wall_ns(self._name, timestamp_ns)
         ring, v, i, s = self._begin(version)
         self._loaning = True
         try:
@@ -831,7 +860,7 @@ class Segment:
             raise
         finally:
             self._loaning = False
-        ring.commit(v, i, s, timestamp_ns or 0)
+        ring.commit(v, i, s, wall)
 
     def heartbeat(self) -> None:
         """Refresh the writer heartbeat without publishing (for idle writers)."""

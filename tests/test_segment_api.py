@@ -18,6 +18,7 @@ from shmcast.broker import (
     NoVersionError,
     ReadOnlyError,
     Segment,
+    SegmentError,
     SegmentExistsError,
     SegmentNotFoundError,
     Snapshot,
@@ -409,6 +410,46 @@ def test_read_into_refuses_a_copy_the_writer_overwrote(made, monkeypatch):
         reader.read_into(bytearray(64))
     assert info.value.version == 1
     assert reader.torn_reads == 1
+
+
+@pytest.mark.parametrize("bad", [-1, 2**64, 1.5, "now"])
+@pytest.mark.parametrize("how", ["write", "write_bytes", "write_bytes-memoryview", "loan"])
+def test_a_bad_timestamp_is_refused_before_a_version_is_lost(made, how, bad):
+    """A commit time the header cannot hold is refused with the fix, before the
+    write takes a slot: before, the core refused it at commit, after the slot of an
+    older version had been begun (that version was lost) and with an OverflowError."""
+    seg = _create(made)  # two slots: the next write takes version 1's
+    reader = _attach(made)
+    seg.write(_filled(1))
+    seg.write(_filled(2))
+    raw = _filled(3).tobytes()
+
+    def loan() -> None:
+        with seg.loan(timestamp_ns=bad) as arr:
+            arr[:] = 3
+
+    attempt = {
+        "write": lambda: seg.write(_filled(3), timestamp_ns=bad),
+        "write_bytes": lambda: seg.write_bytes(raw, timestamp_ns=bad),
+        "write_bytes-memoryview": lambda: seg.write_bytes(memoryview(raw), timestamp_ns=bad),
+        "loan": loan,
+    }[how]
+    with pytest.raises(SegmentError, match=r"time\.time_ns\(\)") as info:
+        attempt()
+    assert "nothing was published" in str(info.value)
+    assert seg.version == 2
+    for v in (1, 2):
+        with reader.read(v) as snap:
+            assert snap.array.tolist() == [float(v)] * 8
+
+
+def test_a_numpy_integer_timestamp_is_recorded(made):
+    seg = _create(made)
+    assert seg.write_bytes(_filled(1).tobytes(), timestamp_ns=np.int64(1234)) == 1
+    assert seg.write(_filled(2), timestamp_ns=np.uint64(5678)) == 2
+    reader = _attach(made)
+    with reader.read(1) as one, reader.read(2) as two:
+        assert (one.timestamp_ns, two.timestamp_ns) == (1234, 5678)
 
 
 def test_read_into_a_closed_segment_is_a_closed_error(made):
