@@ -454,21 +454,16 @@ static PyObject *Ring_latest(PyObject *self, PyObject *unused) {
     return PyLong_FromUnsignedLongLong(atomic_load_explicit(&r->hdr[W_LATEST], ACQ));
 }
 
-/* begin(version) -> (v, i, s), or None when version (0: latest + 1) is not newer
- * than the latest or beyond MAX_VERSION. */
-static PyObject *Ring_begin(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Ring *r = (Ring *)self;
-    uint64_t version;
-    if (!nargs_ok(nargs, 1, "begin") || arg_u64(args[0], &version) < 0)
-        return NULL;
-    if (!r->writable) {
-        PyErr_SetString(PyExc_PermissionError, "read-only ring");
-        return NULL;
-    }
+/* The write protocol's two halves, shared by begin/commit and write_from. */
+
+/* Take the slot after the latest's for version (0: latest + 1) and make its seq odd.
+ * 0 when version is not newer than the latest or beyond MAX_VERSION. */
+static int ring_begin(Ring *r, uint64_t version, uint64_t *v_out, uint64_t *i_out,
+                      uint64_t *s_out) {
     uint64_t latest = atomic_load_explicit(&r->hdr[W_LATEST], ACQ);
     uint64_t v = version ? version : latest + 1;
     if (v <= latest || v > MAX_VERSION)
-        Py_RETURN_NONE;
+        return 0;
     uint64_t i = (atomic_load_explicit(&r->hdr[W_LATEST_SLOT], ACQ) % r->slots + 1) % r->slots;
     au64 *c = ctl(r, i);
     uint64_t s = atomic_load_explicit(&c[S_SEQ], RLX);
@@ -477,6 +472,52 @@ static PyObject *Ring_begin(PyObject *self, PyObject *const *args, Py_ssize_t na
     atomic_store_explicit(&c[S_SEQ], s + 1, RLX);
     /* The odd seq before any byte of the slot (write_seqcount_begin's smp_wmb). */
     atomic_thread_fence(REL);
+    *v_out = v;
+    *i_out = i;
+    *s_out = s;
+    return 1;
+}
+
+/* Publish slot i as version v (seq s + 2), then wake sleepers if any announced
+ * themselves. Returns 1 when it made the wake syscall. */
+static int ring_commit(Ring *r, uint64_t v, uint64_t i, uint64_t s, uint64_t wall) {
+    au64 *c = ctl(r, i);
+    int64_t mono = mono_ns();
+    atomic_store_explicit(&c[S_VERSION], v, RLX);
+    atomic_store_explicit(&c[S_WALL], wall ? wall : (uint64_t)clock_ns(CLOCK_REALTIME), RLX);
+    atomic_store_explicit(&c[S_MONO], (uint64_t)mono, RLX);
+    atomic_store_explicit(&c[S_SEQ], s + 2, REL); /* even: the slot is whole */
+    /* Latest slot before latest: whoever acquires latest = v finds v's slot. */
+    atomic_store_explicit(&r->hdr[W_LATEST_SLOT], i, REL);
+    atomic_store_explicit(&r->hdr[W_LATEST], v, REL);
+    atomic_store_explicit(&r->hdr[W_HEARTBEAT], (uint64_t)mono, RLX);
+    stall(r->stall_ns, &r->rng);
+    uint32_t asleep = atomic_exchange_explicit(r->flag, 0, SEQ);
+    stall(r->stall_ns, &r->rng);
+    uint32_t n = atomic_load_explicit(r->notify, RLX);
+    atomic_store_explicit(r->notify, n + 1, REL);
+    r->commits++;
+    if (asleep || r->always_wake) {
+        futex_wake_all(r->notify, 0);
+        r->wakes++;
+        return 1;
+    }
+    return 0;
+}
+
+/* begin(version) -> (v, i, s), or None when version (0: latest + 1) is not newer
+ * than the latest or beyond MAX_VERSION. */
+static PyObject *Ring_begin(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Ring *r = (Ring *)self;
+    uint64_t version, v, i, s;
+    if (!nargs_ok(nargs, 1, "begin") || arg_u64(args[0], &version) < 0)
+        return NULL;
+    if (!r->writable) {
+        PyErr_SetString(PyExc_PermissionError, "read-only ring");
+        return NULL;
+    }
+    if (!ring_begin(r, version, &v, &i, &s))
+        Py_RETURN_NONE;
     PyObject *t = PyTuple_New(3);
     if (t == NULL)
         return NULL;
@@ -504,28 +545,50 @@ static PyObject *Ring_commit(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_PermissionError, "read-only ring");
         return NULL;
     }
-    au64 *c = ctl(r, i);
-    int64_t mono = mono_ns();
-    atomic_store_explicit(&c[S_VERSION], v, RLX);
-    atomic_store_explicit(&c[S_WALL], wall ? wall : (uint64_t)clock_ns(CLOCK_REALTIME), RLX);
-    atomic_store_explicit(&c[S_MONO], (uint64_t)mono, RLX);
-    atomic_store_explicit(&c[S_SEQ], s + 2, REL); /* even: the slot is whole */
-    /* Latest slot before latest: whoever acquires latest = v finds v's slot. */
-    atomic_store_explicit(&r->hdr[W_LATEST_SLOT], i, REL);
-    atomic_store_explicit(&r->hdr[W_LATEST], v, REL);
-    atomic_store_explicit(&r->hdr[W_HEARTBEAT], (uint64_t)mono, RLX);
-    stall(r->stall_ns, &r->rng);
-    uint32_t asleep = atomic_exchange_explicit(r->flag, 0, SEQ);
-    stall(r->stall_ns, &r->rng);
-    uint32_t n = atomic_load_explicit(r->notify, RLX);
-    atomic_store_explicit(r->notify, n + 1, REL);
-    r->commits++;
-    if (asleep || r->always_wake) {
-        futex_wake_all(r->notify, 0);
-        r->wakes++;
-        Py_RETURN_TRUE;
+    return PyBool_FromLong(ring_commit(r, v, i, s, wall));
+}
+
+/* The bytes of a bytes or bytearray object of exactly the slot's size, or NULL
+ * (with no exception set) for anything else. */
+static char *small_bytes(Ring *r, PyObject *o, int writable) {
+    char *p = NULL;
+    Py_ssize_t n = -1;
+    if (!writable && PyBytes_Check(o)) {
+        p = PyBytes_AsString(o);
+        n = PyBytes_Size(o);
+    } else if (PyByteArray_Check(o)) {
+        p = PyByteArray_AsString(o);
+        n = PyByteArray_Size(o);
     }
-    Py_RETURN_FALSE;
+    if (p == NULL || n < 0 || (uint64_t)n != r->nbytes) {
+        PyErr_Clear();
+        return NULL;
+    }
+    return p;
+}
+
+/* write_from(data, version, wall_ns, threshold) -> v | 0 | -1: begin, copy and
+ * commit in one call, for the writers of small versions that arrive as bytes (a
+ * bridge's importer): the fewer steps between a wake-up and a commit, the fewer run
+ * with cold caches. v: committed; 0: version not newer than the latest or beyond
+ * MAX_VERSION (nothing written); -1: not for this path (nothing written): data is
+ * not a bytes or bytearray of exactly nbytes, the ring is read-only, or nbytes is
+ * threshold or more (such copies run without the GIL, which a bytearray that may be
+ * resized meanwhile cannot allow here; the caller's general path does them). */
+static PyObject *Ring_write_from(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Ring *r = (Ring *)self;
+    uint64_t version, wall, threshold, v, i, s;
+    if (!nargs_ok(nargs, 4, "write_from") || arg_u64(args[1], &version) < 0 ||
+        arg_u64(args[2], &wall) < 0 || arg_u64(args[3], &threshold) < 0)
+        return NULL;
+    const char *src = r->writable && r->nbytes < threshold ? small_bytes(r, args[0], 0) : NULL;
+    if (src == NULL)
+        return PyLong_FromLong(-1);
+    if (!ring_begin(r, version, &v, &i, &s))
+        return PyLong_FromLong(0);
+    memcpy(slot_data(r, i), src, r->nbytes);
+    ring_commit(r, v, i, s, wall);
+    return PyLong_FromUnsignedLongLong(v);
 }
 
 static PyObject *Ring_abort(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -624,6 +687,36 @@ static PyObject *Ring_acquire(PyObject *self, PyObject *const *args, Py_ssize_t 
             if (try_slot(r, i, v, &k))
                 return look_tuple(&k, with_mono);
     Py_RETURN_NONE;
+}
+
+/* read_to(out, threshold) -> (v, wall) | v | None: the latest version copied into
+ * the bytearray out and validated, in one call (write_from's reading side: an
+ * exporter's staging buffer). (v, wall): out holds version v, whole; v (an int):
+ * the writer overwrote v's slot during the copy, out holds no version; None: not
+ * for this path (nothing copied): out is not a bytearray of exactly nbytes, nbytes
+ * is threshold or more, nothing was published yet, or the ring is stuck; the
+ * caller's general path says which. */
+static PyObject *Ring_read_to(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Ring *r = (Ring *)self;
+    uint64_t threshold;
+    if (!nargs_ok(nargs, 2, "read_to") || arg_u64(args[1], &threshold) < 0)
+        return NULL;
+    char *dst = r->nbytes < threshold ? small_bytes(r, args[0], 1) : NULL;
+    Look k;
+    if (dst == NULL || look_latest(r, &k) != 1)
+        Py_RETURN_NONE;
+    memcpy(dst, slot_data(r, k.slot), r->nbytes);
+    stall(r->stall_ns, &r->rng); /* tests: a window for the writer to lap the slot */
+    /* Every load of the copy before the second look at seq (read_seqcount_retry). */
+    atomic_thread_fence(ACQ);
+    if (atomic_load_explicit(&ctl(r, k.slot)[S_SEQ], RLX) != k.seq)
+        return PyLong_FromUnsignedLongLong(k.version);
+    PyObject *t = PyTuple_New(2);
+    if (t == NULL)
+        return NULL;
+    PyTuple_SetItem(t, 0, PyLong_FromUnsignedLongLong(k.version));
+    PyTuple_SetItem(t, 1, PyLong_FromUnsignedLongLong(k.wall));
+    return t;
 }
 
 static PyObject *Ring_validate(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -841,6 +934,8 @@ static PyMethodDef Ring_methods[] = {
     {"begin", (PyCFunction)(void (*)(void))Ring_begin, METH_FASTCALL, NULL},
     {"commit", (PyCFunction)(void (*)(void))Ring_commit, METH_FASTCALL, NULL},
     {"abort", (PyCFunction)(void (*)(void))Ring_abort, METH_FASTCALL, NULL},
+    {"write_from", (PyCFunction)(void (*)(void))Ring_write_from, METH_FASTCALL, NULL},
+    {"read_to", (PyCFunction)(void (*)(void))Ring_read_to, METH_FASTCALL, NULL},
     {"heartbeat", Ring_heartbeat, METH_NOARGS, NULL},
     {"copy_in", (PyCFunction)(void (*)(void))Ring_copy_in, METH_FASTCALL, NULL},
     {"copy_out", (PyCFunction)(void (*)(void))Ring_copy_out, METH_FASTCALL, NULL},

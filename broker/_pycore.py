@@ -77,6 +77,7 @@ class Ring:
         always_wake: bool,
     ) -> None:
         self._q: memoryview = memoryview(mm).cast("Q")
+        self._b: memoryview = memoryview(mm)
         self._q32: memoryview = memoryview(mm).cast("I")
         self._base = np.frombuffer(mm, dtype=np.uint8)  # an export: the mapping stays
         self._addr = int(self._base.ctypes.data)
@@ -137,6 +138,23 @@ class Ring:
         si = self._seq[slot]
         q[si + S_VERSION] = 0  # the old version's bytes are gone
         q[si] = seq + 2
+
+    def write_from(self, data: object, version: int, wall_ns: int, threshold: int) -> int:
+        """begin, copy and commit in one call; v, 0 (version refused) or -1 (not
+        bytes or bytearray of nbytes, read-only, or threshold bytes or more)."""
+        n = self._nbytes
+        if not self._writable or n >= threshold or not isinstance(data, bytes | bytearray):
+            return -1
+        if len(data) != n:
+            return -1
+        got = self.begin(version)
+        if got is None:
+            return 0
+        v, i, s = got
+        at = self._header_size + i * self._stride
+        self._b[at : at + n] = data
+        self.commit(v, i, s, wall_ns)
+        return v
 
     def heartbeat(self) -> None:
         self._q[W_HEARTBEAT] = time.monotonic_ns()
@@ -208,6 +226,22 @@ class Ring:
                 if got is not None:
                     return got
         return None
+
+    def read_to(self, out: object, threshold: int) -> tuple[int, int] | int | None:
+        """The latest version copied into the bytearray ``out`` and validated:
+        (v, wall), v when torn, None when not for this path (see ``_core.c``)."""
+        n = self._nbytes
+        if n >= threshold or not isinstance(out, bytearray) or len(out) != n:
+            return None
+        got = self.acquire_latest(False)
+        if isinstance(got, int):
+            return None
+        v, i, s, wall = got
+        at = self._header_size + i * self._stride
+        out[:] = self._b[at : at + n]
+        if not self.validate(i, s):
+            return v
+        return v, wall
 
     def validate(self, slot: int, seq: int) -> bool:
         return bool(self._q[self._seq[slot]] == seq)
@@ -308,6 +342,7 @@ class Ring:
         """Release the views of the mapping (calls after this raise ValueError)."""
         self._q.release()
         self._q32.release()
+        self._b.release()
         if self._flag_q32 is not None and self._flag_q32 is not self._q32:
             self._flag_q32.release()
         self._flag_q32 = None

@@ -92,16 +92,22 @@ def writer(name: str) -> None:
 
 
 def reader(name: str, target: str, seconds: str) -> None:
-    """Validated zero-copy reads until ``target`` of them or ``seconds`` pass.
+    """Validated reads until ``target`` of them or ``seconds`` pass, alternately
+    zero-copy (``seg.read()``) and copied into a bytearray (``seg.read_into``, the
+    core's one-call path).
 
-    A read that leaves ``with seg.read()`` without TornReadError must show an
-    array filled with exactly its version, and versions never go backwards.
+    A read that returns without TornReadError must show an array filled with
+    exactly its version, and versions never go backwards. ``STALL_NS`` widens the
+    compiled core's window between read_into's copy and its validation.
     """
     goal, limit = int(target), float(seconds)
     seg = Segment.attach(name)
+    _stall(seg)
     if seg.wait(0, timeout=10.0) == 0:
         raise AssertionError("no version published within 10 s")
-    ok = torn = torn_inconsistent = violations = 0
+    raw = bytearray(seg.nbytes)
+    copied = np.frombuffer(raw, seg.dtype)
+    ok = torn = torn_inconsistent = violations = into_ok = into_torn = 0
     last = 0
     examples: list[str] = []
     deadline = time.monotonic() + limit
@@ -112,23 +118,35 @@ def reader(name: str, target: str, seconds: str) -> None:
         attempts += 1
         if not attempts & 255 and time.monotonic() >= deadline:
             break
+        into = bool(attempts & 1)
         try:
-            with seg.read() as snap:
-                v = snap.version
-                arr = snap.array
-                lo = float(arr.min())
-                hi = float(arr.max())
-                n = int(np.count_nonzero(arr == v))
-        except TornReadError:
+            if into:
+                v, _ = seg.read_into(raw)
+                arr = copied
+                lo, hi, n = float(arr.min()), float(arr.max()), int(np.count_nonzero(arr == v))
+            else:
+                with seg.read() as snap:  # looked at before the validation at its exit
+                    v = snap.version
+                    arr = snap.array
+                    lo = float(arr.min())
+                    hi = float(arr.max())
+                    n = int(np.count_nonzero(arr == v))
+        except TornReadError as exc:
             torn += 1
+            into_torn += into
+            if into:
+                v = exc.version
+                lo, hi = float(copied.min()), float(copied.max())
             if not lo == hi == v:
                 torn_inconsistent += 1  # caught: the data really was mixed
             continue
         ok += 1
+        into_ok += into
         if not (lo == hi == v and n == arr.size and v >= last):
             violations += 1
             if len(examples) < 5:
-                examples.append(f"v={v} min={lo} max={hi} count={n} previous={last}")
+                how = "read_into" if into else "read"
+                examples.append(f"{how}: v={v} min={lo} max={hi} count={n} previous={last}")
         last = v
     seg.close()
     _say(
@@ -138,6 +156,8 @@ def reader(name: str, target: str, seconds: str) -> None:
                 "torn": torn,
                 "torn_inconsistent": torn_inconsistent,
                 "violations": violations,
+                "into_ok": into_ok,
+                "into_torn": into_torn,
                 "examples": examples,
                 "last": last,
             }

@@ -393,7 +393,9 @@ def test_bad_raw_buffers_publish_and_copy_nothing(made, bad):
 
 def test_read_into_refuses_a_copy_the_writer_overwrote(made, monkeypatch):
     """The copy is validated after it is made: a writer that laps the slot between
-    the look and the copy gets a TornReadError, never its bytes as the version's."""
+    the look and the copy gets a TornReadError, never its bytes as the version's.
+    (An array goes through the general path; a bytearray through the core's one
+    call, below and in test_segment_concurrency.)"""
     seg = _create(made)  # two slots
     reader = _attach(made)
     seg.write(_filled(1))
@@ -407,7 +409,32 @@ def test_read_into_refuses_a_copy_the_writer_overwrote(made, monkeypatch):
 
     monkeypatch.setattr(reader, "_look", look_then_lap)
     with pytest.raises(TornReadError) as info:
-        reader.read_into(bytearray(64))
+        reader.read_into(np.zeros(8))
+    assert info.value.version == 1
+    assert reader.torn_reads == 1
+
+
+def test_read_into_a_bytearray_refuses_a_copy_the_writer_overwrote(made, monkeypatch, each_core):
+    """The fallback core's one-call read_to, lapped between its look and its copy.
+    (The compiled core's is raced by a writer process in test_segment_concurrency.)"""
+    if each_core == "c":
+        pytest.skip("a compiled ring cannot be patched: test_segment_concurrency races it")
+    seg = _create(made)  # two slots
+    reader = _attach(made)
+    seg.write(_filled(1))
+    ring = reader._ring
+    look = ring.acquire_latest
+
+    def look_then_lap(with_mono):
+        got = look(with_mono)
+        seg.write(_filled(2))
+        seg.write(_filled(3))  # into version 1's slot
+        return got
+
+    monkeypatch.setattr(ring, "acquire_latest", look_then_lap)
+    out = bytearray(64)
+    with pytest.raises(TornReadError) as info:
+        reader.read_into(out)
     assert info.value.version == 1
     assert reader.torn_reads == 1
 
@@ -450,6 +477,17 @@ def test_a_numpy_integer_timestamp_is_recorded(made):
     reader = _attach(made)
     with reader.read(1) as one, reader.read(2) as two:
         assert (one.timestamp_ns, two.timestamp_ns) == (1234, 5678)
+
+
+def test_write_bytes_refuses_a_version_that_is_not_newer(made):
+    """The core's one-call write refuses it as the general path does: nothing written."""
+    seg = _create(made)
+    seg.write_bytes(_filled(1).tobytes(), version=5)
+    for bad in (5, 4, 0, -1, 2**70):
+        with pytest.raises(SegmentError):
+            seg.write_bytes(_filled(9).tobytes(), version=bad)
+    assert seg.version == 5
+    assert _attach(made).latest().array.tolist() == [1.0] * 8
 
 
 def test_read_into_a_closed_segment_is_a_closed_error(made):

@@ -80,6 +80,36 @@ def test_concurrent_readers_never_accept_a_torn_read(namespace, procs, capsys):
         assert 0 < r["last"] <= wrote["last"]
 
 
+def test_read_into_never_returns_a_copy_the_writer_overwrote(
+    namespace, procs, each_core, capsys, monkeypatch
+):
+    """The compiled core's one-call read_into (look, copy, validate) against a writer
+    that laps the ring flat out, with the window between copy and validation
+    widened (STALL_NS): laps are caught as TornReadError, and every copy it returns
+    is its version's, whole. (The fallback's is lapped in test_segment_api.)"""
+    if each_core != "c":
+        pytest.skip("STALL_NS widens the compiled core's window only")
+    with Segment.create("lap", "<f8", (1024,), slots=2):
+        pass  # the writer child takes the lease
+    try:
+        writer = worker("writer", "lap")
+        procs.append(writer)
+        assert read_line(writer, 30) == "READY"
+        monkeypatch.setenv("STALL_NS", "50000")  # the reader's window: up to 50 us
+        reader = worker("reader", "lap", "4000", "20")
+        procs.append(reader)
+        got, _ = finish(reader, 60)
+        writer.terminate()
+        finish(writer, 30)
+    finally:
+        Segment.remove("lap", namespace=namespace)
+    with capsys.disabled():
+        print(f"\n[read_into] {got['into_ok']} whole copies, {got['into_torn']} laps caught")
+    assert got["violations"] == 0, got["examples"]
+    assert got["into_ok"] >= 100, got
+    assert got["into_torn"] >= 1, got  # the writer did lap some copies
+
+
 def test_writer_killed_in_a_loan_loses_nothing_committed(namespace, procs):
     try:
         with Segment.create("crash", "<f8", (4096,), slots=2) as seg:
