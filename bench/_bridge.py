@@ -16,8 +16,8 @@ Throughput: 1 MiB frames offered at the same rate by both writers
 (:data:`THROUGHPUT_RATE`, above what either path carries), what the reader got
 per second (the bridge skips to the latest version when it falls behind, so
 skipped versions are not counted). Both writers copy every frame once, whole:
-the zenoh-python writer's buffer into ``put``, the shmcast writer's frame into
-its loaned slot. The shmcast writer is paced because nothing pushes back on a
+the zenoh-python writer's bytearray into ``put``, the shmcast writer's into a slot
+with ``publish_bytes``. The shmcast writer is paced because nothing pushes back on a
 segment's writer: unpaced, it spun a core committing 170,000 versions/s of which
 the bridge could carry a few hundred, and on 2 cores that starved the exporter.
 Both paths use congestion control ``block`` for throughput (the bridge's
@@ -137,17 +137,16 @@ def _peer_shm_pub(segment: str, size: int, rate: float, seconds: float) -> None:
     # Four slots: the writer must not lap the exporter's copy of a 1 MiB frame.
     with Publisher(segment, dtype=np.uint8, shape=(size,), slots=4) as pub:
         _say(READY, {})
-        with pub.loan() as arr:  # a first version: the far side creates its mirror
-            arr[:8] = 0
+        pub.publish_bytes(bytes(size))  # a first version: the far side creates its mirror
         time.sleep(1.5)
-        frame = np.zeros(size, dtype=np.uint8)
+        buf = bytearray(size)
         n = 0
         period = 1.0 / rate if rate else 0.0
         start = next_t = time.monotonic()
         while time.monotonic() - start < seconds:
-            with pub.loan() as arr:
-                arr[:] = frame  # the whole frame, once, as the zenoh writer's put(buf)
-                arr[:8].view(np.int64)[0] = time.monotonic_ns()
+            buf[:8] = time.monotonic_ns().to_bytes(8, "little")
+            # The frame's bytes copied in once, whole, as the zenoh writer's put(buf).
+            pub.publish_bytes(buf)
             n += 1
             if period:
                 next_t += period
