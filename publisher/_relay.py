@@ -6,8 +6,9 @@ data stream in ``shmcast.broker``), and for each
 segment matching its patterns it acts as the local segment's publisher: it
 creates-or-gets the segment in the local broker (same name, dtype, shape and
 slots; catalog ``source`` = ``"relay:<upstream>"``), takes the writer lease, and
-commits every version it receives under the upstream's version number
-(``Segment.loan(version=v)``), then announces it like any publisher. Local
+commits every version it receives under the upstream's version number and
+commit time (``Publisher.publish_bytes(..., version=v, timestamp_ns=ts)``), then
+announces it like any publisher. Local
 subscribers read it zero-copy and cannot tell it from a local segment except by
 ``source`` (and ``upstream_up``) in the catalog.
 
@@ -45,7 +46,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import zmq
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -194,6 +194,12 @@ class _Mirror:
     created: int
     pub: Publisher
     incarnation: int = 0
+    #: The layout as data headers carry it (dtype text, shape list, slots): a header
+    #: that repeats it needs no parsing.
+    wire: tuple[str, list[int], int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.wire = (self.layout[0], list(self.layout[1]), self.layout[2])
 
 
 @dataclass
@@ -596,9 +602,9 @@ class Relay(Service):
         if version <= seg.version:
             c.stale += 1
             return
-        with m.pub.loan(version=version) as arr:
-            # The one copy on this host: from ZeroMQ's receive buffer into the slot.
-            np.copyto(arr.reshape(-1).view(np.uint8), np.frombuffer(buf, np.uint8))
+        # The one copy on this host: from ZeroMQ's receive buffer into the slot, as
+        # raw bytes, under the upstream's version number and commit time.
+        m.pub.publish_bytes(buf, version=version, timestamp_ns=ts)
         if c.last_version and version > c.last_version + 1:
             c.skipped += version - c.last_version - 1
         c.last_version = version
@@ -617,9 +623,17 @@ class Relay(Service):
             raise ValueError("data header incarnation must be an integer")
         if not isinstance(shape, list) or not isinstance(slots, int):
             raise ValueError("data header needs shape and slots")
+        m = self._mirrors.get(name)
+        if (
+            m is not None
+            and incarnation
+            and incarnation == m.incarnation
+            and (hdr.get("dtype"), shape, slots) == m.wire
+            and m.pub.version <= MAX_VERSION
+        ):
+            return m  # the stream goes on: nothing to parse (the usual case, per version)
         dt, shp = normalize_layout(parse_dtype(str(hdr.get("dtype"))), tuple(shape))
         layout = (dtype_str(dt), shp, slots)
-        m = self._mirrors.get(name)
         if m is not None:
             local = m.pub.version
             if incarnation and m.incarnation:

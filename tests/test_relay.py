@@ -115,6 +115,9 @@ def test_relay_over_loopback_mirrors_versions_intact() -> None:
                         assert (snap.array == snap.version).all()
                     wait_for(lambda: mirror.version == 205, 10, what="catching up to 205")
                     assert (mirror.latest().array == 205).all()
+                    # The upstream's commit time comes along with its version number.
+                    with Segment.attach("ticks", namespace=up_ns) as up:
+                        assert mirror.latest().timestamp_ns == up.latest().timestamp_ns
                 url = relay.ready["metrics"]
                 assert _metric(url, "shmcast_relay_upstream_up") == 1.0
                 received = _metric(url, "shmcast_relay_versions_received_total")
