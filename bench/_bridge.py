@@ -168,11 +168,13 @@ def _peer_shm_read(segment: str, seconds: float) -> None:
         last = seg.version
         while time.monotonic() < deadline:
             got = seg.wait_acquire(last, 0.1)
+            # The reader has the version: the clock is read before its bytes are
+            # touched, as the zenoh subscriber reads it on entering its callback.
+            now = time.monotonic_ns()
             if got is None:
                 continue
             v, slot, seq, _ = got
             stamp = int(stamps[slot][0])
-            now = time.monotonic_ns()
             ok = seg.validate(slot, seq)
             last = v
             if ok and stamp:
