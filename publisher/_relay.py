@@ -8,9 +8,9 @@ creates-or-gets the segment in the local broker (same name, dtype, shape and
 slots; catalog ``source`` = ``"relay:<upstream>"``), takes the writer lease, and
 commits every version it receives under the upstream's version number and
 commit time (``Publisher.publish_bytes(..., version=v, timestamp_ns=ts)``), then
-announces it like any publisher. Local
-subscribers read it zero-copy and cannot tell it from a local segment except by
-``source`` (and ``upstream_up``) in the catalog.
+announces it like any publisher. Local subscribers read it zero-copy and cannot
+tell it from a local segment except by ``source`` (and ``upstream_up``) in the
+catalog.
 
 - A received version is committed only after the upstream's ``ok`` verdict, so a
   send torn by the upstream writer never reaches a local reader.
