@@ -600,54 +600,45 @@ class ZenohBridge(Service):
             self._apply(sample, live=False)
 
     def _on_sample(self, sample: Any) -> None:
-        # The hot path: a sample of a stream already mirrored, in its exporter's own
-        # encoding. The import's share of the latency is what runs here, cold (see
-        # _export_latest): one lookup by key instead of parsing it, one struct unpack
-        # instead of a decoding, and the payload goes in as the bytes it came as.
-        key = str(sample.key_expr)
-        m = self._by_key.get(key)
-        att = sample.attachment
-        if m is not None and att is not None and sample.kind == self._put_kind:
-            stamp = m.template.match(att.to_bytes())
-            if stamp is not None:
-                payload = sample.payload.to_bytes()
-                with self._import_lock:
-                    if self._by_key.get(key) is m:  # not recreated or closed meanwhile
-                        self._commit(key, m, stamp, payload)
-                        return
         if sample.kind == self._put_kind:
             self._apply(sample, live=True)
 
     def _apply(self, sample: Any, *, live: bool) -> None:
+        key = str(sample.key_expr)
+        attachment = sample.attachment
+        att = b"" if attachment is None else attachment.to_bytes()
+        # The hot path: a sample of a stream already mirrored, in its exporter's own
+        # encoding. The import's share of the latency is what runs here, cold (see
+        # _export_latest): one lookup by key instead of parsing it, one struct unpack
+        # instead of a decoding, and the payload goes in as the bytes it came as.
+        m = self._by_key.get(key)
+        if m is not None and (stamp := m.template.match(att)) is not None:
+            payload = sample.payload.to_bytes()
+            with self._import_lock:
+                if self._by_key.get(key) is m:  # not recreated or closed meanwhile
+                    self._commit(key, m, stamp, payload)
+                    return
         if self._stop.is_set():
             return
-        key = str(sample.key_expr)
         try:
             namespace, name = parse_key(key)
-            if sample.attachment is None:
+            if attachment is None:
                 raise ValueError("no attachment")
-            att = sample.attachment.to_bytes()
             payload = sample.payload.to_bytes()
         except (ValueError, ShmcastError) as exc:
             self._bad(key, exc)
             return
         if namespace == self.namespace and name in self._exports:
             return  # our own export coming back
+        try:
+            frame = decode_attachment(att)
+        except ValueError as exc:
+            self._bad(key, exc)
+            return
         with self._import_lock:
-            m = self._mirrors.get(name)
-            # The stream's own layout, as its exporter writes it: nothing to decode.
-            stamp = m.template.match(att) if m is not None and m.key == key else None
-            if m is None or stamp is None:
-                try:
-                    frame = decode_attachment(att)
-                except ValueError as exc:
-                    self._bad(key, exc)
-                    return
-                m = self._mirror(key, name, frame, live=live)
-                if m is None:
-                    return
-                stamp = (frame.version, frame.timestamp_ns)
-            self._commit(key, m, stamp, payload)
+            m = self._mirror(key, name, frame, live=live)
+            if m is not None:
+                self._commit(key, m, (frame.version, frame.timestamp_ns), payload)
 
     def _commit(self, key: str, m: _Mirror, stamp: tuple[int, int], payload: bytes) -> None:
         """Write one upstream version into its mirror; called with the import lock held."""
