@@ -689,6 +689,14 @@ static PyObject *Ring_acquire(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+/* The reader's second look: slot i still holds what seq s said when it was looked
+ * at, so every byte read from it since is that version's. */
+static inline int ring_validate(Ring *r, uint64_t i, uint64_t s) {
+    /* Every load of the slot before the second look at seq (read_seqcount_retry). */
+    atomic_thread_fence(ACQ);
+    return atomic_load_explicit(&ctl(r, i)[S_SEQ], RLX) == s;
+}
+
 /* read_to(out, threshold) -> (v, wall) | v | None: the latest version copied into
  * the bytearray out and validated, in one call (write_from's reading side: an
  * exporter's staging buffer). (v, wall): out holds version v, whole; v (an int):
@@ -707,9 +715,7 @@ static PyObject *Ring_read_to(PyObject *self, PyObject *const *args, Py_ssize_t 
         Py_RETURN_NONE;
     memcpy(dst, slot_data(r, k.slot), r->nbytes);
     stall(r->stall_ns, &r->rng); /* tests: a window for the writer to lap the slot */
-    /* Every load of the copy before the second look at seq (read_seqcount_retry). */
-    atomic_thread_fence(ACQ);
-    if (atomic_load_explicit(&ctl(r, k.slot)[S_SEQ], RLX) != k.seq)
+    if (!ring_validate(r, k.slot, k.seq))
         return PyLong_FromUnsignedLongLong(k.version);
     PyObject *t = PyTuple_New(2);
     if (t == NULL)
@@ -724,9 +730,7 @@ static PyObject *Ring_validate(PyObject *self, PyObject *const *args, Py_ssize_t
     uint64_t i, s;
     if (!nargs_ok(nargs, 2, "validate") || arg_slot(r, args[0], &i) < 0 || arg_u64(args[1], &s) < 0)
         return NULL;
-    /* Every load of the view before the second look at seq (read_seqcount_retry). */
-    atomic_thread_fence(ACQ);
-    return PyBool_FromLong(atomic_load_explicit(&ctl(r, i)[S_SEQ], RLX) == s);
+    return PyBool_FromLong(ring_validate(r, i, s));
 }
 
 static PyObject *Ring_slot_times(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
