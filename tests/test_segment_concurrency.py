@@ -3,6 +3,7 @@ and a writer killed in the middle of a loan loses nothing that was committed."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from collections.abc import Iterator
@@ -39,22 +40,32 @@ def procs() -> Iterator[list[subprocess.Popen[str]]]:
             kill(proc)
 
 
+@contextlib.contextmanager
+def _racing_writer(
+    name: str, namespace: str, procs: list[subprocess.Popen[str]]
+) -> Iterator[subprocess.Popen[str]]:
+    """A 2-slot segment ``name`` and a writer child lapping it flat out (arrays
+    filled with their version); the segment is removed afterwards."""
+    with Segment.create(name, "<f8", (1024,), slots=2):
+        pass  # the writer child takes the lease
+    try:
+        writer = worker("writer", name)
+        procs.append(writer)
+        assert read_line(writer, 30) == "READY"
+        yield writer
+    finally:
+        Segment.remove(name, namespace=namespace)
+
+
 def test_concurrent_readers_never_accept_a_torn_read(namespace, procs, capsys):
     emulated = emulator()
     seconds = READER_SECONDS * 2 if emulated else READER_SECONDS
-    with Segment.create("race", "<f8", (1024,), slots=2):
-        pass  # the writer child takes the lease
-    try:
-        writer = worker("writer", "race")
-        procs.append(writer)
-        assert read_line(writer, 30) == "READY"
+    with _racing_writer("race", namespace, procs) as writer:
         readers = [worker("reader", "race", str(READS_PER_READER), str(seconds)) for _ in range(2)]
         procs.extend(readers)
         results = [finish(r, seconds + 30)[0] for r in readers]
         writer.terminate()
         wrote, _ = finish(writer, 30)
-    finally:
-        Segment.remove("race", namespace=namespace)
 
     ok = sum(r["ok"] for r in results)
     torn = sum(r["torn"] for r in results)
@@ -89,20 +100,13 @@ def test_read_into_never_returns_a_copy_the_writer_overwrote(
     is its version's, whole. (The fallback's is lapped in test_segment_api.)"""
     if each_core != "c":
         pytest.skip("STALL_NS widens the compiled core's window only")
-    with Segment.create("lap", "<f8", (1024,), slots=2):
-        pass  # the writer child takes the lease
-    try:
-        writer = worker("writer", "lap")
-        procs.append(writer)
-        assert read_line(writer, 30) == "READY"
+    with _racing_writer("lap", namespace, procs) as writer:
         monkeypatch.setenv("STALL_NS", "50000")  # the reader's window: up to 50 us
         reader = worker("reader", "lap", "4000", "20")
         procs.append(reader)
         got, _ = finish(reader, 60)
         writer.terminate()
         finish(writer, 30)
-    finally:
-        Segment.remove("lap", namespace=namespace)
     with capsys.disabled():
         print(f"\n[read_into] {got['into_ok']} whole copies, {got['into_torn']} laps caught")
     assert got["violations"] == 0, got["examples"]
