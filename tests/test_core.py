@@ -660,12 +660,15 @@ def _runs_mid_copy(fn: Any, rounds: int) -> tuple[float, int]:
         poll_until(lambda: len(stamps) > 100, 10, "the second thread to run")
         fastest, ran = 1e9, 0
         for _ in range(rounds):
+            first = len(stamps)  # the thread only appends: what it stamps from now on
             t0 = time.perf_counter()
             fn()
             t1 = time.perf_counter()
             fastest = min(fastest, t1 - t0)
             lo, hi = t0 + 0.3 * (t1 - t0), t1 - 0.3 * (t1 - t0)
-            ran += any(lo <= x <= hi for x in stamps[-20000:])
+            # Every stamp since the call began: a fixed tail (the last 20,000) could
+            # hold only stamps from after the middle when the thread ran fast.
+            ran += any(lo <= x <= hi for x in stamps[first:])
             del stamps[:-100]
     finally:
         stop.set()
