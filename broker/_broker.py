@@ -539,10 +539,12 @@ class Broker(Service):
         unlinked and announced deleted, as an invalid object found at start would be."""
         log.error("reclaiming segment %s: %s", name, why)
         self._count_error("NotASegmentError")
-        self._catalog.pop(name)
         with contextlib.suppress(OSError):
             if os.stat(entry.seg.path).st_ino == os.fstat(entry.seg._fd).st_ino:
                 entry.seg.unlink()  # by name: only while the name is still this object
+        # Out of the catalog only once the name is free: whoever sees it gone there
+        # (a publisher making it again, a test) finds no object under it either.
+        self._catalog.pop(name)
         entry.seg.close()
         self._emit(topic(name), "deleted", name, entry.announced, time.time_ns())
 
@@ -744,8 +746,8 @@ class Broker(Service):
     def _op_delete(self, req: dict[str, Any]) -> dict[str, Any]:
         name = self._name(req)
         entry = self._entry(name)
-        self._catalog.pop(name)
         entry.seg.unlink()
+        self._catalog.pop(name)  # after the name is free, as in _reclaim
         entry.seg.close()
         self._catalog_changed()
         self._emit(topic(name), "deleted", name, entry.announced, time.time_ns())

@@ -225,6 +225,31 @@ def _corrupt_latest(namespace: str, name: str) -> None:
         os.close(fd)
 
 
+def test_a_reclaimed_segment_is_unlinked_before_it_leaves_the_catalog(upstream: Broker) -> None:
+    """Whoever sees a reclaimed segment gone from the catalog finds its name free
+    too. Before, the broker dropped the entry first and unlinked after: a reader of
+    the catalog in between (test_a_corrupt_latest_word_is_reclaimed_not_fatal, once
+    in CI) still found the object."""
+    catalog = upstream.catalog
+    pop = catalog.pop
+    object_at_pop: list[bool] = []
+
+    def watched_pop(name: str) -> object:
+        object_at_pop.append(os.path.exists(shm_path(upstream.namespace, name)))
+        return pop(name)
+
+    with Publisher("r", dtype="f8", shape=(4,), namespace=upstream.namespace) as pub:
+        pub.publish(np.ones(4))
+        wait_for(lambda: "r" in catalog, 10, what="the segment in the catalog")
+        catalog.pop = watched_pop  # type: ignore[method-assign]
+        try:
+            _corrupt_latest(upstream.namespace, "r")
+            wait_for(lambda: "r" not in catalog, 10, what="the reclaim")
+        finally:
+            del catalog.pop  # the class's method again
+    assert object_at_pop == [False]
+
+
 def test_a_corrupt_latest_word_is_reclaimed_not_fatal(upstream: Broker) -> None:
     down = unique_namespace()
     with Broker(BrokerConfig(namespace=down, heartbeat_interval=0.05)).start() as local:
