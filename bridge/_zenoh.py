@@ -18,11 +18,9 @@ recreates the mirror (versions start over). A late joiner asks the queryable
 for the latest version as soon as the exporter's token appears.
 
 A bridge never imports what it exports itself, nor exports what it imported.
-Without a ``--config`` file Zenoh's own shared-memory transport is turned off:
-shmcast already is the shared-memory path on each host. A ``--config`` file is
-used as it is, and Zenoh's default turns that transport on (it then leaves
-``<n>.zenoh`` objects in /dev/shm at exit): such a file should say
-``transport: { shared_memory: { enabled: false } }``.
+Zenoh's own shared-memory transport is always turned off, ``--config`` file or
+not: shmcast already is the shared-memory path on each host, and Zenoh's default
+(on) leaves ``<n>.zenoh`` objects in /dev/shm when the bridge exits.
 """
 
 from __future__ import annotations
@@ -408,10 +406,12 @@ class ZenohBridge(Service):
             conf = zenoh.Config.from_file(cfg.zenoh_config)
         else:
             conf = zenoh.Config()
-            # Explicit endpoints only, and no Zenoh shared memory: shmcast is that.
+            # Explicit endpoints only.
             conf.insert_json5("scouting/multicast/enabled", "false")
             conf.insert_json5("scouting/gossip/enabled", "false")
-            conf.insert_json5("transport/shared_memory/enabled", "false")
+        # No Zenoh shared memory, whatever a file says: shmcast is that, and Zenoh's
+        # leaves objects in /dev/shm behind at exit.
+        conf.insert_json5("transport/shared_memory/enabled", "false")
         conf.insert_json5("mode", json.dumps(cfg.session_mode))
         if cfg.connect:
             conf.insert_json5("connect/endpoints", json.dumps(list(cfg.connect)))

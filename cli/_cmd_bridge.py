@@ -43,8 +43,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         metavar="ZENOH_JSON5",
-        help="a Zenoh configuration file, used as it is (set transport.shared_memory.enabled "
-        "to false there: Zenoh's default leaves <n>.zenoh objects in /dev/shm)",
+        help="a Zenoh configuration file, used as it is except that the endpoints and mode "
+        "given here are added and Zenoh's shared-memory transport is always turned off",
     )
     p.add_argument(
         "--connect-timeout",

@@ -452,6 +452,28 @@ def test_the_loss_of_an_exporter_shows_in_the_catalog(
             exp.close()
 
 
+@pytest.mark.parametrize("text", ["{}", "{transport: {shared_memory: {enabled: true}}}"])
+def test_a_config_file_never_turns_zenohs_shared_memory_on(
+    router: str, two_sides: tuple[str, str], tmp_path: Path, text: str
+) -> None:
+    """Zenoh's default, and a file that asks for it, would leave an ``<n>.zenoh``
+    object in /dev/shm after the bridge exits: the bridge turns it off regardless."""
+    a, _ = two_sides
+    path = tmp_path / "zenoh.json5"
+    path.write_text(text)
+    before = _zenoh_shm()
+    with Publisher("f", dtype="u1", shape=(1 << 16,), namespace=a) as pub:
+        bridge = _bridge(router, a, zenoh_config=str(path), exports=("f",))
+        try:
+            for _ in range(5):
+                pub.publish(np.zeros(1 << 16, np.uint8))
+            wait_for(lambda: bridge.stats().exported.get("f", {}).get("sent", 0) >= 1, 10)
+            assert _zenoh_shm() - before == set()
+        finally:
+            bridge.close()
+    assert _zenoh_shm() - before == set()
+
+
 # ---------------------------------------------------------------------------- TLS
 
 
