@@ -157,6 +157,18 @@ def test_decoding_follows_the_layout_of_each_attachment() -> None:
         __import__("msgpack").packb(
             {"version": 1, "timestamp_ns": 0, "incarnation": 1, "dtype": "u1", "shape": [-1]}
         ),
+        # numpy's parsers and int() raise IndexError, OverflowError, ... for these
+        *(
+            __import__("msgpack").packb(
+                {"version": 1, "timestamp_ns": 0, "incarnation": 1, "dtype": d, "shape": s}
+            )
+            for d, s in [
+                ("()", [1]),
+                ("[('a', ())]", [1]),
+                ("u1", [float("inf")]),
+                ("u1", [2.5]),
+            ]
+        ),
         b"\x00" * 70_000,
     ],
 )
