@@ -248,6 +248,9 @@ class Relay(Service):
         self._retry: dict[str, tuple[float, float]] = {}  # name -> (when, next wait)
         self._creating: set[str] = set()
         self._waiting: dict[str, tuple[dict[str, Any], zmq.Frame]] = {}
+        #: Mirrors recreated for a new upstream incarnation whose first version is
+        #: not committed yet: the versions before it are counted as skipped.
+        self._renewed: set[str] = set()
         self._localbroker: LocalBroker | None = None
         self.upstream_up = False
         self.reconnects = 0
@@ -398,6 +401,9 @@ class Relay(Service):
                     except (ValueError, TypeError, KeyError, ShmcastError) as exc:
                         self.bad_messages += 1
                         log.warning("bad message from upstream: %s", exc)
+                    except Exception:  # a kind no check foresaw: one message, not the relay
+                        self.bad_messages += 1
+                        log.exception("bad message from upstream")
                     if self._acks and len(self._acks) >= 16:
                         self._flush_acks()
             self._flush_acks()
@@ -466,6 +472,9 @@ class Relay(Service):
                     except (ValueError, TypeError, KeyError, ShmcastError) as exc:
                         self.bad_messages += 1
                         log.warning("bad message from upstream: %s", exc)
+                    except Exception:  # a kind no check foresaw: one message, not the relay
+                        self.bad_messages += 1
+                        log.exception("bad message from upstream")
                 continue
             wait = self._retry.get(spec.name, (0.0, RETRY_FIRST))[1]
             self._retry[spec.name] = (time.monotonic() + wait, min(2 * wait, RETRY_MAX))
@@ -539,13 +548,22 @@ class Relay(Service):
 
     def _forget_deleted(self, upstream: set[str]) -> None:
         """A heartbeat lists every segment upstream serves us: a mirror missing from
-        it was deleted there, so it is deleted here too. (A cut link sends no
-        heartbeat: then the mirrors keep serving the last data.)"""
+        it was deleted there, so it is deleted here too, and whatever the relay
+        kept of a name missing from it is forgotten (names come and go upstream
+        without bound). A cut link sends no heartbeat: then the mirrors keep
+        serving the last data."""
         with self._lock:
             gone = [m for name, m in self._mirrors.items() if name not in upstream]
             for m in gone:
                 del self._mirrors[m.name]
-                self._counts.pop(m.name, None)
+            for name in [n for n in self._counts if n not in upstream]:
+                del self._counts[name]
+            for name in [n for n in self._refused if n not in upstream]:
+                del self._refused[name]
+        for held in (self._retry, self._waiting):
+            for name in [n for n in held if n not in upstream]:
+                del held[name]
+        self._renewed &= upstream
         for m in gone:
             log.info("upstream deleted segment %s: deleting the mirror", m.name)
             m.pub.close()
@@ -605,7 +623,12 @@ class Relay(Service):
         # The one copy on this host: from ZeroMQ's receive buffer into the slot, as
         # raw bytes, under the upstream's version number and commit time.
         m.pub.publish_bytes(buf, version=version, timestamp_ns=ts)
-        if c.last_version and version > c.last_version + 1:
+        if name in self._renewed:
+            # A new incarnation starts at version 1: those before this one were
+            # committed upstream while we mirrored the name, and never came here.
+            self._renewed.discard(name)
+            c.skipped += version - 1
+        elif c.last_version and version > c.last_version + 1:
             c.skipped += version - c.last_version - 1
         c.last_version = version
         c.received += 1
@@ -648,6 +671,8 @@ class Relay(Service):
             # recreated (versions only go forward).
             why = "its local header is corrupt" if local > MAX_VERSION else "it was recreated"
             log.warning("mirror %s: %s upstream or here; recreating it", name, why)
+            if recreated:
+                self._renewed.add(name)
             with self._lock:
                 del self._mirrors[name]
             m.pub.close()

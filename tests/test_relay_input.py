@@ -1,0 +1,157 @@
+"""A relay fed by a scripted upstream: what it makes of each message it may be sent.
+
+A ZeroMQ ROUTER on loopback stands in for the upstream broker's data stream
+(the protocol is in ``shmcast.broker._datastream``), so a test sends exactly the
+headers, verdicts and heartbeats it means to; the relay and its local broker
+are the real ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from shmcast.broker import Broker, Segment
+from shmcast.broker.client import pack
+from shmcast.cli.testing import wait_for
+from shmcast.publisher import Relay, RelayConfig
+
+
+class _Upstream:
+    """The upstream end of one relay's data connection."""
+
+    def __init__(self) -> None:
+        self.sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.peer = b""
+        self.mid = 0
+
+    def welcome(self, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.peer:
+            assert time.monotonic() < deadline, "the relay never said hello"
+            if self.sock.poll(100):
+                frames = self.sock.recv_multipart()
+                if frames[1] == b"hello":
+                    self.peer = frames[0]
+        self.send(b"welcome", {"epoch": 1, "namespace": "up", "heartbeat_interval": 30.0})
+
+    def send(self, kind: bytes, body: dict[str, Any], *extra: bytes) -> None:
+        self.sock.send_multipart([self.peer, kind, pack(body), *extra])
+
+    def version(
+        self,
+        name: str,
+        version: int,
+        data: bytes,
+        *,
+        dtype: str = "<i8",
+        shape: tuple[Any, ...] = (4,),
+        incarnation: int = 7,
+    ) -> None:
+        """One version of ``name``: its data message, then its verdict (ok)."""
+        self.mid += 1
+        hdr = {"segment": name, "version": version, "ts": time.time_ns(), "dtype": dtype,
+               "shape": list(shape), "slots": 2, "seq": 2 * version, "mid": self.mid,
+               "created": 1, "incarnation": incarnation}  # fmt: skip
+        self.send(b"data", hdr, data)
+        self.send(b"verdict", {"mid": self.mid, "segment": name, "version": version, "ok": True})
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+def _i8(*values: int) -> bytes:
+    return np.array(values, dtype="<i8").tobytes()
+
+
+@pytest.fixture
+def relay(thread_broker: Broker) -> Iterator[tuple[Relay, _Upstream]]:
+    up = _Upstream()
+    r = Relay(RelayConfig(upstream=up.endpoint, heartbeat_timeout=60)).start(10)
+    try:
+        up.welcome()
+        yield r, up
+    finally:
+        r.close()
+        up.close()
+
+
+def _mirrored(namespace: str, name: str, version: int) -> bool:
+    try:
+        with Segment.attach(name, namespace=namespace) as seg:
+            return seg.version == version
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape"),
+    [
+        ("()", (4,)),  # numpy's descr parser: IndexError
+        ("[('a', ())]", (4,)),  # TypeError from deep inside numpy
+        ("<i8", (float("inf"),)),  # int(inf): OverflowError
+        ("<i8", (2.5,)),  # not an integer (int() took it as 2)
+    ],
+)
+def test_a_nonsense_layout_is_one_bad_message_not_the_relays_end(
+    relay: tuple[Relay, _Upstream], namespace: str, dtype: str, shape: tuple[Any, ...]
+) -> None:
+    r, up = relay
+    up.version("evil", 1, _i8(0, 0, 0, 0), dtype=dtype, shape=shape)
+    wait_for(lambda: r.stats().bad_messages == 1, 10, what="the bad message counted")
+    # The relay goes on: a good segment after it is mirrored.
+    up.version("good", 1, _i8(1, 2, 3, 4))
+    wait_for(lambda: _mirrored(namespace, "good", 1), 10, what="the good segment mirrored")
+    assert Segment.list(namespace) == ["good"]
+
+
+def test_a_new_upstream_incarnation_counts_the_versions_it_never_sent(
+    relay: tuple[Relay, _Upstream], namespace: str
+) -> None:
+    """Mirrored: versions 1 and 2 of one creation; the next creation is first seen
+    at version 10, so its versions 1-9 were committed upstream and never came."""
+    r, up = relay
+    for v in (1, 2):
+        up.version("cam", v, _i8(v, v, v, v), incarnation=7)
+        wait_for(lambda v=v: _mirrored(namespace, "cam", v), 10, what=f"version {v}")
+    assert r.stats().segments["cam"].skipped == 0
+    up.version("cam", 10, _i8(10, 10, 10, 10), incarnation=8)
+    wait_for(lambda: _mirrored(namespace, "cam", 10), 10, what="the new incarnation mirrored")
+    c = r.stats().segments["cam"]
+    assert (c.received, c.skipped) == (3, 9)
+
+
+def test_a_heartbeat_forgets_what_the_relay_kept_of_names_gone_upstream(
+    relay: tuple[Relay, _Upstream],
+) -> None:
+    r, up = relay
+    up.send(b"hb", {"epoch": 1, "ts": 1, "latest": {f"tmp{i}": 0 for i in range(50)}})
+    wait_for(lambda: len(r.stats().segments) == 50, 10, what="50 upstream names counted")
+    up.send(b"hb", {"epoch": 1, "ts": 2, "latest": {"tmp0": 0}})
+    wait_for(lambda: len(r.stats().segments) == 1, 10, what="the 49 gone names forgotten")
+    assert set(r.stats().segments) == {"tmp0"}
+
+
+def test_a_segment_upstream_cannot_open_for_now_keeps_its_mirror(
+    relay: tuple[Relay, _Upstream], namespace: str
+) -> None:
+    """A heartbeat names a segment its stream cannot open (out of descriptors) with
+    no version: the mirror stays, and so do its data and its count."""
+    r, up = relay
+    up.version("cam", 1, _i8(5, 6, 7, 8))
+    wait_for(lambda: _mirrored(namespace, "cam", 1), 10, what="the mirror")
+    up.send(b"hb", {"epoch": 1, "ts": 1, "latest": {"cam": None}})
+    up.send(b"hb", {"epoch": 1, "ts": 2, "latest": {"cam": None, "other": 3}})
+    wait_for(lambda: "other" in r.stats().segments, 10, what="the heartbeats taken in")
+    assert Segment.list(namespace) == ["cam"]
+    with Segment.attach("cam", namespace=namespace) as seg, seg.read() as snap:
+        assert snap.array.tolist() == [5, 6, 7, 8]
+    assert r.stats().segments["cam"].received == 1
