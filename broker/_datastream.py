@@ -15,7 +15,7 @@ Messages (each a multipart message; relay -> broker bodies are msgpack maps)::
                             ts, dtype, shape, slots, seq, mid, created,
                             incarnation}; payload: the bytes
                       [b"verdict", {mid, segment, version, ok}]
-                      [b"hb", {epoch, ts, latest: {segment: version}}]
+                      [b"hb", {epoch, ts, latest: {segment: version or None}}]
                       [b"who", {}]                         "say hello again"
 
 Torn sends. With ``copy=False`` libzmq's I/O thread reads the slot after
@@ -45,7 +45,10 @@ Late joiners. A ``hello`` (first contact, or again after the relay heard nothing
 for a while) carries the versions the relay already holds; every matching
 segment whose latest version is newer is sent at once, so a relay starts from
 the current version of every segment. Broker heartbeats (``hb``, with the latest
-versions) let the relay tell silence from idleness; a peer not heard from for
+versions) let the relay tell silence from idleness. They name every segment the
+peer wants that the stream serves, so a relay deletes a mirror whose name is
+missing: one the stream cannot open for now (out of descriptors) is named with
+``None`` as its version, not left out. A peer not heard from for
 ``peer_timeout`` is forgotten. TCP keepalive is ZeroMQ's ZMTP heartbeat, so a
 cut link is noticed and the connection rebuilt on repair.
 
@@ -615,7 +618,9 @@ class DataStream:
             for mid, t in list(peer.inflight.items()):
                 if now - t > self.ack_timeout:
                     del peer.inflight[mid]  # its ack went down with a connection
-            latest = {}
+            # A segment the stream cannot open for now is still served: named (no
+            # version), or the relay would take it for deleted and delete its mirror.
+            latest: dict[str, int | None] = {n: None for n in self._missing if peer.wants(n)}
             for name, src in self._sources.items():
                 if peer.wants(name):
                     with contextlib.suppress(ShmcastError, ValueError):

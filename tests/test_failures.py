@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import zmq
 
-from shmcast.broker import Broker, BrokerConfig, Segment
+from shmcast.broker import Broker, BrokerConfig, Segment, _datastream
 from shmcast.broker._datastream import DataStream
 from shmcast.broker._layout import W_LATEST
 from shmcast.broker.client import ControlClient, pack, shm_path, unpack
@@ -41,6 +41,7 @@ class _FakeRelay:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
         self.versions: dict[str, int] = {}
+        self.latest: dict[str, int | None] | None = None  # of the last heartbeat
         self.welcomed = False
         self.hello()
 
@@ -58,6 +59,8 @@ class _FakeRelay:
                 self.sock.send_multipart([b"ack", pack({"mids": [hdr["mid"]]})])
             elif frames[0] == b"welcome":
                 self.welcomed = True
+            elif frames[0] == b"hb":
+                self.latest = unpack(frames[1])["latest"]
             elif frames[0] == b"who":
                 self.hello()
         return self.versions
@@ -113,6 +116,45 @@ def test_data_stream_out_of_descriptors_is_visible_and_recovers(
         finally:
             relay.close()
     assert any("data stream cannot open segment e" in line for line in broker.stderr)
+
+
+def test_a_segment_the_data_stream_cannot_open_stays_in_its_heartbeats(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay deletes a mirror whose name a heartbeat leaves out: a segment the
+    stream cannot open for now (EMFILE) is named, with no version, until it can."""
+    failing = threading.Event()
+
+    class _Segment:  # what the data stream's module sees as Segment
+        @staticmethod
+        def attach(name: str, **kw: Any) -> Segment:
+            if failing.is_set() and name == "e":
+                raise OSError(24, "Too many open files")
+            return Segment.attach(name, **kw)
+
+    monkeypatch.setattr(_datastream, "Segment", _Segment)
+    cfg = BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0", heartbeat_interval=0.1)
+    with Broker(cfg).start() as b, Publisher("f", dtype="f8", shape=(2,)) as pub:
+        stats = b.data_stats()
+        assert stats is not None
+        relay = _FakeRelay(stats.endpoint)
+        try:
+            pub.publish(np.ones(2))
+            wait_for(lambda: relay.poll().get("f") == 1, 10, what="the first version")
+            failing.set()
+            with Publisher("e", dtype="f8", shape=(2,)) as e:
+                e.publish(np.ones(2))
+                wait_for(lambda: (b.data_stats() or stats).missing == ("e",), 10, what="EMFILE")
+                relay.latest = None
+                wait_for(lambda: relay.poll() is not None and relay.latest, 10, what="a heartbeat")
+                assert relay.latest == {"f": 1, "e": None}
+                failing.clear()
+                wait_for(lambda: relay.poll().get("e") == 1, 10, what="the stream to recover")
+                relay.latest = None
+                wait_for(lambda: relay.poll() is not None and relay.latest, 10, what="a heartbeat")
+                assert relay.latest == {"f": 1, "e": 1}
+        finally:
+            relay.close()
 
 
 def test_a_failing_data_stream_thread_restarts_and_health_says_so(
