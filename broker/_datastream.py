@@ -97,6 +97,8 @@ MAX_RELAY_MESSAGE = 64 * 1024
 COPY_AFTER_TORN = 1.0
 #: Seconds between retries of a segment the stream could not open (EMFILE, ...).
 ATTACH_RETRY = 0.5
+#: Seconds between two log lines about bad messages from relays (all are counted).
+BAD_LOG_INTERVAL = 10.0
 #: Longest wait before the thread binds its endpoint again after a failure (s).
 MAX_BACKOFF = 5.0
 
@@ -164,6 +166,7 @@ class DataStreamStats:
     last_error: str = ""
     missing: tuple[str, ...] = ()
     refused: int = 0
+    bad_messages: int = 0
 
     @property
     def healthy(self) -> bool:
@@ -235,6 +238,8 @@ class DataStream:
         self.copied = 0
         self.dropped = 0
         self.refused = 0
+        self.bad_messages = 0
+        self._next_bad_log = 0.0
         self.up = True
         self.restarts = 0
         self.failures = 0
@@ -334,6 +339,7 @@ class DataStream:
             last_error=self.last_error,
             missing=tuple(sorted(self._missing)),
             refused=self.refused,
+            bad_messages=self.bad_messages,
         )
 
     @property
@@ -545,7 +551,14 @@ class DataStream:
                 body = unpack(frames[2], self.max_message) if len(frames) > 2 else {}
                 self._on_message(router, ident, kind, body, now)
             except (ValueError, TypeError, KeyError) as exc:
-                log.warning("bad message from a relay: %s", exc)
+                # Counted, and logged once per BAD_LOG_INTERVAL: anyone who reaches
+                # the endpoint could otherwise fill the broker's log.
+                self.bad_messages += 1
+                if now >= self._next_bad_log:
+                    self._next_bad_log = now + BAD_LOG_INTERVAL
+                    log.warning("bad message from a relay: %s (%d so far; the next such "
+                                "line in %.0f s at the earliest)", exc, self.bad_messages,
+                                BAD_LOG_INTERVAL)  # fmt: skip
 
     def _on_message(
         self, router: zmq.Socket[Any], ident: bytes, kind: bytes, body: dict[str, Any], now: float

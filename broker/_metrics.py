@@ -170,6 +170,11 @@ def _data_stream(data: DataStreamStats | None, ns: str) -> Iterator[Metric]:
             "Failures of the data stream (its thread, or opening a segment)",
         ),
         ("shmcast_data_refused_relays", data.refused, "Relays refused (max_relays)"),
+        (
+            "shmcast_data_bad_messages",
+            data.bad_messages,
+            "Messages from relays refused: malformed, or over a limit",
+        ),
         ("shmcast_data_sent_versions", data.sent, "Versions sent to relays"),
         ("shmcast_data_sent_bytes", data.sent_bytes, "Payload bytes sent to relays"),
         ("shmcast_data_torn_sends", data.torn, "Zero-copy sends overwritten in flight (voided)"),

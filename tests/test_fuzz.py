@@ -3,7 +3,9 @@ reaching a subscriber, corrupted segment headers, bad CLI arguments and config f
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -15,8 +17,10 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
 
 from shmcast.broker import Broker, BrokerConfig, Segment
+from shmcast.broker._metrics import BrokerCollector
 from shmcast.broker.client import (
     BROKER_TOPIC,
     MAX_REQUEST,
@@ -28,6 +32,7 @@ from shmcast.broker.client import (
 )
 from shmcast.broker.errors import NotASegmentError
 from shmcast.cli._main import main
+from shmcast.cli.testing import wait_for
 from shmcast.publisher import Publisher
 from shmcast.subscriber import Subscriber
 
@@ -186,6 +191,32 @@ def test_oversized_frames_are_dropped(broker: Broker) -> None:
             big.close()
     with ControlClient(broker.endpoints.control) as ctl:
         assert ctl.request("hello")["ok"] is True
+
+
+def test_garbage_on_the_data_stream_is_counted_and_logged_sparingly(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who reaches the data endpoint may send anything: every bad message is
+    counted (stats and metric), the log gets one line, not one per message."""
+    cfg = BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0", heartbeat_interval=0.1)
+    with Broker(cfg).start() as b, caplog.at_level(logging.WARNING, "shmcast.broker"):
+        data = b.data_stats()
+        assert data is not None
+        sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(data.endpoint)
+        try:
+            for i in range(200):
+                sock.send_multipart([b"hello", _encode({"patterns": 5, "n": i})])
+            wait_for(lambda: (b.data_stats() or data).bad_messages == 200, 10, what="counts")
+        finally:
+            sock.close(0)
+        registry = CollectorRegistry()
+        registry.register(BrokerCollector(b.stats, b.data_stats))
+        text = generate_latest(registry).decode()
+    assert re.search(r"^shmcast_data_bad_messages_total\{[^}]*\} 200\.0$", text, re.M)
+    lines = [r for r in caplog.records if "bad message from a relay" in r.getMessage()]
+    assert len(lines) == 1
 
 
 @pytest.mark.parametrize(
