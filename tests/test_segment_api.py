@@ -131,6 +131,34 @@ def test_read_yields_a_zero_copy_read_only_snapshot(made):
     assert held.tolist() == [3.0] * 8
 
 
+def test_reshaping_an_array_handed_out_changes_no_other_read_or_loan(made):
+    """Setting ``shape`` or ``dtype`` in place is a common way to reinterpret an
+    array: it may change that array only. (The same array object was handed out for
+    every read of a slot, and every loan of it: a float64 segment then read back as
+    int64 garbage, and a later ``write`` went through the reshaped loan.)"""
+    seg = _create(made, shape=(4,))
+    reader = _attach(made)
+    seg.write(np.arange(4.0))
+    with reader.read() as snap:
+        snap.array.shape = (2, 2)
+    with reader.read() as snap:
+        snap.array.dtype = np.dtype("<i8")
+    with seg.loan() as arr:
+        arr.dtype = np.dtype("<i8")
+        arr.shape = (2, 2)
+        arr[...] = 0
+    for v in (1, 2, 3, 4):  # both slots, both ways in
+        if v % 2:
+            seg.write(np.full(4, 1.5 * v))
+        else:
+            with seg.loan() as arr:
+                arr[:] = 1.5 * v
+        with reader.read() as snap:
+            assert (snap.array.dtype, snap.array.shape) == (np.dtype("<f8"), (4,))
+            assert snap.array.tolist() == [1.5 * v] * 4
+        assert reader.view(0).shape == (4,)
+
+
 def _read_while_writing(reader: Segment, seg: Segment, versions: list[int]) -> Snapshot:
     with reader.read() as snap:
         for v in versions:
