@@ -270,6 +270,17 @@ class Subscriber:
             if entry is None:
                 if tr.seg is not None:
                     self._retire(tr)
+                elif first:
+                    # Made without the broker (the engine API): its versions so far
+                    # are history to this subscriber, as a listed segment's are.
+                    self._attach(tr, start_at_latest=True)
+                    if tr.seg is not None and self.mode == "events":
+                        log.warning(
+                            "segment %r exists but the broker of namespace %r does not serve "
+                            "it (made with Segment.create?): wait='events' hears of none of "
+                            "its versions; use wait='shm', or create it with a Publisher",
+                            tr.name, self.namespace,
+                        )  # fmt: skip
                 continue
             inc = int(entry.get("incarnation", 0) or 0)
             if tr.seg is None or (inc and tr.st.incarnation != inc):

@@ -14,6 +14,7 @@ import pytest
 
 from shmcast.broker import (
     Broker,
+    Segment,
     TornReadError,
     VersionUnavailableError,
 )
@@ -103,6 +104,32 @@ def test_every_version_is_delivered_missed_overrun_or_torn(
     assert st.updates > 0
     if consumer == "slow":
         assert st.torn + st.overrun > 0, st  # the slow reader was lapped, and it shows
+
+
+@pytest.mark.parametrize("mode", ["shm", "futex", "events"])
+def test_a_segment_the_broker_does_not_serve_starts_at_its_latest_version(
+    namespace: str, thread_broker: Broker, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Made with the engine API while a broker runs: its 10 versions before the
+    subscriber are history, not 'missed' (shm counted them, as futex never did)."""
+    w = Segment.create("a", np.int64, (4,), slots=2)
+    try:
+        for i in range(10):
+            w.write(np.full(4, i))
+        with Subscriber("a", wait=mode, timeout=5) as sub:
+            for i in range(3):
+                w.write(np.full(4, i))
+            got = [u.version for u in sub.updates(timeout=1.0)]
+            st = sub.stats["a"]
+        if mode == "events":  # no announcements of it: nothing, and a warning says why
+            assert (got, st.accounted) == ([], 0)
+            assert "does not serve it" in caplog.text
+        else:
+            assert got[-1] == 13
+            assert (st.accounted, st.missed + st.updates) == (3, 3)
+    finally:
+        w.unlink()
+        w.close()
 
 
 def test_read_update_is_exact_and_settles_its_count(namespace: str, thread_broker: Broker) -> None:
