@@ -1,4 +1,5 @@
-"""Names and places: namespaces, segment names, shared-memory paths, runtime dirs.
+"""Names and places: namespaces, segment names, shared-memory paths, runtime dirs
+(and the one check of a number of seconds a client is given).
 
 Everything here is resolved at call time; nothing is read at import.
 """
@@ -6,6 +7,8 @@ Everything here is resolved at call time; nothing is read at import.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 import re
 import stat
@@ -46,6 +49,23 @@ def validate_namespace(namespace: object) -> str:
             "namespace", namespace, "use 1-48 letters, digits, '_' or '-' (no dots)"
         )
     return namespace
+
+
+def validate_seconds(what: str, value: object, *, positive: bool = False) -> float:
+    """``value`` as a number of seconds: finite, and ``>= 0`` (``> 0`` if ``positive``).
+
+    NaN would make a deadline that never comes, and a negative one ends a wait
+    before it begins: both are a caller's mistake, named here.
+
+    Raises:
+        ValueError: naming ``what`` and what it takes.
+    """
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        seconds = float(value)
+        if math.isfinite(seconds) and (seconds > 0 if positive else seconds >= 0):
+            return seconds
+    bound = "> 0" if positive else ">= 0"
+    raise ValueError(f"{what} must be a finite number of seconds {bound}, not {value!r}")
 
 
 def validate_segment_name(name: object) -> str:

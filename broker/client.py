@@ -37,6 +37,7 @@ from ._names import (
     shm_path,
     trusted_runtime_dir,
     validate_namespace,
+    validate_seconds,
     validate_segment_name,
 )
 from ._protocol import (
@@ -76,6 +77,7 @@ __all__ = [
     "trusted_runtime_dir",
     "unpack",
     "validate_namespace",
+    "validate_seconds",
     "validate_segment_name",
 ]
 

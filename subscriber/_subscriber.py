@@ -56,6 +56,7 @@ from shmcast.broker.client import (
     shm_path,
     topic,
     unpack,
+    validate_seconds,
     validate_segment_name,
 )
 from shmcast.broker.errors import (
@@ -136,6 +137,8 @@ class Subscriber:
         SegmentUnreachableError: the broker serves the namespace but this process
             does not see its ``/dev/shm`` (a container outside its IPC namespace).
         SegmentNotFoundError: ``futex``/``spin`` mode and a segment never appeared.
+        ValueError: a bad segment name or wait mode, or a ``timeout`` or
+            ``heartbeat_timeout`` that is not a finite number of seconds > 0.
     """
 
     def __init__(
@@ -164,6 +167,11 @@ class Subscriber:
             modes = ", ".join(map(repr, WAIT_MODES))
             raise ValueError(f"wait must be one of {modes}, not {wait!r}")
         self.names = [validate_segment_name(n) for n in dict.fromkeys(names)]
+        timeout = validate_seconds("timeout", timeout, positive=True)
+        if heartbeat_timeout is not None:
+            heartbeat_timeout = validate_seconds(
+                "heartbeat_timeout", heartbeat_timeout, positive=True
+            )
         self.namespace = resolve_namespace(namespace)
         self.mode: WaitMode = wait
         self.name = name
@@ -479,7 +487,10 @@ class Subscriber:
                 this one waits (it notices within :data:`WAIT_SLICE` seconds).
             SegmentUnreachableError: the broker serves a segment this process
                 cannot see.
+            ValueError: ``timeout`` is not a finite number of seconds >= 0.
         """
+        if timeout is not None:
+            timeout = validate_seconds("timeout", timeout)
         self._check_open()
         inner = self._updates(timeout)
         # The waiting and reading happen inside next(), under the I/O lock that
@@ -552,8 +563,10 @@ class Subscriber:
         Do not iterate :meth:`updates` and :meth:`aupdates` at the same time.
 
         Raises:
-            ClosedError, SegmentUnreachableError: as :meth:`updates`.
+            ClosedError, SegmentUnreachableError, ValueError: as :meth:`updates`.
         """
+        if timeout is not None:
+            timeout = validate_seconds("timeout", timeout)
         self._check_open()
         loop = asyncio.get_running_loop()
         waker = _Waker(self, loop)

@@ -132,6 +132,50 @@ def test_a_segment_the_broker_does_not_serve_starts_at_its_latest_version(
         w.close()
 
 
+def _first_error(sub: Subscriber, timeout: object) -> BaseException | None:
+    """What the first step of ``updates(timeout)`` raises, within 5 s (a NaN
+    timeout waited for ever: the subscriber is closed to end such a wait)."""
+    out: list[BaseException | None] = [None]
+
+    def first() -> None:
+        try:
+            next(iter(sub.updates(timeout=timeout)), None)  # type: ignore[arg-type]
+        except BaseException as exc:  # whichever: the test looks at it
+            out[0] = exc
+
+    t = threading.Thread(target=first, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():
+        sub.close()
+        t.join(5)
+        return TimeoutError("updates() was still waiting after 5 s")
+    return out[0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1, float("inf"), "5", True])
+def test_bad_timeouts_are_refused_naming_the_argument(
+    namespace: str, thread_broker: Broker, bad: object
+) -> None:
+    """NaN waited for ever, -1 returned nothing at once, and the constructor blamed
+    a broker that was running: each is now a ValueError naming the argument."""
+    with pytest.raises(ValueError, match="timeout must be a finite number"):
+        Subscriber("a", timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="heartbeat_timeout must be a finite number"):
+        Subscriber("a", heartbeat_timeout=bad)  # type: ignore[arg-type]
+    with Subscriber("a") as sub:
+        err = _first_error(sub, bad)
+        assert isinstance(err, ValueError), err
+        assert str(err).startswith("timeout must be a finite number")
+
+        async def first() -> None:
+            async for _ in sub.aupdates(timeout=bad):  # type: ignore[arg-type]
+                break
+
+        with pytest.raises(ValueError, match="timeout must be a finite number"):
+            asyncio.run(asyncio.wait_for(first(), 5))
+
+
 def test_read_update_is_exact_and_settles_its_count(namespace: str, thread_broker: Broker) -> None:
     with (
         Subscriber("e", namespace=namespace) as sub,
