@@ -6,7 +6,7 @@ import argparse
 
 from shmcast.bridge import ZenohBridge, resolve_bridge_config
 
-from ._options import add_broker_option
+from ._options import add_broker_option, positive_seconds
 from ._runner import serve
 
 READY = "shmcast bridge ready: "
@@ -48,7 +48,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--connect-timeout",
-        type=float,
+        type=positive_seconds,
         metavar="S",
         help="seconds to reach --connect at start (10); later losses are retried for ever",
     )

@@ -7,6 +7,7 @@ from typing import Any
 
 from shmcast.broker import Broker, resolve_config
 
+from ._options import positive_seconds
 from ._runner import serve
 
 READY = "shmcast broker ready: "
@@ -40,7 +41,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
     p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (default 127.0.0.1)")
-    p.add_argument("--heartbeat", type=float, metavar="S", help="heartbeat interval (0.5)")
+    p.add_argument(
+        "--heartbeat", type=positive_seconds, metavar="S", help="heartbeat interval (0.5)"
+    )
     p.add_argument("--mode", metavar="OCTAL", help="permissions of segments (default 0600)")
     p.add_argument("--group", metavar="NAME", help="group owning segments and sockets")
     p.add_argument(

@@ -8,7 +8,7 @@ import sys
 from shmcast.broker.client import ControlClient, namespace_from_env, resolve_namespace
 from shmcast.broker.errors import ShmcastError
 
-from ._options import add_broker_option, broker_endpoint
+from ._options import add_broker_option, broker_endpoint, positive_seconds
 
 HELP = "check that a broker answers (exit 0) or not (exit 1): for HEALTHCHECK and probes"
 EXAMPLES = """\
@@ -26,7 +26,9 @@ descriptors); the message says which.
 
 def configure(p: argparse.ArgumentParser) -> None:
     add_broker_option(p)
-    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the reply")
+    p.add_argument(
+        "--timeout", type=positive_seconds, default=2.0, help="seconds to wait for the reply"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

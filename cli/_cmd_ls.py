@@ -11,7 +11,7 @@ from shmcast.broker import Segment
 from shmcast.broker.client import ControlClient, resolve_namespace
 from shmcast.broker.errors import BrokerUnavailableError, ShmcastError
 
-from ._options import add_broker_option, broker_endpoint
+from ._options import add_broker_option, broker_endpoint, seconds
 
 HELP = "list a namespace's segments: dtype, shape, slots, version, rate, age"
 EXAMPLES = """\
@@ -28,7 +28,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     add_broker_option(p)
     p.add_argument(
-        "--interval", type=float, default=0.5, help="seconds to sample for the rate (0: skip)"
+        "--interval", type=seconds, default=0.5, help="seconds to sample for the rate (0: skip)"
     )
 
 

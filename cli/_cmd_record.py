@@ -9,7 +9,7 @@ import time
 
 from shmcast.subscriber import Recorder
 
-from ._options import add_broker_option, broker_endpoint
+from ._options import add_broker_option, broker_endpoint, positive_seconds, seconds
 from ._runner import print_ready, stop_on_signals
 
 READY = "shmcast record ready: "
@@ -46,7 +46,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=0,
         help="stop after N versions, all segments together (0: never)",
     )
-    p.add_argument("--duration", type=float, help="stop after S seconds")
+    p.add_argument("--duration", type=seconds, help="stop after S seconds")
     p.add_argument(
         "--compression",
         choices=["none", "gzip", "lzf", "snappy", "zstd"],
@@ -62,14 +62,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--flush-interval",
-        type=float,
+        type=positive_seconds,
         default=0.5,
         metavar="S",
         help="seconds between flushes, at most 1 (default 0.5)",
     )
     p.add_argument(
         "--segment-timeout",
-        type=float,
+        type=seconds,
         default=2.0,
         metavar="S",
         help="seconds to wait for the segments to exist (default 2)",

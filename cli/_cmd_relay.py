@@ -6,6 +6,7 @@ import argparse
 
 from shmcast.publisher import Relay, resolve_relay_config
 
+from ._options import positive_seconds
 from ._runner import serve
 
 READY = "shmcast relay ready: "
@@ -28,7 +29,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--segments", nargs="+", metavar="PATTERN", help="fnmatch patterns (all)")
     p.add_argument("--broker", metavar="ENDPOINT", help="local broker's control endpoint")
     p.add_argument("--window", type=int, metavar="N", help="messages in flight (8)")
-    p.add_argument("--heartbeat-timeout", type=float, metavar="S", help="silence = down")
+    p.add_argument("--heartbeat-timeout", type=positive_seconds, metavar="S", help="silence = down")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
     p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (127.0.0.1)")
 

@@ -11,7 +11,7 @@ from shmcast.broker.client import ControlClient, resolve_namespace
 from shmcast.broker.errors import SegmentNotFoundError, SegmentUnreachableError, ShmcastError
 from shmcast.subscriber import Subscriber, WaitMode, run_worker, serve_metrics
 
-from ._options import add_broker_option, broker_endpoint
+from ._options import add_broker_option, broker_endpoint, seconds
 from ._runner import print_ready, stop_on_signals
 
 READY = "shmcast subscribe ready: "
@@ -48,7 +48,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=int, default=0, help="stop after N updates (0: never)")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         help="stop after S seconds without an update (exit 1 if none came at all)",
     )
     p.add_argument(

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 from shmcast.broker.client import ControlClient, resolve_namespace
 from shmcast.broker.errors import ShmcastError
 
-from ._options import add_broker_option, broker_endpoint
+from ._options import add_broker_option, broker_endpoint, positive_seconds
 
 HELP = "live view: segments, rates, subscribers' lag and latency, /dev/shm use (q quits)"
 EXAMPLES = """\
@@ -54,7 +54,9 @@ _EOS = "\x1b[J"
 
 def configure(p: argparse.ArgumentParser) -> None:
     add_broker_option(p)
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument(
+        "--interval", type=positive_seconds, default=1.0, help="seconds between refreshes"
+    )
     p.add_argument("--once", action="store_true", help="print one frame and exit")
 
 

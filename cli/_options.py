@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from shmcast.broker.client import reader_endpoint, resolve_endpoint, resolve_namespace
+from shmcast.broker.client import (
+    reader_endpoint,
+    resolve_endpoint,
+    resolve_namespace,
+    validate_seconds,
+)
 
-__all__ = ["BROKER_ENV", "add_broker_option", "broker_endpoint"]
+__all__ = ["BROKER_ENV", "add_broker_option", "broker_endpoint", "positive_seconds", "seconds"]
 
 BROKER_ENV = "SHMCAST_BROKER"
 
@@ -34,3 +39,23 @@ def broker_endpoint(args: argparse.Namespace, *, reader: bool = False) -> str:
     explicit = args.broker or os.environ.get(BROKER_ENV) or None
     endpoint = resolve_endpoint(explicit, resolve_namespace(args.namespace))
     return reader_endpoint(endpoint) if reader else endpoint
+
+
+def seconds(text: str) -> float:
+    """argparse type: a finite number of seconds >= 0 (``nan``, ``-1`` exit 2)."""
+    return _seconds(text, positive=False)
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0."""
+    return _seconds(text, positive=True)
+
+
+def _seconds(text: str, *, positive: bool) -> float:
+    try:
+        return validate_seconds("seconds", float(text), positive=positive)
+    except ValueError:
+        bound = "> 0" if positive else ">= 0"
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a finite number of seconds {bound}"
+        ) from None
