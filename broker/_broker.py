@@ -77,6 +77,10 @@ log = logging.getLogger(__name__)
 REPORT_TTL = 5.0
 #: Segments one report may carry (the rest are dropped).
 REPORT_SEGMENTS = 64
+#: What a subscriber's report may hold per segment (anything else is dropped).
+REPORT_FIELDS = frozenset({"last_version", "updates", "missed", "overrun", "torn", "p50", "p99"})
+#: Reporters kept at most (the least recent go first).
+MAX_REPORTS = 1024
 #: The requests a reader may make: nothing that changes the namespace.
 READER_OPS = frozenset({"hello", "list", "describe", "stats", "report", "subscribers"})
 WRITER, READER = "writer", "reader"
@@ -808,15 +812,32 @@ class Broker(Service):
         }
 
     def _op_report(self, req: dict[str, Any]) -> None:
-        """One-way: a subscriber's counters (name, pid, per-segment lag and latency)."""
+        """One-way: a subscriber's counters (name, pid, per-segment lag and latency).
+
+        Anyone who may connect, read-only clients included, may report: only the
+        known counters are kept, as numbers, and only the :data:`MAX_REPORTS` most
+        recent reporters (a 61 KB message of nested lists held 4 MiB of objects, and
+        nothing expired below 1024 reporters)."""
         name, pid, segs = req.get("name"), req.get("pid"), req.get("segments")
         if not isinstance(name, str) or not isinstance(pid, int) or not isinstance(segs, dict):
             raise ValueError("report needs 'name' (str), 'pid' (int) and 'segments' (map)")
-        segs = dict(list(segs.items())[:REPORT_SEGMENTS])
+        clean: dict[str, dict[str, int | float | None]] = {}
+        for seg, counts in list(segs.items())[:REPORT_SEGMENTS]:
+            if isinstance(seg, str) and len(seg) <= 128 and isinstance(counts, dict):
+                clean[seg] = {
+                    k: v
+                    for k, v in counts.items()
+                    if k in REPORT_FIELDS
+                    and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
+                }
         now = time.monotonic()
-        self._reports[(name[:64], pid)] = (now, {"name": name[:64], "pid": pid, "segments": segs})
-        if len(self._reports) > 1024:
+        key = (name[:64], pid)
+        self._reports.pop(key, None)  # re-inserted last: the table is oldest first
+        self._reports[key] = (now, {"name": name[:64], "pid": pid, "segments": clean})
+        if len(self._reports) > MAX_REPORTS:
             self._expire_reports(now)
+            while len(self._reports) > MAX_REPORTS:
+                del self._reports[next(iter(self._reports))]
 
     def _expire_reports(self, now: float) -> None:
         self._reports = {k: v for k, v in self._reports.items() if now - v[0] < REPORT_TTL}

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 from shmcast.broker import Broker, BrokerConfig, Segment
+from shmcast.broker._broker import MAX_REPORTS
 from shmcast.broker._metrics import BrokerCollector
 from shmcast.broker.client import (
     BROKER_TOPIC,
@@ -191,6 +192,44 @@ def test_oversized_frames_are_dropped(broker: Broker) -> None:
             big.close()
     with ControlClient(broker.endpoints.control) as ctl:
         assert ctl.request("hello")["ok"] is True
+
+
+def test_reports_keep_known_counters_only_and_a_bounded_number_of_reporters(
+    broker: Broker,
+) -> None:
+    """``report`` is open to read-only clients: what the broker keeps of it is
+    bounded (a 61 KB report of nested lists held 4 MiB; 1100 reporters were all kept)."""
+    assert broker.endpoints is not None
+    junk = [[[[]] * 8] * 8] * 8
+    with ControlClient(broker.endpoints.control) as ctl:
+        ctl.send("report", name="r", pid=1,
+                 segments={"a": {"updates": 3, "p50": 1.5, "p99": None, "junk": junk,
+                                 "missed": junk, "torn": True},
+                           "b": junk})  # fmt: skip
+        for pid in range(2, 1102):
+            deadline = time.monotonic() + 10
+            while not ctl.send("report", name="many", pid=pid, segments={}):
+                assert time.monotonic() < deadline, "the broker took no more reports"
+                time.sleep(0.01)  # one-way sends are dropped at the high-water mark
+        subs = wait_for(
+            lambda: (
+                (r := ctl.request("subscribers")["subscribers"])
+                and any(s["pid"] == 1101 for s in r)
+                and r
+            ),
+            10,
+            what="the reports",
+        )
+    assert len(subs) == MAX_REPORTS
+    assert not any(s["pid"] == 1 for s in subs)  # the least recent went first
+    with ControlClient(broker.endpoints.control) as ctl:
+        ctl.send("report", name="r", pid=1, segments={"a": {"updates": 3, "junk": junk}})
+        mine = wait_for(
+            lambda: [s for s in ctl.request("subscribers")["subscribers"] if s["pid"] == 1],
+            10,
+            what="the report",
+        )
+    assert mine[0]["segments"] == {"a": {"updates": 3}}
 
 
 def test_garbage_on_the_data_stream_is_counted_and_logged_sparingly(
