@@ -206,6 +206,8 @@ class Subscriber:
         self._wait_segs: list[Segment] = []
         self._wait_stats: list[SegmentStats] = []
         self._curve = curve
+        #: The aupdates() iterator whose reader the loop has on the SUB socket's fd.
+        self._fd_waker: _Waker | None = None
         try:
             if wait == "events":
                 self._connect(broker, timeout, heartbeat_timeout)
@@ -1103,7 +1105,8 @@ class _Waker:
             fd = sub._sub.getsockopt(zmq.FD)
             assert isinstance(fd, int)
             self._fd = fd
-            loop.add_reader(fd, self._wake)
+            loop.add_reader(fd, self._wake)  # replaces the reader of an earlier iterator
+            sub._fd_waker = self
         elif sub.mode != "spin":
             self._thread = threading.Thread(
                 target=self._watch, name="shmcast-aupdates", daemon=True
@@ -1166,8 +1169,12 @@ class _Waker:
     def close(self) -> None:
         self._stop = True
         if self._fd is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._fd)
+            # An iterator left with ``break`` is closed when it is collected, maybe
+            # after the next one registered the same fd: that reader is not ours.
+            if self._sub._fd_waker is self:
+                self._sub._fd_waker = None
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(self._fd)
             self._fd = None
 
 

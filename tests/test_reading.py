@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+import zmq
 
 from shmcast.broker import (
     Broker,
@@ -300,6 +301,36 @@ def test_aupdates_adds_up_and_never_blocks_the_loop(
     assert st.updates + st.missed + st.overrun + st.torn == count, st
     assert idle_ticks >= 50, f"the loop ran {idle_ticks} 1-ms ticks in 0.5 s of waiting"
     assert extra_threads <= 1  # one helper thread per iterator at most, none per segment
+
+
+def test_an_aupdates_left_with_break_leaves_the_next_ones_wake_up_alone(
+    namespace: str, thread_broker: Broker
+) -> None:
+    """``events``: an iterator left with ``break`` is closed when it is collected,
+    which may be after the next iterator registered its reader on the same socket
+    fd; that close removed the new reader, and the new iterator only woke on its
+    50 ms poll step (about 20 ms late per update)."""
+
+    async def run(sub: Subscriber, pub: Publisher) -> bool:
+        pub.publish(np.zeros(4))
+        old = sub.aupdates(timeout=5)
+        async for _ in old:
+            break
+        pub.publish(np.ones(4))
+        new = sub.aupdates(timeout=5)
+        await asyncio.wait_for(anext(new), 5)  # the new iterator's reader is registered
+        await old.aclose()  # the abandoned one is finalized now
+        assert sub._sub is not None
+        # True when a reader was still registered on the fd: the new iterator's.
+        registered = asyncio.get_running_loop().remove_reader(sub._sub.getsockopt(zmq.FD))
+        await new.aclose()
+        return registered
+
+    with (
+        Publisher("brk", dtype="f8", shape=(4,)) as pub,
+        Subscriber("brk", wait="events", timeout=5) as sub,
+    ):
+        assert asyncio.run(run(sub, pub))
 
 
 def test_aupdates_over_many_segments_uses_one_thread(namespace: str, thread_broker: Broker) -> None:
