@@ -225,12 +225,20 @@ class NoVersionError(SegmentError):
 
 
 class VersionUnavailableError(SegmentError):
-    def __init__(self, segment: str, version: int, latest: int, slots: int) -> None:
+    def __init__(
+        self, segment: str, version: int, latest: int, slots: int, why: str | None = None
+    ) -> None:
         self.version = version
         self.latest = latest
+        if why is None and version > latest:
+            why = (
+                f"version {version} of segment {segment!r} is not committed yet (latest is "
+                f"{latest}); wait for it (Segment.wait), or read the latest"
+            )
         super().__init__(
             segment,
-            f"version {version} of segment {segment!r} is not in the ring (latest is {latest}, "
+            why
+            or f"version {version} of segment {segment!r} is not in the ring (latest is {latest}, "
             f"the ring keeps the last {slots - 1} committed versions safely); read the latest, "
             f"or create the segment with more slots",
         )

@@ -1044,11 +1044,21 @@ class _ExactRead:
         up = self._up
         if sub._closed:
             raise ClosedError("subscriber")
+        if up.segment not in sub._tracks:
+            raise ValueError(
+                f"{up!r} is not an update of this subscriber (it reads {sub.names}); "
+                f"read it with the subscriber that yielded it"
+            )
         self._counted = sub._unsettled is up
         seg = sub._handles.get((up.segment, up.incarnation))
         try:
             if seg is None:
-                raise VersionUnavailableError(up.segment, up.version, 0, 2)
+                raise VersionUnavailableError(
+                    up.segment, up.version, 0, 2,
+                    f"version {up.version} of segment {up.segment!r} is of an incarnation "
+                    f"of it this subscriber no longer maps (it was created again since, or "
+                    f"the update is not one this subscriber yielded); read the latest",
+                )  # fmt: skip
             v, i, s, ts, mono = seg.acquire_timed(up.version)
         except (VersionUnavailableError, NoVersionError):
             if self._counted and sub._unsettled is up:
@@ -1069,7 +1079,11 @@ class _ExactRead:
         try:
             ok = seg.validate(self._slot, self._seq)
         except ClosedError:
-            ok = False
+            # Closed inside the block (from another thread): the read cannot be
+            # validated, which is not the writer tearing it.
+            if exc_type is None:
+                raise
+            return
         if self._counted and sub._unsettled is up:
             sub._unsettled = None
             st = sub._tracks[up.segment].st

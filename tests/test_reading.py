@@ -15,6 +15,7 @@ import zmq
 
 from shmcast.broker import (
     Broker,
+    ClosedError,
     Segment,
     TornReadError,
     VersionUnavailableError,
@@ -175,6 +176,37 @@ def test_bad_timeouts_are_refused_naming_the_argument(
 
         with pytest.raises(ValueError, match="timeout must be a finite number"):
             asyncio.run(asyncio.wait_for(first(), 5))
+
+
+def test_a_read_ended_by_close_says_closed_not_torn(namespace: str, thread_broker: Broker) -> None:
+    """The writer never touched the slot: leaving the block raised TornReadError
+    ("overwritten by the writer"), while the counts said delivered."""
+    with Publisher("c", dtype="f8", shape=(4,)) as pub, Subscriber("c", timeout=5) as sub:
+        pub.publish(np.ones(4))
+        up = next(iter(sub.updates(timeout=5)))
+        reading = sub.read(up)
+        assert reading.__enter__().version == up.version
+        sub.close()
+        with pytest.raises(ClosedError):
+            reading.__exit__(None, None, None)
+        assert (sub.stats["c"].torn, sub.stats["c"].updates) == (0, 1)
+
+
+def test_errors_of_reads_say_what_is_wrong(namespace: str, thread_broker: Broker) -> None:
+    """An update of another segment, one of an unknown incarnation, or a version not
+    committed yet: each named as such (each said 'latest is 0 ... create the
+    segment with more slots')."""
+    with Publisher("a", dtype="f8", shape=(4,), slots=4) as pub, Subscriber("a") as sub:
+        pub.publish(np.ones(4))
+        up = next(iter(sub.updates(timeout=5)))
+        with pytest.raises(ValueError, match="not an update of this subscriber"):
+            sub.read(up._replace(segment="b")).__enter__()
+        with pytest.raises(VersionUnavailableError, match="incarnation of it this subscriber"):
+            sub.read(up._replace(incarnation=0)).__enter__()
+        with pytest.raises(VersionUnavailableError, match=r"not committed yet \(latest is 1\)"):
+            sub.read("a", version=99).__enter__()
+        with sub.read(up) as snap:
+            assert snap.version == 1
 
 
 def test_read_update_is_exact_and_settles_its_count(namespace: str, thread_broker: Broker) -> None:
