@@ -15,21 +15,28 @@ from shmcast.broker.errors import ShmcastError, TornReadError, VersionUnavailabl
 
 from ._subscriber import Subscriber, Update
 
+#: Kinds of numbers the statistics are taken of: integers, floats, booleans.
+NUMERIC = "iufb"
+
 
 def numeric_view(array: npt.NDArray[Any]) -> tuple[str | None, npt.NDArray[Any]]:
     """The numbers to summarise: the array, or for records the ``last`` (else first
-    numeric) field. A view, never a copy."""
+    numeric) field, sub-array fields included. A view, never a copy.
+
+    Raises:
+        ValueError: nothing in the array is a real number (strings, dates, complex).
+    """
     names = array.dtype.names
     if not names:
+        if array.dtype.kind not in NUMERIC:
+            raise ValueError(f"no statistics of {array.dtype}: not real numbers")
         return None, array
-    pick = "last" if "last" in names else None
+    fields = array.dtype.fields
+    assert fields is not None
+    numeric = [n for n in names if fields[n][0].base.kind in NUMERIC]
+    pick = "last" if "last" in numeric else (numeric[0] if numeric else None)
     if pick is None:
-        for n in names:
-            if array.dtype.fields[n][0].kind in "iufb":  # type: ignore[index]
-                pick = n
-                break
-    if pick is None:
-        raise ValueError("records with no numeric field")
+        raise ValueError(f"no statistics of {array.dtype}: no field of real numbers")
     return pick, array[pick]
 
 
@@ -68,7 +75,7 @@ def process(sub: Subscriber, update: Update, *, stats: bool) -> dict[str, Any]:
         except VersionUnavailableError:
             rec["overrun"] = True
             return rec
-        except ShmcastError as exc:
+        except (ShmcastError, ValueError) as exc:  # ValueError: a dtype of no numbers
             rec["error"] = str(exc)
             return rec
         rec["read_version"] = read_version
@@ -125,6 +132,8 @@ def _emit(rec: dict[str, Any], out: TextIO, *, as_json: bool, quiet: bool) -> No
             extra = " TORN (discarded)"
         if rec.get("overrun"):
             extra = " OVERRUN (lapped before the read)"
+        if "error" in rec:
+            extra = f" ({rec['error']})"
         out.write(
             f"{rec['segment']} v{rec['version']} latency={rec['latency_us']}us "
             f"missed={rec['missed']}{extra}\n"

@@ -291,6 +291,42 @@ def test_subscribe_with_a_timeout_and_updates_exits_0(
     assert {"missed", "overrun", "torn"} <= set(done["ticks"])
 
 
+@pytest.mark.parametrize(
+    ("dtype", "field", "stats"),
+    [
+        ("S8", None, False),
+        ("<M8[ns]", None, False),
+        ("<c16", None, False),  # float() dropped the imaginary part, with a warning
+        ([("sym", "S8")], None, False),
+        ([("sym", "S8"), ("v", "<f8", (3,))], "v", True),  # a sub-array field is numbers
+        ([("last", "S4"), ("px", "<f4")], "px", True),
+    ],
+)
+def test_the_worker_takes_statistics_of_numbers_and_says_so_of_the_rest(
+    lab: Broker, dtype: object, field: str | None, stats: bool
+) -> None:
+    """--stats exited 1 with a traceback on strings, dates and records of sub-array
+    fields: every version now gets its line, with an error naming the dtype where
+    there are no real numbers to summarise."""
+    import io
+
+    from shmcast.subscriber import Subscriber, run_worker
+
+    out = io.StringIO()
+    with Publisher("d", dtype=dtype, shape=(4,)) as pub, Subscriber("d", timeout=5) as sub:
+        for _ in range(2):
+            pub.publish(np.zeros(4, dtype=pub.segment.dtype))
+        assert run_worker(sub, out, stats=True, as_json=True, count=2, timeout=5) == 2
+    recs = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["version"] for r in recs] == [1, 2]
+    for r in recs:
+        if stats:
+            assert (r["field"], r["mean"], r["max"]) == (field, 0.0, 0.0)
+        else:
+            assert "no statistics of" in r["error"]
+            assert "mean" not in r
+
+
 def test_ls_honours_shmcast_broker(
     namespace: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
