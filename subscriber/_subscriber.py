@@ -137,6 +137,8 @@ class Subscriber:
         SegmentUnreachableError: the broker serves the namespace but this process
             does not see its ``/dev/shm`` (a container outside its IPC namespace).
         SegmentNotFoundError: ``futex``/``spin`` mode and a segment never appeared.
+        NotASegmentError: ``futex``/``spin`` mode and what holds a name is no
+            valid segment (named with its fix, ``shmcast doctor --fix``).
         ValueError: a bad segment name or wait mode, or a ``timeout`` or
             ``heartbeat_timeout`` that is not a finite number of seconds > 0.
     """
@@ -206,6 +208,8 @@ class Subscriber:
         self._wait_segs: list[Segment] = []
         self._wait_stats: list[SegmentStats] = []
         self._curve = curve
+        #: Names where something other than a valid segment was found, and why.
+        self._not_segments: dict[str, NotASegmentError] = {}
         #: The aupdates() iterator whose reader the loop has on the SUB socket's fd.
         self._fd_waker: _Waker | None = None
         try:
@@ -322,8 +326,16 @@ class Subscriber:
             try:
                 ino = os.stat(path, follow_symlinks=False).st_ino
                 seg = Segment.attach(tr.name, namespace=self.namespace, wait=0.5, owner=self._owner)
-            except (SegmentNotFoundError, NotASegmentError, FileNotFoundError):
+            except (SegmentNotFoundError, FileNotFoundError):
                 return None
+            except NotASegmentError as exc:
+                # Something else holds the name: kept, to be named rather than "no
+                # segment" when the wait for it ends (the fix differs).
+                if tr.name not in self._not_segments:
+                    log.info("%s (waiting for a segment there)", exc)
+                self._not_segments[tr.name] = exc
+                return None
+            self._not_segments.pop(tr.name, None)
             try:
                 same = os.stat(path, follow_symlinks=False).st_ino == ino
             except FileNotFoundError:
@@ -383,8 +395,12 @@ class Subscriber:
         for tr in self._track_list:
             while self._attach(tr, start_at_latest=True) is None:
                 if time.monotonic() >= deadline:
-                    raise SegmentNotFoundError(tr.name, self.namespace)
+                    raise self._not_found(tr.name)
                 time.sleep(0.01)
+
+    def _not_found(self, name: str) -> ShmcastError:
+        """Why ``name`` could not be attached: not there, or not a segment there."""
+        return self._not_segments.get(name) or SegmentNotFoundError(name, self.namespace)
 
     # ------------------------------------------------------------------ reading
 
@@ -402,7 +418,7 @@ class Subscriber:
             return extra
         seg = tr.seg or self._attach(tr)
         if seg is None:
-            raise SegmentNotFoundError(name, self.namespace)
+            raise self._not_found(name)
         return seg
 
     def absent(self) -> list[str]:

@@ -4,6 +4,7 @@ versions published in every wait mode, validated copies, asyncio."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import threading
 import time
@@ -16,10 +17,12 @@ import zmq
 from shmcast.broker import (
     Broker,
     ClosedError,
+    NotASegmentError,
     Segment,
     TornReadError,
     VersionUnavailableError,
 )
+from shmcast.broker.client import shm_path
 from shmcast.publisher import Publisher
 from shmcast.subscriber import Subscriber, Update
 
@@ -207,6 +210,20 @@ def test_errors_of_reads_say_what_is_wrong(namespace: str, thread_broker: Broker
             sub.read("a", version=99).__enter__()
         with sub.read(up) as snap:
             assert snap.version == 1
+
+
+@pytest.mark.parametrize("mode", ["futex", "spin"])
+def test_a_name_held_by_no_segment_is_named_so(namespace: str, mode: str) -> None:
+    """After the wait, the error said 'no segment ...; create it', which fails: the
+    name is taken. It is the reason the object is not a segment, and its fix."""
+    path = shm_path(namespace, "a")
+    with open(path, "xb") as f:
+        f.write(b"not a segment" * 100)
+    try:
+        with pytest.raises(NotASegmentError, match="doctor"):
+            Subscriber("a", wait=mode, timeout=0.3)  # type: ignore[arg-type]
+    finally:
+        os.unlink(path)
 
 
 def test_read_update_is_exact_and_settles_its_count(namespace: str, thread_broker: Broker) -> None:
