@@ -17,6 +17,7 @@ Messages (each a multipart message; relay -> broker bodies are msgpack maps)::
                       [b"verdict", {mid, segment, version, ok}]
                       [b"hb", {epoch, ts, latest: {segment: version or None}}]
                       [b"who", {}]                         "say hello again"
+                      [b"refused", {reason}]               hello refused (limits)
 
 Torn sends. With ``copy=False`` libzmq's I/O thread reads the slot after
 ``send()`` has returned, and the writer may come round to that slot meanwhile.
@@ -72,7 +73,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 import numpy as np
@@ -560,6 +561,11 @@ class DataStream:
                                 "line in %.0f s at the earliest)", exc, self.bad_messages,
                                 BAD_LOG_INTERVAL)  # fmt: skip
 
+    def _refuse(self, router: zmq.Socket[Any], ident: bytes, reason: str) -> NoReturn:
+        """Tell a relay why its hello is refused (it logs it), then count it as bad."""
+        self._send(router, ident, b"refused", {"reason": reason})
+        raise ValueError(f"refused a relay: {reason}")
+
     def _on_message(
         self, router: zmq.Socket[Any], ident: bytes, kind: bytes, body: dict[str, Any], now: float
     ) -> None:
@@ -569,12 +575,12 @@ class DataStream:
             if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
                 raise ValueError("patterns must be a list of strings")
             if len(patterns) > self.max_patterns:
-                raise ValueError(
-                    f"{len(patterns)} patterns, over max_relay_patterns={self.max_patterns}"
-                )
+                self._refuse(router, ident, f"{len(patterns)} patterns, over this broker's "
+                             f"max_relay_patterns={self.max_patterns}")  # fmt: skip
             if peer is None and len(self._peers) >= self.max_relays:
                 self.refused += 1
-                raise ValueError(f"already {len(self._peers)} relays (max_relays); refused")
+                self._refuse(router, ident, f"already {len(self._peers)} relays, this "
+                             f"broker's max_relays")  # fmt: skip
             window = body.get("window", 8)
             if not isinstance(window, int) or window < 1:
                 raise ValueError("window must be a positive integer")

@@ -88,6 +88,8 @@ Layout = tuple[str, tuple[int, ...], int]
 #: Seconds between checks that the local broker is the one the mirrors were
 #: registered with.
 LOCAL_CHECK = 1.0
+#: Seconds between two log lines of one refusal by the upstream.
+REFUSAL_LOG = 30.0
 #: Seconds each request to the local broker waits for its reply.
 LOCAL_TIMEOUT = 5.0
 #: Seconds before a refused mirror is tried again: the first wait, and the longest.
@@ -258,6 +260,12 @@ class Relay(Service):
         self.interval = 0.5
         self._welcomed = False
         self._last_heard = 0.0
+        #: When the first hello still unanswered went out (0: answered), and the
+        #: value of it last told in the log.
+        self._unanswered_since = 0.0
+        self._told = 0.0
+        self._refusal = ""
+        self._refusal_logged = 0.0
         self._sock: zmq.Socket[Any] | None = None
         self.metrics_url: str | None = None
 
@@ -417,6 +425,16 @@ class Relay(Service):
                 self._pending.clear()  # their verdicts may never come
                 self._annotate()
                 next_ping = now
+            since = self._unanswered_since
+            if since and now - since > 2 * self.heartbeat_timeout and since != self._told:
+                # A CURVE handshake that fails (keys not allowed, or wrong) and an
+                # address where no data stream listens look the same: silence.
+                self._told = since
+                log.error("no answer from upstream %s for %.1f s: is a broker's data "
+                          "endpoint there, and does it let this relay in (with CURVE: "
+                          "curve_server_key must be its public key, and this relay's "
+                          "public key in its curve_clients)?", self.config.upstream,
+                          now - since)  # fmt: skip
             if now >= next_local:
                 next_local = now + LOCAL_CHECK
                 self._check_local()
@@ -484,6 +502,7 @@ class Relay(Service):
 
     def _heard(self) -> None:
         self._last_heard = time.monotonic()
+        self._unanswered_since = 0.0
         if not self.upstream_up:
             self.upstream_up = True
             if self._welcomed:
@@ -497,6 +516,8 @@ class Relay(Service):
             self._sock.send_multipart([kind, pack(body)], zmq.NOBLOCK)
 
     def _send_hello(self) -> None:
+        if not self._unanswered_since:
+            self._unanswered_since = time.monotonic()
         have = {}
         incarnations = {}
         for name, m in self._mirrors.items():
@@ -545,6 +566,14 @@ class Relay(Service):
             self._welcomed = True
         elif kind == b"who":
             self._send_hello()
+        elif kind == b"refused":  # our hello, over one of the upstream's limits
+            reason = str(body.get("reason", "no reason given"))[:300]
+            now = time.monotonic()
+            if reason != self._refusal or now >= self._refusal_logged + REFUSAL_LOG:
+                self._refusal, self._refusal_logged = reason, now
+                log.error("upstream %s refuses this relay: %s (mirror fewer segment "
+                          "patterns, or raise the limit in its configuration)",
+                          self.config.upstream, reason)  # fmt: skip
 
     def _forget_deleted(self, upstream: set[str]) -> None:
         """A heartbeat lists every segment upstream serves us: a mirror missing from

@@ -8,6 +8,7 @@ are the real ones.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,9 +17,9 @@ import numpy as np
 import pytest
 import zmq
 
-from shmcast.broker import Broker, Segment
+from shmcast.broker import Broker, BrokerConfig, Segment
 from shmcast.broker.client import pack
-from shmcast.cli.testing import wait_for
+from shmcast.cli.testing import unique_namespace, wait_for
 from shmcast.publisher import Relay, RelayConfig
 
 
@@ -155,3 +156,38 @@ def test_a_segment_upstream_cannot_open_for_now_keeps_its_mirror(
     with Segment.attach("cam", namespace=namespace) as seg, seg.read() as snap:
         assert snap.array.tolist() == [5, 6, 7, 8]
     assert r.stats().segments["cam"].received == 1
+
+
+def test_an_upstream_that_never_answers_is_named_in_the_log(
+    thread_broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CURVE handshake the upstream refuses, and an address with no data stream,
+    are both silence: the relay said nothing at all (its mirrors simply never came)."""
+    up = _Upstream()  # says nothing, ever
+    caplog.set_level(logging.ERROR, "shmcast.publisher")
+    r = Relay(RelayConfig(upstream=up.endpoint, heartbeat_timeout=0.3)).start(10)
+    try:
+        wait_for(lambda: "no answer from upstream" in caplog.text, 10, what="the error")
+        assert up.endpoint in caplog.text
+        assert "curve_clients" in caplog.text
+    finally:
+        r.close()
+        up.close()
+
+
+def test_a_relay_over_the_upstreams_limits_is_told_why(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = BrokerConfig(
+        namespace=unique_namespace("up"), data="tcp://127.0.0.1:0", max_relay_patterns=1
+    )
+    caplog.set_level(logging.ERROR, "shmcast.publisher")
+    with Broker(cfg).start() as upstream, Broker(BrokerConfig(namespace=namespace)).start():
+        data = upstream.data_stats()
+        assert data is not None
+        r = Relay(RelayConfig(upstream=data.endpoint, segments=("a", "b"))).start(10)
+        try:
+            wait_for(lambda: "refuses this relay" in caplog.text, 10, what="the refusal")
+            assert "max_relay_patterns=1" in caplog.text
+        finally:
+            r.close()
