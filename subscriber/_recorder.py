@@ -28,7 +28,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -292,7 +292,7 @@ class Recorder:
             updates = sub.updates(timeout=step)
             try:
                 for up in updates:
-                    for rec in self._take(up.segment, up.version):
+                    for rec in self._take(up.segment, up.version, up.incarnation):
                         yield rec
                         n += 1
                         if count and n >= count:
@@ -333,13 +333,16 @@ class Recorder:
             return True
         return deadline is not None and time.monotonic() >= deadline
 
-    def _take(self, name: str, upto: int) -> Iterator[Recorded]:
+    def _take(self, name: str, upto: int, incarnation: int = 0) -> Iterator[Recorded]:
         """Copy out every version of ``name`` after the last one handled, up to ``upto``
         or the latest committed, whichever is newer."""
+        if incarnation and incarnation != self._segs[name].incarnation:
+            # Before the version test: a new incarnation starts again at version 1.
+            self._new_incarnation(name)
         last = self._last[name]
         if upto <= last:
             return
-        seg = self._segment(name)
+        seg = self._segs[name]
         st = self._stats[name]
         pool = self._pools[name]
         latest = seg.version
@@ -388,21 +391,26 @@ class Recorder:
             missed = 0
         self._last[name] = upto
 
-    def _segment(self, name: str) -> Segment:
+    def _new_incarnation(self, name: str) -> NoReturn:
+        """The segment was deleted and created again: its versions start over at 1,
+        while a recording's only go forward (replay publishes them in order). Every
+        version after this would be lost or misfiled: the recording stops, saying so."""
         sub = self._sub
         assert sub is not None
-        seg = sub.segment(name)
         old = self._segs[name]
-        if seg is not old:  # re-attached: a new incarnation of the segment
-            if seg.dtype != old.dtype or seg.shape != old.shape:
-                raise RecordingError(
-                    self.output,
-                    f"segment {name!r} was recreated with another layout (dtype={seg.dtype} "
-                    f"shape={seg.shape}, recording dtype={old.dtype} shape={old.shape}); "
-                    f"the recording stops here",
-                )
-            self._segs[name] = seg
-        return seg
+        seg = sub.segment(name)
+        layout = ""
+        if seg.dtype != old.dtype or seg.shape != old.shape:
+            layout = (
+                f" with another layout (dtype={seg.dtype} shape={seg.shape}, recording "
+                f"dtype={old.dtype} shape={old.shape})"
+            )
+        raise RecordingError(
+            self.output,
+            f"segment {name!r} was deleted and created again{layout}: a recording holds "
+            f"one incarnation of each segment, and the new one's versions start over at 1; "
+            f"the recording stops here (record again to follow the new incarnation)",
+        )
 
     # ------------------------------------------------------------------ writing
 

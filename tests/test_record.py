@@ -33,6 +33,7 @@ from shmcast.broker import (
     RecordingExistsError,
     Segment,
 )
+from shmcast.broker.client import ControlClient
 from shmcast.broker.recording import (
     SegmentLayout,
     open_recording,
@@ -241,6 +242,48 @@ def test_the_python_api_records_and_replays(broker: Broker, namespace: str, tmp_
         stats = replay(path, namespace=ns2, segments=["b"], speed=None)
         assert stats["b"].published == 20
         assert stats["b"].first_version == 41  # b was at 40: shifted, never backwards
+
+
+def test_a_segment_created_again_while_recorded_stops_the_recording_saying_so(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """Its versions start over at 1: the recorder skipped every one up to the old
+    last version without counting it, and filed the later ones (data 121..130) as
+    versions 21..30 of the old incarnation, with 'missed 0'."""
+    path = tmp_path / "again.h5"
+    errors: list[BaseException] = []
+    pub = Publisher("s", dtype="<i8", shape=(3,), slots=64, namespace=namespace)
+    with Recorder("s", path, namespace=namespace, wait="shm") as rec:
+        try:
+            t = threading.Thread(
+                target=lambda: _catch(errors, lambda: rec.run(duration=30)), daemon=True
+            )
+            t.start()
+            _publish(pub, range(1, 21))
+            wait_for(lambda: rec.stats()["s"].last_version == 20, 20, what="versions 1-20")
+        finally:
+            pub.close()
+        with ControlClient(broker.endpoints.control) as ctl:  # type: ignore[union-attr]
+            ctl.request("delete", name="s")
+        with Publisher("s", dtype="<i8", shape=(3,), slots=64, namespace=namespace) as pub:
+            _publish(pub, range(1, 31))
+            t.join(20)
+    assert not t.is_alive()
+    assert len(errors) == 1, errors
+    assert "deleted and created again" in str(errors[0])
+    with open_recording(path) as recording:
+        seg = recording.segments["s"]
+        assert seg.versions.tolist() == list(range(1, 21))
+        assert [int(seg.read(i)[0]) for i in range(20)] == [
+            int(frame(v, np.dtype("<i8"), (3,))[0]) for v in range(1, 21)
+        ]
+
+
+def _catch(errors: list[BaseException], fn: Any) -> None:
+    try:
+        fn()
+    except Exception as exc:  # the test looks at it
+        errors.append(exc)
 
 
 def test_parquet_writes_one_file_per_segment(
