@@ -908,15 +908,37 @@ def open_recording(path: str | os.PathLike[str]) -> Recording:
 def _layout_from(path: str, where: str, name: str, meta: dict[str, Any]) -> SegmentLayout:
     try:
         dt, shape = normalize_layout(parse_dtype(str(meta["dtype"])), tuple(meta["shape"]))
-        return SegmentLayout(
+        layout = SegmentLayout(
             name=name,
             dtype=dt,
             shape=shape,
             namespace=str(meta.get("namespace", "")),
             slots=int(meta.get("slots", 2)),
         )
+        if layout.slots < 2:
+            raise ValueError(f"{layout.slots} slots (a segment has 2 or more)")
+        return layout
     except (KeyError, TypeError, ValueError, ShmcastError) as exc:
-        raise NotARecordingError(path, f"{where}: no usable dtype and shape ({exc})") from exc
+        raise NotARecordingError(path, f"{where}: no usable layout ({exc})") from exc
+
+
+#: What h5py, pyarrow and numpy raise for a damaged file (and a value they made of it).
+_DAMAGED = (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError)
+
+
+def _checked_columns(
+    path: str, name: str, versions: npt.NDArray[Any], missed: object
+) -> tuple[npt.NDArray[np.uint64], int]:
+    """The versions, one-dimensional and strictly increasing from 1 up, and a count
+    of missed versions that is a non-negative integer: as a writer makes them."""
+    if versions.ndim != 1:
+        raise NotARecordingError(path, f"segment {name!r}: its versions are not a column")
+    v = np.asarray(versions, dtype=np.uint64)
+    if v.size and (v[0] == 0 or bool(np.any(v[1:] <= v[:-1]))):
+        raise NotARecordingError(path, f"segment {name!r}: its versions do not only go forward")
+    if isinstance(missed, bool) or not isinstance(missed, (int, np.integer)) or missed < 0:
+        raise NotARecordingError(path, f"segment {name!r}: a missed count of {missed!r}")
+    return v, int(missed)
 
 
 class _Hdf5Segment(RecordedSegment):
@@ -988,14 +1010,19 @@ class _Hdf5Segment(RecordedSegment):
             self._fd = -1
 
     def _load(self) -> None:
-        versions = np.asarray(self._version[()], dtype=np.uint64)
+        versions = np.asarray(self._version[()])
         times = np.asarray(self._timestamp[()], dtype=np.uint64)
+        if versions.ndim != 1 or times.ndim != 1:
+            raise NotARecordingError(
+                self.path, f"segment {self.name!r}: version columns of shape {versions.shape}"
+            )
         n = min(len(versions), len(times), self._data.shape[0])
         while n and versions[n - 1] == 0:  # space allocated, never written
             n -= 1
-        self.versions = versions[:n]
+        self.versions, self.missed = _checked_columns(
+            self.path, self.name, versions[:n], self._group.attrs.get("missed", 0)
+        )
         self.timestamps_ns = times[:n]
-        self.missed = int(self._group.attrs.get("missed", 0))
 
     def refresh(self) -> None:
         for ds in (self._data, self._version, self._timestamp):
@@ -1009,21 +1036,42 @@ class _Hdf5Segment(RecordedSegment):
             raise IndexError(f"entry {i} of {len(self.versions)} of segment {self.name!r}")
         if self._direct and out.flags.c_contiguous and self._pread(i, out):
             return
-        self._data.read_direct(out.view(self._view), source_sel=np.s_[i])
+        try:
+            self._data.read_direct(out.view(self._view), source_sel=np.s_[i])
+        except (OSError, RuntimeError) as exc:  # a damaged chunk
+            where = f"entry {i} of segment {self.name!r}"
+            raise NotARecordingError(self.path, f"{where}: {exc}") from exc
+
+
+def _closed_cleanly(path: str) -> bool:
+    """True when the file's HDF5 superblock (version 2 or 3, as the writer makes)
+    says no writer has it open: its file consistency flags are clear."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError:
+        return False
+    return len(head) == 12 and head[:8] == b"\x89HDF\r\n\x1a\n" and head[8] >= 2 and head[11] == 0
 
 
 def _open_hdf5(path: str) -> Recording:
     h5py = require("h5py", "reading an HDF5 recording")
     segments: dict[str, _Hdf5Segment] = {}
-    # h5py raises OSError or RuntimeError for a file it cannot read.
+    # h5py raises OSError or RuntimeError for a file it cannot read. A file its
+    # writer closed is opened with every check: in SWMR mode HDF5 skips the one of
+    # the file's length (a truncated file opened as an empty recording) and retries
+    # each damaged metadata read for minutes. SWMR is for a file whose writer is
+    # still running, or was killed.
     try:
-        # swmr=True: also opens a file whose writer is still running, or was killed.
-        f = h5py.File(path, "r", swmr=True)
-    except (OSError, RuntimeError):
-        try:
+        if _closed_cleanly(path):
             f = h5py.File(path, "r")
-        except (OSError, RuntimeError) as exc:
-            raise NotARecordingError(path, f"HDF5 cannot open it ({exc})") from exc
+        else:
+            try:
+                f = h5py.File(path, "r", swmr=True)
+            except (OSError, RuntimeError):
+                f = h5py.File(path, "r")
+    except (OSError, RuntimeError) as exc:
+        raise NotARecordingError(path, f"HDF5 cannot open it ({exc})") from exc
     try:
         mark = f.attrs.get(MARK_ATTR)
         if isinstance(mark, bytes):
@@ -1051,10 +1099,12 @@ def _open_hdf5(path: str) -> Recording:
             segments[name] = _Hdf5Segment(path, group, _layout_from(path, where, name, attrs))
         if not segments:
             raise NotARecordingError(path, "it holds no segment")
-    except BaseException:
+    except BaseException as exc:
         for seg in segments.values():
             seg.close()
         f.close()
+        if isinstance(exc, _DAMAGED) and not isinstance(exc, ShmcastError):
+            raise NotARecordingError(path, f"HDF5 cannot read it ({exc})") from exc
         raise
     rec = Recording(path, "hdf5", dict(segments))
     rec._closers.append(f.close)
@@ -1076,7 +1126,9 @@ class _ParquetRecorded(RecordedSegment):
             raise NotARecordingError(
                 path, f"{len(versions)} rows is not a whole number of {self._rows}-row versions"
             )
-        self.versions = np.ascontiguousarray(versions[:: self._rows], dtype=np.uint64)
+        self.versions, self.missed = _checked_columns(
+            path, layout.name, np.ascontiguousarray(versions[:: self._rows]), missed
+        )
         self.timestamps_ns = np.ascontiguousarray(times[:: self._rows], dtype=np.uint64)
         md = pf.metadata
         starts = [0]
@@ -1087,7 +1139,10 @@ class _ParquetRecorded(RecordedSegment):
 
     def _group(self, g: int) -> npt.NDArray[Any]:
         if self._cached is None or self._cached[0] != g:
-            table = self._pf.read_row_group(g, columns=list(self.layout.dtype.names or ()))
+            try:
+                table = self._pf.read_row_group(g, columns=list(self.layout.dtype.names or ()))
+            except _DAMAGED as exc:  # pyarrow: OSError, ArrowInvalid (a ValueError), ...
+                raise NotARecordingError(self.path, f"row group {g}: {exc}") from exc
             self._cached = (g, _from_arrow(table, self.layout.dtype))
         return self._cached[1]
 
@@ -1136,16 +1191,15 @@ def _open_parquet(path: str) -> Recording:
         wanted = {*(layout.dtype.names or ()), *COLUMNS}
         if not wanted <= names:
             raise NotARecordingError(path, f"columns {sorted(wanted - names)} are missing")
-        try:
-            missed = int(meta_all.get(MISSED_KEY, b"0"))
-        except ValueError:
-            missed = 0
+        missed = int(meta_all.get(MISSED_KEY, b"0"))  # ValueError: damaged, said below
         seg = _ParquetRecorded(path, pf, layout, missed)
     except LayoutError as exc:
         pf.close()
         raise NotARecordingError(path, str(exc)) from exc
-    except BaseException:
+    except BaseException as exc:
         pf.close()
+        if isinstance(exc, _DAMAGED) and not isinstance(exc, ShmcastError):
+            raise NotARecordingError(path, f"pyarrow cannot read it ({exc})") from exc
         raise
     rec = Recording(path, "parquet", {name: seg})
     rec._closers.append(pf.close)

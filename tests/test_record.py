@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -631,6 +632,79 @@ def test_a_file_that_is_not_a_recording_is_refused(
         assert str(path) in str(exc.value), what
         assert main(["replay", str(path), "-n", namespace]) == 1, what
         assert "is not a shmcast recording" in capsys.readouterr().err, what
+
+
+def _damaged_recordings(tmp_path: Path) -> dict[str, Path]:
+    """Recordings shmcast wrote, then damaged: cut short, overwritten, or edited."""
+    import shutil
+
+    import h5py
+
+    good = tmp_path / "good.h5"
+    with open_writer(str(good), [SegmentLayout("s", np.dtype("<u2"), (64, 64))]) as w:
+        for v in range(1, 21):
+            w.append("s", [np.full((64, 64), v, "<u2")], [v], [v * 1000])
+    files: dict[str, Path] = {}
+
+    def copy(what: str) -> Path:
+        files[what] = p = tmp_path / f"{len(files)}.h5"
+        shutil.copy(good, p)
+        return p
+
+    for frac in (0.3, 0.7):
+        p = copy(f"hdf5 cut to {frac:.0%}")
+        os.truncate(p, int(p.stat().st_size * frac))
+    with open(copy("hdf5 overwritten at byte 600"), "r+b") as fh:
+        fh.seek(600)
+        fh.write(b"\xa5" * 512)
+    for what, edit in {
+        "hdf5 versions going back": lambda f: f["s/version"].__setitem__(0, 20),
+        "hdf5 missed count -1": lambda f: f["s"].attrs.__setitem__("missed", -1),
+        "hdf5 format version 'x'": lambda f: f.attrs.__setitem__("format_version", "x"),
+        "hdf5 of 0 slots": lambda f: f["s"].attrs.__setitem__("slots", 0),
+    }.items():
+        with h5py.File(copy(what), "r+") as f:
+            edit(f)
+    pgood = tmp_path / "good.parquet"
+    with open_writer(str(pgood), [SegmentLayout("t", TICK_DTYPE, (4,))], format="parquet") as w:
+        for v in range(1, 21):
+            w.append("t", [np.zeros(4, TICK_DTYPE)], [v], [v * 1000])
+    files["parquet overwritten at byte 200"] = p = tmp_path / "bad.parquet"
+    shutil.copy(pgood, p)
+    with open(p, "r+b") as fh:
+        fh.seek(200)
+        fh.write(b"\xa5" * 512)
+    return files
+
+
+def test_a_damaged_recording_is_refused_at_once(
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cut HDF5 file hung open_recording for minutes (SWMR mode retries damaged
+    metadata) or opened as an empty recording; others raised KeyError, OSError or
+    ValueError from h5py and pyarrow; versions going back, a negative missed count
+    and 0 slots were taken. Each is now NotARecordingError, on opening or reading."""
+
+    def open_and_read(path: Path) -> BaseException | None:
+        try:
+            with open_recording(path) as recording:
+                for seg in recording.segments.values():
+                    out = np.empty(seg.layout.shape, seg.layout.dtype)
+                    for i in range(len(seg)):
+                        seg.read_into(i, out)
+        except BaseException as exc:  # the test looks at which
+            return exc
+        return None
+
+    for what, path in _damaged_recordings(tmp_path).items():
+        got: list[BaseException | None] = []
+        t = threading.Thread(target=lambda p=path, g=got: g.append(open_and_read(p)), daemon=True)
+        t.start()
+        t.join(30)
+        assert got, f"{what}: still reading after 30 s"
+        assert isinstance(got[0], NotARecordingError), (what, got[0])
+    assert main(["replay", str(tmp_path / "0.h5"), "-n", namespace]) == 1
+    assert "is not a shmcast recording" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("fmt", "module"), [("hdf5", "h5py"), ("parquet", "pyarrow")])
