@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds behind the recorded pace after which the pace starts again from now.
 BEHIND = 0.05
+#: Nanoseconds between two passes of a looped recording whose versions all have one
+#: commit time (a single version, say), at speed 1.
+LOOP_GAP_NS = 1_000_000_000
 
 
 @dataclass
@@ -79,7 +82,8 @@ class Replayer:
         namespace: ``None`` means ``$SHMCAST_NAMESPACE`` or ``"default"``.
         broker: the broker's control endpoint.
         speed: the recorded pace times this; ``None`` publishes flat out.
-        loop: start again from the first version after the last, until stopped.
+        loop: start again from the first version after the last, until stopped (a
+            mean interval later; a second later for a recording of one commit time).
         timeout: seconds to wait for each broker reply.
 
     Raises:
@@ -197,11 +201,20 @@ class Replayer:
             client.close()
 
     def _schedule(self) -> npt.NDArray[np.int64]:
-        """(segment index, entry) pairs of one pass, in recorded commit-time order."""
+        """(segment index, entry, time) of one pass: each segment's entries in their
+        recorded (version) order, the segments merged by commit time.
+
+        The times are wall-clock times: a step of the clock backwards while recording
+        (NTP) would put later versions first, which cannot be published (versions
+        only go forward). Each segment's intervals are kept, a backwards one as 0.
+        """
         times, segs, idx = [], [], []
         for k, src in enumerate(self._sources.values()):
             n = len(src)
-            times.append(src.timestamps_ns.astype(np.int64))
+            t = src.timestamps_ns.astype(np.int64)
+            if n > 1:
+                t = t[0] + np.concatenate(([0], np.cumsum(np.maximum(np.diff(t), 0))))
+            times.append(t)
             segs.append(np.full(n, k, dtype=np.int64))
             idx.append(np.arange(n, dtype=np.int64))
         t = np.concatenate(times)
@@ -234,7 +247,9 @@ class Replayer:
             offsets.append(0 if pub.version < first else pub.version - first + 1)
         t_first = order[0][2]
         span = order[-1][2] - t_first
-        gap = span // max(1, len(order) - 1)  # between the last version and the next pass
+        # Between the last version and the next pass: the mean interval, or (nothing
+        # to measure it by: one version, or one commit time) a second, not a spin.
+        gap = span // (len(order) - 1) if span > 0 else LOOP_GAP_NS
         start = time.monotonic_ns()
         speed = self.speed
         while True:

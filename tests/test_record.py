@@ -634,6 +634,58 @@ def test_a_file_that_is_not_a_recording_is_refused(
         assert "is not a shmcast recording" in capsys.readouterr().err, what
 
 
+def _recording(path: Path, times_ns: list[int]) -> Path:
+    """A recording of segment ``s``: version v holds v, committed at ``times_ns[v-1]``."""
+    with open_writer(str(path), [SegmentLayout("s", np.dtype("<i8"), (2,))]) as w:
+        for v, t in enumerate(times_ns, 1):
+            w.append("s", [np.full(2, v, "<i8")], [v], [t])
+    return path
+
+
+def test_a_recording_whose_clock_stepped_back_replays_in_version_order(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """Wall-clock commit times: an NTP step back an hour after version 10. Replay
+    ordered by time published 11-20 first, then failed on version 1 ('not newer
+    than the latest'), or at speed 1 waited an hour to."""
+    t0, ms, hour = 1_700_000_000 * 10**9, 10**6, 3600 * 10**9
+    times = [t0 + v * ms for v in range(1, 11)] + [t0 - hour + v * ms for v in range(11, 21)]
+    path = _recording(tmp_path / "step.h5", times)
+    for speed in (None, 1.0):
+        with Replayer(path, namespace=namespace, speed=speed) as rep:
+            done = threading.Event()
+            seen: list[int] = []
+
+            def replay_all(
+                r: Replayer = rep, out: list[int] = seen, end: threading.Event = done
+            ) -> None:
+                out.extend(x.recorded_version for x in r)
+                end.set()
+
+            threading.Thread(target=replay_all, daemon=True).start()
+            assert done.wait(20), f"speed {speed}: still replaying after 20 s"
+        assert seen == list(range(1, 21)), speed
+        with ControlClient(broker.endpoints.control) as ctl:  # type: ignore[union-attr]
+            ctl.request("delete", name="s")
+
+
+def test_a_looped_recording_of_one_commit_time_does_not_spin(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """Its span is 0, so was the pause between passes: --loop at speed 1 published
+    about 15,000 versions a second of a one-version recording, a core flat out."""
+    path = _recording(tmp_path / "one.h5", [1_700_000_000 * 10**9])
+    stop = threading.Event()
+    with Replayer(path, namespace=namespace, speed=1.0, loop=True) as rep:
+        timer = threading.Timer(1.5, stop.set)
+        timer.start()
+        try:
+            published = sum(1 for _ in rep.replayed(stop))
+        finally:
+            timer.cancel()
+    assert 1 <= published <= 5  # a pass a second: 2 in 1.5 s
+
+
 def _damaged_recordings(tmp_path: Path) -> dict[str, Path]:
     """Recordings shmcast wrote, then damaged: cut short, overwritten, or edited."""
     import shutil
