@@ -299,7 +299,11 @@ class RecordingWriter(ABC):
     def __init__(self, layouts: Sequence[SegmentLayout]) -> None:
         self.layouts = {lay.name: lay for lay in layouts}
         self.counts = dict.fromkeys(self.layouts, 0)
+        #: Versions an ``append`` took (it returned) that never reached the file: a
+        #: format that buffers (Parquet) loses its buffer when a later write fails.
+        self.dropped = dict.fromkeys(self.layouts, 0)
         self._missed = dict.fromkeys(self.layouts, 0)
+        self._dropped_at_set = dict.fromkeys(self.layouts, 0)
         self._closed = False
 
     #: Segment -> the file its versions go to.
@@ -320,8 +324,13 @@ class RecordingWriter(ABC):
         """
 
     def set_missed(self, segment: str, missed: int) -> None:
-        """The count of versions of ``segment`` never recorded (stored at the next flush)."""
+        """The count of versions of ``segment`` never recorded (stored at the next flush),
+        :attr:`dropped` ones included; those dropped after this call are added to it."""
         self._missed[segment] = int(missed)
+        self._dropped_at_set[segment] = self.dropped[segment]
+
+    def _missed_now(self, segment: str) -> int:
+        return self._missed[segment] + self.dropped[segment] - self._dropped_at_set[segment]
 
     @abstractmethod
     def flush(self) -> None:
@@ -675,7 +684,8 @@ class _ParquetSegment:
         self.writer = writer
         self.schema = schema
         self.reserve = reserve
-        self.pending: list[tuple[npt.NDArray[Any], npt.NDArray[np.uint64], Any]] = []
+        #: (rows, versions, timestamps, how many versions) of each buffered append.
+        self.pending: list[tuple[npt.NDArray[Any], npt.NDArray[np.uint64], Any, int]] = []
         self.pending_bytes = 0
 
 
@@ -764,33 +774,44 @@ class _ParquetWriter(RecordingWriter):
                 data,
                 np.repeat(np.asarray(versions, dtype=np.uint64), rows),
                 np.repeat(np.asarray(timestamps, dtype=np.uint64), rows),
+                len(arrays),
             )
         )
         seg.pending_bytes += data.nbytes
-        self.counts[segment] += len(arrays)
         if seg.pending_bytes >= ROW_GROUP_BYTES or sum(len(p[0]) for p in seg.pending) >= (
             ROW_GROUP_ROWS
         ):
-            self._write(seg)
+            try:
+                self._write(segment, seg)
+            except BaseException:
+                # This call's own versions are the caller's to count: append raised.
+                self.dropped[segment] -= len(arrays)
+                raise
+        self.counts[segment] += len(arrays)
 
-    def _write(self, seg: _ParquetSegment) -> None:
-        if not seg.pending:
+    def _write(self, name: str, seg: _ParquetSegment) -> None:
+        """Write the buffered versions as one row group; if that fails, they are gone
+        (counted in :attr:`dropped`), never written twice nor counted twice."""
+        pending, seg.pending, seg.pending_bytes = seg.pending, [], 0
+        if not pending:
             return
-        pa = self._pa
-        data = np.concatenate([p[0] for p in seg.pending])
-        cols = _arrow_columns(pa, data)
-        cols["version"] = pa.array(np.concatenate([p[1] for p in seg.pending]))
-        cols["timestamp_ns"] = pa.array(np.concatenate([p[2] for p in seg.pending]))
-        table = pa.table(cols, schema=seg.schema)
-        seg.reserve.ensure(int(data.nbytes * 1.1) + 16 * len(data) + 65536)
-        seg.pending = []
-        seg.pending_bytes = 0
-        seg.writer.write_table(table, row_group_size=max(1, table.num_rows))
+        try:
+            pa = self._pa
+            data = np.concatenate([p[0] for p in pending])
+            cols = _arrow_columns(pa, data)
+            cols["version"] = pa.array(np.concatenate([p[1] for p in pending]))
+            cols["timestamp_ns"] = pa.array(np.concatenate([p[2] for p in pending]))
+            table = pa.table(cols, schema=seg.schema)
+            seg.reserve.ensure(int(data.nbytes * 1.1) + 16 * len(data) + 65536)
+            seg.writer.write_table(table, row_group_size=max(1, table.num_rows))
+        except BaseException:
+            self.dropped[name] += sum(p[3] for p in pending)
+            raise
 
     def flush(self) -> None:
-        for seg in self._segs.values():
+        for name, seg in self._segs.items():
             if seg.pending_bytes >= ROW_GROUP_BYTES // 4:
-                self._write(seg)
+                self._write(name, seg)
             seg.file.flush()
             seg.reserve.flushed()
 
@@ -799,9 +820,10 @@ class _ParquetWriter(RecordingWriter):
         for name, seg in self._segs.items():
             try:
                 try:
-                    self._write(seg)
+                    self._write(name, seg)
                 finally:
-                    seg.writer.add_key_value_metadata({MISSED_KEY: str(self._missed[name])})
+                    missed = self._missed_now(name)
+                    seg.writer.add_key_value_metadata({MISSED_KEY: str(missed)})
                     seg.writer.close()
             except (ShmcastError, OSError) as exc:
                 errors.append(exc)

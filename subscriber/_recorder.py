@@ -236,6 +236,10 @@ class Recorder:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._failure: BaseException | None = None
         self._failed = threading.Event()
+        #: Of the writer's dropped versions, those counted already (_count_dropped).
+        self._dropped_seen = dict.fromkeys(self.names, 0)
+        #: Held to queue a version, and to stop queueing on a failure (see _fail).
+        self._put_lock = threading.Lock()
         self._stop = threading.Event()  # set: write what is queued, then stop
         self._kick = threading.Event()  # set: a turn now (a pool is half queued, or stop)
         self._thread = threading.Thread(
@@ -377,11 +381,17 @@ class Recorder:
                 st.torn += 1
                 missed += 1
                 continue
-            self._last[name] = v
-            if not st.first_version:
-                st.first_version = v
-            st.last_version = v
-            put((name, v, ts, buf))
+            with self._put_lock:
+                if self._failed.is_set():
+                    # The writer stopped (and counted what it left queued): this
+                    # version is past the recording's end, neither in it nor missed.
+                    pool.free.append(buf)
+                    return
+                self._last[name] = v
+                if not st.first_version:
+                    st.first_version = v
+                st.last_version = v
+                put((name, v, ts, buf))
             # Half the pool waits for the disk: call the writing thread now rather
             # than at its next interval, or a stream faster than the pool refills
             # between turns is dropped while the disk idles.
@@ -448,11 +458,25 @@ class Recorder:
             self._fail(exc)
         finally:
             try:
+                self._count_dropped(writer)
                 for name, st in self._stats.items():
                     writer.set_missed(name, st.missed)
                 writer.close()
             except BaseException as exc:
                 self._fail(exc)
+            # Dropped by the close itself: the file's missed count has them already.
+            self._count_dropped(writer)
+
+    def _count_dropped(self, writer: RecordingWriter) -> None:
+        """Versions counted recorded that the writer then lost (Parquet's buffered
+        rows, when a later write fails) are unwritten: in the file, they are not."""
+        for name, n in writer.dropped.items():
+            new = n - self._dropped_seen[name]
+            if new:
+                self._dropped_seen[name] = n
+                st = self._stats[name]
+                st.recorded -= new
+                st.unwritten += new
 
     def _append(self, writer: RecordingWriter, batch: list[tuple[str, int, int, Any]]) -> None:
         if not batch:
@@ -485,14 +509,16 @@ class Recorder:
                 wrapped.__cause__ = exc
                 exc = wrapped
             self._failure = exc
-        self._failed.set()
-        # What is still queued will never be written: count it.
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            self._stats[item[0]].unwritten += 1
+        # What is still queued will never be written: count it. Under the lock the
+        # reading thread queues under, so that nothing is queued after the count.
+        with self._put_lock:
+            self._failed.set()
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                self._stats[item[0]].unwritten += 1
 
     # ------------------------------------------------------------------ state
 
