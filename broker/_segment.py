@@ -613,6 +613,19 @@ class Segment:
             monotonic_ns=mono,
         )
 
+    def linked(self) -> bool:
+        """Whether the segment's name still leads to this object: False once it was
+        deleted (``shmcast rm``, a broker's reclaim), or deleted and made again.
+        A writer that goes on writing into an unlinked object writes for no one."""
+        if self._closed:
+            return False
+        try:
+            mine = os.fstat(self._fd)
+            there = os.stat(self._path, follow_symlinks=False)
+        except OSError:
+            return False
+        return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+
     def writer_alive(self) -> bool:
         """Whether some process holds the writer lease (asked of the kernel, not guessed)."""
         if self._writable and not self._closed:

@@ -446,7 +446,17 @@ class Relay(Service):
                     self._send_hello()
 
     def _check_local(self) -> None:
-        """Has the local broker restarted? (asked by the local thread, never waited for)"""
+        """Has the local broker restarted? (asked by the local thread, never waited for)
+        Was a mirror deleted here (``shmcast rm --force``, a reclaim)? Then it is made
+        again: the upstream sends its latest version to a hello without it."""
+        gone = [m for m in self._mirrors.values() if not m.pub.segment.linked()]
+        for m in gone:
+            log.warning("mirror %s was deleted here, not upstream: making it again", m.name)
+            with self._lock:
+                del self._mirrors[m.name]
+            m.pub.close()
+        if gone:
+            self._send_hello()
         if self._localbroker is not None:
             self._localbroker.check(self._layouts(), self.upstream_up)
 

@@ -18,7 +18,7 @@ import pytest
 import zmq
 
 from shmcast.broker import Broker, BrokerConfig, Segment
-from shmcast.broker.client import pack
+from shmcast.broker.client import ControlClient, pack, unpack
 from shmcast.cli.testing import unique_namespace, wait_for
 from shmcast.publisher import Relay, RelayConfig
 
@@ -43,6 +43,17 @@ class _Upstream:
                 if frames[1] == b"hello":
                     self.peer = frames[0]
         self.send(b"welcome", {"epoch": 1, "namespace": "up", "heartbeat_interval": 30.0})
+
+    def next_hello(self, timeout: float) -> dict[str, Any]:
+        """The body of the next hello the relay sends (anything else is dropped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert time.monotonic() < deadline, "no hello from the relay"
+            if self.sock.poll(100):
+                frames = self.sock.recv_multipart()
+                if frames[1] == b"hello":
+                    body: dict[str, Any] = unpack(frames[2])
+                    return body
 
     def send(self, kind: bytes, body: dict[str, Any], *extra: bytes) -> None:
         self.sock.send_multipart([self.peer, kind, pack(body), *extra])
@@ -191,3 +202,24 @@ def test_a_relay_over_the_upstreams_limits_is_told_why(
             assert "max_relay_patterns=1" in caplog.text
         finally:
             r.close()
+
+
+def test_a_mirror_deleted_here_is_made_again(
+    relay: tuple[Relay, _Upstream], namespace: str, thread_broker: Broker
+) -> None:
+    """Deleted locally (shmcast rm --force): the relay wrote every later version
+    into the unlinked object, for no reader, and counted it received."""
+    r, up = relay
+    up.version("cam", 1, _i8(1, 1, 1, 1))
+    wait_for(lambda: _mirrored(namespace, "cam", 1), 10, what="the mirror")
+    assert thread_broker.endpoints is not None
+    with ControlClient(thread_broker.endpoints.control) as ctl:
+        ctl.request("delete", name="cam")
+    # The relay says hello again without it, for the upstream's latest version.
+    hello = up.next_hello(10)
+    assert "cam" not in hello.get("have", {})
+    up.version("cam", 2, _i8(2, 2, 2, 2))
+    wait_for(lambda: _mirrored(namespace, "cam", 2), 10, what="the mirror made again")
+    with Segment.attach("cam", namespace=namespace) as seg, seg.read() as snap:
+        assert snap.array.tolist() == [2, 2, 2, 2]
+    assert r.stats().segments["cam"].received == 2
