@@ -213,7 +213,7 @@ def run_all(quick: bool) -> list[dict[str, Any]]:
         ns = {"a": {"SHMCAST_NAMESPACE": unique_namespace("ba")},
               "b": {"SHMCAST_NAMESPACE": unique_namespace("bb")}}  # fmt: skip
         data = f"tcp://{a.addr}:{PORT_DATA}"
-        a.start("broker", ["-m", "shmcast.cli", "broker", "--data", data], ns["a"],
+        a.start("broker", ["-m", "shmcast.cli", "broker", "--data", data, "--tcp-open"], ns["a"],
                 "shmcast broker ready: ")  # fmt: skip
         b.start("broker", ["-m", "shmcast.cli", "broker"], ns["b"], "shmcast broker ready: ")
         b.start("relay", ["-m", "shmcast.cli", "relay", "--upstream", data], ns["b"],

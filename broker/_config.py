@@ -73,7 +73,9 @@ class BrokerConfig:
     CURVE, a key in ``curve_readers`` is a reader on either endpoint and a key
     in ``curve_clients`` a writer (with both lists empty, any key is a writer).
     Without CURVE a TCP peer cannot be told apart from another, so a ``control``
-    endpoint beyond loopback needs ``tcp_open = true``, written out.
+    endpoint beyond loopback needs ``tcp_open = true``, written out; so does a
+    ``data`` endpoint beyond loopback, which hands every segment's bytes to
+    whoever connects.
 
     A clean stop leaves the segments whose writer still runs for the next broker
     and unlinks the others; ``unlink_on_exit`` unlinks them all (stop the
@@ -155,6 +157,20 @@ class BrokerConfig:
                 f"it could create, delete and commit: set curve_secret_key (and "
                 f"curve_clients / curve_readers), bind 127.0.0.1, or set tcp_open = true "
                 f"to accept that",
+            )
+        if (
+            self.data is not None
+            and self.data.startswith("tcp://")
+            and not is_loopback(self.data)
+            and not self.curve_secret_key
+            and not self.tcp_open
+        ):
+            raise ConfigError(
+                "data",
+                f"{self.data} binds beyond loopback without CURVE, so anyone who reaches "
+                f"it could read every segment: set curve_secret_key (and curve_clients, "
+                f"the relays' keys), bind 127.0.0.1, or set tcp_open = true (--tcp-open) "
+                f"on a network you trust",
             )
         if self.group is not None:
             try:

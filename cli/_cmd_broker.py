@@ -18,7 +18,9 @@ examples:
   shmcast broker --metrics-port 9100              Prometheus metrics on 127.0.0.1:9100
   shmcast broker --config configs/broker.toml     endpoints, permissions, declared segments
   shmcast broker --events tcp://127.0.0.1:5556    announcements over TCP (loopback)
-  shmcast broker --data tcp://10.0.0.1:5557       data stream for relays on other hosts
+  shmcast broker --data tcp://10.0.0.1:5557 --tcp-open
+                                                  data stream for relays on other hosts
+                                                  (plain TCP: a trusted network; else CURVE)
 
 It prints one line 'shmcast broker ready: {json}' with its endpoints when serving.
 SIGTERM, SIGINT (Ctrl-C) or SIGHUP (terminal closed): stop serving. Segments whose
@@ -47,6 +49,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", metavar="OCTAL", help="permissions of segments (default 0600)")
     p.add_argument("--group", metavar="NAME", help="group owning segments and sockets")
     p.add_argument(
+        "--tcp-open",
+        action="store_true",
+        default=None,
+        help="accept plain TCP control or data endpoints beyond loopback (no CURVE): anyone "
+        "who reaches them writes (control) or reads every segment (data)",
+    )
+    p.add_argument(
         "--unlink-on-exit",
         action="store_true",
         default=None,
@@ -67,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         "mode": args.mode,
         "group": args.group,
         "unlink_on_exit": args.unlink_on_exit,
+        "tcp_open": args.tcp_open,
     }
     config = resolve_config(flags, config_file=args.config)  # ConfigError: exit 2
     serve(Broker(config), READY)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import zmq
 
-from shmcast.broker import Broker, BrokerConfig, curve_keypair
+from shmcast.broker import Broker, BrokerConfig, ConfigError, curve_keypair
 from shmcast.broker.client import ControlClient, topic, unpack
 from shmcast.cli.testing import BROKER_READY, running, wait_for
 from shmcast.publisher import Publisher
@@ -186,6 +186,17 @@ def test_plain_tcp_control_beyond_loopback_must_be_written_out(
     assert out["rc"] == 2
     assert "tcp_open" in out["stderr"]
     assert "curve_secret_key" in out["stderr"]
+
+
+@pytest.mark.parametrize("data", ["tcp://0.0.0.0:5557", "tcp://*:5557", "tcp://10.0.0.1:5557"])
+def test_a_plain_tcp_data_stream_beyond_loopback_must_be_written_out(data: str) -> None:
+    """The data stream hands every segment's bytes to whoever connects: beyond
+    loopback without CURVE it was served to anyone, with nothing written out."""
+    with pytest.raises(ConfigError, match="could read every segment"):
+        BrokerConfig(data=data)
+    assert BrokerConfig(data=data, tcp_open=True).data == data
+    assert BrokerConfig(data=data, curve_secret_key="x" * 40).data == data
+    assert BrokerConfig(data="tcp://127.0.0.1:5557").data == "tcp://127.0.0.1:5557"
 
 
 def _rss_mib(pid: int) -> tuple[float, float]:

@@ -55,7 +55,9 @@ def test_relay_across_hosts_survives_a_cut_link(hosts: tuple[Host, Host, Link]) 
     a, b, link = hosts
     ns_a, ns_b = unique_namespace("ra"), unique_namespace("rb")
     data = f"tcp://{a.addr}:{PORT}"
-    up = a.shmcast("broker", ["broker", "--data", data, "--heartbeat", "0.2"], ns_a, BROKER_READY)
+    # Plain TCP beyond loopback, on the test's own link (the CURVE test below has keys).
+    up = a.shmcast("broker", ["broker", "--data", data, "--tcp-open", "--heartbeat", "0.2"],
+                   ns_a, BROKER_READY)  # fmt: skip
     assert up["data"] == data
     a.start("pub", ["-m", "tests._relay_peer", "publish", "frames", "4096", "50"],
             {"SHMCAST_NAMESPACE": ns_a}, PUB_READY)  # fmt: skip
