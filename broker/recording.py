@@ -16,7 +16,8 @@ file of a recorder that was killed)::
         namespace, slots       where it was recorded, the ring size
         storage                "native": the numpy dtype as HDF5 type (records become compound
                                types); "opaque": V<itemsize> bytes, for dtypes HDF5 has no type
-                               for (unicode, datetime), viewed back as ``dtype``
+                               for (unicode, datetime) and records with padding bytes (HDF5's
+                               compound conversion drops those), viewed back as ``dtype``
         missed                 uint64: versions of the recorded span never recorded
                                (rewritten at each flush)
     /<segment>/data          (N, *shape); a chunk per version (versions under 64 KiB share
@@ -407,12 +408,32 @@ def _os_error(path: str, exc: OSError) -> RecordingError:
     return RecordingError(path, f"cannot create {path}: {exc.strerror or exc}")
 
 
+def _has_padding(dt: np.dtype[Any]) -> bool:
+    """Whether a record dtype (at any depth) has bytes that belong to no field."""
+    if dt.subdtype is not None:
+        return _has_padding(dt.subdtype[0])
+    if dt.fields is None:
+        return False
+    covered = 0
+    for field, *_ in dt.fields.values():
+        if _has_padding(field):
+            return True
+        covered += field.itemsize
+    return covered != dt.itemsize
+
+
 def _h5_storage(h5py: Any, dt: np.dtype[Any]) -> tuple[str, np.dtype[Any]]:
-    """How HDF5 holds ``dt``: as itself, or as opaque bytes of its size."""
+    """How HDF5 holds ``dt``: as itself, or as opaque bytes of its size: for dtypes
+    HDF5 has no type for, and for records with padding, whose bytes HDF5's compound
+    conversion does not copy (they came back as zeros, or as bytes of unrelated
+    memory: a replay must be bit-identical, and a file must not leak memory)."""
+    opaque = "opaque", np.dtype(f"V{dt.itemsize}")
+    if _has_padding(dt):
+        return opaque
     try:
         h5py.h5t.py_create(dt, logical=True)
     except (TypeError, ValueError):
-        return "opaque", np.dtype(f"V{dt.itemsize}")
+        return opaque
     return "native", dt
 
 

@@ -858,6 +858,24 @@ def test_hdf5_keeps_any_dtype_bit_identical(
             assert seg.read(i).tobytes() == a.tobytes()
 
 
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_hdf5_keeps_the_padding_bytes_of_records(tmp_path: Path, compression: str | None) -> None:
+    """HDF5's compound conversion copies fields, not the bytes between them: they
+    came back as zeros (one version at a time) or as bytes of unrelated memory
+    (several in one append). Replay must be bit-identical, padding included."""
+    dt = RECORD_DTYPE
+    assert dt.itemsize > sum(f[0].itemsize for f in dt.fields.values())  # it has padding
+    rng = np.random.default_rng(7)
+    arrays = [rng.integers(1, 256, 3 * dt.itemsize, dtype=np.uint8).view(dt) for _ in range(5)]
+    path = tmp_path / "pad.h5"
+    with open_writer(str(path), [SegmentLayout("s", dt, (3,))], compression=compression) as w:
+        w.append("s", arrays[:1], [1], [10])
+        w.append("s", arrays[1:], [2, 3, 4, 5], [20, 30, 40, 50])
+    with open_recording(path) as rec:
+        seg = rec.segments["s"]
+        assert [seg.read(i).tobytes() for i in range(5)] == [a.tobytes() for a in arrays]
+
+
 def test_the_hdf5_layout_is_the_documented_one(tmp_path: Path) -> None:
     import h5py
 
