@@ -232,18 +232,24 @@ class _Reserve:
     library's writes then fill), or :class:`RecordingSpaceError` is raised and
     nothing was handed over. ``flushed()`` after a flush: pending bytes are in
     the file now. ``release()`` frees what is left past the end.
+
+    Pending bytes count from the file's size at the last flush: the library
+    writes many of them before the flush (direct chunk writes, Parquet row
+    groups), and counting them on top of the grown file counted them twice (a
+    recording stopped as "full" with half the disk free).
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         self._end = 0
+        self._base = os.fstat(self._fd).st_size
         self._pending = 0
         self._fallocate = _fallocate()
 
     def ensure(self, nbytes: int) -> None:
         size = os.fstat(self._fd).st_size
-        want = size + self._pending + nbytes + MARGIN
+        want = max(size, self._base + self._pending) + nbytes + MARGIN
         if want > self._end:
             target = want + max(MARGIN, 4 * nbytes)  # fewer calls: reserve ahead
             self._allocate(size, want, target)
@@ -276,6 +282,7 @@ class _Reserve:
         return st.f_bavail * st.f_frsize
 
     def flushed(self) -> None:
+        self._base = os.fstat(self._fd).st_size
         self._pending = 0
 
     def release(self) -> None:

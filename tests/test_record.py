@@ -876,6 +876,30 @@ def test_hdf5_keeps_the_padding_bytes_of_records(tmp_path: Path, compression: st
         assert [seg.read(i).tobytes() for i in range(5)] == [a.tobytes() for a in arrays]
 
 
+def test_the_space_reserve_counts_each_byte_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes handed to the library grow the file before the next flush; they were
+    counted again on top of it, so a fast recording was declared 'full' with half
+    the disk free. Here the disk always has room for the next MiB and the margin."""
+    from shmcast.broker.recording import MARGIN, _Reserve
+
+    n = 1 << 20
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"")
+    r = _Reserve(str(path))
+    try:
+        r._fallocate = None  # the free-space check, on any filesystem
+        monkeypatch.setattr(r, "_free", lambda: 2 * n + MARGIN)
+        with open(path, "ab") as f:
+            for _ in range(20):  # the library writes what it was handed, no flush yet
+                r.ensure(n)
+                f.write(b"\0" * n)
+                f.flush()
+    finally:
+        r.release()
+
+
 def test_the_hdf5_layout_is_the_documented_one(tmp_path: Path) -> None:
     import h5py
 
