@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -20,7 +21,7 @@ EXAMPLES = """\
 examples:
   shmcast record frames --output run1.h5                    until Ctrl-C
   shmcast record frames ticks -o run2.h5 --duration 60 --compression lzf
-  shmcast record ticks -o ticks.parquet --format parquet    a row per record
+  shmcast record ticks -o ticks.parquet                     Parquet (the suffix): a row per record
   shmcast record frames -o run1.h5 --overwrite              replace an existing file
 
 HDF5: a group per segment with datasets data (N, *shape), version and
@@ -39,7 +40,11 @@ Exit code 1 when writing failed (a full disk): the file keeps what was written.
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("segments", nargs="+", metavar="SEGMENT", help="segment names")
     p.add_argument("--output", "-o", required=True, metavar="FILE", help="the recording file")
-    p.add_argument("--format", choices=["hdf5", "parquet"], default="hdf5", help="default: hdf5")
+    p.add_argument(
+        "--format",
+        choices=["hdf5", "parquet"],
+        help="default: from the output's suffix (.parquet or .pq: parquet), else hdf5",
+    )
     p.add_argument(
         "--count",
         type=int,
@@ -95,7 +100,33 @@ def run(args: argparse.Namespace) -> int:
         sys.setswitchinterval(switch)
 
 
+#: Output suffixes that name a format.
+SUFFIXES = {".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def output_format(output: str, given: str | None) -> str:
+    """The format to write: ``--format``, else the output's suffix, else HDF5.
+
+    Raises:
+        ValueError: ``--format`` and the suffix name different formats (a file
+            named .parquet holding HDF5 misleads every tool that reads it).
+    """
+    named = SUFFIXES.get(os.path.splitext(output)[1].lower())
+    if given is not None and named is not None and given != named:
+        raise ValueError(
+            f"--format {given} but {output} is named as {named}: name the file "
+            f"{os.path.splitext(output)[0]}{'.h5' if given == 'hdf5' else '.parquet'}, "
+            f"or drop --format"
+        )
+    return given or named or "hdf5"
+
+
 def _record(args: argparse.Namespace, stop: threading.Event) -> int:
+    try:
+        args.format = output_format(args.output, args.format)
+    except ValueError as exc:
+        print(f"shmcast record: error: {exc}", file=sys.stderr)
+        return 2
     with stop_on_signals(stop.set):
         rec = Recorder(
             args.segments,

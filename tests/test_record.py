@@ -876,6 +876,24 @@ def test_hdf5_keeps_the_padding_bytes_of_records(tmp_path: Path, compression: st
         assert [seg.read(i).tobytes() for i in range(5)] == [a.tobytes() for a in arrays]
 
 
+def test_the_output_suffix_names_the_format_and_a_conflict_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-o ticks.parquet without --format wrote HDF5, and -o x.h5 --format parquet
+    wrote Parquet: a file whose name lies to every tool that opens it."""
+    from shmcast.cli._cmd_record import output_format
+
+    assert output_format("t.parquet", None) == "parquet"
+    assert output_format("t.PQ", None) == "parquet"
+    assert output_format("t.h5", None) == "hdf5"
+    assert output_format("t.rec", None) == "hdf5"
+    assert output_format("t.rec", "parquet") == "parquet"
+    out = tmp_path / "x.h5"
+    assert main(["record", "s", "-o", str(out), "--format", "parquet"]) == 2
+    assert "--format parquet but" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_the_space_reserve_counts_each_byte_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
