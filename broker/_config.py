@@ -72,10 +72,10 @@ class BrokerConfig:
     those of readers (hello, list, describe, stats, report, subscribers). With
     CURVE, a key in ``curve_readers`` is a reader on either endpoint and a key
     in ``curve_clients`` a writer (with both lists empty, any key is a writer).
-    Without CURVE a TCP peer cannot be told apart from another, so a ``control``
-    endpoint beyond loopback needs ``tcp_open = true``, written out; so does a
-    ``data`` endpoint beyond loopback, which hands every segment's bytes to
-    whoever connects.
+    Without CURVE a TCP peer cannot be told apart from another, so any TCP
+    endpoint beyond loopback (``control``, ``control_ro``, ``events``, ``data``:
+    the last hands every segment's bytes to whoever connects) needs
+    ``tcp_open = true``, written out.
 
     A clean stop leaves the segments whose writer still runs for the next broker
     and unlinks the others; ``unlink_on_exit`` unlinks them all (stop the
@@ -144,34 +144,30 @@ class BrokerConfig:
         for name in ("tcp_open", "unlink_on_exit"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"{getattr(self, name)!r}: use true or false")
-        if (
-            self.control is not None
-            and not is_loopback(self.control)
-            and self.control.startswith("tcp://")
-            and not self.curve_secret_key
-            and not self.tcp_open
-        ):
-            raise ConfigError(
-                "control",
-                f"{self.control} binds beyond loopback without CURVE, so anyone who reaches "
-                f"it could create, delete and commit: set curve_secret_key (and "
-                f"curve_clients / curve_readers), bind 127.0.0.1, or set tcp_open = true "
-                f"to accept that",
-            )
-        if (
-            self.data is not None
-            and self.data.startswith("tcp://")
-            and not is_loopback(self.data)
-            and not self.curve_secret_key
-            and not self.tcp_open
-        ):
-            raise ConfigError(
-                "data",
-                f"{self.data} binds beyond loopback without CURVE, so anyone who reaches "
-                f"it could read every segment: set curve_secret_key (and curve_clients, "
-                f"the relays' keys), bind 127.0.0.1, or set tcp_open = true (--tcp-open) "
-                f"on a network you trust",
-            )
+        # Without CURVE a TCP peer cannot be told from another: beyond loopback, each
+        # endpoint lets whoever reaches it in, unless that is written out.
+        exposed = {
+            "control": "could create, delete and commit",
+            "control_ro": "could list and describe every segment",
+            "events": "could follow every segment's versions",
+            "data": "could read every segment",
+        }
+        for name, what in exposed.items():
+            endpoint = getattr(self, name)
+            if (
+                isinstance(endpoint, str)
+                and endpoint.startswith("tcp://")
+                and not is_loopback(endpoint)
+                and not self.curve_secret_key
+                and not self.tcp_open
+            ):
+                raise ConfigError(
+                    name,
+                    f"{endpoint} binds beyond loopback without CURVE, so anyone who reaches "
+                    f"it {what}: set curve_secret_key (and curve_clients / curve_readers), "
+                    f"bind 127.0.0.1, or set tcp_open = true (--tcp-open) on a network "
+                    f"you trust",
+                )
         if self.group is not None:
             try:
                 grp.getgrnam(self.group)

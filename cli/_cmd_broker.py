@@ -52,8 +52,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--tcp-open",
         action="store_true",
         default=None,
-        help="accept plain TCP control or data endpoints beyond loopback (no CURVE): anyone "
-        "who reaches them writes (control) or reads every segment (data)",
+        help="accept plain TCP endpoints beyond loopback (no CURVE): anyone who reaches them "
+        "writes (control), reads every segment (data), or sees names and versions",
     )
     p.add_argument(
         "--unlink-on-exit",

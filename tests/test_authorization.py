@@ -188,15 +188,24 @@ def test_plain_tcp_control_beyond_loopback_must_be_written_out(
     assert "curve_secret_key" in out["stderr"]
 
 
-@pytest.mark.parametrize("data", ["tcp://0.0.0.0:5557", "tcp://*:5557", "tcp://10.0.0.1:5557"])
-def test_a_plain_tcp_data_stream_beyond_loopback_must_be_written_out(data: str) -> None:
-    """The data stream hands every segment's bytes to whoever connects: beyond
-    loopback without CURVE it was served to anyone, with nothing written out."""
-    with pytest.raises(ConfigError, match="could read every segment"):
-        BrokerConfig(data=data)
-    assert BrokerConfig(data=data, tcp_open=True).data == data
-    assert BrokerConfig(data=data, curve_secret_key="x" * 40).data == data
-    assert BrokerConfig(data="tcp://127.0.0.1:5557").data == "tcp://127.0.0.1:5557"
+@pytest.mark.parametrize("where", ["tcp://0.0.0.0:5557", "tcp://*:5557", "tcp://10.0.0.1:5557"])
+@pytest.mark.parametrize(
+    ("endpoint", "what"),
+    [("data", "could read every segment"), ("events", "could follow every segment's versions"),
+     ("control_ro", "could list and describe")],
+)  # fmt: skip
+def test_a_plain_tcp_endpoint_beyond_loopback_must_be_written_out(
+    where: str, endpoint: str, what: str
+) -> None:
+    """The data stream hands every segment's bytes to whoever connects, the events
+    and read-only control endpoints their names and versions: beyond loopback
+    without CURVE they were served to anyone, with nothing written out (only the
+    control endpoint asked for tcp_open)."""
+    with pytest.raises(ConfigError, match=what):
+        BrokerConfig(**{endpoint: where})
+    assert getattr(BrokerConfig(**{endpoint: where}, tcp_open=True), endpoint) == where
+    assert getattr(BrokerConfig(**{endpoint: where}, curve_secret_key="x" * 40), endpoint) == where
+    assert getattr(BrokerConfig(**{endpoint: "tcp://127.0.0.1:5557"}), endpoint)
 
 
 def _rss_mib(pid: int) -> tuple[float, float]:
