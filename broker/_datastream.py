@@ -587,7 +587,13 @@ class DataStream:
             have = body.get("have") or {}
             if not isinstance(have, dict):
                 raise ValueError("have must be a map")
+            old = peer
             peer = _Peer(ident=ident, patterns=tuple(patterns), window=min(window, MAX_WINDOW))
+            if old is not None:
+                # A hello again on the same connection: what is in flight still is (its
+                # acks and verdicts will come), and message ids go on. A fresh window
+                # per hello let a relay that never acks have one more each time.
+                peer.inflight, peer.busy, peer.mid = old.inflight, old.busy, old.mid
             peer.sent = {str(k): int(v) for k, v in have.items() if isinstance(v, int)}
             incs = body.get("incarnations") or {}
             if isinstance(incs, dict):

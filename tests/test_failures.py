@@ -164,6 +164,41 @@ def test_a_segment_the_data_stream_cannot_open_stays_in_its_heartbeats(
             relay.close()
 
 
+def test_a_hello_again_opens_no_new_window(namespace: str) -> None:
+    """Each hello made the relay a fresh peer: empty window, message ids from 1
+    again. A relay that never acks got one more message in flight per hello
+    (each of up to a whole segment, copied when sends were torn)."""
+    cfg = BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0", heartbeat_interval=1.0)
+    with Broker(cfg).start() as b, Publisher("f", dtype="u1", shape=(64,)) as pub:
+        stats = b.data_stats()
+        assert stats is not None
+        sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(stats.endpoint)
+        mids: list[int] = []
+
+        def drain(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while (left := end - time.monotonic()) > 0:
+                if sock.poll(int(left * 1000) + 1):
+                    frames = sock.recv_multipart()
+                    if frames[0] == b"data":
+                        mids.append(unpack(frames[1])["mid"])
+
+        try:
+            hello = [b"hello", pack({"patterns": ["*"], "window": 1})]
+            sock.send_multipart(hello)
+            pub.publish(np.zeros(64, np.uint8))
+            wait_for(lambda: drain(0.05) or mids, 10, what="the first version")
+            for v in range(2, 6):  # never an ack; a hello again before each version
+                sock.send_multipart(hello)
+                pub.publish(np.full(64, v, np.uint8))
+                drain(0.25)
+        finally:
+            sock.close(0)
+    assert mids == [1], mids  # window 1, never acked: one in flight, whatever the hellos
+
+
 def test_a_failing_data_stream_thread_restarts_and_health_says_so(
     namespace: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
