@@ -144,15 +144,7 @@ class BrokerConfig:
         for name in ("tcp_open", "unlink_on_exit"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"{getattr(self, name)!r}: use true or false")
-        # Without CURVE a TCP peer cannot be told from another: beyond loopback, each
-        # endpoint lets whoever reaches it in, unless that is written out.
-        exposed = {
-            "control": "could create, delete and commit",
-            "control_ro": "could list and describe every segment",
-            "events": "could follow every segment's versions",
-            "data": "could read every segment",
-        }
-        for name, what in exposed.items():
+        for name, what in _EXPOSED.items():
             endpoint = getattr(self, name)
             if (
                 isinstance(endpoint, str)
@@ -181,6 +173,16 @@ class BrokerConfig:
         names = [s.name for s in self.segments]
         if len(set(names)) != len(names):
             raise ConfigError("segments", "a segment name is declared twice")
+
+
+#: What whoever reaches each TCP endpoint could do. Without CURVE a TCP peer cannot
+#: be told from another: beyond loopback, that needs tcp_open written out.
+_EXPOSED = {
+    "control": "could create, delete and commit",
+    "control_ro": "could list and describe every segment",
+    "events": "could follow every segment's versions",
+    "data": "could read every segment",
+}
 
 
 def is_loopback(endpoint: str) -> bool:

@@ -953,7 +953,7 @@ class Segment:
     def view(self, slot: int) -> npt.NDArray[Any]:
         """A read-only array over ``slot`` (valid only between acquire and validate).
 
-        A new array object each time (a view of the slot's, about 0.2 us): a caller
+        A new array object each time (a view of the slot's, about 0.1 us): a caller
         who sets its ``shape`` or ``dtype`` in place changes no one else's reads.
         """
         out: npt.NDArray[Any] = self._views[slot].view()

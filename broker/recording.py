@@ -979,10 +979,8 @@ _DAMAGED = (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError)
 def _checked_columns(
     path: str, name: str, versions: npt.NDArray[Any], missed: object
 ) -> tuple[npt.NDArray[np.uint64], int]:
-    """The versions, one-dimensional and strictly increasing from 1 up, and a count
-    of missed versions that is a non-negative integer: as a writer makes them."""
-    if versions.ndim != 1:
-        raise NotARecordingError(path, f"segment {name!r}: its versions are not a column")
+    """The versions (a column), strictly increasing from 1 up, and a count of missed
+    versions that is a non-negative integer: as a writer makes them."""
     v = np.asarray(versions, dtype=np.uint64)
     if v.size and (v[0] == 0 or bool(np.any(v[1:] <= v[:-1]))):
         raise NotARecordingError(path, f"segment {name!r}: its versions do not only go forward")
@@ -1166,7 +1164,6 @@ class _ParquetRecorded(RecordedSegment):
     def __init__(self, path: str, pf: Any, layout: SegmentLayout, missed: int) -> None:
         self.path = path
         self.layout = layout
-        self.missed = missed
         self._pf = pf
         self._rows = layout.shape[0]
         cols = pf.read(columns=list(COLUMNS))

@@ -404,14 +404,7 @@ class Relay(Service):
                     except zmq.Again:
                         break
                     self._heard()
-                    try:
-                        self._on_message(frames)
-                    except (ValueError, TypeError, KeyError, ShmcastError) as exc:
-                        self.bad_messages += 1
-                        log.warning("bad message from upstream: %s", exc)
-                    except Exception:  # a kind no check foresaw: one message, not the relay
-                        self.bad_messages += 1
-                        log.exception("bad message from upstream")
+                    self._guarded(self._on_message, frames)
                     if self._acks and len(self._acks) >= 16:
                         self._flush_acks()
             self._flush_acks()
@@ -444,6 +437,18 @@ class Relay(Service):
                     self._send(b"ping", {})
                 else:
                     self._send_hello()
+
+    def _guarded(self, handle: Callable[..., None], *message: Any) -> None:
+        """Handle one message from upstream: whatever it raises makes it one bad
+        message (counted, logged), never the relay's end."""
+        try:
+            handle(*message)
+        except (ValueError, TypeError, KeyError, ShmcastError) as exc:
+            self.bad_messages += 1
+            log.warning("bad message from upstream: %s", exc)
+        except Exception:  # a kind no check foresaw
+            self.bad_messages += 1
+            log.exception("bad message from upstream")
 
     def _check_local(self) -> None:
         """Has the local broker restarted? (asked by the local thread, never waited for)
@@ -495,14 +500,7 @@ class Relay(Service):
                 self._annotate([m])
                 waiting = self._waiting.pop(spec.name, None)
                 if waiting is not None:
-                    try:
-                        self._commit(spec.name, *waiting)
-                    except (ValueError, TypeError, KeyError, ShmcastError) as exc:
-                        self.bad_messages += 1
-                        log.warning("bad message from upstream: %s", exc)
-                    except Exception:  # a kind no check foresaw: one message, not the relay
-                        self.bad_messages += 1
-                        log.exception("bad message from upstream")
+                    self._guarded(self._commit, spec.name, *waiting)
                 continue
             wait = self._retry.get(spec.name, (0.0, RETRY_FIRST))[1]
             self._retry[spec.name] = (time.monotonic() + wait, min(2 * wait, RETRY_MAX))

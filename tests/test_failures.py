@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -25,7 +26,7 @@ import pytest
 import zmq
 
 from shmcast.broker import Broker, BrokerConfig, Segment, _datastream
-from shmcast.broker._datastream import DataStream
+from shmcast.broker._datastream import DataStream, DataStreamStats
 from shmcast.broker._layout import W_LATEST
 from shmcast.broker.client import ControlClient, pack, shm_path, unpack
 from shmcast.cli._main import main
@@ -118,6 +119,23 @@ def test_data_stream_out_of_descriptors_is_visible_and_recovers(
     assert any("data stream cannot open segment e" in line for line in broker.stderr)
 
 
+@contextlib.contextmanager
+def _relayed(namespace: str) -> Iterator[tuple[Broker, DataStreamStats, Publisher, _FakeRelay]]:
+    """A broker with a data stream (heartbeats every 0.1 s), segment ``f`` at
+    version 1, and a fake relay that has received it."""
+    cfg = BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0", heartbeat_interval=0.1)
+    with Broker(cfg).start() as b, Publisher("f", dtype="f8", shape=(2,)) as pub:
+        stats = b.data_stats()
+        assert stats is not None
+        relay = _FakeRelay(stats.endpoint)
+        try:
+            pub.publish(np.ones(2))
+            wait_for(lambda: relay.poll().get("f") == 1, 10, what="the first version")
+            yield b, stats, pub, relay
+        finally:
+            relay.close()
+
+
 def test_a_segment_the_data_stream_cannot_open_stays_in_its_heartbeats(
     namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -133,35 +151,26 @@ def test_a_segment_the_data_stream_cannot_open_stays_in_its_heartbeats(
             return Segment.attach(name, **kw)
 
     monkeypatch.setattr(_datastream, "Segment", _Segment)
-    cfg = BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0", heartbeat_interval=0.1)
-    with Broker(cfg).start() as b, Publisher("f", dtype="f8", shape=(2,)) as pub:
-        stats = b.data_stats()
-        assert stats is not None
-        relay = _FakeRelay(stats.endpoint)
-        try:
-            pub.publish(np.ones(2))
-            wait_for(lambda: relay.poll().get("f") == 1, 10, what="the first version")
-            failing.set()
-            with Publisher("e", dtype="f8", shape=(2,)) as e:
-                e.publish(np.ones(2))
-                wait_for(lambda: (b.data_stats() or stats).missing == ("e",), 10, what="EMFILE")
-                # (A heartbeat sent before the stream failed may still be on its way.)
-                wait_for(
-                    lambda: relay.poll() is not None and "e" in (relay.latest or {}),
-                    10,
-                    what="a heartbeat naming the segment the stream cannot open",
-                )
-                assert relay.latest == {"f": 1, "e": None}
-                failing.clear()
-                wait_for(lambda: relay.poll().get("e") == 1, 10, what="the stream to recover")
-                wait_for(
-                    lambda: relay.poll() is not None and (relay.latest or {}).get("e") == 1,
-                    10,
-                    what="a heartbeat with its version",
-                )
-                assert relay.latest == {"f": 1, "e": 1}
-        finally:
-            relay.close()
+    with _relayed(namespace) as (b, stats, _, relay):
+        failing.set()
+        with Publisher("e", dtype="f8", shape=(2,)) as e:
+            e.publish(np.ones(2))
+            wait_for(lambda: (b.data_stats() or stats).missing == ("e",), 10, what="EMFILE")
+            # (A heartbeat sent before the stream failed may still be on its way.)
+            wait_for(
+                lambda: relay.poll() is not None and "e" in (relay.latest or {}),
+                10,
+                what="a heartbeat naming the segment the stream cannot open",
+            )
+            assert relay.latest == {"f": 1, "e": None}
+            failing.clear()
+            wait_for(lambda: relay.poll().get("e") == 1, 10, what="the stream to recover")
+            wait_for(
+                lambda: relay.poll() is not None and (relay.latest or {}).get("e") == 1,
+                10,
+                what="a heartbeat with its version",
+            )
+            assert relay.latest == {"f": 1, "e": 1}
 
 
 def test_a_hello_again_opens_no_new_window(namespace: str) -> None:
@@ -211,31 +220,22 @@ def test_a_failing_data_stream_thread_restarts_and_health_says_so(
         schedule(self, router)
 
     monkeypatch.setattr(DataStream, "_schedule", faulty)
-    cfg = BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0", heartbeat_interval=0.1)
-    with Broker(cfg).start() as b, Publisher("f", dtype="f8", shape=(2,)) as pub:
-        stats = b.data_stats()
-        assert stats is not None
-        relay = _FakeRelay(stats.endpoint)
-        try:
-            pub.publish(np.ones(2))
-            wait_for(lambda: relay.poll().get("f") == 1, 10, what="the first version")
-            failing.set()
-            wait_for(lambda: not (b.data_stats() or stats).up, 10, what="the failure")
-            assert main(["health"]) == 1
-            err = capsys.readouterr().err
-            assert "data stream" in err
-            assert "injected fault" in err
-            failing.clear()
-            wait_for(lambda: (b.data_stats() or stats).up, 15, what="the restart")
-            after = b.data_stats()
-            assert after is not None
-            assert after.restarts >= 1
-            assert after.failures >= 1
-            assert main(["health"]) == 0
-            pub.publish(np.ones(2))
-            wait_for(lambda: relay.poll().get("f") == 2, 10, what="data after the restart")
-        finally:
-            relay.close()
+    with _relayed(namespace) as (b, stats, pub, relay):
+        failing.set()
+        wait_for(lambda: not (b.data_stats() or stats).up, 10, what="the failure")
+        assert main(["health"]) == 1
+        err = capsys.readouterr().err
+        assert "data stream" in err
+        assert "injected fault" in err
+        failing.clear()
+        wait_for(lambda: (b.data_stats() or stats).up, 15, what="the restart")
+        after = b.data_stats()
+        assert after is not None
+        assert after.restarts >= 1
+        assert after.failures >= 1
+        assert main(["health"]) == 0
+        pub.publish(np.ones(2))
+        wait_for(lambda: relay.poll().get("f") == 2, 10, what="data after the restart")
 
 
 @pytest.fixture
