@@ -395,7 +395,7 @@ class Broker(Service):
                 seg.unlink()
                 seg.close()
                 continue
-            self._catalog.add(name, CatalogEntry(seg=seg, announced=v))
+            self._catalog.add(name, CatalogEntry(seg=seg, announced=v, adopted=True))
             log.info("adopted segment %s at version %d", name, v)
 
     def _open_word(self) -> NamespaceWord:
@@ -727,15 +727,35 @@ class Broker(Service):
 
     def _op_create(self, req: dict[str, Any]) -> dict[str, Any]:
         name = self._name(req)
-        reply = self._create(name, req.get("dtype"), req.get("shape"), req.get("slots", 2))
         source, up = req.get("source"), req.get("upstream_up")
-        if isinstance(source, str) and source:  # a relay says where the data comes from
+        mirror = isinstance(source, str) and bool(source)  # a relay or bridge's mirror
+        if mirror:
+            self._check_feeder(name, str(source)[:256], req.get("pid"))
+        reply = self._create(name, req.get("dtype"), req.get("shape"), req.get("slots", 2))
+        if mirror:  # it says where the data comes from
             entry = self._entry(name)
-            entry.source = source[:256]
+            entry.source = str(source)[:256]
+            entry.adopted = False
             if isinstance(up, bool):
                 entry.extra["upstream_up"] = up
             reply = self._describe(name)
         return reply
+
+    def _check_feeder(self, name: str, source: str, pid: Any) -> None:
+        """A mirror is made by its relay or bridge, never taken over: a segment fed
+        by anyone else (a local publisher, another upstream) is refused to it, before
+        anything about the segment changes. A segment adopted at start may be claimed
+        once (the broker that knew its feeder is gone): by its live writer (a relay
+        telling a restarted broker about its mirrors), or by anyone if it has none."""
+        entry = self._catalog.get(name)
+        if entry is None or entry.source == source:
+            return
+        if entry.adopted:
+            info = entry.seg.info()
+            if not info.writer_alive or info.writer_pid in (0, pid):
+                return
+        fed = "a local segment" if entry.source == "local" else f"the mirror of {entry.source}"
+        raise LayoutConflictError(name, fed, f"a mirror of {source}", self.namespace)
 
     def _op_describe(self, req: dict[str, Any]) -> dict[str, Any]:
         return self._describe(self._name(req))

@@ -26,6 +26,9 @@ class CatalogEntry:
     published: int = 0
     source: str = "local"
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Found at start, left by an earlier broker: who fed it (its ``source``) is not
+    #: known, so the first relay or bridge that says it is the feeder is believed.
+    adopted: bool = False
 
 
 class Catalog:

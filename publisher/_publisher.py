@@ -43,7 +43,9 @@ class Publisher:
             default ipc endpoint.
         timeout: seconds to wait for each broker reply.
         source: what the catalog's ``source`` field says about this segment
-            (``"local"`` unless set, e.g. ``"relay:tcp://host:5557"``).
+            (``"local"`` unless set, e.g. ``"relay:tcp://host:5557"``). Set, it
+            makes this a mirror: a segment that exists fed by anyone else (a local
+            publisher, another source) is refused.
         announce: also send the broker a one-way commit message per version. Not
             needed: the broker's commit watcher learns of every version from the
             segment's notify word and announces it about 0.1 ms later, once the
@@ -54,7 +56,8 @@ class Publisher:
 
     Raises:
         BrokerUnavailableError: no broker answered.
-        LayoutConflictError: the segment exists with another layout.
+        LayoutConflictError: the segment exists with another layout, or (with
+            ``source``) is fed by another source.
         WriterBusyError: another process writes this segment.
         ShmSpaceError: ``/dev/shm`` cannot hold the segment.
     """

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -178,6 +179,7 @@ class LocalBroker:
                     slots=slots,
                     source=self._source,
                     upstream_up=up,
+                    pid=os.getpid(),  # the mirrors' writer: a restarted broker believes it
                 )
             except ShmcastError as exc:
                 log.warning("cannot update the catalog entry of %s: %s", name, exc)

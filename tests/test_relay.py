@@ -273,3 +273,34 @@ def test_a_segment_deleted_upstream_is_deleted_on_the_relay_side() -> None:
             wait_for(lambda: Segment.list(down_ns) == ["stays"], 10, what="the mirror deleted")
             assert _catalog(control, "goes") is None
             assert (_catalog(control, "stays") or {}).get("version") == 1
+
+
+def test_a_mirror_never_takes_over_a_segment_fed_by_another(thread_broker: object) -> None:
+    """A relay's or bridge's create (with a ``source``) of a name a local publisher
+    feeds, or another upstream's mirror holds, is refused before anything changes:
+    it used to relabel the segment, and the mirror's writer then overwrote it."""
+    from shmcast.broker.errors import LayoutConflictError
+
+    ns = thread_broker.namespace  # type: ignore[attr-defined]
+    with Publisher("data", dtype="u8", shape=(4,), namespace=ns) as pub:
+        pub.publish(np.arange(4, dtype=np.uint64))
+    with ControlClient(f"ipc://{_runtime(ns)}/control.sock") as c:
+        layout = {"dtype": "<u8", "shape": [4], "slots": 2}
+        for name, source in (("data", "zenoh:shmcast/x/data"), ("data", "relay:tcp://h:1")):
+            with pytest.raises(LayoutConflictError, match="exists as a local segment"):
+                c.request("create", name=name, source=source, **layout)
+        assert c.request("describe", name="data")["source"] == "local"
+        c.request("create", name="m", source="relay:tcp://h:1", **layout)
+        c.request("create", name="m", source="relay:tcp://h:1", upstream_up=False, **layout)
+        with pytest.raises(LayoutConflictError, match="mirror of relay:tcp://h:1"):
+            c.request("create", name="m", source="zenoh:shmcast/x/m", **layout)
+        assert c.request("describe", name="m")["source"] == "relay:tcp://h:1"
+    with Segment.attach("data", namespace=ns) as seg:
+        assert seg.version == 1
+        assert list(seg.latest().array) == [0, 1, 2, 3]
+
+
+def _runtime(namespace: str) -> str:
+    from shmcast.broker.client import runtime_dir
+
+    return str(runtime_dir(namespace))

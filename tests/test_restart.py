@@ -148,3 +148,31 @@ def test_unlink_on_exit_unlinks_everything(namespace: str, how: str) -> None:
             pub.publish(np.ones(2))
             assert broker.stop(timeout=10, sig=signal.SIGTERM) == 0
             assert Segment.list(namespace) == []
+
+
+def test_a_restarted_broker_lets_only_a_mirrors_live_writer_claim_it(namespace: str) -> None:
+    """A restarted broker does not know who fed the segments it adopts: the live
+    writer of one may say it is a mirror (a relay re-registering), nobody else."""
+    from shmcast.broker import LayoutConflictError
+    from shmcast.broker.client import resolve_endpoint
+
+    b = Broker(BrokerConfig(namespace=namespace)).start()
+    mirror = Publisher("m", dtype="u1", shape=(2,), source="relay:tcp://h:1")
+    try:
+        mirror.publish(np.ones(2, np.uint8))
+        b.close()
+        with Broker(BrokerConfig(namespace=namespace)).start():
+            with ControlClient(resolve_endpoint(None, namespace)) as c:
+                layout = {"dtype": "|u1", "shape": [2], "slots": 2}
+                assert c.request("describe", name="m")["source"] == "local"
+                with pytest.raises(LayoutConflictError):
+                    c.request("create", name="m", source="zenoh:shmcast/x/m", pid=1, **layout)
+                c.request("create", name="m", source="relay:tcp://h:1", pid=os.getpid(), **layout)
+                assert c.request("describe", name="m")["source"] == "relay:tcp://h:1"
+            mirror.close()
+    finally:
+        mirror.close()
+        b.close()
+        with contextlib.suppress(FileNotFoundError):
+            Segment.remove("m", namespace=namespace)
+        _remove_word(namespace)
