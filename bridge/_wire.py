@@ -30,15 +30,17 @@ carrying three things:
 Decoding in Python without shmcast::
 
     meta = msgpack.unpackb(sample.attachment.to_bytes())
-    array = numpy.frombuffer(sample.payload.to_bytes(), dtype=meta["dtype"]).reshape(meta["shape"])
+    spec = meta["dtype"]
+    dtype = numpy.lib.format.descr_to_dtype(ast.literal_eval(spec) if spec[0] == "[" else spec)
+    array = numpy.frombuffer(sample.payload.to_bytes(), dtype=dtype).reshape(meta["shape"])
 
-(``numpy.dtype`` reads the plain strings directly; record descriptions go
-through ``ast.literal_eval`` first.)
+(Record descriptions are ``dtype.descr`` lists: ``descr_to_dtype`` turns their
+unnamed ``('', '|V7')`` entries back into padding, where ``numpy.dtype`` would
+make them fields ``f1``, ``f2``, ...)
 """
 
 from __future__ import annotations
 
-import ast
 import functools
 import math
 import struct
@@ -48,7 +50,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from shmcast.broker import dtype_str, normalize_layout
+from shmcast.broker import dtype_str, normalize_layout, parse_dtype
 from shmcast.broker.client import validate_namespace, validate_segment_name
 
 __all__ = [
@@ -151,18 +153,11 @@ class AttachmentTemplate:
         return version, timestamp_ns
 
 
-def _parse_dtype(text: str) -> np.dtype[Any]:
-    if text.startswith("["):
-        dt: np.dtype[Any] = np.dtype(ast.literal_eval(text))
-        return dt
-    return np.dtype(text)
-
-
 @functools.lru_cache(maxsize=256)
 def _layout(dtype: str, shape: tuple[Any, ...]) -> tuple[np.dtype[Any], tuple[int, ...]]:
     # A stream repeats one layout: parsing and checking it each sample cost more than
     # the rest of a decoding. Only valid layouts are kept (errors are not cached).
-    return normalize_layout(_parse_dtype(dtype), shape)
+    return normalize_layout(parse_dtype(dtype), shape)
 
 
 def decode_attachment(data: bytes) -> Frame:

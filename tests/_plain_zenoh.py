@@ -8,6 +8,7 @@ libraries) is added.
 Prints ``READY {}``, then ``RESULT {json}`` with what it decoded.
 """
 
+import ast
 import json
 import sys
 import time
@@ -49,8 +50,12 @@ def main(connect: str, keyexpr: str, count: str, tls_dir: str = "") -> int:
             if sample is None:
                 time.sleep(0.001)
                 continue
+            # docs/ZENOH.md's recipe, as a client without shmcast writes it
             meta = msgpack.unpackb(sample.attachment.to_bytes())
-            array = np.frombuffer(sample.payload.to_bytes(), dtype=meta["dtype"])
+            spec = meta["dtype"]
+            descr = ast.literal_eval(spec) if spec.startswith("[") else spec
+            dtype = np.lib.format.descr_to_dtype(descr)
+            array = np.frombuffer(sample.payload.to_bytes(), dtype=dtype)
             array = array.reshape(meta["shape"])
             decoded.append(
                 {

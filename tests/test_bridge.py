@@ -118,12 +118,22 @@ def _runtime(namespace: str) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("dtype", "shape"), [(np.dtype("<u2"), (4, 8)), (TICK, (16,)), (np.dtype(">f4"), (3,))]
+    ("dtype", "shape"),
+    [
+        (np.dtype("<u2"), (4, 8)),
+        (TICK, (16,)),
+        (np.dtype(">f4"), (3,)),
+        # records with padding: described with unnamed ('', '|V7') entries, which
+        # are padding again, not fields f1, ...
+        (np.dtype([("a", "u1"), ("b", "<f8")], align=True), (2,)),
+        (np.dtype({"names": ["x", "y"], "formats": ["<u2", "<u2"], "offsets": [0, 6]}), (2,)),
+    ],
 )
 def test_the_attachment_round_trips(dtype: np.dtype[Any], shape: tuple[int, ...]) -> None:
     frame = decode_attachment(encode_attachment(7, 123, dtype, shape, 99))
     assert (frame.version, frame.timestamp_ns, frame.incarnation) == (7, 123, 99)
     assert frame.dtype == dtype
+    assert frame.dtype.names == dtype.names
     assert frame.shape == shape
     assert frame.nbytes == dtype.itemsize * int(np.prod(shape))
 
