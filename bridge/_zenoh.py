@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import json
 import logging
 import os
@@ -498,8 +499,11 @@ class ZenohBridge(Service):
                     else zenoh.CongestionControl.DROP
                 ),
             )
+            # Bound to this export: a get's own key expression may be a wildcard
+            # (shmcast/lab/*) that names no segment.
+            on_query = functools.partial(self._on_query, name)
             queryable = session.declare_queryable(
-                key, zenoh.handlers.Callback(self._on_query, indirect=False), complete=True
+                key, zenoh.handlers.Callback(on_query, indirect=False), complete=True
             )
             token = session.liveliness().declare_token(key)
         except Exception:
@@ -555,16 +559,12 @@ class ZenohBridge(Service):
         # Only now, validated: the bytes are the version's.
         return payload, e.encode(version, ts)
 
-    def _on_query(self, query: Any) -> None:
-        """A late joiner asks for the latest version (Zenoh's thread)."""
+    def _on_query(self, name: str, query: Any) -> None:
+        """A late joiner asks for the latest version of export ``name`` (Zenoh's thread)."""
         with query:
-            try:
-                namespace, name = parse_key(str(query.key_expr))
-            except (ValueError, ShmcastError):
-                return
             with self._lock:
                 e = self._exports.get(name)
-            if e is None or namespace != self.namespace:
+            if e is None:
                 return
             try:
                 # Its own copy: the export loop may be filling the staging buffer.

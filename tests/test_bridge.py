@@ -270,6 +270,15 @@ def test_a_late_joiner_starts_from_the_latest_at_once(
                     assert (mirror.latest().array == 5).all()
             finally:
                 imp.close()
+            # A get on a wildcard (as docs/ZENOH.md offers) is answered too.
+            session = _plain_session(router)
+            try:
+                for expr in (f"shmcast/{a}/*", "shmcast/**"):
+                    replies = list(session.get(expr, timeout=5.0))
+                    got = [decode_attachment(r.ok.attachment.to_bytes()).version for r in replies]
+                    assert got == [5], expr
+            finally:
+                session.close()
         finally:
             exp.close()
 
