@@ -152,6 +152,7 @@ class BridgeConfig:
         for expr in self.imports:
             if not isinstance(expr, str) or not expr.startswith(f"{KEY_ROOT}/"):
                 raise ConfigError("import", f"{expr!r}: import key expressions under {KEY_ROOT}/")
+        _check_key_expressions(self.imports)
         if self.congestion not in ("drop", "block"):
             raise ConfigError("congestion", f"{self.congestion!r}: use drop or block")
         if self.mode is not None and self.mode not in MODES:
@@ -168,6 +169,30 @@ class BridgeConfig:
     @property
     def session_mode(self) -> str:
         return self.mode or ("peer" if self.listen else "client")
+
+
+def _check_key_expressions(imports: tuple[str, ...]) -> None:
+    """Zenoh's syntax, and no two that overlap: a key both match would be delivered
+    to two subscribers, and each of its samples applied twice. (Checked by Zenoh's
+    own parser where the extra is installed; without it, running names the extra.)"""
+    try:
+        import zenoh
+    except ImportError:
+        return
+    exprs = []
+    for text in imports:
+        try:
+            exprs.append(zenoh.KeyExpr(text))
+        except zenoh.ZError as exc:
+            raise ConfigError("import", f"{text!r} is not a Zenoh key expression: {exc}") from exc
+    for i, a in enumerate(exprs):
+        for b in exprs[i + 1 :]:
+            if a.intersects(b):
+                raise ConfigError(
+                    "import",
+                    f"{a} and {b} overlap: give one expression that covers both "
+                    "(a key both match would have each sample applied twice)",
+                )
 
 
 _ENV = {"namespace": NAMESPACE_ENV, "broker": "SHMCAST_BROKER"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from shmcast.bridge import ZenohBridge, resolve_bridge_config
 
@@ -30,13 +31,15 @@ SIGTERM, SIGINT or SIGHUP stop it; its imported segments stay with the broker.
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("transport", choices=["zenoh"], help="the routing engine")
-    p.add_argument("--connect", nargs="+", metavar="ENDPOINT", help="Zenoh endpoints to join")
-    p.add_argument("--listen", nargs="+", metavar="ENDPOINT", help="Zenoh endpoints to listen on")
-    p.add_argument("--export", nargs="+", metavar="PATTERN", help="local segments to export")
+    # action="extend": a repeated flag adds to the list (it replaced it before)
+    many: Any = {"nargs": "+", "action": "extend"}
+    p.add_argument("--connect", **many, metavar="ENDPOINT", help="Zenoh endpoints to join")
+    p.add_argument("--listen", **many, metavar="ENDPOINT", help="Zenoh endpoints to listen on")
+    p.add_argument("--export", **many, metavar="PATTERN", help="local segments to export")
     p.add_argument(
         "--import",
         dest="imports",
-        nargs="+",
+        **many,
         metavar="KEYEXPR",
         help="Zenoh key expressions to import, e.g. 'shmcast/lab/*'",
     )

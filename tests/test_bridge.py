@@ -614,6 +614,12 @@ def test_without_the_extra_the_bridge_names_it(
         (["--connect", "tcp/127.0.0.1:1"], "export"),
         (["--connect", "tcp/127.0.0.1:1", "--import", "lab/*"], "import"),
         (["--connect", "tcp/127.0.0.1:1", "--export", "x", "--slots", "1"], "slots"),
+        (["--connect", "tcp/127.0.0.1:1", "--import", "shmcast//x"], "Zenoh key expression"),
+        # overlapping imports applied each sample of a key both match twice
+        (
+            ["--connect", "tcp/127.0.0.1:1", "--import", "shmcast/a/*", "--import", "shmcast/*/f"],
+            "overlap",
+        ),
     ],
 )
 def test_bad_bridge_arguments_exit_2(
