@@ -47,11 +47,14 @@ from shmcast.broker import (
     MetricsServer,
     Segment,
     Service,
+    dtype_str,
     resolve_layers,
+    segment_size,
     start_metrics_server,
     wait_any,
 )
 from shmcast.broker.client import (
+    MAX_VERSION,
     NAMESPACE_ENV,
     ControlClient,
     resolve_endpoint,
@@ -65,7 +68,7 @@ from shmcast.broker.errors import (
     ShmcastError,
     TornReadError,
 )
-from shmcast.publisher import Publisher
+from shmcast.publisher import LocalBroker, MirrorSpec, Publisher, Refused
 
 from ._wire import (
     KEY_ROOT,
@@ -89,6 +92,8 @@ log = logging.getLogger(__name__)
 MODES = ("client", "peer", "router")
 #: Where a mirror says its data comes from (catalog ``source``).
 SOURCE_PREFIX = "zenoh:"
+#: Seconds before a name the local broker refused a mirror is tried again.
+RETRY_SECONDS = 5.0
 
 
 def _load_zenoh() -> Any:
@@ -116,6 +121,12 @@ class BridgeConfig:
         mode: the Zenoh session mode; default ``client`` with only ``connect``,
             ``peer`` with ``listen``.
         slots: slots of the segments created for imports.
+        max_mirrors: most segments made for imports at once. Any peer of the Zenoh
+            network may put on a key that an import expression matches, and each
+            new key makes a local segment: samples of further keys are refused
+            (counted, logged).
+        max_mirror_bytes: largest segment made for an import (all its slots); a
+            sample announcing a larger layout is refused (counted, logged).
         catalog_interval: seconds between looks at the local catalog (new,
             deleted or recreated segments to export).
         connect_timeout: seconds to reach a ``connect`` endpoint at start (an
@@ -136,6 +147,8 @@ class BridgeConfig:
     zenoh_config: str | None = None
     mode: str | None = None
     slots: int = 4
+    max_mirrors: int = 256
+    max_mirror_bytes: int = 1 << 30
     catalog_interval: float = 0.5
     connect_timeout: float = 10.0
     congestion: str = "drop"
@@ -159,6 +172,10 @@ class BridgeConfig:
             raise ConfigError("mode", f"{self.mode!r}: use one of {', '.join(MODES)}")
         if not isinstance(self.slots, int) or not 2 <= self.slots <= 64:
             raise ConfigError("slots", f"{self.slots!r}: use 2..64")
+        for name in ("max_mirrors", "max_mirror_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(name, f"{value!r}: use a positive integer")
         if self.metrics_port is not None and not (
             isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535
         ):
@@ -247,12 +264,34 @@ class _Mirror:
     #: What a shmcast exporter's attachments for this layout and incarnation look
     #: like: a sample that matches it is written without decoding its attachment.
     template: AttachmentTemplate
-    last: int = 0
+    #: Counts of the local name: they go on across mirrors (incarnations) of it.
+    counts: _Counts
+
+
+@dataclass
+class _Counts:
+    """An imported name's counters, kept across its mirrors (each new incarnation
+    upstream, each mirror made again): Prometheus counters never go back."""
+
+    key: str
+    last: int = 0  # the current mirror's latest version (0: none yet)
     received: int = 0
     skipped: int = 0
     stale: int = 0
     bytes: int = 0
     upstream_up: bool = True
+    #: The next mirror follows a new incarnation upstream: versions before its
+    #: first one were committed there and never came here.
+    renewed: bool = False
+
+
+@dataclass
+class _Pending:
+    """The latest sample of a key whose mirror the local thread is making."""
+
+    key: str
+    frame: Frame
+    payload: bytes
 
 
 @dataclass(frozen=True)
@@ -264,6 +303,7 @@ class BridgeStats:
     imported: dict[str, dict[str, Any]] = field(default_factory=dict)
     bad_samples: int = 0
     conflicts: int = 0
+    refused: int = 0
 
 
 class ZenohBridge(Service):
@@ -283,13 +323,21 @@ class ZenohBridge(Service):
         self._mirrors: dict[str, _Mirror] = {}
         #: The same mirrors by their Zenoh key: the hot path's one lookup.
         self._by_key: dict[str, _Mirror] = {}
+        self._counts: dict[str, _Counts] = {}
+        #: Names whose mirror the local thread is making, with the latest sample.
+        self._pending: dict[str, _Pending | None] = {}
+        #: Names refused by the local broker, and when to try again.
+        self._retry_at: dict[str, float] = {}
+        #: Names refused for the limits (warned once each).
+        self._over: set[str] = set()
         self._put_kind: Any = None
         self._import_lock = threading.Lock()
-        self._import_client: ControlClient | None = None
+        self._local: LocalBroker | None = None
         self._session: Any = None
         self._zenoh: Any = None
         self.bad_samples = 0
         self.conflicts = 0
+        self.refused = 0
         self.metrics_url: str | None = None
 
     # ------------------------------------------------------------------ public
@@ -309,15 +357,15 @@ class ZenohBridge(Service):
         with self._import_lock:
             imported = {
                 n: {
-                    "received": m.received,
-                    "skipped": m.skipped,
-                    "stale": m.stale,
-                    "bytes": m.bytes,
-                    "version": m.last,
-                    "upstream_up": m.upstream_up,
-                    "key": m.key,
+                    "received": c.received,
+                    "skipped": c.skipped,
+                    "stale": c.stale,
+                    "bytes": c.bytes,
+                    "version": c.last,
+                    "upstream_up": c.upstream_up,
+                    "key": c.key,
                 }
-                for n, m in self._mirrors.items()
+                for n, c in self._counts.items()
             }
         return BridgeStats(
             namespace=self.namespace,
@@ -325,6 +373,7 @@ class ZenohBridge(Service):
             imported=imported,
             bad_samples=self.bad_samples,
             conflicts=self.conflicts,
+            refused=self.refused,
         )
 
     def run(self, on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -351,8 +400,19 @@ class ZenohBridge(Service):
         metrics: MetricsServer | None = None
         try:
             client = ControlClient(endpoint, timeout=5.0)
-            client.request("hello")
-            self._import_client = ControlClient(endpoint, timeout=5.0)
+            epoch = client.request("hello")["epoch"]
+            if cfg.imports:
+                # Mirrors are made, annotated and deleted by a thread of their own:
+                # a stalled local broker never holds up Zenoh's callbacks.
+                self._local = LocalBroker(
+                    ControlClient(endpoint, timeout=5.0),
+                    epoch=epoch,
+                    namespace=self.namespace,
+                    broker=cfg.broker,
+                    source=SOURCE_PREFIX,
+                    timeout=5.0,
+                    notify=self._collect,
+                )
             try:
                 self._session = zenoh.open(self._zenoh_config(zenoh))
             except zenoh.ZError as exc:
@@ -409,6 +469,8 @@ class ZenohBridge(Service):
                 self._exports.clear()
             for e in exports:
                 self._drop_export(e)
+            if self._local is not None:
+                self._local.close()  # closes the mirrors it made and nobody took
             with self._import_lock:
                 mirrors = list(self._mirrors.values())
                 self._mirrors.clear()
@@ -416,8 +478,6 @@ class ZenohBridge(Service):
                 for m in mirrors:
                     with contextlib.suppress(Exception):
                         m.pub.close()
-                if self._import_client is not None:
-                    self._import_client.close()
             if self._session is not None:
                 with contextlib.suppress(Exception):
                     self._session.close()
@@ -469,6 +529,7 @@ class ZenohBridge(Service):
             now = time.monotonic()
             if now >= next_sync:
                 self._sync_exports(client)
+                self._check_mirrors()
                 next_sync = now + interval
             with self._lock:
                 exports = list(self._exports.values())
@@ -608,12 +669,19 @@ class ZenohBridge(Service):
         except (ValueError, ShmcastError):
             return
         with self._import_lock:
-            m = self._mirrors.get(name)
-            if m is not None and m.key == key and m.upstream_up != alive:
-                m.upstream_up = alive
-                self._annotate(m)
-        if alive and not self._stop.is_set():
-            # Never block in a Zenoh callback: the reply comes to _on_reply.
+            c = self._counts.get(name)
+            if c is not None and c.key == key and c.upstream_up != alive:
+                c.upstream_up = alive
+                m = self._mirrors.get(name)
+                if m is not None:
+                    self._annotate(m)
+        if alive:
+            self._ask_latest(key)
+
+    def _ask_latest(self, key: str) -> None:
+        """Ask the exporter of ``key`` for its latest version; the reply comes to
+        :meth:`_on_reply` (never block in a Zenoh callback)."""
+        if not self._stop.is_set():
             with contextlib.suppress(Exception):
                 self._session.get(
                     key, self._zenoh.handlers.Callback(self._on_reply, indirect=False), timeout=5.0
@@ -650,50 +718,62 @@ class ZenohBridge(Service):
             if attachment is None:
                 raise ValueError("no attachment")
             payload = sample.payload.to_bytes()
+            frame = decode_attachment(att)
+            # Checked before anything is made or dropped for it: a bad sample
+            # changes nothing here.
+            if not 0 < frame.version <= MAX_VERSION:
+                raise ValueError(f"version {frame.version} is not in 1..2**63-1")
+            if len(payload) != frame.nbytes:
+                raise ValueError(f"{len(payload)} bytes for a {frame.nbytes}-byte layout")
         except (ValueError, ShmcastError) as exc:
             self._bad(key, exc)
             return
         if namespace == self.namespace and name in self._exports:
             return  # our own export coming back
-        try:
-            frame = decode_attachment(att)
-        except ValueError as exc:
-            self._bad(key, exc)
-            return
         with self._import_lock:
-            m = self._mirror(key, name, frame, live=live)
+            m = self._mirror(key, name, frame, payload, live=live)
             if m is not None:
                 self._commit(key, m, (frame.version, frame.timestamp_ns), payload)
 
     def _commit(self, key: str, m: _Mirror, stamp: tuple[int, int], payload: bytes) -> None:
         """Write one upstream version into its mirror; called with the import lock held."""
         version, ts = stamp
-        if version <= m.last:
-            m.stale += 1
+        c = m.counts
+        if version <= c.last:
+            c.stale += 1
             return
         try:
             m.pub.publish_bytes(payload, version=version, timestamp_ns=ts)
         except ShmcastError as exc:  # not the layout's size; a version beyond 2**63-1
             self._bad(key, exc)
             return
-        if m.last and version > m.last + 1:
-            m.skipped += version - m.last - 1
-        m.last = version
-        m.received += 1
-        m.bytes += len(payload)
+        if c.renewed:
+            # A new incarnation starts at version 1: those before this one were
+            # committed upstream while we mirrored the name, and never came here.
+            c.renewed = False
+            c.skipped += version - 1
+        elif c.last and version > c.last + 1:
+            c.skipped += version - c.last - 1
+        c.last = version
+        c.received += 1
+        c.bytes += len(payload)
 
     def _bad(self, key: str, exc: Exception) -> None:
         self.bad_samples += 1
         log.debug("bad sample on %s: %s", key, exc)
 
-    def _mirror(self, key: str, name: str, frame: Frame, *, live: bool) -> _Mirror | None:
-        """The local segment of ``key``, created or recreated as ``frame`` says.
+    def _mirror(
+        self, key: str, name: str, frame: Frame, payload: bytes, *, live: bool
+    ) -> _Mirror | None:
+        """The mirror of ``key`` for ``frame``, or None while the local thread makes
+        it (``payload`` is then committed once it exists) or when it cannot be made.
         Called with the import lock held."""
+        c = self._counts.get(name)
+        if c is not None and c.key != key:
+            self.conflicts += 1  # two upstreams for one local name: the first wins
+            return None
         m = self._mirrors.get(name)
         if m is not None:
-            if m.key != key:
-                self.conflicts += 1  # two upstreams for one local name: the first wins
-                return None
             # One stream repeats one layout: decoding hands out the same dtype object.
             same = m.dtype is frame.dtype or m.dtype == frame.dtype
             if m.incarnation == frame.incarnation and same and m.shape == frame.shape:
@@ -701,51 +781,114 @@ class ZenohBridge(Service):
             if not live:
                 return None  # a reply from before the new incarnation: ignore it
             log.info("%s: new incarnation upstream; recreating the mirror", key)
-            del self._mirrors[name]
-            self._by_key.pop(key, None)
-            m.pub.close()
-            if self._import_client is not None:
-                with contextlib.suppress(ShmcastError):
-                    self._import_client.request("delete", name=name)
-        try:
-            pub = Publisher(
-                name,
-                dtype=frame.dtype,
-                shape=frame.shape,
-                slots=self.config.slots,
-                namespace=self.namespace,
-                broker=self.config.broker,
-                source=f"{SOURCE_PREFIX}{key}",
-            )
-        except ShmcastError as exc:
-            log.error("cannot mirror %s into %s: %s", key, name, exc)
+            self._drop_mirror(m, delete=True)
+            m.counts.renewed = True
+        if name in self._pending:  # being made: commit the latest once it is
+            self._pending[name] = _Pending(key, frame, payload)
+            return None
+        if time.monotonic() < self._retry_at.get(name, 0.0):
             self.conflicts += 1
             return None
-        template = AttachmentTemplate(frame.dtype, frame.shape, frame.incarnation)
-        m = _Mirror(name, key, frame.incarnation, frame.dtype, frame.shape, pub, template)
-        self._mirrors[name] = m
-        self._by_key[key] = m
-        return m
+        size = segment_size(frame.nbytes, self.config.slots)
+        if size > self.config.max_mirror_bytes or (
+            len(self._mirrors) + len(self._pending) >= self.config.max_mirrors
+            and name not in self._mirrors
+        ):
+            self.refused += 1
+            if name not in self._over:
+                self._over.add(name)
+                log.warning(
+                    "not mirroring %s: a %d-byte segment, with %d mirrors made; the limits "
+                    "are --max-mirror-bytes %d and --max-mirrors %d",
+                    key, size, len(self._mirrors), self.config.max_mirror_bytes,
+                    self.config.max_mirrors,
+                )  # fmt: skip
+            return None
+        if c is None:
+            self._counts[name] = _Counts(key)
+        self._pending[name] = _Pending(key, frame, payload)
+        assert self._local is not None
+        layout = (dtype_str(frame.dtype), frame.shape, self.config.slots)
+        self._local.create(
+            MirrorSpec(
+                name,
+                frame.dtype,
+                frame.shape,
+                self.config.slots,
+                layout,
+                0,
+                frame.incarnation,
+                source=f"{SOURCE_PREFIX}{key}",
+            )
+        )
+        return None
+
+    def _collect(self) -> None:
+        """Take in the mirrors the local thread made or could not make (its thread)."""
+        assert self._local is not None
+        for done in self._local.results():
+            spec = done.spec
+            with self._import_lock:
+                pending = self._pending.pop(spec.name, None)
+                if isinstance(done, Refused):
+                    self._retry_at[spec.name] = time.monotonic() + RETRY_SECONDS
+                    self.conflicts += 1
+                    c = self._counts.get(spec.name)
+                    if c is not None and not c.received:
+                        del self._counts[spec.name]  # never mirrored: nothing to count
+                    log.error(
+                        "cannot mirror %s (trying again in %.0f s): %s",
+                        spec.name, RETRY_SECONDS, done.reason,
+                    )  # fmt: skip
+                    continue
+                c = self._counts.get(spec.name)
+                key = str(spec.source)[len(SOURCE_PREFIX) :]
+                if self._stop.is_set() or c is None or c.key != key:
+                    done.pub.close()
+                    continue
+                self._retry_at.pop(spec.name, None)
+                template = AttachmentTemplate(spec.dtype, spec.shape, spec.incarnation)
+                m = _Mirror(
+                    spec.name, key, spec.incarnation, spec.dtype, spec.shape, done.pub, template, c
+                )
+                c.last = 0
+                self._mirrors[spec.name] = m
+                self._by_key[key] = m
+                self._annotate(m)  # upstream_up, in the catalog too
+                if pending is not None:
+                    f = pending.frame
+                    if (f.incarnation, f.dtype, f.shape) == (m.incarnation, m.dtype, m.shape):
+                        self._commit(key, m, (f.version, f.timestamp_ns), pending.payload)
+                    else:  # the upstream moved on meanwhile: its next sample remakes it
+                        self._mirror(key, spec.name, f, pending.payload, live=True)
+
+    def _drop_mirror(self, m: _Mirror, *, delete: bool) -> None:
+        """Forget ``m`` (its counts stay); called with the import lock held."""
+        del self._mirrors[m.name]
+        self._by_key.pop(m.key, None)
+        m.pub.close()
+        if delete and self._local is not None:
+            self._local.delete(m.name)
+
+    def _check_mirrors(self) -> None:
+        """A mirror deleted on this host (``shmcast rm --force``, a reclaim) is made
+        again from the upstream's latest version: written into the unlinked object,
+        versions reached nobody, and were counted as received."""
+        with self._import_lock:
+            gone = [m for m in self._mirrors.values() if not m.pub.segment.linked()]
+            for m in gone:
+                log.warning("mirror %s was deleted here, not upstream: making it again", m.name)
+                self._drop_mirror(m, delete=False)
+        for m in gone:
+            self._ask_latest(m.key)
 
     def _annotate(self, m: _Mirror) -> None:
         """Tell the local catalog whether the upstream is up (``upstream_up``)."""
-        client = self._import_client
-        if client is None:
-            return
-        seg = m.pub.segment
-        try:
-            client.request(
-                "create",
-                timeout=1.0,
-                name=m.name,
-                dtype=seg.info().dtype,
-                shape=list(seg.shape),
-                slots=seg.slots,
-                source=f"{SOURCE_PREFIX}{m.key}",
-                upstream_up=m.upstream_up,
+        if self._local is not None:
+            layout = (dtype_str(m.dtype), m.shape, self.config.slots)
+            self._local.annotate(
+                [(m.name, layout)], m.counts.upstream_up, source=f"{SOURCE_PREFIX}{m.key}"
             )
-        except ShmcastError as exc:
-            log.warning("cannot update the catalog entry of %s: %s", m.name, exc)
 
 
 class BridgeCollector(Collector):
@@ -783,6 +926,11 @@ class BridgeCollector(Collector):
                 "Upstream versions that never arrived (gaps in the version numbers)",
                 labels=labels,
             ),
+            "stale": CounterMetricFamily(
+                "shmcast_bridge_import_stale_versions",
+                "Samples not written: a version the mirror already has or has passed",
+                labels=labels,
+            ),
         }
         up = GaugeMetricFamily(
             "shmcast_bridge_upstream_up",
@@ -797,13 +945,24 @@ class BridgeCollector(Collector):
         for name, c in sorted(st.imported.items()):
             out["received"].add_metric([ns, name], c["received"])
             out["in_skipped"].add_metric([ns, name], c["skipped"])
+            out["stale"].add_metric([ns, name], c["stale"])
             up.add_metric([ns, name], 1.0 if c["upstream_up"] else 0.0)
         yield from out.values()
         yield up
-        bad = CounterMetricFamily(
-            "shmcast_bridge_bad_samples",
-            "Samples that were not shmcast frames",
-            labels=["namespace"],
-        )
-        bad.add_metric([ns], st.bad_samples)
-        yield bad
+        for name, doc, value in (
+            ("bad_samples", "Samples that were not shmcast frames", st.bad_samples),
+            (
+                "conflicts",
+                "Samples not mirrored: their local name is fed by another source, "
+                "or the local broker refused the mirror",
+                st.conflicts,
+            ),
+            (
+                "refused_samples",
+                "Samples not mirrored: over --max-mirrors or --max-mirror-bytes",
+                st.refused,
+            ),
+        ):
+            family = CounterMetricFamily(f"shmcast_bridge_{name}", doc, labels=["namespace"])
+            family.add_metric([ns], value)
+            yield family

@@ -62,6 +62,19 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--slots", type=int, help="slots of the segments made for imports (4)")
     p.add_argument(
+        "--max-mirrors",
+        type=int,
+        metavar="N",
+        help="most segments made for imports (256): any peer may put on a key an --import "
+        "expression matches, and each new key makes a segment",
+    )
+    p.add_argument(
+        "--max-mirror-bytes",
+        type=int,
+        metavar="B",
+        help="largest segment made for an import, all slots (1073741824)",
+    )
+    p.add_argument(
         "--congestion",
         choices=["drop", "block"],
         help="exports on a congested link: drop (default: only that link misses versions) "
@@ -82,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         "zenoh_config": args.config,
         "mode": args.mode,
         "slots": args.slots,
+        "max_mirrors": args.max_mirrors,
+        "max_mirror_bytes": args.max_mirror_bytes,
         "congestion": args.congestion,
         "connect_timeout": args.connect_timeout,
         "broker": args.broker,

@@ -1,4 +1,5 @@
-"""shmcast's writing side: :class:`Publisher`, the synthetic feeds, the relay and replay."""
+"""shmcast's writing side: :class:`Publisher`, the synthetic feeds, the relay and replay
+(and :class:`LocalBroker`, which makes the mirrors of the relay and of the bridge)."""
 
 from ._feeds import TICK_DTYPE as TICK_DTYPE
 from ._feeds import Feed as Feed
@@ -9,6 +10,10 @@ from ._relay import RelayCollector as RelayCollector
 from ._relay import RelayConfig as RelayConfig
 from ._relay import RelayStats as RelayStats
 from ._relay import resolve_relay_config as resolve_relay_config
+from ._relay_local import Created as Created
+from ._relay_local import LocalBroker as LocalBroker
+from ._relay_local import MirrorSpec as MirrorSpec
+from ._relay_local import Refused as Refused
 from ._replay import Replayed as Replayed
 from ._replay import Replayer as Replayer
 from ._replay import ReplayStats as ReplayStats
@@ -16,8 +21,12 @@ from ._replay import replay as replay
 
 __all__ = [
     "TICK_DTYPE",
+    "Created",
     "Feed",
+    "LocalBroker",
+    "MirrorSpec",
     "Publisher",
+    "Refused",
     "Relay",
     "RelayCollector",
     "RelayConfig",

@@ -1,4 +1,4 @@
-"""The relay's requests to its local broker, in a thread of their own.
+"""The requests of a relay or bridge to its local broker, in a thread of their own.
 
 Creating a mirror (a :class:`Publisher`: create and lease requests), telling the
 catalog that the upstream is up or down, deleting a mirror, and checking that
@@ -17,13 +17,14 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from shmcast.broker.client import ControlClient
-from shmcast.broker.errors import ShmcastError
+from shmcast.broker.errors import SegmentNotFoundError, ShmcastError
 
 from ._publisher import Publisher
 
@@ -45,6 +46,8 @@ class MirrorSpec:
     layout: Layout
     created: int
     incarnation: int = 0  # the upstream creation it mirrors (0: an older upstream)
+    #: The catalog's ``source`` of this mirror (``None``: the :class:`LocalBroker`'s).
+    source: str | None = None
 
 
 @dataclass
@@ -60,7 +63,7 @@ class Refused:
 
 
 class LocalBroker:
-    """The relay's requests to its local broker, served by one thread.
+    """The requests of a relay or bridge to its local broker, served by one thread.
 
     Args:
         client: a control connection to the local broker (this object owns it
@@ -68,6 +71,9 @@ class LocalBroker:
         epoch: the local broker's epoch when the relay started.
         namespace, broker, source: what each mirror's :class:`Publisher` gets.
         timeout: seconds each request waits for its reply.
+        notify: called in this object's thread after each :class:`Created` or
+            :class:`Refused` is queued (to take it in at once, not at the next
+            look at :meth:`results`).
     """
 
     def __init__(
@@ -79,7 +85,9 @@ class LocalBroker:
         broker: str | None,
         source: str,
         timeout: float,
+        notify: Callable[[], None] | None = None,
     ) -> None:
+        self._notify = notify
         self._client = client
         self._epoch = epoch
         self._namespace = namespace
@@ -96,10 +104,13 @@ class LocalBroker:
         """Make the mirror of ``spec``; a :class:`Created` or :class:`Refused` follows."""
         self._jobs.put(("create", spec))
 
-    def annotate(self, mirrors: list[tuple[str, Layout]], up: bool) -> None:
-        """Tell the catalog that these mirrors are relayed, and whether the upstream is up."""
+    def annotate(
+        self, mirrors: list[tuple[str, Layout]], up: bool, source: str | None = None
+    ) -> None:
+        """Tell the catalog that these mirrors are relayed, and whether the upstream is
+        up (``source``: theirs, if not this object's)."""
         if mirrors:
-            self._jobs.put(("annotate", (mirrors, up)))
+            self._jobs.put(("annotate", (mirrors, up, source)))
 
     def delete(self, name: str) -> None:
         self._jobs.put(("delete", name))
@@ -151,7 +162,9 @@ class LocalBroker:
                 log.exception("relay request %s to the local broker failed", kind)
 
     def _create(self, spec: MirrorSpec) -> None:
+        source = spec.source or self._source
         try:
+            self._clear_leftover(spec.name, source)
             pub = Publisher(
                 spec.name,
                 dtype=spec.dtype,
@@ -159,15 +172,34 @@ class LocalBroker:
                 slots=spec.slots,
                 namespace=self._namespace,
                 broker=self._broker,
-                source=self._source,
+                source=source,
                 timeout=self._timeout,
             )
         except ShmcastError as exc:
             self._results.put(Refused(spec, str(exc)))
-            return
-        self._results.put(Created(spec, pub))
+        else:
+            self._results.put(Created(spec, pub))
+        if self._notify is not None:
+            self._notify()
 
-    def _annotate(self, mirrors: list[tuple[str, Layout]], up: bool) -> None:
+    def _clear_leftover(self, name: str, source: str) -> None:
+        """A mirror of ``source`` that an earlier run left (no live writer) is deleted:
+        made afresh, it follows the upstream's versions whatever they are now (a new
+        incarnation upstream starts over at 1, which the leftover's later versions
+        would make stale for ever). Local readers see a new incarnation. A segment
+        fed by anyone else is the broker's to refuse."""
+        try:
+            entry = self._client.request("describe", timeout=self._timeout, name=name)
+        except SegmentNotFoundError:
+            return
+        if entry.get("source") == source and not entry.get("writer_alive"):
+            log.info("mirror %s: left by an earlier run; making it afresh", name)
+            with contextlib.suppress(SegmentNotFoundError):
+                self._client.request("delete", timeout=self._timeout, name=name)
+
+    def _annotate(
+        self, mirrors: list[tuple[str, Layout]], up: bool, source: str | None = None
+    ) -> None:
         for name, (dtype, shape, slots) in mirrors:
             try:
                 self._client.request(
@@ -177,7 +209,7 @@ class LocalBroker:
                     dtype=dtype,
                     shape=list(shape),
                     slots=slots,
-                    source=self._source,
+                    source=source or self._source,
                     upstream_up=up,
                     pid=os.getpid(),  # the mirrors' writer: a restarted broker believes it
                 )

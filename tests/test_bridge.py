@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from shmcast.bridge import (
 from shmcast.broker import Broker, BrokerConfig, ConfigError, Segment, ShmcastError
 from shmcast.broker.client import SHM_DIR, ControlClient
 from shmcast.cli._main import main
-from shmcast.cli.testing import unique_namespace, wait_for
+from shmcast.cli.testing import BROKER_READY, running, unique_namespace, wait_for
 from shmcast.publisher import Publisher
 
 zenoh = pytest.importorskip("zenoh", reason="eclipse-zenoh (the zenoh extra) is not installed")
@@ -629,3 +630,189 @@ def test_bad_bridge_arguments_exit_2(
     assert field in capsys.readouterr().err
     with pytest.raises(ConfigError):
         BridgeConfig(connect=(), exports=("x",))
+
+
+# ---------------------------------------------------------------------- a hostile or odd upstream
+
+
+def _put(
+    session: Any,
+    name: str,
+    version: int,
+    *,
+    incarnation: int = 3,
+    shape: tuple[int, ...] = (4,),
+    dtype: str = "<u8",
+    nbytes: int | None = None,
+) -> None:
+    """A plain Zenoh client's put on ``shmcast/far/<name>``: any peer may do this."""
+    import msgpack
+
+    meta = {"version": version, "timestamp_ns": 1000 + version, "dtype": dtype}
+    meta |= {"shape": list(shape), "incarnation": incarnation}
+    n = int(np.dtype(dtype).itemsize * np.prod(shape)) if nbytes is None else nbytes
+    session.put(f"shmcast/far/{name}", bytes([version % 256]) * n, attachment=msgpack.packb(meta))
+
+
+def _version(bridge: ZenohBridge, name: str) -> int:
+    return int(bridge.stats().imported.get(name, {}).get("version", 0))
+
+
+def test_a_peer_can_take_no_local_segment_and_only_bounded_shared_memory(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """Any peer of the router may put on a key an import matches: a local segment of
+    that name stays the local publisher's; a sample whose payload is not the layout
+    it announces makes nothing (it made a segment of that layout, and a bad sample
+    of a new incarnation deleted the mirror); mirrors are bounded in number and size."""
+    _, b = two_sides
+    with Publisher("data", dtype="u8", shape=(4,), namespace=b) as pub:
+        pub.publish(np.arange(4, dtype=np.uint64))  # then no live writer
+    imp = _bridge(router, b, imports=("shmcast/far/*",), max_mirrors=2, max_mirror_bytes=1 << 16)
+    session = _plain_session(router)
+    try:
+        wait_for(lambda: _put(session, "m", 1) or _version(imp, "m") == 1, 20, what="mirror m")
+        _put(session, "data", 10**6)
+        wait_for(lambda: imp.stats().conflicts >= 1, 10, what="the local name refused")
+        _put(session, "big", 1, dtype="|u1", shape=(32 << 20,), nbytes=1)  # 32 MiB announced
+        wait_for(lambda: imp.stats().bad_samples == 1, 10, what="the short sample counted bad")
+        _put(session, "huge", 1, shape=(1 << 14,))  # 128 KiB a slot: over max_mirror_bytes
+        wait_for(lambda: imp.stats().refused == 1, 10, what="the large one refused")
+        wait_for(lambda: _put(session, "m2", 1) or _version(imp, "m2") == 1, 10, what="m2")
+        _put(session, "m3", 1)  # a third mirror: over max_mirrors
+        wait_for(lambda: imp.stats().refused == 2, 10, what="the third mirror refused")
+        for v in range(2, 6):
+            _put(session, "m", v)
+        wait_for(lambda: _version(imp, "m") == 5, 10, what="m at version 5")
+        with Segment.attach("m", namespace=b) as mirror:
+            _put(session, "m", 6, incarnation=4, nbytes=1)  # a new incarnation, cut short
+            wait_for(lambda: imp.stats().bad_samples == 2, 10, what="the cut sample counted")
+            assert mirror.linked()
+            assert mirror.version == 5
+        assert sorted(Segment.list(b)) == ["data", "m", "m2"]
+        entry = _entry(b, "data")
+        assert (entry["source"], entry["version"]) == ("local", 1)
+        with Segment.attach("data", namespace=b) as data:
+            assert list(data.latest().array) == [0, 1, 2, 3]
+    finally:
+        session.close()
+        imp.close()
+
+
+def test_a_restarted_importer_follows_an_upstream_recreated_meanwhile(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """The mirror an importer left is made afresh by the next run: kept, the new
+    incarnation's versions (from 1 again) were all refused against its version 100."""
+    _, b = two_sides
+    session = _plain_session(router)
+    try:
+        imp = _bridge(router, b, imports=("shmcast/far/*",))
+        try:
+            wait_for(lambda: _put(session, "x", 1) or _version(imp, "x") == 1, 20, what="x")
+            _put(session, "x", 100)
+            wait_for(lambda: _version(imp, "x") == 100, 10, what="version 100")
+        finally:
+            imp.close()
+        imp = _bridge(router, b, imports=("shmcast/far/*",))
+        try:
+            wait_for(
+                lambda: _put(session, "x", 1, incarnation=4) or _version(imp, "x") == 1,
+                20,
+                what="the new incarnation's version 1",
+            )
+            with Segment.attach("x", namespace=b) as mirror:
+                assert mirror.version == 1
+            assert imp.stats().bad_samples == 0
+        finally:
+            imp.close()
+    finally:
+        session.close()
+
+
+def test_counts_go_on_across_incarnations_and_are_all_exported(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """A new incarnation upstream makes a new mirror, not new counters (they went
+    back to 0, and the new incarnation's versions before its first were not counted);
+    stale samples, conflicts and refusals are metrics too."""
+    import urllib.request
+
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), metrics_port=0)
+    session = _plain_session(router)
+    try:
+        wait_for(lambda: _put(session, "c", 1) or _version(imp, "c") == 1, 20, what="c")
+        for v in (2, 3):
+            _put(session, "c", v)
+        wait_for(lambda: _version(imp, "c") == 3, 10, what="version 3")
+        before = imp.stats().imported["c"]
+        _put(session, "c", 10, incarnation=4)
+        wait_for(lambda: _version(imp, "c") == 10, 10, what="the new incarnation's version 10")
+        after = imp.stats().imported["c"]
+        assert after["received"] == before["received"] + 1
+        assert after["skipped"] == before["skipped"] + 9  # its versions 1-9 never came
+        assert imp.metrics_url is not None
+        with urllib.request.urlopen(imp.metrics_url, timeout=10) as r:
+            text = r.read().decode()
+        received = f'shmcast_bridge_imported_versions_total{{namespace="{b}",segment="c"}}'
+        assert f"{received} {float(after['received'])}" in text
+        for family in ("import_stale_versions_total", "conflicts_total", "refused_samples_total"):
+            assert f"shmcast_bridge_{family}" in text
+    finally:
+        session.close()
+        imp.close()
+
+
+def test_a_mirror_deleted_on_its_own_host_is_made_again(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """``shmcast rm --force`` of a mirror: later versions went into the unlinked
+    object (counted as received, read by nobody); the mirror is made again."""
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), catalog_interval=0.1)
+    session = _plain_session(router)
+    try:
+        wait_for(lambda: _put(session, "d", 1) or _version(imp, "d") == 1, 20, what="d")
+        with ControlClient(f"ipc://{_runtime(b)}/control.sock") as c:
+            c.request("delete", name="d", force=True)
+        versions = iter(range(2, 10**6))
+
+        def remade() -> bool:
+            _put(session, "d", v := next(versions))
+            time.sleep(0.05)
+            return "d" in Segment.list(b) and _version(imp, "d") >= v - 1
+
+        wait_for(remade, 20, what="the mirror made again")
+        with Segment.attach("d", namespace=b) as mirror:
+            wait_for(lambda: mirror.version >= 2, 10, what="a version in the new mirror")
+    finally:
+        session.close()
+        imp.close()
+
+
+def test_a_stalled_local_broker_holds_up_no_other_mirror(router: str) -> None:
+    """Making a mirror waits for the local broker (create, lease): in Zenoh's
+    callback, a stalled broker stopped every mirror for 5 s and lost the new key's
+    sample. Mirrors are made by a thread of their own now."""
+    ns = unique_namespace("zs")
+    with running(["broker"], ready=BROKER_READY, env={"SHMCAST_NAMESPACE": ns}) as broker:
+        imp = _bridge(router, ns, imports=("shmcast/far/*",))
+        session = _plain_session(router)
+        stopped = False
+        try:
+            wait_for(lambda: _put(session, "a", 1) or _version(imp, "a") == 1, 20, what="a")
+            broker.send_signal(signal.SIGSTOP)
+            stopped = True
+            _put(session, "b", 1)  # a new key: its mirror waits for the broker
+            time.sleep(0.2)
+            _put(session, "a", 2)
+            wait_for(lambda: _version(imp, "a") == 2, 3, what="a's version 2, broker stopped")
+            broker.send_signal(signal.SIGCONT)
+            stopped = False
+            wait_for(lambda: _version(imp, "b") == 1, 20, what="b once the broker is back")
+        finally:
+            if stopped:
+                broker.send_signal(signal.SIGCONT)
+            session.close()
+            imp.close()
