@@ -81,7 +81,8 @@ class BrokerConfig:
     and unlinks the others; ``unlink_on_exit`` unlinks them all (stop the
     publishers first: one still running would write where no reader looks).
 
-    Limits on what the broker takes in: ``max_message_bytes`` per control (and
+    Limits on what the broker takes in: ``max_segment_bytes`` per segment (a
+    positive count of bytes; ``None``, no limit), ``max_message_bytes`` per control (and
     data-stream) message, ``max_subscriptions`` distinct topics on the events
     endpoint, ``max_relays`` connected relays, ``max_relay_patterns`` patterns
     per relay.
@@ -121,7 +122,7 @@ class BrokerConfig:
             ):
                 raise ConfigError(name, f"{ep!r} is not an ipc://, tcp:// or inproc:// endpoint")
         if self.metrics_port is not None and not (
-            isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535
+            _is_int(self.metrics_port) and 0 <= self.metrics_port <= 65535
         ):
             raise ConfigError("metrics_port", f"{self.metrics_port!r} is not a port (0-65535)")
         if not isinstance(self.mode, int) or self.mode & ~0o666 or not self.mode & 0o600:
@@ -139,8 +140,16 @@ class BrokerConfig:
             ("max_relay_patterns", 1, 65536),
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            if not _is_int(value) or not low <= value <= high:
                 raise ConfigError(name, f"{value!r}: use an integer from {low} to {high}")
+        if self.max_segment_bytes is not None and not (
+            _is_int(self.max_segment_bytes) and self.max_segment_bytes > 0
+        ):
+            raise ConfigError(
+                "max_segment_bytes",
+                f"{self.max_segment_bytes!r}: use a positive number of bytes, "
+                f"e.g. 67108864 for 64 MiB, or leave it out for no limit",
+            )
         for name in ("tcp_open", "unlink_on_exit"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"{getattr(self, name)!r}: use true or false")
@@ -167,12 +176,18 @@ class BrokerConfig:
                 raise ConfigError("group", f"no group named {self.group!r}") from None
         if not (
             isinstance(self.heartbeat_interval, (int, float))
+            and not isinstance(self.heartbeat_interval, bool)
             and 0.01 <= self.heartbeat_interval <= 60
         ):
             raise ConfigError("heartbeat_interval", "use seconds between 0.01 and 60")
         names = [s.name for s in self.segments]
         if len(set(names)) != len(names):
             raise ConfigError("segments", "a segment name is declared twice")
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, and not a bool (``True`` is an ``int`` to Python, not to a config)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 #: What whoever reaches each TCP endpoint could do. Without CURVE a TCP peer cannot

@@ -106,6 +106,36 @@ def test_bad_config_file_names_the_field(
     assert str(cfg) in err
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        *[("max_segment_bytes", v) for v in (-1, 0, True, 1.5, "64MiB")],
+        ("metrics_port", True),
+        ("heartbeat_interval", True),
+        ("max_relays", True),
+    ],
+)
+def test_a_limit_that_is_not_a_count_is_refused_naming_it(field: str, value: object) -> None:
+    """max_segment_bytes was never checked: -1 refused every create at run time and
+    "64MiB" failed each with a TypeError answered as BadRequest; a bool passed as a
+    port or a number (True is an int to Python)."""
+    from shmcast.broker import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        BrokerConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_a_negative_max_segment_bytes_in_a_file_is_refused(tmp_path: Path) -> None:
+    from shmcast.broker import ConfigError, resolve_config
+
+    cfg = tmp_path / "b.toml"
+    cfg.write_text("max_segment_bytes = -1\n")
+    with pytest.raises(ConfigError, match="max_segment_bytes") as exc:
+        resolve_config({}, config_file=str(cfg), environ={})
+    assert exc.value.source == str(cfg)
+    assert BrokerConfig(max_segment_bytes=1).max_segment_bytes == 1
+
+
 def test_subscribe_json_count(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
     seg = Segment.create("js", "f8", (10,), namespace=namespace)
     try:
