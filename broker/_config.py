@@ -72,10 +72,13 @@ class BrokerConfig:
     those of readers (hello, list, describe, stats, report, subscribers). With
     CURVE, a key in ``curve_readers`` is a reader on either endpoint and a key
     in ``curve_clients`` a writer (with both lists empty, any key is a writer).
-    Without CURVE a TCP peer cannot be told apart from another, so any TCP
-    endpoint beyond loopback (``control``, ``control_ro``, ``events``, ``data``:
-    the last hands every segment's bytes to whoever connects) needs
-    ``tcp_open = true``, written out.
+    Without CURVE a TCP peer cannot be told apart from another, and loopback is
+    reachable by every local user (of any uid), so a plain TCP ``control``
+    endpoint, on 127.0.0.1 too, needs ``tcp_open = true``, written out (every
+    local user is then a writer), and so does any other plain TCP endpoint
+    (``control_ro``, ``events``, ``data``: the last hands every segment's bytes
+    to whoever connects) beyond loopback. On loopback those three are allowed:
+    every local user can then read through them (``exposure_warning``).
 
     A clean stop leaves the segments whose writer still runs for the next broker
     and unlinks the others; ``unlink_on_exit`` unlinks them all (stop the
@@ -153,21 +156,26 @@ class BrokerConfig:
         for name in ("tcp_open", "unlink_on_exit"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"{getattr(self, name)!r}: use true or false")
-        for name, what in _EXPOSED.items():
-            endpoint = getattr(self, name)
-            if (
-                isinstance(endpoint, str)
-                and endpoint.startswith("tcp://")
-                and not is_loopback(endpoint)
-                and not self.curve_secret_key
-                and not self.tcp_open
-            ):
+        for name, endpoint in self._plain_tcp().items():
+            if self.tcp_open:
+                break
+            if name == "control":
+                raise ConfigError(
+                    name,
+                    f"{endpoint} is plain TCP without CURVE: a TCP peer cannot be told from "
+                    f"another, so every local user (any process on this host, of any user; "
+                    f"beyond loopback, anyone who reaches it) {_EXPOSED[name]}: use an "
+                    f"ipc:// endpoint (the default, owner only), set curve_secret_key (and "
+                    f"curve_clients / curve_readers), or set tcp_open = true (--tcp-open) "
+                    f"if every local user may then write",
+                )
+            if not is_loopback(endpoint):
                 raise ConfigError(
                     name,
                     f"{endpoint} binds beyond loopback without CURVE, so anyone who reaches "
-                    f"it {what}: set curve_secret_key (and curve_clients / curve_readers), "
-                    f"bind 127.0.0.1, or set tcp_open = true (--tcp-open) on a network "
-                    f"you trust",
+                    f"it {_EXPOSED[name]}: set curve_secret_key (and curve_clients / "
+                    f"curve_readers), bind 127.0.0.1 (every local user can still reach it), "
+                    f"or set tcp_open = true (--tcp-open) on a network you trust",
                 )
         if self.group is not None:
             try:
@@ -184,6 +192,34 @@ class BrokerConfig:
         if len(set(names)) != len(names):
             raise ConfigError("segments", "a segment name is declared twice")
 
+    def _plain_tcp(self) -> dict[str, str]:
+        """The TCP endpoints bound without CURVE, by field: every local user reaches them."""
+        if self.curve_secret_key:
+            return {}
+        return {
+            name: endpoint
+            for name in _EXPOSED
+            if isinstance(endpoint := getattr(self, name), str) and endpoint.startswith("tcp://")
+        }
+
+    def exposure_warning(self) -> str | None:
+        """One line saying who can use the plain TCP endpoints, for the log at start.
+
+        Returns:
+            ``None`` when no endpoint is plain TCP (ipc, inproc, or CURVE).
+        """
+        plain = self._plain_tcp()
+        if not plain:
+            return None
+        each = "; ".join(
+            f"{name} {ep}: whoever connects {_EXPOSED[name]}" for name, ep in plain.items()
+        )
+        return (
+            f"plain TCP without CURVE is open to every local user (any uid; beyond "
+            f"loopback, anyone who reaches the address): {each}. Use ipc:// endpoints "
+            f"(owner only) or CURVE to keep them to this user"
+        )
+
 
 def _is_int(value: Any) -> bool:
     """An integer, and not a bool (``True`` is an ``int`` to Python, not to a config)."""
@@ -191,7 +227,8 @@ def _is_int(value: Any) -> bool:
 
 
 #: What whoever reaches each TCP endpoint could do. Without CURVE a TCP peer cannot
-#: be told from another: beyond loopback, that needs tcp_open written out.
+#: be told from another, and loopback is every local user's: a plain TCP control
+#: endpoint (any address) and any other one beyond loopback need tcp_open written out.
 _EXPOSED = {
     "control": "could create, delete and commit",
     "control_ro": "could list and describe every segment",

@@ -358,9 +358,13 @@ def test_the_worker_takes_statistics_of_numbers_and_says_so_of_the_rest(
 
 
 def test_ls_honours_shmcast_broker(
-    namespace: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    b = Broker(BrokerConfig(namespace=namespace, control="tcp://127.0.0.1:0")).start()
+    control = f"ipc://{tmp_path}/control.sock"  # not the namespace's default socket
+    b = Broker(BrokerConfig(namespace=namespace, control=control)).start()
     try:
         assert b.endpoints is not None
         Publisher("e", dtype="i1", shape=1, namespace=namespace, broker=b.endpoints.control).close()
