@@ -72,16 +72,20 @@ class BrokerConfig:
     those of readers (hello, list, describe, stats, report, subscribers). With
     CURVE, a key in ``curve_readers`` is a reader on either endpoint and a key
     in ``curve_clients`` a writer (with both lists empty, any key is a writer).
-    Without CURVE a TCP peer cannot be told apart from another, so any TCP
-    endpoint beyond loopback (``control``, ``control_ro``, ``events``, ``data``:
-    the last hands every segment's bytes to whoever connects) needs
-    ``tcp_open = true``, written out.
+    Without CURVE a TCP peer cannot be told apart from another, and loopback is
+    reachable by every local user (of any uid), so a plain TCP ``control``
+    endpoint, on 127.0.0.1 too, needs ``tcp_open = true``, written out (every
+    local user is then a writer), and so does any other plain TCP endpoint
+    (``control_ro``, ``events``, ``data``: the last hands every segment's bytes
+    to whoever connects) beyond loopback. On loopback those three are allowed:
+    every local user can then read through them (``exposure_warning``).
 
     A clean stop leaves the segments whose writer still runs for the next broker
     and unlinks the others; ``unlink_on_exit`` unlinks them all (stop the
     publishers first: one still running would write where no reader looks).
 
-    Limits on what the broker takes in: ``max_message_bytes`` per control (and
+    Limits on what the broker takes in: ``max_segment_bytes`` per segment (a
+    positive count of bytes; ``None``, no limit), ``max_message_bytes`` per control (and
     data-stream) message, ``max_subscriptions`` distinct topics on the events
     endpoint, ``max_relays`` connected relays, ``max_relay_patterns`` patterns
     per relay.
@@ -121,7 +125,7 @@ class BrokerConfig:
             ):
                 raise ConfigError(name, f"{ep!r} is not an ipc://, tcp:// or inproc:// endpoint")
         if self.metrics_port is not None and not (
-            isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535
+            _is_int(self.metrics_port) and 0 <= self.metrics_port <= 65535
         ):
             raise ConfigError("metrics_port", f"{self.metrics_port!r} is not a port (0-65535)")
         if not isinstance(self.mode, int) or self.mode & ~0o666 or not self.mode & 0o600:
@@ -139,26 +143,39 @@ class BrokerConfig:
             ("max_relay_patterns", 1, 65536),
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            if not _is_int(value) or not low <= value <= high:
                 raise ConfigError(name, f"{value!r}: use an integer from {low} to {high}")
+        if self.max_segment_bytes is not None and not (
+            _is_int(self.max_segment_bytes) and self.max_segment_bytes > 0
+        ):
+            raise ConfigError(
+                "max_segment_bytes",
+                f"{self.max_segment_bytes!r}: use a positive number of bytes, "
+                f"e.g. 67108864 for 64 MiB, or leave it out for no limit",
+            )
         for name in ("tcp_open", "unlink_on_exit"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"{getattr(self, name)!r}: use true or false")
-        for name, what in _EXPOSED.items():
-            endpoint = getattr(self, name)
-            if (
-                isinstance(endpoint, str)
-                and endpoint.startswith("tcp://")
-                and not is_loopback(endpoint)
-                and not self.curve_secret_key
-                and not self.tcp_open
-            ):
+        for name, endpoint in self._plain_tcp().items():
+            if self.tcp_open:
+                break
+            if name == "control":
+                raise ConfigError(
+                    name,
+                    f"{endpoint} is plain TCP without CURVE: a TCP peer cannot be told from "
+                    f"another, so every local user (any process on this host, of any user; "
+                    f"beyond loopback, anyone who reaches it) {_EXPOSED[name]}: use an "
+                    f"ipc:// endpoint (the default, owner only), set curve_secret_key (and "
+                    f"curve_clients / curve_readers), or set tcp_open = true (--tcp-open) "
+                    f"if every local user may then write",
+                )
+            if not is_loopback(endpoint):
                 raise ConfigError(
                     name,
                     f"{endpoint} binds beyond loopback without CURVE, so anyone who reaches "
-                    f"it {what}: set curve_secret_key (and curve_clients / curve_readers), "
-                    f"bind 127.0.0.1, or set tcp_open = true (--tcp-open) on a network "
-                    f"you trust",
+                    f"it {_EXPOSED[name]}: set curve_secret_key (and curve_clients / "
+                    f"curve_readers), bind 127.0.0.1 (every local user can still reach it), "
+                    f"or set tcp_open = true (--tcp-open) on a network you trust",
                 )
         if self.group is not None:
             try:
@@ -167,6 +184,7 @@ class BrokerConfig:
                 raise ConfigError("group", f"no group named {self.group!r}") from None
         if not (
             isinstance(self.heartbeat_interval, (int, float))
+            and not isinstance(self.heartbeat_interval, bool)
             and 0.01 <= self.heartbeat_interval <= 60
         ):
             raise ConfigError("heartbeat_interval", "use seconds between 0.01 and 60")
@@ -174,9 +192,43 @@ class BrokerConfig:
         if len(set(names)) != len(names):
             raise ConfigError("segments", "a segment name is declared twice")
 
+    def _plain_tcp(self) -> dict[str, str]:
+        """The TCP endpoints bound without CURVE, by field: every local user reaches them."""
+        if self.curve_secret_key:
+            return {}
+        return {
+            name: endpoint
+            for name in _EXPOSED
+            if isinstance(endpoint := getattr(self, name), str) and endpoint.startswith("tcp://")
+        }
+
+    def exposure_warning(self) -> str | None:
+        """One line saying who can use the plain TCP endpoints, for the log at start.
+
+        Returns:
+            ``None`` when no endpoint is plain TCP (ipc, inproc, or CURVE).
+        """
+        plain = self._plain_tcp()
+        if not plain:
+            return None
+        each = "; ".join(
+            f"{name} {ep}: whoever connects {_EXPOSED[name]}" for name, ep in plain.items()
+        )
+        return (
+            f"plain TCP without CURVE is open to every local user (any uid; beyond "
+            f"loopback, anyone who reaches the address): {each}. Use ipc:// endpoints "
+            f"(owner only) or CURVE to keep them to this user"
+        )
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, and not a bool (``True`` is an ``int`` to Python, not to a config)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 #: What whoever reaches each TCP endpoint could do. Without CURVE a TCP peer cannot
-#: be told from another: beyond loopback, that needs tcp_open written out.
+#: be told from another, and loopback is every local user's: a plain TCP control
+#: endpoint (any address) and any other one beyond loopback need tcp_open written out.
 _EXPOSED = {
     "control": "could create, delete and commit",
     "control_ro": "could list and describe every segment",

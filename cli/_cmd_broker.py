@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 from shmcast.broker import Broker, resolve_config
 
 from ._options import positive_seconds
 from ._runner import serve
+
+log = logging.getLogger(__name__)
 
 READY = "shmcast broker ready: "
 HELP = "run the broker: owns the namespace's segments, serves the control API, announces versions"
@@ -17,7 +20,8 @@ examples:
   shmcast broker                                  ipc endpoints in the runtime dir, no config
   shmcast broker --metrics-port 9100              Prometheus metrics on 127.0.0.1:9100
   shmcast broker --config configs/broker.toml     endpoints, permissions, declared segments
-  shmcast broker --events tcp://127.0.0.1:5556    announcements over TCP (loopback)
+  shmcast broker --events tcp://127.0.0.1:5556    announcements over TCP (loopback:
+                                                  every local user can follow them)
   shmcast broker --data tcp://10.0.0.1:5557 --tcp-open
                                                   data stream for relays on other hosts
                                                   (plain TCP: a trusted network; else CURVE)
@@ -52,8 +56,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--tcp-open",
         action="store_true",
         default=None,
-        help="accept plain TCP endpoints beyond loopback (no CURVE): anyone who reaches them "
-        "writes (control), reads every segment (data), or sees names and versions",
+        help="accept a plain TCP control endpoint (no CURVE; on 127.0.0.1 too: every local "
+        "user then writes) and other plain TCP endpoints beyond loopback: anyone who reaches "
+        "them writes (control), reads every segment (data), or sees names and versions",
     )
     p.add_argument(
         "--unlink-on-exit",
@@ -79,5 +84,8 @@ def run(args: argparse.Namespace) -> int:
         "tcp_open": args.tcp_open,
     }
     config = resolve_config(flags, config_file=args.config)  # ConfigError: exit 2
+    exposure = config.exposure_warning()
+    if exposure is not None:
+        log.warning("%s", exposure)
     serve(Broker(config), READY)
     return 0

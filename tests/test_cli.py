@@ -106,6 +106,36 @@ def test_bad_config_file_names_the_field(
     assert str(cfg) in err
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        *[("max_segment_bytes", v) for v in (-1, 0, True, 1.5, "64MiB")],
+        ("metrics_port", True),
+        ("heartbeat_interval", True),
+        ("max_relays", True),
+    ],
+)
+def test_a_limit_that_is_not_a_count_is_refused_naming_it(field: str, value: object) -> None:
+    """max_segment_bytes was never checked: -1 refused every create at run time and
+    "64MiB" failed each with a TypeError answered as BadRequest; a bool passed as a
+    port or a number (True is an int to Python)."""
+    from shmcast.broker import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        BrokerConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_a_negative_max_segment_bytes_in_a_file_is_refused(tmp_path: Path) -> None:
+    from shmcast.broker import ConfigError, resolve_config
+
+    cfg = tmp_path / "b.toml"
+    cfg.write_text("max_segment_bytes = -1\n")
+    with pytest.raises(ConfigError, match="max_segment_bytes") as exc:
+        resolve_config({}, config_file=str(cfg), environ={})
+    assert exc.value.source == str(cfg)
+    assert BrokerConfig(max_segment_bytes=1).max_segment_bytes == 1
+
+
 def test_subscribe_json_count(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
     seg = Segment.create("js", "f8", (10,), namespace=namespace)
     try:
@@ -328,9 +358,13 @@ def test_the_worker_takes_statistics_of_numbers_and_says_so_of_the_rest(
 
 
 def test_ls_honours_shmcast_broker(
-    namespace: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    b = Broker(BrokerConfig(namespace=namespace, control="tcp://127.0.0.1:0")).start()
+    control = f"ipc://{tmp_path}/control.sock"  # not the namespace's default socket
+    b = Broker(BrokerConfig(namespace=namespace, control=control)).start()
     try:
         assert b.endpoints is not None
         Publisher("e", dtype="i1", shape=1, namespace=namespace, broker=b.endpoints.control).close()

@@ -530,6 +530,7 @@ def test_publisher_in_too_small_shm_gets_a_clear_error_not_sigbus(
             *("run", "-d", "--name", name, *label, *env, "--network", "host"),
             *("--ipc", "shareable", "--shm-size", "8m", IMAGE, "broker"),
             *("--control", f"tcp://127.0.0.1:{control}", "--events", f"tcp://127.0.0.1:{events}"),
+            "--tcp-open",  # plain TCP control, as docker/broker.toml writes out
         )
         _wait(
             lambda: eng.docker("exec", name, "shmcast", "health", check=False).returncode == 0,

@@ -109,7 +109,7 @@ def test_broker_honours_the_namespace_environment(monkeypatch: pytest.MonkeyPatc
 
 def test_bind_errors_name_the_endpoint(namespace: str, busy_port: int) -> None:
     endpoint = f"tcp://127.0.0.1:{busy_port}"
-    broker = Broker(BrokerConfig(namespace=namespace, control=endpoint))
+    broker = Broker(BrokerConfig(namespace=namespace, control=endpoint, tcp_open=True))
     with pytest.raises(EndpointError, match=f"control endpoint {endpoint}"):
         broker.start()
     assert not runtime_dir(namespace).exists()

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import zmq
 
-from shmcast.broker import Broker, BrokerConfig, curve_keypair
+from shmcast.broker import Broker, BrokerConfig, ConfigError, curve_keypair
 from shmcast.broker._protocol import ipc_path
 from shmcast.broker.client import ControlClient, runtime_dir
 from shmcast.broker.errors import BrokerUnavailableError
+from shmcast.cli.testing import BROKER_READY, start
 from shmcast.publisher import Publisher
 from shmcast.subscriber import Subscriber
 from tests._other_user import OtherUser
@@ -132,7 +133,12 @@ def test_tcp_binds_loopback_when_asked(namespace: str) -> None:
     assert cfg.events is None
     assert cfg.metrics_host == "127.0.0.1"
     b, t = _serve(
-        BrokerConfig(namespace=namespace, control="tcp://127.0.0.1:0", events="tcp://127.0.0.1:0")
+        BrokerConfig(
+            namespace=namespace,
+            control="tcp://127.0.0.1:0",
+            events="tcp://127.0.0.1:0",
+            tcp_open=True,  # a plain TCP control endpoint, loopback too, is written out
+        )
     )
     try:
         assert b.endpoints is not None
@@ -146,6 +152,41 @@ def test_tcp_binds_loopback_when_asked(namespace: str) -> None:
         key = line.lstrip("# ").split("=")[0].strip()
         if key in ("control", "events") and "tcp://" in line:
             assert "127.0.0.1" in line, line
+
+
+@pytest.mark.parametrize(
+    "where", ["tcp://127.0.0.1:5555", "tcp://localhost:5555", "tcp://[::1]:5555"]
+)
+def test_a_plain_tcp_control_endpoint_on_loopback_needs_tcp_open(where: str) -> None:
+    """Loopback is every local user's: user nobody deleted the owner's segment and
+    created its own through tcp://127.0.0.1 (the documented choice, and
+    docker/broker.toml's). A plain TCP control endpoint is now refused at any
+    address unless tcp_open is written out; the error names the ways out."""
+    with pytest.raises(ConfigError, match="control") as exc:
+        BrokerConfig(control=where)
+    for needle in ("every local user", "ipc://", "curve_secret_key", "tcp_open = true"):
+        assert needle in str(exc.value), needle
+    assert BrokerConfig(control=where, tcp_open=True).control == where
+    assert BrokerConfig(control=where, curve_secret_key="x" * 40).control == where
+    assert BrokerConfig(control="ipc:///run/x/control.sock").exposure_warning() is None
+
+
+def test_loopback_read_only_endpoints_are_served_with_one_warning_line(namespace: str) -> None:
+    """events, control_ro and data on 127.0.0.1 stay allowed (every local user can
+    read through them), and the broker says so in one warning line at start."""
+    args = ["broker", "-n", namespace, "--heartbeat", "5"]
+    for name in ("events", "control-ro", "data"):
+        args += [f"--{name}", "tcp://127.0.0.1:0"]
+    broker = start(args, ready=BROKER_READY)
+    try:
+        assert broker.ready["events"].startswith("tcp://127.0.0.1:")
+    finally:
+        assert broker.stop() == 0
+    warned = [line for line in broker.stderr if "every local user" in line]
+    assert len(warned) == 1, broker.stderr
+    assert "WARNING" in warned[0]
+    for name in ("events", "control_ro", "data"):
+        assert f"{name} tcp://127.0.0.1:0" in warned[0]
 
 
 def test_curve_refuses_unknown_clients(namespace: str) -> None:
