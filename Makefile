@@ -1,8 +1,8 @@
 # The two commands of the README: `make demo` and `make test`. Both create the
 # virtual environment and install what they need by themselves: the demo the
 # runtime dependencies and the record extra (its recorder writes HDF5); the
-# tests add the test and bench extras (the suite runs the benchmarks once in
-# quick mode, with their Redis peer).
+# tests add the test and bench extras (`make test-bench`, which CI runs after
+# `make test`, runs the benchmarks once in quick mode, with their Redis peer).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -16,7 +16,7 @@ RUNTIME  := $(VENV)/.runtime-stamp
 TESTDEPS := $(VENV)/.test-stamp
 DOCKERDEPS := $(VENV)/.docker-stamp
 
-.PHONY: demo test test-docker test-arm64 lint pytest bench bench-quick soak system-deps clean
+.PHONY: demo test test-bench test-docker test-arm64 lint pytest bench bench-quick soak system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ pytest: $(TESTDEPS) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint pytest
+
+# The benchmark suite end to end in quick mode, its JSON checked (no timing is
+# asserted): 1.5 minutes, so not part of `make test`; CI runs it after it.
+test-bench: $(TESTDEPS) system-deps
+	$(BIN)/python -m pytest -m benchsuite tests/test_bench_quick.py $(PYTEST_ARGS)
 
 # The deployment on a real Docker engine (tests/test_docker_engine.py): as root it
 # installs Debian's docker.io and docker-compose, starts a private dockerd (no
