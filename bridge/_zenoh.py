@@ -94,6 +94,8 @@ MODES = ("client", "peer", "router")
 SOURCE_PREFIX = "zenoh:"
 #: Seconds before a name the local broker refused a mirror is tried again.
 RETRY_SECONDS = 5.0
+#: Names remembered for a warning given once, or a retry: at most this many.
+MAX_WARNED = 1024
 
 
 def _load_zenoh() -> Any:
@@ -795,8 +797,8 @@ class ZenohBridge(Service):
             and name not in self._mirrors
         ):
             self.refused += 1
-            if name not in self._over:
-                self._over.add(name)
+            if name not in self._over and len(self._over) < MAX_WARNED:
+                self._over.add(name)  # bounded: any peer may send any number of names
                 log.warning(
                     "not mirroring %s: a %d-byte segment, with %d mirrors made; the limits "
                     "are --max-mirror-bytes %d and --max-mirrors %d",
@@ -831,7 +833,10 @@ class ZenohBridge(Service):
             with self._import_lock:
                 pending = self._pending.pop(spec.name, None)
                 if isinstance(done, Refused):
-                    self._retry_at[spec.name] = time.monotonic() + RETRY_SECONDS
+                    now = time.monotonic()
+                    if len(self._retry_at) >= MAX_WARNED:  # any peer may send any names
+                        self._retry_at = {n: t for n, t in self._retry_at.items() if t > now}
+                    self._retry_at[spec.name] = now + RETRY_SECONDS
                     self.conflicts += 1
                     c = self._counts.get(spec.name)
                     if c is not None and not c.received:
