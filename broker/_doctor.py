@@ -1,7 +1,10 @@
 """The checks of ``shmcast doctor``: what users trip over, and what to do for each.
 
 Checks: ``/dev/shm`` size and free space against the configured segments,
-objects of namespaces with no live broker (orphans; ``--fix`` unlinks them),
+objects of namespaces with no live broker (orphans; ``--fix`` unlinks them; a
+broker is live when it holds its lock in our runtime directory, or when the
+namespace word in ``/dev/shm`` beats or names a running process: a broker of
+another runtime directory or container),
 objects that are not valid segments, permissions of segments, what shmcast
 refuses to trust (runtime directories and objects of another user, links, or
 writable by others; ``--fix`` repairs what it safely can: the mode of ours,
@@ -40,6 +43,7 @@ from ._names import (
     runtime_root,
     shm_path,
 )
+from ._nsword import NamespaceWord
 from ._segment import Segment
 from .errors import ConfigError, OwnershipError, ShmcastError
 
@@ -65,26 +69,82 @@ def broker_alive(namespace: str) -> bool:
 
     A runtime directory we do not trust holds no broker of ours.
     """
+    return _lock_state(namespace)[0]
+
+
+def _lock_state(namespace: str) -> tuple[bool, int | None]:
+    """Whether our runtime directory's lock of ``namespace`` is held, and when it is
+    not, the pid of the broker that held it last (it wrote it there): a broker that
+    died, in this pid namespace."""
     rdir = runtime_root() / namespace
     for path, root in ((rdir.parent, True), (rdir, False)):
         try:
             if runtime_dir_problem(path, path.lstat(), root=root) is not None:
-                return False
+                return False, None
         except FileNotFoundError:
-            return False
+            return False, None
     try:
         fd = os.open(rdir / "broker.lock", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
-        return False
+        return False, None
     except OSError:
-        return True  # not ours to judge: leave it alone
+        return True, None  # not ours to judge: leave it alone
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True, None
+        with contextlib.suppress(OSError, ValueError):
+            return False, int(os.read(fd, 32).strip() or 0) or None
+        return False, None
     finally:
         os.close(fd)  # also drops the probe lock
-    return False
+
+
+def _pid_running(pid: int) -> bool:
+    """Whether ``pid`` names a process of this pid namespace that is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's: it exists
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return True
+    return data[data.rindex(b")") + 2 :][:1] != b"Z"
+
+
+def _word_alive(namespace: str, dead: int | None = None) -> str | None:
+    """Why the namespace word (``@catalog``) says a broker serves ``namespace``, or None.
+
+    The word lives in ``/dev/shm``, so it speaks for a broker whatever its runtime
+    directory (another ``XDG_RUNTIME_DIR``: sudo, ssh, systemd; another container
+    sharing ``/dev/shm``). Heartbeats younger than three intervals are a live broker;
+    so is the pid it names, running (a stopped or busy broker beats late). In
+    another pid namespace that pid means nothing here, and the heartbeat decides;
+    an unrelated process that got the pid only makes us more careful. ``dead`` is
+    the pid of a broker whose lock in our runtime directory nobody holds: when the
+    word names it and it is gone, its last heartbeats are those of a dead broker.
+    """
+    try:
+        word = NamespaceWord.attach(namespace)
+    except (ShmcastError, OSError):
+        return None  # no word we trust: it speaks for nobody
+    if word is None:
+        return None
+    with word:
+        pid, age = word.pid, word.heartbeat_age()
+        beating = word.broker_up()
+    if pid == dead and not _pid_running(pid):
+        return None
+    if beating and age is not None:
+        return f"its namespace word {word.path} had a heartbeat {age:.1f} s ago (broker pid {pid})"
+    if pid > 0 and _pid_running(pid):
+        return f"pid {pid}, named by its namespace word {word.path} as its broker, is running"
+    return None
 
 
 def _check_shm(config_file: str | None, namespace: str | None) -> list[Check]:
@@ -168,11 +228,17 @@ def _fix_object(path: str, st: os.stat_result, problem: OwnershipError, ours: bo
     return _not_ours_to_fix("ownership", problem, "use another namespace")
 
 
-def _check_objects(namespaces: list[str], fix: bool, explicit: bool) -> list[Check]:
+def _check_objects(
+    namespaces: list[str], fix: bool, explicit: bool, dead: dict[str, int | None]
+) -> list[Check]:
     out: list[Check] = []
     uid = os.getuid()
     for ns in namespaces:
-        alive = broker_alive(ns)
+        locked = broker_alive(ns)
+        elsewhere = None if locked else _word_alive(ns, dead.get(ns))
+        alive = locked or elsewhere is not None
+        if elsewhere is not None:
+            out.append(_served_elsewhere(ns, elsewhere))
         ours = _is_ours(ns, explicit)
         orphans: list[str] = []
         invalid: list[str] = []
@@ -261,6 +327,18 @@ def _check_objects(namespaces: list[str], fix: bool, explicit: bool) -> list[Che
     if not out:
         out.append(Check("objects", OK, f"{len(namespaces)} namespace(s): no orphans, all valid"))
     return out
+
+
+def _served_elsewhere(ns: str, why: str) -> Check:
+    """A broker serves ``ns`` from a runtime directory that is not ours."""
+    return Check(
+        "broker",
+        WARN,
+        f"namespace {ns!r} is served by a live broker that does not use "
+        f"{runtime_root() / ns} ({why}): its segments and namespace word are left alone",
+        "clients here reach it only with the broker's runtime directory (its "
+        "XDG_RUNTIME_DIR) or its endpoints given explicitly",
+    )
 
 
 def _fix_runtime_dir(path: Path, st: os.stat_result, problem: OwnershipError, root: bool) -> Check:
@@ -408,11 +486,13 @@ def diagnose(
         if namespace is None and runtime_dir_problem(root, root.lstat(), root=True) is None:
             found = {p.name for p in root.iterdir() if NAMESPACE_RE.fullmatch(p.name)}
             namespaces = sorted(set(namespaces) | found)
+    # The pids of brokers that died here, read before --fix removes their runtime dirs.
+    dead = {ns: _lock_state(ns)[1] for ns in namespaces}
     # Directories first: with --fix, what they repair decides which brokers are ours.
     dirs = _check_runtime_dirs(namespaces, fix)
     return [
         *_check_shm(config_file, namespace),
-        *_check_objects(namespaces, fix, explicit=namespace is not None),
+        *_check_objects(namespaces, fix, explicit=namespace is not None, dead=dead),
         *dirs,
         *_check_limits(subscribers),
         *_check_machine(),

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from shmcast.broker import Broker, BrokerConfig, Segment
-from shmcast.broker.client import SHM_DIR, object_name, runtime_dir
+from shmcast.broker._nsword import NamespaceWord
+from shmcast.broker.client import SHM_DIR, object_name, runtime_dir, shm_path
 from shmcast.cli._main import main
-from shmcast.cli.testing import BROKER_READY, start
+from shmcast.cli.testing import BROKER_READY, start, wait_for
 from shmcast.publisher import Publisher
+from shmcast.subscriber import Subscriber
 
 
 def _doctor(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
@@ -154,3 +156,58 @@ def test_fix_does_not_report_permissions_of_what_it_removed(
         assert Segment.list(namespace) == []
     finally:
         Segment.remove("lax", namespace=namespace)
+
+
+def _doctor_elsewhere(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, *args: str
+) -> tuple[int, dict[str, Any]]:
+    """The doctor with a runtime directory of its own (another XDG_RUNTIME_DIR: sudo,
+    ssh, systemd; or a container sharing /dev/shm): no broker lock is in reach."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700, exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_RUNTIME_DIR", str(elsewhere))
+        return _doctor(capsys, *args)
+
+
+def test_fix_from_another_runtime_dir_leaves_a_beating_broker_alone(
+    namespace: str, thread_broker: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, --fix found no lock in its own runtime directory and unlinked the live
+    broker's idle segment and its namespace word; new subscribers then failed."""
+    with Publisher("idle", dtype="f8", shape=(4,)) as pub:
+        pub.publish(np.ones(4))
+    word = shm_path(namespace, "@catalog")
+    rc, report = _doctor_elsewhere(capsys, tmp_path, "--namespace", namespace, "--fix")
+    assert Segment.list(namespace) == ["idle"]
+    assert os.path.exists(word)
+    assert rc == 0, report
+    warned = _checks(report, "warn")["broker"]
+    assert "heartbeat" in warned
+    assert "left alone" in warned
+    with Subscriber("idle", timeout=2) as sub, sub.read("idle") as snap:
+        assert snap.version == 1
+
+
+def test_fix_from_another_runtime_dir_leaves_a_stopped_broker_alone(
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A broker whose heartbeats are late (SIGSTOPped, or busy) is alive while the pid
+    its namespace word names runs."""
+    broker = start(["broker", "--heartbeat", "0.05"], ready=BROKER_READY)
+    word = NamespaceWord.attach(namespace)
+    assert word is not None
+    try:
+        with Publisher("idle", dtype="f8", shape=(4,)) as pub:
+            pub.publish(np.ones(4))
+        broker.send_signal(signal.SIGSTOP)
+        wait_for(lambda: not word.broker_up(), timeout=5, what="heartbeats to stop")
+        rc, report = _doctor_elsewhere(capsys, tmp_path, "--namespace", namespace, "--fix")
+        assert Segment.list(namespace) == ["idle"]
+        assert os.path.exists(word.path)
+        assert f"pid {broker.proc.pid}" in _checks(report, "warn")["broker"]
+        assert rc == 0, report
+    finally:
+        word.close()
+        broker.send_signal(signal.SIGCONT)
+        broker.stop()
