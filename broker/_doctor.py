@@ -8,7 +8,9 @@ another runtime directory or container),
 objects that are not valid segments, permissions of segments, what shmcast
 refuses to trust (runtime directories and objects of another user, links, or
 writable by others; ``--fix`` repairs what it safely can: the mode of ours,
-links, and as root another user's squatters), the open-files limit, and which
+links, and as root another user's squatters that no live writer holds; a
+namespace whose word another user owns is theirs, and left alone), the
+open-files limit, and which
 core runs the seqlock (the compiled core is sound on any CPU; the pure-Python
 fallback on x86-64 only). Exit code 0 when
 nothing is wrong, 1 when a problem was found (warnings alone do not fail).
@@ -29,6 +31,7 @@ from pathlib import Path
 from ._backend import ENV, compiled, core_status
 from ._config import resolve_config
 from ._layout import segment_size
+from ._lease import lease_held
 from ._names import (
     NAMESPACE_MODES,
     NAMESPACE_RE,
@@ -220,12 +223,19 @@ def _fix_object(path: str, st: os.stat_result, problem: OwnershipError, ours: bo
     if st.st_uid == uid and stat.S_ISREG(st.st_mode):
         os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o022, follow_symlinks=False)
         return Check("fixed", OK, f"{path}: write access of group and others removed")
-    if st.st_uid == uid or (uid == 0 and ours):
-        # A link, a special file, or (root only) another user's object squatting a
-        # name of our namespace: unlinking it touches nothing it points to.
-        os.unlink(path)
-        return Check("fixed", OK, f"unlinked {path} (a {problem.kind} of uid {st.st_uid})")
-    return _not_ours_to_fix("ownership", problem, "use another namespace")
+    if st.st_uid != uid and not (uid == 0 and ours):
+        return _not_ours_to_fix("ownership", problem, "use another namespace")
+    if st.st_uid != uid and stat.S_ISREG(st.st_mode) and lease_held(path):
+        return Check(
+            "ownership",
+            PROBLEM,
+            f"{problem}; a live writer holds it (its lease): not removed",
+            f"stop its writer (a process of uid {st.st_uid}), then `shmcast doctor --fix`",
+        )
+    # A link, a special file, or (root only) another user's object squatting a name
+    # of our namespace that no writer holds: unlinking it touches nothing it points to.
+    os.unlink(path)
+    return Check("fixed", OK, f"unlinked {path} (a {problem.kind} of uid {st.st_uid})")
 
 
 def _check_objects(
@@ -237,6 +247,11 @@ def _check_objects(
         locked = broker_alive(ns)
         elsewhere = None if locked else _word_alive(ns, dead.get(ns))
         alive = locked or elsewhere is not None
+        owner = None if locked else _word_owner(ns)
+        if owner is not None and owner != uid:
+            if explicit:  # naming it does not make it ours: its word says whose it is
+                out.append(_not_our_namespace(ns, owner, elsewhere))
+            continue
         if elsewhere is not None:
             out.append(_served_elsewhere(ns, elsewhere))
         ours = _is_ours(ns, explicit)
@@ -327,6 +342,31 @@ def _check_objects(
     if not out:
         out.append(Check("objects", OK, f"{len(namespaces)} namespace(s): no orphans, all valid"))
     return out
+
+
+def _word_owner(namespace: str) -> int | None:
+    """The uid of the namespace word: the user whose broker serves (or served) the
+    namespace. None without a word we trust (none, a link, one others may write)."""
+    try:
+        st = os.lstat(catalog_path(namespace))
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) & 0o022:
+        return None
+    return st.st_uid
+
+
+def _not_our_namespace(ns: str, owner: int, live: str | None) -> Check:
+    """Another user's namespace (its word says so): reported, never touched."""
+    whose = f"namespace {ns!r} is uid {owner}'s (it owns the namespace word)"
+    if live is not None:
+        return Check("namespace", WARN, f"{whose} and its broker is live ({live}): left alone")
+    return Check(
+        "namespace",
+        WARN,
+        f"{whose}; its broker is not running: left alone",
+        f"run `shmcast doctor --namespace {ns} --fix` as uid {owner}",
+    )
 
 
 def _served_elsewhere(ns: str, why: str) -> Check:
