@@ -5,7 +5,8 @@ objects of namespaces with no live broker (orphans; ``--fix`` unlinks them; a
 broker is live when it holds its lock in our runtime directory, or when the
 namespace word in ``/dev/shm`` beats or names a running process: a broker of
 another runtime directory or container),
-objects that are not valid segments, permissions of segments, what shmcast
+objects that are not valid segments (``--fix`` unlinks them once no writer
+holds them, a broker running or not), permissions of segments, what shmcast
 refuses to trust (runtime directories and objects of another user, links, or
 writable by others; ``--fix`` repairs what it safely can: the mode of ours,
 links, and as root another user's squatters that no live writer holds; a
@@ -25,6 +26,7 @@ import platform
 import resource
 import shutil
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +50,13 @@ from ._names import (
 )
 from ._nsword import NamespaceWord
 from ._segment import Segment
-from .errors import ConfigError, OwnershipError, ShmcastError
+from .errors import (
+    ConfigError,
+    NotASegmentError,
+    OwnershipError,
+    SegmentNotFoundError,
+    ShmcastError,
+)
 
 __all__ = ["OK", "PROBLEM", "WARN", "Check", "broker_alive", "diagnose"]
 
@@ -238,6 +246,39 @@ def _fix_object(path: str, st: os.stat_result, problem: OwnershipError, ours: bo
     return Check("fixed", OK, f"unlinked {path} (a {problem.kind} of uid {st.st_uid})")
 
 
+#: An invalid object changed this recently may be a segment still being created
+#: (its creator takes the writer lease after reserving its pages).
+FRESH_SECONDS = 2.0
+
+
+def _keep_invalid(path: str, st: os.stat_result, exc: ShmcastError, alive: bool) -> str | None:
+    """Why ``--fix`` must not unlink an object that is no valid segment, or None."""
+    age = time.time() - st.st_mtime
+    if age < FRESH_SECONDS:
+        return (
+            f"it changed {max(age, 0):.1f} s ago and may be a segment still being "
+            f"created; run --fix again in {FRESH_SECONDS:.0f} s"
+        )
+    if stat.S_ISREG(st.st_mode) and lease_held(path):
+        return "a live writer holds it (its lease); stop that writer first"
+    if alive and not isinstance(exc, NotASegmentError):
+        # e.g. another layout version: a broker of another shmcast may serve it.
+        return "a broker serves the namespace; stop it first"
+    return None
+
+
+def _unlink_same(path: str, st: os.stat_result) -> bool:
+    """Unlink ``path`` if it still names the object ``st`` describes."""
+    try:
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return False
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _check_objects(
     namespaces: list[str], fix: bool, explicit: bool, dead: dict[str, int | None]
 ) -> list[Check]:
@@ -256,7 +297,7 @@ def _check_objects(
             out.append(_served_elsewhere(ns, elsewhere))
         ours = _is_ours(ns, explicit)
         orphans: list[str] = []
-        invalid: list[str] = []
+        invalid: dict[str, os.stat_result] = {}  # --fix unlinks them
         perms: dict[str, Check] = {}  # reported unless --fix removes the object
         for name in list_segment_names(ns):
             path = shm_path(ns, name)
@@ -301,18 +342,24 @@ def _check_objects(
                 seg = Segment.attach(name, namespace=ns, wait=0.2, prefault=False)
             except PermissionError:
                 continue
+            except SegmentNotFoundError:
+                continue  # gone meanwhile
             except ShmcastError as exc:
-                invalid.append(name)
-                if not (fix and not alive):
-                    out.append(
-                        Check(
-                            "invalid",
-                            PROBLEM,
-                            f"{path} is not a valid shmcast segment: {exc}",
-                            "shmcast doctor --fix unlinks it when no broker serves the "
-                            "namespace (a restarted broker reclaims it too)",
-                        )
+                kept = _keep_invalid(path, st, exc, alive) if fix else None
+                if fix and kept is None:
+                    invalid[name] = st
+                    continue
+                out.append(
+                    Check(
+                        "invalid",
+                        PROBLEM,
+                        f"{path} is not a valid shmcast segment: "
+                        + (exc.reason if isinstance(exc, NotASegmentError) else str(exc))
+                        + (f"; not removed: {kept}" if kept else ""),
+                        f"`shmcast doctor --namespace {ns} --fix` unlinks it once no writer "
+                        f"holds it (or delete {path} then; a restarted broker reclaims it too)",
                     )
+                )
                 continue
             try:
                 writer = seg.writer_alive()
@@ -332,12 +379,15 @@ def _check_objects(
                     f"`shmcast doctor --namespace {ns} --fix` to unlink them",
                 )
             )
-        removed = set(orphans + invalid) if fix and not alive else set()
-        out.extend(c for name, c in perms.items() if name not in removed)
-        if fix and not alive:
-            for name in orphans + invalid:
-                if Segment.remove(name, namespace=ns):
-                    out.append(Check("fixed", OK, f"unlinked {shm_path(ns, name)}"))
+        if not fix or alive:
+            orphans = []
+        out.extend(c for name, c in perms.items() if name not in {*orphans, *invalid})
+        for name in orphans:
+            if Segment.remove(name, namespace=ns):
+                out.append(Check("fixed", OK, f"unlinked {shm_path(ns, name)}"))
+        for name, st in invalid.items():
+            if _unlink_same(shm_path(ns, name), st):
+                out.append(Check("fixed", OK, f"unlinked {shm_path(ns, name)} (no segment)"))
         out.extend(_check_word(ns, alive, fix))
     if not out:
         out.append(Check("objects", OK, f"{len(namespaces)} namespace(s): no orphans, all valid"))
