@@ -1,11 +1,17 @@
 """The checks of ``shmcast doctor``: what users trip over, and what to do for each.
 
 Checks: ``/dev/shm`` size and free space against the configured segments,
-objects of namespaces with no live broker (orphans; ``--fix`` unlinks them),
-objects that are not valid segments, permissions of segments, what shmcast
+objects of namespaces with no live broker (orphans; ``--fix`` unlinks them; a
+broker is live when it holds its lock in our runtime directory, or when the
+namespace word in ``/dev/shm`` beats or names a running process: a broker of
+another runtime directory or container),
+objects that are not valid segments (``--fix`` unlinks them once no writer
+holds them, a broker running or not), permissions of segments, what shmcast
 refuses to trust (runtime directories and objects of another user, links, or
 writable by others; ``--fix`` repairs what it safely can: the mode of ours,
-links, and as root another user's squatters), the open-files limit, and which
+links, and as root another user's squatters that no live writer holds; a
+namespace whose word another user owns is theirs, and left alone), the
+open-files limit, and which
 core runs the seqlock (the compiled core is sound on any CPU; the pure-Python
 fallback on x86-64 only). Exit code 0 when
 nothing is wrong, 1 when a problem was found (warnings alone do not fail).
@@ -20,12 +26,14 @@ import platform
 import resource
 import shutil
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ._backend import ENV, compiled, core_status
 from ._config import resolve_config
 from ._layout import segment_size
+from ._lease import lease_held
 from ._names import (
     NAMESPACE_MODES,
     NAMESPACE_RE,
@@ -40,8 +48,15 @@ from ._names import (
     runtime_root,
     shm_path,
 )
+from ._nsword import NamespaceWord
 from ._segment import Segment
-from .errors import ConfigError, OwnershipError, ShmcastError
+from .errors import (
+    ConfigError,
+    NotASegmentError,
+    OwnershipError,
+    SegmentNotFoundError,
+    ShmcastError,
+)
 
 __all__ = ["OK", "PROBLEM", "WARN", "Check", "broker_alive", "diagnose"]
 
@@ -65,26 +80,82 @@ def broker_alive(namespace: str) -> bool:
 
     A runtime directory we do not trust holds no broker of ours.
     """
+    return _lock_state(namespace)[0]
+
+
+def _lock_state(namespace: str) -> tuple[bool, int | None]:
+    """Whether our runtime directory's lock of ``namespace`` is held, and when it is
+    not, the pid of the broker that held it last (it wrote it there): a broker that
+    died, in this pid namespace."""
     rdir = runtime_root() / namespace
     for path, root in ((rdir.parent, True), (rdir, False)):
         try:
             if runtime_dir_problem(path, path.lstat(), root=root) is not None:
-                return False
+                return False, None
         except FileNotFoundError:
-            return False
+            return False, None
     try:
         fd = os.open(rdir / "broker.lock", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
-        return False
+        return False, None
     except OSError:
-        return True  # not ours to judge: leave it alone
+        return True, None  # not ours to judge: leave it alone
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True, None
+        with contextlib.suppress(OSError, ValueError):
+            return False, int(os.read(fd, 32).strip() or 0) or None
+        return False, None
     finally:
         os.close(fd)  # also drops the probe lock
-    return False
+
+
+def _pid_running(pid: int) -> bool:
+    """Whether ``pid`` names a process of this pid namespace that is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's: it exists
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return True
+    return data[data.rindex(b")") + 2 :][:1] != b"Z"
+
+
+def _word_alive(namespace: str, dead: int | None = None) -> str | None:
+    """Why the namespace word (``@catalog``) says a broker serves ``namespace``, or None.
+
+    The word lives in ``/dev/shm``, so it speaks for a broker whatever its runtime
+    directory (another ``XDG_RUNTIME_DIR``: sudo, ssh, systemd; another container
+    sharing ``/dev/shm``). Heartbeats younger than three intervals are a live broker;
+    so is the pid it names, running (a stopped or busy broker beats late). In
+    another pid namespace that pid means nothing here, and the heartbeat decides;
+    an unrelated process that got the pid only makes us more careful. ``dead`` is
+    the pid of a broker whose lock in our runtime directory nobody holds: when the
+    word names it and it is gone, its last heartbeats are those of a dead broker.
+    """
+    try:
+        word = NamespaceWord.attach(namespace)
+    except (ShmcastError, OSError):
+        return None  # no word we trust: it speaks for nobody
+    if word is None:
+        return None
+    with word:
+        pid, age = word.pid, word.heartbeat_age()
+        beating = word.broker_up()
+    if pid == dead and not _pid_running(pid):
+        return None
+    if beating and age is not None:
+        return f"its namespace word {word.path} had a heartbeat {age:.1f} s ago (broker pid {pid})"
+    if pid > 0 and _pid_running(pid):
+        return f"pid {pid}, named by its namespace word {word.path} as its broker, is running"
+    return None
 
 
 def _check_shm(config_file: str | None, namespace: str | None) -> list[Check]:
@@ -160,22 +231,73 @@ def _fix_object(path: str, st: os.stat_result, problem: OwnershipError, ours: bo
     if st.st_uid == uid and stat.S_ISREG(st.st_mode):
         os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o022, follow_symlinks=False)
         return Check("fixed", OK, f"{path}: write access of group and others removed")
-    if st.st_uid == uid or (uid == 0 and ours):
-        # A link, a special file, or (root only) another user's object squatting a
-        # name of our namespace: unlinking it touches nothing it points to.
+    if st.st_uid != uid and not (uid == 0 and ours):
+        return _not_ours_to_fix("ownership", problem, "use another namespace")
+    if st.st_uid != uid and stat.S_ISREG(st.st_mode) and lease_held(path):
+        return Check(
+            "ownership",
+            PROBLEM,
+            f"{problem}; a live writer holds it (its lease): not removed",
+            f"stop its writer (a process of uid {st.st_uid}), then `shmcast doctor --fix`",
+        )
+    # A link, a special file, or (root only) another user's object squatting a name
+    # of our namespace that no writer holds: unlinking it touches nothing it points to.
+    os.unlink(path)
+    return Check("fixed", OK, f"unlinked {path} (a {problem.kind} of uid {st.st_uid})")
+
+
+#: An invalid object changed this recently may be a segment still being created
+#: (its creator takes the writer lease after reserving its pages).
+FRESH_SECONDS = 2.0
+
+
+def _keep_invalid(path: str, st: os.stat_result, exc: ShmcastError, alive: bool) -> str | None:
+    """Why ``--fix`` must not unlink an object that is no valid segment, or None."""
+    age = time.time() - st.st_mtime
+    if age < FRESH_SECONDS:
+        return (
+            f"it changed {max(age, 0):.1f} s ago and may be a segment still being "
+            f"created; run --fix again in {FRESH_SECONDS:.0f} s"
+        )
+    if stat.S_ISREG(st.st_mode) and lease_held(path):
+        return "a live writer holds it (its lease); stop that writer first"
+    if alive and not isinstance(exc, NotASegmentError):
+        # e.g. another layout version: a broker of another shmcast may serve it.
+        return "a broker serves the namespace; stop it first"
+    return None
+
+
+def _unlink_same(path: str, st: os.stat_result) -> bool:
+    """Unlink ``path`` if it still names the object ``st`` describes."""
+    try:
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return False
         os.unlink(path)
-        return Check("fixed", OK, f"unlinked {path} (a {problem.kind} of uid {st.st_uid})")
-    return _not_ours_to_fix("ownership", problem, "use another namespace")
+    except FileNotFoundError:
+        return False
+    return True
 
 
-def _check_objects(namespaces: list[str], fix: bool, explicit: bool) -> list[Check]:
+def _check_objects(
+    namespaces: list[str], fix: bool, explicit: bool, dead: dict[str, int | None]
+) -> list[Check]:
     out: list[Check] = []
     uid = os.getuid()
     for ns in namespaces:
-        alive = broker_alive(ns)
+        locked = broker_alive(ns)
+        elsewhere = None if locked else _word_alive(ns, dead.get(ns))
+        alive = locked or elsewhere is not None
+        owner = None if locked else _word_owner(ns)
+        if owner is not None and owner != uid:
+            if explicit:  # naming it does not make it ours: its word says whose it is
+                out.append(_not_our_namespace(ns, owner, elsewhere))
+            continue
+        if elsewhere is not None:
+            out.append(_served_elsewhere(ns, elsewhere))
         ours = _is_ours(ns, explicit)
         orphans: list[str] = []
-        invalid: list[str] = []
+        invalid: dict[str, os.stat_result] = {}  # --fix unlinks them
         perms: dict[str, Check] = {}  # reported unless --fix removes the object
         for name in list_segment_names(ns):
             path = shm_path(ns, name)
@@ -220,18 +342,24 @@ def _check_objects(namespaces: list[str], fix: bool, explicit: bool) -> list[Che
                 seg = Segment.attach(name, namespace=ns, wait=0.2, prefault=False)
             except PermissionError:
                 continue
+            except SegmentNotFoundError:
+                continue  # gone meanwhile
             except ShmcastError as exc:
-                invalid.append(name)
-                if not (fix and not alive):
-                    out.append(
-                        Check(
-                            "invalid",
-                            PROBLEM,
-                            f"{path} is not a valid shmcast segment: {exc}",
-                            "shmcast doctor --fix unlinks it when no broker serves the "
-                            "namespace (a restarted broker reclaims it too)",
-                        )
+                kept = _keep_invalid(path, st, exc, alive) if fix else None
+                if fix and kept is None:
+                    invalid[name] = st
+                    continue
+                out.append(
+                    Check(
+                        "invalid",
+                        PROBLEM,
+                        f"{path} is not a valid shmcast segment: "
+                        + (exc.reason if isinstance(exc, NotASegmentError) else str(exc))
+                        + (f"; not removed: {kept}" if kept else ""),
+                        f"`shmcast doctor --namespace {ns} --fix` unlinks it once no writer "
+                        f"holds it (or delete {path} then; a restarted broker reclaims it too)",
                     )
+                )
                 continue
             try:
                 writer = seg.writer_alive()
@@ -251,16 +379,56 @@ def _check_objects(namespaces: list[str], fix: bool, explicit: bool) -> list[Che
                     f"`shmcast doctor --namespace {ns} --fix` to unlink them",
                 )
             )
-        removed = set(orphans + invalid) if fix and not alive else set()
-        out.extend(c for name, c in perms.items() if name not in removed)
-        if fix and not alive:
-            for name in orphans + invalid:
-                if Segment.remove(name, namespace=ns):
-                    out.append(Check("fixed", OK, f"unlinked {shm_path(ns, name)}"))
+        if not fix or alive:
+            orphans = []
+        out.extend(c for name, c in perms.items() if name not in {*orphans, *invalid})
+        for name in orphans:
+            if Segment.remove(name, namespace=ns):
+                out.append(Check("fixed", OK, f"unlinked {shm_path(ns, name)}"))
+        for name, st in invalid.items():
+            if _unlink_same(shm_path(ns, name), st):
+                out.append(Check("fixed", OK, f"unlinked {shm_path(ns, name)} (no segment)"))
         out.extend(_check_word(ns, alive, fix))
     if not out:
         out.append(Check("objects", OK, f"{len(namespaces)} namespace(s): no orphans, all valid"))
     return out
+
+
+def _word_owner(namespace: str) -> int | None:
+    """The uid of the namespace word: the user whose broker serves (or served) the
+    namespace. None without a word we trust (none, a link, one others may write)."""
+    try:
+        st = os.lstat(catalog_path(namespace))
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) & 0o022:
+        return None
+    return st.st_uid
+
+
+def _not_our_namespace(ns: str, owner: int, live: str | None) -> Check:
+    """Another user's namespace (its word says so): reported, never touched."""
+    whose = f"namespace {ns!r} is uid {owner}'s (it owns the namespace word)"
+    if live is not None:
+        return Check("namespace", WARN, f"{whose} and its broker is live ({live}): left alone")
+    return Check(
+        "namespace",
+        WARN,
+        f"{whose}; its broker is not running: left alone",
+        f"run `shmcast doctor --namespace {ns} --fix` as uid {owner}",
+    )
+
+
+def _served_elsewhere(ns: str, why: str) -> Check:
+    """A broker serves ``ns`` from a runtime directory that is not ours."""
+    return Check(
+        "broker",
+        WARN,
+        f"namespace {ns!r} is served by a live broker that does not use "
+        f"{runtime_root() / ns} ({why}): its segments and namespace word are left alone",
+        "clients here reach it only with the broker's runtime directory (its "
+        "XDG_RUNTIME_DIR) or its endpoints given explicitly",
+    )
 
 
 def _fix_runtime_dir(path: Path, st: os.stat_result, problem: OwnershipError, root: bool) -> Check:
@@ -408,11 +576,13 @@ def diagnose(
         if namespace is None and runtime_dir_problem(root, root.lstat(), root=True) is None:
             found = {p.name for p in root.iterdir() if NAMESPACE_RE.fullmatch(p.name)}
             namespaces = sorted(set(namespaces) | found)
+    # The pids of brokers that died here, read before --fix removes their runtime dirs.
+    dead = {ns: _lock_state(ns)[1] for ns in namespaces}
     # Directories first: with --fix, what they repair decides which brokers are ours.
     dirs = _check_runtime_dirs(namespaces, fix)
     return [
         *_check_shm(config_file, namespace),
-        *_check_objects(namespaces, fix, explicit=namespace is not None),
+        *_check_objects(namespaces, fix, explicit=namespace is not None, dead=dead),
         *dirs,
         *_check_limits(subscribers),
         *_check_machine(),

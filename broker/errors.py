@@ -144,8 +144,9 @@ class SegmentNotFoundError(SegmentError, FileNotFoundError):
         super().__init__(
             segment,
             f"no segment {segment!r} in namespace {namespace!r}{there} "
-            f"(list them with `shmcast ls --namespace {namespace}`; create it with "
-            f"Segment.create or a Publisher)",
+            f"(list them with `shmcast ls --namespace {namespace}`; create it with a "
+            f"Publisher, or with Segment.create only where no broker serves the namespace: "
+            f"a running broker does not adopt it)",
         )
 
 
@@ -174,11 +175,18 @@ def _rm_hint(segment: str, namespace: str | None) -> str:
 class SegmentExistsError(SegmentError, FileExistsError):
     def __init__(self, segment: str, namespace: str) -> None:
         self.namespace = namespace
+        ns = namespace if namespace != "?" else None
+        path = f"/dev/shm/shmcast.{namespace}.{segment}"  # as _names.shm_path (which imports us)
         super().__init__(
             segment,
-            f"segment {segment!r} already exists in namespace {namespace!r} "
-            f"(attach to it with Segment.attach(..., writable=True), or delete it first: "
-            f"{_rm_hint(segment, namespace if namespace != '?' else None)})",
+            f"segment {segment!r} already exists in namespace {namespace!r} ({path}): "
+            f"open it (a Publisher, or Segment.attach(..., writable=True)), or delete it "
+            f"first: {_rm_hint(segment, ns)}. If its broker does not serve it (`shmcast ls` "
+            f"does not list it: made with Segment.create beside the broker, or left by a "
+            f"crash), neither works and the broker will not create it: delete {path} once "
+            f"no process writes it, or run `shmcast doctor{' -n ' + ns if ns else ''} --fix` "
+            f"(it removes an object that is no valid segment), or restart the broker "
+            f"(it adopts a valid segment)",
         )
 
 
@@ -189,7 +197,7 @@ class NotASegmentError(SegmentError):
         super().__init__(
             segment,
             f"{path} is not a usable shmcast segment: {reason} "
-            f"(remove it with `shmcast doctor --fix` or by deleting {path})",
+            f"(`shmcast doctor --fix` removes it once no writer holds it; or delete {path})",
         )
 
 

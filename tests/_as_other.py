@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from shmcast.broker import Segment
+from shmcast.broker import Broker, BrokerConfig, Segment
 from shmcast.broker.client import ControlClient, pack, reader_endpoint, unpack
 from shmcast.publisher import Publisher
 from shmcast.subscriber import Subscriber
@@ -157,6 +157,27 @@ def fake_broker(directory: str) -> None:
         sock.send_multipart([*frames[:-1], pack(reply)])
 
 
+def serve(ns: str, broker: str) -> None:
+    """Segments of ``ns`` of this user: ``live``, whose writer holds its lease, and
+    ``idle``, written once and let go; with ``broker`` "1" a broker of ``ns`` (in a
+    thread, heartbeat 0.1 s) serves them, with "0" they are made with the engine
+    API. Holds them until killed."""
+    import numpy as np
+
+    if broker == "1":
+        Broker(BrokerConfig(namespace=ns, heartbeat_interval=0.1)).start()
+        with Publisher("idle", dtype="f8", shape=(4,), namespace=ns) as p:
+            p.publish(np.ones(4))
+        live: Publisher | Segment = Publisher("live", dtype="f8", shape=(4,), namespace=ns)
+    else:
+        with Segment.create("idle", "f8", (4,), namespace=ns) as seg:
+            seg.write(np.ones(4))
+        live = Segment.create("live", "f8", (4,), namespace=ns)
+    print("READY " + json.dumps({"pid": os.getpid(), "live": repr(live)}), flush=True)
+    while True:
+        time.sleep(1)
+
+
 def relay_hellos(endpoint: str, connections: str, patterns: str) -> dict[str, Any]:
     """Open ``connections`` relay connections to a data stream, each asking for
     ``patterns`` patterns: which of them were welcomed."""
@@ -226,6 +247,7 @@ COMMANDS = {
     "fake-broker": fake_broker,
     "flood": flood,
     "relay-hellos": relay_hellos,
+    "serve": serve,
     "cli": cli,
 }
 

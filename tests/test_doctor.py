@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from shmcast.broker import Broker, BrokerConfig, Segment
-from shmcast.broker.client import SHM_DIR, object_name, runtime_dir
+from shmcast.broker import (
+    Broker,
+    BrokerConfig,
+    Segment,
+    SegmentExistsError,
+    SegmentNotFoundError,
+)
+from shmcast.broker._nsword import NamespaceWord
+from shmcast.broker.client import SHM_DIR, object_name, runtime_dir, shm_path
 from shmcast.cli._main import main
-from shmcast.cli.testing import BROKER_READY, start
+from shmcast.cli.testing import BROKER_READY, start, wait_for
 from shmcast.publisher import Publisher
+from shmcast.subscriber import Subscriber
 
 
 def _doctor(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
@@ -81,11 +92,19 @@ def test_live_writer_is_not_an_orphan(namespace: str, capsys: pytest.CaptureFixt
         seg.unlink()
 
 
+def _age(path: str, seconds: float = 60.0) -> None:
+    """Date the object's last change back: --fix leaves one changed less than
+    FRESH_SECONDS ago (perhaps a segment being created)."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
 def test_invalid_object_and_fix(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
     path = os.path.join(SHM_DIR, object_name(namespace, "junk"))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.write(fd, b"\xff" * 8192)
     os.close(fd)
+    _age(path)
     try:
         rc, report = _doctor(capsys, "--namespace", namespace)
         assert rc == 1
@@ -154,3 +173,101 @@ def test_fix_does_not_report_permissions_of_what_it_removed(
         assert Segment.list(namespace) == []
     finally:
         Segment.remove("lax", namespace=namespace)
+
+
+def _doctor_elsewhere(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, *args: str
+) -> tuple[int, dict[str, Any]]:
+    """The doctor with a runtime directory of its own (another XDG_RUNTIME_DIR: sudo,
+    ssh, systemd; or a container sharing /dev/shm): no broker lock is in reach."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700, exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_RUNTIME_DIR", str(elsewhere))
+        return _doctor(capsys, *args)
+
+
+def test_fix_from_another_runtime_dir_leaves_a_beating_broker_alone(
+    namespace: str, thread_broker: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, --fix found no lock in its own runtime directory and unlinked the live
+    broker's idle segment and its namespace word; new subscribers then failed."""
+    with Publisher("idle", dtype="f8", shape=(4,)) as pub:
+        pub.publish(np.ones(4))
+    word = shm_path(namespace, "@catalog")
+    rc, report = _doctor_elsewhere(capsys, tmp_path, "--namespace", namespace, "--fix")
+    assert Segment.list(namespace) == ["idle"]
+    assert os.path.exists(word)
+    assert rc == 0, report
+    warned = _checks(report, "warn")["broker"]
+    assert "heartbeat" in warned
+    assert "left alone" in warned
+    with Subscriber("idle", timeout=2) as sub, sub.read("idle") as snap:
+        assert snap.version == 1
+
+
+def test_fix_from_another_runtime_dir_leaves_a_stopped_broker_alone(
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A broker whose heartbeats are late (SIGSTOPped, or busy) is alive while the pid
+    its namespace word names runs."""
+    broker = start(["broker", "--heartbeat", "0.05"], ready=BROKER_READY)
+    word = NamespaceWord.attach(namespace)
+    assert word is not None
+    try:
+        with Publisher("idle", dtype="f8", shape=(4,)) as pub:
+            pub.publish(np.ones(4))
+        broker.send_signal(signal.SIGSTOP)
+        wait_for(lambda: not word.broker_up(), timeout=5, what="heartbeats to stop")
+        rc, report = _doctor_elsewhere(capsys, tmp_path, "--namespace", namespace, "--fix")
+        assert Segment.list(namespace) == ["idle"]
+        assert os.path.exists(word.path)
+        assert f"pid {broker.proc.pid}" in _checks(report, "warn")["broker"]
+        assert rc == 0, report
+    finally:
+        word.close()
+        broker.send_signal(signal.SIGCONT)
+        broker.stop()
+
+
+def _not_a_segment(namespace: str, name: str) -> str:
+    path = shm_path(namespace, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b"x" * 100)
+    os.close(fd)
+    return path
+
+
+def test_fix_removes_what_no_broker_serves_while_one_runs(
+    namespace: str, thread_broker: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An object that is no segment, under a name the running broker does not serve:
+    the broker refuses to create the name and `shmcast rm` finds no segment. Before,
+    --fix left it while a broker ran, though every hint named --fix."""
+    junk, fresh, held = (_not_a_segment(namespace, n) for n in ("junk", "fresh", "held"))
+    _age(junk)
+    _age(held)
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a writer holds it
+        with pytest.raises(SegmentExistsError) as info:
+            Publisher("junk", dtype="f8", shape=(4,))
+        assert junk in str(info.value)
+        assert f"shmcast doctor -n {namespace} --fix" in str(info.value)
+        with pytest.raises(SegmentNotFoundError, match="a running broker does not adopt it"):
+            Publisher("junk")  # the broker has no such segment; a Publisher creates one
+        rc, report = _doctor(capsys, "--namespace", namespace, "--fix")
+        assert not os.path.exists(junk)
+        assert f"unlinked {junk}" in _checks(report, "ok")["fixed"]
+        kept = [c["message"] for c in report["checks"] if c["check"] == "invalid"]
+        assert len(kept) == 2, report
+        assert any(fresh in m and "still being created" in m for m in kept), kept
+        assert any(held in m and "live writer" in m for m in kept), kept
+        assert rc == 1
+        with Publisher("junk", dtype="f8", shape=(4,)) as pub:
+            assert pub.publish(np.ones(4)) == 1
+    finally:
+        os.close(fd)
+        for path in (junk, fresh, held):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)

@@ -196,3 +196,49 @@ def test_own_object_others_may_write_is_not_adopted_until_fixed(
         # The brokers' clean stops kept the live segment, and the namespace word beside it.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(shm_path(namespace, "@catalog"))
+
+
+def _remove_all(namespace: str) -> None:
+    """What a killed helper of the other user left in /dev/shm (root may unlink it)."""
+    for name in [*Segment.list(namespace), "@catalog"]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(shm_path(namespace, name))
+
+
+def test_root_fix_leaves_another_users_live_namespace(
+    namespace: str, other_user: OtherUser, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Root's `doctor -n NS --fix` took naming NS for owning it and unlinked every
+    segment of another user's namespace while that user's broker served it and a
+    publisher held a lease. The namespace word says whose the namespace is."""
+    try:
+        with other_user.running("serve", namespace, "1"):
+            assert Segment.list(namespace) == ["idle", "live"]
+            rc, checks = _doctor(capsys, "--namespace", namespace, "--fix")
+            assert Segment.list(namespace) == ["idle", "live"]
+            assert os.path.exists(shm_path(namespace, "@catalog"))
+            (found,) = [c for c in checks if c["check"] == "namespace"]
+            assert f"uid {NOBODY}'s" in found["message"]
+            assert "its broker is live" in found["message"]
+            assert not [c for c in checks if c["check"] == "fixed"], checks
+            assert rc == 0, checks
+    finally:
+        _remove_all(namespace)
+
+
+def test_root_fix_leaves_another_users_object_a_writer_holds(
+    namespace: str, other_user: OtherUser, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no broker (no namespace word), root's --fix may unlink another user's
+    object squatting a name of a namespace it names, but never one whose writer
+    lease is held: that writer is alive and writing into it."""
+    try:
+        with other_user.running("serve", namespace, "0"):
+            rc, checks = _doctor(capsys, "--namespace", namespace, "--fix")
+            assert Segment.list(namespace) == ["live"]  # "idle" had no writer
+            (held,) = [c for c in checks if c["check"] == "ownership"]
+            assert shm_path(namespace, "live") in held["message"]
+            assert "live writer" in held["message"]
+            assert rc == 1, checks
+    finally:
+        _remove_all(namespace)
