@@ -192,6 +192,7 @@ class Broker(Service):
         metrics: MetricsServer | None = None
         watcher: CommitWatcher | None = None
         bound_paths: list[str] = []
+        served = False  # a start that failed unlinks nothing it adopted
         try:
             rdir = runtime_dir(self.namespace, create=True)
             lock_fd = self._take_namespace_lock(rdir)
@@ -231,10 +232,12 @@ class Broker(Service):
             self.endpoints = Endpoints(
                 control=control_ep, events=events_ep, control_ro=control_ro_ep
             )
+            if cfg.metrics_port is not None:  # bound before anything is adopted
+                metrics = self._start_metrics(cfg.metrics_port, cfg.metrics_host)
             self._word = self._open_word()
             self._adopt_existing()
             for spec in cfg.segments:
-                self._create(spec.name, spec.dtype, spec.shape, spec.slots)
+                self._declare(spec.name, spec.dtype, spec.shape, spec.slots)
             if cfg.data:
                 self._data = DataStream(
                     self._catalog,
@@ -247,8 +250,6 @@ class Broker(Service):
                     max_patterns=cfg.max_relay_patterns,
                 )
                 self._data.start()
-            if cfg.metrics_port is not None:
-                metrics = self._start_metrics(cfg.metrics_port, cfg.metrics_host)
             ready = {
                 "namespace": self.namespace,
                 "pid": os.getpid(),
@@ -262,13 +263,14 @@ class Broker(Service):
             }
             watcher = self._start_watcher(ctx)
             socks.append(self._watch)  # type: ignore[arg-type]
+            served = True
             self._set_ready(on_ready, ready)
             self._serve({control: WRITER, control_ro: READER})
         finally:
             if watcher is not None:
                 watcher.close()
             if lock_fd >= 0:  # the segments are ours only while we hold the lock
-                self._shutdown()
+                self._shutdown(served)
             self._close_word()
             if self._data is not None:
                 self._data.close()
@@ -697,6 +699,24 @@ class Broker(Service):
         self._emit(topic(name), "created", name, 0, time.time_ns())
         return self._describe(name)
 
+    def _declare(self, name: str, dtype: str, shape: tuple[int, ...], slots: int) -> None:
+        """A segment of the configuration: made, or checked against the one adopted.
+
+        Raises:
+            LayoutError: an object of the name holds another layout. Its hint works
+                with no broker serving (``shmcast rm`` needs one).
+        """
+        try:
+            self._create(name, dtype, shape, slots)
+        except LayoutConflictError as exc:
+            path = shm_path(self.namespace, name)
+            raise LayoutError(
+                f"the configuration declares segment {name!r} as {exc.requested}, but "
+                f"namespace {self.namespace!r} holds it as {exc.existing} ({path}, left by "
+                f"an earlier broker; this one did not start and changed nothing): declare "
+                f"that layout, or stop its writer and remove the object (`rm {path}`)"
+            ) from exc
+
     def _op_hello(self, req: dict[str, Any]) -> dict[str, Any]:
         assert self.endpoints is not None
         return {
@@ -883,7 +903,7 @@ class Broker(Service):
 
     # ------------------------------------------------------------------ shutdown
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, served: bool = True) -> None:
         """A clean stop (SIGTERM, SIGINT, SIGHUP, :meth:`stop`, :meth:`close`).
 
         A segment whose writer lease is held stays in ``/dev/shm``: its publisher
@@ -892,6 +912,9 @@ class Broker(Service):
         ``unlink_on_exit``. The broker takes an orphan's lease before unlinking it
         and holds it a while, so a publisher attaching at that very moment is
         refused (``WriterBusyError``) instead of writing into an unlinked object.
+
+        A start that failed (``served`` false) unlinks nothing it adopted: those
+        segments are a crashed broker's, kept for the next one to adopt.
         """
         held: list[Segment] = []
         kept: list[str] = []
@@ -899,6 +922,9 @@ class Broker(Service):
             seg = entry.seg
             unlink_all = self.config.unlink_on_exit
             try:
+                if entry.adopted and not served:
+                    kept.append(name)
+                    continue
                 if seg.writer_alive() and not unlink_all:
                     kept.append(name)
                     continue
@@ -916,7 +942,7 @@ class Broker(Service):
                 seg.close()
         if kept:
             log.info(
-                "left %d segment(s) with a live writer for the next broker: %s",
+                "left %d segment(s) for the next broker: %s",
                 len(kept),
                 ", ".join(kept[:20]),
             )

@@ -176,3 +176,41 @@ def test_a_restarted_broker_lets_only_a_mirrors_live_writer_claim_it(namespace: 
         with contextlib.suppress(FileNotFoundError):
             Segment.remove("m", namespace=namespace)
         _remove_word(namespace)
+
+
+@pytest.mark.parametrize("why", ["metrics_port", "declared"])
+def test_a_broker_that_fails_to_start_unlinks_nothing_it_adopted(namespace: str, why: str) -> None:
+    """A crashed broker's segments (no writer, versions in them) outlive a broker
+    that adopts them and then cannot start: the next one adopts them intact."""
+    import socket
+
+    from shmcast.broker import EndpointError, LayoutError, SegmentSpec
+
+    for name in ("prices", "book"):
+        with Segment.create(name, "f8", (4,), namespace=namespace) as seg:
+            seg.write(np.full(4, 7.0))
+    busy = socket.socket()
+    try:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        if why == "metrics_port":
+            cfg = BrokerConfig(namespace=namespace, metrics_port=busy.getsockname()[1])
+            error: type[Exception] = EndpointError
+        else:
+            cfg = BrokerConfig(namespace=namespace, segments=(SegmentSpec("prices", "f8", (8,)),))
+            error = LayoutError
+        with pytest.raises(error) as exc:
+            Broker(cfg).start()
+        if why == "declared":
+            assert "shmcast rm" not in str(exc.value)
+            assert f"`rm {shm_path(namespace, 'prices')}`" in str(exc.value)
+        assert Segment.list(namespace) == ["book", "prices"]
+        with Broker(BrokerConfig(namespace=namespace)).start() as b:
+            assert b.catalog.names() == ["book", "prices"]
+            assert b.catalog.entry("prices").seg.latest().array.tolist() == [7.0] * 4
+        assert Segment.list(namespace) == []  # orphans of a broker that served go
+    finally:
+        busy.close()
+        for name in Segment.list(namespace):
+            Segment.remove(name, namespace=namespace)
+        _remove_word(namespace)
