@@ -788,8 +788,14 @@ class Broker(Service):
         }
 
     def _op_delete(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Unlink a segment; refused while a live writer holds its lease, unless
+        ``force`` (the writer then goes on writing into an object nobody finds)."""
         name = self._name(req)
         entry = self._entry(name)
+        if req.get("force") is not True:
+            info = entry.seg.info()
+            if info.writer_alive:
+                raise WriterBusyError(name, info.writer_pid)
         entry.seg.unlink()
         self._catalog.pop(name)  # after the name is free, as in _reclaim
         entry.seg.close()
