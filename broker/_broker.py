@@ -87,6 +87,9 @@ WRITER, READER = "writer", "reader"
 #: Seconds the leases of the segments unlinked at a clean stop are held (a
 #: writer's attach retries its lease for 0.2 s).
 UNLINK_HOLD = 0.3
+#: Seconds between looks at whether each segment's path still names its object
+#: (at most: once a heartbeat when that is slower).
+LOOK_INTERVAL = 1.0
 
 
 def _layout_text(dtype: str, shape: tuple[int, ...], slots: int) -> str:
@@ -127,6 +130,7 @@ class Broker(Service):
         self._word: NamespaceWord | None = None
         self._watch: zmq.Socket[Any] | None = None
         self._commits: dict[str, int] = {}  # segment -> its notify word when last announced
+        self._next_look = 0.0  # monotonic time of the next look at the segments' paths
 
     # ------------------------------------------------------------------ public
 
@@ -497,7 +501,14 @@ class Broker(Service):
     def _tick(self) -> None:
         if self._data is not None:
             self._data.sync()
+        now = time.monotonic()
+        look = now >= self._next_look
+        if look:
+            self._next_look = now + LOOK_INTERVAL
         for name, entry in self._catalog.items():
+            if look and not self._still_linked(entry):
+                self._forget(name, entry, "its object was unlinked behind the broker")
+                continue
             with contextlib.suppress(ShmcastError):
                 if entry.seg.version > MAX_VERSION:
                     self._reclaim(name, entry, "its latest version word is corrupt")
@@ -539,6 +550,32 @@ class Broker(Service):
             for u in range(entry.announced + 1 if every else min(ring, default=v), v + 1):
                 if u in ring or every or u == v:
                     self._announce_version(name, entry, u, ring.get(u, lapped_ts))
+
+    @staticmethod
+    def _still_linked(entry: CatalogEntry) -> bool:
+        """Whether the segment's path still names the object we hold (one ``stat``)."""
+        seg = entry.seg
+        try:
+            if entry.inode is None:
+                st = os.fstat(seg._fd)
+                entry.inode = (st.st_dev, st.st_ino)
+            there = os.stat(seg.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        except OSError:  # EMFILE, or closed under us: not evidence that it is gone
+            return True
+        return (there.st_dev, there.st_ino) == entry.inode
+
+    def _forget(self, name: str, entry: CatalogEntry, why: str) -> None:
+        """Drop a segment someone unlinked behind the broker (``Segment.remove``, ``rm``
+        of its path): announced deleted, as :meth:`_op_delete` does, and its name free
+        for a new segment. Whatever now has its name is not ours to touch."""
+        log.warning("dropping segment %s: %s", name, why)
+        self._catalog.pop(name)
+        self._commits.pop(name, None)
+        entry.seg.close()
+        self._catalog_changed()
+        self._emit(topic(name), "deleted", name, entry.announced, time.time_ns())
 
     def _reclaim(self, name: str, entry: CatalogEntry, why: str) -> None:
         """Drop a segment whose header went bad under us (a corrupt ``latest``): it is
