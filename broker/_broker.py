@@ -588,6 +588,7 @@ class Broker(Service):
         # Out of the catalog only once the name is free: whoever sees it gone there
         # (a publisher making it again, a test) finds no object under it either.
         self._catalog.pop(name)
+        self._commits.pop(name, None)
         entry.seg.close()
         self._emit(topic(name), "deleted", name, entry.announced, time.time_ns())
 
@@ -731,6 +732,7 @@ class Broker(Service):
             writer.close()
             raise
         writer.close()  # the broker owns the segment; publishers take the lease
+        self._commits.pop(name, None)  # no commit count of an earlier incarnation
         self._catalog.add(name, CatalogEntry(seg=reader))
         self._catalog_changed()
         self._emit(topic(name), "created", name, 0, time.time_ns())
@@ -835,6 +837,7 @@ class Broker(Service):
                 raise WriterBusyError(name, info.writer_pid)
         entry.seg.unlink()
         self._catalog.pop(name)  # after the name is free, as in _reclaim
+        self._commits.pop(name, None)  # a segment made again counts its own commits
         entry.seg.close()
         self._catalog_changed()
         self._emit(topic(name), "deleted", name, entry.announced, time.time_ns())
