@@ -77,8 +77,10 @@ log = logging.getLogger(__name__)
 REPORT_TTL = 5.0
 #: Segments one report may carry (the rest are dropped).
 REPORT_SEGMENTS = 64
-#: What a subscriber's report may hold per segment (anything else is dropped).
-REPORT_FIELDS = frozenset({"last_version", "updates", "missed", "overrun", "torn", "p50", "p99"})
+#: What a subscriber's report may hold per segment (anything else is dropped): counts,
+#: ints from 0 to 2**63-1; and latency percentiles, finite seconds >= 0 or None.
+REPORT_COUNTS = frozenset({"last_version", "updates", "missed", "overrun", "torn"})
+REPORT_SECONDS = frozenset({"p50", "p99"})
 #: Reporters kept at most (the least recent go first).
 MAX_REPORTS = 1024
 #: The requests a reader may make: nothing that changes the namespace.
@@ -90,6 +92,19 @@ UNLINK_HOLD = 0.3
 #: Seconds between looks at whether each segment's path still names its object
 #: (at most: once a heartbeat when that is slower).
 LOOK_INTERVAL = 1.0
+
+
+def _report_value(key: object, value: object) -> bool:
+    """Whether a report may keep ``key: value`` (what ``shmcast top`` can show)."""
+    if isinstance(value, bool):
+        return False
+    if key in REPORT_COUNTS:
+        return isinstance(value, int) and 0 <= value <= MAX_VERSION
+    if key in REPORT_SECONDS:
+        return value is None or (
+            isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+        )
+    return False
 
 
 def _layout_text(dtype: str, shape: tuple[int, ...], slots: int) -> str:
@@ -910,12 +925,7 @@ class Broker(Service):
         clean: dict[str, dict[str, int | float | None]] = {}
         for seg, counts in list(segs.items())[:REPORT_SEGMENTS]:
             if isinstance(seg, str) and len(seg) <= 128 and isinstance(counts, dict):
-                clean[seg] = {
-                    k: v
-                    for k, v in counts.items()
-                    if k in REPORT_FIELDS
-                    and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
-                }
+                clean[seg] = {k: v for k, v in counts.items() if _report_value(k, v)}
         now = time.monotonic()
         key = (name[:64], pid)
         self._reports.pop(key, None)  # re-inserted last: the table is oldest first
