@@ -89,6 +89,8 @@ WRITER, READER = "writer", "reader"
 #: Seconds the leases of the segments unlinked at a clean stop are held (a
 #: writer's attach retries its lease for 0.2 s).
 UNLINK_HOLD = 0.3
+#: Times the namespace lock is taken again when its file was unlinked meanwhile.
+LOCK_ATTEMPTS = 10
 #: Seconds between looks at whether each segment's path still names its object
 #: (at most: once a heartbeat when that is slower).
 LOOK_INTERVAL = 1.0
@@ -339,19 +341,36 @@ class Broker(Service):
         return READER
 
     def _take_namespace_lock(self, rdir: Path) -> int:
+        """Lock ``broker.lock``; the descriptor holding the lock.
+
+        A stopping broker unlinks the file before it closes it: a lock taken on a
+        file opened just before that is a lock on nothing anyone else can find (the
+        next broker makes a new file and locks that). So the lock counts only while
+        the path still names the file locked; otherwise it is taken again.
+        """
         path = rdir / "broker.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        except BlockingIOError:
-            os.close(fd)
-            raise BrokerRunningError(self.namespace, pid_of_lock(str(path))) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        for _ in range(LOCK_ATTEMPTS):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                mine = os.fstat(fd)
+                try:
+                    there = os.stat(path, follow_symlinks=False)
+                except FileNotFoundError:
+                    there = None
+                if there is None or (there.st_dev, there.st_ino) != (mine.st_dev, mine.st_ino):
+                    os.close(fd)  # the file of a broker that stopped meanwhile
+                    continue
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except BlockingIOError:
+                os.close(fd)
+                raise BrokerRunningError(self.namespace, pid_of_lock(str(path))) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        raise BrokerRunningError(self.namespace, pid_of_lock(str(path)))
 
     def _bind(self, sock: zmq.Socket[Any], role: str, endpoint: str, shared: bool) -> str:
         return bind_endpoint(sock, role, endpoint, group=self.config.group, shared=shared)[0]

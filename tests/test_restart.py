@@ -214,3 +214,33 @@ def test_a_broker_that_fails_to_start_unlinks_nothing_it_adopted(namespace: str,
         for name in Segment.list(namespace):
             Segment.remove(name, namespace=namespace)
         _remove_word(namespace)
+
+
+def test_a_lock_taken_on_a_stopping_brokers_unlinked_file_is_taken_again(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopping broker unlinks ``broker.lock`` before closing it. A broker that
+    opened the file just before locked a file nobody could find, and the next one
+    made a new file and locked it too: two brokers served one namespace. Emulated:
+    the file is unlinked between the starting broker's open and its flock."""
+    import fcntl
+
+    from shmcast.broker import BrokerRunningError
+    from shmcast.broker.client import runtime_dir
+
+    lock = runtime_dir(namespace, create=True) / "broker.lock"
+    flock = fcntl.flock
+    unlinked: list[int] = []
+
+    def flock_after_a_stop(fd: int, op: int) -> None:
+        if not unlinked and os.fstat(fd).st_ino == os.stat(lock).st_ino:
+            unlinked.append(fd)
+            os.unlink(lock)  # the stopping broker's unlink, after our open
+        flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_stop)
+    with Broker(BrokerConfig(namespace=namespace)).start():
+        monkeypatch.undo()
+        assert unlinked
+        with pytest.raises(BrokerRunningError):
+            Broker(BrokerConfig(namespace=namespace)).start()
