@@ -435,20 +435,36 @@ class Broker(Service):
                 seg.unlink()
                 seg.close()
                 continue
+            self._reset_access(name, seg._fd)
             self._catalog.add(name, CatalogEntry(seg=seg, announced=v, adopted=True))
             log.info("adopted segment %s at version %d", name, v)
+
+    def _reset_access(self, name: str, fd: int, mode: int | None = None) -> None:
+        """Give an object taken over from an earlier broker this broker's mode and
+        group: a group that broker shared it with loses it when this one has none.
+        Narrowed to the owner first, so nobody gains access on the way."""
+        cfg = self.config
+        gid = grp.getgrnam(cfg.group).gr_gid if cfg.group is not None else os.getegid()
+        try:
+            os.fchmod(fd, 0o600)
+            os.fchown(fd, -1, gid)
+            os.fchmod(fd, cfg.mode if mode is None else mode)
+        except OSError as exc:  # root's object, adopted by another user
+            log.warning("cannot reset the access of %s: %s", name, exc.strerror or exc)
 
     def _open_word(self) -> NamespaceWord:
         """The namespace word: readers wait on it for catalog changes and heartbeats."""
         cfg = self.config
         gid = grp.getgrnam(cfg.group).gr_gid if cfg.group is not None else None
-        return NamespaceWord.serve(
+        word = NamespaceWord.serve(
             self.namespace,
             epoch=self.epoch,
             interval=cfg.heartbeat_interval,
             mode=cfg.mode & 0o644,
             gid=gid,
         )
+        self._reset_access("the namespace word", word._fd, cfg.mode & 0o644)  # taken over
+        return word
 
     def _start_watcher(self, ctx: zmq.Context[Any]) -> CommitWatcher:
         """The commit watcher (see ``_watch``) and the PAIR socket it wakes us on."""
