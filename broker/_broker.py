@@ -9,7 +9,9 @@ Tests run it in a thread; production runs it as a process (``shmcast broker``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import functools
 import grp
 import logging
 import math
@@ -58,6 +60,7 @@ from ._service import Service
 from ._watch import CommitWatcher, commit_count
 from .client import Endpoints
 from .errors import (
+    BrokerError,
     BrokerRunningError,
     ForbiddenError,
     LayoutConflictError,
@@ -107,6 +110,14 @@ def _report_value(key: object, value: object) -> bool:
             isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
         )
     return False
+
+
+def _cleanup(what: str, step: Callable[[], object]) -> None:
+    """One step of the broker's shutdown: what it raises is logged, not propagated."""
+    try:
+        step()
+    except Exception:
+        log.exception("broker shutdown: closing %s failed", what)
 
 
 def _layout_text(dtype: str, shape: tuple[int, ...], slots: int) -> str:
@@ -288,24 +299,26 @@ class Broker(Service):
             self._set_ready(on_ready, ready)
             self._serve({control: WRITER, control_ro: READER})
         finally:
+            # Each step on its own: one that fails (EMFILE...) is logged, and the
+            # rest still run (sockets and lock out of the runtime dir, word stopped).
             if watcher is not None:
-                watcher.close()
+                _cleanup("the commit watcher", watcher.close)
             if lock_fd >= 0:  # the segments are ours only while we hold the lock
-                self._shutdown(served)
-            self._close_word()
+                _cleanup("the segments", functools.partial(self._shutdown, served))
+            _cleanup("the namespace word", self._close_word)
             if self._data is not None:
-                self._data.close()
+                _cleanup("the data stream", self._data.close)
             for sock in socks:
-                sock.close(0)
+                _cleanup("a socket", functools.partial(sock.close, 0))
             if events is not None:
-                events.close()
+                _cleanup("the events socket", events.close)
             if auth is not None and ctx is not None:  # the private context of CURVE
-                auth.stop()
-                ctx.term()
+                _cleanup("the authenticator", auth.stop)
+                _cleanup("the CURVE context", ctx.term)
             if metrics is not None:
-                metrics.close()
+                _cleanup("the metrics server", metrics.close)
             for path in bound_paths:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     os.unlink(path)
             if lock_fd >= 0 and rdir is not None:
                 with contextlib.suppress(OSError):
@@ -414,7 +427,8 @@ class Broker(Service):
         Only objects that pass :meth:`_trusted` are attached; another user's objects
         are left alone (and refused), whatever they hold.
         """
-        for name in list_segment_names(self.namespace):
+        names = list_segment_names(self.namespace)
+        for name in names:
             try:
                 validate_segment_name(name)
             except ShmcastError as exc:
@@ -429,6 +443,16 @@ class Broker(Service):
                 with contextlib.suppress(ShmcastError, OSError):
                     Segment.remove(name, namespace=self.namespace)
                 continue
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                raise BrokerError(
+                    f"the broker of namespace {self.namespace!r} ran out of file descriptors "
+                    f"adopting segment {name!r} ({exc.strerror}; it holds one per segment, "
+                    f"{len(names)} here): raise the open-files limit (ulimit -n 4096; "
+                    f"systemd LimitNOFILE=; docker --ulimit nofile=4096; `shmcast doctor` "
+                    f"checks it); the segments are left as they were"
+                ) from exc
             v = seg.version
             if v > MAX_VERSION:
                 log.warning("reclaiming %s: its latest version word is corrupt (%d)", name, v)
@@ -491,10 +515,12 @@ class Broker(Service):
     def _close_word(self) -> None:
         word, self._word = self._word, None
         if word is not None:
-            word.catalog_changed()  # readers look again at what was unlinked
-            word.stopped()
-            word.unlink_if_alone()
-            word.close()
+            try:
+                word.catalog_changed()  # readers look again at what was unlinked
+                word.stopped()
+                word.unlink_if_alone()
+            finally:
+                word.close()
 
     def _start_metrics(self, port: int, host: str) -> MetricsServer:
         from prometheus_client import CollectorRegistry
@@ -1027,10 +1053,11 @@ class Broker(Service):
                         continue
                 seg.unlink()
                 log.info("unlinked segment %s", name)
-            except ShmcastError as exc:
+            except Exception as exc:  # the other segments are still seen to
                 log.warning("segment %s at shutdown: %s", name, exc)
             finally:
-                seg.close()
+                with contextlib.suppress(Exception):
+                    seg.close()
         if kept:
             log.info(
                 "left %d segment(s) for the next broker: %s",

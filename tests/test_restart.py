@@ -244,3 +244,75 @@ def test_a_lock_taken_on_a_stopping_brokers_unlinked_file_is_taken_again(
         assert unlinked
         with pytest.raises(BrokerRunningError):
             Broker(BrokerConfig(namespace=namespace)).start()
+
+
+def test_a_broker_out_of_descriptors_at_adoption_says_so_and_cleans_up(namespace: str) -> None:
+    """More segments than the open-files limit: a clear error, exit 1, every segment
+    left, the runtime dir emptied. Before: an OSError traceback, and the clean-up
+    stopped at the first failing step (sockets and lock left, the word not stopped)."""
+    import resource
+    import subprocess
+    import sys
+
+    from shmcast.broker import NamespaceWord
+    from shmcast.broker.client import runtime_dir
+
+    names = [f"s{i:02d}" for i in range(70)]
+    for name in names:
+        Segment.create(name, "f8", (2,), namespace=namespace).close()
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "shmcast.cli", "broker", "-n", namespace],
+            preexec_fn=low_limit,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 1, out.stderr
+        assert "Traceback" not in out.stderr
+        assert "ran out of file descriptors" in out.stderr
+        assert "ulimit -n" in out.stderr
+        assert Segment.list(namespace) == names
+        assert not runtime_dir(namespace).exists()
+        word = NamespaceWord.attach(namespace)
+        assert word is not None
+        with word:
+            assert word.heartbeat_age() is None  # marked stopped
+    finally:
+        for name in Segment.list(namespace):
+            Segment.remove(name, namespace=namespace)
+        _remove_word(namespace)
+
+
+def test_a_failing_step_of_the_shutdown_leaves_the_others_done(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError for one segment (EMFILE at a stop) is logged; the other segments,
+    the word, the sockets and the lock are still seen to."""
+    from shmcast.broker.client import runtime_dir
+
+    b = Broker(BrokerConfig(namespace=namespace)).start()
+    try:
+        for name in ("a", "b"):
+            Publisher(name, dtype="f8", shape=(2,), namespace=namespace).close()
+        alive = Segment.writer_alive
+
+        def emfile(seg: Segment) -> bool:
+            if seg.name == "a":
+                raise OSError(24, "Too many open files")
+            return alive(seg)
+
+        monkeypatch.setattr(Segment, "writer_alive", emfile)
+        b.close()
+        monkeypatch.undo()
+        assert Segment.list(namespace) == ["a"]  # "b", an orphan, unlinked all the same
+        assert not runtime_dir(namespace).exists()
+    finally:
+        b.close()
+        for name in Segment.list(namespace):
+            Segment.remove(name, namespace=namespace)
+        _remove_word(namespace)
