@@ -451,7 +451,7 @@ class Broker(Service):
                     f"adopting segment {name!r} ({exc.strerror}; it holds one per segment, "
                     f"{len(names)} here): raise the open-files limit (ulimit -n 4096; "
                     f"systemd LimitNOFILE=; docker --ulimit nofile=4096; `shmcast doctor` "
-                    f"checks it); the segments are left as they were"
+                    f"checks it); no segment was unlinked"
                 ) from exc
             v = seg.version
             if v > MAX_VERSION:
@@ -828,7 +828,7 @@ class Broker(Service):
             raise LayoutError(
                 f"the configuration declares segment {name!r} as {exc.requested}, but "
                 f"namespace {self.namespace!r} holds it as {exc.existing} ({path}, left by "
-                f"an earlier broker; this one did not start and changed nothing): declare "
+                f"an earlier broker; this one did not start and unlinked nothing): declare "
                 f"that layout, or stop its writer and remove the object (`rm {path}`)"
             ) from exc
 
