@@ -9,7 +9,9 @@ Tests run it in a thread; production runs it as a process (``shmcast broker``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import functools
 import grp
 import logging
 import math
@@ -58,6 +60,7 @@ from ._service import Service
 from ._watch import CommitWatcher, commit_count
 from .client import Endpoints
 from .errors import (
+    BrokerError,
     BrokerRunningError,
     ForbiddenError,
     LayoutConflictError,
@@ -77,8 +80,10 @@ log = logging.getLogger(__name__)
 REPORT_TTL = 5.0
 #: Segments one report may carry (the rest are dropped).
 REPORT_SEGMENTS = 64
-#: What a subscriber's report may hold per segment (anything else is dropped).
-REPORT_FIELDS = frozenset({"last_version", "updates", "missed", "overrun", "torn", "p50", "p99"})
+#: What a subscriber's report may hold per segment (anything else is dropped): counts,
+#: ints from 0 to 2**63-1; and latency percentiles, finite seconds >= 0 or None.
+REPORT_COUNTS = frozenset({"last_version", "updates", "missed", "overrun", "torn"})
+REPORT_SECONDS = frozenset({"p50", "p99"})
 #: Reporters kept at most (the least recent go first).
 MAX_REPORTS = 1024
 #: The requests a reader may make: nothing that changes the namespace.
@@ -87,6 +92,32 @@ WRITER, READER = "writer", "reader"
 #: Seconds the leases of the segments unlinked at a clean stop are held (a
 #: writer's attach retries its lease for 0.2 s).
 UNLINK_HOLD = 0.3
+#: Times the namespace lock is taken again when its file was unlinked meanwhile.
+LOCK_ATTEMPTS = 10
+#: Seconds between looks at whether each segment's path still names its object
+#: (at most: once a heartbeat when that is slower).
+LOOK_INTERVAL = 1.0
+
+
+def _report_value(key: object, value: object) -> bool:
+    """Whether a report may keep ``key: value`` (what ``shmcast top`` can show)."""
+    if isinstance(value, bool):
+        return False
+    if key in REPORT_COUNTS:
+        return isinstance(value, int) and 0 <= value <= MAX_VERSION
+    if key in REPORT_SECONDS:
+        return value is None or (
+            isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+        )
+    return False
+
+
+def _cleanup(what: str, step: Callable[[], object]) -> None:
+    """One step of the broker's shutdown: what it raises is logged, not propagated."""
+    try:
+        step()
+    except Exception:
+        log.exception("broker shutdown: closing %s failed", what)
 
 
 def _layout_text(dtype: str, shape: tuple[int, ...], slots: int) -> str:
@@ -127,6 +158,7 @@ class Broker(Service):
         self._word: NamespaceWord | None = None
         self._watch: zmq.Socket[Any] | None = None
         self._commits: dict[str, int] = {}  # segment -> its notify word when last announced
+        self._next_look = 0.0  # monotonic time of the next look at the segments' paths
 
     # ------------------------------------------------------------------ public
 
@@ -192,6 +224,7 @@ class Broker(Service):
         metrics: MetricsServer | None = None
         watcher: CommitWatcher | None = None
         bound_paths: list[str] = []
+        served = False  # a start that failed unlinks nothing it adopted
         try:
             rdir = runtime_dir(self.namespace, create=True)
             lock_fd = self._take_namespace_lock(rdir)
@@ -231,10 +264,12 @@ class Broker(Service):
             self.endpoints = Endpoints(
                 control=control_ep, events=events_ep, control_ro=control_ro_ep
             )
+            if cfg.metrics_port is not None:  # bound before anything is adopted
+                metrics = self._start_metrics(cfg.metrics_port, cfg.metrics_host)
             self._word = self._open_word()
             self._adopt_existing()
             for spec in cfg.segments:
-                self._create(spec.name, spec.dtype, spec.shape, spec.slots)
+                self._declare(spec.name, spec.dtype, spec.shape, spec.slots)
             if cfg.data:
                 self._data = DataStream(
                     self._catalog,
@@ -247,8 +282,6 @@ class Broker(Service):
                     max_patterns=cfg.max_relay_patterns,
                 )
                 self._data.start()
-            if cfg.metrics_port is not None:
-                metrics = self._start_metrics(cfg.metrics_port, cfg.metrics_host)
             ready = {
                 "namespace": self.namespace,
                 "pid": os.getpid(),
@@ -262,27 +295,30 @@ class Broker(Service):
             }
             watcher = self._start_watcher(ctx)
             socks.append(self._watch)  # type: ignore[arg-type]
+            served = True
             self._set_ready(on_ready, ready)
             self._serve({control: WRITER, control_ro: READER})
         finally:
+            # Each step on its own: one that fails (EMFILE...) is logged, and the
+            # rest still run (sockets and lock out of the runtime dir, word stopped).
             if watcher is not None:
-                watcher.close()
+                _cleanup("the commit watcher", watcher.close)
             if lock_fd >= 0:  # the segments are ours only while we hold the lock
-                self._shutdown()
-            self._close_word()
+                _cleanup("the segments", functools.partial(self._shutdown, served))
+            _cleanup("the namespace word", self._close_word)
             if self._data is not None:
-                self._data.close()
+                _cleanup("the data stream", self._data.close)
             for sock in socks:
-                sock.close(0)
+                _cleanup("a socket", functools.partial(sock.close, 0))
             if events is not None:
-                events.close()
+                _cleanup("the events socket", events.close)
             if auth is not None and ctx is not None:  # the private context of CURVE
-                auth.stop()
-                ctx.term()
+                _cleanup("the authenticator", auth.stop)
+                _cleanup("the CURVE context", ctx.term)
             if metrics is not None:
-                metrics.close()
+                _cleanup("the metrics server", metrics.close)
             for path in bound_paths:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     os.unlink(path)
             if lock_fd >= 0 and rdir is not None:
                 with contextlib.suppress(OSError):
@@ -318,19 +354,36 @@ class Broker(Service):
         return READER
 
     def _take_namespace_lock(self, rdir: Path) -> int:
+        """Lock ``broker.lock``; the descriptor holding the lock.
+
+        A stopping broker unlinks the file before it closes it: a lock taken on a
+        file opened just before that is a lock on nothing anyone else can find (the
+        next broker makes a new file and locks that). So the lock counts only while
+        the path still names the file locked; otherwise it is taken again.
+        """
         path = rdir / "broker.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        except BlockingIOError:
-            os.close(fd)
-            raise BrokerRunningError(self.namespace, pid_of_lock(str(path))) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        for _ in range(LOCK_ATTEMPTS):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                mine = os.fstat(fd)
+                try:
+                    there = os.stat(path, follow_symlinks=False)
+                except FileNotFoundError:
+                    there = None
+                if there is None or (there.st_dev, there.st_ino) != (mine.st_dev, mine.st_ino):
+                    os.close(fd)  # the file of a broker that stopped meanwhile
+                    continue
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except BlockingIOError:
+                os.close(fd)
+                raise BrokerRunningError(self.namespace, pid_of_lock(str(path))) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        raise BrokerRunningError(self.namespace, pid_of_lock(str(path)))
 
     def _bind(self, sock: zmq.Socket[Any], role: str, endpoint: str, shared: bool) -> str:
         return bind_endpoint(sock, role, endpoint, group=self.config.group, shared=shared)[0]
@@ -374,7 +427,8 @@ class Broker(Service):
         Only objects that pass :meth:`_trusted` are attached; another user's objects
         are left alone (and refused), whatever they hold.
         """
-        for name in list_segment_names(self.namespace):
+        names = list_segment_names(self.namespace)
+        for name in names:
             try:
                 validate_segment_name(name)
             except ShmcastError as exc:
@@ -389,26 +443,52 @@ class Broker(Service):
                 with contextlib.suppress(ShmcastError, OSError):
                     Segment.remove(name, namespace=self.namespace)
                 continue
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                raise BrokerError(
+                    f"the broker of namespace {self.namespace!r} ran out of file descriptors "
+                    f"adopting segment {name!r} ({exc.strerror}; it holds one per segment, "
+                    f"{len(names)} here): raise the open-files limit (ulimit -n 4096; "
+                    f"systemd LimitNOFILE=; docker --ulimit nofile=4096; `shmcast doctor` "
+                    f"checks it); no segment was unlinked"
+                ) from exc
             v = seg.version
             if v > MAX_VERSION:
                 log.warning("reclaiming %s: its latest version word is corrupt (%d)", name, v)
                 seg.unlink()
                 seg.close()
                 continue
+            self._reset_access(name, seg._fd)
             self._catalog.add(name, CatalogEntry(seg=seg, announced=v, adopted=True))
             log.info("adopted segment %s at version %d", name, v)
+
+    def _reset_access(self, name: str, fd: int, mode: int | None = None) -> None:
+        """Give an object taken over from an earlier broker this broker's mode and
+        group: a group that broker shared it with loses it when this one has none.
+        Narrowed to the owner first, so nobody gains access on the way."""
+        cfg = self.config
+        gid = grp.getgrnam(cfg.group).gr_gid if cfg.group is not None else os.getegid()
+        try:
+            os.fchmod(fd, 0o600)
+            os.fchown(fd, -1, gid)
+            os.fchmod(fd, cfg.mode if mode is None else mode)
+        except OSError as exc:  # root's object, adopted by another user
+            log.warning("cannot reset the access of %s: %s", name, exc.strerror or exc)
 
     def _open_word(self) -> NamespaceWord:
         """The namespace word: readers wait on it for catalog changes and heartbeats."""
         cfg = self.config
         gid = grp.getgrnam(cfg.group).gr_gid if cfg.group is not None else None
-        return NamespaceWord.serve(
+        word = NamespaceWord.serve(
             self.namespace,
             epoch=self.epoch,
             interval=cfg.heartbeat_interval,
             mode=cfg.mode & 0o644,
             gid=gid,
         )
+        self._reset_access("the namespace word", word._fd, cfg.mode & 0o644)  # taken over
+        return word
 
     def _start_watcher(self, ctx: zmq.Context[Any]) -> CommitWatcher:
         """The commit watcher (see ``_watch``) and the PAIR socket it wakes us on."""
@@ -435,10 +515,12 @@ class Broker(Service):
     def _close_word(self) -> None:
         word, self._word = self._word, None
         if word is not None:
-            word.catalog_changed()  # readers look again at what was unlinked
-            word.stopped()
-            word.unlink_if_alone()
-            word.close()
+            try:
+                word.catalog_changed()  # readers look again at what was unlinked
+                word.stopped()
+                word.unlink_if_alone()
+            finally:
+                word.close()
 
     def _start_metrics(self, port: int, host: str) -> MetricsServer:
         from prometheus_client import CollectorRegistry
@@ -495,7 +577,14 @@ class Broker(Service):
     def _tick(self) -> None:
         if self._data is not None:
             self._data.sync()
+        now = time.monotonic()
+        look = now >= self._next_look
+        if look:
+            self._next_look = now + LOOK_INTERVAL
         for name, entry in self._catalog.items():
+            if look and not self._still_linked(entry):
+                self._forget(name, entry, "its object was unlinked behind the broker")
+                continue
             with contextlib.suppress(ShmcastError):
                 if entry.seg.version > MAX_VERSION:
                     self._reclaim(name, entry, "its latest version word is corrupt")
@@ -538,6 +627,32 @@ class Broker(Service):
                 if u in ring or every or u == v:
                     self._announce_version(name, entry, u, ring.get(u, lapped_ts))
 
+    @staticmethod
+    def _still_linked(entry: CatalogEntry) -> bool:
+        """Whether the segment's path still names the object we hold (one ``stat``)."""
+        seg = entry.seg
+        try:
+            if entry.inode is None:
+                st = os.fstat(seg._fd)
+                entry.inode = (st.st_dev, st.st_ino)
+            there = os.stat(seg.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        except OSError:  # EMFILE, or closed under us: not evidence that it is gone
+            return True
+        return (there.st_dev, there.st_ino) == entry.inode
+
+    def _forget(self, name: str, entry: CatalogEntry, why: str) -> None:
+        """Drop a segment someone unlinked behind the broker (``Segment.remove``, ``rm``
+        of its path): announced deleted, as :meth:`_op_delete` does, and its name free
+        for a new segment. Whatever now has its name is not ours to touch."""
+        log.warning("dropping segment %s: %s", name, why)
+        self._catalog.pop(name)
+        self._commits.pop(name, None)
+        entry.seg.close()
+        self._catalog_changed()
+        self._emit(topic(name), "deleted", name, entry.announced, time.time_ns())
+
     def _reclaim(self, name: str, entry: CatalogEntry, why: str) -> None:
         """Drop a segment whose header went bad under us (a corrupt ``latest``): it is
         unlinked and announced deleted, as an invalid object found at start would be."""
@@ -549,6 +664,7 @@ class Broker(Service):
         # Out of the catalog only once the name is free: whoever sees it gone there
         # (a publisher making it again, a test) finds no object under it either.
         self._catalog.pop(name)
+        self._commits.pop(name, None)
         entry.seg.close()
         self._emit(topic(name), "deleted", name, entry.announced, time.time_ns())
 
@@ -692,10 +808,29 @@ class Broker(Service):
             writer.close()
             raise
         writer.close()  # the broker owns the segment; publishers take the lease
+        self._commits.pop(name, None)  # no commit count of an earlier incarnation
         self._catalog.add(name, CatalogEntry(seg=reader))
         self._catalog_changed()
         self._emit(topic(name), "created", name, 0, time.time_ns())
         return self._describe(name)
+
+    def _declare(self, name: str, dtype: str, shape: tuple[int, ...], slots: int) -> None:
+        """A segment of the configuration: made, or checked against the one adopted.
+
+        Raises:
+            LayoutError: an object of the name holds another layout. Its hint works
+                with no broker serving (``shmcast rm`` needs one).
+        """
+        try:
+            self._create(name, dtype, shape, slots)
+        except LayoutConflictError as exc:
+            path = shm_path(self.namespace, name)
+            raise LayoutError(
+                f"the configuration declares segment {name!r} as {exc.requested}, but "
+                f"namespace {self.namespace!r} holds it as {exc.existing} ({path}, left by "
+                f"an earlier broker; this one did not start and unlinked nothing): declare "
+                f"that layout, or stop its writer and remove the object (`rm {path}`)"
+            ) from exc
 
     def _op_hello(self, req: dict[str, Any]) -> dict[str, Any]:
         assert self.endpoints is not None
@@ -768,10 +903,17 @@ class Broker(Service):
         }
 
     def _op_delete(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Unlink a segment; refused while a live writer holds its lease, unless
+        ``force`` (the writer then goes on writing into an object nobody finds)."""
         name = self._name(req)
         entry = self._entry(name)
+        if req.get("force") is not True:
+            info = entry.seg.info()
+            if info.writer_alive:
+                raise WriterBusyError(name, info.writer_pid)
         entry.seg.unlink()
         self._catalog.pop(name)  # after the name is free, as in _reclaim
+        self._commits.pop(name, None)  # a segment made again counts its own commits
         entry.seg.close()
         self._catalog_changed()
         self._emit(topic(name), "deleted", name, entry.announced, time.time_ns())
@@ -844,12 +986,7 @@ class Broker(Service):
         clean: dict[str, dict[str, int | float | None]] = {}
         for seg, counts in list(segs.items())[:REPORT_SEGMENTS]:
             if isinstance(seg, str) and len(seg) <= 128 and isinstance(counts, dict):
-                clean[seg] = {
-                    k: v
-                    for k, v in counts.items()
-                    if k in REPORT_FIELDS
-                    and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
-                }
+                clean[seg] = {k: v for k, v in counts.items() if _report_value(k, v)}
         now = time.monotonic()
         key = (name[:64], pid)
         self._reports.pop(key, None)  # re-inserted last: the table is oldest first
@@ -883,7 +1020,7 @@ class Broker(Service):
 
     # ------------------------------------------------------------------ shutdown
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, served: bool = True) -> None:
         """A clean stop (SIGTERM, SIGINT, SIGHUP, :meth:`stop`, :meth:`close`).
 
         A segment whose writer lease is held stays in ``/dev/shm``: its publisher
@@ -892,6 +1029,9 @@ class Broker(Service):
         ``unlink_on_exit``. The broker takes an orphan's lease before unlinking it
         and holds it a while, so a publisher attaching at that very moment is
         refused (``WriterBusyError``) instead of writing into an unlinked object.
+
+        A start that failed (``served`` false) unlinks nothing it adopted: those
+        segments are a crashed broker's, kept for the next one to adopt.
         """
         held: list[Segment] = []
         kept: list[str] = []
@@ -899,6 +1039,9 @@ class Broker(Service):
             seg = entry.seg
             unlink_all = self.config.unlink_on_exit
             try:
+                if entry.adopted and not served:
+                    kept.append(name)
+                    continue
                 if seg.writer_alive() and not unlink_all:
                     kept.append(name)
                     continue
@@ -910,13 +1053,14 @@ class Broker(Service):
                         continue
                 seg.unlink()
                 log.info("unlinked segment %s", name)
-            except ShmcastError as exc:
+            except Exception as exc:  # the other segments are still seen to
                 log.warning("segment %s at shutdown: %s", name, exc)
             finally:
-                seg.close()
+                with contextlib.suppress(Exception):
+                    seg.close()
         if kept:
             log.info(
-                "left %d segment(s) with a live writer for the next broker: %s",
+                "left %d segment(s) for the next broker: %s",
                 len(kept),
                 ", ".join(kept[:20]),
             )

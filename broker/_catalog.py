@@ -29,6 +29,9 @@ class CatalogEntry:
     #: Found at start, left by an earlier broker: who fed it (its ``source``) is not
     #: known, so the first relay or bridge that says it is the feeder is believed.
     adopted: bool = False
+    #: ``(st_dev, st_ino)`` of the object, once looked up: the tick checks that the
+    #: segment's path still names it (one ``stat`` a segment).
+    inode: tuple[int, int] | None = None
 
 
 class Catalog:

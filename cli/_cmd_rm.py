@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from shmcast.broker.client import ControlClient, resolve_namespace
-from shmcast.broker.errors import SegmentNotFoundError
+from shmcast.broker.errors import SegmentNotFoundError, WriterBusyError
 
 from ._options import add_broker_option, broker_endpoint
 
@@ -38,21 +38,21 @@ def run(args: argparse.Namespace) -> int:
     rc = 0
     with ControlClient(broker_endpoint(args), timeout=5.0) as client:
         for name in args.segments:
+            # One request: the broker checks the writer lease as it deletes (a
+            # describe first would leave a writer time to arrive in between).
             try:
-                info = client.request("describe", name=name)
+                client.request("delete", name=name, force=args.force)
             except SegmentNotFoundError:
                 print(f"shmcast rm: no segment {name!r} in namespace {ns!r}", file=sys.stderr)
                 rc = 1
                 continue
-            pid = info.get("writer_pid")
-            if info.get("writer_alive") and not args.force:
+            except WriterBusyError as exc:
                 print(
                     f"shmcast rm: segment {name!r} of namespace {ns!r} has a live writer "
-                    f"(pid {pid}); stop it first, or delete anyway with --force",
+                    f"(pid {exc.pid}); stop it first, or delete anyway with --force",
                     file=sys.stderr,
                 )
                 rc = 1
                 continue
-            client.request("delete", name=name)
             print(f"deleted {name}")
     return rc

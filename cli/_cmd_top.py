@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import select
 import shutil
@@ -93,8 +94,15 @@ def _bytes(n: float) -> str:
     return f"{n:.1f} GiB"  # pragma: no cover
 
 
-def _secs(x: float | None) -> str:
-    if x is None:
+def _count(x: object) -> int | None:
+    """A reported count as an int (None: not a finite number; shown as '-')."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return int(x) if math.isfinite(x) else None
+
+
+def _secs(x: object) -> str:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
         return "-"
     if x < 1e-3:
         return f"{x * 1e6:.0f}us"
@@ -143,13 +151,24 @@ def render(ns: str, endpoint: str, cur: Sample, prev: Sample | None) -> list[str
         f"{'UPDATES':>9} {'MISSED':>7} {'OVERRUN':>7} {'TORN':>5} {'P50':>8} {'P99':>8}"
     )
     for sub in cur.subscribers:
-        for seg, c in sorted(sub.get("segments", {}).items()):
-            last = int(c.get("last_version", 0))
-            lag = versions[seg] - last if seg in versions else None
+        # Reports come from any client, read-only ones included: each value is shown
+        # only as what it claims to be ('-' otherwise), never trusted to format.
+        segs = sub.get("segments")
+        for seg, c in sorted((segs if isinstance(segs, dict) else {}).items()):
+            if not isinstance(c, dict):
+                continue
+
+            def n(key: str, c: dict[str, Any] = c) -> str:
+                v = _count(c.get(key, 0))
+                return "-" if v is None else str(v)
+
+            last = _count(c.get("last_version", 0))
+            lag = versions[seg] - last if seg in versions and last is not None else None
             lines.append(
-                f"{str(sub['name'])[:16]:16} {sub['pid']:>7} {seg:16} {last:>10} "
-                f"{'-' if lag is None else max(lag, 0):>6} {c.get('updates', 0):>9} "
-                f"{c.get('missed', 0):>7} {c.get('overrun', 0):>7} {c.get('torn', 0):>5} "
+                f"{str(sub.get('name'))[:16]:16} {sub.get('pid')!s:>7} {seg!s:16} "
+                f"{n('last_version'):>10} "
+                f"{'-' if lag is None else max(lag, 0):>6} {n('updates'):>9} "
+                f"{n('missed'):>7} {n('overrun'):>7} {n('torn'):>5} "
                 f"{_secs(c.get('p50')):>8} {_secs(c.get('p99')):>8}"
             )
     if not cur.subscribers:

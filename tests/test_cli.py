@@ -281,6 +281,30 @@ def test_rm_deletes_through_the_broker_and_refuses_a_live_writer(
     assert Segment.list(namespace) == []
 
 
+def test_the_broker_refuses_to_delete_a_live_writers_segment_unless_forced(
+    namespace: str, lab: Broker
+) -> None:
+    """The refusal is the broker's, not only ``shmcast rm``'s: a plain ``delete``
+    request (or one sent after a writer arrived) does not unlink under a writer."""
+    from shmcast.broker import WriterBusyError
+    from shmcast.broker.client import ControlClient
+
+    assert lab.endpoints is not None
+    with (
+        Publisher("frames", namespace=namespace) as pub,
+        ControlClient(lab.endpoints.control, timeout=5) as ctl,
+    ):
+        with pytest.raises(WriterBusyError, match=f"process {os.getpid()}"):
+            ctl.request("delete", name="frames")
+        assert pub.segment.linked()
+        assert "frames" in lab.catalog
+        assert ctl.request("delete", name="frames", force=True)["name"] == "frames"
+        assert not pub.segment.linked()
+    with ControlClient(lab.endpoints.control, timeout=5) as ctl:
+        ctl.request("delete", name="ticks")  # no writer: no force needed
+    assert Segment.list(namespace) == []
+
+
 def test_a_layout_conflict_names_the_segment_and_how_to_delete_it(
     namespace: str, lab: Broker
 ) -> None:

@@ -8,6 +8,8 @@
   broker answers again.
 - A header whose ``latest`` word is 2**64-1 is a corrupt segment: the broker
   reclaims it and the relay recreates its mirror; neither crashes.
+- A segment unlinked behind the broker (``Segment.remove``, ``rm`` of its path)
+  leaves the catalog, announced deleted; its name is free again.
 """
 
 from __future__ import annotations
@@ -368,3 +370,31 @@ def test_a_corrupt_latest_word_is_reclaimed_not_fatal(upstream: Broker) -> None:
         finally:
             relay.close()
             pub.close()
+
+
+def test_a_segment_unlinked_behind_the_broker_leaves_the_catalog(
+    namespace: str, thread_broker: Broker
+) -> None:
+    """Before, the catalog kept it for ever: ``list`` showed it, every Publisher of
+    the name failed (SegmentNotFoundError), another layout got LayoutConflictError."""
+    assert thread_broker.endpoints is not None
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.connect(thread_broker.endpoints.events)
+    sub.subscribe(b"g\0")
+    try:
+        with Publisher("g", dtype="f8", shape=(2,), namespace=namespace) as pub:
+            pub.publish(np.ones(2))
+        Segment.remove("g", namespace=namespace)
+        wait_for(lambda: "g" not in thread_broker.catalog, 5, what="the entry dropped")
+        kinds = []
+        while "deleted" not in kinds and sub.poll(2000):
+            kinds.append(unpack(sub.recv_multipart()[-1], 4096)["kind"])
+        assert "deleted" in kinds
+        with ControlClient(thread_broker.endpoints.control, timeout=5) as ctl:
+            assert ctl.request("list")["segments"] == []
+        with Publisher("g", dtype="f8", shape=(3,), namespace=namespace) as again:
+            assert again.publish(np.zeros(3)) == 1
+    finally:
+        sub.close(0)

@@ -4,10 +4,12 @@ re-attach, and deliver or count its versions; a relay's mirror must follow."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
-from shmcast.broker import Broker, Segment
+from shmcast.broker import Broker, Segment, SegmentNotFoundError
 from shmcast.broker.client import ControlClient
 from shmcast.cli._cmd_relay import READY as RELAY_READY
 from shmcast.cli.testing import BROKER_READY, running, unique_namespace, wait_for
@@ -133,3 +135,47 @@ def test_a_relay_mirror_follows_a_recreated_upstream_segment() -> None:
                     with sub.read(got[-1]) as snap:
                         assert (snap.array == 10).all()
                     assert sub.stats["m"].incarnations == 2
+
+
+def test_a_segment_made_again_is_announced_only_its_own_versions(
+    namespace: str, thread_broker: Broker
+) -> None:
+    """The broker's commit count of the deleted incarnation (5 commits) made it take
+    the new one's first commit, at version 10 (a relay or replay skips numbers), for
+    ten: it announced versions 1-9 that never existed."""
+    import zmq
+
+    from shmcast.broker.client import unpack
+
+    assert thread_broker.endpoints is not None
+    with Publisher("x", dtype="f8", shape=(2,), namespace=namespace) as pub:
+        for _ in range(5):
+            pub.publish(np.zeros(2))
+    # The heartbeat tick has recorded the segment's commit count.
+    wait_for(lambda: "x" in thread_broker._commits, 5, what="a tick")
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.connect(thread_broker.endpoints.events)
+    sub.subscribe(b"x\0")
+    try:
+        with ControlClient(thread_broker.endpoints.control, timeout=5) as c:
+            # Deleted until the SUB hears it: subscribed before the new commits.
+            def deleted() -> bool:
+                with contextlib.suppress(SegmentNotFoundError):
+                    c.request("delete", name="x")
+                while sub.poll(50):
+                    if unpack(sub.recv_multipart()[-1], 4096)["kind"] == "deleted":
+                        return True
+                return False
+
+            wait_for(deleted, 5, interval=0, what="the deleted event")
+            with Publisher("x", dtype="f8", shape=(2,), namespace=namespace) as again:
+                again.publish(np.ones(2), version=10)
+            versions: list[int] = []
+            while 10 not in versions and sub.poll(5000):
+                body = unpack(sub.recv_multipart()[-1], 4096)
+                if body["kind"] == "version":
+                    versions.append(body["version"])
+            assert versions == [10]
+    finally:
+        sub.close(0)

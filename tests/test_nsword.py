@@ -157,15 +157,19 @@ def test_wait_segments_wakes_on_a_version_or_on_the_word(namespace: str) -> None
                     timeout=5,
                 )
                 # A catalog change wakes a reader whose segments are quiet.
-                threading.Timer(
+                maker = threading.Timer(
                     0.05, Publisher("x", dtype="i8", shape=1, namespace=namespace).close
-                ).start()
+                )
+                maker.start()
                 assert wait_for(
                     lambda: (
                         wait_segments([seg], [1], 2.0, word=word, seen=seen) and word.notify != seen
                     ),
                     timeout=5,
                 )
+                # "x" was made at once; only its close is delayed. The broker must stop
+                # after that close, or it keeps "x" for its live writer (a leak).
+                maker.join(5)
     finally:
         b.close()
 

@@ -243,3 +243,33 @@ def test_curve_refuses_unknown_clients(namespace: str) -> None:
     finally:
         b.stop()
         t.join(30)
+
+
+def test_a_broker_restarted_without_the_group_takes_its_access_away(namespace: str) -> None:
+    """Before, the segments and the namespace word a restarted broker adopted kept
+    the earlier broker's group and mode (0640): the group read every later version,
+    although the runtime directory went back to 0700."""
+    import grp
+
+    from shmcast.broker.client import shm_path
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the objects to group nogroup")
+    nogroup = grp.getgrnam("nogroup").gr_gid
+    word = shm_path(namespace, "@catalog")
+    b, t = _serve(BrokerConfig(namespace=namespace, group="nogroup", mode=0o640))
+    live = Publisher("secret", dtype="f8", shape=(4,), namespace=namespace)
+    try:
+        live.publish(np.ones(4))
+        assert (_mode(live.segment.path), os.stat(live.segment.path).st_gid) == (0o640, nogroup)
+        b.stop()
+        t.join(30)  # the live writer's segment and the word stay for the next broker
+        b, t = _serve(BrokerConfig(namespace=namespace))
+        for path, mode in ((live.segment.path, 0o600), (word, 0o600 & 0o644)):
+            st = os.stat(path)
+            assert (stat.S_IMODE(st.st_mode), st.st_gid) == (mode, os.getegid()), path
+        assert _mode(runtime_dir(namespace)) == 0o700
+    finally:
+        live.close()
+        b.stop()
+        t.join(30)

@@ -214,7 +214,7 @@ def test_a_mirror_deleted_here_is_made_again(
     wait_for(lambda: _mirrored(namespace, "cam", 1), 10, what="the mirror")
     assert thread_broker.endpoints is not None
     with ControlClient(thread_broker.endpoints.control) as ctl:
-        ctl.request("delete", name="cam")
+        ctl.request("delete", name="cam", force=True)
     # The relay says hello again without it, for the upstream's latest version.
     hello = up.next_hello(10)
     assert "cam" not in hello.get("have", {})

@@ -176,3 +176,143 @@ def test_a_restarted_broker_lets_only_a_mirrors_live_writer_claim_it(namespace: 
         with contextlib.suppress(FileNotFoundError):
             Segment.remove("m", namespace=namespace)
         _remove_word(namespace)
+
+
+@pytest.mark.parametrize("why", ["metrics_port", "declared"])
+def test_a_broker_that_fails_to_start_unlinks_nothing_it_adopted(namespace: str, why: str) -> None:
+    """A crashed broker's segments (no writer, versions in them) outlive a broker
+    that adopts them and then cannot start: the next one adopts them intact."""
+    import socket
+
+    from shmcast.broker import EndpointError, LayoutError, SegmentSpec
+
+    for name in ("prices", "book"):
+        with Segment.create(name, "f8", (4,), namespace=namespace) as seg:
+            seg.write(np.full(4, 7.0))
+    busy = socket.socket()
+    try:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        if why == "metrics_port":
+            cfg = BrokerConfig(namespace=namespace, metrics_port=busy.getsockname()[1])
+            error: type[Exception] = EndpointError
+        else:
+            cfg = BrokerConfig(namespace=namespace, segments=(SegmentSpec("prices", "f8", (8,)),))
+            error = LayoutError
+        with pytest.raises(error) as exc:
+            Broker(cfg).start()
+        if why == "declared":
+            assert "shmcast rm" not in str(exc.value)
+            assert f"`rm {shm_path(namespace, 'prices')}`" in str(exc.value)
+        assert Segment.list(namespace) == ["book", "prices"]
+        with Broker(BrokerConfig(namespace=namespace)).start() as b:
+            assert b.catalog.names() == ["book", "prices"]
+            assert b.catalog.entry("prices").seg.latest().array.tolist() == [7.0] * 4
+        assert Segment.list(namespace) == []  # orphans of a broker that served go
+    finally:
+        busy.close()
+        for name in Segment.list(namespace):
+            Segment.remove(name, namespace=namespace)
+        _remove_word(namespace)
+
+
+def test_a_lock_taken_on_a_stopping_brokers_unlinked_file_is_taken_again(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopping broker unlinks ``broker.lock`` before closing it. A broker that
+    opened the file just before locked a file nobody could find, and the next one
+    made a new file and locked it too: two brokers served one namespace. Emulated:
+    the file is unlinked between the starting broker's open and its flock."""
+    import fcntl
+
+    from shmcast.broker import BrokerRunningError
+    from shmcast.broker.client import runtime_dir
+
+    lock = runtime_dir(namespace, create=True) / "broker.lock"
+    flock = fcntl.flock
+    unlinked: list[int] = []
+
+    def flock_after_a_stop(fd: int, op: int) -> None:
+        if not unlinked and os.fstat(fd).st_ino == os.stat(lock).st_ino:
+            unlinked.append(fd)
+            os.unlink(lock)  # the stopping broker's unlink, after our open
+        flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_stop)
+    with Broker(BrokerConfig(namespace=namespace)).start():
+        monkeypatch.undo()
+        assert unlinked
+        with pytest.raises(BrokerRunningError):
+            Broker(BrokerConfig(namespace=namespace)).start()
+
+
+def test_a_broker_out_of_descriptors_at_adoption_says_so_and_cleans_up(namespace: str) -> None:
+    """More segments than the open-files limit: a clear error, exit 1, every segment
+    left, the runtime dir emptied. Before: an OSError traceback, and the clean-up
+    stopped at the first failing step (sockets and lock left, the word not stopped)."""
+    import resource
+    import subprocess
+    import sys
+
+    from shmcast.broker import NamespaceWord
+    from shmcast.broker.client import runtime_dir
+
+    names = [f"s{i:02d}" for i in range(70)]
+    for name in names:
+        Segment.create(name, "f8", (2,), namespace=namespace).close()
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "shmcast.cli", "broker", "-n", namespace],
+            preexec_fn=low_limit,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 1, out.stderr
+        assert "Traceback" not in out.stderr
+        assert "ran out of file descriptors" in out.stderr
+        assert "ulimit -n" in out.stderr
+        assert Segment.list(namespace) == names
+        assert not runtime_dir(namespace).exists()
+        word = NamespaceWord.attach(namespace)
+        assert word is not None
+        with word:
+            assert word.heartbeat_age() is None  # marked stopped
+    finally:
+        for name in Segment.list(namespace):
+            Segment.remove(name, namespace=namespace)
+        _remove_word(namespace)
+
+
+def test_a_failing_step_of_the_shutdown_leaves_the_others_done(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError for one segment (EMFILE at a stop) is logged; the other segments,
+    the word, the sockets and the lock are still seen to."""
+    from shmcast.broker.client import runtime_dir
+
+    b = Broker(BrokerConfig(namespace=namespace)).start()
+    try:
+        for name in ("a", "b"):
+            Publisher(name, dtype="f8", shape=(2,), namespace=namespace).close()
+        alive = Segment.writer_alive
+
+        def emfile(seg: Segment) -> bool:
+            if seg.name == "a":
+                raise OSError(24, "Too many open files")
+            return alive(seg)
+
+        monkeypatch.setattr(Segment, "writer_alive", emfile)
+        b.close()
+        monkeypatch.undo()
+        assert Segment.list(namespace) == ["a"]  # "b", an orphan, unlinked all the same
+        assert not runtime_dir(namespace).exists()
+    finally:
+        b.close()
+        for name in Segment.list(namespace):
+            Segment.remove(name, namespace=namespace)
+        _remove_word(namespace)

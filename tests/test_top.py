@@ -217,6 +217,36 @@ def test_render_shows_lag_and_percentiles() -> None:
     assert "16.0 MiB of 64.0 MiB in use (25%)" in text
 
 
+def test_render_shows_a_forged_report_as_dashes() -> None:
+    """A report is anyone's (read-only clients too): values of the wrong kind are
+    shown as '-'. Before, None or inf killed every ``shmcast top`` of the namespace
+    (TypeError, OverflowError)."""
+    forged: list[object] = [None, float("inf"), float("nan"), "7", [1], True]
+    cur = Sample(
+        t=1.0,
+        segments=[{"name": "a", "version": 5}],
+        subscribers=[
+            {
+                "name": "evil",
+                "pid": 1,
+                "segments": {
+                    f"s{i}": dict.fromkeys(
+                        ("last_version", "updates", "missed", "overrun", "torn", "p50", "p99"), v
+                    )
+                    for i, v in enumerate(forged)
+                }
+                | {"a": {"last_version": 3.0, "updates": 2}, "b": None},
+            }
+        ],
+    )
+    lines = render("ns", "ipc://x", cur, None)
+    rows = [ln.split() for ln in lines if ln.startswith("evil ")]
+    assert [r[2] for r in rows] == ["a", "s0", "s1", "s2", "s3", "s4", "s5"]
+    assert rows[0][3:6] == ["3", "2", "2"]  # version 3, lag 2, 2 updates
+    for row in rows[1:]:
+        assert row[3:] == ["-"] * 8
+
+
 def test_sigterm_restores_the_terminal(namespace: str, system: dict[str, ShmcastProcess]) -> None:
     if SETSID is None:
         pytest.skip("setsid (util-linux) is not installed")
@@ -256,6 +286,36 @@ def test_report_table_keeps_recent_reports_and_refuses_bad_ones(
                 ("w1", 11, seg),
                 ("w2", 12, seg),
             ]
+            # Values top cannot show are dropped: counts are ints from 0 to 2**63-1,
+            # percentiles finite seconds or None.
+            bad = [None, float("inf"), float("nan"), -1, 2**63, 1.5, True, "1"]
+            forged = {
+                f"s{i}": dict.fromkeys(("last_version", "updates"), v) for i, v in enumerate(bad)
+            }
+            forged |= {
+                f"p{i}": {"p50": v, "p99": 0.5, "torn": 0}
+                for i, v in enumerate([float("inf"), float("nan"), -1.0, "1", True])
+            }
+            assert client.send("report", name="w0", pid=10, segments=forged)
+            rows = wait_for(
+                lambda: [r for r in client.request("subscribers")["subscribers"] if r["pid"] == 10],
+                5,
+                0.02,
+                "the forged report",
+            )
+            assert rows[0]["segments"] == {f"s{i}": {} for i in range(len(bad))} | {
+                f"p{i}": {"p99": 0.5, "torn": 0} for i in range(5)
+            }
+            client.send("report", name="w0", pid=10, segments={"a": {"p50": None}})
+            wait_for(
+                lambda: any(
+                    r["segments"] == {"a": {"p50": None}}
+                    for r in client.request("subscribers")["subscribers"]
+                ),
+                5,
+                0.02,
+                "None kept for a percentile",
+            )
             # A report that is not one: an error, counted; the broker keeps serving.
             with pytest.raises(ShmcastError, match="report needs"):
                 client.request("report", name="w3", pid="x", segments=seg)
