@@ -225,6 +225,9 @@ class Broker(Service):
         watcher: CommitWatcher | None = None
         bound_paths: list[str] = []
         served = False  # a start that failed unlinks nothing it adopted
+        exposure = cfg.exposure_warning()
+        if exposure is not None:  # a library's broker says it too, not only the command
+            log.warning("%s", exposure)
         try:
             rdir = runtime_dir(self.namespace, create=True)
             lock_fd = self._take_namespace_lock(rdir)

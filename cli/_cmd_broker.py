@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from typing import Any
 
 from shmcast.broker import Broker, resolve_config
 
 from ._options import positive_seconds
 from ._runner import serve
-
-log = logging.getLogger(__name__)
 
 READY = "shmcast broker ready: "
 HELP = "run the broker: owns the namespace's segments, serves the control API, announces versions"
@@ -84,8 +81,5 @@ def run(args: argparse.Namespace) -> int:
         "tcp_open": args.tcp_open,
     }
     config = resolve_config(flags, config_file=args.config)  # ConfigError: exit 2
-    exposure = config.exposure_warning()
-    if exposure is not None:
-        log.warning("%s", exposure)
     serve(Broker(config), READY)
     return 0

@@ -189,6 +189,17 @@ def test_loopback_read_only_endpoints_are_served_with_one_warning_line(namespace
         assert f"{name} tcp://127.0.0.1:0" in warned[0]
 
 
+def test_a_library_broker_warns_of_loopback_readers_too(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not only ``shmcast broker``: a ``Broker`` started from Python says it as well."""
+    with Broker(BrokerConfig(namespace=namespace, events="tcp://127.0.0.1:0")).start():
+        pass
+    warned = [r for r in caplog.records if "every local user" in r.getMessage()]
+    assert len(warned) == 1
+    assert warned[0].levelname == "WARNING"
+
+
 def test_curve_refuses_unknown_clients(namespace: str) -> None:
     server_pub, server_sec = curve_keypair()
     client_pub, client_sec = curve_keypair()
