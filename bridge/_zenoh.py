@@ -368,6 +368,7 @@ class ZenohBridge(Service):
                     "key": c.key,
                 }
                 for n, c in self._counts.items()
+                if n in self._mirrors or c.received  # not a name still being made
             }
         return BridgeStats(
             namespace=self.namespace,

@@ -60,7 +60,8 @@ def test_every_metric_the_readme_names_is_exported(namespace: str) -> None:
             for _ in sub.updates(timeout=2):
                 break
             relay = Relay(resolve_relay_config({"upstream": "tcp://127.0.0.1:1"}, environ={}))
-            counts = {"sent": 1, "skipped": 0, "torn": 0, "received": 1, "upstream_up": True}
+            counts = {"sent": 1, "skipped": 0, "torn": 0, "received": 1, "stale": 0}
+            counts |= {"upstream_up": True}
             bridge = BridgeStats(namespace, exported={"m": counts}, imported={"n": counts})
             exported = (
                 _sample_names(BrokerCollector(broker.stats, broker.data_stats))
