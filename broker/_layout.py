@@ -272,13 +272,16 @@ def _no_fence() -> None:
 
 def read_header(
     name: str, path: str, fd: int, wait: float, *, fence: Callable[[], None] = _no_fence
-) -> tuple[np.dtype[Any], tuple[int, ...], int]:
+) -> tuple[np.dtype[Any], tuple[int, ...], int, int]:
     """Read and check the header of ``fd`` through a private read-only mapping.
 
     Waits up to ``wait`` seconds for a header still being written (magic 0).
     Once the magic is seen, ``fence`` (the core's full fence) runs and the page is
     read again: the creator stored the magic last, after a fence, so the second
-    copy holds every field. Returns ``(dtype, shape, object size)``.
+    copy holds every field. Returns ``(dtype, shape, slots, object size)``: the
+    values checked here are the only ones to build on (anyone who may write the
+    object may change its header after the check; header size, stride and slot
+    size follow from them: :func:`header_size`, :func:`slot_stride`).
 
     Raises:
         NotASegmentError: not a shmcast object, or a header no writer could make.
@@ -337,4 +340,4 @@ def read_header(
         raise NotASegmentError(name, path, f"layout {dt} {shape} is not in canonical form")
     if math.prod(shape) * dt.itemsize != nbytes:
         raise NotASegmentError(name, path, "dtype and shape do not add up to the slot size")
-    return dt, shape, size
+    return dt, shape, slots, size

@@ -376,7 +376,7 @@ class Segment:
             os.close(fd)
             raise
         seg = cls(_PRIVATE)
-        seg._setup(core, name, ns, path, fd, mm, writable=True, dtype=dt, shape=shp)
+        seg._setup(core, name, ns, path, fd, mm, writable=True, dtype=dt, shape=shp, slots=slots)
         return seg
 
     @classmethod
@@ -427,7 +427,7 @@ class Segment:
                 raise NotASegmentError(name, path, "not a regular file")
             # Before a byte of it is read: a squatter's object is never trusted.
             check_owned(path, st, os.getuid() if owner is None else owner)
-            dt, shp, size = read_header(name, path, fd, wait, fence=core.fence)
+            dt, shp, slots, size = read_header(name, path, fd, wait, fence=core.fence)
             if writable:
                 head = os.pread(fd, 8 * (W_WRITER_PID + 1), 0)
                 take_lease(name, fd, int.from_bytes(head[8 * W_WRITER_PID :], "little"))
@@ -438,7 +438,9 @@ class Segment:
             os.close(fd)
             raise
         seg = cls(_PRIVATE)
-        seg._setup(core, name, ns, path, fd, mm, writable=writable, dtype=dt, shape=shp)
+        seg._setup(
+            core, name, ns, path, fd, mm, writable=writable, dtype=dt, shape=shp, slots=slots
+        )
         if writable:
             q = seg._q
             assert q is not None
@@ -460,6 +462,7 @@ class Segment:
         writable: bool,
         dtype: np.dtype[Any],
         shape: tuple[int, ...],
+        slots: int,
     ) -> None:
         self._name = name
         self._namespace = namespace
@@ -475,11 +478,14 @@ class Segment:
         # subscriber's namespace word): its address and value. A buffer export
         # of the mapping, released at close.
         self._notify = np.frombuffer(mm, dtype=np.uint32, count=1, offset=NOTIFY_OFF)
-        self._slots = int(q[W_SLOTS])
-        self._nbytes = int(q[W_NBYTES])
-        hs = int(q[W_HEADER_SIZE])
-        stride = int(q[W_STRIDE])
+        # The sizes from the layout read_header checked, never the live header again:
+        # whoever may write the object could change it since (the core refuses a
+        # layout larger than the mapping all the same).
         count = math.prod(shape)
+        self._slots = slots
+        self._nbytes = count * dtype.itemsize
+        hs = header_size(slots)
+        stride = slot_stride(self._nbytes)
         # np.frombuffer keeps a buffer export on the mmap for as long as the array
         # lives, so the mapping cannot be unmapped under a view (numpy #23305).
         views = []

@@ -8,6 +8,7 @@ outlive close(), a writer lease the kernel releases, owner-only modes.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,9 +27,11 @@ from shmcast.broker import (
     NotASegmentError,
     Segment,
     WriterBusyError,
+    _segment,
     segment_size,
 )
-from shmcast.broker._layout import DESCR_OFF, LAYOUT_VERSION
+from shmcast.broker._layout import DESCR_OFF, LAYOUT_VERSION, PAGE, W_NBYTES, W_STRIDE
+from shmcast.broker._segment import select_core
 from shmcast.broker.client import shm_path
 
 from ._seg_util import (
@@ -370,6 +374,41 @@ def test_the_template_itself_attaches(namespace):
             assert snap.array.tolist() == [0.0, 1.0, 2.0, 3.0]
     finally:
         os.unlink(path)
+
+
+def test_a_header_rewritten_after_its_check_is_not_used(namespace, removed, monkeypatch):
+    """attach builds on the layout read_header checked: whoever may write the object
+    can rewrite its sizes in between, and the core must never copy past the mapping."""
+    removed.append("s")
+    with Segment.create("s", np.float64, (1,), namespace=namespace) as w:
+        w.write(np.array([1.0]))
+        w.write(np.array([2.0]))  # in slot 1: a stride of 8184 would read past the end
+    checked = _segment.read_header
+
+    def then_rewritten(*args: Any, **kwargs: Any) -> Any:
+        got = checked(*args, **kwargs)
+        with open(shm_path(namespace, "s"), "r+b") as f, mmap.mmap(f.fileno(), PAGE) as mm:
+            q = memoryview(mm).cast("Q")
+            q[W_STRIDE] = q[W_NBYTES] = 8184
+            q.release()
+        return got
+
+    monkeypatch.setattr(_segment, "read_header", then_rewritten)
+    with Segment.attach("s", namespace=namespace) as r:
+        assert (r.nbytes, r.latest().array.tolist()) == (8, [2.0])
+        out = bytearray(8)
+        assert r.read_into(out)[0] == 2
+        assert np.frombuffer(out).tolist() == [2.0]
+
+
+def test_the_core_refuses_a_layout_larger_than_its_mapping():
+    core = select_core()
+    mm = mmap.mmap(-1, 3 * PAGE)  # a header page and two slots of one page
+    for slots, stride, nbytes in [(2, 8184, 8184), (3, PAGE, 8), (2, 2**63, 8), (4, 2**62, 8)]:
+        with pytest.raises(ValueError, match="impossible mapping or layout"):
+            core.ring(mm, slots, PAGE, stride, nbytes, False, False)
+    ring = core.ring(mm, 2, PAGE, PAGE, PAGE, False, False)  # exactly fits
+    assert ring.latest() == 0
 
 
 # --------------------------------------------------------- (e) close with live views
