@@ -48,6 +48,7 @@ import operator
 import os
 import secrets
 import stat
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -278,6 +279,7 @@ class Segment:
         self._mm: mmap.mmap | None = None
         self._q: memoryview | None = None
         self._ring: RingLike | None = None
+        self._writable = False
 
     # ------------------------------------------------------------------ opening
 
@@ -529,7 +531,16 @@ class Segment:
         self._waiters_tried = writable
         self.reads = 0
         self.torn_reads = 0
-        self._loaning = False
+        # One write at a time per handle, from begin to commit or abort (a loan holds
+        # it for its block): two threads writing through one handle would share a
+        # version number and a slot. _wthread is the holder's thread (0: none), so
+        # that a write nested in the same thread's loan is refused, not deadlocked.
+        self._wlock = threading.Lock()
+        self._wthread = 0
+        # The open loan's (slot, seq, array); taken under _loan_guard by whoever ends
+        # it: the loan's exit (commit or abort) or close() (abort).
+        self._loan: tuple[int, int, npt.NDArray[Any]] | None = None
+        self._loan_guard = threading.Lock()
         self._closed = False
 
     # --------------------------------------------------------------- properties
@@ -699,9 +710,12 @@ class Segment:
             raise ArrayMismatchError(self._name, "shape", self._shape, array.shape)
 
     def _begin(self, version: int | None = None) -> tuple[RingLike, int, int, int]:
+        """Start a write (the caller holds ``_wlock``)."""
         ring = self._core_ring()
         if not self._writable:
             raise ReadOnlyError(self._name)
+        if self._closed:  # close() began in another thread: it waits for no new write
+            raise ClosedError(f"segment {self._name!r}")
         if version is None:
             got = ring.begin(0)
         else:
@@ -755,31 +769,47 @@ class Segment:
                 is not an int from 0 to 2**64-1 (nothing is published).
         """
         self._check_array(array)
-        if self._loaning:
+        me = threading.get_ident()
+        if self._wthread == me:
             raise LayoutError(f"segment {self._name!r}: write() inside an open loan()")
         wall = _wall_ns(self._name, timestamp_ns)
-        ring, v, i, s = self._begin(version)
+        lock = self._wlock
+        lock.acquire()  # ~0.1 us; `with` costs twice that
+        self._wthread = me
         try:
-            n = self._nbytes
-            if n >= COPY_UNLOCKED and array.flags.c_contiguous:
-                # Raw bytes, whatever the dtype (np.copyto on records is ~20x slower).
-                ring.copy_in(i, array.__array_interface__["data"][0], array, n, COPY_UNLOCKED)
-            elif self._cast_ok:
-                try:
-                    src = array.data.cast("B")
-                except (TypeError, ValueError, BufferError):  # not C-contiguous: numpy copies it
-                    np.copyto(self._loan_views[i], array)
+            ring, v, i, s = self._begin(version)
+            try:
+                n = self._nbytes
+                if n >= COPY_UNLOCKED and array.flags.c_contiguous:
+                    # Raw bytes, whatever the dtype (np.copyto on records is ~20x slower).
+                    ring.copy_in(i, array.__array_interface__["data"][0], array, n, COPY_UNLOCKED)
+                elif self._cast_ok:
+                    try:
+                        src = array.data.cast("B")
+                    except (TypeError, ValueError, BufferError):  # not C-contiguous
+                        np.copyto(self._loan_views[i], array)
+                    else:
+                        self._slot_mv[i][:] = src  # one memcpy, no numpy call overhead
+                elif array.flags.c_contiguous:
+                    np.copyto(self._raw[i], array.reshape(-1).view(np.uint8))
                 else:
-                    self._slot_mv[i][:] = src  # one memcpy, no numpy call overhead
-            elif array.flags.c_contiguous:
-                np.copyto(self._raw[i], array.reshape(-1).view(np.uint8))
-            else:
-                np.copyto(self._loan_views[i], array)
-        except BaseException:
-            ring.abort(i, s)
-            raise
-        ring.commit(v, i, s, wall)
+                    np.copyto(self._loan_views[i], array)
+                if self._closed:
+                    raise self._closed_meanwhile()
+            except BaseException:
+                with contextlib.suppress(ValueError):  # ValueError: the fallback's closed ring
+                    ring.abort(i, s)
+                raise
+            ring.commit(v, i, s, wall)
+        finally:
+            self._wthread = 0
+            lock.release()
         return v
+
+    def _closed_meanwhile(self) -> ClosedError:
+        """close() ran during this thread's write (a signal handler): nothing commits
+        through a closed handle."""
+        return ClosedError(f"segment {self._name!r}")
 
     def write_bytes(
         self, data: BytesLike, *, version: int | None = None, timestamp_ns: int | None = None
@@ -804,35 +834,47 @@ class Segment:
             wall = timestamp_ns  # a bridge's upstream commit time: no call for the check
         else:
             wall = _wall_ns(self._name, timestamp_ns)
-        ring = self._ring
-        plain = version is None or (type(version) is int and 0 < version <= MAX_VERSION)
-        if ring is not None and plain and not self._loaning:
-            # A small bytes or bytearray: begin, copy and commit in one call of the core.
-            # What runs between a bridge's wake-up and its commit runs with cold caches
-            # (on an idle VM 40-60 us through the general path below, 25-30 here).
-            v = ring.write_from(data, version or 0, wall, COPY_UNLOCKED)
-            if v > 0:
-                return v
-        src: bytes | memoryview
-        if type(data) is bytes and len(data) == self._nbytes:
-            src = data  # bytes of the right size, as a wire hands them over: no checks
-        else:
-            src = self._byte_buffer(data, writable=False)
-        if self._loaning:
+        me = threading.get_ident()
+        if self._wthread == me:
             raise LayoutError(f"segment {self._name!r}: write_bytes() inside an open loan()")
-        ring, v, i, s = self._begin(version)
+        lock = self._wlock
+        lock.acquire()
+        self._wthread = me
         try:
-            n = self._nbytes
-            if n >= COPY_UNLOCKED:
-                owner = np.frombuffer(src, dtype=np.uint8)
-                ring.copy_in(i, owner.__array_interface__["data"][0], owner, n, COPY_UNLOCKED)
+            ring = self._ring
+            plain = version is None or (type(version) is int and 0 < version <= MAX_VERSION)
+            if ring is not None and plain and not self._closed:
+                # A small bytes or bytearray: begin, copy and commit in one call of the
+                # core. What runs between a bridge's wake-up and its commit runs with cold
+                # caches (on an idle VM 40-60 us through the general path below, 25-30 here).
+                v = ring.write_from(data, version or 0, wall, COPY_UNLOCKED)
+                if v > 0:
+                    return v
+            src: bytes | memoryview
+            if type(data) is bytes and len(data) == self._nbytes:
+                src = data  # bytes of the right size, as a wire hands them over: no checks
             else:
-                self._slot_mv[i][:] = src
-        except BaseException:
-            ring.abort(i, s)
-            raise
-        ring.commit(v, i, s, wall)
-        return v
+                src = self._byte_buffer(data, writable=False)
+            ring, v, i, s = self._begin(version)
+            try:
+                n = self._nbytes
+                if n >= COPY_UNLOCKED:
+                    owner = np.frombuffer(src, dtype=np.uint8)
+                    addr = owner.__array_interface__["data"][0]
+                    ring.copy_in(i, addr, owner, n, COPY_UNLOCKED)
+                else:
+                    self._slot_mv[i][:] = src
+                if self._closed:
+                    raise self._closed_meanwhile()
+            except BaseException:
+                with contextlib.suppress(ValueError):  # ValueError: the fallback's closed ring
+                    ring.abort(i, s)
+                raise
+            ring.commit(v, i, s, wall)
+            return v
+        finally:
+            self._wthread = 0
+            lock.release()
 
     def _byte_buffer(self, data: object, *, writable: bool) -> memoryview:
         """``data`` as a flat byte view of exactly :attr:`nbytes` bytes.
@@ -878,20 +920,62 @@ class Segment:
         If the block raises, nothing is published (the slot is marked empty).
         The array must not be used after the block. ``version`` and
         ``timestamp_ns`` are as in :meth:`write`.
+
+        The handle writes one version at a time: a :meth:`write` in another thread
+        waits for the block to end; one in the same thread is refused, as is a
+        nested loan. :meth:`close` inside the block (in any thread) aborts the loan.
+
+        Raises:
+            ClosedError: on leaving the block, when the handle was closed during it:
+                nothing was published.
+            LayoutError: a loan or write of this thread is already open.
         """
-        if self._loaning:
+        me = threading.get_ident()
+        if self._wthread == me:
             raise LayoutError(f"segment {self._name!r}: loans do not nest")
         wall = _wall_ns(self._name, timestamp_ns)
-        ring, v, i, s = self._begin(version)
-        self._loaning = True
-        try:
-            yield self._loan_views[i].view()  # its own object: see view()
-        except BaseException:
-            ring.abort(i, s)
-            raise
-        finally:
-            self._loaning = False
-        ring.commit(v, i, s, wall)
+        with self._wlock:
+            self._wthread = me
+            try:
+                ring, v, i, s = self._begin(version)
+                arr = self._loan_views[i].view()  # its own object: see view()
+                self._loan = (i, s, arr)
+                try:
+                    yield arr
+                except BaseException:
+                    if self._take_loan() is not None:  # else close() aborted it
+                        ring.abort(i, s)
+                    raise
+                if self._take_loan() is None:
+                    raise ClosedError(f"segment {self._name!r}: closed during loan()")
+                ring.commit(v, i, s, wall)
+            finally:
+                self._loan = None
+                self._wthread = 0
+
+    def _take_loan(self) -> tuple[int, int, npt.NDArray[Any]] | None:
+        """The open loan, now no longer open (None: none, or someone else ended it)."""
+        with self._loan_guard:
+            loan, self._loan = self._loan, None
+        return loan
+
+    def _stop_writes(self) -> bool:
+        """close()'s part: wait for a write running in another thread to end, or
+        abort an open loan. True when this took ``_wlock`` (release it after)."""
+        me = threading.get_ident()
+        timeout = 0.0
+        while not self._wlock.acquire(timeout=timeout):
+            timeout = 0.005
+            loan = self._take_loan()
+            if loan is not None:  # its exit raises ClosedError and commits nothing
+                i, s, arr = loan
+                arr.flags.writeable = False  # the slot may be the next writer's
+                with contextlib.suppress(ValueError):
+                    self._core_ring().abort(i, s)
+                return False
+            if self._wthread == me:  # this thread's own write, interrupted (a signal
+                return False  # handler closes): it sees _closed and does not commit
+        return True
 
     def heartbeat(self) -> None:
         """Refresh the writer heartbeat without publishing (for idle writers)."""
@@ -1114,10 +1198,22 @@ class Segment:
 
     def close(self) -> None:
         """Unmap and release the lease; safe with views still alive (they keep the
-        mapping until they are gone). Idempotent."""
+        mapping until they are gone). Idempotent.
+
+        A write running in another thread ends first; an open :meth:`loan` is
+        aborted (its array turns read-only, and its block's exit raises
+        :class:`ClosedError`): nothing commits through a closed handle."""
         if self._closed:
             return
         self._closed = True
+        held = self._writable and self._stop_writes()
+        try:
+            self._close()
+        finally:
+            if held:
+                self._wlock.release()
+
+    def _close(self) -> None:
         q = self._q
         if self._writable and q is not None:
             with contextlib.suppress(ValueError, TypeError):

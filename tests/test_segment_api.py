@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from shmcast.broker import (
     TornReadError,
     VersionUnavailableError,
 )
+from shmcast.broker._segment import COPY_UNLOCKED
 from shmcast.broker.client import resolve_namespace, shm_path
 
 # The engine's tests run on both cores of the seqlock (conftest.each_core).
@@ -290,6 +293,80 @@ def test_loans_do_not_nest_and_write_is_refused_inside_one(made):
             seg.write(_filled(9))
     assert seg.version == 1
     assert seg.latest().array.tolist() == [1.0] * 8
+
+
+def test_threads_writing_through_one_handle_take_turns(made):
+    """From begin to commit one write at a time per handle: a second thread's write
+    waits for the first one's copy (which runs without the GIL). Before, both took
+    the same slot and version number, and readers validated a mix of the two."""
+    n = COPY_UNLOCKED // 8  # a copy without the GIL
+    seg = _create(made, dtype="<i8", shape=(n,))
+    reader = _attach(made)
+    real = seg._ring
+    versions: list[int] = []
+    other = threading.Thread(target=lambda: versions.append(seg.write(np.full(n, 2, "<i8"))))
+
+    class MidCopy:
+        """The ring, with the first copy paused while the other thread writes."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def copy_in(self, *args: Any) -> None:
+            if not other.is_alive() and not versions:
+                other.start()
+                other.join(timeout=0.3)  # it cannot commit meanwhile: 0.3 s is all it gets
+            real.copy_in(*args)
+
+    seg._ring = MidCopy()  # type: ignore[assignment]
+    versions.append(seg.write(np.full(n, 1, "<i8")))
+    other.join(timeout=10)
+    assert sorted(versions) == [1, 2]
+    snap = reader.latest()
+    assert snap.version == 2
+    assert (snap.array == 2).all()
+
+
+def _close_inside_a_loan(seg: Segment, namespace: str) -> None:
+    with seg.loan() as arr:
+        arr[:] = 5
+        seg.close()
+        with Segment.attach("s", namespace=namespace, writable=True) as heir:
+            assert heir.write(np.full(4, 2, "<i8")) == 2  # the same slot as the loan's
+        with pytest.raises(ValueError, match="read-only"):
+            arr[:] = 7
+
+
+def test_closing_during_a_loan_aborts_it(made, namespace):
+    """close() in the loan's block aborts it: its exit raises ClosedError, its array
+    is read-only, and a writer that took the lease meanwhile is never overwritten."""
+    seg = _create(made, dtype="<i8", shape=(4,))
+    reader = _attach(made)
+    seg.write(np.full(4, 1, "<i8"))
+    with pytest.raises(ClosedError, match="closed during loan"):
+        _close_inside_a_loan(seg, namespace)
+    snap = reader.latest()
+    assert (snap.version, snap.array.tolist()) == (2, [2] * 4)
+
+
+def _close_from_another_thread_inside_a_loan(seg: Segment) -> None:
+    closer = threading.Thread(target=seg.close)
+    with seg.loan() as arr:
+        arr[:] = 5.0
+        closer.start()
+        closer.join(timeout=10)
+        assert not closer.is_alive()  # it did not wait for the block
+
+
+def test_closing_from_another_thread_during_a_loan_aborts_it(made):
+    seg = _create(made)
+    reader = _attach(made)
+    with pytest.raises(ClosedError):
+        _close_from_another_thread_inside_a_loan(seg)
+    assert seg.closed
+    assert reader.version == 0
+    with pytest.raises(NoVersionError):
+        reader.latest()
 
 
 # ------------------------------------------------------------------ versions in the ring
