@@ -280,6 +280,7 @@ class Segment:
         self._q: memoryview | None = None
         self._ring: RingLike | None = None
         self._writable = False
+        self._pid = os.getpid()  # the opener: a forked child's copy owns no lease
 
     # ------------------------------------------------------------------ opening
 
@@ -1206,16 +1207,21 @@ class Segment:
         if self._closed:
             return
         self._closed = True
-        held = self._writable and self._stop_writes()
+        # A copy inherited across os.fork: the lease (the flock is on the open file
+        # description both processes share), the header and any loan are the
+        # parent's, and so may be the lock (held by a thread that is not here).
+        # It only unmaps and closes its own descriptor.
+        owner = self._writable and self._pid == os.getpid()
+        held = owner and self._stop_writes()
         try:
-            self._close()
+            self._close(owner)
         finally:
             if held:
                 self._wlock.release()
 
-    def _close(self) -> None:
+    def _close(self, owner: bool) -> None:
         q = self._q
-        if self._writable and q is not None:
+        if owner and q is not None:
             with contextlib.suppress(ValueError, TypeError):
                 if q[W_WRITER_PID] == os.getpid():
                     q[W_WRITER_PID] = 0
@@ -1244,7 +1250,7 @@ class Segment:
             with contextlib.suppress(BufferError):
                 mm.close()
         if self._fd >= 0:
-            if self._writable:
+            if owner:
                 # mmap keeps a dup of the fd; unlock the open file description
                 # explicitly so the lease is free even while views live on.
                 with contextlib.suppress(OSError):

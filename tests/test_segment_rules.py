@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -528,6 +529,42 @@ def test_a_second_writer_in_another_process_is_refused(namespace, removed):
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def _reaped(pid: int, *, timeout: float) -> int:
+    """The exit code of the forked child ``pid``; killed after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"the forked child {pid} did not exit in {timeout}s")
+        time.sleep(0.001)
+
+
+def test_a_forked_child_closing_its_copy_keeps_the_parents_lease(namespace, removed):
+    """The flock is on the open file description parent and child share after
+    os.fork: the child's close() (or its exit's __del__) must not unlock it, nor
+    touch the header. Before, it freed the lease of a writer that went on writing."""
+    removed.append("forked")
+    with Segment.create("forked", "<f8", (4,)) as seg:
+        seg.write(np.full(4, 1.0))
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            code = 1
+            try:
+                seg.close()
+                code = 0
+            finally:
+                os._exit(code)
+        assert _reaped(pid, timeout=10) == 0
+        with pytest.raises(WriterBusyError), Segment.attach("forked", writable=True):
+            pass
+        assert seg.info().writer_pid == os.getpid()
+        assert seg.write(np.full(4, 2.0)) == 2
 
 
 # ------------------------------------------------------------------------ (g) modes
