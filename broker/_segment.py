@@ -919,8 +919,9 @@ class Segment:
         """Yield a writable array over the next slot; commit it when the block ends.
 
         If the block raises, nothing is published (the slot is marked empty).
-        The array must not be used after the block. ``version`` and
-        ``timestamp_ns`` are as in :meth:`write`.
+        The array turns read-only when the block ends (views taken of it inside
+        the block do not: do not keep them). ``version`` and ``timestamp_ns`` are
+        as in :meth:`write`.
 
         The handle writes one version at a time: a :meth:`write` in another thread
         waits for the block to end; one in the same thread is refused, as is a
@@ -947,6 +948,10 @@ class Segment:
                     if self._take_loan() is not None:  # else close() aborted it
                         ring.abort(i, s)
                     raise
+                finally:
+                    # Before the commit: a write through it after the block would
+                    # change a committed version under readers who validate it.
+                    arr.flags.writeable = False
                 if self._take_loan() is None:
                     raise ClosedError(f"segment {self._name!r}: closed during loan()")
                 ring.commit(v, i, s, wall)

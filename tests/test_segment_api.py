@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -256,6 +257,26 @@ def test_loan_commits_on_normal_exit(made):
             reader.latest()
     assert seg.version == 1
     assert reader.latest().array.tolist() == list(map(float, range(8)))
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["commits", "raises"])
+def test_a_loans_array_is_read_only_after_its_block(made, fails):
+    """Before, it stayed writable: a write after the block changed the committed
+    version under readers, who validated it."""
+    seg = _create(made)
+    reader = _attach(made)
+    with contextlib.suppress(RuntimeError), seg.loan() as arr:
+        arr[:] = 1.0
+        if fails:
+            raise RuntimeError("feed broke")
+    with pytest.raises(ValueError, match="read-only"):
+        arr[:] = 999.0
+    assert reader.version == (0 if fails else 1)
+    if not fails:
+        assert reader.latest().array.tolist() == [1.0] * 8
+    with seg.loan() as again:  # the slot's next loan is writable as ever
+        again[:] = 2.0
+    assert reader.latest().array.tolist() == [2.0] * 8
 
 
 def _broken_loan(seg: Segment) -> None:

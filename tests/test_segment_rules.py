@@ -445,7 +445,10 @@ with Segment.attach("views", writable=True) as heir:  # the lease left with clos
 w.unlink()
 gc.collect()
 out.update(closed=[r.closed, w.closed], mapped_while_views_live=mapped(path))
-loaned[:] = 4.0  # writing through a loan kept past close() must not crash either
+try:
+    loaned[:] = 4.0  # a loan's array is read-only after its block
+except ValueError:
+    out["loan_read_only"] = True
 out["sums"] = [float(x.sum()) for x in (a1, a2, mine, loaned, every_tenth)]
 del a1, a2, mine, loaned, every_tenth, s
 gc.collect()
@@ -463,7 +466,8 @@ def test_closing_with_live_views_never_crashes(namespace, removed):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["closed"] == [True, True]
     assert out["heir_version"] == 3
-    assert out["sums"] == [499500.0, 2000.0, 2000.0, 4000.0, float(sum(range(0, 1000, 10)))]
+    assert out["loan_read_only"]
+    assert out["sums"] == [499500.0, 2000.0, 2000.0, 3000.0, float(sum(range(0, 1000, 10)))]
     assert out["mapped_while_views_live"] >= 1
     assert out["mapped_after_views_died"] == 0, "the mapping outlived every view"
 
