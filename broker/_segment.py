@@ -184,7 +184,8 @@ def _wall_ns(name: str, timestamp_ns: object) -> int:
     if timestamp_ns is None:
         return 0
     try:
-        ts = operator.index(timestamp_ns)  # type: ignore[arg-type]
+        # Ints only: operator.index refuses 1.5 and "50"; a bool is an int to it.
+        ts = -1 if isinstance(timestamp_ns, bool) else operator.index(timestamp_ns)  # type: ignore[arg-type]
     except TypeError:
         ts = -1
     if not 0 <= ts < _U64:
@@ -195,6 +196,20 @@ def _wall_ns(name: str, timestamp_ns: object) -> int:
             "(time.time_ns()), or None for now; nothing was published",
         )
     return ts
+
+
+def _version_number(name: str, version: object) -> int:
+    """``version`` as a commit's number: an int (a numpy integer too), never coerced
+    from a float, a string or a bool."""
+    if not isinstance(version, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(version)  # type: ignore[arg-type]
+    raise SegmentError(
+        name,
+        f"version={version!r} for segment {name!r} is not a version number: pass an int "
+        f"newer than the latest (up to {MAX_VERSION}), or None for latest + 1; "
+        "nothing was published",
+    )
 
 
 @dataclass(frozen=True)
@@ -720,7 +735,7 @@ class Segment:
         if version is None:
             got = ring.begin(0)
         else:
-            v = int(version)
+            v = _version_number(self._name, version)
             got = ring.begin(v) if 0 < v <= MAX_VERSION else None
         if got is None:
             raise self._bad_version(ring.latest(), version)
@@ -729,7 +744,7 @@ class Segment:
         return ring, got[0], got[1], got[2]
 
     def _bad_version(self, latest: int, version: int | None) -> SegmentError:
-        v = latest + 1 if version is None else int(version)
+        v = latest + 1 if version is None else _version_number(self._name, version)
         if v <= latest:
             # Readers and announcements rely on versions only going forward.
             return SegmentError(
@@ -766,8 +781,9 @@ class Segment:
         Raises:
             ArrayMismatchError: wrong dtype or shape (nothing is published).
             ReadOnlyError: this handle is not the writer.
-            SegmentError: ``version`` is not newer than the latest, or ``timestamp_ns``
-                is not an int from 0 to 2**64-1 (nothing is published).
+            SegmentError: ``version`` is not an int newer than the latest, or
+                ``timestamp_ns`` is not an int from 0 to 2**64-1 (floats, strings
+                and bools are refused, never converted; nothing is published).
         """
         self._check_array(array)
         me = threading.get_ident()
@@ -828,8 +844,9 @@ class Segment:
             ArrayMismatchError: not a C-contiguous buffer of :attr:`nbytes` bytes
                 (nothing is published).
             ReadOnlyError: this handle is not the writer.
-            SegmentError: ``version`` is not newer than the latest, or ``timestamp_ns``
-                is not an int from 0 to 2**64-1 (nothing is published).
+            SegmentError: ``version`` is not an int newer than the latest, or
+                ``timestamp_ns`` is not an int from 0 to 2**64-1 (floats, strings
+                and bools are refused, never converted; nothing is published).
         """
         if type(timestamp_ns) is int and 0 <= timestamp_ns < _U64:
             wall = timestamp_ns  # a bridge's upstream commit time: no call for the check

@@ -565,7 +565,7 @@ def test_read_into_a_bytearray_refuses_a_copy_the_writer_overwrote(made, monkeyp
     assert reader.torn_reads == 1
 
 
-@pytest.mark.parametrize("bad", [-1, 2**64, 1.5, "now"])
+@pytest.mark.parametrize("bad", [-1, 2**64, 1.5, "now", True, np.True_])
 @pytest.mark.parametrize("how", ["write", "write_bytes", "write_bytes-memoryview", "loan"])
 def test_a_bad_timestamp_is_refused_before_a_version_is_lost(made, how, bad):
     """A commit time the header cannot hold is refused with the fix, before the
@@ -594,6 +594,31 @@ def test_a_bad_timestamp_is_refused_before_a_version_is_lost(made, how, bad):
     for v in (1, 2):
         with reader.read(v) as snap:
             assert snap.array.tolist() == [float(v)] * 8
+
+
+@pytest.mark.parametrize("bad", [3.0, 3.9, "3", True, np.float64(3)])
+@pytest.mark.parametrize("how", ["write", "write_bytes", "loan"])
+def test_a_version_that_is_not_an_int_is_refused(made, how, bad):
+    """Before, version= went through int(): 3.9 committed 3, "50" committed 50, and
+    True committed 1."""
+    seg = _create(made)
+    seg.write(_filled(1))
+    seg.write(_filled(2))
+
+    def loan() -> None:
+        with seg.loan(version=bad) as arr:
+            arr[:] = 3
+
+    attempt = {
+        "write": lambda: seg.write(_filled(3), version=bad),
+        "write_bytes": lambda: seg.write_bytes(_filled(3).tobytes(), version=bad),
+        "loan": loan,
+    }[how]
+    with pytest.raises(SegmentError, match=r"is not a version number.*nothing was published"):
+        attempt()
+    assert seg.version == 2
+    assert seg.write(_filled(3), version=np.int64(3)) == 3  # numpy integers are ints
+    assert seg.version == 3
 
 
 def test_a_numpy_integer_timestamp_is_recorded(made):
