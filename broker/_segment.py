@@ -212,6 +212,28 @@ def _version_number(name: str, version: object) -> int:
     )
 
 
+_INF = math.inf
+
+
+def _timeout(timeout: float | None) -> float | None:
+    """A wait's ``timeout`` as both cores take it: None (no limit) or seconds >= 0.
+
+    Infinity is None; a negative timeout (a deadline already passed) is 0: one look,
+    no sleep. The callers inline the test ``0 <= timeout < _INF`` of a plain value.
+
+    Raises:
+        ValueError: NaN, which no deadline can be made of.
+    """
+    if timeout is None or 0 <= timeout < _INF:
+        return timeout
+    if math.isnan(timeout):
+        raise ValueError(
+            f"timeout={timeout!r} is not a number of seconds: pass seconds >= 0, "
+            "or None (or math.inf) to wait without a limit"
+        )
+    return None if timeout > 0 else 0.0
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """One version of a segment as read: zero-copy and read-only inside ``read()``.
@@ -1164,7 +1186,12 @@ class Segment:
 
     def wait(self, after: int, timeout: float | None = None) -> int:
         """Block (no busy core: a futex on the header) until a version newer than
-        ``after`` is committed or ``timeout`` passes; return the latest version."""
+        ``after`` is committed or ``timeout`` passes; return the latest version.
+
+        ``timeout`` is in seconds: ``None`` or ``math.inf`` waits without a limit,
+        0 or less looks once; NaN is a ValueError (the same for every wait)."""
+        if timeout is not None and not 0 <= timeout < _INF:
+            timeout = _timeout(timeout)
         ring = self._waiting_ring()
         if after < 0:
             return ring.latest()
@@ -1182,7 +1209,8 @@ class Segment:
 
         Args:
             after: the last version the caller has.
-            timeout: seconds; ``None`` waits for ever.
+            timeout: seconds; ``None`` or ``math.inf`` waits for ever, 0 or less
+                looks once; NaN is a ValueError.
             spin: busy-poll the header's version word (lowest latency, one core
                 burnt) instead of sleeping on the futex.
 
@@ -1193,6 +1221,8 @@ class Segment:
         Raises:
             SlotStuckError: the header names a slot that never comes whole.
         """
+        if timeout is not None and not 0 <= timeout < _INF:
+            timeout = _timeout(timeout)
         return self._waited(self._waiting_ring().wait_acquire(max(0, after), timeout, spin))
 
     def wait_read(
@@ -1208,6 +1238,8 @@ class Segment:
         Raises:
             SlotStuckError: the header names a slot that never comes whole.
         """
+        if timeout is not None and not 0 <= timeout < _INF:
+            timeout = _timeout(timeout)
         return self._waited(self._waiting_ring().wait_read(max(0, after), timeout, spin))
 
     def _waited(self, got: _T | int | None) -> _T | None:
@@ -1384,7 +1416,9 @@ def wait_any(
     segments: beyond the 128 words one ``futex_waitv`` takes, helper threads sleep
     on the further groups for the length of the call, so idle costs no CPU and a
     commit to any segment wakes the caller at once. Returns False on timeout.
+    ``timeout`` as in :meth:`Segment.wait`.
     """
+    timeout = _timeout(timeout)
     if len(segments) == 1 and word is None:
         return segments[0].wait(afters[0], timeout) > afters[0]
     if not segments:
