@@ -931,9 +931,16 @@ class Segment:
         try:
             mv = memoryview(data)  # type: ignore[arg-type]
         except (TypeError, ValueError) as exc:
-            raise ArrayMismatchError(
-                self._name, "the buffer", "bytes-like", type(data).__name__, fix=fix
-            ) from exc
+            if not isinstance(data, np.ndarray):
+                raise ArrayMismatchError(
+                    self._name, "the buffer", "bytes-like", type(data).__name__, fix=fix
+                ) from exc
+            # datetime64 and timedelta64 arrays export no buffer: their bytes do.
+            if not data.flags.c_contiguous:
+                raise ArrayMismatchError(
+                    self._name, "the buffer", "C-contiguous", "strided", fix=fix
+                ) from exc
+            mv = memoryview(data.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         if writable and mv.readonly:
             raise ArrayMismatchError(self._name, "the buffer", "writable", "read-only", fix=fix)
         if not mv.c_contiguous:

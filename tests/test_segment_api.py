@@ -475,8 +475,14 @@ TICK = np.dtype([("t", "<i8"), ("px", "<f8", (2,)), ("sym", "S4")])
 
 @pytest.mark.parametrize(
     ("dtype", "shape"),
-    [("<f8", (8,)), (TICK, (3,)), ("<u2", (1024, 512))],  # the last: 1 MiB, copied without the GIL
-    ids=["f8", "records", "1MiB"],
+    [
+        ("<f8", (8,)),
+        (TICK, (3,)),
+        ("<M8[ns]", (4,)),  # datetimes export no buffer: before, refused as "not bytes-like"
+        ("<m8[us]", (2, 3)),
+        ("<u2", (1024, 512)),  # 1 MiB, copied without the GIL
+    ],
+    ids=["f8", "records", "datetime64", "timedelta64", "1MiB"],
 )
 def test_raw_bytes_go_in_and_come_out_whole(made, dtype, shape):
     seg = _create(made, dtype=dtype, shape=shape)
@@ -493,12 +499,23 @@ def test_raw_bytes_go_in_and_come_out_whole(made, dtype, shape):
     assert reader.read_into(into, 1) == (1, 42)
     assert into.tobytes() == data
     assert reader.latest().array.tobytes() == bytes(more)  # what write_bytes wrote is the version
+    assert seg.write_bytes(into) == 8  # an array of the layout goes in as well
+    assert reader.latest().array.tobytes() == data
 
 
 @pytest.mark.parametrize(
     "bad",
-    [bytes(63), bytes(65), memoryview(bytearray(128))[::2], np.zeros(16, "<f8")[::2], 64, "x" * 64],
-    ids=["short", "long", "strided", "strided-array", "int", "str"],
+    [
+        bytes(63),
+        bytes(65),
+        memoryview(bytearray(128))[::2],
+        np.zeros(16, "<f8")[::2],
+        np.zeros(16, "<M8[ns]")[::2],
+        np.zeros(7, "<M8[ns]"),
+        64,
+        "x" * 64,
+    ],
+    ids=["short", "long", "strided", "strided-array", "strided-dt", "7-dt", "int", "str"],
 )
 def test_bad_raw_buffers_publish_and_copy_nothing(made, bad):
     seg = _create(made)  # 8 float64: 64 bytes
