@@ -742,6 +742,15 @@ class Segment:
     def _check_array(self, array: npt.NDArray[Any]) -> None:
         if not isinstance(array, np.ndarray):
             raise ArrayMismatchError(self._name, "type", "numpy.ndarray", type(array).__name__)
+        if type(array) is not np.ndarray and isinstance(array, np.ma.MaskedArray):
+            raise ArrayMismatchError(
+                self._name,
+                "the array",
+                "a plain numpy.ndarray",
+                "a numpy.ma.MaskedArray",
+                fix="nothing was published (a segment holds no mask: pass "
+                "arr.filled(fill_value), or np.asarray(arr) for the data under the mask)",
+            )
         if array.dtype != self._dtype:
             raise ArrayMismatchError(self._name, "dtype", self._dtype, array.dtype)
         if array.shape != self._shape:
@@ -801,7 +810,8 @@ class Segment:
                 local monotonic clock.
 
         Raises:
-            ArrayMismatchError: wrong dtype or shape (nothing is published).
+            ArrayMismatchError: wrong dtype or shape, or a masked array (nothing
+                is published).
             ReadOnlyError: this handle is not the writer.
             SegmentError: ``version`` is not an int newer than the latest, or
                 ``timestamp_ns`` is not an int from 0 to 2**64-1 (floats, strings

@@ -204,8 +204,9 @@ def test_writer_reads_its_own_segment_read_only(made):
         np.zeros((2, 4), dtype="<f8"),
         np.zeros((), dtype="<f8"),
         [0.0] * 8,
+        np.ma.masked_array(np.zeros(8, "<f8"), mask=[True] * 8),  # was an AttributeError
     ],
-    ids=["f4", "big-endian", "i8", "len9", "2x4", "0d", "list"],
+    ids=["f4", "big-endian", "i8", "len9", "2x4", "0d", "list", "masked"],
 )
 def test_mismatched_array_publishes_nothing(made, bad):
     seg = _create(made)
