@@ -94,6 +94,7 @@ __all__ = [
     "LAYOUT_VERSION",
     "dtype_str",
     "header_size",
+    "mode_problem",
     "normalize_layout",
     "parse_dtype",
     "read_header",
@@ -158,6 +159,24 @@ def header_size(slots: int) -> int:
 
 def slot_stride(nbytes: int) -> int:
     return max(PAGE, _round_up(nbytes, PAGE))
+
+
+def mode_problem(mode: object) -> str | None:
+    """What is wrong with ``mode`` as a segment object's permission bits, or None.
+
+    The rule of the broker's ``mode`` setting (``_config.BrokerConfig``), which
+    ``Segment.create`` applies too: read/write bits only, the owner's among them,
+    and none for group or others to write (attach refuses such an object).
+    """
+    if not isinstance(mode, int) or isinstance(mode, bool) or mode & ~0o666 or not mode & 0o600:
+        shown = oct(mode) if isinstance(mode, int) and not isinstance(mode, bool) else repr(mode)
+        return f"{shown}: use read/write bits only, e.g. 0o600"
+    if mode & 0o022:
+        return (
+            f"{mode:04o} lets others write the segments (and truncate them under "
+            "every reader): use 0600, or 0640 with a group"
+        )
+    return None
 
 
 def segment_size(nbytes: int, slots: int) -> int:

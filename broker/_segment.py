@@ -87,6 +87,7 @@ from ._layout import (
     describe_dtype,
     dtype_str,
     header_size,
+    mode_problem,
     normalize_layout,
     read_header,
     segment_size,
@@ -342,7 +343,9 @@ class Segment:
             shape: the array's shape.
             slots: ring size K (2..64); a view stays valid for K-1 publish intervals.
             namespace: ``None`` means ``$SHMCAST_NAMESPACE`` or ``"default"``.
-            mode: permission bits of the object (owner-only by default).
+            mode: permission bits of the object (owner-only by default): read and
+                write bits only, the owner's among them, none for others to write
+                (0o600, 0o640, 0o644), the broker's ``mode`` rule.
             epoch: id recorded in the header (the broker's); random when omitted.
             prefault: map the slots with ``MAP_POPULATE`` so that the first write
                 pays no page faults.
@@ -351,9 +354,13 @@ class Segment:
             SegmentExistsError: the name is taken.
             ShmSpaceError: ``/dev/shm`` cannot hold the segment.
             LayoutError: bad dtype, shape or slots.
+            ConfigError: a ``mode`` that rule refuses (nothing is created).
         """
         ns = resolve_namespace(namespace)
         validate_segment_name(name)
+        bad_mode = mode_problem(mode)
+        if bad_mode is not None:
+            raise ConfigError("mode", bad_mode)
         core = select_core()  # before anything is made: a core that cannot run refuses here
         dt, shp = normalize_layout(dtype, shape)
         if not isinstance(slots, int) or not 2 <= slots <= MAX_SLOTS:

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from shmcast.broker import (
+    ConfigError,
     LayoutVersionError,
     NotASegmentError,
     Segment,
@@ -589,7 +590,7 @@ def test_objects_are_owner_only_by_default(namespace, removed, umask):
         os.umask(old)
 
 
-@pytest.mark.parametrize("mode", [0o640, 0o644, 0o660, 0o400])
+@pytest.mark.parametrize("mode", [0o640, 0o644, 0o600, 0o400])
 @pytest.mark.parametrize("umask", [0o000, 0o077, 0o777])
 def test_mode_is_honoured_regardless_of_umask(namespace, removed, mode, umask):
     removed.append("m")
@@ -600,3 +601,15 @@ def test_mode_is_honoured_regardless_of_umask(namespace, removed, mode, umask):
             assert seg.write(np.ones(8)) == 1
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize(
+    "mode", [0o666, 0o660, 0o4600, 0o700, 0o000, 0o044, -1, 2**40, True], ids=repr
+)
+def test_a_mode_attach_would_refuse_is_refused_by_create(namespace, mode):
+    """The broker's mode rule: read/write bits only, the owner's among them, nobody
+    else may write. Before, create() made such objects (or raised OverflowError),
+    and attach then refused the group- or world-writable ones."""
+    with pytest.raises(ConfigError, match="'mode'"):
+        Segment.create("m", "<f8", (8,), mode=mode)
+    assert Segment.list(namespace) == []
