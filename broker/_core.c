@@ -285,9 +285,15 @@ static PyObject *Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     void *base = PyLong_AsVoidPtr(addr);
     if (base == NULL && PyErr_Occurred())
         return NULL;
+    /* The mapping's length (owner is a buffer export of it, one byte per item): the
+     * layout must fit in it, or every copy below would run past its end. */
+    Py_ssize_t size = PyObject_Size(owner);
+    if (size < 0)
+        return NULL;
     if (base == NULL || ((uintptr_t)base % PAGE) != 0 || slots < 2 || slots > MAX_SLOTS ||
         hsize < SLOT_CTL + SLOT_CTL_SIZE * slots || hsize % PAGE != 0 || stride < nbytes ||
-        nbytes == 0) {
+        nbytes == 0 || hsize > (unsigned long long)size ||
+        stride > ((unsigned long long)size - hsize) / slots) {
         PyErr_SetString(PyExc_ValueError, "Ring: impossible mapping or layout");
         return NULL;
     }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import math
 import platform
 import time
 from collections.abc import Sequence
@@ -110,8 +111,10 @@ class Futex:
             time.sleep(0.0005 if timeout is None else min(timeout, 0.0005))
             return
         ts = None
+        if timeout is not None and not 0 <= timeout < math.inf:
+            # NaN never passes a deadline (a caller would spin), inf overflows a timespec
+            timeout = None if timeout == math.inf else 0.0
         if timeout is not None:
-            timeout = max(0.0, timeout)
             sec = int(timeout)
             ts = ctypes.byref(_Timespec(sec, int((timeout - sec) * 1e9)))
         self._fsys(_SYS_FUTEX, self._wait_addr, _FUTEX_WAIT, expected, ts, None, 0)
@@ -165,8 +168,9 @@ def wait_many(addrs: Sequence[int], expected: Sequence[int], deadline: float | N
         waiters[k].uaddr = addr
         waiters[k].flags = _FUTEX2_SIZE_U32
     ts = None
+    if deadline is not None and not 0 <= deadline < math.inf:
+        deadline = None if deadline == math.inf else 0.0  # as in Futex.wait
     if deadline is not None:
-        deadline = max(0.0, deadline)
         sec = int(deadline)
         ts = ctypes.byref(_Timespec(sec, int((deadline - sec) * 1e9)))
     rc = _syscall_fn()(

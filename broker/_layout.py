@@ -94,6 +94,7 @@ __all__ = [
     "LAYOUT_VERSION",
     "dtype_str",
     "header_size",
+    "mode_problem",
     "normalize_layout",
     "parse_dtype",
     "read_header",
@@ -158,6 +159,24 @@ def header_size(slots: int) -> int:
 
 def slot_stride(nbytes: int) -> int:
     return max(PAGE, _round_up(nbytes, PAGE))
+
+
+def mode_problem(mode: object) -> str | None:
+    """What is wrong with ``mode`` as a segment object's permission bits, or None.
+
+    The rule of the broker's ``mode`` setting (``_config.BrokerConfig``), which
+    ``Segment.create`` applies too: read/write bits only, the owner's among them,
+    and none for group or others to write (attach refuses such an object).
+    """
+    if not isinstance(mode, int) or isinstance(mode, bool) or mode & ~0o666 or not mode & 0o600:
+        shown = oct(mode) if isinstance(mode, int) and not isinstance(mode, bool) else repr(mode)
+        return f"{shown}: use read/write bits only, e.g. 0o600"
+    if mode & 0o022:
+        return (
+            f"{mode:04o} lets others write the segments (and truncate them under "
+            "every reader): use 0600, or 0640 with a group"
+        )
+    return None
 
 
 def segment_size(nbytes: int, slots: int) -> int:
@@ -272,13 +291,16 @@ def _no_fence() -> None:
 
 def read_header(
     name: str, path: str, fd: int, wait: float, *, fence: Callable[[], None] = _no_fence
-) -> tuple[np.dtype[Any], tuple[int, ...], int]:
+) -> tuple[np.dtype[Any], tuple[int, ...], int, int]:
     """Read and check the header of ``fd`` through a private read-only mapping.
 
     Waits up to ``wait`` seconds for a header still being written (magic 0).
     Once the magic is seen, ``fence`` (the core's full fence) runs and the page is
     read again: the creator stored the magic last, after a fence, so the second
-    copy holds every field. Returns ``(dtype, shape, object size)``.
+    copy holds every field. Returns ``(dtype, shape, slots, object size)``: the
+    values checked here are the only ones to build on (anyone who may write the
+    object may change its header after the check; header size, stride and slot
+    size follow from them: :func:`header_size`, :func:`slot_stride`).
 
     Raises:
         NotASegmentError: not a shmcast object, or a header no writer could make.
@@ -337,4 +359,4 @@ def read_header(
         raise NotASegmentError(name, path, f"layout {dt} {shape} is not in canonical form")
     if math.prod(shape) * dt.itemsize != nbytes:
         raise NotASegmentError(name, path, "dtype and shape do not add up to the slot size")
-    return dt, shape, size
+    return dt, shape, slots, size

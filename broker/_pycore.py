@@ -33,6 +33,7 @@ import numpy as np
 from ._backend import Core, fallback_description
 from ._futex import WAITV_MAX, Futex, futex_or, wait_many
 from ._layout import (
+    MAX_SLOTS,
     MAX_VERSION,
     NOTIFY_IDX,
     NOTIFY_OFF,
@@ -76,6 +77,15 @@ class Ring:
         writable: bool,
         always_wake: bool,
     ) -> None:
+        # The layout must fit in the mapping, or the copies would run past its end.
+        if not (
+            2 <= slots <= MAX_SLOTS
+            and header_size >= slot_ctl_index(slots) * 8
+            and header_size % PAGE == 0
+            and 0 < nbytes <= stride
+            and header_size + slots * stride <= len(mm)
+        ):
+            raise ValueError("Ring: impossible mapping or layout")
         self._q: memoryview = memoryview(mm).cast("Q")
         self._b: memoryview = memoryview(mm)
         self._q32: memoryview = memoryview(mm).cast("I")

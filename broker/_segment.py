@@ -48,6 +48,7 @@ import operator
 import os
 import secrets
 import stat
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -86,6 +87,7 @@ from ._layout import (
     describe_dtype,
     dtype_str,
     header_size,
+    mode_problem,
     normalize_layout,
     read_header,
     segment_size,
@@ -183,7 +185,8 @@ def _wall_ns(name: str, timestamp_ns: object) -> int:
     if timestamp_ns is None:
         return 0
     try:
-        ts = operator.index(timestamp_ns)  # type: ignore[arg-type]
+        # Ints only: operator.index refuses 1.5 and "50"; a bool is an int to it.
+        ts = -1 if isinstance(timestamp_ns, bool) else operator.index(timestamp_ns)  # type: ignore[arg-type]
     except TypeError:
         ts = -1
     if not 0 <= ts < _U64:
@@ -194,6 +197,42 @@ def _wall_ns(name: str, timestamp_ns: object) -> int:
             "(time.time_ns()), or None for now; nothing was published",
         )
     return ts
+
+
+def _version_number(name: str, version: object) -> int:
+    """``version`` as a commit's number: an int (a numpy integer too), never coerced
+    from a float, a string or a bool."""
+    if not isinstance(version, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(version)  # type: ignore[arg-type]
+    raise SegmentError(
+        name,
+        f"version={version!r} for segment {name!r} is not a version number: pass an int "
+        f"newer than the latest (up to {MAX_VERSION}), or None for latest + 1; "
+        "nothing was published",
+    )
+
+
+_INF = math.inf
+
+
+def _timeout(timeout: float | None) -> float | None:
+    """A wait's ``timeout`` as both cores take it: None (no limit) or seconds >= 0.
+
+    Infinity is None; a negative timeout (a deadline already passed) is 0: one look,
+    no sleep. The callers inline the test ``0 <= timeout < _INF`` of a plain value.
+
+    Raises:
+        ValueError: NaN, which no deadline can be made of.
+    """
+    if timeout is None or 0 <= timeout < _INF:
+        return timeout
+    if math.isnan(timeout):
+        raise ValueError(
+            f"timeout={timeout!r} is not a number of seconds: pass seconds >= 0, "
+            "or None (or math.inf) to wait without a limit"
+        )
+    return None if timeout > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -278,6 +317,8 @@ class Segment:
         self._mm: mmap.mmap | None = None
         self._q: memoryview | None = None
         self._ring: RingLike | None = None
+        self._writable = False
+        self._pid = os.getpid()  # the opener: a forked child's copy owns no lease
 
     # ------------------------------------------------------------------ opening
 
@@ -302,7 +343,9 @@ class Segment:
             shape: the array's shape.
             slots: ring size K (2..64); a view stays valid for K-1 publish intervals.
             namespace: ``None`` means ``$SHMCAST_NAMESPACE`` or ``"default"``.
-            mode: permission bits of the object (owner-only by default).
+            mode: permission bits of the object (owner-only by default): read and
+                write bits only, the owner's among them, none for others to write
+                (0o600, 0o640, 0o644), the broker's ``mode`` rule.
             epoch: id recorded in the header (the broker's); random when omitted.
             prefault: map the slots with ``MAP_POPULATE`` so that the first write
                 pays no page faults.
@@ -311,9 +354,13 @@ class Segment:
             SegmentExistsError: the name is taken.
             ShmSpaceError: ``/dev/shm`` cannot hold the segment.
             LayoutError: bad dtype, shape or slots.
+            ConfigError: a ``mode`` that rule refuses (nothing is created).
         """
         ns = resolve_namespace(namespace)
         validate_segment_name(name)
+        bad_mode = mode_problem(mode)
+        if bad_mode is not None:
+            raise ConfigError("mode", bad_mode)
         core = select_core()  # before anything is made: a core that cannot run refuses here
         dt, shp = normalize_layout(dtype, shape)
         if not isinstance(slots, int) or not 2 <= slots <= MAX_SLOTS:
@@ -376,7 +423,7 @@ class Segment:
             os.close(fd)
             raise
         seg = cls(_PRIVATE)
-        seg._setup(core, name, ns, path, fd, mm, writable=True, dtype=dt, shape=shp)
+        seg._setup(core, name, ns, path, fd, mm, writable=True, dtype=dt, shape=shp, slots=slots)
         return seg
 
     @classmethod
@@ -427,7 +474,7 @@ class Segment:
                 raise NotASegmentError(name, path, "not a regular file")
             # Before a byte of it is read: a squatter's object is never trusted.
             check_owned(path, st, os.getuid() if owner is None else owner)
-            dt, shp, size = read_header(name, path, fd, wait, fence=core.fence)
+            dt, shp, slots, size = read_header(name, path, fd, wait, fence=core.fence)
             if writable:
                 head = os.pread(fd, 8 * (W_WRITER_PID + 1), 0)
                 take_lease(name, fd, int.from_bytes(head[8 * W_WRITER_PID :], "little"))
@@ -438,7 +485,9 @@ class Segment:
             os.close(fd)
             raise
         seg = cls(_PRIVATE)
-        seg._setup(core, name, ns, path, fd, mm, writable=writable, dtype=dt, shape=shp)
+        seg._setup(
+            core, name, ns, path, fd, mm, writable=writable, dtype=dt, shape=shp, slots=slots
+        )
         if writable:
             q = seg._q
             assert q is not None
@@ -460,6 +509,7 @@ class Segment:
         writable: bool,
         dtype: np.dtype[Any],
         shape: tuple[int, ...],
+        slots: int,
     ) -> None:
         self._name = name
         self._namespace = namespace
@@ -475,11 +525,14 @@ class Segment:
         # subscriber's namespace word): its address and value. A buffer export
         # of the mapping, released at close.
         self._notify = np.frombuffer(mm, dtype=np.uint32, count=1, offset=NOTIFY_OFF)
-        self._slots = int(q[W_SLOTS])
-        self._nbytes = int(q[W_NBYTES])
-        hs = int(q[W_HEADER_SIZE])
-        stride = int(q[W_STRIDE])
+        # The sizes from the layout read_header checked, never the live header again:
+        # whoever may write the object could change it since (the core refuses a
+        # layout larger than the mapping all the same).
         count = math.prod(shape)
+        self._slots = slots
+        self._nbytes = count * dtype.itemsize
+        hs = header_size(slots)
+        stride = slot_stride(self._nbytes)
         # np.frombuffer keeps a buffer export on the mmap for as long as the array
         # lives, so the mapping cannot be unmapped under a view (numpy #23305).
         views = []
@@ -523,7 +576,16 @@ class Segment:
         self._waiters_tried = writable
         self.reads = 0
         self.torn_reads = 0
-        self._loaning = False
+        # One write at a time per handle, from begin to commit or abort (a loan holds
+        # it for its block): two threads writing through one handle would share a
+        # version number and a slot. _wthread is the holder's thread (0: none), so
+        # that a write nested in the same thread's loan is refused, not deadlocked.
+        self._wlock = threading.Lock()
+        self._wthread = 0
+        # The open loan's (slot, seq, array); taken under _loan_guard by whoever ends
+        # it: the loan's exit (commit or abort) or close() (abort).
+        self._loan: tuple[int, int, npt.NDArray[Any]] | None = None
+        self._loan_guard = threading.Lock()
         self._closed = False
 
     # --------------------------------------------------------------- properties
@@ -687,19 +749,31 @@ class Segment:
     def _check_array(self, array: npt.NDArray[Any]) -> None:
         if not isinstance(array, np.ndarray):
             raise ArrayMismatchError(self._name, "type", "numpy.ndarray", type(array).__name__)
+        if type(array) is not np.ndarray and isinstance(array, np.ma.MaskedArray):
+            raise ArrayMismatchError(
+                self._name,
+                "the array",
+                "a plain numpy.ndarray",
+                "a numpy.ma.MaskedArray",
+                fix="nothing was published (a segment holds no mask: pass "
+                "arr.filled(fill_value), or np.asarray(arr) for the data under the mask)",
+            )
         if array.dtype != self._dtype:
             raise ArrayMismatchError(self._name, "dtype", self._dtype, array.dtype)
         if array.shape != self._shape:
             raise ArrayMismatchError(self._name, "shape", self._shape, array.shape)
 
     def _begin(self, version: int | None = None) -> tuple[RingLike, int, int, int]:
+        """Start a write (the caller holds ``_wlock``)."""
         ring = self._core_ring()
         if not self._writable:
             raise ReadOnlyError(self._name)
+        if self._closed:  # close() began in another thread: it waits for no new write
+            raise ClosedError(f"segment {self._name!r}")
         if version is None:
             got = ring.begin(0)
         else:
-            v = int(version)
+            v = _version_number(self._name, version)
             got = ring.begin(v) if 0 < v <= MAX_VERSION else None
         if got is None:
             raise self._bad_version(ring.latest(), version)
@@ -708,7 +782,7 @@ class Segment:
         return ring, got[0], got[1], got[2]
 
     def _bad_version(self, latest: int, version: int | None) -> SegmentError:
-        v = latest + 1 if version is None else int(version)
+        v = latest + 1 if version is None else _version_number(self._name, version)
         if v <= latest:
             # Readers and announcements rely on versions only going forward.
             return SegmentError(
@@ -743,37 +817,55 @@ class Segment:
                 local monotonic clock.
 
         Raises:
-            ArrayMismatchError: wrong dtype or shape (nothing is published).
+            ArrayMismatchError: wrong dtype or shape, or a masked array (nothing
+                is published).
             ReadOnlyError: this handle is not the writer.
-            SegmentError: ``version`` is not newer than the latest, or ``timestamp_ns``
-                is not an int from 0 to 2**64-1 (nothing is published).
+            SegmentError: ``version`` is not an int newer than the latest, or
+                ``timestamp_ns`` is not an int from 0 to 2**64-1 (floats, strings
+                and bools are refused, never converted; nothing is published).
         """
         self._check_array(array)
-        if self._loaning:
+        me = threading.get_ident()
+        if self._wthread == me:
             raise LayoutError(f"segment {self._name!r}: write() inside an open loan()")
         wall = _wall_ns(self._name, timestamp_ns)
-        ring, v, i, s = self._begin(version)
+        lock = self._wlock
+        lock.acquire()  # ~0.1 us; `with` costs twice that
+        self._wthread = me
         try:
-            n = self._nbytes
-            if n >= COPY_UNLOCKED and array.flags.c_contiguous:
-                # Raw bytes, whatever the dtype (np.copyto on records is ~20x slower).
-                ring.copy_in(i, array.__array_interface__["data"][0], array, n, COPY_UNLOCKED)
-            elif self._cast_ok:
-                try:
-                    src = array.data.cast("B")
-                except (TypeError, ValueError, BufferError):  # not C-contiguous: numpy copies it
-                    np.copyto(self._loan_views[i], array)
+            ring, v, i, s = self._begin(version)
+            try:
+                n = self._nbytes
+                if n >= COPY_UNLOCKED and array.flags.c_contiguous:
+                    # Raw bytes, whatever the dtype (np.copyto on records is ~20x slower).
+                    ring.copy_in(i, array.__array_interface__["data"][0], array, n, COPY_UNLOCKED)
+                elif self._cast_ok:
+                    try:
+                        src = array.data.cast("B")
+                    except (TypeError, ValueError, BufferError):  # not C-contiguous
+                        np.copyto(self._loan_views[i], array)
+                    else:
+                        self._slot_mv[i][:] = src  # one memcpy, no numpy call overhead
+                elif array.flags.c_contiguous:
+                    np.copyto(self._raw[i], array.reshape(-1).view(np.uint8))
                 else:
-                    self._slot_mv[i][:] = src  # one memcpy, no numpy call overhead
-            elif array.flags.c_contiguous:
-                np.copyto(self._raw[i], array.reshape(-1).view(np.uint8))
-            else:
-                np.copyto(self._loan_views[i], array)
-        except BaseException:
-            ring.abort(i, s)
-            raise
-        ring.commit(v, i, s, wall)
+                    np.copyto(self._loan_views[i], array)
+                if self._closed:
+                    raise self._closed_meanwhile()
+            except BaseException:
+                with contextlib.suppress(ValueError):  # ValueError: the fallback's closed ring
+                    ring.abort(i, s)
+                raise
+            ring.commit(v, i, s, wall)
+        finally:
+            self._wthread = 0
+            lock.release()
         return v
+
+    def _closed_meanwhile(self) -> ClosedError:
+        """close() ran during this thread's write (a signal handler): nothing commits
+        through a closed handle."""
+        return ClosedError(f"segment {self._name!r}")
 
     def write_bytes(
         self, data: BytesLike, *, version: int | None = None, timestamp_ns: int | None = None
@@ -791,42 +883,55 @@ class Segment:
             ArrayMismatchError: not a C-contiguous buffer of :attr:`nbytes` bytes
                 (nothing is published).
             ReadOnlyError: this handle is not the writer.
-            SegmentError: ``version`` is not newer than the latest, or ``timestamp_ns``
-                is not an int from 0 to 2**64-1 (nothing is published).
+            SegmentError: ``version`` is not an int newer than the latest, or
+                ``timestamp_ns`` is not an int from 0 to 2**64-1 (floats, strings
+                and bools are refused, never converted; nothing is published).
         """
         if type(timestamp_ns) is int and 0 <= timestamp_ns < _U64:
             wall = timestamp_ns  # a bridge's upstream commit time: no call for the check
         else:
             wall = _wall_ns(self._name, timestamp_ns)
-        ring = self._ring
-        plain = version is None or (type(version) is int and 0 < version <= MAX_VERSION)
-        if ring is not None and plain and not self._loaning:
-            # A small bytes or bytearray: begin, copy and commit in one call of the core.
-            # What runs between a bridge's wake-up and its commit runs with cold caches
-            # (on an idle VM 40-60 us through the general path below, 25-30 here).
-            v = ring.write_from(data, version or 0, wall, COPY_UNLOCKED)
-            if v > 0:
-                return v
-        src: bytes | memoryview
-        if type(data) is bytes and len(data) == self._nbytes:
-            src = data  # bytes of the right size, as a wire hands them over: no checks
-        else:
-            src = self._byte_buffer(data, writable=False)
-        if self._loaning:
+        me = threading.get_ident()
+        if self._wthread == me:
             raise LayoutError(f"segment {self._name!r}: write_bytes() inside an open loan()")
-        ring, v, i, s = self._begin(version)
+        lock = self._wlock
+        lock.acquire()
+        self._wthread = me
         try:
-            n = self._nbytes
-            if n >= COPY_UNLOCKED:
-                owner = np.frombuffer(src, dtype=np.uint8)
-                ring.copy_in(i, owner.__array_interface__["data"][0], owner, n, COPY_UNLOCKED)
+            ring = self._ring
+            plain = version is None or (type(version) is int and 0 < version <= MAX_VERSION)
+            if ring is not None and plain and not self._closed:
+                # A small bytes or bytearray: begin, copy and commit in one call of the
+                # core. What runs between a bridge's wake-up and its commit runs with cold
+                # caches (on an idle VM 40-60 us through the general path below, 25-30 here).
+                v = ring.write_from(data, version or 0, wall, COPY_UNLOCKED)
+                if v > 0:
+                    return v
+            src: bytes | memoryview
+            if type(data) is bytes and len(data) == self._nbytes:
+                src = data  # bytes of the right size, as a wire hands them over: no checks
             else:
-                self._slot_mv[i][:] = src
-        except BaseException:
-            ring.abort(i, s)
-            raise
-        ring.commit(v, i, s, wall)
-        return v
+                src = self._byte_buffer(data, writable=False)
+            ring, v, i, s = self._begin(version)
+            try:
+                n = self._nbytes
+                if n >= COPY_UNLOCKED:
+                    owner = np.frombuffer(src, dtype=np.uint8)
+                    addr = owner.__array_interface__["data"][0]
+                    ring.copy_in(i, addr, owner, n, COPY_UNLOCKED)
+                else:
+                    self._slot_mv[i][:] = src
+                if self._closed:
+                    raise self._closed_meanwhile()
+            except BaseException:
+                with contextlib.suppress(ValueError):  # ValueError: the fallback's closed ring
+                    ring.abort(i, s)
+                raise
+            ring.commit(v, i, s, wall)
+            return v
+        finally:
+            self._wthread = 0
+            lock.release()
 
     def _byte_buffer(self, data: object, *, writable: bool) -> memoryview:
         """``data`` as a flat byte view of exactly :attr:`nbytes` bytes.
@@ -843,9 +948,16 @@ class Segment:
         try:
             mv = memoryview(data)  # type: ignore[arg-type]
         except (TypeError, ValueError) as exc:
-            raise ArrayMismatchError(
-                self._name, "the buffer", "bytes-like", type(data).__name__, fix=fix
-            ) from exc
+            if not isinstance(data, np.ndarray):
+                raise ArrayMismatchError(
+                    self._name, "the buffer", "bytes-like", type(data).__name__, fix=fix
+                ) from exc
+            # datetime64 and timedelta64 arrays export no buffer: their bytes do.
+            if not data.flags.c_contiguous:
+                raise ArrayMismatchError(
+                    self._name, "the buffer", "C-contiguous", "strided", fix=fix
+                ) from exc
+            mv = memoryview(data.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         if writable and mv.readonly:
             raise ArrayMismatchError(self._name, "the buffer", "writable", "read-only", fix=fix)
         if not mv.c_contiguous:
@@ -870,22 +982,69 @@ class Segment:
         """Yield a writable array over the next slot; commit it when the block ends.
 
         If the block raises, nothing is published (the slot is marked empty).
-        The array must not be used after the block. ``version`` and
-        ``timestamp_ns`` are as in :meth:`write`.
+        The array turns read-only when the block ends (views taken of it inside
+        the block do not: do not keep them). ``version`` and ``timestamp_ns`` are
+        as in :meth:`write`.
+
+        The handle writes one version at a time: a :meth:`write` in another thread
+        waits for the block to end; one in the same thread is refused, as is a
+        nested loan. :meth:`close` inside the block (in any thread) aborts the loan.
+
+        Raises:
+            ClosedError: on leaving the block, when the handle was closed during it:
+                nothing was published.
+            LayoutError: a loan or write of this thread is already open.
         """
-        if self._loaning:
+        me = threading.get_ident()
+        if self._wthread == me:
             raise LayoutError(f"segment {self._name!r}: loans do not nest")
         wall = _wall_ns(self._name, timestamp_ns)
-        ring, v, i, s = self._begin(version)
-        self._loaning = True
-        try:
-            yield self._loan_views[i].view()  # its own object: see view()
-        except BaseException:
-            ring.abort(i, s)
-            raise
-        finally:
-            self._loaning = False
-        ring.commit(v, i, s, wall)
+        with self._wlock:
+            self._wthread = me
+            try:
+                ring, v, i, s = self._begin(version)
+                arr = self._loan_views[i].view()  # its own object: see view()
+                self._loan = (i, s, arr)
+                try:
+                    yield arr
+                except BaseException:
+                    if self._take_loan() is not None:  # else close() aborted it
+                        ring.abort(i, s)
+                    raise
+                finally:
+                    # Before the commit: a write through it after the block would
+                    # change a committed version under readers who validate it.
+                    arr.flags.writeable = False
+                if self._take_loan() is None:
+                    raise ClosedError(f"segment {self._name!r}: closed during loan()")
+                ring.commit(v, i, s, wall)
+            finally:
+                self._loan = None
+                self._wthread = 0
+
+    def _take_loan(self) -> tuple[int, int, npt.NDArray[Any]] | None:
+        """The open loan, now no longer open (None: none, or someone else ended it)."""
+        with self._loan_guard:
+            loan, self._loan = self._loan, None
+        return loan
+
+    def _stop_writes(self) -> bool:
+        """close()'s part: wait for a write running in another thread to end, or
+        abort an open loan. True when this took ``_wlock`` (release it after)."""
+        me = threading.get_ident()
+        timeout = 0.0
+        while not self._wlock.acquire(timeout=timeout):
+            timeout = 0.005
+            loan = self._take_loan()
+            if loan is not None:  # its exit raises ClosedError and commits nothing
+                i, s, arr = loan
+                arr.flags.writeable = False  # the slot may be the next writer's
+                with contextlib.suppress(ValueError):
+                    self._core_ring().abort(i, s)
+                return False
+            if self._wthread == me:  # this thread's own write, interrupted (a signal
+                return False  # handler closes): it sees _closed and does not commit
+        return True
 
     def heartbeat(self) -> None:
         """Refresh the writer heartbeat without publishing (for idle writers)."""
@@ -1051,7 +1210,12 @@ class Segment:
 
     def wait(self, after: int, timeout: float | None = None) -> int:
         """Block (no busy core: a futex on the header) until a version newer than
-        ``after`` is committed or ``timeout`` passes; return the latest version."""
+        ``after`` is committed or ``timeout`` passes; return the latest version.
+
+        ``timeout`` is in seconds: ``None`` or ``math.inf`` waits without a limit,
+        0 or less looks once; NaN is a ValueError (the same for every wait)."""
+        if timeout is not None and not 0 <= timeout < _INF:
+            timeout = _timeout(timeout)
         ring = self._waiting_ring()
         if after < 0:
             return ring.latest()
@@ -1069,7 +1233,8 @@ class Segment:
 
         Args:
             after: the last version the caller has.
-            timeout: seconds; ``None`` waits for ever.
+            timeout: seconds; ``None`` or ``math.inf`` waits for ever, 0 or less
+                looks once; NaN is a ValueError.
             spin: busy-poll the header's version word (lowest latency, one core
                 burnt) instead of sleeping on the futex.
 
@@ -1080,6 +1245,8 @@ class Segment:
         Raises:
             SlotStuckError: the header names a slot that never comes whole.
         """
+        if timeout is not None and not 0 <= timeout < _INF:
+            timeout = _timeout(timeout)
         return self._waited(self._waiting_ring().wait_acquire(max(0, after), timeout, spin))
 
     def wait_read(
@@ -1095,6 +1262,8 @@ class Segment:
         Raises:
             SlotStuckError: the header names a slot that never comes whole.
         """
+        if timeout is not None and not 0 <= timeout < _INF:
+            timeout = _timeout(timeout)
         return self._waited(self._waiting_ring().wait_read(max(0, after), timeout, spin))
 
     def _waited(self, got: _T | int | None) -> _T | None:
@@ -1108,12 +1277,29 @@ class Segment:
 
     def close(self) -> None:
         """Unmap and release the lease; safe with views still alive (they keep the
-        mapping until they are gone). Idempotent."""
+        mapping until they are gone). Idempotent.
+
+        A write running in another thread ends first; an open :meth:`loan` is
+        aborted (its array turns read-only, and its block's exit raises
+        :class:`ClosedError`): nothing commits through a closed handle."""
         if self._closed:
             return
         self._closed = True
+        # A copy inherited across os.fork: the lease (the flock is on the open file
+        # description both processes share), the header and any loan are the
+        # parent's, and so may be the lock (held by a thread that is not here).
+        # It only unmaps and closes its own descriptor.
+        owner = self._writable and self._pid == os.getpid()
+        held = owner and self._stop_writes()
+        try:
+            self._close(owner)
+        finally:
+            if held:
+                self._wlock.release()
+
+    def _close(self, owner: bool) -> None:
         q = self._q
-        if self._writable and q is not None:
+        if owner and q is not None:
             with contextlib.suppress(ValueError, TypeError):
                 if q[W_WRITER_PID] == os.getpid():
                     q[W_WRITER_PID] = 0
@@ -1142,7 +1328,7 @@ class Segment:
             with contextlib.suppress(BufferError):
                 mm.close()
         if self._fd >= 0:
-            if self._writable:
+            if owner:
                 # mmap keeps a dup of the fd; unlock the open file description
                 # explicitly so the lease is free even while views live on.
                 with contextlib.suppress(OSError):
@@ -1254,7 +1440,9 @@ def wait_any(
     segments: beyond the 128 words one ``futex_waitv`` takes, helper threads sleep
     on the further groups for the length of the call, so idle costs no CPU and a
     commit to any segment wakes the caller at once. Returns False on timeout.
+    ``timeout`` as in :meth:`Segment.wait`.
     """
+    timeout = _timeout(timeout)
     if len(segments) == 1 and word is None:
         return segments[0].wait(afters[0], timeout) > afters[0]
     if not segments:

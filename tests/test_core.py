@@ -7,6 +7,7 @@ report of the core in use."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -315,6 +316,51 @@ def test_a_sleeping_reader_is_woken_at_once(namespace: str, segs: list[Segment])
     assert got
     assert got[0][0] == 1
     assert got[0][1] - t0 < 2.0  # a lost wake-up would sleep the full 20 s
+
+
+_WAITS: dict[str, Any] = {
+    "wait": lambda r, r2, t: r.wait(0, t),
+    "wait_acquire": lambda r, r2, t: r.wait_acquire(0, t),
+    "wait_read": lambda r, r2, t: r.wait_read(0, t),
+    "wait_any": lambda r, r2, t: wait_any([r, r2], [0, 0], t),
+}
+
+
+@pytest.mark.usefixtures("each_core")
+@pytest.mark.parametrize("how", list(_WAITS))
+def test_a_nan_timeout_is_refused_and_an_infinite_one_has_no_limit(
+    namespace: str, segs: list[Segment], how: str
+) -> None:
+    """Both cores alike. Before, the fallback spun a core for ever on NaN and raised
+    OverflowError on inf; the compiled core returned at once on NaN."""
+    w, w2 = Segment.create("s", "i8", (8,)), Segment.create("t", "i8", (8,))
+    r, r2 = Segment.attach("s"), Segment.attach("t")
+    segs += [w, w2, r, r2]
+    got: list[object] = []
+
+    def waiting(timeout: float) -> None:
+        try:
+            got.append(_WAITS[how](r, r2, timeout))
+        except Exception as exc:
+            got.append(exc)
+
+    nan = threading.Thread(target=waiting, args=(math.nan,), daemon=True)
+    nan.start()
+    nan.join(10)
+    assert not nan.is_alive(), "a NaN timeout spins"
+    assert isinstance(got[0], ValueError)
+    assert "timeout=nan" in str(got[0])
+    got.clear()
+    inf = threading.Thread(target=waiting, args=(math.inf,))
+    inf.start()
+    try:
+        poll_until(lambda: w._ring.state()[0] == 1, 10, "the reader to announce its sleep")
+        w.write(np.ones(8, "i8"))
+    finally:
+        inf.join(10)
+    assert len(got) == 1
+    assert not isinstance(got[0], Exception), got[0]
+    assert got[0]  # woken by the commit: a version, a look, or True
 
 
 def _strace_wakes(code: str, env: dict[str, str]) -> int:

@@ -175,8 +175,9 @@ def test_objects_of_another_user_or_links_are_not_adopted(
 def test_own_object_others_may_write_is_not_adopted_until_fixed(
     namespace: str, other_user: OtherUser, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    seg = Segment.create("lax", "f8", (4,), namespace=namespace, mode=0o666)
+    seg = Segment.create("lax", "f8", (4,), namespace=namespace)
     try:
+        os.chmod(seg.path, 0o666)  # create() refuses such a mode; chmod does not
         seg.write(np.ones(4))  # its writer lives on: not an orphan for --fix to unlink
         assert other_user.run("can-write", shm_path(namespace, "lax")) == {"can_write": True}
         with Broker(BrokerConfig(namespace=namespace)).start() as broker:

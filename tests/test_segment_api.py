@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +28,7 @@ from shmcast.broker import (
     TornReadError,
     VersionUnavailableError,
 )
+from shmcast.broker._segment import COPY_UNLOCKED
 from shmcast.broker.client import resolve_namespace, shm_path
 
 # The engine's tests run on both cores of the seqlock (conftest.each_core).
@@ -200,8 +204,9 @@ def test_writer_reads_its_own_segment_read_only(made):
         np.zeros((2, 4), dtype="<f8"),
         np.zeros((), dtype="<f8"),
         [0.0] * 8,
+        np.ma.masked_array(np.zeros(8, "<f8"), mask=[True] * 8),  # was an AttributeError
     ],
-    ids=["f4", "big-endian", "i8", "len9", "2x4", "0d", "list"],
+    ids=["f4", "big-endian", "i8", "len9", "2x4", "0d", "list", "masked"],
 )
 def test_mismatched_array_publishes_nothing(made, bad):
     seg = _create(made)
@@ -255,6 +260,26 @@ def test_loan_commits_on_normal_exit(made):
     assert reader.latest().array.tolist() == list(map(float, range(8)))
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["commits", "raises"])
+def test_a_loans_array_is_read_only_after_its_block(made, fails):
+    """Before, it stayed writable: a write after the block changed the committed
+    version under readers, who validated it."""
+    seg = _create(made)
+    reader = _attach(made)
+    with contextlib.suppress(RuntimeError), seg.loan() as arr:
+        arr[:] = 1.0
+        if fails:
+            raise RuntimeError("feed broke")
+    with pytest.raises(ValueError, match="read-only"):
+        arr[:] = 999.0
+    assert reader.version == (0 if fails else 1)
+    if not fails:
+        assert reader.latest().array.tolist() == [1.0] * 8
+    with seg.loan() as again:  # the slot's next loan is writable as ever
+        again[:] = 2.0
+    assert reader.latest().array.tolist() == [2.0] * 8
+
+
 def _broken_loan(seg: Segment) -> None:
     with seg.loan() as arr:
         arr[:4] = 3.0  # half of the next version lands in the slot of version 1
@@ -290,6 +315,80 @@ def test_loans_do_not_nest_and_write_is_refused_inside_one(made):
             seg.write(_filled(9))
     assert seg.version == 1
     assert seg.latest().array.tolist() == [1.0] * 8
+
+
+def test_threads_writing_through_one_handle_take_turns(made):
+    """From begin to commit one write at a time per handle: a second thread's write
+    waits for the first one's copy (which runs without the GIL). Before, both took
+    the same slot and version number, and readers validated a mix of the two."""
+    n = COPY_UNLOCKED // 8  # a copy without the GIL
+    seg = _create(made, dtype="<i8", shape=(n,))
+    reader = _attach(made)
+    real = seg._ring
+    versions: list[int] = []
+    other = threading.Thread(target=lambda: versions.append(seg.write(np.full(n, 2, "<i8"))))
+
+    class MidCopy:
+        """The ring, with the first copy paused while the other thread writes."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def copy_in(self, *args: Any) -> None:
+            if not other.is_alive() and not versions:
+                other.start()
+                other.join(timeout=0.3)  # it cannot commit meanwhile: 0.3 s is all it gets
+            real.copy_in(*args)
+
+    seg._ring = MidCopy()  # type: ignore[assignment]
+    versions.append(seg.write(np.full(n, 1, "<i8")))
+    other.join(timeout=10)
+    assert sorted(versions) == [1, 2]
+    snap = reader.latest()
+    assert snap.version == 2
+    assert (snap.array == 2).all()
+
+
+def _close_inside_a_loan(seg: Segment, namespace: str) -> None:
+    with seg.loan() as arr:
+        arr[:] = 5
+        seg.close()
+        with Segment.attach("s", namespace=namespace, writable=True) as heir:
+            assert heir.write(np.full(4, 2, "<i8")) == 2  # the same slot as the loan's
+        with pytest.raises(ValueError, match="read-only"):
+            arr[:] = 7
+
+
+def test_closing_during_a_loan_aborts_it(made, namespace):
+    """close() in the loan's block aborts it: its exit raises ClosedError, its array
+    is read-only, and a writer that took the lease meanwhile is never overwritten."""
+    seg = _create(made, dtype="<i8", shape=(4,))
+    reader = _attach(made)
+    seg.write(np.full(4, 1, "<i8"))
+    with pytest.raises(ClosedError, match="closed during loan"):
+        _close_inside_a_loan(seg, namespace)
+    snap = reader.latest()
+    assert (snap.version, snap.array.tolist()) == (2, [2] * 4)
+
+
+def _close_from_another_thread_inside_a_loan(seg: Segment) -> None:
+    closer = threading.Thread(target=seg.close)
+    with seg.loan() as arr:
+        arr[:] = 5.0
+        closer.start()
+        closer.join(timeout=10)
+        assert not closer.is_alive()  # it did not wait for the block
+
+
+def test_closing_from_another_thread_during_a_loan_aborts_it(made):
+    seg = _create(made)
+    reader = _attach(made)
+    with pytest.raises(ClosedError):
+        _close_from_another_thread_inside_a_loan(seg)
+    assert seg.closed
+    assert reader.version == 0
+    with pytest.raises(NoVersionError):
+        reader.latest()
 
 
 # ------------------------------------------------------------------ versions in the ring
@@ -377,8 +476,14 @@ TICK = np.dtype([("t", "<i8"), ("px", "<f8", (2,)), ("sym", "S4")])
 
 @pytest.mark.parametrize(
     ("dtype", "shape"),
-    [("<f8", (8,)), (TICK, (3,)), ("<u2", (1024, 512))],  # the last: 1 MiB, copied without the GIL
-    ids=["f8", "records", "1MiB"],
+    [
+        ("<f8", (8,)),
+        (TICK, (3,)),
+        ("<M8[ns]", (4,)),  # datetimes export no buffer: before, refused as "not bytes-like"
+        ("<m8[us]", (2, 3)),
+        ("<u2", (1024, 512)),  # 1 MiB, copied without the GIL
+    ],
+    ids=["f8", "records", "datetime64", "timedelta64", "1MiB"],
 )
 def test_raw_bytes_go_in_and_come_out_whole(made, dtype, shape):
     seg = _create(made, dtype=dtype, shape=shape)
@@ -395,12 +500,23 @@ def test_raw_bytes_go_in_and_come_out_whole(made, dtype, shape):
     assert reader.read_into(into, 1) == (1, 42)
     assert into.tobytes() == data
     assert reader.latest().array.tobytes() == bytes(more)  # what write_bytes wrote is the version
+    assert seg.write_bytes(into) == 8  # an array of the layout goes in as well
+    assert reader.latest().array.tobytes() == data
 
 
 @pytest.mark.parametrize(
     "bad",
-    [bytes(63), bytes(65), memoryview(bytearray(128))[::2], np.zeros(16, "<f8")[::2], 64, "x" * 64],
-    ids=["short", "long", "strided", "strided-array", "int", "str"],
+    [
+        bytes(63),
+        bytes(65),
+        memoryview(bytearray(128))[::2],
+        np.zeros(16, "<f8")[::2],
+        np.zeros(16, "<M8[ns]")[::2],
+        np.zeros(7, "<M8[ns]"),
+        64,
+        "x" * 64,
+    ],
+    ids=["short", "long", "strided", "strided-array", "strided-dt", "7-dt", "int", "str"],
 )
 def test_bad_raw_buffers_publish_and_copy_nothing(made, bad):
     seg = _create(made)  # 8 float64: 64 bytes
@@ -467,7 +583,7 @@ def test_read_into_a_bytearray_refuses_a_copy_the_writer_overwrote(made, monkeyp
     assert reader.torn_reads == 1
 
 
-@pytest.mark.parametrize("bad", [-1, 2**64, 1.5, "now"])
+@pytest.mark.parametrize("bad", [-1, 2**64, 1.5, "now", True, np.True_])
 @pytest.mark.parametrize("how", ["write", "write_bytes", "write_bytes-memoryview", "loan"])
 def test_a_bad_timestamp_is_refused_before_a_version_is_lost(made, how, bad):
     """A commit time the header cannot hold is refused with the fix, before the
@@ -496,6 +612,31 @@ def test_a_bad_timestamp_is_refused_before_a_version_is_lost(made, how, bad):
     for v in (1, 2):
         with reader.read(v) as snap:
             assert snap.array.tolist() == [float(v)] * 8
+
+
+@pytest.mark.parametrize("bad", [3.0, 3.9, "3", True, np.float64(3)])
+@pytest.mark.parametrize("how", ["write", "write_bytes", "loan"])
+def test_a_version_that_is_not_an_int_is_refused(made, how, bad):
+    """Before, version= went through int(): 3.9 committed 3, "50" committed 50, and
+    True committed 1."""
+    seg = _create(made)
+    seg.write(_filled(1))
+    seg.write(_filled(2))
+
+    def loan() -> None:
+        with seg.loan(version=bad) as arr:
+            arr[:] = 3
+
+    attempt = {
+        "write": lambda: seg.write(_filled(3), version=bad),
+        "write_bytes": lambda: seg.write_bytes(_filled(3).tobytes(), version=bad),
+        "loan": loan,
+    }[how]
+    with pytest.raises(SegmentError, match=r"is not a version number.*nothing was published"):
+        attempt()
+    assert seg.version == 2
+    assert seg.write(_filled(3), version=np.int64(3)) == 3  # numpy integers are ints
+    assert seg.version == 3
 
 
 def test_a_numpy_integer_timestamp_is_recorded(made):

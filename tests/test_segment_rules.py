@@ -8,6 +8,7 @@ outlive close(), a writer lease the kernel releases, owner-only modes.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -15,19 +16,24 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
 from shmcast.broker import (
+    ConfigError,
     LayoutVersionError,
     NotASegmentError,
     Segment,
     WriterBusyError,
+    _segment,
     segment_size,
 )
-from shmcast.broker._layout import DESCR_OFF, LAYOUT_VERSION
+from shmcast.broker._layout import DESCR_OFF, LAYOUT_VERSION, PAGE, W_NBYTES, W_STRIDE
+from shmcast.broker._segment import select_core
 from shmcast.broker.client import shm_path
 
 from ._seg_util import (
@@ -372,6 +378,41 @@ def test_the_template_itself_attaches(namespace):
         os.unlink(path)
 
 
+def test_a_header_rewritten_after_its_check_is_not_used(namespace, removed, monkeypatch):
+    """attach builds on the layout read_header checked: whoever may write the object
+    can rewrite its sizes in between, and the core must never copy past the mapping."""
+    removed.append("s")
+    with Segment.create("s", np.float64, (1,), namespace=namespace) as w:
+        w.write(np.array([1.0]))
+        w.write(np.array([2.0]))  # in slot 1: a stride of 8184 would read past the end
+    checked = _segment.read_header
+
+    def then_rewritten(*args: Any, **kwargs: Any) -> Any:
+        got = checked(*args, **kwargs)
+        with open(shm_path(namespace, "s"), "r+b") as f, mmap.mmap(f.fileno(), PAGE) as mm:
+            q = memoryview(mm).cast("Q")
+            q[W_STRIDE] = q[W_NBYTES] = 8184
+            q.release()
+        return got
+
+    monkeypatch.setattr(_segment, "read_header", then_rewritten)
+    with Segment.attach("s", namespace=namespace) as r:
+        assert (r.nbytes, r.latest().array.tolist()) == (8, [2.0])
+        out = bytearray(8)
+        assert r.read_into(out)[0] == 2
+        assert np.frombuffer(out).tolist() == [2.0]
+
+
+def test_the_core_refuses_a_layout_larger_than_its_mapping():
+    core = select_core()
+    mm = mmap.mmap(-1, 3 * PAGE)  # a header page and two slots of one page
+    for slots, stride, nbytes in [(2, 8184, 8184), (3, PAGE, 8), (2, 2**63, 8), (4, 2**62, 8)]:
+        with pytest.raises(ValueError, match="impossible mapping or layout"):
+            core.ring(mm, slots, PAGE, stride, nbytes, False, False)
+    ring = core.ring(mm, 2, PAGE, PAGE, PAGE, False, False)  # exactly fits
+    assert ring.latest() == 0
+
+
 # --------------------------------------------------------- (e) close with live views
 
 
@@ -405,7 +446,10 @@ with Segment.attach("views", writable=True) as heir:  # the lease left with clos
 w.unlink()
 gc.collect()
 out.update(closed=[r.closed, w.closed], mapped_while_views_live=mapped(path))
-loaned[:] = 4.0  # writing through a loan kept past close() must not crash either
+try:
+    loaned[:] = 4.0  # a loan's array is read-only after its block
+except ValueError:
+    out["loan_read_only"] = True
 out["sums"] = [float(x.sum()) for x in (a1, a2, mine, loaned, every_tenth)]
 del a1, a2, mine, loaned, every_tenth, s
 gc.collect()
@@ -423,7 +467,8 @@ def test_closing_with_live_views_never_crashes(namespace, removed):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["closed"] == [True, True]
     assert out["heir_version"] == 3
-    assert out["sums"] == [499500.0, 2000.0, 2000.0, 4000.0, float(sum(range(0, 1000, 10)))]
+    assert out["loan_read_only"]
+    assert out["sums"] == [499500.0, 2000.0, 2000.0, 3000.0, float(sum(range(0, 1000, 10)))]
     assert out["mapped_while_views_live"] >= 1
     assert out["mapped_after_views_died"] == 0, "the mapping outlived every view"
 
@@ -491,6 +536,42 @@ def test_a_second_writer_in_another_process_is_refused(namespace, removed):
     assert proc.returncode == 0, proc.stderr
 
 
+def _reaped(pid: int, *, timeout: float) -> int:
+    """The exit code of the forked child ``pid``; killed after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"the forked child {pid} did not exit in {timeout}s")
+        time.sleep(0.001)
+
+
+def test_a_forked_child_closing_its_copy_keeps_the_parents_lease(namespace, removed):
+    """The flock is on the open file description parent and child share after
+    os.fork: the child's close() (or its exit's __del__) must not unlock it, nor
+    touch the header. Before, it freed the lease of a writer that went on writing."""
+    removed.append("forked")
+    with Segment.create("forked", "<f8", (4,)) as seg:
+        seg.write(np.full(4, 1.0))
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            code = 1
+            try:
+                seg.close()
+                code = 0
+            finally:
+                os._exit(code)
+        assert _reaped(pid, timeout=10) == 0
+        with pytest.raises(WriterBusyError), Segment.attach("forked", writable=True):
+            pass
+        assert seg.info().writer_pid == os.getpid()
+        assert seg.write(np.full(4, 2.0)) == 2
+
+
 # ------------------------------------------------------------------------ (g) modes
 
 
@@ -509,7 +590,7 @@ def test_objects_are_owner_only_by_default(namespace, removed, umask):
         os.umask(old)
 
 
-@pytest.mark.parametrize("mode", [0o640, 0o644, 0o660, 0o400])
+@pytest.mark.parametrize("mode", [0o640, 0o644, 0o600, 0o400])
 @pytest.mark.parametrize("umask", [0o000, 0o077, 0o777])
 def test_mode_is_honoured_regardless_of_umask(namespace, removed, mode, umask):
     removed.append("m")
@@ -520,3 +601,15 @@ def test_mode_is_honoured_regardless_of_umask(namespace, removed, mode, umask):
             assert seg.write(np.ones(8)) == 1
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize(
+    "mode", [0o666, 0o660, 0o4600, 0o700, 0o000, 0o044, -1, 2**40, True], ids=repr
+)
+def test_a_mode_attach_would_refuse_is_refused_by_create(namespace, mode):
+    """The broker's mode rule: read/write bits only, the owner's among them, nobody
+    else may write. Before, create() made such objects (or raised OverflowError),
+    and attach then refused the group- or world-writable ones."""
+    with pytest.raises(ConfigError, match="'mode'"):
+        Segment.create("m", "<f8", (8,), mode=mode)
+    assert Segment.list(namespace) == []
