@@ -746,7 +746,36 @@ class Broker(Service):
         return validate_segment_name(req.get("name"))
 
     def _entry(self, name: str) -> CatalogEntry:
-        return self._catalog.entry(name)
+        entry = self._catalog.get(name)
+        if entry is None:
+            entry = self._adopt_made_beside(name)
+        return entry if entry is not None else self._catalog.entry(name)  # not found
+
+    def _adopt_made_beside(self, name: str) -> CatalogEntry | None:
+        """A valid segment of ours made beside this broker (``Segment.create`` while
+        it runs) is adopted at the first request that names it, as a restarted broker
+        adopts what it finds. Before, no Publisher could take the name, ``shmcast rm``
+        said there was no such segment, and the object stayed for ever. An object
+        that is no valid segment (yet: it may still be being made) is left alone;
+        ``shmcast doctor --fix`` removes it."""
+        path = shm_path(self.namespace, name)
+        try:
+            if owned_problem(path, os.lstat(path), os.getuid()) is not None:
+                return None  # another user's, or a link: refused where it is used
+            seg = Segment.attach(name, namespace=self.namespace, wait=0.0, prefault=False)
+        except (ShmcastError, OSError):
+            return None
+        v = seg.version
+        if v > MAX_VERSION:
+            seg.close()
+            return None
+        self._reset_access(name, seg._fd)
+        entry = CatalogEntry(seg=seg, announced=v)
+        self._catalog.add(name, entry)
+        self._catalog_changed()
+        self._emit(topic(name), "created", name, 0, time.time_ns())
+        log.info("adopted segment %s, made beside the broker, at version %d", name, v)
+        return entry
 
     def _describe(self, name: str) -> dict[str, Any]:
         entry = self._entry(name)
@@ -769,7 +798,7 @@ class Broker(Service):
             raise LayoutError(f"slots must be an integer, got {slots!r}")
         dt, shp = normalize_layout(parse_dtype(dtype), tuple(shape))
         wanted = _layout_text(dtype_str(dt), shp, slots)
-        entry = self._catalog.get(name)
+        entry = self._catalog.get(name) or self._adopt_made_beside(name)
         if entry is not None:
             seg = entry.seg
             have = _layout_text(dtype_str(seg.dtype), seg.shape, seg.slots)

@@ -145,8 +145,8 @@ class SegmentNotFoundError(SegmentError, FileNotFoundError):
             segment,
             f"no segment {segment!r} in namespace {namespace!r}{there} "
             f"(list them with `shmcast ls --namespace {namespace}`; create it with a "
-            f"Publisher, or with Segment.create only where no broker serves the namespace: "
-            f"a running broker does not adopt it)",
+            f"Publisher, or with Segment.create: a running broker adopts such a segment "
+            f"at the first request that names it)",
         )
 
 
@@ -181,12 +181,10 @@ class SegmentExistsError(SegmentError, FileExistsError):
             segment,
             f"segment {segment!r} already exists in namespace {namespace!r} ({path}): "
             f"open it (a Publisher, or Segment.attach(..., writable=True)), or delete it "
-            f"first: {_rm_hint(segment, ns)}. If its broker does not serve it (`shmcast ls` "
-            f"does not list it: made with Segment.create beside the broker, or left by a "
-            f"crash), neither works and the broker will not create it: delete {path} once "
-            f"no process writes it, or run `shmcast doctor{' -n ' + ns if ns else ''} --fix` "
-            f"(it removes an object that is no valid segment), or restart the broker "
-            f"(it adopts a valid segment)",
+            f"first: {_rm_hint(segment, ns)}. If it is no valid segment (a crashed "
+            f"Segment.create, a stray file: the broker neither serves nor creates it), "
+            f"delete {path} once no process writes it, or run "
+            f"`shmcast doctor{' -n ' + ns if ns else ''} --fix`",
         )
 
 

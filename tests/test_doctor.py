@@ -254,7 +254,7 @@ def test_fix_removes_what_no_broker_serves_while_one_runs(
             Publisher("junk", dtype="f8", shape=(4,))
         assert junk in str(info.value)
         assert f"shmcast doctor -n {namespace} --fix" in str(info.value)
-        with pytest.raises(SegmentNotFoundError, match="a running broker does not adopt it"):
+        with pytest.raises(SegmentNotFoundError, match="create it with a Publisher"):
             Publisher("junk")  # the broker has no such segment; a Publisher creates one
         rc, report = _doctor(capsys, "--namespace", namespace, "--fix")
         assert not os.path.exists(junk)

@@ -12,6 +12,7 @@ import pytest
 import zmq
 
 from shmcast.broker import (
+    Broker,
     LayoutConflictError,
     Segment,
     WriterBusyError,
@@ -381,3 +382,24 @@ def test_the_broker_announces_every_version_without_commit_messages(namespace: s
             assert control.request("describe", name="w")["published"] == 20
     finally:
         b.close()
+
+
+def test_a_segment_made_beside_a_running_broker_is_adopted_once_named(
+    thread_broker: Broker,
+) -> None:
+    """``Segment.create`` while a broker runs makes an object the broker did not
+    know: no Publisher could take its name (SegmentExistsError), ``shmcast rm`` said
+    there was no such segment, and only a broker restart helped. The first request
+    naming it adopts it now, its versions going on."""
+    ns = thread_broker.namespace
+    with Segment.create("beside", "i8", (2,), namespace=ns) as w:
+        w.write(np.array([1, 2]))
+    with Publisher("beside", dtype="i8", shape=(2,), namespace=ns) as pub:
+        assert pub.publish(np.array([3, 4])) == 2
+    with Segment.create("gone", "i8", (2,), namespace=ns):
+        pass
+    with ControlClient(f"ipc://{runtime_dir(ns)}/control.sock") as c:
+        assert [e["name"] for e in c.request("list")["segments"]] == ["beside"]
+        c.request("delete", name="gone")
+        assert c.request("describe", name="beside")["version"] == 2
+    assert Segment.list(ns) == ["beside"]
