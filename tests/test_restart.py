@@ -122,6 +122,13 @@ def test_a_clean_stop_unlinks_orphans_and_keeps_live_segments(namespace: str) ->
         _remove_word(namespace)
 
 
+def _remove_all(namespace: str) -> None:
+    """The segments a test left for the next broker, and the word beside them."""
+    for name in Segment.list(namespace):
+        Segment.remove(name, namespace=namespace)
+    _remove_word(namespace)
+
+
 def _remove_word(namespace: str) -> None:
     """A clean stop that kept a live segment keeps the namespace word beside it (the
     next broker takes it over); the test removed the segment, so the word too."""
@@ -211,9 +218,7 @@ def test_a_broker_that_fails_to_start_unlinks_nothing_it_adopted(namespace: str,
         assert Segment.list(namespace) == []  # orphans of a broker that served go
     finally:
         busy.close()
-        for name in Segment.list(namespace):
-            Segment.remove(name, namespace=namespace)
-        _remove_word(namespace)
+        _remove_all(namespace)
 
 
 def test_a_lock_taken_on_a_stopping_brokers_unlinked_file_is_taken_again(
@@ -283,9 +288,7 @@ def test_a_broker_out_of_descriptors_at_adoption_says_so_and_cleans_up(namespace
         with word:
             assert word.heartbeat_age() is None  # marked stopped
     finally:
-        for name in Segment.list(namespace):
-            Segment.remove(name, namespace=namespace)
-        _remove_word(namespace)
+        _remove_all(namespace)
 
 
 def test_a_failing_step_of_the_shutdown_leaves_the_others_done(
@@ -313,6 +316,4 @@ def test_a_failing_step_of_the_shutdown_leaves_the_others_done(
         assert not runtime_dir(namespace).exists()
     finally:
         b.close()
-        for name in Segment.list(namespace):
-            Segment.remove(name, namespace=namespace)
-        _remove_word(namespace)
+        _remove_all(namespace)
