@@ -68,7 +68,7 @@ from shmcast.broker.errors import (
     ShmcastError,
     TornReadError,
 )
-from shmcast.publisher import LocalBroker, MirrorSpec, Publisher, Refused
+from shmcast.publisher import LocalBroker, Mark, MirrorSpec, Publisher, Refused
 
 from ._wire import (
     KEY_ROOT,
@@ -276,7 +276,8 @@ class _Counts:
     upstream, each mirror made again): Prometheus counters never go back."""
 
     key: str
-    last: int = 0  # the current mirror's latest version (0: none yet)
+    incarnation: int = 0  # the upstream incarnation the versions below are of
+    last: int = 0  # the latest version written of that incarnation (0: none yet)
     received: int = 0
     skipped: int = 0
     stale: int = 0
@@ -521,8 +522,9 @@ class ZenohBridge(Service):
 
     def _wants_export(self, entry: Mapping[str, Any]) -> bool:
         name = str(entry.get("name", ""))
-        if str(entry.get("source", "")).startswith(SOURCE_PREFIX):
-            return False  # a mirror of our own imports: never sent back
+        if str(entry.get("source", "")).startswith(SOURCE_PREFIX) or name in self._mirrors:
+            return False  # a mirror of our own imports (a restarted broker calls it
+            # local until told again): never sent back
         return any(fnmatch.fnmatchcase(name, p) for p in self.config.exports)
 
     def _export_loop(self, client: ControlClient) -> None:
@@ -783,20 +785,19 @@ class ZenohBridge(Service):
                 return m
             if not live:
                 return None  # a reply from before the new incarnation: ignore it
-            log.info("%s: new incarnation upstream; recreating the mirror", key)
-            self._drop_mirror(m, delete=True)
-            m.counts.renewed = True
-        if name in self._pending:  # being made: commit the latest once it is
+        if name in self._pending:
+            # Being made: the latest is committed once it is (one it replaces is a
+            # gap in the versions, counted skipped then).
             self._pending[name] = _Pending(key, frame, payload)
             return None
         if time.monotonic() < self._retry_at.get(name, 0.0):
             self.conflicts += 1
             return None
+        # The limits are checked before an old mirror goes: a refused sample
+        # changes nothing here.
         size = segment_size(frame.nbytes, self.config.slots)
-        if size > self.config.max_mirror_bytes or (
-            len(self._mirrors) + len(self._pending) >= self.config.max_mirrors
-            and name not in self._mirrors
-        ):
+        others = len(self._mirrors) + len(self._pending) - (m is not None)
+        if size > self.config.max_mirror_bytes or others >= self.config.max_mirrors:
             self.refused += 1
             if name not in self._over and len(self._over) < MAX_WARNED:
                 self._over.add(name)  # bounded: any peer may send any number of names
@@ -807,8 +808,16 @@ class ZenohBridge(Service):
                     self.config.max_mirrors,
                 )  # fmt: skip
             return None
+        if m is not None:
+            log.info("%s: new incarnation upstream; recreating the mirror", key)
+            self._drop_mirror(m, delete=True)
         if c is None:
-            self._counts[name] = _Counts(key)
+            c = self._counts[name] = _Counts(key)
+        if c.incarnation != frame.incarnation:
+            # A new incarnation upstream (or the first): its versions start over.
+            c.renewed = c.incarnation != 0
+            c.incarnation = frame.incarnation
+            c.last = 0
         self._pending[name] = _Pending(key, frame, payload)
         assert self._local is not None
         layout = (dtype_str(frame.dtype), frame.shape, self.config.slots)
@@ -822,6 +831,7 @@ class ZenohBridge(Service):
                 0,
                 frame.incarnation,
                 source=f"{SOURCE_PREFIX}{key}",
+                first=frame.version,
             )
         )
         return None
@@ -857,7 +867,6 @@ class ZenohBridge(Service):
                 m = _Mirror(
                     spec.name, key, spec.incarnation, spec.dtype, spec.shape, done.pub, template, c
                 )
-                c.last = 0
                 self._mirrors[spec.name] = m
                 self._by_key[key] = m
                 self._annotate(m)  # upstream_up, in the catalog too
@@ -885,16 +894,23 @@ class ZenohBridge(Service):
             for m in gone:
                 log.warning("mirror %s was deleted here, not upstream: making it again", m.name)
                 self._drop_mirror(m, delete=False)
+            marks = [self._mark(m) for m in self._mirrors.values()]
         for m in gone:
             self._ask_latest(m.key)
+        if marks and self._local is not None:
+            # A restarted local broker adopts the mirrors as local segments: tell it
+            # again what they are (else the next run takes one over, stale).
+            self._local.check_marks(marks)
+
+    def _mark(self, m: _Mirror) -> Mark:
+        layout = (dtype_str(m.dtype), m.shape, self.config.slots)
+        return (m.name, layout, f"{SOURCE_PREFIX}{m.key}", m.counts.upstream_up)
 
     def _annotate(self, m: _Mirror) -> None:
         """Tell the local catalog whether the upstream is up (``upstream_up``)."""
         if self._local is not None:
-            layout = (dtype_str(m.dtype), m.shape, self.config.slots)
-            self._local.annotate(
-                [(m.name, layout)], m.counts.upstream_up, source=f"{SOURCE_PREFIX}{m.key}"
-            )
+            name, layout, source, up = self._mark(m)
+            self._local.annotate([(name, layout)], up, source=source)
 
 
 class BridgeCollector(Collector):

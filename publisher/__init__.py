@@ -12,6 +12,7 @@ from ._relay import RelayStats as RelayStats
 from ._relay import resolve_relay_config as resolve_relay_config
 from ._relay_local import Created as Created
 from ._relay_local import LocalBroker as LocalBroker
+from ._relay_local import Mark as Mark
 from ._relay_local import MirrorSpec as MirrorSpec
 from ._relay_local import Refused as Refused
 from ._replay import Replayed as Replayed
@@ -24,6 +25,7 @@ __all__ = [
     "Created",
     "Feed",
     "LocalBroker",
+    "Mark",
     "MirrorSpec",
     "Publisher",
     "Refused",

@@ -730,6 +730,7 @@ class Relay(Service):
                 layout,
                 int(created) if isinstance(created, int) else 0,
                 incarnation,
+                first=int(hdr["version"]),
             )
         )
         return None

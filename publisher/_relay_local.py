@@ -28,7 +28,7 @@ from shmcast.broker.errors import SegmentNotFoundError, ShmcastError
 
 from ._publisher import Publisher
 
-__all__ = ["Created", "LocalBroker", "MirrorSpec", "Refused"]
+__all__ = ["Created", "LocalBroker", "Mark", "MirrorSpec", "Refused"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,14 @@ class MirrorSpec:
     incarnation: int = 0  # the upstream creation it mirrors (0: an older upstream)
     #: The catalog's ``source`` of this mirror (``None``: the :class:`LocalBroker`'s).
     source: str | None = None
+    #: The first version to be written into it (0: not known). A segment taken over
+    #: that already holds it or a later one is made afresh: its versions would
+    #: refuse the upstream's for ever.
+    first: int = 0
+
+
+#: What the catalog is told of one mirror: name, layout, ``source``, upstream up.
+Mark = tuple[str, Layout, str, bool]
 
 
 @dataclass
@@ -97,6 +105,7 @@ class LocalBroker:
         self._jobs: queue.Queue[tuple[str, Any] | None] = queue.Queue()
         self._results: queue.Queue[Created | Refused] = queue.Queue()
         self._checking = threading.Event()
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shmcast-relay-local", daemon=True)
         self._thread.start()
 
@@ -104,13 +113,16 @@ class LocalBroker:
         """Make the mirror of ``spec``; a :class:`Created` or :class:`Refused` follows."""
         self._jobs.put(("create", spec))
 
+    def _marks(self, mirrors: list[tuple[str, Layout]], up: bool, source: str | None) -> list[Mark]:
+        return [(name, layout, source or self._source, up) for name, layout in mirrors]
+
     def annotate(
         self, mirrors: list[tuple[str, Layout]], up: bool, source: str | None = None
     ) -> None:
         """Tell the catalog that these mirrors are relayed, and whether the upstream is
         up (``source``: theirs, if not this object's)."""
         if mirrors:
-            self._jobs.put(("annotate", (mirrors, up, source)))
+            self._jobs.put(("annotate", self._marks(mirrors, up, source)))
 
     def delete(self, name: str) -> None:
         self._jobs.put(("delete", name))
@@ -118,9 +130,13 @@ class LocalBroker:
     def check(self, mirrors: list[tuple[str, Layout]], up: bool) -> None:
         """Has the local broker restarted? Then annotate the mirrors again. One check
         waits at a time: a stalled broker does not pile them up."""
+        self.check_marks(self._marks(mirrors, up, None))
+
+    def check_marks(self, marks: list[Mark]) -> None:
+        """:meth:`check`, each mirror with its own ``source`` and upstream state."""
         if not self._checking.is_set():
             self._checking.set()
-            self._jobs.put(("check", (mirrors, up)))
+            self._jobs.put(("check", marks))
 
     def results(self) -> list[Created | Refused]:
         """What came of the :meth:`create` requests since the last call."""
@@ -131,56 +147,86 @@ class LocalBroker:
         return out
 
     def close(self) -> None:
-        """Stop after the request in hand (bounded by its timeout); close what is left."""
+        """Stop after the request in hand (bounded by its timeout): the requests still
+        queued are dropped. The thread closes its connection as it ends; one still
+        waiting on a stalled broker when the wait here is over ends by itself."""
+        self._closing.set()
         self._jobs.put(None)
-        self._thread.join(self._timeout + 5)
+        self._thread.join(self._timeout + 1)
+        if self._thread.is_alive():
+            log.warning("the local broker has not answered for %.0f s: leaving its "
+                        "request behind", self._timeout + 1)  # fmt: skip
         for done in self.results():
             if isinstance(done, Created):
                 done.pub.close()
-        self._client.close()
 
     # ------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            kind, arg = job
-            try:
-                if kind == "create":
-                    self._create(arg)
-                elif kind == "annotate":
-                    self._annotate(*arg)
-                elif kind == "delete":
-                    with contextlib.suppress(ShmcastError):
-                        self._client.request("delete", timeout=self._timeout, name=arg)
-                elif kind == "check":
-                    self._checking.clear()
-                    self._check(*arg)
-            except Exception:  # the relay's local requests go on whatever one does
-                log.exception("relay request %s to the local broker failed", kind)
+        try:
+            while not self._closing.is_set():
+                job = self._jobs.get()
+                if job is None or self._closing.is_set():
+                    return
+                kind, arg = job
+                try:
+                    if kind == "create":
+                        self._create(arg)
+                    elif kind == "annotate":
+                        self._annotate(arg)
+                    elif kind == "delete":
+                        with contextlib.suppress(ShmcastError):
+                            self._client.request("delete", timeout=self._timeout, name=arg)
+                    elif kind == "check":
+                        self._checking.clear()
+                        self._check(arg)
+                except Exception:  # the relay's local requests go on whatever one does
+                    log.exception("relay request %s to the local broker failed", kind)
+        finally:
+            self._client.close()  # here: never under a request of this thread's
 
     def _create(self, spec: MirrorSpec) -> None:
-        source = spec.source or self._source
+        """Make the mirror; every outcome is a :class:`Created` or :class:`Refused`
+        (an OSError, EMFILE, ... too: a create nobody answered stayed pending for ever)."""
         try:
-            self._clear_leftover(spec.name, source)
-            pub = Publisher(
-                spec.name,
-                dtype=spec.dtype,
-                shape=spec.shape,
-                slots=spec.slots,
-                namespace=self._namespace,
-                broker=self._broker,
-                source=source,
-                timeout=self._timeout,
-            )
-        except ShmcastError as exc:
+            pub = self._made(spec, spec.source or self._source)
+        except Exception as exc:  # every failure is a refusal, tried again later
+            if not isinstance(exc, ShmcastError):
+                log.exception("making the mirror %s failed", spec.name)
             self._results.put(Refused(spec, str(exc)))
         else:
-            self._results.put(Created(spec, pub))
+            if self._closing.is_set():
+                pub.close()  # nobody takes it in any more
+            else:
+                self._results.put(Created(spec, pub))
         if self._notify is not None:
             self._notify()
+
+    def _made(self, spec: MirrorSpec, source: str) -> Publisher:
+        self._clear_leftover(spec.name, source)
+        pub = self._publisher(spec, source)
+        if spec.first and pub.version >= spec.first:
+            # A segment this source fed before (a restarted broker forgot whose it
+            # was) is ahead of the upstream's version: it would refuse every one.
+            log.info("mirror %s: at version %d, ahead of the upstream's %d; making it afresh",
+                     spec.name, pub.version, spec.first)  # fmt: skip
+            pub.close()
+            with contextlib.suppress(SegmentNotFoundError):
+                self._client.request("delete", timeout=self._timeout, name=spec.name)
+            pub = self._publisher(spec, source)
+        return pub
+
+    def _publisher(self, spec: MirrorSpec, source: str) -> Publisher:
+        return Publisher(
+            spec.name,
+            dtype=spec.dtype,
+            shape=spec.shape,
+            slots=spec.slots,
+            namespace=self._namespace,
+            broker=self._broker,
+            source=source,
+            timeout=self._timeout,
+        )
 
     def _clear_leftover(self, name: str, source: str) -> None:
         """A mirror of ``source`` that an earlier run left (no live writer) is deleted:
@@ -197,10 +243,8 @@ class LocalBroker:
             with contextlib.suppress(SegmentNotFoundError):
                 self._client.request("delete", timeout=self._timeout, name=name)
 
-    def _annotate(
-        self, mirrors: list[tuple[str, Layout]], up: bool, source: str | None = None
-    ) -> None:
-        for name, (dtype, shape, slots) in mirrors:
+    def _annotate(self, marks: list[Mark]) -> None:
+        for name, (dtype, shape, slots), source, up in marks:
             try:
                 self._client.request(
                     "create",
@@ -209,14 +253,14 @@ class LocalBroker:
                     dtype=dtype,
                     shape=list(shape),
                     slots=slots,
-                    source=source or self._source,
+                    source=source,
                     upstream_up=up,
                     pid=os.getpid(),  # the mirrors' writer: a restarted broker believes it
                 )
             except ShmcastError as exc:
                 log.warning("cannot update the catalog entry of %s: %s", name, exc)
 
-    def _check(self, mirrors: list[tuple[str, Layout]], up: bool) -> None:
+    def _check(self, marks: list[Mark]) -> None:
         """A restarted local broker adopts the mirrors as plain segments: tell it again
         that they are relayed (``source``, ``upstream_up``)."""
         try:
@@ -228,4 +272,4 @@ class LocalBroker:
             log.info("local broker restarted (epoch %s -> %s): re-registering mirrors",
                      self._epoch, epoch)  # fmt: skip
             self._epoch = epoch
-            self._annotate(mirrors, up)
+            self._annotate(marks)

@@ -7,6 +7,7 @@ on 127.0.0.1 (the multi-host test is tests/test_bridge_netns.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -687,7 +688,9 @@ def test_a_peer_can_take_no_local_segment_and_only_bounded_shared_memory(
         with Segment.attach("m", namespace=b) as mirror:
             _put(session, "m", 6, incarnation=4, nbytes=1)  # a new incarnation, cut short
             wait_for(lambda: imp.stats().bad_samples == 2, 10, what="the cut sample counted")
-            assert mirror.linked()
+            _put(session, "m", 6, incarnation=4, shape=(1 << 14,))  # one over the limit
+            wait_for(lambda: imp.stats().refused == 3, 10, what="the large one refused")
+            assert mirror.linked()  # neither deleted the mirror it would have replaced
             assert mirror.version == 5
         assert sorted(Segment.list(b)) == ["data", "m", "m2"]
         entry = _entry(b, "data")
@@ -814,5 +817,142 @@ def test_a_stalled_local_broker_holds_up_no_other_mirror(router: str) -> None:
         finally:
             if stopped:
                 broker.send_signal(signal.SIGCONT)
+            session.close()
+            imp.close()
+
+
+def test_every_version_is_counted_across_a_remade_mirror(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """Versions put while a mirror is made again (deleted here) are received or
+    counted skipped: each replaced waiting sample, and the counts restarting with
+    the remade mirror, left them in no counter."""
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), catalog_interval=0.1)
+    session = _plain_session(router)
+    try:
+        wait_for(lambda: _put(session, "n", 1) or _version(imp, "n") == 1, 20, what="n")
+        with ControlClient(f"ipc://{_runtime(b)}/control.sock") as c:
+            c.request("delete", name="n", force=True)
+        wait_for(lambda: "n" not in imp._mirrors, 10, what="the mirror dropped")
+        for v in range(2, 41):  # a burst while the mirror is made again
+            _put(session, "n", v)
+        wait_for(lambda: _version(imp, "n") == 40, 20, what="version 40")
+        st = imp.stats().imported["n"]
+        assert st["received"] + st["skipped"] == 40
+    finally:
+        session.close()
+        imp.close()
+
+
+def test_a_mirror_stays_a_mirror_across_a_local_broker_restart(router: str) -> None:
+    """A restarted local broker adopts the bridge's mirror as a local segment: the
+    bridge tells it again (else its own --export sent the mirror back out), and
+    the next run of the bridge follows a recreated upstream into the segment the
+    restarted broker called local (it was taken over at version 100 and refused
+    every version after)."""
+    ns = unique_namespace("zr")
+    session = _plain_session(router)
+    broker = Broker(BrokerConfig(namespace=ns)).start()
+    try:
+        both = _bridge(router, ns, imports=("shmcast/far/*",), exports=("*",), catalog_interval=0.1)
+        try:
+            wait_for(lambda: _put(session, "x", 1) or _version(both, "x") == 1, 20, what="x")
+            _put(session, "x", 100)
+            wait_for(lambda: _version(both, "x") == 100, 10, what="version 100")
+            broker.close()
+            broker = Broker(BrokerConfig(namespace=ns)).start()
+            wait_for(
+                lambda: _entry(ns, "x")["source"] == "zenoh:shmcast/far/x",
+                10,
+                what="the mirror registered again",
+            )
+            assert both.stats().exported == {}  # never sent back out
+        finally:
+            both.close()
+        broker.close()  # and once more, with no bridge running: x is "local" again
+        broker = Broker(BrokerConfig(namespace=ns)).start()
+        imp = _bridge(router, ns, imports=("shmcast/far/*",))
+        try:
+            wait_for(
+                lambda: _put(session, "x", 1, incarnation=4) or _version(imp, "x") == 1,
+                20,
+                what="the recreated upstream's version 1",
+            )
+            with Segment.attach("x", namespace=ns) as mirror:
+                assert mirror.version == 1
+            assert imp.stats().bad_samples == 0
+        finally:
+            imp.close()
+    finally:
+        broker.close()
+        session.close()
+        with contextlib.suppress(ShmcastError):
+            Segment.remove("x", namespace=ns)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{SHM_DIR}/shmcast.{ns}.@catalog")
+
+
+def test_a_mirror_whose_making_fails_is_tried_again(
+    router: str, two_sides: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any failure to make a mirror (EMFILE, not only a broker's refusal) is a
+    refusal tried again: before, the name stayed pending for ever, counted nowhere."""
+    from shmcast.bridge import _zenoh
+    from shmcast.publisher import LocalBroker
+
+    _, b = two_sides
+    monkeypatch.setattr(_zenoh, "RETRY_SECONDS", 0.2)
+    real = LocalBroker._publisher
+    failures = [OSError(24, "Too many open files")]
+
+    def once_failing(self: LocalBroker, *args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real(self, *args)
+
+    monkeypatch.setattr(LocalBroker, "_publisher", once_failing)
+    imp = _bridge(router, b, imports=("shmcast/far/*",))
+    session = _plain_session(router)
+    try:
+        versions = iter(range(1, 10**6))
+        wait_for(lambda: _put(session, "e", next(versions)) or _version(imp, "e") > 0, 20,
+                 what="the mirror made on a later try")  # fmt: skip
+        assert not failures
+        assert imp.stats().conflicts >= 1
+    finally:
+        session.close()
+        imp.close()
+
+
+def test_closing_a_bridge_does_not_wait_for_a_stalled_broker_per_request(router: str) -> None:
+    """Requests queued for a local broker that stalled are dropped at close: before,
+    each waited for its timeout (10 s for a few), and the connection was closed
+    under the thread still using it."""
+    from shmcast.publisher import LocalBroker
+
+    ns = unique_namespace("zc")
+    with running(["broker"], ready=BROKER_READY, env={"SHMCAST_NAMESPACE": ns}) as broker:
+        imp = _bridge(router, ns, imports=("shmcast/far/*",))
+        session = _plain_session(router)
+        calls: list[str] = []
+        real = LocalBroker._publisher
+
+        def counted(self: LocalBroker, spec: Any, source: str) -> Any:
+            calls.append(spec.name)
+            return real(self, spec, source)
+
+        try:
+            wait_for(lambda: _put(session, "a", 1) or _version(imp, "a") == 1, 20, what="a")
+            LocalBroker._publisher = counted  # type: ignore[method-assign]
+            broker.send_signal(signal.SIGSTOP)
+            for name in ("b", "c", "d", "e"):  # each one a create for the stalled broker
+                _put(session, name, 1)
+            wait_for(lambda: len(imp._pending) == 4, 10, what="four mirrors waiting")
+            imp.close()
+            assert len(calls) <= 1  # the one in hand; the rest were dropped
+        finally:
+            LocalBroker._publisher = real  # type: ignore[method-assign]
+            broker.send_signal(signal.SIGCONT)
             session.close()
             imp.close()
