@@ -159,6 +159,8 @@ class Broker(Service):
         self._watch: zmq.Socket[Any] | None = None
         self._commits: dict[str, int] = {}  # segment -> its notify word when last announced
         self._next_look = 0.0  # monotonic time of the next look at the segments' paths
+        #: Leases of deleted segments, held until a monotonic time (see _op_delete).
+        self._held: list[tuple[float, Segment]] = []
 
     # ------------------------------------------------------------------ public
 
@@ -553,6 +555,8 @@ class Broker(Service):
             if now >= next_beat:
                 self._tick()
                 next_beat = now + interval
+            if self._held and now >= self._held[0][0]:
+                self._release_held(now)
             timeout = max(0.0, min(next_beat - time.monotonic(), 0.1))
             for sock, _ in poller.poll(int(timeout * 1000)):
                 if sock is watch:  # the commit watcher: versions were committed
@@ -899,7 +903,11 @@ class Broker(Service):
         if mirror:
             self._check_feeder(name, str(source)[:256], req.get("pid"))
         reply = self._create(name, req.get("dtype"), req.get("shape"), req.get("slots", 2))
-        if mirror:  # it says where the data comes from
+        if not mirror:
+            entry = self._catalog.get(name)
+            if entry is not None and entry.source == "local":
+                entry.adopted = False  # a local publisher's: no mirror may claim it now
+        else:  # it says where the data comes from
             entry = self._entry(name)
             entry.source = str(source)[:256]
             entry.adopted = False
@@ -914,7 +922,7 @@ class Broker(Service):
         anything about the segment changes. A segment adopted at start may be claimed
         once (the broker that knew its feeder is gone): by its live writer (a relay
         telling a restarted broker about its mirrors), or by anyone if it has none."""
-        entry = self._catalog.get(name)
+        entry = self._catalog.get(name) or self._adopt_made_beside(name)
         if entry is None or entry.source == source:
             return
         if entry.adopted:
@@ -940,9 +948,26 @@ class Broker(Service):
         name = self._name(req)
         entry = self._entry(name)
         if req.get("force") is not True:
+            # The lease is taken and held a while (as at a clean stop): a writer
+            # attaching at this very moment is refused, instead of leasing the object
+            # just unlinked and writing where nobody reads.
             info = entry.seg.info()
-            if info.writer_alive:
-                raise WriterBusyError(name, info.writer_pid)
+            try:
+                if info.writer_alive:
+                    raise WriterBusyError(name, info.writer_pid)
+                held = Segment.attach(name, namespace=self.namespace, writable=True, wait=0.0)
+            except WriterBusyError as exc:
+                busy = WriterBusyError(name, exc.pid)
+                busy.args = (
+                    f"segment {name!r} has a live writer (process {exc.pid}); stop it first, "
+                    f"or delete anyway with force (`shmcast rm {name} -n {self.namespace} "
+                    f"--force`: the writer then goes on writing into an object nobody finds)",
+                )
+                raise busy from None
+            except ShmcastError:  # gone or damaged meanwhile: nothing to hold
+                pass
+            else:
+                self._held.append((time.monotonic() + UNLINK_HOLD, held))
         entry.seg.unlink()
         self._catalog.pop(name)  # after the name is free, as in _reclaim
         self._commits.pop(name, None)  # a segment made again counts its own commits
@@ -951,6 +976,12 @@ class Broker(Service):
         self._emit(topic(name), "deleted", name, entry.announced, time.time_ns())
         return {"name": name}
 
+    def _release_held(self, now: float) -> None:
+        while self._held and (now >= self._held[0][0] or self._stop.is_set()):
+            _, seg = self._held.pop(0)
+            with contextlib.suppress(Exception):
+                seg.close()
+
     def _op_lease(self, req: dict[str, Any]) -> dict[str, Any]:
         name = self._name(req)
         entry = self._entry(name)
@@ -958,6 +989,8 @@ class Broker(Service):
         pid = req.get("pid")
         if info.writer_alive and info.writer_pid not in (0, pid):
             raise WriterBusyError(name, info.writer_pid)
+        if entry.source == "local":
+            entry.adopted = False  # a local writer feeds it: no mirror may claim it now
         return {"name": name, "version": info.version}
 
     def _op_commit(self, req: dict[str, Any]) -> dict[str, Any] | None:
@@ -1065,6 +1098,7 @@ class Broker(Service):
         A start that failed (``served`` false) unlinks nothing it adopted: those
         segments are a crashed broker's, kept for the next one to adopt.
         """
+        self._release_held(math.inf)  # the leases of deleted segments
         held: list[Segment] = []
         kept: list[str] = []
         for name, entry in self._catalog.clear():

@@ -107,6 +107,7 @@ def raise_remote(reply: dict[str, Any]) -> None:
     elif kind == "WriterBusyError":
         pid = reply.get("pid")
         exc = WriterBusyError(seg, pid if isinstance(pid, int) else None)
+        exc.args = (msg,)  # the broker's words (a refused delete names --force)
     elif kind == "ShmSpaceError":
         exc = ShmSpaceError(seg, int(reply.get("needed", 0)), int(reply.get("free", 0)))
     elif kind == "SegmentNotFoundError":

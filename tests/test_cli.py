@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from shmcast.broker import Broker, BrokerConfig, Segment
+from shmcast.broker.client import shm_path
 from shmcast.cli._main import COMMANDS, main
 from shmcast.cli.testing import start
 from shmcast.publisher import Publisher
@@ -294,14 +296,23 @@ def test_the_broker_refuses_to_delete_a_live_writers_segment_unless_forced(
         Publisher("frames", namespace=namespace) as pub,
         ControlClient(lab.endpoints.control, timeout=5) as ctl,
     ):
-        with pytest.raises(WriterBusyError, match=f"process {os.getpid()}"):
+        with pytest.raises(WriterBusyError, match=f"process {os.getpid()}.*--force"):
             ctl.request("delete", name="frames")
         assert pub.segment.linked()
         assert "frames" in lab.catalog
         assert ctl.request("delete", name="frames", force=True)["name"] == "frames"
         assert not pub.segment.linked()
-    with ControlClient(lab.endpoints.control, timeout=5) as ctl:
-        ctl.request("delete", name="ticks")  # no writer: no force needed
+    # No writer: no force needed. The broker holds the lease while it unlinks, so a
+    # writer that opened the object just before (as an attach does) cannot lease
+    # it and write where nobody reads: emulated by opening it first.
+    fd = os.open(shm_path(namespace, "ticks"), os.O_RDWR)
+    try:
+        with ControlClient(lab.endpoints.control, timeout=5) as ctl:
+            ctl.request("delete", name="ticks")
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
     assert Segment.list(namespace) == []
 
 

@@ -317,3 +317,34 @@ def test_a_failing_step_of_the_shutdown_leaves_the_others_done(
     finally:
         b.close()
         _remove_all(namespace)
+
+
+def test_a_local_writer_ends_what_a_restarted_broker_may_let_a_mirror_claim(
+    namespace: str,
+) -> None:
+    """An adopted segment may be claimed by a mirror once, while its feeder is not
+    known: a local publisher that leases it since makes it known. Before, any
+    relay or bridge could take it over whenever its local writer was not running."""
+    from shmcast.broker import LayoutConflictError
+    from shmcast.broker.client import resolve_endpoint
+
+    b = Broker(BrokerConfig(namespace=namespace)).start()
+    live = Publisher("data", dtype="u1", shape=(2,))
+    try:
+        live.publish(np.ones(2, np.uint8))
+        b.close()  # live: kept for the next broker, which adopts it
+        with Broker(BrokerConfig(namespace=namespace)).start():
+            live.close()
+            with Publisher("data", dtype="u1", shape=(2,)) as pub:  # a local writer again
+                pub.publish(np.full(2, 2, np.uint8))
+            with ControlClient(resolve_endpoint(None, namespace)) as c:
+                with pytest.raises(LayoutConflictError):
+                    c.request(
+                        "create", name="data", dtype="|u1", shape=[2], slots=2,
+                        source="zenoh:shmcast/evil/data",
+                    )  # fmt: skip
+                assert c.request("describe", name="data")["source"] == "local"
+    finally:
+        live.close()
+        b.close()
+        _remove_all(namespace)

@@ -403,3 +403,20 @@ def test_a_segment_made_beside_a_running_broker_is_adopted_once_named(
         c.request("delete", name="gone")
         assert c.request("describe", name="beside")["version"] == 2
     assert Segment.list(ns) == ["beside"]
+
+
+def test_a_segment_made_beside_a_broker_is_no_mirror_to_claim(thread_broker: Broker) -> None:
+    """A mirror's create (with a ``source``) of a name held by a segment made beside
+    the broker was let through before the broker knew the segment: it was relabelled
+    a mirror, and a relay's or bridge's next run deleted it as its own leftover."""
+    ns = thread_broker.namespace
+    with Segment.create("z", "i8", (2,), namespace=ns) as w:
+        w.write(np.array([1, 2]))
+        with ControlClient(f"ipc://{runtime_dir(ns)}/control.sock") as c:
+            with pytest.raises(LayoutConflictError, match="local segment"):
+                c.request(
+                    "create", name="z", dtype="<i8", shape=[2], slots=2,
+                    source="zenoh:shmcast/evil/z",
+                )  # fmt: skip
+            assert c.request("describe", name="z")["source"] == "local"
+    Segment.remove("z", namespace=ns)
