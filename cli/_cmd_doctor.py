@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 from shmcast.broker import OK, PROBLEM, diagnose
-from shmcast.broker.client import namespace_from_env
+from shmcast.broker.client import namespace_from_env, validate_namespace
 
 HELP = "check /dev/shm, orphans, permissions, ownership and limits; say how to fix each"
 EXAMPLES = """\
@@ -42,7 +42,12 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    namespace = args.namespace or namespace_from_env()
+    # Without -n (nor $SHMCAST_NAMESPACE) every namespace is checked; a name given is
+    # checked first, as every command does (exit 2): '..' would reach outside the root.
+    if args.namespace is not None:
+        namespace: str | None = validate_namespace(args.namespace)
+    else:
+        namespace = namespace_from_env()
     checks = diagnose(
         namespace=namespace,
         config_file=args.config,
