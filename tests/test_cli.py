@@ -401,6 +401,29 @@ def test_ls_honours_shmcast_broker(
         b.close()
 
 
+def test_the_relay_takes_its_local_broker_from_shmcast_broker() -> None:
+    """README: every --broker defaults to $SHMCAST_BROKER. The relay ignored it and
+    looked for the namespace's ipc socket (exit 1, no broker there)."""
+    from shmcast.publisher import resolve_relay_config
+
+    env = {"SHMCAST_BROKER": "ipc:///tmp/elsewhere/control.sock"}
+    flags = {"upstream": "tcp://127.0.0.1:9"}
+    assert resolve_relay_config(flags, environ=env).broker == env["SHMCAST_BROKER"]
+    given = {**flags, "broker": "ipc:///tmp/given/control.sock"}
+    assert resolve_relay_config(given, environ=env).broker == given["broker"]
+
+
+@pytest.mark.parametrize("command", [name for name, _ in COMMANDS])
+def test_every_broker_option_names_its_default(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    if "--broker ENDPOINT" in out:
+        assert "(default: $SHMCAST_BROKER, else the namespace's ipc endpoint)" in out
+
+
 def test_ls_shows_the_version_and_age_of_its_second_sample(
     namespace: str, lab: Broker, capsys: pytest.CaptureFixture[str]
 ) -> None:
