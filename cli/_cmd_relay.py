@@ -6,7 +6,7 @@ import argparse
 
 from shmcast.publisher import Relay, resolve_relay_config
 
-from ._options import add_broker_option, positive_seconds
+from ._options import add_broker_option, port_number, positive_seconds
 from ._runner import serve
 
 READY = "shmcast relay ready: "
@@ -30,7 +30,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_broker_option(p, "the local broker's")
     p.add_argument("--window", type=int, metavar="N", help="messages in flight (8)")
     p.add_argument("--heartbeat-timeout", type=positive_seconds, metavar="S", help="silence = down")
-    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
+    p.add_argument(
+        "--metrics-port", type=port_number, metavar="PORT", help="serve Prometheus metrics"
+    )
     p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (127.0.0.1)")
 
 

@@ -95,6 +95,56 @@ def test_bad_arguments_exit_2_naming_the_problem(
     assert needle in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        # Tracebacks before: OverflowError from bind(), the clocks, or an int too large.
+        (["subscribe", "x", "--metrics-port", "70000"], "--metrics-port"),
+        (["subscribe", "x", "--metrics-port", "-1"], "--metrics-port"),
+        (["relay", "--upstream", "tcp://127.0.0.1:9", "--metrics-port", "65536"], "--metrics-port"),
+        (["publish", "x", "--dtype", "u1", "--shape", "4", "--rate", "1e-300"], "--rate"),
+        (["ls", "--interval", "1e300"], "--interval"),
+        (["top", "--once", "--interval", "1e300"], "--interval"),
+        (["health", "--timeout", "1e300"], "--timeout"),
+        # Flat out before, exit 0.
+        (["publish", "x", "--dtype", "u1", "--shape", "4", "--rate", "nan"], "--rate"),
+        (["publish", "x", "--dtype", "u1", "--shape", "4", "--rate", "-5"], "--rate"),
+        (["demo", "--tick-rate", "inf"], "--tick-rate"),
+    ],
+)
+def test_bad_values_exit_2_naming_the_option(
+    argv: list[str], option: str, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert f"argument {option}: " in capsys.readouterr().err
+
+
+def test_the_option_types_take_their_whole_range() -> None:
+    from shmcast.cli._options import per_second, port_number, positive_seconds
+
+    assert [port_number(p) for p in ("0", "65535")] == [0, 65535]
+    assert [per_second(r) for r in ("0", "1e-6", "1e9")] == [0.0, 1e-6, 1e9]
+    assert positive_seconds("1e6") == 1e6
+
+
+def test_frames_smaller_than_the_spot_are_filled(namespace: str) -> None:
+    """Before, `publish --source frames --shape 8,8` created the segment, then died
+    of a ValueError (the 32-pixel spot did not fit), leaving it at version 0."""
+    from shmcast.publisher import make_feed
+
+    for shape in ((8, 8), (2, 2), (3, 100)):
+        feed = make_feed("frames", None, shape)
+        out = np.empty(shape, np.uint16)
+        for i in range(0, 360, 7):
+            feed.fill(out, i)
+            assert out.max() > 100  # the spot is in the frame
+    with pytest.raises(ValueError, match="at least 2x2"):
+        make_feed("frames", None, (1, 5))
+    assert main(["publish", "x", "--source", "frames", "--shape", "1,5"]) == 2  # nothing made
+
+
 def test_bad_config_file_names_the_field(
     tmp_path: Path, namespace: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
