@@ -11,6 +11,8 @@ from typing import Any
 from shmcast.broker import OK, PROBLEM, diagnose
 from shmcast.broker.client import namespace_from_env, validate_namespace
 
+from ._options import whole_number
+
 HELP = "check /dev/shm, orphans, permissions, ownership and limits; say how to fix each"
 EXAMPLES = """\
 examples:
@@ -34,7 +36,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     p.add_argument(
         "--subscribers",
-        type=int,
+        type=whole_number,
         default=256,
         metavar="N",
         help="subscribers the broker should hold (sizes the open-files check; default 256)",

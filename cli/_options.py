@@ -28,6 +28,7 @@ __all__ = [
     "port_number",
     "positive_seconds",
     "seconds",
+    "whole_number",
 ]
 
 BROKER_ENV = "SHMCAST_BROKER"
@@ -95,6 +96,17 @@ def per_second(text: str) -> float:
         f"{text!r}: give versions per second from {1 / MAX_SECONDS:g} to {MAX_RATE:g}, "
         f"or 0 for flat out"
     )
+
+
+def whole_number(text: str) -> int:
+    """argparse type: a count, a whole number >= 0 (``-1`` exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value >= 0:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 0")
 
 
 def port_number(text: str) -> int:

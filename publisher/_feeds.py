@@ -120,6 +120,8 @@ def make_feed(source: str, dtype: Any = None, shape: tuple[int, ...] | None = No
     """The feed named ``source``; ``ticks`` and ``frames`` imply dtype and shape
     (a given shape overrides the default size)."""
     if source == "ticks":
+        if shape is not None and len(shape) != 1:
+            raise ValueError(f"ticks are 1-D, one record per symbol: give --shape N, not {shape}")
         return TickFeed(shape[0] if shape else TICK_SYMBOLS)
     if source == "frames":
         if shape is not None and len(shape) != 2:

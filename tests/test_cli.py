@@ -79,6 +79,7 @@ def test_ls_json_from_the_broker_and_from_dev_shm(
         (["publish", "x", "--shape", "a,b"], "integers like"),
         (["publish", "x", "--source", "random"], "--dtype and --shape"),
         (["publish", "x", "--source", "ticks", "--dtype", "f8"], "implies its dtype"),
+        (["publish", "x", "--source", "ticks", "--shape", "4,4"], "ticks are 1-D"),
         (["publish", "x", "--source", "random", "--dtype", "nope", "--shape", "2"], "nope"),
         (["broker", "--config", "/nonexistent.toml"], "no such file"),
         (["subscribe"], "SEGMENT"),
@@ -110,6 +111,11 @@ def test_bad_arguments_exit_2_naming_the_problem(
         (["publish", "x", "--dtype", "u1", "--shape", "4", "--rate", "nan"], "--rate"),
         (["publish", "x", "--dtype", "u1", "--shape", "4", "--rate", "-5"], "--rate"),
         (["demo", "--tick-rate", "inf"], "--tick-rate"),
+        # Never stopped, stopped after one update, or was taken as is.
+        (["publish", "x", "--dtype", "u1", "--shape", "4", "--count", "-1"], "--count"),
+        (["subscribe", "x", "--count", "-1"], "--count"),
+        (["record", "x", "-o", "x.h5", "--count", "-1"], "--count"),
+        (["doctor", "--subscribers", "-5"], "--subscribers"),
     ],
 )
 def test_bad_values_exit_2_naming_the_option(
