@@ -14,6 +14,7 @@ from shmcast.broker.client import namespace_from_env, validate_namespace
 from ._options import whole_number
 
 HELP = "check /dev/shm, orphans, permissions, ownership and limits; say how to fix each"
+NAMESPACE_HELP = "the namespace to check (default: $SHMCAST_NAMESPACE, else every namespace)"
 EXAMPLES = """\
 examples:
   shmcast doctor                                  every namespace of this user

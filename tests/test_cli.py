@@ -525,6 +525,17 @@ def test_help_shows_the_defaults(
     assert "(default: False)" not in out
 
 
+def test_doctor_help_says_it_checks_every_namespace_by_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before, its --namespace said "else 'default'", as every other command's."""
+    with pytest.raises(SystemExit):
+        main(["doctor", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: $SHMCAST_NAMESPACE, else every namespace)" in out
+    assert "else 'default'" not in out
+
+
 @pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("unshare"),
     reason="needs root and unshare(1) to give a process a /dev/shm of its own",
