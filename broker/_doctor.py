@@ -47,6 +47,7 @@ from ._names import (
     runtime_dir_problem,
     runtime_root,
     shm_path,
+    validate_namespace,
 )
 from ._nsword import NamespaceWord
 from ._segment import Segment
@@ -444,7 +445,7 @@ def _fix_runtime_dir(path: Path, st: os.stat_result, problem: OwnershipError, ro
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(path)  # a link or a file: removing it touches nothing it points to
         return Check("fixed", OK, f"removed {path} (a {problem.kind} of uid {st.st_uid})")
-    if mine or os.getuid() == 0:
+    if (mine or os.getuid() == 0) and (root or _directly_below(path, runtime_root())):
         # Ours with no broker (its contents cannot be trusted), or another user's
         # squatting our name: the next broker makes it anew. rmtree does not follow links.
         shutil.rmtree(path)
@@ -473,6 +474,13 @@ def _check_word(ns: str, alive: bool, fix: bool) -> list[Check]:
     ]
 
 
+def _directly_below(path: Path, root: Path) -> bool:
+    """Whether ``path`` is a namespace's directory: a direct child of the runtime root,
+    resolved. The last guard before an ``rmtree`` (``root / ".."`` is the root's parent,
+    ``root / "."`` the root itself)."""
+    return NAMESPACE_RE.fullmatch(path.name) is not None and path.resolve().parent == root.resolve()
+
+
 def _check_runtime_dirs(namespaces: list[str], fix: bool) -> list[Check]:
     out: list[Check] = []
     root = runtime_root()
@@ -495,7 +503,9 @@ def _check_runtime_dirs(namespaces: list[str], fix: bool) -> list[Check]:
             break  # nothing below an untrusted root is ours
     for ns in namespaces:
         rdir = root / ns
-        if not rdir.is_dir() or rdir.is_symlink() or broker_alive(ns):
+        if not _directly_below(rdir, root) or not rdir.is_dir() or rdir.is_symlink():
+            continue
+        if broker_alive(ns):
             continue
         if runtime_dir_problem(rdir, rdir.lstat(), root=False) is not None:
             continue
@@ -569,8 +579,15 @@ def diagnose(
     fix: bool = False,
     subscribers: int = 256,
 ) -> list[Check]:
-    """Run every check; ``namespace=None`` looks at every namespace in ``/dev/shm``."""
-    namespaces = [namespace] if namespace else list_namespaces()
+    """Run every check; ``namespace=None`` looks at every namespace in ``/dev/shm``.
+
+    Raises:
+        InvalidNameError: ``namespace`` is not a namespace name (``..`` would
+            reach outside the runtime root).
+    """
+    if namespace is not None:
+        validate_namespace(namespace)
+    namespaces = [namespace] if namespace is not None else list_namespaces()
     root = runtime_root()
     with contextlib.suppress(OSError):
         if namespace is None and runtime_dir_problem(root, root.lstat(), root=True) is None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from shmcast.bridge import ZenohBridge, resolve_bridge_config
 
-from ._options import add_broker_option, positive_seconds
+from ._options import add_broker_option, port_number, positive_seconds
 from ._runner import serve
 
 READY = "shmcast bridge ready: "
@@ -81,7 +81,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         "or block (everyone waits for the slowest)",
     )
     add_broker_option(p, "the local broker's")
-    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
+    p.add_argument(
+        "--metrics-port", type=port_number, metavar="PORT", help="serve Prometheus metrics"
+    )
     p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (127.0.0.1)")
 
 

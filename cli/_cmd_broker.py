@@ -7,7 +7,7 @@ from typing import Any
 
 from shmcast.broker import Broker, resolve_config
 
-from ._options import positive_seconds
+from ._options import port_number, positive_seconds
 from ._runner import serve
 
 READY = "shmcast broker ready: "
@@ -42,7 +42,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", metavar="ENDPOINT", help="data stream for relays, tcp://ADDR:PORT (default: none)"
     )
-    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
+    p.add_argument(
+        "--metrics-port", type=port_number, metavar="PORT", help="serve Prometheus metrics"
+    )
     p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (default 127.0.0.1)")
     p.add_argument(
         "--heartbeat", type=positive_seconds, metavar="S", help="heartbeat interval (0.5)"

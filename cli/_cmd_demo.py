@@ -32,7 +32,7 @@ from ._cmd_publish import READY as PUBLISH_READY
 from ._cmd_record import DONE as RECORD_DONE
 from ._cmd_record import READY as RECORD_READY
 from ._cmd_subscribe import READY as SUBSCRIBE_READY
-from ._options import positive_seconds, seconds
+from ._options import per_second, port_number, positive_seconds, seconds
 from ._process import ShmcastProcess, start
 from ._runner import stop_on_signals
 
@@ -68,9 +68,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--duration", type=seconds, default=30.0, help="seconds to run (0: until Ctrl-C)"
     )
-    p.add_argument("--tick-rate", type=float, default=1000.0, help="ticks versions per second")
-    p.add_argument("--frame-rate", type=float, default=100.0, help="frames per second")
-    p.add_argument("--metrics-port", type=int, default=0, help="broker metrics port (0: any)")
+    p.add_argument("--tick-rate", type=per_second, default=1000.0, help="ticks versions per second")
+    p.add_argument("--frame-rate", type=per_second, default=100.0, help="frames per second")
+    p.add_argument(
+        "--metrics-port", type=port_number, default=0, help="broker metrics port (0: any)"
+    )
     p.add_argument(
         "--refresh", type=positive_seconds, default=1.0, help="seconds between table refreshes"
     )

@@ -9,9 +9,12 @@ from dataclasses import asdict
 from typing import Any
 
 from shmcast.broker import OK, PROBLEM, diagnose
-from shmcast.broker.client import namespace_from_env
+from shmcast.broker.client import namespace_from_env, validate_namespace
+
+from ._options import whole_number
 
 HELP = "check /dev/shm, orphans, permissions, ownership and limits; say how to fix each"
+NAMESPACE_HELP = "the namespace to check (default: $SHMCAST_NAMESPACE, else every namespace)"
 EXAMPLES = """\
 examples:
   shmcast doctor                                  every namespace of this user
@@ -34,7 +37,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     p.add_argument(
         "--subscribers",
-        type=int,
+        type=whole_number,
         default=256,
         metavar="N",
         help="subscribers the broker should hold (sizes the open-files check; default 256)",
@@ -42,7 +45,12 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    namespace = args.namespace or namespace_from_env()
+    # Without -n (nor $SHMCAST_NAMESPACE) every namespace is checked; a name given is
+    # checked first, as every command does (exit 2): '..' would reach outside the root.
+    if args.namespace is not None:
+        namespace: str | None = validate_namespace(args.namespace)
+    else:
+        namespace = namespace_from_env()
     checks = diagnose(
         namespace=namespace,
         config_file=args.config,

@@ -11,7 +11,7 @@ from shmcast.broker import parse_dtype
 from shmcast.broker.errors import LayoutError
 from shmcast.publisher import Publisher, make_feed
 
-from ._options import add_broker_option, broker_endpoint
+from ._options import add_broker_option, broker_endpoint, per_second, whole_number
 from ._runner import print_ready, stop_on_signals
 
 READY = "shmcast publish ready: "
@@ -45,8 +45,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="numpy dtype (random source), e.g. float64")
     p.add_argument("--shape", type=parse_shape, help="array shape, e.g. 512,512")
     p.add_argument("--slots", type=int, default=2, help="ring size when the segment is created")
-    p.add_argument("--rate", type=float, default=10.0, help="versions per second (0: flat out)")
-    p.add_argument("--count", type=int, default=0, help="stop after N versions (0: never)")
+    p.add_argument(
+        "--rate", type=per_second, default=10.0, help="versions per second (0: flat out)"
+    )
+    p.add_argument("--count", type=whole_number, default=0, help="stop after N versions (0: never)")
     add_broker_option(p)
     p.add_argument(
         "--announce",

@@ -10,7 +10,7 @@ import time
 
 from shmcast.subscriber import Recorder
 
-from ._options import add_broker_option, broker_endpoint, positive_seconds, seconds
+from ._options import add_broker_option, broker_endpoint, positive_seconds, seconds, whole_number
 from ._runner import print_ready, stop_on_signals
 
 READY = "shmcast record ready: "
@@ -47,7 +47,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--count",
-        type=int,
+        type=whole_number,
         default=0,
         help="stop after N versions, all segments together (0: never)",
     )
@@ -83,8 +83,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.count < 0 or (args.duration is not None and args.duration <= 0):
-        print("shmcast record: error: --count and --duration must be positive", file=sys.stderr)
+    if args.duration is not None and args.duration <= 0:
+        print("shmcast record: error: --duration must be positive", file=sys.stderr)
         return 2
     if not 0 < args.flush_interval <= 1:
         print("shmcast record: error: --flush-interval must be in (0, 1]", file=sys.stderr)

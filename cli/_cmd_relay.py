@@ -6,7 +6,7 @@ import argparse
 
 from shmcast.publisher import Relay, resolve_relay_config
 
-from ._options import positive_seconds
+from ._options import add_broker_option, port_number, positive_seconds
 from ._runner import serve
 
 READY = "shmcast relay ready: "
@@ -27,10 +27,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML configuration (see configs/relay.toml)")
     p.add_argument("--upstream", metavar="ENDPOINT", help="upstream data stream, tcp://HOST:PORT")
     p.add_argument("--segments", nargs="+", metavar="PATTERN", help="fnmatch patterns (all)")
-    p.add_argument("--broker", metavar="ENDPOINT", help="local broker's control endpoint")
+    add_broker_option(p, "the local broker's")
     p.add_argument("--window", type=int, metavar="N", help="messages in flight (8)")
     p.add_argument("--heartbeat-timeout", type=positive_seconds, metavar="S", help="silence = down")
-    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
+    p.add_argument(
+        "--metrics-port", type=port_number, metavar="PORT", help="serve Prometheus metrics"
+    )
     p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (127.0.0.1)")
 
 

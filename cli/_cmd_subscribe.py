@@ -11,7 +11,7 @@ from shmcast.broker.client import ControlClient, resolve_namespace
 from shmcast.broker.errors import SegmentNotFoundError, SegmentUnreachableError, ShmcastError
 from shmcast.subscriber import Subscriber, WaitMode, run_worker, serve_metrics
 
-from ._options import add_broker_option, broker_endpoint, seconds
+from ._options import add_broker_option, broker_endpoint, port_number, seconds, whole_number
 from ._runner import print_ready, stop_on_signals
 
 READY = "shmcast subscribe ready: "
@@ -45,7 +45,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true", help="mean, std and max of each version")
     p.add_argument("--json", action="store_true", help="one JSON object per update on stdout")
     p.add_argument("--quiet", "-q", action="store_true", help="no line per update (metrics only)")
-    p.add_argument("--count", type=int, default=0, help="stop after N updates (0: never)")
+    p.add_argument("--count", type=whole_number, default=0, help="stop after N updates (0: never)")
     p.add_argument(
         "--timeout",
         type=seconds,
@@ -59,7 +59,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         "namespace word), the broker's announcements, futex without a broker, busy-poll",
     )
     p.add_argument("--spin", action="store_true", help="same as --wait spin")
-    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
+    p.add_argument(
+        "--metrics-port", type=port_number, metavar="PORT", help="serve Prometheus metrics"
+    )
     p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR")
     p.add_argument(
         "--name",

@@ -1,7 +1,8 @@
 """``shmcast``: the command line, a thin layer over the libraries.
 
 Each command lives in its own module exposing ``HELP`` (one line),
-``EXAMPLES`` (shown by ``--help``), ``configure(parser)`` and ``run(args) -> int``.
+``EXAMPLES`` (shown by ``--help``), ``configure(parser)`` and ``run(args) -> int``;
+and ``NAMESPACE_HELP`` when its ``--namespace`` means something else.
 """
 
 from __future__ import annotations
@@ -59,8 +60,12 @@ examples:
   shmcast record frames -o run1.h5     every version to HDF5 (pip install 'shmcast[record]')
   shmcast replay run1.h5 --speed 2     publish it again, twice as fast
 
-Every command takes --namespace (default: $SHMCAST_NAMESPACE, else 'default').
+Every command takes --namespace (default: $SHMCAST_NAMESPACE, else 'default';
+doctor: else every namespace).
 """
+
+
+NAMESPACE_HELP = "namespace of segments and broker (default: $SHMCAST_NAMESPACE, else 'default')"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -98,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--namespace",
             "-n",
             default=None,
-            help="namespace of segments and broker (default: $SHMCAST_NAMESPACE, else 'default')",
+            help=getattr(module, "NAMESPACE_HELP", NAMESPACE_HELP),
         )
         p.add_argument(
             "--log-level",

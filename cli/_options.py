@@ -8,6 +8,7 @@ control endpoint, as the default of every ``--broker``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from shmcast.broker.client import (
@@ -17,9 +18,25 @@ from shmcast.broker.client import (
     validate_seconds,
 )
 
-__all__ = ["BROKER_ENV", "add_broker_option", "broker_endpoint", "positive_seconds", "seconds"]
+__all__ = [
+    "BROKER_ENV",
+    "MAX_RATE",
+    "MAX_SECONDS",
+    "add_broker_option",
+    "broker_endpoint",
+    "per_second",
+    "port_number",
+    "positive_seconds",
+    "seconds",
+    "whole_number",
+]
 
 BROKER_ENV = "SHMCAST_BROKER"
+#: The longest wait or interval the command line takes (11.6 days): far beyond it
+#: the clocks overflow, and ZeroMQ's millisecond timeouts (C ints) from 24.8 days.
+MAX_SECONDS = 1e6
+#: The highest --rate: far beyond what a version's write allows (about 1e6 per s).
+MAX_RATE = 1e9
 
 
 def add_broker_option(p: argparse.ArgumentParser, what: str = "the broker's") -> None:
@@ -52,10 +69,52 @@ def positive_seconds(text: str) -> float:
 
 
 def _seconds(text: str, *, positive: bool) -> float:
+    bound = "> 0" if positive else ">= 0"
     try:
-        return validate_seconds("seconds", float(text), positive=positive)
+        value = validate_seconds("seconds", float(text), positive=positive)
     except ValueError:
-        bound = "> 0" if positive else ">= 0"
         raise argparse.ArgumentTypeError(
             f"{text!r}: give a finite number of seconds {bound}"
         ) from None
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a number of seconds {bound} and at most {MAX_SECONDS:g}"
+        )
+    return value
+
+
+def per_second(text: str) -> float:
+    """argparse type: versions per second, 0 (flat out) or from one per ``MAX_SECONDS``
+    to ``MAX_RATE``; ``nan``, ``inf`` and negative rates exit 2."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if value == 0 or 1 / MAX_SECONDS <= value <= MAX_RATE:
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: give versions per second from {1 / MAX_SECONDS:g} to {MAX_RATE:g}, "
+        f"or 0 for flat out"
+    )
+
+
+def whole_number(text: str) -> int:
+    """argparse type: a count, a whole number >= 0 (``-1`` exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value >= 0:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 0")
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if 0 <= value <= 65535:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r} is not a port: give 0 (any free one) to 65535")

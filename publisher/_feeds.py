@@ -65,12 +65,21 @@ class TickFeed:
 
 
 class FrameFeed:
-    """2-D uint16 detector frames: a flat background with a bright spot moving on a circle."""
+    """2-D uint16 detector frames: a flat background with a bright spot moving on a circle.
+
+    The spot (``2 * spot`` pixels wide) shrinks to fit frames smaller than it.
+
+    Raises:
+        ValueError: a frame smaller than 2x2, which holds no spot.
+    """
 
     def __init__(self, shape: tuple[int, int] = FRAME_SHAPE, spot: int = 16) -> None:
         self.dtype = np.dtype(np.uint16)
         self.shape: tuple[int, ...] = shape
         h, w = shape
+        spot = min(spot, h // 2, w // 2)
+        if spot < 1:
+            raise ValueError(f"frames need a shape of at least 2x2; got {shape}")
         yy, xx = np.mgrid[-spot:spot, -spot:spot]
         self._spot = (4000 * np.exp(-(xx**2 + yy**2) / (spot**2 / 2))).astype(np.uint16)
         self._r = max(1, min(h, w) // 2 - 2 * spot)
@@ -111,6 +120,8 @@ def make_feed(source: str, dtype: Any = None, shape: tuple[int, ...] | None = No
     """The feed named ``source``; ``ticks`` and ``frames`` imply dtype and shape
     (a given shape overrides the default size)."""
     if source == "ticks":
+        if shape is not None and len(shape) != 1:
+            raise ValueError(f"ticks are 1-D, one record per symbol: give --shape N, not {shape}")
         return TickFeed(shape[0] if shape else TICK_SYMBOLS)
     if source == "frames":
         if shape is not None and len(shape) != 2:

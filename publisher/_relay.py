@@ -159,7 +159,11 @@ class RelayConfig:
         return f"relay:{self.upstream}"
 
 
-_ENV = {"namespace": NAMESPACE_ENV, "upstream": "SHMCAST_RELAY_UPSTREAM"}
+_ENV = {
+    "namespace": NAMESPACE_ENV,
+    "upstream": "SHMCAST_RELAY_UPSTREAM",
+    "broker": "SHMCAST_BROKER",
+}
 
 
 def resolve_relay_config(

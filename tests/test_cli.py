@@ -81,6 +81,7 @@ def test_ls_json_from_the_broker_and_from_dev_shm(
         (["publish", "x", "--shape", "a,b"], "integers like"),
         (["publish", "x", "--source", "random"], "--dtype and --shape"),
         (["publish", "x", "--source", "ticks", "--dtype", "f8"], "implies its dtype"),
+        (["publish", "x", "--source", "ticks", "--shape", "4,4"], "ticks are 1-D"),
         (["publish", "x", "--source", "random", "--dtype", "nope", "--shape", "2"], "nope"),
         (["broker", "--config", "/nonexistent.toml"], "no such file"),
         (["subscribe"], "SEGMENT"),
@@ -95,6 +96,61 @@ def test_bad_arguments_exit_2_naming_the_problem(
         code = exc.code  # argparse usage errors
     assert code == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        # Tracebacks before: OverflowError from bind(), the clocks, or an int too large.
+        (["subscribe", "x", "--metrics-port", "70000"], "--metrics-port"),
+        (["subscribe", "x", "--metrics-port", "-1"], "--metrics-port"),
+        (["relay", "--upstream", "tcp://127.0.0.1:9", "--metrics-port", "65536"], "--metrics-port"),
+        (["publish", "x", "--dtype", "u1", "--shape", "4", "--rate", "1e-300"], "--rate"),
+        (["ls", "--interval", "1e300"], "--interval"),
+        (["top", "--once", "--interval", "1e300"], "--interval"),
+        (["health", "--timeout", "1e300"], "--timeout"),
+        # Flat out before, exit 0.
+        (["publish", "x", "--dtype", "u1", "--shape", "4", "--rate", "nan"], "--rate"),
+        (["publish", "x", "--dtype", "u1", "--shape", "4", "--rate", "-5"], "--rate"),
+        (["demo", "--tick-rate", "inf"], "--tick-rate"),
+        # Never stopped, stopped after one update, or was taken as is.
+        (["publish", "x", "--dtype", "u1", "--shape", "4", "--count", "-1"], "--count"),
+        (["subscribe", "x", "--count", "-1"], "--count"),
+        (["record", "x", "-o", "x.h5", "--count", "-1"], "--count"),
+        (["doctor", "--subscribers", "-5"], "--subscribers"),
+    ],
+)
+def test_bad_values_exit_2_naming_the_option(
+    argv: list[str], option: str, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert f"argument {option}: " in capsys.readouterr().err
+
+
+def test_the_option_types_take_their_whole_range() -> None:
+    from shmcast.cli._options import per_second, port_number, positive_seconds
+
+    assert [port_number(p) for p in ("0", "65535")] == [0, 65535]
+    assert [per_second(r) for r in ("0", "1e-6", "1e9")] == [0.0, 1e-6, 1e9]
+    assert positive_seconds("1e6") == 1e6
+
+
+def test_frames_smaller_than_the_spot_are_filled(namespace: str) -> None:
+    """Before, `publish --source frames --shape 8,8` created the segment, then died
+    of a ValueError (the 32-pixel spot did not fit), leaving it at version 0."""
+    from shmcast.publisher import make_feed
+
+    for shape in ((8, 8), (2, 2), (3, 100)):
+        feed = make_feed("frames", None, shape)
+        out = np.empty(shape, np.uint16)
+        for i in range(0, 360, 7):
+            feed.fill(out, i)
+            assert out.max() > 100  # the spot is in the frame
+    with pytest.raises(ValueError, match="at least 2x2"):
+        make_feed("frames", None, (1, 5))
+    assert main(["publish", "x", "--source", "frames", "--shape", "1,5"]) == 2  # nothing made
 
 
 def test_bad_config_file_names_the_field(
@@ -412,6 +468,29 @@ def test_ls_honours_shmcast_broker(
         b.close()
 
 
+def test_the_relay_takes_its_local_broker_from_shmcast_broker() -> None:
+    """README: every --broker defaults to $SHMCAST_BROKER. The relay ignored it and
+    looked for the namespace's ipc socket (exit 1, no broker there)."""
+    from shmcast.publisher import resolve_relay_config
+
+    env = {"SHMCAST_BROKER": "ipc:///tmp/elsewhere/control.sock"}
+    flags = {"upstream": "tcp://127.0.0.1:9"}
+    assert resolve_relay_config(flags, environ=env).broker == env["SHMCAST_BROKER"]
+    given = {**flags, "broker": "ipc:///tmp/given/control.sock"}
+    assert resolve_relay_config(given, environ=env).broker == given["broker"]
+
+
+@pytest.mark.parametrize("command", [name for name, _ in COMMANDS])
+def test_every_broker_option_names_its_default(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    if "--broker ENDPOINT" in out:
+        assert "(default: $SHMCAST_BROKER, else the namespace's ipc endpoint)" in out
+
+
 def test_ls_shows_the_version_and_age_of_its_second_sample(
     namespace: str, lab: Broker, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -455,6 +534,17 @@ def test_help_shows_the_defaults(
     assert " ".join(needle.split()) in out
     assert "(default: None)" not in out
     assert "(default: False)" not in out
+
+
+def test_doctor_help_says_it_checks_every_namespace_by_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before, its --namespace said "else 'default'", as every other command's."""
+    with pytest.raises(SystemExit):
+        main(["doctor", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: $SHMCAST_NAMESPACE, else every namespace)" in out
+    assert "else 'default'" not in out
 
 
 @pytest.mark.skipif(

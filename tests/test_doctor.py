@@ -18,10 +18,13 @@ import pytest
 from shmcast.broker import (
     Broker,
     BrokerConfig,
+    InvalidNameError,
     Segment,
     SegmentExistsError,
     SegmentNotFoundError,
+    diagnose,
 )
+from shmcast.broker._doctor import _check_runtime_dirs
 from shmcast.broker._nsword import NamespaceWord
 from shmcast.broker.client import SHM_DIR, object_name, runtime_dir, shm_path
 from shmcast.cli._main import main
@@ -271,3 +274,48 @@ def test_fix_removes_what_no_broker_serves_while_one_runs(
         for path in (junk, fresh, held):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+def _sandbox(tmp_path: Path, mp: pytest.MonkeyPatch) -> tuple[Path, list[str]]:
+    """A runtime root of the test's own (``XDG_RUNTIME_DIR``): what is beside and
+    inside it, the listing --fix must leave as it is."""
+    xdg = tmp_path / "xdg"
+    (xdg / "shmcast" / "t-other").mkdir(parents=True)
+    for d in (xdg, xdg / "shmcast", xdg / "shmcast" / "t-other"):
+        d.chmod(0o700)
+    (xdg / "precious.txt").write_text("the user's own data\n")
+    (xdg / "shmcast" / "t-other" / "control.sock").touch(mode=0o600)
+    mp.setenv("XDG_RUNTIME_DIR", str(xdg))
+    return xdg, sorted(str(p.relative_to(xdg)) for p in xdg.rglob("*"))
+
+
+@pytest.mark.parametrize("ns", ["..", "."])
+def test_a_namespace_outside_the_runtime_root_is_refused(
+    ns: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, `doctor -n .. --fix` removed the runtime root's parent (the user's
+    $XDG_RUNTIME_DIR) and `-n .` the root with every namespace's sockets, both
+    saying all OK."""
+    with pytest.MonkeyPatch.context() as mp:
+        xdg, before = _sandbox(tmp_path, mp)
+        assert main(["doctor", "--namespace", ns, "--fix"]) == 2
+        assert "invalid namespace name" in capsys.readouterr().err
+        with pytest.raises(InvalidNameError):
+            diagnose(namespace=ns, fix=True)
+    assert sorted(str(p.relative_to(xdg)) for p in xdg.rglob("*")) == before
+
+
+@pytest.mark.parametrize("ns", ["..", "."])
+def test_fix_removes_only_a_directory_directly_below_the_runtime_root(
+    ns: str, tmp_path: Path
+) -> None:
+    """The last guard before the rmtree of a stale runtime dir, for a caller that
+    skipped the name's check."""
+    with pytest.MonkeyPatch.context() as mp:
+        xdg, before = _sandbox(tmp_path, mp)
+        assert not [c for c in _check_runtime_dirs([ns], fix=True) if c.check == "fixed"]
+        assert sorted(str(p.relative_to(xdg)) for p in xdg.rglob("*")) == before
+        (xdg / "shmcast" / "t-stale").mkdir(mode=0o700)
+        fixed = _check_runtime_dirs(["t-stale"], fix=True)
+        assert [c.message for c in fixed] == [f"removed stale runtime dir {xdg}/shmcast/t-stale"]
+    assert sorted(str(p.relative_to(xdg)) for p in xdg.rglob("*")) == before

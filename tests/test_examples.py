@@ -76,3 +76,34 @@ def test_every_metric_the_readme_names_is_exported(namespace: str) -> None:
     documented = {n for n in documented if not n.endswith("_")}
     assert len(documented) > 20
     assert documented <= exported, sorted(documented - exported)
+
+
+def test_the_readme_names_the_labels_of_the_subscriber_metrics(namespace: str) -> None:
+    """Before, the README said every subscriber metric was labelled by `segment`;
+    three are not (and every one is by `namespace`)."""
+    import numpy as np
+
+    from shmcast.broker import Broker, BrokerConfig
+    from shmcast.publisher import Publisher
+    from shmcast.subscriber import Subscriber, SubscriberCollector
+
+    broker = Broker(BrokerConfig(namespace=namespace)).start()
+    try:
+        with (
+            Publisher("m", dtype="f8", shape=1, namespace=namespace) as pub,
+            Subscriber("m", namespace=namespace, wait="events") as sub,
+        ):
+            pub.publish(np.zeros(1))
+            labels = {
+                sample.name: set(sample.labels) - {"le"}
+                for family in SubscriberCollector(sub).collect()
+                for sample in family.samples
+            }
+    finally:
+        broker.close()
+    text = " ".join((ROOT / "README.md").read_text().split())
+    said = re.search(r"by `segment` \(never by version\) except [^:]*: (.*?)\.", text)
+    assert said, "the README does not say which subscriber metrics have no segment label"
+    unsegmented = {n for n, keys in labels.items() if "segment" not in keys}
+    assert unsegmented == set(re.findall(r"`(shmcast_\w+)`", said.group(1)))
+    assert all(keys >= {"namespace", "subscriber"} for keys in labels.values())
