@@ -250,9 +250,11 @@ class Broker(Service):
                 sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
                 if curve is not None:
                     make_curve_server(sock, curve)
-            control_ep = self._bind(control, "control", cfg.control or defaults.control, False)
+            control_ep = self._bind(
+                control, "control", cfg.control or defaults.control, False, rdir
+            )
             control_ro_ep = self._bind(
-                control_ro, "control_ro", cfg.control_ro or defaults.control_ro or "", True
+                control_ro, "control_ro", cfg.control_ro or defaults.control_ro or "", True, rdir
             )
             events = Events(
                 ctx,
@@ -260,6 +262,7 @@ class Broker(Service):
                 group=cfg.group,
                 curve=curve,
                 max_subscriptions=cfg.max_subscriptions,
+                owned_dir=rdir,
             )
             self._events = events
             events_ep = events.bind()
@@ -388,8 +391,12 @@ class Broker(Service):
             return fd
         raise BrokerRunningError(self.namespace, pid_of_lock(str(path)))
 
-    def _bind(self, sock: zmq.Socket[Any], role: str, endpoint: str, shared: bool) -> str:
-        return bind_endpoint(sock, role, endpoint, group=self.config.group, shared=shared)[0]
+    def _bind(
+        self, sock: zmq.Socket[Any], role: str, endpoint: str, shared: bool, rdir: Path
+    ) -> str:
+        return bind_endpoint(
+            sock, role, endpoint, group=self.config.group, shared=shared, owned_dir=rdir
+        )[0]
 
     def _trusted(self, name: str) -> bool:
         """Whether the object of ``name`` is ours to adopt; our own bad ones are reclaimed.

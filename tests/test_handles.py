@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,9 +29,9 @@ from shmcast.broker import (
     EndpointError,
     start_metrics_server,
 )
-from shmcast.broker.client import runtime_dir
+from shmcast.broker.client import ControlClient, runtime_dir
 from shmcast.cli._main import main
-from shmcast.cli.testing import wait_for
+from shmcast.cli.testing import unique_namespace, wait_for
 from shmcast.publisher import Publisher, Relay, RelayConfig
 from shmcast.subscriber import Subscriber
 
@@ -113,6 +116,43 @@ def test_bind_errors_name_the_endpoint(namespace: str, busy_port: int) -> None:
     with pytest.raises(EndpointError, match=f"control endpoint {endpoint}"):
         broker.start()
     assert not runtime_dir(namespace).exists()
+
+
+@pytest.fixture
+def ipc_dir() -> Iterator[Path]:
+    """A directory of the test's own for ipc paths (short: a socket path has 107 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="shmcast-ipc-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_an_ipc_path_outside_the_runtime_dir_is_taken_only_from_a_dead_socket(
+    namespace: str, ipc_dir: Path
+) -> None:
+    """Binding unlinked whatever sat at an explicit ipc path: a user's file, a
+    directory (a traceback), another namespace's live broker socket (that broker
+    kept running, unreachable). Only a socket file nobody listens on goes now."""
+    notes = ipc_dir / "notes.txt"
+    notes.write_text("important\n")
+    (ipc_dir / "adir").mkdir()
+    for path, what in ((notes, "a regular file"), (ipc_dir / "adir", "a directory")):
+        with pytest.raises(EndpointError, match=f"{path} exists and is {what}"):
+            Broker(BrokerConfig(namespace=namespace, control=f"ipc://{path}")).start()
+    assert notes.read_text() == "important\n"
+    assert (ipc_dir / "adir").is_dir()
+
+    stale = ipc_dir / "control.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))  # closed unlistened: the file of a process gone
+    shared = f"ipc://{stale}"
+    other = unique_namespace("t")
+    with Broker(BrokerConfig(namespace=namespace, control=shared)).start():
+        with pytest.raises(EndpointError, match=f"a running process listens on {stale}"):
+            Broker(BrokerConfig(namespace=other, control=shared)).start()
+        with ControlClient(shared, timeout=5) as client:
+            assert client.request("hello")["namespace"] == namespace
 
 
 def test_metrics_port_in_use_is_one_clear_error(
