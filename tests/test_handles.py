@@ -110,11 +110,14 @@ def test_broker_honours_the_namespace_environment(monkeypatch: pytest.MonkeyPatc
             assert pub.namespace == ns
 
 
-def test_bind_errors_name_the_endpoint(namespace: str, busy_port: int) -> None:
+@pytest.mark.parametrize("role", ["control", "control_ro", "events"])
+def test_bind_errors_name_the_endpoint(namespace: str, busy_port: int, role: str) -> None:
+    """Nothing is left in the runtime dir: before, a broker whose events bind
+    failed left the control sockets it had bound there (and so the directory)."""
     endpoint = f"tcp://127.0.0.1:{busy_port}"
-    broker = Broker(BrokerConfig(namespace=namespace, control=endpoint, tcp_open=True))
-    with pytest.raises(EndpointError, match=f"control endpoint {endpoint}"):
-        broker.start()
+    cfg = BrokerConfig(namespace=namespace, tcp_open=True, **{role: endpoint})
+    with pytest.raises(EndpointError, match=f"{role} endpoint {endpoint}"):
+        Broker(cfg).start()
     assert not runtime_dir(namespace).exists()
 
 
