@@ -158,6 +158,47 @@ def test_an_ipc_path_outside_the_runtime_dir_is_taken_only_from_a_dead_socket(
             assert client.request("hello")["namespace"] == namespace
 
 
+def test_a_broker_of_another_namespace_is_refused_before_any_request(
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """$SHMCAST_BROKER (every compose container sets it) naming namespace A's broker
+    and -n B: `rm` deleted A's segment (exit 0), `ls`/`top` showed A's catalog as
+    B's, a Publisher of B created its segment in A, and a Replayer compared the
+    recorded layouts with A's segments. Each now asks `hello` first."""
+    from shmcast.broker import NamespaceMismatchError
+    from shmcast.broker.recording import SegmentLayout, open_writer
+    from shmcast.publisher import Replayer
+
+    other = unique_namespace("t")
+    recording = tmp_path / "r.h5"
+    with open_writer(str(recording), [SegmentLayout("rec", np.dtype("<f8"), (2,))]) as w:
+        w.append("rec", [np.ones(2)], [1], [10])
+    with Broker(BrokerConfig(namespace=namespace)).start() as b:
+        assert b.endpoints is not None
+        control = b.endpoints.control
+        Publisher("frames", dtype="u1", shape=4, namespace=namespace).close()
+        Publisher("rec", dtype="u1", shape=4, namespace=namespace).close()  # not as recorded
+        monkeypatch.setenv("SHMCAST_BROKER", control)
+        wrong = f"the broker at {control} serves namespace {namespace!r}, not {other!r}"
+        for argv in (["rm", "frames"], ["ls", "--interval", "0"], ["top", "--once"]):
+            assert main([*argv, "-n", other]) == 1, argv
+            assert wrong in capsys.readouterr().err, argv
+        with pytest.raises(NamespaceMismatchError, match=wrong):
+            Publisher("newseg", dtype="u1", shape=4, namespace=other, broker=control)
+        with pytest.raises(NamespaceMismatchError, match=wrong):
+            Replayer(recording, namespace=other, broker=control)
+        assert b.catalog.names() == ["frames", "rec"]
+        # No namespace asked for: the default, which is not the broker's either.
+        monkeypatch.delenv("SHMCAST_NAMESPACE")
+        assert main(["rm", "frames"]) == 1
+        assert "not 'default'" in capsys.readouterr().err
+        assert main(["rm", "frames", "rec", "-n", namespace]) == 0
+        assert b.catalog.names() == []
+
+
 def test_metrics_port_in_use_is_one_clear_error(
     namespace: str, busy_port: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
