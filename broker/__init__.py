@@ -55,6 +55,7 @@ from .errors import LayoutConflictError as LayoutConflictError
 from .errors import LayoutError as LayoutError
 from .errors import LayoutVersionError as LayoutVersionError
 from .errors import MissingExtraError as MissingExtraError
+from .errors import NamespaceMismatchError as NamespaceMismatchError
 from .errors import NotARecordingError as NotARecordingError
 from .errors import NotASegmentError as NotASegmentError
 from .errors import NoVersionError as NoVersionError
@@ -104,6 +105,7 @@ __all__ = [
     "LayoutVersionError",
     "MetricsServer",
     "MissingExtraError",
+    "NamespaceMismatchError",
     "NamespaceWord",
     "NoVersionError",
     "NotARecordingError",

@@ -49,7 +49,6 @@ from ._protocol import (
     BROKER_TOPIC,
     MAX_VERSION,
     error_reply,
-    ipc_path,
     pack,
     pid_of_lock,
     topic,
@@ -252,9 +251,18 @@ class Broker(Service):
                 sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
                 if curve is not None:
                     make_curve_server(sock, curve)
-            control_ep = self._bind(control, "control", cfg.control or defaults.control, False)
+            # Each socket file is ours to remove from its own bind on: a later
+            # bind that fails must not leave the earlier ones behind.
+            control_ep = self._bind(
+                control, "control", cfg.control or defaults.control, False, rdir, bound_paths
+            )
             control_ro_ep = self._bind(
-                control_ro, "control_ro", cfg.control_ro or defaults.control_ro or "", True
+                control_ro,
+                "control_ro",
+                cfg.control_ro or defaults.control_ro or "",
+                True,
+                rdir,
+                bound_paths,
             )
             events = Events(
                 ctx,
@@ -262,10 +270,10 @@ class Broker(Service):
                 group=cfg.group,
                 curve=curve,
                 max_subscriptions=cfg.max_subscriptions,
+                owned_dir=rdir,
             )
             self._events = events
             events_ep = events.bind()
-            bound_paths.extend(p for p in (ipc_path(control_ep), ipc_path(control_ro_ep)) if p)
             self.endpoints = Endpoints(
                 control=control_ep, events=events_ep, control_ro=control_ro_ep
             )
@@ -390,8 +398,22 @@ class Broker(Service):
             return fd
         raise BrokerRunningError(self.namespace, pid_of_lock(str(path)))
 
-    def _bind(self, sock: zmq.Socket[Any], role: str, endpoint: str, shared: bool) -> str:
-        return bind_endpoint(sock, role, endpoint, group=self.config.group, shared=shared)[0]
+    def _bind(
+        self,
+        sock: zmq.Socket[Any],
+        role: str,
+        endpoint: str,
+        shared: bool,
+        rdir: Path,
+        bound_paths: list[str],
+    ) -> str:
+        """Bind ``sock``; an ipc socket file goes on ``bound_paths`` (removed at the end)."""
+        bound, path = bind_endpoint(
+            sock, role, endpoint, group=self.config.group, shared=shared, owned_dir=rdir
+        )
+        if path is not None:
+            bound_paths.append(path)
+        return bound
 
     def _trusted(self, name: str) -> bool:
         """Whether the object of ``name`` is ours to adopt; our own bad ones are reclaimed.

@@ -61,7 +61,9 @@ class BrokerConfig:
 
     ``namespace`` of ``None`` means ``$SHMCAST_NAMESPACE`` or ``"default"``, read
     when the broker is made. ``control``/``control_ro``/``events`` of ``None``
-    mean ipc endpoints in the namespace's runtime directory. TCP endpoints should
+    mean ipc endpoints in the namespace's runtime directory; an ipc path given
+    elsewhere is bound only where nothing is or over a socket file nobody
+    listens on (anything else there is refused). TCP endpoints should
     name an address; ``tcp://*`` binds every interface and is only used when
     written explicitly. ``advertise_events`` is the events endpoint told to
     clients (``hello``) when the bound one is not reachable as written, e.g.

@@ -81,6 +81,7 @@ import zmq
 
 from ._auth import CurveKeys, make_curve_server, start_authenticator
 from ._catalog import Catalog
+from ._events import clear_ipc_path
 from ._layout import dtype_str
 from ._protocol import MAX_VERSION, pack, unpack
 from ._segment import Segment
@@ -288,6 +289,7 @@ class DataStream:
             EndpointError: it cannot be bound.
         """
         assert self._ctx is not None
+        clear_ipc_path("data", endpoint)  # an ipc path's file goes only when stale
         router: zmq.Socket[Any] = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)

@@ -33,8 +33,11 @@ import contextlib
 import grp
 import logging
 import os
+import socket
+import stat
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -43,7 +46,7 @@ from ._auth import CurveKeys, make_curve_server
 from ._protocol import ipc_path
 from .errors import EndpointError
 
-__all__ = ["MAX_TOPIC", "Events", "bind_endpoint"]
+__all__ = ["MAX_TOPIC", "Events", "bind_endpoint", "clear_ipc_path"]
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +60,36 @@ REBIND_TIMEOUT = 5.0
 SUBSCRIPTION_HWM = 16
 #: Subscriptions taken in between two looks at the number of topics held.
 CHECK_EVERY = 64
+#: The fix an error about what sits at an ipc path names.
+_FIX_PATH = "give another ipc:// path, or remove what is there yourself if it may go"
 
 
 def bind_endpoint(
-    sock: zmq.Socket[Any], role: str, endpoint: str, *, group: str | None, shared: bool
+    sock: zmq.Socket[Any],
+    role: str,
+    endpoint: str,
+    *,
+    group: str | None,
+    shared: bool,
+    owned_dir: Path | None = None,
 ) -> tuple[str, str | None]:
     """Bind ``sock``; returns the bound endpoint and, for ipc, its socket file.
 
     An ipc socket file is owner-only, or group-owned 0660 when ``shared`` with
-    the configured ``group`` (connecting needs write access to the file). A
-    file left at the path is removed first: the caller holds the namespace's
-    lock, so it is stale.
+    the configured ``group`` (connecting needs write access to the file). What
+    sits at the path first is cleared by :func:`clear_ipc_path` (libzmq would
+    unlink it, whatever it is).
+
+    Args:
+        owned_dir: the directory the caller's namespace lock guards (its runtime
+            directory): a file left there is stale and removed.
 
     Raises:
-        EndpointError: the endpoint cannot be bound.
+        EndpointError: the endpoint cannot be bound, or its path holds something
+            that is not ours to remove.
     """
     path = ipc_path(endpoint)
-    if path is not None and os.path.lexists(path):
-        os.unlink(path)
+    clear_ipc_path(role, endpoint, owned_dir=owned_dir)
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
@@ -88,6 +103,85 @@ def bind_endpoint(
     return actual, path
 
 
+def clear_ipc_path(role: str, endpoint: str, *, owned_dir: Path | None = None) -> None:
+    """Make way at the path of an ``ipc://`` endpoint before it is bound.
+
+    Binding unlinks what is at the path (libzmq does, to drop a socket file a
+    crashed process left), so it is checked first. Inside ``owned_dir`` (the
+    namespace's runtime directory, which its lock guards) anything left is stale
+    and removed. Elsewhere only a socket file nobody listens on (a connect is
+    refused) is removed; a regular file, a directory, a link or a live socket
+    (another broker's, say) is refused.
+
+    Raises:
+        EndpointError: the path holds something not ours to remove (the message
+            names the path and the fix).
+    """
+    path = ipc_path(endpoint)
+    if path is None:
+        return
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise EndpointError(role, endpoint, f"cannot look at {path}: {exc.strerror}") from exc
+    mine = owned_dir is not None and os.path.realpath(
+        os.path.dirname(os.path.abspath(path))
+    ) == os.path.realpath(owned_dir)
+    if not mine:
+        _check_stale_socket(role, endpoint, path, st)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # a directory in the runtime directory, say
+        raise EndpointError(
+            role, endpoint, f"cannot remove {path}: {exc.strerror}", fix=_FIX_PATH
+        ) from exc
+
+
+def _check_stale_socket(role: str, endpoint: str, path: str, st: os.stat_result) -> None:
+    """Raise unless ``path`` (outside our runtime directory) is a socket nobody listens on."""
+    if stat.S_ISDIR(st.st_mode):
+        kind = "a directory"
+    elif stat.S_ISLNK(st.st_mode):
+        kind = "a symbolic link"
+    elif stat.S_ISREG(st.st_mode):
+        kind = "a regular file"
+    elif not stat.S_ISSOCK(st.st_mode):
+        kind = "a special file"
+    else:
+        kind = ""
+    if kind:
+        raise EndpointError(
+            role, endpoint, f"{path} exists and is {kind}, not a socket", fix=_FIX_PATH
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return  # a socket file its process left: stale
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise EndpointError(
+            role,
+            endpoint,
+            f"cannot tell whether the socket {path} is in use ({exc.strerror or exc})",
+            fix=_FIX_PATH,
+        ) from exc
+    finally:
+        probe.close()
+    raise EndpointError(
+        role,
+        endpoint,
+        f"a running process listens on {path} (another broker?)",
+        fix="stop it, or give another ipc:// path",
+    )
+
+
 class Events:
     """The XPUB the broker announces on; see the module docstring.
 
@@ -97,6 +191,7 @@ class Events:
         group: the group the namespace is shared with (ipc socket mode), or None.
         curve: the broker's CURVE keys, or None.
         max_subscriptions: distinct topics held before the endpoint resets.
+        owned_dir: the namespace's runtime directory (see :func:`bind_endpoint`).
     """
 
     def __init__(
@@ -107,8 +202,10 @@ class Events:
         group: str | None,
         curve: CurveKeys | None,
         max_subscriptions: int,
+        owned_dir: Path | None = None,
     ) -> None:
         self._ctx = ctx
+        self._owned_dir = owned_dir
         self.configured = endpoint
         self.endpoint = endpoint
         self.path: str | None = None
@@ -140,7 +237,12 @@ class Events:
             EndpointError: it cannot be bound.
         """
         self.endpoint, self.path = bind_endpoint(
-            self.sock, "events", self.configured, group=self._group, shared=True
+            self.sock,
+            "events",
+            self.configured,
+            group=self._group,
+            shared=True,
+            owned_dir=self._owned_dir,
         )
         return self.endpoint
 
@@ -214,7 +316,12 @@ class Events:
         while True:
             try:
                 self.endpoint, self.path = bind_endpoint(
-                    self.sock, "events", target, group=self._group, shared=True
+                    self.sock,
+                    "events",
+                    target,
+                    group=self._group,
+                    shared=True,
+                    owned_dir=self._owned_dir,
                 )
                 return
             except EndpointError:

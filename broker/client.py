@@ -5,6 +5,8 @@
   (its runtime directory checked first: :func:`trusted_runtime_dir`);
   :func:`reader_endpoint`: the read-only control socket for a reader who may not
   open the owner's.
+- :func:`check_broker_namespace`: the ``hello`` that tells a broker of another
+  namespace (an endpoint given explicitly) before anything is asked of it.
 - :func:`resolve_namespace`: ``None`` means ``$SHMCAST_NAMESPACE``, else ``"default"``
   (the one place the environment is read, at call time).
 - Names and places: :func:`shm_path` of a segment's object in :data:`SHM_DIR`,
@@ -50,7 +52,7 @@ from ._protocol import (
     topic,
     unpack,
 )
-from .errors import BrokerUnavailableError, ClosedError
+from .errors import BrokerUnavailableError, ClosedError, NamespaceMismatchError
 
 __all__ = [
     "BROKER_TOPIC",
@@ -64,6 +66,7 @@ __all__ = [
     "SHM_DIR",
     "ControlClient",
     "Endpoints",
+    "check_broker_namespace",
     "namespace_from_env",
     "object_name",
     "pack",
@@ -233,3 +236,22 @@ class ControlClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_broker_namespace(client: ControlClient, namespace: str) -> dict[str, Any]:
+    """Send ``hello``; the reply, once it names ``namespace``.
+
+    Call it once, right after connecting, where a client acts on a namespace
+    through a broker: an endpoint given explicitly (``broker=``,
+    ``$SHMCAST_BROKER``) may be another namespace's broker, which would then
+    create, delete or list its own segments in place of the ones asked for.
+
+    Raises:
+        NamespaceMismatchError: the broker serves another namespace.
+        BrokerUnavailableError: no reply within the client's timeout.
+    """
+    hello = client.request("hello")
+    served = hello.get("namespace")
+    if served != namespace:
+        raise NamespaceMismatchError(client.endpoint, served, namespace)
+    return hello

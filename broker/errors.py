@@ -34,6 +34,7 @@ message, which names the segment, endpoint or size involved and the fix::
     ├── BrokerError                 the control plane
     │   ├── BrokerUnavailableError  no broker answered at the endpoint
     │   ├── BrokerRunningError      a broker already serves the namespace
+    │   ├── NamespaceMismatchError  the broker at the endpoint serves another namespace
     │   ├── ForbiddenError          the broker refused an operation to this client's role
     │   └── RemoteError             the broker answered with an error
     └── ConfigError                 a bad configuration value (names the field)
@@ -65,6 +66,7 @@ __all__ = [
     "LayoutError",
     "LayoutVersionError",
     "MissingExtraError",
+    "NamespaceMismatchError",
     "NoVersionError",
     "NotARecordingError",
     "NotASegmentError",
@@ -462,6 +464,21 @@ class BrokerRunningError(BrokerError):
         super().__init__(
             f"a broker (pid {pid}) already serves namespace {namespace!r}; "
             f"stop it or use another --namespace"
+        )
+
+
+class NamespaceMismatchError(BrokerError):
+    """The broker at an endpoint (``--broker``, ``$SHMCAST_BROKER``, ``broker=``)
+    serves another namespace than the one asked for: nothing was asked of it."""
+
+    def __init__(self, endpoint: str, served: object, wanted: str) -> None:
+        self.endpoint = endpoint
+        self.served = served
+        self.wanted = wanted
+        super().__init__(
+            f"the broker at {endpoint} serves namespace {served!r}, not {wanted!r}: give "
+            f"namespace {served!r} (--namespace, $SHMCAST_NAMESPACE), or the control "
+            f"endpoint of the broker of {wanted!r} (--broker, $SHMCAST_BROKER, broker=)"
         )
 
 

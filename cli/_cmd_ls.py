@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from shmcast.broker import Segment
-from shmcast.broker.client import ControlClient, resolve_namespace
+from shmcast.broker.client import ControlClient, check_broker_namespace, resolve_namespace
 from shmcast.broker.errors import BrokerUnavailableError, ShmcastError
 
 from ._options import add_broker_option, broker_endpoint, seconds
@@ -33,9 +33,14 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def catalog(namespace: str, endpoint: str, timeout: float = 1.0) -> tuple[str, list[Any]]:
-    """``(source, segments)`` from the broker at ``endpoint``, or from /dev/shm if none answers."""
+    """``(source, segments)`` from the broker at ``endpoint``, or from /dev/shm if none answers.
+
+    Raises:
+        NamespaceMismatchError: the broker there serves another namespace.
+    """
     try:
         with ControlClient(endpoint, timeout=timeout) as client:
+            check_broker_namespace(client, namespace)
             return "broker", list(client.request("list")["segments"])
     except BrokerUnavailableError:
         pass

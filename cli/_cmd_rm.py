@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shmcast.broker.client import ControlClient, resolve_namespace
+from shmcast.broker.client import ControlClient, check_broker_namespace, resolve_namespace
 from shmcast.broker.errors import SegmentNotFoundError, WriterBusyError
 
 from ._options import add_broker_option, broker_endpoint
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     ns = resolve_namespace(args.namespace)
     rc = 0
     with ControlClient(broker_endpoint(args), timeout=5.0) as client:
+        check_broker_namespace(client, ns)  # $SHMCAST_BROKER may be another namespace's
         for name in args.segments:
             # One request: the broker checks the writer lease as it deletes (a
             # describe first would leave a writer time to arrive in between).

@@ -20,12 +20,12 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from shmcast.broker.client import ControlClient, resolve_namespace
-from shmcast.broker.errors import ShmcastError
+from shmcast.broker.client import ControlClient, check_broker_namespace, resolve_namespace
+from shmcast.broker.errors import BrokerUnavailableError, ShmcastError
 
 from ._options import add_broker_option, broker_endpoint, positive_seconds
 
@@ -84,6 +84,28 @@ def sample(client: ControlClient) -> Sample:
         )
     except ShmcastError as exc:
         return Sample(t=now, error=str(exc))
+
+
+def sampler(client: ControlClient, namespace: str) -> Callable[[], Sample]:
+    """:func:`sample`, once a ``hello`` named ``namespace`` (asked until the broker
+    answers): a broker of another namespace ($SHMCAST_BROKER) raises, not shown.
+
+    Raises:
+        NamespaceMismatchError: from the returned function.
+    """
+    checked = False
+
+    def take() -> Sample:
+        nonlocal checked
+        if not checked:
+            try:
+                check_broker_namespace(client, namespace)
+            except BrokerUnavailableError as exc:
+                return Sample(t=time.monotonic(), error=str(exc))
+            checked = True
+        return sample(client)
+
+    return take
 
 
 def _bytes(n: float) -> str:
@@ -212,11 +234,12 @@ def run(args: argparse.Namespace) -> int:
     interval = max(0.1, args.interval)
     out = sys.stdout
     with ControlClient(endpoint, timeout=min(2.0, interval * 2)) as client:
+        take = sampler(client, ns)
         if args.once or not out.isatty():
-            first = sample(client)
+            first = take()
             while True:
                 time.sleep(interval)
-                cur = sample(client)
+                cur = take()
                 out.write("\n".join(render(ns, endpoint, cur, first)) + "\n\n")
                 out.flush()
                 if args.once:
@@ -233,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
             with _terminal(out) as fd:
                 prev: Sample | None = None
                 while True:
-                    cur = sample(client)
+                    cur = take()
                     width = shutil.get_terminal_size().columns
                     lines = render(ns, endpoint, cur, prev)
                     out.write(_HOME + "".join(ln[:width] + _EOL + "\r\n" for ln in lines) + _EOS)

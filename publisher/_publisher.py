@@ -18,6 +18,7 @@ import numpy.typing as npt
 from shmcast.broker import BytesLike, Segment, dtype_str, normalize_layout
 from shmcast.broker.client import (
     ControlClient,
+    check_broker_namespace,
     resolve_endpoint,
     resolve_namespace,
     validate_segment_name,
@@ -56,6 +57,7 @@ class Publisher:
 
     Raises:
         BrokerUnavailableError: no broker answered.
+        NamespaceMismatchError: the broker at ``broker`` serves another namespace.
         LayoutConflictError: the segment exists with another layout, or (with
             ``source``) is fed by another source.
         WriterBusyError: another process writes this segment.
@@ -84,9 +86,10 @@ class Publisher:
         endpoint = resolve_endpoint(broker, self.namespace)
         client = ControlClient(endpoint, timeout=timeout, curve=curve)
         try:
+            if (dtype is None) != (shape is None):
+                raise TypeError("give both dtype and shape, or neither to get an existing one")
+            check_broker_namespace(client, self.namespace)
             if dtype is None or shape is None:
-                if dtype is not None or shape is not None:
-                    raise TypeError("give both dtype and shape, or neither to get an existing one")
                 client.request("describe", name=self.name)
             else:
                 dt, shp = normalize_layout(dtype, shape)

@@ -26,7 +26,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import numpy.typing as npt
 
-from shmcast.broker.client import ControlClient, resolve_endpoint, resolve_namespace
+from shmcast.broker.client import (
+    ControlClient,
+    check_broker_namespace,
+    resolve_endpoint,
+    resolve_namespace,
+)
 from shmcast.broker.errors import (
     ClosedError,
     LayoutConflictError,
@@ -94,6 +99,7 @@ class Replayer:
             shape (checked for every segment before any is touched).
         MissingExtraError: h5py / pyarrow is not installed (``shmcast[record]``).
         BrokerUnavailableError: no broker answered.
+        NamespaceMismatchError: the broker at ``broker`` serves another namespace.
     """
 
     def __init__(
@@ -185,6 +191,7 @@ class Replayer:
         self._existing: set[str] = set()
         client = ControlClient(endpoint, timeout=timeout, curve=curve)
         try:
+            check_broker_namespace(client, self.namespace)
             for name, src in self._sources.items():
                 try:
                     info = client.request("describe", name=name)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,9 +29,9 @@ from shmcast.broker import (
     EndpointError,
     start_metrics_server,
 )
-from shmcast.broker.client import runtime_dir
+from shmcast.broker.client import ControlClient, runtime_dir
 from shmcast.cli._main import main
-from shmcast.cli.testing import wait_for
+from shmcast.cli.testing import unique_namespace, wait_for
 from shmcast.publisher import Publisher, Relay, RelayConfig
 from shmcast.subscriber import Subscriber
 
@@ -107,12 +110,93 @@ def test_broker_honours_the_namespace_environment(monkeypatch: pytest.MonkeyPatc
             assert pub.namespace == ns
 
 
-def test_bind_errors_name_the_endpoint(namespace: str, busy_port: int) -> None:
+@pytest.mark.parametrize("role", ["control", "control_ro", "events"])
+def test_bind_errors_name_the_endpoint(namespace: str, busy_port: int, role: str) -> None:
+    """Nothing is left in the runtime dir: before, a broker whose events bind
+    failed left the control sockets it had bound there (and so the directory)."""
     endpoint = f"tcp://127.0.0.1:{busy_port}"
-    broker = Broker(BrokerConfig(namespace=namespace, control=endpoint, tcp_open=True))
-    with pytest.raises(EndpointError, match=f"control endpoint {endpoint}"):
-        broker.start()
+    cfg = BrokerConfig(namespace=namespace, tcp_open=True, **{role: endpoint})
+    with pytest.raises(EndpointError, match=f"{role} endpoint {endpoint}"):
+        Broker(cfg).start()
     assert not runtime_dir(namespace).exists()
+
+
+@pytest.fixture
+def ipc_dir() -> Iterator[Path]:
+    """A directory of the test's own for ipc paths (short: a socket path has 107 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="shmcast-ipc-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_an_ipc_path_outside_the_runtime_dir_is_taken_only_from_a_dead_socket(
+    namespace: str, ipc_dir: Path
+) -> None:
+    """Binding unlinked whatever sat at an explicit ipc path: a user's file, a
+    directory (a traceback), another namespace's live broker socket (that broker
+    kept running, unreachable). Only a socket file nobody listens on goes now."""
+    notes = ipc_dir / "notes.txt"
+    notes.write_text("important\n")
+    (ipc_dir / "adir").mkdir()
+    for path, what in ((notes, "a regular file"), (ipc_dir / "adir", "a directory")):
+        with pytest.raises(EndpointError, match=f"{path} exists and is {what}"):
+            Broker(BrokerConfig(namespace=namespace, control=f"ipc://{path}")).start()
+    assert notes.read_text() == "important\n"
+    assert (ipc_dir / "adir").is_dir()
+
+    stale = ipc_dir / "control.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))  # closed unlistened: the file of a process gone
+    shared = f"ipc://{stale}"
+    other = unique_namespace("t")
+    with Broker(BrokerConfig(namespace=namespace, control=shared)).start():
+        with pytest.raises(EndpointError, match=f"a running process listens on {stale}"):
+            Broker(BrokerConfig(namespace=other, control=shared)).start()
+        with ControlClient(shared, timeout=5) as client:
+            assert client.request("hello")["namespace"] == namespace
+
+
+def test_a_broker_of_another_namespace_is_refused_before_any_request(
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """$SHMCAST_BROKER (every compose container sets it) naming namespace A's broker
+    and -n B: `rm` deleted A's segment (exit 0), `ls`/`top` showed A's catalog as
+    B's, a Publisher of B created its segment in A, and a Replayer compared the
+    recorded layouts with A's segments. Each now asks `hello` first."""
+    from shmcast.broker import NamespaceMismatchError
+    from shmcast.broker.recording import SegmentLayout, open_writer
+    from shmcast.publisher import Replayer
+
+    other = unique_namespace("t")
+    recording = tmp_path / "r.h5"
+    with open_writer(str(recording), [SegmentLayout("rec", np.dtype("<f8"), (2,))]) as w:
+        w.append("rec", [np.ones(2)], [1], [10])
+    with Broker(BrokerConfig(namespace=namespace)).start() as b:
+        assert b.endpoints is not None
+        control = b.endpoints.control
+        Publisher("frames", dtype="u1", shape=4, namespace=namespace).close()
+        Publisher("rec", dtype="u1", shape=4, namespace=namespace).close()  # not as recorded
+        monkeypatch.setenv("SHMCAST_BROKER", control)
+        wrong = f"the broker at {control} serves namespace {namespace!r}, not {other!r}"
+        for argv in (["rm", "frames"], ["ls", "--interval", "0"], ["top", "--once"]):
+            assert main([*argv, "-n", other]) == 1, argv
+            assert wrong in capsys.readouterr().err, argv
+        with pytest.raises(NamespaceMismatchError, match=wrong):
+            Publisher("newseg", dtype="u1", shape=4, namespace=other, broker=control)
+        with pytest.raises(NamespaceMismatchError, match=wrong):
+            Replayer(recording, namespace=other, broker=control)
+        assert b.catalog.names() == ["frames", "rec"]
+        # No namespace asked for: the default, which is not the broker's either.
+        monkeypatch.delenv("SHMCAST_NAMESPACE")
+        assert main(["rm", "frames"]) == 1
+        assert "not 'default'" in capsys.readouterr().err
+        assert main(["rm", "frames", "rec", "-n", namespace]) == 0
+        assert b.catalog.names() == []
 
 
 def test_metrics_port_in_use_is_one_clear_error(
