@@ -87,6 +87,9 @@ WAIT_MODES: tuple[str, ...] = ("shm", "events", "futex", "spin")
 REPORT_INTERVAL = 1.0
 #: Longest single wait of a reading loop: how soon it sees close() from another thread.
 WAIT_SLICE = 0.1
+#: Seconds between an ``aupdates()`` loop's own looks at a segment attached since its
+#: helper thread began a sleep, until the thread sleeps on it too (at most WAIT_SLICE).
+NEW_SEGMENT_POLL = 0.001
 #: Seconds close() waits for a reading thread to leave its wait.
 CLOSE_WAIT = 2.0
 #: Seconds between two looks at the segments' paths (a safety net: a recreated
@@ -1131,6 +1134,9 @@ class _Waker:
         self._stop = False
         self._fd: int | None = None
         self._thread: threading.Thread | None = None
+        #: The segments the helper thread sleeps on now (their ids): one attached
+        #: since its sleep began wakes nobody until that sleep's slice ends.
+        self._watching: frozenset[int] = frozenset()
         if sub._sub is not None:
             fd = sub._sub.getsockopt(zmq.FD)
             assert isinstance(fd, int)
@@ -1159,6 +1165,14 @@ class _Waker:
             return  # the socket's fd signals edges: what is queued already would not wake us
         if self._woken:
             return
+        if self._thread is not None:
+            watching = self._watching
+            if any(id(seg) not in watching for seg in self._sub._wait_segs):
+                # Attached after the helper thread began its sleep (at most
+                # WAIT_SLICE): the loop looks itself meanwhile. It slept through
+                # the first versions of a segment attached in its loop, and the
+                # 2-slot ring lapped them (missed).
+                step = min(step, NEW_SEGMENT_POLL)
         fut = self._loop.create_future()
         self._fut = fut
         timer = self._loop.call_later(step, _resolve, fut, None)
@@ -1177,6 +1191,7 @@ class _Waker:
                 # Versions first, then the notify words: a commit after the first
                 # look ends the sleep below, one before it moved a word.
                 segs = list(sub._wait_segs)
+                self._watching = frozenset(map(id, segs))
                 afters = [seg.version for seg in segs]
                 _, vals = notify_words(segs, sub._word)
             except (ValueError, TypeError, ShmcastError):  # closed under us: look again

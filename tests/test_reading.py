@@ -382,6 +382,28 @@ def test_an_aupdates_left_with_break_leaves_the_next_ones_wake_up_alone(
         assert asyncio.run(run(sub, pub))
 
 
+def test_aupdates_has_the_first_versions_of_a_segment_attached_in_its_loop(
+    namespace: str, thread_broker: Broker
+) -> None:
+    """README's asyncio example: the subscriber made before the segment, versions 1-3
+    published 10 ms apart once the loop runs. The helper thread slept up to 0.1 s on
+    the segments it knew, none; version 1 was lapped (missed 1), where the
+    synchronous iterator delivers all three."""
+
+    async def run(sub: Subscriber, pub: Publisher) -> list[int]:
+        loop = asyncio.get_running_loop()
+        for i in range(1, 4):
+            loop.call_later(0.01 * i, pub.publish, np.full(4, i))
+        return [up.version async for up in sub.aupdates(timeout=0.5)]
+
+    with (
+        Subscriber("late", namespace=namespace) as sub,
+        Publisher("late", dtype="i8", shape=(4,), namespace=namespace) as pub,
+    ):
+        assert asyncio.run(run(sub, pub)) == [1, 2, 3]
+        assert sub.stats["late"].missed == 0
+
+
 def test_aupdates_over_many_segments_uses_one_thread(namespace: str, thread_broker: Broker) -> None:
     names = [f"s{i}" for i in range(6)]
     pubs = [Publisher(n, dtype="i8", shape=1, namespace=namespace) for n in names]
