@@ -92,6 +92,7 @@ from ._layout import (
     read_header,
     segment_size,
     shm_free,
+    slot_ctl_index,
     slot_stride,
 )
 from ._lease import ProcessId, lease_held, take_lease
@@ -580,7 +581,10 @@ class Segment:
         # it for its block): two threads writing through one handle would share a
         # version number and a slot. _wthread is the holder's thread (0: none), so
         # that a write nested in the same thread's loan is refused, not deadlocked.
-        self._wlock = threading.Lock()
+        # Reentrant for close() alone: a signal handler's close() that interrupts
+        # this thread's write takes it at once (a plain lock it would wait on for
+        # ever), aborts that write's slot, and the write then raises ClosedError.
+        self._wlock = threading.RLock()
         self._wthread = 0
         # The open loan's (slot, seq, array); taken under _loan_guard by whoever ends
         # it: the loan's exit (commit or abort) or close() (abort).
@@ -768,13 +772,19 @@ class Segment:
         ring = self._core_ring()
         if not self._writable:
             raise ReadOnlyError(self._name)
-        if self._closed:  # close() began in another thread: it waits for no new write
+        v = 0 if version is None else _version_number(self._name, version)
+        if version is not None and not 0 < v <= MAX_VERSION:
+            raise self._bad_version(ring.latest(), version)
+        # close() began in another thread (it waits for no new write), or in a signal
+        # handler; no call from this look to the compiled core's begin.
+        if self._closed:
             raise ClosedError(f"segment {self._name!r}")
-        if version is None:
-            got = ring.begin(0)
-        else:
-            v = _version_number(self._name, version)
-            got = ring.begin(v) if 0 < v <= MAX_VERSION else None
+        try:
+            got = ring.begin(v)
+        except ValueError:  # the fallback's begin is Python: a handler's close() in it
+            if self._closed:
+                raise self._closed_meanwhile() from None
+            raise
         if got is None:
             raise self._bad_version(ring.latest(), version)
         # The slot after the latest version's, never the latest's own: readers of the
@@ -837,6 +847,8 @@ class Segment:
             try:
                 n = self._nbytes
                 if n >= COPY_UNLOCKED and array.flags.c_contiguous:
+                    if self._closed:  # the ring outlives close(): no copy into it after
+                        raise self._closed_meanwhile()
                     # Raw bytes, whatever the dtype (np.copyto on records is ~20x slower).
                     ring.copy_in(i, array.__array_interface__["data"][0], array, n, COPY_UNLOCKED)
                 elif self._cast_ok:
@@ -847,16 +859,25 @@ class Segment:
                     else:
                         self._slot_mv[i][:] = src  # one memcpy, no numpy call overhead
                 elif array.flags.c_contiguous:
-                    np.copyto(self._raw[i], array.reshape(-1).view(np.uint8))
+                    raw = array.reshape(-1).view(np.uint8)  # before the slot's view is taken
+                    np.copyto(self._raw[i], raw)
                 else:
                     np.copyto(self._loan_views[i], array)
+            except BaseException as exc:
+                closed = self._write_failed(exc, ring, i, s)
+                if closed is None:
+                    raise
+                raise closed from exc
+            # No call from this look to the compiled core's commit: no signal handler
+            # runs between them (close() aborts the slot then, see _stop_writes).
+            if self._closed:
+                raise self._closed_meanwhile()
+            try:
+                ring.commit(v, i, s, wall)
+            except ValueError:  # the fallback's commit is Python: closed in it, see above
                 if self._closed:
-                    raise self._closed_meanwhile()
-            except BaseException:
-                with contextlib.suppress(ValueError):  # ValueError: the fallback's closed ring
-                    ring.abort(i, s)
+                    raise self._closed_meanwhile() from None
                 raise
-            ring.commit(v, i, s, wall)
         finally:
             self._wthread = 0
             lock.release()
@@ -865,7 +886,23 @@ class Segment:
     def _closed_meanwhile(self) -> ClosedError:
         """close() ran during this thread's write (a signal handler): nothing commits
         through a closed handle."""
-        return ClosedError(f"segment {self._name!r}")
+        return ClosedError(f"segment {self._name!r} (the write was aborted: nothing published)")
+
+    def _write_failed(
+        self, exc: BaseException, ring: RingLike, slot: int, seq: int
+    ) -> ClosedError | None:
+        """A begun write failed: abort its slot; None, or the ClosedError to raise
+        instead of ``exc``. When close() ran meanwhile (a signal handler of this
+        thread: another thread's close() waits for the write), close() aborted the
+        slot, released the lease and took down the handle's views: the write touches
+        nothing more, and what failed on them is a ClosedError."""
+        if not self._closed:
+            with contextlib.suppress(ValueError):  # the fallback's ring, closed right now
+                ring.abort(slot, seq)
+            return None
+        if isinstance(exc, Exception) and not isinstance(exc, ClosedError):
+            return self._closed_meanwhile()
+        return None
 
     def write_bytes(
         self, data: BytesLike, *, version: int | None = None, timestamp_ns: int | None = None
@@ -904,7 +941,12 @@ class Segment:
                 # A small bytes or bytearray: begin, copy and commit in one call of the
                 # core. What runs between a bridge's wake-up and its commit runs with cold
                 # caches (on an idle VM 40-60 us through the general path below, 25-30 here).
-                v = ring.write_from(data, version or 0, wall, COPY_UNLOCKED)
+                try:
+                    v = ring.write_from(data, version or 0, wall, COPY_UNLOCKED)
+                except ValueError:  # the fallback's ring, closed in it: see write()
+                    if self._closed:
+                        raise self._closed_meanwhile() from None
+                    raise
                 if v > 0:
                     return v
             src: bytes | memoryview
@@ -918,16 +960,26 @@ class Segment:
                 if n >= COPY_UNLOCKED:
                     owner = np.frombuffer(src, dtype=np.uint8)
                     addr = owner.__array_interface__["data"][0]
+                    if self._closed:  # the ring outlives close(): no copy into it after
+                        raise self._closed_meanwhile()
                     ring.copy_in(i, addr, owner, n, COPY_UNLOCKED)
                 else:
                     self._slot_mv[i][:] = src
+            except BaseException as exc:
+                closed = self._write_failed(exc, ring, i, s)
+                if closed is None:
+                    raise
+                raise closed from exc
+            # No call from this look to the compiled core's commit: no signal handler
+            # runs between them (close() aborts the slot then, see _stop_writes).
+            if self._closed:
+                raise self._closed_meanwhile()
+            try:
+                ring.commit(v, i, s, wall)
+            except ValueError:  # the fallback's commit is Python: closed in it, see above
                 if self._closed:
-                    raise self._closed_meanwhile()
-            except BaseException:
-                with contextlib.suppress(ValueError):  # ValueError: the fallback's closed ring
-                    ring.abort(i, s)
+                    raise self._closed_meanwhile() from None
                 raise
-            ring.commit(v, i, s, wall)
             return v
         finally:
             self._wthread = 0
@@ -991,7 +1043,8 @@ class Segment:
         nested loan. :meth:`close` inside the block (in any thread) aborts the loan.
 
         Raises:
-            ClosedError: on leaving the block, when the handle was closed during it:
+            ClosedError: on leaving the block, when the handle was closed during it,
+                or on entering it, when closed as the loan began (a signal handler):
                 nothing was published.
             LayoutError: a loan or write of this thread is already open.
         """
@@ -1003,8 +1056,17 @@ class Segment:
             self._wthread = me
             try:
                 ring, v, i, s = self._begin(version)
-                arr = self._loan_views[i].view()  # its own object: see view()
+                try:
+                    arr = self._loan_views[i].view()  # its own object: see view()
+                except BaseException as exc:
+                    closed = self._write_failed(exc, ring, i, s)
+                    if closed is None:
+                        raise
+                    raise closed from exc
                 self._loan = (i, s, arr)
+                if self._closed:  # before the loan was open: close() aborts the slot
+                    self._take_loan()
+                    raise self._closed_meanwhile()
                 try:
                     yield arr
                 except BaseException:
@@ -1015,9 +1077,15 @@ class Segment:
                     # Before the commit: a write through it after the block would
                     # change a committed version under readers who validate it.
                     arr.flags.writeable = False
-                if self._take_loan() is None:
+                # No call from the look at _closed to the compiled core's commit: see write().
+                if self._take_loan() is None or self._closed:
                     raise ClosedError(f"segment {self._name!r}: closed during loan()")
-                ring.commit(v, i, s, wall)
+                try:
+                    ring.commit(v, i, s, wall)
+                except ValueError:
+                    if self._closed:
+                        raise self._closed_meanwhile() from None
+                    raise
             finally:
                 self._loan = None
                 self._wthread = 0
@@ -1030,21 +1098,37 @@ class Segment:
 
     def _stop_writes(self) -> bool:
         """close()'s part: wait for a write running in another thread to end, or
-        abort an open loan. True when this took ``_wlock`` (release it after)."""
-        me = threading.get_ident()
+        abort the open loan of another thread. True when this took ``_wlock``
+        (release it after): then no write of another thread is open, and any of this
+        thread (a loan, or a write a signal handler's close() interrupted) is aborted
+        here. Such writes see _closed and touch the ring no more."""
         timeout = 0.0
         while not self._wlock.acquire(timeout=timeout):
             timeout = 0.005
             loan = self._take_loan()
             if loan is not None:  # its exit raises ClosedError and commits nothing
-                i, s, arr = loan
-                arr.flags.writeable = False  # the slot may be the next writer's
-                with contextlib.suppress(ValueError):
-                    self._core_ring().abort(i, s)
+                self._abort_loan(loan)
                 return False
-            if self._wthread == me:  # this thread's own write, interrupted (a signal
-                return False  # handler closes): it sees _closed and does not commit
+        loan = self._take_loan()
+        if loan is not None:  # this thread's: close() inside the block
+            self._abort_loan(loan)
+        # The only writer (the lease) begins in the slot after the latest one: odd
+        # there means a write begun and not committed, this thread's (interrupted
+        # anywhere from its begin to its commit) or a dead writer's. Either way the
+        # slot's old bytes are gone: abort it, as the write's own failure would.
+        with contextlib.suppress(ClosedError, ValueError, TypeError):  # torn down half-way
+            q = self._header()
+            i = (int(q[W_LATEST_SLOT]) % self._slots + 1) % self._slots
+            seq = int(q[slot_ctl_index(i)])
+            if seq & 1:
+                self._core_ring().abort(i, seq - 1)
         return True
+
+    def _abort_loan(self, loan: tuple[int, int, npt.NDArray[Any]]) -> None:
+        i, s, arr = loan
+        arr.flags.writeable = False  # the slot may be the next writer's
+        with contextlib.suppress(ValueError):
+            self._core_ring().abort(i, s)
 
     def heartbeat(self) -> None:
         """Refresh the writer heartbeat without publishing (for idle writers)."""
@@ -1281,7 +1365,9 @@ class Segment:
 
         A write running in another thread ends first; an open :meth:`loan` is
         aborted (its array turns read-only, and its block's exit raises
-        :class:`ClosedError`): nothing commits through a closed handle."""
+        :class:`ClosedError`): nothing commits through a closed handle. From a
+        signal handler that interrupts this thread's write, it returns at once,
+        aborts that write's slot, and the write raises :class:`ClosedError`."""
         if self._closed:
             return
         self._closed = True

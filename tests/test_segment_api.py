@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from shmcast.broker import (
     TornReadError,
     VersionUnavailableError,
 )
+from shmcast.broker._layout import slot_ctl_index
 from shmcast.broker._segment import COPY_UNLOCKED
 from shmcast.broker.client import resolve_namespace, shm_path
 
@@ -389,6 +391,104 @@ def test_closing_from_another_thread_during_a_loan_aborts_it(made):
     assert reader.version == 0
     with pytest.raises(NoVersionError):
         reader.latest()
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """TimeoutError in this (the main) thread after ``seconds``: a hang fails the test."""
+
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+class _CloseWhenLocked:
+    """The handle's write lock; close() runs as the next write takes it, as a signal
+    handler's would between the lock and the record of its holder."""
+
+    def __init__(self, seg: Segment) -> None:
+        self._seg, self._real, self._armed = seg, seg._wlock, True
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        got = self._real.acquire(blocking, timeout)
+        if self._armed:
+            self._armed = False
+            self._seg.close()
+        return got
+
+    def release(self) -> None:
+        self._real.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _CloseWhenBegun:
+    """The handle's ring; close() runs as begin() returns (the slot now odd), as a
+    signal handler's would."""
+
+    def __init__(self, seg: Segment) -> None:
+        self._seg, self._real = seg, seg._ring
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def begin(self, version: int) -> Any:
+        got = self._real.begin(version)
+        self._seg.close()
+        return got
+
+
+def _odd_slots(handle: Segment) -> list[int]:
+    q = handle._header()
+    return [i for i in range(handle.slots) if q[slot_ctl_index(i)] & 1]
+
+
+def _write_2(seg: Segment, how: str, when: str) -> None:
+    if how == "write":
+        seg.write(_filled(2))
+    elif how == "write_bytes":
+        data = _filled(2).tobytes()  # bytes: the core's one-call path; a view: the general one
+        seg.write_bytes(data if when == "locked" else memoryview(data))
+    else:
+        with seg.loan() as arr:
+            arr[:] = 2
+
+
+@pytest.mark.parametrize("when", ["locked", "begun"])
+@pytest.mark.parametrize("how", ["write", "write_bytes", "loan"])
+def test_a_signal_handlers_close_during_a_write_ends_it_with_closed_error(
+    made, namespace, how, when
+):
+    """close() from a signal handler that interrupts this thread's write: it returns
+    at once (it waited for ever on the lock its own thread held), the write raises
+    ClosedError (IndexError before, from the views close() took down), nothing is
+    committed and no slot is left half-written."""
+    seg = _create(made)
+    reader = _attach(made)
+    seg.write(_filled(1))
+    if when == "locked":
+        seg._wlock = _CloseWhenLocked(seg)  # type: ignore[assignment]
+    else:
+        seg._ring = _CloseWhenBegun(seg)  # type: ignore[assignment]
+    with _deadline(5), pytest.raises(ClosedError):
+        _write_2(seg, how, when)
+    assert seg.closed
+    assert reader.version == 1
+    assert reader.latest().array.tolist() == [1.0] * 8
+    assert _odd_slots(reader) == []
+    with Segment.attach("s", namespace=namespace, writable=True) as heir:
+        assert heir.write(_filled(3)) == 2  # the lease was released
 
 
 # ------------------------------------------------------------------ versions in the ring
