@@ -50,6 +50,7 @@ from shmcast.broker import (
 from shmcast.broker.client import (
     BROKER_TOPIC,
     ControlClient,
+    check_broker_namespace,
     reader_endpoint,
     resolve_endpoint,
     resolve_namespace,
@@ -234,7 +235,9 @@ class Subscriber:
         # control socket; the read-only one beside it serves all a subscriber asks.
         self._endpoint = reader_endpoint(resolve_endpoint(broker, self.namespace))
         self._client = ControlClient(self._endpoint, timeout=timeout, curve=self._curve)
-        hello = self._client.request("hello")
+        # A broker= (or $SHMCAST_BROKER) of another namespace is refused: its
+        # catalog and events are not this namespace's.
+        hello = check_broker_namespace(self._client, self.namespace)
         # The namespace's owner: only its objects (or root's) are attached.
         uid = hello.get("uid")
         self._owner = uid if isinstance(uid, int) and uid >= 0 else None

@@ -190,6 +190,8 @@ def test_a_broker_of_another_namespace_is_refused_before_any_request(
             Publisher("newseg", dtype="u1", shape=4, namespace=other, broker=control)
         with pytest.raises(NamespaceMismatchError, match=wrong):
             Replayer(recording, namespace=other, broker=control)
+        with pytest.raises(NamespaceMismatchError, match=f"{namespace!r}, not {other!r}"):
+            Subscriber("frames", namespace=other, broker=control)  # via its read-only twin
         assert b.catalog.names() == ["frames", "rec"]
         # No namespace asked for: the default, which is not the broker's either.
         monkeypatch.delenv("SHMCAST_NAMESPACE")
