@@ -27,7 +27,9 @@ __all__ = ["SubscriberCollector", "serve_metrics"]
 
 
 class SubscriberCollector(Collector):
-    """Exports one subscriber's ``shmcast_*`` metrics, labelled by segment."""
+    """Exports one subscriber's ``shmcast_*`` metrics, labelled by namespace and
+    subscriber, and all but ``shmcast_broker_up``, ``shmcast_events_missed_total`` and
+    ``shmcast_bad_messages_total`` by segment too."""
 
     def __init__(self, subscriber: Subscriber, *, name: str = "subscriber") -> None:
         self._sub = subscriber
