@@ -214,6 +214,19 @@ def _version_number(name: str, version: object) -> int:
     )
 
 
+def _read_version(name: str, version: object) -> int:
+    """A version to read: an int (a numpy integer too), never coerced from a float,
+    a string or a bool (``read(1.9)`` read version 1)."""
+    if not isinstance(version, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(version)  # type: ignore[arg-type]
+    raise SegmentError(
+        name,
+        f"version={version!r} of segment {name!r} is not a version number: pass an int "
+        "(an update's version), or None for the latest",
+    )
+
+
 _INF = math.inf
 
 
@@ -1172,7 +1185,7 @@ class Segment:
             if got == 0:
                 raise NoVersionError(self._name)
             raise self._stuck(-got - 1)
-        v = int(version)
+        v = version if type(version) is int else _read_version(self._name, version)
         found = ring.acquire(v, with_mono) if 0 < v <= MAX_VERSION else None
         if found is not None:
             return found

@@ -739,6 +739,20 @@ def test_a_version_that_is_not_an_int_is_refused(made, how, bad):
     assert seg.version == 3
 
 
+@pytest.mark.parametrize("bad", [1.9, "1", True])
+def test_a_version_to_read_that_is_not_an_int_is_refused(made, bad):
+    """Before, read(1.9) read version 1 and acquire("1") version 1: a float or a
+    string version is a bug in the caller, named as such."""
+    seg = _create(made)
+    seg.write(_filled(1))
+    seg.write(_filled(2))
+    with pytest.raises(SegmentError, match="is not a version number"), seg.read(bad):
+        pass
+    with pytest.raises(SegmentError, match="is not a version number"):
+        seg.acquire(bad)
+    assert seg.acquire(np.int64(2))[0] == 2  # numpy integers are ints
+
+
 def test_a_numpy_integer_timestamp_is_recorded(made):
     seg = _create(made)
     assert seg.write_bytes(_filled(1).tobytes(), timestamp_ns=np.int64(1234)) == 1
