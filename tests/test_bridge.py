@@ -717,20 +717,26 @@ def test_a_restarted_importer_follows_an_upstream_recreated_meanwhile(
             wait_for(lambda: _version(imp, "x") == 100, 10, what="version 100")
         finally:
             imp.close()
-        imp = _bridge(router, b, imports=("shmcast/far/*",))
-        try:
-            wait_for(
-                lambda: _put(session, "x", 1, incarnation=4) or _version(imp, "x") == 1,
-                20,
-                what="the new incarnation's version 1",
-            )
-            with Segment.attach("x", namespace=b) as mirror:
-                assert mirror.version == 1
-            assert imp.stats().bad_samples == 0
-        finally:
-            imp.close()
+        _a_new_run_follows_a_new_incarnation(router, session, b)
     finally:
         session.close()
+
+
+def _a_new_run_follows_a_new_incarnation(router: str, session: Any, namespace: str) -> None:
+    """A new importing bridge, and version 1 of a new incarnation of ``x`` upstream:
+    the mirror must hold it, nothing refused."""
+    imp = _bridge(router, namespace, imports=("shmcast/far/*",))
+    try:
+        wait_for(
+            lambda: _put(session, "x", 1, incarnation=4) or _version(imp, "x") == 1,
+            20,
+            what="the new incarnation's version 1",
+        )
+        with Segment.attach("x", namespace=namespace) as mirror:
+            assert mirror.version == 1
+        assert imp.stats().bad_samples == 0
+    finally:
+        imp.close()
 
 
 def test_counts_go_on_across_incarnations_and_are_all_exported(
@@ -872,18 +878,7 @@ def test_a_mirror_stays_a_mirror_across_a_local_broker_restart(router: str) -> N
             both.close()
         broker.close()  # and once more, with no bridge running: x is "local" again
         broker = Broker(BrokerConfig(namespace=ns)).start()
-        imp = _bridge(router, ns, imports=("shmcast/far/*",))
-        try:
-            wait_for(
-                lambda: _put(session, "x", 1, incarnation=4) or _version(imp, "x") == 1,
-                20,
-                what="the recreated upstream's version 1",
-            )
-            with Segment.attach("x", namespace=ns) as mirror:
-                assert mirror.version == 1
-            assert imp.stats().bad_samples == 0
-        finally:
-            imp.close()
+        _a_new_run_follows_a_new_incarnation(router, session, ns)
     finally:
         broker.close()
         session.close()
