@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
+from shmcast.broker import Segment
+from shmcast.broker.client import resolve_namespace
 from shmcast.broker.errors import ConfigError, InvalidNameError, ShmcastError
 
 from . import (
@@ -30,7 +32,7 @@ from . import (
     _cmd_subscribe,
     _cmd_top,
 )
-from ._process import follow_lifeline
+from ._process import LIFELINE_BROKER_GRACE, follow_lifeline
 
 #: (command, module) in the order ``shmcast --help`` lists them.
 COMMANDS: tuple[tuple[str, ModuleType], ...] = (
@@ -116,11 +118,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _no_live_writer(namespace: str | None) -> Callable[[], bool]:
+    """Whether no segment of ``namespace`` has a live writer (a lifeline's broker
+    waits for that before it stops)."""
+
+    def settled() -> bool:
+        try:
+            ns = resolve_namespace(namespace)
+            names = Segment.list(ns)
+        except (ShmcastError, OSError):
+            return True
+        for name in names:
+            try:
+                with Segment.attach(name, namespace=ns, prefault=False, wait=0.0) as seg:
+                    if seg.writer_alive():
+                        return False
+            except (ShmcastError, OSError):
+                continue
+        return True
+
+    return settled
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``shmcast`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
-    follow_lifeline()  # started by shmcast.cli.testing / the demo: end with the parent
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Started by shmcast.cli.testing / the demo: end with the parent. A broker ends a
+    # moment after its clients, which end at once: it then unlinks their segments
+    # as orphans, instead of keeping them for writers that were about to stop.
+    if args.command == "broker":
+        follow_lifeline(LIFELINE_BROKER_GRACE, _no_live_writer(args.namespace))
+    else:
+        follow_lifeline()
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -217,10 +217,18 @@ def running(
         sp.stop()
 
 
-def follow_lifeline() -> None:
+#: Seconds at most a broker started with a lifeline waits, once its parent is gone,
+#: for its publishers (which stop at once) to let their segments go: it then unlinks
+#: them as orphans. Stopping together with them, it kept those whose publisher had
+#: not exited yet, and they stayed in /dev/shm after a killed demo.
+LIFELINE_BROKER_GRACE = 5.0
+
+
+def follow_lifeline(grace: float = 0.0, settled: Callable[[], bool] | None = None) -> None:
     """In a child :func:`start` made: stop (SIGTERM to ourselves) when the parent is
-    gone, seen as end-of-file on the lifeline pipe. A daemon thread blocks on the
-    read; no polling. Does nothing without ``SHMCAST_LIFELINE_FD``."""
+    gone, seen as end-of-file on the lifeline pipe; with ``grace``, once ``settled()``
+    is true or ``grace`` seconds later. A daemon thread blocks on the read; no
+    polling until then. Does nothing without ``SHMCAST_LIFELINE_FD``."""
     raw = os.environ.pop(LIFELINE_ENV, None)
     if raw is None:
         return
@@ -236,6 +244,9 @@ def follow_lifeline() -> None:
                 pass
         except OSError:
             return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and not (settled is None or settled()):
+            time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="shmcast-lifeline", daemon=True).start()
