@@ -328,7 +328,7 @@ class ZenohBridge(Service):
         self._by_key: dict[str, _Mirror] = {}
         self._counts: dict[str, _Counts] = {}
         #: Names whose mirror the local thread is making, with the latest sample.
-        self._pending: dict[str, _Pending | None] = {}
+        self._pending: dict[str, _Pending] = {}
         #: Names refused by the local broker, and when to try again.
         self._retry_at: dict[str, float] = {}
         #: Names refused for the limits (warned once each).
@@ -858,10 +858,10 @@ class ZenohBridge(Service):
                     )  # fmt: skip
                     continue
                 c = self._counts.get(spec.name)
-                key = str(spec.source)[len(SOURCE_PREFIX) :]
-                if self._stop.is_set() or c is None or c.key != key:
+                if self._stop.is_set() or pending is None or c is None:
                     done.pub.close()
                     continue
+                key = pending.key
                 self._retry_at.pop(spec.name, None)
                 template = AttachmentTemplate(spec.dtype, spec.shape, spec.incarnation)
                 m = _Mirror(
@@ -870,12 +870,11 @@ class ZenohBridge(Service):
                 self._mirrors[spec.name] = m
                 self._by_key[key] = m
                 self._annotate(m)  # upstream_up, in the catalog too
-                if pending is not None:
-                    f = pending.frame
-                    if (f.incarnation, f.dtype, f.shape) == (m.incarnation, m.dtype, m.shape):
-                        self._commit(key, m, (f.version, f.timestamp_ns), pending.payload)
-                    else:  # the upstream moved on meanwhile: its next sample remakes it
-                        self._mirror(key, spec.name, f, pending.payload, live=True)
+                f = pending.frame
+                if (f.incarnation, f.dtype, f.shape) == (m.incarnation, m.dtype, m.shape):
+                    self._commit(key, m, (f.version, f.timestamp_ns), pending.payload)
+                else:  # the upstream moved on meanwhile: this sample remakes it
+                    self._mirror(key, spec.name, f, pending.payload, live=True)
 
     def _drop_mirror(self, m: _Mirror, *, delete: bool) -> None:
         """Forget ``m`` (its counts stay); called with the import lock held."""

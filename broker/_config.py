@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ._layout import MAX_SLOTS, dtype_str, normalize_layout, parse_dtype
+from ._layout import MAX_SLOTS, dtype_str, mode_problem, normalize_layout, parse_dtype
 from ._names import NAMESPACE_ENV, validate_namespace, validate_segment_name
 from ._protocol import MAX_REQUEST
 from .errors import ConfigError, ShmcastError
@@ -130,14 +130,9 @@ class BrokerConfig:
             _is_int(self.metrics_port) and 0 <= self.metrics_port <= 65535
         ):
             raise ConfigError("metrics_port", f"{self.metrics_port!r} is not a port (0-65535)")
-        if not isinstance(self.mode, int) or self.mode & ~0o666 or not self.mode & 0o600:
-            raise ConfigError("mode", f"{self.mode!r}: use read/write bits only, e.g. 0o600")
-        if self.mode & 0o022:
-            raise ConfigError(
-                "mode",
-                f"{self.mode:04o} lets others write the segments (and truncate them under "
-                f"every reader): use 0600, or 0640 with a group",
-            )
+        problem = mode_problem(self.mode)  # Segment.create applies the same rule
+        if problem is not None:
+            raise ConfigError("mode", problem)
         for name, low, high in (
             ("max_message_bytes", 1024, 2**30),
             ("max_subscriptions", 16, 2**24),

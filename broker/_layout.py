@@ -164,8 +164,8 @@ def slot_stride(nbytes: int) -> int:
 def mode_problem(mode: object) -> str | None:
     """What is wrong with ``mode`` as a segment object's permission bits, or None.
 
-    The rule of the broker's ``mode`` setting (``_config.BrokerConfig``), which
-    ``Segment.create`` applies too: read/write bits only, the owner's among them,
+    The rule of the broker's ``mode`` setting (``_config.BrokerConfig``) and of
+    ``Segment.create``: read/write bits only, the owner's among them,
     and none for group or others to write (attach refuses such an object).
     """
     if not isinstance(mode, int) or isinstance(mode, bool) or mode & ~0o666 or not mode & 0o600:

@@ -211,8 +211,7 @@ class LocalBroker:
             log.info("mirror %s: at version %d, ahead of the upstream's %d; making it afresh",
                      spec.name, pub.version, spec.first)  # fmt: skip
             pub.close()
-            with contextlib.suppress(SegmentNotFoundError):
-                self._client.request("delete", timeout=self._timeout, name=spec.name)
+            self._delete(spec.name)
             pub = self._publisher(spec, source)
         return pub
 
@@ -240,8 +239,12 @@ class LocalBroker:
             return
         if entry.get("source") == source and not entry.get("writer_alive"):
             log.info("mirror %s: left by an earlier run; making it afresh", name)
-            with contextlib.suppress(SegmentNotFoundError):
-                self._client.request("delete", timeout=self._timeout, name=name)
+            self._delete(name)
+
+    def _delete(self, name: str) -> None:
+        """Delete a mirror nobody writes (gone already: nothing to do)."""
+        with contextlib.suppress(SegmentNotFoundError):
+            self._client.request("delete", timeout=self._timeout, name=name)
 
     def _annotate(self, marks: list[Mark]) -> None:
         for name, (dtype, shape, slots), source, up in marks:

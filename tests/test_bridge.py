@@ -93,6 +93,12 @@ def _bridge(router: str, namespace: str, **kw: Any) -> ZenohBridge:
     return ZenohBridge(BridgeConfig(connect=(router,), namespace=namespace, **kw)).start(30)
 
 
+def _delete_here(namespace: str, name: str) -> None:
+    """``shmcast rm --force`` of a mirror, on its own host."""
+    with ControlClient(f"ipc://{_runtime(namespace)}/control.sock") as c:
+        c.request("delete", name=name, force=True)
+
+
 def _entry(namespace: str, name: str) -> dict[str, Any]:
     with ControlClient(f"ipc://{_runtime(namespace)}/control.sock") as c:
         return dict(c.request("describe", name=name))
@@ -783,8 +789,7 @@ def test_a_mirror_deleted_on_its_own_host_is_made_again(
     session = _plain_session(router)
     try:
         wait_for(lambda: _put(session, "d", 1) or _version(imp, "d") == 1, 20, what="d")
-        with ControlClient(f"ipc://{_runtime(b)}/control.sock") as c:
-            c.request("delete", name="d", force=True)
+        _delete_here(b, "d")
         versions = iter(range(2, 10**6))
 
         def remade() -> bool:
@@ -838,8 +843,7 @@ def test_every_version_is_counted_across_a_remade_mirror(
     session = _plain_session(router)
     try:
         wait_for(lambda: _put(session, "n", 1) or _version(imp, "n") == 1, 20, what="n")
-        with ControlClient(f"ipc://{_runtime(b)}/control.sock") as c:
-            c.request("delete", name="n", force=True)
+        _delete_here(b, "n")
         wait_for(lambda: "n" not in imp._mirrors, 10, what="the mirror dropped")
         for v in range(2, 41):  # a burst while the mirror is made again
             _put(session, "n", v)
