@@ -16,6 +16,7 @@ killed demo or test run therefore leaves no publisher or broker running on.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import signal
@@ -29,6 +30,8 @@ from contextlib import contextmanager
 from typing import IO, Any
 
 _ISSUED: set[str] = set()
+
+log = logging.getLogger(__name__)
 
 #: The environment variable naming a child's end of its lifeline pipe.
 LIFELINE_ENV = "SHMCAST_LIFELINE_FD"
@@ -142,16 +145,18 @@ class ShmcastProcess:
                 self.proc.wait(timeout)
         for t in self._threads:
             t.join(timeout)
-        self._cut_lifeline()
+        self.cut_lifeline()
         return self.proc.returncode
 
-    def _cut_lifeline(self) -> None:
+    def cut_lifeline(self) -> None:
+        """Close our end of the child's lifeline, as our own death would: the child
+        stops itself (:func:`follow_lifeline`). Idempotent."""
         fd, self._lifeline = self._lifeline, -1
         if fd >= 0:
             os.close(fd)
 
     def __del__(self) -> None:
-        self._cut_lifeline()
+        self.cut_lifeline()
 
 
 def start(
@@ -244,6 +249,8 @@ def follow_lifeline(grace: float = 0.0, settled: Callable[[], bool] | None = Non
                 pass
         except OSError:
             return
+        if grace > 0:
+            log.info("parent gone: stopping once settled, at most %gs from now", grace)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and not (settled is None or settled()):
             time.sleep(0.05)

@@ -14,6 +14,7 @@ import signal
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from shmcast.broker import Segment
@@ -26,6 +27,7 @@ from shmcast.cli.testing import (
     start,
     wait_for,
 )
+from shmcast.publisher import Publisher
 
 SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
 
@@ -130,3 +132,29 @@ def test_a_killed_demo_takes_its_processes_with_it(namespace: str) -> None:
             shutil.rmtree(left, ignore_errors=True)
     wait_for(lambda: Segment.list(namespace) == [], timeout=20, what="the segments unlinked")
     assert not runtime_dir(namespace).exists()
+
+
+def test_a_broker_whose_parent_dies_waits_for_its_publishers_to_let_go(namespace: str) -> None:
+    """A broker started with a lifeline outlives its parent until its publishers
+    (which stop at the same moment) let their segments go, and then unlinks them.
+    Before, it stopped at once, kept each segment whose writer was still alive,
+    and the segment and the namespace word stayed in /dev/shm for good."""
+    broker = start(["broker", "-n", namespace, "--log-level", "INFO"], ready=BROKER_READY)
+    try:
+        with Publisher("s", dtype=np.uint8, shape=(16,), namespace=namespace) as pub:
+            pub.publish(np.arange(16, dtype=np.uint8))
+            broker.cut_lifeline()  # what the demo's SIGKILL does to its broker
+            wait_for(
+                lambda: (
+                    broker.proc.poll() is not None
+                    or any("parent gone" in line for line in broker.stderr)
+                ),
+                timeout=10,
+                what="the broker to see its lifeline close",
+            )
+        # the publisher let go: the broker stops, unlinking what it kept for it
+        assert broker.wait(10) == 0, broker.stderr
+        wait_for(lambda: Segment.list(namespace) == [], timeout=10, what="the segment unlinked")
+        assert not runtime_dir(namespace).exists()
+    finally:
+        broker.stop(timeout=10)  # what a failure leaves in /dev/shm, the leak check removes
