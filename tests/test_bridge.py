@@ -31,6 +31,7 @@ from shmcast.bridge import (
     key_of,
     parse_key,
 )
+from shmcast.bridge import _zenoh as bridge_zenoh
 from shmcast.broker import Broker, BrokerConfig, ConfigError, Segment, ShmcastError
 from shmcast.broker.client import SHM_DIR, ControlClient
 from shmcast.cli._main import main
@@ -703,6 +704,34 @@ def test_a_peer_can_take_no_local_segment_and_only_bounded_shared_memory(
         assert (entry["source"], entry["version"]) == ("local", 1)
         with Segment.attach("data", namespace=b) as data:
             assert list(data.latest().array) == [0, 1, 2, 3]
+    finally:
+        session.close()
+        imp.close()
+
+
+def test_a_flood_of_refused_names_is_warned_of_a_bounded_number_of_times(
+    router: str,
+    two_sides: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Any peer may put on any number of names an import matches: each refused one is
+    counted, but the names remembered to warn once are bounded (``MAX_WARNED``, 3
+    here). Before, every name stayed in a set for the bridge's life: memory without
+    bound, and one warning line per name."""
+    monkeypatch.setattr(bridge_zenoh, "MAX_WARNED", 3)
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), max_mirrors=1)
+    session = _plain_session(router)
+    try:
+        wait_for(lambda: _put(session, "m", 1) or _version(imp, "m") == 1, 20, what="mirror m")
+        with caplog.at_level("WARNING", logger=bridge_zenoh.__name__):
+            for i in range(8):
+                _put(session, f"over{i}", 1)  # a mirror each: over max_mirrors
+            wait_for(lambda: imp.stats().refused == 8, 10, what="the 8 names refused")
+        warned = [r for r in caplog.records if r.getMessage().startswith("not mirroring")]
+        assert len(warned) == 3, [r.getMessage() for r in warned]
+        assert Segment.list(b) == ["m"]
     finally:
         session.close()
         imp.close()
