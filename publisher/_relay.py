@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import math
 import os
 import threading
 import time
@@ -643,11 +644,12 @@ class Relay(Service):
     def _commit(self, name: str, hdr: dict[str, Any], payload: zmq.Frame) -> None:
         version = hdr.get("version")
         ts = hdr.get("ts")
-        if not isinstance(version, int) or not 0 < version <= MAX_VERSION:
+        # Checked before a mirror is made or dropped for it: a bad message changes nothing.
+        if type(version) is not int or not 0 < version <= MAX_VERSION:
             raise ValueError(f"data header needs a version from 1 to 2**63-1, got {version!r}")
-        if not isinstance(ts, int):
-            raise ValueError("data header needs an integer ts")
-        m = self._mirror(name, hdr)
+        if type(ts) is not int or not 0 <= ts < 1 << 64:
+            raise ValueError(f"data header needs a ts from 0 to 2**64-1 (ns), got {ts!r}")
+        m = self._mirror(name, hdr, payload.buffer.nbytes)
         if m is None:
             if name in self._creating:  # committed once the mirror exists
                 self._waiting[name] = (hdr, payload)
@@ -676,9 +678,14 @@ class Relay(Service):
         c.bytes += seg.nbytes
         c.upstream_latest = max(c.upstream_latest, version)
 
-    def _mirror(self, name: str, hdr: dict[str, Any]) -> _Mirror | None:
+    def _mirror(self, name: str, hdr: dict[str, Any], size: int) -> _Mirror | None:
         """The mirror of ``name``, or None while the local thread makes it (that
-        version is then not committed here; the next one is)."""
+        version is then not committed here; the next one is).
+
+        Raises:
+            ValueError: the header's layout is not one, or not the ``size`` bytes
+                of the payload that came with it (nothing is made or dropped).
+        """
         shape = hdr.get("shape")
         slots = hdr.get("slots")
         created = hdr.get("created", 0)
@@ -697,6 +704,11 @@ class Relay(Service):
         ):
             return m  # the stream goes on: nothing to parse (the usual case, per version)
         dt, shp = normalize_layout(parse_dtype(str(hdr.get("dtype"))), tuple(shape))
+        nbytes = math.prod(shp) * dt.itemsize
+        if size != nbytes:
+            # A few bytes announcing a large layout would make (or, as a new
+            # incarnation, drop) a mirror for a version that never fits it.
+            raise ValueError(f"segment {name!r}: {size} bytes for a {nbytes}-byte layout")
         layout = (dtype_str(dt), shp, slots)
         if m is not None:
             local = m.pub.version

@@ -223,3 +223,27 @@ def test_a_mirror_deleted_here_is_made_again(
     with Segment.attach("cam", namespace=namespace) as seg, seg.read() as snap:
         assert snap.array.tolist() == [2, 2, 2, 2]
     assert r.stats().segments["cam"].received == 2
+
+
+def test_a_message_that_is_not_its_layout_makes_and_drops_no_mirror(
+    relay: tuple[Relay, _Upstream], namespace: str
+) -> None:
+    """Checked before anything is made or dropped: one byte announcing 32 MiB made a
+    64 MiB mirror that stayed, a new incarnation cut short deleted the mirror and
+    its data, and a bad commit time made an empty mirror."""
+    r, up = relay
+    up.version("cam", 1, _i8(1, 2, 3, 4))
+    wait_for(lambda: _mirrored(namespace, "cam", 1), 10, what="the mirror")
+    up.version("big", 1, b"x", shape=(1 << 22,))
+    up.version("cam", 1, b"x", incarnation=8)
+    up.mid += 1
+    hdr = {"segment": "when", "version": 1, "ts": -5, "dtype": "<i8", "shape": [4],
+           "slots": 2, "mid": up.mid, "created": 1, "incarnation": 7}  # fmt: skip
+    up.send(b"data", hdr, _i8(0, 0, 0, 0))
+    up.send(b"verdict", {"mid": up.mid, "segment": "when", "version": 1, "ok": True})
+    wait_for(lambda: r.stats().bad_messages == 3, 10, what="three bad messages")
+    up.version("good", 1, _i8(5, 5, 5, 5))  # after them, in order
+    wait_for(lambda: _mirrored(namespace, "good", 1), 10, what="the next one mirrored")
+    assert Segment.list(namespace) == ["cam", "good"]
+    with Segment.attach("cam", namespace=namespace) as seg, seg.read() as snap:
+        assert snap.array.tolist() == [1, 2, 3, 4]
