@@ -650,16 +650,17 @@ class Relay(Service):
         if type(ts) is not int or not 0 <= ts < 1 << 64:
             raise ValueError(f"data header needs a ts from 0 to 2**64-1 (ns), got {ts!r}")
         m = self._mirror(name, hdr, payload.buffer.nbytes)
+        with self._lock:
+            c = self._counts.setdefault(name, _Counts())
         if m is None:
-            if name in self._creating:  # committed once the mirror exists
-                self._waiting[name] = (hdr, payload)
+            # Being made, or refused and tried again later: the latest version waits
+            # and is committed once the mirror exists.
+            self._wait(name, c, hdr, payload)
             return
         seg = m.pub.segment
         buf = payload.buffer
         if buf.nbytes != seg.nbytes:
             raise ValueError(f"segment {name!r}: {buf.nbytes} bytes for a {seg.nbytes}-byte layout")
-        with self._lock:
-            c = self._counts.setdefault(name, _Counts())
         if version <= seg.version:
             c.stale += 1
             return
@@ -677,6 +678,22 @@ class Relay(Service):
         c.received += 1
         c.bytes += seg.nbytes
         c.upstream_latest = max(c.upstream_latest, version)
+
+    def _wait(self, name: str, c: _Counts, hdr: dict[str, Any], payload: zmq.Frame) -> None:
+        """Keep the latest version of a mirror not made yet. One it replaces is never
+        committed: counted skipped here when no version of the stream was committed
+        yet (else the gap counts it at the next commit), with those between the two."""
+        version: int = hdr["version"]
+        c.upstream_latest = max(c.upstream_latest, version)
+        prev = self._waiting.get(name)
+        if prev is not None and prev[0].get("incarnation") == hdr.get("incarnation"):
+            before: int = prev[0]["version"]
+            if version <= before:
+                c.stale += 1
+                return
+            if not c.last_version and name not in self._renewed:
+                c.skipped += version - before
+        self._waiting[name] = (hdr, payload)
 
     def _mirror(self, name: str, hdr: dict[str, Any], size: int) -> _Mirror | None:
         """The mirror of ``name``, or None while the local thread makes it (that

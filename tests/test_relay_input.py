@@ -20,7 +20,7 @@ import zmq
 from shmcast.broker import Broker, BrokerConfig, Segment
 from shmcast.broker.client import ControlClient, pack, unpack
 from shmcast.cli.testing import unique_namespace, wait_for
-from shmcast.publisher import Relay, RelayConfig
+from shmcast.publisher import Publisher, Relay, RelayConfig, _relay
 
 
 class _Upstream:
@@ -247,3 +247,31 @@ def test_a_message_that_is_not_its_layout_makes_and_drops_no_mirror(
     assert Segment.list(namespace) == ["cam", "good"]
     with Segment.attach("cam", namespace=namespace) as seg, seg.read() as snap:
         assert snap.array.tolist() == [1, 2, 3, 4]
+
+
+def test_a_refused_mirror_is_made_with_the_last_version_received(
+    relay: tuple[Relay, _Upstream],
+    namespace: str,
+    thread_broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the name was refused (a local segment held it), versions 2-4 came and
+    were dropped: not kept, not counted. The retry made the mirror with version 1,
+    which an idle upstream left as its latest (the relay had received 4)."""
+    monkeypatch.setattr(_relay, "RETRY_FIRST", 0.1)
+    r, up = relay
+    Publisher("cam", dtype="<i8", shape=(4,)).close()  # a local segment, no writer
+    up.version("cam", 1, _i8(1, 1, 1, 1))
+    wait_for(lambda: "cam" in r.stats().refused, 10, what="the refusal")
+    for v in (2, 3, 4):
+        up.version("cam", v, _i8(v, v, v, v))
+    up.version("mark", 1, _i8(0, 0, 0, 0))  # mirrored once the three were taken in
+    wait_for(lambda: _mirrored(namespace, "mark", 1), 10, what="the versions taken in")
+    assert thread_broker.endpoints is not None
+    with ControlClient(thread_broker.endpoints.control) as ctl:
+        ctl.request("delete", name="cam")
+    wait_for(lambda: _mirrored(namespace, "cam", 4), 10, what="the mirror at version 4")
+    with Segment.attach("cam", namespace=namespace) as seg, seg.read() as snap:
+        assert snap.array.tolist() == [4, 4, 4, 4]
+    c = r.stats().segments["cam"]
+    assert (c.received, c.skipped) == (1, 3)
