@@ -624,6 +624,13 @@ class Relay(Service):
         if prev is not None:  # its verdict was lost (dropped at a high-water mark)
             self._acks.append(int(prev[0]["mid"]))
         self._pending[name] = (hdr, payload)
+        if len(self._pending) > self.config.window:
+            # More than the upstream may have in flight: the oldest one's verdict was
+            # lost (its credit expired upstream), or the peer keeps no window and
+            # would make us hold its payloads without bound. Never committed: a gap,
+            # counted skipped at the name's next commit.
+            oldest = next(iter(self._pending))
+            self._acks.append(int(self._pending.pop(oldest)[0]["mid"]))
 
     def _on_verdict(self, body: dict[str, Any]) -> None:
         name = validate_segment_name(body.get("segment"))

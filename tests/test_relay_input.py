@@ -275,3 +275,25 @@ def test_a_refused_mirror_is_made_with_the_last_version_received(
         assert snap.array.tolist() == [4, 4, 4, 4]
     c = r.stats().segments["cam"]
     assert (c.received, c.skipped) == (1, 3)
+
+
+def test_data_awaiting_verdicts_is_held_no_more_than_the_window(
+    relay: tuple[Relay, _Upstream],
+) -> None:
+    """A peer that sends data for many names and never a verdict: the relay held
+    every payload (1000 of 256 KiB: +277 MiB) and acked none."""
+    r, up = relay
+    assert r.config.window == 8
+    for i in range(20):
+        up.mid += 1
+        hdr = {"segment": f"n{i}", "version": 1, "ts": 1, "dtype": "<i8", "shape": [4],
+               "slots": 2, "mid": up.mid, "created": 1, "incarnation": 7}  # fmt: skip
+        up.send(b"data", hdr, _i8(i, i, i, i))
+    acked: set[int] = set()
+    deadline = time.monotonic() + 5
+    while len(acked) < 12 and time.monotonic() < deadline:
+        if up.sock.poll(100):
+            frames = up.sock.recv_multipart()
+            if frames[1] == b"ack":
+                acked.update(unpack(frames[2])["mids"])
+    assert acked == set(range(1, 13))  # the oldest 12: 8 wait for their verdicts
