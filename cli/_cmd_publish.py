@@ -9,7 +9,7 @@ import time
 
 from shmcast.broker import parse_dtype
 from shmcast.broker.errors import LayoutError
-from shmcast.publisher import Publisher, make_feed
+from shmcast.publisher import Feed, Publisher, make_feed
 
 from ._options import add_broker_option, broker_endpoint, per_second, whole_number
 from ._runner import print_ready, stop_on_signals
@@ -69,6 +69,18 @@ def run(args: argparse.Namespace) -> int:
     except (LayoutError, ValueError) as exc:
         print(f"shmcast publish: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        return _publish(args, feed)
+    except MemoryError:
+        print(
+            f"shmcast publish: error: the {args.source} feed of shape {feed.shape} does "
+            f"not fit in this process's memory; give a smaller --shape",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _publish(args: argparse.Namespace, feed: Feed) -> int:
     stop = threading.Event()
     with (
         stop_on_signals(stop.set),

@@ -46,11 +46,17 @@ class TickFeed:
         self.dtype = TICK_DTYPE
         self.shape: tuple[int, ...] = (symbols,)
         self._rng = np.random.default_rng(seed)
-        self._mid = 100.0 + self._rng.random(symbols) * 50
-        self._steps = np.empty(symbols)
-        self._ids = np.arange(symbols, dtype=np.uint32)
+        # Made at the first fill: a book too large for /dev/shm is refused by the
+        # Publisher first, not by a MemoryError of these arrays.
+        self._mid = self._steps = np.empty(0)
+        self._ids = np.empty(0, np.uint32)
 
     def fill(self, out: npt.NDArray[Any], i: int) -> None:
+        if not self._ids.size:
+            symbols = self.shape[0]
+            self._mid = 100.0 + self._rng.random(symbols) * 50
+            self._steps = np.empty(symbols)
+            self._ids = np.arange(symbols, dtype=np.uint32)
         self._rng.standard_normal(out=self._steps)
         self._mid += self._steps * 0.01
         np.abs(self._mid, out=self._mid)

@@ -98,6 +98,16 @@ def test_bad_arguments_exit_2_naming_the_problem(
     assert needle in capsys.readouterr().err
 
 
+def test_a_book_of_ticks_too_large_is_refused_by_the_publisher_not_a_traceback(
+    namespace: str, thread_broker: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tick feed made its arrays (3 x 8 bytes a symbol) before the Publisher
+    checked /dev/shm: 10^11 symbols ended in a MemoryError traceback."""
+    assert main(["publish", "t", "--source", "ticks", "--shape", str(10**11)]) == 1
+    assert "of shared memory but" in capsys.readouterr().err
+    assert Segment.list(namespace) == []
+
+
 @pytest.mark.parametrize(
     ("argv", "option"),
     [
