@@ -136,16 +136,22 @@ class RelayConfig:
             )
         if self.namespace is not None:
             validate_namespace(self.namespace)
-        if not self.segments or not all(isinstance(p, str) and p for p in self.segments):
-            raise ConfigError("segments", "give one or more fnmatch patterns, e.g. 'frames*'")
-        if not isinstance(self.window, int) or not 1 <= self.window <= 64:
-            raise ConfigError("window", f"{self.window!r}: use 1..64")
-        if self.heartbeat_timeout is not None and not (
-            isinstance(self.heartbeat_timeout, (int, float)) and self.heartbeat_timeout > 0
+        if (
+            not isinstance(self.segments, tuple)
+            or not self.segments
+            or not all(isinstance(p, str) and p for p in self.segments)
         ):
-            raise ConfigError("heartbeat_timeout", "use a positive number of seconds")
+            raise ConfigError("segments", "give one or more fnmatch patterns, e.g. 'frames*'")
+        # bool is an int to Python: `window = true` in a file is a mistake, not 1.
+        if not _is_int(self.window) or not 1 <= self.window <= 64:
+            raise ConfigError("window", f"{self.window!r}: use 1..64")
+        hb = self.heartbeat_timeout
+        if hb is not None and not (
+            isinstance(hb, (int, float)) and not isinstance(hb, bool) and 0 < hb < math.inf
+        ):
+            raise ConfigError("heartbeat_timeout", f"{hb!r}: use a finite number of seconds > 0")
         if self.metrics_port is not None and not (
-            isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535
+            _is_int(self.metrics_port) and 0 <= self.metrics_port <= 65535
         ):
             raise ConfigError("metrics_port", f"{self.metrics_port!r} is not a port (0-65535)")
         for name in ("curve_server_key", "curve_public_key", "curve_secret_key"):
@@ -158,6 +164,10 @@ class RelayConfig:
     @property
     def source(self) -> str:
         return f"relay:{self.upstream}"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 _ENV = {

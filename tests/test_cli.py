@@ -286,6 +286,28 @@ def test_demo_ctrl_c_exits_clean(namespace: str) -> None:
     assert Segment.list(namespace) == []
 
 
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ("segments = 5", "segments"),  # was "bad value for 'config': 'int' object ..."
+        ("window = true", "window"),  # these three were taken, as 1 or for ever
+        ("heartbeat_timeout = true", "heartbeat_timeout"),
+        ("heartbeat_timeout = inf", "heartbeat_timeout"),
+        ("metrics_port = true", "metrics_port"),
+    ],
+)
+def test_a_relay_config_value_of_the_wrong_kind_is_refused_naming_it(
+    tmp_path: Path, line: str, field: str
+) -> None:
+    from shmcast.broker import ConfigError
+    from shmcast.publisher import resolve_relay_config
+
+    f = tmp_path / "relay.toml"
+    f.write_text(f'upstream = "tcp://127.0.0.1:1"\n{line}\n')
+    with pytest.raises(ConfigError, match=f"^bad value for '{field}' in "):
+        resolve_relay_config({}, config_file=str(f), environ={})
+
+
 def test_every_config_file_loads() -> None:
     from shmcast.broker import resolve_config
 
