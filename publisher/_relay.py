@@ -60,6 +60,7 @@ from shmcast.broker import (
     normalize_layout,
     parse_dtype,
     resolve_layers,
+    segment_size,
     start_metrics_server,
 )
 from shmcast.broker.client import (
@@ -95,6 +96,8 @@ REFUSAL_LOG = 30.0
 LOCAL_TIMEOUT = 5.0
 #: Seconds before a refused mirror is tried again: the first wait, and the longest.
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0
+#: Names refused for the limits that are warned about (any number may come).
+MAX_WARNED = 1024
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,13 @@ class RelayConfig:
         curve_server_key: the upstream's CURVE public key (z85); enables CURVE.
         curve_public_key, curve_secret_key: this relay's key pair (generated per
             run when unset, which only works with an upstream allowing any key).
+        max_mirrors: most segments mirrored (made, being made, or refused by the
+            local broker and tried again) at once; versions of further segments
+            are refused (counted, logged).
+        max_mirror_bytes: largest mirror (all its slots, as many as upstream);
+            versions of a larger one are refused (counted, logged). The upstream
+            names each segment's layout and slots: without these bounds it could
+            fill this host's /dev/shm, with a 64-slot mirror per version's bytes.
     """
 
     upstream: str = ""
@@ -126,6 +136,8 @@ class RelayConfig:
     curve_server_key: str | None = None
     curve_public_key: str | None = None
     curve_secret_key: str | None = field(default=None, repr=False)
+    max_mirrors: int = 256
+    max_mirror_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         if not isinstance(self.upstream, str) or not self.upstream.startswith(
@@ -158,6 +170,10 @@ class RelayConfig:
             key = getattr(self, name)
             if key is not None and (not isinstance(key, str) or len(key) != 40):
                 raise ConfigError(name, "expected a 40-character z85 CURVE key")
+        for name in ("max_mirrors", "max_mirror_bytes"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ConfigError(name, f"{value!r}: use a positive integer")
         if (self.curve_public_key is None) != (self.curve_secret_key is None):
             raise ConfigError("curve_secret_key", "give both curve_public_key and curve_secret_key")
 
@@ -204,6 +220,10 @@ def resolve_relay_config(
     )
 
 
+class _OverLimits(Exception):
+    """A mirror that ``max_mirrors`` or ``max_mirror_bytes`` does not allow."""
+
+
 @dataclass
 class _Mirror:
     name: str
@@ -225,6 +245,7 @@ class _Counts:
     skipped: int = 0
     torn: int = 0
     stale: int = 0
+    refused: int = 0
     bytes: int = 0
     last_version: int = 0
     upstream_latest: int = 0
@@ -268,6 +289,8 @@ class Relay(Service):
         #: Mirrors recreated for a new upstream incarnation whose first version is
         #: not committed yet: the versions before it are counted as skipped.
         self._renewed: set[str] = set()
+        #: Names refused for max_mirrors or max_mirror_bytes (warned once each).
+        self._over: set[str] = set()
         self._localbroker: LocalBroker | None = None
         self.upstream_up = False
         self.reconnects = 0
@@ -616,6 +639,7 @@ class Relay(Service):
             for name in [n for n in held if n not in upstream]:
                 del held[name]
         self._renewed &= upstream
+        self._over &= upstream
         for m in gone:
             log.info("upstream deleted segment %s: deleting the mirror", m.name)
             m.pub.close()
@@ -666,7 +690,12 @@ class Relay(Service):
             raise ValueError(f"data header needs a version from 1 to 2**63-1, got {version!r}")
         if type(ts) is not int or not 0 <= ts < 1 << 64:
             raise ValueError(f"data header needs a ts from 0 to 2**64-1 (ns), got {ts!r}")
-        m = self._mirror(name, hdr, payload.buffer.nbytes)
+        try:
+            m = self._mirror(name, hdr, payload.buffer.nbytes)
+        except _OverLimits:
+            with self._lock:
+                self._counts.setdefault(name, _Counts()).refused += 1
+            return  # nothing kept: any number of names may come
         with self._lock:
             c = self._counts.setdefault(name, _Counts())
         if m is None:
@@ -744,6 +773,8 @@ class Relay(Service):
             # incarnation, drop) a mirror for a version that never fits it.
             raise ValueError(f"segment {name!r}: {size} bytes for a {nbytes}-byte layout")
         layout = (dtype_str(dt), shp, slots)
+        if name not in self._creating:
+            self._check_limits(name, segment_size(nbytes, slots) if slots > 0 else 0)
         if m is not None:
             local = m.pub.version
             if incarnation and m.incarnation:
@@ -784,6 +815,22 @@ class Relay(Service):
             )
         )
         return None
+
+    def _check_limits(self, name: str, size: int) -> None:
+        """Raise :class:`_OverLimits` if a mirror of ``size`` bytes for ``name``
+        (made, or made again) would break ``max_mirror_bytes`` or ``max_mirrors``:
+        checked before an old mirror goes, so a refused version changes nothing."""
+        cfg = self.config
+        held = self._mirrors.keys() | self._creating | self._retry.keys()
+        others = len(held) - (name in held)
+        if size <= cfg.max_mirror_bytes and others < cfg.max_mirrors:
+            return
+        if name not in self._over and len(self._over) < MAX_WARNED:
+            self._over.add(name)
+            log.warning("not mirroring %s: a %d-byte segment, with %d mirrors held; the "
+                        "limits are max_mirror_bytes %d and max_mirrors %d", name, size,
+                        others, cfg.max_mirror_bytes, cfg.max_mirrors)  # fmt: skip
+        raise _OverLimits(name)
 
     def _annotate(self, mirrors: list[_Mirror] | None = None) -> None:
         """Tell the local catalog whether the upstream is up (``upstream_up`` field)."""
@@ -843,6 +890,11 @@ class RelayCollector(Collector):
             "torn": CounterMetricFamily(
                 "shmcast_relay_torn_sends",
                 "Versions discarded because the upstream writer overwrote them in flight",
+                labels=seg_labels,
+            ),
+            "refused": CounterMetricFamily(
+                "shmcast_relay_refused_versions",
+                "Versions not mirrored: over max_mirrors or max_mirror_bytes",
                 labels=seg_labels,
             ),
             "bytes": CounterMetricFamily(

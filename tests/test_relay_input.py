@@ -67,11 +67,12 @@ class _Upstream:
         dtype: str = "<i8",
         shape: tuple[Any, ...] = (4,),
         incarnation: int = 7,
+        slots: int = 2,
     ) -> None:
         """One version of ``name``: its data message, then its verdict (ok)."""
         self.mid += 1
         hdr = {"segment": name, "version": version, "ts": time.time_ns(), "dtype": dtype,
-               "shape": list(shape), "slots": 2, "seq": 2 * version, "mid": self.mid,
+               "shape": list(shape), "slots": slots, "seq": 2 * version, "mid": self.mid,
                "created": 1, "incarnation": incarnation}  # fmt: skip
         self.send(b"data", hdr, data)
         self.send(b"verdict", {"mid": self.mid, "segment": name, "version": version, "ok": True})
@@ -297,3 +298,33 @@ def test_data_awaiting_verdicts_is_held_no_more_than_the_window(
             if frames[1] == b"ack":
                 acked.update(unpack(frames[2])["mids"])
     assert acked == set(range(1, 13))  # the oldest 12: 8 wait for their verdicts
+
+
+def test_what_the_upstream_may_make_here_is_bounded(
+    thread_broker: Broker, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The upstream names each segment's layout and slots: 32 KiB sent made a
+    64-slot mirror of 2 MiB, and any number of names made as many mirrors."""
+    up = _Upstream()
+    cfg = RelayConfig(upstream=up.endpoint, heartbeat_timeout=60, max_mirrors=2,
+                      max_mirror_bytes=1 << 20)  # fmt: skip
+    r = Relay(cfg).start(10)
+    try:
+        up.welcome()
+        up.version("wide", 1, bytes(1 << 15), shape=(1 << 12,), slots=64)
+        up.version("a", 1, _i8(1, 1, 1, 1))
+        up.version("b", 1, _i8(2, 2, 2, 2))
+        up.version("c", 1, _i8(3, 3, 3, 3))  # a third one: over max_mirrors
+        wait_for(lambda: _mirrored(namespace, "b", 1), 10, what="a and b mirrored")
+        assert Segment.list(namespace) == ["a", "b"]
+        st = r.stats().segments
+        assert (st["wide"].refused, st["c"].refused) == (1, 1)
+        assert "max_mirror_bytes 1048576 and max_mirrors 2" in caplog.text
+        # Room again once the upstream deletes one: c is mirrored at its next version.
+        up.send(b"hb", {"epoch": 1, "ts": 1, "latest": {"b": 1, "c": 1}})
+        wait_for(lambda: Segment.list(namespace) == ["b"], 10, what="a deleted")
+        up.version("c", 2, _i8(4, 4, 4, 4))
+        wait_for(lambda: _mirrored(namespace, "c", 2), 10, what="c mirrored")
+    finally:
+        r.close()
+        up.close()
