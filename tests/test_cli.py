@@ -98,6 +98,16 @@ def test_bad_arguments_exit_2_naming_the_problem(
     assert needle in capsys.readouterr().err
 
 
+def test_the_random_feed_makes_booleans_of_false_and_true() -> None:
+    """It wrote random bytes into bool arrays: numpy reads 127 as True, but a view
+    of the bytes (and anything that takes the data as bytes) gave 127."""
+    from shmcast.publisher import make_feed
+
+    out = np.zeros(1000, bool)
+    make_feed("random", np.dtype(bool), (1000,)).fill(out, 1)
+    assert set(out.view(np.uint8).tolist()) == {0, 1}
+
+
 def test_a_book_of_ticks_too_large_is_refused_by_the_publisher_not_a_traceback(
     namespace: str, thread_broker: Broker, capsys: pytest.CaptureFixture[str]
 ) -> None:
