@@ -146,6 +146,16 @@ class RelayConfig:
             raise ConfigError(
                 "upstream", f"{self.upstream!r}: give the data endpoint, tcp://HOST:PORT"
             )
+        if self.upstream.startswith("tcp://"):
+            # ZeroMQ connects to tcp://host:99999 (or with no port: EINVAL later) and
+            # the relay then only hears silence.
+            host, _, port = self.upstream[6:].rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(
+                    "upstream",
+                    f"{self.upstream!r}: give the data endpoint, tcp://HOST:PORT "
+                    f"(a port from 1 to 65535)",
+                )
         if self.namespace is not None:
             validate_namespace(self.namespace)
         if (

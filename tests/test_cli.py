@@ -85,6 +85,8 @@ def test_ls_json_from_the_broker_and_from_dev_shm(
         (["publish", "x", "--source", "random", "--dtype", "nope", "--shape", "2"], "nope"),
         (["broker", "--config", "/nonexistent.toml"], "no such file"),
         (["subscribe"], "SEGMENT"),
+        (["relay", "--upstream", "tcp://127.0.0.1:99999"], "a port from 1 to 65535"),
+        (["relay", "--upstream", "tcp://127.0.0.1"], "a port from 1 to 65535"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_problem(
