@@ -902,6 +902,11 @@ class RelayCollector(Collector):
                 "Versions discarded because the upstream writer overwrote them in flight",
                 labels=seg_labels,
             ),
+            "stale": CounterMetricFamily(
+                "shmcast_relay_stale_versions",
+                "Versions not newer than the mirror's (re-sent, or going backwards upstream)",
+                labels=seg_labels,
+            ),
             "refused": CounterMetricFamily(
                 "shmcast_relay_refused_versions",
                 "Versions not mirrored: over max_mirrors or max_mirror_bytes",

@@ -20,7 +20,7 @@ import zmq
 from shmcast.broker import Broker, BrokerConfig, Segment
 from shmcast.broker.client import ControlClient, pack, unpack
 from shmcast.cli.testing import unique_namespace, wait_for
-from shmcast.publisher import Publisher, Relay, RelayConfig, _relay
+from shmcast.publisher import Publisher, Relay, RelayCollector, RelayConfig, _relay
 
 
 class _Upstream:
@@ -328,3 +328,22 @@ def test_what_the_upstream_may_make_here_is_bounded(
     finally:
         r.close()
         up.close()
+
+
+def test_versions_not_newer_than_the_mirror_are_a_metric(
+    relay: tuple[Relay, _Upstream], namespace: str
+) -> None:
+    """A mirror refusing versions as stale (an upstream going backwards) showed
+    only in stats(): no metric, no log line, while the mirror stood still."""
+    r, up = relay
+    up.version("cam", 2, _i8(2, 2, 2, 2))
+    wait_for(lambda: _mirrored(namespace, "cam", 2), 10, what="the mirror")
+    up.version("cam", 1, _i8(1, 1, 1, 1))
+    wait_for(lambda: r.stats().segments["cam"].stale == 1, 10, what="the stale version")
+    samples = {
+        s.name: s.value
+        for family in RelayCollector(r).collect()
+        for s in family.samples
+        if s.labels.get("segment") == "cam"
+    }
+    assert samples["shmcast_relay_stale_versions_total"] == 1
