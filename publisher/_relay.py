@@ -386,6 +386,7 @@ class Relay(Service):
             )
             self._serve()
         finally:
+            layouts = self._layouts()
             for m in self._mirrors.values():
                 with contextlib.suppress(Exception):
                     m.pub.close()
@@ -393,7 +394,9 @@ class Relay(Service):
             self._pending.clear()
             self._waiting.clear()
             if self._localbroker is not None:
-                self._localbroker.close()
+                # The mirrors keep their last data, and no longer follow the upstream.
+                last = [(name, layout, cfg.source, False) for name, layout in layouts]
+                self._localbroker.close(last)
             if client is not None:
                 client.close()
             if metrics_server is not None:

@@ -347,3 +347,20 @@ def test_versions_not_newer_than_the_mirror_are_a_metric(
         if s.labels.get("segment") == "cam"
     }
     assert samples["shmcast_relay_stale_versions_total"] == 1
+
+
+def test_a_stopped_relay_leaves_its_mirrors_saying_their_upstream_is_down(
+    relay: tuple[Relay, _Upstream], namespace: str, thread_broker: Broker
+) -> None:
+    """The mirrors keep their last data; the catalog said `upstream_up: true` of
+    them after the relay had stopped, as if they still followed it."""
+    r, up = relay
+    up.version("cam", 1, _i8(1, 2, 3, 4))
+    wait_for(lambda: _mirrored(namespace, "cam", 1), 10, what="the mirror")
+    assert thread_broker.endpoints is not None
+    with ControlClient(thread_broker.endpoints.control) as ctl:
+        wait_for(lambda: ctl.request("describe", name="cam").get("upstream_up"), 10, what="up")
+        r.close()
+        entry = ctl.request("describe", name="cam")
+    assert entry["upstream_up"] is False
+    assert entry["version"] == 1
