@@ -301,6 +301,11 @@ class Relay(Service):
         self._renewed: set[str] = set()
         #: Names refused for max_mirrors or max_mirror_bytes (warned once each).
         self._over: set[str] = set()
+        #: The upstream's names when the relay joined (in its first heartbeat, or
+        #: sent before it): their versions before the first one here are not ours
+        #: to count. A name the upstream makes later counts from its version 1.
+        self._joined: set[str] = set()
+        self._heard_names = False
         self._localbroker: LocalBroker | None = None
         self.upstream_up = False
         self.reconnects = 0
@@ -617,6 +622,9 @@ class Relay(Service):
                     for name, v in latest.items():
                         if isinstance(name, str) and isinstance(v, int) and self._wants(name):
                             self._counts.setdefault(name, _Counts()).upstream_latest = v
+                if not self._heard_names:
+                    self._heard_names = True
+                    self._joined |= {n for n in latest if isinstance(n, str) and self._wants(n)}
                 self._forget_deleted(set(latest))
         elif kind == b"welcome":
             interval = body.get("heartbeat_interval")
@@ -653,6 +661,7 @@ class Relay(Service):
                 del held[name]
         self._renewed &= upstream
         self._over &= upstream
+        self._joined &= upstream
         for m in gone:
             log.info("upstream deleted segment %s: deleting the mirror", m.name)
             m.pub.close()
@@ -667,6 +676,8 @@ class Relay(Service):
         if not self._wants(name):
             self._acks.append(mid)
             return
+        if not self._heard_names:
+            self._joined.add(name)
         prev = self._pending.pop(name, None)
         if prev is not None:  # its verdict was lost (dropped at a high-water mark)
             self._acks.append(int(prev[0]["mid"]))
@@ -711,6 +722,10 @@ class Relay(Service):
             return  # nothing kept: any number of names may come
         with self._lock:
             c = self._counts.setdefault(name, _Counts())
+        if not c.last_version and self._heard_names and name not in self._joined:
+            # Made upstream while the relay ran: its versions before the first one
+            # here were committed while we mirrored the name, and never came.
+            self._renewed.add(name)
         if m is None:
             # Being made, or refused and tried again later: the latest version waits
             # and is committed once the mirror exists.

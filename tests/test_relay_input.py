@@ -364,3 +364,22 @@ def test_a_stopped_relay_leaves_its_mirrors_saying_their_upstream_is_down(
         entry = ctl.request("describe", name="cam")
     assert entry["upstream_up"] is False
     assert entry["version"] == 1
+
+
+def test_a_segment_made_upstream_while_the_relay_runs_counts_from_version_1(
+    relay: tuple[Relay, _Upstream], namespace: str
+) -> None:
+    """Upstream names "old" when the relay joins: its versions before the first
+    one sent are not the relay's to count. "new" is made upstream later and first
+    sent at version 10: its versions 1-9 were committed while the relay mirrored
+    the name, and were not counted (a fast publisher lost ~80 that way)."""
+    r, up = relay
+    up.send(b"hb", {"epoch": 1, "ts": 1, "latest": {"old": 5}})
+    up.version("old", 5, _i8(5, 5, 5, 5))
+    wait_for(lambda: _mirrored(namespace, "old", 5), 10, what="old mirrored")
+    up.send(b"hb", {"epoch": 1, "ts": 2, "latest": {"old": 5, "new": 10}})
+    up.version("new", 10, _i8(1, 1, 1, 1))
+    wait_for(lambda: _mirrored(namespace, "new", 10), 10, what="new mirrored")
+    st = r.stats().segments
+    assert (st["old"].received, st["old"].skipped) == (1, 0)
+    assert (st["new"].received, st["new"].skipped) == (1, 9)
