@@ -16,8 +16,13 @@ catalog.
   send torn by the upstream writer never reaches a local reader.
 - Latest value: versions the relay never commits (skipped upstream because the
   relay or the link was slower, or torn) are counted per segment
-  (``shmcast_relay_versions_skipped_total``); nothing queues without bound (the
-  upstream keeps at most ``window`` messages in flight).
+  (``shmcast_relay_versions_skipped_total``), from version 1 for a segment made
+  upstream while the relay runs; nothing queues without bound (the upstream keeps
+  at most ``window`` messages in flight, and the relay holds no more than that).
+- Bounds: a data header is checked (version, commit time, the payload's size
+  against its layout) before a mirror is made or dropped for it, and at most
+  ``max_mirrors`` mirrors of at most ``max_mirror_bytes`` each are held; versions
+  beyond are refused and counted (``shmcast_relay_refused_versions_total``).
 - Silence: with no message for ``heartbeat_timeout`` (default 3 upstream
   heartbeats + 0.2 s) the upstream is reported down (metric
   ``shmcast_relay_upstream_up``, catalog ``upstream_up: false``); the local
