@@ -633,7 +633,15 @@ class Relay(Service):
                 self._forget_deleted(set(latest))
         elif kind == b"welcome":
             interval = body.get("heartbeat_interval")
-            if isinstance(interval, (int, float)) and interval > 0:
+            if interval is not None:
+                # A broker's own bounds: an interval of 1e300 (or inf) would end the
+                # relay's pings and hellos, and never call the upstream down.
+                if not (
+                    isinstance(interval, (int, float))
+                    and not isinstance(interval, bool)
+                    and 0.01 <= interval <= 60
+                ):
+                    raise ValueError(f"welcome with a heartbeat_interval of {interval!r} s")
                 self.interval = float(interval)
             self._welcomed = True
         elif kind == b"who":

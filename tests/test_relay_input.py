@@ -383,3 +383,16 @@ def test_a_segment_made_upstream_while_the_relay_runs_counts_from_version_1(
     st = r.stats().segments
     assert (st["old"].received, st["old"].skipped) == (1, 0)
     assert (st["new"].received, st["new"].skipped) == (1, 9)
+
+
+@pytest.mark.parametrize("interval", [1e300, float("inf"), 0.0, 1e-9, True])
+def test_a_welcome_out_of_a_brokers_heartbeat_bounds_is_a_bad_message(
+    relay: tuple[Relay, _Upstream], interval: float
+) -> None:
+    """1e300 s ended the relay's pings and hellos, and the upstream was never
+    called down (its silence timeout was 3e300 s); 1e-9 s pinged at every turn."""
+    r, up = relay
+    wait_for(lambda: r.interval == 30.0, 10, what="the fixture's welcome taken in")
+    up.send(b"welcome", {"epoch": 1, "namespace": "up", "heartbeat_interval": interval})
+    wait_for(lambda: r.stats().bad_messages == 1, 10, what="the bad welcome counted")
+    assert r.interval == 30.0
