@@ -85,6 +85,7 @@ def test_ls_json_from_the_broker_and_from_dev_shm(
         (["publish", "x", "--source", "random", "--dtype", "nope", "--shape", "2"], "nope"),
         (["broker", "--config", "/nonexistent.toml"], "no such file"),
         (["subscribe"], "SEGMENT"),
+        (["publish", "x", "--dtype", "O", "--shape", "4"], "holds Python objects"),
         (["relay", "--upstream", "tcp://127.0.0.1:99999"], "a port from 1 to 65535"),
         (["relay", "--upstream", "tcp://127.0.0.1"], "a port from 1 to 65535"),
     ],
@@ -108,6 +109,15 @@ def test_the_random_feed_makes_booleans_of_false_and_true() -> None:
     out = np.zeros(1000, bool)
     make_feed("random", np.dtype(bool), (1000,)).fill(out, 1)
     assert set(out.view(np.uint8).tolist()) == {0, 1}
+
+
+def test_publish_with_slots_the_broker_refuses_exits_2(
+    namespace: str, thread_broker: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad argument, as the parser's own: it exited 1, like a failure."""
+    assert main(["publish", "t", "--dtype", "f8", "--shape", "4", "--slots", "1"]) == 2
+    assert "slots must be an integer from 2 to 64" in capsys.readouterr().err
+    assert Segment.list(namespace) == []
 
 
 def test_a_book_of_ticks_too_large_is_refused_by_the_publisher_not_a_traceback(
