@@ -759,6 +759,9 @@ class Relay(Service):
             # committed upstream while we mirrored the name, and never came here.
             self._renewed.discard(name)
             c.skipped += version - 1
+        elif version == c.last_version:
+            # Sent again for a mirror made again (deleted here): counted already.
+            return
         elif c.last_version and version > c.last_version + 1:
             c.skipped += version - c.last_version - 1
         c.last_version = version

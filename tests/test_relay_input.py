@@ -300,6 +300,25 @@ def test_data_awaiting_verdicts_is_held_no_more_than_the_window(
     assert acked == set(range(1, 13))  # the oldest 12: 8 wait for their verdicts
 
 
+def test_a_version_sent_again_for_a_mirror_made_again_is_counted_once(
+    relay: tuple[Relay, _Upstream], namespace: str, thread_broker: Broker
+) -> None:
+    """Deleted here, the mirror is made again from the upstream's latest version,
+    which the relay had received already: it counted that version twice
+    (received 2 for 1 version upstream)."""
+    r, up = relay
+    up.version("cam", 1, _i8(1, 1, 1, 1))
+    wait_for(lambda: _mirrored(namespace, "cam", 1), 10, what="the mirror")
+    assert thread_broker.endpoints is not None
+    with ControlClient(thread_broker.endpoints.control) as ctl:
+        ctl.request("delete", name="cam", force=True)
+    up.next_hello(10)  # without cam: the upstream sends its latest, version 1 again
+    up.version("cam", 1, _i8(1, 1, 1, 1))
+    wait_for(lambda: _mirrored(namespace, "cam", 1), 10, what="the mirror made again")
+    c = r.stats().segments["cam"]
+    assert (c.received, c.skipped, c.stale) == (1, 0, 0)
+
+
 def test_what_the_upstream_may_make_here_is_bounded(
     thread_broker: Broker, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
