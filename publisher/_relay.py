@@ -57,6 +57,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from zmq.utils import z85
 
 from shmcast.broker import (
     MetricsServer,
@@ -183,7 +184,8 @@ class RelayConfig:
             raise ConfigError("metrics_port", f"{self.metrics_port!r} is not a port (0-65535)")
         for name in ("curve_server_key", "curve_public_key", "curve_secret_key"):
             key = getattr(self, name)
-            if key is not None and (not isinstance(key, str) or len(key) != 40):
+            if key is not None and not _is_z85_key(key):
+                # ZeroMQ refuses anything else when the socket is made: a traceback.
                 raise ConfigError(name, "expected a 40-character z85 CURVE key")
         for name in ("max_mirrors", "max_mirror_bytes"):
             value = getattr(self, name)
@@ -191,6 +193,17 @@ class RelayConfig:
                 raise ConfigError(name, f"{value!r}: use a positive integer")
         if (self.curve_public_key is None) != (self.curve_secret_key is None):
             raise ConfigError("curve_secret_key", "give both curve_public_key and curve_secret_key")
+        if self.curve_secret_key is not None and self.curve_public_key is not None:
+            try:
+                public = zmq.curve_public(self.curve_secret_key.encode()).decode()
+            except zmq.ZMQError:  # a libzmq without CURVE: the connection says so
+                public = self.curve_public_key
+            if public != self.curve_public_key:
+                # The upstream would only ever be silent (its handshake fails).
+                raise ConfigError(
+                    "curve_public_key",
+                    f"not the public key of curve_secret_key (that is {public})",
+                )
 
     @property
     def source(self) -> str:
@@ -199,6 +212,16 @@ class RelayConfig:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_z85_key(key: object) -> bool:
+    if not isinstance(key, str) or len(key) != 40:
+        return False
+    try:
+        z85.decode(key)
+    except (KeyError, ValueError, UnicodeEncodeError):
+        return False
+    return True
 
 
 _ENV = {

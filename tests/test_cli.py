@@ -330,6 +330,28 @@ def test_a_relay_config_value_of_the_wrong_kind_is_refused_naming_it(
         resolve_relay_config({}, config_file=str(f), environ={})
 
 
+def test_relay_curve_keys_that_are_not_keys_are_refused_naming_them(tmp_path: Path) -> None:
+    """40 characters outside z85 passed the check and ZeroMQ refused them when the
+    socket was made: `shmcast relay` ended in a ZMQError traceback. A key pair
+    that is not one made the upstream silent, with no hint at the keys' mismatch."""
+    import zmq
+
+    from shmcast.broker import ConfigError
+    from shmcast.publisher import RelayConfig
+
+    with pytest.raises(ConfigError, match=r"^bad value for 'curve_server_key'"):
+        RelayConfig(upstream="tcp://127.0.0.1:1", curve_server_key="~" * 40)
+    public, secret = (k.decode() for k in zmq.curve_keypair())
+    other = zmq.curve_keypair()[0].decode()
+    with pytest.raises(ConfigError, match=r"^bad value for 'curve_public_key'"):
+        RelayConfig(
+            upstream="tcp://127.0.0.1:1",
+            curve_server_key=public,
+            curve_public_key=other,
+            curve_secret_key=secret,
+        )
+
+
 def test_every_config_file_loads() -> None:
     from shmcast.broker import resolve_config
 
