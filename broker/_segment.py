@@ -51,6 +51,7 @@ import stat
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -178,6 +179,31 @@ def select_core() -> Core:
 
 #: One past the largest commit time the header's 64-bit word holds.
 _U64 = 1 << 64
+
+#: The writer handles of this process: a child forked from it may not write
+#: through its copies (see :func:`_disown_writers`). Made with the first writer.
+_writers: weakref.WeakSet[Segment] | None = None
+
+
+def _track_writer(seg: Segment) -> None:
+    global _writers
+    if _writers is None:
+        _writers = weakref.WeakSet()
+        os.register_at_fork(after_in_child=_disown_writers)
+    _writers.add(seg)
+
+
+def _disown_writers() -> None:
+    """In a child just forked: every writer handle inherited is the parent's. The
+    lease (a flock on the open file description both share) still says the parent
+    writes, so a write of the child's would go under the parent's and its readers'
+    feet; each copy now refuses to write (:class:`ReadOnlyError`, naming the fix),
+    at no cost to a write: the flags the write path looks at anyway change here."""
+    if _writers is None:
+        return
+    for seg in list(_writers):
+        seg._disown()
+    _writers.clear()
 
 
 def _wall_ns(name: str, timestamp_ns: object) -> int:
@@ -332,6 +358,9 @@ class Segment:
         self._q: memoryview | None = None
         self._ring: RingLike | None = None
         self._writable = False
+        # The ring while this handle may write. Instances keep under CPython's 30
+        # shared-key attributes: one more slowed every write by about 0.1 us.
+        self._wring: RingLike | None = None
         self._pid = os.getpid()  # the opener: a forked child's copy owns no lease
 
     # ------------------------------------------------------------------ opening
@@ -604,6 +633,9 @@ class Segment:
         self._loan: tuple[int, int, npt.NDArray[Any]] | None = None
         self._loan_guard = threading.Lock()
         self._closed = False
+        if writable:
+            self._wring = self._ring
+            _track_writer(self)
 
     # --------------------------------------------------------------- properties
 
@@ -784,7 +816,7 @@ class Segment:
         """Start a write (the caller holds ``_wlock``)."""
         ring = self._core_ring()
         if not self._writable:
-            raise ReadOnlyError(self._name)
+            raise self._read_only()
         v = 0 if version is None else _version_number(self._name, version)
         if version is not None and not 0 < v <= MAX_VERSION:
             raise self._bad_version(ring.latest(), version)
@@ -842,7 +874,8 @@ class Segment:
         Raises:
             ArrayMismatchError: wrong dtype or shape, or a masked array (nothing
                 is published).
-            ReadOnlyError: this handle is not the writer.
+            ReadOnlyError: this handle is not the writer (a reader's, or a writer's
+                inherited across fork: open a new one in the child).
             SegmentError: ``version`` is not an int newer than the latest, or
                 ``timestamp_ns`` is not an int from 0 to 2**64-1 (floats, strings
                 and bools are refused, never converted; nothing is published).
@@ -932,7 +965,8 @@ class Segment:
         Raises:
             ArrayMismatchError: not a C-contiguous buffer of :attr:`nbytes` bytes
                 (nothing is published).
-            ReadOnlyError: this handle is not the writer.
+            ReadOnlyError: this handle is not the writer (a reader's, or a writer's
+                inherited across fork: open a new one in the child).
             SegmentError: ``version`` is not an int newer than the latest, or
                 ``timestamp_ns`` is not an int from 0 to 2**64-1 (floats, strings
                 and bools are refused, never converted; nothing is published).
@@ -948,7 +982,7 @@ class Segment:
         lock.acquire()
         self._wthread = me
         try:
-            ring = self._ring
+            ring = self._wring  # None for a reader, after close() and in a forked child
             plain = version is None or (type(version) is int and 0 < version <= MAX_VERSION)
             if ring is not None and plain and not self._closed:
                 # A small bytes or bytearray: begin, copy and commit in one call of the
@@ -1103,6 +1137,31 @@ class Segment:
                 self._loan = None
                 self._wthread = 0
 
+    def _read_only(self) -> ReadOnlyError:
+        pid = os.getpid()
+        if self._pid != pid and self._fd >= 0:
+            # Opened for writing: a writer's copy in a forked child (see _disown()).
+            with contextlib.suppress(OSError):
+                if fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR:
+                    return ReadOnlyError(self._name, opener=self._pid, pid=pid)
+        return ReadOnlyError(self._name)
+
+    def _disown(self) -> None:
+        """This writer handle is a copy in a child forked from its opener: it writes
+        no more (reads go on). The locks are new (a thread of the parent that held
+        them is not here), and a loan open in the parent is not the child's to fill."""
+        if not self._writable:
+            return
+        self._writable = False
+        self._wring = None
+        self._wlock = threading.RLock()
+        self._wthread = 0
+        self._loan_guard = threading.Lock()
+        loan, self._loan = self._loan, None
+        if loan is not None:
+            with contextlib.suppress(ValueError):
+                loan[2].flags.writeable = False
+
     def _take_loan(self) -> tuple[int, int, npt.NDArray[Any]] | None:
         """The open loan, now no longer open (None: none, or someone else ended it)."""
         with self._loan_guard:
@@ -1146,7 +1205,7 @@ class Segment:
     def heartbeat(self) -> None:
         """Refresh the writer heartbeat without publishing (for idle writers)."""
         if not self._writable:
-            raise ReadOnlyError(self._name)
+            raise self._read_only()
         self._core_ring().heartbeat()
 
     # ------------------------------------------------------------------ reading
@@ -1412,6 +1471,7 @@ class Segment:
         # The compiled core's ring holds an export of the mapping until the last call
         # on it returns (one may be sleeping in another thread); the fallback's ring
         # releases its views now, and such a call then fails with ValueError.
+        self._wring = None
         ring, self._ring = self._ring, None
         close_ring = getattr(ring, "close", None)
         if close_ring is not None:

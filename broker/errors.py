@@ -295,12 +295,26 @@ class WriterBusyError(SegmentError):
 
 
 class ReadOnlyError(SegmentError):
-    def __init__(self, segment: str) -> None:
-        super().__init__(
-            segment,
-            f"segment {segment!r} is attached read-only; attach with writable=True "
-            f"(or use a Publisher) to write",
-        )
+    """Writing through a handle that may not write: attached read-only, or (with
+    ``opener``) a writer's handle that process ``pid`` inherited across ``fork``."""
+
+    def __init__(self, segment: str, *, opener: int | None = None, pid: int | None = None) -> None:
+        self.opener = opener
+        if opener is None:
+            message = (
+                f"segment {segment!r} is attached read-only; attach with writable=True "
+                f"(or use a Publisher) to write"
+            )
+        else:
+            message = (
+                f"segment {segment!r}: this writer handle was opened by process {opener} "
+                f"and inherited across fork by process {pid}, which may not write through "
+                f"it (the writer lease stays with process {opener}); nothing was written. "
+                f"Open a new Publisher (or Segment.attach(..., writable=True)) in the child "
+                f"once the parent has closed its own, or start the child with the 'spawn' "
+                f"method"
+            )
+        super().__init__(segment, message)
 
 
 class ShmSpaceError(ShmcastError, OSError):

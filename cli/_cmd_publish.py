@@ -7,9 +7,9 @@ import sys
 import threading
 import time
 
-from shmcast.broker import parse_dtype
+from shmcast.broker import normalize_layout, parse_dtype
 from shmcast.broker.errors import LayoutError
-from shmcast.publisher import Publisher, make_feed
+from shmcast.publisher import Feed, Publisher, make_feed
 
 from ._options import add_broker_option, broker_endpoint, per_second, whole_number
 from ._runner import print_ready, stop_on_signals
@@ -66,22 +66,42 @@ def run(args: argparse.Namespace) -> int:
     try:
         dtype = parse_dtype(args.dtype) if args.dtype else None
         feed = make_feed(args.source, dtype, args.shape)
+        normalize_layout(feed.dtype, feed.shape)  # an object dtype, say: before any broker
     except (LayoutError, ValueError) as exc:
         print(f"shmcast publish: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        return _publish(args, feed)
+    except MemoryError:
+        print(
+            f"shmcast publish: error: the {args.source} feed of shape {feed.shape} does "
+            f"not fit in this process's memory; give a smaller --shape",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _publish(args: argparse.Namespace, feed: Feed) -> int:
     stop = threading.Event()
-    with (
-        stop_on_signals(stop.set),
-        Publisher(
-            args.segment,
-            dtype=feed.dtype,
-            shape=feed.shape,
-            slots=args.slots,
-            namespace=args.namespace,
-            broker=broker_endpoint(args),
-            announce=args.announce,
-        ) as pub,
-    ):
+    with stop_on_signals(stop.set):
+        try:
+            pub = Publisher(
+                args.segment,
+                dtype=feed.dtype,
+                shape=feed.shape,
+                slots=args.slots,
+                namespace=args.namespace,
+                broker=broker_endpoint(args),
+                announce=args.announce,
+            )
+        except LayoutError as exc:  # --slots the broker refuses: a bad argument (exit 2)
+            print(f"shmcast publish: error: {exc}", file=sys.stderr)
+            return 2
+        return _run(args, feed, pub, stop)
+
+
+def _run(args: argparse.Namespace, feed: Feed, pub: Publisher, stop: threading.Event) -> int:
+    with pub:
         print_ready(
             READY, {"segment": pub.name, "namespace": pub.namespace, "version": pub.version}
         )

@@ -34,6 +34,18 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--metrics-port", type=port_number, metavar="PORT", help="serve Prometheus metrics"
     )
     p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (127.0.0.1)")
+    p.add_argument(
+        "--max-mirrors",
+        type=int,
+        metavar="N",
+        help="most segments mirrored at once (256); versions of more are refused, counted",
+    )
+    p.add_argument(
+        "--max-mirror-bytes",
+        type=int,
+        metavar="B",
+        help="largest mirror, all slots (1073741824); versions of larger ones are refused",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         "heartbeat_timeout": args.heartbeat_timeout,
         "metrics_port": args.metrics_port,
         "metrics_host": args.metrics_host,
+        "max_mirrors": args.max_mirrors,
+        "max_mirror_bytes": args.max_mirror_bytes,
     }
     config = resolve_relay_config(flags, config_file=args.config)  # ConfigError: exit 2
     serve(Relay(config), READY)

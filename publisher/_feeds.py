@@ -46,11 +46,17 @@ class TickFeed:
         self.dtype = TICK_DTYPE
         self.shape: tuple[int, ...] = (symbols,)
         self._rng = np.random.default_rng(seed)
-        self._mid = 100.0 + self._rng.random(symbols) * 50
-        self._steps = np.empty(symbols)
-        self._ids = np.arange(symbols, dtype=np.uint32)
+        # Made at the first fill: a book too large for /dev/shm is refused by the
+        # Publisher first, not by a MemoryError of these arrays.
+        self._mid = self._steps = np.empty(0)
+        self._ids = np.empty(0, np.uint32)
 
     def fill(self, out: npt.NDArray[Any], i: int) -> None:
+        if not self._ids.size:
+            symbols = self.shape[0]
+            self._mid = 100.0 + self._rng.random(symbols) * 50
+            self._steps = np.empty(symbols)
+            self._ids = np.arange(symbols, dtype=np.uint32)
         self._rng.standard_normal(out=self._steps)
         self._mid += self._steps * 0.01
         np.abs(self._mid, out=self._mid)
@@ -101,7 +107,12 @@ class FrameFeed:
 
 
 class RandomFeed:
-    """Random bytes of any dtype and shape (uniform floats for float dtypes)."""
+    """Random bytes of any dtype and shape (uniform floats for float dtypes, False
+    and True for booleans).
+
+    Native float64 and float32 are drawn in place; other dtypes draw a temporary
+    array per version (the one exception to "allocates nothing per version").
+    """
 
     def __init__(self, dtype: np.dtype[Any], shape: tuple[int, ...], seed: int = 1) -> None:
         self.dtype = dtype
@@ -109,11 +120,17 @@ class RandomFeed:
         self._rng = np.random.default_rng(seed)
 
     def fill(self, out: npt.NDArray[Any], i: int) -> None:
-        if out.dtype.kind == "f" and out.dtype.names is None:
+        if out.dtype in (np.float64, np.float32) and out.dtype.isnative and out.flags.c_contiguous:
+            self._rng.random(dtype=out.dtype, out=out)
+        elif out.dtype.kind == "f" and out.dtype.names is None:
             out[...] = self._rng.random(out.shape)
         else:
             raw = out.reshape(-1).view(np.uint8)
             raw[...] = self._rng.integers(0, 256, raw.shape, dtype=np.uint8)
+            if out.dtype.kind == "b":
+                # A bool's byte is 0 or 1: numpy reads others as True, but a view of
+                # the bytes (and anything that takes the data as bytes) sees 127.
+                np.bitwise_and(raw, 1, out=raw)
 
 
 def make_feed(source: str, dtype: Any = None, shape: tuple[int, ...] | None = None) -> Feed:

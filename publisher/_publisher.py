@@ -21,6 +21,7 @@ from shmcast.broker.client import (
     check_broker_namespace,
     resolve_endpoint,
     resolve_namespace,
+    validate_seconds,
     validate_segment_name,
 )
 from shmcast.broker.errors import ClosedError
@@ -56,6 +57,7 @@ class Publisher:
             every commit, which costs them tens of microseconds on a busy host.
 
     Raises:
+        ValueError: ``timeout`` is not a finite number of seconds > 0.
         BrokerUnavailableError: no broker answered.
         NamespaceMismatchError: the broker at ``broker`` serves another namespace.
         LayoutConflictError: the segment exists with another layout, or (with
@@ -83,6 +85,7 @@ class Publisher:
         self._client: ControlClient | None = None
         self.namespace = resolve_namespace(namespace)
         self.name = validate_segment_name(segment)
+        timeout = validate_seconds("timeout", timeout, positive=True)
         endpoint = resolve_endpoint(broker, self.namespace)
         client = ControlClient(endpoint, timeout=timeout, curve=curve)
         try:
@@ -150,6 +153,8 @@ class Publisher:
 
         Raises:
             ArrayMismatchError: wrong dtype or shape (nothing is published).
+            ReadOnlyError: this Publisher was inherited across ``fork``: a child
+                opens a Publisher of its own (once the parent has closed this one).
         """
         v = self.segment.write(array, version=version, timestamp_ns=timestamp_ns)
         self._announce(v, timestamp_ns)

@@ -16,8 +16,13 @@ catalog.
   send torn by the upstream writer never reaches a local reader.
 - Latest value: versions the relay never commits (skipped upstream because the
   relay or the link was slower, or torn) are counted per segment
-  (``shmcast_relay_versions_skipped_total``); nothing queues without bound (the
-  upstream keeps at most ``window`` messages in flight).
+  (``shmcast_relay_versions_skipped_total``), from version 1 for a segment made
+  upstream while the relay runs; nothing queues without bound (the upstream keeps
+  at most ``window`` messages in flight, and the relay holds no more than that).
+- Bounds: a data header is checked (version, commit time, the payload's size
+  against its layout) before a mirror is made or dropped for it, and at most
+  ``max_mirrors`` mirrors of at most ``max_mirror_bytes`` each are held; versions
+  beyond are refused and counted (``shmcast_relay_refused_versions_total``).
 - Silence: with no message for ``heartbeat_timeout`` (default 3 upstream
   heartbeats + 0.2 s) the upstream is reported down (metric
   ``shmcast_relay_upstream_up``, catalog ``upstream_up: false``); the local
@@ -39,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import math
 import os
 import threading
 import time
@@ -51,6 +57,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from zmq.utils import z85
 
 from shmcast.broker import (
     MetricsServer,
@@ -59,6 +66,7 @@ from shmcast.broker import (
     normalize_layout,
     parse_dtype,
     resolve_layers,
+    segment_size,
     start_metrics_server,
 )
 from shmcast.broker.client import (
@@ -94,6 +102,8 @@ REFUSAL_LOG = 30.0
 LOCAL_TIMEOUT = 5.0
 #: Seconds before a refused mirror is tried again: the first wait, and the longest.
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0
+#: Names refused for the limits that are warned about (any number may come).
+MAX_WARNED = 1024
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,13 @@ class RelayConfig:
         curve_server_key: the upstream's CURVE public key (z85); enables CURVE.
         curve_public_key, curve_secret_key: this relay's key pair (generated per
             run when unset, which only works with an upstream allowing any key).
+        max_mirrors: most segments mirrored (made, being made, or refused by the
+            local broker and tried again) at once; versions of further segments
+            are refused (counted, logged).
+        max_mirror_bytes: largest mirror (all its slots, as many as upstream);
+            versions of a larger one are refused (counted, logged). The upstream
+            names each segment's layout and slots: without these bounds it could
+            fill this host's /dev/shm, with a 64-slot mirror per version's bytes.
     """
 
     upstream: str = ""
@@ -125,6 +142,8 @@ class RelayConfig:
     curve_server_key: str | None = None
     curve_public_key: str | None = None
     curve_secret_key: str | None = field(default=None, repr=False)
+    max_mirrors: int = 256
+    max_mirror_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         if not isinstance(self.upstream, str) or not self.upstream.startswith(
@@ -133,30 +152,76 @@ class RelayConfig:
             raise ConfigError(
                 "upstream", f"{self.upstream!r}: give the data endpoint, tcp://HOST:PORT"
             )
+        if self.upstream.startswith("tcp://"):
+            # ZeroMQ connects to tcp://host:99999 (or with no port: EINVAL later) and
+            # the relay then only hears silence.
+            host, _, port = self.upstream[6:].rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(
+                    "upstream",
+                    f"{self.upstream!r}: give the data endpoint, tcp://HOST:PORT "
+                    f"(a port from 1 to 65535)",
+                )
         if self.namespace is not None:
             validate_namespace(self.namespace)
-        if not self.segments or not all(isinstance(p, str) and p for p in self.segments):
-            raise ConfigError("segments", "give one or more fnmatch patterns, e.g. 'frames*'")
-        if not isinstance(self.window, int) or not 1 <= self.window <= 64:
-            raise ConfigError("window", f"{self.window!r}: use 1..64")
-        if self.heartbeat_timeout is not None and not (
-            isinstance(self.heartbeat_timeout, (int, float)) and self.heartbeat_timeout > 0
+        if (
+            not isinstance(self.segments, tuple)
+            or not self.segments
+            or not all(isinstance(p, str) and p for p in self.segments)
         ):
-            raise ConfigError("heartbeat_timeout", "use a positive number of seconds")
+            raise ConfigError("segments", "give one or more fnmatch patterns, e.g. 'frames*'")
+        # bool is an int to Python: `window = true` in a file is a mistake, not 1.
+        if not _is_int(self.window) or not 1 <= self.window <= 64:
+            raise ConfigError("window", f"{self.window!r}: use 1..64")
+        hb = self.heartbeat_timeout
+        if hb is not None and not (
+            isinstance(hb, (int, float)) and not isinstance(hb, bool) and 0 < hb < math.inf
+        ):
+            raise ConfigError("heartbeat_timeout", f"{hb!r}: use a finite number of seconds > 0")
         if self.metrics_port is not None and not (
-            isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535
+            _is_int(self.metrics_port) and 0 <= self.metrics_port <= 65535
         ):
             raise ConfigError("metrics_port", f"{self.metrics_port!r} is not a port (0-65535)")
         for name in ("curve_server_key", "curve_public_key", "curve_secret_key"):
             key = getattr(self, name)
-            if key is not None and (not isinstance(key, str) or len(key) != 40):
+            if key is not None and not _is_z85_key(key):
+                # ZeroMQ refuses anything else when the socket is made: a traceback.
                 raise ConfigError(name, "expected a 40-character z85 CURVE key")
+        for name in ("max_mirrors", "max_mirror_bytes"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ConfigError(name, f"{value!r}: use a positive integer")
         if (self.curve_public_key is None) != (self.curve_secret_key is None):
             raise ConfigError("curve_secret_key", "give both curve_public_key and curve_secret_key")
+        if self.curve_secret_key is not None and self.curve_public_key is not None:
+            try:
+                public = zmq.curve_public(self.curve_secret_key.encode()).decode()
+            except zmq.ZMQError:  # a libzmq without CURVE: the connection says so
+                public = self.curve_public_key
+            if public != self.curve_public_key:
+                # The upstream would only ever be silent (its handshake fails).
+                raise ConfigError(
+                    "curve_public_key",
+                    f"not the public key of curve_secret_key (that is {public})",
+                )
 
     @property
     def source(self) -> str:
         return f"relay:{self.upstream}"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_z85_key(key: object) -> bool:
+    if not isinstance(key, str) or len(key) != 40:
+        return False
+    try:
+        z85.decode(key)
+    except (KeyError, ValueError, UnicodeEncodeError):
+        return False
+    return True
 
 
 _ENV = {
@@ -193,6 +258,10 @@ def resolve_relay_config(
     )
 
 
+class _OverLimits(Exception):
+    """A mirror that ``max_mirrors`` or ``max_mirror_bytes`` does not allow."""
+
+
 @dataclass
 class _Mirror:
     name: str
@@ -214,6 +283,7 @@ class _Counts:
     skipped: int = 0
     torn: int = 0
     stale: int = 0
+    refused: int = 0
     bytes: int = 0
     last_version: int = 0
     upstream_latest: int = 0
@@ -257,6 +327,13 @@ class Relay(Service):
         #: Mirrors recreated for a new upstream incarnation whose first version is
         #: not committed yet: the versions before it are counted as skipped.
         self._renewed: set[str] = set()
+        #: Names refused for max_mirrors or max_mirror_bytes (warned once each).
+        self._over: set[str] = set()
+        #: The upstream's names when the relay joined (in its first heartbeat, or
+        #: sent before it): their versions before the first one here are not ours
+        #: to count. A name the upstream makes later counts from its version 1.
+        self._joined: set[str] = set()
+        self._heard_names = False
         self._localbroker: LocalBroker | None = None
         self.upstream_up = False
         self.reconnects = 0
@@ -342,6 +419,7 @@ class Relay(Service):
             )
             self._serve()
         finally:
+            layouts = self._layouts()
             for m in self._mirrors.values():
                 with contextlib.suppress(Exception):
                     m.pub.close()
@@ -349,7 +427,9 @@ class Relay(Service):
             self._pending.clear()
             self._waiting.clear()
             if self._localbroker is not None:
-                self._localbroker.close()
+                # The mirrors keep their last data, and no longer follow the upstream.
+                last = [(name, layout, cfg.source, False) for name, layout in layouts]
+                self._localbroker.close(last)
             if client is not None:
                 client.close()
             if metrics_server is not None:
@@ -570,10 +650,21 @@ class Relay(Service):
                     for name, v in latest.items():
                         if isinstance(name, str) and isinstance(v, int) and self._wants(name):
                             self._counts.setdefault(name, _Counts()).upstream_latest = v
+                if not self._heard_names:
+                    self._heard_names = True
+                    self._joined |= {n for n in latest if isinstance(n, str) and self._wants(n)}
                 self._forget_deleted(set(latest))
         elif kind == b"welcome":
             interval = body.get("heartbeat_interval")
-            if isinstance(interval, (int, float)) and interval > 0:
+            if interval is not None:
+                # A broker's own bounds: an interval of 1e300 (or inf) would end the
+                # relay's pings and hellos, and never call the upstream down.
+                if not (
+                    isinstance(interval, (int, float))
+                    and not isinstance(interval, bool)
+                    and 0.01 <= interval <= 60
+                ):
+                    raise ValueError(f"welcome with a heartbeat_interval of {interval!r} s")
                 self.interval = float(interval)
             self._welcomed = True
         elif kind == b"who":
@@ -605,6 +696,8 @@ class Relay(Service):
             for name in [n for n in held if n not in upstream]:
                 del held[name]
         self._renewed &= upstream
+        self._over &= upstream
+        self._joined &= upstream
         for m in gone:
             log.info("upstream deleted segment %s: deleting the mirror", m.name)
             m.pub.close()
@@ -619,10 +712,19 @@ class Relay(Service):
         if not self._wants(name):
             self._acks.append(mid)
             return
+        if not self._heard_names:
+            self._joined.add(name)
         prev = self._pending.pop(name, None)
         if prev is not None:  # its verdict was lost (dropped at a high-water mark)
             self._acks.append(int(prev[0]["mid"]))
         self._pending[name] = (hdr, payload)
+        if len(self._pending) > self.config.window:
+            # More than the upstream may have in flight: the oldest one's verdict was
+            # lost (its credit expired upstream), or the peer keeps no window and
+            # would make us hold its payloads without bound. Never committed: a gap,
+            # counted skipped at the name's next commit.
+            oldest = next(iter(self._pending))
+            self._acks.append(int(self._pending.pop(oldest)[0]["mid"]))
 
     def _on_verdict(self, body: dict[str, Any]) -> None:
         name = validate_segment_name(body.get("segment"))
@@ -643,21 +745,32 @@ class Relay(Service):
     def _commit(self, name: str, hdr: dict[str, Any], payload: zmq.Frame) -> None:
         version = hdr.get("version")
         ts = hdr.get("ts")
-        if not isinstance(version, int) or not 0 < version <= MAX_VERSION:
+        # Checked before a mirror is made or dropped for it: a bad message changes nothing.
+        if type(version) is not int or not 0 < version <= MAX_VERSION:
             raise ValueError(f"data header needs a version from 1 to 2**63-1, got {version!r}")
-        if not isinstance(ts, int):
-            raise ValueError("data header needs an integer ts")
-        m = self._mirror(name, hdr)
+        if type(ts) is not int or not 0 <= ts < 1 << 64:
+            raise ValueError(f"data header needs a ts from 0 to 2**64-1 (ns), got {ts!r}")
+        try:
+            m = self._mirror(name, hdr, payload.buffer.nbytes)
+        except _OverLimits:
+            with self._lock:
+                self._counts.setdefault(name, _Counts()).refused += 1
+            return  # nothing kept: any number of names may come
+        with self._lock:
+            c = self._counts.setdefault(name, _Counts())
+        if not c.last_version and self._heard_names and name not in self._joined:
+            # Made upstream while the relay ran: its versions before the first one
+            # here were committed while we mirrored the name, and never came.
+            self._renewed.add(name)
         if m is None:
-            if name in self._creating:  # committed once the mirror exists
-                self._waiting[name] = (hdr, payload)
+            # Being made, or refused and tried again later: the latest version waits
+            # and is committed once the mirror exists.
+            self._wait(name, c, hdr, payload)
             return
         seg = m.pub.segment
         buf = payload.buffer
         if buf.nbytes != seg.nbytes:
             raise ValueError(f"segment {name!r}: {buf.nbytes} bytes for a {seg.nbytes}-byte layout")
-        with self._lock:
-            c = self._counts.setdefault(name, _Counts())
         if version <= seg.version:
             c.stale += 1
             return
@@ -669,6 +782,9 @@ class Relay(Service):
             # committed upstream while we mirrored the name, and never came here.
             self._renewed.discard(name)
             c.skipped += version - 1
+        elif version == c.last_version:
+            # Sent again for a mirror made again (deleted here): counted already.
+            return
         elif c.last_version and version > c.last_version + 1:
             c.skipped += version - c.last_version - 1
         c.last_version = version
@@ -676,9 +792,30 @@ class Relay(Service):
         c.bytes += seg.nbytes
         c.upstream_latest = max(c.upstream_latest, version)
 
-    def _mirror(self, name: str, hdr: dict[str, Any]) -> _Mirror | None:
+    def _wait(self, name: str, c: _Counts, hdr: dict[str, Any], payload: zmq.Frame) -> None:
+        """Keep the latest version of a mirror not made yet. One it replaces is never
+        committed: counted skipped here when no version of the stream was committed
+        yet (else the gap counts it at the next commit), with those between the two."""
+        version: int = hdr["version"]
+        c.upstream_latest = max(c.upstream_latest, version)
+        prev = self._waiting.get(name)
+        if prev is not None and prev[0].get("incarnation") == hdr.get("incarnation"):
+            before: int = prev[0]["version"]
+            if version <= before:
+                c.stale += 1
+                return
+            if not c.last_version and name not in self._renewed:
+                c.skipped += version - before
+        self._waiting[name] = (hdr, payload)
+
+    def _mirror(self, name: str, hdr: dict[str, Any], size: int) -> _Mirror | None:
         """The mirror of ``name``, or None while the local thread makes it (that
-        version is then not committed here; the next one is)."""
+        version is then not committed here; the next one is).
+
+        Raises:
+            ValueError: the header's layout is not one, or not the ``size`` bytes
+                of the payload that came with it (nothing is made or dropped).
+        """
         shape = hdr.get("shape")
         slots = hdr.get("slots")
         created = hdr.get("created", 0)
@@ -697,7 +834,14 @@ class Relay(Service):
         ):
             return m  # the stream goes on: nothing to parse (the usual case, per version)
         dt, shp = normalize_layout(parse_dtype(str(hdr.get("dtype"))), tuple(shape))
+        nbytes = math.prod(shp) * dt.itemsize
+        if size != nbytes:
+            # A few bytes announcing a large layout would make (or, as a new
+            # incarnation, drop) a mirror for a version that never fits it.
+            raise ValueError(f"segment {name!r}: {size} bytes for a {nbytes}-byte layout")
         layout = (dtype_str(dt), shp, slots)
+        if name not in self._creating:
+            self._check_limits(name, segment_size(nbytes, slots) if slots > 0 else 0)
         if m is not None:
             local = m.pub.version
             if incarnation and m.incarnation:
@@ -738,6 +882,22 @@ class Relay(Service):
             )
         )
         return None
+
+    def _check_limits(self, name: str, size: int) -> None:
+        """Raise :class:`_OverLimits` if a mirror of ``size`` bytes for ``name``
+        (made, or made again) would break ``max_mirror_bytes`` or ``max_mirrors``:
+        checked before an old mirror goes, so a refused version changes nothing."""
+        cfg = self.config
+        held = self._mirrors.keys() | self._creating | self._retry.keys()
+        others = len(held) - (name in held)
+        if size <= cfg.max_mirror_bytes and others < cfg.max_mirrors:
+            return
+        if name not in self._over and len(self._over) < MAX_WARNED:
+            self._over.add(name)
+            log.warning("not mirroring %s: a %d-byte segment, with %d mirrors held; the "
+                        "limits are max_mirror_bytes %d and max_mirrors %d", name, size,
+                        others, cfg.max_mirror_bytes, cfg.max_mirrors)  # fmt: skip
+        raise _OverLimits(name)
 
     def _annotate(self, mirrors: list[_Mirror] | None = None) -> None:
         """Tell the local catalog whether the upstream is up (``upstream_up`` field)."""
@@ -797,6 +957,16 @@ class RelayCollector(Collector):
             "torn": CounterMetricFamily(
                 "shmcast_relay_torn_sends",
                 "Versions discarded because the upstream writer overwrote them in flight",
+                labels=seg_labels,
+            ),
+            "stale": CounterMetricFamily(
+                "shmcast_relay_stale_versions",
+                "Versions not newer than the mirror's (re-sent, or going backwards upstream)",
+                labels=seg_labels,
+            ),
+            "refused": CounterMetricFamily(
+                "shmcast_relay_refused_versions",
+                "Versions not mirrored: over max_mirrors or max_mirror_bytes",
                 labels=seg_labels,
             ),
             "bytes": CounterMetricFamily(

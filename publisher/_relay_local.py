@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 Layout = tuple[str, tuple[int, ...], int]
 
+#: Seconds each request of :meth:`LocalBroker.close`'s last word may wait.
+LAST_TIMEOUT = 1.0
+
 
 @dataclass(frozen=True)
 class MirrorSpec:
@@ -146,13 +149,21 @@ class LocalBroker:
                 out.append(self._results.get_nowait())
         return out
 
-    def close(self) -> None:
+    def close(self, last: list[Mark] | None = None) -> None:
         """Stop after the request in hand (bounded by its timeout): the requests still
         queued are dropped. The thread closes its connection as it ends; one still
-        waiting on a stalled broker when the wait here is over ends by itself."""
+        waiting on a stalled broker when the wait here is over ends by itself.
+
+        Args:
+            last: what to tell the catalog of the mirrors before the thread ends
+                (the relay's: their upstream is no longer followed), at most
+                :data:`LAST_TIMEOUT` seconds a request; the first failure ends it.
+        """
         self._closing.set()
+        if last:
+            self._jobs.put(("last", last))
         self._jobs.put(None)
-        self._thread.join(self._timeout + 1)
+        self._thread.join(self._timeout + 1 + (LAST_TIMEOUT if last else 0.0))
         if self._thread.is_alive():
             log.warning("the local broker has not answered for %.0f s: leaving its "
                         "request behind", self._timeout + 1)  # fmt: skip
@@ -164,13 +175,17 @@ class LocalBroker:
 
     def _run(self) -> None:
         try:
-            while not self._closing.is_set():
+            while True:
                 job = self._jobs.get()
-                if job is None or self._closing.is_set():
+                if job is None:
                     return
                 kind, arg = job
+                if self._closing.is_set() and kind != "last":
+                    continue  # dropped: close() waits for no more than the last word
                 try:
-                    if kind == "create":
+                    if kind == "last":
+                        self._annotate(arg, timeout=LAST_TIMEOUT)
+                    elif kind == "create":
                         self._create(arg)
                     elif kind == "annotate":
                         self._annotate(arg)
@@ -246,12 +261,14 @@ class LocalBroker:
         with contextlib.suppress(SegmentNotFoundError):
             self._client.request("delete", timeout=self._timeout, name=name)
 
-    def _annotate(self, marks: list[Mark]) -> None:
+    def _annotate(self, marks: list[Mark], timeout: float | None = None) -> None:
+        """Tell the catalog of each mark; with ``timeout``, stop at the first failure
+        (a broker that does not answer would make each mark wait for it)."""
         for name, (dtype, shape, slots), source, up in marks:
             try:
                 self._client.request(
                     "create",
-                    timeout=self._timeout,
+                    timeout=self._timeout if timeout is None else timeout,
                     name=name,
                     dtype=dtype,
                     shape=list(shape),
@@ -262,6 +279,8 @@ class LocalBroker:
                 )
             except ShmcastError as exc:
                 log.warning("cannot update the catalog entry of %s: %s", name, exc)
+                if timeout is not None:
+                    return
 
     def _check(self, marks: list[Mark]) -> None:
         """A restarted local broker adopts the mirrors as plain segments: tell it again

@@ -85,6 +85,9 @@ def test_ls_json_from_the_broker_and_from_dev_shm(
         (["publish", "x", "--source", "random", "--dtype", "nope", "--shape", "2"], "nope"),
         (["broker", "--config", "/nonexistent.toml"], "no such file"),
         (["subscribe"], "SEGMENT"),
+        (["publish", "x", "--dtype", "O", "--shape", "4"], "holds Python objects"),
+        (["relay", "--upstream", "tcp://127.0.0.1:99999"], "a port from 1 to 65535"),
+        (["relay", "--upstream", "tcp://127.0.0.1"], "a port from 1 to 65535"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_problem(
@@ -96,6 +99,35 @@ def test_bad_arguments_exit_2_naming_the_problem(
         code = exc.code  # argparse usage errors
     assert code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_the_random_feed_makes_booleans_of_false_and_true() -> None:
+    """It wrote random bytes into bool arrays: numpy reads 127 as True, but a view
+    of the bytes (and anything that takes the data as bytes) gave 127."""
+    from shmcast.publisher import make_feed
+
+    out = np.zeros(1000, bool)
+    make_feed("random", np.dtype(bool), (1000,)).fill(out, 1)
+    assert set(out.view(np.uint8).tolist()) == {0, 1}
+
+
+def test_publish_with_slots_the_broker_refuses_exits_2(
+    namespace: str, thread_broker: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad argument, as the parser's own: it exited 1, like a failure."""
+    assert main(["publish", "t", "--dtype", "f8", "--shape", "4", "--slots", "1"]) == 2
+    assert "slots must be an integer from 2 to 64" in capsys.readouterr().err
+    assert Segment.list(namespace) == []
+
+
+def test_a_book_of_ticks_too_large_is_refused_by_the_publisher_not_a_traceback(
+    namespace: str, thread_broker: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tick feed made its arrays (3 x 8 bytes a symbol) before the Publisher
+    checked /dev/shm: 10^11 symbols ended in a MemoryError traceback."""
+    assert main(["publish", "t", "--source", "ticks", "--shape", str(10**11)]) == 1
+    assert "of shared memory but" in capsys.readouterr().err
+    assert Segment.list(namespace) == []
 
 
 @pytest.mark.parametrize(
@@ -274,6 +306,50 @@ def test_demo_ctrl_c_exits_clean(namespace: str) -> None:
         demo.stop()
     assert "clean exit" in "\n".join(demo.stdout)
     assert Segment.list(namespace) == []
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ("segments = 5", "segments"),  # was "bad value for 'config': 'int' object ..."
+        ("window = true", "window"),  # these three were taken, as 1 or for ever
+        ("heartbeat_timeout = true", "heartbeat_timeout"),
+        ("heartbeat_timeout = inf", "heartbeat_timeout"),
+        ("metrics_port = true", "metrics_port"),
+    ],
+)
+def test_a_relay_config_value_of_the_wrong_kind_is_refused_naming_it(
+    tmp_path: Path, line: str, field: str
+) -> None:
+    from shmcast.broker import ConfigError
+    from shmcast.publisher import resolve_relay_config
+
+    f = tmp_path / "relay.toml"
+    f.write_text(f'upstream = "tcp://127.0.0.1:1"\n{line}\n')
+    with pytest.raises(ConfigError, match=f"^bad value for '{field}' in "):
+        resolve_relay_config({}, config_file=str(f), environ={})
+
+
+def test_relay_curve_keys_that_are_not_keys_are_refused_naming_them(tmp_path: Path) -> None:
+    """40 characters outside z85 passed the check and ZeroMQ refused them when the
+    socket was made: `shmcast relay` ended in a ZMQError traceback. A key pair
+    that is not one made the upstream silent, with no hint at the keys' mismatch."""
+    import zmq
+
+    from shmcast.broker import ConfigError
+    from shmcast.publisher import RelayConfig
+
+    with pytest.raises(ConfigError, match=r"^bad value for 'curve_server_key'"):
+        RelayConfig(upstream="tcp://127.0.0.1:1", curve_server_key="~" * 40)
+    public, secret = (k.decode() for k in zmq.curve_keypair())
+    other = zmq.curve_keypair()[0].decode()
+    with pytest.raises(ConfigError, match=r"^bad value for 'curve_public_key'"):
+        RelayConfig(
+            upstream="tcp://127.0.0.1:1",
+            curve_server_key=public,
+            curve_public_key=other,
+            curve_secret_key=secret,
+        )
 
 
 def test_every_config_file_loads() -> None:

@@ -20,7 +20,7 @@ import zmq
 from shmcast.broker import Broker, BrokerConfig, Segment
 from shmcast.broker.client import ControlClient, pack, unpack
 from shmcast.cli.testing import unique_namespace, wait_for
-from shmcast.publisher import Relay, RelayConfig
+from shmcast.publisher import Publisher, Relay, RelayCollector, RelayConfig, _relay
 
 
 class _Upstream:
@@ -67,11 +67,12 @@ class _Upstream:
         dtype: str = "<i8",
         shape: tuple[Any, ...] = (4,),
         incarnation: int = 7,
+        slots: int = 2,
     ) -> None:
         """One version of ``name``: its data message, then its verdict (ok)."""
         self.mid += 1
         hdr = {"segment": name, "version": version, "ts": time.time_ns(), "dtype": dtype,
-               "shape": list(shape), "slots": 2, "seq": 2 * version, "mid": self.mid,
+               "shape": list(shape), "slots": slots, "seq": 2 * version, "mid": self.mid,
                "created": 1, "incarnation": incarnation}  # fmt: skip
         self.send(b"data", hdr, data)
         self.send(b"verdict", {"mid": self.mid, "segment": name, "version": version, "ok": True})
@@ -223,3 +224,194 @@ def test_a_mirror_deleted_here_is_made_again(
     with Segment.attach("cam", namespace=namespace) as seg, seg.read() as snap:
         assert snap.array.tolist() == [2, 2, 2, 2]
     assert r.stats().segments["cam"].received == 2
+
+
+def test_a_message_that_is_not_its_layout_makes_and_drops_no_mirror(
+    relay: tuple[Relay, _Upstream], namespace: str
+) -> None:
+    """Checked before anything is made or dropped: one byte announcing 32 MiB made a
+    64 MiB mirror that stayed, a new incarnation cut short deleted the mirror and
+    its data, and a bad commit time made an empty mirror."""
+    r, up = relay
+    up.version("cam", 1, _i8(1, 2, 3, 4))
+    wait_for(lambda: _mirrored(namespace, "cam", 1), 10, what="the mirror")
+    up.version("big", 1, b"x", shape=(1 << 22,))
+    up.version("cam", 1, b"x", incarnation=8)
+    up.mid += 1
+    hdr = {"segment": "when", "version": 1, "ts": -5, "dtype": "<i8", "shape": [4],
+           "slots": 2, "mid": up.mid, "created": 1, "incarnation": 7}  # fmt: skip
+    up.send(b"data", hdr, _i8(0, 0, 0, 0))
+    up.send(b"verdict", {"mid": up.mid, "segment": "when", "version": 1, "ok": True})
+    wait_for(lambda: r.stats().bad_messages == 3, 10, what="three bad messages")
+    up.version("good", 1, _i8(5, 5, 5, 5))  # after them, in order
+    wait_for(lambda: _mirrored(namespace, "good", 1), 10, what="the next one mirrored")
+    assert Segment.list(namespace) == ["cam", "good"]
+    with Segment.attach("cam", namespace=namespace) as seg, seg.read() as snap:
+        assert snap.array.tolist() == [1, 2, 3, 4]
+
+
+def test_a_refused_mirror_is_made_with_the_last_version_received(
+    relay: tuple[Relay, _Upstream],
+    namespace: str,
+    thread_broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the name was refused (a local segment held it), versions 2-4 came and
+    were dropped: not kept, not counted. The retry made the mirror with version 1,
+    which an idle upstream left as its latest (the relay had received 4)."""
+    monkeypatch.setattr(_relay, "RETRY_FIRST", 0.1)
+    r, up = relay
+    Publisher("cam", dtype="<i8", shape=(4,)).close()  # a local segment, no writer
+    up.version("cam", 1, _i8(1, 1, 1, 1))
+    wait_for(lambda: "cam" in r.stats().refused, 10, what="the refusal")
+    for v in (2, 3, 4):
+        up.version("cam", v, _i8(v, v, v, v))
+    up.version("mark", 1, _i8(0, 0, 0, 0))  # mirrored once the three were taken in
+    wait_for(lambda: _mirrored(namespace, "mark", 1), 10, what="the versions taken in")
+    assert thread_broker.endpoints is not None
+    with ControlClient(thread_broker.endpoints.control) as ctl:
+        ctl.request("delete", name="cam")
+    wait_for(lambda: _mirrored(namespace, "cam", 4), 10, what="the mirror at version 4")
+    with Segment.attach("cam", namespace=namespace) as seg, seg.read() as snap:
+        assert snap.array.tolist() == [4, 4, 4, 4]
+    c = r.stats().segments["cam"]
+    assert (c.received, c.skipped) == (1, 3)
+
+
+def test_data_awaiting_verdicts_is_held_no_more_than_the_window(
+    relay: tuple[Relay, _Upstream],
+) -> None:
+    """A peer that sends data for many names and never a verdict: the relay held
+    every payload (1000 of 256 KiB: +277 MiB) and acked none."""
+    r, up = relay
+    assert r.config.window == 8
+    for i in range(20):
+        up.mid += 1
+        hdr = {"segment": f"n{i}", "version": 1, "ts": 1, "dtype": "<i8", "shape": [4],
+               "slots": 2, "mid": up.mid, "created": 1, "incarnation": 7}  # fmt: skip
+        up.send(b"data", hdr, _i8(i, i, i, i))
+    acked: set[int] = set()
+    deadline = time.monotonic() + 5
+    while len(acked) < 12 and time.monotonic() < deadline:
+        if up.sock.poll(100):
+            frames = up.sock.recv_multipart()
+            if frames[1] == b"ack":
+                acked.update(unpack(frames[2])["mids"])
+    assert acked == set(range(1, 13))  # the oldest 12: 8 wait for their verdicts
+
+
+def test_a_version_sent_again_for_a_mirror_made_again_is_counted_once(
+    relay: tuple[Relay, _Upstream], namespace: str, thread_broker: Broker
+) -> None:
+    """Deleted here, the mirror is made again from the upstream's latest version,
+    which the relay had received already: it counted that version twice
+    (received 2 for 1 version upstream)."""
+    r, up = relay
+    up.version("cam", 1, _i8(1, 1, 1, 1))
+    wait_for(lambda: _mirrored(namespace, "cam", 1), 10, what="the mirror")
+    assert thread_broker.endpoints is not None
+    with ControlClient(thread_broker.endpoints.control) as ctl:
+        ctl.request("delete", name="cam", force=True)
+    up.next_hello(10)  # without cam: the upstream sends its latest, version 1 again
+    up.version("cam", 1, _i8(1, 1, 1, 1))
+    wait_for(lambda: _mirrored(namespace, "cam", 1), 10, what="the mirror made again")
+    c = r.stats().segments["cam"]
+    assert (c.received, c.skipped, c.stale) == (1, 0, 0)
+
+
+def test_what_the_upstream_may_make_here_is_bounded(
+    thread_broker: Broker, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The upstream names each segment's layout and slots: 32 KiB sent made a
+    64-slot mirror of 2 MiB, and any number of names made as many mirrors."""
+    up = _Upstream()
+    cfg = RelayConfig(upstream=up.endpoint, heartbeat_timeout=60, max_mirrors=2,
+                      max_mirror_bytes=1 << 20)  # fmt: skip
+    r = Relay(cfg).start(10)
+    try:
+        up.welcome()
+        up.version("wide", 1, bytes(1 << 15), shape=(1 << 12,), slots=64)
+        up.version("a", 1, _i8(1, 1, 1, 1))
+        up.version("b", 1, _i8(2, 2, 2, 2))
+        up.version("c", 1, _i8(3, 3, 3, 3))  # a third one: over max_mirrors
+        wait_for(lambda: _mirrored(namespace, "b", 1), 10, what="a and b mirrored")
+        assert Segment.list(namespace) == ["a", "b"]
+        st = r.stats().segments
+        assert (st["wide"].refused, st["c"].refused) == (1, 1)
+        assert "max_mirror_bytes 1048576 and max_mirrors 2" in caplog.text
+        # Room again once the upstream deletes one: c is mirrored at its next version.
+        up.send(b"hb", {"epoch": 1, "ts": 1, "latest": {"b": 1, "c": 1}})
+        wait_for(lambda: Segment.list(namespace) == ["b"], 10, what="a deleted")
+        up.version("c", 2, _i8(4, 4, 4, 4))
+        wait_for(lambda: _mirrored(namespace, "c", 2), 10, what="c mirrored")
+    finally:
+        r.close()
+        up.close()
+
+
+def test_versions_not_newer_than_the_mirror_are_a_metric(
+    relay: tuple[Relay, _Upstream], namespace: str
+) -> None:
+    """A mirror refusing versions as stale (an upstream going backwards) showed
+    only in stats(): no metric, no log line, while the mirror stood still."""
+    r, up = relay
+    up.version("cam", 2, _i8(2, 2, 2, 2))
+    wait_for(lambda: _mirrored(namespace, "cam", 2), 10, what="the mirror")
+    up.version("cam", 1, _i8(1, 1, 1, 1))
+    wait_for(lambda: r.stats().segments["cam"].stale == 1, 10, what="the stale version")
+    samples = {
+        s.name: s.value
+        for family in RelayCollector(r).collect()
+        for s in family.samples
+        if s.labels.get("segment") == "cam"
+    }
+    assert samples["shmcast_relay_stale_versions_total"] == 1
+
+
+def test_a_stopped_relay_leaves_its_mirrors_saying_their_upstream_is_down(
+    relay: tuple[Relay, _Upstream], namespace: str, thread_broker: Broker
+) -> None:
+    """The mirrors keep their last data; the catalog said `upstream_up: true` of
+    them after the relay had stopped, as if they still followed it."""
+    r, up = relay
+    up.version("cam", 1, _i8(1, 2, 3, 4))
+    wait_for(lambda: _mirrored(namespace, "cam", 1), 10, what="the mirror")
+    assert thread_broker.endpoints is not None
+    with ControlClient(thread_broker.endpoints.control) as ctl:
+        wait_for(lambda: ctl.request("describe", name="cam").get("upstream_up"), 10, what="up")
+        r.close()
+        entry = ctl.request("describe", name="cam")
+    assert entry["upstream_up"] is False
+    assert entry["version"] == 1
+
+
+def test_a_segment_made_upstream_while_the_relay_runs_counts_from_version_1(
+    relay: tuple[Relay, _Upstream], namespace: str
+) -> None:
+    """Upstream names "old" when the relay joins: its versions before the first
+    one sent are not the relay's to count. "new" is made upstream later and first
+    sent at version 10: its versions 1-9 were committed while the relay mirrored
+    the name, and were not counted (a fast publisher lost ~80 that way)."""
+    r, up = relay
+    up.send(b"hb", {"epoch": 1, "ts": 1, "latest": {"old": 5}})
+    up.version("old", 5, _i8(5, 5, 5, 5))
+    wait_for(lambda: _mirrored(namespace, "old", 5), 10, what="old mirrored")
+    up.send(b"hb", {"epoch": 1, "ts": 2, "latest": {"old": 5, "new": 10}})
+    up.version("new", 10, _i8(1, 1, 1, 1))
+    wait_for(lambda: _mirrored(namespace, "new", 10), 10, what="new mirrored")
+    st = r.stats().segments
+    assert (st["old"].received, st["old"].skipped) == (1, 0)
+    assert (st["new"].received, st["new"].skipped) == (1, 9)
+
+
+@pytest.mark.parametrize("interval", [1e300, 1e-9])
+def test_a_welcome_out_of_a_brokers_heartbeat_bounds_is_a_bad_message(
+    relay: tuple[Relay, _Upstream], interval: float
+) -> None:
+    """1e300 s ended the relay's pings and hellos, and the upstream was never
+    called down (its silence timeout was 3e300 s); 1e-9 s pinged at every turn."""
+    r, up = relay
+    wait_for(lambda: r.interval == 30.0, 10, what="the fixture's welcome taken in")
+    up.send(b"welcome", {"epoch": 1, "namespace": "up", "heartbeat_interval": interval})
+    wait_for(lambda: r.stats().bad_messages == 1, 10, what="the bad welcome counted")
+    assert r.interval == 30.0

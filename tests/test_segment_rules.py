@@ -27,6 +27,7 @@ from shmcast.broker import (
     ConfigError,
     LayoutVersionError,
     NotASegmentError,
+    ReadOnlyError,
     Segment,
     WriterBusyError,
     _segment,
@@ -569,6 +570,53 @@ def test_a_forked_child_closing_its_copy_keeps_the_parents_lease(namespace, remo
         with pytest.raises(WriterBusyError), Segment.attach("forked", writable=True):
             pass
         assert seg.info().writer_pid == os.getpid()
+        assert seg.write(np.full(4, 2.0)) == 2
+
+
+def test_a_forked_child_cannot_write_through_its_copy(namespace, removed):
+    """The lease still says the parent writes: a write of the child's would go under
+    the parent's and its readers' feet. Before, write, write_bytes and loan through
+    the inherited handle all committed (the parent then read the child's 9.0s)."""
+    removed.append("forked")
+    with Segment.create("forked", "<f8", (4,)) as seg:
+        seg.write(np.full(4, 1.0))
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child: never back into pytest)
+            try:
+                os.close(r)
+                out: list[str] = []
+
+                def loan() -> None:
+                    with seg.loan() as arr:
+                        arr[:] = 9.0
+
+                for write in (
+                    lambda: seg.write(np.full(4, 9.0)),
+                    lambda: seg.write_bytes(np.full(4, 9.0).tobytes()),
+                    loan,
+                ):
+                    try:
+                        write()
+                        out.append("written")
+                    except ReadOnlyError as exc:
+                        out.append(str(exc))
+                out.append(str(seg.latest().array.tolist()))  # reading goes on
+                os.write(w, json.dumps(out).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            out = json.loads(f.read() or b"[]")
+        assert _reaped(pid, timeout=10) == 0
+        assert len(out) == 4, out
+        for message in out[:3]:
+            assert f"opened by process {os.getpid()}" in message
+            assert "inherited across fork" in message
+            assert "Open a new Publisher" in message
+        assert out[3] == "[1.0, 1.0, 1.0, 1.0]"
+        assert seg.version == 1
+        assert seg.latest().array.tolist() == [1.0] * 4
         assert seg.write(np.full(4, 2.0)) == 2
 
 

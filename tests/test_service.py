@@ -351,6 +351,18 @@ def test_publisher_without_announcements_is_announced_by_the_broker_tick(
         assert requests_after - requests_before < 5
 
 
+@pytest.mark.parametrize("bad", [float("nan"), -1, 0, float("inf"), "5", True, None])
+def test_a_publishers_bad_timeout_is_refused_naming_the_argument(
+    namespace: str, thread_broker: Broker, bad: object
+) -> None:
+    """-1 and 0 blamed the running broker ("no broker answered ... within -1s"); NaN,
+    inf, a string and None failed deep inside with ValueError, OverflowError or
+    TypeError naming neither the argument nor the fix."""
+    with pytest.raises(ValueError, match=r"^timeout must be a finite number of seconds > 0"):
+        Publisher("t", dtype="f8", shape=(2,), timeout=bad)  # type: ignore[arg-type]
+    assert Segment.list(namespace) == []
+
+
 def test_the_broker_announces_every_version_without_commit_messages(namespace: str) -> None:
     """The broker's commit watcher learns of each commit from the segment's notify
     word: no commit message, no heartbeat tick (30 s here) needed, and a burst that
