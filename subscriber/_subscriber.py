@@ -207,6 +207,9 @@ class Subscriber:
         self._last_cross = 0.0
         self._gaps_crossed = 0
         self._extra: dict[str, Segment] = {}
+        #: Handles of the objects the names of followed segments lead to now, for reads
+        #: of the latest while the followed handle is of a deleted object.
+        self._fresh: dict[str, Segment] = {}
         self._word_seen = 0
         self._word_state = (0, 0, 0)
         self._wait_segs: list[Segment] = []
@@ -448,10 +451,12 @@ class Subscriber:
         Raises:
             VersionUnavailableError: on entering, the version has left the ring.
             TornReadError: on leaving the block, the writer overwrote the slot meanwhile.
+            SegmentNotFoundError: ``sub.read(name)`` of a segment that does not
+                exist (any more).
         """
         if isinstance(what, Update):
             return _ExactRead(self, what)
-        return self.segment(what).read(version)
+        return self._now(what).read(version)
 
     def copy(self, update: Update) -> Snapshot:
         """A validated private copy of exactly ``update.version``, returned only once
@@ -468,8 +473,37 @@ class Subscriber:
         return Snapshot(snap.segment, snap.version, snap.timestamp_ns, data, snap.monotonic_ns)
 
     def latest(self, segment: str) -> Snapshot:
-        """A validated private copy of the latest version."""
-        return self.segment(segment).latest()
+        """A validated private copy of the latest version.
+
+        Raises:
+            SegmentNotFoundError: the segment does not exist (any more).
+        """
+        return self._now(segment).latest()
+
+    def _now(self, name: str) -> Segment:
+        """The handle of the object ``name`` leads to now, for reads of the latest:
+        never one of a segment deleted (or deleted and created again) since it was
+        attached, whose data nobody writes any more. A followed segment's own handle
+        is replaced only where :meth:`updates` looks (its last versions are counted
+        there); until then reads of the latest go through a handle of their own."""
+        seg = self.segment(name)
+        if seg.linked():
+            fresh = self._fresh.pop(name, None)
+            if fresh is not None:
+                fresh.close()
+            return seg
+        if name not in self._tracks:  # read only for its latest: attached anew
+            del self._extra[name]
+            seg.close()
+            return self.segment(name)
+        fresh = self._fresh.get(name)
+        if fresh is None or not fresh.linked():
+            if fresh is not None:
+                del self._fresh[name]
+                fresh.close()
+            fresh = Segment.attach(name, namespace=self.namespace, owner=self._owner)
+            self._fresh[name] = fresh
+        return fresh
 
     def staleness(self, segment: str, now_ns: int | None = None) -> float | None:
         """Seconds since the latest commit of ``segment`` (what its header says, else the
@@ -996,9 +1030,15 @@ class Subscriber:
     def _teardown(self) -> None:
         for tr in self._track_list:
             tr.seg = None
-        for seg in [*self._handles.values(), *self._retired, *self._extra.values()]:
+        for seg in [
+            *self._handles.values(),
+            *self._retired,
+            *self._extra.values(),
+            *self._fresh.values(),
+        ]:
             seg.close()
         self._extra.clear()
+        self._fresh.clear()
         self._handles.clear()
         self._retired.clear()
         self._wait_segs = []

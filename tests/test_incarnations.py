@@ -179,3 +179,44 @@ def test_a_segment_made_again_is_announced_only_its_own_versions(
             assert versions == [10]
     finally:
         sub.close(0)
+
+
+def test_reads_of_the_latest_never_come_from_a_deleted_object(namespace: str) -> None:
+    """A dashboard reads ``sub.latest(name)`` or ``sub.read(name)`` without iterating
+    the updates. Before, after its segment was deleted and created again it read the
+    deleted object's last version for ever (so did a name it does not follow, even
+    while the updates were iterated), and after a deletion too."""
+    made: list[Segment] = []
+
+    def make(name: str, value: int) -> None:
+        seg = Segment.create(name, "i8", (2,), namespace=namespace)
+        made.append(seg)
+        seg.write(np.full(2, value, "i8"))
+
+    def drop() -> None:
+        for seg in made:
+            with contextlib.suppress(FileNotFoundError):
+                seg.unlink()
+            seg.close()
+        made.clear()
+
+    try:
+        make("d", 1)
+        make("x", 2)
+        with Subscriber("d", namespace=namespace, wait="futex") as sub:
+            assert sub.latest("d").array.tolist() == [1, 1]
+            assert sub.latest("x").array.tolist() == [2, 2]
+            drop()
+            make("d", 7)
+            make("x", 8)
+            assert sub.latest("d").array.tolist() == [7, 7]
+            with sub.read("d") as snap:
+                assert snap.array.tolist() == [7, 7]
+            assert sub.latest("x").array.tolist() == [8, 8]
+            drop()
+            with pytest.raises(SegmentNotFoundError):
+                sub.latest("d")
+            with pytest.raises(SegmentNotFoundError), sub.read("x"):
+                pass
+    finally:
+        drop()
