@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 
@@ -33,7 +34,8 @@ not exist yet is waited for; after a second the subscriber says so and names the
 segments that do exist. Lines on stderr: 'shmcast subscribe ready: {json}' (with the
 metrics URL) at start, 'shmcast subscribe done: {json}' (the four counters per segment:
 updates, missed, overrun, torn; latency percentiles) at the end.
-Exit code 0, or 1 when --timeout passed with nothing received (or on an error).
+Exit code 0, or 1 when --timeout passed with nothing received (or on an error). A
+closed stdout (a reader such as 'head' that has what it wanted) stops it as --count does.
 """
 
 #: Seconds before a subscriber waiting for a segment that does not exist says so.
@@ -114,17 +116,23 @@ def run(args: argparse.Namespace) -> int:
                 "metrics": server.url if server is not None else None,
             }
             print_ready(READY, ready, stream=sys.stderr)
-            handled = run_worker(
-                sub,
-                sys.stdout,
-                stats=args.stats,
-                as_json=args.json,
-                quiet=args.quiet,
-                count=args.count,
-                timeout=args.timeout,
-                stop=stop,
-                idle=idle,
-            )
+            try:
+                handled = run_worker(
+                    sub,
+                    sys.stdout,
+                    stats=args.stats,
+                    as_json=args.json,
+                    quiet=args.quiet,
+                    count=args.count,
+                    timeout=args.timeout,
+                    stop=stop,
+                    idle=idle,
+                )
+            except BrokenPipeError:
+                # The reader of stdout is gone (`shmcast subscribe ... | head`): a
+                # stop like --count's, with the summary on stderr.
+                _stdout_gone()
+                handled = -1
         finally:
             if server is not None:
                 server.close()
@@ -148,6 +156,19 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _stdout_gone() -> None:
+    """Send what is still buffered for stdout, and its flush at exit, nowhere."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (tests capture it)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _missing(name: str, namespace: str, endpoint: str) -> str:

@@ -6,8 +6,12 @@ import fcntl
 import json
 import os
 import re
+import select
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -218,6 +222,48 @@ def test_subscribe_json_count(namespace: str, capsys: pytest.CaptureFixture[str]
         assert rec["max"] == 18.0
         assert rec["mean"] == pytest.approx(9.0)
     finally:
+        seg.unlink()
+        seg.close()
+
+
+def test_subscribe_into_a_pipe_its_reader_closed_stops_cleanly(namespace: str) -> None:
+    """``shmcast subscribe x | head -1``: before, the next line died of a
+    BrokenPipeError traceback (exit 1, no summary line)."""
+    seg = Segment.create("bp", "f8", (4,), namespace=namespace)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmcast.cli", "subscribe", "bp", "-n", namespace, "--wait=futex"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 30
+        ready = ""
+        while "ready" not in ready:
+            assert time.monotonic() < deadline, "no ready line"
+            if select.select([proc.stderr], [], [], 0.5)[0]:
+                ready = proc.stderr.readline()
+                assert ready, "subscribe exited early"
+        seg.write(np.zeros(4))
+        assert select.select([proc.stdout], [], [], 10)[0], "no update line"
+        assert proc.stdout.readline().startswith("bp v1 ")
+        proc.stdout.close()  # what head does after its line
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "subscribe did not stop"
+            seg.write(np.zeros(4))
+            time.sleep(0.01)
+        err = proc.stderr.read()
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+        assert "shmcast subscribe done: " in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
         seg.unlink()
         seg.close()
 
