@@ -40,9 +40,9 @@ examples:
 else the namespace's ipc endpoint.
 
 Subscribers appear when they run in shm (the default) or events mode (they report
-to the broker about once a second); LAG is how many versions a subscriber is
-behind; per segment UPDATES + MISSED + OVERRUN + TORN add up to the versions
-published while it ran.
+to the broker about once a second, on their first 64 segments); LAG is how many
+versions a subscriber is behind; per segment UPDATES + MISSED + OVERRUN + TORN add
+up to the versions published while it ran.
 """
 
 # Alternate screen, hidden cursor; and their undo.

@@ -98,6 +98,10 @@ CLOSE_WAIT = 2.0
 PATH_CHECK = 0.5
 #: Seconds a segment the broker serves may stay invisible here before that is an error.
 UNREACHABLE_AFTER = 2.0
+#: What a report carries at most: the segments and the characters of the name a broker
+#: keeps of one (more would only make the report outgrow the broker's largest message).
+REPORT_SEGMENTS = 64
+REPORT_NAME = 64
 
 
 class _Track:
@@ -1000,7 +1004,9 @@ class Subscriber:
         return word.broker_up(self.heartbeat_timeout)
 
     def _report(self) -> None:
-        """Tell the broker our counters (one-way, never blocks; for ``shmcast top``)."""
+        """Tell the broker our counters (one-way, never blocks; for ``shmcast top``):
+        those of the first :data:`REPORT_SEGMENTS` segments, which the broker keeps
+        (the counters of all of them may outgrow the broker's largest message)."""
         if self._client is None or not self.broker_up:
             return
         segs = {
@@ -1013,9 +1019,9 @@ class Subscriber:
                 "p50": st.percentile(50),
                 "p99": st.percentile(99),
             }
-            for name, st in self.stats.items()
+            for name, st in list(self.stats.items())[:REPORT_SEGMENTS]
         }
-        self._client.send("report", name=self.name, pid=os.getpid(), segments=segs)
+        self._client.send("report", name=self.name[:REPORT_NAME], pid=os.getpid(), segments=segs)
 
     # ------------------------------------------------------------------ closing
 

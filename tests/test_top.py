@@ -329,3 +329,31 @@ def test_report_table_keeps_recent_reports_and_refuses_bad_ones(
             )
     finally:
         brk.close()
+
+
+def test_a_subscriber_of_many_segments_reports_what_the_broker_keeps(
+    namespace: str, thread_broker: Broker
+) -> None:
+    """A subscriber of 1000 segments (or of a long name) sent the counters of all of
+    them, 90 KB, over the broker's largest message (64 KiB): the broker dropped each
+    report with the connection, and ``shmcast top`` never showed the subscriber."""
+    from shmcast.subscriber import Subscriber
+
+    assert thread_broker.endpoints is not None
+    names = [f"segment_number_{i:04}" for i in range(1000)]
+    with (
+        Subscriber(names, namespace=namespace, name="n" * 100_000) as sub,
+        ControlClient(thread_broker.endpoints.control, timeout=5) as client,
+    ):
+
+        def shown() -> list[dict[str, object]]:
+            for _ in sub.updates(timeout=0.05):
+                pass
+            rows: list[dict[str, object]] = client.request("subscribers")["subscribers"]
+            return rows
+
+        rows = wait_for(shown, 5, 0, "the subscriber's report")
+        assert [r["name"] for r in rows] == ["n" * 64]
+        segments = rows[0]["segments"]
+        assert isinstance(segments, dict)
+        assert sorted(segments) == names[:64]
