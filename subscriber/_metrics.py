@@ -47,7 +47,8 @@ class SubscriberCollector(Collector):
         )
         missed = CounterMetricFamily(
             "shmcast_versions_missed",
-            "Versions never learnt of (gaps in the announcements or the headers)",
+            "Versions never learnt of (gaps in the announcements or the headers), or never "
+            "handed out (counted at close)",
             labels=labels,
         )
         overrun = CounterMetricFamily(

@@ -1071,6 +1071,11 @@ class Subscriber:
         locked = self._io.acquire(timeout=CLOSE_WAIT)
         try:
             self._settle()
+            # Versions learnt of but never handed out (a consumer that stopped early,
+            # --count): counted, or they would be in no counter at all.
+            for up in self._pending:
+                self._tracks[up.segment].st.missed += 1
+            self._pending.clear()
             self._teardown()
         finally:
             if locked:

@@ -4,8 +4,10 @@ versions published in every wait mode, validated copies, asyncio."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from shmcast.broker import (
     VersionUnavailableError,
 )
 from shmcast.broker.client import shm_path
+from shmcast.cli._main import main
 from shmcast.publisher import Publisher
 from shmcast.subscriber import Subscriber, Update
 
@@ -430,3 +433,44 @@ def test_aupdates_over_many_segments_uses_one_thread(namespace: str, thread_brok
     finally:
         for p in pubs:
             p.close()
+
+
+def test_versions_learnt_but_never_handed_out_are_counted_at_close(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A consumer that stops early (``break``, ``shmcast subscribe --count 1``) leaves
+    versions the subscriber learnt of in its queue, never handed out. Before, they
+    were in no counter: 20 published, ``last_version`` 20, the four counters 13."""
+    seg = Segment.create("p", "i8", (2,), slots=8, namespace=namespace)
+    try:
+        with Subscriber("p", namespace=namespace, wait="futex") as sub:
+            for i in range(20):
+                seg.write(np.full(2, i, "i8"))
+            for _ in sub.updates(timeout=5):
+                break
+        st = sub.stats["p"]
+        assert (st.last_version, st.updates) == (20, 1)
+        assert st.accounted == 20
+
+        # The CLI's summary line is taken after the close that counts them. The
+        # burst is written whole before the subscriber's thread gets the GIL back.
+        def burst() -> None:
+            for i in range(20):
+                seg.write(np.full(2, i, "i8"))
+
+        timer = threading.Timer(0.3, burst)
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1.0)
+        try:
+            timer.start()
+            argv = ["subscribe", "p", "-n", namespace, "--wait", "futex", "--count", "1"]
+            assert main([*argv, "-q", "--timeout", "10"]) == 0
+        finally:
+            sys.setswitchinterval(interval)
+            timer.join(10)
+        done = capsys.readouterr().err.split("shmcast subscribe done: ")[1]
+        counts = json.loads(done.splitlines()[0])["p"]
+        assert sum(counts[k] for k in ("updates", "missed", "overrun", "torn")) == 20
+    finally:
+        seg.unlink()
+        seg.close()
