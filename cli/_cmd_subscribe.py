@@ -45,7 +45,11 @@ MISSING_AFTER = 1.0
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("segments", nargs="+", metavar="SEGMENT", help="segment names")
     p.add_argument("--stats", action="store_true", help="mean, std and max of each version")
-    p.add_argument("--json", action="store_true", help="one JSON object per update on stdout")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per update on stdout (NaN and infinities as null)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no line per update (metrics only)")
     p.add_argument("--count", type=whole_number, default=0, help="stop after N updates (0: never)")
     p.add_argument(

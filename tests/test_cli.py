@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -264,6 +265,35 @@ def test_subscribe_into_a_pipe_its_reader_closed_stops_cleanly(namespace: str) -
         proc.wait(10)
         if proc.stderr is not None:
             proc.stderr.close()
+        seg.unlink()
+        seg.close()
+
+
+def test_subscribe_json_is_json_for_nan_and_infinity(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--json --stats`` of a version holding NaN or infinity: before, the line said
+    ``"mean": NaN`` / ``Infinity``, which is no JSON (jq refuses it)."""
+    seg = Segment.create("jn", "f8", (4,), namespace=namespace)
+    try:
+        t = threading.Timer(0.3, lambda: seg.write(np.array([np.inf, 1.0, 2.0, np.nan])))
+        t.start()
+        code = main(
+            [
+                *("subscribe", "jn", "-n", namespace, "--wait", "futex"),
+                *("--json", "--stats", "--count", "1", "--timeout", "10"),
+            ]
+        )
+        t.join()
+        assert code == 0
+
+        def refuse(constant: str) -> None:
+            raise ValueError(f"{constant} is no JSON")
+
+        rec = json.loads(capsys.readouterr().out.strip(), parse_constant=refuse)
+        assert rec["version"] == 1
+        assert (rec["mean"], rec["std"], rec["max"]) == (None, None, None)
+    finally:
         seg.unlink()
         seg.close()
 
