@@ -221,6 +221,8 @@ class Subscriber:
         self._curve = curve
         #: Names where something other than a valid segment was found, and why.
         self._not_segments: dict[str, NotASegmentError] = {}
+        #: The object (inode) found there: its header was waited for once already.
+        self._not_segment_inos: dict[str, int] = {}
         #: The aupdates() iterator whose reader the loop has on the SUB socket's fd.
         self._fd_waker: _Waker | None = None
         try:
@@ -338,7 +340,13 @@ class Subscriber:
         for _ in range(3):
             try:
                 ino = os.stat(path, follow_symlinks=False).st_ino
-                seg = Segment.attach(tr.name, namespace=self.namespace, wait=0.5, owner=self._owner)
+                # A header still being written is waited for once per object: one
+                # that never completes (a creator that died) would otherwise stall
+                # every look at the paths, and the other segments' reads with it.
+                wait = 0.0 if self._not_segment_inos.get(tr.name) == ino else 0.5
+                seg = Segment.attach(
+                    tr.name, namespace=self.namespace, wait=wait, owner=self._owner
+                )
             except (SegmentNotFoundError, FileNotFoundError):
                 return None
             except NotASegmentError as exc:
@@ -347,8 +355,10 @@ class Subscriber:
                 if tr.name not in self._not_segments:
                     log.info("%s (waiting for a segment there)", exc)
                 self._not_segments[tr.name] = exc
+                self._not_segment_inos[tr.name] = ino
                 return None
             self._not_segments.pop(tr.name, None)
+            self._not_segment_inos.pop(tr.name, None)
             try:
                 same = os.stat(path, follow_symlinks=False).st_ino == ino
             except FileNotFoundError:
