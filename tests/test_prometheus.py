@@ -278,3 +278,27 @@ def test_prometheus_scrapes_broker_and_subscribers(namespace: str) -> None:
         for sp in reversed(procs):
             sp.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_the_subscriber_label_is_the_subscribers_own_name(namespace: str) -> None:
+    """``Subscriber(..., name="risk")`` reports to ``shmcast top`` as ``risk``; before,
+    ``serve_metrics(sub, port)`` labelled its metrics ``subscriber="subscriber"``
+    all the same (every subscriber of a process alike)."""
+    import numpy as np
+
+    from shmcast.broker import Segment
+    from shmcast.subscriber import Subscriber, SubscriberCollector
+
+    seg = Segment.create("lbl", "f8", (1,), namespace=namespace)
+    try:
+        with Subscriber("lbl", namespace=namespace, wait="futex", name="risk") as sub:
+            seg.write(np.zeros(1))
+
+            def labels(collector: SubscriberCollector) -> set[str]:
+                return {s.labels["subscriber"] for f in collector.collect() for s in f.samples}
+
+            assert labels(SubscriberCollector(sub)) == {"risk"}
+            assert labels(SubscriberCollector(sub, name="probe")) == {"probe"}
+    finally:
+        seg.unlink()
+        seg.close()
