@@ -357,3 +357,14 @@ def test_a_subscriber_of_many_segments_reports_what_the_broker_keeps(
         segments = rows[0]["segments"]
         assert isinstance(segments, dict)
         assert sorted(segments) == names[:64]
+
+
+def test_render_gives_a_segment_made_again_no_rate() -> None:
+    """A segment deleted and created again between two refreshes: before, its rate was
+    the new version minus the old incarnation's, over the interval (-497.0/s)."""
+    stats = {"shm_total": 1, "shm_free": 1}
+    prev = Sample(t=0.0, segments=[{"name": "r", "version": 500, "incarnation": 1}], stats=stats)
+    same = Sample(t=1.0, segments=[{"name": "r", "version": 600, "incarnation": 1}], stats=stats)
+    again = Sample(t=1.0, segments=[{"name": "r", "version": 3, "incarnation": 2}], stats=stats)
+    assert re.search(r"^r\s+600\s+100\.0\s", "\n".join(render("ns", "ep", same, prev)), re.M)
+    assert re.search(r"^r\s+3\s+-\s", "\n".join(render("ns", "ep", again, prev)), re.M)
