@@ -467,8 +467,16 @@ class Subscriber:
             TornReadError: on leaving the block, the writer overwrote the slot meanwhile.
             SegmentNotFoundError: ``sub.read(name)`` of a segment that does not
                 exist (any more).
+            ValueError: an update of another subscriber's segments, or with a
+                ``version`` other than its own.
         """
         if isinstance(what, Update):
+            if version is not None and version != what.version:
+                raise ValueError(
+                    f"sub.read(update) reads version {what.version}, the update's own, not "
+                    f"version={version!r}; to read another, name the segment: "
+                    f"sub.read({what.segment!r}, version={version!r})"
+                )
             return _ExactRead(self, what)
         return self._now(what).read(version)
 

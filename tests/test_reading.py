@@ -214,6 +214,11 @@ def test_errors_of_reads_say_what_is_wrong(namespace: str, thread_broker: Broker
             sub.read("a", version=99).__enter__()
         with sub.read(up) as snap:
             assert snap.version == 1
+        # A version beside an update was ignored: read(update, 5) read the update's.
+        with pytest.raises(ValueError, match=r"sub.read\('a', version=5\)"):
+            sub.read(up, 5)
+        with sub.read(up, 1) as snap:
+            assert snap.version == 1
 
 
 @pytest.mark.parametrize("mode", ["futex", "spin"])
