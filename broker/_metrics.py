@@ -6,6 +6,7 @@ only when Prometheus scrapes (a custom collector over a ``stats()`` snapshot).
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import time
@@ -263,5 +264,9 @@ def start_metrics_server(
             host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
         )
     except OSError as exc:
-        raise EndpointError("metrics", f"{host}:{port}", exc.strerror or str(exc)) from exc
+        fix = None
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            # Not the port: the host is no address of this machine.
+            fix = "give an address of this host as --metrics-host (127.0.0.1 by default)"
+        raise EndpointError("metrics", f"{host}:{port}", exc.strerror or str(exc), fix=fix) from exc
     return MetricsServer(server, host)

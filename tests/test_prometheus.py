@@ -302,3 +302,16 @@ def test_the_subscriber_label_is_the_subscribers_own_name(namespace: str) -> Non
     finally:
         seg.unlink()
         seg.close()
+
+
+@pytest.mark.parametrize("host", ["no-such-host.invalid", "192.0.2.1"])
+def test_a_metrics_host_that_is_no_address_here_is_named_as_the_fix(host: str) -> None:
+    """A host that does not resolve, or is no address of this machine: before, the
+    error's fix was "pick another --metrics-port", which cannot help."""
+    from prometheus_client import CollectorRegistry
+
+    from shmcast.broker import EndpointError, start_metrics_server
+
+    with pytest.raises(EndpointError, match="--metrics-host") as info:
+        start_metrics_server(CollectorRegistry(), 0, host=host)
+    assert "--metrics-port" not in str(info.value)
