@@ -185,6 +185,14 @@ def test_bad_timeouts_are_refused_naming_the_argument(
             asyncio.run(asyncio.wait_for(first(), 5))
 
 
+@pytest.mark.parametrize("mode", ["shm", "events"])
+def test_a_huge_timeout_is_a_long_wait(namespace: str, thread_broker: Broker, mode: str) -> None:
+    """``Subscriber(timeout=1e300)`` (finite, so accepted): before, its first request
+    to the broker died of an OverflowError (a poll of 1e303 ms)."""
+    with Subscriber("a", wait=mode, timeout=1e300, heartbeat_timeout=1e300) as sub:  # type: ignore[arg-type]
+        assert list(sub.updates(timeout=0.05)) == []
+
+
 def test_a_read_ended_by_close_says_closed_not_torn(namespace: str, thread_broker: Broker) -> None:
     """The writer never touched the slot: leaving the block raised TornReadError
     ("overwritten by the writer"), while the counts said delivered."""
