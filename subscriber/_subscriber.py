@@ -1091,9 +1091,13 @@ class Subscriber:
             self._settle()
             # Versions learnt of but never handed out (a consumer that stopped early,
             # --count): counted, or they would be in no counter at all.
-            for up in self._pending:
+            # (Taken one by one: without the lock a reading thread may still queue.)
+            while self._pending:
+                try:
+                    up = self._pending.popleft()
+                except IndexError:
+                    break
                 self._tracks[up.segment].st.missed += 1
-            self._pending.clear()
             self._teardown()
         finally:
             if locked:
