@@ -315,3 +315,45 @@ def test_a_metrics_host_that_is_no_address_here_is_named_as_the_fix(host: str) -
     with pytest.raises(EndpointError, match="--metrics-host") as info:
         start_metrics_server(CollectorRegistry(), 0, host=host)
     assert "--metrics-port" not in str(info.value)
+
+
+def test_a_metrics_endpoint_holds_a_bounded_number_of_connections() -> None:
+    """The metrics port is every local user's (loopback TCP). Before, each idle
+    connection held a thread and a descriptor for ever: a reviewer's 121 of them
+    took a subscriber (open-files limit 128) to ``EMFILE``, and its next segment
+    could not be attached. Beyond the bound, connections are closed at once."""
+    import socket
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from shmcast.broker import start_metrics_server
+
+    bound = 16  # broker._metrics.MAX_CONNECTIONS
+
+    def handlers() -> int:
+        return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+    def at_eof(client: socket.socket) -> bool:
+        client.setblocking(False)
+        try:
+            return client.recv(1) == b""
+        except BlockingIOError:
+            return False
+
+    server = start_metrics_server(CollectorRegistry(), 0)
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(2 * bound):
+            clients.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+        wait_for(
+            lambda: handlers() + sum(map(at_eof, clients)) >= len(clients),
+            10,
+            0.05,
+            "every connection held by a thread or closed",
+        )
+        assert handlers() <= bound
+    finally:
+        for client in clients:
+            client.close()
+        server.close()
