@@ -137,8 +137,11 @@ class Subscriber:
             for the segments to exist.
         heartbeat_timeout: seconds without a heartbeat before the broker is
             considered down (default: 3 heartbeat intervals + 0.2 s).
+        curve: ``(server_public, client_public, client_secret)`` CURVE keys, for a
+            broker whose endpoints are CURVE-authenticated.
         name: how this subscriber names itself in the reports it sends the broker
-            about once a second (``shm``, ``events``; ``shmcast top`` shows them).
+            about once a second (``shm``, ``events``; ``shmcast top`` shows them),
+            and the ``subscriber`` label of its metrics.
 
     Raises:
         BrokerUnavailableError: ``shm``/``events`` mode and no broker answered.
@@ -147,8 +150,9 @@ class Subscriber:
         SegmentNotFoundError: ``futex``/``spin`` mode and a segment never appeared.
         NotASegmentError: ``futex``/``spin`` mode and what holds a name is no
             valid segment (named with its fix, ``shmcast doctor --fix``).
-        ValueError: a bad segment name or wait mode, or a ``timeout`` or
-            ``heartbeat_timeout`` that is not a finite number of seconds > 0.
+        ValueError: a bad segment name or wait mode, a ``name`` that is no
+            non-empty string, or a ``timeout`` or ``heartbeat_timeout`` that is not
+            a finite number of seconds > 0.
     """
 
     def __init__(
@@ -184,6 +188,8 @@ class Subscriber:
             )
         self.namespace = resolve_namespace(namespace)
         self.mode: WaitMode = wait
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, not {name!r}")
         self.name = name
         self._tracks = {n: _Track(n) for n in self.names}
         self._track_list = list(self._tracks.values())

@@ -357,6 +357,9 @@ def test_a_subscriber_of_many_segments_reports_what_the_broker_keeps(
         segments = rows[0]["segments"]
         assert isinstance(segments, dict)
         assert sorted(segments) == names[:64]
+    for bad in (5, "", None):
+        with pytest.raises(ValueError, match="name must be a non-empty string"):
+            Subscriber("a", namespace=namespace, name=bad)  # type: ignore[arg-type]
 
 
 def test_render_gives_a_segment_made_again_no_rate() -> None:
