@@ -493,7 +493,14 @@ class Subscriber:
         Raises:
             VersionUnavailableError: the version has left the ring (counted overrun).
             TornReadError: it was overwritten while being copied (counted torn).
+            TypeError: ``update`` is no :class:`Update` (a copy of the latest version
+                of a segment is :meth:`latest`).
         """
+        if not isinstance(update, Update):
+            raise TypeError(
+                f"copy() takes an Update this subscriber yielded, not {update!r}; a private "
+                f"copy of a segment's latest version is sub.latest(name)"
+            )
         reading = _ExactRead(self, update)
         snap = reading.__enter__()
         data = snap.array.copy()

@@ -222,6 +222,9 @@ def test_errors_of_reads_say_what_is_wrong(namespace: str, thread_broker: Broker
             sub.read("a", version=99).__enter__()
         with sub.read(up) as snap:
             assert snap.version == 1
+        # A name where an update goes: an AttributeError from inside copy().
+        with pytest.raises(TypeError, match=r"sub.latest\(name\)"):
+            sub.copy("a")  # type: ignore[arg-type]
         # A version beside an update was ignored: read(update, 5) read the update's.
         with pytest.raises(ValueError, match=r"sub.read\('a', version=5\)"):
             sub.read(up, 5)
