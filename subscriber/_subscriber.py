@@ -204,6 +204,8 @@ class Subscriber:
         self._was_up: bool | None = None
         self.epoch: int | None = None
         self.heartbeat_timeout = heartbeat_timeout
+        #: Not given: it follows the broker's heartbeat interval, across restarts too.
+        self._hb_given = heartbeat_timeout is not None
         self._heartbeat_interval = 0.5
         self._endpoint = ""
         self._tseq: dict[bytes, int] = {}
@@ -256,10 +258,16 @@ class Subscriber:
         # The namespace's owner: only its objects (or root's) are attached.
         uid = hello.get("uid")
         self._owner = uid if isinstance(uid, int) and uid >= 0 else None
+        self._take_interval(hello)
+        return hello
+
+    def _take_interval(self, hello: dict[str, Any]) -> None:
+        """The broker's heartbeat interval (from its ``hello``), and the timeout it sets
+        unless one was given."""
         interval = float(hello.get("heartbeat_interval", 0.5))
         self._heartbeat_interval = interval
-        self.heartbeat_timeout = hb_timeout if hb_timeout is not None else 3 * interval + 0.2
-        return hello
+        if not self._hb_given:
+            self.heartbeat_timeout = 3 * interval + 0.2
 
     def _connect(self, broker: str | None, timeout: float, hb_timeout: float | None) -> None:
         hello = self._control(broker, timeout, hb_timeout)
@@ -760,7 +768,7 @@ class Subscriber:
 
     def _word_housekeeping(self) -> None:
         word = self._word
-        if word is None or (not word.broker_up(self.heartbeat_timeout) and word.replaced()):
+        if word is None or (not self._word_up(word) and word.replaced()):
             # A broker made a new word (ours is gone with the old one), or none yet.
             try:
                 new = NamespaceWord.attach(self.namespace)
@@ -773,6 +781,9 @@ class Subscriber:
                 self._word_seen = new.notify - 1  # look at it now
             elif new is not None:
                 new.close()
+        if word is not None and not self._hb_given:
+            with contextlib.suppress(ShmcastError, ValueError):
+                self.heartbeat_timeout = 3 * word.interval + 0.2
         up = self.broker_up
         if up is not None and up != self._was_up:
             if self._was_up is not None:
@@ -1013,6 +1024,9 @@ class Subscriber:
         self._broker_up = True
         try:
             self._snapshot()
+            assert self._client is not None
+            # The new broker's heartbeat interval (it may run with another one).
+            self._take_interval(self._client.request("hello"))
         except (BrokerUnavailableError, ShmcastError) as exc:
             log.warning("snapshot after restart failed: %s", exc)
             self.epoch = epoch
@@ -1032,7 +1046,13 @@ class Subscriber:
         word = self._word
         if word is None or word.closed:
             return False if self.mode == "shm" else None
-        return word.broker_up(self.heartbeat_timeout)
+        return self._word_up(word)
+
+    def _word_up(self, word: NamespaceWord) -> bool:
+        """The word's heartbeats are recent: within the timeout given, else within three
+        of the intervals the broker now writing it beats at (one restarted with another
+        interval is judged by its own)."""
+        return word.broker_up(self.heartbeat_timeout if self._hb_given else None)
 
     def _report(self) -> None:
         """Tell the broker our counters (one-way, never blocks; for ``shmcast top``):
