@@ -71,6 +71,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR")
     p.add_argument(
         "--name",
+        type=_label,
         default="subscriber",
         help="'subscriber' label of the metrics, and the name `shmcast top` shows",
     )
@@ -161,6 +162,13 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _label(text: str) -> str:
+    """``--name``: a non-empty string (a metrics label, the name ``top`` shows)."""
+    if not text:
+        raise argparse.ArgumentTypeError("give a non-empty name")
+    return text
 
 
 def _stdout_gone() -> None:

@@ -121,6 +121,7 @@ def test_bad_arguments_exit_2_naming_the_problem(
         # Never stopped, stopped after one update, or was taken as is.
         (["publish", "x", "--dtype", "u1", "--shape", "4", "--count", "-1"], "--count"),
         (["subscribe", "x", "--count", "-1"], "--count"),
+        (["subscribe", "x", "--name", ""], "--name"),
         (["record", "x", "-o", "x.h5", "--count", "-1"], "--count"),
         (["doctor", "--subscribers", "-5"], "--subscribers"),
     ],
