@@ -63,6 +63,7 @@ from shmcast.broker.client import (
 from shmcast.broker.errors import (
     BrokerUnavailableError,
     ClosedError,
+    ConfigError,
     NotASegmentError,
     NoVersionError,
     SegmentNotFoundError,
@@ -150,6 +151,8 @@ class Subscriber:
         SegmentNotFoundError: ``futex``/``spin`` mode and a segment never appeared.
         NotASegmentError: ``futex``/``spin`` mode and what holds a name is no
             valid segment (named with its fix, ``shmcast doctor --fix``).
+        ConfigError: ``events`` mode and more segments than the broker's events
+            endpoint holds topics (its ``max_subscriptions``).
         ValueError: a bad segment name or wait mode, a ``name`` that is no
             non-empty string, or a ``timeout`` or ``heartbeat_timeout`` that is not
             a finite number of seconds > 0.
@@ -271,6 +274,17 @@ class Subscriber:
 
     def _connect(self, broker: str | None, timeout: float, hb_timeout: float | None) -> None:
         hello = self._control(broker, timeout, hb_timeout)
+        # A topic per segment, and the broker's own: past the topics its events
+        # endpoint holds, it resets the endpoint, over and over (everyone's events).
+        limit = hello.get("max_subscriptions")
+        if isinstance(limit, int) and len(self.names) + 1 > limit:
+            raise ConfigError(
+                "segments",
+                f"{len(self.names)} segments in wait='events' take {len(self.names) + 1} "
+                f"topics of the broker's events endpoint, which holds at most {limit} "
+                f"(max_subscriptions); use wait='shm' (no topic per segment), or raise "
+                f"the broker's max_subscriptions",
+            )
         sub: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 100_000)

@@ -528,3 +528,25 @@ def test_a_header_that_never_completes_is_waited_for_once(
             assert [w for w in waits if w > 0] == [0.5], waits
     finally:
         os.unlink(path)
+
+
+def test_an_events_subscriber_of_more_segments_than_the_broker_holds_topics_is_refused(
+    namespace: str,
+) -> None:
+    """One topic per segment: past the broker's ``max_subscriptions`` its events
+    endpoint resets, the subscriber resubscribes, and so on (a reviewer: 21 resets in
+    3 s for 100 segments over 16; every events subscriber of the namespace lost
+    announcements, and this one took the broker for down)."""
+    from shmcast.broker import BrokerConfig, ConfigError
+
+    broker = Broker(BrokerConfig(namespace=namespace, max_subscriptions=16)).start()
+    try:
+        with pytest.raises(ConfigError, match=r"wait='shm'.*max_subscriptions"):
+            Subscriber([f"s{i}" for i in range(16)], wait="events")
+        with Subscriber([f"s{i}" for i in range(15)], wait="events") as sub:  # and its own
+            list(sub.updates(timeout=0.2))
+            assert sub.broker_up
+        assert broker._events is not None
+        assert broker._events.resets == 0
+    finally:
+        broker.close()
