@@ -902,6 +902,7 @@ class Broker(Service):
             "events": self.config.advertise_events or self.endpoints.events,
             "data": self._data.endpoint if self._data else None,
             "heartbeat_interval": self.config.heartbeat_interval,
+            "max_subscriptions": self.config.max_subscriptions,
             "data_stream": self._data_health(),
         }
 

@@ -6,7 +6,9 @@ only when Prometheus scrapes (a custom collector over a ``stats()`` snapshot).
 
 from __future__ import annotations
 
+import errno
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -186,9 +188,44 @@ def _data_stream(data: DataStreamStats | None, ns: str) -> Iterator[Metric]:
         yield fam
 
 
+#: Connections a metrics endpoint serves at once; more are closed at once. Its
+#: port is every local user's (loopback TCP): without a bound, idle connections
+#: each held a thread and a descriptor of the service for ever, until it ran out
+#: of descriptors (a subscriber then failed to attach its next segment).
+MAX_CONNECTIONS = 16
+#: Seconds a connection may stay silent before it is closed (a scrape takes ms).
+IDLE_TIMEOUT = 10.0
+
+
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64  # the listen backlog: a burst of connections waits, not drops
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # over the bound: closed, never served
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread took it (cannot start one)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # a client that went silent (IDLE_TIMEOUT) or away: nothing to print
+        super().handle_error(request, client_address)
 
 
 class _Server6(_Server):
@@ -196,6 +233,8 @@ class _Server6(_Server):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = IDLE_TIMEOUT  # read from the class when each connection is set up
+
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not logged."""
 
@@ -263,5 +302,9 @@ def start_metrics_server(
             host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
         )
     except OSError as exc:
-        raise EndpointError("metrics", f"{host}:{port}", exc.strerror or str(exc)) from exc
+        fix = None
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            # Not the port: the host is no address of this machine.
+            fix = "give an address of this host as --metrics-host (127.0.0.1 by default)"
+        raise EndpointError("metrics", f"{host}:{port}", exc.strerror or str(exc), fix=fix) from exc
     return MetricsServer(server, host)

@@ -85,7 +85,7 @@ class CommitWatcher:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 1)  # one pending wake-up says it all
         sock.connect(self._endpoint)
-        before: dict[str, int] = {}
+        before: dict[tuple[str, int], int] = {}
         try:
             while not self._stop.is_set():
                 segs = [(n, e.seg) for n, e in self._catalog.items() if self._wanted(n)]
@@ -97,7 +97,9 @@ class CommitWatcher:
                     # Versions first, then the commit counts: a commit after the first
                     # look ends the sleep below, one before it moved a count.
                     afters = [seg.version for _, seg in segs]
-                    counts = {n: commit_count(seg) for n, seg in segs}
+                    # Keyed by incarnation too: a segment deleted and made again while
+                    # we slept on the old one may have as many commits as it had.
+                    counts = {(n, seg.incarnation): commit_count(seg) for n, seg in segs}
                 except (ValueError, TypeError, ShmcastError):  # a segment closed under us
                     time.sleep(0.001)
                     continue

@@ -182,7 +182,8 @@ class ControlClient:
         deadline = time.monotonic() + wait
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+            # In slices: a timeout of 1e300 s is a long wait, not an OverflowError.
+            if left <= 0 or not self._sock.poll(int(min(left, 60.0) * 1000) + 1, zmq.POLLIN):
                 if time.monotonic() >= deadline:
                     # The request may still sit in our queue: drop the socket's backlog
                     # by reconnecting so a late broker does not see stale requests.

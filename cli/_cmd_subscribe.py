@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 
@@ -33,7 +34,8 @@ not exist yet is waited for; after a second the subscriber says so and names the
 segments that do exist. Lines on stderr: 'shmcast subscribe ready: {json}' (with the
 metrics URL) at start, 'shmcast subscribe done: {json}' (the four counters per segment:
 updates, missed, overrun, torn; latency percentiles) at the end.
-Exit code 0, or 1 when --timeout passed with nothing received (or on an error).
+Exit code 0, or 1 when --timeout passed with nothing received (or on an error). A
+closed stdout (a reader such as 'head' that has what it wanted) stops it as --count does.
 """
 
 #: Seconds before a subscriber waiting for a segment that does not exist says so.
@@ -43,7 +45,11 @@ MISSING_AFTER = 1.0
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("segments", nargs="+", metavar="SEGMENT", help="segment names")
     p.add_argument("--stats", action="store_true", help="mean, std and max of each version")
-    p.add_argument("--json", action="store_true", help="one JSON object per update on stdout")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per update on stdout (NaN and infinities as null)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no line per update (metrics only)")
     p.add_argument("--count", type=whole_number, default=0, help="stop after N updates (0: never)")
     p.add_argument(
@@ -65,6 +71,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR")
     p.add_argument(
         "--name",
+        type=_label,
         default="subscriber",
         help="'subscriber' label of the metrics, and the name `shmcast top` shows",
     )
@@ -114,32 +121,39 @@ def run(args: argparse.Namespace) -> int:
                 "metrics": server.url if server is not None else None,
             }
             print_ready(READY, ready, stream=sys.stderr)
-            handled = run_worker(
-                sub,
-                sys.stdout,
-                stats=args.stats,
-                as_json=args.json,
-                quiet=args.quiet,
-                count=args.count,
-                timeout=args.timeout,
-                stop=stop,
-                idle=idle,
-            )
+            try:
+                handled = run_worker(
+                    sub,
+                    sys.stdout,
+                    stats=args.stats,
+                    as_json=args.json,
+                    quiet=args.quiet,
+                    count=args.count,
+                    timeout=args.timeout,
+                    stop=stop,
+                    idle=idle,
+                )
+            except BrokenPipeError:
+                # The reader of stdout is gone (`shmcast subscribe ... | head`): a
+                # stop like --count's, with the summary on stderr.
+                _stdout_gone()
+                handled = -1
         finally:
             if server is not None:
                 server.close()
-        done = {
-            name: {
-                "updates": st.updates,
-                "missed": st.missed,
-                "overrun": st.overrun,
-                "torn": st.torn,
-                "p50_us": _us(st.percentile(50)),
-                "p99_us": _us(st.percentile(99)),
-            }
-            for name, st in sub.stats.items()
+    # After the close, which counts the versions learnt of but never handed out.
+    done = {
+        name: {
+            "updates": st.updates,
+            "missed": st.missed,
+            "overrun": st.overrun,
+            "torn": st.torn,
+            "p50_us": _us(st.percentile(50)),
+            "p99_us": _us(st.percentile(99)),
         }
-        print_ready(DONE, done, stream=sys.stderr)
+        for name, st in sub.stats.items()
+    }
+    print_ready(DONE, done, stream=sys.stderr)
     if handled == 0 and args.timeout is not None and not stop.is_set():
         print(
             f"shmcast subscribe: nothing received from {', '.join(args.segments)} "
@@ -148,6 +162,26 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _label(text: str) -> str:
+    """``--name``: a non-empty string (a metrics label, the name ``top`` shows)."""
+    if not text:
+        raise argparse.ArgumentTypeError("give a non-empty name")
+    return text
+
+
+def _stdout_gone() -> None:
+    """Send what is still buffered for stdout, and its flush at exit, nowhere."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (tests capture it)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _missing(name: str, namespace: str, endpoint: str) -> str:

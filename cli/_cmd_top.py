@@ -40,9 +40,9 @@ examples:
 else the namespace's ipc endpoint.
 
 Subscribers appear when they run in shm (the default) or events mode (they report
-to the broker about once a second); LAG is how many versions a subscriber is
-behind; per segment UPDATES + MISSED + OVERRUN + TORN add up to the versions
-published while it ran.
+to the broker about once a second, on their first 64 segments); LAG is how many
+versions a subscriber is behind; per segment UPDATES + MISSED + OVERRUN + TORN add
+up to the versions published while it ran.
 """
 
 # Alternate screen, hidden cursor; and their undo.
@@ -147,7 +147,11 @@ def render(ns: str, endpoint: str, cur: Sample, prev: Sample | None) -> list[str
         f"{_bytes(free)} free; this namespace's segments: {_bytes(used)}"
     )
     lines.append("")
-    before = {s["name"]: s["version"] for s in prev.segments} if prev else {}
+    # A segment deleted and created again since the last refresh (another incarnation)
+    # has no rate yet: its versions started over.
+    before = (
+        {s["name"]: (s["version"], s.get("incarnation")) for s in prev.segments} if prev else {}
+    )
     dt = cur.t - prev.t if prev else 0.0
     versions: dict[str, int] = {}
     lines.append(
@@ -157,8 +161,9 @@ def render(ns: str, endpoint: str, cur: Sample, prev: Sample | None) -> list[str
         name = str(s["name"])
         versions[name] = int(s["version"])
         rate = "-"
-        if name in before and dt > 0:
-            rate = f"{(s['version'] - before[name]) / dt:.1f}"
+        was, incarnation = before.get(name, (None, None))
+        if was is not None and incarnation == s.get("incarnation") and dt > 0:
+            rate = f"{(s['version'] - was) / dt:.1f}"
         age = s.get("age")  # measured by the broker on its monotonic clock
         lines.append(
             f"{name:16} {s['version']:>10} {rate:>9} {_secs(age):>8} "

@@ -31,9 +31,11 @@ class SubscriberCollector(Collector):
     subscriber, and all but ``shmcast_broker_up``, ``shmcast_events_missed_total`` and
     ``shmcast_bad_messages_total`` by segment too."""
 
-    def __init__(self, subscriber: Subscriber, *, name: str = "subscriber") -> None:
+    def __init__(self, subscriber: Subscriber, *, name: str | None = None) -> None:
         self._sub = subscriber
-        self._name = name
+        #: The ``subscriber`` label: the subscriber's own name (what ``shmcast top``
+        #: shows of its reports) unless told otherwise.
+        self._name = subscriber.name if name is None else name
 
     def collect(self) -> Iterator[Metric]:
         sub = self._sub
@@ -47,7 +49,8 @@ class SubscriberCollector(Collector):
         )
         missed = CounterMetricFamily(
             "shmcast_versions_missed",
-            "Versions never learnt of (gaps in the announcements or the headers)",
+            "Versions never learnt of (gaps in the announcements or the headers), or never "
+            "handed out (counted at close)",
             labels=labels,
         )
         overrun = CounterMetricFamily(
@@ -127,7 +130,7 @@ def serve_metrics(
     port: int = 0,
     *,
     host: str = "127.0.0.1",
-    name: str = "subscriber",
+    name: str | None = None,
     registry: CollectorRegistry | None = None,
 ) -> MetricsServer:
     """Serve a subscriber's metrics over HTTP (``.url``; ``.close()`` stops it).
@@ -136,7 +139,8 @@ def serve_metrics(
         subscriber: whose counters to export.
         port: 0 picks a free port.
         host: address to bind (loopback by default).
-        name: the ``subscriber`` label.
+        name: the ``subscriber`` label (default: ``subscriber.name``, the name its
+            reports to the broker give).
         registry: where to register the collector (a new registry by default).
 
     Raises:

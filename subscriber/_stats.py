@@ -15,7 +15,9 @@ segment::
   read, or that read the latest instead, count every update they were given).
 - ``missed``: versions never learnt of: gaps in the announcements (``events``)
   or in what the headers showed (``shm``, ``futex``, ``spin``), including
-  versions a new incarnation published before the subscriber saw it.
+  versions a new incarnation published before the subscriber saw it; and, when
+  the subscriber closes, those learnt of but never handed out (a consumer that
+  stopped early).
 - ``overrun``: versions learnt of whose exact read could not start: the
   writer had lapped them (``VersionUnavailableError``).
 - ``torn``: versions whose exact read started but failed validation on exit

@@ -63,6 +63,7 @@ from shmcast.broker.client import (
 from shmcast.broker.errors import (
     BrokerUnavailableError,
     ClosedError,
+    ConfigError,
     NotASegmentError,
     NoVersionError,
     SegmentNotFoundError,
@@ -98,6 +99,10 @@ CLOSE_WAIT = 2.0
 PATH_CHECK = 0.5
 #: Seconds a segment the broker serves may stay invisible here before that is an error.
 UNREACHABLE_AFTER = 2.0
+#: What a report carries at most: the segments and the characters of the name a broker
+#: keeps of one (more would only make the report outgrow the broker's largest message).
+REPORT_SEGMENTS = 64
+REPORT_NAME = 64
 
 
 class _Track:
@@ -133,8 +138,11 @@ class Subscriber:
             for the segments to exist.
         heartbeat_timeout: seconds without a heartbeat before the broker is
             considered down (default: 3 heartbeat intervals + 0.2 s).
+        curve: ``(server_public, client_public, client_secret)`` CURVE keys, for a
+            broker whose endpoints are CURVE-authenticated.
         name: how this subscriber names itself in the reports it sends the broker
-            about once a second (``shm``, ``events``; ``shmcast top`` shows them).
+            about once a second (``shm``, ``events``; ``shmcast top`` shows them),
+            and the ``subscriber`` label of its metrics.
 
     Raises:
         BrokerUnavailableError: ``shm``/``events`` mode and no broker answered.
@@ -143,8 +151,11 @@ class Subscriber:
         SegmentNotFoundError: ``futex``/``spin`` mode and a segment never appeared.
         NotASegmentError: ``futex``/``spin`` mode and what holds a name is no
             valid segment (named with its fix, ``shmcast doctor --fix``).
-        ValueError: a bad segment name or wait mode, or a ``timeout`` or
-            ``heartbeat_timeout`` that is not a finite number of seconds > 0.
+        ConfigError: ``events`` mode and more segments than the broker's events
+            endpoint holds topics (its ``max_subscriptions``).
+        ValueError: a bad segment name or wait mode, a ``name`` that is no
+            non-empty string, or a ``timeout`` or ``heartbeat_timeout`` that is not
+            a finite number of seconds > 0.
     """
 
     def __init__(
@@ -180,6 +191,8 @@ class Subscriber:
             )
         self.namespace = resolve_namespace(namespace)
         self.mode: WaitMode = wait
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, not {name!r}")
         self.name = name
         self._tracks = {n: _Track(n) for n in self.names}
         self._track_list = list(self._tracks.values())
@@ -194,6 +207,8 @@ class Subscriber:
         self._was_up: bool | None = None
         self.epoch: int | None = None
         self.heartbeat_timeout = heartbeat_timeout
+        #: Not given: it follows the broker's heartbeat interval, across restarts too.
+        self._hb_given = heartbeat_timeout is not None
         self._heartbeat_interval = 0.5
         self._endpoint = ""
         self._tseq: dict[bytes, int] = {}
@@ -207,6 +222,9 @@ class Subscriber:
         self._last_cross = 0.0
         self._gaps_crossed = 0
         self._extra: dict[str, Segment] = {}
+        #: Handles of the objects the names of followed segments lead to now, for reads
+        #: of the latest while the followed handle is of a deleted object.
+        self._fresh: dict[str, Segment] = {}
         self._word_seen = 0
         self._word_state = (0, 0, 0)
         self._wait_segs: list[Segment] = []
@@ -214,6 +232,8 @@ class Subscriber:
         self._curve = curve
         #: Names where something other than a valid segment was found, and why.
         self._not_segments: dict[str, NotASegmentError] = {}
+        #: The object (inode) found there: its header was waited for once already.
+        self._not_segment_inos: dict[str, int] = {}
         #: The aupdates() iterator whose reader the loop has on the SUB socket's fd.
         self._fd_waker: _Waker | None = None
         try:
@@ -241,13 +261,30 @@ class Subscriber:
         # The namespace's owner: only its objects (or root's) are attached.
         uid = hello.get("uid")
         self._owner = uid if isinstance(uid, int) and uid >= 0 else None
+        self._take_interval(hello)
+        return hello
+
+    def _take_interval(self, hello: dict[str, Any]) -> None:
+        """The broker's heartbeat interval (from its ``hello``), and the timeout it sets
+        unless one was given."""
         interval = float(hello.get("heartbeat_interval", 0.5))
         self._heartbeat_interval = interval
-        self.heartbeat_timeout = hb_timeout if hb_timeout is not None else 3 * interval + 0.2
-        return hello
+        if not self._hb_given:
+            self.heartbeat_timeout = 3 * interval + 0.2
 
     def _connect(self, broker: str | None, timeout: float, hb_timeout: float | None) -> None:
         hello = self._control(broker, timeout, hb_timeout)
+        # A topic per segment, and the broker's own: past the topics its events
+        # endpoint holds, it resets the endpoint, over and over (everyone's events).
+        limit = hello.get("max_subscriptions")
+        if isinstance(limit, int) and len(self.names) + 1 > limit:
+            raise ConfigError(
+                "segments",
+                f"{len(self.names)} segments in wait='events' take {len(self.names) + 1} "
+                f"topics of the broker's events endpoint, which holds at most {limit} "
+                f"(max_subscriptions); use wait='shm' (no topic per segment), or raise "
+                f"the broker's max_subscriptions",
+            )
         sub: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 100_000)
@@ -331,7 +368,13 @@ class Subscriber:
         for _ in range(3):
             try:
                 ino = os.stat(path, follow_symlinks=False).st_ino
-                seg = Segment.attach(tr.name, namespace=self.namespace, wait=0.5, owner=self._owner)
+                # A header still being written is waited for once per object: one
+                # that never completes (a creator that died) would otherwise stall
+                # every look at the paths, and the other segments' reads with it.
+                wait = 0.0 if self._not_segment_inos.get(tr.name) == ino else 0.5
+                seg = Segment.attach(
+                    tr.name, namespace=self.namespace, wait=wait, owner=self._owner
+                )
             except (SegmentNotFoundError, FileNotFoundError):
                 return None
             except NotASegmentError as exc:
@@ -340,8 +383,10 @@ class Subscriber:
                 if tr.name not in self._not_segments:
                     log.info("%s (waiting for a segment there)", exc)
                 self._not_segments[tr.name] = exc
+                self._not_segment_inos[tr.name] = ino
                 return None
             self._not_segments.pop(tr.name, None)
+            self._not_segment_inos.pop(tr.name, None)
             try:
                 same = os.stat(path, follow_symlinks=False).st_ino == ino
             except FileNotFoundError:
@@ -448,10 +493,20 @@ class Subscriber:
         Raises:
             VersionUnavailableError: on entering, the version has left the ring.
             TornReadError: on leaving the block, the writer overwrote the slot meanwhile.
+            SegmentNotFoundError: ``sub.read(name)`` of a segment that does not
+                exist (any more).
+            ValueError: an update of another subscriber's segments, or with a
+                ``version`` other than its own.
         """
         if isinstance(what, Update):
+            if version is not None and version != what.version:
+                raise ValueError(
+                    f"sub.read(update) reads version {what.version}, the update's own, not "
+                    f"version={version!r}; to read another, name the segment: "
+                    f"sub.read({what.segment!r}, version={version!r})"
+                )
             return _ExactRead(self, what)
-        return self.segment(what).read(version)
+        return self._now(what).read(version)
 
     def copy(self, update: Update) -> Snapshot:
         """A validated private copy of exactly ``update.version``, returned only once
@@ -460,7 +515,14 @@ class Subscriber:
         Raises:
             VersionUnavailableError: the version has left the ring (counted overrun).
             TornReadError: it was overwritten while being copied (counted torn).
+            TypeError: ``update`` is no :class:`Update` (a copy of the latest version
+                of a segment is :meth:`latest`).
         """
+        if not isinstance(update, Update):
+            raise TypeError(
+                f"copy() takes an Update this subscriber yielded, not {update!r}; a private "
+                f"copy of a segment's latest version is sub.latest(name)"
+            )
         reading = _ExactRead(self, update)
         snap = reading.__enter__()
         data = snap.array.copy()
@@ -468,8 +530,37 @@ class Subscriber:
         return Snapshot(snap.segment, snap.version, snap.timestamp_ns, data, snap.monotonic_ns)
 
     def latest(self, segment: str) -> Snapshot:
-        """A validated private copy of the latest version."""
-        return self.segment(segment).latest()
+        """A validated private copy of the latest version.
+
+        Raises:
+            SegmentNotFoundError: the segment does not exist (any more).
+        """
+        return self._now(segment).latest()
+
+    def _now(self, name: str) -> Segment:
+        """The handle of the object ``name`` leads to now, for reads of the latest:
+        never one of a segment deleted (or deleted and created again) since it was
+        attached, whose data nobody writes any more. A followed segment's own handle
+        is replaced only where :meth:`updates` looks (its last versions are counted
+        there); until then reads of the latest go through a handle of their own."""
+        seg = self.segment(name)
+        if seg.linked():
+            fresh = self._fresh.pop(name, None)
+            if fresh is not None:
+                fresh.close()
+            return seg
+        if name not in self._tracks:  # read only for its latest: attached anew
+            del self._extra[name]
+            seg.close()
+            return self.segment(name)
+        fresh = self._fresh.get(name)
+        if fresh is None or not fresh.linked():
+            if fresh is not None:
+                del self._fresh[name]
+                fresh.close()
+            fresh = Segment.attach(name, namespace=self.namespace, owner=self._owner)
+            self._fresh[name] = fresh
+        return fresh
 
     def staleness(self, segment: str, now_ns: int | None = None) -> float | None:
         """Seconds since the latest commit of ``segment`` (what its header says, else the
@@ -691,7 +782,7 @@ class Subscriber:
 
     def _word_housekeeping(self) -> None:
         word = self._word
-        if word is None or (not word.broker_up(self.heartbeat_timeout) and word.replaced()):
+        if word is None or (not self._word_up(word) and word.replaced()):
             # A broker made a new word (ours is gone with the old one), or none yet.
             try:
                 new = NamespaceWord.attach(self.namespace)
@@ -704,6 +795,9 @@ class Subscriber:
                 self._word_seen = new.notify - 1  # look at it now
             elif new is not None:
                 new.close()
+        if word is not None and not self._hb_given:
+            with contextlib.suppress(ShmcastError, ValueError):
+                self.heartbeat_timeout = 3 * word.interval + 0.2
         up = self.broker_up
         if up is not None and up != self._was_up:
             if self._was_up is not None:
@@ -944,6 +1038,9 @@ class Subscriber:
         self._broker_up = True
         try:
             self._snapshot()
+            assert self._client is not None
+            # The new broker's heartbeat interval (it may run with another one).
+            self._take_interval(self._client.request("hello"))
         except (BrokerUnavailableError, ShmcastError) as exc:
             log.warning("snapshot after restart failed: %s", exc)
             self.epoch = epoch
@@ -963,10 +1060,18 @@ class Subscriber:
         word = self._word
         if word is None or word.closed:
             return False if self.mode == "shm" else None
-        return word.broker_up(self.heartbeat_timeout)
+        return self._word_up(word)
+
+    def _word_up(self, word: NamespaceWord) -> bool:
+        """The word's heartbeats are recent: within the timeout given, else within three
+        of the intervals the broker now writing it beats at (one restarted with another
+        interval is judged by its own)."""
+        return word.broker_up(self.heartbeat_timeout if self._hb_given else None)
 
     def _report(self) -> None:
-        """Tell the broker our counters (one-way, never blocks; for ``shmcast top``)."""
+        """Tell the broker our counters (one-way, never blocks; for ``shmcast top``):
+        those of the first :data:`REPORT_SEGMENTS` segments, which the broker keeps
+        (the counters of all of them may outgrow the broker's largest message)."""
         if self._client is None or not self.broker_up:
             return
         segs = {
@@ -979,9 +1084,9 @@ class Subscriber:
                 "p50": st.percentile(50),
                 "p99": st.percentile(99),
             }
-            for name, st in self.stats.items()
+            for name, st in list(self.stats.items())[:REPORT_SEGMENTS]
         }
-        self._client.send("report", name=self.name, pid=os.getpid(), segments=segs)
+        self._client.send("report", name=self.name[:REPORT_NAME], pid=os.getpid(), segments=segs)
 
     # ------------------------------------------------------------------ closing
 
@@ -996,9 +1101,15 @@ class Subscriber:
     def _teardown(self) -> None:
         for tr in self._track_list:
             tr.seg = None
-        for seg in [*self._handles.values(), *self._retired, *self._extra.values()]:
+        for seg in [
+            *self._handles.values(),
+            *self._retired,
+            *self._extra.values(),
+            *self._fresh.values(),
+        ]:
             seg.close()
         self._extra.clear()
+        self._fresh.clear()
         self._handles.clear()
         self._retired.clear()
         self._wait_segs = []
@@ -1025,6 +1136,15 @@ class Subscriber:
         locked = self._io.acquire(timeout=CLOSE_WAIT)
         try:
             self._settle()
+            # Versions learnt of but never handed out (a consumer that stopped early,
+            # --count): counted, or they would be in no counter at all.
+            # (Taken one by one: without the lock a reading thread may still queue.)
+            while self._pending:
+                try:
+                    up = self._pending.popleft()
+                except IndexError:
+                    break
+                self._tracks[up.segment].st.missed += 1
             self._teardown()
         finally:
             if locked:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -123,7 +124,12 @@ def _emit(rec: dict[str, Any], out: TextIO, *, as_json: bool, quiet: bool) -> No
     if quiet:
         return
     if as_json:
-        out.write(json.dumps(rec) + "\n")
+        # NaN and infinities are no JSON (jq and most parsers refuse them): null, as
+        # JavaScript's JSON.stringify writes them.
+        safe = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()
+        }
+        out.write(json.dumps(safe, allow_nan=False) + "\n")
     else:
         extra = ""
         if "mean" in rec:

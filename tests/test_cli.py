@@ -6,8 +6,13 @@ import fcntl
 import json
 import os
 import re
+import select
 import shutil
 import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,6 +153,7 @@ def test_a_book_of_ticks_too_large_is_refused_by_the_publisher_not_a_traceback(
         # Never stopped, stopped after one update, or was taken as is.
         (["publish", "x", "--dtype", "u1", "--shape", "4", "--count", "-1"], "--count"),
         (["subscribe", "x", "--count", "-1"], "--count"),
+        (["subscribe", "x", "--name", ""], "--name"),
         (["record", "x", "-o", "x.h5", "--count", "-1"], "--count"),
         (["doctor", "--subscribers", "-5"], "--subscribers"),
     ],
@@ -249,6 +255,77 @@ def test_subscribe_json_count(namespace: str, capsys: pytest.CaptureFixture[str]
         assert rec["version"] == 2
         assert rec["max"] == 18.0
         assert rec["mean"] == pytest.approx(9.0)
+    finally:
+        seg.unlink()
+        seg.close()
+
+
+def test_subscribe_into_a_pipe_its_reader_closed_stops_cleanly(namespace: str) -> None:
+    """``shmcast subscribe x | head -1``: before, the next line died of a
+    BrokenPipeError traceback (exit 1, no summary line)."""
+    seg = Segment.create("bp", "f8", (4,), namespace=namespace)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmcast.cli", "subscribe", "bp", "-n", namespace, "--wait=futex"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 30
+        ready = ""
+        while "ready" not in ready:
+            assert time.monotonic() < deadline, "no ready line"
+            if select.select([proc.stderr], [], [], 0.5)[0]:
+                ready = proc.stderr.readline()
+                assert ready, "subscribe exited early"
+        seg.write(np.zeros(4))
+        assert select.select([proc.stdout], [], [], 10)[0], "no update line"
+        assert proc.stdout.readline().startswith("bp v1 ")
+        proc.stdout.close()  # what head does after its line
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "subscribe did not stop"
+            seg.write(np.zeros(4))
+            time.sleep(0.01)
+        err = proc.stderr.read()
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+        assert "shmcast subscribe done: " in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+        seg.unlink()
+        seg.close()
+
+
+def test_subscribe_json_is_json_for_nan_and_infinity(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--json --stats`` of a version holding NaN or infinity: before, the line said
+    ``"mean": NaN`` / ``Infinity``, which is no JSON (jq refuses it)."""
+    seg = Segment.create("jn", "f8", (4,), namespace=namespace)
+    try:
+        t = threading.Timer(0.3, lambda: seg.write(np.array([np.inf, 1.0, 2.0, np.nan])))
+        t.start()
+        code = main(
+            [
+                *("subscribe", "jn", "-n", namespace, "--wait", "futex"),
+                *("--json", "--stats", "--count", "1", "--timeout", "10"),
+            ]
+        )
+        t.join()
+        assert code == 0
+
+        def refuse(constant: str) -> None:
+            raise ValueError(f"{constant} is no JSON")
+
+        rec = json.loads(capsys.readouterr().out.strip(), parse_constant=refuse)
+        assert rec["version"] == 1
+        assert (rec["mean"], rec["std"], rec["max"]) == (None, None, None)
     finally:
         seg.unlink()
         seg.close()

@@ -5,6 +5,7 @@ re-attach, and deliver or count its versions; a relay's mirror must follow."""
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 import pytest
@@ -179,3 +180,93 @@ def test_a_segment_made_again_is_announced_only_its_own_versions(
             assert versions == [10]
     finally:
         sub.close(0)
+
+
+def test_reads_of_the_latest_never_come_from_a_deleted_object(namespace: str) -> None:
+    """A dashboard reads ``sub.latest(name)`` or ``sub.read(name)`` without iterating
+    the updates. Before, after its segment was deleted and created again it read the
+    deleted object's last version for ever (so did a name it does not follow, even
+    while the updates were iterated), and after a deletion too."""
+    made: list[Segment] = []
+
+    def make(name: str, value: int) -> None:
+        seg = Segment.create(name, "i8", (2,), namespace=namespace)
+        made.append(seg)
+        seg.write(np.full(2, value, "i8"))
+
+    def drop() -> None:
+        for seg in made:
+            with contextlib.suppress(FileNotFoundError):
+                seg.unlink()
+            seg.close()
+        made.clear()
+
+    try:
+        make("d", 1)
+        make("x", 2)
+        with Subscriber("d", namespace=namespace, wait="futex") as sub:
+            assert sub.latest("d").array.tolist() == [1, 1]
+            assert sub.latest("x").array.tolist() == [2, 2]
+            drop()
+            make("d", 7)
+            make("x", 8)
+            assert sub.latest("d").array.tolist() == [7, 7]
+            with sub.read("d") as snap:
+                assert snap.array.tolist() == [7, 7]
+            assert sub.latest("x").array.tolist() == [8, 8]
+            drop()
+            with pytest.raises(SegmentNotFoundError):
+                sub.latest("d")
+            with pytest.raises(SegmentNotFoundError), sub.read("x"):
+                pass
+    finally:
+        drop()
+
+
+def test_the_first_commit_of_a_segment_made_again_is_announced_at_once(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit watcher slept on the deleted object; when it looked again, the new
+    incarnation had as many commits (1) as the old one had had, so it took nothing
+    for new and version 1 waited for the broker's next tick (a heartbeat interval,
+    0.5 s by default; 60 s here) before events subscribers and relays heard of it."""
+    import zmq
+
+    import shmcast.broker._watch as watch
+    from shmcast.broker import BrokerConfig
+    from shmcast.broker.client import unpack
+
+    monkeypatch.setattr(watch, "SLICE", 0.5)  # the watcher sleeps on the old one meanwhile
+    broker = Broker(BrokerConfig(namespace=namespace, heartbeat_interval=60)).start()
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    try:
+        assert broker.endpoints is not None
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.connect(broker.endpoints.events)
+        sub.subscribe(b"r\0")
+
+        def announced(version: int, within: float = 10) -> bool:
+            deadline = time.monotonic() + within
+            while (left := deadline - time.monotonic()) > 0 and sub.poll(int(left * 1000)):
+                body = unpack(sub.recv_multipart()[-1], 4096)
+                if body["kind"] == "version" and body["version"] == version:
+                    return True
+            return False
+
+        with Publisher("r", dtype="i8", shape=2, namespace=namespace) as pub:
+            # Published until the subscription has reached the broker.
+            def heard() -> bool:
+                pub.publish(np.zeros(2, "i8"))
+                return announced(pub.version, within=1)
+
+            wait_for(heard, 10, 0, "the first incarnation's announcement")
+            before = pub.version
+        with ControlClient(broker.endpoints.control) as c:
+            c.request("delete", name="r")
+        with Publisher("r", dtype="i8", shape=2, namespace=namespace) as again:
+            for _ in range(before):  # as many commits as the old incarnation had
+                again.publish(np.ones(2, "i8"))
+            assert announced(before)
+    finally:
+        sub.close(0)
+        broker.close()

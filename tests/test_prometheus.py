@@ -278,3 +278,82 @@ def test_prometheus_scrapes_broker_and_subscribers(namespace: str) -> None:
         for sp in reversed(procs):
             sp.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_the_subscriber_label_is_the_subscribers_own_name(namespace: str) -> None:
+    """``Subscriber(..., name="risk")`` reports to ``shmcast top`` as ``risk``; before,
+    ``serve_metrics(sub, port)`` labelled its metrics ``subscriber="subscriber"``
+    all the same (every subscriber of a process alike)."""
+    import numpy as np
+
+    from shmcast.broker import Segment
+    from shmcast.subscriber import Subscriber, SubscriberCollector
+
+    seg = Segment.create("lbl", "f8", (1,), namespace=namespace)
+    try:
+        with Subscriber("lbl", namespace=namespace, wait="futex", name="risk") as sub:
+            seg.write(np.zeros(1))
+
+            def labels(collector: SubscriberCollector) -> set[str]:
+                return {s.labels["subscriber"] for f in collector.collect() for s in f.samples}
+
+            assert labels(SubscriberCollector(sub)) == {"risk"}
+            assert labels(SubscriberCollector(sub, name="probe")) == {"probe"}
+    finally:
+        seg.unlink()
+        seg.close()
+
+
+@pytest.mark.parametrize("host", ["no-such-host.invalid", "192.0.2.1"])
+def test_a_metrics_host_that_is_no_address_here_is_named_as_the_fix(host: str) -> None:
+    """A host that does not resolve, or is no address of this machine: before, the
+    error's fix was "pick another --metrics-port", which cannot help."""
+    from prometheus_client import CollectorRegistry
+
+    from shmcast.broker import EndpointError, start_metrics_server
+
+    with pytest.raises(EndpointError, match="--metrics-host") as info:
+        start_metrics_server(CollectorRegistry(), 0, host=host)
+    assert "--metrics-port" not in str(info.value)
+
+
+def test_a_metrics_endpoint_holds_a_bounded_number_of_connections() -> None:
+    """The metrics port is every local user's (loopback TCP). Before, each idle
+    connection held a thread and a descriptor for ever: a reviewer's 121 of them
+    took a subscriber (open-files limit 128) to ``EMFILE``, and its next segment
+    could not be attached. Beyond the bound, connections are closed at once."""
+    import socket
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from shmcast.broker import start_metrics_server
+
+    bound = 16  # broker._metrics.MAX_CONNECTIONS
+
+    def handlers() -> int:
+        return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+    def at_eof(client: socket.socket) -> bool:
+        client.setblocking(False)
+        try:
+            return client.recv(1) == b""
+        except BlockingIOError:
+            return False
+
+    server = start_metrics_server(CollectorRegistry(), 0)
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(2 * bound):
+            clients.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+        wait_for(
+            lambda: handlers() + sum(map(at_eof, clients)) >= len(clients),
+            10,
+            0.05,
+            "every connection held by a thread or closed",
+        )
+        assert handlers() <= bound
+    finally:
+        for client in clients:
+            client.close()
+        server.close()

@@ -4,8 +4,10 @@ versions published in every wait mode, validated copies, asyncio."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,8 +25,10 @@ from shmcast.broker import (
     VersionUnavailableError,
 )
 from shmcast.broker.client import shm_path
+from shmcast.cli._main import main
 from shmcast.publisher import Publisher
 from shmcast.subscriber import Subscriber, Update
+from shmcast.subscriber import _subscriber as subscriber_module
 
 from ._seg_util import finish, kill, read_line, spawn
 
@@ -181,6 +185,14 @@ def test_bad_timeouts_are_refused_naming_the_argument(
             asyncio.run(asyncio.wait_for(first(), 5))
 
 
+@pytest.mark.parametrize("mode", ["shm", "events"])
+def test_a_huge_timeout_is_a_long_wait(namespace: str, thread_broker: Broker, mode: str) -> None:
+    """``Subscriber(timeout=1e300)`` (finite, so accepted): before, its first request
+    to the broker died of an OverflowError (a poll of 1e303 ms)."""
+    with Subscriber("a", wait=mode, timeout=1e300, heartbeat_timeout=1e300) as sub:  # type: ignore[arg-type]
+        assert list(sub.updates(timeout=0.05)) == []
+
+
 def test_a_read_ended_by_close_says_closed_not_torn(namespace: str, thread_broker: Broker) -> None:
     """The writer never touched the slot: leaving the block raised TornReadError
     ("overwritten by the writer"), while the counts said delivered."""
@@ -209,6 +221,14 @@ def test_errors_of_reads_say_what_is_wrong(namespace: str, thread_broker: Broker
         with pytest.raises(VersionUnavailableError, match=r"not committed yet \(latest is 1\)"):
             sub.read("a", version=99).__enter__()
         with sub.read(up) as snap:
+            assert snap.version == 1
+        # A name where an update goes: an AttributeError from inside copy().
+        with pytest.raises(TypeError, match=r"sub.latest\(name\)"):
+            sub.copy("a")  # type: ignore[arg-type]
+        # A version beside an update was ignored: read(update, 5) read the update's.
+        with pytest.raises(ValueError, match=r"sub.read\('a', version=5\)"):
+            sub.read(up, 5)
+        with sub.read(up, 1) as snap:
             assert snap.version == 1
 
 
@@ -430,3 +450,103 @@ def test_aupdates_over_many_segments_uses_one_thread(namespace: str, thread_brok
     finally:
         for p in pubs:
             p.close()
+
+
+def test_versions_learnt_but_never_handed_out_are_counted_at_close(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A consumer that stops early (``break``, ``shmcast subscribe --count 1``) leaves
+    versions the subscriber learnt of in its queue, never handed out. Before, they
+    were in no counter: 20 published, ``last_version`` 20, the four counters 13."""
+    seg = Segment.create("p", "i8", (2,), slots=8, namespace=namespace)
+    try:
+        with Subscriber("p", namespace=namespace, wait="futex") as sub:
+            for i in range(20):
+                seg.write(np.full(2, i, "i8"))
+            for _ in sub.updates(timeout=5):
+                break
+        st = sub.stats["p"]
+        assert (st.last_version, st.updates) == (20, 1)
+        assert st.accounted == 20
+
+        # The CLI's summary line is taken after the close that counts them. The
+        # burst is written whole before the subscriber's thread gets the GIL back.
+        def burst() -> None:
+            for i in range(20):
+                seg.write(np.full(2, i, "i8"))
+
+        timer = threading.Timer(0.3, burst)
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1.0)
+        try:
+            timer.start()
+            argv = ["subscribe", "p", "-n", namespace, "--wait", "futex", "--count", "1"]
+            assert main([*argv, "-q", "--timeout", "10"]) == 0
+        finally:
+            sys.setswitchinterval(interval)
+            timer.join(10)
+        done = capsys.readouterr().err.split("shmcast subscribe done: ")[1]
+        counts = json.loads(done.splitlines()[0])["p"]
+        assert sum(counts[k] for k in ("updates", "missed", "overrun", "torn")) == 20
+    finally:
+        seg.unlink()
+        seg.close()
+
+
+def test_a_header_that_never_completes_is_waited_for_once(
+    namespace: str, thread_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An object of zeros under a subscribed name (a creator that died before its
+    header): each look at the paths (twice a second) waited 0.5 s for the header,
+    and the other segments' versions went by meanwhile (a reviewer: 12 of 295
+    versions of a 100 Hz segment delivered, 283 missed). The wait is once per object."""
+    waits: list[float] = []
+    attach = Segment.attach.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[Segment], name: str, **kw: object) -> Segment:
+        if name == "bad":
+            waits.append(float(kw.get("wait", 1.0)))  # type: ignore[arg-type]
+        return attach(cls, name, **kw)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Segment, "attach", classmethod(spy))
+    monkeypatch.setattr(subscriber_module, "PATH_CHECK", 0.1)  # looks sooner: a faster test
+    path = shm_path(namespace, "bad")
+    with open(path, "xb") as f:
+        f.write(bytes(8192))
+    try:
+        with (
+            Publisher("good", dtype="i8", shape=4, namespace=namespace) as pub,
+            Subscriber(["good", "bad"], namespace=namespace) as sub,
+        ):
+            deadline = time.monotonic() + 10
+            while len(waits) < 4:  # the first attach, then three looks at the paths
+                assert time.monotonic() < deadline, waits
+                pub.publish(np.zeros(4, "i8"))
+                for _ in sub.updates(timeout=0.05):
+                    pass
+            assert sub.absent() == ["bad"]
+            assert [w for w in waits if w > 0] == [0.5], waits
+    finally:
+        os.unlink(path)
+
+
+def test_an_events_subscriber_of_more_segments_than_the_broker_holds_topics_is_refused(
+    namespace: str,
+) -> None:
+    """One topic per segment: past the broker's ``max_subscriptions`` its events
+    endpoint resets, the subscriber resubscribes, and so on (a reviewer: 21 resets in
+    3 s for 100 segments over 16; every events subscriber of the namespace lost
+    announcements, and this one took the broker for down)."""
+    from shmcast.broker import BrokerConfig, ConfigError
+
+    broker = Broker(BrokerConfig(namespace=namespace, max_subscriptions=16)).start()
+    try:
+        with pytest.raises(ConfigError, match=r"wait='shm'.*max_subscriptions"):
+            Subscriber([f"s{i}" for i in range(16)], wait="events")
+        with Subscriber([f"s{i}" for i in range(15)], wait="events") as sub:  # and its own
+            list(sub.updates(timeout=0.2))
+            assert sub.broker_up
+        assert broker._events is not None
+        assert broker._events.resets == 0
+    finally:
+        broker.close()

@@ -348,3 +348,33 @@ def test_a_local_writer_ends_what_a_restarted_broker_may_let_a_mirror_claim(
         live.close()
         b.close()
         _remove_all(namespace)
+
+
+@pytest.mark.parametrize("mode", ["shm", "events"])
+def test_a_broker_restarted_with_a_longer_heartbeat_is_not_taken_for_down(
+    namespace: str, mode: str
+) -> None:
+    """A subscriber took its heartbeat timeout from the first broker's interval (0.04 s:
+    0.32 s) for good; the broker restarted with 0.6 s was "silent" about half the
+    time: ``broker_up`` false, a warning per heartbeat, ``shmcast_broker_up`` 0."""
+    import time
+
+    from shmcast.subscriber import Subscriber
+
+    broker = Broker(BrokerConfig(namespace=namespace, heartbeat_interval=0.04)).start()
+    try:
+        with Subscriber("a", namespace=namespace, wait=mode) as sub:  # type: ignore[arg-type]
+            broker.close()
+            broker = Broker(BrokerConfig(namespace=namespace, heartbeat_interval=0.6)).start()
+            deadline = time.monotonic() + 10
+            while not (sub.epoch_changes and sub.broker_up):  # the new broker heard
+                assert time.monotonic() < deadline, "the restarted broker never seen up"
+                list(sub.updates(timeout=0.02))
+            seen = []
+            until = time.monotonic() + 0.9  # a heartbeat interval and a half
+            while time.monotonic() < until:
+                list(sub.updates(timeout=0.02))
+                seen.append(sub.broker_up)
+            assert all(seen), f"taken for down in {seen.count(False)} of {len(seen)} looks"
+    finally:
+        broker.close()

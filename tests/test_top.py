@@ -329,3 +329,45 @@ def test_report_table_keeps_recent_reports_and_refuses_bad_ones(
             )
     finally:
         brk.close()
+
+
+def test_a_subscriber_of_many_segments_reports_what_the_broker_keeps(
+    namespace: str, thread_broker: Broker
+) -> None:
+    """A subscriber of 1000 segments (or of a long name) sent the counters of all of
+    them, 90 KB, over the broker's largest message (64 KiB): the broker dropped each
+    report with the connection, and ``shmcast top`` never showed the subscriber."""
+    from shmcast.subscriber import Subscriber
+
+    assert thread_broker.endpoints is not None
+    names = [f"segment_number_{i:04}" for i in range(1000)]
+    with (
+        Subscriber(names, namespace=namespace, name="n" * 100_000) as sub,
+        ControlClient(thread_broker.endpoints.control, timeout=5) as client,
+    ):
+
+        def shown() -> list[dict[str, object]]:
+            for _ in sub.updates(timeout=0.05):
+                pass
+            rows: list[dict[str, object]] = client.request("subscribers")["subscribers"]
+            return rows
+
+        rows = wait_for(shown, 5, 0, "the subscriber's report")
+        assert [r["name"] for r in rows] == ["n" * 64]
+        segments = rows[0]["segments"]
+        assert isinstance(segments, dict)
+        assert sorted(segments) == names[:64]
+    for bad in (5, "", None):
+        with pytest.raises(ValueError, match="name must be a non-empty string"):
+            Subscriber("a", namespace=namespace, name=bad)  # type: ignore[arg-type]
+
+
+def test_render_gives_a_segment_made_again_no_rate() -> None:
+    """A segment deleted and created again between two refreshes: before, its rate was
+    the new version minus the old incarnation's, over the interval (-497.0/s)."""
+    stats = {"shm_total": 1, "shm_free": 1}
+    prev = Sample(t=0.0, segments=[{"name": "r", "version": 500, "incarnation": 1}], stats=stats)
+    same = Sample(t=1.0, segments=[{"name": "r", "version": 600, "incarnation": 1}], stats=stats)
+    again = Sample(t=1.0, segments=[{"name": "r", "version": 3, "incarnation": 2}], stats=stats)
+    assert re.search(r"^r\s+600\s+100\.0\s", "\n".join(render("ns", "ep", same, prev)), re.M)
+    assert re.search(r"^r\s+3\s+-\s", "\n".join(render("ns", "ep", again, prev)), re.M)
