@@ -474,7 +474,11 @@ class ZenohBridge(Service):
             for e in exports:
                 self._drop_export(e)
             if self._local is not None:
-                self._local.close()  # closes the mirrors it made and nobody took
+                # The mirrors keep their last data, and no longer follow the upstream;
+                # closing also closes the mirrors it made and nobody took.
+                with self._import_lock:
+                    last = [(*self._mark(m)[:3], False) for m in self._mirrors.values()]
+                self._local.close(last)
             with self._import_lock:
                 mirrors = list(self._mirrors.values())
                 self._mirrors.clear()
