@@ -30,7 +30,8 @@ shortest of the three lengths and drops trailing rows whose version is 0 (space
 allocated but never written), so a file cut short anywhere reads as the versions
 written whole.
 
-Parquet (pyarrow), for one-dimensional record dtypes: one file per segment, one
+Parquet (pyarrow), for one-dimensional record dtypes (no field named ``version``
+or ``timestamp_ns``: those are the recording's columns): one file per segment, one
 row per record; the record's fields as columns (numbers, booleans and datetimes
 as themselves, unicode as strings, fixed-size sub-arrays as fixed-size lists,
 anything else, bytes included, as fixed-size binary of the field's raw bytes)
@@ -622,6 +623,15 @@ def _parquet_check(lay: SegmentLayout) -> None:
         raise LayoutError(
             f"segment {lay.name!r} holds {lay.describe()}: Parquet takes one-dimensional "
             f"record (structured) dtypes, a row per record; record it with --format hdf5"
+        )
+    # A field of the name of a column of the recording's own would be the same
+    # column: its values were replaced by the version numbers and commit times.
+    taken = [n for n in COLUMNS if n in lay.dtype.names]
+    if taken:
+        raise LayoutError(
+            f"segment {lay.name!r} has field(s) {', '.join(map(repr, taken))}, the name(s) "
+            f"of the columns a Parquet recording adds to each row; record it with "
+            f"--format hdf5"
         )
 
 

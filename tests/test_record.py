@@ -961,6 +961,24 @@ def test_parquet_refuses_what_is_not_a_one_dimensional_record(tmp_path: Path) ->
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("field", ["version", "timestamp_ns"])
+def test_parquet_refuses_a_field_named_as_its_own_columns(tmp_path: Path, field: str) -> None:
+    """The field and the recording's column of that name were one column: the
+    field's values came back as the version numbers (or commit times), silently."""
+    from shmcast.broker import LayoutError
+
+    dt = np.dtype([(field, "<u8"), ("px", "<f8")])
+    with pytest.raises(LayoutError, match=f"'{field}'.*--format hdf5"):
+        open_writer(str(tmp_path / "x.parquet"), [SegmentLayout("t", dt, (2,))], format="parquet")
+    assert list(tmp_path.iterdir()) == []
+    # HDF5 keeps such fields as they are.
+    rows = np.array([(777, 1.5), (888, 2.5)], dt)
+    with open_writer(str(tmp_path / "x.h5"), [SegmentLayout("t", dt, (2,))]) as w:
+        w.append("t", [rows], [1], [100])
+    with open_recording(tmp_path / "x.h5") as rec:
+        assert rec.segments["t"].read(0).tobytes() == rows.tobytes()
+
+
 # ------------------------------------------------------------------ signals
 
 
