@@ -146,13 +146,15 @@ class Replayer:
                         curve=curve,
                     )
                 self._pubs[name] = pub
+            for src in self._sources.values():
+                if len(src):
+                    src.read(0)  # warm the file's read path up before the clock starts
         except BaseException:
+            # Whatever failed (a damaged first entry too): no writer lease, segment
+            # handle or file is left open.
             self._teardown()
             raise
         self.segments = list(self._sources)
-        for src in self._sources.values():
-            if len(src):
-                src.read(0)  # warm the file's read path up before the clock starts
         self._stats = {name: ReplayStats() for name in self.segments}
         self._order = self._schedule()
         self._closed = False

@@ -781,6 +781,31 @@ def test_a_damaged_recording_is_refused_at_once(
     assert "is not a shmcast recording" in capsys.readouterr().err
 
 
+def test_a_replay_refused_on_its_first_entry_lets_its_segments_go(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """The warm-up read of entry 0 ran after the replayer's clean-up was armed: a
+    damaged first entry raised NotARecordingError with the publishers still open, so
+    the writer lease stayed taken ('already has a writer': this very process)."""
+    import h5py
+
+    path = tmp_path / "dmg.h5"
+    with open_writer(
+        str(path), [SegmentLayout("s", np.dtype("<f8"), (256,))], compression="gzip"
+    ) as w:
+        for v in (1, 2):
+            w.append("s", [np.random.default_rng(v).random(256)], [v], [v])
+    with h5py.File(path, "r") as f:
+        offset = f["s/data"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 8)
+        fh.write(b"\xff" * 200)
+    with pytest.raises(NotARecordingError, match="entry 0"):
+        Replayer(path, namespace=namespace, speed=None)
+    with Publisher("s", namespace=namespace) as pub:  # the lease is free
+        assert pub.version == 0
+
+
 @pytest.mark.parametrize(("fmt", "module"), [("hdf5", "h5py"), ("parquet", "pyarrow")])
 def test_without_the_extra_record_and_replay_name_it(
     namespace: str,
