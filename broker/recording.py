@@ -683,8 +683,32 @@ def _arrow_columns(pa: Any, arr: npt.NDArray[Any]) -> dict[str, Any]:
     return cols
 
 
+def _arrow_schema(pa: Any, dt: np.dtype[Any]) -> Any:
+    """The Arrow schema of a Parquet recording of records of ``dt``: its fields' columns,
+    then ``version`` and ``timestamp_ns``."""
+    sample = _arrow_columns(pa, np.zeros(1, dt))
+    sample["version"] = pa.array(np.zeros(1, np.uint64))
+    sample["timestamp_ns"] = pa.array(np.zeros(1, np.uint64))
+    return pa.table(sample).schema
+
+
+def _same_type(pa: Any, have: Any, want: Any) -> bool:
+    """Whether a column read back is of the type the writer made: the same, or a
+    time of another unit (Parquet keeps none in seconds: they come back in ms)."""
+    if have.equals(want):
+        return True
+    if pa.types.is_timestamp(want):
+        return bool(pa.types.is_timestamp(have) and have.tz == want.tz)
+    return bool(pa.types.is_duration(want) and pa.types.is_duration(have))
+
+
 def _from_arrow(table: Any, dt: np.dtype[Any]) -> npt.NDArray[Any]:
-    """Rows of a Parquet recording back into records, field by field, as raw bytes."""
+    """Rows of a Parquet recording back into records, field by field, as raw bytes.
+
+    Raises:
+        ValueError: a column holds nulls where the writer makes none (it writes a
+            null for NaT only), or values its field cannot take.
+    """
     assert dt.names is not None
     assert dt.fields is not None
     n = table.num_rows
@@ -694,6 +718,9 @@ def _from_arrow(table: Any, dt: np.dtype[Any]) -> npt.NDArray[Any]:
         field, offset = dt.fields[name][:2]
         col = table.column(name).combine_chunks()
         kind = _arrow_kind(field)
+        nulls = col.null_count + (col.flatten().null_count if kind == "list" else 0)
+        if nulls and not (kind == "num" and field.kind in "mM"):
+            raise ValueError(f"column {name!r} holds {nulls} null value(s)")
         if kind == "num":
             values = col.to_numpy(zero_copy_only=False).astype(field, copy=False)
         elif kind == "list":
@@ -774,10 +801,7 @@ class _ParquetWriter(RecordingWriter):
             "namespace": lay.namespace,
             "slots": lay.slots,
         }
-        sample = _arrow_columns(pa, np.zeros(1, lay.dtype))
-        sample["version"] = pa.array(np.zeros(1, np.uint64))
-        sample["timestamp_ns"] = pa.array(np.zeros(1, np.uint64))
-        schema = pa.table(sample).schema.with_metadata({META_KEY: json.dumps(meta).encode()})
+        schema = _arrow_schema(pa, lay.dtype).with_metadata({META_KEY: json.dumps(meta).encode()})
         try:
             file = open(path, "wb" if overwrite else "xb")  # noqa: SIM115 (closed in _close)
         except OSError as exc:
@@ -994,7 +1018,11 @@ def _checked_columns(
     v = np.asarray(versions, dtype=np.uint64)
     if v.size and (v[0] == 0 or bool(np.any(v[1:] <= v[:-1]))):
         raise NotARecordingError(path, f"segment {name!r}: its versions do not only go forward")
-    if isinstance(missed, bool) or not isinstance(missed, (int, np.integer)) or missed < 0:
+    if (
+        isinstance(missed, bool)
+        or not isinstance(missed, (int, np.integer))
+        or not 0 <= missed < 2**64
+    ):
         raise NotARecordingError(path, f"segment {name!r}: a missed count of {missed!r}")
     return v, int(missed)
 
@@ -1177,12 +1205,22 @@ class _ParquetRecorded(RecordedSegment):
         self._pf = pf
         self._rows = layout.shape[0]
         cols = pf.read(columns=list(COLUMNS))
+        for col in COLUMNS:
+            if cols.column(col).null_count:
+                raise NotARecordingError(path, f"column {col!r} holds null values")
         versions = cols.column("version").to_numpy()
         times = cols.column("timestamp_ns").to_numpy()
         if len(versions) % self._rows:
             raise NotARecordingError(
                 path, f"{len(versions)} rows is not a whole number of {self._rows}-row versions"
             )
+        # The rows of one version share its number and commit time, as written.
+        for what, col in (("version", versions), ("commit time", times)):
+            per = col.reshape(-1, self._rows)
+            if per.size and not bool(np.all(per == per[:, :1])):
+                raise NotARecordingError(
+                    path, f"the {self._rows} rows of a version do not share one {what}"
+                )
         self.versions, self.missed = _checked_columns(
             path, layout.name, np.ascontiguousarray(versions[:: self._rows]), missed
         )
@@ -1198,9 +1236,10 @@ class _ParquetRecorded(RecordedSegment):
         if self._cached is None or self._cached[0] != g:
             try:
                 table = self._pf.read_row_group(g, columns=list(self.layout.dtype.names or ()))
+                rows = _from_arrow(table, self.layout.dtype)
             except _DAMAGED as exc:  # pyarrow: OSError, ArrowInvalid (a ValueError), ...
                 raise NotARecordingError(self.path, f"row group {g}: {exc}") from exc
-            self._cached = (g, _from_arrow(table, self.layout.dtype))
+            self._cached = (g, rows)
         return self._cached[1]
 
     def read_into(self, i: int, out: npt.NDArray[Any]) -> None:
@@ -1248,6 +1287,17 @@ def _open_parquet(path: str) -> Recording:
         wanted = {*(layout.dtype.names or ()), *COLUMNS}
         if not wanted <= names:
             raise NotARecordingError(path, f"columns {sorted(wanted - names)} are missing")
+        # Each column of the type the writer makes of its field: another type's values
+        # were read as if they were (a variable-size binary column's offsets as a
+        # field's bytes), or failed with a traceback.
+        pa = require("pyarrow", "reading a Parquet recording")
+        for field in _arrow_schema(pa, layout.dtype):
+            have = pf.schema_arrow.field(field.name).type
+            if not _same_type(pa, have, field.type):
+                raise NotARecordingError(
+                    path, f"column {field.name!r} is {have}, where {layout.describe()} makes it "
+                    f"{field.type}"
+                )
         missed = int(meta_all.get(MISSED_KEY, b"0"))  # ValueError: damaged, said below
         seg = _ParquetRecorded(path, pf, layout, missed)
     except LayoutError as exc:

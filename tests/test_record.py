@@ -806,6 +806,66 @@ def test_a_replay_refused_on_its_first_entry_lets_its_segments_go(
         assert pub.version == 0
 
 
+def _forged_parquet(path: Path, columns: dict[str, Any], missed: bytes = b"0") -> Path:
+    """A Parquet file with shmcast's metadata for 2 records of ``[('a', '<i4')]`` (or
+    ``V4``, or ``(2,)``: ``columns["kind"]``) of segment ``<path's stem>`` and
+    ``columns``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dtype = {"a": "[('a', '<i4')]", "raw": "[('a', 'V4')]", "list": "[('a', '<i4', (2,))]"}
+    kind = columns.pop("kind", "a")
+    meta = {"format": "shmcast-recording", "format_version": 1, "segment": path.stem}
+    meta |= {"dtype": dtype[kind], "shape": [2], "namespace": "x", "slots": 2}
+    cols = {"version": pa.array(np.array([1, 1, 2, 2], np.uint64))}
+    cols |= {"timestamp_ns": pa.array(np.array([5, 5, 6, 6], np.uint64))} | columns
+    table = pa.table(cols).replace_schema_metadata({b"shmcast": json.dumps(meta).encode()})
+    with pq.ParquetWriter(path, table.schema) as w:
+        w.write_table(table)
+        w.add_key_value_metadata({b"shmcast.missed": missed})
+    return path
+
+
+def test_a_parquet_file_of_other_column_types_is_refused(
+    broker: Broker, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Column types were never checked: a string column made ValueError (a traceback
+    from replay), a variable-size binary column's offsets were read as the field's
+    bytes and a null as -2**31, both silently; so were rows of one version with
+    different numbers."""
+    import pyarrow as pa
+
+    ints = pa.array([1, 2, 3, 4], pa.int32())
+    forged = {
+        "strings for ints": {"a": pa.array(["x", "y", "z", "w"])},
+        "a null int": {"a": pa.array([1, None, 3, 4], pa.int32())},
+        "variable-size bytes": {"kind": "raw", "a": pa.array([b"abc", b"de", b"", b"xyzw"])},
+        "bytes of 2 for 4": {"kind": "raw", "a": pa.array([b"ab"] * 4, pa.binary(2))},
+        "a list of any length": {"kind": "list", "a": pa.array([[1], [2, 3], [4], [5]])},
+        "versions of doubles": {"a": ints, "version": pa.array([1.5, 1.5, 2.5, 2.5])},
+        "one version, two numbers": {
+            "a": ints,
+            "version": pa.array(np.array([1, 7, 2, 9], np.uint64)),
+        },
+    }
+    for k, (what, cols) in enumerate(forged.items()):
+        path = _forged_parquet(tmp_path / f"s{k}.parquet", cols)
+        with pytest.raises(NotARecordingError):  # noqa: PT012 (on opening or reading)
+            with open_recording(path) as rec:
+                seg = rec.segments[f"s{k}"]
+                for i in range(len(seg)):
+                    seg.read(i)
+            pytest.fail(what)
+        assert main(["replay", str(path), "-n", namespace, "--max"]) == 1, what
+        assert "is not a shmcast recording" in capsys.readouterr().err, what
+    many = _forged_parquet(tmp_path / "m.parquet", {"a": ints}, missed=str(2**70).encode())
+    with pytest.raises(NotARecordingError, match="missed count"):
+        open_recording(many)
+    good = _forged_parquet(tmp_path / "good.parquet", {"a": ints})
+    with open_recording(good) as rec:
+        assert rec.segments["good"].read(1).tolist() == [(3,), (4,)]
+
+
 @pytest.mark.parametrize(("fmt", "module"), [("hdf5", "h5py"), ("parquet", "pyarrow")])
 def test_without_the_extra_record_and_replay_name_it(
     namespace: str,
