@@ -229,6 +229,10 @@ class Recorder:
         self._stats = {n: RecorderStats() for n in self.names}
         # Where recording starts: versions committed before now are not ours to count.
         self._last = {n: s.version for n, s in self._segs.items()}
+        # The incarnation recorded, kept here: the subscriber closes the handle of an
+        # incarnation once its queued versions are read, and a closed handle has none.
+        self._incarnations = {n: s.incarnation for n, s in self._segs.items()}
+        self._layouts = {lay.name: lay for lay in layouts}
         self._pools = {
             n: _Pool(s.dtype, s.shape, max(2, min(1 << 16, buffer_bytes // max(1, s.nbytes))))
             for n, s in self._segs.items()
@@ -340,7 +344,7 @@ class Recorder:
     def _take(self, name: str, upto: int, incarnation: int = 0) -> Iterator[Recorded]:
         """Copy out every version of ``name`` after the last one handled, up to ``upto``
         or the latest committed, whichever is newer."""
-        if incarnation and incarnation != self._segs[name].incarnation:
+        if incarnation and incarnation != self._incarnations[name]:
             # Before the version test: a new incarnation starts again at version 1.
             self._new_incarnation(name)
         last = self._last[name]
@@ -407,14 +411,15 @@ class Recorder:
         version after this would be lost or misfiled: the recording stops, saying so."""
         sub = self._sub
         assert sub is not None
-        old = self._segs[name]
-        seg = sub.segment(name)
+        old = self._layouts[name]
         layout = ""
-        if seg.dtype != old.dtype or seg.shape != old.shape:
-            layout = (
-                f" with another layout (dtype={seg.dtype} shape={seg.shape}, recording "
-                f"dtype={old.dtype} shape={old.shape})"
-            )
+        with contextlib.suppress(ShmcastError):  # gone again: say what is known
+            seg = sub.segment(name)
+            if seg.dtype != old.dtype or seg.shape != old.shape:
+                layout = (
+                    f" with another layout (dtype={seg.dtype} shape={seg.shape}, recording "
+                    f"dtype={old.dtype} shape={old.shape})"
+                )
         raise RecordingError(
             self.output,
             f"segment {name!r} was deleted and created again{layout}: a recording holds "

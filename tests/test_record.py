@@ -280,6 +280,33 @@ def test_a_segment_created_again_while_recorded_stops_the_recording_saying_so(
         ]
 
 
+def test_a_segment_created_again_is_named_so_in_events_mode(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """The recorder asked its handle of the old incarnation for its incarnation number,
+    and the subscriber had closed that handle once its versions were read: the
+    recording stopped with "segment 's' is closed" (events; spin at times), naming
+    nothing."""
+    errors: list[BaseException] = []
+    endpoint = broker.endpoints.control  # type: ignore[union-attr]
+    with Publisher("s", dtype="<i8", shape=(3,), slots=8, namespace=namespace) as pub:
+        rec = Recorder("s", tmp_path / "x.h5", namespace=namespace, wait="events", broker=endpoint)
+        t = threading.Thread(target=lambda: _catch(errors, lambda: rec.run(duration=30)))
+        t.start()
+        try:
+            wait_for(lambda: pub.publish(np.zeros(3, "<i8")) and rec.stats()["s"].recorded, 10)
+        except BaseException:
+            rec.close()
+            raise
+    with ControlClient(endpoint) as ctl:
+        ctl.request("delete", name="s")
+    with Publisher("s", dtype="<f4", shape=(5,), slots=8, namespace=namespace) as pub:
+        wait_for(lambda: pub.publish(np.zeros(5, "<f4")) and not t.is_alive(), 10)
+    t.join(10)
+    assert len(errors) == 1, errors
+    assert "deleted and created again with another layout" in str(errors[0])
+
+
 def _catch(errors: list[BaseException], fn: Any) -> None:
     try:
         fn()
