@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import threading
 import time
@@ -36,7 +37,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--segments", nargs="+", metavar="SEGMENT", help="replay only these")
     pace = p.add_mutually_exclusive_group()
     pace.add_argument(
-        "--speed", type=float, default=1.0, help="the recorded pace times X (default 1)"
+        "--speed",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="the recorded pace times X, a finite number > 0 (default 1)",
     )
     pace.add_argument("--max", action="store_true", help="as fast as possible")
     p.add_argument("--loop", action="store_true", help="start again after the last version")
@@ -44,8 +49,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.max and not args.speed > 0:
-        print("shmcast replay: error: --speed must be positive", file=sys.stderr)
+    if not args.max and not (args.speed > 0 and math.isfinite(args.speed)):
+        print(
+            "shmcast replay: error: --speed must be a finite number > 0 (--max: flat out)",
+            file=sys.stderr,
+        )
         return 2
     stop = threading.Event()
     with (

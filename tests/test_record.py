@@ -735,6 +735,30 @@ def test_a_looped_recording_of_one_commit_time_does_not_spin(
     assert 1 <= published <= 5  # a pass a second: 2 in 1.5 s
 
 
+def test_a_tiny_replay_speed_waits_and_a_speed_that_is_not_finite_is_refused(
+    broker: Broker, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At --speed 1e-300 a second of recording scales to inf: the wait raised
+    OverflowError (a traceback from replay); --speed inf was taken as --max."""
+    t0 = 1_700_000_000 * 10**9
+    path = _recording(tmp_path / "slow.h5", [t0, t0 + 10**9])
+    stop = threading.Event()
+    with Replayer(path, namespace=namespace, speed=1e-300) as rep:
+        replayed = rep.replayed(stop)
+        assert next(replayed).recorded_version == 1
+        timer = threading.Timer(0.2, stop.set)
+        timer.start()
+        try:
+            assert list(replayed) == []  # waited for version 2 until stopped
+        finally:
+            timer.cancel()
+    for speed in ("inf", "nan", "0"):
+        assert main(["replay", str(path), "-n", namespace, "--speed", speed]) == 2, speed
+        assert "--speed must be a finite number > 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="finite"):
+        Replayer(path, namespace=namespace, speed=float("inf"))
+
+
 def _damaged_recordings(tmp_path: Path) -> dict[str, Path]:
     """Recordings shmcast wrote, then damaged: cut short, overwritten, or edited."""
     import shutil
