@@ -240,6 +240,9 @@ class Recorder:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._failure: BaseException | None = None
         self._failed = threading.Event()
+        #: Set under _put_lock when nothing more may be queued nor counted: the writer
+        #: failed, or close() is about to have it write what is queued the last time.
+        self._ended = False
         #: Of the writer's dropped versions, those counted already (_count_dropped).
         self._dropped_seen = dict.fromkeys(self.names, 0)
         #: Held to queue a version, and to stop queueing on a failure (see _fail).
@@ -359,15 +362,19 @@ class Recorder:
         upto = max(upto, latest)
         # Versions older than the ring's oldest are gone for sure: no need to try them.
         first = max(last + 1, latest - seg.slots + 1)
-        st.lapped += first - last - 1
-        missed = first - last - 1
+        # Versions missed, by cause, counted in the stats under the lock with the next
+        # version queued (or at the end): once the recording ended (closed, or the
+        # writer failed) they are past its end, neither in the file nor missed.
+        lapped = first - last - 1
+        torn = dropped = 0
+        missed = lapped
         put = self._queue.put
         kick = self._kick
         busy = max(1, pool.cap // 2)
         for v in range(first, upto + 1):
             buf = pool.take()
             if buf is None:
-                st.dropped += 1
+                dropped += 1
                 missed += 1
                 continue
             try:
@@ -377,20 +384,25 @@ class Recorder:
                     ts = snap.timestamp_ns
             except VersionUnavailableError:
                 pool.free.append(buf)
-                st.lapped += 1
+                lapped += 1
                 missed += 1
                 continue
             except TornReadError:
                 pool.free.append(buf)
-                st.torn += 1
+                torn += 1
                 missed += 1
                 continue
             with self._put_lock:
-                if self._failed.is_set():
-                    # The writer stopped (and counted what it left queued): this
-                    # version is past the recording's end, neither in it nor missed.
+                if self._ended:
+                    # The writer stopped, or is writing what was queued for the last
+                    # time (the recorder is closed): this version is past the
+                    # recording's end, neither in it nor missed.
                     pool.free.append(buf)
                     return
+                st.lapped += lapped
+                st.torn += torn
+                st.dropped += dropped
+                lapped = torn = dropped = 0
                 self._last[name] = v
                 if not st.first_version:
                     st.first_version = v
@@ -403,7 +415,13 @@ class Recorder:
                 kick.set()
             yield Recorded(name, v, ts, missed)
             missed = 0
-        self._last[name] = upto
+        with self._put_lock:
+            if self._ended:
+                return
+            st.lapped += lapped
+            st.torn += torn
+            st.dropped += dropped
+            self._last[name] = upto
 
     def _new_incarnation(self, name: str) -> NoReturn:
         """The segment was deleted and created again: its versions start over at 1,
@@ -518,6 +536,7 @@ class Recorder:
         # reading thread queues under, so that nothing is queued after the count.
         with self._put_lock:
             self._failed.set()
+            self._ended = True
             while True:
                 try:
                     item = self._queue.get_nowait()
@@ -566,6 +585,10 @@ class Recorder:
         self._closed = True
         thread = self._thread
         if thread is not None:
+            # A reading thread still in records() (close() called from another thread)
+            # queues nothing after the writer's last turn, nor counts: it would be lost.
+            with self._put_lock:
+                self._ended = True
             self._stop.set()
             self._kick.set()
             thread.join()
