@@ -59,6 +59,7 @@ import json
 import logging
 import math
 import os
+import stat
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -401,13 +402,51 @@ def open_writer(
     if not layouts:
         raise LayoutError("a recording needs at least one segment")
     paths = output_paths(output, [lay.name for lay in layouts], format)
-    if not overwrite:
-        for path in paths.values():
-            if os.path.lexists(path):
-                raise RecordingExistsError(path)
+    for path in paths.values():
+        if not overwrite and os.path.lexists(path):
+            raise RecordingExistsError(path)
+        _check_regular(path)
     if format == "hdf5":
         return _Hdf5Writer(output, layouts, compression=compression, overwrite=overwrite)
     return _ParquetWriter(paths, layouts, compression=compression, overwrite=overwrite)
+
+
+def _check_regular(path: str) -> None:
+    """Refuse an output that exists and is no regular file (``--overwrite`` of
+    ``/dev/null``, a FIFO, a directory): opening a FIFO to write blocks until a
+    reader comes, and a writer that fails removes the file it made.
+
+    Raises:
+        RecordingError: naming what the path is.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # nothing there (or a dangling link): the file is made
+    if stat.S_ISREG(mode):
+        return
+    what = (
+        "a directory"
+        if stat.S_ISDIR(mode)
+        else "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a regular file"
+    )
+    raise RecordingError(
+        path, f"{path} is {what}: a recording is written to a regular file; pick another --output"
+    )
+
+
+def _remove_made(path: str) -> None:
+    """Remove the file a writer that failed made: a regular file only, never what
+    else the path may name by then."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)
 
 
 def _os_error(path: str, exc: OSError) -> RecordingError:
@@ -536,8 +575,7 @@ class _Hdf5Writer(RecordingWriter):
         except BaseException:
             with contextlib.suppress(Exception):
                 self._file.close()
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            _remove_made(path)
             raise
         self._written_missed = dict.fromkeys(self.layouts, 0)
 
@@ -783,8 +821,7 @@ class _ParquetWriter(RecordingWriter):
                     seg.writer.close()
                 seg.file.close()
                 seg.reserve.release()
-                with contextlib.suppress(OSError):
-                    os.unlink(self.paths[name])
+                _remove_made(self.paths[name])
             raise
 
     def _open(
@@ -806,6 +843,7 @@ class _ParquetWriter(RecordingWriter):
             file = open(path, "wb" if overwrite else "xb")  # noqa: SIM115 (closed in _close)
         except OSError as exc:
             raise _os_error(path, exc) from exc
+        reserve: _Reserve | None = None
         try:
             reserve = _Reserve(path)
             reserve.ensure(0)
@@ -814,8 +852,9 @@ class _ParquetWriter(RecordingWriter):
             )
         except BaseException:
             file.close()
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            if reserve is not None:  # its descriptor too (a full disk at the start)
+                reserve.release()
+            _remove_made(path)
             raise
         return _ParquetSegment(file, writer, schema, reserve)
 
@@ -1295,8 +1334,9 @@ def _open_parquet(path: str) -> Recording:
             have = pf.schema_arrow.field(field.name).type
             if not _same_type(pa, have, field.type):
                 raise NotARecordingError(
-                    path, f"column {field.name!r} is {have}, where {layout.describe()} makes it "
-                    f"{field.type}"
+                    path,
+                    f"column {field.name!r} is {have}, where {layout.describe()} makes it "
+                    f"{field.type}",
                 )
         missed = int(meta_all.get(MISSED_KEY, b"0"))  # ValueError: damaged, said below
         seg = _ParquetRecorded(path, pf, layout, missed)

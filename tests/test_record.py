@@ -1151,6 +1151,45 @@ def test_parquet_refuses_a_field_named_as_its_own_columns(tmp_path: Path, field:
         assert rec.segments["t"].read(0).tobytes() == rows.tobytes()
 
 
+@pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
+def test_an_output_that_is_not_a_regular_file_is_refused_and_left(tmp_path: Path, fmt: str) -> None:
+    """--overwrite of a FIFO blocked in open() until a reader came (a hang); of a
+    device (/dev/null, to time a recorder without a disk) the writer failed and then
+    unlinked the path it was given: as root, /dev/null was gone."""
+    from shmcast.broker import RecordingError
+
+    lay = SegmentLayout("t", TICK_DTYPE, (2,))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    outputs = [fifo, tmp_path]
+    with contextlib.suppress(OSError):  # root only (where unprivileged: FIFO, directory)
+        os.mknod(tmp_path / "null", 0o600 | 0o020000, os.makedev(1, 3))
+        outputs.append(tmp_path / "null")
+    for path in outputs:
+        got: list[BaseException | None] = []
+
+        def open_it(p: Path = path, g: list[BaseException | None] = got) -> None:
+            try:
+                open_writer(str(p), [lay], format=fmt, overwrite=True).close()
+                g.append(None)
+            except BaseException as exc:  # the test looks at it
+                g.append(exc)
+
+        t = threading.Thread(target=open_it, daemon=True)
+        t.start()
+        t.join(10)
+        if t.is_alive():  # blocked opening the FIFO: a reader lets it go on
+            reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            t.join(10)
+            os.close(reader)
+            pytest.fail(f"{path}: open_writer blocked")
+        assert isinstance(got[0], RecordingError), (path, got[0])
+        assert "a recording is written to a regular file" in str(got[0])
+    assert fifo.is_fifo()
+    if len(outputs) == 3:
+        assert (tmp_path / "null").is_char_device()
+
+
 # ------------------------------------------------------------------ signals
 
 
