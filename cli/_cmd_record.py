@@ -101,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
         sys.setswitchinterval(switch)
 
 
+#: The --compression values each format takes.
+COMPRESSIONS = {"hdf5": ("none", "gzip", "lzf"), "parquet": ("none", "gzip", "snappy", "zstd")}
+
 #: Output suffixes that name a format.
 SUFFIXES = {".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -127,6 +130,14 @@ def _record(args: argparse.Namespace, stop: threading.Event) -> int:
         args.format = output_format(args.output, args.format)
     except ValueError as exc:
         print(f"shmcast record: error: {exc}", file=sys.stderr)
+        return 2
+    takes = COMPRESSIONS[args.format]
+    if args.compression is not None and args.compression not in takes:
+        print(
+            f"shmcast record: error: --compression {args.compression} is not one of "
+            f"{args.format}'s: {', '.join(takes)}",
+            file=sys.stderr,
+        )
         return 2
     with stop_on_signals(stop.set):
         rec = Recorder(
