@@ -316,26 +316,28 @@ def test_a_recorder_closed_while_its_reader_copies_keeps_its_counts_true(
     file and in 'recorded', versions up to 312,466 'handled', 64 gone), and what was
     counted after the file's last flush was missing from its missed count."""
     path = tmp_path / "closed.h5"
-    with Publisher("s", dtype="<i8", shape=(3,), slots=64, namespace=namespace) as pub:
-        with Recorder("s", path, namespace=namespace) as rec:
-            for v in range(1, 6):
-                pub.publish(np.full(3, v, "<i8"))
-            records = rec.records(duration=10)
-            assert next(records).version == 1  # versions 2-5 are next in this pass
-            after: list[int] = []
-            sub = rec._sub
-            assert sub is not None
-            close_sub = sub.close
+    with (
+        Publisher("s", dtype="<i8", shape=(3,), slots=64, namespace=namespace) as pub,
+        Recorder("s", path, namespace=namespace) as rec,
+    ):
+        for v in range(1, 6):
+            pub.publish(np.full(3, v, "<i8"))
+        records = rec.records(duration=10)
+        assert next(records).version == 1  # versions 2-5 are next in this pass
+        after: list[int] = []
+        sub = rec._sub
+        assert sub is not None
+        close_sub = sub.close
 
-            def reader_runs_on() -> None:
-                # Between the writer's last turn and the end of reading, as a reading
-                # thread may: it goes on through the ring.
-                after.extend(r.version for r in records)
-                close_sub()
+        def reader_runs_on() -> None:
+            # Between the writer's last turn and the end of reading, as a reading
+            # thread may: it goes on through the ring.
+            after.extend(r.version for r in records)
+            close_sub()
 
-            sub.close = reader_runs_on  # type: ignore[method-assign]
-            rec.close()
-            assert after == []
+        sub.close = reader_runs_on  # type: ignore[method-assign]
+        rec.close()
+        assert after == []
     st = rec.stats()["s"]
     with open_recording(path) as recording:
         seg = recording.segments["s"]
