@@ -38,6 +38,7 @@ from shmcast.broker.errors import (
     LayoutConflictError,
     RecordingError,
     SegmentNotFoundError,
+    WriterBusyError,
 )
 from shmcast.broker.recording import RecordedSegment, Recording, SegmentLayout, open_recording
 
@@ -101,6 +102,7 @@ class Replayer:
             recordings hold the same segment.
         LayoutConflictError: a segment of that name exists with another dtype or
             shape (checked for every segment before any is touched).
+        WriterBusyError: a segment of that name has a live writer (checked alike).
         MissingExtraError: h5py / pyarrow is not installed (``shmcast[record]``).
         BrokerUnavailableError: no broker answered.
         NamespaceMismatchError: the broker at ``broker`` serves another namespace.
@@ -211,6 +213,10 @@ class Replayer:
                     raise LayoutConflictError(
                         name, have, f"{lay.describe()} (recorded in {src.path})"
                     )
+                # A live writer refuses the lease: say so now, before another segment
+                # of the recording is created (and left behind, empty).
+                if info.get("writer_alive"):
+                    raise WriterBusyError(name, info.get("writer_pid"))
                 self._existing.add(name)
         finally:
             client.close()

@@ -895,6 +895,26 @@ def test_a_replay_refused_on_its_first_entry_lets_its_segments_go(
         assert pub.version == 0
 
 
+def test_replay_into_a_segment_with_a_writer_creates_no_other(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """The live writer was met when the replay took the lease of its segment, after it
+    had created the recording's segments before it: refused, with 'a' left behind."""
+    from shmcast.broker import WriterBusyError
+
+    path = tmp_path / "ab.h5"
+    lays = [SegmentLayout(n, np.dtype("<i4"), (4,)) for n in ("a", "b")]
+    with open_writer(str(path), lays) as w:
+        for n in "ab":
+            w.append(n, [np.arange(4, dtype="<i4")], [1], [1])
+    with Publisher("b", dtype="<i4", shape=(4,), namespace=namespace):
+        with pytest.raises(WriterBusyError, match="'b' already has a writer"):
+            Replayer(path, namespace=namespace, speed=None)
+        assert Segment.list(namespace) == ["b"]
+    stats = replay(path, namespace=namespace, speed=None)  # its writer gone: replayed
+    assert (stats["a"].published, stats["b"].published) == (1, 1)
+
+
 def _forged_parquet(path: Path, columns: dict[str, Any], missed: bytes = b"0") -> Path:
     """A Parquet file with shmcast's metadata for 2 records of ``[('a', '<i4')]`` (or
     ``V4``, or ``(2,)``: ``columns["kind"]``) of segment ``<path's stem>`` and
