@@ -507,7 +507,8 @@ class Recorder:
         by_seg: dict[str, list[tuple[str, int, int, Any]]] = {}
         for item in batch:
             by_seg.setdefault(item[0], []).append(item)
-        for name, items in by_seg.items():
+        groups = list(by_seg.items())
+        for k, (name, items) in enumerate(groups):
             try:
                 writer.append(
                     name,
@@ -516,7 +517,12 @@ class Recorder:
                     [it[2] for it in items],
                 )
             except BaseException:
-                self._stats[name].unwritten += len(items)
+                # This segment's versions, and those of the segments after it in the
+                # batch: taken from the queue, they will never be written either.
+                for other, rest in groups[k:]:
+                    self._stats[other].unwritten += len(rest)
+                    if other != name:
+                        self._pools[other].free.extend(it[3] for it in rest)
                 raise
             finally:
                 free = self._pools[name].free

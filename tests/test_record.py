@@ -345,6 +345,51 @@ def test_a_recorder_closed_while_its_reader_copies_keeps_its_counts_true(
         assert (st.recorded, st.missed, st.last_version, seg.missed) == (1, 0, 1, 0)
 
 
+def test_a_failed_write_counts_the_other_segments_of_its_batch(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """The writing thread appends a batch segment by segment: when 'a' failed (a full
+    disk, an I/O error), the versions of 'b' in the same batch, taken from the queue,
+    were in neither the file nor any count (b: 1 recorded, 0 missed, last version 2)."""
+    from shmcast.broker import RecordingError
+
+    path = tmp_path / "ab.h5"
+    with (
+        Publisher("a", dtype="<i8", shape=(3,), slots=16, namespace=namespace) as pa_,
+        Publisher("b", dtype="<i8", shape=(3,), slots=16, namespace=namespace) as pb,
+        Recorder(["a", "b"], path, namespace=namespace) as rec,
+    ):
+        writer = rec._writer
+        assert writer is not None
+        append = writer.append
+        calls: list[str] = []
+
+        def failing(segment: str, *args: Any) -> None:
+            calls.append(segment)
+            if calls.count("a") == 2:
+                raise OSError(5, "Input/output error (the test's)")
+            append(segment, *args)
+
+        writer.append = failing  # type: ignore[method-assign]
+        records = rec.records(duration=10)
+        for pub in (pa_, pb):
+            pub.publish(np.zeros(3, "<i8"))
+            next(records)
+        wait_for(lambda: calls.count("b") == 1, 10, what="a and b written")
+        pa_.publish(np.ones(3, "<i8"))
+        pb.publish(np.ones(3, "<i8"))  # in the batch after a's
+        with pytest.raises(RecordingError, match="the test's"):
+            for _ in records:
+                pass
+    stats = rec.stats()
+    with open_recording(path) as recording:
+        for name in "ab":
+            seg, st = recording.segments[name], stats[name]
+            assert len(seg) == st.recorded == 1, (name, st)
+            assert st.recorded + st.missed == st.last_version, (name, st)
+            assert seg.missed == st.missed, (name, st)
+
+
 def _catch(errors: list[BaseException], fn: Any) -> None:
     try:
         fn()
