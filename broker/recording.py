@@ -1092,10 +1092,14 @@ class _Hdf5Segment(RecordedSegment):
         self._load()
         if self._direct:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            self._index()
-            if len(self.versions) and not self._agrees():
-                self._direct = False
-                self._offsets = None
+            try:
+                self._index()
+                if len(self.versions) and not self._agrees():
+                    self._direct = False
+                    self._offsets = None
+            except BaseException:
+                self.close()  # a damaged chunk index: the caller never gets it to close
+                raise
 
     def _index(self) -> None:
         n = len(self.versions)

@@ -1020,6 +1020,29 @@ def test_a_parquet_file_of_other_column_types_is_refused(
         assert rec.segments["good"].read(1).tolist() == [(3,), (4,)]
 
 
+def test_a_recording_refused_for_its_chunk_index_leaves_no_descriptor_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A damaged chunk index ("incorrect metadata checksum", met by a fuzzer 10 times
+    in 73 refusals) was found after the segment had opened its file for direct reads:
+    refused, with that descriptor left open for good."""
+    from shmcast.broker import recording
+
+    path = tmp_path / "big.h5"
+    with open_writer(str(path), [SegmentLayout("s", np.dtype("<u1"), (70000,))]) as w:
+        w.append("s", [np.ones(70000, "<u1")], [1], [1])  # a chunk per version: direct
+
+    def damaged(self: Any) -> None:
+        raise OSError("Error iterating over dataset chunks (the test's)")
+
+    monkeypatch.setattr(recording._Hdf5Segment, "_index", damaged)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(NotARecordingError, match="the test's"):
+            open_recording(path)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 @pytest.mark.parametrize(("fmt", "module"), [("hdf5", "h5py"), ("parquet", "pyarrow")])
 def test_without_the_extra_record_and_replay_name_it(
     namespace: str,
