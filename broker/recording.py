@@ -33,7 +33,8 @@ written whole.
 Parquet (pyarrow), for one-dimensional record dtypes (no field named ``version``
 or ``timestamp_ns``: those are the recording's columns): one file per segment, one
 row per record; the record's fields as columns (numbers, booleans and datetimes
-as themselves, unicode as strings, fixed-size sub-arrays as fixed-size lists,
+as themselves, unicode as strings (UTF-8: a record holding a code point that is no
+character, a surrogate or one past U+10FFFF, is refused), fixed-size sub-arrays as fixed-size lists,
 anything else, bytes included, as fixed-size binary of the field's raw bytes)
 and ``version``, ``timestamp_ns`` (uint64). The schema's metadata ``shmcast``
 holds JSON (format, format_version, segment, dtype, shape, namespace, slots);
@@ -730,6 +731,33 @@ def _arrow_schema(pa: Any, dt: np.dtype[Any]) -> Any:
     return pa.table(sample).schema
 
 
+def _check_text(path: str, arr: npt.NDArray[Any]) -> None:
+    """Refuse records whose unicode fields hold code points that are no character (a
+    surrogate, or past U+10FFFF): Parquet keeps text as UTF-8, which has none for
+    them; pyarrow refused a surrogate with the whole pending row group, and wrote
+    one past U+10FFFF as bytes it then could not read back (the row group lost).
+
+    Raises:
+        RecordingError: naming the field and the fix; nothing was taken.
+    """
+    dt = arr.dtype
+    assert dt.names is not None
+    assert dt.fields is not None
+    for name in dt.names:
+        field = dt.fields[name][0]
+        if field.kind != "U":
+            continue
+        raw = np.ascontiguousarray(arr[name]).reshape(-1)
+        codes = raw.view(np.dtype(field.str[0] + "u4"))
+        if bool(np.any((codes > 0x10FFFF) | ((codes >= 0xD800) & (codes <= 0xDFFF)))):
+            raise RecordingError(
+                path,
+                f"field {name!r} holds code points that are no unicode character "
+                f"(a surrogate, or past U+10FFFF), which Parquet's UTF-8 text cannot "
+                f"hold; record the segment with --format hdf5, which keeps them",
+            )
+
+
 def _same_type(pa: Any, have: Any, want: Any) -> bool:
     """Whether a column read back is of the type the writer made: the same, or a
     time of another unit (Parquet keeps none in seconds: they come back in ms)."""
@@ -870,6 +898,7 @@ class _ParquetWriter(RecordingWriter):
         seg = self._segs[segment]
         rows = len(arrays[0])
         data = np.concatenate(arrays)  # a copy: the caller may reuse its arrays
+        _check_text(self.paths[segment], data)
         seg.pending.append(
             (
                 data,

@@ -1280,6 +1280,31 @@ def test_an_output_that_is_not_a_regular_file_is_refused_and_left(tmp_path: Path
         assert (tmp_path / "null").is_char_device()
 
 
+@pytest.mark.parametrize("code", [0xD800, 0x110000], ids=["surrogate", "past-10FFFF"])
+def test_parquet_refuses_text_utf8_cannot_hold_and_keeps_the_rest(
+    tmp_path: Path, code: int
+) -> None:
+    """pyarrow refused a surrogate with the whole pending row group (every version
+    buffered with it lost), and wrote a code point past U+10FFFF as bytes it then could
+    not read back: the row group lost, the recorder none the wiser."""
+    from shmcast.broker import RecordingError
+
+    dt = np.dtype([("sym", "<U3"), ("px", "<f8")])
+    good = np.array([("ab", 1.5), ("c", 2.5)], dt)
+    bad = good.copy()
+    bad.view(np.uint32).reshape(2, -1)[0, 1] = code  # 'a?' in row 0
+    path = tmp_path / "t.parquet"
+    with open_writer(str(path), [SegmentLayout("t", dt, (2,))], format="parquet") as w:
+        w.append("t", [good], [1], [10])
+        with pytest.raises(RecordingError, match=r"'sym'.*--format hdf5"):
+            w.append("t", [bad], [2], [20])
+        w.append("t", [good], [3], [30])
+    with open_recording(path) as rec:
+        seg = rec.segments["t"]
+        assert seg.versions.tolist() == [1, 3]
+        assert seg.read(0).tobytes() == seg.read(1).tobytes() == good.tobytes()
+
+
 # ------------------------------------------------------------------ signals
 
 
