@@ -26,8 +26,9 @@ examples:
 
 The segments are created with the recorded dtype and shape (an existing segment
 of the same layout is used; one of another layout, or with a live writer, is an
-error, checked before any segment is created, and is left as it is). Versions keep their recorded numbers where the segment allows it, and
-the data is bit-identical. Lines on stdout: 'shmcast replay ready: {json}' and
+error, checked before any segment is created, and is left as it is). Versions
+keep their recorded numbers where the segment allows it, and the data is
+bit-identical. Lines on stdout: 'shmcast replay ready: {json}' and
 'shmcast replay done: {json}' (published per segment, seconds, rate).
 """
 
