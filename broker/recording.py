@@ -182,6 +182,15 @@ def detect_format(path: str) -> Format:
         NotARecordingError: no such file, or neither signature.
     """
     try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise NotARecordingError(path, "there is no such file") from None
+    except OSError as exc:
+        raise RecordingError(path, f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(mode):
+        # Never opened: a FIFO would block the open until a writer came.
+        raise NotARecordingError(path, f"it is {_file_kind(mode)}")
+    try:
         with open(path, "rb") as f:
             head = f.read(8)
             f.seek(0, os.SEEK_END)
@@ -426,20 +435,24 @@ def _check_regular(path: str) -> None:
         return  # nothing there (or a dangling link): the file is made
     if stat.S_ISREG(mode):
         return
-    what = (
-        "a directory"
-        if stat.S_ISDIR(mode)
-        else "a FIFO"
-        if stat.S_ISFIFO(mode)
-        else "a device"
-        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-        else "a socket"
-        if stat.S_ISSOCK(mode)
-        else "not a regular file"
-    )
     raise RecordingError(
-        path, f"{path} is {what}: a recording is written to a regular file; pick another --output"
+        path,
+        f"{path} is {_file_kind(mode)}: a recording is written to a regular file; pick "
+        f"another --output",
     )
+
+
+def _file_kind(mode: int) -> str:
+    """What a path that is no regular file is, for a message."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
 
 
 def _remove_made(path: str) -> None:

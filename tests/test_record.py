@@ -766,6 +766,31 @@ def test_a_file_that_is_not_a_recording_is_refused(
         assert "is not a shmcast recording" in capsys.readouterr().err, what
 
 
+def test_a_fifo_given_to_replay_is_refused_without_blocking(tmp_path: Path) -> None:
+    """open_recording opened the path to read its signature: a FIFO blocked it (and
+    shmcast replay) until a writer came."""
+    fifo = tmp_path / "rec.h5"
+    os.mkfifo(fifo)
+    got: list[BaseException | None] = []
+
+    def open_it() -> None:
+        try:
+            open_recording(fifo).close()
+            got.append(None)
+        except BaseException as exc:  # the test looks at it
+            got.append(exc)
+
+    t = threading.Thread(target=open_it, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():  # blocked opening the FIFO: a writer lets it go on
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(10)
+        pytest.fail("open_recording blocked on a FIFO")
+    assert isinstance(got[0], NotARecordingError), got
+    assert "it is a FIFO" in str(got[0])
+
+
 def _recording(path: Path, times_ns: list[int]) -> Path:
     """A recording of segment ``s``: version v holds v, committed at ``times_ns[v-1]``."""
     with open_writer(str(path), [SegmentLayout("s", np.dtype("<i8"), (2,))]) as w:
