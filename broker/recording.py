@@ -31,7 +31,7 @@ allocated but never written), so a file cut short anywhere reads as the versions
 written whole.
 
 Parquet (pyarrow), for one-dimensional record dtypes (no field named ``version``
-or ``timestamp_ns``: those are the recording's columns): one file per segment, one
+or ``timestamp_ns``: those are the recording's columns; none of 0 bytes): one file per segment, one
 row per record; the record's fields as columns (numbers, booleans and datetimes
 as themselves, unicode as strings (UTF-8: a record holding a code point that is no
 character, a surrogate or one past U+10FFFF, is refused), fixed-size sub-arrays as fixed-size lists,
@@ -684,6 +684,15 @@ def _parquet_check(lay: SegmentLayout) -> None:
             f"segment {lay.name!r} has field(s) {', '.join(map(repr, taken))}, the name(s) "
             f"of the columns a Parquet recording adds to each row; record it with "
             f"--format hdf5"
+        )
+    # Parquet has no fixed-size value of 0 bytes: pyarrow failed writing S0 and V0
+    # fields (the row group lost), and a U0 field did not read back.
+    fields = lay.dtype.fields or {}
+    empty = [n for n in lay.dtype.names if fields[n][0].itemsize == 0]
+    if empty:
+        raise LayoutError(
+            f"segment {lay.name!r} has field(s) {', '.join(map(repr, empty))} of 0 bytes, "
+            f"which Parquet cannot hold; record it with --format hdf5"
         )
 
 

@@ -28,8 +28,8 @@ HDF5: a group per segment with datasets data (N, *shape), version and
 timestamp_ns, and the attribute 'missed'; written in SWMR mode and flushed at
 least once a second, so `h5py.File(path, "r", swmr=True)` reads it while it
 grows, or after the recorder was killed. Parquet: one-dimensional record dtypes
-without a field named version or timestamp_ns (its own columns), one file per
-segment (<stem>.<segment>.parquet when several are recorded).
+without a field named version or timestamp_ns (its own columns) or of 0 bytes,
+one file per segment (<stem>.<segment>.parquet when several are recorded).
 Needs the extra: pip install 'shmcast[record]'.
 
 Lines on stdout: 'shmcast record ready: {json}' once recording, and

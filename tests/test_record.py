@@ -1305,6 +1305,24 @@ def test_an_output_that_is_not_a_regular_file_is_refused_and_left(tmp_path: Path
         assert (tmp_path / "null").is_char_device()
 
 
+@pytest.mark.parametrize("empty", ["S0", "V0", "<U0"])
+def test_parquet_refuses_a_field_of_0_bytes(tmp_path: Path, empty: str) -> None:
+    """pyarrow cannot write a fixed-size value of 0 bytes: S0 and V0 fields failed the
+    first row group's write (every version buffered lost), and a U0 field was written
+    but did not read back (the file refused)."""
+    from shmcast.broker import LayoutError
+
+    dt = np.dtype([("pad", empty), ("px", "<f8")])
+    with pytest.raises(LayoutError, match="'pad' of 0 bytes"):
+        open_writer(str(tmp_path / "x.parquet"), [SegmentLayout("t", dt, (2,))], format="parquet")
+    assert list(tmp_path.iterdir()) == []
+    rows = np.array([(b"" if empty != "<U0" else "", 1.5)] * 2, dt)
+    with open_writer(str(tmp_path / "x.h5"), [SegmentLayout("t", dt, (2,))]) as w:
+        w.append("t", [rows], [1], [100])
+    with open_recording(tmp_path / "x.h5") as rec:
+        assert rec.segments["t"].read(0).tobytes() == rows.tobytes()
+
+
 @pytest.mark.parametrize("code", [0xD800, 0x110000], ids=["surrogate", "past-10FFFF"])
 def test_parquet_refuses_text_utf8_cannot_hold_and_keeps_the_rest(
     tmp_path: Path, code: int
