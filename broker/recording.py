@@ -546,10 +546,15 @@ class _Hdf5Writer(RecordingWriter):
         self.path = path
         self.paths = dict.fromkeys(self.layouts, path)
         self._reserve: _Reserve | None = None
+        existed = os.path.lexists(path)
         try:
             # 'w-' is O_EXCL: an existing file is refused before it is touched.
             self._file = h5py.File(path, "w" if overwrite else "w-", libver=("v110", "latest"))
         except OSError as exc:
+            if not existed and not isinstance(exc, FileExistsError):
+                # HDF5 made the file and failed writing it (a full disk): remove it,
+                # or it would be in the way of the next attempt.
+                _remove_made(path)
             raise _os_error(path, exc) from exc
         try:
             f = self._file

@@ -631,6 +631,47 @@ with open_recording(sys.argv[1]) as rec:
 
 
 @pytest.mark.root
+def test_a_recording_that_cannot_start_on_a_full_disk_leaves_no_file(tmp_path: Path) -> None:
+    """HDF5 made the file, then failed writing its first metadata: the partial file
+    was left, in the way of the next attempt ('exists ... --overwrite')."""
+    reason = _can_unshare()
+    if reason:
+        pytest.skip(reason)
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    code = textwrap.dedent(
+        f"""
+        import os, sys
+        import numpy as np
+        from shmcast.broker import RecordingError
+        from shmcast.broker.recording import SegmentLayout, open_writer
+        fd = os.open("{mnt}/fill", os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, bytes(65536))
+        except OSError:
+            os.close(fd)
+        lay = SegmentLayout("s", np.dtype([("a", "<i4")]), (2,))
+        for fmt, name in (("hdf5", "a.h5"), ("parquet", "a.parquet")):
+            try:
+                open_writer(os.path.join("{mnt}", name), [lay], format=fmt).close()
+            except RecordingError as exc:
+                print("REFUSED", fmt, type(exc).__name__)
+        print("LEFT", sorted(os.listdir("{mnt}")))
+        """
+    )
+    script = f"mount -t tmpfs -o size=1m tmpfs {mnt} && {sys.executable} -c '{code}'"
+    out = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "REFUSED hdf5 RecordingError" in lines, out.stdout
+    assert "REFUSED parquet RecordingSpaceError" in lines, out.stdout
+    assert "LEFT ['fill']" in lines, out.stdout
+
+
+@pytest.mark.root
 @pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
 def test_a_full_disk_stops_the_recorder_cleanly_keeping_what_it_wrote(
     namespace: str, tmp_path: Path, fmt: str
