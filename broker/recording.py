@@ -692,7 +692,8 @@ def _parquet_check(lay: SegmentLayout) -> None:
         )
     # Parquet has no fixed-size value of 0 bytes: pyarrow failed writing S0 and V0
     # fields (the row group lost), and a U0 field did not read back.
-    fields = lay.dtype.fields or {}
+    fields = lay.dtype.fields
+    assert fields is not None
     empty = [n for n in lay.dtype.names if fields[n][0].itemsize == 0]
     if empty:
         raise LayoutError(
