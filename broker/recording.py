@@ -1240,6 +1240,23 @@ def _closed_cleanly(path: str) -> bool:
     return len(head) == 12 and head[:8] == b"\x89HDF\r\n\x1a\n" and head[8] >= 2 and head[11] == 0
 
 
+def _check_in_file(h5py: Any, path: str, parent: Any, key: str, where: str) -> None:
+    """Refuse an object a writer never makes that reads other files: a link to another
+    file (or any link but a plain one), a dataset stored in external raw files or
+    mapped from other files (virtual). A forged recording made replay read any file
+    this process may read (/etc/shadow, as root) and publish its bytes."""
+    link = parent.get(key, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        raise NotARecordingError(
+            path, f"{where} is a {type(link).__name__}, not an object of its own"
+        )
+    obj = parent[key]
+    if isinstance(obj, h5py.Dataset) and (
+        obj.is_virtual or obj.id.get_create_plist().get_external_count()
+    ):
+        raise NotARecordingError(path, f"{where} keeps its values in other files")
+
+
 def _open_hdf5(path: str) -> Recording:
     h5py = require("h5py", "reading an HDF5 recording")
     segments: dict[str, _Hdf5Segment] = {}
@@ -1273,10 +1290,14 @@ def _open_hdf5(path: str) -> Recording:
                 f"format version {version}, written by a newer shmcast; this one reads "
                 f"version {FORMAT_VERSION}",
             )
-        for name, group in f.items():
+        for name in list(f):
             where = f"group {name!r}"
+            _check_in_file(h5py, path, f, name, where)
+            group = f[name]
             if not isinstance(group, h5py.Group) or not all(k in group for k in ("data", *COLUMNS)):
                 raise NotARecordingError(path, f"{where} lacks data, version or timestamp_ns")
+            for k in ("data", *COLUMNS):
+                _check_in_file(h5py, path, group, k, f"{where}: {k}")
             attrs = {k: group.attrs[k] for k in group.attrs}
             if isinstance(attrs.get("dtype"), bytes):
                 attrs["dtype"] = attrs["dtype"].decode()

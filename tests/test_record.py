@@ -1026,6 +1026,49 @@ def test_replay_into_a_segment_with_a_writer_creates_no_other(
     assert (stats["a"].published, stats["b"].published) == (1, 1)
 
 
+def test_a_recording_that_reads_other_files_is_refused(tmp_path: Path) -> None:
+    """HDF5 lets a dataset keep its values in external raw files, a virtual dataset map
+    them from other HDF5 files, and a link name an object of another file: a forged
+    recording made open_recording (and replay, into shared memory) read any file the
+    process may read, /etc/shadow as root."""
+    import h5py
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"TOP-SECRET-0123456789abcdefghijk")
+    other = tmp_path / "other.h5"
+    with open_writer(str(other), [SegmentLayout("s", np.dtype("u1"), (32,))]) as w:
+        w.append("s", [np.frombuffer(secret.read_bytes(), "u1")], [1], [1])
+
+    def forged(what: str, edit: Any) -> Path:
+        path = tmp_path / f"{what}.h5"
+        with open_writer(str(path), [SegmentLayout("s", np.dtype("u1"), (32,))]) as w:
+            w.append("s", [np.zeros(32, "u1")], [1], [1])
+        with h5py.File(path, "r+") as f:
+            edit(f)
+        return path
+
+    def external(f: Any) -> None:
+        del f["s/data"]
+        f["s"].create_dataset("data", shape=(1, 32), dtype="u1", external=[(str(secret), 0, 32)])
+
+    def virtual(f: Any) -> None:
+        del f["s/data"]
+        layout = h5py.VirtualLayout(shape=(1, 32), dtype="u1")
+        layout[0] = h5py.VirtualSource(str(other), "s/data", shape=(1, 32))[0]
+        f["s"].create_virtual_dataset("data", layout)
+
+    def linked(f: Any) -> None:
+        del f["s"]
+        f["s"] = h5py.ExternalLink(str(other), "s")
+
+    for what, edit in {"external": external, "virtual": virtual, "linked": linked}.items():
+        path = forged(what, edit)
+        with pytest.raises(NotARecordingError, match=r"other files|ExternalLink"):  # noqa: PT012
+            with open_recording(path) as rec:
+                assert secret.read_bytes() not in rec.segments["s"].read(0).tobytes()
+            pytest.fail(what)
+
+
 def _forged_parquet(path: Path, columns: dict[str, Any], missed: bytes = b"0") -> Path:
     """A Parquet file with shmcast's metadata for 2 records of ``[('a', '<i4')]`` (or
     ``V4``, or ``(2,)``: ``columns["kind"]``) of segment ``<path's stem>`` and
