@@ -1196,12 +1196,24 @@ class _Hdf5Segment(RecordedSegment):
             self._fd = -1
 
     def _load(self) -> None:
+        for ds in (self._version, self._timestamp):
+            if ds.ndim != 1:
+                raise NotARecordingError(
+                    self.path, f"segment {self.name!r}: version columns of shape {ds.shape}"
+                )
+            # Written whole, never compressed: the file holds each entry's bytes (but
+            # the last chunks, which a growing file may not have stored yet). A forged
+            # column of 10**9 entries (a fill value) in a file of 72 KiB was read whole.
+            size = ds.dtype.itemsize
+            stored = ds.id.get_storage_size()
+            if (ds.shape[0] - 2 * INDEX_CHUNK) * size > stored:
+                raise NotARecordingError(
+                    self.path,
+                    f"segment {self.name!r}: a column of {ds.shape[0]} entries in "
+                    f"{stored} bytes of the file",
+                )
         versions = np.asarray(self._version[()])
         times = np.asarray(self._timestamp[()], dtype=np.uint64)
-        if versions.ndim != 1 or times.ndim != 1:
-            raise NotARecordingError(
-                self.path, f"segment {self.name!r}: version columns of shape {versions.shape}"
-            )
         n = min(len(versions), len(times), self._data.shape[0])
         while n and versions[n - 1] == 0:  # space allocated, never written
             n -= 1

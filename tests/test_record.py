@@ -1069,6 +1069,35 @@ def test_a_recording_that_reads_other_files_is_refused(tmp_path: Path) -> None:
             pytest.fail(what)
 
 
+def test_a_version_column_larger_than_its_file_is_refused_before_it_is_read(
+    tmp_path: Path,
+) -> None:
+    """HDF5 gives a column's unwritten entries its fill value: a forged recording of
+    72 KiB declaring 10**9 versions made the reader allocate their 8 GB (and as much
+    for the times) before it could tell they do not go forward."""
+    import tracemalloc
+
+    import h5py
+
+    path = tmp_path / "forged.h5"
+    with open_writer(str(path), [SegmentLayout("s", np.dtype("u1"), (32,))]) as w:
+        w.append("s", [np.zeros(32, "u1")], [1], [1])
+    n = 10**7  # 80 MB a column
+    with h5py.File(path, "r+") as f:
+        for k in ("version", "timestamp_ns"):
+            del f["s"][k]
+            f["s"].create_dataset(k, shape=(n,), maxshape=(None,), dtype="<u8", chunks=(1024,))
+        f["s/data"].resize(n, axis=0)
+    tracemalloc.start()
+    try:
+        with pytest.raises(NotARecordingError, match=f"a column of {n} entries in 0 bytes"):
+            open_recording(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, peak
+
+
 def _forged_parquet(path: Path, columns: dict[str, Any], missed: bytes = b"0") -> Path:
     """A Parquet file with shmcast's metadata for 2 records of ``[('a', '<i4')]`` (or
     ``V4``, or ``(2,)``: ``columns["kind"]``) of segment ``<path's stem>`` and
