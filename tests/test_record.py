@@ -1294,6 +1294,27 @@ def test_the_output_suffix_names_the_format_and_a_conflict_is_refused(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("output", "compression"), [("x.h5", "zstd"), ("x.h5", "snappy"), ("x.parquet", "lzf")]
+)
+def test_a_compression_the_format_does_not_take_exits_2(
+    namespace: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    output: str,
+    compression: str,
+) -> None:
+    """--compression offers both formats' values: the writer refused the other format's
+    only after the recorder had waited for its segments (exit 1, or an error about a
+    segment that does not exist)."""
+    out = tmp_path / output
+    argv = ["record", "x", "-n", namespace, "-o", str(out), "--compression", compression]
+    assert main(argv) == 2
+    fmt = "hdf5" if output.endswith(".h5") else "parquet"
+    assert f"--compression {compression} is not one of {fmt}'s" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_space_reserve_counts_each_byte_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
