@@ -30,9 +30,11 @@ shortest of the three lengths and drops trailing rows whose version is 0 (space
 allocated but never written), so a file cut short anywhere reads as the versions
 written whole.
 
-Parquet (pyarrow), for one-dimensional record dtypes: one file per segment, one
+Parquet (pyarrow), for one-dimensional record dtypes (no field named ``version``
+or ``timestamp_ns``: those are the recording's columns; none of 0 bytes): one file per segment, one
 row per record; the record's fields as columns (numbers, booleans and datetimes
-as themselves, unicode as strings, fixed-size sub-arrays as fixed-size lists,
+as themselves, unicode as strings (UTF-8: a record holding a code point that is no
+character, a surrogate or one past U+10FFFF, is refused), fixed-size sub-arrays as fixed-size lists,
 anything else, bytes included, as fixed-size binary of the field's raw bytes)
 and ``version``, ``timestamp_ns`` (uint64). The schema's metadata ``shmcast``
 holds JSON (format, format_version, segment, dtype, shape, namespace, slots);
@@ -58,6 +60,7 @@ import json
 import logging
 import math
 import os
+import stat
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -178,6 +181,15 @@ def detect_format(path: str) -> Format:
     Raises:
         NotARecordingError: no such file, or neither signature.
     """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise NotARecordingError(path, "there is no such file") from None
+    except OSError as exc:
+        raise RecordingError(path, f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(mode):
+        # Never opened: a FIFO would block the open until a writer came.
+        raise NotARecordingError(path, f"it is {_file_kind(mode)}")
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -400,13 +412,55 @@ def open_writer(
     if not layouts:
         raise LayoutError("a recording needs at least one segment")
     paths = output_paths(output, [lay.name for lay in layouts], format)
-    if not overwrite:
-        for path in paths.values():
-            if os.path.lexists(path):
-                raise RecordingExistsError(path)
+    for path in paths.values():
+        if not overwrite and os.path.lexists(path):
+            raise RecordingExistsError(path)
+        _check_regular(path)
     if format == "hdf5":
         return _Hdf5Writer(output, layouts, compression=compression, overwrite=overwrite)
     return _ParquetWriter(paths, layouts, compression=compression, overwrite=overwrite)
+
+
+def _check_regular(path: str) -> None:
+    """Refuse an output that exists and is no regular file (``--overwrite`` of
+    ``/dev/null``, a FIFO, a directory): opening a FIFO to write blocks until a
+    reader comes, and a writer that fails removes the file it made.
+
+    Raises:
+        RecordingError: naming what the path is.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # nothing there (or a dangling link): the file is made
+    if stat.S_ISREG(mode):
+        return
+    raise RecordingError(
+        path,
+        f"{path} is {_file_kind(mode)}: a recording is written to a regular file; pick "
+        f"another --output",
+    )
+
+
+def _file_kind(mode: int) -> str:
+    """What a path that is no regular file is, for a message."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _remove_made(path: str) -> None:
+    """Remove the file a writer that failed made: a regular file only, never what
+    else the path may name by then."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)
 
 
 def _os_error(path: str, exc: OSError) -> RecordingError:
@@ -492,10 +546,15 @@ class _Hdf5Writer(RecordingWriter):
         self.path = path
         self.paths = dict.fromkeys(self.layouts, path)
         self._reserve: _Reserve | None = None
+        existed = os.path.lexists(path)
         try:
             # 'w-' is O_EXCL: an existing file is refused before it is touched.
             self._file = h5py.File(path, "w" if overwrite else "w-", libver=("v110", "latest"))
         except OSError as exc:
+            if not existed and not isinstance(exc, FileExistsError):
+                # HDF5 made the file and failed writing it (a full disk): remove it,
+                # or it would be in the way of the next attempt.
+                _remove_made(path)
             raise _os_error(path, exc) from exc
         try:
             f = self._file
@@ -535,8 +594,7 @@ class _Hdf5Writer(RecordingWriter):
         except BaseException:
             with contextlib.suppress(Exception):
                 self._file.close()
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            _remove_made(path)
             raise
         self._written_missed = dict.fromkeys(self.layouts, 0)
 
@@ -623,6 +681,25 @@ def _parquet_check(lay: SegmentLayout) -> None:
             f"segment {lay.name!r} holds {lay.describe()}: Parquet takes one-dimensional "
             f"record (structured) dtypes, a row per record; record it with --format hdf5"
         )
+    # A field of the name of a column of the recording's own would be the same
+    # column: its values were replaced by the version numbers and commit times.
+    taken = [n for n in COLUMNS if n in lay.dtype.names]
+    if taken:
+        raise LayoutError(
+            f"segment {lay.name!r} has field(s) {', '.join(map(repr, taken))}, the name(s) "
+            f"of the columns a Parquet recording adds to each row; record it with "
+            f"--format hdf5"
+        )
+    # Parquet has no fixed-size value of 0 bytes: pyarrow failed writing S0 and V0
+    # fields (the row group lost), and a U0 field did not read back.
+    fields = lay.dtype.fields
+    assert fields is not None
+    empty = [n for n in lay.dtype.names if fields[n][0].itemsize == 0]
+    if empty:
+        raise LayoutError(
+            f"segment {lay.name!r} has field(s) {', '.join(map(repr, empty))} of 0 bytes, "
+            f"which Parquet cannot hold; record it with --format hdf5"
+        )
 
 
 def _arrow_kind(field: np.dtype[Any]) -> str:
@@ -673,8 +750,59 @@ def _arrow_columns(pa: Any, arr: npt.NDArray[Any]) -> dict[str, Any]:
     return cols
 
 
+def _arrow_schema(pa: Any, dt: np.dtype[Any]) -> Any:
+    """The Arrow schema of a Parquet recording of records of ``dt``: its fields' columns,
+    then ``version`` and ``timestamp_ns``."""
+    sample = _arrow_columns(pa, np.zeros(1, dt))
+    sample["version"] = pa.array(np.zeros(1, np.uint64))
+    sample["timestamp_ns"] = pa.array(np.zeros(1, np.uint64))
+    return pa.table(sample).schema
+
+
+def _check_text(path: str, arr: npt.NDArray[Any]) -> None:
+    """Refuse records whose unicode fields hold code points that are no character (a
+    surrogate, or past U+10FFFF): Parquet keeps text as UTF-8, which has none for
+    them; pyarrow refused a surrogate with the whole pending row group, and wrote
+    one past U+10FFFF as bytes it then could not read back (the row group lost).
+
+    Raises:
+        RecordingError: naming the field and the fix; nothing was taken.
+    """
+    dt = arr.dtype
+    assert dt.names is not None
+    assert dt.fields is not None
+    for name in dt.names:
+        field = dt.fields[name][0]
+        if field.kind != "U":
+            continue
+        raw = np.ascontiguousarray(arr[name]).reshape(-1)
+        codes = raw.view(np.dtype(field.str[0] + "u4"))
+        if bool(np.any((codes > 0x10FFFF) | ((codes >= 0xD800) & (codes <= 0xDFFF)))):
+            raise RecordingError(
+                path,
+                f"field {name!r} holds code points that are no unicode character "
+                f"(a surrogate, or past U+10FFFF), which Parquet's UTF-8 text cannot "
+                f"hold; record the segment with --format hdf5, which keeps them",
+            )
+
+
+def _same_type(pa: Any, have: Any, want: Any) -> bool:
+    """Whether a column read back is of the type the writer made: the same, or a
+    time of another unit (Parquet keeps none in seconds: they come back in ms)."""
+    if have.equals(want):
+        return True
+    if pa.types.is_timestamp(want):
+        return bool(pa.types.is_timestamp(have) and have.tz == want.tz)
+    return bool(pa.types.is_duration(want) and pa.types.is_duration(have))
+
+
 def _from_arrow(table: Any, dt: np.dtype[Any]) -> npt.NDArray[Any]:
-    """Rows of a Parquet recording back into records, field by field, as raw bytes."""
+    """Rows of a Parquet recording back into records, field by field, as raw bytes.
+
+    Raises:
+        ValueError: a column holds nulls where the writer makes none (it writes a
+            null for NaT only), or values its field cannot take.
+    """
     assert dt.names is not None
     assert dt.fields is not None
     n = table.num_rows
@@ -684,6 +812,9 @@ def _from_arrow(table: Any, dt: np.dtype[Any]) -> npt.NDArray[Any]:
         field, offset = dt.fields[name][:2]
         col = table.column(name).combine_chunks()
         kind = _arrow_kind(field)
+        nulls = col.null_count + (col.flatten().null_count if kind == "list" else 0)
+        if nulls and not (kind == "num" and field.kind in "mM"):
+            raise ValueError(f"column {name!r} holds {nulls} null value(s)")
         if kind == "num":
             values = col.to_numpy(zero_copy_only=False).astype(field, copy=False)
         elif kind == "list":
@@ -746,8 +877,7 @@ class _ParquetWriter(RecordingWriter):
                     seg.writer.close()
                 seg.file.close()
                 seg.reserve.release()
-                with contextlib.suppress(OSError):
-                    os.unlink(self.paths[name])
+                _remove_made(self.paths[name])
             raise
 
     def _open(
@@ -764,14 +894,12 @@ class _ParquetWriter(RecordingWriter):
             "namespace": lay.namespace,
             "slots": lay.slots,
         }
-        sample = _arrow_columns(pa, np.zeros(1, lay.dtype))
-        sample["version"] = pa.array(np.zeros(1, np.uint64))
-        sample["timestamp_ns"] = pa.array(np.zeros(1, np.uint64))
-        schema = pa.table(sample).schema.with_metadata({META_KEY: json.dumps(meta).encode()})
+        schema = _arrow_schema(pa, lay.dtype).with_metadata({META_KEY: json.dumps(meta).encode()})
         try:
             file = open(path, "wb" if overwrite else "xb")  # noqa: SIM115 (closed in _close)
         except OSError as exc:
             raise _os_error(path, exc) from exc
+        reserve: _Reserve | None = None
         try:
             reserve = _Reserve(path)
             reserve.ensure(0)
@@ -780,8 +908,9 @@ class _ParquetWriter(RecordingWriter):
             )
         except BaseException:
             file.close()
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            if reserve is not None:  # its descriptor too (a full disk at the start)
+                reserve.release()
+            _remove_made(path)
             raise
         return _ParquetSegment(file, writer, schema, reserve)
 
@@ -797,6 +926,7 @@ class _ParquetWriter(RecordingWriter):
         seg = self._segs[segment]
         rows = len(arrays[0])
         data = np.concatenate(arrays)  # a copy: the caller may reuse its arrays
+        _check_text(self.paths[segment], data)
         seg.pending.append(
             (
                 data,
@@ -984,7 +1114,11 @@ def _checked_columns(
     v = np.asarray(versions, dtype=np.uint64)
     if v.size and (v[0] == 0 or bool(np.any(v[1:] <= v[:-1]))):
         raise NotARecordingError(path, f"segment {name!r}: its versions do not only go forward")
-    if isinstance(missed, bool) or not isinstance(missed, (int, np.integer)) or missed < 0:
+    if (
+        isinstance(missed, bool)
+        or not isinstance(missed, (int, np.integer))
+        or not 0 <= missed < 2**64
+    ):
         raise NotARecordingError(path, f"segment {name!r}: a missed count of {missed!r}")
     return v, int(missed)
 
@@ -1015,10 +1149,14 @@ class _Hdf5Segment(RecordedSegment):
         self._load()
         if self._direct:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            self._index()
-            if len(self.versions) and not self._agrees():
-                self._direct = False
-                self._offsets = None
+            try:
+                self._index()
+                if len(self.versions) and not self._agrees():
+                    self._direct = False
+                    self._offsets = None
+            except BaseException:
+                self.close()  # a damaged chunk index: the caller never gets it to close
+                raise
 
     def _index(self) -> None:
         n = len(self.versions)
@@ -1058,12 +1196,24 @@ class _Hdf5Segment(RecordedSegment):
             self._fd = -1
 
     def _load(self) -> None:
+        for ds in (self._version, self._timestamp):
+            if ds.ndim != 1:
+                raise NotARecordingError(
+                    self.path, f"segment {self.name!r}: version columns of shape {ds.shape}"
+                )
+            # Written whole, never compressed: the file holds each entry's bytes (but
+            # the last chunks, which a growing file may not have stored yet). A forged
+            # column of 10**9 entries (a fill value) in a file of 72 KiB was read whole.
+            size = ds.dtype.itemsize
+            stored = ds.id.get_storage_size()
+            if (ds.shape[0] - 2 * INDEX_CHUNK) * size > stored:
+                raise NotARecordingError(
+                    self.path,
+                    f"segment {self.name!r}: a column of {ds.shape[0]} entries in "
+                    f"{stored} bytes of the file",
+                )
         versions = np.asarray(self._version[()])
         times = np.asarray(self._timestamp[()], dtype=np.uint64)
-        if versions.ndim != 1 or times.ndim != 1:
-            raise NotARecordingError(
-                self.path, f"segment {self.name!r}: version columns of shape {versions.shape}"
-            )
         n = min(len(versions), len(times), self._data.shape[0])
         while n and versions[n - 1] == 0:  # space allocated, never written
             n -= 1
@@ -1102,6 +1252,23 @@ def _closed_cleanly(path: str) -> bool:
     return len(head) == 12 and head[:8] == b"\x89HDF\r\n\x1a\n" and head[8] >= 2 and head[11] == 0
 
 
+def _check_in_file(h5py: Any, path: str, parent: Any, key: str, where: str) -> None:
+    """Refuse an object a writer never makes that reads other files: a link to another
+    file (or any link but a plain one), a dataset stored in external raw files or
+    mapped from other files (virtual). A forged recording made replay read any file
+    this process may read (/etc/shadow, as root) and publish its bytes."""
+    link = parent.get(key, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        raise NotARecordingError(
+            path, f"{where} is a {type(link).__name__}, not an object of its own"
+        )
+    obj = parent[key]
+    if isinstance(obj, h5py.Dataset) and (
+        obj.is_virtual or obj.id.get_create_plist().get_external_count()
+    ):
+        raise NotARecordingError(path, f"{where} keeps its values in other files")
+
+
 def _open_hdf5(path: str) -> Recording:
     h5py = require("h5py", "reading an HDF5 recording")
     segments: dict[str, _Hdf5Segment] = {}
@@ -1135,10 +1302,14 @@ def _open_hdf5(path: str) -> Recording:
                 f"format version {version}, written by a newer shmcast; this one reads "
                 f"version {FORMAT_VERSION}",
             )
-        for name, group in f.items():
+        for name in list(f):
             where = f"group {name!r}"
+            _check_in_file(h5py, path, f, name, where)
+            group = f[name]
             if not isinstance(group, h5py.Group) or not all(k in group for k in ("data", *COLUMNS)):
                 raise NotARecordingError(path, f"{where} lacks data, version or timestamp_ns")
+            for k in ("data", *COLUMNS):
+                _check_in_file(h5py, path, group, k, f"{where}: {k}")
             attrs = {k: group.attrs[k] for k in group.attrs}
             if isinstance(attrs.get("dtype"), bytes):
                 attrs["dtype"] = attrs["dtype"].decode()
@@ -1167,12 +1338,22 @@ class _ParquetRecorded(RecordedSegment):
         self._pf = pf
         self._rows = layout.shape[0]
         cols = pf.read(columns=list(COLUMNS))
+        for col in COLUMNS:
+            if cols.column(col).null_count:
+                raise NotARecordingError(path, f"column {col!r} holds null values")
         versions = cols.column("version").to_numpy()
         times = cols.column("timestamp_ns").to_numpy()
         if len(versions) % self._rows:
             raise NotARecordingError(
                 path, f"{len(versions)} rows is not a whole number of {self._rows}-row versions"
             )
+        # The rows of one version share its number and commit time, as written.
+        for what, col in (("version", versions), ("commit time", times)):
+            per = col.reshape(-1, self._rows)
+            if per.size and not bool(np.all(per == per[:, :1])):
+                raise NotARecordingError(
+                    path, f"the {self._rows} rows of a version do not share one {what}"
+                )
         self.versions, self.missed = _checked_columns(
             path, layout.name, np.ascontiguousarray(versions[:: self._rows]), missed
         )
@@ -1188,9 +1369,10 @@ class _ParquetRecorded(RecordedSegment):
         if self._cached is None or self._cached[0] != g:
             try:
                 table = self._pf.read_row_group(g, columns=list(self.layout.dtype.names or ()))
+                rows = _from_arrow(table, self.layout.dtype)
             except _DAMAGED as exc:  # pyarrow: OSError, ArrowInvalid (a ValueError), ...
                 raise NotARecordingError(self.path, f"row group {g}: {exc}") from exc
-            self._cached = (g, _from_arrow(table, self.layout.dtype))
+            self._cached = (g, rows)
         return self._cached[1]
 
     def read_into(self, i: int, out: npt.NDArray[Any]) -> None:
@@ -1238,6 +1420,18 @@ def _open_parquet(path: str) -> Recording:
         wanted = {*(layout.dtype.names or ()), *COLUMNS}
         if not wanted <= names:
             raise NotARecordingError(path, f"columns {sorted(wanted - names)} are missing")
+        # Each column of the type the writer makes of its field: another type's values
+        # were read as if they were (a variable-size binary column's offsets as a
+        # field's bytes), or failed with a traceback.
+        pa = require("pyarrow", "reading a Parquet recording")
+        for field in _arrow_schema(pa, layout.dtype):
+            have = pf.schema_arrow.field(field.name).type
+            if not _same_type(pa, have, field.type):
+                raise NotARecordingError(
+                    path,
+                    f"column {field.name!r} is {have}, where {layout.describe()} makes it "
+                    f"{field.type}",
+                )
         missed = int(meta_all.get(MISSED_KEY, b"0"))  # ValueError: damaged, said below
         seg = _ParquetRecorded(path, pf, layout, missed)
     except LayoutError as exc:

@@ -27,7 +27,8 @@ examples:
 HDF5: a group per segment with datasets data (N, *shape), version and
 timestamp_ns, and the attribute 'missed'; written in SWMR mode and flushed at
 least once a second, so `h5py.File(path, "r", swmr=True)` reads it while it
-grows, or after the recorder was killed. Parquet: one-dimensional record dtypes,
+grows, or after the recorder was killed. Parquet: one-dimensional record dtypes
+without a field named version or timestamp_ns (its own columns) or of 0 bytes,
 one file per segment (<stem>.<segment>.parquet when several are recorded).
 Needs the extra: pip install 'shmcast[record]'.
 
@@ -100,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
         sys.setswitchinterval(switch)
 
 
+#: The --compression values each format takes.
+COMPRESSIONS = {"hdf5": ("none", "gzip", "lzf"), "parquet": ("none", "gzip", "snappy", "zstd")}
+
 #: Output suffixes that name a format.
 SUFFIXES = {".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -126,6 +130,14 @@ def _record(args: argparse.Namespace, stop: threading.Event) -> int:
         args.format = output_format(args.output, args.format)
     except ValueError as exc:
         print(f"shmcast record: error: {exc}", file=sys.stderr)
+        return 2
+    takes = COMPRESSIONS[args.format]
+    if args.compression is not None and args.compression not in takes:
+        print(
+            f"shmcast record: error: --compression {args.compression} is not one of "
+            f"{args.format}'s: {', '.join(takes)}",
+            file=sys.stderr,
+        )
         return 2
     with stop_on_signals(stop.set):
         rec = Recorder(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import threading
 import time
@@ -24,9 +25,10 @@ examples:
   shmcast replay ticks.parquet --loop              again and again until Ctrl-C
 
 The segments are created with the recorded dtype and shape (an existing segment
-of the same layout is used; one of another layout is an error, and is left as
-it is). Versions keep their recorded numbers where the segment allows it, and
-the data is bit-identical. Lines on stdout: 'shmcast replay ready: {json}' and
+of the same layout is used; one of another layout, or with a live writer, is an
+error, checked before any segment is created, and is left as it is). Versions
+keep their recorded numbers where the segment allows it, and the data is
+bit-identical. Lines on stdout: 'shmcast replay ready: {json}' and
 'shmcast replay done: {json}' (published per segment, seconds, rate).
 """
 
@@ -36,7 +38,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--segments", nargs="+", metavar="SEGMENT", help="replay only these")
     pace = p.add_mutually_exclusive_group()
     pace.add_argument(
-        "--speed", type=float, default=1.0, help="the recorded pace times X (default 1)"
+        "--speed",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="the recorded pace times X, a finite number > 0 (default 1)",
     )
     pace.add_argument("--max", action="store_true", help="as fast as possible")
     p.add_argument("--loop", action="store_true", help="start again after the last version")
@@ -44,8 +50,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.max and not args.speed > 0:
-        print("shmcast replay: error: --speed must be positive", file=sys.stderr)
+    if not args.max and not (args.speed > 0 and math.isfinite(args.speed)):
+        print(
+            "shmcast replay: error: --speed must be a finite number > 0 (--max: flat out)",
+            file=sys.stderr,
+        )
         return 2
     stop = threading.Event()
     with (

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -37,6 +38,7 @@ from shmcast.broker.errors import (
     LayoutConflictError,
     RecordingError,
     SegmentNotFoundError,
+    WriterBusyError,
 )
 from shmcast.broker.recording import RecordedSegment, Recording, SegmentLayout, open_recording
 
@@ -51,6 +53,9 @@ BEHIND = 0.05
 #: Nanoseconds between two passes of a looped recording whose versions all have one
 #: commit time (a single version, say), at speed 1.
 LOOP_GAP_NS = 1_000_000_000
+#: Longest single wait (seconds): a longer one is taken in parts (time_t and
+#: threading.TIMEOUT_MAX bound what one call takes).
+MAX_WAIT = 3600.0
 
 
 @dataclass
@@ -97,6 +102,7 @@ class Replayer:
             recordings hold the same segment.
         LayoutConflictError: a segment of that name exists with another dtype or
             shape (checked for every segment before any is touched).
+        WriterBusyError: a segment of that name has a live writer (checked alike).
         MissingExtraError: h5py / pyarrow is not installed (``shmcast[record]``).
         BrokerUnavailableError: no broker answered.
         NamespaceMismatchError: the broker at ``broker`` serves another namespace.
@@ -117,8 +123,10 @@ class Replayer:
         self._closed = True
         self._recordings: list[Recording] = []
         self._pubs: dict[str, Publisher] = {}
-        if speed is not None and not speed > 0:
-            raise ValueError(f"speed must be positive (or None: flat out), not {speed!r}")
+        if speed is not None and not (speed > 0 and math.isfinite(speed)):
+            raise ValueError(
+                f"speed must be a finite number > 0 (or None: flat out), not {speed!r}"
+            )
         files = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if not files:
             raise ValueError("replay at least one recording")
@@ -146,13 +154,15 @@ class Replayer:
                         curve=curve,
                     )
                 self._pubs[name] = pub
+            for src in self._sources.values():
+                if len(src):
+                    src.read(0)  # warm the file's read path up before the clock starts
         except BaseException:
+            # Whatever failed (a damaged first entry too): no writer lease, segment
+            # handle or file is left open.
             self._teardown()
             raise
         self.segments = list(self._sources)
-        for src in self._sources.values():
-            if len(src):
-                src.read(0)  # warm the file's read path up before the clock starts
         self._stats = {name: ReplayStats() for name in self.segments}
         self._order = self._schedule()
         self._closed = False
@@ -203,6 +213,10 @@ class Replayer:
                     raise LayoutConflictError(
                         name, have, f"{lay.describe()} (recorded in {src.path})"
                     )
+                # A live writer refuses the lease: say so now, before another segment
+                # of the recording is created (and left behind, empty).
+                if info.get("writer_alive"):
+                    raise WriterBusyError(name, info.get("writer_pid"))
                 self._existing.add(name)
         finally:
             client.close()
@@ -257,7 +271,9 @@ class Replayer:
         # Between the last version and the next pass: the mean interval, or (nothing
         # to measure it by: one version, or one commit time) a second, not a spin.
         gap = span // (len(order) - 1) if span > 0 else LOOP_GAP_NS
-        start = time.monotonic_ns()
+        # A float: at a tiny speed the recorded times scale past any int or time_t
+        # (inf: never); waits are then taken in slices of at most MAX_WAIT.
+        start = float(time.monotonic_ns())
         speed = self.speed
         while True:
             for k, i, t in order:
@@ -266,17 +282,19 @@ class Replayer:
                 if self._closed:
                     raise ClosedError("replayer")
                 if speed is not None:
-                    delay = (start + (t - t_first) / speed - time.monotonic_ns()) / 1e9
-                    if delay > 0:
-                        if stop is not None:
-                            if stop.wait(delay):
-                                return
-                        else:
-                            time.sleep(delay)
-                    elif delay < -BEHIND:
+                    due = start + (t - t_first) / speed
+                    delay = (due - time.monotonic_ns()) / 1e9
+                    if delay < -BEHIND:
                         # Far behind (a stalled machine): keep the recorded intervals from
                         # here on rather than publish the backlog in a burst.
-                        start -= int(delay * 1e9)
+                        start -= delay * 1e9
+                    while delay > 0:
+                        if stop is not None:
+                            if stop.wait(min(delay, MAX_WAIT)):
+                                return
+                        else:
+                            time.sleep(min(delay, MAX_WAIT))
+                        delay = (due - time.monotonic_ns()) / 1e9
                 src, pub, st = sources[k], pubs[k], stats[k]
                 recorded = int(src.versions[i])
                 v = recorded + offsets[k]
@@ -295,7 +313,7 @@ class Replayer:
                 if len(src):
                     offsets[k] += int(src.versions[-1]) - int(src.versions[0]) + 1
             if speed is not None:
-                start += int((span + gap) / speed)
+                start += (span + gap) / speed
 
     def run(self, stop: threading.Event | None = None) -> dict[str, ReplayStats]:
         """Publish every version (again and again with ``loop``) until done or ``stop``;

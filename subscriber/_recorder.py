@@ -229,6 +229,10 @@ class Recorder:
         self._stats = {n: RecorderStats() for n in self.names}
         # Where recording starts: versions committed before now are not ours to count.
         self._last = {n: s.version for n, s in self._segs.items()}
+        # The incarnation recorded, kept here: the subscriber closes the handle of an
+        # incarnation once its queued versions are read, and a closed handle has none.
+        self._incarnations = {n: s.incarnation for n, s in self._segs.items()}
+        self._layouts = {lay.name: lay for lay in layouts}
         self._pools = {
             n: _Pool(s.dtype, s.shape, max(2, min(1 << 16, buffer_bytes // max(1, s.nbytes))))
             for n, s in self._segs.items()
@@ -236,6 +240,9 @@ class Recorder:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._failure: BaseException | None = None
         self._failed = threading.Event()
+        #: Set under _put_lock when nothing more may be queued nor counted: the writer
+        #: failed, or close() is about to have it write what is queued the last time.
+        self._ended = False
         #: Of the writer's dropped versions, those counted already (_count_dropped).
         self._dropped_seen = dict.fromkeys(self.names, 0)
         #: Held to queue a version, and to stop queueing on a failure (see _fail).
@@ -340,7 +347,7 @@ class Recorder:
     def _take(self, name: str, upto: int, incarnation: int = 0) -> Iterator[Recorded]:
         """Copy out every version of ``name`` after the last one handled, up to ``upto``
         or the latest committed, whichever is newer."""
-        if incarnation and incarnation != self._segs[name].incarnation:
+        if incarnation and incarnation != self._incarnations[name]:
             # Before the version test: a new incarnation starts again at version 1.
             self._new_incarnation(name)
         last = self._last[name]
@@ -355,15 +362,19 @@ class Recorder:
         upto = max(upto, latest)
         # Versions older than the ring's oldest are gone for sure: no need to try them.
         first = max(last + 1, latest - seg.slots + 1)
-        st.lapped += first - last - 1
-        missed = first - last - 1
+        # Versions missed, by cause, counted in the stats under the lock with the next
+        # version queued (or at the end): once the recording ended (closed, or the
+        # writer failed) they are past its end, neither in the file nor missed.
+        lapped = first - last - 1
+        torn = dropped = 0
+        missed = lapped
         put = self._queue.put
         kick = self._kick
         busy = max(1, pool.cap // 2)
         for v in range(first, upto + 1):
             buf = pool.take()
             if buf is None:
-                st.dropped += 1
+                dropped += 1
                 missed += 1
                 continue
             try:
@@ -373,20 +384,25 @@ class Recorder:
                     ts = snap.timestamp_ns
             except VersionUnavailableError:
                 pool.free.append(buf)
-                st.lapped += 1
+                lapped += 1
                 missed += 1
                 continue
             except TornReadError:
                 pool.free.append(buf)
-                st.torn += 1
+                torn += 1
                 missed += 1
                 continue
             with self._put_lock:
-                if self._failed.is_set():
-                    # The writer stopped (and counted what it left queued): this
-                    # version is past the recording's end, neither in it nor missed.
+                if self._ended:
+                    # The writer stopped, or is writing what was queued for the last
+                    # time (the recorder is closed): this version is past the
+                    # recording's end, neither in it nor missed.
                     pool.free.append(buf)
                     return
+                st.lapped += lapped
+                st.torn += torn
+                st.dropped += dropped
+                lapped = torn = dropped = 0
                 self._last[name] = v
                 if not st.first_version:
                     st.first_version = v
@@ -399,7 +415,13 @@ class Recorder:
                 kick.set()
             yield Recorded(name, v, ts, missed)
             missed = 0
-        self._last[name] = upto
+        with self._put_lock:
+            if self._ended:
+                return
+            st.lapped += lapped
+            st.torn += torn
+            st.dropped += dropped
+            self._last[name] = upto
 
     def _new_incarnation(self, name: str) -> NoReturn:
         """The segment was deleted and created again: its versions start over at 1,
@@ -407,14 +429,15 @@ class Recorder:
         version after this would be lost or misfiled: the recording stops, saying so."""
         sub = self._sub
         assert sub is not None
-        old = self._segs[name]
-        seg = sub.segment(name)
+        old = self._layouts[name]
         layout = ""
-        if seg.dtype != old.dtype or seg.shape != old.shape:
-            layout = (
-                f" with another layout (dtype={seg.dtype} shape={seg.shape}, recording "
-                f"dtype={old.dtype} shape={old.shape})"
-            )
+        with contextlib.suppress(ShmcastError):  # gone again: say what is known
+            seg = sub.segment(name)
+            if seg.dtype != old.dtype or seg.shape != old.shape:
+                layout = (
+                    f" with another layout (dtype={seg.dtype} shape={seg.shape}, recording "
+                    f"dtype={old.dtype} shape={old.shape})"
+                )
         raise RecordingError(
             self.output,
             f"segment {name!r} was deleted and created again{layout}: a recording holds "
@@ -484,7 +507,8 @@ class Recorder:
         by_seg: dict[str, list[tuple[str, int, int, Any]]] = {}
         for item in batch:
             by_seg.setdefault(item[0], []).append(item)
-        for name, items in by_seg.items():
+        groups = list(by_seg.items())
+        for k, (name, items) in enumerate(groups):
             try:
                 writer.append(
                     name,
@@ -493,7 +517,12 @@ class Recorder:
                     [it[2] for it in items],
                 )
             except BaseException:
-                self._stats[name].unwritten += len(items)
+                # This segment's versions, and those of the segments after it in the
+                # batch: taken from the queue, they will never be written either.
+                for other, rest in groups[k:]:
+                    self._stats[other].unwritten += len(rest)
+                    if other != name:
+                        self._pools[other].free.extend(it[3] for it in rest)
                 raise
             finally:
                 free = self._pools[name].free
@@ -513,6 +542,7 @@ class Recorder:
         # reading thread queues under, so that nothing is queued after the count.
         with self._put_lock:
             self._failed.set()
+            self._ended = True
             while True:
                 try:
                     item = self._queue.get_nowait()
@@ -561,6 +591,10 @@ class Recorder:
         self._closed = True
         thread = self._thread
         if thread is not None:
+            # A reading thread still in records() (close() called from another thread)
+            # queues nothing after the writer's last turn, nor counts: it would be lost.
+            with self._put_lock:
+                self._ended = True
             self._stop.set()
             self._kick.set()
             thread.join()

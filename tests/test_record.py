@@ -280,6 +280,116 @@ def test_a_segment_created_again_while_recorded_stops_the_recording_saying_so(
         ]
 
 
+def test_a_segment_created_again_is_named_so_in_events_mode(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """The recorder asked its handle of the old incarnation for its incarnation number,
+    and the subscriber had closed that handle once its versions were read: the
+    recording stopped with "segment 's' is closed" (events; spin at times), naming
+    nothing."""
+    errors: list[BaseException] = []
+    endpoint = broker.endpoints.control  # type: ignore[union-attr]
+    with Publisher("s", dtype="<i8", shape=(3,), slots=8, namespace=namespace) as pub:
+        rec = Recorder("s", tmp_path / "x.h5", namespace=namespace, wait="events", broker=endpoint)
+        t = threading.Thread(target=lambda: _catch(errors, lambda: rec.run(duration=30)))
+        t.start()
+        try:
+            wait_for(lambda: pub.publish(np.zeros(3, "<i8")) and rec.stats()["s"].recorded, 10)
+        except BaseException:
+            rec.close()
+            raise
+    with ControlClient(endpoint) as ctl:
+        ctl.request("delete", name="s")
+    with Publisher("s", dtype="<f4", shape=(5,), slots=8, namespace=namespace) as pub:
+        wait_for(lambda: pub.publish(np.zeros(5, "<f4")) and not t.is_alive(), 10)
+    t.join(10)
+    assert len(errors) == 1, errors
+    assert "deleted and created again with another layout" in str(errors[0])
+
+
+def test_a_recorder_closed_while_its_reader_copies_keeps_its_counts_true(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """close() from another thread, while records() was in the middle of the ring:
+    the reader went on queueing after the writer's last turn, and counting. Those
+    versions were in neither the file nor the counts (a reviewer's run: 1,510 in the
+    file and in 'recorded', versions up to 312,466 'handled', 64 gone), and what was
+    counted after the file's last flush was missing from its missed count."""
+    path = tmp_path / "closed.h5"
+    with (
+        Publisher("s", dtype="<i8", shape=(3,), slots=64, namespace=namespace) as pub,
+        Recorder("s", path, namespace=namespace) as rec,
+    ):
+        for v in range(1, 6):
+            pub.publish(np.full(3, v, "<i8"))
+        records = rec.records(duration=10)
+        assert next(records).version == 1  # versions 2-5 are next in this pass
+        after: list[int] = []
+        sub = rec._sub
+        assert sub is not None
+        close_sub = sub.close
+
+        def reader_runs_on() -> None:
+            # Between the writer's last turn and the end of reading, as a reading
+            # thread may: it goes on through the ring.
+            after.extend(r.version for r in records)
+            close_sub()
+
+        sub.close = reader_runs_on  # type: ignore[method-assign]
+        rec.close()
+        assert after == []
+    st = rec.stats()["s"]
+    with open_recording(path) as recording:
+        seg = recording.segments["s"]
+        assert seg.versions.tolist() == [1]
+        assert (st.recorded, st.missed, st.last_version, seg.missed) == (1, 0, 1, 0)
+
+
+def test_a_failed_write_counts_the_other_segments_of_its_batch(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """The writing thread appends a batch segment by segment: when 'a' failed (a full
+    disk, an I/O error), the versions of 'b' in the same batch, taken from the queue,
+    were in neither the file nor any count (b: 1 recorded, 0 missed, last version 2)."""
+    from shmcast.broker import RecordingError
+
+    path = tmp_path / "ab.h5"
+    with (
+        Publisher("a", dtype="<i8", shape=(3,), slots=16, namespace=namespace) as pa_,
+        Publisher("b", dtype="<i8", shape=(3,), slots=16, namespace=namespace) as pb,
+        Recorder(["a", "b"], path, namespace=namespace) as rec,
+    ):
+        writer = rec._writer
+        assert writer is not None
+        append = writer.append
+        calls: list[str] = []
+
+        def failing(segment: str, *args: Any) -> None:
+            calls.append(segment)
+            if calls.count("a") == 2:
+                raise OSError(5, "Input/output error (the test's)")
+            append(segment, *args)
+
+        writer.append = failing  # type: ignore[method-assign]
+        records = rec.records(duration=10)
+        for pub in (pa_, pb):
+            pub.publish(np.zeros(3, "<i8"))
+            next(records)
+        wait_for(lambda: calls.count("b") == 1, 10, what="a and b written")
+        pa_.publish(np.ones(3, "<i8"))
+        pb.publish(np.ones(3, "<i8"))  # in the batch after a's
+        with pytest.raises(RecordingError, match="the test's"):
+            for _ in records:
+                pass
+    stats = rec.stats()
+    with open_recording(path) as recording:
+        for name in "ab":
+            seg, st = recording.segments[name], stats[name]
+            assert len(seg) == st.recorded == 1, (name, st)
+            assert st.recorded + st.missed == st.last_version, (name, st)
+            assert seg.missed == st.missed, (name, st)
+
+
 def _catch(errors: list[BaseException], fn: Any) -> None:
     try:
         fn()
@@ -521,6 +631,47 @@ with open_recording(sys.argv[1]) as rec:
 
 
 @pytest.mark.root
+def test_a_recording_that_cannot_start_on_a_full_disk_leaves_no_file(tmp_path: Path) -> None:
+    """HDF5 made the file, then failed writing its first metadata: the partial file
+    was left, in the way of the next attempt ('exists ... --overwrite')."""
+    reason = _can_unshare()
+    if reason:
+        pytest.skip(reason)
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    code = textwrap.dedent(
+        f"""
+        import os, sys
+        import numpy as np
+        from shmcast.broker import RecordingError
+        from shmcast.broker.recording import SegmentLayout, open_writer
+        fd = os.open("{mnt}/fill", os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, bytes(65536))
+        except OSError:
+            os.close(fd)
+        lay = SegmentLayout("s", np.dtype([("a", "<i4")]), (2,))
+        for fmt, name in (("hdf5", "a.h5"), ("parquet", "a.parquet")):
+            try:
+                open_writer(os.path.join("{mnt}", name), [lay], format=fmt).close()
+            except RecordingError as exc:
+                print("REFUSED", fmt, type(exc).__name__)
+        print("LEFT", sorted(os.listdir("{mnt}")))
+        """
+    )
+    script = f"mount -t tmpfs -o size=1m tmpfs {mnt} && {sys.executable} -c '{code}'"
+    out = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "REFUSED hdf5 RecordingError" in lines, out.stdout
+    assert "REFUSED parquet RecordingSpaceError" in lines, out.stdout
+    assert "LEFT ['fill']" in lines, out.stdout
+
+
+@pytest.mark.root
 @pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
 def test_a_full_disk_stops_the_recorder_cleanly_keeping_what_it_wrote(
     namespace: str, tmp_path: Path, fmt: str
@@ -656,6 +807,31 @@ def test_a_file_that_is_not_a_recording_is_refused(
         assert "is not a shmcast recording" in capsys.readouterr().err, what
 
 
+def test_a_fifo_given_to_replay_is_refused_without_blocking(tmp_path: Path) -> None:
+    """open_recording opened the path to read its signature: a FIFO blocked it (and
+    shmcast replay) until a writer came."""
+    fifo = tmp_path / "rec.h5"
+    os.mkfifo(fifo)
+    got: list[BaseException | None] = []
+
+    def open_it() -> None:
+        try:
+            open_recording(fifo).close()
+            got.append(None)
+        except BaseException as exc:  # the test looks at it
+            got.append(exc)
+
+    t = threading.Thread(target=open_it, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():  # blocked opening the FIFO: a writer lets it go on
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(10)
+        pytest.fail("open_recording blocked on a FIFO")
+    assert isinstance(got[0], NotARecordingError), got
+    assert "it is a FIFO" in str(got[0])
+
+
 def _recording(path: Path, times_ns: list[int]) -> Path:
     """A recording of segment ``s``: version v holds v, committed at ``times_ns[v-1]``."""
     with open_writer(str(path), [SegmentLayout("s", np.dtype("<i8"), (2,))]) as w:
@@ -706,6 +882,30 @@ def test_a_looped_recording_of_one_commit_time_does_not_spin(
         finally:
             timer.cancel()
     assert 1 <= published <= 5  # a pass a second: 2 in 1.5 s
+
+
+def test_a_tiny_replay_speed_waits_and_a_speed_that_is_not_finite_is_refused(
+    broker: Broker, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At --speed 1e-300 a second of recording scales to inf: the wait raised
+    OverflowError (a traceback from replay); --speed inf was taken as --max."""
+    t0 = 1_700_000_000 * 10**9
+    path = _recording(tmp_path / "slow.h5", [t0, t0 + 10**9])
+    stop = threading.Event()
+    with Replayer(path, namespace=namespace, speed=1e-300) as rep:
+        replayed = rep.replayed(stop)
+        assert next(replayed).recorded_version == 1
+        timer = threading.Timer(0.2, stop.set)
+        timer.start()
+        try:
+            assert list(replayed) == []  # waited for version 2 until stopped
+        finally:
+            timer.cancel()
+    for speed in ("inf", "nan", "0"):
+        assert main(["replay", str(path), "-n", namespace, "--speed", speed]) == 2, speed
+        assert "--speed must be a finite number > 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="finite"):
+        Replayer(path, namespace=namespace, speed=float("inf"))
 
 
 def _damaged_recordings(tmp_path: Path) -> dict[str, Path]:
@@ -779,6 +979,206 @@ def test_a_damaged_recording_is_refused_at_once(
         assert isinstance(got[0], NotARecordingError), (what, got[0])
     assert main(["replay", str(tmp_path / "0.h5"), "-n", namespace]) == 1
     assert "is not a shmcast recording" in capsys.readouterr().err
+
+
+def test_a_replay_refused_on_its_first_entry_lets_its_segments_go(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """The warm-up read of entry 0 ran after the replayer's clean-up was armed: a
+    damaged first entry raised NotARecordingError with the publishers still open, so
+    the writer lease stayed taken ('already has a writer': this very process)."""
+    import h5py
+
+    path = tmp_path / "dmg.h5"
+    with open_writer(
+        str(path), [SegmentLayout("s", np.dtype("<f8"), (256,))], compression="gzip"
+    ) as w:
+        for v in (1, 2):
+            w.append("s", [np.random.default_rng(v).random(256)], [v], [v])
+    with h5py.File(path, "r") as f:
+        offset = f["s/data"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 8)
+        fh.write(b"\xff" * 200)
+    with pytest.raises(NotARecordingError, match="entry 0"):
+        Replayer(path, namespace=namespace, speed=None)
+    with Publisher("s", namespace=namespace) as pub:  # the lease is free
+        assert pub.version == 0
+
+
+def test_replay_into_a_segment_with_a_writer_creates_no_other(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """The live writer was met when the replay took the lease of its segment, after it
+    had created the recording's segments before it: refused, with 'a' left behind."""
+    from shmcast.broker import WriterBusyError
+
+    path = tmp_path / "ab.h5"
+    lays = [SegmentLayout(n, np.dtype("<i4"), (4,)) for n in ("a", "b")]
+    with open_writer(str(path), lays) as w:
+        for n in "ab":
+            w.append(n, [np.arange(4, dtype="<i4")], [1], [1])
+    with Publisher("b", dtype="<i4", shape=(4,), namespace=namespace):
+        with pytest.raises(WriterBusyError, match="'b' already has a writer"):
+            Replayer(path, namespace=namespace, speed=None)
+        assert Segment.list(namespace) == ["b"]
+    stats = replay(path, namespace=namespace, speed=None)  # its writer gone: replayed
+    assert (stats["a"].published, stats["b"].published) == (1, 1)
+
+
+def test_a_recording_that_reads_other_files_is_refused(tmp_path: Path) -> None:
+    """HDF5 lets a dataset keep its values in external raw files, a virtual dataset map
+    them from other HDF5 files, and a link name an object of another file: a forged
+    recording made open_recording (and replay, into shared memory) read any file the
+    process may read, /etc/shadow as root."""
+    import h5py
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"TOP-SECRET-0123456789abcdefghijk")
+    other = tmp_path / "other.h5"
+    with open_writer(str(other), [SegmentLayout("s", np.dtype("u1"), (32,))]) as w:
+        w.append("s", [np.frombuffer(secret.read_bytes(), "u1")], [1], [1])
+
+    def forged(what: str, edit: Any) -> Path:
+        path = tmp_path / f"{what}.h5"
+        with open_writer(str(path), [SegmentLayout("s", np.dtype("u1"), (32,))]) as w:
+            w.append("s", [np.zeros(32, "u1")], [1], [1])
+        with h5py.File(path, "r+") as f:
+            edit(f)
+        return path
+
+    def external(f: Any) -> None:
+        del f["s/data"]
+        f["s"].create_dataset("data", shape=(1, 32), dtype="u1", external=[(str(secret), 0, 32)])
+
+    def virtual(f: Any) -> None:
+        del f["s/data"]
+        layout = h5py.VirtualLayout(shape=(1, 32), dtype="u1")
+        layout[0] = h5py.VirtualSource(str(other), "s/data", shape=(1, 32))[0]
+        f["s"].create_virtual_dataset("data", layout)
+
+    def linked(f: Any) -> None:
+        del f["s"]
+        f["s"] = h5py.ExternalLink(str(other), "s")
+
+    for what, edit in {"external": external, "virtual": virtual, "linked": linked}.items():
+        path = forged(what, edit)
+        with pytest.raises(NotARecordingError, match=r"other files|ExternalLink"):  # noqa: PT012
+            with open_recording(path) as rec:
+                assert secret.read_bytes() not in rec.segments["s"].read(0).tobytes()
+            pytest.fail(what)
+
+
+def test_a_version_column_larger_than_its_file_is_refused_before_it_is_read(
+    tmp_path: Path,
+) -> None:
+    """HDF5 gives a column's unwritten entries its fill value: a forged recording of
+    72 KiB declaring 10**9 versions made the reader allocate their 8 GB (and as much
+    for the times) before it could tell they do not go forward."""
+    import tracemalloc
+
+    import h5py
+
+    path = tmp_path / "forged.h5"
+    with open_writer(str(path), [SegmentLayout("s", np.dtype("u1"), (32,))]) as w:
+        w.append("s", [np.zeros(32, "u1")], [1], [1])
+    n = 10**7  # 80 MB a column
+    with h5py.File(path, "r+") as f:
+        for k in ("version", "timestamp_ns"):
+            del f["s"][k]
+            f["s"].create_dataset(k, shape=(n,), maxshape=(None,), dtype="<u8", chunks=(1024,))
+        f["s/data"].resize(n, axis=0)
+    tracemalloc.start()
+    try:
+        with pytest.raises(NotARecordingError, match=f"a column of {n} entries in 0 bytes"):
+            open_recording(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, peak
+
+
+def _forged_parquet(path: Path, columns: dict[str, Any], missed: bytes = b"0") -> Path:
+    """A Parquet file with shmcast's metadata for 2 records of ``[('a', '<i4')]`` (or
+    ``V4``, or ``(2,)``: ``columns["kind"]``) of segment ``<path's stem>`` and
+    ``columns``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dtype = {"a": "[('a', '<i4')]", "raw": "[('a', 'V4')]", "list": "[('a', '<i4', (2,))]"}
+    kind = columns.pop("kind", "a")
+    meta = {"format": "shmcast-recording", "format_version": 1, "segment": path.stem}
+    meta |= {"dtype": dtype[kind], "shape": [2], "namespace": "x", "slots": 2}
+    cols = {"version": pa.array(np.array([1, 1, 2, 2], np.uint64))}
+    cols |= {"timestamp_ns": pa.array(np.array([5, 5, 6, 6], np.uint64))} | columns
+    table = pa.table(cols).replace_schema_metadata({b"shmcast": json.dumps(meta).encode()})
+    with pq.ParquetWriter(path, table.schema) as w:
+        w.write_table(table)
+        w.add_key_value_metadata({b"shmcast.missed": missed})
+    return path
+
+
+def test_a_parquet_file_of_other_column_types_is_refused(
+    broker: Broker, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Column types were never checked: a string column made ValueError (a traceback
+    from replay), a variable-size binary column's offsets were read as the field's
+    bytes and a null as -2**31, both silently; so were rows of one version with
+    different numbers."""
+    import pyarrow as pa
+
+    ints = pa.array([1, 2, 3, 4], pa.int32())
+    forged = {
+        "strings for ints": {"a": pa.array(["x", "y", "z", "w"])},
+        "a null int": {"a": pa.array([1, None, 3, 4], pa.int32())},
+        "variable-size bytes": {"kind": "raw", "a": pa.array([b"abc", b"de", b"", b"xyzw"])},
+        "bytes of 2 for 4": {"kind": "raw", "a": pa.array([b"ab"] * 4, pa.binary(2))},
+        "a list of any length": {"kind": "list", "a": pa.array([[1], [2, 3], [4], [5]])},
+        "versions of doubles": {"a": ints, "version": pa.array([1.5, 1.5, 2.5, 2.5])},
+        "one version, two numbers": {
+            "a": ints,
+            "version": pa.array(np.array([1, 7, 2, 9], np.uint64)),
+        },
+    }
+    for k, (what, cols) in enumerate(forged.items()):
+        path = _forged_parquet(tmp_path / f"s{k}.parquet", cols)
+        with pytest.raises(NotARecordingError):  # noqa: PT012 (on opening or reading)
+            with open_recording(path) as rec:
+                seg = rec.segments[f"s{k}"]
+                for i in range(len(seg)):
+                    seg.read(i)
+            pytest.fail(what)
+        assert main(["replay", str(path), "-n", namespace, "--max"]) == 1, what
+        assert "is not a shmcast recording" in capsys.readouterr().err, what
+    many = _forged_parquet(tmp_path / "m.parquet", {"a": ints}, missed=str(2**70).encode())
+    with pytest.raises(NotARecordingError, match="missed count"):
+        open_recording(many)
+    good = _forged_parquet(tmp_path / "good.parquet", {"a": ints})
+    with open_recording(good) as rec:
+        assert rec.segments["good"].read(1).tolist() == [(3,), (4,)]
+
+
+def test_a_recording_refused_for_its_chunk_index_leaves_no_descriptor_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A damaged chunk index ("incorrect metadata checksum", met by a fuzzer 10 times
+    in 73 refusals) was found after the segment had opened its file for direct reads:
+    refused, with that descriptor left open for good."""
+    from shmcast.broker import recording
+
+    path = tmp_path / "big.h5"
+    with open_writer(str(path), [SegmentLayout("s", np.dtype("<u1"), (70000,))]) as w:
+        w.append("s", [np.ones(70000, "<u1")], [1], [1])  # a chunk per version: direct
+
+    def damaged(self: Any) -> None:
+        raise OSError("Error iterating over dataset chunks (the test's)")
+
+    monkeypatch.setattr(recording._Hdf5Segment, "_index", damaged)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(NotARecordingError, match="the test's"):
+            open_recording(path)
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 @pytest.mark.parametrize(("fmt", "module"), [("hdf5", "h5py"), ("parquet", "pyarrow")])
@@ -894,6 +1294,27 @@ def test_the_output_suffix_names_the_format_and_a_conflict_is_refused(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("output", "compression"), [("x.h5", "zstd"), ("x.h5", "snappy"), ("x.parquet", "lzf")]
+)
+def test_a_compression_the_format_does_not_take_exits_2(
+    namespace: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    output: str,
+    compression: str,
+) -> None:
+    """--compression offers both formats' values: the writer refused the other format's
+    only after the recorder had waited for its segments (exit 1, or an error about a
+    segment that does not exist)."""
+    out = tmp_path / output
+    argv = ["record", "x", "-n", namespace, "-o", str(out), "--compression", compression]
+    assert main(argv) == 2
+    fmt = "hdf5" if output.endswith(".h5") else "parquet"
+    assert f"--compression {compression} is not one of {fmt}'s" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_space_reserve_counts_each_byte_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -959,6 +1380,106 @@ def test_parquet_refuses_what_is_not_a_one_dimensional_record(tmp_path: Path) ->
         with pytest.raises(LayoutError, match="--format hdf5"):
             open_writer(str(tmp_path / "x.parquet"), [lay], format="parquet")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("field", ["version", "timestamp_ns"])
+def test_parquet_refuses_a_field_named_as_its_own_columns(tmp_path: Path, field: str) -> None:
+    """The field and the recording's column of that name were one column: the
+    field's values came back as the version numbers (or commit times), silently."""
+    from shmcast.broker import LayoutError
+
+    dt = np.dtype([(field, "<u8"), ("px", "<f8")])
+    with pytest.raises(LayoutError, match=f"'{field}'.*--format hdf5"):
+        open_writer(str(tmp_path / "x.parquet"), [SegmentLayout("t", dt, (2,))], format="parquet")
+    assert list(tmp_path.iterdir()) == []
+    # HDF5 keeps such fields as they are.
+    rows = np.array([(777, 1.5), (888, 2.5)], dt)
+    with open_writer(str(tmp_path / "x.h5"), [SegmentLayout("t", dt, (2,))]) as w:
+        w.append("t", [rows], [1], [100])
+    with open_recording(tmp_path / "x.h5") as rec:
+        assert rec.segments["t"].read(0).tobytes() == rows.tobytes()
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
+def test_an_output_that_is_not_a_regular_file_is_refused_and_left(tmp_path: Path, fmt: str) -> None:
+    """--overwrite of a FIFO blocked in open() until a reader came (a hang); of a
+    device (/dev/null, to time a recorder without a disk) the writer failed and then
+    unlinked the path it was given: as root, /dev/null was gone."""
+    from shmcast.broker import RecordingError
+
+    lay = SegmentLayout("t", TICK_DTYPE, (2,))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    outputs = [fifo, tmp_path]
+    with contextlib.suppress(OSError):  # root only (where unprivileged: FIFO, directory)
+        os.mknod(tmp_path / "null", 0o600 | 0o020000, os.makedev(1, 3))
+        outputs.append(tmp_path / "null")
+    for path in outputs:
+        got: list[BaseException | None] = []
+
+        def open_it(p: Path = path, g: list[BaseException | None] = got) -> None:
+            try:
+                open_writer(str(p), [lay], format=fmt, overwrite=True).close()
+                g.append(None)
+            except BaseException as exc:  # the test looks at it
+                g.append(exc)
+
+        t = threading.Thread(target=open_it, daemon=True)
+        t.start()
+        t.join(10)
+        if t.is_alive():  # blocked opening the FIFO: a reader lets it go on
+            reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            t.join(10)
+            os.close(reader)
+            pytest.fail(f"{path}: open_writer blocked")
+        assert isinstance(got[0], RecordingError), (path, got[0])
+        assert "a recording is written to a regular file" in str(got[0])
+    assert fifo.is_fifo()
+    if len(outputs) == 3:
+        assert (tmp_path / "null").is_char_device()
+
+
+@pytest.mark.parametrize("empty", ["S0", "V0", "<U0"])
+def test_parquet_refuses_a_field_of_0_bytes(tmp_path: Path, empty: str) -> None:
+    """pyarrow cannot write a fixed-size value of 0 bytes: S0 and V0 fields failed the
+    first row group's write (every version buffered lost), and a U0 field was written
+    but did not read back (the file refused)."""
+    from shmcast.broker import LayoutError
+
+    dt = np.dtype([("pad", empty), ("px", "<f8")])
+    with pytest.raises(LayoutError, match="'pad' of 0 bytes"):
+        open_writer(str(tmp_path / "x.parquet"), [SegmentLayout("t", dt, (2,))], format="parquet")
+    assert list(tmp_path.iterdir()) == []
+    rows = np.array([(b"" if empty != "<U0" else "", 1.5)] * 2, dt)
+    with open_writer(str(tmp_path / "x.h5"), [SegmentLayout("t", dt, (2,))]) as w:
+        w.append("t", [rows], [1], [100])
+    with open_recording(tmp_path / "x.h5") as rec:
+        assert rec.segments["t"].read(0).tobytes() == rows.tobytes()
+
+
+@pytest.mark.parametrize("code", [0xD800, 0x110000], ids=["surrogate", "past-10FFFF"])
+def test_parquet_refuses_text_utf8_cannot_hold_and_keeps_the_rest(
+    tmp_path: Path, code: int
+) -> None:
+    """pyarrow refused a surrogate with the whole pending row group (every version
+    buffered with it lost), and wrote a code point past U+10FFFF as bytes it then could
+    not read back: the row group lost, the recorder none the wiser."""
+    from shmcast.broker import RecordingError
+
+    dt = np.dtype([("sym", "<U3"), ("px", "<f8")])
+    good = np.array([("ab", 1.5), ("c", 2.5)], dt)
+    bad = good.copy()
+    bad.view(np.uint32).reshape(2, -1)[0, 1] = code  # 'a?' in row 0
+    path = tmp_path / "t.parquet"
+    with open_writer(str(path), [SegmentLayout("t", dt, (2,))], format="parquet") as w:
+        w.append("t", [good], [1], [10])
+        with pytest.raises(RecordingError, match=r"'sym'.*--format hdf5"):
+            w.append("t", [bad], [2], [20])
+        w.append("t", [good], [3], [30])
+    with open_recording(path) as rec:
+        seg = rec.segments["t"]
+        assert seg.versions.tolist() == [1, 3]
+        assert seg.read(0).tobytes() == seg.read(1).tobytes() == good.tobytes()
 
 
 # ------------------------------------------------------------------ signals
