@@ -10,6 +10,7 @@ from ._auth import curve_keypair as curve_keypair
 from ._broker import Broker as Broker
 from ._catalog import Catalog as Catalog
 from ._catalog import CatalogEntry as CatalogEntry
+from ._closing import Closing as Closing
 from ._config import BrokerConfig as BrokerConfig
 from ._config import SegmentSpec as SegmentSpec
 from ._config import resolve_config as resolve_config
@@ -95,6 +96,7 @@ __all__ = [
     "CatalogEntry",
     "Check",
     "ClosedError",
+    "Closing",
     "ConfigError",
     "CurveKeys",
     "EndpointError",

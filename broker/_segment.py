@@ -61,6 +61,7 @@ import numpy.typing as npt
 
 from . import _pycore
 from ._backend import ENV, TSO_MACHINES, Core, RingLike, c_core, compiled, core_status
+from ._closing import Closing
 from ._layout import (
     DESCR_OFF,
     LAYOUT_VERSION,
@@ -342,7 +343,7 @@ class SegmentInfo:
         }
 
 
-class Segment:
+class Segment(Closing):
     """A handle on one shared-memory segment: the writer's, or a reader's.
 
     Create with :meth:`create` (the writer; fails if the name exists) or open with
@@ -1516,20 +1517,8 @@ class Segment:
         """Names of the segments of a namespace present in ``/dev/shm``."""
         return list_segment_names(resolve_namespace(namespace))
 
-    def __enter__(self) -> Segment:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_closed", True):
-            return
-        warnings.warn(
-            f"segment {self._name!r} was not closed", ResourceWarning, source=self, stacklevel=2
-        )
-        with contextlib.suppress(Exception):
-            self.close()
+    def _unclosed(self) -> str:
+        return f"segment {self._name!r} was not closed"
 
     def __repr__(self) -> str:
         if self._closed:

@@ -8,14 +8,13 @@ import contextlib
 import logging
 import os
 import time
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from shmcast.broker import BytesLike, Segment, dtype_str, normalize_layout
+from shmcast.broker import BytesLike, Closing, Segment, dtype_str, normalize_layout
 from shmcast.broker.client import (
     ControlClient,
     check_broker_namespace,
@@ -31,7 +30,7 @@ __all__ = ["Publisher"]
 log = logging.getLogger(__name__)
 
 
-class Publisher:
+class Publisher(Closing):
     """The one writer of a segment, announced through the namespace's broker.
 
     Args:
@@ -209,20 +208,8 @@ class Publisher:
         if self._client is not None:
             self._client.close()
 
-    def __enter__(self) -> Publisher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_closed", True):
-            return
-        warnings.warn(
-            f"publisher of {self.name!r} was not closed", ResourceWarning, source=self, stacklevel=2
-        )
-        with contextlib.suppress(Exception):
-            self.close()
+    def _unclosed(self) -> str:
+        return f"publisher of {self.name!r} was not closed"
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"version={self.version}"

@@ -14,19 +14,18 @@ shifted by the same amount so that versions only go forward.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
 
+from shmcast.broker import Closing
 from shmcast.broker.client import (
     ControlClient,
     check_broker_namespace,
@@ -79,7 +78,7 @@ class Replayed:
     recorded_timestamp_ns: int
 
 
-class Replayer:
+class Replayer(Closing):
     """Publish the versions of recordings into a namespace's segments.
 
     Iterate over it to publish version after version (each step yields a
@@ -361,19 +360,6 @@ class Replayer:
             return
         self._closed = True
         self._teardown()
-
-    def __enter__(self) -> Replayer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_closed", True):
-            return
-        warnings.warn("replayer was not closed", ResourceWarning, source=self, stacklevel=2)
-        with contextlib.suppress(Exception):
-            self.close()
 
     def __repr__(self) -> str:
         pace = "max" if self.speed is None else f"speed={self.speed:g}"

@@ -24,7 +24,6 @@ import os
 import queue
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -33,7 +32,7 @@ from typing import Any, NoReturn
 import numpy as np
 import numpy.typing as npt
 
-from shmcast.broker import Segment
+from shmcast.broker import Closing, Segment
 from shmcast.broker.client import resolve_namespace, validate_segment_name
 from shmcast.broker.errors import (
     ClosedError,
@@ -120,7 +119,7 @@ class _Pool:
         return arr, arr.reshape(-1).view(np.uint8)
 
 
-class Recorder:
+class Recorder(Closing):
     """Record segments of a namespace to an HDF5 or Parquet file.
 
     Args:
@@ -606,19 +605,6 @@ class Recorder:
             self._sub = None
         if writer is not None:
             self._final_size = writer.size()
-
-    def __enter__(self) -> Recorder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_closed", True):
-            return
-        warnings.warn("recorder was not closed", ResourceWarning, source=self, stacklevel=2)
-        with contextlib.suppress(Exception):
-            self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "recording"

@@ -33,7 +33,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
@@ -41,6 +40,7 @@ from typing import Any, Literal
 import zmq
 
 from shmcast.broker import (
+    Closing,
     NamespaceWord,
     Segment,
     Snapshot,
@@ -118,7 +118,7 @@ class _Track:
         self.missing_since = 0.0
 
 
-class Subscriber:
+class Subscriber(Closing):
     """Read one or more segments of a namespace as they are published.
 
     Iterate :meth:`updates` (or ``async for`` over :meth:`aupdates`) and read each
@@ -1149,19 +1149,6 @@ class Subscriber:
         finally:
             if locked:
                 self._io.release()
-
-    def __enter__(self) -> Subscriber:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_closed", True):
-            return
-        warnings.warn("subscriber was not closed", ResourceWarning, source=self, stacklevel=2)
-        with contextlib.suppress(Exception):
-            self.close()
 
     def __repr__(self) -> str:
         return f"<Subscriber {self.namespace}/{','.join(self.names)} wait={self.mode}>"

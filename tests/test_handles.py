@@ -27,6 +27,7 @@ from shmcast.broker import (
     BrokerRunningError,
     ClosedError,
     EndpointError,
+    Segment,
     start_metrics_server,
 )
 from shmcast.broker.client import ControlClient, runtime_dir
@@ -80,6 +81,28 @@ def test_dropping_a_serving_broker_warns(namespace: str) -> None:
     thread.join(10)  # __del__ asked it to stop: it shuts down cleanly
     assert not thread.is_alive()
     assert broker.closed
+
+
+def test_a_handle_dropped_open_warns_naming_it_and_lets_go(
+    namespace: str, thread_broker: Broker
+) -> None:
+    """Segment, Publisher and Subscriber: collected while open, each warns
+    (ResourceWarning, naming what it was) and closes, so its lease goes free."""
+    seg = Segment.create("seg", np.uint8, (4,), namespace=namespace)
+    with pytest.warns(ResourceWarning, match="segment 'seg' was not closed"):
+        seg.__del__()
+    assert seg.closed
+    pub = Publisher("pub", dtype="u1", shape=4, namespace=namespace)
+    with pytest.warns(ResourceWarning, match="publisher of 'pub' was not closed"):
+        pub.__del__()
+    sub = Subscriber("pub", namespace=namespace)
+    with pytest.warns(ResourceWarning, match="subscriber was not closed"):
+        sub.__del__()
+    with Segment.attach("seg", namespace=namespace, writable=True) as again:
+        again.write(np.ones(4, np.uint8))  # the dropped writer's lease went free
+        again.unlink()
+    with Publisher("pub", dtype="u1", shape=4, namespace=namespace) as pub2:
+        assert pub2.publish(np.zeros(4, np.uint8)) == 1
 
 
 def test_second_broker_of_a_namespace_is_refused_at_once(namespace: str) -> None:
