@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 BUFFER_BYTES = 64 * 2**20
 #: Most items the writing thread appends in one call.
 BATCH = 256
+#: Bytes of versions handed to the writer in one call, at most (one version at
+#: least): a call is all or nothing, so a larger batch is handed over in parts.
+APPEND_BYTES = 4 << 20
 #: Seconds between the writing thread's turns (each writes everything queued),
 #: unless the reading thread calls it sooner (half of a pool's buffers queued).
 WRITE_INTERVAL = 0.05
@@ -508,26 +511,33 @@ class Recorder(Closing):
             by_seg.setdefault(item[0], []).append(item)
         groups = list(by_seg.items())
         for k, (name, items) in enumerate(groups):
+            # A call of the writer is all or nothing: a backlog is handed over in
+            # parts, so that on a disk with less room than it, what fits is kept.
+            step = max(1, APPEND_BYTES // max(1, items[0][3][0].nbytes))
+            done = 0
             try:
-                writer.append(
-                    name,
-                    [it[3][0] for it in items],
-                    [it[1] for it in items],
-                    [it[2] for it in items],
-                )
+                while done < len(items):
+                    part = items[done : done + step]
+                    writer.append(
+                        name,
+                        [it[3][0] for it in part],
+                        [it[1] for it in part],
+                        [it[2] for it in part],
+                    )
+                    done += len(part)
+                    self._stats[name].recorded += len(part)
             except BaseException:
-                # This segment's versions, and those of the segments after it in the
-                # batch: taken from the queue, they will never be written either.
-                for other, rest in groups[k:]:
+                # This segment's versions not handed over yet, and those of the
+                # segments after it: taken from the queue, never to be written.
+                self._stats[name].unwritten += len(items) - done
+                for other, rest in groups[k + 1 :]:
                     self._stats[other].unwritten += len(rest)
-                    if other != name:
-                        self._pools[other].free.extend(it[3] for it in rest)
+                    self._pools[other].free.extend(it[3] for it in rest)
                 raise
             finally:
                 free = self._pools[name].free
                 for it in items:
                     free.append(it[3])
-            self._stats[name].recorded += len(items)
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:
