@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from shmcast.broker.client import ControlClient
-from shmcast.broker.errors import SegmentNotFoundError, ShmcastError
+from shmcast.broker.errors import SegmentError, SegmentNotFoundError, ShmcastError
 
 from ._publisher import Publisher
 
@@ -36,6 +36,8 @@ Layout = tuple[str, tuple[int, ...], int]
 
 #: Seconds each request of :meth:`LocalBroker.close`'s last word may wait.
 LAST_TIMEOUT = 1.0
+#: Characters of a mirror's ``source`` the broker keeps (its catalog's ``source``).
+SOURCE_KEPT = 256
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,9 @@ class LocalBroker:
         Args:
             last: what to tell the catalog of the mirrors before the thread ends
                 (the relay's: their upstream is no longer followed), at most
-                :data:`LAST_TIMEOUT` seconds a request; the first failure ends it.
+                :data:`LAST_TIMEOUT` seconds a request; a broker that does not answer
+                ends it. A mirror no longer in the catalog, or another's, is left as
+                it is (see :meth:`_last_word`).
         """
         self._closing.set()
         if last:
@@ -184,7 +188,7 @@ class LocalBroker:
                     continue  # dropped: close() waits for no more than the last word
                 try:
                     if kind == "last":
-                        self._annotate(arg, timeout=LAST_TIMEOUT)
+                        self._last_word(arg)
                     elif kind == "create":
                         self._create(arg)
                     elif kind == "annotate":
@@ -261,26 +265,49 @@ class LocalBroker:
         with contextlib.suppress(SegmentNotFoundError):
             self._client.request("delete", timeout=self._timeout, name=name)
 
-    def _annotate(self, marks: list[Mark], timeout: float | None = None) -> None:
-        """Tell the catalog of each mark; with ``timeout``, stop at the first failure
-        (a broker that does not answer would make each mark wait for it)."""
-        for name, (dtype, shape, slots), source, up in marks:
+    def _annotate(self, marks: list[Mark]) -> None:
+        """Tell the catalog of each mark."""
+        for mark in marks:
             try:
-                self._client.request(
-                    "create",
-                    timeout=self._timeout if timeout is None else timeout,
-                    name=name,
-                    dtype=dtype,
-                    shape=list(shape),
-                    slots=slots,
-                    source=source,
-                    upstream_up=up,
-                    pid=os.getpid(),  # the mirrors' writer: a restarted broker believes it
-                )
+                self._mark(mark, self._timeout)
+            except ShmcastError as exc:
+                log.warning("cannot update the catalog entry of %s: %s", mark[0], exc)
+
+    def _mark(self, mark: Mark, timeout: float) -> None:
+        name, (dtype, shape, slots), source, up = mark
+        self._client.request(
+            "create",
+            timeout=timeout,
+            name=name,
+            dtype=dtype,
+            shape=list(shape),
+            slots=slots,
+            source=source,
+            upstream_up=up,
+            pid=os.getpid(),  # the mirrors' writer: a restarted broker believes it
+        )
+
+    def _last_word(self, marks: list[Mark]) -> None:
+        """:meth:`close`'s last word: each mark told to the catalog if the mirror is
+        still there and still this source's, at most :data:`LAST_TIMEOUT` seconds a
+        request; a broker that does not answer ends it (each mark would wait for it).
+
+        The mark is a ``create``: a mirror deleted here (``shmcast rm --force``) in the
+        second before the stop, not yet noticed, would be made again, empty, by it;
+        one a local publisher has made since belongs to that publisher."""
+        for mark in marks:
+            name, source = mark[0], mark[2]
+            try:
+                entry = self._client.request("describe", timeout=LAST_TIMEOUT, name=name)
+                if entry.get("source") != source[:SOURCE_KEPT]:
+                    continue
+                self._mark(mark, LAST_TIMEOUT)
+            except SegmentNotFoundError:
+                continue  # deleted here: it stays deleted
             except ShmcastError as exc:
                 log.warning("cannot update the catalog entry of %s: %s", name, exc)
-                if timeout is not None:
-                    return
+                if not isinstance(exc, SegmentError):
+                    return  # not a refusal of this mark: the broker is not answering
 
     def _check(self, marks: list[Mark]) -> None:
         """A restarted local broker adopts the mirrors as plain segments: tell it again
