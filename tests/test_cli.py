@@ -116,6 +116,20 @@ def test_the_random_feed_makes_booleans_of_false_and_true() -> None:
     assert set(out.view(np.uint8).tolist()) == {0, 1}
 
 
+def test_the_random_feed_makes_booleans_of_false_and_true_in_records_too() -> None:
+    """The fix above masked bool arrays only: a record's bool fields (`--dtype
+    "[('ok','?'),('x','<i4')]"`) still got random bytes, 255 and the like."""
+    from shmcast.publisher import make_feed
+
+    inner = np.dtype([("flags", "?", (3,)), ("v", "<f8")])
+    dt = np.dtype([("ok", "?"), ("x", "<i4"), ("sub", inner)])
+    out = np.zeros(500, dt)
+    make_feed("random", dt, (500,)).fill(out, 1)
+    for flags in (out["ok"], out["sub"]["flags"]):
+        assert set(flags.view(np.uint8).reshape(-1).tolist()) == {0, 1}
+    assert len(set(out["x"].tolist())) > 400  # the other fields stay random
+
+
 def test_publish_with_slots_the_broker_refuses_exits_2(
     namespace: str, thread_broker: Broker, capsys: pytest.CaptureFixture[str]
 ) -> None:
