@@ -421,6 +421,22 @@ def test_a_relay_config_value_of_the_wrong_kind_is_refused_naming_it(
         resolve_relay_config({}, config_file=str(f), environ={})
 
 
+def test_a_relay_config_takes_its_patterns_as_a_list_or_one_string() -> None:
+    """The type check of `segments` (made for `segments = 5` in a file) refused a
+    list of patterns from Python, "give one or more fnmatch patterns" of one that
+    was; a string (one pattern in the file and the environment) was refused too,
+    and before the check it was taken as a pattern per character."""
+    from shmcast.broker import ConfigError
+    from shmcast.publisher import RelayConfig
+
+    up = "tcp://127.0.0.1:1"
+    assert RelayConfig(upstream=up, segments=["a*", "b"]).segments == ("a*", "b")  # type: ignore[arg-type]
+    assert RelayConfig(upstream=up, segments="frames*").segments == ("frames*",)  # type: ignore[arg-type]
+    for bad in ([], ["a", ""], [5]):
+        with pytest.raises(ConfigError, match=r"^bad value for 'segments'"):
+            RelayConfig(upstream=up, segments=bad)  # type: ignore[arg-type]
+
+
 def test_relay_curve_keys_that_are_not_keys_are_refused_naming_them(tmp_path: Path) -> None:
     """40 characters outside z85 passed the check and ZeroMQ refused them when the
     socket was made: `shmcast relay` ended in a ZMQError traceback. A key pair
