@@ -36,8 +36,6 @@ Layout = tuple[str, tuple[int, ...], int]
 
 #: Seconds each request of :meth:`LocalBroker.close`'s last word may wait.
 LAST_TIMEOUT = 1.0
-#: Characters of a mirror's ``source`` the broker keeps (its catalog's ``source``).
-SOURCE_KEPT = 256
 
 
 @dataclass(frozen=True)
@@ -160,8 +158,8 @@ class LocalBroker:
             last: what to tell the catalog of the mirrors before the thread ends
                 (the relay's: their upstream is no longer followed), at most
                 :data:`LAST_TIMEOUT` seconds a request; a broker that does not answer
-                ends it. A mirror no longer in the catalog, or another's, is left as
-                it is (see :meth:`_last_word`).
+                ends it. A mirror no longer in the catalog is not made again, and
+                a refused mark does not end it (see :meth:`_annotate`).
         """
         self._closing.set()
         if last:
@@ -188,11 +186,11 @@ class LocalBroker:
                     continue  # dropped: close() waits for no more than the last word
                 try:
                     if kind == "last":
-                        self._last_word(arg)
+                        self._annotate(arg, existing=True, timeout=LAST_TIMEOUT)
                     elif kind == "create":
                         self._create(arg)
                     elif kind == "annotate":
-                        self._annotate(arg)
+                        self._annotate(arg, existing=True)
                     elif kind == "delete":
                         with contextlib.suppress(ShmcastError):
                             self._client.request("delete", timeout=self._timeout, name=arg)
@@ -265,13 +263,33 @@ class LocalBroker:
         with contextlib.suppress(SegmentNotFoundError):
             self._client.request("delete", timeout=self._timeout, name=name)
 
-    def _annotate(self, marks: list[Mark]) -> None:
-        """Tell the catalog of each mark."""
+    def _annotate(
+        self, marks: list[Mark], *, existing: bool = False, timeout: float | None = None
+    ) -> None:
+        """Tell the catalog of each mark.
+
+        Args:
+            existing: only of a mirror the catalog still holds. The mark is a
+                ``create``: a mirror deleted here (``shmcast rm --force``), which
+                the relay or bridge has not noticed yet, would be made again by it,
+                empty (and by the last word for good).
+            timeout: seconds each request may wait (else this object's timeout); a
+                broker that does not answer then ends it (each mark would wait for
+                it), while a refusal of one mark (a local publisher's segment now
+                holds the name) goes on to the next.
+        """
+        wait = self._timeout if timeout is None else timeout
         for mark in marks:
             try:
-                self._mark(mark, self._timeout)
+                if existing:
+                    self._client.request("describe", timeout=wait, name=mark[0])
+                self._mark(mark, wait)
+            except SegmentNotFoundError:
+                continue  # deleted here: it stays deleted
             except ShmcastError as exc:
                 log.warning("cannot update the catalog entry of %s: %s", mark[0], exc)
+                if timeout is not None and not isinstance(exc, SegmentError):
+                    return  # not a refusal of this mark: the broker is not answering
 
     def _mark(self, mark: Mark, timeout: float) -> None:
         name, (dtype, shape, slots), source, up = mark
@@ -286,28 +304,6 @@ class LocalBroker:
             upstream_up=up,
             pid=os.getpid(),  # the mirrors' writer: a restarted broker believes it
         )
-
-    def _last_word(self, marks: list[Mark]) -> None:
-        """:meth:`close`'s last word: each mark told to the catalog if the mirror is
-        still there and still this source's, at most :data:`LAST_TIMEOUT` seconds a
-        request; a broker that does not answer ends it (each mark would wait for it).
-
-        The mark is a ``create``: a mirror deleted here (``shmcast rm --force``) in the
-        second before the stop, not yet noticed, would be made again, empty, by it;
-        one a local publisher has made since belongs to that publisher."""
-        for mark in marks:
-            name, source = mark[0], mark[2]
-            try:
-                entry = self._client.request("describe", timeout=LAST_TIMEOUT, name=name)
-                if entry.get("source") != source[:SOURCE_KEPT]:
-                    continue
-                self._mark(mark, LAST_TIMEOUT)
-            except SegmentNotFoundError:
-                continue  # deleted here: it stays deleted
-            except ShmcastError as exc:
-                log.warning("cannot update the catalog entry of %s: %s", name, exc)
-                if not isinstance(exc, SegmentError):
-                    return  # not a refusal of this mark: the broker is not answering
 
     def _check(self, marks: list[Mark]) -> None:
         """A restarted local broker adopts the mirrors as plain segments: tell it again

@@ -8,6 +8,7 @@ are the real ones.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -441,6 +442,32 @@ def test_a_stopped_relays_last_word_makes_no_mirror_deleted_here_again(
                 assert ctl.request("describe", name="own")["source"] == "local"
             assert ctl.request("describe", name="keep")["upstream_up"] is False
         assert Segment.list(namespace) == ["keep", "own"]
+    finally:
+        r.close()
+        up.close()
+
+
+def test_an_upstream_going_down_makes_no_mirror_deleted_here_again(
+    thread_broker: Broker, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catalog is told that the upstream went down with a `create` per mirror: a
+    mirror deleted here in the second before (`shmcast rm --force`), not noticed
+    yet, was made again by it, empty, and stayed while the upstream was down."""
+    monkeypatch.setattr(_relay, "LOCAL_CHECK", 600.0)  # the relay never notices here
+    up = _Upstream()
+    r = Relay(RelayConfig(upstream=up.endpoint, heartbeat_timeout=60)).start(10)
+    try:
+        up.welcome()
+        for name in ("cam", "keep"):  # the order the catalog is told in
+            up.version(name, 1, _i8(1, 2, 3, 4))
+            wait_for(lambda n=name: _mirrored(namespace, n, 1), 10, what=f"{name} mirrored")
+        assert thread_broker.endpoints is not None
+        with ControlClient(thread_broker.endpoints.control) as ctl:
+            ctl.request("delete", name="cam", force=True)  # what `rm --force` asks
+            r.config = dataclasses.replace(r.config, heartbeat_timeout=0.1)  # silent now
+            wait_for(lambda: ctl.request("describe", name="keep")["upstream_up"] is False,
+                     10, what="the upstream down")  # fmt: skip
+        assert Segment.list(namespace) == ["keep"]
     finally:
         r.close()
         up.close()
