@@ -93,6 +93,9 @@ def test_ls_json_from_the_broker_and_from_dev_shm(
         (["publish", "x", "--dtype", "O", "--shape", "4"], "holds Python objects"),
         (["relay", "--upstream", "tcp://127.0.0.1:99999"], "a port from 1 to 65535"),
         (["relay", "--upstream", "tcp://127.0.0.1"], "a port from 1 to 65535"),
+        # No broker: --slots 1 waited 5 s for one, then "no broker answered", exit 1.
+        (["publish", "x", "--dtype", "f8", "--shape", "4", "--slots", "1"], "2 to 64 slots"),
+        (["publish", "x", "--dtype", "f8", "--shape", "4", "--slots", "65"], "2 to 64 slots"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_problem(
@@ -133,9 +136,12 @@ def test_the_random_feed_makes_booleans_of_false_and_true_in_records_too() -> No
 def test_publish_with_slots_the_broker_refuses_exits_2(
     namespace: str, thread_broker: Broker, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A bad argument, as the parser's own: it exited 1, like a failure."""
-    assert main(["publish", "t", "--dtype", "f8", "--shape", "4", "--slots", "1"]) == 2
-    assert "slots must be an integer from 2 to 64" in capsys.readouterr().err
+    """A bad argument, as the parser's own: it exited 1, like a failure (and now
+    the parser refuses it, before any broker is asked)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["publish", "t", "--dtype", "f8", "--shape", "4", "--slots", "1"])
+    assert exc.value.code == 2
+    assert "argument --slots: '1': give a ring of 2 to 64 slots" in capsys.readouterr().err
     assert Segment.list(namespace) == []
 
 
