@@ -21,6 +21,7 @@ from ._doctor import WARN as WARN
 from ._doctor import Check as Check
 from ._doctor import diagnose as diagnose
 from ._layout import LAYOUT_VERSION as LAYOUT_VERSION
+from ._layout import MAX_SLOTS as MAX_SLOTS
 from ._layout import dtype_str as dtype_str
 from ._layout import normalize_layout as normalize_layout
 from ._layout import parse_dtype as parse_dtype
@@ -80,6 +81,7 @@ from .errors import WriterBusyError as WriterBusyError
 __all__ = [
     "DEFAULT_NAMESPACE",
     "LAYOUT_VERSION",
+    "MAX_SLOTS",
     "OK",
     "PROBLEM",
     "WARN",

@@ -306,13 +306,16 @@ class ReadOnlyError(SegmentError):
                 f"(or use a Publisher) to write"
             )
         else:
+            # The lease is a flock on the open file description this copy shares with
+            # the opener: it outlives the opener for as long as the copy stays open.
             message = (
                 f"segment {segment!r}: this writer handle was opened by process {opener} "
                 f"and inherited across fork by process {pid}, which may not write through "
                 f"it (the writer lease stays with process {opener}); nothing was written. "
-                f"Open a new Publisher (or Segment.attach(..., writable=True)) in the child "
-                f"once the parent has closed its own, or start the child with the 'spawn' "
-                f"method"
+                f"Close this copy (it holds that lease too, even after process {opener} "
+                f"ends), then open a new Publisher (or Segment.attach(..., writable=True)) "
+                f"in the child once process {opener} has closed its own or ended; or start "
+                f"the child with the 'spawn' method"
             )
         super().__init__(segment, message)
 

@@ -7,11 +7,11 @@ import sys
 import threading
 import time
 
-from shmcast.broker import normalize_layout, parse_dtype
+from shmcast.broker import MAX_SLOTS, normalize_layout, parse_dtype
 from shmcast.broker.errors import LayoutError
 from shmcast.publisher import Feed, Publisher, make_feed
 
-from ._options import add_broker_option, broker_endpoint, per_second, whole_number
+from ._options import add_broker_option, broker_endpoint, per_second, ring_slots, whole_number
 from ._runner import print_ready, stop_on_signals
 
 READY = "shmcast publish ready: "
@@ -44,7 +44,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", choices=["ticks", "frames", "random"], default="random")
     p.add_argument("--dtype", help="numpy dtype (random source), e.g. float64")
     p.add_argument("--shape", type=parse_shape, help="array shape, e.g. 512,512")
-    p.add_argument("--slots", type=int, default=2, help="ring size when the segment is created")
+    p.add_argument(
+        "--slots",
+        type=ring_slots,
+        default=2,
+        help=f"ring size (2-{MAX_SLOTS}) when the segment is created",
+    )
     p.add_argument(
         "--rate", type=per_second, default=10.0, help="versions per second (0: flat out)"
     )

@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 
+from shmcast.broker import MAX_SLOTS
 from shmcast.broker.client import (
     reader_endpoint,
     resolve_endpoint,
@@ -27,6 +28,7 @@ __all__ = [
     "per_second",
     "port_number",
     "positive_seconds",
+    "ring_slots",
     "seconds",
     "whole_number",
 ]
@@ -107,6 +109,18 @@ def whole_number(text: str) -> int:
     if value >= 0:
         return value
     raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 0")
+
+
+def ring_slots(text: str) -> int:
+    """argparse type: the slots of a segment's ring, 2 to ``MAX_SLOTS`` (checked
+    before any broker is asked: without one, 1 was "no broker answered")."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if 2 <= value <= MAX_SLOTS:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r}: give a ring of 2 to {MAX_SLOTS} slots")
 
 
 def port_number(text: str) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -127,10 +128,22 @@ class RandomFeed:
         else:
             raw = out.reshape(-1).view(np.uint8)
             raw[...] = self._rng.integers(0, 256, raw.shape, dtype=np.uint8)
-            if out.dtype.kind == "b":
+            for flags in _bools(out):
                 # A bool's byte is 0 or 1: numpy reads others as True, but a view of
                 # the bytes (and anything that takes the data as bytes) sees 127.
-                np.bitwise_and(raw, 1, out=raw)
+                as_bytes = flags.view(np.uint8)
+                np.bitwise_and(as_bytes, 1, out=as_bytes)
+
+
+def _bools(arr: npt.NDArray[Any]) -> Iterator[npt.NDArray[Any]]:
+    """The bool parts of ``arr``: itself, or the bool fields of its records (nested
+    records and fields of several bools too)."""
+    if arr.dtype.names is None:
+        if arr.dtype.kind == "b":
+            yield arr
+        return
+    for name in arr.dtype.names:
+        yield from _bools(arr[name])
 
 
 def make_feed(source: str, dtype: Any = None, shape: tuple[int, ...] | None = None) -> Feed:

@@ -112,7 +112,8 @@ class RelayConfig:
 
     Args:
         upstream: the upstream broker's data endpoint, ``tcp://HOST:PORT``.
-        segments: fnmatch patterns of the segments to mirror.
+        segments: fnmatch patterns of the segments to mirror (a tuple or a list; a
+            string is one pattern).
         namespace: the local namespace the mirrors live in (``None``:
             ``$SHMCAST_NAMESPACE`` or ``"default"``, read when the relay is made).
         broker: the local broker's control endpoint (default: the namespace's ipc one).
@@ -164,12 +165,19 @@ class RelayConfig:
                 )
         if self.namespace is not None:
             validate_namespace(self.namespace)
+        # A list is as good as a tuple, and a string is one pattern (as in the file and
+        # the environment): iterated, it was a pattern per character.
+        if isinstance(self.segments, (str, list)):
+            patterns = (self.segments,) if isinstance(self.segments, str) else self.segments
+            object.__setattr__(self, "segments", tuple(patterns))
         if (
             not isinstance(self.segments, tuple)
             or not self.segments
             or not all(isinstance(p, str) and p for p in self.segments)
         ):
-            raise ConfigError("segments", "give one or more fnmatch patterns, e.g. 'frames*'")
+            raise ConfigError(
+                "segments", f"{self.segments!r}: give one or more fnmatch patterns, e.g. 'frames*'"
+            )
         # bool is an int to Python: `window = true` in a file is a mistake, not 1.
         if not _is_int(self.window) or not 1 <= self.window <= 64:
             raise ConfigError("window", f"{self.window!r}: use 1..64")

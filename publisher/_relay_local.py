@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from shmcast.broker.client import ControlClient
-from shmcast.broker.errors import SegmentNotFoundError, ShmcastError
+from shmcast.broker.errors import SegmentError, SegmentNotFoundError, ShmcastError
 
 from ._publisher import Publisher
 
@@ -157,7 +157,9 @@ class LocalBroker:
         Args:
             last: what to tell the catalog of the mirrors before the thread ends
                 (the relay's: their upstream is no longer followed), at most
-                :data:`LAST_TIMEOUT` seconds a request; the first failure ends it.
+                :data:`LAST_TIMEOUT` seconds a request; a broker that does not answer
+                ends it. A mirror no longer in the catalog is not made again, and
+                a refused mark does not end it (see :meth:`_annotate`).
         """
         self._closing.set()
         if last:
@@ -184,11 +186,11 @@ class LocalBroker:
                     continue  # dropped: close() waits for no more than the last word
                 try:
                     if kind == "last":
-                        self._annotate(arg, timeout=LAST_TIMEOUT)
+                        self._annotate(arg, existing=True, timeout=LAST_TIMEOUT)
                     elif kind == "create":
                         self._create(arg)
                     elif kind == "annotate":
-                        self._annotate(arg)
+                        self._annotate(arg, existing=True)
                     elif kind == "delete":
                         with contextlib.suppress(ShmcastError):
                             self._client.request("delete", timeout=self._timeout, name=arg)
@@ -261,26 +263,47 @@ class LocalBroker:
         with contextlib.suppress(SegmentNotFoundError):
             self._client.request("delete", timeout=self._timeout, name=name)
 
-    def _annotate(self, marks: list[Mark], timeout: float | None = None) -> None:
-        """Tell the catalog of each mark; with ``timeout``, stop at the first failure
-        (a broker that does not answer would make each mark wait for it)."""
-        for name, (dtype, shape, slots), source, up in marks:
+    def _annotate(
+        self, marks: list[Mark], *, existing: bool = False, timeout: float | None = None
+    ) -> None:
+        """Tell the catalog of each mark.
+
+        Args:
+            existing: only of a mirror the catalog still holds. The mark is a
+                ``create``: a mirror deleted here (``shmcast rm --force``), which
+                the relay or bridge has not noticed yet, would be made again by it,
+                empty (and by the last word for good).
+            timeout: seconds each request may wait (else this object's timeout); a
+                broker that does not answer then ends it (each mark would wait for
+                it), while a refusal of one mark (a local publisher's segment now
+                holds the name) goes on to the next.
+        """
+        wait = self._timeout if timeout is None else timeout
+        for mark in marks:
             try:
-                self._client.request(
-                    "create",
-                    timeout=self._timeout if timeout is None else timeout,
-                    name=name,
-                    dtype=dtype,
-                    shape=list(shape),
-                    slots=slots,
-                    source=source,
-                    upstream_up=up,
-                    pid=os.getpid(),  # the mirrors' writer: a restarted broker believes it
-                )
+                if existing:
+                    self._client.request("describe", timeout=wait, name=mark[0])
+                self._mark(mark, wait)
+            except SegmentNotFoundError:
+                continue  # deleted here: it stays deleted
             except ShmcastError as exc:
-                log.warning("cannot update the catalog entry of %s: %s", name, exc)
-                if timeout is not None:
-                    return
+                log.warning("cannot update the catalog entry of %s: %s", mark[0], exc)
+                if timeout is not None and not isinstance(exc, SegmentError):
+                    return  # not a refusal of this mark: the broker is not answering
+
+    def _mark(self, mark: Mark, timeout: float) -> None:
+        name, (dtype, shape, slots), source, up = mark
+        self._client.request(
+            "create",
+            timeout=timeout,
+            name=name,
+            dtype=dtype,
+            shape=list(shape),
+            slots=slots,
+            source=source,
+            upstream_up=up,
+            pid=os.getpid(),  # the mirrors' writer: a restarted broker believes it
+        )
 
     def _check(self, marks: list[Mark]) -> None:
         """A restarted local broker adopts the mirrors as plain segments: tell it again

@@ -31,6 +31,7 @@ from shmcast.broker.client import (
     check_broker_namespace,
     resolve_endpoint,
     resolve_namespace,
+    validate_seconds,
 )
 from shmcast.broker.errors import (
     ClosedError,
@@ -96,6 +97,7 @@ class Replayer(Closing):
         timeout: seconds to wait for each broker reply.
 
     Raises:
+        ValueError: ``speed`` or ``timeout`` is not a finite number > 0.
         NotARecordingError: a file is not a shmcast recording.
         RecordingError: a segment asked for is not in the recordings, or two
             recordings hold the same segment.
@@ -126,6 +128,8 @@ class Replayer(Closing):
             raise ValueError(
                 f"speed must be a finite number > 0 (or None: flat out), not {speed!r}"
             )
+        # Checked first, as Publisher checks its own: -1 blamed the running broker.
+        timeout = validate_seconds("timeout", timeout, positive=True)
         files = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if not files:
             raise ValueError("replay at least one recording")

@@ -93,6 +93,9 @@ def test_ls_json_from_the_broker_and_from_dev_shm(
         (["publish", "x", "--dtype", "O", "--shape", "4"], "holds Python objects"),
         (["relay", "--upstream", "tcp://127.0.0.1:99999"], "a port from 1 to 65535"),
         (["relay", "--upstream", "tcp://127.0.0.1"], "a port from 1 to 65535"),
+        # No broker: --slots 1 waited 5 s for one, then "no broker answered", exit 1.
+        (["publish", "x", "--dtype", "f8", "--shape", "4", "--slots", "1"], "2 to 64 slots"),
+        (["publish", "x", "--dtype", "f8", "--shape", "4", "--slots", "65"], "2 to 64 slots"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_problem(
@@ -116,12 +119,29 @@ def test_the_random_feed_makes_booleans_of_false_and_true() -> None:
     assert set(out.view(np.uint8).tolist()) == {0, 1}
 
 
+def test_the_random_feed_makes_booleans_of_false_and_true_in_records_too() -> None:
+    """The fix above masked bool arrays only: a record's bool fields (`--dtype
+    "[('ok','?'),('x','<i4')]"`) still got random bytes, 255 and the like."""
+    from shmcast.publisher import make_feed
+
+    inner = np.dtype([("flags", "?", (3,)), ("v", "<f8")])
+    dt = np.dtype([("ok", "?"), ("x", "<i4"), ("sub", inner)])
+    out = np.zeros(500, dt)
+    make_feed("random", dt, (500,)).fill(out, 1)
+    for flags in (out["ok"], out["sub"]["flags"]):
+        assert set(flags.view(np.uint8).reshape(-1).tolist()) == {0, 1}
+    assert len(set(out["x"].tolist())) > 400  # the other fields stay random
+
+
 def test_publish_with_slots_the_broker_refuses_exits_2(
     namespace: str, thread_broker: Broker, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A bad argument, as the parser's own: it exited 1, like a failure."""
-    assert main(["publish", "t", "--dtype", "f8", "--shape", "4", "--slots", "1"]) == 2
-    assert "slots must be an integer from 2 to 64" in capsys.readouterr().err
+    """A bad argument, as the parser's own: it exited 1, like a failure (and now
+    the parser refuses it, before any broker is asked)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["publish", "t", "--dtype", "f8", "--shape", "4", "--slots", "1"])
+    assert exc.value.code == 2
+    assert "argument --slots: '1': give a ring of 2 to 64 slots" in capsys.readouterr().err
     assert Segment.list(namespace) == []
 
 
@@ -405,6 +425,22 @@ def test_a_relay_config_value_of_the_wrong_kind_is_refused_naming_it(
     f.write_text(f'upstream = "tcp://127.0.0.1:1"\n{line}\n')
     with pytest.raises(ConfigError, match=f"^bad value for '{field}' in "):
         resolve_relay_config({}, config_file=str(f), environ={})
+
+
+def test_a_relay_config_takes_its_patterns_as_a_list_or_one_string() -> None:
+    """The type check of `segments` (made for `segments = 5` in a file) refused a
+    list of patterns from Python, "give one or more fnmatch patterns" of one that
+    was; a string (one pattern in the file and the environment) was refused too,
+    and before the check it was taken as a pattern per character."""
+    from shmcast.broker import ConfigError
+    from shmcast.publisher import RelayConfig
+
+    up = "tcp://127.0.0.1:1"
+    assert RelayConfig(upstream=up, segments=["a*", "b"]).segments == ("a*", "b")  # type: ignore[arg-type]
+    assert RelayConfig(upstream=up, segments="frames*").segments == ("frames*",)  # type: ignore[arg-type]
+    for bad in ([], ["a", ""], [5]):
+        with pytest.raises(ConfigError, match=r"^bad value for 'segments'"):
+            RelayConfig(upstream=up, segments=bad)  # type: ignore[arg-type]
 
 
 def test_relay_curve_keys_that_are_not_keys_are_refused_naming_them(tmp_path: Path) -> None:

@@ -840,6 +840,19 @@ def _recording(path: Path, times_ns: list[int]) -> Path:
     return path
 
 
+@pytest.mark.parametrize("timeout", [-1, 0, float("nan"), "5", None])
+def test_a_replayers_bad_timeout_is_refused_naming_the_argument(
+    broker: Broker, namespace: str, tmp_path: Path, timeout: Any
+) -> None:
+    """Publisher's own check (c34ab07) was not the Replayer's, which asks the broker
+    first: -1 and 0 blamed the running broker ("no broker answered ... within
+    -1s; start one"), NaN, a string and None failed inside naming neither."""
+    path = _recording(tmp_path / "t.h5", [1])
+    with pytest.raises(ValueError, match=r"^timeout must be a finite number of seconds > 0"):
+        Replayer(path, namespace=namespace, timeout=timeout)
+    assert Segment.list(namespace) == []
+
+
 def test_a_recording_whose_clock_stepped_back_replays_in_version_order(
     broker: Broker, namespace: str, tmp_path: Path
 ) -> None:

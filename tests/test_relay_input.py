@@ -8,6 +8,7 @@ are the real ones.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -415,3 +416,58 @@ def test_a_welcome_out_of_a_brokers_heartbeat_bounds_is_a_bad_message(
     up.send(b"welcome", {"epoch": 1, "namespace": "up", "heartbeat_interval": interval})
     wait_for(lambda: r.stats().bad_messages == 1, 10, what="the bad welcome counted")
     assert r.interval == 30.0
+
+
+def test_a_stopped_relays_last_word_makes_no_mirror_deleted_here_again(
+    thread_broker: Broker, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`shmcast rm --force` of a mirror, then the relay stopped before its next look
+    at its mirrors: the last word (a `create` marking upstream_up false) made the
+    deleted mirror again, empty, in the catalog and /dev/shm. A mirror's name a
+    local publisher took meanwhile was refused, and that ended the last word."""
+    monkeypatch.setattr(_relay, "LOCAL_CHECK", 600.0)  # the relay never notices here
+    up = _Upstream()
+    r = Relay(RelayConfig(upstream=up.endpoint, heartbeat_timeout=60)).start(10)
+    try:
+        up.welcome()
+        for name in ("cam", "own", "keep"):  # the order of the last word
+            up.version(name, 1, _i8(1, 2, 3, 4))
+            wait_for(lambda n=name: _mirrored(namespace, n, 1), 10, what=f"{name} mirrored")
+        assert thread_broker.endpoints is not None
+        with ControlClient(thread_broker.endpoints.control) as ctl:
+            for name in ("cam", "own"):
+                ctl.request("delete", name=name, force=True)  # what `rm --force` asks
+            with Publisher("own", dtype="<i8", shape=(4,), namespace=namespace):
+                r.close()
+                assert ctl.request("describe", name="own")["source"] == "local"
+            assert ctl.request("describe", name="keep")["upstream_up"] is False
+        assert Segment.list(namespace) == ["keep", "own"]
+    finally:
+        r.close()
+        up.close()
+
+
+def test_an_upstream_going_down_makes_no_mirror_deleted_here_again(
+    thread_broker: Broker, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catalog is told that the upstream went down with a `create` per mirror: a
+    mirror deleted here in the second before (`shmcast rm --force`), not noticed
+    yet, was made again by it, empty, and stayed while the upstream was down."""
+    monkeypatch.setattr(_relay, "LOCAL_CHECK", 600.0)  # the relay never notices here
+    up = _Upstream()
+    r = Relay(RelayConfig(upstream=up.endpoint, heartbeat_timeout=60)).start(10)
+    try:
+        up.welcome()
+        for name in ("cam", "keep"):  # the order the catalog is told in
+            up.version(name, 1, _i8(1, 2, 3, 4))
+            wait_for(lambda n=name: _mirrored(namespace, n, 1), 10, what=f"{name} mirrored")
+        assert thread_broker.endpoints is not None
+        with ControlClient(thread_broker.endpoints.control) as ctl:
+            ctl.request("delete", name="cam", force=True)  # what `rm --force` asks
+            r.config = dataclasses.replace(r.config, heartbeat_timeout=0.1)  # silent now
+            wait_for(lambda: ctl.request("describe", name="keep")["upstream_up"] is False,
+                     10, what="the upstream down")  # fmt: skip
+        assert Segment.list(namespace) == ["keep"]
+    finally:
+        r.close()
+        up.close()

@@ -613,11 +613,53 @@ def test_a_forked_child_cannot_write_through_its_copy(namespace, removed):
         for message in out[:3]:
             assert f"opened by process {os.getpid()}" in message
             assert "inherited across fork" in message
-            assert "Open a new Publisher" in message
+            assert "open a new Publisher" in message
         assert out[3] == "[1.0, 1.0, 1.0, 1.0]"
         assert seg.version == 1
         assert seg.latest().array.tolist() == [1.0] * 4
         assert seg.write(np.full(4, 2.0)) == 2
+
+
+def test_a_forked_child_is_told_to_close_its_copy_to_take_the_lease(namespace, removed):
+    """The opener ends without closing (killed): the child's copy shares the open
+    file description the lease is a flock on, so the lease lives on in the child.
+    The error told it to open a new writer "once the parent has closed its own",
+    which then failed (a writer busy, naming the ended opener); closing the copy
+    first is what works."""
+    removed.append("orphan")
+    r, w = os.pipe()
+    opener = os.fork()
+    if opener == 0:  # pragma: no cover (the forked processes: never back into pytest)
+        try:
+            os.close(r)
+            me = os.getpid()
+            seg = Segment.create("orphan", "<f8", (4,))
+            if os.fork() == 0:
+                signal.alarm(10)  # not the test's child: it may not be left behind
+                out: list[str] = []
+                while os.getppid() == me:
+                    time.sleep(0.001)  # until the opener has ended
+                try:
+                    seg.write(np.full(4, 9.0))
+                    out.append("written")
+                except ReadOnlyError as exc:
+                    out.append(str(exc))
+                seg.close()  # what the error says to do first
+                try:
+                    with Segment.attach("orphan", writable=True) as mine:
+                        out.append(str(mine.write(np.full(4, 2.0))))
+                except Exception as exc:
+                    out.append(f"{type(exc).__name__}: {exc}")
+                os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)  # the opener ends without closing its writer
+    os.close(w)
+    assert _reaped(opener, timeout=10) == 0
+    with os.fdopen(r, "rb") as f:  # until the grandchild is done (it holds the write end)
+        out = json.loads(f.read() or b"[]")
+    assert len(out) == 2, out
+    assert "Close this copy" in out[0]
+    assert out[1] == "1"  # the child took the lease, once its copy was closed
 
 
 # ------------------------------------------------------------------------ (g) modes
