@@ -24,6 +24,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -248,9 +249,15 @@ class Recorder(Closing):
         self._put_lock = threading.Lock()
         self._stop = threading.Event()  # set: write what is queued, then stop
         self._kick = threading.Event()  # set: a turn now (a pool is half queued, or stop)
+        # The thread holds the recorder only during its turns: one forgotten while
+        # open can then be collected, and is closed (Closing: a ResourceWarning).
         self._thread = threading.Thread(
-            target=self._write_loop, name="shmcast-recorder", daemon=True
+            target=_write_thread,
+            args=(weakref.ref(self), self._writer, self._kick),
+            name="shmcast-recorder",
+            daemon=True,
         )
+        self._next_flush = time.monotonic() + flush_interval
         self._closed = False
         self._thread.start()
 
@@ -446,39 +453,38 @@ class Recorder(Closing):
 
     # ------------------------------------------------------------------ writing
 
-    def _write_loop(self) -> None:
-        writer = self._writer
-        assert writer is not None
+    def _write_turn(self, writer: RecordingWriter) -> bool:
+        """One turn of the writing thread (see :func:`_write_thread`): take everything
+        queued and write it, flushing when due; on the last turn (close) or a failure,
+        close the file. True once the file is closed."""
+        # Wake at intervals and take everything queued: few, large appends keep this
+        # thread's turns at the GIL short and rare, so the reading thread gets it back
+        # at once when a version arrives. Sooner when called: a kick during this turn
+        # makes the next one start at once.
         q = self._queue
-        next_flush = time.monotonic() + self.flush_interval
-        stopping = False
+        done = True
         try:
-            while not stopping:
-                # Wake at intervals and take everything queued: few, large appends keep
-                # this thread's turns at the GIL short and rare, so the reading thread
-                # gets it back at once when a version arrives. Sooner when called: a
-                # kick during this turn makes the next one start at once.
-                self._kick.wait(WRITE_INTERVAL)
-                self._kick.clear()
-                stopping = self._stop.is_set()  # set before its kick: seen by this turn
-                batch: list[tuple[str, int, int, Any]] = []
-                while True:
-                    try:
-                        batch.append(q.get_nowait())
-                    except queue.Empty:
-                        break
-                    if len(batch) >= BATCH:
-                        self._append(writer, batch)
-                        batch = []
-                self._append(writer, batch)
-                if stopping or time.monotonic() >= next_flush:
-                    for name, st in self._stats.items():
-                        writer.set_missed(name, st.missed)
-                    writer.flush()
-                    next_flush = time.monotonic() + self.flush_interval
+            self._kick.clear()
+            stopping = self._stop.is_set()  # set before its kick: seen by this turn
+            batch: list[tuple[str, int, int, Any]] = []
+            while True:
+                try:
+                    batch.append(q.get_nowait())
+                except queue.Empty:
+                    break
+                if len(batch) >= BATCH:
+                    self._append(writer, batch)
+                    batch = []
+            self._append(writer, batch)
+            if stopping or time.monotonic() >= self._next_flush:
+                for name, st in self._stats.items():
+                    writer.set_missed(name, st.missed)
+                writer.flush()
+                self._next_flush = time.monotonic() + self.flush_interval
+            done = stopping
         except BaseException as exc:
             self._fail(exc)
-        finally:
+        if done:
             try:
                 self._count_dropped(writer)
                 for name, st in self._stats.items():
@@ -488,6 +494,7 @@ class Recorder(Closing):
                 self._fail(exc)
             # Dropped by the close itself: the file's missed count has them already.
             self._count_dropped(writer)
+        return done
 
     def _count_dropped(self, writer: RecordingWriter) -> None:
         """Versions counted recorded that the writer then lost (Parquet's buffered
@@ -596,7 +603,14 @@ class Recorder(Closing):
                 self._ended = True
             self._stop.set()
             self._kick.set()
-            thread.join()
+            if thread is threading.current_thread():
+                # Collected in its own writing thread (which let go of it last, after
+                # a turn): the last turn is taken here.
+                writer = self._writer
+                if writer is not None and not writer.closed:
+                    self._write_turn(writer)
+            else:
+                thread.join()
             self._thread = None
         writer = self._writer
         self._writer = None
@@ -609,3 +623,23 @@ class Recorder(Closing):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "recording"
         return f"<Recorder {self.namespace}/{','.join(self.names)} -> {self.output} {state}>"
+
+
+def _write_thread(
+    ref: weakref.ref[Recorder], writer: RecordingWriter, kick: threading.Event
+) -> None:
+    """The recorder's writing thread: a turn at least every :data:`WRITE_INTERVAL`
+    seconds (sooner when kicked), until the file is closed. It holds the recorder
+    only during a turn: a thread holding it for ever kept a recorder forgotten while
+    open from ever being collected (its thread, file and segments held until the
+    process ended, with no warning)."""
+    while True:
+        kick.wait(WRITE_INTERVAL)
+        rec = ref()
+        if rec is None:  # collected, and closed by its __del__ (the file with it)
+            with contextlib.suppress(Exception):
+                writer.close()
+            return
+        if writer.closed or rec._write_turn(writer):
+            return
+        del rec

@@ -199,6 +199,39 @@ def test_record_then_replay_is_bit_identical(case: str, tmp_path: Path) -> None:
         assert rec_span / 4 < rep_span < rec_span
 
 
+def test_a_recorder_forgotten_while_open_is_collected_and_closed(
+    namespace: str, tmp_path: Path
+) -> None:
+    """Its writing thread held the recorder (a bound method) for as long as it ran:
+    a recorder dropped without close() was never collected, so no warning, and its
+    thread, file and segments stayed until the process ended. Now it is collected
+    like any handle: a ResourceWarning, and a close that writes what it took."""
+    import gc
+    import weakref
+
+    path = tmp_path / "forgotten.h5"
+    seg = Segment.create("f", "<i8", (2,), slots=8, namespace=namespace)
+    try:
+        rec = Recorder("f", path, namespace=namespace, wait="futex")
+        for v in range(1, 4):
+            seg.write(np.full(2, v, "<i8"))
+        assert [r.version for r in rec.records(count=3, duration=10)] == [1, 2, 3]
+        thread = rec._thread
+        assert thread is not None
+        gone = weakref.ref(rec)
+        with pytest.warns(ResourceWarning, match="recorder was not closed"):
+            del rec  # its last reference
+        gc.collect()
+        assert gone() is None
+        thread.join(10)
+        assert not thread.is_alive()
+        with open_recording(path) as back:
+            assert back.segments["f"].versions.tolist() == [1, 2, 3]
+    finally:
+        seg.unlink()
+        seg.close()
+
+
 def test_the_python_api_records_and_replays(broker: Broker, namespace: str, tmp_path: Path) -> None:
     path = tmp_path / "api.h5"
     with (
