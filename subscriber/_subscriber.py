@@ -225,6 +225,13 @@ class Subscriber(Closing):
         #: Handles of the objects the names of followed segments lead to now, for reads
         #: of the latest while the followed handle is of a deleted object.
         self._fresh: dict[str, Segment] = {}
+        #: Held to replace those handles (_extra, _fresh): several threads may read the
+        #: latest at once (a dashboard's request threads).
+        self._latest_lock = threading.RLock()
+        #: Per name, the handle reads of the latest went through before the last
+        #: replacement: closed only at the next one, so that a read of it still
+        #: running (in another thread, or a ``with sub.read(name)`` block) ends first.
+        self._replaced: dict[str, Segment] = {}
         self._word_seen = 0
         self._word_state = (0, 0, 0)
         self._wait_segs: list[Segment] = []
@@ -462,10 +469,15 @@ class Subscriber(Closing):
         if tr is None:  # not one we follow: attached for reads of the latest only
             extra = self._extra.get(name)
             if extra is None:
-                extra = Segment.attach(
-                    validate_segment_name(name), namespace=self.namespace, owner=self._owner
-                )
-                self._extra[name] = extra
+                with self._latest_lock:
+                    extra = self._extra.get(name)
+                    if extra is None:
+                        extra = Segment.attach(
+                            validate_segment_name(name),
+                            namespace=self.namespace,
+                            owner=self._owner,
+                        )
+                        self._extra[name] = extra
             return extra
         seg = tr.seg or self._attach(tr)
         if seg is None:
@@ -545,22 +557,37 @@ class Subscriber(Closing):
         there); until then reads of the latest go through a handle of their own."""
         seg = self.segment(name)
         if seg.linked():
-            fresh = self._fresh.pop(name, None)
-            if fresh is not None:
-                fresh.close()
+            if name in self._fresh:  # the followed handle was replaced meanwhile
+                with self._latest_lock:
+                    fresh = self._fresh.pop(name, None)
+                    if fresh is not None:
+                        self._replace_latest(name, fresh)
             return seg
-        if name not in self._tracks:  # read only for its latest: attached anew
-            del self._extra[name]
-            seg.close()
-            return self.segment(name)
-        fresh = self._fresh.get(name)
-        if fresh is None or not fresh.linked():
-            if fresh is not None:
-                del self._fresh[name]
-                fresh.close()
-            fresh = Segment.attach(name, namespace=self.namespace, owner=self._owner)
-            self._fresh[name] = fresh
-        return fresh
+        with self._latest_lock:
+            if name not in self._tracks:  # read only for its latest: attached anew
+                if self._extra.get(name) is seg:  # not replaced by another thread yet
+                    del self._extra[name]
+                    self._replace_latest(name, seg)
+                return self.segment(name)
+            fresh = self._fresh.get(name)
+            if fresh is None or not fresh.linked():
+                if fresh is not None:
+                    del self._fresh[name]
+                    self._replace_latest(name, fresh)
+                fresh = Segment.attach(name, namespace=self.namespace, owner=self._owner)
+                self._fresh[name] = fresh
+            return fresh
+
+    def _replace_latest(self, name: str, seg: Segment) -> None:
+        """``seg`` is no longer read for the latest of ``name``: closed at the next
+        replacement, not now. Closing it at once failed reads of it still running
+        (another thread's, or the block of an outer ``sub.read(name)``) with
+        ``ClosedError: segment is closed``, and two threads replacing it at once
+        raised ``KeyError``."""
+        old = self._replaced.pop(name, None)
+        if old is not None:
+            old.close()
+        self._replaced[name] = seg
 
     def staleness(self, segment: str, now_ns: int | None = None) -> float | None:
         """Seconds since the latest commit of ``segment`` (what its header says, else the
@@ -1106,10 +1133,12 @@ class Subscriber(Closing):
             *self._retired,
             *self._extra.values(),
             *self._fresh.values(),
+            *self._replaced.values(),
         ]:
             seg.close()
         self._extra.clear()
         self._fresh.clear()
+        self._replaced.clear()
         self._handles.clear()
         self._retired.clear()
         self._wait_segs = []
