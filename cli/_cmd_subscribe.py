@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import threading
+from typing import TextIO
 
 from shmcast.broker import Segment
 from shmcast.broker.client import ControlClient, resolve_namespace
@@ -35,7 +36,8 @@ segments that do exist. Lines on stderr: 'shmcast subscribe ready: {json}' (with
 metrics URL) at start, 'shmcast subscribe done: {json}' (the four counters per segment:
 updates, missed, overrun, torn; latency percentiles) at the end.
 Exit code 0, or 1 when --timeout passed with nothing received (or on an error). A
-closed stdout (a reader such as 'head' that has what it wanted) stops it as --count does.
+closed stdout (a reader such as 'head' that has what it wanted) stops it as --count does,
+stderr closed with it too ('2>&1 | head').
 """
 
 #: Seconds before a subscriber waiting for a segment that does not exist says so.
@@ -153,13 +155,22 @@ def run(args: argparse.Namespace) -> int:
         }
         for name, st in sub.stats.items()
     }
-    print_ready(DONE, done, stream=sys.stderr)
+    try:
+        print_ready(DONE, done, stream=sys.stderr)
+    except BrokenPipeError:
+        # stderr was the same pipe (`shmcast subscribe ... 2>&1 | head`): nobody is
+        # left to read the summary; the stop is as clean as with stdout alone.
+        _stream_gone(sys.stderr)
     if handled == 0 and args.timeout is not None and not stop.is_set():
-        print(
-            f"shmcast subscribe: nothing received from {', '.join(args.segments)} "
-            f"in {args.timeout:g} s",
-            file=sys.stderr,
-        )
+        try:
+            print(
+                f"shmcast subscribe: nothing received from {', '.join(args.segments)} "
+                f"in {args.timeout:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
+        except BrokenPipeError:
+            _stream_gone(sys.stderr)
         return 1
     return 0
 
@@ -173,8 +184,14 @@ def _label(text: str) -> str:
 
 def _stdout_gone() -> None:
     """Send what is still buffered for stdout, and its flush at exit, nowhere."""
+    _stream_gone(sys.stdout)
+
+
+def _stream_gone(stream: TextIO) -> None:
+    """Send what is still buffered for ``stream`` (a closed pipe), and its flush at
+    exit, nowhere."""
     try:
-        fd = sys.stdout.fileno()
+        fd = stream.fileno()
     except (AttributeError, OSError, ValueError):  # not a file (tests capture it)
         return
     devnull = os.open(os.devnull, os.O_WRONLY)
