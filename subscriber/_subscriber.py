@@ -472,11 +472,7 @@ class Subscriber(Closing):
                 with self._latest_lock:
                     extra = self._extra.get(name)
                     if extra is None:
-                        extra = Segment.attach(
-                            validate_segment_name(name),
-                            namespace=self.namespace,
-                            owner=self._owner,
-                        )
+                        extra = self._attach_latest(validate_segment_name(name))
                         self._extra[name] = extra
             return extra
         seg = tr.seg or self._attach(tr)
@@ -574,9 +570,28 @@ class Subscriber(Closing):
                 if fresh is not None:
                     del self._fresh[name]
                     self._replace_latest(name, fresh)
-                fresh = Segment.attach(name, namespace=self.namespace, owner=self._owner)
+                fresh = self._attach_latest(name)
                 self._fresh[name] = fresh
             return fresh
+
+    def _attach_latest(self, name: str) -> Segment:
+        """Attach ``name`` for reads of the latest. A header still being written is
+        waited for once per object, as for the followed segments (:meth:`_attach`):
+        an object whose creator died before its header made every read of the
+        latest of that name wait a second before its ``NotASegmentError``."""
+        path = shm_path(self.namespace, name)
+        try:
+            ino = os.stat(path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            raise SegmentNotFoundError(name, self.namespace) from None
+        wait = 0.0 if self._not_segment_inos.get(name) == ino else 1.0
+        try:
+            seg = Segment.attach(name, namespace=self.namespace, wait=wait, owner=self._owner)
+        except NotASegmentError:
+            self._not_segment_inos[name] = ino
+            raise
+        self._not_segment_inos.pop(name, None)
+        return seg
 
     def _replace_latest(self, name: str, seg: Segment) -> None:
         """``seg`` is no longer read for the latest of ``name``: closed at the next
