@@ -515,6 +515,7 @@ class Recorder(Closing):
             by_seg.setdefault(item[0], []).append(item)
         groups = list(by_seg.items())
         for k, (name, items) in enumerate(groups):
+            before = writer.counts[name]
             try:
                 writer.append(
                     name,
@@ -523,12 +524,16 @@ class Recorder(Closing):
                     [it[2] for it in items],
                 )
             except BaseException:
-                # This segment's versions, and those of the segments after it in the
-                # batch: taken from the queue, they will never be written either.
-                for other, rest in groups[k:]:
+                # Those the writer took before it refused one (a Parquet text it
+                # cannot hold) are recorded; the rest of this segment's versions, and
+                # those of the segments after it in the batch, taken from the queue,
+                # will never be written either.
+                taken = writer.counts[name] - before
+                self._stats[name].recorded += taken
+                self._stats[name].unwritten += len(items) - taken
+                for other, rest in groups[k + 1 :]:
                     self._stats[other].unwritten += len(rest)
-                    if other != name:
-                        self._pools[other].free.extend(it[3] for it in rest)
+                    self._pools[other].free.extend(it[3] for it in rest)
                 raise
             finally:
                 free = self._pools[name].free

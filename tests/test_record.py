@@ -1515,6 +1515,37 @@ def test_parquet_refuses_text_utf8_cannot_hold_and_keeps_the_rest(
         assert seg.read(0).tobytes() == seg.read(1).tobytes() == good.tobytes()
 
 
+def test_a_parquet_recording_keeps_the_versions_before_text_utf8_cannot_hold(
+    namespace: str, tmp_path: Path
+) -> None:
+    """The refused version came in a batch (the writing thread's, every 50 ms): the
+    whole batch was refused with it, so the 19 good versions before it were lost
+    (counted unwritten), the file empty. They are now written; the recording stops
+    at the refused version, which and those after it are counted unwritten."""
+    dt = np.dtype([("sym", "<U3"), ("px", "<f8")])
+    good = np.array([("ab", 1.5), ("c", 2.5)], dt)
+    bad = good.copy()
+    bad.view(np.uint32).reshape(2, -1)[0, 1] = 0xD800  # a lone surrogate
+    from shmcast.broker import RecordingError
+
+    path = tmp_path / "t.parquet"
+    seg = Segment.create("t", dt, (2,), slots=64, namespace=namespace)
+    try:
+        rec = Recorder("t", path, namespace=namespace, format="parquet", wait="futex")
+        for v in range(1, 41):  # all in the ring (64 slots) when the recorder looks
+            seg.write(bad if v == 20 else good)
+        with pytest.raises(RecordingError, match="'sym'"):
+            rec.run(duration=10)
+        st = rec.stats()["t"]
+        assert (st.recorded, st.unwritten) == (19, 21)
+        with open_recording(path) as back:
+            assert back.segments["t"].versions.tolist() == list(range(1, 20))
+            assert back.segments["t"].missed == 21
+    finally:
+        seg.unlink()
+        seg.close()
+
+
 # ------------------------------------------------------------------ signals
 
 
