@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -611,10 +612,10 @@ class Recorder(Closing):
             if thread is threading.current_thread():
                 # Collected in its own writing thread (which let go of it last, after
                 # a turn): the last turn is taken here.
-                writer = self._writer
-                if writer is not None and not writer.closed:
-                    self._write_turn(writer)
-            else:
+                last = self._writer
+                if last is not None and not last.closed:
+                    self._write_turn(last)
+            elif not sys.is_finalizing():  # at exit, daemon threads are stopped: no wait
                 thread.join()
             self._thread = None
         writer = self._writer
