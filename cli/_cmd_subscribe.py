@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
-from typing import TextIO
 
 from shmcast.broker import Segment
 from shmcast.broker.client import ControlClient, resolve_namespace
@@ -14,7 +12,7 @@ from shmcast.broker.errors import SegmentNotFoundError, SegmentUnreachableError,
 from shmcast.subscriber import Subscriber, WaitMode, run_worker, serve_metrics
 
 from ._options import add_broker_option, broker_endpoint, port_number, seconds, whole_number
-from ._runner import print_ready, stop_on_signals
+from ._runner import print_ready, stop_on_signals, stream_gone
 
 READY = "shmcast subscribe ready: "
 DONE = "shmcast subscribe done: "
@@ -155,12 +153,8 @@ def run(args: argparse.Namespace) -> int:
         }
         for name, st in sub.stats.items()
     }
-    try:
-        print_ready(DONE, done, stream=sys.stderr)
-    except BrokenPipeError:
-        # stderr was the same pipe (`shmcast subscribe ... 2>&1 | head`): nobody is
-        # left to read the summary; the stop is as clean as with stdout alone.
-        _stream_gone(sys.stderr)
+    # A closed stderr too (`2>&1 | head`): print_ready drops the line with it.
+    print_ready(DONE, done, stream=sys.stderr)
     if handled == 0 and args.timeout is not None and not stop.is_set():
         try:
             print(
@@ -170,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
         except BrokenPipeError:
-            _stream_gone(sys.stderr)
+            stream_gone(sys.stderr)
         return 1
     return 0
 
@@ -184,21 +178,7 @@ def _label(text: str) -> str:
 
 def _stdout_gone() -> None:
     """Send what is still buffered for stdout, and its flush at exit, nowhere."""
-    _stream_gone(sys.stdout)
-
-
-def _stream_gone(stream: TextIO) -> None:
-    """Send what is still buffered for ``stream`` (a closed pipe), and its flush at
-    exit, nowhere."""
-    try:
-        fd = stream.fileno()
-    except (AttributeError, OSError, ValueError):  # not a file (tests capture it)
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
+    stream_gone(sys.stdout)
 
 
 def _missing(name: str, namespace: str, endpoint: str) -> str:

@@ -1546,6 +1546,40 @@ def test_a_parquet_recording_keeps_the_versions_before_text_utf8_cannot_hold(
         seg.close()
 
 
+def test_record_into_a_pipe_its_reader_closed_exits_0(namespace: str, tmp_path: Path) -> None:
+    """``shmcast record ... | head -1`` (the ready line, then the reader is gone): the
+    recording was complete, but its done line died of a BrokenPipeError traceback,
+    exit 1, which its --help says means that writing failed."""
+    path = tmp_path / "piped.h5"
+    seg = Segment.create("p", "<i8", (2,), slots=8, namespace=namespace)
+    cmd = [sys.executable, "-m", "shmcast.cli", "record", "p", "-n", namespace]
+    proc = subprocess.Popen(
+        [*cmd, "-o", str(path), "--count", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        assert proc.stdout.readline().startswith(RECORD_READY)
+        proc.stdout.close()  # what head -1 does
+        for v in range(1, 4):
+            seg.write(np.full(2, v, "<i8"))
+        assert proc.wait(30) == 0, proc.stderr.read()
+        assert "Traceback" not in proc.stderr.read()
+        with open_recording(path) as back:
+            assert back.segments["p"].versions.tolist() == [1, 2, 3]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+        seg.unlink()
+        seg.close()
+
+
 # ------------------------------------------------------------------ signals
 
 
