@@ -103,6 +103,9 @@ UNREACHABLE_AFTER = 2.0
 #: keeps of one (more would only make the report outgrow the broker's largest message).
 REPORT_SEGMENTS = 64
 REPORT_NAME = 64
+#: Seconds a handle replaced for reads of the latest (its object deleted) stays open,
+#: for a read of it still running to end; then it is closed at the next look.
+REPLACED_GRACE = 1.0
 
 
 class _Track:
@@ -229,9 +232,10 @@ class Subscriber(Closing):
         #: latest at once (a dashboard's request threads).
         self._latest_lock = threading.RLock()
         #: Per name, the handle reads of the latest went through before the last
-        #: replacement: closed only at the next one, so that a read of it still
-        #: running (in another thread, or a ``with sub.read(name)`` block) ends first.
-        self._replaced: dict[str, Segment] = {}
+        #: replacement, and when it was replaced: closed REPLACED_GRACE seconds later
+        #: (at a look), so that a read of it still running (in another thread, or a
+        #: ``with sub.read(name)`` block) ends first.
+        self._replaced: dict[str, tuple[Segment, float]] = {}
         self._word_seen = 0
         self._word_state = (0, 0, 0)
         self._wait_segs: list[Segment] = []
@@ -551,6 +555,8 @@ class Subscriber(Closing):
         attached, whose data nobody writes any more. A followed segment's own handle
         is replaced only where :meth:`updates` looks (its last versions are counted
         there); until then reads of the latest go through a handle of their own."""
+        if self._replaced:
+            self._let_go_replaced()
         seg = self.segment(name)
         if seg.linked():
             if name in self._fresh:  # the followed handle was replaced meanwhile
@@ -594,15 +600,27 @@ class Subscriber(Closing):
         return seg
 
     def _replace_latest(self, name: str, seg: Segment) -> None:
-        """``seg`` is no longer read for the latest of ``name``: closed at the next
-        replacement, not now. Closing it at once failed reads of it still running
-        (another thread's, or the block of an outer ``sub.read(name)``) with
-        ``ClosedError: segment is closed``, and two threads replacing it at once
-        raised ``KeyError``."""
+        """``seg`` is no longer read for the latest of ``name``: closed a little later
+        (:data:`REPLACED_GRACE`, or at the next replacement), not now. Closing it at
+        once failed reads of it still running (another thread's, or the block of an
+        outer ``sub.read(name)``) with ``ClosedError: segment is closed``, and two
+        threads replacing it at once raised ``KeyError``."""
         old = self._replaced.pop(name, None)
         if old is not None:
-            old.close()
-        self._replaced[name] = seg
+            old[0].close()
+        self._replaced[name] = (seg, time.monotonic())
+
+    def _let_go_replaced(self) -> None:
+        """Close the replaced handles whose grace is over (each maps a deleted object,
+        whose shared memory stays taken while it is mapped)."""
+        now = time.monotonic()
+        if all(now - t < REPLACED_GRACE for _, t in list(self._replaced.values())):
+            return
+        with self._latest_lock:
+            for name, (seg, t) in list(self._replaced.items()):
+                if now - t >= REPLACED_GRACE:
+                    del self._replaced[name]
+                    seg.close()
 
     def staleness(self, segment: str, now_ns: int | None = None) -> float | None:
         """Seconds since the latest commit of ``segment`` (what its header says, else the
@@ -811,6 +829,8 @@ class Subscriber(Closing):
         the paths of the segments, and handles no longer needed."""
         self._next_check = now + min(WAIT_SLICE, PATH_CHECK)
         self._release_retired()
+        if self._replaced:
+            self._let_go_replaced()
         if self._sub is not None:
             self._events_housekeeping(now)
         else:
@@ -1148,7 +1168,7 @@ class Subscriber(Closing):
             *self._retired,
             *self._extra.values(),
             *self._fresh.values(),
-            *self._replaced.values(),
+            *(seg for seg, _ in self._replaced.values()),
         ]:
             seg.close()
         self._extra.clear()

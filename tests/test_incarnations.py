@@ -259,6 +259,40 @@ def test_a_read_of_the_latest_outlives_the_handle_being_replaced(namespace: str)
         drop()
 
 
+def test_a_handle_replaced_for_reads_of_the_latest_is_let_go(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replaced handle maps a deleted object, whose shared memory stays taken while
+    it is mapped: it is closed once its grace (for reads of it still running) is over,
+    at the next look, not kept until the name is replaced again."""
+    import shmcast.subscriber._subscriber as subscriber_module
+
+    monkeypatch.setattr(subscriber_module, "REPLACED_GRACE", 0.0, raising=False)
+    made: list[Segment] = []
+
+    def make(name: str, value: int) -> None:
+        seg = Segment.create(name, "i8", (2,), namespace=namespace)
+        made.append(seg)
+        seg.write(np.full(2, value, "i8"))
+
+    try:
+        make("d", 0)
+        make("x", 1)
+        with Subscriber("d", namespace=namespace, wait="futex") as sub:
+            old = sub.segment("x")  # read for its latest only
+            assert sub.latest("x").array.tolist() == [1, 1]
+            made[1].unlink()
+            make("x", 2)
+            assert sub.latest("x").array.tolist() == [2, 2]  # replaces old
+            assert sub.latest("x").array.tolist() == [2, 2]  # a look: its grace is over
+            assert old.closed
+    finally:
+        for seg in made:
+            with contextlib.suppress(FileNotFoundError):
+                seg.unlink()
+            seg.close()
+
+
 def test_the_first_commit_of_a_segment_made_again_is_announced_at_once(
     namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
