@@ -6,6 +6,7 @@ only when Prometheus scrapes (a custom collector over a ``stats()`` snapshot).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import sys
@@ -188,39 +189,78 @@ def _data_stream(data: DataStreamStats | None, ns: str) -> Iterator[Metric]:
         yield fam
 
 
-#: Connections a metrics endpoint serves at once; more are closed at once. Its
-#: port is every local user's (loopback TCP): without a bound, idle connections
-#: each held a thread and a descriptor of the service for ever, until it ran out
-#: of descriptors (a subscriber then failed to attach its next segment).
+#: Connections a metrics endpoint holds at once. Its port is every local user's
+#: (loopback TCP): without a bound, idle connections each held a thread and a
+#: descriptor of the service for ever, until it ran out of descriptors (a subscriber
+#: then failed to attach its next segment).
 MAX_CONNECTIONS = 16
 #: Seconds a connection may stay silent before it is closed (a scrape takes ms).
 IDLE_TIMEOUT = 10.0
+#: Seconds a new connection waits for the one it evicts to be let go (microseconds).
+EVICT_WAIT = 0.5
 
 
 class _Server(ThreadingMixIn, WSGIServer):
+    """At most :data:`MAX_CONNECTIONS` connections, each with its thread. When all are
+    held, a new one takes the place of the one that has waited longest for its
+    request (closed): a scrape sends its request at once, so connections left idle
+    (any local user's) can never keep Prometheus out, however many they are. Only
+    when every one is in the middle of a request is a new connection refused."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64  # the listen backlog: a burst of connections waits, not drops
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._held = threading.Condition()
+        self._live = 0  # connections with a thread (each holds a descriptor)
+        #: Connections that have not sent their request yet, oldest first.
+        self._waiting: dict[Any, None] = {}
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # over the bound: closed, never served
+        with self._held:
+            if self._live >= MAX_CONNECTIONS and self._waiting:
+                victim = next(iter(self._waiting))
+                del self._waiting[victim]
+                with contextlib.suppress(OSError):
+                    victim.shutdown(socket.SHUT_RDWR)  # its read ends: its thread exits
+                self._held.wait_for(lambda: self._live < MAX_CONNECTIONS, EVICT_WAIT)
+            if self._live >= MAX_CONNECTIONS:
+                admitted = False  # every connection is being answered
+            else:
+                admitted = True
+                self._live += 1
+                self._waiting[request] = None
+        if not admitted:
+            self.shutdown_request(request)  # closed, never served
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()  # no thread took it (cannot start one)
+            self._let_go(request)  # no thread took it (cannot start one)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            super().process_request_thread(request, client_address)  # closes it
         finally:
-            self._slots.release()
+            self._let_go(request)
+
+    def _let_go(self, request: Any) -> None:
+        with self._held:
+            self._waiting.pop(request, None)
+            self._live -= 1
+            self._held.notify_all()
+
+    def request_read(self, request: Any) -> bool:
+        """The request of ``request`` has been read: it is answered, never evicted.
+        False when it was evicted meanwhile (its socket is shut: nothing to send)."""
+        with self._held:
+            if request not in self._waiting:
+                return False
+            del self._waiting[request]
+            return True
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if isinstance(sys.exc_info()[1], OSError):
@@ -234,6 +274,10 @@ class _Server6(_Server):
 
 class _QuietHandler(WSGIRequestHandler):
     timeout = IDLE_TIMEOUT  # read from the class when each connection is set up
+    server: _Server
+
+    def parse_request(self) -> bool:
+        return super().parse_request() and self.server.request_read(self.request)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not logged."""

@@ -766,7 +766,8 @@ def _check_text(path: str, arr: npt.NDArray[Any]) -> None:
     one past U+10FFFF as bytes it then could not read back (the row group lost).
 
     Raises:
-        RecordingError: naming the field and the fix; nothing was taken.
+        RecordingError: naming the field and the fix; nothing of ``arr`` was taken
+            (:meth:`_ParquetWriter.append` takes the versions before it).
     """
     dt = arr.dtype
     assert dt.names is not None
@@ -784,6 +785,17 @@ def _check_text(path: str, arr: npt.NDArray[Any]) -> None:
                 f"(a surrogate, or past U+10FFFF), which Parquet's UTF-8 text cannot "
                 f"hold; record the segment with --format hdf5, which keeps them",
             )
+
+
+def _first_refused_text(path: str, arrays: Sequence[npt.NDArray[Any]]) -> int:
+    """The index of the first of ``arrays`` :func:`_check_text` refuses (their
+    number when none is)."""
+    for k, arr in enumerate(arrays):
+        try:
+            _check_text(path, arr)
+        except RecordingError:
+            return k
+    return len(arrays)
 
 
 def _same_type(pa: Any, have: Any, want: Any) -> bool:
@@ -926,7 +938,15 @@ class _ParquetWriter(RecordingWriter):
         seg = self._segs[segment]
         rows = len(arrays[0])
         data = np.concatenate(arrays)  # a copy: the caller may reuse its arrays
-        _check_text(self.paths[segment], data)
+        try:
+            _check_text(self.paths[segment], data)
+        except RecordingError:
+            # The versions before the refused one are taken (counts says how many),
+            # as they would have been had they come in an append of their own.
+            k = _first_refused_text(self.paths[segment], arrays)
+            if k:
+                self.append(segment, arrays[:k], versions[:k], timestamps[:k])
+            raise
         seg.pending.append(
             (
                 data,

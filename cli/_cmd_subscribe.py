@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 
@@ -13,7 +12,7 @@ from shmcast.broker.errors import SegmentNotFoundError, SegmentUnreachableError,
 from shmcast.subscriber import Subscriber, WaitMode, run_worker, serve_metrics
 
 from ._options import add_broker_option, broker_endpoint, port_number, seconds, whole_number
-from ._runner import print_ready, stop_on_signals
+from ._runner import print_ready, stop_on_signals, stream_gone
 
 READY = "shmcast subscribe ready: "
 DONE = "shmcast subscribe done: "
@@ -35,7 +34,8 @@ segments that do exist. Lines on stderr: 'shmcast subscribe ready: {json}' (with
 metrics URL) at start, 'shmcast subscribe done: {json}' (the four counters per segment:
 updates, missed, overrun, torn; latency percentiles) at the end.
 Exit code 0, or 1 when --timeout passed with nothing received (or on an error). A
-closed stdout (a reader such as 'head' that has what it wanted) stops it as --count does.
+closed stdout (a reader such as 'head' that has what it wanted) stops it as --count does,
+stderr closed with it too ('2>&1 | head').
 """
 
 #: Seconds before a subscriber waiting for a segment that does not exist says so.
@@ -153,13 +153,18 @@ def run(args: argparse.Namespace) -> int:
         }
         for name, st in sub.stats.items()
     }
+    # A closed stderr too (`2>&1 | head`): print_ready drops the line with it.
     print_ready(DONE, done, stream=sys.stderr)
     if handled == 0 and args.timeout is not None and not stop.is_set():
-        print(
-            f"shmcast subscribe: nothing received from {', '.join(args.segments)} "
-            f"in {args.timeout:g} s",
-            file=sys.stderr,
-        )
+        try:
+            print(
+                f"shmcast subscribe: nothing received from {', '.join(args.segments)} "
+                f"in {args.timeout:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
+        except BrokenPipeError:
+            stream_gone(sys.stderr)
         return 1
     return 0
 
@@ -173,15 +178,7 @@ def _label(text: str) -> str:
 
 def _stdout_gone() -> None:
     """Send what is still buffered for stdout, and its flush at exit, nowhere."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # not a file (tests capture it)
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
+    stream_gone(sys.stdout)
 
 
 def _missing(name: str, namespace: str, endpoint: str) -> str:

@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-__all__ = ["STOP_SIGNALS", "ServiceLike", "print_ready", "serve", "stop_on_signals"]
+__all__ = [
+    "STOP_SIGNALS",
+    "ServiceLike",
+    "print_ready",
+    "serve",
+    "stop_on_signals",
+    "stream_gone",
+]
 
 #: The signals that stop a foreground command.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -46,8 +54,29 @@ def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
 
 
 def print_ready(prefix: str, info: dict[str, Any], *, stream: Any = None) -> None:
-    """The one ready line a command prints once it serves: ``<prefix>{json}``."""
-    print(f"{prefix}{json.dumps(info)}", file=stream or sys.stdout, flush=True)
+    """The one ready line a command prints once it serves: ``<prefix>{json}`` (or
+    its done line). A reader gone (``| head -1`` had the line it wanted) is no
+    error: the line goes with the stream (:func:`stream_gone`), and the command's
+    work and exit code stand."""
+    out = stream or sys.stdout
+    try:
+        print(f"{prefix}{json.dumps(info)}", file=out, flush=True)
+    except BrokenPipeError:
+        stream_gone(out)
+
+
+def stream_gone(stream: Any) -> None:
+    """Send what is still buffered for ``stream`` (a pipe whose reader is gone), and
+    its flush at exit, nowhere: ``/dev/null`` takes the descriptor's place."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (tests capture it)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def serve(service: ServiceLike, ready_prefix: str) -> None:

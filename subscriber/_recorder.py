@@ -22,8 +22,10 @@ import contextlib
 import logging
 import os
 import queue
+import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -251,9 +253,15 @@ class Recorder(Closing):
         self._put_lock = threading.Lock()
         self._stop = threading.Event()  # set: write what is queued, then stop
         self._kick = threading.Event()  # set: a turn now (a pool is half queued, or stop)
+        # The thread holds the recorder only during its turns: one forgotten while
+        # open can then be collected, and is closed (Closing: a ResourceWarning).
         self._thread = threading.Thread(
-            target=self._write_loop, name="shmcast-recorder", daemon=True
+            target=_write_thread,
+            args=(weakref.ref(self), self._writer, self._kick),
+            name="shmcast-recorder",
+            daemon=True,
         )
+        self._next_flush = time.monotonic() + flush_interval
         self._closed = False
         self._thread.start()
 
@@ -449,39 +457,38 @@ class Recorder(Closing):
 
     # ------------------------------------------------------------------ writing
 
-    def _write_loop(self) -> None:
-        writer = self._writer
-        assert writer is not None
+    def _write_turn(self, writer: RecordingWriter) -> bool:
+        """One turn of the writing thread (see :func:`_write_thread`): take everything
+        queued and write it, flushing when due; on the last turn (close) or a failure,
+        close the file. True once the file is closed."""
+        # Wake at intervals and take everything queued: few, large appends keep this
+        # thread's turns at the GIL short and rare, so the reading thread gets it back
+        # at once when a version arrives. Sooner when called: a kick during this turn
+        # makes the next one start at once.
         q = self._queue
-        next_flush = time.monotonic() + self.flush_interval
-        stopping = False
+        done = True
         try:
-            while not stopping:
-                # Wake at intervals and take everything queued: few, large appends keep
-                # this thread's turns at the GIL short and rare, so the reading thread
-                # gets it back at once when a version arrives. Sooner when called: a
-                # kick during this turn makes the next one start at once.
-                self._kick.wait(WRITE_INTERVAL)
-                self._kick.clear()
-                stopping = self._stop.is_set()  # set before its kick: seen by this turn
-                batch: list[tuple[str, int, int, Any]] = []
-                while True:
-                    try:
-                        batch.append(q.get_nowait())
-                    except queue.Empty:
-                        break
-                    if len(batch) >= BATCH:
-                        self._append(writer, batch)
-                        batch = []
-                self._append(writer, batch)
-                if stopping or time.monotonic() >= next_flush:
-                    for name, st in self._stats.items():
-                        writer.set_missed(name, st.missed)
-                    writer.flush()
-                    next_flush = time.monotonic() + self.flush_interval
+            self._kick.clear()
+            stopping = self._stop.is_set()  # set before its kick: seen by this turn
+            batch: list[tuple[str, int, int, Any]] = []
+            while True:
+                try:
+                    batch.append(q.get_nowait())
+                except queue.Empty:
+                    break
+                if len(batch) >= BATCH:
+                    self._append(writer, batch)
+                    batch = []
+            self._append(writer, batch)
+            if stopping or time.monotonic() >= self._next_flush:
+                for name, st in self._stats.items():
+                    writer.set_missed(name, st.missed)
+                writer.flush()
+                self._next_flush = time.monotonic() + self.flush_interval
+            done = stopping
         except BaseException as exc:
             self._fail(exc)
-        finally:
+        if done:
             try:
                 self._count_dropped(writer)
                 for name, st in self._stats.items():
@@ -491,6 +498,7 @@ class Recorder(Closing):
                 self._fail(exc)
             # Dropped by the close itself: the file's missed count has them already.
             self._count_dropped(writer)
+        return done
 
     def _count_dropped(self, writer: RecordingWriter) -> None:
         """Versions counted recorded that the writer then lost (Parquet's buffered
@@ -511,24 +519,32 @@ class Recorder(Closing):
             by_seg.setdefault(item[0], []).append(item)
         groups = list(by_seg.items())
         for k, (name, items) in enumerate(groups):
-            # A call of the writer is all or nothing: a backlog is handed over in
+            # A call of the writer is all or nothing (but for what a Parquet writer
+            # takes before a text it cannot hold): a backlog is handed over in
             # parts, so that on a disk with less room than it, what fits is kept.
             step = max(1, APPEND_BYTES // max(1, items[0][3][0].nbytes))
             done = 0
             try:
                 while done < len(items):
                     part = items[done : done + step]
-                    writer.append(
-                        name,
-                        [it[3][0] for it in part],
-                        [it[1] for it in part],
-                        [it[2] for it in part],
-                    )
+                    before = writer.counts[name]
+                    try:
+                        writer.append(
+                            name,
+                            [it[3][0] for it in part],
+                            [it[1] for it in part],
+                            [it[2] for it in part],
+                        )
+                    except BaseException:
+                        taken = writer.counts[name] - before  # those before a refused one
+                        done += taken
+                        self._stats[name].recorded += taken
+                        raise
                     done += len(part)
                     self._stats[name].recorded += len(part)
             except BaseException:
-                # This segment's versions not handed over yet, and those of the
-                # segments after it: taken from the queue, never to be written.
+                # The rest of this segment's versions, and those of the segments after
+                # it in the batch: taken from the queue, they will never be written.
                 self._stats[name].unwritten += len(items) - done
                 for other, rest in groups[k + 1 :]:
                     self._stats[other].unwritten += len(rest)
@@ -606,7 +622,14 @@ class Recorder(Closing):
                 self._ended = True
             self._stop.set()
             self._kick.set()
-            thread.join()
+            if thread is threading.current_thread():
+                # Collected in its own writing thread (which let go of it last, after
+                # a turn): the last turn is taken here.
+                last = self._writer
+                if last is not None and not last.closed:
+                    self._write_turn(last)
+            elif not sys.is_finalizing():  # at exit, daemon threads are stopped: no wait
+                thread.join()
             self._thread = None
         writer = self._writer
         self._writer = None
@@ -619,3 +642,23 @@ class Recorder(Closing):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "recording"
         return f"<Recorder {self.namespace}/{','.join(self.names)} -> {self.output} {state}>"
+
+
+def _write_thread(
+    ref: weakref.ref[Recorder], writer: RecordingWriter, kick: threading.Event
+) -> None:
+    """The recorder's writing thread: a turn at least every :data:`WRITE_INTERVAL`
+    seconds (sooner when kicked), until the file is closed. It holds the recorder
+    only during a turn: a thread holding it for ever kept a recorder forgotten while
+    open from ever being collected (its thread, file and segments held until the
+    process ended, with no warning)."""
+    while True:
+        kick.wait(WRITE_INTERVAL)
+        rec = ref()
+        if rec is None:  # collected, and closed by its __del__ (the file with it)
+            with contextlib.suppress(Exception):
+                writer.close()
+            return
+        if writer.closed or rec._write_turn(writer):
+            return
+        del rec

@@ -103,6 +103,9 @@ UNREACHABLE_AFTER = 2.0
 #: keeps of one (more would only make the report outgrow the broker's largest message).
 REPORT_SEGMENTS = 64
 REPORT_NAME = 64
+#: Seconds a handle replaced for reads of the latest (its object deleted) stays open,
+#: for a read of it still running to end; then it is closed at the next look.
+REPLACED_GRACE = 1.0
 
 
 class _Track:
@@ -225,6 +228,14 @@ class Subscriber(Closing):
         #: Handles of the objects the names of followed segments lead to now, for reads
         #: of the latest while the followed handle is of a deleted object.
         self._fresh: dict[str, Segment] = {}
+        #: Held to replace those handles (_extra, _fresh): several threads may read the
+        #: latest at once (a dashboard's request threads).
+        self._latest_lock = threading.RLock()
+        #: Per name, the handle reads of the latest went through before the last
+        #: replacement, and when it was replaced: closed REPLACED_GRACE seconds later
+        #: (at a look), so that a read of it still running (in another thread, or a
+        #: ``with sub.read(name)`` block) ends first.
+        self._replaced: dict[str, tuple[Segment, float]] = {}
         self._word_seen = 0
         self._word_state = (0, 0, 0)
         self._wait_segs: list[Segment] = []
@@ -462,10 +473,11 @@ class Subscriber(Closing):
         if tr is None:  # not one we follow: attached for reads of the latest only
             extra = self._extra.get(name)
             if extra is None:
-                extra = Segment.attach(
-                    validate_segment_name(name), namespace=self.namespace, owner=self._owner
-                )
-                self._extra[name] = extra
+                with self._latest_lock:
+                    extra = self._extra.get(name)
+                    if extra is None:
+                        extra = self._attach_latest(validate_segment_name(name))
+                        self._extra[name] = extra
             return extra
         seg = tr.seg or self._attach(tr)
         if seg is None:
@@ -543,24 +555,72 @@ class Subscriber(Closing):
         attached, whose data nobody writes any more. A followed segment's own handle
         is replaced only where :meth:`updates` looks (its last versions are counted
         there); until then reads of the latest go through a handle of their own."""
+        if self._replaced:
+            self._let_go_replaced()
         seg = self.segment(name)
         if seg.linked():
-            fresh = self._fresh.pop(name, None)
-            if fresh is not None:
-                fresh.close()
+            if name in self._fresh:  # the followed handle was replaced meanwhile
+                with self._latest_lock:
+                    fresh = self._fresh.pop(name, None)
+                    if fresh is not None:
+                        self._replace_latest(name, fresh)
             return seg
-        if name not in self._tracks:  # read only for its latest: attached anew
-            del self._extra[name]
-            seg.close()
-            return self.segment(name)
-        fresh = self._fresh.get(name)
-        if fresh is None or not fresh.linked():
-            if fresh is not None:
-                del self._fresh[name]
-                fresh.close()
-            fresh = Segment.attach(name, namespace=self.namespace, owner=self._owner)
-            self._fresh[name] = fresh
-        return fresh
+        with self._latest_lock:
+            if name not in self._tracks:  # read only for its latest: attached anew
+                if self._extra.get(name) is seg:  # not replaced by another thread yet
+                    del self._extra[name]
+                    self._replace_latest(name, seg)
+                return self.segment(name)
+            fresh = self._fresh.get(name)
+            if fresh is None or not fresh.linked():
+                if fresh is not None:
+                    del self._fresh[name]
+                    self._replace_latest(name, fresh)
+                fresh = self._attach_latest(name)
+                self._fresh[name] = fresh
+            return fresh
+
+    def _attach_latest(self, name: str) -> Segment:
+        """Attach ``name`` for reads of the latest. A header still being written is
+        waited for once per object, as for the followed segments (:meth:`_attach`):
+        an object whose creator died before its header made every read of the
+        latest of that name wait a second before its ``NotASegmentError``."""
+        path = shm_path(self.namespace, name)
+        try:
+            ino = os.stat(path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            raise SegmentNotFoundError(name, self.namespace) from None
+        wait = 0.0 if self._not_segment_inos.get(name) == ino else 1.0
+        try:
+            seg = Segment.attach(name, namespace=self.namespace, wait=wait, owner=self._owner)
+        except NotASegmentError:
+            self._not_segment_inos[name] = ino
+            raise
+        self._not_segment_inos.pop(name, None)
+        return seg
+
+    def _replace_latest(self, name: str, seg: Segment) -> None:
+        """``seg`` is no longer read for the latest of ``name``: closed a little later
+        (:data:`REPLACED_GRACE`, or at the next replacement), not now. Closing it at
+        once failed reads of it still running (another thread's, or the block of an
+        outer ``sub.read(name)``) with ``ClosedError: segment is closed``, and two
+        threads replacing it at once raised ``KeyError``."""
+        old = self._replaced.pop(name, None)
+        if old is not None:
+            old[0].close()
+        self._replaced[name] = (seg, time.monotonic())
+
+    def _let_go_replaced(self) -> None:
+        """Close the replaced handles whose grace is over (each maps a deleted object,
+        whose shared memory stays taken while it is mapped)."""
+        now = time.monotonic()
+        if all(now - t < REPLACED_GRACE for _, t in list(self._replaced.values())):
+            return
+        with self._latest_lock:
+            for name, (seg, t) in list(self._replaced.items()):
+                if now - t >= REPLACED_GRACE:
+                    del self._replaced[name]
+                    seg.close()
 
     def staleness(self, segment: str, now_ns: int | None = None) -> float | None:
         """Seconds since the latest commit of ``segment`` (what its header says, else the
@@ -769,6 +829,8 @@ class Subscriber(Closing):
         the paths of the segments, and handles no longer needed."""
         self._next_check = now + min(WAIT_SLICE, PATH_CHECK)
         self._release_retired()
+        if self._replaced:
+            self._let_go_replaced()
         if self._sub is not None:
             self._events_housekeeping(now)
         else:
@@ -1106,10 +1168,12 @@ class Subscriber(Closing):
             *self._retired,
             *self._extra.values(),
             *self._fresh.values(),
+            *(seg for seg, _ in self._replaced.values()),
         ]:
             seg.close()
         self._extra.clear()
         self._fresh.clear()
+        self._replaced.clear()
         self._handles.clear()
         self._retired.clear()
         self._wait_segs = []

@@ -322,6 +322,40 @@ def test_subscribe_into_a_pipe_its_reader_closed_stops_cleanly(namespace: str) -
         seg.close()
 
 
+def test_subscribe_into_a_pipe_its_reader_closed_with_stderr_too_stops_cleanly(
+    namespace: str,
+) -> None:
+    """``shmcast subscribe x 2>&1 | head -2``: stderr is the closed pipe too. Before,
+    the summary line died of a BrokenPipeError traceback on stderr, exit 1."""
+    seg = Segment.create("bq", "f8", (4,), namespace=namespace)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmcast.cli", "subscribe", "bq", "-n", namespace, "--wait=futex"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        assert select.select([proc.stdout], [], [], 30)[0], "no ready line"
+        assert "ready" in proc.stdout.readline()
+        seg.write(np.zeros(4))
+        assert select.select([proc.stdout], [], [], 10)[0], "no update line"
+        assert proc.stdout.readline().startswith("bq v1 ")
+        proc.stdout.close()  # what head does after its lines
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "subscribe did not stop"
+            seg.write(np.zeros(4))
+            time.sleep(0.01)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        seg.unlink()
+        seg.close()
+
+
 def test_subscribe_json_is_json_for_nan_and_infinity(
     namespace: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -223,6 +223,76 @@ def test_reads_of_the_latest_never_come_from_a_deleted_object(namespace: str) ->
         drop()
 
 
+def test_a_read_of_the_latest_outlives_the_handle_being_replaced(namespace: str) -> None:
+    """Reads of the latest replace the handle of a deleted object, and closed the old
+    one at once: a read of it still running (a ``with sub.read(name)`` block, or
+    another thread's read) failed with ``ClosedError: segment is closed``, and two
+    threads replacing it at once raised ``KeyError``. The old handle is now closed
+    only at the next replacement."""
+    made: list[Segment] = []
+
+    def make(name: str, value: int) -> None:
+        seg = Segment.create(name, "i8", (2,), namespace=namespace)
+        made.append(seg)
+        seg.write(np.full(2, value, "i8"))
+
+    def drop() -> None:
+        for seg in made:
+            with contextlib.suppress(FileNotFoundError):
+                seg.unlink()
+            seg.close()
+        made.clear()
+
+    try:
+        make("d", 1)
+        make("x", 2)
+        with Subscriber("d", namespace=namespace, wait="futex") as sub:
+            for value, name in enumerate(["x", "d", "x", "d"], start=3):
+                with sub.read(name) as snap:  # a followed name, and one not followed
+                    seen = snap.array.tolist()
+                    drop()
+                    make("d", value)
+                    make("x", value)
+                    assert sub.latest(name).array.tolist() == [value, value]
+                assert seen == [value - 1, value - 1]  # the object read before
+    finally:
+        drop()
+
+
+def test_a_handle_replaced_for_reads_of_the_latest_is_let_go(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replaced handle maps a deleted object, whose shared memory stays taken while
+    it is mapped: it is closed once its grace (for reads of it still running) is over,
+    at the next look, not kept until the name is replaced again."""
+    import shmcast.subscriber._subscriber as subscriber_module
+
+    monkeypatch.setattr(subscriber_module, "REPLACED_GRACE", 0.0, raising=False)
+    made: list[Segment] = []
+
+    def make(name: str, value: int) -> None:
+        seg = Segment.create(name, "i8", (2,), namespace=namespace)
+        made.append(seg)
+        seg.write(np.full(2, value, "i8"))
+
+    try:
+        make("d", 0)
+        make("x", 1)
+        with Subscriber("d", namespace=namespace, wait="futex") as sub:
+            old = sub.segment("x")  # read for its latest only
+            assert sub.latest("x").array.tolist() == [1, 1]
+            made[1].unlink()
+            make("x", 2)
+            assert sub.latest("x").array.tolist() == [2, 2]  # replaces old
+            assert sub.latest("x").array.tolist() == [2, 2]  # a look: its grace is over
+            assert old.closed
+    finally:
+        for seg in made:
+            with contextlib.suppress(FileNotFoundError):
+                seg.unlink()
+            seg.close()
+
+
 def test_the_first_commit_of_a_segment_made_again_is_announced_at_once(
     namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -357,3 +357,38 @@ def test_a_metrics_endpoint_holds_a_bounded_number_of_connections() -> None:
         for client in clients:
             client.close()
         server.close()
+
+
+def test_idle_connections_never_keep_a_scrape_out() -> None:
+    """With the bound, any local user's idle connections (as many as the bound)
+    closed every scrape at once, for as long as they were held (re-opened each
+    10 s): Prometheus never got a sample. A new connection now takes the place of
+    the one that has waited longest for its request."""
+    import socket
+    import threading
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from shmcast.broker import start_metrics_server
+
+    bound = 16  # broker._metrics.MAX_CONNECTIONS
+
+    def handlers() -> int:
+        return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+    registry = CollectorRegistry()
+    Counter("scraped_thing", "a sample to find", registry=registry).inc()
+    server = start_metrics_server(registry, 0)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(bound):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+        wait_for(lambda: handlers() >= bound, 10, 0.02, "every idle connection held")
+        for _ in range(3):
+            with urllib.request.urlopen(server.url, timeout=10) as resp:
+                assert b"scraped_thing_total 1.0" in resp.read()
+        assert handlers() <= bound
+    finally:
+        for client in idle:
+            client.close()
+        server.close()

@@ -4,6 +4,7 @@ versions published in every wait mode, validated copies, asyncio."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -528,6 +529,47 @@ def test_a_header_that_never_completes_is_waited_for_once(
             assert [w for w in waits if w > 0] == [0.5], waits
     finally:
         os.unlink(path)
+
+
+def test_reads_of_the_latest_wait_for_a_header_that_never_completes_once(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An object of zeros (a creator that died before its header) under a name read
+    only for its latest, or under a followed name whose segment was deleted: every
+    ``sub.latest(name)`` waited a second for the header before its NotASegmentError
+    (a dashboard polling at 10 Hz polled at 1 Hz). The wait is once per object."""
+    waits: list[float] = []
+    attach = Segment.attach.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[Segment], name: str, **kw: object) -> Segment:
+        waits.append(float(kw.get("wait", 1.0)))  # type: ignore[arg-type]
+        kw["wait"] = min(waits[-1], 0.05)  # the same answer, sooner: a faster test
+        return attach(cls, name, **kw)  # type: ignore[no-any-return]
+
+    seg = Segment.create("d", "i8", (2,), namespace=namespace)
+    seg.write(np.zeros(2, "i8"))
+    with open(shm_path(namespace, "x"), "xb") as f:
+        f.write(bytes(8192))
+    try:
+        with Subscriber("d", namespace=namespace, wait="futex") as sub:
+            monkeypatch.setattr(Segment, "attach", classmethod(spy))
+            for _ in range(3):
+                with pytest.raises(NotASegmentError, match="never completed"):
+                    sub.latest("x")
+            assert [w for w in waits if w > 0] == [1.0], waits
+            seg.unlink()  # the followed name: deleted, then a creator dies there
+            with open(shm_path(namespace, "d"), "xb") as f:
+                f.write(bytes(8192))
+            waits.clear()
+            for _ in range(3):
+                with pytest.raises(NotASegmentError, match="never completed"):
+                    sub.latest("d")
+            assert [w for w in waits if w > 0] == [1.0], waits
+    finally:
+        for name in ("x", "d"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(shm_path(namespace, name))
+        seg.close()
 
 
 def test_an_events_subscriber_of_more_segments_than_the_broker_holds_topics_is_refused(

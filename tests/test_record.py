@@ -199,6 +199,39 @@ def test_record_then_replay_is_bit_identical(case: str, tmp_path: Path) -> None:
         assert rec_span / 4 < rep_span < rec_span
 
 
+def test_a_recorder_forgotten_while_open_is_collected_and_closed(
+    namespace: str, tmp_path: Path
+) -> None:
+    """Its writing thread held the recorder (a bound method) for as long as it ran:
+    a recorder dropped without close() was never collected, so no warning, and its
+    thread, file and segments stayed until the process ended. Now it is collected
+    like any handle: a ResourceWarning, and a close that writes what it took."""
+    import gc
+    import weakref
+
+    path = tmp_path / "forgotten.h5"
+    seg = Segment.create("f", "<i8", (2,), slots=8, namespace=namespace)
+    try:
+        rec = Recorder("f", path, namespace=namespace, wait="futex")
+        for v in range(1, 4):
+            seg.write(np.full(2, v, "<i8"))
+        assert [r.version for r in rec.records(count=3, duration=10)] == [1, 2, 3]
+        thread = rec._thread
+        assert thread is not None
+        gone = weakref.ref(rec)
+        with pytest.warns(ResourceWarning, match="recorder was not closed"):
+            del rec  # its last reference
+        gc.collect()
+        assert gone() is None
+        thread.join(10)
+        assert not thread.is_alive()
+        with open_recording(path) as back:
+            assert back.segments["f"].versions.tolist() == [1, 2, 3]
+    finally:
+        seg.unlink()
+        seg.close()
+
+
 def test_the_python_api_records_and_replays(broker: Broker, namespace: str, tmp_path: Path) -> None:
     path = tmp_path / "api.h5"
     with (
@@ -1493,6 +1526,71 @@ def test_parquet_refuses_text_utf8_cannot_hold_and_keeps_the_rest(
         seg = rec.segments["t"]
         assert seg.versions.tolist() == [1, 3]
         assert seg.read(0).tobytes() == seg.read(1).tobytes() == good.tobytes()
+
+
+def test_a_parquet_recording_keeps_the_versions_before_text_utf8_cannot_hold(
+    namespace: str, tmp_path: Path
+) -> None:
+    """The refused version came in a batch (the writing thread's, every 50 ms): the
+    whole batch was refused with it, so the 19 good versions before it were lost
+    (counted unwritten), the file empty. They are now written; the recording stops
+    at the refused version, which and those after it are counted unwritten."""
+    dt = np.dtype([("sym", "<U3"), ("px", "<f8")])
+    good = np.array([("ab", 1.5), ("c", 2.5)], dt)
+    bad = good.copy()
+    bad.view(np.uint32).reshape(2, -1)[0, 1] = 0xD800  # a lone surrogate
+    from shmcast.broker import RecordingError
+
+    path = tmp_path / "t.parquet"
+    seg = Segment.create("t", dt, (2,), slots=64, namespace=namespace)
+    try:
+        rec = Recorder("t", path, namespace=namespace, format="parquet", wait="futex")
+        for v in range(1, 41):  # all in the ring (64 slots) when the recorder looks
+            seg.write(bad if v == 20 else good)
+        with pytest.raises(RecordingError, match="'sym'"):
+            rec.run(duration=10)
+        st = rec.stats()["t"]
+        assert (st.recorded, st.unwritten) == (19, 21)
+        with open_recording(path) as back:
+            assert back.segments["t"].versions.tolist() == list(range(1, 20))
+            assert back.segments["t"].missed == 21
+    finally:
+        seg.unlink()
+        seg.close()
+
+
+def test_record_into_a_pipe_its_reader_closed_exits_0(namespace: str, tmp_path: Path) -> None:
+    """``shmcast record ... | head -1`` (the ready line, then the reader is gone): the
+    recording was complete, but its done line died of a BrokenPipeError traceback,
+    exit 1, which its --help says means that writing failed."""
+    path = tmp_path / "piped.h5"
+    seg = Segment.create("p", "<i8", (2,), slots=8, namespace=namespace)
+    cmd = [sys.executable, "-m", "shmcast.cli", "record", "p", "-n", namespace]
+    proc = subprocess.Popen(
+        [*cmd, "-o", str(path), "--count", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        assert proc.stdout.readline().startswith(RECORD_READY)
+        proc.stdout.close()  # what head -1 does
+        for v in range(1, 4):
+            seg.write(np.full(2, v, "<i8"))
+        assert proc.wait(30) == 0, proc.stderr.read()
+        assert "Traceback" not in proc.stderr.read()
+        with open_recording(path) as back:
+            assert back.segments["p"].versions.tolist() == [1, 2, 3]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+        seg.unlink()
+        seg.close()
 
 
 # ------------------------------------------------------------------ signals
