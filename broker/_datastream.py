@@ -51,7 +51,9 @@ peer wants that the stream serves, so a relay deletes a mirror whose name is
 missing: one the stream cannot open for now (out of descriptors) is named with
 ``None`` as its version, not left out. A peer not heard from for
 ``peer_timeout`` is forgotten. TCP keepalive is ZeroMQ's ZMTP heartbeat, so a
-cut link is noticed and the connection rebuilt on repair.
+cut link is noticed and the connection rebuilt on repair. Whoever reaches the
+endpoint may flood it: relay messages are taken for at most ``DRAIN_BUDGET`` at a
+time, so the heartbeats and sends to the other relays go on meanwhile.
 
 CURVE: with ``curve_secret_key`` set in the broker's configuration the data
 endpoint is a CURVE server (encrypted); ``curve_clients`` is the allow-list of
@@ -93,6 +95,8 @@ log = logging.getLogger(__name__)
 
 #: Unacknowledged data messages a peer may have (its request is capped to this).
 MAX_WINDOW = 64
+#: Message ids one ack may carry (a relay acks at most the messages it was sent).
+MAX_ACK_IDS = 4 * MAX_WINDOW
 #: A relay's control messages (hello, ack, ping) are small.
 MAX_RELAY_MESSAGE = 64 * 1024
 #: After a torn send, a segment is sent from validated copies for this long (s).
@@ -103,6 +107,11 @@ ATTACH_RETRY = 0.5
 BAD_LOG_INTERVAL = 10.0
 #: Longest wait before the thread binds its endpoint again after a failure (s).
 MAX_BACKOFF = 5.0
+#: Longest time the thread spends on relays' messages before it looks at its
+#: heartbeats, verdicts and sends again (s): a relay's message may cost a few ms
+#: (an ack of thousands of ids, a hello with thousands of versions), and a flood
+#: of them must not starve the other relays of heartbeats and data.
+DRAIN_BUDGET = 0.01
 
 
 @dataclass
@@ -542,7 +551,10 @@ class DataStream:
 
     def _drain_router(self, router: zmq.Socket[Any]) -> None:
         now = time.monotonic()
+        until = now + DRAIN_BUDGET
         for _ in range(1000):
+            if time.monotonic() > until:
+                return  # the rest waits in the socket: heartbeats and sends go first
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -621,6 +633,8 @@ class DataStream:
             mids = body.get("mids", [])
             if not isinstance(mids, list):
                 raise ValueError("mids must be a list")
+            if len(mids) > MAX_ACK_IDS:  # a relay acks what it was sent: a window's worth
+                raise ValueError(f"an ack of {len(mids)} ids, over {MAX_ACK_IDS}")
             for mid in mids:
                 peer.inflight.pop(mid, None)
         peer.last_seen = now

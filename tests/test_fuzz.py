@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
-from shmcast.broker import Broker, BrokerConfig, Segment
+from shmcast.broker import Broker, BrokerConfig, Segment, _datastream
 from shmcast.broker._broker import MAX_REPORTS
 from shmcast.broker._metrics import BrokerCollector
 from shmcast.broker.client import (
@@ -256,6 +256,74 @@ def test_garbage_on_the_data_stream_is_counted_and_logged_sparingly(
     assert re.search(r"^shmcast_data_bad_messages_total\{[^}]*\} 200\.0$", text, re.M)
     lines = [r for r in caplog.records if "bad message from a relay" in r.getMessage()]
     assert len(lines) == 1
+
+
+def _dealer(endpoint: str, **opts: int) -> zmq.Socket[Any]:
+    sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    for name, value in opts.items():
+        sock.setsockopt(getattr(zmq, name), value)
+    sock.connect(endpoint)
+    return sock
+
+
+def test_a_flood_of_costly_relay_messages_does_not_starve_the_heartbeats(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream took up to 1000 relay messages in a row, whatever each cost: 400
+    hellos of 7000 versions each (or acks of 20000 ids) held its heartbeats back for
+    seconds, and every other relay called the upstream down. Between two heartbeats
+    it now takes what fits in DRAIN_BUDGET, and an ack of more ids than a relay is
+    ever sent is refused unread."""
+    handled = [0]
+    queued = threading.Event()  # the flood waits in the socket, all of it
+    on_message = _datastream.DataStream._on_message
+
+    def counted(self: _datastream.DataStream, *args: Any) -> None:
+        handled[0] += 1
+        if handled[0] == 4:  # the first of the flood
+            queued.wait(10)
+        on_message(self, *args)
+
+    monkeypatch.setattr(_datastream.DataStream, "_on_message", counted)
+    cfg = BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0", heartbeat_interval=0.02)
+    with Broker(cfg).start() as b:
+        data = b.data_stats()
+        assert data is not None
+        honest = _dealer(data.endpoint)
+        flood = _dealer(data.endpoint, SNDHWM=10_000)
+        seen: list[int] = []  # relay messages handled when each heartbeat came
+        stop = threading.Event()
+
+        def listen() -> None:
+            while not stop.is_set():
+                if honest.poll(50) and honest.recv_multipart()[0] == b"hb":
+                    seen.append(handled[0])
+
+        listener = threading.Thread(target=listen)
+        try:
+            honest.send_multipart([b"hello", pack({"patterns": ["nothing"]})])
+            flood.send_multipart([b"hello", pack({"patterns": ["x"]})])
+            flood.send_multipart([b"ack", pack({"mids": list(range(20_000))})])
+            wait_for(lambda: handled[0] >= 3, 10, what="the ack")
+            listener.start()
+            hello = pack({"patterns": ["x"], "have": {f"n{i:05}": 1 for i in range(7000)}})
+            for _ in range(400):
+                flood.send_multipart([b"hello", hello])
+            time.sleep(0.2)  # on its way (no timing asserted: only the order below)
+            queued.set()
+            wait_for(lambda: handled[0] >= 403, 30, what="the flood")
+            wait_for(lambda: seen and seen[-1] >= 403, 10, what="a heartbeat after it")
+            refused = (b.data_stats() or data).bad_messages
+        finally:
+            stop.set()
+            if listener.is_alive():
+                listener.join(10)
+            honest.close(0)
+            flood.close(0)
+    # Heartbeats went out while the flood was being handled, not only after it.
+    assert [n for n in seen if 4 <= n < 403], seen
+    assert refused == 1  # the ack of 20000 ids
 
 
 @pytest.mark.parametrize(
