@@ -72,8 +72,10 @@ import contextlib
 import fnmatch
 import logging
 import os
+import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -97,6 +99,11 @@ log = logging.getLogger(__name__)
 MAX_WINDOW = 64
 #: Message ids one ack may carry (a relay acks at most the messages it was sent).
 MAX_ACK_IDS = 4 * MAX_WINDOW
+#: Longest segment pattern a relay may ask for (a segment name has 128 characters
+#: at most; a pattern is compiled to a regular expression, its cost grows with it).
+MAX_PATTERN_LENGTH = 256
+#: Names a relay's match results are kept for (the catalog's, normally).
+MAX_MATCHED = 16384
 #: A relay's control messages (hello, ack, ping) are small.
 MAX_RELAY_MESSAGE = 64 * 1024
 #: After a torn send, a segment is sent from validated copies for this long (s).
@@ -139,8 +146,25 @@ class _Peer:
     last_seen: float = 0.0
     mid: int = 0
 
+    #: Patterns compiled on first use (None: not yet), and what each name asked
+    #: about matched: a relay's patterns are not matched again at every tick, and
+    #: never go to ``fnmatch``'s process-wide cache (32768 entries of any size).
+    matchers: list[Callable[[str], object]] | None = None
+    matched: dict[str, bool] = field(default_factory=dict)
+
     def wants(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+        """Whether one of the patterns matches ``name`` (stream and watcher threads)."""
+        hit = self.matched.get(name)
+        if hit is None:
+            matchers = self.matchers
+            if matchers is None:
+                matchers = [re.compile(fnmatch.translate(p)).match for p in self.patterns]
+                self.matchers = matchers
+            hit = any(m(name) is not None for m in matchers)
+            if len(self.matched) >= MAX_MATCHED:
+                self.matched.clear()  # names gone long ago; the live ones come back
+            self.matched[name] = hit
+        return hit
 
 
 @dataclass
@@ -207,7 +231,8 @@ class DataStream:
         max_message: largest message taken from a relay (bytes); a longer one
             ends its connection.
         max_relays: relays served at once; the hello of one more is refused.
-        max_patterns: segment patterns one relay may ask for.
+        max_patterns: segment patterns one relay may ask for (each of
+            ``MAX_PATTERN_LENGTH`` characters at most).
     """
 
     def __init__(
@@ -548,6 +573,7 @@ class DataStream:
             src.seg.close()  # views still in flight keep the mapping alive
         for peer in self._peers.values():
             peer.sent.pop(name, None)
+            peer.matched.pop(name, None)
 
     def _drain_router(self, router: zmq.Socket[Any]) -> None:
         now = time.monotonic()
@@ -591,6 +617,10 @@ class DataStream:
             if len(patterns) > self.max_patterns:
                 self._refuse(router, ident, f"{len(patterns)} patterns, over this broker's "
                              f"max_relay_patterns={self.max_patterns}")  # fmt: skip
+            long = [p for p in patterns if len(p) > MAX_PATTERN_LENGTH]
+            if long:
+                self._refuse(router, ident, f"a pattern of {len(long[0])} characters, over "
+                             f"{MAX_PATTERN_LENGTH}: {long[0][:40]!r}...")  # fmt: skip
             if peer is None and len(self._peers) >= self.max_relays:
                 self.refused += 1
                 self._refuse(router, ident, f"already {len(self._peers)} relays, this "
@@ -608,6 +638,8 @@ class DataStream:
                 # acks and verdicts will come), and message ids go on. A fresh window
                 # per hello let a relay that never acks have one more each time.
                 peer.inflight, peer.busy, peer.mid = old.inflight, old.busy, old.mid
+                if old.patterns == peer.patterns:  # the usual hello again: same patterns
+                    peer.matchers, peer.matched = old.matchers, old.matched
             peer.sent = {str(k): int(v) for k, v in have.items() if isinstance(v, int)}
             incs = body.get("incarnations") or {}
             if isinstance(incs, dict):

@@ -3,6 +3,7 @@ reaching a subscriber, corrupted segment headers, bad CLI arguments and config f
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import re
@@ -30,6 +31,7 @@ from shmcast.broker.client import (
     object_name,
     pack,
     topic,
+    unpack,
 )
 from shmcast.broker.errors import NotASegmentError
 from shmcast.cli._main import main
@@ -324,6 +326,55 @@ def test_a_flood_of_costly_relay_messages_does_not_starve_the_heartbeats(
     # Heartbeats went out while the flood was being handled, not only after it.
     assert [n for n in seen if 4 <= n < 403], seen
     assert refused == 1  # the ack of 20000 ids
+
+
+def test_a_relays_patterns_are_bounded_and_not_kept_by_the_process(namespace: str) -> None:
+    """Patterns went through fnmatch's process-wide cache (32768 compiled patterns,
+    of any length): 1000 hellos of 64 new 1000-character patterns each left the
+    broker 207 MB larger for good, and every tick matched every peer's patterns
+    against every segment again (64 such relays: 90 % of a core, control replies
+    50 times slower). A pattern over MAX_PATTERN_LENGTH is refused; the others are
+    compiled once per relay and their results kept per name."""
+    cfg = BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0", heartbeat_interval=0.02)
+    cached = fnmatch._compile_pattern.cache_info().currsize  # type: ignore[attr-defined]
+    with Broker(cfg).start() as b, Publisher("f", dtype="u1", shape=(8,)) as pub:
+        pub.publish(np.zeros(8, np.uint8))
+        data = b.data_stats()
+        assert data is not None
+        sock = _dealer(data.endpoint)
+        replies: list[tuple[bytes, dict[str, Any]]] = []
+
+        def answered(kind: bytes) -> bool:
+            while sock.poll(0):
+                frames = sock.recv_multipart()
+                replies.append((frames[0], unpack(frames[1])))
+            return any(k == kind for k, _ in replies)
+
+        try:
+            patterns = [f"{i:03}-{'?' * 100}*" for i in range(63)]  # new ones, never "f"
+            sock.send_multipart([b"hello", pack({"patterns": [*patterns, "f"]})])
+            wait_for(lambda: answered(b"data"), 10, what="the data")
+            replies.clear()
+            wait_for(lambda: answered(b"hb"), 10, what="a heartbeat")  # every pattern met
+        finally:
+            sock.close(0)
+    assert fnmatch._compile_pattern.cache_info().currsize < cached + 63  # type: ignore[attr-defined]
+
+
+def test_an_over_long_pattern_is_refused_with_its_length(namespace: str) -> None:
+    cfg = BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0", heartbeat_interval=0.5)
+    with Broker(cfg).start() as b:
+        data = b.data_stats()
+        assert data is not None
+        sock = _dealer(data.endpoint)
+        try:
+            sock.send_multipart([b"hello", pack({"patterns": ["f", "a" * 257]})])
+            assert sock.poll(10_000), "no reply"
+            kind, body = sock.recv_multipart()
+        finally:
+            sock.close(0)
+    assert kind == b"refused"
+    assert "a pattern of 257 characters, over 256" in unpack(body)["reason"]
 
 
 @pytest.mark.parametrize(
