@@ -17,8 +17,17 @@ from typing import Any
 import zmq
 from zmq.auth import CURVE_ALLOW_ANY
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
-__all__ = ["AllowList", "CurveKeys", "curve_keypair", "make_curve_server", "start_authenticator"]
+__all__ = [
+    "AllowList",
+    "CurveKeys",
+    "curve_keypair",
+    "curve_public",
+    "is_z85_key",
+    "make_curve_server",
+    "start_authenticator",
+]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +36,25 @@ def curve_keypair() -> tuple[str, str]:
     """A new ``(public, secret)`` CURVE key pair, z85 text (40 characters each)."""
     public, secret = zmq.curve_keypair()
     return public.decode("ascii"), secret.decode("ascii")
+
+
+def is_z85_key(key: object) -> bool:
+    """Whether ``key`` is a CURVE key as text: 40 characters of z85 (32 bytes)."""
+    if not isinstance(key, str) or len(key) != 40:
+        return False
+    try:
+        z85.decode(key)
+    except (KeyError, ValueError, UnicodeEncodeError):
+        return False
+    return True
+
+
+def curve_public(secret: str) -> str | None:
+    """The public key of a z85 ``secret`` key (None: this libzmq has no CURVE)."""
+    try:
+        return zmq.curve_public(secret.encode("ascii")).decode("ascii")
+    except zmq.ZMQError:
+        return None
 
 
 class AllowList:
