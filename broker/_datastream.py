@@ -87,7 +87,7 @@ from ._auth import CurveKeys, make_curve_server, start_authenticator
 from ._catalog import Catalog
 from ._events import clear_ipc_path
 from ._layout import dtype_str
-from ._protocol import MAX_VERSION, pack, unpack
+from ._protocol import MAX_VERSION, ipc_path, pack, unpack
 from ._segment import Segment
 from .errors import EndpointError, NotASegmentError, ShmcastError
 
@@ -281,6 +281,7 @@ class DataStream:
         self.failures = 0
         self.last_error = ""
         self._missing: dict[str, float] = {}  # segment -> when to try opening it again
+        self._ipc: tuple[str, int] | None = None  # the socket file we bound, and its inode
 
     # ------------------------------------------------------------------ control
 
@@ -305,6 +306,7 @@ class DataStream:
             wake_tx.connect("inproc://wake")
         except BaseException:
             self._term()
+            self._unlink_ipc()
             raise
         self._wake = wake_tx
         self._closed = False
@@ -340,7 +342,25 @@ class DataStream:
         except zmq.ZMQError as exc:
             router.close(0)
             raise EndpointError("data", endpoint, exc.strerror) from exc
+        path = ipc_path(router.getsockopt_string(zmq.LAST_ENDPOINT))
+        if path is not None and not path.startswith("@"):  # "@": abstract, no file
+            # Whoever connects reads every segment: the owner's alone, as control.sock
+            # (libzmq leaves the file to the umask: 0775 under umask 002).
+            try:
+                os.chmod(path, 0o600)
+                self._ipc = (path, os.stat(path).st_ino)
+            except OSError as exc:
+                router.close(0)
+                raise EndpointError("data", endpoint, f"cannot chmod {path}: {exc}") from exc
         return router
+
+    def _unlink_ipc(self) -> None:
+        """Remove the socket file we bound (libzmq leaves it), if it is still ours."""
+        bound, self._ipc = self._ipc, None
+        if bound is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(bound[0]).st_ino == bound[1]:
+                    os.unlink(bound[0])
 
     def wanted(self, name: str) -> bool:
         """Whether a relay takes ``name`` (called from the broker's commit watcher)."""
@@ -427,6 +447,7 @@ class DataStream:
                 if time.monotonic() - started > MAX_BACKOFF:
                     backoff = 0.1  # it had served a while: a new failure, not the same one
                 router.close(0)
+                self._unlink_ipc()
                 self._reset_state()
                 while not self._stop.wait(backoff):
                     backoff = min(backoff * 2, MAX_BACKOFF)
@@ -445,6 +466,7 @@ class DataStream:
                     return
         finally:
             router.close(0)
+            self._unlink_ipc()
             wake.close(0)
             self._reset_state()
 

@@ -200,6 +200,23 @@ def test_a_library_broker_warns_of_loopback_readers_too(
     assert warned[0].levelname == "WARNING"
 
 
+def test_an_ipc_data_endpoint_is_owner_only_and_removed_at_close(
+    namespace: str, tmp_path: Path
+) -> None:
+    """The data stream's ipc socket file got the umask's mode (0775 under umask 002:
+    the group, whoever reached the directory, read every segment through it) and
+    stayed behind when the broker stopped. Now 0600, like control.sock, and removed."""
+    path = tmp_path / "data.sock"
+    old = os.umask(0o002)
+    try:
+        with Broker(BrokerConfig(namespace=namespace, data=f"ipc://{path}")).start():
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+    finally:
+        os.umask(old)
+    assert mode == 0o600, oct(mode)
+    assert not path.exists()
+
+
 def test_refused_curve_clients_are_counted_and_logged_sparingly(
     namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
