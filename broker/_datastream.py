@@ -143,6 +143,7 @@ class _Peer:
     incarnations: dict[str, int] = field(default_factory=dict)
     inflight: dict[int, float] = field(default_factory=dict)
     busy: set[str] = field(default_factory=set)
+    unsent: dict[str, int] = field(default_factory=dict)  # version its queue refused
     last_seen: float = 0.0
     mid: int = 0
 
@@ -183,6 +184,8 @@ class _Pending:
 class DataStreamStats:
     """Counters of the data stream (the broker's metrics and ``stats`` show them).
 
+    ``dropped`` counts versions not sent to a relay because its connection's queue
+    was full (each version once per relay; it is tried again until a newer one comes).
     ``up`` is False while the stream's thread is restarting after a failure;
     ``missing`` names the segments of the catalog it could not open (retried);
     ``failures`` counts both, ``last_error`` says the latest.
@@ -595,6 +598,7 @@ class DataStream:
             src.seg.close()  # views still in flight keep the mapping alive
         for peer in self._peers.values():
             peer.sent.pop(name, None)
+            peer.unsent.pop(name, None)
             peer.matched.pop(name, None)
 
     def _drain_router(self, router: zmq.Socket[Any]) -> None:
@@ -697,10 +701,11 @@ class DataStream:
         try:
             router.send_multipart([ident, kind, pack(body)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
+            # A full queue (a peer that does not read) loses this message: a heartbeat
+            # or a reply. Not counted in ``dropped``, which counts versions: any client
+            # could make that count anything by sending pings and reading nothing.
             if exc.errno == zmq.EHOSTUNREACH:
                 self._peers.pop(ident, None)
-            else:
-                self.dropped += 1
             return False
         return True
 
@@ -788,7 +793,8 @@ class DataStream:
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 self._peers.pop(peer.ident, None)
-            else:
+            elif peer.unsent.get(name) != v:  # tried again at each pass: counted once
+                peer.unsent[name] = v
                 self.dropped += 1
             return
         assert tracker is not None

@@ -10,6 +10,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -326,6 +327,28 @@ def test_a_flood_of_costly_relay_messages_does_not_starve_the_heartbeats(
     # Heartbeats went out while the flood was being handled, not only after it.
     assert [n for n in seen if 4 <= n < 403], seen
     assert refused == 1  # the ack of 20000 ids
+
+
+def test_a_client_that_never_reads_cannot_inflate_the_dropped_versions(
+    namespace: str, tmp_path: Path
+) -> None:
+    """``shmcast_data_dropped_total`` ("versions not sent") counted every message
+    the stream could not queue: a client that sends pings and reads nothing (not
+    even a relay: no hello, no segment) made it 2000 for 0 versions."""
+    cfg = BrokerConfig(namespace=namespace, data=f"ipc://{tmp_path / 'data.sock'}")
+    with Broker(cfg).start() as b:
+        data = b.data_stats()
+        assert data is not None
+        sock = _dealer(data.endpoint, RCVHWM=1, RCVBUF=1024, SNDHWM=0)
+        try:
+            for _ in range(3000):  # each answered "who": its queue fills after ~650
+                sock.send_multipart([b"ping", pack({})])
+            time.sleep(0.5)  # the stream answers them (before the fix: 2040 dropped)
+            stats = b.data_stats()
+        finally:
+            sock.close(0)
+    assert stats is not None
+    assert (stats.sent, stats.dropped) == (0, 0)
 
 
 def test_a_relays_patterns_are_bounded_and_not_kept_by_the_process(namespace: str) -> None:
