@@ -28,8 +28,11 @@ order of one peer's messages). The relay holds the received frame and commits
 it only on ``ok``; ``torn`` data is dropped and never reaches a local reader.
 A segment whose send was torn is sent from a validated private copy for the next
 second, so a writer that always laps the network cannot starve the relays (no
-livelock). pyzmq copies frames under 64 KiB at ``send()`` anyway (cheaper than
-tracking); their tracker is done at once and the rule is the same. While one
+livelock). Copies in flight are bounded (``COPY_BUDGET``): a relay that reads
+nothing holds its copy as long as it stays connected, so past the budget sends
+are zero-copy again, and a torn one is voided by its verdict as always. pyzmq
+copies frames under 64 KiB at ``send()`` anyway (cheaper than tracking); their
+tracker is done at once and the rule is the same. While one
 zero-copy send of a segment is in the air, the next version of that segment is
 not sent to that peer (it would only be torn).
 
@@ -108,6 +111,11 @@ MAX_MATCHED = 16384
 MAX_RELAY_MESSAGE = 64 * 1024
 #: After a torn send, a segment is sent from validated copies for this long (s).
 COPY_AFTER_TORN = 1.0
+#: Bytes of private copies the stream holds in flight at most (one copy of any size
+#: is always allowed); past it, sends are zero-copy (their verdict still voids a
+#: torn one). A relay that reads nothing holds its copy for as long as it is
+#: connected: 20 such relays held 20 copies of a 16 MiB segment (320 MiB).
+COPY_BUDGET = 256 * 1024 * 1024
 #: Seconds between retries of a segment the stream could not open (EMFILE, ...).
 ATTACH_RETRY = 0.5
 #: Seconds between two log lines about bad messages from relays (all are counted).
@@ -178,6 +186,7 @@ class _Pending:
     mid: int
     tracker: zmq.MessageTracker
     src: _Source | None  # None: sent from a validated copy, whole by construction
+    copy_bytes: int = 0  # the copy's size, held until the tracker is done
 
 
 @dataclass(frozen=True)
@@ -266,6 +275,7 @@ class DataStream:
         self._sources: dict[str, _Source] = {}
         self._peers: dict[bytes, _Peer] = {}
         self._pending: list[_Pending] = []
+        self._copy_bytes = 0  # bytes of the copies in self._pending
         self._dirty: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -485,6 +495,7 @@ class DataStream:
         self._sources.clear()
         self._peers.clear()
         self._pending.clear()
+        self._copy_bytes = 0
         self._dirty.clear()
 
     def _serve(self, router: zmq.Socket[Any], wake: zmq.Socket[Any]) -> None:
@@ -761,7 +772,9 @@ class DataStream:
             return
         now = time.monotonic()
         payload: Any
-        zero_copy = now >= src.copy_until
+        zero_copy = now >= src.copy_until or (
+            self._copy_bytes > 0 and self._copy_bytes + seg.nbytes > COPY_BUDGET
+        )
         if zero_copy:
             payload = src.raw[slot]
         else:
@@ -803,8 +816,10 @@ class DataStream:
         peer.busy.add(name)
         self.sent += 1
         self.sent_bytes += seg.nbytes
+        copy_bytes = 0 if zero_copy else seg.nbytes
+        self._copy_bytes += copy_bytes
         self._pending.append(
-            _Pending(peer, name, v, slot, seq, mid, tracker, src if zero_copy else None)
+            _Pending(peer, name, v, slot, seq, mid, tracker, src if zero_copy else None, copy_bytes)
         )
 
     def _verdicts(self, router: zmq.Socket[Any]) -> None:
@@ -815,6 +830,7 @@ class DataStream:
             if not p.tracker.done:
                 still.append(p)
                 continue
+            self._copy_bytes -= p.copy_bytes  # libzmq let go of it
             ok = True
             if p.src is not None:
                 try:
