@@ -11,14 +11,24 @@ handshake), so its requests time out.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 from zmq.auth import CURVE_ALLOW_ANY
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
-__all__ = ["AllowList", "CurveKeys", "curve_keypair", "make_curve_server", "start_authenticator"]
+__all__ = [
+    "AllowList",
+    "CurveKeys",
+    "curve_keypair",
+    "curve_public",
+    "is_z85_key",
+    "make_curve_server",
+    "start_authenticator",
+]
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +39,53 @@ def curve_keypair() -> tuple[str, str]:
     return public.decode("ascii"), secret.decode("ascii")
 
 
+def is_z85_key(key: object) -> bool:
+    """Whether ``key`` is a CURVE key as text: 40 characters of z85 (32 bytes)."""
+    if not isinstance(key, str) or len(key) != 40:
+        return False
+    try:
+        z85.decode(key)
+    except (KeyError, ValueError, UnicodeEncodeError):
+        return False
+    return True
+
+
+def curve_public(secret: str) -> str | None:
+    """The public key of a z85 ``secret`` key (None: this libzmq has no CURVE)."""
+    try:
+        return zmq.curve_public(secret.encode("ascii")).decode("ascii")
+    except zmq.ZMQError:
+        return None
+
+
+#: Seconds between two log lines about refused CURVE clients (all are counted).
+DENIED_LOG_INTERVAL = 10.0
+
+
 class AllowList:
-    """The ZAP credentials provider: a client key is allowed iff it is listed."""
+    """The ZAP credentials provider: a client key is allowed iff it is listed.
+
+    Refusals are counted (``denied``) and logged once per :data:`DENIED_LOG_INTERVAL`:
+    anyone who reaches a CURVE endpoint can make a handshake with a new key per
+    connection, and a line each was a flood of the broker's log (800 a second).
+    """
 
     def __init__(self, keys: tuple[str, ...]) -> None:
         self.keys = frozenset(k.encode("ascii") for k in keys)
         self.denied = 0
+        self._next_log = 0.0
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.keys:
             return True
         self.denied += 1
-        log.warning("refused a CURVE client with unknown public key %s", key.decode("ascii"))
+        now = time.monotonic()
+        if now >= self._next_log:
+            self._next_log = now + DENIED_LOG_INTERVAL
+            log.warning("refused a CURVE client with unknown public key %s (%d refused so "
+                        "far; the next such line in %.0f s at the earliest)",
+                        key.decode("ascii", "replace"), self.denied,
+                        DENIED_LOG_INTERVAL)  # fmt: skip
         return False
 
 

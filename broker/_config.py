@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ._auth import curve_public, is_z85_key
 from ._layout import MAX_SLOTS, dtype_str, mode_problem, normalize_layout, parse_dtype
 from ._names import NAMESPACE_ENV, validate_namespace, validate_segment_name
 from ._protocol import MAX_REQUEST
@@ -188,6 +189,45 @@ class BrokerConfig:
         names = [s.name for s in self.segments]
         if len(set(names)) != len(names):
             raise ConfigError("segments", "a segment name is declared twice")
+        self._check_curve()
+
+    def _check_curve(self) -> None:
+        """The CURVE keys, before any socket sees them: ZeroMQ refused a bad server key
+        with a traceback, and a client key that is no key, or a public key that is
+        not the secret key's, only made clients time out, with nothing to say why."""
+        make = 'make key pairs with `python -c "from shmcast.broker import curve_keypair; ' \
+            'print(curve_keypair())"`'  # fmt: skip
+        for name in ("curve_secret_key", "curve_public_key"):
+            key = getattr(self, name)
+            if key is not None and not is_z85_key(key):
+                raise ConfigError(name, f"expected a 40-character z85 CURVE key; {make}")
+        for name in ("curve_clients", "curve_readers"):
+            keys = getattr(self, name)
+            if not isinstance(keys, (tuple, list)):
+                raise ConfigError(name, "expected a list of z85 public keys")
+            for i, key in enumerate(keys):
+                if not is_z85_key(key):
+                    # Not shown: a mangled secret key would end up in a log.
+                    raise ConfigError(
+                        name, f"entry {i} is not a 40-character z85 CURVE public key; {make}"
+                    )
+        if self.curve_secret_key is None:
+            for name in ("curve_public_key", "curve_clients", "curve_readers"):
+                if getattr(self, name):
+                    raise ConfigError(
+                        name,
+                        "set without curve_secret_key, so CURVE is off and no key is "
+                        "checked: set curve_secret_key too, or leave this out",
+                    )
+        elif self.curve_public_key is not None:
+            public = curve_public(self.curve_secret_key)
+            if public is not None and public != self.curve_public_key:
+                # Clients given this public key would only ever time out.
+                raise ConfigError(
+                    "curve_public_key",
+                    f"not the public key of curve_secret_key (that is {public}); or leave "
+                    f"it out: it is derived from the secret key",
+                )
 
     def _plain_tcp(self) -> dict[str, str]:
         """The TCP endpoints bound without CURVE, by field: every local user reaches them."""

@@ -28,8 +28,11 @@ order of one peer's messages). The relay holds the received frame and commits
 it only on ``ok``; ``torn`` data is dropped and never reaches a local reader.
 A segment whose send was torn is sent from a validated private copy for the next
 second, so a writer that always laps the network cannot starve the relays (no
-livelock). pyzmq copies frames under 64 KiB at ``send()`` anyway (cheaper than
-tracking); their tracker is done at once and the rule is the same. While one
+livelock). Copies in flight are bounded (``COPY_BUDGET``): a relay that reads
+nothing holds its copy as long as it stays connected, so past the budget sends
+are zero-copy again, and a torn one is voided by its verdict as always. pyzmq
+copies frames under 64 KiB at ``send()`` anyway (cheaper than tracking); their
+tracker is done at once and the rule is the same. While one
 zero-copy send of a segment is in the air, the next version of that segment is
 not sent to that peer (it would only be torn).
 
@@ -51,7 +54,9 @@ peer wants that the stream serves, so a relay deletes a mirror whose name is
 missing: one the stream cannot open for now (out of descriptors) is named with
 ``None`` as its version, not left out. A peer not heard from for
 ``peer_timeout`` is forgotten. TCP keepalive is ZeroMQ's ZMTP heartbeat, so a
-cut link is noticed and the connection rebuilt on repair.
+cut link is noticed and the connection rebuilt on repair. Whoever reaches the
+endpoint may flood it: relay messages are taken for at most ``DRAIN_BUDGET`` at a
+time, so the heartbeats and sends to the other relays go on meanwhile.
 
 CURVE: with ``curve_secret_key`` set in the broker's configuration the data
 endpoint is a CURVE server (encrypted); ``curve_clients`` is the allow-list of
@@ -70,8 +75,10 @@ import contextlib
 import fnmatch
 import logging
 import os
+import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -83,7 +90,7 @@ from ._auth import CurveKeys, make_curve_server, start_authenticator
 from ._catalog import Catalog
 from ._events import clear_ipc_path
 from ._layout import dtype_str
-from ._protocol import MAX_VERSION, pack, unpack
+from ._protocol import MAX_VERSION, ipc_path, pack, unpack
 from ._segment import Segment
 from .errors import EndpointError, NotASegmentError, ShmcastError
 
@@ -93,16 +100,33 @@ log = logging.getLogger(__name__)
 
 #: Unacknowledged data messages a peer may have (its request is capped to this).
 MAX_WINDOW = 64
+#: Message ids one ack may carry (a relay acks at most the messages it was sent).
+MAX_ACK_IDS = 4 * MAX_WINDOW
+#: Longest segment pattern a relay may ask for (a segment name has 128 characters
+#: at most; a pattern is compiled to a regular expression, its cost grows with it).
+MAX_PATTERN_LENGTH = 256
+#: Names a relay's match results are kept for (the catalog's, normally).
+MAX_MATCHED = 16384
 #: A relay's control messages (hello, ack, ping) are small.
 MAX_RELAY_MESSAGE = 64 * 1024
 #: After a torn send, a segment is sent from validated copies for this long (s).
 COPY_AFTER_TORN = 1.0
+#: Bytes of private copies the stream holds in flight at most (one copy of any size
+#: is always allowed); past it, sends are zero-copy (their verdict still voids a
+#: torn one). A relay that reads nothing holds its copy for as long as it is
+#: connected: 20 such relays held 20 copies of a 16 MiB segment (320 MiB).
+COPY_BUDGET = 256 * 1024 * 1024
 #: Seconds between retries of a segment the stream could not open (EMFILE, ...).
 ATTACH_RETRY = 0.5
 #: Seconds between two log lines about bad messages from relays (all are counted).
 BAD_LOG_INTERVAL = 10.0
 #: Longest wait before the thread binds its endpoint again after a failure (s).
 MAX_BACKOFF = 5.0
+#: Longest time the thread spends on relays' messages before it looks at its
+#: heartbeats, verdicts and sends again (s): a relay's message may cost a few ms
+#: (an ack of thousands of ids, a hello with thousands of versions), and a flood
+#: of them must not starve the other relays of heartbeats and data.
+DRAIN_BUDGET = 0.01
 
 
 @dataclass
@@ -127,11 +151,29 @@ class _Peer:
     incarnations: dict[str, int] = field(default_factory=dict)
     inflight: dict[int, float] = field(default_factory=dict)
     busy: set[str] = field(default_factory=set)
+    unsent: dict[str, int] = field(default_factory=dict)  # version its queue refused
     last_seen: float = 0.0
     mid: int = 0
 
+    #: Patterns compiled on first use (None: not yet), and what each name asked
+    #: about matched: a relay's patterns are not matched again at every tick, and
+    #: never go to ``fnmatch``'s process-wide cache (32768 entries of any size).
+    matchers: list[Callable[[str], object]] | None = None
+    matched: dict[str, bool] = field(default_factory=dict)
+
     def wants(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+        """Whether one of the patterns matches ``name`` (stream and watcher threads)."""
+        hit = self.matched.get(name)
+        if hit is None:
+            matchers = self.matchers
+            if matchers is None:
+                matchers = [re.compile(fnmatch.translate(p)).match for p in self.patterns]
+                self.matchers = matchers
+            hit = any(m(name) is not None for m in matchers)
+            if len(self.matched) >= MAX_MATCHED:
+                self.matched.clear()  # names gone long ago; the live ones come back
+            self.matched[name] = hit
+        return hit
 
 
 @dataclass
@@ -144,12 +186,15 @@ class _Pending:
     mid: int
     tracker: zmq.MessageTracker
     src: _Source | None  # None: sent from a validated copy, whole by construction
+    copy_bytes: int = 0  # the copy's size, held until the tracker is done
 
 
 @dataclass(frozen=True)
 class DataStreamStats:
     """Counters of the data stream (the broker's metrics and ``stats`` show them).
 
+    ``dropped`` counts versions not sent to a relay because its connection's queue
+    was full (each version once per relay; it is tried again until a newer one comes).
     ``up`` is False while the stream's thread is restarting after a failure;
     ``missing`` names the segments of the catalog it could not open (retried);
     ``failures`` counts both, ``last_error`` says the latest.
@@ -198,7 +243,8 @@ class DataStream:
         max_message: largest message taken from a relay (bytes); a longer one
             ends its connection.
         max_relays: relays served at once; the hello of one more is refused.
-        max_patterns: segment patterns one relay may ask for.
+        max_patterns: segment patterns one relay may ask for (each of
+            ``MAX_PATTERN_LENGTH`` characters at most).
     """
 
     def __init__(
@@ -229,6 +275,7 @@ class DataStream:
         self._sources: dict[str, _Source] = {}
         self._peers: dict[bytes, _Peer] = {}
         self._pending: list[_Pending] = []
+        self._copy_bytes = 0  # bytes of the copies in self._pending
         self._dirty: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -247,6 +294,7 @@ class DataStream:
         self.failures = 0
         self.last_error = ""
         self._missing: dict[str, float] = {}  # segment -> when to try opening it again
+        self._ipc: tuple[str, int] | None = None  # the socket file we bound, and its inode
 
     # ------------------------------------------------------------------ control
 
@@ -271,6 +319,7 @@ class DataStream:
             wake_tx.connect("inproc://wake")
         except BaseException:
             self._term()
+            self._unlink_ipc()
             raise
         self._wake = wake_tx
         self._closed = False
@@ -306,7 +355,25 @@ class DataStream:
         except zmq.ZMQError as exc:
             router.close(0)
             raise EndpointError("data", endpoint, exc.strerror) from exc
+        path = ipc_path(router.getsockopt_string(zmq.LAST_ENDPOINT))
+        if path is not None and not path.startswith("@"):  # "@": abstract, no file
+            # Whoever connects reads every segment: the owner's alone, as control.sock
+            # (libzmq leaves the file to the umask: 0775 under umask 002).
+            try:
+                os.chmod(path, 0o600)
+                self._ipc = (path, os.stat(path).st_ino)
+            except OSError as exc:
+                router.close(0)
+                raise EndpointError("data", endpoint, f"cannot chmod {path}: {exc}") from exc
         return router
+
+    def _unlink_ipc(self) -> None:
+        """Remove the socket file we bound (libzmq leaves it), if it is still ours."""
+        bound, self._ipc = self._ipc, None
+        if bound is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(bound[0]).st_ino == bound[1]:
+                    os.unlink(bound[0])
 
     def wanted(self, name: str) -> bool:
         """Whether a relay takes ``name`` (called from the broker's commit watcher)."""
@@ -393,6 +460,7 @@ class DataStream:
                 if time.monotonic() - started > MAX_BACKOFF:
                     backoff = 0.1  # it had served a while: a new failure, not the same one
                 router.close(0)
+                self._unlink_ipc()
                 self._reset_state()
                 while not self._stop.wait(backoff):
                     backoff = min(backoff * 2, MAX_BACKOFF)
@@ -411,6 +479,7 @@ class DataStream:
                     return
         finally:
             router.close(0)
+            self._unlink_ipc()
             wake.close(0)
             self._reset_state()
 
@@ -426,6 +495,7 @@ class DataStream:
         self._sources.clear()
         self._peers.clear()
         self._pending.clear()
+        self._copy_bytes = 0
         self._dirty.clear()
 
     def _serve(self, router: zmq.Socket[Any], wake: zmq.Socket[Any]) -> None:
@@ -539,10 +609,15 @@ class DataStream:
             src.seg.close()  # views still in flight keep the mapping alive
         for peer in self._peers.values():
             peer.sent.pop(name, None)
+            peer.unsent.pop(name, None)
+            peer.matched.pop(name, None)
 
     def _drain_router(self, router: zmq.Socket[Any]) -> None:
         now = time.monotonic()
+        until = now + DRAIN_BUDGET
         for _ in range(1000):
+            if time.monotonic() > until:
+                return  # the rest waits in the socket: heartbeats and sends go first
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -579,6 +654,10 @@ class DataStream:
             if len(patterns) > self.max_patterns:
                 self._refuse(router, ident, f"{len(patterns)} patterns, over this broker's "
                              f"max_relay_patterns={self.max_patterns}")  # fmt: skip
+            long = [p for p in patterns if len(p) > MAX_PATTERN_LENGTH]
+            if long:
+                self._refuse(router, ident, f"a pattern of {len(long[0])} characters, over "
+                             f"{MAX_PATTERN_LENGTH}: {long[0][:40]!r}...")  # fmt: skip
             if peer is None and len(self._peers) >= self.max_relays:
                 self.refused += 1
                 self._refuse(router, ident, f"already {len(self._peers)} relays, this "
@@ -596,6 +675,8 @@ class DataStream:
                 # acks and verdicts will come), and message ids go on. A fresh window
                 # per hello let a relay that never acks have one more each time.
                 peer.inflight, peer.busy, peer.mid = old.inflight, old.busy, old.mid
+                if old.patterns == peer.patterns:  # the usual hello again: same patterns
+                    peer.matchers, peer.matched = old.matchers, old.matched
             peer.sent = {str(k): int(v) for k, v in have.items() if isinstance(v, int)}
             incs = body.get("incarnations") or {}
             if isinstance(incs, dict):
@@ -621,6 +702,8 @@ class DataStream:
             mids = body.get("mids", [])
             if not isinstance(mids, list):
                 raise ValueError("mids must be a list")
+            if len(mids) > MAX_ACK_IDS:  # a relay acks what it was sent: a window's worth
+                raise ValueError(f"an ack of {len(mids)} ids, over {MAX_ACK_IDS}")
             for mid in mids:
                 peer.inflight.pop(mid, None)
         peer.last_seen = now
@@ -629,10 +712,11 @@ class DataStream:
         try:
             router.send_multipart([ident, kind, pack(body)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
+            # A full queue (a peer that does not read) loses this message: a heartbeat
+            # or a reply. Not counted in ``dropped``, which counts versions: any client
+            # could make that count anything by sending pings and reading nothing.
             if exc.errno == zmq.EHOSTUNREACH:
                 self._peers.pop(ident, None)
-            else:
-                self.dropped += 1
             return False
         return True
 
@@ -688,7 +772,9 @@ class DataStream:
             return
         now = time.monotonic()
         payload: Any
-        zero_copy = now >= src.copy_until
+        zero_copy = now >= src.copy_until or (
+            self._copy_bytes > 0 and self._copy_bytes + seg.nbytes > COPY_BUDGET
+        )
         if zero_copy:
             payload = src.raw[slot]
         else:
@@ -720,7 +806,8 @@ class DataStream:
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 self._peers.pop(peer.ident, None)
-            else:
+            elif peer.unsent.get(name) != v:  # tried again at each pass: counted once
+                peer.unsent[name] = v
                 self.dropped += 1
             return
         assert tracker is not None
@@ -729,8 +816,10 @@ class DataStream:
         peer.busy.add(name)
         self.sent += 1
         self.sent_bytes += seg.nbytes
+        copy_bytes = 0 if zero_copy else seg.nbytes
+        self._copy_bytes += copy_bytes
         self._pending.append(
-            _Pending(peer, name, v, slot, seq, mid, tracker, src if zero_copy else None)
+            _Pending(peer, name, v, slot, seq, mid, tracker, src if zero_copy else None, copy_bytes)
         )
 
     def _verdicts(self, router: zmq.Socket[Any]) -> None:
@@ -741,6 +830,7 @@ class DataStream:
             if not p.tracker.done:
                 still.append(p)
                 continue
+            self._copy_bytes -= p.copy_bytes  # libzmq let go of it
             ok = True
             if p.src is not None:
                 try:

@@ -182,7 +182,11 @@ def _data_stream(data: DataStreamStats | None, ns: str) -> Iterator[Metric]:
         ("shmcast_data_sent_bytes", data.sent_bytes, "Payload bytes sent to relays"),
         ("shmcast_data_torn_sends", data.torn, "Zero-copy sends overwritten in flight (voided)"),
         ("shmcast_data_copied_sends", data.copied, "Versions sent from a checked private copy"),
-        ("shmcast_data_dropped", data.dropped, "Versions not sent: a relay's window was full"),
+        (
+            "shmcast_data_dropped",
+            data.dropped,
+            "Versions not sent to a relay: its connection's queue was full",
+        ),
     ):
         fam = CounterMetricFamily(name, help_text, labels=["namespace"])
         fam.add_metric([ns], value)

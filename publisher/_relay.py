@@ -70,6 +70,7 @@ from shmcast.broker import (
     start_metrics_server,
 )
 from shmcast.broker.client import (
+    MAX_REQUEST,
     MAX_VERSION,
     NAMESPACE_ENV,
     ControlClient,
@@ -355,6 +356,7 @@ class Relay(Service):
         self._told = 0.0
         self._refusal = ""
         self._refusal_logged = 0.0
+        self._told_hello_size = False
         self._sock: zmq.Socket[Any] | None = None
         self.metrics_url: str | None = None
 
@@ -624,15 +626,24 @@ class Relay(Service):
             with contextlib.suppress(ShmcastError, ValueError):
                 have[name] = int(m.pub.version)
                 incarnations[name] = m.incarnation
-        self._send(
-            b"hello",
-            {
-                "patterns": list(self.config.segments),
-                "window": self.config.window,
-                "have": have,
-                "incarnations": incarnations,
-            },
-        )
+        body = {
+            "patterns": list(self.config.segments),
+            "window": self.config.window,
+            "have": have,
+            "incarnations": incarnations,
+        }
+        size = len(pack(body))
+        if size > MAX_REQUEST and not self._told_hello_size:
+            # An upstream with the default max_message_bytes drops it, and the
+            # connection, without a word: the relay would only ever hear silence.
+            self._told_hello_size = True
+            log.error("this relay's hello to %s is %d bytes (its segment patterns and "
+                      "the versions of its %d mirrors), over a broker's default "
+                      "max_message_bytes (%d): the upstream drops it and never answers "
+                      "unless its max_message_bytes is raised above that; or mirror fewer "
+                      "segments (--segments, --max-mirrors)", self.config.upstream, size,
+                      len(have), MAX_REQUEST)  # fmt: skip
+        self._send(b"hello", body)
 
     def _flush_acks(self) -> None:
         if self._acks:

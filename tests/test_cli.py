@@ -499,6 +499,40 @@ def test_relay_curve_keys_that_are_not_keys_are_refused_naming_them(tmp_path: Pa
         )
 
 
+@pytest.mark.parametrize(
+    ("toml", "field"),
+    [
+        ('curve_secret_key = "tooshort"', "curve_secret_key"),  # was a ZMQError traceback
+        ('curve_secret_key = "{sec}"\ncurve_clients = ["{e40}"]', "curve_clients"),  # same
+        ('curve_secret_key = "{sec}"\ncurve_readers = ["abc"]', "curve_readers"),
+        ('curve_secret_key = "{sec}"\ncurve_public_key = "{other}"', "curve_public_key"),
+        ('curve_clients = ["{other}"]', "curve_clients"),  # no secret key: CURVE off
+    ],
+)
+def test_broker_curve_keys_that_are_not_keys_are_refused_naming_them(
+    tmp_path: Path, namespace: str, capsys: pytest.CaptureFixture[str], toml: str, field: str
+) -> None:
+    """A broker's CURVE keys went to ZeroMQ unchecked: a bad secret key or a
+    non-ASCII client key ended `shmcast broker` in a traceback, and a client key
+    that is no key, a public key that is not the secret key's, or an allow-list
+    with no secret key (CURVE off) started a broker every such client timed out on."""
+    import zmq
+
+    secret = zmq.curve_keypair()[1].decode()
+    other = zmq.curve_keypair()[0].decode()
+    from shmcast.broker import ConfigError, resolve_config
+
+    cfg = tmp_path / "b.toml"
+    cfg.write_text(toml.format(sec=secret, other=other, e40="\u00e9" * 40) + "\n")
+    with pytest.raises(ConfigError) as info:  # before anything is bound
+        resolve_config({}, config_file=str(cfg), environ={})
+    assert str(info.value).startswith(f"bad value for '{field}' in {cfg}")
+    assert secret not in str(info.value)
+    if field == "curve_secret_key":  # the command: exit 2 and the message
+        assert main(["broker", "--config", str(cfg)]) == 2
+        assert f"bad value for '{field}' in {cfg}" in capsys.readouterr().err
+
+
 def test_every_config_file_loads() -> None:
     from shmcast.broker import resolve_config
 

@@ -3,12 +3,14 @@ reaching a subscriber, corrupted segment headers, bad CLI arguments and config f
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -19,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
-from shmcast.broker import Broker, BrokerConfig, Segment
+from shmcast.broker import Broker, BrokerConfig, Segment, _datastream
 from shmcast.broker._broker import MAX_REPORTS
 from shmcast.broker._metrics import BrokerCollector
 from shmcast.broker.client import (
@@ -30,6 +32,7 @@ from shmcast.broker.client import (
     object_name,
     pack,
     topic,
+    unpack,
 )
 from shmcast.broker.errors import NotASegmentError
 from shmcast.cli._main import main
@@ -256,6 +259,179 @@ def test_garbage_on_the_data_stream_is_counted_and_logged_sparingly(
     assert re.search(r"^shmcast_data_bad_messages_total\{[^}]*\} 200\.0$", text, re.M)
     lines = [r for r in caplog.records if "bad message from a relay" in r.getMessage()]
     assert len(lines) == 1
+
+
+def _dealer(endpoint: str, **opts: int) -> zmq.Socket[Any]:
+    sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    for name, value in opts.items():
+        sock.setsockopt(getattr(zmq, name), value)
+    sock.connect(endpoint)
+    return sock
+
+
+def test_a_flood_of_costly_relay_messages_does_not_starve_the_heartbeats(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream took up to 1000 relay messages in a row, whatever each cost: 400
+    hellos of 7000 versions each (or acks of 20000 ids) held its heartbeats back for
+    seconds, and every other relay called the upstream down. Between two heartbeats
+    it now takes what fits in DRAIN_BUDGET, and an ack of more ids than a relay is
+    ever sent is refused unread."""
+    handled = [0]
+    queued = threading.Event()  # the flood waits in the socket, all of it
+    on_message = _datastream.DataStream._on_message
+
+    def counted(self: _datastream.DataStream, *args: Any) -> None:
+        handled[0] += 1
+        if handled[0] == 4:  # the first of the flood
+            queued.wait(10)
+        on_message(self, *args)
+
+    monkeypatch.setattr(_datastream.DataStream, "_on_message", counted)
+    cfg = BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0", heartbeat_interval=0.02)
+    with Broker(cfg).start() as b:
+        data = b.data_stats()
+        assert data is not None
+        honest = _dealer(data.endpoint)
+        flood = _dealer(data.endpoint, SNDHWM=10_000)
+        seen: list[int] = []  # relay messages handled when each heartbeat came
+        stop = threading.Event()
+
+        def listen() -> None:
+            while not stop.is_set():
+                if honest.poll(50) and honest.recv_multipart()[0] == b"hb":
+                    seen.append(handled[0])
+
+        listener = threading.Thread(target=listen)
+        try:
+            honest.send_multipart([b"hello", pack({"patterns": ["nothing"]})])
+            flood.send_multipart([b"hello", pack({"patterns": ["x"]})])
+            flood.send_multipart([b"ack", pack({"mids": list(range(20_000))})])
+            wait_for(lambda: handled[0] >= 3, 10, what="the ack")
+            listener.start()
+            hello = pack({"patterns": ["x"], "have": {f"n{i:05}": 1 for i in range(7000)}})
+            for _ in range(400):
+                flood.send_multipart([b"hello", hello])
+            time.sleep(0.2)  # on its way (no timing asserted: only the order below)
+            queued.set()
+            wait_for(lambda: handled[0] >= 403, 30, what="the flood")
+            wait_for(lambda: seen and seen[-1] >= 403, 10, what="a heartbeat after it")
+            refused = (b.data_stats() or data).bad_messages
+        finally:
+            stop.set()
+            if listener.is_alive():
+                listener.join(10)
+            honest.close(0)
+            flood.close(0)
+    # Heartbeats went out while the flood was being handled, not only after it.
+    assert [n for n in seen if 4 <= n < 403], seen
+    assert refused == 1  # the ack of 20000 ids
+
+
+def test_relays_that_read_nothing_hold_no_more_copies_than_the_budget(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a torn send a segment goes out from private copies for a second, and a
+    relay that reads nothing holds its copy as long as it is connected: 20 such
+    relays, joining while a slow one had the sends torn, held 20 copies of a 16 MiB
+    segment (the broker grew by 290 MB; 64 relays of a 1 GiB segment: 64 GiB).
+    Past COPY_BUDGET bytes of copies in flight, sends are zero-copy again."""
+    monkeypatch.setattr(_datastream, "COPY_BUDGET", 16 * 2**20, raising=False)
+    cfg = BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0", heartbeat_interval=0.5)
+    socks: list[zmq.Socket[Any]] = []
+    with Broker(cfg).start() as b, Publisher("big", dtype="u1", shape=(8 * 2**20,)) as pub:
+        pub.publish(np.ones(8 * 2**20, np.uint8))
+        stream, data = b._data, b.data_stats()
+        assert stream is not None
+        assert data is not None
+        src = wait_for(lambda: stream._sources.get("big"), 10, what="the stream's handle")
+        src.copy_until = float("inf")  # as after a torn send
+        try:
+            for _ in range(6):  # each is sent the version, and never reads it
+                sock = _dealer(data.endpoint, RCVHWM=1, RCVBUF=4096)
+                sock.send_multipart([b"hello", pack({"patterns": ["big"], "window": 1})])
+                socks.append(sock)
+            wait_for(lambda: (b.data_stats() or data).sent == 6, 10, what="6 sends")
+            stats = b.data_stats()
+        finally:
+            for sock in socks:
+                sock.close(0)
+    assert stats is not None
+    # 16 MiB of 8 MiB copies in flight, then zero-copy (one more if the kernel's
+    # buffers took a whole copy, which libzmq then let go of)
+    assert stats.copied <= 3, stats
+
+
+def test_a_client_that_never_reads_cannot_inflate_the_dropped_versions(
+    namespace: str, tmp_path: Path
+) -> None:
+    """``shmcast_data_dropped_total`` ("versions not sent") counted every message
+    the stream could not queue: a client that sends pings and reads nothing (not
+    even a relay: no hello, no segment) made it 2000 for 0 versions."""
+    cfg = BrokerConfig(namespace=namespace, data=f"ipc://{tmp_path / 'data.sock'}")
+    with Broker(cfg).start() as b:
+        data = b.data_stats()
+        assert data is not None
+        sock = _dealer(data.endpoint, RCVHWM=1, RCVBUF=1024, SNDHWM=0)
+        try:
+            for _ in range(3000):  # each answered "who": its queue fills after ~650
+                sock.send_multipart([b"ping", pack({})])
+            time.sleep(0.5)  # the stream answers them (before the fix: 2040 dropped)
+            stats = b.data_stats()
+        finally:
+            sock.close(0)
+    assert stats is not None
+    assert (stats.sent, stats.dropped) == (0, 0)
+
+
+def test_a_relays_patterns_are_bounded_and_not_kept_by_the_process(namespace: str) -> None:
+    """Patterns went through fnmatch's process-wide cache (32768 compiled patterns,
+    of any length): 1000 hellos of 64 new 1000-character patterns each left the
+    broker 207 MB larger for good, and every tick matched every peer's patterns
+    against every segment again (64 such relays: 90 % of a core, control replies
+    50 times slower). A pattern over MAX_PATTERN_LENGTH is refused; the others are
+    compiled once per relay and their results kept per name."""
+    cfg = BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0", heartbeat_interval=0.02)
+    cached = fnmatch._compile_pattern.cache_info().currsize  # type: ignore[attr-defined]
+    with Broker(cfg).start() as b, Publisher("f", dtype="u1", shape=(8,)) as pub:
+        pub.publish(np.zeros(8, np.uint8))
+        data = b.data_stats()
+        assert data is not None
+        sock = _dealer(data.endpoint)
+        replies: list[tuple[bytes, dict[str, Any]]] = []
+
+        def answered(kind: bytes) -> bool:
+            while sock.poll(0):
+                frames = sock.recv_multipart()
+                replies.append((frames[0], unpack(frames[1])))
+            return any(k == kind for k, _ in replies)
+
+        try:
+            patterns = [f"{i:03}-{'?' * 100}*" for i in range(63)]  # new ones, never "f"
+            sock.send_multipart([b"hello", pack({"patterns": [*patterns, "f"]})])
+            wait_for(lambda: answered(b"data"), 10, what="the data")
+            replies.clear()
+            wait_for(lambda: answered(b"hb"), 10, what="a heartbeat")  # every pattern met
+        finally:
+            sock.close(0)
+    assert fnmatch._compile_pattern.cache_info().currsize < cached + 63  # type: ignore[attr-defined]
+
+
+def test_an_over_long_pattern_is_refused_with_its_length(namespace: str) -> None:
+    cfg = BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0", heartbeat_interval=0.5)
+    with Broker(cfg).start() as b:
+        data = b.data_stats()
+        assert data is not None
+        sock = _dealer(data.endpoint)
+        try:
+            sock.send_multipart([b"hello", pack({"patterns": ["f", "a" * 257]})])
+            assert sock.poll(10_000), "no reply"
+            kind, body = sock.recv_multipart()
+        finally:
+            sock.close(0)
+    assert kind == b"refused"
+    assert "a pattern of 257 characters, over 256" in unpack(body)["reason"]
 
 
 @pytest.mark.parametrize(

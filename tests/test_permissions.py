@@ -200,6 +200,65 @@ def test_a_library_broker_warns_of_loopback_readers_too(
     assert warned[0].levelname == "WARNING"
 
 
+def test_an_ipc_data_endpoint_is_owner_only_and_removed_at_close(
+    namespace: str, tmp_path: Path
+) -> None:
+    """The data stream's ipc socket file got the umask's mode (0775 under umask 002:
+    the group, whoever reached the directory, read every segment through it) and
+    stayed behind when the broker stopped. Now 0600, like control.sock, and removed."""
+    path = tmp_path / "data.sock"
+    old = os.umask(0o002)
+    try:
+        with Broker(BrokerConfig(namespace=namespace, data=f"ipc://{path}")).start():
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+    finally:
+        os.umask(old)
+    assert mode == 0o600, oct(mode)
+    assert not path.exists()
+
+
+def test_refused_curve_clients_are_counted_and_logged_sparingly(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each refused CURVE handshake wrote a warning line: anyone who reaches the
+    data endpoint (on a LAN) wrote 800 lines a second into the broker's log by
+    connecting with a key it does not know. Now: counted, one line per 10 s."""
+    import logging
+
+    from shmcast.cli.testing import wait_for
+
+    server_pub, server_sec = curve_keypair()
+    client_pub, _ = curve_keypair()
+    stranger_pub, stranger_sec = curve_keypair()
+    cfg = BrokerConfig(
+        namespace=namespace,
+        data="tcp://127.0.0.1:0",
+        curve_secret_key=server_sec,
+        curve_clients=(client_pub,),
+    )
+    socks: list[zmq.Socket[Any]] = []
+    with Broker(cfg).start() as b, caplog.at_level(logging.WARNING, "shmcast.broker"):
+        data = b.data_stats()
+        assert data is not None
+        assert b._data is not None
+        allow = b._data._auth.credentials_providers["*"]
+        try:
+            for _ in range(20):  # a connection each: libzmq does not retry a refused one
+                sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.curve_serverkey = server_pub.encode()
+                sock.curve_publickey = stranger_pub.encode()
+                sock.curve_secretkey = stranger_sec.encode()
+                sock.connect(data.endpoint)
+                socks.append(sock)
+            wait_for(lambda: allow.denied >= 20, 10, what="20 refusals")
+        finally:
+            for sock in socks:
+                sock.close(0)
+    lines = [r for r in caplog.records if "refused a CURVE client" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+
+
 def test_curve_refuses_unknown_clients(namespace: str) -> None:
     server_pub, server_sec = curve_keypair()
     client_pub, client_sec = curve_keypair()

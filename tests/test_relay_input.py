@@ -188,6 +188,27 @@ def test_an_upstream_that_never_answers_is_named_in_the_log(
         up.close()
 
 
+def test_a_hello_too_big_for_the_upstream_is_named_in_the_log(
+    thread_broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A relay's hello names the versions of all its mirrors: with its default
+    max_mirrors (256) of 128-character names it is 71 KB, over a broker's default
+    max_message_bytes (64 KiB). The upstream drops it and the connection without a
+    word; the relay only ever said "no answer ... CURVE keys?". Here the patterns
+    make it too big (60 of 1100 characters)."""
+    up = _Upstream()  # what it does with the hello does not matter here
+    caplog.set_level(logging.ERROR, "shmcast.publisher")
+    patterns = tuple(f"{i:02}{'x' * 1100}" for i in range(60))
+    r = Relay(RelayConfig(upstream=up.endpoint, segments=patterns)).start(10)
+    try:
+        wait_for(lambda: "max_message_bytes" in caplog.text, 5, what="the error")
+    finally:
+        r.close()
+        up.close()
+    assert up.endpoint in caplog.text
+    assert "--max-mirrors" in caplog.text
+
+
 def test_a_relay_over_the_upstreams_limits_is_told_why(
     namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
