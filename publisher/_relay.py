@@ -57,12 +57,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
-from zmq.utils import z85
 
 from shmcast.broker import (
     MetricsServer,
     Service,
     dtype_str,
+    is_z85_key,
     normalize_layout,
     parse_dtype,
     resolve_layers,
@@ -193,7 +193,7 @@ class RelayConfig:
             raise ConfigError("metrics_port", f"{self.metrics_port!r} is not a port (0-65535)")
         for name in ("curve_server_key", "curve_public_key", "curve_secret_key"):
             key = getattr(self, name)
-            if key is not None and not _is_z85_key(key):
+            if key is not None and not is_z85_key(key):
                 # ZeroMQ refuses anything else when the socket is made: a traceback.
                 raise ConfigError(name, "expected a 40-character z85 CURVE key")
         for name in ("max_mirrors", "max_mirror_bytes"):
@@ -221,16 +221,6 @@ class RelayConfig:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_z85_key(key: object) -> bool:
-    if not isinstance(key, str) or len(key) != 40:
-        return False
-    try:
-        z85.decode(key)
-    except (KeyError, ValueError, UnicodeEncodeError):
-        return False
-    return True
 
 
 _ENV = {

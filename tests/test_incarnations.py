@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -182,25 +183,41 @@ def test_a_segment_made_again_is_announced_only_its_own_versions(
         sub.close(0)
 
 
-def test_reads_of_the_latest_never_come_from_a_deleted_object(namespace: str) -> None:
+class _Made:
+    """Segments of a namespace made and deleted behind a subscriber's back (no broker)."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.segments: list[Segment] = []
+
+    def make(self, name: str, value: int) -> None:
+        seg = Segment.create(name, "i8", (2,), namespace=self.namespace)
+        self.segments.append(seg)
+        seg.write(np.full(2, value, "i8"))
+
+    def drop(self) -> None:
+        for seg in self.segments:
+            with contextlib.suppress(FileNotFoundError):
+                seg.unlink()
+            seg.close()
+        self.segments.clear()
+
+
+@pytest.fixture
+def made(namespace: str) -> Iterator[_Made]:
+    objects = _Made(namespace)
+    try:
+        yield objects
+    finally:
+        objects.drop()
+
+
+def test_reads_of_the_latest_never_come_from_a_deleted_object(namespace: str, made: _Made) -> None:
     """A dashboard reads ``sub.latest(name)`` or ``sub.read(name)`` without iterating
     the updates. Before, after its segment was deleted and created again it read the
     deleted object's last version for ever (so did a name it does not follow, even
     while the updates were iterated), and after a deletion too."""
-    made: list[Segment] = []
-
-    def make(name: str, value: int) -> None:
-        seg = Segment.create(name, "i8", (2,), namespace=namespace)
-        made.append(seg)
-        seg.write(np.full(2, value, "i8"))
-
-    def drop() -> None:
-        for seg in made:
-            with contextlib.suppress(FileNotFoundError):
-                seg.unlink()
-            seg.close()
-        made.clear()
-
+    make, drop = made.make, made.drop
     try:
         make("d", 1)
         make("x", 2)
@@ -223,26 +240,15 @@ def test_reads_of_the_latest_never_come_from_a_deleted_object(namespace: str) ->
         drop()
 
 
-def test_a_read_of_the_latest_outlives_the_handle_being_replaced(namespace: str) -> None:
+def test_a_read_of_the_latest_outlives_the_handle_being_replaced(
+    namespace: str, made: _Made
+) -> None:
     """Reads of the latest replace the handle of a deleted object, and closed the old
     one at once: a read of it still running (a ``with sub.read(name)`` block, or
     another thread's read) failed with ``ClosedError: segment is closed``, and two
     threads replacing it at once raised ``KeyError``. The old handle is now closed
     only at the next replacement."""
-    made: list[Segment] = []
-
-    def make(name: str, value: int) -> None:
-        seg = Segment.create(name, "i8", (2,), namespace=namespace)
-        made.append(seg)
-        seg.write(np.full(2, value, "i8"))
-
-    def drop() -> None:
-        for seg in made:
-            with contextlib.suppress(FileNotFoundError):
-                seg.unlink()
-            seg.close()
-        made.clear()
-
+    make, drop = made.make, made.drop
     try:
         make("d", 1)
         make("x", 2)
@@ -260,7 +266,7 @@ def test_a_read_of_the_latest_outlives_the_handle_being_replaced(namespace: str)
 
 
 def test_a_handle_replaced_for_reads_of_the_latest_is_let_go(
-    namespace: str, monkeypatch: pytest.MonkeyPatch
+    namespace: str, made: _Made, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The replaced handle maps a deleted object, whose shared memory stays taken while
     it is mapped: it is closed once its grace (for reads of it still running) is over,
@@ -268,29 +274,16 @@ def test_a_handle_replaced_for_reads_of_the_latest_is_let_go(
     import shmcast.subscriber._subscriber as subscriber_module
 
     monkeypatch.setattr(subscriber_module, "REPLACED_GRACE", 0.0, raising=False)
-    made: list[Segment] = []
-
-    def make(name: str, value: int) -> None:
-        seg = Segment.create(name, "i8", (2,), namespace=namespace)
-        made.append(seg)
-        seg.write(np.full(2, value, "i8"))
-
-    try:
-        make("d", 0)
-        make("x", 1)
-        with Subscriber("d", namespace=namespace, wait="futex") as sub:
-            old = sub.segment("x")  # read for its latest only
-            assert sub.latest("x").array.tolist() == [1, 1]
-            made[1].unlink()
-            make("x", 2)
-            assert sub.latest("x").array.tolist() == [2, 2]  # replaces old
-            assert sub.latest("x").array.tolist() == [2, 2]  # a look: its grace is over
-            assert old.closed
-    finally:
-        for seg in made:
-            with contextlib.suppress(FileNotFoundError):
-                seg.unlink()
-            seg.close()
+    made.make("d", 0)
+    made.make("x", 1)
+    with Subscriber("d", namespace=namespace, wait="futex") as sub:
+        old = sub.segment("x")  # read for its latest only
+        assert sub.latest("x").array.tolist() == [1, 1]
+        made.segments[1].unlink()
+        made.make("x", 2)
+        assert sub.latest("x").array.tolist() == [2, 2]  # replaces old
+        assert sub.latest("x").array.tolist() == [2, 2]  # a look: its grace is over
+        assert old.closed
 
 
 def test_the_first_commit_of_a_segment_made_again_is_announced_at_once(
