@@ -24,6 +24,7 @@ from shmcast.broker.client import shm_path
 from shmcast.cli._main import COMMANDS, main
 from shmcast.cli.testing import start
 from shmcast.publisher import Publisher
+from tests._procs import piped
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -284,40 +285,30 @@ def test_subscribe_into_a_pipe_its_reader_closed_stops_cleanly(namespace: str) -
     """``shmcast subscribe x | head -1``: before, the next line died of a
     BrokenPipeError traceback (exit 1, no summary line)."""
     seg = Segment.create("bp", "f8", (4,), namespace=namespace)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shmcast.cli", "subscribe", "bp", "-n", namespace, "--wait=futex"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     try:
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        deadline = time.monotonic() + 30
-        ready = ""
-        while "ready" not in ready:
-            assert time.monotonic() < deadline, "no ready line"
-            if select.select([proc.stderr], [], [], 0.5)[0]:
-                ready = proc.stderr.readline()
-                assert ready, "subscribe exited early"
-        seg.write(np.zeros(4))
-        assert select.select([proc.stdout], [], [], 10)[0], "no update line"
-        assert proc.stdout.readline().startswith("bp v1 ")
-        proc.stdout.close()  # what head does after its line
-        while proc.poll() is None:
-            assert time.monotonic() < deadline, "subscribe did not stop"
+        with piped(["subscribe", "bp", "-n", namespace, "--wait=futex"]) as proc:
+            assert proc.stdout is not None
+            assert proc.stderr is not None
+            deadline = time.monotonic() + 30
+            ready = ""
+            while "ready" not in ready:
+                assert time.monotonic() < deadline, "no ready line"
+                if select.select([proc.stderr], [], [], 0.5)[0]:
+                    ready = proc.stderr.readline()
+                    assert ready, "subscribe exited early"
             seg.write(np.zeros(4))
-            time.sleep(0.01)
-        err = proc.stderr.read()
-        assert proc.returncode == 0, err
-        assert "Traceback" not in err
-        assert "shmcast subscribe done: " in err
+            assert select.select([proc.stdout], [], [], 10)[0], "no update line"
+            assert proc.stdout.readline().startswith("bp v1 ")
+            proc.stdout.close()  # what head does after its line
+            while proc.poll() is None:
+                assert time.monotonic() < deadline, "subscribe did not stop"
+                seg.write(np.zeros(4))
+                time.sleep(0.01)
+            err = proc.stderr.read()
+            assert proc.returncode == 0, err
+            assert "Traceback" not in err
+            assert "shmcast subscribe done: " in err
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
         seg.unlink()
         seg.close()
 
@@ -328,30 +319,24 @@ def test_subscribe_into_a_pipe_its_reader_closed_with_stderr_too_stops_cleanly(
     """``shmcast subscribe x 2>&1 | head -2``: stderr is the closed pipe too. Before,
     the summary line died of a BrokenPipeError traceback on stderr, exit 1."""
     seg = Segment.create("bq", "f8", (4,), namespace=namespace)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shmcast.cli", "subscribe", "bq", "-n", namespace, "--wait=futex"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 30
-        assert select.select([proc.stdout], [], [], 30)[0], "no ready line"
-        assert "ready" in proc.stdout.readline()
-        seg.write(np.zeros(4))
-        assert select.select([proc.stdout], [], [], 10)[0], "no update line"
-        assert proc.stdout.readline().startswith("bq v1 ")
-        proc.stdout.close()  # what head does after its lines
-        while proc.poll() is None:
-            assert time.monotonic() < deadline, "subscribe did not stop"
+        with piped(
+            ["subscribe", "bq", "-n", namespace, "--wait=futex"], stderr=subprocess.STDOUT
+        ) as proc:
+            assert proc.stdout is not None
+            deadline = time.monotonic() + 30
+            assert select.select([proc.stdout], [], [], 30)[0], "no ready line"
+            assert "ready" in proc.stdout.readline()
             seg.write(np.zeros(4))
-            time.sleep(0.01)
-        assert proc.returncode == 0
+            assert select.select([proc.stdout], [], [], 10)[0], "no update line"
+            assert proc.stdout.readline().startswith("bq v1 ")
+            proc.stdout.close()  # what head does after its lines
+            while proc.poll() is None:
+                assert time.monotonic() < deadline, "subscribe did not stop"
+                seg.write(np.zeros(4))
+                time.sleep(0.01)
+            assert proc.returncode == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
         seg.unlink()
         seg.close()
 
@@ -815,7 +800,6 @@ def test_a_subscriber_that_cannot_see_the_brokers_dev_shm_fails_clearly(
     """A container that did not join the broker's IPC namespace: the broker answers
     and lists the segment, but /dev/shm here is empty."""
     import subprocess
-    import sys
 
     script = (
         "mount -t tmpfs tmpfs /dev/shm && exec "

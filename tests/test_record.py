@@ -56,6 +56,7 @@ from shmcast.cli.testing import (
 )
 from shmcast.publisher import TICK_DTYPE, Publisher, Replayer, replay
 from shmcast.subscriber import Recorder
+from tests._procs import piped
 from tests.test_exhaustion import _can_unshare
 
 RECORD_DTYPE = np.dtype(
@@ -1565,30 +1566,19 @@ def test_record_into_a_pipe_its_reader_closed_exits_0(namespace: str, tmp_path: 
     exit 1, which its --help says means that writing failed."""
     path = tmp_path / "piped.h5"
     seg = Segment.create("p", "<i8", (2,), slots=8, namespace=namespace)
-    cmd = [sys.executable, "-m", "shmcast.cli", "record", "p", "-n", namespace]
-    proc = subprocess.Popen(
-        [*cmd, "-o", str(path), "--count", "3"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     try:
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        assert proc.stdout.readline().startswith(RECORD_READY)
-        proc.stdout.close()  # what head -1 does
-        for v in range(1, 4):
-            seg.write(np.full(2, v, "<i8"))
-        assert proc.wait(30) == 0, proc.stderr.read()
-        assert "Traceback" not in proc.stderr.read()
-        with open_recording(path) as back:
-            assert back.segments["p"].versions.tolist() == [1, 2, 3]
+        with piped(["record", "p", "-n", namespace, "-o", str(path), "--count", "3"]) as proc:
+            assert proc.stdout is not None
+            assert proc.stderr is not None
+            assert proc.stdout.readline().startswith(RECORD_READY)
+            proc.stdout.close()  # what head -1 does
+            for v in range(1, 4):
+                seg.write(np.full(2, v, "<i8"))
+            assert proc.wait(30) == 0, proc.stderr.read()
+            assert "Traceback" not in proc.stderr.read()
+            with open_recording(path) as back:
+                assert back.segments["p"].versions.tolist() == [1, 2, 3]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
         seg.unlink()
         seg.close()
 
