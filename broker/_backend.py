@@ -96,7 +96,9 @@ class Core:
 
     ``ring(mm, slots, header_size, stride, nbytes, writable, always_wake)`` makes
     the seqlock of one mapping; ``wait_any(rings, afters, timeout)`` sleeps on
-    several; ``fence()`` is a full memory fence (a no-op where TSO suffices).
+    several; ``fence()`` is a full memory fence (a no-op where TSO suffices);
+    ``same_object(path, fd)`` says whether ``path`` (not followed if a link) names
+    the object open as ``fd`` (``Segment.linked()``; False on any error).
     """
 
     name: str
@@ -106,6 +108,7 @@ class Core:
     wait_any: Callable[..., bool]
     fence: Callable[[], None]
     futex: ModuleType | None  # the compiled module for raw futex calls, if it is the one
+    same_object: Callable[[str, int], bool]
 
 
 def compiled() -> ModuleType | None:
@@ -154,6 +157,7 @@ def c_core() -> Core:
         wait_any=mod.wait_any,
         fence=mod.fence,
         futex=mod,
+        same_object=mod.same_object,
     )
     _c_cache.append(core)
     return core

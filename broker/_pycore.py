@@ -64,6 +64,16 @@ def fence() -> None:
     """No fence is needed on x86-64 for what the engine orders (TSO)."""
 
 
+def same_object(path: str, fd: int) -> bool:
+    """Whether ``path`` (a link is not followed) names the object open as ``fd``."""
+    try:
+        mine = os.fstat(fd)
+        there = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+
+
 class Ring:
     """One segment's seqlock and wake over ``mm`` (the interface of ``_core.Ring``)."""
 
@@ -441,4 +451,5 @@ CORE = Core(
     wait_any=wait_any,
     fence=fence,
     futex=None,
+    same_object=same_object,
 )

@@ -728,15 +728,12 @@ class Segment(Closing):
     def linked(self) -> bool:
         """Whether the segment's name still leads to this object: False once it was
         deleted (``shmcast rm``, a broker's reclaim), or deleted and made again.
-        A writer that goes on writing into an unlinked object writes for no one."""
+        A writer that goes on writing into an unlinked object writes for no one.
+        (An ``fstat`` of the handle and a ``stat`` of the path, in the core: about
+        1.5 µs, what the two syscalls cost.)"""
         if self._closed:
             return False
-        try:
-            mine = os.fstat(self._fd)
-            there = os.stat(self._path, follow_symlinks=False)
-        except OSError:
-            return False
-        return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+        return self._core.same_object(self._path, self._fd)
 
     def writer_alive(self) -> bool:
         """Whether some process holds the writer lease (asked of the kernel, not guessed)."""
