@@ -1302,10 +1302,14 @@ static PyObject *core_same_object(PyObject *mod, PyObject *const *args, Py_ssize
     PyObject *path = NULL;
     if (!PyUnicode_FSConverter(args[0], &path))
         return NULL;
-    int fd = (int)PyLong_AsLong(args[1]);
+    long fd = PyLong_AsLong(args[1]);
     if (fd == -1 && PyErr_Occurred()) {
         Py_DECREF(path);
         return NULL;
+    }
+    if (fd < 0 || fd > INT_MAX) { /* -1: a closed handle's */
+        Py_DECREF(path);
+        Py_RETURN_FALSE;
     }
     const char *cpath = PyBytes_AsString(path);
     if (cpath == NULL) {
@@ -1315,7 +1319,7 @@ static PyObject *core_same_object(PyObject *mod, PyObject *const *args, Py_ssize
     struct stat mine, there;
     int ok;
     Py_BEGIN_ALLOW_THREADS
-    ok = fstat(fd, &mine) == 0 && fstatat(AT_FDCWD, cpath, &there, AT_SYMLINK_NOFOLLOW) == 0 &&
+    ok = fstat((int)fd, &mine) == 0 && fstatat(AT_FDCWD, cpath, &there, AT_SYMLINK_NOFOLLOW) == 0 &&
          mine.st_dev == there.st_dev && mine.st_ino == there.st_ino;
     Py_END_ALLOW_THREADS
     Py_DECREF(path);
