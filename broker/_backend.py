@@ -88,6 +88,11 @@ class RingLike(Protocol):
     def map_waiters(self, fd: int, /) -> None: ...
     def set_poll(self, seconds: float, /) -> None: ...
     def state(self) -> tuple[int, int, int, int, int]: ...
+    def same_object(self, path: str, fd: int, /) -> bool:
+        """Whether ``path`` (a link is not followed) names the object this ring maps,
+        open as ``fd``: its identity taken once, then one ``stat`` per call; False
+        on any error (``Segment.linked()``)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,7 @@ class Core:
 
     ``ring(mm, slots, header_size, stride, nbytes, writable, always_wake)`` makes
     the seqlock of one mapping; ``wait_any(rings, afters, timeout)`` sleeps on
-    several; ``fence()`` is a full memory fence (a no-op where TSO suffices);
-    ``same_object(path, fd)`` says whether ``path`` (not followed if a link) names
-    the object open as ``fd`` (``Segment.linked()``; False on any error).
+    several; ``fence()`` is a full memory fence (a no-op where TSO suffices).
     """
 
     name: str
@@ -108,7 +111,6 @@ class Core:
     wait_any: Callable[..., bool]
     fence: Callable[[], None]
     futex: ModuleType | None  # the compiled module for raw futex calls, if it is the one
-    same_object: Callable[[str, int], bool]
 
 
 def compiled() -> ModuleType | None:
@@ -157,7 +159,6 @@ def c_core() -> Core:
         wait_any=mod.wait_any,
         fence=mod.fence,
         futex=mod,
-        same_object=mod.same_object,
     )
     _c_cache.append(core)
     return core

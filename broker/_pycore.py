@@ -64,16 +64,6 @@ def fence() -> None:
     """No fence is needed on x86-64 for what the engine orders (TSO)."""
 
 
-def same_object(path: str, fd: int) -> bool:
-    """Whether ``path`` (a link is not followed) names the object open as ``fd``."""
-    try:
-        mine = os.fstat(fd)
-        there = os.stat(path, follow_symlinks=False)
-    except OSError:
-        return False
-    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
-
-
 class Ring:
     """One segment's seqlock and wake over ``mm`` (the interface of ``_core.Ring``)."""
 
@@ -115,6 +105,19 @@ class Ring:
         self.poll = 0.0
         self.commits = 0
         self.wakes = 0
+        self._ident: tuple[int, int] | None = None
+
+    def same_object(self, path: str, fd: int, /) -> bool:
+        """Whether ``path`` (a link is not followed) names the object this ring maps,
+        open as ``fd`` (whose identity is taken at the first call and kept)."""
+        try:
+            if self._ident is None:
+                mine = os.fstat(fd)
+                self._ident = (mine.st_dev, mine.st_ino)
+            there = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return False
+        return (there.st_dev, there.st_ino) == self._ident
 
     # ------------------------------------------------------------- writer
 
@@ -451,5 +454,4 @@ CORE = Core(
     wait_any=wait_any,
     fence=fence,
     futex=None,
-    same_object=same_object,
 )

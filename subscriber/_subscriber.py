@@ -556,8 +556,8 @@ class Subscriber(Closing):
         is replaced only where :meth:`updates` looks (its last versions are counted
         there); until then reads of the latest go through a handle of their own.
 
-        The check is :meth:`Segment.linked` at every read (two syscalls, about half
-        of such a read's time). The namespace word's catalog generation cannot
+        The check is :meth:`Segment.linked` at every read (one ``stat``, about a
+        third of such a read's time). The namespace word's catalog generation cannot
         stand in for it: only the broker moves it, and for the segments in its
         catalog alone; a plain unlink of one (``Segment.remove``, ``rm`` of the
         path) only at its next look (up to a second and a tick later), one made
