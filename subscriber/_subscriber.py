@@ -560,9 +560,10 @@ class Subscriber(Closing):
         third of such a read's time). The namespace word's catalog generation cannot
         stand in for it: only the broker moves it, and for the segments in its
         catalog alone; a plain unlink of one (``Segment.remove``, ``rm`` of the
-        path) only at its next look (up to a second and a tick later), one made
-        beside it (``Segment.create``, not adopted yet) or while no broker runs
-        never. Meanwhile a read would return a deleted object's data."""
+        path) only at its next look (up to a second and a heartbeat interval
+        later), one made beside it (``Segment.create``, not adopted yet) or while
+        no broker runs never. Meanwhile a read would return a deleted object's
+        data."""
         if self._replaced:
             self._let_go_replaced()
         seg = self.segment(name)
