@@ -1,5 +1,6 @@
 /*
- * shmcast.broker._core: the seqlock, the wake and the bulk copies of a segment.
+ * shmcast.broker._core: the seqlock, the wake and the bulk copies of a segment,
+ * and whether its name still leads to it (Ring.same_object).
  *
  * The compiled core of the engine (broker/_segment.py keeps the API, the
  * docstrings and the errors; this module is private). Written against the
@@ -79,7 +80,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
+#include <fcntl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -248,6 +251,8 @@ typedef struct {
     int64_t stall_ns;  /* tests only: widen the windows between the protocol's steps */
     uint64_t rng;
     uint64_t commits, wakes;
+    uint64_t obj_dev, obj_ino; /* the mapped object's identity, once same_object took it */
+    int obj_known;
 } Ring;
 
 typedef struct {
@@ -318,6 +323,8 @@ static PyObject *Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     r->stall_ns = 0;
     r->rng = (uint64_t)mono_ns() | 1;
     r->commits = r->wakes = 0;
+    r->obj_dev = r->obj_ino = 0;
+    r->obj_known = 0;
     return (PyObject *)r;
 }
 
@@ -939,6 +946,54 @@ static PyObject *Ring_state(PyObject *self, PyObject *unused) {
                          r->flag != NULL);
 }
 
+/* same_object(path, fd): whether `path` (a symbolic link is not followed) names
+ * the object this ring maps, open as `fd`: (st_dev, st_ino) compared. The
+ * object's own identity never changes, so it is taken once (fstat of `fd`, at the
+ * first call) and kept here; each call then makes one fstatat of the path. False
+ * on any error (the name gone; EBADF from a handle closed before the first call).
+ * Segment.linked() (reads of the latest make it at every read) takes the identity
+ * at open: os.fstat and os.stat at every call took more than twice as long (two
+ * syscalls, two stat_result objects). The fields are written with the GIL held,
+ * after the syscalls (two threads' first calls store the same values). */
+static PyObject *Ring_same_object(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Ring *r = (Ring *)self;
+    if (!nargs_ok(nargs, 2, "same_object"))
+        return NULL;
+    long fd = PyLong_AsLong(args[1]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *path = NULL;
+    if (!PyUnicode_FSConverter(args[0], &path))
+        return NULL;
+    const char *cpath = PyBytes_AsString(path);
+    if (cpath == NULL) {
+        Py_DECREF(path);
+        return NULL;
+    }
+    int known = r->obj_known;
+    if (!known && (fd < 0 || fd > INT_MAX)) { /* -1: a closed handle's */
+        Py_DECREF(path);
+        Py_RETURN_FALSE;
+    }
+    struct stat mine, there;
+    int ok_mine = 1, ok_there;
+    Py_BEGIN_ALLOW_THREADS
+    if (!known)
+        ok_mine = fstat((int)fd, &mine) == 0;
+    ok_there = ok_mine && fstatat(AT_FDCWD, cpath, &there, AT_SYMLINK_NOFOLLOW) == 0;
+    Py_END_ALLOW_THREADS
+    Py_DECREF(path);
+    if (!ok_mine)
+        Py_RETURN_FALSE;
+    if (!known) {
+        r->obj_dev = (uint64_t)mine.st_dev;
+        r->obj_ino = (uint64_t)mine.st_ino;
+        r->obj_known = 1;
+    }
+    return PyBool_FromLong(ok_there && (uint64_t)there.st_dev == r->obj_dev &&
+                           (uint64_t)there.st_ino == r->obj_ino);
+}
+
 static PyMethodDef Ring_methods[] = {
     {"latest", Ring_latest, METH_NOARGS, "The latest committed version (acquire load)."},
     {"begin", (PyCFunction)(void (*)(void))Ring_begin, METH_FASTCALL, NULL},
@@ -960,6 +1015,7 @@ static PyMethodDef Ring_methods[] = {
     {"map_waiters", (PyCFunction)(void (*)(void))Ring_map_waiters, METH_FASTCALL, NULL},
     {"set_poll", (PyCFunction)(void (*)(void))Ring_set_poll, METH_FASTCALL, NULL},
     {"state", Ring_state, METH_NOARGS, NULL},
+    {"same_object", (PyCFunction)(void (*)(void))Ring_same_object, METH_FASTCALL, NULL},
     {"set_stall", Ring_set_stall, METH_O, NULL},
     {NULL, NULL, 0, NULL},
 };

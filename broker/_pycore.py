@@ -105,6 +105,19 @@ class Ring:
         self.poll = 0.0
         self.commits = 0
         self.wakes = 0
+        self._ident: tuple[int, int] | None = None
+
+    def same_object(self, path: str, fd: int, /) -> bool:
+        """Whether ``path`` (a link is not followed) names the object this ring maps,
+        open as ``fd`` (whose identity is taken at the first call and kept)."""
+        try:
+            if self._ident is None:
+                mine = os.fstat(fd)
+                self._ident = (mine.st_dev, mine.st_ino)
+            there = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return False
+        return (there.st_dev, there.st_ino) == self._ident
 
     # ------------------------------------------------------------- writer
 

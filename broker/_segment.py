@@ -617,6 +617,10 @@ class Segment(Closing):
         # object: such a reader may be unable to announce itself (no write access).
         always_wake = bool(os.fstat(fd).st_mode & 0o077)
         self._ring = core.ring(mm, self._slots, hs, stride, self._nbytes, writable, always_wake)
+        # The ring keeps the object's identity for linked() from its first look: taken
+        # now, while the descriptor is surely this handle's (a first look after a
+        # close() in another thread would fstat whatever reuses its number).
+        self._ring.same_object(path, fd)
         self._waiters_tried = writable
         self.reads = 0
         self.torn_reads = 0
@@ -728,15 +732,14 @@ class Segment(Closing):
     def linked(self) -> bool:
         """Whether the segment's name still leads to this object: False once it was
         deleted (``shmcast rm``, a broker's reclaim), or deleted and made again.
-        A writer that goes on writing into an unlinked object writes for no one."""
-        if self._closed:
+        A writer that goes on writing into an unlinked object writes for no one.
+        (One ``stat`` of the path, in the core, compared with the object's identity
+        the core took when the handle was opened: about 1.3 µs, where ``os.fstat``
+        and ``os.stat`` took 3.)"""
+        ring = self._ring
+        if self._closed or ring is None:
             return False
-        try:
-            mine = os.fstat(self._fd)
-            there = os.stat(self._path, follow_symlinks=False)
-        except OSError:
-            return False
-        return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+        return ring.same_object(self._path, self._fd)
 
     def writer_alive(self) -> bool:
         """Whether some process holds the writer lease (asked of the kernel, not guessed)."""

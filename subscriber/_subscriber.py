@@ -554,7 +554,16 @@ class Subscriber(Closing):
         never one of a segment deleted (or deleted and created again) since it was
         attached, whose data nobody writes any more. A followed segment's own handle
         is replaced only where :meth:`updates` looks (its last versions are counted
-        there); until then reads of the latest go through a handle of their own."""
+        there); until then reads of the latest go through a handle of their own.
+
+        The check is :meth:`Segment.linked` at every read (one ``stat``, about a
+        third of such a read's time). The namespace word's catalog generation cannot
+        stand in for it: only the broker moves it, and for the segments in its
+        catalog alone; a plain unlink of one (``Segment.remove``, ``rm`` of the
+        path) only at its next look (up to a second and a heartbeat interval
+        later), one made beside it (``Segment.create``, not adopted yet) or while
+        no broker runs never. Meanwhile a read would return a deleted object's
+        data."""
         if self._replaced:
             self._let_go_replaced()
         seg = self.segment(name)

@@ -875,6 +875,34 @@ def test_unlink_removes_the_name_but_not_the_mappings(made, namespace):
     assert not Segment.remove("s", namespace=namespace)
 
 
+def test_linked_says_whether_the_name_still_leads_to_the_handles_object(made, namespace):
+    """``linked()`` (both syscalls in the core since reads of the latest check it at
+    every read): the object, not a link to it nor a new one under the name, and
+    never a closed handle's."""
+    seg = _create(made)
+    reader = _attach(made)
+    assert seg.linked()
+    assert reader.linked()
+    path = shm_path(namespace, "s")
+    held = f"{path}.held"
+    os.rename(path, held)  # the same object, now under another name
+    try:
+        os.symlink(held, path)  # and a link to it under the segment's name
+        try:
+            assert not reader.linked()  # a link is never followed
+        finally:
+            os.unlink(path)
+        assert not reader.linked()  # gone
+        again = _create(made)  # made again under the name: another object
+        assert again.linked()
+        assert not reader.linked()
+        assert not seg.linked()
+    finally:
+        os.unlink(held)
+    again.close()
+    assert not again.linked()  # closed: the handle maps nothing any more
+
+
 def test_list_names_the_segments_of_one_namespace(made, namespace):
     assert Segment.list(namespace) == []
     for name in ("zeta", "alpha", "mid.dle"):
