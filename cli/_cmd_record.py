@@ -33,7 +33,8 @@ one file per segment (<stem>.<segment>.parquet when several are recorded).
 Needs the extra: pip install 'shmcast[record]'.
 
 Lines on stdout: 'shmcast record ready: {json}' once recording, and
-'shmcast record done: {json}' (per segment: recorded, missed and why; bytes).
+'shmcast record done: {json}' (per segment: recorded, missed and why, times
+deleted while recorded; bytes).
 Exit code 1 when writing failed (a full disk): the file keeps what was written.
 """
 
@@ -182,6 +183,7 @@ def _record(args: argparse.Namespace, stop: threading.Event) -> int:
                     "torn": st.torn,
                     "dropped": st.dropped,
                     "unwritten": st.unwritten,
+                    "deleted": st.deleted,
                     "first_version": st.first_version,
                     "last_version": st.last_version,
                 }

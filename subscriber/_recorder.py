@@ -14,6 +14,11 @@ in ``missed``: lapped (it left the ring before it was copied), torn (the writer
 overwrote it during the copy), dropped (no free buffer: the disk was slower
 than the stream) or unwritten (in a buffer when writing failed). ``missed`` is
 stored in the file with the data.
+
+A segment deleted while it is recorded (its publisher gone) is no loss of
+versions (the recorder reads what its last incarnation still holds) but the end
+of its stream: the recorder logs a warning, once per deletion, and counts it in
+``deleted``; the other segments go on being recorded.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ BATCH = 256
 #: Bytes of versions handed to the writer in one call, at most (one version at
 #: least): a call is all or nothing, so a larger batch is handed over in parts.
 APPEND_BYTES = 4 << 20
+#: Seconds between the reading thread's looks for segments deleted under it.
+ABSENT_LOOK = 0.1
 #: Seconds between the writing thread's turns (each writes everything queued),
 #: unless the reading thread calls it sooner (half of a pool's buffers queued).
 WRITE_INTERVAL = 0.05
@@ -83,6 +90,9 @@ class RecorderStats:
     torn: int = 0
     dropped: int = 0
     unwritten: int = 0
+    deleted: int = 0
+    """Times the segment was deleted while recorded (no versions since, until it is
+    made again; that ends the recording: see :class:`Recorder`)."""
     first_version: int = 0
     last_version: int = 0
 
@@ -262,6 +272,9 @@ class Recorder(Closing):
             daemon=True,
         )
         self._next_flush = time.monotonic() + flush_interval
+        #: Segments seen deleted (warned about once), until attached again.
+        self._gone: set[str] = set()
+        self._next_look = 0.0
         self._closed = False
         self._thread.start()
 
@@ -312,6 +325,7 @@ class Recorder(Closing):
                 step = max(0.0, min(step, deadline - time.monotonic()))
             updates = sub.updates(timeout=step)
             try:
+                self._look_absent(sub)
                 for up in updates:
                     for rec in self._take(up.segment, up.version, up.incarnation):
                         yield rec
@@ -320,6 +334,8 @@ class Recorder(Closing):
                             return
                     if self._should_stop(stop, deadline):
                         break
+                    if time.monotonic() >= self._next_look:  # a stream of others' versions
+                        self._look_absent(sub)
             except ClosedError:
                 if self._closed:
                     return
@@ -346,6 +362,27 @@ class Recorder(Closing):
         finally:
             self.close()
         return self.stats()
+
+    def _look_absent(self, sub: Subscriber) -> None:
+        """Warn once, and count, per deletion of a recorded segment: a recorder whose
+        publisher went away otherwise waits on, recording nothing, with no sign."""
+        self._next_look = time.monotonic() + ABSENT_LOOK
+        absent = sub.absent()
+        if not absent and not self._gone:
+            return
+        for name in absent:
+            if name in self._gone:
+                continue
+            self._gone.add(name)
+            st = self._stats[name]
+            st.deleted += 1
+            log.warning(
+                "segment %r of namespace %r was deleted: nothing more to record from "
+                "it; waiting for it to be made again (a recording holds one "
+                "incarnation: a new one ends the recording, saying so)",
+                name, self.namespace,
+            )  # fmt: skip
+        self._gone.intersection_update(absent)
 
     def _should_stop(self, stop: threading.Event | None, deadline: float | None) -> bool:
         if self._closed or self._failed.is_set():

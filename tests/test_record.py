@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -339,6 +340,40 @@ def test_a_segment_created_again_is_named_so_in_events_mode(
     t.join(10)
     assert len(errors) == 1, errors
     assert "deleted and created again with another layout" in str(errors[0])
+
+
+def test_a_segment_deleted_while_recorded_is_warned_about_once_and_counted(
+    namespace: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its publisher gone, the recorder waited on, recording nothing, with no warning
+    and nothing in its stats: a user recording a dead feed had no sign of it."""
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    seg = Segment.create("s", "<i8", (3,), slots=8, namespace=namespace)
+    rec = Recorder("s", tmp_path / "x.h5", namespace=namespace, wait="futex")
+    t = threading.Thread(target=lambda: _catch(errors, lambda: rec.run(duration=30, stop=stop)))
+    t.start()
+    try:
+        with seg:
+            for v in range(1, 4):
+                seg.write(np.full(3, v, "<i8"))
+            wait_for(lambda: rec.stats()["s"].last_version == 3, 10, what="versions 1-3")
+            seg.unlink()
+        with caplog.at_level(logging.WARNING, logger="shmcast.subscriber"):
+            wait_for(lambda: rec.stats()["s"].deleted, 10, what="the deletion counted")
+            stop.set()
+            t.join(10)
+    finally:
+        stop.set()
+        t.join(10)
+        rec.close()
+    assert not errors, errors
+    st = rec.stats()["s"]
+    assert (st.deleted, st.recorded, st.missed) == (1, 3, 0)
+    warned = [r.getMessage() for r in caplog.records if "was deleted" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert f"segment 's' of namespace {namespace!r}" in warned[0]
+    assert "waiting for it to be made again" in warned[0]
 
 
 def test_a_recorder_closed_while_its_reader_copies_keeps_its_counts_true(
