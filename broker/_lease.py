@@ -2,21 +2,32 @@
 
 One writer per segment: the lease is an open-file-description lock, which the
 kernel drops when the writer exits or dies, so a dead writer is detected
-without guessing and a new one can take over at once. The header also names
-the writer (:class:`ProcessId`: pid plus start time, so pid reuse cannot fool
-anyone) for tools and error messages; the lock, not the header, decides.
+without guessing and a new one can take over at once. A child forked from the
+writer shares that open file description (its inherited descriptors and
+mapping): at fork it moves its copies to descriptions of its own (``_segment``'s
+at-fork hook, :func:`remap_shared`), so the lease still dies with its opener.
+The header also names the writer (:class:`ProcessId`: pid plus start time, so
+pid reuse cannot fool anyone) for tools and error messages; the lock, not the
+header, decides.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
+import mmap
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import WriterBusyError
 
-__all__ = ["ProcessId", "lease_held", "process_start_time", "take_lease"]
+__all__ = ["ProcessId", "lease_held", "process_start_time", "remap_shared", "take_lease"]
+
+#: Linux's MAP_FIXED (the same on x86-64 and aarch64; Python 3.11's mmap lacks it).
+_MAP_FIXED = 0x10
+_mmap_fn: Any = None
 
 
 @dataclass(frozen=True)
@@ -79,3 +90,20 @@ def lease_held(path: str) -> bool:
     finally:
         os.close(fd)  # also drops our shared probe lock
     return False
+
+
+def remap_shared(addr: int, length: int, prot: int, fd: int) -> bool:
+    """Map ``fd`` (offset 0, shared) over the mapping at ``addr`` in place
+    (``MAP_FIXED``): the same object's pages at the same address, through ``fd``'s
+    open file description instead. True when the kernel did it."""
+    global _mmap_fn
+    if _mmap_fn is None:
+        fn = ctypes.CDLL(None, use_errno=True).mmap
+        fn.restype = ctypes.c_void_p
+        fn.argtypes = [
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.c_long,
+        ]  # fmt: skip
+        _mmap_fn = fn
+    got = _mmap_fn(addr, length, prot, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
+    return bool(got == addr)

@@ -97,7 +97,7 @@ from ._layout import (
     slot_ctl_index,
     slot_stride,
 )
-from ._lease import ProcessId, lease_held, take_lease
+from ._lease import ProcessId, lease_held, remap_shared, take_lease
 from ._names import (
     SHM_DIR,
     check_owned,
@@ -184,6 +184,8 @@ _U64 = 1 << 64
 #: The writer handles of this process: a child forked from it may not write
 #: through its copies (see :func:`_disown_writers`). Made with the first writer.
 _writers: weakref.WeakSet[Segment] | None = None
+#: Writer copies a forked child could not make let go of their lease (no /proc).
+_kept_leases: weakref.WeakSet[Segment] | None = None
 
 
 def _track_writer(seg: Segment) -> None:
@@ -202,9 +204,74 @@ def _disown_writers() -> None:
     at no cost to a write: the flags the write path looks at anyway change here."""
     if _writers is None:
         return
-    for seg in list(_writers):
-        seg._disown()
+    segs = [seg for seg in list(_writers) if seg._disown()]
     _writers.clear()
+    _let_go_of_leases(segs)
+
+
+def _let_go_of_leases(segs: list[Segment]) -> None:
+    """In a child just forked: keep none of the parent's leases. A flock belongs to
+    the open file description, which the child's inherited descriptors (a copy's own
+    and the one its mmap keeps) and mappings share with the parent's: while the child
+    holds any of them, the lease outlives its opener (a killed opener's segment
+    refused every new writer for as long as its child lived). Each copy's mapping,
+    and every descriptor of these objects, is moved to a new open file description
+    of the same object (reopened through ``/proc/self/fd``, same access mode; the
+    mapping replaced in place, same pages): the lock stays with the parent's, and
+    dies with it. Where that fails the copy keeps the lease, as before."""
+    global _kept_leases
+    kept: weakref.WeakSet[Segment] = weakref.WeakSet(segs)
+    _kept_leases = kept
+    copies: dict[tuple[int, int], list[Segment]] = {}
+    for seg in segs:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            if _remap_copy(seg):
+                st = os.fstat(seg._fd)
+                copies.setdefault((st.st_dev, st.st_ino), []).append(seg)
+    try:
+        fds = [int(n) for n in os.listdir("/proc/self/fd")] if copies else []
+    except OSError:
+        return
+    failed = set()
+    for fd in fds:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue  # the listing's own descriptor, closed now
+        obj = (st.st_dev, st.st_ino)
+        if obj not in copies:
+            continue
+        try:
+            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+            new = os.open(f"/proc/self/fd/{fd}", mode | os.O_CLOEXEC)
+            try:
+                os.dup2(new, fd, inheritable=os.get_inheritable(fd))
+            finally:
+                os.close(new)
+        except OSError:
+            failed.add(obj)
+    for obj, segs_of in copies.items():
+        if obj not in failed:
+            for seg in segs_of:
+                kept.discard(seg)
+
+
+def _remap_copy(seg: Segment) -> bool:
+    """Map ``seg``'s object again over its mapping, through a new open file
+    description; True when done."""
+    mm = seg._mm
+    if mm is None or seg._fd < 0:
+        return False
+    mode = fcntl.fcntl(seg._fd, fcntl.F_GETFL) & os.O_ACCMODE
+    fd = os.open(f"/proc/self/fd/{seg._fd}", mode | os.O_CLOEXEC)
+    try:
+        base = np.frombuffer(mm, dtype=np.uint8, count=1)
+        addr = int(base.ctypes.data)
+        del base
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if mode == os.O_RDWR else 0)
+        return remap_shared(addr, len(mm), prot, fd)
+    finally:
+        os.close(fd)
 
 
 def _wall_ns(name: str, timestamp_ns: object) -> int:
@@ -1147,15 +1214,17 @@ class Segment(Closing):
             # Opened for writing: a writer's copy in a forked child (see _disown()).
             with contextlib.suppress(OSError):
                 if fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR:
-                    return ReadOnlyError(self._name, opener=self._pid, pid=pid)
+                    kept = _kept_leases is not None and self in _kept_leases
+                    return ReadOnlyError(self._name, opener=self._pid, pid=pid, kept_lease=kept)
         return ReadOnlyError(self._name)
 
-    def _disown(self) -> None:
+    def _disown(self) -> bool:
         """This writer handle is a copy in a child forked from its opener: it writes
         no more (reads go on). The locks are new (a thread of the parent that held
-        them is not here), and a loan open in the parent is not the child's to fill."""
+        them is not here), and a loan open in the parent is not the child's to fill.
+        True when it was a writer's (its descriptors hold the parent's lease)."""
         if not self._writable:
-            return
+            return False
         self._writable = False
         self._wring = None
         self._wlock = threading.RLock()
@@ -1165,6 +1234,7 @@ class Segment(Closing):
         if loan is not None:
             with contextlib.suppress(ValueError):
                 loan[2].flags.writeable = False
+        return True
 
     def _take_loan(self) -> tuple[int, int, npt.NDArray[Any]] | None:
         """The open loan, now no longer open (None: none, or someone else ended it)."""

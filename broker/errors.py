@@ -298,7 +298,14 @@ class ReadOnlyError(SegmentError):
     """Writing through a handle that may not write: attached read-only, or (with
     ``opener``) a writer's handle that process ``pid`` inherited across ``fork``."""
 
-    def __init__(self, segment: str, *, opener: int | None = None, pid: int | None = None) -> None:
+    def __init__(
+        self,
+        segment: str,
+        *,
+        opener: int | None = None,
+        pid: int | None = None,
+        kept_lease: bool = False,
+    ) -> None:
         self.opener = opener
         if opener is None:
             message = (
@@ -306,16 +313,21 @@ class ReadOnlyError(SegmentError):
                 f"(or use a Publisher) to write"
             )
         else:
-            # The lease is a flock on the open file description this copy shares with
-            # the opener: it outlives the opener for as long as the copy stays open.
+            # The lease is a flock on the open file description the opener's handle
+            # opened; a child lets go of it at fork (kept_lease: it could not).
+            then = (
+                f". Close this copy (it holds that lease too, even after process {opener} "
+                f"ends), then open"
+                if kept_lease
+                else "; open"
+            )
             message = (
                 f"segment {segment!r}: this writer handle was opened by process {opener} "
                 f"and inherited across fork by process {pid}, which may not write through "
-                f"it (the writer lease stays with process {opener}); nothing was written. "
-                f"Close this copy (it holds that lease too, even after process {opener} "
-                f"ends), then open a new Publisher (or Segment.attach(..., writable=True)) "
-                f"in the child once process {opener} has closed its own or ended; or start "
-                f"the child with the 'spawn' method"
+                f"it (the writer lease stays with process {opener}); nothing was written"
+                f"{then} a new Publisher (or Segment.attach(..., writable=True)) in the "
+                f"child once process {opener} has closed its own or ended; or start the "
+                f"child with the 'spawn' method"
             )
         super().__init__(segment, message)
 

@@ -153,8 +153,8 @@ class Publisher(Closing):
         Raises:
             ArrayMismatchError: wrong dtype or shape (nothing is published).
             ReadOnlyError: this Publisher was inherited across ``fork``: a child
-                closes it and opens a Publisher of its own (once the parent has
-                closed this one, or ended).
+                opens a Publisher of its own (once the parent has closed this one,
+                or ended).
         """
         v = self.segment.write(array, version=version, timestamp_ns=timestamp_ns)
         self._announce(v, timestamp_ns)

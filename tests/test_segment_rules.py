@@ -620,12 +620,11 @@ def test_a_forked_child_cannot_write_through_its_copy(namespace, removed):
         assert seg.write(np.full(4, 2.0)) == 2
 
 
-def test_a_forked_child_is_told_to_close_its_copy_to_take_the_lease(namespace, removed):
-    """The opener ends without closing (killed): the child's copy shares the open
-    file description the lease is a flock on, so the lease lives on in the child.
-    The error told it to open a new writer "once the parent has closed its own",
-    which then failed (a writer busy, naming the ended opener); closing the copy
-    first is what works."""
+def test_a_forked_child_takes_the_lease_once_its_opener_ended(namespace, removed):
+    """The opener ends without closing (os._exit): the child, refused a write through
+    its inherited copy, opens a writer of its own as the error says, its copy still
+    open. Before, the copy shared the open file description the lease is a flock on,
+    so the lease lived on in the child until it closed the copy (the error said so)."""
     removed.append("orphan")
     r, w = os.pipe()
     opener = os.fork()
@@ -644,12 +643,12 @@ def test_a_forked_child_is_told_to_close_its_copy_to_take_the_lease(namespace, r
                     out.append("written")
                 except ReadOnlyError as exc:
                     out.append(str(exc))
-                seg.close()  # what the error says to do first
                 try:
                     with Segment.attach("orphan", writable=True) as mine:
                         out.append(str(mine.write(np.full(4, 2.0))))
                 except Exception as exc:
                     out.append(f"{type(exc).__name__}: {exc}")
+                out.append(str(seg.latest().array.tolist()))  # the copy reads on
                 os.write(w, json.dumps(out).encode())
         finally:
             os._exit(0)  # the opener ends without closing its writer
@@ -657,9 +656,60 @@ def test_a_forked_child_is_told_to_close_its_copy_to_take_the_lease(namespace, r
     assert _reaped(opener, timeout=10) == 0
     with os.fdopen(r, "rb") as f:  # until the grandchild is done (it holds the write end)
         out = json.loads(f.read() or b"[]")
-    assert len(out) == 2, out
-    assert "Close this copy" in out[0]
-    assert out[1] == "1"  # the child took the lease, once its copy was closed
+    assert len(out) == 3, out
+    assert "Close this copy" not in out[0]
+    assert "open a new Publisher" in out[0]
+    assert out[1] == "1"  # the child took the lease, its copy open
+    assert out[2] == "[2.0, 2.0, 2.0, 2.0]"
+
+
+def test_a_writers_lease_is_free_once_its_opener_is_killed_though_a_forked_child_lives(
+    namespace, removed
+):
+    """A forked child that never writes kept the lease of its SIGKILLed opener (the
+    flock is on the open file description its inherited descriptors and mapping
+    share): every new writer got WriterBusyError naming the dead opener, for as long
+    as the child lived."""
+    removed.append("killed")
+    said_r, said_w = os.pipe()  # the child: its pid and what its copy reads
+    hold_r, hold_w = os.pipe()  # the child lives until the test closes hold_w
+    opener = os.fork()
+    if opener == 0:  # pragma: no cover (the forked processes: never back into pytest)
+        try:
+            signal.alarm(30)  # bounded, whatever happens to the test
+            os.close(said_r)
+            os.close(hold_w)
+            seg = Segment.create("killed", "<f8", (4,))
+            seg.write(np.full(4, 1.0))
+            if os.fork() == 0:
+                said = json.dumps([os.getpid(), seg.latest().array.tolist()])
+                os.write(said_w, said.encode() + b"\n")
+                os.read(hold_r, 1)  # until the test closes its end
+            else:
+                time.sleep(30)  # the opener, until it is killed
+        finally:
+            os._exit(0)
+    os.close(said_w)
+    os.close(hold_r)
+    try:
+        with os.fdopen(said_r, "rb") as f:
+            said = f.readline()
+        assert said, "the forked child said nothing"
+        child, latest = json.loads(said)
+        assert latest == [1.0] * 4  # the child's copy reads the same pages
+        with pytest.raises(WriterBusyError), Segment.attach("killed", writable=True):
+            pass  # the opener lives: the lease is its own still
+        os.kill(opener, signal.SIGKILL)
+        assert _reaped(opener, timeout=10) == -signal.SIGKILL
+        opener = 0
+        os.kill(child, 0)  # the child lives on
+        with Segment.attach("killed", writable=True) as seg:
+            assert seg.write(np.full(4, 2.0)) == 2
+    finally:
+        if opener:
+            os.kill(opener, signal.SIGKILL)
+            os.waitpid(opener, 0)
+        os.close(hold_w)  # the child ends
 
 
 # ------------------------------------------------------------------------ (g) modes
