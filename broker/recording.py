@@ -404,13 +404,20 @@ def open_writer(
         overwrite: replace existing files (refused otherwise, and left untouched).
 
     Raises:
-        RecordingExistsError, MissingExtraError, LayoutError (a dtype Parquet
-        cannot take), RecordingError (the file cannot be created).
+        RecordingExistsError, MissingExtraError, LayoutError (a layout of no bytes,
+        a dtype Parquet cannot take), RecordingError (the file cannot be created).
     """
     if format not in FORMATS:
         raise LayoutError(f"recording format must be one of {', '.join(FORMATS)}, not {format!r}")
     if not layouts:
         raise LayoutError("a recording needs at least one segment")
+    for lay in layouts:
+        if lay.nbytes == 0:  # before anything is made: HDF5 divided by it, Parquet wrote on
+            raise LayoutError(
+                f"segment {lay.name!r} holds {lay.describe()}: 0 bytes a version; a "
+                f"recording (like a segment) needs at least 1: give the dtype a size "
+                f"and each dimension of the shape at least 1"
+            )
     paths = output_paths(output, [lay.name for lay in layouts], format)
     for path in paths.values():
         if not overwrite and os.path.lexists(path):

@@ -1482,6 +1482,30 @@ def test_parquet_refuses_a_field_named_as_its_own_columns(tmp_path: Path, field:
         assert rec.segments["t"].read(0).tobytes() == rows.tobytes()
 
 
+@pytest.mark.parametrize(
+    ("fmt", "dtype", "shape"),
+    [
+        ("hdf5", "<f8", (0,)),
+        ("hdf5", "<f8", (2, 0)),
+        ("hdf5", "V0", (3,)),
+        ("parquet", [("a", "<i8")], (0,)),
+    ],
+)
+def test_open_writer_refuses_a_layout_of_no_bytes_before_making_anything(
+    tmp_path: Path, fmt: str, dtype: Any, shape: tuple[int, ...]
+) -> None:
+    """open_writer(), called directly, took a layout no segment can have: HDF5 failed
+    with ZeroDivisionError (naming nothing), Parquet wrote a file that then read back
+    as "not a shmcast recording"."""
+    from shmcast.broker import LayoutError
+
+    out = tmp_path / ("x.h5" if fmt == "hdf5" else "x.parquet")
+    lay = SegmentLayout("s", np.dtype(dtype), shape)
+    with pytest.raises(LayoutError, match=r"segment 's' holds .*0 bytes a version.*at least 1"):
+        open_writer(str(out), [lay], format=fmt)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
 def test_an_output_that_is_not_a_regular_file_is_refused_and_left(tmp_path: Path, fmt: str) -> None:
     """--overwrite of a FIFO blocked in open() until a reader came (a hang); of a
