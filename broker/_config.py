@@ -88,10 +88,10 @@ class BrokerConfig:
     publishers first: one still running would write where no reader looks).
 
     Limits on what the broker takes in: ``max_segment_bytes`` per segment (a
-    positive count of bytes; ``None``, no limit), ``max_message_bytes`` per control (and
-    data-stream) message, ``max_subscriptions`` distinct topics on the events
-    endpoint, ``max_relays`` connected relays, ``max_relay_patterns`` patterns
-    per relay.
+    positive count of bytes; ``None``, no limit), ``max_message_bytes`` per control
+    (and data-stream) message (a relay's hello may take ``HELLO_ALLOWANCE``, 70 KiB,
+    more), ``max_subscriptions`` distinct topics served on the events endpoint,
+    ``max_relays`` connected relays, ``max_relay_patterns`` patterns per relay.
     """
 
     namespace: str | None = None

@@ -90,7 +90,7 @@ from ._auth import CurveKeys, make_curve_server, start_authenticator
 from ._catalog import Catalog
 from ._events import clear_ipc_path
 from ._layout import dtype_str
-from ._protocol import MAX_VERSION, ipc_path, pack, unpack
+from ._protocol import HELLO_ALLOWANCE, MAX_VERSION, ipc_path, pack, unpack
 from ._segment import Segment
 from .errors import EndpointError, NotASegmentError, ShmcastError
 
@@ -240,8 +240,10 @@ class DataStream:
         epoch: the broker's epoch (sent to relays in ``welcome`` and ``hb``).
         interval: seconds between heartbeats to the relays.
         curve: the broker's CURVE keys, or None for a plain endpoint.
-        max_message: largest message taken from a relay (bytes); a longer one
-            ends its connection.
+        max_message: largest message taken from a relay (bytes), but for a hello,
+            which may take ``HELLO_ALLOWANCE`` more (the versions of a relay's
+            mirrors); a longer one is refused, counted as a bad message (one longer
+            than a hello may be ends its connection).
         max_relays: relays served at once; the hello of one more is refused.
         max_patterns: segment patterns one relay may ask for (each of
             ``MAX_PATTERN_LENGTH`` characters at most).
@@ -344,7 +346,9 @@ class DataStream:
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.SNDHWM, 4 * MAX_WINDOW + 64)
         router.setsockopt(zmq.RCVHWM, 1000)
-        router.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+        # A hello may be larger (HELLO_ALLOWANCE); other kinds are held to max_message
+        # when they are unpacked.
+        router.setsockopt(zmq.MAXMSGSIZE, self.max_message + HELLO_ALLOWANCE)
         ivl = max(100, int(self.interval * 1000))
         router.setsockopt(zmq.HEARTBEAT_IVL, ivl)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
@@ -626,7 +630,8 @@ class DataStream:
                 continue
             ident, kind = frames[0], frames[1]
             try:
-                body = unpack(frames[2], self.max_message) if len(frames) > 2 else {}
+                limit = self.max_message + (HELLO_ALLOWANCE if kind == b"hello" else 0)
+                body = unpack(frames[2], limit) if len(frames) > 2 else {}
                 self._on_message(router, ident, kind, body, now)
             except (ValueError, TypeError, KeyError) as exc:
                 # Counted, and logged once per BAD_LOG_INTERVAL: anyone who reaches

@@ -38,6 +38,7 @@ from .errors import (
 
 __all__ = [
     "BROKER_TOPIC",
+    "HELLO_ALLOWANCE",
     "MAX_REQUEST",
     "MAX_VERSION",
     "error_reply",
@@ -51,6 +52,11 @@ __all__ = [
 
 #: Largest control request (and event body) anyone accepts, bytes.
 MAX_REQUEST = 64 * 1024
+#: Bytes a relay's ``hello`` may take beyond the largest message its upstream's data
+#: stream takes (``max_message_bytes``): the version and incarnation of 256 mirrors (a
+#: relay's default ``max_mirrors``) of 128-character names, 280 bytes each in msgpack.
+#: Without it a relay with its default limits could not join a broker with its own.
+HELLO_ALLOWANCE = 256 * 280
 #: The largest version number a sound segment can hold: a header's ``latest``
 #: beyond it is corrupt (nobody commits 2**63 versions), and the segment invalid.
 MAX_VERSION = 2**63 - 1

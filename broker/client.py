@@ -44,6 +44,7 @@ from ._names import (
 )
 from ._protocol import (
     BROKER_TOPIC,
+    HELLO_ALLOWANCE,
     MAX_REQUEST,
     MAX_VERSION,
     ipc_path,
@@ -60,6 +61,7 @@ __all__ = [
     "CONTROL_SOCK",
     "DEFAULT_NAMESPACE",
     "EVENTS_SOCK",
+    "HELLO_ALLOWANCE",
     "MAX_REQUEST",
     "MAX_VERSION",
     "NAMESPACE_ENV",

@@ -70,6 +70,7 @@ from shmcast.broker import (
     start_metrics_server,
 )
 from shmcast.broker.client import (
+    HELLO_ALLOWANCE,
     MAX_REQUEST,
     MAX_VERSION,
     NAMESPACE_ENV,
@@ -347,6 +348,7 @@ class Relay(Service):
         self._refusal = ""
         self._refusal_logged = 0.0
         self._told_hello_size = False
+        self._hello_size = 0
         self._sock: zmq.Socket[Any] | None = None
         self.metrics_url: str | None = None
 
@@ -507,11 +509,17 @@ class Relay(Service):
                 # A CURVE handshake that fails (keys not allowed, or wrong) and an
                 # address where no data stream listens look the same: silence.
                 self._told = since
+                big = ""
+                if self._hello_size > MAX_REQUEST:
+                    big = (f"; or does it take this relay's hello of {self._hello_size} "
+                           f"bytes (a broker takes max_message_bytes + {HELLO_ALLOWANCE} "
+                           f"for a hello; one older than this relay only "
+                           f"max_message_bytes)")  # fmt: skip
                 log.error("no answer from upstream %s for %.1f s: is a broker's data "
                           "endpoint there, and does it let this relay in (with CURVE: "
                           "curve_server_key must be its public key, and this relay's "
-                          "public key in its curve_clients)?", self.config.upstream,
-                          now - since)  # fmt: skip
+                          "public key in its curve_clients)%s?", self.config.upstream,
+                          now - since, big)  # fmt: skip
             if now >= next_local:
                 next_local = now + LOCAL_CHECK
                 self._check_local()
@@ -623,16 +631,19 @@ class Relay(Service):
             "incarnations": incarnations,
         }
         size = len(pack(body))
-        if size > MAX_REQUEST and not self._told_hello_size:
+        self._hello_size = size
+        limit = MAX_REQUEST + HELLO_ALLOWANCE  # what a broker with its defaults takes
+        if size > limit and not self._told_hello_size:
             # An upstream with the default max_message_bytes drops it, and the
             # connection, without a word: the relay would only ever hear silence.
             self._told_hello_size = True
             log.error("this relay's hello to %s is %d bytes (its segment patterns and "
-                      "the versions of its %d mirrors), over a broker's default "
-                      "max_message_bytes (%d): the upstream drops it and never answers "
-                      "unless its max_message_bytes is raised above that; or mirror fewer "
-                      "segments (--segments, --max-mirrors)", self.config.upstream, size,
-                      len(have), MAX_REQUEST)  # fmt: skip
+                      "the versions of its %d mirrors), over the %d a broker with the "
+                      "default max_message_bytes (%d) takes for a hello: the upstream "
+                      "drops it and never answers unless its max_message_bytes is raised "
+                      "by the difference; or mirror fewer segments (--segments, "
+                      "--max-mirrors)", self.config.upstream, size, len(have), limit,
+                      MAX_REQUEST)  # fmt: skip
         self._send(b"hello", body)
 
     def _flush_acks(self) -> None:

@@ -195,10 +195,11 @@ def test_a_hello_too_big_for_the_upstream_is_named_in_the_log(
     max_mirrors (256) of 128-character names it is 71 KB, over a broker's default
     max_message_bytes (64 KiB). The upstream drops it and the connection without a
     word; the relay only ever said "no answer ... CURVE keys?". Here the patterns
-    make it too big (60 of 1100 characters)."""
+    make it too big for what a broker with the default limits takes for a hello
+    (130 of 1100 characters)."""
     up = _Upstream()  # what it does with the hello does not matter here
     caplog.set_level(logging.ERROR, "shmcast.publisher")
-    patterns = tuple(f"{i:02}{'x' * 1100}" for i in range(60))
+    patterns = tuple(f"{i:03}{'x' * 1100}" for i in range(130))
     r = Relay(RelayConfig(upstream=up.endpoint, segments=patterns)).start(10)
     try:
         wait_for(lambda: "max_message_bytes" in caplog.text, 5, what="the error")
@@ -207,6 +208,41 @@ def test_a_hello_too_big_for_the_upstream_is_named_in_the_log(
         up.close()
     assert up.endpoint in caplog.text
     assert "--max-mirrors" in caplog.text
+
+
+def test_a_hello_naming_the_default_max_mirrors_is_taken_by_a_default_broker(
+    namespace: str,
+) -> None:
+    """A relay's hello names the version and incarnation of each mirror: 71 KB for its
+    default max_mirrors (256) of 128-character names, over a broker's default
+    max_message_bytes (64 KiB). The broker's data endpoint dropped it, and the
+    connection, without a word: such a relay could never join. A hello now has room
+    for those beyond max_message_bytes; other messages are held to it."""
+    names = [f"{i:03}{'m' * 125}" for i in range(256)]
+    hello = pack(
+        {
+            "patterns": ["*"],
+            "window": 8,
+            "have": dict.fromkeys(names, 2**40),
+            "incarnations": dict.fromkeys(names, 2**62),
+        }
+    )
+    assert len(hello) > 64 * 1024
+    cfg = BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0")
+    with Broker(cfg).start() as broker:
+        data = broker.data_stats()
+        assert data is not None
+        sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(data.endpoint)
+            sock.send_multipart([b"hello", hello])
+            assert sock.poll(5000), "no answer to the hello"
+            assert sock.recv_multipart()[0] == b"welcome"
+            sock.send_multipart([b"ack", b"\x80" + b"x" * 70_000])  # not a hello: refused
+            wait_for(lambda: broker.data_stats().bad_messages == 1, 5, what="a bad message")  # type: ignore[union-attr]
+        finally:
+            sock.close(0)
 
 
 def test_a_relay_over_the_upstreams_limits_is_told_why(
