@@ -23,7 +23,14 @@ from typing import Any
 
 from .errors import WriterBusyError
 
-__all__ = ["ProcessId", "lease_held", "process_start_time", "remap_shared", "take_lease"]
+__all__ = [
+    "ProcessId",
+    "lease_held",
+    "prepare_remap",
+    "process_start_time",
+    "remap_shared",
+    "take_lease",
+]
 
 #: Linux's MAP_FIXED (the same on x86-64 and aarch64; Python 3.11's mmap lacks it).
 _MAP_FIXED = 0x10
@@ -92,10 +99,10 @@ def lease_held(path: str) -> bool:
     return False
 
 
-def remap_shared(addr: int, length: int, prot: int, fd: int) -> bool:
-    """Map ``fd`` (offset 0, shared) over the mapping at ``addr`` in place
-    (``MAP_FIXED``): the same object's pages at the same address, through ``fd``'s
-    open file description instead. True when the kernel did it."""
+def prepare_remap() -> None:
+    """Look ``mmap(2)`` up for :func:`remap_shared` now, in the parent: a child
+    forked from a multi-threaded process may not take the dynamic loader's lock
+    (``dlopen``), which another thread of the parent may have held at the fork."""
     global _mmap_fn
     if _mmap_fn is None:
         fn = ctypes.CDLL(None, use_errno=True).mmap
@@ -105,5 +112,14 @@ def remap_shared(addr: int, length: int, prot: int, fd: int) -> bool:
             ctypes.c_long,
         ]  # fmt: skip
         _mmap_fn = fn
+
+
+def remap_shared(addr: int, length: int, prot: int, fd: int) -> bool:
+    """Map ``fd`` (offset 0, shared) over the mapping at ``addr`` in place
+    (``MAP_FIXED``): the same object's pages at the same address, through ``fd``'s
+    open file description instead. True when the kernel did it; False when
+    :func:`prepare_remap` was not called before the fork."""
+    if _mmap_fn is None:
+        return False
     got = _mmap_fn(addr, length, prot, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
     return bool(got == addr)

@@ -97,7 +97,7 @@ from ._layout import (
     slot_ctl_index,
     slot_stride,
 )
-from ._lease import ProcessId, lease_held, remap_shared, take_lease
+from ._lease import ProcessId, lease_held, prepare_remap, remap_shared, take_lease
 from ._names import (
     SHM_DIR,
     check_owned,
@@ -192,6 +192,7 @@ def _track_writer(seg: Segment) -> None:
     global _writers
     if _writers is None:
         _writers = weakref.WeakSet()
+        prepare_remap()  # here, not in a forked child (see there)
         os.register_at_fork(after_in_child=_disown_writers)
     _writers.add(seg)
 
