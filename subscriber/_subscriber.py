@@ -736,6 +736,9 @@ class Subscriber(Closing):
         the number of segments) sleep on the notify words, GIL released, and wake
         the loop when one moves; ``spin`` polls on the loop between other tasks.
         Do not iterate :meth:`updates` and :meth:`aupdates` at the same time.
+        Several tasks may each iterate :meth:`aupdates` of one subscriber: each version
+        goes to one of them, and an update still unread when another task is handed
+        the next one counts as delivered.
 
         Raises:
             ClosedError, SegmentUnreachableError, ValueError: as :meth:`updates`.
@@ -748,15 +751,21 @@ class Subscriber(Closing):
         pending = self._pending
         idle_deadline = None if timeout is None else time.monotonic() + timeout
         self._settle()
+        mine: Update | None = None
         try:
             while True:
                 if self._closed:
                     raise ClosedError("subscriber")
                 if pending:
                     up = pending.popleft()
-                    self._unsettled = up
-                    yield up
+                    # Another task's iterator may have an update out: it is settled
+                    # before this one takes its place (it was counted nowhere), and
+                    # each iterator settles only its own when it resumes.
                     self._settle()
+                    self._unsettled = mine = up
+                    yield up
+                    if self._unsettled is mine:
+                        self._settle()
                     if timeout is not None:
                         idle_deadline = time.monotonic() + timeout
                     continue
@@ -781,7 +790,7 @@ class Subscriber(Closing):
                 await waker.wait(step)
         finally:
             waker.close()
-            if not self._closed:
+            if not self._closed and mine is not None and self._unsettled is mine:
                 self._settle()
 
     # ------------------------------------------------------------- the wait loop

@@ -453,6 +453,44 @@ def test_aupdates_over_many_segments_uses_one_thread(namespace: str, thread_brok
             p.close()
 
 
+def test_aupdates_of_two_tasks_sharing_a_subscriber_add_up(namespace: str) -> None:
+    """Two tasks iterate ``aupdates()`` of one subscriber; one holds its update (awaits
+    something) while the other takes the next. Before, the second hand-out replaced
+    the first's unsettled update, which no counter ever got: 2 delivered, 1 counted."""
+    seg = Segment.create("two", "i8", (2,), slots=8, namespace=namespace)
+    try:
+        with Subscriber("two", namespace=namespace, wait="futex") as sub:
+
+            async def run() -> list[int]:
+                hold = asyncio.Event()
+                got: list[int] = []
+
+                async def consumer() -> None:
+                    async for up in sub.aupdates(timeout=0.2):
+                        got.append(up.version)
+                        await hold.wait()  # still busy with it when the other takes one
+
+                tasks = [asyncio.create_task(consumer()) for _ in range(2)]
+                await asyncio.sleep(0.05)  # both iterators wait
+                seg.write(np.full(2, 1, "i8"))
+                seg.write(np.full(2, 2, "i8"))
+                for _ in range(500):
+                    if len(got) == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                hold.set()
+                await asyncio.wait_for(asyncio.gather(*tasks), 10)
+                return got
+
+            got = asyncio.run(run())
+        st = sub.stats["two"]
+        assert sorted(got) == [1, 2]
+        assert (st.updates, st.accounted) == (2, 2), st
+    finally:
+        seg.unlink()
+        seg.close()
+
+
 def test_versions_learnt_but_never_handed_out_are_counted_at_close(
     namespace: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
