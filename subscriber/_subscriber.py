@@ -245,8 +245,9 @@ class Subscriber(Closing):
         self._not_segments: dict[str, NotASegmentError] = {}
         #: The object (inode) found there: its header was waited for once already.
         self._not_segment_inos: dict[str, int] = {}
-        #: The aupdates() iterator whose reader the loop has on the SUB socket's fd.
-        self._fd_waker: _Waker | None = None
+        #: The aupdates() iterators waiting on the SUB socket's fd (``events``): the
+        #: loop's one reader on it wakes each of them (tasks may share a subscriber).
+        self._fd_wakers: list[_Waker] = []
         try:
             if wait == "events":
                 self._connect(broker, timeout, heartbeat_timeout)
@@ -1324,8 +1325,11 @@ class _Waker:
             fd = sub._sub.getsockopt(zmq.FD)
             assert isinstance(fd, int)
             self._fd = fd
-            loop.add_reader(fd, self._wake)  # replaces the reader of an earlier iterator
-            sub._fd_waker = self
+            sub._fd_wakers.append(self)
+            # One reader per loop and fd (adding another replaces it): it wakes every
+            # iterator of this loop. Before, each iterator's own reader replaced the
+            # last, and the other tasks' iterators woke only on their 50 ms step.
+            loop.add_reader(fd, _wake_all, sub._fd_wakers, loop)
         elif sub.mode != "spin":
             self._thread = threading.Thread(
                 target=self._watch, name="shmcast-aupdates", daemon=True
@@ -1398,12 +1402,22 @@ class _Waker:
         self._stop = True
         if self._fd is not None:
             # An iterator left with ``break`` is closed when it is collected, maybe
-            # after the next one registered the same fd: that reader is not ours.
-            if self._sub._fd_waker is self:
-                self._sub._fd_waker = None
+            # after the next one registered on the same fd: the reader goes with the
+            # last iterator of this loop, not with the first to close.
+            wakers = self._sub._fd_wakers
+            with contextlib.suppress(ValueError):
+                wakers.remove(self)
+            if not any(w._loop is self._loop for w in wakers):
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(self._fd)
             self._fd = None
+
+
+def _wake_all(wakers: list[_Waker], loop: asyncio.AbstractEventLoop) -> None:
+    """The loop's reader on a SUB socket's fd: wake each iterator of that loop."""
+    for waker in list(wakers):
+        if waker._loop is loop:
+            waker._wake()
 
 
 def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:

@@ -403,6 +403,35 @@ def test_an_aupdates_left_with_break_leaves_the_next_ones_wake_up_alone(
         assert asyncio.run(run(sub, pub))
 
 
+def test_events_aupdates_of_two_tasks_keep_a_wake_up_while_either_runs(
+    namespace: str, thread_broker: Broker
+) -> None:
+    """``events``: two tasks each iterate ``aupdates()`` of one subscriber. Each
+    iterator's reader on the SUB socket's fd replaced the other's, so only the last
+    one woke when an announcement came (the first waited out its 50 ms step: 26 ms
+    median latency instead of 0.7), and when that one closed it removed the reader
+    the other still needed."""
+
+    async def run(sub: Subscriber, pub: Publisher) -> bool:
+        pub.publish(np.zeros(4))
+        pub.publish(np.ones(4))
+        first = sub.aupdates(timeout=5)
+        await asyncio.wait_for(anext(first), 5)
+        second = sub.aupdates(timeout=5)
+        await asyncio.wait_for(anext(second), 5)
+        await second.aclose()  # the first iterator goes on
+        assert sub._sub is not None
+        registered = asyncio.get_running_loop().remove_reader(sub._sub.getsockopt(zmq.FD))
+        await first.aclose()
+        return registered
+
+    with (
+        Publisher("two", dtype="f8", shape=(4,)) as pub,
+        Subscriber("two", wait="events", timeout=5) as sub,
+    ):
+        assert asyncio.run(run(sub, pub))
+
+
 def test_aupdates_has_the_first_versions_of_a_segment_attached_in_its_loop(
     namespace: str, thread_broker: Broker
 ) -> None:
