@@ -734,7 +734,8 @@ class Subscriber(Closing):
         counters as :meth:`updates`, on the running asyncio loop, which keeps
         serving other tasks while it waits. ``events`` has the loop watch the SUB
         socket; ``shm`` and ``futex`` have one helper thread per iterator (whatever
-        the number of segments) sleep on the notify words, GIL released, and wake
+        the number of segments; started at its first wait) sleep on the notify
+        words, GIL released, and wake
         the loop when one moves; ``spin`` polls on the loop between other tasks.
         Do not iterate :meth:`updates` and :meth:`aupdates` at the same time.
         Several tasks may each iterate :meth:`aupdates` of one subscriber: each version
@@ -1330,11 +1331,12 @@ class _Waker:
             # iterator of this loop. Before, each iterator's own reader replaced the
             # last, and the other tasks' iterators woke only on their 50 ms step.
             loop.add_reader(fd, _wake_all, sub._fd_wakers, loop)
-        elif sub.mode != "spin":
-            self._thread = threading.Thread(
-                target=self._watch, name="shmcast-aupdates", daemon=True
-            )
-            self._thread.start()
+        #: ``shm`` and ``futex`` sleep in a helper thread, started by the first wait:
+        #: an iterator that only takes what is queued (``break`` after one update,
+        #: ``timeout=0``) needs none. Before, every iterator started one, which slept
+        #: on for up to WAIT_SLICE after its close (hundreds, in a loop that took
+        #: one update an iterator without yielding to the event loop).
+        self._threaded = sub._sub is None and sub.mode != "spin"
 
     def clear(self) -> None:
         self._woken = False
@@ -1352,6 +1354,12 @@ class _Waker:
             return  # the socket's fd signals edges: what is queued already would not wake us
         if self._woken:
             return
+        if self._threaded and self._thread is None and not self._stop:
+            # Its first look wakes the loop: a commit since the loop's look is not lost.
+            self._thread = threading.Thread(
+                target=self._watch, name="shmcast-aupdates", daemon=True
+            )
+            self._thread.start()
         if self._thread is not None:
             watching = self._watching
             if any(id(seg) not in watching for seg in self._sub._wait_segs):

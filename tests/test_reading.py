@@ -520,6 +520,35 @@ def test_aupdates_of_two_tasks_sharing_a_subscriber_add_up(namespace: str) -> No
         seg.close()
 
 
+def test_an_aupdates_that_only_takes_queued_updates_starts_no_thread(namespace: str) -> None:
+    """An iterator that takes one queued update and is left (``break``), again and
+    again without the loop running anything else: each started a helper thread that
+    slept on until the iterator's close, which the loop had no turn to run (2000
+    such iterators made hundreds of threads and slowed the loop to a crawl)."""
+    seg = Segment.create("q", "i8", (2,), slots=16, namespace=namespace)
+    try:
+        with Subscriber("q", namespace=namespace, wait="futex") as sub:
+            for i in range(10):
+                seg.write(np.full(2, i, "i8"))
+
+            async def run() -> tuple[list[int], int]:
+                got = []
+                before = set(threading.enumerate())  # other tests' may still be ending
+                for _ in range(10):
+                    async for up in sub.aupdates(timeout=5):
+                        got.append(up.version)
+                        break
+                new = set(threading.enumerate()) - before
+                return got, sum(t.name == "shmcast-aupdates" for t in new)
+
+            got, helpers = asyncio.run(run())
+        assert got == list(range(1, 11))
+        assert helpers == 0
+    finally:
+        seg.unlink()
+        seg.close()
+
+
 def test_versions_learnt_but_never_handed_out_are_counted_at_close(
     namespace: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
