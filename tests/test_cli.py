@@ -690,6 +690,47 @@ def test_the_worker_takes_statistics_of_numbers_and_says_so_of_the_rest(
             assert "mean" not in r
 
 
+@pytest.mark.parametrize(
+    ("values", "mean", "std"),
+    [
+        (np.ones(65536, np.float16), 1.0, 0.0),  # the float16 sum overflowed: std inf
+        (np.array([0, 1000], np.float16), 500.0, 500.0),  # squares past 65504: inf
+        (np.array([0, 1e20], np.float32), 5e19, 5e19),  # squares past 3.4e38: inf
+        (np.zeros(4, [("a", "<f8", (0,)), ("b", "<i2", (2,))]), 0.0, 0.0),  # field 'b'
+    ],
+)
+def test_the_workers_statistics_are_those_of_float64(
+    values: np.ndarray, mean: float, std: float
+) -> None:
+    """``--stats`` of float16 and float32 versions said std=inf (null in --json) of
+    numbers whose std float64 holds: numpy summed the squares in their own type.
+    A record's field of no numbers (a sub-array of shape (0,)) is passed over."""
+    from shmcast.subscriber import analyse
+
+    out = analyse(values)
+    assert (out["mean"], out["std"]) == pytest.approx((mean, std), rel=1e-6)
+
+
+def test_the_workers_statistics_of_a_big_version_are_taken_in_small_steps() -> None:
+    """Mean, std and max in place, as the README says: numpy's std made a float64
+    temporary of the whole version (64 MiB for 8 Mi float64 numbers, per version)."""
+    import tracemalloc
+
+    from shmcast.subscriber import analyse
+
+    values = np.arange(8 * 2**20, dtype=np.float64).reshape(2**20, 8)
+    tracemalloc.start()
+    try:
+        out = analyse(values)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    n = values.size
+    assert out["mean"] == pytest.approx((n - 1) / 2)
+    assert out["std"] == pytest.approx(np.sqrt((n * n - 1) / 12))
+    assert peak < values.nbytes / 4
+
+
 def test_ls_honours_shmcast_broker(
     namespace: str,
     tmp_path: Path,
