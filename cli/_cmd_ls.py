@@ -62,14 +62,17 @@ def run(args: argparse.Namespace) -> int:
     source, rows = catalog(ns, endpoint)
     if args.interval > 0 and rows:
         # Two samples: the rate is their difference; VERSION and AGE are the later's.
-        before = {r["name"]: r.get("version", 0) for r in rows}
+        # A segment deleted and created again in between (another incarnation) has no
+        # rate: its versions started over (the difference was negative).
+        before = {r["name"]: (r.get("version", 0), r.get("incarnation")) for r in rows}
         t0 = time.monotonic()
         time.sleep(args.interval)
         source, rows = catalog(ns, endpoint)
         elapsed = time.monotonic() - t0
         for r in rows:
-            if r["name"] in before and "version" in r:
-                r["rate"] = round((r["version"] - before[r["name"]]) / elapsed, 1)
+            was, incarnation = before.get(r["name"], (None, None))
+            if was is not None and "version" in r and incarnation == r.get("incarnation"):
+                r["rate"] = round((r["version"] - was) / elapsed, 1)
     for r in rows:
         # The age the answering host measured on its monotonic clock.
         if r.get("age") is not None:

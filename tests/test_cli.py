@@ -731,6 +731,37 @@ def test_the_workers_statistics_of_a_big_version_are_taken_in_small_steps() -> N
     assert peak < values.nbytes / 4
 
 
+def test_ls_gives_no_rate_to_a_segment_created_again_between_its_samples(
+    namespace: str, lab: Broker, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``shmcast ls`` takes the rate from two samples of the catalog. A segment deleted
+    and created again in between started its versions over: the rate was negative
+    (-63.1/s for 100 versions, then 5 of the new incarnation), as ``top`` knew."""
+    import types
+
+    from shmcast.broker.client import ControlClient, resolve_endpoint
+    from shmcast.cli import _cmd_ls
+
+    with Publisher("frames", dtype="u2", shape=(4,), namespace=namespace) as pub:
+        for _ in range(100):
+            pub.publish(np.zeros(4, "u2"))
+
+    def recreate(_: float) -> None:  # between the two samples
+        with ControlClient(resolve_endpoint(None, namespace), timeout=5) as client:
+            client.request("delete", name="frames")
+        with Publisher("frames", dtype="u2", shape=(4,), namespace=namespace) as pub:
+            for _ in range(5):
+                pub.publish(np.zeros(4, "u2"))
+
+    clock = types.SimpleNamespace(sleep=recreate, monotonic=time.monotonic)
+    monkeypatch.setattr(_cmd_ls, "time", clock)
+    assert main(["ls", "-n", namespace, "--json", "--interval", "0.1"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["segments"]}
+    assert rows["frames"]["version"] == 5
+    assert rows["frames"].get("rate") is None
+    assert rows["ticks"]["rate"] == 0.0  # the same incarnation: a rate
+
+
 def test_ls_honours_shmcast_broker(
     namespace: str,
     tmp_path: Path,
