@@ -9,7 +9,8 @@ objects that are not valid segments (``--fix`` unlinks them once no writer
 holds them, a broker running or not), permissions of segments, what shmcast
 refuses to trust (runtime directories and objects of another user, links, or
 writable by others; ``--fix`` repairs what it safely can: the mode of ours,
-links, and as root another user's squatters that no live writer holds; a
+links, empty directories, and as root another user's squatters that no live
+writer holds; a
 namespace whose word another user owns is theirs, and left alone), the
 open-files limit, and which
 core runs the seqlock (the compiled core is sound on any CPU; the pure-Python
@@ -20,10 +21,12 @@ nothing is wrong, 1 when a problem was found (warnings alone do not fail).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import platform
 import resource
+import shlex
 import shutil
 import stat
 import time
@@ -241,6 +244,22 @@ def _fix_object(path: str, st: os.stat_result, problem: OwnershipError, ours: bo
             f"{problem}; a live writer holds it (its lease): not removed",
             f"stop its writer (a process of uid {st.st_uid}), then `shmcast doctor --fix`",
         )
+    if stat.S_ISDIR(st.st_mode):
+        # A directory under a segment's name (no segment can be one): removed when
+        # empty; what it holds is not ours to judge. Before, os.unlink failed with
+        # EISDIR and the finding named --fix, the command that had just failed.
+        try:
+            os.rmdir(path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            return Check(
+                "ownership",
+                PROBLEM,
+                f"{problem}; it is a directory holding files: not removed",
+                f"look inside, then remove it: rm -r -- {shlex.quote(path)}",
+            )
+        return Check("fixed", OK, f"removed {path} (an empty directory of uid {st.st_uid})")
     # A link, a special file, or (root only) another user's object squatting a name
     # of our namespace that no writer holds: unlinking it touches nothing it points to.
     os.unlink(path)

@@ -120,6 +120,32 @@ def test_invalid_object_and_fix(namespace: str, capsys: pytest.CaptureFixture[st
             os.unlink(path)
 
 
+def test_fix_removes_an_empty_directory_under_a_segment_name(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory under a segment's name: ``--fix`` failed with "[Errno 21] Is a
+    directory" while the finding named ``shmcast doctor --fix`` as its fix. An empty
+    one is removed now; one holding files is left, with the command that removes it."""
+    empty = shm_path(namespace, "d")
+    full = shm_path(namespace, "e")
+    os.mkdir(empty, 0o700)
+    os.mkdir(full, 0o700)
+    Path(full, "inside").write_bytes(b"x")
+    try:
+        rc, report = _doctor(capsys, "--namespace", namespace, "--fix")
+        assert not os.path.exists(empty), report
+        assert rc == 1
+        problem = _checks(report, "problem")["ownership"]
+        assert "holding files" in problem and f"rm -r -- {full}" in problem
+        assert os.path.exists(os.path.join(full, "inside"))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(empty)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(full, "inside"))
+            os.rmdir(full)
+
+
 def test_world_readable_segment(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
     with Segment.create("open", "f8", (4,), namespace=namespace, mode=0o644) as seg:
         try:
