@@ -349,7 +349,7 @@ def _check_objects(
                     PROBLEM,
                     f"{path} is readable by every user (mode {mode:04o})",
                     'run the broker with mode = "0600" (or "0640" with a group); '
-                    f"chmod o-rw {path}",
+                    f"chmod o-rw -- {shlex.quote(path)}",
                 )
             elif mode & 0o040:
                 perms[name] = Check(
@@ -377,7 +377,8 @@ def _check_objects(
                         + (exc.reason if isinstance(exc, NotASegmentError) else str(exc))
                         + (f"; not removed: {kept}" if kept else ""),
                         f"`shmcast doctor --namespace {ns} --fix` unlinks it once no writer "
-                        f"holds it (or delete {path} then; a restarted broker reclaims it too)",
+                        f"holds it (or `rm -- {shlex.quote(path)}` then; a restarted broker "
+                        f"reclaims it too)",
                     )
                 )
                 continue

@@ -146,6 +146,33 @@ def test_fix_removes_an_empty_directory_under_a_segment_name(
             os.rmdir(full)
 
 
+def test_the_commands_a_finding_names_quote_the_path(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A finding's fix is a command to paste into a shell. An object named
+    ``x $(touch ...)`` or ``*`` (this user's own, invalid, world-readable) was named
+    bare: ``chmod o-rw /dev/shm/shmcast.<ns>.*`` globs every object of the namespace,
+    and a ``$(...)`` runs."""
+    names = ["x $(false)", "*"]
+    paths = [shm_path(namespace, n) for n in names]
+    for path in paths:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.fchmod(fd, 0o644)
+        os.close(fd)
+    try:
+        rc, report = _doctor(capsys, "--namespace", namespace)
+        assert rc == 1
+        fixes = {c["fix"] for c in report["checks"] if c["status"] == "problem"}
+        for path in paths:
+            quoted = "'" + path + "'"
+            assert any(f"chmod o-rw -- {quoted}" in f for f in fixes), fixes
+            assert any(f"rm -- {quoted}" in f for f in fixes), fixes
+    finally:
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
 def test_world_readable_segment(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
     with Segment.create("open", "f8", (4,), namespace=namespace, mode=0o644) as seg:
         try:
