@@ -35,9 +35,7 @@ def numeric_view(array: npt.NDArray[Any]) -> tuple[str | None, npt.NDArray[Any]]
     fields = array.dtype.fields
     assert fields is not None
     # A field of no bytes (a sub-array of shape (0,)) holds no numbers to summarise.
-    numeric = [
-        n for n in names if fields[n][0].base.kind in NUMERIC and fields[n][0].itemsize > 0
-    ]
+    numeric = [n for n in names if fields[n][0].base.kind in NUMERIC and fields[n][0].itemsize > 0]
     pick = "last" if "last" in numeric else (numeric[0] if numeric else None)
     if pick is None:
         raise ValueError(f"no statistics of {array.dtype}: no field of real numbers")

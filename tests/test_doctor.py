@@ -136,7 +136,8 @@ def test_fix_removes_an_empty_directory_under_a_segment_name(
         assert not os.path.exists(empty), report
         assert rc == 1
         problem = _checks(report, "problem")["ownership"]
-        assert "holding files" in problem and f"rm -r -- {full}" in problem
+        assert "holding files" in problem
+        assert f"rm -r -- {full}" in problem
         assert os.path.exists(os.path.join(full, "inside"))
     finally:
         with contextlib.suppress(FileNotFoundError):
