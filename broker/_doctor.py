@@ -409,7 +409,7 @@ def _check_objects(
         for name, st in invalid.items():
             if _unlink_same(shm_path(ns, name), st):
                 out.append(Check("fixed", OK, f"unlinked {shm_path(ns, name)} (no segment)"))
-        out.extend(_check_word(ns, alive, fix))
+        out.extend(_check_word(ns, alive, fix, ours))
     if not out:
         out.append(Check("objects", OK, f"{len(namespaces)} namespace(s): no orphans, all valid"))
     return out
@@ -475,14 +475,38 @@ def _fix_runtime_dir(path: Path, st: os.stat_result, problem: OwnershipError, ro
     )
 
 
-def _check_word(ns: str, alive: bool, fix: bool) -> list[Check]:
+def _check_word(ns: str, alive: bool, fix: bool, ours: bool) -> list[Check]:
     """The namespace word (``@catalog``) a killed broker left: harmless, the next
-    broker takes it over; ``--fix`` unlinks it once no segment is left."""
+    broker takes it over; ``--fix`` unlinks it once no segment is left.
+
+    Another user's namespace is not ours to judge (a word we do not trust, one
+    others may write, says nothing of whose it is); a word we may not unlink (in
+    sticky ``/dev/shm``, another user's) is reported. Before, ``--fix`` unlinked
+    it whatever the namespace and died of ``PermissionError`` (a traceback) on a
+    world-writable word any user could plant."""
     word = catalog_path(ns)
-    if alive or not os.path.lexists(word):
+    try:
+        st = os.lstat(word)
+    except FileNotFoundError:
+        return []
+    if alive or not (ours or st.st_uid == os.getuid()):
         return []
     if fix and not list_segment_names(ns):
-        os.unlink(word)
+        try:
+            os.unlink(word)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            return [
+                Check(
+                    "runtime",
+                    PROBLEM,
+                    f"{word} is left from a broker that is not running; it could not be "
+                    f"removed: {exc.strerror}",
+                    f"only uid {st.st_uid} or root can remove it: ask them, or use "
+                    f"another namespace",
+                )
+            ]
         return [Check("fixed", OK, f"unlinked {word}")]
     return [
         Check(

@@ -31,6 +31,7 @@ from shmcast.cli._main import main
 from shmcast.cli.testing import BROKER_READY, start, wait_for
 from shmcast.publisher import Publisher
 from shmcast.subscriber import Subscriber
+from tests._other_user import OtherUser
 
 
 def _doctor(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
@@ -172,6 +173,27 @@ def test_the_commands_a_finding_names_quote_the_path(
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+def test_fix_reports_a_namespace_word_it_may_not_remove(
+    namespace: str, other_user: OtherUser
+) -> None:
+    """A namespace word others may write, planted by another user (root here), no
+    broker: ``shmcast doctor --namespace NS --fix`` run by ``nobody`` died of
+    ``PermissionError`` (a traceback) unlinking it from sticky ``/dev/shm``; it now
+    reports the word and who can remove it (exit 1)."""
+    word = shm_path(namespace, "@catalog")
+    fd = os.open(word, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        os.fchmod(fd, 0o666)
+        os.write(fd, bytes(4096))
+        os.close(fd)
+        out = other_user.run("cli", "doctor", "--namespace", namespace, "--fix")
+        assert out["rc"] == 1, out
+        assert os.path.exists(word)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(word)
 
 
 def test_world_readable_segment(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
