@@ -581,6 +581,19 @@ def test_rm_deletes_through_the_broker_and_refuses_a_live_writer(
     assert Segment.list(namespace) == []
 
 
+def test_rm_force_names_the_writer_it_cuts_off(
+    namespace: str, lab: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``shmcast rm --force`` of a segment a publisher writes printed only "deleted
+    frames": nothing said that the writer goes on into an object no reader finds."""
+    with Publisher("frames", namespace=namespace):
+        assert main(["rm", "-n", namespace, "frames", "ticks", "--force"]) == 0
+        out, err = capsys.readouterr()
+        assert out.splitlines() == ["deleted frames", "deleted ticks"]
+        assert f"segment 'frames' had a live writer (pid {os.getpid()})" in err
+        assert "ticks" not in err  # no writer there: nothing to say
+
+
 def test_the_broker_refuses_to_delete_a_live_writers_segment_unless_forced(
     namespace: str, lab: Broker
 ) -> None:
