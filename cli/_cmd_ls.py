@@ -12,6 +12,7 @@ from shmcast.broker.client import ControlClient, check_broker_namespace, resolve
 from shmcast.broker.errors import BrokerUnavailableError, ShmcastError
 
 from ._options import add_broker_option, broker_endpoint, seconds
+from ._text import printable
 
 HELP = "list a namespace's segments: dtype, shape, slots, version, rate, age"
 EXAMPLES = """\
@@ -99,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
                 str(r.get("source", r.get("error", ""))),
             )
         )
+    # Names (and the errors naming them) are read from /dev/shm: anyone's to choose.
+    table = [tuple(printable(cell) for cell in row) for row in table]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())

@@ -775,6 +775,29 @@ def test_ls_gives_no_rate_to_a_segment_created_again_between_its_samples(
     assert rows["ticks"]["rate"] == 0.0  # the same incarnation: a rate
 
 
+def test_ls_and_doctor_escape_control_characters_of_names_in_dev_shm(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Any local user may create a file in ``/dev/shm`` under a namespace's prefix:
+    ``shmcast ls`` (no broker) and ``shmcast doctor`` printed its name as it was, so
+    an escape sequence in it reached the terminal (retitle it, clear it) and a
+    newline forged a line of the table."""
+    path = shm_path(namespace, "x\x1b]0;pwned\x07\x1b[2J\nfake")
+    Path(path).write_bytes(b"x")
+    try:
+        assert main(["ls", "-n", namespace, "--interval", "0"]) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out
+        assert "x\\x1b]0;pwned" in out
+        assert "\nfake" not in out
+        main(["doctor", "-n", namespace])
+        out = capsys.readouterr().out
+        assert "\x1b" not in out
+        assert "\nfake" not in out
+    finally:
+        os.unlink(path)
+
+
 def test_ls_honours_shmcast_broker(
     namespace: str,
     tmp_path: Path,
