@@ -776,7 +776,7 @@ def test_ls_gives_no_rate_to_a_segment_created_again_between_its_samples(
 
 
 def test_ls_and_doctor_escape_control_characters_of_names_in_dev_shm(
-    namespace: str, capsys: pytest.CaptureFixture[str]
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Any local user may create a file in ``/dev/shm`` under a namespace's prefix:
     ``shmcast ls`` (no broker) and ``shmcast doctor`` printed its name as it was, so
@@ -794,6 +794,12 @@ def test_ls_and_doctor_escape_control_characters_of_names_in_dev_shm(
         out = capsys.readouterr().out
         assert "\x1b" not in out
         assert "\nfake" not in out
+        # subscribe's "no segment ... yet; existing: ..." (no broker: read from /dev/shm)
+        from shmcast.cli._cmd_subscribe import _missing
+
+        said = _missing("nope", namespace, f"ipc://{tmp_path}/none.sock")
+        assert "\x1b" not in said
+        assert "x\\x1b]0;pwned" in said
     finally:
         os.unlink(path)
 
