@@ -217,6 +217,10 @@ class Subscriber(Closing):
         self._tseq: dict[bytes, int] = {}
         self._pending: deque[Update] = deque()
         self._unsettled: Update | None = None
+        #: Updates still out with their aupdates() iterator's task when another task's
+        #: iterator handed out the next: each is settled by its own read, by its
+        #: iterator asking for the next, or at close() (tasks may share a subscriber).
+        self._held: list[Update] = []
         self._io = threading.RLock()
         self._next_report = 0.0
         self._next_paths = 0.0
@@ -439,7 +443,7 @@ class Subscriber(Closing):
 
     def _release_retired(self) -> None:
         """Close retired handles once no queued or unsettled update can need them."""
-        if not self._retired or self._pending or self._unsettled is not None:
+        if not self._retired or self._pending or self._unsettled is not None or self._held:
             return
         for seg in self._retired:
             for key in [k for k, v in self._handles.items() if v is seg]:
@@ -652,6 +656,25 @@ class Subscriber(Closing):
             self._unsettled = None
             self._tracks[up.segment].st.updates += 1
 
+    def _take_unsettled(self, up: Update) -> bool:
+        """Whether ``up`` was still to be settled (out, neither read nor delivered);
+        it no longer is: the caller counts it."""
+        if self._unsettled is up:
+            self._unsettled = None
+            return True
+        held = self._held
+        for i, other in enumerate(held):
+            if other is up:
+                del held[i]
+                return True
+        return False
+
+    def _settle_own(self, up: Update) -> None:
+        """An aupdates() iterator asks for the next update: its last one, unread, was
+        delivered (another task's stays theirs to settle)."""
+        if self._take_unsettled(up):
+            self._tracks[up.segment].st.updates += 1
+
     # ------------------------------------------------------------------ updates
 
     def updates(self, timeout: float | None = None) -> Iterator[Update]:
@@ -739,8 +762,8 @@ class Subscriber(Closing):
         the loop when one moves; ``spin`` polls on the loop between other tasks.
         Do not iterate :meth:`updates` and :meth:`aupdates` at the same time.
         Several tasks may each iterate :meth:`aupdates` of one subscriber: each version
-        goes to one of them, and an update still unread when another task is handed
-        the next one counts as delivered.
+        goes to one of them, and each task's update is settled (delivered, overrun or
+        torn) by that task's read of it or its next step, as with one consumer.
 
         Raises:
             ClosedError, SegmentUnreachableError, ValueError: as :meth:`updates`.
@@ -752,7 +775,6 @@ class Subscriber(Closing):
         waker = _Waker(self, loop)
         pending = self._pending
         idle_deadline = None if timeout is None else time.monotonic() + timeout
-        self._settle()
         mine: Update | None = None
         try:
             while True:
@@ -760,14 +782,14 @@ class Subscriber(Closing):
                     raise ClosedError("subscriber")
                 if pending:
                     up = pending.popleft()
-                    # Another task's iterator may have an update out: it is settled
-                    # before this one takes its place (it was counted nowhere), and
-                    # each iterator settles only its own when it resumes.
-                    self._settle()
+                    # Another task's iterator (or an iterator not closed yet) may have
+                    # an update out: it is held, still its own to settle, and not
+                    # replaced (counted nowhere) nor settled before its read ends.
+                    if self._unsettled is not None:
+                        self._held.append(self._unsettled)
                     self._unsettled = mine = up
                     yield up
-                    if self._unsettled is mine:
-                        self._settle()
+                    self._settle_own(mine)
                     if timeout is not None:
                         idle_deadline = time.monotonic() + timeout
                     continue
@@ -792,8 +814,8 @@ class Subscriber(Closing):
                 await waker.wait(step)
         finally:
             waker.close()
-            if not self._closed and mine is not None and self._unsettled is mine:
-                self._settle()
+            if not self._closed and mine is not None:
+                self._settle_own(mine)
 
     # ------------------------------------------------------------- the wait loop
 
@@ -1211,6 +1233,9 @@ class Subscriber(Closing):
         locked = self._io.acquire(timeout=CLOSE_WAIT)
         try:
             self._settle()
+            for up in self._held:  # out with other tasks, unread: delivered as news
+                self._tracks[up.segment].st.updates += 1
+            self._held.clear()
             # Versions learnt of but never handed out (a consumer that stopped early,
             # --count): counted, or they would be in no counter at all.
             # (Taken one by one: without the lock a reading thread may still queue.)
@@ -1253,7 +1278,7 @@ class _ExactRead:
                 f"{up!r} is not an update of this subscriber (it reads {sub.names}); "
                 f"read it with the subscriber that yielded it"
             )
-        self._counted = sub._unsettled is up
+        self._counted = sub._unsettled is up or any(other is up for other in sub._held)
         seg = sub._handles.get((up.segment, up.incarnation))
         try:
             if seg is None:
@@ -1265,8 +1290,7 @@ class _ExactRead:
                 )  # fmt: skip
             v, i, s, ts, mono = seg.acquire_timed(up.version)
         except (VersionUnavailableError, NoVersionError):
-            if self._counted and sub._unsettled is up:
-                sub._unsettled = None
+            if self._counted and sub._take_unsettled(up):
                 sub._tracks[up.segment].st.overrun += 1
             if seg is None:
                 raise
@@ -1288,8 +1312,7 @@ class _ExactRead:
             if exc_type is None:
                 raise
             return
-        if self._counted and sub._unsettled is up:
-            sub._unsettled = None
+        if self._counted and sub._take_unsettled(up):
             st = sub._tracks[up.segment].st
             if ok:
                 st.updates += 1

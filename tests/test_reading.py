@@ -484,20 +484,30 @@ def test_aupdates_over_many_segments_uses_one_thread(namespace: str, thread_brok
 
 def test_aupdates_of_two_tasks_sharing_a_subscriber_add_up(namespace: str) -> None:
     """Two tasks iterate ``aupdates()`` of one subscriber; one holds its update (awaits
-    something) while the other takes the next. Before, the second hand-out replaced
-    the first's unsettled update, which no counter ever got: 2 delivered, 1 counted."""
+    something) while the other takes the next, and reads it once the writer lapped
+    it. Before, the second hand-out replaced the first's unsettled update, which no
+    counter ever got (2 delivered, 1 counted); settling it at that hand-out instead
+    would count a version whose read failed (overrun) as delivered."""
     seg = Segment.create("two", "i8", (2,), slots=8, namespace=namespace)
     try:
         with Subscriber("two", namespace=namespace, wait="futex") as sub:
 
-            async def run() -> list[int]:
+            async def run() -> tuple[list[int], list[int]]:
                 hold = asyncio.Event()
                 got: list[int] = []
+                lapped: list[int] = []
 
                 async def consumer() -> None:
                     async for up in sub.aupdates(timeout=0.2):
                         got.append(up.version)
+                        if up.version != 1:
+                            continue
                         await hold.wait()  # still busy with it when the other takes one
+                        try:
+                            with sub.read(up):
+                                pass
+                        except VersionUnavailableError:
+                            lapped.append(up.version)
 
                 tasks = [asyncio.create_task(consumer()) for _ in range(2)]
                 await asyncio.sleep(0.05)  # both iterators wait
@@ -507,14 +517,19 @@ def test_aupdates_of_two_tasks_sharing_a_subscriber_add_up(namespace: str) -> No
                     if len(got) == 2:
                         break
                     await asyncio.sleep(0.01)
+                for i in range(3, 13):  # version 1 leaves the ring of 8
+                    seg.write(np.full(2, i, "i8"))
                 hold.set()
                 await asyncio.wait_for(asyncio.gather(*tasks), 10)
-                return got
+                return got, lapped
 
-            got = asyncio.run(run())
+            got, lapped = asyncio.run(run())
         st = sub.stats["two"]
-        assert sorted(got) == [1, 2]
-        assert (st.updates, st.accounted) == (2, 2), st
+        assert sorted(got)[:2] == [1, 2]
+        assert lapped == [1]
+        assert st.overrun == 1, st
+        assert st.updates == len(got) - 1, st
+        assert st.accounted == 12, st
     finally:
         seg.unlink()
         seg.close()
