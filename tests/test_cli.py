@@ -804,6 +804,25 @@ def test_ls_and_doctor_escape_control_characters_of_names_in_dev_shm(
         os.unlink(path)
 
 
+def test_a_broker_endpoint_that_is_no_endpoint_is_named_so(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--broker garbage`` (or ``tcp//host:5555``, ``foo://x``): ZeroMQ refuses the
+    address at once. Before, that was "no broker answered at garbage within 0s; start
+    one with `shmcast broker`", the wrong cause and fix; and ``ls`` took it for no
+    broker and listed this host's /dev/shm instead (exit 0)."""
+    assert main(["health", "--broker", "garbage"]) == 1
+    err = capsys.readouterr().err
+    assert "'garbage' is not an endpoint ZeroMQ can connect to" in err
+    assert "start one" not in err
+    assert main(["ls", "-n", namespace, "--broker", "tcp//localhost:5555"]) == 2
+    out, err = capsys.readouterr()
+    assert "ipc:///PATH or tcp://HOST:PORT" in err
+    assert out == ""
+    assert main(["rm", "x", "-n", namespace, "--broker", "foo://x"]) == 2
+    assert "Protocol not supported" in capsys.readouterr().err
+
+
 def test_ls_honours_shmcast_broker(
     namespace: str,
     tmp_path: Path,
