@@ -101,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     # Names (and the errors naming them) are read from /dev/shm: anyone's to choose.
-    table = [tuple(printable(cell) for cell in row) for row in table]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
+    cells = [[printable(cell) for cell in row] for row in table]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
     if source != "broker":
         print(f"(no broker answered for namespace {ns!r}: read from /dev/shm)")
