@@ -196,6 +196,23 @@ def test_fix_reports_a_namespace_word_it_may_not_remove(
             os.unlink(word)
 
 
+def test_a_config_that_is_a_directory_or_not_utf8_is_named(
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--config`` naming a directory, or a file that is not UTF-8: ``doctor`` and
+    ``broker`` (every command that reads a config file) died of IsADirectoryError or
+    UnicodeDecodeError, a traceback, where a missing file or bad TOML were findings
+    (doctor) and exit 2 (the services)."""
+    latin = tmp_path / "broker.toml"
+    latin.write_bytes(b'namespace = "caf\xe9"\n')
+    for path, why in ((tmp_path, "Is a directory"), (latin, "not UTF-8 text")):
+        rc, report = _doctor(capsys, "--namespace", namespace, "--config", str(path))
+        assert rc == 1
+        assert why in _checks(report, "problem")["config"]
+        assert main(["broker", "-n", namespace, "--config", str(path)]) == 2
+        assert why in capsys.readouterr().err
+
+
 def test_world_readable_segment(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
     with Segment.create("open", "f8", (4,), namespace=namespace, mode=0o644) as seg:
         try:
