@@ -334,6 +334,14 @@ def load_toml(path: str) -> dict[str, Any]:
         raise ConfigError("--config", f"no such file: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("--config", f"not valid TOML: {exc}", path) from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8: before, a traceback
+        raise ConfigError(
+            "--config", f"not valid TOML: not UTF-8 text (byte {exc.start})", path
+        ) from None
+    except OSError as exc:  # a directory, no permission: before, a traceback
+        raise ConfigError(
+            "--config", f"cannot read {path}: {exc.strerror}; give a TOML file"
+        ) from None
 
 
 def _coerce(name: str, value: Any, source: str | None) -> Any:

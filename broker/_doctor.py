@@ -9,7 +9,8 @@ objects that are not valid segments (``--fix`` unlinks them once no writer
 holds them, a broker running or not), permissions of segments, what shmcast
 refuses to trust (runtime directories and objects of another user, links, or
 writable by others; ``--fix`` repairs what it safely can: the mode of ours,
-links, and as root another user's squatters that no live writer holds; a
+links, empty directories, and as root another user's squatters that no live
+writer holds; a
 namespace whose word another user owns is theirs, and left alone), the
 open-files limit, and which
 core runs the seqlock (the compiled core is sound on any CPU; the pure-Python
@@ -20,10 +21,12 @@ nothing is wrong, 1 when a problem was found (warnings alone do not fail).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import platform
 import resource
+import shlex
 import shutil
 import stat
 import time
@@ -241,6 +244,22 @@ def _fix_object(path: str, st: os.stat_result, problem: OwnershipError, ours: bo
             f"{problem}; a live writer holds it (its lease): not removed",
             f"stop its writer (a process of uid {st.st_uid}), then `shmcast doctor --fix`",
         )
+    if stat.S_ISDIR(st.st_mode):
+        # A directory under a segment's name (no segment can be one): removed when
+        # empty; what it holds is not ours to judge. Before, os.unlink failed with
+        # EISDIR and the finding named --fix, the command that had just failed.
+        try:
+            os.rmdir(path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            return Check(
+                "ownership",
+                PROBLEM,
+                f"{problem}; it is a directory holding files: not removed",
+                f"look inside, then remove it: rm -r -- {shlex.quote(path)}",
+            )
+        return Check("fixed", OK, f"removed {path} (an empty directory of uid {st.st_uid})")
     # A link, a special file, or (root only) another user's object squatting a name
     # of our namespace that no writer holds: unlinking it touches nothing it points to.
     os.unlink(path)
@@ -330,7 +349,7 @@ def _check_objects(
                     PROBLEM,
                     f"{path} is readable by every user (mode {mode:04o})",
                     'run the broker with mode = "0600" (or "0640" with a group); '
-                    f"chmod o-rw {path}",
+                    f"chmod o-rw -- {shlex.quote(path)}",
                 )
             elif mode & 0o040:
                 perms[name] = Check(
@@ -358,7 +377,8 @@ def _check_objects(
                         + (exc.reason if isinstance(exc, NotASegmentError) else str(exc))
                         + (f"; not removed: {kept}" if kept else ""),
                         f"`shmcast doctor --namespace {ns} --fix` unlinks it once no writer "
-                        f"holds it (or delete {path} then; a restarted broker reclaims it too)",
+                        f"holds it (or `rm -- {shlex.quote(path)}` then; a restarted broker "
+                        f"reclaims it too)",
                     )
                 )
                 continue
@@ -389,7 +409,7 @@ def _check_objects(
         for name, st in invalid.items():
             if _unlink_same(shm_path(ns, name), st):
                 out.append(Check("fixed", OK, f"unlinked {shm_path(ns, name)} (no segment)"))
-        out.extend(_check_word(ns, alive, fix))
+        out.extend(_check_word(ns, alive, fix, ours))
     if not out:
         out.append(Check("objects", OK, f"{len(namespaces)} namespace(s): no orphans, all valid"))
     return out
@@ -455,14 +475,38 @@ def _fix_runtime_dir(path: Path, st: os.stat_result, problem: OwnershipError, ro
     )
 
 
-def _check_word(ns: str, alive: bool, fix: bool) -> list[Check]:
+def _check_word(ns: str, alive: bool, fix: bool, ours: bool) -> list[Check]:
     """The namespace word (``@catalog``) a killed broker left: harmless, the next
-    broker takes it over; ``--fix`` unlinks it once no segment is left."""
+    broker takes it over; ``--fix`` unlinks it once no segment is left.
+
+    Another user's namespace is not ours to judge (a word we do not trust, one
+    others may write, says nothing of whose it is); a word we may not unlink (in
+    sticky ``/dev/shm``, another user's) is reported. Before, ``--fix`` unlinked
+    it whatever the namespace and died of ``PermissionError`` (a traceback) on a
+    world-writable word any user could plant."""
     word = catalog_path(ns)
-    if alive or not os.path.lexists(word):
+    try:
+        st = os.lstat(word)
+    except FileNotFoundError:
+        return []
+    if alive or not (ours or st.st_uid == os.getuid()):
         return []
     if fix and not list_segment_names(ns):
-        os.unlink(word)
+        try:
+            os.unlink(word)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            return [
+                Check(
+                    "runtime",
+                    PROBLEM,
+                    f"{word} is left from a broker that is not running; it could not be "
+                    f"removed: {exc.strerror}",
+                    f"only uid {st.st_uid} or root can remove it: ask them, or use "
+                    f"another namespace",
+                )
+            ]
         return [Check("fixed", OK, f"unlinked {word}")]
     return [
         Check(

@@ -53,7 +53,7 @@ from ._protocol import (
     topic,
     unpack,
 )
-from .errors import BrokerUnavailableError, ClosedError, NamespaceMismatchError
+from .errors import BrokerUnavailableError, ClosedError, ConfigError, NamespaceMismatchError
 
 __all__ = [
     "BROKER_TOPIC",
@@ -145,6 +145,9 @@ class ControlClient:
         timeout: seconds to wait for each reply.
         context: the ZeroMQ context (the process-wide one by default).
         curve: optional ``(server_public, client_public, client_secret)`` keys (z85).
+
+    Raises:
+        ConfigError: ``endpoint`` is not an address ZeroMQ can connect to.
     """
 
     def __init__(
@@ -219,8 +222,17 @@ class ControlClient:
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
+            # connect() refuses at once only what is no endpoint ("garbage", "tcp//h",
+            # "foo://x", an ipc path too long): a broker that does not answer is a
+            # timeout later. Before, this said "no broker answered ... within 0s;
+            # start one", the wrong cause and the wrong fix.
             sock.close(0)
-            raise BrokerUnavailableError(self.endpoint, 0) from exc
+            raise ConfigError(
+                "broker",
+                f"{self.endpoint!r} is not an endpoint ZeroMQ can connect to "
+                f"({exc.strerror}); give the broker's control endpoint as "
+                f"ipc:///PATH or tcp://HOST:PORT",
+            ) from exc
         return sock
 
     def _reconnect(self) -> None:

@@ -12,6 +12,7 @@ from shmcast.broker import OK, PROBLEM, diagnose
 from shmcast.broker.client import namespace_from_env, validate_namespace
 
 from ._options import whole_number
+from ._text import printable
 
 HELP = "check /dev/shm, orphans, permissions, ownership and limits; say how to fix each"
 NAMESPACE_HELP = "the namespace to check (default: $SHMCAST_NAMESPACE, else every namespace)"
@@ -63,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         for c in checks:
-            print(f"{c.status.upper():8} {c.check:12} {c.message}")
+            # Paths in /dev/shm are anyone's to name (escape sequences, newlines).
+            print(f"{c.status.upper():8} {c.check:12} {printable(c.message)}")
             if c.fix and c.status != OK:
-                print(f"{'':8} {'':12} -> {c.fix}")
+                print(f"{'':8} {'':12} -> {printable(c.fix)}")
         print("doctor: problems found" if failed else "doctor: all OK", file=sys.stderr)
     return 1 if failed else 0

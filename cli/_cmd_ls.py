@@ -12,6 +12,7 @@ from shmcast.broker.client import ControlClient, check_broker_namespace, resolve
 from shmcast.broker.errors import BrokerUnavailableError, ShmcastError
 
 from ._options import add_broker_option, broker_endpoint, seconds
+from ._text import printable
 
 HELP = "list a namespace's segments: dtype, shape, slots, version, rate, age"
 EXAMPLES = """\
@@ -62,14 +63,17 @@ def run(args: argparse.Namespace) -> int:
     source, rows = catalog(ns, endpoint)
     if args.interval > 0 and rows:
         # Two samples: the rate is their difference; VERSION and AGE are the later's.
-        before = {r["name"]: r.get("version", 0) for r in rows}
+        # A segment deleted and created again in between (another incarnation) has no
+        # rate: its versions started over (the difference was negative).
+        before = {r["name"]: (r.get("version", 0), r.get("incarnation")) for r in rows}
         t0 = time.monotonic()
         time.sleep(args.interval)
         source, rows = catalog(ns, endpoint)
         elapsed = time.monotonic() - t0
         for r in rows:
-            if r["name"] in before and "version" in r:
-                r["rate"] = round((r["version"] - before[r["name"]]) / elapsed, 1)
+            was, incarnation = before.get(r["name"], (None, None))
+            if was is not None and "version" in r and incarnation == r.get("incarnation"):
+                r["rate"] = round((r["version"] - was) / elapsed, 1)
     for r in rows:
         # The age the answering host measured on its monotonic clock.
         if r.get("age") is not None:
@@ -96,8 +100,10 @@ def run(args: argparse.Namespace) -> int:
                 str(r.get("source", r.get("error", ""))),
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
+    # Names (and the errors naming them) are read from /dev/shm: anyone's to choose.
+    cells = [[printable(cell) for cell in row] for row in table]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
     if source != "broker":
         print(f"(no broker answered for namespace {ns!r}: read from /dev/shm)")

@@ -13,6 +13,7 @@ from shmcast.subscriber import Subscriber, WaitMode, run_worker, serve_metrics
 
 from ._options import add_broker_option, broker_endpoint, port_number, seconds, whole_number
 from ._runner import print_ready, stop_on_signals, stream_gone
+from ._text import printable
 
 READY = "shmcast subscribe ready: "
 DONE = "shmcast subscribe done: "
@@ -188,9 +189,10 @@ def _missing(name: str, namespace: str, endpoint: str) -> str:
             names = [str(s["name"]) for s in client.request("list")["segments"]]
     except ShmcastError:
         names = Segment.list(namespace)
+    # Names read from /dev/shm are anyone's to choose (an escape sequence): escaped.
     return (
         f"no segment {name!r} in namespace {namespace!r} yet; "
-        f"existing: {', '.join(names) if names else 'none'}"
+        f"existing: {printable(', '.join(names)) if names else 'none'}"
     )
 
 

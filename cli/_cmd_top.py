@@ -28,6 +28,7 @@ from shmcast.broker.client import ControlClient, check_broker_namespace, resolve
 from shmcast.broker.errors import BrokerUnavailableError, ShmcastError
 
 from ._options import add_broker_option, broker_endpoint, positive_seconds
+from ._text import printable
 
 HELP = "live view: segments, rates, subscribers' lag and latency, /dev/shm use (q quits)"
 EXAMPLES = """\
@@ -191,8 +192,10 @@ def render(ns: str, endpoint: str, cur: Sample, prev: Sample | None) -> list[str
 
             last = _count(c.get("last_version", 0))
             lag = versions[seg] - last if seg in versions and last is not None else None
+            # Names with control characters (an escape sequence) are shown escaped.
+            who, what = printable(str(sub.get("name"))), printable(str(seg))
             lines.append(
-                f"{str(sub.get('name'))[:16]:16} {sub.get('pid')!s:>7} {seg!s:16} "
+                f"{who[:16]:16} {printable(str(sub.get('pid'))):>7} {what:16} "
                 f"{n('last_version'):>10} "
                 f"{'-' if lag is None else max(lag, 0):>6} {n('updates'):>9} "
                 f"{n('missed'):>7} {n('overrun'):>7} {n('torn'):>5} "

@@ -217,6 +217,10 @@ class Subscriber(Closing):
         self._tseq: dict[bytes, int] = {}
         self._pending: deque[Update] = deque()
         self._unsettled: Update | None = None
+        #: Updates still out with their aupdates() iterator's task when another task's
+        #: iterator handed out the next: each is settled by its own read, by its
+        #: iterator asking for the next, or at close() (tasks may share a subscriber).
+        self._held: list[Update] = []
         self._io = threading.RLock()
         self._next_report = 0.0
         self._next_paths = 0.0
@@ -245,8 +249,9 @@ class Subscriber(Closing):
         self._not_segments: dict[str, NotASegmentError] = {}
         #: The object (inode) found there: its header was waited for once already.
         self._not_segment_inos: dict[str, int] = {}
-        #: The aupdates() iterator whose reader the loop has on the SUB socket's fd.
-        self._fd_waker: _Waker | None = None
+        #: The aupdates() iterators waiting on the SUB socket's fd (``events``): the
+        #: loop's one reader on it wakes each of them (tasks may share a subscriber).
+        self._fd_wakers: list[_Waker] = []
         try:
             if wait == "events":
                 self._connect(broker, timeout, heartbeat_timeout)
@@ -438,7 +443,7 @@ class Subscriber(Closing):
 
     def _release_retired(self) -> None:
         """Close retired handles once no queued or unsettled update can need them."""
-        if not self._retired or self._pending or self._unsettled is not None:
+        if not self._retired or self._pending or self._unsettled is not None or self._held:
             return
         for seg in self._retired:
             for key in [k for k, v in self._handles.items() if v is seg]:
@@ -660,6 +665,25 @@ class Subscriber(Closing):
             self._unsettled = None
             self._tracks[up.segment].st.updates += 1
 
+    def _take_unsettled(self, up: Update) -> bool:
+        """Whether ``up`` was still to be settled (out, neither read nor delivered);
+        it no longer is: the caller counts it."""
+        if self._unsettled is up:
+            self._unsettled = None
+            return True
+        held = self._held
+        for i, other in enumerate(held):
+            if other is up:
+                del held[i]
+                return True
+        return False
+
+    def _settle_own(self, up: Update) -> None:
+        """An aupdates() iterator asks for the next update: its last one, unread, was
+        delivered (another task's stays theirs to settle)."""
+        if self._take_unsettled(up):
+            self._tracks[up.segment].st.updates += 1
+
     # ------------------------------------------------------------------ updates
 
     def updates(self, timeout: float | None = None) -> Iterator[Update]:
@@ -742,9 +766,13 @@ class Subscriber(Closing):
         counters as :meth:`updates`, on the running asyncio loop, which keeps
         serving other tasks while it waits. ``events`` has the loop watch the SUB
         socket; ``shm`` and ``futex`` have one helper thread per iterator (whatever
-        the number of segments) sleep on the notify words, GIL released, and wake
+        the number of segments; started at its first wait) sleep on the notify
+        words, GIL released, and wake
         the loop when one moves; ``spin`` polls on the loop between other tasks.
         Do not iterate :meth:`updates` and :meth:`aupdates` at the same time.
+        Several tasks may each iterate :meth:`aupdates` of one subscriber: each version
+        goes to one of them, and each task's update is settled (delivered, overrun or
+        torn) by that task's read of it or its next step, as with one consumer.
 
         Raises:
             ClosedError, SegmentUnreachableError, ValueError: as :meth:`updates`.
@@ -756,16 +784,21 @@ class Subscriber(Closing):
         waker = _Waker(self, loop)
         pending = self._pending
         idle_deadline = None if timeout is None else time.monotonic() + timeout
-        self._settle()
+        mine: Update | None = None
         try:
             while True:
                 if self._closed:
                     raise ClosedError("subscriber")
                 if pending:
                     up = pending.popleft()
-                    self._unsettled = up
+                    # Another task's iterator (or an iterator not closed yet) may have
+                    # an update out: it is held, still its own to settle, and not
+                    # replaced (counted nowhere) nor settled before its read ends.
+                    if self._unsettled is not None:
+                        self._held.append(self._unsettled)
+                    self._unsettled = mine = up
                     yield up
-                    self._settle()
+                    self._settle_own(mine)
                     if timeout is not None:
                         idle_deadline = time.monotonic() + timeout
                     continue
@@ -790,8 +823,8 @@ class Subscriber(Closing):
                 await waker.wait(step)
         finally:
             waker.close()
-            if not self._closed:
-                self._settle()
+            if not self._closed and mine is not None:
+                self._settle_own(mine)
 
     # ------------------------------------------------------------- the wait loop
 
@@ -1209,6 +1242,9 @@ class Subscriber(Closing):
         locked = self._io.acquire(timeout=CLOSE_WAIT)
         try:
             self._settle()
+            for up in self._held:  # out with other tasks, unread: delivered as news
+                self._tracks[up.segment].st.updates += 1
+            self._held.clear()
             # Versions learnt of but never handed out (a consumer that stopped early,
             # --count): counted, or they would be in no counter at all.
             # (Taken one by one: without the lock a reading thread may still queue.)
@@ -1251,7 +1287,7 @@ class _ExactRead:
                 f"{up!r} is not an update of this subscriber (it reads {sub.names}); "
                 f"read it with the subscriber that yielded it"
             )
-        self._counted = sub._unsettled is up
+        self._counted = sub._unsettled is up or any(other is up for other in sub._held)
         seg = sub._handles.get((up.segment, up.incarnation))
         try:
             if seg is None:
@@ -1263,8 +1299,7 @@ class _ExactRead:
                 )  # fmt: skip
             v, i, s, ts, mono = seg.acquire_timed(up.version)
         except (VersionUnavailableError, NoVersionError):
-            if self._counted and sub._unsettled is up:
-                sub._unsettled = None
+            if self._counted and sub._take_unsettled(up):
                 sub._tracks[up.segment].st.overrun += 1
             if seg is None:
                 raise
@@ -1286,8 +1321,7 @@ class _ExactRead:
             if exc_type is None:
                 raise
             return
-        if self._counted and sub._unsettled is up:
-            sub._unsettled = None
+        if self._counted and sub._take_unsettled(up):
             st = sub._tracks[up.segment].st
             if ok:
                 st.updates += 1
@@ -1324,13 +1358,17 @@ class _Waker:
             fd = sub._sub.getsockopt(zmq.FD)
             assert isinstance(fd, int)
             self._fd = fd
-            loop.add_reader(fd, self._wake)  # replaces the reader of an earlier iterator
-            sub._fd_waker = self
-        elif sub.mode != "spin":
-            self._thread = threading.Thread(
-                target=self._watch, name="shmcast-aupdates", daemon=True
-            )
-            self._thread.start()
+            sub._fd_wakers.append(self)
+            # One reader per loop and fd (adding another replaces it): it wakes every
+            # iterator of this loop. Before, each iterator's own reader replaced the
+            # last, and the other tasks' iterators woke only on their 50 ms step.
+            loop.add_reader(fd, _wake_all, sub._fd_wakers, loop)
+        #: ``shm`` and ``futex`` sleep in a helper thread, started by the first wait:
+        #: an iterator that only takes what is queued (``break`` after one update,
+        #: ``timeout=0``) needs none. Before, every iterator started one, which slept
+        #: on for up to WAIT_SLICE after its close (hundreds, in a loop that took
+        #: one update an iterator without yielding to the event loop).
+        self._threaded = sub._sub is None and sub.mode != "spin"
 
     def clear(self) -> None:
         self._woken = False
@@ -1348,6 +1386,12 @@ class _Waker:
             return  # the socket's fd signals edges: what is queued already would not wake us
         if self._woken:
             return
+        if self._threaded and self._thread is None and not self._stop:
+            # Its first look wakes the loop: a commit since the loop's look is not lost.
+            self._thread = threading.Thread(
+                target=self._watch, name="shmcast-aupdates", daemon=True
+            )
+            self._thread.start()
         if self._thread is not None:
             watching = self._watching
             if any(id(seg) not in watching for seg in self._sub._wait_segs):
@@ -1398,12 +1442,22 @@ class _Waker:
         self._stop = True
         if self._fd is not None:
             # An iterator left with ``break`` is closed when it is collected, maybe
-            # after the next one registered the same fd: that reader is not ours.
-            if self._sub._fd_waker is self:
-                self._sub._fd_waker = None
+            # after the next one registered on the same fd: the reader goes with the
+            # last iterator of this loop, not with the first to close.
+            wakers = self._sub._fd_wakers
+            with contextlib.suppress(ValueError):
+                wakers.remove(self)
+            if not any(w._loop is self._loop for w in wakers):
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(self._fd)
             self._fd = None
+
+
+def _wake_all(wakers: list[_Waker], loop: asyncio.AbstractEventLoop) -> None:
+    """The loop's reader on a SUB socket's fd: wake each iterator of that loop."""
+    for waker in list(wakers):
+        if waker._loop is loop:
+            waker._wake()
 
 
 def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:

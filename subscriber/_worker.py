@@ -6,7 +6,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 import numpy as np
@@ -34,19 +34,58 @@ def numeric_view(array: npt.NDArray[Any]) -> tuple[str | None, npt.NDArray[Any]]
         return None, array
     fields = array.dtype.fields
     assert fields is not None
-    numeric = [n for n in names if fields[n][0].base.kind in NUMERIC]
+    # A field of no bytes (a sub-array of shape (0,)) holds no numbers to summarise.
+    numeric = [n for n in names if fields[n][0].base.kind in NUMERIC and fields[n][0].itemsize > 0]
     pick = "last" if "last" in numeric else (numeric[0] if numeric else None)
     if pick is None:
         raise ValueError(f"no statistics of {array.dtype}: no field of real numbers")
     return pick, array[pick]
 
 
+#: Numbers a step of :func:`analyse` turns into float64 at most (4 MiB of them): the
+#: temporaries of a version's statistics stay this small whatever its size.
+CHUNK = 1 << 19
+
+
+def _chunks(values: npt.NDArray[Any]) -> Iterator[npt.NDArray[Any]]:
+    """Views of ``values`` of at most about :data:`CHUNK` numbers, covering it once."""
+    if values.size <= CHUNK or values.ndim == 0:
+        yield values
+        return
+    row = values[0].size
+    if row > CHUNK:  # one row is bigger than a chunk: its rows in turn
+        for sub in values:
+            yield from _chunks(sub)
+        return
+    step = max(1, CHUNK // max(row, 1))
+    for start in range(0, len(values), step):
+        yield values[start : start + step]
+
+
 def analyse(array: npt.NDArray[Any]) -> dict[str, Any]:
-    """Mean, standard deviation and maximum over a version, zero-copy."""
+    """Mean, standard deviation and maximum over a version, zero-copy.
+
+    Sums are taken in float64 (float16 and float32 summed in their own precision
+    overflowed: the std of a float16 version of 65536 numbers, or of numbers 256
+    from their mean, was inf), a chunk at a time, so that the temporaries stay small
+    whatever the version's size (numpy's ``std`` made one of the whole version).
+    """
     fieldname, values = numeric_view(array)
+    n = values.size
+    if n == 0:
+        raise ValueError(f"no statistics of {array.dtype}: the version holds no numbers")
+    wide = np.longdouble if values.dtype == np.longdouble else np.float64
+    total = wide(0)
+    for part in _chunks(values):
+        total += np.sum(part, dtype=wide)
+    mean = total / n
+    squares = wide(0)
+    for part in _chunks(values):
+        dev = np.subtract(part, mean, dtype=wide)
+        squares += np.sum(np.multiply(dev, dev, out=dev), dtype=wide)
     out: dict[str, Any] = {
-        "mean": float(np.mean(values)),
-        "std": float(np.std(values)),
+        "mean": float(mean),
+        "std": float(np.sqrt(squares / n)),
         "max": float(np.max(values)),
     }
     if fieldname:

@@ -581,6 +581,19 @@ def test_rm_deletes_through_the_broker_and_refuses_a_live_writer(
     assert Segment.list(namespace) == []
 
 
+def test_rm_force_names_the_writer_it_cuts_off(
+    namespace: str, lab: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``shmcast rm --force`` of a segment a publisher writes printed only "deleted
+    frames": nothing said that the writer goes on into an object no reader finds."""
+    with Publisher("frames", namespace=namespace):
+        assert main(["rm", "-n", namespace, "frames", "ticks", "--force"]) == 0
+        out, err = capsys.readouterr()
+        assert out.splitlines() == ["deleted frames", "deleted ticks"]
+        assert f"segment 'frames' had a live writer (pid {os.getpid()})" in err
+        assert "ticks" not in err  # no writer there: nothing to say
+
+
 def test_the_broker_refuses_to_delete_a_live_writers_segment_unless_forced(
     namespace: str, lab: Broker
 ) -> None:
@@ -688,6 +701,126 @@ def test_the_worker_takes_statistics_of_numbers_and_says_so_of_the_rest(
         else:
             assert "no statistics of" in r["error"]
             assert "mean" not in r
+
+
+@pytest.mark.parametrize(
+    ("values", "mean", "std"),
+    [
+        (np.ones(65536, np.float16), 1.0, 0.0),  # the float16 sum overflowed: std inf
+        (np.array([0, 1000], np.float16), 500.0, 500.0),  # squares past 65504: inf
+        (np.array([0, 1e20], np.float32), 5e19, 5e19),  # squares past 3.4e38: inf
+        (np.zeros(4, [("a", "<f8", (0,)), ("b", "<i2", (2,))]), 0.0, 0.0),  # field 'b'
+    ],
+)
+def test_the_workers_statistics_are_those_of_float64(
+    values: np.ndarray, mean: float, std: float
+) -> None:
+    """``--stats`` of float16 and float32 versions said std=inf (null in --json) of
+    numbers whose std float64 holds: numpy summed the squares in their own type.
+    A record's field of no numbers (a sub-array of shape (0,)) is passed over."""
+    from shmcast.subscriber import analyse
+
+    out = analyse(values)
+    assert (out["mean"], out["std"]) == pytest.approx((mean, std), rel=1e-6)
+
+
+def test_the_workers_statistics_of_a_big_version_are_taken_in_small_steps() -> None:
+    """Mean, std and max in place, as the README says: numpy's std made a float64
+    temporary of the whole version (64 MiB for 8 Mi float64 numbers, per version)."""
+    import tracemalloc
+
+    from shmcast.subscriber import analyse
+
+    values = np.arange(8 * 2**20, dtype=np.float64).reshape(2**20, 8)
+    tracemalloc.start()
+    try:
+        out = analyse(values)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    n = values.size
+    assert out["mean"] == pytest.approx((n - 1) / 2)
+    assert out["std"] == pytest.approx(np.sqrt((n * n - 1) / 12))
+    assert peak < values.nbytes / 4
+
+
+def test_ls_gives_no_rate_to_a_segment_created_again_between_its_samples(
+    namespace: str, lab: Broker, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``shmcast ls`` takes the rate from two samples of the catalog. A segment deleted
+    and created again in between started its versions over: the rate was negative
+    (-63.1/s for 100 versions, then 5 of the new incarnation), as ``top`` knew."""
+    import types
+
+    from shmcast.broker.client import ControlClient, resolve_endpoint
+    from shmcast.cli import _cmd_ls
+
+    with Publisher("frames", dtype="u2", shape=(4,), namespace=namespace) as pub:
+        for _ in range(100):
+            pub.publish(np.zeros(4, "u2"))
+
+    def recreate(_: float) -> None:  # between the two samples
+        with ControlClient(resolve_endpoint(None, namespace), timeout=5) as client:
+            client.request("delete", name="frames")
+        with Publisher("frames", dtype="u2", shape=(4,), namespace=namespace) as pub:
+            for _ in range(5):
+                pub.publish(np.zeros(4, "u2"))
+
+    clock = types.SimpleNamespace(sleep=recreate, monotonic=time.monotonic)
+    monkeypatch.setattr(_cmd_ls, "time", clock)
+    assert main(["ls", "-n", namespace, "--json", "--interval", "0.1"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["segments"]}
+    assert rows["frames"]["version"] == 5
+    assert rows["frames"].get("rate") is None
+    assert rows["ticks"]["rate"] == 0.0  # the same incarnation: a rate
+
+
+def test_ls_and_doctor_escape_control_characters_of_names_in_dev_shm(
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Any local user may create a file in ``/dev/shm`` under a namespace's prefix:
+    ``shmcast ls`` (no broker) and ``shmcast doctor`` printed its name as it was, so
+    an escape sequence in it reached the terminal (retitle it, clear it) and a
+    newline forged a line of the table."""
+    path = shm_path(namespace, "x\x1b]0;pwned\x07\x1b[2J\nfake")
+    Path(path).write_bytes(b"x")
+    try:
+        assert main(["ls", "-n", namespace, "--interval", "0"]) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out
+        assert "x\\x1b]0;pwned" in out
+        assert "\nfake" not in out
+        main(["doctor", "-n", namespace])
+        out = capsys.readouterr().out
+        assert "\x1b" not in out
+        assert "\nfake" not in out
+        # subscribe's "no segment ... yet; existing: ..." (no broker: read from /dev/shm)
+        from shmcast.cli._cmd_subscribe import _missing
+
+        said = _missing("nope", namespace, f"ipc://{tmp_path}/none.sock")
+        assert "\x1b" not in said
+        assert "x\\x1b]0;pwned" in said
+    finally:
+        os.unlink(path)
+
+
+def test_a_broker_endpoint_that_is_no_endpoint_is_named_so(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--broker garbage`` (or ``tcp//host:5555``, ``foo://x``): ZeroMQ refuses the
+    address at once. Before, that was "no broker answered at garbage within 0s; start
+    one with `shmcast broker`", the wrong cause and fix; and ``ls`` took it for no
+    broker and listed this host's /dev/shm instead (exit 0)."""
+    assert main(["health", "--broker", "garbage"]) == 1
+    err = capsys.readouterr().err
+    assert "'garbage' is not an endpoint ZeroMQ can connect to" in err
+    assert "start one" not in err
+    assert main(["ls", "-n", namespace, "--broker", "tcp//localhost:5555"]) == 2
+    out, err = capsys.readouterr()
+    assert "ipc:///PATH or tcp://HOST:PORT" in err
+    assert out == ""
+    assert main(["rm", "x", "-n", namespace, "--broker", "foo://x"]) == 2
+    assert "Protocol not supported" in capsys.readouterr().err
 
 
 def test_ls_honours_shmcast_broker(

@@ -31,6 +31,7 @@ from shmcast.cli._main import main
 from shmcast.cli.testing import BROKER_READY, start, wait_for
 from shmcast.publisher import Publisher
 from shmcast.subscriber import Subscriber
+from tests._other_user import OtherUser
 
 
 def _doctor(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
@@ -118,6 +119,98 @@ def test_invalid_object_and_fix(namespace: str, capsys: pytest.CaptureFixture[st
     finally:
         if os.path.exists(path):
             os.unlink(path)
+
+
+def test_fix_removes_an_empty_directory_under_a_segment_name(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory under a segment's name: ``--fix`` failed with "[Errno 21] Is a
+    directory" while the finding named ``shmcast doctor --fix`` as its fix. An empty
+    one is removed now; one holding files is left, with the command that removes it."""
+    empty = shm_path(namespace, "d")
+    full = shm_path(namespace, "e")
+    os.mkdir(empty, 0o700)
+    os.mkdir(full, 0o700)
+    Path(full, "inside").write_bytes(b"x")
+    try:
+        rc, report = _doctor(capsys, "--namespace", namespace, "--fix")
+        assert not os.path.exists(empty), report
+        assert rc == 1
+        problem = _checks(report, "problem")["ownership"]
+        assert "holding files" in problem
+        assert f"rm -r -- {full}" in problem
+        assert os.path.exists(os.path.join(full, "inside"))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(empty)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(full, "inside"))
+            os.rmdir(full)
+
+
+def test_the_commands_a_finding_names_quote_the_path(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A finding's fix is a command to paste into a shell. An object named
+    ``x $(touch ...)`` or ``*`` (this user's own, invalid, world-readable) was named
+    bare: ``chmod o-rw /dev/shm/shmcast.<ns>.*`` globs every object of the namespace,
+    and a ``$(...)`` runs."""
+    names = ["x $(false)", "*"]
+    paths = [shm_path(namespace, n) for n in names]
+    for path in paths:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.fchmod(fd, 0o644)
+        os.close(fd)
+    try:
+        rc, report = _doctor(capsys, "--namespace", namespace)
+        assert rc == 1
+        fixes = {c["fix"] for c in report["checks"] if c["status"] == "problem"}
+        for path in paths:
+            quoted = "'" + path + "'"
+            assert any(f"chmod o-rw -- {quoted}" in f for f in fixes), fixes
+            assert any(f"rm -- {quoted}" in f for f in fixes), fixes
+    finally:
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def test_fix_reports_a_namespace_word_it_may_not_remove(
+    namespace: str, other_user: OtherUser
+) -> None:
+    """A namespace word others may write, planted by another user (root here), no
+    broker: ``shmcast doctor --namespace NS --fix`` run by ``nobody`` died of
+    ``PermissionError`` (a traceback) unlinking it from sticky ``/dev/shm``; it now
+    reports the word and who can remove it (exit 1)."""
+    word = shm_path(namespace, "@catalog")
+    fd = os.open(word, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        os.fchmod(fd, 0o666)
+        os.write(fd, bytes(4096))
+        os.close(fd)
+        out = other_user.run("cli", "doctor", "--namespace", namespace, "--fix")
+        assert out["rc"] == 1, out
+        assert os.path.exists(word)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(word)
+
+
+def test_a_config_that_is_a_directory_or_not_utf8_is_named(
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--config`` naming a directory, or a file that is not UTF-8: ``doctor`` and
+    ``broker`` (every command that reads a config file) died of IsADirectoryError or
+    UnicodeDecodeError, a traceback, where a missing file or bad TOML were findings
+    (doctor) and exit 2 (the services)."""
+    latin = tmp_path / "broker.toml"
+    latin.write_bytes(b'namespace = "caf\xe9"\n')
+    for path, why in ((tmp_path, "Is a directory"), (latin, "not UTF-8 text")):
+        rc, report = _doctor(capsys, "--namespace", namespace, "--config", str(path))
+        assert rc == 1
+        assert why in _checks(report, "problem")["config"]
+        assert main(["broker", "-n", namespace, "--config", str(path)]) == 2
+        assert why in capsys.readouterr().err
 
 
 def test_world_readable_segment(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:

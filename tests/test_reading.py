@@ -403,6 +403,35 @@ def test_an_aupdates_left_with_break_leaves_the_next_ones_wake_up_alone(
         assert asyncio.run(run(sub, pub))
 
 
+def test_events_aupdates_of_two_tasks_keep_a_wake_up_while_either_runs(
+    namespace: str, thread_broker: Broker
+) -> None:
+    """``events``: two tasks each iterate ``aupdates()`` of one subscriber. Each
+    iterator's reader on the SUB socket's fd replaced the other's, so only the last
+    one woke when an announcement came (the first waited out its 50 ms step: 26 ms
+    median latency instead of 0.7), and when that one closed it removed the reader
+    the other still needed."""
+
+    async def run(sub: Subscriber, pub: Publisher) -> bool:
+        pub.publish(np.zeros(4))
+        pub.publish(np.ones(4))
+        first = sub.aupdates(timeout=5)
+        await asyncio.wait_for(anext(first), 5)
+        second = sub.aupdates(timeout=5)
+        await asyncio.wait_for(anext(second), 5)
+        await second.aclose()  # the first iterator goes on
+        assert sub._sub is not None
+        registered = asyncio.get_running_loop().remove_reader(sub._sub.getsockopt(zmq.FD))
+        await first.aclose()
+        return registered
+
+    with (
+        Publisher("two", dtype="f8", shape=(4,)) as pub,
+        Subscriber("two", wait="events", timeout=5) as sub,
+    ):
+        assert asyncio.run(run(sub, pub))
+
+
 def test_aupdates_has_the_first_versions_of_a_segment_attached_in_its_loop(
     namespace: str, thread_broker: Broker
 ) -> None:
@@ -451,6 +480,88 @@ def test_aupdates_over_many_segments_uses_one_thread(namespace: str, thread_brok
     finally:
         for p in pubs:
             p.close()
+
+
+def test_aupdates_of_two_tasks_sharing_a_subscriber_add_up(namespace: str) -> None:
+    """Two tasks iterate ``aupdates()`` of one subscriber; one holds its update (awaits
+    something) while the other takes the next, and reads it once the writer lapped
+    it. Before, the second hand-out replaced the first's unsettled update, which no
+    counter ever got (2 delivered, 1 counted); settling it at that hand-out instead
+    would count a version whose read failed (overrun) as delivered."""
+    seg = Segment.create("two", "i8", (2,), slots=8, namespace=namespace)
+    try:
+        with Subscriber("two", namespace=namespace, wait="futex") as sub:
+
+            async def run() -> tuple[list[int], list[int]]:
+                hold = asyncio.Event()
+                got: list[int] = []
+                lapped: list[int] = []
+
+                async def consumer() -> None:
+                    async for up in sub.aupdates(timeout=0.2):
+                        got.append(up.version)
+                        if up.version != 1:
+                            continue
+                        await hold.wait()  # still busy with it when the other takes one
+                        try:
+                            with sub.read(up):
+                                pass
+                        except VersionUnavailableError:
+                            lapped.append(up.version)
+
+                tasks = [asyncio.create_task(consumer()) for _ in range(2)]
+                await asyncio.sleep(0.05)  # both iterators wait
+                seg.write(np.full(2, 1, "i8"))
+                seg.write(np.full(2, 2, "i8"))
+                for _ in range(500):
+                    if len(got) == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                for i in range(3, 13):  # version 1 leaves the ring of 8
+                    seg.write(np.full(2, i, "i8"))
+                hold.set()
+                await asyncio.wait_for(asyncio.gather(*tasks), 10)
+                return got, lapped
+
+            got, lapped = asyncio.run(run())
+        st = sub.stats["two"]
+        assert sorted(got)[:2] == [1, 2]
+        assert lapped == [1]
+        assert st.overrun == 1, st
+        assert st.updates == len(got) - 1, st
+        assert st.accounted == 12, st
+    finally:
+        seg.unlink()
+        seg.close()
+
+
+def test_an_aupdates_that_only_takes_queued_updates_starts_no_thread(namespace: str) -> None:
+    """An iterator that takes one queued update and is left (``break``), again and
+    again without the loop running anything else: each started a helper thread that
+    slept on until the iterator's close, which the loop had no turn to run (2000
+    such iterators made hundreds of threads and slowed the loop to a crawl)."""
+    seg = Segment.create("q", "i8", (2,), slots=16, namespace=namespace)
+    try:
+        with Subscriber("q", namespace=namespace, wait="futex") as sub:
+            for i in range(10):
+                seg.write(np.full(2, i, "i8"))
+
+            async def run() -> tuple[list[int], int]:
+                got = []
+                before = set(threading.enumerate())  # other tests' may still be ending
+                for _ in range(10):
+                    async for up in sub.aupdates(timeout=5):
+                        got.append(up.version)
+                        break
+                new = set(threading.enumerate()) - before
+                return got, sum(t.name == "shmcast-aupdates" for t in new)
+
+            got, helpers = asyncio.run(run())
+        assert got == list(range(1, 11))
+        assert helpers == 0
+    finally:
+        seg.unlink()
+        seg.close()
 
 
 def test_versions_learnt_but_never_handed_out_are_counted_at_close(

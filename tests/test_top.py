@@ -247,6 +247,20 @@ def test_render_shows_a_forged_report_as_dashes() -> None:
         assert row[3:] == ["-"] * 8
 
 
+def test_render_escapes_control_characters_of_a_report() -> None:
+    """A report's subscriber and segment names are anyone's (read-only clients):
+    an escape sequence in one was written to the terminal as it was (it could
+    clear the screen or retitle the window of whoever ran ``shmcast top``)."""
+    cur = Sample(
+        t=1.0,
+        segments=[{"name": "a", "version": 5}],
+        subscribers=[{"name": "x\x1b[2J", "pid": 1, "segments": {"a\x1b]0;t\x07": {"updates": 1}}}],
+    )
+    text = "\n".join(render("ns", "ipc://x", cur, None))
+    assert "\x1b" not in text
+    assert "x\\x1b[2J" in text
+
+
 def test_sigterm_restores_the_terminal(namespace: str, system: dict[str, ShmcastProcess]) -> None:
     if SETSID is None:
         pytest.skip("setsid (util-linux) is not installed")
