@@ -695,6 +695,7 @@ class Broker(Service):
         self._catalog.pop(name)
         self._commits.pop(name, None)
         entry.seg.close()
+        self._catalog_changed()
         self._emit(topic(name), "deleted", name, entry.announced, time.time_ns())
 
     def _emit(self, tpc: bytes, kind: str, segment: str, version: int, ts: int) -> None:

@@ -21,6 +21,7 @@ from shmcast.broker import (
     Segment,
     wait_segments,
 )
+from shmcast.broker._layout import W_LATEST
 from shmcast.broker.client import ControlClient, shm_path
 from shmcast.broker.errors import AccessError
 from shmcast.cli import main
@@ -57,6 +58,30 @@ def test_broker_makes_bumps_and_removes_the_word(namespace: str) -> None:
         b.close()
         # A clean stop: readers learn it at once; nothing is left in /dev/shm.
         assert not os.path.exists(_word_path(namespace))
+    finally:
+        b.close()
+
+
+def test_a_reclaimed_segment_moves_the_generation(namespace: str) -> None:
+    """A segment whose header went bad is unlinked by the broker: its readers learn
+    it from the word at once, as of any other delete. Before, the reclaim alone left
+    the generation as it was, and a reader waiting in ``wait='shm'`` mode saw the
+    segment gone only at its next periodic look at the paths."""
+    b = Broker(BrokerConfig(namespace=namespace, heartbeat_interval=0.05)).start()
+    try:
+        word = NamespaceWord.attach(namespace)
+        assert word is not None
+        with word, Publisher("c", dtype="f8", shape=4, namespace=namespace) as pub:
+            pub.publish(np.ones(4))
+            gen = word.generation
+            fd = os.open(shm_path(namespace, "c"), os.O_RDWR)
+            try:
+                os.pwrite(fd, (2**64 - 1).to_bytes(8, "little"), 8 * W_LATEST)
+            finally:
+                os.close(fd)
+            wait_for(lambda: "c" not in b.catalog, 10, what="the reclaim")
+            assert not os.path.exists(shm_path(namespace, "c"))
+            wait_for(lambda: word.generation > gen, 5, what="the generation to move")
     finally:
         b.close()
 
