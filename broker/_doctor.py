@@ -267,7 +267,8 @@ def _fix_object(path: str, st: os.stat_result, problem: OwnershipError, ours: bo
 
 
 #: An invalid object changed this recently may be a segment still being created
-#: (its creator takes the writer lease after reserving its pages).
+#: (its creator holds the writer lease from the moment the object exists; this
+#: covers the microseconds before it takes it).
 FRESH_SECONDS = 2.0
 
 

@@ -491,6 +491,10 @@ class Segment(Closing):
                 check_owned(path, os.lstat(path), os.getuid())
             raise SegmentExistsError(name, ns) from None
         try:
+            # The lease first: until its header is written the object is no valid
+            # segment, and reserving the pages of a large one takes seconds; a held
+            # lease is what tells `doctor --fix` a writer is making it.
+            take_lease(name, fd)
             os.fchmod(fd, mode)  # the umask must not widen or narrow what was asked
             try:
                 os.posix_fallocate(fd, 0, size)
@@ -501,7 +505,6 @@ class Segment(Closing):
                     raise
                 log.warning("posix_fallocate unsupported on %s; pages are not reserved", path)
                 os.ftruncate(fd, size)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if prefault else 0)
             mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             q = memoryview(mm).cast("Q")
