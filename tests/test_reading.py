@@ -432,6 +432,42 @@ def test_events_aupdates_of_two_tasks_keep_a_wake_up_while_either_runs(
         assert asyncio.run(run(sub, pub))
 
 
+def test_events_subscriber_closed_under_an_open_aupdates_leaves_no_reader(
+    namespace: str, thread_broker: Broker
+) -> None:
+    """``events``: a subscriber closed while its ``aupdates()`` iterator is still open
+    (its task holds an update). The loop's reader stayed on the closed socket's fd;
+    the next subscriber's socket got the same fd number, add_reader then only swapped
+    the callback, and its iterators never woke on the fd (37 ms median latency
+    instead of 0.7); closing the old iterator removed the new one's reader."""
+
+    async def run(pub: Publisher) -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        sub1 = Subscriber("fd", wait="events", timeout=5)
+        assert sub1._sub is not None
+        fd1 = sub1._sub.getsockopt(zmq.FD)
+        old = sub1.aupdates(timeout=5)
+        pub.publish(np.zeros(4))
+        await asyncio.wait_for(anext(old), 5)  # open, at its yield
+        sub1.close()
+        stale = loop.remove_reader(fd1)
+        with Subscriber("fd", wait="events", timeout=5) as sub2:
+            assert sub2._sub is not None
+            fd2 = sub2._sub.getsockopt(zmq.FD)
+            new = sub2.aupdates(timeout=5)
+            pub.publish(np.ones(4))
+            await asyncio.wait_for(anext(new), 5)
+            await old.aclose()
+            kept = loop.remove_reader(fd2)
+            await new.aclose()
+        return stale, kept
+
+    with Publisher("fd", dtype="f8", shape=(4,)) as pub:
+        stale, kept = asyncio.run(run(pub))
+    assert not stale
+    assert kept
+
+
 def test_aupdates_has_the_first_versions_of_a_segment_attached_in_its_loop(
     namespace: str, thread_broker: Broker
 ) -> None:
