@@ -774,6 +774,12 @@ class Subscriber(Closing):
         goes to one of them, and each task's update is settled (delivered, overrun or
         torn) by that task's read of it or its next step, as with one consumer.
 
+        Cancelling a task while it waits for the next update (``asyncio.wait_for(
+        anext(it), t)`` timing out, ``asyncio.timeout``, ``task.cancel()``) ends that
+        iterator, as it ends any async generator: its next step raises
+        ``StopAsyncIteration``. Nothing is lost: take the next updates from a new
+        ``aupdates()``; for a bound on the wait, give ``timeout``.
+
         Raises:
             ClosedError, SegmentUnreachableError, ValueError: as :meth:`updates`.
         """

@@ -518,6 +518,37 @@ def test_aupdates_over_many_segments_uses_one_thread(namespace: str, thread_brok
             p.close()
 
 
+def test_a_cancelled_wait_ends_the_aupdates_iterator_and_loses_nothing(namespace: str) -> None:
+    """As README and the docstring say: a task cancelled while it waits in
+    ``aupdates()`` (here ``wait_for`` timing out) ends that iterator (its next step
+    is ``StopAsyncIteration``, as any async generator's); a new one goes on with
+    nothing lost."""
+    seg = Segment.create("cw", "i8", (2,), namespace=namespace)
+    try:
+        with Subscriber("cw", namespace=namespace, wait="futex") as sub:
+
+            async def run() -> tuple[bool, list[int]]:
+                it = sub.aupdates(timeout=5)
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(anext(it), 0.05)
+                seg.write(np.full(2, 1, "i8"))
+                ended = False
+                try:
+                    await asyncio.wait_for(anext(it), 5)
+                except StopAsyncIteration:
+                    ended = True
+                got = [up.version async for up in sub.aupdates(timeout=0.2)]
+                return ended, got
+
+            ended, got = asyncio.run(run())
+            assert ended
+            assert got == [1]
+            assert sub.stats["cw"].updates == 1
+    finally:
+        seg.unlink()
+        seg.close()
+
+
 def test_aupdates_of_two_tasks_sharing_a_subscriber_add_up(namespace: str) -> None:
     """Two tasks iterate ``aupdates()`` of one subscriber; one holds its update (awaits
     something) while the other takes the next, and reads it once the writer lapped
