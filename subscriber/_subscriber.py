@@ -155,7 +155,8 @@ class Subscriber(Closing):
         NotASegmentError: ``futex``/``spin`` mode and what holds a name is no
             valid segment (named with its fix, ``shmcast doctor --fix``).
         ConfigError: ``events`` mode and more segments than the broker's events
-            endpoint holds topics (its ``max_subscriptions``).
+            endpoint holds topics (its ``max_subscriptions``); ``shm``/``events``
+            and a ``broker`` that is no endpoint ZeroMQ can connect to.
         ValueError: a bad segment name or wait mode, a ``name`` that is no
             non-empty string, or a ``timeout`` or ``heartbeat_timeout`` that is not
             a finite number of seconds > 0.
