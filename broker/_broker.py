@@ -459,7 +459,10 @@ class Broker(Service):
             try:
                 validate_segment_name(name)
             except ShmcastError as exc:
-                log.warning("ignoring %s: %s", name, exc)
+                # Anyone's name (sticky, world-writable /dev/shm), logged only as the
+                # exception writes it (a literal): written raw, an escape sequence in
+                # it reached the terminal of the broker's log.
+                log.warning("ignoring an object in /dev/shm: %s", exc)
                 continue
             if not self._trusted(name):
                 continue

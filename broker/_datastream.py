@@ -689,7 +689,9 @@ class DataStream:
             for name, src in self._sources.items():
                 self._forget_other_incarnation(peer, name, src.incarnation)
             self._peers[ident] = peer
-            log.info("relay %s joined for %s", ident.hex(), ", ".join(patterns))
+            # The relay's own strings (any client of the endpoint): written as literals,
+            # an escape sequence in one would reach the terminal of the broker's log.
+            log.info("relay %s joined for %s", ident.hex(), ", ".join(map(repr, patterns)))
             self._send(
                 router,
                 ident,

@@ -229,6 +229,32 @@ def _not_ours_to_fix(check: str, problem: OwnershipError, otherwise: str) -> Che
     return Check(check, PROBLEM, str(problem), fix)
 
 
+def _shell_word(path: str) -> str:
+    """``path`` as one word for a shell command a finding names, as it is printed.
+
+    A path with characters that are not printable (anyone may name an object in
+    ``/dev/shm``: an escape sequence) is written in ANSI-C quotes (``$'...'``, bash,
+    zsh, ksh), each byte of such a character escaped (``\\x1b``):
+    the terminal gets no control character, and the command pasted names the very
+    object. In single quotes, escaped for the terminal, it named a path that does
+    not exist ('No such file or directory')."""
+    if path.isprintable():
+        return shlex.quote(path)
+    out: list[str] = []
+    for c in path:
+        if c in "\\'":
+            out.append("\\" + c)
+        elif c.isprintable():
+            out.append(c)
+        else:  # its bytes in the file name (a byte no UTF-8 is os.listdir's surrogate)
+            try:
+                raw = os.fsencode(c)
+            except UnicodeEncodeError:  # a lone surrogate of no byte (not from a name)
+                raw = c.encode("utf-8", "surrogatepass")
+            out.extend(f"\\x{b:02x}" for b in raw)
+    return "$'" + "".join(out) + "'"
+
+
 def _fix_object(path: str, st: os.stat_result, problem: OwnershipError, ours: bool) -> Check:
     """Repair one untrusted object of a namespace of ours, if that can be done safely."""
     uid = os.getuid()
@@ -257,7 +283,7 @@ def _fix_object(path: str, st: os.stat_result, problem: OwnershipError, ours: bo
                 "ownership",
                 PROBLEM,
                 f"{problem}; it is a directory holding files: not removed",
-                f"look inside, then remove it: rm -r -- {shlex.quote(path)}",
+                f"look inside, then remove it: rm -r -- {_shell_word(path)}",
             )
         return Check("fixed", OK, f"removed {path} (an empty directory of uid {st.st_uid})")
     # A link, a special file, or (root only) another user's object squatting a name
@@ -350,7 +376,7 @@ def _check_objects(
                     PROBLEM,
                     f"{path} is readable by every user (mode {mode:04o})",
                     'run the broker with mode = "0600" (or "0640" with a group); '
-                    f"chmod o-rw -- {shlex.quote(path)}",
+                    f"chmod o-rw -- {_shell_word(path)}",
                 )
             elif mode & 0o040:
                 perms[name] = Check(
@@ -378,7 +404,7 @@ def _check_objects(
                         + (exc.reason if isinstance(exc, NotASegmentError) else str(exc))
                         + (f"; not removed: {kept}" if kept else ""),
                         f"`shmcast doctor --namespace {ns} --fix` unlinks it once no writer "
-                        f"holds it (or `rm -- {shlex.quote(path)}` then; a restarted broker "
+                        f"holds it (or `rm -- {_shell_word(path)}` then; a restarted broker "
                         f"reclaims it too)",
                     )
                 )

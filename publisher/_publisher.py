@@ -58,6 +58,7 @@ class Publisher(Closing):
     Raises:
         ValueError: ``timeout`` is not a finite number of seconds > 0.
         BrokerUnavailableError: no broker answered.
+        ConfigError: ``broker`` is no endpoint ZeroMQ can connect to.
         NamespaceMismatchError: the broker at ``broker`` serves another namespace.
         LayoutConflictError: the segment exists with another layout, or (with
             ``source``) is fed by another source.

@@ -155,7 +155,8 @@ class Subscriber(Closing):
         NotASegmentError: ``futex``/``spin`` mode and what holds a name is no
             valid segment (named with its fix, ``shmcast doctor --fix``).
         ConfigError: ``events`` mode and more segments than the broker's events
-            endpoint holds topics (its ``max_subscriptions``).
+            endpoint holds topics (its ``max_subscriptions``); ``shm``/``events``
+            and a ``broker`` that is no endpoint ZeroMQ can connect to.
         ValueError: a bad segment name or wait mode, a ``name`` that is no
             non-empty string, or a ``timeout`` or ``heartbeat_timeout`` that is not
             a finite number of seconds > 0.
@@ -774,6 +775,12 @@ class Subscriber(Closing):
         goes to one of them, and each task's update is settled (delivered, overrun or
         torn) by that task's read of it or its next step, as with one consumer.
 
+        Cancelling a task while it waits for the next update (``asyncio.wait_for(
+        anext(it), t)`` timing out, ``asyncio.timeout``, ``task.cancel()``) ends that
+        iterator, as it ends any async generator: its next step raises
+        ``StopAsyncIteration``. Nothing is lost: take the next updates from a new
+        ``aupdates()``; for a bound on the wait, give ``timeout``.
+
         Raises:
             ClosedError, SegmentUnreachableError, ValueError: as :meth:`updates`.
         """
@@ -1245,6 +1252,7 @@ class Subscriber(Closing):
             for up in self._held:  # out with other tasks, unread: delivered as news
                 self._tracks[up.segment].st.updates += 1
             self._held.clear()
+            self._drop_readers()
             # Versions learnt of but never handed out (a consumer that stopped early,
             # --count): counted, or they would be in no counter at all.
             # (Taken one by one: without the lock a reading thread may still queue.)
@@ -1258,6 +1266,33 @@ class Subscriber(Closing):
         finally:
             if locked:
                 self._io.release()
+
+    def _drop_readers(self) -> None:
+        """Take the loops' readers off the SUB socket's fd before it is closed.
+
+        An ``aupdates()`` iterator still open (its task holding an update, or one not
+        collected yet) keeps its loop's reader on the fd: once the socket is closed,
+        the next socket (a new Subscriber's) may get the same fd number, and the loop,
+        which already has a reader registered under it, only swaps the callback and
+        never watches the new file (its iterators woke only on their 50 ms step), and
+        the old iterator's close removed the new one's reader. A loop of this thread
+        drops its reader now; another thread's loop at its next turn."""
+        wakers, self._fd_wakers = self._fd_wakers, []
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        done: set[int] = set()
+        for waker in wakers:
+            fd, waker._fd = waker._fd, None
+            if fd is None or id(waker._loop) in done:
+                continue
+            done.add(id(waker._loop))
+            with contextlib.suppress(Exception):  # a loop closed already
+                if waker._loop is running:
+                    waker._loop.remove_reader(fd)
+                else:
+                    waker._loop.call_soon_threadsafe(waker._loop.remove_reader, fd)
 
     def __repr__(self) -> str:
         return f"<Subscriber {self.namespace}/{','.join(self.names)} wait={self.mode}>"
@@ -1358,6 +1393,13 @@ class _Waker:
             fd = sub._sub.getsockopt(zmq.FD)
             assert isinstance(fd, int)
             self._fd = fd
+            if not any(w._loop is loop for w in sub._fd_wakers):
+                # A reader already on this fd number in this loop is a stale one, of a
+                # socket closed since (another thread's close() drops its loop's at the
+                # loop's next turn): add_reader would only swap its callback, and the
+                # loop would never watch this socket's file.
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(fd)
             sub._fd_wakers.append(self)
             # One reader per loop and fd (adding another replaces it): it wakes every
             # iterator of this loop. Before, each iterator's own reader replaced the

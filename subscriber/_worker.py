@@ -71,6 +71,11 @@ def analyse(array: npt.NDArray[Any]) -> dict[str, Any]:
     whatever the version's size (numpy's ``std`` made one of the whole version).
     """
     fieldname, values = numeric_view(array)
+    if values.ndim == 0:
+        # A version of shape () (or a record's 0-d field): its number as a 1-d view.
+        # The subtraction below gave a numpy scalar, which np.multiply(out=) refused
+        # with TypeError (a traceback from the worker, not caught as a ValueError).
+        values = values.reshape(1)
     n = values.size
     if n == 0:
         raise ValueError(f"no statistics of {array.dtype}: the version holds no numbers")

@@ -710,6 +710,9 @@ def test_the_worker_takes_statistics_of_numbers_and_says_so_of_the_rest(
         (np.array([0, 1000], np.float16), 500.0, 500.0),  # squares past 65504: inf
         (np.array([0, 1e20], np.float32), 5e19, 5e19),  # squares past 3.4e38: inf
         (np.zeros(4, [("a", "<f8", (0,)), ("b", "<i2", (2,))]), 0.0, 0.0),  # field 'b'
+        (np.array(2.5), 2.5, 0.0),  # a version of shape (): TypeError from analyse()
+        (np.array(-7, np.int8), -7.0, 0.0),
+        (np.full((), 3, [("a", "S2"), ("last", "<u4")]), 3.0, 0.0),  # a 0-d record
     ],
 )
 def test_the_workers_statistics_are_those_of_float64(

@@ -208,6 +208,43 @@ def test_the_commands_a_finding_names_quote_the_path(
                 os.unlink(path)
 
 
+def test_the_commands_a_finding_names_work_for_a_name_of_control_characters(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An object named with control characters (an escape sequence, a byte that is no
+    UTF-8): the text output escapes them for the terminal, so the single-quoted path
+    in 'chmod o-rw -- ...' and 'rm -- ...' named a file that does not exist ('No such
+    file or directory'). Now ANSI-C quoted ($'...'): pasted, it names the object."""
+    import shutil
+    import subprocess
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    raw = os.fsencode(shm_path(namespace, "x")) + b"\x1b]0;t\x07 \xff'y"
+    fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.fchmod(fd, 0o644)
+    os.close(fd)
+    try:
+        assert main(["doctor", "--namespace", namespace]) == 1
+        out = capsys.readouterr().out
+        assert "\x1b" not in out
+        words = [
+            line.split("rm -- ", 1)[1].split("`")[0]
+            for line in out.splitlines()
+            if "rm -- " in line
+        ]
+        assert words, out
+        for word in words:
+            done = subprocess.run(
+                [bash, "-c", f"printf %s {word}"], capture_output=True, timeout=10, check=True
+            )
+            assert done.stdout == raw
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(raw)
+
+
 def test_fix_reports_a_namespace_word_it_may_not_remove(
     namespace: str, other_user: OtherUser
 ) -> None:

@@ -398,3 +398,40 @@ def test_a_segment_unlinked_behind_the_broker_leaves_the_catalog(
             assert again.publish(np.zeros(3)) == 1
     finally:
         sub.close(0)
+
+
+def test_the_brokers_log_escapes_names_from_dev_shm_and_relays(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker's log (its terminal's stderr) wrote two names anyone may choose as
+    they were: an object in sticky ``/dev/shm`` under the namespace's prefix whose
+    name is no segment name ("ignoring ..." at start), and the segment patterns of
+    a relay's hello (any client of the data stream): an escape sequence in either
+    retitled or cleared the terminal, a newline forged a log line."""
+    evil = "x\x1b]0;pwned\x07\x1b[2J\nFAKE"
+    path = shm_path(namespace, evil)
+    with open(path, "wb"):
+        pass
+    caplog.set_level("INFO")
+    cfg = BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0", heartbeat_interval=0.1)
+    try:
+        with Broker(cfg).start() as b:
+            stats = b.data_stats()
+            assert stats is not None
+            sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(stats.endpoint)
+            try:
+                sock.send_multipart([b"hello", pack({"patterns": [evil], "window": 8})])
+                assert sock.poll(5000)  # welcomed: the hello was taken (and logged)
+            finally:
+                sock.close(0)
+    finally:
+        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):  # kept beside the object left
+            os.unlink(shm_path(namespace, "@catalog"))
+    text = caplog.text
+    assert "ignoring" in text
+    assert "joined for" in text
+    assert "\x1b" not in text
+    assert "\nFAKE" not in text

@@ -432,6 +432,42 @@ def test_events_aupdates_of_two_tasks_keep_a_wake_up_while_either_runs(
         assert asyncio.run(run(sub, pub))
 
 
+def test_events_subscriber_closed_under_an_open_aupdates_leaves_no_reader(
+    namespace: str, thread_broker: Broker
+) -> None:
+    """``events``: a subscriber closed while its ``aupdates()`` iterator is still open
+    (its task holds an update). The loop's reader stayed on the closed socket's fd;
+    the next subscriber's socket got the same fd number, add_reader then only swapped
+    the callback, and its iterators never woke on the fd (37 ms median latency
+    instead of 0.7); closing the old iterator removed the new one's reader."""
+
+    async def run(pub: Publisher) -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        sub1 = Subscriber("fd", wait="events", timeout=5)
+        assert sub1._sub is not None
+        fd1 = sub1._sub.getsockopt(zmq.FD)
+        old = sub1.aupdates(timeout=5)
+        pub.publish(np.zeros(4))
+        await asyncio.wait_for(anext(old), 5)  # open, at its yield
+        sub1.close()
+        stale = loop.remove_reader(fd1)
+        with Subscriber("fd", wait="events", timeout=5) as sub2:
+            assert sub2._sub is not None
+            fd2 = sub2._sub.getsockopt(zmq.FD)
+            new = sub2.aupdates(timeout=5)
+            pub.publish(np.ones(4))
+            await asyncio.wait_for(anext(new), 5)
+            await old.aclose()
+            kept = loop.remove_reader(fd2)
+            await new.aclose()
+        return stale, kept
+
+    with Publisher("fd", dtype="f8", shape=(4,)) as pub:
+        stale, kept = asyncio.run(run(pub))
+    assert not stale
+    assert kept
+
+
 def test_aupdates_has_the_first_versions_of_a_segment_attached_in_its_loop(
     namespace: str, thread_broker: Broker
 ) -> None:
@@ -480,6 +516,37 @@ def test_aupdates_over_many_segments_uses_one_thread(namespace: str, thread_brok
     finally:
         for p in pubs:
             p.close()
+
+
+def test_a_cancelled_wait_ends_the_aupdates_iterator_and_loses_nothing(namespace: str) -> None:
+    """As README and the docstring say: a task cancelled while it waits in
+    ``aupdates()`` (here ``wait_for`` timing out) ends that iterator (its next step
+    is ``StopAsyncIteration``, as any async generator's); a new one goes on with
+    nothing lost."""
+    seg = Segment.create("cw", "i8", (2,), namespace=namespace)
+    try:
+        with Subscriber("cw", namespace=namespace, wait="futex") as sub:
+
+            async def run() -> tuple[bool, list[int]]:
+                it = sub.aupdates(timeout=5)
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(anext(it), 0.05)
+                seg.write(np.full(2, 1, "i8"))
+                ended = False
+                try:
+                    await asyncio.wait_for(anext(it), 5)
+                except StopAsyncIteration:
+                    ended = True
+                got = [up.version async for up in sub.aupdates(timeout=0.2)]
+                return ended, got
+
+            ended, got = asyncio.run(run())
+            assert ended
+            assert got == [1]
+            assert sub.stats["cw"].updates == 1
+    finally:
+        seg.unlink()
+        seg.close()
 
 
 def test_aupdates_of_two_tasks_sharing_a_subscriber_add_up(namespace: str) -> None:
