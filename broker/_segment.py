@@ -216,10 +216,14 @@ def _let_go_of_leases(segs: list[Segment]) -> None:
     and the one its mmap keeps) and mappings share with the parent's: while the child
     holds any of them, the lease outlives its opener (a killed opener's segment
     refused every new writer for as long as its child lived). Each copy's mapping,
-    and every descriptor of these objects, is moved to a new open file description
-    of the same object (reopened through ``/proc/self/fd``, same access mode; the
-    mapping replaced in place, same pages): the lock stays with the parent's, and
-    dies with it. Where that fails the copy keeps the lease, as before."""
+    and every descriptor of these objects whose description holds the lock (the
+    ``flock`` its ``/proc/self/fdinfo`` lists), is moved to a new open file
+    description of the same object (reopened through ``/proc/self/fd``, same access
+    mode; the mapping replaced in place, same pages): the lock stays with the
+    parent's, and dies with it. Other descriptors of the objects (a reader handle's,
+    the application's own ``os.open``) hold no lease and are left alone: their
+    offset, flags and sharing with the parent are the application's. Where that
+    fails the copy keeps the lease, as before."""
     global _kept_leases
     kept: weakref.WeakSet[Segment] = weakref.WeakSet(segs)
     _kept_leases = kept
@@ -240,7 +244,7 @@ def _let_go_of_leases(segs: list[Segment]) -> None:
         except OSError:
             continue  # the listing's own descriptor, closed now
         obj = (st.st_dev, st.st_ino)
-        if obj not in copies:
+        if obj not in copies or not _holds_flock(fd):
             continue
         try:
             mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
@@ -255,6 +259,18 @@ def _let_go_of_leases(segs: list[Segment]) -> None:
         if obj not in failed:
             for seg in segs_of:
                 kept.discard(seg)
+
+
+def _holds_flock(fd: int) -> bool:
+    """Whether ``fd``'s open file description holds a ``flock`` (a ``lock:`` line of
+    its ``/proc/self/fdinfo``; kernels list the locks a description owns there). True
+    when that cannot be read: such a descriptor is moved, as every one was before."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            info = f.read()
+    except OSError:
+        return True
+    return any(line.startswith(b"lock:") and b" FLOCK " in line for line in info.splitlines())
 
 
 def _remap_copy(seg: Segment) -> bool:

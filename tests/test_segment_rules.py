@@ -7,6 +7,7 @@ outlive close(), a writer lease the kernel releases, owner-only modes.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
@@ -710,6 +711,47 @@ def test_a_writers_lease_is_free_once_its_opener_is_killed_though_a_forked_child
             os.kill(opener, signal.SIGKILL)
             os.waitpid(opener, 0)
         os.close(hold_w)  # the child ends
+
+
+def test_a_forked_childs_own_descriptors_of_a_written_object_are_left_alone(namespace, removed):
+    """The fork hook moved every descriptor of a writer's object to a new open file
+    description, the application's own os.open of it too: in the child its offset
+    read 0 (not 100), O_NONBLOCK was gone, and a seek no longer moved the parent's
+    (POSIX: a forked child shares its descriptions). Only descriptors that hold the
+    lease are moved; a reader handle's and the application's are not."""
+    removed.append("own")
+    with Segment.create("own", "<f8", (4,)) as seg:
+        seg.write(np.full(4, 1.0))
+        reader = Segment.attach("own")
+        own = os.open(seg.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            os.read(own, 100)
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover (the child)
+                try:
+                    os.close(r)
+                    out = [
+                        os.lseek(own, 0, os.SEEK_CUR),
+                        bool(fcntl.fcntl(own, fcntl.F_GETFL) & os.O_NONBLOCK),
+                        reader.latest().array.tolist(),
+                    ]
+                    os.lseek(own, 7, os.SEEK_SET)  # the parent's offset moves too
+                    os.write(w, json.dumps(out).encode())
+                finally:
+                    os._exit(0)
+            os.close(w)
+            with os.fdopen(r, "rb") as f:
+                out = json.loads(f.read() or b"[]")
+            assert _reaped(pid, timeout=10) == 0
+            assert out == [100, True, [1.0] * 4]
+            assert os.lseek(own, 0, os.SEEK_CUR) == 7
+        finally:
+            os.close(own)
+            reader.close()
+        with pytest.raises(WriterBusyError), Segment.attach("own", writable=True):
+            pass  # the lease is the parent's still
+        assert seg.write(np.full(4, 2.0)) == 2
 
 
 # ------------------------------------------------------------------------ (g) modes
