@@ -270,16 +270,24 @@ def _let_go_of_leases(segs: list[Segment]) -> None:
         except OSError:
             continue  # the listing's own descriptor, closed now
     failed = set()
-    maps = _shared_mappings(set(leases)) if leases else {}
+    try:
+        maps = _shared_mappings(set(leases)) if leases else {}
+    except (OSError, ValueError):  # no maps to read: nothing moved, the leases kept
+        maps = None
     for obj, lock_fds in leases.items():
         try:
+            if maps is None:
+                raise OSError("/proc/self/maps could not be read")
             _move_object(lock_fds, maps.get(obj, []))
         except OSError:
             failed.add(obj)
     for seg in segs:
         with contextlib.suppress(OSError):
-            st = os.fstat(seg._fd) if seg._fd >= 0 else None
-            if st is None or (st.st_dev, st.st_ino) not in failed:
+            if seg._fd < 0:
+                kept.discard(seg)
+                continue
+            mine = os.fstat(seg._fd)
+            if (mine.st_dev, mine.st_ino) not in failed:
                 kept.discard(seg)
 
 
