@@ -348,8 +348,9 @@ def _move_object(lock_fds: list[int], mappings: list[tuple[int, int, int, int]])
     the lease) at a new description of its own access mode. OSError when one fails."""
     modes = {fd: fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE for fd in lock_fds}
     if mappings:
-        src = next((fd for fd, m in modes.items() if m == os.O_RDWR), lock_fds[0])
-        new = os.open(f"/proc/self/fd/{src}", modes[src] | os.O_CLOEXEC)
+        writable = any(prot & mmap.PROT_WRITE for _, _, prot, _ in mappings)
+        mode = os.O_RDWR if writable else os.O_RDONLY  # what the mappings were made with
+        new = os.open(f"/proc/self/fd/{lock_fds[0]}", mode | os.O_CLOEXEC)
         try:
             for addr, length, prot, offset in mappings:
                 if not remap_shared(addr, length, prot, new, offset):
