@@ -905,6 +905,10 @@ class Segment(Closing):
         """Whether some process holds the writer lease (asked of the kernel, not guessed)."""
         if self._writable and not self._closed:
             return True
+        # The probe holds a shared flock for a moment: a child forked by another
+        # thread meanwhile would keep it (and every writer out) for its whole life,
+        # but for the fork hook, which lets go of it.
+        _arm_fork_hook()
         return lease_held(self._path)
 
     def _header(self) -> memoryview:

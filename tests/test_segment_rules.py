@@ -786,6 +786,65 @@ def test_a_lease_taken_by_another_thread_at_the_fork_is_free_once_its_opener_is_
         os.close(hold_w)  # the child ends
 
 
+_PROBE_AT_FORK_CHILD = """
+import fcntl, os, signal, sys, threading
+from shmcast.broker import Segment, WriterBusyError
+
+signal.alarm(30)
+reader = Segment.attach("probed")  # a process that only reads: no writer ever
+entered, go = threading.Event(), threading.Event()
+flock = fcntl.flock
+
+def held_up(fd, op):
+    flock(fd, op)
+    if op == fcntl.LOCK_SH | fcntl.LOCK_NB:  # writer_alive()'s probe holds the lock
+        entered.set()
+        go.wait(20)
+
+fcntl.flock = held_up
+t = threading.Thread(target=reader.writer_alive)
+t.start()
+entered.wait(20)
+hold_r, hold_w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(hold_w)
+    os.read(hold_r, 1)  # lives until its parent says
+    os._exit(0)
+os.close(hold_r)
+fcntl.flock = flock
+go.set()
+t.join(20)
+try:
+    with Segment.attach("probed", writable=True):
+        print("writer taken")
+except WriterBusyError as exc:
+    print(exc)
+finally:
+    os.close(hold_w)
+    os.waitpid(child, 0)
+    reader.close()
+"""
+
+
+def test_a_child_forked_while_a_reader_probes_the_lease_keeps_no_writer_out(namespace, removed):
+    """A process that only reads (no writer ever: the fork hook was not registered)
+    forked while another of its threads was in writer_alive(), whose probe holds a
+    shared flock for a moment: the child kept that lock, orphaned, for its whole life,
+    and every new writer got WriterBusyError."""
+    removed.append("probed")
+    Segment.create("probed", "<f8", (4,)).close()
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE_AT_FORK_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "writer taken", proc.stdout
+
+
 def test_a_forked_childs_own_descriptors_of_a_written_object_are_left_alone(namespace, removed):
     """The fork hook moved every descriptor of a writer's object to a new open file
     description, the application's own os.open of it too: in the child its offset
