@@ -114,12 +114,12 @@ def prepare_remap() -> None:
         _mmap_fn = fn
 
 
-def remap_shared(addr: int, length: int, prot: int, fd: int) -> bool:
-    """Map ``fd`` (offset 0, shared) over the mapping at ``addr`` in place
+def remap_shared(addr: int, length: int, prot: int, fd: int, offset: int = 0) -> bool:
+    """Map ``fd`` (from ``offset``, shared) over the mapping at ``addr`` in place
     (``MAP_FIXED``): the same object's pages at the same address, through ``fd``'s
     open file description instead. True when the kernel did it; False when
     :func:`prepare_remap` was not called before the fork."""
     if _mmap_fn is None:
         return False
-    got = _mmap_fn(addr, length, prot, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
+    got = _mmap_fn(addr, length, prot, mmap.MAP_SHARED | _MAP_FIXED, fd, offset)
     return bool(got == addr)

@@ -99,6 +99,7 @@ from ._layout import (
 )
 from ._lease import ProcessId, lease_held, prepare_remap, remap_shared, take_lease
 from ._names import (
+    PREFIX,
     SHM_DIR,
     check_owned,
     list_segment_names,
@@ -186,14 +187,28 @@ _U64 = 1 << 64
 _writers: weakref.WeakSet[Segment] | None = None
 #: Writer copies a forked child could not make let go of their lease (no /proc).
 _kept_leases: weakref.WeakSet[Segment] | None = None
+#: The device of SHM_DIR (st_dev), taken with the fork hook: the hook looks at the
+#: locks of descriptors of files there alone.
+_shm_dev: int | None = None
+
+
+def _arm_fork_hook() -> None:
+    """Register :func:`_disown_writers` at fork (and look ``mmap(2)`` up, here and
+    not in a forked child: see :func:`prepare_remap`), before this process takes its
+    first lease: a child forked while a writer is being opened (its lease taken, the
+    handle not yet tracked) lets go of that lease too."""
+    global _writers, _shm_dev
+    if _writers is None:
+        _writers = weakref.WeakSet()
+        prepare_remap()
+        with contextlib.suppress(OSError):
+            _shm_dev = os.stat(SHM_DIR).st_dev
+        os.register_at_fork(after_in_child=_disown_writers)
 
 
 def _track_writer(seg: Segment) -> None:
-    global _writers
-    if _writers is None:
-        _writers = weakref.WeakSet()
-        prepare_remap()  # here, not in a forked child (see there)
-        os.register_at_fork(after_in_child=_disown_writers)
+    _arm_fork_hook()
+    assert _writers is not None
     _writers.add(seg)
 
 
@@ -215,64 +230,139 @@ def _let_go_of_leases(segs: list[Segment]) -> None:
     the open file description, which the child's inherited descriptors (a copy's own
     and the one its mmap keeps) and mappings share with the parent's: while the child
     holds any of them, the lease outlives its opener (a killed opener's segment
-    refused every new writer for as long as its child lived). Each copy's mapping,
-    and every descriptor of these objects, is moved to a new open file description
-    of the same object (reopened through ``/proc/self/fd``, same access mode; the
-    mapping replaced in place, same pages): the lock stays with the parent's, and
-    dies with it. Where that fails the copy keeps the lease, as before."""
+    refused every new writer for as long as its child lived). For each segment
+    object a descriptor of which holds a ``flock`` (its ``/proc/self/fdinfo`` lists
+    it): a writer copy's, and one the parent was opening in another thread at the
+    fork (its lease taken, its handle not made yet), every shared mapping of the
+    object (``/proc/self/maps``) is replaced in place through a new open file
+    description of it (reopened through ``/proc/self/fd``; same pages, same address,
+    same protection, so views read on), and each such descriptor is pointed at a new
+    description (same access mode): the lock stays with the parent's, and dies with
+    it. Other descriptors of the objects (a reader handle's, the application's own
+    ``os.open``) hold no lease and are left alone: their offset, flags and sharing
+    with the parent are the application's. Where that fails the copy keeps the
+    lease, as before."""
     global _kept_leases
     kept: weakref.WeakSet[Segment] = weakref.WeakSet(segs)
     _kept_leases = kept
-    copies: dict[tuple[int, int], list[Segment]] = {}
+    tracked = set()
     for seg in segs:
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            if _remap_copy(seg):
+        with contextlib.suppress(OSError):
+            if seg._fd >= 0:
                 st = os.fstat(seg._fd)
-                copies.setdefault((st.st_dev, st.st_ino), []).append(seg)
+                tracked.add((st.st_dev, st.st_ino))
     try:
-        fds = [int(n) for n in os.listdir("/proc/self/fd")] if copies else []
+        fds = [int(n) for n in os.listdir("/proc/self/fd")]
     except OSError:
         return
-    failed = set()
+    leases: dict[tuple[int, int], list[int]] = {}
     for fd in fds:
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or _shm_dev not in (None, st.st_dev):
+                continue
+            obj = (st.st_dev, st.st_ino)
+            held = _holds_flock(fd)
+            if held is None:  # unknown: as before, a writer copy's object only
+                held = obj in tracked
+            if held and _is_segment_object(fd):
+                leases.setdefault(obj, []).append(fd)
         except OSError:
             continue  # the listing's own descriptor, closed now
-        obj = (st.st_dev, st.st_ino)
-        if obj not in copies:
-            continue
+    failed = set()
+    try:
+        maps = _shared_mappings(set(leases)) if leases else {}
+    except (OSError, ValueError):  # no maps to read: nothing moved, the leases kept
+        maps = None
+    for obj, lock_fds in leases.items():
         try:
-            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-            new = os.open(f"/proc/self/fd/{fd}", mode | os.O_CLOEXEC)
-            try:
-                os.dup2(new, fd, inheritable=os.get_inheritable(fd))
-            finally:
-                os.close(new)
+            if maps is None:
+                raise OSError("/proc/self/maps could not be read")
+            _move_object(lock_fds, maps.get(obj, []))
         except OSError:
             failed.add(obj)
-    for obj, segs_of in copies.items():
-        if obj not in failed:
-            for seg in segs_of:
+    for seg in segs:
+        with contextlib.suppress(OSError):
+            if seg._fd < 0:
+                kept.discard(seg)
+                continue
+            mine = os.fstat(seg._fd)
+            if (mine.st_dev, mine.st_ino) not in failed:
                 kept.discard(seg)
 
 
-def _remap_copy(seg: Segment) -> bool:
-    """Map ``seg``'s object again over its mapping, through a new open file
-    description; True when done."""
-    mm = seg._mm
-    if mm is None or seg._fd < 0:
-        return False
-    mode = fcntl.fcntl(seg._fd, fcntl.F_GETFL) & os.O_ACCMODE
-    fd = os.open(f"/proc/self/fd/{seg._fd}", mode | os.O_CLOEXEC)
+def _holds_flock(fd: int) -> bool | None:
+    """Whether ``fd``'s open file description holds a ``flock`` (a ``lock:`` line of
+    its ``/proc/self/fdinfo``; kernels list the locks a description owns there).
+    None when that cannot be read."""
     try:
-        base = np.frombuffer(mm, dtype=np.uint8, count=1)
-        addr = int(base.ctypes.data)
-        del base
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if mode == os.O_RDWR else 0)
-        return remap_shared(addr, len(mm), prot, fd)
-    finally:
-        os.close(fd)
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            info = f.read()
+    except OSError:
+        return None
+    return any(line.startswith(b"lock:") and b" FLOCK " in line for line in info.splitlines())
+
+
+def _is_segment_object(fd: int) -> bool:
+    """Whether ``fd`` is open on an object of ``/dev/shm`` named as shmcast's (or
+    that was: a name unlinked reads ``... (deleted)``)."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return False
+    return target.startswith(os.path.join(SHM_DIR, PREFIX + "."))
+
+
+def _shared_mappings(
+    objs: set[tuple[int, int]],
+) -> dict[tuple[int, int], list[tuple[int, int, int, int]]]:
+    """The shared mappings of ``objs`` (``(st_dev, st_ino)``) in this process, from
+    ``/proc/self/maps``: (address, length, protection, offset) each."""
+    devs = {(os.major(dev), os.minor(dev), ino): (dev, ino) for dev, ino in objs}
+    found: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+    with open("/proc/self/maps", "rb") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) < 5 or not parts[1].endswith(b"s"):
+            continue
+        major, _, minor = parts[3].partition(b":")
+        obj = devs.get((int(major, 16), int(minor, 16), int(parts[4])))
+        if obj is None:
+            continue
+        lo, _, hi = parts[0].partition(b"-")
+        perms = parts[1]
+        prot = (
+            (mmap.PROT_READ if perms[0:1] == b"r" else 0)
+            | (mmap.PROT_WRITE if perms[1:2] == b"w" else 0)
+            | (mmap.PROT_EXEC if perms[2:3] == b"x" else 0)
+        )
+        addr = int(lo, 16)
+        found.setdefault(obj, []).append((addr, int(hi, 16) - addr, prot, int(parts[2], 16)))
+    return found
+
+
+def _move_object(lock_fds: list[int], mappings: list[tuple[int, int, int, int]]) -> None:
+    """Map a new open file description of the object over each of its ``mappings``
+    in place, and point each of ``lock_fds`` (the descriptors whose description holds
+    the lease) at a new description of its own access mode. OSError when one fails."""
+    modes = {fd: fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE for fd in lock_fds}
+    if mappings:
+        writable = any(prot & mmap.PROT_WRITE for _, _, prot, _ in mappings)
+        mode = os.O_RDWR if writable else os.O_RDONLY  # what the mappings were made with
+        new = os.open(f"/proc/self/fd/{lock_fds[0]}", mode | os.O_CLOEXEC)
+        try:
+            for addr, length, prot, offset in mappings:
+                if not remap_shared(addr, length, prot, new, offset):
+                    raise OSError(f"mmap(MAP_FIXED) of {length} bytes at {addr:#x} failed")
+        finally:
+            os.close(new)
+    for fd, mode in modes.items():
+        new = os.open(f"/proc/self/fd/{fd}", mode | os.O_CLOEXEC)
+        try:
+            os.dup2(new, fd, inheritable=os.get_inheritable(fd))
+        finally:
+            os.close(new)
 
 
 def _wall_ns(name: str, timestamp_ns: object) -> int:
@@ -494,6 +584,7 @@ class Segment(Closing):
             # The lease first: until its header is written the object is no valid
             # segment, and reserving the pages of a large one takes seconds; a held
             # lease is what tells `doctor --fix` a writer is making it.
+            _arm_fork_hook()  # before the lease: see there
             take_lease(name, fd)
             os.fchmod(fd, mode)  # the umask must not widen or narrow what was asked
             try:
@@ -591,6 +682,7 @@ class Segment(Closing):
             check_owned(path, st, os.getuid() if owner is None else owner)
             dt, shp, slots, size = read_header(name, path, fd, wait, fence=core.fence)
             if writable:
+                _arm_fork_hook()  # before the lease: see there
                 head = os.pread(fd, 8 * (W_WRITER_PID + 1), 0)
                 take_lease(name, fd, int.from_bytes(head[8 * W_WRITER_PID :], "little"))
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
@@ -816,6 +908,10 @@ class Segment(Closing):
         """Whether some process holds the writer lease (asked of the kernel, not guessed)."""
         if self._writable and not self._closed:
             return True
+        # The probe holds a shared flock for a moment: a child forked by another
+        # thread meanwhile would keep it (and every writer out) for its whole life,
+        # but for the fork hook, which lets go of it.
+        _arm_fork_hook()
         return lease_held(self._path)
 
     def _header(self) -> memoryview:

@@ -274,6 +274,8 @@ class Recorder(Closing):
         self._next_flush = time.monotonic() + flush_interval
         #: Segments seen deleted (warned about once), until attached again.
         self._gone: set[str] = set()
+        #: Segments whose last deletion is counted in ``deleted`` (see _new_incarnation).
+        self._counted: set[str] = set()
         self._next_look = 0.0
         self._closed = False
         self._thread.start()
@@ -374,6 +376,7 @@ class Recorder(Closing):
             if name in self._gone:
                 continue
             self._gone.add(name)
+            self._counted.add(name)
             st = self._stats[name]
             st.deleted += 1
             log.warning(
@@ -476,6 +479,8 @@ class Recorder(Closing):
         version after this would be lost or misfiled: the recording stops, saying so."""
         sub = self._sub
         assert sub is not None
+        if name not in self._counted:  # deleted and made again between two looks
+            self._stats[name].deleted += 1
         old = self._layouts[name]
         layout = ""
         with contextlib.suppress(ShmcastError):  # gone again: say what is known

@@ -376,6 +376,38 @@ def test_a_segment_deleted_while_recorded_is_warned_about_once_and_counted(
     assert "waiting for it to be made again" in warned[0]
 
 
+def test_a_segment_deleted_and_made_again_at_once_is_counted_deleted(
+    namespace: str, tmp_path: Path
+) -> None:
+    """Deleted and made again before the recorder looked: the recording ended with
+    "segment 's' was deleted and created again", and its stats (the done line) said
+    deleted 0."""
+    seg = Segment.create("s", "<i8", (3,), slots=8, namespace=namespace)
+    rec = Recorder("s", tmp_path / "x.h5", namespace=namespace, wait="futex")
+    errors: list[BaseException] = []
+    t = threading.Thread(target=lambda: _catch(errors, lambda: rec.run(duration=30)))
+    t.start()
+    again = None
+    try:
+        seg.write(np.full(3, 1, "<i8"))
+        wait_for(lambda: rec.stats()["s"].last_version == 1, 10, what="version 1")
+        seg.unlink()
+        seg.close()
+        again = Segment.create("s", "<i8", (3,), slots=8, namespace=namespace)
+        again.write(np.full(3, 2, "<i8"))
+        t.join(10)
+    finally:
+        rec.close()
+        t.join(10)
+        if again is not None:
+            again.close()
+        Segment.remove("s", namespace=namespace)
+    assert len(errors) == 1, errors
+    assert "deleted and created again" in str(errors[0])
+    st = rec.stats()["s"]
+    assert (st.deleted, st.recorded, st.missed) == (1, 1, 0)
+
+
 def test_a_recorder_closed_while_its_reader_copies_keeps_its_counts_true(
     broker: Broker, namespace: str, tmp_path: Path
 ) -> None:

@@ -7,6 +7,7 @@ outlive close(), a writer lease the kernel releases, owner-only modes.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
@@ -16,6 +17,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -710,6 +712,178 @@ def test_a_writers_lease_is_free_once_its_opener_is_killed_though_a_forked_child
             os.kill(opener, signal.SIGKILL)
             os.waitpid(opener, 0)
         os.close(hold_w)  # the child ends
+
+
+def test_a_lease_taken_by_another_thread_at_the_fork_is_free_once_its_opener_is_killed(
+    namespace, removed
+):
+    """A thread of the opener was opening a writer when another forked: the lease was
+    taken and mapped, the handle not yet made (nor tracked), so the fork hook knew
+    nothing of it (and was not even registered before a first writer). The child kept
+    the lease of its SIGKILLed opener: every new writer got WriterBusyError for as long
+    as the child lived."""
+    removed.append("midway")
+    Segment.create("midway", "<f8", (4,)).close()
+    said_r, said_w = os.pipe()  # the child: its pid
+    hold_r, hold_w = os.pipe()  # the child lives until the test closes hold_w
+    opener = os.fork()
+    if opener == 0:  # pragma: no cover (the forked processes: never back into pytest)
+        try:
+            signal.alarm(30)  # bounded, whatever happens to the test
+            os.close(said_r)
+            os.close(hold_w)
+            entered, go = threading.Event(), threading.Event()
+            setup = Segment._setup
+
+            def held_up(self: Segment, *args: Any, **kwargs: Any) -> None:
+                entered.set()  # the lease is taken and mapped: fork now
+                go.wait(20)
+                setup(self, *args, **kwargs)
+
+            Segment._setup = held_up  # type: ignore[method-assign]
+            kept: list[Segment] = []
+            t = threading.Thread(
+                target=lambda: kept.append(Segment.attach("midway", writable=True))
+            )
+            t.start()
+            entered.wait(20)
+            if os.fork() == 0:
+                signal.alarm(30)
+                os.write(said_w, f"{os.getpid()}\n".encode())
+                os.read(hold_r, 1)  # until the test closes its end
+            else:
+                go.set()
+                t.join(20)
+                time.sleep(30)  # the opener, until it is killed
+        finally:
+            os._exit(0)
+    os.close(said_w)
+    os.close(hold_r)
+    try:
+        with os.fdopen(said_r, "rb") as f:
+            said = f.readline()
+        assert said, "the forked child said nothing"
+        child = int(said)
+        deadline = time.monotonic() + 10
+        while True:  # the opener's thread finishes its attach
+            try:
+                with Segment.attach("midway", writable=True):
+                    pass
+            except WriterBusyError:
+                break
+            assert time.monotonic() < deadline, "the opener never took the lease"
+            time.sleep(0.01)
+        os.kill(opener, signal.SIGKILL)
+        assert _reaped(opener, timeout=10) == -signal.SIGKILL
+        opener = 0
+        os.kill(child, 0)  # the child lives on
+        with Segment.attach("midway", writable=True) as seg:
+            assert seg.write(np.full(4, 2.0)) == 1
+    finally:
+        if opener:
+            os.kill(opener, signal.SIGKILL)
+            os.waitpid(opener, 0)
+        os.close(hold_w)  # the child ends
+
+
+_PROBE_AT_FORK_CHILD = """
+import fcntl, os, signal, sys, threading
+from shmcast.broker import Segment, WriterBusyError
+
+signal.alarm(30)
+reader = Segment.attach("probed")  # a process that only reads: no writer ever
+entered, go = threading.Event(), threading.Event()
+flock = fcntl.flock
+
+def held_up(fd, op):
+    flock(fd, op)
+    if op == fcntl.LOCK_SH | fcntl.LOCK_NB:  # writer_alive()'s probe holds the lock
+        entered.set()
+        go.wait(20)
+
+fcntl.flock = held_up
+t = threading.Thread(target=reader.writer_alive)
+t.start()
+entered.wait(20)
+hold_r, hold_w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(hold_w)
+    os.read(hold_r, 1)  # lives until its parent says
+    os._exit(0)
+os.close(hold_r)
+fcntl.flock = flock
+go.set()
+t.join(20)
+try:
+    with Segment.attach("probed", writable=True):
+        print("writer taken")
+except WriterBusyError as exc:
+    print(exc)
+finally:
+    os.close(hold_w)
+    os.waitpid(child, 0)
+    reader.close()
+"""
+
+
+def test_a_child_forked_while_a_reader_probes_the_lease_keeps_no_writer_out(namespace, removed):
+    """A process that only reads (no writer ever: the fork hook was not registered)
+    forked while another of its threads was in writer_alive(), whose probe holds a
+    shared flock for a moment: the child kept that lock, orphaned, for its whole life,
+    and every new writer got WriterBusyError."""
+    removed.append("probed")
+    Segment.create("probed", "<f8", (4,)).close()
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE_AT_FORK_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "writer taken", proc.stdout
+
+
+def test_a_forked_childs_own_descriptors_of_a_written_object_are_left_alone(namespace, removed):
+    """The fork hook moved every descriptor of a writer's object to a new open file
+    description, the application's own os.open of it too: in the child its offset
+    read 0 (not 100), O_NONBLOCK was gone, and a seek no longer moved the parent's
+    (POSIX: a forked child shares its descriptions). Only descriptors that hold the
+    lease are moved; a reader handle's and the application's are not."""
+    removed.append("own")
+    with Segment.create("own", "<f8", (4,)) as seg:
+        seg.write(np.full(4, 1.0))
+        reader = Segment.attach("own")
+        own = os.open(seg.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            os.read(own, 100)
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover (the child)
+                try:
+                    os.close(r)
+                    out = [
+                        os.lseek(own, 0, os.SEEK_CUR),
+                        bool(fcntl.fcntl(own, fcntl.F_GETFL) & os.O_NONBLOCK),
+                        reader.latest().array.tolist(),
+                    ]
+                    os.lseek(own, 7, os.SEEK_SET)  # the parent's offset moves too
+                    os.write(w, json.dumps(out).encode())
+                finally:
+                    os._exit(0)
+            os.close(w)
+            with os.fdopen(r, "rb") as f:
+                out = json.loads(f.read() or b"[]")
+            assert _reaped(pid, timeout=10) == 0
+            assert out == [100, True, [1.0] * 4]
+            assert os.lseek(own, 0, os.SEEK_CUR) == 7
+        finally:
+            os.close(own)
+            reader.close()
+        with pytest.raises(WriterBusyError), Segment.attach("own", writable=True):
+            pass  # the lease is the parent's still
+        assert seg.write(np.full(4, 2.0)) == 2
 
 
 # ------------------------------------------------------------------------ (g) modes
