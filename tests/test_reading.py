@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 import pytest
@@ -441,22 +441,31 @@ def test_events_subscriber_closed_under_an_open_aupdates_leaves_no_reader(
     the callback, and its iterators never woke on the fd (37 ms median latency
     instead of 0.7); closing the old iterator removed the new one's reader."""
 
+    async def next_publishing(it: AsyncIterator[Update], pub: Publisher) -> None:
+        # Published until it comes: a SUB socket's subscription reaches the broker
+        # a moment after it is made, and an announcement before that is not its.
+        nxt = asyncio.ensure_future(anext(it))
+        deadline = time.monotonic() + 5
+        while not nxt.done():
+            assert time.monotonic() < deadline, "no update within 5 s"
+            pub.publish(np.ones(4))
+            await asyncio.wait([nxt], timeout=0.05)
+        nxt.result()
+
     async def run(pub: Publisher) -> tuple[bool, bool]:
         loop = asyncio.get_running_loop()
         sub1 = Subscriber("fd", wait="events", timeout=5)
         assert sub1._sub is not None
         fd1 = sub1._sub.getsockopt(zmq.FD)
         old = sub1.aupdates(timeout=5)
-        pub.publish(np.zeros(4))
-        await asyncio.wait_for(anext(old), 5)  # open, at its yield
+        await next_publishing(old, pub)  # open, at its yield
         sub1.close()
         stale = loop.remove_reader(fd1)
         with Subscriber("fd", wait="events", timeout=5) as sub2:
             assert sub2._sub is not None
             fd2 = sub2._sub.getsockopt(zmq.FD)
             new = sub2.aupdates(timeout=5)
-            pub.publish(np.ones(4))
-            await asyncio.wait_for(anext(new), 5)
+            await next_publishing(new, pub)
             await old.aclose()
             kept = loop.remove_reader(fd2)
             await new.aclose()
