@@ -403,6 +403,19 @@ def test_an_aupdates_left_with_break_leaves_the_next_ones_wake_up_alone(
         assert asyncio.run(run(sub, pub))
 
 
+async def _next_publishing(it: AsyncIterator[Update], pub: Publisher) -> None:
+    """The iterator's next update, publishing until it comes (5 s at most): an
+    ``events`` subscriber's subscription reaches the broker a moment after it is
+    made, and an announcement before that is not its own."""
+    nxt = asyncio.ensure_future(anext(it))
+    deadline = time.monotonic() + 5
+    while not nxt.done():
+        assert time.monotonic() < deadline, "no update within 5 s"
+        pub.publish(np.ones(4))
+        await asyncio.wait([nxt], timeout=0.05)
+    nxt.result()
+
+
 def test_events_aupdates_of_two_tasks_keep_a_wake_up_while_either_runs(
     namespace: str, thread_broker: Broker
 ) -> None:
@@ -413,12 +426,10 @@ def test_events_aupdates_of_two_tasks_keep_a_wake_up_while_either_runs(
     the other still needed."""
 
     async def run(sub: Subscriber, pub: Publisher) -> bool:
-        pub.publish(np.zeros(4))
-        pub.publish(np.ones(4))
         first = sub.aupdates(timeout=5)
-        await asyncio.wait_for(anext(first), 5)
+        await _next_publishing(first, pub)
         second = sub.aupdates(timeout=5)
-        await asyncio.wait_for(anext(second), 5)
+        await _next_publishing(second, pub)
         await second.aclose()  # the first iterator goes on
         assert sub._sub is not None
         registered = asyncio.get_running_loop().remove_reader(sub._sub.getsockopt(zmq.FD))
@@ -441,31 +452,20 @@ def test_events_subscriber_closed_under_an_open_aupdates_leaves_no_reader(
     the callback, and its iterators never woke on the fd (37 ms median latency
     instead of 0.7); closing the old iterator removed the new one's reader."""
 
-    async def next_publishing(it: AsyncIterator[Update], pub: Publisher) -> None:
-        # Published until it comes: a SUB socket's subscription reaches the broker
-        # a moment after it is made, and an announcement before that is not its.
-        nxt = asyncio.ensure_future(anext(it))
-        deadline = time.monotonic() + 5
-        while not nxt.done():
-            assert time.monotonic() < deadline, "no update within 5 s"
-            pub.publish(np.ones(4))
-            await asyncio.wait([nxt], timeout=0.05)
-        nxt.result()
-
     async def run(pub: Publisher) -> tuple[bool, bool]:
         loop = asyncio.get_running_loop()
         sub1 = Subscriber("fd", wait="events", timeout=5)
         assert sub1._sub is not None
         fd1 = sub1._sub.getsockopt(zmq.FD)
         old = sub1.aupdates(timeout=5)
-        await next_publishing(old, pub)  # open, at its yield
+        await _next_publishing(old, pub)  # open, at its yield
         sub1.close()
         stale = loop.remove_reader(fd1)
         with Subscriber("fd", wait="events", timeout=5) as sub2:
             assert sub2._sub is not None
             fd2 = sub2._sub.getsockopt(zmq.FD)
             new = sub2.aupdates(timeout=5)
-            await next_publishing(new, pub)
+            await _next_publishing(new, pub)
             await old.aclose()
             kept = loop.remove_reader(fd2)
             await new.aclose()
