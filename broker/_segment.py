@@ -245,12 +245,15 @@ def _let_go_of_leases(segs: list[Segment]) -> None:
     global _kept_leases
     kept: weakref.WeakSet[Segment] = weakref.WeakSet(segs)
     _kept_leases = kept
-    tracked = set()
+    copies: dict[Segment, tuple[int, int]] = {}  # each copy's object (st_dev, st_ino)
     for seg in segs:
+        if seg._fd < 0:  # closed: it holds nothing
+            kept.discard(seg)
+            continue
         with contextlib.suppress(OSError):
-            if seg._fd >= 0:
-                st = os.fstat(seg._fd)
-                tracked.add((st.st_dev, st.st_ino))
+            st = os.fstat(seg._fd)
+            copies[seg] = (st.st_dev, st.st_ino)
+    tracked = set(copies.values())
     try:
         fds = [int(n) for n in os.listdir("/proc/self/fd")]
     except OSError:
@@ -281,14 +284,9 @@ def _let_go_of_leases(segs: list[Segment]) -> None:
             _move_object(lock_fds, maps.get(obj, []))
         except OSError:
             failed.add(obj)
-    for seg in segs:
-        with contextlib.suppress(OSError):
-            if seg._fd < 0:
-                kept.discard(seg)
-                continue
-            mine = os.fstat(seg._fd)
-            if (mine.st_dev, mine.st_ino) not in failed:
-                kept.discard(seg)
+    for seg, obj in copies.items():
+        if obj not in failed:
+            kept.discard(seg)
 
 
 def _holds_flock(fd: int) -> bool | None:
