@@ -263,17 +263,23 @@ def test_a_relay_over_the_upstreams_limits_is_told_why(
             r.close()
 
 
+def _mirror_then_delete_it_here(up: _Upstream, namespace: str, broker: Broker) -> None:
+    """Version 1 of ``cam`` upstream, mirrored here, then the mirror deleted here
+    (``shmcast rm --force``): the relay's writer of it goes on, unlinked."""
+    up.version("cam", 1, _i8(1, 1, 1, 1))
+    wait_for(lambda: _mirrored(namespace, "cam", 1), 10, what="the mirror")
+    assert broker.endpoints is not None
+    with ControlClient(broker.endpoints.control) as ctl:
+        ctl.request("delete", name="cam", force=True)
+
+
 def test_a_mirror_deleted_here_is_made_again(
     relay: tuple[Relay, _Upstream], namespace: str, thread_broker: Broker
 ) -> None:
     """Deleted locally (shmcast rm --force): the relay wrote every later version
     into the unlinked object, for no reader, and counted it received."""
     r, up = relay
-    up.version("cam", 1, _i8(1, 1, 1, 1))
-    wait_for(lambda: _mirrored(namespace, "cam", 1), 10, what="the mirror")
-    assert thread_broker.endpoints is not None
-    with ControlClient(thread_broker.endpoints.control) as ctl:
-        ctl.request("delete", name="cam", force=True)
+    _mirror_then_delete_it_here(up, namespace, thread_broker)
     # The relay says hello again without it, for the upstream's latest version.
     hello = up.next_hello(10)
     assert "cam" not in hello.get("have", {})
@@ -365,11 +371,7 @@ def test_a_version_sent_again_for_a_mirror_made_again_is_counted_once(
     which the relay had received already: it counted that version twice
     (received 2 for 1 version upstream)."""
     r, up = relay
-    up.version("cam", 1, _i8(1, 1, 1, 1))
-    wait_for(lambda: _mirrored(namespace, "cam", 1), 10, what="the mirror")
-    assert thread_broker.endpoints is not None
-    with ControlClient(thread_broker.endpoints.control) as ctl:
-        ctl.request("delete", name="cam", force=True)
+    _mirror_then_delete_it_here(up, namespace, thread_broker)
     up.next_hello(10)  # without cam: the upstream sends its latest, version 1 again
     up.version("cam", 1, _i8(1, 1, 1, 1))
     wait_for(lambda: _mirrored(namespace, "cam", 1), 10, what="the mirror made again")
