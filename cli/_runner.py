@@ -9,6 +9,7 @@ does not cut the shutdown short.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import json
 import os
@@ -39,18 +40,30 @@ class ServiceLike(Protocol):
 
 @contextlib.contextmanager
 def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
-    """Inside the block, SIGTERM, SIGINT and SIGHUP call ``stop()``; the previous
+    """Inside the block, SIGTERM, SIGINT and SIGHUP call ``stop()`` (in a thread of
+    its own: :func:`_stop_apart`); the previous
     handlers come back after it. Outside the main thread (tests calling ``main``
     from a thread) signals cannot be handled there, and nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop()) for sig in STOP_SIGNALS}
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: _stop_apart(stop)) for sig in STOP_SIGNALS
+    }
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _stop_apart(stop: Callable[[], None]) -> None:
+    """A stop signal's handler: ``stop()`` in a thread of its own. A handler runs in
+    the main thread wherever it is; there ``stop()`` (an ``Event.set``) could need a
+    lock that very thread holds (inside its ``stop.wait()`` between two versions),
+    and waited for it for ever. A bare ``_thread`` thread takes none of
+    ``threading``'s locks to start."""
+    _thread.start_new_thread(stop, ())
 
 
 def print_ready(prefix: str, info: dict[str, Any], *, stream: Any = None) -> None:

@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -49,6 +51,45 @@ def test_broker_stops_cleanly_on_each_signal(namespace: str, sig: signal.Signals
         broker.stop()
     assert Segment.list(namespace) == []
     assert not runtime_dir(namespace).exists()
+
+
+_SIGNAL_IN_EVENT_WAIT = """
+import os, signal, threading
+from shmcast.cli._runner import stop_on_signals
+
+stop = threading.Event()
+with stop_on_signals(stop.set):
+    # The main thread inside Event.wait's locked part (CPython's Event: a Condition
+    # over a plain Lock), as `publish` is 200 times a second between versions.
+    with stop._cond:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs here, the lock held
+            pass
+    print("stopped" if stop.wait(5) else "not stopped", flush=True)
+"""
+
+
+def test_a_stop_signal_while_the_main_thread_is_in_its_events_wait_stops_it() -> None:
+    """The stop signals' handler called ``stop()`` (``Event.set``) in the main thread,
+    wherever it was: arriving while that thread held the Event's lock (in
+    ``stop.wait()``, between two versions of ``publish``), it waited for that lock
+    for ever: a `shmcast publish` SIGTERMed in a fresh-clone `make test` printed no
+    done line in 10 s, and was killed. The handler now hands ``stop()`` to a thread
+    of its own."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SIGNAL_IN_EVENT_WAIT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the stop signal's handler hung on the lock of the Event it sets")
+    assert proc.returncode == 0, err
+    assert out.strip() == "stopped"
 
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
