@@ -253,6 +253,11 @@ class Subscriber(Closing):
         #: The aupdates() iterators waiting on the SUB socket's fd (``events``): the
         #: loop's one reader on it wakes each of them (tasks may share a subscriber).
         self._fd_wakers: list[_Waker] = []
+        #: The helper thread of each event loop whose aupdates() iterators sleep on
+        #: the notify words (``shm``, ``futex``): one per loop, shared by its
+        #: iterators, ending at its next slice after the last of them leaves.
+        self._watches: dict[asyncio.AbstractEventLoop, _Watch] = {}
+        self._watch_lock = threading.Lock()
         try:
             if wait == "events":
                 self._connect(broker, timeout, heartbeat_timeout)
@@ -766,10 +771,11 @@ class Subscriber(Closing):
         """``async for update in sub.aupdates(timeout=...)``: the same updates and
         counters as :meth:`updates`, on the running asyncio loop, which keeps
         serving other tasks while it waits. ``events`` has the loop watch the SUB
-        socket; ``shm`` and ``futex`` have one helper thread per iterator (whatever
-        the number of segments; started at its first wait) sleep on the notify
-        words, GIL released, and wake
-        the loop when one moves; ``spin`` polls on the loop between other tasks.
+        socket; ``shm`` and ``futex`` have one helper thread per subscriber and
+        event loop (whatever the number of segments and iterators; started at an
+        iterator's first wait, ending within 0.1 s of its last iterator's end) sleep
+        on the notify words, GIL released, and wake the loop's iterators when one
+        moves; ``spin`` polls on the loop between other tasks.
         Do not iterate :meth:`updates` and :meth:`aupdates` at the same time.
         Several tasks may each iterate :meth:`aupdates` of one subscriber: each version
         goes to one of them, and each task's update is settled (delivered, overrun or
@@ -1370,12 +1376,8 @@ class _Waker:
     """What an :meth:`Subscriber.aupdates` iterator sleeps on, without blocking the loop.
 
     ``events``: the loop watches the SUB socket's file descriptor. ``shm`` and
-    ``futex``: one helper thread sleeps on the notify words (segments' and the
-    namespace word's; never on version numbers, which the loop is consuming) and
-    calls the loop whenever one moves. It loads the words before it calls, and
-    the loop clears its flag before it looks at the segments, so a commit between
-    the two is never lost: either the loop's look sees it, or the words differ
-    from what the thread sleeps on. ``spin`` needs neither.
+    ``futex``: the loop's helper thread (a :class:`_Watch`) wakes it. ``spin``
+    needs neither.
     """
 
     def __init__(self, sub: Subscriber, loop: asyncio.AbstractEventLoop) -> None:
@@ -1385,10 +1387,8 @@ class _Waker:
         self._fut: asyncio.Future[None] | None = None
         self._stop = False
         self._fd: int | None = None
-        self._thread: threading.Thread | None = None
-        #: The segments the helper thread sleeps on now (their ids): one attached
-        #: since its sleep began wakes nobody until that sleep's slice ends.
-        self._watching: frozenset[int] = frozenset()
+        #: The loop's helper thread, joined at this iterator's first wait.
+        self._watch: _Watch | None = None
         if sub._sub is not None:
             fd = sub._sub.getsockopt(zmq.FD)
             assert isinstance(fd, int)
@@ -1405,11 +1405,13 @@ class _Waker:
             # iterator of this loop. Before, each iterator's own reader replaced the
             # last, and the other tasks' iterators woke only on their 50 ms step.
             loop.add_reader(fd, _wake_all, sub._fd_wakers, loop)
-        #: ``shm`` and ``futex`` sleep in a helper thread, started by the first wait:
-        #: an iterator that only takes what is queued (``break`` after one update,
-        #: ``timeout=0``) needs none. Before, every iterator started one, which slept
-        #: on for up to WAIT_SLICE after its close (hundreds, in a loop that took
-        #: one update an iterator without yielding to the event loop).
+        #: ``shm`` and ``futex`` sleep in the loop's helper thread, joined (started
+        #: when the loop has none) by the first wait: an iterator that only takes
+        #: what is queued (``break`` after one update, ``timeout=0``) needs none.
+        #: Before, every iterator started one, which slept on for up to WAIT_SLICE
+        #: after its close (hundreds, in a loop that took one update an iterator
+        #: without yielding to the event loop; 42 at once, in one making iterators
+        #: with a 2 ms timeout).
         self._threaded = sub._sub is None and sub.mode != "spin"
 
     def clear(self) -> None:
@@ -1428,14 +1430,10 @@ class _Waker:
             return  # the socket's fd signals edges: what is queued already would not wake us
         if self._woken:
             return
-        if self._threaded and self._thread is None and not self._stop:
-            # Its first look wakes the loop: a commit since the loop's look is not lost.
-            self._thread = threading.Thread(
-                target=self._watch, name="shmcast-aupdates", daemon=True
-            )
-            self._thread.start()
-        if self._thread is not None:
-            watching = self._watching
+        if self._threaded and self._watch is None and not self._stop:
+            self._watch = _Watch.join(self._sub, self._loop, self)
+        if self._watch is not None:
+            watching = self._watch.watching
             if any(id(seg) not in watching for seg in self._sub._wait_segs):
                 # Attached after the helper thread began its sleep (at most
                 # WAIT_SLICE): the loop looks itself meanwhile. It slept through
@@ -1451,37 +1449,11 @@ class _Waker:
             timer.cancel()
             self._fut = None
 
-    def _watch(self) -> None:
-        sub = self._sub
-        loop = self._loop
-        before: list[int] | None = None
-        while not self._stop and not sub._closed:
-            try:
-                # Versions first, then the notify words: a commit after the first
-                # look ends the sleep below, one before it moved a word.
-                segs = list(sub._wait_segs)
-                self._watching = frozenset(map(id, segs))
-                afters = [seg.version for seg in segs]
-                _, vals = notify_words(segs, sub._word)
-            except (ValueError, TypeError, ShmcastError):  # closed under us: look again
-                segs, afters, vals = [], [], []
-            if vals != before:
-                try:
-                    loop.call_soon_threadsafe(self._wake)
-                except RuntimeError:  # the loop is closed
-                    return
-            before = vals
-            try:
-                # Announced in each segment's waiters word (the segments' writers
-                # wake it), and on the namespace word: as the synchronous wait.
-                word = sub._word
-                seen = vals[0] if word is not None and vals else 0
-                wait_segments(segs, afters, WAIT_SLICE, word=word, seen=seen)
-            except (ValueError, OSError, ShmcastError):
-                time.sleep(0.001)
-
     def close(self) -> None:
         self._stop = True
+        if self._watch is not None:
+            self._watch.leave(self)
+            self._watch = None
         if self._fd is not None:
             # An iterator left with ``break`` is closed when it is collected, maybe
             # after the next one registered on the same fd: the reader goes with the
@@ -1493,6 +1465,99 @@ class _Waker:
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(self._fd)
             self._fd = None
+
+
+class _Watch:
+    """The helper thread of one (:class:`Subscriber`, event loop): it sleeps on the
+    notify words (segments' and the namespace word's; never on version numbers,
+    which the loop is consuming) and wakes the loop's ``aupdates()`` iterators
+    waiting on them (:class:`_Waker`) whenever one moves.
+
+    It loads the words before it calls the loop, and an iterator clears its flag
+    before it looks at the segments, so a commit between the two is never lost:
+    either the look sees it, or the words differ from what the thread sleeps on
+    and its next load (after the commit) calls the loop again, which wakes every
+    iterator joined by then; a thread's first load calls it anyway (a commit
+    since the look of the iterator that started it). One thread serves all the
+    iterators of a loop, and ends at the end of its sleep (at most WAIT_SLICE)
+    once the last has left, unless another joins meanwhile.
+    """
+
+    __slots__ = ("_loop", "_sub", "thread", "wakers", "watching")
+
+    def __init__(self, sub: Subscriber, loop: asyncio.AbstractEventLoop) -> None:
+        self._sub = sub
+        self._loop = loop
+        self.wakers: list[_Waker] = []
+        self.thread: threading.Thread | None = None
+        #: The segments the thread sleeps on now (their ids): one attached since
+        #: its sleep began wakes nobody until that sleep's slice ends.
+        self.watching: frozenset[int] = frozenset()
+
+    @staticmethod
+    def join(sub: Subscriber, loop: asyncio.AbstractEventLoop, waker: _Waker) -> _Watch:
+        """``waker``'s loop's helper thread, started if the loop has none running."""
+        with sub._watch_lock:
+            watch = sub._watches.get(loop)
+            if watch is None:
+                watch = sub._watches[loop] = _Watch(sub, loop)
+            watch.wakers.append(waker)
+            if watch.thread is None:
+                watch.thread = threading.Thread(
+                    target=watch._run, name="shmcast-aupdates", daemon=True
+                )
+                watch.thread.start()
+        return watch
+
+    def leave(self, waker: _Waker) -> None:
+        with self._sub._watch_lock, contextlib.suppress(ValueError):
+            self.wakers.remove(waker)
+
+    def _done(self) -> bool:
+        """Whether the thread ends now: it is no longer needed (taken off its
+        subscriber's watches, so that the next iterator starts a new one)."""
+        sub = self._sub
+        with sub._watch_lock:
+            if self.wakers and not sub._closed and not self._loop.is_closed():
+                return False
+            self.thread = None
+            if sub._watches.get(self._loop) is self:
+                del sub._watches[self._loop]
+            return True
+
+    def _wake_all(self) -> None:
+        """In the loop: wake each iterator waiting on this thread."""
+        for waker in list(self.wakers):
+            waker._wake()
+
+    def _run(self) -> None:
+        sub = self._sub
+        loop = self._loop
+        before: list[int] | None = None
+        while not self._done():
+            try:
+                # Versions first, then the notify words: a commit after the first
+                # look ends the sleep below, one before it moved a word.
+                segs = list(sub._wait_segs)
+                self.watching = frozenset(map(id, segs))
+                afters = [seg.version for seg in segs]
+                _, vals = notify_words(segs, sub._word)
+            except (ValueError, TypeError, ShmcastError):  # closed under us: look again
+                segs, afters, vals = [], [], []
+            if vals != before:
+                try:
+                    loop.call_soon_threadsafe(self._wake_all)
+                except RuntimeError:  # the loop is closed: the next look ends the thread
+                    continue
+            before = vals
+            try:
+                # Announced in each segment's waiters word (the segments' writers
+                # wake it), and on the namespace word: as the synchronous wait.
+                word = sub._word
+                seen = vals[0] if word is not None and vals else 0
+                wait_segments(segs, afters, WAIT_SLICE, word=word, seen=seen)
+            except (ValueError, OSError, ShmcastError):
+                time.sleep(0.001)
 
 
 def _wake_all(wakers: list[_Waker], loop: asyncio.AbstractEventLoop) -> None:

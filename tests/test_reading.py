@@ -640,6 +640,37 @@ def test_an_aupdates_that_only_takes_queued_updates_starts_no_thread(namespace: 
         seg.close()
 
 
+def test_short_aupdates_iterators_share_one_helper_thread(namespace: str) -> None:
+    """Iterators made one after another with a 2 ms timeout, each waiting once:
+    each started a helper thread of its own, which slept on for up to 0.1 s after
+    its iterator ended (42 alive at once). The iterators of one subscriber and loop
+    share one thread now; the updates still all arrive."""
+    seg = Segment.create("h", "i8", (2,), slots=16, namespace=namespace)
+    try:
+        with Subscriber("h", namespace=namespace, wait="futex") as sub:
+
+            async def run() -> tuple[list[int], int]:
+                got: list[int] = []
+                peak = 0
+                before = set(threading.enumerate())  # other tests' may still be ending
+                for i in range(60):
+                    if i % 10 == 0:
+                        seg.write(np.full(2, i, "i8"))
+                    async for up in sub.aupdates(timeout=0.002):
+                        got.append(up.version)
+                    new = set(threading.enumerate()) - before
+                    peak = max(peak, sum(t.name == "shmcast-aupdates" for t in new))
+                return got, peak
+
+            got, peak = asyncio.run(run())
+        assert got == [1, 2, 3, 4, 5, 6]
+        # One thread; for a moment two, one that just found itself unneeded.
+        assert peak <= 2
+    finally:
+        seg.unlink()
+        seg.close()
+
+
 def test_versions_learnt_but_never_handed_out_are_counted_at_close(
     namespace: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
