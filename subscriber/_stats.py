@@ -6,6 +6,16 @@ segment::
 
     updates + missed + overrun + torn == versions published
 
+except the versions of an incarnation the subscriber never saw: one created,
+written and deleted between two of its looks at the segment's path. It looks when
+the namespace word (``shm``, ``futex``) or a created/deleted announcement
+(``events``) says the catalog changed, and every 0.5 s, but only while
+:meth:`~Subscriber.updates` or :meth:`~Subscriber.aupdates` runs, not while the
+consumer works between two updates. Such an incarnation's versions are in no
+counter and it is not in ``incarnations``: once its object is gone nothing tells
+how many versions it had (in ``events`` mode its announcements carry no
+incarnation, and cannot be told from another incarnation's).
+
 - ``updates``: versions delivered. A version is delivered when its
   :class:`Update` was handed to the consumer and the consumer is done with it:
   if the consumer reads it (``sub.read(update)``, ``sub.copy(update)``) before

@@ -333,3 +333,42 @@ def test_the_first_commit_of_a_segment_made_again_is_announced_at_once(
     finally:
         sub.close(0)
         broker.close()
+
+
+def test_an_incarnation_made_and_deleted_between_two_looks_is_in_no_counter(
+    namespace: str,
+) -> None:
+    """The counting contract's one exception, as documented in ``_stats.py``: an
+    incarnation that came and went while the subscriber did not look (here: its
+    consumer between two ``updates()`` loops) was never seen. Its versions are in
+    no counter and it is not in ``incarnations``: nothing left says how many it had."""
+    made: list[Segment] = []
+
+    def make() -> Segment:
+        made.append(Segment.create("g", "i8", (2,), slots=8, namespace=namespace))
+        return made[-1]
+
+    try:
+        first = make()
+        with Subscriber("g", namespace=namespace, wait="futex") as sub:
+            for i in range(4):
+                first.write(np.full(2, i, "i8"))
+            _take(sub, "g", lambda st: st.last_version == 4)
+            first.unlink()
+            unseen = make()
+            for i in range(5):
+                unseen.write(np.full(2, i, "i8"))
+            unseen.unlink()
+            last = make()
+            for i in range(3):
+                last.write(np.full(2, i, "i8"))
+            got = _take(sub, "g", lambda st: st.incarnations == 2 and st.last_version == 3)
+            st = sub.stats["g"]
+        assert {up.incarnation for up in got} == {last.incarnation}
+        assert (st.updates, st.missed, st.overrun, st.torn) == (7, 0, 0, 0)
+        assert st.accounted == 4 + 3  # of the 12 published: the unseen one's 5 in none
+    finally:
+        for seg in made:
+            with contextlib.suppress(SegmentNotFoundError):
+                seg.unlink()
+            seg.close()
