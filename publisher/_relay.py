@@ -17,8 +17,19 @@ catalog.
 - Latest value: versions the relay never commits (skipped upstream because the
   relay or the link was slower, or torn) are counted per segment
   (``shmcast_relay_versions_skipped_total``), from version 1 for a segment made
-  upstream while the relay runs; nothing queues without bound (the upstream keeps
-  at most ``window`` messages in flight, and the relay holds no more than that).
+  (or made again) upstream while the relay runs; nothing queues without bound (the
+  upstream keeps at most ``window`` messages in flight, and the relay holds no
+  more than that). What is counted of each incarnation runs from that first
+  version (else from the first one received) to the last one received. In no
+  counter: a segment's versions before the first one received when the upstream
+  served it already as the relay joined (a late joiner starts from the latest);
+  those an incarnation committed after the last one received, before it was
+  deleted or made again (the stream sends only latest versions, and a
+  heartbeat's latest carries no incarnation to say whose it is); and an
+  incarnation that came and went upstream with none of its versions sent. A
+  segment deleted upstream (missing from a heartbeat) has its counts forgotten
+  with its mirror: a name that comes back counts again from 0 (its series was
+  gone from the metrics meanwhile).
 - Bounds: a data header is checked (version, commit time, the payload's size
   against its layout) before a mirror is made or dropped for it, and at most
   ``max_mirrors`` mirrors of at most ``max_mirror_bytes`` each are held; versions

@@ -530,3 +530,28 @@ def test_an_upstream_going_down_makes_no_mirror_deleted_here_again(
     finally:
         r.close()
         up.close()
+
+
+def test_what_a_relay_counts_of_an_incarnation_it_did_not_see_to_its_end(
+    relay: tuple[Relay, _Upstream], namespace: str
+) -> None:
+    """The counting the relay's docstring states: versions 1-2 of one creation sent,
+    a heartbeat says it reached 5, then the next creation comes at its version 3.
+    Counted: the 3 received, and the new creation's versions 1-2 (skipped). Not
+    counted: the old creation's 3-5, committed after the last one sent (a heartbeat
+    carries no incarnation, so its 5 may as well be the new creation's)."""
+    r, up = relay
+    up.send(b"hb", {"epoch": 1, "ts": 1, "latest": {}})
+    for v in (1, 2):
+        up.version("cam", v, _i8(v, v, v, v), incarnation=7)
+        wait_for(lambda v=v: _mirrored(namespace, "cam", v), 10, what=f"version {v}")
+    up.send(b"hb", {"epoch": 1, "ts": 2, "latest": {"cam": 5}})
+    up.version("cam", 3, _i8(3, 3, 3, 3), incarnation=8)
+
+    def renewed() -> bool:
+        c = r.stats().segments["cam"]
+        return _mirrored(namespace, "cam", 3) and c.received == 3
+
+    wait_for(renewed, 10, what="the new incarnation mirrored")
+    c = r.stats().segments["cam"]
+    assert (c.received, c.skipped, c.torn, c.stale, c.refused) == (3, 2, 0, 0, 0)
