@@ -41,7 +41,13 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("segment", help="segment name")
-    p.add_argument("--source", choices=["ticks", "frames", "random"], default="random")
+    p.add_argument(
+        "--source",
+        choices=["ticks", "frames", "random"],
+        default="random",
+        help="the feed: ticks (256 market-data records), frames (512x512 uint16), or "
+        "random (needs --dtype and --shape)",
+    )
     p.add_argument("--dtype", help="numpy dtype (random source), e.g. float64")
     p.add_argument("--shape", type=parse_shape, help="array shape, e.g. 512,512")
     p.add_argument(

@@ -67,9 +67,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--spin", action="store_true", help="same as --wait spin")
     p.add_argument(
-        "--metrics-port", type=port_number, metavar="PORT", help="serve Prometheus metrics"
+        "--metrics-port",
+        type=port_number,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port, 0 picks one (default: none)",
     )
-    p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR", help="metrics address")
     p.add_argument(
         "--name",
         type=_label,

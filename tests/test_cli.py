@@ -925,6 +925,30 @@ def test_doctor_help_says_it_checks_every_namespace_by_default(
     assert "else 'default'" not in out
 
 
+def test_every_option_with_a_default_shows_it_in_help() -> None:
+    """The README promises each option's default in --help. Before, an option with a
+    default and no help text showed neither (argparse formats no help at all):
+    ``publish --source`` (random) and ``subscribe --metrics-host`` (127.0.0.1)."""
+    import argparse
+
+    from shmcast.cli._main import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    hidden = []
+    for command, p in commands.choices.items():
+        formatter = p._get_formatter()
+        for action in p._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            if action.default in (None, False, argparse.SUPPRESS):
+                continue
+            text = (formatter._get_help_string(action) or "") if action.help else ""
+            if "default" not in text and str(action.default) not in text:
+                hidden.append(f"{command} {action.option_strings[0]}={action.default!r}")
+    assert not hidden
+
+
 @pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("unshare"),
     reason="needs root and unshare(1) to give a process a /dev/shm of its own",
