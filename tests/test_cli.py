@@ -146,6 +146,26 @@ def test_publish_with_slots_the_broker_refuses_exits_2(
     assert Segment.list(namespace) == []
 
 
+def test_publish_feeds_a_declared_segment_with_the_slots_it_has(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """configs/broker.toml declares ``frames`` with 3 slots. Before, the README's
+    ``shmcast publish frames --source frames`` into it was refused ("exists as ...
+    slots=3, requested ... slots=2"): ``--slots`` asked for 2 by default."""
+    from shmcast.broker import SegmentSpec
+
+    spec = SegmentSpec("frames", "uint16", (8, 8), slots=3)
+    with Broker(BrokerConfig(namespace=namespace, segments=(spec,))).start():
+        argv = ["publish", "frames", "--source", "frames", "--shape", "8,8", "--rate", "0"]
+        assert main([*argv, "--count", "2", "-n", namespace]) == 0
+        with Segment.attach("frames", namespace=namespace) as seg:
+            assert (seg.version, seg.slots) == (2, 3)
+        capsys.readouterr()
+        # Asked for in so many words, another ring is still refused, naming both.
+        assert main([*argv, "--count", "1", "--slots", "2", "-n", namespace]) == 1
+        assert "slots=3, requested" in capsys.readouterr().err
+
+
 def test_a_book_of_ticks_too_large_is_refused_by_the_publisher_not_a_traceback(
     namespace: str, thread_broker: Broker, capsys: pytest.CaptureFixture[str]
 ) -> None:
