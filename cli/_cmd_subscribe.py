@@ -61,9 +61,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--wait",
         choices=["shm", "events", "futex", "spin"],
-        default="shm",
         help="how to learn of versions: shared memory (futex on the segments and the "
-        "namespace word), the broker's announcements, futex without a broker, busy-poll",
+        "namespace word), the broker's announcements, futex without a broker, busy-poll "
+        "(default: shm)",
     )
     p.add_argument("--spin", action="store_true", help="same as --wait spin")
     p.add_argument(
@@ -83,7 +83,15 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    wait: WaitMode = "spin" if args.spin else args.wait
+    if args.spin and args.wait not in (None, "spin"):
+        # Before, --spin won silently: `--wait events --spin` busy-polled a core.
+        print(
+            f"shmcast subscribe: error: --spin is --wait spin: give one of --spin and "
+            f"--wait {args.wait}",
+            file=sys.stderr,
+        )
+        return 2
+    wait: WaitMode = "spin" if args.spin else (args.wait or "shm")
     stop = threading.Event()
     endpoint = broker_endpoint(args)
     broker = endpoint if wait in ("shm", "events") else None

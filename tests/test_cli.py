@@ -97,6 +97,8 @@ def test_ls_json_from_the_broker_and_from_dev_shm(
         # No broker: --slots 1 waited 5 s for one, then "no broker answered", exit 1.
         (["publish", "x", "--dtype", "f8", "--shape", "4", "--slots", "1"], "2 to 64 slots"),
         (["publish", "x", "--dtype", "f8", "--shape", "4", "--slots", "65"], "2 to 64 slots"),
+        # Two wait modes: --spin won silently, busy-polling where events were asked for.
+        (["subscribe", "x", "--wait", "events", "--spin"], "--spin is --wait spin"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_problem(
