@@ -82,7 +82,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     add_broker_option(p, "the local broker's")
     p.add_argument(
-        "--metrics-port", type=port_number, metavar="PORT", help="serve Prometheus metrics"
+        "--metrics-port",
+        type=port_number,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port, 0 picks one (default: none)",
     )
     p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (127.0.0.1)")
 

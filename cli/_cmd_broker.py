@@ -34,16 +34,30 @@ A restarted broker adopts the valid segments a stopped or crashed one left behin
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML configuration (see configs/broker.toml)")
-    p.add_argument("--control", metavar="ENDPOINT", help="control endpoint of writers (the owner)")
     p.add_argument(
-        "--control-ro", metavar="ENDPOINT", help="control endpoint of readers (read-only)"
+        "--control",
+        metavar="ENDPOINT",
+        help="control endpoint of writers, the owner (default: ipc://.../control.sock in "
+        "the namespace's runtime directory)",
     )
-    p.add_argument("--events", metavar="ENDPOINT", help="announcement endpoint")
+    p.add_argument(
+        "--control-ro",
+        metavar="ENDPOINT",
+        help="control endpoint of readers, read-only (default: ipc://.../control-ro.sock)",
+    )
+    p.add_argument(
+        "--events",
+        metavar="ENDPOINT",
+        help="announcement endpoint (default: ipc://.../events.sock)",
+    )
     p.add_argument(
         "--data", metavar="ENDPOINT", help="data stream for relays, tcp://ADDR:PORT (default: none)"
     )
     p.add_argument(
-        "--metrics-port", type=port_number, metavar="PORT", help="serve Prometheus metrics"
+        "--metrics-port",
+        type=port_number,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port, 0 picks one (default: none)",
     )
     p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (default 127.0.0.1)")
     p.add_argument(

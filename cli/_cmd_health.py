@@ -14,7 +14,7 @@ HELP = "check that a broker answers (exit 0) or not (exit 1): for HEALTHCHECK an
 EXAMPLES = """\
 examples:
   shmcast health                                  the namespace's broker, default endpoint
-  shmcast health --broker tcp://broker:5555       a broker over TCP (Docker, Kubernetes)
+  shmcast health --broker tcp://127.0.0.1:5555    a broker over TCP (compose, Kubernetes)
 
 --broker defaults to $SHMCAST_BROKER, else the namespace's ipc endpoint. With
 --namespace (or $SHMCAST_NAMESPACE) set, a broker of another namespace is unhealthy.

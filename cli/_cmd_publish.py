@@ -8,7 +8,13 @@ import threading
 import time
 
 from shmcast.broker import MAX_SLOTS, normalize_layout, parse_dtype
-from shmcast.broker.errors import LayoutError
+from shmcast.broker.client import (
+    ControlClient,
+    check_broker_namespace,
+    resolve_namespace,
+    validate_segment_name,
+)
+from shmcast.broker.errors import LayoutError, SegmentNotFoundError
 from shmcast.publisher import Feed, Publisher, make_feed
 
 from ._options import add_broker_option, broker_endpoint, per_second, ring_slots, whole_number
@@ -41,14 +47,20 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("segment", help="segment name")
-    p.add_argument("--source", choices=["ticks", "frames", "random"], default="random")
+    p.add_argument(
+        "--source",
+        choices=["ticks", "frames", "random"],
+        default="random",
+        help="the feed: ticks (256 market-data records), frames (512x512 uint16), or "
+        "random (needs --dtype and --shape)",
+    )
     p.add_argument("--dtype", help="numpy dtype (random source), e.g. float64")
     p.add_argument("--shape", type=parse_shape, help="array shape, e.g. 512,512")
     p.add_argument(
         "--slots",
         type=ring_slots,
-        default=2,
-        help=f"ring size (2-{MAX_SLOTS}) when the segment is created",
+        help=f"ring size (2-{MAX_SLOTS}) of a segment created now; given, an existing "
+        "segment must have as many (default: the existing segment's, else 2)",
     )
     p.add_argument(
         "--rate", type=per_second, default=10.0, help="versions per second (0: flat out)"
@@ -86,15 +98,33 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _existing_slots(args: argparse.Namespace) -> int | None:
+    """The slots of the segment as the broker describes it; ``None`` when it does
+    not exist yet. Without ``--slots`` a segment declared in the broker's config
+    (``frames`` with 3 slots in configs/broker.toml) is fed as it is: before, the
+    default 2 was asked for and refused as another layout."""
+    name = validate_segment_name(args.segment)  # before any broker is asked
+    namespace = resolve_namespace(args.namespace)
+    with ControlClient(broker_endpoint(args), timeout=5.0) as client:
+        check_broker_namespace(client, namespace)
+        try:
+            info = client.request("describe", name=name)
+        except SegmentNotFoundError:
+            return None
+    slots = info.get("slots")
+    return slots if isinstance(slots, int) and not isinstance(slots, bool) else None
+
+
 def _publish(args: argparse.Namespace, feed: Feed) -> int:
     stop = threading.Event()
     with stop_on_signals(stop.set):
         try:
+            slots = args.slots if args.slots is not None else (_existing_slots(args) or 2)
             pub = Publisher(
                 args.segment,
                 dtype=feed.dtype,
                 shape=feed.shape,
-                slots=args.slots,
+                slots=slots,
                 namespace=args.namespace,
                 broker=broker_endpoint(args),
                 announce=args.announce,

@@ -53,7 +53,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=0,
         help="stop after N versions, all segments together (0: never)",
     )
-    p.add_argument("--duration", type=seconds, help="stop after S seconds")
+    p.add_argument("--duration", type=seconds, help="stop after S seconds (default: until stopped)")
     p.add_argument(
         "--compression",
         choices=["none", "gzip", "lzf", "snappy", "zstd"],

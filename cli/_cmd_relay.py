@@ -29,9 +29,18 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--segments", nargs="+", metavar="PATTERN", help="fnmatch patterns (all)")
     add_broker_option(p, "the local broker's")
     p.add_argument("--window", type=int, metavar="N", help="messages in flight (8)")
-    p.add_argument("--heartbeat-timeout", type=positive_seconds, metavar="S", help="silence = down")
     p.add_argument(
-        "--metrics-port", type=port_number, metavar="PORT", help="serve Prometheus metrics"
+        "--heartbeat-timeout",
+        type=positive_seconds,
+        metavar="S",
+        help="seconds of silence before the upstream is called down (default: 3 upstream "
+        "heartbeats + 0.2 s)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=port_number,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port, 0 picks one (default: none)",
     )
     p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (127.0.0.1)")
     p.add_argument(

@@ -61,15 +61,18 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--wait",
         choices=["shm", "events", "futex", "spin"],
-        default="shm",
         help="how to learn of versions: shared memory (futex on the segments and the "
-        "namespace word), the broker's announcements, futex without a broker, busy-poll",
+        "namespace word), the broker's announcements, futex without a broker, busy-poll "
+        "(default: shm)",
     )
     p.add_argument("--spin", action="store_true", help="same as --wait spin")
     p.add_argument(
-        "--metrics-port", type=port_number, metavar="PORT", help="serve Prometheus metrics"
+        "--metrics-port",
+        type=port_number,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port, 0 picks one (default: none)",
     )
-    p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR", help="metrics address")
     p.add_argument(
         "--name",
         type=_label,
@@ -80,7 +83,15 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    wait: WaitMode = "spin" if args.spin else args.wait
+    if args.spin and args.wait not in (None, "spin"):
+        # Before, --spin won silently: `--wait events --spin` busy-polled a core.
+        print(
+            f"shmcast subscribe: error: --spin is --wait spin: give one of --spin and "
+            f"--wait {args.wait}",
+            file=sys.stderr,
+        )
+        return 2
+    wait: WaitMode = "spin" if args.spin else (args.wait or "shm")
     stop = threading.Event()
     endpoint = broker_endpoint(args)
     broker = endpoint if wait in ("shm", "events") else None

@@ -34,7 +34,7 @@ HELP = "live view: segments, rates, subscribers' lag and latency, /dev/shm use (
 EXAMPLES = """\
 examples:
   shmcast top                               the namespace's broker, refreshed every second
-  shmcast top --broker tcp://broker:5555    a broker over TCP (e.g. in another container)
+  shmcast top --broker tcp://127.0.0.1:5555 a broker over TCP (docker/compose.yaml's)
   shmcast top --once                        one plain frame (scripts, logs)
 
 --broker defaults to $SHMCAST_BROKER (set in the containers of docker/compose.yaml),

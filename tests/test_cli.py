@@ -97,6 +97,8 @@ def test_ls_json_from_the_broker_and_from_dev_shm(
         # No broker: --slots 1 waited 5 s for one, then "no broker answered", exit 1.
         (["publish", "x", "--dtype", "f8", "--shape", "4", "--slots", "1"], "2 to 64 slots"),
         (["publish", "x", "--dtype", "f8", "--shape", "4", "--slots", "65"], "2 to 64 slots"),
+        # Two wait modes: --spin won silently, busy-polling where events were asked for.
+        (["subscribe", "x", "--wait", "events", "--spin"], "--spin is --wait spin"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_problem(
@@ -144,6 +146,26 @@ def test_publish_with_slots_the_broker_refuses_exits_2(
     assert exc.value.code == 2
     assert "argument --slots: '1': give a ring of 2 to 64 slots" in capsys.readouterr().err
     assert Segment.list(namespace) == []
+
+
+def test_publish_feeds_a_declared_segment_with_the_slots_it_has(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """configs/broker.toml declares ``frames`` with 3 slots. Before, the README's
+    ``shmcast publish frames --source frames`` into it was refused ("exists as ...
+    slots=3, requested ... slots=2"): ``--slots`` asked for 2 by default."""
+    from shmcast.broker import SegmentSpec
+
+    spec = SegmentSpec("frames", "uint16", (8, 8), slots=3)
+    with Broker(BrokerConfig(namespace=namespace, segments=(spec,))).start():
+        argv = ["publish", "frames", "--source", "frames", "--shape", "8,8", "--rate", "0"]
+        assert main([*argv, "--count", "2", "-n", namespace]) == 0
+        with Segment.attach("frames", namespace=namespace) as seg:
+            assert (seg.version, seg.slots) == (2, 3)
+        capsys.readouterr()
+        # Asked for in so many words, another ring is still refused, naming both.
+        assert main([*argv, "--count", "1", "--slots", "2", "-n", namespace]) == 1
+        assert "slots=3, requested" in capsys.readouterr().err
 
 
 def test_a_book_of_ticks_too_large_is_refused_by_the_publisher_not_a_traceback(
@@ -923,6 +945,30 @@ def test_doctor_help_says_it_checks_every_namespace_by_default(
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: $SHMCAST_NAMESPACE, else every namespace)" in out
     assert "else 'default'" not in out
+
+
+def test_every_option_with_a_default_shows_it_in_help() -> None:
+    """The README promises each option's default in --help. Before, an option with a
+    default and no help text showed neither (argparse formats no help at all):
+    ``publish --source`` (random) and ``subscribe --metrics-host`` (127.0.0.1)."""
+    import argparse
+
+    from shmcast.cli._main import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    hidden = []
+    for command, p in commands.choices.items():
+        formatter = p._get_formatter()
+        for action in p._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            if action.default in (None, False, argparse.SUPPRESS):
+                continue
+            text = (formatter._get_help_string(action) or "") if action.help else ""
+            if "default" not in text and str(action.default) not in text:
+                hidden.append(f"{command} {action.option_strings[0]}={action.default!r}")
+    assert not hidden
 
 
 @pytest.mark.skipif(

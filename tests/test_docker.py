@@ -399,6 +399,52 @@ def test_kubernetes_pod_shares_dev_shm_between_same_uid_containers() -> None:
     assert needed + config.max_segment_bytes <= size, f"sizeLimit {size} < {needed} + one more"
 
 
+#: The address a pod gets, standing in for the downward API's ``status.podIP``.
+POD_IP = "10.244.0.7"
+
+
+def _k8s_env(c: dict[str, Any]) -> dict[str, str]:
+    """A container's variables, ``status.podIP`` read as :data:`POD_IP`."""
+    env = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        else:
+            assert e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP", e
+            env[e["name"]] = POD_IP
+    return env
+
+
+def _k8s_args(c: dict[str, Any]) -> list[str]:
+    """A container's args with ``$(VAR)`` expanded from its variables, as the kubelet does."""
+    env = _k8s_env(c)
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["args"]]
+
+
+def test_kubernetes_metrics_are_served_where_prometheus_scrapes_the_pod() -> None:
+    # The annotations and the ports named metrics-* send Prometheus to the pod's
+    # address. A server on the pod's loopback refuses it (before: broker.toml's
+    # 127.0.0.1, and the subscriber's default).
+    parser = build_parser()
+    served = set()
+    for c in _containers():
+        args = parser.parse_args(_k8s_args(c))
+        if args.command == "broker":
+            config = resolve_config(
+                {}, config_file=str(DOCKER / "broker.toml"), environ=_k8s_env(c)
+            )
+            assert config.metrics_port is not None
+            assert config.metrics_host == POD_IP, f"{c['name']}: metrics on {config.metrics_host}"
+            served.add(config.metrics_port)
+        elif getattr(args, "metrics_port", None) is not None:
+            assert args.metrics_host == POD_IP, f"{c['name']}: metrics on {args.metrics_host}"
+            served.add(args.metrics_port)
+    annotations = _k8s()["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) in served
+    named = {p["containerPort"] for c in _containers() for p in c.get("ports", [])}
+    assert served == named
+
+
 def test_kubernetes_pod_runs_broker_first_with_health_probes_and_metrics() -> None:
     pod = _pod()
     parser = build_parser()
@@ -416,8 +462,7 @@ def test_kubernetes_pod_runs_broker_first_with_health_probes_and_metrics() -> No
         probe = c["readinessProbe"]["exec"]["command"]
         assert probe[0] == "shmcast"
         assert parser.parse_args(probe[1:]).command == "health"
-        env = {e["name"]: e["value"] for e in c.get("env", [])}
-        assert env.get("SHMCAST_NAMESPACE") == "demo", c["name"]
+        assert _k8s_env(c).get("SHMCAST_NAMESPACE") == "demo", c["name"]
         assert "--broker" not in c["args"], "the image's SHMCAST_BROKER is the pod's loopback"
     assert roles == {"broker", "publish", "subscribe"}
     config = resolve_config({}, config_file=str(DOCKER / "broker.toml"), environ={})
