@@ -1066,7 +1066,8 @@ class Broker(Service):
         }
 
     def _op_report(self, req: dict[str, Any]) -> None:
-        """One-way: a subscriber's counters (name, pid, per-segment lag and latency).
+        """One-way: a subscriber's counters (name, pid, per-segment lag and latency),
+        or with ``gone`` true its goodbye (its row leaves the table).
 
         Anyone who may connect, read-only clients included, may report: only the
         known counters are kept, as numbers, and only the :data:`MAX_REPORTS` most
@@ -1075,6 +1076,9 @@ class Broker(Service):
         name, pid, segs = req.get("name"), req.get("pid"), req.get("segments")
         if not isinstance(name, str) or not isinstance(pid, int) or not isinstance(segs, dict):
             raise ValueError("report needs 'name' (str), 'pid' (int) and 'segments' (map)")
+        if req.get("gone") is True:  # a subscriber closing: its row goes now
+            self._reports.pop((name[:64], pid), None)
+            return
         clean: dict[str, dict[str, int | float | None]] = {}
         for seg, counts in list(segs.items())[:REPORT_SEGMENTS]:
             if isinstance(seg, str) and len(seg) <= 128 and isinstance(counts, dict):

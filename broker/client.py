@@ -240,11 +240,13 @@ class ControlClient:
         self._sock.close(0)
         self._sock = self._new_socket(ctx)
 
-    def close(self) -> None:
+    def close(self, linger: float = 0.0) -> None:
+        """Close the connection; what is still queued may take ``linger`` seconds to
+        leave, in ZeroMQ's I/O thread (this returns at once)."""
         if self._closed:
             return
         self._closed = True
-        self._sock.close(0)
+        self._sock.close(int(linger * 1000))
 
     def __enter__(self) -> ControlClient:
         return self

@@ -87,6 +87,8 @@ WAIT_MODES: tuple[str, ...] = ("shm", "events", "futex", "spin")
 
 #: Seconds between the reports a subscriber sends its broker (``shm``, ``events``).
 REPORT_INTERVAL = 1.0
+#: Seconds the control socket may take, once closed, to send the broker our goodbye.
+GOODBYE_LINGER = 0.1
 #: Longest single wait of a reading loop: how soon it sees close() from another thread.
 WAIT_SLICE = 0.1
 #: Seconds between an ``aupdates()`` loop's own looks at a segment attached since its
@@ -1205,6 +1207,18 @@ class Subscriber(Closing):
         }
         self._client.send("report", name=self.name[:REPORT_NAME], pid=os.getpid(), segments=segs)
 
+    def _say_goodbye(self) -> None:
+        """Tell the broker we are gone, so ``shmcast top`` drops our row at once.
+        Before, a closed subscriber stayed in the table with its last report's counts
+        and a growing lag until the report expired (``REPORT_TTL``, 5 s)."""
+        if self._client is None or not self._next_report:  # never reported: no row
+            return
+        with contextlib.suppress(Exception):  # best effort: the row expires anyway
+            if self.broker_up:
+                self._client.send(
+                    "report", name=self.name[:REPORT_NAME], pid=os.getpid(), segments={}, gone=True
+                )
+
     # ------------------------------------------------------------------ closing
 
     def _check_open(self) -> None:
@@ -1216,6 +1230,7 @@ class Subscriber(Closing):
         return self._closed
 
     def _teardown(self) -> None:
+        self._say_goodbye()
         for tr in self._track_list:
             tr.seg = None
         for seg in [
@@ -1239,7 +1254,9 @@ class Subscriber(Closing):
             self._sub.close(0)
             self._sub = None
         if self._client is not None:
-            self._client.close()
+            # A moment for the goodbye to leave (in ZeroMQ's I/O thread; close does
+            # not wait for it).
+            self._client.close(linger=GOODBYE_LINGER)
             self._client = None
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ import termios
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 from shmcast.broker import Broker, BrokerConfig, ShmcastError
@@ -28,6 +29,8 @@ from shmcast.cli.testing import (
     start,
     wait_for,
 )
+from shmcast.publisher import Publisher
+from shmcast.subscriber import Subscriber
 
 SHMCAST = [sys.executable, "-m", "shmcast.cli"]
 
@@ -385,3 +388,41 @@ def test_render_gives_a_segment_made_again_no_rate() -> None:
     again = Sample(t=1.0, segments=[{"name": "r", "version": 3, "incarnation": 2}], stats=stats)
     assert re.search(r"^r\s+600\s+100\.0\s", "\n".join(render("ns", "ep", same, prev)), re.M)
     assert re.search(r"^r\s+3\s+-\s", "\n".join(render("ns", "ep", again, prev)), re.M)
+
+
+def test_a_closed_subscriber_leaves_the_table_at_once(
+    namespace: str, thread_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shmcast.broker._broker as broker_module
+
+    # Reports outlive the test: only the subscriber's goodbye can take its row away.
+    monkeypatch.setattr(broker_module, "REPORT_TTL", 3600.0)
+    assert thread_broker.endpoints is not None
+    with (
+        Publisher("ticks", dtype="f8", shape=(4,), namespace=namespace) as pub,
+        ControlClient(thread_broker.endpoints.control, timeout=5) as client,
+    ):
+        sub = Subscriber(["ticks"], namespace=namespace, name="leaving")
+        stayer = Subscriber(["ticks"], namespace=namespace, name="staying")
+        try:
+
+            def reported() -> set[str]:
+                pub.publish(np.zeros(4))
+                for s in (sub, stayer):  # a subscriber reports between updates
+                    for _ in s.updates(timeout=0.05):
+                        pass
+                return {r["name"] for r in client.request("subscribers")["subscribers"]}
+
+            wait_for(lambda: reported() == {"leaving", "staying"}, 10, 0.02, "both reports")
+            sub.close()
+            wait_for(
+                lambda: (
+                    [r["name"] for r in client.request("subscribers")["subscribers"]] == ["staying"]
+                ),
+                10,
+                0.02,
+                "the closed subscriber's row to go",
+            )
+        finally:
+            sub.close()
+            stayer.close()
