@@ -911,6 +911,11 @@ class Relay(Service):
             log.warning("mirror %s: %s upstream or here; recreating it", name, why)
             if recreated:
                 self._renewed.add(name)
+                c = self._counts.get(name)
+                if c is not None:
+                    # The old incarnation's latest is no version of this one (whose
+                    # numbers may be lower): the lag is measured from this version on.
+                    c.upstream_latest = 0
             with self._lock:
                 del self._mirrors[name]
             m.pub.close()

@@ -143,6 +143,29 @@ def test_a_new_upstream_incarnation_counts_the_versions_it_never_sent(
     assert (c.received, c.skipped) == (3, 9)
 
 
+def test_a_new_incarnation_with_lower_versions_shows_no_lag(
+    relay: tuple[Relay, _Upstream], namespace: str
+) -> None:
+    """Versions 1 and 5 of one creation mirrored, the next creation first sent at
+    version 2: the relay holds the upstream's latest, so there is no lag. The
+    old creation's 5 was kept as the upstream's latest until the next heartbeat:
+    `shmcast_relay_lag_versions` read 3."""
+    r, up = relay
+    for v in (1, 5):
+        up.version("cam", v, _i8(v, v, v, v), incarnation=7)
+        wait_for(lambda v=v: _mirrored(namespace, "cam", v), 10, what=f"version {v}")
+    up.version("cam", 2, _i8(2, 2, 2, 2), incarnation=8)
+    wait_for(lambda: r.stats().segments["cam"].last_version == 2, 10, what="the new incarnation")
+    assert r.stats().segments["cam"].upstream_latest == 2
+    samples = {
+        s.name: s.value
+        for family in RelayCollector(r).collect()
+        for s in family.samples
+        if s.labels.get("segment") == "cam"
+    }
+    assert samples["shmcast_relay_lag_versions"] == 0
+
+
 def test_a_heartbeat_forgets_what_the_relay_kept_of_names_gone_upstream(
     relay: tuple[Relay, _Upstream],
 ) -> None:
