@@ -27,9 +27,11 @@ catalog.
   deleted or made again (the stream sends only latest versions, and a
   heartbeat's latest carries no incarnation to say whose it is); and an
   incarnation that came and went upstream with none of its versions sent. A
-  segment deleted upstream (missing from a heartbeat) has its counts forgotten
-  with its mirror: a name that comes back counts again from 0 (its series was
-  gone from the metrics meanwhile).
+  segment deleted upstream (missing from a heartbeat) loses its mirror, not its
+  counters: a name that comes back counts on from them (its new incarnation from
+  version 1), as for a new incarnation. Those of the ``MAX_DELETED`` (1024) names
+  last deleted are kept; an older deletion's, and those of a name that counted
+  no version, are forgotten (names come and go upstream without bound).
 - Bounds: a data header is checked (version, commit time, the payload's size
   against its layout) before a mirror is made or dropped for it, and at most
   ``max_mirrors`` mirrors of at most ``max_mirror_bytes`` each are held; versions
@@ -117,6 +119,8 @@ LOCAL_TIMEOUT = 5.0
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 #: Names refused for the limits that are warned about (any number may come).
 MAX_WARNED = 1024
+#: Names deleted upstream whose counters are kept, to go on if they come back.
+MAX_DELETED = 1024
 
 
 @dataclass(frozen=True)
@@ -345,6 +349,8 @@ class Relay(Service):
         #: to count. A name the upstream makes later counts from its version 1.
         self._joined: set[str] = set()
         self._heard_names = False
+        #: Names deleted upstream whose counters are kept, oldest deletion first.
+        self._deleted: dict[str, None] = {}
         self._localbroker: LocalBroker | None = None
         self.upstream_up = False
         self.reconnects = 0
@@ -713,14 +719,30 @@ class Relay(Service):
         """A heartbeat lists every segment upstream serves us: a mirror missing from
         it was deleted there, so it is deleted here too, and whatever the relay
         kept of a name missing from it is forgotten (names come and go upstream
-        without bound). A cut link sends no heartbeat: then the mirrors keep
-        serving the last data."""
+        without bound), but for the counters of the ``MAX_DELETED`` names last
+        deleted that counted a version. A cut link sends no heartbeat: then the
+        mirrors keep serving the last data."""
         with self._lock:
             gone = [m for name, m in self._mirrors.items() if name not in upstream]
             for m in gone:
                 del self._mirrors[m.name]
+            # The counters of a name that counted a version go on if it comes back
+            # (Prometheus counters never go back, and the totals add up across its
+            # incarnations); its next incarnation counts from version 1 (it was made
+            # again while the relay ran). Those of the most recently deleted names
+            # only are kept: names come and go upstream without bound.
+            self._deleted = {n: None for n in self._deleted if n not in upstream}
             for name in [n for n in self._counts if n not in upstream]:
-                del self._counts[name]
+                c = self._counts[name]
+                if c.received or c.skipped or c.torn or c.stale or c.refused:
+                    c.last_version = c.upstream_latest = 0  # no version of it here now
+                    self._deleted[name] = None
+                else:
+                    del self._counts[name]
+            while len(self._deleted) > MAX_DELETED:
+                oldest = next(iter(self._deleted))
+                del self._deleted[oldest]
+                del self._counts[oldest]
             for name in [n for n in self._refused if n not in upstream]:
                 del self._refused[name]
         for held in (self._retry, self._waiting):
@@ -889,6 +911,11 @@ class Relay(Service):
             log.warning("mirror %s: %s upstream or here; recreating it", name, why)
             if recreated:
                 self._renewed.add(name)
+                c = self._counts.get(name)
+                if c is not None:
+                    # The old incarnation's latest is no version of this one (whose
+                    # numbers may be lower): the lag is measured from this version on.
+                    c.upstream_latest = 0
             with self._lock:
                 del self._mirrors[name]
             m.pub.close()

@@ -224,6 +224,11 @@ class Subscriber(Closing):
         #: iterator handed out the next: each is settled by its own read, by its
         #: iterator asking for the next, or at close() (tasks may share a subscriber).
         self._held: list[Update] = []
+        #: Held to hand an update out and to settle one (``_unsettled``, ``_held``,
+        #: and the counters ``updates``, ``overrun``, ``torn``): the event loops of
+        #: several threads may iterate aupdates() at once (outside ``_io``, which a
+        #: wait holds), and a read may end in any thread. Never held while waiting.
+        self._hand = threading.Lock()
         self._io = threading.RLock()
         self._next_report = 0.0
         self._next_paths = 0.0
@@ -668,14 +673,15 @@ class Subscriber(Closing):
 
     def _settle(self) -> None:
         """The consumer asked for the next update: the last one, unread, was delivered."""
-        up = self._unsettled
-        if up is not None:
-            self._unsettled = None
-            self._tracks[up.segment].st.updates += 1
+        with self._hand:
+            up = self._unsettled
+            if up is not None:
+                self._unsettled = None
+                self._tracks[up.segment].st.updates += 1
 
     def _take_unsettled(self, up: Update) -> bool:
         """Whether ``up`` was still to be settled (out, neither read nor delivered);
-        it no longer is: the caller counts it."""
+        it no longer is: the caller counts it. Called with ``_hand`` held."""
         if self._unsettled is up:
             self._unsettled = None
             return True
@@ -689,8 +695,9 @@ class Subscriber(Closing):
     def _settle_own(self, up: Update) -> None:
         """An aupdates() iterator asks for the next update: its last one, unread, was
         delivered (another task's stays theirs to settle)."""
-        if self._take_unsettled(up):
-            self._tracks[up.segment].st.updates += 1
+        with self._hand:
+            if self._take_unsettled(up):
+                self._tracks[up.segment].st.updates += 1
 
     # ------------------------------------------------------------------ updates
 
@@ -729,7 +736,8 @@ class Subscriber(Closing):
                         if self._closed:
                             raise ClosedError("subscriber") from exc
                         raise
-                    self._unsettled = update
+                    with self._hand:
+                        self._unsettled = update
                 yield update
         finally:
             if not self._closed:
@@ -779,9 +787,10 @@ class Subscriber(Closing):
         on the notify words, GIL released, and wake the loop's iterators when one
         moves; ``spin`` polls on the loop between other tasks.
         Do not iterate :meth:`updates` and :meth:`aupdates` at the same time.
-        Several tasks may each iterate :meth:`aupdates` of one subscriber: each version
-        goes to one of them, and each task's update is settled (delivered, overrun or
-        torn) by that task's read of it or its next step, as with one consumer.
+        Several tasks (of one event loop, or of several threads' loops) may each
+        iterate :meth:`aupdates` of one subscriber: each version goes to one of them,
+        and each task's update is settled (delivered, overrun or torn) by that
+        task's read of it or its next step, as with one consumer.
 
         Cancelling a task while it waits for the next update (``asyncio.wait_for(
         anext(it), t)`` timing out, ``asyncio.timeout``, ``task.cancel()``) ends that
@@ -805,13 +814,20 @@ class Subscriber(Closing):
                 if self._closed:
                     raise ClosedError("subscriber")
                 if pending:
-                    up = pending.popleft()
                     # Another task's iterator (or an iterator not closed yet) may have
                     # an update out: it is held, still its own to settle, and not
                     # replaced (counted nowhere) nor settled before its read ends.
-                    if self._unsettled is not None:
-                        self._held.append(self._unsettled)
-                    self._unsettled = mine = up
+                    # Under _hand: another thread's loop may hand one out at once
+                    # (both held the same update, and one's new one went uncounted),
+                    # or take the last one queued after this one looked.
+                    with self._hand:
+                        try:
+                            up = pending.popleft()
+                        except IndexError:
+                            continue
+                        if self._unsettled is not None:
+                            self._held.append(self._unsettled)
+                        self._unsettled = mine = up
                     yield up
                     self._settle_own(mine)
                     if timeout is not None:
@@ -1272,9 +1288,10 @@ class Subscriber(Closing):
         locked = self._io.acquire(timeout=CLOSE_WAIT)
         try:
             self._settle()
-            for up in self._held:  # out with other tasks, unread: delivered as news
-                self._tracks[up.segment].st.updates += 1
-            self._held.clear()
+            with self._hand:
+                for up in self._held:  # out with other tasks, unread: delivered as news
+                    self._tracks[up.segment].st.updates += 1
+                self._held.clear()
             self._drop_readers()
             # Versions learnt of but never handed out (a consumer that stopped early,
             # --count): counted, or they would be in no counter at all.
@@ -1345,7 +1362,8 @@ class _ExactRead:
                 f"{up!r} is not an update of this subscriber (it reads {sub.names}); "
                 f"read it with the subscriber that yielded it"
             )
-        self._counted = sub._unsettled is up or any(other is up for other in sub._held)
+        with sub._hand:
+            self._counted = sub._unsettled is up or any(other is up for other in sub._held)
         seg = sub._handles.get((up.segment, up.incarnation))
         try:
             if seg is None:
@@ -1357,8 +1375,10 @@ class _ExactRead:
                 )  # fmt: skip
             v, i, s, ts, mono = seg.acquire_timed(up.version)
         except (VersionUnavailableError, NoVersionError):
-            if self._counted and sub._take_unsettled(up):
-                sub._tracks[up.segment].st.overrun += 1
+            if self._counted:
+                with sub._hand:
+                    if sub._take_unsettled(up):
+                        sub._tracks[up.segment].st.overrun += 1
             if seg is None:
                 raise
             raise VersionUnavailableError(up.segment, up.version, seg.version, seg.slots) from None
@@ -1379,12 +1399,14 @@ class _ExactRead:
             if exc_type is None:
                 raise
             return
-        if self._counted and sub._take_unsettled(up):
-            st = sub._tracks[up.segment].st
-            if ok:
-                st.updates += 1
-            else:
-                st.torn += 1
+        if self._counted:
+            with sub._hand:
+                if sub._take_unsettled(up):
+                    st = sub._tracks[up.segment].st
+                    if ok:
+                        st.updates += 1
+                    else:
+                        st.torn += 1
         if not ok and exc_type is None:
             raise TornReadError(up.segment, up.version)
 
@@ -1442,9 +1464,19 @@ class _Waker:
             self._woken = True
 
     async def wait(self, step: float) -> None:
-        sock = self._sub._sub
-        if sock is not None and int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            return  # the socket's fd signals edges: what is queued already would not wake us
+        sub = self._sub
+        if sub._sub is not None:
+            # Under _io, as every use of the socket: close() (from another thread)
+            # closes it under that lock, and a ZeroMQ socket is not thread-safe
+            # (ZMQ_EVENTS processes its commands, as another loop's recv does).
+            # Before, a close between the look and the question ended the iterator
+            # with ZMQError ("Socket operation on non-socket"), not ClosedError.
+            with sub._io:
+                sock = sub._sub
+                if sub._closed or sock is None:
+                    return  # the iterator's next look says ClosedError
+                if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                    return  # the fd signals edges: what is queued already would not wake us
         if self._woken:
             return
         if self._threaded and self._watch is None and not self._stop:

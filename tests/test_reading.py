@@ -4,6 +4,7 @@ versions published in every wait mode, validated copies, asyncio."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -606,6 +607,163 @@ def test_aupdates_of_two_tasks_sharing_a_subscriber_add_up(namespace: str) -> No
         assert st.overrun == 1, st
         assert st.updates == len(got) - 1, st
         assert st.accounted == 12, st
+    finally:
+        seg.unlink()
+        seg.close()
+
+
+def test_aupdates_of_two_threads_handing_out_at_once_lose_and_double_nothing(
+    namespace: str,
+) -> None:
+    """Two threads' event loops iterate ``aupdates()`` of one subscriber; one has
+    ``a``'s version 1 out when the two hand out ``a``'s 2 and ``b``'s 1 at once.
+    The hand-off (the update out kept as held, the new one made the update out) ran
+    outside any lock: the second thread, between the first's two steps, held
+    version 1 too and made ``b``'s 1 the update out, which the first then replaced:
+    ``a`` 3 delivered of 2, ``b`` 0 of 1. A list that pauses the first thread in
+    its hand-off forces that order (for at most half a second)."""
+    segs = [Segment.create(n, "i8", (2,), slots=8, namespace=namespace) for n in ("a", "b")]
+    try:
+        with Subscriber(["a", "b"], namespace=namespace, wait="futex") as sub:
+            for seg, versions in zip(segs, (2, 1), strict=True):
+                for v in range(1, versions + 1):
+                    seg.write(np.full(2, v, "i8"))
+            first = asyncio.new_event_loop()
+            it = sub.aupdates(timeout=5)
+            try:
+                out = first.run_until_complete(anext(it))  # a's 1, the others queued
+                assert (out.segment, out.version) == ("a", 1)
+                paused, second_done, finish = (threading.Event() for _ in range(3))
+                got: dict[str, tuple[str, int]] = {}
+
+                class _PausingList(list[Update]):
+                    def append(self, up: Update) -> None:
+                        if threading.current_thread().name == "one" and not paused.is_set():
+                            paused.set()
+                            second_done.wait(0.5)  # the other's hand-off, unless it waits
+                        super().append(up)
+
+                sub._held = _PausingList()
+
+                def take(name: str, done: threading.Event | None) -> None:
+                    async def one() -> None:
+                        updates = sub.aupdates(timeout=5)
+                        up = await anext(updates)
+                        got[name] = (up.segment, up.version)
+                        if done is not None:
+                            done.set()
+                        await asyncio.to_thread(finish.wait, 10)
+                        await updates.aclose()
+
+                    asyncio.run(one())
+
+                threads = [threading.Thread(target=take, args=("one", None), name="one")]
+                threads[0].start()
+                assert paused.wait(10)
+                threads.append(threading.Thread(target=take, args=("two", second_done)))
+                threads[1].start()
+                for _ in range(1000):
+                    if len(got) == 2:
+                        break
+                    time.sleep(0.01)
+                finish.set()
+                for t in threads:
+                    t.join(10)
+                    assert not t.is_alive()
+                first.run_until_complete(it.aclose())
+            finally:
+                first.close()
+        assert sorted(got.values()) == [("a", 2), ("b", 1)]
+        a, b = sub.stats["a"], sub.stats["b"]
+        assert (a.updates, a.accounted, b.updates, b.accounted) == (2, 2, 1, 1), (a, b)
+    finally:
+        for seg in segs:
+            seg.unlink()
+            seg.close()
+
+
+def test_aupdates_of_two_threads_taking_the_last_queued_update_at_once(namespace: str) -> None:
+    """Two threads' event loops iterate ``aupdates()`` of one subscriber, one update
+    queued: both saw it queued, the other took it, and this one's ``popleft()``
+    ended its iterator with ``IndexError``. A queue that pauses the first thread
+    after its look forces that order (for at most half a second)."""
+    seg = Segment.create("q1", "i8", (2,), slots=4, namespace=namespace)
+    try:
+        with Subscriber("q1", namespace=namespace, wait="futex") as sub:
+            seg.write(np.full(2, 1, "i8"))
+            paused, second_done = threading.Event(), threading.Event()
+
+            class _PausingDeque(collections.deque[Update]):
+                def __len__(self) -> int:
+                    n = super().__len__()
+                    if threading.current_thread().name == "one" and not paused.is_set():
+                        paused.set()
+                        second_done.wait(0.5)  # the other's take, unless it waits
+                    return n
+
+            sub._pending = _PausingDeque()
+            with sub._io:
+                sub._collect()  # version 1 queued
+            got: dict[str, list[int] | BaseException] = {}
+
+            def take(name: str) -> None:
+                async def one() -> None:
+                    try:
+                        got[name] = [up.version async for up in sub.aupdates(timeout=0.2)]
+                    except Exception as exc:
+                        got[name] = exc
+                    if name == "two":
+                        second_done.set()
+
+                asyncio.run(one())
+
+            one = threading.Thread(target=take, args=("one",), name="one")
+            one.start()
+            assert paused.wait(10)
+            two = threading.Thread(target=take, args=("two",))
+            two.start()
+            for t in (one, two):
+                t.join(10)
+                assert not t.is_alive()
+        assert got == {"one": [], "two": [1]}
+    finally:
+        seg.unlink()
+        seg.close()
+
+
+def test_aupdates_closed_from_another_thread_as_it_looks_at_its_socket_says_closed(
+    namespace: str, thread_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``events``: an ``aupdates()`` iterator about to ask its SUB socket whether
+    something is queued (``ZMQ_EVENTS``) when another thread closes the subscriber.
+    The question was asked outside the lock close() takes: of the closed socket,
+    and the iterator ended with ``zmq.ZMQError`` ("Socket operation on
+    non-socket"), not ``ClosedError``. A stand-in for the zmq module closes it from
+    another thread right then (waiting at most 0.3 s for the close)."""
+    seg = Segment.create("ev", "i8", (2,), slots=4, namespace=namespace)
+    try:
+        sub = Subscriber("ev", namespace=namespace, wait="events")
+        closer = threading.Thread(target=sub.close)
+
+        class _ClosingZmq:
+            def __getattr__(self, name: str) -> object:
+                if name == "EVENTS" and not closer.is_alive() and not sub.closed:
+                    closer.start()
+                    closer.join(0.3)  # unless close() waits for the iterator's lock
+                return getattr(zmq, name)
+
+        async def run() -> None:
+            monkeypatch.setattr(subscriber_module, "zmq", _ClosingZmq())
+            async for _ in sub.aupdates(timeout=5):
+                pass
+
+        try:
+            with pytest.raises(ClosedError):
+                asyncio.run(run())
+        finally:
+            monkeypatch.undo()
+            closer.join(10)
+            sub.close()
     finally:
         seg.unlink()
         seg.close()

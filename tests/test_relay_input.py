@@ -143,6 +143,29 @@ def test_a_new_upstream_incarnation_counts_the_versions_it_never_sent(
     assert (c.received, c.skipped) == (3, 9)
 
 
+def test_a_new_incarnation_with_lower_versions_shows_no_lag(
+    relay: tuple[Relay, _Upstream], namespace: str
+) -> None:
+    """Versions 1 and 5 of one creation mirrored, the next creation first sent at
+    version 2: the relay holds the upstream's latest, so there is no lag. The
+    old creation's 5 was kept as the upstream's latest until the next heartbeat:
+    `shmcast_relay_lag_versions` read 3."""
+    r, up = relay
+    for v in (1, 5):
+        up.version("cam", v, _i8(v, v, v, v), incarnation=7)
+        wait_for(lambda v=v: _mirrored(namespace, "cam", v), 10, what=f"version {v}")
+    up.version("cam", 2, _i8(2, 2, 2, 2), incarnation=8)
+    wait_for(lambda: r.stats().segments["cam"].last_version == 2, 10, what="the new incarnation")
+    assert r.stats().segments["cam"].upstream_latest == 2
+    samples = {
+        s.name: s.value
+        for family in RelayCollector(r).collect()
+        for s in family.samples
+        if s.labels.get("segment") == "cam"
+    }
+    assert samples["shmcast_relay_lag_versions"] == 0
+
+
 def test_a_heartbeat_forgets_what_the_relay_kept_of_names_gone_upstream(
     relay: tuple[Relay, _Upstream],
 ) -> None:
@@ -152,6 +175,57 @@ def test_a_heartbeat_forgets_what_the_relay_kept_of_names_gone_upstream(
     up.send(b"hb", {"epoch": 1, "ts": 2, "latest": {"tmp0": 0}})
     wait_for(lambda: len(r.stats().segments) == 1, 10, what="the 49 gone names forgotten")
     assert set(r.stats().segments) == {"tmp0"}
+
+
+def test_the_counters_of_a_name_deleted_upstream_go_on_when_it_comes_back(
+    relay: tuple[Relay, _Upstream], namespace: str
+) -> None:
+    """Versions 1-2 mirrored, the segment deleted upstream (a heartbeat without it),
+    then made again and first sent at its version 3: the counters go on (3
+    received, the new incarnation's 1-2 skipped), in the stats and the metrics,
+    as the Zenoh bridge's importer counts. They went back to 0 with the mirror
+    (`received` 1): a Prometheus counter going backwards, the totals short."""
+    r, up = relay
+    up.send(b"hb", {"epoch": 1, "ts": 1, "latest": {}})
+    for v in (1, 2):
+        up.version("cam", v, _i8(v, v, v, v), incarnation=7)
+        wait_for(lambda v=v: _mirrored(namespace, "cam", v), 10, what=f"version {v}")
+    up.send(b"hb", {"epoch": 1, "ts": 2, "latest": {}})
+    wait_for(lambda: Segment.list(namespace) == [], 10, what="the mirror deleted")
+    c = r.stats().segments["cam"]
+    assert (c.received, c.skipped, c.last_version, c.upstream_latest) == (2, 0, 0, 0)
+    up.send(b"hb", {"epoch": 1, "ts": 3, "latest": {"cam": 3}})
+    up.version("cam", 3, _i8(3, 3, 3, 3), incarnation=8)
+    wait_for(lambda: r.stats().segments["cam"].last_version == 3, 10, what="version 3")
+    c = r.stats().segments["cam"]
+    assert (c.received, c.skipped, c.bytes) == (3, 2, 3 * 32)
+    samples = {
+        s.name: s.value
+        for family in RelayCollector(r).collect()
+        for s in family.samples
+        if s.labels.get("segment") == "cam"
+    }
+    assert samples["shmcast_relay_versions_received_total"] == 3
+    assert samples["shmcast_relay_versions_skipped_total"] == 2
+    assert samples["shmcast_relay_received_bytes_total"] == 3 * 32
+
+
+def test_the_counters_kept_of_names_deleted_upstream_are_bounded(
+    relay: tuple[Relay, _Upstream], namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Names come and go upstream without bound: the counters of the MAX_DELETED
+    names last deleted are kept, an older deletion's are forgotten."""
+    monkeypatch.setattr(_relay, "MAX_DELETED", 2)
+    r, up = relay
+    names = ["a", "b", "c"]
+    for name in names:
+        up.version(name, 1, _i8(1, 2, 3, 4))
+        wait_for(lambda n=name: _mirrored(namespace, n, 1), 10, what=f"{name} mirrored")
+    for i in range(len(names)):  # deleted upstream in turn: a, then b, then c
+        up.send(b"hb", {"epoch": 1, "ts": i + 1, "latest": {n: 1 for n in names[i + 1 :]}})
+    wait_for(lambda: Segment.list(namespace) == [], 10, what="the mirrors deleted")
+    wait_for(lambda: set(r.stats().segments) == {"b", "c"}, 10, what="a's counters forgotten")
+    assert r.stats().segments["c"].received == 1
 
 
 def test_a_segment_upstream_cannot_open_for_now_keeps_its_mirror(
