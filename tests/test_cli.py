@@ -1041,3 +1041,38 @@ def test_curve_key_files_that_are_wrong_are_refused_naming_the_key(
         assert named in capsys.readouterr().err, text
     assert main(["rm", "x", "--curve-keys", str(tmp_path / "none.toml")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_name_holding_a_backslash_does_not_print_as_one_holding_a_control_character(
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``printable`` left backslashes alone: a segment named with the four characters
+    ``\\x1b`` printed as one whose name holds an ESC, in ``ls``, ``doctor``, ``top``
+    and ``subscribe``. A backslash is doubled now."""
+    from shmcast.cli._cmd_subscribe import _missing
+    from shmcast.cli._text import printable
+
+    assert printable("a\\x1bb") == "a\\\\x1bb"
+    assert printable("a\x1bb") == "a\\x1bb"
+    assert printable("a\\b", shell=True) == "a\\b"  # doctor's fixes: quoted already
+    literal, control = "lit\\x1bz", "ctl\x1bz"
+    paths = [shm_path(namespace, n) for n in (literal, control)]
+    for path in paths:
+        Path(path).write_bytes(b"x")
+    try:
+        assert main(["ls", "-n", namespace, "--interval", "0"]) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out
+        rows = [line.split()[0] for line in out.splitlines()[1:] if line.startswith(("lit", "ctl"))]
+        assert sorted(rows) == ["ctl\\x1bz", "lit\\\\x1bz"], out
+        main(["doctor", "-n", namespace])
+        out = capsys.readouterr().out
+        assert "\x1b" not in out
+        assert "ctl\\x1bz" in out
+        assert "lit\\\\x1bz" in out
+        said = _missing("nope", namespace, f"ipc://{tmp_path}/none.sock")
+        assert "ctl\\x1bz" in said
+        assert "lit\\\\x1bz" in said
+    finally:
+        for path in paths:
+            os.unlink(path)
