@@ -47,6 +47,7 @@ from ._service import Service as Service
 from .errors import AccessError as AccessError
 from .errors import ArrayMismatchError as ArrayMismatchError
 from .errors import BrokerError as BrokerError
+from .errors import BrokerHandshakeError as BrokerHandshakeError
 from .errors import BrokerRunningError as BrokerRunningError
 from .errors import BrokerUnavailableError as BrokerUnavailableError
 from .errors import ClosedError as ClosedError
@@ -91,6 +92,7 @@ __all__ = [
     "Broker",
     "BrokerConfig",
     "BrokerError",
+    "BrokerHandshakeError",
     "BrokerRunningError",
     "BrokerStats",
     "BrokerUnavailableError",

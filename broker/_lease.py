@@ -6,6 +6,9 @@ without guessing and a new one can take over at once. A child forked from the
 writer shares that open file description (its inherited descriptors and
 mapping): at fork it moves its copies to descriptions of its own (``_segment``'s
 at-fork hook, :func:`remap_shared`), so the lease still dies with its opener.
+A descriptor another thread of the parent opened for a lease and had not locked yet
+at the fork is closed in the child (:func:`open_for_lease`): the parent's later
+``flock`` would lock the description the child shares, behind its hook's back.
 The header also names the writer (:class:`ProcessId`: pid plus start time, so
 pid reuse cannot fool anyone) for tools and error messages; the lock, not the
 header, decides.
@@ -13,10 +16,12 @@ header, decides.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import mmap
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +30,9 @@ from .errors import WriterBusyError
 
 __all__ = [
     "ProcessId",
+    "forget",
     "lease_held",
+    "open_for_lease",
     "prepare_remap",
     "process_start_time",
     "remap_shared",
@@ -35,6 +42,61 @@ __all__ = [
 #: Linux's MAP_FIXED (the same on x86-64 and aarch64; Python 3.11's mmap lacks it).
 _MAP_FIXED = 0x10
 _mmap_fn: Any = None
+
+#: Held from an ``open`` meant for a lease until the descriptor is in
+#: :data:`_unlocked`, and by a fork (at-fork ``before``): a fork never lands between
+#: the two. Never held across a ``flock``, a wait or a fork. Reentrant: a signal
+#: handler that forks in the thread that holds it does not deadlock.
+_opening = threading.RLock()
+#: Descriptors opened for a lease, not locked yet: descriptor -> its opener thread.
+_unlocked: dict[int, int] = {}
+
+
+def _before_fork() -> None:
+    _opening.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _opening.release()
+
+
+def _after_fork_in_child() -> None:
+    """Close the descriptors other threads of the parent were opening for a lease:
+    those threads are not in the child, nobody here will use them, and the parent's
+    coming ``flock`` would otherwise lock the description the child shares, after
+    the child's fork hook looked (the lease outlived its opener)."""
+    me = threading.get_ident()
+    for fd, opener in list(_unlocked.items()):
+        if opener != me:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            del _unlocked[fd]
+    _opening.release()
+
+
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
+
+
+def open_for_lease(path: str, flags: int, mode: int = 0o777) -> int:
+    """``os.open`` of a segment object whose description will take a ``flock`` (the
+    lease, or :func:`lease_held`'s probe): until :func:`forget` (which
+    :func:`take_lease` calls once the lock is taken), a child forked by another
+    thread closes its copy of the descriptor."""
+    with _opening:
+        fd = os.open(path, flags, mode)
+        _unlocked[fd] = threading.get_ident()
+    return fd
+
+
+def forget(fd: int) -> None:
+    """``fd`` (from :func:`open_for_lease`) holds its lock now, or is about to be
+    closed: a forked child keeps its copy (the fork hook moves a locked one). Call
+    it before ``os.close``: the number may be reused at once."""
+    _unlocked.pop(fd, None)
 
 
 @dataclass(frozen=True)
@@ -72,11 +134,15 @@ def take_lease(name: str, fd: int, writer_pid: int = 0) -> None:
 
     Retried for 0.2 s: a reader probing the lock (:func:`lease_held`) holds a
     shared lock for microseconds. ``writer_pid`` names the holder in the error.
+    ``fd`` comes from :func:`open_for_lease`; it is forgotten once locked (after the
+    ``flock``: a fork in between closes the child's copy), and left to the caller
+    to :func:`forget` and close when the lease is refused.
     """
     deadline = time.monotonic() + 0.2
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            forget(fd)
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
@@ -87,15 +153,17 @@ def take_lease(name: str, fd: int, writer_pid: int = 0) -> None:
 def lease_held(path: str) -> bool:
     """Whether some process holds the lease of the object at ``path`` (asked of the kernel)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_for_lease(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)  # before forget: a child forked after keeps none
     except BlockingIOError:
         return True
     finally:
-        os.close(fd)  # also drops our shared probe lock
+        forget(fd)
+        os.close(fd)
     return False
 
 

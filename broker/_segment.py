@@ -97,7 +97,15 @@ from ._layout import (
     slot_ctl_index,
     slot_stride,
 )
-from ._lease import ProcessId, lease_held, prepare_remap, remap_shared, take_lease
+from ._lease import (
+    ProcessId,
+    forget,
+    lease_held,
+    open_for_lease,
+    prepare_remap,
+    remap_shared,
+    take_lease,
+)
 from ._names import (
     PREFIX,
     SHM_DIR,
@@ -572,7 +580,8 @@ class Segment(Closing):
         if free is not None and size > free:  # refuse before making anything
             raise ShmSpaceError(name, size, free, SHM_DIR)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, mode)
+            # Until locked, a child forked by another thread closes its copy: see there.
+            fd = open_for_lease(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, mode)
         except FileExistsError:
             # Ours (a segment that exists), or a squatter: say which.
             with contextlib.suppress(FileNotFoundError):
@@ -624,6 +633,7 @@ class Segment(Closing):
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+            forget(fd)
             os.close(fd)
             raise
         seg = cls(_PRIVATE)
@@ -665,7 +675,8 @@ class Segment(Closing):
         path = shm_path(ns, name)
         oflags = (os.O_RDWR if writable else os.O_RDONLY) | _OPEN_FLAGS
         try:
-            fd = os.open(path, oflags)
+            # A writer's: until locked, a child forked by another thread closes its copy.
+            fd = open_for_lease(path, oflags) if writable else os.open(path, oflags)
         except FileNotFoundError:
             raise SegmentNotFoundError(name, ns) from None
         except OSError as exc:
@@ -687,6 +698,7 @@ class Segment(Closing):
             flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if prefault else 0)
             mm = mmap.mmap(fd, size, flags=flags, prot=prot)
         except BaseException:
+            forget(fd)
             os.close(fd)
             raise
         seg = cls(_PRIVATE)

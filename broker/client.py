@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,13 @@ from ._protocol import (
     topic,
     unpack,
 )
-from .errors import BrokerUnavailableError, ClosedError, ConfigError, NamespaceMismatchError
+from .errors import (
+    BrokerHandshakeError,
+    BrokerUnavailableError,
+    ClosedError,
+    ConfigError,
+    NamespaceMismatchError,
+)
 
 __all__ = [
     "BROKER_TOPIC",
@@ -137,6 +144,41 @@ def reader_endpoint(endpoint: str) -> str:
     return f"ipc://{ro}" if os.access(ro, os.W_OK) else endpoint
 
 
+#: The events a TCP connection's monitor reports: its handshakes' outcomes only.
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+#: ZMTP_MECHANISM_MISMATCH: one side speaks CURVE, the other not.
+_MECHANISM_MISMATCH = int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)
+
+
+_monitor_ids = itertools.count(1)
+
+
+def _handshake_monitor(sock: zmq.Socket[Any]) -> zmq.Socket[Any] | None:
+    """A PAIR socket receiving ``sock``'s handshake events, or None (a libzmq without
+    monitors: a failed handshake then reads as no reply). Its address is unique in
+    the process: pyzmq's default names it after the socket's descriptor, which a
+    socket made while a closed one's monitor is still being torn down may reuse
+    (the address in use: no monitor)."""
+    addr = f"inproc://shmcast.handshakes.{os.getpid()}.{next(_monitor_ids)}"
+    try:
+        sock.monitor(addr, _HANDSHAKE_EVENTS)
+    except zmq.ZMQError:
+        return None
+    mon: zmq.Socket[Any] = sock.context.socket(zmq.PAIR)
+    mon.setsockopt(zmq.LINGER, 0)
+    try:
+        mon.connect(addr)
+    except zmq.ZMQError:
+        mon.close(0)
+        return None
+    return mon
+
+
 class ControlClient:
     """A DEALER connection to a broker's control endpoint (requests with timeouts).
 
@@ -145,6 +187,12 @@ class ControlClient:
         timeout: seconds to wait for each reply.
         context: the ZeroMQ context (the process-wide one by default).
         curve: optional ``(server_public, client_public, client_secret)`` keys (z85).
+
+    A TCP endpoint's connection is watched for a failed ZeroMQ handshake (a ZeroMQ
+    socket monitor, handshake events only): a request that times out after one
+    raises :class:`BrokerHandshakeError`, saying what to fix (a CURVE broker and no
+    keys given, keys it does not allow, keys for a broker without CURVE), rather
+    than "no broker answered".
 
     Raises:
         ConfigError: ``endpoint`` is not an address ZeroMQ can connect to.
@@ -162,6 +210,7 @@ class ControlClient:
         self.endpoint = endpoint
         self.timeout = timeout
         self._curve = curve
+        self._monitor: zmq.Socket[Any] | None = None
         sock = self._new_socket(context or zmq.Context.instance())
         self._sock = sock
         self._ids = itertools.count(1)
@@ -190,9 +239,12 @@ class ControlClient:
             # In slices: a timeout of 1e300 s is a long wait, not an OverflowError.
             if left <= 0 or not self._sock.poll(int(min(left, 60.0) * 1000) + 1, zmq.POLLIN):
                 if time.monotonic() >= deadline:
+                    why = self._handshake_problem()
                     # The request may still sit in our queue: drop the socket's backlog
                     # by reconnecting so a late broker does not see stale requests.
                     self._reconnect()
+                    if why is not None:
+                        raise BrokerHandshakeError(self.endpoint, wait, why)
                     raise BrokerUnavailableError(self.endpoint, wait)
                 continue
             reply = unpack(self._sock.recv(), limit=64 * 2**20)
@@ -219,6 +271,8 @@ class ControlClient:
         sock.setsockopt(zmq.SNDHWM, 100_000)
         if self._curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self._curve
+        if self.endpoint.startswith("tcp://"):  # before the connect: from its first handshake
+            self._monitor = _handshake_monitor(sock)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
@@ -227,6 +281,7 @@ class ControlClient:
             # timeout later. Before, this said "no broker answered ... within 0s;
             # start one", the wrong cause and the wrong fix.
             sock.close(0)
+            self._close_monitor()
             raise ConfigError(
                 "broker",
                 f"{self.endpoint!r} is not an endpoint ZeroMQ can connect to "
@@ -235,9 +290,60 @@ class ControlClient:
             ) from exc
         return sock
 
+    def _handshake_problem(self) -> str | None:
+        """What the latest failed handshake of this connection says (the monitor's
+        events so far, read without waiting), or None: none failed, or one succeeded
+        after."""
+        mon = self._monitor
+        if mon is None:
+            return None
+        last: tuple[int, int] | None = None
+        try:
+            while mon.poll(0, zmq.POLLIN):
+                frames = mon.recv_multipart(zmq.NOBLOCK)
+                event, value = struct.unpack("=HI", frames[0][:6])
+                last = None if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else (event, value)
+        except (zmq.ZMQError, struct.error):
+            pass
+        if last is None:
+            return None
+        event, value = last
+        fix = (
+            "give the broker's public key and a client key pair it lets in "
+            "(shmcast: --curve-keys FILE or $SHMCAST_CURVE_KEYS; the library: "
+            "curve=(server_public, client_public, client_secret))"
+        )
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (
+                f"the broker refused this client's CURVE key (ZAP status {value}): list "
+                "its public key in the broker's curve_clients (or curve_readers)"
+            )
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
+            if self._curve is not None:
+                return "the endpoint does not speak CURVE: connect without CURVE keys"
+            return (
+                "the endpoint wants CURVE (a broker with curve_secret_key) and this "
+                f"client gave no CURVE keys: {fix}"
+            )
+        if self._curve is None:
+            return (
+                "the endpoint refused the handshake of a connection without CURVE keys: "
+                f"it is likely a broker with curve_secret_key; {fix}"
+            )
+        return (
+            "the endpoint refused the CURVE handshake: is the server key the broker's "
+            "public key (curve_public_key of its curve_secret_key)?"
+        )
+
+    def _close_monitor(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close(0)
+            self._monitor = None
+
     def _reconnect(self) -> None:
         ctx = self._sock.context
         self._sock.close(0)
+        self._close_monitor()
         self._sock = self._new_socket(ctx)
 
     def close(self, linger: float = 0.0) -> None:
@@ -247,6 +353,7 @@ class ControlClient:
             return
         self._closed = True
         self._sock.close(int(linger * 1000))
+        self._close_monitor()
 
     def __enter__(self) -> ControlClient:
         return self

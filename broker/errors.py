@@ -33,6 +33,7 @@ message, which names the segment, endpoint or size involved and the fix::
     ├── MissingExtraError           an optional dependency is not installed
     ├── BrokerError                 the control plane
     │   ├── BrokerUnavailableError  no broker answered at the endpoint
+    │   │   └── BrokerHandshakeError  the endpoint refused the connection's handshake (CURVE keys)
     │   ├── BrokerRunningError      a broker already serves the namespace
     │   ├── NamespaceMismatchError  the broker at the endpoint serves another namespace
     │   ├── ForbiddenError          the broker refused an operation to this client's role
@@ -55,6 +56,7 @@ __all__ = [
     "AccessError",
     "ArrayMismatchError",
     "BrokerError",
+    "BrokerHandshakeError",
     "BrokerRunningError",
     "BrokerUnavailableError",
     "ClosedError",
@@ -485,6 +487,17 @@ class BrokerUnavailableError(BrokerError):
             f"no broker answered at {endpoint} within {waited:g}s; start one with "
             f"`shmcast broker` (same --namespace), or pass broker=<its control endpoint>"
         )
+
+
+class BrokerHandshakeError(BrokerUnavailableError):
+    """No reply, and the endpoint's ZeroMQ handshake failed: a peer listens there but
+    refused the connection's security (CURVE keys missing, wrong or not allowed).
+    ``why`` says which and names the fix."""
+
+    def __init__(self, endpoint: str, waited: float, why: str) -> None:
+        self.endpoint = endpoint
+        self.why = why
+        BrokerError.__init__(self, f"no reply from {endpoint} within {waited:g}s: {why}")
 
 
 class BrokerRunningError(BrokerError):

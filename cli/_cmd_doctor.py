@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
             # Paths in /dev/shm are anyone's to name (escape sequences, newlines).
             print(f"{c.status.upper():8} {c.check:12} {printable(c.message)}")
             if c.fix and c.status != OK:
-                print(f"{'':8} {'':12} -> {printable(c.fix)}")
+                # A command: its paths are shell words quoted already (backslashes kept).
+                print(f"{'':8} {'':12} -> {printable(c.fix, shell=True)}")
         print("doctor: problems found" if failed else "doctor: all OK", file=sys.stderr)
     return 1 if failed else 0

@@ -8,13 +8,20 @@ import sys
 from shmcast.broker.client import ControlClient, namespace_from_env, resolve_namespace
 from shmcast.broker.errors import ShmcastError
 
-from ._options import add_broker_option, broker_endpoint, positive_seconds
+from ._options import (
+    add_broker_option,
+    add_curve_option,
+    broker_endpoint,
+    curve_keys,
+    positive_seconds,
+)
 
 HELP = "check that a broker answers (exit 0) or not (exit 1): for HEALTHCHECK and probes"
 EXAMPLES = """\
 examples:
   shmcast health                                  the namespace's broker, default endpoint
   shmcast health --broker tcp://127.0.0.1:5555    a broker over TCP (compose, Kubernetes)
+  shmcast health --broker tcp://127.0.0.1:5555 --curve-keys keys.toml   one with CURVE
 
 --broker defaults to $SHMCAST_BROKER, else the namespace's ipc endpoint. With
 --namespace (or $SHMCAST_NAMESPACE) set, a broker of another namespace is unhealthy.
@@ -26,6 +33,7 @@ descriptors); the message says which.
 
 def configure(p: argparse.ArgumentParser) -> None:
     add_broker_option(p)
+    add_curve_option(p)
     p.add_argument(
         "--timeout", type=positive_seconds, default=2.0, help="seconds to wait for the reply"
     )
@@ -34,8 +42,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     ns = resolve_namespace(args.namespace)
     endpoint = broker_endpoint(args, reader=True)
+    curve = curve_keys(args)  # ConfigError: exit 2
     try:
-        with ControlClient(endpoint, timeout=args.timeout) as client:
+        with ControlClient(endpoint, timeout=args.timeout, curve=curve) as client:
             hello = client.request("hello")
             segments = len(client.request("list")["segments"])
     except ShmcastError as exc:

@@ -9,9 +9,9 @@ from typing import Any
 
 from shmcast.broker import Segment
 from shmcast.broker.client import ControlClient, check_broker_namespace, resolve_namespace
-from shmcast.broker.errors import BrokerUnavailableError, ShmcastError
+from shmcast.broker.errors import BrokerHandshakeError, BrokerUnavailableError, ShmcastError
 
-from ._options import add_broker_option, broker_endpoint, seconds
+from ._options import add_broker_option, add_curve_option, broker_endpoint, curve_keys, seconds
 from ._text import printable
 
 HELP = "list a namespace's segments: dtype, shape, slots, version, rate, age"
@@ -28,21 +28,31 @@ Without a live broker it reads the segments' headers in /dev/shm directly.
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     add_broker_option(p)
+    add_curve_option(p)
     p.add_argument(
         "--interval", type=seconds, default=0.5, help="seconds to sample for the rate (0: skip)"
     )
 
 
-def catalog(namespace: str, endpoint: str, timeout: float = 1.0) -> tuple[str, list[Any]]:
+def catalog(
+    namespace: str,
+    endpoint: str,
+    timeout: float = 1.0,
+    curve: tuple[bytes, bytes, bytes] | None = None,
+) -> tuple[str, list[Any]]:
     """``(source, segments)`` from the broker at ``endpoint``, or from /dev/shm if none answers.
 
     Raises:
         NamespaceMismatchError: the broker there serves another namespace.
+        BrokerHandshakeError: something listens there but refused the handshake
+            (CURVE keys missing or wrong): a broker, whose catalog /dev/shm is not.
     """
     try:
-        with ControlClient(endpoint, timeout=timeout) as client:
+        with ControlClient(endpoint, timeout=timeout, curve=curve) as client:
             check_broker_namespace(client, namespace)
             return "broker", list(client.request("list")["segments"])
+    except BrokerHandshakeError:
+        raise
     except BrokerUnavailableError:
         pass
     rows: list[dict[str, Any]] = []
@@ -60,7 +70,8 @@ def catalog(namespace: str, endpoint: str, timeout: float = 1.0) -> tuple[str, l
 def run(args: argparse.Namespace) -> int:
     ns = resolve_namespace(args.namespace)
     endpoint = broker_endpoint(args, reader=True)
-    source, rows = catalog(ns, endpoint)
+    curve = curve_keys(args)  # ConfigError: exit 2
+    source, rows = catalog(ns, endpoint, curve=curve)
     if args.interval > 0 and rows:
         # Two samples: the rate is their difference; VERSION and AGE are the later's.
         # A segment deleted and created again in between (another incarnation) has no
@@ -68,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         before = {r["name"]: (r.get("version", 0), r.get("incarnation")) for r in rows}
         t0 = time.monotonic()
         time.sleep(args.interval)
-        source, rows = catalog(ns, endpoint)
+        source, rows = catalog(ns, endpoint, curve=curve)
         elapsed = time.monotonic() - t0
         for r in rows:
             was, incarnation = before.get(r["name"], (None, None))

@@ -8,7 +8,7 @@ import sys
 from shmcast.broker.client import ControlClient, check_broker_namespace, resolve_namespace
 from shmcast.broker.errors import SegmentNotFoundError, ShmcastError, WriterBusyError
 
-from ._options import add_broker_option, broker_endpoint
+from ._options import add_broker_option, add_curve_option, broker_endpoint, curve_keys
 
 HELP = "delete segments through the broker (refused while a writer holds one)"
 EXAMPLES = """\
@@ -31,12 +31,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--force", action="store_true", help="delete even while a writer holds the lease"
     )
     add_broker_option(p)
+    add_curve_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
     ns = resolve_namespace(args.namespace)
     rc = 0
-    with ControlClient(broker_endpoint(args), timeout=5.0) as client:
+    curve = curve_keys(args)  # ConfigError: exit 2
+    with ControlClient(broker_endpoint(args), timeout=5.0, curve=curve) as client:
         check_broker_namespace(client, ns)  # $SHMCAST_BROKER may be another namespace's
         for name in args.segments:
             # One request: the broker checks the writer lease as it deletes (a

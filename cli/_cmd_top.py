@@ -27,7 +27,13 @@ from typing import Any, TextIO
 from shmcast.broker.client import ControlClient, check_broker_namespace, resolve_namespace
 from shmcast.broker.errors import BrokerUnavailableError, ShmcastError
 
-from ._options import add_broker_option, broker_endpoint, positive_seconds
+from ._options import (
+    add_broker_option,
+    add_curve_option,
+    broker_endpoint,
+    curve_keys,
+    positive_seconds,
+)
 from ._text import printable
 
 HELP = "live view: segments, rates, subscribers' lag and latency, /dev/shm use (q quits)"
@@ -56,6 +62,7 @@ _EOS = "\x1b[J"
 
 def configure(p: argparse.ArgumentParser) -> None:
     add_broker_option(p)
+    add_curve_option(p)
     p.add_argument(
         "--interval", type=positive_seconds, default=1.0, help="seconds between refreshes"
     )
@@ -241,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
     endpoint = broker_endpoint(args, reader=True)
     interval = max(0.1, args.interval)
     out = sys.stdout
-    with ControlClient(endpoint, timeout=min(2.0, interval * 2)) as client:
+    curve = curve_keys(args)  # ConfigError: exit 2
+    with ControlClient(endpoint, timeout=min(2.0, interval * 2), curve=curve) as client:
         take = sampler(client, ns)
         if args.once or not out.isatty():
             first = take()

@@ -2,7 +2,8 @@
 
 The libraries read one environment variable (``SHMCAST_NAMESPACE``, when a
 namespace is not given); the command line adds ``SHMCAST_BROKER``, the broker's
-control endpoint, as the default of every ``--broker``.
+control endpoint, as the default of every ``--broker``, and
+``SHMCAST_CURVE_KEYS``, a file of CURVE keys, as the default of ``--curve-keys``.
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
+from typing import Any
 
-from shmcast.broker import MAX_SLOTS
+import zmq
+
+from shmcast.broker import MAX_SLOTS, ConfigError, is_z85_key
 from shmcast.broker.client import (
     reader_endpoint,
     resolve_endpoint,
@@ -19,12 +24,20 @@ from shmcast.broker.client import (
     validate_seconds,
 )
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover (Python 3.10)
+    import tomli as tomllib
+
 __all__ = [
     "BROKER_ENV",
+    "CURVE_ENV",
     "MAX_RATE",
     "MAX_SECONDS",
     "add_broker_option",
+    "add_curve_option",
     "broker_endpoint",
+    "curve_keys",
     "per_second",
     "port_number",
     "positive_seconds",
@@ -34,6 +47,9 @@ __all__ = [
 ]
 
 BROKER_ENV = "SHMCAST_BROKER"
+CURVE_ENV = "SHMCAST_CURVE_KEYS"
+#: The keys of a --curve-keys file (the names configs/relay.toml gives them).
+CURVE_FIELDS = ("curve_server_key", "curve_public_key", "curve_secret_key")
 #: The longest wait or interval the command line takes (11.6 days): far beyond it
 #: the clocks overflow, and ZeroMQ's millisecond timeouts (C ints) from 24.8 days.
 MAX_SECONDS = 1e6
@@ -58,6 +74,69 @@ def broker_endpoint(args: argparse.Namespace, *, reader: bool = False) -> str:
     explicit = args.broker or os.environ.get(BROKER_ENV) or None
     endpoint = resolve_endpoint(explicit, resolve_namespace(args.namespace))
     return reader_endpoint(endpoint) if reader else endpoint
+
+
+def add_curve_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--curve-keys",
+        metavar="FILE",
+        help="CURVE keys, for a broker with curve_secret_key: a TOML file of "
+        "curve_server_key (the broker's public key), curve_public_key and "
+        "curve_secret_key (this client's pair; a new one when both are left out); "
+        f"keep it 0600 (default: ${CURVE_ENV})",
+    )
+
+
+def curve_keys(args: argparse.Namespace) -> tuple[bytes, bytes, bytes] | None:
+    """``--curve-keys``, else ``$SHMCAST_CURVE_KEYS``: ``(server_public,
+    client_public, client_secret)`` as :class:`ControlClient` takes them, or None.
+
+    Raises:
+        ConfigError: the file cannot be read, is not TOML, has other keys, or a key
+            that is not a CURVE key (40 characters of z85), or a public key that is
+            not the secret key's.
+    """
+    path = getattr(args, "curve_keys", None) or os.environ.get(CURVE_ENV) or None
+    if path is None:
+        return None
+    field = "--curve-keys"
+    try:
+        with open(path, "rb") as f:
+            data: dict[str, Any] = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(field, f"not valid TOML: {exc}", path) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            field, f"not valid TOML: not UTF-8 text (byte {exc.start})", path
+        ) from None
+    except OSError as exc:
+        raise ConfigError(field, f"cannot read {path}: {exc.strerror}", path) from None
+    unknown = sorted(set(data) - set(CURVE_FIELDS))
+    if unknown:
+        raise ConfigError(field, f"unknown keys {unknown}: give {', '.join(CURVE_FIELDS)}", path)
+    for name, value in data.items():
+        if not is_z85_key(value):
+            raise ConfigError(name, "expected a 40-character z85 CURVE key", path)
+    server = data.get("curve_server_key")
+    if server is None:
+        raise ConfigError("curve_server_key", "missing: give the broker's public key", path)
+    public, secret = data.get("curve_public_key"), data.get("curve_secret_key")
+    if (public is None) != (secret is None):
+        raise ConfigError(
+            "curve_secret_key", "give both curve_public_key and curve_secret_key, or neither", path
+        )
+    if public is None or secret is None:
+        pair = zmq.curve_keypair()  # a key of its own: for a broker that lists no clients
+        return server.encode(), pair[0], pair[1]
+    try:
+        derived = zmq.curve_public(secret.encode()).decode()
+    except zmq.ZMQError:  # a libzmq without CURVE: the connection says so
+        derived = public
+    if derived != public:
+        raise ConfigError(
+            "curve_public_key", f"not the public key of curve_secret_key (that is {derived})", path
+        )
+    return server.encode(), public.encode(), secret.encode()
 
 
 def seconds(text: str) -> float:

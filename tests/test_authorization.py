@@ -175,7 +175,8 @@ def test_curve_keys_carry_roles(namespace: str, other_user: OtherUser) -> None:
         reader = run(reader_pub, reader_sec)
         assert isinstance(reader[0], list)
         assert reader[1] == "ForbiddenError"
-        assert run(stranger_pub, stranger_sec) == ["BrokerUnavailableError"] * 2
+        # Refused in the handshake: a BrokerUnavailableError that says so.
+        assert run(stranger_pub, stranger_sec) == ["BrokerHandshakeError"] * 2
         writer = run(writer_pub, writer_sec)
         assert all(isinstance(r, list) for r in writer), writer
         assert b.catalog.names() == ["c"]

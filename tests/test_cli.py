@@ -996,3 +996,129 @@ def test_a_subscriber_that_cannot_see_the_brokers_dev_shm_fails_clearly(
     assert proc.returncode == 1, proc.stderr
     assert "does not share the broker's /dev/shm" in proc.stderr
     assert "--ipc container:" in proc.stderr
+
+
+# ------------------------------------------------------------ CURVE on the command line
+
+
+def _curve_file(path: Path, server: str, public: str | None, secret: str | None) -> str:
+    lines = [f'curve_server_key = "{server}"']
+    if public is not None and secret is not None:
+        lines += [f'curve_public_key = "{public}"', f'curve_secret_key = "{secret}"']
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def test_health_and_ls_reach_a_curve_broker_with_curve_keys_and_say_so_without(
+    namespace: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``health``, ``ls``, ``rm`` and ``top`` had no way to give CURVE keys: against a
+    CURVE broker's TCP control endpoint ``health`` said "no broker answered" (start
+    one), and ``ls`` listed /dev/shm as if no broker ran."""
+    from shmcast.broker import curve_keypair
+
+    server_pub, server_sec = curve_keypair()
+    client_pub, client_sec = curve_keypair()
+    stranger_pub, stranger_sec = curve_keypair()
+    keys = _curve_file(tmp_path / "keys.toml", server_pub, client_pub, client_sec)
+    stranger = _curve_file(tmp_path / "stranger.toml", server_pub, stranger_pub, stranger_sec)
+    b = Broker(
+        BrokerConfig(
+            namespace=namespace,
+            control="tcp://127.0.0.1:0",
+            curve_secret_key=server_sec,
+            curve_clients=(client_pub,),
+        )
+    ).start()
+    try:
+        assert b.endpoints is not None
+        at = ["-n", namespace, "--broker", b.endpoints.control]
+        assert main(["health", *at, "--curve-keys", keys, "--timeout", "5"]) == 0
+        assert capsys.readouterr().out.startswith("ok: broker ")
+        monkeypatch.setenv("SHMCAST_CURVE_KEYS", keys)  # the default of --curve-keys
+        assert main(["ls", *at, "--json", "--interval", "0"]) == 0
+        assert json.loads(capsys.readouterr().out)["from"] == "broker"
+        monkeypatch.delenv("SHMCAST_CURVE_KEYS")
+
+        assert main(["health", *at, "--timeout", "0.5"]) == 1
+        err = capsys.readouterr().err
+        assert "no broker answered" not in err
+        assert "CURVE" in err, err
+        assert "--curve-keys" in err, err
+        assert main(["ls", *at, "--interval", "0"]) == 1  # not /dev/shm's listing
+        out, err = capsys.readouterr()
+        assert "--curve-keys" in err, err
+        assert not out
+        assert main(["health", *at, "--curve-keys", stranger, "--timeout", "0.5"]) == 1
+        err = capsys.readouterr().err
+        assert "refused this client's CURVE key" in err, err
+        assert "curve_clients" in err
+    finally:
+        b.close()
+
+
+def test_curve_key_files_that_are_wrong_are_refused_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shmcast.broker import curve_keypair
+
+    public, secret = curve_keypair()
+    other, _ = curve_keypair()
+    bad = tmp_path / "bad.toml"
+    cases = [
+        (f'curve_server_key = "{"~" * 40}"', "'curve_server_key'"),
+        (f'curve_public_key = "{public}"\ncurve_secret_key = "{secret}"', "'curve_server_key'"),
+        (f'curve_server_key = "{public}"\ncurve_secret_key = "{secret}"', "'curve_secret_key'"),
+        (
+            f'curve_server_key = "{public}"\ncurve_public_key = "{other}"\n'
+            f'curve_secret_key = "{secret}"',
+            "'curve_public_key'",
+        ),
+        (f'curve_server_key = "{public}"\nserver_key = "{public}"', "unknown keys ['server_key']"),
+        ("curve_server_key = ", "not valid TOML"),
+    ]
+    for text, named in cases:
+        bad.write_text(text)
+        assert main(["health", "--curve-keys", str(bad)]) == 2, text
+        assert named in capsys.readouterr().err, text
+    assert main(["rm", "x", "--curve-keys", str(tmp_path / "none.toml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_name_holding_a_backslash_does_not_print_as_one_holding_a_control_character(
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``printable`` left backslashes alone: a segment named with the four characters
+    ``\\x1b`` printed as one whose name holds an ESC, in ``ls``, ``doctor``, ``top``
+    and ``subscribe``. A backslash is doubled now."""
+    from shmcast.cli._cmd_subscribe import _missing
+    from shmcast.cli._text import printable
+
+    assert printable("a\\x1bb") == "a\\\\x1bb"
+    assert printable("a\x1bb") == "a\\x1bb"
+    assert printable("a\\b", shell=True) == "a\\b"  # doctor's fixes: quoted already
+    literal, control = "lit\\x1bz", "ctl\x1bz"
+    paths = [shm_path(namespace, n) for n in (literal, control)]
+    for path in paths:
+        Path(path).write_bytes(b"x")
+    try:
+        assert main(["ls", "-n", namespace, "--interval", "0"]) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out
+        rows = [line.split()[0] for line in out.splitlines()[1:] if line.startswith(("lit", "ctl"))]
+        assert sorted(rows) == ["ctl\\x1bz", "lit\\\\x1bz"], out
+        main(["doctor", "-n", namespace])
+        out = capsys.readouterr().out
+        assert "\x1b" not in out
+        assert "ctl\\x1bz" in out
+        assert "lit\\\\x1bz" in out
+        said = _missing("nope", namespace, f"ipc://{tmp_path}/none.sock")
+        assert "ctl\\x1bz" in said
+        assert "lit\\\\x1bz" in said
+    finally:
+        for path in paths:
+            os.unlink(path)

@@ -786,6 +786,79 @@ def test_a_lease_taken_by_another_thread_at_the_fork_is_free_once_its_opener_is_
         os.close(hold_w)  # the child ends
 
 
+def test_a_lease_opened_but_not_locked_at_the_fork_is_free_once_its_opener_is_killed(
+    namespace, removed
+):
+    """Another thread had opened the object for a writer, and not locked it yet (it
+    read the header), when the fork came: the child's fork hook saw no lock, the
+    parent then took its flock on the description the child shares, and the child
+    held the lease of its SIGKILLed opener (WriterBusyError for every new writer)."""
+    from shmcast.broker import _segment
+
+    removed.append("unlocked")
+    Segment.create("unlocked", "<f8", (4,)).close()
+    said_r, said_w = os.pipe()  # the child: its pid
+    hold_r, hold_w = os.pipe()  # the child lives until the test closes hold_w
+    opener = os.fork()
+    if opener == 0:  # pragma: no cover (the forked processes: never back into pytest)
+        try:
+            signal.alarm(30)  # bounded, whatever happens to the test
+            os.close(said_r)
+            os.close(hold_w)
+            entered, go = threading.Event(), threading.Event()
+            read_header = _segment.read_header
+
+            def held_up(*args: Any, **kwargs: Any) -> Any:
+                entered.set()  # opened, not locked yet: fork now
+                go.wait(20)
+                return read_header(*args, **kwargs)
+
+            _segment.read_header = held_up  # type: ignore[assignment]
+            kept: list[Segment] = []
+            t = threading.Thread(
+                target=lambda: kept.append(Segment.attach("unlocked", writable=True))
+            )
+            t.start()
+            entered.wait(20)
+            if os.fork() == 0:
+                signal.alarm(30)
+                os.write(said_w, f"{os.getpid()}\n".encode())
+                os.read(hold_r, 1)  # until the test closes its end
+            else:
+                go.set()
+                t.join(20)
+                time.sleep(30)  # the opener, until it is killed
+        finally:
+            os._exit(0)
+    os.close(said_w)
+    os.close(hold_r)
+    try:
+        with os.fdopen(said_r, "rb") as f:
+            said = f.readline()
+        assert said, "the forked child said nothing"
+        child = int(said)
+        deadline = time.monotonic() + 10
+        while True:  # the opener's thread finishes its attach
+            try:
+                with Segment.attach("unlocked", writable=True):
+                    pass
+            except WriterBusyError:
+                break
+            assert time.monotonic() < deadline, "the opener never took the lease"
+            time.sleep(0.01)
+        os.kill(opener, signal.SIGKILL)
+        assert _reaped(opener, timeout=10) == -signal.SIGKILL
+        opener = 0
+        os.kill(child, 0)  # the child lives on
+        with Segment.attach("unlocked", writable=True) as seg:
+            assert seg.write(np.full(4, 2.0)) == 1
+    finally:
+        if opener:
+            os.kill(opener, signal.SIGKILL)
+            os.waitpid(opener, 0)
+        os.close(hold_w)  # the child ends
+
+
 _PROBE_AT_FORK_CHILD = """
 import fcntl, os, signal, sys, threading
 from shmcast.broker import Segment, WriterBusyError
