@@ -24,7 +24,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import zmq
 
@@ -232,20 +232,14 @@ class ControlClient:
             raise ClosedError(f"control connection to {self.endpoint}")
         rid = next(self._ids)
         wait = self.timeout if timeout is None else timeout
-        self._sock.send(pack({"op": op, "id": rid, **fields}))
         deadline = time.monotonic() + wait
+        self._send_by(pack({"op": op, "id": rid, **fields}), deadline, wait)
         while True:
             left = deadline - time.monotonic()
             # In slices: a timeout of 1e300 s is a long wait, not an OverflowError.
             if left <= 0 or not self._sock.poll(int(min(left, 60.0) * 1000) + 1, zmq.POLLIN):
                 if time.monotonic() >= deadline:
-                    why = self._handshake_problem()
-                    # The request may still sit in our queue: drop the socket's backlog
-                    # by reconnecting so a late broker does not see stale requests.
-                    self._reconnect()
-                    if why is not None:
-                        raise BrokerHandshakeError(self.endpoint, wait, why)
-                    raise BrokerUnavailableError(self.endpoint, wait)
+                    self._no_reply(wait)
                 continue
             reply = unpack(self._sock.recv(), limit=64 * 2**20)
             if reply.get("id") != rid:
@@ -253,6 +247,30 @@ class ControlClient:
             if not reply.get("ok"):
                 raise_remote(reply)
             return reply
+
+    def _send_by(self, msg: bytes, deadline: float, wait: float) -> None:
+        """Queue ``msg``, waiting until ``deadline`` at most. A DEALER whose
+        connection failed its handshake for a protocol error (a CURVE broker and a
+        client without keys) has no pipe to queue on: a blocking send waited for
+        ever there (``shmcast top`` hung on its second request)."""
+        while True:
+            try:
+                self._sock.send(msg, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._no_reply(wait)
+                self._sock.poll(int(min(left, 60.0) * 1000) + 1, zmq.POLLOUT)
+
+    def _no_reply(self, wait: float) -> NoReturn:
+        why = self._handshake_problem()
+        # The request may still sit in our queue: drop the socket's backlog by
+        # reconnecting so a late broker does not see stale requests.
+        self._reconnect()
+        if why is not None:
+            raise BrokerHandshakeError(self.endpoint, wait, why)
+        raise BrokerUnavailableError(self.endpoint, wait)
 
     def send(self, op: str, **fields: Any) -> bool:
         """Fire and forget (``commit``); never blocks. Returns False when dropped."""

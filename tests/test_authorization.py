@@ -293,3 +293,53 @@ def test_the_events_endpoint_resets_on_ipc_and_serves_on(
     with Publisher("p", dtype="f8", shape=(2,)) as pub, Subscriber("p", timeout=5) as sub:
         pub.publish(np.ones(2))
         assert [u.version for u in sub.updates(timeout=2)] == [1]
+
+
+_NO_PIPE_CHILD = """
+import signal, socket, time
+import zmq
+from shmcast.broker.client import ControlClient
+from shmcast.broker.errors import BrokerUnavailableError
+
+signal.alarm(20)  # a send blocked for ever ends the child here: the test fails
+# A peer that greets announcing CURVE, as a CURVE broker does: a client without keys
+# fails the handshake for a protocol error, and libzmq ends that session for good
+# (no reconnection), leaving the DEALER no pipe to queue a request on.
+greeting = b"\\xff" + bytes(8) + b"\\x7f" + bytes([3, 0]) + b"CURVE".ljust(20, b"\\0")
+greeting += b"\\x01" + bytes(31)
+srv = socket.create_server(("127.0.0.1", 0))
+with ControlClient(f"tcp://127.0.0.1:{srv.getsockname()[1]}", timeout=0.3) as client:
+    conn, _ = srv.accept()
+    conn.sendall(greeting)
+    assert client._monitor is not None and client._monitor.poll(10_000)  # it failed
+    for _ in range(5):  # the socket takes in its pipe's end (a few commands)
+        time.sleep(0.05)
+        client._sock.getsockopt(zmq.EVENTS)
+    try:
+        client.request("hello")
+    except BrokerUnavailableError as exc:
+        print(type(exc).__name__, exc)
+conn.close()
+srv.close()
+"""
+
+
+def test_a_request_after_a_refused_handshake_times_out_rather_than_blocks() -> None:
+    """A request on a connection whose handshake failed for a protocol error (a CURVE
+    broker, a client without keys) blocked in its send for ever: libzmq ends such a
+    session without reconnecting, and the DEALER had no pipe to queue on. ``shmcast
+    top`` without keys hung at a request. Now the send waits until the request's
+    deadline at most."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_PIPE_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("BrokerHandshakeError "), proc.stdout
+    assert "gave no CURVE keys" in proc.stdout, proc.stdout
