@@ -19,7 +19,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -714,16 +714,12 @@ def test_a_writers_lease_is_free_once_its_opener_is_killed_though_a_forked_child
         os.close(hold_w)  # the child ends
 
 
-def test_a_lease_taken_by_another_thread_at_the_fork_is_free_once_its_opener_is_killed(
-    namespace, removed
-):
-    """A thread of the opener was opening a writer when another forked: the lease was
-    taken and mapped, the handle not yet made (nor tracked), so the fork hook knew
-    nothing of it (and was not even registered before a first writer). The child kept
-    the lease of its SIGKILLed opener: every new writer got WriterBusyError for as long
-    as the child lived."""
-    removed.append("midway")
-    Segment.create("midway", "<f8", (4,)).close()
+def _fork_beside_a_writer_opening(name: str, hold_up: Callable[[Any, Any], None]) -> None:
+    """Fork, from a process (the opener) one of whose threads is opening a writer of
+    ``name`` and is held up by ``hold_up(entered, go)`` (a patch it installs, which
+    sets ``entered`` at the point to fork at and waits for ``go``); SIGKILL the opener
+    once its thread holds the lease; a new writer must open at once, the child alive."""
+    Segment.create(name, "<f8", (4,)).close()
     said_r, said_w = os.pipe()  # the child: its pid
     hold_r, hold_w = os.pipe()  # the child lives until the test closes hold_w
     opener = os.fork()
@@ -733,25 +729,21 @@ def test_a_lease_taken_by_another_thread_at_the_fork_is_free_once_its_opener_is_
             os.close(said_r)
             os.close(hold_w)
             entered, go = threading.Event(), threading.Event()
-            setup = Segment._setup
-
-            def held_up(self: Segment, *args: Any, **kwargs: Any) -> None:
-                entered.set()  # the lease is taken and mapped: fork now
-                go.wait(20)
-                setup(self, *args, **kwargs)
-
-            Segment._setup = held_up  # type: ignore[method-assign]
+            hold_up(entered, go)
             kept: list[Segment] = []
-            t = threading.Thread(
-                target=lambda: kept.append(Segment.attach("midway", writable=True))
-            )
+            t = threading.Thread(target=lambda: kept.append(Segment.attach(name, writable=True)))
             t.start()
             entered.wait(20)
+            forked_r, forked_w = os.pipe()
             if os.fork() == 0:
                 signal.alarm(30)
+                os.write(forked_w, b".")  # the child's fork hooks have run
                 os.write(said_w, f"{os.getpid()}\n".encode())
                 os.read(hold_r, 1)  # until the test closes its end
             else:
+                # Only then: the hooks would otherwise, now and then, run after the
+                # thread's flock, and see (and move) what they must do without.
+                os.read(forked_r, 1)
                 go.set()
                 t.join(20)
                 time.sleep(30)  # the opener, until it is killed
@@ -767,7 +759,7 @@ def test_a_lease_taken_by_another_thread_at_the_fork_is_free_once_its_opener_is_
         deadline = time.monotonic() + 10
         while True:  # the opener's thread finishes its attach
             try:
-                with Segment.attach("midway", writable=True):
+                with Segment.attach(name, writable=True):
                     pass
             except WriterBusyError:
                 break
@@ -777,13 +769,36 @@ def test_a_lease_taken_by_another_thread_at_the_fork_is_free_once_its_opener_is_
         assert _reaped(opener, timeout=10) == -signal.SIGKILL
         opener = 0
         os.kill(child, 0)  # the child lives on
-        with Segment.attach("midway", writable=True) as seg:
+        with Segment.attach(name, writable=True) as seg:
             assert seg.write(np.full(4, 2.0)) == 1
     finally:
         if opener:
             os.kill(opener, signal.SIGKILL)
             os.waitpid(opener, 0)
         os.close(hold_w)  # the child ends
+
+
+def test_a_lease_taken_by_another_thread_at_the_fork_is_free_once_its_opener_is_killed(
+    namespace, removed
+):
+    """A thread of the opener was opening a writer when another forked: the lease was
+    taken and mapped, the handle not yet made (nor tracked), so the fork hook knew
+    nothing of it (and was not even registered before a first writer). The child kept
+    the lease of its SIGKILLed opener: every new writer got WriterBusyError for as long
+    as the child lived."""
+    removed.append("midway")
+
+    def hold_up(entered: Any, go: Any) -> None:
+        setup = Segment._setup
+
+        def held_up(self: Segment, *args: Any, **kwargs: Any) -> None:
+            entered.set()  # the lease is taken and mapped: fork now
+            go.wait(20)
+            setup(self, *args, **kwargs)
+
+        Segment._setup = held_up  # type: ignore[method-assign]
+
+    _fork_beside_a_writer_opening("midway", hold_up)
 
 
 def test_a_lease_opened_but_not_locked_at_the_fork_is_free_once_its_opener_is_killed(
@@ -796,67 +811,18 @@ def test_a_lease_opened_but_not_locked_at_the_fork_is_free_once_its_opener_is_ki
     from shmcast.broker import _segment
 
     removed.append("unlocked")
-    Segment.create("unlocked", "<f8", (4,)).close()
-    said_r, said_w = os.pipe()  # the child: its pid
-    hold_r, hold_w = os.pipe()  # the child lives until the test closes hold_w
-    opener = os.fork()
-    if opener == 0:  # pragma: no cover (the forked processes: never back into pytest)
-        try:
-            signal.alarm(30)  # bounded, whatever happens to the test
-            os.close(said_r)
-            os.close(hold_w)
-            entered, go = threading.Event(), threading.Event()
-            read_header = _segment.read_header
 
-            def held_up(*args: Any, **kwargs: Any) -> Any:
-                entered.set()  # opened, not locked yet: fork now
-                go.wait(20)
-                return read_header(*args, **kwargs)
+    def hold_up(entered: Any, go: Any) -> None:
+        read_header = _segment.read_header
 
-            _segment.read_header = held_up  # type: ignore[assignment]
-            kept: list[Segment] = []
-            t = threading.Thread(
-                target=lambda: kept.append(Segment.attach("unlocked", writable=True))
-            )
-            t.start()
-            entered.wait(20)
-            if os.fork() == 0:
-                signal.alarm(30)
-                os.write(said_w, f"{os.getpid()}\n".encode())
-                os.read(hold_r, 1)  # until the test closes its end
-            else:
-                go.set()
-                t.join(20)
-                time.sleep(30)  # the opener, until it is killed
-        finally:
-            os._exit(0)
-    os.close(said_w)
-    os.close(hold_r)
-    try:
-        with os.fdopen(said_r, "rb") as f:
-            said = f.readline()
-        assert said, "the forked child said nothing"
-        child = int(said)
-        deadline = time.monotonic() + 10
-        while True:  # the opener's thread finishes its attach
-            try:
-                with Segment.attach("unlocked", writable=True):
-                    pass
-            except WriterBusyError:
-                break
-            assert time.monotonic() < deadline, "the opener never took the lease"
-            time.sleep(0.01)
-        os.kill(opener, signal.SIGKILL)
-        assert _reaped(opener, timeout=10) == -signal.SIGKILL
-        opener = 0
-        os.kill(child, 0)  # the child lives on
-        with Segment.attach("unlocked", writable=True) as seg:
-            assert seg.write(np.full(4, 2.0)) == 1
-    finally:
-        if opener:
-            os.kill(opener, signal.SIGKILL)
-            os.waitpid(opener, 0)
-        os.close(hold_w)  # the child ends
+        def held_up(*args: Any, **kwargs: Any) -> Any:
+            entered.set()  # opened, not locked yet: fork now
+            go.wait(20)
+            return read_header(*args, **kwargs)
+
+        _segment.read_header = held_up  # type: ignore[assignment]
+
+    _fork_beside_a_writer_opening("unlocked", hold_up)
 
 
 _PROBE_AT_FORK_CHILD = """
