@@ -343,3 +343,58 @@ def test_a_request_after_a_refused_handshake_times_out_rather_than_blocks() -> N
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("BrokerHandshakeError "), proc.stdout
     assert "gave no CURVE keys" in proc.stdout, proc.stdout
+
+
+_MANY_REFUSED_CHILD = """
+import os, signal, socket, threading
+from shmcast.broker.client import ControlClient
+from shmcast.broker.errors import BrokerUnavailableError
+
+signal.alarm(50)
+greeting = b"\\xff" + bytes(8) + b"\\x7f" + bytes([3, 0]) + b"CURVE".ljust(20, b"\\0")
+greeting += b"\\x01" + bytes(31)
+srv = socket.create_server(("127.0.0.1", 0))
+accepted = []
+
+def serve():
+    while True:
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            return
+        conn.sendall(greeting)
+        accepted.append(conn)
+
+threading.Thread(target=serve, daemon=True).start()
+before = len(os.listdir("/proc/self/fd"))
+for _ in range(150):
+    with ControlClient(f"tcp://127.0.0.1:{srv.getsockname()[1]}", timeout=0.01) as client:
+        try:
+            client.request("hello")
+        except BrokerUnavailableError:
+            pass
+opened = len(os.listdir("/proc/self/fd")) - before - len(accepted)
+print(len(accepted), opened)
+"""
+
+
+def test_clients_refused_a_handshake_leave_the_processs_zeromq_working() -> None:
+    """Clients that time out against a CURVE endpoint (no keys) each closed their
+    handshake monitor while ZeroMQ's I/O thread could still report to it: that thread
+    hung, and with it every socket of the process's context. After about 50 such
+    clients no connection was made any more, and each later one left its descriptors
+    open. Run in a child: a hung context would take the test process's with it."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _MANY_REFUSED_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    accepted, opened = map(int, proc.stdout.split())
+    assert accepted >= 150, proc.stdout  # every client connected
+    assert opened < 20, proc.stdout  # what the clients left open
