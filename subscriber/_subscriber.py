@@ -27,6 +27,7 @@ and its versions are delivered or counted.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import contextlib
 import logging
@@ -96,6 +97,9 @@ WAIT_SLICE = 0.1
 NEW_SEGMENT_POLL = 0.001
 #: Seconds close() waits for a reading thread to leave its wait.
 CLOSE_WAIT = 2.0
+#: Seconds close() waits for the hand-off lock (held for a few steps, never while
+#: waiting): past them, it is its own thread's, which a signal handler interrupted.
+HAND_WAIT = 0.1
 #: Seconds between two looks at the segments' paths (a safety net: a recreated
 #: segment is normally noticed at once, through the namespace word or the events).
 PATH_CHECK = 0.5
@@ -1279,11 +1283,33 @@ class Subscriber(Closing):
         """Detach every segment and close the sockets. Idempotent.
 
         Safe from another thread: a thread waiting in :meth:`updates` ends with
-        :class:`ClosedError` instead of finding its sockets gone.
+        :class:`ClosedError` instead of finding its sockets gone. Safe from a signal
+        handler: when it interrupts its own thread handing an update out or settling
+        a read, the settling and teardown end in a thread of their own (at once
+        after the interrupted step), and this returns after :data:`HAND_WAIT`.
         """
         if self._closed:
             return
         self._closed = True
+        # A signal handler's close() may interrupt its own thread handing an update
+        # out or settling one, under _hand (not reentrant): waiting for it here
+        # would wait for ever. Then the rest runs in a thread of its own, once the
+        # interrupted step let go (a bare one: starting it takes none of threading's
+        # locks, which the interrupted thread may hold too).
+        if not self._hand.acquire(timeout=HAND_WAIT):
+            _thread.start_new_thread(self._close_apart, ())
+            return
+        self._hand.release()
+        self._close_rest()
+
+    def _close_apart(self) -> None:
+        try:
+            self._close_rest()
+        except Exception:  # no caller to raise it to
+            log.exception("closing subscriber %s", self.name)
+
+    def _close_rest(self) -> None:
+        """close() once the subscriber is marked closed: settle, count, tear down."""
         # Wait (bounded) for a reading thread to leave its wait slice first.
         locked = self._io.acquire(timeout=CLOSE_WAIT)
         try:

@@ -8,6 +8,7 @@ import collections
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -825,6 +826,68 @@ def test_short_aupdates_iterators_share_one_helper_thread(namespace: str) -> Non
         # One thread; for a moment two, one that just found itself unneeded.
         assert peak <= 2
     finally:
+        seg.unlink()
+        seg.close()
+
+
+def test_a_signal_handlers_close_while_its_thread_settles_a_read_does_not_hang(
+    namespace: str,
+) -> None:
+    """A signal handler calls ``close()`` while it interrupts its own thread settling
+    a read (holding the hand-off lock, which is not reentrant): close() waited for
+    ever on the lock its own thread held (the review's loop of reads, each with a
+    timed SIGALRM, hung). A stand-in for the lock raises the signal right there,
+    and fails, instead of hanging, when a wait for it lasts 2 s. Now the rest of
+    the close runs in a thread of its own; the counts still add up."""
+    seg = Segment.create("sig", "i8", (2,), slots=4, namespace=namespace)
+    old = signal.getsignal(signal.SIGUSR1)
+    try:
+        sub = Subscriber("sig", namespace=namespace, wait="futex")
+        for v in (1, 2):
+            seg.write(np.full(2, v, "i8"))
+        real = sub._hand
+        armed: list[bool] = []
+
+        class _SignallingLock:
+            def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+                return real.acquire(blocking, timeout)
+
+            def release(self) -> None:
+                real.release()
+
+            def __enter__(self) -> None:
+                if not real.acquire(timeout=2):
+                    raise AssertionError("close() waits for the lock its own thread holds")
+                if armed:
+                    armed.clear()
+                    signal.raise_signal(signal.SIGUSR1)  # its handler runs right here
+
+            def __exit__(self, *exc: object) -> None:
+                real.release()
+
+        signal.signal(signal.SIGUSR1, lambda signum, frame: sub.close())
+        sub._hand = _SignallingLock()  # type: ignore[assignment]
+        got: list[int] = []
+
+        def consume() -> None:
+            for up in sub.updates(timeout=2):
+                with sub.read(up) as snap:
+                    got.append(int(snap.array[0]))
+                    armed.append(True)  # the read's settling is interrupted
+
+        with pytest.raises(ClosedError):
+            consume()
+        assert sub.closed
+        assert got == [1]
+        for _ in range(500):  # the rest of the close, in its own thread
+            if not sub._handles:
+                break
+            time.sleep(0.01)
+        assert not sub._handles
+        st = sub.stats["sig"]
+        assert (st.updates, st.missed, st.overrun, st.torn) == (1, 1, 0, 0)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
         seg.unlink()
         seg.close()
 
