@@ -460,8 +460,14 @@ class Subscriber(Closing):
 
     def _release_retired(self) -> None:
         """Close retired handles once no queued or unsettled update can need them."""
-        if not self._retired or self._pending or self._unsettled is not None or self._held:
+        if not self._retired:
             return
+        # Under _hand: another thread's loop may have taken the last queued update
+        # off the queue and not yet made it the update out (neither would be seen).
+        # Nothing is queued meanwhile: that takes _io, which the caller holds.
+        with self._hand:
+            if self._pending or self._unsettled is not None or self._held:
+                return
         for seg in self._retired:
             for key in [k for k, v in self._handles.items() if v is seg]:
                 del self._handles[key]

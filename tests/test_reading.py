@@ -732,6 +732,75 @@ def test_aupdates_of_two_threads_taking_the_last_queued_update_at_once(namespace
         seg.close()
 
 
+def test_an_old_incarnation_stays_mapped_while_another_thread_hands_its_update_out(
+    namespace: str,
+) -> None:
+    """A segment made again: its old incarnation's handle is let go once no update
+    of it is queued or out. That look ran outside the hand-off lock: another
+    thread's loop that had taken the old incarnation's last update off the queue,
+    and not yet made it the update out, saw it let go under it, and its read of
+    it failed (``VersionUnavailableError``, counted overrun, the data still there).
+    A queue that pauses that thread right after its take forces the order (for
+    at most half a second)."""
+    seg = Segment.create("r", "i8", (2,), slots=4, namespace=namespace)
+    new = None
+    try:
+        with Subscriber("r", namespace=namespace, wait="futex") as sub:
+            taken, looked = threading.Event(), threading.Event()
+
+            class _PausingDeque(collections.deque[Update]):
+                def popleft(self) -> Update:
+                    up = super().popleft()
+                    if threading.current_thread().name == "one" and not taken.is_set():
+                        taken.set()
+                        looked.wait(0.5)  # the other's look, unless it waits
+                    return up
+
+            sub._pending = _PausingDeque()
+            seg.write(np.full(2, 7, "i8"))
+            with sub._io:
+                sub._collect()  # version 1 of the first incarnation queued
+            seg.unlink()
+            new = Segment.create("r", "i8", (2,), slots=4, namespace=namespace)
+            with sub._io:
+                sub._check_paths()  # the first retired, its update still queued
+            assert len(sub._retired) == 1
+            got: list[object] = []
+
+            def take() -> None:
+                async def one() -> None:
+                    updates = sub.aupdates(timeout=5)
+                    up = await anext(updates)
+                    try:
+                        with sub.read(up) as snap:
+                            got.append(int(snap.array[0]))
+                    except VersionUnavailableError as exc:
+                        got.append(exc)
+                    await updates.aclose()
+
+                asyncio.run(one())
+
+            one = threading.Thread(target=take, name="one")
+            one.start()
+            try:
+                assert taken.wait(10)
+                with sub._io:
+                    sub._release_retired()  # another loop's look, at its housekeeping
+                looked.set()
+            finally:
+                looked.set()
+                one.join(10)
+            assert not one.is_alive()
+            assert got == [7]
+            st = sub.stats["r"]
+            assert (st.updates, st.overrun) == (1, 0)
+    finally:
+        seg.close()
+        if new is not None:
+            new.unlink()
+            new.close()
+
+
 def test_aupdates_closed_from_another_thread_as_it_looks_at_its_socket_says_closed(
     namespace: str, thread_broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
