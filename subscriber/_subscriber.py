@@ -683,6 +683,11 @@ class Subscriber(Closing):
 
     def _settle(self) -> None:
         """The consumer asked for the next update: the last one, unread, was delivered."""
+        if self._unsettled is None:
+            # Nothing out (the usual case after a read): no lock to take. Only the
+            # consumer's own step makes an update out of updates(); another thread
+            # (a read ending there) only settles it.
+            return
         with self._hand:
             up = self._unsettled
             if up is not None:
@@ -746,8 +751,10 @@ class Subscriber(Closing):
                         if self._closed:
                             raise ClosedError("subscriber") from exc
                         raise
-                    with self._hand:
-                        self._unsettled = update
+                    # No lock: _settle() above took the last one under it, and
+                    # another thread (a read ending there) only sets this to None
+                    # when it holds that update, under the lock.
+                    self._unsettled = update
                 yield update
         finally:
             if not self._closed:
@@ -1394,8 +1401,13 @@ class _ExactRead:
                 f"{up!r} is not an update of this subscriber (it reads {sub.names}); "
                 f"read it with the subscriber that yielded it"
             )
-        with sub._hand:
-            self._counted = sub._unsettled is up or any(other is up for other in sub._held)
+        if sub._unsettled is up:
+            # The one consumer's update out (the usual case): no lock to take. Only
+            # a hint: __exit__ settles it under the lock, if it is still out then.
+            self._counted = True
+        else:
+            with sub._hand:
+                self._counted = sub._unsettled is up or any(other is up for other in sub._held)
         seg = sub._handles.get((up.segment, up.incarnation))
         try:
             if seg is None:
