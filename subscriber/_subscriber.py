@@ -34,6 +34,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
@@ -90,6 +91,12 @@ WAIT_MODES: tuple[str, ...] = ("shm", "events", "futex", "spin")
 REPORT_INTERVAL = 1.0
 #: Seconds the control socket may take, once closed, to send the broker our goodbye.
 GOODBYE_LINGER = 0.1
+#: The subscribers of this process that reported to a broker, while open: the
+#: broker keeps one row per name and pid, which those of one name share, and a
+#: goodbye drops it. Guarded by _REPORTERS_LOCK (several threads open and close;
+#: reentrant: a signal handler's close() may interrupt its own thread's report).
+_REPORTERS: weakref.WeakSet[Subscriber] = weakref.WeakSet()
+_REPORTERS_LOCK = threading.RLock()
 #: Longest single wait of a reading loop: how soon it sees close() from another thread.
 WAIT_SLICE = 0.1
 #: Seconds between an ``aupdates()`` loop's own looks at a segment attached since its
@@ -1239,6 +1246,9 @@ class Subscriber(Closing):
             for name, st in list(self.stats.items())[:REPORT_SEGMENTS]
         }
         self._client.send("report", name=self.name[:REPORT_NAME], pid=os.getpid(), segments=segs)
+        if self not in _REPORTERS:
+            with _REPORTERS_LOCK:
+                _REPORTERS.add(self)
 
     def _say_goodbye(self) -> None:
         """Tell the broker we are gone, so ``shmcast top`` drops our row at once.
@@ -1246,11 +1256,20 @@ class Subscriber(Closing):
         and a growing lag until the report expired (``REPORT_TTL``, 5 s)."""
         if self._client is None or not self._next_report:  # never reported: no row
             return
+        name = self.name[:REPORT_NAME]
         with contextlib.suppress(Exception):  # best effort: the row expires anyway
-            if self.broker_up:
-                self._client.send(
-                    "report", name=self.name[:REPORT_NAME], pid=os.getpid(), segments={}, gone=True
-                )
+            with _REPORTERS_LOCK:
+                _REPORTERS.discard(self)
+                # Another open subscriber of this process with this name, of this
+                # broker, reports under the same row: it stays (before, it went until
+                # that one's next report). The last of them says goodbye.
+                shared = any(
+                    not other._closed and other.name[:REPORT_NAME] == name
+                    and other._endpoint == self._endpoint
+                    for other in _REPORTERS
+                )  # fmt: skip
+            if not shared and self.broker_up:
+                self._client.send("report", name=name, pid=os.getpid(), segments={}, gone=True)
 
     # ------------------------------------------------------------------ closing
 
