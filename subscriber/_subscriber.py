@@ -1492,21 +1492,14 @@ class _Waker:
         #: The loop's helper thread, joined at this iterator's first wait.
         self._watch: _Watch | None = None
         if sub._sub is not None:
-            fd = sub._sub.getsockopt(zmq.FD)
-            assert isinstance(fd, int)
-            self._fd = fd
-            if not any(w._loop is loop for w in sub._fd_wakers):
-                # A reader already on this fd number in this loop is a stale one, of a
-                # socket closed since (another thread's close() drops its loop's at the
-                # loop's next turn): add_reader would only swap its callback, and the
-                # loop would never watch this socket's file.
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(fd)
-            sub._fd_wakers.append(self)
-            # One reader per loop and fd (adding another replaces it): it wakes every
-            # iterator of this loop. Before, each iterator's own reader replaced the
-            # last, and the other tasks' iterators woke only on their 50 ms step.
-            loop.add_reader(fd, _wake_all, sub._fd_wakers, loop)
+            # Under _io, as every use of the socket: close() from another thread
+            # closes it, and drops the loops' readers, under that lock. Before, a
+            # close right then ended the iterator with ZMQError ("Socket operation
+            # on non-socket"), not ClosedError. Closed: no reader; the iterator's
+            # first look says so.
+            with sub._io:
+                if not sub._closed and sub._sub is not None:
+                    self._watch_fd(sub._sub, loop)
         #: ``shm`` and ``futex`` sleep in the loop's helper thread, joined (started
         #: when the loop has none) by the first wait: an iterator that only takes
         #: what is queued (``break`` after one update, ``timeout=0``) needs none.
@@ -1514,7 +1507,26 @@ class _Waker:
         #: after its close (hundreds, in a loop that took one update an iterator
         #: without yielding to the event loop; 42 at once, in one making iterators
         #: with a 2 ms timeout).
-        self._threaded = sub._sub is None and sub.mode != "spin"
+        self._threaded = sub.mode in ("shm", "futex")
+
+    def _watch_fd(self, sock: zmq.Socket[Any], loop: asyncio.AbstractEventLoop) -> None:
+        """Have ``loop`` watch the SUB socket's file descriptor (``events``)."""
+        sub = self._sub
+        fd = sock.getsockopt(zmq.FD)
+        assert isinstance(fd, int)
+        self._fd = fd
+        if not any(w._loop is loop for w in sub._fd_wakers):
+            # A reader already on this fd number in this loop is a stale one, of a
+            # socket closed since (another thread's close() drops its loop's at the
+            # loop's next turn): add_reader would only swap its callback, and the
+            # loop would never watch this socket's file.
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+        sub._fd_wakers.append(self)
+        # One reader per loop and fd (adding another replaces it): it wakes every
+        # iterator of this loop. Before, each iterator's own reader replaced the
+        # last, and the other tasks' iterators woke only on their 50 ms step.
+        loop.add_reader(fd, _wake_all, sub._fd_wakers, loop)
 
     def clear(self) -> None:
         self._woken = False

@@ -839,6 +839,44 @@ def test_aupdates_closed_from_another_thread_as_it_looks_at_its_socket_says_clos
         seg.close()
 
 
+def test_aupdates_closed_from_another_thread_as_it_starts_says_closed(
+    namespace: str, thread_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``events``: an ``aupdates()`` iterator starting (asking its SUB socket for its
+    file descriptor, ``ZMQ_FD``) when another thread closes the subscriber. The
+    question was asked outside the lock close() takes: of the closed socket, and
+    the iterator ended with ``zmq.ZMQError`` ("Socket operation on non-socket"),
+    not ``ClosedError``. A stand-in for the zmq module closes it from another
+    thread right then (waiting at most 0.3 s for the close)."""
+    seg = Segment.create("ev", "i8", (2,), slots=4, namespace=namespace)
+    try:
+        sub = Subscriber("ev", namespace=namespace, wait="events")
+        closer = threading.Thread(target=sub.close)
+
+        class _ClosingZmq:
+            def __getattr__(self, name: str) -> object:
+                if name == "FD" and not closer.is_alive() and not sub.closed:
+                    closer.start()
+                    closer.join(0.3)  # unless close() waits for the iterator's lock
+                return getattr(zmq, name)
+
+        async def run() -> None:
+            monkeypatch.setattr(subscriber_module, "zmq", _ClosingZmq())
+            async for _ in sub.aupdates(timeout=5):
+                pass
+
+        try:
+            with pytest.raises(ClosedError):
+                asyncio.run(run())
+        finally:
+            monkeypatch.undo()
+            closer.join(10)
+            sub.close()
+    finally:
+        seg.unlink()
+        seg.close()
+
+
 def test_an_aupdates_that_only_takes_queued_updates_starts_no_thread(namespace: str) -> None:
     """An iterator that takes one queued update and is left (``break``), again and
     again without the loop running anything else: each started a helper thread that
