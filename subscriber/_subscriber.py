@@ -27,12 +27,14 @@ and its versions are delivered or counted.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import contextlib
 import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
@@ -89,6 +91,12 @@ WAIT_MODES: tuple[str, ...] = ("shm", "events", "futex", "spin")
 REPORT_INTERVAL = 1.0
 #: Seconds the control socket may take, once closed, to send the broker our goodbye.
 GOODBYE_LINGER = 0.1
+#: The subscribers of this process that reported to a broker, while open: the
+#: broker keeps one row per name and pid, which those of one name share, and a
+#: goodbye drops it. Guarded by _REPORTERS_LOCK (several threads open and close;
+#: reentrant: a signal handler's close() may interrupt its own thread's report).
+_REPORTERS: weakref.WeakSet[Subscriber] = weakref.WeakSet()
+_REPORTERS_LOCK = threading.RLock()
 #: Longest single wait of a reading loop: how soon it sees close() from another thread.
 WAIT_SLICE = 0.1
 #: Seconds between an ``aupdates()`` loop's own looks at a segment attached since its
@@ -96,6 +104,9 @@ WAIT_SLICE = 0.1
 NEW_SEGMENT_POLL = 0.001
 #: Seconds close() waits for a reading thread to leave its wait.
 CLOSE_WAIT = 2.0
+#: Seconds close() waits for the hand-off lock (held for a few steps, never while
+#: waiting): past them, it is its own thread's, which a signal handler interrupted.
+HAND_WAIT = 0.1
 #: Seconds between two looks at the segments' paths (a safety net: a recreated
 #: segment is normally noticed at once, through the namespace word or the events).
 PATH_CHECK = 0.5
@@ -456,8 +467,14 @@ class Subscriber(Closing):
 
     def _release_retired(self) -> None:
         """Close retired handles once no queued or unsettled update can need them."""
-        if not self._retired or self._pending or self._unsettled is not None or self._held:
+        if not self._retired:
             return
+        # Under _hand: another thread's loop may have taken the last queued update
+        # off the queue and not yet made it the update out (neither would be seen).
+        # Nothing is queued meanwhile: that takes _io, which the caller holds.
+        with self._hand:
+            if self._pending or self._unsettled is not None or self._held:
+                return
         for seg in self._retired:
             for key in [k for k, v in self._handles.items() if v is seg]:
                 del self._handles[key]
@@ -673,6 +690,11 @@ class Subscriber(Closing):
 
     def _settle(self) -> None:
         """The consumer asked for the next update: the last one, unread, was delivered."""
+        if self._unsettled is None:
+            # Nothing out (the usual case after a read): no lock to take. Only the
+            # consumer's own step makes an update out of updates(); another thread
+            # (a read ending there) only settles it.
+            return
         with self._hand:
             up = self._unsettled
             if up is not None:
@@ -736,8 +758,10 @@ class Subscriber(Closing):
                         if self._closed:
                             raise ClosedError("subscriber") from exc
                         raise
-                    with self._hand:
-                        self._unsettled = update
+                    # No lock: _settle() above took the last one under it, and
+                    # another thread (a read ending there) only sets this to None
+                    # when it holds that update, under the lock.
+                    self._unsettled = update
                 yield update
         finally:
             if not self._closed:
@@ -1222,6 +1246,9 @@ class Subscriber(Closing):
             for name, st in list(self.stats.items())[:REPORT_SEGMENTS]
         }
         self._client.send("report", name=self.name[:REPORT_NAME], pid=os.getpid(), segments=segs)
+        if self not in _REPORTERS:
+            with _REPORTERS_LOCK:
+                _REPORTERS.add(self)
 
     def _say_goodbye(self) -> None:
         """Tell the broker we are gone, so ``shmcast top`` drops our row at once.
@@ -1229,11 +1256,20 @@ class Subscriber(Closing):
         and a growing lag until the report expired (``REPORT_TTL``, 5 s)."""
         if self._client is None or not self._next_report:  # never reported: no row
             return
+        name = self.name[:REPORT_NAME]
         with contextlib.suppress(Exception):  # best effort: the row expires anyway
-            if self.broker_up:
-                self._client.send(
-                    "report", name=self.name[:REPORT_NAME], pid=os.getpid(), segments={}, gone=True
-                )
+            with _REPORTERS_LOCK:
+                _REPORTERS.discard(self)
+                # Another open subscriber of this process with this name, of this
+                # broker, reports under the same row: it stays (before, it went until
+                # that one's next report). The last of them says goodbye.
+                shared = any(
+                    not other._closed and other.name[:REPORT_NAME] == name
+                    and other._endpoint == self._endpoint
+                    for other in _REPORTERS
+                )  # fmt: skip
+            if not shared and self.broker_up:
+                self._client.send("report", name=name, pid=os.getpid(), segments={}, gone=True)
 
     # ------------------------------------------------------------------ closing
 
@@ -1279,11 +1315,33 @@ class Subscriber(Closing):
         """Detach every segment and close the sockets. Idempotent.
 
         Safe from another thread: a thread waiting in :meth:`updates` ends with
-        :class:`ClosedError` instead of finding its sockets gone.
+        :class:`ClosedError` instead of finding its sockets gone. Safe from a signal
+        handler: when it interrupts its own thread handing an update out or settling
+        a read, the settling and teardown end in a thread of their own (at once
+        after the interrupted step), and this returns after :data:`HAND_WAIT`.
         """
         if self._closed:
             return
         self._closed = True
+        # A signal handler's close() may interrupt its own thread handing an update
+        # out or settling one, under _hand (not reentrant): waiting for it here
+        # would wait for ever. Then the rest runs in a thread of its own, once the
+        # interrupted step let go (a bare one: starting it takes none of threading's
+        # locks, which the interrupted thread may hold too).
+        if not self._hand.acquire(timeout=HAND_WAIT):
+            _thread.start_new_thread(self._close_apart, ())
+            return
+        self._hand.release()
+        self._close_rest()
+
+    def _close_apart(self) -> None:
+        try:
+            self._close_rest()
+        except Exception:  # no caller to raise it to
+            log.exception("closing subscriber %s", self.name)
+
+    def _close_rest(self) -> None:
+        """close() once the subscriber is marked closed: settle, count, tear down."""
         # Wait (bounded) for a reading thread to leave its wait slice first.
         locked = self._io.acquire(timeout=CLOSE_WAIT)
         try:
@@ -1362,8 +1420,13 @@ class _ExactRead:
                 f"{up!r} is not an update of this subscriber (it reads {sub.names}); "
                 f"read it with the subscriber that yielded it"
             )
-        with sub._hand:
-            self._counted = sub._unsettled is up or any(other is up for other in sub._held)
+        if sub._unsettled is up:
+            # The one consumer's update out (the usual case): no lock to take. Only
+            # a hint: __exit__ settles it under the lock, if it is still out then.
+            self._counted = True
+        else:
+            with sub._hand:
+                self._counted = sub._unsettled is up or any(other is up for other in sub._held)
         seg = sub._handles.get((up.segment, up.incarnation))
         try:
             if seg is None:
@@ -1429,21 +1492,14 @@ class _Waker:
         #: The loop's helper thread, joined at this iterator's first wait.
         self._watch: _Watch | None = None
         if sub._sub is not None:
-            fd = sub._sub.getsockopt(zmq.FD)
-            assert isinstance(fd, int)
-            self._fd = fd
-            if not any(w._loop is loop for w in sub._fd_wakers):
-                # A reader already on this fd number in this loop is a stale one, of a
-                # socket closed since (another thread's close() drops its loop's at the
-                # loop's next turn): add_reader would only swap its callback, and the
-                # loop would never watch this socket's file.
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(fd)
-            sub._fd_wakers.append(self)
-            # One reader per loop and fd (adding another replaces it): it wakes every
-            # iterator of this loop. Before, each iterator's own reader replaced the
-            # last, and the other tasks' iterators woke only on their 50 ms step.
-            loop.add_reader(fd, _wake_all, sub._fd_wakers, loop)
+            # Under _io, as every use of the socket: close() from another thread
+            # closes it, and drops the loops' readers, under that lock. Before, a
+            # close right then ended the iterator with ZMQError ("Socket operation
+            # on non-socket"), not ClosedError. Closed: no reader; the iterator's
+            # first look says so.
+            with sub._io:
+                if not sub._closed and sub._sub is not None:
+                    self._watch_fd(sub._sub, loop)
         #: ``shm`` and ``futex`` sleep in the loop's helper thread, joined (started
         #: when the loop has none) by the first wait: an iterator that only takes
         #: what is queued (``break`` after one update, ``timeout=0``) needs none.
@@ -1451,7 +1507,26 @@ class _Waker:
         #: after its close (hundreds, in a loop that took one update an iterator
         #: without yielding to the event loop; 42 at once, in one making iterators
         #: with a 2 ms timeout).
-        self._threaded = sub._sub is None and sub.mode != "spin"
+        self._threaded = sub.mode in ("shm", "futex")
+
+    def _watch_fd(self, sock: zmq.Socket[Any], loop: asyncio.AbstractEventLoop) -> None:
+        """Have ``loop`` watch the SUB socket's file descriptor (``events``)."""
+        sub = self._sub
+        fd = sock.getsockopt(zmq.FD)
+        assert isinstance(fd, int)
+        self._fd = fd
+        if not any(w._loop is loop for w in sub._fd_wakers):
+            # A reader already on this fd number in this loop is a stale one, of a
+            # socket closed since (another thread's close() drops its loop's at the
+            # loop's next turn): add_reader would only swap its callback, and the
+            # loop would never watch this socket's file.
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+        sub._fd_wakers.append(self)
+        # One reader per loop and fd (adding another replaces it): it wakes every
+        # iterator of this loop. Before, each iterator's own reader replaced the
+        # last, and the other tasks' iterators woke only on their 50 ms step.
+        loop.add_reader(fd, _wake_all, sub._fd_wakers, loop)
 
     def clear(self) -> None:
         self._woken = False

@@ -8,6 +8,7 @@ import collections
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -731,6 +732,75 @@ def test_aupdates_of_two_threads_taking_the_last_queued_update_at_once(namespace
         seg.close()
 
 
+def test_an_old_incarnation_stays_mapped_while_another_thread_hands_its_update_out(
+    namespace: str,
+) -> None:
+    """A segment made again: its old incarnation's handle is let go once no update
+    of it is queued or out. That look ran outside the hand-off lock: another
+    thread's loop that had taken the old incarnation's last update off the queue,
+    and not yet made it the update out, saw it let go under it, and its read of
+    it failed (``VersionUnavailableError``, counted overrun, the data still there).
+    A queue that pauses that thread right after its take forces the order (for
+    at most half a second)."""
+    seg = Segment.create("r", "i8", (2,), slots=4, namespace=namespace)
+    new = None
+    try:
+        with Subscriber("r", namespace=namespace, wait="futex") as sub:
+            taken, looked = threading.Event(), threading.Event()
+
+            class _PausingDeque(collections.deque[Update]):
+                def popleft(self) -> Update:
+                    up = super().popleft()
+                    if threading.current_thread().name == "one" and not taken.is_set():
+                        taken.set()
+                        looked.wait(0.5)  # the other's look, unless it waits
+                    return up
+
+            sub._pending = _PausingDeque()
+            seg.write(np.full(2, 7, "i8"))
+            with sub._io:
+                sub._collect()  # version 1 of the first incarnation queued
+            seg.unlink()
+            new = Segment.create("r", "i8", (2,), slots=4, namespace=namespace)
+            with sub._io:
+                sub._check_paths()  # the first retired, its update still queued
+            assert len(sub._retired) == 1
+            got: list[object] = []
+
+            def take() -> None:
+                async def one() -> None:
+                    updates = sub.aupdates(timeout=5)
+                    up = await anext(updates)
+                    try:
+                        with sub.read(up) as snap:
+                            got.append(int(snap.array[0]))
+                    except VersionUnavailableError as exc:
+                        got.append(exc)
+                    await updates.aclose()
+
+                asyncio.run(one())
+
+            one = threading.Thread(target=take, name="one")
+            one.start()
+            try:
+                assert taken.wait(10)
+                with sub._io:
+                    sub._release_retired()  # another loop's look, at its housekeeping
+                looked.set()
+            finally:
+                looked.set()
+                one.join(10)
+            assert not one.is_alive()
+            assert got == [7]
+            st = sub.stats["r"]
+            assert (st.updates, st.overrun) == (1, 0)
+    finally:
+        seg.close()
+        if new is not None:
+            new.unlink()
+            new.close()
+
+
 def test_aupdates_closed_from_another_thread_as_it_looks_at_its_socket_says_closed(
     namespace: str, thread_broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -748,6 +818,44 @@ def test_aupdates_closed_from_another_thread_as_it_looks_at_its_socket_says_clos
         class _ClosingZmq:
             def __getattr__(self, name: str) -> object:
                 if name == "EVENTS" and not closer.is_alive() and not sub.closed:
+                    closer.start()
+                    closer.join(0.3)  # unless close() waits for the iterator's lock
+                return getattr(zmq, name)
+
+        async def run() -> None:
+            monkeypatch.setattr(subscriber_module, "zmq", _ClosingZmq())
+            async for _ in sub.aupdates(timeout=5):
+                pass
+
+        try:
+            with pytest.raises(ClosedError):
+                asyncio.run(run())
+        finally:
+            monkeypatch.undo()
+            closer.join(10)
+            sub.close()
+    finally:
+        seg.unlink()
+        seg.close()
+
+
+def test_aupdates_closed_from_another_thread_as_it_starts_says_closed(
+    namespace: str, thread_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``events``: an ``aupdates()`` iterator starting (asking its SUB socket for its
+    file descriptor, ``ZMQ_FD``) when another thread closes the subscriber. The
+    question was asked outside the lock close() takes: of the closed socket, and
+    the iterator ended with ``zmq.ZMQError`` ("Socket operation on non-socket"),
+    not ``ClosedError``. A stand-in for the zmq module closes it from another
+    thread right then (waiting at most 0.3 s for the close)."""
+    seg = Segment.create("ev", "i8", (2,), slots=4, namespace=namespace)
+    try:
+        sub = Subscriber("ev", namespace=namespace, wait="events")
+        closer = threading.Thread(target=sub.close)
+
+        class _ClosingZmq:
+            def __getattr__(self, name: str) -> object:
+                if name == "FD" and not closer.is_alive() and not sub.closed:
                     closer.start()
                     closer.join(0.3)  # unless close() waits for the iterator's lock
                 return getattr(zmq, name)
@@ -825,6 +933,68 @@ def test_short_aupdates_iterators_share_one_helper_thread(namespace: str) -> Non
         # One thread; for a moment two, one that just found itself unneeded.
         assert peak <= 2
     finally:
+        seg.unlink()
+        seg.close()
+
+
+def test_a_signal_handlers_close_while_its_thread_settles_a_read_does_not_hang(
+    namespace: str,
+) -> None:
+    """A signal handler calls ``close()`` while it interrupts its own thread settling
+    a read (holding the hand-off lock, which is not reentrant): close() waited for
+    ever on the lock its own thread held (the review's loop of reads, each with a
+    timed SIGALRM, hung). A stand-in for the lock raises the signal right there,
+    and fails, instead of hanging, when a wait for it lasts 2 s. Now the rest of
+    the close runs in a thread of its own; the counts still add up."""
+    seg = Segment.create("sig", "i8", (2,), slots=4, namespace=namespace)
+    old = signal.getsignal(signal.SIGUSR1)
+    try:
+        sub = Subscriber("sig", namespace=namespace, wait="futex")
+        for v in (1, 2):
+            seg.write(np.full(2, v, "i8"))
+        real = sub._hand
+        armed: list[bool] = []
+
+        class _SignallingLock:
+            def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+                return real.acquire(blocking, timeout)
+
+            def release(self) -> None:
+                real.release()
+
+            def __enter__(self) -> None:
+                if not real.acquire(timeout=2):
+                    raise AssertionError("close() waits for the lock its own thread holds")
+                if armed:
+                    armed.clear()
+                    signal.raise_signal(signal.SIGUSR1)  # its handler runs right here
+
+            def __exit__(self, *exc: object) -> None:
+                real.release()
+
+        signal.signal(signal.SIGUSR1, lambda signum, frame: sub.close())
+        sub._hand = _SignallingLock()  # type: ignore[assignment]
+        got: list[int] = []
+
+        def consume() -> None:
+            for up in sub.updates(timeout=2):
+                with sub.read(up) as snap:
+                    got.append(int(snap.array[0]))
+                    armed.append(True)  # the read's settling is interrupted
+
+        with pytest.raises(ClosedError):
+            consume()
+        assert sub.closed
+        assert got == [1]
+        for _ in range(500):  # the rest of the close, in its own thread
+            if not sub._handles:
+                break
+            time.sleep(0.01)
+        assert not sub._handles
+        st = sub.stats["sig"]
+        assert (st.updates, st.missed, st.overrun, st.torn) == (1, 1, 0, 0)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
         seg.unlink()
         seg.close()
 

@@ -426,3 +426,56 @@ def test_a_closed_subscriber_leaves_the_table_at_once(
         finally:
             sub.close()
             stayer.close()
+
+
+def test_a_goodbye_leaves_the_row_of_a_same_named_subscriber_of_the_process(
+    namespace: str, thread_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two open subscribers of one process with one name (the default
+    ``subscriber``) report under one row, (name, pid): the first to close said
+    goodbye, and the broker dropped the row of the one still reading, until its
+    next report. The goodbye is now said by the last of them only."""
+    import shmcast.broker._broker as broker_module
+
+    monkeypatch.setattr(broker_module, "REPORT_TTL", 3600.0)
+    assert thread_broker.endpoints is not None
+    with (
+        Publisher("ticks", dtype="f8", shape=(4,), namespace=namespace) as pub,
+        ControlClient(thread_broker.endpoints.control, timeout=5) as client,
+    ):
+        first = Subscriber(["ticks"], namespace=namespace, name="same")
+        second = Subscriber(["ticks"], namespace=namespace, name="same")
+        try:
+            sent: list[tuple[object, dict[str, object]]] = []
+            for s in (first, second):
+                assert s._client is not None
+                real = s._client.send
+
+                def spy(op: str, _real: object = real, _s: object = s, **fields: object) -> bool:
+                    sent.append((_s, fields))
+                    return _real(op, **fields)  # type: ignore[operator,no-any-return]
+
+                monkeypatch.setattr(s._client, "send", spy)
+
+            def reported() -> set[object]:
+                pub.publish(np.zeros(4))
+                for s in (first, second):  # a subscriber reports between updates
+                    for _ in s.updates(timeout=0.05):
+                        pass
+                return {who for who, _ in sent}
+
+            wait_for(lambda: reported() == {first, second}, 10, 0.02, "both reports")
+            first.close()
+            assert not [who for who, fields in sent if fields.get("gone")]
+            assert [r["name"] for r in client.request("subscribers")["subscribers"]] == ["same"]
+            second.close()
+            assert [who for who, fields in sent if fields.get("gone")] == [second]
+            wait_for(
+                lambda: client.request("subscribers")["subscribers"] == [],
+                10,
+                0.02,
+                "the row to go with the last of them",
+            )
+        finally:
+            first.close()
+            second.close()
