@@ -996,3 +996,29 @@ def test_a_subscriber_that_cannot_see_the_brokers_dev_shm_fails_clearly(
     assert proc.returncode == 1, proc.stderr
     assert "does not share the broker's /dev/shm" in proc.stderr
     assert "--ipc container:" in proc.stderr
+
+
+def test_running_out_of_file_descriptors_is_an_error_naming_the_limit(namespace: str) -> None:
+    """A subscriber of more segments than its open-files limit holds (each attached
+    segment holds a descriptor): exit 1 with one line naming the limit and how to
+    raise it. Before, the command died with a traceback of the bare ``OSError``
+    ("[Errno 24] Too many open files")."""
+    segs = [Segment.create(f"s{i}", np.uint8, (8,), namespace=namespace) for i in range(60)]
+    try:
+        argv = [sys.executable, "-m", "shmcast.cli", "subscribe", *(s.name for s in segs)]
+        argv += ["-n", namespace, "--wait", "futex", "--timeout", "0.1", "--quiet"]
+        r = subprocess.run(
+            ["sh", "-c", 'ulimit -n 40 && exec "$@"', "sh", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        for s in segs:
+            s.unlink()
+            s.close()
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "shmcast subscribe: error: out of file descriptors" in r.stderr
+    assert "open-files limit is 40" in r.stderr
+    assert "ulimit -n 4096" in r.stderr
