@@ -479,12 +479,35 @@ class BrokerError(ShmcastError):
 
 
 class BrokerUnavailableError(BrokerError):
-    def __init__(self, endpoint: str, waited: float) -> None:
+    """No reply from the broker at ``endpoint``. ``pid`` is set when a live process
+    holds the namespace's broker lock beside that (ipc) endpoint: a broker runs but
+    did not answer (``stopped``: it is stopped, SIGSTOP or a debugger), and starting
+    another, the fix for no broker at all, would be refused."""
+
+    def __init__(
+        self, endpoint: str, waited: float, *, pid: int | None = None, stopped: bool = False
+    ) -> None:
         self.endpoint = endpoint
-        super().__init__(
-            f"no broker answered at {endpoint} within {waited:g}s; start one with "
-            f"`shmcast broker` (same --namespace), or pass broker=<its control endpoint>"
-        )
+        self.pid = pid
+        self.stopped = stopped
+        if pid is None:
+            message = (
+                f"no broker answered at {endpoint} within {waited:g}s; start one with "
+                f"`shmcast broker` (same --namespace), or pass broker=<its control endpoint>"
+            )
+        elif stopped:
+            message = (
+                f"the broker at {endpoint} (pid {pid}) did not answer within {waited:g}s: "
+                f"it is stopped (SIGSTOP, Ctrl-Z, a debugger); resume it: `kill -CONT {pid}`"
+            )
+        else:
+            message = (
+                f"the broker at {endpoint} (pid {pid}, which holds the namespace) did not "
+                f"answer within {waited:g}s: it is busy or hung, or does not let this client "
+                f"in (with CURVE keys it answers only the clients it lists); look at it "
+                f"(`top -p {pid}`), wait longer, or stop it (`kill {pid}`) and start another"
+            )
+        super().__init__(message)
 
 
 class BrokerRunningError(BrokerError):
