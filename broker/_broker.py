@@ -1138,14 +1138,29 @@ class Broker(Service):
                 if seg.writer_alive() and not unlink_all:
                     kept.append(name)
                     continue
+                cut: int | None = None  # the live writer unlink_on_exit cuts off
                 try:
                     held.append(Segment.attach(name, namespace=self.namespace, writable=True))
-                except WriterBusyError:
+                except WriterBusyError as exc:
                     if not unlink_all:
                         kept.append(name)  # a writer took the lease meanwhile
                         continue
+                    cut = exc.pid or 0
                 seg.unlink()
-                log.info("unlinked segment %s", name)
+                if cut is None:
+                    log.info("unlinked segment %s", name)
+                else:
+                    # As `shmcast rm --force` says it: before, only an INFO line
+                    # (unseen at the default level) told that a publisher went on
+                    # writing versions no reader would ever find.
+                    log.warning(
+                        "unlinked segment %s although it had a live writer (pid %s), as "
+                        "unlink_on_exit asks: it goes on writing into the unlinked object, "
+                        "which no reader finds; stop it (a new publisher makes the segment "
+                        "anew), or stop the broker without --unlink-on-exit to keep it",
+                        name,
+                        cut or "unknown",
+                    )
             except Exception as exc:  # the other segments are still seen to
                 log.warning("segment %s at shutdown: %s", name, exc)
             finally:

@@ -1022,3 +1022,29 @@ def test_running_out_of_file_descriptors_is_an_error_naming_the_limit(namespace:
     assert "shmcast subscribe: error: out of file descriptors" in r.stderr
     assert "open-files limit is 40" in r.stderr
     assert "ulimit -n 4096" in r.stderr
+
+
+def test_publish_says_so_once_its_segment_is_deleted_under_it(namespace: str) -> None:
+    """`shmcast publish` whose segment is unlinked under it (`shmcast rm --force`, a
+    broker stopped with --unlink-on-exit) says so on stderr, once, within about a
+    second, and goes on. Before, it published on into the unlinked object and said
+    nothing: its done line counted versions no reader could find."""
+    from shmcast.cli.testing import PUBLISH_READY
+
+    with Broker(BrokerConfig(namespace=namespace)).start():
+        sp = start(
+            [
+                *("publish", "p", "-n", namespace, "--source", "random"),
+                *("--dtype", "u1", "--shape", "4", "--rate", "200"),
+            ],
+            ready=PUBLISH_READY,
+        )
+        try:
+            Segment.remove("p", namespace=namespace)
+            line = sp.wait_line("shmcast publish: segment 'p'", 10)
+            assert sp.proc.poll() is None  # it goes on: stopping is the user's call
+        finally:
+            sp.stop()
+    assert f"of namespace {namespace!r} was deleted under this publisher" in line
+    assert "stop it and start it again" in line
+    assert sum("was deleted under this publisher" in ln for ln in sp.stderr) == 1

@@ -378,3 +378,29 @@ def test_a_broker_restarted_with_a_longer_heartbeat_is_not_taken_for_down(
             assert all(seen), f"taken for down in {seen.count(False)} of {len(seen)} looks"
     finally:
         broker.close()
+
+
+def test_unlink_on_exit_warns_of_the_live_writer_it_cuts_off(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker stopped with unlink_on_exit unlinks a segment whose publisher still
+    writes: it says so at WARNING, naming the writer, as `shmcast rm --force` does.
+    Before, one INFO line ("unlinked segment live"), unseen at the default level,
+    while the publisher went on writing versions no reader would find."""
+    b = Broker(BrokerConfig(namespace=namespace, unlink_on_exit=True)).start()
+    try:
+        with (
+            Publisher("live", dtype="f8", shape=(2,)) as pub,
+            Publisher("idle", dtype="f8", shape=(2,)),
+        ):
+            pub.publish(np.ones(2))
+            with caplog.at_level("WARNING", logger="shmcast.broker._broker"):
+                b.close()
+            assert Segment.list(namespace) == []
+    finally:
+        b.close()
+    cut = [r.getMessage() for r in caplog.records if "live writer" in r.getMessage()]
+    assert len(cut) == 2, cut
+    assert cut[0].startswith("unlinked segment ")
+    assert f"had a live writer (pid {os.getpid()})" in cut[0]
+    assert "no reader finds" in cut[0]
