@@ -511,12 +511,27 @@ class BrokerUnavailableError(BrokerError):
 
 
 class BrokerRunningError(BrokerError):
-    def __init__(self, namespace: str, pid: int | None) -> None:
+    """``word`` is set when the broker was found by the namespace word in /dev/shm
+    (its heartbeats), not by the lock in our runtime directory."""
+
+    def __init__(self, namespace: str, pid: int | None, *, word: str | None = None) -> None:
         self.namespace = namespace
-        super().__init__(
-            f"a broker (pid {pid}) already serves namespace {namespace!r}; "
-            f"stop it or use another --namespace"
-        )
+        self.pid = pid
+        if word is None:
+            message = (
+                f"a broker (pid {pid}) already serves namespace {namespace!r}; "
+                f"stop it or use another --namespace"
+            )
+        else:
+            message = (
+                f"a broker (pid {pid}) already serves namespace {namespace!r}: its "
+                f"namespace word {word} beats, though this runtime directory holds no "
+                f"lock of it (its runtime directory is another one, XDG_RUNTIME_DIR or a "
+                f"container's, or was removed under it, by a /tmp cleaner, which leaves it "
+                f"unreachable); stop it (`kill {pid}`) and start this one, or use another "
+                f"--namespace"
+            )
+        super().__init__(message)
 
 
 class NamespaceMismatchError(BrokerError):

@@ -20,6 +20,7 @@ from shmcast.cli.testing import (
     PUBLISH_READY,
     SUBSCRIBE_READY,
     ShmcastProcess,
+    running,
     start,
     wait_for,
 )
@@ -404,3 +405,26 @@ def test_unlink_on_exit_warns_of_the_live_writer_it_cuts_off(
     assert cut[0].startswith("unlinked segment ")
     assert f"had a live writer (pid {os.getpid()})" in cut[0]
     assert "no reader finds" in cut[0]
+
+
+def test_a_broker_whose_runtime_dir_was_removed_keeps_a_second_one_out(namespace: str) -> None:
+    """A /tmp cleaner removes a live broker's runtime directory (its sockets and its
+    lock): the broker runs on, unreachable. A second broker started then is refused,
+    naming the first one's pid, from the namespace word it keeps beating in
+    /dev/shm. Before, the second one started beside it and adopted its segments; the
+    first one's stop then unlinked what the second one served."""
+    import shutil
+
+    from shmcast.broker import BrokerRunningError
+    from shmcast.broker.client import runtime_dir
+
+    with running(["broker", "-n", namespace], ready=BROKER_READY) as first:
+        shutil.rmtree(runtime_dir(namespace))
+        second = Broker(BrokerConfig(namespace=namespace))
+        with pytest.raises(BrokerRunningError) as err:
+            second.start(timeout=10)
+        assert second.closed
+        assert f"a broker (pid {first.pid}) already serves namespace" in str(err.value)
+        assert "namespace word" in str(err.value)
+        assert f"`kill {first.pid}`" in str(err.value)
+        assert not runtime_dir(namespace).exists()  # the refused start left nothing
