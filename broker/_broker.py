@@ -111,6 +111,22 @@ def _report_value(key: object, value: object) -> bool:
     return False
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` names a live process of this pid namespace (not a zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's: it exists
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return True
+    return data[data.rindex(b")") + 2 :][:1] != b"Z"
+
+
 def _cleanup(what: str, step: Callable[[], object]) -> None:
     """One step of the broker's shutdown: what it raises is logged, not propagated."""
     try:
@@ -232,6 +248,7 @@ class Broker(Service):
         try:
             rdir = runtime_dir(self.namespace, create=True)
             lock_fd = self._take_namespace_lock(rdir)
+            self._refuse_a_beating_word()
             if cfg.group is not None:
                 share_runtime_dir(rdir, grp.getgrnam(cfg.group).gr_gid)
             else:
@@ -397,6 +414,32 @@ class Broker(Service):
                 raise
             return fd
         raise BrokerRunningError(self.namespace, pid_of_lock(str(path)))
+
+    def _refuse_a_beating_word(self) -> None:
+        """Refuse to serve a namespace another live broker serves though our runtime
+        directory's lock was free: its runtime directory was removed under it (a
+        /tmp cleaner: it runs on, unreachable) or is another one. Its namespace word
+        in /dev/shm says so: heartbeats from a running process that is not this one.
+        Before, a second broker started beside it, adopted its segments, and the
+        first one's stop later unlinked what the second one served.
+
+        A broker killed a moment ago (its pid gone) or stopped cleanly (pid 0) does
+        not count: the next one takes the word over, as ever.
+
+        Raises:
+            BrokerRunningError: naming that broker's pid and its word.
+        """
+        try:
+            word = NamespaceWord.attach(self.namespace)
+        except (ShmcastError, OSError):
+            return  # no word we trust: the one we make replaces it, as before
+        if word is None:
+            return
+        with word:
+            pid, beating, path = word.pid, word.broker_up(), word.path
+        if pid <= 0 or pid == os.getpid() or not beating or not _running(pid):
+            return
+        raise BrokerRunningError(self.namespace, pid, word=path)
 
     def _bind(
         self,
@@ -1142,14 +1185,29 @@ class Broker(Service):
                 if seg.writer_alive() and not unlink_all:
                     kept.append(name)
                     continue
+                cut: int | None = None  # the live writer unlink_on_exit cuts off
                 try:
                     held.append(Segment.attach(name, namespace=self.namespace, writable=True))
-                except WriterBusyError:
+                except WriterBusyError as exc:
                     if not unlink_all:
                         kept.append(name)  # a writer took the lease meanwhile
                         continue
+                    cut = exc.pid or 0
                 seg.unlink()
-                log.info("unlinked segment %s", name)
+                if cut is None:
+                    log.info("unlinked segment %s", name)
+                else:
+                    # As `shmcast rm --force` says it: before, only an INFO line
+                    # (unseen at the default level) told that a publisher went on
+                    # writing versions no reader would ever find.
+                    log.warning(
+                        "unlinked segment %s although it had a live writer (pid %s), as "
+                        "unlink_on_exit asks: it goes on writing into the unlinked object, "
+                        "which no reader finds; stop it (a new publisher makes the segment "
+                        "anew), or stop the broker without --unlink-on-exit to keep it",
+                        name,
+                        cut or "unknown",
+                    )
             except Exception as exc:  # the other segments are still seen to
                 log.warning("segment %s at shutdown: %s", name, exc)
             finally:

@@ -271,7 +271,8 @@ class ControlClient:
         self._reconnect()
         if why is not None:
             raise BrokerHandshakeError(self.endpoint, wait, why)
-        raise BrokerUnavailableError(self.endpoint, wait)
+        pid, stopped = _silent_broker(self.endpoint)
+        raise BrokerUnavailableError(self.endpoint, wait, pid=pid, stopped=stopped)
 
     def send(self, op: str, **fields: Any) -> bool:
         """Fire and forget (``commit``); never blocks. Returns False when dropped."""
@@ -386,6 +387,43 @@ class ControlClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _silent_broker(endpoint: str) -> tuple[int | None, bool]:
+    """The pid of the live process holding the broker lock (``broker.lock``) beside
+    an ipc control ``endpoint``, and whether it is stopped; ``(None, False)`` when
+    none does (no broker: the usual "start one" is right).
+
+    Read from ``/proc/locks`` (the kernel's table of ``flock`` locks, by device and
+    inode), never by taking the lock: a probe holding it for a moment would make a
+    broker starting just then refuse to start.
+    """
+    if not endpoint.startswith("ipc://"):
+        return None, False
+    lock = os.path.join(os.path.dirname(endpoint[len("ipc://") :]), "broker.lock")
+    try:
+        st = os.stat(lock, follow_symlinks=False)
+        with open("/proc/locks") as f:
+            table = f.read()
+    except OSError:
+        return None, False
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF" (a waiter's has "->" second)
+        parts = line.split()
+        if len(parts) < 6 or parts[1:4] != ["FLOCK", "ADVISORY", "WRITE"] or parts[5] != where:
+            continue
+        try:
+            pid = int(parts[4])
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                data = f.read()
+        except (OSError, ValueError):
+            return None, False
+        state = data[data.rindex(b")") + 2 :][:1]
+        if state == b"Z":
+            return None, False
+        return pid, state in (b"T", b"t")
+    return None, False
 
 
 def check_broker_namespace(client: ControlClient, namespace: str) -> dict[str, Any]:

@@ -481,12 +481,35 @@ class BrokerError(ShmcastError):
 
 
 class BrokerUnavailableError(BrokerError):
-    def __init__(self, endpoint: str, waited: float) -> None:
+    """No reply from the broker at ``endpoint``. ``pid`` is set when a live process
+    holds the namespace's broker lock beside that (ipc) endpoint: a broker runs but
+    did not answer (``stopped``: it is stopped, SIGSTOP or a debugger), and starting
+    another, the fix for no broker at all, would be refused."""
+
+    def __init__(
+        self, endpoint: str, waited: float, *, pid: int | None = None, stopped: bool = False
+    ) -> None:
         self.endpoint = endpoint
-        super().__init__(
-            f"no broker answered at {endpoint} within {waited:g}s; start one with "
-            f"`shmcast broker` (same --namespace), or pass broker=<its control endpoint>"
-        )
+        self.pid = pid
+        self.stopped = stopped
+        if pid is None:
+            message = (
+                f"no broker answered at {endpoint} within {waited:g}s; start one with "
+                f"`shmcast broker` (same --namespace), or pass broker=<its control endpoint>"
+            )
+        elif stopped:
+            message = (
+                f"the broker at {endpoint} (pid {pid}) did not answer within {waited:g}s: "
+                f"it is stopped (SIGSTOP, Ctrl-Z, a debugger); resume it: `kill -CONT {pid}`"
+            )
+        else:
+            message = (
+                f"the broker at {endpoint} (pid {pid}, which holds the namespace) did not "
+                f"answer within {waited:g}s: it is busy or hung, or does not let this client "
+                f"in (with CURVE keys it answers only the clients it lists); look at it "
+                f"(`top -p {pid}`), wait longer, or stop it (`kill {pid}`) and start another"
+            )
+        super().__init__(message)
 
 
 class BrokerHandshakeError(BrokerUnavailableError):
@@ -496,17 +519,34 @@ class BrokerHandshakeError(BrokerUnavailableError):
 
     def __init__(self, endpoint: str, waited: float, why: str) -> None:
         self.endpoint = endpoint
+        self.pid = None  # a peer that refused us: not known to be our broker
+        self.stopped = False
         self.why = why
         BrokerError.__init__(self, f"no reply from {endpoint} within {waited:g}s: {why}")
 
 
 class BrokerRunningError(BrokerError):
-    def __init__(self, namespace: str, pid: int | None) -> None:
+    """``word`` is set when the broker was found by the namespace word in /dev/shm
+    (its heartbeats), not by the lock in our runtime directory."""
+
+    def __init__(self, namespace: str, pid: int | None, *, word: str | None = None) -> None:
         self.namespace = namespace
-        super().__init__(
-            f"a broker (pid {pid}) already serves namespace {namespace!r}; "
-            f"stop it or use another --namespace"
-        )
+        self.pid = pid
+        if word is None:
+            message = (
+                f"a broker (pid {pid}) already serves namespace {namespace!r}; "
+                f"stop it or use another --namespace"
+            )
+        else:
+            message = (
+                f"a broker (pid {pid}) already serves namespace {namespace!r}: its "
+                f"namespace word {word} beats, though this runtime directory holds no "
+                f"lock of it (its runtime directory is another one, XDG_RUNTIME_DIR or a "
+                f"container's, or was removed under it, by a /tmp cleaner, which leaves it "
+                f"unreachable); stop it (`kill {pid}`) and start this one, or use another "
+                f"--namespace"
+            )
+        super().__init__(message)
 
 
 class NamespaceMismatchError(BrokerError):

@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import functools
 import importlib
 import json
@@ -61,6 +62,7 @@ import logging
 import math
 import os
 import stat
+import struct
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -236,6 +238,13 @@ _KEEP_SIZE = 1  # FALLOC_FL_KEEP_SIZE: reserve blocks past the end, the size sta
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+#: ``struct flock`` (Linux): l_type, l_whence, l_start, l_len, l_pid. A writer's lock on
+#: its file is an open file description lock (``F_OFD_SETLK``), not a ``flock``: HDF5
+#: takes ``flock`` locks of its own, and an SWMR reader in another process could not
+#: open a file we held one on. OFD locks go with the descriptor, as ``flock``'s do.
+_FLOCK = struct.Struct("hhqqi4x")
+
+
 class _Reserve:
     """File space kept allocated ahead of what a writer hands its library.
 
@@ -254,6 +263,11 @@ class _Reserve:
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        # Held while the file is written (closed in release()): another writer's
+        # --overwrite probes it (_refuse_in_progress) instead of truncating this file
+        # under us. Best effort: a start racing another on the same file gets none.
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, 0, 0, 0, 0))
         self._end = 0
         self._base = os.fstat(self._fd).st_size
         self._pending = 0
@@ -423,6 +437,7 @@ def open_writer(
         if not overwrite and os.path.lexists(path):
             raise RecordingExistsError(path)
         _check_regular(path)
+        _refuse_in_progress(path)
     if format == "hdf5":
         return _Hdf5Writer(output, layouts, compression=compression, overwrite=overwrite)
     return _ParquetWriter(paths, layouts, compression=compression, overwrite=overwrite)
@@ -447,6 +462,35 @@ def _check_regular(path: str) -> None:
         f"{path} is {_file_kind(mode)}: a recording is written to a regular file; pick "
         f"another --output",
     )
+
+
+def _refuse_in_progress(path: str) -> None:
+    """Refuse an output another writer is recording into right now (it holds the
+    file's lock: :class:`_Reserve`). ``--overwrite`` replaces a file, not a
+    recording in progress: before, the second recorder truncated the first one's
+    file under it, and both reported versions recorded that one of them had lost.
+
+    Raises:
+        RecordingError: naming the path and the fix.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return  # nothing there, or nothing we could open: the open proper says why
+    try:
+        query = _FLOCK.pack(fcntl.F_WRLCK, 0, 0, 0, 0)
+        held = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query))[0] != fcntl.F_UNLCK
+    except (OSError, AttributeError):
+        held = False  # no open file description locks here: nothing to learn
+    finally:
+        os.close(fd)
+    if held:
+        raise RecordingError(
+            path,
+            f"{path} is being recorded by a running recorder (it holds the file's lock): "
+            f"--overwrite replaces a finished recording, not one in progress; stop that "
+            f"recorder first, or give another --output",
+        )
 
 
 def _file_kind(mode: int) -> str:

@@ -23,7 +23,7 @@ import time
 import urllib.request
 from typing import Any
 
-from shmcast.broker import Segment
+from shmcast.broker import Segment, diagnose
 from shmcast.broker.client import ControlClient, resolve_namespace
 from shmcast.broker.errors import ShmcastError
 
@@ -239,6 +239,7 @@ def _run(args: argparse.Namespace, ns: str, stop: threading.Event) -> int:
     tmpdir = tempfile.mkdtemp(prefix="shmcast-demo-")
     recorder: ShmcastProcess | None = None
     recording: str | None = None
+    error = False
     try:
         broker = start(
             ["broker", "-n", ns, "--metrics-port", str(args.metrics_port)], ready=BROKER_READY
@@ -313,8 +314,9 @@ def _run(args: argparse.Namespace, ns: str, stop: threading.Event) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", flush=True)
     except (ShmcastError, RuntimeError, TimeoutError) as exc:
-        print(f"shmcast demo: error: {exc}", file=sys.stderr)
-        return 1
+        failed = _broker_gone(procs[0]) if procs else None
+        print(f"shmcast demo: error: {failed or exc}", file=sys.stderr)
+        error = True
     finally:
         # Readers first, then writers, then the broker (which unlinks the segments);
         # each stage signalled at once, so the wait is the slowest's, not the sum.
@@ -326,9 +328,37 @@ def _run(args: argparse.Namespace, ns: str, stop: threading.Event) -> int:
             _report_recording(recorder, recording, args.keep_recording)
         if not (args.keep_recording and recording is not None):
             shutil.rmtree(tmpdir, ignore_errors=True)
+    if not procs:
+        return 1  # our broker never started (another serves ns?): nothing here is ours
+    if procs[0].proc.returncode != 0:
+        _reclaim(ns)
     left = Segment.list(ns)
     if left:
         print(f"warning: left in /dev/shm: {left}", file=sys.stderr)
         return 1
+    if error:
+        return 1
     print(f"clean exit: nothing of namespace {ns!r} left in /dev/shm")
     return 0
+
+
+def _broker_gone(broker: ShmcastProcess) -> str | None:
+    """Why the demo's broker is gone, once it is; ``None`` while it runs. A reply that
+    did not come from a dead broker is no reason to start one (what the client's
+    error suggests): the demo says what happened to its own."""
+    code = broker.proc.poll()
+    if code is None:
+        return None
+    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+    return f"the demo's broker (pid {broker.pid}) {how}; stopping the demo"
+
+
+def _reclaim(ns: str) -> None:
+    """Unlink what the demo's broker left when it did not stop cleanly (killed: no
+    stop of its own unlinked the segments, the namespace word or its runtime
+    directory), once every other process of the demo has stopped: what
+    ``shmcast doctor --fix`` does for a dead broker's namespace, which never touches
+    a live broker's or a live writer's."""
+    for check in diagnose(namespace=ns, fix=True):
+        if check.check == "fixed":
+            print(f"  {check.message}")

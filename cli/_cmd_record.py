@@ -59,7 +59,11 @@ def configure(p: argparse.ArgumentParser) -> None:
         choices=["none", "gzip", "lzf", "snappy", "zstd"],
         help="HDF5: gzip or lzf (default none); Parquet: gzip, snappy (default) or zstd",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output file (not one a running recorder writes)",
+    )
     p.add_argument(
         "--wait",
         choices=["futex", "events", "spin"],

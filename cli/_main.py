@@ -8,7 +8,9 @@ and ``NAMESPACE_HELP`` when its ``--namespace`` means something else.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import resource
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -33,6 +35,7 @@ from . import (
     _cmd_top,
 )
 from ._process import LIFELINE_BROKER_GRACE, follow_lifeline
+from ._text import printable
 
 #: (command, module) in the order ``shmcast --help`` lists them.
 COMMANDS: tuple[tuple[str, ModuleType], ...] = (
@@ -140,6 +143,26 @@ def _no_live_writer(namespace: str | None) -> Callable[[], bool]:
     return settled
 
 
+def _out_of_descriptors(exc: OSError) -> str:
+    """What running out of file descriptors means here, and the fix. Each segment a
+    process attaches holds one (a subscriber or recorder of many segments, under a
+    low limit: Docker's and systemd's are 1024, a shell's may be lower); before,
+    the command died with a traceback of the bare ``OSError``."""
+    where = f" ({printable(str(exc.filename))})" if exc.filename else ""
+    if exc.errno == errno.ENFILE:  # the whole system's table, not this process's limit
+        return (
+            f"out of file descriptors: {exc.strerror}{where}; the system's open-file "
+            f"table is full: raise it (sysctl fs.file-max) or stop what holds so many"
+        )
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (
+        f"out of file descriptors: {exc.strerror}{where}; this process's open-files "
+        f"limit is {soft} (hard limit {hard}) and each segment it attaches holds one: "
+        f"raise it (ulimit -n 4096; systemd LimitNOFILE=; docker --ulimit nofile=4096; "
+        f"`shmcast doctor` checks it), or give this command fewer segments"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``shmcast`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
@@ -163,6 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ShmcastError as exc:
         print(f"shmcast {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        print(f"shmcast {args.command}: error: {_out_of_descriptors(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

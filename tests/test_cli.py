@@ -1122,3 +1122,53 @@ def test_a_name_holding_a_backslash_does_not_print_as_one_holding_a_control_char
     finally:
         for path in paths:
             os.unlink(path)
+def test_running_out_of_file_descriptors_is_an_error_naming_the_limit(namespace: str) -> None:
+    """A subscriber of more segments than its open-files limit holds (each attached
+    segment holds a descriptor): exit 1 with one line naming the limit and how to
+    raise it. Before, the command died with a traceback of the bare ``OSError``
+    ("[Errno 24] Too many open files")."""
+    segs = [Segment.create(f"s{i}", np.uint8, (8,), namespace=namespace) for i in range(60)]
+    try:
+        argv = [sys.executable, "-m", "shmcast.cli", "subscribe", *(s.name for s in segs)]
+        argv += ["-n", namespace, "--wait", "futex", "--timeout", "0.1", "--quiet"]
+        r = subprocess.run(
+            ["sh", "-c", 'ulimit -n 40 && exec "$@"', "sh", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        for s in segs:
+            s.unlink()
+            s.close()
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "shmcast subscribe: error: out of file descriptors" in r.stderr
+    assert "open-files limit is 40" in r.stderr
+    assert "ulimit -n 4096" in r.stderr
+
+
+def test_publish_says_so_once_its_segment_is_deleted_under_it(namespace: str) -> None:
+    """`shmcast publish` whose segment is unlinked under it (`shmcast rm --force`, a
+    broker stopped with --unlink-on-exit) says so on stderr, once, within about a
+    second, and goes on. Before, it published on into the unlinked object and said
+    nothing: its done line counted versions no reader could find."""
+    from shmcast.cli.testing import PUBLISH_READY
+
+    with Broker(BrokerConfig(namespace=namespace)).start():
+        sp = start(
+            [
+                *("publish", "p", "-n", namespace, "--source", "random"),
+                *("--dtype", "u1", "--shape", "4", "--rate", "200"),
+            ],
+            ready=PUBLISH_READY,
+        )
+        try:
+            Segment.remove("p", namespace=namespace)
+            line = sp.wait_line("shmcast publish: segment 'p'", 10)
+            assert sp.proc.poll() is None  # it goes on: stopping is the user's call
+        finally:
+            sp.stop()
+    assert f"of namespace {namespace!r} was deleted under this publisher" in line
+    assert "stop it and start it again" in line
+    assert sum("was deleted under this publisher" in ln for ln in sp.stderr) == 1

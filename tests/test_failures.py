@@ -435,3 +435,38 @@ def test_the_brokers_log_escapes_names_from_dev_shm_and_relays(
     assert "joined for" in text
     assert "\x1b" not in text
     assert "\nFAKE" not in text
+
+
+def test_a_stopped_broker_is_named_so_not_missing(namespace: str) -> None:
+    """A broker SIGSTOPped (Ctrl-Z, a debugger) holds its namespace but answers
+    nothing: a client's timeout names its pid and `kill -CONT`, read from the
+    kernel's lock table. Before, "no broker answered ...; start one with `shmcast
+    broker`": the wrong fix (another broker is refused while it holds the lock).
+    Once it is gone (SIGKILL), the message is the usual one."""
+    from shmcast.broker.errors import BrokerUnavailableError
+
+    with running(["broker", "-n", namespace], ready=BROKER_READY) as sp:
+        endpoint = sp.ready["control"]
+        sp.send_signal(signal.SIGSTOP)
+        try:
+            with (
+                ControlClient(endpoint, timeout=0.2) as client,
+                pytest.raises(BrokerUnavailableError) as err,
+            ):
+                client.request("hello")
+        finally:
+            sp.send_signal(signal.SIGCONT)
+        assert (err.value.pid, err.value.stopped) == (sp.pid, True)
+        assert f"(pid {sp.pid}) did not answer within 0.2s: it is stopped" in str(err.value)
+        assert f"`kill -CONT {sp.pid}`" in str(err.value)
+        sp.send_signal(signal.SIGKILL)
+        sp.wait(10)
+        with (
+            ControlClient(endpoint, timeout=0.2) as client,
+            pytest.raises(BrokerUnavailableError, match=r"^no broker answered at ") as err,
+        ):
+            client.request("hello")
+        assert err.value.pid is None
+    from shmcast.broker import diagnose
+
+    diagnose(namespace=namespace, fix=True)  # what the killed broker left, as doctor does

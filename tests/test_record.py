@@ -32,6 +32,7 @@ from shmcast.broker import (
     LayoutConflictError,
     MissingExtraError,
     NotARecordingError,
+    RecordingError,
     RecordingExistsError,
     Segment,
 )
@@ -1793,3 +1794,26 @@ def test_a_backlog_larger_than_the_free_space_keeps_what_fits(
     assert kept == list(range(1, len(kept) + 1)), result
     assert result["last"] == 31, result
     assert (result["recorded"], result["recorded"] + result["missed"]) == (len(kept), 31), result
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
+def test_overwrite_refuses_a_recording_in_progress(tmp_path: Path, fmt: str) -> None:
+    """`shmcast record ... --overwrite` of the file another recorder is writing (a
+    restart script, the first one SIGSTOPped) is refused and leaves it alone; a
+    finished recording is still replaced. Before, the second writer truncated the
+    first one's file under it: both reported versions recorded, one set was lost."""
+    path = str(tmp_path / f"run.{'h5' if fmt == 'hdf5' else 'parquet'}")
+    lay = SegmentLayout("s", np.dtype([("a", "<i4")]), (2,))
+    first = open_writer(path, [lay], format=fmt)
+    try:
+        first.append("s", [np.array([(1,), (2,)], lay.dtype)], [1], [10])
+        with pytest.raises(RecordingError, match="being recorded by a running recorder"):
+            open_writer(path, [lay], format=fmt, overwrite=True)
+        first.append("s", [np.array([(3,), (4,)], lay.dtype)], [2], [20])
+    finally:
+        first.close()
+    with open_recording(path) as rec:
+        assert rec.segments["s"].versions.tolist() == [1, 2]
+    open_writer(path, [lay], format=fmt, overwrite=True).close()  # finished: replaced
+    with open_recording(path) as rec:
+        assert rec.segments["s"].versions.tolist() == []

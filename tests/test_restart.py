@@ -20,6 +20,7 @@ from shmcast.cli.testing import (
     PUBLISH_READY,
     SUBSCRIBE_READY,
     ShmcastProcess,
+    running,
     start,
     wait_for,
 )
@@ -378,3 +379,52 @@ def test_a_broker_restarted_with_a_longer_heartbeat_is_not_taken_for_down(
             assert all(seen), f"taken for down in {seen.count(False)} of {len(seen)} looks"
     finally:
         broker.close()
+
+
+def test_unlink_on_exit_warns_of_the_live_writer_it_cuts_off(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker stopped with unlink_on_exit unlinks a segment whose publisher still
+    writes: it says so at WARNING, naming the writer, as `shmcast rm --force` does.
+    Before, one INFO line ("unlinked segment live"), unseen at the default level,
+    while the publisher went on writing versions no reader would find."""
+    b = Broker(BrokerConfig(namespace=namespace, unlink_on_exit=True)).start()
+    try:
+        with (
+            Publisher("live", dtype="f8", shape=(2,)) as pub,
+            Publisher("idle", dtype="f8", shape=(2,)),
+        ):
+            pub.publish(np.ones(2))
+            with caplog.at_level("WARNING", logger="shmcast.broker._broker"):
+                b.close()
+            assert Segment.list(namespace) == []
+    finally:
+        b.close()
+    cut = [r.getMessage() for r in caplog.records if "live writer" in r.getMessage()]
+    assert len(cut) == 2, cut
+    assert cut[0].startswith("unlinked segment ")
+    assert f"had a live writer (pid {os.getpid()})" in cut[0]
+    assert "no reader finds" in cut[0]
+
+
+def test_a_broker_whose_runtime_dir_was_removed_keeps_a_second_one_out(namespace: str) -> None:
+    """A /tmp cleaner removes a live broker's runtime directory (its sockets and its
+    lock): the broker runs on, unreachable. A second broker started then is refused,
+    naming the first one's pid, from the namespace word it keeps beating in
+    /dev/shm. Before, the second one started beside it and adopted its segments; the
+    first one's stop then unlinked what the second one served."""
+    import shutil
+
+    from shmcast.broker import BrokerRunningError
+    from shmcast.broker.client import runtime_dir
+
+    with running(["broker", "-n", namespace], ready=BROKER_READY) as first:
+        shutil.rmtree(runtime_dir(namespace))
+        second = Broker(BrokerConfig(namespace=namespace))
+        with pytest.raises(BrokerRunningError) as err:
+            second.start(timeout=10)
+        assert second.closed
+        assert f"a broker (pid {first.pid}) already serves namespace" in str(err.value)
+        assert "namespace word" in str(err.value)
+        assert f"`kill {first.pid}`" in str(err.value)
+        assert not runtime_dir(namespace).exists()  # the refused start left nothing

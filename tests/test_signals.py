@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from shmcast.broker import Segment
-from shmcast.broker.client import runtime_dir
+from shmcast.broker.client import runtime_dir, shm_path
 from shmcast.cli.testing import (
     BROKER_READY,
     PUBLISH_READY,
@@ -173,6 +173,44 @@ def test_a_killed_demo_takes_its_processes_with_it(namespace: str) -> None:
             shutil.rmtree(left, ignore_errors=True)
     wait_for(lambda: Segment.list(namespace) == [], timeout=20, what="the segments unlinked")
     assert not runtime_dir(namespace).exists()
+
+
+def test_a_demo_whose_broker_is_killed_says_so_and_leaves_nothing(namespace: str) -> None:
+    """The demo's broker SIGKILLed under it (the OOM killer, a stray `kill -9`): the
+    demo says that its broker died, stops the rest and unlinks what the broker could
+    not (segments, namespace word, runtime directory). Before, it said "no broker
+    answered ...; start one with `shmcast broker`", exited 1 and left them all."""
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.glob("shmcast-demo-*"))
+    demo = start(
+        [
+            *("demo", "-n", namespace, "--duration", "0", "--refresh", "0.2"),
+            *("--tick-rate", "50", "--frame-rate", "5"),
+        ]
+    )
+    try:
+        demo.wait_line("shmcast demo  namespace=", 60)  # the first table: all running
+        brokers = [k for k in _children(demo.pid) if b" broker " in _cmdline(k)]
+        assert len(brokers) == 1, brokers
+        os.kill(brokers[0], signal.SIGKILL)
+        assert demo.wait(60) == 1
+    finally:
+        demo.stop(timeout=10)
+        for left in set(tmp.glob("shmcast-demo-*")) - before:
+            shutil.rmtree(left, ignore_errors=True)
+    err = "\n".join(demo.stderr)
+    assert f"the demo's broker (pid {brokers[0]}) was killed by SIGKILL" in err, err[-2000:]
+    assert "start one with" not in err
+    assert Segment.list(namespace) == []
+    assert not Path(shm_path(namespace, "@catalog")).exists()  # the namespace word
+    assert not runtime_dir(namespace).exists()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except FileNotFoundError:
+        return b""
 
 
 def test_a_broker_whose_parent_dies_waits_for_its_publishers_to_let_go(namespace: str) -> None:
