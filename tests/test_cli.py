@@ -1122,6 +1122,8 @@ def test_a_name_holding_a_backslash_does_not_print_as_one_holding_a_control_char
     finally:
         for path in paths:
             os.unlink(path)
+
+
 def test_running_out_of_file_descriptors_is_an_error_naming_the_limit(namespace: str) -> None:
     """A subscriber of more segments than its open-files limit holds (each attached
     segment holds a descriptor): exit 1 with one line naming the limit and how to
