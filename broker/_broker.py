@@ -424,7 +424,11 @@ class Broker(Service):
         first one's stop later unlinked what the second one served.
 
         A broker killed a moment ago (its pid gone) or stopped cleanly (pid 0) does
-        not count: the next one takes the word over, as ever.
+        not count: the next one takes the word over, as ever. Nor does one whose pid
+        names a live process here that stamps no heartbeat within one and a half of
+        its intervals: in a container sharing /dev/shm with the killed broker's (a
+        pid namespace of its own), its pid may be another process (pid 1, the
+        init), and that restart was refused until the beats went stale.
 
         Raises:
             BrokerRunningError: naming that broker's pid and its word.
@@ -436,9 +440,15 @@ class Broker(Service):
         if word is None:
             return
         with word:
-            pid, beating, path = word.pid, word.broker_up(), word.path
-        if pid <= 0 or pid == os.getpid() or not beating or not _running(pid):
-            return
+            pid, path = word.pid, word.path
+            if pid <= 0 or pid == os.getpid() or not word.broker_up() or not _running(pid):
+                return
+            beat = word.heartbeat_ns
+            deadline = time.monotonic() + 1.5 * word.interval + 0.1
+            while word.heartbeat_ns == beat:
+                if time.monotonic() >= deadline:
+                    return  # no broker stamps it any more
+                time.sleep(0.02)
         raise BrokerRunningError(self.namespace, pid, word=path)
 
     def _bind(

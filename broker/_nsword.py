@@ -256,6 +256,11 @@ class NamespaceWord:
         """The broker's heartbeat interval, seconds."""
         return int(self._header()[W_INTERVAL]) / 1e9
 
+    @property
+    def heartbeat_ns(self) -> int:
+        """The broker's last heartbeat, CLOCK_MONOTONIC ns (0: stopped cleanly)."""
+        return int(self._header()[W_HEARTBEAT])
+
     def heartbeat_age(self, now_ns: int | None = None) -> float | None:
         """Seconds since the broker's last heartbeat (monotonic clock); None when the
         broker stopped cleanly."""

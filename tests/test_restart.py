@@ -428,3 +428,33 @@ def test_a_broker_whose_runtime_dir_was_removed_keeps_a_second_one_out(namespace
         assert "namespace word" in str(err.value)
         assert f"`kill {first.pid}`" in str(err.value)
         assert not runtime_dir(namespace).exists()  # the refused start left nothing
+
+
+def test_a_word_whose_pid_is_another_live_process_stamping_nothing_lets_a_broker_start(
+    namespace: str,
+) -> None:
+    """The namespace word of a broker killed a moment ago names a pid that is alive
+    here but no broker (in a container sharing /dev/shm, its pid namespace's pid 1,
+    the init): the next broker was refused until the beats went stale. It now waits
+    one and a half heartbeat intervals for a beat, and starts when none comes."""
+    import mmap
+    import subprocess
+    import sys
+    import time
+
+    from shmcast.broker._names import catalog_path
+    from shmcast.broker._nsword import W_HEARTBEAT, W_PID, NamespaceWord
+
+    NamespaceWord.serve(namespace, epoch=1, interval=0.5).close()  # a broker's word
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(catalog_path(namespace), "r+b") as f, mmap.mmap(f.fileno(), 4096) as mm:
+            words = memoryview(mm).cast("Q")
+            words[W_PID] = other.pid  # as a killed broker left it, a beat ago
+            words[W_HEARTBEAT] = time.monotonic_ns()
+            words.release()
+        b = Broker(BrokerConfig(namespace=namespace)).start(timeout=10)
+        b.close()
+    finally:
+        other.kill()
+        other.wait(10)
