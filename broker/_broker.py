@@ -33,6 +33,7 @@ from ._config import BrokerConfig
 from ._datastream import DataStream, DataStreamStats
 from ._events import Events, bind_endpoint
 from ._layout import dtype_str, normalize_layout, parse_dtype, segment_size
+from ._lease import pid_running
 from ._metrics import BrokerCollector, BrokerStats, MetricsServer, start_metrics_server
 from ._names import (
     SHM_DIR,
@@ -109,22 +110,6 @@ def _report_value(key: object, value: object) -> bool:
             isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
         )
     return False
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` names a live process of this pid namespace (not a zombie)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's: it exists
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return True
-    return data[data.rindex(b")") + 2 :][:1] != b"Z"
 
 
 def _cleanup(what: str, step: Callable[[], object]) -> None:
@@ -441,7 +426,7 @@ class Broker(Service):
             return
         with word:
             pid, path = word.pid, word.path
-            if pid <= 0 or pid == os.getpid() or not word.broker_up() or not _running(pid):
+            if pid <= 0 or pid == os.getpid() or not word.broker_up() or not pid_running(pid):
                 return
             beat = word.heartbeat_ns
             deadline = time.monotonic() + 1.5 * word.interval + 0.1

@@ -36,7 +36,7 @@ from pathlib import Path
 from ._backend import ENV, compiled, core_status
 from ._config import resolve_config
 from ._layout import segment_size
-from ._lease import lease_held
+from ._lease import lease_held, pid_running
 from ._names import (
     NAMESPACE_MODES,
     NAMESPACE_RE,
@@ -116,22 +116,6 @@ def _lock_state(namespace: str) -> tuple[bool, int | None]:
         os.close(fd)  # also drops the probe lock
 
 
-def _pid_running(pid: int) -> bool:
-    """Whether ``pid`` names a process of this pid namespace that is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's: it exists
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return True
-    return data[data.rindex(b")") + 2 :][:1] != b"Z"
-
-
 def _word_alive(namespace: str, dead: int | None = None) -> str | None:
     """Why the namespace word (``@catalog``) says a broker serves ``namespace``, or None.
 
@@ -153,11 +137,11 @@ def _word_alive(namespace: str, dead: int | None = None) -> str | None:
     with word:
         pid, age = word.pid, word.heartbeat_age()
         beating = word.broker_up()
-    if pid == dead and not _pid_running(pid):
+    if pid == dead and not pid_running(pid):
         return None
     if beating and age is not None:
         return f"its namespace word {word.path} had a heartbeat {age:.1f} s ago (broker pid {pid})"
-    if pid > 0 and _pid_running(pid):
+    if pid > 0 and pid_running(pid):
         return f"pid {pid}, named by its namespace word {word.path} as its broker, is running"
     return None
 

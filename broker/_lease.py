@@ -33,8 +33,10 @@ __all__ = [
     "forget",
     "lease_held",
     "open_for_lease",
+    "pid_running",
     "prepare_remap",
     "process_start_time",
+    "process_state",
     "remap_shared",
     "take_lease",
 ]
@@ -118,6 +120,29 @@ class ProcessId:
             return process_start_time(self.pid) == self.start_time
         except OSError:
             return False
+
+
+def process_state(pid: int) -> bytes | None:
+    """The state letter of ``pid`` (``/proc/PID/stat`` field 3: ``b"R"``, ``b"S"``,
+    ``b"T"`` stopped, ``b"Z"`` a zombie, ...), or None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    return data[data.rindex(b")") + 2 :][:1]
+
+
+def pid_running(pid: int) -> bool:
+    """Whether ``pid`` names a process of this pid namespace that is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's: it exists
+    return process_state(pid) != b"Z"
 
 
 def process_start_time(pid: int) -> int:

@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 import zmq
 
+from ._lease import process_state
 from ._names import (
     DEFAULT_NAMESPACE,
     NAMESPACE_ENV,
@@ -415,12 +416,10 @@ def _silent_broker(endpoint: str) -> tuple[int | None, bool]:
             continue
         try:
             pid = int(parts[4])
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                data = f.read()
-        except (OSError, ValueError):
+        except ValueError:
             return None, False
-        state = data[data.rindex(b")") + 2 :][:1]
-        if state == b"Z":
+        state = process_state(pid)
+        if state is None or state == b"Z":
             return None, False
         return pid, state in (b"T", b"t")
     return None, False
