@@ -801,15 +801,17 @@ def test_an_old_incarnation_stays_mapped_while_another_thread_hands_its_update_o
             new.close()
 
 
-def test_aupdates_closed_from_another_thread_as_it_looks_at_its_socket_says_closed(
-    namespace: str, thread_broker: Broker, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("asked", ["FD", "EVENTS"])
+def test_aupdates_closed_from_another_thread_as_it_asks_its_socket_says_closed(
+    namespace: str, thread_broker: Broker, monkeypatch: pytest.MonkeyPatch, asked: str
 ) -> None:
-    """``events``: an ``aupdates()`` iterator about to ask its SUB socket whether
-    something is queued (``ZMQ_EVENTS``) when another thread closes the subscriber.
-    The question was asked outside the lock close() takes: of the closed socket,
-    and the iterator ended with ``zmq.ZMQError`` ("Socket operation on
-    non-socket"), not ``ClosedError``. A stand-in for the zmq module closes it from
-    another thread right then (waiting at most 0.3 s for the close)."""
+    """``events``: an ``aupdates()`` iterator asking its SUB socket for its file
+    descriptor as it starts (``ZMQ_FD``), or whether something is queued as it waits
+    (``ZMQ_EVENTS``), when another thread closes the subscriber. Both were asked
+    outside the lock close() takes: of the closed socket, and the iterator ended with
+    ``zmq.ZMQError`` ("Socket operation on non-socket"), not ``ClosedError``. A
+    stand-in for the zmq module closes it from another thread right then (waiting at
+    most 0.3 s for the close)."""
     seg = Segment.create("ev", "i8", (2,), slots=4, namespace=namespace)
     try:
         sub = Subscriber("ev", namespace=namespace, wait="events")
@@ -817,45 +819,7 @@ def test_aupdates_closed_from_another_thread_as_it_looks_at_its_socket_says_clos
 
         class _ClosingZmq:
             def __getattr__(self, name: str) -> object:
-                if name == "EVENTS" and not closer.is_alive() and not sub.closed:
-                    closer.start()
-                    closer.join(0.3)  # unless close() waits for the iterator's lock
-                return getattr(zmq, name)
-
-        async def run() -> None:
-            monkeypatch.setattr(subscriber_module, "zmq", _ClosingZmq())
-            async for _ in sub.aupdates(timeout=5):
-                pass
-
-        try:
-            with pytest.raises(ClosedError):
-                asyncio.run(run())
-        finally:
-            monkeypatch.undo()
-            closer.join(10)
-            sub.close()
-    finally:
-        seg.unlink()
-        seg.close()
-
-
-def test_aupdates_closed_from_another_thread_as_it_starts_says_closed(
-    namespace: str, thread_broker: Broker, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``events``: an ``aupdates()`` iterator starting (asking its SUB socket for its
-    file descriptor, ``ZMQ_FD``) when another thread closes the subscriber. The
-    question was asked outside the lock close() takes: of the closed socket, and
-    the iterator ended with ``zmq.ZMQError`` ("Socket operation on non-socket"),
-    not ``ClosedError``. A stand-in for the zmq module closes it from another
-    thread right then (waiting at most 0.3 s for the close)."""
-    seg = Segment.create("ev", "i8", (2,), slots=4, namespace=namespace)
-    try:
-        sub = Subscriber("ev", namespace=namespace, wait="events")
-        closer = threading.Thread(target=sub.close)
-
-        class _ClosingZmq:
-            def __getattr__(self, name: str) -> object:
-                if name == "FD" and not closer.is_alive() and not sub.closed:
+                if name == asked and not closer.is_alive() and not sub.closed:
                     closer.start()
                     closer.join(0.3)  # unless close() waits for the iterator's lock
                 return getattr(zmq, name)
