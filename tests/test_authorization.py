@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -295,6 +297,16 @@ def test_the_events_endpoint_resets_on_ipc_and_serves_on(
         assert [u.version for u in sub.updates(timeout=2)] == [1]
 
 
+def _run_child(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a Python child (its ZeroMQ context its own: a hang cannot take
+    the test process's); it must exit 0."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 _NO_PIPE_CHILD = """
 import signal, socket, time
 import zmq
@@ -330,17 +342,7 @@ def test_a_request_after_a_refused_handshake_times_out_rather_than_blocks() -> N
     session without reconnecting, and the DEALER had no pipe to queue on. ``shmcast
     top`` without keys hung at a request. Now the send waits until the request's
     deadline at most."""
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-c", _NO_PIPE_CHILD],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = _run_child(_NO_PIPE_CHILD)
     assert proc.stdout.startswith("BrokerHandshakeError "), proc.stdout
     assert "gave no CURVE keys" in proc.stdout, proc.stdout
 
@@ -384,17 +386,7 @@ def test_clients_refused_a_handshake_leave_the_processs_zeromq_working() -> None
     hung, and with it every socket of the process's context. After about 50 such
     clients no connection was made any more, and each later one left its descriptors
     open. Run in a child: a hung context would take the test process's with it."""
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-c", _MANY_REFUSED_CHILD],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = _run_child(_MANY_REFUSED_CHILD)
     accepted, opened = map(int, proc.stdout.split())
     assert accepted >= 150, proc.stdout  # every client connected
     assert opened < 20, proc.stdout  # what the clients left open
