@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -151,12 +153,24 @@ def take_lease(name: str, fd: int, writer_pid: int = 0) -> None:
 
 
 def lease_held(path: str) -> bool:
-    """Whether some process holds the lease of the object at ``path`` (asked of the kernel)."""
+    """Whether some process holds the lease of the object at ``path`` (asked of the kernel).
+
+    Opened with ``O_NONBLOCK`` and ``O_NOFOLLOW``: anyone may put a FIFO (or a link
+    to one) in ``/dev/shm`` under a name that was freed, and an ``open`` of it for
+    reading waits for a writer, under the lock every fork of this process takes (a
+    probe of a deleted segment's path hung, and every fork with it). Only a regular
+    file holds a lease."""
     try:
-        fd = open_for_lease(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_for_lease(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symbolic link: no segment, no lease
+            return False
+        raise
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)  # before forget: a child forked after keeps none
     except BlockingIOError:
