@@ -33,6 +33,7 @@ from .errors import WriterBusyError
 __all__ = [
     "ProcessId",
     "forget",
+    "keep_from_children",
     "lease_held",
     "open_for_lease",
     "prepare_remap",
@@ -52,6 +53,9 @@ _mmap_fn: Any = None
 _opening = threading.RLock()
 #: Descriptors opened for a lease, not locked yet: descriptor -> its opener thread.
 _unlocked: dict[int, int] = {}
+#: Descriptors holding a lock of this process alone (a broker's ``broker.lock``):
+#: a forked child closes its copies, whatever thread forked (:func:`keep_from_children`).
+_parents_only: set[int] = set()
 
 
 def _before_fork() -> None:
@@ -73,6 +77,10 @@ def _after_fork_in_child() -> None:
             with contextlib.suppress(OSError):
                 os.close(fd)
             del _unlocked[fd]
+    for fd in _parents_only:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _parents_only.clear()
     _opening.release()
 
 
@@ -98,6 +106,17 @@ def forget(fd: int) -> None:
     """``fd`` (from :func:`open_for_lease`) holds its lock now, or is about to be
     closed: a forked child keeps its copy (the fork hook moves a locked one). Call
     it before ``os.close``: the number may be reused at once."""
+    _parents_only.discard(fd)
+    _unlocked.pop(fd, None)
+
+
+def keep_from_children(fd: int) -> None:
+    """``fd`` (from :func:`open_for_lease`) holds a lock now that must die with this
+    process, not with its last forked child (a broker's ``broker.lock``: a worker
+    forked by the application that runs the broker kept it, and no broker could
+    serve the namespace after this process died while the worker lived). Every
+    forked child closes its copy; :func:`forget` it before ``os.close``."""
+    _parents_only.add(fd)  # first: until then it is listed as unlocked
     _unlocked.pop(fd, None)
 
 
