@@ -1061,6 +1061,47 @@ def test_health_and_ls_reach_a_curve_broker_with_curve_keys_and_say_so_without(
         b.close()
 
 
+def test_publish_subscribe_record_and_replay_take_the_curve_keys_their_error_names(
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refused handshake's error says "shmcast: --curve-keys FILE or
+    $SHMCAST_CURVE_KEYS", but only health, ls, rm and top took either: ``shmcast
+    publish`` (``subscribe``, ``record``, ``replay``) against a CURVE broker's TCP
+    endpoint could not be given keys, ``--curve-keys`` was an unrecognized argument
+    (exit 2) and the variable was ignored (the same error again)."""
+    from shmcast.broker import curve_keypair
+
+    server_pub, server_sec = curve_keypair()
+    client_pub, client_sec = curve_keypair()
+    keys = _curve_file(tmp_path / "keys.toml", server_pub, client_pub, client_sec)
+    b = Broker(
+        BrokerConfig(
+            namespace=namespace,
+            control="tcp://127.0.0.1:0",
+            curve_secret_key=server_sec,
+            curve_clients=(client_pub,),
+        )
+    ).start()
+    try:
+        assert b.endpoints is not None
+        at = ["-n", namespace, "--broker", b.endpoints.control, "--curve-keys", keys]
+        publish = ["publish", "k", "--dtype", "f8", "--shape", "2", "--count", "1", "--rate", "0"]
+        assert main([*publish, *at]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+    finally:
+        b.close()
+        Segment.remove("k", namespace=namespace)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("curve_server_key = 1\n")
+    for argv in (
+        ["subscribe", "k"],
+        ["record", "k", "-o", str(tmp_path / "r.h5")],
+        ["replay", "f"],
+    ):
+        assert main([*argv, "--curve-keys", str(bad)]) == 2, argv
+        assert "'curve_server_key'" in capsys.readouterr().err, argv
+
+
 def test_curve_key_files_that_are_wrong_are_refused_naming_the_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
