@@ -144,7 +144,7 @@ def reader_endpoint(endpoint: str) -> str:
     return f"ipc://{ro}" if os.access(ro, os.W_OK) else endpoint
 
 
-#: The events a TCP connection's monitor reports: its handshakes' outcomes only.
+#: The events a connection's monitor reports: its handshakes' outcomes only.
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -188,8 +188,8 @@ class ControlClient:
         context: the ZeroMQ context (the process-wide one by default).
         curve: optional ``(server_public, client_public, client_secret)`` keys (z85).
 
-    A TCP endpoint's connection is watched for a failed ZeroMQ handshake (a ZeroMQ
-    socket monitor, handshake events only): a request that times out after one
+    A TCP or ipc endpoint's connection is watched for a failed ZeroMQ handshake (a
+    ZeroMQ socket monitor, handshake events only): a request that times out after one
     raises :class:`BrokerHandshakeError`, saying what to fix (a CURVE broker and no
     keys given, keys it does not allow, keys for a broker without CURVE), rather
     than "no broker answered".
@@ -289,7 +289,9 @@ class ControlClient:
         sock.setsockopt(zmq.SNDHWM, 100_000)
         if self._curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self._curve
-        if self.endpoint.startswith("tcp://"):  # before the connect: from its first handshake
+        # Before the connect: from its first handshake. ipc too: a CURVE broker's
+        # default endpoints (ipc) refuse a client without keys as its TCP ones do.
+        if self.endpoint.startswith(("tcp://", "ipc://")):
             self._monitor = _handshake_monitor(sock)
         try:
             sock.connect(self.endpoint)

@@ -343,3 +343,28 @@ def test_a_request_after_a_refused_handshake_times_out_rather_than_blocks() -> N
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("BrokerHandshakeError "), proc.stdout
     assert "gave no CURVE keys" in proc.stdout, proc.stdout
+
+
+def test_a_curve_brokers_default_ipc_endpoints_say_a_handshake_was_refused(
+    namespace: str,
+) -> None:
+    """A broker with CURVE serves its default (ipc) control endpoints with CURVE as
+    well; only a TCP connection's handshakes were watched, so ``shmcast health``
+    without keys said "no broker answered ... start one with `shmcast broker`" of
+    the running broker. ipc connections are watched too now."""
+    from shmcast.broker.errors import BrokerHandshakeError
+
+    server_pub, server_sec = curve_keypair()
+    client_pub, _ = curve_keypair()
+    cfg = BrokerConfig(
+        namespace=namespace, curve_secret_key=server_sec, curve_clients=(client_pub,)
+    )
+    with Broker(cfg).start() as b:
+        assert b.endpoints is not None
+        for endpoint in (b.endpoints.control, b.endpoints.control_ro):
+            assert endpoint.startswith("ipc://")
+            with ControlClient(endpoint, timeout=0.3) as client:
+                with pytest.raises(
+                    BrokerHandshakeError, match="without CURVE keys|gave no CURVE keys"
+                ):
+                    client.request("hello")
