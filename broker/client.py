@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 
 import zmq
 
+from ._auth import is_z85_key
 from ._names import (
     DEFAULT_NAMESPACE,
     NAMESPACE_ENV,
@@ -74,8 +75,10 @@ __all__ = [
     "NAMESPACE_ENV",
     "SHM_DIR",
     "ControlClient",
+    "CurveKeyTriple",
     "Endpoints",
     "check_broker_namespace",
+    "client_curve",
     "namespace_from_env",
     "object_name",
     "pack",
@@ -144,6 +147,38 @@ def reader_endpoint(endpoint: str) -> str:
     return f"ipc://{ro}" if os.access(ro, os.W_OK) else endpoint
 
 
+#: A client's CURVE keys: ``(server_public, client_public, client_secret)``, each
+#: z85 text (what :func:`~shmcast.broker.curve_keypair` makes) or its ASCII bytes.
+CurveKeyTriple = tuple[str | bytes, str | bytes, str | bytes]
+
+
+def client_curve(curve: object) -> tuple[bytes, bytes, bytes] | None:
+    """``curve`` (a :data:`CurveKeyTriple`, or None) as ZeroMQ takes it: bytes.
+
+    Raises:
+        ConfigError: not three keys, or one that is not a 40-character z85 key
+            (named). Before, text keys (``curve_keypair()``'s, as the README shows)
+            failed with ZeroMQ's TypeError "unicode not allowed".
+    """
+    if curve is None:
+        return None
+    names = ("server_public", "client_public", "client_secret")
+    if not isinstance(curve, (tuple, list)) or len(curve) != 3:
+        raise ConfigError(
+            "curve", "give (server_public, client_public, client_secret): three z85 keys"
+        )
+    keys: list[bytes] = []
+    for name, key in zip(names, curve, strict=True):
+        if isinstance(key, bytes) and len(key) == 32:  # a binary key, as ZeroMQ takes it
+            keys.append(key)
+            continue
+        text = key.decode("ascii", "replace") if isinstance(key, bytes) else key
+        if not is_z85_key(text):
+            raise ConfigError("curve", f"{name} is not a 40-character z85 CURVE key")
+        keys.append(text.encode("ascii"))
+    return keys[0], keys[1], keys[2]
+
+
 #: The events a connection's monitor reports: its handshakes' outcomes only.
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -186,7 +221,8 @@ class ControlClient:
         endpoint: the broker's control endpoint.
         timeout: seconds to wait for each reply.
         context: the ZeroMQ context (the process-wide one by default).
-        curve: optional ``(server_public, client_public, client_secret)`` keys (z85).
+        curve: optional ``(server_public, client_public, client_secret)`` keys (z85
+            text or bytes: :data:`CurveKeyTriple`).
 
     A TCP or ipc endpoint's connection is watched for a failed ZeroMQ handshake (a
     ZeroMQ socket monitor, handshake events only): a request that times out after one
@@ -204,12 +240,12 @@ class ControlClient:
         *,
         timeout: float = 5.0,
         context: zmq.Context[Any] | None = None,
-        curve: tuple[bytes, bytes, bytes] | None = None,
+        curve: CurveKeyTriple | None = None,
     ) -> None:
         self._closed = True
         self.endpoint = endpoint
         self.timeout = timeout
-        self._curve = curve
+        self._curve = client_curve(curve)
         self._monitor: zmq.Socket[Any] | None = None
         sock = self._new_socket(context or zmq.Context.instance())
         self._sock = sock
