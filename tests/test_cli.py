@@ -1124,10 +1124,42 @@ def test_curve_key_files_that_are_wrong_are_refused_naming_the_key(
     ]
     for text, named in cases:
         bad.write_text(text)
+        bad.chmod(0o600)  # the content is wrong, not the mode
         assert main(["health", "--curve-keys", str(bad)]) == 2, text
         assert named in capsys.readouterr().err, text
     assert main(["rm", "x", "--curve-keys", str(tmp_path / "none.toml")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_curve_key_file_others_may_read_or_write_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--curve-keys`` read any file: one holding the client's secret key that every
+    user may read (0644), one any user may write (and so choose the broker key the
+    client trusts), a FIFO (the read waited for a writer), and ``--curve-keys ""``
+    (an unset variable: silently no keys). Each is refused (exit 2) naming the fix."""
+    from shmcast.broker import curve_keypair
+
+    server, _ = curve_keypair()
+    public, secret = curve_keypair()
+    keys = Path(_curve_file(tmp_path / "keys.toml", server, public, secret))
+    for mode, said in ((0o644, "others may read it (mode 0644)"), (0o622, "others may write")):
+        keys.chmod(mode)
+        assert main(["health", "--curve-keys", str(keys)]) == 2, oct(mode)
+        err = capsys.readouterr().err
+        assert said in err, err
+        assert f"chmod 600 {keys}" in err, err
+    server_only = Path(_curve_file(tmp_path / "server.toml", server, None, None))
+    server_only.chmod(0o644)  # a public key alone: readable is fine
+    assert main(["health", "--curve-keys", str(server_only), "--broker", "tcp://127.0.0.1:1",
+                 "--timeout", "0.1"]) == 1  # fmt: skip
+    assert "--curve-keys" not in capsys.readouterr().err
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert main(["health", "--curve-keys", str(fifo)]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    assert main(["health", "--curve-keys", ""]) == 2
+    assert "an empty path" in capsys.readouterr().err
 
 
 def test_a_name_holding_a_backslash_does_not_print_as_one_holding_a_control_character(
