@@ -376,7 +376,11 @@ class ControlClient:
             )
         if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
             if self._curve is not None:
-                return "the endpoint does not speak CURVE: connect without CURVE keys"
+                return (
+                    "the endpoint does not speak CURVE: connect without CURVE keys "
+                    "(shmcast: no --curve-keys, and $SHMCAST_CURVE_KEYS unset; the "
+                    "library: curve=None)"
+                )
             return (
                 "the endpoint wants CURVE (a broker with curve_secret_key) and this "
                 f"client gave no CURVE keys: {fix}"

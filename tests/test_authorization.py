@@ -397,3 +397,23 @@ def test_curve_keys_as_text_as_curve_keypair_makes_them_are_taken(namespace: str
         ControlClient("tcp://127.0.0.1:1", curve=(server_pub, client_pub, "x"))
     with pytest.raises(ConfigError, match="three z85 keys"):
         Subscriber("s", broker="tcp://127.0.0.1:1", curve=(server_pub, client_pub))  # type: ignore[arg-type]
+
+
+def test_keys_for_a_broker_without_curve_name_where_they_came_from(namespace: str) -> None:
+    """Keys given to a broker without CURVE (``$SHMCAST_CURVE_KEYS`` left set from
+    another broker, say): the error said only "connect without CURVE keys", not
+    where the keys came from nor how to leave them out."""
+    from shmcast.broker.errors import BrokerHandshakeError
+
+    server_pub, _ = curve_keypair()
+    client_pub, client_sec = curve_keypair()
+    with Broker(BrokerConfig(namespace=namespace)).start() as b:
+        assert b.endpoints is not None
+        keys = (server_pub, client_pub, client_sec)
+        with (
+            ControlClient(b.endpoints.control, timeout=0.3, curve=keys) as client,
+            pytest.raises(
+                BrokerHandshakeError, match=r"does not speak CURVE.*\$SHMCAST_CURVE_KEYS unset"
+            ),
+        ):
+            client.request("hello")
