@@ -345,6 +345,24 @@ def test_a_request_after_a_refused_handshake_times_out_rather_than_blocks() -> N
     assert "gave no CURVE keys" in proc.stdout, proc.stdout
 
 
+def _refused(client: ControlClient) -> str:
+    """The message of the BrokerHandshakeError a hello gets: a request that times out
+    before the handshake failed (a loaded machine) raises BrokerUnavailableError, and
+    the next one (a new connection) is asked, for 10 s at most."""
+    from shmcast.broker.errors import BrokerHandshakeError, BrokerUnavailableError
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.request("hello", timeout=0.3)
+        except BrokerHandshakeError as exc:
+            return str(exc)
+        except BrokerUnavailableError:
+            assert time.monotonic() < deadline, "no handshake refused within 10 s"
+        else:
+            raise AssertionError("the broker answered")
+
+
 def test_a_curve_brokers_default_ipc_endpoints_say_a_handshake_was_refused(
     namespace: str,
 ) -> None:
@@ -352,8 +370,6 @@ def test_a_curve_brokers_default_ipc_endpoints_say_a_handshake_was_refused(
     well; only a TCP connection's handshakes were watched, so ``shmcast health``
     without keys said "no broker answered ... start one with `shmcast broker`" of
     the running broker. ipc connections are watched too now."""
-    from shmcast.broker.errors import BrokerHandshakeError
-
     _, server_sec = curve_keypair()
     client_pub, _ = curve_keypair()
     cfg = BrokerConfig(
@@ -363,12 +379,9 @@ def test_a_curve_brokers_default_ipc_endpoints_say_a_handshake_was_refused(
         assert b.endpoints is not None
         for endpoint in (b.endpoints.control, b.endpoints.control_ro):
             assert endpoint.startswith("ipc://")
-            refused = r"(without|gave no) CURVE keys"
-            with (
-                ControlClient(endpoint, timeout=0.3) as client,
-                pytest.raises(BrokerHandshakeError, match=refused),
-            ):
-                client.request("hello")
+            with ControlClient(endpoint) as client:
+                said = _refused(client)
+            assert "without CURVE keys" in said or "gave no CURVE keys" in said, said
 
 
 def test_curve_keys_as_text_as_curve_keypair_makes_them_are_taken(namespace: str) -> None:
@@ -403,17 +416,12 @@ def test_keys_for_a_broker_without_curve_name_where_they_came_from(namespace: st
     """Keys given to a broker without CURVE (``$SHMCAST_CURVE_KEYS`` left set from
     another broker, say): the error said only "connect without CURVE keys", not
     where the keys came from nor how to leave them out."""
-    from shmcast.broker.errors import BrokerHandshakeError
-
     server_pub, _ = curve_keypair()
     client_pub, client_sec = curve_keypair()
     with Broker(BrokerConfig(namespace=namespace)).start() as b:
         assert b.endpoints is not None
         keys = (server_pub, client_pub, client_sec)
-        with (
-            ControlClient(b.endpoints.control, timeout=0.3, curve=keys) as client,
-            pytest.raises(
-                BrokerHandshakeError, match=r"does not speak CURVE.*\$SHMCAST_CURVE_KEYS unset"
-            ),
-        ):
-            client.request("hello")
+        with ControlClient(b.endpoints.control, curve=keys) as client:
+            said = _refused(client)
+        assert "does not speak CURVE" in said, said
+        assert "$SHMCAST_CURVE_KEYS unset" in said, said
