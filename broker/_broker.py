@@ -33,7 +33,7 @@ from ._config import BrokerConfig
 from ._datastream import DataStream, DataStreamStats
 from ._events import Events, bind_endpoint
 from ._layout import dtype_str, normalize_layout, parse_dtype, segment_size
-from ._lease import pid_running
+from ._lease import forget, keep_from_children, open_for_lease, pid_running
 from ._metrics import BrokerCollector, BrokerStats, MetricsServer, start_metrics_server
 from ._names import (
     SHM_DIR,
@@ -338,6 +338,7 @@ class Broker(Service):
             if lock_fd >= 0 and rdir is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(rdir / "broker.lock")
+                forget(lock_fd)  # before the close: the number may be reused at once
                 os.close(lock_fd)
                 with contextlib.suppress(OSError):
                     rdir.rmdir()
@@ -378,23 +379,30 @@ class Broker(Service):
         """
         path = rdir / "broker.lock"
         for _ in range(LOCK_ATTEMPTS):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            # A child forked by another thread of this process (the application's
+            # worker) closes its copy, from the open on: the lock dies with us.
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+            fd = open_for_lease(str(path), flags, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                keep_from_children(fd)
                 mine = os.fstat(fd)
                 try:
                     there = os.stat(path, follow_symlinks=False)
                 except FileNotFoundError:
                     there = None
                 if there is None or (there.st_dev, there.st_ino) != (mine.st_dev, mine.st_ino):
+                    forget(fd)
                     os.close(fd)  # the file of a broker that stopped meanwhile
                     continue
                 os.ftruncate(fd, 0)
                 os.write(fd, f"{os.getpid()}\n".encode())
             except BlockingIOError:
+                forget(fd)
                 os.close(fd)
                 raise BrokerRunningError(self.namespace, pid_of_lock(str(path))) from None
             except BaseException:
+                forget(fd)
                 os.close(fd)
                 raise
             return fd

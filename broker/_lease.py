@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from .errors import WriterBusyError
 __all__ = [
     "ProcessId",
     "forget",
+    "keep_from_children",
     "lease_held",
     "open_for_lease",
     "pid_running",
@@ -52,6 +55,9 @@ _mmap_fn: Any = None
 _opening = threading.RLock()
 #: Descriptors opened for a lease, not locked yet: descriptor -> its opener thread.
 _unlocked: dict[int, int] = {}
+#: Descriptors holding a lock of this process alone (a broker's ``broker.lock``):
+#: a forked child closes its copies, whatever thread forked (:func:`keep_from_children`).
+_parents_only: set[int] = set()
 
 
 def _before_fork() -> None:
@@ -73,6 +79,10 @@ def _after_fork_in_child() -> None:
             with contextlib.suppress(OSError):
                 os.close(fd)
             del _unlocked[fd]
+    for fd in _parents_only:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _parents_only.clear()
     _opening.release()
 
 
@@ -98,6 +108,17 @@ def forget(fd: int) -> None:
     """``fd`` (from :func:`open_for_lease`) holds its lock now, or is about to be
     closed: a forked child keeps its copy (the fork hook moves a locked one). Call
     it before ``os.close``: the number may be reused at once."""
+    _parents_only.discard(fd)
+    _unlocked.pop(fd, None)
+
+
+def keep_from_children(fd: int) -> None:
+    """``fd`` (from :func:`open_for_lease`) holds a lock now that must die with this
+    process, not with its last forked child (a broker's ``broker.lock``: a worker
+    forked by the application that runs the broker kept it, and no broker could
+    serve the namespace after this process died while the worker lived). Every
+    forked child closes its copy; :func:`forget` it before ``os.close``."""
+    _parents_only.add(fd)  # first: until then it is listed as unlocked
     _unlocked.pop(fd, None)
 
 
@@ -176,12 +197,24 @@ def take_lease(name: str, fd: int, writer_pid: int = 0) -> None:
 
 
 def lease_held(path: str) -> bool:
-    """Whether some process holds the lease of the object at ``path`` (asked of the kernel)."""
+    """Whether some process holds the lease of the object at ``path`` (asked of the kernel).
+
+    Opened with ``O_NONBLOCK`` and ``O_NOFOLLOW``: anyone may put a FIFO (or a link
+    to one) in ``/dev/shm`` under a name that was freed, and an ``open`` of it for
+    reading waits for a writer, under the lock every fork of this process takes (a
+    probe of a deleted segment's path hung, and every fork with it). Only a regular
+    file holds a lease."""
     try:
-        fd = open_for_lease(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_for_lease(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symbolic link: no segment, no lease
+            return False
+        raise
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)  # before forget: a child forked after keeps none
     except BlockingIOError:

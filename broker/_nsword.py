@@ -163,7 +163,9 @@ class NamespaceWord:
         ns = resolve_namespace(namespace)
         path = catalog_path(ns)
         try:
-            fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+            # O_NONBLOCK: a FIFO anyone put under the name is refused (not a regular
+            # file) rather than waited on for a writer.
+            fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
         except OSError as exc:

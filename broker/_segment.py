@@ -673,7 +673,9 @@ class Segment(Closing):
         validate_segment_name(name)
         core = select_core()
         path = shm_path(ns, name)
-        oflags = (os.O_RDWR if writable else os.O_RDONLY) | _OPEN_FLAGS
+        # O_NONBLOCK: a FIFO planted under the name (anyone may, in /dev/shm) is
+        # refused below (not a regular file) rather than waited on for a writer.
+        oflags = (os.O_RDWR if writable else os.O_RDONLY) | _OPEN_FLAGS | os.O_NONBLOCK
         try:
             # A writer's: until locked, a child forked by another thread closes its copy.
             fd = open_for_lease(path, oflags) if writable else os.open(path, oflags)

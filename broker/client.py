@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 import zmq
 
+from ._auth import is_z85_key
 from ._lease import process_state
 from ._names import (
     DEFAULT_NAMESPACE,
@@ -76,8 +77,10 @@ __all__ = [
     "NAMESPACE_ENV",
     "SHM_DIR",
     "ControlClient",
+    "CurveKeyTriple",
     "Endpoints",
     "check_broker_namespace",
+    "client_curve",
     "namespace_from_env",
     "object_name",
     "pack",
@@ -146,7 +149,39 @@ def reader_endpoint(endpoint: str) -> str:
     return f"ipc://{ro}" if os.access(ro, os.W_OK) else endpoint
 
 
-#: The events a TCP connection's monitor reports: its handshakes' outcomes only.
+#: A client's CURVE keys: ``(server_public, client_public, client_secret)``, each
+#: z85 text (what :func:`~shmcast.broker.curve_keypair` makes) or its ASCII bytes.
+CurveKeyTriple = tuple[str | bytes, str | bytes, str | bytes]
+
+
+def client_curve(curve: object) -> tuple[bytes, bytes, bytes] | None:
+    """``curve`` (a :data:`CurveKeyTriple`, or None) as ZeroMQ takes it: bytes.
+
+    Raises:
+        ConfigError: not three keys, or one that is not a 40-character z85 key
+            (named). Before, text keys (``curve_keypair()``'s, as the README shows)
+            failed with ZeroMQ's TypeError "unicode not allowed".
+    """
+    if curve is None:
+        return None
+    names = ("server_public", "client_public", "client_secret")
+    if not isinstance(curve, (tuple, list)) or len(curve) != 3:
+        raise ConfigError(
+            "curve", "give (server_public, client_public, client_secret): three z85 keys"
+        )
+    keys: list[bytes] = []
+    for name, key in zip(names, curve, strict=True):
+        if isinstance(key, bytes) and len(key) == 32:  # a binary key, as ZeroMQ takes it
+            keys.append(key)
+            continue
+        text = key.decode("ascii", "replace") if isinstance(key, bytes) else key
+        if not is_z85_key(text):
+            raise ConfigError("curve", f"{name} is not a 40-character z85 CURVE key")
+        keys.append(text.encode("ascii"))
+    return keys[0], keys[1], keys[2]
+
+
+#: The events a connection's monitor reports: its handshakes' outcomes only.
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -188,13 +223,14 @@ class ControlClient:
         endpoint: the broker's control endpoint.
         timeout: seconds to wait for each reply.
         context: the ZeroMQ context (the process-wide one by default).
-        curve: optional ``(server_public, client_public, client_secret)`` keys (z85).
+        curve: optional ``(server_public, client_public, client_secret)`` keys (z85
+            text or bytes: :data:`CurveKeyTriple`).
 
     A TCP endpoint's connection is watched for a failed ZeroMQ handshake (a ZeroMQ
-    socket monitor, handshake events only): a request that times out after one
-    raises :class:`BrokerHandshakeError`, saying what to fix (a CURVE broker and no
-    keys given, keys it does not allow, keys for a broker without CURVE), rather
-    than "no broker answered".
+    socket monitor, handshake events only; not an ipc one's, see ``_new_socket``):
+    a request that times out after one raises :class:`BrokerHandshakeError`, saying
+    what to fix (a CURVE broker and no keys given, keys it does not allow, keys for
+    a broker without CURVE), rather than "no broker answered".
 
     Raises:
         ConfigError: ``endpoint`` is not an address ZeroMQ can connect to.
@@ -206,12 +242,12 @@ class ControlClient:
         *,
         timeout: float = 5.0,
         context: zmq.Context[Any] | None = None,
-        curve: tuple[bytes, bytes, bytes] | None = None,
+        curve: CurveKeyTriple | None = None,
     ) -> None:
         self._closed = True
         self.endpoint = endpoint
         self.timeout = timeout
-        self._curve = curve
+        self._curve = client_curve(curve)
         self._monitor: zmq.Socket[Any] | None = None
         sock = self._new_socket(context or zmq.Context.instance())
         self._sock = sock
@@ -292,7 +328,11 @@ class ControlClient:
         sock.setsockopt(zmq.SNDHWM, 100_000)
         if self._curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self._curve
-        if self.endpoint.startswith("tcp://"):  # before the connect: from its first handshake
+        # Before the connect: from its first handshake. TCP only: with a monitor on
+        # an ipc connection whose handshake a CURVE broker refused, libzmq (4.3) left
+        # the context's I/O thread wedged after two or three such clients: every
+        # later connection of the process went unanswered (and leaked descriptors).
+        if self.endpoint.startswith("tcp://"):
             self._monitor = _handshake_monitor(sock)
         try:
             sock.connect(self.endpoint)
@@ -340,7 +380,11 @@ class ControlClient:
             )
         if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
             if self._curve is not None:
-                return "the endpoint does not speak CURVE: connect without CURVE keys"
+                return (
+                    "the endpoint does not speak CURVE: connect without CURVE keys "
+                    "(shmcast: no --curve-keys, and $SHMCAST_CURVE_KEYS unset; the "
+                    "library: curve=None)"
+                )
             return (
                 "the endpoint wants CURVE (a broker with curve_secret_key) and this "
                 f"client gave no CURVE keys: {fix}"

@@ -17,7 +17,15 @@ from shmcast.broker.client import (
 from shmcast.broker.errors import LayoutError, SegmentNotFoundError
 from shmcast.publisher import Feed, Publisher, make_feed
 
-from ._options import add_broker_option, broker_endpoint, per_second, ring_slots, whole_number
+from ._options import (
+    add_broker_option,
+    add_curve_option,
+    broker_endpoint,
+    curve_keys,
+    per_second,
+    ring_slots,
+    whole_number,
+)
 from ._runner import print_ready, stop_on_signals
 
 READY = "shmcast publish ready: "
@@ -67,6 +75,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--count", type=whole_number, default=0, help="stop after N versions (0: never)")
     add_broker_option(p)
+    add_curve_option(p)
     p.add_argument(
         "--announce",
         action="store_true",
@@ -105,7 +114,7 @@ def _existing_slots(args: argparse.Namespace) -> int | None:
     default 2 was asked for and refused as another layout."""
     name = validate_segment_name(args.segment)  # before any broker is asked
     namespace = resolve_namespace(args.namespace)
-    with ControlClient(broker_endpoint(args), timeout=5.0) as client:
+    with ControlClient(broker_endpoint(args), timeout=5.0, curve=curve_keys(args)) as client:
         check_broker_namespace(client, namespace)
         try:
             info = client.request("describe", name=name)
@@ -127,6 +136,7 @@ def _publish(args: argparse.Namespace, feed: Feed) -> int:
                 slots=slots,
                 namespace=args.namespace,
                 broker=broker_endpoint(args),
+                curve=curve_keys(args),
                 announce=args.announce,
             )
         except LayoutError as exc:  # --slots the broker refuses: a bad argument (exit 2)

@@ -10,7 +10,15 @@ import time
 
 from shmcast.subscriber import Recorder
 
-from ._options import add_broker_option, broker_endpoint, positive_seconds, seconds, whole_number
+from ._options import (
+    add_broker_option,
+    add_curve_option,
+    broker_endpoint,
+    curve_keys,
+    positive_seconds,
+    seconds,
+    whole_number,
+)
 from ._runner import print_ready, stop_on_signals
 
 READY = "shmcast record ready: "
@@ -86,6 +94,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="seconds to wait for the segments to exist (default 2)",
     )
     add_broker_option(p)
+    add_curve_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,6 +153,7 @@ def _record(args: argparse.Namespace, stop: threading.Event) -> int:
             file=sys.stderr,
         )
         return 2
+    curve = curve_keys(args)  # ConfigError: exit 2, whatever --wait
     with stop_on_signals(stop.set):
         rec = Recorder(
             args.segments,
@@ -151,6 +161,7 @@ def _record(args: argparse.Namespace, stop: threading.Event) -> int:
             format=args.format,
             namespace=args.namespace,
             broker=broker_endpoint(args) if args.wait == "events" else None,
+            curve=curve if args.wait == "events" else None,
             wait=args.wait,
             compression=args.compression,
             overwrite=args.overwrite,

@@ -10,7 +10,7 @@ import time
 
 from shmcast.publisher import Replayer
 
-from ._options import add_broker_option, broker_endpoint
+from ._options import add_broker_option, add_curve_option, broker_endpoint, curve_keys
 from ._runner import print_ready, stop_on_signals
 
 READY = "shmcast replay ready: "
@@ -47,6 +47,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     pace.add_argument("--max", action="store_true", help="as fast as possible")
     p.add_argument("--loop", action="store_true", help="start again after the last version")
     add_broker_option(p)
+    add_curve_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
             segments=args.segments,
             namespace=args.namespace,
             broker=broker_endpoint(args),
+            curve=curve_keys(args),
             speed=None if args.max else args.speed,
             loop=args.loop,
         ) as rep,

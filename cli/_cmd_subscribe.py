@@ -11,7 +11,15 @@ from shmcast.broker.client import ControlClient, resolve_namespace
 from shmcast.broker.errors import SegmentNotFoundError, SegmentUnreachableError, ShmcastError
 from shmcast.subscriber import Subscriber, WaitMode, run_worker, serve_metrics
 
-from ._options import add_broker_option, broker_endpoint, port_number, seconds, whole_number
+from ._options import (
+    add_broker_option,
+    add_curve_option,
+    broker_endpoint,
+    curve_keys,
+    port_number,
+    seconds,
+    whole_number,
+)
 from ._runner import print_ready, stop_on_signals, stream_gone
 from ._text import printable
 
@@ -80,6 +88,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="'subscriber' label of the metrics, and the name `shmcast top` shows",
     )
     add_broker_option(p)
+    add_curve_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,11 +104,13 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     endpoint = broker_endpoint(args)
     broker = endpoint if wait in ("shm", "events") else None
+    curve = curve_keys(args)  # ConfigError: exit 2
     try:
         sub = Subscriber(
             args.segments,
             namespace=args.namespace,
             broker=broker,
+            curve=curve,
             wait=wait,
             name=args.name,
             timeout=2.0 if wait in ("futex", "spin") else 5.0,
@@ -108,7 +119,10 @@ def run(args: argparse.Namespace) -> int:
         raise  # main() prints it: not a missing segment, a /dev/shm that is not shared
     except SegmentNotFoundError as exc:  # futex/spin: the segment must exist already
         ns = resolve_namespace(args.namespace)
-        print(f"shmcast subscribe: error: {_missing(exc.segment, ns, endpoint)}", file=sys.stderr)
+        print(
+            f"shmcast subscribe: error: {_missing(exc.segment, ns, endpoint, curve)}",
+            file=sys.stderr,
+        )
         return 1
     told = False
 
@@ -119,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
             return
         told = True
         for name in absent:
-            print(f"shmcast subscribe: {_missing(name, sub.namespace, endpoint)}", file=sys.stderr)
+            print(
+                f"shmcast subscribe: {_missing(name, sub.namespace, endpoint, curve)}",
+                file=sys.stderr,
+            )
 
     with stop_on_signals(stop.set), sub:
         server = None
@@ -193,10 +210,12 @@ def _stdout_gone() -> None:
     stream_gone(sys.stdout)
 
 
-def _missing(name: str, namespace: str, endpoint: str) -> str:
+def _missing(
+    name: str, namespace: str, endpoint: str, curve: tuple[bytes, bytes, bytes] | None = None
+) -> str:
     """ "no segment 'frame' in namespace 'lab' yet; existing: frames, ticks"."""
     try:
-        with ControlClient(endpoint, timeout=1.0) as client:
+        with ControlClient(endpoint, timeout=1.0, curve=curve) as client:
             names = [str(s["name"]) for s in client.request("list")["segments"]]
     except ShmcastError:
         names = Segment.list(namespace)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
+import stat
 import sys
 from typing import Any
 
@@ -83,7 +85,8 @@ def add_curve_option(p: argparse.ArgumentParser) -> None:
         help="CURVE keys, for a broker with curve_secret_key: a TOML file of "
         "curve_server_key (the broker's public key), curve_public_key and "
         "curve_secret_key (this client's pair; a new one when both are left out); "
-        f"keep it 0600 (default: ${CURVE_ENV})",
+        "0600: refused when others may write it, or read its secret key "
+        f"(default: ${CURVE_ENV})",
     )
 
 
@@ -94,14 +97,23 @@ def curve_keys(args: argparse.Namespace) -> tuple[bytes, bytes, bytes] | None:
     Raises:
         ConfigError: the file cannot be read, is not TOML, has other keys, or a key
             that is not a CURVE key (40 characters of z85), or a public key that is
-            not the secret key's.
+            not the secret key's; others may write it, or read the secret key in it;
+            it is no regular file; ``--curve-keys ""``.
     """
-    path = getattr(args, "curve_keys", None) or os.environ.get(CURVE_ENV) or None
+    field = "--curve-keys"
+    given = getattr(args, "curve_keys", None)
+    if given == "":  # `--curve-keys "$UNSET"`: not "no keys"
+        raise ConfigError(field, "an empty path: give the file of CURVE keys")
+    path = given or os.environ.get(CURVE_ENV) or None
     if path is None:
         return None
-    field = "--curve-keys"
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: a FIFO is refused below, not waited on for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(field, f"{path} is not a regular file", path)
             data: dict[str, Any] = tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(field, f"not valid TOML: {exc}", path) from None
@@ -124,6 +136,16 @@ def curve_keys(args: argparse.Namespace) -> tuple[bytes, bytes, bytes] | None:
     if (public is None) != (secret is None):
         raise ConfigError(
             "curve_secret_key", "give both curve_public_key and curve_secret_key, or neither", path
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    chmod = f"chmod 600 {shlex.quote(path)}"
+    if mode & 0o022:  # another user could put a key of theirs in it: the broker's
+        raise ConfigError(field, f"others may write it (mode {mode:04o}): {chmod}", path)
+    if secret is not None and mode & 0o077:  # as ssh refuses an open private key
+        raise ConfigError(
+            field,
+            f"it holds curve_secret_key and others may read it (mode {mode:04o}): {chmod}",
+            path,
         )
     if public is None or secret is None:
         pair = zmq.curve_keypair()  # a key of its own: for a broker that lists no clients

@@ -17,6 +17,7 @@ import numpy.typing as npt
 from shmcast.broker import BytesLike, Closing, Segment, dtype_str, normalize_layout
 from shmcast.broker.client import (
     ControlClient,
+    CurveKeyTriple,
     check_broker_namespace,
     resolve_endpoint,
     resolve_namespace,
@@ -76,7 +77,7 @@ class Publisher(Closing):
         namespace: str | None = None,
         broker: str | None = None,
         timeout: float = 5.0,
-        curve: tuple[bytes, bytes, bytes] | None = None,
+        curve: CurveKeyTriple | None = None,
         source: str | None = None,
         announce: bool = False,
     ) -> None:

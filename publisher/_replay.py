@@ -28,6 +28,7 @@ import numpy.typing as npt
 from shmcast.broker import Closing
 from shmcast.broker.client import (
     ControlClient,
+    CurveKeyTriple,
     check_broker_namespace,
     resolve_endpoint,
     resolve_namespace,
@@ -119,7 +120,7 @@ class Replayer(Closing):
         speed: float | None = 1.0,
         loop: bool = False,
         timeout: float = 5.0,
-        curve: tuple[bytes, bytes, bytes] | None = None,
+        curve: CurveKeyTriple | None = None,
     ) -> None:
         self._closed = True
         self._recordings: list[Recording] = []
@@ -197,9 +198,7 @@ class Replayer(Closing):
             sources = {n: sources[n] for n in dict.fromkeys(wanted)}
         return sources
 
-    def _check_layouts(
-        self, endpoint: str, timeout: float, curve: tuple[bytes, bytes, bytes] | None
-    ) -> None:
+    def _check_layouts(self, endpoint: str, timeout: float, curve: CurveKeyTriple | None) -> None:
         """Every segment either does not exist or has the recorded dtype and shape."""
         self._existing: set[str] = set()
         client = ControlClient(endpoint, timeout=timeout, curve=curve)

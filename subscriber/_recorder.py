@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shmcast.broker import Closing, Segment
-from shmcast.broker.client import resolve_namespace, validate_segment_name
+from shmcast.broker.client import CurveKeyTriple, resolve_namespace, validate_segment_name
 from shmcast.broker.errors import (
     ClosedError,
     NotASegmentError,
@@ -183,7 +183,7 @@ class Recorder(Closing):
         segment_timeout: float = 2.0,
         timeout: float = 5.0,
         buffer_bytes: int = BUFFER_BYTES,
-        curve: tuple[bytes, bytes, bytes] | None = None,
+        curve: CurveKeyTriple | None = None,
         name: str = "recorder",
     ) -> None:
         self._closed = True

@@ -52,7 +52,9 @@ from shmcast.broker import (
 from shmcast.broker.client import (
     BROKER_TOPIC,
     ControlClient,
+    CurveKeyTriple,
     check_broker_namespace,
+    client_curve,
     reader_endpoint,
     resolve_endpoint,
     resolve_namespace,
@@ -184,7 +186,7 @@ class Subscriber(Closing):
         wait: WaitMode = "shm",
         timeout: float = 5.0,
         heartbeat_timeout: float | None = None,
-        curve: tuple[bytes, bytes, bytes] | None = None,
+        curve: CurveKeyTriple | None = None,
         name: str = "subscriber",
     ) -> None:
         self._closed = True
@@ -207,6 +209,7 @@ class Subscriber(Closing):
                 "heartbeat_timeout", heartbeat_timeout, positive=True
             )
         self.namespace = resolve_namespace(namespace)
+        self._curve = client_curve(curve)  # ConfigError before anything is opened
         self.mode: WaitMode = wait
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, not {name!r}")
@@ -263,7 +266,6 @@ class Subscriber(Closing):
         self._word_state = (0, 0, 0)
         self._wait_segs: list[Segment] = []
         self._wait_stats: list[SegmentStats] = []
-        self._curve = curve
         #: Names where something other than a valid segment was found, and why.
         self._not_segments: dict[str, NotASegmentError] = {}
         #: The object (inode) found there: its header was waited for once already.

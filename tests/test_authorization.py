@@ -390,3 +390,65 @@ def test_clients_refused_a_handshake_leave_the_processs_zeromq_working() -> None
     accepted, opened = map(int, proc.stdout.split())
     assert accepted >= 150, proc.stdout  # every client connected
     assert opened < 20, proc.stdout  # what the clients left open
+
+
+def _refused(client: ControlClient) -> str:
+    """The message of the BrokerHandshakeError a hello gets: a request that times out
+    before the handshake failed (a loaded machine) raises BrokerUnavailableError, and
+    the next one (a new connection) is asked, for 10 s at most."""
+    from shmcast.broker.errors import BrokerHandshakeError, BrokerUnavailableError
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.request("hello", timeout=0.3)
+        except BrokerHandshakeError as exc:
+            return str(exc)
+        except BrokerUnavailableError:
+            assert time.monotonic() < deadline, "no handshake refused within 10 s"
+        else:
+            raise AssertionError("the broker answered")
+
+
+def test_curve_keys_as_text_as_curve_keypair_makes_them_are_taken(namespace: str) -> None:
+    """The README's recipe: keys from ``curve_keypair()`` (text) passed as
+    ``curve=(server_public, client_public, client_secret)``. ZeroMQ takes bytes
+    only: every client failed with TypeError "unicode not allowed, use
+    setsockopt_string". Text is taken now, and what is no key is a ConfigError
+    naming it."""
+    server_pub, server_sec = curve_keypair()
+    client_pub, client_sec = curve_keypair()
+    cfg = BrokerConfig(
+        namespace=namespace,
+        control="tcp://127.0.0.1:0",
+        events="tcp://127.0.0.1:0",
+        curve_secret_key=server_sec,
+        curve_clients=(client_pub,),
+    )
+    keys = (server_pub, client_pub, client_sec)
+    with Broker(cfg).start() as b:
+        assert b.endpoints is not None
+        with ControlClient(b.endpoints.control, timeout=5, curve=keys) as client:
+            assert client.request("hello")["namespace"] == namespace
+        with Subscriber("s", broker=b.endpoints.control, wait="events", curve=keys) as sub:
+            assert sub.namespace == namespace
+    with pytest.raises(ConfigError, match="client_secret is not a 40-character z85"):
+        ControlClient("tcp://127.0.0.1:1", curve=(server_pub, client_pub, "x"))
+    with pytest.raises(ConfigError, match="three z85 keys"):
+        Subscriber("s", broker="tcp://127.0.0.1:1", curve=(server_pub, client_pub))  # type: ignore[arg-type]
+
+
+def test_keys_for_a_broker_without_curve_name_where_they_came_from(namespace: str) -> None:
+    """Keys given to a broker without CURVE (``$SHMCAST_CURVE_KEYS`` left set from
+    another broker, say): the error said only "connect without CURVE keys", not
+    where the keys came from nor how to leave them out."""
+    server_pub, _ = curve_keypair()
+    client_pub, client_sec = curve_keypair()
+    cfg = BrokerConfig(namespace=namespace, control="tcp://127.0.0.1:0", tcp_open=True)
+    with Broker(cfg).start() as b:
+        assert b.endpoints is not None
+        keys = (server_pub, client_pub, client_sec)
+        with ControlClient(b.endpoints.control, curve=keys) as client:
+            said = _refused(client)
+        assert "does not speak CURVE" in said, said
+        assert "$SHMCAST_CURVE_KEYS unset" in said, said

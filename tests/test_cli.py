@@ -1061,6 +1061,47 @@ def test_health_and_ls_reach_a_curve_broker_with_curve_keys_and_say_so_without(
         b.close()
 
 
+def test_publish_subscribe_record_and_replay_take_the_curve_keys_their_error_names(
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refused handshake's error says "shmcast: --curve-keys FILE or
+    $SHMCAST_CURVE_KEYS", but only health, ls, rm and top took either: ``shmcast
+    publish`` (``subscribe``, ``record``, ``replay``) against a CURVE broker's TCP
+    endpoint could not be given keys, ``--curve-keys`` was an unrecognized argument
+    (exit 2) and the variable was ignored (the same error again)."""
+    from shmcast.broker import curve_keypair
+
+    server_pub, server_sec = curve_keypair()
+    client_pub, client_sec = curve_keypair()
+    keys = _curve_file(tmp_path / "keys.toml", server_pub, client_pub, client_sec)
+    b = Broker(
+        BrokerConfig(
+            namespace=namespace,
+            control="tcp://127.0.0.1:0",
+            curve_secret_key=server_sec,
+            curve_clients=(client_pub,),
+        )
+    ).start()
+    try:
+        assert b.endpoints is not None
+        at = ["-n", namespace, "--broker", b.endpoints.control, "--curve-keys", keys]
+        publish = ["publish", "k", "--dtype", "f8", "--shape", "2", "--count", "1", "--rate", "0"]
+        assert main([*publish, *at]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+    finally:
+        b.close()
+        Segment.remove("k", namespace=namespace)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("curve_server_key = 1\n")
+    for argv in (
+        ["subscribe", "k"],
+        ["record", "k", "-o", str(tmp_path / "r.h5")],
+        ["replay", "f"],
+    ):
+        assert main([*argv, "--curve-keys", str(bad)]) == 2, argv
+        assert "'curve_server_key'" in capsys.readouterr().err, argv
+
+
 def test_curve_key_files_that_are_wrong_are_refused_naming_the_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1083,10 +1124,42 @@ def test_curve_key_files_that_are_wrong_are_refused_naming_the_key(
     ]
     for text, named in cases:
         bad.write_text(text)
+        bad.chmod(0o600)  # the content is wrong, not the mode
         assert main(["health", "--curve-keys", str(bad)]) == 2, text
         assert named in capsys.readouterr().err, text
     assert main(["rm", "x", "--curve-keys", str(tmp_path / "none.toml")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_curve_key_file_others_may_read_or_write_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--curve-keys`` read any file: one holding the client's secret key that every
+    user may read (0644), one any user may write (and so choose the broker key the
+    client trusts), a FIFO (the read waited for a writer), and ``--curve-keys ""``
+    (an unset variable: silently no keys). Each is refused (exit 2) naming the fix."""
+    from shmcast.broker import curve_keypair
+
+    server, _ = curve_keypair()
+    public, secret = curve_keypair()
+    keys = Path(_curve_file(tmp_path / "keys.toml", server, public, secret))
+    for mode, said in ((0o644, "others may read it (mode 0644)"), (0o622, "others may write")):
+        keys.chmod(mode)
+        assert main(["health", "--curve-keys", str(keys)]) == 2, oct(mode)
+        err = capsys.readouterr().err
+        assert said in err, err
+        assert f"chmod 600 {keys}" in err, err
+    server_only = Path(_curve_file(tmp_path / "server.toml", server, None, None))
+    server_only.chmod(0o644)  # a public key alone: readable is fine
+    assert main(["health", "--curve-keys", str(server_only), "--broker", "tcp://127.0.0.1:1",
+                 "--timeout", "0.1"]) == 1  # fmt: skip
+    assert "--curve-keys" not in capsys.readouterr().err
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert main(["health", "--curve-keys", str(fifo)]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    assert main(["health", "--curve-keys", ""]) == 2
+    assert "an empty path" in capsys.readouterr().err
 
 
 def test_a_name_holding_a_backslash_does_not_print_as_one_holding_a_control_character(

@@ -458,3 +458,35 @@ def test_a_word_whose_pid_is_another_live_process_stamping_nothing_lets_a_broker
     finally:
         other.kill()
         other.wait(10)
+
+
+def test_a_child_forked_beside_a_running_broker_keeps_no_copy_of_its_lock(
+    thread_broker: Broker, namespace: str
+) -> None:
+    """A process that runs a broker (``Broker(...).start()``) and forks a worker:
+    the worker inherited ``broker.lock``'s descriptor, whose description holds the
+    flock, so once the broker's process died (SIGKILL) every new broker of the
+    namespace was refused ("a broker (pid <the dead one>) already serves") for as
+    long as the worker lived. A forked child now closes its copy."""
+    from shmcast.broker._names import runtime_dir
+
+    lock = str(runtime_dir(namespace) / "broker.lock")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            kept = []
+            for fd in os.listdir("/proc/self/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/self/fd/{fd}") == lock:
+                        kept.append(fd)
+            os.write(w, (",".join(kept) or "none").encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            said = f.read().decode()
+    finally:
+        os.waitpid(pid, 0)
+    assert said == "none", f"the child kept broker.lock (descriptors {said})"

@@ -7,6 +7,7 @@ outlive close(), a writer lease the kernel releases, owner-only modes.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import mmap
@@ -966,3 +967,53 @@ def test_a_mode_attach_would_refuse_is_refused_by_create(namespace, mode):
     with pytest.raises(ConfigError, match="'mode'"):
         Segment.create("m", "<f8", (8,), mode=mode)
     assert Segment.list(namespace) == []
+
+
+def test_a_fifo_under_a_freed_name_blocks_no_probe_attach_nor_fork(namespace: str) -> None:
+    """Anyone may put a FIFO in /dev/shm under a name that is free: a segment's that
+    was deleted, a namespace word's. ``writer_alive()`` of a reader handle (its probe
+    reopens the path), ``Segment.attach`` and the namespace word's attach opened it
+    for reading and waited for a writer for ever; the probe did so under the lock
+    every fork of the process takes, so a fork hung too. Now each opens without
+    blocking and refuses what is not a regular file."""
+    from shmcast.broker._names import catalog_path
+    from shmcast.broker._nsword import NamespaceWord
+
+    seg = Segment.create("fifo", "<f8", (4,))
+    reader = Segment.attach("fifo")
+    seg.close()
+    os.unlink(reader.path)
+    fifos = [reader.path, catalog_path(namespace)]
+    for path in fifos:
+        os.mkfifo(path, 0o600)
+    said: list[object] = []
+
+    def probe() -> None:
+        said.append(reader.writer_alive())
+        for attach in (lambda: Segment.attach("fifo"), lambda: NamespaceWord.attach(namespace)):
+            try:
+                attach()
+            except NotASegmentError as exc:
+                said.append(exc.reason)
+        pid = os.fork()  # took the lock the probe held
+        if pid == 0:  # pragma: no cover (the child)
+            os._exit(0)
+        said.append(os.waitpid(pid, 0)[1])
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    try:
+        t.join(10)
+        assert not t.is_alive(), f"blocked in an open of a FIFO (so far: {said})"
+        assert said == [False, "not a regular file", "not a regular file", 0]
+    finally:
+        for _ in range(50):  # a blocked open of a FIFO returns once a writer opens it
+            if not t.is_alive():
+                break
+            for path in fifos:
+                with contextlib.suppress(OSError):
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            t.join(0.1)
+        for path in fifos:
+            os.unlink(path)
+        reader.close()
