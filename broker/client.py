@@ -226,11 +226,11 @@ class ControlClient:
         curve: optional ``(server_public, client_public, client_secret)`` keys (z85
             text or bytes: :data:`CurveKeyTriple`).
 
-    A TCP endpoint's connection is watched for a failed ZeroMQ handshake (a ZeroMQ
-    socket monitor, handshake events only; not an ipc one's, see ``_new_socket``):
-    a request that times out after one raises :class:`BrokerHandshakeError`, saying
-    what to fix (a CURVE broker and no keys given, keys it does not allow, keys for
-    a broker without CURVE), rather than "no broker answered".
+    A TCP or ipc endpoint's connection is watched for a failed ZeroMQ handshake (a
+    ZeroMQ socket monitor, handshake events only): a request that times out after one
+    raises :class:`BrokerHandshakeError`, saying what to fix (a CURVE broker and no
+    keys given, keys it does not allow, keys for a broker without CURVE), rather
+    than "no broker answered".
 
     Raises:
         ConfigError: ``endpoint`` is not an address ZeroMQ can connect to.
@@ -328,11 +328,9 @@ class ControlClient:
         sock.setsockopt(zmq.SNDHWM, 100_000)
         if self._curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self._curve
-        # Before the connect: from its first handshake. TCP only: with a monitor on
-        # an ipc connection whose handshake a CURVE broker refused, libzmq (4.3) left
-        # the context's I/O thread wedged after two or three such clients: every
-        # later connection of the process went unanswered (and leaked descriptors).
-        if self.endpoint.startswith("tcp://"):
+        # Before the connect: from its first handshake. ipc too: a CURVE broker's
+        # default endpoints (ipc) refuse a client without keys as its TCP ones do.
+        if self.endpoint.startswith(("tcp://", "ipc://")):
             self._monitor = _handshake_monitor(sock)
         try:
             sock.connect(self.endpoint)

@@ -410,6 +410,27 @@ def _refused(client: ControlClient) -> str:
             raise AssertionError("the broker answered")
 
 
+def test_a_curve_brokers_default_ipc_endpoints_say_a_handshake_was_refused(
+    namespace: str,
+) -> None:
+    """A broker with CURVE serves its default (ipc) control endpoints with CURVE as
+    well; only a TCP connection's handshakes were watched, so ``shmcast health``
+    without keys said "no broker answered ... start one with `shmcast broker`" of
+    the running broker. ipc connections are watched too now."""
+    _, server_sec = curve_keypair()
+    client_pub, _ = curve_keypair()
+    cfg = BrokerConfig(
+        namespace=namespace, curve_secret_key=server_sec, curve_clients=(client_pub,)
+    )
+    with Broker(cfg).start() as b:
+        assert b.endpoints is not None
+        for endpoint in (b.endpoints.control, b.endpoints.control_ro):
+            assert endpoint.startswith("ipc://")
+            with ControlClient(endpoint) as client:
+                said = _refused(client)
+            assert "without CURVE keys" in said or "gave no CURVE keys" in said, said
+
+
 def test_curve_keys_as_text_as_curve_keypair_makes_them_are_taken(namespace: str) -> None:
     """The README's recipe: keys from ``curve_keypair()`` (text) passed as
     ``curve=(server_public, client_public, client_secret)``. ZeroMQ takes bytes
@@ -444,8 +465,7 @@ def test_keys_for_a_broker_without_curve_name_where_they_came_from(namespace: st
     where the keys came from nor how to leave them out."""
     server_pub, _ = curve_keypair()
     client_pub, client_sec = curve_keypair()
-    cfg = BrokerConfig(namespace=namespace, control="tcp://127.0.0.1:0", tcp_open=True)
-    with Broker(cfg).start() as b:
+    with Broker(BrokerConfig(namespace=namespace)).start() as b:
         assert b.endpoints is not None
         keys = (server_pub, client_pub, client_sec)
         with ControlClient(b.endpoints.control, curve=keys) as client:
