@@ -280,6 +280,14 @@ class ControlClient:
                     self._no_reply(wait)
                 continue
             reply = unpack(self._sock.recv(), limit=64 * 2**20)
+            if self._monitor is not None:
+                # A broker answered: the handshake monitor has served (it explains a
+                # request that timed out before any reply). Kept, it queued one event
+                # per reconnection unread, and ZeroMQ's I/O thread, which sends them
+                # with a blocking send, hung once the queue was full (about 2000
+                # reconnections: a flapping broker), and every socket of the process
+                # with it. A reconnect after a timeout makes a new one.
+                self._stop_monitor(self._sock)
             if reply.get("id") != rid:
                 continue  # a late reply to an earlier, timed-out request
             if not reply.get("ok"):
@@ -405,12 +413,16 @@ class ControlClient:
         taking every socket of the process's context with it: after about 50
         clients timing out against a CURVE endpoint, no new connection was made
         and none closed (the file descriptors of each left open)."""
+        self._stop_monitor(sock)
+        sock.close(linger)
+
+    def _stop_monitor(self, sock: zmq.Socket[Any]) -> None:
+        """Stop ``sock``'s handshake monitor, then close our end of it."""
         mon, self._monitor = self._monitor, None
         if mon is not None:
             with contextlib.suppress(zmq.ZMQError):
                 sock.disable_monitor()
             mon.close(0)
-        sock.close(linger)
 
     def _reconnect(self) -> None:
         ctx = self._sock.context

@@ -472,3 +472,84 @@ def test_keys_for_a_broker_without_curve_name_where_they_came_from(namespace: st
             said = _refused(client)
         assert "does not speak CURVE" in said, said
         assert "$SHMCAST_CURVE_KEYS unset" in said, said
+
+
+_FLAPPING_PEER_CHILD = """
+import os, signal, socket, struct, threading, time
+import msgpack, zmq
+from shmcast.broker.client import ControlClient
+
+signal.alarm(60)
+_connect = zmq.Socket.connect
+def fast(self, addr):  # reconnect at once: many handshakes in little time
+    self.setsockopt(zmq.RECONNECT_IVL, 1)
+    return _connect(self, addr)
+zmq.Socket.connect = fast
+
+GREETING = b"\\xff" + bytes(8) + b"\\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\\0") + bytes(32)
+prop = b"\\x0bSocket-Type" + struct.pack(">I", 6) + b"ROUTER"
+READY = bytes([0x04, 6 + len(prop)]) + b"\\x05READY" + prop
+srv = socket.create_server(("127.0.0.1", 0))
+accepted = 0
+
+def read_exact(c, n):
+    b = b""
+    while len(b) < n:
+        x = c.recv(n - len(b))
+        if not x:
+            raise EOFError
+        b += x
+    return b
+
+def read_frame(c):
+    flags = read_exact(c, 1)[0]
+    size = struct.unpack(">Q", read_exact(c, 8))[0] if flags & 2 else read_exact(c, 1)[0]
+    return flags, read_exact(c, size)
+
+def serve():
+    global accepted
+    first = True
+    while True:
+        try:
+            c, _ = srv.accept()
+        except OSError:
+            return
+        accepted += 1
+        try:
+            c.sendall(GREETING + READY)
+            read_exact(c, 64)
+            read_frame(c)  # its READY
+            if first:
+                _, body = read_frame(c)
+                rid = msgpack.unpackb(body)["id"]
+                reply = msgpack.packb({"ok": True, "id": rid, "namespace": "x"})
+                c.sendall(bytes([0, len(reply)]) + reply)
+                first = False
+                time.sleep(0.05)
+        except (EOFError, OSError):
+            pass
+        c.close()
+
+threading.Thread(target=serve, daemon=True).start()
+client = ControlClient(f"tcp://127.0.0.1:{srv.getsockname()[1]}", timeout=5)
+client.request("hello")
+last, stalled = 0, time.monotonic()
+while accepted < 2500 and time.monotonic() - stalled < 3:
+    time.sleep(0.05)
+    if accepted != last:
+        last, stalled = accepted, time.monotonic()
+print(accepted)
+os._exit(0)
+"""
+
+
+def test_a_client_reconnecting_thousands_of_times_leaves_the_processs_zeromq_working() -> None:
+    """A client that had its reply kept its handshake monitor, which queued one event
+    per reconnection, unread; ZeroMQ's I/O thread sends them with a blocking send and
+    hung once the queue was full, after 2001 reconnections (a broker restarting over
+    and over, a flapping link), and with it every socket of the process. A peer that
+    answers one hello, then takes each connection's handshake and closes it, with
+    reconnections 1 ms apart: 2500 connections are made now. In a child: a hung
+    context would take the test process's with it."""
+    proc = _run_child(_FLAPPING_PEER_CHILD)
+    assert int(proc.stdout) >= 2500, proc.stdout
