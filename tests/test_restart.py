@@ -458,3 +458,44 @@ def test_a_word_whose_pid_is_another_live_process_stamping_nothing_lets_a_broker
     finally:
         other.kill()
         other.wait(10)
+
+
+def test_a_word_beaten_under_our_own_pid_keeps_a_second_broker_out(namespace: str) -> None:
+    """Two containers sharing /dev/shm, their runtime directories apart, each broker
+    its pid namespace's pid 1: the second one finds the first one's word beating
+    under its own pid. Before, that pid counted as its own (nothing to refuse) and it
+    started beside the first. Now it waits for a beat, as for any live pid, and is
+    refused when one comes. Here: a word under this process's pid, beaten by a thread."""
+    import mmap
+    import threading
+    import time
+
+    from shmcast.broker import BrokerRunningError
+    from shmcast.broker._names import catalog_path
+    from shmcast.broker._nsword import W_HEARTBEAT, W_PID, NamespaceWord
+
+    NamespaceWord.serve(namespace, epoch=1, interval=0.05).close()  # the other's word
+    stop = threading.Event()
+
+    def beat() -> None:  # the other container's broker, pid 1 there as here
+        with open(catalog_path(namespace), "r+b") as f, mmap.mmap(f.fileno(), 4096) as mm:
+            words = memoryview(mm).cast("Q")
+            words[W_PID] = os.getpid()
+            while not stop.is_set():
+                words[W_HEARTBEAT] = time.monotonic_ns()
+                stop.wait(0.02)
+            words.release()
+
+    beater = threading.Thread(target=beat)
+    beater.start()
+    second = Broker(BrokerConfig(namespace=namespace))
+    try:
+        with pytest.raises(BrokerRunningError, match="of another pid namespace"):
+            second.start(timeout=10)
+        assert second.closed
+    finally:
+        second.close()  # one that started beside it (before) stops
+        stop.set()
+        beater.join(10)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(catalog_path(namespace))
