@@ -450,10 +450,12 @@ class Broker(Service):
                 return
             beat = word.heartbeat_ns
             deadline = time.monotonic() + 1.5 * word.interval + 0.1
-            while word.heartbeat_ns == beat:
+            while (now := word.heartbeat_ns) == beat:
                 if time.monotonic() >= deadline:
                     return  # no broker stamps it any more
                 time.sleep(0.02)
+            if not now or word.pid <= 0:
+                return  # it stopped cleanly meanwhile (its last act): nothing serves now
         raise BrokerRunningError(self.namespace, pid, word=path, elsewhere=ours)
 
     def _bind(

@@ -499,3 +499,46 @@ def test_a_word_beaten_under_our_own_pid_keeps_a_second_broker_out(namespace: st
         beater.join(10)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(catalog_path(namespace))
+
+
+def test_a_broker_stopping_cleanly_while_a_start_waits_for_its_beat_lets_it_start(
+    namespace: str,
+) -> None:
+    """A starting broker waits for a beat of the namespace word's live pid; that
+    broker stops cleanly meanwhile (pid and heartbeat 0, its stop's last act on the
+    word). Before, that change counted as a beat and the start was refused, naming
+    a broker that no longer ran."""
+    import mmap
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from shmcast.broker._names import catalog_path
+    from shmcast.broker._nsword import W_HEARTBEAT, W_PID, NamespaceWord
+
+    NamespaceWord.serve(namespace, epoch=1, interval=0.5).close()  # a broker's word
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    def stop_cleanly() -> None:  # as NamespaceWord.stopped() does, while the start waits
+        time.sleep(0.3)
+        with open(catalog_path(namespace), "r+b") as f, mmap.mmap(f.fileno(), 4096) as mm:
+            words = memoryview(mm).cast("Q")
+            words[W_PID] = 0
+            words[W_HEARTBEAT] = 0
+            words.release()
+
+    stopper = threading.Thread(target=stop_cleanly)
+    try:
+        with open(catalog_path(namespace), "r+b") as f, mmap.mmap(f.fileno(), 4096) as mm:
+            words = memoryview(mm).cast("Q")
+            words[W_PID] = other.pid  # a live broker's, a beat ago
+            words[W_HEARTBEAT] = time.monotonic_ns()
+            words.release()
+        stopper.start()
+        Broker(BrokerConfig(namespace=namespace)).start(timeout=10).close()
+    finally:
+        if stopper.ident is not None:  # started
+            stopper.join(10)
+        other.kill()
+        other.wait(10)
