@@ -424,7 +424,7 @@ def serve():
 threading.Thread(target=serve, daemon=True).start()
 client = ControlClient(f"tcp://127.0.0.1:{srv.getsockname()[1]}", timeout=1, context=ctx)
 seen, since = 0, time.monotonic()
-while accepted[0] < 1200 and time.monotonic() - since < 1.0:  # or no more come
+while accepted[0] < 1200 and time.monotonic() - since < 3.0:  # or no more come
     if accepted[0] != seen:
         seen, since = accepted[0], time.monotonic()
     time.sleep(0.01)
