@@ -421,7 +421,11 @@ class Broker(Service):
         names a live process here that stamps no heartbeat within one and a half of
         its intervals: in a container sharing /dev/shm with the killed broker's (a
         pid namespace of its own), its pid may be another process (pid 1, the
-        init), and that restart was refused until the beats went stale.
+        init), and that restart was refused until the beats went stale. A word
+        under our own pid is waited for the same way: no broker of this process
+        beats it (ours would hold our runtime directory's lock), but one of another
+        pid namespace may (two containers, each broker its pid 1). Before, that
+        pid counted as ours, and the second broker started beside the first.
 
         Raises:
             BrokerRunningError: naming that broker's pid and its word.
@@ -434,15 +438,18 @@ class Broker(Service):
             return
         with word:
             pid, path = word.pid, word.path
-            if pid <= 0 or pid == os.getpid() or not word.broker_up() or not pid_running(pid):
+            ours = pid == os.getpid()  # only another pid namespace's broker can beat
+            if pid <= 0 or not word.broker_up() or not (ours or pid_running(pid)):
                 return
             beat = word.heartbeat_ns
             deadline = time.monotonic() + 1.5 * word.interval + 0.1
-            while word.heartbeat_ns == beat:
+            while (now := word.heartbeat_ns) == beat:
                 if time.monotonic() >= deadline:
                     return  # no broker stamps it any more
                 time.sleep(0.02)
-        raise BrokerRunningError(self.namespace, pid, word=path)
+            if not now or word.pid <= 0:
+                return  # it stopped cleanly meanwhile (its last act): nothing serves now
+        raise BrokerRunningError(self.namespace, pid, word=path, elsewhere=ours)
 
     def _bind(
         self,

@@ -193,6 +193,9 @@ _MECHANISM_MISMATCH = int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)
 
 
 _monitor_ids = itertools.count(1)
+#: Seconds between two reads of a connection's handshake events by ``send`` (a
+#: publisher's commits, a subscriber's reports): a client that only sends keeps few.
+DRAIN_EVERY = 1.0
 
 
 def _handshake_monitor(sock: zmq.Socket[Any]) -> zmq.Socket[Any] | None:
@@ -208,6 +211,13 @@ def _handshake_monitor(sock: zmq.Socket[Any]) -> zmq.Socket[Any] | None:
         return None
     mon: zmq.Socket[Any] = sock.context.socket(zmq.PAIR)
     mon.setsockopt(zmq.LINGER, 0)
+    # No high-water mark on the way to us (0 on either end of an inproc pipe: none).
+    # ZeroMQ's I/O thread sends each event with a blocking send: once the pipe held
+    # its 2000 (a client left open at an endpoint that accepts and drops every
+    # connection, each reconnect a failed handshake), that thread blocked, and every
+    # socket of the process's context with it, for ever. Our end reads the events
+    # at each request and send (ControlClient._drain_handshakes), so few wait.
+    mon.setsockopt(zmq.RCVHWM, 0)
     try:
         mon.connect(addr)
     except zmq.ZMQError:
@@ -249,6 +259,10 @@ class ControlClient:
         self.timeout = timeout
         self._curve = client_curve(curve)
         self._monitor: zmq.Socket[Any] | None = None
+        #: The latest handshake failure the monitor reported on this connection
+        #: (event, value), None when none did or one succeeded after it.
+        self._handshake: tuple[int, int] | None = None
+        self._next_drain = 0.0
         sock = self._new_socket(context or zmq.Context.instance())
         self._sock = sock
         self._ids = itertools.count(1)
@@ -268,6 +282,8 @@ class ControlClient:
         """
         if self._closed:
             raise ClosedError(f"control connection to {self.endpoint}")
+        if self._monitor is not None:
+            self._drain_handshakes()
         rid = next(self._ids)
         wait = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
@@ -323,6 +339,9 @@ class ControlClient:
         """Fire and forget (``commit``); never blocks. Returns False when dropped."""
         if self._closed:
             raise ClosedError(f"control connection to {self.endpoint}")
+        if self._monitor is not None and time.monotonic() >= self._next_drain:
+            self._next_drain = time.monotonic() + DRAIN_EVERY
+            self._drain_handshakes()
         try:
             self._sock.send(pack({"op": op, **fields}), zmq.NOBLOCK)
         except zmq.Again:
@@ -360,20 +379,12 @@ class ControlClient:
         """What the latest failed handshake of this connection says (the monitor's
         events so far, read without waiting), or None: none failed, or one succeeded
         after."""
-        mon = self._monitor
-        if mon is None:
+        if self._monitor is None:
             return None
-        last: tuple[int, int] | None = None
-        try:
-            while mon.poll(0, zmq.POLLIN):
-                frames = mon.recv_multipart(zmq.NOBLOCK)
-                event, value = struct.unpack("=HI", frames[0][:6])
-                last = None if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else (event, value)
-        except (zmq.ZMQError, struct.error):
-            pass
-        if last is None:
+        self._drain_handshakes()
+        if self._handshake is None:
             return None
-        event, value = last
+        event, value = self._handshake
         fix = (
             "give the broker's public key and a client key pair it lets in "
             "(shmcast: --curve-keys FILE or $SHMCAST_CURVE_KEYS; the library: "
@@ -405,6 +416,22 @@ class ControlClient:
             "public key (curve_public_key of its curve_secret_key)?"
         )
 
+    def _drain_handshakes(self) -> None:
+        """Read the monitor's events so far, without waiting, into ``_handshake``: the
+        pipe from ZeroMQ's I/O thread has no bound (see :func:`_handshake_monitor`),
+        and what we read is not kept there."""
+        mon = self._monitor
+        if mon is None:
+            return
+        try:
+            while mon.poll(0, zmq.POLLIN):
+                frames = mon.recv_multipart(zmq.NOBLOCK)
+                event, value = struct.unpack("=HI", frames[0][:6])
+                ok = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+                self._handshake = None if ok else (event, value)
+        except (zmq.ZMQError, struct.error):
+            pass
+
     def _close_socket(self, sock: zmq.Socket[Any], linger: int = 0) -> None:
         """Close ``sock`` (``linger`` ms) and its handshake monitor, which is stopped
         first: ``disable_monitor`` returns once the socket will send it no more
@@ -419,6 +446,7 @@ class ControlClient:
     def _stop_monitor(self, sock: zmq.Socket[Any]) -> None:
         """Stop ``sock``'s handshake monitor, then close our end of it."""
         mon, self._monitor = self._monitor, None
+        self._handshake = None  # the next connection's monitor starts afresh
         if mon is not None:
             with contextlib.suppress(zmq.ZMQError):
                 sock.disable_monitor()

@@ -527,12 +527,23 @@ class BrokerHandshakeError(BrokerUnavailableError):
 
 class BrokerRunningError(BrokerError):
     """``word`` is set when the broker was found by the namespace word in /dev/shm
-    (its heartbeats), not by the lock in our runtime directory."""
+    (its heartbeats), not by the lock in our runtime directory; ``elsewhere`` when
+    its pid is this process's own: it is another pid namespace's (a container's)."""
 
-    def __init__(self, namespace: str, pid: int | None, *, word: str | None = None) -> None:
+    def __init__(
+        self, namespace: str, pid: int | None, *, word: str | None = None, elsewhere: bool = False
+    ) -> None:
         self.namespace = namespace
         self.pid = pid
-        if word is None:
+        if word is not None and elsewhere:
+            message = (
+                f"a broker already serves namespace {namespace!r}: its namespace word "
+                f"{word} beats, under pid {pid} of another pid namespace (this process "
+                f"has that pid here: another container sharing this /dev/shm, its "
+                f"runtime directory apart); stop that broker, in its container, and "
+                f"start this one, or use another --namespace"
+            )
+        elif word is None:
             message = (
                 f"a broker (pid {pid}) already serves namespace {namespace!r}; "
                 f"stop it or use another --namespace"

@@ -474,7 +474,10 @@ def _refuse_in_progress(path: str) -> None:
         RecordingError: naming the path and the fix.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        # Through a symbolic link, as the writer's own open goes (latest.h5 -> run1.h5):
+        # with O_NOFOLLOW the probe failed there, and --overwrite truncated the file of
+        # the recorder writing run1.h5 after all. (_check_regular refused a FIFO.)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return  # nothing there, or nothing we could open: the open proper says why
     try:

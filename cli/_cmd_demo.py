@@ -349,8 +349,18 @@ def _broker_gone(broker: ShmcastProcess) -> str | None:
     code = broker.proc.poll()
     if code is None:
         return None
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+    how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with {code}"
     return f"the demo's broker (pid {broker.pid}) {how}; stopping the demo"
+
+
+def _signal_name(num: int) -> str:
+    """``SIGKILL`` for 9; ``signal 40`` for a number ``signal.Signals`` has no name of
+    (the real-time signals between SIGRTMIN and SIGRTMAX). Before, such a death
+    raised ValueError here: a traceback, and the broker's leftovers stayed."""
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
 
 
 def _reclaim(ns: str) -> None:

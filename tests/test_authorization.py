@@ -543,6 +543,44 @@ os._exit(0)
 """
 
 
+_DROPPING_CHILD = """
+import os, signal, socket, threading, time
+import zmq
+from shmcast.broker.client import ControlClient
+
+signal.alarm(50)
+ctx = zmq.Context()
+ctx.setsockopt(zmq.RECONNECT_IVL, 1)  # a reconnect each millisecond, not each 100
+ctx.setsockopt(zmq.RCVHWM, 1)  # the monitor's pipe then held 1001 events, not 2000
+srv = socket.create_server(("127.0.0.1", 0))
+accepted = [0]
+
+def serve():
+    while True:
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            return
+        accepted[0] += 1
+        conn.close()  # before the greeting: a failed handshake
+
+threading.Thread(target=serve, daemon=True).start()
+client = ControlClient(f"tcp://127.0.0.1:{srv.getsockname()[1]}", timeout=1, context=ctx)
+seen, since = 0, time.monotonic()
+while accepted[0] < 1200 and time.monotonic() - since < 3.0:  # or no more come
+    if accepted[0] != seen:
+        seen, since = accepted[0], time.monotonic()
+    time.sleep(0.01)
+pull = ctx.socket(zmq.PULL)
+port = pull.bind_to_random_port("tcp://127.0.0.1")
+push = ctx.socket(zmq.PUSH)
+push.connect(f"tcp://127.0.0.1:{port}")
+push.send(b"x")
+print(accepted[0] >= 1200, bool(pull.poll(2000)), flush=True)
+os._exit(0)
+"""
+
+
 def test_a_client_reconnecting_thousands_of_times_leaves_the_processs_zeromq_working() -> None:
     """A client that had its reply kept its handshake monitor, which queued one event
     per reconnection, unread; ZeroMQ's I/O thread sends them with a blocking send and
@@ -553,3 +591,16 @@ def test_a_client_reconnecting_thousands_of_times_leaves_the_processs_zeromq_wor
     context would take the test process's with it."""
     proc = _run_child(_FLAPPING_PEER_CHILD)
     assert int(proc.stdout) >= 2500, proc.stdout
+
+
+def test_a_client_left_open_at_an_endpoint_dropping_connections_leaves_zeromq_working() -> None:
+    """A client left open (no request) at a tcp endpoint that accepts and drops each
+    connection (a port forwarder whose broker is down) gets a failed handshake event
+    at each reconnect, which its monitor's pipe held until a request read them. Once
+    that pipe was full ZeroMQ's I/O thread blocked sending the next one, and every
+    socket of the process's context with it, for ever (2000 reconnects: about five
+    minutes at the default interval). Run in a child: a hung context would take the test
+    process's with it."""
+    proc = _run_child(_DROPPING_CHILD)
+    # Reconnects went on, and another socket of the context was served.
+    assert proc.stdout.split() == ["True", "True"], proc.stdout

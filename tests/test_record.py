@@ -1817,3 +1817,29 @@ def test_overwrite_refuses_a_recording_in_progress(tmp_path: Path, fmt: str) -> 
     open_writer(path, [lay], format=fmt, overwrite=True).close()  # finished: replaced
     with open_recording(path) as rec:
         assert rec.segments["s"].versions.tolist() == []
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
+def test_overwrite_through_a_symlink_refuses_a_recording_in_progress(
+    tmp_path: Path, fmt: str
+) -> None:
+    """`-o latest.h5 --overwrite` where latest.h5 -> run1.h5, the file a running
+    recorder writes: refused as `-o run1.h5 --overwrite` is. Before, the probe of the
+    writer's lock did not follow the link (O_NOFOLLOW): the second recorder wrote into
+    the first one's file through it, and its done line counted versions that the
+    first one's writes then overwrote."""
+    ext = "h5" if fmt == "hdf5" else "parquet"
+    run = tmp_path / f"run1.{ext}"
+    latest = tmp_path / f"latest.{ext}"
+    lay = SegmentLayout("s", np.dtype([("a", "<i4")]), (2,))
+    first = open_writer(str(run), [lay], format=fmt)
+    try:
+        first.append("s", [np.array([(1,), (2,)], lay.dtype)], [1], [10])
+        latest.symlink_to(run.name)
+        with pytest.raises(RecordingError, match="being recorded by a running recorder"):
+            open_writer(str(latest), [lay], format=fmt, overwrite=True)
+        first.append("s", [np.array([(3,), (4,)], lay.dtype)], [2], [20])
+    finally:
+        first.close()
+    with open_recording(str(run)) as rec:
+        assert rec.segments["s"].versions.tolist() == [1, 2]

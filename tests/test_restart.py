@@ -490,3 +490,87 @@ def test_a_child_forked_beside_a_running_broker_keeps_no_copy_of_its_lock(
     finally:
         os.waitpid(pid, 0)
     assert said == "none", f"the child kept broker.lock (descriptors {said})"
+
+
+def test_a_word_beaten_under_our_own_pid_keeps_a_second_broker_out(namespace: str) -> None:
+    """Two containers sharing /dev/shm, their runtime directories apart, each broker
+    its pid namespace's pid 1: the second one finds the first one's word beating
+    under its own pid. Before, that pid counted as its own (nothing to refuse) and it
+    started beside the first. Now it waits for a beat, as for any live pid, and is
+    refused when one comes. Here: a word under this process's pid, beaten by a thread."""
+    import mmap
+    import threading
+    import time
+
+    from shmcast.broker import BrokerRunningError
+    from shmcast.broker._names import catalog_path
+    from shmcast.broker._nsword import W_HEARTBEAT, W_PID, NamespaceWord
+
+    NamespaceWord.serve(namespace, epoch=1, interval=0.05).close()  # the other's word
+    stop = threading.Event()
+
+    def beat() -> None:  # the other container's broker, pid 1 there as here
+        with open(catalog_path(namespace), "r+b") as f, mmap.mmap(f.fileno(), 4096) as mm:
+            words = memoryview(mm).cast("Q")
+            words[W_PID] = os.getpid()
+            while not stop.is_set():
+                words[W_HEARTBEAT] = time.monotonic_ns()
+                stop.wait(0.02)
+            words.release()
+
+    beater = threading.Thread(target=beat)
+    beater.start()
+    second = Broker(BrokerConfig(namespace=namespace))
+    try:
+        with pytest.raises(BrokerRunningError, match="of another pid namespace"):
+            second.start(timeout=10)
+        assert second.closed
+    finally:
+        second.close()  # one that started beside it (before) stops
+        stop.set()
+        beater.join(10)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(catalog_path(namespace))
+
+
+def test_a_broker_stopping_cleanly_while_a_start_waits_for_its_beat_lets_it_start(
+    namespace: str,
+) -> None:
+    """A starting broker waits for a beat of the namespace word's live pid; that
+    broker stops cleanly meanwhile (pid and heartbeat 0, its stop's last act on the
+    word). Before, that change counted as a beat and the start was refused, naming
+    a broker that no longer ran."""
+    import mmap
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from shmcast.broker._names import catalog_path
+    from shmcast.broker._nsword import W_HEARTBEAT, W_PID, NamespaceWord
+
+    NamespaceWord.serve(namespace, epoch=1, interval=0.5).close()  # a broker's word
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    def stop_cleanly() -> None:  # as NamespaceWord.stopped() does, while the start waits
+        time.sleep(0.3)
+        with open(catalog_path(namespace), "r+b") as f, mmap.mmap(f.fileno(), 4096) as mm:
+            words = memoryview(mm).cast("Q")
+            words[W_PID] = 0
+            words[W_HEARTBEAT] = 0
+            words.release()
+
+    stopper = threading.Thread(target=stop_cleanly)
+    try:
+        with open(catalog_path(namespace), "r+b") as f, mmap.mmap(f.fileno(), 4096) as mm:
+            words = memoryview(mm).cast("Q")
+            words[W_PID] = other.pid  # a live broker's, a beat ago
+            words[W_HEARTBEAT] = time.monotonic_ns()
+            words.release()
+        stopper.start()
+        Broker(BrokerConfig(namespace=namespace)).start(timeout=10).close()
+    finally:
+        if stopper.ident is not None:  # started
+            stopper.join(10)
+        other.kill()
+        other.wait(10)

@@ -206,6 +206,30 @@ def test_a_demo_whose_broker_is_killed_says_so_and_leaves_nothing(namespace: str
     assert not runtime_dir(namespace).exists()
 
 
+def test_a_demo_broker_killed_by_a_real_time_signal_is_named() -> None:
+    """The demo's broker killed by a signal `signal.Signals` has no name of (`kill -40`:
+    the real-time ones between SIGRTMIN and SIGRTMAX end a process by default). Before,
+    naming its death raised ValueError: the demo ended in a traceback, before the
+    reclaim of what the broker left, which stayed in /dev/shm."""
+    from types import SimpleNamespace
+
+    from shmcast.cli._cmd_demo import _broker_gone
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.kill(proc.pid, int(signal.SIGRTMIN) + 6)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    broker = SimpleNamespace(proc=proc, pid=proc.pid)
+    said = _broker_gone(broker)  # type: ignore[arg-type]
+    num = int(signal.SIGRTMIN) + 6
+    assert said == (
+        f"the demo's broker (pid {proc.pid}) was killed by signal {num}; stopping the demo"
+    )
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
