@@ -993,6 +993,11 @@ class Broker(Service):
             entry.adopted = False
             if isinstance(up, bool):
                 entry.extra["upstream_up"] = up
+            inc = req.get("upstream_incarnation")
+            if type(inc) is int and 0 < inc < 1 << 64:
+                # The upstream incarnation it copies: a restarted relay or bridge
+                # takes over a mirror it left of that same incarnation (not a new one).
+                entry.extra["upstream_incarnation"] = inc
             reply = self._describe(name)
         return reply
 

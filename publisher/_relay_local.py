@@ -220,7 +220,7 @@ class LocalBroker:
             self._notify()
 
     def _made(self, spec: MirrorSpec, source: str) -> Publisher:
-        self._clear_leftover(spec.name, source)
+        self._clear_leftover(spec, source)
         pub = self._publisher(spec, source)
         if spec.first and pub.version >= spec.first:
             # A segment this source fed before (a restarted broker forgot whose it
@@ -230,7 +230,31 @@ class LocalBroker:
             pub.close()
             self._delete(spec.name)
             pub = self._publisher(spec, source)
+        if spec.incarnation:
+            self._note_upstream(spec, source)
         return pub
+
+    def _note_upstream(self, spec: MirrorSpec, source: str) -> None:
+        """Tell the catalog which upstream incarnation the mirror copies (its entry's
+        ``upstream_incarnation``): a later run of this relay or bridge takes the mirror
+        over if it finds it left of that same incarnation (:meth:`_clear_leftover`).
+        Only a hint: without it (an older broker, a broker restarted since) a later
+        run makes the mirror afresh, as before."""
+        dtype, shape, slots = spec.layout
+        try:
+            self._client.request(
+                "create",
+                timeout=self._timeout,
+                name=spec.name,
+                dtype=dtype,
+                shape=list(shape),
+                slots=slots,
+                source=source,
+                upstream_incarnation=spec.incarnation,
+                pid=os.getpid(),
+            )
+        except ShmcastError as exc:
+            log.debug("mirror %s: its upstream incarnation not noted: %s", spec.name, exc)
 
     def _publisher(self, spec: MirrorSpec, source: str) -> Publisher:
         return Publisher(
@@ -244,19 +268,39 @@ class LocalBroker:
             timeout=self._timeout,
         )
 
-    def _clear_leftover(self, name: str, source: str) -> None:
+    def _clear_leftover(self, spec: MirrorSpec, source: str) -> None:
         """A mirror of ``source`` that an earlier run left (no live writer) is deleted:
         made afresh, it follows the upstream's versions whatever they are now (a new
         incarnation upstream starts over at 1, which the leftover's later versions
-        would make stale for ever). Local readers see a new incarnation. A segment
-        fed by anyone else is the broker's to refuse."""
+        would make stale for ever). Local readers see a new incarnation. One the
+        catalog says copies the same upstream incarnation as ``spec`` (its
+        ``upstream_incarnation``), with its layout and versions before ``spec.first``,
+        is kept and written on: local readers see the same incarnation go on, and
+        count as missed only the versions committed upstream while no run wrote it
+        (made afresh, they counted those they had received from it again). A
+        segment fed by anyone else is the broker's to refuse."""
+        name = spec.name
         try:
             entry = self._client.request("describe", timeout=self._timeout, name=name)
         except SegmentNotFoundError:
             return
-        if entry.get("source") == source and not entry.get("writer_alive"):
-            log.info("mirror %s: left by an earlier run; making it afresh", name)
-            self._delete(name)
+        if entry.get("source") != source or entry.get("writer_alive"):
+            return
+        dtype, shape, slots = spec.layout
+        version = entry.get("version")
+        if (
+            spec.incarnation
+            and entry.get("upstream_incarnation") == spec.incarnation
+            and (entry.get("dtype"), entry.get("shape"), entry.get("slots"))
+            == (dtype, list(shape), slots)
+            and type(version) is int
+            and (not spec.first or version < spec.first)
+        ):
+            log.info("mirror %s: left by an earlier run, of the same upstream incarnation "
+                     "(at version %d): writing on into it", name, version)  # fmt: skip
+            return
+        log.info("mirror %s: left by an earlier run; making it afresh", name)
+        self._delete(name)
 
     def _delete(self, name: str) -> None:
         """Delete a mirror nobody writes (gone already: nothing to do)."""

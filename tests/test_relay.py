@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from shmcast.broker import Segment
-from shmcast.broker.client import ControlClient
+from shmcast.broker.client import ControlClient, resolve_endpoint
 from shmcast.broker.errors import SegmentError
 from shmcast.cli._cmd_relay import READY as RELAY_READY
 from shmcast.cli.testing import BROKER_READY, running, unique_namespace, wait_for
-from shmcast.publisher import Publisher
+from shmcast.publisher import Created, LocalBroker, MirrorSpec, Publisher
 
 
 def test_write_and_loan_take_an_explicit_version_only_forward(namespace: str) -> None:
@@ -304,3 +304,63 @@ def _runtime(namespace: str) -> str:
     from shmcast.broker.client import runtime_dir
 
     return str(runtime_dir(namespace))
+
+
+def _mirror_made(namespace: str, spec: MirrorSpec) -> Publisher:
+    """The publisher a relay's :class:`LocalBroker` makes for ``spec`` (a run of it)."""
+    client = ControlClient(resolve_endpoint(None, namespace), timeout=2.0)
+    local = LocalBroker(
+        client,
+        epoch=client.request("hello")["epoch"],
+        namespace=namespace,
+        broker=None,
+        source="relay:tcp://127.0.0.1:1",
+        timeout=2.0,
+    )
+    try:
+        local.create(spec)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            done = local.results()
+            if done:
+                assert isinstance(done[0], Created), done
+                return done[0].pub
+            time.sleep(0.01)
+        raise AssertionError("no mirror made within 5 s")
+    finally:
+        local.close()
+
+
+def test_a_restarted_relay_writes_on_into_its_mirror_of_the_same_upstream_incarnation(
+    thread_broker: object, namespace: str
+) -> None:
+    """The mirror an earlier (killed) run left, of the upstream incarnation the new run
+    receives, is written on: local readers see the same incarnation go on (made
+    afresh, they counted the versions they had from it as missed again). One of
+    another upstream incarnation is made afresh, as before."""
+    dt = np.dtype("u4")
+    layout = ("<u4", (4,), 2)
+
+    def spec(incarnation: int, first: int) -> MirrorSpec:
+        return MirrorSpec("fr", dt, (4,), 2, layout, 0, incarnation, first=first)
+
+    pub = _mirror_made(namespace, spec(77, 1))
+    local_incarnation = pub.segment.incarnation
+    for v in range(1, 6):
+        pub.publish_bytes(np.full(4, v, dt).tobytes(), version=v, timestamp_ns=v)
+    pub.close()  # the run's end: no live writer (as a killed one's)
+
+    pub = _mirror_made(namespace, spec(77, 9))  # the same upstream incarnation, at 9
+    try:
+        assert pub.segment.incarnation == local_incarnation
+        assert pub.version == 5
+        pub.publish_bytes(np.full(4, 9, dt).tobytes(), version=9, timestamp_ns=9)
+    finally:
+        pub.close()
+
+    pub = _mirror_made(namespace, spec(78, 3))  # upstream made again meanwhile
+    try:
+        assert pub.segment.incarnation != local_incarnation
+        assert pub.version == 0
+    finally:
+        pub.close()
