@@ -22,7 +22,7 @@ import pytest
 from shmcast.broker import Broker, BrokerConfig, Segment
 from shmcast.broker.client import shm_path
 from shmcast.cli._main import COMMANDS, main
-from shmcast.cli.testing import start
+from shmcast.cli.testing import BROKER_READY, running, start
 from shmcast.publisher import Publisher
 from tests._procs import piped
 
@@ -78,6 +78,29 @@ def test_ls_json_from_the_broker_and_from_dev_shm(
     finally:
         seg.unlink()
         seg.close()
+
+
+def test_ls_names_a_stopped_broker_not_no_broker(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ls`` of a namespace whose broker is stopped (SIGSTOP) said "no segments (no
+    broker)": it still reads /dev/shm, but names the broker's pid and that it is
+    stopped (starting another, the fix for no broker, would be refused)."""
+    with running(["broker", "-n", namespace], ready=BROKER_READY) as broker:
+        pid = broker.ready["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert main(["ls", "-n", namespace, "--interval", "0"]) == 0
+            out = capsys.readouterr().out
+            assert "no broker" not in out, out
+            assert f"pid {pid}" in out, out
+            assert "stopped" in out, out
+            assert main(["ls", "-n", namespace, "--json", "--interval", "0"]) == 0
+            listing = json.loads(capsys.readouterr().out)
+            assert listing["from"] == "shm"
+            assert (listing["broker_pid"], listing["broker_stopped"]) == (pid, True)
+        finally:
+            os.kill(pid, signal.SIGCONT)  # then `running` stops it
 
 
 @pytest.mark.parametrize(
