@@ -124,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     # Names (and the errors naming them) are read from /dev/shm: anyone's to choose.
-    cells = [[printable(cell) for cell in row] for row in table]
+    # An error quotes the row's name as repr writes it (escaped already): kept as is.
+    quoted: list[tuple[str, ...]] = [(), *[(str(r["name"]),) for r in rows]]
+    cells = [[printable(c, quoted=q) for c in row] for row, q in zip(table, quoted, strict=True)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     for row in cells:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())

@@ -1220,6 +1220,47 @@ def test_a_name_holding_a_backslash_does_not_print_as_one_holding_a_control_char
             os.unlink(path)
 
 
+def test_a_name_an_error_quotes_prints_escaped_once(
+    namespace: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error quotes a name as ``repr`` writes it (escaped already), and ``printable``
+    escaped it again: ``ls`` showed the error of ``frames\\xa0`` as ``'frames\\\\xa0'``
+    beside the ``frames\\xa0`` of its row, and ``doctor`` (its invalid name, an
+    ``OSError`` fixing it) the same, though the path it names was escaped once."""
+    import errno
+
+    from shmcast.broker import _doctor
+    from shmcast.cli._text import printable
+
+    literal, nbsp = "lit\\x1bz", "nb\xa0z"
+    paths = {n: shm_path(namespace, n) for n in (literal, nbsp)}
+    for path in paths.values():
+        Path(path).write_bytes(b"x")
+    try:
+        assert main(["ls", "-n", namespace, "--interval", "0"]) == 0
+        out = capsys.readouterr().out
+        for name in paths:
+            (row,) = [line for line in out.splitlines() if line.startswith(printable(name))]
+            assert f"invalid segment name {name!r}: use" in row, row  # as repr wrote it
+        main(["doctor", "-n", namespace])
+        out = capsys.readouterr().out
+        for path in paths.values():
+            said = f"{printable(path)} is not a valid shmcast segment: invalid segment name: use"
+            assert said in out, out
+        os.chmod(paths[literal], 0o666)  # others may write it: doctor --fix fixes it
+
+        def refused(path: str, *args: object) -> None:
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+
+        monkeypatch.setattr(_doctor, "_fix_object", refused)
+        main(["doctor", "-n", namespace, "--fix"])
+        out = capsys.readouterr().out
+        assert "fixing failed: Operation not permitted\n" in out, out
+    finally:
+        for path in paths.values():
+            Path(path).unlink(missing_ok=True)
+
+
 def test_running_out_of_file_descriptors_is_an_error_naming_the_limit(namespace: str) -> None:
     """A subscriber of more segments than its open-files limit holds (each attached
     segment holds a descriptor): exit 1 with one line naming the limit and how to
