@@ -57,6 +57,8 @@ from shmcast.broker.client import (
     MAX_VERSION,
     NAMESPACE_ENV,
     ControlClient,
+    CurveKeyTriple,
+    client_curve,
     resolve_endpoint,
     resolve_namespace,
     validate_namespace,
@@ -315,10 +317,17 @@ class ZenohBridge(Service):
 
     Args:
         config: a :class:`BridgeConfig`.
+        broker_curve: the local broker's CURVE keys, ``(server_public,
+            client_public, client_secret)`` as :class:`ControlClient` takes them, for
+            a local broker with ``curve_secret_key``.
+
+    Raises:
+        ConfigError: ``broker_curve`` is not three CURVE keys.
     """
 
-    def __init__(self, config: BridgeConfig) -> None:
+    def __init__(self, config: BridgeConfig, *, broker_curve: CurveKeyTriple | None = None) -> None:
         self.config = config
+        self._broker_curve = client_curve(broker_curve)  # ConfigError here
         self.namespace = resolve_namespace(config.namespace)
         super().__init__(f"zenoh bridge of namespace {self.namespace!r}")
         self._lock = threading.Lock()
@@ -403,19 +412,20 @@ class ZenohBridge(Service):
         declared: list[Any] = []
         metrics: MetricsServer | None = None
         try:
-            client = ControlClient(endpoint, timeout=5.0)
+            client = ControlClient(endpoint, timeout=5.0, curve=self._broker_curve)
             epoch = client.request("hello")["epoch"]
             if cfg.imports:
                 # Mirrors are made, annotated and deleted by a thread of their own:
                 # a stalled local broker never holds up Zenoh's callbacks.
                 self._local = LocalBroker(
-                    ControlClient(endpoint, timeout=5.0),
+                    ControlClient(endpoint, timeout=5.0, curve=self._broker_curve),
                     epoch=epoch,
                     namespace=self.namespace,
                     broker=cfg.broker,
                     source=SOURCE_PREFIX,
                     timeout=5.0,
                     notify=self._collect,
+                    curve=self._broker_curve,
                 )
             try:
                 self._session = zenoh.open(self._zenoh_config(zenoh))

@@ -56,6 +56,7 @@ from ._nsword import NamespaceWord
 from ._segment import Segment
 from .errors import (
     ConfigError,
+    InvalidNameError,
     NotASegmentError,
     OwnershipError,
     SegmentNotFoundError,
@@ -346,7 +347,9 @@ def _check_objects(
                 try:
                     found = _fix_object(path, st, problem, ours)
                 except OSError as exc:
-                    found = Check("ownership", PROBLEM, f"{problem}; fixing failed: {exc}")
+                    found = Check(
+                        "ownership", PROBLEM, f"{problem}; fixing failed: {_os_reason(exc, path)}"
+                    )
                 out.append(found)
                 if found.status != OK or not os.path.exists(path):
                     continue
@@ -385,7 +388,9 @@ def _check_objects(
                         "invalid",
                         PROBLEM,
                         f"{path} is not a valid shmcast segment: "
-                        + (exc.reason if isinstance(exc, NotASegmentError) else str(exc))
+                        # The path names it: not the name again, repr'd (which the
+                        # command line's escaping of the path would escape twice).
+                        + _without_name(exc)
                         + (f"; not removed: {kept}" if kept else ""),
                         f"`shmcast doctor --namespace {ns} --fix` unlinks it once no writer "
                         f"holds it (or `rm -- {_shell_word(path)}` then; a restarted broker "
@@ -424,6 +429,23 @@ def _check_objects(
     if not out:
         out.append(Check("objects", OK, f"{len(namespaces)} namespace(s): no orphans, all valid"))
     return out
+
+
+def _without_name(exc: ShmcastError) -> str:
+    """What is wrong with an object whose path the finding names already."""
+    if isinstance(exc, NotASegmentError):
+        return exc.reason
+    if isinstance(exc, InvalidNameError):
+        return f"invalid {exc.kind} name: {exc.rule}"
+    return str(exc)
+
+
+def _os_reason(exc: OSError, path: object) -> str:
+    """An OSError of ``path``, which the finding names already: its reason, not the
+    path again as its ``str`` writes it (repr'd). Of another path: all of it."""
+    if exc.strerror and exc.filename is not None and str(exc.filename) == str(path):
+        return exc.strerror
+    return str(exc)
 
 
 def _word_owner(namespace: str) -> int | None:
@@ -553,7 +575,11 @@ def _check_runtime_dirs(namespaces: list[str], fix: bool) -> list[Check]:
             try:
                 out.append(_fix_runtime_dir(path, st, problem, path == root))
             except OSError as exc:
-                out.append(Check("runtime-dir", PROBLEM, f"{problem}; fixing failed: {exc}"))
+                out.append(
+                    Check(
+                        "runtime-dir", PROBLEM, f"{problem}; fixing failed: {_os_reason(exc, path)}"
+                    )
+                )
         if path == root and not (fix and out[-1].status == OK):
             break  # nothing below an untrusted root is ours
     for ns in namespaces:

@@ -103,6 +103,7 @@ class InvalidNameError(ShmcastError, ValueError):
     def __init__(self, kind: str, name: object, rule: str) -> None:
         self.kind = kind
         self.name = name
+        self.rule = rule
         super().__init__(f"invalid {kind} name {name!r}: {rule}")
 
 

@@ -7,7 +7,13 @@ from typing import Any
 
 from shmcast.bridge import ZenohBridge, resolve_bridge_config
 
-from ._options import add_broker_option, port_number, positive_seconds
+from ._options import (
+    add_broker_option,
+    add_curve_option,
+    curve_keys,
+    port_number,
+    positive_seconds,
+)
 from ._runner import serve
 
 READY = "shmcast bridge ready: "
@@ -81,6 +87,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         "or block (everyone waits for the slowest)",
     )
     add_broker_option(p, "the local broker's")
+    add_curve_option(p, "the local broker")
     p.add_argument(
         "--metrics-port",
         type=port_number,
@@ -109,5 +116,5 @@ def run(args: argparse.Namespace) -> int:
         "metrics_host": args.metrics_host,
     }
     config = resolve_bridge_config(flags)  # ConfigError: exit 2
-    serve(ZenohBridge(config), READY)
+    serve(ZenohBridge(config, broker_curve=curve_keys(args)), READY)
     return 0

@@ -21,7 +21,8 @@ examples:
   shmcast ls --json                  the same as JSON
   shmcast ls -n beamline --interval 1
 
-Without a live broker it reads the segments' headers in /dev/shm directly.
+Without a live broker it reads the segments' headers in /dev/shm directly (and
+says so, naming a broker that runs but did not answer: stopped or hung).
 """
 
 
@@ -39,8 +40,10 @@ def catalog(
     endpoint: str,
     timeout: float = 1.0,
     curve: tuple[bytes, bytes, bytes] | None = None,
-) -> tuple[str, list[Any]]:
-    """``(source, segments)`` from the broker at ``endpoint``, or from /dev/shm if none answers.
+) -> tuple[str, list[Any], BrokerUnavailableError | None]:
+    """``(source, segments, silent)`` from the broker at ``endpoint``, or from /dev/shm
+    if none answers; ``silent``: then the error of a broker that runs (a live process
+    holds the namespace's broker lock: ``pid``, ``stopped``) but did not answer.
 
     Raises:
         NamespaceMismatchError: the broker there serves another namespace.
@@ -50,11 +53,12 @@ def catalog(
     try:
         with ControlClient(endpoint, timeout=timeout, curve=curve) as client:
             check_broker_namespace(client, namespace)
-            return "broker", list(client.request("list")["segments"])
+            return "broker", list(client.request("list")["segments"]), None
     except BrokerHandshakeError:
         raise
-    except BrokerUnavailableError:
-        pass
+    except BrokerUnavailableError as exc:
+        # A stopped or hung broker is no missing one: say which (and its pid).
+        silent = exc if exc.pid is not None else None
     rows: list[dict[str, Any]] = []
     for name in Segment.list(namespace):
         try:
@@ -64,14 +68,14 @@ def catalog(
             rows.append({"name": name, "error": str(exc)})
             continue
         rows.append({**info.catalog_entry(), "source": "local"})
-    return "shm", rows
+    return "shm", rows, silent
 
 
 def run(args: argparse.Namespace) -> int:
     ns = resolve_namespace(args.namespace)
     endpoint = broker_endpoint(args, reader=True)
     curve = curve_keys(args)  # ConfigError: exit 2
-    source, rows = catalog(ns, endpoint, curve=curve)
+    source, rows, silent = catalog(ns, endpoint, curve=curve)
     if args.interval > 0 and rows:
         # Two samples: the rate is their difference; VERSION and AGE are the later's.
         # A segment deleted and created again in between (another incarnation) has no
@@ -79,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         before = {r["name"]: (r.get("version", 0), r.get("incarnation")) for r in rows}
         t0 = time.monotonic()
         time.sleep(args.interval)
-        source, rows = catalog(ns, endpoint, curve=curve)
+        source, rows, silent = catalog(ns, endpoint, curve=curve)
         elapsed = time.monotonic() - t0
         for r in rows:
             was, incarnation = before.get(r["name"], (None, None))
@@ -90,10 +94,18 @@ def run(args: argparse.Namespace) -> int:
         if r.get("age") is not None:
             r["age"] = round(float(r["age"]), 3)
     if args.json:
-        print(json.dumps({"namespace": ns, "from": source, "segments": rows}))
+        listing: dict[str, Any] = {"namespace": ns, "from": source, "segments": rows}
+        if silent is not None:
+            listing.update(broker_pid=silent.pid, broker_stopped=silent.stopped)
+        print(json.dumps(listing))
         return 0
     if not rows:
-        print(f"namespace {ns!r}: no segments ({'broker' if source == 'broker' else 'no broker'})")
+        if source == "broker":
+            print(f"namespace {ns!r}: no segments (broker)")
+        elif silent is not None:
+            print(f"namespace {ns!r}: no segments in /dev/shm ({silent})")
+        else:
+            print(f"namespace {ns!r}: no segments (no broker)")
         return 0
     header = ("SEGMENT", "DTYPE", "SHAPE", "SLOTS", "VERSION", "RATE/s", "AGE s", "SOURCE")
     table = [header]
@@ -112,10 +124,14 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     # Names (and the errors naming them) are read from /dev/shm: anyone's to choose.
-    cells = [[printable(cell) for cell in row] for row in table]
+    # An error quotes the row's name as repr writes it (escaped already): kept as is.
+    quoted: list[tuple[str, ...]] = [(), *[(str(r["name"]),) for r in rows]]
+    cells = [[printable(c, quoted=q) for c in row] for row, q in zip(table, quoted, strict=True)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     for row in cells:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
-    if source != "broker":
+    if silent is not None:
+        print(f"(read from /dev/shm: {silent})")
+    elif source != "broker":
         print(f"(no broker answered for namespace {ns!r}: read from /dev/shm)")
     return 0

@@ -6,7 +6,13 @@ import argparse
 
 from shmcast.publisher import Relay, resolve_relay_config
 
-from ._options import add_broker_option, port_number, positive_seconds
+from ._options import (
+    add_broker_option,
+    add_curve_option,
+    curve_keys,
+    port_number,
+    positive_seconds,
+)
 from ._runner import serve
 
 READY = "shmcast relay ready: "
@@ -28,6 +34,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upstream", metavar="ENDPOINT", help="upstream data stream, tcp://HOST:PORT")
     p.add_argument("--segments", nargs="+", metavar="PATTERN", help="fnmatch patterns (all)")
     add_broker_option(p, "the local broker's")
+    # The LOCAL broker's keys: the upstream's are curve_* in --config's file.
+    add_curve_option(
+        p, "the local broker", note="(the upstream's keys are curve_* in --config's file) "
+    )
     p.add_argument("--window", type=int, metavar="N", help="messages in flight (8)")
     p.add_argument(
         "--heartbeat-timeout",
@@ -71,5 +81,5 @@ def run(args: argparse.Namespace) -> int:
         "max_mirror_bytes": args.max_mirror_bytes,
     }
     config = resolve_relay_config(flags, config_file=args.config)  # ConfigError: exit 2
-    serve(Relay(config), READY)
+    serve(Relay(config, broker_curve=curve_keys(args)), READY)
     return 0

@@ -78,15 +78,15 @@ def broker_endpoint(args: argparse.Namespace, *, reader: bool = False) -> str:
     return reader_endpoint(endpoint) if reader else endpoint
 
 
-def add_curve_option(p: argparse.ArgumentParser) -> None:
+def add_curve_option(p: argparse.ArgumentParser, what: str = "a broker", note: str = "") -> None:
     p.add_argument(
         "--curve-keys",
         metavar="FILE",
-        help="CURVE keys, for a broker with curve_secret_key: a TOML file of "
+        help=f"CURVE keys, for {what} with curve_secret_key: a TOML file of "
         "curve_server_key (the broker's public key), curve_public_key and "
         "curve_secret_key (this client's pair; a new one when both are left out); "
         "0600: refused when others may write it, or read its secret key "
-        f"(default: ${CURVE_ENV})",
+        f"{note}(default: ${CURVE_ENV})",
     )
 
 

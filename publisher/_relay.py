@@ -88,6 +88,8 @@ from shmcast.broker.client import (
     MAX_VERSION,
     NAMESPACE_ENV,
     ControlClient,
+    CurveKeyTriple,
+    client_curve,
     pack,
     resolve_endpoint,
     resolve_namespace,
@@ -324,10 +326,19 @@ class Relay(Service):
 
     Args:
         config: a :class:`RelayConfig`.
+        broker_curve: the LOCAL broker's CURVE keys, ``(server_public,
+            client_public, client_secret)`` as :class:`ControlClient` takes them, for
+            a local broker with ``curve_secret_key`` (the upstream's keys are the
+            config's ``curve_*``).
+
+    Raises:
+        ConfigError: ``broker_curve`` is not three CURVE keys.
     """
 
-    def __init__(self, config: RelayConfig) -> None:
+    def __init__(self, config: RelayConfig, *, broker_curve: CurveKeyTriple | None = None) -> None:
         self.config = config
+        # The LOCAL broker's keys (config.curve_* are the upstream's): ConfigError here.
+        self._broker_curve = client_curve(broker_curve)
         self.namespace = resolve_namespace(config.namespace)
         super().__init__(f"relay of {config.upstream} into namespace {self.namespace!r}")
         self._lock = threading.Lock()
@@ -409,7 +420,9 @@ class Relay(Service):
         metrics_server: MetricsServer | None = None
         client: ControlClient | None = None
         try:
-            client = ControlClient(local_ep, timeout=LOCAL_TIMEOUT, context=ctx)
+            client = ControlClient(
+                local_ep, timeout=LOCAL_TIMEOUT, context=ctx, curve=self._broker_curve
+            )
             epoch = client.request("hello")["epoch"]
             self._localbroker = LocalBroker(
                 client,
@@ -418,6 +431,7 @@ class Relay(Service):
                 broker=cfg.broker,
                 source=cfg.source,
                 timeout=LOCAL_TIMEOUT,
+                curve=self._broker_curve,
             )
             client = None  # the local thread owns it now
             self._sock = self._connect(ctx)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from shmcast.broker.client import ControlClient
+from shmcast.broker.client import ControlClient, CurveKeyTriple
 from shmcast.broker.errors import SegmentError, SegmentNotFoundError, ShmcastError
 
 from ._publisher import Publisher
@@ -81,6 +81,8 @@ class LocalBroker:
             from now on).
         epoch: the local broker's epoch when the relay started.
         namespace, broker, source: what each mirror's :class:`Publisher` gets.
+        curve: the local broker's CURVE keys, as :class:`ControlClient` takes them
+            (each mirror's :class:`Publisher` connects with them too).
         timeout: seconds each request waits for its reply.
         notify: called in this object's thread after each :class:`Created` or
             :class:`Refused` is queued (to take it in at once, not at the next
@@ -97,8 +99,10 @@ class LocalBroker:
         source: str,
         timeout: float,
         notify: Callable[[], None] | None = None,
+        curve: CurveKeyTriple | None = None,
     ) -> None:
         self._notify = notify
+        self._curve = curve
         self._client = client
         self._epoch = epoch
         self._namespace = namespace
@@ -266,6 +270,7 @@ class LocalBroker:
             broker=self._broker,
             source=source,
             timeout=self._timeout,
+            curve=self._curve,
         )
 
     def _clear_leftover(self, spec: MirrorSpec, source: str) -> None:

@@ -989,3 +989,40 @@ def test_closing_a_bridge_does_not_wait_for_a_stalled_broker_per_request(router:
             broker.send_signal(signal.SIGCONT)
             session.close()
             imp.close()
+
+
+def test_the_bridge_takes_the_local_curve_brokers_keys(
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``shmcast bridge zenoh`` could give no CURVE keys to its local broker (one with
+    curve_secret_key), though the refused handshake's error named ``--curve-keys``:
+    an unrecognized argument. Now the command reads them and the bridge uses them."""
+    from shmcast.broker import curve_keypair
+
+    server_pub, server_sec = curve_keypair()
+    client_pub, client_sec = curve_keypair()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("curve_server_key = 1\n")
+    argv = ["bridge", "zenoh", "--connect", "tcp/127.0.0.1:1", "--export", "x"]
+    assert main([*argv, "--curve-keys", str(bad)]) == 2
+    assert "'curve_server_key'" in capsys.readouterr().err  # read, not unrecognized
+    b = Broker(
+        BrokerConfig(
+            namespace=namespace,
+            control="tcp://127.0.0.1:0",
+            curve_secret_key=server_sec,
+            curve_clients=(client_pub,),
+        )
+    ).start()
+    try:
+        assert b.endpoints is not None
+        config = BridgeConfig(
+            listen=(f"tcp/127.0.0.1:{_free_port()}",),
+            namespace=namespace,
+            broker=b.endpoints.control,
+            exports=("x",),
+        )
+        with ZenohBridge(config, broker_curve=(server_pub, client_pub, client_sec)).start(10):
+            pass  # ready: the local broker let it in
+    finally:
+        b.close()

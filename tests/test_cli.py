@@ -22,7 +22,7 @@ import pytest
 from shmcast.broker import Broker, BrokerConfig, Segment
 from shmcast.broker.client import shm_path
 from shmcast.cli._main import COMMANDS, main
-from shmcast.cli.testing import start
+from shmcast.cli.testing import BROKER_READY, running, start
 from shmcast.publisher import Publisher
 from tests._procs import piped
 
@@ -78,6 +78,29 @@ def test_ls_json_from_the_broker_and_from_dev_shm(
     finally:
         seg.unlink()
         seg.close()
+
+
+def test_ls_names_a_stopped_broker_not_no_broker(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ls`` of a namespace whose broker is stopped (SIGSTOP) said "no segments (no
+    broker)": it still reads /dev/shm, but names the broker's pid and that it is
+    stopped (starting another, the fix for no broker, would be refused)."""
+    with running(["broker", "-n", namespace], ready=BROKER_READY) as broker:
+        pid = broker.ready["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert main(["ls", "-n", namespace, "--interval", "0"]) == 0
+            out = capsys.readouterr().out
+            assert "no broker" not in out, out
+            assert f"pid {pid}" in out, out
+            assert "stopped" in out, out
+            assert main(["ls", "-n", namespace, "--json", "--interval", "0"]) == 0
+            listing = json.loads(capsys.readouterr().out)
+            assert listing["from"] == "shm"
+            assert (listing["broker_pid"], listing["broker_stopped"]) == (pid, True)
+        finally:
+            os.kill(pid, signal.SIGCONT)  # then `running` stops it
 
 
 @pytest.mark.parametrize(
@@ -1195,6 +1218,47 @@ def test_a_name_holding_a_backslash_does_not_print_as_one_holding_a_control_char
     finally:
         for path in paths:
             os.unlink(path)
+
+
+def test_a_name_an_error_quotes_prints_escaped_once(
+    namespace: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error quotes a name as ``repr`` writes it (escaped already), and ``printable``
+    escaped it again: ``ls`` showed the error of ``frames\\xa0`` as ``'frames\\\\xa0'``
+    beside the ``frames\\xa0`` of its row, and ``doctor`` (its invalid name, an
+    ``OSError`` fixing it) the same, though the path it names was escaped once."""
+    import errno
+
+    from shmcast.broker import _doctor
+    from shmcast.cli._text import printable
+
+    literal, nbsp = "lit\\x1bz", "nb\xa0z"
+    paths = {n: shm_path(namespace, n) for n in (literal, nbsp)}
+    for path in paths.values():
+        Path(path).write_bytes(b"x")
+    try:
+        assert main(["ls", "-n", namespace, "--interval", "0"]) == 0
+        out = capsys.readouterr().out
+        for name in paths:
+            (row,) = [line for line in out.splitlines() if line.startswith(printable(name))]
+            assert f"invalid segment name {name!r}: use" in row, row  # as repr wrote it
+        main(["doctor", "-n", namespace])
+        out = capsys.readouterr().out
+        for path in paths.values():
+            said = f"{printable(path)} is not a valid shmcast segment: invalid segment name: use"
+            assert said in out, out
+        os.chmod(paths[literal], 0o666)  # others may write it: doctor --fix fixes it
+
+        def refused(path: str, *args: object) -> None:
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+
+        monkeypatch.setattr(_doctor, "_fix_object", refused)
+        main(["doctor", "-n", namespace, "--fix"])
+        out = capsys.readouterr().out
+        assert "fixing failed: Operation not permitted\n" in out, out
+    finally:
+        for path in paths.values():
+            Path(path).unlink(missing_ok=True)
 
 
 def test_running_out_of_file_descriptors_is_an_error_naming_the_limit(namespace: str) -> None:

@@ -10,6 +10,7 @@ import re
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -364,3 +365,66 @@ def test_a_restarted_relay_writes_on_into_its_mirror_of_the_same_upstream_incarn
         assert pub.version == 0
     finally:
         pub.close()
+
+
+def test_relay_takes_the_local_curve_brokers_keys_and_says_curve_without(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``shmcast relay`` could give no CURVE keys to its LOCAL broker (one with
+    curve_secret_key), though the refused handshake's error named ``--curve-keys``:
+    an unrecognized argument (exit 2). Now it takes them (its mirrors' publishers
+    too), and without them the error still says CURVE."""
+    from shmcast.broker import Broker, BrokerConfig, curve_keypair
+    from shmcast.cli._main import main
+    from shmcast.publisher import _relay
+
+    up_ns, down_ns = unique_namespace(), unique_namespace()
+    server_pub, server_sec = curve_keypair()
+    client_pub, client_sec = curve_keypair()
+    keys = tmp_path / "keys.toml"
+    keys.write_text(
+        f'curve_server_key = "{server_pub}"\ncurve_public_key = "{client_pub}"\n'
+        f'curve_secret_key = "{client_sec}"\n'
+    )
+    keys.chmod(0o600)
+    curve = (server_pub, client_pub, client_sec)
+    upstream = Broker(BrokerConfig(namespace=up_ns, data="tcp://127.0.0.1:0")).start()
+    local = Broker(
+        BrokerConfig(
+            namespace=down_ns,
+            control="tcp://127.0.0.1:0",
+            curve_secret_key=server_sec,
+            curve_clients=(client_pub,),
+        )
+    ).start()
+    ticks = None
+    try:
+        assert upstream.endpoints is not None
+        assert local.endpoints is not None
+        control = local.endpoints.control
+        ticks = Publisher("ticks", dtype=np.int64, shape=(4,), namespace=up_ns)
+        ticks.publish(np.full(4, 1, np.int64))
+        with ControlClient(upstream.endpoints.control, timeout=2.0) as client:
+            data_ep = client.request("hello")["data"]
+        argv = ["relay", "-n", down_ns, "--broker", control, "--upstream", data_ep]
+        with running([*argv, "--curve-keys", str(keys)], ready=RELAY_READY) as relay:
+            assert relay.ready["broker"] == control
+
+            def mirrored() -> bool:
+                with ControlClient(control, timeout=2.0, curve=curve) as client:
+                    names = {e["name"] for e in client.request("list")["segments"]}
+                return "ticks" in names
+
+            wait_for(mirrored, 10, what="the relay to mirror ticks into the CURVE broker")
+        monkeypatch.setattr(_relay, "LOCAL_TIMEOUT", 0.5)  # the refusal, sooner
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "CURVE" in err, err
+        assert "--curve-keys" in err, err
+    finally:
+        if ticks is not None:
+            ticks.close()
+        local.close()
+        upstream.close()
+        for ns in (up_ns, down_ns):
+            Segment.remove("ticks", namespace=ns)
