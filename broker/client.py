@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 import zmq
 
 from ._auth import is_z85_key
+from ._closing import Closing
 from ._lease import process_state
 from ._names import (
     DEFAULT_NAMESPACE,
@@ -226,7 +227,7 @@ def _handshake_monitor(sock: zmq.Socket[Any]) -> zmq.Socket[Any] | None:
     return mon
 
 
-class ControlClient:
+class ControlClient(Closing):
     """A DEALER connection to a broker's control endpoint (requests with timeouts).
 
     Args:
@@ -241,6 +242,12 @@ class ControlClient:
     raises :class:`BrokerHandshakeError`, saying what to fix (a CURVE broker and no
     keys given, keys it does not allow, keys for a broker without CURVE), rather
     than "no broker answered".
+
+    Close it (``close()``, or a ``with`` block). One collected while still open
+    warns (``ResourceWarning``) and closes then as ``close()`` does, its handshake
+    monitor stopped first: before, the collection closed the monitor's end before
+    its socket, and a handshake reported in between (a connection being made again)
+    hung ZeroMQ's I/O thread, and every socket of the process with it.
 
     Raises:
         ConfigError: ``endpoint`` is not an address ZeroMQ can connect to.
@@ -465,11 +472,8 @@ class ControlClient:
         self._closed = True
         self._close_socket(self._sock, int(linger * 1000))
 
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _unclosed(self) -> str:
+        return f"control connection to {self.endpoint} was not closed"
 
 
 def _silent_broker(endpoint: str) -> tuple[int | None, bool]:

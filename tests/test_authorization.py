@@ -604,3 +604,47 @@ def test_a_client_left_open_at_an_endpoint_dropping_connections_leaves_zeromq_wo
     proc = _run_child(_DROPPING_CHILD)
     # Reconnects went on, and another socket of the context was served.
     assert proc.stdout.split() == ["True", "True"], proc.stdout
+
+
+_COLLECTED_CHILD = """
+import os, signal, socket, threading, time
+import zmq
+from shmcast.broker.client import ControlClient
+
+signal.alarm(50)
+ctx = zmq.Context()
+ctx.setsockopt(zmq.RECONNECT_IVL, 1)  # a handshake each millisecond: the race, often
+srv = socket.create_server(("127.0.0.1", 0))
+
+def serve():
+    while True:
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            return
+        conn.close()  # a failed handshake, then a reconnect
+
+threading.Thread(target=serve, daemon=True).start()
+endpoint = f"tcp://127.0.0.1:{srv.getsockname()[1]}"
+for _ in range(60):
+    client = ControlClient(endpoint, timeout=1, context=ctx)
+    time.sleep(0.005)
+    del client  # collected (its last reference) without close()
+pull = ctx.socket(zmq.PULL)
+port = pull.bind_to_random_port("tcp://127.0.0.1")
+push = ctx.socket(zmq.PUSH)
+push.connect(f"tcp://127.0.0.1:{port}")
+push.send(b"x")
+print(bool(pull.poll(2000)), flush=True)
+os._exit(0)
+"""
+
+
+def test_a_client_collected_unclosed_leaves_the_processs_zeromq_working() -> None:
+    """A ``ControlClient`` collected without ``close()`` while its handshake monitor
+    was live (no reply yet: a broker down, a key refused) closed the monitor's end
+    before its socket; a handshake reported in between hung ZeroMQ's I/O thread,
+    and every socket of the process with it. Now it closes as ``close()`` does (and
+    warns). In a child: a hung context would take the test process's with it."""
+    proc = _run_child(_COLLECTED_CHILD)
+    assert proc.stdout.split() == ["True"], proc.stdout
