@@ -240,8 +240,9 @@ class ControlClient(Closing):
     A TCP or ipc endpoint's connection is watched for a failed ZeroMQ handshake (a
     ZeroMQ socket monitor, handshake events only): a request that times out after one
     raises :class:`BrokerHandshakeError`, saying what to fix (a CURVE broker and no
-    keys given, keys it does not allow, keys for a broker without CURVE), rather
-    than "no broker answered".
+    keys given, keys it does not allow, keys for a broker without CURVE, or an
+    endpoint that is no broker's control endpoint), rather than "no broker
+    answered".
 
     Close it (``close()``, or a ``with`` block). One collected while still open
     warns (``ResourceWarning``) and closes then as ``close()`` does, its handshake
@@ -337,6 +338,16 @@ class ControlClient(Closing):
         # The request may still sit in our queue: drop the socket's backlog by
         # reconnecting so a late broker does not see stale requests.
         self._reconnect()
+        path = ipc_path(self.endpoint)
+        if why is None and path is not None and os.path.basename(path) == EVENTS_SOCK:
+            # A broker's events socket (ZeroMQ refuses a DEALER there, reporting no
+            # handshake): before, this said the live broker holding the lock beside it
+            # was "busy or hung" and to kill it.
+            control = os.path.join(os.path.dirname(path), CONTROL_SOCK)
+            why = (
+                f"{EVENTS_SOCK} is a broker's events endpoint, which takes no requests: "
+                f"give its control endpoint, ipc://{control}"
+            )
         if why is not None:
             raise BrokerHandshakeError(self.endpoint, wait, why)
         pid, stopped = _silent_broker(self.endpoint)
@@ -413,14 +424,28 @@ class ControlClient(Closing):
                 "the endpoint wants CURVE (a broker with curve_secret_key) and this "
                 f"client gave no CURVE keys: {fix}"
             )
+        # Any other failure: the peer closed the connection during the handshake, or
+        # spoke no ZeroMQ. Before, this said only "it is likely a broker with
+        # curve_secret_key" (or, with keys, only to check the server key), where the
+        # endpoint may be a port forwarder whose broker is down, another service, or
+        # a broker's events endpoint.
+        elsewhere = (
+            "another service, a broker's events endpoint, or a "
+            "port forwarder (docker-proxy, ssh -L) whose broker is down"
+        )
         if self._curve is None:
+            # A CURVE broker's ipc endpoint may close a connection before ZeroMQ
+            # reads its mechanism (a mismatch), so either cause is named.
             return (
-                "the endpoint refused the handshake of a connection without CURVE keys: "
-                f"it is likely a broker with curve_secret_key; {fix}"
+                "the endpoint closed the connection during ZeroMQ's handshake: either "
+                "it wants CURVE (a broker with curve_secret_key) and this client gave no "
+                f"CURVE keys: {fix}; or it is no broker's control endpoint ({elsewhere}): "
+                "give the broker's control endpoint, and check that the broker runs"
             )
         return (
             "the endpoint refused the CURVE handshake: is the server key the broker's "
-            "public key (curve_public_key of its curve_secret_key)?"
+            "public key (curve_public_key of its curve_secret_key)? Else it is no "
+            f"broker's control endpoint ({elsewhere})"
         )
 
     def _drain_handshakes(self) -> None:
@@ -434,8 +459,12 @@ class ControlClient(Closing):
             while mon.poll(0, zmq.POLLIN):
                 frames = mon.recv_multipart(zmq.NOBLOCK)
                 event, value = struct.unpack("=HI", frames[0][:6])
-                ok = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
-                self._handshake = None if ok else (event, value)
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._handshake = None
+                elif event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL or self._handshake is None:
+                    # A connection closed with no detail does not hide what an earlier
+                    # one told (a CURVE broker's ipc endpoint does both).
+                    self._handshake = (event, value)
         except (zmq.ZMQError, struct.error):
             pass
 

@@ -514,8 +514,10 @@ class BrokerUnavailableError(BrokerError):
 
 class BrokerHandshakeError(BrokerUnavailableError):
     """No reply, and the endpoint's ZeroMQ handshake failed: a peer listens there but
-    refused the connection's security (CURVE keys missing, wrong or not allowed).
-    ``why`` says which and names the fix."""
+    refused the connection's security (CURVE keys missing, wrong or not allowed), or
+    it is no broker's control endpoint (it closed the connection during the
+    handshake, speaks no ZeroMQ, or is a broker's events socket). ``why`` says which
+    and names the fix."""
 
     def __init__(self, endpoint: str, waited: float, why: str) -> None:
         self.endpoint = endpoint

@@ -648,3 +648,53 @@ def test_a_client_collected_unclosed_leaves_the_processs_zeromq_working() -> Non
     warns). In a child: a hung context would take the test process's with it."""
     proc = _run_child(_COLLECTED_CHILD)
     assert proc.stdout.split() == ["True"], proc.stdout
+
+
+def test_an_endpoint_dropping_connections_is_not_called_a_curve_broker() -> None:
+    """A TCP endpoint that closes each connection during the handshake (a port
+    forwarder whose broker is down, another service): a client without keys was told
+    only "it is likely a broker with curve_secret_key" and to give CURVE keys. The
+    other cause, and its fix, are named too now."""
+    import socket
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with ControlClient(f"tcp://127.0.0.1:{srv.getsockname()[1]}") as client:
+            said = _refused(client)
+    finally:
+        stop.set()
+        srv.close()
+        thread.join(5)
+    assert "no broker's control endpoint" in said, said
+    assert "port forwarder" in said, said
+
+
+def test_a_brokers_events_socket_given_as_its_control_endpoint_is_named(namespace: str) -> None:
+    """``ipc://.../events.sock`` given where the control endpoint goes: ZeroMQ reports
+    no handshake there, and the error said the live broker holding the lock beside it
+    was "busy or hung" and to kill it. It names the control endpoint now."""
+    from shmcast.broker.errors import BrokerHandshakeError
+
+    with Broker(BrokerConfig(namespace=namespace)).start() as b:
+        assert b.endpoints is not None
+        with (
+            ControlClient(b.endpoints.events, timeout=0.3) as client,
+            pytest.raises(BrokerHandshakeError) as err,
+        ):
+            client.request("hello")
+        said = str(err.value)
+        assert "kill" not in said, said
+        assert "events endpoint" in said, said
+        assert b.endpoints.control in said, said
