@@ -252,6 +252,8 @@ class ControlClient(Closing):
 
     Raises:
         ConfigError: ``endpoint`` is not an address ZeroMQ can connect to.
+        ValueError: ``timeout`` is not a finite number of seconds > 0 (nor a
+            request's).
     """
 
     def __init__(
@@ -264,7 +266,9 @@ class ControlClient(Closing):
     ) -> None:
         self._closed = True
         self.endpoint = endpoint
-        self.timeout = timeout
+        # Before: NaN raised "cannot convert float NaN to integer" at the first
+        # request, and a timeout <= 0 said the live broker was "busy or hung" (kill it).
+        self.timeout = validate_seconds("timeout", timeout, positive=True)
         self._curve = client_curve(curve)
         self._monitor: zmq.Socket[Any] | None = None
         #: The latest handshake failure the monitor reported on this connection
@@ -287,13 +291,16 @@ class ControlClient(Closing):
         Raises:
             BrokerUnavailableError: no reply within the timeout.
             ShmcastError: the broker's error, rebuilt (see :func:`raise_remote`).
+            ValueError: ``timeout`` is not a finite number of seconds > 0.
         """
         if self._closed:
             raise ClosedError(f"control connection to {self.endpoint}")
         if self._monitor is not None:
             self._drain_handshakes()
+        wait = (
+            self.timeout if timeout is None else validate_seconds("timeout", timeout, positive=True)
+        )
         rid = next(self._ids)
-        wait = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
         self._send_by(pack({"op": op, "id": rid, **fields}), deadline, wait)
         while True:

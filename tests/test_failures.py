@@ -470,3 +470,20 @@ def test_a_stopped_broker_is_named_so_not_missing(namespace: str) -> None:
     from shmcast.broker import diagnose
 
     diagnose(namespace=namespace, fix=True)  # what the killed broker left, as doctor does
+
+
+def test_a_control_clients_timeout_that_is_no_wait_is_refused(thread_broker: Broker) -> None:
+    """``ControlClient(timeout=nan)`` raised "cannot convert float NaN to integer" at
+    its first request, and a timeout <= 0 (or a request's) said that the live broker
+    "did not answer within -1s: it is busy or hung" and to kill it. Refused now,
+    naming the timeout, as a ``Publisher``'s or ``Subscriber``'s is."""
+    assert thread_broker.endpoints is not None
+    endpoint = thread_broker.endpoints.control
+    for bad in (float("nan"), -1.0, 0.0, "5"):
+        with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0"):
+            ControlClient(endpoint, timeout=bad)  # type: ignore[arg-type]
+    with ControlClient(endpoint, timeout=5) as client:
+        for bad in (float("nan"), -1.0):
+            with pytest.raises(ValueError, match="timeout must be a finite number of seconds"):
+                client.request("hello", timeout=bad)
+        assert client.request("hello", timeout=5)["ok"]
