@@ -301,8 +301,18 @@ class ControlClient(Closing):
             self.timeout if timeout is None else validate_seconds("timeout", timeout, positive=True)
         )
         rid = next(self._ids)
+        try:
+            return self._request(pack({"op": op, "id": rid, **fields}), rid, wait)
+        except zmq.ZMQError:
+            # close() from a signal handler interrupting this wait (or from another
+            # thread): before, ZeroMQ's "Socket operation on non-socket" came out.
+            if self._closed:
+                raise ClosedError(f"control connection to {self.endpoint}") from None
+            raise
+
+    def _request(self, msg: bytes, rid: int, wait: float) -> dict[str, Any]:
         deadline = time.monotonic() + wait
-        self._send_by(pack({"op": op, "id": rid, **fields}), deadline, wait)
+        self._send_by(msg, deadline, wait)
         while True:
             left = deadline - time.monotonic()
             # In slices: a timeout of 1e300 s is a long wait, not an OverflowError.
@@ -341,6 +351,10 @@ class ControlClient(Closing):
                 self._sock.poll(int(min(left, 60.0) * 1000) + 1, zmq.POLLOUT)
 
     def _no_reply(self, wait: float) -> NoReturn:
+        if self._closed:
+            # Closed under the wait (a signal handler): no new socket (it would be
+            # left open, its handshake monitor live, by a closed client).
+            raise ClosedError(f"control connection to {self.endpoint}")
         why = self._handshake_problem()
         # The request may still sit in our queue: drop the socket's backlog by
         # reconnecting so a late broker does not see stale requests.

@@ -487,3 +487,27 @@ def test_a_control_clients_timeout_that_is_no_wait_is_refused(thread_broker: Bro
             with pytest.raises(ValueError, match="timeout must be a finite number of seconds"):
                 client.request("hello", timeout=bad)
         assert client.request("hello", timeout=5)["ok"]
+
+
+def test_a_control_client_closed_by_a_signal_handler_under_a_request_says_closed() -> None:
+    """``close()`` from a signal handler (a Ctrl-C or SIGTERM handler that closes
+    what is open) interrupting a request's wait for a reply: the request went on
+    with the closed socket and ZeroMQ's "Socket operation on non-socket" came out
+    (and a wait that ended then made a new socket, with its handshake monitor, that
+    the closed client never closed). It raises ClosedError now."""
+    import socket
+
+    from shmcast.broker.errors import ClosedError
+
+    srv = socket.create_server(("127.0.0.1", 0))  # a peer that never answers
+    client = ControlClient(f"tcp://127.0.0.1:{srv.getsockname()[1]}", timeout=5)
+    before = signal.signal(signal.SIGALRM, lambda *_: client.close())
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(ClosedError, match=r"control connection to tcp://127\.0\.0\.1"):
+            client.request("hello")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+        client.close()
+        srv.close()
