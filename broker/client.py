@@ -516,11 +516,20 @@ class ControlClient(Closing):
 
     def close(self, linger: float = 0.0) -> None:
         """Close the connection; what is still queued may take ``linger`` seconds to
-        leave, in ZeroMQ's I/O thread (this returns at once)."""
+        leave, in ZeroMQ's I/O thread (this returns at once).
+
+        Raises:
+            ValueError: ``linger`` is not a finite number of seconds >= 0; the
+                connection stays open. Before, NaN or infinity raised from the
+                conversion after the client was marked closed: its socket (and
+                handshake monitor) stayed open for good, a second close() doing
+                nothing.
+        """
         if self._closed:
             return
+        ms = int(min(validate_seconds("linger", linger) * 1000, 2**31 - 1))
         self._closed = True
-        self._close_socket(self._sock, int(linger * 1000))
+        self._close_socket(self._sock, ms)
 
     def _unclosed(self) -> str:
         return f"control connection to {self.endpoint} was not closed"

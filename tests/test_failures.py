@@ -511,3 +511,20 @@ def test_a_control_client_closed_by_a_signal_handler_under_a_request_says_closed
         signal.signal(signal.SIGALRM, before)
         client.close()
         srv.close()
+
+
+def test_a_control_clients_close_with_a_bad_linger_leaves_it_open_to_close_again() -> None:
+    """``close(linger=nan)`` (or ``inf``, ``1e300``) raised from converting it after
+    the client was marked closed: its socket and handshake monitor stayed open for
+    good, and a second ``close()`` did nothing. A bad linger is refused before
+    anything changes now, and a huge one is capped."""
+    client = ControlClient("tcp://127.0.0.1:1", timeout=1)
+    sock = client._sock
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="linger must be a finite number of seconds"):
+            client.close(linger=bad)
+        assert not client.closed
+        assert not sock.closed
+    client.close(linger=1e300)
+    assert client.closed
+    assert sock.closed
