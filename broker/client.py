@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import zmq
+from zmq.utils import z85
 
 from ._auth import is_z85_key
 from ._closing import Closing
@@ -160,8 +161,9 @@ def client_curve(curve: object) -> tuple[bytes, bytes, bytes] | None:
 
     Raises:
         ConfigError: not three keys, or one that is not a 40-character z85 key
-            (named). Before, text keys (``curve_keypair()``'s, as the README shows)
-            failed with ZeroMQ's TypeError "unicode not allowed".
+            (named), or a client_public that is not client_secret's. Before, text
+            keys (``curve_keypair()``'s, as the README shows) failed with ZeroMQ's
+            TypeError "unicode not allowed".
     """
     if curve is None:
         return None
@@ -179,6 +181,16 @@ def client_curve(curve: object) -> tuple[bytes, bytes, bytes] | None:
         if not is_z85_key(text):
             raise ConfigError("curve", f"{name} is not a 40-character z85 CURVE key")
         keys.append(text.encode("ascii"))
+    public, secret = (k if len(k) == 40 else z85.encode(k) for k in keys[1:])
+    if zmq.has("curve") and zmq.curve_public(secret) != public:
+        # Every handshake then fails, and the broker can only close the connection:
+        # before, the timeout asked whether the *server* key was right.
+        raise ConfigError(
+            "curve",
+            "client_public is not the public key of client_secret (keys of two pairs, "
+            "or the two swapped): give one pair, as curve_keypair() makes it (a keys "
+            "file's curve_public_key and curve_secret_key)",
+        )
     return keys[0], keys[1], keys[2]
 
 

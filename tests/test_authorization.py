@@ -698,3 +698,22 @@ def test_a_brokers_events_socket_given_as_its_control_endpoint_is_named(namespac
         assert "kill" not in said, said
         assert "events endpoint" in said, said
         assert b.endpoints.control in said, said
+
+
+def test_client_keys_of_two_pairs_are_refused_before_connecting() -> None:
+    """``curve=`` whose ``client_public`` is not ``client_secret``'s (two pairs' keys,
+    or the pair swapped): every handshake failed, the broker closing each connection,
+    and the timeout asked whether the *server* key was the broker's. Refused at once
+    now, as a ``--curve-keys`` file's mismatched pair is."""
+    server_pub, _ = curve_keypair()
+    client_pub, client_sec = curve_keypair()
+    other_pub, other_sec = curve_keypair()
+    match = "client_public is not the public key of client_secret"
+    for keys in ((server_pub, client_pub, other_sec), (server_pub, client_sec, client_pub)):
+        with pytest.raises(ConfigError, match=match):
+            ControlClient("tcp://127.0.0.1:1", curve=keys)
+        with pytest.raises(ConfigError, match=match):
+            Subscriber("s", broker="tcp://127.0.0.1:1", curve=keys)
+        with pytest.raises(ConfigError, match=match):
+            Publisher("p", broker="tcp://127.0.0.1:1", curve=keys)
+    ControlClient("tcp://127.0.0.1:1", curve=(server_pub, other_pub, other_sec)).close()
