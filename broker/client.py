@@ -287,6 +287,7 @@ class ControlClient(Closing):
         #: (event, value), None when none did or one succeeded after it.
         self._handshake: tuple[int, int] | None = None
         self._next_drain = 0.0
+        self._pid = os.getpid()
         sock = self._new_socket(context or zmq.Context.instance())
         self._sock = sock
         self._ids = itertools.count(1)
@@ -541,6 +542,11 @@ class ControlClient(Closing):
             return
         ms = int(min(validate_seconds("linger", linger) * 1000, 2**31 - 1))
         self._closed = True
+        if os.getpid() != self._pid:
+            # A forked child's copy (closed, or collected at its exit): the sockets
+            # are the parent's, which pyzmq's close leaves alone; stopping the
+            # monitor called into libzmq on them (its locks as the fork found them).
+            return
         self._close_socket(self._sock, ms)
 
     def _unclosed(self) -> str:

@@ -528,3 +528,34 @@ def test_a_control_clients_close_with_a_bad_linger_leaves_it_open_to_close_again
     client.close(linger=1e300)
     assert client.closed
     assert sock.closed
+
+
+def test_a_forked_childs_copy_of_a_control_client_leaves_the_parents_sockets_alone() -> None:
+    """A child forked while a ``ControlClient``'s handshake monitor is live (no reply
+    yet) that closes its inherited copy, or collects it at its exit: pyzmq's close
+    leaves the parent's sockets alone in a child, but stopping the monitor called
+    ``zmq_socket_monitor`` on the parent's socket, taking libzmq's locks as the fork
+    found them (the monitor's, which the parent's I/O thread holds while it reports
+    a handshake: a fork then would leave the child waiting for ever). The child's
+    close touches no socket now; the parent's client is left as it was."""
+    client = ControlClient("tcp://127.0.0.1:1", timeout=0.2)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest, no exceptions out of here
+            code = 1
+            try:
+
+                def touched(*_: object) -> None:
+                    raise AssertionError("libzmq called on the parent's socket")
+
+                zmq.Socket.disable_monitor = touched  # type: ignore[method-assign]
+                client.close()
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert not client.closed
+    finally:
+        client.close()
+    assert client.closed
