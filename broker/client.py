@@ -194,12 +194,15 @@ def client_curve(curve: object) -> tuple[bytes, bytes, bytes] | None:
     return keys[0], keys[1], keys[2]
 
 
-#: The events a connection's monitor reports: its handshakes' outcomes only.
+#: The events a connection's monitor reports: its handshakes' outcomes, and whether
+#: a peer took the connection at all (connected, disconnected).
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_CONNECTED
+    | zmq.EVENT_DISCONNECTED
 )
 #: ZMTP_MECHANISM_MISMATCH: one side speaks CURVE, the other not.
 _MECHANISM_MISMATCH = int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)
@@ -250,8 +253,9 @@ class ControlClient(Closing):
             text or bytes: :data:`CurveKeyTriple`).
 
     A TCP or ipc endpoint's connection is watched for a failed ZeroMQ handshake (a
-    ZeroMQ socket monitor, handshake events only): a request that times out after one
-    raises :class:`BrokerHandshakeError`, saying what to fix (a CURVE broker and no
+    ZeroMQ socket monitor: handshakes, connections made and lost; stopped at the
+    first reply): a request that times out after one raises
+    :class:`BrokerHandshakeError`, saying what to fix (a CURVE broker and no
     keys given, keys it does not allow, keys for a broker without CURVE, or an
     endpoint that is no broker's control endpoint), rather than "no broker
     answered".
@@ -286,6 +290,10 @@ class ControlClient(Closing):
         #: The latest handshake failure the monitor reported on this connection
         #: (event, value), None when none did or one succeeded after it.
         self._handshake: tuple[int, int] | None = None
+        #: How far the connection got, as the monitor last said: None (no peer took
+        #: it, or it was lost), "connected" (a peer took it: no ZeroMQ greeting yet),
+        #: "handshake" (ZeroMQ's handshake done).
+        self._link: str | None = None
         self._next_drain = 0.0
         self._pid = os.getpid()
         sock = self._new_socket(context or zmq.Context.instance())
@@ -369,6 +377,7 @@ class ControlClient(Closing):
             # left open, its handshake monitor live, by a closed client).
             raise ClosedError(f"control connection to {self.endpoint}")
         why = self._handshake_problem()
+        link = self._link
         # The request may still sit in our queue: drop the socket's backlog by
         # reconnecting so a late broker does not see stale requests.
         self._reconnect()
@@ -385,7 +394,10 @@ class ControlClient(Closing):
         if why is not None:
             raise BrokerHandshakeError(self.endpoint, wait, why)
         pid, stopped = _silent_broker(self.endpoint)
-        raise BrokerUnavailableError(self.endpoint, wait, pid=pid, stopped=stopped)
+        # A peer that took the connection (a TCP broker SIGSTOPped, hung): before,
+        # "no broker answered ...; start one", as for an address nobody listens on.
+        reached = link if pid is None else None
+        raise BrokerUnavailableError(self.endpoint, wait, pid=pid, stopped=stopped, reached=reached)
 
     def send(self, op: str, **fields: Any) -> bool:
         """Fire and forget (``commit``); never blocks. Returns False when dropped."""
@@ -493,7 +505,12 @@ class ControlClient(Closing):
             while mon.poll(0, zmq.POLLIN):
                 frames = mon.recv_multipart(zmq.NOBLOCK)
                 event, value = struct.unpack("=HI", frames[0][:6])
-                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if event == zmq.EVENT_CONNECTED:
+                    self._link = "connected"
+                elif event == zmq.EVENT_DISCONNECTED:
+                    self._link = None
+                elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._link = "handshake"
                     self._handshake = None
                 elif event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL or self._handshake is None:
                     # A connection closed with no detail does not hide what an earlier
@@ -516,7 +533,7 @@ class ControlClient(Closing):
     def _stop_monitor(self, sock: zmq.Socket[Any]) -> None:
         """Stop ``sock``'s handshake monitor, then close our end of it."""
         mon, self._monitor = self._monitor, None
-        self._handshake = None  # the next connection's monitor starts afresh
+        self._handshake = self._link = None  # the next connection's monitor starts afresh
         if mon is not None:
             with contextlib.suppress(zmq.ZMQError):
                 sock.disable_monitor()

@@ -484,15 +484,32 @@ class BrokerUnavailableError(BrokerError):
     """No reply from the broker at ``endpoint``. ``pid`` is set when a live process
     holds the namespace's broker lock beside that (ipc) endpoint: a broker runs but
     did not answer (``stopped``: it is stopped, SIGSTOP or a debugger), and starting
-    another, the fix for no broker at all, would be refused."""
+    another, the fix for no broker at all, would be refused. ``reached`` (no
+    ``pid`` known, a TCP endpoint) says that a peer took the connection:
+    ``"connected"``, or ``"handshake"`` once ZeroMQ's handshake was done."""
 
     def __init__(
-        self, endpoint: str, waited: float, *, pid: int | None = None, stopped: bool = False
+        self,
+        endpoint: str,
+        waited: float,
+        *,
+        pid: int | None = None,
+        stopped: bool = False,
+        reached: str | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.pid = pid
         self.stopped = stopped
-        if pid is None:
+        if pid is None and reached is not None:
+            done = "and ZeroMQ's handshake " if reached == "handshake" else ""
+            message = (
+                f"a peer at {endpoint} took the connection {done}but did not answer "
+                f"within {waited:g}s: a broker there is stopped (SIGSTOP, Ctrl-Z, a "
+                f"debugger), busy or hung, or the endpoint is not a broker's control "
+                f"endpoint; look at the process listening there, rather than start "
+                f"another broker"
+            )
+        elif pid is None:
             message = (
                 f"no broker answered at {endpoint} within {waited:g}s; start one with "
                 f"`shmcast broker` (same --namespace), or pass broker=<its control endpoint>"

@@ -559,3 +559,35 @@ def test_a_forked_childs_copy_of_a_control_client_leaves_the_parents_sockets_alo
     finally:
         client.close()
     assert client.closed
+
+
+def test_a_tcp_peer_that_takes_the_connection_and_never_answers_is_not_called_missing() -> None:
+    """A TCP broker SIGSTOPped (or hung) still has its connections taken, by the
+    kernel; the client said "no broker answered ...; start one with `shmcast
+    broker`", as for an address nobody listens on, and another broker there would be
+    refused. A listening socket that never accepts stands for it here. An address
+    nobody listens on keeps the usual message."""
+    import socket
+
+    from shmcast.broker.errors import BrokerUnavailableError
+
+    srv = socket.create_server(("127.0.0.1", 0))  # takes connections, says nothing
+    try:
+        with (
+            ControlClient(f"tcp://127.0.0.1:{srv.getsockname()[1]}", timeout=0.5) as client,
+            pytest.raises(BrokerUnavailableError) as err,
+        ):
+            client.request("hello")
+        said = str(err.value)
+        assert said.startswith("a peer at tcp://127.0.0.1:"), said
+        assert "took the connection but did not answer within 0.5s" in said, said
+        assert "stopped (SIGSTOP" in said, said
+        assert "start one" not in said, said
+    finally:
+        port = srv.getsockname()[1]
+        srv.close()
+    with (
+        ControlClient(f"tcp://127.0.0.1:{port}", timeout=0.3) as client,
+        pytest.raises(BrokerUnavailableError, match=r"^no broker answered at tcp://"),
+    ):
+        client.request("hello")
