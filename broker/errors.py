@@ -485,7 +485,7 @@ class BrokerUnavailableError(BrokerError):
     holds the namespace's broker lock beside that (ipc) endpoint: a broker runs but
     did not answer (``stopped``: it is stopped, SIGSTOP or a debugger), and starting
     another, the fix for no broker at all, would be refused. ``reached`` (no
-    ``pid`` known, a TCP endpoint) says that a peer took the connection:
+    ``pid`` known: a TCP endpoint, say) says that a peer took the connection:
     ``"connected"``, or ``"handshake"`` once ZeroMQ's handshake was done."""
 
     def __init__(
@@ -500,6 +500,7 @@ class BrokerUnavailableError(BrokerError):
         self.endpoint = endpoint
         self.pid = pid
         self.stopped = stopped
+        self.reached = reached if pid is None else None
         if pid is None and reached is not None:
             done = "and ZeroMQ's handshake " if reached == "handshake" else ""
             message = (
@@ -540,6 +541,7 @@ class BrokerHandshakeError(BrokerUnavailableError):
         self.endpoint = endpoint
         self.pid = None  # a peer that refused us: not known to be our broker
         self.stopped = False
+        self.reached = None
         self.why = why
         BrokerError.__init__(self, f"no reply from {endpoint} within {waited:g}s: {why}")
 

@@ -583,6 +583,7 @@ def test_a_tcp_peer_that_takes_the_connection_and_never_answers_is_not_called_mi
         assert "took the connection but did not answer within 0.5s" in said, said
         assert "stopped (SIGSTOP" in said, said
         assert "start one" not in said, said
+        assert err.value.reached == "connected"
     finally:
         port = srv.getsockname()[1]
         srv.close()
