@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import zmq
+from zmq.utils import z85
 
 from ._auth import is_z85_key
+from ._closing import Closing
 from ._lease import process_state
 from ._names import (
     DEFAULT_NAMESPACE,
@@ -159,8 +161,9 @@ def client_curve(curve: object) -> tuple[bytes, bytes, bytes] | None:
 
     Raises:
         ConfigError: not three keys, or one that is not a 40-character z85 key
-            (named). Before, text keys (``curve_keypair()``'s, as the README shows)
-            failed with ZeroMQ's TypeError "unicode not allowed".
+            (named), or a client_public that is not client_secret's. Before, text
+            keys (``curve_keypair()``'s, as the README shows) failed with ZeroMQ's
+            TypeError "unicode not allowed".
     """
     if curve is None:
         return None
@@ -178,15 +181,28 @@ def client_curve(curve: object) -> tuple[bytes, bytes, bytes] | None:
         if not is_z85_key(text):
             raise ConfigError("curve", f"{name} is not a 40-character z85 CURVE key")
         keys.append(text.encode("ascii"))
+    public, secret = (k if len(k) == 40 else z85.encode(k) for k in keys[1:])
+    if zmq.has("curve") and zmq.curve_public(secret) != public:
+        # Every handshake then fails, and the broker can only close the connection:
+        # before, the timeout asked whether the *server* key was right.
+        raise ConfigError(
+            "curve",
+            "client_public is not the public key of client_secret (keys of two pairs, "
+            "or the two swapped): give one pair, as curve_keypair() makes it (a keys "
+            "file's curve_public_key and curve_secret_key)",
+        )
     return keys[0], keys[1], keys[2]
 
 
-#: The events a connection's monitor reports: its handshakes' outcomes only.
+#: The events a connection's monitor reports: its handshakes' outcomes, and whether
+#: a peer took the connection at all (connected, disconnected).
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_CONNECTED
+    | zmq.EVENT_DISCONNECTED
 )
 #: ZMTP_MECHANISM_MISMATCH: one side speaks CURVE, the other not.
 _MECHANISM_MISMATCH = int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)
@@ -226,7 +242,7 @@ def _handshake_monitor(sock: zmq.Socket[Any]) -> zmq.Socket[Any] | None:
     return mon
 
 
-class ControlClient:
+class ControlClient(Closing):
     """A DEALER connection to a broker's control endpoint (requests with timeouts).
 
     Args:
@@ -237,13 +253,23 @@ class ControlClient:
             text or bytes: :data:`CurveKeyTriple`).
 
     A TCP or ipc endpoint's connection is watched for a failed ZeroMQ handshake (a
-    ZeroMQ socket monitor, handshake events only): a request that times out after one
-    raises :class:`BrokerHandshakeError`, saying what to fix (a CURVE broker and no
-    keys given, keys it does not allow, keys for a broker without CURVE), rather
-    than "no broker answered".
+    ZeroMQ socket monitor: handshakes, connections made and lost; stopped at the
+    first reply): a request that times out after one raises
+    :class:`BrokerHandshakeError`, saying what to fix (a CURVE broker and no
+    keys given, keys it does not allow, keys for a broker without CURVE, or an
+    endpoint that is no broker's control endpoint), rather than "no broker
+    answered".
+
+    Close it (``close()``, or a ``with`` block). One collected while still open
+    warns (``ResourceWarning``) and closes then as ``close()`` does, its handshake
+    monitor stopped first: before, the collection closed the monitor's end before
+    its socket, and a handshake reported in between (a connection being made again)
+    hung ZeroMQ's I/O thread, and every socket of the process with it.
 
     Raises:
         ConfigError: ``endpoint`` is not an address ZeroMQ can connect to.
+        ValueError: ``timeout`` is not a finite number of seconds > 0 (nor a
+            request's).
     """
 
     def __init__(
@@ -256,13 +282,20 @@ class ControlClient:
     ) -> None:
         self._closed = True
         self.endpoint = endpoint
-        self.timeout = timeout
+        # Before: NaN raised "cannot convert float NaN to integer" at the first
+        # request, and a timeout <= 0 said the live broker was "busy or hung" (kill it).
+        self.timeout = validate_seconds("timeout", timeout, positive=True)
         self._curve = client_curve(curve)
         self._monitor: zmq.Socket[Any] | None = None
         #: The latest handshake failure the monitor reported on this connection
         #: (event, value), None when none did or one succeeded after it.
         self._handshake: tuple[int, int] | None = None
+        #: How far the connection got, as the monitor last said: None (no peer took
+        #: it, or it was lost), "connected" (a peer took it: no ZeroMQ greeting yet),
+        #: "handshake" (ZeroMQ's handshake done).
+        self._link: str | None = None
         self._next_drain = 0.0
+        self._pid = os.getpid()
         sock = self._new_socket(context or zmq.Context.instance())
         self._sock = sock
         self._ids = itertools.count(1)
@@ -279,15 +312,28 @@ class ControlClient:
         Raises:
             BrokerUnavailableError: no reply within the timeout.
             ShmcastError: the broker's error, rebuilt (see :func:`raise_remote`).
+            ValueError: ``timeout`` is not a finite number of seconds > 0.
         """
         if self._closed:
             raise ClosedError(f"control connection to {self.endpoint}")
         if self._monitor is not None:
             self._drain_handshakes()
+        wait = (
+            self.timeout if timeout is None else validate_seconds("timeout", timeout, positive=True)
+        )
         rid = next(self._ids)
-        wait = self.timeout if timeout is None else timeout
+        try:
+            return self._request(pack({"op": op, "id": rid, **fields}), rid, wait)
+        except zmq.ZMQError:
+            # close() from a signal handler interrupting this wait (or from another
+            # thread): before, ZeroMQ's "Socket operation on non-socket" came out.
+            if self._closed:
+                raise ClosedError(f"control connection to {self.endpoint}") from None
+            raise
+
+    def _request(self, msg: bytes, rid: int, wait: float) -> dict[str, Any]:
         deadline = time.monotonic() + wait
-        self._send_by(pack({"op": op, "id": rid, **fields}), deadline, wait)
+        self._send_by(msg, deadline, wait)
         while True:
             left = deadline - time.monotonic()
             # In slices: a timeout of 1e300 s is a long wait, not an OverflowError.
@@ -326,14 +372,32 @@ class ControlClient:
                 self._sock.poll(int(min(left, 60.0) * 1000) + 1, zmq.POLLOUT)
 
     def _no_reply(self, wait: float) -> NoReturn:
+        if self._closed:
+            # Closed under the wait (a signal handler): no new socket (it would be
+            # left open, its handshake monitor live, by a closed client).
+            raise ClosedError(f"control connection to {self.endpoint}")
         why = self._handshake_problem()
+        link = self._link
         # The request may still sit in our queue: drop the socket's backlog by
         # reconnecting so a late broker does not see stale requests.
         self._reconnect()
+        path = ipc_path(self.endpoint)
+        if why is None and path is not None and os.path.basename(path) == EVENTS_SOCK:
+            # A broker's events socket (ZeroMQ refuses a DEALER there, reporting no
+            # handshake): before, this said the live broker holding the lock beside it
+            # was "busy or hung" and to kill it.
+            control = os.path.join(os.path.dirname(path), CONTROL_SOCK)
+            why = (
+                f"{EVENTS_SOCK} is a broker's events endpoint, which takes no requests: "
+                f"give its control endpoint, ipc://{control}"
+            )
         if why is not None:
             raise BrokerHandshakeError(self.endpoint, wait, why)
         pid, stopped = _silent_broker(self.endpoint)
-        raise BrokerUnavailableError(self.endpoint, wait, pid=pid, stopped=stopped)
+        # A peer that took the connection (a TCP broker SIGSTOPped, hung): before,
+        # "no broker answered ...; start one", as for an address nobody listens on.
+        reached = link if pid is None else None
+        raise BrokerUnavailableError(self.endpoint, wait, pid=pid, stopped=stopped, reached=reached)
 
     def send(self, op: str, **fields: Any) -> bool:
         """Fire and forget (``commit``); never blocks. Returns False when dropped."""
@@ -406,14 +470,28 @@ class ControlClient:
                 "the endpoint wants CURVE (a broker with curve_secret_key) and this "
                 f"client gave no CURVE keys: {fix}"
             )
+        # Any other failure: the peer closed the connection during the handshake, or
+        # spoke no ZeroMQ. Before, this said only "it is likely a broker with
+        # curve_secret_key" (or, with keys, only to check the server key), where the
+        # endpoint may be a port forwarder whose broker is down, another service, or
+        # a broker's events endpoint.
+        elsewhere = (
+            "another service, a broker's events endpoint, or a "
+            "port forwarder (docker-proxy, ssh -L) whose broker is down"
+        )
         if self._curve is None:
+            # A CURVE broker's ipc endpoint may close a connection before ZeroMQ
+            # reads its mechanism (a mismatch), so either cause is named.
             return (
-                "the endpoint refused the handshake of a connection without CURVE keys: "
-                f"it is likely a broker with curve_secret_key; {fix}"
+                "the endpoint closed the connection during ZeroMQ's handshake: either "
+                "it wants CURVE (a broker with curve_secret_key) and this client gave no "
+                f"CURVE keys: {fix}; or it is no broker's control endpoint ({elsewhere}): "
+                "give the broker's control endpoint, and check that the broker runs"
             )
         return (
             "the endpoint refused the CURVE handshake: is the server key the broker's "
-            "public key (curve_public_key of its curve_secret_key)?"
+            "public key (curve_public_key of its curve_secret_key)? Else it is no "
+            f"broker's control endpoint ({elsewhere})"
         )
 
     def _drain_handshakes(self) -> None:
@@ -427,8 +505,17 @@ class ControlClient:
             while mon.poll(0, zmq.POLLIN):
                 frames = mon.recv_multipart(zmq.NOBLOCK)
                 event, value = struct.unpack("=HI", frames[0][:6])
-                ok = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
-                self._handshake = None if ok else (event, value)
+                if event == zmq.EVENT_CONNECTED:
+                    self._link = "connected"
+                elif event == zmq.EVENT_DISCONNECTED:
+                    self._link = None
+                elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._link = "handshake"
+                    self._handshake = None
+                elif event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL or self._handshake is None:
+                    # A connection closed with no detail does not hide what an earlier
+                    # one told (a CURVE broker's ipc endpoint does both).
+                    self._handshake = (event, value)
         except (zmq.ZMQError, struct.error):
             pass
 
@@ -446,7 +533,7 @@ class ControlClient:
     def _stop_monitor(self, sock: zmq.Socket[Any]) -> None:
         """Stop ``sock``'s handshake monitor, then close our end of it."""
         mon, self._monitor = self._monitor, None
-        self._handshake = None  # the next connection's monitor starts afresh
+        self._handshake = self._link = None  # the next connection's monitor starts afresh
         if mon is not None:
             with contextlib.suppress(zmq.ZMQError):
                 sock.disable_monitor()
@@ -459,17 +546,28 @@ class ControlClient:
 
     def close(self, linger: float = 0.0) -> None:
         """Close the connection; what is still queued may take ``linger`` seconds to
-        leave, in ZeroMQ's I/O thread (this returns at once)."""
+        leave, in ZeroMQ's I/O thread (this returns at once).
+
+        Raises:
+            ValueError: ``linger`` is not a finite number of seconds >= 0; the
+                connection stays open. Before, NaN or infinity raised from the
+                conversion after the client was marked closed: its socket (and
+                handshake monitor) stayed open for good, a second close() doing
+                nothing.
+        """
         if self._closed:
             return
+        ms = int(min(validate_seconds("linger", linger) * 1000, 2**31 - 1))
         self._closed = True
-        self._close_socket(self._sock, int(linger * 1000))
+        if os.getpid() != self._pid:
+            # A forked child's copy (closed, or collected at its exit): the sockets
+            # are the parent's, which pyzmq's close leaves alone; stopping the
+            # monitor called into libzmq on them (its locks as the fork found them).
+            return
+        self._close_socket(self._sock, ms)
 
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _unclosed(self) -> str:
+        return f"control connection to {self.endpoint} was not closed"
 
 
 def _silent_broker(endpoint: str) -> tuple[int | None, bool]:

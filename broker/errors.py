@@ -485,15 +485,33 @@ class BrokerUnavailableError(BrokerError):
     """No reply from the broker at ``endpoint``. ``pid`` is set when a live process
     holds the namespace's broker lock beside that (ipc) endpoint: a broker runs but
     did not answer (``stopped``: it is stopped, SIGSTOP or a debugger), and starting
-    another, the fix for no broker at all, would be refused."""
+    another, the fix for no broker at all, would be refused. ``reached`` (no
+    ``pid`` known: a TCP endpoint, say) says that a peer took the connection:
+    ``"connected"``, or ``"handshake"`` once ZeroMQ's handshake was done."""
 
     def __init__(
-        self, endpoint: str, waited: float, *, pid: int | None = None, stopped: bool = False
+        self,
+        endpoint: str,
+        waited: float,
+        *,
+        pid: int | None = None,
+        stopped: bool = False,
+        reached: str | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.pid = pid
         self.stopped = stopped
-        if pid is None:
+        self.reached = reached if pid is None else None
+        if pid is None and reached is not None:
+            done = "and ZeroMQ's handshake " if reached == "handshake" else ""
+            message = (
+                f"a peer at {endpoint} took the connection {done}but did not answer "
+                f"within {waited:g}s: a broker there is stopped (SIGSTOP, Ctrl-Z, a "
+                f"debugger), busy or hung, or the endpoint is not a broker's control "
+                f"endpoint; look at the process listening there, rather than start "
+                f"another broker"
+            )
+        elif pid is None:
             message = (
                 f"no broker answered at {endpoint} within {waited:g}s; start one with "
                 f"`shmcast broker` (same --namespace), or pass broker=<its control endpoint>"
@@ -515,13 +533,16 @@ class BrokerUnavailableError(BrokerError):
 
 class BrokerHandshakeError(BrokerUnavailableError):
     """No reply, and the endpoint's ZeroMQ handshake failed: a peer listens there but
-    refused the connection's security (CURVE keys missing, wrong or not allowed).
-    ``why`` says which and names the fix."""
+    refused the connection's security (CURVE keys missing, wrong or not allowed), or
+    it is no broker's control endpoint (it closed the connection during the
+    handshake, speaks no ZeroMQ, or is a broker's events socket). ``why`` says which
+    and names the fix."""
 
     def __init__(self, endpoint: str, waited: float, why: str) -> None:
         self.endpoint = endpoint
         self.pid = None  # a peer that refused us: not known to be our broker
         self.stopped = False
+        self.reached = None
         self.why = why
         BrokerError.__init__(self, f"no reply from {endpoint} within {waited:g}s: {why}")
 

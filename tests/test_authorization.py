@@ -604,3 +604,116 @@ def test_a_client_left_open_at_an_endpoint_dropping_connections_leaves_zeromq_wo
     proc = _run_child(_DROPPING_CHILD)
     # Reconnects went on, and another socket of the context was served.
     assert proc.stdout.split() == ["True", "True"], proc.stdout
+
+
+_COLLECTED_CHILD = """
+import os, signal, socket, threading, time
+import zmq
+from shmcast.broker.client import ControlClient
+
+signal.alarm(50)
+ctx = zmq.Context()
+ctx.setsockopt(zmq.RECONNECT_IVL, 1)  # a handshake each millisecond: the race, often
+srv = socket.create_server(("127.0.0.1", 0))
+
+def serve():
+    while True:
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            return
+        conn.close()  # a failed handshake, then a reconnect
+
+threading.Thread(target=serve, daemon=True).start()
+endpoint = f"tcp://127.0.0.1:{srv.getsockname()[1]}"
+for _ in range(60):
+    client = ControlClient(endpoint, timeout=1, context=ctx)
+    time.sleep(0.005)
+    del client  # collected (its last reference) without close()
+pull = ctx.socket(zmq.PULL)
+port = pull.bind_to_random_port("tcp://127.0.0.1")
+push = ctx.socket(zmq.PUSH)
+push.connect(f"tcp://127.0.0.1:{port}")
+push.send(b"x")
+print(bool(pull.poll(2000)), flush=True)
+os._exit(0)
+"""
+
+
+def test_a_client_collected_unclosed_leaves_the_processs_zeromq_working() -> None:
+    """A ``ControlClient`` collected without ``close()`` while its handshake monitor
+    was live (no reply yet: a broker down, a key refused) closed the monitor's end
+    before its socket; a handshake reported in between hung ZeroMQ's I/O thread,
+    and every socket of the process with it. Now it closes as ``close()`` does (and
+    warns). In a child: a hung context would take the test process's with it."""
+    proc = _run_child(_COLLECTED_CHILD)
+    assert proc.stdout.split() == ["True"], proc.stdout
+
+
+def test_an_endpoint_dropping_connections_is_not_called_a_curve_broker() -> None:
+    """A TCP endpoint that closes each connection during the handshake (a port
+    forwarder whose broker is down, another service): a client without keys was told
+    only "it is likely a broker with curve_secret_key" and to give CURVE keys. The
+    other cause, and its fix, are named too now."""
+    import socket
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with ControlClient(f"tcp://127.0.0.1:{srv.getsockname()[1]}") as client:
+            said = _refused(client)
+    finally:
+        stop.set()
+        srv.close()
+        thread.join(5)
+    assert "no broker's control endpoint" in said, said
+    assert "port forwarder" in said, said
+
+
+def test_a_brokers_events_socket_given_as_its_control_endpoint_is_named(namespace: str) -> None:
+    """``ipc://.../events.sock`` given where the control endpoint goes: ZeroMQ reports
+    no handshake there, and the error said the live broker holding the lock beside it
+    was "busy or hung" and to kill it. It names the control endpoint now."""
+    from shmcast.broker.errors import BrokerHandshakeError
+
+    with Broker(BrokerConfig(namespace=namespace)).start() as b:
+        assert b.endpoints is not None
+        with (
+            ControlClient(b.endpoints.events, timeout=0.3) as client,
+            pytest.raises(BrokerHandshakeError) as err,
+        ):
+            client.request("hello")
+        said = str(err.value)
+        assert "kill" not in said, said
+        assert "events endpoint" in said, said
+        assert b.endpoints.control in said, said
+
+
+def test_client_keys_of_two_pairs_are_refused_before_connecting() -> None:
+    """``curve=`` whose ``client_public`` is not ``client_secret``'s (two pairs' keys,
+    or the pair swapped): every handshake failed, the broker closing each connection,
+    and the timeout asked whether the *server* key was the broker's. Refused at once
+    now, as a ``--curve-keys`` file's mismatched pair is."""
+    server_pub, _ = curve_keypair()
+    client_pub, client_sec = curve_keypair()
+    other_pub, other_sec = curve_keypair()
+    match = "client_public is not the public key of client_secret"
+    for keys in ((server_pub, client_pub, other_sec), (server_pub, client_sec, client_pub)):
+        with pytest.raises(ConfigError, match=match):
+            ControlClient("tcp://127.0.0.1:1", curve=keys)
+        with pytest.raises(ConfigError, match=match):
+            Subscriber("s", broker="tcp://127.0.0.1:1", curve=keys)
+        with pytest.raises(ConfigError, match=match):
+            Publisher("p", broker="tcp://127.0.0.1:1", curve=keys)
+    ControlClient("tcp://127.0.0.1:1", curve=(server_pub, other_pub, other_sec)).close()

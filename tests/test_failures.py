@@ -470,3 +470,125 @@ def test_a_stopped_broker_is_named_so_not_missing(namespace: str) -> None:
     from shmcast.broker import diagnose
 
     diagnose(namespace=namespace, fix=True)  # what the killed broker left, as doctor does
+
+
+def test_a_control_clients_timeout_that_is_no_wait_is_refused(thread_broker: Broker) -> None:
+    """``ControlClient(timeout=nan)`` raised "cannot convert float NaN to integer" at
+    its first request, and a timeout <= 0 (or a request's) said that the live broker
+    "did not answer within -1s: it is busy or hung" and to kill it. Refused now,
+    naming the timeout, as a ``Publisher``'s or ``Subscriber``'s is."""
+    assert thread_broker.endpoints is not None
+    endpoint = thread_broker.endpoints.control
+    for bad in (float("nan"), -1.0, 0.0, "5"):
+        with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0"):
+            ControlClient(endpoint, timeout=bad)  # type: ignore[arg-type]
+    with ControlClient(endpoint, timeout=5) as client:
+        for bad in (float("nan"), -1.0):
+            with pytest.raises(ValueError, match="timeout must be a finite number of seconds"):
+                client.request("hello", timeout=bad)
+        assert client.request("hello", timeout=5)["ok"]
+
+
+def test_a_control_client_closed_by_a_signal_handler_under_a_request_says_closed() -> None:
+    """``close()`` from a signal handler (a Ctrl-C or SIGTERM handler that closes
+    what is open) interrupting a request's wait for a reply: the request went on
+    with the closed socket and ZeroMQ's "Socket operation on non-socket" came out
+    (and a wait that ended then made a new socket, with its handshake monitor, that
+    the closed client never closed). It raises ClosedError now."""
+    import socket
+
+    from shmcast.broker.errors import ClosedError
+
+    srv = socket.create_server(("127.0.0.1", 0))  # a peer that never answers
+    client = ControlClient(f"tcp://127.0.0.1:{srv.getsockname()[1]}", timeout=5)
+    before = signal.signal(signal.SIGALRM, lambda *_: client.close())
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(ClosedError, match=r"control connection to tcp://127\.0\.0\.1"):
+            client.request("hello")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+        client.close()
+        srv.close()
+
+
+def test_a_control_clients_close_with_a_bad_linger_leaves_it_open_to_close_again() -> None:
+    """``close(linger=nan)`` (or ``inf``, ``1e300``) raised from converting it after
+    the client was marked closed: its socket and handshake monitor stayed open for
+    good, and a second ``close()`` did nothing. A bad linger is refused before
+    anything changes now, and a huge one is capped."""
+    client = ControlClient("tcp://127.0.0.1:1", timeout=1)
+    sock = client._sock
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="linger must be a finite number of seconds"):
+            client.close(linger=bad)
+        assert not client.closed
+        assert not sock.closed
+    client.close(linger=1e300)
+    assert client.closed
+    assert sock.closed
+
+
+def test_a_forked_childs_copy_of_a_control_client_leaves_the_parents_sockets_alone() -> None:
+    """A child forked while a ``ControlClient``'s handshake monitor is live (no reply
+    yet) that closes its inherited copy, or collects it at its exit: pyzmq's close
+    leaves the parent's sockets alone in a child, but stopping the monitor called
+    ``zmq_socket_monitor`` on the parent's socket, taking libzmq's locks as the fork
+    found them (the monitor's, which the parent's I/O thread holds while it reports
+    a handshake: a fork then would leave the child waiting for ever). The child's
+    close touches no socket now; the parent's client is left as it was."""
+    client = ControlClient("tcp://127.0.0.1:1", timeout=0.2)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest, no exceptions out of here
+            code = 1
+            try:
+
+                def touched(*_: object) -> None:
+                    raise AssertionError("libzmq called on the parent's socket")
+
+                zmq.Socket.disable_monitor = touched  # type: ignore[method-assign]
+                client.close()
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert not client.closed
+    finally:
+        client.close()
+    assert client.closed
+
+
+def test_a_tcp_peer_that_takes_the_connection_and_never_answers_is_not_called_missing() -> None:
+    """A TCP broker SIGSTOPped (or hung) still has its connections taken, by the
+    kernel; the client said "no broker answered ...; start one with `shmcast
+    broker`", as for an address nobody listens on, and another broker there would be
+    refused. A listening socket that never accepts stands for it here. An address
+    nobody listens on keeps the usual message."""
+    import socket
+
+    from shmcast.broker.errors import BrokerUnavailableError
+
+    srv = socket.create_server(("127.0.0.1", 0))  # takes connections, says nothing
+    try:
+        with (
+            ControlClient(f"tcp://127.0.0.1:{srv.getsockname()[1]}", timeout=0.5) as client,
+            pytest.raises(BrokerUnavailableError) as err,
+        ):
+            client.request("hello")
+        said = str(err.value)
+        assert said.startswith("a peer at tcp://127.0.0.1:"), said
+        assert "took the connection but did not answer within 0.5s" in said, said
+        assert "stopped (SIGSTOP" in said, said
+        assert "start one" not in said, said
+        assert err.value.reached == "connected"
+    finally:
+        port = srv.getsockname()[1]
+        srv.close()
+    with (
+        ControlClient(f"tcp://127.0.0.1:{port}", timeout=0.3) as client,
+        pytest.raises(BrokerUnavailableError, match=r"^no broker answered at tcp://"),
+    ):
+        client.request("hello")
