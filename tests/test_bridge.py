@@ -37,6 +37,7 @@ from shmcast.broker.client import SHM_DIR, ControlClient
 from shmcast.cli._main import main
 from shmcast.cli.testing import BROKER_READY, running, unique_namespace, wait_for
 from shmcast.publisher import Publisher
+from tests._curve import curve_broker
 
 zenoh = pytest.importorskip("zenoh", reason="eclipse-zenoh (the zenoh extra) is not installed")
 
@@ -1006,14 +1007,7 @@ def test_the_bridge_takes_the_local_curve_brokers_keys(
     argv = ["bridge", "zenoh", "--connect", "tcp/127.0.0.1:1", "--export", "x"]
     assert main([*argv, "--curve-keys", str(bad)]) == 2
     assert "'curve_server_key'" in capsys.readouterr().err  # read, not unrecognized
-    b = Broker(
-        BrokerConfig(
-            namespace=namespace,
-            control="tcp://127.0.0.1:0",
-            curve_secret_key=server_sec,
-            curve_clients=(client_pub,),
-        )
-    ).start()
+    b = curve_broker(namespace, server_sec, client_pub)
     try:
         assert b.endpoints is not None
         config = BridgeConfig(

@@ -24,6 +24,7 @@ from shmcast.broker.client import shm_path
 from shmcast.cli._main import COMMANDS, main
 from shmcast.cli.testing import BROKER_READY, running, start
 from shmcast.publisher import Publisher
+from tests._curve import curve_broker, curve_file
 from tests._procs import piped
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1024,15 +1025,6 @@ def test_a_subscriber_that_cannot_see_the_brokers_dev_shm_fails_clearly(
 # ------------------------------------------------------------ CURVE on the command line
 
 
-def _curve_file(path: Path, server: str, public: str | None, secret: str | None) -> str:
-    lines = [f'curve_server_key = "{server}"']
-    if public is not None and secret is not None:
-        lines += [f'curve_public_key = "{public}"', f'curve_secret_key = "{secret}"']
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o600)
-    return str(path)
-
-
 def test_health_and_ls_reach_a_curve_broker_with_curve_keys_and_say_so_without(
     namespace: str,
     tmp_path: Path,
@@ -1047,16 +1039,9 @@ def test_health_and_ls_reach_a_curve_broker_with_curve_keys_and_say_so_without(
     server_pub, server_sec = curve_keypair()
     client_pub, client_sec = curve_keypair()
     stranger_pub, stranger_sec = curve_keypair()
-    keys = _curve_file(tmp_path / "keys.toml", server_pub, client_pub, client_sec)
-    stranger = _curve_file(tmp_path / "stranger.toml", server_pub, stranger_pub, stranger_sec)
-    b = Broker(
-        BrokerConfig(
-            namespace=namespace,
-            control="tcp://127.0.0.1:0",
-            curve_secret_key=server_sec,
-            curve_clients=(client_pub,),
-        )
-    ).start()
+    keys = curve_file(tmp_path / "keys.toml", server_pub, client_pub, client_sec)
+    stranger = curve_file(tmp_path / "stranger.toml", server_pub, stranger_pub, stranger_sec)
+    b = curve_broker(namespace, server_sec, client_pub)
     try:
         assert b.endpoints is not None
         at = ["-n", namespace, "--broker", b.endpoints.control]
@@ -1096,15 +1081,8 @@ def test_publish_subscribe_record_and_replay_take_the_curve_keys_their_error_nam
 
     server_pub, server_sec = curve_keypair()
     client_pub, client_sec = curve_keypair()
-    keys = _curve_file(tmp_path / "keys.toml", server_pub, client_pub, client_sec)
-    b = Broker(
-        BrokerConfig(
-            namespace=namespace,
-            control="tcp://127.0.0.1:0",
-            curve_secret_key=server_sec,
-            curve_clients=(client_pub,),
-        )
-    ).start()
+    keys = curve_file(tmp_path / "keys.toml", server_pub, client_pub, client_sec)
+    b = curve_broker(namespace, server_sec, client_pub)
     try:
         assert b.endpoints is not None
         at = ["-n", namespace, "--broker", b.endpoints.control, "--curve-keys", keys]
@@ -1165,14 +1143,14 @@ def test_a_curve_key_file_others_may_read_or_write_is_refused(
 
     server, _ = curve_keypair()
     public, secret = curve_keypair()
-    keys = Path(_curve_file(tmp_path / "keys.toml", server, public, secret))
+    keys = Path(curve_file(tmp_path / "keys.toml", server, public, secret))
     for mode, said in ((0o644, "others may read it (mode 0644)"), (0o622, "others may write")):
         keys.chmod(mode)
         assert main(["health", "--curve-keys", str(keys)]) == 2, oct(mode)
         err = capsys.readouterr().err
         assert said in err, err
         assert f"chmod 600 {keys}" in err, err
-    server_only = Path(_curve_file(tmp_path / "server.toml", server, None, None))
+    server_only = Path(curve_file(tmp_path / "server.toml", server, None, None))
     server_only.chmod(0o644)  # a public key alone: readable is fine
     assert main(["health", "--curve-keys", str(server_only), "--broker", "tcp://127.0.0.1:1",
                  "--timeout", "0.1"]) == 1  # fmt: skip

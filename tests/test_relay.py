@@ -21,6 +21,7 @@ from shmcast.broker.errors import SegmentError
 from shmcast.cli._cmd_relay import READY as RELAY_READY
 from shmcast.cli.testing import BROKER_READY, running, unique_namespace, wait_for
 from shmcast.publisher import Created, LocalBroker, MirrorSpec, Publisher
+from tests._curve import curve_broker, curve_file
 
 
 def test_write_and_loan_take_an_explicit_version_only_forward(namespace: str) -> None:
@@ -381,22 +382,10 @@ def test_relay_takes_the_local_curve_brokers_keys_and_says_curve_without(
     up_ns, down_ns = unique_namespace(), unique_namespace()
     server_pub, server_sec = curve_keypair()
     client_pub, client_sec = curve_keypair()
-    keys = tmp_path / "keys.toml"
-    keys.write_text(
-        f'curve_server_key = "{server_pub}"\ncurve_public_key = "{client_pub}"\n'
-        f'curve_secret_key = "{client_sec}"\n'
-    )
-    keys.chmod(0o600)
+    keys = curve_file(tmp_path / "keys.toml", server_pub, client_pub, client_sec)
     curve = (server_pub, client_pub, client_sec)
     upstream = Broker(BrokerConfig(namespace=up_ns, data="tcp://127.0.0.1:0")).start()
-    local = Broker(
-        BrokerConfig(
-            namespace=down_ns,
-            control="tcp://127.0.0.1:0",
-            curve_secret_key=server_sec,
-            curve_clients=(client_pub,),
-        )
-    ).start()
+    local = curve_broker(down_ns, server_sec, client_pub)
     ticks = None
     try:
         assert upstream.endpoints is not None
