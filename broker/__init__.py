@@ -7,6 +7,7 @@ control client, endpoints and namespaces) and :mod:`.errors`, never a private mo
 
 from ._auth import CurveKeys as CurveKeys
 from ._auth import curve_keypair as curve_keypair
+from ._auth import curve_public as curve_public
 from ._auth import is_z85_key as is_z85_key
 from ._broker import Broker as Broker
 from ._catalog import Catalog as Catalog
@@ -139,6 +140,7 @@ __all__ = [
     "VersionUnavailableError",
     "WriterBusyError",
     "curve_keypair",
+    "curve_public",
     "diagnose",
     "dtype_str",
     "engine_core",

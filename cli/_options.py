@@ -16,9 +16,7 @@ import stat
 import sys
 from typing import Any
 
-import zmq
-
-from shmcast.broker import MAX_SLOTS, ConfigError, is_z85_key
+from shmcast.broker import MAX_SLOTS, ConfigError, curve_keypair, curve_public, is_z85_key
 from shmcast.broker.client import (
     reader_endpoint,
     resolve_endpoint,
@@ -148,13 +146,10 @@ def curve_keys(args: argparse.Namespace) -> tuple[bytes, bytes, bytes] | None:
             path,
         )
     if public is None or secret is None:
-        pair = zmq.curve_keypair()  # a key of its own: for a broker that lists no clients
-        return server.encode(), pair[0], pair[1]
-    try:
-        derived = zmq.curve_public(secret.encode()).decode()
-    except zmq.ZMQError:  # a libzmq without CURVE: the connection says so
-        derived = public
-    if derived != public:
+        public, secret = curve_keypair()  # its own: for a broker that lists no clients
+        return server.encode(), public.encode(), secret.encode()
+    derived = curve_public(secret)  # None: a libzmq without CURVE, as the connection says
+    if derived is not None and derived != public:
         raise ConfigError(
             "curve_public_key", f"not the public key of curve_secret_key (that is {derived})", path
         )
