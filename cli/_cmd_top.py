@@ -24,7 +24,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from shmcast.broker.client import ControlClient, check_broker_namespace, resolve_namespace
+from shmcast.broker.client import (
+    ControlClient,
+    check_broker_namespace,
+    reporter_stopped,
+    resolve_namespace,
+)
 from shmcast.broker.errors import BrokerUnavailableError, ShmcastError
 
 from ._options import (
@@ -49,7 +54,9 @@ else the namespace's ipc endpoint.
 Subscribers appear when they run in shm (the default) or events mode (they report
 to the broker about once a second, on their first 64 segments); LAG is how many
 versions a subscriber is behind; per segment UPDATES + MISSED + OVERRUN + TORN add
-up to the versions published while it ran.
+up to the versions published while it ran. A subscriber that stops reporting
+leaves the table after 5 s, unless its process is stopped (SIGSTOP, Ctrl-Z, a
+debugger) in top's pid namespace: its last report then stays, marked "stopped".
 """
 
 # Alternate screen, hidden cursor; and their undo.
@@ -87,11 +94,28 @@ def sample(client: ControlClient) -> Sample:
         return Sample(
             t=now,
             segments=list(client.request("list")["segments"]),
-            subscribers=list(client.request("subscribers")["subscribers"]),
+            subscribers=_live_or_stopped(client.request("subscribers", stale=True)),
             stats=client.request("stats"),
         )
     except ShmcastError as exc:
         return Sample(t=now, error=str(exc))
+
+
+def _live_or_stopped(reply: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recent reports, and the older ones (``stale``) of a process that is
+    alive and stopped, as seen from here (:func:`reporter_stopped`), marked
+    ``stopped``. Before, a SIGSTOPped subscriber left the table after 5 s, as a
+    dead one did. A broker that keeps no stale reports sends none."""
+    rows = []
+    for r in reply["subscribers"]:
+        if not isinstance(r, dict):
+            continue
+        if r.get("stale") is True:
+            if not reporter_stopped(r):
+                continue
+            r = {**r, "stopped": True}
+        rows.append(r)
+    return rows
 
 
 def sampler(client: ControlClient, namespace: str) -> Callable[[], Sample]:
@@ -207,6 +231,7 @@ def render(ns: str, endpoint: str, cur: Sample, prev: Sample | None) -> list[str
                 f"{'-' if lag is None else max(lag, 0):>6} {n('updates'):>9} "
                 f"{n('missed'):>7} {n('overrun'):>7} {n('torn'):>5} "
                 f"{_secs(c.get('p50')):>8} {_secs(c.get('p99')):>8}"
+                + ("  stopped" if sub.get("stopped") is True else "")
             )
     if not cur.subscribers:
         lines.append("(no subscriber has reported in the last 5 s)")
