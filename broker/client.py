@@ -32,7 +32,7 @@ from zmq.utils import z85
 
 from ._auth import is_z85_key
 from ._closing import Closing
-from ._lease import pid_namespace, process_start_time, process_state
+from ._lease import pid_namespace, process_start_time, process_state, process_uid
 from ._names import (
     DEFAULT_NAMESPACE,
     NAMESPACE_ENV,
@@ -399,7 +399,12 @@ class ControlClient(Closing):
         # A peer that took the connection (a TCP broker SIGSTOPped, hung): before,
         # "no broker answered ...; start one", as for an address nobody listens on.
         reached = link if pid is None else None
-        raise BrokerUnavailableError(self.endpoint, wait, pid=pid, stopped=stopped, reached=reached)
+        # Another user's broker: `kill -CONT` takes that user or root (before, the
+        # advice was given as if the caller could).
+        uid = process_uid(pid) if pid is not None else None
+        raise BrokerUnavailableError(
+            self.endpoint, wait, pid=pid, stopped=stopped, reached=reached, uid=uid
+        )
 
     def send(self, op: str, **fields: Any) -> bool:
         """Fire and forget (``commit``); never blocks. Returns False when dropped."""
