@@ -576,3 +576,26 @@ def test_a_subscribers_report_says_which_process_it_is(
         rows = wait_for(shown, 5, 0, "the subscriber's report")
     assert rows[0]["pidns"] == pid_namespace()
     assert rows[0]["started"] == process_start_time(os.getpid())
+
+
+def test_render_never_cuts_names_and_keeps_columns_aligned() -> None:
+    """Two subscribers whose names share their first 16 characters (one process
+    may hold both, one pid): before, the SUBSCRIBER column cut both to
+    ``strategy-momentu`` and their rows printed the same; a segment name longer
+    than 16 pushed its row's columns out of line."""
+    stats = {"shm_total": 1, "shm_free": 1}
+    names = ("marketdata.eurusd.bid", "t")
+    segs = [{"name": n, "version": 5, "age": 0.1, "size": 1, "slots": 2} for n in names]
+    subs = [
+        {"name": who, "pid": 7, "segments": {n: {"last_version": 5} for n in names}}
+        for who in ("strategy-momentum-eu", "strategy-momentum-us")
+    ]
+    lines = render("ns", "ep", Sample(t=1.0, segments=segs, subscribers=subs, stats=stats), None)
+    rows = [ln for ln in lines if ln.startswith("strategy-")]
+    assert len(set(rows)) == len(rows) == 4, rows
+    assert sum(ln.startswith("strategy-momentum-us ") for ln in rows) == 2
+    seg_table = [ln for ln in lines if ln.startswith(("SEGMENT", "marketdata.", "t "))]
+    sub_table = [ln for ln in lines if ln.startswith(("SUBSCRIBER", "strategy-"))]
+    for table, column in ((seg_table, "VERSION"), (sub_table, "VERSION")):
+        end = table[0].index(column) + len(column)  # right-aligned under its header
+        assert all(ln[end - 1] == "5" and ln[end] == " " for ln in table[1:]), table
