@@ -641,9 +641,9 @@ def reporter_stopped(report: dict[str, Any]) -> bool:
     it is missing or differs (another pid namespace, a report of an older
     subscriber): this process cannot see that one."""
     pid, ns, started = report.get("pid"), report.get("pidns"), report.get("started")
-    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (pid, ns, started)):
+    if not (isinstance(pid, int) and isinstance(ns, int) and isinstance(started, int)):
         return False
-    if pid <= 0 or ns != pid_namespace():
+    if isinstance(pid, bool) or pid <= 0 or ns != pid_namespace():
         return False
     try:
         if process_start_time(pid) != started:
