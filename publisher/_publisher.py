@@ -122,6 +122,7 @@ class Publisher(Closing):
         self.announcements_dropped = 0
         self.announce = announce
         self._deleted = False
+        self._mirror = source is not None
         self._next_look_ns = time.monotonic_ns() + int(LINKED_EVERY * 1e9)
         self._closed = False
 
@@ -156,7 +157,8 @@ class Publisher(Closing):
         open a new Publisher (which makes the segment anew). Asking looks now (one
         ``stat``). Publishing also looks, at most once per :data:`LINKED_EVERY`
         seconds, and the first look that finds it deleted logs a warning (logger
-        ``shmcast.publisher._publisher``), once per publisher."""
+        ``shmcast.publisher._publisher``), once per publisher; not for a mirror
+        (``source`` given), which its relay or bridge makes again, saying so."""
         if not self._deleted and not self._closed:
             self._look()
         return self._deleted
@@ -226,6 +228,8 @@ class Publisher(Closing):
             return
         self._deleted = True
         self._next_look_ns = 1 << 63  # it stays deleted: no more looks
+        if self._mirror:  # its relay or bridge looks too, and makes it again
+            return
         log.warning(
             "segment %r of namespace %r was deleted under this publisher (`shmcast rm "
             "--force`, a broker stopped with --unlink-on-exit): the versions it "

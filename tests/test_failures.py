@@ -612,13 +612,16 @@ def test_a_publisher_whose_segment_is_deleted_under_it_says_so_once(
     with (
         Publisher("g", dtype="u1", shape=(4,), namespace=namespace) as pub,
         Publisher("h", dtype="u1", shape=(4,), namespace=namespace) as kept,
+        Publisher("m", dtype="u1", shape=(4,), namespace=namespace, source="relay:x") as mirror,
     ):
         pub.publish(np.ones(4, np.uint8))
         assert caplog.records == []
         Segment.remove("g", namespace=namespace)
+        Segment.remove("m", namespace=namespace)
         for _ in range(3):
             pub.publish(np.ones(4, np.uint8))
             kept.publish(np.ones(4, np.uint8))
+            mirror.publish(np.ones(4, np.uint8))  # its relay says so, and makes it again
         with pub.loan() as out:
             out[:] = 2
         pub.publish_bytes(bytes(4))
@@ -626,5 +629,6 @@ def test_a_publisher_whose_segment_is_deleted_under_it_says_so_once(
         assert len(said) == 1, said
         assert pub.segment_deleted
         assert not kept.segment_deleted
+        assert mirror.segment_deleted
     assert f"segment 'g' of namespace {namespace!r} was deleted under this publisher" in said[0]
     assert "stop it and start it again" in said[0]
