@@ -78,6 +78,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds a subscriber's report stays in the ``subscribers`` table.
 REPORT_TTL = 5.0
+#: Seconds an older report is kept for ``subscribers`` asked with ``stale``, marked
+#: stale (``shmcast top`` shows it while its process is alive and stopped).
+REPORT_KEEP = 86400.0
 #: Segments one report may carry (the rest are dropped).
 REPORT_SEGMENTS = 64
 #: What a subscriber's report may hold per segment (anything else is dropped): counts,
@@ -1143,20 +1146,36 @@ class Broker(Service):
                 clean[seg] = {k: v for k, v in counts.items() if _report_value(k, v)}
         now = time.monotonic()
         key = (name[:64], pid)
+        body: dict[str, Any] = {"name": name[:64], "pid": pid, "segments": clean}
+        # Who the process is, for top to tell a stopped one (see reporter_identity).
+        for k in ("pidns", "started"):
+            v = req.get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_VERSION:
+                body[k] = v
         self._reports.pop(key, None)  # re-inserted last: the table is oldest first
-        self._reports[key] = (now, {"name": name[:64], "pid": pid, "segments": clean})
+        self._reports[key] = (now, body)
         if len(self._reports) > MAX_REPORTS:
             self._expire_reports(now)
             while len(self._reports) > MAX_REPORTS:
                 del self._reports[next(iter(self._reports))]
 
     def _expire_reports(self, now: float) -> None:
-        self._reports = {k: v for k, v in self._reports.items() if now - v[0] < REPORT_TTL}
+        self._reports = {k: v for k, v in self._reports.items() if now - v[0] < REPORT_KEEP}
 
     def _op_subscribers(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The reports of the last :data:`REPORT_TTL` seconds; with ``stale`` true
+        also the older ones kept (at most :data:`MAX_REPORTS` reporters, for
+        :data:`REPORT_KEEP` seconds), marked ``"stale": true``: a subscriber that
+        stopped reporting is gone, or stopped (SIGSTOP, a debugger), which only a
+        client in its pid namespace can tell."""
         now = time.monotonic()
         self._expire_reports(now)
-        subs = [{**body, "age": now - t} for t, body in self._reports.values()]
+        stale = req.get("stale") is True
+        subs = [
+            {**body, "age": now - t} | ({"stale": True} if now - t >= REPORT_TTL else {})
+            for t, body in self._reports.values()
+            if stale or now - t < REPORT_TTL
+        ]
         return {"subscribers": sorted(subs, key=lambda r: (r["name"], r["pid"]))}
 
     _OPS: dict[str, Callable[[Broker, dict[str, Any]], dict[str, Any] | None]] = {  # noqa: RUF012

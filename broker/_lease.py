@@ -155,6 +155,30 @@ def process_state(pid: int) -> bytes | None:
     return data[data.rindex(b")") + 2 :][:1]
 
 
+def pid_namespace(pid: int | str = "self") -> int | None:
+    """The inode of ``pid``'s pid namespace (``/proc/PID/ns/pid`` reads
+    ``pid:[4026531836]``), or None when it cannot be read."""
+    try:
+        link = os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+    digits = link[link.find("[") + 1 : -1]
+    return int(digits) if link.startswith("pid:[") and digits.isdigit() else None
+
+
+def process_uid(pid: int) -> int | None:
+    """The real uid of ``pid`` (``/proc/PID/status``, the first of its ``Uid:``
+    line), or None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def pid_running(pid: int) -> bool:
     """Whether ``pid`` names a process of this pid namespace that is not a zombie."""
     try:

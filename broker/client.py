@@ -32,7 +32,7 @@ from zmq.utils import z85
 
 from ._auth import is_z85_key
 from ._closing import Closing
-from ._lease import process_state
+from ._lease import pid_namespace, process_start_time, process_state, process_uid
 from ._names import (
     DEFAULT_NAMESPACE,
     NAMESPACE_ENV,
@@ -87,6 +87,8 @@ __all__ = [
     "object_name",
     "pack",
     "reader_endpoint",
+    "reporter_identity",
+    "reporter_stopped",
     "resolve_endpoint",
     "resolve_namespace",
     "runtime_dir",
@@ -397,7 +399,12 @@ class ControlClient(Closing):
         # A peer that took the connection (a TCP broker SIGSTOPped, hung): before,
         # "no broker answered ...; start one", as for an address nobody listens on.
         reached = link if pid is None else None
-        raise BrokerUnavailableError(self.endpoint, wait, pid=pid, stopped=stopped, reached=reached)
+        # Another user's broker: `kill -CONT` takes that user or root (before, the
+        # advice was given as if the caller could).
+        uid = process_uid(pid) if pid is not None else None
+        raise BrokerUnavailableError(
+            self.endpoint, wait, pid=pid, stopped=stopped, reached=reached, uid=uid
+        )
 
     def send(self, op: str, **fields: Any) -> bool:
         """Fire and forget (``commit``); never blocks. Returns False when dropped."""
@@ -603,6 +610,47 @@ def _silent_broker(endpoint: str) -> tuple[int | None, bool]:
             return None, False
         return pid, state in (b"T", b"t")
     return None, False
+
+
+_identity: tuple[int, dict[str, int]] | None = None
+
+
+def reporter_identity() -> dict[str, int]:
+    """What a subscriber's report adds to its pid so that ``shmcast top`` can tell,
+    once the reports stop, whether that very process is stopped (SIGSTOP, Ctrl-Z, a
+    debugger) rather than gone: ``pidns``, the inode of its pid namespace, and
+    ``started``, its start time in clock ticks since boot (a pid used again is
+    another process). Either is left out when ``/proc`` cannot tell it."""
+    global _identity
+    pid = os.getpid()
+    if _identity is None or _identity[0] != pid:  # taken once per process (a fork: again)
+        ident: dict[str, int] = {}
+        ns = pid_namespace()
+        if ns is not None:
+            ident["pidns"] = ns
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ident["started"] = process_start_time(pid)
+        _identity = (pid, ident)
+    return dict(_identity[1])
+
+
+def reporter_stopped(report: dict[str, Any]) -> bool:
+    """Whether the process of a subscriber's report (the broker's ``subscribers``
+    reply) is alive and stopped (state ``T`` or ``t``), seen from this process: its
+    ``pidns`` is ours and its pid's start time is its ``started``. False when any of
+    it is missing or differs (another pid namespace, a report of an older
+    subscriber): this process cannot see that one."""
+    pid, ns, started = report.get("pid"), report.get("pidns"), report.get("started")
+    if not (isinstance(pid, int) and isinstance(ns, int) and isinstance(started, int)):
+        return False
+    if isinstance(pid, bool) or pid <= 0 or ns != pid_namespace():
+        return False
+    try:
+        if process_start_time(pid) != started:
+            return False
+    except (OSError, ValueError, IndexError):
+        return False
+    return process_state(pid) in (b"T", b"t")
 
 
 def check_broker_namespace(client: ControlClient, namespace: str) -> dict[str, Any]:

@@ -49,6 +49,7 @@ one (``ShmSpaceError`` is an ``OSError``, ``AccessError`` a ``PermissionError``,
 
 from __future__ import annotations
 
+import os
 import pwd
 from collections.abc import Sequence
 
@@ -487,7 +488,10 @@ class BrokerUnavailableError(BrokerError):
     did not answer (``stopped``: it is stopped, SIGSTOP or a debugger), and starting
     another, the fix for no broker at all, would be refused. ``reached`` (no
     ``pid`` known: a TCP endpoint, say) says that a peer took the connection:
-    ``"connected"``, or ``"handshake"`` once ZeroMQ's handshake was done."""
+    ``"connected"``, or ``"handshake"`` once ZeroMQ's handshake was done. ``uid``
+    (with ``pid``) is the uid that process runs as, when known: one other than
+    this process's effective uid is named, and resuming or stopping it takes that
+    user or root."""
 
     def __init__(
         self,
@@ -497,11 +501,14 @@ class BrokerUnavailableError(BrokerError):
         pid: int | None = None,
         stopped: bool = False,
         reached: str | None = None,
+        uid: int | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.pid = pid
         self.stopped = stopped
         self.reached = reached if pid is None else None
+        self.uid = uid if pid is not None else None
+        theirs = _not_yours(self.uid)
         if pid is None and reached is not None:
             done = "and ZeroMQ's handshake " if reached == "handshake" else ""
             message = (
@@ -516,6 +523,13 @@ class BrokerUnavailableError(BrokerError):
                 f"no broker answered at {endpoint} within {waited:g}s; start one with "
                 f"`shmcast broker` (same --namespace), or pass broker=<its control endpoint>"
             )
+        elif stopped and theirs:
+            message = (
+                f"the broker at {endpoint} (pid {pid}) did not answer within {waited:g}s: "
+                f"it is stopped (SIGSTOP, Ctrl-Z, a debugger); it runs as {theirs}, not as "
+                f"you: resuming it takes that user or root (`kill -CONT {pid}` as that "
+                f"user, or `sudo kill -CONT {pid}`)"
+            )
         elif stopped:
             message = (
                 f"the broker at {endpoint} (pid {pid}) did not answer within {waited:g}s: "
@@ -528,7 +542,20 @@ class BrokerUnavailableError(BrokerError):
                 f"in (with CURVE keys it answers only the clients it lists); look at it "
                 f"(`top -p {pid}`), wait longer, or stop it (`kill {pid}`) and start another"
             )
+            if theirs:
+                message += f" (it runs as {theirs}, not as you: `kill` takes that user or root)"
         super().__init__(message)
+
+
+def _not_yours(uid: int | None) -> str:
+    """``"user 'name' (uid N)"`` for a uid other than this process's effective
+    one; ``""`` for ours or None (unknown)."""
+    if uid is None or uid == os.geteuid():
+        return ""
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name!r} (uid {uid})"
+    except KeyError:  # no such user in this container's /etc/passwd
+        return f"uid {uid}"
 
 
 class BrokerHandshakeError(BrokerUnavailableError):
@@ -543,6 +570,7 @@ class BrokerHandshakeError(BrokerUnavailableError):
         self.pid = None  # a peer that refused us: not known to be our broker
         self.stopped = False
         self.reached = None
+        self.uid = None
         self.why = why
         BrokerError.__init__(self, f"no reply from {endpoint} within {waited:g}s: {why}")
 

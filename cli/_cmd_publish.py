@@ -145,25 +145,6 @@ def _publish(args: argparse.Namespace, feed: Feed) -> int:
         return _run(args, feed, pub, stop)
 
 
-#: Seconds between two looks at whether the segment's name still leads to ours.
-LINKED_EVERY = 1.0
-
-
-def _say_cut_off(pub: Publisher) -> None:
-    """Once: the segment was deleted under this publisher. Before, it went on
-    publishing versions no reader would find, and said nothing (a ``shmcast rm
-    --force`` printed it once, elsewhere; a broker stopped with ``--unlink-on-exit``,
-    nothing at the default log level)."""
-    print(
-        f"shmcast publish: segment {pub.name!r} of namespace {pub.namespace!r} was "
-        f"deleted under this publisher (`shmcast rm --force`, a broker stopped with "
-        f"--unlink-on-exit): the versions it writes from now on reach no reader; stop "
-        f"it and start it again (a new publisher makes the segment anew)",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
 def _run(args: argparse.Namespace, feed: Feed, pub: Publisher, stop: threading.Event) -> int:
     with pub:
         print_ready(
@@ -173,17 +154,10 @@ def _run(args: argparse.Namespace, feed: Feed, pub: Publisher, stop: threading.E
         start = time.monotonic()
         n = 0
         next_t = start
-        next_look = start + LINKED_EVERY
-        cut_off = False
         while not stop.is_set() and (args.count <= 0 or n < args.count):
             with pub.loan() as out:
                 feed.fill(out, pub.version + 1)
-            n += 1
-            if not cut_off and time.monotonic() >= next_look:
-                next_look = time.monotonic() + LINKED_EVERY
-                cut_off = not pub.segment.linked()
-                if cut_off:
-                    _say_cut_off(pub)
+            n += 1  # deleted under it? the Publisher logs a warning, once
             if period:
                 next_t += period
                 delay = next_t - time.monotonic()
@@ -199,6 +173,7 @@ def _run(args: argparse.Namespace, feed: Feed, pub: Publisher, stop: threading.E
             "seconds": round(elapsed, 3),
             "rate": round(n / elapsed, 1) if elapsed > 0 else None,
             "announcements_dropped": pub.announcements_dropped,
+            "segment_deleted": pub.segment_deleted,
         }
         print_ready(DONE, summary)
     return 0

@@ -20,11 +20,16 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from shmcast.broker.client import ControlClient, check_broker_namespace, resolve_namespace
+from shmcast.broker.client import (
+    ControlClient,
+    check_broker_namespace,
+    reporter_stopped,
+    resolve_namespace,
+)
 from shmcast.broker.errors import BrokerUnavailableError, ShmcastError
 
 from ._options import (
@@ -49,7 +54,9 @@ else the namespace's ipc endpoint.
 Subscribers appear when they run in shm (the default) or events mode (they report
 to the broker about once a second, on their first 64 segments); LAG is how many
 versions a subscriber is behind; per segment UPDATES + MISSED + OVERRUN + TORN add
-up to the versions published while it ran.
+up to the versions published while it ran. A subscriber that stops reporting
+leaves the table after 5 s, unless its process is stopped (SIGSTOP, Ctrl-Z, a
+debugger) in top's pid namespace: its last report then stays, marked "stopped".
 """
 
 # Alternate screen, hidden cursor; and their undo.
@@ -87,11 +94,28 @@ def sample(client: ControlClient) -> Sample:
         return Sample(
             t=now,
             segments=list(client.request("list")["segments"]),
-            subscribers=list(client.request("subscribers")["subscribers"]),
+            subscribers=_live_or_stopped(client.request("subscribers", stale=True)),
             stats=client.request("stats"),
         )
     except ShmcastError as exc:
         return Sample(t=now, error=str(exc))
+
+
+def _live_or_stopped(reply: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recent reports, and the older ones (``stale``) of a process that is
+    alive and stopped, as seen from here (:func:`reporter_stopped`), marked
+    ``stopped``. Before, a SIGSTOPped subscriber left the table after 5 s, as a
+    dead one did. A broker that keeps no stale reports sends none."""
+    rows = []
+    for r in reply["subscribers"]:
+        if not isinstance(r, dict):
+            continue
+        if r.get("stale") is True:
+            if not reporter_stopped(r):
+                continue
+            r = {**r, "stopped": True}
+        rows.append(r)
+    return rows
 
 
 def sampler(client: ControlClient, namespace: str) -> Callable[[], Sample]:
@@ -141,6 +165,18 @@ def _secs(x: object) -> str:
     return f"{x:.1f}s"
 
 
+def _width(names: Iterable[str]) -> int:
+    """A name column as wide as its longest name, 16 at least. Names are never cut:
+    two that share their first 16 characters (``strategy-momentum-eu`` and ``-us``)
+    printed the same, and a longer segment name pushed its row's columns out."""
+    return max([16, *(len(n) for n in names)])
+
+
+def _segments(sub: dict[str, Any]) -> dict[Any, Any]:
+    segs = sub.get("segments")
+    return segs if isinstance(segs, dict) else {}
+
+
 def render(ns: str, endpoint: str, cur: Sample, prev: Sample | None) -> list[str]:
     """The screen's lines for one refresh (pure: tested without a terminal)."""
     head = f"shmcast top  namespace={ns}  broker={endpoint}  {time.strftime('%H:%M:%S')}"
@@ -162,8 +198,9 @@ def render(ns: str, endpoint: str, cur: Sample, prev: Sample | None) -> list[str
     )
     dt = cur.t - prev.t if prev else 0.0
     versions: dict[str, int] = {}
+    w = _width(str(s["name"]) for s in cur.segments)
     lines.append(
-        f"{'SEGMENT':16} {'VERSION':>10} {'RATE/s':>9} {'AGE':>8} {'SIZE':>10} {'SLOTS':>5} WRITER"
+        f"{'SEGMENT':{w}} {'VERSION':>10} {'RATE/s':>9} {'AGE':>8} {'SIZE':>10} {'SLOTS':>5} WRITER"
     )
     for s in cur.segments:
         name = str(s["name"])
@@ -174,40 +211,44 @@ def render(ns: str, endpoint: str, cur: Sample, prev: Sample | None) -> list[str
             rate = f"{(s['version'] - was) / dt:.1f}"
         age = s.get("age")  # measured by the broker on its monotonic clock
         lines.append(
-            f"{name:16} {s['version']:>10} {rate:>9} {_secs(age):>8} "
+            f"{name:{w}} {s['version']:>10} {rate:>9} {_secs(age):>8} "
             f"{_bytes(s.get('size', 0)):>10} {s.get('slots', '?'):>5} "
             f"{'up' if s.get('writer_alive') else '-'}"
         )
     if not cur.segments:
         lines.append("(no segments)")
     lines.append("")
+    # Reports come from any client, read-only ones included: each value is shown
+    # only as what it claims to be ('-' otherwise), never trusted to format. Names
+    # with control characters (an escape sequence) are shown escaped.
+    rows = [
+        (sub, printable(str(sub.get("name"))), seg, printable(str(seg)), c)
+        for sub in cur.subscribers
+        for seg, c in sorted(_segments(sub).items())
+        if isinstance(c, dict)
+    ]
+    w1 = _width(who for _, who, _, _, _ in rows)
+    w2 = _width(what for _, _, _, what, _ in rows)
     lines.append(
-        f"{'SUBSCRIBER':16} {'PID':>7} {'SEGMENT':16} {'VERSION':>10} {'LAG':>6} "
+        f"{'SUBSCRIBER':{w1}} {'PID':>7} {'SEGMENT':{w2}} {'VERSION':>10} {'LAG':>6} "
         f"{'UPDATES':>9} {'MISSED':>7} {'OVERRUN':>7} {'TORN':>5} {'P50':>8} {'P99':>8}"
     )
-    for sub in cur.subscribers:
-        # Reports come from any client, read-only ones included: each value is shown
-        # only as what it claims to be ('-' otherwise), never trusted to format.
-        segs = sub.get("segments")
-        for seg, c in sorted((segs if isinstance(segs, dict) else {}).items()):
-            if not isinstance(c, dict):
-                continue
+    for sub, who, seg, what, c in rows:
 
-            def n(key: str, c: dict[str, Any] = c) -> str:
-                v = _count(c.get(key, 0))
-                return "-" if v is None else str(v)
+        def n(key: str, c: dict[str, Any] = c) -> str:
+            v = _count(c.get(key, 0))
+            return "-" if v is None else str(v)
 
-            last = _count(c.get("last_version", 0))
-            lag = versions[seg] - last if seg in versions and last is not None else None
-            # Names with control characters (an escape sequence) are shown escaped.
-            who, what = printable(str(sub.get("name"))), printable(str(seg))
-            lines.append(
-                f"{who[:16]:16} {printable(str(sub.get('pid'))):>7} {what:16} "
-                f"{n('last_version'):>10} "
-                f"{'-' if lag is None else max(lag, 0):>6} {n('updates'):>9} "
-                f"{n('missed'):>7} {n('overrun'):>7} {n('torn'):>5} "
-                f"{_secs(c.get('p50')):>8} {_secs(c.get('p99')):>8}"
-            )
+        last = _count(c.get("last_version", 0))
+        lag = versions[seg] - last if seg in versions and last is not None else None
+        lines.append(
+            f"{who:{w1}} {printable(str(sub.get('pid'))):>7} {what:{w2}} "
+            f"{n('last_version'):>10} "
+            f"{'-' if lag is None else max(lag, 0):>6} {n('updates'):>9} "
+            f"{n('missed'):>7} {n('overrun'):>7} {n('torn'):>5} "
+            f"{_secs(c.get('p50')):>8} {_secs(c.get('p99')):>8}"
+            + ("  stopped" if sub.get("stopped") is True else "")
+        )
     if not cur.subscribers:
         lines.append("(no subscriber has reported in the last 5 s)")
     return lines

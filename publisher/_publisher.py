@@ -30,6 +30,13 @@ __all__ = ["Publisher"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds between two looks, made by :meth:`Publisher.publish` and its kin, at
+#: whether the segment's name still leads to the object this publisher writes (one
+#: ``stat``; between looks a publish costs one ``time.monotonic_ns()`` more).
+LINKED_EVERY = 1.0
+
+_now = time.monotonic_ns  # bound once: the publish path reads it at every commit
+
 
 class Publisher(Closing):
     """The one writer of a segment, announced through the namespace's broker.
@@ -114,6 +121,9 @@ class Publisher(Closing):
         self._client = client
         self.announcements_dropped = 0
         self.announce = announce
+        self._deleted = False
+        self._mirror = source is not None
+        self._next_look_ns = time.monotonic_ns() + int(LINKED_EVERY * 1e9)
         self._closed = False
 
     @property
@@ -139,6 +149,20 @@ class Publisher(Closing):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def segment_deleted(self) -> bool:
+        """Whether the segment was deleted under this publisher (``shmcast rm
+        --force``, a broker stopped with ``--unlink-on-exit``, or deleted and made
+        anew): the versions it publishes from then on reach no reader; close it and
+        open a new Publisher (which makes the segment anew). Asking looks now (one
+        ``stat``). Publishing also looks, at most once per :data:`LINKED_EVERY`
+        seconds, and the first look that finds it deleted logs a warning (logger
+        ``shmcast.publisher._publisher``), once per publisher; not for a mirror
+        (``source`` given), which its relay or bridge makes again, saying so."""
+        if not self._deleted and not self._closed:
+            self._look()
+        return self._deleted
+
     def publish(
         self,
         array: npt.NDArray[Any],
@@ -159,7 +183,7 @@ class Publisher(Closing):
                 or ended).
         """
         v = self.segment.write(array, version=version, timestamp_ns=timestamp_ns)
-        self._announce(v, timestamp_ns)
+        self._committed(v, timestamp_ns)
         return v
 
     def publish_bytes(
@@ -173,7 +197,7 @@ class Publisher(Closing):
                 (nothing is published).
         """
         v = self.segment.write_bytes(data, version=version, timestamp_ns=timestamp_ns)
-        self._announce(v, timestamp_ns)
+        self._committed(v, timestamp_ns)
         return v
 
     @contextlib.contextmanager
@@ -187,11 +211,35 @@ class Publisher(Closing):
         seg = self.segment
         with seg.loan(version=version, timestamp_ns=timestamp_ns) as arr:
             yield arr
-        self._announce(seg.version, timestamp_ns)
+        self._committed(seg.version, timestamp_ns)
+
+    def _committed(self, version: int, timestamp_ns: int | None) -> None:
+        """After each commit: announce it if asked, and look whether the segment
+        is still there once per LINKED_EVERY seconds (a time check per commit, no
+        syscall beyond the clock's vDSO read)."""
+        if _now() >= self._next_look_ns:
+            self._look()
+        if self.announce:
+            self._announce(version, timestamp_ns)
+
+    def _look(self) -> None:
+        if self._seg is None or self._seg.linked():
+            self._next_look_ns = time.monotonic_ns() + int(LINKED_EVERY * 1e9)
+            return
+        self._deleted = True
+        self._next_look_ns = 1 << 63  # it stays deleted: no more looks
+        if self._mirror:  # its relay or bridge looks too, and makes it again
+            return
+        log.warning(
+            "segment %r of namespace %r was deleted under this publisher (`shmcast rm "
+            "--force`, a broker stopped with --unlink-on-exit): the versions it "
+            "publishes from now on reach no reader; stop it and start it again (a new "
+            "publisher makes the segment anew)",
+            self.name,
+            self.namespace,
+        )
 
     def _announce(self, version: int, timestamp_ns: int | None = None) -> None:
-        if not self.announce:
-            return
         client = self._client
         assert client is not None
         # One-way and non-blocking: a slow or absent broker never stalls the writer.

@@ -56,6 +56,7 @@ from shmcast.broker.client import (
     check_broker_namespace,
     client_curve,
     reader_endpoint,
+    reporter_identity,
     resolve_endpoint,
     resolve_namespace,
     shm_path,
@@ -1247,7 +1248,13 @@ class Subscriber(Closing):
             }
             for name, st in list(self.stats.items())[:REPORT_SEGMENTS]
         }
-        self._client.send("report", name=self.name[:REPORT_NAME], pid=os.getpid(), segments=segs)
+        self._client.send(
+            "report",
+            name=self.name[:REPORT_NAME],
+            pid=os.getpid(),
+            segments=segs,
+            **reporter_identity(),  # lets top tell a stopped subscriber from a gone one
+        )
         if self not in _REPORTERS:
             with _REPORTERS_LOCK:
                 _REPORTERS.add(self)

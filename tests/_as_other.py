@@ -59,6 +59,16 @@ def probe(ns: str, control: str) -> dict[str, Any]:
     }
 
 
+def unanswered(endpoint: str, timeout: str) -> dict[str, Any]:
+    """A ``hello`` at ``endpoint`` that gets no reply: the error's type and message."""
+    try:
+        with ControlClient(endpoint, timeout=float(timeout)) as c:
+            c.request("hello")
+    except Exception as exc:
+        return {"error": type(exc).__name__, "message": str(exc)}
+    return {"error": None, "message": ""}
+
+
 def _curve(keys: str) -> tuple[bytes, bytes, bytes] | None:
     """``server_public,client_public,client_secret`` (z85), or ``-`` for none."""
     if keys == "-":
@@ -249,6 +259,7 @@ COMMANDS = {
     "relay-hellos": relay_hellos,
     "serve": serve,
     "cli": cli,
+    "unanswered": unanswered,
 }
 
 

@@ -1268,9 +1268,11 @@ def test_running_out_of_file_descriptors_is_an_error_naming_the_limit(namespace:
 def test_publish_says_so_once_its_segment_is_deleted_under_it(namespace: str) -> None:
     """`shmcast publish` whose segment is unlinked under it (`shmcast rm --force`, a
     broker stopped with --unlink-on-exit) says so on stderr, once, within about a
-    second, and goes on. Before, it published on into the unlinked object and said
+    second (the Publisher's own warning), goes on, and its done line says
+    segment_deleted. Before, it published on into the unlinked object and said
     nothing: its done line counted versions no reader could find."""
-    from shmcast.cli.testing import PUBLISH_READY
+    from shmcast.cli._cmd_publish import DONE
+    from shmcast.cli.testing import PUBLISH_READY, wait_for
 
     with Broker(BrokerConfig(namespace=namespace)).start():
         sp = start(
@@ -1282,10 +1284,15 @@ def test_publish_says_so_once_its_segment_is_deleted_under_it(namespace: str) ->
         )
         try:
             Segment.remove("p", namespace=namespace)
-            line = sp.wait_line("shmcast publish: segment 'p'", 10)
+            said = "was deleted under this publisher"
+            wait_for(lambda: any(said in ln for ln in sp.stderr), 10, what="the warning")
             assert sp.proc.poll() is None  # it goes on: stopping is the user's call
         finally:
             sp.stop()
-    assert f"of namespace {namespace!r} was deleted under this publisher" in line
-    assert "stop it and start it again" in line
-    assert sum("was deleted under this publisher" in ln for ln in sp.stderr) == 1
+    lines = [ln for ln in sp.stderr if said in ln]
+    assert len(lines) == 1, lines  # once
+    assert "WARNING: segment 'p' of namespace" in lines[0]
+    assert f"of namespace {namespace!r} was deleted under this publisher" in lines[0]
+    assert "stop it and start it again" in lines[0]
+    done = [json.loads(ln[len(DONE) :]) for ln in sp.stdout if ln.startswith(DONE)]
+    assert [d["segment_deleted"] for d in done] == [True]

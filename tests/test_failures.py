@@ -592,3 +592,43 @@ def test_a_tcp_peer_that_takes_the_connection_and_never_answers_is_not_called_mi
         pytest.raises(BrokerUnavailableError, match=r"^no broker answered at tcp://"),
     ):
         client.request("hello")
+
+
+def test_a_publisher_whose_segment_is_deleted_under_it_says_so_once(
+    namespace: str,
+    thread_broker: Broker,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A library Publisher whose segment is unlinked under it (``shmcast rm
+    --force``, a broker stopped with --unlink-on-exit) logs a warning once, at the
+    first publish past the look interval, and ``segment_deleted`` says so. Before,
+    only ``shmcast publish`` said so (with a look of its own): a library user
+    published on into the unlinked object, versions no reader finds, in silence."""
+    from shmcast.publisher import _publisher
+
+    monkeypatch.setattr(_publisher, "LINKED_EVERY", 0.0, raising=False)
+    caplog.set_level("WARNING", logger=_publisher.__name__)
+    with (
+        Publisher("g", dtype="u1", shape=(4,), namespace=namespace) as pub,
+        Publisher("h", dtype="u1", shape=(4,), namespace=namespace) as kept,
+        Publisher("m", dtype="u1", shape=(4,), namespace=namespace, source="relay:x") as mirror,
+    ):
+        pub.publish(np.ones(4, np.uint8))
+        assert caplog.records == []
+        Segment.remove("g", namespace=namespace)
+        Segment.remove("m", namespace=namespace)
+        for _ in range(3):
+            pub.publish(np.ones(4, np.uint8))
+            kept.publish(np.ones(4, np.uint8))
+            mirror.publish(np.ones(4, np.uint8))  # its relay says so, and makes it again
+        with pub.loan() as out:
+            out[:] = 2
+        pub.publish_bytes(bytes(4))
+        said = [r.getMessage() for r in caplog.records if r.name == _publisher.__name__]
+        assert len(said) == 1, said
+        assert pub.segment_deleted
+        assert not kept.segment_deleted
+        assert mirror.segment_deleted
+    assert f"segment 'g' of namespace {namespace!r} was deleted under this publisher" in said[0]
+    assert "stop it and start it again" in said[0]

@@ -113,6 +113,42 @@ def test_a_helper_that_cannot_start_fails_the_test(other_user: OtherUser) -> Non
         shutil.rmtree(broken)
 
 
+@pytest.mark.root
+def test_another_users_stopped_broker_is_named_as_theirs(
+    namespace: str, other_user: OtherUser
+) -> None:
+    """A stopped broker (SIGSTOP) of root's, asked by a user of its group: the
+    timeout says whose it is and that resuming it takes that user or root. Before,
+    it said "resume it: `kill -CONT N`", which that user cannot do. Its owner
+    still gets the plain advice."""
+    import signal
+
+    from shmcast.cli.testing import running
+
+    with running(["broker", "-n", namespace, "--group", "nogroup"], ready=BROKER_READY) as sp:
+        control = sp.ready["control"]
+        ro = f"ipc://{os.path.join(os.path.dirname(control[len('ipc://') :]), 'control-ro.sock')}"
+        sp.send_signal(signal.SIGSTOP)
+        try:
+            theirs = other_user.run("unanswered", ro, "0.3")
+            with (
+                ControlClient(control, timeout=0.2) as client,
+                pytest.raises(BrokerUnavailableError) as mine,
+            ):
+                client.request("hello")
+        finally:
+            sp.send_signal(signal.SIGCONT)
+    assert theirs["error"] == "BrokerUnavailableError", theirs
+    said = theirs["message"]
+    assert f"(pid {sp.pid}) did not answer within 0.3s: it is stopped" in said
+    assert "it runs as user 'root' (uid 0), not as you" in said
+    assert f"takes that user or root (`kill -CONT {sp.pid}` as that user, or `sudo" in said
+    assert "resume it:" not in said
+    assert f"resume it: `kill -CONT {sp.pid}`" in str(mine.value)
+    assert "not as you" not in str(mine.value)
+    assert mine.value.uid == 0
+
+
 def test_subscribers_cannot_write(served: Broker) -> None:
     with Publisher("p", dtype="f8", shape=(8,)) as pub, Subscriber("p") as sub:
         pub.publish(np.arange(8.0))

@@ -479,3 +479,123 @@ def test_a_goodbye_leaves_the_row_of_a_same_named_subscriber_of_the_process(
         finally:
             first.close()
             second.close()
+
+
+def test_top_keeps_a_stopped_subscriber_marked_stopped(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber SIGSTOPped (Ctrl-Z, a debugger) stops reporting: before, its row
+    left ``shmcast top`` after 5 s, as a dead one's does, and the operator chasing a
+    lagging strategy saw it vanish. Its last report now stays, marked stopped,
+    while its pid is alive and stopped in top's pid namespace; rows of a process
+    that runs, is gone, is another with the same pid, or is of another pid
+    namespace still go."""
+    import shmcast.broker._broker as broker_module
+    from shmcast.broker._lease import pid_namespace, process_start_time
+    from shmcast.cli._cmd_top import sample
+
+    monkeypatch.setattr(broker_module, "REPORT_TTL", 0.2)
+    stopped = subprocess.Popen(["sleep", "60"])
+    running = subprocess.Popen(["sleep", "60"])
+    gone = subprocess.Popen(["sleep", "60"])
+    brk = Broker(BrokerConfig(namespace=namespace)).start()
+    try:
+        os.kill(stopped.pid, signal.SIGSTOP)
+        gone.kill()
+        gone.wait(10)
+        assert brk.endpoints is not None
+        ns = pid_namespace()
+        assert ns is not None
+        seg = {"ticks": {"last_version": 3, "updates": 3}}
+        with ControlClient(brk.endpoints.control, timeout=5) as client:
+            wait_for(
+                lambda: os.waitpid(stopped.pid, os.WUNTRACED | os.WNOHANG)[0] == stopped.pid,
+                5,
+                0.01,
+                "the child to stop",
+            )
+            for name, proc, pidns, shift in [
+                ("strategy", stopped, ns, 0),
+                ("running", running, ns, 0),
+                ("gone", gone, ns, 0),
+                ("reused", stopped, ns, 1),  # its pid, another start time
+                ("elsewhere", stopped, ns + 1, 0),  # its pid number, another namespace
+            ]:
+                started = process_start_time(stopped.pid if proc is gone else proc.pid)
+                client.send(
+                    "report",
+                    name=name,
+                    pid=proc.pid,
+                    segments=seg,
+                    pidns=pidns,
+                    started=started + shift,
+                )
+            wait_for(
+                lambda: (
+                    len(client.request("subscribers", stale=True)["subscribers"]) == 5
+                    and client.request("subscribers")["subscribers"] == []
+                ),
+                5,
+                0.02,
+                "the reports to go stale",
+            )
+            cur = sample(client)
+        assert [(r["name"], r.get("stopped")) for r in cur.subscribers] == [("strategy", True)]
+        rows = [ln for ln in render(namespace, "ep", cur, None) if ln.startswith("strategy")]
+        assert len(rows) == 1, rows
+        assert rows[0].endswith("  stopped"), rows
+        assert f" {stopped.pid} " in rows[0]
+    finally:
+        brk.close()
+        for p in (stopped, running, gone):
+            p.kill()
+            p.wait(10)
+
+
+def test_a_subscribers_report_says_which_process_it_is(
+    namespace: str, thread_broker: Broker
+) -> None:
+    """The report carries the subscriber's pid namespace and start time, which the
+    broker keeps: what lets top tell a stopped subscriber from a gone one."""
+    from shmcast.broker._lease import pid_namespace, process_start_time
+
+    assert thread_broker.endpoints is not None
+    with (
+        Publisher("ticks", dtype="f8", shape=(4,), namespace=namespace) as pub,
+        Subscriber(["ticks"], namespace=namespace, name="me") as sub,
+        ControlClient(thread_broker.endpoints.control, timeout=5) as client,
+    ):
+
+        def shown() -> list[dict[str, object]]:
+            pub.publish(np.zeros(4))
+            for _ in sub.updates(timeout=0.05):
+                pass
+            rows: list[dict[str, object]] = client.request("subscribers")["subscribers"]
+            return rows
+
+        rows = wait_for(shown, 5, 0, "the subscriber's report")
+    assert rows[0]["pidns"] == pid_namespace()
+    assert rows[0]["started"] == process_start_time(os.getpid())
+
+
+def test_render_never_cuts_names_and_keeps_columns_aligned() -> None:
+    """Two subscribers whose names share their first 16 characters (one process
+    may hold both, one pid): before, the SUBSCRIBER column cut both to
+    ``strategy-momentu`` and their rows printed the same; a segment name longer
+    than 16 pushed its row's columns out of line."""
+    stats = {"shm_total": 1, "shm_free": 1}
+    names = ("marketdata.eurusd.bid", "t")
+    segs = [{"name": n, "version": 5, "age": 0.1, "size": 1, "slots": 2} for n in names]
+    subs = [
+        {"name": who, "pid": 7, "segments": {n: {"last_version": 5} for n in names}}
+        for who in ("strategy-momentum-eu", "strategy-momentum-us")
+    ]
+    lines = render("ns", "ep", Sample(t=1.0, segments=segs, subscribers=subs, stats=stats), None)
+    rows = [ln for ln in lines if ln.startswith("strategy-")]
+    assert len(set(rows)) == len(rows) == 4, rows
+    assert sum(ln.startswith("strategy-momentum-us ") for ln in rows) == 2
+    seg_table = [ln for ln in lines if ln.startswith(("SEGMENT", "marketdata.", "t "))]
+    sub_table = [ln for ln in lines if ln.startswith(("SUBSCRIBER", "strategy-"))]
+    for table, column in ((seg_table, "VERSION"), (sub_table, "VERSION")):
+        end = table[0].index(column) + len(column)  # right-aligned under its header
+        assert all(ln[end - 1] == "5" and ln[end] == " " for ln in table[1:]), table
