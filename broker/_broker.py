@@ -97,6 +97,15 @@ LOCK_ATTEMPTS = 10
 #: Seconds between looks at whether each segment's path still names its object
 #: (at most: once a heartbeat when that is slower).
 LOOK_INTERVAL = 1.0
+#: Frames a control request has at most: the routing id, an envelope (a REQ
+#: socket's empty frame, a proxy's ids) and the body. ``MAXMSGSIZE`` bounds each
+#: frame, not their number: one message of a million empty frames (2 MB sent) made
+#: a million Python objects, stalled the broker over 5 s, took 330 MiB and was
+#: echoed back whole as the reply's envelope.
+MAX_REQUEST_FRAMES = 8
+#: Frames of a message over :data:`MAX_REQUEST_FRAMES` thrown away per pass of the
+#: serving loop: the rest waits for the next pass, so heartbeats stay on time.
+DISCARD_BUDGET = 10_000
 
 
 def _report_value(key: object, value: object) -> bool:
@@ -161,6 +170,9 @@ class Broker(Service):
         self._next_look = 0.0  # monotonic time of the next look at the segments' paths
         #: Leases of deleted segments, held until a monotonic time (see _op_delete).
         self._held: list[tuple[float, Segment]] = []
+        #: Control sockets in the middle of a message of too many frames (see
+        #: _recv_request): its rest is read and dropped before the next request.
+        self._discarding: set[zmq.Socket[Any]] = set()
 
     # ------------------------------------------------------------------ public
 
@@ -654,10 +666,43 @@ class Broker(Service):
                 # Drain what is queued, bounded so heartbeats stay on time.
                 for _ in range(1000):
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = self._recv_request(sock)
                     except zmq.Again:
                         break
+                    if frames is None:
+                        if sock in self._discarding:
+                            break  # the rest of that message on the next pass
+                        continue
                     self._handle(sock, frames, self._role(role, frames[-1]))
+
+    def _recv_request(self, sock: zmq.Socket[Any]) -> list[zmq.Frame] | None:
+        """The frames of the next request on ``sock``, or None for a message of more
+        than :data:`MAX_REQUEST_FRAMES` frames: dropped (counted ``too_many_frames``),
+        its frames read and thrown away as they come, :data:`DISCARD_BUDGET` a call.
+
+        Raises:
+            zmq.Again: nothing is queued.
+        """
+        if sock in self._discarding:
+            self._discard(sock)
+            return None
+        frames = [sock.recv(zmq.NOBLOCK, copy=False)]
+        while frames[-1].more:  # libzmq delivers a message whole: no Again in it
+            if len(frames) == MAX_REQUEST_FRAMES:
+                self._count_error("too_many_frames")
+                self._discarding.add(sock)
+                self._discard(sock)
+                return None
+            frames.append(sock.recv(zmq.NOBLOCK, copy=False))
+        return frames
+
+    def _discard(self, sock: zmq.Socket[Any]) -> None:
+        """Throw away up to :data:`DISCARD_BUDGET` frames of the message being dropped."""
+        for _ in range(DISCARD_BUDGET):
+            if not sock.getsockopt(zmq.RCVMORE):
+                self._discarding.discard(sock)
+                return
+            sock.recv(zmq.NOBLOCK)
 
     def _tick(self) -> None:
         if self._data is not None:
