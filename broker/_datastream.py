@@ -128,6 +128,11 @@ MAX_BACKOFF = 5.0
 MAX_RELAY_FRAMES = 3
 #: Frames of a message over :data:`MAX_RELAY_FRAMES` thrown away per pass.
 DISCARD_BUDGET = 10_000
+#: Messages queued per relay connection before its sender must wait (backpressure,
+#: nothing dropped). A relay sends little (a hello, batched acks, pings), but each
+#: message may be two frames of up to ``max_message`` + ``HELLO_ALLOWANCE`` bytes:
+#: with 1000, four connections sending costly hellos held 680 MiB of the broker.
+RELAY_RCVHWM = 16
 #: Longest time the thread spends on relays' messages before it looks at its
 #: heartbeats, verdicts and sends again (s): a relay's message may cost a few ms
 #: (an ack of thousands of ids, a hello with thousands of versions), and a flood
@@ -352,7 +357,7 @@ class DataStream:
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.SNDHWM, 4 * MAX_WINDOW + 64)
-        router.setsockopt(zmq.RCVHWM, 1000)
+        router.setsockopt(zmq.RCVHWM, RELAY_RCVHWM)
         # A hello may be larger (HELLO_ALLOWANCE); other kinds are held to max_message
         # when they are unpacked.
         router.setsockopt(zmq.MAXMSGSIZE, self.max_message + HELLO_ALLOWANCE)

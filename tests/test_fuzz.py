@@ -435,6 +435,42 @@ def test_a_relay_message_of_too_many_frames_is_one_bad_message(
     assert stats.bad_messages == 1
 
 
+def test_a_data_connection_queues_few_messages_in_the_broker(
+    namespace: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each relay message may be two frames of max_message + HELLO_ALLOWANCE bytes,
+    and the broker queued 1000 messages per connection (four connections sending
+    costly hellos held 680 MiB). With the stream busy, a sender now waits after a
+    few: the broker holds RELAY_RCVHWM of them, the sender's own queue the rest."""
+    busy = threading.Event()
+    release = threading.Event()
+    on_message = _datastream.DataStream._on_message
+
+    def stuck(self: _datastream.DataStream, *args: Any) -> None:
+        busy.set()
+        release.wait(10)
+        on_message(self, *args)
+
+    monkeypatch.setattr(_datastream.DataStream, "_on_message", stuck)
+    cfg = BrokerConfig(namespace=namespace, data=f"ipc://{tmp_path / 'data.sock'}")
+    with Broker(cfg).start() as b:
+        data = b.data_stats()
+        assert data is not None
+        sock = _dealer(data.endpoint, SNDHWM=1, SNDBUF=4096)
+        big = b"\x00" * (MAX_REQUEST + _datastream.HELLO_ALLOWANCE - 64)
+        sent = 0
+        try:
+            sock.send_multipart([b"ping", pack({})])
+            assert busy.wait(5)
+            while sent < 2000 and sock.poll(500, zmq.POLLOUT):
+                sock.send_multipart([big, big], copy=False)
+                sent += 1
+        finally:
+            release.set()
+            sock.close(0)
+    assert sent < 200, sent  # before: over 1000 (each 270 KB)
+
+
 def test_a_relays_patterns_are_bounded_and_not_kept_by_the_process(namespace: str) -> None:
     """Patterns went through fnmatch's process-wide cache (32768 compiled patterns,
     of any length): 1000 hellos of 64 new 1000-character patterns each left the
