@@ -87,7 +87,7 @@ REPORT_SECONDS = frozenset({"p50", "p99"})
 #: Reporters kept at most (the least recent go first).
 MAX_REPORTS = 1024
 #: The requests a reader may make: nothing that changes the namespace.
-READER_OPS = frozenset({"hello", "list", "describe", "stats", "report", "subscribers"})
+READER_OPS = frozenset({"hello", "list", "describe", "stats", "report", "subscribers", "topics"})
 WRITER, READER = "writer", "reader"
 #: Seconds the leases of the segments unlinked at a clean stop are held (a
 #: writer's attach retries its lease for 0.2 s).
@@ -1005,6 +1005,8 @@ class Broker(Service):
             "data": self._data.endpoint if self._data else None,
             "heartbeat_interval": self.config.heartbeat_interval,
             "max_subscriptions": self.config.max_subscriptions,
+            "subscriptions": self._events.held() if self._events is not None else 0,
+            "max_message_bytes": self.config.max_message_bytes,
             "data_stream": self._data_health(),
         }
 
@@ -1204,6 +1206,23 @@ class Broker(Service):
         subs = [{**body, "age": now - t} for t, body in self._reports.values()]
         return {"subscribers": sorted(subs, key=lambda r: (r["name"], r["pid"]))}
 
+    def _op_topics(self, req: dict[str, Any]) -> dict[str, Any]:
+        """How many of the topics of ``names`` (and, with ``broker`` true, the
+        broker's own) the events endpoint does not hold yet, beside the topics it
+        holds and may hold: an ``events`` subscriber that would take it past
+        ``max_subscriptions`` (and into a reset per resubscription, for ever,
+        everyone's announcements lost) is refused before it subscribes."""
+        names = req.get("names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError("topics needs 'names', a list of segment names")
+        events = self._events
+        assert events is not None
+        tpcs = {topic(n) for n in names}
+        if req.get("broker") is True:
+            tpcs.add(BROKER_TOPIC)
+        new = sum(1 for t in tpcs if not events.subscribed(t))
+        return {"held": events.held(), "max": events.max_subscriptions, "new": new}
+
     _OPS: dict[str, Callable[[Broker, dict[str, Any]], dict[str, Any] | None]] = {  # noqa: RUF012
         "hello": _op_hello,
         "create": _op_create,
@@ -1215,6 +1234,7 @@ class Broker(Service):
         "stats": _op_stats,
         "report": _op_report,
         "subscribers": _op_subscribers,
+        "topics": _op_topics,
     }
 
     # ------------------------------------------------------------------ shutdown

@@ -292,6 +292,10 @@ class Events:
         announces each of its versions as it is committed, not only at its ticks."""
         return self._subscribed.get(tpc, 0) > 0
 
+    def held(self) -> int:
+        """The distinct topics the endpoint holds now."""
+        return self._count()
+
     def _count(self) -> int:
         try:
             self.topics = int(self.sock.getsockopt(zmq.TOPICS_COUNT))
