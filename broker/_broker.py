@@ -90,7 +90,7 @@ REPORT_SECONDS = frozenset({"p50", "p99"})
 #: Reporters kept at most (the least recent go first).
 MAX_REPORTS = 1024
 #: The requests a reader may make: nothing that changes the namespace.
-READER_OPS = frozenset({"hello", "list", "describe", "stats", "report", "subscribers"})
+READER_OPS = frozenset({"hello", "list", "describe", "stats", "report", "subscribers", "topics"})
 WRITER, READER = "writer", "reader"
 #: Seconds the leases of the segments unlinked at a clean stop are held (a
 #: writer's attach retries its lease for 0.2 s).
@@ -100,6 +100,15 @@ LOCK_ATTEMPTS = 10
 #: Seconds between looks at whether each segment's path still names its object
 #: (at most: once a heartbeat when that is slower).
 LOOK_INTERVAL = 1.0
+#: Frames a control request has at most: the routing id, an envelope (a REQ
+#: socket's empty frame, a proxy's ids) and the body. ``MAXMSGSIZE`` bounds each
+#: frame, not their number: one message of a million empty frames (2 MB sent) made
+#: a million Python objects, stalled the broker over 5 s, took 330 MiB and was
+#: echoed back whole as the reply's envelope.
+MAX_REQUEST_FRAMES = 8
+#: Frames of a message over :data:`MAX_REQUEST_FRAMES` thrown away per pass of the
+#: serving loop: the rest waits for the next pass, so heartbeats stay on time.
+DISCARD_BUDGET = 10_000
 
 
 def _report_value(key: object, value: object) -> bool:
@@ -164,6 +173,9 @@ class Broker(Service):
         self._next_look = 0.0  # monotonic time of the next look at the segments' paths
         #: Leases of deleted segments, held until a monotonic time (see _op_delete).
         self._held: list[tuple[float, Segment]] = []
+        #: Control sockets in the middle of a message of too many frames (see
+        #: _recv_request): its rest is read and dropped before the next request.
+        self._discarding: set[zmq.Socket[Any]] = set()
 
     # ------------------------------------------------------------------ public
 
@@ -657,10 +669,43 @@ class Broker(Service):
                 # Drain what is queued, bounded so heartbeats stay on time.
                 for _ in range(1000):
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = self._recv_request(sock)
                     except zmq.Again:
                         break
+                    if frames is None:
+                        if sock in self._discarding:
+                            break  # the rest of that message on the next pass
+                        continue
                     self._handle(sock, frames, self._role(role, frames[-1]))
+
+    def _recv_request(self, sock: zmq.Socket[Any]) -> list[zmq.Frame] | None:
+        """The frames of the next request on ``sock``, or None for a message of more
+        than :data:`MAX_REQUEST_FRAMES` frames: dropped (counted ``too_many_frames``),
+        its frames read and thrown away as they come, :data:`DISCARD_BUDGET` a call.
+
+        Raises:
+            zmq.Again: nothing is queued.
+        """
+        if sock in self._discarding:
+            self._discard(sock)
+            return None
+        frames = [sock.recv(zmq.NOBLOCK, copy=False)]
+        while frames[-1].more:  # libzmq delivers a message whole: no Again in it
+            if len(frames) == MAX_REQUEST_FRAMES:
+                self._count_error("too_many_frames")
+                self._discarding.add(sock)
+                self._discard(sock)
+                return None
+            frames.append(sock.recv(zmq.NOBLOCK, copy=False))
+        return frames
+
+    def _discard(self, sock: zmq.Socket[Any]) -> None:
+        """Throw away up to :data:`DISCARD_BUDGET` frames of the message being dropped."""
+        for _ in range(DISCARD_BUDGET):
+            if not sock.getsockopt(zmq.RCVMORE):
+                self._discarding.discard(sock)
+                return
+            sock.recv(zmq.NOBLOCK)
 
     def _tick(self) -> None:
         if self._data is not None:
@@ -963,6 +1008,8 @@ class Broker(Service):
             "data": self._data.endpoint if self._data else None,
             "heartbeat_interval": self.config.heartbeat_interval,
             "max_subscriptions": self.config.max_subscriptions,
+            "subscriptions": self._events.held() if self._events is not None else 0,
+            "max_message_bytes": self.config.max_message_bytes,
             "data_stream": self._data_health(),
         }
 
@@ -1178,6 +1225,23 @@ class Broker(Service):
         ]
         return {"subscribers": sorted(subs, key=lambda r: (r["name"], r["pid"]))}
 
+    def _op_topics(self, req: dict[str, Any]) -> dict[str, Any]:
+        """How many of the topics of ``names`` (and, with ``broker`` true, the
+        broker's own) the events endpoint does not hold yet, beside the topics it
+        holds and may hold: an ``events`` subscriber that would take it past
+        ``max_subscriptions`` (and into a reset per resubscription, for ever,
+        everyone's announcements lost) is refused before it subscribes."""
+        names = req.get("names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError("topics needs 'names', a list of segment names")
+        events = self._events
+        assert events is not None
+        tpcs = {topic(n) for n in names}
+        if req.get("broker") is True:
+            tpcs.add(BROKER_TOPIC)
+        new = sum(1 for t in tpcs if not events.subscribed(t))
+        return {"held": events.held(), "max": events.max_subscriptions, "new": new}
+
     _OPS: dict[str, Callable[[Broker, dict[str, Any]], dict[str, Any] | None]] = {  # noqa: RUF012
         "hello": _op_hello,
         "create": _op_create,
@@ -1189,6 +1253,7 @@ class Broker(Service):
         "stats": _op_stats,
         "report": _op_report,
         "subscribers": _op_subscribers,
+        "topics": _op_topics,
     }
 
     # ------------------------------------------------------------------ shutdown

@@ -122,6 +122,17 @@ ATTACH_RETRY = 0.5
 BAD_LOG_INTERVAL = 10.0
 #: Longest wait before the thread binds its endpoint again after a failure (s).
 MAX_BACKOFF = 5.0
+#: Frames of a relay's message: the routing id, the kind and the body. ``MAXMSGSIZE``
+#: bounds each frame, not their number: a longer message is a bad one, its frames
+#: read and dropped as they come (at most ``DISCARD_BUDGET`` a pass), never held.
+MAX_RELAY_FRAMES = 3
+#: Frames of a message over :data:`MAX_RELAY_FRAMES` thrown away per pass.
+DISCARD_BUDGET = 10_000
+#: Messages queued per relay connection before its sender must wait (backpressure,
+#: nothing dropped). A relay sends little (a hello, batched acks, pings), but each
+#: message may be two frames of up to ``max_message`` + ``HELLO_ALLOWANCE`` bytes:
+#: with 1000, four connections sending costly hellos held 680 MiB of the broker.
+RELAY_RCVHWM = 16
 #: Longest time the thread spends on relays' messages before it looks at its
 #: heartbeats, verdicts and sends again (s): a relay's message may cost a few ms
 #: (an ack of thousands of ids, a hello with thousands of versions), and a flood
@@ -297,6 +308,7 @@ class DataStream:
         self.last_error = ""
         self._missing: dict[str, float] = {}  # segment -> when to try opening it again
         self._ipc: tuple[str, int] | None = None  # the socket file we bound, and its inode
+        self._discarding = False  # in the middle of a message of too many frames
 
     # ------------------------------------------------------------------ control
 
@@ -345,7 +357,7 @@ class DataStream:
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.SNDHWM, 4 * MAX_WINDOW + 64)
-        router.setsockopt(zmq.RCVHWM, 1000)
+        router.setsockopt(zmq.RCVHWM, RELAY_RCVHWM)
         # A hello may be larger (HELLO_ALLOWANCE); other kinds are held to max_message
         # when they are unpacked.
         router.setsockopt(zmq.MAXMSGSIZE, self.max_message + HELLO_ALLOWANCE)
@@ -501,6 +513,7 @@ class DataStream:
         self._pending.clear()
         self._copy_bytes = 0
         self._dirty.clear()
+        self._discarding = False  # a new socket: no message half read
 
     def _serve(self, router: zmq.Socket[Any], wake: zmq.Socket[Any]) -> None:
         poller = zmq.Poller()
@@ -623,9 +636,13 @@ class DataStream:
             if time.monotonic() > until:
                 return  # the rest waits in the socket: heartbeats and sends go first
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK)
+                frames = self._recv(router, now)
             except zmq.Again:
                 return
+            if frames is None:
+                if self._discarding:
+                    return  # its rest on the next pass: heartbeats and sends go first
+                continue
             if len(frames) < 2:
                 continue
             ident, kind = frames[0], frames[1]
@@ -634,14 +651,45 @@ class DataStream:
                 body = unpack(frames[2], limit) if len(frames) > 2 else {}
                 self._on_message(router, ident, kind, body, now)
             except (ValueError, TypeError, KeyError) as exc:
-                # Counted, and logged once per BAD_LOG_INTERVAL: anyone who reaches
-                # the endpoint could otherwise fill the broker's log.
-                self.bad_messages += 1
-                if now >= self._next_bad_log:
-                    self._next_bad_log = now + BAD_LOG_INTERVAL
-                    log.warning("bad message from a relay: %s (%d so far; the next such "
-                                "line in %.0f s at the earliest)", exc, self.bad_messages,
-                                BAD_LOG_INTERVAL)  # fmt: skip
+                self._bad(exc, now)
+
+    def _bad(self, what: object, now: float) -> None:
+        """Count a bad message, and log it once per BAD_LOG_INTERVAL: anyone who
+        reaches the endpoint could otherwise fill the broker's log."""
+        self.bad_messages += 1
+        if now >= self._next_bad_log:
+            self._next_bad_log = now + BAD_LOG_INTERVAL
+            log.warning("bad message from a relay: %s (%d so far; the next such "
+                        "line in %.0f s at the earliest)", what, self.bad_messages,
+                        BAD_LOG_INTERVAL)  # fmt: skip
+
+    def _recv(self, router: zmq.Socket[Any], now: float) -> list[bytes] | None:
+        """The frames of the next message, or None for one of more than
+        :data:`MAX_RELAY_FRAMES` frames: a bad message, dropped, its frames thrown
+        away :data:`DISCARD_BUDGET` a call (``_discarding`` until they all are).
+
+        Raises:
+            zmq.Again: nothing is queued.
+        """
+        if self._discarding:
+            self._discard(router)
+            return None
+        frames = [router.recv(zmq.NOBLOCK)]
+        while router.getsockopt(zmq.RCVMORE):  # a message comes whole: no Again in it
+            if len(frames) == MAX_RELAY_FRAMES:
+                self._bad(f"a message of more than {MAX_RELAY_FRAMES} frames, dropped", now)
+                self._discarding = True
+                self._discard(router)
+                return None
+            frames.append(router.recv(zmq.NOBLOCK))
+        return frames
+
+    def _discard(self, router: zmq.Socket[Any]) -> None:
+        for _ in range(DISCARD_BUDGET):
+            if not router.getsockopt(zmq.RCVMORE):
+                self._discarding = False
+                return
+            router.recv(zmq.NOBLOCK)
 
     def _refuse(self, router: zmq.Socket[Any], ident: bytes, reason: str) -> NoReturn:
         """Tell a relay why its hello is refused (it logs it), then count it as bad."""

@@ -5,7 +5,9 @@ Control (client DEALER -> broker ROUTER): one frame, a msgpack map
 ``{"id": int, "ok": True, ...}`` or ``{"id": int, "ok": False, "error": kind,
 "message": str}``. ``commit`` is one-way unless it carries ``"ack": True``;
 ``report`` (a subscriber's counters, about once a second) is always one-way, and
-``subscribers`` returns the reports heard in the last few seconds.
+``subscribers`` returns the reports heard in the last few seconds; ``topics``
+(``names``, ``broker``) how many of those segments' topics (and the broker's) the
+events endpoint does not hold yet, beside those it holds (``held``) and ``max``.
 
 Events (broker PUB -> SUB): two frames, ``[topic, body]``. The topic is the
 segment name followed by a NUL byte (``b"ticks\\0"``), so a subscription to

@@ -71,6 +71,7 @@ from shmcast.broker.errors import (
     ConfigError,
     NotASegmentError,
     NoVersionError,
+    RemoteError,
     SegmentNotFoundError,
     SegmentUnreachableError,
     ShmcastError,
@@ -171,8 +172,9 @@ class Subscriber(Closing):
         NotASegmentError: ``futex``/``spin`` mode and what holds a name is no
             valid segment (named with its fix, ``shmcast doctor --fix``).
         ConfigError: ``events`` mode and more segments than the broker's events
-            endpoint holds topics (its ``max_subscriptions``); ``shm``/``events``
-            and a ``broker`` that is no endpoint ZeroMQ can connect to.
+            endpoint holds topics (its ``max_subscriptions``), or than it has room
+            for beside other subscribers' topics; ``shm``/``events`` and a
+            ``broker`` that is no endpoint ZeroMQ can connect to.
         ValueError: a bad segment name or wait mode, a ``name`` that is no
             non-empty string, or a ``timeout`` or ``heartbeat_timeout`` that is not
             a finite number of seconds > 0.
@@ -328,6 +330,9 @@ class Subscriber(Closing):
                 f"(max_subscriptions); use wait='shm' (no topic per segment), or raise "
                 f"the broker's max_subscriptions",
             )
+        held = hello.get("subscriptions")
+        if isinstance(limit, int) and isinstance(held, int) and held + len(self.names) >= limit:
+            self._check_room(hello, limit)
         sub: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 100_000)
@@ -342,6 +347,42 @@ class Subscriber(Closing):
         self._snapshot(first=True)
         self._broker_up = True
         self._last_heartbeat = time.monotonic()
+
+    def _check_room(self, hello: dict[str, Any], limit: int) -> None:
+        """Refuse to take the broker's events endpoint past its ``max_subscriptions``
+        with the topics other subscribers hold: it would reset, they and we would
+        subscribe again, and it would reset again, for ever (23 resets in 3 s for
+        three subscribers of 8 segments over 16; each lost announcements). The
+        broker says how many of our topics it does not hold yet (a broker without
+        the ``topics`` request is not asked)."""
+        most = hello.get("max_message_bytes")
+        budget = max(512, (most if isinstance(most, int) else 1024) // 2)
+        chunks: list[list[str]] = [[]]
+        size = 0
+        for name in self.names:
+            if chunks[-1] and size + len(name) + 8 > budget:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(name)
+            size += len(name) + 8
+        assert self._client is not None
+        new, held = 0, 0
+        try:
+            for i, chunk in enumerate(chunks):
+                reply = self._client.request("topics", names=chunk, broker=i == 0)
+                new += int(reply["new"])
+                held = int(reply["held"])
+        except (RemoteError, KeyError, TypeError, ValueError):
+            return  # an older broker: the endpoint's reset still bounds it
+        if held + new > limit:
+            raise ConfigError(
+                "segments",
+                f"{len(self.names)} segments in wait='events' add {new} topics to the "
+                f"{held} the broker's events endpoint holds for other subscribers, over "
+                f"its max_subscriptions ({limit}): it would reset over and over, every "
+                f"events subscriber losing announcements; use wait='shm' (no topic per "
+                f"segment), or raise the broker's max_subscriptions",
+            )
 
     def _connect_shm(self, broker: str | None, timeout: float, hb_timeout: float | None) -> None:
         self._control(broker, timeout, hb_timeout)

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
-from shmcast.broker import Broker, BrokerConfig, Segment, _datastream
+from shmcast.broker import Broker, BrokerConfig, Segment, _broker, _datastream
 from shmcast.broker._broker import MAX_REPORTS
 from shmcast.broker._metrics import BrokerCollector
 from shmcast.broker.client import (
@@ -195,6 +195,30 @@ def test_oversized_frames_are_dropped(broker: Broker) -> None:
             big.close()
     with ControlClient(broker.endpoints.control) as ctl:
         assert ctl.request("hello")["ok"] is True
+
+
+def test_a_request_of_too_many_frames_is_dropped_and_counted(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``MAXMSGSIZE`` bounds each frame, not their number: a message of a million
+    empty frames became a million Python objects, stalled the broker for seconds and
+    was echoed back whole as the reply's envelope. Past MAX_REQUEST_FRAMES it is
+    dropped and counted, its frames thrown away a budget at a time; the same
+    connection is served next, and an envelope of a few frames still is."""
+    monkeypatch.setattr(_broker, "DISCARD_BUDGET", 100, raising=False)  # 50 passes
+    assert broker.endpoints is not None
+    raw = _Raw(broker.endpoints.control)
+    try:
+        raw.sock.send_multipart([b""] * 5000 + [_encode({"op": "hello", "id": 1})])
+        raw.sock.send_multipart([b"", _encode({"op": "hello", "id": 2})])  # REQ's envelope
+        assert raw.sock.poll(5000)
+        frames = raw.sock.recv_multipart()
+        assert len(frames) == 2, len(frames)  # before: the 5000 frames came back
+        assert frames[0] == b""
+        assert unpack(frames[1])["id"] == 2
+    finally:
+        raw.close()
+    assert broker.stats().errors.get("too_many_frames") == 1
 
 
 def test_reports_keep_known_counters_only_and_a_bounded_number_of_reporters(
@@ -383,6 +407,68 @@ def test_a_client_that_never_reads_cannot_inflate_the_dropped_versions(
             sock.close(0)
     assert stats is not None
     assert (stats.sent, stats.dropped) == (0, 0)
+
+
+def test_a_relay_message_of_too_many_frames_is_one_bad_message(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay's message is three frames (id, kind, body); one of 5000 was taken
+    whole (a hello with 4997 frames after its body was welcomed). It is now a bad
+    message, its frames thrown away a budget at a time, and the next hello served."""
+    monkeypatch.setattr(_datastream, "DISCARD_BUDGET", 100, raising=False)
+    cfg = BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0")
+    with Broker(cfg).start() as b:
+        data = b.data_stats()
+        assert data is not None
+        sock = _dealer(data.endpoint)
+        try:
+            hello = pack({"patterns": ["x"]})
+            sock.send_multipart([b"hello", hello, *([b""] * 4997)])
+            sock.send_multipart([b"hello", pack({"patterns": ["y"]})])
+            assert sock.poll(5000)
+            assert sock.recv_multipart()[0] == b"welcome"
+            assert not sock.poll(200)  # one welcome: the long one was not taken
+            stats = b.data_stats()
+        finally:
+            sock.close(0)
+    assert stats is not None
+    assert stats.bad_messages == 1
+
+
+def test_a_data_connection_queues_few_messages_in_the_broker(
+    namespace: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each relay message may be two frames of max_message + HELLO_ALLOWANCE bytes,
+    and the broker queued 1000 messages per connection (four connections sending
+    costly hellos held 680 MiB). With the stream busy, a sender now waits after a
+    few: the broker holds RELAY_RCVHWM of them, the sender's own queue the rest."""
+    busy = threading.Event()
+    release = threading.Event()
+    on_message = _datastream.DataStream._on_message
+
+    def stuck(self: _datastream.DataStream, *args: Any) -> None:
+        busy.set()
+        release.wait(10)
+        on_message(self, *args)
+
+    monkeypatch.setattr(_datastream.DataStream, "_on_message", stuck)
+    cfg = BrokerConfig(namespace=namespace, data=f"ipc://{tmp_path / 'data.sock'}")
+    with Broker(cfg).start() as b:
+        data = b.data_stats()
+        assert data is not None
+        sock = _dealer(data.endpoint, SNDHWM=1, SNDBUF=4096)
+        big = b"\x00" * (MAX_REQUEST + _datastream.HELLO_ALLOWANCE - 64)
+        sent = 0
+        try:
+            sock.send_multipart([b"ping", pack({})])
+            assert busy.wait(5)
+            while sent < 2000 and sock.poll(500, zmq.POLLOUT):
+                sock.send_multipart([big, big], copy=False)
+                sent += 1
+        finally:
+            release.set()
+            sock.close(0)
+    assert sent < 200, sent  # before: over 1000 (each 270 KB)
 
 
 def test_a_relays_patterns_are_bounded_and_not_kept_by_the_process(namespace: str) -> None:

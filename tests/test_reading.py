@@ -1102,3 +1102,32 @@ def test_an_events_subscriber_of_more_segments_than_the_broker_holds_topics_is_r
         assert broker._events.resets == 0
     finally:
         broker.close()
+
+
+def test_events_subscribers_that_together_exceed_the_brokers_topics_are_refused(
+    namespace: str,
+) -> None:
+    """Each under ``max_subscriptions``, together over it: the endpoint reset, they
+    all subscribed again, it reset again (a reviewer: 23 resets in 3 s for three
+    subscribers of 8 segments over 16, each missing 160-320 of 2312 versions).
+    The one that would take it over is refused before it subscribes; one of
+    topics already held still fits."""
+    from shmcast.broker import BrokerConfig, ConfigError
+    from shmcast.cli.testing import wait_for
+
+    broker = Broker(BrokerConfig(namespace=namespace, max_subscriptions=16)).start()
+    try:
+        assert broker._events is not None
+        events = broker._events
+        with Subscriber([f"a{i}" for i in range(8)], wait="events") as first:
+            wait_for(lambda: broker.stats().subscriptions >= 9, 5, what="its 8 and @broker")
+            assert broker.stats().subscriptions == 9
+            with pytest.raises(ConfigError, match=r"add 8 topics to the 9 .*wait='shm'"):
+                Subscriber([f"b{i}" for i in range(8)], wait="events")
+            with Subscriber([f"a{i}" for i in range(8)], wait="events") as same:
+                list(same.updates(timeout=0.2))
+            list(first.updates(timeout=0.2))
+            assert first.broker_up
+        assert events.resets == 0
+    finally:
+        broker.close()
