@@ -342,6 +342,8 @@ class ZenohBridge(Service):
         self._retry_at: dict[str, float] = {}
         #: Names refused for the limits (warned once each).
         self._over: set[str] = set()
+        #: Keys whose latest version is being asked for (one get at a time each).
+        self._asking: set[str] = set()
         self._put_kind: Any = None
         self._import_lock = threading.Lock()
         self._local: LocalBroker | None = None
@@ -699,12 +701,30 @@ class ZenohBridge(Service):
 
     def _ask_latest(self, key: str) -> None:
         """Ask the exporter of ``key`` for its latest version; the reply comes to
-        :meth:`_on_reply` (never block in a Zenoh callback)."""
-        if not self._stop.is_set():
-            with contextlib.suppress(Exception):
-                self._session.get(
-                    key, self._zenoh.handlers.Callback(self._on_reply, indirect=False), timeout=5.0
-                )
+        :meth:`_on_reply` (never block in a Zenoh callback). One get per key at a
+        time, and at most ``MAX_WARNED`` keys at once: a peer flapping a token
+        made a get per appearance, each one the exporter's latest version sent
+        again (a 1 MiB reply each)."""
+        if self._stop.is_set():
+            return
+        with self._import_lock:
+            if key in self._asking or len(self._asking) >= MAX_WARNED:
+                return
+            self._asking.add(key)
+        done = functools.partial(self._asked, key)
+        try:
+            self._session.get(
+                key,
+                self._zenoh.handlers.Callback(self._on_reply, drop=done, indirect=False),
+                timeout=5.0,
+            )
+        except Exception:  # closed under us: nothing asked
+            done()
+
+    def _asked(self, key: str) -> None:
+        """A get of :meth:`_ask_latest` is over (answered, or timed out)."""
+        with self._import_lock:
+            self._asking.discard(key)
 
     def _on_reply(self, reply: Any) -> None:
         sample = getattr(reply, "ok", None)

@@ -738,6 +738,69 @@ def test_a_flood_of_refused_names_is_warned_of_a_bounded_number_of_times(
         imp.close()
 
 
+class _CountedGets:
+    """Stands in for a bridge's Zenoh session and counts its gets."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.gets = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+    def get(self, *args: Any, **kw: Any) -> Any:
+        self.gets += 1
+        return self.session.get(*args, **kw)
+
+
+def test_a_flapping_liveliness_token_queues_and_asks_a_bounded_amount(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """A peer declaring and undeclaring a token on a mirrored key in a loop: each
+    change queued a catalog update (two broker requests) behind the mirrors' own
+    requests, without bound (55,000 queued after 3 s of flapping), and each
+    appearance sent a get to the exporter. Now the latest state of each name
+    waits in one queued job, and one get per key is out at a time."""
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",))
+    session = _plain_session(router)
+    counted = _CountedGets(imp._session)
+    try:
+        wait_for(lambda: _put(session, "f", 1) or _version(imp, "f") == 1, 20, what="mirror f")
+        assert imp._local is not None
+        jobs = imp._local._jobs
+        queued: list[int] = []
+        real_put = jobs.put
+
+        def put(item: Any, *args: Any, **kw: Any) -> None:
+            queued.append(jobs.qsize())
+            real_put(item, *args, **kw)
+
+        jobs.put = put  # type: ignore[method-assign]
+        imp._session = counted
+        # A queryable that holds each query unanswered: a get stays out until the end.
+        held: list[Any] = []
+        queryable = session.declare_queryable(
+            "shmcast/far/f", zenoh.handlers.Callback(held.append, indirect=False)
+        )
+        liveliness = session.liveliness()
+        for _ in range(300):
+            liveliness.declare_token("shmcast/far/f").undeclare()
+        wait_for(lambda: _entry(b, "f").get("upstream_up") is False, 10, what="upstream down")
+        token = liveliness.declare_token("shmcast/far/f")
+        wait_for(lambda: _entry(b, "f").get("upstream_up") is True, 10, what="upstream up")
+        token.undeclare()
+        assert max(queued) <= 2, max(queued)
+        assert counted.gets == 1  # one at a time (was one per appearance)
+        assert Segment.list(b) == ["f"]
+        held.clear()
+        queryable.undeclare()
+    finally:
+        imp._session = counted.session
+        session.close()
+        imp.close()
+
+
 def test_a_restarted_importer_follows_an_upstream_recreated_meanwhile(
     router: str, two_sides: tuple[str, str]
 ) -> None:
