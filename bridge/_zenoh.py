@@ -98,6 +98,9 @@ SOURCE_PREFIX = "zenoh:"
 RETRY_SECONDS = 5.0
 #: Names remembered for a warning given once, or a retry: at most this many.
 MAX_WARNED = 1024
+#: Seconds between two new incarnations of one name mirrored: one sooner after the
+#: last is held (the latest of the name) until then.
+RENEW_SECONDS = 1.0
 
 
 def _load_zenoh() -> Any:
@@ -288,6 +291,9 @@ class _Counts:
     #: The next mirror follows a new incarnation upstream: versions before its
     #: first one were committed there and never came here.
     renewed: bool = False
+    #: When a mirror last went for a new incarnation (``time.monotonic()``): the
+    #: next one waits until :data:`RENEW_SECONDS` later.
+    renewed_at: float = float("-inf")
 
 
 @dataclass
@@ -340,10 +346,13 @@ class ZenohBridge(Service):
         self._pending: dict[str, _Pending] = {}
         #: Names refused by the local broker, and when to try again.
         self._retry_at: dict[str, float] = {}
-        #: Names refused for the limits (warned once each).
+        #: Names warned of once: refused for the limits, or a new incarnation held.
         self._over: set[str] = set()
         #: Keys whose latest version is being asked for (one get at a time each).
         self._asking: set[str] = set()
+        #: The latest sample of a new incarnation of a name that went for one less
+        #: than RENEW_SECONDS ago (mirrored names only: at most max_mirrors).
+        self._held: dict[str, _Pending] = {}
         self._put_kind: Any = None
         self._import_lock = threading.Lock()
         self._local: LocalBroker | None = None
@@ -551,6 +560,7 @@ class ZenohBridge(Service):
             if now >= next_sync:
                 self._sync_exports(client)
                 self._check_mirrors()
+                self._renew_held()
                 next_sync = now + interval
             with self._lock:
                 exports = list(self._exports.values())
@@ -819,9 +829,12 @@ class ZenohBridge(Service):
                 return m
             if not live:
                 return None  # a reply from before the new incarnation: ignore it
-        if name in self._pending:
+        if (old := self._pending.get(name)) is not None:
             # Being made: the latest is committed once it is (one it replaces is a
-            # gap in the versions, counted skipped then).
+            # gap in the versions, counted skipped then; one of another incarnation
+            # is never mirrored: refused).
+            if old.frame.incarnation != frame.incarnation:
+                self.refused += 1
             self._pending[name] = _Pending(key, frame, payload)
             return None
         if time.monotonic() < self._retry_at.get(name, 0.0):
@@ -843,6 +856,13 @@ class ZenohBridge(Service):
                 )  # fmt: skip
             return None
         if m is not None:
+            assert c is not None  # a mirror's name has its counts
+            now = time.monotonic()
+            if now < c.renewed_at + RENEW_SECONDS:
+                self._hold(key, name, frame, payload)
+                return None
+            self._held.pop(name, None)
+            c.renewed_at = now
             log.info("%s: new incarnation upstream; recreating the mirror", key)
             self._drop_mirror(m, delete=True)
         if c is None:
@@ -869,6 +889,43 @@ class ZenohBridge(Service):
             )
         )
         return None
+
+    def _hold(self, key: str, name: str, frame: Frame, payload: bytes) -> None:
+        """Keep the latest sample of a new incarnation of ``name`` until
+        :data:`RENEW_SECONDS` after the name's last new incarnation
+        (:meth:`_renew_held` makes it then). A peer alternating incarnations on a
+        key made each sample delete the mirror and make another (220 a second for
+        one name), local readers seeing one incarnation after another. A held
+        sample replaced by one of another incarnation is never mirrored: refused,
+        counted. (Of the same incarnation, its version is a gap, counted skipped
+        once the mirror is made.) Called with the import lock held."""
+        old = self._held.get(name)
+        if old is None:
+            if name not in self._over and len(self._over) < MAX_WARNED:
+                self._over.add(name)
+                log.warning("%s: a new incarnation upstream less than %.0f s after the last: "
+                            "holding it until then (a peer alternating incarnations?)",
+                            key, RENEW_SECONDS)  # fmt: skip
+        elif old.frame.incarnation != frame.incarnation:
+            self.refused += 1
+        self._held[name] = _Pending(key, frame, payload)
+
+    def _renew_held(self) -> None:
+        """Make the mirrors of the held new incarnations whose time has come (the
+        export loop's thread, with each look at the catalog)."""
+        with self._import_lock:
+            if not self._held:
+                return
+            now = time.monotonic()
+            for name, held in list(self._held.items()):
+                c = self._counts.get(name)
+                if c is not None and now < c.renewed_at + RENEW_SECONDS:
+                    continue
+                del self._held[name]
+                f = held.frame
+                m = self._mirror(held.key, name, f, held.payload, live=True)
+                if m is not None:
+                    self._commit(held.key, m, (f.version, f.timestamp_ns), held.payload)
 
     def _collect(self) -> None:
         """Take in the mirrors the local thread made or could not make (its thread)."""
@@ -1014,7 +1071,8 @@ class BridgeCollector(Collector):
             ),
             (
                 "refused_samples",
-                "Samples not mirrored: over --max-mirrors or --max-mirror-bytes",
+                "Samples not mirrored: over --max-mirrors or --max-mirror-bytes, or a "
+                "new incarnation replaced by another before its mirror was made",
                 st.refused,
             ),
         ):

@@ -801,6 +801,41 @@ def test_a_flapping_liveliness_token_queues_and_asks_a_bounded_amount(
         imp.close()
 
 
+def test_a_peer_alternating_incarnations_remakes_a_mirror_a_bounded_number_of_times(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """A peer putting a new incarnation on a mirrored key with every sample: each one
+    deleted the mirror and made another (220 a second for one name), local readers
+    seeing one incarnation after another. A new incarnation less than
+    ``RENEW_SECONDS`` (1 s) after the name's last one is held, the latest one, and
+    made then; each one never mirrored is counted refused."""
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), catalog_interval=0.1)
+    session = _plain_session(router)
+    try:
+        wait_for(lambda: _put(session, "a", 1) or _version(imp, "a") == 1, 20, what="mirror a")
+        assert imp._local is not None
+        made: list[str] = []
+        real_create = imp._local.create
+        imp._local.create = lambda spec: made.append(spec.name) or real_create(spec)  # type: ignore[method-assign]
+        before = imp.stats()
+        flips = 30
+        for i in range(flips):
+            _put(session, "a", 1, incarnation=100 + i)
+            time.sleep(0.005)
+        last = 100 + flips - 1
+        wait_for(lambda: getattr(imp._mirrors.get("a"), "incarnation", 0) == last
+                 and _version(imp, "a") == 1, 10, what="the last incarnation mirrored")  # fmt: skip
+        after = imp.stats()
+        assert len(made) <= 2, len(made)  # was one per sample, as fast as the broker went
+        received = after.imported["a"]["received"] - before.imported["a"]["received"]
+        assert received + after.refused - before.refused == flips  # each one counted
+        assert Segment.list(b) == ["a"]
+    finally:
+        session.close()
+        imp.close()
+
+
 def test_a_restarted_importer_follows_an_upstream_recreated_meanwhile(
     router: str, two_sides: tuple[str, str]
 ) -> None:
