@@ -56,6 +56,7 @@ from shmcast.broker import (
 from shmcast.broker.client import (
     MAX_VERSION,
     NAMESPACE_ENV,
+    SHM_DIR,
     ControlClient,
     CurveKeyTriple,
     client_curve,
@@ -98,9 +99,22 @@ SOURCE_PREFIX = "zenoh:"
 RETRY_SECONDS = 5.0
 #: Names remembered for a warning given once, or a retry: at most this many.
 MAX_WARNED = 1024
+#: Share of /dev/shm that imports leave free for everything else: a mirror that
+#: would leave less is refused (mirrors are mapped with MAP_POPULATE: each one
+#: takes all its bytes at once).
+SHM_RESERVE = 0.1
 #: Seconds between two new incarnations of one name mirrored: one sooner after the
 #: last is held (the latest of the name) until then.
 RENEW_SECONDS = 1.0
+
+
+def _shm_space() -> tuple[int, int] | None:
+    """``(size, free bytes)`` of /dev/shm, or None when it cannot be told."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
 
 def _load_zenoh() -> Any:
@@ -133,7 +147,9 @@ class BridgeConfig:
             new key makes a local segment: samples of further keys are refused
             (counted, logged).
         max_mirror_bytes: largest segment made for an import (all its slots); a
-            sample announcing a larger layout is refused (counted, logged).
+            sample announcing a larger layout is refused (counted, logged), and so
+            is one whose mirror would leave less than ``SHM_RESERVE`` (10%) of
+            /dev/shm free.
         catalog_interval: seconds between looks at the local catalog (new,
             deleted or recreated segments to export).
         connect_timeout: seconds to reach a ``connect`` endpoint at start (an
@@ -855,6 +871,16 @@ class ZenohBridge(Service):
                     self.config.max_mirrors,
                 )  # fmt: skip
             return None
+        if (free := self._shm_short(size)) is not None:
+            self.refused += 1
+            if name not in self._over and len(self._over) < MAX_WARNED:
+                self._over.add(name)
+                log.warning(
+                    "not mirroring %s: a %d-byte segment, with %d bytes free in %s; "
+                    "imports leave %.0f%% of it free for this host's own segments",
+                    key, size, free, SHM_DIR, SHM_RESERVE * 100,
+                )  # fmt: skip
+            return None
         if m is not None:
             assert c is not None  # a mirror's name has its counts
             now = time.monotonic()
@@ -889,6 +915,20 @@ class ZenohBridge(Service):
             )
         )
         return None
+
+    def _shm_short(self, size: int) -> int | None:
+        """None if a mirror of ``size`` bytes leaves ``SHM_RESERVE`` of /dev/shm
+        free (counting the mirrors being made), else the bytes free. Any peer may
+        put on an imported key: the limits alone let 256 mirrors of 1 GiB each
+        fill /dev/shm, leaving no room for local publishers. Called with the
+        import lock held."""
+        space = _shm_space()
+        if space is None:
+            return None
+        total, free = space
+        slots = self.config.slots
+        making = sum(segment_size(p.frame.nbytes, slots) for p in self._pending.values())
+        return None if free - making - size >= total * SHM_RESERVE else free
 
     def _hold(self, key: str, name: str, frame: Frame, payload: bytes) -> None:
         """Keep the latest sample of a new incarnation of ``name`` until

@@ -710,6 +710,37 @@ def test_a_peer_can_take_no_local_segment_and_only_bounded_shared_memory(
         imp.close()
 
 
+def test_imports_leave_a_share_of_dev_shm_free(
+    router: str,
+    two_sides: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each mirror takes all its bytes in /dev/shm at once (MAP_POPULATE), and the
+    limits alone let 256 mirrors of 1 GiB each be made: 23 samples of 255 MiB
+    fill a 23 GiB /dev/shm, leaving no room for local publishers. A mirror that
+    would leave less than ``SHM_RESERVE`` (10%) of /dev/shm free is refused; here
+    /dev/shm is said to be 1 MiB with 150 KiB free."""
+    monkeypatch.setattr(bridge_zenoh, "_shm_space", lambda: (1 << 20, 150 << 10))
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), max_mirror_bytes=1 << 20)
+    session = _plain_session(router)
+    try:
+        wait_for(lambda: _put(session, "m", 1) or _version(imp, "m") == 1, 20, what="mirror m")
+        with caplog.at_level("WARNING", logger=bridge_zenoh.__name__):
+            _put(session, "big", 1, shape=(8 << 10,))  # 64 KiB a slot: 260 KiB
+            wait_for(lambda: imp.stats().refused == 1, 10, what="the large one refused")
+            _put(session, "m", 1, incarnation=4, shape=(8 << 10,))  # m, too large now
+            wait_for(lambda: imp.stats().refused == 2, 10, what="m's new incarnation refused")
+        assert any("free in /dev/shm" in r.getMessage() for r in caplog.records)
+        assert Segment.list(b) == ["m"]
+        with Segment.attach("m", namespace=b) as mirror:
+            assert (mirror.version, mirror.shape) == (1, (4,))  # kept as it was
+    finally:
+        session.close()
+        imp.close()
+
+
 def test_a_flood_of_refused_names_is_warned_of_a_bounded_number_of_times(
     router: str,
     two_sides: tuple[str, str],
