@@ -56,6 +56,7 @@ from shmcast.broker import (
 from shmcast.broker.client import (
     MAX_VERSION,
     NAMESPACE_ENV,
+    SHM_DIR,
     ControlClient,
     CurveKeyTriple,
     client_curve,
@@ -98,6 +99,22 @@ SOURCE_PREFIX = "zenoh:"
 RETRY_SECONDS = 5.0
 #: Names remembered for a warning given once, or a retry: at most this many.
 MAX_WARNED = 1024
+#: Share of /dev/shm that imports leave free for everything else: a mirror that
+#: would leave less is refused (mirrors are mapped with MAP_POPULATE: each one
+#: takes all its bytes at once).
+SHM_RESERVE = 0.1
+#: Seconds between two new incarnations of one name mirrored: one sooner after the
+#: last is held (the latest of the name) until then.
+RENEW_SECONDS = 1.0
+
+
+def _shm_space() -> tuple[int, int] | None:
+    """``(size, free bytes)`` of /dev/shm, or None when it cannot be told."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
 
 def _load_zenoh() -> Any:
@@ -130,7 +147,9 @@ class BridgeConfig:
             new key makes a local segment: samples of further keys are refused
             (counted, logged).
         max_mirror_bytes: largest segment made for an import (all its slots); a
-            sample announcing a larger layout is refused (counted, logged).
+            sample announcing a larger layout is refused (counted, logged), and so
+            is one whose mirror would leave less than ``SHM_RESERVE`` (10%) of
+            /dev/shm free.
         catalog_interval: seconds between looks at the local catalog (new,
             deleted or recreated segments to export).
         connect_timeout: seconds to reach a ``connect`` endpoint at start (an
@@ -288,6 +307,9 @@ class _Counts:
     #: The next mirror follows a new incarnation upstream: versions before its
     #: first one were committed there and never came here.
     renewed: bool = False
+    #: When a mirror last went for a new incarnation (``time.monotonic()``): the
+    #: next one waits until :data:`RENEW_SECONDS` later.
+    renewed_at: float = float("-inf")
 
 
 @dataclass
@@ -340,8 +362,13 @@ class ZenohBridge(Service):
         self._pending: dict[str, _Pending] = {}
         #: Names refused by the local broker, and when to try again.
         self._retry_at: dict[str, float] = {}
-        #: Names refused for the limits (warned once each).
+        #: Names warned of once: refused for the limits, or a new incarnation held.
         self._over: set[str] = set()
+        #: Keys whose latest version is being asked for (one get at a time each).
+        self._asking: set[str] = set()
+        #: The latest sample of a new incarnation of a name that went for one less
+        #: than RENEW_SECONDS ago (mirrored names only: at most max_mirrors).
+        self._held: dict[str, _Pending] = {}
         self._put_kind: Any = None
         self._import_lock = threading.Lock()
         self._local: LocalBroker | None = None
@@ -549,6 +576,7 @@ class ZenohBridge(Service):
             if now >= next_sync:
                 self._sync_exports(client)
                 self._check_mirrors()
+                self._renew_held()
                 next_sync = now + interval
             with self._lock:
                 exports = list(self._exports.values())
@@ -699,12 +727,30 @@ class ZenohBridge(Service):
 
     def _ask_latest(self, key: str) -> None:
         """Ask the exporter of ``key`` for its latest version; the reply comes to
-        :meth:`_on_reply` (never block in a Zenoh callback)."""
-        if not self._stop.is_set():
-            with contextlib.suppress(Exception):
-                self._session.get(
-                    key, self._zenoh.handlers.Callback(self._on_reply, indirect=False), timeout=5.0
-                )
+        :meth:`_on_reply` (never block in a Zenoh callback). One get per key at a
+        time, and at most ``MAX_WARNED`` keys at once: a peer flapping a token
+        made a get per appearance, each one the exporter's latest version sent
+        again (a 1 MiB reply each)."""
+        if self._stop.is_set():
+            return
+        with self._import_lock:
+            if key in self._asking or len(self._asking) >= MAX_WARNED:
+                return
+            self._asking.add(key)
+        done = functools.partial(self._asked, key)
+        try:
+            self._session.get(
+                key,
+                self._zenoh.handlers.Callback(self._on_reply, drop=done, indirect=False),
+                timeout=5.0,
+            )
+        except Exception:  # closed under us: nothing asked
+            done()
+
+    def _asked(self, key: str) -> None:
+        """A get of :meth:`_ask_latest` is over (answered, or timed out)."""
+        with self._import_lock:
+            self._asking.discard(key)
 
     def _on_reply(self, reply: Any) -> None:
         sample = getattr(reply, "ok", None)
@@ -799,9 +845,12 @@ class ZenohBridge(Service):
                 return m
             if not live:
                 return None  # a reply from before the new incarnation: ignore it
-        if name in self._pending:
+        if (old := self._pending.get(name)) is not None:
             # Being made: the latest is committed once it is (one it replaces is a
-            # gap in the versions, counted skipped then).
+            # gap in the versions, counted skipped then; one of another incarnation
+            # is never mirrored: refused).
+            if old.frame.incarnation != frame.incarnation:
+                self.refused += 1
             self._pending[name] = _Pending(key, frame, payload)
             return None
         if time.monotonic() < self._retry_at.get(name, 0.0):
@@ -822,7 +871,24 @@ class ZenohBridge(Service):
                     self.config.max_mirrors,
                 )  # fmt: skip
             return None
+        if (free := self._shm_short(size)) is not None:
+            self.refused += 1
+            if name not in self._over and len(self._over) < MAX_WARNED:
+                self._over.add(name)
+                log.warning(
+                    "not mirroring %s: a %d-byte segment, with %d bytes free in %s; "
+                    "imports leave %.0f%% of it free for this host's own segments",
+                    key, size, free, SHM_DIR, SHM_RESERVE * 100,
+                )  # fmt: skip
+            return None
         if m is not None:
+            assert c is not None  # a mirror's name has its counts
+            now = time.monotonic()
+            if now < c.renewed_at + RENEW_SECONDS:
+                self._hold(key, name, frame, payload)
+                return None
+            self._held.pop(name, None)
+            c.renewed_at = now
             log.info("%s: new incarnation upstream; recreating the mirror", key)
             self._drop_mirror(m, delete=True)
         if c is None:
@@ -849,6 +915,57 @@ class ZenohBridge(Service):
             )
         )
         return None
+
+    def _shm_short(self, size: int) -> int | None:
+        """None if a mirror of ``size`` bytes leaves ``SHM_RESERVE`` of /dev/shm
+        free (counting the mirrors being made), else the bytes free. Any peer may
+        put on an imported key: the limits alone let 256 mirrors of 1 GiB each
+        fill /dev/shm, leaving no room for local publishers. Called with the
+        import lock held."""
+        space = _shm_space()
+        if space is None:
+            return None
+        total, free = space
+        slots = self.config.slots
+        making = sum(segment_size(p.frame.nbytes, slots) for p in self._pending.values())
+        return None if free - making - size >= total * SHM_RESERVE else free
+
+    def _hold(self, key: str, name: str, frame: Frame, payload: bytes) -> None:
+        """Keep the latest sample of a new incarnation of ``name`` until
+        :data:`RENEW_SECONDS` after the name's last new incarnation
+        (:meth:`_renew_held` makes it then). A peer alternating incarnations on a
+        key made each sample delete the mirror and make another (220 a second for
+        one name), local readers seeing one incarnation after another. A held
+        sample replaced by one of another incarnation is never mirrored: refused,
+        counted. (Of the same incarnation, its version is a gap, counted skipped
+        once the mirror is made.) Called with the import lock held."""
+        old = self._held.get(name)
+        if old is None:
+            if name not in self._over and len(self._over) < MAX_WARNED:
+                self._over.add(name)
+                log.warning("%s: a new incarnation upstream less than %.0f s after the last: "
+                            "holding it until then (a peer alternating incarnations?)",
+                            key, RENEW_SECONDS)  # fmt: skip
+        elif old.frame.incarnation != frame.incarnation:
+            self.refused += 1
+        self._held[name] = _Pending(key, frame, payload)
+
+    def _renew_held(self) -> None:
+        """Make the mirrors of the held new incarnations whose time has come (the
+        export loop's thread, with each look at the catalog)."""
+        with self._import_lock:
+            if not self._held:
+                return
+            now = time.monotonic()
+            for name, held in list(self._held.items()):
+                c = self._counts.get(name)
+                if c is not None and now < c.renewed_at + RENEW_SECONDS:
+                    continue
+                del self._held[name]
+                f = held.frame
+                m = self._mirror(held.key, name, f, held.payload, live=True)
+                if m is not None:
+                    self._commit(held.key, m, (f.version, f.timestamp_ns), held.payload)
 
     def _collect(self) -> None:
         """Take in the mirrors the local thread made or could not make (its thread)."""
@@ -994,7 +1111,8 @@ class BridgeCollector(Collector):
             ),
             (
                 "refused_samples",
-                "Samples not mirrored: over --max-mirrors or --max-mirror-bytes",
+                "Samples not mirrored: over --max-mirrors or --max-mirror-bytes, or a "
+                "new incarnation replaced by another before its mirror was made",
                 st.refused,
             ),
         ):

@@ -78,7 +78,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--max-mirror-bytes",
         type=int,
         metavar="B",
-        help="largest segment made for an import, all slots (1073741824)",
+        help="largest segment made for an import, all slots (1073741824); none is made "
+        "that would leave less than 10%% of /dev/shm free",
     )
     p.add_argument(
         "--congestion",

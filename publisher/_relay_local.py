@@ -113,6 +113,12 @@ class LocalBroker:
         self._results: queue.Queue[Created | Refused] = queue.Queue()
         self._checking = threading.Event()
         self._closing = threading.Event()
+        #: Marks to tell the catalog, the latest one of each name: one queued
+        #: ``annotate`` job takes them all. (A job per call grew without bound under
+        #: a Zenoh peer flapping a liveliness token: 55,000 queued, each two
+        #: requests to the broker, the mirrors' own requests behind them.)
+        self._marks_lock = threading.Lock()
+        self._queued_marks: dict[str, Mark] = {}
         self._thread = threading.Thread(target=self._run, name="shmcast-relay-local", daemon=True)
         self._thread.start()
 
@@ -127,9 +133,16 @@ class LocalBroker:
         self, mirrors: list[tuple[str, Layout]], up: bool, source: str | None = None
     ) -> None:
         """Tell the catalog that these mirrors are relayed, and whether the upstream is
-        up (``source``: theirs, if not this object's)."""
-        if mirrors:
-            self._jobs.put(("annotate", self._marks(mirrors, up, source)))
+        up (``source``: theirs, if not this object's). Marks not yet told are
+        replaced by later ones of the same name: at most one per name is queued."""
+        if not mirrors:
+            return
+        with self._marks_lock:
+            queue_job = not self._queued_marks
+            for mark in self._marks(mirrors, up, source):
+                self._queued_marks[mark[0]] = mark
+        if queue_job:
+            self._jobs.put(("annotate", None))
 
     def delete(self, name: str) -> None:
         self._jobs.put(("delete", name))
@@ -194,7 +207,10 @@ class LocalBroker:
                     elif kind == "create":
                         self._create(arg)
                     elif kind == "annotate":
-                        self._annotate(arg, existing=True)
+                        with self._marks_lock:
+                            marks = list(self._queued_marks.values())
+                            self._queued_marks.clear()
+                        self._annotate(marks, existing=True)
                     elif kind == "delete":
                         with contextlib.suppress(ShmcastError):
                             self._client.request("delete", timeout=self._timeout, name=arg)

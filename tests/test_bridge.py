@@ -710,6 +710,37 @@ def test_a_peer_can_take_no_local_segment_and_only_bounded_shared_memory(
         imp.close()
 
 
+def test_imports_leave_a_share_of_dev_shm_free(
+    router: str,
+    two_sides: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each mirror takes all its bytes in /dev/shm at once (MAP_POPULATE), and the
+    limits alone let 256 mirrors of 1 GiB each be made: 23 samples of 255 MiB
+    fill a 23 GiB /dev/shm, leaving no room for local publishers. A mirror that
+    would leave less than ``SHM_RESERVE`` (10%) of /dev/shm free is refused; here
+    /dev/shm is said to be 1 MiB with 150 KiB free."""
+    monkeypatch.setattr(bridge_zenoh, "_shm_space", lambda: (1 << 20, 150 << 10))
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), max_mirror_bytes=1 << 20)
+    session = _plain_session(router)
+    try:
+        wait_for(lambda: _put(session, "m", 1) or _version(imp, "m") == 1, 20, what="mirror m")
+        with caplog.at_level("WARNING", logger=bridge_zenoh.__name__):
+            _put(session, "big", 1, shape=(8 << 10,))  # 64 KiB a slot: 260 KiB
+            wait_for(lambda: imp.stats().refused == 1, 10, what="the large one refused")
+            _put(session, "m", 1, incarnation=4, shape=(8 << 10,))  # m, too large now
+            wait_for(lambda: imp.stats().refused == 2, 10, what="m's new incarnation refused")
+        assert any("free in /dev/shm" in r.getMessage() for r in caplog.records)
+        assert Segment.list(b) == ["m"]
+        with Segment.attach("m", namespace=b) as mirror:
+            assert (mirror.version, mirror.shape) == (1, (4,))  # kept as it was
+    finally:
+        session.close()
+        imp.close()
+
+
 def test_a_flood_of_refused_names_is_warned_of_a_bounded_number_of_times(
     router: str,
     two_sides: tuple[str, str],
@@ -733,6 +764,104 @@ def test_a_flood_of_refused_names_is_warned_of_a_bounded_number_of_times(
         warned = [r for r in caplog.records if r.getMessage().startswith("not mirroring")]
         assert len(warned) == 3, [r.getMessage() for r in warned]
         assert Segment.list(b) == ["m"]
+    finally:
+        session.close()
+        imp.close()
+
+
+class _CountedGets:
+    """Stands in for a bridge's Zenoh session and counts its gets."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.gets = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+    def get(self, *args: Any, **kw: Any) -> Any:
+        self.gets += 1
+        return self.session.get(*args, **kw)
+
+
+def test_a_flapping_liveliness_token_queues_and_asks_a_bounded_amount(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """A peer declaring and undeclaring a token on a mirrored key in a loop: each
+    change queued a catalog update (two broker requests) behind the mirrors' own
+    requests, without bound (55,000 queued after 3 s of flapping), and each
+    appearance sent a get to the exporter. Now the latest state of each name
+    waits in one queued job, and one get per key is out at a time."""
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",))
+    session = _plain_session(router)
+    counted = _CountedGets(imp._session)
+    try:
+        wait_for(lambda: _put(session, "f", 1) or _version(imp, "f") == 1, 20, what="mirror f")
+        assert imp._local is not None
+        jobs = imp._local._jobs
+        queued: list[int] = []
+        real_put = jobs.put
+
+        def put(item: Any, *args: Any, **kw: Any) -> None:
+            queued.append(jobs.qsize())
+            real_put(item, *args, **kw)
+
+        jobs.put = put  # type: ignore[method-assign]
+        imp._session = counted
+        # A queryable that holds each query unanswered: a get stays out until the end.
+        held: list[Any] = []
+        queryable = session.declare_queryable(
+            "shmcast/far/f", zenoh.handlers.Callback(held.append, indirect=False)
+        )
+        liveliness = session.liveliness()
+        for _ in range(300):
+            liveliness.declare_token("shmcast/far/f").undeclare()
+        wait_for(lambda: _entry(b, "f").get("upstream_up") is False, 10, what="upstream down")
+        token = liveliness.declare_token("shmcast/far/f")
+        wait_for(lambda: _entry(b, "f").get("upstream_up") is True, 10, what="upstream up")
+        token.undeclare()
+        assert max(queued) <= 2, max(queued)
+        assert counted.gets == 1  # one at a time (was one per appearance)
+        assert Segment.list(b) == ["f"]
+        held.clear()
+        queryable.undeclare()
+    finally:
+        imp._session = counted.session
+        session.close()
+        imp.close()
+
+
+def test_a_peer_alternating_incarnations_remakes_a_mirror_a_bounded_number_of_times(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """A peer putting a new incarnation on a mirrored key with every sample: each one
+    deleted the mirror and made another (220 a second for one name), local readers
+    seeing one incarnation after another. A new incarnation less than
+    ``RENEW_SECONDS`` (1 s) after the name's last one is held, the latest one, and
+    made then; each one never mirrored is counted refused."""
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), catalog_interval=0.1)
+    session = _plain_session(router)
+    try:
+        wait_for(lambda: _put(session, "a", 1) or _version(imp, "a") == 1, 20, what="mirror a")
+        assert imp._local is not None
+        made: list[str] = []
+        real_create = imp._local.create
+        imp._local.create = lambda spec: made.append(spec.name) or real_create(spec)  # type: ignore[method-assign]
+        before = imp.stats()
+        flips = 30
+        for i in range(flips):
+            _put(session, "a", 1, incarnation=100 + i)
+            time.sleep(0.005)
+        last = 100 + flips - 1
+        wait_for(lambda: getattr(imp._mirrors.get("a"), "incarnation", 0) == last
+                 and _version(imp, "a") == 1, 10, what="the last incarnation mirrored")  # fmt: skip
+        after = imp.stats()
+        assert len(made) <= 2, len(made)  # was one per sample, as fast as the broker went
+        received = after.imported["a"]["received"] - before.imported["a"]["received"]
+        assert received + after.refused - before.refused == flips  # each one counted
+        assert Segment.list(b) == ["a"]
     finally:
         session.close()
         imp.close()
