@@ -3,6 +3,7 @@ and a bounded soak of hundreds of segments and many subscribers (fds, RSS)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from shmcast.broker import Segment
 from shmcast.broker.client import ControlClient, Endpoints
 from shmcast.cli.testing import BROKER_READY, ShmcastProcess, start, wait_for
 from shmcast.publisher import Publisher
@@ -183,3 +185,62 @@ def test_soak_long(
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("long soak: run with `make soak` (-m slow)")
     _soak(broker_proc, namespace, rounds=15, per_round=200, subs=200)
+
+
+OUT_OF_FDS_CHILD = """
+    import errno, json, resource, sys
+    from shmcast.broker.errors import OutOfDescriptorsError, ShmcastError
+    from shmcast.subscriber import Recorder, Subscriber
+
+    ns, output, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (40, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    out = {}
+    for kind, make in (
+        ("subscriber", lambda: Subscriber(names, namespace=ns, wait="futex", timeout=1)),
+        ("recorder", lambda: Recorder(names, output, format="parquet", namespace=ns)),
+    ):
+        try:
+            make().close()
+        except OSError as exc:
+            out[kind] = {
+                "type": type(exc).__name__,
+                "errno": exc.errno,
+                "shmcast_error": isinstance(exc, ShmcastError),
+                "open_fds": getattr(exc, "open_fds", None),
+                "message": str(exc),
+            }
+    print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_a_subscriber_or_recorder_out_of_descriptors_names_the_limit(
+    namespace: str, tmp_path: Any
+) -> None:
+    """More segments than the open-files limit (40) holds: ``Subscriber`` and
+    ``Recorder`` raise ``OutOfDescriptorsError``, an ``OSError`` still of errno
+    ``EMFILE`` (no ``ShmcastError``: the broker and the doctor tell it from a damaged
+    segment by its kind) naming ``RLIMIT_NOFILE``, ``ulimit -n`` and the descriptors
+    open. Before, both raised the bare "[Errno 24] Too many open files"."""
+    names = [f"s{i:02d}" for i in range(60)]
+    for name in names:
+        Segment.create(name, "u1", (8,), namespace=namespace).close()
+    try:
+        output = str(tmp_path / "rec")
+        argv = [sys.executable, "-c", textwrap.dedent(OUT_OF_FDS_CHILD), namespace, output]
+        r = subprocess.run(argv + names, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+        out = json.loads(line[len("RESULT ") :])
+        assert not os.listdir(tmp_path)  # no recording file made
+    finally:
+        for name in names:
+            Segment.remove(name, namespace=namespace)
+    assert set(out) == {"subscriber", "recorder"}, out
+    for err in out.values():
+        assert err["type"] == "OutOfDescriptorsError", err
+        assert err["errno"] == errno.EMFILE
+        assert not err["shmcast_error"]
+        assert "RLIMIT_NOFILE" in err["message"]
+        assert "open-files limit is 40" in err["message"]
+        assert "ulimit -n" in err["message"]
+        assert f"{err['open_fds']} descriptors open" in err["message"]
