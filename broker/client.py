@@ -32,6 +32,8 @@ from zmq.utils import z85
 
 from ._auth import is_z85_key
 from ._closing import Closing
+from ._context import context as shmcast_context
+from ._context import open_socket
 from ._lease import process_state
 from ._names import (
     DEFAULT_NAMESPACE,
@@ -65,6 +67,7 @@ from .errors import (
     ClosedError,
     ConfigError,
     NamespaceMismatchError,
+    OutOfDescriptorsError,
 )
 
 __all__ = [
@@ -85,6 +88,7 @@ __all__ = [
     "client_curve",
     "namespace_from_env",
     "object_name",
+    "open_socket",
     "pack",
     "reader_endpoint",
     "resolve_endpoint",
@@ -92,6 +96,7 @@ __all__ = [
     "runtime_dir",
     "runtime_root",
     "shm_path",
+    "shmcast_context",
     "topic",
     "trusted_runtime_dir",
     "unpack",
@@ -225,7 +230,12 @@ def _handshake_monitor(sock: zmq.Socket[Any]) -> zmq.Socket[Any] | None:
         sock.monitor(addr, _HANDSHAKE_EVENTS)
     except zmq.ZMQError:
         return None
-    mon: zmq.Socket[Any] = sock.context.socket(zmq.PAIR)
+    try:
+        mon = open_socket(sock.context, zmq.PAIR, "a handshake monitor")
+    except (zmq.ZMQError, OutOfDescriptorsError):  # the socket cap met: none, as above
+        with contextlib.suppress(zmq.ZMQError):
+            sock.disable_monitor()
+        return None
     mon.setsockopt(zmq.LINGER, 0)
     # No high-water mark on the way to us (0 on either end of an inproc pipe: none).
     # ZeroMQ's I/O thread sends each event with a blocking send: once the pipe held
@@ -248,7 +258,8 @@ class ControlClient(Closing):
     Args:
         endpoint: the broker's control endpoint.
         timeout: seconds to wait for each reply.
-        context: the ZeroMQ context (the process-wide one by default).
+        context: the ZeroMQ context (by default shmcast's own, process-wide: its
+            socket cap raised to the open-files limit; see ``_context``).
         curve: optional ``(server_public, client_public, client_secret)`` keys (z85
             text or bytes: :data:`CurveKeyTriple`).
 
@@ -268,6 +279,8 @@ class ControlClient(Closing):
 
     Raises:
         ConfigError: ``endpoint`` is not an address ZeroMQ can connect to.
+        OutOfDescriptorsError: the context's socket cap is met, or the process's
+            file descriptors (an ``OSError``, errno ``EMFILE``).
         ValueError: ``timeout`` is not a finite number of seconds > 0 (nor a
             request's).
     """
@@ -296,7 +309,7 @@ class ControlClient(Closing):
         self._link: str | None = None
         self._next_drain = 0.0
         self._pid = os.getpid()
-        sock = self._new_socket(context or zmq.Context.instance())
+        sock = self._new_socket(context or shmcast_context())
         self._sock = sock
         self._ids = itertools.count(1)
         self.dropped = 0
@@ -414,7 +427,7 @@ class ControlClient(Closing):
         return True
 
     def _new_socket(self, ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
-        sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+        sock = open_socket(ctx, zmq.DEALER, f"a control connection to {self.endpoint}")
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         if self._curve is not None:

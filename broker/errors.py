@@ -144,8 +144,8 @@ class OutOfDescriptorsError(OSError):
         what: what was being opened ("segment 'x'", "a ZeroMQ socket").
         open_fds: the descriptors open when it was raised (None: unknown).
         soft, hard: the open-files limit (``RLIMIT_NOFILE``).
-        sockets, max_sockets: ZeroMQ sockets open in the context, and its cap
-            (``zmq.MAX_SOCKETS``), when the cap is what ran out; else None.
+        sockets, max_sockets: the ZeroMQ sockets shmcast opened in the context, and
+            its cap (``zmq.MAX_SOCKETS``), when the cap is what ran out; else None.
     """
 
     what: str = ""
@@ -195,9 +195,10 @@ class OutOfDescriptorsError(OSError):
         )
         if self.max_sockets is not None:
             return (
-                f"out of ZeroMQ sockets opening {self.what}: {self.sockets} open, the "
-                f"most its context allows (ZMQ_MAX_SOCKETS {self.max_sockets}; {held}"
-                f"{limit}); {self.fix or raise_it}"
+                f"out of ZeroMQ sockets opening {self.what}: its context holds the most "
+                f"it allows, ZMQ_MAX_SOCKETS {self.max_sockets} ({self.sockets} of them "
+                f"opened by shmcast, ZeroMQ's socket monitors aside; {held}{limit}); "
+                f"{self.fix or raise_it}"
             )
         if self.errno == _errno.ENFILE:  # the whole system's table, not this process's
             return (

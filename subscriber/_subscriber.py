@@ -55,10 +55,12 @@ from shmcast.broker.client import (
     CurveKeyTriple,
     check_broker_namespace,
     client_curve,
+    open_socket,
     reader_endpoint,
     resolve_endpoint,
     resolve_namespace,
     shm_path,
+    shmcast_context,
     topic,
     unpack,
     validate_seconds,
@@ -172,6 +174,11 @@ class Subscriber(Closing):
         ConfigError: ``events`` mode and more segments than the broker's events
             endpoint holds topics (its ``max_subscriptions``); ``shm``/``events``
             and a ``broker`` that is no endpoint ZeroMQ can connect to.
+        OutOfDescriptorsError: the process is out of file descriptors (each
+            attached segment holds one), or of ZeroMQ sockets (``shm``: one a
+            subscriber, ``events``: two; shmcast's context allows as many as the
+            open-files limit): an ``OSError`` of errno ``EMFILE``, naming the limit,
+            the count open and the fix.
         ValueError: a bad segment name or wait mode, a ``name`` that is no
             non-empty string, or a ``timeout`` or ``heartbeat_timeout`` that is not
             a finite number of seconds > 0.
@@ -327,7 +334,9 @@ class Subscriber(Closing):
                 f"(max_subscriptions); use wait='shm' (no topic per segment), or raise "
                 f"the broker's max_subscriptions",
             )
-        sub: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.SUB)
+        # shmcast's context, its socket cap raised to the open-files limit: before,
+        # Context.instance()'s 1023 ended a process at about 510 Subscribers.
+        sub = open_socket(shmcast_context(), zmq.SUB, f"the events of namespace {self.namespace!r}")
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 100_000)
         if self._curve is not None:

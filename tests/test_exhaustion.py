@@ -244,3 +244,89 @@ def test_a_subscriber_or_recorder_out_of_descriptors_names_the_limit(
         assert "open-files limit is 40" in err["message"]
         assert "ulimit -n" in err["message"]
         assert f"{err['open_fds']} descriptors open" in err["message"]
+
+
+MANY_SOCKETS_CHILD = """
+    import json, os, resource, sys
+    import zmq
+    from shmcast.broker.client import ControlClient
+
+    soft = int(sys.argv[2])
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    clients, out = [], {}
+    try:
+        # Each holds three sockets while no reply came (its DEALER, the monitor's two).
+        for _ in range(400):
+            clients.append(ControlClient(sys.argv[1], timeout=1))
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    out["opened"] = len(clients)
+    out["max_sockets"] = clients[0]._sock.context.get(zmq.MAX_SOCKETS) if clients else None
+    for c in clients:
+        c.close()
+    print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_a_process_opens_as_many_shmcast_sockets_as_its_open_files_limit_allows(
+    tmp_path: Any,
+) -> None:
+    """ZeroMQ caps a context at 1023 sockets (``ZMQ_MAX_SOCKETS``), whatever ``ulimit
+    -n``: on ``zmq.Context.instance()``, 340 ``ControlClient`` objects waiting for a
+    reply (or about 510 ``Subscriber`` objects of ``wait="events"``) ended a process
+    with ZeroMQ's bare "Too many open files". shmcast's own context takes the
+    open-files limit (2048 here) as its cap."""
+    import resource
+
+    soft = 2048
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < soft:
+        pytest.skip(f"the hard open-files limit is below {soft}")
+    endpoint = f"ipc://{tmp_path}/nobody.sock"  # nobody answers: each monitor stays
+    argv = [sys.executable, "-c", textwrap.dedent(MANY_SOCKETS_CHILD), endpoint, str(soft)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+    out = json.loads(line[len("RESULT ") :])
+    assert out == {"opened": 400, "max_sockets": soft}, out
+
+
+def test_a_context_out_of_sockets_is_an_error_naming_the_cap_and_the_fix(
+    tmp_path: Any,
+) -> None:
+    """Where a context's cap is still met (here one of 10 sockets given by the
+    caller), the error names it, the sockets shmcast opened and the fix (share a
+    Subscriber, raise ``ulimit -n``): an ``OSError`` of errno ``EMFILE``. Before,
+    ZeroMQ's bare ``ZMQError: Too many open files``; and a client whose monitor
+    could not be made left its socket open."""
+    import zmq
+
+    from shmcast.broker.errors import OutOfDescriptorsError
+
+    ctx: zmq.Context[Any] = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 10)
+    clients: list[ControlClient] = []
+    try:
+        err: OutOfDescriptorsError | None = None
+        for _ in range(10):
+            try:
+                clients.append(ControlClient(f"ipc://{tmp_path}/x.sock", context=ctx))
+            except OutOfDescriptorsError as exc:
+                err = exc
+                break
+        assert err is not None, f"{len(clients)} clients in a context of 10 sockets"
+        assert err.errno == errno.EMFILE
+        assert err.max_sockets == 10
+        opened = err.sockets
+        assert opened is not None
+        assert len(clients) <= opened <= 10, opened
+        text = str(err)
+        assert "out of ZeroMQ sockets opening a control connection to ipc://" in text
+        assert "ZMQ_MAX_SOCKETS 10" in text
+        assert f"{opened} of them opened by shmcast" in text
+        assert "Subscriber([name, ...])" in text
+        assert "ulimit -n" in text
+    finally:
+        for c in clients:
+            c.close()
+        ctx.destroy(0)
