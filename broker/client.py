@@ -23,7 +23,9 @@ import contextlib
 import itertools
 import os
 import struct
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -215,8 +217,64 @@ _MECHANISM_MISMATCH = int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)
 
 _monitor_ids = itertools.count(1)
 #: Seconds between two reads of a connection's handshake events by ``send`` (a
-#: publisher's commits, a subscriber's reports): a client that only sends keeps few.
+#: publisher's commits, a subscriber's reports): a client that only sends keeps few;
+#: and by the process's reader of idle clients' events (:class:`_IdleMonitors`).
 DRAIN_EVERY = 1.0
+
+
+class _IdleMonitors:
+    """One thread per process, alive while some client's handshake monitor is, that
+    reads the monitor events of the clients that read none themselves (neither a
+    request nor a send: a client made and kept for later, or one whose request
+    timed out, which made a new monitor), every :data:`DRAIN_EVERY` seconds.
+
+    The pipe from ZeroMQ's I/O thread to a monitor has no bound (it must have none:
+    see :func:`_handshake_monitor`), and each reconnection queues about three
+    events: an idle client at an endpoint that accepts and drops every connection
+    (a port forwarder whose broker is down, a broker restarting over and over) grew
+    by about 680 bytes a reconnection (7 a second at ZeroMQ's default interval), for
+    as long as it lived. A client's own thread reading its events meanwhile is left
+    to it (its lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clients: weakref.WeakSet[ControlClient] = weakref.WeakSet()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def watch(self, client: ControlClient) -> None:
+        with self._lock:
+            if self._pid != os.getpid():
+                # A forked child: the parent's clients are not its own to read (their
+                # sockets are the parent's), nor is the parent's thread here.
+                self._clients = weakref.WeakSet()
+                self._thread = None
+                self._pid = os.getpid()
+            self._clients.add(client)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="shmcast-handshakes", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(DRAIN_EVERY)
+            with self._lock:
+                live = [c for c in self._clients if c._monitor is not None]
+                if not live:
+                    self._clients = weakref.WeakSet()
+                    self._thread = None
+                    return
+                self._clients = weakref.WeakSet(live)
+            for client in live:
+                client._drain_idle()
+            # No reference kept while asleep: a client dropped by its user meanwhile
+            # is collected (and closed) as it would be without this thread.
+            del live, client
+
+
+_idle_monitors = _IdleMonitors()
 
 
 def _handshake_monitor(sock: zmq.Socket[Any]) -> zmq.Socket[Any] | None:
@@ -242,7 +300,8 @@ def _handshake_monitor(sock: zmq.Socket[Any]) -> zmq.Socket[Any] | None:
     # its 2000 (a client left open at an endpoint that accepts and drops every
     # connection, each reconnect a failed handshake), that thread blocked, and every
     # socket of the process's context with it, for ever. Our end reads the events
-    # at each request and send (ControlClient._drain_handshakes), so few wait.
+    # at each request and send (ControlClient._drain_handshakes), and those of a
+    # client doing neither once a second (_IdleMonitors), so few wait.
     mon.setsockopt(zmq.RCVHWM, 0)
     try:
         mon.connect(addr)
@@ -309,6 +368,10 @@ class ControlClient(Closing):
         self._link: str | None = None
         self._next_drain = 0.0
         self._pid = os.getpid()
+        #: Held to read or stop the handshake monitor: the process's reader of idle
+        #: clients' events (_IdleMonitors) may be at it. Reentrant: close() from a
+        #: signal handler may interrupt a read of this thread's.
+        self._mon_lock = threading.RLock()
         sock = self._new_socket(context or shmcast_context())
         self._sock = sock
         self._ids = itertools.count(1)
@@ -435,7 +498,10 @@ class ControlClient(Closing):
         # Before the connect: from its first handshake. ipc too: a CURVE broker's
         # default endpoints (ipc) refuse a client without keys as its TCP ones do.
         if self.endpoint.startswith(("tcp://", "ipc://")):
-            self._monitor = _handshake_monitor(sock)
+            with self._mon_lock:
+                self._monitor = _handshake_monitor(sock)
+            if self._monitor is not None:
+                _idle_monitors.watch(self)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
@@ -511,6 +577,20 @@ class ControlClient(Closing):
         """Read the monitor's events so far, without waiting, into ``_handshake``: the
         pipe from ZeroMQ's I/O thread has no bound (see :func:`_handshake_monitor`),
         and what we read is not kept there."""
+        with self._mon_lock:
+            self._drain_locked()
+
+    def _drain_idle(self) -> None:
+        """Read the events so far for a client whose thread reads none (from
+        :class:`_IdleMonitors`' thread), unless that thread is at it."""
+        if self._pid != os.getpid() or not self._mon_lock.acquire(blocking=False):
+            return
+        try:
+            self._drain_locked()
+        finally:
+            self._mon_lock.release()
+
+    def _drain_locked(self) -> None:
         mon = self._monitor
         if mon is None:
             return
@@ -545,12 +625,13 @@ class ControlClient(Closing):
 
     def _stop_monitor(self, sock: zmq.Socket[Any]) -> None:
         """Stop ``sock``'s handshake monitor, then close our end of it."""
-        mon, self._monitor = self._monitor, None
-        self._handshake = self._link = None  # the next connection's monitor starts afresh
-        if mon is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                sock.disable_monitor()
-            mon.close(0)
+        with self._mon_lock:
+            mon, self._monitor = self._monitor, None
+            self._handshake = self._link = None  # the next connection's starts afresh
+            if mon is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.disable_monitor()
+                mon.close(0)
 
     def _reconnect(self) -> None:
         ctx = self._sock.context

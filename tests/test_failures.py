@@ -592,3 +592,70 @@ def test_a_tcp_peer_that_takes_the_connection_and_never_answers_is_not_called_mi
         pytest.raises(BrokerUnavailableError, match=r"^no broker answered at tcp://"),
     ):
         client.request("hello")
+
+
+def test_an_idle_control_clients_handshake_events_do_not_pile_up(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``ControlClient`` that neither requests nor sends, at an endpoint that
+    accepts and drops every connection (a port forwarder whose broker is down, a
+    broker restarting over and over): each reconnection queued three handshake
+    events on its monitor, which only a request or a send read: about 680 bytes a
+    reconnection, for as long as the client lived (13 MiB over 20000). The process's
+    reader of idle clients' events reads them now. Reconnections every 1 ms here,
+    that reader's rounds every 0.05 s."""
+    import socket
+
+    import shmcast.broker.client as client_mod
+
+    monkeypatch.setattr(client_mod, "DRAIN_EVERY", 0.05)
+    made = client_mod.open_socket
+
+    def fast(ctx: zmq.Context[Any], kind: int, what: str) -> zmq.Socket[Any]:
+        sock = made(ctx, kind, what)
+        if kind == zmq.DEALER:
+            sock.setsockopt(zmq.RECONNECT_IVL, 1)
+        return sock
+
+    monkeypatch.setattr(client_mod, "open_socket", fast)
+    path = str(tmp_path / "drops.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(64)
+    srv.settimeout(0.05)
+    accepted = 0
+    stop = threading.Event()
+
+    def drop_each() -> None:
+        nonlocal accepted
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            accepted += 1
+            conn.close()
+
+    thread = threading.Thread(target=drop_each, daemon=True)
+    thread.start()
+    client = ControlClient(f"ipc://{path}", timeout=1)
+    try:
+        wait_for(lambda: accepted >= 300, 20, what="300 reconnections")
+        stop.set()
+        thread.join(5)
+        srv.close()
+        os.unlink(path)  # no more connections: no more events
+        # Read for it (its thread asked nothing): the connection's state is known.
+        wait_for(lambda: client._link is None and client._handshake is not None, 10)
+        mon = client._monitor
+        assert mon is not None
+        with client._mon_lock:
+            unread = 0
+            while mon.poll(0, zmq.POLLIN):
+                mon.recv_multipart()
+                unread += 1
+        assert unread < accepted, (unread, accepted)
+    finally:
+        stop.set()
+        client.close()
+        srv.close()
