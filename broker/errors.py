@@ -181,6 +181,9 @@ class OutOfDescriptorsError(OSError):
         return exc
 
     def __str__(self) -> str:
+        if not self.what:  # made as a plain OSError is, not by from_os: nothing to add
+            return super().__str__()
+
         def n(v: int) -> str:
             return "unlimited" if v == resource.RLIM_INFINITY else str(v)
 
