@@ -48,6 +48,17 @@ SHARE = (
 )
 
 
+def _forked() -> None:
+    """In a forked child: a new lock (the parent's may have been held at the fork by
+    another of its threads, and the child's first socket would wait for it for
+    ever); the context is made anew at its first use (the pid differs)."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def max_sockets(ctx: zmq.Context[Any]) -> int:
     """The socket cap for a new context: the open-files limit (each socket holds one
     descriptor at least), between ZeroMQ's default and its ``ZMQ_SOCKET_LIMIT``."""

@@ -242,14 +242,20 @@ class _IdleMonitors:
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
 
+    def forked(self) -> None:
+        """In a forked child: the parent's clients are not its own to read (their
+        sockets are the parent's), nor is the parent's thread here, and the lock may
+        have been held by that thread at the fork (a new one, or the child's first
+        client waited for ever)."""
+        self._lock = threading.Lock()
+        self._clients = weakref.WeakSet()
+        self._thread = None
+        self._pid = os.getpid()
+
     def watch(self, client: ControlClient) -> None:
         with self._lock:
             if self._pid != os.getpid():
-                # A forked child: the parent's clients are not its own to read (their
-                # sockets are the parent's), nor is the parent's thread here.
-                self._clients = weakref.WeakSet()
-                self._thread = None
-                self._pid = os.getpid()
+                self.forked()  # (a fork hook that did not run: os.fork is not all)
             self._clients.add(client)
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -275,6 +281,7 @@ class _IdleMonitors:
 
 
 _idle_monitors = _IdleMonitors()
+os.register_at_fork(after_in_child=_idle_monitors.forked)
 
 
 def _handshake_monitor(sock: zmq.Socket[Any]) -> zmq.Socket[Any] | None:

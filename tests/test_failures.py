@@ -659,3 +659,41 @@ def test_an_idle_control_clients_handshake_events_do_not_pile_up(
         stop.set()
         client.close()
         srv.close()
+
+
+def test_a_child_forked_while_shmcasts_locks_are_held_makes_its_own_clients(
+    tmp_path: Any,
+) -> None:
+    """A fork while another thread holds the lock of the process's reader of idle
+    clients' events (its round, every second) or of shmcast's ZeroMQ context (the
+    first socket being made): the child's first ``ControlClient`` waited for that
+    lock for ever. The child gets new locks at the fork. Held here by the test's
+    thread at the fork; the child is killed if it does not finish in 10 s."""
+    import shmcast.broker._context as context_mod
+    import shmcast.broker.client as client_mod
+
+    endpoint = f"ipc://{tmp_path}/nobody.sock"
+    for lock in (client_mod._idle_monitors._lock, context_mod._lock):
+        with lock:
+            pid = os.fork()
+            if pid == 0:  # the child: no pytest, no exceptions out of here
+                code = 1
+                try:
+                    ControlClient(endpoint, timeout=0.1).close()
+                    code = 0
+                finally:
+                    os._exit(code)
+        assert _exit_code_within(pid, 10) == 0
+
+
+def _exit_code_within(pid: int, timeout: float) -> int | None:
+    """The exit code of child ``pid`` once it ended, or None: killed after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got == pid:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
