@@ -64,6 +64,7 @@ from .errors import NamespaceMismatchError as NamespaceMismatchError
 from .errors import NotARecordingError as NotARecordingError
 from .errors import NotASegmentError as NotASegmentError
 from .errors import NoVersionError as NoVersionError
+from .errors import OutOfDescriptorsError as OutOfDescriptorsError
 from .errors import OwnershipError as OwnershipError
 from .errors import ReadOnlyError as ReadOnlyError
 from .errors import RecordingError as RecordingError
@@ -118,6 +119,7 @@ __all__ = [
     "NoVersionError",
     "NotARecordingError",
     "NotASegmentError",
+    "OutOfDescriptorsError",
     "OwnershipError",
     "ReadOnlyError",
     "RecordingError",

@@ -30,6 +30,7 @@ import zmq
 from ._auth import CurveKeys, make_curve_server, start_authenticator
 from ._catalog import Catalog, CatalogEntry
 from ._config import BrokerConfig
+from ._context import context as shmcast_context
 from ._datastream import DataStream, DataStreamStats
 from ._events import Events, bind_endpoint
 from ._layout import dtype_str, normalize_layout, parse_dtype, segment_size
@@ -256,7 +257,8 @@ class Broker(Service):
             curve = self._curve_keys()
             # CURVE: a private context, because its ZAP handler (the allow-list of
             # client keys) is per context and must run before the first connection.
-            ctx = zmq.Context() if curve is not None else zmq.Context.instance()
+            # Else shmcast's own (its clients' in this process: inproc endpoints too).
+            ctx = zmq.Context() if curve is not None else shmcast_context()
             auth = start_authenticator(ctx, curve.clients) if curve is not None else None
             control = ctx.socket(zmq.ROUTER)
             control_ro = ctx.socket(zmq.ROUTER)

@@ -46,7 +46,7 @@ import numpy as np
 from ._futex import WAITV_MAX, Futex, wait_many
 from ._names import SHM_DIR, catalog_path, resolve_namespace
 from ._segment import Segment, select_core, wait_any
-from .errors import AccessError, ClosedError, NotASegmentError
+from .errors import AccessError, ClosedError, NotASegmentError, OutOfDescriptorsError
 
 __all__ = ["CATALOG_OBJECT_SIZE", "NamespaceWord", "notify_words", "wait_segments", "wait_words"]
 
@@ -64,6 +64,22 @@ W_GENERATION = 7
 NOTIFY_OFF = 64
 _NOTIFY32 = NOTIFY_OFF // 4
 _OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+def _out_of_descriptors(err: int, ns: str, path: str) -> OutOfDescriptorsError:
+    """EMFILE/ENFILE met attaching namespace ``ns``'s word: an ``OSError`` still (the
+    callers that tell it from an untrusted word by kind still do), named with the
+    limit and the fix. Before, the bare "[Errno 24] Too many open files"."""
+    return OutOfDescriptorsError.from_os(
+        err,
+        f"the namespace word of {ns!r}",
+        path,
+        fix=(
+            "raise the open-files limit (ulimit -n 4096; systemd LimitNOFILE=; docker "
+            "--ulimit nofile=4096; `shmcast doctor` checks it), or attach fewer "
+            "segments in this process (each holds one)"
+        ),
+    )
 
 
 class NamespaceWord:
@@ -173,11 +189,15 @@ class NamespaceWord:
                 raise NotASegmentError("@catalog", path, "a symbolic link") from None
             if exc.errno == errno.EACCES:
                 raise AccessError(path, "read", "permission denied") from None
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise _out_of_descriptors(exc.errno, ns, path) from exc
             raise
         try:
             return cls._open(ns, path, fd, writable=False)
-        except BaseException:
+        except BaseException as exc:
             os.close(fd)
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise _out_of_descriptors(exc.errno, ns, path) from exc  # mmap's dup()
             raise
 
     @classmethod

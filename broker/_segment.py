@@ -122,6 +122,7 @@ from .errors import (
     LayoutError,
     NotASegmentError,
     NoVersionError,
+    OutOfDescriptorsError,
     ReadOnlyError,
     SegmentError,
     SegmentExistsError,
@@ -198,6 +199,23 @@ _kept_leases: weakref.WeakSet[Segment] | None = None
 #: The device of SHM_DIR (st_dev), taken with the fork hook: the hook looks at the
 #: locks of descriptors of files there alone.
 _shm_dev: int | None = None
+
+
+def _out_of_descriptors(err: int, name: str, path: str) -> OutOfDescriptorsError:
+    """EMFILE/ENFILE met attaching segment ``name``: an ``OSError`` still (the broker
+    and the doctor must not take it for a damaged segment), named with the limit,
+    the descriptors open and the fix. Before, the bare "[Errno 24] Too many open
+    files" came out of ``Subscriber``, ``Recorder`` and ``Segment.attach``."""
+    return OutOfDescriptorsError.from_os(
+        err,
+        f"segment {name!r}",
+        path,
+        fix=(
+            "each segment a process attaches holds one: raise the limit (ulimit -n "
+            "4096; systemd LimitNOFILE=; docker --ulimit nofile=4096; `shmcast doctor` "
+            "checks it), or attach fewer segments in this process"
+        ),
+    )
 
 
 def _arm_fork_hook() -> None:
@@ -684,6 +702,8 @@ class Segment(Closing):
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
                 raise NotASegmentError(name, path, "a symbolic link, not a segment") from None
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise _out_of_descriptors(exc.errno, name, path) from exc
             raise
         try:
             st = os.fstat(fd)
@@ -698,10 +718,12 @@ class Segment(Closing):
                 take_lease(name, fd, int.from_bytes(head[8 * W_WRITER_PID :], "little"))
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if prefault else 0)
-            mm = mmap.mmap(fd, size, flags=flags, prot=prot)
-        except BaseException:
+            mm = mmap.mmap(fd, size, flags=flags, prot=prot)  # dup()s the fd
+        except BaseException as exc:
             forget(fd)
             os.close(fd)
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise _out_of_descriptors(exc.errno, name, path) from exc
             raise
         seg = cls(_PRIVATE)
         seg._setup(

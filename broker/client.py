@@ -23,7 +23,9 @@ import contextlib
 import itertools
 import os
 import struct
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -32,6 +34,8 @@ from zmq.utils import z85
 
 from ._auth import is_z85_key
 from ._closing import Closing
+from ._context import context as shmcast_context
+from ._context import open_socket
 from ._lease import pid_namespace, process_start_time, process_state, process_uid
 from ._names import (
     DEFAULT_NAMESPACE,
@@ -65,6 +69,7 @@ from .errors import (
     ClosedError,
     ConfigError,
     NamespaceMismatchError,
+    OutOfDescriptorsError,
 )
 
 __all__ = [
@@ -85,6 +90,7 @@ __all__ = [
     "client_curve",
     "namespace_from_env",
     "object_name",
+    "open_socket",
     "pack",
     "reader_endpoint",
     "reporter_identity",
@@ -94,6 +100,7 @@ __all__ = [
     "runtime_dir",
     "runtime_root",
     "shm_path",
+    "shmcast_context",
     "topic",
     "trusted_runtime_dir",
     "unpack",
@@ -212,8 +219,71 @@ _MECHANISM_MISMATCH = int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)
 
 _monitor_ids = itertools.count(1)
 #: Seconds between two reads of a connection's handshake events by ``send`` (a
-#: publisher's commits, a subscriber's reports): a client that only sends keeps few.
+#: publisher's commits, a subscriber's reports): a client that only sends keeps few;
+#: and by the process's reader of idle clients' events (:class:`_IdleMonitors`).
 DRAIN_EVERY = 1.0
+
+
+class _IdleMonitors:
+    """One thread per process, alive while some client's handshake monitor is, that
+    reads the monitor events of the clients that read none themselves (neither a
+    request nor a send: a client made and kept for later, or one whose request
+    timed out, which made a new monitor), every :data:`DRAIN_EVERY` seconds.
+
+    The pipe from ZeroMQ's I/O thread to a monitor has no bound (it must have none:
+    see :func:`_handshake_monitor`), and each reconnection queues about three
+    events: an idle client at an endpoint that accepts and drops every connection
+    (a port forwarder whose broker is down, a broker restarting over and over) grew
+    by about 680 bytes a reconnection (7 a second at ZeroMQ's default interval), for
+    as long as it lived. A client's own thread reading its events meanwhile is left
+    to it (its lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clients: weakref.WeakSet[ControlClient] = weakref.WeakSet()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def forked(self) -> None:
+        """In a forked child: the parent's clients are not its own to read (their
+        sockets are the parent's), nor is the parent's thread here, and the lock may
+        have been held by that thread at the fork (a new one, or the child's first
+        client waited for ever)."""
+        self._lock = threading.Lock()
+        self._clients = weakref.WeakSet()
+        self._thread = None
+        self._pid = os.getpid()
+
+    def watch(self, client: ControlClient) -> None:
+        with self._lock:
+            if self._pid != os.getpid():
+                self.forked()  # (a fork hook that did not run: os.fork is not all)
+            self._clients.add(client)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="shmcast-handshakes", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(DRAIN_EVERY)
+            with self._lock:
+                live = [c for c in self._clients if c._monitor is not None]
+                if not live:
+                    self._clients = weakref.WeakSet()
+                    self._thread = None
+                    return
+                self._clients = weakref.WeakSet(live)
+            for client in live:
+                client._drain_idle()
+            # No reference kept while asleep: a client dropped by its user meanwhile
+            # is collected (and closed) as it would be without this thread.
+            del live, client
+
+
+_idle_monitors = _IdleMonitors()
+os.register_at_fork(after_in_child=_idle_monitors.forked)
 
 
 def _handshake_monitor(sock: zmq.Socket[Any]) -> zmq.Socket[Any] | None:
@@ -227,14 +297,20 @@ def _handshake_monitor(sock: zmq.Socket[Any]) -> zmq.Socket[Any] | None:
         sock.monitor(addr, _HANDSHAKE_EVENTS)
     except zmq.ZMQError:
         return None
-    mon: zmq.Socket[Any] = sock.context.socket(zmq.PAIR)
+    try:
+        mon = open_socket(sock.context, zmq.PAIR, "a handshake monitor")
+    except (zmq.ZMQError, OutOfDescriptorsError):  # the socket cap met: none, as above
+        with contextlib.suppress(zmq.ZMQError):
+            sock.disable_monitor()
+        return None
     mon.setsockopt(zmq.LINGER, 0)
     # No high-water mark on the way to us (0 on either end of an inproc pipe: none).
     # ZeroMQ's I/O thread sends each event with a blocking send: once the pipe held
     # its 2000 (a client left open at an endpoint that accepts and drops every
     # connection, each reconnect a failed handshake), that thread blocked, and every
     # socket of the process's context with it, for ever. Our end reads the events
-    # at each request and send (ControlClient._drain_handshakes), so few wait.
+    # at each request and send (ControlClient._drain_handshakes), and those of a
+    # client doing neither once a second (_IdleMonitors), so few wait.
     mon.setsockopt(zmq.RCVHWM, 0)
     try:
         mon.connect(addr)
@@ -250,7 +326,8 @@ class ControlClient(Closing):
     Args:
         endpoint: the broker's control endpoint.
         timeout: seconds to wait for each reply.
-        context: the ZeroMQ context (the process-wide one by default).
+        context: the ZeroMQ context (by default shmcast's own, process-wide: its
+            socket cap raised to the open-files limit; see ``_context``).
         curve: optional ``(server_public, client_public, client_secret)`` keys (z85
             text or bytes: :data:`CurveKeyTriple`).
 
@@ -270,6 +347,8 @@ class ControlClient(Closing):
 
     Raises:
         ConfigError: ``endpoint`` is not an address ZeroMQ can connect to.
+        OutOfDescriptorsError: the context's socket cap is met, or the process's
+            file descriptors (an ``OSError``, errno ``EMFILE``).
         ValueError: ``timeout`` is not a finite number of seconds > 0 (nor a
             request's).
     """
@@ -298,7 +377,11 @@ class ControlClient(Closing):
         self._link: str | None = None
         self._next_drain = 0.0
         self._pid = os.getpid()
-        sock = self._new_socket(context or zmq.Context.instance())
+        #: Held to read or stop the handshake monitor: the process's reader of idle
+        #: clients' events (_IdleMonitors) may be at it. Reentrant: close() from a
+        #: signal handler may interrupt a read of this thread's.
+        self._mon_lock = threading.RLock()
+        sock = self._new_socket(context or shmcast_context())
         self._sock = sock
         self._ids = itertools.count(1)
         self.dropped = 0
@@ -421,7 +504,7 @@ class ControlClient(Closing):
         return True
 
     def _new_socket(self, ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
-        sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+        sock = open_socket(ctx, zmq.DEALER, f"a control connection to {self.endpoint}")
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         if self._curve is not None:
@@ -429,7 +512,10 @@ class ControlClient(Closing):
         # Before the connect: from its first handshake. ipc too: a CURVE broker's
         # default endpoints (ipc) refuse a client without keys as its TCP ones do.
         if self.endpoint.startswith(("tcp://", "ipc://")):
-            self._monitor = _handshake_monitor(sock)
+            with self._mon_lock:
+                self._monitor = _handshake_monitor(sock)
+            if self._monitor is not None:
+                _idle_monitors.watch(self)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
@@ -505,6 +591,20 @@ class ControlClient(Closing):
         """Read the monitor's events so far, without waiting, into ``_handshake``: the
         pipe from ZeroMQ's I/O thread has no bound (see :func:`_handshake_monitor`),
         and what we read is not kept there."""
+        with self._mon_lock:
+            self._drain_locked()
+
+    def _drain_idle(self) -> None:
+        """Read the events so far for a client whose thread reads none (from
+        :class:`_IdleMonitors`' thread), unless that thread is at it."""
+        if self._pid != os.getpid() or not self._mon_lock.acquire(blocking=False):
+            return
+        try:
+            self._drain_locked()
+        finally:
+            self._mon_lock.release()
+
+    def _drain_locked(self) -> None:
         mon = self._monitor
         if mon is None:
             return
@@ -539,12 +639,13 @@ class ControlClient(Closing):
 
     def _stop_monitor(self, sock: zmq.Socket[Any]) -> None:
         """Stop ``sock``'s handshake monitor, then close our end of it."""
-        mon, self._monitor = self._monitor, None
-        self._handshake = self._link = None  # the next connection's monitor starts afresh
-        if mon is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                sock.disable_monitor()
-            mon.close(0)
+        with self._mon_lock:
+            mon, self._monitor = self._monitor, None
+            self._handshake = self._link = None  # the next connection's starts afresh
+            if mon is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.disable_monitor()
+                mon.close(0)
 
     def _reconnect(self) -> None:
         ctx = self._sock.context

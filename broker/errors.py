@@ -40,17 +40,28 @@ message, which names the segment, endpoint or size involved and the fix::
     │   └── RemoteError             the broker answered with an error
     └── ConfigError                 a bad configuration value (names the field)
 
+    OSError
+    └── OutOfDescriptorsError       out of file descriptors or ZeroMQ sockets (no ShmcastError)
+
 Where an OS or ZeroMQ error enters our code it is wrapped (``raise ... from
 exc``), and classes that stand for an OS condition also derive from the builtin
 one (``ShmSpaceError`` is an ``OSError``, ``AccessError`` a ``PermissionError``,
 ``SegmentNotFoundError`` a ``FileNotFoundError``, ``MissingExtraError`` an
 ``ImportError``), so either can be caught.
+
+:class:`OutOfDescriptorsError` alone is no :class:`ShmcastError`: it is the OS's
+``EMFILE``/``ENFILE`` (``errno`` kept), named with the limit, the count open and the
+fix. The broker and ``shmcast doctor`` take a ``ShmcastError`` from attaching a
+segment as a damaged segment, to reclaim; running out of descriptors says nothing
+about the segment, and they keep telling the two apart by kind.
 """
 
 from __future__ import annotations
 
+import errno as _errno
 import os
 import pwd
+import resource
 from collections.abc import Sequence
 
 __all__ = [
@@ -73,6 +84,7 @@ __all__ = [
     "NoVersionError",
     "NotARecordingError",
     "NotASegmentError",
+    "OutOfDescriptorsError",
     "OwnershipError",
     "ReadOnlyError",
     "RecordingError",
@@ -98,6 +110,110 @@ def _mib(n: int) -> str:
 
 class ShmcastError(Exception):
     """Base of every shmcast error."""
+
+
+def _open_descriptors(limit: int) -> int | None:
+    """How many file descriptors this process holds, or None when it cannot tell
+    (``/proc`` unmounted, and no more than ``limit`` to look through)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the one listing them
+    except OSError:  # EMFILE: the listing needs a descriptor of its own
+        pass
+    if limit > 1 << 16:
+        return None
+    count = 0
+    for fd in range(limit):
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        count += 1
+    return count
+
+
+class OutOfDescriptorsError(OSError):
+    """This process ran out of file descriptors (``EMFILE``; ``ENFILE``: the system
+    did), or of the ZeroMQ sockets its context allows (``sockets`` set): the OS's
+    ``OSError`` with its ``errno``, ``strerror`` and ``filename`` kept, and a message
+    naming what ran out, how many are open, the limit and the fix.
+
+    Deliberately no :class:`ShmcastError` (see the module's docstring): code that
+    tells an ``OSError`` of ``EMFILE`` from a damaged segment still does.
+
+    Attributes:
+        what: what was being opened ("segment 'x'", "a ZeroMQ socket").
+        open_fds: the descriptors open when it was raised (None: unknown).
+        soft, hard: the open-files limit (``RLIMIT_NOFILE``).
+        sockets, max_sockets: the ZeroMQ sockets shmcast opened in the context, and
+            its cap (``zmq.MAX_SOCKETS``), when the cap is what ran out; else None.
+    """
+
+    what: str = ""
+    open_fds: int | None = None
+    soft: int = -1
+    hard: int = -1
+    sockets: int | None = None
+    max_sockets: int | None = None
+    #: The fix, where it differs from raising the open-files limit.
+    fix: str = ""
+
+    @classmethod
+    def from_os(
+        cls,
+        err: int,
+        what: str,
+        filename: str | None = None,
+        *,
+        sockets: int | None = None,
+        max_sockets: int | None = None,
+        fix: str = "",
+    ) -> OutOfDescriptorsError:
+        """The error for ``err`` (``EMFILE``, ``ENFILE``) met opening ``what``;
+        ``sockets``/``max_sockets`` when a ZeroMQ context's cap is what ran out."""
+        text = os.strerror(err)
+        exc = cls(err, text) if filename is None else cls(err, text, filename)
+        exc.what = what
+        exc.soft, exc.hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        exc.open_fds = _open_descriptors(exc.soft)
+        exc.sockets = sockets
+        exc.max_sockets = max_sockets
+        exc.fix = fix
+        return exc
+
+    def __str__(self) -> str:
+        if not self.what:  # made as a plain OSError is, not by from_os: nothing to add
+            return super().__str__()
+
+        def n(v: int) -> str:
+            return "unlimited" if v == resource.RLIM_INFINITY else str(v)
+
+        held = "" if self.open_fds is None else f"{self.open_fds} descriptors open; "
+        limit = (
+            f"this process's open-files limit is {n(self.soft)} (RLIMIT_NOFILE, hard "
+            f"limit {n(self.hard)})"
+        )
+        raise_it = (
+            "raise it (ulimit -n 4096; systemd LimitNOFILE=; docker --ulimit "
+            "nofile=4096; `shmcast doctor` checks it)"
+        )
+        if self.max_sockets is not None:
+            return (
+                f"out of ZeroMQ sockets opening {self.what}: its context holds the most "
+                f"it allows, ZMQ_MAX_SOCKETS {self.max_sockets} ({self.sockets} of them "
+                f"opened by shmcast, ZeroMQ's socket monitors aside; {held}{limit}); "
+                f"{self.fix or raise_it}"
+            )
+        if self.errno == _errno.ENFILE:  # the whole system's table, not this process's
+            return (
+                f"out of file descriptors opening {self.what}: {self.strerror}; the "
+                f"system's open-file table is full: raise it (sysctl fs.file-max) or stop "
+                f"what holds so many"
+            )
+        where = f" ({self.filename})" if self.filename else ""
+        return (
+            f"out of file descriptors opening {self.what}{where}: {self.strerror}; "
+            f"{held}{limit}; {self.fix or raise_it}"
+        )
 
 
 class InvalidNameError(ShmcastError, ValueError):

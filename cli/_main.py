@@ -17,7 +17,12 @@ from types import ModuleType
 
 from shmcast.broker import Segment
 from shmcast.broker.client import resolve_namespace
-from shmcast.broker.errors import ConfigError, InvalidNameError, ShmcastError
+from shmcast.broker.errors import (
+    ConfigError,
+    InvalidNameError,
+    OutOfDescriptorsError,
+    ShmcastError,
+)
 
 from . import (
     _cmd_bridge,
@@ -147,7 +152,10 @@ def _out_of_descriptors(exc: OSError) -> str:
     """What running out of file descriptors means here, and the fix. Each segment a
     process attaches holds one (a subscriber or recorder of many segments, under a
     low limit: Docker's and systemd's are 1024, a shell's may be lower); before,
-    the command died with a traceback of the bare ``OSError``."""
+    the command died with a traceback of the bare ``OSError``. The library's own
+    :class:`OutOfDescriptorsError` says it already (with the descriptors open)."""
+    if isinstance(exc, OutOfDescriptorsError):
+        return printable(str(exc))
     where = f" ({printable(str(exc.filename))})" if exc.filename else ""
     if exc.errno == errno.ENFILE:  # the whole system's table, not this process's limit
         return (

@@ -55,11 +55,13 @@ from shmcast.broker.client import (
     CurveKeyTriple,
     check_broker_namespace,
     client_curve,
+    open_socket,
     reader_endpoint,
     reporter_identity,
     resolve_endpoint,
     resolve_namespace,
     shm_path,
+    shmcast_context,
     topic,
     unpack,
     validate_seconds,
@@ -175,6 +177,11 @@ class Subscriber(Closing):
             endpoint holds topics (its ``max_subscriptions``), or than it has room
             for beside other subscribers' topics; ``shm``/``events`` and a
             ``broker`` that is no endpoint ZeroMQ can connect to.
+        OutOfDescriptorsError: the process is out of file descriptors (each
+            attached segment holds one), or of ZeroMQ sockets (``shm``: one a
+            subscriber, ``events``: two; shmcast's context allows as many as the
+            open-files limit): an ``OSError`` of errno ``EMFILE``, naming the limit,
+            the count open and the fix.
         ValueError: a bad segment name or wait mode, a ``name`` that is no
             non-empty string, or a ``timeout`` or ``heartbeat_timeout`` that is not
             a finite number of seconds > 0.
@@ -333,7 +340,9 @@ class Subscriber(Closing):
         held = hello.get("subscriptions")
         if isinstance(limit, int) and isinstance(held, int) and held + len(self.names) >= limit:
             self._check_room(hello, limit)
-        sub: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.SUB)
+        # shmcast's context, its socket cap raised to the open-files limit: before,
+        # Context.instance()'s 1023 ended a process at about 510 Subscribers.
+        sub = open_socket(shmcast_context(), zmq.SUB, f"the events of namespace {self.namespace!r}")
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 100_000)
         if self._curve is not None:

@@ -3,6 +3,7 @@ and a bounded soak of hundreds of segments and many subscribers (fds, RSS)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from shmcast.broker import Segment
 from shmcast.broker.client import ControlClient, Endpoints
 from shmcast.cli.testing import BROKER_READY, ShmcastProcess, start, wait_for
 from shmcast.publisher import Publisher
@@ -183,3 +185,148 @@ def test_soak_long(
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("long soak: run with `make soak` (-m slow)")
     _soak(broker_proc, namespace, rounds=15, per_round=200, subs=200)
+
+
+OUT_OF_FDS_CHILD = """
+    import errno, json, resource, sys
+    from shmcast.broker.errors import OutOfDescriptorsError, ShmcastError
+    from shmcast.subscriber import Recorder, Subscriber
+
+    ns, output, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (40, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    out = {}
+    for kind, make in (
+        ("subscriber", lambda: Subscriber(names, namespace=ns, wait="futex", timeout=1)),
+        ("recorder", lambda: Recorder(names, output, format="parquet", namespace=ns)),
+    ):
+        try:
+            make().close()
+        except OSError as exc:
+            out[kind] = {
+                "type": type(exc).__name__,
+                "errno": exc.errno,
+                "shmcast_error": isinstance(exc, ShmcastError),
+                "open_fds": getattr(exc, "open_fds", None),
+                "message": str(exc),
+            }
+    print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_a_subscriber_or_recorder_out_of_descriptors_names_the_limit(
+    namespace: str, tmp_path: Any
+) -> None:
+    """More segments than the open-files limit (40) holds: ``Subscriber`` and
+    ``Recorder`` raise ``OutOfDescriptorsError``, an ``OSError`` still of errno
+    ``EMFILE`` (no ``ShmcastError``: the broker and the doctor tell it from a damaged
+    segment by its kind) naming ``RLIMIT_NOFILE``, ``ulimit -n`` and the descriptors
+    open. Before, both raised the bare "[Errno 24] Too many open files"."""
+    names = [f"s{i:02d}" for i in range(60)]
+    for name in names:
+        Segment.create(name, "u1", (8,), namespace=namespace).close()
+    try:
+        output = str(tmp_path / "rec")
+        argv = [sys.executable, "-c", textwrap.dedent(OUT_OF_FDS_CHILD), namespace, output]
+        r = subprocess.run(argv + names, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+        out = json.loads(line[len("RESULT ") :])
+        assert not os.listdir(tmp_path)  # no recording file made
+    finally:
+        for name in names:
+            Segment.remove(name, namespace=namespace)
+    assert set(out) == {"subscriber", "recorder"}, out
+    for err in out.values():
+        assert err["type"] == "OutOfDescriptorsError", err
+        assert err["errno"] == errno.EMFILE
+        assert not err["shmcast_error"]
+        assert "RLIMIT_NOFILE" in err["message"]
+        assert "open-files limit is 40" in err["message"]
+        assert "ulimit -n" in err["message"]
+        assert f"{err['open_fds']} descriptors open" in err["message"]
+
+
+MANY_SOCKETS_CHILD = """
+    import json, os, resource, sys
+    import zmq
+    from shmcast.broker.client import ControlClient
+
+    soft = int(sys.argv[2])
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    clients, out = [], {}
+    try:
+        # Each holds three sockets while no reply came (its DEALER, the monitor's two).
+        for _ in range(400):
+            clients.append(ControlClient(sys.argv[1], timeout=1))
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    out["opened"] = len(clients)
+    out["max_sockets"] = clients[0]._sock.context.get(zmq.MAX_SOCKETS) if clients else None
+    for c in clients:
+        c.close()
+    print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_a_process_opens_as_many_shmcast_sockets_as_its_open_files_limit_allows(
+    tmp_path: Any,
+) -> None:
+    """ZeroMQ caps a context at 1023 sockets (``ZMQ_MAX_SOCKETS``), whatever ``ulimit
+    -n``: on ``zmq.Context.instance()``, 340 ``ControlClient`` objects waiting for a
+    reply (or about 510 ``Subscriber`` objects of ``wait="events"``) ended a process
+    with ZeroMQ's bare "Too many open files". shmcast's own context takes the
+    open-files limit (2048 here) as its cap."""
+    import resource
+
+    soft = 2048
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < soft:
+        pytest.skip(f"the hard open-files limit is below {soft}")
+    endpoint = f"ipc://{tmp_path}/nobody.sock"  # nobody answers: each monitor stays
+    argv = [sys.executable, "-c", textwrap.dedent(MANY_SOCKETS_CHILD), endpoint, str(soft)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+    out = json.loads(line[len("RESULT ") :])
+    assert out == {"opened": 400, "max_sockets": soft}, out
+
+
+def test_a_context_out_of_sockets_is_an_error_naming_the_cap_and_the_fix(
+    tmp_path: Any,
+) -> None:
+    """Where a context's cap is still met (here one of 10 sockets given by the
+    caller), the error names it, the sockets shmcast opened and the fix (share a
+    Subscriber, raise ``ulimit -n``): an ``OSError`` of errno ``EMFILE``. Before,
+    ZeroMQ's bare ``ZMQError: Too many open files``; and a client whose monitor
+    could not be made left its socket open."""
+    import zmq
+
+    from shmcast.broker.errors import OutOfDescriptorsError
+
+    ctx: zmq.Context[Any] = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 10)
+    clients: list[ControlClient] = []
+    try:
+        err: OutOfDescriptorsError | None = None
+        for _ in range(10):
+            try:
+                clients.append(ControlClient(f"ipc://{tmp_path}/x.sock", context=ctx))
+            except OutOfDescriptorsError as exc:
+                err = exc
+                break
+        assert err is not None, f"{len(clients)} clients in a context of 10 sockets"
+        assert err.errno == errno.EMFILE
+        assert err.max_sockets == 10
+        opened = err.sockets
+        assert opened is not None
+        assert len(clients) <= opened <= 10, opened
+        text = str(err)
+        assert "out of ZeroMQ sockets opening a control connection to ipc://" in text
+        assert "ZMQ_MAX_SOCKETS 10" in text
+        assert f"{opened} of them opened by shmcast" in text
+        assert "Subscriber([name, ...])" in text
+        assert "ulimit -n" in text
+    finally:
+        for c in clients:
+            c.close()
+        ctx.destroy(0)

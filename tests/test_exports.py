@@ -96,6 +96,12 @@ def _error_classes() -> list[type[BaseException]]:
 
 @pytest.mark.parametrize("cls", _error_classes(), ids=lambda c: c.__name__)
 def test_every_error_derives_from_shmcasterror(cls: type[BaseException]) -> None:
+    if cls is shmcast.broker.errors.OutOfDescriptorsError:
+        # The one exception, by design: the OS's EMFILE, which the broker and the
+        # doctor must not take for a damaged segment (a ShmcastError from attach).
+        assert issubclass(cls, OSError)
+        assert not issubclass(cls, ShmcastError)
+        return
     assert issubclass(cls, ShmcastError)
 
 

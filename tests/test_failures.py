@@ -632,3 +632,108 @@ def test_a_publisher_whose_segment_is_deleted_under_it_says_so_once(
         assert mirror.segment_deleted
     assert f"segment 'g' of namespace {namespace!r} was deleted under this publisher" in said[0]
     assert "stop it and start it again" in said[0]
+
+
+def test_an_idle_control_clients_handshake_events_do_not_pile_up(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``ControlClient`` that neither requests nor sends, at an endpoint that
+    accepts and drops every connection (a port forwarder whose broker is down, a
+    broker restarting over and over): each reconnection queued three handshake
+    events on its monitor, which only a request or a send read: about 680 bytes a
+    reconnection, for as long as the client lived (13 MiB over 20000). The process's
+    reader of idle clients' events reads them now. Reconnections every 1 ms here,
+    that reader's rounds every 0.05 s."""
+    import socket
+
+    import shmcast.broker.client as client_mod
+
+    monkeypatch.setattr(client_mod, "DRAIN_EVERY", 0.05)
+    made = client_mod.open_socket
+
+    def fast(ctx: zmq.Context[Any], kind: int, what: str) -> zmq.Socket[Any]:
+        sock = made(ctx, kind, what)
+        if kind == zmq.DEALER:
+            sock.setsockopt(zmq.RECONNECT_IVL, 1)
+        return sock
+
+    monkeypatch.setattr(client_mod, "open_socket", fast)
+    path = str(tmp_path / "drops.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(64)
+    srv.settimeout(0.05)
+    accepted = 0
+    stop = threading.Event()
+
+    def drop_each() -> None:
+        nonlocal accepted
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            accepted += 1
+            conn.close()
+
+    thread = threading.Thread(target=drop_each, daemon=True)
+    thread.start()
+    client = ControlClient(f"ipc://{path}", timeout=1)
+    try:
+        wait_for(lambda: accepted >= 300, 20, what="300 reconnections")
+        stop.set()
+        thread.join(5)
+        srv.close()
+        os.unlink(path)  # no more connections: no more events
+        # Read for it (its thread asked nothing): the connection's state is known.
+        wait_for(lambda: client._link is None and client._handshake is not None, 10)
+        mon = client._monitor
+        assert mon is not None
+        with client._mon_lock:
+            unread = 0
+            while mon.poll(0, zmq.POLLIN):
+                mon.recv_multipart()
+                unread += 1
+        assert unread < accepted, (unread, accepted)
+    finally:
+        stop.set()
+        client.close()
+        srv.close()
+
+
+def test_a_child_forked_while_shmcasts_locks_are_held_makes_its_own_clients(
+    tmp_path: Any,
+) -> None:
+    """A fork while another thread holds the lock of the process's reader of idle
+    clients' events (its round, every second) or of shmcast's ZeroMQ context (the
+    first socket being made): the child's first ``ControlClient`` waited for that
+    lock for ever. The child gets new locks at the fork. Held here by the test's
+    thread at the fork; the child is killed if it does not finish in 10 s."""
+    import shmcast.broker._context as context_mod
+    import shmcast.broker.client as client_mod
+
+    endpoint = f"ipc://{tmp_path}/nobody.sock"
+    for lock in (client_mod._idle_monitors._lock, context_mod._lock):
+        with lock:
+            pid = os.fork()
+            if pid == 0:  # the child: no pytest, no exceptions out of here
+                code = 1
+                try:
+                    ControlClient(endpoint, timeout=0.1).close()
+                    code = 0
+                finally:
+                    os._exit(code)
+        assert _exit_code_within(pid, 10) == 0
+
+
+def _exit_code_within(pid: int, timeout: float) -> int | None:
+    """The exit code of child ``pid`` once it ended, or None: killed after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got == pid:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None

@@ -249,3 +249,43 @@ def test_closing_the_word_under_a_sleeping_thread_is_safe(namespace: str, each_c
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert out.stdout.startswith("ok"), out.stdout
     assert "ClosedError" in out.stdout  # the waits after the close say so
+
+
+OUT_OF_FDS_WORD = """
+import errno, os, resource, sys
+from shmcast.broker import NamespaceWord
+from shmcast.broker.errors import OutOfDescriptorsError
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:
+        held.append(os.dup(0))  # every descriptor the limit allows, taken
+except OSError as exc:
+    assert exc.errno == errno.EMFILE, exc
+try:
+    NamespaceWord.attach(sys.argv[1])
+except OutOfDescriptorsError as exc:
+    print("RESULT", exc.errno, exc)
+except OSError as exc:
+    print("RESULT bare", type(exc).__name__, exc)
+"""
+
+
+def test_a_namespace_word_out_of_descriptors_names_the_limit(thread_broker: Broker) -> None:
+    """A process with no descriptor left attaching the namespace word (a
+    ``Subscriber`` of ``wait="shm"`` does): ``OutOfDescriptorsError``, an ``OSError``
+    of errno ``EMFILE`` still (its callers that skip an untrusted word, catching
+    ``OSError``, are as before), naming the limit and the fix. Before, the bare
+    "[Errno 24] Too many open files"."""
+    import errno
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-c", OUT_OF_FDS_WORD, thread_broker.namespace]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+    assert line.startswith(f"RESULT {errno.EMFILE} out of file descriptors opening the "), line
+    assert "open-files limit is 64 (RLIMIT_NOFILE" in line
+    assert "ulimit -n" in line
