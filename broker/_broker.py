@@ -176,6 +176,8 @@ class Broker(Service):
         #: Control sockets in the middle of a message of too many frames (see
         #: _recv_request): its rest is read and dropped before the next request.
         self._discarding: set[zmq.Socket[Any]] = set()
+        #: Control sockets bound on ipc, whose peers the kernel names (SO_PEERCRED).
+        self._ipc_controls: set[zmq.Socket[Any]] = set()
 
     # ------------------------------------------------------------------ public
 
@@ -327,6 +329,10 @@ class Broker(Service):
             socks.append(self._watch)  # type: ignore[arg-type]
             served = True
             self._set_ready(on_ready, ready)
+            self._ipc_controls = {
+                s for s, ep in ((control, control_ep), (control_ro, control_ro_ep))
+                if ep and ep.startswith("ipc://")
+            }  # fmt: skip
             self._serve({control: WRITER, control_ro: READER})
         finally:
             # Each step on its own: one that fails (EMFILE...) is logged, and the
@@ -850,6 +856,8 @@ class Broker(Service):
                 raise ValueError(f"unknown op {op!r}; known: {', '.join(sorted(self._OPS))}")
             if role != WRITER and op not in READER_OPS:
                 raise ForbiddenError(op, role)
+            if op == "report":
+                req = self._vouched(sock, frames[-1], req)
             reply = handler(self, req)
             if reply is None:
                 return
@@ -869,6 +877,28 @@ class Broker(Service):
             sock.send_multipart([*envelope, pack(reply)], zmq.NOBLOCK)
         except zmq.ZMQError:
             self._count_error("reply_dropped")
+
+    def _vouched(
+        self, sock: zmq.Socket[Any], frame: zmq.Frame, req: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A report whose ``pidns`` and ``started`` (which let top keep a stopped
+        subscriber's row) are kept only when the kernel says its sender is the
+        process it names: an ipc connection whose peer's pid (SO_PEERCRED, which
+        libzmq appends to the peer's address) is the report's ``pid``. Before, any
+        client, read-only ones included, could name another process (a stranger's
+        stopped one, its start time read from ``/proc``) and top showed it as a
+        stopped subscriber, for a day, from one message. Over TCP, or from a pid
+        namespace whose pids differ from the broker's, no identity is kept (the
+        row goes after :data:`REPORT_TTL`, as before)."""
+        if "pidns" not in req and "started" not in req:
+            return req
+        peer: int | None = None
+        if sock in self._ipc_controls:
+            with contextlib.suppress(zmq.ZMQError, ValueError, IndexError):
+                peer = int(str(frame.get("Peer-Address")).rsplit(":", 3)[3])
+        if peer is not None and peer == req.get("pid"):
+            return req
+        return {k: v for k, v in req.items() if k not in ("pidns", "started")}
 
     # ------------------------------------------------------------------ requests
 

@@ -56,7 +56,8 @@ to the broker about once a second, on their first 64 segments); LAG is how many
 versions a subscriber is behind; per segment UPDATES + MISSED + OVERRUN + TORN add
 up to the versions published while it ran. A subscriber that stops reporting
 leaves the table after 5 s, unless its process is stopped (SIGSTOP, Ctrl-Z, a
-debugger) in top's pid namespace: its last report then stays, marked "stopped".
+debugger) in top's pid namespace and it reported over an ipc control socket:
+its last report then stays, marked "stopped".
 """
 
 # Alternate screen, hidden cursor; and their undo.
