@@ -111,6 +111,18 @@ MAX_REQUEST_FRAMES = 8
 DISCARD_BUDGET = 10_000
 
 
+def _is_segment_name(name: object) -> bool:
+    """Whether a report's key names a segment as a segment may be named (at most 128
+    letters, digits, ``_``, ``-`` or ``.``): anything else, control characters
+    included, is no segment anyone reads and is not kept (one such key of 128
+    characters, printed escaped, made every row of ``shmcast top`` 1,600 wide)."""
+    try:
+        validate_segment_name(name)
+    except ShmcastError:
+        return False
+    return True
+
+
 def _report_value(key: object, value: object) -> bool:
     """Whether a report may keep ``key: value`` (what ``shmcast top`` can show)."""
     if isinstance(value, bool):
@@ -1219,7 +1231,7 @@ class Broker(Service):
             return
         clean: dict[str, dict[str, int | float | None]] = {}
         for seg, counts in list(segs.items())[:REPORT_SEGMENTS]:
-            if isinstance(seg, str) and len(seg) <= 128 and isinstance(counts, dict):
+            if _is_segment_name(seg) and isinstance(counts, dict):
                 clean[seg] = {k: v for k, v in counts.items() if _report_value(k, v)}
         now = time.monotonic()
         key = (name[:64], pid)

@@ -639,3 +639,33 @@ def test_render_never_cuts_names_and_keeps_columns_aligned() -> None:
     for table, column in ((seg_table, "VERSION"), (sub_table, "VERSION")):
         end = table[0].index(column) + len(column)  # right-aligned under its header
         assert all(ln[end - 1] == "5" and ln[end] == " " for ln in table[1:]), table
+
+
+def test_a_report_keeps_only_segment_names_as_its_keys(
+    namespace: str, thread_broker: Broker
+) -> None:
+    """A report's per-segment key that no segment could be named (control
+    characters, here 128 of them) is not kept: printed escaped, one such key made
+    every row of top's subscriber table over 1,600 characters wide."""
+    assert thread_broker.endpoints is not None
+    assert thread_broker.endpoints.control_ro is not None
+    with ControlClient(thread_broker.endpoints.control_ro, timeout=5) as client:
+        segs = {"ticks": {"updates": 1}, "\U000e0001" * 128: {"updates": 1}}
+        client.send("report", name="r", pid=1, segments=segs)
+        rows = wait_for(lambda: client.request("subscribers")["subscribers"], 5, 0.01, "the report")
+    assert rows[0]["segments"] == {"ticks": {"updates": 1}}
+
+
+def test_a_name_of_control_characters_widens_only_its_own_row() -> None:
+    """A subscriber named with control characters (64 of them, as the broker keeps
+    it, printed escaped: 256 characters) overflows its own row; the others keep
+    the width their names take."""
+    stats = {"shm_total": 1, "shm_free": 1}
+    honest = {"name": "honest", "pid": 7, "segments": {"ticks": {"last_version": 5}}}
+    odd = {"name": "\x1b" * 64, "pid": 8, "segments": {"ticks": {"last_version": 5}}}
+
+    def row(subs: list[dict[str, object]]) -> str:
+        cur = Sample(t=1.0, segments=[], subscribers=subs, stats=stats)
+        return next(ln for ln in render("ns", "ep", cur, None) if ln.startswith("honest"))
+
+    assert row([honest, odd]) == row([honest])
