@@ -112,6 +112,18 @@ MAX_REQUEST_FRAMES = 8
 DISCARD_BUDGET = 10_000
 
 
+def _is_segment_name(name: object) -> bool:
+    """Whether a report's key names a segment as a segment may be named (at most 128
+    letters, digits, ``_``, ``-`` or ``.``): anything else, control characters
+    included, is no segment anyone reads and is not kept (one such key of 128
+    characters, printed escaped, made every row of ``shmcast top`` 1,600 wide)."""
+    try:
+        validate_segment_name(name)
+    except ShmcastError:
+        return False
+    return True
+
+
 def _report_value(key: object, value: object) -> bool:
     """Whether a report may keep ``key: value`` (what ``shmcast top`` can show)."""
     if isinstance(value, bool):
@@ -177,6 +189,8 @@ class Broker(Service):
         #: Control sockets in the middle of a message of too many frames (see
         #: _recv_request): its rest is read and dropped before the next request.
         self._discarding: set[zmq.Socket[Any]] = set()
+        #: Control sockets bound on ipc, whose peers the kernel names (SO_PEERCRED).
+        self._ipc_controls: set[zmq.Socket[Any]] = set()
 
     # ------------------------------------------------------------------ public
 
@@ -329,6 +343,10 @@ class Broker(Service):
             socks.append(self._watch)  # type: ignore[arg-type]
             served = True
             self._set_ready(on_ready, ready)
+            self._ipc_controls = {
+                s for s, ep in ((control, control_ep), (control_ro, control_ro_ep))
+                if ep and ep.startswith("ipc://")
+            }  # fmt: skip
             self._serve({control: WRITER, control_ro: READER})
         finally:
             # Each step on its own: one that fails (EMFILE...) is logged, and the
@@ -668,8 +686,14 @@ class Broker(Service):
                         poller.register(events.sock, zmq.POLLIN)
                     continue
                 role = controls[sock]
-                # Drain what is queued, bounded so heartbeats stay on time.
+                # Drain what is queued, bounded so heartbeats stay on time: in count,
+                # and in time (half an interval), as one request may cost 0.1 s (a
+                # 'subscribers' of 1024 kept reports of 64 segments): 1000 of them,
+                # pipelined by one client, stopped the heartbeats for over a minute.
+                until = time.monotonic() + interval / 2
                 for _ in range(1000):
+                    if time.monotonic() > until:
+                        break  # the rest on the next pass, after the tick if due
                     try:
                         frames = self._recv_request(sock)
                     except zmq.Again:
@@ -852,6 +876,8 @@ class Broker(Service):
                 raise ValueError(f"unknown op {op!r}; known: {', '.join(sorted(self._OPS))}")
             if role != WRITER and op not in READER_OPS:
                 raise ForbiddenError(op, role)
+            if op == "report":
+                req = self._vouched(sock, frames[-1], req)
             reply = handler(self, req)
             if reply is None:
                 return
@@ -871,6 +897,28 @@ class Broker(Service):
             sock.send_multipart([*envelope, pack(reply)], zmq.NOBLOCK)
         except zmq.ZMQError:
             self._count_error("reply_dropped")
+
+    def _vouched(
+        self, sock: zmq.Socket[Any], frame: zmq.Frame, req: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A report whose ``pidns`` and ``started`` (which let top keep a stopped
+        subscriber's row) are kept only when the kernel says its sender is the
+        process it names: an ipc connection whose peer's pid (SO_PEERCRED, which
+        libzmq appends to the peer's address) is the report's ``pid``. Before, any
+        client, read-only ones included, could name another process (a stranger's
+        stopped one, its start time read from ``/proc``) and top showed it as a
+        stopped subscriber, for a day, from one message. Over TCP, or from a pid
+        namespace whose pids differ from the broker's, no identity is kept (the
+        row goes after :data:`REPORT_TTL`, as before)."""
+        if "pidns" not in req and "started" not in req:
+            return req
+        peer: int | None = None
+        if sock in self._ipc_controls:
+            with contextlib.suppress(zmq.ZMQError, ValueError, IndexError):
+                peer = int(str(frame.get("Peer-Address")).rsplit(":", 3)[3])
+        if peer is not None and peer == req.get("pid"):
+            return req
+        return {k: v for k, v in req.items() if k not in ("pidns", "started")}
 
     # ------------------------------------------------------------------ requests
 
@@ -1191,7 +1239,7 @@ class Broker(Service):
             return
         clean: dict[str, dict[str, int | float | None]] = {}
         for seg, counts in list(segs.items())[:REPORT_SEGMENTS]:
-            if isinstance(seg, str) and len(seg) <= 128 and isinstance(counts, dict):
+            if _is_segment_name(seg) and isinstance(counts, dict):
                 clean[seg] = {k: v for k, v in counts.items() if _report_value(k, v)}
         now = time.monotonic()
         key = (name[:64], pid)

@@ -128,10 +128,12 @@ MAX_BACKOFF = 5.0
 MAX_RELAY_FRAMES = 3
 #: Frames of a message over :data:`MAX_RELAY_FRAMES` thrown away per pass.
 DISCARD_BUDGET = 10_000
-#: Messages queued per relay connection before its sender must wait (backpressure,
-#: nothing dropped). A relay sends little (a hello, batched acks, pings), but each
-#: message may be two frames of up to ``max_message`` + ``HELLO_ALLOWANCE`` bytes:
-#: with 1000, four connections sending costly hellos held 680 MiB of the broker.
+#: Messages queued per relay connection in the broker; past them the sender's queue
+#: fills, and a relay (which never blocks) drops the ack or ping that does not fit:
+#: the credit expires, the next ping follows. A relay sends little (a hello, batched
+#: acks, pings), but each message may be two frames of up to ``max_message`` +
+#: ``HELLO_ALLOWANCE`` bytes: with 1000, four connections sending costly hellos
+#: held 680 MiB of the broker.
 RELAY_RCVHWM = 16
 #: Longest time the thread spends on relays' messages before it looks at its
 #: heartbeats, verdicts and sends again (s): a relay's message may cost a few ms

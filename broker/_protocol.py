@@ -5,7 +5,8 @@ Control (client DEALER -> broker ROUTER): one frame, a msgpack map
 ``{"id": int, "ok": True, ...}`` or ``{"id": int, "ok": False, "error": kind,
 "message": str}``. ``commit`` is one-way unless it carries ``"ack": True``;
 ``report`` (a subscriber's counters, about once a second) is always one-way, and
-``subscribers`` returns the reports heard in the last few seconds; ``topics``
+``subscribers`` returns the reports heard in the last few seconds (with
+``stale`` true also the older ones the broker keeps, marked ``stale``); ``topics``
 (``names``, ``broker``) how many of those segments' topics (and the broker's) the
 events endpoint does not hold yet, beside those it holds (``held``) and ``max``.
 

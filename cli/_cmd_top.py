@@ -56,7 +56,8 @@ to the broker about once a second, on their first 64 segments); LAG is how many
 versions a subscriber is behind; per segment UPDATES + MISSED + OVERRUN + TORN add
 up to the versions published while it ran. A subscriber that stops reporting
 leaves the table after 5 s, unless its process is stopped (SIGSTOP, Ctrl-Z, a
-debugger) in top's pid namespace: its last report then stays, marked "stopped".
+debugger) in top's pid namespace and it reported over an ipc control socket:
+its last report then stays, marked "stopped".
 """
 
 # Alternate screen, hidden cursor; and their undo.
@@ -165,11 +166,18 @@ def _secs(x: object) -> str:
     return f"{x:.1f}s"
 
 
-def _width(names: Iterable[str]) -> int:
+#: The longest names shown, as the broker keeps them: a subscriber's, a segment's.
+SUBSCRIBER_NAME, SEGMENT_NAME = 64, 128
+
+
+def _width(names: Iterable[str], most: int) -> int:
     """A name column as wide as its longest name, 16 at least. Names are never cut:
     two that share their first 16 characters (``strategy-momentum-eu`` and ``-us``)
-    printed the same, and a longer segment name pushed its row's columns out."""
-    return max([16, *(len(n) for n in names)])
+    printed the same, and a longer segment name pushed its row's columns out. A
+    name longer than ``most`` as printed (one of control characters, written
+    escaped, up to 10 characters each) widens its own row only: one report so
+    named made every row of the table over 1,600 characters wide."""
+    return max([16, *(len(n) for n in names if len(n) <= most)])
 
 
 def _segments(sub: dict[str, Any]) -> dict[Any, Any]:
@@ -198,7 +206,7 @@ def render(ns: str, endpoint: str, cur: Sample, prev: Sample | None) -> list[str
     )
     dt = cur.t - prev.t if prev else 0.0
     versions: dict[str, int] = {}
-    w = _width(str(s["name"]) for s in cur.segments)
+    w = _width((str(s["name"]) for s in cur.segments), SEGMENT_NAME)
     lines.append(
         f"{'SEGMENT':{w}} {'VERSION':>10} {'RATE/s':>9} {'AGE':>8} {'SIZE':>10} {'SLOTS':>5} WRITER"
     )
@@ -227,8 +235,8 @@ def render(ns: str, endpoint: str, cur: Sample, prev: Sample | None) -> list[str
         for seg, c in sorted(_segments(sub).items())
         if isinstance(c, dict)
     ]
-    w1 = _width(who for _, who, _, _, _ in rows)
-    w2 = _width(what for _, _, _, what, _ in rows)
+    w1 = _width((who for _, who, _, _, _ in rows), SUBSCRIBER_NAME)
+    w2 = _width((what for _, _, _, what, _ in rows), SEGMENT_NAME)
     lines.append(
         f"{'SUBSCRIBER':{w1}} {'PID':>7} {'SEGMENT':{w2}} {'VERSION':>10} {'LAG':>6} "
         f"{'UPDATES':>9} {'MISSED':>7} {'OVERRUN':>7} {'TORN':>5} {'P50':>8} {'P99':>8}"

@@ -154,7 +154,8 @@ class Publisher(Closing):
         """Whether the segment was deleted under this publisher (``shmcast rm
         --force``, a broker stopped with ``--unlink-on-exit``, or deleted and made
         anew): the versions it publishes from then on reach no reader; close it and
-        open a new Publisher (which makes the segment anew). Asking looks now (one
+        open a new Publisher (which makes the segment anew), unless another one made
+        it anew and writes it (the warning says which). Asking looks now (one
         ``stat``). Publishing also looks, at most once per :data:`LINKED_EVERY`
         seconds, and the first look that finds it deleted logs a warning (logger
         ``shmcast.publisher._publisher``), once per publisher; not for a mirror
@@ -229,6 +230,18 @@ class Publisher(Closing):
         self._deleted = True
         self._next_look_ns = 1 << 63  # it stays deleted: no more looks
         if self._mirror:  # its relay or bridge looks too, and makes it again
+            return
+        if os.path.exists(self._seg.path):
+            # Made anew meanwhile, most likely by another publisher, which writes it
+            # now: starting this one again would be refused (WriterBusyError).
+            log.warning(
+                "segment %r of namespace %r was deleted under this publisher and made "
+                "anew (another publisher, or the broker's declaration): the versions "
+                "this one publishes from now on reach no reader; close it (the name is "
+                "the new segment's; `shmcast ls` shows its writer)",
+                self.name,
+                self.namespace,
+            )
             return
         log.warning(
             "segment %r of namespace %r was deleted under this publisher (`shmcast rm "

@@ -737,3 +737,34 @@ def _exit_code_within(pid: int, timeout: float) -> int | None:
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     return None
+
+
+def test_a_publisher_whose_segment_is_made_anew_by_another_is_told_to_close(
+    namespace: str,
+    thread_broker: Broker,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Publisher whose segment is deleted and made anew by another Publisher (a
+    new incarnation): its warning tells it to close, not to start again, which
+    the new writer's lease refuses (``WriterBusyError``); the new one says nothing."""
+    from shmcast.broker.errors import WriterBusyError
+    from shmcast.publisher import _publisher
+
+    monkeypatch.setattr(_publisher, "LINKED_EVERY", 0.0, raising=False)
+    caplog.set_level("WARNING", logger=_publisher.__name__)
+    assert thread_broker.endpoints is not None
+    with Publisher("g", dtype="u1", shape=(4,), namespace=namespace) as old:
+        with ControlClient(thread_broker.endpoints.control, timeout=5) as client:
+            client.request("delete", name="g", force=True)  # shmcast rm --force
+        with Publisher("g", dtype="u1", shape=(4,), namespace=namespace) as new:
+            old.publish(np.ones(4, np.uint8))
+            new.publish(np.ones(4, np.uint8))
+            with pytest.raises(WriterBusyError):
+                Publisher("g", dtype="u1", shape=(4,), namespace=namespace)
+            assert not new.segment_deleted
+    said = [r.getMessage() for r in caplog.records if r.name == _publisher.__name__]
+    assert len(said) == 1, said
+    assert "was deleted under this publisher and made anew" in said[0]
+    assert "close it" in said[0]
+    assert "start it again" not in said[0]

@@ -481,58 +481,58 @@ def test_a_goodbye_leaves_the_row_of_a_same_named_subscriber_of_the_process(
             second.close()
 
 
+_STOPPING_REPORTER = """
+import os, signal, sys
+from shmcast.broker.client import ControlClient, reporter_identity
+with ControlClient(sys.argv[1], timeout=5) as c:
+    segs = {"ticks": {"last_version": 3, "updates": 3}}
+    c.send("report", name="strategy", pid=os.getpid(), segments=segs, **reporter_identity())
+    c.request("hello")  # the report went before it, on the same connection
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
 def test_top_keeps_a_stopped_subscriber_marked_stopped(
     namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A subscriber SIGSTOPped (Ctrl-Z, a debugger) stops reporting: before, its row
     left ``shmcast top`` after 5 s, as a dead one's does, and the operator chasing a
     lagging strategy saw it vanish. Its last report now stays, marked stopped,
-    while its pid is alive and stopped in top's pid namespace; rows of a process
-    that runs, is gone, is another with the same pid, or is of another pid
-    namespace still go."""
+    while its pid is alive and stopped in top's pid namespace.
+
+    Only its own report: another client (here this test, on the read-only
+    socket) naming the stopped process's pid, pid namespace and start time (all
+    readable in ``/proc``) is not kept as that process's. Before, one such forged
+    report made top show the stranger as a stopped subscriber for a day."""
     import shmcast.broker._broker as broker_module
     from shmcast.broker._lease import pid_namespace, process_start_time
     from shmcast.cli._cmd_top import sample
 
     monkeypatch.setattr(broker_module, "REPORT_TTL", 0.2)
-    stopped = subprocess.Popen(["sleep", "60"])
-    running = subprocess.Popen(["sleep", "60"])
-    gone = subprocess.Popen(["sleep", "60"])
     brk = Broker(BrokerConfig(namespace=namespace)).start()
+    child: subprocess.Popen[bytes] | None = None
     try:
-        os.kill(stopped.pid, signal.SIGSTOP)
-        gone.kill()
-        gone.wait(10)
         assert brk.endpoints is not None
-        ns = pid_namespace()
-        assert ns is not None
-        seg = {"ticks": {"last_version": 3, "updates": 3}}
-        with ControlClient(brk.endpoints.control, timeout=5) as client:
-            wait_for(
-                lambda: os.waitpid(stopped.pid, os.WUNTRACED | os.WNOHANG)[0] == stopped.pid,
-                5,
-                0.01,
-                "the child to stop",
+        assert brk.endpoints.control_ro is not None
+        child = subprocess.Popen(
+            [sys.executable, "-c", _STOPPING_REPORTER, brk.endpoints.control_ro]
+        )
+        pid = child.pid
+        wait_for(
+            lambda: os.waitpid(pid, os.WUNTRACED | os.WNOHANG)[0] == pid, 10, 0.01, "it to stop"
+        )
+        with ControlClient(brk.endpoints.control_ro, timeout=5) as client:
+            client.send(
+                "report",
+                name="forged",
+                pid=pid,
+                segments={"ticks": {"updates": 1}},
+                pidns=pid_namespace(),
+                started=process_start_time(pid),
             )
-            for name, proc, pidns, shift in [
-                ("strategy", stopped, ns, 0),
-                ("running", running, ns, 0),
-                ("gone", gone, ns, 0),
-                ("reused", stopped, ns, 1),  # its pid, another start time
-                ("elsewhere", stopped, ns + 1, 0),  # its pid number, another namespace
-            ]:
-                started = process_start_time(stopped.pid if proc is gone else proc.pid)
-                client.send(
-                    "report",
-                    name=name,
-                    pid=proc.pid,
-                    segments=seg,
-                    pidns=pidns,
-                    started=started + shift,
-                )
             wait_for(
                 lambda: (
-                    len(client.request("subscribers", stale=True)["subscribers"]) == 5
+                    len(client.request("subscribers", stale=True)["subscribers"]) == 2
                     and client.request("subscribers")["subscribers"] == []
                 ),
                 5,
@@ -544,9 +544,49 @@ def test_top_keeps_a_stopped_subscriber_marked_stopped(
         rows = [ln for ln in render(namespace, "ep", cur, None) if ln.startswith("strategy")]
         assert len(rows) == 1, rows
         assert rows[0].endswith("  stopped"), rows
-        assert f" {stopped.pid} " in rows[0]
+        assert f" {pid} " in rows[0]
     finally:
         brk.close()
+        if child is not None:
+            child.kill()
+            child.wait(10)
+
+
+def test_top_keeps_a_stale_row_only_of_a_process_it_sees_stopped() -> None:
+    """Rows of a process that runs, is gone, is another with the same pid, or is of
+    another pid namespace go once stale; only the stopped one stays."""
+    from shmcast.broker._lease import pid_namespace, process_start_time
+    from shmcast.cli._cmd_top import _live_or_stopped
+
+    stopped = subprocess.Popen(["sleep", "60"])
+    running = subprocess.Popen(["sleep", "60"])
+    gone = subprocess.Popen(["sleep", "60"])
+    try:
+        os.kill(stopped.pid, signal.SIGSTOP)
+        gone.kill()
+        gone.wait(10)
+        wait_for(
+            lambda: os.waitpid(stopped.pid, os.WUNTRACED | os.WNOHANG)[0] == stopped.pid,
+            5,
+            0.01,
+            "the child to stop",
+        )
+        ns = pid_namespace()
+        assert ns is not None
+        start = process_start_time(stopped.pid)
+        reports = [
+            {"name": name, "pid": pid, "pidns": pidns, "started": started, "stale": True}
+            for name, pid, pidns, started in [
+                ("strategy", stopped.pid, ns, start),
+                ("running", running.pid, ns, process_start_time(running.pid)),
+                ("gone", gone.pid, ns, start),
+                ("reused", stopped.pid, ns, start + 1),  # its pid, another start time
+                ("elsewhere", stopped.pid, ns + 1, start),  # its pid, another namespace
+            ]
+        ]
+        rows = _live_or_stopped({"subscribers": reports})
+        assert [(r["name"], r.get("stopped")) for r in rows] == [("strategy", True)]
+    finally:
         for p in (stopped, running, gone):
             p.kill()
             p.wait(10)
@@ -599,3 +639,33 @@ def test_render_never_cuts_names_and_keeps_columns_aligned() -> None:
     for table, column in ((seg_table, "VERSION"), (sub_table, "VERSION")):
         end = table[0].index(column) + len(column)  # right-aligned under its header
         assert all(ln[end - 1] == "5" and ln[end] == " " for ln in table[1:]), table
+
+
+def test_a_report_keeps_only_segment_names_as_its_keys(
+    namespace: str, thread_broker: Broker
+) -> None:
+    """A report's per-segment key that no segment could be named (control
+    characters, here 128 of them) is not kept: printed escaped, one such key made
+    every row of top's subscriber table over 1,600 characters wide."""
+    assert thread_broker.endpoints is not None
+    assert thread_broker.endpoints.control_ro is not None
+    with ControlClient(thread_broker.endpoints.control_ro, timeout=5) as client:
+        segs = {"ticks": {"updates": 1}, "\U000e0001" * 128: {"updates": 1}}
+        client.send("report", name="r", pid=1, segments=segs)
+        rows = wait_for(lambda: client.request("subscribers")["subscribers"], 5, 0.01, "the report")
+    assert rows[0]["segments"] == {"ticks": {"updates": 1}}
+
+
+def test_a_name_of_control_characters_widens_only_its_own_row() -> None:
+    """A subscriber named with control characters (64 of them, as the broker keeps
+    it, printed escaped: 256 characters) overflows its own row; the others keep
+    the width their names take."""
+    stats = {"shm_total": 1, "shm_free": 1}
+    honest = {"name": "honest", "pid": 7, "segments": {"ticks": {"last_version": 5}}}
+    odd = {"name": "\x1b" * 64, "pid": 8, "segments": {"ticks": {"last_version": 5}}}
+
+    def row(subs: list[dict[str, object]]) -> str:
+        cur = Sample(t=1.0, segments=[], subscribers=subs, stats=stats)
+        return next(ln for ln in render("ns", "ep", cur, None) if ln.startswith("honest"))
+
+    assert row([honest, odd]) == row([honest])
