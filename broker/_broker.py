@@ -1280,7 +1280,10 @@ class Broker(Service):
         broker's own) the events endpoint does not hold yet, beside the topics it
         holds and may hold: an ``events`` subscriber that would take it past
         ``max_subscriptions`` (and into a reset per resubscription, for ever,
-        everyone's announcements lost) is refused before it subscribes."""
+        everyone's announcements lost) is refused before it subscribes. With
+        ``reserve`` true, topics that fit are promised to the asker for a few seconds
+        (:meth:`Events.room`): a second subscriber asking before the first one's
+        subscriptions arrive counts them (``fits`` false when they do not)."""
         names = req.get("names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError("topics needs 'names', a list of segment names")
@@ -1289,8 +1292,8 @@ class Broker(Service):
         tpcs = {topic(n) for n in names}
         if req.get("broker") is True:
             tpcs.add(BROKER_TOPIC)
-        new = sum(1 for t in tpcs if not events.subscribed(t))
-        return {"held": events.held(), "max": events.max_subscriptions, "new": new}
+        held, new, fits = events.room(tpcs, req.get("reserve") is True)
+        return {"held": held, "max": events.max_subscriptions, "new": new, "fits": fits}
 
     _OPS: dict[str, Callable[[Broker, dict[str, Any]], dict[str, Any] | None]] = {  # noqa: RUF012
         "hello": _op_hello,

@@ -66,6 +66,9 @@ REBIND_TIMEOUT = 5.0
 SUBSCRIPTION_HWM = 16
 #: Subscriptions taken in between two looks at the number of topics held.
 CHECK_EVERY = 64
+#: Seconds the topics a subscriber was told it has room for stay promised to it
+#: (:meth:`Events.room`): it subscribes right after the answer.
+RESERVE_SECONDS = 5.0
 #: The fix an error about what sits at an ipc path names.
 _FIX_PATH = "give another ipc:// path, or remove what is there yourself if it may go"
 
@@ -223,6 +226,7 @@ class Events:
         self._received = 0  # subscriptions since the last reset (when TOPICS_COUNT fails)
         self._peers: Counter[str] = Counter()
         self._subscribed: Counter[bytes] = Counter()  # topic -> subscriptions held
+        self._promised: dict[bytes, float] = {}  # topic -> until when (room())
         self.sock = self._socket()
 
     def _socket(self) -> zmq.Socket[Any]:
@@ -291,6 +295,31 @@ class Events:
         """Whether some subscriber holds ``tpc`` (a segment's topic): the broker then
         announces each of its versions as it is committed, not only at its ticks."""
         return self._subscribed.get(tpc, 0) > 0
+
+    def room(self, tpcs: set[bytes], promise: bool) -> tuple[int, int, bool]:
+        """Whether the topics ``tpcs`` not held yet fit beside those held and those
+        promised to other subscribers about to subscribe; if they do and ``promise``,
+        they are promised for :data:`RESERVE_SECONDS` (or until they are held).
+        The broker answers one request at a time, so of two subscribers starting at
+        the same instant that fit alone, not together, the second is told so: both
+        were told they fit before, subscribed, and the endpoint reset over and over.
+
+        Returns:
+            (topics held or promised to others, topics of ``tpcs`` that are neither,
+            whether those fit within ``max_subscriptions``).
+        """
+        now = time.monotonic()
+        self._promised = {
+            t: until
+            for t, until in self._promised.items()
+            if until > now and not self.subscribed(t)
+        }
+        held = self._count() + len(self._promised)
+        new = [t for t in tpcs if not self.subscribed(t) and t not in self._promised]
+        fits = held + len(new) <= self.max_subscriptions
+        if fits and promise:
+            self._promised.update(dict.fromkeys(new, now + RESERVE_SECONDS))
+        return held, len(new), fits
 
     def held(self) -> int:
         """The distinct topics the endpoint holds now."""

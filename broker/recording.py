@@ -68,7 +68,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -260,18 +260,87 @@ class _Reserve:
     recording stopped as "full" with half the disk free).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fd: int, *, owned: bool = False) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        # Held while the file is written (closed in release()): another writer's
-        # --overwrite probes it (_refuse_in_progress) instead of truncating this file
-        # under us. Best effort: a start racing another on the same file gets none.
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, 0, 0, 0, 0))
+        self._fd = fd
+        #: Whether the file is this writer's to remove if it fails (it made it, or
+        #: emptied it holding the lock); never a file another writer won the lock of.
+        self.owned = owned
         self._end = 0
         self._base = os.fstat(self._fd).st_size
         self._pending = 0
         self._fallocate = _fallocate()
+
+    @classmethod
+    def claim(cls, path: str, overwrite: bool) -> _Reserve:
+        """Open ``path`` to write (made if missing; through a symbolic link, as the
+        libraries' own opens go), nothing truncated yet, and take the writer's lock on
+        it, held until :meth:`release`: the lock is taken before anything is written,
+        so of two writers started on one file at the same instant one gets it and the
+        other is refused, the file untouched. Before, the check was a probe and the
+        lock came after the library's truncating open: both writers passed, and one
+        truncated (HDF5: or removed) the other's file.
+
+        Raises:
+            RecordingExistsError (``path`` exists and not ``overwrite``),
+            RecordingError (another writer holds the lock; no regular file; the open
+            failed).
+        """
+        # O_NONBLOCK: a FIFO put there since _check_regular is refused (ENXIO), not
+        # waited on.
+        flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK
+        made = False
+        try:
+            try:
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+                made = True
+            except FileExistsError:
+                if not overwrite:
+                    raise
+                try:
+                    fd = os.open(path, flags)
+                except FileNotFoundError:  # a dangling link (or removed since): made
+                    fd = os.open(path, flags | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise _os_error(path, exc) from exc
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise RecordingError(path, _not_regular(path, mode))
+            os.set_blocking(fd, True)
+            try:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, 0, 0, 0, 0))
+            except (OSError, AttributeError) as exc:
+                if getattr(exc, "errno", None) in (errno.EAGAIN, errno.EACCES):
+                    raise RecordingError(path, _in_progress(path)) from None
+                # No open file description locks here (an old kernel, some network
+                # filesystems): written unguarded, as before there were any.
+        except BaseException:
+            os.close(fd)  # a file made here but locked by another is that one's now
+            raise
+        return cls(path, fd, owned=made)
+
+    def truncate(self) -> None:
+        """Empty the file (``--overwrite``), the lock held: it is this writer's now."""
+        os.ftruncate(self._fd, 0)
+        self.owned = True
+        self._base = 0
+
+    def open_file(self) -> BinaryIO:
+        """A binary file object writing the claimed file from its start."""
+        fd = os.dup(self._fd)
+        try:
+            return open(fd, "wb")  # an int: not truncated; closed by the caller
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def discard(self) -> None:
+        """A writer that failed to start: remove its file if it is its own, then let
+        the lock go (after: nobody else is let in while it is removed)."""
+        if self.owned:
+            _remove_made(self.path)
+        self.release()
 
     def ensure(self, nbytes: int) -> None:
         size = os.fstat(self._fd).st_size
@@ -437,7 +506,6 @@ def open_writer(
         if not overwrite and os.path.lexists(path):
             raise RecordingExistsError(path)
         _check_regular(path)
-        _refuse_in_progress(path)
     if format == "hdf5":
         return _Hdf5Writer(output, layouts, compression=compression, overwrite=overwrite)
     return _ParquetWriter(paths, layouts, compression=compression, overwrite=overwrite)
@@ -457,43 +525,46 @@ def _check_regular(path: str) -> None:
         return  # nothing there (or a dangling link): the file is made
     if stat.S_ISREG(mode):
         return
-    raise RecordingError(
-        path,
-        f"{path} is {_file_kind(mode)}: a recording is written to a regular file; pick "
-        f"another --output",
+    raise RecordingError(path, _not_regular(path, mode))
+
+
+def _claim_all(paths: Sequence[str], overwrite: bool) -> list[_Reserve]:
+    """Claim every output (:meth:`_Reserve.claim`), then empty those that existed
+    (``--overwrite``): one refused leaves every file as it was.
+
+    Raises:
+        RecordingExistsError, RecordingError: from :meth:`_Reserve.claim`, or the
+        truncation failed.
+    """
+    claimed: list[_Reserve] = []
+    try:
+        for path in paths:
+            claimed.append(_Reserve.claim(path, overwrite))
+        for reserve in claimed:
+            try:
+                reserve.truncate()
+            except OSError as exc:
+                raise _os_error(reserve.path, exc) from exc
+    except BaseException:
+        for reserve in claimed:
+            reserve.discard()
+        raise
+    return claimed
+
+
+def _in_progress(path: str) -> str:
+    return (
+        f"{path} is being recorded by a running recorder (it holds the file's lock): "
+        f"--overwrite replaces a finished recording, not one in progress; stop that "
+        f"recorder first, or give another --output"
     )
 
 
-def _refuse_in_progress(path: str) -> None:
-    """Refuse an output another writer is recording into right now (it holds the
-    file's lock: :class:`_Reserve`). ``--overwrite`` replaces a file, not a
-    recording in progress: before, the second recorder truncated the first one's
-    file under it, and both reported versions recorded that one of them had lost.
-
-    Raises:
-        RecordingError: naming the path and the fix.
-    """
-    try:
-        # Through a symbolic link, as the writer's own open goes (latest.h5 -> run1.h5):
-        # with O_NOFOLLOW the probe failed there, and --overwrite truncated the file of
-        # the recorder writing run1.h5 after all. (_check_regular refused a FIFO.)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return  # nothing there, or nothing we could open: the open proper says why
-    try:
-        query = _FLOCK.pack(fcntl.F_WRLCK, 0, 0, 0, 0)
-        held = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query))[0] != fcntl.F_UNLCK
-    except (OSError, AttributeError):
-        held = False  # no open file description locks here: nothing to learn
-    finally:
-        os.close(fd)
-    if held:
-        raise RecordingError(
-            path,
-            f"{path} is being recorded by a running recorder (it holds the file's lock): "
-            f"--overwrite replaces a finished recording, not one in progress; stop that "
-            f"recorder first, or give another --output",
-        )
+def _not_regular(path: str, mode: int) -> str:
+    return (
+        f"{path} is {_file_kind(mode)}: a recording is written to a regular file; pick "
+        f"another --output"
+    )
 
 
 def _file_kind(mode: int) -> str:
@@ -599,17 +670,18 @@ class _Hdf5Writer(RecordingWriter):
         comp = _HDF5_COMPRESSION[compression]
         self.path = path
         self.paths = dict.fromkeys(self.layouts, path)
-        self._reserve: _Reserve | None = None
-        existed = os.path.lexists(path)
+        # The file is made (an existing one refused unless overwrite) and locked
+        # before HDF5 opens it: HDF5's own open truncates.
+        self._reserve = reserve = _claim_all([path], overwrite)[0]
         try:
-            # 'w-' is O_EXCL: an existing file is refused before it is touched.
-            self._file = h5py.File(path, "w" if overwrite else "w-", libver=("v110", "latest"))
-        except OSError as exc:
-            if not existed and not isinstance(exc, FileExistsError):
-                # HDF5 made the file and failed writing it (a full disk): remove it,
-                # or it would be in the way of the next attempt.
-                _remove_made(path)
-            raise _os_error(path, exc) from exc
+            self._file = h5py.File(path, "w", libver=("v110", "latest"))
+        except BaseException as exc:
+            # HDF5 failed writing the file (a full disk): removed, or it would be in
+            # the way of the next attempt.
+            reserve.discard()
+            if isinstance(exc, OSError):
+                raise _os_error(path, exc) from exc
+            raise
         try:
             f = self._file
             f.attrs[MARK_ATTR] = FORMAT
@@ -644,11 +716,11 @@ class _Hdf5Writer(RecordingWriter):
             # Every object exists before SWMR starts: SWMR writers cannot add any.
             f.swmr_mode = True
             f.flush()
-            self._reserve = _Reserve(path)
+            reserve.flushed()
         except BaseException:
             with contextlib.suppress(Exception):
                 self._file.close()
-            _remove_made(path)
+            reserve.discard()
             raise
         self._written_missed = dict.fromkeys(self.layouts, 0)
 
@@ -664,7 +736,6 @@ class _Hdf5Writer(RecordingWriter):
             return
         g = self._groups[segment]
         nbytes = self.layouts[segment].nbytes
-        assert self._reserve is not None
         self._reserve.ensure(k * (nbytes + 16) + 4096)
         n0 = g.count
         n1 = n0 + k
@@ -706,8 +777,7 @@ class _Hdf5Writer(RecordingWriter):
                 g.group.attrs["missed"] = np.uint64(self._missed[name])
                 self._written_missed[name] = self._missed[name]
         self._file.flush()
-        if self._reserve is not None:
-            self._reserve.flushed()
+        self._reserve.flushed()
 
     def _close(self) -> None:
         try:
@@ -716,8 +786,7 @@ class _Hdf5Writer(RecordingWriter):
             try:
                 self._file.close()
             finally:
-                if self._reserve is not None:
-                    self._reserve.release()
+                self._reserve.release()
 
 
 _PARQUET_COMPRESSION = {
@@ -934,20 +1003,22 @@ class _ParquetWriter(RecordingWriter):
         self._pq = require("pyarrow.parquet", "recording to Parquet")
         self.paths = paths
         self._segs: dict[str, _ParquetSegment] = {}
+        # Every file made (existing ones refused unless overwrite) and locked first.
+        reserves = _claim_all([paths[lay.name] for lay in layouts], overwrite)
         try:
-            for lay in layouts:
-                self._segs[lay.name] = self._open(lay, compression, overwrite)
+            for lay, reserve in zip(layouts, reserves, strict=True):
+                self._segs[lay.name] = self._open(lay, compression, reserve)
         except BaseException:
-            for name, seg in self._segs.items():
+            for seg in self._segs.values():
                 with contextlib.suppress(Exception):
                     seg.writer.close()
                 seg.file.close()
-                seg.reserve.release()
-                _remove_made(self.paths[name])
+            for reserve in reserves:
+                reserve.discard()
             raise
 
     def _open(
-        self, lay: SegmentLayout, compression: str | None, overwrite: bool
+        self, lay: SegmentLayout, compression: str | None, reserve: _Reserve
     ) -> _ParquetSegment:
         pa = self._pa
         path = self.paths[lay.name]
@@ -962,21 +1033,16 @@ class _ParquetWriter(RecordingWriter):
         }
         schema = _arrow_schema(pa, lay.dtype).with_metadata({META_KEY: json.dumps(meta).encode()})
         try:
-            file = open(path, "wb" if overwrite else "xb")  # noqa: SIM115 (closed in _close)
+            file = reserve.open_file()  # the claimed file (closed in _close)
         except OSError as exc:
             raise _os_error(path, exc) from exc
-        reserve: _Reserve | None = None
         try:
-            reserve = _Reserve(path)
             reserve.ensure(0)
             writer = self._pq.ParquetWriter(
                 file, schema, compression=_PARQUET_COMPRESSION[compression]
             )
         except BaseException:
-            file.close()
-            if reserve is not None:  # its descriptor too (a full disk at the start)
-                reserve.release()
-            _remove_made(path)
+            file.close()  # the reserve is the caller's to discard
             raise
         return _ParquetSegment(file, writer, schema, reserve)
 

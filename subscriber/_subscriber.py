@@ -337,8 +337,10 @@ class Subscriber(Closing):
                 f"(max_subscriptions); use wait='shm' (no topic per segment), or raise "
                 f"the broker's max_subscriptions",
             )
-        held = hello.get("subscriptions")
-        if isinstance(limit, int) and isinstance(held, int) and held + len(self.names) >= limit:
+        # Asked always (a broker that says how many topics it holds can tell): two
+        # subscribers starting at the same instant each saw room in their hello, and
+        # took the endpoint over together.
+        if isinstance(limit, int) and isinstance(hello.get("subscriptions"), int):
             self._check_room(hello, limit)
         # shmcast's context, its socket cap raised to the open-files limit: before,
         # Context.instance()'s 1023 ended a process at about 510 Subscribers.
@@ -375,15 +377,20 @@ class Subscriber(Closing):
             chunks[-1].append(name)
             size += len(name) + 8
         assert self._client is not None
-        new, held = 0, 0
+        new, held, fits = 0, 0, True
         try:
             for i, chunk in enumerate(chunks):
-                reply = self._client.request("topics", names=chunk, broker=i == 0)
+                # reserve: the topics that fit are promised to us until we subscribe,
+                # so a subscriber asking in the same instant counts them.
+                reply = self._client.request("topics", names=chunk, broker=i == 0, reserve=True)
                 new += int(reply["new"])
-                held = int(reply["held"])
+                if i == 0:
+                    held = int(reply["held"])  # the next chunks count ours promised
+                # A broker that does not promise: its count alone.
+                fits = fits and bool(reply.get("fits", held + new <= limit))
         except (RemoteError, KeyError, TypeError, ValueError):
             return  # an older broker: the endpoint's reset still bounds it
-        if held + new > limit:
+        if not fits:
             raise ConfigError(
                 "segments",
                 f"{len(self.names)} segments in wait='events' add {new} topics to the "

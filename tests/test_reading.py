@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1129,5 +1130,53 @@ def test_events_subscribers_that_together_exceed_the_brokers_topics_are_refused(
             list(first.updates(timeout=0.2))
             assert first.broker_up
         assert events.resets == 0
+    finally:
+        broker.close()
+
+
+def test_events_subscribers_starting_at_one_instant_do_not_take_the_endpoint_over(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two subscribers of 8 segments over ``max_subscriptions = 16``, the second
+    started whole between the first one's check and its subscriptions. Before, each
+    was told (or its hello said) there was room, both subscribed, and the endpoint
+    reset over and over (3 raced in separate processes: 21-22 resets in 3 s, all
+    three taken, in 2 rounds of 3). Now the room the first is told of is promised to
+    it until it subscribes: the second is refused."""
+    from types import SimpleNamespace
+
+    from shmcast.broker import BrokerConfig, ConfigError
+
+    broker = Broker(BrokerConfig(namespace=namespace, max_subscriptions=16)).start()
+    held: list[int] = []
+    refused: list[BaseException] = []
+    started: list[Subscriber] = []
+    real = zmq.Context.instance()
+
+    class Held:  # the first subscriber's context: the second starts as it subscribes
+        def socket(self, kind: int) -> Any:
+            if kind == zmq.SUB and not held:
+                held.append(kind)
+                try:
+                    started.append(Subscriber([f"b{i}" for i in range(8)], wait="events"))
+                except ConfigError as exc:
+                    refused.append(exc)
+            return real.socket(kind)
+
+    shim = SimpleNamespace(**{**vars(zmq), "Context": SimpleNamespace(instance=Held)})
+    try:
+        assert broker._events is not None
+        with monkeypatch.context() as m:
+            m.setattr(subscriber_module, "zmq", shim)
+            first = Subscriber([f"a{i}" for i in range(8)], wait="events")
+        with first:
+            for sub in started:
+                sub.close()
+            assert started == [], "both were taken"
+            assert len(refused) == 1
+            assert "add 8 topics to the 9" in str(refused[0])
+            list(first.updates(timeout=0.3))
+            assert first.broker_up
+        assert broker._events.resets == 0
     finally:
         broker.close()
