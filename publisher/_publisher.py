@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 #: ``stat``; between looks a publish costs one ``time.monotonic_ns()`` more).
 LINKED_EVERY = 1.0
 
-_now = time.monotonic_ns  # bound once: the publish path reads it at every commit
+#: Versions between two reads of the clock by the publish path, at most: it reads
+#: it at the next version after a look, then doubles the step while the look is not
+#: due (a clock read per commit cost a publish of 8 bytes 7 %, ~100 ns of 1.3 µs).
+LOOK_STEP_MAX = 1024
 
 
 class Publisher(Closing):
@@ -124,6 +127,8 @@ class Publisher(Closing):
         self._deleted = False
         self._mirror = source is not None
         self._next_look_ns = time.monotonic_ns() + int(LINKED_EVERY * 1e9)
+        self._look_at = 0  # the version from which a commit reads the clock
+        self._look_step = 1
         self._closed = False
 
     @property
@@ -216,19 +221,30 @@ class Publisher(Closing):
 
     def _committed(self, version: int, timestamp_ns: int | None) -> None:
         """After each commit: announce it if asked, and look whether the segment
-        is still there once per LINKED_EVERY seconds (a time check per commit, no
-        syscall beyond the clock's vDSO read)."""
-        if _now() >= self._next_look_ns:
-            self._look()
+        is still there once per LINKED_EVERY seconds (a version compare per commit;
+        the clock read every ``_look_step`` versions, no syscall but the look's)."""
+        if version >= self._look_at:
+            self._clock(version)
         if self.announce:
             self._announce(version, timestamp_ns)
+
+    def _clock(self, version: int) -> None:
+        """Read the clock: look if the look is due (and halve the step), else double
+        the step, so that a steady publisher reads it about twice per interval."""
+        if time.monotonic_ns() >= self._next_look_ns:
+            self._look_step = max(1, self._look_step // 2)
+            self._look()
+        else:
+            self._look_step = min(LOOK_STEP_MAX, self._look_step * 2)
+        if not self._deleted:
+            self._look_at = version + self._look_step
 
     def _look(self) -> None:
         if self._seg is None or self._seg.linked():
             self._next_look_ns = time.monotonic_ns() + int(LINKED_EVERY * 1e9)
             return
         self._deleted = True
-        self._next_look_ns = 1 << 63  # it stays deleted: no more looks
+        self._next_look_ns = self._look_at = 1 << 63  # it stays deleted: no more looks
         if self._mirror:  # its relay or bridge looks too, and makes it again
             return
         if os.path.exists(self._seg.path):
