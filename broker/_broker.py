@@ -1306,7 +1306,10 @@ class Broker(Service):
         everyone's announcements lost) is refused before it subscribes. With
         ``reserve`` true, topics that fit are promised to the asker for a few seconds
         (:meth:`Events.room`): a second subscriber asking before the first one's
-        subscriptions arrive counts them (``fits`` false when they do not)."""
+        subscriptions arrive counts them (``fits`` false when they do not). An asker
+        of several requests names itself in each (``owner``, a random token of at
+        most 64 characters): when one does not fit, the promises of the earlier
+        ones are withdrawn."""
         names = req.get("names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError("topics needs 'names', a list of segment names")
@@ -1315,7 +1318,10 @@ class Broker(Service):
         tpcs = {topic(n) for n in names}
         if req.get("broker") is True:
             tpcs.add(BROKER_TOPIC)
-        held, new, fits = events.room(tpcs, req.get("reserve") is True)
+        owner = req.get("owner")
+        if not isinstance(owner, str) or not 0 < len(owner) <= 64:
+            owner = None
+        held, new, fits = events.room(tpcs, req.get("reserve") is True, owner)
         return {"held": held, "max": events.max_subscriptions, "new": new, "fits": fits}
 
     _OPS: dict[str, Callable[[Broker, dict[str, Any]], dict[str, Any] | None]] = {  # noqa: RUF012

@@ -1180,3 +1180,33 @@ def test_events_subscribers_starting_at_one_instant_do_not_take_the_endpoint_ove
         assert broker._events.resets == 0
     finally:
         broker.close()
+
+
+def test_an_events_subscriber_refused_at_a_later_request_withdraws_its_promises(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber of more names than one ``topics`` request holds asks in several,
+    each promised what fits: refused at a later one, it does not subscribe, and the
+    topics its earlier requests were promised are withdrawn. Before, they stayed
+    promised for 5 s, and a subscriber that fit was refused meanwhile (reproduced:
+    refused for 5.06 s). Here promises last an hour, so only the withdrawal frees
+    them."""
+    import shmcast.broker._events as events_module
+    from shmcast.broker import BrokerConfig, ConfigError
+
+    monkeypatch.setattr(events_module, "RESERVE_SECONDS", 3600.0)
+    # A request carries at most 512 bytes of names: 7 of these 60-letter ones.
+    config = BrokerConfig(namespace=namespace, max_subscriptions=16, max_message_bytes=1024)
+    broker = Broker(config).start()
+    try:
+        assert broker._events is not None
+        with Subscriber([f"c{i}" for i in range(4)], wait="events"):  # 5 topics, the broker's too
+            many = ["x" * 58 + f"{i:02d}" for i in range(12)]  # 7 fit (12 of 16), then 5 do not
+            with pytest.raises(ConfigError, match="add 12 topics to the 5 "):
+                Subscriber(many, wait="events")
+            with Subscriber([f"b{i}" for i in range(5)], wait="events") as fits:  # 10 of 16
+                list(fits.updates(timeout=0.2))
+                assert fits.broker_up
+        assert broker._events.resets == 0
+    finally:
+        broker.close()
