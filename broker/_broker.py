@@ -34,7 +34,7 @@ from ._context import context as shmcast_context
 from ._datastream import DataStream, DataStreamStats
 from ._events import Events, bind_endpoint
 from ._layout import dtype_str, normalize_layout, parse_dtype, segment_size
-from ._lease import forget, keep_from_children, open_for_lease, pid_running
+from ._lease import ProcessId, forget, keep_from_children, open_for_lease, pid_running
 from ._metrics import BrokerCollector, BrokerStats, MetricsServer, start_metrics_server
 from ._names import (
     SHM_DIR,
@@ -174,7 +174,8 @@ class Broker(Service):
         self._requests = 0
         self._errors: dict[str, int] = {}
         self._clients: dict[bytes, float] = {}
-        self._reports: dict[tuple[str, int], tuple[float, dict[str, Any]]] = {}
+        #: (name, pid) -> (when, report, vouched: sent by that very process).
+        self._reports: dict[tuple[str, int], tuple[float, dict[str, Any], bool]] = {}
         self._started = time.time()
         self.endpoints: Endpoints | None = None
         self.metrics_url: str | None = None
@@ -901,24 +902,25 @@ class Broker(Service):
     def _vouched(
         self, sock: zmq.Socket[Any], frame: zmq.Frame, req: dict[str, Any]
     ) -> dict[str, Any]:
-        """A report whose ``pidns`` and ``started`` (which let top keep a stopped
-        subscriber's row) are kept only when the kernel says its sender is the
-        process it names: an ipc connection whose peer's pid (SO_PEERCRED, which
-        libzmq appends to the peer's address) is the report's ``pid``. Before, any
-        client, read-only ones included, could name another process (a stranger's
-        stopped one, its start time read from ``/proc``) and top showed it as a
-        stopped subscriber, for a day, from one message. Over TCP, or from a pid
-        namespace whose pids differ from the broker's, no identity is kept (the
-        row goes after :data:`REPORT_TTL`, as before)."""
-        if "pidns" not in req and "started" not in req:
-            return req
+        """A report with ``vouched`` set (whatever the client sent there) to whether
+        the kernel says its sender is the process it names: an ipc connection whose
+        peer's pid (SO_PEERCRED, which libzmq appends to the peer's address) is the
+        report's ``pid``. An unvouched report loses ``pidns`` and ``started`` (which
+        let top keep a stopped subscriber's row): before, any client, read-only ones
+        included, could name another process (a stranger's stopped one, its start
+        time read from ``/proc``) and top showed it as a stopped subscriber, for a
+        day, from one message. Over TCP, or from a pid namespace whose pids differ
+        from the broker's, nothing is vouched (the row goes after
+        :data:`REPORT_TTL`, as before); :meth:`_op_report` keeps a vouched row from
+        the others."""
         peer: int | None = None
         if sock in self._ipc_controls:
             with contextlib.suppress(zmq.ZMQError, ValueError, IndexError):
                 peer = int(str(frame.get("Peer-Address")).rsplit(":", 3)[3])
-        if peer is not None and peer == req.get("pid"):
-            return req
-        return {k: v for k, v in req.items() if k not in ("pidns", "started")}
+        vouched = peer is not None and peer == req.get("pid")
+        if vouched:
+            return {**req, "vouched": True}
+        return {k: v for k, v in req.items() if k not in ("pidns", "started")} | {"vouched": False}
 
     # ------------------------------------------------------------------ requests
 
@@ -1234,15 +1236,22 @@ class Broker(Service):
         name, pid, segs = req.get("name"), req.get("pid"), req.get("segments")
         if not isinstance(name, str) or not isinstance(pid, int) or not isinstance(segs, dict):
             raise ValueError("report needs 'name' (str), 'pid' (int) and 'segments' (map)")
+        key = (name[:64], pid)
+        vouched = req.get("vouched") is True  # set by _vouched, never by the client
+        if not vouched and self._sent_by_its_process(key):
+            # Another client naming a subscriber that reports for itself: before, its
+            # goodbye removed that row (until the next report), and its report
+            # replaced the row's counts and dropped what marks it stopped.
+            self._count_error("report_refused")
+            return
         if req.get("gone") is True:  # a subscriber closing: its row goes now
-            self._reports.pop((name[:64], pid), None)
+            self._reports.pop(key, None)
             return
         clean: dict[str, dict[str, int | float | None]] = {}
         for seg, counts in list(segs.items())[:REPORT_SEGMENTS]:
             if _is_segment_name(seg) and isinstance(counts, dict):
                 clean[seg] = {k: v for k, v in counts.items() if _report_value(k, v)}
         now = time.monotonic()
-        key = (name[:64], pid)
         body: dict[str, Any] = {"name": name[:64], "pid": pid, "segments": clean}
         # Who the process is, for top to tell a stopped one (see reporter_identity).
         for k in ("pidns", "started"):
@@ -1250,11 +1259,25 @@ class Broker(Service):
             if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_VERSION:
                 body[k] = v
         self._reports.pop(key, None)  # re-inserted last: the table is oldest first
-        self._reports[key] = (now, body)
+        self._reports[key] = (now, body, vouched)
         if len(self._reports) > MAX_REPORTS:
             self._expire_reports(now)
             while len(self._reports) > MAX_REPORTS:
                 del self._reports[next(iter(self._reports))]
+
+    def _sent_by_its_process(self, key: tuple[str, int]) -> bool:
+        """Whether the row ``key`` was reported by the very process it names
+        (vouched) and that process still lives (its start time, when the report
+        gave it, still ``pid``'s): only it may change or remove that row. A pid
+        used again by another process (another pid namespace's, say) is not
+        held off by a dead one's row."""
+        row = self._reports.get(key)
+        if row is None or not row[2]:
+            return False
+        started = row[1].get("started")
+        if not isinstance(started, int):
+            return pid_running(key[1])
+        return ProcessId(key[1], started).alive()
 
     def _expire_reports(self, now: float) -> None:
         self._reports = {k: v for k, v in self._reports.items() if now - v[0] < REPORT_KEEP}
@@ -1270,7 +1293,7 @@ class Broker(Service):
         stale = req.get("stale") is True
         subs = [
             {**body, "age": now - t} | ({"stale": True} if now - t >= REPORT_TTL else {})
-            for t, body in self._reports.values()
+            for t, body, _ in self._reports.values()
             if stale or now - t < REPORT_TTL
         ]
         return {"subscribers": sorted(subs, key=lambda r: (r["name"], r["pid"]))}
@@ -1283,7 +1306,10 @@ class Broker(Service):
         everyone's announcements lost) is refused before it subscribes. With
         ``reserve`` true, topics that fit are promised to the asker for a few seconds
         (:meth:`Events.room`): a second subscriber asking before the first one's
-        subscriptions arrive counts them (``fits`` false when they do not)."""
+        subscriptions arrive counts them (``fits`` false when they do not). An asker
+        of several requests names itself in each (``owner``, a random token of at
+        most 64 characters): when one does not fit, the promises of the earlier
+        ones are withdrawn."""
         names = req.get("names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError("topics needs 'names', a list of segment names")
@@ -1292,7 +1318,10 @@ class Broker(Service):
         tpcs = {topic(n) for n in names}
         if req.get("broker") is True:
             tpcs.add(BROKER_TOPIC)
-        held, new, fits = events.room(tpcs, req.get("reserve") is True)
+        owner = req.get("owner")
+        if not isinstance(owner, str) or not 0 < len(owner) <= 64:
+            owner = None
+        held, new, fits = events.room(tpcs, req.get("reserve") is True, owner)
         return {"held": held, "max": events.max_subscriptions, "new": new, "fits": fits}
 
     _OPS: dict[str, Callable[[Broker, dict[str, Any]], dict[str, Any] | None]] = {  # noqa: RUF012

@@ -226,7 +226,8 @@ class Events:
         self._received = 0  # subscriptions since the last reset (when TOPICS_COUNT fails)
         self._peers: Counter[str] = Counter()
         self._subscribed: Counter[bytes] = Counter()  # topic -> subscriptions held
-        self._promised: dict[bytes, float] = {}  # topic -> until when (room())
+        #: topic -> (until when, to whom: the asker's ``owner`` token or None) (room())
+        self._promised: dict[bytes, tuple[float, str | None]] = {}
         self.sock = self._socket()
 
     def _socket(self) -> zmq.Socket[Any]:
@@ -296,7 +297,9 @@ class Events:
         announces each of its versions as it is committed, not only at its ticks."""
         return self._subscribed.get(tpc, 0) > 0
 
-    def room(self, tpcs: set[bytes], promise: bool) -> tuple[int, int, bool]:
+    def room(
+        self, tpcs: set[bytes], promise: bool, owner: str | None = None
+    ) -> tuple[int, int, bool]:
         """Whether the topics ``tpcs`` not held yet fit beside those held and those
         promised to other subscribers about to subscribe; if they do and ``promise``,
         they are promised for :data:`RESERVE_SECONDS` (or until they are held).
@@ -304,21 +307,29 @@ class Events:
         the same instant that fit alone, not together, the second is told so: both
         were told they fit before, subscribed, and the endpoint reset over and over.
 
+        ``owner`` names the asker across several requests (a subscriber of more
+        names than one request holds): when these topics do not fit, what its
+        earlier requests were promised is withdrawn, since it will not subscribe.
+        Before, those stayed promised for :data:`RESERVE_SECONDS`, refusing other
+        subscribers that fit.
+
         Returns:
             (topics held or promised to others, topics of ``tpcs`` that are neither,
             whether those fit within ``max_subscriptions``).
         """
         now = time.monotonic()
         self._promised = {
-            t: until
-            for t, until in self._promised.items()
+            t: (until, who)
+            for t, (until, who) in self._promised.items()
             if until > now and not self.subscribed(t)
         }
         held = self._count() + len(self._promised)
         new = [t for t in tpcs if not self.subscribed(t) and t not in self._promised]
         fits = held + len(new) <= self.max_subscriptions
         if fits and promise:
-            self._promised.update(dict.fromkeys(new, now + RESERVE_SECONDS))
+            self._promised.update(dict.fromkeys(new, (now + RESERVE_SECONDS, owner)))
+        elif not fits and owner is not None:
+            self._promised = {t: p for t, p in self._promised.items() if p[1] != owner}
         return held, len(new), fits
 
     def held(self) -> int:

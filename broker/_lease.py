@@ -39,6 +39,7 @@ __all__ = [
     "pid_running",
     "prepare_remap",
     "process_start_time",
+    "process_stat",
     "process_state",
     "remap_shared",
     "take_lease",
@@ -143,16 +144,24 @@ class ProcessId:
             return False
 
 
-def process_state(pid: int) -> bytes | None:
-    """The state letter of ``pid`` (``/proc/PID/stat`` field 3: ``b"R"``, ``b"S"``,
-    ``b"T"`` stopped, ``b"Z"`` a zombie, ...), or None when it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
+def process_stat(pid: int) -> tuple[bytes, int]:
+    """``pid``'s state letter and start time, read once from ``/proc/PID/stat``:
+    field 3 (``b"R"``, ``b"S"``, ``b"T"`` stopped, ``b"Z"`` a zombie, ...) and field
+    22 (clock ticks since boot). Raises ``OSError`` (no such process), or
+    ``ValueError``/``IndexError`` for a line it cannot parse."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    return data[data.rindex(b")") + 2 :][:1]
+    rest = data[data.rindex(b")") + 2 :].split()
+    return rest[0][:1], int(rest[19])
+
+
+def process_state(pid: int) -> bytes | None:
+    """The state letter of ``pid`` (:func:`process_stat`), or None when it cannot be read."""
+    try:
+        return process_stat(pid)[0]
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def pid_namespace(pid: int | str = "self") -> int | None:
@@ -191,12 +200,8 @@ def pid_running(pid: int) -> bool:
 
 
 def process_start_time(pid: int) -> int:
-    """Start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    rest = data[data.rindex(b")") + 2 :].split()
-    return int(rest[19])
+    """Start time of ``pid`` in clock ticks since boot (:func:`process_stat`)."""
+    return process_stat(pid)[1]
 
 
 def take_lease(name: str, fd: int, writer_pid: int = 0) -> None:

@@ -36,7 +36,7 @@ from ._auth import is_z85_key
 from ._closing import Closing
 from ._context import context as shmcast_context
 from ._context import open_socket
-from ._lease import pid_namespace, process_start_time, process_state, process_uid
+from ._lease import pid_namespace, process_start_time, process_stat, process_state, process_uid
 from ._names import (
     DEFAULT_NAMESPACE,
     NAMESPACE_ENV,
@@ -747,11 +747,10 @@ def reporter_stopped(report: dict[str, Any]) -> bool:
     if isinstance(pid, bool) or pid <= 0 or ns != pid_namespace():
         return False
     try:
-        if process_start_time(pid) != started:
-            return False
+        state, start = process_stat(pid)  # one read: the state is that process's
     except (OSError, ValueError, IndexError):
         return False
-    return process_state(pid) in (b"T", b"t")
+    return start == started and state in (b"T", b"t")
 
 
 def check_broker_namespace(client: ControlClient, namespace: str) -> dict[str, Any]:

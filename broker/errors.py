@@ -474,10 +474,11 @@ class AccessError(ShmcastError, PermissionError):
         )
 
 
-def _owner(uid: int) -> str:
+def _user(uid: int) -> str:
+    """``"user 'name' (uid N)"``, or ``"uid N"`` for a uid with no name here."""
     try:
-        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
-    except KeyError:
+        return f"user {pwd.getpwuid(uid).pw_name!r} (uid {uid})"
+    except KeyError:  # no such user in this container's /etc/passwd
         return f"uid {uid}"
 
 
@@ -505,7 +506,7 @@ class OwnershipError(AccessError):
         self.expected = expected
         ShmcastError.__init__(
             self,
-            f"refusing {path}: {reason} ({kind}, owner {_owner(uid)}, mode {mode:04o}; "
+            f"refusing {path}: {reason} ({kind}, owner {_user(uid)}, mode {mode:04o}; "
             f"shmcast accepts {expected}); run `shmcast doctor --fix` to repair it "
             f"(as root for another user's file), or set XDG_RUNTIME_DIR / --namespace "
             f"to somewhere of your own",
@@ -666,12 +667,7 @@ class BrokerUnavailableError(BrokerError):
 def _not_yours(uid: int | None) -> str:
     """``"user 'name' (uid N)"`` for a uid other than this process's effective
     one; ``""`` for ours or None (unknown)."""
-    if uid is None or uid == os.geteuid():
-        return ""
-    try:
-        return f"user {pwd.getpwuid(uid).pw_name!r} (uid {uid})"
-    except KeyError:  # no such user in this container's /etc/passwd
-        return f"uid {uid}"
+    return "" if uid is None or uid == os.geteuid() else _user(uid)
 
 
 class BrokerHandshakeError(BrokerUnavailableError):

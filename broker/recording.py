@@ -68,7 +68,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
@@ -78,6 +78,7 @@ from .errors import (
     LayoutError,
     MissingExtraError,
     NotARecordingError,
+    OutOfDescriptorsError,
     RecordingError,
     RecordingExistsError,
     RecordingSpaceError,
@@ -488,7 +489,8 @@ def open_writer(
 
     Raises:
         RecordingExistsError, MissingExtraError, LayoutError (a layout of no bytes,
-        a dtype Parquet cannot take), RecordingError (the file cannot be created).
+        a dtype Parquet cannot take), RecordingError (the file cannot be created),
+        OutOfDescriptorsError (this process is out of file descriptors).
     """
     if format not in FORMATS:
         raise LayoutError(f"recording format must be one of {', '.join(FORMATS)}, not {format!r}")
@@ -588,10 +590,39 @@ def _remove_made(path: str) -> None:
             os.unlink(path)
 
 
-def _os_error(path: str, exc: OSError) -> RecordingError:
+def _os_error(path: str, exc: OSError) -> RecordingError | OutOfDescriptorsError:
     if isinstance(exc, FileExistsError):
         return RecordingExistsError(path)
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return _out_of_descriptors(path, exc.errno)
     return RecordingError(path, f"cannot create {path}: {exc.strerror or exc}")
+
+
+def _bare_emfile(exc: BaseException) -> TypeGuard[OSError]:
+    """An ``OSError`` of EMFILE/ENFILE not made an :class:`OutOfDescriptorsError` yet."""
+    return (
+        isinstance(exc, OSError)
+        and not isinstance(exc, OutOfDescriptorsError)
+        and exc.errno in (errno.EMFILE, errno.ENFILE)
+    )
+
+
+def _out_of_descriptors(path: str, err: int) -> OutOfDescriptorsError:
+    """EMFILE/ENFILE met opening the recording file ``path`` (our open, HDF5's or
+    Arrow's): the error a segment's attach gives, naming the file, the limit and
+    the fix. Before, a ``RecordingError`` said "cannot create PATH: Too many open
+    files" (HDF5: its own long message), or Arrow's bare ``OSError`` came out."""
+    return OutOfDescriptorsError.from_os(
+        err,
+        "the recording file",
+        path,
+        fix=(
+            "a recorder holds one for each segment it records and each file it "
+            "writes (Parquet: a file a segment): raise the limit (ulimit -n 4096; "
+            "systemd LimitNOFILE=; docker --ulimit nofile=4096; `shmcast doctor` "
+            "checks it), or record fewer segments in this process"
+        ),
+    )
 
 
 def _has_padding(dt: np.dtype[Any]) -> bool:
@@ -1008,13 +1039,17 @@ class _ParquetWriter(RecordingWriter):
         try:
             for lay, reserve in zip(layouts, reserves, strict=True):
                 self._segs[lay.name] = self._open(lay, compression, reserve)
-        except BaseException:
+        except BaseException as exc:
             for seg in self._segs.values():
                 with contextlib.suppress(Exception):
                     seg.writer.close()
                 seg.file.close()
             for reserve in reserves:
                 reserve.discard()
+            # Arrow's own opens (a ParquetWriter; its lazy import of pandas while
+            # the schema is built) run out as bare OSErrors.
+            if _bare_emfile(exc):
+                raise _out_of_descriptors(paths[lay.name], exc.errno or errno.EMFILE) from exc
             raise
 
     def _open(

@@ -166,6 +166,9 @@ class Recorder(Closing):
         RecordingExistsError: the output exists and ``overwrite`` is false.
         MissingExtraError: h5py / pyarrow is not installed (``shmcast[record]``).
         BrokerUnavailableError: ``events`` mode and no broker answered.
+        OutOfDescriptorsError: the process ran out of file descriptors attaching a
+            segment or opening the output file (an ``OSError`` of ``EMFILE``, its
+            message naming what, the limit and the fix).
     """
 
     def __init__(

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import threading
 import time
 import weakref
@@ -378,11 +379,18 @@ class Subscriber(Closing):
             size += len(name) + 8
         assert self._client is not None
         new, held, fits = 0, 0, True
+        # Names our requests' promises: refused at a later one, the broker withdraws
+        # the earlier ones' (before, they kept others out for 5 s).
+        owner = secrets.token_hex(16)
         try:
             for i, chunk in enumerate(chunks):
                 # reserve: the topics that fit are promised to us until we subscribe,
                 # so a subscriber asking in the same instant counts them.
-                reply = self._client.request("topics", names=chunk, broker=i == 0, reserve=True)
+                # Once refused, the rest are only counted (for the message): a chunk
+                # that fits would be promised to us again.
+                reply = self._client.request(
+                    "topics", names=chunk, broker=i == 0, reserve=fits, owner=owner
+                )
                 new += int(reply["new"])
                 if i == 0:
                     held = int(reply["held"])  # the next chunks count ours promised

@@ -330,3 +330,103 @@ def test_a_context_out_of_sockets_is_an_error_naming_the_cap_and_the_fix(
         for c in clients:
             c.close()
         ctx.destroy(0)
+
+
+OUT_OF_FDS_AT_THE_FILE_CHILD = """
+    import contextlib, io, json, os, resource, sys
+    import h5py, pyarrow.parquet  # imported before the limit: imports open files too
+    from shmcast.cli import main
+    from shmcast.subscriber import Recorder
+
+    ns, out_dir, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+    def library(fmt, output):
+        Recorder(names, output, format=fmt, namespace=ns, wait="futex", timeout=1).close()
+
+
+    def command(fmt, output):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            argv = ["record", *names, "-o", output, "--format", fmt, "-n", ns, "--duration", "0.01"]
+            code = main(argv)
+        if code != 0:
+            raise RuntimeError(err.getvalue())
+
+
+    out = {}
+    for kind, fmt, make in (
+        ("hdf5", "hdf5", library),
+        ("parquet", "parquet", library),
+        ("command", "hdf5", command),
+    ):
+        failures = []
+        for free in range(64):  # descriptors left free: every step of the start runs out
+            output = os.path.join(out_dir, f"{kind}{free}")
+            held = []
+            with contextlib.suppress(OSError):
+                while True:
+                    held.append(os.open("/dev/null", os.O_RDONLY))
+            for fd in held[:free]:
+                os.close(fd)
+            try:
+                make(fmt, output)
+            except Exception as exc:
+                failures.append({
+                    "type": type(exc).__name__,
+                    "errno": getattr(exc, "errno", None),
+                    "message": str(exc),
+                    "output": output,
+                })
+            else:
+                break
+            finally:
+                for fd in held[free:]:
+                    os.close(fd)
+            left = [f for f in os.listdir(out_dir) if f.startswith(f"{kind}{free}")]
+            failures[-1]["left"] = sorted(left)
+        out[kind] = failures
+    print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_a_recorder_out_of_descriptors_at_its_file_names_the_limit(
+    namespace: str, tmp_path: Any
+) -> None:
+    """A recorder whose process runs out of descriptors opening its output file
+    (shmcast's own open and lock of it, HDF5's open, Arrow's): the same
+    ``OutOfDescriptorsError`` as a segment's attach, naming the file, the limit and
+    the fix, and no file left; ``shmcast record`` prints it. Tried with 0, 1, 2...
+    descriptors free until the recorder starts, so each open runs out once. Before,
+    a ``RecordingError`` said "cannot create ...: Too many open files" (HDF5: its own
+    long message), and Arrow's bare ``OSError`` came out."""
+    names = ["r0", "r1"]
+    for name in names:
+        Segment.create(name, [("x", "<f8")], (4,), namespace=namespace).close()
+    try:
+        argv = [sys.executable, "-c", textwrap.dedent(OUT_OF_FDS_AT_THE_FILE_CHILD), namespace]
+        r = subprocess.run(
+            [*argv, str(tmp_path), *names], capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+        out = json.loads(line[len("RESULT ") :])
+    finally:
+        for name in names:
+            Segment.remove(name, namespace=namespace)
+    assert set(out) == {"hdf5", "parquet", "command"}, out
+    for kind, failures in out.items():
+        at_file = [f for f in failures if "the recording file" in f["message"]]
+        assert at_file, (kind, failures)  # the last one before it started, at least
+        for f in failures:
+            assert f["left"] == [], f  # nothing made is left behind
+            if kind == "command":
+                assert "out of file descriptors opening" in f["message"], f
+                continue
+            assert f["type"] == "OutOfDescriptorsError", f
+            assert f["errno"] == errno.EMFILE
+        for f in at_file:
+            assert os.path.basename(f["output"]) in f["message"]
+            assert "open-files limit is 64" in f["message"], f
+            assert "ulimit -n" in f["message"]

@@ -1143,31 +1143,28 @@ def test_events_subscribers_starting_at_one_instant_do_not_take_the_endpoint_ove
     reset over and over (3 raced in separate processes: 21-22 resets in 3 s, all
     three taken, in 2 rounds of 3). Now the room the first is told of is promised to
     it until it subscribes: the second is refused."""
-    from types import SimpleNamespace
-
     from shmcast.broker import BrokerConfig, ConfigError
 
     broker = Broker(BrokerConfig(namespace=namespace, max_subscriptions=16)).start()
     held: list[int] = []
     refused: list[BaseException] = []
     started: list[Subscriber] = []
-    real = zmq.Context.instance()
+    real = subscriber_module.open_socket
 
-    class Held:  # the first subscriber's context: the second starts as it subscribes
-        def socket(self, kind: int) -> Any:
-            if kind == zmq.SUB and not held:
-                held.append(kind)
-                try:
-                    started.append(Subscriber([f"b{i}" for i in range(8)], wait="events"))
-                except ConfigError as exc:
-                    refused.append(exc)
-            return real.socket(kind)
+    def held_open(ctx: Any, kind: int, what: str) -> Any:
+        # The first subscriber's SUB socket: the second starts as it subscribes.
+        if kind == zmq.SUB and not held:
+            held.append(kind)
+            try:
+                started.append(Subscriber([f"b{i}" for i in range(8)], wait="events"))
+            except ConfigError as exc:
+                refused.append(exc)
+        return real(ctx, kind, what)
 
-    shim = SimpleNamespace(**{**vars(zmq), "Context": SimpleNamespace(instance=Held)})
     try:
         assert broker._events is not None
         with monkeypatch.context() as m:
-            m.setattr(subscriber_module, "zmq", shim)
+            m.setattr(subscriber_module, "open_socket", held_open)
             first = Subscriber([f"a{i}" for i in range(8)], wait="events")
         with first:
             for sub in started:
@@ -1177,6 +1174,36 @@ def test_events_subscribers_starting_at_one_instant_do_not_take_the_endpoint_ove
             assert "add 8 topics to the 9" in str(refused[0])
             list(first.updates(timeout=0.3))
             assert first.broker_up
+        assert broker._events.resets == 0
+    finally:
+        broker.close()
+
+
+def test_an_events_subscriber_refused_at_a_later_request_withdraws_its_promises(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber of more names than one ``topics`` request holds asks in several,
+    each promised what fits: refused at a later one, it does not subscribe, and the
+    topics its earlier requests were promised are withdrawn. Before, they stayed
+    promised for 5 s, and a subscriber that fit was refused meanwhile (reproduced:
+    refused for 5.06 s). Here promises last an hour, so only the withdrawal frees
+    them."""
+    import shmcast.broker._events as events_module
+    from shmcast.broker import BrokerConfig, ConfigError
+
+    monkeypatch.setattr(events_module, "RESERVE_SECONDS", 3600.0)
+    # A request carries at most 512 bytes of names: 7 of these 60-letter ones.
+    config = BrokerConfig(namespace=namespace, max_subscriptions=16, max_message_bytes=1024)
+    broker = Broker(config).start()
+    try:
+        assert broker._events is not None
+        with Subscriber([f"c{i}" for i in range(4)], wait="events"):  # 5 topics, the broker's too
+            many = ["x" * 58 + f"{i:02d}" for i in range(12)]  # 7 fit (12 of 16), then 5 do not
+            with pytest.raises(ConfigError, match="add 12 topics to the 5 "):
+                Subscriber(many, wait="events")
+            with Subscriber([f"b{i}" for i in range(5)], wait="events") as fits:  # 10 of 16
+                list(fits.updates(timeout=0.2))
+                assert fits.broker_up
         assert broker._events.resets == 0
     finally:
         broker.close()

@@ -481,6 +481,54 @@ def test_a_goodbye_leaves_the_row_of_a_same_named_subscriber_of_the_process(
             second.close()
 
 
+_FORGER = """
+import os, sys
+from shmcast.broker.client import ControlClient
+pid = int(sys.argv[2])
+with ControlClient(sys.argv[1], timeout=5) as c:
+    c.send("report", name="strategy", pid=pid, segments={}, gone=True)
+    c.send("report", name="strategy", pid=pid, segments={"ticks": {"updates": 1}})
+    c.send("report", name="strategy", pid=pid, segments={}, gone=True)
+    # A row no process vouched for (a pid not the sender's) still goes at a goodbye.
+    c.send("report", name="unvouched", pid=os.getppid(), segments={})
+    c.request("hello")
+    c.send("report", name="unvouched", pid=os.getppid(), segments={}, gone=True)
+    c.request("hello")  # the reports went before it, on the same connection
+"""
+
+
+def test_another_clients_goodbye_leaves_a_subscribers_own_row(
+    thread_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any client could send a goodbye (a ``report`` with ``gone``) in another
+    subscriber's name and pid, and its row left ``shmcast top`` until its next
+    report; a forged report first made it lose its identity too. A row its own
+    process reported (the kernel's peer pid over ipc is the report's pid) is now
+    changed or removed only by that process; the others' attempts are counted."""
+    import shmcast.broker._broker as broker_module
+    from shmcast.broker.client import reporter_identity
+
+    monkeypatch.setattr(broker_module, "REPORT_TTL", 3600.0)
+    assert thread_broker.endpoints is not None
+    assert thread_broker.endpoints.control_ro is not None
+    segs = {"ticks": {"last_version": 3, "updates": 3}}
+    with ControlClient(thread_broker.endpoints.control, timeout=5) as client:
+        client.send(
+            "report", name="strategy", pid=os.getpid(), segments=segs, **reporter_identity()
+        )
+        client.request("hello")  # the report went before it: the row is there
+        ro = thread_broker.endpoints.control_ro
+        subprocess.run(
+            [sys.executable, "-c", _FORGER, ro, str(os.getpid())], timeout=60, check=True
+        )
+        rows = client.request("subscribers")["subscribers"]
+        assert [(r["name"], r["segments"]) for r in rows] == [("strategy", segs)]
+        assert "started" in rows[0]
+        assert thread_broker.stats().errors.get("report_refused") == 3
+        client.send("report", name="strategy", pid=os.getpid(), segments={}, gone=True)
+        assert client.request("subscribers")["subscribers"] == []
+
+
 _STOPPING_REPORTER = """
 import os, signal, sys
 from shmcast.broker.client import ControlClient, reporter_identity
