@@ -310,6 +310,9 @@ class _Counts:
     #: When a mirror last went for a new incarnation (``time.monotonic()``): the
     #: next one waits until :data:`RENEW_SECONDS` later.
     renewed_at: float = float("-inf")
+    #: The key's liveliness token went away since the mirror went for this
+    #: incarnation: its exporter stopped, or made a new one.
+    token_lost: bool = False
 
 
 @dataclass
@@ -319,6 +322,16 @@ class _Pending:
     key: str
     frame: Frame
     payload: bytes
+
+
+@dataclass
+class _Held:
+    """The latest sample of a new incarnation held back (see ``ZenohBridge._hold``)."""
+
+    sample: _Pending
+    at: float  #: when the first sample held for the name came (``time.monotonic()``)
+    received: int  #: the name's versions received then (do they go on?)
+    samples: int = 1  #: of ``sample``'s incarnation, refused with it if never mirrored
 
 
 @dataclass(frozen=True)
@@ -366,9 +379,12 @@ class ZenohBridge(Service):
         self._over: set[str] = set()
         #: Keys whose latest version is being asked for (one get at a time each).
         self._asking: set[str] = set()
-        #: The latest sample of a new incarnation of a name that went for one less
-        #: than RENEW_SECONDS ago (mirrored names only: at most max_mirrors).
-        self._held: dict[str, _Pending] = {}
+        #: The latest sample of a new incarnation of a mirrored name, held back
+        #: (at most max_mirrors): see _hold.
+        self._held: dict[str, _Held] = {}
+        #: Imported keys whose liveliness token is up (at most MAX_WARNED: any peer
+        #: may declare tokens; a key beyond is taken for one without a token).
+        self._tokens: set[str] = set()
         self._put_kind: Any = None
         self._import_lock = threading.Lock()
         self._local: LocalBroker | None = None
@@ -716,7 +732,13 @@ class ZenohBridge(Service):
         except (ValueError, ShmcastError):
             return
         with self._import_lock:
+            if alive and len(self._tokens) < MAX_WARNED:
+                self._tokens.add(key)
+            elif not alive:
+                self._tokens.discard(key)
             c = self._counts.get(name)
+            if c is not None and c.key == key and not alive:
+                c.token_lost = True
             if c is not None and c.key == key and c.upstream_up != alive:
                 c.upstream_up = alive
                 m = self._mirrors.get(name)
@@ -828,11 +850,12 @@ class ZenohBridge(Service):
         log.debug("bad sample on %s: %s", key, exc)
 
     def _mirror(
-        self, key: str, name: str, frame: Frame, payload: bytes, *, live: bool
+        self, key: str, name: str, frame: Frame, payload: bytes, *, live: bool, held: bool = False
     ) -> _Mirror | None:
         """The mirror of ``key`` for ``frame``, or None while the local thread makes
         it (``payload`` is then committed once it exists) or when it cannot be made.
-        Called with the import lock held."""
+        ``held``: a sample :meth:`_renew_held` lets go (the mirror's incarnation is
+        not to be kept). Called with the import lock held."""
         c = self._counts.get(name)
         if c is not None and c.key != key:
             self.conflicts += 1  # two upstreams for one local name: the first wins
@@ -884,8 +907,8 @@ class ZenohBridge(Service):
         if m is not None:
             assert c is not None  # a mirror's name has its counts
             now = time.monotonic()
-            if now < c.renewed_at + RENEW_SECONDS:
-                self._hold(key, name, frame, payload)
+            if now < c.renewed_at + RENEW_SECONDS or (not held and self._live(c)):
+                self._hold(key, name, frame, payload, c, now)
                 return None
             self._held.pop(name, None)
             c.renewed_at = now
@@ -898,6 +921,7 @@ class ZenohBridge(Service):
             c.renewed = c.incarnation != 0
             c.incarnation = frame.incarnation
             c.last = 0
+            c.token_lost = False
         self._pending[name] = _Pending(key, frame, payload)
         assert self._local is not None
         layout = (dtype_str(frame.dtype), frame.shape, self.config.slots)
@@ -930,29 +954,47 @@ class ZenohBridge(Service):
         making = sum(segment_size(p.frame.nbytes, slots) for p in self._pending.values())
         return None if free - making - size >= total * SHM_RESERVE else free
 
-    def _hold(self, key: str, name: str, frame: Frame, payload: bytes) -> None:
-        """Keep the latest sample of a new incarnation of ``name`` until
-        :data:`RENEW_SECONDS` after the name's last new incarnation
-        (:meth:`_renew_held` makes it then). A peer alternating incarnations on a
-        key made each sample delete the mirror and make another (220 a second for
-        one name), local readers seeing one incarnation after another. A held
-        sample replaced by one of another incarnation is never mirrored: refused,
-        counted. (Of the same incarnation, its version is a gap, counted skipped
-        once the mirror is made.) Called with the import lock held."""
-        old = self._held.get(name)
-        if old is None:
+    def _live(self, c: _Counts) -> bool:
+        """Whether the exporter of the incarnation ``c`` counts may still be there:
+        the key's liveliness token is up and has not gone away since. (An exporter
+        making a new incarnation drops its token first; a peer's own token on the
+        key does not hide the exporter's going: Zenoh tells of a key's last one.)
+        Called with the import lock held."""
+        return c.key in self._tokens and not c.token_lost
+
+    def _hold(
+        self, key: str, name: str, frame: Frame, payload: bytes, c: _Counts, now: float
+    ) -> None:
+        """Keep the latest sample of a new incarnation of ``name`` back:
+        :meth:`_renew_held` makes it once :data:`RENEW_SECONDS` have gone by since
+        the name's last new incarnation, and refuses it if the mirror's own
+        incarnation stays live (:meth:`_live`) with versions received meanwhile.
+        A peer alternating incarnations on a key made each sample delete the
+        mirror and make another (220 a second for one name); one sample of another
+        incarnation on a live exporter's key replaced its mirror for a second,
+        local readers seeing the peer's data. A held sample replaced by one of
+        another incarnation is never mirrored: refused, counted. (Of the same
+        incarnation, its version is a gap, counted skipped once the mirror is
+        made.) Called with the import lock held."""
+        held = self._held.get(name)
+        pending = _Pending(key, frame, payload)
+        if held is None:
             if name not in self._over and len(self._over) < MAX_WARNED:
                 self._over.add(name)
-                log.warning("%s: a new incarnation upstream less than %.0f s after the last: "
-                            "holding it until then (a peer alternating incarnations?)",
-                            key, RENEW_SECONDS)  # fmt: skip
-        elif old.frame.incarnation != frame.incarnation:
-            self.refused += 1
-        self._held[name] = _Pending(key, frame, payload)
+                log.warning("%s: a new incarnation upstream while the mirror's is live or "
+                            "less than %.0f s old: holding it back (a peer putting "
+                            "incarnations of its own?)", key, RENEW_SECONDS)  # fmt: skip
+            self._held[name] = _Held(pending, now, c.received)
+        elif held.sample.frame.incarnation != frame.incarnation:
+            self.refused += held.samples
+            held.sample, held.samples = pending, 1
+        else:
+            held.sample = pending
+            held.samples += 1
 
     def _renew_held(self) -> None:
-        """Make the mirrors of the held new incarnations whose time has come (the
-        export loop's thread, with each look at the catalog)."""
+        """Make the mirrors of the held new incarnations whose time has come, or
+        refuse them (the export loop's thread, with each look at the catalog)."""
         with self._import_lock:
             if not self._held:
                 return
@@ -961,11 +1003,20 @@ class ZenohBridge(Service):
                 c = self._counts.get(name)
                 if c is not None and now < c.renewed_at + RENEW_SECONDS:
                     continue
+                if c is not None and self._live(c):
+                    if now < held.at + RENEW_SECONDS:
+                        continue  # does the mirror's incarnation go on?
+                    if c.received > held.received:
+                        # It does, its exporter's token up: the other one is a peer's.
+                        del self._held[name]
+                        self.refused += held.samples
+                        continue
                 del self._held[name]
-                f = held.frame
-                m = self._mirror(held.key, name, f, held.payload, live=True)
+                p = held.sample
+                f = p.frame
+                m = self._mirror(p.key, name, f, p.payload, live=True, held=True)
                 if m is not None:
-                    self._commit(held.key, m, (f.version, f.timestamp_ns), held.payload)
+                    self._commit(p.key, m, (f.version, f.timestamp_ns), p.payload)
 
     def _collect(self) -> None:
         """Take in the mirrors the local thread made or could not make (its thread)."""
@@ -1111,8 +1162,9 @@ class BridgeCollector(Collector):
             ),
             (
                 "refused_samples",
-                "Samples not mirrored: over --max-mirrors or --max-mirror-bytes, or a "
-                "new incarnation replaced by another before its mirror was made",
+                "Samples not mirrored: over --max-mirrors or --max-mirror-bytes, a new "
+                "incarnation replaced by another before its mirror was made, or one "
+                "put while the mirror's exporter stayed live",
                 st.refused,
             ),
         ):

@@ -867,6 +867,41 @@ def test_a_peer_alternating_incarnations_remakes_a_mirror_a_bounded_number_of_ti
         imp.close()
 
 
+def test_a_peer_cannot_flip_a_mirror_whose_exporter_is_live(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """One sample of another incarnation, put by a peer on the key of a live exporter
+    (its token up, its versions coming), replaced the mirror at once, and the
+    exporter's next version replaced it back a second later: local readers saw
+    the peer's data, and lost the exporter's for that second. While the
+    exporter's token stays and its versions keep coming, the mirror keeps its
+    incarnation and the peer's sample is refused (counted)."""
+    a, b = two_sides
+    exp = _bridge(router, a, exports=("s",))
+    imp = _bridge(router, b, imports=(f"shmcast/{a}/*",), catalog_interval=0.1)
+    peer = _plain_session(router)
+    try:
+        with Publisher("s", dtype="<u8", shape=(4,), namespace=a) as pub:
+            honest = pub.segment.incarnation
+            ones = np.ones(4, np.uint64)
+            mirrored = lambda: getattr(imp._mirrors.get("s"), "incarnation", 0) == honest  # noqa: E731
+            _publish_until(pub, ones, mirrored, "the mirror", timeout=20)
+            import msgpack
+
+            meta = {"version": 1, "timestamp_ns": 1, "dtype": "<u8", "shape": [4]}
+            forged = msgpack.packb(meta | {"incarnation": honest + 1})
+            peer.put(f"shmcast/{a}/s", bytes(32), attachment=forged)
+            _publish_until(pub, ones, lambda: imp.stats().refused == 1, "the refusal", timeout=5)
+            assert mirrored()
+            with Segment.attach("s", namespace=b) as mirror:
+                assert mirror.incarnation == imp._mirrors["s"].pub.segment.incarnation
+                assert (mirror.latest().array == 1).all()
+    finally:
+        peer.close()
+        imp.close()
+        exp.close()
+
+
 def test_a_restarted_importer_follows_an_upstream_recreated_meanwhile(
     router: str, two_sides: tuple[str, str]
 ) -> None:
