@@ -113,18 +113,26 @@ class LocalBroker:
         self._results: queue.Queue[Created | Refused] = queue.Queue()
         self._checking = threading.Event()
         self._closing = threading.Event()
-        #: Marks to tell the catalog, the latest one of each name: one queued
-        #: ``annotate`` job takes them all. (A job per call grew without bound under
-        #: a Zenoh peer flapping a liveliness token: 55,000 queued, each two
-        #: requests to the broker, the mirrors' own requests behind them.)
+        #: The marks of the job queued last, if an ``annotate`` one: later marks join
+        #: it, the latest one of each name kept. (A job per call grew without bound
+        #: under a Zenoh peer flapping a liveliness token: 55,000 queued, each two
+        #: requests to the broker, the mirrors' own requests behind them.) Never an
+        #: earlier job's: a mark would go ahead of a delete or a restart check
+        #: asked before it (jobs are done in the order asked).
         self._marks_lock = threading.Lock()
-        self._queued_marks: dict[str, Mark] = {}
+        self._last_marks: dict[str, Mark] | None = None
         self._thread = threading.Thread(target=self._run, name="shmcast-relay-local", daemon=True)
         self._thread.start()
 
     def create(self, spec: MirrorSpec) -> None:
         """Make the mirror of ``spec``; a :class:`Created` or :class:`Refused` follows."""
-        self._jobs.put(("create", spec))
+        self._put(("create", spec))
+
+    def _put(self, job: tuple[str, Any] | None) -> None:
+        """Queue a job other than ``annotate``: marks asked later go after it."""
+        with self._marks_lock:
+            self._last_marks = None
+            self._jobs.put(job)
 
     def _marks(self, mirrors: list[tuple[str, Layout]], up: bool, source: str | None) -> list[Mark]:
         return [(name, layout, source or self._source, up) for name, layout in mirrors]
@@ -133,19 +141,21 @@ class LocalBroker:
         self, mirrors: list[tuple[str, Layout]], up: bool, source: str | None = None
     ) -> None:
         """Tell the catalog that these mirrors are relayed, and whether the upstream is
-        up (``source``: theirs, if not this object's). Marks not yet told are
-        replaced by later ones of the same name: at most one per name is queued."""
+        up (``source``: theirs, if not this object's). Marks join the job queued
+        last if it is an ``annotate`` one, replacing those of the same names: with
+        no other job asked in between, at most one mark per name is queued."""
         if not mirrors:
             return
         with self._marks_lock:
-            queue_job = not self._queued_marks
+            marks = self._last_marks
+            if marks is None:
+                marks = self._last_marks = {}
+                self._jobs.put(("annotate", marks))
             for mark in self._marks(mirrors, up, source):
-                self._queued_marks[mark[0]] = mark
-        if queue_job:
-            self._jobs.put(("annotate", None))
+                marks[mark[0]] = mark
 
     def delete(self, name: str) -> None:
-        self._jobs.put(("delete", name))
+        self._put(("delete", name))
 
     def check(self, mirrors: list[tuple[str, Layout]], up: bool) -> None:
         """Has the local broker restarted? Then annotate the mirrors again. One check
@@ -156,7 +166,7 @@ class LocalBroker:
         """:meth:`check`, each mirror with its own ``source`` and upstream state."""
         if not self._checking.is_set():
             self._checking.set()
-            self._jobs.put(("check", marks))
+            self._put(("check", marks))
 
     def results(self) -> list[Created | Refused]:
         """What came of the :meth:`create` requests since the last call."""
@@ -180,8 +190,8 @@ class LocalBroker:
         """
         self._closing.set()
         if last:
-            self._jobs.put(("last", last))
-        self._jobs.put(None)
+            self._put(("last", last))
+        self._put(None)
         self._thread.join(self._timeout + 1 + (LAST_TIMEOUT if last else 0.0))
         if self._thread.is_alive():
             log.warning("the local broker has not answered for %.0f s: leaving its "
@@ -207,9 +217,10 @@ class LocalBroker:
                     elif kind == "create":
                         self._create(arg)
                     elif kind == "annotate":
-                        with self._marks_lock:
-                            marks = list(self._queued_marks.values())
-                            self._queued_marks.clear()
+                        with self._marks_lock:  # later marks make a job of their own
+                            if self._last_marks is arg:
+                                self._last_marks = None
+                            marks = list(arg.values())
                         self._annotate(marks, existing=True)
                     elif kind == "delete":
                         with contextlib.suppress(ShmcastError):
