@@ -56,7 +56,6 @@ from shmcast.broker import (
 from shmcast.broker.client import (
     MAX_VERSION,
     NAMESPACE_ENV,
-    SHM_DIR,
     ControlClient,
     CurveKeyTriple,
     client_curve,
@@ -71,7 +70,14 @@ from shmcast.broker.errors import (
     ShmcastError,
     TornReadError,
 )
-from shmcast.publisher import LocalBroker, Mark, MirrorSpec, Publisher, Refused
+from shmcast.publisher import (
+    LocalBroker,
+    Mark,
+    MirrorSpec,
+    Publisher,
+    Refused,
+    shm_shortfall,
+)
 
 from ._wire import (
     KEY_ROOT,
@@ -99,22 +105,9 @@ SOURCE_PREFIX = "zenoh:"
 RETRY_SECONDS = 5.0
 #: Names remembered for a warning given once, or a retry: at most this many.
 MAX_WARNED = 1024
-#: Share of /dev/shm that imports leave free for everything else: a mirror that
-#: would leave less is refused (mirrors are mapped with MAP_POPULATE: each one
-#: takes all its bytes at once).
-SHM_RESERVE = 0.1
 #: Seconds between two new incarnations of one name mirrored: one sooner after the
 #: last is held (the latest of the name) until then.
 RENEW_SECONDS = 1.0
-
-
-def _shm_space() -> tuple[int, int] | None:
-    """``(size, free bytes)`` of /dev/shm, or None when it cannot be told."""
-    try:
-        st = os.statvfs(SHM_DIR)
-    except OSError:
-        return None
-    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
 
 def _load_zenoh() -> Any:
@@ -148,8 +141,8 @@ class BridgeConfig:
             (counted, logged).
         max_mirror_bytes: largest segment made for an import (all its slots); a
             sample announcing a larger layout is refused (counted, logged), and so
-            is one whose mirror would leave less than ``SHM_RESERVE`` (10%) of
-            /dev/shm free.
+            is one whose mirror would leave less than
+            ``shmcast.publisher.SHM_RESERVE`` (10%) of /dev/shm free.
         catalog_interval: seconds between looks at the local catalog (new,
             deleted or recreated segments to export).
         connect_timeout: seconds to reach a ``connect`` endpoint at start (an
@@ -894,15 +887,11 @@ class ZenohBridge(Service):
                     self.config.max_mirrors,
                 )  # fmt: skip
             return None
-        if (free := self._shm_short(size)) is not None:
+        if (short := self._shm_short(size)) is not None:
             self.refused += 1
             if name not in self._over and len(self._over) < MAX_WARNED:
                 self._over.add(name)
-                log.warning(
-                    "not mirroring %s: a %d-byte segment, with %d bytes free in %s; "
-                    "imports leave %.0f%% of it free for this host's own segments",
-                    key, size, free, SHM_DIR, SHM_RESERVE * 100,
-                )  # fmt: skip
+                log.warning("not mirroring %s: %s", key, short)
             return None
         if m is not None:
             assert c is not None  # a mirror's name has its counts
@@ -940,19 +929,13 @@ class ZenohBridge(Service):
         )
         return None
 
-    def _shm_short(self, size: int) -> int | None:
-        """None if a mirror of ``size`` bytes leaves ``SHM_RESERVE`` of /dev/shm
-        free (counting the mirrors being made), else the bytes free. Any peer may
-        put on an imported key: the limits alone let 256 mirrors of 1 GiB each
-        fill /dev/shm, leaving no room for local publishers. Called with the
-        import lock held."""
-        space = _shm_space()
-        if space is None:
-            return None
-        total, free = space
+    def _shm_short(self, size: int) -> str | None:
+        """Why a mirror of ``size`` bytes would leave too little of /dev/shm free
+        (:func:`shm_shortfall`, counting the mirrors being made), or None. Any peer
+        may put on an imported key. Called with the import lock held."""
         slots = self.config.slots
         making = sum(segment_size(p.frame.nbytes, slots) for p in self._pending.values())
-        return None if free - making - size >= total * SHM_RESERVE else free
+        return shm_shortfall(size, making=making)
 
     def _live(self, c: _Counts) -> bool:
         """Whether the exporter of the incarnation ``c`` counts may still be there:
@@ -1162,9 +1145,10 @@ class BridgeCollector(Collector):
             ),
             (
                 "refused_samples",
-                "Samples not mirrored: over --max-mirrors or --max-mirror-bytes, a new "
-                "incarnation replaced by another before its mirror was made, or one "
-                "put while the mirror's exporter stayed live",
+                "Samples not mirrored: over --max-mirrors or --max-mirror-bytes, too "
+                "little of /dev/shm left free, a new incarnation replaced by another "
+                "before its mirror was made, or one put while the mirror's exporter "
+                "stayed live",
                 st.refused,
             ),
         ):

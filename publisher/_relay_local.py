@@ -23,12 +23,20 @@ from typing import Any
 
 import numpy as np
 
-from shmcast.broker.client import ControlClient, CurveKeyTriple
+from shmcast.broker.client import SHM_DIR, ControlClient, CurveKeyTriple
 from shmcast.broker.errors import SegmentError, SegmentNotFoundError, ShmcastError
 
 from ._publisher import Publisher
 
-__all__ = ["Created", "LocalBroker", "Mark", "MirrorSpec", "Refused"]
+__all__ = [
+    "SHM_RESERVE",
+    "Created",
+    "LocalBroker",
+    "Mark",
+    "MirrorSpec",
+    "Refused",
+    "shm_shortfall",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,43 @@ Layout = tuple[str, tuple[int, ...], int]
 
 #: Seconds each request of :meth:`LocalBroker.close`'s last word may wait.
 LAST_TIMEOUT = 1.0
+
+#: Share of /dev/shm that the mirrors of a relay or bridge leave free for this
+#: host's own segments: a mirror that would leave less is refused (each one takes
+#: all its bytes at once, and an upstream or any Zenoh peer chooses their sizes).
+SHM_RESERVE = 0.1
+
+
+def _shm_space() -> tuple[int, int] | None:
+    """``(size, free bytes)`` of /dev/shm, or None when it cannot be told."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+
+def shm_shortfall(size: int, *, making: int = 0, freed: int = 0) -> str | None:
+    """Why a mirror of ``size`` bytes may not be made now, or None if it may: it
+    would leave less than :data:`SHM_RESERVE` of /dev/shm free. The limits on
+    mirrors (256 of 1 GiB) let an upstream fill /dev/shm alone.
+
+    Args:
+        size: the mirror's bytes, all its slots.
+        making: bytes of the mirrors being made (not in /dev/shm yet).
+        freed: bytes of the mirror it replaces (deleted before it is made).
+    """
+    space = _shm_space()
+    if space is None:
+        return None
+    total, free = space
+    if free + freed - making - size >= total * SHM_RESERVE:
+        return None
+    return (
+        f"a {size}-byte segment, with {free} bytes free of {total} in {SHM_DIR}: "
+        f"mirrors leave {SHM_RESERVE:.0%} of it free for this host's own segments; give "
+        f"it more room (docker run --shm-size, compose shm_size) or mirror fewer segments"
+    )
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from shmcast.broker.client import SHM_DIR, ControlClient
 from shmcast.cli._main import main
 from shmcast.cli.testing import BROKER_READY, running, unique_namespace, wait_for
 from shmcast.publisher import Publisher
+from shmcast.publisher import _relay_local as relay_local
 from tests._curve import curve_broker
 
 zenoh = pytest.importorskip("zenoh", reason="eclipse-zenoh (the zenoh extra) is not installed")
@@ -721,7 +722,7 @@ def test_imports_leave_a_share_of_dev_shm_free(
     fill a 23 GiB /dev/shm, leaving no room for local publishers. A mirror that
     would leave less than ``SHM_RESERVE`` (10%) of /dev/shm free is refused; here
     /dev/shm is said to be 1 MiB with 150 KiB free."""
-    monkeypatch.setattr(bridge_zenoh, "_shm_space", lambda: (1 << 20, 150 << 10))
+    monkeypatch.setattr(relay_local, "_shm_space", lambda: (1 << 20, 150 << 10))
     _, b = two_sides
     imp = _bridge(router, b, imports=("shmcast/far/*",), max_mirror_bytes=1 << 20)
     session = _plain_session(router)
@@ -732,7 +733,7 @@ def test_imports_leave_a_share_of_dev_shm_free(
             wait_for(lambda: imp.stats().refused == 1, 10, what="the large one refused")
             _put(session, "m", 1, incarnation=4, shape=(8 << 10,))  # m, too large now
             wait_for(lambda: imp.stats().refused == 2, 10, what="m's new incarnation refused")
-        assert any("free in /dev/shm" in r.getMessage() for r in caplog.records)
+        assert any("--shm-size" in r.getMessage() for r in caplog.records)  # names the fix
         assert Segment.list(b) == ["m"]
         with Segment.attach("m", namespace=b) as mirror:
             assert (mirror.version, mirror.shape) == (1, (4,))  # kept as it was
