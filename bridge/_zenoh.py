@@ -887,7 +887,7 @@ class ZenohBridge(Service):
                     self.config.max_mirrors,
                 )  # fmt: skip
             return None
-        if (short := self._shm_short(size)) is not None:
+        if (short := self._shm_short(size, m)) is not None:
             self.refused += 1
             if name not in self._over and len(self._over) < MAX_WARNED:
                 self._over.add(name)
@@ -929,13 +929,16 @@ class ZenohBridge(Service):
         )
         return None
 
-    def _shm_short(self, size: int) -> str | None:
+    def _shm_short(self, size: int, old: _Mirror | None) -> str | None:
         """Why a mirror of ``size`` bytes would leave too little of /dev/shm free
-        (:func:`shm_shortfall`, counting the mirrors being made), or None. Any peer
-        may put on an imported key. Called with the import lock held."""
+        (:func:`shm_shortfall`, counting the mirrors being made, and ``old``, the
+        mirror it replaces, as freed: counted as taken, a mirror of more than 45%
+        of /dev/shm never followed a new incarnation), or None. Any peer may put
+        on an imported key. Called with the import lock held."""
         slots = self.config.slots
         making = sum(segment_size(p.frame.nbytes, slots) for p in self._pending.values())
-        return shm_shortfall(size, making=making)
+        freed = 0 if old is None else segment_size(old.pub.segment.nbytes, slots)
+        return shm_shortfall(size, making=making, freed=freed)
 
     def _live(self, c: _Counts) -> bool:
         """Whether the exporter of the incarnation ``c`` counts may still be there:

@@ -912,9 +912,7 @@ class Relay(Service):
             # incarnation, drop) a mirror for a version that never fits it.
             raise ValueError(f"segment {name!r}: {size} bytes for a {nbytes}-byte layout")
         layout = (dtype_str(dt), shp, slots)
-        size = segment_size(nbytes, slots) if slots > 0 else 0
-        if name not in self._creating:
-            self._check_limits(name, size)
+        recreated = False
         if m is not None:
             local = m.pub.version
             if incarnation and m.incarnation:
@@ -925,6 +923,10 @@ class Relay(Service):
                 recreated = int(hdr["version"]) <= local and created != m.created
             if m.layout == layout and not recreated and local <= MAX_VERSION:
                 return m
+        mirror_bytes = segment_size(nbytes, slots) if slots > 0 else 0
+        if name not in self._creating:
+            self._check_limits(name, mirror_bytes, m)
+        if m is not None:
             # The upstream segment was recreated, or ours went corrupt: so is the mirror
             # recreated (versions only go forward).
             why = "its local header is corrupt" if local > MAX_VERSION else "it was recreated"
@@ -946,7 +948,7 @@ class Relay(Service):
         retry = self._retry.get(name)
         if retry is not None and time.monotonic() < retry[0]:
             return None
-        self._creating[name] = size
+        self._creating[name] = mirror_bytes
         self._localbroker.create(
             MirrorSpec(
                 name,
@@ -961,12 +963,13 @@ class Relay(Service):
         )
         return None
 
-    def _check_limits(self, name: str, size: int) -> None:
+    def _check_limits(self, name: str, size: int, old: _Mirror | None) -> None:
         """Raise :class:`_OverLimits` if a mirror of ``size`` bytes for ``name``
-        (made, or made again) would break ``max_mirror_bytes`` or ``max_mirrors``,
-        or leave less than ``SHM_RESERVE`` of /dev/shm free (:func:`shm_shortfall`:
-        the limits alone let an upstream fill it): checked before an old mirror
-        goes, so a refused version changes nothing."""
+        (made, or made again in place of ``old``) would break ``max_mirror_bytes``
+        or ``max_mirrors``, or leave less than ``SHM_RESERVE`` of /dev/shm free
+        (:func:`shm_shortfall`: the limits alone let an upstream fill it; ``old``
+        is deleted first, its bytes freed): checked before an old mirror goes, so
+        a refused version changes nothing."""
         cfg = self.config
         held = self._mirrors.keys() | self._creating.keys() | self._retry.keys()
         others = len(held) - (name in held)
@@ -976,8 +979,11 @@ class Relay(Service):
                 f"a {size}-byte segment, with {others} mirrors held; the limits are "
                 f"max_mirror_bytes {cfg.max_mirror_bytes} and max_mirrors {cfg.max_mirrors}"
             )
-        elif (why := shm_shortfall(size, making=sum(self._creating.values()))) is None:
-            return
+        else:
+            freed = 0 if old is None else segment_size(old.pub.segment.nbytes, old.layout[2])
+            why = shm_shortfall(size, making=sum(self._creating.values()), freed=freed)
+            if why is None:
+                return
         if name not in self._over and len(self._over) < MAX_WARNED:
             self._over.add(name)
             log.warning("not mirroring %s: %s", name, why)

@@ -32,7 +32,14 @@ from shmcast.bridge import (
     parse_key,
 )
 from shmcast.bridge import _zenoh as bridge_zenoh
-from shmcast.broker import Broker, BrokerConfig, ConfigError, Segment, ShmcastError
+from shmcast.broker import (
+    Broker,
+    BrokerConfig,
+    ConfigError,
+    Segment,
+    ShmcastError,
+    segment_size,
+)
 from shmcast.broker.client import SHM_DIR, ControlClient
 from shmcast.cli._main import main
 from shmcast.cli.testing import BROKER_READY, running, unique_namespace, wait_for
@@ -737,6 +744,31 @@ def test_imports_leave_a_share_of_dev_shm_free(
         assert Segment.list(b) == ["m"]
         with Segment.attach("m", namespace=b) as mirror:
             assert (mirror.version, mirror.shape) == (1, (4,))  # kept as it was
+    finally:
+        session.close()
+        imp.close()
+
+
+def test_a_mirror_of_most_of_dev_shm_follows_a_new_incarnation(
+    router: str, two_sides: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reserve counted the mirror a new incarnation replaces as taken: a mirror
+    of more than 45% of /dev/shm (30 MiB in Docker's 64 MiB) never followed its
+    upstream's next incarnation, every sample refused, the old data kept. Here
+    /dev/shm is said to be 512 KiB, the mirror 260 KiB of it."""
+    space = [512 << 10]  # free bytes, as the mirror's making leaves them
+    monkeypatch.setattr(relay_local, "_shm_space", lambda: (512 << 10, space[0]))
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",))
+    session = _plain_session(router)
+    try:
+        shape = (8 << 10,)  # 64 KiB a slot: 260 KiB
+        made = lambda inc: getattr(imp._mirrors.get("m"), "incarnation", 0) == inc  # noqa: E731
+        wait_for(lambda: _put(session, "m", 1, shape=shape) or made(3), 20, what="mirror m")
+        space[0] -= segment_size(64 << 10, imp.config.slots)  # the mirror's bytes
+        wait_for(lambda: _put(session, "m", 1, incarnation=4, shape=shape) or made(4), 10,
+                 what="the new incarnation mirrored")  # fmt: skip
+        assert imp.stats().refused == 0
     finally:
         session.close()
         imp.close()
