@@ -304,8 +304,11 @@ class _Counts:
     #: next one waits until :data:`RENEW_SECONDS` later.
     renewed_at: float = float("-inf")
     #: The key's liveliness token went away since the mirror went for this
-    #: incarnation: its exporter stopped, or made a new one.
+    #: incarnation: its exporter stopped, or made a new one (or lost its link:
+    #: versions of it received after the token came back say so).
     token_lost: bool = False
+    #: ``received`` when the token came back.
+    token_back: int = 0
 
 
 @dataclass
@@ -730,8 +733,11 @@ class ZenohBridge(Service):
             elif not alive:
                 self._tokens.discard(key)
             c = self._counts.get(name)
-            if c is not None and c.key == key and not alive:
-                c.token_lost = True
+            if c is not None and c.key == key:
+                if not alive:
+                    c.token_lost = True
+                elif c.token_lost:
+                    c.token_back = c.received
             if c is not None and c.key == key and c.upstream_up != alive:
                 c.upstream_up = alive
                 m = self._mirrors.get(name)
@@ -945,8 +951,14 @@ class ZenohBridge(Service):
         the key's liveliness token is up and has not gone away since. (An exporter
         making a new incarnation drops its token first; a peer's own token on the
         key does not hide the exporter's going: Zenoh tells of a key's last one.)
+        An exporter whose link was lost and came back goes on with the same
+        incarnation: its versions after the token's return make it live again.
         Called with the import lock held."""
-        return c.key in self._tokens and not c.token_lost
+        if c.key not in self._tokens:
+            return False
+        if c.token_lost and c.received > c.token_back:
+            c.token_lost = False
+        return not c.token_lost
 
     def _hold(
         self, key: str, name: str, frame: Frame, payload: bytes, c: _Counts, now: float

@@ -926,6 +926,20 @@ def test_a_peer_cannot_flip_a_mirror_whose_exporter_is_live(
             peer.put(f"shmcast/{a}/s", bytes(32), attachment=forged)
             _publish_until(pub, ones, lambda: imp.stats().refused == 1, "the refusal", timeout=5)
             assert mirrored()
+            # The exporter's link lost and back (its token goes and comes), the same
+            # incarnation going on: still live.
+            e = exp._exports["s"]
+            e.token.undeclare()
+            wait_for(lambda: _entry(b, "s").get("upstream_up") is False, 10, what="token gone")
+            e.token = exp._session.liveliness().declare_token(e.key)
+            up = lambda: _entry(b, "s").get("upstream_up") is True  # noqa: E731
+            _publish_until(pub, ones, up, "token back", timeout=10)
+            received = lambda: imp.stats().imported["s"]["received"]  # noqa: E731
+            now = received()
+            _publish_until(pub, ones, lambda: received() > now + 2, "versions on")
+            peer.put(f"shmcast/{a}/s", bytes(32), attachment=forged)
+            _publish_until(pub, ones, lambda: imp.stats().refused == 2, "the refusal", timeout=5)
+            assert mirrored()
             with Segment.attach("s", namespace=b) as mirror:
                 assert mirror.incarnation == imp._mirrors["s"].pub.segment.incarnation
                 assert (mirror.latest().array == 1).all()
