@@ -309,6 +309,8 @@ class _Counts:
     token_lost: bool = False
     #: ``received`` when the token came back.
     token_back: int = 0
+    #: The incarnation before ``incarnation``, and its last version written.
+    previous: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -913,9 +915,13 @@ class ZenohBridge(Service):
             c = self._counts[name] = _Counts(key)
         if c.incarnation != frame.incarnation:
             # A new incarnation upstream (or the first): its versions start over.
-            c.renewed = c.incarnation != 0
+            # Back on the one before (a peer's put in between): counted on from its
+            # last version received (from 1, they were counted skipped again).
+            back, last = c.previous
+            c.previous = (c.incarnation, c.last)
+            c.renewed = c.incarnation != 0 and back != frame.incarnation
             c.incarnation = frame.incarnation
-            c.last = 0
+            c.last = last if back == frame.incarnation else 0
             c.token_lost = False
         self._pending[name] = _Pending(key, frame, payload)
         assert self._local is not None

@@ -949,6 +949,29 @@ def test_a_peer_cannot_flip_a_mirror_whose_exporter_is_live(
         exp.close()
 
 
+def test_a_mirror_back_on_an_incarnation_counts_its_versions_once(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """A mirror taken to another incarnation (a peer's, on a key with no token) and
+    back counted every version of its own incarnation before the return as
+    skipped again, though they were received: counts no longer added up (2133
+    skipped while 636 versions were committed upstream, in a reproducer)."""
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), catalog_interval=0.1)
+    session = _plain_session(router)
+    try:
+        on = lambda inc, v: _version(imp, "a") == v and imp._mirrors["a"].incarnation == inc  # noqa: E731
+        for v in (1, 2, 3):
+            wait_for(lambda v=v: _put(session, "a", v) or on(3, v), 20, what=f"version {v}")
+        wait_for(lambda: _put(session, "a", 1, incarnation=9) or on(9, 1), 10, what="the other")
+        wait_for(lambda: _put(session, "a", 4) or on(3, 4), 10, what="back on incarnation 3")
+        counts = imp.stats().imported["a"]
+        assert (counts["received"], counts["skipped"]) == (5, 0)
+    finally:
+        session.close()
+        imp.close()
+
+
 def test_a_restarted_importer_follows_an_upstream_recreated_meanwhile(
     router: str, two_sides: tuple[str, str]
 ) -> None:
