@@ -14,8 +14,9 @@ through the local broker, written under the upstream's version numbers and
 commit times, so local readers read it zero-copy and cannot tell it from a local
 segment except by the catalog's ``source`` (``zenoh:<key>``) and
 ``upstream_up``. Gaps in the versions are counted; a new incarnation upstream
-recreates the mirror (versions start over). A late joiner asks the queryable
-for the latest version as soon as the exporter's token appears.
+recreates the mirror (versions start over; at most once a second, and not while
+the mirror's exporter is live: see ``ZenohBridge._hold``). A late joiner asks
+the queryable for the latest version as soon as the exporter's token appears.
 
 A bridge never imports what it exports itself, nor exports what it imported.
 Zenoh's own shared-memory transport is always turned off, ``--config`` file or
