@@ -374,8 +374,11 @@ class ZenohBridge(Service):
         self._pending: dict[str, _Pending] = {}
         #: Names refused by the local broker, and when to try again.
         self._retry_at: dict[str, float] = {}
-        #: Names warned of once: refused for the limits, or a new incarnation held.
+        #: Names refused for the limits (warned once each).
         self._over: set[str] = set()
+        #: Names a new incarnation of was held back (warned once each; apart: a
+        #: name held once had its later refusals logged nowhere).
+        self._held_warned: set[str] = set()
         #: Keys whose latest version is being asked for (one get at a time each).
         self._asking: set[str] = set()
         #: The latest sample of a new incarnation of a mirrored name, held back
@@ -984,8 +987,8 @@ class ZenohBridge(Service):
         held = self._held.get(name)
         pending = _Pending(key, frame, payload)
         if held is None:
-            if name not in self._over and len(self._over) < MAX_WARNED:
-                self._over.add(name)
+            if name not in self._held_warned and len(self._held_warned) < MAX_WARNED:
+                self._held_warned.add(name)
                 log.warning("%s: a new incarnation upstream while the mirror's is live or "
                             "less than %.0f s old: holding it back (a peer putting "
                             "incarnations of its own?)", key, RENEW_SECONDS)  # fmt: skip

@@ -774,6 +774,28 @@ def test_a_mirror_of_most_of_dev_shm_follows_a_new_incarnation(
         imp.close()
 
 
+def test_a_held_incarnation_hides_no_later_refusal_from_the_log(
+    router: str, two_sides: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning of a new incarnation held back and those of refusals (limits,
+    /dev/shm) were given once per name between them: a name held once had its
+    later refusals counted but never logged."""
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), max_mirror_bytes=1 << 16)
+    session = _plain_session(router)
+    try:
+        wait_for(lambda: _put(session, "a", 1) or _version(imp, "a") == 1, 20, what="mirror a")
+        with caplog.at_level("WARNING", logger=bridge_zenoh.__name__):
+            _put(session, "a", 1, incarnation=4)  # followed at once: the first one
+            wait_for(lambda: _put(session, "a", 1, incarnation=5) or "holding" in caplog.text,
+                     10, what="one held")  # fmt: skip
+            _put(session, "a", 1, incarnation=6, shape=(8 << 10,))  # over --max-mirror-bytes
+            wait_for(lambda: "not mirroring" in caplog.text, 5, what="the refusal logged")
+    finally:
+        session.close()
+        imp.close()
+
+
 def test_a_flood_of_refused_names_is_warned_of_a_bounded_number_of_times(
     router: str,
     two_sides: tuple[str, str],
