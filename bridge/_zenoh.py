@@ -14,8 +14,9 @@ through the local broker, written under the upstream's version numbers and
 commit times, so local readers read it zero-copy and cannot tell it from a local
 segment except by the catalog's ``source`` (``zenoh:<key>``) and
 ``upstream_up``. Gaps in the versions are counted; a new incarnation upstream
-recreates the mirror (versions start over). A late joiner asks the queryable
-for the latest version as soon as the exporter's token appears.
+recreates the mirror (versions start over; at most once a second, and not while
+the mirror's exporter is live: see ``ZenohBridge._hold``). A late joiner asks
+the queryable for the latest version as soon as the exporter's token appears.
 
 A bridge never imports what it exports itself, nor exports what it imported.
 Zenoh's own shared-memory transport is always turned off, ``--config`` file or
@@ -56,7 +57,6 @@ from shmcast.broker import (
 from shmcast.broker.client import (
     MAX_VERSION,
     NAMESPACE_ENV,
-    SHM_DIR,
     ControlClient,
     CurveKeyTriple,
     client_curve,
@@ -71,7 +71,14 @@ from shmcast.broker.errors import (
     ShmcastError,
     TornReadError,
 )
-from shmcast.publisher import LocalBroker, Mark, MirrorSpec, Publisher, Refused
+from shmcast.publisher import (
+    LocalBroker,
+    Mark,
+    MirrorSpec,
+    Publisher,
+    Refused,
+    shm_shortfall,
+)
 
 from ._wire import (
     KEY_ROOT,
@@ -99,22 +106,9 @@ SOURCE_PREFIX = "zenoh:"
 RETRY_SECONDS = 5.0
 #: Names remembered for a warning given once, or a retry: at most this many.
 MAX_WARNED = 1024
-#: Share of /dev/shm that imports leave free for everything else: a mirror that
-#: would leave less is refused (mirrors are mapped with MAP_POPULATE: each one
-#: takes all its bytes at once).
-SHM_RESERVE = 0.1
 #: Seconds between two new incarnations of one name mirrored: one sooner after the
 #: last is held (the latest of the name) until then.
 RENEW_SECONDS = 1.0
-
-
-def _shm_space() -> tuple[int, int] | None:
-    """``(size, free bytes)`` of /dev/shm, or None when it cannot be told."""
-    try:
-        st = os.statvfs(SHM_DIR)
-    except OSError:
-        return None
-    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
 
 def _load_zenoh() -> Any:
@@ -148,8 +142,8 @@ class BridgeConfig:
             (counted, logged).
         max_mirror_bytes: largest segment made for an import (all its slots); a
             sample announcing a larger layout is refused (counted, logged), and so
-            is one whose mirror would leave less than ``SHM_RESERVE`` (10%) of
-            /dev/shm free.
+            is one whose mirror would leave less than
+            ``shmcast.publisher.SHM_RESERVE`` (10%) of /dev/shm free.
         catalog_interval: seconds between looks at the local catalog (new,
             deleted or recreated segments to export).
         connect_timeout: seconds to reach a ``connect`` endpoint at start (an
@@ -310,6 +304,14 @@ class _Counts:
     #: When a mirror last went for a new incarnation (``time.monotonic()``): the
     #: next one waits until :data:`RENEW_SECONDS` later.
     renewed_at: float = float("-inf")
+    #: The key's liveliness token went away since the mirror went for this
+    #: incarnation: its exporter stopped, or made a new one (or lost its link:
+    #: versions of it received after the token came back say so).
+    token_lost: bool = False
+    #: ``received`` when the token came back.
+    token_back: int = 0
+    #: The incarnation before ``incarnation``, and its last version written.
+    previous: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -319,6 +321,16 @@ class _Pending:
     key: str
     frame: Frame
     payload: bytes
+
+
+@dataclass
+class _Held:
+    """The latest sample of a new incarnation held back (see ``ZenohBridge._hold``)."""
+
+    sample: _Pending
+    at: float  #: when the first sample held for the name came (``time.monotonic()``)
+    received: int  #: the name's versions received then (do they go on?)
+    samples: int = 1  #: of ``sample``'s incarnation, refused with it if never mirrored
 
 
 @dataclass(frozen=True)
@@ -362,13 +374,19 @@ class ZenohBridge(Service):
         self._pending: dict[str, _Pending] = {}
         #: Names refused by the local broker, and when to try again.
         self._retry_at: dict[str, float] = {}
-        #: Names warned of once: refused for the limits, or a new incarnation held.
+        #: Names refused for the limits (warned once each).
         self._over: set[str] = set()
+        #: Names a new incarnation of was held back (warned once each; apart: a
+        #: name held once had its later refusals logged nowhere).
+        self._held_warned: set[str] = set()
         #: Keys whose latest version is being asked for (one get at a time each).
         self._asking: set[str] = set()
-        #: The latest sample of a new incarnation of a name that went for one less
-        #: than RENEW_SECONDS ago (mirrored names only: at most max_mirrors).
-        self._held: dict[str, _Pending] = {}
+        #: The latest sample of a new incarnation of a mirrored name, held back
+        #: (at most max_mirrors): see _hold.
+        self._held: dict[str, _Held] = {}
+        #: Imported keys whose liveliness token is up (at most MAX_WARNED: any peer
+        #: may declare tokens; a key beyond is taken for one without a token).
+        self._tokens: set[str] = set()
         self._put_kind: Any = None
         self._import_lock = threading.Lock()
         self._local: LocalBroker | None = None
@@ -716,7 +734,16 @@ class ZenohBridge(Service):
         except (ValueError, ShmcastError):
             return
         with self._import_lock:
+            if alive and len(self._tokens) < MAX_WARNED:
+                self._tokens.add(key)
+            elif not alive:
+                self._tokens.discard(key)
             c = self._counts.get(name)
+            if c is not None and c.key == key:
+                if not alive:
+                    c.token_lost = True
+                elif c.token_lost:
+                    c.token_back = c.received
             if c is not None and c.key == key and c.upstream_up != alive:
                 c.upstream_up = alive
                 m = self._mirrors.get(name)
@@ -828,11 +855,12 @@ class ZenohBridge(Service):
         log.debug("bad sample on %s: %s", key, exc)
 
     def _mirror(
-        self, key: str, name: str, frame: Frame, payload: bytes, *, live: bool
+        self, key: str, name: str, frame: Frame, payload: bytes, *, live: bool, held: bool = False
     ) -> _Mirror | None:
         """The mirror of ``key`` for ``frame``, or None while the local thread makes
         it (``payload`` is then committed once it exists) or when it cannot be made.
-        Called with the import lock held."""
+        ``held``: a sample :meth:`_renew_held` lets go (the mirror's incarnation is
+        not to be kept). Called with the import lock held."""
         c = self._counts.get(name)
         if c is not None and c.key != key:
             self.conflicts += 1  # two upstreams for one local name: the first wins
@@ -871,21 +899,17 @@ class ZenohBridge(Service):
                     self.config.max_mirrors,
                 )  # fmt: skip
             return None
-        if (free := self._shm_short(size)) is not None:
+        if (short := self._shm_short(size, m)) is not None:
             self.refused += 1
             if name not in self._over and len(self._over) < MAX_WARNED:
                 self._over.add(name)
-                log.warning(
-                    "not mirroring %s: a %d-byte segment, with %d bytes free in %s; "
-                    "imports leave %.0f%% of it free for this host's own segments",
-                    key, size, free, SHM_DIR, SHM_RESERVE * 100,
-                )  # fmt: skip
+                log.warning("not mirroring %s: %s", key, short)
             return None
         if m is not None:
             assert c is not None  # a mirror's name has its counts
             now = time.monotonic()
-            if now < c.renewed_at + RENEW_SECONDS:
-                self._hold(key, name, frame, payload)
+            if now < c.renewed_at + RENEW_SECONDS or (not held and self._live(c)):
+                self._hold(key, name, frame, payload, c, now)
                 return None
             self._held.pop(name, None)
             c.renewed_at = now
@@ -895,9 +919,14 @@ class ZenohBridge(Service):
             c = self._counts[name] = _Counts(key)
         if c.incarnation != frame.incarnation:
             # A new incarnation upstream (or the first): its versions start over.
-            c.renewed = c.incarnation != 0
+            # Back on the one before (a peer's put in between): counted on from its
+            # last version received (from 1, they were counted skipped again).
+            back, last = c.previous
+            c.previous = (c.incarnation, c.last)
+            c.renewed = c.incarnation != 0 and back != frame.incarnation
             c.incarnation = frame.incarnation
-            c.last = 0
+            c.last = last if back == frame.incarnation else 0
+            c.token_lost = False
         self._pending[name] = _Pending(key, frame, payload)
         assert self._local is not None
         layout = (dtype_str(frame.dtype), frame.shape, self.config.slots)
@@ -916,43 +945,64 @@ class ZenohBridge(Service):
         )
         return None
 
-    def _shm_short(self, size: int) -> int | None:
-        """None if a mirror of ``size`` bytes leaves ``SHM_RESERVE`` of /dev/shm
-        free (counting the mirrors being made), else the bytes free. Any peer may
-        put on an imported key: the limits alone let 256 mirrors of 1 GiB each
-        fill /dev/shm, leaving no room for local publishers. Called with the
-        import lock held."""
-        space = _shm_space()
-        if space is None:
-            return None
-        total, free = space
+    def _shm_short(self, size: int, old: _Mirror | None) -> str | None:
+        """Why a mirror of ``size`` bytes would leave too little of /dev/shm free
+        (:func:`shm_shortfall`, counting the mirrors being made, and ``old``, the
+        mirror it replaces, as freed: counted as taken, a mirror of more than 45%
+        of /dev/shm never followed a new incarnation), or None. Any peer may put
+        on an imported key. Called with the import lock held."""
         slots = self.config.slots
         making = sum(segment_size(p.frame.nbytes, slots) for p in self._pending.values())
-        return None if free - making - size >= total * SHM_RESERVE else free
+        freed = 0 if old is None else segment_size(old.pub.segment.nbytes, slots)
+        return shm_shortfall(size, making=making, freed=freed)
 
-    def _hold(self, key: str, name: str, frame: Frame, payload: bytes) -> None:
-        """Keep the latest sample of a new incarnation of ``name`` until
-        :data:`RENEW_SECONDS` after the name's last new incarnation
-        (:meth:`_renew_held` makes it then). A peer alternating incarnations on a
-        key made each sample delete the mirror and make another (220 a second for
-        one name), local readers seeing one incarnation after another. A held
-        sample replaced by one of another incarnation is never mirrored: refused,
-        counted. (Of the same incarnation, its version is a gap, counted skipped
-        once the mirror is made.) Called with the import lock held."""
-        old = self._held.get(name)
-        if old is None:
-            if name not in self._over and len(self._over) < MAX_WARNED:
-                self._over.add(name)
-                log.warning("%s: a new incarnation upstream less than %.0f s after the last: "
-                            "holding it until then (a peer alternating incarnations?)",
-                            key, RENEW_SECONDS)  # fmt: skip
-        elif old.frame.incarnation != frame.incarnation:
-            self.refused += 1
-        self._held[name] = _Pending(key, frame, payload)
+    def _live(self, c: _Counts) -> bool:
+        """Whether the exporter of the incarnation ``c`` counts may still be there:
+        the key's liveliness token is up and has not gone away since. (An exporter
+        making a new incarnation drops its token first; a peer's own token on the
+        key does not hide the exporter's going: Zenoh tells of a key's last one.)
+        An exporter whose link was lost and came back goes on with the same
+        incarnation: its versions after the token's return make it live again.
+        Called with the import lock held."""
+        if c.key not in self._tokens:
+            return False
+        if c.token_lost and c.received > c.token_back:
+            c.token_lost = False
+        return not c.token_lost
+
+    def _hold(
+        self, key: str, name: str, frame: Frame, payload: bytes, c: _Counts, now: float
+    ) -> None:
+        """Keep the latest sample of a new incarnation of ``name`` back:
+        :meth:`_renew_held` makes it once :data:`RENEW_SECONDS` have gone by since
+        the name's last new incarnation, and refuses it if the mirror's own
+        incarnation stays live (:meth:`_live`) with versions received meanwhile.
+        A peer alternating incarnations on a key made each sample delete the
+        mirror and make another (220 a second for one name); one sample of another
+        incarnation on a live exporter's key replaced its mirror for a second,
+        local readers seeing the peer's data. A held sample replaced by one of
+        another incarnation is never mirrored: refused, counted. (Of the same
+        incarnation, its version is a gap, counted skipped once the mirror is
+        made.) Called with the import lock held."""
+        held = self._held.get(name)
+        pending = _Pending(key, frame, payload)
+        if held is None:
+            if name not in self._held_warned and len(self._held_warned) < MAX_WARNED:
+                self._held_warned.add(name)
+                log.warning("%s: a new incarnation upstream while the mirror's is live or "
+                            "less than %.0f s old: holding it back (a peer putting "
+                            "incarnations of its own?)", key, RENEW_SECONDS)  # fmt: skip
+            self._held[name] = _Held(pending, now, c.received)
+        elif held.sample.frame.incarnation != frame.incarnation:
+            self.refused += held.samples
+            held.sample, held.samples = pending, 1
+        else:
+            held.sample = pending
+            held.samples += 1
 
     def _renew_held(self) -> None:
-        """Make the mirrors of the held new incarnations whose time has come (the
-        export loop's thread, with each look at the catalog)."""
+        """Make the mirrors of the held new incarnations whose time has come, or
+        refuse them (the export loop's thread, with each look at the catalog)."""
         with self._import_lock:
             if not self._held:
                 return
@@ -961,11 +1011,20 @@ class ZenohBridge(Service):
                 c = self._counts.get(name)
                 if c is not None and now < c.renewed_at + RENEW_SECONDS:
                     continue
+                if c is not None and self._live(c):
+                    if now < held.at + RENEW_SECONDS:
+                        continue  # does the mirror's incarnation go on?
+                    if c.received > held.received:
+                        # It does, its exporter's token up: the other one is a peer's.
+                        del self._held[name]
+                        self.refused += held.samples
+                        continue
                 del self._held[name]
-                f = held.frame
-                m = self._mirror(held.key, name, f, held.payload, live=True)
+                p = held.sample
+                f = p.frame
+                m = self._mirror(p.key, name, f, p.payload, live=True, held=True)
                 if m is not None:
-                    self._commit(held.key, m, (f.version, f.timestamp_ns), held.payload)
+                    self._commit(p.key, m, (f.version, f.timestamp_ns), p.payload)
 
     def _collect(self) -> None:
         """Take in the mirrors the local thread made or could not make (its thread)."""
@@ -1111,8 +1170,10 @@ class BridgeCollector(Collector):
             ),
             (
                 "refused_samples",
-                "Samples not mirrored: over --max-mirrors or --max-mirror-bytes, or a "
-                "new incarnation replaced by another before its mirror was made",
+                "Samples not mirrored: over --max-mirrors or --max-mirror-bytes, too "
+                "little of /dev/shm left free, a new incarnation replaced by another "
+                "before its mirror was made, or one put while the mirror's exporter "
+                "stayed live",
                 st.refused,
             ),
         ):

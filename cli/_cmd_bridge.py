@@ -79,7 +79,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         type=int,
         metavar="B",
         help="largest segment made for an import, all slots (1073741824); none is made "
-        "that would leave less than 10%% of /dev/shm free",
+        "that would leave less than 10%% of /dev/shm free (docker run --shm-size)",
     )
     p.add_argument(
         "--congestion",

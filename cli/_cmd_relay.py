@@ -63,7 +63,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--max-mirror-bytes",
         type=int,
         metavar="B",
-        help="largest mirror, all slots (1073741824); versions of larger ones are refused",
+        help="largest mirror, all slots (1073741824); versions of larger ones are refused, "
+        "and of one that would leave less than 10%% of /dev/shm free",
     )
 
 

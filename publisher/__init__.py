@@ -10,17 +10,20 @@ from ._relay import RelayCollector as RelayCollector
 from ._relay import RelayConfig as RelayConfig
 from ._relay import RelayStats as RelayStats
 from ._relay import resolve_relay_config as resolve_relay_config
+from ._relay_local import SHM_RESERVE as SHM_RESERVE
 from ._relay_local import Created as Created
 from ._relay_local import LocalBroker as LocalBroker
 from ._relay_local import Mark as Mark
 from ._relay_local import MirrorSpec as MirrorSpec
 from ._relay_local import Refused as Refused
+from ._relay_local import shm_shortfall as shm_shortfall
 from ._replay import Replayed as Replayed
 from ._replay import Replayer as Replayer
 from ._replay import ReplayStats as ReplayStats
 from ._replay import replay as replay
 
 __all__ = [
+    "SHM_RESERVE",
     "TICK_DTYPE",
     "Created",
     "Feed",
@@ -39,4 +42,5 @@ __all__ = [
     "make_feed",
     "replay",
     "resolve_relay_config",
+    "shm_shortfall",
 ]

@@ -34,8 +34,9 @@ catalog.
   no version, are forgotten (names come and go upstream without bound).
 - Bounds: a data header is checked (version, commit time, the payload's size
   against its layout) before a mirror is made or dropped for it, and at most
-  ``max_mirrors`` mirrors of at most ``max_mirror_bytes`` each are held; versions
-  beyond are refused and counted (``shmcast_relay_refused_versions_total``).
+  ``max_mirrors`` mirrors of at most ``max_mirror_bytes`` each are held, none that
+  would leave less than ``SHM_RESERVE`` (10%) of /dev/shm free; versions beyond
+  are refused and counted (``shmcast_relay_refused_versions_total``).
 - Silence: with no message for ``heartbeat_timeout`` (default 3 upstream
   heartbeats + 0.2 s) the upstream is reported down (metric
   ``shmcast_relay_upstream_up``, catalog ``upstream_up: false``); the local
@@ -100,7 +101,7 @@ from shmcast.broker.client import (
 from shmcast.broker.errors import ConfigError, EndpointError, ShmcastError
 
 from ._publisher import Publisher
-from ._relay_local import Created, LocalBroker, MirrorSpec
+from ._relay_local import Created, LocalBroker, MirrorSpec, shm_shortfall
 
 __all__ = ["Relay", "RelayCollector", "RelayConfig", "RelayStats", "resolve_relay_config"]
 
@@ -149,6 +150,9 @@ class RelayConfig:
             versions of a larger one are refused (counted, logged). The upstream
             names each segment's layout and slots: without these bounds it could
             fill this host's /dev/shm, with a 64-slot mirror per version's bytes.
+            And no mirror is made that would leave less than
+            :data:`SHM_RESERVE` (10%) of /dev/shm free (the limits alone allow
+            256 GiB).
     """
 
     upstream: str = ""
@@ -348,7 +352,8 @@ class Relay(Service):
         self._acks: list[int] = []
         self._refused: dict[str, str] = {}
         self._retry: dict[str, tuple[float, float]] = {}  # name -> (when, next wait)
-        self._creating: set[str] = set()
+        #: Mirrors being made, and their bytes (not in /dev/shm yet).
+        self._creating: dict[str, int] = {}
         self._waiting: dict[str, tuple[dict[str, Any], zmq.Frame]] = {}
         #: Mirrors recreated for a new upstream incarnation whose first version is
         #: not committed yet: the versions before it are counted as skipped.
@@ -607,7 +612,7 @@ class Relay(Service):
             return
         for done in self._localbroker.results():
             spec = done.spec
-            self._creating.discard(spec.name)
+            self._creating.pop(spec.name, None)
             if isinstance(done, Created):
                 m = _Mirror(
                     name=spec.name,
@@ -907,8 +912,7 @@ class Relay(Service):
             # incarnation, drop) a mirror for a version that never fits it.
             raise ValueError(f"segment {name!r}: {size} bytes for a {nbytes}-byte layout")
         layout = (dtype_str(dt), shp, slots)
-        if name not in self._creating:
-            self._check_limits(name, segment_size(nbytes, slots) if slots > 0 else 0)
+        recreated = False
         if m is not None:
             local = m.pub.version
             if incarnation and m.incarnation:
@@ -919,6 +923,10 @@ class Relay(Service):
                 recreated = int(hdr["version"]) <= local and created != m.created
             if m.layout == layout and not recreated and local <= MAX_VERSION:
                 return m
+        mirror_bytes = segment_size(nbytes, slots) if slots > 0 else 0
+        if name not in self._creating:
+            self._check_limits(name, mirror_bytes, m)
+        if m is not None:
             # The upstream segment was recreated, or ours went corrupt: so is the mirror
             # recreated (versions only go forward).
             why = "its local header is corrupt" if local > MAX_VERSION else "it was recreated"
@@ -940,7 +948,7 @@ class Relay(Service):
         retry = self._retry.get(name)
         if retry is not None and time.monotonic() < retry[0]:
             return None
-        self._creating.add(name)
+        self._creating[name] = mirror_bytes
         self._localbroker.create(
             MirrorSpec(
                 name,
@@ -955,20 +963,30 @@ class Relay(Service):
         )
         return None
 
-    def _check_limits(self, name: str, size: int) -> None:
+    def _check_limits(self, name: str, size: int, old: _Mirror | None) -> None:
         """Raise :class:`_OverLimits` if a mirror of ``size`` bytes for ``name``
-        (made, or made again) would break ``max_mirror_bytes`` or ``max_mirrors``:
-        checked before an old mirror goes, so a refused version changes nothing."""
+        (made, or made again in place of ``old``) would break ``max_mirror_bytes``
+        or ``max_mirrors``, or leave less than ``SHM_RESERVE`` of /dev/shm free
+        (:func:`shm_shortfall`: the limits alone let an upstream fill it; ``old``
+        is deleted first, its bytes freed): checked before an old mirror goes, so
+        a refused version changes nothing."""
         cfg = self.config
-        held = self._mirrors.keys() | self._creating | self._retry.keys()
+        held = self._mirrors.keys() | self._creating.keys() | self._retry.keys()
         others = len(held) - (name in held)
-        if size <= cfg.max_mirror_bytes and others < cfg.max_mirrors:
-            return
+        why: str | None
+        if size > cfg.max_mirror_bytes or others >= cfg.max_mirrors:
+            why = (
+                f"a {size}-byte segment, with {others} mirrors held; the limits are "
+                f"max_mirror_bytes {cfg.max_mirror_bytes} and max_mirrors {cfg.max_mirrors}"
+            )
+        else:
+            freed = 0 if old is None else segment_size(old.pub.segment.nbytes, old.layout[2])
+            why = shm_shortfall(size, making=sum(self._creating.values()), freed=freed)
+            if why is None:
+                return
         if name not in self._over and len(self._over) < MAX_WARNED:
             self._over.add(name)
-            log.warning("not mirroring %s: a %d-byte segment, with %d mirrors held; the "
-                        "limits are max_mirror_bytes %d and max_mirrors %d", name, size,
-                        others, cfg.max_mirror_bytes, cfg.max_mirrors)  # fmt: skip
+            log.warning("not mirroring %s: %s", name, why)
         raise _OverLimits(name)
 
     def _annotate(self, mirrors: list[_Mirror] | None = None) -> None:
@@ -1038,7 +1056,8 @@ class RelayCollector(Collector):
             ),
             "refused": CounterMetricFamily(
                 "shmcast_relay_refused_versions",
-                "Versions not mirrored: over max_mirrors or max_mirror_bytes",
+                "Versions not mirrored: over max_mirrors or max_mirror_bytes, or too little "
+                "of /dev/shm left free",
                 labels=seg_labels,
             ),
             "bytes": CounterMetricFamily(

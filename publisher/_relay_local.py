@@ -23,12 +23,20 @@ from typing import Any
 
 import numpy as np
 
-from shmcast.broker.client import ControlClient, CurveKeyTriple
+from shmcast.broker.client import SHM_DIR, ControlClient, CurveKeyTriple
 from shmcast.broker.errors import SegmentError, SegmentNotFoundError, ShmcastError
 
 from ._publisher import Publisher
 
-__all__ = ["Created", "LocalBroker", "Mark", "MirrorSpec", "Refused"]
+__all__ = [
+    "SHM_RESERVE",
+    "Created",
+    "LocalBroker",
+    "Mark",
+    "MirrorSpec",
+    "Refused",
+    "shm_shortfall",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,43 @@ Layout = tuple[str, tuple[int, ...], int]
 
 #: Seconds each request of :meth:`LocalBroker.close`'s last word may wait.
 LAST_TIMEOUT = 1.0
+
+#: Share of /dev/shm that the mirrors of a relay or bridge leave free for this
+#: host's own segments: a mirror that would leave less is refused (each one takes
+#: all its bytes at once, and an upstream or any Zenoh peer chooses their sizes).
+SHM_RESERVE = 0.1
+
+
+def _shm_space() -> tuple[int, int] | None:
+    """``(size, free bytes)`` of /dev/shm, or None when it cannot be told."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+
+def shm_shortfall(size: int, *, making: int = 0, freed: int = 0) -> str | None:
+    """Why a mirror of ``size`` bytes may not be made now, or None if it may: it
+    would leave less than :data:`SHM_RESERVE` of /dev/shm free. The limits on
+    mirrors (256 of 1 GiB) let an upstream fill /dev/shm alone.
+
+    Args:
+        size: the mirror's bytes, all its slots.
+        making: bytes of the mirrors being made (not in /dev/shm yet).
+        freed: bytes of the mirror it replaces (deleted before it is made).
+    """
+    space = _shm_space()
+    if space is None:
+        return None
+    total, free = space
+    if free + freed - making - size >= total * SHM_RESERVE:
+        return None
+    return (
+        f"a {size}-byte segment, with {free} bytes free of {total} in {SHM_DIR}: "
+        f"mirrors leave {SHM_RESERVE:.0%} of it free for this host's own segments; give "
+        f"it more room (docker run --shm-size, compose shm_size) or mirror fewer segments"
+    )
 
 
 @dataclass(frozen=True)
@@ -113,18 +158,26 @@ class LocalBroker:
         self._results: queue.Queue[Created | Refused] = queue.Queue()
         self._checking = threading.Event()
         self._closing = threading.Event()
-        #: Marks to tell the catalog, the latest one of each name: one queued
-        #: ``annotate`` job takes them all. (A job per call grew without bound under
-        #: a Zenoh peer flapping a liveliness token: 55,000 queued, each two
-        #: requests to the broker, the mirrors' own requests behind them.)
+        #: The marks of the job queued last, if an ``annotate`` one: later marks join
+        #: it, the latest one of each name kept. (A job per call grew without bound
+        #: under a Zenoh peer flapping a liveliness token: 55,000 queued, each two
+        #: requests to the broker, the mirrors' own requests behind them.) Never an
+        #: earlier job's: a mark would go ahead of a delete or a restart check
+        #: asked before it (jobs are done in the order asked).
         self._marks_lock = threading.Lock()
-        self._queued_marks: dict[str, Mark] = {}
+        self._last_marks: dict[str, Mark] | None = None
         self._thread = threading.Thread(target=self._run, name="shmcast-relay-local", daemon=True)
         self._thread.start()
 
     def create(self, spec: MirrorSpec) -> None:
         """Make the mirror of ``spec``; a :class:`Created` or :class:`Refused` follows."""
-        self._jobs.put(("create", spec))
+        self._put(("create", spec))
+
+    def _put(self, job: tuple[str, Any] | None) -> None:
+        """Queue a job other than ``annotate``: marks asked later go after it."""
+        with self._marks_lock:
+            self._last_marks = None
+            self._jobs.put(job)
 
     def _marks(self, mirrors: list[tuple[str, Layout]], up: bool, source: str | None) -> list[Mark]:
         return [(name, layout, source or self._source, up) for name, layout in mirrors]
@@ -133,19 +186,21 @@ class LocalBroker:
         self, mirrors: list[tuple[str, Layout]], up: bool, source: str | None = None
     ) -> None:
         """Tell the catalog that these mirrors are relayed, and whether the upstream is
-        up (``source``: theirs, if not this object's). Marks not yet told are
-        replaced by later ones of the same name: at most one per name is queued."""
+        up (``source``: theirs, if not this object's). Marks join the job queued
+        last if it is an ``annotate`` one, replacing those of the same names: with
+        no other job asked in between, at most one mark per name is queued."""
         if not mirrors:
             return
         with self._marks_lock:
-            queue_job = not self._queued_marks
+            marks = self._last_marks
+            if marks is None:
+                marks = self._last_marks = {}
+                self._jobs.put(("annotate", marks))
             for mark in self._marks(mirrors, up, source):
-                self._queued_marks[mark[0]] = mark
-        if queue_job:
-            self._jobs.put(("annotate", None))
+                marks[mark[0]] = mark
 
     def delete(self, name: str) -> None:
-        self._jobs.put(("delete", name))
+        self._put(("delete", name))
 
     def check(self, mirrors: list[tuple[str, Layout]], up: bool) -> None:
         """Has the local broker restarted? Then annotate the mirrors again. One check
@@ -156,7 +211,7 @@ class LocalBroker:
         """:meth:`check`, each mirror with its own ``source`` and upstream state."""
         if not self._checking.is_set():
             self._checking.set()
-            self._jobs.put(("check", marks))
+            self._put(("check", marks))
 
     def results(self) -> list[Created | Refused]:
         """What came of the :meth:`create` requests since the last call."""
@@ -180,8 +235,8 @@ class LocalBroker:
         """
         self._closing.set()
         if last:
-            self._jobs.put(("last", last))
-        self._jobs.put(None)
+            self._put(("last", last))
+        self._put(None)
         self._thread.join(self._timeout + 1 + (LAST_TIMEOUT if last else 0.0))
         if self._thread.is_alive():
             log.warning("the local broker has not answered for %.0f s: leaving its "
@@ -207,9 +262,10 @@ class LocalBroker:
                     elif kind == "create":
                         self._create(arg)
                     elif kind == "annotate":
-                        with self._marks_lock:
-                            marks = list(self._queued_marks.values())
-                            self._queued_marks.clear()
+                        with self._marks_lock:  # later marks make a job of their own
+                            if self._last_marks is arg:
+                                self._last_marks = None
+                            marks = list(arg.values())
                         self._annotate(marks, existing=True)
                     elif kind == "delete":
                         with contextlib.suppress(ShmcastError):

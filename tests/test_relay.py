@@ -11,11 +11,12 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from shmcast.broker import Segment
+from shmcast.broker import Broker, BrokerConfig, Segment
 from shmcast.broker.client import ControlClient, resolve_endpoint
 from shmcast.broker.errors import SegmentError
 from shmcast.cli._cmd_relay import READY as RELAY_READY
@@ -331,6 +332,72 @@ def _mirror_made(namespace: str, spec: MirrorSpec) -> Publisher:
         raise AssertionError("no mirror made within 5 s")
     finally:
         local.close()
+
+
+class _GatedClient:
+    """A control client whose requests wait for ``gate`` (the local thread busy: what
+    is asked meanwhile queues), and that notes each one."""
+
+    def __init__(self, client: ControlClient) -> None:
+        self.client = client
+        self.gate = threading.Event()
+        self.done = threading.Event()
+        self.asked: list[tuple[str, str, object]] = []
+
+    def request(self, kind: str, **kw: Any) -> Any:
+        self.gate.wait(10)
+        if kw.get("name") == "last":
+            self.done.set()
+        self.asked.append((kind, kw.get("name", ""), kw.get("upstream_up")))
+        return self.client.request(kind, **kw)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def test_catalog_marks_are_told_in_the_order_they_were_asked(namespace: str) -> None:
+    """``LocalBroker.annotate`` keeps the latest mark of each name queued for one
+    job: a later mark joined the job queued before a restart check or a delete
+    asked after it, and went ahead of them. A mirror's upstream, marked down,
+    then up, around a check of a restarted local broker (its marks: down) ended
+    down in the catalog; a mark asked after a delete was told before it. A mark
+    joins only the job queued last (one job for the marks of a flapping token
+    still, whatever number of changes)."""
+    src = "relay:tcp://127.0.0.1:1"
+    layout = ("<u8", (4,), 2)
+    with Broker(BrokerConfig(namespace=namespace)).start():
+        client = ControlClient(resolve_endpoint(None, namespace), timeout=2.0)
+        for name in ("m", "n"):
+            client.request("create", name=name, source=src, dtype="<u8", shape=[4], slots=2)
+        gated = _GatedClient(client)
+        # Another epoch: the check takes the local broker for restarted.
+        local = LocalBroker(
+            gated,  # type: ignore[arg-type]
+            epoch=object(),
+            namespace=namespace,
+            broker=None,
+            source=src,
+            timeout=2.0,
+        )
+        try:
+            local.annotate([("m", layout)], False)
+            local.check_marks([("m", layout, src, False)])
+            local.annotate([("m", layout)], True)
+            local.annotate([("n", layout)], False)
+            local.delete("n")
+            local.annotate([("n", layout)], True)
+            local.delete("last")
+            gated.gate.set()
+            assert gated.done.wait(10)
+            with ControlClient(resolve_endpoint(None, namespace)) as c:
+                assert c.request("describe", name="m")["upstream_up"] is True
+            told = [(k, n, up) for k, n, up in gated.asked if n == "n" and k != "describe"]
+            # The mark asked after the delete is of a mirror deleted: not told.
+            assert told == [("create", "n", False), ("delete", "n", None)]
+        finally:
+            local.close()
+            with ControlClient(resolve_endpoint(None, namespace)) as c:
+                c.request("delete", name="m")
 
 
 def test_a_restarted_relay_writes_on_into_its_mirror_of_the_same_upstream_incarnation(

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import zmq
 
-from shmcast.broker import Broker, BrokerConfig, Segment
+from shmcast.broker import Broker, BrokerConfig, Segment, segment_size
 from shmcast.broker.client import ControlClient, pack, unpack
 from shmcast.cli.testing import unique_namespace, wait_for
 from shmcast.publisher import Publisher, Relay, RelayCollector, RelayConfig, _relay
+from shmcast.publisher import _relay_local as relay_local
 
 
 class _Upstream:
@@ -478,6 +479,67 @@ def test_what_the_upstream_may_make_here_is_bounded(
         wait_for(lambda: Segment.list(namespace) == ["b"], 10, what="a deleted")
         up.version("c", 2, _i8(4, 4, 4, 4))
         wait_for(lambda: _mirrored(namespace, "c", 2), 10, what="c mirrored")
+    finally:
+        r.close()
+        up.close()
+
+
+def test_mirrors_leave_a_share_of_dev_shm_free(
+    thread_broker: Broker,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each mirror takes all its bytes in /dev/shm at once, and the limits alone
+    (256 mirrors of 1 GiB) let an upstream fill /dev/shm, leaving no room for the
+    host's own segments. A mirror that would leave less than ``SHM_RESERVE`` (10%)
+    of it free is refused, as the bridge's are; here /dev/shm is said to be 1 MiB
+    with 150 KiB free."""
+    monkeypatch.setattr(relay_local, "_shm_space", lambda: (1 << 20, 150 << 10), raising=False)
+    up = _Upstream()
+    r = Relay(RelayConfig(upstream=up.endpoint, heartbeat_timeout=60)).start(10)
+    try:
+        up.welcome()
+        up.version("big", 1, bytes(64 << 10), shape=(8 << 10,), slots=4)  # 260 KiB
+        up.version("a", 1, _i8(1, 1, 1, 1))
+        wait_for(lambda: _mirrored(namespace, "a", 1), 10, what="a mirrored")
+        assert Segment.list(namespace) == ["a"]
+        assert r.stats().segments["big"].refused == 1
+        assert "--shm-size" in caplog.text  # the warning names the fix
+    finally:
+        r.close()
+        up.close()
+
+
+def test_a_mirror_of_most_of_dev_shm_follows_a_new_incarnation(
+    thread_broker: Broker, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mirror a new incarnation replaces is no longer counted as taken: else one
+    of more than 45% of /dev/shm (30 MiB in Docker's 64 MiB) could never follow
+    its upstream's next incarnation. Here /dev/shm is said to be 512 KiB, the
+    mirror 260 KiB of it."""
+    space = [512 << 10]  # free bytes, as the mirror's making leaves them
+    monkeypatch.setattr(relay_local, "_shm_space", lambda: (512 << 10, space[0]), raising=False)
+    up = _Upstream()
+    r = Relay(RelayConfig(upstream=up.endpoint, heartbeat_timeout=60)).start(10)
+    try:
+        up.welcome()
+        up.version("big", 1, bytes(64 << 10), shape=(8 << 10,), slots=4)
+        wait_for(lambda: _mirrored(namespace, "big", 1), 10, what="the mirror")
+        space[0] -= segment_size(64 << 10, 4)
+        with Segment.attach("big", namespace=namespace) as seg:
+            first = seg.incarnation
+        up.version("big", 1, bytes(64 << 10), shape=(8 << 10,), slots=4, incarnation=8)
+
+        def renewed() -> bool:
+            try:
+                with Segment.attach("big", namespace=namespace) as seg:
+                    return seg.incarnation != first and seg.version == 1
+            except Exception:
+                return False
+
+        wait_for(renewed, 10, what="the new incarnation mirrored")
+        assert r.stats().segments["big"].refused == 0
     finally:
         r.close()
         up.close()
