@@ -1143,32 +1143,30 @@ def test_events_subscribers_starting_at_one_instant_do_not_take_the_endpoint_ove
     reset over and over (3 raced in separate processes: 21-22 resets in 3 s, all
     three taken, in 2 rounds of 3). Now the room the first is told of is promised to
     it until it subscribes: the second is refused."""
-    from types import SimpleNamespace
-
     from shmcast.broker import BrokerConfig, ConfigError
 
     broker = Broker(BrokerConfig(namespace=namespace, max_subscriptions=16)).start()
     held: list[int] = []
     refused: list[BaseException] = []
     started: list[Subscriber] = []
-    real = zmq.Context.instance()
+    real = subscriber_module.open_socket
 
-    class Held:  # the first subscriber's context: the second starts as it subscribes
-        def socket(self, kind: int) -> Any:
-            if kind == zmq.SUB and not held:
-                held.append(kind)
-                try:
-                    started.append(Subscriber([f"b{i}" for i in range(8)], wait="events"))
-                except ConfigError as exc:
-                    refused.append(exc)
-            return real.socket(kind)
+    def held_open(ctx: zmq.Context[Any], kind: int, what: str) -> zmq.Socket[Any]:
+        # The first subscriber's SUB socket: the second starts as it subscribes.
+        if kind == zmq.SUB and not held:
+            held.append(kind)
+            try:
+                started.append(Subscriber([f"b{i}" for i in range(8)], wait="events"))
+            except ConfigError as exc:
+                refused.append(exc)
+        return real(ctx, kind, what)
 
-    shim = SimpleNamespace(**{**vars(zmq), "Context": SimpleNamespace(instance=Held)})
     try:
         assert broker._events is not None
         with monkeypatch.context() as m:
-            m.setattr(subscriber_module, "zmq", shim)
+            m.setattr(subscriber_module, "open_socket", held_open)
             first = Subscriber([f"a{i}" for i in range(8)], wait="events")
+        assert held, "the first subscriber's SUB socket was not made where this test holds it"
         with first:
             for sub in started:
                 sub.close()
