@@ -174,6 +174,9 @@ class Broker(Service):
         self._requests = 0
         self._errors: dict[str, int] = {}
         self._clients: dict[bytes, float] = {}
+        #: Who sent the request being answered (its endpoint's role and routing id):
+        #: the events endpoint's promises are kept per asker (Events.room).
+        self._asker = b""
         self._reports: dict[tuple[str, int], tuple[float, dict[str, Any]]] = {}
         self._started = time.time()
         self.endpoints: Endpoints | None = None
@@ -858,6 +861,7 @@ class Broker(Service):
     def _handle(self, sock: zmq.Socket[Any], frames: list[zmq.Frame], role: str) -> None:
         self._requests += 1
         ident = frames[0].bytes
+        self._asker = role.encode() + b"\0" + ident
         self._clients[ident] = time.monotonic()
         if len(self._clients) > 10_000:
             cutoff = time.monotonic() - 30
@@ -1283,7 +1287,8 @@ class Broker(Service):
         everyone's announcements lost) is refused before it subscribes. With
         ``reserve`` true, topics that fit are promised to the asker for a few seconds
         (:meth:`Events.room`): a second subscriber asking before the first one's
-        subscriptions arrive counts them (``fits`` false when they do not)."""
+        subscriptions arrive counts them (``fits`` false when they do not). A
+        refused asker's earlier promises (its other chunks of names) are let go."""
         names = req.get("names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError("topics needs 'names', a list of segment names")
@@ -1292,7 +1297,7 @@ class Broker(Service):
         tpcs = {topic(n) for n in names}
         if req.get("broker") is True:
             tpcs.add(BROKER_TOPIC)
-        held, new, fits = events.room(tpcs, req.get("reserve") is True)
+        held, new, fits = events.room(tpcs, req.get("reserve") is True, self._asker)
         return {"held": held, "max": events.max_subscriptions, "new": new, "fits": fits}
 
     _OPS: dict[str, Callable[[Broker, dict[str, Any]], dict[str, Any] | None]] = {  # noqa: RUF012

@@ -226,7 +226,7 @@ class Events:
         self._received = 0  # subscriptions since the last reset (when TOPICS_COUNT fails)
         self._peers: Counter[str] = Counter()
         self._subscribed: Counter[bytes] = Counter()  # topic -> subscriptions held
-        self._promised: dict[bytes, float] = {}  # topic -> until when (room())
+        self._promised: dict[bytes, tuple[float, bytes]] = {}  # topic -> (until, asker)
         self.sock = self._socket()
 
     def _socket(self) -> zmq.Socket[Any]:
@@ -296,29 +296,35 @@ class Events:
         announces each of its versions as it is committed, not only at its ticks."""
         return self._subscribed.get(tpc, 0) > 0
 
-    def room(self, tpcs: set[bytes], promise: bool) -> tuple[int, int, bool]:
+    def room(self, tpcs: set[bytes], promise: bool, asker: bytes = b"") -> tuple[int, int, bool]:
         """Whether the topics ``tpcs`` not held yet fit beside those held and those
-        promised to other subscribers about to subscribe; if they do and ``promise``,
-        they are promised for :data:`RESERVE_SECONDS` (or until they are held).
-        The broker answers one request at a time, so of two subscribers starting at
-        the same instant that fit alone, not together, the second is told so: both
-        were told they fit before, subscribed, and the endpoint reset over and over.
+        promised to subscribers about to subscribe; if they do and ``promise``,
+        they are promised to ``asker`` for :data:`RESERVE_SECONDS` (or until they are
+        held). The broker answers one request at a time, so of two subscribers
+        starting at the same instant that fit alone, not together, the second is
+        told so: both were told they fit before, subscribed, and the endpoint reset
+        over and over. An asker told that ``tpcs`` do not fit will not subscribe:
+        what was promised to it before (the other chunks of its names) is let go.
+        Before, those promises stayed for their 5 s, and a subscriber that fitted
+        beside the topics held was refused for topics nobody would take.
 
         Returns:
-            (topics held or promised to others, topics of ``tpcs`` that are neither,
+            (topics held or promised, topics of ``tpcs`` that are neither,
             whether those fit within ``max_subscriptions``).
         """
         now = time.monotonic()
         self._promised = {
-            t: until
-            for t, until in self._promised.items()
+            t: (until, who)
+            for t, (until, who) in self._promised.items()
             if until > now and not self.subscribed(t)
         }
         held = self._count() + len(self._promised)
         new = [t for t in tpcs if not self.subscribed(t) and t not in self._promised]
         fits = held + len(new) <= self.max_subscriptions
-        if fits and promise:
-            self._promised.update(dict.fromkeys(new, now + RESERVE_SECONDS))
+        if promise and fits:
+            self._promised.update(dict.fromkeys(new, (now + RESERVE_SECONDS, asker)))
+        elif promise:
+            self._promised = {t: p for t, p in self._promised.items() if p[1] != asker}
         return held, len(new), fits
 
     def held(self) -> int:

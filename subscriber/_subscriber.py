@@ -381,8 +381,9 @@ class Subscriber(Closing):
         try:
             for i, chunk in enumerate(chunks):
                 # reserve: the topics that fit are promised to us until we subscribe,
-                # so a subscriber asking in the same instant counts them.
-                reply = self._client.request("topics", names=chunk, broker=i == 0, reserve=True)
+                # so a subscriber asking in the same instant counts them. Once a chunk
+                # does not fit, the broker let our promises go: the rest only counted.
+                reply = self._client.request("topics", names=chunk, broker=i == 0, reserve=fits)
                 new += int(reply["new"])
                 if i == 0:
                     held = int(reply["held"])  # the next chunks count ours promised

@@ -1178,3 +1178,28 @@ def test_events_subscribers_starting_at_one_instant_do_not_take_the_endpoint_ove
         assert broker._events.resets == 0
     finally:
         broker.close()
+
+
+def test_an_events_subscriber_refused_after_some_of_its_names_were_promised_lets_them_go(
+    namespace: str,
+) -> None:
+    """Names too long for one ``topics`` request (a broker of ``max_message_bytes``
+    1024) are asked in chunks, each promised as it fits: a subscriber refused at its
+    second chunk will not subscribe. Before, its first chunk's 4 topics stayed
+    promised for 5 s, and the next subscriber, 5 topics beside the 9 held (of 16),
+    was refused "add 5 topics to the 13". Now the refused asker's promises go."""
+    from shmcast.broker import BrokerConfig, ConfigError
+    from shmcast.cli.testing import wait_for
+
+    cfg = BrokerConfig(namespace=namespace, max_subscriptions=16, max_message_bytes=1024)
+    broker = Broker(cfg).start()
+    try:
+        with Subscriber([f"a{i}" for i in range(8)], wait="events"):
+            wait_for(lambda: broker.stats().subscriptions >= 9, 5, what="its 8 and @broker")
+            long = [f"n{i:02d}" + "x" * 100 for i in range(12)]  # 3 chunks of 4
+            with pytest.raises(ConfigError, match="add 12 topics to the 9 "):
+                Subscriber(long, wait="events")
+            with Subscriber([f"b{i}" for i in range(5)], wait="events") as fits:
+                list(fits.updates(timeout=0.1))
+    finally:
+        broker.close()
