@@ -106,6 +106,15 @@ def open_socket(ctx: zmq.Context[Any], kind: int, what: str) -> zmq.Socket[Any]:
     return sock
 
 
+#: The fix when the context that ran out is the caller's own (``context=``): the
+#: open-files limit does not raise its cap.
+THEIRS = (
+    "the context given (context=) is not shmcast's: its cap is its own, whatever the "
+    "open-files limit; raise it (ctx.set(zmq.MAX_SOCKETS, n) before its first "
+    "socket), or leave context= out for shmcast's own, capped by the open-files limit"
+)
+
+
 def _out_of_sockets(ctx: zmq.Context[Any], err: int, what: str) -> OutOfDescriptorsError:
     cap = int(ctx.get(zmq.MAX_SOCKETS))
     opened = sum(1 for s in _sockets.get(ctx, ()) if not s.closed)
@@ -115,4 +124,6 @@ def _out_of_sockets(ctx: zmq.Context[Any], err: int, what: str) -> OutOfDescript
         # sockets shmcast opened on it (ZeroMQ's own, a monitor's, count too).
         exc.sockets = opened
         exc.max_sockets = cap
+        if ctx is not _ctx:
+            exc.fix = THEIRS
     return exc

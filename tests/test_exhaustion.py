@@ -295,12 +295,15 @@ def test_a_context_out_of_sockets_is_an_error_naming_the_cap_and_the_fix(
     tmp_path: Any,
 ) -> None:
     """Where a context's cap is still met (here one of 10 sockets given by the
-    caller), the error names it, the sockets shmcast opened and the fix (share a
-    Subscriber, raise ``ulimit -n``): an ``OSError`` of errno ``EMFILE``. Before,
-    ZeroMQ's bare ``ZMQError: Too many open files``; and a client whose monitor
-    could not be made left its socket open."""
+    caller), the error names it, the sockets shmcast opened and the fix: the
+    caller's context's own cap (``ulimit -n`` does not raise it, nor does sharing a
+    Subscriber, which has no ``context=``; both were the fix named before), or
+    shmcast's context: an ``OSError`` of errno ``EMFILE``. Before, ZeroMQ's bare
+    ``ZMQError: Too many open files``; and a client whose monitor could not be made
+    left its socket open."""
     import zmq
 
+    from shmcast.broker import _context
     from shmcast.broker.errors import OutOfDescriptorsError
 
     ctx: zmq.Context[Any] = zmq.Context()
@@ -324,8 +327,15 @@ def test_a_context_out_of_sockets_is_an_error_naming_the_cap_and_the_fix(
         assert "out of ZeroMQ sockets opening a control connection to ipc://" in text
         assert "ZMQ_MAX_SOCKETS 10" in text
         assert f"{opened} of them opened by shmcast" in text
-        assert "Subscriber([name, ...])" in text
-        assert "ulimit -n" in text
+        assert "the context given (context=) is not shmcast's" in text
+        assert "ctx.set(zmq.MAX_SOCKETS, n)" in text
+        assert "Subscriber([name, ...])" not in text
+        assert "ulimit -n" not in text
+        # shmcast's own context met its cap: share a Subscriber, or raise ulimit -n.
+        own = str(_context._out_of_sockets(_context.context(), errno.EMFILE, "a socket"))
+        assert "Subscriber([name, ...])" in own
+        assert "ulimit -n" in own
+        assert "context=" not in own
     finally:
         for c in clients:
             c.close()
