@@ -340,3 +340,44 @@ def test_a_context_out_of_sockets_is_an_error_naming_the_cap_and_the_fix(
         for c in clients:
             c.close()
         ctx.destroy(0)
+
+
+def test_shmcast_broker_under_a_low_soft_open_files_limit_survives_many_connections(
+    namespace: str,
+) -> None:
+    """libzmq aborts a process whose ipc listener runs out of descriptors ("Too many
+    open files (src/ipc_listener.cpp:297)"): a ``shmcast broker`` under a soft limit
+    of 64 died of SIGABRT at about the 60th connection to its read-only endpoint
+    (under a soft 1024: about 500 ``events`` subscribers). It raises its soft limit
+    to the hard one at start: 100 connections, and it still answers."""
+    import zmq
+
+    argv = [sys.executable, "-m", "shmcast.cli", "broker", "-n", namespace]
+    proc = subprocess.Popen(
+        ["sh", "-c", 'ulimit -Sn 64 && exec "$@"', "sh", *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    broker = ShmcastProcess(["broker", "-n", namespace], proc)
+    try:
+        ready = json.loads(broker.wait_line(BROKER_READY, 20)[len(BROKER_READY) :])
+        ctx: zmq.Context[Any] = zmq.Context()
+        socks: list[zmq.Socket[Any]] = []
+        try:
+            for _ in range(100):
+                sock = ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(ready["control_ro"])
+                socks.append(sock)
+            with ControlClient(ready["control_ro"], timeout=5) as client:
+                assert client.request("hello")["namespace"] == namespace
+        finally:
+            for sock in socks:
+                sock.close()
+            ctx.term()
+        assert proc.poll() is None, broker.stderr[-5:]
+    finally:
+        rc = broker.stop()
+    assert rc == 0, broker.stderr[-5:]
