@@ -395,10 +395,10 @@ class Subscriber(Closing):
             raise ConfigError(
                 "segments",
                 f"{len(self.names)} segments in wait='events' add {new} topics to the "
-                f"{held} the broker's events endpoint holds for other subscribers, over "
-                f"its max_subscriptions ({limit}): it would reset over and over, every "
-                f"events subscriber losing announcements; use wait='shm' (no topic per "
-                f"segment), or raise the broker's max_subscriptions",
+                f"{held} the broker's events endpoint holds or has promised to other "
+                f"subscribers, over its max_subscriptions ({limit}): it would reset over "
+                f"and over, every events subscriber losing announcements; use wait='shm' "
+                f"(no topic per segment), or raise the broker's max_subscriptions",
             )
 
     def _connect_shm(self, broker: str | None, timeout: float, hb_timeout: float | None) -> None:
