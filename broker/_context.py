@@ -39,13 +39,15 @@ _sockets: weakref.WeakKeyDictionary[zmq.Context[Any], weakref.WeakSet[zmq.Socket
     weakref.WeakKeyDictionary()
 )
 
-#: What a process opening too many sockets can do instead.
+#: What a process opening too many sockets can do instead: out of descriptors.
 SHARE = (
     "one Subscriber follows many segments (Subscriber([name, ...])): share one "
     "rather than open one per segment, and close the ones done with; or raise the "
     "open-files limit (ulimit -n 4096; systemd LimitNOFILE=; docker --ulimit "
-    "nofile=4096) before the process's first shmcast socket"
+    "nofile=4096)"
 )
+#: The same when shmcast's context met its cap: read from the limit only once.
+SHARE_CAP = SHARE + " before the process's first shmcast socket"
 
 
 def _forked() -> None:
@@ -124,6 +126,5 @@ def _out_of_sockets(ctx: zmq.Context[Any], err: int, what: str) -> OutOfDescript
         # sockets shmcast opened on it (ZeroMQ's own, a monitor's, count too).
         exc.sockets = opened
         exc.max_sockets = cap
-        if ctx is not _ctx:
-            exc.fix = THEIRS
+        exc.fix = SHARE_CAP if ctx is _ctx else THEIRS
     return exc

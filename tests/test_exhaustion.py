@@ -331,15 +331,33 @@ def test_a_context_out_of_sockets_is_an_error_naming_the_cap_and_the_fix(
         assert "ctx.set(zmq.MAX_SOCKETS, n)" in text
         assert "Subscriber([name, ...])" not in text
         assert "ulimit -n" not in text
-        # shmcast's own context met its cap: share a Subscriber, or raise ulimit -n.
+        # shmcast's own context met its cap: share a Subscriber, or raise ulimit -n
+        # before its first socket (the cap is read then).
         own = str(_context._out_of_sockets(_context.context(), errno.EMFILE, "a socket"))
         assert "Subscriber([name, ...])" in own
         assert "ulimit -n" in own
+        assert "before the process's first shmcast socket" in own
         assert "context=" not in own
     finally:
         for c in clients:
             c.close()
         ctx.destroy(0)
+
+
+def test_a_socket_out_of_descriptors_names_a_fix_that_applies_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Out of file descriptors (not of the context's sockets) opening a socket: a
+    raised open-files limit counts at once, so the fix is not said to need doing
+    before the process's first shmcast socket, as it was (that is only the cap)."""
+    from shmcast.broker import _context, errors
+
+    monkeypatch.setattr(errors, "_open_descriptors", lambda limit: limit)  # all taken
+    text = str(_context._out_of_sockets(_context.context(), errno.EMFILE, "a socket"))
+    assert text.startswith("out of file descriptors opening a socket"), text
+    assert "ulimit -n" in text
+    assert "Subscriber([name, ...])" in text
+    assert "before the process's first shmcast socket" not in text
 
 
 def test_shmcast_broker_under_a_low_soft_open_files_limit_survives_many_connections(
