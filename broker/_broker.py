@@ -1288,7 +1288,8 @@ class Broker(Service):
         ``reserve`` true, topics that fit are promised to the asker for a few seconds
         (:meth:`Events.room`): a second subscriber asking before the first one's
         subscriptions arrive counts them (``fits`` false when they do not). A
-        refused asker's earlier promises (its other chunks of names) are let go."""
+        refused asker's earlier promises (its other chunks of names) are let go, and
+        so are an asker's with ``release`` true (it failed to start)."""
         names = req.get("names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError("topics needs 'names', a list of segment names")
@@ -1297,6 +1298,8 @@ class Broker(Service):
         tpcs = {topic(n) for n in names}
         if req.get("broker") is True:
             tpcs.add(BROKER_TOPIC)
+        if req.get("release") is True:  # the asker failed to start: no subscriptions
+            events.release(self._asker)
         held, new, fits = events.room(tpcs, req.get("reserve") is True, self._asker)
         return {"held": held, "max": events.max_subscriptions, "new": new, "fits": fits}
 

@@ -324,8 +324,13 @@ class Events:
         if promise and fits:
             self._promised.update(dict.fromkeys(new, (now + RESERVE_SECONDS, asker)))
         elif promise:
-            self._promised = {t: p for t, p in self._promised.items() if p[1] != asker}
+            self.release(asker)
         return held, len(new), fits
+
+    def release(self, asker: bytes) -> None:
+        """Let go of what was promised to ``asker`` (:meth:`room`): a subscriber that
+        failed to start after its answer will not subscribe."""
+        self._promised = {t: p for t, p in self._promised.items() if p[1] != asker}
 
     def held(self) -> int:
         """The distinct topics the endpoint holds now."""

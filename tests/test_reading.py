@@ -1207,3 +1207,34 @@ def test_an_events_subscriber_refused_after_some_of_its_names_were_promised_lets
                 list(fits.updates(timeout=0.1))
     finally:
         broker.close()
+
+
+def test_an_events_subscriber_failing_after_its_topics_were_promised_lets_them_go(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber promised its topics that then fails to start (here out of
+    descriptors opening its SUB socket) will not subscribe. Before, its 9 topics
+    stayed promised for 5 s, and the next subscriber, 8 other topics of 16, was
+    refused "add 8 topics to the 9" of an endpoint that held none. The failing one
+    now lets its promises go (``topics`` with ``release``) as it tears down."""
+    import errno
+
+    from shmcast.broker import BrokerConfig, OutOfDescriptorsError
+
+    broker = Broker(BrokerConfig(namespace=namespace, max_subscriptions=16)).start()
+    real = subscriber_module.open_socket
+
+    def no_sub(ctx: zmq.Context[Any], kind: int, what: str) -> zmq.Socket[Any]:
+        if kind == zmq.SUB:
+            raise OutOfDescriptorsError.from_os(errno.EMFILE, what)
+        return real(ctx, kind, what)
+
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(subscriber_module, "open_socket", no_sub)
+            with pytest.raises(OutOfDescriptorsError):
+                Subscriber([f"a{i}" for i in range(8)], wait="events")
+        with Subscriber([f"b{i}" for i in range(8)], wait="events") as second:
+            list(second.updates(timeout=0.1))
+    finally:
+        broker.close()
