@@ -174,6 +174,9 @@ class Broker(Service):
         self._requests = 0
         self._errors: dict[str, int] = {}
         self._clients: dict[bytes, float] = {}
+        #: Who sent the request being answered (its endpoint's role and routing id):
+        #: the events endpoint's promises are kept per asker (Events.room).
+        self._asker = b""
         #: (name, pid) -> (when, report, vouched: sent by that very process).
         self._reports: dict[tuple[str, int], tuple[float, dict[str, Any], bool]] = {}
         self._started = time.time()
@@ -859,6 +862,7 @@ class Broker(Service):
     def _handle(self, sock: zmq.Socket[Any], frames: list[zmq.Frame], role: str) -> None:
         self._requests += 1
         ident = frames[0].bytes
+        self._asker = role.encode() + b"\0" + ident
         self._clients[ident] = time.monotonic()
         if len(self._clients) > 10_000:
             cutoff = time.monotonic() - 30
@@ -1306,10 +1310,9 @@ class Broker(Service):
         everyone's announcements lost) is refused before it subscribes. With
         ``reserve`` true, topics that fit are promised to the asker for a few seconds
         (:meth:`Events.room`): a second subscriber asking before the first one's
-        subscriptions arrive counts them (``fits`` false when they do not). An asker
-        of several requests names itself in each (``owner``, a random token of at
-        most 64 characters): when one does not fit, the promises of the earlier
-        ones are withdrawn."""
+        subscriptions arrive counts them (``fits`` false when they do not). A
+        refused asker's earlier promises (its other chunks of names) are let go, and
+        so are an asker's with ``release`` true (it failed to start)."""
         names = req.get("names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError("topics needs 'names', a list of segment names")
@@ -1318,10 +1321,9 @@ class Broker(Service):
         tpcs = {topic(n) for n in names}
         if req.get("broker") is True:
             tpcs.add(BROKER_TOPIC)
-        owner = req.get("owner")
-        if not isinstance(owner, str) or not 0 < len(owner) <= 64:
-            owner = None
-        held, new, fits = events.room(tpcs, req.get("reserve") is True, owner)
+        if req.get("release") is True:  # the asker failed to start: no subscriptions
+            events.release(self._asker)
+        held, new, fits = events.room(tpcs, req.get("reserve") is True, self._asker)
         return {"held": held, "max": events.max_subscriptions, "new": new, "fits": fits}
 
     _OPS: dict[str, Callable[[Broker, dict[str, Any]], dict[str, Any] | None]] = {  # noqa: RUF012

@@ -39,13 +39,15 @@ _sockets: weakref.WeakKeyDictionary[zmq.Context[Any], weakref.WeakSet[zmq.Socket
     weakref.WeakKeyDictionary()
 )
 
-#: What a process opening too many sockets can do instead.
+#: What a process opening too many sockets can do instead: out of descriptors.
 SHARE = (
     "one Subscriber follows many segments (Subscriber([name, ...])): share one "
     "rather than open one per segment, and close the ones done with; or raise the "
     "open-files limit (ulimit -n 4096; systemd LimitNOFILE=; docker --ulimit "
-    "nofile=4096) before the process's first shmcast socket"
+    "nofile=4096)"
 )
+#: The same when shmcast's context met its cap: read from the limit only once.
+SHARE_CAP = SHARE + " before the process's first shmcast socket"
 
 
 def _forked() -> None:
@@ -106,6 +108,15 @@ def open_socket(ctx: zmq.Context[Any], kind: int, what: str) -> zmq.Socket[Any]:
     return sock
 
 
+#: The fix when the context that ran out is the caller's own (``context=``): the
+#: open-files limit does not raise its cap.
+THEIRS = (
+    "the context given (context=) is not shmcast's: its cap is its own, whatever the "
+    "open-files limit; raise it (ctx.set(zmq.MAX_SOCKETS, n) before its first "
+    "socket), or leave context= out for shmcast's own, capped by the open-files limit"
+)
+
+
 def _out_of_sockets(ctx: zmq.Context[Any], err: int, what: str) -> OutOfDescriptorsError:
     cap = int(ctx.get(zmq.MAX_SOCKETS))
     opened = sum(1 for s in _sockets.get(ctx, ()) if not s.closed)
@@ -115,4 +126,5 @@ def _out_of_sockets(ctx: zmq.Context[Any], err: int, what: str) -> OutOfDescript
         # sockets shmcast opened on it (ZeroMQ's own, a monitor's, count too).
         exc.sockets = opened
         exc.max_sockets = cap
+        exc.fix = SHARE_CAP if ctx is _ctx else THEIRS
     return exc

@@ -226,8 +226,7 @@ class Events:
         self._received = 0  # subscriptions since the last reset (when TOPICS_COUNT fails)
         self._peers: Counter[str] = Counter()
         self._subscribed: Counter[bytes] = Counter()  # topic -> subscriptions held
-        #: topic -> (until when, to whom: the asker's ``owner`` token or None) (room())
-        self._promised: dict[bytes, tuple[float, str | None]] = {}
+        self._promised: dict[bytes, tuple[float, bytes]] = {}  # topic -> (until, asker)
         self.sock = self._socket()
 
     def _socket(self) -> zmq.Socket[Any]:
@@ -297,24 +296,20 @@ class Events:
         announces each of its versions as it is committed, not only at its ticks."""
         return self._subscribed.get(tpc, 0) > 0
 
-    def room(
-        self, tpcs: set[bytes], promise: bool, owner: str | None = None
-    ) -> tuple[int, int, bool]:
+    def room(self, tpcs: set[bytes], promise: bool, asker: bytes = b"") -> tuple[int, int, bool]:
         """Whether the topics ``tpcs`` not held yet fit beside those held and those
-        promised to other subscribers about to subscribe; if they do and ``promise``,
-        they are promised for :data:`RESERVE_SECONDS` (or until they are held).
-        The broker answers one request at a time, so of two subscribers starting at
-        the same instant that fit alone, not together, the second is told so: both
-        were told they fit before, subscribed, and the endpoint reset over and over.
-
-        ``owner`` names the asker across several requests (a subscriber of more
-        names than one request holds): when these topics do not fit, what its
-        earlier requests were promised is withdrawn, since it will not subscribe.
-        Before, those stayed promised for :data:`RESERVE_SECONDS`, refusing other
-        subscribers that fit.
+        promised to subscribers about to subscribe; if they do and ``promise``,
+        they are promised to ``asker`` for :data:`RESERVE_SECONDS` (or until they are
+        held). The broker answers one request at a time, so of two subscribers
+        starting at the same instant that fit alone, not together, the second is
+        told so: both were told they fit before, subscribed, and the endpoint reset
+        over and over. An asker told that ``tpcs`` do not fit will not subscribe:
+        what was promised to it before (the other chunks of its names) is let go.
+        Before, those promises stayed for their 5 s, and a subscriber that fitted
+        beside the topics held was refused for topics nobody would take.
 
         Returns:
-            (topics held or promised to others, topics of ``tpcs`` that are neither,
+            (topics held or promised, topics of ``tpcs`` that are neither,
             whether those fit within ``max_subscriptions``).
         """
         now = time.monotonic()
@@ -326,11 +321,16 @@ class Events:
         held = self._count() + len(self._promised)
         new = [t for t in tpcs if not self.subscribed(t) and t not in self._promised]
         fits = held + len(new) <= self.max_subscriptions
-        if fits and promise:
-            self._promised.update(dict.fromkeys(new, (now + RESERVE_SECONDS, owner)))
-        elif not fits and owner is not None:
-            self._promised = {t: p for t, p in self._promised.items() if p[1] != owner}
+        if promise and fits:
+            self._promised.update(dict.fromkeys(new, (now + RESERVE_SECONDS, asker)))
+        elif promise:
+            self.release(asker)
         return held, len(new), fits
+
+    def release(self, asker: bytes) -> None:
+        """Let go of what was promised to ``asker`` (:meth:`room`): a subscriber that
+        failed to start after its answer will not subscribe."""
+        self._promised = {t: p for t, p in self._promised.items() if p[1] != asker}
 
     def held(self) -> int:
         """The distinct topics the endpoint holds now."""

@@ -7,13 +7,12 @@ Control (client DEALER -> broker ROUTER): one frame, a msgpack map
 ``report`` (a subscriber's counters, about once a second) is always one-way, and
 ``subscribers`` returns the reports heard in the last few seconds (with
 ``stale`` true also the older ones the broker keeps, marked ``stale``); ``topics``
-(``names``, ``broker``, ``reserve``, ``owner``) how many of those segments' topics
-(and the broker's) the events endpoint does not hold yet (``new``), beside those it
-holds or has promised (``held``), ``max`` and whether they fit (``fits``); with
-``reserve`` true, topics that fit are promised to the asker for a few seconds. An
-asker of several ``topics`` requests sends the same ``owner`` (a random token of at
-most 64 characters) with each: when one does not fit, the promises of the earlier
-ones are withdrawn.
+(``names``, ``broker``, ``reserve``, ``release``) how many of those segments' topics (and the
+broker's) the events endpoint does not hold yet (``new``), beside those it holds or
+has promised (``held``), ``max`` and whether they fit (``fits``); with ``reserve``
+true, topics that fit are promised to the asker for a few seconds, and an asker told
+they do not fit loses what was promised to it before; with ``release`` true, first
+the asker's promises go (a subscriber that failed to start).
 
 Events (broker PUB -> SUB): two frames, ``[topic, body]``. The topic is the
 segment name followed by a NUL byte (``b"ticks\\0"``), so a subscription to

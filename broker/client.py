@@ -327,7 +327,9 @@ class ControlClient(Closing):
         endpoint: the broker's control endpoint.
         timeout: seconds to wait for each reply.
         context: the ZeroMQ context (by default shmcast's own, process-wide: its
-            socket cap raised to the open-files limit; see ``_context``).
+            socket cap raised to the open-files limit; see ``_context``). One given
+            keeps its own cap (``zmq.MAX_SOCKETS``, 1023 unless set): a client takes
+            3 sockets of it while its handshake monitor lives, 1 after.
         curve: optional ``(server_public, client_public, client_secret)`` keys (z85
             text or bytes: :data:`CurveKeyTriple`).
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import resource
 from typing import Any
 
 from shmcast.broker import Broker, resolve_config
 
 from ._options import port_number, positive_seconds
 from ._runner import serve
+
+log = logging.getLogger("shmcast.broker")
 
 READY = "shmcast broker ready: "
 HELP = "run the broker: owns the namespace's segments, serves the control API, announces versions"
@@ -29,6 +33,7 @@ publisher is still running stay in /dev/shm: the publisher goes on, subscribers
 go on reading, and the next broker adopts them (a restart is seamless). Segments
 with no running publisher are unlinked; --unlink-on-exit unlinks all of them.
 A restarted broker adopts the valid segments a stopped or crashed one left behind.
+It raises its soft open-files limit to the hard one (ulimit -Hn) at start.
 """
 
 
@@ -97,5 +102,26 @@ def run(args: argparse.Namespace) -> int:
         "tcp_open": args.tcp_open,
     }
     config = resolve_config(flags, config_file=args.config)  # ConfigError: exit 2
+    raise_open_files_limit()
     serve(Broker(config), READY)
     return 0
+
+
+def raise_open_files_limit() -> None:
+    """Raise this process's soft open-files limit to its hard limit (the hard one
+    itself is left alone). libzmq (4.3.5) aborts the whole process when its ipc
+    listener's ``accept`` meets ``EMFILE`` ("Too many open files
+    (src/ipc_listener.cpp:297)"): a broker under a soft limit of 64 was killed by
+    SIGABRT at the 60th connection to its read-only endpoint, one under 1024 (a
+    shell's, systemd's, Docker's) at about the 1000th (some 500 ``events``
+    subscribers), where systemd's hard limit is 524288. The hard limit still ends it
+    (docs/RELIABILITY.md)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # (Linux allows any soft limit up to the hard)
+        log.warning("cannot raise the open-files limit from %s to %s: %s", soft, hard, exc)
+        return
+    log.info("open-files limit raised from %s to %s, the hard limit", soft, hard)

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import threading
 import time
 import weakref
@@ -341,8 +340,17 @@ class Subscriber(Closing):
         # Asked always (a broker that says how many topics it holds can tell): two
         # subscribers starting at the same instant each saw room in their hello, and
         # took the endpoint over together.
+        promised = False
         if isinstance(limit, int) and isinstance(hello.get("subscriptions"), int):
-            self._check_room(hello, limit)
+            promised = self._check_room(hello, limit)
+        try:
+            self._subscribe(hello)
+        except BaseException:
+            if promised:
+                self._release_room()
+            raise
+
+    def _subscribe(self, hello: dict[str, Any]) -> None:
         # shmcast's context, its socket cap raised to the open-files limit: before,
         # Context.instance()'s 1023 ended a process at about 510 Subscribers.
         sub = open_socket(shmcast_context(), zmq.SUB, f"the events of namespace {self.namespace!r}")
@@ -360,13 +368,22 @@ class Subscriber(Closing):
         self._broker_up = True
         self._last_heartbeat = time.monotonic()
 
-    def _check_room(self, hello: dict[str, Any], limit: int) -> None:
+    def _release_room(self) -> None:
+        """Let go of the topics the broker promised us (:meth:`_check_room`): failing
+        to start, we will not subscribe, and they kept other subscribers out for 5 s.
+        Best effort, briefly: the failure itself is what the caller is told."""
+        assert self._client is not None
+        with contextlib.suppress(ShmcastError, ValueError):
+            self._client.request("topics", timeout=0.5, names=[], release=True)
+
+    def _check_room(self, hello: dict[str, Any], limit: int) -> bool:
         """Refuse to take the broker's events endpoint past its ``max_subscriptions``
         with the topics other subscribers hold: it would reset, they and we would
         subscribe again, and it would reset again, for ever (23 resets in 3 s for
         three subscribers of 8 segments over 16; each lost announcements). The
         broker says how many of our topics it does not hold yet (a broker without
-        the ``topics`` request is not asked)."""
+        the ``topics`` request is not asked). Returns whether topics were promised
+        to us (a broker that promises, and they fit)."""
         most = hello.get("max_message_bytes")
         budget = max(512, (most if isinstance(most, int) else 1024) // 2)
         chunks: list[list[str]] = [[]]
@@ -379,34 +396,29 @@ class Subscriber(Closing):
             size += len(name) + 8
         assert self._client is not None
         new, held, fits = 0, 0, True
-        # Names our requests' promises: refused at a later one, the broker withdraws
-        # the earlier ones' (before, they kept others out for 5 s).
-        owner = secrets.token_hex(16)
         try:
             for i, chunk in enumerate(chunks):
                 # reserve: the topics that fit are promised to us until we subscribe,
-                # so a subscriber asking in the same instant counts them.
-                # Once refused, the rest are only counted (for the message): a chunk
-                # that fits would be promised to us again.
-                reply = self._client.request(
-                    "topics", names=chunk, broker=i == 0, reserve=fits, owner=owner
-                )
+                # so a subscriber asking in the same instant counts them. Once a chunk
+                # does not fit, the broker let our promises go: the rest only counted.
+                reply = self._client.request("topics", names=chunk, broker=i == 0, reserve=fits)
                 new += int(reply["new"])
                 if i == 0:
                     held = int(reply["held"])  # the next chunks count ours promised
                 # A broker that does not promise: its count alone.
                 fits = fits and bool(reply.get("fits", held + new <= limit))
         except (RemoteError, KeyError, TypeError, ValueError):
-            return  # an older broker: the endpoint's reset still bounds it
-        if not fits:
-            raise ConfigError(
-                "segments",
-                f"{len(self.names)} segments in wait='events' add {new} topics to the "
-                f"{held} the broker's events endpoint holds for other subscribers, over "
-                f"its max_subscriptions ({limit}): it would reset over and over, every "
-                f"events subscriber losing announcements; use wait='shm' (no topic per "
-                f"segment), or raise the broker's max_subscriptions",
-            )
+            return False  # an older broker: the endpoint's reset still bounds it
+        if fits:
+            return "fits" in reply  # a broker that promises (b2f43be) promised them
+        raise ConfigError(
+            "segments",
+            f"{len(self.names)} segments in wait='events' add {new} topics to the "
+            f"{held} the broker's events endpoint holds or has promised to other "
+            f"subscribers, over its max_subscriptions ({limit}): it would reset over "
+            f"and over, every events subscriber losing announcements; use wait='shm' "
+            f"(no topic per segment), or raise the broker's max_subscriptions",
+        )
 
     def _connect_shm(self, broker: str | None, timeout: float, hb_timeout: float | None) -> None:
         self._control(broker, timeout, hb_timeout)

@@ -315,6 +315,26 @@ def test_open_files_limit(namespace: str, capsys: pytest.CaptureFixture[str]) ->
     assert "ulimit -n" in _checks(report, "problem")["nofile"]
 
 
+def test_a_soft_open_files_limit_the_broker_raises_is_no_problem(
+    namespace: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A soft limit below what the subscribers need under a hard limit that holds
+    them: `shmcast broker` raises its soft limit to the hard one at start (libzmq
+    aborts a process out of descriptors at an ipc endpoint), so a warning for a
+    Broker in another program, not a problem (exit 1) as before."""
+    from types import SimpleNamespace
+
+    from shmcast.broker import _doctor as doctor_module
+
+    limits = SimpleNamespace(
+        RLIMIT_NOFILE=0, RLIM_INFINITY=-1, getrlimit=lambda _which: (1024, 524288)
+    )
+    monkeypatch.setattr(doctor_module, "resource", limits)
+    rc, report = _doctor(capsys, "--namespace", namespace, "--subscribers", "1000")
+    assert rc == 0, report
+    assert "raises it to the hard limit 524288" in _checks(report, "warn")["nofile"]
+
+
 def test_text_output(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["doctor", "--namespace", namespace]) == 0
     out, err = capsys.readouterr()

@@ -295,12 +295,15 @@ def test_a_context_out_of_sockets_is_an_error_naming_the_cap_and_the_fix(
     tmp_path: Any,
 ) -> None:
     """Where a context's cap is still met (here one of 10 sockets given by the
-    caller), the error names it, the sockets shmcast opened and the fix (share a
-    Subscriber, raise ``ulimit -n``): an ``OSError`` of errno ``EMFILE``. Before,
-    ZeroMQ's bare ``ZMQError: Too many open files``; and a client whose monitor
-    could not be made left its socket open."""
+    caller), the error names it, the sockets shmcast opened and the fix: the
+    caller's context's own cap (``ulimit -n`` does not raise it, nor does sharing a
+    Subscriber, which has no ``context=``; both were the fix named before), or
+    shmcast's context: an ``OSError`` of errno ``EMFILE``. Before, ZeroMQ's bare
+    ``ZMQError: Too many open files``; and a client whose monitor could not be made
+    left its socket open."""
     import zmq
 
+    from shmcast.broker import _context
     from shmcast.broker.errors import OutOfDescriptorsError
 
     ctx: zmq.Context[Any] = zmq.Context()
@@ -324,8 +327,17 @@ def test_a_context_out_of_sockets_is_an_error_naming_the_cap_and_the_fix(
         assert "out of ZeroMQ sockets opening a control connection to ipc://" in text
         assert "ZMQ_MAX_SOCKETS 10" in text
         assert f"{opened} of them opened by shmcast" in text
-        assert "Subscriber([name, ...])" in text
-        assert "ulimit -n" in text
+        assert "the context given (context=) is not shmcast's" in text
+        assert "ctx.set(zmq.MAX_SOCKETS, n)" in text
+        assert "Subscriber([name, ...])" not in text
+        assert "ulimit -n" not in text
+        # shmcast's own context met its cap: share a Subscriber, or raise ulimit -n
+        # before its first socket (the cap is read then).
+        own = str(_context._out_of_sockets(_context.context(), errno.EMFILE, "a socket"))
+        assert "Subscriber([name, ...])" in own
+        assert "ulimit -n" in own
+        assert "before the process's first shmcast socket" in own
+        assert "context=" not in own
     finally:
         for c in clients:
             c.close()
@@ -430,3 +442,60 @@ def test_a_recorder_out_of_descriptors_at_its_file_names_the_limit(
             assert os.path.basename(f["output"]) in f["message"]
             assert "open-files limit is 64" in f["message"], f
             assert "ulimit -n" in f["message"]
+
+
+def test_a_socket_out_of_descriptors_names_a_fix_that_applies_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Out of file descriptors (not of the context's sockets) opening a socket: a
+    raised open-files limit counts at once, so the fix is not said to need doing
+    before the process's first shmcast socket, as it was (that is only the cap)."""
+    from shmcast.broker import _context, errors
+
+    monkeypatch.setattr(errors, "_open_descriptors", lambda limit: limit)  # all taken
+    text = str(_context._out_of_sockets(_context.context(), errno.EMFILE, "a socket"))
+    assert text.startswith("out of file descriptors opening a socket"), text
+    assert "ulimit -n" in text
+    assert "Subscriber([name, ...])" in text
+    assert "before the process's first shmcast socket" not in text
+
+
+def test_shmcast_broker_under_a_low_soft_open_files_limit_survives_many_connections(
+    namespace: str,
+) -> None:
+    """libzmq aborts a process whose ipc listener runs out of descriptors ("Too many
+    open files (src/ipc_listener.cpp:297)"): a ``shmcast broker`` under a soft limit
+    of 64 died of SIGABRT at about the 60th connection to its read-only endpoint
+    (under a soft 1024: about 500 ``events`` subscribers). It raises its soft limit
+    to the hard one at start: 100 connections, and it still answers."""
+    import zmq
+
+    argv = [sys.executable, "-m", "shmcast.cli", "broker", "-n", namespace]
+    proc = subprocess.Popen(
+        ["sh", "-c", 'ulimit -Sn 64 && exec "$@"', "sh", *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    broker = ShmcastProcess(["broker", "-n", namespace], proc)
+    try:
+        ready = json.loads(broker.wait_line(BROKER_READY, 20)[len(BROKER_READY) :])
+        ctx: zmq.Context[Any] = zmq.Context()
+        socks: list[zmq.Socket[Any]] = []
+        try:
+            for _ in range(100):
+                sock = ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(ready["control_ro"])
+                socks.append(sock)
+            with ControlClient(ready["control_ro"], timeout=5) as client:
+                assert client.request("hello")["namespace"] == namespace
+        finally:
+            for sock in socks:
+                sock.close()
+            ctx.term()
+        assert proc.poll() is None, broker.stderr[-5:]
+    finally:
+        rc = broker.stop()
+    assert rc == 0, broker.stderr[-5:]

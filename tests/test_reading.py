@@ -1151,7 +1151,7 @@ def test_events_subscribers_starting_at_one_instant_do_not_take_the_endpoint_ove
     started: list[Subscriber] = []
     real = subscriber_module.open_socket
 
-    def held_open(ctx: Any, kind: int, what: str) -> Any:
+    def held_open(ctx: zmq.Context[Any], kind: int, what: str) -> zmq.Socket[Any]:
         # The first subscriber's SUB socket: the second starts as it subscribes.
         if kind == zmq.SUB and not held:
             held.append(kind)
@@ -1166,12 +1166,17 @@ def test_events_subscribers_starting_at_one_instant_do_not_take_the_endpoint_ove
         with monkeypatch.context() as m:
             m.setattr(subscriber_module, "open_socket", held_open)
             first = Subscriber([f"a{i}" for i in range(8)], wait="events")
+        assert held, "the first subscriber's SUB socket was not made where this test holds it"
         with first:
             for sub in started:
                 sub.close()
             assert started == [], "both were taken"
             assert len(refused) == 1
-            assert "add 8 topics to the 9" in str(refused[0])
+            # The 9 are promised, none held yet: the message says which it counts.
+            assert (
+                "add 8 topics to the 9 the broker's events endpoint holds or has promised"
+                in str(refused[0])
+            )
             list(first.updates(timeout=0.3))
             assert first.broker_up
         assert broker._events.resets == 0
@@ -1179,31 +1184,57 @@ def test_events_subscribers_starting_at_one_instant_do_not_take_the_endpoint_ove
         broker.close()
 
 
-def test_an_events_subscriber_refused_at_a_later_request_withdraws_its_promises(
+def test_an_events_subscriber_refused_after_some_of_its_names_were_promised_lets_them_go(
+    namespace: str,
+) -> None:
+    """Names too long for one ``topics`` request (a broker of ``max_message_bytes``
+    1024) are asked in chunks, each promised as it fits: a subscriber refused at its
+    second chunk will not subscribe. Before, its first chunk's 4 topics stayed
+    promised for 5 s, and the next subscriber, 5 topics beside the 9 held (of 16),
+    was refused "add 5 topics to the 13". Now the refused asker's promises go."""
+    from shmcast.broker import BrokerConfig, ConfigError
+    from shmcast.cli.testing import wait_for
+
+    cfg = BrokerConfig(namespace=namespace, max_subscriptions=16, max_message_bytes=1024)
+    broker = Broker(cfg).start()
+    try:
+        with Subscriber([f"a{i}" for i in range(8)], wait="events"):
+            wait_for(lambda: broker.stats().subscriptions >= 9, 5, what="its 8 and @broker")
+            long = [f"n{i:02d}" + "x" * 100 for i in range(12)]  # 3 chunks of 4
+            with pytest.raises(ConfigError, match="add 12 topics to the 9 "):
+                Subscriber(long, wait="events")
+            with Subscriber([f"b{i}" for i in range(5)], wait="events") as fits:
+                list(fits.updates(timeout=0.1))
+    finally:
+        broker.close()
+
+
+def test_an_events_subscriber_failing_after_its_topics_were_promised_lets_them_go(
     namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A subscriber of more names than one ``topics`` request holds asks in several,
-    each promised what fits: refused at a later one, it does not subscribe, and the
-    topics its earlier requests were promised are withdrawn. Before, they stayed
-    promised for 5 s, and a subscriber that fit was refused meanwhile (reproduced:
-    refused for 5.06 s). Here promises last an hour, so only the withdrawal frees
-    them."""
-    import shmcast.broker._events as events_module
-    from shmcast.broker import BrokerConfig, ConfigError
+    """A subscriber promised its topics that then fails to start (here out of
+    descriptors opening its SUB socket) will not subscribe. Before, its 9 topics
+    stayed promised for 5 s, and the next subscriber, 8 other topics of 16, was
+    refused "add 8 topics to the 9" of an endpoint that held none. The failing one
+    now lets its promises go (``topics`` with ``release``) as it tears down."""
+    import errno
 
-    monkeypatch.setattr(events_module, "RESERVE_SECONDS", 3600.0)
-    # A request carries at most 512 bytes of names: 7 of these 60-letter ones.
-    config = BrokerConfig(namespace=namespace, max_subscriptions=16, max_message_bytes=1024)
-    broker = Broker(config).start()
+    from shmcast.broker import BrokerConfig, OutOfDescriptorsError
+
+    broker = Broker(BrokerConfig(namespace=namespace, max_subscriptions=16)).start()
+    real = subscriber_module.open_socket
+
+    def no_sub(ctx: zmq.Context[Any], kind: int, what: str) -> zmq.Socket[Any]:
+        if kind == zmq.SUB:
+            raise OutOfDescriptorsError.from_os(errno.EMFILE, what)
+        return real(ctx, kind, what)
+
     try:
-        assert broker._events is not None
-        with Subscriber([f"c{i}" for i in range(4)], wait="events"):  # 5 topics, the broker's too
-            many = ["x" * 58 + f"{i:02d}" for i in range(12)]  # 7 fit (12 of 16), then 5 do not
-            with pytest.raises(ConfigError, match="add 12 topics to the 5 "):
-                Subscriber(many, wait="events")
-            with Subscriber([f"b{i}" for i in range(5)], wait="events") as fits:  # 10 of 16
-                list(fits.updates(timeout=0.2))
-                assert fits.broker_up
-        assert broker._events.resets == 0
+        with monkeypatch.context() as m:
+            m.setattr(subscriber_module, "open_socket", no_sub)
+            with pytest.raises(OutOfDescriptorsError):
+                Subscriber([f"a{i}" for i in range(8)], wait="events")
+        with Subscriber([f"b{i}" for i in range(8)], wait="events") as second:
+            list(second.updates(timeout=0.1))
     finally:
         broker.close()
