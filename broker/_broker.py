@@ -61,6 +61,7 @@ from ._service import Service
 from ._watch import CommitWatcher, commit_count
 from .client import Endpoints
 from .errors import (
+    RAISE_NOFILE,
     BrokerError,
     BrokerRunningError,
     ForbiddenError,
@@ -571,9 +572,8 @@ class Broker(Service):
                 raise BrokerError(
                     f"the broker of namespace {self.namespace!r} ran out of file descriptors "
                     f"adopting segment {name!r} ({exc.strerror}; it holds one per segment, "
-                    f"{len(names)} here): raise the open-files limit (ulimit -n 4096; "
-                    f"systemd LimitNOFILE=; docker --ulimit nofile=4096; `shmcast doctor` "
-                    f"checks it); no segment was unlinked"
+                    f"{len(names)} here): raise the open-files limit ({RAISE_NOFILE}; "
+                    f"`shmcast doctor` checks it); no segment was unlinked"
                 ) from exc
             v = seg.version
             if v > MAX_VERSION:

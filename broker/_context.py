@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from .errors import OutOfDescriptorsError
+from .errors import RAISE_NOFILE, OutOfDescriptorsError
 
 __all__ = ["context", "max_sockets", "open_socket"]
 
@@ -43,8 +43,7 @@ _sockets: weakref.WeakKeyDictionary[zmq.Context[Any], weakref.WeakSet[zmq.Socket
 SHARE = (
     "one Subscriber follows many segments (Subscriber([name, ...])): share one "
     "rather than open one per segment, and close the ones done with; or raise the "
-    "open-files limit (ulimit -n 4096; systemd LimitNOFILE=; docker --ulimit "
-    "nofile=4096)"
+    f"open-files limit ({RAISE_NOFILE})"
 )
 #: The same when shmcast's context met its cap: read from the limit only once.
 SHARE_CAP = SHARE + " before the process's first shmcast socket"

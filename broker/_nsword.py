@@ -46,7 +46,13 @@ import numpy as np
 from ._futex import WAITV_MAX, Futex, wait_many
 from ._names import SHM_DIR, catalog_path, resolve_namespace
 from ._segment import Segment, select_core, wait_any
-from .errors import AccessError, ClosedError, NotASegmentError, OutOfDescriptorsError
+from .errors import (
+    RAISE_NOFILE,
+    AccessError,
+    ClosedError,
+    NotASegmentError,
+    OutOfDescriptorsError,
+)
 
 __all__ = ["CATALOG_OBJECT_SIZE", "NamespaceWord", "notify_words", "wait_segments", "wait_words"]
 
@@ -75,8 +81,8 @@ def _out_of_descriptors(err: int, ns: str, path: str) -> OutOfDescriptorsError:
         f"the namespace word of {ns!r}",
         path,
         fix=(
-            "raise the open-files limit (ulimit -n 4096; systemd LimitNOFILE=; docker "
-            "--ulimit nofile=4096; `shmcast doctor` checks it), or attach fewer "
+            f"raise the open-files limit ({RAISE_NOFILE}; `shmcast doctor` checks it), "
+            "or attach fewer "
             "segments in this process (each holds one)"
         ),
     )

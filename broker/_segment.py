@@ -116,6 +116,7 @@ from ._names import (
     validate_segment_name,
 )
 from .errors import (
+    RAISE_NOFILE,
     ArrayMismatchError,
     ClosedError,
     ConfigError,
@@ -211,9 +212,9 @@ def _out_of_descriptors(err: int, name: str, path: str) -> OutOfDescriptorsError
         f"segment {name!r}",
         path,
         fix=(
-            "each segment a process attaches holds one: raise the limit (ulimit -n "
-            "4096; systemd LimitNOFILE=; docker --ulimit nofile=4096; `shmcast doctor` "
-            "checks it), or attach fewer segments in this process"
+            "each segment a process attaches holds one: raise the limit "
+            f"({RAISE_NOFILE}; `shmcast doctor` checks it), or attach fewer segments "
+            "in this process"
         ),
     )
 

@@ -108,6 +108,10 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+#: How to raise the open-files limit: every out-of-descriptors message names it.
+RAISE_NOFILE = "ulimit -n 4096; systemd LimitNOFILE=; docker --ulimit nofile=4096"
+
+
 class ShmcastError(Exception):
     """Base of every shmcast error."""
 
@@ -192,10 +196,7 @@ class OutOfDescriptorsError(OSError):
             f"this process's open-files limit is {n(self.soft)} (RLIMIT_NOFILE, hard "
             f"limit {n(self.hard)})"
         )
-        raise_it = (
-            "raise it (ulimit -n 4096; systemd LimitNOFILE=; docker --ulimit "
-            "nofile=4096; `shmcast doctor` checks it)"
-        )
+        raise_it = f"raise it ({RAISE_NOFILE}; `shmcast doctor` checks it)"
         if self.max_sockets is not None:
             return (
                 f"out of ZeroMQ sockets opening {self.what}: its context holds the most "

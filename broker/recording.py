@@ -75,6 +75,7 @@ import numpy.typing as npt
 
 from ._layout import dtype_str, normalize_layout, parse_dtype
 from .errors import (
+    RAISE_NOFILE,
     LayoutError,
     MissingExtraError,
     NotARecordingError,
@@ -618,9 +619,9 @@ def _out_of_descriptors(path: str, err: int) -> OutOfDescriptorsError:
         path,
         fix=(
             "a recorder holds one for each segment it records and each file it "
-            "writes (Parquet: a file a segment): raise the limit (ulimit -n 4096; "
-            "systemd LimitNOFILE=; docker --ulimit nofile=4096; `shmcast doctor` "
-            "checks it), or record fewer segments in this process"
+            "writes (Parquet: a file a segment): raise the limit "
+            f"({RAISE_NOFILE}; `shmcast doctor` checks it), or record fewer segments "
+            "in this process"
         ),
     )
 

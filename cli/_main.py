@@ -18,6 +18,7 @@ from types import ModuleType
 from shmcast.broker import Segment
 from shmcast.broker.client import resolve_namespace
 from shmcast.broker.errors import (
+    RAISE_NOFILE,
     ConfigError,
     InvalidNameError,
     OutOfDescriptorsError,
@@ -166,8 +167,8 @@ def _out_of_descriptors(exc: OSError) -> str:
     return (
         f"out of file descriptors: {exc.strerror}{where}; this process's open-files "
         f"limit is {soft} (hard limit {hard}) and each segment it attaches holds one: "
-        f"raise it (ulimit -n 4096; systemd LimitNOFILE=; docker --ulimit nofile=4096; "
-        f"`shmcast doctor` checks it), or give this command fewer segments"
+        f"raise it ({RAISE_NOFILE}; `shmcast doctor` checks it), or give this command "
+        f"fewer segments"
     )
 
 
