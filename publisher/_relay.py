@@ -94,6 +94,7 @@ from shmcast.broker.client import (
     resolve_endpoint,
     resolve_namespace,
     unpack,
+    validate_metrics_host,
     validate_namespace,
     validate_segment_name,
 )
@@ -209,6 +210,7 @@ class RelayConfig:
             _is_int(self.metrics_port) and 0 <= self.metrics_port <= 65535
         ):
             raise ConfigError("metrics_port", f"{self.metrics_port!r} is not a port (0-65535)")
+        validate_metrics_host(self.metrics_host)
         for name in ("curve_server_key", "curve_public_key", "curve_secret_key"):
             key = getattr(self, name)
             if key is not None and not is_z85_key(key):
