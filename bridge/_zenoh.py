@@ -62,6 +62,7 @@ from shmcast.broker.client import (
     client_curve,
     resolve_endpoint,
     resolve_namespace,
+    validate_metrics_host,
     validate_namespace,
 )
 from shmcast.broker.errors import (
@@ -197,6 +198,7 @@ class BridgeConfig:
             isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535
         ):
             raise ConfigError("metrics_port", f"{self.metrics_port!r} is not a port (0-65535)")
+        validate_metrics_host(self.metrics_host)
         if self.zenoh_config is not None and not os.path.isfile(self.zenoh_config):
             raise ConfigError("config", f"no such Zenoh configuration file: {self.zenoh_config}")
 

@@ -19,7 +19,12 @@ import numpy as np
 
 from ._auth import curve_public, is_z85_key
 from ._layout import MAX_SLOTS, dtype_str, mode_problem, normalize_layout, parse_dtype
-from ._names import NAMESPACE_ENV, validate_namespace, validate_segment_name
+from ._names import (
+    NAMESPACE_ENV,
+    validate_metrics_host,
+    validate_namespace,
+    validate_segment_name,
+)
 from ._protocol import MAX_REQUEST
 from .errors import ConfigError, ShmcastError
 
@@ -131,6 +136,7 @@ class BrokerConfig:
             _is_int(self.metrics_port) and 0 <= self.metrics_port <= 65535
         ):
             raise ConfigError("metrics_port", f"{self.metrics_port!r} is not a port (0-65535)")
+        validate_metrics_host(self.metrics_host)
         problem = mode_problem(self.mode)  # Segment.create applies the same rule
         if problem is not None:
             raise ConfigError("mode", problem)

@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import Collector
 
+from ._names import validate_metrics_host
 from ._segment import SegmentInfo
 from .errors import EndpointError
 
@@ -339,11 +340,14 @@ def start_metrics_server(
     Args:
         registry: what to serve (each service has its own, never the global one).
         port: TCP port; 0 picks a free one (see ``MetricsServer.port``).
-        host: address to bind; loopback unless told otherwise.
+        host: address to bind; loopback unless told otherwise (``0.0.0.0`` or ``::``
+            for every interface; an empty one is refused, not taken for those).
 
     Raises:
+        ConfigError: ``host`` is no non-empty string.
         EndpointError: the address cannot be bound (in use, no permission, bad host).
     """
+    host = validate_metrics_host(host)
     server_class = _Server6 if ":" in host else _Server
     try:
         server = make_server(

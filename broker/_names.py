@@ -14,7 +14,7 @@ import re
 import stat
 from pathlib import Path
 
-from .errors import InvalidNameError, OwnershipError
+from .errors import ConfigError, InvalidNameError, OwnershipError
 
 SHM_DIR = "/dev/shm"
 PREFIX = "shmcast"
@@ -66,6 +66,27 @@ def validate_seconds(what: str, value: object, *, positive: bool = False) -> flo
             return seconds
     bound = "> 0" if positive else ">= 0"
     raise ValueError(f"{what} must be a finite number of seconds {bound}, not {value!r}")
+
+
+def validate_metrics_host(host: object) -> str:
+    """``host`` as the address a metrics endpoint binds: a non-empty string.
+
+    An empty one is no address: the socket layer takes it for every interface,
+    so a ``--metrics-host "$HOST"`` whose variable was unset served the metrics
+    beyond the host, saying ``http://:PORT/metrics``. Serving every interface is
+    for those who write it out (``0.0.0.0``, ``::``).
+
+    Raises:
+        ConfigError: naming ``metrics_host`` and what it takes.
+    """
+    if isinstance(host, str) and host.strip():
+        return host
+    raise ConfigError(
+        "metrics_host",
+        f"{host!r} is no address (empty, it would serve the metrics on every interface): "
+        "give an address of this host (127.0.0.1 by default: this host only), or "
+        "0.0.0.0 (or ::) to serve every interface",
+    )
 
 
 def validate_segment_name(name: object) -> str:

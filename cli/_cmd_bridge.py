@@ -11,6 +11,7 @@ from ._options import (
     add_broker_option,
     add_curve_option,
     curve_keys,
+    metrics_host,
     port_number,
     positive_seconds,
 )
@@ -95,7 +96,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="serve Prometheus metrics on this port, 0 picks one (default: none)",
     )
-    p.add_argument("--metrics-host", metavar="ADDR", help="metrics address (127.0.0.1)")
+    p.add_argument(
+        "--metrics-host", type=metrics_host, metavar="ADDR", help="metrics address (127.0.0.1)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

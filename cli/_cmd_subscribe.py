@@ -16,6 +16,7 @@ from ._options import (
     add_curve_option,
     broker_endpoint,
     curve_keys,
+    metrics_host,
     port_number,
     seconds,
     whole_number,
@@ -80,7 +81,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="serve Prometheus metrics on this port, 0 picks one (default: none)",
     )
-    p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR", help="metrics address")
+    p.add_argument(
+        "--metrics-host",
+        type=metrics_host,
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="metrics address",
+    )
     p.add_argument(
         "--name",
         type=_label,

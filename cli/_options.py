@@ -21,6 +21,7 @@ from shmcast.broker.client import (
     reader_endpoint,
     resolve_endpoint,
     resolve_namespace,
+    validate_metrics_host,
     validate_seconds,
 )
 
@@ -228,3 +229,12 @@ def port_number(text: str) -> int:
     if 0 <= value <= 65535:
         return value
     raise argparse.ArgumentTypeError(f"{text!r} is not a port: give 0 (any free one) to 65535")
+
+
+def metrics_host(text: str) -> str:
+    """argparse type: the address a metrics endpoint binds; not empty (an unset
+    ``$VARIABLE`` given as it would serve every interface)."""
+    try:
+        return validate_metrics_host(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None

@@ -31,7 +31,8 @@ catalog.
   counters: a name that comes back counts on from them (its new incarnation from
   version 1), as for a new incarnation. Those of the ``MAX_DELETED`` (1024) names
   last deleted are kept; an older deletion's, and those of a name that counted
-  no version, are forgotten (names come and go upstream without bound).
+  no version, are forgotten (names come and go upstream without bound): each
+  name forgotten past that cap is counted (``shmcast_relay_forgotten_names_total``).
 - Bounds: a data header is checked (version, commit time, the payload's size
   against its layout) before a mirror is made or dropped for it, and at most
   ``max_mirrors`` mirrors of at most ``max_mirror_bytes`` each are held, none that
@@ -95,6 +96,7 @@ from shmcast.broker.client import (
     resolve_endpoint,
     resolve_namespace,
     unpack,
+    validate_metrics_host,
     validate_namespace,
     validate_segment_name,
 )
@@ -213,6 +215,7 @@ class RelayConfig:
             _is_int(self.metrics_port) and 0 <= self.metrics_port <= 65535
         ):
             raise ConfigError("metrics_port", f"{self.metrics_port!r} is not a port (0-65535)")
+        validate_metrics_host(self.metrics_host)
         for name in ("curve_server_key", "curve_public_key", "curve_secret_key"):
             key = getattr(self, name)
             if key is not None and not is_z85_key(key):
@@ -322,6 +325,9 @@ class RelayStats:
     segments: dict[str, _Counts] = field(default_factory=dict)
     bad_messages: int = 0
     refused: dict[str, str] = field(default_factory=dict)
+    #: Names deleted upstream whose counters were forgotten: over the ``MAX_DELETED``
+    #: kept (their series left the metrics).
+    forgotten: int = 0
 
 
 class Relay(Service):
@@ -367,6 +373,9 @@ class Relay(Service):
         self._heard_names = False
         #: Names deleted upstream whose counters are kept, oldest deletion first.
         self._deleted: dict[str, None] = {}
+        #: Names whose counters were forgotten past the MAX_DELETED kept (their series
+        #: went from the metrics): counted, so that the cap is seen when it is hit.
+        self._forgotten = 0
         self._localbroker: LocalBroker | None = None
         self.upstream_up = False
         self.reconnects = 0
@@ -396,6 +405,7 @@ class Relay(Service):
         with self._lock:
             counts = {n: _Counts(**vars(c)) for n, c in self._counts.items()}
             refused = dict(self._refused)
+            forgotten = self._forgotten
         silence = time.monotonic() - self._last_heard if self._last_heard else -1.0
         return RelayStats(
             upstream=self.config.upstream,
@@ -406,6 +416,7 @@ class Relay(Service):
             segments=counts,
             bad_messages=self.bad_messages,
             refused=refused,
+            forgotten=forgotten,
         )
 
     def run(self, on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -762,6 +773,7 @@ class Relay(Service):
                 oldest = next(iter(self._deleted))
                 del self._deleted[oldest]
                 del self._counts[oldest]
+                self._forgotten += 1
             for name in [n for n in self._refused if n not in upstream]:
                 del self._refused[name]
         for held in (self._retry, self._waiting):
@@ -1034,6 +1046,14 @@ class RelayCollector(Collector):
         )
         bad.add_metric(lbl, st.bad_messages)
         yield bad
+        forgotten = CounterMetricFamily(
+            "shmcast_relay_forgotten_names",
+            f"Names deleted upstream whose counters were forgotten (over the {MAX_DELETED} "
+            "last deleted, which are kept)",
+            labels=base,
+        )
+        forgotten.add_metric(lbl, st.forgotten)
+        yield forgotten
         seg_labels = [*base, "segment"]
         families = {
             "received": CounterMetricFamily(

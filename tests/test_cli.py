@@ -223,6 +223,11 @@ def test_a_book_of_ticks_too_large_is_refused_by_the_publisher_not_a_traceback(
         (["subscribe", "x", "--name", ""], "--name"),
         (["record", "x", "-o", "x.h5", "--count", "-1"], "--count"),
         (["doctor", "--subscribers", "-5"], "--subscribers"),
+        # An empty address (an unset $VARIABLE): served the metrics on every interface.
+        (["subscribe", "x", "--metrics-port", "0", "--metrics-host", ""], "--metrics-host"),
+        (["broker", "--metrics-port", "0", "--metrics-host", ""], "--metrics-host"),
+        (["relay", "--upstream", "tcp://127.0.0.1:9", "--metrics-host", " "], "--metrics-host"),
+        (["bridge", "zenoh", "--export", "*", "--metrics-host", ""], "--metrics-host"),
     ],
 )
 def test_bad_values_exit_2_naming_the_option(

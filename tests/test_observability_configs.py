@@ -226,3 +226,86 @@ def test_alert_rules_use_only_exported_metrics() -> None:
         names = set(_METRIC.findall(rule["expr"]))
         assert names <= exported, f"{rule['alert']} uses {sorted(names - exported)}"
         assert _bare_metric_names(rule["expr"]) <= exported | PROMETHEUS_SERIES, rule["expr"]
+
+
+def _every_exported_family() -> dict[str, str]:
+    """``{family name: type}`` of every service's collector: the broker's with a data
+    stream, a subscriber's in ``events`` mode, a relay's and a Zenoh bridge's."""
+    from shmcast.bridge import BridgeCollector, BridgeStats
+    from shmcast.broker import BrokerStats
+    from shmcast.broker._datastream import DataStreamStats
+    from shmcast.publisher import RelayCollector, RelayStats
+
+    def broker_stats() -> BrokerStats:
+        return BrokerStats(
+            namespace="x", epoch=1, seq=0, segments=(), published={}, sources={}, requests=0,
+            errors={}, clients=0, shm_used=0, shm_free=0, shm_total=0, started=0.0,
+        )  # fmt: skip
+
+    def data_stats() -> DataStreamStats:
+        return DataStreamStats(
+            endpoint="", peers=0, sent=0, sent_bytes=0, torn=0, copied=0, dropped=0
+        )
+
+    relay = SimpleNamespace(
+        stats=lambda: RelayStats(
+            upstream="tcp://127.0.0.1:9", namespace="x", upstream_up=True, reconnects=0, silence_s=0
+        )
+    )
+    fake_sub = SimpleNamespace(
+        namespace="x", mode="events", stats={}, broker_up=True, events_missed=0,
+        bad_messages=0, staleness=lambda seg, now=None: None,
+    )  # fmt: skip
+    collectors = [
+        BrokerCollector(broker_stats, data_stats),
+        SubscriberCollector(fake_sub, name="s"),  # type: ignore[arg-type]
+        RelayCollector(relay),  # type: ignore[arg-type]
+        BridgeCollector(lambda: BridgeStats(namespace="x")),
+    ]
+    return {f.name: f.type for c in collectors for f in c.collect()}
+
+
+#: The docs that name metrics, in backquotes.
+_METRIC_DOCS = ["README.md", "docs/ARCHITECTURE.md", "docs/RELIABILITY.md", "docker/README.md"]
+
+
+def test_every_metric_the_docs_name_is_exported() -> None:
+    """A name in the docs that no collector exports cannot be found in Prometheus:
+    docs/RELIABILITY.md said ``shmcast_bridge_refused_total``, whose name is
+    ``shmcast_bridge_refused_samples_total``."""
+    families = _every_exported_family()
+    exported = set(families) | {
+        name + suffix for name, kind in families.items() for suffix in _SUFFIXES[kind]
+    }
+    for doc in _METRIC_DOCS:
+        named = set(re.findall(r"`(shmcast_[a-z0-9_]+)(?:\{[^}`]*\})?`", (ROOT / doc).read_text()))
+        assert named - exported == set(), doc
+
+
+def test_the_readme_names_every_metric_exported() -> None:
+    """README.md's Metrics section lists what each service exports (before, it left
+    out ``shmcast_segment_size_bytes``)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    missing = [
+        name
+        for name, kind in sorted(_every_exported_family().items())
+        if f"`{name}{_SUFFIXES[kind][0] if kind == 'counter' else ''}" not in section
+    ]
+    assert missing == []
+
+
+def test_the_readme_names_every_kind_of_broker_error() -> None:
+    """``shmcast_broker_errors_total{kind}``: each kind the broker counts is named in
+    the README (before: none but ``events_reset``, ``too_many_frames`` and
+    ``report_refused``, in docs/RELIABILITY.md only). The kinds are read from the
+    broker's source: each ``_count_error("kind")``; the rest are the names of the
+    error classes a request was answered with."""
+    source = (ROOT / "broker" / "_broker.py").read_text()
+    kinds = set(re.findall(r'_count_error\("(\w+)"\)', source))
+    assert {"BadRequest", "events_reset"} <= kinds  # the pattern still finds them
+    assert "_count_error(type(exc).__name__)" in source
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    assert sorted(k for k in kinds if f"`{k}`" not in section) == []
+    assert "`shmcast.broker.errors`" in section  # where the class names come from

@@ -317,6 +317,38 @@ def test_a_metrics_host_that_is_no_address_here_is_named_as_the_fix(host: str) -
     assert "--metrics-port" not in str(info.value)
 
 
+@pytest.mark.parametrize("host", ["", " ", 5, None])
+def test_a_metrics_host_that_is_empty_is_refused_not_every_interface(host: object) -> None:
+    """An empty host (``--metrics-host "$HOST"`` with the variable unset, or
+    ``metrics_host = ""`` in a file) was taken by the socket layer for every
+    interface: the metrics were served beyond the host, at ``http://:PORT/metrics``.
+    A number in a file was a TypeError traceback at start."""
+    from prometheus_client import CollectorRegistry
+
+    from shmcast.bridge import BridgeConfig
+    from shmcast.broker import BrokerConfig, ConfigError, start_metrics_server
+    from shmcast.publisher import RelayConfig
+
+    server = None
+    try:
+        with pytest.raises(ConfigError, match=r"metrics_host.*every interface"):
+            server = start_metrics_server(CollectorRegistry(), 0, host=host)  # type: ignore[arg-type]
+    finally:
+        if server is not None:
+            server.close()
+    for make in (
+        lambda: BrokerConfig(metrics_port=0, metrics_host=host),  # type: ignore[arg-type]
+        lambda: RelayConfig(upstream="tcp://127.0.0.1:9", metrics_host=host),  # type: ignore[arg-type]
+        lambda: BridgeConfig(
+            listen=("tcp/127.0.0.1:0",),
+            exports=("*",),
+            metrics_host=host,  # type: ignore[arg-type]
+        ),
+    ):
+        with pytest.raises(ConfigError, match="metrics_host"):
+            make()
+
+
 def test_a_metrics_endpoint_holds_a_bounded_number_of_connections() -> None:
     """The metrics port is every local user's (loopback TCP). Before, each idle
     connection held a thread and a descriptor for ever: a reviewer's 121 of them

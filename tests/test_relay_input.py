@@ -227,6 +227,15 @@ def test_the_counters_kept_of_names_deleted_upstream_are_bounded(
     wait_for(lambda: Segment.list(namespace) == [], 10, what="the mirrors deleted")
     wait_for(lambda: set(r.stats().segments) == {"b", "c"}, 10, what="a's counters forgotten")
     assert r.stats().segments["c"].received == 1
+    # The cap, hit once, is counted: a's series left the metrics, not silently.
+    assert r.stats().forgotten == 1
+    families = {f.name: f for f in RelayCollector(r).collect()}
+    assert [s.value for s in families["shmcast_relay_forgotten_names"].samples] == [1]
+    assert {s.labels.get("segment") for f in families.values() for s in f.samples} == {
+        None,
+        "b",
+        "c",
+    }
 
 
 def test_a_segment_upstream_cannot_open_for_now_keeps_its_mirror(
