@@ -78,6 +78,7 @@ from shmcast.publisher import (
     Publisher,
     Refused,
     shm_shortfall,
+    turn_incarnation,
 )
 
 from ._wire import (
@@ -918,14 +919,14 @@ class ZenohBridge(Service):
         if c is None:
             c = self._counts[name] = _Counts(key)
         if c.incarnation != frame.incarnation:
-            # A new incarnation upstream (or the first): its versions start over.
-            # Back on the one before (a peer's put in between): counted on from its
-            # last version received (from 1, they were counted skipped again).
-            back, last = c.previous
-            c.previous = (c.incarnation, c.last)
-            c.renewed = c.incarnation != 0 and back != frame.incarnation
+            # A new incarnation upstream (or the first): its versions start over;
+            # back on the one before (a peer's put in between), they count on.
+            c.previous, last = turn_incarnation(
+                c.previous, (c.incarnation, c.last), frame.incarnation
+            )
+            c.renewed = c.incarnation != 0 and last is None
             c.incarnation = frame.incarnation
-            c.last = last if back == frame.incarnation else 0
+            c.last = last or 0
             c.token_lost = False
         self._pending[name] = _Pending(key, frame, payload)
         assert self._local is not None

@@ -36,6 +36,7 @@ __all__ = [
     "MirrorSpec",
     "Refused",
     "shm_shortfall",
+    "turn_incarnation",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,28 @@ def shm_shortfall(size: int, *, making: int = 0, freed: int = 0) -> str | None:
         f"mirrors leave {SHM_RESERVE:.0%} of it free for this host's own segments; give "
         f"it more room (docker run --shm-size, compose shm_size) or mirror fewer segments"
     )
+
+
+def turn_incarnation(
+    previous: tuple[int, int], current: tuple[int, int], incarnation: int
+) -> tuple[tuple[int, int], int | None]:
+    """A mirror's counts turning from ``current`` to another ``incarnation`` upstream.
+
+    Args:
+        previous: the incarnation before ``current``, and the last version counted
+            of it.
+        current: the incarnation the counts follow, and the last version counted.
+        incarnation: the one they turn to.
+
+    Returns:
+        The new ``previous`` (``current``), and the last version counted of
+        ``incarnation`` if it is ``previous`` coming back (another one came in
+        between: a peer's sample, an upstream going back and forth), counted on
+        from there; else None: a new one, its versions counted from 1 (taken for
+        a new one, the versions received of it before were counted skipped again).
+    """
+    back, last = previous
+    return current, (last if back == incarnation else None)
 
 
 @dataclass(frozen=True)

@@ -693,3 +693,24 @@ def test_what_a_relay_counts_of_an_incarnation_it_did_not_see_to_its_end(
     wait_for(renewed, 10, what="the new incarnation mirrored")
     c = r.stats().segments["cam"]
     assert (c.received, c.skipped, c.torn, c.stale, c.refused) == (3, 2, 0, 0, 0)
+
+
+def test_a_mirror_back_on_an_incarnation_counts_its_versions_once(
+    relay: tuple[Relay, _Upstream], namespace: str
+) -> None:
+    """Versions 1-3 of incarnation 7, version 1 of 9, then version 4 of 7: the return
+    was taken for a new incarnation, and versions 1-3 of 7, received, were counted
+    skipped again (skipped 3 for 5 versions received, none missed)."""
+    r, up = relay
+    up.send(b"hb", {"epoch": 1, "ts": 1, "latest": {}})
+
+    def on(incarnation: int, version: int) -> bool:
+        m = r._mirrors.get("cam")
+        return m is not None and m.incarnation == incarnation and m.pub.version == version
+
+    for inc, v in ((7, 1), (7, 2), (7, 3), (9, 1), (7, 4)):
+        up.version("cam", v, _i8(v, v, v, v), incarnation=inc)
+        wait_for(lambda inc=inc, v=v: on(inc, v), 10, what=f"version {v} of {inc}")
+    wait_for(lambda: r.stats().segments["cam"].received == 5, 10, what="5 versions counted")
+    c = r.stats().segments["cam"]
+    assert (c.skipped, c.stale) == (0, 0)
