@@ -344,6 +344,9 @@ class BridgeStats:
     bad_samples: int = 0
     conflicts: int = 0
     refused: int = 0
+    #: Local segments to export that could not be attached (tried again at each
+    #: look at the catalog), and why.
+    refused_exports: dict[str, str] = field(default_factory=dict)
 
 
 class ZenohBridge(Service):
@@ -367,6 +370,9 @@ class ZenohBridge(Service):
         super().__init__(f"zenoh bridge of namespace {self.namespace!r}")
         self._lock = threading.Lock()
         self._exports: dict[str, _Export] = {}
+        #: Segments to export that could not be attached: the kind of error (told
+        #: once in the log per name and kind) and its message.
+        self._export_refused: dict[str, tuple[type[BaseException], str]] = {}
         self._mirrors: dict[str, _Mirror] = {}
         #: The same mirrors by their Zenoh key: the hot path's one lookup.
         self._by_key: dict[str, _Mirror] = {}
@@ -412,6 +418,7 @@ class ZenohBridge(Service):
                 }
                 for n, e in self._exports.items()
             }
+            refused_exports = dict(self._export_refused)
         with self._import_lock:
             imported = {
                 n: {
@@ -433,6 +440,7 @@ class ZenohBridge(Service):
             bad_samples=self.bad_samples,
             conflicts=self.conflicts,
             refused=self.refused,
+            refused_exports={n: why for n, (_, why) in refused_exports.items()},
         )
 
     def run(self, on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -622,6 +630,8 @@ class ZenohBridge(Service):
         wanted = {str(e["name"]): e for e in entries if self._wants_export(e)}
         with self._lock:
             current = dict(self._exports)
+            for name in [n for n in self._export_refused if n not in wanted]:
+                del self._export_refused[name]
         for name, e in current.items():
             inc = wanted.get(name, {}).get("incarnation")
             if name not in wanted or (inc and inc != e.incarnation):
@@ -635,8 +645,16 @@ class ZenohBridge(Service):
     def _add_export(self, name: str) -> None:
         try:
             seg = Segment.attach(name, namespace=self.namespace, prefault=False, wait=0.2)
-        except ShmcastError as exc:
-            log.warning("cannot export %s: %s", name, exc)
+        except (ShmcastError, OSError) as exc:
+            # This segment alone (out of descriptors is an OSError, no ShmcastError:
+            # it ended the run, every export and import with it); tried again at the
+            # next look at the catalog.
+            with self._lock:
+                told = self._export_refused.get(name, (None, ""))[0] is type(exc)
+                self._export_refused[name] = (type(exc), str(exc))
+            if not told:
+                log.warning("cannot export %s (trying again at each look at the "
+                            "catalog): %s", name, exc)  # fmt: skip
             return
         key = key_of(self.namespace, name)
         session = self._session
@@ -668,6 +686,7 @@ class ZenohBridge(Service):
         e.last = max(0, seg.version - 1)
         with self._lock:
             self._exports[name] = e
+            self._export_refused.pop(name, None)
         log.info("exporting %s as %s", name, key)
 
     def _drop_export(self, e: _Export) -> None:
@@ -1144,6 +1163,13 @@ class BridgeCollector(Collector):
                 labels=labels,
             ),
         }
+        refused_exports = GaugeMetricFamily(
+            "shmcast_bridge_refused_exports",
+            "Local segments to export that could not be attached; tried again",
+            labels=["namespace"],
+        )
+        refused_exports.add_metric([st.namespace], len(st.refused_exports))
+        yield refused_exports
         up = GaugeMetricFamily(
             "shmcast_bridge_upstream_up",
             "1 while the exporter of an imported segment is alive (its liveliness token)",

@@ -24,7 +24,12 @@ from typing import Any
 import numpy as np
 
 from shmcast.broker.client import SHM_DIR, ControlClient, CurveKeyTriple
-from shmcast.broker.errors import SegmentError, SegmentNotFoundError, ShmcastError
+from shmcast.broker.errors import (
+    OutOfDescriptorsError,
+    SegmentError,
+    SegmentNotFoundError,
+    ShmcastError,
+)
 
 from ._publisher import Publisher
 
@@ -307,7 +312,9 @@ class LocalBroker:
         try:
             pub = self._made(spec, spec.source or self._source)
         except Exception as exc:  # every failure is a refusal, tried again later
-            if not isinstance(exc, ShmcastError):
+            # Out of descriptors names the limit and the fix: its message, logged by
+            # the relay or bridge with the refusal, says it all (no traceback).
+            if not isinstance(exc, (ShmcastError, OutOfDescriptorsError)):
                 log.exception("making the mirror %s failed", spec.name)
             self._results.put(Refused(spec, str(exc)))
         else:
