@@ -79,6 +79,7 @@ from shmcast.publisher import (
     Publisher,
     Refused,
     shm_shortfall,
+    turn_incarnation,
 )
 
 from ._wire import (
@@ -345,6 +346,9 @@ class BridgeStats:
     bad_samples: int = 0
     conflicts: int = 0
     refused: int = 0
+    #: Local segments to export that could not be attached (tried again at each
+    #: look at the catalog), and why.
+    refused_exports: dict[str, str] = field(default_factory=dict)
 
 
 class ZenohBridge(Service):
@@ -368,6 +372,9 @@ class ZenohBridge(Service):
         super().__init__(f"zenoh bridge of namespace {self.namespace!r}")
         self._lock = threading.Lock()
         self._exports: dict[str, _Export] = {}
+        #: Segments to export that could not be attached: the kind of error (told
+        #: once in the log per name and kind) and its message.
+        self._export_refused: dict[str, tuple[type[BaseException], str]] = {}
         self._mirrors: dict[str, _Mirror] = {}
         #: The same mirrors by their Zenoh key: the hot path's one lookup.
         self._by_key: dict[str, _Mirror] = {}
@@ -413,6 +420,7 @@ class ZenohBridge(Service):
                 }
                 for n, e in self._exports.items()
             }
+            refused_exports = dict(self._export_refused)
         with self._import_lock:
             imported = {
                 n: {
@@ -434,6 +442,7 @@ class ZenohBridge(Service):
             bad_samples=self.bad_samples,
             conflicts=self.conflicts,
             refused=self.refused,
+            refused_exports={n: why for n, (_, why) in refused_exports.items()},
         )
 
     def run(self, on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -623,6 +632,8 @@ class ZenohBridge(Service):
         wanted = {str(e["name"]): e for e in entries if self._wants_export(e)}
         with self._lock:
             current = dict(self._exports)
+            for name in [n for n in self._export_refused if n not in wanted]:
+                del self._export_refused[name]
         for name, e in current.items():
             inc = wanted.get(name, {}).get("incarnation")
             if name not in wanted or (inc and inc != e.incarnation):
@@ -636,8 +647,16 @@ class ZenohBridge(Service):
     def _add_export(self, name: str) -> None:
         try:
             seg = Segment.attach(name, namespace=self.namespace, prefault=False, wait=0.2)
-        except ShmcastError as exc:
-            log.warning("cannot export %s: %s", name, exc)
+        except (ShmcastError, OSError) as exc:
+            # This segment alone (out of descriptors is an OSError, no ShmcastError:
+            # it ended the run, every export and import with it); tried again at the
+            # next look at the catalog.
+            with self._lock:
+                told = self._export_refused.get(name, (None, ""))[0] is type(exc)
+                self._export_refused[name] = (type(exc), str(exc))
+            if not told:
+                log.warning("cannot export %s (trying again at each look at the "
+                            "catalog): %s", name, exc)  # fmt: skip
             return
         key = key_of(self.namespace, name)
         session = self._session
@@ -669,6 +688,7 @@ class ZenohBridge(Service):
         e.last = max(0, seg.version - 1)
         with self._lock:
             self._exports[name] = e
+            self._export_refused.pop(name, None)
         log.info("exporting %s as %s", name, key)
 
     def _drop_export(self, e: _Export) -> None:
@@ -920,14 +940,14 @@ class ZenohBridge(Service):
         if c is None:
             c = self._counts[name] = _Counts(key)
         if c.incarnation != frame.incarnation:
-            # A new incarnation upstream (or the first): its versions start over.
-            # Back on the one before (a peer's put in between): counted on from its
-            # last version received (from 1, they were counted skipped again).
-            back, last = c.previous
-            c.previous = (c.incarnation, c.last)
-            c.renewed = c.incarnation != 0 and back != frame.incarnation
+            # A new incarnation upstream (or the first): its versions start over;
+            # back on the one before (a peer's put in between), they count on.
+            c.previous, last = turn_incarnation(
+                c.previous, (c.incarnation, c.last), frame.incarnation
+            )
+            c.renewed = c.incarnation != 0 and last is None
             c.incarnation = frame.incarnation
-            c.last = last if back == frame.incarnation else 0
+            c.last = last or 0
             c.token_lost = False
         self._pending[name] = _Pending(key, frame, payload)
         assert self._local is not None
@@ -1145,6 +1165,13 @@ class BridgeCollector(Collector):
                 labels=labels,
             ),
         }
+        refused_exports = GaugeMetricFamily(
+            "shmcast_bridge_refused_exports",
+            "Local segments to export that could not be attached; tried again",
+            labels=["namespace"],
+        )
+        refused_exports.add_metric([st.namespace], len(st.refused_exports))
+        yield refused_exports
         up = GaugeMetricFamily(
             "shmcast_bridge_upstream_up",
             "1 while the exporter of an imported segment is alive (its liveliness token)",

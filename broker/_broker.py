@@ -247,6 +247,9 @@ class Broker(Service):
             BrokerRunningError: another live broker serves this namespace.
             EndpointError: an endpoint cannot be bound (the message names it).
             ClosedError: the broker was closed, or has served already.
+            OutOfDescriptorsError: out of file descriptors; among other things,
+                reading the namespace word that says whether another broker serves
+                the namespace (an ``OSError``, no ``ShmcastError``).
         """
         super().run(on_ready)
 
@@ -469,10 +472,13 @@ class Broker(Service):
 
         Raises:
             BrokerRunningError: naming that broker's pid and its word.
+            OutOfDescriptorsError: the word could not be read (or another
+                ``OSError``): whether a broker serves the namespace is not known, so
+                this one does not start. (Taken for no word, it started beside one.)
         """
         try:
             word = NamespaceWord.attach(self.namespace)
-        except (ShmcastError, OSError):
+        except ShmcastError:
             return  # no word we trust: the one we make replaces it, as before
         if word is None:
             return

@@ -128,10 +128,15 @@ def _word_alive(namespace: str, dead: int | None = None) -> str | None:
     an unrelated process that got the pid only makes us more careful. ``dead`` is
     the pid of a broker whose lock in our runtime directory nobody holds: when the
     word names it and it is gone, its last heartbeats are those of a dead broker.
+
+    Raises:
+        OutOfDescriptorsError: the word could not be read (or another ``OSError``):
+            nothing is known of a broker. (Taken for no word, --fix unlinked the
+            segments of a broker serving the namespace from elsewhere.)
     """
     try:
         word = NamespaceWord.attach(namespace)
-    except (ShmcastError, OSError):
+    except ShmcastError:
         return None  # no word we trust: it speaks for nobody
     if word is None:
         return None
@@ -318,8 +323,12 @@ def _check_objects(
     uid = os.getuid()
     for ns in namespaces:
         locked = broker_alive(ns)
-        elsewhere = None if locked else _word_alive(ns, dead.get(ns))
-        alive = locked or elsewhere is not None
+        unknown: OSError | None = None
+        try:
+            elsewhere = None if locked else _word_alive(ns, dead.get(ns))
+        except OSError as exc:  # not known: a broker may serve it, nothing is removed
+            elsewhere, unknown = None, exc
+        alive = locked or elsewhere is not None or unknown is not None
         owner = None if locked else _word_owner(ns)
         if owner is not None and owner != uid:
             if explicit:  # naming it does not make it ours: its word says whose it is
@@ -327,6 +336,8 @@ def _check_objects(
             continue
         if elsewhere is not None:
             out.append(_served_elsewhere(ns, elsewhere))
+        elif unknown is not None:
+            out.append(_not_known_if_served(ns, unknown))
         ours = _is_ours(ns, explicit)
         orphans: list[str] = []
         invalid: dict[str, os.stat_result] = {}  # --fix unlinks them
@@ -482,6 +493,18 @@ def _served_elsewhere(ns: str, why: str) -> Check:
         f"{runtime_root() / ns} ({why}): its segments and namespace word are left alone",
         "clients here reach it only with the broker's runtime directory (its "
         "XDG_RUNTIME_DIR) or its endpoints given explicitly",
+    )
+
+
+def _not_known_if_served(ns: str, exc: OSError) -> Check:
+    """The namespace word could not be read: a broker may serve ``ns`` from elsewhere."""
+    return Check(
+        "broker",
+        WARN,
+        f"could not check whether a broker serves namespace {ns!r} from another runtime "
+        f"directory: its namespace word could not be read ({exc}): its segments and "
+        f"namespace word are left alone",
+        "run `shmcast doctor` again once the word can be read",
     )
 
 

@@ -17,6 +17,7 @@ from ._relay_local import Mark as Mark
 from ._relay_local import MirrorSpec as MirrorSpec
 from ._relay_local import Refused as Refused
 from ._relay_local import shm_shortfall as shm_shortfall
+from ._relay_local import turn_incarnation as turn_incarnation
 from ._replay import Replayed as Replayed
 from ._replay import Replayer as Replayer
 from ._replay import ReplayStats as ReplayStats
@@ -43,4 +44,5 @@ __all__ = [
     "replay",
     "resolve_relay_config",
     "shm_shortfall",
+    "turn_incarnation",
 ]

@@ -103,7 +103,7 @@ from shmcast.broker.client import (
 from shmcast.broker.errors import ConfigError, EndpointError, ShmcastError
 
 from ._publisher import Publisher
-from ._relay_local import Created, LocalBroker, MirrorSpec, shm_shortfall
+from ._relay_local import Created, LocalBroker, MirrorSpec, shm_shortfall, turn_incarnation
 
 __all__ = ["Relay", "RelayCollector", "RelayConfig", "RelayStats", "resolve_relay_config"]
 
@@ -311,6 +311,9 @@ class _Counts:
     bytes: int = 0
     last_version: int = 0
     upstream_latest: int = 0
+    #: The upstream incarnation before the mirror's, and the last version received
+    #: of it (:func:`turn_incarnation`).
+    previous: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -944,12 +947,24 @@ class Relay(Service):
             why = "its local header is corrupt" if local > MAX_VERSION else "it was recreated"
             log.warning("mirror %s: %s upstream or here; recreating it", name, why)
             if recreated:
-                self._renewed.add(name)
                 c = self._counts.get(name)
+                last = None
                 if c is not None:
                     # The old incarnation's latest is no version of this one (whose
                     # numbers may be lower): the lag is measured from this version on.
                     c.upstream_latest = 0
+                    if incarnation and m.incarnation:
+                        # None of the mirror's incarnation counted yet: its last is 0.
+                        mine = 0 if name in self._renewed else c.last_version
+                        c.previous, last = turn_incarnation(
+                            c.previous, (m.incarnation, mine), incarnation
+                        )
+                if last is None:
+                    self._renewed.add(name)
+                else:  # back on the incarnation before: its versions count on from last
+                    assert c is not None
+                    self._renewed.discard(name)
+                    c.last_version = last
             with self._lock:
                 del self._mirrors[name]
             m.pub.close()

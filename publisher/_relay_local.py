@@ -24,7 +24,12 @@ from typing import Any
 import numpy as np
 
 from shmcast.broker.client import SHM_DIR, ControlClient, CurveKeyTriple
-from shmcast.broker.errors import SegmentError, SegmentNotFoundError, ShmcastError
+from shmcast.broker.errors import (
+    OutOfDescriptorsError,
+    SegmentError,
+    SegmentNotFoundError,
+    ShmcastError,
+)
 
 from ._publisher import Publisher
 
@@ -36,6 +41,7 @@ __all__ = [
     "MirrorSpec",
     "Refused",
     "shm_shortfall",
+    "turn_incarnation",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,6 +87,28 @@ def shm_shortfall(size: int, *, making: int = 0, freed: int = 0) -> str | None:
         f"mirrors leave {SHM_RESERVE:.0%} of it free for this host's own segments; give "
         f"it more room (docker run --shm-size, compose shm_size) or mirror fewer segments"
     )
+
+
+def turn_incarnation(
+    previous: tuple[int, int], current: tuple[int, int], incarnation: int
+) -> tuple[tuple[int, int], int | None]:
+    """A mirror's counts turning from ``current`` to another ``incarnation`` upstream.
+
+    Args:
+        previous: the incarnation before ``current``, and the last version counted
+            of it.
+        current: the incarnation the counts follow, and the last version counted.
+        incarnation: the one they turn to.
+
+    Returns:
+        The new ``previous`` (``current``), and the last version counted of
+        ``incarnation`` if it is ``previous`` coming back (another one came in
+        between: a peer's sample, an upstream going back and forth), counted on
+        from there; else None: a new one, its versions counted from 1 (taken for
+        a new one, the versions received of it before were counted skipped again).
+    """
+    back, last = previous
+    return current, (last if back == incarnation else None)
 
 
 @dataclass(frozen=True)
@@ -284,7 +312,9 @@ class LocalBroker:
         try:
             pub = self._made(spec, spec.source or self._source)
         except Exception as exc:  # every failure is a refusal, tried again later
-            if not isinstance(exc, ShmcastError):
+            # Out of descriptors names the limit and the fix: its message, logged by
+            # the relay or bridge with the refusal, says it all (no traceback).
+            if not isinstance(exc, (ShmcastError, OutOfDescriptorsError)):
                 log.exception("making the mirror %s failed", spec.name)
             self._results.put(Refused(spec, str(exc)))
         else:

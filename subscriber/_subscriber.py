@@ -204,6 +204,8 @@ class Subscriber(Closing):
         self._owner: int | None = None
         self._sub: zmq.Socket[Any] | None = None
         self._word: NamespaceWord | None = None
+        #: The new namespace word could not be read (out of descriptors): said once.
+        self._word_unread = False
         self._tracks: dict[str, _Track] = {}
         self._retired: list[Segment] = []
         names = [segments] if isinstance(segments, str) else list(segments)
@@ -1025,8 +1027,18 @@ class Subscriber(Closing):
             # A broker made a new word (ours is gone with the old one), or none yet.
             try:
                 new = NamespaceWord.attach(self.namespace)
-            except (ShmcastError, OSError):
+                self._word_unread = False
+            except ShmcastError:
                 new = None
+            except OSError as exc:  # out of descriptors: tried again at each look
+                new = None
+                if not self._word_unread:
+                    self._word_unread = True
+                    log.warning(
+                        "cannot follow the new broker of namespace %r (its namespace word: "
+                        "%s); trying again",
+                        self.namespace, exc,
+                    )  # fmt: skip
             if new is not None and (word is None or new.ino != word.ino):
                 if word is not None:
                     word.close()

@@ -8,12 +8,14 @@ on 127.0.0.1 (the multi-host test is tests/test_bridge_netns.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +38,7 @@ from shmcast.broker import (
     Broker,
     BrokerConfig,
     ConfigError,
+    OutOfDescriptorsError,
     Segment,
     ShmcastError,
     segment_size,
@@ -481,6 +484,50 @@ def test_a_bridge_never_imports_its_own_exports(router: str, two_sides: tuple[st
             assert _entry(a, "loop")["source"] == "local"
         finally:
             both.close()
+
+
+def test_a_segment_the_bridge_cannot_attach_is_refused_not_the_bridges_end(
+    router: str,
+    two_sides: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Out of descriptors attaching one exported segment (an ``OSError``, no
+    ``ShmcastError``) ended the bridge's run: every export and import with it
+    (here it never started). It refuses that segment alone, says so once, and
+    exports it once it can."""
+    a, _ = two_sides
+    attach = Segment.attach
+    tries = [0]  # the bridge's attaches of "bad", refused while negative
+
+    def out_of_descriptors(name: str, **kw: Any) -> Segment:
+        if name == "bad" and threading.current_thread().name.startswith("shmcast zenoh bridge"):
+            tries[0] += 1
+            if tries[0] > 0:
+                raise OutOfDescriptorsError.from_os(errno.EMFILE, f"segment {name!r}")
+        return attach(name, **kw)
+
+    monkeypatch.setattr(Segment, "attach", staticmethod(out_of_descriptors))
+    with (
+        Publisher("good", dtype="u1", shape=(8,), namespace=a) as good,
+        Publisher("bad", dtype="u1", shape=(8,), namespace=a) as bad,
+        caplog.at_level("WARNING", logger=bridge_zenoh.__name__),
+    ):
+        good.publish(np.ones(8, np.uint8))
+        bad.publish(np.ones(8, np.uint8))
+        br = _bridge(router, a, exports=("*",), catalog_interval=0.05)
+        try:
+            wait_for(lambda: br.stats().exported.get("good", {}).get("sent") == 1, 10)
+            wait_for(lambda: tries[0] >= 3, 10, what="bad tried again")
+            assert set(br.stats().refused_exports) == {"bad"}
+            said = [r.getMessage() for r in caplog.records if "bad" in r.getMessage()]
+            assert len(said) == 1, said  # once, not at each try
+            assert "open-files limit" in said[0], said
+            tries[0] = -(1 << 30)
+            wait_for(lambda: br.stats().exported.get("bad", {}).get("sent") == 1, 10)
+            assert br.stats().refused_exports == {}
+        finally:
+            br.close()
 
 
 def test_the_loss_of_an_exporter_shows_in_the_catalog(

@@ -19,6 +19,7 @@ from shmcast.broker import (
     Broker,
     BrokerConfig,
     InvalidNameError,
+    OutOfDescriptorsError,
     Segment,
     SegmentExistsError,
     SegmentNotFoundError,
@@ -390,6 +391,34 @@ def test_fix_from_another_runtime_dir_leaves_a_beating_broker_alone(
     assert "left alone" in warned
     with Subscriber("idle", timeout=2) as sub, sub.read("idle") as snap:
         assert snap.version == 1
+
+
+def test_fix_that_cannot_read_the_namespace_word_leaves_the_namespace_alone(
+    namespace: str, thread_broker: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Out of descriptors reading the namespace word (an ``OSError``, nothing wrong
+    with the word) was taken for "no word": from another runtime directory, --fix
+    then unlinked the live broker's idle segment. It says it could not check, and
+    leaves the segments and the word alone."""
+    import errno
+
+    with Publisher("idle", dtype="f8", shape=(4,)) as pub:
+        pub.publish(np.ones(4))
+    word = shm_path(namespace, "@catalog")
+
+    def out_of_descriptors(cls: type[NamespaceWord], ns: str | None) -> NamespaceWord | None:
+        raise OutOfDescriptorsError.from_os(errno.EMFILE, "the namespace word", word)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(NamespaceWord, "attach", classmethod(out_of_descriptors))
+        rc, report = _doctor_elsewhere(capsys, tmp_path, "--namespace", namespace, "--fix")
+    assert Segment.list(namespace) == ["idle"]
+    assert os.path.exists(word)
+    assert rc == 0, report
+    warned = _checks(report, "warn")["broker"]
+    assert "could not check" in warned, report
+    assert "left alone" in warned
+    assert "open-files limit" in warned
 
 
 def test_fix_from_another_runtime_dir_leaves_a_stopped_broker_alone(

@@ -9,6 +9,7 @@ are the real ones.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import zmq
 
-from shmcast.broker import Broker, BrokerConfig, Segment, segment_size
+from shmcast.broker import Broker, BrokerConfig, OutOfDescriptorsError, Segment, segment_size
 from shmcast.broker.client import ControlClient, pack, unpack
 from shmcast.cli.testing import unique_namespace, wait_for
 from shmcast.publisher import Publisher, Relay, RelayCollector, RelayConfig, _relay
@@ -702,3 +703,55 @@ def test_what_a_relay_counts_of_an_incarnation_it_did_not_see_to_its_end(
     wait_for(renewed, 10, what="the new incarnation mirrored")
     c = r.stats().segments["cam"]
     assert (c.received, c.skipped, c.torn, c.stale, c.refused) == (3, 2, 0, 0, 0)
+
+
+def test_a_mirror_back_on_an_incarnation_counts_its_versions_once(
+    relay: tuple[Relay, _Upstream], namespace: str
+) -> None:
+    """Versions 1-3 of incarnation 7, version 1 of 9, then version 4 of 7: the return
+    was taken for a new incarnation, and versions 1-3 of 7, received, were counted
+    skipped again (skipped 3 for 5 versions received, none missed)."""
+    r, up = relay
+    up.send(b"hb", {"epoch": 1, "ts": 1, "latest": {}})
+
+    def on(incarnation: int, version: int) -> bool:
+        m = r._mirrors.get("cam")
+        return m is not None and m.incarnation == incarnation and m.pub.version == version
+
+    for inc, v in ((7, 1), (7, 2), (7, 3), (9, 1), (7, 4)):
+        up.version("cam", v, _i8(v, v, v, v), incarnation=inc)
+        wait_for(lambda inc=inc, v=v: on(inc, v), 10, what=f"version {v} of {inc}")
+    wait_for(lambda: r.stats().segments["cam"].received == 5, 10, what="5 versions counted")
+    c = r.stats().segments["cam"]
+    assert (c.skipped, c.stale) == (0, 0)
+
+
+def test_a_mirror_out_of_descriptors_is_refused_alone_with_its_fix(
+    relay: tuple[Relay, _Upstream],
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Out of descriptors making one mirror (an ``OSError``, no ``ShmcastError``)
+    refuses that mirror alone, tried again later; the log names the limit and the
+    fix, and no traceback (one came at every try, its message in it only)."""
+    r, up = relay
+    made = relay_local.LocalBroker._publisher
+    tries = [0]
+
+    def out_of_descriptors(self: Any, spec: relay_local.MirrorSpec, source: str) -> Publisher:
+        if spec.name == "bad":
+            tries[0] += 1
+            raise OutOfDescriptorsError.from_os(errno.EMFILE, f"segment {spec.name!r}")
+        return made(self, spec, source)
+
+    monkeypatch.setattr(relay_local.LocalBroker, "_publisher", out_of_descriptors)
+    monkeypatch.setattr(_relay, "RETRY_FIRST", 0.1)
+    with caplog.at_level("WARNING"):
+        up.version("bad", 1, _i8(1, 1, 1, 1))
+        up.version("good", 1, _i8(1, 1, 1, 1))
+        wait_for(lambda: _mirrored(namespace, "good", 1), 10, what="the other mirror")
+        wait_for(lambda: tries[0] >= 2, 10, what="the refused mirror tried again")
+    assert set(r.stats().refused) == {"bad"}
+    assert [rec.getMessage() for rec in caplog.records if rec.exc_info] == []
+    assert any("open-files limit" in rec.getMessage() for rec in caplog.records)

@@ -381,6 +381,59 @@ def test_a_broker_restarted_with_a_longer_heartbeat_is_not_taken_for_down(
         broker.close()
 
 
+def test_a_subscriber_that_cannot_read_a_new_brokers_word_says_so_once(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of descriptors attaching a restarted broker's namespace word (an
+    ``OSError``): a ``shm`` subscriber kept the old word in silence (the new broker
+    "silent", its catalog changes unseen). It says so once, naming the limit and
+    the fix, and follows the new broker once it can read its word."""
+    import errno
+    import threading
+    import time
+
+    from shmcast.broker import OutOfDescriptorsError
+    from shmcast.broker._nsword import NamespaceWord
+    from shmcast.subscriber import Subscriber
+
+    attach = NamespaceWord.attach
+    failing = [False]
+
+    def out_of_descriptors(cls: type[NamespaceWord], ns: str | None) -> NamespaceWord | None:
+        if failing[0] and threading.current_thread() is threading.main_thread():
+            raise OutOfDescriptorsError.from_os(errno.EMFILE, "the namespace word", "@catalog")
+        return attach(ns)
+
+    broker = Broker(BrokerConfig(namespace=namespace, heartbeat_interval=0.04)).start()
+    try:
+        with (
+            Subscriber("a", namespace=namespace, wait="shm") as sub,
+            pytest.MonkeyPatch.context() as mp,
+            caplog.at_level("WARNING", logger="shmcast.subscriber._subscriber"),
+        ):
+            mp.setattr(NamespaceWord, "attach", classmethod(out_of_descriptors))
+            failing[0] = True
+            broker.close()
+            broker = Broker(BrokerConfig(namespace=namespace, heartbeat_interval=0.04)).start()
+
+            def told() -> list[str]:
+                list(sub.updates(timeout=0.02))
+                return [r.getMessage() for r in caplog.records if "new broker" in r.getMessage()]
+
+            wait_for(told, 10, what="the subscriber saying it cannot follow")
+            for _ in range(10):
+                said = told()
+            assert len(said) == 1, said
+            assert "open-files limit" in said[0]
+            failing[0] = False
+            deadline = time.monotonic() + 10
+            while not (sub.epoch_changes and sub.broker_up):
+                assert time.monotonic() < deadline, "the restarted broker never followed"
+                list(sub.updates(timeout=0.02))
+    finally:
+        broker.close()
+
+
 def test_unlink_on_exit_warns_of_the_live_writer_it_cuts_off(
     namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -529,6 +582,40 @@ def test_a_word_beaten_under_our_own_pid_keeps_a_second_broker_out(namespace: st
         second.close()  # one that started beside it (before) stops
         stop.set()
         beater.join(10)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(catalog_path(namespace))
+
+
+def test_a_word_that_cannot_be_read_for_descriptors_keeps_a_broker_from_starting(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of descriptors attaching the namespace word (an ``OSError``, no
+    ``ShmcastError``: nothing wrong with the word) was taken for "no word we trust":
+    a second broker started beside a live one whose runtime directory is apart
+    (another container sharing /dev/shm). The check not made, it refuses to start,
+    with the error naming the limit and the fix, and leaves nothing behind."""
+    import errno
+
+    from shmcast.broker import OutOfDescriptorsError
+    from shmcast.broker._names import catalog_path
+    from shmcast.broker._nsword import NamespaceWord
+    from shmcast.broker.client import runtime_dir
+
+    word = NamespaceWord.serve(namespace, epoch=1, interval=0.5)  # the other's, beating
+
+    def out_of_descriptors(cls: type[NamespaceWord], ns: str | None) -> NamespaceWord | None:
+        raise OutOfDescriptorsError.from_os(errno.EMFILE, "the namespace word", word.path)
+
+    monkeypatch.setattr(NamespaceWord, "attach", classmethod(out_of_descriptors))
+    second = Broker(BrokerConfig(namespace=namespace))
+    try:
+        with pytest.raises(OutOfDescriptorsError, match="open-files limit"):
+            second.start(timeout=10)
+        assert second.closed
+        assert not runtime_dir(namespace).exists()  # the refused start left nothing
+    finally:
+        second.close()  # one that started beside it (before) stops
+        word.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(catalog_path(namespace))
 
