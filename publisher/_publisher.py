@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two looks, made by :meth:`Publisher.publish` and its kin, at
 #: whether the segment's name still leads to the object this publisher writes (one
-#: ``stat``; between looks a publish costs one ``time.monotonic_ns()`` more).
+#: ``stat``; between looks a publish costs one compare of its version more, and
+#: every :data:`LOOK_STEP_MAX`-th at most one ``time.monotonic_ns()``).
 LINKED_EVERY = 1.0
 
 #: Versions between two reads of the clock by the publish path, at most: it reads
