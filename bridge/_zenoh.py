@@ -393,9 +393,10 @@ class ZenohBridge(Service):
         #: The latest sample of a new incarnation of a mirrored name, held back
         #: (at most max_mirrors): see _hold.
         self._held: dict[str, _Held] = {}
-        #: Imported keys whose liveliness token is up (at most MAX_WARNED: any peer
-        #: may declare tokens; a key beyond is taken for one without a token).
-        self._tokens: set[str] = set()
+        #: Imported keys whose liveliness token is up, oldest first, each with its
+        #: name (at most MAX_WARNED: any peer may declare tokens; a new one takes the
+        #: place of the oldest whose key is not mirrored, see _token_up).
+        self._tokens: dict[str, str] = {}
         self._put_kind: Any = None
         self._import_lock = threading.Lock()
         self._local: LocalBroker | None = None
@@ -756,10 +757,10 @@ class ZenohBridge(Service):
         except (ValueError, ShmcastError):
             return
         with self._import_lock:
-            if alive and len(self._tokens) < MAX_WARNED:
-                self._tokens.add(key)
-            elif not alive:
-                self._tokens.discard(key)
+            if alive:
+                self._token_up(key, name)
+            else:
+                self._tokens.pop(key, None)
             c = self._counts.get(name)
             if c is not None and c.key == key:
                 if not alive:
@@ -773,6 +774,22 @@ class ZenohBridge(Service):
                     self._annotate(m)
         if alive:
             self._ask_latest(key)
+
+    def _token_up(self, key: str, name: str) -> None:
+        """Remember ``key``'s token as up. The set full, the oldest token of a key
+        not mirrored goes for it: before, a peer's tokens on other keys, declared
+        first, took every place, and an exporter's token found none (its mirror was
+        then taken for one without a live exporter, see :meth:`_live`). Mirrored
+        keys are at most ``max_mirrors``. Called with the import lock held."""
+        if key in self._tokens or len(self._tokens) < MAX_WARNED:
+            self._tokens[key] = name
+            return
+        for old, old_name in self._tokens.items():
+            c = self._counts.get(old_name)
+            if c is None or c.key != old:
+                del self._tokens[old]
+                self._tokens[key] = name
+                return
 
     def _ask_latest(self, key: str) -> None:
         """Ask the exporter of ``key`` for its latest version; the reply comes to

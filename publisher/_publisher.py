@@ -32,13 +32,16 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two looks, made by :meth:`Publisher.publish` and its kin, at
 #: whether the segment's name still leads to the object this publisher writes (one
-#: ``stat``; between looks a publish costs one ``time.monotonic_ns()`` more).
+#: ``stat``; between looks a publish costs one compare of its version more, and
+#: every :data:`LOOK_STEP_MAX`-th at most one ``time.monotonic_ns()``).
 LINKED_EVERY = 1.0
 
 #: Versions between two reads of the clock by the publish path, at most: it reads
 #: it at the next version after a look, then doubles the step while the look is not
 #: due (a clock read per commit cost a publish of 8 bytes 7 %, ~100 ns of 1.3 µs).
-LOOK_STEP_MAX = 1024
+#: It is also how many publishes a look can come late once it is due: a publisher
+#: that slows down after a burst (at 1024, one at 1 Hz looked 17 minutes late).
+LOOK_STEP_MAX = 16
 
 
 class Publisher(Closing):

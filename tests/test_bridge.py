@@ -1018,6 +1018,45 @@ def test_a_peer_cannot_flip_a_mirror_whose_exporter_is_live(
         exp.close()
 
 
+def test_a_peers_tokens_do_not_crowd_out_a_live_exporters(
+    router: str, two_sides: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The importer remembers a bounded number of keys whose token is up (any peer
+    may declare tokens): a peer's tokens on other keys under the import expression,
+    declared first, filled the set, the exporter's token was dropped, and its mirror
+    was taken for one without a live exporter: one forged sample of another
+    incarnation replaced it at once. A key not mirrored gives way to a new token."""
+    monkeypatch.setattr(bridge_zenoh, "MAX_WARNED", 2)
+    a, b = two_sides
+    imp = _bridge(router, b, imports=(f"shmcast/{a}/*",), catalog_interval=0.1)
+    peer = _plain_session(router)
+    try:
+        junk = [peer.liveliness().declare_token(f"shmcast/{a}/junk{i}") for i in range(2)]
+        wait_for(lambda: len(imp._tokens) == 2, 10, what="the peer's tokens")
+        exp = _bridge(router, a, exports=("s",))
+        try:
+            with Publisher("s", dtype="<u8", shape=(4,), namespace=a) as pub:
+                honest = pub.segment.incarnation
+                ones = np.ones(4, np.uint64)
+                mirrored = lambda: getattr(imp._mirrors.get("s"), "incarnation", 0) == honest  # noqa: E731
+                _publish_until(pub, ones, mirrored, "the mirror", timeout=20)
+                import msgpack
+
+                meta = {"version": 1, "timestamp_ns": 1, "dtype": "<u8", "shape": [4]}
+                forged = msgpack.packb(meta | {"incarnation": honest + 1})
+                peer.put(f"shmcast/{a}/s", bytes(32), attachment=forged)
+                refused = lambda: imp.stats().refused == 1  # noqa: E731
+                _publish_until(pub, ones, refused, "the refusal", timeout=5)
+                assert mirrored()
+        finally:
+            exp.close()
+        for token in junk:
+            token.undeclare()
+    finally:
+        peer.close()
+        imp.close()
+
+
 def test_a_mirror_back_on_an_incarnation_counts_its_versions_once(
     router: str, two_sides: tuple[str, str]
 ) -> None:

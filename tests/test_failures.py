@@ -634,6 +634,28 @@ def test_a_publisher_whose_segment_is_deleted_under_it_says_so_once(
     assert "stop it and start it again" in said[0]
 
 
+def test_a_publisher_that_slows_down_after_a_burst_still_looks_within_16_publishes(
+    namespace: str, thread_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The publish path reads the clock every few versions, the step doubling while
+    no look is due: after a burst the step had grown to 1024 versions, so a
+    publisher that then slowed down (1 Hz) looked up to 1024 publishes after the
+    look was due, 17 minutes, its segment deleted meanwhile and nothing said. A
+    look now comes at most 16 publishes late."""
+    from shmcast.publisher import _publisher
+
+    monkeypatch.setattr(_publisher, "LINKED_EVERY", 3600.0)  # no look due in the burst
+    with Publisher("b", dtype="u1", shape=(8,), namespace=namespace) as pub:
+        a = np.zeros(8, np.uint8)
+        for _ in range(4096):  # as far as the step grows
+            pub.publish(a)
+        Segment.remove("b", namespace=namespace)
+        pub._next_look_ns = 0  # the look is due now, as after a second of 1 Hz
+        for _ in range(16):
+            pub.publish(a)
+        assert pub._deleted  # found by a publish (not by segment_deleted's own look)
+
+
 def test_an_idle_control_clients_handshake_events_do_not_pile_up(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
