@@ -17,6 +17,9 @@ segment except by the catalog's ``source`` (``zenoh:<key>``) and
 recreates the mirror (versions start over; at most once a second, and not while
 the mirror's exporter is live: see ``ZenohBridge._hold``). A late joiner asks
 the queryable for the latest version as soon as the exporter's token appears.
+At most ``max_mirrors`` mirrors are held: a new name past it takes the place of
+the mirror whose exporter has been gone longest (its token gone, nothing received
+since), deleted here as the exporter deleted it; with none gone, it is refused.
 
 A bridge never imports what it exports itself, nor exports what it imported.
 Zenoh's own shared-memory transport is always turned off, ``--config`` file or
@@ -111,6 +114,8 @@ MAX_WARNED = 1024
 #: Seconds between two new incarnations of one name mirrored: one sooner after the
 #: last is held (the latest of the name) until then.
 RENEW_SECONDS = 1.0
+#: Evicted names whose counters are kept, to go on if they come back.
+MAX_EVICTED = 1024
 
 
 def _load_zenoh() -> Any:
@@ -140,8 +145,10 @@ class BridgeConfig:
         slots: slots of the segments created for imports.
         max_mirrors: most segments made for imports at once. Any peer of the Zenoh
             network may put on a key that an import expression matches, and each
-            new key makes a local segment: samples of further keys are refused
-            (counted, logged).
+            new key makes a local segment. A new key past it evicts the mirror
+            whose exporter has been gone longest (its liveliness token gone, no
+            sample since; counted, logged), never a live one; with none gone, its
+            samples are refused (counted, logged).
         max_mirror_bytes: largest segment made for an import (all its slots); a
             sample announcing a larger layout is refused (counted, logged), and so
             is one whose mirror would leave less than
@@ -315,6 +322,12 @@ class _Counts:
     token_back: int = 0
     #: The incarnation before ``incarnation``, and its last version written.
     previous: tuple[int, int] = (0, 0)
+    #: When the key's liveliness token went away (``time.monotonic()``; None while
+    #: it is up, or never seen), and ``received + stale`` then: a mirror whose
+    #: token is gone with no sample since may be evicted (see ``ZenohBridge._evict``).
+    #: Both start again at a look at the mirrors that finds a sample came since.
+    gone_at: float | None = None
+    gone_seen: int = 0
 
 
 @dataclass
@@ -349,6 +362,10 @@ class BridgeStats:
     #: Local segments to export that could not be attached (tried again at each
     #: look at the catalog), and why.
     refused_exports: dict[str, str] = field(default_factory=dict)
+    #: Mirrors deleted to make room for a new name (their exporter gone longest).
+    evicted: int = 0
+    #: Names whose counters were forgotten: over the ``MAX_EVICTED`` evicted ones kept.
+    forgotten: int = 0
 
 
 class ZenohBridge(Service):
@@ -393,6 +410,9 @@ class ZenohBridge(Service):
         #: The latest sample of a new incarnation of a mirrored name, held back
         #: (at most max_mirrors): see _hold.
         self._held: dict[str, _Held] = {}
+        #: Names whose mirror was evicted and whose counters are kept (to go on if
+        #: they come back), oldest eviction first; at most MAX_EVICTED.
+        self._evicted: dict[str, None] = {}
         #: Imported keys whose liveliness token is up, oldest first, each with its
         #: name (at most MAX_WARNED: any peer may declare tokens; a new one takes the
         #: place of the oldest whose key is not mirrored, see _token_up).
@@ -405,6 +425,8 @@ class ZenohBridge(Service):
         self.bad_samples = 0
         self.conflicts = 0
         self.refused = 0
+        self.evicted = 0
+        self.forgotten = 0
         self.metrics_url: str | None = None
 
     # ------------------------------------------------------------------ public
@@ -444,6 +466,8 @@ class ZenohBridge(Service):
             conflicts=self.conflicts,
             refused=self.refused,
             refused_exports={n: why for n, (_, why) in refused_exports.items()},
+            evicted=self.evicted,
+            forgotten=self.forgotten,
         )
 
     def run(self, on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -765,8 +789,12 @@ class ZenohBridge(Service):
             if c is not None and c.key == key:
                 if not alive:
                     c.token_lost = True
-                elif c.token_lost:
-                    c.token_back = c.received
+                    if c.gone_at is None:
+                        c.gone_at, c.gone_seen = time.monotonic(), c.received + c.stale
+                else:
+                    c.gone_at = None
+                    if c.token_lost:
+                        c.token_back = c.received
             if c is not None and c.key == key and c.upstream_up != alive:
                 c.upstream_up = alive
                 m = self._mirrors.get(name)
@@ -924,26 +952,33 @@ class ZenohBridge(Service):
             self.conflicts += 1
             return None
         # The limits are checked before an old mirror goes: a refused sample
-        # changes nothing here.
+        # changes nothing here. A new name past --max-mirrors takes the place of
+        # mirrors whose exporters are gone (the longest gone first), if any.
         size = segment_size(frame.nbytes, self.config.slots)
         others = len(self._mirrors) + len(self._pending) - (m is not None)
-        if size > self.config.max_mirror_bytes or others >= self.config.max_mirrors:
+        over = others + 1 - self.config.max_mirrors
+        victims = self._evictable(over) if m is None else ([] if over <= 0 else None)
+        if size > self.config.max_mirror_bytes or victims is None:
             self.refused += 1
             if name not in self._over and len(self._over) < MAX_WARNED:
                 self._over.add(name)  # bounded: any peer may send any number of names
                 log.warning(
-                    "not mirroring %s: a %d-byte segment, with %d mirrors made; the limits "
-                    "are --max-mirror-bytes %d and --max-mirrors %d",
+                    "not mirroring %s: a %d-byte segment, with %d mirrors made (none of an "
+                    "exporter gone, to evict); the limits are --max-mirror-bytes %d and "
+                    "--max-mirrors %d",
                     key, size, len(self._mirrors), self.config.max_mirror_bytes,
                     self.config.max_mirrors,
                 )  # fmt: skip
             return None
-        if (short := self._shm_short(size, m)) is not None:
+        if (short := self._shm_short(size, [m] if m is not None else victims)) is not None:
             self.refused += 1
             if name not in self._over and len(self._over) < MAX_WARNED:
                 self._over.add(name)
                 log.warning("not mirroring %s: %s", key, short)
             return None
+        self._evicted.pop(name, None)  # mirrored again: its counters are in use
+        for v in victims or ():
+            self._evict(v, key)
         if m is not None:
             assert c is not None  # a mirror's name has its counts
             now = time.monotonic()
@@ -984,16 +1019,63 @@ class ZenohBridge(Service):
         )
         return None
 
-    def _shm_short(self, size: int, old: _Mirror | None) -> str | None:
+    def _shm_short(self, size: int, old: list[_Mirror]) -> str | None:
         """Why a mirror of ``size`` bytes would leave too little of /dev/shm free
         (:func:`shm_shortfall`, counting the mirrors being made, and ``old``, the
-        mirror it replaces, as freed: counted as taken, a mirror of more than 45%
-        of /dev/shm never followed a new incarnation), or None. Any peer may put
-        on an imported key. Called with the import lock held."""
+        mirror it replaces or those evicted for it, as freed: counted as taken, a
+        mirror of more than 45% of /dev/shm never followed a new incarnation), or
+        None. Any peer may put on an imported key. Called with the import lock held."""
         slots = self.config.slots
         making = sum(segment_size(p.frame.nbytes, slots) for p in self._pending.values())
-        freed = 0 if old is None else segment_size(old.pub.segment.nbytes, slots)
+        freed = sum(segment_size(o.pub.segment.nbytes, slots) for o in old)
         return shm_shortfall(size, making=making, freed=freed)
+
+    def _evictable(self, n: int) -> list[_Mirror] | None:
+        """The ``n`` mirrors whose exporters have been gone longest: their key's
+        liveliness token went away (the segment deleted there, the exporter
+        stopped, or its link lost: Zenoh tells them apart no more than this) and
+        no sample of theirs came since, nor is one held. A mirror whose exporter
+        is live, or never had a token (a plain Zenoh writer: nothing says it
+        went), is never one of them. None if fewer than ``n`` are; ``[]`` for
+        ``n <= 0``. Called with the import lock held."""
+        if n <= 0:
+            return []
+        gone = [
+            m
+            for m in self._mirrors.values()
+            if (c := m.counts).gone_at is not None
+            and c.key not in self._tokens
+            and c.received + c.stale == c.gone_seen
+            and m.name not in self._held
+        ]
+        if len(gone) < n:
+            return None
+        gone.sort(key=lambda m: m.counts.gone_at or 0.0)
+        return gone[:n]
+
+    def _evict(self, m: _Mirror, key: str) -> None:
+        """Delete the mirror ``m`` through the local broker to make room for ``key``,
+        as a mirror whose upstream deleted it: its readers see the segment
+        deleted. Its counters are kept for the ``MAX_EVICTED`` names last evicted
+        (to go on if the name comes back); older ones are forgotten, counted.
+        Called with the import lock held."""
+        c = m.counts
+        gone = time.monotonic() - (c.gone_at or 0.0)
+        log.info(
+            "evicting mirror %s (its exporter gone %.1f s, nothing received since) to make "
+            "room for %s: --max-mirrors %d reached",
+            m.name, gone, key, self.config.max_mirrors,
+        )  # fmt: skip
+        self.evicted += 1
+        self._drop_mirror(m, delete=True)
+        self._evicted.pop(m.name, None)
+        self._evicted[m.name] = None
+        while len(self._evicted) > MAX_EVICTED:
+            oldest = next(iter(self._evicted))
+            del self._evicted[oldest]
+            if oldest not in self._mirrors and oldest not in self._pending:
+                self._counts.pop(oldest, None)
+                self.forgotten += 1
 
     def _live(self, c: _Counts) -> bool:
         """Whether the exporter of the incarnation ``c`` counts may still be there:
@@ -1081,6 +1163,8 @@ class ZenohBridge(Service):
                     c = self._counts.get(spec.name)
                     if c is not None and not c.received:
                         del self._counts[spec.name]  # never mirrored: nothing to count
+                    elif c is not None:
+                        self._evicted[spec.name] = None  # kept as an evicted name's
                     log.error(
                         "cannot mirror %s (trying again in %.0f s): %s",
                         spec.name, RETRY_SECONDS, done.reason,
@@ -1101,6 +1185,14 @@ class ZenohBridge(Service):
                 self._annotate(m)  # upstream_up, in the catalog too
                 f = pending.frame
                 if (f.incarnation, f.dtype, f.shape) == (m.incarnation, m.dtype, m.shape):
+                    if f.version == c.last:
+                        # The version a mirror made again (evicted, or deleted here)
+                        # had: its data again, counted once already.
+                        with contextlib.suppress(ShmcastError):
+                            m.pub.publish_bytes(
+                                pending.payload, version=f.version, timestamp_ns=f.timestamp_ns
+                            )
+                        continue
                     self._commit(key, m, (f.version, f.timestamp_ns), pending.payload)
                 else:  # the upstream moved on meanwhile: this sample remakes it
                     self._mirror(key, spec.name, f, pending.payload, live=True)
@@ -1116,8 +1208,16 @@ class ZenohBridge(Service):
     def _check_mirrors(self) -> None:
         """A mirror deleted on this host (``shmcast rm --force``, a reclaim) is made
         again from the upstream's latest version: written into the unlinked object,
-        versions reached nobody, and were counted as received."""
+        versions reached nobody, and were counted as received. A mirror whose token
+        is gone but that received a sample since the last look is not evictable
+        until the next look with none (its gone clock starts again): a sample put
+        before the token went may arrive after it (seen in a reproducer)."""
+        now = time.monotonic()
         with self._import_lock:
+            for m in self._mirrors.values():
+                c = m.counts
+                if c.gone_at is not None and c.received + c.stale != c.gone_seen:
+                    c.gone_at, c.gone_seen = now, c.received + c.stale
             gone = [m for m in self._mirrors.values() if not m.pub.segment.linked()]
             for m in gone:
                 log.warning("mirror %s was deleted here, not upstream: making it again", m.name)
@@ -1221,6 +1321,18 @@ class BridgeCollector(Collector):
                 "before its mirror was made, or one put while the mirror's exporter "
                 "stayed live",
                 st.refused,
+            ),
+            (
+                "evicted_mirrors",
+                "Mirrors deleted to make room for a new name past --max-mirrors: those "
+                "whose exporter had been gone longest, nothing received since",
+                st.evicted,
+            ),
+            (
+                "forgotten_names",
+                f"Evicted names whose counters were forgotten (over the {MAX_EVICTED} last "
+                "evicted, which are kept)",
+                st.forgotten,
             ),
         ):
             family = CounterMetricFamily(f"shmcast_bridge_{name}", doc, labels=["namespace"])

@@ -73,7 +73,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="most segments made for imports (256): any peer may put on a key an --import "
-        "expression matches, and each new key makes a segment",
+        "expression matches, and each new key makes a segment; past it, a new key evicts "
+        "the mirror whose exporter has been gone longest, or is refused if none is gone",
     )
     p.add_argument(
         "--max-mirror-bytes",

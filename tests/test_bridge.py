@@ -26,6 +26,7 @@ import pytest
 
 from shmcast.bridge import (
     AttachmentTemplate,
+    BridgeCollector,
     BridgeConfig,
     ZenohBridge,
     decode_attachment,
@@ -867,6 +868,87 @@ def test_a_flood_of_refused_names_is_warned_of_a_bounded_number_of_times(
         assert len(warned) == 3, [r.getMessage() for r in warned]
         assert Segment.list(b) == ["m"]
     finally:
+        session.close()
+        imp.close()
+
+
+def test_symbol_churn_evicts_the_mirrors_of_exporters_gone_longest_never_live_ones(
+    router: str, two_sides: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Names come and go on an exporter's side (market-data symbols): a mirror whose
+    exporter's token went stayed for ever, and once ``max_mirrors`` were held every
+    new name was refused (292 of 300 with 8 in a reproducer). A new name now takes
+    the place of the mirror whose exporter has been gone longest, with nothing
+    received since: deleted through the local broker (its readers see it deleted),
+    counted; a live exporter's (or one back after a cut link) is never evicted.
+    The counters of the last ``MAX_EVICTED`` (2 here) names evicted are kept."""
+    monkeypatch.setattr(bridge_zenoh, "MAX_EVICTED", 2, raising=False)
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), max_mirrors=3)
+    session = _plain_session(router)
+    liveliness = session.liveliness()
+    tokens: dict[str, Any] = {}
+
+    def up(name: str) -> None:
+        tokens[name] = liveliness.declare_token(f"shmcast/far/{name}")
+        wait_for(lambda: f"shmcast/far/{name}" in imp._tokens, 10, what=f"{name}'s token")
+        _put(session, name, 1)  # once: a put in flight would land after the token's end
+        wait_for(lambda: name in imp._mirrors and _version(imp, name) == 1, 10, what=name)
+
+    def segments(*names: str) -> None:
+        wait_for(lambda: sorted(Segment.list(b)) == list(names), 10, what=f"segments {names}")
+
+    def down(name: str) -> None:
+        tokens.pop(name).undeclare()
+        wait_for(lambda: _entry(b, name).get("upstream_up") is False, 10, what=f"{name} gone")
+
+    try:
+        tokens["live"] = liveliness.declare_token("shmcast/far/live")
+        wait_for(lambda: _put(session, "live", 1) or _version(imp, "live") == 1, 20, what="live")
+        up("a")
+        up("b")
+        down("a")
+        down("b")  # gone after a
+        with Segment.attach("a", namespace=b) as reader:
+            up("c")  # a's place: gone longest
+            wait_for(lambda: not reader.linked(), 10, what="a deleted here")
+        segments("b", "c", "live")
+        st = imp.stats()
+        assert (st.evicted, st.refused) == (1, 0)
+        assert st.imported["a"]["received"] == 1  # its counters stay
+        # A cut link: every token gone, then back; none of them is evicted.
+        for name in ("live", "c"):
+            down(name)
+        tokens["live"] = liveliness.declare_token("shmcast/far/live")
+        tokens["c"] = liveliness.declare_token("shmcast/far/c")
+        wait_for(lambda: _entry(b, "c").get("upstream_up") is True, 10, what="c back")
+        wait_for(lambda: _entry(b, "live").get("upstream_up") is True, 10, what="live back")
+        up("d")  # b's place, the only one gone
+        _put(session, "e", 1)  # nothing gone left: refused, as before
+        wait_for(lambda: imp.stats().refused == 1, 10, what="e refused")
+        segments("c", "d", "live")
+        # Back after its eviction: made again, its counters going on.
+        down("d")
+        up("a")
+        segments("a", "c", "live")
+        st = imp.stats()
+        assert (st.evicted, st.refused) == (3, 1)
+        assert st.imported["a"]["received"] == 1  # version 1 again: counted once
+        with Segment.attach("a", namespace=b) as again:
+            assert again.version == 1  # its data, though counted already
+        # Past the 2 evicted names kept (b, d), the counters of the oldest go.
+        down("a")
+        up("f")
+        segments("c", "f", "live")
+        st = imp.stats()
+        assert (st.evicted, st.forgotten) == (4, 1)
+        assert sorted(st.imported) == ["a", "c", "d", "f", "live"]
+        families = {f.name: f for f in BridgeCollector(imp.stats).collect()}
+        assert [x.value for x in families["shmcast_bridge_evicted_mirrors"].samples] == [4]
+        assert [x.value for x in families["shmcast_bridge_forgotten_names"].samples] == [1]
+    finally:
+        for token in tokens.values():
+            token.undeclare()
         session.close()
         imp.close()
 
