@@ -346,8 +346,8 @@ class BridgeStats:
     bad_samples: int = 0
     conflicts: int = 0
     refused: int = 0
-    #: Local segments to export that could not be attached (tried again at each
-    #: look at the catalog), and why.
+    #: Local segments to export that could not be attached, or declared on Zenoh
+    #: (tried again at each look at the catalog), and why.
     refused_exports: dict[str, str] = field(default_factory=dict)
 
 
@@ -372,8 +372,8 @@ class ZenohBridge(Service):
         super().__init__(f"zenoh bridge of namespace {self.namespace!r}")
         self._lock = threading.Lock()
         self._exports: dict[str, _Export] = {}
-        #: Segments to export that could not be attached: the kind of error (told
-        #: once in the log per name and kind) and its message.
+        #: Segments to export that could not be attached or declared: the kind of
+        #: error (told once in the log per name and kind) and its message.
         self._export_refused: dict[str, tuple[type[BaseException], str]] = {}
         self._mirrors: dict[str, _Mirror] = {}
         #: The same mirrors by their Zenoh key: the hot path's one lookup.
@@ -650,18 +650,13 @@ class ZenohBridge(Service):
             seg = Segment.attach(name, namespace=self.namespace, prefault=False, wait=0.2)
         except (ShmcastError, OSError) as exc:
             # This segment alone (out of descriptors is an OSError, no ShmcastError:
-            # it ended the run, every export and import with it); tried again at the
-            # next look at the catalog.
-            with self._lock:
-                told = self._export_refused.get(name, (None, ""))[0] is type(exc)
-                self._export_refused[name] = (type(exc), str(exc))
-            if not told:
-                log.warning("cannot export %s (trying again at each look at the "
-                            "catalog): %s", name, exc)  # fmt: skip
+            # it ended the run, every export and import with it).
+            self._refuse_export(name, exc)
             return
         key = key_of(self.namespace, name)
         session = self._session
         zenoh = self._zenoh
+        declared: list[Any] = []
         try:
             pub = session.declare_publisher(
                 key,
@@ -672,16 +667,28 @@ class ZenohBridge(Service):
                     else zenoh.CongestionControl.DROP
                 ),
             )
+            declared.append(pub)
             # Bound to this export: a get's own key expression may be a wildcard
             # (shmcast/lab/*) that names no segment.
             on_query = functools.partial(self._on_query, name)
             queryable = session.declare_queryable(
                 key, zenoh.handlers.Callback(on_query, indirect=False), complete=True
             )
+            declared.append(queryable)
             token = session.liveliness().declare_token(key)
-        except Exception:
+        except Exception as exc:
+            # What was declared for it goes (a publisher was left declared), and
+            # this segment alone is refused: a declaration refused by Zenoh (its
+            # access control, a closing session) ended the run, every export and
+            # import with it.
+            for entity in reversed(declared):
+                with contextlib.suppress(Exception):
+                    entity.undeclare()
             seg.close()
-            raise
+            if not isinstance(exc, zenoh.ZError):
+                raise
+            self._refuse_export(name, exc)
+            return
         staging = bytearray(seg.nbytes)
         encode = AttachmentTemplate(seg.dtype, seg.shape, seg.incarnation).encode
         e = _Export(name, key, seg, seg.incarnation, pub, token, queryable, staging, encode)
@@ -691,6 +698,16 @@ class ZenohBridge(Service):
             self._exports[name] = e
             self._export_refused.pop(name, None)
         log.info("exporting %s as %s", name, key)
+
+    def _refuse_export(self, name: str, exc: Exception) -> None:
+        """``name`` cannot be exported now: listed in ``refused_exports``, logged
+        once per kind of error, tried again at the next look at the catalog."""
+        with self._lock:
+            told = self._export_refused.get(name, (None, ""))[0] is type(exc)
+            self._export_refused[name] = (type(exc), str(exc))
+        if not told:
+            log.warning("cannot export %s (trying again at each look at the "
+                        "catalog): %s", name, exc)  # fmt: skip
 
     def _drop_export(self, e: _Export) -> None:
         for entity in (e.token, e.queryable, e.pub):
@@ -1184,7 +1201,7 @@ class BridgeCollector(Collector):
         }
         refused_exports = GaugeMetricFamily(
             "shmcast_bridge_refused_exports",
-            "Local segments to export that could not be attached; tried again",
+            "Local segments to export that could not be attached or declared on Zenoh; tried again",
             labels=["namespace"],
         )
         refused_exports.add_metric([st.namespace], len(st.refused_exports))

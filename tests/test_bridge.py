@@ -530,6 +530,84 @@ def test_a_segment_the_bridge_cannot_attach_is_refused_not_the_bridges_end(
             br.close()
 
 
+class _RefusingSession:
+    """Stands in for a bridge's Zenoh session: refuses the queryable of one key
+    while ``refuse`` is set, and tells which publishers are left declared."""
+
+    def __init__(self, session: Any, key: str) -> None:
+        self.session = session
+        self.key = key
+        self.refuse = True
+        self.publishers: dict[int, str] = {}  # declared, not undeclared
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+    def declare_publisher(self, key: str, **kw: Any) -> Any:
+        pub = self.session.declare_publisher(key, **kw)
+        self.publishers[id(pub)] = key
+        outer = self
+
+        class Publisher_:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(pub, name)
+
+            def undeclare(self) -> None:
+                outer.publishers.pop(id(pub), None)
+                pub.undeclare()
+
+        return Publisher_()
+
+    def declare_queryable(self, key: str, *args: Any, **kw: Any) -> Any:
+        if self.refuse and key == self.key:
+            raise zenoh.ZError("access denied (a forged refusal)")
+        return self.session.declare_queryable(key, *args, **kw)
+
+
+def test_a_zenoh_declaration_refused_for_one_export_refuses_that_export_alone(
+    router: str,
+    two_sides: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A declaration Zenoh refused for one exported segment (its access control, say)
+    ended the bridge's run, every export and import with it (here it never
+    started), and left the publisher declared before it declared. That segment
+    alone is refused, what was declared for it undeclared, and it is exported once
+    Zenoh lets it."""
+    a, _ = two_sides
+    sessions: list[_RefusingSession] = []
+    real_open = zenoh.open
+
+    def open_(conf: Any) -> Any:
+        sessions.append(_RefusingSession(real_open(conf), f"shmcast/{a}/bad"))
+        return sessions[-1]
+
+    monkeypatch.setattr(zenoh, "open", open_)
+    with (
+        Publisher("good", dtype="u1", shape=(8,), namespace=a) as good,
+        Publisher("bad", dtype="u1", shape=(8,), namespace=a) as bad,
+        caplog.at_level("WARNING", logger=bridge_zenoh.__name__),
+    ):
+        good.publish(np.ones(8, np.uint8))
+        bad.publish(np.ones(8, np.uint8))
+        br = _bridge(router, a, exports=("*",), catalog_interval=0.05)
+        try:
+            (session,) = sessions
+            wait_for(lambda: br.stats().exported.get("good", {}).get("sent") == 1, 10)
+            assert set(br.stats().refused_exports) == {"bad"}
+            assert sorted(session.publishers.values()) == [f"shmcast/{a}/good"]
+            said = [r.getMessage() for r in caplog.records if "bad" in r.getMessage()]
+            assert len(said) == 1, said
+            assert "access denied" in said[0], said
+            session.refuse = False
+            wait_for(lambda: br.stats().exported.get("bad", {}).get("sent") == 1, 10)
+            assert br.stats().refused_exports == {}
+        finally:
+            br.close()
+        assert session.publishers == {}
+
+
 def test_the_loss_of_an_exporter_shows_in_the_catalog(
     router: str, two_sides: tuple[str, str]
 ) -> None:
