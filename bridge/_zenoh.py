@@ -319,11 +319,15 @@ class _Counts:
 
 @dataclass
 class _Pending:
-    """The latest sample of a key whose mirror the local thread is making."""
+    """The latest sample of a key whose mirror the local thread is making (or held
+    back, see :class:`_Held`)."""
 
     key: str
     frame: Frame
     payload: bytes
+    #: The samples of its incarnation it stands for (it and those it replaced):
+    #: refused with it if it is never mirrored.
+    samples: int = 1
 
 
 @dataclass
@@ -333,7 +337,6 @@ class _Held:
     sample: _Pending
     at: float  #: when the first sample held for the name came (``time.monotonic()``)
     received: int  #: the name's versions received then (do they go on?)
-    samples: int = 1  #: of ``sample``'s incarnation, refused with it if never mirrored
 
 
 @dataclass(frozen=True)
@@ -911,15 +914,25 @@ class ZenohBridge(Service):
         log.debug("bad sample on %s: %s", key, exc)
 
     def _mirror(
-        self, key: str, name: str, frame: Frame, payload: bytes, *, live: bool, held: bool = False
+        self,
+        key: str,
+        name: str,
+        frame: Frame,
+        payload: bytes,
+        *,
+        live: bool,
+        held: bool = False,
+        samples: int = 1,
     ) -> _Mirror | None:
         """The mirror of ``key`` for ``frame``, or None while the local thread makes
         it (``payload`` is then committed once it exists) or when it cannot be made.
         ``held``: a sample :meth:`_renew_held` lets go (the mirror's incarnation is
-        not to be kept). Called with the import lock held."""
+        not to be kept). ``samples``: of ``frame``'s incarnation that it stands for
+        (a held or pending sample: those it replaced too), each counted if it is
+        refused. Called with the import lock held."""
         c = self._counts.get(name)
         if c is not None and c.key != key:
-            self.conflicts += 1  # two upstreams for one local name: the first wins
+            self.conflicts += samples  # two upstreams for one local name: the first wins
             return None
         m = self._mirrors.get(name)
         if m is not None:
@@ -932,20 +945,22 @@ class ZenohBridge(Service):
         if (old := self._pending.get(name)) is not None:
             # Being made: the latest is committed once it is (one it replaces is a
             # gap in the versions, counted skipped then; one of another incarnation
-            # is never mirrored: refused).
+            # is never mirrored: refused, with every sample it stood for).
             if old.frame.incarnation != frame.incarnation:
-                self.refused += 1
-            self._pending[name] = _Pending(key, frame, payload)
+                self.refused += old.samples
+            else:
+                samples += old.samples
+            self._pending[name] = _Pending(key, frame, payload, samples)
             return None
         if time.monotonic() < self._retry_at.get(name, 0.0):
-            self.conflicts += 1
+            self.conflicts += samples
             return None
         # The limits are checked before an old mirror goes: a refused sample
         # changes nothing here.
         size = segment_size(frame.nbytes, self.config.slots)
         others = len(self._mirrors) + len(self._pending) - (m is not None)
         if size > self.config.max_mirror_bytes or others >= self.config.max_mirrors:
-            self.refused += 1
+            self.refused += samples
             if name not in self._over and len(self._over) < MAX_WARNED:
                 self._over.add(name)  # bounded: any peer may send any number of names
                 log.warning(
@@ -956,7 +971,7 @@ class ZenohBridge(Service):
                 )  # fmt: skip
             return None
         if (short := self._shm_short(size, m)) is not None:
-            self.refused += 1
+            self.refused += samples
             if name not in self._over and len(self._over) < MAX_WARNED:
                 self._over.add(name)
                 log.warning("not mirroring %s: %s", key, short)
@@ -965,7 +980,7 @@ class ZenohBridge(Service):
             assert c is not None  # a mirror's name has its counts
             now = time.monotonic()
             if now < c.renewed_at + RENEW_SECONDS or (not held and self._live(c)):
-                self._hold(key, name, frame, payload, c, now)
+                self._hold(_Pending(key, frame, payload, samples), name, c, now)
                 return None
             self._held.pop(name, None)
             c.renewed_at = now
@@ -983,7 +998,7 @@ class ZenohBridge(Service):
             c.incarnation = frame.incarnation
             c.last = last or 0
             c.token_lost = False
-        self._pending[name] = _Pending(key, frame, payload)
+        self._pending[name] = _Pending(key, frame, payload, samples)
         assert self._local is not None
         layout = (dtype_str(frame.dtype), frame.shape, self.config.slots)
         self._local.create(
@@ -1026,9 +1041,7 @@ class ZenohBridge(Service):
             c.token_lost = False
         return not c.token_lost
 
-    def _hold(
-        self, key: str, name: str, frame: Frame, payload: bytes, c: _Counts, now: float
-    ) -> None:
+    def _hold(self, pending: _Pending, name: str, c: _Counts, now: float) -> None:
         """Keep the latest sample of a new incarnation of ``name`` back:
         :meth:`_renew_held` makes it once :data:`RENEW_SECONDS` have gone by since
         the name's last new incarnation, and refuses it if the mirror's own
@@ -1041,7 +1054,7 @@ class ZenohBridge(Service):
         incarnation, its version is a gap, counted skipped once the mirror is
         made.) Called with the import lock held."""
         held = self._held.get(name)
-        pending = _Pending(key, frame, payload)
+        key = pending.key
         if held is None:
             if name not in self._held_warned and len(self._held_warned) < MAX_WARNED:
                 self._held_warned.add(name)
@@ -1049,12 +1062,12 @@ class ZenohBridge(Service):
                             "less than %.0f s old: holding it back (a peer putting "
                             "incarnations of its own?)", key, RENEW_SECONDS)  # fmt: skip
             self._held[name] = _Held(pending, now, c.received)
-        elif held.sample.frame.incarnation != frame.incarnation:
-            self.refused += held.samples
-            held.sample, held.samples = pending, 1
-        else:
+        elif held.sample.frame.incarnation != pending.frame.incarnation:
+            self.refused += held.sample.samples
             held.sample = pending
-            held.samples += 1
+        else:
+            pending.samples += held.sample.samples
+            held.sample = pending
 
     def _renew_held(self) -> None:
         """Make the mirrors of the held new incarnations whose time has come, or
@@ -1073,12 +1086,12 @@ class ZenohBridge(Service):
                     if c.received > held.received:
                         # It does, its exporter's token up: the other one is a peer's.
                         del self._held[name]
-                        self.refused += held.samples
+                        self.refused += held.sample.samples
                         continue
                 del self._held[name]
                 p = held.sample
                 f = p.frame
-                m = self._mirror(p.key, name, f, p.payload, live=True, held=True)
+                m = self._mirror(p.key, name, f, p.payload, live=True, held=True, samples=p.samples)
                 if m is not None:
                     self._commit(p.key, m, (f.version, f.timestamp_ns), p.payload)
 
@@ -1094,7 +1107,9 @@ class ZenohBridge(Service):
                     if len(self._retry_at) >= MAX_WARNED:  # any peer may send any names
                         self._retry_at = {n: t for n, t in self._retry_at.items() if t > now}
                     self._retry_at[spec.name] = now + RETRY_SECONDS
-                    self.conflicts += 1
+                    # Every sample that came while it was being made (the latest stood
+                    # for them): one was counted, the others lost silently.
+                    self.conflicts += 1 if pending is None else pending.samples
                     c = self._counts.get(spec.name)
                     if c is not None and not c.received:
                         del self._counts[spec.name]  # never mirrored: nothing to count
@@ -1120,7 +1135,9 @@ class ZenohBridge(Service):
                 if (f.incarnation, f.dtype, f.shape) == (m.incarnation, m.dtype, m.shape):
                     self._commit(key, m, (f.version, f.timestamp_ns), pending.payload)
                 else:  # the upstream moved on meanwhile: this sample remakes it
-                    self._mirror(key, spec.name, f, pending.payload, live=True)
+                    self._mirror(
+                        key, spec.name, f, pending.payload, live=True, samples=pending.samples
+                    )
 
     def _drop_mirror(self, m: _Mirror, *, delete: bool) -> None:
         """Forget ``m`` (its counts stay); called with the import lock held."""
