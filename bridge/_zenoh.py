@@ -958,23 +958,11 @@ class ZenohBridge(Service):
         # The limits are checked before an old mirror goes: a refused sample
         # changes nothing here.
         size = segment_size(frame.nbytes, self.config.slots)
-        others = len(self._mirrors) + len(self._pending) - (m is not None)
-        if size > self.config.max_mirror_bytes or others >= self.config.max_mirrors:
+        if (why := self._over_limits(size, m)) is not None:
             self.refused += samples
             if name not in self._over and len(self._over) < MAX_WARNED:
                 self._over.add(name)  # bounded: any peer may send any number of names
-                log.warning(
-                    "not mirroring %s: a %d-byte segment, with %d mirrors made; the limits "
-                    "are --max-mirror-bytes %d and --max-mirrors %d",
-                    key, size, len(self._mirrors), self.config.max_mirror_bytes,
-                    self.config.max_mirrors,
-                )  # fmt: skip
-            return None
-        if (short := self._shm_short(size, m)) is not None:
-            self.refused += samples
-            if name not in self._over and len(self._over) < MAX_WARNED:
-                self._over.add(name)
-                log.warning("not mirroring %s: %s", key, short)
+                log.warning("not mirroring %s: %s", key, why)
             return None
         if m is not None:
             assert c is not None  # a mirror's name has its counts
@@ -1016,13 +1004,22 @@ class ZenohBridge(Service):
         )
         return None
 
-    def _shm_short(self, size: int, old: _Mirror | None) -> str | None:
-        """Why a mirror of ``size`` bytes would leave too little of /dev/shm free
-        (:func:`shm_shortfall`, counting the mirrors being made, and ``old``, the
-        mirror it replaces, as freed: counted as taken, a mirror of more than 45%
-        of /dev/shm never followed a new incarnation), or None. Any peer may put
-        on an imported key. Called with the import lock held."""
-        slots = self.config.slots
+    def _over_limits(self, size: int, old: _Mirror | None) -> str | None:
+        """Why a mirror of ``size`` bytes (in place of ``old``, if any) may not be
+        made now, or None: over ``--max-mirror-bytes`` or ``--max-mirrors``, or
+        it would leave too little of /dev/shm free (:func:`shm_shortfall`,
+        counting the mirrors being made, and ``old`` as freed: counted as taken,
+        a mirror of more than 45% of /dev/shm never followed a new incarnation).
+        Any peer may put on an imported key. Called with the import lock held."""
+        cfg = self.config
+        others = len(self._mirrors) + len(self._pending) - (old is not None)
+        if size > cfg.max_mirror_bytes or others >= cfg.max_mirrors:
+            return (
+                f"a {size}-byte segment, with {len(self._mirrors)} mirrors made; the limits "
+                f"are --max-mirror-bytes {cfg.max_mirror_bytes} and --max-mirrors "
+                f"{cfg.max_mirrors}"
+            )
+        slots = cfg.slots
         making = sum(segment_size(p.frame.nbytes, slots) for p in self._pending.values())
         freed = 0 if old is None else segment_size(old.pub.segment.nbytes, slots)
         return shm_shortfall(size, making=making, freed=freed)
