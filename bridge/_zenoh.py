@@ -332,11 +332,15 @@ class _Counts:
 
 @dataclass
 class _Pending:
-    """The latest sample of a key whose mirror the local thread is making."""
+    """The latest sample of a key whose mirror the local thread is making (or held
+    back, see :class:`_Held`)."""
 
     key: str
     frame: Frame
     payload: bytes
+    #: The samples of its incarnation it stands for (it and those it replaced):
+    #: refused with it if it is never mirrored.
+    samples: int = 1
 
 
 @dataclass
@@ -346,7 +350,6 @@ class _Held:
     sample: _Pending
     at: float  #: when the first sample held for the name came (``time.monotonic()``)
     received: int  #: the name's versions received then (do they go on?)
-    samples: int = 1  #: of ``sample``'s incarnation, refused with it if never mirrored
 
 
 @dataclass(frozen=True)
@@ -359,8 +362,8 @@ class BridgeStats:
     bad_samples: int = 0
     conflicts: int = 0
     refused: int = 0
-    #: Local segments to export that could not be attached (tried again at each
-    #: look at the catalog), and why.
+    #: Local segments to export that could not be attached, or declared on Zenoh
+    #: (tried again at each look at the catalog), and why.
     refused_exports: dict[str, str] = field(default_factory=dict)
     #: Mirrors deleted to make room for a new name (their exporter gone longest).
     evicted: int = 0
@@ -389,8 +392,8 @@ class ZenohBridge(Service):
         super().__init__(f"zenoh bridge of namespace {self.namespace!r}")
         self._lock = threading.Lock()
         self._exports: dict[str, _Export] = {}
-        #: Segments to export that could not be attached: the kind of error (told
-        #: once in the log per name and kind) and its message.
+        #: Segments to export that could not be attached or declared: the kind of
+        #: error (told once in the log per name and kind) and its message.
         self._export_refused: dict[str, tuple[type[BaseException], str]] = {}
         self._mirrors: dict[str, _Mirror] = {}
         #: The same mirrors by their Zenoh key: the hot path's one lookup.
@@ -674,18 +677,13 @@ class ZenohBridge(Service):
             seg = Segment.attach(name, namespace=self.namespace, prefault=False, wait=0.2)
         except (ShmcastError, OSError) as exc:
             # This segment alone (out of descriptors is an OSError, no ShmcastError:
-            # it ended the run, every export and import with it); tried again at the
-            # next look at the catalog.
-            with self._lock:
-                told = self._export_refused.get(name, (None, ""))[0] is type(exc)
-                self._export_refused[name] = (type(exc), str(exc))
-            if not told:
-                log.warning("cannot export %s (trying again at each look at the "
-                            "catalog): %s", name, exc)  # fmt: skip
+            # it ended the run, every export and import with it).
+            self._refuse_export(name, exc)
             return
         key = key_of(self.namespace, name)
         session = self._session
         zenoh = self._zenoh
+        declared: list[Any] = []
         try:
             pub = session.declare_publisher(
                 key,
@@ -696,16 +694,28 @@ class ZenohBridge(Service):
                     else zenoh.CongestionControl.DROP
                 ),
             )
+            declared.append(pub)
             # Bound to this export: a get's own key expression may be a wildcard
             # (shmcast/lab/*) that names no segment.
             on_query = functools.partial(self._on_query, name)
             queryable = session.declare_queryable(
                 key, zenoh.handlers.Callback(on_query, indirect=False), complete=True
             )
+            declared.append(queryable)
             token = session.liveliness().declare_token(key)
-        except Exception:
+        except Exception as exc:
+            # What was declared for it goes (a publisher was left declared), and
+            # this segment alone is refused: a declaration refused by Zenoh (its
+            # access control, a closing session) ended the run, every export and
+            # import with it.
+            for entity in reversed(declared):
+                with contextlib.suppress(Exception):
+                    entity.undeclare()
             seg.close()
-            raise
+            if not isinstance(exc, zenoh.ZError):
+                raise
+            self._refuse_export(name, exc)
+            return
         staging = bytearray(seg.nbytes)
         encode = AttachmentTemplate(seg.dtype, seg.shape, seg.incarnation).encode
         e = _Export(name, key, seg, seg.incarnation, pub, token, queryable, staging, encode)
@@ -715,6 +725,16 @@ class ZenohBridge(Service):
             self._exports[name] = e
             self._export_refused.pop(name, None)
         log.info("exporting %s as %s", name, key)
+
+    def _refuse_export(self, name: str, exc: Exception) -> None:
+        """``name`` cannot be exported now: listed in ``refused_exports``, logged
+        once per kind of error, tried again at the next look at the catalog."""
+        with self._lock:
+            told = self._export_refused.get(name, (None, ""))[0] is type(exc)
+            self._export_refused[name] = (type(exc), str(exc))
+        if not told:
+            log.warning("cannot export %s (trying again at each look at the "
+                        "catalog): %s", name, exc)  # fmt: skip
 
     def _drop_export(self, e: _Export) -> None:
         for entity in (e.token, e.queryable, e.pub):
@@ -922,15 +942,25 @@ class ZenohBridge(Service):
         log.debug("bad sample on %s: %s", key, exc)
 
     def _mirror(
-        self, key: str, name: str, frame: Frame, payload: bytes, *, live: bool, held: bool = False
+        self,
+        key: str,
+        name: str,
+        frame: Frame,
+        payload: bytes,
+        *,
+        live: bool,
+        held: bool = False,
+        samples: int = 1,
     ) -> _Mirror | None:
         """The mirror of ``key`` for ``frame``, or None while the local thread makes
         it (``payload`` is then committed once it exists) or when it cannot be made.
         ``held``: a sample :meth:`_renew_held` lets go (the mirror's incarnation is
-        not to be kept). Called with the import lock held."""
+        not to be kept). ``samples``: of ``frame``'s incarnation that it stands for
+        (a held or pending sample: those it replaced too), each counted if it is
+        refused. Called with the import lock held."""
         c = self._counts.get(name)
         if c is not None and c.key != key:
-            self.conflicts += 1  # two upstreams for one local name: the first wins
+            self.conflicts += samples  # two upstreams for one local name: the first wins
             return None
         m = self._mirrors.get(name)
         if m is not None:
@@ -943,47 +973,35 @@ class ZenohBridge(Service):
         if (old := self._pending.get(name)) is not None:
             # Being made: the latest is committed once it is (one it replaces is a
             # gap in the versions, counted skipped then; one of another incarnation
-            # is never mirrored: refused).
+            # is never mirrored: refused, with every sample it stood for).
             if old.frame.incarnation != frame.incarnation:
-                self.refused += 1
-            self._pending[name] = _Pending(key, frame, payload)
+                self.refused += old.samples
+            else:
+                samples += old.samples
+            self._pending[name] = _Pending(key, frame, payload, samples)
             return None
         if time.monotonic() < self._retry_at.get(name, 0.0):
-            self.conflicts += 1
+            self.conflicts += samples
             return None
         # The limits are checked before an old mirror goes: a refused sample
         # changes nothing here. A new name past --max-mirrors takes the place of
         # mirrors whose exporters are gone (the longest gone first), if any.
         size = segment_size(frame.nbytes, self.config.slots)
-        others = len(self._mirrors) + len(self._pending) - (m is not None)
-        over = others + 1 - self.config.max_mirrors
-        victims = self._evictable(over) if m is None else ([] if over <= 0 else None)
-        if size > self.config.max_mirror_bytes or victims is None:
-            self.refused += 1
+        why, victims = self._over_limits(size, m)
+        if why is not None:
+            self.refused += samples
             if name not in self._over and len(self._over) < MAX_WARNED:
                 self._over.add(name)  # bounded: any peer may send any number of names
-                log.warning(
-                    "not mirroring %s: a %d-byte segment, with %d mirrors made (none of an "
-                    "exporter gone, to evict); the limits are --max-mirror-bytes %d and "
-                    "--max-mirrors %d",
-                    key, size, len(self._mirrors), self.config.max_mirror_bytes,
-                    self.config.max_mirrors,
-                )  # fmt: skip
-            return None
-        if (short := self._shm_short(size, [m] if m is not None else victims)) is not None:
-            self.refused += 1
-            if name not in self._over and len(self._over) < MAX_WARNED:
-                self._over.add(name)
-                log.warning("not mirroring %s: %s", key, short)
+                log.warning("not mirroring %s: %s", key, why)
             return None
         self._evicted.pop(name, None)  # mirrored again: its counters are in use
-        for v in victims or ():
+        for v in victims:
             self._evict(v, key)
         if m is not None:
             assert c is not None  # a mirror's name has its counts
             now = time.monotonic()
             if now < c.renewed_at + RENEW_SECONDS or (not held and self._live(c)):
-                self._hold(key, name, frame, payload, c, now)
+                self._hold(_Pending(key, frame, payload, samples), name, c, now)
                 return None
             self._held.pop(name, None)
             c.renewed_at = now
@@ -1001,7 +1019,7 @@ class ZenohBridge(Service):
             c.incarnation = frame.incarnation
             c.last = last or 0
             c.token_lost = False
-        self._pending[name] = _Pending(key, frame, payload)
+        self._pending[name] = _Pending(key, frame, payload, samples)
         assert self._local is not None
         layout = (dtype_str(frame.dtype), frame.shape, self.config.slots)
         self._local.create(
@@ -1019,16 +1037,30 @@ class ZenohBridge(Service):
         )
         return None
 
-    def _shm_short(self, size: int, old: list[_Mirror]) -> str | None:
-        """Why a mirror of ``size`` bytes would leave too little of /dev/shm free
-        (:func:`shm_shortfall`, counting the mirrors being made, and ``old``, the
-        mirror it replaces or those evicted for it, as freed: counted as taken, a
-        mirror of more than 45% of /dev/shm never followed a new incarnation), or
-        None. Any peer may put on an imported key. Called with the import lock held."""
-        slots = self.config.slots
+    def _over_limits(self, size: int, old: _Mirror | None) -> tuple[str | None, list[_Mirror]]:
+        """Why a mirror of ``size`` bytes (in place of ``old``, if any) may not be
+        made now, or None, with the mirrors to evict for it (:meth:`_evictable`):
+        over ``--max-mirror-bytes``, or past ``--max-mirrors`` with no mirror of an
+        exporter gone to evict, or it would leave too little of /dev/shm free
+        (:func:`shm_shortfall`, counting the mirrors being made, and ``old`` or the
+        mirrors evicted for it as freed: counted as taken, a mirror of more than
+        45% of /dev/shm never followed a new incarnation). Any peer may put on an
+        imported key. Called with the import lock held."""
+        cfg = self.config
+        others = len(self._mirrors) + len(self._pending) - (old is not None)
+        over = others + 1 - cfg.max_mirrors
+        victims = self._evictable(over) if old is None else ([] if over <= 0 else None)
+        if size > cfg.max_mirror_bytes or victims is None:
+            return (
+                f"a {size}-byte segment, with {len(self._mirrors)} mirrors made (none of an "
+                f"exporter gone, to evict); the limits are --max-mirror-bytes "
+                f"{cfg.max_mirror_bytes} and --max-mirrors {cfg.max_mirrors}"
+            ), []
+        slots = cfg.slots
         making = sum(segment_size(p.frame.nbytes, slots) for p in self._pending.values())
-        freed = sum(segment_size(o.pub.segment.nbytes, slots) for o in old)
-        return shm_shortfall(size, making=making, freed=freed)
+        gone = [old] if old is not None else victims
+        freed = sum(segment_size(o.pub.segment.nbytes, slots) for o in gone)
+        return shm_shortfall(size, making=making, freed=freed), victims
 
     def _evictable(self, n: int) -> list[_Mirror] | None:
         """The ``n`` mirrors whose exporters have been gone longest: their key's
@@ -1091,9 +1123,7 @@ class ZenohBridge(Service):
             c.token_lost = False
         return not c.token_lost
 
-    def _hold(
-        self, key: str, name: str, frame: Frame, payload: bytes, c: _Counts, now: float
-    ) -> None:
+    def _hold(self, pending: _Pending, name: str, c: _Counts, now: float) -> None:
         """Keep the latest sample of a new incarnation of ``name`` back:
         :meth:`_renew_held` makes it once :data:`RENEW_SECONDS` have gone by since
         the name's last new incarnation, and refuses it if the mirror's own
@@ -1106,7 +1136,7 @@ class ZenohBridge(Service):
         incarnation, its version is a gap, counted skipped once the mirror is
         made.) Called with the import lock held."""
         held = self._held.get(name)
-        pending = _Pending(key, frame, payload)
+        key = pending.key
         if held is None:
             if name not in self._held_warned and len(self._held_warned) < MAX_WARNED:
                 self._held_warned.add(name)
@@ -1114,12 +1144,12 @@ class ZenohBridge(Service):
                             "less than %.0f s old: holding it back (a peer putting "
                             "incarnations of its own?)", key, RENEW_SECONDS)  # fmt: skip
             self._held[name] = _Held(pending, now, c.received)
-        elif held.sample.frame.incarnation != frame.incarnation:
-            self.refused += held.samples
-            held.sample, held.samples = pending, 1
-        else:
+        elif held.sample.frame.incarnation != pending.frame.incarnation:
+            self.refused += held.sample.samples
             held.sample = pending
-            held.samples += 1
+        else:
+            pending.samples += held.sample.samples
+            held.sample = pending
 
     def _renew_held(self) -> None:
         """Make the mirrors of the held new incarnations whose time has come, or
@@ -1138,12 +1168,12 @@ class ZenohBridge(Service):
                     if c.received > held.received:
                         # It does, its exporter's token up: the other one is a peer's.
                         del self._held[name]
-                        self.refused += held.samples
+                        self.refused += held.sample.samples
                         continue
                 del self._held[name]
                 p = held.sample
                 f = p.frame
-                m = self._mirror(p.key, name, f, p.payload, live=True, held=True)
+                m = self._mirror(p.key, name, f, p.payload, live=True, held=True, samples=p.samples)
                 if m is not None:
                     self._commit(p.key, m, (f.version, f.timestamp_ns), p.payload)
 
@@ -1159,7 +1189,9 @@ class ZenohBridge(Service):
                     if len(self._retry_at) >= MAX_WARNED:  # any peer may send any names
                         self._retry_at = {n: t for n, t in self._retry_at.items() if t > now}
                     self._retry_at[spec.name] = now + RETRY_SECONDS
-                    self.conflicts += 1
+                    # Every sample that came while it was being made (the latest stood
+                    # for them): one was counted, the others lost silently.
+                    self.conflicts += 1 if pending is None else pending.samples
                     c = self._counts.get(spec.name)
                     if c is not None and not c.received:
                         del self._counts[spec.name]  # never mirrored: nothing to count
@@ -1195,7 +1227,9 @@ class ZenohBridge(Service):
                         continue
                     self._commit(key, m, (f.version, f.timestamp_ns), pending.payload)
                 else:  # the upstream moved on meanwhile: this sample remakes it
-                    self._mirror(key, spec.name, f, pending.payload, live=True)
+                    self._mirror(
+                        key, spec.name, f, pending.payload, live=True, samples=pending.samples
+                    )
 
     def _drop_mirror(self, m: _Mirror, *, delete: bool) -> None:
         """Forget ``m`` (its counts stay); called with the import lock held."""
@@ -1284,7 +1318,7 @@ class BridgeCollector(Collector):
         }
         refused_exports = GaugeMetricFamily(
             "shmcast_bridge_refused_exports",
-            "Local segments to export that could not be attached; tried again",
+            "Local segments to export that could not be attached or declared on Zenoh; tried again",
             labels=["namespace"],
         )
         refused_exports.add_metric([st.namespace], len(st.refused_exports))

@@ -69,6 +69,12 @@ CHECK_EVERY = 64
 #: Seconds the topics a subscriber was told it has room for stay promised to it
 #: (:meth:`Events.room`): it subscribes right after the answer.
 RESERVE_SECONDS = 5.0
+#: Askers a topic is promised to by name, at most (any reader may ask): those
+#: beyond keep it promised until it expires, whoever lets go.
+MAX_ASKERS = 8
+#: Stands for the askers beyond :data:`MAX_ASKERS` (no asker is named so: askers
+#: are a role, a NUL and a ZeroMQ routing id).
+_OTHERS = b"*"
 #: The fix an error about what sits at an ipc path names.
 _FIX_PATH = "give another ipc:// path, or remove what is there yourself if it may go"
 
@@ -226,7 +232,8 @@ class Events:
         self._received = 0  # subscriptions since the last reset (when TOPICS_COUNT fails)
         self._peers: Counter[str] = Counter()
         self._subscribed: Counter[bytes] = Counter()  # topic -> subscriptions held
-        self._promised: dict[bytes, tuple[float, bytes]] = {}  # topic -> (until, asker)
+        #: topic -> {asker: until}: promised while any asker's promise is live.
+        self._promised: dict[bytes, dict[bytes, float]] = {}
         self.sock = self._socket()
 
     def _socket(self) -> zmq.Socket[Any]:
@@ -306,23 +313,33 @@ class Events:
         over and over. An asker told that ``tpcs`` do not fit will not subscribe:
         what was promised to it before (the other chunks of its names) is let go.
         Before, those promises stayed for their 5 s, and a subscriber that fitted
-        beside the topics held was refused for topics nobody would take.
+        beside the topics held was refused for topics nobody would take. A topic
+        already promised to another asker is promised to this one too: it stays
+        promised until each lets go (or its promise expires). Before, it stayed
+        the first asker's alone, and when that one failed and let go, the second
+        one's topics were counted nowhere until its subscriptions came: a third
+        subscriber was let in over ``max_subscriptions``.
 
         Returns:
             (topics held or promised, topics of ``tpcs`` that are neither,
             whether those fit within ``max_subscriptions``).
         """
         now = time.monotonic()
-        self._promised = {
-            t: (until, who)
-            for t, (until, who) in self._promised.items()
-            if until > now and not self.subscribed(t)
-        }
-        held = self._count() + len(self._promised)
-        new = [t for t in tpcs if not self.subscribed(t) and t not in self._promised]
+        promised: dict[bytes, dict[bytes, float]] = {}
+        for t, askers in self._promised.items():
+            if not self.subscribed(t) and (live := {a: u for a, u in askers.items() if u > now}):
+                promised[t] = live
+        self._promised = promised
+        held = self._count() + len(promised)
+        new = [t for t in tpcs if not self.subscribed(t) and t not in promised]
         fits = held + len(new) <= self.max_subscriptions
         if promise and fits:
-            self._promised.update(dict.fromkeys(new, (now + RESERVE_SECONDS, asker)))
+            until = now + RESERVE_SECONDS
+            for t in tpcs:
+                if not self.subscribed(t):
+                    askers = promised.setdefault(t, {})
+                    who = asker if asker in askers or len(askers) < MAX_ASKERS else _OTHERS
+                    askers[who] = until
         elif promise:
             self.release(asker)
         return held, len(new), fits
@@ -330,7 +347,9 @@ class Events:
     def release(self, asker: bytes) -> None:
         """Let go of what was promised to ``asker`` (:meth:`room`): a subscriber that
         failed to start after its answer will not subscribe."""
-        self._promised = {t: p for t, p in self._promised.items() if p[1] != asker}
+        for t, askers in list(self._promised.items()):
+            if askers.pop(asker, None) is not None and not askers:
+                del self._promised[t]
 
     def held(self) -> int:
         """The distinct topics the endpoint holds now."""

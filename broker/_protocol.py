@@ -10,9 +10,10 @@ Control (client DEALER -> broker ROUTER): one frame, a msgpack map
 (``names``, ``broker``, ``reserve``, ``release``) how many of those segments' topics (and the
 broker's) the events endpoint does not hold yet (``new``), beside those it holds or
 has promised (``held``), ``max`` and whether they fit (``fits``); with ``reserve``
-true, topics that fit are promised to the asker for a few seconds, and an asker told
-they do not fit loses what was promised to it before; with ``release`` true, first
-the asker's promises go (a subscriber that failed to start).
+true, topics that fit are promised to the asker for a few seconds (those already
+promised to another asker too: a topic stays promised until each lets go), and an
+asker told they do not fit loses what was promised to it before; with ``release``
+true, first the asker's promises go (a subscriber that failed to start).
 
 Events (broker PUB -> SUB): two frames, ``[topic, body]``. The topic is the
 segment name followed by a NUL byte (``b"ticks\\0"``), so a subscription to

@@ -531,6 +531,84 @@ def test_a_segment_the_bridge_cannot_attach_is_refused_not_the_bridges_end(
             br.close()
 
 
+class _RefusingSession:
+    """Stands in for a bridge's Zenoh session: refuses the queryable of one key
+    while ``refuse`` is set, and tells which publishers are left declared."""
+
+    def __init__(self, session: Any, key: str) -> None:
+        self.session = session
+        self.key = key
+        self.refuse = True
+        self.publishers: dict[int, str] = {}  # declared, not undeclared
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+    def declare_publisher(self, key: str, **kw: Any) -> Any:
+        pub = self.session.declare_publisher(key, **kw)
+        self.publishers[id(pub)] = key
+        outer = self
+
+        class Publisher_:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(pub, name)
+
+            def undeclare(self) -> None:
+                outer.publishers.pop(id(pub), None)
+                pub.undeclare()
+
+        return Publisher_()
+
+    def declare_queryable(self, key: str, *args: Any, **kw: Any) -> Any:
+        if self.refuse and key == self.key:
+            raise zenoh.ZError("access denied (a forged refusal)")
+        return self.session.declare_queryable(key, *args, **kw)
+
+
+def test_a_zenoh_declaration_refused_for_one_export_refuses_that_export_alone(
+    router: str,
+    two_sides: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A declaration Zenoh refused for one exported segment (its access control, say)
+    ended the bridge's run, every export and import with it (here it never
+    started), and left the publisher declared before it declared. That segment
+    alone is refused, what was declared for it undeclared, and it is exported once
+    Zenoh lets it."""
+    a, _ = two_sides
+    sessions: list[_RefusingSession] = []
+    real_open = zenoh.open
+
+    def open_(conf: Any) -> Any:
+        sessions.append(_RefusingSession(real_open(conf), f"shmcast/{a}/bad"))
+        return sessions[-1]
+
+    monkeypatch.setattr(zenoh, "open", open_)
+    with (
+        Publisher("good", dtype="u1", shape=(8,), namespace=a) as good,
+        Publisher("bad", dtype="u1", shape=(8,), namespace=a) as bad,
+        caplog.at_level("WARNING", logger=bridge_zenoh.__name__),
+    ):
+        good.publish(np.ones(8, np.uint8))
+        bad.publish(np.ones(8, np.uint8))
+        br = _bridge(router, a, exports=("*",), catalog_interval=0.05)
+        try:
+            (session,) = sessions
+            wait_for(lambda: br.stats().exported.get("good", {}).get("sent") == 1, 10)
+            assert set(br.stats().refused_exports) == {"bad"}
+            assert sorted(session.publishers.values()) == [f"shmcast/{a}/good"]
+            said = [r.getMessage() for r in caplog.records if "bad" in r.getMessage()]
+            assert len(said) == 1, said
+            assert "access denied" in said[0], said
+            session.refuse = False
+            wait_for(lambda: br.stats().exported.get("bad", {}).get("sent") == 1, 10)
+            assert br.stats().refused_exports == {}
+        finally:
+            br.close()
+        assert session.publishers == {}
+
+
 def test_the_loss_of_an_exporter_shows_in_the_catalog(
     router: str, two_sides: tuple[str, str]
 ) -> None:
@@ -840,6 +918,108 @@ def test_a_held_incarnation_hides_no_later_refusal_from_the_log(
             _put(session, "a", 1, incarnation=6, shape=(8 << 10,))  # over --max-mirror-bytes
             wait_for(lambda: "not mirroring" in caplog.text, 5, what="the refusal logged")
     finally:
+        session.close()
+        imp.close()
+
+
+def test_a_held_incarnation_refused_at_its_renewal_counts_every_sample_it_stood_for(
+    router: str, two_sides: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A held new incarnation stands for every sample of it that came while held;
+    refused by the limits when its time came (here /dev/shm filled meanwhile), it
+    added 1 to ``refused``: 3 samples put, 1 counted, 2 lost silently."""
+    space = [1 << 20]  # free bytes of the 1 MiB said to be /dev/shm
+    monkeypatch.setattr(relay_local, "_shm_space", lambda: (1 << 20, space[0]))
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), catalog_interval=0.05)
+    session = _plain_session(router)
+    try:
+        made = lambda inc: getattr(imp._mirrors.get("a"), "incarnation", 0) == inc  # noqa: E731
+        wait_for(lambda: _put(session, "a", 1) or made(3), 20, what="mirror a")
+        monkeypatch.setattr(bridge_zenoh, "RENEW_SECONDS", 3600.0)  # held until let go
+        wait_for(lambda: _put(session, "a", 1, incarnation=4) or made(4), 10, what="renewed")
+        before = imp.stats().refused
+        for v in (1, 2, 3):
+            _put(session, "a", v, incarnation=5)
+        # Samples of one session come in order: once z is mirrored, a's are held.
+        wait_for(lambda: _put(session, "z", 1) or _version(imp, "z") == 1, 10, what="z")
+        assert "a" in imp._held
+        space[0] = 0
+        monkeypatch.setattr(bridge_zenoh, "RENEW_SECONDS", 0.0)  # its time has come
+        wait_for(lambda: "a" not in imp._held, 10, what="the held one let go")
+        assert imp.stats().refused - before == 3  # was 1
+        assert made(4)
+    finally:
+        session.close()
+        imp.close()
+
+
+def test_a_mirror_being_made_replaced_by_another_incarnation_counts_all_its_samples(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """The samples that came for a mirror while it was being made are one sample (the
+    latest); replaced by one of another incarnation, it was never mirrored and
+    added 1 to ``refused``: 3 samples of it put, 2 lost silently."""
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",))
+    session = _plain_session(router)
+    local = imp._local
+    assert local is not None
+    real_create = local.create
+    asked: list[Any] = []
+    try:
+        local.create = asked.append  # type: ignore[method-assign]  # a broker that stalls
+        for v in (1, 2, 3):
+            _put(session, "p", v, incarnation=3)
+        _put(session, "p", 1, incarnation=4)
+        wait_for(lambda: imp.stats().refused >= 1, 10, what="incarnation 3 replaced")
+        local.create = real_create  # type: ignore[method-assign]
+        real_create(asked[0])  # the stalled broker answers
+        wait_for(lambda: getattr(imp._mirrors.get("p"), "incarnation", 0) == 4
+                 and _version(imp, "p") == 1, 10, what="incarnation 4 mirrored")  # fmt: skip
+        st = imp.stats()
+        assert (st.imported["p"]["received"], st.refused) == (1, 3)  # 4 samples put
+        assert Segment.list(b) == ["p"]
+    finally:
+        local.create = real_create  # type: ignore[method-assign]
+        session.close()
+        imp.close()
+
+
+def test_a_mirror_the_local_broker_refuses_counts_every_sample_it_stood_for(
+    router: str, two_sides: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The samples that came while a mirror was being made are one sample; the
+    making refused (here out of descriptors), it added 1 to ``conflicts``: 3 samples
+    put, 2 lost silently."""
+    from shmcast.publisher import LocalBroker
+
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",))
+    session = _plain_session(router)
+    local = imp._local
+    assert local is not None
+    real_create = local.create
+    asked: list[Any] = []
+    try:
+        local.create = asked.append  # type: ignore[method-assign]  # a broker that stalls
+        for v in (1, 2, 3):
+            _put(session, "q", v)
+        # Samples of one session come in order: once z is refused, q's have come.
+        _put(session, "z", 1, shape=(1 << 30,), nbytes=0)
+        wait_for(lambda: imp.stats().bad_samples == 1, 10, what="z")
+        local.create = real_create  # type: ignore[method-assign]
+
+        def failing(self: LocalBroker, *args: Any) -> Any:
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(LocalBroker, "_publisher", failing)
+        real_create(asked[0])  # the stalled broker answers: refused
+        wait_for(lambda: imp.stats().conflicts > 0, 10, what="the refusal")
+        assert imp.stats().conflicts == 3  # was 1
+        assert Segment.list(b) == []
+    finally:
+        local.create = real_create  # type: ignore[method-assign]
         session.close()
         imp.close()
 

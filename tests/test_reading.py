@@ -1209,6 +1209,33 @@ def test_an_events_subscriber_refused_after_some_of_its_names_were_promised_lets
         broker.close()
 
 
+def test_topics_promised_to_two_subscribers_stay_promised_when_one_lets_go(
+    namespace: str,
+) -> None:
+    """A and B ask for the same 8 topics (of 16) before subscribing; A fails and
+    lets go. The topics were promised to A alone (B's ask found them promised):
+    B's were then counted nowhere until its subscriptions came, and C, 9 other
+    topics, was told they fit (17 topics). They are promised to each asker now."""
+    from shmcast.broker import BrokerConfig
+    from shmcast.broker.client import ControlClient, resolve_endpoint
+
+    names = [f"a{i}" for i in range(8)]
+    with (
+        Broker(BrokerConfig(namespace=namespace, max_subscriptions=16)).start(),
+        ControlClient(resolve_endpoint(None, namespace)) as a,
+        ControlClient(resolve_endpoint(None, namespace)) as b,
+        ControlClient(resolve_endpoint(None, namespace)) as c,
+    ):
+        assert a.request("topics", names=names, reserve=True)["fits"]
+        assert b.request("topics", names=names, reserve=True)["new"] == 0
+        a.request("topics", names=[], release=True)  # A failed to start
+        others = [f"c{i}" for i in range(9)]
+        answer = c.request("topics", names=others, reserve=True)
+        assert (answer["held"], answer["fits"]) == (8, False)  # was (0, True)
+        b.request("topics", names=[], release=True)  # B failed too: C fits
+        assert c.request("topics", names=others, reserve=True)["fits"]
+
+
 def test_an_events_subscriber_failing_after_its_topics_were_promised_lets_them_go(
     namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
