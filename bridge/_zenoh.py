@@ -828,13 +828,17 @@ class ZenohBridge(Service):
         not mirrored goes for it: before, a peer's tokens on other keys, declared
         first, took every place, and an exporter's token found none (its mirror was
         then taken for one without a live exporter, see :meth:`_live`). Mirrored
-        keys are at most ``max_mirrors``. Called with the import lock held."""
+        keys (made or being made) are at most ``max_mirrors``; an evicted name's
+        kept counters keep no place (any peer may make evicted names, up to
+        ``MAX_EVICTED``, and declare their tokens again). Called with the import
+        lock held."""
         if key in self._tokens or len(self._tokens) < MAX_WARNED:
             self._tokens[key] = name
             return
         for old, old_name in self._tokens.items():
             c = self._counts.get(old_name)
-            if c is None or c.key != old:
+            mirrored = old_name in self._mirrors or old_name in self._pending
+            if c is None or c.key != old or not mirrored:
                 del self._tokens[old]
                 self._tokens[key] = name
                 return
