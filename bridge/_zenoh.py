@@ -114,7 +114,8 @@ MAX_WARNED = 1024
 #: Seconds between two new incarnations of one name mirrored: one sooner after the
 #: last is held (the latest of the name) until then.
 RENEW_SECONDS = 1.0
-#: Evicted names whose counters are kept, to go on if they come back.
+#: Names whose mirror went (evicted, or refused when made again) whose counters are
+#: kept, to go on if they come back.
 MAX_EVICTED = 1024
 
 
@@ -367,7 +368,8 @@ class BridgeStats:
     refused_exports: dict[str, str] = field(default_factory=dict)
     #: Mirrors deleted to make room for a new name (their exporter gone longest).
     evicted: int = 0
-    #: Names whose counters were forgotten: over the ``MAX_EVICTED`` evicted ones kept.
+    #: Names whose counters were forgotten: over the ``MAX_EVICTED`` kept (evicted, or
+    #: refused by the local broker when made again).
     forgotten: int = 0
 
 
@@ -1104,8 +1106,15 @@ class ZenohBridge(Service):
         )  # fmt: skip
         self.evicted += 1
         self._drop_mirror(m, delete=True)
-        self._evicted.pop(m.name, None)
-        self._evicted[m.name] = None
+        self._keep_counts(m.name)
+
+    def _keep_counts(self, name: str) -> None:
+        """Keep the counters of ``name``, whose mirror is gone (evicted, or made again
+        and refused by the local broker), to go on if it comes back: those of the
+        ``MAX_EVICTED`` names last kept; older ones are forgotten, counted. Called
+        with the import lock held."""
+        self._evicted.pop(name, None)
+        self._evicted[name] = None
         while len(self._evicted) > MAX_EVICTED:
             oldest = next(iter(self._evicted))
             del self._evicted[oldest]
@@ -1200,7 +1209,7 @@ class ZenohBridge(Service):
                     if c is not None and not c.received:
                         del self._counts[spec.name]  # never mirrored: nothing to count
                     elif c is not None:
-                        self._evicted[spec.name] = None  # kept as an evicted name's
+                        self._keep_counts(spec.name)  # bounded: any peer may send any names
                     log.error(
                         "cannot mirror %s (trying again in %.0f s): %s",
                         spec.name, RETRY_SECONDS, done.reason,
@@ -1368,8 +1377,8 @@ class BridgeCollector(Collector):
             ),
             (
                 "forgotten_names",
-                f"Evicted names whose counters were forgotten (over the {MAX_EVICTED} last "
-                "evicted, which are kept)",
+                f"Names whose counters were forgotten (over the {MAX_EVICTED} last evicted, "
+                "or refused by the local broker when made again, which are kept)",
                 st.forgotten,
             ),
         ):

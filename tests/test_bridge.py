@@ -1024,6 +1024,42 @@ def test_a_mirror_the_local_broker_refuses_counts_every_sample_it_stood_for(
         imp.close()
 
 
+def test_the_counters_kept_of_mirrors_the_local_broker_refused_again_are_bounded(
+    router: str, two_sides: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror made again (a new incarnation upstream) that the local broker refuses
+    keeps its name's counters, as an evicted one's: but only an eviction forgot
+    those past the ``MAX_EVICTED`` kept, so with none the names a peer had mirrored
+    then refused this way were all kept, with their series (3 of 3, bound 2). The
+    bound holds for them too, each name forgotten counted."""
+    from shmcast.publisher import LocalBroker
+
+    monkeypatch.setattr(bridge_zenoh, "MAX_EVICTED", 2)
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",))
+    session = _plain_session(router)
+    names = ["n0", "n1", "n2"]
+    try:
+        for name in names:
+            _put(session, name, 1)
+        wait_for(lambda: all(_version(imp, n) == 1 for n in names), 10, what="the mirrors")
+
+        def failing(self: LocalBroker, *args: Any) -> Any:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(LocalBroker, "_publisher", failing)
+        for name in names:
+            _put(session, name, 1, incarnation=4)  # made again, refused
+        wait_for(lambda: imp.stats().conflicts == 3, 10, what="the refusals")
+        st = imp.stats()
+        assert (st.evicted, st.forgotten) == (0, 1)
+        assert sorted(st.imported) == ["n1", "n2"]
+        assert Segment.list(b) == []
+    finally:
+        session.close()
+        imp.close()
+
+
 def test_a_flood_of_refused_names_is_warned_of_a_bounded_number_of_times(
     router: str,
     two_sides: tuple[str, str],
