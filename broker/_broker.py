@@ -646,9 +646,11 @@ class Broker(Service):
             try:
                 word.catalog_changed()  # readers look again at what was unlinked
                 word.stopped()
-                word.unlink_if_alone()
             finally:
+                # Closed first: a broker at its open-files limit has the word's own
+                # descriptor for the look at /dev/shm below (else the word stayed).
                 word.close()
+            word.unlink_if_alone()
 
     def _start_metrics(self, port: int, host: str) -> MetricsServer:
         from prometheus_client import CollectorRegistry

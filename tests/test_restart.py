@@ -586,6 +586,38 @@ def test_a_word_beaten_under_our_own_pid_keeps_a_second_broker_out(namespace: st
             os.unlink(catalog_path(namespace))
 
 
+def test_a_broker_stopping_out_of_descriptors_still_unlinks_its_namespace_word(
+    namespace: str,
+) -> None:
+    """A broker at its open-files limit (``ulimit -n`` 17 to 19 in a reproducer: one
+    that failed to start at its look at /dev/shm, or ran and was stopped) left its
+    namespace word in /dev/shm: deciding whether the word was alone lists /dev/shm,
+    which takes a descriptor, and none was free (logged, "closing the namespace word
+    failed"). The word's own descriptor is let go first, and that list is made."""
+    import resource
+
+    word = shm_path(namespace, "@catalog")
+    broker = Broker(BrokerConfig(namespace=namespace)).start()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        assert os.path.exists(word)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
+        with contextlib.suppress(OSError):
+            while len(fillers) < 64:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        broker.close()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        broker.close()
+    left = os.path.exists(word)
+    if left:
+        os.unlink(word)  # the broker's (this test's) own word
+    assert not left
+
+
 def test_a_word_that_cannot_be_read_for_descriptors_keeps_a_broker_from_starting(
     namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
