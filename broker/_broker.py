@@ -69,6 +69,7 @@ from .errors import (
     LayoutError,
     LayoutVersionError,
     NotASegmentError,
+    OutOfDescriptorsError,
     SegmentExistsError,
     ShmcastError,
     WriterBusyError,
@@ -356,6 +357,12 @@ class Broker(Service):
                 if ep and ep.startswith("ipc://")
             }  # fmt: skip
             self._serve({control: WRITER, control_ro: READER})
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            # A ZeroMQ socket or context out of descriptors: wrapped where it enters,
+            # as every other descriptor is (a bare ZMQError named no limit, no fix).
+            raise OutOfDescriptorsError.from_os(exc.errno, "a ZeroMQ socket") from exc
         finally:
             # Each step on its own: one that fails (EMFILE...) is logged, and the
             # rest still run (sockets and lock out of the runtime dir, word stopped).

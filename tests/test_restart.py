@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+from typing import Any
 
 import numpy as np
 import pytest
@@ -616,6 +617,32 @@ def test_a_broker_stopping_out_of_descriptors_still_unlinks_its_namespace_word(
     if left:
         os.unlink(word)  # the broker's (this test's) own word
     assert not left
+
+
+def test_a_broker_out_of_descriptors_for_a_zeromq_socket_names_the_limit(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``shmcast broker`` at an open-files limit of 9, 10 or 13 (a reproducer) met it
+    making a ZeroMQ socket (the control or events one): a bare ``zmq.error.ZMQError:
+    Too many open files`` traceback, naming no limit and no fix. It is the
+    ``OutOfDescriptorsError`` the other descriptors give, and nothing is left."""
+    import errno
+
+    import zmq
+
+    from shmcast.broker import OutOfDescriptorsError
+
+    real = zmq.Context.socket
+
+    def socket(self: zmq.Context[Any], kind: int, *args: Any, **kw: Any) -> Any:
+        if kind == zmq.XPUB:  # the events socket, after the control ones
+            raise zmq.ZMQError(errno.EMFILE)
+        return real(self, kind, *args, **kw)
+
+    monkeypatch.setattr(zmq.Context, "socket", socket)
+    with pytest.raises(OutOfDescriptorsError, match="open-files limit"):
+        Broker(BrokerConfig(namespace=namespace)).start()
+    assert not os.path.exists(shm_path(namespace, "@catalog"))
 
 
 def test_a_word_that_cannot_be_read_for_descriptors_keeps_a_broker_from_starting(
