@@ -114,7 +114,8 @@ MAX_WARNED = 1024
 #: Seconds between two new incarnations of one name mirrored: one sooner after the
 #: last is held (the latest of the name) until then.
 RENEW_SECONDS = 1.0
-#: Evicted names whose counters are kept, to go on if they come back.
+#: Names whose mirror went (evicted, or refused when made again) whose counters are
+#: kept, to go on if they come back.
 MAX_EVICTED = 1024
 
 
@@ -367,7 +368,8 @@ class BridgeStats:
     refused_exports: dict[str, str] = field(default_factory=dict)
     #: Mirrors deleted to make room for a new name (their exporter gone longest).
     evicted: int = 0
-    #: Names whose counters were forgotten: over the ``MAX_EVICTED`` evicted ones kept.
+    #: Names whose counters were forgotten: over the ``MAX_EVICTED`` kept (evicted, or
+    #: refused by the local broker when made again).
     forgotten: int = 0
 
 
@@ -828,13 +830,17 @@ class ZenohBridge(Service):
         not mirrored goes for it: before, a peer's tokens on other keys, declared
         first, took every place, and an exporter's token found none (its mirror was
         then taken for one without a live exporter, see :meth:`_live`). Mirrored
-        keys are at most ``max_mirrors``. Called with the import lock held."""
+        keys (made or being made) are at most ``max_mirrors``; an evicted name's
+        kept counters keep no place (any peer may make evicted names, up to
+        ``MAX_EVICTED``, and declare their tokens again). Called with the import
+        lock held."""
         if key in self._tokens or len(self._tokens) < MAX_WARNED:
             self._tokens[key] = name
             return
         for old, old_name in self._tokens.items():
             c = self._counts.get(old_name)
-            if c is None or c.key != old:
+            mirrored = old_name in self._mirrors or old_name in self._pending
+            if c is None or c.key != old or not mirrored:
                 del self._tokens[old]
                 self._tokens[key] = name
                 return
@@ -1100,8 +1106,15 @@ class ZenohBridge(Service):
         )  # fmt: skip
         self.evicted += 1
         self._drop_mirror(m, delete=True)
-        self._evicted.pop(m.name, None)
-        self._evicted[m.name] = None
+        self._keep_counts(m.name)
+
+    def _keep_counts(self, name: str) -> None:
+        """Keep the counters of ``name``, whose mirror is gone (evicted, or made again
+        and refused by the local broker), to go on if it comes back: those of the
+        ``MAX_EVICTED`` names last kept; older ones are forgotten, counted. Called
+        with the import lock held."""
+        self._evicted.pop(name, None)
+        self._evicted[name] = None
         while len(self._evicted) > MAX_EVICTED:
             oldest = next(iter(self._evicted))
             del self._evicted[oldest]
@@ -1196,7 +1209,7 @@ class ZenohBridge(Service):
                     if c is not None and not c.received:
                         del self._counts[spec.name]  # never mirrored: nothing to count
                     elif c is not None:
-                        self._evicted[spec.name] = None  # kept as an evicted name's
+                        self._keep_counts(spec.name)  # bounded: any peer may send any names
                     log.error(
                         "cannot mirror %s (trying again in %.0f s): %s",
                         spec.name, RETRY_SECONDS, done.reason,
@@ -1364,8 +1377,8 @@ class BridgeCollector(Collector):
             ),
             (
                 "forgotten_names",
-                f"Evicted names whose counters were forgotten (over the {MAX_EVICTED} last "
-                "evicted, which are kept)",
+                f"Names whose counters were forgotten (over the {MAX_EVICTED} last evicted, "
+                "or refused by the local broker when made again, which are kept)",
                 st.forgotten,
             ),
         ):

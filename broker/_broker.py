@@ -69,6 +69,7 @@ from .errors import (
     LayoutError,
     LayoutVersionError,
     NotASegmentError,
+    OutOfDescriptorsError,
     SegmentExistsError,
     ShmcastError,
     WriterBusyError,
@@ -356,6 +357,12 @@ class Broker(Service):
                 if ep and ep.startswith("ipc://")
             }  # fmt: skip
             self._serve({control: WRITER, control_ro: READER})
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            # A ZeroMQ socket or context out of descriptors: wrapped where it enters,
+            # as every other descriptor is (a bare ZMQError named no limit, no fix).
+            raise OutOfDescriptorsError.from_os(exc.errno, "a ZeroMQ socket") from exc
         finally:
             # Each step on its own: one that fails (EMFILE...) is logged, and the
             # rest still run (sockets and lock out of the runtime dir, word stopped).
@@ -646,9 +653,11 @@ class Broker(Service):
             try:
                 word.catalog_changed()  # readers look again at what was unlinked
                 word.stopped()
-                word.unlink_if_alone()
             finally:
+                # Closed first: a broker at its open-files limit has the word's own
+                # descriptor for the look at /dev/shm below (else the word stayed).
                 word.close()
+            word.unlink_if_alone()
 
     def _start_metrics(self, port: int, host: str) -> MetricsServer:
         from prometheus_client import CollectorRegistry

@@ -372,7 +372,9 @@ class NamespaceWord:
 
     def unlink_if_alone(self) -> bool:
         """Unlink the word when its namespace has no segment left in ``/dev/shm``
-        (a clean stop that kept none); True if unlinked."""
+        (a clean stop that kept none); True if unlinked. Works on a closed word
+        too (its path and inode are kept): closed first, the look at ``/dev/shm``
+        has its descriptor at the open-files limit."""
         prefix = os.path.basename(self.path).rsplit(".", 1)[0] + "."
         try:
             others = [e for e in os.listdir(SHM_DIR) if e.startswith(prefix) and "@" not in e]

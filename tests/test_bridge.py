@@ -1024,6 +1024,42 @@ def test_a_mirror_the_local_broker_refuses_counts_every_sample_it_stood_for(
         imp.close()
 
 
+def test_the_counters_kept_of_mirrors_the_local_broker_refused_again_are_bounded(
+    router: str, two_sides: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror made again (a new incarnation upstream) that the local broker refuses
+    keeps its name's counters, as an evicted one's: but only an eviction forgot
+    those past the ``MAX_EVICTED`` kept, so with none the names a peer had mirrored
+    then refused this way were all kept, with their series (3 of 3, bound 2). The
+    bound holds for them too, each name forgotten counted."""
+    from shmcast.publisher import LocalBroker
+
+    monkeypatch.setattr(bridge_zenoh, "MAX_EVICTED", 2)
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",))
+    session = _plain_session(router)
+    names = ["n0", "n1", "n2"]
+    try:
+        for name in names:
+            _put(session, name, 1)
+        wait_for(lambda: all(_version(imp, n) == 1 for n in names), 10, what="the mirrors")
+
+        def failing(self: LocalBroker, *args: Any) -> Any:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(LocalBroker, "_publisher", failing)
+        for name in names:
+            _put(session, name, 1, incarnation=4)  # made again, refused
+        wait_for(lambda: imp.stats().conflicts == 3, 10, what="the refusals")
+        st = imp.stats()
+        assert (st.evicted, st.forgotten) == (0, 1)
+        assert sorted(st.imported) == ["n1", "n2"]
+        assert Segment.list(b) == []
+    finally:
+        session.close()
+        imp.close()
+
+
 def test_a_flood_of_refused_names_is_warned_of_a_bounded_number_of_times(
     router: str,
     two_sides: tuple[str, str],
@@ -1315,6 +1351,56 @@ def test_a_peers_tokens_do_not_crowd_out_a_live_exporters(
         for token in junk:
             token.undeclare()
     finally:
+        peer.close()
+        imp.close()
+
+
+def test_tokens_back_on_evicted_names_do_not_crowd_out_a_live_exporters(
+    router: str, two_sides: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An evicted name's counters are kept (to go on if it comes back), and a key
+    with counters kept its token's place: a peer that had its names mirrored, their
+    tokens gone and the mirrors evicted, then declared their tokens again, filled
+    the set; the exporter's token was dropped and one forged sample of another
+    incarnation replaced its mirror at once. Only a mirrored key keeps its place."""
+    monkeypatch.setattr(bridge_zenoh, "MAX_WARNED", 2)
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), max_mirrors=1)
+    peer = _plain_session(router)
+    liveliness = peer.liveliness()
+    tokens: dict[str, Any] = {}
+
+    def come_and_go(name: str) -> None:
+        tokens[name] = liveliness.declare_token(f"shmcast/far/{name}")
+        wait_for(lambda: f"shmcast/far/{name}" in imp._tokens, 10, what=f"{name}'s token")
+        _put(peer, name, 1)
+        wait_for(lambda: _version(imp, name) == 1, 10, what=name)
+        tokens.pop(name).undeclare()
+        wait_for(lambda: _entry(b, name).get("upstream_up") is False, 10, what=f"{name} gone")
+
+    try:
+        for name in ("p", "q", "r"):  # p, then q, evicted for the next one
+            come_and_go(name)
+        for name in ("p", "q"):
+            tokens[name] = liveliness.declare_token(f"shmcast/far/{name}")
+        wait_for(lambda: len(imp._tokens) == 2, 10, what="the evicted names' tokens")
+        assert imp.stats().evicted == 2
+        # The exporter of s (the peer plays it): its token, then its versions.
+        tokens["s"] = liveliness.declare_token("shmcast/far/s")
+        wait_for(lambda: "shmcast/far/s" in imp._tokens, 10, what="the exporter's token")
+        _put(peer, "s", 1)
+        wait_for(lambda: _version(imp, "s") == 1, 10, what="s")
+        _put(peer, "s", 1, incarnation=4)  # forged
+        version = 2
+        while imp.stats().refused == 0 and version < 500:  # bounded: about 5 s
+            _put(peer, "s", version)
+            version += 1
+            time.sleep(0.01)
+        assert imp.stats().refused == 1
+        assert imp._mirrors["s"].incarnation == 3
+    finally:
+        for token in tokens.values():
+            token.undeclare()
         peer.close()
         imp.close()
 

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+from typing import Any
 
 import numpy as np
 import pytest
@@ -584,6 +585,64 @@ def test_a_word_beaten_under_our_own_pid_keeps_a_second_broker_out(namespace: st
         beater.join(10)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(catalog_path(namespace))
+
+
+def test_a_broker_stopping_out_of_descriptors_still_unlinks_its_namespace_word(
+    namespace: str,
+) -> None:
+    """A broker at its open-files limit (``ulimit -n`` 17 to 19 in a reproducer: one
+    that failed to start at its look at /dev/shm, or ran and was stopped) left its
+    namespace word in /dev/shm: deciding whether the word was alone lists /dev/shm,
+    which takes a descriptor, and none was free (logged, "closing the namespace word
+    failed"). The word's own descriptor is let go first, and that list is made."""
+    import resource
+
+    word = shm_path(namespace, "@catalog")
+    broker = Broker(BrokerConfig(namespace=namespace)).start()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        assert os.path.exists(word)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
+        with contextlib.suppress(OSError):
+            while len(fillers) < 64:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        broker.close()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        broker.close()
+    left = os.path.exists(word)
+    if left:
+        os.unlink(word)  # the broker's (this test's) own word
+    assert not left
+
+
+def test_a_broker_out_of_descriptors_for_a_zeromq_socket_names_the_limit(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``shmcast broker`` at an open-files limit of 9, 10 or 13 (a reproducer) met it
+    making a ZeroMQ socket (the control or events one): a bare ``zmq.error.ZMQError:
+    Too many open files`` traceback, naming no limit and no fix. It is the
+    ``OutOfDescriptorsError`` the other descriptors give, and nothing is left."""
+    import errno
+
+    import zmq
+
+    from shmcast.broker import OutOfDescriptorsError
+
+    real = zmq.Context.socket
+
+    def socket(self: zmq.Context[Any], kind: int, *args: Any, **kw: Any) -> Any:
+        if kind == zmq.XPUB:  # the events socket, after the control ones
+            raise zmq.ZMQError(errno.EMFILE)
+        return real(self, kind, *args, **kw)
+
+    monkeypatch.setattr(zmq.Context, "socket", socket)
+    with pytest.raises(OutOfDescriptorsError, match="open-files limit"):
+        Broker(BrokerConfig(namespace=namespace)).start()
+    assert not os.path.exists(shm_path(namespace, "@catalog"))
 
 
 def test_a_word_that_cannot_be_read_for_descriptors_keeps_a_broker_from_starting(
