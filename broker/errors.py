@@ -639,7 +639,8 @@ class BrokerUnavailableError(BrokerError):
         elif pid is None:
             message = (
                 f"no broker answered at {endpoint} within {waited:g}s; start one with "
-                f"`shmcast broker` (same --namespace), or pass broker=<its control endpoint>"
+                f"`shmcast broker` (same --namespace), or name the one that runs: "
+                f"--broker ENDPOINT or $SHMCAST_BROKER (the library: broker=ENDPOINT)"
             )
         elif stopped and theirs:
             message = (

@@ -136,6 +136,18 @@ def test_bad_arguments_exit_2_naming_the_problem(
     assert needle in capsys.readouterr().err
 
 
+def test_no_broker_names_the_fix_a_command_line_user_can_give(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no broker, every command said "or pass broker=<its control endpoint>",
+    a keyword of the library that no command takes: the command line's way to name
+    a broker elsewhere is --broker (or $SHMCAST_BROKER)."""
+    assert main(["health", "-n", namespace, "--timeout", "0.2"]) == 1
+    err = capsys.readouterr().err
+    assert "no broker answered" in err
+    assert "--broker ENDPOINT" in err and "$SHMCAST_BROKER" in err
+
+
 def test_the_random_feed_makes_booleans_of_false_and_true() -> None:
     """It wrote random bytes into bool arrays: numpy reads 127 as True, but a view
     of the bytes (and anything that takes the data as bytes) gave 127."""
