@@ -148,6 +148,22 @@ def test_no_broker_names_the_fix_a_command_line_user_can_give(
     assert "--broker ENDPOINT" in err and "$SHMCAST_BROKER" in err
 
 
+@pytest.mark.parametrize("duration", ["0", "1e7"])
+def test_record_duration_says_it_must_be_above_0(
+    duration: str, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``record --duration 1e7`` said "give a number of seconds >= 0 and at most 1e+06",
+    and ``--duration 0`` then said "--duration must be positive": the first message
+    offered a value the command refuses."""
+    out = tmp_path / "r.h5"
+    with pytest.raises(SystemExit) as exc:
+        main(["record", "x", "-n", namespace, "-o", str(out), "--duration", duration])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--duration" in err and "seconds > 0" in err
+    assert not out.exists()
+
+
 def test_the_random_feed_makes_booleans_of_false_and_true() -> None:
     """It wrote random bytes into bool arrays: numpy reads 127 as True, but a view
     of the bytes (and anything that takes the data as bytes) gave 127."""
