@@ -145,7 +145,8 @@ def test_no_broker_names_the_fix_a_command_line_user_can_give(
     assert main(["health", "-n", namespace, "--timeout", "0.2"]) == 1
     err = capsys.readouterr().err
     assert "no broker answered" in err
-    assert "--broker ENDPOINT" in err and "$SHMCAST_BROKER" in err
+    assert "--broker ENDPOINT" in err
+    assert "$SHMCAST_BROKER" in err
 
 
 @pytest.mark.parametrize("duration", ["0", "1e7"])
@@ -160,7 +161,8 @@ def test_record_duration_says_it_must_be_above_0(
         main(["record", "x", "-n", namespace, "-o", str(out), "--duration", duration])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "--duration" in err and "seconds > 0" in err
+    assert "--duration" in err
+    assert "seconds > 0" in err
     assert not out.exists()
 
 
