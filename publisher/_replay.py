@@ -213,7 +213,7 @@ class Replayer(Closing):
                 have = f"dtype={info['dtype']} shape={list(info['shape'])}"
                 if have != lay.describe():
                     raise LayoutConflictError(
-                        name, have, f"{lay.describe()} (recorded in {src.path})"
+                        name, have, f"{lay.describe()} (recorded in {src.path})", self.namespace
                     )
                 # A live writer refuses the lease: say so now, before another segment
                 # of the recording is created (and left behind, empty).

@@ -865,6 +865,9 @@ def test_replay_into_a_segment_of_another_layout_is_refused_and_leaves_it_alone(
         assert "exists as dtype=<u2 shape=[4, 4]" in err, err
         assert "shape=[8, 8]" in err
         assert str(path) in err
+        # The fix it names acts on this namespace: before, `shmcast rm cam` without
+        # -n, which deletes 'cam' of $SHMCAST_NAMESPACE or 'default' instead.
+        assert f"`shmcast rm cam -n {namespace}`" in err
         with pytest.raises(LayoutConflictError):
             Replayer(path, namespace=namespace)
         snap = pub.segment.latest()
