@@ -475,7 +475,10 @@ def test_demo_runs_and_leaves_nothing(namespace: str) -> None:
 def test_demo_keeps_its_recording_when_asked(namespace: str) -> None:
     from shmcast.broker.recording import open_recording
 
-    demo = start(["demo", "-n", namespace, "--duration", "2", "--keep-recording"])
+    # --refresh past --duration: the demo ran until the first refresh (here 1000 s),
+    # not for --duration.
+    argv = ["demo", "-n", namespace, "--duration", "2", "--refresh", "1000", "--keep-recording"]
+    demo = start(argv)
     try:
         assert demo.wait(90) == 0, "\n".join(demo.stderr[-20:])
     finally:
