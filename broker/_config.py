@@ -77,9 +77,9 @@ class BrokerConfig:
     a repr.
 
     Roles: ``control`` serves every request to writers, ``control_ro`` only
-    those of readers (hello, list, describe, stats, report, subscribers). With
-    CURVE, a key in ``curve_readers`` is a reader on either endpoint and a key
-    in ``curve_clients`` a writer (with both lists empty, any key is a writer).
+    those of readers (hello, list, describe, stats, report, subscribers, topics).
+    With CURVE, a key in ``curve_readers`` is a reader on either endpoint and a
+    key in ``curve_clients`` a writer (with both lists empty, any key is a writer).
     Without CURVE a TCP peer cannot be told apart from another, and loopback is
     reachable by every local user (of any uid), so a plain TCP ``control``
     endpoint, on 127.0.0.1 too, needs ``tcp_open = true``, written out (every

@@ -171,7 +171,11 @@ def _check_shm(config_file: str | None, namespace: str | None) -> list[Check]:
     try:
         cfg = resolve_config({"namespace": namespace}, config_file=config_file, environ={})
     except ConfigError as exc:
-        return [*out, Check("config", PROBLEM, str(exc), "correct the named field")]
+        if exc.field == "--config":  # the file itself: missing, a directory, not TOML
+            fix = "give --config a readable TOML file (configs/broker.toml is an example)"
+        else:
+            fix = f"correct {exc.field!r}" + (f" in {exc.source}" if exc.source else "")
+        return [*out, Check("config", PROBLEM, str(exc), fix)]
     present = set(list_segment_names(resolve_namespace(cfg.namespace)))
     needed = sum(segment_size(s.nbytes, s.slots) for s in cfg.segments if s.name not in present)
     declared = sum(segment_size(s.nbytes, s.slots) for s in cfg.segments)

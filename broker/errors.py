@@ -639,7 +639,8 @@ class BrokerUnavailableError(BrokerError):
         elif pid is None:
             message = (
                 f"no broker answered at {endpoint} within {waited:g}s; start one with "
-                f"`shmcast broker` (same --namespace), or pass broker=<its control endpoint>"
+                f"`shmcast broker` (same --namespace), or name the one that runs: "
+                f"--broker ENDPOINT or $SHMCAST_BROKER (the library: broker=ENDPOINT)"
             )
         elif stopped and theirs:
             message = (
@@ -746,7 +747,8 @@ class ForbiddenError(BrokerError, PermissionError):
         at = f" at {endpoint}" if endpoint else ""
         super().__init__(
             f"the broker refused {op!r} to this connection{at}: its role is {role!r}, and "
-            f"{role}s may only hello, list, describe, stats, report and subscribe; connect "
+            f"{role}s may only hello, list, describe, stats, report, subscribers and topics "
+            f"(and subscribe to the events); connect "
             f"to the owner's control endpoint as the namespace's owner, or list your CURVE "
             f"key in curve_clients"
         )

@@ -291,7 +291,10 @@ def _run(args: argparse.Namespace, ns: str, stop: threading.Event) -> int:
         last_t = start_t
         try:
             while args.duration <= 0 or time.monotonic() - start_t < args.duration:
-                if stop.wait(args.refresh):
+                pause = args.refresh
+                if args.duration > 0:  # the last refresh comes at --duration, not after it
+                    pause = min(pause, args.duration - (time.monotonic() - start_t))
+                if stop.wait(max(pause, 0.0)):
                     print("\nstopping", flush=True)
                     break
                 now = time.monotonic()

@@ -61,7 +61,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=0,
         help="stop after N versions, all segments together (0: never)",
     )
-    p.add_argument("--duration", type=seconds, help="stop after S seconds (default: until stopped)")
+    p.add_argument(
+        "--duration", type=positive_seconds, help="stop after S seconds (default: until stopped)"
+    )
     p.add_argument(
         "--compression",
         choices=["none", "gzip", "lzf", "snappy", "zstd"],
@@ -98,9 +100,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.duration is not None and args.duration <= 0:
-        print("shmcast record: error: --duration must be positive", file=sys.stderr)
-        return 2
     if not 0 < args.flush_interval <= 1:
         print("shmcast record: error: --flush-interval must be in (0, 1]", file=sys.stderr)
         return 2

@@ -53,8 +53,10 @@ else the namespace's ipc endpoint.
 
 Subscribers appear when they run in shm (the default) or events mode (they report
 to the broker about once a second, on their first 64 segments); LAG is how many
-versions a subscriber is behind; per segment UPDATES + MISSED + OVERRUN + TORN add
-up to the versions published while it ran. A subscriber that stops reporting
+versions the segment is past VERSION, the last one the subscriber reported: up to a
+second's worth of versions for one that keeps up (about 200 at 200 Hz), growing
+beyond for one that falls behind; per segment UPDATES + MISSED + OVERRUN + TORN
+add up to the versions published while it ran. A subscriber that stops reporting
 leaves the table after 5 s, unless its process is stopped (SIGSTOP, Ctrl-Z, a
 debugger) in top's pid namespace and it reported over an ipc control socket:
 its last report then stays, marked "stopped".

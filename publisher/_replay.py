@@ -179,6 +179,8 @@ class Replayer(Closing):
             rec = open_recording(path)
             self._recordings.append(rec)
             for name, seg in rec.segments.items():
+                if name in sources and wanted and name not in wanted:
+                    continue  # not replayed: which file it would come from does not matter
                 if name in sources:
                     raise RecordingError(
                         rec.path,
@@ -213,7 +215,7 @@ class Replayer(Closing):
                 have = f"dtype={info['dtype']} shape={list(info['shape'])}"
                 if have != lay.describe():
                     raise LayoutConflictError(
-                        name, have, f"{lay.describe()} (recorded in {src.path})"
+                        name, have, f"{lay.describe()} (recorded in {src.path})", self.namespace
                     )
                 # A live writer refuses the lease: say so now, before another segment
                 # of the recording is created (and left behind, empty).

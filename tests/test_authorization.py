@@ -717,3 +717,16 @@ def test_client_keys_of_two_pairs_are_refused_before_connecting() -> None:
         with pytest.raises(ConfigError, match=match):
             Publisher("p", broker="tcp://127.0.0.1:1", curve=keys)
     ControlClient("tcp://127.0.0.1:1", curve=(server_pub, other_pub, other_sec)).close()
+
+
+def test_a_refused_reader_is_told_every_operation_readers_may_do() -> None:
+    """A reader refused an operation was told "readers may only hello, list, describe,
+    stats, report and subscribe": ``subscribers`` (``shmcast top``'s) and ``topics``
+    (an ``events`` subscriber's) were left out, though readers may do both."""
+    from shmcast.broker import ForbiddenError
+    from shmcast.broker._broker import READER_OPS
+
+    message = str(ForbiddenError("create", "reader"))
+    allowed = message.split("may only ", 1)[1].split(";", 1)[0]
+    for op in READER_OPS:
+        assert op in allowed.replace(",", " ").split(), (op, allowed)

@@ -136,6 +136,36 @@ def test_bad_arguments_exit_2_naming_the_problem(
     assert needle in capsys.readouterr().err
 
 
+def test_no_broker_names_the_fix_a_command_line_user_can_give(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no broker, every command said "or pass broker=<its control endpoint>",
+    a keyword of the library that no command takes: the command line's way to name
+    a broker elsewhere is --broker (or $SHMCAST_BROKER)."""
+    assert main(["health", "-n", namespace, "--timeout", "0.2"]) == 1
+    err = capsys.readouterr().err
+    assert "no broker answered" in err
+    assert "--broker ENDPOINT" in err
+    assert "$SHMCAST_BROKER" in err
+
+
+@pytest.mark.parametrize("duration", ["0", "1e7"])
+def test_record_duration_says_it_must_be_above_0(
+    duration: str, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``record --duration 1e7`` said "give a number of seconds >= 0 and at most 1e+06",
+    and ``--duration 0`` then said "--duration must be positive": the first message
+    offered a value the command refuses."""
+    out = tmp_path / "r.h5"
+    with pytest.raises(SystemExit) as exc:
+        main(["record", "x", "-n", namespace, "-o", str(out), "--duration", duration])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--duration" in err
+    assert "seconds > 0" in err
+    assert not out.exists()
+
+
 def test_the_random_feed_makes_booleans_of_false_and_true() -> None:
     """It wrote random bytes into bool arrays: numpy reads 127 as True, but a view
     of the bytes (and anything that takes the data as bytes) gave 127."""
@@ -445,7 +475,10 @@ def test_demo_runs_and_leaves_nothing(namespace: str) -> None:
 def test_demo_keeps_its_recording_when_asked(namespace: str) -> None:
     from shmcast.broker.recording import open_recording
 
-    demo = start(["demo", "-n", namespace, "--duration", "2", "--keep-recording"])
+    # --refresh past --duration: the demo ran until the first refresh (here 1000 s),
+    # not for --duration.
+    argv = ["demo", "-n", namespace, "--duration", "2", "--refresh", "1000", "--keep-recording"]
+    demo = start(argv)
     try:
         assert demo.wait(90) == 0, "\n".join(demo.stderr[-20:])
     finally:

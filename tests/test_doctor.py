@@ -284,6 +284,25 @@ def test_a_config_that_is_a_directory_or_not_utf8_is_named(
         assert why in capsys.readouterr().err
 
 
+def test_a_config_file_that_is_missing_or_wrong_gets_a_fix_naming_what_to_change(
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every bad ``--config`` got the same fix, "correct the named field": for a file
+    that does not exist there is no field to correct, and for a bad key the fix did
+    not say which, nor in which file."""
+    rc, report = _doctor(capsys, "-n", namespace, "--config", str(tmp_path / "none.toml"))
+    assert rc == 1
+    (check,) = [c for c in report["checks"] if c["check"] == "config"]
+    assert "no such file" in check["message"]
+    assert "readable TOML file" in check["fix"]
+    bad = tmp_path / "broker.toml"
+    bad.write_text("metrics_port = 'x'\n")
+    rc, report = _doctor(capsys, "-n", namespace, "--config", str(bad))
+    assert rc == 1
+    (check,) = [c for c in report["checks"] if c["check"] == "config"]
+    assert check["fix"] == f"correct 'metrics_port' in {bad}"
+
+
 def test_world_readable_segment(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
     with Segment.create("open", "f8", (4,), namespace=namespace, mode=0o644) as seg:
         try:

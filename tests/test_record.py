@@ -865,6 +865,9 @@ def test_replay_into_a_segment_of_another_layout_is_refused_and_leaves_it_alone(
         assert "exists as dtype=<u2 shape=[4, 4]" in err, err
         assert "shape=[8, 8]" in err
         assert str(path) in err
+        # The fix it names acts on this namespace: before, `shmcast rm cam` without
+        # -n, which deletes 'cam' of $SHMCAST_NAMESPACE or 'default' instead.
+        assert f"`shmcast rm cam -n {namespace}`" in err
         with pytest.raises(LayoutConflictError):
             Replayer(path, namespace=namespace)
         snap = pub.segment.latest()
@@ -940,6 +943,29 @@ def _recording(path: Path, times_ns: list[int]) -> Path:
         for v, t in enumerate(times_ns, 1):
             w.append("s", [np.full(2, v, "<i8")], [v], [t])
     return path
+
+
+def test_segments_leaves_out_a_name_two_recordings_hold(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """Two files that both hold segment 's' were refused ("replay one of them
+    (--segments, or one file)") even with --segments naming only another segment,
+    as the error told: the duplicates were looked for before --segments applied."""
+    first = _recording(tmp_path / "a.h5", [1, 2])
+    second = tmp_path / "b.h5"
+    with open_writer(
+        str(second),
+        [SegmentLayout("s", np.dtype("<i8"), (2,)), SegmentLayout("t", np.dtype("<u1"), (3,))],
+    ) as w:
+        w.append("s", [np.zeros(2, "<i8")], [1], [5])
+        w.append("t", [np.full(3, 7, "<u1")], [4], [5])
+    with pytest.raises(RecordingError, match="is in both"):
+        Replayer([first, second], namespace=namespace, segments=["s", "t"])
+    assert Segment.list(namespace) == []
+    stats = replay([first, second], segments=["t"], namespace=namespace, speed=None)
+    assert list(stats) == ["t"]
+    assert stats["t"].published == 1
+    assert Segment.list(namespace) == ["t"]
 
 
 @pytest.mark.parametrize("timeout", [-1, 0, float("nan"), "5", None])
