@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1269,6 +1269,27 @@ def test_a_peer_alternating_incarnations_remakes_a_mirror_a_bounded_number_of_ti
         imp.close()
 
 
+def _forged_and_refused(
+    pub: Publisher, imp: Any, peer: Any, ns: str
+) -> tuple[bytes, Callable[[], bool]]:
+    """Publish ``s`` (``<u8[4]`` of ones) until the importer ``imp`` mirrors its
+    incarnation, then put, as ``peer``, one sample of the next incarnation on its
+    key, and publish on until the importer refused it (its first refusal), the
+    mirror unchanged. Returns the forged attachment and the "still mirrored" check."""
+    import msgpack
+
+    honest = pub.segment.incarnation
+    ones = np.ones(4, np.uint64)
+    mirrored = lambda: getattr(imp._mirrors.get("s"), "incarnation", 0) == honest  # noqa: E731
+    _publish_until(pub, ones, mirrored, "the mirror", timeout=20)
+    meta = {"version": 1, "timestamp_ns": 1, "dtype": "<u8", "shape": [4]}
+    forged: bytes = msgpack.packb(meta | {"incarnation": honest + 1})
+    peer.put(f"shmcast/{ns}/s", bytes(32), attachment=forged)
+    _publish_until(pub, ones, lambda: imp.stats().refused == 1, "the refusal", timeout=5)
+    assert mirrored()
+    return forged, mirrored
+
+
 def test_a_peer_cannot_flip_a_mirror_whose_exporter_is_live(
     router: str, two_sides: tuple[str, str]
 ) -> None:
@@ -1284,17 +1305,8 @@ def test_a_peer_cannot_flip_a_mirror_whose_exporter_is_live(
     peer = _plain_session(router)
     try:
         with Publisher("s", dtype="<u8", shape=(4,), namespace=a) as pub:
-            honest = pub.segment.incarnation
+            forged, mirrored = _forged_and_refused(pub, imp, peer, a)
             ones = np.ones(4, np.uint64)
-            mirrored = lambda: getattr(imp._mirrors.get("s"), "incarnation", 0) == honest  # noqa: E731
-            _publish_until(pub, ones, mirrored, "the mirror", timeout=20)
-            import msgpack
-
-            meta = {"version": 1, "timestamp_ns": 1, "dtype": "<u8", "shape": [4]}
-            forged = msgpack.packb(meta | {"incarnation": honest + 1})
-            peer.put(f"shmcast/{a}/s", bytes(32), attachment=forged)
-            _publish_until(pub, ones, lambda: imp.stats().refused == 1, "the refusal", timeout=5)
-            assert mirrored()
             # The exporter's link lost and back (its token goes and comes), the same
             # incarnation going on: still live.
             e = exp._exports["s"]
@@ -1336,18 +1348,7 @@ def test_a_peers_tokens_do_not_crowd_out_a_live_exporters(
         exp = _bridge(router, a, exports=("s",))
         try:
             with Publisher("s", dtype="<u8", shape=(4,), namespace=a) as pub:
-                honest = pub.segment.incarnation
-                ones = np.ones(4, np.uint64)
-                mirrored = lambda: getattr(imp._mirrors.get("s"), "incarnation", 0) == honest  # noqa: E731
-                _publish_until(pub, ones, mirrored, "the mirror", timeout=20)
-                import msgpack
-
-                meta = {"version": 1, "timestamp_ns": 1, "dtype": "<u8", "shape": [4]}
-                forged = msgpack.packb(meta | {"incarnation": honest + 1})
-                peer.put(f"shmcast/{a}/s", bytes(32), attachment=forged)
-                refused = lambda: imp.stats().refused == 1  # noqa: E731
-                _publish_until(pub, ones, refused, "the refusal", timeout=5)
-                assert mirrored()
+                _forged_and_refused(pub, imp, peer, a)
         finally:
             exp.close()
         for token in junk:
