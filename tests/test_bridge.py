@@ -956,6 +956,27 @@ def test_a_held_incarnation_refused_at_its_renewal_counts_every_sample_it_stood_
         imp.close()
 
 
+@contextlib.contextmanager
+def _stalled_local_broker(imp: Any) -> Iterator[Callable[[], None]]:
+    """The importer's local broker stalls: the mirrors it is asked to make wait
+    until ``answer()`` (yielded) has the first of them made, for real; its own
+    ``create`` again from then and on exit."""
+    local = imp._local
+    assert local is not None
+    real_create = local.create
+    asked: list[Any] = []
+
+    def answer() -> None:
+        local.create = real_create
+        real_create(asked[0])
+
+    local.create = asked.append
+    try:
+        yield answer
+    finally:
+        local.create = real_create
+
+
 def test_a_mirror_being_made_replaced_by_another_incarnation_counts_all_its_samples(
     router: str, two_sides: tuple[str, str]
 ) -> None:
@@ -965,25 +986,19 @@ def test_a_mirror_being_made_replaced_by_another_incarnation_counts_all_its_samp
     _, b = two_sides
     imp = _bridge(router, b, imports=("shmcast/far/*",))
     session = _plain_session(router)
-    local = imp._local
-    assert local is not None
-    real_create = local.create
-    asked: list[Any] = []
     try:
-        local.create = asked.append  # type: ignore[method-assign]  # a broker that stalls
-        for v in (1, 2, 3):
-            _put(session, "p", v, incarnation=3)
-        _put(session, "p", 1, incarnation=4)
-        wait_for(lambda: imp.stats().refused >= 1, 10, what="incarnation 3 replaced")
-        local.create = real_create  # type: ignore[method-assign]
-        real_create(asked[0])  # the stalled broker answers
-        wait_for(lambda: getattr(imp._mirrors.get("p"), "incarnation", 0) == 4
-                 and _version(imp, "p") == 1, 10, what="incarnation 4 mirrored")  # fmt: skip
+        with _stalled_local_broker(imp) as answer:
+            for v in (1, 2, 3):
+                _put(session, "p", v, incarnation=3)
+            _put(session, "p", 1, incarnation=4)
+            wait_for(lambda: imp.stats().refused >= 1, 10, what="incarnation 3 replaced")
+            answer()
+            wait_for(lambda: getattr(imp._mirrors.get("p"), "incarnation", 0) == 4
+                     and _version(imp, "p") == 1, 10, what="incarnation 4 mirrored")  # fmt: skip
         st = imp.stats()
         assert (st.imported["p"]["received"], st.refused) == (1, 3)  # 4 samples put
         assert Segment.list(b) == ["p"]
     finally:
-        local.create = real_create  # type: ignore[method-assign]
         session.close()
         imp.close()
 
@@ -999,29 +1014,23 @@ def test_a_mirror_the_local_broker_refuses_counts_every_sample_it_stood_for(
     _, b = two_sides
     imp = _bridge(router, b, imports=("shmcast/far/*",))
     session = _plain_session(router)
-    local = imp._local
-    assert local is not None
-    real_create = local.create
-    asked: list[Any] = []
+
+    def failing(self: LocalBroker, *args: Any) -> Any:
+        raise OSError(24, "Too many open files")
+
     try:
-        local.create = asked.append  # type: ignore[method-assign]  # a broker that stalls
-        for v in (1, 2, 3):
-            _put(session, "q", v)
-        # Samples of one session come in order: once z is refused, q's have come.
-        _put(session, "z", 1, shape=(1 << 30,), nbytes=0)
-        wait_for(lambda: imp.stats().bad_samples == 1, 10, what="z")
-        local.create = real_create  # type: ignore[method-assign]
-
-        def failing(self: LocalBroker, *args: Any) -> Any:
-            raise OSError(24, "Too many open files")
-
-        monkeypatch.setattr(LocalBroker, "_publisher", failing)
-        real_create(asked[0])  # the stalled broker answers: refused
-        wait_for(lambda: imp.stats().conflicts > 0, 10, what="the refusal")
+        with _stalled_local_broker(imp) as answer:
+            for v in (1, 2, 3):
+                _put(session, "q", v)
+            # Samples of one session come in order: once z is refused, q's have come.
+            _put(session, "z", 1, shape=(1 << 30,), nbytes=0)
+            wait_for(lambda: imp.stats().bad_samples == 1, 10, what="z")
+            monkeypatch.setattr(LocalBroker, "_publisher", failing)
+            answer()  # refused
+            wait_for(lambda: imp.stats().conflicts > 0, 10, what="the refusal")
         assert imp.stats().conflicts == 3  # was 1
         assert Segment.list(b) == []
     finally:
-        local.create = real_create  # type: ignore[method-assign]
         session.close()
         imp.close()
 
