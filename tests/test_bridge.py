@@ -788,13 +788,20 @@ def _put(
     dtype: str = "<u8",
     nbytes: int | None = None,
 ) -> None:
-    """A plain Zenoh client's put on ``shmcast/far/<name>``: any peer may do this."""
+    """A plain Zenoh client's put on ``shmcast/far/<name>``: any peer may do this.
+    Blocking, not Zenoh's default "drop": each test counts what one put caused, and
+    a loaded host's link may have no room at once for a sample of several batches."""
     import msgpack
 
     meta = {"version": version, "timestamp_ns": 1000 + version, "dtype": dtype}
     meta |= {"shape": list(shape), "incarnation": incarnation}
     n = int(np.dtype(dtype).itemsize * np.prod(shape)) if nbytes is None else nbytes
-    session.put(f"shmcast/far/{name}", bytes([version % 256]) * n, attachment=msgpack.packb(meta))
+    session.put(
+        f"shmcast/far/{name}",
+        bytes([version % 256]) * n,
+        attachment=msgpack.packb(meta),
+        congestion_control=zenoh.CongestionControl.BLOCK,
+    )
 
 
 def _version(bridge: ZenohBridge, name: str) -> int:
