@@ -1099,6 +1099,10 @@ class Broker(Service):
 
     def _op_create(self, req: dict[str, Any]) -> dict[str, Any]:
         name = self._name(req)
+        if req.get("existing") is True:
+            # A relay or bridge telling of a mirror it holds: a mirror deleted here
+            # meanwhile (`shmcast rm --force`) stays deleted, never made again empty.
+            self._entry(name)  # SegmentNotFoundError when it is gone
         source, up = req.get("source"), req.get("upstream_up")
         mirror = isinstance(source, str) and bool(source)  # a relay or bridge's mirror
         if mirror:

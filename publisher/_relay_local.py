@@ -423,7 +423,9 @@ class LocalBroker:
             existing: only of a mirror the catalog still holds. The mark is a
                 ``create``: a mirror deleted here (``shmcast rm --force``), which
                 the relay or bridge has not noticed yet, would be made again by it,
-                empty (and by the last word for good).
+                empty (and by the last word for good). The broker checks that in the
+                same request (``existing``): a ``describe`` first left a moment in
+                which a deletion went unseen and the mark made the mirror again.
             timeout: seconds each request may wait (else this object's timeout); a
                 broker that does not answer then ends it (each mark would wait for
                 it), while a refusal of one mark (a local publisher's segment now
@@ -432,9 +434,7 @@ class LocalBroker:
         wait = self._timeout if timeout is None else timeout
         for mark in marks:
             try:
-                if existing:
-                    self._client.request("describe", timeout=wait, name=mark[0])
-                self._mark(mark, wait)
+                self._mark(mark, wait, existing=existing)
             except SegmentNotFoundError:
                 continue  # deleted here: it stays deleted
             except ShmcastError as exc:
@@ -442,11 +442,13 @@ class LocalBroker:
                 if timeout is not None and not isinstance(exc, SegmentError):
                     return  # not a refusal of this mark: the broker is not answering
 
-    def _mark(self, mark: Mark, timeout: float) -> None:
+    def _mark(self, mark: Mark, timeout: float, *, existing: bool = False) -> None:
         name, (dtype, shape, slots), source, up = mark
+        more = {"existing": True} if existing else {}
         self._client.request(
             "create",
             timeout=timeout,
+            **more,
             name=name,
             dtype=dtype,
             shape=list(shape),

@@ -18,7 +18,7 @@ import pytest
 
 from shmcast.broker import Broker, BrokerConfig, Segment
 from shmcast.broker.client import ControlClient, resolve_endpoint
-from shmcast.broker.errors import SegmentError
+from shmcast.broker.errors import SegmentError, SegmentNotFoundError
 from shmcast.cli._cmd_relay import READY as RELAY_READY
 from shmcast.cli.testing import BROKER_READY, running, unique_namespace, wait_for
 from shmcast.publisher import Created, LocalBroker, MirrorSpec, Publisher
@@ -348,8 +348,9 @@ class _GatedClient:
         self.gate.wait(10)
         if kw.get("name") == "last":
             self.done.set()
-        self.asked.append((kind, kw.get("name", ""), kw.get("upstream_up")))
-        return self.client.request(kind, **kw)
+        reply = self.client.request(kind, **kw)
+        self.asked.append((kind, kw.get("name", ""), kw.get("upstream_up")))  # answered
+        return reply
 
     def close(self) -> None:
         self.client.close()
@@ -398,6 +399,65 @@ def test_catalog_marks_are_told_in_the_order_they_were_asked(namespace: str) -> 
             local.close()
             with ControlClient(resolve_endpoint(None, namespace)) as c:
                 c.request("delete", name="m")
+
+
+class _DeletingClient:
+    """A control client that deletes ``name`` (``shmcast rm --force``) as soon as the
+    first request naming it is answered, and sets ``done`` at a request naming
+    ``"done"``."""
+
+    def __init__(self, client: ControlClient, name: str) -> None:
+        self.client = client
+        self.name = name
+        self.done = threading.Event()
+        self.deleted = False
+
+    def request(self, kind: str, **kw: Any) -> Any:
+        if kw.get("name") == "done":
+            self.done.set()
+        reply = self.client.request(kind, **kw)
+        if kw.get("name") == self.name and not self.deleted:
+            self.deleted = True
+            self.client.request("delete", name=self.name, force=True)
+        return reply
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def test_a_mirror_deleted_while_its_mark_is_told_stays_deleted(namespace: str) -> None:
+    """A mirror deleted here (``shmcast rm --force``) just as its relay or bridge
+    told the catalog of it (its upstream up or down; made) stays deleted. The mark
+    was a ``describe``, then a ``create``: a deletion between the two was not seen,
+    and the create made the mirror again, empty and written by nobody, until the
+    upstream's next version (a bridge test caught it on a loaded host). The broker
+    now checks in the create itself (``existing``)."""
+    src = "relay:tcp://127.0.0.1:1"
+    with Broker(BrokerConfig(namespace=namespace)).start():
+        client = ControlClient(resolve_endpoint(None, namespace), timeout=2.0)
+        client.request("create", name="m", source=src, dtype="<u8", shape=[4], slots=2)
+        deleting = _DeletingClient(client, "m")
+        local = LocalBroker(
+            deleting,  # type: ignore[arg-type]
+            epoch=client.request("hello")["epoch"],
+            namespace=namespace,
+            broker=None,
+            source=src,
+            timeout=2.0,
+        )
+        try:
+            local.annotate([("m", ("<u8", (4,), 2))], False)
+            local.delete("done")  # after the mark, in the same thread
+            assert deleting.done.wait(10)
+            assert deleting.deleted
+            assert "m" not in Segment.list(namespace)
+            with (
+                ControlClient(resolve_endpoint(None, namespace)) as c,
+                pytest.raises(SegmentNotFoundError),
+            ):
+                c.request("describe", name="m")
+        finally:
+            local.close()
 
 
 def test_a_restarted_relay_writes_on_into_its_mirror_of_the_same_upstream_incarnation(
