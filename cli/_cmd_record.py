@@ -8,13 +8,15 @@ import sys
 import threading
 import time
 
-from shmcast.subscriber import Recorder
+from shmcast.subscriber import Recorder, serve_recorder_metrics
 
 from ._options import (
     add_broker_option,
     add_curve_option,
     broker_endpoint,
     curve_keys,
+    metrics_host,
+    port_number,
     positive_seconds,
     seconds,
     whole_number,
@@ -31,6 +33,7 @@ examples:
   shmcast record frames ticks -o run2.h5 --duration 60 --compression lzf
   shmcast record ticks -o ticks.parquet                     Parquet (the suffix): a row per record
   shmcast record frames -o run1.h5 --overwrite              replace an existing file
+  shmcast record frames -o run1.h5 --metrics-port 9102      Prometheus metrics (0 picks a port)
 
 HDF5: a group per segment with datasets data (N, *shape), version and
 timestamp_ns, and the attribute 'missed'; written in SWMR mode and flushed at
@@ -40,9 +43,13 @@ without a field named version or timestamp_ns (its own columns) or of 0 bytes,
 one file per segment (<stem>.<segment>.parquet when several are recorded).
 Needs the extra: pip install 'shmcast[record]'.
 
-Lines on stdout: 'shmcast record ready: {json}' once recording, and
-'shmcast record done: {json}' (per segment: recorded, missed and why, times
-deleted while recorded; bytes).
+Metrics (--metrics-port): per segment, versions recorded, missed (by cause),
+bytes recorded, times deleted, the latest version and the versions waiting for
+the disk; the seconds since the last flush and the file's size.
+
+Lines on stdout: 'shmcast record ready: {json}' (with the metrics URL) once
+recording, and 'shmcast record done: {json}' (per segment: recorded, missed and
+why, times deleted while recorded; bytes).
 Exit code 1 when writing failed (a full disk): the file keeps what was written.
 """
 
@@ -94,6 +101,19 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=2.0,
         metavar="S",
         help="seconds to wait for the segments to exist (default 2)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=port_number,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port, 0 picks one (default: none)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        type=metrics_host,
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="metrics address",
     )
     add_broker_option(p)
     add_curve_option(p)
@@ -168,22 +188,30 @@ def _record(args: argparse.Namespace, stop: threading.Event) -> int:
             segment_timeout=args.segment_timeout,
         )
         with rec:
-            print_ready(
-                READY,
-                {
-                    "segments": rec.names,
-                    "namespace": rec.namespace,
-                    "format": rec.format,
-                    "paths": rec.paths,
-                },
-            )
-            start = time.monotonic()
-            error: BaseException | None = None
+            server = None
+            if args.metrics_port is not None:
+                server = serve_recorder_metrics(rec, args.metrics_port, host=args.metrics_host)
             try:
-                rec.run(count=args.count, duration=args.duration, stop=stop)
-            except Exception as exc:  # reported below, with what the file kept
-                error = exc
-            error = error or rec.failure
+                print_ready(
+                    READY,
+                    {
+                        "segments": rec.names,
+                        "namespace": rec.namespace,
+                        "format": rec.format,
+                        "paths": rec.paths,
+                        "metrics": server.url if server is not None else None,
+                    },
+                )
+                start = time.monotonic()
+                error: BaseException | None = None
+                try:
+                    rec.run(count=args.count, duration=args.duration, stop=stop)
+                except Exception as exc:  # reported below, with what the file kept
+                    error = exc
+                error = error or rec.failure
+            finally:
+                if server is not None:
+                    server.close()
         stats = rec.stats()
         done = {
             "seconds": round(time.monotonic() - start, 3),

@@ -645,6 +645,117 @@ def test_versions_missed_while_the_recorder_is_stopped_are_counted(
     assert done["missed"] == done["lapped"] + done["torn"] + done["dropped"]
 
 
+def _recorder_samples(url: str) -> dict[str, dict[tuple[str, ...], float]]:
+    """``{sample name: {label values but namespace and recorder: value}}`` of a
+    recorder's /metrics page (a real HTTP GET)."""
+    from tests._obs_util import scrape
+
+    out: dict[str, dict[tuple[str, ...], float]] = {}
+    for (name, labels), value in scrape(url).items():
+        if name.startswith("shmcast_recorder_"):
+            rest = tuple(v for k, v in sorted(labels) if k not in ("namespace", "recorder"))
+            out.setdefault(name, {})[rest] = value
+    return out
+
+
+def test_record_serves_metrics_that_match_the_recording(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """``shmcast record --metrics-port``: an operator sees a recorder fall behind as
+    it happens. Before, the recorder exported nothing: its gaps were in the file and
+    the done line only, after the fact."""
+    path = tmp_path / "metered.h5"
+    shape = (256,)
+    with (
+        Publisher("cam", dtype="<f8", shape=shape, slots=4, namespace=namespace) as pub,
+        running(
+            ["record", "cam", "-n", namespace, "-o", str(path), "--metrics-port", "0"],
+            ready=RECORD_READY,
+        ) as rec,
+    ):
+        url = rec.ready["metrics"]
+        assert url.startswith("http://127.0.0.1:")
+
+        def settled(last: int) -> dict[str, dict[tuple[str, ...], float]] | None:
+            """The metrics once every version up to ``last`` is written or counted."""
+            m = _recorder_samples(url)
+            missed = sum(m["shmcast_recorder_versions_missed_total"].values())
+            written = m["shmcast_recorder_versions_recorded_total"][("cam",)]
+            there = m["shmcast_recorder_version"][("cam",)] == last == written + missed
+            return m if there and m["shmcast_recorder_queued_versions"][("cam",)] == 0 else None
+
+        _publish(pub, range(1, 21), rate=200)
+        wait_for(lambda: settled(20), 10, what="versions 1-20 in the metrics")
+        rec.send_signal(signal.SIGSTOP)  # the recorder falls behind: the 4-slot ring laps it
+        try:
+            _publish(pub, range(21, 121), rate=2000)
+        finally:
+            rec.send_signal(signal.SIGCONT)
+        _publish(pub, range(121, 131), rate=200)
+        m = wait_for(lambda: settled(130), 10, what="versions 1-130 in the metrics")
+        assert rec.stop() == 0, rec.stderr
+        done = _done(rec, RECORD_DONE)["segments"]["cam"]
+    with open_recording(path) as recording:
+        seg = recording.segments["cam"]
+        versions = seg.versions.tolist()
+        file_missed = seg.missed
+    recorded = m["shmcast_recorder_versions_recorded_total"][("cam",)]
+    missed = m["shmcast_recorder_versions_missed_total"]
+    assert recorded == len(versions) == done["recorded"]
+    assert versions[-1] == 130
+    assert sum(missed.values()) == file_missed == done["missed"] == 130 - len(versions)
+    assert missed[("lapped", "cam")] == done["lapped"] >= 50  # most of the 100 while stopped
+    assert {cause for cause, _ in missed} == {"lapped", "torn", "dropped", "unwritten"}
+    assert m["shmcast_recorder_recorded_bytes_total"] == {("cam",): recorded * 256 * 8}
+    assert m["shmcast_recorder_deleted_total"] == {("cam",): 0}
+    assert m["shmcast_recorder_file_size_bytes"][()] > 0
+    assert 0 <= m["shmcast_recorder_flush_age_seconds"][()] < 5
+    print(f"FIGURES recorded={recorded} missed={dict(missed)} file_missed={file_missed}")
+
+
+def test_a_recorders_metrics_are_served_from_the_library(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """``serve_recorder_metrics(rec, port)``, as ``serve_metrics(sub, port)``; versions
+    that left the 4-slot ring before the recorder read are ``cause="lapped"``."""
+    from prometheus_client import CollectorRegistry
+
+    from shmcast.subscriber import serve_recorder_metrics
+
+    registry = CollectorRegistry()
+    with (
+        Publisher("cam", dtype="<i8", shape=(3,), slots=4, namespace=namespace) as pub,
+        Recorder("cam", tmp_path / "lib.h5", namespace=namespace, name="archive") as rec,
+    ):
+        server = serve_recorder_metrics(rec, 0, registry=registry)
+        try:
+            for v in range(1, 11):  # before the recorder reads: 1-6 leave the ring
+                pub.publish(frame(v, pub.dtype, pub.shape))
+            assert [r.version for r in rec.records(count=4, duration=10)] == [7, 8, 9, 10]
+            wait_for(
+                lambda: (
+                    registry.get_sample_value(
+                        "shmcast_recorder_versions_recorded_total",
+                        {"namespace": namespace, "recorder": "archive", "segment": "cam"},
+                    )
+                    == 4
+                ),
+                10,
+                what="4 versions written",
+            )
+            m = _recorder_samples(server.url)
+        finally:
+            server.close()
+    assert m["shmcast_recorder_versions_missed_total"] == {
+        ("lapped", "cam"): 6,
+        ("torn", "cam"): 0,
+        ("dropped", "cam"): 0,
+        ("unwritten", "cam"): 0,
+    }
+    assert m["shmcast_recorder_version"] == {("cam",): 10}
+    assert m["shmcast_recorder_recorded_bytes_total"] == {("cam",): 4 * 24}
+
+
 def test_a_half_used_pool_calls_the_writer_before_its_interval(
     broker: Broker, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
