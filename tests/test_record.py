@@ -1153,11 +1153,42 @@ def test_a_tiny_replay_speed_waits_and_a_speed_that_is_not_finite_is_refused(
             assert list(replayed) == []  # waited for version 2 until stopped
         finally:
             timer.cancel()
-    for speed in ("inf", "nan", "0"):
+    for speed in ("inf", "nan", "0", "-1"):
         assert main(["replay", str(path), "-n", namespace, "--speed", speed]) == 2, speed
         assert "--speed must be a finite number > 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="finite"):
         Replayer(path, namespace=namespace, speed=float("inf"))
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
+def test_a_recording_of_no_versions_is_refused_before_anything_is_made(
+    broker: Broker, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    """A recording whose recorder recorded nothing (every version missed, or none
+    published) replayed with exit 0: it made an empty segment, or took an existing
+    one's lease, published nothing and ended at once, ``--loop`` too."""
+    lay = SegmentLayout("s", np.dtype([("a", "<i8")]), (2,))
+    path = tmp_path / f"empty.{'h5' if fmt == 'hdf5' else 'parquet'}"
+    with open_writer(str(path), [lay], format=fmt):  # type: ignore[arg-type]
+        pass
+    assert main(["replay", str(path), "-n", namespace, "--max", "--loop"]) == 1
+    err = capsys.readouterr().err
+    assert f"nothing to replay: {path} holds no version of 's'" in err, err
+    assert "record again" in err
+    assert Segment.list(namespace) == []
+    with Publisher("s", dtype=lay.dtype, shape=lay.shape, namespace=namespace) as pub:
+        pub.publish(np.array([(4,), (2,)], lay.dtype))
+        with pytest.raises(RecordingError, match="nothing to replay"):
+            Replayer(path, namespace=namespace, speed=None)
+        snap = pub.segment.latest()
+        assert (snap.version, snap.array["a"].tolist()) == (1, [4, 2])
+    if fmt == "hdf5":  # one segment of two without versions: the fix names the other
+        both = tmp_path / "both.h5"
+        with open_writer(str(both), [lay, SegmentLayout("t", np.dtype("<u1"), (3,))]) as w:
+            w.append("t", [np.ones(3, "<u1")], [1], [1])
+        with pytest.raises(RecordingError, match="replay those that have some: --segments t"):
+            Replayer(both, namespace=namespace, segments=["s"], speed=None)
+        assert replay(both, namespace=namespace, speed=None)["t"].published == 1
 
 
 def _damaged_recordings(tmp_path: Path) -> dict[str, Path]:
