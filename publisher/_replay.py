@@ -194,11 +194,13 @@ class Replayer(Closing):
         if wanted:
             unknown = [n for n in wanted if n not in sources]
             if unknown:
-                there = ", ".join(map(repr, sources))
+                there = ", ".join(map(repr, sources)) or "no segment"
+                paths = ", ".join(rec.path for rec in self._recordings)
                 raise RecordingError(
                     self._recordings[0].path,
-                    f"segment(s) {', '.join(map(repr, unknown))} not recorded; the "
-                    f"recording holds {there}",
+                    f"segment(s) {', '.join(map(repr, unknown))} not recorded in {paths}, "
+                    f"which holds {there}: give --segments some of those, or leave it "
+                    f"out to replay them all",
                 )
             sources = {n: sources[n] for n in dict.fromkeys(wanted)}
         return sources

@@ -1079,6 +1079,23 @@ def test_segments_leaves_out_a_name_two_recordings_hold(
     assert Segment.list(namespace) == ["t"]
 
 
+def test_segments_naming_a_segment_not_recorded_names_the_files_and_the_fix(
+    broker: Broker, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: "segment(s) 'x' not recorded; the recording holds 's'": which file
+    of several, and what to do, left to guess."""
+    first = _recording(tmp_path / "a.h5", [1, 2])
+    with Publisher("s", dtype="<i8", shape=(2,), namespace=namespace) as pub:
+        pub.publish(np.array([4, 2], "<i8"))
+        assert main(["replay", str(first), "-n", namespace, "--segments", "s", "x"]) == 1
+        err = capsys.readouterr().err
+        assert f"segment(s) 'x' not recorded in {first}, which holds 's'" in err, err
+        assert "give --segments some of those, or leave it out" in err
+        snap = pub.segment.latest()
+        assert (snap.version, snap.array.tolist()) == (1, [4, 2])
+    assert Segment.list(namespace) == ["s"]
+
+
 @pytest.mark.parametrize("timeout", [-1, 0, float("nan"), "5", None])
 def test_a_replayers_bad_timeout_is_refused_naming_the_argument(
     broker: Broker, namespace: str, tmp_path: Path, timeout: Any
