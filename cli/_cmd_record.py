@@ -40,7 +40,8 @@ timestamp_ns, and the attribute 'missed'; written in SWMR mode and flushed at
 least once a second, so `h5py.File(path, "r", swmr=True)` reads it while it
 grows, or after the recorder was killed. Parquet: one-dimensional record dtypes
 without a field named version or timestamp_ns (its own columns) or of 0 bytes,
-one file per segment (<stem>.<segment>.parquet when several are recorded).
+one file per segment (<stem>.<segment>.parquet when several are recorded);
+a bool byte other than 0 and 1 comes back as 1 (HDF5 keeps it).
 Needs the extra: pip install 'shmcast[record]'.
 
 Metrics (--metrics-port): per segment, versions recorded, missed (by cause),

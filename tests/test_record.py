@@ -1558,6 +1558,32 @@ def test_hdf5_keeps_any_dtype_bit_identical(
             assert seg.read(i).tobytes() == a.tobytes()
 
 
+def test_bool_bytes_other_than_0_and_1_are_kept_by_hdf5_and_made_1_by_parquet(
+    tmp_path: Path,
+) -> None:
+    """Documented, not changed: a Parquet boolean is one bit, and keeping a bool byte
+    of 127 (a view of raw bytes as bool) would take another column type for bool
+    fields, a change of the format. HDF5 keeps every byte."""
+    dt = np.dtype([("ok", "?"), ("px", "<f8"), ("flags", "?", (3,))])
+    arr = np.zeros(4, dt)
+    arr["px"] = [1.5, 2.5, 3.5, 4.5]
+    raw = arr.view(np.uint8).reshape(4, dt.itemsize)
+    raw[:, 0] = [0, 1, 127, 255]
+    raw[:, 9:12] = [[2, 0, 1], [0, 0, 0], [128, 1, 3], [1, 1, 1]]
+    got = {}
+    for fmt in ("hdf5", "parquet"):
+        path = tmp_path / f"bools.{fmt}"
+        with open_writer(str(path), [SegmentLayout("s", dt, (4,))], format=fmt) as w:  # type: ignore[arg-type]
+            w.append("s", [arr], [1], [1])
+        with open_recording(path) as rec:
+            got[fmt] = rec.segments["s"].read(0).view(np.uint8).reshape(4, dt.itemsize)
+    assert got["hdf5"].tobytes() == arr.tobytes()
+    assert got["parquet"][:, 0].tolist() == [0, 1, 1, 1]
+    assert got["parquet"][:, 9:12].tolist() == [[1, 0, 1], [0, 0, 0], [1, 1, 1], [1, 1, 1]]
+    assert got["parquet"][:, 1:9].tobytes() == raw[:, 1:9].tobytes()  # px
+    assert np.array_equal(got["parquet"] != 0, raw != 0)  # the same truth of every bool
+
+
 @pytest.mark.parametrize("compression", [None, "gzip"])
 def test_hdf5_keeps_the_padding_bytes_of_records(tmp_path: Path, compression: str | None) -> None:
     """HDF5's compound conversion copies fields, not the bytes between them: they
