@@ -8,7 +8,11 @@ import sys
 import threading
 import time
 
-from shmcast.subscriber import Recorder, serve_recorder_metrics
+from prometheus_client import CollectorRegistry
+
+from shmcast.broker import MetricsServer, start_metrics_server
+from shmcast.broker.client import CurveKeyTriple
+from shmcast.subscriber import Recorder, RecorderCollector
 
 from ._options import (
     add_broker_option,
@@ -174,6 +178,26 @@ def _record(args: argparse.Namespace, stop: threading.Event) -> int:
         )
         return 2
     curve = curve_keys(args)  # ConfigError: exit 2, whatever --wait
+    # The metrics endpoint before the recorder: a port it cannot bind must fail before
+    # the output file is made (an empty file left behind refuses the next run).
+    registry = CollectorRegistry(auto_describe=True)
+    server = None
+    if args.metrics_port is not None:
+        server = start_metrics_server(registry, args.metrics_port, host=args.metrics_host)
+    try:
+        return _run_recorder(args, stop, curve, registry, server)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _run_recorder(
+    args: argparse.Namespace,
+    stop: threading.Event,
+    curve: CurveKeyTriple | None,
+    registry: CollectorRegistry,
+    server: MetricsServer | None,
+) -> int:
     with stop_on_signals(stop.set):
         rec = Recorder(
             args.segments,
@@ -189,30 +213,24 @@ def _record(args: argparse.Namespace, stop: threading.Event) -> int:
             segment_timeout=args.segment_timeout,
         )
         with rec:
-            server = None
-            if args.metrics_port is not None:
-                server = serve_recorder_metrics(rec, args.metrics_port, host=args.metrics_host)
+            registry.register(RecorderCollector(rec))
+            print_ready(
+                READY,
+                {
+                    "segments": rec.names,
+                    "namespace": rec.namespace,
+                    "format": rec.format,
+                    "paths": rec.paths,
+                    "metrics": server.url if server is not None else None,
+                },
+            )
+            start = time.monotonic()
+            error: BaseException | None = None
             try:
-                print_ready(
-                    READY,
-                    {
-                        "segments": rec.names,
-                        "namespace": rec.namespace,
-                        "format": rec.format,
-                        "paths": rec.paths,
-                        "metrics": server.url if server is not None else None,
-                    },
-                )
-                start = time.monotonic()
-                error: BaseException | None = None
-                try:
-                    rec.run(count=args.count, duration=args.duration, stop=stop)
-                except Exception as exc:  # reported below, with what the file kept
-                    error = exc
-                error = error or rec.failure
-            finally:
-                if server is not None:
-                    server.close()
+                rec.run(count=args.count, duration=args.duration, stop=stop)
+            except Exception as exc:  # reported below, with what the file kept
+                error = exc
+            error = error or rec.failure
         stats = rec.stats()
         done = {
             "seconds": round(time.monotonic() - start, 3),

@@ -756,6 +756,32 @@ def test_a_recorders_metrics_are_served_from_the_library(
     assert m["shmcast_recorder_recorded_bytes_total"] == {("cam",): 4 * 24}
 
 
+def test_a_metrics_port_that_cannot_be_bound_leaves_no_recording(
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The recorder made its (empty) file before the metrics server met the busy port:
+    the next run without --overwrite was refused, "exists"."""
+    import socket
+
+    path = tmp_path / "busy.h5"
+    with (
+        socket.socket() as held,
+        Segment.create("cam", dtype="<i8", shape=(2,), namespace=namespace) as seg,
+    ):
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        try:
+            args = ["record", "cam", "-n", namespace, "-o", str(path), "--metrics-port", port]
+            assert main(args) == 1
+        finally:
+            seg.unlink()
+    err = capsys.readouterr().err
+    assert f"cannot bind the metrics endpoint 127.0.0.1:{port}" in err, err
+    assert "--metrics-port" in err
+    assert not path.exists()
+
+
 def test_a_half_used_pool_calls_the_writer_before_its_interval(
     broker: Broker, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
