@@ -1465,6 +1465,7 @@ def test_a_parquet_file_of_other_column_types_is_refused(
             "a": ints,
             "version": pa.array(np.array([1, 7, 2, 9], np.uint64)),
         },
+        "versions going back": {"a": ints, "version": pa.array(np.array([2, 2, 1, 1], np.uint64))},
     }
     for k, (what, cols) in enumerate(forged.items()):
         path = _forged_parquet(tmp_path / f"s{k}.parquet", cols)
