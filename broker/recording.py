@@ -40,7 +40,11 @@ and ``version``, ``timestamp_ns`` (uint64). The schema's metadata ``shmcast``
 holds JSON (format, format_version, segment, dtype, shape, namespace, slots);
 the file's metadata ``shmcast.missed`` is written when the file is closed, as
 is Parquet's footer: a Parquet recording is readable once its recorder stopped.
-Fields come back bit-identical; padding bytes between fields come back as zeros.
+Fields come back bit-identical, but for two things: padding bytes between fields
+come back as zeros, and a bool byte other than 0 and 1 (numpy takes any for
+True; a view of raw bytes as bool makes them) comes back as 1, since a Parquet
+boolean is one bit. Keeping such bytes would take another column type for bool
+fields, a change of the format; HDF5 keeps them.
 
 A full disk is never met inside HDF5 or Parquet (HDF5 2.0 can crash on the way
 out after ENOSPC): each writer keeps file space reserved ahead of what it hands

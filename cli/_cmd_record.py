@@ -8,13 +8,19 @@ import sys
 import threading
 import time
 
-from shmcast.subscriber import Recorder
+from prometheus_client import CollectorRegistry
+
+from shmcast.broker import MetricsServer, start_metrics_server
+from shmcast.broker.client import CurveKeyTriple
+from shmcast.subscriber import Recorder, RecorderCollector
 
 from ._options import (
     add_broker_option,
     add_curve_option,
     broker_endpoint,
     curve_keys,
+    metrics_host,
+    port_number,
     positive_seconds,
     seconds,
     whole_number,
@@ -31,18 +37,24 @@ examples:
   shmcast record frames ticks -o run2.h5 --duration 60 --compression lzf
   shmcast record ticks -o ticks.parquet                     Parquet (the suffix): a row per record
   shmcast record frames -o run1.h5 --overwrite              replace an existing file
+  shmcast record frames -o run1.h5 --metrics-port 9102      Prometheus metrics (0 picks a port)
 
 HDF5: a group per segment with datasets data (N, *shape), version and
 timestamp_ns, and the attribute 'missed'; written in SWMR mode and flushed at
 least once a second, so `h5py.File(path, "r", swmr=True)` reads it while it
 grows, or after the recorder was killed. Parquet: one-dimensional record dtypes
 without a field named version or timestamp_ns (its own columns) or of 0 bytes,
-one file per segment (<stem>.<segment>.parquet when several are recorded).
+one file per segment (<stem>.<segment>.parquet when several are recorded);
+a bool byte other than 0 and 1 comes back as 1 (HDF5 keeps it).
 Needs the extra: pip install 'shmcast[record]'.
 
-Lines on stdout: 'shmcast record ready: {json}' once recording, and
-'shmcast record done: {json}' (per segment: recorded, missed and why, times
-deleted while recorded; bytes).
+Metrics (--metrics-port): per segment, versions recorded, missed (by cause),
+bytes recorded, times deleted, the latest version and the versions waiting for
+the disk; the seconds since the last flush and the file's size.
+
+Lines on stdout: 'shmcast record ready: {json}' (with the metrics URL) once
+recording, and 'shmcast record done: {json}' (per segment: recorded, missed and
+why, times deleted while recorded; bytes).
 Exit code 1 when writing failed (a full disk): the file keeps what was written.
 """
 
@@ -94,6 +106,19 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=2.0,
         metavar="S",
         help="seconds to wait for the segments to exist (default 2)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=port_number,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port, 0 picks one (default: none)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        type=metrics_host,
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="metrics address",
     )
     add_broker_option(p)
     add_curve_option(p)
@@ -153,6 +178,26 @@ def _record(args: argparse.Namespace, stop: threading.Event) -> int:
         )
         return 2
     curve = curve_keys(args)  # ConfigError: exit 2, whatever --wait
+    # The metrics endpoint before the recorder: a port it cannot bind must fail before
+    # the output file is made (an empty file left behind refuses the next run).
+    registry = CollectorRegistry(auto_describe=True)
+    server = None
+    if args.metrics_port is not None:
+        server = start_metrics_server(registry, args.metrics_port, host=args.metrics_host)
+    try:
+        return _run_recorder(args, stop, curve, registry, server)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _run_recorder(
+    args: argparse.Namespace,
+    stop: threading.Event,
+    curve: CurveKeyTriple | None,
+    registry: CollectorRegistry,
+    server: MetricsServer | None,
+) -> int:
     with stop_on_signals(stop.set):
         rec = Recorder(
             args.segments,
@@ -168,6 +213,7 @@ def _record(args: argparse.Namespace, stop: threading.Event) -> int:
             segment_timeout=args.segment_timeout,
         )
         with rec:
+            registry.register(RecorderCollector(rec))
             print_ready(
                 READY,
                 {
@@ -175,6 +221,7 @@ def _record(args: argparse.Namespace, stop: threading.Event) -> int:
                     "namespace": rec.namespace,
                     "format": rec.format,
                     "paths": rec.paths,
+                    "metrics": server.url if server is not None else None,
                 },
             )
             start = time.monotonic()

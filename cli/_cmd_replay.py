@@ -26,7 +26,8 @@ examples:
 
 The segments are created with the recorded dtype and shape (an existing segment
 of the same layout is used; one of another layout, or with a live writer, is an
-error, checked before any segment is created, and is left as it is). Versions
+error, checked before any segment is created, and is left as it is; so is a
+recording that holds no version of the segments to replay). Versions
 keep their recorded numbers where the segment allows it, and the data is
 bit-identical. Lines on stdout: 'shmcast replay ready: {json}' and
 'shmcast replay done: {json}' (published per segment, seconds, rate).

@@ -100,8 +100,9 @@ class Replayer(Closing):
     Raises:
         ValueError: ``speed`` or ``timeout`` is not a finite number > 0.
         NotARecordingError: a file is not a shmcast recording.
-        RecordingError: a segment asked for is not in the recordings, or two
-            recordings hold the same segment.
+        RecordingError: a segment asked for is not in the recordings, two
+            recordings hold the same segment, or the segments to replay hold no
+            version at all.
         LayoutConflictError: a segment of that name exists with another dtype or
             shape (checked for every segment before any is touched).
         WriterBusyError: a segment of that name has a live writer (checked alike).
@@ -139,6 +140,8 @@ class Replayer(Closing):
         self.loop = loop
         try:
             self._sources = self._open(files, segments)
+            if not any(len(src) for src in self._sources.values()):
+                raise self._nothing_to_replay()
             self._check_layouts(resolve_endpoint(broker, self.namespace), timeout, curve)
             for name, src in self._sources.items():
                 lay = src.layout
@@ -191,14 +194,40 @@ class Replayer(Closing):
         if wanted:
             unknown = [n for n in wanted if n not in sources]
             if unknown:
-                there = ", ".join(map(repr, sources))
+                there = ", ".join(map(repr, sources)) or "no segment"
+                paths = ", ".join(rec.path for rec in self._recordings)
                 raise RecordingError(
                     self._recordings[0].path,
-                    f"segment(s) {', '.join(map(repr, unknown))} not recorded; the "
-                    f"recording holds {there}",
+                    f"segment(s) {', '.join(map(repr, unknown))} not recorded in {paths}, "
+                    f"which holds {there}: give --segments some of those, or leave it "
+                    f"out to replay them all",
                 )
             sources = {n: sources[n] for n in dict.fromkeys(wanted)}
         return sources
+
+    def _nothing_to_replay(self) -> RecordingError:
+        """The segments to replay hold no version at all: an error, before any segment
+        is made (an empty one, and a replay that ended at once with exit 0, ``loop``
+        too, was all it did)."""
+        names = ", ".join(map(repr, self._sources))
+        paths = ", ".join(dict.fromkeys(src.path for src in self._sources.values()))
+        others = [
+            name
+            for rec in self._recordings
+            for name, seg in rec.segments.items()
+            if len(seg) and name not in self._sources
+        ]
+        if others:
+            fix = f"replay those that have some: --segments {' '.join(others)}"
+        else:
+            fix = (
+                "its recorder recorded none (its done line says why: versions missed, or "
+                "none published while it ran); record again"
+            )
+        return RecordingError(
+            self._recordings[0].path,
+            f"nothing to replay: {paths} holds no version of {names}; {fix}",
+        )
 
     def _check_layouts(self, endpoint: str, timeout: float, curve: CurveKeyTriple | None) -> None:
         """Every segment either does not exist or has the recorded dtype and shape."""

@@ -1,7 +1,9 @@
 """shmcast's reading side: :class:`Subscriber`, the analytics worker, the recorder, metrics."""
 
+from ._metrics import RecorderCollector as RecorderCollector
 from ._metrics import SubscriberCollector as SubscriberCollector
 from ._metrics import serve_metrics as serve_metrics
+from ._metrics import serve_recorder_metrics as serve_recorder_metrics
 from ._recorder import Recorded as Recorded
 from ._recorder import Recorder as Recorder
 from ._recorder import RecorderStats as RecorderStats
@@ -17,6 +19,7 @@ __all__ = [
     "LATENCY_BUCKETS",
     "Recorded",
     "Recorder",
+    "RecorderCollector",
     "RecorderStats",
     "SegmentStats",
     "Subscriber",
@@ -26,4 +29,5 @@ __all__ = [
     "analyse",
     "run_worker",
     "serve_metrics",
+    "serve_recorder_metrics",
 ]

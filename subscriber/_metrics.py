@@ -1,4 +1,5 @@
-"""A subscriber's Prometheus metrics, built from its counters at scrape time."""
+"""A subscriber's and a recorder's Prometheus metrics, built from their counters at
+scrape time."""
 
 from __future__ import annotations
 
@@ -21,9 +22,14 @@ from ._stats import LATENCY_BUCKETS
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
+    from ._recorder import Recorder
     from ._subscriber import Subscriber
 
-__all__ = ["SubscriberCollector", "serve_metrics"]
+__all__ = ["RecorderCollector", "SubscriberCollector", "serve_metrics", "serve_recorder_metrics"]
+
+#: The causes of a recorder's missed versions (``RecorderStats`` fields), its
+#: ``shmcast_recorder_versions_missed_total`` label ``cause``.
+MISSED_CAUSES = ("lapped", "torn", "dropped", "unwritten")
 
 
 class SubscriberCollector(Collector):
@@ -148,4 +154,108 @@ def serve_metrics(
     """
     registry = registry or CollectorRegistry(auto_describe=True)
     registry.register(SubscriberCollector(subscriber, name=name))
+    return start_metrics_server(registry, port, host=host)
+
+
+class RecorderCollector(Collector):
+    """Exports one recorder's ``shmcast_recorder_*`` metrics, labelled by namespace
+    and recorder, and all but the file's by segment too: per segment, the versions
+    since the recording started are ``recorded`` or ``missed`` (by ``cause``)."""
+
+    def __init__(self, recorder: Recorder, *, name: str | None = None) -> None:
+        self._rec = recorder
+        #: The ``recorder`` label: the recorder's own name unless told otherwise.
+        self._name = recorder.name if name is None else name
+
+    def collect(self) -> Iterator[Metric]:
+        rec = self._rec
+        base = ["namespace", "recorder"]
+        labels = [*base, "segment"]
+        recorded = CounterMetricFamily(
+            "shmcast_recorder_versions_recorded",
+            "Versions written to the recording file",
+            labels=labels,
+        )
+        missed = CounterMetricFamily(
+            "shmcast_recorder_versions_missed",
+            "Versions of the recorded span not in the file, by cause: lapped (left the "
+            "ring before their copy), torn, dropped (no free buffer: the disk was slower "
+            "than the stream), unwritten (writing failed)",
+            labels=[*labels, "cause"],
+        )
+        nbytes = CounterMetricFamily(
+            "shmcast_recorder_recorded_bytes",
+            "Bytes of the versions written (their arrays, before compression)",
+            labels=labels,
+        )
+        deleted = CounterMetricFamily(
+            "shmcast_recorder_deleted",
+            "Times the segment was deleted while recorded",
+            labels=labels,
+        )
+        version = GaugeMetricFamily(
+            "shmcast_recorder_version", "Latest version copied out for the file", labels=labels
+        )
+        queued = GaugeMetricFamily(
+            "shmcast_recorder_queued_versions",
+            "Versions copied out and not written yet (the disk's backlog)",
+            labels=labels,
+        )
+        queued_now = rec.queued()
+        for seg, st in rec.stats().items():
+            lv = [rec.namespace, self._name, seg]
+            recorded.add_metric(lv, st.recorded)
+            for cause in MISSED_CAUSES:
+                missed.add_metric([*lv, cause], getattr(st, cause))
+            nbytes.add_metric(lv, st.recorded_bytes)
+            deleted.add_metric(lv, st.deleted)
+            version.add_metric(lv, st.last_version)
+            queued.add_metric(lv, queued_now.get(seg, 0))
+        yield recorded
+        yield missed
+        yield nbytes
+        yield deleted
+        yield version
+        yield queued
+        lv = [rec.namespace, self._name]
+        age = GaugeMetricFamily(
+            "shmcast_recorder_flush_age_seconds",
+            "Seconds since the file was last flushed (what a reader of the growing file "
+            "lacks, what a crash would lose); grows for ever once writing stopped",
+            labels=base,
+        )
+        age.add_metric(lv, rec.flush_age())
+        yield age
+        size = GaugeMetricFamily(
+            "shmcast_recorder_file_size_bytes",
+            "Bytes of the recording's files on disk",
+            labels=base,
+        )
+        size.add_metric(lv, rec.size())
+        yield size
+
+
+def serve_recorder_metrics(
+    recorder: Recorder,
+    port: int = 0,
+    *,
+    host: str = "127.0.0.1",
+    name: str | None = None,
+    registry: CollectorRegistry | None = None,
+) -> MetricsServer:
+    """Serve a recorder's metrics over HTTP (``.url``; ``.close()`` stops it), as
+    :func:`serve_metrics` does a subscriber's.
+
+    Args:
+        recorder: whose counters to export.
+        port: 0 picks a free port.
+        host: address to bind (loopback by default).
+        name: the ``recorder`` label (default: ``recorder.name``).
+        registry: where to register the collector (a new registry by default).
+
+    Raises:
+        EndpointError: the port cannot be bound.
+    """
+    registry = registry or CollectorRegistry(auto_describe=True)
+    registry.register(RecorderCollector(recorder, name=name))
     return start_metrics_server(registry, port, host=host)

@@ -93,6 +93,9 @@ class RecorderStats:
     deleted: int = 0
     """Times the segment was deleted while recorded (no versions since, until it is
     made again; that ends the recording: see :class:`Recorder`)."""
+    recorded_bytes: int = 0
+    """Bytes of the versions recorded (``recorded`` times a version's size; the file
+    adds its own metadata and compression: :meth:`Recorder.size`)."""
     first_version: int = 0
     last_version: int = 0
 
@@ -158,7 +161,8 @@ class Recorder(Closing):
         segment_timeout: seconds to wait for the segments to exist.
         timeout: seconds to wait for the broker's replies.
         buffer_bytes: bytes of copies held per segment while the disk catches up.
-        name: how the recorder names itself to the broker (``shmcast top``).
+        name: how the recorder names itself to the broker (``shmcast top``) and
+            the ``recorder`` label of its metrics (:func:`serve_recorder_metrics`).
 
     Raises:
         SegmentNotFoundError: a segment did not appear (the message names those
@@ -202,6 +206,7 @@ class Recorder(Closing):
         if not 0 < flush_interval <= 1.0:
             raise ValueError(f"flush_interval must be in (0, 1] seconds, not {flush_interval!r}")
         self.names = [validate_segment_name(n) for n in dict.fromkeys(names)]
+        self.name = name
         self.namespace = resolve_namespace(namespace)
         self.output = os.fspath(output)
         self.format: Format = format
@@ -250,6 +255,7 @@ class Recorder(Closing):
         # incarnation once its queued versions are read, and a closed handle has none.
         self._incarnations = {n: s.incarnation for n, s in self._segs.items()}
         self._layouts = {lay.name: lay for lay in layouts}
+        self._nbytes = {lay.name: lay.nbytes for lay in layouts}
         self._pools = {
             n: _Pool(s.dtype, s.shape, max(2, min(1 << 16, buffer_bytes // max(1, s.nbytes))))
             for n, s in self._segs.items()
@@ -275,6 +281,8 @@ class Recorder(Closing):
             daemon=True,
         )
         self._next_flush = time.monotonic() + flush_interval
+        #: When the writing thread last flushed the file (its start until it first does).
+        self._flushed_at = time.monotonic()
         #: Segments seen deleted (warned about once), until attached again.
         self._gone: set[str] = set()
         #: Segments whose last deletion is counted in ``deleted`` (see _new_incarnation).
@@ -529,7 +537,8 @@ class Recorder(Closing):
                 for name, st in self._stats.items():
                     writer.set_missed(name, st.missed)
                 writer.flush()
-                self._next_flush = time.monotonic() + self.flush_interval
+                self._flushed_at = time.monotonic()
+                self._next_flush = self._flushed_at + self.flush_interval
             done = stopping
         except BaseException as exc:
             self._fail(exc)
@@ -554,6 +563,7 @@ class Recorder(Closing):
                 self._dropped_seen[name] = n
                 st = self._stats[name]
                 st.recorded -= new
+                st.recorded_bytes -= new * self._nbytes[name]
                 st.unwritten += new
 
     def _append(self, writer: RecordingWriter, batch: list[tuple[str, int, int, Any]]) -> None:
@@ -583,10 +593,10 @@ class Recorder(Closing):
                     except BaseException:
                         taken = writer.counts[name] - before  # those before a refused one
                         done += taken
-                        self._stats[name].recorded += taken
+                        self._recorded(name, taken)
                         raise
                     done += len(part)
-                    self._stats[name].recorded += len(part)
+                    self._recorded(name, len(part))
             except BaseException:
                 # The rest of this segment's versions, and those of the segments after
                 # it in the batch: taken from the queue, they will never be written.
@@ -599,6 +609,11 @@ class Recorder(Closing):
                 free = self._pools[name].free
                 for it in items:
                     free.append(it[3])
+
+    def _recorded(self, name: str, n: int) -> None:
+        st = self._stats[name]
+        st.recorded += n
+        st.recorded_bytes += n * self._nbytes[name]
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:
@@ -625,6 +640,18 @@ class Recorder(Closing):
     def stats(self) -> dict[str, RecorderStats]:
         """A snapshot of each segment's counters."""
         return {n: replace(st) for n, st in self._stats.items()}
+
+    def queued(self) -> dict[str, int]:
+        """Versions of each segment copied out and not written yet: the disk's backlog
+        (a pool full of them drops the next versions, counted ``dropped``)."""
+        return {n: pool.made - len(pool.free) for n, pool in self._pools.items()}
+
+    def flush_age(self, now: float | None = None) -> float:
+        """Seconds since the file was last flushed (since the start, before the first
+        flush): what a reader of the growing file lacks, and a crash would lose. It
+        grows past ``flush_interval`` while the disk stalls, and for ever once
+        writing stopped (closed, or failed: :attr:`failure`)."""
+        return (time.monotonic() if now is None else now) - self._flushed_at
 
     @property
     def failure(self) -> BaseException | None:

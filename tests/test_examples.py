@@ -40,14 +40,14 @@ def _sample_names(collector: object) -> set[str]:
     return names
 
 
-def test_every_metric_the_readme_names_is_exported(namespace: str) -> None:
+def test_every_metric_the_readme_names_is_exported(namespace: str, tmp_path: Path) -> None:
     import numpy as np
 
     from shmcast.bridge import BridgeCollector, BridgeStats
     from shmcast.broker import Broker, BrokerConfig
     from shmcast.broker._metrics import BrokerCollector
     from shmcast.publisher import Publisher, Relay, RelayCollector, resolve_relay_config
-    from shmcast.subscriber import Subscriber, SubscriberCollector
+    from shmcast.subscriber import Recorder, RecorderCollector, Subscriber, SubscriberCollector
 
     broker = Broker(BrokerConfig(namespace=namespace, data="tcp://127.0.0.1:0")).start()
     try:
@@ -55,6 +55,7 @@ def test_every_metric_the_readme_names_is_exported(namespace: str) -> None:
             Publisher("m", dtype="f8", shape=1, namespace=namespace) as pub,
             Subscriber("m", namespace=namespace) as sub,
             Subscriber("m", namespace=namespace, wait="events") as events,
+            Recorder("m", tmp_path / "m.h5", namespace=namespace) as rec,
         ):
             pub.publish(np.zeros(1))
             for _ in sub.updates(timeout=2):
@@ -67,6 +68,7 @@ def test_every_metric_the_readme_names_is_exported(namespace: str) -> None:
                 _sample_names(BrokerCollector(broker.stats, broker.data_stats))
                 | _sample_names(SubscriberCollector(sub))
                 | _sample_names(SubscriberCollector(events))
+                | _sample_names(RecorderCollector(rec))
                 | _sample_names(RelayCollector(relay))
                 | _sample_names(BridgeCollector(lambda: bridge))
             )

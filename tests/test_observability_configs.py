@@ -230,11 +230,13 @@ def test_alert_rules_use_only_exported_metrics() -> None:
 
 def _every_exported_family() -> dict[str, str]:
     """``{family name: type}`` of every service's collector: the broker's with a data
-    stream, a subscriber's in ``events`` mode, a relay's and a Zenoh bridge's."""
+    stream, a subscriber's in ``events`` mode, a recorder's, a relay's and a Zenoh
+    bridge's."""
     from shmcast.bridge import BridgeCollector, BridgeStats
     from shmcast.broker import BrokerStats
     from shmcast.broker._datastream import DataStreamStats
     from shmcast.publisher import RelayCollector, RelayStats
+    from shmcast.subscriber import RecorderCollector, RecorderStats
 
     def broker_stats() -> BrokerStats:
         return BrokerStats(
@@ -256,9 +258,14 @@ def _every_exported_family() -> dict[str, str]:
         namespace="x", mode="events", stats={}, broker_up=True, events_missed=0,
         bad_messages=0, staleness=lambda seg, now=None: None,
     )  # fmt: skip
+    fake_rec = SimpleNamespace(
+        namespace="x", name="r", stats=lambda: {"seg": RecorderStats()},
+        queued=lambda: {"seg": 0}, flush_age=lambda: 0.0, size=lambda: 0,
+    )  # fmt: skip
     collectors = [
         BrokerCollector(broker_stats, data_stats),
         SubscriberCollector(fake_sub, name="s"),  # type: ignore[arg-type]
+        RecorderCollector(fake_rec),  # type: ignore[arg-type]
         RelayCollector(relay),  # type: ignore[arg-type]
         BridgeCollector(lambda: BridgeStats(namespace="x")),
     ]

@@ -645,6 +645,143 @@ def test_versions_missed_while_the_recorder_is_stopped_are_counted(
     assert done["missed"] == done["lapped"] + done["torn"] + done["dropped"]
 
 
+def _recorder_samples(url: str) -> dict[str, dict[tuple[str, ...], float]]:
+    """``{sample name: {label values but namespace and recorder: value}}`` of a
+    recorder's /metrics page (a real HTTP GET)."""
+    from tests._obs_util import scrape
+
+    out: dict[str, dict[tuple[str, ...], float]] = {}
+    for (name, labels), value in scrape(url).items():
+        if name.startswith("shmcast_recorder_"):
+            rest = tuple(v for k, v in sorted(labels) if k not in ("namespace", "recorder"))
+            out.setdefault(name, {})[rest] = value
+    return out
+
+
+def test_record_serves_metrics_that_match_the_recording(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """``shmcast record --metrics-port``: an operator sees a recorder fall behind as
+    it happens. Before, the recorder exported nothing: its gaps were in the file and
+    the done line only, after the fact."""
+    path = tmp_path / "metered.h5"
+    shape = (256,)
+    with (
+        Publisher("cam", dtype="<f8", shape=shape, slots=4, namespace=namespace) as pub,
+        running(
+            ["record", "cam", "-n", namespace, "-o", str(path), "--metrics-port", "0"],
+            ready=RECORD_READY,
+        ) as rec,
+    ):
+        url = rec.ready["metrics"]
+        assert url.startswith("http://127.0.0.1:")
+
+        def settled(last: int) -> dict[str, dict[tuple[str, ...], float]] | None:
+            """The metrics once every version up to ``last`` is written or counted."""
+            m = _recorder_samples(url)
+            missed = sum(m["shmcast_recorder_versions_missed_total"].values())
+            written = m["shmcast_recorder_versions_recorded_total"][("cam",)]
+            there = m["shmcast_recorder_version"][("cam",)] == last == written + missed
+            return m if there and m["shmcast_recorder_queued_versions"][("cam",)] == 0 else None
+
+        _publish(pub, range(1, 21), rate=200)
+        wait_for(lambda: settled(20), 10, what="versions 1-20 in the metrics")
+        rec.send_signal(signal.SIGSTOP)  # the recorder falls behind: the 4-slot ring laps it
+        try:
+            _publish(pub, range(21, 121), rate=2000)
+        finally:
+            rec.send_signal(signal.SIGCONT)
+        _publish(pub, range(121, 131), rate=200)
+        m = wait_for(lambda: settled(130), 10, what="versions 1-130 in the metrics")
+        assert rec.stop() == 0, rec.stderr
+        done = _done(rec, RECORD_DONE)["segments"]["cam"]
+    with open_recording(path) as recording:
+        seg = recording.segments["cam"]
+        versions = seg.versions.tolist()
+        file_missed = seg.missed
+    recorded = m["shmcast_recorder_versions_recorded_total"][("cam",)]
+    missed = m["shmcast_recorder_versions_missed_total"]
+    assert recorded == len(versions) == done["recorded"]
+    assert versions[-1] == 130
+    assert sum(missed.values()) == file_missed == done["missed"] == 130 - len(versions)
+    assert missed[("lapped", "cam")] == done["lapped"] >= 50  # most of the 100 while stopped
+    assert {cause for cause, _ in missed} == {"lapped", "torn", "dropped", "unwritten"}
+    assert m["shmcast_recorder_recorded_bytes_total"] == {("cam",): recorded * 256 * 8}
+    assert m["shmcast_recorder_deleted_total"] == {("cam",): 0}
+    assert m["shmcast_recorder_file_size_bytes"][()] > 0
+    assert 0 <= m["shmcast_recorder_flush_age_seconds"][()] < 5
+    print(f"FIGURES recorded={recorded} missed={dict(missed)} file_missed={file_missed}")
+
+
+def test_a_recorders_metrics_are_served_from_the_library(
+    broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    """``serve_recorder_metrics(rec, port)``, as ``serve_metrics(sub, port)``; versions
+    that left the 4-slot ring before the recorder read are ``cause="lapped"``."""
+    from prometheus_client import CollectorRegistry
+
+    from shmcast.subscriber import serve_recorder_metrics
+
+    registry = CollectorRegistry()
+    with (
+        Publisher("cam", dtype="<i8", shape=(3,), slots=4, namespace=namespace) as pub,
+        Recorder("cam", tmp_path / "lib.h5", namespace=namespace, name="archive") as rec,
+    ):
+        server = serve_recorder_metrics(rec, 0, registry=registry)
+        try:
+            for v in range(1, 11):  # before the recorder reads: 1-6 leave the ring
+                pub.publish(frame(v, pub.dtype, pub.shape))
+            assert [r.version for r in rec.records(count=4, duration=10)] == [7, 8, 9, 10]
+            wait_for(
+                lambda: (
+                    registry.get_sample_value(
+                        "shmcast_recorder_versions_recorded_total",
+                        {"namespace": namespace, "recorder": "archive", "segment": "cam"},
+                    )
+                    == 4
+                ),
+                10,
+                what="4 versions written",
+            )
+            m = _recorder_samples(server.url)
+        finally:
+            server.close()
+    assert m["shmcast_recorder_versions_missed_total"] == {
+        ("lapped", "cam"): 6,
+        ("torn", "cam"): 0,
+        ("dropped", "cam"): 0,
+        ("unwritten", "cam"): 0,
+    }
+    assert m["shmcast_recorder_version"] == {("cam",): 10}
+    assert m["shmcast_recorder_recorded_bytes_total"] == {("cam",): 4 * 24}
+
+
+def test_a_metrics_port_that_cannot_be_bound_leaves_no_recording(
+    namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The recorder made its (empty) file before the metrics server met the busy port:
+    the next run without --overwrite was refused, "exists"."""
+    import socket
+
+    path = tmp_path / "busy.h5"
+    with (
+        socket.socket() as held,
+        Segment.create("cam", dtype="<i8", shape=(2,), namespace=namespace) as seg,
+    ):
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        try:
+            args = ["record", "cam", "-n", namespace, "-o", str(path), "--metrics-port", port]
+            assert main(args) == 1
+        finally:
+            seg.unlink()
+    err = capsys.readouterr().err
+    assert f"cannot bind the metrics endpoint 127.0.0.1:{port}" in err, err
+    assert "--metrics-port" in err
+    assert not path.exists()
+
+
 def test_a_half_used_pool_calls_the_writer_before_its_interval(
     broker: Broker, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -968,6 +1105,23 @@ def test_segments_leaves_out_a_name_two_recordings_hold(
     assert Segment.list(namespace) == ["t"]
 
 
+def test_segments_naming_a_segment_not_recorded_names_the_files_and_the_fix(
+    broker: Broker, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: "segment(s) 'x' not recorded; the recording holds 's'": which file
+    of several, and what to do, left to guess."""
+    first = _recording(tmp_path / "a.h5", [1, 2])
+    with Publisher("s", dtype="<i8", shape=(2,), namespace=namespace) as pub:
+        pub.publish(np.array([4, 2], "<i8"))
+        assert main(["replay", str(first), "-n", namespace, "--segments", "s", "x"]) == 1
+        err = capsys.readouterr().err
+        assert f"segment(s) 'x' not recorded in {first}, which holds 's'" in err, err
+        assert "give --segments some of those, or leave it out" in err
+        snap = pub.segment.latest()
+        assert (snap.version, snap.array.tolist()) == (1, [4, 2])
+    assert Segment.list(namespace) == ["s"]
+
+
 @pytest.mark.parametrize("timeout", [-1, 0, float("nan"), "5", None])
 def test_a_replayers_bad_timeout_is_refused_naming_the_argument(
     broker: Broker, namespace: str, tmp_path: Path, timeout: Any
@@ -1042,11 +1196,42 @@ def test_a_tiny_replay_speed_waits_and_a_speed_that_is_not_finite_is_refused(
             assert list(replayed) == []  # waited for version 2 until stopped
         finally:
             timer.cancel()
-    for speed in ("inf", "nan", "0"):
+    for speed in ("inf", "nan", "0", "-1"):
         assert main(["replay", str(path), "-n", namespace, "--speed", speed]) == 2, speed
         assert "--speed must be a finite number > 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="finite"):
         Replayer(path, namespace=namespace, speed=float("inf"))
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
+def test_a_recording_of_no_versions_is_refused_before_anything_is_made(
+    broker: Broker, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    """A recording whose recorder recorded nothing (every version missed, or none
+    published) replayed with exit 0: it made an empty segment, or took an existing
+    one's lease, published nothing and ended at once, ``--loop`` too."""
+    lay = SegmentLayout("s", np.dtype([("a", "<i8")]), (2,))
+    path = tmp_path / f"empty.{'h5' if fmt == 'hdf5' else 'parquet'}"
+    with open_writer(str(path), [lay], format=fmt):  # type: ignore[arg-type]
+        pass
+    assert main(["replay", str(path), "-n", namespace, "--max", "--loop"]) == 1
+    err = capsys.readouterr().err
+    assert f"nothing to replay: {path} holds no version of 's'" in err, err
+    assert "record again" in err
+    assert Segment.list(namespace) == []
+    with Publisher("s", dtype=lay.dtype, shape=lay.shape, namespace=namespace) as pub:
+        pub.publish(np.array([(4,), (2,)], lay.dtype))
+        with pytest.raises(RecordingError, match="nothing to replay"):
+            Replayer(path, namespace=namespace, speed=None)
+        snap = pub.segment.latest()
+        assert (snap.version, snap.array["a"].tolist()) == (1, [4, 2])
+    if fmt == "hdf5":  # one segment of two without versions: the fix names the other
+        both = tmp_path / "both.h5"
+        with open_writer(str(both), [lay, SegmentLayout("t", np.dtype("<u1"), (3,))]) as w:
+            w.append("t", [np.ones(3, "<u1")], [1], [1])
+        with pytest.raises(RecordingError, match="replay those that have some: --segments t"):
+            Replayer(both, namespace=namespace, segments=["s"], speed=None)
+        assert replay(both, namespace=namespace, speed=None)["t"].published == 1
 
 
 def _damaged_recordings(tmp_path: Path) -> dict[str, Path]:
@@ -1280,6 +1465,7 @@ def test_a_parquet_file_of_other_column_types_is_refused(
             "a": ints,
             "version": pa.array(np.array([1, 7, 2, 9], np.uint64)),
         },
+        "versions going back": {"a": ints, "version": pa.array(np.array([2, 2, 1, 1], np.uint64))},
     }
     for k, (what, cols) in enumerate(forged.items()):
         path = _forged_parquet(tmp_path / f"s{k}.parquet", cols)
@@ -1397,6 +1583,32 @@ def test_hdf5_keeps_any_dtype_bit_identical(
         )
         for i, a in enumerate(arrays):
             assert seg.read(i).tobytes() == a.tobytes()
+
+
+def test_bool_bytes_other_than_0_and_1_are_kept_by_hdf5_and_made_1_by_parquet(
+    tmp_path: Path,
+) -> None:
+    """Documented, not changed: a Parquet boolean is one bit, and keeping a bool byte
+    of 127 (a view of raw bytes as bool) would take another column type for bool
+    fields, a change of the format. HDF5 keeps every byte."""
+    dt = np.dtype([("ok", "?"), ("px", "<f8"), ("flags", "?", (3,))])
+    arr = np.zeros(4, dt)
+    arr["px"] = [1.5, 2.5, 3.5, 4.5]
+    raw = arr.view(np.uint8).reshape(4, dt.itemsize)
+    raw[:, 0] = [0, 1, 127, 255]
+    raw[:, 9:12] = [[2, 0, 1], [0, 0, 0], [128, 1, 3], [1, 1, 1]]
+    got = {}
+    for fmt in ("hdf5", "parquet"):
+        path = tmp_path / f"bools.{fmt}"
+        with open_writer(str(path), [SegmentLayout("s", dt, (4,))], format=fmt) as w:  # type: ignore[arg-type]
+            w.append("s", [arr], [1], [1])
+        with open_recording(path) as rec:
+            got[fmt] = rec.segments["s"].read(0).view(np.uint8).reshape(4, dt.itemsize)
+    assert got["hdf5"].tobytes() == arr.tobytes()
+    assert got["parquet"][:, 0].tolist() == [0, 1, 1, 1]
+    assert got["parquet"][:, 9:12].tolist() == [[1, 0, 1], [0, 0, 0], [1, 1, 1], [1, 1, 1]]
+    assert got["parquet"][:, 1:9].tobytes() == raw[:, 1:9].tobytes()  # px
+    assert np.array_equal(got["parquet"] != 0, raw != 0)  # the same truth of every bool
 
 
 @pytest.mark.parametrize("compression", [None, "gzip"])
