@@ -117,6 +117,9 @@ RENEW_SECONDS = 1.0
 #: Names whose mirror went (evicted, or refused when made again) whose counters are
 #: kept, to go on if they come back.
 MAX_EVICTED = 1024
+#: Longest wait, in seconds, before a segment refused for export is tried again: the
+#: waits double from one look at the catalog up to this.
+EXPORT_RETRY_SECONDS = 10.0
 
 
 def _load_zenoh() -> Any:
@@ -282,6 +285,20 @@ class _Export:
 
 
 @dataclass
+class _ExportRefusal:
+    """Why a local segment could not be exported, and when it is tried again."""
+
+    kind: type[BaseException]
+    why: str
+    #: The catalog's incarnation of the segment refused: another one is tried at once.
+    incarnation: int | None
+    #: Looks at the catalog from this refusal to the next try (doubling per refusal).
+    wait: int = 1
+    #: Looks left to pass over before that try.
+    skip: int = 0
+
+
+@dataclass
 class _Mirror:
     name: str
     key: str
@@ -364,7 +381,8 @@ class BridgeStats:
     conflicts: int = 0
     refused: int = 0
     #: Local segments to export that could not be attached, or declared on Zenoh
-    #: (tried again at each look at the catalog), and why.
+    #: (tried again after 1, 2, 4, ... looks at the catalog, at most every
+    #: ``EXPORT_RETRY_SECONDS``), and why.
     refused_exports: dict[str, str] = field(default_factory=dict)
     #: Mirrors deleted to make room for a new name (their exporter gone longest).
     evicted: int = 0
@@ -395,8 +413,9 @@ class ZenohBridge(Service):
         self._lock = threading.Lock()
         self._exports: dict[str, _Export] = {}
         #: Segments to export that could not be attached or declared: the kind of
-        #: error (told once in the log per name and kind) and its message.
-        self._export_refused: dict[str, tuple[type[BaseException], str]] = {}
+        #: error (told once in the log per name and kind), its message, and when to
+        #: try again.
+        self._export_refused: dict[str, _ExportRefusal] = {}
         self._mirrors: dict[str, _Mirror] = {}
         #: The same mirrors by their Zenoh key: the hot path's one lookup.
         self._by_key: dict[str, _Mirror] = {}
@@ -470,7 +489,7 @@ class ZenohBridge(Service):
             bad_samples=self.bad_samples,
             conflicts=self.conflicts,
             refused=self.refused,
-            refused_exports={n: why for n, (_, why) in refused_exports.items()},
+            refused_exports={n: r.why for n, r in refused_exports.items()},
             evicted=self.evicted,
             forgotten=self.forgotten,
         )
@@ -670,17 +689,28 @@ class ZenohBridge(Service):
                 with self._lock:
                     self._exports.pop(name, None)
                 self._drop_export(e)  # its token goes: importers see the loss
-        for name in wanted:
-            if name not in self._exports:
-                self._add_export(name)
+        for name, entry in wanted.items():
+            inc = entry.get("incarnation")
+            if name not in self._exports and self._export_due(name, inc):
+                self._add_export(name, inc)
 
-    def _add_export(self, name: str) -> None:
+    def _export_due(self, name: str, incarnation: int | None) -> bool:
+        """Whether a segment to export is tried at this look at the catalog: not one
+        refused whose wait is not over, unless the catalog shows it made again."""
+        with self._lock:
+            r = self._export_refused.get(name)
+            if r is None or r.incarnation != incarnation or r.skip <= 0:
+                return True
+            r.skip -= 1
+            return False
+
+    def _add_export(self, name: str, incarnation: int | None) -> None:
         try:
             seg = Segment.attach(name, namespace=self.namespace, prefault=False, wait=0.2)
         except (ShmcastError, OSError) as exc:
             # This segment alone (out of descriptors is an OSError, no ShmcastError:
             # it ended the run, every export and import with it).
-            self._refuse_export(name, exc)
+            self._refuse_export(name, exc, incarnation)
             return
         key = key_of(self.namespace, name)
         session = self._session
@@ -716,7 +746,7 @@ class ZenohBridge(Service):
             seg.close()
             if not isinstance(exc, zenoh.ZError):
                 raise
-            self._refuse_export(name, exc)
+            self._refuse_export(name, exc, incarnation)
             return
         staging = bytearray(seg.nbytes)
         encode = AttachmentTemplate(seg.dtype, seg.shape, seg.incarnation).encode
@@ -728,15 +758,25 @@ class ZenohBridge(Service):
             self._export_refused.pop(name, None)
         log.info("exporting %s as %s", name, key)
 
-    def _refuse_export(self, name: str, exc: Exception) -> None:
+    def _refuse_export(self, name: str, exc: Exception, incarnation: int | None) -> None:
         """``name`` cannot be exported now: listed in ``refused_exports``, logged
-        once per kind of error, tried again at the next look at the catalog."""
+        once per kind of error, and tried again after one look at the catalog, then
+        after twice as many looks at each refusal, at most ``EXPORT_RETRY_SECONDS``
+        apart (a try attaches the segment and declares it on Zenoh: at each look,
+        a refusal that stays cost both, over and over). The same segment made again
+        (another ``incarnation`` in the catalog) starts the waits over."""
+        cap = max(1, round(EXPORT_RETRY_SECONDS / self.config.catalog_interval))
         with self._lock:
-            told = self._export_refused.get(name, (None, ""))[0] is type(exc)
-            self._export_refused[name] = (type(exc), str(exc))
+            old = self._export_refused.get(name)
+            told = old is not None and old.kind is type(exc)
+            wait = 1 if old is None or old.incarnation != incarnation else min(2 * old.wait, cap)
+            self._export_refused[name] = _ExportRefusal(
+                type(exc), str(exc), incarnation, wait, wait - 1
+            )
         if not told:
-            log.warning("cannot export %s (trying again at each look at the "
-                        "catalog): %s", name, exc)  # fmt: skip
+            log.warning("cannot export %s (trying again after 1, 2, 4, ... looks at the "
+                        "catalog, at most %.0f s apart): %s",
+                        name, EXPORT_RETRY_SECONDS, exc)  # fmt: skip
 
     def _drop_export(self, e: _Export) -> None:
         for entity in (e.token, e.queryable, e.pub):

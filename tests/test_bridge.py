@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import signal
@@ -533,12 +534,14 @@ def test_a_segment_the_bridge_cannot_attach_is_refused_not_the_bridges_end(
 
 class _RefusingSession:
     """Stands in for a bridge's Zenoh session: refuses the queryable of one key
-    while ``refuse`` is set, and tells which publishers are left declared."""
+    while ``refuse`` is set (counting its refusals), and tells which publishers are
+    left declared."""
 
     def __init__(self, session: Any, key: str) -> None:
         self.session = session
         self.key = key
         self.refuse = True
+        self.refusals = 0
         self.publishers: dict[int, str] = {}  # declared, not undeclared
 
     def __getattr__(self, name: str) -> Any:
@@ -561,6 +564,7 @@ class _RefusingSession:
 
     def declare_queryable(self, key: str, *args: Any, **kw: Any) -> Any:
         if self.refuse and key == self.key:
+            self.refusals += 1
             raise zenoh.ZError("access denied (a forged refusal)")
         return self.session.declare_queryable(key, *args, **kw)
 
@@ -607,6 +611,84 @@ def test_a_zenoh_declaration_refused_for_one_export_refuses_that_export_alone(
         finally:
             br.close()
         assert session.publishers == {}
+
+
+def test_an_export_refused_again_and_again_is_tried_less_and_less_often(
+    router: str,
+    two_sides: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A segment whose export Zenoh kept refusing was attached and declared again at
+    every look at the catalog, for as long as the refusal lasted (59 tries in 3 s at
+    0.05 s a look). The waits between tries double from one look up to
+    ``EXPORT_RETRY_SECONDS`` (8 looks here); the segment made again is tried at
+    once, and it is exported once Zenoh lets it."""
+    interval = 0.02
+    monkeypatch.setattr(bridge_zenoh, "EXPORT_RETRY_SECONDS", 8 * interval)
+    a, _ = two_sides
+    sessions: list[_RefusingSession] = []
+    real_open = zenoh.open
+
+    def open_(conf: Any) -> Any:
+        sessions.append(_RefusingSession(real_open(conf), f"shmcast/{a}/bad"))
+        return sessions[-1]
+
+    monkeypatch.setattr(zenoh, "open", open_)
+    tries: list[int] = []  # per look at the catalog, the declarations refused
+    pause, paused, resume = threading.Event(), threading.Event(), threading.Event()
+    held_at = [-1]
+    with caplog.at_level("WARNING", logger=bridge_zenoh.__name__):
+        bad = Publisher("bad", dtype="u1", shape=(8,), namespace=a)
+        br = _bridge(router, a, exports=("*",), catalog_interval=interval)
+        try:
+            (session,) = sessions
+            real_sync = br._sync_exports
+
+            def look(client: Any) -> None:
+                if pause.is_set() and tries and tries[-1]:  # a wait of 8 looks begun
+                    pause.clear()
+                    held_at[0] = len(tries)
+                    paused.set()
+                    resume.wait(10)
+                before = session.refusals
+                real_sync(client)
+                tries.append(session.refusals - before)
+
+            br._sync_exports = look  # type: ignore[method-assign]
+            wait_for(lambda: len(tries) >= 60, 20, what="60 looks at the catalog")
+            at = [i for i, n in enumerate(tries[:60]) if n]
+            gaps = [j - i for i, j in itertools.pairwise(at)]
+            assert len(at) <= 12, tries[:60]  # was 60
+            assert gaps[-2:] == [8, 8], gaps
+            assert all(g == min(2 * f, 8) for f, g in itertools.pairwise(gaps)), gaps
+            assert set(br.stats().refused_exports) == {"bad"}
+            pause.set()
+            assert paused.wait(10), "no look after a try"
+            bad.close()
+            with ControlClient(f"ipc://{_runtime(a)}/control.sock") as c:
+                c.request("delete", name="bad")
+            bad = Publisher("bad", dtype="u1", shape=(8,), namespace=a)
+            resume.set()
+            wait_for(lambda: len(tries) > held_at[0], 10, what="the look after")
+            assert tries[held_at[0]] == 1  # made again: tried at once
+            families = {f.name: f for f in BridgeCollector(br.stats).collect()}
+            assert [x.value for x in families["shmcast_bridge_refused_exports"].samples] == [1]
+            said = [r.getMessage() for r in caplog.records if "bad" in r.getMessage()]
+            assert len(said) == 1, said
+            session.refuse = False
+            _publish_until(
+                bad,
+                np.ones(8, np.uint8),
+                lambda: br.stats().exported.get("bad", {}).get("sent", 0) >= 1,
+                "the export let in",
+                timeout=10,
+            )
+            assert br.stats().refused_exports == {}
+        finally:
+            resume.set()
+            br.close()
+            bad.close()
 
 
 def test_the_loss_of_an_exporter_shows_in_the_catalog(
