@@ -1022,6 +1022,13 @@ class ZenohBridge(Service):
             # is never mirrored: refused, with every sample it stood for).
             if old.frame.incarnation != frame.incarnation:
                 self.refused += old.samples
+            elif frame.version <= old.frame.version:
+                # One no newer than the one waiting is stale: a get's reply coming
+                # after a live sample of a later version replaced it, the mirror was
+                # made at the older version, and the newer one was counted nowhere.
+                if c is not None:
+                    c.stale += samples
+                return None
             else:
                 samples += old.samples
             self._pending[name] = _Pending(key, frame, payload, samples)

@@ -1085,6 +1085,52 @@ def test_a_mirror_being_made_replaced_by_another_incarnation_counts_all_its_samp
         imp.close()
 
 
+def test_a_late_joiners_older_reply_does_not_replace_a_newer_sample_being_made(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """A get's reply (the exporter's latest version when its token appeared) may come
+    after a live sample of a later version, while the mirror is being made: the
+    reply (version 5) replaced the live sample (version 10), the mirror was made at
+    version 5, and version 10 was counted nowhere. The newer one waits; the older
+    one is counted stale."""
+    import msgpack
+
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",))
+    session = _plain_session(router)
+    asked: list[Any] = []
+
+    def answer_with_version_5(query: Any) -> None:
+        meta = {"version": 5, "timestamp_ns": 1005, "dtype": "<u8", "shape": [4], "incarnation": 3}
+        with query:
+            query.reply("shmcast/far/r", bytes([5]) * 32, attachment=msgpack.packb(meta))
+        asked.append(query)
+
+    queryable = session.declare_queryable(
+        "shmcast/far/r", zenoh.handlers.Callback(answer_with_version_5, indirect=False)
+    )
+    token = None
+    try:
+        with _stalled_local_broker(imp) as answer:
+            _put(session, "r", 10)
+            wait_for(lambda: "r" in imp._pending, 10, what="version 10 waiting")
+            token = session.liveliness().declare_token("shmcast/far/r")  # asks for the latest
+            wait_for(lambda: asked and not imp._asking, 10, what="the get answered")
+            answer()
+            wait_for(lambda: _version(imp, "r") == 10, 10, what="the mirror at version 10")
+        st = imp.stats().imported["r"]
+        assert (st["received"], st["stale"], st["skipped"]) == (1, 1, 0)
+        with Segment.attach("r", namespace=b) as mirror:
+            snap = mirror.latest()
+            assert (snap.version, snap.array.tobytes()) == (10, bytes([10]) * 32)
+    finally:
+        if token is not None:
+            token.undeclare()
+        queryable.undeclare()
+        session.close()
+        imp.close()
+
+
 def test_a_mirror_the_local_broker_refuses_counts_every_sample_it_stood_for(
     router: str, two_sides: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
