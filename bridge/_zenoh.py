@@ -114,8 +114,8 @@ MAX_WARNED = 1024
 #: Seconds between two new incarnations of one name mirrored: one sooner after the
 #: last is held (the latest of the name) until then.
 RENEW_SECONDS = 1.0
-#: Names whose mirror went (evicted, or refused when made again) whose counters are
-#: kept, to go on if they come back.
+#: Names whose mirror went (evicted, refused when made again, or deleted here) whose
+#: counters are kept, to go on if they come back.
 MAX_EVICTED = 1024
 #: Longest wait, in seconds, before a segment refused for export is tried again: the
 #: waits double from one look at the catalog up to this.
@@ -386,8 +386,8 @@ class BridgeStats:
     refused_exports: dict[str, str] = field(default_factory=dict)
     #: Mirrors deleted to make room for a new name (their exporter gone longest).
     evicted: int = 0
-    #: Names whose counters were forgotten: over the ``MAX_EVICTED`` kept (evicted, or
-    #: refused by the local broker when made again).
+    #: Names whose counters were forgotten: over the ``MAX_EVICTED`` kept (evicted,
+    #: refused by the local broker when made again, or deleted here).
     forgotten: int = 0
 
 
@@ -1156,10 +1156,10 @@ class ZenohBridge(Service):
         self._keep_counts(m.name)
 
     def _keep_counts(self, name: str) -> None:
-        """Keep the counters of ``name``, whose mirror is gone (evicted, or made again
-        and refused by the local broker), to go on if it comes back: those of the
-        ``MAX_EVICTED`` names last kept; older ones are forgotten, counted. Called
-        with the import lock held."""
+        """Keep the counters of ``name``, whose mirror is gone (evicted, made again
+        and refused by the local broker, or deleted here), to go on if it comes
+        back: those of the ``MAX_EVICTED`` names last kept; older ones are
+        forgotten, counted. Called with the import lock held."""
         self._evicted.pop(name, None)
         self._evicted[name] = None
         while len(self._evicted) > MAX_EVICTED:
@@ -1316,6 +1316,8 @@ class ZenohBridge(Service):
             for m in gone:
                 log.warning("mirror %s was deleted here, not upstream: making it again", m.name)
                 self._drop_mirror(m, delete=False)
+                # Bounded as an evicted name's: an upstream gone never makes it again.
+                self._keep_counts(m.name)
             marks = [self._mark(m) for m in self._mirrors.values()]
         for m in gone:
             self._ask_latest(m.key)
@@ -1425,7 +1427,7 @@ class BridgeCollector(Collector):
             (
                 "forgotten_names",
                 f"Names whose counters were forgotten (over the {MAX_EVICTED} last evicted, "
-                "or refused by the local broker when made again, which are kept)",
+                "refused by the local broker when made again, or deleted here, which are kept)",
                 st.forgotten,
             ),
         ):

@@ -1199,6 +1199,37 @@ def test_the_counters_kept_of_mirrors_the_local_broker_refused_again_are_bounded
         imp.close()
 
 
+def test_the_counters_kept_of_mirrors_deleted_here_are_bounded(
+    router: str, two_sides: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror deleted on its own host (``shmcast rm --force``) whose upstream is
+    gone is never made again, and its name's counters were kept outside the
+    ``MAX_EVICTED`` kept (3 of 3 kept, bound 2, ``forgotten`` 0): names mirrored
+    and deleted here one after another grew them, and their series, without
+    bound. They are kept as an evicted name's, under the same bound."""
+    monkeypatch.setattr(bridge_zenoh, "MAX_EVICTED", 2)
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), catalog_interval=0.05)
+    session = _plain_session(router)
+    names = ["n0", "n1", "n2"]
+    try:
+        for name in names:
+            _put(session, name, 1)
+        wait_for(lambda: all(_version(imp, n) == 1 for n in names), 10, what="the mirrors")
+        for name in names:  # annotated: no request of the bridge's for it is left
+            wait_for(lambda n=name: _entry(b, n).get("upstream_up") is True, 10, what=name)
+        for name in names:
+            _delete_here(b, name)  # nobody answers the bridge's get: never made again
+        wait_for(lambda: not imp._mirrors, 10, what="the mirrors dropped")
+        st = imp.stats()
+        assert (st.evicted, st.forgotten) == (0, 1)
+        assert sorted(st.imported) == ["n1", "n2"]
+        assert Segment.list(b) == []
+    finally:
+        session.close()
+        imp.close()
+
+
 def test_a_flood_of_refused_names_is_warned_of_a_bounded_number_of_times(
     router: str,
     two_sides: tuple[str, str],
