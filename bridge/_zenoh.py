@@ -1006,8 +1006,15 @@ class ZenohBridge(Service):
         refused. Called with the import lock held."""
         c = self._counts.get(name)
         if c is not None and c.key != key:
-            self.conflicts += samples  # two upstreams for one local name: the first wins
-            return None
+            if name not in self._evicted or c.key in self._tokens:
+                self.conflicts += samples  # two upstreams for one local name: the first wins
+                return None
+            # Its mirror gone (evicted, refused, deleted here) and its key's token
+            # too: the name is another key's now, its counters going on (they never
+            # go back), the rest of them started over as a new name's.
+            c = self._counts[name] = _Counts(
+                key, received=c.received, skipped=c.skipped, stale=c.stale, bytes=c.bytes
+            )
         m = self._mirrors.get(name)
         if m is not None:
             # One stream repeats one layout: decoding hands out the same dtype object.

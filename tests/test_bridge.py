@@ -869,14 +869,16 @@ def _put(
     shape: tuple[int, ...] = (4,),
     dtype: str = "<u8",
     nbytes: int | None = None,
+    namespace: str = "far",
 ) -> None:
-    """A plain Zenoh client's put on ``shmcast/far/<name>``: any peer may do this."""
+    """A plain Zenoh client's put on ``shmcast/<namespace>/<name>``: any peer may do this."""
     import msgpack
 
     meta = {"version": version, "timestamp_ns": 1000 + version, "dtype": dtype}
     meta |= {"shape": list(shape), "incarnation": incarnation}
     n = int(np.dtype(dtype).itemsize * np.prod(shape)) if nbytes is None else nbytes
-    session.put(f"shmcast/far/{name}", bytes([version % 256]) * n, attachment=msgpack.packb(meta))
+    payload = bytes([version % 256]) * n
+    session.put(f"shmcast/{namespace}/{name}", payload, attachment=msgpack.packb(meta))
 
 
 def _version(bridge: ZenohBridge, name: str) -> int:
@@ -1335,6 +1337,50 @@ def test_symbol_churn_evicts_the_mirrors_of_exporters_gone_longest_never_live_on
     finally:
         for token in tokens.values():
             token.undeclare()
+        session.close()
+        imp.close()
+
+
+def test_an_evicted_name_can_be_mirrored_from_another_key(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """An evicted mirror's counters are kept, and they kept its first key: the name
+    mirrored from another key (``shmcast/near/a`` after ``shmcast/far/a``, both
+    under ``shmcast/*/*``) was refused as a second upstream of a name in use, every
+    sample counted a conflict (3 of 3), though nothing held the name any more. A
+    name whose mirror went, its key's token gone, is the next key's, its counters
+    going on."""
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/*/*",), max_mirrors=1)
+    session = _plain_session(router)
+    liveliness = session.liveliness()
+
+    def come_and_go(name: str) -> None:
+        token = liveliness.declare_token(f"shmcast/far/{name}")
+        wait_for(lambda: f"shmcast/far/{name}" in imp._tokens, 10, what=f"{name}'s token")
+        _put(session, name, 1)
+        wait_for(lambda: _version(imp, name) == 1, 10, what=name)
+        token.undeclare()
+        wait_for(lambda: _entry(b, name).get("upstream_up") is False, 10, what=f"{name} gone")
+
+    try:
+        come_and_go("a")
+        come_and_go("c")  # evicts a
+
+        def near(version: int) -> bool:
+            a = imp.stats().imported.get("a", {})
+            return (a.get("key"), a.get("version")) == ("shmcast/near/a", version)
+
+        for v in (1, 2, 3):  # the first evicts c
+            _put(session, "a", v, incarnation=7, namespace="near")
+            wait_for(lambda v=v: near(v), 10, what=f"version {v} of shmcast/near/a")
+        st = imp.stats()
+        assert (st.conflicts, st.evicted) == (0, 2)
+        a = st.imported["a"]
+        assert (a["key"], a["received"], a["skipped"]) == ("shmcast/near/a", 4, 0)
+        assert _entry(b, "a")["source"] == "zenoh:shmcast/near/a"
+        assert Segment.list(b) == ["a"]
+    finally:
         session.close()
         imp.close()
 
