@@ -1045,7 +1045,8 @@ class ZenohBridge(Service):
             return None
         # The limits are checked before an old mirror goes: a refused sample
         # changes nothing here. A new name past --max-mirrors takes the place of
-        # mirrors whose exporters are gone (the longest gone first), if any.
+        # mirrors whose exporters are gone (the longest gone first), if any: once
+        # its mirror is made, or now if /dev/shm needs their room for it.
         size = segment_size(frame.nbytes, self.config.slots)
         why, victims = self._over_limits(size, m)
         if why is not None:
@@ -1120,7 +1121,13 @@ class ZenohBridge(Service):
         making = sum(segment_size(p.frame.nbytes, slots) for p in self._pending.values())
         gone = [old] if old is not None else victims
         freed = sum(segment_size(o.pub.segment.nbytes, slots) for o in gone)
-        return shm_shortfall(size, making=making, freed=freed), victims
+        why = shm_shortfall(size, making=making, freed=freed)
+        if why is None and victims and shm_shortfall(size, making=making) is None:
+            # Room enough beside them: they go once the new mirror is made
+            # (_make_room), not before: the local broker may refuse it (a local
+            # segment of that name, its limits), and one went for nothing.
+            victims = []
+        return why, victims
 
     def _evictable(self, n: int) -> list[_Mirror] | None:
         """The ``n`` mirrors whose exporters have been gone longest: their key's
@@ -1275,6 +1282,8 @@ class ZenohBridge(Service):
                     continue
                 key = pending.key
                 self._retry_at.pop(spec.name, None)
+                if not self._make_room(spec.name, key, done.pub, pending):
+                    continue
                 template = AttachmentTemplate(spec.dtype, spec.shape, spec.incarnation)
                 m = _Mirror(
                     spec.name, key, spec.incarnation, spec.dtype, spec.shape, done.pub, template, c
@@ -1297,6 +1306,30 @@ class ZenohBridge(Service):
                     self._mirror(
                         key, spec.name, f, pending.payload, live=True, samples=pending.samples
                     )
+
+    def _make_room(self, name: str, key: str, pub: Publisher, pending: _Pending) -> bool:
+        """Evict the mirrors that the one just made takes the place of past
+        ``--max-mirrors`` (those whose exporters have been gone longest now), or,
+        with too few gone now (an exporter back while it was made), delete it
+        again, its samples refused. Whether it stays. Called with the import lock
+        held."""
+        victims = self._evictable(len(self._mirrors) + 1 - self.config.max_mirrors)
+        if victims is not None:
+            for v in victims:
+                self._evict(v, key)
+            return True
+        pub.close()
+        assert self._local is not None
+        self._local.delete(name)
+        self.refused += pending.samples
+        c = self._counts.get(name)
+        if c is not None and not c.received:
+            del self._counts[name]  # never mirrored: nothing to count
+        elif c is not None:
+            self._keep_counts(name)
+        log.warning("not mirroring %s: --max-mirrors %d reached, and no mirror's exporter "
+                    "is gone any more", key, self.config.max_mirrors)  # fmt: skip
+        return False
 
     def _drop_mirror(self, m: _Mirror, *, delete: bool) -> None:
         """Forget ``m`` (its counts stay); called with the import lock held."""

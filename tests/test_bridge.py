@@ -1385,6 +1385,54 @@ def test_an_evicted_name_can_be_mirrored_from_another_key(
         imp.close()
 
 
+def test_a_mirror_is_evicted_only_once_the_new_one_is_made(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """A new name past ``--max-mirrors`` evicted the mirror of an exporter gone
+    before the local broker made the new one: a name it refuses (here a local
+    publisher's segment) cost a gone mirror for nothing, its place then empty (1
+    evicted, nothing made). The gone mirror goes once the new one is made; one
+    whose exporter came back meanwhile stays, and the new one is refused."""
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), max_mirrors=1)
+    session = _plain_session(router)
+    liveliness = session.liveliness()
+    token = liveliness.declare_token("shmcast/far/a")
+
+    def gone() -> None:
+        token.undeclare()
+        wait_for(lambda: _entry(b, "a").get("upstream_up") is False, 10, what="a gone")
+
+    def segments(*names: str) -> None:
+        wait_for(lambda: sorted(Segment.list(b)) == list(names), 10, what=f"segments {names}")
+
+    try:
+        with Publisher("data", dtype="u1", shape=(3,), namespace=b):
+            wait_for(lambda: "shmcast/far/a" in imp._tokens, 10, what="a's token")
+            _put(session, "a", 1)  # once: a put in flight would land after the token's end
+            wait_for(lambda: _version(imp, "a") == 1, 10, what="a")
+            gone()
+            _put(session, "data", 1)  # the local publisher's name: refused there
+            wait_for(lambda: imp.stats().conflicts == 1, 10, what="the local broker's refusal")
+            segments("a", "data")
+            with _stalled_local_broker(imp) as answer:
+                _put(session, "n", 1)
+                wait_for(lambda: "n" in imp._pending, 10, what="n being made")
+                token = liveliness.declare_token("shmcast/far/a")  # back meanwhile
+                wait_for(lambda: "shmcast/far/a" in imp._tokens, 10, what="a's token back")
+                answer()
+                wait_for(lambda: imp.stats().refused == 1, 10, what="n refused once made")
+            segments("a", "data")
+            gone()
+            wait_for(lambda: _put(session, "n", 2) or _version(imp, "n") == 2, 10, what="n")
+            segments("data", "n")
+            st = imp.stats()
+            assert (st.evicted, st.conflicts, st.refused) == (1, 1, 1)
+    finally:
+        session.close()
+        imp.close()
+
+
 class _CountedGets:
     """Stands in for a bridge's Zenoh session and counts its gets."""
 
