@@ -187,6 +187,10 @@ def test_decoding_follows_the_layout_of_each_attachment() -> None:
         __import__("msgpack").packb(
             {"version": 1, "timestamp_ns": 0, "incarnation": 1, "dtype": "O", "shape": [1]}
         ),
+        # an importer's counters take incarnation 0 for "none yet"
+        __import__("msgpack").packb(
+            {"version": 1, "timestamp_ns": 0, "incarnation": 0, "dtype": "u1", "shape": [1]}
+        ),
         __import__("msgpack").packb(
             {"version": 1, "timestamp_ns": 0, "incarnation": 1, "dtype": "u1", "shape": [-1]}
         ),
@@ -200,8 +204,25 @@ def test_decoding_follows_the_layout_of_each_attachment() -> None:
                 ("[('a', ())]", [1]),
                 ("u1", [float("inf")]),
                 ("u1", [2.5]),
+                # objects, no size, nothing numpy can make, too many bytes or dimensions
+                ("[('a', [('b', 'O')])]", [1]),
+                ("T", [1]),
+                ("a", [1]),
+                ("U1000000000", [1]),
+                ("(4294967296,4294967296)u1", [1]),
+                ("[" * 50_000, [1]),
+                ("u1", [2**64 - 1]),
+                ("u1", [2**63, 2**63]),
+                ("u1", [1] * 40),
             ]
         ),
+        __import__("msgpack").packb(
+            {"version": 1, "timestamp_ns": 0, "incarnation": 1.0, "dtype": "u1", "shape": [1]}
+        ),
+        __import__("msgpack").packb(
+            {"version": __import__("msgpack").Timestamp(1), "timestamp_ns": 0, "incarnation": 1}
+        ),
+        b"\x81\xa5shape\xdd\xff\xff\xff\xff",  # an array said to hold 2**32 entries
         b"\x00" * 70_000,
     ],
 )
