@@ -765,7 +765,8 @@ class ZenohBridge(Service):
         apart (a try attaches the segment and declares it on Zenoh: at each look,
         a refusal that stays cost both, over and over). The same segment made again
         (another ``incarnation`` in the catalog) starts the waits over."""
-        cap = max(1, round(EXPORT_RETRY_SECONDS / self.config.catalog_interval))
+        interval = self.config.catalog_interval  # unchecked: 0 looks without a pause
+        cap = max(1, round(EXPORT_RETRY_SECONDS / interval)) if interval > 0 else 1
         with self._lock:
             old = self._export_refused.get(name)
             told = old is not None and old.kind is type(exc)

@@ -712,6 +712,17 @@ def test_an_export_refused_again_and_again_is_tried_less_and_less_often(
             bad.close()
 
 
+def test_the_export_back_off_takes_any_catalog_interval() -> None:
+    """``catalog_interval`` is not checked (0 looks at the catalog without a pause):
+    the back-off of a refused export counted its looks by dividing by it."""
+    for interval in (0.0, float("nan")):
+        br = ZenohBridge(BridgeConfig(listen=("tcp/127.0.0.1:1",), exports=("x",),
+                                      catalog_interval=interval))  # fmt: skip
+        for _ in range(3):
+            br._refuse_export("x", ValueError("refused"), 1)
+        assert br.stats().refused_exports == {"x": "refused"}
+
+
 def test_the_loss_of_an_exporter_shows_in_the_catalog(
     router: str, two_sides: tuple[str, str]
 ) -> None:
