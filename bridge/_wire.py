@@ -8,7 +8,7 @@ carrying three things:
   order, nothing else. The attachment is a msgpack map::
 
       {"version": uint, "timestamp_ns": uint, "dtype": str, "shape": [uint, ...],
-       "incarnation": uint}
+       "incarnation": uint (not 0)}
 
   shmcast's exporters write ``version`` and ``timestamp_ns`` as msgpack uint 64
   (``0xcf`` and 8 bytes) after the other three; decoders accept any integer
@@ -180,6 +180,11 @@ def decode_attachment(data: bytes) -> Frame:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"attachment field {name!r} is not a non-negative integer")
         numbers[name] = value
+    if numbers["incarnation"] == 0:
+        # shmcast never makes it (a segment's is odd), and an importer's counters
+        # take 0 for "none yet": a peer's 0 hid the versions of two incarnations
+        # from the skipped count.
+        raise ValueError("attachment field 'incarnation' is 0; an incarnation is never 0")
     shape, dtype = meta.get("shape"), meta.get("dtype")
     if not isinstance(dtype, str) or not isinstance(shape, list):
         raise ValueError("attachment needs 'dtype' (a string) and 'shape' (a list)")

@@ -114,9 +114,12 @@ MAX_WARNED = 1024
 #: Seconds between two new incarnations of one name mirrored: one sooner after the
 #: last is held (the latest of the name) until then.
 RENEW_SECONDS = 1.0
-#: Names whose mirror went (evicted, or refused when made again) whose counters are
-#: kept, to go on if they come back.
+#: Names whose mirror went (evicted, refused when made again, or deleted here) whose
+#: counters are kept, to go on if they come back.
 MAX_EVICTED = 1024
+#: Longest wait, in seconds, before a segment refused for export is tried again: the
+#: waits double from one look at the catalog up to this.
+EXPORT_RETRY_SECONDS = 10.0
 
 
 def _load_zenoh() -> Any:
@@ -282,6 +285,20 @@ class _Export:
 
 
 @dataclass
+class _ExportRefusal:
+    """Why a local segment could not be exported, and when it is tried again."""
+
+    kind: type[BaseException]
+    why: str
+    #: The catalog's incarnation of the segment refused: another one is tried at once.
+    incarnation: int | None
+    #: Looks at the catalog from this refusal to the next try (doubling per refusal).
+    wait: int = 1
+    #: Looks left to pass over before that try.
+    skip: int = 0
+
+
+@dataclass
 class _Mirror:
     name: str
     key: str
@@ -364,12 +381,13 @@ class BridgeStats:
     conflicts: int = 0
     refused: int = 0
     #: Local segments to export that could not be attached, or declared on Zenoh
-    #: (tried again at each look at the catalog), and why.
+    #: (tried again after 1, 2, 4, ... looks at the catalog, at most every
+    #: ``EXPORT_RETRY_SECONDS``), and why.
     refused_exports: dict[str, str] = field(default_factory=dict)
     #: Mirrors deleted to make room for a new name (their exporter gone longest).
     evicted: int = 0
-    #: Names whose counters were forgotten: over the ``MAX_EVICTED`` kept (evicted, or
-    #: refused by the local broker when made again).
+    #: Names whose counters were forgotten: over the ``MAX_EVICTED`` kept (evicted,
+    #: refused by the local broker when made again, or deleted here).
     forgotten: int = 0
 
 
@@ -395,8 +413,9 @@ class ZenohBridge(Service):
         self._lock = threading.Lock()
         self._exports: dict[str, _Export] = {}
         #: Segments to export that could not be attached or declared: the kind of
-        #: error (told once in the log per name and kind) and its message.
-        self._export_refused: dict[str, tuple[type[BaseException], str]] = {}
+        #: error (told once in the log per name and kind), its message, and when to
+        #: try again.
+        self._export_refused: dict[str, _ExportRefusal] = {}
         self._mirrors: dict[str, _Mirror] = {}
         #: The same mirrors by their Zenoh key: the hot path's one lookup.
         self._by_key: dict[str, _Mirror] = {}
@@ -470,7 +489,7 @@ class ZenohBridge(Service):
             bad_samples=self.bad_samples,
             conflicts=self.conflicts,
             refused=self.refused,
-            refused_exports={n: why for n, (_, why) in refused_exports.items()},
+            refused_exports={n: r.why for n, r in refused_exports.items()},
             evicted=self.evicted,
             forgotten=self.forgotten,
         )
@@ -670,17 +689,28 @@ class ZenohBridge(Service):
                 with self._lock:
                     self._exports.pop(name, None)
                 self._drop_export(e)  # its token goes: importers see the loss
-        for name in wanted:
-            if name not in self._exports:
-                self._add_export(name)
+        for name, entry in wanted.items():
+            inc = entry.get("incarnation")
+            if name not in self._exports and self._export_due(name, inc):
+                self._add_export(name, inc)
 
-    def _add_export(self, name: str) -> None:
+    def _export_due(self, name: str, incarnation: int | None) -> bool:
+        """Whether a segment to export is tried at this look at the catalog: not one
+        refused whose wait is not over, unless the catalog shows it made again."""
+        with self._lock:
+            r = self._export_refused.get(name)
+            if r is None or r.incarnation != incarnation or r.skip <= 0:
+                return True
+            r.skip -= 1
+            return False
+
+    def _add_export(self, name: str, incarnation: int | None) -> None:
         try:
             seg = Segment.attach(name, namespace=self.namespace, prefault=False, wait=0.2)
         except (ShmcastError, OSError) as exc:
             # This segment alone (out of descriptors is an OSError, no ShmcastError:
             # it ended the run, every export and import with it).
-            self._refuse_export(name, exc)
+            self._refuse_export(name, exc, incarnation)
             return
         key = key_of(self.namespace, name)
         session = self._session
@@ -716,7 +746,7 @@ class ZenohBridge(Service):
             seg.close()
             if not isinstance(exc, zenoh.ZError):
                 raise
-            self._refuse_export(name, exc)
+            self._refuse_export(name, exc, incarnation)
             return
         staging = bytearray(seg.nbytes)
         encode = AttachmentTemplate(seg.dtype, seg.shape, seg.incarnation).encode
@@ -728,15 +758,26 @@ class ZenohBridge(Service):
             self._export_refused.pop(name, None)
         log.info("exporting %s as %s", name, key)
 
-    def _refuse_export(self, name: str, exc: Exception) -> None:
+    def _refuse_export(self, name: str, exc: Exception, incarnation: int | None) -> None:
         """``name`` cannot be exported now: listed in ``refused_exports``, logged
-        once per kind of error, tried again at the next look at the catalog."""
+        once per kind of error, and tried again after one look at the catalog, then
+        after twice as many looks at each refusal, at most ``EXPORT_RETRY_SECONDS``
+        apart (a try attaches the segment and declares it on Zenoh: at each look,
+        a refusal that stays cost both, over and over). The same segment made again
+        (another ``incarnation`` in the catalog) starts the waits over."""
+        interval = self.config.catalog_interval  # unchecked: 0 looks without a pause
+        cap = max(1, round(EXPORT_RETRY_SECONDS / interval)) if interval > 0 else 1
         with self._lock:
-            told = self._export_refused.get(name, (None, ""))[0] is type(exc)
-            self._export_refused[name] = (type(exc), str(exc))
+            old = self._export_refused.get(name)
+            told = old is not None and old.kind is type(exc)
+            wait = 1 if old is None or old.incarnation != incarnation else min(2 * old.wait, cap)
+            self._export_refused[name] = _ExportRefusal(
+                type(exc), str(exc), incarnation, wait, wait - 1
+            )
         if not told:
-            log.warning("cannot export %s (trying again at each look at the "
-                        "catalog): %s", name, exc)  # fmt: skip
+            log.warning("cannot export %s (trying again after 1, 2, 4, ... looks at the "
+                        "catalog, at most %.0f s apart): %s",
+                        name, EXPORT_RETRY_SECONDS, exc)  # fmt: skip
 
     def _drop_export(self, e: _Export) -> None:
         for entity in (e.token, e.queryable, e.pub):
@@ -966,8 +1007,15 @@ class ZenohBridge(Service):
         refused. Called with the import lock held."""
         c = self._counts.get(name)
         if c is not None and c.key != key:
-            self.conflicts += samples  # two upstreams for one local name: the first wins
-            return None
+            if name not in self._evicted or c.key in self._tokens:
+                self.conflicts += samples  # two upstreams for one local name: the first wins
+                return None
+            # Its mirror gone (evicted, refused, deleted here) and its key's token
+            # too: the name is another key's now, its counters going on (they never
+            # go back), the rest of them started over as a new name's.
+            c = self._counts[name] = _Counts(
+                key, received=c.received, skipped=c.skipped, stale=c.stale, bytes=c.bytes
+            )
         m = self._mirrors.get(name)
         if m is not None:
             # One stream repeats one layout: decoding hands out the same dtype object.
@@ -982,6 +1030,13 @@ class ZenohBridge(Service):
             # is never mirrored: refused, with every sample it stood for).
             if old.frame.incarnation != frame.incarnation:
                 self.refused += old.samples
+            elif frame.version <= old.frame.version:
+                # One no newer than the one waiting is stale: a get's reply coming
+                # after a live sample of a later version replaced it, the mirror was
+                # made at the older version, and the newer one was counted nowhere.
+                if c is not None:
+                    c.stale += samples
+                return None
             else:
                 samples += old.samples
             self._pending[name] = _Pending(key, frame, payload, samples)
@@ -991,7 +1046,8 @@ class ZenohBridge(Service):
             return None
         # The limits are checked before an old mirror goes: a refused sample
         # changes nothing here. A new name past --max-mirrors takes the place of
-        # mirrors whose exporters are gone (the longest gone first), if any.
+        # mirrors whose exporters are gone (the longest gone first), if any: once
+        # its mirror is made, or now if /dev/shm needs their room for it.
         size = segment_size(frame.nbytes, self.config.slots)
         why, victims = self._over_limits(size, m)
         if why is not None:
@@ -1066,7 +1122,13 @@ class ZenohBridge(Service):
         making = sum(segment_size(p.frame.nbytes, slots) for p in self._pending.values())
         gone = [old] if old is not None else victims
         freed = sum(segment_size(o.pub.segment.nbytes, slots) for o in gone)
-        return shm_shortfall(size, making=making, freed=freed), victims
+        why = shm_shortfall(size, making=making, freed=freed)
+        if why is None and victims and shm_shortfall(size, making=making) is None:
+            # Room enough beside them: they go once the new mirror is made
+            # (_make_room), not before: the local broker may refuse it (a local
+            # segment of that name, its limits), and one went for nothing.
+            victims = []
+        return why, victims
 
     def _evictable(self, n: int) -> list[_Mirror] | None:
         """The ``n`` mirrors whose exporters have been gone longest: their key's
@@ -1109,10 +1171,10 @@ class ZenohBridge(Service):
         self._keep_counts(m.name)
 
     def _keep_counts(self, name: str) -> None:
-        """Keep the counters of ``name``, whose mirror is gone (evicted, or made again
-        and refused by the local broker), to go on if it comes back: those of the
-        ``MAX_EVICTED`` names last kept; older ones are forgotten, counted. Called
-        with the import lock held."""
+        """Keep the counters of ``name``, whose mirror is gone (evicted, made again
+        and refused by the local broker, or deleted here), to go on if it comes
+        back: those of the ``MAX_EVICTED`` names last kept; older ones are
+        forgotten, counted. Called with the import lock held."""
         self._evicted.pop(name, None)
         self._evicted[name] = None
         while len(self._evicted) > MAX_EVICTED:
@@ -1221,6 +1283,8 @@ class ZenohBridge(Service):
                     continue
                 key = pending.key
                 self._retry_at.pop(spec.name, None)
+                if not self._make_room(spec.name, key, done.pub, pending):
+                    continue
                 template = AttachmentTemplate(spec.dtype, spec.shape, spec.incarnation)
                 m = _Mirror(
                     spec.name, key, spec.incarnation, spec.dtype, spec.shape, done.pub, template, c
@@ -1243,6 +1307,30 @@ class ZenohBridge(Service):
                     self._mirror(
                         key, spec.name, f, pending.payload, live=True, samples=pending.samples
                     )
+
+    def _make_room(self, name: str, key: str, pub: Publisher, pending: _Pending) -> bool:
+        """Evict the mirrors that the one just made takes the place of past
+        ``--max-mirrors`` (those whose exporters have been gone longest now), or,
+        with too few gone now (an exporter back while it was made), delete it
+        again, its samples refused. Whether it stays. Called with the import lock
+        held."""
+        victims = self._evictable(len(self._mirrors) + 1 - self.config.max_mirrors)
+        if victims is not None:
+            for v in victims:
+                self._evict(v, key)
+            return True
+        pub.close()
+        assert self._local is not None
+        self._local.delete(name)
+        self.refused += pending.samples
+        c = self._counts.get(name)
+        if c is not None and not c.received:
+            del self._counts[name]  # never mirrored: nothing to count
+        elif c is not None:
+            self._keep_counts(name)
+        log.warning("not mirroring %s: --max-mirrors %d reached, and no mirror's exporter "
+                    "is gone any more", key, self.config.max_mirrors)  # fmt: skip
+        return False
 
     def _drop_mirror(self, m: _Mirror, *, delete: bool) -> None:
         """Forget ``m`` (its counts stay); called with the import lock held."""
@@ -1269,6 +1357,8 @@ class ZenohBridge(Service):
             for m in gone:
                 log.warning("mirror %s was deleted here, not upstream: making it again", m.name)
                 self._drop_mirror(m, delete=False)
+                # Bounded as an evicted name's: an upstream gone never makes it again.
+                self._keep_counts(m.name)
             marks = [self._mark(m) for m in self._mirrors.values()]
         for m in gone:
             self._ask_latest(m.key)
@@ -1378,7 +1468,7 @@ class BridgeCollector(Collector):
             (
                 "forgotten_names",
                 f"Names whose counters were forgotten (over the {MAX_EVICTED} last evicted, "
-                "or refused by the local broker when made again, which are kept)",
+                "refused by the local broker when made again, or deleted here, which are kept)",
                 st.forgotten,
             ),
         ):

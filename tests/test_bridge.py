@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import signal
@@ -186,6 +187,10 @@ def test_decoding_follows_the_layout_of_each_attachment() -> None:
         __import__("msgpack").packb(
             {"version": 1, "timestamp_ns": 0, "incarnation": 1, "dtype": "O", "shape": [1]}
         ),
+        # an importer's counters take incarnation 0 for "none yet"
+        __import__("msgpack").packb(
+            {"version": 1, "timestamp_ns": 0, "incarnation": 0, "dtype": "u1", "shape": [1]}
+        ),
         __import__("msgpack").packb(
             {"version": 1, "timestamp_ns": 0, "incarnation": 1, "dtype": "u1", "shape": [-1]}
         ),
@@ -199,8 +204,25 @@ def test_decoding_follows_the_layout_of_each_attachment() -> None:
                 ("[('a', ())]", [1]),
                 ("u1", [float("inf")]),
                 ("u1", [2.5]),
+                # objects, no size, nothing numpy can make, too many bytes or dimensions
+                ("[('a', [('b', 'O')])]", [1]),
+                ("T", [1]),
+                ("a", [1]),
+                ("U1000000000", [1]),
+                ("(4294967296,4294967296)u1", [1]),
+                ("[" * 50_000, [1]),
+                ("u1", [2**64 - 1]),
+                ("u1", [2**63, 2**63]),
+                ("u1", [1] * 40),
             ]
         ),
+        __import__("msgpack").packb(
+            {"version": 1, "timestamp_ns": 0, "incarnation": 1.0, "dtype": "u1", "shape": [1]}
+        ),
+        __import__("msgpack").packb(
+            {"version": __import__("msgpack").Timestamp(1), "timestamp_ns": 0, "incarnation": 1}
+        ),
+        b"\x81\xa5shape\xdd\xff\xff\xff\xff",  # an array said to hold 2**32 entries
         b"\x00" * 70_000,
     ],
 )
@@ -533,12 +555,14 @@ def test_a_segment_the_bridge_cannot_attach_is_refused_not_the_bridges_end(
 
 class _RefusingSession:
     """Stands in for a bridge's Zenoh session: refuses the queryable of one key
-    while ``refuse`` is set, and tells which publishers are left declared."""
+    while ``refuse`` is set (counting its refusals), and tells which publishers are
+    left declared."""
 
     def __init__(self, session: Any, key: str) -> None:
         self.session = session
         self.key = key
         self.refuse = True
+        self.refusals = 0
         self.publishers: dict[int, str] = {}  # declared, not undeclared
 
     def __getattr__(self, name: str) -> Any:
@@ -561,6 +585,7 @@ class _RefusingSession:
 
     def declare_queryable(self, key: str, *args: Any, **kw: Any) -> Any:
         if self.refuse and key == self.key:
+            self.refusals += 1
             raise zenoh.ZError("access denied (a forged refusal)")
         return self.session.declare_queryable(key, *args, **kw)
 
@@ -607,6 +632,95 @@ def test_a_zenoh_declaration_refused_for_one_export_refuses_that_export_alone(
         finally:
             br.close()
         assert session.publishers == {}
+
+
+def test_an_export_refused_again_and_again_is_tried_less_and_less_often(
+    router: str,
+    two_sides: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A segment whose export Zenoh kept refusing was attached and declared again at
+    every look at the catalog, for as long as the refusal lasted (59 tries in 3 s at
+    0.05 s a look). The waits between tries double from one look up to
+    ``EXPORT_RETRY_SECONDS`` (8 looks here); the segment made again is tried at
+    once, and it is exported once Zenoh lets it."""
+    interval = 0.02
+    monkeypatch.setattr(bridge_zenoh, "EXPORT_RETRY_SECONDS", 8 * interval)
+    a, _ = two_sides
+    sessions: list[_RefusingSession] = []
+    real_open = zenoh.open
+
+    def open_(conf: Any) -> Any:
+        sessions.append(_RefusingSession(real_open(conf), f"shmcast/{a}/bad"))
+        return sessions[-1]
+
+    monkeypatch.setattr(zenoh, "open", open_)
+    tries: list[int] = []  # per look at the catalog, the declarations refused
+    pause, paused, resume = threading.Event(), threading.Event(), threading.Event()
+    held_at = [-1]
+    with caplog.at_level("WARNING", logger=bridge_zenoh.__name__):
+        bad = Publisher("bad", dtype="u1", shape=(8,), namespace=a)
+        br = _bridge(router, a, exports=("*",), catalog_interval=interval)
+        try:
+            (session,) = sessions
+            real_sync = br._sync_exports
+
+            def look(client: Any) -> None:
+                if pause.is_set() and tries and tries[-1]:  # a wait of 8 looks begun
+                    pause.clear()
+                    held_at[0] = len(tries)
+                    paused.set()
+                    resume.wait(10)
+                before = session.refusals
+                real_sync(client)
+                tries.append(session.refusals - before)
+
+            br._sync_exports = look  # type: ignore[method-assign]
+            wait_for(lambda: len(tries) >= 60, 20, what="60 looks at the catalog")
+            at = [i for i, n in enumerate(tries[:60]) if n]
+            gaps = [j - i for i, j in itertools.pairwise(at)]
+            assert len(at) <= 12, tries[:60]  # was 60
+            assert gaps[-2:] == [8, 8], gaps
+            assert all(g == min(2 * f, 8) for f, g in itertools.pairwise(gaps)), gaps
+            assert set(br.stats().refused_exports) == {"bad"}
+            pause.set()
+            assert paused.wait(10), "no look after a try"
+            bad.close()
+            with ControlClient(f"ipc://{_runtime(a)}/control.sock") as c:
+                c.request("delete", name="bad")
+            bad = Publisher("bad", dtype="u1", shape=(8,), namespace=a)
+            resume.set()
+            wait_for(lambda: len(tries) > held_at[0], 10, what="the look after")
+            assert tries[held_at[0]] == 1  # made again: tried at once
+            families = {f.name: f for f in BridgeCollector(br.stats).collect()}
+            assert [x.value for x in families["shmcast_bridge_refused_exports"].samples] == [1]
+            said = [r.getMessage() for r in caplog.records if "bad" in r.getMessage()]
+            assert len(said) == 1, said
+            session.refuse = False
+            _publish_until(
+                bad,
+                np.ones(8, np.uint8),
+                lambda: br.stats().exported.get("bad", {}).get("sent", 0) >= 1,
+                "the export let in",
+                timeout=10,
+            )
+            assert br.stats().refused_exports == {}
+        finally:
+            resume.set()
+            br.close()
+            bad.close()
+
+
+def test_the_export_back_off_takes_any_catalog_interval() -> None:
+    """``catalog_interval`` is not checked (0 looks at the catalog without a pause):
+    the back-off of a refused export counted its looks by dividing by it."""
+    for interval in (0.0, float("nan")):
+        br = ZenohBridge(BridgeConfig(listen=("tcp/127.0.0.1:1",), exports=("x",),
+                                      catalog_interval=interval))  # fmt: skip
+        for _ in range(3):
+            br._refuse_export("x", ValueError("refused"), 1)
+        assert br.stats().refused_exports == {"x": "refused"}
 
 
 def test_the_loss_of_an_exporter_shows_in_the_catalog(
@@ -787,17 +901,18 @@ def _put(
     shape: tuple[int, ...] = (4,),
     dtype: str = "<u8",
     nbytes: int | None = None,
+    namespace: str = "far",
 ) -> None:
-    """A plain Zenoh client's put on ``shmcast/far/<name>``: any peer may do this.
-    Blocking, not Zenoh's default "drop": each test counts what one put caused, and
-    a loaded host's link may have no room at once for a sample of several batches."""
+    """A plain Zenoh client's put on ``shmcast/<namespace>/<name>``: any peer may do
+    this. Blocking, not Zenoh's default "drop": each test counts what one put caused,
+    and a loaded host's link may have no room at once for a sample of several batches."""
     import msgpack
 
     meta = {"version": version, "timestamp_ns": 1000 + version, "dtype": dtype}
     meta |= {"shape": list(shape), "incarnation": incarnation}
     n = int(np.dtype(dtype).itemsize * np.prod(shape)) if nbytes is None else nbytes
     session.put(
-        f"shmcast/far/{name}",
+        f"shmcast/{namespace}/{name}",
         bytes([version % 256]) * n,
         attachment=msgpack.packb(meta),
         congestion_control=zenoh.CongestionControl.BLOCK,
@@ -1010,6 +1125,52 @@ def test_a_mirror_being_made_replaced_by_another_incarnation_counts_all_its_samp
         imp.close()
 
 
+def test_a_late_joiners_older_reply_does_not_replace_a_newer_sample_being_made(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """A get's reply (the exporter's latest version when its token appeared) may come
+    after a live sample of a later version, while the mirror is being made: the
+    reply (version 5) replaced the live sample (version 10), the mirror was made at
+    version 5, and version 10 was counted nowhere. The newer one waits; the older
+    one is counted stale."""
+    import msgpack
+
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",))
+    session = _plain_session(router)
+    asked: list[Any] = []
+
+    def answer_with_version_5(query: Any) -> None:
+        meta = {"version": 5, "timestamp_ns": 1005, "dtype": "<u8", "shape": [4], "incarnation": 3}
+        with query:
+            query.reply("shmcast/far/r", bytes([5]) * 32, attachment=msgpack.packb(meta))
+        asked.append(query)
+
+    queryable = session.declare_queryable(
+        "shmcast/far/r", zenoh.handlers.Callback(answer_with_version_5, indirect=False)
+    )
+    token = None
+    try:
+        with _stalled_local_broker(imp) as answer:
+            _put(session, "r", 10)
+            wait_for(lambda: "r" in imp._pending, 10, what="version 10 waiting")
+            token = session.liveliness().declare_token("shmcast/far/r")  # asks for the latest
+            wait_for(lambda: asked and not imp._asking, 10, what="the get answered")
+            answer()
+            wait_for(lambda: _version(imp, "r") == 10, 10, what="the mirror at version 10")
+        st = imp.stats().imported["r"]
+        assert (st["received"], st["stale"], st["skipped"]) == (1, 1, 0)
+        with Segment.attach("r", namespace=b) as mirror:
+            snap = mirror.latest()
+            assert (snap.version, snap.array.tobytes()) == (10, bytes([10]) * 32)
+    finally:
+        if token is not None:
+            token.undeclare()
+        queryable.undeclare()
+        session.close()
+        imp.close()
+
+
 def test_a_mirror_the_local_broker_refuses_counts_every_sample_it_stood_for(
     router: str, two_sides: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1069,6 +1230,37 @@ def test_the_counters_kept_of_mirrors_the_local_broker_refused_again_are_bounded
         for name in names:
             _put(session, name, 1, incarnation=4)  # made again, refused
         wait_for(lambda: imp.stats().conflicts == 3, 10, what="the refusals")
+        st = imp.stats()
+        assert (st.evicted, st.forgotten) == (0, 1)
+        assert sorted(st.imported) == ["n1", "n2"]
+        assert Segment.list(b) == []
+    finally:
+        session.close()
+        imp.close()
+
+
+def test_the_counters_kept_of_mirrors_deleted_here_are_bounded(
+    router: str, two_sides: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror deleted on its own host (``shmcast rm --force``) whose upstream is
+    gone is never made again, and its name's counters were kept outside the
+    ``MAX_EVICTED`` kept (3 of 3 kept, bound 2, ``forgotten`` 0): names mirrored
+    and deleted here one after another grew them, and their series, without
+    bound. They are kept as an evicted name's, under the same bound."""
+    monkeypatch.setattr(bridge_zenoh, "MAX_EVICTED", 2)
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), catalog_interval=0.05)
+    session = _plain_session(router)
+    names = ["n0", "n1", "n2"]
+    try:
+        for name in names:
+            _put(session, name, 1)
+        wait_for(lambda: all(_version(imp, n) == 1 for n in names), 10, what="the mirrors")
+        for name in names:  # annotated: no request of the bridge's for it is left
+            wait_for(lambda n=name: _entry(b, n).get("upstream_up") is True, 10, what=name)
+        for name in names:
+            _delete_here(b, name)  # nobody answers the bridge's get: never made again
+        wait_for(lambda: not imp._mirrors, 10, what="the mirrors dropped")
         st = imp.stats()
         assert (st.evicted, st.forgotten) == (0, 1)
         assert sorted(st.imported) == ["n1", "n2"]
@@ -1183,6 +1375,98 @@ def test_symbol_churn_evicts_the_mirrors_of_exporters_gone_longest_never_live_on
     finally:
         for token in tokens.values():
             token.undeclare()
+        session.close()
+        imp.close()
+
+
+def test_an_evicted_name_can_be_mirrored_from_another_key(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """An evicted mirror's counters are kept, and they kept its first key: the name
+    mirrored from another key (``shmcast/near/a`` after ``shmcast/far/a``, both
+    under ``shmcast/*/*``) was refused as a second upstream of a name in use, every
+    sample counted a conflict (3 of 3), though nothing held the name any more. A
+    name whose mirror went, its key's token gone, is the next key's, its counters
+    going on."""
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/*/*",), max_mirrors=1)
+    session = _plain_session(router)
+    liveliness = session.liveliness()
+
+    def come_and_go(name: str) -> None:
+        token = liveliness.declare_token(f"shmcast/far/{name}")
+        wait_for(lambda: f"shmcast/far/{name}" in imp._tokens, 10, what=f"{name}'s token")
+        _put(session, name, 1)
+        wait_for(lambda: _version(imp, name) == 1, 10, what=name)
+        token.undeclare()
+        wait_for(lambda: _entry(b, name).get("upstream_up") is False, 10, what=f"{name} gone")
+
+    try:
+        come_and_go("a")
+        come_and_go("c")  # evicts a
+
+        def near(version: int) -> bool:
+            a = imp.stats().imported.get("a", {})
+            return (a.get("key"), a.get("version")) == ("shmcast/near/a", version)
+
+        for v in (1, 2, 3):  # the first evicts c
+            _put(session, "a", v, incarnation=7, namespace="near")
+            wait_for(lambda v=v: near(v), 10, what=f"version {v} of shmcast/near/a")
+        st = imp.stats()
+        assert (st.conflicts, st.evicted) == (0, 2)
+        a = st.imported["a"]
+        assert (a["key"], a["received"], a["skipped"]) == ("shmcast/near/a", 4, 0)
+        assert _entry(b, "a")["source"] == "zenoh:shmcast/near/a"
+        assert Segment.list(b) == ["a"]
+    finally:
+        session.close()
+        imp.close()
+
+
+def test_a_mirror_is_evicted_only_once_the_new_one_is_made(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """A new name past ``--max-mirrors`` evicted the mirror of an exporter gone
+    before the local broker made the new one: a name it refuses (here a local
+    publisher's segment) cost a gone mirror for nothing, its place then empty (1
+    evicted, nothing made). The gone mirror goes once the new one is made; one
+    whose exporter came back meanwhile stays, and the new one is refused."""
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), max_mirrors=1)
+    session = _plain_session(router)
+    liveliness = session.liveliness()
+    token = liveliness.declare_token("shmcast/far/a")
+
+    def gone() -> None:
+        token.undeclare()
+        wait_for(lambda: _entry(b, "a").get("upstream_up") is False, 10, what="a gone")
+
+    def segments(*names: str) -> None:
+        wait_for(lambda: sorted(Segment.list(b)) == list(names), 10, what=f"segments {names}")
+
+    try:
+        with Publisher("data", dtype="u1", shape=(3,), namespace=b):
+            wait_for(lambda: "shmcast/far/a" in imp._tokens, 10, what="a's token")
+            _put(session, "a", 1)  # once: a put in flight would land after the token's end
+            wait_for(lambda: _version(imp, "a") == 1, 10, what="a")
+            gone()
+            _put(session, "data", 1)  # the local publisher's name: refused there
+            wait_for(lambda: imp.stats().conflicts == 1, 10, what="the local broker's refusal")
+            segments("a", "data")
+            with _stalled_local_broker(imp) as answer:
+                _put(session, "n", 1)
+                wait_for(lambda: "n" in imp._pending, 10, what="n being made")
+                token = liveliness.declare_token("shmcast/far/a")  # back meanwhile
+                wait_for(lambda: "shmcast/far/a" in imp._tokens, 10, what="a's token back")
+                answer()
+                wait_for(lambda: imp.stats().refused == 1, 10, what="n refused once made")
+            segments("a", "data")
+            gone()
+            wait_for(lambda: _put(session, "n", 2) or _version(imp, "n") == 2, 10, what="n")
+            segments("data", "n")
+            st = imp.stats()
+            assert (st.evicted, st.conflicts, st.refused) == (1, 1, 1)
+    finally:
         session.close()
         imp.close()
 
