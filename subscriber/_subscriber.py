@@ -1492,10 +1492,30 @@ class Subscriber(Closing):
                 except IndexError:
                     break
                 self._tracks[up.segment].st.missed += 1
+            if locked:
+                self._count_unlearnt()
             self._teardown()
         finally:
             if locked:
                 self._io.release()
+
+    def _count_unlearnt(self) -> None:
+        """At close: the versions each followed segment's header shows beyond the last
+        one learnt (committed since the last look, or announced and still queued in
+        ``events``) are missed, or they would be in no counter at all. Called with
+        ``_io`` held: no reading thread learns of a version meanwhile."""
+        for tr in self._track_list:
+            seg = tr.seg
+            if seg is None:
+                continue
+            try:
+                latest = seg.version
+            except ShmcastError:
+                continue
+            st = tr.st
+            if latest > st.last_version:
+                st.missed += latest - st.last_version
+                st.last_version = latest
 
     def _drop_readers(self) -> None:
         """Take the loops' readers off the SUB socket's fd before it is closed.
