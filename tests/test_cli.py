@@ -422,6 +422,59 @@ def test_subscribe_into_a_pipe_its_reader_closed_with_stderr_too_stops_cleanly(
         seg.close()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_subscribe_into_a_full_disk_says_so_and_gives_its_summary(namespace: str) -> None:
+    """``shmcast subscribe x > file`` on a full disk (here ``/dev/full``): before, the
+    first line died of an ``OSError: [Errno 28]`` traceback, exit 1, and the summary
+    line with the four counters was never printed."""
+    seg = Segment.create("df", "f8", (4,), namespace=namespace)
+    try:
+        with open("/dev/full", "w") as full:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "shmcast.cli",
+                    "subscribe",
+                    "df",
+                    "-n",
+                    namespace,
+                    "--wait=futex",
+                ],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        try:
+            assert proc.stderr is not None
+            deadline = time.monotonic() + 30
+            ready = ""
+            while "ready" not in ready:
+                assert time.monotonic() < deadline, "no ready line"
+                if select.select([proc.stderr], [], [], 0.5)[0]:
+                    ready = proc.stderr.readline()
+                    assert ready, "subscribe exited early"
+            while proc.poll() is None:
+                assert time.monotonic() < deadline, "subscribe did not stop"
+                seg.write(np.zeros(4))
+                time.sleep(0.01)
+            err = proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+            if proc.stderr is not None:
+                proc.stderr.close()
+        assert proc.returncode == 1, err
+        assert "Traceback" not in err
+        assert "shmcast subscribe done: " in err
+        assert "cannot write the updates to stdout: No space left on device" in err
+        assert "--quiet" in err
+    finally:
+        seg.unlink()
+        seg.close()
+
+
 def test_subscribe_json_is_json_for_nan_and_infinity(
     namespace: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
