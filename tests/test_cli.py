@@ -840,6 +840,42 @@ def test_the_worker_takes_statistics_of_numbers_and_says_so_of_the_rest(
             assert "mean" not in r
 
 
+def test_the_workers_idle_look_comes_while_updates_keep_coming(namespace: str) -> None:
+    """``shmcast subscribe ticks tikcs`` with ticks at 10 Hz: the worker called
+    ``idle`` (which says a segment is still absent, after a second) only when no
+    update came for 0.2 s, so a misspelt name beside a segment updating faster than
+    5 Hz was never reported (3 s in a reproducer). Here every line the worker writes
+    publishes the next version: updates never stop, and the look comes all the same."""
+    import io
+
+    from shmcast.subscriber import Subscriber, run_worker
+
+    seg = Segment.create("flow", "i8", (2,), namespace=namespace)
+    try:
+        with Subscriber(["flow"], namespace=namespace, wait="futex") as sub:
+            stop = threading.Event()
+            deadline = time.monotonic() + 3
+            flowing: list[bool] = []
+
+            class Feed(io.StringIO):
+                def write(self, text: str) -> int:
+                    if time.monotonic() < deadline:  # the next version, at once
+                        seg.write(np.zeros(2, "i8"))
+                    return super().write(text)
+
+            def idle(elapsed: float) -> None:
+                flowing.append(time.monotonic() < deadline)
+                stop.set()
+
+            seg.write(np.zeros(2, "i8"))
+            handled = run_worker(sub, Feed(), timeout=15, stop=stop, idle=idle)
+        assert flowing[:1] == [True], "the look came only once the updates stopped"
+        assert handled > 1
+    finally:
+        seg.unlink()
+        seg.close()
+
+
 @pytest.mark.parametrize(
     ("values", "mean", "std"),
     [
