@@ -1332,7 +1332,10 @@ class Segment(Closing):
                     arr.flags.writeable = False
                 # No call from the look at _closed to the compiled core's commit: see write().
                 if self._take_loan() is None or self._closed:
-                    raise ClosedError(f"segment {self._name!r}: closed during loan()")
+                    raise ClosedError(
+                        f"segment {self._name!r} (closed during loan(): the loan was aborted, "
+                        f"nothing published)"
+                    )
                 try:
                     ring.commit(v, i, s, wall)
                 except ValueError:

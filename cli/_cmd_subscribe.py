@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+from typing import TextIO, cast
 
 from shmcast.broker import Segment
 from shmcast.broker.client import ControlClient, resolve_namespace
@@ -45,7 +46,8 @@ metrics URL) at start, 'shmcast subscribe done: {json}' (the four counters per s
 updates, missed, overrun, torn; latency percentiles) at the end.
 Exit code 0, or 1 when --timeout passed with nothing received (or on an error). A
 closed stdout (a reader such as 'head' that has what it wanted) stops it as --count does,
-stderr closed with it too ('2>&1 | head').
+stderr closed with it too ('2>&1 | head'); a stdout it cannot write (a full disk) stops
+it with exit 1, the summary line first.
 """
 
 #: Seconds before a subscriber waiting for a segment that does not exist says so.
@@ -132,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     told = False
+    unwritable: OSError | None = None
 
     def idle(elapsed: float) -> None:
         nonlocal told
@@ -160,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 handled = run_worker(
                     sub,
-                    sys.stdout,
+                    cast(TextIO, _Output(sys.stdout)),
                     stats=args.stats,
                     as_json=args.json,
                     quiet=args.quiet,
@@ -173,6 +176,12 @@ def run(args: argparse.Namespace) -> int:
                 # The reader of stdout is gone (`shmcast subscribe ... | head`): a
                 # stop like --count's, with the summary on stderr.
                 _stdout_gone()
+                handled = -1
+            except _OutputError as exc:
+                # A full disk (or an I/O error) where stdout goes: the updates cannot
+                # be written. Before, a traceback, and no summary of the counters.
+                _stdout_gone()
+                unwritable = exc.error
                 handled = -1
         finally:
             if server is not None:
@@ -191,6 +200,18 @@ def run(args: argparse.Namespace) -> int:
     }
     # A closed stderr too (`2>&1 | head`): print_ready drops the line with it.
     print_ready(DONE, done, stream=sys.stderr)
+    if unwritable is not None:
+        try:
+            print(
+                f"shmcast subscribe: error: cannot write the updates to stdout: "
+                f"{unwritable.strerror or unwritable}; give stdout room (or another "
+                f"file), or use --quiet (no line per update, metrics only)",
+                file=sys.stderr,
+                flush=True,
+            )
+        except BrokenPipeError:
+            stream_gone(sys.stderr)
+        return 1
     if handled == 0 and args.timeout is not None and not stop.is_set():
         try:
             print(
@@ -203,6 +224,39 @@ def run(args: argparse.Namespace) -> int:
             stream_gone(sys.stderr)
         return 1
     return 0
+
+
+class _OutputError(Exception):
+    """A write to stdout failed for another reason than its reader going away."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Output:
+    """stdout for the worker, its failures told apart from the worker's own
+    ``OSError`` (out of descriptors attaching a segment, say): a failed write or
+    flush is :class:`_OutputError`; a reader gone stays ``BrokenPipeError``."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _OutputError(exc) from exc
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _OutputError(exc) from exc
 
 
 def _label(text: str) -> str:

@@ -27,7 +27,8 @@ incarnation, and cannot be told from another incarnation's).
   or in what the headers showed (``shm``, ``futex``, ``spin``), including
   versions a new incarnation published before the subscriber saw it; and, when
   the subscriber closes, those learnt of but never handed out (a consumer that
-  stopped early).
+  stopped early) and those its segments' headers show beyond the last one learnt
+  (committed since its last look, or announced and still queued).
 - ``overrun``: versions learnt of whose exact read could not start: the
   writer had lapped them (``VersionUnavailableError``).
 - ``torn``: versions whose exact read started but failed validation on exit
@@ -98,7 +99,8 @@ class SegmentStats:
     @property
     def accounted(self) -> int:
         """``updates + missed + overrun + torn``: the versions this subscriber has
-        accounted for (equal to the versions published once it has caught up)."""
+        accounted for (equal to the versions published once it has caught up, and
+        once it is closed)."""
         return self.updates + self.missed + self.overrun + self.torn
 
     def observe(self, latency: float) -> None:

@@ -116,6 +116,12 @@ HAND_WAIT = 0.1
 #: Seconds between two looks at the segments' paths (a safety net: a recreated
 #: segment is normally noticed at once, through the namespace word or the events).
 PATH_CHECK = 0.5
+#: Seconds a look at the paths waits, once per object, for a header still being
+#: written (a creator reserving the pages of a large segment takes seconds).
+HEADER_WAIT = 0.5
+#: Seconds between an ``aupdates()`` loop's looks at an object whose header is still
+#: being written, for :data:`HEADER_WAIT` from the first: its loop waits for nothing.
+HEADER_POLL = 0.01
 #: Seconds a segment the broker serves may stay invisible here before that is an error.
 UNREACHABLE_AFTER = 2.0
 #: What a report carries at most: the segments and the characters of the name a broker
@@ -282,6 +288,13 @@ class Subscriber(Closing):
         self._not_segments: dict[str, NotASegmentError] = {}
         #: The object (inode) found there: its header was waited for once already.
         self._not_segment_inos: dict[str, int] = {}
+        #: Per name, until when an ``aupdates()`` loop looks again soon at an object
+        #: whose header it found being written (it never waits for one: HEADER_POLL).
+        self._header_due: dict[str, float] = {}
+        #: Set while an ``aupdates()`` loop looks (under ``_io``): attaching then
+        #: neither waits for a header nor populates the mapping, which would stall
+        #: the loop's other tasks (0.5 s, and about 0.4 s a GiB).
+        self._in_loop = False
         #: The aupdates() iterators waiting on the SUB socket's fd (``events``): the
         #: loop's one reader on it wakes each of them (tasks may share a subscriber).
         self._fd_wakers: list[_Waker] = []
@@ -487,15 +500,22 @@ class Subscriber(Closing):
         """Attach ``tr``'s segment; a new incarnation starts counting from version 0,
         and (``start_at_latest``) a late joiner from the current version."""
         path = shm_path(self.namespace, tr.name)
+        in_loop = self._in_loop
         for _ in range(3):
             try:
                 ino = os.stat(path, follow_symlinks=False).st_ino
                 # A header still being written is waited for once per object: one
                 # that never completes (a creator that died) would otherwise stall
                 # every look at the paths, and the other segments' reads with it.
-                wait = 0.0 if self._not_segment_inos.get(tr.name) == ino else 0.5
+                # An aupdates() loop waits for none: it looks again soon instead.
+                seen = self._not_segment_inos.get(tr.name) == ino
+                wait = 0.0 if seen or in_loop else HEADER_WAIT
                 seg = Segment.attach(
-                    tr.name, namespace=self.namespace, wait=wait, owner=self._owner
+                    tr.name,
+                    namespace=self.namespace,
+                    wait=wait,
+                    prefault=not in_loop,
+                    owner=self._owner,
                 )
             except (SegmentNotFoundError, FileNotFoundError):
                 return None
@@ -506,9 +526,16 @@ class Subscriber(Closing):
                     log.info("%s (waiting for a segment there)", exc)
                 self._not_segments[tr.name] = exc
                 self._not_segment_inos[tr.name] = ino
+                if in_loop:
+                    now = time.monotonic()
+                    if not seen:
+                        self._header_due[tr.name] = now + HEADER_WAIT
+                    if now < self._header_due.get(tr.name, 0.0):  # while a wait would last
+                        self._next_paths = self._next_check = now + HEADER_POLL
                 return None
             self._not_segments.pop(tr.name, None)
             self._not_segment_inos.pop(tr.name, None)
+            self._header_due.pop(tr.name, None)
             try:
                 same = os.stat(path, follow_symlinks=False).st_ino == ino
             except FileNotFoundError:
@@ -891,7 +918,10 @@ class Subscriber(Closing):
         event loop (whatever the number of segments and iterators; started at an
         iterator's first wait, ending within 0.1 s of its last iterator's end) sleep
         on the notify words, GIL released, and wake the loop's iterators when one
-        moves; ``spin`` polls on the loop between other tasks.
+        moves; ``spin`` polls on the loop between other tasks. A segment it attaches
+        (made again, or late) is mapped without populating its pages (the reads fault
+        them in), and a header still being written is looked at again every 10 ms,
+        never waited for in the loop.
         Do not iterate :meth:`updates` and :meth:`aupdates` at the same time.
         Several tasks (of one event loop, or of several threads' loops) may each
         iterate :meth:`aupdates` of one subscriber: each version goes to one of them,
@@ -943,10 +973,14 @@ class Subscriber(Closing):
                 with self._io:
                     if self._closed:
                         raise ClosedError("subscriber")
-                    self._collect()
-                    now = time.monotonic()
-                    if not pending and now >= self._next_check:
-                        self._housekeeping(now)
+                    self._in_loop = True
+                    try:
+                        self._collect()
+                        now = time.monotonic()
+                        if not pending and now >= self._next_check:
+                            self._housekeeping(now)
+                    finally:
+                        self._in_loop = False
                 if pending:
                     continue
                 if idle_deadline is not None and now >= idle_deadline:
@@ -1458,10 +1492,30 @@ class Subscriber(Closing):
                 except IndexError:
                     break
                 self._tracks[up.segment].st.missed += 1
+            if locked:
+                self._count_unlearnt()
             self._teardown()
         finally:
             if locked:
                 self._io.release()
+
+    def _count_unlearnt(self) -> None:
+        """At close: the versions each followed segment's header shows beyond the last
+        one learnt (committed since the last look, or announced and still queued in
+        ``events``) are missed, or they would be in no counter at all. Called with
+        ``_io`` held: no reading thread learns of a version meanwhile."""
+        for tr in self._track_list:
+            seg = tr.seg
+            if seg is None:
+                continue
+            try:
+                latest = seg.version
+            except ShmcastError:
+                continue
+            st = tr.st
+            if latest > st.last_version:
+                st.missed += latest - st.last_version
+                st.last_version = latest
 
     def _drop_readers(self) -> None:
         """Take the loops' readers off the SUB socket's fd before it is closed.

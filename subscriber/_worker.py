@@ -146,10 +146,12 @@ def run_worker(
 ) -> int:
     """Consume updates and print one line each, until ``count`` updates, ``timeout``
     seconds without one, or ``stop`` is set. ``idle`` is called with the seconds
-    since the start whenever no update came for a little while. Returns how many
+    since the start whenever no update came for a little while, and every
+    :data:`STOP_CHECK` seconds or so while updates keep coming. Returns how many
     were handled."""
     n = 0
     start = last = time.monotonic()
+    next_idle = start + STOP_CHECK
     while stop is None or not stop.is_set():
         for update in sub.updates(timeout=STOP_CHECK):
             last = time.monotonic()
@@ -157,8 +159,15 @@ def run_worker(
             n += 1
             if (count and n >= count) or (stop is not None and stop.is_set()):
                 return n
+            if idle is not None and last >= next_idle:
+                # One segment's updates never leave the wait idle for STOP_CHECK: the
+                # look is due all the same (another segment may still be absent).
+                next_idle = last + STOP_CHECK
+                idle(last - start)
         if idle is not None:
-            idle(time.monotonic() - start)
+            now = time.monotonic()
+            next_idle = now + STOP_CHECK
+            idle(now - start)
         if timeout is not None and time.monotonic() - last >= timeout:
             break
     return n

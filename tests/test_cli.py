@@ -422,6 +422,59 @@ def test_subscribe_into_a_pipe_its_reader_closed_with_stderr_too_stops_cleanly(
         seg.close()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_subscribe_into_a_full_disk_says_so_and_gives_its_summary(namespace: str) -> None:
+    """``shmcast subscribe x > file`` on a full disk (here ``/dev/full``): before, the
+    first line died of an ``OSError: [Errno 28]`` traceback, exit 1, and the summary
+    line with the four counters was never printed."""
+    seg = Segment.create("df", "f8", (4,), namespace=namespace)
+    try:
+        with open("/dev/full", "w") as full:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "shmcast.cli",
+                    "subscribe",
+                    "df",
+                    "-n",
+                    namespace,
+                    "--wait=futex",
+                ],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        try:
+            assert proc.stderr is not None
+            deadline = time.monotonic() + 30
+            ready = ""
+            while "ready" not in ready:
+                assert time.monotonic() < deadline, "no ready line"
+                if select.select([proc.stderr], [], [], 0.5)[0]:
+                    ready = proc.stderr.readline()
+                    assert ready, "subscribe exited early"
+            while proc.poll() is None:
+                assert time.monotonic() < deadline, "subscribe did not stop"
+                seg.write(np.zeros(4))
+                time.sleep(0.01)
+            err = proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+            if proc.stderr is not None:
+                proc.stderr.close()
+        assert proc.returncode == 1, err
+        assert "Traceback" not in err
+        assert "shmcast subscribe done: " in err
+        assert "cannot write the updates to stdout: No space left on device" in err
+        assert "--quiet" in err
+    finally:
+        seg.unlink()
+        seg.close()
+
+
 def test_subscribe_json_is_json_for_nan_and_infinity(
     namespace: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -785,6 +838,42 @@ def test_the_worker_takes_statistics_of_numbers_and_says_so_of_the_rest(
         else:
             assert "no statistics of" in r["error"]
             assert "mean" not in r
+
+
+def test_the_workers_idle_look_comes_while_updates_keep_coming(namespace: str) -> None:
+    """``shmcast subscribe ticks tikcs`` with ticks at 10 Hz: the worker called
+    ``idle`` (which says a segment is still absent, after a second) only when no
+    update came for 0.2 s, so a misspelt name beside a segment updating faster than
+    5 Hz was never reported (3 s in a reproducer). Here every line the worker writes
+    publishes the next version: updates never stop, and the look comes all the same."""
+    import io
+
+    from shmcast.subscriber import Subscriber, run_worker
+
+    seg = Segment.create("flow", "i8", (2,), namespace=namespace)
+    try:
+        with Subscriber(["flow"], namespace=namespace, wait="futex") as sub:
+            stop = threading.Event()
+            deadline = time.monotonic() + 3
+            flowing: list[bool] = []
+
+            class Feed(io.StringIO):
+                def write(self, text: str) -> int:
+                    if time.monotonic() < deadline:  # the next version, at once
+                        seg.write(np.zeros(2, "i8"))
+                    return super().write(text)
+
+            def idle(elapsed: float) -> None:
+                flowing.append(time.monotonic() < deadline)
+                stop.set()
+
+            seg.write(np.zeros(2, "i8"))
+            handled = run_worker(sub, Feed(), timeout=15, stop=stop, idle=idle)
+        assert flowing[:1] == [True], "the look came only once the updates stopped"
+        assert handled > 1
+    finally:
+        seg.unlink()
+        seg.close()
 
 
 @pytest.mark.parametrize(

@@ -71,6 +71,36 @@ def test_every_reader_follows_a_recreated_segment(
             assert st.updates + st.missed + st.overrun + st.torn == 3 + 5
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_counts_add_up_across_a_new_incarnation_made_while_the_reader_was_lapped(
+    namespace: str, thread_broker: Broker, mode: str
+) -> None:
+    """The reader looks at nothing while 10 versions go into a ring of 2, the segment
+    is deleted and made again, and 7 more are published: each of the 17 versions
+    ends in one of the four counters, the old incarnation's from its handle (still
+    mapped), the new one's from 0."""
+    assert thread_broker.endpoints is not None
+    first = Publisher("r", dtype="i8", shape=4, namespace=namespace)
+    with first, Subscriber("r", namespace=namespace, wait=mode) as sub:  # type: ignore[arg-type]
+        for i in range(1, 11):
+            first.publish(np.full(4, i, "i8"))
+        first.close()
+        with ControlClient(thread_broker.endpoints.control) as c:
+            c.request("delete", name="r")
+        with Publisher("r", dtype="i8", shape=4, namespace=namespace) as second:
+            new = second.segment.incarnation
+            for i in range(1, 8):
+                second.publish(np.full(4, 100 + i, "i8"))
+            got = _take(sub, "r", lambda st: st.incarnation == new and st.last_version == 7)
+            st = sub.stats["r"]
+            assert st.incarnations == 2
+            assert [u.version for u in got if u.incarnation == new] == [6, 7]
+            assert st.accounted == 10 + 7, st
+            with ControlClient(thread_broker.endpoints.control) as c:
+                second.close()
+                c.request("delete", name="r")
+
+
 @pytest.mark.parametrize("mode", ["futex", "spin"])
 def test_brokerless_readers_follow_a_recreated_segment(namespace: str, mode: str) -> None:
     w = Segment.create("d", "i8", (2,), namespace=namespace)

@@ -367,7 +367,12 @@ def test_closing_during_a_loan_aborts_it(made, namespace):
     seg = _create(made, dtype="<i8", shape=(4,))
     reader = _attach(made)
     seg.write(np.full(4, 1, "<i8"))
-    with pytest.raises(ClosedError, match="closed during loan"):
+    # Before: "segment 's': closed during loan() is closed".
+    said = (
+        r"^segment 's' \(closed during loan\(\): the loan was aborted, nothing published\) "
+        r"is closed$"
+    )
+    with pytest.raises(ClosedError, match=said):
         _close_inside_a_loan(seg, namespace)
     snap = reader.latest()
     assert (snap.version, snap.array.tolist()) == (2, [2] * 4)
