@@ -348,8 +348,7 @@ class Broker(Service):
                 "data": self._data.endpoint if self._data else None,
                 "segments": self._catalog.names(),
             }
-            watcher = self._start_watcher(ctx)
-            socks.append(self._watch)  # type: ignore[arg-type]
+            watcher = self._start_watcher(ctx, socks)
             served = True
             self._set_ready(on_ready, ready)
             self._ipc_controls = {
@@ -625,14 +624,36 @@ class Broker(Service):
         self._reset_access("the namespace word", word._fd, cfg.mode & 0o644)  # taken over
         return word
 
-    def _start_watcher(self, ctx: zmq.Context[Any]) -> CommitWatcher:
-        """The commit watcher (see ``_watch``) and the PAIR socket it wakes us on."""
+    def _start_watcher(self, ctx: zmq.Context[Any], socks: list[zmq.Socket[Any]]) -> CommitWatcher:
+        """The commit watcher (see ``_watch``) and the PAIR socket it wakes us on
+        (put on ``socks``, closed with the others). Both ends are made here: a
+        broker that cannot make them does not start (one whose watcher died would
+        serve on, announcing versions only at its ticks).
+
+        Raises:
+            OutOfDescriptorsError: naming the watcher's socket and the limit.
+        """
         endpoint = f"inproc://shmcast-watch-{id(self):x}-{self.epoch:x}"
-        sock = ctx.socket(zmq.PAIR)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(endpoint)
-        self._watch = sock
-        return CommitWatcher(self._catalog, ctx, endpoint, self._wants_every_version).start()
+        try:
+            ours = ctx.socket(zmq.PAIR)
+            socks.append(ours)
+            ours.setsockopt(zmq.LINGER, 0)
+            ours.bind(endpoint)
+            self._watch = ours
+            theirs = ctx.socket(zmq.PAIR)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            what = "the commit watcher's ZeroMQ socket"
+            raise OutOfDescriptorsError.from_os(exc.errno, what) from exc
+        try:
+            theirs.setsockopt(zmq.LINGER, 0)
+            theirs.setsockopt(zmq.SNDHWM, 1)  # one pending wake-up says it all
+            theirs.connect(endpoint)
+            return CommitWatcher(self._catalog, theirs, self._wants_every_version).start()
+        except BaseException:  # the watcher's thread never started: the socket is ours
+            theirs.close(0)
+            raise
 
     def _wants_every_version(self, name: str) -> bool:
         """Whether someone wants each version of ``name`` announced as it is committed
