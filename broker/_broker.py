@@ -92,6 +92,8 @@ REPORT_COUNTS = frozenset({"last_version", "updates", "missed", "overrun", "torn
 REPORT_SECONDS = frozenset({"p50", "p99"})
 #: Reporters kept at most (the least recent go first).
 MAX_REPORTS = 1024
+#: The largest process id (``pid_t`` is a 32-bit signed int).
+MAX_PID = 2**31 - 1
 #: The requests a reader may make: nothing that changes the namespace.
 READER_OPS = frozenset({"hello", "list", "describe", "stats", "report", "subscribers", "topics"})
 WRITER, READER = "writer", "reader"
@@ -124,6 +126,21 @@ def _is_segment_name(name: object) -> bool:
     except ShmcastError:
         return False
     return True
+
+
+def _pid(req: dict[str, Any]) -> int | None:
+    """The ``pid`` a request names: None when it has none.
+
+    Raises:
+        ValueError: one that is no process id (1 to 2**31-1; a bool is none, though
+            Python takes ``True`` for 1, the pid of a container's first process).
+    """
+    pid = req.get("pid")
+    if pid is None:
+        return None
+    if type(pid) is not int or not 0 < pid <= MAX_PID:
+        raise ValueError(f"'pid' must be a process id, an integer from 1 to {MAX_PID}")
+    return pid
 
 
 def _report_value(key: object, value: object) -> bool:
@@ -348,8 +365,7 @@ class Broker(Service):
                 "data": self._data.endpoint if self._data else None,
                 "segments": self._catalog.names(),
             }
-            watcher = self._start_watcher(ctx)
-            socks.append(self._watch)  # type: ignore[arg-type]
+            watcher = self._start_watcher(ctx, socks)
             served = True
             self._set_ready(on_ready, ready)
             self._ipc_controls = {
@@ -625,14 +641,36 @@ class Broker(Service):
         self._reset_access("the namespace word", word._fd, cfg.mode & 0o644)  # taken over
         return word
 
-    def _start_watcher(self, ctx: zmq.Context[Any]) -> CommitWatcher:
-        """The commit watcher (see ``_watch``) and the PAIR socket it wakes us on."""
+    def _start_watcher(self, ctx: zmq.Context[Any], socks: list[zmq.Socket[Any]]) -> CommitWatcher:
+        """The commit watcher (see ``_watch``) and the PAIR socket it wakes us on
+        (put on ``socks``, closed with the others). Both ends are made here: a
+        broker that cannot make them does not start (one whose watcher died would
+        serve on, announcing versions only at its ticks).
+
+        Raises:
+            OutOfDescriptorsError: naming the watcher's socket and the limit.
+        """
         endpoint = f"inproc://shmcast-watch-{id(self):x}-{self.epoch:x}"
-        sock = ctx.socket(zmq.PAIR)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(endpoint)
-        self._watch = sock
-        return CommitWatcher(self._catalog, ctx, endpoint, self._wants_every_version).start()
+        try:
+            ours = ctx.socket(zmq.PAIR)
+            socks.append(ours)
+            ours.setsockopt(zmq.LINGER, 0)
+            ours.bind(endpoint)
+            self._watch = ours
+            theirs = ctx.socket(zmq.PAIR)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            what = "the commit watcher's ZeroMQ socket"
+            raise OutOfDescriptorsError.from_os(exc.errno, what) from exc
+        try:
+            theirs.setsockopt(zmq.LINGER, 0)
+            theirs.setsockopt(zmq.SNDHWM, 1)  # one pending wake-up says it all
+            theirs.connect(endpoint)
+            return CommitWatcher(self._catalog, theirs, self._wants_every_version).start()
+        except BaseException:  # the watcher's thread never started: the socket is ours
+            theirs.close(0)
+            raise
 
     def _wants_every_version(self, name: str) -> bool:
         """Whether someone wants each version of ``name`` announced as it is committed
@@ -1106,7 +1144,7 @@ class Broker(Service):
         source, up = req.get("source"), req.get("upstream_up")
         mirror = isinstance(source, str) and bool(source)  # a relay or bridge's mirror
         if mirror:
-            self._check_feeder(name, str(source)[:256], req.get("pid"))
+            self._check_feeder(name, str(source)[:256], _pid(req))
         reply = self._create(name, req.get("dtype"), req.get("shape"), req.get("slots", 2))
         if not mirror:
             entry = self._catalog.get(name)
@@ -1126,7 +1164,7 @@ class Broker(Service):
             reply = self._describe(name)
         return reply
 
-    def _check_feeder(self, name: str, source: str, pid: Any) -> None:
+    def _check_feeder(self, name: str, source: str, pid: int | None) -> None:
         """A mirror is made by its relay or bridge, never taken over: a segment fed
         by anyone else (a local publisher, another upstream) is refused to it, before
         anything about the segment changes. A segment adopted at start may be claimed
@@ -1196,7 +1234,7 @@ class Broker(Service):
         name = self._name(req)
         entry = self._entry(name)
         info = entry.seg.info()
-        pid = req.get("pid")
+        pid = _pid(req)
         if info.writer_alive and info.writer_pid not in (0, pid):
             raise WriterBusyError(name, info.writer_pid)
         if entry.source == "local":
@@ -1208,8 +1246,14 @@ class Broker(Service):
         entry = self._entry(name)
         version = req.get("version")
         ts = req.get("ts")
-        if not isinstance(version, int) or not isinstance(ts, int):
-            raise ValueError("commit needs integer 'version' and 'ts'")
+        # type(...) is int: a bool is an int to Python, and `version: true` was taken
+        # as 1, announced as the bool true (to subscribers and relays) and kept as
+        # the segment's last announced version.
+        if type(version) is not int or version < 1 or type(ts) is not int:
+            raise ValueError(
+                "commit needs 'version', an integer from 1 (a version committed), and "
+                "'ts', an integer"
+            )
         if version > entry.announced:
             # Announced only what the header shows: a version beyond it was never
             # written (a bug, or a forged message), and would hide the real ones.
@@ -1256,9 +1300,16 @@ class Broker(Service):
         known counters are kept, as numbers, and only the :data:`MAX_REPORTS` most
         recent reporters (a 61 KB message of nested lists held 4 MiB of objects, and
         nothing expired below 1024 reporters)."""
-        name, pid, segs = req.get("name"), req.get("pid"), req.get("segments")
-        if not isinstance(name, str) or not isinstance(pid, int) or not isinstance(segs, dict):
-            raise ValueError("report needs 'name' (str), 'pid' (int) and 'segments' (map)")
+        name, segs = req.get("name"), req.get("segments")
+        try:
+            pid = _pid(req)
+        except ValueError:
+            pid = None
+        if not isinstance(name, str) or pid is None or not isinstance(segs, dict):
+            raise ValueError(
+                f"report needs 'name' (str), 'pid' (a process id: an integer from 1 to "
+                f"{MAX_PID}) and 'segments' (map)"
+            )
         key = (name[:64], pid)
         vouched = req.get("vouched") is True  # set by _vouched, never by the client
         if not vouched and self._sent_by_its_process(key):

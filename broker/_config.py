@@ -11,6 +11,8 @@ import ipaddress
 import math
 import os
 import sys
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -368,7 +370,11 @@ def _coerce(name: str, value: Any, source: str | None) -> Any:
             return int(value, 8)
         except ValueError:
             raise ConfigError(name, f"{value!r} is not an octal mode like '0600'", source) from None
-    if name == "heartbeat_interval" and isinstance(value, (int, str)):
+    if (
+        name == "heartbeat_interval"
+        and isinstance(value, (int, str))
+        and not isinstance(value, bool)  # `true` is no number of seconds (was 1.0)
+    ):
         try:
             return float(value)
         except ValueError:
@@ -439,6 +445,7 @@ def resolve_layers(
     data: dict[str, Any] = load_toml(config_file) if config_file else {}
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     table_values = tables(data) if tables is not None else {}
+    check_file_types(cls, data, known - set(table_values), config_file, coerce)
     values = layer_values(
         known - set(table_values),
         flags,
@@ -451,6 +458,49 @@ def resolve_layers(
     )
     values.update(table_values)
     return build_config(cls, values, config_file)
+
+
+#: What a file's value must be for a field of each type, and how to say it. (TOML
+#: has no null: a field's None is its default, never written.)
+_KINDS: dict[Any, tuple[str, Callable[[Any], bool]]] = {
+    str: ("a string", lambda v: isinstance(v, str)),
+    int: ("an integer", _is_int),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    tuple[str, ...]: (
+        "a list of strings",
+        lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v),
+    ),
+}
+
+
+def _kind(hint: Any) -> tuple[str, Callable[[Any], bool]] | None:
+    """The kind of a field's type hint (``X | None`` as ``X``); None: not checked here."""
+    if isinstance(hint, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0] if len(args) == 1 else None
+    return _KINDS.get(hint)
+
+
+def check_file_types(
+    cls: Callable[..., Any],
+    data: Mapping[str, Any],
+    names: set[str],
+    config_file: str | None,
+    coerce: Callable[[str, Any, str | None], Any],
+) -> None:
+    """Each of ``names`` the file sets has its field's type, once coerced as the file's
+    value would be, whether or not a flag or the environment overrides it: the file
+    is wrong either way, and is used as it is the day the flag is left out.
+
+    Raises:
+        ConfigError: naming the field, the file and the type expected.
+    """
+    hints = typing.get_type_hints(cls)
+    for name in sorted(names & data.keys()):
+        kind = _kind(hints.get(name))
+        if kind is not None and not kind[1](coerce(name, data[name], config_file)):
+            raise ConfigError(name, f"{data[name]!r}: expected {kind[0]}", config_file)
 
 
 def layer_values(

@@ -109,14 +109,16 @@ def raise_remote(reply: dict[str, Any]) -> None:
     kind = str(reply.get("error", "RemoteError"))
     msg = str(reply.get("message", "the broker reported an error"))
     seg = str(reply.get("segment", "?"))
+    # The broker's namespace, which its errors name (error_reply sends it): "?" only
+    # from a reply without it, which no broker sends for these kinds.
+    ns = str(reply.get("namespace", "?"))
     exc: ShmcastError
     if kind == "LayoutConflictError":
-        ns = reply.get("namespace")
         exc = LayoutConflictError(
             seg,
             str(reply.get("existing")),
             str(reply.get("requested")),
-            ns if isinstance(ns, str) else None,
+            ns if ns != "?" else None,
         )
     elif kind == "WriterBusyError":
         pid = reply.get("pid")
@@ -125,10 +127,10 @@ def raise_remote(reply: dict[str, Any]) -> None:
     elif kind == "ShmSpaceError":
         exc = ShmSpaceError(seg, int(reply.get("needed", 0)), int(reply.get("free", 0)))
     elif kind == "SegmentNotFoundError":
-        exc = SegmentNotFoundError(seg, str(reply.get("namespace", "?")))
+        exc = SegmentNotFoundError(seg, ns)
         exc.args = (msg,)
     elif kind == "SegmentExistsError":
-        exc = SegmentExistsError(seg, "?")
+        exc = SegmentExistsError(seg, ns)
         exc.args = (msg,)
     elif kind in ("LayoutError", "ArrayMismatchError"):
         exc = LayoutError(msg)

@@ -56,21 +56,23 @@ class CommitWatcher:
 
     Args:
         catalog: the broker's catalog, whose segments are watched.
-        context: the ZeroMQ context of the broker's serving thread (inproc).
-        endpoint: the inproc endpoint the serving thread's PAIR socket binds.
+        sock: a PAIR socket connected to the serving thread's (inproc), made by
+            that thread so that a broker unable to make it does not start; the
+            watcher owns it from here and closes it (``Thread.start()`` is the
+            full memory barrier ZeroMQ asks of a socket handed to another thread).
+        wanted: whether every version of a segment is wanted (its notify word
+            watched).
     """
 
     def __init__(
         self,
         catalog: Catalog,
-        context: zmq.Context[Any],
-        endpoint: str,
+        sock: zmq.Socket[Any],
         wanted: Callable[[str], bool],
     ) -> None:
         self._catalog = catalog
         self._wanted = wanted
-        self._ctx = context
-        self._endpoint = endpoint
+        self._sock = sock
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shmcast-watch", daemon=True)
 
@@ -81,10 +83,7 @@ class CommitWatcher:
     def _run(self) -> None:
         with contextlib.suppress(OSError, AttributeError):  # Linux: niceness per thread
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
-        sock: zmq.Socket[Any] = self._ctx.socket(zmq.PAIR)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 1)  # one pending wake-up says it all
-        sock.connect(self._endpoint)
+        sock = self._sock
         before: dict[tuple[str, int], int] = {}
         try:
             while not self._stop.is_set():
@@ -123,10 +122,13 @@ class CommitWatcher:
             sock.close(0)
 
     def close(self) -> None:
-        """Stop the thread (within a slice) and wait for it."""
+        """Stop the thread (within a slice) and wait for it; the socket is closed
+        (by the thread, or here if it never started)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(2 * SLICE + 1.0)
+        elif self._thread.ident is None:
+            self._sock.close(0)
 
 
 def commit_count(seg: Segment) -> int:

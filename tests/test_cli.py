@@ -583,6 +583,41 @@ def test_a_relay_config_value_of_the_wrong_kind_is_refused_naming_it(
         resolve_relay_config({}, config_file=str(f), environ={})
 
 
+@pytest.mark.parametrize(
+    ("command", "line", "flags", "env"),
+    [
+        ("broker", "namespace = 3", {"namespace": "given"}, {}),  # shmcast broker -n given
+        ("broker", "namespace = 3", {}, {"SHMCAST_NAMESPACE": "given"}),
+        ("broker", 'metrics_port = "abc"', {"metrics_port": 9100}, {}),
+        ("broker", "heartbeat_interval = true", {"heartbeat_interval": 1.0}, {}),
+        ("broker", "heartbeat_interval = true", {}, {}),  # was taken as 1.0 s
+        ("broker", 'tcp_open = "yes"', {"tcp_open": True}, {}),
+        ("relay", 'window = "8"', {"window": 4}, {}),
+        ("relay", "segments = 5", {"segments": ["a*"]}, {}),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_is_refused_though_a_flag_overrides_it(
+    tmp_path: Path, command: str, line: str, flags: dict[str, object], env: dict[str, str]
+) -> None:
+    """`shmcast broker --config FILE -n NS` with `namespace = 3` in FILE was accepted:
+    the flag's value was taken and the file's never looked at, so the wrong type
+    went unnoticed until the day the flag was left out (as with the environment,
+    and with the relay's and doctor's --config). It is refused, naming the file,
+    the key and the type expected (or the coercion's own error)."""
+    from shmcast.broker import ConfigError, resolve_config
+    from shmcast.publisher import resolve_relay_config
+
+    f = tmp_path / f"{command}.toml"
+    up = 'upstream = "tcp://127.0.0.1:1"\n' if command == "relay" else ""
+    f.write_text(f"{up}{line}\n")
+    resolve = resolve_relay_config if command == "relay" else resolve_config
+    field = line.split(" = ")[0]
+    with pytest.raises(ConfigError, match=f"^bad value for '{field}' in ") as exc:
+        resolve(flags, config_file=str(f), environ=env)  # type: ignore[operator]
+    assert exc.value.source == str(f)
+    assert re.search(r": (expected (a|an|true)|'abc' is not an integer)", str(exc.value))
+
+
 def test_a_relay_config_takes_its_patterns_as_a_list_or_one_string() -> None:
     """The type check of `segments` (made for `segments = 5` in a file) refused a
     list of patterns from Python, "give one or more fnmatch patterns" of one that

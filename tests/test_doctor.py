@@ -488,6 +488,8 @@ def test_fix_removes_what_no_broker_serves_while_one_runs(
             Publisher("junk", dtype="f8", shape=(4,))
         assert junk in str(info.value)
         assert f"shmcast doctor -n {namespace} --fix" in str(info.value)
+        # Rebuilt from the broker's reply with its namespace (before: "?").
+        assert (info.value.namespace, info.value.segment) == (namespace, "junk")
         with pytest.raises(SegmentNotFoundError, match="create it with a Publisher"):
             Publisher("junk")  # the broker has no such segment; a Publisher creates one
         rc, report = _doctor(capsys, "--namespace", namespace, "--fix")

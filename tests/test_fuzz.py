@@ -118,7 +118,8 @@ create_requests = st.fixed_dictionaries(
 other_requests = st.fixed_dictionaries(
     {
         "op": st.one_of(
-            st.sampled_from(["hello", "describe", "list", "delete", "lease", "commit", "stats"]),
+            # Every op but create (above) and report (one-way: no reply; tested below).
+            st.sampled_from(sorted(set(_broker.Broker._OPS) - {"create", "report"})),
             st.text(max_size=10),
             values,
         )
@@ -130,6 +131,8 @@ other_requests = st.fixed_dictionaries(
         "ts": values,
         "pid": values,
         "ack": st.booleans(),
+        "names": values,
+        "source": values,
     },
 )
 
@@ -182,6 +185,60 @@ def test_control_endpoint_fuzz(broker: Broker) -> None:
         raw.close()
     assert time.monotonic() - t0 < 30
     assert broker.stats().errors.get("InternalError", 0) == 0
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        # Each was taken: a bool is an int to Python. `version: true` was announced as
+        # the bool true and kept as the segment's last announced version; a reporter
+        # of pid true, -1 or 2**64-1 got a row in `subscribers` (and `shmcast top`).
+        pytest.param({"op": "commit", "name": "s", "version": True, "ts": 1, "ack": True},
+                     id="commit-version-true"),
+        pytest.param({"op": "commit", "name": "s", "version": -1, "ts": 1, "ack": True},
+                     id="commit-version-negative"),
+        pytest.param({"op": "commit", "name": "s", "version": 1, "ts": True, "ack": True},
+                     id="commit-ts-true"),
+        pytest.param({"op": "lease", "name": "s", "pid": True}, id="lease-pid-true"),
+        pytest.param({"op": "create", "name": "m", "dtype": "f8", "shape": [2],
+                      "source": "relay:x", "pid": True}, id="mirror-pid-true"),
+        pytest.param({"op": "report", "name": "r", "pid": True, "segments": {}},
+                     id="report-pid-true"),
+        pytest.param({"op": "report", "name": "r", "pid": -1, "segments": {}},
+                     id="report-pid-negative"),
+        pytest.param({"op": "report", "name": "r", "pid": 2**64 - 1, "segments": {}},
+                     id="report-pid-huge"),
+        pytest.param({"op": "report", "name": "r", "pid": 0, "segments": {}, "gone": True},
+                     id="goodbye-pid-0"),
+    ],
+)  # fmt: skip
+def test_a_bool_or_impossible_version_or_pid_is_refused_and_counted(
+    broker: Broker, request_: dict[str, Any]
+) -> None:
+    """Refused with a BadRequest reply and counted, and nothing changes: no version
+    announced, no segment made, no reporter kept; the broker serves on."""
+    assert broker.endpoints is not None
+    with ControlClient(broker.endpoints.control) as ctl:
+        ctl.request("create", name="s", dtype="f8", shape=[2], slots=2)
+        with Segment.attach("s", namespace=broker.namespace, writable=True) as seg:
+            seg.write(np.ones(2))
+            before = broker.stats().errors.get("BadRequest", 0)
+            raw = _Raw(broker.endpoints.control)
+            try:
+                reply = raw.ask(_encode({"id": 7, **request_}))
+            finally:
+                raw.close()
+            assert reply is not None
+            assert (reply["ok"], reply["error"], reply["id"]) == (False, "BadRequest", 7), reply
+            assert "integer" in reply["message"]
+            assert broker.stats().errors.get("BadRequest", 0) == before + 1
+            entry = broker.catalog.get("s")
+            assert entry is not None
+            assert type(entry.announced) is int
+            assert ctl.request("subscribers", stale=True)["subscribers"] == []
+            _check_no_half_made(broker)
+            assert broker.catalog.names() == ["s"]
+        ctl.request("delete", name="s")
 
 
 def test_oversized_frames_are_dropped(broker: Broker) -> None:
