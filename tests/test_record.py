@@ -756,6 +756,56 @@ def test_a_recorders_metrics_are_served_from_the_library(
     assert m["shmcast_recorder_recorded_bytes_total"] == {("cam",): 4 * 24}
 
 
+def test_a_failed_parquet_write_takes_no_recorder_counter_down(
+    namespace: str, tmp_path: Path
+) -> None:
+    """Parquet buffers a row group's versions: they were counted recorded when handed
+    to the writer, and a failed write of the row group moved them to unwritten, so
+    ``shmcast_recorder_versions_recorded_total`` went from 5 to 0 (and the bytes from
+    960 to 0), which Prometheus reads as a reset. They are now queued until written."""
+    from shmcast.subscriber import serve_recorder_metrics
+
+    path = tmp_path / "t.parquet"
+    seg = Segment.create("t", TICK_DTYPE, (4,), slots=64, namespace=namespace)
+    try:
+        rec = Recorder("t", path, namespace=namespace, format="parquet")
+        server = serve_recorder_metrics(rec, 0)
+        try:
+            for v in range(1, 6):
+                seg.write(frame(v, TICK_DTYPE, (4,)))
+            assert [r.version for r in rec.records(count=5, duration=10)] == [1, 2, 3, 4, 5]
+
+            writer = rec._writer
+            assert writer is not None
+            wait_for(lambda: writer.counts["t"] == 5, 10, what="5 versions taken by the writer")
+            first = _recorder_samples(server.url)
+
+            def failing(*args: Any, **kwargs: Any) -> None:
+                raise OSError(5, "Input/output error (the test's)")
+
+            writer._segs["t"].writer.write_table = failing  # type: ignore[attr-defined]
+            rec.close()  # the row group's write fails
+            second = _recorder_samples(server.url)
+        finally:
+            server.close()
+    finally:
+        seg.unlink()
+        seg.close()
+    assert rec.failure is not None
+    assert "the test's" in str(rec.failure)
+    for name, samples in first.items():
+        if name.endswith("_total"):
+            for labels, value in samples.items():
+                assert second[name][labels] >= value, (name, labels, value, second[name])
+    assert first["shmcast_recorder_queued_versions"][("t",)] == 5  # in the row group
+    missed = second["shmcast_recorder_versions_missed_total"]
+    assert second["shmcast_recorder_versions_recorded_total"][("t",)] == 0
+    assert missed[("unwritten", "t")] == sum(missed.values()) == 5
+    assert second["shmcast_recorder_queued_versions"][("t",)] == 0
+    with open_recording(path) as back:
+        assert (len(back.segments["t"]), back.segments["t"].missed) == (0, 5)
+
+
 def test_a_metrics_port_that_cannot_be_bound_leaves_no_recording(
     namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
