@@ -16,6 +16,7 @@ from ._options import (
     add_curve_option,
     broker_endpoint,
     curve_keys,
+    label_name,
     metrics_host,
     port_number,
     seconds,
@@ -90,7 +91,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--name",
-        type=_label,
+        type=label_name,
         default="subscriber",
         help="'subscriber' label of the metrics, and the name `shmcast top` shows",
     )
@@ -203,13 +204,6 @@ def run(args: argparse.Namespace) -> int:
             stream_gone(sys.stderr)
         return 1
     return 0
-
-
-def _label(text: str) -> str:
-    """``--name``: a non-empty string (a metrics label, the name ``top`` shows)."""
-    if not text:
-        raise argparse.ArgumentTypeError("give a non-empty name")
-    return text
 
 
 def _stdout_gone() -> None:

@@ -713,6 +713,32 @@ def test_record_serves_metrics_that_match_the_recording(
     print(f"FIGURES recorded={recorded} missed={dict(missed)} file_missed={file_missed}")
 
 
+def test_record_names_its_metrics_with_name(namespace: str, tmp_path: Path) -> None:
+    """``shmcast record --name``, as ``shmcast subscribe --name``: two recorders on one
+    host scraped by one Prometheus are told apart by their ``recorder`` label. Before,
+    the label was always ``recorder``, and ``--name archive`` was taken for an
+    abbreviation of ``--namespace``: the recorder looked in namespace 'archive'."""
+    from tests._obs_util import scrape
+
+    path = tmp_path / "named.h5"
+    seg = Segment.create("cam", dtype="<i8", shape=(2,), namespace=namespace)
+    try:
+        with running(
+            [
+                *("record", "cam", "-n", namespace, "-o", str(path)),
+                *("--name", "archive", "--metrics-port", "0"),
+            ],
+            ready=RECORD_READY,
+        ) as rec:
+            samples = scrape(rec.ready["metrics"])
+            assert rec.stop() == 0, rec.stderr
+    finally:
+        seg.unlink()
+        seg.close()
+    age = [dict(labels) for name, labels in samples if name == "shmcast_recorder_flush_age_seconds"]
+    assert age == [{"namespace": namespace, "recorder": "archive"}]
+
+
 def test_a_recorders_metrics_are_served_from_the_library(
     broker: Broker, namespace: str, tmp_path: Path
 ) -> None:
