@@ -407,7 +407,11 @@ class RecordingWriter(ABC):
 
     def __init__(self, layouts: Sequence[SegmentLayout]) -> None:
         self.layouts = {lay.name: lay for lay in layouts}
+        #: Versions an ``append`` took (it returned): written, buffered or dropped.
         self.counts = dict.fromkeys(self.layouts, 0)
+        #: Versions written to the file, which no later failure takes back: at once
+        #: for HDF5; a format that buffers (Parquet) writes a row group at a time.
+        self.written = dict.fromkeys(self.layouts, 0)
         #: Versions an ``append`` took (it returned) that never reached the file: a
         #: format that buffers (Parquet) loses its buffer when a later write fails.
         self.dropped = dict.fromkeys(self.layouts, 0)
@@ -440,6 +444,11 @@ class RecordingWriter(ABC):
 
     def _missed_now(self, segment: str) -> int:
         return self._missed[segment] + self.dropped[segment] - self._dropped_at_set[segment]
+
+    def buffered(self, segment: str) -> int:
+        """Versions of ``segment`` taken and neither written nor dropped yet: what a
+        format that buffers (Parquet) holds in memory until its next row group."""
+        return max(0, self.counts[segment] - self.written[segment] - self.dropped[segment])
 
     @abstractmethod
     def flush(self) -> None:
@@ -793,7 +802,7 @@ class _Hdf5Writer(RecordingWriter):
         g.version.resize(n1, axis=0)
         g.version[n0:n1] = np.asarray(versions, dtype=np.uint64)
         g.count = n1
-        self.counts[segment] = n1
+        self.counts[segment] = self.written[segment] = n1
 
     @staticmethod
     def _write(
@@ -1145,6 +1154,7 @@ class _ParquetWriter(RecordingWriter):
         except BaseException:
             self.dropped[name] += sum(p[3] for p in pending)
             raise
+        self.written[name] += sum(p[3] for p in pending)
 
     def flush(self) -> None:
         for name, seg in self._segs.items():

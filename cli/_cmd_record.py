@@ -19,6 +19,7 @@ from ._options import (
     add_curve_option,
     broker_endpoint,
     curve_keys,
+    label_name,
     metrics_host,
     port_number,
     positive_seconds,
@@ -48,9 +49,10 @@ one file per segment (<stem>.<segment>.parquet when several are recorded);
 a bool byte other than 0 and 1 comes back as 1 (HDF5 keeps it).
 Needs the extra: pip install 'shmcast[record]'.
 
-Metrics (--metrics-port): per segment, versions recorded, missed (by cause),
-bytes recorded, times deleted, the latest version and the versions waiting for
-the disk; the seconds since the last flush and the file's size.
+Metrics (--metrics-port), labelled recorder=--name: per segment, versions
+recorded, missed (by cause), bytes recorded, times deleted, the latest version
+and the versions waiting for the disk; the seconds since the last flush and the
+file's size.
 
 Lines on stdout: 'shmcast record ready: {json}' (with the metrics URL) once
 recording, and 'shmcast record done: {json}' (per segment: recorded, missed and
@@ -119,6 +121,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         default="127.0.0.1",
         metavar="ADDR",
         help="metrics address",
+    )
+    p.add_argument(
+        "--name",
+        type=label_name,
+        default="recorder",
+        help="'recorder' label of the metrics (tells two recorders on one host apart), "
+        "and the name `shmcast top` shows (--wait events)",
     )
     add_broker_option(p)
     add_curve_option(p)
@@ -211,6 +220,7 @@ def _run_recorder(
             overwrite=args.overwrite,
             flush_interval=args.flush_interval,
             segment_timeout=args.segment_timeout,
+            name=args.name,
         )
         with rec:
             registry.register(RecorderCollector(rec))

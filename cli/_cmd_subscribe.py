@@ -17,6 +17,7 @@ from ._options import (
     add_curve_option,
     broker_endpoint,
     curve_keys,
+    label_name,
     metrics_host,
     port_number,
     seconds,
@@ -92,7 +93,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--name",
-        type=_label,
+        type=label_name,
         default="subscriber",
         help="'subscriber' label of the metrics, and the name `shmcast top` shows",
     )
@@ -257,13 +258,6 @@ class _Output:
             raise
         except OSError as exc:
             raise _OutputError(exc) from exc
-
-
-def _label(text: str) -> str:
-    """``--name``: a non-empty string (a metrics label, the name ``top`` shows)."""
-    if not text:
-        raise argparse.ArgumentTypeError("give a non-empty name")
-    return text
 
 
 def _stdout_gone() -> None:

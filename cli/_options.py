@@ -231,6 +231,14 @@ def port_number(text: str) -> int:
     raise argparse.ArgumentTypeError(f"{text!r} is not a port: give 0 (any free one) to 65535")
 
 
+def label_name(text: str) -> str:
+    """argparse type: ``--name``, a non-empty string (a metrics label, the name
+    ``shmcast top`` shows)."""
+    if not text:
+        raise argparse.ArgumentTypeError("give a non-empty name")
+    return text
+
+
 def metrics_host(text: str) -> str:
     """argparse type: the address a metrics endpoint binds; not empty (an unset
     ``$VARIABLE`` given as it would serve every interface)."""

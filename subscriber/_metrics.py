@@ -160,7 +160,8 @@ def serve_metrics(
 class RecorderCollector(Collector):
     """Exports one recorder's ``shmcast_recorder_*`` metrics, labelled by namespace
     and recorder, and all but the file's by segment too: per segment, the versions
-    since the recording started are ``recorded`` or ``missed`` (by ``cause``)."""
+    since the recording started are ``recorded``, ``missed`` (by ``cause``) or
+    queued; every ``*_total`` only goes up."""
 
     def __init__(self, recorder: Recorder, *, name: str | None = None) -> None:
         self._rec = recorder
@@ -173,7 +174,7 @@ class RecorderCollector(Collector):
         labels = [*base, "segment"]
         recorded = CounterMetricFamily(
             "shmcast_recorder_versions_recorded",
-            "Versions written to the recording file",
+            "Versions written to the recording file (counted once written: never taken back)",
             labels=labels,
         )
         missed = CounterMetricFamily(
@@ -198,7 +199,8 @@ class RecorderCollector(Collector):
         )
         queued = GaugeMetricFamily(
             "shmcast_recorder_queued_versions",
-            "Versions copied out and not written yet (the disk's backlog)",
+            "Versions copied out and not written yet (the disk's backlog, with those a "
+            "Parquet writer buffers for its next row group)",
             labels=labels,
         )
         queued_now = rec.queued()

@@ -9,11 +9,14 @@ least once a second, and gives the buffers back. A slow disk therefore never
 stalls the reading: when the pool is empty the version is dropped and counted.
 
 Nothing is lost silently. Per segment, every version from the first one after
-the recorder started to the last one it handled is either recorded or counted
-in ``missed``: lapped (it left the ring before it was copied), torn (the writer
-overwrote it during the copy), dropped (no free buffer: the disk was slower
-than the stream) or unwritten (in a buffer when writing failed). ``missed`` is
-stored in the file with the data.
+the recorder started to the last one it handled is either recorded (written to
+the file), counted in ``missed``, or, while recording, queued for the disk
+(:meth:`Recorder.queued`). Missed: lapped (it left the ring before it was
+copied), torn (the writer overwrote it during the copy), dropped (no free
+buffer: the disk was slower than the stream) or unwritten (queued when writing
+failed). ``missed`` is stored in the file with the data. Each count only goes
+up: a version is counted recorded once it is written, never before (Parquet
+buffers a row group's versions; a failed write of them counts them unwritten).
 
 A segment deleted while it is recorded (its publisher gone) is no loss of
 versions (the recorder reads what its last incarnation still holds) but the end
@@ -86,6 +89,8 @@ class RecorderStats:
     """What a recorder did with the versions of one segment."""
 
     recorded: int = 0
+    """Versions written to the file (once written: Parquet's buffered ones are
+    queued until their row group is written)."""
     lapped: int = 0
     torn: int = 0
     dropped: int = 0
@@ -266,7 +271,8 @@ class Recorder(Closing):
         #: Set under _put_lock when nothing more may be queued nor counted: the writer
         #: failed, or close() is about to have it write what is queued the last time.
         self._ended = False
-        #: Of the writer's dropped versions, those counted already (_count_dropped).
+        #: Of the writer's written and dropped versions, those counted already (_count).
+        self._written_seen = dict.fromkeys(self.names, 0)
         self._dropped_seen = dict.fromkeys(self.names, 0)
         #: Held to queue a version, and to stop queueing on a failure (see _fail).
         self._put_lock = threading.Lock()
@@ -536,7 +542,10 @@ class Recorder(Closing):
             if stopping or time.monotonic() >= self._next_flush:
                 for name, st in self._stats.items():
                     writer.set_missed(name, st.missed)
-                writer.flush()
+                try:
+                    writer.flush()  # Parquet: may write a row group, or drop it
+                finally:
+                    self._count(writer)
                 self._flushed_at = time.monotonic()
                 self._next_flush = self._flushed_at + self.flush_interval
             done = stopping
@@ -544,26 +553,31 @@ class Recorder(Closing):
             self._fail(exc)
         if done:
             try:
-                self._count_dropped(writer)
+                self._count(writer)
                 for name, st in self._stats.items():
                     writer.set_missed(name, st.missed)
                 writer.close()
             except BaseException as exc:
                 self._fail(exc)
-            # Dropped by the close itself: the file's missed count has them already.
-            self._count_dropped(writer)
+            # Written or dropped by the close itself: the file's missed count has the
+            # dropped ones already.
+            self._count(writer)
         return done
 
-    def _count_dropped(self, writer: RecordingWriter) -> None:
-        """Versions counted recorded that the writer then lost (Parquet's buffered
-        rows, when a later write fails) are unwritten: in the file, they are not."""
-        for name, n in writer.dropped.items():
-            new = n - self._dropped_seen[name]
+    def _count(self, writer: RecordingWriter) -> None:
+        """Count what the writer wrote since the last call as recorded, and what it
+        lost (Parquet's buffered rows, when a write fails) as unwritten. Counted when
+        written, not when handed over: a version counted recorded and then lost took
+        ``recorded`` down, which Prometheus reads as a counter reset."""
+        for name, st in self._stats.items():
+            new = writer.written[name] - self._written_seen[name]
             if new:
-                self._dropped_seen[name] = n
-                st = self._stats[name]
-                st.recorded -= new
-                st.recorded_bytes -= new * self._nbytes[name]
+                self._written_seen[name] += new
+                st.recorded += new
+                st.recorded_bytes += new * self._nbytes[name]
+            new = writer.dropped[name] - self._dropped_seen[name]
+            if new:
+                self._dropped_seen[name] += new
                 st.unwritten += new
 
     def _append(self, writer: RecordingWriter, batch: list[tuple[str, int, int, Any]]) -> None:
@@ -591,12 +605,13 @@ class Recorder(Closing):
                             [it[2] for it in part],
                         )
                     except BaseException:
-                        taken = writer.counts[name] - before  # those before a refused one
-                        done += taken
-                        self._recorded(name, taken)
+                        # Those before a refused one are the writer's: written, or
+                        # buffered (then written or dropped, and counted, later).
+                        done += writer.counts[name] - before
                         raise
+                    finally:
+                        self._count(writer)
                     done += len(part)
-                    self._recorded(name, len(part))
             except BaseException:
                 # The rest of this segment's versions, and those of the segments after
                 # it in the batch: taken from the queue, they will never be written.
@@ -609,11 +624,6 @@ class Recorder(Closing):
                 free = self._pools[name].free
                 for it in items:
                     free.append(it[3])
-
-    def _recorded(self, name: str, n: int) -> None:
-        st = self._stats[name]
-        st.recorded += n
-        st.recorded_bytes += n * self._nbytes[name]
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:
@@ -643,8 +653,13 @@ class Recorder(Closing):
 
     def queued(self) -> dict[str, int]:
         """Versions of each segment copied out and not written yet: the disk's backlog
-        (a pool full of them drops the next versions, counted ``dropped``)."""
-        return {n: pool.made - len(pool.free) for n, pool in self._pools.items()}
+        (a pool full of them drops the next versions, counted ``dropped``), and the
+        versions a Parquet writer buffers for its next row group."""
+        writer = self._writer
+        return {
+            n: pool.made - len(pool.free) + (writer.buffered(n) if writer is not None else 0)
+            for n, pool in self._pools.items()
+        }
 
     def flush_age(self, now: float | None = None) -> float:
         """Seconds since the file was last flushed (since the start, before the first

@@ -252,6 +252,7 @@ def test_a_book_of_ticks_too_large_is_refused_by_the_publisher_not_a_traceback(
         (["subscribe", "x", "--count", "-1"], "--count"),
         (["subscribe", "x", "--name", ""], "--name"),
         (["record", "x", "-o", "x.h5", "--count", "-1"], "--count"),
+        (["record", "x", "-o", "x.h5", "--name", ""], "--name"),
         (["doctor", "--subscribers", "-5"], "--subscribers"),
         # An empty address (an unset $VARIABLE): served the metrics on every interface.
         (["subscribe", "x", "--metrics-port", "0", "--metrics-host", ""], "--metrics-host"),

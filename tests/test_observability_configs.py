@@ -86,6 +86,10 @@ def test_every_alert_the_issue_asks_for_exists_and_has_a_unit_test() -> None:
         "ShmcastTornReadsRising",
         "ShmcastVersionsMissedRising",
         "ShmcastShmNearlyFull",
+        # A recorder losing versions (any cause), its writing stalled, its target down.
+        "ShmcastRecorderVersionsMissed",
+        "ShmcastRecorderFlushStalled",
+        "ShmcastRecorderDown",
     }
     assert wanted <= names
     tests = yaml.safe_load((CONFIGS / "alerts_test.yml").read_text())["tests"]
@@ -105,6 +109,7 @@ def test_every_alert_the_issue_asks_for_exists_and_has_a_unit_test() -> None:
     # ... and each is shown silent on healthy series (an empty exp_alerts, or a
     # healthy series next to the failing one that is not in exp_alerts).
     assert {"ShmcastBrokerDown", "ShmcastShmNearlyFull", "ShmcastSegmentStale"} <= silent
+    assert {a for a in names if a.startswith("ShmcastRecorder")} <= silent
     for rule in _alert_rules():
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"]
@@ -221,7 +226,7 @@ def test_dashboard_is_grafana_json_using_only_exported_metrics() -> None:
 
 
 def test_alert_rules_use_only_exported_metrics() -> None:
-    exported = _exported_metric_names()
+    exported = _every_exported_name()
     for rule in _alert_rules():
         names = set(_METRIC.findall(rule["expr"]))
         assert names <= exported, f"{rule['alert']} uses {sorted(names - exported)}"
@@ -272,6 +277,14 @@ def _every_exported_family() -> dict[str, str]:
     return {f.name: f.type for c in collectors for f in c.collect()}
 
 
+def _every_exported_name() -> set[str]:
+    """Every sample name of :func:`_every_exported_family` (``_total`` and all)."""
+    families = _every_exported_family()
+    return set(families) | {
+        name + suffix for name, kind in families.items() for suffix in _SUFFIXES[kind]
+    }
+
+
 #: The docs that name metrics, in backquotes.
 _METRIC_DOCS = ["README.md", "docs/ARCHITECTURE.md", "docs/RELIABILITY.md", "docker/README.md"]
 
@@ -280,10 +293,7 @@ def test_every_metric_the_docs_name_is_exported() -> None:
     """A name in the docs that no collector exports cannot be found in Prometheus:
     docs/RELIABILITY.md said ``shmcast_bridge_refused_total``, whose name is
     ``shmcast_bridge_refused_samples_total``."""
-    families = _every_exported_family()
-    exported = set(families) | {
-        name + suffix for name, kind in families.items() for suffix in _SUFFIXES[kind]
-    }
+    exported = _every_exported_name()
     for doc in _METRIC_DOCS:
         named = set(re.findall(r"`(shmcast_[a-z0-9_]+)(?:\{[^}`]*\})?`", (ROOT / doc).read_text()))
         assert named - exported == set(), doc

@@ -1,4 +1,4 @@
-"""A real Prometheus server scrapes a broker and two subscribers (issue 6).
+"""A real Prometheus server scrapes a broker, two subscribers and a recorder (issue 6).
 
 Prometheus (Debian's ``prometheus`` package; ``make system-deps`` installs it)
 runs on loopback with the project's own ``configs/prometheus.yml``, its targets
@@ -25,6 +25,7 @@ import pytest
 from shmcast.cli.testing import (
     BROKER_READY,
     PUBLISH_READY,
+    RECORD_READY,
     SUBSCRIBE_READY,
     ShmcastProcess,
     start,
@@ -49,17 +50,22 @@ def _hostport(url: str) -> str:
     return urllib.parse.urlsplit(url).netloc
 
 
-def _prom_config(broker: str, subscribers: list[str]) -> dict[str, Any]:
-    """configs/prometheus.yml with this test's targets and a fast scrape interval."""
+def _prom_config(broker: str, subscribers: list[str], recorders: list[str]) -> dict[str, Any]:
+    """configs/prometheus.yml with this test's targets and a fast scrape interval.
+
+    Three jobs: the recorders' was added with the recorder's metrics (``shmcast record
+    --metrics-port``) and its alerts; the file ships it with no target (the compose
+    deployment runs no recorder), so the test gives it one."""
     config: dict[str, Any] = yaml.safe_load((ROOT / "configs" / "prometheus.yml").read_text())
     config["global"].update(
         scrape_interval="500ms", scrape_timeout="400ms", evaluation_interval="500ms"
     )
     config["rule_files"] = [str(ROOT / "configs" / name) for name in config["rule_files"]]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert set(jobs) == {"shmcast-broker", "shmcast-subscribers"}
+    assert set(jobs) == {"shmcast-broker", "shmcast-subscribers", "shmcast-recorders"}
     jobs["shmcast-broker"]["static_configs"][0]["targets"] = [broker]
     jobs["shmcast-subscribers"]["static_configs"][0]["targets"] = subscribers
+    jobs["shmcast-recorders"]["static_configs"][0]["targets"] = recorders
     return config
 
 
@@ -129,12 +135,21 @@ def test_prometheus_scrapes_broker_and_subscribers(namespace: str) -> None:
             )
             procs.append(sp)
             subs[name] = sp
+        archive = start(
+            [
+                *("record", "ticks", "-n", namespace, "-o", str(workdir / "ticks.h5")),
+                *("--metrics-port", "0", "--name", "archive"),
+            ],
+            ready=RECORD_READY,
+        )
+        procs.append(archive)
 
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         config = _prom_config(
             _hostport(broker.ready["metrics"]),
             [_hostport(sp.ready["metrics"]) for sp in subs.values()],
+            [_hostport(archive.ready["metrics"])],
         )
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         check = subprocess.run(
@@ -189,15 +204,17 @@ def test_prometheus_scrapes_broker_and_subscribers(namespace: str) -> None:
         def settled() -> bool:
             published = api.values(f"shmcast_versions_published_total{{{sel}}}", "segment")
             seen = api.values(f"shmcast_subscriber_version{{{sel}}}", "subscriber")
-            return published == {"ticks": COUNT} and seen == {
-                "strategy": COUNT,
-                "recorder": COUNT,
-            }
+            recorded = api.values(f"shmcast_recorder_version{{{sel}}}", "recorder")
+            return (
+                published == {"ticks": COUNT}
+                and seen == {"strategy": COUNT, "recorder": COUNT}
+                and recorded == {"archive": COUNT}
+            )
 
         wait_for(settled, 30, 0.25, "Prometheus to hold the final counts")
 
         up = api.values('up{job=~"shmcast-.*"}', "job")
-        assert up == {"shmcast-broker": 1.0, "shmcast-subscribers": 1.0}
+        assert up == {"shmcast-broker": 1.0, "shmcast-subscribers": 1.0, "shmcast-recorders": 1.0}
         assert len(api.query('up{job="shmcast-subscribers"} == 1')) == 2
         assert api.values(f"shmcast_segment_version{{{sel}}}", "segment") == {"ticks": COUNT}
         broker_up = api.query(f"shmcast_broker_up{{{sel}}}")
@@ -221,6 +238,16 @@ def test_prometheus_scrapes_broker_and_subscribers(namespace: str) -> None:
             # How many were delivered depends on the host: a reader descheduled on a busy
             # one for longer than the ring holds loses versions (counted above).
             assert updates[name] > 0, (name, updates, lost)
+
+        # The recorder: every version written to its file or counted missed (by cause).
+        def archived() -> bool:
+            written = api.values(f"shmcast_recorder_versions_recorded_total{{{sel}}}", "recorder")
+            missed = api.query(f"sum(shmcast_recorder_versions_missed_total{{{sel}}})")
+            return written.get("archive", 0) + float(missed[0]["value"][1]) == COUNT
+
+        wait_for(archived, 30, 0.25, "Prometheus to hold the recorder's final counts")
+        flush_age = api.values(f"shmcast_recorder_flush_age_seconds{{{sel}}}", "recorder")
+        assert 0 <= flush_age["archive"] < 10
 
         # The latency histogram: buckets from 1 us to 100 ms and +Inf, cumulative,
         # +Inf equal to the versions learnt (delivered, overrun or torn: all but missed).
@@ -265,6 +292,7 @@ def test_prometheus_scrapes_broker_and_subscribers(namespace: str) -> None:
         groups = api.get("/api/v1/rules")["groups"]
         names = {r["name"] for g in groups for r in g["rules"]}
         assert {"ShmcastSegmentStale", "ShmcastBrokerDown", "ShmcastTornReadsRising"} <= names
+        assert {"ShmcastRecorderFlushStalled", "ShmcastRecorderDown"} <= names
         firing = [a for a in api.get("/api/v1/alerts")["alerts"] if a["state"] == "firing"]
         assert firing == []
     finally:

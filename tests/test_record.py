@@ -713,6 +713,32 @@ def test_record_serves_metrics_that_match_the_recording(
     print(f"FIGURES recorded={recorded} missed={dict(missed)} file_missed={file_missed}")
 
 
+def test_record_names_its_metrics_with_name(namespace: str, tmp_path: Path) -> None:
+    """``shmcast record --name``, as ``shmcast subscribe --name``: two recorders on one
+    host scraped by one Prometheus are told apart by their ``recorder`` label. Before,
+    the label was always ``recorder``, and ``--name archive`` was taken for an
+    abbreviation of ``--namespace``: the recorder looked in namespace 'archive'."""
+    from tests._obs_util import scrape
+
+    path = tmp_path / "named.h5"
+    seg = Segment.create("cam", dtype="<i8", shape=(2,), namespace=namespace)
+    try:
+        with running(
+            [
+                *("record", "cam", "-n", namespace, "-o", str(path)),
+                *("--name", "archive", "--metrics-port", "0"),
+            ],
+            ready=RECORD_READY,
+        ) as rec:
+            samples = scrape(rec.ready["metrics"])
+            assert rec.stop() == 0, rec.stderr
+    finally:
+        seg.unlink()
+        seg.close()
+    age = [dict(labels) for name, labels in samples if name == "shmcast_recorder_flush_age_seconds"]
+    assert age == [{"namespace": namespace, "recorder": "archive"}]
+
+
 def test_a_recorders_metrics_are_served_from_the_library(
     broker: Broker, namespace: str, tmp_path: Path
 ) -> None:
@@ -754,6 +780,56 @@ def test_a_recorders_metrics_are_served_from_the_library(
     }
     assert m["shmcast_recorder_version"] == {("cam",): 10}
     assert m["shmcast_recorder_recorded_bytes_total"] == {("cam",): 4 * 24}
+
+
+def test_a_failed_parquet_write_takes_no_recorder_counter_down(
+    namespace: str, tmp_path: Path
+) -> None:
+    """Parquet buffers a row group's versions: they were counted recorded when handed
+    to the writer, and a failed write of the row group moved them to unwritten, so
+    ``shmcast_recorder_versions_recorded_total`` went from 5 to 0 (and the bytes from
+    960 to 0), which Prometheus reads as a reset. They are now queued until written."""
+    from shmcast.subscriber import serve_recorder_metrics
+
+    path = tmp_path / "t.parquet"
+    seg = Segment.create("t", TICK_DTYPE, (4,), slots=64, namespace=namespace)
+    try:
+        rec = Recorder("t", path, namespace=namespace, format="parquet")
+        server = serve_recorder_metrics(rec, 0)
+        try:
+            for v in range(1, 6):
+                seg.write(frame(v, TICK_DTYPE, (4,)))
+            assert [r.version for r in rec.records(count=5, duration=10)] == [1, 2, 3, 4, 5]
+
+            writer = rec._writer
+            assert writer is not None
+            wait_for(lambda: writer.counts["t"] == 5, 10, what="5 versions taken by the writer")
+            first = _recorder_samples(server.url)
+
+            def failing(*args: Any, **kwargs: Any) -> None:
+                raise OSError(5, "Input/output error (the test's)")
+
+            writer._segs["t"].writer.write_table = failing  # type: ignore[attr-defined]
+            rec.close()  # the row group's write fails
+            second = _recorder_samples(server.url)
+        finally:
+            server.close()
+    finally:
+        seg.unlink()
+        seg.close()
+    assert rec.failure is not None
+    assert "the test's" in str(rec.failure)
+    for name, samples in first.items():
+        if name.endswith("_total"):
+            for labels, value in samples.items():
+                assert second[name][labels] >= value, (name, labels, value, second[name])
+    assert first["shmcast_recorder_queued_versions"][("t",)] == 5  # in the row group
+    missed = second["shmcast_recorder_versions_missed_total"]
+    assert second["shmcast_recorder_versions_recorded_total"][("t",)] == 0
+    assert missed[("unwritten", "t")] == sum(missed.values()) == 5
+    assert second["shmcast_recorder_queued_versions"][("t",)] == 0
+    with open_recording(path) as back:
+        assert (len(back.segments["t"]), back.segments["t"].missed) == (0, 5)
 
 
 def test_a_metrics_port_that_cannot_be_bound_leaves_no_recording(
