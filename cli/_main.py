@@ -100,15 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Real-time pub/sub of numpy arrays through shared memory.",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
+        allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in COMMANDS:
+        # No abbreviations: argparse took `--name X` (or `--names`) for --namespace
+        # in every command without a --name of its own, and `shmcast rm s --name X`
+        # then deleted in namespace X.
         p = sub.add_parser(
             name,
             help=module.HELP,
             description=module.HELP,
             epilog=module.EXAMPLES,
             formatter_class=HelpFormatter,
+            allow_abbrev=False,
         )
         p.add_argument(
             "--namespace",

@@ -270,6 +270,20 @@ def test_bad_values_exit_2_naming_the_option(
     assert f"argument {option}: " in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["ls", "--name"], ["rm", "s", "--names"], ["health", "--namesp"]])
+def test_an_abbreviated_option_is_refused_not_taken_for_another(
+    argv: list[str], namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse took a prefix of an option for it: `--name X` in a command without
+    a --name of its own (`ls`, `rm`, `record` before its --name) was --namespace X,
+    and `shmcast rm s --name X` deleted `s` in namespace X. (The test's own namespace
+    is given: taken, it names nothing of anyone else.)"""
+    with pytest.raises(SystemExit) as info:
+        main([*argv, namespace])
+    assert info.value.code == 2
+    assert f"unrecognized arguments: {argv[-1]}" in capsys.readouterr().err
+
+
 def test_the_option_types_take_their_whole_range() -> None:
     from shmcast.cli._options import per_second, port_number, positive_seconds
 
