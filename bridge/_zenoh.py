@@ -1209,7 +1209,8 @@ class ZenohBridge(Service):
         local readers seeing the peer's data. A held sample replaced by one of
         another incarnation is never mirrored: refused, counted. (Of the same
         incarnation, its version is a gap, counted skipped once the mirror is
-        made.) Called with the import lock held."""
+        made; one no newer than the held one replaces nothing, counted stale.)
+        Called with the import lock held."""
         held = self._held.get(name)
         key = pending.key
         if held is None:
@@ -1222,6 +1223,11 @@ class ZenohBridge(Service):
         elif held.sample.frame.incarnation != pending.frame.incarnation:
             self.refused += held.sample.samples
             held.sample = pending
+        elif pending.frame.version <= held.sample.frame.version:
+            # One no newer than the one held is stale (a second writer on the key):
+            # it replaced the newer one, made at the older version, the newer one
+            # counted nowhere.
+            c.stale += pending.samples
         else:
             pending.samples += held.sample.samples
             held.sample = pending

@@ -1078,6 +1078,39 @@ def test_a_held_incarnation_refused_at_its_renewal_counts_every_sample_it_stood_
         imp.close()
 
 
+def test_an_older_sample_of_a_held_incarnation_does_not_replace_a_newer_one(
+    router: str, two_sides: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A held new incarnation is replaced only by a newer version of it: version 2
+    (a second writer on the key) replaced the held version 7, the mirror was made
+    at version 2, and version 7 was counted nowhere. The older one is stale."""
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",), catalog_interval=0.05)
+    session = _plain_session(router)
+    try:
+        made = lambda inc: getattr(imp._mirrors.get("a"), "incarnation", 0) == inc  # noqa: E731
+        wait_for(lambda: _put(session, "a", 1) or made(3), 20, what="mirror a")
+        monkeypatch.setattr(bridge_zenoh, "RENEW_SECONDS", 3600.0)  # held until let go
+        wait_for(lambda: _put(session, "a", 1, incarnation=4) or made(4), 10, what="renewed")
+        # Samples of one session come in order: once y is mirrored, a's are all in.
+        wait_for(lambda: _put(session, "y", 1) or _version(imp, "y") == 1, 10, what="y")
+        before = imp.stats().imported["a"]
+        _put(session, "a", 7, incarnation=5)
+        _put(session, "a", 2, incarnation=5)
+        wait_for(lambda: _put(session, "z", 1) or _version(imp, "z") == 1, 10, what="z")
+        monkeypatch.setattr(bridge_zenoh, "RENEW_SECONDS", 0.0)  # its time has come
+        wait_for(lambda: made(5) and _version(imp, "a") > 1, 10, what="incarnation 5 mirrored")
+        st = imp.stats().imported["a"]
+        assert st["version"] == 7  # was 2
+        got = {k: st[k] - before[k] for k in ("received", "skipped", "stale")}
+        assert got == {"received": 1, "skipped": 6, "stale": 1}  # versions 1-7
+        with Segment.attach("a", namespace=b) as mirror:
+            assert mirror.latest().array.tobytes() == bytes([7]) * 32
+    finally:
+        session.close()
+        imp.close()
+
+
 @contextlib.contextmanager
 def _stalled_local_broker(imp: Any) -> Iterator[Callable[[], None]]:
     """The importer's local broker stalls: the mirrors it is asked to make wait
