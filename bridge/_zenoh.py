@@ -359,6 +359,10 @@ class _Pending:
     #: The samples of its incarnation it stands for (it and those it replaced):
     #: refused with it if it is never mirrored.
     samples: int = 1
+    #: The earliest version of its incarnation it stands for (0: not known). A
+    #: name's first mirror counts from there: the versions it replaced came, and
+    #: are a gap counted skipped.
+    first: int = 0
 
 
 @dataclass
@@ -1024,6 +1028,7 @@ class ZenohBridge(Service):
                 return m
             if not live:
                 return None  # a reply from before the new incarnation: ignore it
+        first = frame.version
         if (old := self._pending.get(name)) is not None:
             # Being made: the latest is committed once it is (one it replaces is a
             # gap in the versions, counted skipped then; one of another incarnation
@@ -1039,7 +1044,8 @@ class ZenohBridge(Service):
                 return None
             else:
                 samples += old.samples
-            self._pending[name] = _Pending(key, frame, payload, samples)
+                first = old.first
+            self._pending[name] = _Pending(key, frame, payload, samples, first)
             return None
         if time.monotonic() < self._retry_at.get(name, 0.0):
             self.conflicts += samples
@@ -1063,7 +1069,7 @@ class ZenohBridge(Service):
             assert c is not None  # a mirror's name has its counts
             now = time.monotonic()
             if now < c.renewed_at + RENEW_SECONDS or (not held and self._live(c)):
-                self._hold(_Pending(key, frame, payload, samples), name, c, now)
+                self._hold(_Pending(key, frame, payload, samples, first), name, c, now)
                 return None
             self._held.pop(name, None)
             c.renewed_at = now
@@ -1081,7 +1087,7 @@ class ZenohBridge(Service):
             c.incarnation = frame.incarnation
             c.last = last or 0
             c.token_lost = False
-        self._pending[name] = _Pending(key, frame, payload, samples)
+        self._pending[name] = _Pending(key, frame, payload, samples, first)
         assert self._local is not None
         layout = (dtype_str(frame.dtype), frame.shape, self.config.slots)
         self._local.create(
@@ -1308,6 +1314,11 @@ class ZenohBridge(Service):
                                 pending.payload, version=f.version, timestamp_ns=f.timestamp_ns
                             )
                         continue
+                    if not c.last and not c.renewed and pending.first:
+                        # The name's first versions here (nothing to count a gap
+                        # from yet): those the waiting sample replaced came, and
+                        # were dropped.
+                        c.skipped += f.version - pending.first
                     self._commit(key, m, (f.version, f.timestamp_ns), pending.payload)
                 else:  # the upstream moved on meanwhile: this sample remakes it
                     self._mirror(
@@ -1416,7 +1427,8 @@ class BridgeCollector(Collector):
             ),
             "in_skipped": CounterMetricFamily(
                 "shmcast_bridge_import_skipped_versions",
-                "Upstream versions that never arrived (gaps in the version numbers)",
+                "Upstream versions never written (gaps in the version numbers, and versions "
+                "replaced by a later one while the mirror was made)",
                 labels=labels,
             ),
             "stale": CounterMetricFamily(

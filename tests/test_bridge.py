@@ -1204,6 +1204,32 @@ def test_a_late_joiners_older_reply_does_not_replace_a_newer_sample_being_made(
         imp.close()
 
 
+def test_a_new_names_first_mirror_counts_the_versions_replaced_while_it_was_made(
+    router: str, two_sides: tuple[str, str]
+) -> None:
+    """Samples of a new name that come while its first mirror is made replace the
+    one waiting: with no version of the name written yet, no gap was counted, and
+    versions 2 and 3 (received, dropped) were counted nowhere (received 1, skipped
+    0 for versions 2-5). They count skipped from the first one received, as the
+    versions a waiting sample replaced do for a mirror made again."""
+    _, b = two_sides
+    imp = _bridge(router, b, imports=("shmcast/far/*",))
+    session = _plain_session(router)
+    try:
+        with _stalled_local_broker(imp) as answer:
+            for v in (2, 3, 5):  # a late joiner's first version, then a gap (4)
+                _put(session, "p", v)
+            waiting = lambda: getattr(imp._pending.get("p"), "frame", None)  # noqa: E731
+            wait_for(lambda: getattr(waiting(), "version", 0) == 5, 10, what="version 5 waiting")
+            answer()
+            wait_for(lambda: _version(imp, "p") == 5, 10, what="the mirror at version 5")
+        st = imp.stats().imported["p"]
+        assert (st["received"], st["skipped"], st["stale"]) == (1, 3, 0)  # versions 2-5
+    finally:
+        session.close()
+        imp.close()
+
+
 def test_a_mirror_the_local_broker_refuses_counts_every_sample_it_stood_for(
     router: str, two_sides: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
