@@ -158,8 +158,8 @@ class BridgeConfig:
             is one whose mirror would leave less than
             ``shmcast.publisher.SHM_RESERVE`` (10%) of /dev/shm free.
         catalog_interval: seconds between looks at the local catalog (new,
-            deleted or recreated segments to export).
-        connect_timeout: seconds to reach a ``connect`` endpoint at start (an
+            deleted or recreated segments to export), from 0.01 to 60.
+        connect_timeout: seconds (> 0) to reach a ``connect`` endpoint at start (an
             unreachable or refusing router is an error then; once connected, a
             lost link is retried for ever).
         congestion: what exports do when a link is congested: ``drop`` (default:
@@ -206,6 +206,17 @@ class BridgeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(name, f"{value!r}: use a positive integer")
+        # 0 (or less) looked at the catalog without a pause (4090 list requests a
+        # second), NaN or infinity never again after the first look.
+        if not _seconds_within(self.catalog_interval, 0.01, 60.0):
+            raise ConfigError(
+                "catalog_interval", f"{self.catalog_interval!r}: use seconds from 0.01 to 60"
+            )
+        if not (_seconds_within(self.connect_timeout, 0.0, 1e6) and self.connect_timeout > 0):
+            raise ConfigError(
+                "connect_timeout",
+                f"{self.connect_timeout!r}: use a finite number of seconds > 0, at most 1e6",
+            )
         if self.metrics_port is not None and not (
             isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535
         ):
@@ -217,6 +228,12 @@ class BridgeConfig:
     @property
     def session_mode(self) -> str:
         return self.mode or ("peer" if self.listen else "client")
+
+
+def _seconds_within(value: object, low: float, high: float) -> bool:
+    """Whether ``value`` is a number of seconds (not a bool) from ``low`` to ``high``
+    (NaN is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
 def _check_key_expressions(imports: tuple[str, ...]) -> None:
@@ -769,8 +786,7 @@ class ZenohBridge(Service):
         apart (a try attaches the segment and declares it on Zenoh: at each look,
         a refusal that stays cost both, over and over). The same segment made again
         (another ``incarnation`` in the catalog) starts the waits over."""
-        interval = self.config.catalog_interval  # unchecked: 0 looks without a pause
-        cap = max(1, round(EXPORT_RETRY_SECONDS / interval)) if interval > 0 else 1
+        cap = max(1, round(EXPORT_RETRY_SECONDS / self.config.catalog_interval))
         with self._lock:
             old = self._export_refused.get(name)
             told = old is not None and old.kind is type(exc)

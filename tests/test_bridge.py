@@ -712,15 +712,18 @@ def test_an_export_refused_again_and_again_is_tried_less_and_less_often(
             bad.close()
 
 
-def test_the_export_back_off_takes_any_catalog_interval() -> None:
-    """``catalog_interval`` is not checked (0 looks at the catalog without a pause):
-    the back-off of a refused export counted its looks by dividing by it."""
-    for interval in (0.0, float("nan")):
-        br = ZenohBridge(BridgeConfig(listen=("tcp/127.0.0.1:1",), exports=("x",),
-                                      catalog_interval=interval))  # fmt: skip
-        for _ in range(3):
-            br._refuse_export("x", ValueError("refused"), 1)
-        assert br.stats().refused_exports == {"x": "refused"}
+@pytest.mark.parametrize("field", ["catalog_interval", "connect_timeout"])
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), True, "1", 1e7])
+def test_bad_seconds_in_a_bridge_config_are_refused_naming_the_field(
+    field: str, value: Any
+) -> None:
+    """``catalog_interval`` was not checked: 0 (or less) looked at the catalog without
+    a pause (4090 list requests to the broker in a second), NaN or infinity never
+    again after the first look. Nor ``connect_timeout`` (the CLI's flag is)."""
+    with pytest.raises(ConfigError, match=rf"{field}.*seconds") as err:
+        BridgeConfig(listen=("tcp/127.0.0.1:1",), exports=("x",), **{field: value})
+    assert err.value.field == field
+    BridgeConfig(listen=("tcp/127.0.0.1:1",), exports=("x",), catalog_interval=0.01)
 
 
 def test_the_loss_of_an_exporter_shows_in_the_catalog(
