@@ -727,7 +727,11 @@ class ZenohBridge(Service):
 
     def _add_export(self, name: str, incarnation: int | None) -> None:
         try:
-            seg = Segment.attach(name, namespace=self.namespace, prefault=False, wait=0.2)
+            # No wait for a header still being written (the catalog lists segments
+            # made whole: such an object was put under a listed name behind the
+            # broker): the export loop waited 0.2 s at each try, no other export's
+            # versions put meanwhile. Refused, it is tried at a later look.
+            seg = Segment.attach(name, namespace=self.namespace, prefault=False, wait=0.0)
         except (ShmcastError, OSError) as exc:
             # This segment alone (out of descriptors is an OSError, no ShmcastError:
             # it ended the run, every export and import with it).
