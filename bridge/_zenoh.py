@@ -158,8 +158,8 @@ class BridgeConfig:
             is one whose mirror would leave less than
             ``shmcast.publisher.SHM_RESERVE`` (10%) of /dev/shm free.
         catalog_interval: seconds between looks at the local catalog (new,
-            deleted or recreated segments to export).
-        connect_timeout: seconds to reach a ``connect`` endpoint at start (an
+            deleted or recreated segments to export), from 0.01 to 60.
+        connect_timeout: seconds (> 0) to reach a ``connect`` endpoint at start (an
             unreachable or refusing router is an error then; once connected, a
             lost link is retried for ever).
         congestion: what exports do when a link is congested: ``drop`` (default:
@@ -206,6 +206,17 @@ class BridgeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(name, f"{value!r}: use a positive integer")
+        # 0 (or less) looked at the catalog without a pause (4090 list requests a
+        # second), NaN or infinity never again after the first look.
+        if not _seconds_within(self.catalog_interval, 0.01, 60.0):
+            raise ConfigError(
+                "catalog_interval", f"{self.catalog_interval!r}: use seconds from 0.01 to 60"
+            )
+        if not (_seconds_within(self.connect_timeout, 0.0, 1e6) and self.connect_timeout > 0):
+            raise ConfigError(
+                "connect_timeout",
+                f"{self.connect_timeout!r}: use a finite number of seconds > 0, at most 1e6",
+            )
         if self.metrics_port is not None and not (
             isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535
         ):
@@ -217,6 +228,12 @@ class BridgeConfig:
     @property
     def session_mode(self) -> str:
         return self.mode or ("peer" if self.listen else "client")
+
+
+def _seconds_within(value: object, low: float, high: float) -> bool:
+    """Whether ``value`` is a number of seconds (not a bool) from ``low`` to ``high``
+    (NaN is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
 def _check_key_expressions(imports: tuple[str, ...]) -> None:
@@ -359,6 +376,10 @@ class _Pending:
     #: The samples of its incarnation it stands for (it and those it replaced):
     #: refused with it if it is never mirrored.
     samples: int = 1
+    #: The earliest version of its incarnation it stands for (0: not known). A
+    #: name's first mirror counts from there: the versions it replaced came, and
+    #: are a gap counted skipped.
+    first: int = 0
 
 
 @dataclass
@@ -706,7 +727,11 @@ class ZenohBridge(Service):
 
     def _add_export(self, name: str, incarnation: int | None) -> None:
         try:
-            seg = Segment.attach(name, namespace=self.namespace, prefault=False, wait=0.2)
+            # No wait for a header still being written (the catalog lists segments
+            # made whole: such an object was put under a listed name behind the
+            # broker): the export loop waited 0.2 s at each try, no other export's
+            # versions put meanwhile. Refused, it is tried at a later look.
+            seg = Segment.attach(name, namespace=self.namespace, prefault=False, wait=0.0)
         except (ShmcastError, OSError) as exc:
             # This segment alone (out of descriptors is an OSError, no ShmcastError:
             # it ended the run, every export and import with it).
@@ -765,8 +790,7 @@ class ZenohBridge(Service):
         apart (a try attaches the segment and declares it on Zenoh: at each look,
         a refusal that stays cost both, over and over). The same segment made again
         (another ``incarnation`` in the catalog) starts the waits over."""
-        interval = self.config.catalog_interval  # unchecked: 0 looks without a pause
-        cap = max(1, round(EXPORT_RETRY_SECONDS / interval)) if interval > 0 else 1
+        cap = max(1, round(EXPORT_RETRY_SECONDS / self.config.catalog_interval))
         with self._lock:
             old = self._export_refused.get(name)
             told = old is not None and old.kind is type(exc)
@@ -1024,6 +1048,7 @@ class ZenohBridge(Service):
                 return m
             if not live:
                 return None  # a reply from before the new incarnation: ignore it
+        first = frame.version
         if (old := self._pending.get(name)) is not None:
             # Being made: the latest is committed once it is (one it replaces is a
             # gap in the versions, counted skipped then; one of another incarnation
@@ -1039,7 +1064,8 @@ class ZenohBridge(Service):
                 return None
             else:
                 samples += old.samples
-            self._pending[name] = _Pending(key, frame, payload, samples)
+                first = old.first
+            self._pending[name] = _Pending(key, frame, payload, samples, first)
             return None
         if time.monotonic() < self._retry_at.get(name, 0.0):
             self.conflicts += samples
@@ -1063,7 +1089,7 @@ class ZenohBridge(Service):
             assert c is not None  # a mirror's name has its counts
             now = time.monotonic()
             if now < c.renewed_at + RENEW_SECONDS or (not held and self._live(c)):
-                self._hold(_Pending(key, frame, payload, samples), name, c, now)
+                self._hold(_Pending(key, frame, payload, samples, first), name, c, now)
                 return None
             self._held.pop(name, None)
             c.renewed_at = now
@@ -1081,7 +1107,7 @@ class ZenohBridge(Service):
             c.incarnation = frame.incarnation
             c.last = last or 0
             c.token_lost = False
-        self._pending[name] = _Pending(key, frame, payload, samples)
+        self._pending[name] = _Pending(key, frame, payload, samples, first)
         assert self._local is not None
         layout = (dtype_str(frame.dtype), frame.shape, self.config.slots)
         self._local.create(
@@ -1209,7 +1235,8 @@ class ZenohBridge(Service):
         local readers seeing the peer's data. A held sample replaced by one of
         another incarnation is never mirrored: refused, counted. (Of the same
         incarnation, its version is a gap, counted skipped once the mirror is
-        made.) Called with the import lock held."""
+        made; one no newer than the held one replaces nothing, counted stale.)
+        Called with the import lock held."""
         held = self._held.get(name)
         key = pending.key
         if held is None:
@@ -1222,6 +1249,11 @@ class ZenohBridge(Service):
         elif held.sample.frame.incarnation != pending.frame.incarnation:
             self.refused += held.sample.samples
             held.sample = pending
+        elif pending.frame.version <= held.sample.frame.version:
+            # One no newer than the one held is stale (a second writer on the key):
+            # it replaced the newer one, made at the older version, the newer one
+            # counted nowhere.
+            c.stale += pending.samples
         else:
             pending.samples += held.sample.samples
             held.sample = pending
@@ -1302,6 +1334,11 @@ class ZenohBridge(Service):
                                 pending.payload, version=f.version, timestamp_ns=f.timestamp_ns
                             )
                         continue
+                    if not c.last and not c.renewed and pending.first:
+                        # The name's first versions here (nothing to count a gap
+                        # from yet): those the waiting sample replaced came, and
+                        # were dropped.
+                        c.skipped += f.version - pending.first
                     self._commit(key, m, (f.version, f.timestamp_ns), pending.payload)
                 else:  # the upstream moved on meanwhile: this sample remakes it
                     self._mirror(
@@ -1410,7 +1447,8 @@ class BridgeCollector(Collector):
             ),
             "in_skipped": CounterMetricFamily(
                 "shmcast_bridge_import_skipped_versions",
-                "Upstream versions that never arrived (gaps in the version numbers)",
+                "Upstream versions never written (gaps in the version numbers, and versions "
+                "replaced by a later one while the mirror was made)",
                 labels=labels,
             ),
             "stale": CounterMetricFamily(
