@@ -822,15 +822,22 @@ class Segment(Closing):
         self._waiters_tried = writable
         self.reads = 0
         self.torn_reads = 0
-        # One write at a time per handle, from begin to commit or abort (a loan holds
-        # it for its block): two threads writing through one handle would share a
-        # version number and a slot. _wthread is the holder's thread (0: none), so
-        # that a write nested in the same thread's loan is refused, not deadlocked.
+        # One write at a time per handle, from begin to commit or abort: two threads
+        # writing through one handle would share a version number and a slot.
+        # _wthread is the thread of the write or open loan (0: none), so that a
+        # write nested in the same thread's loan is refused, not deadlocked.
         # Reentrant for close() alone: a signal handler's close() that interrupts
         # this thread's write takes it at once (a plain lock it would wait on for
         # ever), aborts that write's slot, and the write then raises ClosedError.
+        # A loan holds it to begin and to end, not for its block: whichever thread
+        # ends the loan takes it then (a loan's generator abandoned in one thread
+        # and finalised in another released an RLock it did not own: RuntimeError,
+        # and the lock stayed held, every other thread's write waiting for ever).
+        # Writes of other threads wait meanwhile on _lent, clear while a loan is open.
         self._wlock = threading.RLock()
         self._wthread = 0
+        self._lent = threading.Event()
+        self._lent.set()
         # The open loan's (slot, seq, array); taken under _loan_guard by whoever ends
         # it: the loan's exit (commit or abort) or close() (abort).
         self._loan: tuple[int, int, npt.NDArray[Any]] | None = None
@@ -1093,6 +1100,8 @@ class Segment(Closing):
         wall = _wall_ns(self._name, timestamp_ns)
         lock = self._wlock
         lock.acquire()  # ~0.1 us; `with` costs twice that
+        if self._wthread:  # another thread's loan is open
+            self._wait_turn()
         self._wthread = me
         try:
             ring, v, i, s = self._begin(version)
@@ -1134,6 +1143,17 @@ class Segment(Closing):
             self._wthread = 0
             lock.release()
         return v
+
+    def _wait_turn(self) -> None:
+        """Called holding ``_wlock`` while another thread's loan is open: wait for it
+        to end (or for close()) without the lock; return holding it again. If this
+        raises (an exception from a signal handler), the lock is not held."""
+        lock = self._wlock
+        while self._wthread and not self._closed:
+            lent = self._lent
+            lock.release()
+            lent.wait()
+            lock.acquire()
 
     def _closed_meanwhile(self) -> ClosedError:
         """close() ran during this thread's write (a signal handler): nothing commits
@@ -1186,6 +1206,8 @@ class Segment(Closing):
             raise LayoutError(f"segment {self._name!r}: write_bytes() inside an open loan()")
         lock = self._wlock
         lock.acquire()
+        if self._wthread:  # another thread's loan is open
+            self._wait_turn()
         self._wthread = me
         try:
             ring = self._wring  # None for a reader, after close() and in a forked child
@@ -1305,31 +1327,45 @@ class Segment(Closing):
         if self._wthread == me:
             raise LayoutError(f"segment {self._name!r}: loans do not nest")
         wall = _wall_ns(self._name, timestamp_ns)
-        with self._wlock:
-            self._wthread = me
+        lock = self._wlock
+        lock.acquire()
+        if self._wthread:  # another thread's loan is open
+            self._wait_turn()
+        try:
+            ring, v, i, s = self._begin(version)
             try:
-                ring, v, i, s = self._begin(version)
+                arr = self._loan_views[i].view()  # its own object: see view()
+            except BaseException as exc:
+                closed = self._write_failed(exc, ring, i, s)
+                if closed is None:
+                    raise
+                raise closed from exc
+            self._loan = (i, s, arr)
+            if self._closed:  # before the loan was open: close() aborts the slot
+                self._take_loan()
+                raise self._closed_meanwhile()
+            self._lent.clear()
+            self._wthread = me
+        finally:
+            lock.release()
+        # From here on, whichever thread ends the block ends the loan: the one that
+        # opened it, or the one that finalises its abandoned generator.
+        try:
+            yield arr
+        except BaseException:
+            with lock:
                 try:
-                    arr = self._loan_views[i].view()  # its own object: see view()
-                except BaseException as exc:
-                    closed = self._write_failed(exc, ring, i, s)
-                    if closed is None:
-                        raise
-                    raise closed from exc
-                self._loan = (i, s, arr)
-                if self._closed:  # before the loan was open: close() aborts the slot
-                    self._take_loan()
-                    raise self._closed_meanwhile()
-                try:
-                    yield arr
-                except BaseException:
                     if self._take_loan() is not None:  # else close() aborted it
                         ring.abort(i, s)
-                    raise
                 finally:
-                    # Before the commit: a write through it after the block would
-                    # change a committed version under readers who validate it.
-                    arr.flags.writeable = False
+                    self._loan_ended()
+            raise
+        finally:
+            # Before the commit: a write through it after the block would
+            # change a committed version under readers who validate it.
+            arr.flags.writeable = False
+        with lock:
+            try:
                 # No call from the look at _closed to the compiled core's commit: see write().
                 if self._take_loan() is None or self._closed:
                     raise ClosedError(
@@ -1343,8 +1379,13 @@ class Segment(Closing):
                         raise self._closed_meanwhile() from None
                     raise
             finally:
-                self._loan = None
-                self._wthread = 0
+                self._loan_ended()
+
+    def _loan_ended(self) -> None:
+        """The open loan is over (committed or aborted): writes may go on (under ``_wlock``)."""
+        self._loan = None
+        self._wthread = 0
+        self._lent.set()
 
     def _read_only(self) -> ReadOnlyError:
         pid = os.getpid()
@@ -1367,6 +1408,8 @@ class Segment(Closing):
         self._wring = None
         self._wlock = threading.RLock()
         self._wthread = 0
+        self._lent = threading.Event()
+        self._lent.set()
         self._loan_guard = threading.Lock()
         loan, self._loan = self._loan, None
         if loan is not None:
@@ -1380,22 +1423,17 @@ class Segment(Closing):
             loan, self._loan = self._loan, None
         return loan
 
-    def _stop_writes(self) -> bool:
-        """close()'s part: wait for a write running in another thread to end, or
-        abort the open loan of another thread. True when this took ``_wlock``
-        (release it after): then no write of another thread is open, and any of this
-        thread (a loan, or a write a signal handler's close() interrupted) is aborted
-        here. Such writes see _closed and touch the ring no more."""
-        timeout = 0.0
-        while not self._wlock.acquire(timeout=timeout):
-            timeout = 0.005
-            loan = self._take_loan()
-            if loan is not None:  # its exit raises ClosedError and commits nothing
-                self._abort_loan(loan)
-                return False
+    def _stop_writes(self) -> None:
+        """close()'s part: wait for a write running in another thread to end, and
+        abort the open loan (whose block runs without ``_wlock``); return holding
+        ``_wlock`` (release it after). Any write of this thread (a signal handler's
+        close() interrupted it) is aborted here. Such writes see _closed and touch
+        the ring no more; writes waiting for the loan wake and see it too."""
+        self._wlock.acquire()
         loan = self._take_loan()
-        if loan is not None:  # this thread's: close() inside the block
+        if loan is not None:  # its exit raises ClosedError and commits nothing
             self._abort_loan(loan)
+        self._lent.set()
         # The only writer (the lease) begins in the slot after the latest one: odd
         # there means a write begun and not committed, this thread's (interrupted
         # anywhere from its begin to its commit) or a dead writer's. Either way the
@@ -1406,7 +1444,6 @@ class Segment(Closing):
             seq = int(q[slot_ctl_index(i)])
             if seq & 1:
                 self._core_ring().abort(i, seq - 1)
-        return True
 
     def _abort_loan(self, loan: tuple[int, int, npt.NDArray[Any]]) -> None:
         i, s, arr = loan
@@ -1660,11 +1697,12 @@ class Segment(Closing):
         # parent's, and so may be the lock (held by a thread that is not here).
         # It only unmaps and closes its own descriptor.
         owner = self._writable and self._pid == os.getpid()
-        held = owner and self._stop_writes()
+        if owner:
+            self._stop_writes()
         try:
             self._close(owner)
         finally:
-            if held:
+            if owner:
                 self._wlock.release()
 
     def _close(self, owner: bool) -> None:

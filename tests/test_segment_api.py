@@ -398,6 +398,46 @@ def test_closing_from_another_thread_during_a_loan_aborts_it(made):
         reader.latest()
 
 
+def test_a_loan_abandoned_and_finalised_in_another_thread_lets_others_write(made):
+    """A loan opened in one thread, abandoned, and its generator finalised in
+    another (a reference cycle the GC collects there): it is aborted, and other
+    threads write on. Before, its exit released the handle's RLock from a thread
+    that did not own it: RuntimeError, the lock stayed held, and every other
+    thread's write (and close()) waited for ever."""
+    seg = _create(made)
+    reader = _attach(made)
+    loans: list[Any] = []
+    opened, done = threading.Event(), threading.Event()
+
+    def opener() -> None:
+        cm = seg.loan()
+        cm.__enter__()[:] = 1.0
+        loans.append(cm)  # never exited
+        del cm
+        opened.set()
+        done.wait(10)  # alive meanwhile: no other thread takes its ident
+        # Without the fix the lock is still this thread's: release it, so that the
+        # test fails instead of hanging in close().
+        with contextlib.suppress(RuntimeError):
+            seg._wlock.release()
+
+    first = threading.Thread(target=opener)
+    first.start()
+    try:
+        assert opened.wait(10)
+        loans.clear()  # the generator is finalised here, in this thread
+        versions: list[int] = []
+        other = threading.Thread(target=lambda: versions.append(seg.write(_filled(2))))
+        other.start()
+        other.join(timeout=5)
+        assert versions == [1]  # the abandoned loan published nothing
+    finally:
+        done.set()
+        first.join(timeout=10)
+    assert reader.latest().array.tolist() == [2.0] * 8
+    assert _odd_slots(reader) == []
+
+
 @contextlib.contextmanager
 def _deadline(seconds: float) -> Iterator[None]:
     """TimeoutError in this (the main) thread after ``seconds``: a hang fails the test."""
