@@ -66,7 +66,8 @@ class SubscriberCollector(Collector):
         )
         torn = CounterMetricFamily(
             "shmcast_torn_reads",
-            "Versions whose read started but failed validation (overwritten meanwhile)",
+            "Versions whose read started but failed validation (overwritten meanwhile), "
+            "or whose copy raised before it was done",
             labels=labels,
         )
         stale = GaugeMetricFamily(

@@ -32,7 +32,9 @@ incarnation, and cannot be told from another incarnation's).
 - ``overrun``: versions learnt of whose exact read could not start: the
   writer had lapped them (``VersionUnavailableError``).
 - ``torn``: versions whose exact read started but failed validation on exit
-  (``TornReadError``): the bytes were overwritten during the read.
+  (``TornReadError``): the bytes were overwritten during the read; also those
+  whose ``sub.copy()`` raised before the copy was done (``MemoryError``,
+  ``KeyboardInterrupt``): read, and never handed over.
 
 Reads of the latest version (``sub.read(name)``, ``sub.latest(name)``) are not
 part of this accounting. The counters go on across incarnations of a segment

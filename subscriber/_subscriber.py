@@ -673,6 +673,9 @@ class Subscriber(Closing):
             TornReadError: it was overwritten while being copied (counted torn).
             TypeError: ``update`` is no :class:`Update` (a copy of the latest version
                 of a segment is :meth:`latest`).
+
+        Whatever the copy itself raises (``MemoryError``, ``KeyboardInterrupt``)
+        goes through; its version, read but never handed over, is counted torn.
         """
         if not isinstance(update, Update):
             raise TypeError(
@@ -681,7 +684,11 @@ class Subscriber(Closing):
             )
         reading = _ExactRead(self, update)
         snap = reading.__enter__()
-        data = snap.array.copy()
+        try:
+            data = snap.array.copy()
+        except BaseException:
+            reading.failed()
+            raise
         reading.__exit__(None, None, None)
         return Snapshot(snap.segment, snap.version, snap.timestamp_ns, data, snap.monotonic_ns)
 
@@ -1624,6 +1631,17 @@ class _ExactRead:
                         st.torn += 1
         if not ok and exc_type is None:
             raise TornReadError(up.segment, up.version)
+
+    def failed(self) -> None:
+        """The read began and its data never reached the consumer (the copy of
+        :meth:`Subscriber.copy` raised): settled torn, not delivered. Before, the
+        update stayed out and the consumer's next step counted it delivered."""
+        sub = self._sub
+        up = self._up
+        if self._counted:
+            with sub._hand:
+                if sub._take_unsettled(up):
+                    sub._tracks[up.segment].st.torn += 1
 
 
 class _Waker:

@@ -315,6 +315,41 @@ def test_a_read_of_an_update_read_before_changes_no_count(
         assert (st.updates, st.overrun, st.torn) == (1, 0, 0)
 
 
+@pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
+def test_a_copy_that_raises_counts_its_version_torn_not_delivered(
+    namespace: str, thread_broker: Broker, monkeypatch: pytest.MonkeyPatch, error: type
+) -> None:
+    """Before, the read was never settled: the update stayed out and the consumer's
+    next step counted it delivered, its data never handed over (2 of 2 delivered)."""
+
+    class Fails(np.ndarray):
+        """A slot's view whose copy raises, as one out of memory would."""
+
+        def copy(self, order: Any = "C") -> Any:
+            raise error("the copy")
+
+    with (
+        Publisher("cp", dtype="i8", shape=4, slots=3, namespace=namespace) as pub,
+        Subscriber("cp", namespace=namespace) as sub,
+    ):
+        pub.publish(np.full(4, 1, "i8"))
+        pub.publish(np.full(4, 2, "i8"))
+        it = sub.updates(timeout=0.5)
+        u1 = next(it)
+        seg = sub._handles[(u1.segment, u1.incarnation)]
+        real = seg.view
+        with monkeypatch.context() as patch:
+            patch.setattr(seg, "view", lambda i: real(i).view(Fails))
+            with pytest.raises(error):
+                sub.copy(u1)
+        u2 = next(it)
+        assert (sub.copy(u2).array == 2).all()
+        for _ in it:
+            pass
+        st = sub.stats["cp"]
+        assert (st.updates, st.missed, st.overrun, st.torn) == (1, 0, 0, 1)
+
+
 # ------------------------------------------------------------------------ asyncio
 
 
