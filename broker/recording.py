@@ -411,6 +411,8 @@ class RecordingWriter(ABC):
         self.counts = dict.fromkeys(self.layouts, 0)
         #: Versions written to the file, which no later failure takes back: at once
         #: for HDF5; a format that buffers (Parquet) writes a row group at a time.
+        #: One exception: a Parquet file whose footer cannot be written at close is
+        #: unreadable, and its versions move from here to :attr:`dropped`.
         self.written = dict.fromkeys(self.layouts, 0)
         #: Versions an ``append`` took (it returned) that never reached the file: a
         #: format that buffers (Parquet) loses its buffer when a later write fails.
@@ -1171,15 +1173,37 @@ class _ParquetWriter(RecordingWriter):
                     self._write(name, seg)
                 finally:
                     missed = self._missed_now(name)
-                    seg.writer.add_key_value_metadata({MISSED_KEY: str(missed)})
-                    seg.writer.close()
+                    try:
+                        seg.writer.add_key_value_metadata({MISSED_KEY: str(missed)})
+                        seg.writer.close()
+                        seg.file.flush()  # the footer's last bytes wait in its buffer
+                    except Exception as exc:
+                        raise self._unreadable(name, exc) from exc
             except (ShmcastError, OSError) as exc:
                 errors.append(exc)
             finally:
-                seg.file.close()
+                # Flushed, or its flush failed and was counted: what closing it could
+                # raise is that same failure again.
+                with contextlib.suppress(OSError):
+                    seg.file.close()
                 seg.reserve.release()
         if errors:
             raise errors[0]
+
+    def _unreadable(self, name: str, exc: Exception) -> RecordingError:
+        """The footer of ``name``'s file was not written: without it no row group of
+        the file can be read, so the versions written to it are lost (moved to
+        :attr:`dropped`). Before, they stayed counted written, and the recorder
+        said them recorded in a file that does not read back."""
+        lost, self.written[name] = self.written[name], 0
+        self.dropped[name] += lost
+        path = self.paths[name]
+        return RecordingError(
+            path,
+            f"writing the footer of {path} failed ({exc}): the file is unreadable, and "
+            f"the {lost} versions of segment {name!r} written to it are lost (counted "
+            f"unwritten); remove it, fix the disk and record again",
+        )
 
 
 # ------------------------------------------------------------------ reading

@@ -16,7 +16,9 @@ copied), torn (the writer overwrote it during the copy), dropped (no free
 buffer: the disk was slower than the stream) or unwritten (queued when writing
 failed). ``missed`` is stored in the file with the data. Each count only goes
 up: a version is counted recorded once it is written, never before (Parquet
-buffers a row group's versions; a failed write of them counts them unwritten).
+buffers a row group's versions; a failed write of them counts them unwritten),
+but for a Parquet file whose footer cannot be written at close: it reads back
+nothing, and its versions move from recorded to unwritten.
 
 A segment deleted while it is recorded (its publisher gone) is no loss of
 versions (the recorder reads what its last incarnation still holds) but the end

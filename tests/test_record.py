@@ -832,6 +832,49 @@ def test_a_failed_parquet_write_takes_no_recorder_counter_down(
         assert (len(back.segments["t"]), back.segments["t"].missed) == (0, 5)
 
 
+def test_a_parquet_footer_that_cannot_be_written_counts_the_file_unwritten(
+    namespace: str, tmp_path: Path
+) -> None:
+    """The last write of a Parquet file, its footer, fails (every write of the file
+    meets ENOSPC from then on): without it the file reads back nothing. Before, its
+    5 versions stayed counted recorded (0 unwritten) and the failure said only
+    "writing ... failed"; now they are unwritten and the error names the file."""
+    path = tmp_path / "t.parquet"
+    seg = Segment.create("t", TICK_DTYPE, (4,), slots=64, namespace=namespace)
+    try:
+        rec = Recorder("t", path, namespace=namespace, format="parquet")
+        for v in range(1, 6):
+            seg.write(frame(v, TICK_DTYPE, (4,)))
+        assert [r.version for r in rec.records(count=5, duration=10)] == [1, 2, 3, 4, 5]
+        writer = rec._writer
+        assert writer is not None
+        wait_for(lambda: writer.counts["t"] == 5, 10, what="5 versions taken by the writer")
+        parquet = writer._segs["t"]  # type: ignore[attr-defined]
+        close = parquet.writer.close
+
+        def failing_close() -> None:
+            del parquet.writer.close  # once: pyarrow's __del__ calls close() again
+            full = os.open("/dev/full", os.O_WRONLY)
+            try:
+                os.dup2(full, parquet.file.fileno())
+            finally:
+                os.close(full)
+            close()
+
+        parquet.writer.close = failing_close
+        rec.close()
+    finally:
+        seg.unlink()
+        seg.close()
+    assert isinstance(rec.failure, RecordingError)
+    assert f"footer of {path}" in str(rec.failure)
+    assert "unreadable" in str(rec.failure)
+    st = rec.stats()["t"]
+    assert (st.recorded, st.unwritten, st.missed, st.recorded_bytes) == (0, 5, 5, 0)
+    with pytest.raises(NotARecordingError, match="footer"):
+        open_recording(path)
+
+
 def test_a_metrics_port_that_cannot_be_bound_leaves_no_recording(
     namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
