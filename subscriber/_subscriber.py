@@ -256,6 +256,11 @@ class Subscriber(Closing):
         #: iterator handed out the next: each is settled by its own read, by its
         #: iterator asking for the next, or at close() (tasks may share a subscriber).
         self._held: list[Update] = []
+        #: The event loop of each update out with an aupdates() iterator, by id (the
+        #: update is the one out, or held, while it is here): one whose loop was
+        #: closed under its iterator (``loop.close()`` without ``shutdown_asyncgens()``)
+        #: is settled when retired handles are looked at, not held until close().
+        self._out_loops: dict[int, asyncio.AbstractEventLoop] = {}
         #: Held to hand an update out and to settle one (``_unsettled``, ``_held``,
         #: and the counters ``updates``, ``overrun``, ``torn``): the event loops of
         #: several threads may iterate aupdates() at once (outside ``_io``, which a
@@ -582,6 +587,8 @@ class Subscriber(Closing):
         # off the queue and not yet made it the update out (neither would be seen).
         # Nothing is queued meanwhile: that takes _io, which the caller holds.
         with self._hand:
+            if self._out_loops:
+                self._let_go_closed_loops()
             if self._pending or self._unsettled is not None or self._held:
                 return
         for seg in self._retired:
@@ -589,6 +596,21 @@ class Subscriber(Closing):
                 del self._handles[key]
             seg.close()
         self._retired.clear()
+
+    def _let_go_closed_loops(self) -> None:
+        """Settle the updates out with aupdates() iterators whose event loop was
+        closed under them: delivered (the news was), as close() counts those out.
+        Nothing else would settle them before close(), and while one was out every
+        retired incarnation's handle stayed mapped (a deleted segment's memory kept
+        taken). Called with ``_hand`` held."""
+        for key, loop in list(self._out_loops.items()):
+            if not loop.is_closed():
+                continue
+            for up in (self._unsettled, *self._held):
+                if up is not None and id(up) == key and self._take_unsettled(up):
+                    self._tracks[up.segment].st.updates += 1
+                    break
+            self._out_loops.pop(key, None)
 
     def _attach_all(self, timeout: float) -> None:
         with contextlib.suppress(ShmcastError, OSError):
@@ -815,6 +837,7 @@ class Subscriber(Closing):
             up = self._unsettled
             if up is not None:
                 self._unsettled = None
+                self._out_loops.pop(id(up), None)
                 self._tracks[up.segment].st.updates += 1
 
     def _take_unsettled(self, up: Update) -> bool:
@@ -822,11 +845,13 @@ class Subscriber(Closing):
         it no longer is: the caller counts it. Called with ``_hand`` held."""
         if self._unsettled is up:
             self._unsettled = None
+            self._out_loops.pop(id(up), None)
             return True
         held = self._held
         for i, other in enumerate(held):
             if other is up:
                 del held[i]
+                self._out_loops.pop(id(up), None)
                 return True
         return False
 
@@ -971,6 +996,7 @@ class Subscriber(Closing):
                         if self._unsettled is not None:
                             self._held.append(self._unsettled)
                         self._unsettled = mine = up
+                        self._out_loops[id(up)] = loop
                     yield up
                     self._settle_own(mine)
                     if timeout is not None:
@@ -1489,6 +1515,7 @@ class Subscriber(Closing):
                 for up in self._held:  # out with other tasks, unread: delivered as news
                     self._tracks[up.segment].st.updates += 1
                 self._held.clear()
+                self._out_loops.clear()
             self._drop_readers()
             # Versions learnt of but never handed out (a consumer that stopped early,
             # --count): counted, or they would be in no counter at all.
@@ -1692,6 +1719,9 @@ class _Waker:
             # loop would never watch this socket's file.
             with contextlib.suppress(Exception):
                 loop.remove_reader(fd)
+        # Those of loops closed under their iterators (loop.close() without
+        # shutdown_asyncgens()) would be kept, with their loops, until close().
+        sub._fd_wakers[:] = [w for w in sub._fd_wakers if not w._loop.is_closed()]
         sub._fd_wakers.append(self)
         # One reader per loop and fd (adding another replaces it): it wakes every
         # iterator of this loop. Before, each iterator's own reader replaced the

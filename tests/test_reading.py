@@ -837,6 +837,79 @@ def test_an_old_incarnation_stays_mapped_while_another_thread_hands_its_update_o
             new.close()
 
 
+def _abandon_in_a_closed_loop(sub: Subscriber, write: Callable[[], object]) -> list[object]:
+    """Take one update from an aupdates() iterator on a loop then closed with
+    ``loop.close()`` and no ``shutdown_asyncgens()``: the iterator stays open (kept in
+    the list returned), its update out."""
+    kept: list[object] = []
+
+    async def one() -> None:
+        updates = sub.aupdates(timeout=5)
+        write()
+        await anext(updates)
+        kept.append(updates)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(one())
+    finally:
+        loop.close()
+    return kept
+
+
+def test_an_update_out_in_a_closed_loop_keeps_no_old_incarnation_mapped(namespace: str) -> None:
+    """Before, the update stayed out until close(), and with it the handle of every
+    incarnation retired meanwhile stayed mapped (a deleted segment's memory kept
+    taken): 1 retired handle after the housekeeping's look. Now the look settles it
+    (delivered, as close() would) and lets the handle go."""
+    seg = Segment.create("c", "i8", (2,), slots=4, namespace=namespace)
+    new = None
+    try:
+        with Subscriber("c", namespace=namespace, wait="futex") as sub:
+            kept = _abandon_in_a_closed_loop(sub, lambda: seg.write(np.full(2, 7, "i8")))
+            seg.unlink()
+            new = Segment.create("c", "i8", (2,), slots=4, namespace=namespace)
+            with sub._io:
+                sub._check_paths()  # the first incarnation retired, its update out
+            assert len(sub._retired) == 1
+            with sub._io:
+                sub._release_retired()  # the housekeeping's look
+            assert sub._retired == []
+            assert sub.stats["c"].updates == 1
+            del kept
+    finally:
+        seg.close()
+        if new is not None:
+            new.unlink()
+            new.close()
+
+
+def test_events_iterators_of_closed_loops_leave_no_waker_behind(
+    namespace: str, thread_broker: Broker
+) -> None:
+    """Before, each loop closed under its iterator left that iterator's waker (and the
+    loop) in the subscriber's list until close(): 3 after 3 such loops."""
+    with (
+        Publisher("w", dtype="i8", shape=1, namespace=namespace) as pub,
+        Subscriber("w", namespace=namespace, wait="events") as sub,
+    ):
+        kept = [
+            _abandon_in_a_closed_loop(sub, lambda: pub.publish(np.ones(1, "i8"))) for _ in range(3)
+        ]
+
+        async def another() -> int:
+            updates = sub.aupdates(timeout=5)
+            await anext(updates)
+            try:
+                return len(sub._fd_wakers)
+            finally:
+                await updates.aclose()
+
+        pub.publish(np.ones(1, "i8"))
+        assert asyncio.run(another()) == 1  # its own
+        del kept
+
+
 @pytest.mark.parametrize("asked", ["FD", "EVENTS"])
 def test_aupdates_closed_from_another_thread_as_it_asks_its_socket_says_closed(
     namespace: str, thread_broker: Broker, monkeypatch: pytest.MonkeyPatch, asked: str
