@@ -286,6 +286,7 @@ class Broker(Service):
         exposure = cfg.exposure_warning()
         if exposure is not None:  # a library's broker says it too, not only the command
             log.warning("%s", exposure)
+        made_rdir = not runtime_dir(self.namespace).exists()
         try:
             rdir = runtime_dir(self.namespace, create=True)
             lock_fd = self._take_namespace_lock(rdir)
@@ -408,6 +409,9 @@ class Broker(Service):
                 os.close(lock_fd)
                 with contextlib.suppress(OSError):
                     rdir.rmdir()
+            elif made_rdir and rdir is not None:  # no lock taken (out of descriptors)
+                with contextlib.suppress(OSError):
+                    rdir.rmdir()  # only while empty: another broker's file keeps it
 
     # ------------------------------------------------------------------ set-up
 
@@ -448,7 +452,13 @@ class Broker(Service):
             # A child forked by another thread of this process (the application's
             # worker) closes its copy, from the open on: the lock dies with us.
             flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-            fd = open_for_lease(str(path), flags, 0o600)
+            try:
+                fd = open_for_lease(str(path), flags, 0o600)
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                what = f"the lock of namespace {self.namespace!r}"
+                raise OutOfDescriptorsError.from_os(exc.errno, what, str(path)) from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 keep_from_children(fd)
