@@ -286,6 +286,7 @@ class Broker(Service):
         exposure = cfg.exposure_warning()
         if exposure is not None:  # a library's broker says it too, not only the command
             log.warning("%s", exposure)
+        made_rdir = not runtime_dir(self.namespace).exists()
         try:
             rdir = runtime_dir(self.namespace, create=True)
             lock_fd = self._take_namespace_lock(rdir)
@@ -408,6 +409,9 @@ class Broker(Service):
                 os.close(lock_fd)
                 with contextlib.suppress(OSError):
                     rdir.rmdir()
+            elif made_rdir and rdir is not None:  # no lock taken (out of descriptors)
+                with contextlib.suppress(OSError):
+                    rdir.rmdir()  # only while empty: another broker's file keeps it
 
     # ------------------------------------------------------------------ set-up
 
@@ -448,7 +452,13 @@ class Broker(Service):
             # A child forked by another thread of this process (the application's
             # worker) closes its copy, from the open on: the lock dies with us.
             flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-            fd = open_for_lease(str(path), flags, 0o600)
+            try:
+                fd = open_for_lease(str(path), flags, 0o600)
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                what = f"the lock of namespace {self.namespace!r}"
+                raise OutOfDescriptorsError.from_os(exc.errno, what, str(path)) from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 keep_from_children(fd)
@@ -858,6 +868,17 @@ class Broker(Service):
             return True
         return (there.st_dev, there.st_ino) == entry.inode
 
+    @staticmethod
+    def _names_ours(seg: Segment) -> bool:
+        """Whether the segment's path names the very object ``seg`` maps (what has the
+        name after someone unlinked ours is not ours to unlink)."""
+        try:
+            there = os.stat(seg.path, follow_symlinks=False)
+            mine = os.fstat(seg._fd)
+        except OSError:
+            return False
+        return (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino)
+
     def _forget(self, name: str, entry: CatalogEntry, why: str) -> None:
         """Drop a segment someone unlinked behind the broker (``Segment.remove``, ``rm``
         of its path): announced deleted, as :meth:`_op_delete` does, and its name free
@@ -874,9 +895,8 @@ class Broker(Service):
         unlinked and announced deleted, as an invalid object found at start would be."""
         log.error("reclaiming segment %s: %s", name, why)
         self._count_error("NotASegmentError")
-        with contextlib.suppress(OSError):
-            if os.stat(entry.seg.path).st_ino == os.fstat(entry.seg._fd).st_ino:
-                entry.seg.unlink()  # by name: only while the name is still this object
+        if self._names_ours(entry.seg):
+            entry.seg.unlink()  # by name: only while the name is still this object
         # Out of the catalog only once the name is free: whoever sees it gone there
         # (a publisher making it again, a test) finds no object under it either.
         self._catalog.pop(name)
@@ -1440,12 +1460,30 @@ class Broker(Service):
                     continue
                 cut: int | None = None  # the live writer unlink_on_exit cuts off
                 try:
-                    held.append(Segment.attach(name, namespace=self.namespace, writable=True))
+                    # No wait for a header being written: ours was complete when we
+                    # took it; one gone blank since is damaged, not in the making.
+                    held.append(
+                        Segment.attach(name, namespace=self.namespace, writable=True, wait=0)
+                    )
                 except WriterBusyError as exc:
                     if not unlink_all:
                         kept.append(name)  # a writer took the lease meanwhile
                         continue
                     cut = exc.pid or 0
+                except (NotASegmentError, LayoutVersionError) as exc:
+                    # Its header went bad behind us (zeroed, overwritten): no publisher
+                    # attaches it again and no next broker adopts it, so it is reclaimed
+                    # now, as one found at start is. Before, it stayed, and with it the
+                    # namespace word, after a stop that said only "at shutdown".
+                    if self._names_ours(seg):
+                        why = (
+                            exc.reason
+                            if isinstance(exc, NotASegmentError)
+                            else f"layout version {exc.found}"
+                        )
+                        log.warning("reclaiming segment %s: its header went bad (%s)", name, why)
+                        seg.unlink()
+                    continue
                 seg.unlink()
                 if cut is None:
                     log.info("unlinked segment %s", name)

@@ -457,7 +457,9 @@ def resolve_layers(
         extra_keys=set(table_values),
     )
     values.update(table_values)
-    return build_config(cls, values, config_file)
+    config = build_config(cls, values, config_file)
+    check_file_values(cls, values, data, known - set(table_values), config_file, coerce)
+    return config
 
 
 #: What a file's value must be for a field of each type, and how to say it. (TOML
@@ -501,6 +503,38 @@ def check_file_types(
         kind = _kind(hints.get(name))
         if kind is not None and not kind[1](coerce(name, data[name], config_file)):
             raise ConfigError(name, f"{data[name]!r}: expected {kind[0]}", config_file)
+
+
+def check_file_values(
+    cls: Callable[..., Any],
+    values: Mapping[str, Any],
+    data: Mapping[str, Any],
+    names: set[str],
+    config_file: str | None,
+    coerce: Callable[[str, Any, str | None], Any],
+) -> None:
+    """Each of ``names`` the file sets that a flag or the environment overrides is
+    checked as it would be used the day the override is left out: the config of
+    ``values`` with the file's value in its place. (Well-typed is not valid: before,
+    ``namespace = "a.b"`` in a file under ``-n ok`` went unnoticed.)
+
+    Raises:
+        ConfigError: naming the field, the file and the fix.
+    """
+    for name in sorted(names & data.keys()):
+        value = coerce(name, data[name], config_file)
+        if name in values and values[name] == value:
+            continue  # the value in use: checked with the config
+        try:
+            build_config(cls, {**values, name: value}, config_file)
+        except ConfigError as exc:
+            reason = str(exc).split(": ", 1)[-1]
+            raise ConfigError(
+                exc.field,
+                f"{reason} (a flag or the environment overrides it now; correct the file, "
+                f"or remove the key)",
+                config_file,
+            ) from None
 
 
 def layer_values(

@@ -36,6 +36,7 @@ themselves are bounded by the open-files limit.
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import logging
 import os
@@ -50,7 +51,7 @@ import zmq
 
 from ._auth import CurveKeys, make_curve_server
 from ._protocol import ipc_path
-from .errors import EndpointError
+from .errors import EndpointError, OutOfDescriptorsError
 
 __all__ = ["MAX_TOPIC", "Events", "bind_endpoint", "clear_ipc_path"]
 
@@ -102,12 +103,19 @@ def bind_endpoint(
     Raises:
         EndpointError: the endpoint cannot be bound, or its path holds something
             that is not ours to remove.
+        OutOfDescriptorsError: no descriptor for the bind (naming the limit).
     """
     path = ipc_path(endpoint)
     clear_ipc_path(role, endpoint, owned_dir=owned_dir)
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            # No address to pick again: the limit is what to raise (before, an
+            # EndpointError said "pick another address or port").
+            raise OutOfDescriptorsError.from_os(
+                exc.errno, f"the {role} endpoint {endpoint}"
+            ) from exc
         raise EndpointError(role, endpoint, exc.strerror) from exc
     actual: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
     if path is not None:
@@ -393,7 +401,7 @@ class Events:
                     owned_dir=self._owned_dir,
                 )
                 return
-            except EndpointError:
+            except (EndpointError, OutOfDescriptorsError):
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.05)  # the closed socket's listener lets go asynchronously

@@ -7,6 +7,7 @@ Everything here is resolved at call time; nothing is read at import.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import numbers
 import os
@@ -14,7 +15,7 @@ import re
 import stat
 from pathlib import Path
 
-from .errors import ConfigError, InvalidNameError, OwnershipError
+from .errors import ConfigError, InvalidNameError, OutOfDescriptorsError, OwnershipError
 
 SHM_DIR = "/dev/shm"
 PREFIX = "shmcast"
@@ -113,14 +114,29 @@ def catalog_path(namespace: str) -> str:
     return shm_path(namespace, CATALOG_OBJECT)
 
 
+def _shm_entries() -> list[str]:
+    """What ``/dev/shm`` holds (nothing when there is none).
+
+    Raises:
+        OutOfDescriptorsError: no descriptor for the listing (naming the limit and
+            the fix; before, a broker started at an open-files limit of 17 raised
+            the bare "[Errno 24] Too many open files: '/dev/shm'").
+    """
+    try:
+        return os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        raise OutOfDescriptorsError.from_os(exc.errno, f"{SHM_DIR} to list it") from exc
+
+
 def list_segment_names(namespace: str) -> list[str]:
     """Names of the segment objects of ``namespace`` in ``/dev/shm`` (valid or not);
     the namespace word (``@catalog``) is not a segment."""
     prefix = f"{PREFIX}.{namespace}."
-    try:
-        entries = os.listdir(SHM_DIR)
-    except FileNotFoundError:
-        return []
+    entries = _shm_entries()
     return sorted(
         e[len(prefix) :]
         for e in entries
@@ -131,11 +147,7 @@ def list_segment_names(namespace: str) -> list[str]:
 def list_namespaces() -> list[str]:
     """Namespaces that have at least one object in ``/dev/shm``."""
     found: set[str] = set()
-    try:
-        entries = os.listdir(SHM_DIR)
-    except FileNotFoundError:
-        return []
-    for entry in entries:
+    for entry in _shm_entries():
         parts = entry.split(".", 2)
         if len(parts) == 3 and parts[0] == PREFIX and NAMESPACE_RE.fullmatch(parts[1]):
             found.add(parts[1])

@@ -122,26 +122,22 @@ class NamespaceWord:
         gid: int | None = None,
     ) -> NamespaceWord:
         """The broker's handle: take over a valid object a killed broker left (its
-        readers stay on it), else make a new one. The caller holds the namespace lock."""
+        readers stay on it), else make a new one. The caller holds the namespace lock.
+
+        Raises:
+            OutOfDescriptorsError: the word could not be opened, made or mapped for
+                want of a descriptor (naming the limit and the fix; before, a broker
+                started at an open-files limit of 15 or 16 raised the bare
+                "[Errno 24] Too many open files").
+        """
         ns = resolve_namespace(namespace)
         path = catalog_path(ns)
-        word: NamespaceWord | None = None
         try:
-            fd = os.open(path, os.O_RDWR | _OPEN_FLAGS)
-        except FileNotFoundError:
-            pass
+            word = cls._take_over(ns, path) or cls._create(ns, path, mode, gid)
         except OSError as exc:
-            if exc.errno != errno.ELOOP:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
-            os.unlink(path)  # a symlink planted under our name: never followed
-        else:
-            try:
-                word = cls._open(ns, path, fd, writable=True)
-            except (NotASegmentError, AccessError):
-                os.close(fd)
-                os.unlink(path)
-        if word is None:
-            word = cls._create(ns, path, mode, gid)
+            raise _out_of_descriptors(exc.errno, ns, path) from exc
         q = word._header()
         q[W_EPOCH] = epoch
         q[W_PID] = os.getpid()
@@ -149,6 +145,29 @@ class NamespaceWord:
         q[W_HEARTBEAT] = time.monotonic_ns()
         word._bump()
         return word
+
+    @classmethod
+    def _take_over(cls, ns: str, path: str) -> NamespaceWord | None:
+        """The broker's handle on the valid word a killed broker left; None when there
+        is none (an untrusted one is unlinked)."""
+        try:
+            fd = os.open(path, os.O_RDWR | _OPEN_FLAGS)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            os.unlink(path)  # a symlink planted under our name: never followed
+            return None
+        try:
+            return cls._open(ns, path, fd, writable=True)
+        except (NotASegmentError, AccessError):
+            os.close(fd)
+            os.unlink(path)
+            return None
+        except BaseException:
+            os.close(fd)  # mmap's dup() out of descriptors: not left open
+            raise
 
     @classmethod
     def _create(cls, ns: str, path: str, mode: int, gid: int | None) -> NamespaceWord:

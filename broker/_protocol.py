@@ -104,8 +104,10 @@ def error_reply(exc: BaseException) -> dict[str, Any]:
     return reply
 
 
-def raise_remote(reply: dict[str, Any]) -> None:
-    """Turn an error reply back into the error the broker raised, where we know it."""
+def raise_remote(reply: dict[str, Any], endpoint: str = "") -> None:
+    """Turn an error reply back into the error the broker raised, where we know it;
+    ``endpoint`` is where the request went (the broker does not know how it was
+    reached)."""
     kind = str(reply.get("error", "RemoteError"))
     msg = str(reply.get("message", "the broker reported an error"))
     seg = str(reply.get("segment", "?"))
@@ -144,8 +146,9 @@ def raise_remote(reply: dict[str, Any]) -> None:
             expected=str(reply.get("expected")),
         )
     elif kind == "ForbiddenError":
-        exc = ForbiddenError(str(reply.get("op")), str(reply.get("role")))
-        exc.args = (msg,)
+        # Made here, not the broker's words: those name no endpoint (before, the
+        # error's ``endpoint`` was "" and its message said not where it was refused).
+        exc = ForbiddenError(str(reply.get("op")), str(reply.get("role")), endpoint)
     elif kind == "InvalidNameError":
         exc = InvalidNameError("segment", seg, msg)
         exc.args = (msg,)

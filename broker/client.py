@@ -442,7 +442,7 @@ class ControlClient(Closing):
             if reply.get("id") != rid:
                 continue  # a late reply to an earlier, timed-out request
             if not reply.get("ok"):
-                raise_remote(reply)
+                raise_remote(reply, self.endpoint)
             return reply
 
     def _send_by(self, msg: bytes, deadline: float, wait: float) -> None:

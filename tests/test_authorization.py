@@ -719,6 +719,20 @@ def test_client_keys_of_two_pairs_are_refused_before_connecting() -> None:
     ControlClient("tcp://127.0.0.1:1", curve=(server_pub, other_pub, other_sec)).close()
 
 
+def test_a_refused_request_names_the_endpoint_it_was_refused_at(thread_broker: Broker) -> None:
+    """A ``ForbiddenError`` rebuilt from the broker's reply had ``endpoint == ""`` and
+    a message naming no endpoint, though the client knows where it asked."""
+    from shmcast.broker import ForbiddenError
+
+    assert thread_broker.endpoints is not None
+    endpoint = thread_broker.endpoints.control_ro
+    assert endpoint
+    with ControlClient(endpoint, timeout=5) as ctl, pytest.raises(ForbiddenError) as exc:
+        ctl.request("delete", name="s")
+    assert (exc.value.op, exc.value.role, exc.value.endpoint) == ("delete", "reader", endpoint)
+    assert f"refused 'delete' to this connection at {endpoint}: " in str(exc.value)
+
+
 def test_a_refused_reader_is_told_every_operation_readers_may_do() -> None:
     """A reader refused an operation was told "readers may only hello, list, describe,
     stats, report and subscribe": ``subscribers`` (``shmcast top``'s) and ``topics``

@@ -633,6 +633,38 @@ def test_a_config_value_of_the_wrong_type_is_refused_though_a_flag_overrides_it(
     assert re.search(r": (expected (a|an|true)|'abc' is not an integer)", str(exc.value))
 
 
+@pytest.mark.parametrize(
+    ("line", "flags", "env", "why"),
+    [
+        ('namespace = "a.b"', {"namespace": "ok"}, {}, "no dots"),  # shmcast broker -n ok
+        ('namespace = "a.b"', {}, {"SHMCAST_NAMESPACE": "ok"}, "no dots"),
+        ("metrics_port = 70000", {"metrics_port": 0}, {}, "not a port"),
+        ("metrics_port = 70000", {}, {"SHMCAST_METRICS_PORT": "9100"}, "not a port"),
+        ("heartbeat_interval = 0.0", {"heartbeat_interval": 0.5}, {}, "between 0.01 and 60"),
+    ],
+)
+def test_an_invalid_config_value_is_refused_though_a_flag_overrides_it(
+    tmp_path: Path, line: str, flags: dict[str, object], env: dict[str, str], why: str
+) -> None:
+    """`shmcast broker --config FILE -n ok` with `namespace = "a.b"` in FILE started:
+    only the value's type was checked under a flag or the environment, not the value
+    (a port of 70000, a heartbeat of 0 s too). It is refused as it would be the day
+    the override is left out, naming the file, the key and the fix."""
+    from shmcast.broker import ConfigError, resolve_config
+
+    f = tmp_path / "broker.toml"
+    f.write_text(f"{line}\n")
+    field = line.split(" = ")[0]
+    with pytest.raises(ConfigError, match=f"^bad value for '{field}' in ") as exc:
+        resolve_config(flags, config_file=str(f), environ=env)
+    assert exc.value.source == str(f)
+    assert why in str(exc.value)
+    assert "correct the file, or remove the key" in str(exc.value)
+    f.write_text(f"{line.split(' = ')[0]} = {'0.25' if 'interval' in line else 9101}\n")
+    if "namespace" not in line:  # a valid value under the same override: taken
+        resolve_config(flags, config_file=str(f), environ=env)
+
+
 def test_a_relay_config_takes_its_patterns_as_a_list_or_one_string() -> None:
     """The type check of `segments` (made for `segments = 5` in a file) refused a
     list of patterns from Python, "give one or more fnmatch patterns" of one that

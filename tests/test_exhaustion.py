@@ -444,6 +444,132 @@ def test_a_recorder_out_of_descriptors_at_its_file_names_the_limit(
             assert "ulimit -n" in f["message"]
 
 
+BROKER_OUT_OF_FDS_CHILD = """
+    import contextlib, json, os, resource, sys
+    import zmq
+    from shmcast.broker import Broker, BrokerConfig
+    from shmcast.broker._context import context
+    from shmcast.broker._events import bind_endpoint
+    from shmcast.broker._names import SHM_DIR, list_segment_names, runtime_dir
+    from shmcast.broker._nsword import NamespaceWord
+
+    ns, tmp = sys.argv[1], sys.argv[2]
+
+
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+
+    def left():
+        rdir = runtime_dir(ns)
+        return {
+            "shm": sorted(e for e in os.listdir(SHM_DIR) if e.startswith(f"shmcast.{ns}.")),
+            "run": sorted(os.listdir(rdir)) if rdir.exists() else None,
+        }
+
+
+    @contextlib.contextmanager
+    def free(n):  # all descriptors taken but n
+        held = []
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        for fd in held[:n]:
+            os.close(fd)
+        try:
+            yield
+        finally:
+            for fd in held[n:]:
+                os.close(fd)
+
+
+    def failure(step):
+        try:
+            step()
+        except Exception as exc:
+            return {
+                "type": type(exc).__name__,
+                "errno": getattr(exc, "errno", None),
+                "message": str(exc),
+            }
+        return None
+
+
+    # A first start and stop at the full limit: ZeroMQ's threads (which abort the
+    # process when they run out) are up before any start runs out.
+    Broker(BrokerConfig(namespace=ns)).start(timeout=10).close()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    out = {"steps": {}, "starts": [], "started": False}
+    # The steps that raised the bare OSError, each out of descriptors on its own.
+    before = fds()
+    for n in (0, 1):  # the word's open; its mmap's dup()
+        with free(n):
+            f = failure(lambda: NamespaceWord.serve(ns, epoch=1, interval=1.0).close())
+        out["steps"][f"word{n}"] = f
+    with free(0):
+        out["steps"]["list"] = failure(lambda: list_segment_names(ns))
+    sock = context().socket(zmq.ROUTER)
+    with free(0):
+        out["steps"]["bind"] = failure(
+            lambda: bind_endpoint(sock, "control", f"ipc://{tmp}/c.sock", group=None, shared=False)
+        )
+    sock.close(0)
+    out["steps_left"] = left()
+    out["fds_after_word"] = fds() - before
+    # A whole start with 0, 1, 2... descriptors free until it starts: every step runs
+    # out (or, where ZeroMQ closes or keeps a descriptor in its own threads, most).
+    for n in range(64):
+        with free(n):
+            f = failure(lambda: Broker(BrokerConfig(namespace=ns)).start(timeout=10).close())
+        if f is None:
+            out["started"] = True
+            break
+        f["left"] = left()
+        out["starts"].append(f)
+    print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_a_broker_started_out_of_descriptors_names_the_limit_and_leaves_nothing(
+    namespace: str, tmp_path: Any
+) -> None:
+    """``Broker.start()`` out of descriptors at each of its steps raises
+    ``OutOfDescriptorsError`` (an ``OSError`` of errno ``EMFILE``) naming the limit and
+    the fix, and leaves nothing: no lock, socket file or runtime directory, nothing in
+    /dev/shm. Before, at an open-files limit of 15 to 17, the namespace word's open
+    and mmap and the look at /dev/shm raised the bare "[Errno 24] Too many open
+    files"; at 11, 12 and 14 a bind raised an ``EndpointError`` whose fix was "pick
+    another address or port"; at the lock's open, the bare error too, and the
+    runtime directory made for it stayed."""
+    argv = [
+        sys.executable,
+        "-c",
+        textwrap.dedent(BROKER_OUT_OF_FDS_CHILD),
+        namespace,
+        str(tmp_path),
+    ]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+    out = json.loads(line[len("RESULT ") :])
+    steps = out["steps"]
+    assert set(steps) == {"word0", "word1", "list", "bind"}, out
+    assert "the namespace word of" in steps["word0"]["message"]
+    assert "the namespace word of" in steps["word1"]["message"]
+    assert "/dev/shm to list it" in steps["list"]["message"]
+    assert f"the control endpoint ipc://{tmp_path}/c.sock" in steps["bind"]["message"]
+    assert out["steps_left"] == {"shm": [], "run": None}
+    assert out["fds_after_word"] == 0  # the word's descriptor, its mmap failed, closed
+    assert out["started"], out
+    assert "the lock of namespace" in out["starts"][0]["message"]
+    for f in [*steps.values(), *out["starts"]]:
+        assert f["type"] == "OutOfDescriptorsError", f
+        assert f["errno"] == errno.EMFILE, f
+        assert "open-files limit is 64" in f["message"], f
+        assert "ulimit -n" in f["message"], f
+        assert f.get("left", {"shm": [], "run": None}) == {"shm": [], "run": None}, f
+
+
 def test_a_socket_out_of_descriptors_names_a_fix_that_applies_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
