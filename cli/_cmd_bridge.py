@@ -10,9 +10,8 @@ from shmcast.bridge import ZenohBridge, resolve_bridge_config
 from ._options import (
     add_broker_option,
     add_curve_option,
+    add_metrics_options,
     curve_keys,
-    metrics_host,
-    port_number,
     positive_seconds,
 )
 from ._runner import serve
@@ -91,15 +90,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     add_broker_option(p, "the local broker's")
     add_curve_option(p, "the local broker")
-    p.add_argument(
-        "--metrics-port",
-        type=port_number,
-        metavar="PORT",
-        help="serve Prometheus metrics on this port, 0 picks one (default: none)",
-    )
-    p.add_argument(
-        "--metrics-host", type=metrics_host, metavar="ADDR", help="metrics address (127.0.0.1)"
-    )
+    add_metrics_options(p, layered=True)
 
 
 def run(args: argparse.Namespace) -> int:

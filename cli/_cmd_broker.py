@@ -9,7 +9,7 @@ from typing import Any
 
 from shmcast.broker import Broker, resolve_config
 
-from ._options import metrics_host, port_number, positive_seconds
+from ._options import add_metrics_options, positive_seconds
 from ._runner import serve
 
 log = logging.getLogger("shmcast.broker")
@@ -58,18 +58,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", metavar="ENDPOINT", help="data stream for relays, tcp://ADDR:PORT (default: none)"
     )
-    p.add_argument(
-        "--metrics-port",
-        type=port_number,
-        metavar="PORT",
-        help="serve Prometheus metrics on this port, 0 picks one (default: none)",
-    )
-    p.add_argument(
-        "--metrics-host",
-        type=metrics_host,
-        metavar="ADDR",
-        help="metrics address (default 127.0.0.1)",
-    )
+    add_metrics_options(p, layered=True)
     p.add_argument(
         "--heartbeat", type=positive_seconds, metavar="S", help="heartbeat interval (0.5)"
     )

@@ -17,11 +17,10 @@ from shmcast.subscriber import Recorder, RecorderCollector
 from ._options import (
     add_broker_option,
     add_curve_option,
+    add_metrics_options,
     broker_endpoint,
     curve_keys,
     label_name,
-    metrics_host,
-    port_number,
     positive_seconds,
     seconds,
     whole_number,
@@ -109,19 +108,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds to wait for the segments to exist (default 2)",
     )
-    p.add_argument(
-        "--metrics-port",
-        type=port_number,
-        metavar="PORT",
-        help="serve Prometheus metrics on this port, 0 picks one (default: none)",
-    )
-    p.add_argument(
-        "--metrics-host",
-        type=metrics_host,
-        default="127.0.0.1",
-        metavar="ADDR",
-        help="metrics address",
-    )
+    add_metrics_options(p)
     p.add_argument(
         "--name",
         type=label_name,

@@ -9,9 +9,8 @@ from shmcast.publisher import Relay, resolve_relay_config
 from ._options import (
     add_broker_option,
     add_curve_option,
+    add_metrics_options,
     curve_keys,
-    metrics_host,
-    port_number,
     positive_seconds,
 )
 from ._runner import serve
@@ -47,15 +46,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="seconds of silence before the upstream is called down (default: 3 upstream "
         "heartbeats + 0.2 s)",
     )
-    p.add_argument(
-        "--metrics-port",
-        type=port_number,
-        metavar="PORT",
-        help="serve Prometheus metrics on this port, 0 picks one (default: none)",
-    )
-    p.add_argument(
-        "--metrics-host", type=metrics_host, metavar="ADDR", help="metrics address (127.0.0.1)"
-    )
+    add_metrics_options(p, layered=True)
     p.add_argument(
         "--max-mirrors",
         type=int,

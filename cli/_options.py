@@ -58,6 +58,24 @@ MAX_SECONDS = 1e6
 MAX_RATE = 1e9
 
 
+def add_metrics_options(p: argparse.ArgumentParser, *, layered: bool = False) -> None:
+    """``--metrics-port`` and ``--metrics-host``. ``layered``: a service whose flags
+    go over its config file and environment (no default here: 127.0.0.1 comes last)."""
+    p.add_argument(
+        "--metrics-port",
+        type=port_number,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port, 0 picks one (default: none)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        type=metrics_host,
+        default=None if layered else "127.0.0.1",
+        metavar="ADDR",
+        help="metrics address (default 127.0.0.1)",
+    )
+
+
 def add_broker_option(p: argparse.ArgumentParser, what: str = "the broker's") -> None:
     p.add_argument(
         "--broker",
