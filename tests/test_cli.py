@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pytest
@@ -377,6 +378,18 @@ def test_subscribe_json_count(namespace: str, capsys: pytest.CaptureFixture[str]
         seg.close()
 
 
+def _await_ready(stderr: IO[str], timeout: float) -> float:
+    """Read ``stderr`` until the ready line, within ``timeout`` s; the deadline."""
+    deadline = time.monotonic() + timeout
+    ready = ""
+    while "ready" not in ready:
+        assert time.monotonic() < deadline, "no ready line"
+        if select.select([stderr], [], [], 0.5)[0]:
+            ready = stderr.readline()
+            assert ready, "subscribe exited early"
+    return deadline
+
+
 def test_subscribe_into_a_pipe_its_reader_closed_stops_cleanly(namespace: str) -> None:
     """``shmcast subscribe x | head -1``: before, the next line died of a
     BrokenPipeError traceback (exit 1, no summary line)."""
@@ -385,13 +398,7 @@ def test_subscribe_into_a_pipe_its_reader_closed_stops_cleanly(namespace: str) -
         with piped(["subscribe", "bp", "-n", namespace, "--wait=futex"]) as proc:
             assert proc.stdout is not None
             assert proc.stderr is not None
-            deadline = time.monotonic() + 30
-            ready = ""
-            while "ready" not in ready:
-                assert time.monotonic() < deadline, "no ready line"
-                if select.select([proc.stderr], [], [], 0.5)[0]:
-                    ready = proc.stderr.readline()
-                    assert ready, "subscribe exited early"
+            deadline = _await_ready(proc.stderr, 30)
             seg.write(np.zeros(4))
             assert select.select([proc.stdout], [], [], 10)[0], "no update line"
             assert proc.stdout.readline().startswith("bp v1 ")
@@ -462,13 +469,7 @@ def test_subscribe_into_a_full_disk_says_so_and_gives_its_summary(namespace: str
             )
         try:
             assert proc.stderr is not None
-            deadline = time.monotonic() + 30
-            ready = ""
-            while "ready" not in ready:
-                assert time.monotonic() < deadline, "no ready line"
-                if select.select([proc.stderr], [], [], 0.5)[0]:
-                    ready = proc.stderr.readline()
-                    assert ready, "subscribe exited early"
+            deadline = _await_ready(proc.stderr, 30)
             while proc.poll() is None:
                 assert time.monotonic() < deadline, "subscribe did not stop"
                 seg.write(np.zeros(4))
